@@ -1,0 +1,40 @@
+"""Shared fixtures: real PostgreSQL and OpenBao servers, started once per session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.servers import OpenBaoServer, PostgresServer
+
+
+def pytest_collection_modifyitems(config, items):
+    # Tests marked `root` need root on this kind of machine. CI runs as root, so
+    # they never skip there; elsewhere they skip and say why.
+    if os.geteuid() == 0:
+        return
+    if os.environ.get("CI"):
+        raise pytest.UsageError("CI must run as root: root-marked tests may not skip in CI")
+    skip = pytest.mark.skip(reason="needs root (eBPF, cgroups, network namespaces); CI runs as root")
+    for item in items:
+        if "root" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    server = PostgresServer(ssl=True).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def bao_server():
+    server = OpenBaoServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
