@@ -1,0 +1,50 @@
+"""Decision types shared by the policy engine and the protocol fronts (pure, no I/O)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, Sequence
+
+Action = Literal["allow", "block", "approve", "mask"]
+
+# Precedence among matching rules: the strongest kind wins.
+ACTION_STRENGTH: dict[str, int] = {"allow": 0, "mask": 1, "approve": 2, "block": 3}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What happens to one request. ``rule`` is None when the target's default decided."""
+
+    action: Action
+    rule: str | None = None
+    reason: str = ""
+    # Pure analysis results the front may use (e.g. relations for masking); policy-defined.
+    details: tuple = field(default=(), compare=False)
+
+    def __post_init__(self) -> None:
+        if self.action not in ACTION_STRENGTH:
+            raise ValueError(f"unknown action {self.action!r}")
+
+
+ALLOW = Verdict("allow", None, "allowed by default")
+
+
+@dataclass(frozen=True)
+class ColumnDesc:
+    """One column of a RowDescription."""
+
+    name: str
+    table_oid: int = 0
+    attnum: int = 0
+    type_oid: int = 0
+    format: int = 0  # 0 text, 1 binary
+
+
+class MaskPlan(Protocol):
+    """Rewrites the values of one DataRow; counts what it masked per column name."""
+
+    counts: dict[str, int]
+
+    def apply(self, values: Sequence[bytes | None]) -> tuple[list[bytes | None], bool]:
+        """Return the new values and whether any value changed."""
+        ...
