@@ -15,7 +15,7 @@ import os
 import socket
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -229,7 +229,6 @@ class ProbeStatus:
     owner_pid: int | None = None
     owner_alive: bool = False
     fail_closed: bool = False  # redirect in force with no live owner: bots are refused
-    details: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {

@@ -134,13 +134,13 @@ class EbpfPrograms:
         try:
             self._bpf = bcc.BPF(src_file=str(PROGRAM_FILE).encode(), cflags=list(rendered.cflags))
             for func, prog_type, attach_type, _ in PROGRAMS:
-                self._functions[func] = self._bpf.load_func(func, prog_type, attach_type=attach_type)
+                self._functions[func] = self._bpf.load_func(func.encode(), prog_type, attach_type=attach_type)
         except Exception as e:  # bcc raises bare Exception on compile/verifier errors
             self.close()
             raise ProbeUnavailable(f"loading the BPF programs failed: {e}") from e
         log.info("BPF programs compiled and loaded in %.1f s", time.monotonic() - started)
         self._sync_targets()
-        self._bpf["bw_events"].open_ring_buffer(self._on_ring_event)
+        self._bpf[b"bw_events"].open_ring_buffer(self._on_ring_event)
 
     def _drop_stale_pins(self) -> None:
         """Unpin maps another layout version left behind (they would not fit these programs)."""
@@ -162,7 +162,7 @@ class EbpfPrograms:
                 (self.pin_dir / name).unlink(missing_ok=True)
 
     def _map_fd(self, name: str) -> int:
-        return self._bpf[name].map_fd
+        return self._bpf[name.encode()].map_fd
 
     def _sync_targets(self) -> None:
         """Make the targets map equal settings.targets + passthrough (entries updated in place)."""

@@ -3,10 +3,10 @@
 One table (``inet <settings.nft_table>``), replaced in a single nft
 transaction so a restart has no window:
 
-- ``guard`` (filter, output, before NAT): for sockets in the bots' cgroup
+- ``filter_out`` (filter, output, before NAT): for sockets in the bots' cgroup
   tree, registered targets and passthrough addresses are accepted, anything
   else is rejected (admin-prohibited: the bot sees EHOSTUNREACH, not EPERM).
-- ``redirect`` (nat, output): registered targets go to their listener
+- ``nat_out`` (nat, output): registered targets go to their listener
   (REDIRECT for a loopback listener, DNAT otherwise); the inspector reads
   SO_ORIGINAL_DST.
 
@@ -77,7 +77,7 @@ def render_ruleset(settings: ProbeSettings) -> str:
     pass4 = [p for p in settings.passthrough if ipaddress.ip_address(p.ip).version == 4]
     pass6 = [p for p in settings.passthrough if ipaddress.ip_address(p.ip).version == 6]
     lines = [f"table {table} {{}}", f"delete table {table}", f"table {table} {{"]
-    lines += ["  chain guard {", "    type filter hook output priority -150; policy accept;", f"    {match} jump bots", "  }"]
+    lines += ["  chain filter_out {", "    type filter hook output priority -150; policy accept;", f"    {match} jump bots", "  }"]
     lines += ["  chain bots {"]
     if v4:
         lines.append("    meta l4proto tcp ip daddr . tcp dport { " + ", ".join(f"{t.ip} . {t.port}" for t in v4) + " } accept")
@@ -88,7 +88,7 @@ def render_ruleset(settings: ProbeSettings) -> str:
     if pass6:
         lines.append("    ip6 daddr . th dport { " + ", ".join(f"{p.ip} . {p.port}" for p in pass6) + " } accept")
     lines += ["    reject with icmpx admin-prohibited", "  }"]
-    lines += ["  chain redirect {", "    type nat hook output priority -100; policy accept;"]
+    lines += ["  chain nat_out {", "    type nat hook output priority -100; policy accept;"]
     for t in settings.targets:
         fam = "ip" if ipaddress.ip_address(t.ip).version == 4 else "ip6"
         listener = ipaddress.ip_address(t.listener_ip)

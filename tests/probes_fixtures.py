@@ -58,7 +58,7 @@ print("ready", flush=True)
 sys.stdin.read()
 """
 
-_BOT = r"""
+BOT_SCRIPT = r"""
 import errno, json, os, socket, sys
 attempts = json.loads(sys.argv[1])
 out = []
@@ -107,7 +107,7 @@ def free_port() -> int:
 class TargetNet:
     """netns + veth; the target server answers on ``ports`` at ``ip4`` / ``ip6``."""
 
-    ports: tuple[int, ...] = (5432, 6432)
+    ports: tuple[int, ...] = (5432, 6432, 7432)
     name: str = field(default_factory=lambda: unique("bwp-"))
     ip4: str = ""
     host_ip4: str = ""
@@ -173,7 +173,8 @@ class Relay:
         self.pin_dir = pin_dir
         self.nft_table = nft_table
         self.seen: dict[tuple[str, int], probes.Attribution | None] = {}
-        self.upstream_peers: list[tuple] = []
+        self.held: dict[tuple[str, int], socket.socket] = {}
+        self.hold = False  # keep accepted connections open, unanswered (for later lookups)
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind((host, port))
@@ -190,6 +191,10 @@ class Relay:
             threading.Thread(target=self._handle, args=(conn, peer), daemon=True).start()
 
     def _handle(self, conn: socket.socket, peer) -> None:
+        if self.hold:
+            self.seen[tuple(peer[:2])] = probes.lookup(conn, pin_dir=self.pin_dir, nft_table=self.nft_table)
+            self.held[tuple(peer[:2])] = conn
+            return
         with conn:
             attr = probes.lookup(conn, pin_dir=self.pin_dir, nft_table=self.nft_table)
             self.seen[tuple(peer[:2])] = attr
@@ -217,6 +222,12 @@ class Relay:
             conn.sendall(f"via-{self.name}|".encode() + reply)
 
     def stop(self) -> None:
+        for conn in self.held.values():
+            conn.close()
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
+        except OSError:
+            pass
         self._sock.close()
         self._thread.join(timeout=5)
 
@@ -229,7 +240,7 @@ class BotRun:
 
 def run_bot(cgroup: str | Path | None, attempts: list[dict], *, user: str | None = BOT_USER) -> BotRun:
     """Run the bot script in ``cgroup`` (None: outside any bot cgroup) and collect its report."""
-    argv = [BOT_PYTHON, "-c", _BOT, json.dumps(attempts)]
+    argv = [BOT_PYTHON, "-c", BOT_SCRIPT, json.dumps(attempts)]
     if cgroup is None:
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
     else:
