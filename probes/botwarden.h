@@ -12,6 +12,9 @@
 #define BW_AF_INET 2
 #define BW_AF_INET6 10
 #define BW_IPPROTO_TCP 6
+#define BW_IPPROTO_UDP 17
+#define BW_SOCK_STREAM 1
+#define BW_SOCK_DGRAM 2
 
 /* bw_target.flags */
 #define BW_TARGET_REDIRECT 1    /* TCP connect is rewritten to the listener */
@@ -27,6 +30,7 @@
 #define BW_WHY_NOT_TCP 2         /* a registered target, but not over TCP */
 #define BW_WHY_LISTENER_FAMILY 3 /* AF_INET socket, IPv6-only listener */
 #define BW_WHY_UDP_SEND 4        /* unconnected UDP sendmsg */
+#define BW_WHY_SOCKET_TYPE 5     /* socket() of an inet type other than TCP or UDP */
 
 struct bw_addr_key {
     __u32 ip[4];

@@ -136,15 +136,22 @@ class ProbeHandle:
     def _event(self, raw: records.Event, offset: int) -> ProbeEvent:
         ident = raw.id
         exe_dev = records.kernel_dev_to_user(ident.exe_dev)
-        kind = "denied_connect" if raw.event == records.EV_DENIED else "redirected"
         detail = records.REASONS.get(raw.reason, f"reason {raw.reason}")
-        if raw.protocol not in (0, socket.IPPROTO_TCP):
-            detail = f"{detail} (protocol {raw.protocol})".strip()
-        if raw.family == socket.AF_INET6 and records.is_mapped(bytes(raw.dst_ip)):
-            detail = f"{detail} (IPv4-mapped address on an IPv6 socket)".strip()
+        dst_addr: str | None = records.unpack_ip(bytes(raw.dst_ip))
+        dst_port: int | None = raw.dst_port
+        family = "ipv4" if records.is_mapped(bytes(raw.dst_ip)) else "ipv6"
+        if raw.reason == records.WHY_SOCKET_TYPE:  # socket() refused: there is no destination
+            dst_addr = dst_port = None
+            family = "ipv4" if raw.family == socket.AF_INET else "ipv6"
+            detail = f"{detail}: protocol {raw.protocol}"
+        else:
+            if raw.protocol not in (0, socket.IPPROTO_TCP):
+                detail = f"{detail} (protocol {raw.protocol})".strip()
+            if raw.family == socket.AF_INET6 and family == "ipv4":
+                detail = f"{detail} (IPv4-mapped address on an IPv6 socket)".strip()
         return ProbeEvent(
             ts=datetime.fromtimestamp((ident.ktime_ns + offset) / 1e9, timezone.utc),
-            event=kind,
+            event="denied_connect" if raw.event == records.EV_DENIED else "redirected",
             pid=ident.tgid,
             uid=ident.uid,
             gid=ident.gid,
@@ -152,9 +159,9 @@ class ProbeHandle:
             cgroup_path=cgroup_path_for(ident.cgroup_id, self._cgroup_parent),
             comm=ident.comm.decode(errors="replace"),
             exe=verified_exe(ident.tgid, ident.start_boottime_ns, ident.exe_ino, exe_dev),
-            dst_addr=records.unpack_ip(bytes(raw.dst_ip)),
-            dst_port=raw.dst_port,
-            family="ipv4" if records.is_mapped(bytes(raw.dst_ip)) else "ipv6",
+            dst_addr=dst_addr,
+            dst_port=dst_port,
+            family=family,  # type: ignore[arg-type]
             detail=detail or None,
         )
 

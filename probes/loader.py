@@ -31,9 +31,11 @@ SOURCE_DIR = Path(__file__).resolve().parent
 PROGRAM_FILE = SOURCE_DIR / "redirect.bpf.c"
 HEADER_FILE = SOURCE_DIR / "botwarden.h"
 
+PROG_TYPE_CGROUP_SOCK = 9
 PROG_TYPE_SOCK_OPS = 13
 PROG_TYPE_CGROUP_SOCK_ADDR = 18
 
+ATTACH_INET_SOCK_CREATE = 2
 ATTACH_SOCK_OPS = 3
 ATTACH_INET4_CONNECT = 10
 ATTACH_INET6_CONNECT = 11
@@ -48,6 +50,7 @@ PROGRAMS: tuple[tuple[str, int, int, str], ...] = (
     ("bw_connect6", PROG_TYPE_CGROUP_SOCK_ADDR, ATTACH_INET6_CONNECT, "connect6"),
     ("bw_sendmsg4", PROG_TYPE_CGROUP_SOCK_ADDR, ATTACH_UDP4_SENDMSG, "sendmsg4"),
     ("bw_sendmsg6", PROG_TYPE_CGROUP_SOCK_ADDR, ATTACH_UDP6_SENDMSG, "sendmsg6"),
+    ("bw_sock_create", PROG_TYPE_CGROUP_SOCK, ATTACH_INET_SOCK_CREATE, "sock_create"),
     ("bw_sockops", PROG_TYPE_SOCK_OPS, ATTACH_SOCK_OPS, "sockops"),
     ("bw_getpeername4", PROG_TYPE_CGROUP_SOCK_ADDR, ATTACH_INET4_GETPEERNAME, "getpeername4"),
     ("bw_getpeername6", PROG_TYPE_CGROUP_SOCK_ADDR, ATTACH_INET6_GETPEERNAME, "getpeername6"),

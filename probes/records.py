@@ -27,7 +27,9 @@ REASONS = {
     2: "registered target, but not TCP",
     3: "IPv4 socket cannot reach an IPv6-only listener",
     4: "UDP send to an address that is not passthrough",
+    5: "socket type not allowed (only TCP and UDP)",
 }
+WHY_SOCKET_TYPE = 5
 
 Ip16 = ctypes.c_ubyte * 16
 

@@ -5,6 +5,8 @@
  *                       listener and remember who asked (by socket cookie);
  *                       anything else -> EPERM and a "denied" event.
  *   sendmsg4/sendmsg6   unconnected UDP: only passthrough entries.
+ *   sock_create         only TCP and UDP inet sockets (no raw, ICMP, SCTP,
+ *                       MPTCP...: hooks above would not see their traffic).
  *   sockops             TCP_CONNECT_CB (source port known, SYN not sent yet):
  *                       copy the record to the key the inspector sees on
  *                       accept(); forget both when the socket closes.
@@ -213,6 +215,20 @@ int bw_sendmsg6(struct bpf_sock_addr *ctx)
     if (t && (t->flags & BW_TARGET_PASSTHROUGH))
         return 1;
     return bw_deny(&key, BW_AF_INET6, ctx->protocol, BW_WHY_UDP_SEND);
+}
+
+int bw_sock_create(struct bpf_sock *sk)
+{
+    struct bw_addr_key none = {};
+    __u32 type = sk->type;
+    __u32 protocol = sk->protocol;
+
+    if (type == BW_SOCK_STREAM && protocol == BW_IPPROTO_TCP)
+        return 1;
+    if (type == BW_SOCK_DGRAM && protocol == BW_IPPROTO_UDP)
+        return 1;
+    bw_emit(&none, sk->family, protocol, BW_EV_DENIED, BW_WHY_SOCKET_TYPE);
+    return 0; /* socket() fails with EPERM */
 }
 
 /* The inspector's view: local = the listener (our remote), peer = our source. */

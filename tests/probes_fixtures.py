@@ -64,12 +64,28 @@ attempts = json.loads(sys.argv[1])
 out = []
 for a in attempts:
     fam = socket.AF_INET6 if a["family"] == "6" else socket.AF_INET
-    kind = socket.SOCK_DGRAM if a.get("proto") == "udp" else socket.SOCK_STREAM
-    s = socket.socket(fam, kind)
-    s.settimeout(5)
+    proto = a.get("proto", "tcp")
+    kind = socket.SOCK_DGRAM if proto in ("udp", "udplite") else socket.SOCK_STREAM
     res = {}
     try:
-        if kind == socket.SOCK_DGRAM:
+        s = socket.socket(fam, kind, {"udplite": 136, "mptcp": 262}.get(proto, 0))
+    except OSError as e:
+        out.append({"errno": errno.errorcode.get(e.errno, str(e.errno)), "at": "socket"})
+        continue
+    s.settimeout(5)
+    try:
+        if proto == "tfo":
+            s.settimeout(None)  # a non-blocking TFO sendto only says EINPROGRESS
+            s.sendto(a.get("msg", "hello").encode() + b"\n", socket.MSG_FASTOPEN, (a["ip"], a["port"]))
+            res["peer"] = list(s.getpeername()[:2])
+            data = b""
+            while True:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+            res["reply"] = data.decode()
+        elif kind == socket.SOCK_DGRAM:
             s.sendto(b"x", (a["ip"], a["port"]))
             res["sent"] = True
         else:

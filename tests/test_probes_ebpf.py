@@ -331,3 +331,77 @@ def test_daemon_death_fails_closed_then_reattach_then_detach_leaves_nothing(net)
             daemon.kill()
             daemon.wait()
         _cleanup(settings, handle, relay)
+
+
+def test_update_targets_and_lookup_from_asyncio(env):
+    # A target added at runtime (config reload) is redirected at once; an asyncio server
+    # looks the connection up through the transport's socket; removing the target denies again.
+    import asyncio
+    import threading
+
+    p_new = 8432
+    port = free_port()
+    seen: list[probes.Attribution | None] = []
+    ready = threading.Event()
+    stop: list = []
+
+    async def handle(reader, writer):
+        attr = probes.lookup(writer.get_extra_info("socket"), pin_dir=env.settings.pin_dir)
+        seen.append(attr)
+        await reader.readline()
+        writer.write(f"asyncio|{attr.tgid}|{attr.original_dst[0]}:{attr.original_dst[1]}".encode())
+        await writer.drain()
+        writer.close()
+
+    async def serve():
+        server = await asyncio.start_server(handle, "127.0.0.1", port)
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        stop.append((loop, done))
+        ready.set()
+        async with server:
+            await done
+
+    thread = threading.Thread(target=asyncio.run, args=(serve(),), daemon=True)
+    thread.start()
+    assert ready.wait(5)
+    original = env.settings
+    grown = probes.ProbeSettings(**{**original.__dict__, "targets": original.targets + (
+        probes.Target(env.net.ip4, p_new, "127.0.0.1", port),)})
+    try:
+        env.handle.update_targets(grown)
+        bot = run_bot(env.bot_cg, [tcp(env.net.ip4, p_new)])
+        assert bot.results[0]["reply"] == f"asyncio|{bot.pid}|{env.net.ip4}:{p_new}"
+        assert seen[0].source == "ebpf" and seen[0].uid == NOBODY
+    finally:
+        env.handle.update_targets(original)
+        loop, done = stop[0]
+        loop.call_soon_threadsafe(done.set_result, None)
+        thread.join(5)
+    assert run_bot(env.bot_cg, [tcp(env.net.ip4, p_new)]).results[0]["errno"] == "EPERM"
+
+
+def test_fast_open_and_other_socket_types_cannot_bypass(env):
+    ip4 = env.net.ip4
+    attempts = [
+        {"family": "4", "ip": ip4, "port": P_REG, "proto": "tfo"},    # connect implied by sendto(MSG_FASTOPEN)
+        {"family": "4", "ip": ip4, "port": P_UNREG, "proto": "tfo"},
+        {"family": "4", "ip": ip4, "port": P_UNREG, "proto": "mptcp"},
+        {"family": "4", "ip": ip4, "port": P_UNREG, "proto": "udplite"},
+    ]
+    _drain(env.handle)
+    bot = run_bot(env.bot_cg, attempts)
+    tfo_reg, tfo_unreg, mptcp, udplite = bot.results
+    assert tfo_reg["reply"] == f"via-listener|target:{P_REG}:hello\n"
+    assert tfo_unreg["errno"] == "EPERM"
+    assert mptcp == {"errno": "EPERM", "at": "socket"} and udplite == {"errno": "EPERM", "at": "socket"}
+    # Outside the watched cgroup the same socket types work (the refusal is the probe's).
+    outside = run_bot(None, attempts[2:])
+    assert outside.results[0]["reply"] == f"target:{P_UNREG}:hello\n"
+    assert outside.results[1] == {"sent": True}
+    events: list[probes.ProbeEvent] = []
+    assert wait_for(lambda: events.extend(_drain(env.handle)) or
+                    len([e for e in events if e.pid == bot.pid and e.dst_addr is None]) >= 2)
+    refused = [e for e in events if e.pid == bot.pid and e.dst_addr is None]
+    assert {e.detail for e in refused} == {"socket type not allowed (only TCP and UDP): protocol 262",
+                                           "socket type not allowed (only TCP and UDP): protocol 136"}
