@@ -294,7 +294,8 @@ def _nft_attribution(sock: socket.socket, orig: tuple[str, int], cgroup_parent: 
     try:
         status = Path(f"/proc/{pid}/status").read_text()
         comm = Path(f"/proc/{pid}/comm").read_text().strip()
-        cg_line = next(line for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines() if line.startswith("0::"))
+        cg_lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+        cg_line = next(line for line in cg_lines if line.startswith("0::"))
         st = os.stat(f"/proc/{pid}/exe")
         exe = os.readlink(f"/proc/{pid}/exe")
     except (OSError, StopIteration):
@@ -335,7 +336,8 @@ def lookup(
 
     ``pin_dir`` and ``nft_table`` must match the settings the probes were
     attached with (``ProbeHandle.lookup`` passes them). ``cgroup_parent``
-    overrides the one recorded at attach time (nftables path only). None means: do not trust this connection (fail closed).
+    overrides the one recorded at attach time (nftables path only).
+    None means: no probe saw this connection; do not trust it (fail closed).
     """
     try:
         local = sock.getsockname()[:2]

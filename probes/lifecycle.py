@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from probes import cgroups, loader, nft, records
-from probes.attribution import Attribution, cgroup_path_for, lookup as _lookup, verified_exe
+from probes.attribution import Attribution, cgroup_path_for, verified_exe
+from probes.attribution import lookup as _lookup
 from probes.errors import ProbeError, ProbeUnavailable
 from probes.settings import ProbeSettings
 
@@ -66,7 +67,9 @@ def _ebpf_unavailable_reason() -> str | None:
         cgroups.cgroup2_mount()
     except ProbeUnavailable as e:
         return str(e)
-    if not any(line.split()[1:3] == ["/sys/fs/bpf", "bpf"] for line in open("/proc/self/mounts")):
+    with open("/proc/self/mounts") as f:
+        bpffs = any(line.split()[1:3] == ["/sys/fs/bpf", "bpf"] for line in f)
+    if not bpffs:
         return "bpffs is not mounted at /sys/fs/bpf (run probes/setup-host.sh)"
     try:
         import bcc  # noqa: F401, PLC0415
