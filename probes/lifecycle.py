@@ -150,7 +150,7 @@ class ProbeHandle:
         else:
             if raw.protocol not in (0, socket.IPPROTO_TCP):
                 detail = f"{detail} (protocol {raw.protocol})".strip()
-            if raw.family == socket.AF_INET6 and family == "ipv4":
+            if raw.family == socket.AF_INET6 and family == "ipv4" and raw.reason != records.WHY_BIND_LISTENER:
                 detail = f"{detail} (IPv4-mapped address on an IPv6 socket)".strip()
         return ProbeEvent(
             ts=datetime.fromtimestamp((ident.ktime_ns + offset) / 1e9, timezone.utc),

@@ -37,6 +37,8 @@ PROG_TYPE_CGROUP_SOCK_ADDR = 18
 
 ATTACH_INET_SOCK_CREATE = 2
 ATTACH_SOCK_OPS = 3
+ATTACH_INET4_BIND = 8
+ATTACH_INET6_BIND = 9
 ATTACH_INET4_CONNECT = 10
 ATTACH_INET6_CONNECT = 11
 ATTACH_UDP4_SENDMSG = 14
@@ -50,6 +52,8 @@ PROGRAMS: tuple[tuple[str, int, int, str], ...] = (
     ("bw_connect6", PROG_TYPE_CGROUP_SOCK_ADDR, ATTACH_INET6_CONNECT, "connect6"),
     ("bw_sendmsg4", PROG_TYPE_CGROUP_SOCK_ADDR, ATTACH_UDP4_SENDMSG, "sendmsg4"),
     ("bw_sendmsg6", PROG_TYPE_CGROUP_SOCK_ADDR, ATTACH_UDP6_SENDMSG, "sendmsg6"),
+    ("bw_bind4", PROG_TYPE_CGROUP_SOCK_ADDR, ATTACH_INET4_BIND, "bind4"),
+    ("bw_bind6", PROG_TYPE_CGROUP_SOCK_ADDR, ATTACH_INET6_BIND, "bind6"),
     ("bw_sock_create", PROG_TYPE_CGROUP_SOCK, ATTACH_INET_SOCK_CREATE, "sock_create"),
     ("bw_sockops", PROG_TYPE_SOCK_OPS, ATTACH_SOCK_OPS, "sockops"),
     ("bw_getpeername4", PROG_TYPE_CGROUP_SOCK_ADDR, ATTACH_INET4_GETPEERNAME, "getpeername4"),
@@ -59,7 +63,7 @@ ATTACH_NAMES = {attach: short for _, _, attach, short in PROGRAMS}
 PROGRAM_PREFIX = "bw_"
 
 # Pinned maps, relative to settings.pin_dir (names fixed in redirect.bpf.c).
-PINNED_MAPS = ("targets", "by_cookie", "by_tuple", "meta")
+PINNED_MAPS = ("targets", "listeners", "by_cookie", "by_tuple", "meta")
 
 
 @dataclass(frozen=True)
@@ -187,6 +191,14 @@ class EbpfPrograms:
                 bpfsys.map_delete(fd, key)
         for raw, value in wanted.items():
             bpfsys.map_update(fd, records.AddrKey.from_buffer_copy(raw), value)
+        # Listener ports bots may not bind (added before stale ones go: never a gap).
+        fd = self._map_fd("bw_listeners")
+        ports = {t.listener_port for t in self.settings.targets}
+        for port in ports:
+            bpfsys.map_update(fd, ctypes.c_uint32(port), ctypes.c_uint32(1))
+        for key in bpfsys.map_keys(fd, ctypes.c_uint32):
+            if key.value not in ports:
+                bpfsys.map_delete(fd, key)
 
     def update_targets(self, settings: ProbeSettings) -> None:
         """Apply new targets/passthrough without reloading (config reload)."""

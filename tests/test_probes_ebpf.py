@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import probes
-from probes import cgroups, loader
+from probes import bpfsys, cgroups, loader, records
 from tests.probes_fixtures import (
     BOT_PYTHON,
     BOT_SCRIPT,
@@ -136,6 +137,27 @@ def test_redirect_lands_in_listener_with_kernel_attribution(env):
     assert (attr.exe_inode, attr.exe_dev, attr.exe_path) == (ino, dev, exe)
     assert attr.start_time_ns > 0
     assert attr.audit_fields()["pid"] == bot.pid
+
+
+def test_records_are_dropped_when_the_connection_closes(env):
+    # A stale record would attribute a later connection that reuses the same addresses
+    # (say, a process outside the bots' cgroups binding the bot's old source port) to the bot.
+    bot = run_bot(env.bot_cg, [tcp(env.net.ip4, P_REG)])
+    sockname = bot.results[0]["sockname"]
+    lport = env.settings.targets[0].listener_port
+    fd = bpfsys.obj_get(f"{env.settings.pin_dir}/by_tuple")
+    try:
+        key = records.tuple_key(("127.0.0.1", lport), tuple(sockname))
+        assert wait_for(lambda: not bpfsys.map_lookup(fd, key, records.Origin()))
+    finally:
+        os.close(fd)
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(tuple(sockname))
+        s.settimeout(5)
+        s.connect(("127.0.0.1", lport))
+        assert s.recv(100) == b"no-attribution\n"
+    assert env.relay.seen[tuple(sockname)] is None
 
 
 def test_unregistered_destinations_are_denied_and_reported(env):
@@ -303,6 +325,13 @@ def test_daemon_death_fails_closed_then_reattach_then_detach_leaves_nothing(net)
         # Programs outlive their owner: bots go to the dead listener, never to the target.
         dead = run_bot(bot_cg, [tcp(net.ip4, P_REG), tcp(net.ip6, P_REG), tcp(net.ip4, P_UNREG)])
         assert [r.get("errno") for r in dead.results] == ["ECONNREFUSED", "ECONNREFUSED", "EPERM"]
+        # Nor can a bot take over the free listener port to receive other bots' connections.
+        grab = [{"family": "4", "ip": "127.0.0.1", "port": lport, "proto": "bind"},
+                {"family": "6", "ip": "::", "port": lport, "proto": "bind"},
+                {"family": "4", "ip": "127.0.0.1", "port": 0, "proto": "bind"}]
+        grabbed = run_bot(bot_cg, grab).results
+        assert [r.get("errno") for r in grabbed[:2]] == ["EPERM", "EPERM"] and "bound" in grabbed[2]
+        assert run_bot(None, grab[:1]).results[0]["bound"] == ["127.0.0.1", lport]  # free from outside
 
         handle = probes.attach(settings)  # the restarted daemon
         relay = Relay(lport, pin_dir=settings.pin_dir)
