@@ -30,7 +30,19 @@ BPF_TABLE_PINNED("lru_hash", __u64, struct bw_origin, bw_by_cookie, BW_MAX_CONNS
 BPF_TABLE_PINNED("lru_hash", struct bw_tuple_key, struct bw_origin, bw_by_tuple, BW_MAX_CONNS, BW_PIN_DIR "/by_tuple");
 BPF_TABLE_PINNED("hash", __u32, __u32, bw_listeners, BW_MAX_TARGETS, BW_PIN_DIR "/listeners");
 BPF_TABLE_PINNED("array", __u32, struct bw_meta, bw_meta, 1, BW_PIN_DIR "/meta");
-BPF_RINGBUF_OUTPUT(bw_events, BW_RINGBUF_PAGES);
+/* BPF_RINGBUF_OUTPUT, pinned: the daemon drains it with libbpf, without bcc,
+ * and a restarted daemon still finds what was reported while it was down. */
+struct bw_events_table_t {
+    int key;
+    __u32 leaf;
+    int (*ringbuf_output)(void *, __u64, __u64);
+    void *(*ringbuf_reserve)(__u64);
+    void (*ringbuf_discard)(void *, __u64);
+    void (*ringbuf_submit)(void *, __u64);
+    __u32 max_entries;
+};
+__attribute__((section("maps/ringbuf:" BW_PIN_DIR "/events")))
+struct bw_events_table_t bw_events = {.max_entries = BW_RINGBUF_PAGES * 4096};
 
 /* Stop clang from merging adjacent 4-byte ctx reads into 8-byte ones the verifier rejects. */
 #define BW_BARRIER() asm volatile("" ::: "memory")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -166,6 +167,8 @@ def test_unregistered_destinations_are_denied_and_reported(env):
     attempts = [tcp(env.net.ip4, P_UNREG), tcp(env.net.host_ip4, P_REG), tcp("127.0.0.1", lport)]
     bot = run_bot(env.bot_cg, attempts)
     assert [r.get("errno") for r in bot.results] == ["EPERM", "EPERM", "EPERM"]
+    readable, _, _ = select.select([env.handle.fileno()], [], [], 5)  # asyncio can wait on this fd
+    assert readable == [env.handle.fileno()]
     # The same unregistered port answers a process outside the watched cgroup: the denial is the probe's.
     outside = run_bot(None, [tcp(env.net.ip4, P_UNREG)])
     assert outside.results[0]["reply"] == f"target:{P_UNREG}:hello\n"
@@ -335,6 +338,10 @@ def test_daemon_death_fails_closed_then_reattach_then_detach_leaves_nothing(net)
 
         handle = probes.attach(settings)  # the restarted daemon
         relay = Relay(lport, pin_dir=settings.pin_dir)
+        # What was refused while the daemon was down is still reported (the ring is pinned).
+        events: list[probes.ProbeEvent] = []
+        assert wait_for(lambda: handle.poll_events(events.append, 0) >= 0 and any(
+            e.event == "denied_connect" and e.pid == dead.pid and e.dst_port == P_UNREG for e in events))
         again = run_bot(bot_cg, [tcp(net.ip4, P_REG)])
         assert again.results[0]["reply"] == f"via-listener|target:{P_REG}:hello\n"
         assert _seen(relay, again.results[0]["sockname"]).tgid == again.pid
