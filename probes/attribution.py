@@ -127,16 +127,19 @@ class _PinnedMaps:
         self._lock = threading.Lock()
         self._parent: tuple[int, str | None] | None = None  # (meta pin inode, cgroup path)
 
-    def fd(self, name: str, refresh: bool = False) -> int | None:
+    def fd(self, name: str) -> int | None:
+        """fd of the map pinned as ``name``, reopened whenever the pin was replaced.
+
+        Checked on every call (one stat): a cached fd of a map that was unpinned
+        would keep answering with records nothing deletes any more.
+        """
         path = f"{self.pin_dir}/{name}"
+        try:
+            ino = os.stat(path).st_ino
+        except FileNotFoundError:
+            ino = None
         with self._lock:
             entry = self._fds.get(name)
-            if entry is not None and not refresh:
-                return entry[0]
-            try:
-                ino = os.stat(path).st_ino
-            except FileNotFoundError:
-                ino = None
             if entry is not None and entry[1] == ino:
                 return entry[0]
             if entry is not None:
@@ -158,7 +161,7 @@ class _PinnedMaps:
             return None
         if self._parent is not None and self._parent[0] == ino:
             return self._parent[1]
-        fd = self.fd("meta", refresh=True)
+        fd = self.fd("meta")
         meta = records.Meta()
         parent = None
         if fd is not None and bpfsys.map_lookup(fd, ctypes.c_uint32(0), meta) and meta.layout:
@@ -180,20 +183,15 @@ def _pinned(pin_dir: str) -> _PinnedMaps:
 
 
 def _ebpf_record(pin_dir: str, local: tuple, peer: tuple) -> records.Origin | None:
-    maps = _pinned(pin_dir)
-    key = records.tuple_key(local, peer)
+    fd = _pinned(pin_dir).fd("by_tuple")
+    if fd is None:
+        return None
     origin = records.Origin()
-    for refresh in (False, True):  # a miss may mean the pins were replaced: reopen once
-        fd = maps.fd("by_tuple", refresh=refresh)
-        if fd is None:
-            if refresh:
-                return None
-            continue
-        try:
-            if bpfsys.map_lookup(fd, key, origin):
-                return origin
-        except bpfsys.BPFSyscallError as e:
-            log.warning("reading %s/by_tuple failed: %s", pin_dir, e)
+    try:
+        if bpfsys.map_lookup(fd, records.tuple_key(local, peer), origin):
+            return origin
+    except bpfsys.BPFSyscallError as e:
+        log.warning("reading %s/by_tuple failed: %s", pin_dir, e)
     return None
 
 
