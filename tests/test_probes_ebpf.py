@@ -440,3 +440,25 @@ def test_fast_open_and_other_socket_types_cannot_bypass(env):
     refused = [e for e in events if e.pid == bot.pid and e.dst_addr is None]
     assert {e.detail for e in refused} == {"socket type not allowed (only TCP and UDP): protocol 262",
                                            "socket type not allowed (only TCP and UDP): protocol 136"}
+
+
+def test_run_bot_joins_its_cgroup_before_exec(env):
+    # What `botwarden bot run --name NAME -- COMMAND...` calls: the process joins <parent>/<name>
+    # and execs in place, so the command's first socket is already watched.
+    attempts = json.dumps([tcp(env.net.ip4, P_REG)])
+    caller = (
+        "import os, sys\n"
+        "from probes import cgroups\n"
+        "print(os.getpid(), flush=True)\n"
+        f"cgroups.run_bot({env.settings.cgroup_parent!r}, 'cli-bot', sys.argv[1:], user='nobody')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", caller, BOT_PYTHON, "-c", BOT_SCRIPT, attempts],
+                         capture_output=True, text=True, timeout=60, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True).stdout.splitlines()
+    caller_pid, report = int(out[0]), json.loads(out[1])
+    assert report["pid"] == caller_pid  # exec'd in place
+    res = report["results"][0]
+    assert res["reply"] == f"via-listener|target:{P_REG}:hello\n"
+    attr = _seen(env.relay, res["sockname"])
+    assert attr.cgroup_path == f"{cgroups.relative(env.settings.cgroup_parent)}/cli-bot"
+    assert attr.tgid == caller_pid and attr.uid == NOBODY
