@@ -119,6 +119,7 @@ def _seen(relay: Relay, sockname: list) -> probes.Attribution | None:
 
 
 def test_redirect_lands_in_listener_with_kernel_attribution(env):
+    _drain(env.handle)
     bot = run_bot(env.bot_cg, [tcp(env.net.ip4, P_REG)])
     [res] = bot.results
     # The listener relayed over its own upstream connection and reached the real target:
@@ -138,6 +139,12 @@ def test_redirect_lands_in_listener_with_kernel_attribution(env):
     assert (attr.exe_inode, attr.exe_dev, attr.exe_path) == (ino, dev, exe)
     assert attr.start_time_ns > 0
     assert attr.audit_fields()["pid"] == bot.pid
+    events: list[probes.ProbeEvent] = []
+    assert wait_for(lambda: events.extend(_drain(env.handle)) or any(e.pid == bot.pid for e in events))
+    [redirected] = [e for e in events if e.pid == bot.pid]
+    assert redirected.event == "redirected"
+    assert (redirected.dst_addr, redirected.dst_port, redirected.family) == (env.net.ip4, P_REG, "ipv4")
+    assert redirected.cgroup_path == attr.cgroup_path and redirected.uid == NOBODY
 
 
 def test_records_are_dropped_when_the_connection_closes(env):
@@ -462,3 +469,21 @@ def test_run_bot_joins_its_cgroup_before_exec(env):
     attr = _seen(env.relay, res["sockname"])
     assert attr.cgroup_path == f"{cgroups.relative(env.settings.cgroup_parent)}/cli-bot"
     assert attr.tgid == caller_pid and attr.uid == NOBODY
+
+
+def test_passthrough_is_reached_unmodified(env):
+    udp = {"family": "4", "ip": env.net.ip4, "port": P_UNREG, "proto": "udp"}
+    assert [r.get("errno") for r in run_bot(env.bot_cg, [tcp(env.net.ip4, P_UNREG), udp]).results] == ["EPERM"] * 2
+    original = env.settings
+    opened = probes.ProbeSettings(**{**original.__dict__, "passthrough": ((env.net.ip4, P_UNREG),)})
+    try:
+        env.handle.update_targets(opened)
+        bot = run_bot(env.bot_cg, [tcp(env.net.ip4, P_UNREG), udp])
+        assert bot.results == [
+            {"sockname": bot.results[0]["sockname"], "peer": [env.net.ip4, P_UNREG],
+             "reply": f"target:{P_UNREG}:hello\n"},  # straight to the target, not via the listener
+            {"sent": True},
+        ]
+    finally:
+        env.handle.update_targets(original)
+    assert run_bot(env.bot_cg, [tcp(env.net.ip4, P_UNREG)]).results[0]["errno"] == "EPERM"

@@ -30,10 +30,14 @@ def net():
         n.stop()
 
 
+P_PASS = 7432
+
+
 def _settings(net: TargetNet, lport: int, mode: str) -> probes.ProbeSettings:
     return probes.ProbeSettings(
         cgroup_parent=unique("bw-test-"),
         targets=[(net.ip4, P_REG, "127.0.0.1", lport)],
+        passthrough=[(net.ip4, P_PASS)],
         pin_dir=f"/sys/fs/bpf/{unique('botwarden-test-')}",
         nft_table=unique("bwtest_"),
         mode=mode,
@@ -53,8 +57,10 @@ def test_nftables_fallback_redirects_and_attributes(net):
         assert handle.path == "nftables" and handle.reason == "mode=nftables"
         relay = Relay(lport, pin_dir=settings.pin_dir, nft_table=settings.nft_table)
         bot_cg = cgroups.bot_cgroup(settings.cgroup_parent, "bot-n")
-        bot = run_bot(bot_cg, [tcp(net.ip4, P_REG), tcp(f"::ffff:{net.ip4}", P_REG, "6"), tcp(net.ip4, P_UNREG)])
-        direct, mapped, denied = bot.results
+        bot = run_bot(bot_cg, [tcp(net.ip4, P_REG), tcp(f"::ffff:{net.ip4}", P_REG, "6"), tcp(net.ip4, P_UNREG),
+                               tcp(net.ip4, P_PASS)])
+        direct, mapped, denied, passthrough = bot.results
+        assert passthrough["reply"] == f"target:{P_PASS}:hello\n"
         assert direct["reply"] == f"via-listener|target:{P_REG}:hello\n"
         assert mapped["reply"] == f"via-listener|target:{P_REG}:hello\n"
         assert denied["errno"] == "EHOSTUNREACH"  # nftables rejects (admin-prohibited), it cannot say EPERM
