@@ -11,6 +11,7 @@ to the (dead) listener and are refused — fail closed — and ``status`` says s
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import importlib.util
 import logging
 import os
@@ -23,10 +24,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from probes import cgroups, loader, nft, records
-from probes.ringbuf import RingBufferReader
 from probes.attribution import Attribution, cgroup_path_for, verified_exe
 from probes.attribution import lookup as _lookup
 from probes.errors import ProbeError, ProbeUnavailable
+from probes.ringbuf import RingBufferReader
 from probes.settings import ProbeSettings
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,8 @@ def _ebpf_unavailable_reason() -> str | None:
         return "bpffs is not mounted at /sys/fs/bpf (run probes/setup-host.sh)"
     if importlib.util.find_spec("bcc") is None:
         return "bcc is not importable (run probes/setup-host.sh)"
+    if ctypes.util.find_library("bpf") is None:
+        return "libbpf is not installed (apt install libbpf1)"
     return None
 
 
@@ -110,8 +113,9 @@ class ProbeHandle:
     def poll_events(self, callback: Callable[[ProbeEvent], None], timeout_ms: int = 0) -> int:
         """Deliver pending events to ``callback``; waits up to ``timeout_ms`` for the first.
 
-        Call from one thread (the daemon runs it in a worker thread, never on
-        the event loop). Returns how many were delivered.
+        Call from one thread. ``timeout_ms=0`` never blocks (fine on the event
+        loop after ``fileno()`` turned readable); with a timeout, use a worker
+        thread. Returns how many were delivered.
         """
         count = 0
         pending, self._pending = self._pending, []
