@@ -79,11 +79,15 @@ def convert(tp: Any, value: Any, path: Path_) -> Any:
         args = [a for a in get_args(tp) if a is not type(None)]
         if value is None and len(args) < len(get_args(tp)):
             return None
+        if len(args) == 1:
+            return convert(args[0], value, path)
         errors = []
         for arg in args:
             try:
                 return convert(arg, value, path)
             except ConfigKeyError as e:
+                if len(e.path) > len(path):  # the value had the right shape; a deeper key is wrong
+                    raise
                 errors.append(e.message)
         raise ConfigKeyError(path, " or ".join(errors))
     if origin is tuple:
