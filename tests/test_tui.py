@@ -247,6 +247,9 @@ def test_deny_needs_a_reason(tmp_path: Path) -> None:
                 await until(pilot, lambda: len(app.book) == 1, "the held request to show")
                 await pilot.press("d")
                 await until(pilot, lambda: isinstance(app.screen, DecisionScreen), "the dialog")
+                await pilot.press("tab")  # inside the dialog tab moves focus, not the tabs underneath
+                assert isinstance(app.screen, DecisionScreen) and app.query_one("#tabs").active == "approvals"
+                await pilot.press("shift+tab")
                 await pilot.press("enter")  # no reason yet: the dialog stays and says why
                 await pilot.pause()
                 assert isinstance(app.screen, DecisionScreen)
@@ -400,6 +403,15 @@ def test_daemon_not_running_then_back(tmp_path: Path) -> None:
                     await task
                 await until(pilot, lambda: len(app.book) == 0, "the withdrawn request to leave")
                 up = text_of(app, "#status-bar")
+                env.hold("DELETE FROM orders WHERE id = 9")
+                await until(pilot, lambda: len(app.book) == 1, "a request held when the daemon stops")
+            # The daemon went away under the console: it says so, drops what it can no longer
+            # vouch for, and keeps running.
+            await until(pilot, lambda: "not running" in text_of(app, "#status-bar"), "the daemon gone")
+            await until(pilot, lambda: len(app.book) == 0, "the stale request to go")
+            assert app.is_running
+            await pilot.press("q")
+            await until(pilot, lambda: not app.is_running, "q to quit")
             return down, up
 
     down, up = asyncio.run(scenario())
