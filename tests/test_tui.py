@@ -184,6 +184,8 @@ def test_book_follows_the_watch_stream() -> None:
     assert not book.apply({"event": "expired", "approval": a})
     assert book.apply({"event": "hello", "pending": 0})
     assert len(book) == 0
+    book.replace([a, {"no": "id"}, "junk"])  # type: ignore[list-item]
+    assert [x["approval_id"] for x in book.items()] == ["a1"]
 
 
 def test_decision_body_and_validation() -> None:
@@ -363,6 +365,8 @@ def test_audit_sql_and_reports(tmp_path: Path) -> None:
                 await until(pilot, lambda: "refused" in text_of(app, "#audit-msg"), "the refusal")
                 seen["refusal"] = text_of(app, "#audit-msg")
 
+                await pilot.press("ctrl+o")
+                assert isinstance(app.focused, Select)
                 # A canned report: whatever the daemon answers (a table, or its error text) is shown.
                 app.query_one("#report", Select).value = "blocked_attempts"
                 await until(pilot, lambda: "report blocked_attempts:" in text_of(app, "#audit-msg"), "the report")

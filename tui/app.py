@@ -284,7 +284,13 @@ class BotwardenApp(App[int]):
             if answer.purpose == "status":
                 return
         handler: Callable[[Answer], None] = getattr(self, f"_answer_{answer.purpose}")
-        handler(answer)
+        try:
+            handler(answer)
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
+            # The daemon answered something this console does not understand: say so, go on.
+            log.debug("unexpected answer to %s", answer.purpose, exc_info=True)
+            self.notify(f"unexpected answer from the daemon ({type(e).__name__}: {e})", title=answer.purpose,
+                        severity="error", markup=False)
 
     def _answer_status(self, answer: Answer) -> None:
         if answer.error:

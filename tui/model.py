@@ -49,7 +49,8 @@ class ApprovalBook:
 
     def replace(self, approvals: Iterable[Mapping[str, Any]]) -> None:
         """Take the daemon's full list (``GET /v1/approvals``) as the truth."""
-        self._items = {str(a["approval_id"]): dict(a) for a in approvals}
+        self._items = {str(a["approval_id"]): dict(a) for a in approvals
+                       if isinstance(a, Mapping) and "approval_id" in a}
 
     def get(self, approval_id: str) -> dict[str, Any] | None:
         return self._items.get(approval_id)
