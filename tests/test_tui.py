@@ -128,9 +128,9 @@ class Served:
 
 
 @contextlib.asynccontextmanager
-async def served(tmp_path: Path, socket: str | None = None) -> AsyncIterator[Served]:
+async def served(tmp_path: Path, socket: str | None = None, required: int = 1) -> AsyncIterator[Served]:
     events: list[dict[str, Any]] = []
-    broker = ApprovalBroker(timeout_s=120, audit=lambda kind, record: events.append(dict(record)))
+    broker = ApprovalBroker(timeout_s=120, required=required, audit=lambda kind, record: events.append(dict(record)))
     audit = DuckAudit(tmp_path / "audit.duckdb")
     daemon = TestDaemon(broker, audit)
     path = socket or str(tmp_path / "run" / "control.sock")
@@ -319,6 +319,36 @@ def test_a_refused_decision_is_shown_not_fatal(tmp_path: Path) -> None:
     assert not outcome.approved and "decided elsewhere" in outcome.reason
     refusal = [n for n in notices if "no pending approval" in n]
     assert refusal and refusal[0].startswith("approve ")  # says which decision was refused
+
+
+def test_two_person_rule_shows_progress(tmp_path: Path) -> None:
+    async def scenario() -> tuple[str, list[str], bool]:
+        async with served(tmp_path, required=2) as env:
+            app = make_app(env.socket)
+            async with app.run_test(size=(140, 40)) as pilot:
+                task = env.hold()
+                await until(pilot, lambda: len(app.book) == 1, "the held request to show")
+                assert table_rows(app, "#approvals-table")[0][6] == "0/2"
+                await pilot.press("a")
+                await until(pilot, lambda: isinstance(app.screen, DecisionScreen), "the dialog")
+                await pilot.press("enter")
+                await until(pilot, lambda: table_rows(app, "#approvals-table")[0][6] == "1/2", "1 of 2")
+                await until(pilot, lambda: any("waiting for more" in n for n in app.notices), "the notice")
+                progress = table_rows(app, "#approvals-table")[0][6]
+                # The same operator approving again is refused by the daemon, and the console says so.
+                await pilot.press("a")
+                await until(pilot, lambda: isinstance(app.screen, DecisionScreen), "the dialog")
+                await pilot.press("enter")
+                await until(pilot, lambda: any("already approved" in n for n in app.notices), "the refusal")
+                held = not task.done()
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                return progress, list(app.notices), held
+
+    progress, notices, held = asyncio.run(scenario())
+    assert progress == "1/2" and held
+    assert any("recorded (1/2)" in n for n in notices)
 
 
 def test_sessions_and_replay(tmp_path: Path) -> None:
