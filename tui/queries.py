@@ -18,5 +18,3 @@ REPORTS: tuple[tuple[str, str], ...] = (
     ("masked_fields_per_target", "Masked fields per target"),
     ("sessions_per_executable", "Sessions per executable"),
 )
-
-DEFAULT_SQL = "SELECT * FROM sessions ORDER BY 1 DESC LIMIT 100"
