@@ -64,11 +64,21 @@ def build_router(daemon: "Daemon") -> Router:
         async def events() -> AsyncIterator[dict[str, Any]]:
             try:
                 yield {"event": "hello", "pending": len(broker.pending)}
-                while not daemon.stopping.is_set():
-                    try:
-                        yield await asyncio.wait_for(queue.get(), 15)
-                    except asyncio.TimeoutError:
-                        yield {"event": "keepalive"}
+                stopping = asyncio.ensure_future(daemon.stopping.wait())
+                try:
+                    while not daemon.stopping.is_set():
+                        getter = asyncio.ensure_future(queue.get())
+                        done, _ = await asyncio.wait({getter, stopping}, timeout=15,
+                                                     return_when=asyncio.FIRST_COMPLETED)
+                        if getter in done:
+                            yield getter.result()
+                        else:
+                            getter.cancel()
+                            if stopping not in done:
+                                yield {"event": "keepalive"}
+                    yield {"event": "daemon_stopping"}
+                finally:
+                    stopping.cancel()
             finally:
                 broker.unsubscribe(queue)
 

@@ -203,7 +203,8 @@ class ControlServer:
             if task:
                 self._streams.discard(task)
             writer.close()
-            with contextlib.suppress(Exception):
+            # Cancelled at shutdown (an open watch stream): closing is all that is left to do.
+            with contextlib.suppress(Exception, asyncio.CancelledError):
                 await writer.wait_closed()
 
     def _peer_allowed(self, peer: Peer) -> bool:
