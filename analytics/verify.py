@@ -217,17 +217,15 @@ def verify_connection(con: duckdb.DuckDBPyConnection, *, live_epoch: int | None 
                                         f"links directly to seq {last_seq} but chain_seq jumps from "
                                         f"{last_seq} to {r.seq} (renumbered)"))
         else:
-            pred = locate(r.prev)
-            if pred is not None:
-                problems.append(Problem(r.table, r.seq, "reordered",
-                                        f"the chain says it follows {pred[0]} seq {pred[1]}, but it is "
-                                        f"stored after seq {last_seq}"))
-                if not ok:
-                    problems.append(Problem(r.table, r.seq, "modified", "content does not match the row's hash"))
-            elif not ok:
+            pred = None if not ok else locate(r.prev)
+            if not ok:
                 problems.append(Problem(r.table, r.seq, "inserted",
                                         "neither its hash nor its link fits the chain"))
                 continue  # not part of the chain: the next row should link to the one before
+            elif pred is not None:
+                problems.append(Problem(r.table, r.seq, "reordered",
+                                        f"the chain says it follows {pred[0]} seq {pred[1]}, but it is "
+                                        f"stored after seq {last_seq}"))
             elif r.seq > last_seq + 1:
                 missing = (f"seq {last_seq + 1}" if r.seq == last_seq + 2
                            else f"seq {last_seq + 1}..{r.seq - 1}")
