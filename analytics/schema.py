@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from .errors import AuditRecordError
@@ -61,9 +62,18 @@ class Kind:
     table: str
     fields: tuple[Field, ...]
 
-    @property
+    @cached_property
     def names(self) -> tuple[str, ...]:
         return tuple(f.name for f in self.fields)
+
+    @cached_property
+    def bytes_columns(self) -> tuple[str, ...]:
+        return tuple(f.name for f in self.fields if f.type == "bytes")
+
+    @cached_property
+    def hash_prefix(self) -> bytes:
+        """What follows chain_prev in the hashed bytes (see analytics.chain)."""
+        return self.table.encode() + b"\n"
 
 
 KINDS: dict[str, Kind] = {

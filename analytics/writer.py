@@ -58,25 +58,28 @@ class ChainWriter:
               before: Callable[[duckdb.DuckDBPyConnection], None] | None = None) -> None:
         """Append ``items`` (kind, normalized row) in order, in one transaction
         (``before(con)`` runs first in the same transaction: retention's deletes)."""
-        groups: dict[str, tuple[Kind, list]] = {}
+        groups: dict[str, list] = {}
         seq, prev = self.seq, self.head
         for kind, row in items:
             seq += 1
             doc = {n: v for n, v in zip(kind.names, row) if v is not None}
-            if kind.kind == "recording" and "data" in doc:
-                doc["data"] = doc["data"].hex()
-            h = _sha256(prev + kind.table.encode() + b"\n" + _dumps(doc).encode()).digest()
+            if kind.bytes_columns:
+                for n in kind.bytes_columns:
+                    if n in doc:
+                        doc[n] = doc[n].hex()
+            h = _sha256(prev + kind.hash_prefix + _dumps(doc).encode()).digest()
             g = groups.get(kind.table)
             if g is None:
-                g = groups[kind.table] = (kind, [])
-            g[1].append((seq, prev, h) + row)
+                g = groups[kind.table] = []
+            g.append((seq, prev, h) + row)
             prev = h
         con = self.con
         con.begin()
         try:
             if before is not None:
                 before(con)
-            for kind, rows in groups.values():
+            for table, rows in groups.items():
+                kind = schema.KIND_BY_TABLE[table]
                 if self.ingest == "arrow":
                     self._insert_arrow(kind, rows)
                 else:
@@ -90,7 +93,9 @@ class ChainWriter:
     def _insert_arrow(self, kind: Kind, rows: list[tuple]) -> None:
         cols = list(zip(*rows))
         arrays = [pa.array(cols[0], pa.int64()), pa.array(cols[1], pa.binary()), pa.array(cols[2], pa.binary())]
-        arrays += [pa.array(c, _ARROW_TYPES[f.type]) for c, f in zip(cols[3:], kind.fields)]
+        n = len(rows)
+        arrays += [pa.nulls(n, _ARROW_TYPES[f.type]) if c.count(None) == n else pa.array(c, _ARROW_TYPES[f.type])
+                   for c, f in zip(cols[3:], kind.fields)]
         batch = pa.Table.from_arrays(arrays, names=list(schema.CHAIN_COLUMNS) + list(kind.names))
         name = f"_batch_{kind.table}"
         self.con.register(name, batch)
