@@ -59,8 +59,6 @@ class SqlSessionState:
         for stmt in statements:
             if stmt.error:
                 continue
-            if stmt.reset_session:
-                self.prepared.clear() if stmt.deallocate == "*" else None
             if stmt.search_path is not None:
                 self.search_path = self.search_path | frozenset(stmt.search_path)
             if stmt.prepare_name is not None and stmt.prepared_body is not None:
@@ -69,6 +67,31 @@ class SqlSessionState:
                 self.prepared.clear()
             elif stmt.deallocate:
                 self.prepared.pop(stmt.deallocate, None)
+
+
+def resolve_batch(batch: BatchAnalysis, session: SqlSessionState | None
+                  ) -> tuple[tuple[StatementAnalysis, ...], tuple[frozenset[str], ...]]:
+    """Resolve EXECUTE against prepared statements and give each statement the search path it
+    runs under: a SET search_path or PREPARE earlier in the same batch counts for later ones."""
+    path = session.search_path if session is not None else frozenset(DEFAULT_SEARCH_PATH)
+    if not batch.session_bound:
+        return batch.statements, (path,) * len(batch.statements)
+    prepared = dict(session.prepared) if session is not None else {}
+    statements, paths = [], []
+    for stmt in batch.statements:
+        stmt = resolve_execute(stmt, prepared)
+        statements.append(stmt)
+        paths.append(path)
+        if stmt.error is None:
+            if stmt.search_path is not None:
+                path = path | frozenset(stmt.search_path)
+            if stmt.deallocate == "*":
+                prepared.clear()
+            elif stmt.deallocate:
+                prepared.pop(stmt.deallocate, None)
+            if stmt.prepare_name is not None and stmt.prepared_body is not None:
+                prepared[stmt.prepare_name] = stmt.prepared_body
+    return tuple(statements), tuple(paths)
 
 
 # --- pattern matching ------------------------------------------------------------------------------
@@ -422,12 +445,8 @@ class PolicyEngine:
                     return verdict
         self.stats["misses"] += 1
         batch = self.analyze(sql)
-        statements = batch.statements
-        if session is not None and batch.session_bound:
-            statements = tuple(resolve_execute(s, session.prepared) for s in statements)
-        elif batch.session_bound:
-            statements = tuple(resolve_execute(s, {}) for s in statements)
-        verdict = self._decide_statements(scope, statements, path, when, target)
+        statements, paths = resolve_batch(batch, session)
+        verdict = self._decide_statements(scope, statements, paths, when, target)
         if session is not None:
             session.apply(statements, verdict)
         if not batch.session_bound:
@@ -442,14 +461,14 @@ class PolicyEngine:
                     _put(self._shape, shape_key, verdict)
         return verdict
 
-    def _decide_statements(self, scope: _Scope, statements: Sequence[StatementAnalysis], path: frozenset[str],
-                           when: datetime | None, target: str) -> Verdict:
+    def _decide_statements(self, scope: _Scope, statements: Sequence[StatementAnalysis],
+                           paths: Sequence[frozenset[str]], when: datetime | None, target: str) -> Verdict:
         best: Verdict | None = None
         best_strength = -1
         matched: list[str] = []
         mask_rules: list[str] = []
         for i, stmt in enumerate(statements):
-            verdict, matches = self._decide_one(scope, stmt, path, when, target)
+            verdict, matches = self._decide_one(scope, stmt, paths[i], when, target)
             for m in matches:
                 if m.rule not in matched:
                     matched.append(m.rule)

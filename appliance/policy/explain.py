@@ -7,9 +7,9 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Literal, Sequence
 
 from appliance.policy.config import PolicyConfig, Rule
-from appliance.policy.engine import PolicyEngine, RuleMatch, SqlSessionState
+from appliance.policy.engine import PolicyEngine, RuleMatch, SqlSessionState, resolve_batch
 from appliance.policy.k8s import K8sRequest
-from appliance.policy.sql import StatementAnalysis, analyze_sql, resolve_execute
+from appliance.policy.sql import StatementAnalysis, analyze_sql
 from appliance.policy.ssh import SshAnalysis, SshRequest, analyze_ssh
 from appliance.policy.types import ACTION_STRENGTH, Verdict
 
@@ -120,14 +120,12 @@ def explain(engine: PolicyEngine, identity: str, target: str, statement: str | S
                            (StatementExplanation(0, request_k, verdict, matches),))
     sql = str(statement)
     batch = analyze_sql(sql)
-    prepared = session.prepared if session is not None else {}
-    path = session.search_path if session is not None else frozenset({"public"})
-    stmts = tuple(resolve_execute(s, prepared) for s in batch.statements)
+    stmts, paths = resolve_batch(batch, session)
     per = []
     for i, stmt in enumerate(stmts):
-        v, found = engine._decide_one(scope, stmt, path, when, target)
+        v, found = engine._decide_one(scope, stmt, paths[i], when, target)
         per.append(StatementExplanation(i, stmt, v, tuple(RuleMatch(m.rule, m.action, i) for m in found)))
-    verdict = engine._decide_statements(scope, stmts, path, when, target)
+    verdict = engine._decide_statements(scope, stmts, paths, when, target)
     return Explanation(identity, groups, target, protocol, default, sql, verdict, tuple(per))
 
 
