@@ -607,10 +607,6 @@ def _column_sources(name: str, outputs: dict[str, set[str]], range_names: set[st
             continue
         seen.add(current)
         for src in outputs.get(current, ()):
-            if src.startswith("*?"):
-                if src[2:].lower() in range_names:
-                    seen.add("*")
-                continue
             todo.append(src.lower())
     return seen
 

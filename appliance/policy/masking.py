@@ -96,7 +96,7 @@ _AWS = re.compile(r"(?<![A-Z0-9])(?:AKIA|ASIA|ABIA|ACCA|AGPA|AIDA|AROA|ANPA|ANVA
 _PEM = re.compile(r"-----BEGIN ((?:RSA |EC |DSA |OPENSSH |ENCRYPTED |PGP )?PRIVATE KEY(?: BLOCK)?)-----"
                   r".*?-----END \1-----", re.S)
 _JWT = re.compile(r"(?<![\w-])eyJ[A-Za-z0-9_-]{5,}\.eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*(?![\w-])")
-_TOKEN = re.compile(r"[A-Za-z0-9+/=_\-]{16,}")
+_TOKEN = re.compile(r"[A-Za-z0-9+/_\-]{16,}={0,2}")
 _PREFIXED_SECRET = re.compile(r"\b(?:ghp|gho|ghs|ghu|github_pat|glpat|xox[abpr]|sk_live|rk_live|sk-proj|hvs|s)"
                               r"[_.-][A-Za-z0-9_\-]{16,}\b")
 
@@ -151,7 +151,7 @@ def _find_secret(text: str, cfg: "DetectorSettings") -> list[tuple[int, int]]:
             continue
         classes = sum((any(c.isdigit() for c in token), any(c.islower() for c in token),
                        any(c.isupper() for c in token)))
-        if classes >= 2 and shannon_entropy(token) >= cfg.secret_entropy:
+        if classes >= 2 and shannon_entropy(token) >= cfg.secret_entropy and m.span() not in out:
             out.append(m.span())
     return out
 

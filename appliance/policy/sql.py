@@ -380,7 +380,11 @@ class _Walker:
     def result(self) -> StatementAnalysis:
         if self.writes:
             self.properties.add("writes")
-        outputs = tuple(sorted((k, frozenset(v)) for k, v in self.outputs.items()))
+        # "*?x": a bare name that is a whole row when x is a table or alias in this statement.
+        outputs = tuple(sorted(
+            (k, frozenset("*" if src.startswith("*?") else src for src in v
+                          if not src.startswith("*?") or src[2:].lower() in self.range_names))
+            for k, v in self.outputs.items()))
         return StatementAnalysis(
             kind=self.kind, kinds=frozenset(self.kinds | {self.kind}), reads=frozenset(self.reads),
             writes=frozenset(self.writes), functions=frozenset(self.functions),
