@@ -145,7 +145,9 @@ def resolve_identity(identities: Iterable[IdentityConfig], token_info: TokenInfo
     if needs_process and facts is None:
         raise IdentityRefused("no_identity", f"target {target!r} requires a kernel-attested process; "
                                              "this connection has no attribution")
-    process_misses: list[tuple[str, str, str]] = []  # (identity, is, requires), token part matched
+    # (identity, is, requires): first those whose token part matched, then process-only identities.
+    token_matched_misses: list[tuple[str, str, str]] = []
+    process_only_misses: list[tuple[str, str, str]] = []
     not_on_target: list[str] = []
     for ident in identities:
         if ident.token is not None:
@@ -159,17 +161,23 @@ def resolve_identity(identities: Iterable[IdentityConfig], token_info: TokenInfo
         if ident.process is not None:
             miss = _process_miss(ident.process, facts, bots_cgroup)
             if miss is not None:
-                process_misses.append((ident.name, *miss))
+                (token_matched_misses if ident.token else process_only_misses).append((ident.name, *miss))
                 continue
         if ident.targets and target not in ident.targets:
             not_on_target.append(ident.name)
             continue
         return _resolved(ident, token_info, facts)
-    if process_misses:
-        name, have, want = process_misses[0]
+    # The closest miss first: the token named an identity but the process is wrong; then an identity
+    # that matched fully but not on this target; then, for a connection without a token, a
+    # process-only identity's requirements. A token that matched nothing is described as such.
+    if token_matched_misses:
+        name, have, want = token_matched_misses[0]
         raise IdentityRefused("process_mismatch", f"process not allowed: {have}, identity {name!r} requires {want}")
     if not_on_target:
         raise IdentityRefused("no_identity", f"identity {not_on_target[0]!r} is not allowed on target {target!r}")
+    if process_only_misses and token_info is None:
+        name, have, want = process_only_misses[0]
+        raise IdentityRefused("process_mismatch", f"process not allowed: {have}, identity {name!r} requires {want}")
     raise IdentityRefused("no_identity", f"no identity matches this connection on target {target!r} "
                                          f"({_describe(token_info, facts)})")
 
