@@ -12,8 +12,9 @@ from appliance.identity.attestation import (
 )
 from appliance.identity.errors import SQLSTATE_BY_REASON, IdentityRefused
 from appliance.identity.oidc import OIDCValidator, SessionExpiry, TokenInfo
+from appliance.identity.service import Authenticated, IdentityService
 
 __all__ = [
-    "IdentityRefused", "OIDCValidator", "ProcessFacts", "ResolvedIdentity", "SQLSTATE_BY_REASON",
+    "Authenticated", "IdentityRefused", "IdentityService", "OIDCValidator", "ProcessFacts", "ResolvedIdentity", "SQLSTATE_BY_REASON",
     "SessionExpiry", "TokenInfo", "from_attribution", "normalize_cgroup", "resolve_identity",
 ]
