@@ -160,7 +160,8 @@ def test_real_process_facts_of_this_test():
     other = IdentityConfig(name="other", process=ProcessMatch(uid=os.getuid() + 1))
     with pytest.raises(IdentityRefused) as err:
         resolve_identity((other,), None, me, "db")
-    assert err.value.message == f"process not allowed: uid {os.getuid()}, identity 'other' requires uid {os.getuid() + 1}"
+    uid = os.getuid()
+    assert err.value.message == f"process not allowed: uid {uid}, identity 'other' requires uid {uid + 1}"
 
 
 def test_identities_from_toml():

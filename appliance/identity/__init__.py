@@ -15,6 +15,7 @@ from appliance.identity.oidc import OIDCValidator, SessionExpiry, TokenInfo
 from appliance.identity.service import Authenticated, IdentityService
 
 __all__ = [
-    "Authenticated", "IdentityRefused", "IdentityService", "OIDCValidator", "ProcessFacts", "ResolvedIdentity", "SQLSTATE_BY_REASON",
-    "SessionExpiry", "TokenInfo", "from_attribution", "normalize_cgroup", "resolve_identity",
+    "Authenticated", "IdentityRefused", "IdentityService", "OIDCValidator", "ProcessFacts",
+    "ResolvedIdentity", "SQLSTATE_BY_REASON", "SessionExpiry", "TokenInfo", "from_attribution",
+    "normalize_cgroup", "resolve_identity",
 ]

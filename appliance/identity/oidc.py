@@ -342,7 +342,8 @@ class OIDCValidator:
                                               f"{' or '.join(map(repr, self.settings.audience))}")
         for name in self.settings.required_claims:
             if claims.get(name) is None:
-                raise IdentityRefused("missing_claim", f"token has no '{name}' claim (required by oidc.required_claims)")
+                raise IdentityRefused("missing_claim",
+                                      f"token has no '{name}' claim (required by oidc.required_claims)")
         sub = claims.get("sub")
         if not isinstance(sub, str) or not sub:
             raise IdentityRefused("missing_claim", "token has no 'sub' claim")

@@ -235,7 +235,8 @@ class SecretsBroker:
                     return SessionCredential(
                         username=username, password=password, lease_id=None, expires_at=None, renewable=False,
                         target=target.name, session_id=sid, source="kv",
-                        audit_fields=MappingProxyType({"credential_user": username, "credential_stale_s": round(age, 1)}))
+                        audit_fields=MappingProxyType({"credential_user": username,
+                                                       "credential_stale_s": round(age, 1)}))
             raise
         data = resp.get("data", {}).get("data") or {}
         version = resp.get("data", {}).get("metadata", {}).get("version")
@@ -266,7 +267,8 @@ class SecretsBroker:
         watch = LeaseWatch()
         cred = SessionCredential(
             username=data["username"], password=data.get("password"), lease_id=lease_id, expires_at=expires_at,
-            renewable=bool(resp.get("renewable")), target=target.name, session_id=sid, source="database", watch=watch,
+            renewable=bool(resp.get("renewable")), target=target.name, session_id=sid, source="database",
+            watch=watch,
             audit_fields=MappingProxyType({"credential_user": data["username"], "lease_id": lease_id}))
         if duration:
             self._keepers[lease_id] = asyncio.create_task(self._keep_lease(cred, duration),
@@ -353,7 +355,8 @@ class SecretsBroker:
             auth = self._guard(f"logging in with AppRole at {s.approle_mount}",
                                lambda: client.auth.approle.login(role_id=s.role_id, secret_id=secret_id,
                                                                  mount_point=s.approle_mount, use_token=False))["auth"]
-            token, ttl, renewable = auth["client_token"], int(auth.get("lease_duration") or 0), bool(auth.get("renewable"))
+            token, renewable = auth["client_token"], bool(auth.get("renewable"))
+            ttl = int(auth.get("lease_duration") or 0)
         else:
             assert s.token_file
             token = _read_secret_file(s.token_file, "vault.token_file")
