@@ -276,3 +276,35 @@ def test_no_token_text_in_errors_or_logs(issuer, settings, attacker_key, caplog)
     for text in texts:
         for s in secrets:
             assert s not in text
+
+
+def test_fuzzed_tokens_only_ever_raise_identity_refused():
+    from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+
+    # The issuer is a closed port: a fuzzed token that got as far as fetching keys is refused as
+    # unreachable, still an IdentityRefused. Nothing else may escape.
+    dead = f"http://127.0.0.1:{free_port()}/v1/identity/oidc"
+    validator = OIDCValidator(OIDCSettings(issuer=dead, audience=("a",), http_timeout_s=1, jwks_min_refresh_s=3600))
+    json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                               lambda xs: st.lists(xs, max_size=3) | st.dictionaries(st.text(max_size=5), xs,
+                                                                                     max_size=3), max_leaves=6)
+    headers = st.fixed_dictionaries({"alg": st.sampled_from(["RS256", "ES256", "EdDSA", "none", "HS256", 1])},
+                                    optional={"kid": json_values, "crit": json_values})
+    claims = st.fixed_dictionaries({}, optional={"iss": st.sampled_from([dead, "x", 5]), "exp": json_values,
+                                                 "nbf": json_values, "iat": json_values, "aud": json_values,
+                                                 "sub": json_values})
+    import json as _json
+
+    def compact(h, c, sig):
+        return f"{b64url(_json.dumps(h).encode())}.{b64url(_json.dumps(c).encode())}.{sig}"
+
+    tokens = st.text(max_size=64) | st.builds(compact, headers, claims, st.text(
+        alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_", max_size=40))
+
+    @hsettings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(tokens)
+    def check(token):
+        with pytest.raises(IdentityRefused):
+            validator.validate(token)
+
+    check()

@@ -60,7 +60,7 @@ def configure_vault(bao: OpenBaoServer, pg: PostgresServer, tmp: Path, *, defaul
     root.secrets.database.create_role("session", db_name="pg", creation_statements=creation,
                                       default_ttl=default_ttl, max_ttl=3600, mount_point=db_mount)
     root.secrets.database.create_role("short", db_name="pg", creation_statements=creation,
-                                      default_ttl=3, max_ttl=8, mount_point=db_mount)
+                                      default_ttl=4, max_ttl=10, mount_point=db_mount)
     root.sys.enable_secrets_engine("ssh", path=ssh_mount)
     root.write(f"{ssh_mount}/config/ca", generate_signing_key=True)
     root.write(f"{ssh_mount}/roles/bot", key_type="ca", allow_user_certificates=True, allowed_users="*",
@@ -207,13 +207,13 @@ def test_ssh_certificate_per_session(vault):
 
 
 def test_lease_renewed_while_session_lasts_then_max_ttl_ends_it(vault):
-    # Role "short": 3 s leases, 8 s max TTL.
+    # Role "short": 4 s leases, 10 s max TTL.
     async def main():
         broker = SecretsBroker(vault.settings(), lease_end_margin_s=1.0)
         await broker.start()
         try:
             cred = await broker.acquire(vault.db_target("short"), "s-1")
-            await asyncio.sleep(4.5)  # past the first lease: only renewal keeps the user alive
+            await asyncio.sleep(5.5)  # past the first lease: only renewal keeps the user alive
             assert role_exists(vault.pg, cred.username)
             assert await asyncio.to_thread(login, vault.pg, cred.username, cred.password) == cred.username
             assert not cred.ended
@@ -280,7 +280,8 @@ def test_vault_stopped_mid_run(pg_server, tmp_path):
             pg_server.psql(f'DROP ROLE IF EXISTS "{leftover}"')
 
 
-def test_approle_login_and_token_renewal(vault, bao_server):
+def test_approle_login_and_token_renewal(vault, bao_server, caplog):
+    caplog.set_level(logging.DEBUG)
     root = bao_server.client()
     if "approle/" not in root.sys.list_auth_methods()["data"]:
         root.sys.enable_auth_method("approle")
@@ -306,10 +307,14 @@ def test_approle_login_and_token_renewal(vault, bao_server):
             with pytest.raises(SecretUnavailable) as err:  # the policy allows the KV path only
                 await broker.acquire(vault.db_target(), "s-2")
             assert err.value.kind == "forbidden" and "forbids" in err.value.message
+            return broker._token
         finally:
             await broker.close()
 
-    run(main())
+    last_token = run(main())
+    secret_id = secret_file.read_text()
+    for record in caplog.records:
+        assert secret_id not in record.getMessage() and last_token not in record.getMessage()
 
 
 def test_forbidden_and_unreachable_are_clear(vault, tmp_path):
