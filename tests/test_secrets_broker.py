@@ -366,3 +366,21 @@ def test_no_secret_in_repr_logs_or_audit(vault, caplog):
     for text in texts:
         for secret in secrets:
             assert secret not in text
+
+
+def test_lease_revoked_in_vault_ends_the_session(vault):
+    # An operator revoking the lease (a kill switch) ends the session at the next renewal.
+    async def main():
+        broker = SecretsBroker(vault.settings())
+        await broker.start()
+        try:
+            cred = await broker.acquire(vault.db_target("short"), "s-1")
+            await asyncio.to_thread(vault.bao.client().sys.revoke_lease, cred.lease_id)
+            assert not role_exists(vault.pg, cred.username)
+            message = await asyncio.wait_for(cred.wait_ended(), 15)
+            assert cred.watch.reason == "revoked" and "revoked in Vault" in message
+            await broker.release(cred)
+        finally:
+            await broker.close()
+
+    run(main())

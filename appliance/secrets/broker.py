@@ -160,7 +160,8 @@ class SecretsBroker:
         if revoke_outstanding:
             for lease_id in leases:
                 try:
-                    await self._call(f"revoking lease {lease_id}", lambda c, l=lease_id: c.sys.revoke_lease(l))
+                    await self._call(f"revoking lease {lease_id}",
+                                     lambda c, lid=lease_id: c.sys.revoke_lease(lid))
                 except SecretUnavailable as e:
                     log.warning("lease %s not revoked at shutdown; it ends at its TTL: %s", lease_id, e.message)
 
@@ -331,6 +332,11 @@ class SecretsBroker:
                 resp = await self._call(f"renewing lease {cred.lease_id}",
                                         lambda c: c.sys.renew_lease(lease_id=cred.lease_id, increment=increment))
             except SecretUnavailable as e:
+                if e.kind == "invalid" and "lease not found" in e.message:
+                    # Revoked in Vault (an operator's kill switch, or the engine gave up): the user is gone.
+                    cred.watch.end("revoked", f"botwarden: the credential lease for target {cred.target!r} was "
+                                              "revoked in Vault; the session ends")
+                    return
                 failures += 1
                 log.warning("renewing lease %s of session %s failed (%s); retrying until it expires",
                             cred.lease_id, cred.session_id, e.message)
