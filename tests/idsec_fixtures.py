@@ -73,13 +73,14 @@ class BaoIssuer:
         return requests.get(f"{self.server.addr}/v1/identity/oidc/.well-known/keys", timeout=5).json()
 
 
-def setup_bao_issuer(server: OpenBaoServer, *, ttl: str = "10m", name: str | None = None) -> BaoIssuer:
+def setup_bao_issuer(server: OpenBaoServer, *, ttl: str = "10m", name: str | None = None,
+                     algorithm: str = "RS256") -> BaoIssuer:
     name = name or f"bw-{uuid.uuid4().hex[:8]}"
     root = server.client()
     if "approle/" not in root.sys.list_auth_methods()["data"]:
         root.sys.enable_auth_method("approle")
     root.sys.create_or_update_policy(f"{name}-mint", f'path "identity/oidc/token/{name}" {{ capabilities = ["read"] }}')
-    root.write(f"identity/oidc/key/{name}", allowed_client_ids="*", algorithm="RS256",
+    root.write(f"identity/oidc/key/{name}", allowed_client_ids="*", algorithm=algorithm,
                verification_ttl="1h", rotation_period="24h")
     # Literal claims through the role template: groups for identity matching, nbf to exercise it.
     template = '{"groups": ["deployers", "ci"], "team": "ops", "nbf": {{time.now}}}'

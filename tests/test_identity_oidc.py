@@ -308,3 +308,16 @@ def test_fuzzed_tokens_only_ever_raise_identity_refused():
             validator.validate(token)
 
     check()
+
+
+@pytest.mark.filterwarnings("ignore:EdDSA is deprecated")  # pytest resets the module-level filter
+@pytest.mark.parametrize("algorithm", ["ES256", "EdDSA"])
+def test_ec_and_eddsa_issuers(bao_server, algorithm):
+    issuer = setup_bao_issuer(bao_server, algorithm=algorithm)
+    token = issuer.mint()
+    assert token_parts(token)[0]["alg"] == algorithm
+    settings = OIDCSettings(issuer=issuer.issuer, audience=(issuer.client_id,))
+    assert OIDCValidator(settings).validate(token).subject == issuer.entity_id
+    # Not on the allow-list: refused even though the signature is genuine.
+    only_rsa = replace(settings, algorithms=("RS256",))
+    assert refused(OIDCValidator(only_rsa), token).reason == "algorithm"

@@ -30,6 +30,7 @@ import logging
 import math
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from types import MappingProxyType
@@ -43,6 +44,11 @@ from appliance.config import OIDCSettings
 from appliance.identity.errors import IdentityRefused
 
 log = logging.getLogger(__name__)
+
+# RFC 9864 deprecates the polymorphic name "EdDSA" in favour of "Ed25519"; issuers (OpenBao among
+# them) still sign with it and oidc.algorithms is the operator's decision, so joserfc's per-token
+# warning is noise here.
+warnings.filterwarnings("ignore", message="EdDSA is deprecated", module="joserfc")
 
 MAX_TOKEN_BYTES = 16 * 1024
 
