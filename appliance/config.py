@@ -105,6 +105,10 @@ class OIDCSettings:
     required_claims: tuple[str, ...] = ("sub", "exp", "iat")
     groups_claim: str = "groups"
     jwks_cache_s: int = 300
+    # A token naming an unknown key id forces a JWKS refresh at most this often (key rotation
+    # works without a restart; forged key ids cannot hammer the issuer).
+    jwks_min_refresh_s: float = 10.0
+    http_timeout_s: float = 5.0
     # What happens when a session outlives its token.
     on_expiry: Literal["end", "recheck"] = "end"
     # Where discovery and JWKS are fetched from, when it differs from the issuer (e.g. OpenBao's
