@@ -37,6 +37,7 @@ from types import MappingProxyType
 from typing import Any, Callable, Literal, Mapping
 
 import requests
+from authlib.oidc.discovery import OpenIDProviderMetadata
 from joserfc import jwk, jws
 from joserfc.errors import BadSignatureError, JoseError
 
@@ -276,9 +277,7 @@ class OIDCValidator:
                 raise IdentityRefused("issuer", f"discovery at {self.discovery_url} names issuer "
                                                 f"{_short(doc.get('issuer'))}, config says "
                                                 f"{_short(self.settings.issuer)}")
-            jwks_uri = doc.get("jwks_uri")
-            if not isinstance(jwks_uri, str):
-                raise IdentityRefused("issuer_unreachable", f"discovery at {self.discovery_url} has no jwks_uri")
+            jwks_uri = _discovered_jwks_uri(doc, self.discovery_url)
             keyset = self._get_json(jwks_uri)
         except IdentityRefused:
             self._last_failure = now
@@ -369,3 +368,20 @@ class OIDCValidator:
 
 def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, timezone.utc).isoformat()
+
+
+def _discovered_jwks_uri(doc: dict, discovery_url: str) -> str:
+    """The JWKS address from a discovery document, checked with Authlib's OpenID Provider
+    Metadata rules (jwks_uri and the signing algorithms). The https-only rule for `issuer` is
+    left out on purpose: a loopback issuer (OpenBao dev) is plain http; the issuer string
+    itself is compared with the config before this."""
+    meta = OpenIDProviderMetadata(doc)
+    try:
+        meta.validate_jwks_uri()
+        meta.validate_id_token_signing_alg_values_supported()
+    except ValueError as e:
+        raise IdentityRefused("issuer_unreachable", f"discovery at {discovery_url} is invalid: {e}") from None
+    jwks_uri = meta.get("jwks_uri")
+    if not isinstance(jwks_uri, str):
+        raise IdentityRefused("issuer_unreachable", f"discovery at {discovery_url} has no jwks_uri")
+    return jwks_uri
