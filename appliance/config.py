@@ -168,7 +168,7 @@ class CredentialSource:
 
 @dataclass(frozen=True)
 class UpstreamTLS:
-    mode: Literal["disable", "prefer", "require", "verify-ca", "verify-full"] = "prefer"
+    mode: Literal["disable", "prefer", "require", "verify-full"] = "prefer"
     ca_file: str | None = None
     server_name: str | None = None
 

@@ -22,8 +22,8 @@ import fcntl
 import logging
 import os
 import signal
+import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -108,16 +108,22 @@ class DaemonState:
     last_reload_at: datetime | None = None
 
 
-# protocol name -> factory(target, runtime, daemon) -> front with `async serve(host, port)` and
-# `async shutdown(deadline)`. Filled by the protocol fronts that exist.
-FRONT_FACTORIES: dict[str, Callable[..., Any]] = {}
+def make_front(target: TargetConfig, config: Config, services: Any) -> Any:
+    """The protocol front for one target. Each front has ``serve(host, port)``, ``drain(deadline)``
+    and a ``services`` attribute the daemon swaps on reload."""
+    if target.protocol == "postgres":
+        from appliance.fronts.postgres import PgFrontSettings, PostgresFront
 
-
-def register_front(protocol: str) -> Callable:
-    def deco(fn: Callable) -> Callable:
-        FRONT_FACTORIES[protocol] = fn
-        return fn
-    return deco
+        host, port = target.host_port
+        settings = PgFrontSettings(
+            target=target.name, upstream_host=host, upstream_port=port, upstream_tls=target.tls.mode,
+            upstream_ca_file=target.tls.ca_file,
+            tls_cert_file=config.tls.cert_file if config.tls else None,
+            tls_key_file=config.tls.key_file if config.tls else None,
+            allow_plaintext=target.allow_plaintext, require_token=target.authentication != "attestation",
+            max_message_size=target.max_message_size, connect_timeout=target.connect_timeout)
+        return PostgresFront(settings, services)
+    raise BotwardenError(f"target {target.name!r}: botwarden has no {target.protocol} front yet")
 
 
 class Daemon:
@@ -132,6 +138,7 @@ class Daemon:
         self.audit: Any = None
         self.runtime: Any = None
         self.control: ControlServer | None = None
+        self.probes: Any = None
         self._tasks: set[asyncio.Task] = set()
 
     # -- helpers -------------------------------------------------------------------------
@@ -167,6 +174,8 @@ class Daemon:
                                          group=cfg.appliance.control_socket_group)
             await self.control.start()
             await self.runtime.started()
+            if cfg.probes.mode != "off":
+                await self._attach_probes()
         except BaseException:
             await self._teardown()
             raise
@@ -174,13 +183,57 @@ class Daemon:
                  len(self.listeners), cfg.appliance.control_socket)
 
     async def _start_listener(self, target: TargetConfig, runtime: Any) -> None:
-        factory = FRONT_FACTORIES.get(target.protocol)
-        if factory is None:
-            raise BotwardenError(f"target {target.name!r}: no {target.protocol} front in this build")
-        front = factory(target, runtime, self)
+        try:
+            front = make_front(target, self.config, runtime)
+        except (ValueError, OSError) as e:  # e.g. TLS files that cannot be read
+            raise BotwardenError(f"target {target.name!r}: {e}") from None
         host, port = target.listen_host_port
         server = await front.serve(host, port)
         self.listeners[target.name] = Listener(target, server, front)
+
+    async def _attach_probes(self) -> None:
+        """Attach (or atomically replace) the redirect for the current targets, and start the
+        thread that turns probe events (denied connects, redirects) into audit rows."""
+        import probes
+
+        from appliance.bots import probe_settings
+
+        listeners = {name: li.address for name, li in self.listeners.items()}
+        settings = await asyncio.to_thread(probe_settings, self.config, listeners)
+        if self.probes is not None:
+            await asyncio.to_thread(self.probes.update_targets, settings)
+            return
+        try:
+            self.probes = await asyncio.to_thread(probes.attach, settings)
+        except probes.ProbeError as e:
+            raise BotwardenError(f"probes could not attach: {e}") from None
+        log.info("probes attached: %s (%s)", self.probes.path, self.probes.reason)
+        self._probe_stop = threading.Event()
+        self._probe_thread = threading.Thread(target=self._poll_probe_events, name="probe-events", daemon=True)
+        self._probe_thread.start()
+
+    def _poll_probe_events(self) -> None:
+        handle, stop, audit = self.probes, self._probe_stop, self.audit
+
+        def record(event: Any) -> None:
+            if audit is not None and not audit.submit("probe", event.as_record()):
+                log.error("audit queue full: a probe event was refused by the store")
+
+        while not stop.is_set():
+            try:
+                handle.poll_events(record, timeout_ms=200)
+            except Exception:  # a failing poll is logged, not fatal; the redirect stays in force
+                log.exception("reading probe events failed")
+                stop.wait(1)
+
+    def _detach_probe_reader(self) -> None:
+        """Stop reading events and release handles. The redirect itself stays (fail closed)."""
+        if self.probes is None:
+            return
+        self._probe_stop.set()
+        self._probe_thread.join(5)
+        self.probes.close()
+        self.probes = None
 
     async def run(self) -> int:
         """Start, serve until SIGTERM/SIGINT, drain, stop. Returns the process exit code."""
@@ -204,12 +257,13 @@ class Daemon:
             listener.server.close()
         fronts = [listener.front for listener in self.listeners.values()]
         if fronts:
-            await asyncio.gather(*(f.shutdown(deadline) for f in fronts), return_exceptions=True)
+            await asyncio.gather(*(f.drain(deadline) for f in fronts), return_exceptions=True)
         await self._teardown()
         self.stopped.set()
         log.info("botwarden daemon stopped")
 
     async def _teardown(self) -> None:
+        await asyncio.to_thread(self._detach_probe_reader)
         if self.runtime is not None:
             with contextlib.suppress(Exception):
                 await self.runtime.close()
@@ -249,17 +303,23 @@ class Daemon:
             if name not in new_targets or new_targets[name] != old_targets[name]:
                 listener.server.close()
                 del self.listeners[name]
-                self.spawn(listener.front.shutdown(time.monotonic() + new.appliance.drain_timeout),
+                self.spawn(listener.front.drain(time.monotonic() + new.appliance.drain_timeout),
                            f"drain-{name}")
         for name, target in new_targets.items():
             if name in self.listeners:
-                self.listeners[name].front.runtime = runtime
+                self.listeners[name].front.services = runtime
             else:
                 try:
                     await self._start_listener(target, runtime)
                 except (OSError, BotwardenError) as e:
                     log.error("reload: listener for target %r could not start: %s", name, e)
                     self.state.last_reload_error = f"target {name!r}: {e}"
+        if self.probes is not None:
+            try:
+                await self._attach_probes()
+            except BotwardenError as e:
+                log.error("reload: probe targets not updated: %s", e)
+                self.state.last_reload_error = f"target probes: {e}"
         if old_runtime is not None:
             self.spawn(old_runtime.retire(), "retire-runtime")
         self.state.reloads += 1
@@ -293,6 +353,8 @@ class Daemon:
             ],
             "audit": {"path": self.config.audit.path,
                       "healthy": bool(self.audit is not None and self.audit.healthy)},
+            "probes": (f"{self.probes.path} ({self.probes.reason})" if self.probes is not None
+                       else "off" if self.config.probes.mode == "off" else "not attached"),
             **(self.runtime.status() if self.runtime is not None else {}),
         }
 
@@ -318,4 +380,4 @@ def run_daemon(config_path: str) -> int:
         return 1
 
 
-__all__ = ["Daemon", "StateLock", "AlreadyRunning", "register_front", "run_daemon", "to_jsonable"]
+__all__ = ["Daemon", "StateLock", "AlreadyRunning", "make_front", "run_daemon", "to_jsonable"]

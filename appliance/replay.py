@@ -17,9 +17,9 @@ from appliance.errors import BotwardenError
 SESSION_SQL = ("SELECT session_id, identity, target, protocol, pid, exe, cgroup_path, credential_user, "
                "started_at, ended_at, outcome FROM sessions WHERE session_id = ?")
 REQUESTS_SQL = ("SELECT ts, kind, text, decision, rule, rows, error, duration_ms FROM requests "
-                "WHERE session_id = ? ORDER BY seq")
+                "WHERE session_id = ? ORDER BY chain_seq")
 APPROVALS_SQL = ("SELECT ts, approval_id, event, operator, reason FROM approvals "
-                 "WHERE session_id = ? ORDER BY seq")
+                 "WHERE session_id = ? ORDER BY chain_seq")
 
 
 class _Reader:

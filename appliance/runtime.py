@@ -47,8 +47,15 @@ class LiveSession:
     ctx: ConnectionContext
     started: datetime
     credential_handle: Any = None
+    broker: Any = None  # the SecretsBroker that issued the credential (releases it)
     ended: datetime | None = None
     state: str = "active"
+    watcher: asyncio.Task | None = None
+    terminate: Callable[[str, str], None] | None = None
+
+    @property
+    def session_id(self) -> str:
+        return self.grant.session_id
 
     def public(self) -> dict[str, Any]:
         facts = self.ctx.attribution
@@ -71,8 +78,9 @@ class Runtime:
         self.config = cfg
         self.daemon = daemon
         self.engine: Any = None
-        self.oidc: Any = None
+        self.identity: Any = None
         self.secrets: Any = None
+        self._owns_secrets = True
         self.approvals = ApprovalBroker(timeout_s=cfg.approvals.timeout_s, required=cfg.approvals.approvers_required,
                                         audit=self.audit, webhook_url=cfg.approvals.webhook_url)
         # Shared across generations so `sessions` sees every open session.
@@ -82,17 +90,21 @@ class Runtime:
     @classmethod
     async def create(cls, cfg: Config, daemon: "Daemon") -> "Runtime":
         rt = cls(cfg, daemon)
-        await asyncio.to_thread(rt._build_blocking)
         previous: Runtime | None = getattr(daemon, "runtime", None)
+        await asyncio.to_thread(rt._build_blocking, previous)
+        if rt._owns_secrets and cfg.vault is not None:
+            await rt.secrets.start()
         if previous is not None:
             rt.live = previous.live
             rt.recent = previous.recent
             rt.approvals.adopt_windows(previous.approvals)
         return rt
 
-    def _build_blocking(self) -> None:
-        """Everything that reads files or talks to the network at build time (a thread)."""
+    def _build_blocking(self, previous: "Runtime | None") -> None:
+        """Everything that reads files at build time (runs in a thread)."""
+        from appliance.identity import IdentityService, OIDCValidator
         from appliance.policy import PolicyEngine
+        from appliance.secrets import SecretsBroker
 
         cfg = self.config
         salt = b""
@@ -103,29 +115,37 @@ class Runtime:
                 raise BotwardenError(f"masking.salt_file: cannot read {cfg.policy.masking.salt_file}: "
                                      f"{e.strerror}") from None
         self.engine = PolicyEngine(cfg.policy, cfg.targets, cfg.identities, salt=salt)
-        if cfg.oidc is not None:
-            from appliance.identity import OIDCValidator
-
-            self.oidc = OIDCValidator(cfg.oidc)
-        if cfg.vault is not None:
-            from appliance.secrets import SecretsBroker
-
-            self.secrets = SecretsBroker(cfg.vault)
+        # The OIDC validator (its JWKS cache) and the secrets broker (its Vault token, leases) live
+        # on across reloads unless their own settings changed.
+        same_oidc = previous is not None and previous.config.oidc == cfg.oidc
+        validator = previous.identity.validator if same_oidc else (OIDCValidator(cfg.oidc) if cfg.oidc else None)
+        self.identity = IdentityService(cfg, validator)
+        if previous is not None and previous.config.vault == cfg.vault:
+            self.secrets = previous.secrets
+            self._owns_secrets = False
+        else:
+            # Without [vault] the broker serves only static credentials (password files).
+            self.secrets = SecretsBroker(cfg.vault)  # type: ignore[arg-type]
+            self._owns_secrets = True
 
     async def started(self) -> None:
-        if self.secrets is not None and hasattr(self.secrets, "start"):
-            await self.secrets.start()
+        """Called once the daemon serves: nothing to do yet (kept for symmetry with retire)."""
 
     async def retire(self) -> None:
-        """An old generation after a reload: nothing new uses it; stop its background work."""
-        if self.secrets is not None and hasattr(self.secrets, "close") and self.daemon.runtime is not self:
-            # Credentials already issued by this broker are still released through it.
-            pass
+        """An old generation after a reload. Its secrets broker, if the new generation does not
+        share it, closes once the sessions it issued credentials to have ended."""
+        if not self._owns_secrets or self.daemon.runtime.secrets is self.secrets:
+            return
+        while any(s.broker is self.secrets for s in self.live.values()):
+            await asyncio.sleep(1)
+        await self.secrets.close()
 
     async def close(self) -> None:
         await self.approvals.shutdown("botwarden is shutting down")
-        if self.secrets is not None and hasattr(self.secrets, "close"):
-            await self.secrets.close()
+        brokers = {id(s.broker): s.broker for s in self.live.values() if s.broker is not None}
+        brokers[id(self.secrets)] = self.secrets
+        for broker in brokers.values():
+            await broker.close()
 
     # -- FrontServices ---------------------------------------------------------------
 
@@ -138,7 +158,7 @@ class Runtime:
             log.error("audit queue full: %s event refused by the store", kind)
 
     async def open_session(self, target: str, ctx: ConnectionContext, user: str, token: str | None) -> SessionGrant:
-        from appliance.identity import IdentityRefused, ProcessFacts, resolve_identity
+        from appliance.identity import IdentityRefused
         from appliance.secrets import SecretUnavailable
 
         store = self.daemon.audit
@@ -146,47 +166,47 @@ class Runtime:
             raise AuthRefused("57P03", "botwarden refuses new sessions: the audit store cannot keep up "
                                        "(no session runs unaudited)")
         tcfg = self.config.target(target)
-        token_info = None
         try:
-            if tcfg.authentication in ("token", "token+attestation"):
-                if not token:
-                    raise AuthRefused("28000", "botwarden: this target needs an OIDC token in the password field")
-                token_info = await self.oidc.avalidate(token)
-            facts = ProcessFacts.from_attribution(ctx.attribution) if ctx.attribution is not None else None
-            if tcfg.authentication in ("attestation", "token+attestation") and facts is None:
-                raise AuthRefused("28000", "botwarden: this target needs kernel attestation, and this "
-                                           "connection has none (not redirected by the probes)")
-            ident = resolve_identity(self.config.identities, token_info, facts, target)
+            auth = await self.identity.authenticate(tcfg, token, ctx.attribution)
         except IdentityRefused as e:
-            raise AuthRefused(e.sqlstate, f"botwarden refused the connection: {e}") from None
-        session_id = uuid.uuid4().hex
+            raise AuthRefused(e.sqlstate, f"botwarden refused the connection: {e.message}") from None
+        ident = auth.identity
         if tcfg.credential is None:
             raise AuthRefused("28000", f"botwarden: target {target!r} has no credential source configured")
+        session_id = uuid.uuid4().hex
         try:
-            if self.secrets is not None:
-                handle = await self.secrets.acquire(tcfg, session_id)
-            else:
-                from appliance.secrets import static_credential
-
-                handle = await asyncio.to_thread(static_credential, tcfg)
+            handle = await self.secrets.acquire(tcfg, session_id)
         except SecretUnavailable as e:
-            raise AuthRefused("08004", f"botwarden could not get a credential for {target!r}: {e}") from None
-        cred = Credential(handle.username, handle.password, getattr(handle, "lease_id", None),
-                          getattr(handle, "expires_at", None))
-        audit_fields = dict(getattr(ident, "audit_fields", {}) or {})
-        audit_fields.update(getattr(handle, "audit_fields", {}) or {})
-        audit_fields.update(identity=ident.name, credential_user=handle.username,
-                            lease_id=getattr(handle, "lease_id", None))
-        if facts is not None:
-            audit_fields.update(pid=facts.pid, uid=facts.uid, gid=facts.gid, cgroup_path=facts.cgroup_path,
-                                exe=facts.exe_path, comm=facts.comm, attribution_source=facts.source,
-                                cgroup_id=getattr(ctx.attribution, "cgroup_id", None))
-        else:
-            audit_fields.update(attribution_source="none")
+            raise AuthRefused("08004", f"botwarden could not get a credential for {target!r}: {e.message}") from None
+        cred = Credential(handle.username, handle.password, handle.lease_id, handle.expires_at)
+        audit_fields = {**ident.audit_fields, **handle.audit_fields, "identity": ident.name,
+                        "credential_user": handle.username, "lease_id": handle.lease_id}
         grant = SessionGrant(session_id=session_id, identity=ident.name, groups=tuple(ident.groups),
-                             subject=getattr(ident, "subject", None), credential=cred, audit_fields=audit_fields)
-        self.live[session_id] = LiveSession(grant, target, ctx, datetime.now(timezone.utc), handle)
+                             subject=ident.subject, credential=cred, audit_fields=audit_fields)
+        live = LiveSession(grant, target, ctx, datetime.now(timezone.utc), handle, self.secrets)
+        self.live[session_id] = live
+        live.watcher = self.daemon.spawn(self._watch_session(live, auth.expiry), f"watch-{session_id[:8]}")
         return grant
+
+    async def _watch_session(self, live: LiveSession, expiry: Any) -> None:
+        """End a session whose credential lease ended (max TTL, revoked) or whose token expired."""
+        waits = [asyncio.ensure_future(live.credential_handle.wait_ended())]
+        if expiry is not None and expiry.policy == "end":
+            waits.append(asyncio.ensure_future(expiry.wait()))
+        try:
+            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            reason = next(iter(done)).result()
+        finally:
+            for w in waits:
+                w.cancel()
+        if live.session_id in self.live and live.terminate is not None:
+            live.terminate("57P01", f"botwarden ended the session: {reason}")
+
+    def register_terminate(self, session_id: str, terminate: Callable[[str, str], None]) -> None:
+        """A front tells the runtime how to end one of its sessions (lease or token expiry)."""
+        live = self.live.get(session_id)
+        if live is not None:
+            live.terminate = terminate
 
     async def close_session(self, grant: SessionGrant) -> None:
         live = self.live.pop(grant.session_id, None)
@@ -196,9 +216,11 @@ class Runtime:
         live.state = "ended"
         self.recent.append(live)
         del self.recent[:-200]
-        if self.secrets is not None and live.credential_handle is not None:
+        if live.watcher is not None:
+            live.watcher.cancel()
+        if live.broker is not None and live.credential_handle is not None:
             try:
-                await self.secrets.release(live.credential_handle)
+                await live.broker.release(live.credential_handle)
             except BotwardenError as e:
                 log.error("session %s: could not revoke its credential lease: %s", grant.session_id, e)
 

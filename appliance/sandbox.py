@@ -203,3 +203,109 @@ class OpenBaoServer:
                 self.proc.wait()
         with contextlib.suppress(OSError):
             os.unlink(self._log.name)
+
+
+@dataclass
+class OpenBaoSetup:
+    """What :func:`configure_openbao` made: a database role per session, an AppRole for the
+    appliance, and an OIDC issuer for bots (OpenBao identity tokens)."""
+
+    server: OpenBaoServer
+    db_mount: str
+    db_role: str
+    role_id: str
+    secret_id_file: Path
+    oidc_role: str
+    client_id: str
+    bot_role_id: str
+    bot_secret_id: str
+
+    @property
+    def issuer(self) -> str:
+        return f"{self.server.addr}/v1/identity/oidc"
+
+    def mint_token(self) -> str:
+        """A fresh identity token for the bot (AppRole login → identity/oidc/token/<role>)."""
+        import hvac
+
+        bot = hvac.Client(url=self.server.addr)
+        bot.auth.approle.login(self.bot_role_id, self.bot_secret_id)
+        return bot.read(f"identity/oidc/token/{self.oidc_role}")["data"]["token"]
+
+    def bot_entity_id(self) -> str:
+        import hvac
+
+        bot = hvac.Client(url=self.server.addr)
+        return bot.auth.approle.login(self.bot_role_id, self.bot_secret_id)["auth"]["entity_id"]
+
+
+def configure_openbao(bao: OpenBaoServer, pg: PostgresServer, workdir: Path, *, tag: str = "bw",
+                      grants: tuple[str, ...] = ("GRANT pg_read_all_data TO \"{{name}}\";",
+                                                 "GRANT pg_write_all_data TO \"{{name}}\";"),
+                      default_ttl: int = 300, max_ttl: int = 3600, token_ttl: str = "10m") -> OpenBaoSetup:
+    """Configure a dev OpenBao through its HTTP API the way an operator would for botwarden."""
+    import base64
+
+    root = bao.client()
+    db_mount, db_role = f"{tag}-db", "bot-session"
+    root.sys.enable_secrets_engine("database", path=db_mount)
+    root.secrets.database.configure(
+        name="target", plugin_name="postgresql-database-plugin", allowed_roles=["*"],
+        connection_url=(f"postgresql://{{{{username}}}}:{{{{password}}}}@{pg.host}:{pg.port}/postgres"
+                        f"?sslmode={'require' if pg.ssl else 'disable'}"),
+        username=pg.superuser, password=pg.password, mount_point=db_mount)
+    creation = ["CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';",
+                *grants]
+    root.secrets.database.create_role(db_role, db_name="target", creation_statements=creation,
+                                      default_ttl=default_ttl, max_ttl=max_ttl, mount_point=db_mount)
+    if "approle/" not in root.sys.list_auth_methods()["data"]:
+        root.sys.enable_auth_method("approle")
+    # The appliance: read per-session database credentials, renew and revoke their leases.
+    root.sys.create_or_update_policy(f"{tag}-appliance", "\n".join([
+        f'path "{db_mount}/creds/*" {{ capabilities = ["read"] }}',
+        'path "secret/data/*" { capabilities = ["read"] }',
+        'path "sys/leases/renew" { capabilities = ["update"] }',
+        'path "sys/leases/revoke" { capabilities = ["update"] }',
+        'path "auth/token/renew-self" { capabilities = ["update"] }',
+        'path "auth/token/lookup-self" { capabilities = ["read"] }',
+    ]))
+    root.auth.approle.create_or_update_approle(f"{tag}-appliance", token_policies=[f"{tag}-appliance"],
+                                               token_ttl="1h", token_max_ttl="24h")
+    role_id = root.auth.approle.read_role_id(f"{tag}-appliance")["data"]["role_id"]
+    secret_id = root.auth.approle.generate_secret_id(f"{tag}-appliance")["data"]["secret_id"]
+    secret_id_file = Path(workdir) / "vault-secret-id"
+    secret_id_file.write_text(secret_id + "\n")
+    os.chmod(secret_id_file, 0o600)
+    # The bots' OIDC issuer: a signing key, a role with a fixed client id, an AppRole to mint with.
+    oidc_role, client_id = f"{tag}-bots", f"botwarden-{tag}"
+    root.write(f"identity/oidc/key/{oidc_role}", allowed_client_ids="*", algorithm="RS256",
+               verification_ttl="1h", rotation_period="24h")
+    template = '{"groups": ["demo-bots"]}'
+    root.write(f"identity/oidc/role/{oidc_role}", key=oidc_role, ttl=token_ttl, client_id=client_id,
+               template=base64.b64encode(template.encode()).decode())
+    root.sys.create_or_update_policy(f"{tag}-mint",
+                                     f'path "identity/oidc/token/{oidc_role}" {{ capabilities = ["read"] }}')
+    root.auth.approle.create_or_update_approle(f"{tag}-bot", token_policies=[f"{tag}-mint"], token_ttl="30m")
+    bot_role_id = root.auth.approle.read_role_id(f"{tag}-bot")["data"]["role_id"]
+    bot_secret_id = root.auth.approle.generate_secret_id(f"{tag}-bot")["data"]["secret_id"]
+    return OpenBaoSetup(bao, db_mount, db_role, role_id, secret_id_file, oidc_role, client_id,
+                        bot_role_id, bot_secret_id)
+
+
+def make_tls_cert(directory: Path, cn: str = "botwarden", ips: tuple[str, ...] = ("127.0.0.1",)) -> tuple[Path, Path, Path]:
+    """A CA and a server certificate signed by it (for bots using sslmode=verify-full).
+    Returns (ca_cert, server_cert, server_key)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_key, ca_crt = directory / "ca.key", directory / "ca.crt"
+    key, csr, crt = directory / "server.key", directory / "server.csr", directory / "server.crt"
+    run = lambda *a: subprocess.run(a, check=True, capture_output=True)  # noqa: E731
+    run("openssl", "req", "-new", "-x509", "-days", "30", "-nodes", "-subj", f"/CN={cn} test CA",
+        "-keyout", str(ca_key), "-out", str(ca_crt))
+    run("openssl", "req", "-new", "-nodes", "-subj", f"/CN={cn}", "-keyout", str(key), "-out", str(csr))
+    ext = directory / "san.ext"
+    ext.write_text("subjectAltName=" + ",".join([*(f"IP:{ip}" for ip in ips), f"DNS:{cn}", "DNS:localhost"]) + "\n")
+    run("openssl", "x509", "-req", "-in", str(csr), "-CA", str(ca_crt), "-CAkey", str(ca_key), "-CAcreateserial",
+        "-days", "30", "-out", str(crt), "-extfile", str(ext))
+    os.chmod(key, 0o600)
+    return ca_crt, crt, key

@@ -206,6 +206,17 @@ class PostgresFront:
         for t in list(self._tasks):
             t.cancel()
 
+    async def drain(self, deadline: float) -> None:
+        """Stop listening; let requests in flight finish until ``deadline`` (monotonic), then end
+        every session with a shutdown error (57P01) that says botwarden is stopping."""
+        if self._server is not None:
+            self._server.close()
+        while any(s.busy for s in self.sessions) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for s in list(self.sessions):
+            s.shutdown(sqlstate.ADMIN_SHUTDOWN, "botwarden is shutting down; reconnect to continue")
+        await asyncio.sleep(0)
+
     def spawn(self, coro, name: str) -> asyncio.Task:
         """Create a named task, keep a reference, log (not raise) its failure."""
         task = asyncio.get_running_loop().create_task(coro, name=name)
@@ -485,6 +496,11 @@ class Session:
                       (b"S", self._c_sync), (b"F", self._c_function_call), (b"X", self._c_terminate)):
             self._client_handlers[ch[0]] = h
 
+    @property
+    def busy(self) -> bool:
+        """A request is in flight (sent, its answer not complete) or held for approval."""
+        return bool(self._ops) or self._held or (self._startup_task is not None and not self._startup_task.done())
+
     # ================================================================== lifecycle
     def start(self) -> None:
         self.front.sessions.add(self)
@@ -659,6 +675,9 @@ class Session:
             token = None  # the token is not kept past this point
         self.grant = grant
         self.session_id = grant.session_id
+        register = getattr(self.services, "register_terminate", None)
+        if register is not None:  # the daemon ends sessions whose lease or token ran out
+            register(grant.session_id, lambda code, message: self.fatal(code, message, outcome="terminated"))
         self._session_start(ctx, grant)
         await self._connect_upstream(grant, startup)
 
