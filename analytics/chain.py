@@ -23,12 +23,28 @@ from __future__ import annotations
 
 import hashlib
 import json
+from json.encoder import c_make_encoder, encode_basestring_ascii  # type: ignore[attr-defined]
 from collections.abc import Iterable
 from typing import Any
 
 GENESIS = bytes(32)
 
-_dumps = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
+_encoder = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
+
+
+def _no_default(o: Any) -> Any:
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+if c_make_encoder is not None:
+    # The C encoder built once: JSONEncoder.encode() builds a new one per call, which
+    # is a third of the cost at ingest rates. Same output as _encoder.encode.
+    _c_encode = c_make_encoder(None, _no_default, encode_basestring_ascii, None, ":", ",", True, False, True)
+
+    def dumps_canonical(obj: Any) -> str:
+        return "".join(_c_encode(obj, 0))
+else:  # pragma: no cover - CPython always has the C encoder
+    dumps_canonical = _encoder.encode
 
 
 def canonical(names: Iterable[str], values: Iterable[Any], bytes_columns: frozenset[str] = frozenset()) -> str:
@@ -39,7 +55,7 @@ def canonical(names: Iterable[str], values: Iterable[Any], bytes_columns: frozen
         if n in bytes_columns:
             v = v.hex()
         doc[n] = v
-    return _dumps(doc)
+    return dumps_canonical(doc)
 
 
 def row_hash(prev: bytes, table: str, canonical_json: str) -> bytes:

@@ -31,9 +31,9 @@ def connect(path: str | Path, *, read_only: bool) -> duckdb.DuckDBPyConnection:
     except duckdb.IOException as e:
         if "lock" in str(e).lower():
             raise AuditStoreBusy(
-                f"audit store {path} is held by another process (the daemon is its only writer); "
-                "query it through the daemon (`botwarden audit ...` uses the control API) "
-                "or stop the daemon first") from e
+                f"audit store {path} is locked by another process: a running botwarden daemon is "
+                "its only writer and the only way in while it runs — use `botwarden audit ...`, "
+                "which goes through the daemon's control API") from e
         raise AuditError(f"cannot open audit store {path}: {e}") from e
     except duckdb.Error as e:
         raise AuditError(f"cannot open audit store {path}: {e}") from e

@@ -20,6 +20,7 @@ from typing import Any
 import duckdb
 
 from . import db
+from .errors import AuditError
 from .writer import ChainWriter, writer_event
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ def apply_retention(path_or_store: Any, older_than: dt.timedelta) -> RetentionRe
     from .store import AuditStore
 
     if older_than < dt.timedelta(0):
-        raise ValueError("older_than must not be negative")
+        raise AuditError("retention period must not be negative")
     cutoff = dt.datetime.now(dt.timezone.utc) - older_than
     if isinstance(path_or_store, AuditStore):
         return path_or_store.run_in_writer(lambda con, chain: _retain(con, chain, cutoff))

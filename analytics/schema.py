@@ -67,6 +67,11 @@ class Kind:
         return tuple(f.name for f in self.fields)
 
     @cached_property
+    def spec(self) -> tuple[tuple[str, str, bool, frozenset[str] | None], ...]:
+        # Plain tuples: normalize() runs on the producer's thread for every event.
+        return tuple((f.name, f.type, f.required, f.choices) for f in self.fields)
+
+    @cached_property
     def bytes_columns(self) -> tuple[str, ...]:
         return tuple(f.name for f in self.fields if f.type == "bytes")
 
@@ -156,65 +161,66 @@ def normalize(kind: Kind, record: Mapping[str, Any]) -> tuple[tuple[Any, ...], l
     ``bytes``, lists ``list``, count maps ``dict``. Raises AuditRecordError.
     """
     row = []
-    for f in kind.fields:
-        v = record.get(f.name)
+    append = row.append
+    get = record.get
+    for name, t, required, choices in kind.spec:
+        v = get(name)
         if v is None:
-            if f.required:
-                raise _bad(kind.kind, f.name, "required field is missing")
-            row.append(None)
+            if required:
+                raise _bad(kind.kind, name, "required field is missing")
+            append(None)
             continue
-        t = f.type
         if t == "str":
             if type(v) is not str:
-                raise _bad(kind.kind, f.name, f"expected str, got {type(v).__name__}")
+                raise _bad(kind.kind, name, f"expected str, got {type(v).__name__}")
             if not v.isascii():
                 try:
                     v.encode("utf-8")
                 except UnicodeEncodeError:
-                    raise _bad(kind.kind, f.name, "string is not valid UTF-8 (lone surrogate)") from None
-            if f.choices is not None and v not in f.choices:
-                raise _bad(kind.kind, f.name, f"must be one of {sorted(f.choices)}")
+                    raise _bad(kind.kind, name, "string is not valid UTF-8 (lone surrogate)") from None
+            if choices is not None and v not in choices:
+                raise _bad(kind.kind, name, f"must be one of {sorted(choices)}")
         elif t == "ts":
             if not isinstance(v, dt.datetime) or v.tzinfo is None or v.utcoffset() is None:
-                raise _bad(kind.kind, f.name, "expected a timezone-aware datetime")
+                raise _bad(kind.kind, name, "expected a timezone-aware datetime")
             v = (v - EPOCH_UTC) // _ONE_US
         elif t == "int":
             if type(v) is not int:
-                raise _bad(kind.kind, f.name, f"expected int, got {type(v).__name__}")
+                raise _bad(kind.kind, name, f"expected int, got {type(v).__name__}")
             if not -(2**63) <= v < 2**63:
-                raise _bad(kind.kind, f.name, "integer out of 64-bit range")
+                raise _bad(kind.kind, name, "integer out of 64-bit range")
         elif t == "float":
             if type(v) is float:
                 pass
             elif type(v) is int:
                 v = float(v)
             else:
-                raise _bad(kind.kind, f.name, f"expected float, got {type(v).__name__}")
+                raise _bad(kind.kind, name, f"expected float, got {type(v).__name__}")
         elif t == "bool":
             if type(v) is not bool:
-                raise _bad(kind.kind, f.name, f"expected bool, got {type(v).__name__}")
+                raise _bad(kind.kind, name, f"expected bool, got {type(v).__name__}")
         elif t == "bytes":
             if isinstance(v, (bytearray, memoryview)):
                 v = bytes(v)
             elif type(v) is not bytes:
-                raise _bad(kind.kind, f.name, f"expected bytes, got {type(v).__name__}")
+                raise _bad(kind.kind, name, f"expected bytes, got {type(v).__name__}")
         elif t == "str_list":
             if not isinstance(v, (list, tuple)) or any(x is not None and type(x) is not str for x in v):
-                raise _bad(kind.kind, f.name, "expected a list of str or None")
+                raise _bad(kind.kind, name, "expected a list of str or None")
             for x in v:
                 if x is not None and not x.isascii():
                     try:
                         x.encode("utf-8")
                     except UnicodeEncodeError:
-                        raise _bad(kind.kind, f.name, "string is not valid UTF-8") from None
+                        raise _bad(kind.kind, name, "string is not valid UTF-8") from None
             v = list(v)
         elif t == "count_map":
             if not isinstance(v, Mapping) or any(
                 type(k) is not str or type(c) is not int for k, c in v.items()
             ):
-                raise _bad(kind.kind, f.name, "expected a mapping of str to int")
+                raise _bad(kind.kind, name, "expected a mapping of str to int")
             v = dict(v)
-        row.append(v)
+        append(v)
     names = _NAMESETS[kind.kind]
     unknown = [] if names.issuperset(record) else [k for k in record if k not in names]
     return tuple(row), unknown

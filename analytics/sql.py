@@ -17,6 +17,7 @@ import datetime as dt
 import decimal
 import io
 import json
+import threading
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,28 +48,40 @@ def check_readonly(con: duckdb.DuckDBPyConnection, sql: str) -> str:
 
 
 def run_readonly(con: duckdb.DuckDBPyConnection, sql: str, params: Sequence | None = None,
-                 *, max_rows: int | None = None) -> tuple[list[str], list[tuple]]:
+                 *, max_rows: int | None = None, timeout: float | None = None) -> tuple[list[str], list[tuple]]:
+    """Check and run one read on ``con``. ``timeout`` (seconds) interrupts a long query
+    so an operator's query cannot occupy the daemon indefinitely."""
     query = check_readonly(con, sql)
+    timer = None
+    if timeout is not None:
+        timer = threading.Timer(timeout, con.interrupt)
+        timer.daemon = True
+        timer.start()
     try:
         cur = con.execute(query, params) if params is not None else con.execute(query)
         if cur.description is None:
             return [], []
         columns = [d[0] for d in cur.description]
         rows = cur.fetchall() if max_rows is None else cur.fetchmany(max_rows)
+    except duckdb.InterruptException as e:
+        raise AuditQueryError(f"query interrupted after {timeout}s") from e
     except duckdb.Error as e:
         raise AuditQueryError(f"query failed: {e}") from e
+    finally:
+        if timer is not None:
+            timer.cancel()
     return columns, rows
 
 
 def query_readonly(path: str | Path, sql: str, params: Sequence | None = None,
-                   *, max_rows: int | None = None) -> tuple[list[str], list[tuple]]:
+                   *, max_rows: int | None = None, timeout: float | None = None) -> tuple[list[str], list[tuple]]:
     """Run one read-only statement on an audit file no daemon holds.
 
     Raises AuditStoreBusy while the daemon holds the file: go through the daemon then.
     """
     con = db.connect(path, read_only=True)
     try:
-        return run_readonly(con, sql, params, max_rows=max_rows)
+        return run_readonly(con, sql, params, max_rows=max_rows, timeout=timeout)
     finally:
         con.close()
 

@@ -361,14 +361,15 @@ class AuditStore:
                 raise AuditClosedError("audit store is not running")
             return self._reader_root.cursor()
 
-    def query(self, sql: str, params: Sequence | None = None, *, max_rows: int | None = None
-              ) -> tuple[list[str], list[tuple]]:
-        """Run one read-only statement against the live store (any thread)."""
+    def query(self, sql: str, params: Sequence | None = None, *, max_rows: int | None = None,
+              timeout: float | None = None) -> tuple[list[str], list[tuple]]:
+        """Run one read-only statement against the live store (any thread, not the
+        event loop: it blocks). ``timeout`` interrupts it after that many seconds."""
         from .sql import run_readonly
 
         cur = self.cursor()
         try:
-            return run_readonly(cur, sql, params, max_rows=max_rows)
+            return run_readonly(cur, sql, params, max_rows=max_rows, timeout=timeout)
         finally:
             cur.close()
 

@@ -151,6 +151,11 @@ def _table_reader(con: duckdb.DuckDBPyConnection, table: str, max_seq: int) -> I
 
 
 def verify_connection(con: duckdb.DuckDBPyConnection, *, live_epoch: int | None = None) -> VerifyReport:
+    """Verify through ``con`` (a read-only file connection or a live store's cursor).
+
+    On a live store, rows committed after the head is read are left out; a
+    retention run at the same moment would show as deleted rows (run it again).
+    """
     tables = db.existing_tables(con)
     version = db.schema_version(con)
     union = " UNION ALL ".join(f"SELECT '{t}' AS t, chain_seq, chain_hash FROM {t}" for t in tables)
@@ -263,6 +268,8 @@ def _epochs(con: duckdb.DuckDBPyConnection, union: str, live_epoch: int | None,
         bound = f"AND chain_seq < {int(nxt[1])}" if nxt and nxt[1] is not None else ""
         last = con.execute(f"SELECT chain_seq, t FROM ({union}) WHERE chain_seq >= ? {bound} "
                            "ORDER BY chain_seq DESC LIMIT 1", [start_seq]).fetchone()
+        if last is None:  # retention removed everything the epoch wrote
+            continue
         last_ts = con.execute(f"SELECT ts FROM {last[1]} WHERE chain_seq = ?", [last[0]]).fetchone()[0]
         gaps.append(Gap(epoch=epoch, started_at=started, last_seq=last[0], last_ts=last_ts,
                         next_epoch_started_at=nxt[2] if nxt else None, flush_interval=interval,

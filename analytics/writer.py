@@ -9,7 +9,6 @@ chain head only advances after the commit succeeds.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import socket
 from collections.abc import Callable, Sequence
@@ -19,7 +18,7 @@ import duckdb
 import pyarrow as pa
 
 from . import schema
-from .chain import GENESIS
+from .chain import GENESIS, dumps_canonical as _dumps
 from .schema import Kind
 
 IngestMethod = Literal["arrow", "executemany"]
@@ -35,7 +34,6 @@ _ARROW_TYPES = {
     "count_map": pa.map_(pa.string(), pa.int64()),
 }
 
-_dumps = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
 _sha256 = hashlib.sha256
 
 

@@ -187,3 +187,16 @@ def test_statement_types_come_from_the_postgres_parser():
     assert reports.statement_types("delete from t") == ("DeleteStmt",)
     assert reports.statement_types("SELECT 'drop table x'") == ("SelectStmt",)
     assert reports.statement_types("rm -rf /") is None
+
+
+def test_live_query_limits_rows_and_can_be_interrupted(tmp_path):
+    with AuditStore(tmp_path / "a.duckdb") as store:
+        cols, rows = store.query("SELECT * FROM range(1000)", max_rows=10)
+        assert len(rows) == 10
+        # A cross join far too big to finish: interrupted, and the store keeps working.
+        with pytest.raises(AuditQueryError, match="interrupted"):
+            store.query("SELECT count(*) FROM range(100000000) a, range(100000000) b WHERE a.range + b.range = -1",
+                        timeout=0.5)
+        assert store.submit("request", request(sid()))
+        store.flush()
+        assert store.query("SELECT count(*) FROM requests")[1] == [(1,)]

@@ -234,3 +234,20 @@ def test_store_never_logs_or_echoes_record_contents(tmp_path, caplog):
     assert rows == [(f"SELECT '{secret}'", [secret], secret)]
     _, rows = analytics.query_readonly(path, "SELECT data FROM recordings")
     assert rows == [(secret.encode(),)]
+
+
+def test_schema_doc_lists_every_column_with_its_type():
+    from pathlib import Path
+
+    from analytics import schema
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "audit-schema.md").read_text()
+    assert f"version **{schema.SCHEMA_VERSION}**" in doc
+    for kind in schema.KINDS.values():
+        section = doc.split(f"### {kind.table} ", 1)[1].split("\n### ", 1)[0]
+        documented = {}
+        for line in section.splitlines():
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if len(cells) >= 2 and cells[0] not in ("column", "") and not cells[0].startswith("---"):
+                documented[cells[0]] = cells[1]
+        assert documented == {f.name: schema.SQL_TYPES[f.type] for f in kind.fields}, kind.table

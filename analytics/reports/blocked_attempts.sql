@@ -7,4 +7,4 @@ FROM requests r
 LEFT JOIN sessions s USING (session_id)
 WHERE r.decision IN ('block', 'deny')
 GROUP BY ALL
-ORDER BY attempts DESC, s.identity, s.target, r.rule
+ORDER BY attempts DESC, s.identity, s.target, r.decision, r.rule

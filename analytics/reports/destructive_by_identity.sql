@@ -10,4 +10,4 @@ JOIN pg_statements p ON p.text = r.text
 LEFT JOIN sessions s USING (session_id)
 WHERE p.destructive
 GROUP BY ALL
-ORDER BY requests DESC, s.identity, s.target
+ORDER BY requests DESC, s.identity, s.target, r.decision, statement_types

@@ -9,4 +9,4 @@ SELECT coalesce(s.exe, '(unattributed)') AS exe, s.uid,
        min(s.started_at) AS first_seen, max(s.started_at) AS last_seen
 FROM sessions s
 GROUP BY ALL
-ORDER BY sessions DESC, exe
+ORDER BY sessions DESC, exe, s.uid
