@@ -196,6 +196,8 @@ def split_command(text: str, depth: int = 0) -> tuple[list[tuple[str, ...]], set
                 continue
             end_word()
             i += 1
+            if i < n and text[i] in "&<>|":  # >& >> << >| : still one redirection operator
+                i += 1
         elif c in "()":
             constructs.add("subshell")
             end_command()
