@@ -354,8 +354,9 @@ class _Scope:
 
 class PolicyEngine:
     def __init__(self, policy: PolicyConfig, targets: Sequence["TargetConfig"],
-                 identities: Sequence["IdentityConfig"], salt: bytes = b""):
+                 identities: Sequence["IdentityConfig"], salt: bytes = b"", *, cache: bool = True):
         self.policy = policy
+        self.cache = cache  # False: every decision from scratch (benchmarks, explain)
         self.targets = {t.name: t for t in targets}
         self.identities = {i.name: i for i in identities}
         self.salt = salt
@@ -427,6 +428,13 @@ class PolicyEngine:
         window_key = tuple(w.contains(when) for w in scope.windows) if when is not None else ()
         path = session.search_path if session is not None else frozenset(DEFAULT_SEARCH_PATH)
         key = (sql, identity, tuple(groups), target, path, window_key)
+        if not self.cache:
+            self.stats["misses"] += 1
+            statements, paths = resolve_batch(analyze_sql(sql), session)
+            verdict = self._decide_statements(scope, statements, paths, when, target)
+            if session is not None:
+                session.apply(statements, verdict)
+            return verdict
         verdict = self._exact.get(key)
         if verdict is not None:
             self.stats["exact_hits"] += 1
