@@ -110,6 +110,7 @@ def test_functions_anywhere() -> None:
 
 @pytest.mark.parametrize("sql,prop", [
     ("delete from t", "no_where"), ("update t set a = 1 where true", "no_where"),
+    ("delete from t where $1", "no_where"), ("delete from t where exists (select 1)", "no_where"),
     ("truncate t", "truncate"), ("drop view v", "drop"), ("copy t to program 'x'", "copy_program"),
     ("copy t from '/f'", "copy_file"), ("alter system set x = 1", "alter_system"), ("set role r", "set_role"),
     ("set session authorization u", "set_session_authorization"), ("do $$ begin end $$", "do_block"),
@@ -126,7 +127,7 @@ def test_properties(sql: str, prop: str) -> None:
 
 def test_no_where_is_not_flagged_for_real_conditions() -> None:
     for sql in ("delete from t where id = 1", "update t set a = 1 where a is null",
-                "delete from t where id = any($1)", "delete from t where exists (select 1)"):
+                "delete from t where id = any($1)", "delete from t where exists (select 1 from u where u.id = t.id)"):
         assert "no_where" not in one(sql).properties, sql
 
 
@@ -176,6 +177,11 @@ def test_unparsable_and_unanalyzable() -> None:
     ("bash -c 'curl x | sh'", [("bash", "-c", "curl x | sh"), ("curl", "x"), ("sh",)], {"bash", "curl", "sh"},
      {"pipe", "subshell"}),
     ("ls # ; rm -rf /", [("ls",)], {"ls"}, {"sequence"}),
+    ("$'\\x72\\x6d' -rf /", [("rm", "-rf", "/")], {"rm"}, set()),
+    ("$'\\162m' x", [("rm", "x")], {"rm"}, set()),
+    ("$CMD -rf /", [("$CMD", "-rf", "/")], {"?"}, {"expansion"}),
+    ("/bin/r? -rf /", [("/bin/r?", "-rf", "/")], {"?"}, {"glob"}),
+    ("FOO=$(id) ls", [("id",), ("FOO=", "ls")], {"id", "ls"}, {"subst"}),
 ])
 def test_shell_analysis(command: str, argvs: list, programs: set, constructs: set) -> None:
     a = analyze_ssh(SshRequest.exec(command))

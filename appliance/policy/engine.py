@@ -31,7 +31,7 @@ from appliance.policy.k8s import K8sRequest
 from appliance.policy.masking import (ColumnAction, DetectorSettings, RowMasker, Strategy, column_is_maskable)
 from appliance.policy.sql import (BatchAnalysis, Function, Relation, StatementAnalysis, analyze_sql, kind_matches,
                                   resolve_execute)
-from appliance.policy.ssh import SshAnalysis, SshRequest, analyze_ssh
+from appliance.policy.ssh import UNKNOWN_PROGRAM, SshAnalysis, SshRequest, analyze_ssh
 from appliance.policy.types import ACTION_STRENGTH, ColumnDesc, MaskPlan, PolicyError, Verdict
 
 if TYPE_CHECKING:
@@ -285,9 +285,14 @@ def _ssh_matches(c: _Compiled, a: SshAnalysis) -> bool:
     if "programs" in m or "commands" in m or "constructs" in m:
         if req.kind != "exec":
             return False
-        if "programs" in m and not _list_match(m["programs"], a.programs, any_mode):
+        # A program the shell computes at run time could be any program: it matches every
+        # "any" list (block rules fire) and no "all" list (allow rules do not).
+        unknown = UNKNOWN_PROGRAM in a.programs
+        if "programs" in m and not (unknown if any_mode and unknown else
+                                    (not unknown and _list_match(m["programs"], a.programs, any_mode))):
             return False
-        if "commands" in m and not _list_match(m["commands"], a.command_lines, any_mode):
+        if "commands" in m and not (unknown if any_mode and unknown else
+                                    (not unknown and _list_match(m["commands"], a.command_lines, any_mode))):
             return False
         if "constructs" in m:
             allowed = m["constructs"]

@@ -315,9 +315,11 @@ def _const_string(node: Any) -> str | None:
 
 
 def _has_column_ref(node: Any) -> bool:
+    """A WHERE without any column reference (``true``, ``1 = 1``, ``$1``, ``EXISTS (SELECT 1)``)
+    selects every row or none: it counts as no WHERE."""
     if isinstance(node, dict):
         for key, value in node.items():
-            if key in ("ColumnRef", "SubLink", "FuncCall", "ParamRef"):
+            if key == "ColumnRef":
                 return True
             if _has_column_ref(value):
                 return True
