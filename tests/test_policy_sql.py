@@ -194,3 +194,16 @@ def test_shell_analysis(command: str, argvs: list, programs: set, constructs: se
 @pytest.mark.parametrize("command", ["echo 'open", 'echo "open', "echo $(date", "echo `date"])
 def test_shell_syntax_errors_fail_closed(command: str) -> None:
     assert analyze_ssh(SshRequest.exec(command)).error
+
+
+def test_deep_nesting_is_analyzed_or_refused_never_raises() -> None:
+    import sys
+
+    limit = sys.getrecursionlimit()
+    deep = "select " + "abs(" * 1000 + "pg_read_file('x')" + ")" * 1000
+    stmt = one(deep)
+    assert stmt.error is None and "pg_read_file" in {f.name for f in stmt.functions}
+    chain = "select 1" + " + 1" * 9000
+    stmt = one(chain)
+    assert stmt.error == "statement nested too deeply for botwarden to analyze"
+    assert sys.getrecursionlimit() == limit  # restored

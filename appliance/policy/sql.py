@@ -16,6 +16,7 @@ in ``{"RangeVar": ...}`` there, so the field types are read once from
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Mapping
 
@@ -231,9 +232,30 @@ def _parse_error_message(e: ParseError) -> str:
     return f"{text} at character {loc + 1}" if isinstance(loc, int) else text
 
 
+DEEP_RECURSION_LIMIT = 12_000
+
+
 def analyze_sql(sql: str) -> BatchAnalysis:
     """Analyze every statement of ``sql``. Never raises on bad SQL: such a batch is one
     statement with ``error`` set. EXECUTE is left unresolved (see :func:`resolve_execute`)."""
+    try:
+        return _analyze_sql(sql)
+    except RecursionError:
+        pass
+    # Deeply nested expressions (long generated a + b + c ... chains) exceed Python's default
+    # recursion limit in the JSON decoder and the walk: retry once with more room, then refuse.
+    old = sys.getrecursionlimit()
+    try:
+        sys.setrecursionlimit(max(old, DEEP_RECURSION_LIMIT))
+        return _analyze_sql(sql)
+    except RecursionError:
+        return BatchAnalysis((unparsed("statement nested too deeply for botwarden to analyze"),),
+                             shape_cacheable=False)
+    finally:
+        sys.setrecursionlimit(old)
+
+
+def _analyze_sql(sql: str) -> BatchAnalysis:
     try:
         tree = json.loads(parse_sql_json(sql))
     except ParseError as e:
