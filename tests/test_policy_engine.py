@@ -235,3 +235,12 @@ def test_fuzz_arbitrary_text(text: str) -> None:
         assert all(isinstance(f, Function) for f in stmt.functions)
     v = engine().decide_ssh("bot", ("ci",), "db", SshRequest.exec(text))
     assert v.action in ACTION_STRENGTH
+
+
+def test_long_statements_are_decided_but_not_cached() -> None:
+    e = engine()
+    sql = "insert into c values " + ", ".join(f"({i}, 'x')" for i in range(3000))
+    assert len(sql) > 16_384
+    assert e.decide_sql("bot", ("ci",), "locked", sql).action == "block"
+    assert e.decide_sql("bot", ("ci",), "locked", sql).action == "block"
+    assert e.stats["exact_hits"] == 0 and not e._exact and not e._analysis

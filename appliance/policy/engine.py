@@ -39,6 +39,9 @@ if TYPE_CHECKING:
 
 
 CACHE_MAX = 50_000
+# Longer texts (bulk INSERT ... VALUES) are decided without caching: a cache of 50,000 of them
+# would hold gigabytes, and they rarely repeat.
+CACHE_TEXT_MAX = 16_384
 DEFAULT_SEARCH_PATH = ("public",)
 
 # --- session ---------------------------------------------------------------------------------------
@@ -433,7 +436,7 @@ class PolicyEngine:
         window_key = tuple(w.contains(when) for w in scope.windows) if when is not None else ()
         path = session.search_path if session is not None else frozenset(DEFAULT_SEARCH_PATH)
         key = (sql, identity, tuple(groups), target, path, window_key)
-        if not self.cache:
+        if not self.cache or len(sql) > CACHE_TEXT_MAX:
             self.stats["misses"] += 1
             statements, paths = resolve_batch(analyze_sql(sql), session)
             verdict = self._decide_statements(scope, statements, paths, when, target)
