@@ -79,7 +79,7 @@ def convert(tp: Any, value: Any, path: Path_) -> Any:
         args = [a for a in get_args(tp) if a is not type(None)]
         if value is None and len(args) < len(get_args(tp)):
             return None
-        if len(args) == 1:
+        if len(args) == 1:  # X | None: keep the inner error's own key path (e.g. rules[0].sql.kinds)
             return convert(args[0], value, path)
         errors = []
         for arg in args:

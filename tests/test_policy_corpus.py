@@ -56,17 +56,19 @@ def test_sql_case_fresh_engine(index: int, case: dict) -> None:
 
 
 def test_sql_corpus_through_one_cached_engine() -> None:
-    """All cases, sessions included, in order through one engine, then all again (cache hits)."""
+    """All cases, sessions included, in order through one engine, then all again (cache hits);
+    and once through an engine with caching off."""
     engine = new_engine()
-    for round_ in (1, 2):
+    uncached = PolicyEngine(CONFIG.policy, CONFIG.targets, CONFIG.identities, salt=SALT, cache=False)
+    for round_, engine in ((1, engine), (2, engine), (3, uncached)):
         sessions: dict[str, SqlSessionState] = {}
         for case in CORPUS["sql"]:
             identity, groups = WHO[case["who"]]
             session = sessions.setdefault(case["session"], SqlSessionState()) if "session" in case else None
             verdict = engine.decide_sql(identity, groups, case.get("target", "prod-db"), case["sql"],
                                         now=_now(case), session=session)
-            _check(verdict, case, f"cached round {round_}")
-    assert engine.stats["exact_hits"] > 0
+            _check(verdict, case, f"round {round_}")
+    assert uncached.stats["exact_hits"] == 0 and uncached.stats["misses"] == len(CORPUS["sql"])
 
 
 def test_sql_corpus_shape_cache_with_other_constants() -> None:

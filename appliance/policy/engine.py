@@ -31,7 +31,7 @@ from appliance.policy.k8s import K8sRequest
 from appliance.policy.masking import (ColumnAction, DetectorSettings, RowMasker, Strategy, column_is_maskable)
 from appliance.policy.sql import (BatchAnalysis, Function, Relation, StatementAnalysis, analyze_sql, kind_matches,
                                   resolve_execute)
-from appliance.policy.ssh import SshAnalysis, SshRequest, analyze_ssh
+from appliance.policy.ssh import UNKNOWN_PROGRAM, SshAnalysis, SshRequest, analyze_ssh
 from appliance.policy.types import ACTION_STRENGTH, ColumnDesc, MaskPlan, PolicyError, Verdict
 
 if TYPE_CHECKING:
@@ -39,6 +39,9 @@ if TYPE_CHECKING:
 
 
 CACHE_MAX = 50_000
+# Longer texts (bulk INSERT ... VALUES) are decided without caching: a cache of 50,000 of them
+# would hold gigabytes, and they rarely repeat.
+CACHE_TEXT_MAX = 16_384
 DEFAULT_SEARCH_PATH = ("public",)
 
 # --- session ---------------------------------------------------------------------------------------
@@ -285,9 +288,14 @@ def _ssh_matches(c: _Compiled, a: SshAnalysis) -> bool:
     if "programs" in m or "commands" in m or "constructs" in m:
         if req.kind != "exec":
             return False
-        if "programs" in m and not _list_match(m["programs"], a.programs, any_mode):
+        # A program the shell computes at run time could be any program: it matches every
+        # "any" list (block rules fire) and no "all" list (allow rules do not).
+        unknown = UNKNOWN_PROGRAM in a.programs
+        if "programs" in m and not (unknown if any_mode and unknown else
+                                    (not unknown and _list_match(m["programs"], a.programs, any_mode))):
             return False
-        if "commands" in m and not _list_match(m["commands"], a.command_lines, any_mode):
+        if "commands" in m and not (unknown if any_mode and unknown else
+                                    (not unknown and _list_match(m["commands"], a.command_lines, any_mode))):
             return False
         if "constructs" in m:
             allowed = m["constructs"]
@@ -354,8 +362,9 @@ class _Scope:
 
 class PolicyEngine:
     def __init__(self, policy: PolicyConfig, targets: Sequence["TargetConfig"],
-                 identities: Sequence["IdentityConfig"], salt: bytes = b""):
+                 identities: Sequence["IdentityConfig"], salt: bytes = b"", *, cache: bool = True):
         self.policy = policy
+        self.cache = cache  # False: every decision from scratch (benchmarks, explain)
         self.targets = {t.name: t for t in targets}
         self.identities = {i.name: i for i in identities}
         self.salt = salt
@@ -427,6 +436,13 @@ class PolicyEngine:
         window_key = tuple(w.contains(when) for w in scope.windows) if when is not None else ()
         path = session.search_path if session is not None else frozenset(DEFAULT_SEARCH_PATH)
         key = (sql, identity, tuple(groups), target, path, window_key)
+        if not self.cache or len(sql) > CACHE_TEXT_MAX:
+            self.stats["misses"] += 1
+            statements, paths = resolve_batch(analyze_sql(sql), session)
+            verdict = self._decide_statements(scope, statements, paths, when, target)
+            if session is not None:
+                session.apply(statements, verdict)
+            return verdict
         verdict = self._exact.get(key)
         if verdict is not None:
             self.stats["exact_hits"] += 1

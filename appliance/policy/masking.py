@@ -102,6 +102,8 @@ _PREFIXED_SECRET = re.compile(r"\b(?:ghp|gho|ghs|ghu|github_pat|glpat|xox[abpr]|
 
 
 def _find_email(text: str, cfg: "DetectorSettings") -> list[tuple[int, int]]:
+    if "@" not in text:
+        return []
     return [m.span() for m in _EMAIL.finditer(text)]
 
 
@@ -128,6 +130,8 @@ def _find_phone(text: str, cfg: "DetectorSettings") -> list[tuple[int, int]]:
 
 
 def _find_ssn(text: str, cfg: "DetectorSettings") -> list[tuple[int, int]]:
+    if "-" not in text:
+        return []
     return [m.span() for m in _SSN.finditer(text) if ssn_ok(*m.groups())]
 
 
@@ -136,14 +140,20 @@ def _find_aws(text: str, cfg: "DetectorSettings") -> list[tuple[int, int]]:
 
 
 def _find_pem(text: str, cfg: "DetectorSettings") -> list[tuple[int, int]]:
+    if "PRIVATE KEY" not in text:
+        return []
     return [m.span() for m in _PEM.finditer(text)]
 
 
 def _find_jwt(text: str, cfg: "DetectorSettings") -> list[tuple[int, int]]:
+    if "eyJ" not in text:
+        return []
     return [m.span() for m in _JWT.finditer(text) if _jwt_ok(m.group())]
 
 
 def _find_secret(text: str, cfg: "DetectorSettings") -> list[tuple[int, int]]:
+    if len(text) < 16:
+        return []
     out = [m.span() for m in _PREFIXED_SECRET.finditer(text)]
     for m in _TOKEN.finditer(text):
         token = m.group()

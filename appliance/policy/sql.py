@@ -16,6 +16,7 @@ in ``{"RangeVar": ...}`` there, so the field types are read once from
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Mapping
 
@@ -231,9 +232,30 @@ def _parse_error_message(e: ParseError) -> str:
     return f"{text} at character {loc + 1}" if isinstance(loc, int) else text
 
 
+DEEP_RECURSION_LIMIT = 12_000
+
+
 def analyze_sql(sql: str) -> BatchAnalysis:
     """Analyze every statement of ``sql``. Never raises on bad SQL: such a batch is one
     statement with ``error`` set. EXECUTE is left unresolved (see :func:`resolve_execute`)."""
+    try:
+        return _analyze_sql(sql)
+    except RecursionError:
+        pass
+    # Deeply nested expressions (long generated a + b + c ... chains) exceed Python's default
+    # recursion limit in the JSON decoder and the walk: retry once with more room, then refuse.
+    old = sys.getrecursionlimit()
+    try:
+        sys.setrecursionlimit(max(old, DEEP_RECURSION_LIMIT))
+        return _analyze_sql(sql)
+    except RecursionError:
+        return BatchAnalysis((unparsed("statement nested too deeply for botwarden to analyze"),),
+                             shape_cacheable=False)
+    finally:
+        sys.setrecursionlimit(old)
+
+
+def _analyze_sql(sql: str) -> BatchAnalysis:
     try:
         tree = json.loads(parse_sql_json(sql))
     except ParseError as e:
@@ -284,7 +306,7 @@ class _Unanalyzable(Exception):
 
 
 def _sval(node: Any) -> str | None:
-    if isinstance(node, Mapping):
+    if isinstance(node, dict):
         if "String" in node:
             return node["String"].get("sval", "")
         if "sval" in node and isinstance(node["sval"], str):
@@ -298,11 +320,11 @@ def _names(items: Iterable[Any]) -> list[str]:
 
 def _const_string(node: Any) -> str | None:
     """A string constant, or a || concatenation of them (folded), else None."""
-    if not isinstance(node, Mapping):
+    if not isinstance(node, dict):
         return None
     if "A_Const" in node:
         val = node["A_Const"].get("sval")
-        return val.get("sval", "") if isinstance(val, Mapping) else None
+        return val.get("sval", "") if isinstance(val, dict) else None
     if "TypeCast" in node:
         return _const_string(node["TypeCast"].get("arg"))
     if "A_Expr" in node:
@@ -315,9 +337,11 @@ def _const_string(node: Any) -> str | None:
 
 
 def _has_column_ref(node: Any) -> bool:
-    if isinstance(node, Mapping):
+    """A WHERE without any column reference (``true``, ``1 = 1``, ``$1``, ``EXISTS (SELECT 1)``)
+    selects every row or none: it counts as no WHERE."""
+    if isinstance(node, dict):
         for key, value in node.items():
-            if key in ("ColumnRef", "SubLink", "FuncCall", "ParamRef"):
+            if key == "ColumnRef":
                 return True
             if _has_column_ref(value):
                 return True
@@ -328,7 +352,7 @@ def _has_column_ref(node: Any) -> bool:
 
 def _figure_colname(node: Any) -> str:
     """The output column name PostgreSQL gives an unnamed select-list expression."""
-    if isinstance(node, Mapping) and len(node) == 1:
+    if isinstance(node, dict) and len(node) == 1:
         (kind, body), = node.items()
         if kind == "ColumnRef":
             names = _names(body.get("fields", ()))
@@ -397,13 +421,13 @@ class _Walker:
         if isinstance(value, list):
             for item in value:
                 self.visit_value(item, None)
-        elif isinstance(value, Mapping):
+        elif isinstance(value, dict):
             if len(value) == 1:
                 (key, body), = value.items()
-                if key in _NODE_NAMES and isinstance(body, Mapping):
+                if key in _NODE_NAMES and isinstance(body, dict):
                     self.visit(key, body)
                     return
-                if key == "List" and isinstance(body, Mapping):
+                if key == "List" and isinstance(body, dict):
                     self.visit_value(body.get("items", []), None)
                     return
             if typed:
@@ -462,17 +486,17 @@ class _Walker:
         return any(name in scope for scope in self.cte_scopes)
 
     def _v_RangeVar(self, body: Mapping[str, Any]) -> None:
-        alias = body.get("alias", {}).get("aliasname") if isinstance(body.get("alias"), Mapping) else None
+        alias = body.get("alias", {}).get("aliasname") if isinstance(body.get("alias"), dict) else None
         self.range_names.add((alias or body.get("relname", "")).lower())
         if not self._is_cte(body):
             self.reads.add(self._relation(body))
 
     def _write(self, value: Any) -> None:
         """A write target (INSERT INTO x, UPDATE x ...): never a CTE reference."""
-        if isinstance(value, Mapping):
+        if isinstance(value, dict):
             body = value.get("RangeVar", value)
             if "relname" in body:
-                alias = body.get("alias", {}).get("aliasname") if isinstance(body.get("alias"), Mapping) else None
+                alias = body.get("alias", {}).get("aliasname") if isinstance(body.get("alias"), dict) else None
                 self.range_names.add((alias or body["relname"]).lower())
                 self.writes.add(self._relation(body))
                 return
@@ -480,13 +504,13 @@ class _Walker:
 
     def _v_RangeFunction(self, body: Mapping[str, Any]) -> None:
         alias = body.get("alias")
-        if isinstance(alias, Mapping) and alias.get("aliasname"):
+        if isinstance(alias, dict) and alias.get("aliasname"):
             self.range_names.add(alias["aliasname"].lower())
         self.generic("RangeFunction", body)
 
     def _v_RangeSubselect(self, body: Mapping[str, Any]) -> None:
         alias = body.get("alias")
-        if isinstance(alias, Mapping) and alias.get("aliasname"):
+        if isinstance(alias, dict) and alias.get("aliasname"):
             self.range_names.add(alias["aliasname"].lower())
         self.generic("RangeSubselect", body)
 
@@ -516,7 +540,7 @@ class _Walker:
     def _with(self, body: Mapping[str, Any]) -> frozenset[str]:
         """Walk the CTE bodies with the names each may see; return every name of this WITH."""
         clause = body.get("withClause")
-        if not isinstance(clause, Mapping):
+        if not isinstance(clause, dict):
             return frozenset()
         ctes = [c.get("CommonTableExpr", c) for c in clause.get("ctes", [])]
         names = [c.get("ctename", "") for c in ctes]
@@ -547,7 +571,7 @@ class _Walker:
     # -- statements --
     def _v_SelectStmt(self, body: Mapping[str, Any]) -> None:
         into = body.get("intoClause")
-        if isinstance(into, Mapping):
+        if isinstance(into, dict):
             self.properties.add("select_into")
             self.kinds.add("CREATE_TABLE_AS")
             self._write(into.get("rel"))
@@ -561,18 +585,18 @@ class _Walker:
 
     def _outputs(self, targets: list[Any]) -> None:
         for item in targets:
-            res = item.get("ResTarget", {}) if isinstance(item, Mapping) else {}
+            res = item.get("ResTarget", {}) if isinstance(item, dict) else {}
             val = res.get("val")
             name = res.get("name") or _figure_colname(val)
             sources = self.outputs.setdefault(name, set())
             self._column_sources(val, sources)
 
     def _column_sources(self, node: Any, out: set[str]) -> None:
-        if isinstance(node, Mapping):
+        if isinstance(node, dict):
             ref = node.get("ColumnRef")
-            if isinstance(ref, Mapping):
+            if isinstance(ref, dict):
                 fields = ref.get("fields", [])
-                if any(isinstance(f, Mapping) and "A_Star" in f for f in fields):
+                if any(isinstance(f, dict) and "A_Star" in f for f in fields):
                     out.add("*")
                 else:
                     names = _names(fields)
@@ -597,7 +621,7 @@ class _Walker:
 
         def targets() -> None:
             self._write(body.get("relation"))
-            if isinstance(returning, Mapping):
+            if isinstance(returning, dict):
                 self._outputs(returning.get("exprs", []))
             elif isinstance(returning, list):
                 self._outputs(returning)
@@ -642,7 +666,7 @@ class _Walker:
         objtype = body.get("removeType", "OBJECT_TABLE")
         if objtype in _TABLE_OBJECTS or objtype == "OBJECT_SCHEMA":
             for obj in body.get("objects", []):
-                items = obj.get("List", {}).get("items", []) if isinstance(obj, Mapping) and "List" in obj else [obj]
+                items = obj.get("List", {}).get("items", []) if isinstance(obj, dict) and "List" in obj else [obj]
                 names = [n.lower() for n in _names(items)]
                 if objtype == "OBJECT_SCHEMA" and names:
                     self.writes.add(Relation(names[-1], "*"))
@@ -708,7 +732,7 @@ class _Walker:
 
     def _v_VacuumStmt(self, body: Mapping[str, Any]) -> None:
         for rel in body.get("rels", []):
-            inner = rel.get("VacuumRelation", rel) if isinstance(rel, Mapping) else {}
+            inner = rel.get("VacuumRelation", rel) if isinstance(rel, dict) else {}
             if inner.get("relation"):
                 self._write(inner["relation"])
         self.generic("VacuumStmt", body, skip=("rels",))
@@ -763,7 +787,7 @@ class _Walker:
         self.prepare_name = body.get("name", "")
         inner = _Walker(self.text, self.depth + 1)
         query = body.get("query", {})
-        if isinstance(query, Mapping) and len(query) == 1:
+        if isinstance(query, dict) and len(query) == 1:
             inner.top(query)
             self.prepared_body = inner.result()
             self._merge(self.prepared_body)
@@ -779,7 +803,7 @@ class _Walker:
 
     def _v_ExplainStmt(self, body: Mapping[str, Any]) -> None:
         for opt in body.get("options", []):
-            defname = opt.get("DefElem", {}).get("defname") if isinstance(opt, Mapping) else None
+            defname = opt.get("DefElem", {}).get("defname") if isinstance(opt, dict) else None
             if defname == "analyze":
                 self.properties.add("explain_analyze")
         # What EXPLAIN shows counts as if it ran: fail closed (EXPLAIN ANALYZE does run it).
@@ -798,7 +822,7 @@ class _Walker:
         self.properties.add("do_block")
         language, code = "plpgsql", None
         for arg in body.get("args", []):
-            elem = arg.get("DefElem", {}) if isinstance(arg, Mapping) else {}
+            elem = arg.get("DefElem", {}) if isinstance(arg, dict) else {}
             if elem.get("defname") == "language":
                 language = (_sval(elem.get("arg")) or _const_string(elem.get("arg")) or "").lower()
             elif elem.get("defname") == "as":
@@ -813,12 +837,12 @@ class _Walker:
         self.properties.add("function_body")
         language, code = "sql", None
         for opt in body.get("options", []):
-            elem = opt.get("DefElem", {}) if isinstance(opt, Mapping) else {}
+            elem = opt.get("DefElem", {}) if isinstance(opt, dict) else {}
             if elem.get("defname") == "language":
                 language = (_sval(elem.get("arg")) or _const_string(elem.get("arg")) or "").lower()
             elif elem.get("defname") == "as":
                 arg = elem.get("arg")
-                items = arg.get("List", {}).get("items", []) if isinstance(arg, Mapping) else arg
+                items = arg.get("List", {}).get("items", []) if isinstance(arg, dict) else arg
                 parts = _names(items or [])
                 code = parts[0] if len(parts) == 1 else None
         if body.get("sql_body"):
@@ -860,7 +884,7 @@ class _Walker:
             for item in node:
                 self._plpgsql_walk(item)
             return
-        if not isinstance(node, Mapping):
+        if not isinstance(node, dict):
             return
         for key, value in node.items():
             if key == "PLpgSQL_stmt_dynexecute":

@@ -79,54 +79,119 @@ def analyze_ssh(request: SshRequest) -> SshAnalysis:
     if request.kind != "exec":
         return SshAnalysis(request)
     try:
-        argvs, constructs = split_command(request.command or "")
+        argvs, dynamic, constructs = _split(request.command or "")
     except ShellSyntaxError as e:
         return SshAnalysis(request, error=str(e))
     programs: set[str] = set()
-    for argv in argvs:
-        programs |= _programs(argv)
+    for argv, dyn in zip(argvs, dynamic):
+        programs |= _programs(argv, dyn)
     return SshAnalysis(request, tuple(argvs), frozenset(programs), frozenset(constructs))
 
 
-def _programs(argv: tuple[str, ...]) -> set[str]:
+UNKNOWN_PROGRAM = "?"  # a program name the shell computes at run time ($CMD, /bin/r?, $(...))
+
+
+def _programs(argv: tuple[str, ...], dyn: tuple[bool, ...]) -> set[str]:
     """The program, and behind a wrapper (sudo, env, xargs...) every later word that could be
     one: wrapper options are not parsed, so over-counting is the fail-closed side."""
     out: set[str] = set()
     i = 0
-    while i < len(argv) and "=" in argv[i] and not argv[i].startswith("="):
-        i += 1  # NAME=value before the program
+    while i < len(argv) and argv[i].partition("=")[1] and argv[i].partition("=")[0].isidentifier():
+        i += 1  # NAME=value before the program (a computed value is still just a value)
     if i >= len(argv):
         return out
     prog = posixpath.basename(argv[i])
-    out.add(prog)
-    if prog in _WRAPPERS:
-        for word in argv[i + 1:]:
-            if not word.startswith("-") and "=" not in word and posixpath.basename(word):
+    out.add(UNKNOWN_PROGRAM if dyn[i] else prog)
+    if prog in _WRAPPERS and not dyn[i]:
+        for word, d in zip(argv[i + 1:], dyn[i + 1:]):
+            if d:
+                out.add(UNKNOWN_PROGRAM)
+            elif not word.startswith("-") and "=" not in word and posixpath.basename(word):
                 out.add(posixpath.basename(word))
     return out
 
 
 def split_command(text: str, depth: int = 0) -> tuple[list[tuple[str, ...]], set[str]]:
     """Simple commands (argv after quote removal) and the constructs a shell would act on."""
+    argvs, _, constructs = _split(text, depth)
+    return argvs, constructs
+
+
+_ANSI_C = {"a": "\a", "b": "\b", "e": "\x1b", "E": "\x1b", "f": "\f", "n": "\n", "r": "\r", "t": "\t",
+           "v": "\v", "\\": "\\", "'": "'", '"': '"', "?": "?"}
+
+
+def _ansi_c(text: str, start: int) -> tuple[str, int]:
+    """Decode bash's $'...' quoting from ``start`` (after the quote); return (text, index after)."""
+    out, i, n = [], start, len(text)
+    while i < n:
+        c = text[i]
+        if c == "'":
+            return "".join(out), i + 1
+        if c == "\\" and i + 1 < n:
+            d = text[i + 1]
+            if d in _ANSI_C:
+                out.append(_ANSI_C[d])
+                i += 2
+                continue
+            for prefix, base, width in (("x", 16, 2), ("u", 16, 4), ("U", 16, 8)):
+                if d == prefix:
+                    j = i + 2
+                    while j < n and j < i + 2 + width and text[j] in "0123456789abcdefABCDEF":
+                        j += 1
+                    if j > i + 2:
+                        out.append(chr(min(int(text[i + 2:j], base), 0x10FFFF)))
+                        i = j
+                        break
+            else:
+                if d in "01234567":
+                    j = i + 1
+                    while j < n and j < i + 4 and text[j] in "01234567":
+                        j += 1
+                    out.append(chr(int(text[i + 1:j], 8) & 0xFF))
+                    i = j
+                elif d == "c" and i + 2 < n:
+                    out.append(chr(ord(text[i + 2]) & 0x1F))
+                    i += 3
+                else:
+                    out.append("\\" + d)
+                    i += 2
+                continue
+            continue
+        out.append(c)
+        i += 1
+    raise ShellSyntaxError("unterminated $'...' quote")
+
+
+def _split(text: str, depth: int = 0) -> tuple[list[tuple[str, ...]], list[tuple[bool, ...]], set[str]]:
+    """Like split_command, plus for every word whether the shell computes it at run time
+    (an expansion, substitution or glob outside quotes): such a word could be any program."""
     if depth > 8:
         raise ShellSyntaxError("command nested too deeply")
     argvs: list[tuple[str, ...]] = []
+    dynamic: list[tuple[bool, ...]] = []
     constructs: set[str] = set()
     words: list[str] = []
+    word_dyn: list[bool] = []
     word: list[str] | None = None
+    dyn = False
     i, n = 0, len(text)
 
     def end_word() -> None:
-        nonlocal word
+        nonlocal word, dyn
         if word is not None:
             words.append("".join(word))
+            word_dyn.append(dyn)
             word = None
+            dyn = False
 
     def end_command() -> None:
         end_word()
         if words:
             argvs.append(tuple(words))
+            dynamic.append(tuple(word_dyn))
             words.clear()
+            word_dyn.clear()
 
     def substitution(start: int, closer: str) -> int:
         """Analyze ``$( ... )`` or backticks starting after the opener; return the index after it."""
@@ -147,8 +212,9 @@ def split_command(text: str, depth: int = 0) -> tuple[list[tuple[str, ...]], set
             elif c == closer:
                 level -= 1
                 if level == 0:
-                    inner_argvs, inner_constructs = split_command(text[start:j], depth + 1)
+                    inner_argvs, inner_dyn, inner_constructs = _split(text[start:j], depth + 1)
                     argvs.extend(inner_argvs)
+                    dynamic.extend(inner_dyn)
                     constructs.update(inner_constructs)
                     return j + 1
             j += 1
@@ -196,6 +262,8 @@ def split_command(text: str, depth: int = 0) -> tuple[list[tuple[str, ...]], set
                 continue
             end_word()
             i += 1
+            if i < n and text[i] in "&<>|":  # >& >> << >| : still one redirection operator
+                i += 1
         elif c in "()":
             constructs.add("subshell")
             end_command()
@@ -203,14 +271,20 @@ def split_command(text: str, depth: int = 0) -> tuple[list[tuple[str, ...]], set
         elif c == "`":
             constructs.add("subst")
             word = word if word is not None else []
+            dyn = True
             i = substitution(i + 1, "`")
         elif c == "$":
             word = word if word is not None else []
-            if text.startswith("$(", i) and not text.startswith("$((", i):
+            if text.startswith("$'", i):
+                decoded, i = _ansi_c(text, i + 2)
+                word.append(decoded)
+            elif text.startswith("$(", i) and not text.startswith("$((", i):
                 constructs.add("subst")
+                dyn = True
                 i = substitution(i + 2, ")")
             else:
                 constructs.add("expansion")
+                dyn = True
                 word.append(c)
                 i += 1
         elif c == "\\":
@@ -240,24 +314,29 @@ def split_command(text: str, depth: int = 0) -> tuple[list[tuple[str, ...]], set
                     continue
                 if d == "`":
                     constructs.add("subst")
+                    dyn = True
                     j = substitution(j + 1, "`")
                     continue
                 if d == "$":
                     if text.startswith("$(", j) and not text.startswith("$((", j):
                         constructs.add("subst")
+                        dyn = True
                         j = substitution(j + 2, ")")
                         continue
                     constructs.add("expansion")
+                    dyn = True
                 word.append(d)
                 j += 1
             i = j + 1
         else:
             if c in _GLOB:
                 constructs.add("glob")
+                dyn = True
             elif c == "{":
                 close = text.find("}", i)
                 if close > 0 and ("," in text[i:close] or ".." in text[i:close]):
                     constructs.add("glob")  # brace expansion
+                    dyn = True
             elif c == "~" and word is None:
                 constructs.add("expansion")
             word = word if word is not None else []
@@ -272,9 +351,10 @@ def split_command(text: str, depth: int = 0) -> tuple[list[tuple[str, ...]], set
             if posixpath.basename(w) in _SHELLS and "-c" in progs[k + 1:]:
                 idx = progs.index("-c", k + 1)
                 if idx + 1 < len(progs):
-                    inner_argvs, inner_constructs = split_command(progs[idx + 1], depth + 1)
+                    inner_argvs, inner_dyn, inner_constructs = _split(progs[idx + 1], depth + 1)
                     argvs.extend(inner_argvs)
+                    dynamic.extend(inner_dyn)
                     constructs.update(inner_constructs)
                     constructs.add("subshell")
                 break
-    return argvs, constructs
+    return argvs, dynamic, constructs
