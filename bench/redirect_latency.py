@@ -23,8 +23,10 @@ import json
 import os
 import platform
 import statistics
+import socket
 import subprocess
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -107,6 +109,34 @@ def run_client(cgroup: Path | None, ip: str, port: int, count: int, warmup: int)
     return json.loads(out)
 
 
+HOLD = r"""
+import socket, sys, time
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+print("connected", flush=True)
+time.sleep(30)
+"""
+
+
+def lookup_cost(settings: probes.ProbeSettings, cgroup: Path, ip: str, port: int, listener: socket.socket,
+                rounds: int) -> tuple[float, float]:
+    """p50 and mean µs of probes.lookup() on one accepted redirected connection."""
+    bot = cgroups.spawn(cgroup, [sys.executable, "-c", HOLD, ip, str(port)], stdout=subprocess.PIPE, text=True)
+    try:
+        conn, _ = listener.accept()
+        with conn:
+            if probes.lookup(conn, pin_dir=settings.pin_dir, nft_table=settings.nft_table) is None:
+                raise SystemExit(f"lookup found nothing on the {settings.mode} path")
+            times = []
+            for _ in range(rounds):
+                t0 = time.perf_counter_ns()
+                probes.lookup(conn, pin_dir=settings.pin_dir, nft_table=settings.nft_table)
+                times.append((time.perf_counter_ns() - t0) / 1000)
+    finally:
+        bot.kill()
+        bot.wait()
+    return pct(times, 0.5), statistics.mean(times)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--count", type=int, default=2000)
@@ -120,23 +150,31 @@ def main() -> int:
     echo_port = free_port()
     echo = subprocess.Popen([sys.executable, "-c", ECHO, str(echo_port)], stdout=subprocess.PIPE, text=True)
     assert echo.stdout.readline().strip() == "ready"
-    target = (net.ip4, 5432, "127.0.0.1", echo_port)
-    ebpf = probes.ProbeSettings(cgroup_parent=unique("bw-bench-"), targets=[target],
+    lookup_port = free_port()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", lookup_port))
+    listener.listen(16)
+    target = [(net.ip4, 5432, "127.0.0.1", echo_port), (net.ip4, 6000, "127.0.0.1", lookup_port)]
+    ebpf = probes.ProbeSettings(cgroup_parent=unique("bw-bench-"), targets=target,
                                 pin_dir=f"/sys/fs/bpf/{unique('botwarden-bench-')}", mode="ebpf",
                                 emit_redirected=False, nft_table=unique("bwbench_"))
-    nft = probes.ProbeSettings(cgroup_parent=unique("bw-bench-"), targets=[target],
+    nft = probes.ProbeSettings(cgroup_parent=unique("bw-bench-"), targets=target,
                                pin_dir=f"/sys/fs/bpf/{unique('botwarden-bench-')}", mode="nftables",
                                nft_table=unique("bwbench_"))
     handle = None
     rows = []
+    lookups = []
     try:
         results = {"direct": run_client(None, "127.0.0.1", echo_port, args.count, args.warmup)}
         handle = probes.attach(ebpf)
-        results["eBPF redirect (all programs)"] = run_client(
-            cgroups.bot_cgroup(ebpf.cgroup_parent, "bench"), net.ip4, 5432, args.count, args.warmup)
+        ebpf_cg = cgroups.bot_cgroup(ebpf.cgroup_parent, "bench")
+        results["eBPF redirect (all programs)"] = run_client(ebpf_cg, net.ip4, 5432, args.count, args.warmup)
+        lookups.append(("eBPF (pinned map)", *lookup_cost(ebpf, ebpf_cg, net.ip4, 6000, listener, 20000)))
         probes.attach(nft).close()
-        results["nftables REDIRECT"] = run_client(
-            cgroups.bot_cgroup(nft.cgroup_parent, "bench"), net.ip4, 5432, args.count, args.warmup)
+        nft_cg = cgroups.bot_cgroup(nft.cgroup_parent, "bench")
+        results["nftables REDIRECT"] = run_client(nft_cg, net.ip4, 5432, args.count, args.warmup)
+        lookups.append(("nftables (SO_ORIGINAL_DST + sock_diag + /proc)", *lookup_cost(nft, nft_cg, net.ip4, 6000,
+                                                                                      listener, 2000)))
         for name, r in results.items():
             rows.append((name, pct(r["connect"], 0.5), pct(r["connect"], 0.99), statistics.mean(r["connect"]),
                          pct(r["rtt"], 0.5), pct(r["rtt"], 0.99)))
@@ -146,6 +184,7 @@ def main() -> int:
         for s in (ebpf, nft):
             probes.detach(s)
             cgroups.remove(s.cgroup_parent)
+        listener.close()
         echo.kill()
         echo.wait()
         net.stop()
@@ -161,6 +200,9 @@ def main() -> int:
         "|---|---|---|---|---|---|",
     ]
     lines += [f"| {n} | {a:.1f} | {b:.1f} | {c:.1f} | {d:.1f} | {e:.1f} |" for n, a, b, c, d, e in rows]
+    lines += ["", "`probes.lookup()` on an accepted connection (in the inspector process):", "",
+              "| path | p50 µs | mean µs |", "|---|---|---|"]
+    lines += [f"| {n} | {a:.1f} | {b:.1f} |" for n, a, b in lookups]
     text = "\n".join(lines) + "\n"
     print(text)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

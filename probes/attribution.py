@@ -127,16 +127,19 @@ class _PinnedMaps:
         self._lock = threading.Lock()
         self._parent: tuple[int, str | None] | None = None  # (meta pin inode, cgroup path)
 
-    def fd(self, name: str, refresh: bool = False) -> int | None:
+    def fd(self, name: str) -> int | None:
+        """fd of the map pinned as ``name``, reopened whenever the pin was replaced.
+
+        Checked on every call (one stat): a cached fd of a map that was unpinned
+        would keep answering with records nothing deletes any more.
+        """
         path = f"{self.pin_dir}/{name}"
+        try:
+            ino = os.stat(path).st_ino
+        except FileNotFoundError:
+            ino = None
         with self._lock:
             entry = self._fds.get(name)
-            if entry is not None and not refresh:
-                return entry[0]
-            try:
-                ino = os.stat(path).st_ino
-            except FileNotFoundError:
-                ino = None
             if entry is not None and entry[1] == ino:
                 return entry[0]
             if entry is not None:
@@ -158,7 +161,7 @@ class _PinnedMaps:
             return None
         if self._parent is not None and self._parent[0] == ino:
             return self._parent[1]
-        fd = self.fd("meta", refresh=True)
+        fd = self.fd("meta")
         meta = records.Meta()
         parent = None
         if fd is not None and bpfsys.map_lookup(fd, ctypes.c_uint32(0), meta) and meta.layout:
@@ -180,20 +183,15 @@ def _pinned(pin_dir: str) -> _PinnedMaps:
 
 
 def _ebpf_record(pin_dir: str, local: tuple, peer: tuple) -> records.Origin | None:
-    maps = _pinned(pin_dir)
-    key = records.tuple_key(local, peer)
+    fd = _pinned(pin_dir).fd("by_tuple")
+    if fd is None:
+        return None
     origin = records.Origin()
-    for refresh in (False, True):  # a miss may mean the pins were replaced: reopen once
-        fd = maps.fd("by_tuple", refresh=refresh)
-        if fd is None:
-            if refresh:
-                return None
-            continue
-        try:
-            if bpfsys.map_lookup(fd, key, origin):
-                return origin
-        except bpfsys.BPFSyscallError as e:
-            log.warning("reading %s/by_tuple failed: %s", pin_dir, e)
+    try:
+        if bpfsys.map_lookup(fd, records.tuple_key(local, peer), origin):
+            return origin
+    except bpfsys.BPFSyscallError as e:
+        log.warning("reading %s/by_tuple failed: %s", pin_dir, e)
     return None
 
 
@@ -294,7 +292,8 @@ def _nft_attribution(sock: socket.socket, orig: tuple[str, int], cgroup_parent: 
     try:
         status = Path(f"/proc/{pid}/status").read_text()
         comm = Path(f"/proc/{pid}/comm").read_text().strip()
-        cg_line = next(line for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines() if line.startswith("0::"))
+        cg_lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+        cg_line = next(line for line in cg_lines if line.startswith("0::"))
         st = os.stat(f"/proc/{pid}/exe")
         exe = os.readlink(f"/proc/{pid}/exe")
     except (OSError, StopIteration):
@@ -335,7 +334,8 @@ def lookup(
 
     ``pin_dir`` and ``nft_table`` must match the settings the probes were
     attached with (``ProbeHandle.lookup`` passes them). ``cgroup_parent``
-    overrides the one recorded at attach time (nftables path only). None means: do not trust this connection (fail closed).
+    overrides the one recorded at attach time (nftables path only).
+    None means: no probe saw this connection; do not trust it (fail closed).
     """
     try:
         local = sock.getsockname()[:2]

@@ -31,6 +31,7 @@
 #define BW_WHY_LISTENER_FAMILY 3 /* AF_INET socket, IPv6-only listener */
 #define BW_WHY_UDP_SEND 4        /* unconnected UDP sendmsg */
 #define BW_WHY_SOCKET_TYPE 5     /* socket() of an inet type other than TCP or UDP */
+#define BW_WHY_BIND_LISTENER 6   /* bind() to a port an inspector listener uses */
 
 struct bw_addr_key {
     __u32 ip[4];

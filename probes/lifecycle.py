@@ -10,6 +10,8 @@ to the (dead) listener and are refused — fail closed — and ``status`` says s
 
 from __future__ import annotations
 
+import ctypes
+import importlib.util
 import logging
 import os
 import socket
@@ -21,7 +23,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from probes import cgroups, loader, nft, records
-from probes.attribution import Attribution, cgroup_path_for, lookup as _lookup, verified_exe
+from probes.ringbuf import RingBufferReader
+from probes.attribution import Attribution, cgroup_path_for, verified_exe
+from probes.attribution import lookup as _lookup
 from probes.errors import ProbeError, ProbeUnavailable
 from probes.settings import ProbeSettings
 
@@ -66,25 +70,27 @@ def _ebpf_unavailable_reason() -> str | None:
         cgroups.cgroup2_mount()
     except ProbeUnavailable as e:
         return str(e)
-    if not any(line.split()[1:3] == ["/sys/fs/bpf", "bpf"] for line in open("/proc/self/mounts")):
+    with open("/proc/self/mounts") as f:
+        bpffs = any(line.split()[1:3] == ["/sys/fs/bpf", "bpf"] for line in f)
+    if not bpffs:
         return "bpffs is not mounted at /sys/fs/bpf (run probes/setup-host.sh)"
-    try:
-        import bcc  # noqa: F401, PLC0415
-    except ImportError as e:
-        return f"bcc is not importable ({e})"
+    if importlib.util.find_spec("bcc") is None:
+        return "bcc is not importable (run probes/setup-host.sh)"
     return None
 
 
 class ProbeHandle:
     """The running redirect path, owned by this process."""
 
-    def __init__(self, settings: ProbeSettings, path: Path_, reason: str, programs: loader.EbpfPrograms | None,
-                 prog_ids: tuple[int, ...] = ()):
+    def __init__(self, settings: ProbeSettings, path: Path_, reason: str, prog_ids: tuple[int, ...] = ()):
         self.settings = settings
         self.path: Path_ = path
         self.reason = reason
         self.prog_ids = prog_ids
-        self._programs = programs
+        self._events = (
+            RingBufferReader(str(Path(settings.pin_dir) / "events"), ctypes.sizeof(records.Event))
+            if path == "ebpf" else None
+        )
         self._pending: list[ProbeEvent] = [
             ProbeEvent(ts=datetime.now(timezone.utc), event="attached", detail=f"{path}: {reason}")
         ]
@@ -95,8 +101,8 @@ class ProbeHandle:
 
     def update_targets(self, settings: ProbeSettings) -> None:
         """New targets/passthrough without a reload (same cgroup, pins and mode)."""
-        if self._programs is not None:
-            self._programs.update_targets(settings)
+        if self.path == "ebpf":
+            loader.sync_targets(settings)
         else:
             nft.attach(settings, self.reason)
         self.settings = settings
@@ -112,19 +118,23 @@ class ProbeHandle:
         for ev in pending:
             callback(ev)
             count += 1
-        if self._programs is None:
+        if self._events is None:
             if timeout_ms and not count:
                 time.sleep(timeout_ms / 1000)  # the nftables path has no event source
             return count
         offset = time.time_ns() - time.monotonic_ns()  # kernel stamps are CLOCK_MONOTONIC
 
-        def convert(raw: records.Event) -> None:
+        def convert(raw: bytes) -> None:
             nonlocal count
-            callback(self._event(raw, offset))
+            callback(self._event(records.Event.from_buffer_copy(raw), offset))
             count += 1
 
-        self._programs.poll(convert, 0 if count else timeout_ms)
+        self._events.poll(convert, 0 if count else timeout_ms)
         return count
+
+    def fileno(self) -> int:
+        """Readable when events are waiting (eBPF path), for ``loop.add_reader``; -1 otherwise."""
+        return self._events.fileno() if self._events is not None else -1
 
     def events(self, timeout_ms: int = 100) -> Iterator[ProbeEvent]:
         """Iterate events as they come (blocking; stop by breaking out)."""
@@ -147,7 +157,7 @@ class ProbeHandle:
         else:
             if raw.protocol not in (0, socket.IPPROTO_TCP):
                 detail = f"{detail} (protocol {raw.protocol})".strip()
-            if raw.family == socket.AF_INET6 and family == "ipv4":
+            if raw.family == socket.AF_INET6 and family == "ipv4" and raw.reason != records.WHY_BIND_LISTENER:
                 detail = f"{detail} (IPv4-mapped address on an IPv6 socket)".strip()
         return ProbeEvent(
             ts=datetime.fromtimestamp((ident.ktime_ns + offset) / 1e9, timezone.utc),
@@ -167,9 +177,9 @@ class ProbeHandle:
 
     def close(self) -> None:
         """Release this process's handles; the redirect stays in force (fail closed)."""
-        if self._programs is not None:
-            self._programs.close()
-            self._programs = None
+        if self._events is not None:
+            self._events.close()
+            self._events = None
 
 
 def attach(settings: ProbeSettings) -> ProbeHandle:
@@ -179,19 +189,17 @@ def attach(settings: ProbeSettings) -> ProbeHandle:
     if settings.mode in ("auto", "ebpf"):
         why_not = _ebpf_unavailable_reason()
         if why_not is None:
-            programs = loader.EbpfPrograms(settings)
             try:
-                programs.load()
-                ids = tuple(programs.attach())
+                ids = loader.load_and_attach(settings)
+                loader.write_meta(settings, os.getpid())
             except ProbeError as e:
-                programs.close()
                 why_not = str(e)
             else:
                 if nft.installed(settings.nft_table):
                     nft.detach(settings)  # eBPF rewrites first, so the old table never saw a gap
                 reason = "mode=ebpf" if settings.mode == "ebpf" else "eBPF available"
-                log.info("probes attached (ebpf) to %s: programs %s", programs.cgroup, ids)
-                return ProbeHandle(settings, "ebpf", reason, programs, ids)
+                log.info("probes attached (ebpf) to %s: programs %s", settings.cgroup_parent, ids)
+                return ProbeHandle(settings, "ebpf", reason, ids)
         if settings.mode == "ebpf":
             raise ProbeUnavailable(f"eBPF requested but unavailable: {why_not}")
         reason = f"eBPF unavailable: {why_not}"
@@ -202,7 +210,7 @@ def attach(settings: ProbeSettings) -> ProbeHandle:
     loader.detach_programs(cgroups.resolve(settings.cgroup_parent))
     loader.unpin(settings.pin_dir)
     log.info("probes attached (nftables) to %s: %s", settings.cgroup_parent, reason)
-    return ProbeHandle(settings, "nftables", reason, None)
+    return ProbeHandle(settings, "nftables", reason)
 
 
 @dataclass(frozen=True)

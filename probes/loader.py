@@ -1,8 +1,11 @@
 """Compile, load and attach the BPF programs with bcc.
 
 ``render_program`` returns the source and compiler defines without loading
-anything (no root needed); ``EbpfPrograms`` loads them, fills the targets map,
-attaches every program to the bots' parent cgroup and drains the event ring.
+anything (no root needed). ``load_and_attach`` runs ``python -m probes.loader``
+in a child: it compiles with bcc, fills the pinned targets map, attaches every
+program to the bots' parent cgroup and exits. Everything after that (target
+updates, meta, events, lookups, detach) works on the pinned maps with plain
+bpf(2) calls, so the daemon never carries bcc's compiler in memory.
 
 Attachment uses the legacy BPF_PROG_ATTACH with flags=0: it outlives this
 process (bots fail closed when the daemon dies: their connects still go to
@@ -13,10 +16,12 @@ atomically, so a restart has no window without a program.
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import os
+import subprocess
+import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +42,8 @@ PROG_TYPE_CGROUP_SOCK_ADDR = 18
 
 ATTACH_INET_SOCK_CREATE = 2
 ATTACH_SOCK_OPS = 3
+ATTACH_INET4_BIND = 8
+ATTACH_INET6_BIND = 9
 ATTACH_INET4_CONNECT = 10
 ATTACH_INET6_CONNECT = 11
 ATTACH_UDP4_SENDMSG = 14
@@ -50,6 +57,8 @@ PROGRAMS: tuple[tuple[str, int, int, str], ...] = (
     ("bw_connect6", PROG_TYPE_CGROUP_SOCK_ADDR, ATTACH_INET6_CONNECT, "connect6"),
     ("bw_sendmsg4", PROG_TYPE_CGROUP_SOCK_ADDR, ATTACH_UDP4_SENDMSG, "sendmsg4"),
     ("bw_sendmsg6", PROG_TYPE_CGROUP_SOCK_ADDR, ATTACH_UDP6_SENDMSG, "sendmsg6"),
+    ("bw_bind4", PROG_TYPE_CGROUP_SOCK_ADDR, ATTACH_INET4_BIND, "bind4"),
+    ("bw_bind6", PROG_TYPE_CGROUP_SOCK_ADDR, ATTACH_INET6_BIND, "bind6"),
     ("bw_sock_create", PROG_TYPE_CGROUP_SOCK, ATTACH_INET_SOCK_CREATE, "sock_create"),
     ("bw_sockops", PROG_TYPE_SOCK_OPS, ATTACH_SOCK_OPS, "sockops"),
     ("bw_getpeername4", PROG_TYPE_CGROUP_SOCK_ADDR, ATTACH_INET4_GETPEERNAME, "getpeername4"),
@@ -59,7 +68,7 @@ ATTACH_NAMES = {attach: short for _, _, attach, short in PROGRAMS}
 PROGRAM_PREFIX = "bw_"
 
 # Pinned maps, relative to settings.pin_dir (names fixed in redirect.bpf.c).
-PINNED_MAPS = ("targets", "by_cookie", "by_tuple", "meta")
+PINNED_MAPS = ("targets", "listeners", "by_cookie", "by_tuple", "meta", "events")
 
 
 @dataclass(frozen=True)
@@ -98,7 +107,7 @@ def render_program(settings: ProbeSettings, offsets: dict[str, int] | None = Non
 
 def _import_bcc():
     try:
-        import bcc  # noqa: PLC0415 - heavy (libbcc + LLVM): only when loading
+        import bcc  # noqa: PLC0415 - heavy (libbcc + LLVM): only in the loader child
     except ImportError as e:
         raise ProbeUnavailable(f"bcc is not importable ({e}); run probes/setup-host.sh") from e
     return bcc
@@ -116,8 +125,17 @@ def _proc_start_ticks(pid: int) -> int | None:
     return int(fields[19])
 
 
+def _drop_stale_pins(pin_dir: Path) -> None:
+    """Unpin maps another layout version left behind (they would not fit these programs)."""
+    meta = read_meta(pin_dir)
+    if meta is not None and meta.layout != records.LAYOUT_VERSION:
+        log.warning("pinned maps in %s have layout %d, replacing them", pin_dir, meta.layout)
+        for name in PINNED_MAPS:
+            (pin_dir / name).unlink(missing_ok=True)
+
+
 class EbpfPrograms:
-    """One loaded program set (owned by this process while it lives)."""
+    """Compile, load and attach one program set (runs in the short-lived loader child)."""
 
     def __init__(self, settings: ProbeSettings):
         self.settings = settings
@@ -125,13 +143,11 @@ class EbpfPrograms:
         self.cgroup = cgroups.resolve(settings.cgroup_parent)
         self._bpf = None
         self._functions: dict[str, object] = {}
-        self._event_callback: Callable[[records.Event], None] | None = None
 
-    # -- load ---------------------------------------------------------------
     def load(self) -> None:
         bcc = _import_bcc()
         self.pin_dir.mkdir(parents=True, exist_ok=True)
-        self._drop_stale_pins()
+        _drop_stale_pins(self.pin_dir)
         rendered = render_program(self.settings)
         started = time.monotonic()
         try:
@@ -142,111 +158,111 @@ class EbpfPrograms:
             self.close()
             raise ProbeUnavailable(f"loading the BPF programs failed: {e}") from e
         log.info("BPF programs compiled and loaded in %.1f s", time.monotonic() - started)
-        self._sync_targets()
-        self._bpf[b"bw_events"].open_ring_buffer(self._on_ring_event)
+        # Targets are in place before any program is attached: no window of blanket denial.
+        sync_targets(self.settings)
 
-    def _drop_stale_pins(self) -> None:
-        """Unpin maps another layout version left behind (they would not fit these programs)."""
-        meta_pin = self.pin_dir / "meta"
-        if not meta_pin.exists():
-            return
-        meta = records.Meta()
-        try:
-            fd = bpfsys.obj_get(str(meta_pin))
-            try:
-                bpfsys.map_lookup(fd, ctypes.c_uint32(0), meta)
-            finally:
-                os.close(fd)
-        except bpfsys.BPFSyscallError:
-            return
-        if meta.layout not in (0, records.LAYOUT_VERSION):
-            log.warning("pinned maps in %s have layout %d, replacing them", self.pin_dir, meta.layout)
-            for name in PINNED_MAPS:
-                (self.pin_dir / name).unlink(missing_ok=True)
-
-    def _map_fd(self, name: str) -> int:
-        return self._bpf[name.encode()].map_fd
-
-    def _sync_targets(self) -> None:
-        """Make the targets map equal settings.targets + passthrough (entries updated in place)."""
-        fd = self._map_fd("bw_targets")
-        wanted: dict[bytes, records.TargetValue] = {}
-        for index, t in enumerate(self.settings.targets):
-            value = records.TargetValue()
-            value.listener_ip = records.Ip16.from_buffer_copy(records.pack_ip(t.listener_ip))
-            value.listener_port = t.listener_port
-            value.flags = records.TARGET_REDIRECT
-            value.index = index
-            wanted[bytes(records.addr_key(t.ip, t.port))] = value
-        for p in self.settings.passthrough:
-            value = records.TargetValue()
-            value.flags = records.TARGET_PASSTHROUGH
-            wanted[bytes(records.addr_key(p.ip, p.port))] = value
-        for key in bpfsys.map_keys(fd, records.AddrKey):
-            if bytes(key) not in wanted:
-                bpfsys.map_delete(fd, key)
-        for raw, value in wanted.items():
-            bpfsys.map_update(fd, records.AddrKey.from_buffer_copy(raw), value)
-
-    def update_targets(self, settings: ProbeSettings) -> None:
-        """Apply new targets/passthrough without reloading (config reload)."""
-        self.settings = settings
-        self._sync_targets()
-
-    # -- attach -------------------------------------------------------------
     def attach(self) -> list[int]:
         """Attach (or atomically replace) every program on the bots' parent cgroup."""
         cg_fd = os.open(self.cgroup, os.O_RDONLY | os.O_DIRECTORY)
         try:
             for func, _, attach_type, short in PROGRAMS:
-                fn = self._functions[func]
                 try:
-                    bpfsys.prog_attach(cg_fd, fn.fd, attach_type, 0)
+                    bpfsys.prog_attach(cg_fd, self._functions[func].fd, attach_type, 0)
                 except bpfsys.BPFSyscallError as e:
                     raise ProbeError(f"attaching {short} to {self.cgroup} failed: {e}") from e
-            ids = [bpfsys.prog_info(self._functions[f].fd).id for f, *_ in PROGRAMS]
+            return [bpfsys.prog_info(self._functions[f].fd).id for f, *_ in PROGRAMS]
         finally:
             os.close(cg_fd)
-        self._write_meta()
-        return ids
-
-    def _write_meta(self) -> None:
-        meta = records.Meta()
-        meta.owner_tgid = os.getpid()
-        meta.owner_start_ticks = _proc_start_ticks(os.getpid()) or 0
-        meta.attached_unix_ns = time.time_ns()
-        meta.layout = records.LAYOUT_VERSION
-        meta.cgroup_path = cgroups.relative(self.cgroup).encode()[:239]
-        bpfsys.map_update(self._map_fd("bw_meta"), ctypes.c_uint32(0), meta)
-
-    # -- events -------------------------------------------------------------
-    def _on_ring_event(self, _ctx, data, size) -> int:
-        if self._event_callback is not None and size >= ctypes.sizeof(records.Event):
-            event = records.Event.from_buffer_copy(ctypes.string_at(data, ctypes.sizeof(records.Event)))
-            try:
-                self._event_callback(event)
-            except Exception:  # a failing consumer must not stop the drain
-                log.exception("probe event callback failed")
-        return 0
-
-    def poll(self, callback: Callable[[records.Event], None], timeout_ms: int) -> None:
-        self._event_callback = callback
-        try:
-            if timeout_ms == 0:
-                self._bpf.ring_buffer_consume()
-            else:
-                self._bpf.ring_buffer_poll(timeout_ms)
-        finally:
-            self._event_callback = None
 
     def close(self) -> None:
-        """Release this process's handles. Programs stay attached (fail closed)."""
+        """Release the loader's handles. Programs stay attached, maps stay pinned."""
         if self._bpf is not None:
             try:
                 self._bpf.cleanup()
             finally:
                 self._bpf = None
                 self._functions = {}
+
+
+def load_and_attach(settings: ProbeSettings) -> tuple[int, ...]:
+    """Compile, load and attach in a child process; returns the attached program ids.
+
+    The compile grows a process by ~150 MB it never returns; a child takes
+    that cost and exits. Programs stay attached, maps pinned, after it exits.
+    """
+    package_root = str(SOURCE_DIR.parent)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    proc = subprocess.run(
+        [sys.executable, "-m", "probes.loader", settings.to_json()],
+        capture_output=True, text=True, env=env, timeout=120, cwd=package_root,
+    )
+    if proc.returncode != 0:
+        lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+        why = lines[-1] if lines else f"exit status {proc.returncode}"
+        log.warning("BPF loader failed:\n%s", proc.stderr.strip()[-4000:])
+        if why.startswith("probes: "):
+            why = why[len("probes: "):]
+        raise ProbeUnavailable(why)
+    return tuple(json.loads(proc.stdout.strip().splitlines()[-1])["prog_ids"])
+
+
+def _open_pinned(pin_dir: str | Path, name: str) -> int:
+    try:
+        return bpfsys.obj_get(str(Path(pin_dir) / name))
+    except bpfsys.BPFSyscallError as e:
+        raise ProbeError(f"pinned map {name} missing in {pin_dir}: {e}") from e
+
+
+def sync_targets(settings: ProbeSettings) -> None:
+    """Make the pinned targets/listeners maps equal the settings (entries updated in place)."""
+    wanted: dict[bytes, records.TargetValue] = {}
+    for index, t in enumerate(settings.targets):
+        value = records.TargetValue()
+        value.listener_ip = records.Ip16.from_buffer_copy(records.pack_ip(t.listener_ip))
+        value.listener_port = t.listener_port
+        value.flags = records.TARGET_REDIRECT
+        value.index = index
+        wanted[bytes(records.addr_key(t.ip, t.port))] = value
+    for p in settings.passthrough:
+        value = records.TargetValue()
+        value.flags = records.TARGET_PASSTHROUGH
+        wanted[bytes(records.addr_key(p.ip, p.port))] = value
+    fd = _open_pinned(settings.pin_dir, "targets")
+    try:
+        for raw, value in wanted.items():
+            bpfsys.map_update(fd, records.AddrKey.from_buffer_copy(raw), value)
+        for key in bpfsys.map_keys(fd, records.AddrKey):
+            if bytes(key) not in wanted:
+                bpfsys.map_delete(fd, key)
+    finally:
+        os.close(fd)
+    # Listener ports bots may not bind (new ones added before stale ones go).
+    ports = {t.listener_port for t in settings.targets}
+    fd = _open_pinned(settings.pin_dir, "listeners")
+    try:
+        for port in ports:
+            bpfsys.map_update(fd, ctypes.c_uint32(port), ctypes.c_uint32(1))
+        for key in bpfsys.map_keys(fd, ctypes.c_uint32):
+            if key.value not in ports:
+                bpfsys.map_delete(fd, key)
+    finally:
+        os.close(fd)
+
+
+def write_meta(settings: ProbeSettings, owner_pid: int) -> None:
+    """Record the owning daemon (status checks it is alive) and the bots' parent cgroup."""
+    meta = records.Meta()
+    meta.owner_tgid = owner_pid
+    meta.owner_start_ticks = _proc_start_ticks(owner_pid) or 0
+    meta.attached_unix_ns = time.time_ns()
+    meta.layout = records.LAYOUT_VERSION
+    meta.cgroup_path = cgroups.relative(settings.cgroup_parent).encode()[:239]
+    fd = _open_pinned(settings.pin_dir, "meta")
+    try:
+        bpfsys.map_update(fd, ctypes.c_uint32(0), meta)
+    finally:
+        os.close(fd)
 
 
 # -- detach / inspect from any process ----------------------------------------
@@ -342,3 +358,24 @@ def unpin(pin_dir: str | Path) -> list[str]:
     except OSError as e:
         log.warning("pin directory %s not removed: %s", d, e.strerror)
     return removed
+
+
+def _child_main(argv: list[str]) -> int:
+    """``python -m probes.loader SETTINGS_JSON``: load + attach, print the program ids."""
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    settings = ProbeSettings.from_json(argv[0])
+    programs = EbpfPrograms(settings)
+    try:
+        programs.load()
+        ids = programs.attach()
+    except ProbeError as e:
+        print(f"probes: {e}", file=sys.stderr)
+        return 1
+    finally:
+        programs.close()
+    print(json.dumps({"prog_ids": ids}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(sys.argv[1:]))

@@ -77,16 +77,21 @@ def render_ruleset(settings: ProbeSettings) -> str:
     pass4 = [p for p in settings.passthrough if ipaddress.ip_address(p.ip).version == 4]
     pass6 = [p for p in settings.passthrough if ipaddress.ip_address(p.ip).version == 6]
     lines = [f"table {table} {{}}", f"delete table {table}", f"table {table} {{"]
-    lines += ["  chain filter_out {", "    type filter hook output priority -150; policy accept;", f"    {match} jump bots", "  }"]
+    lines += ["  chain filter_out {", "    type filter hook output priority -150; policy accept;"]
+    lines += [f"    {match} jump bots", "  }"]
     lines += ["  chain bots {"]
+
+    def elements(entries) -> str:
+        return "{ " + ", ".join(f"{e.ip} . {e.port}" for e in entries) + " }"
+
     if v4:
-        lines.append("    meta l4proto tcp ip daddr . tcp dport { " + ", ".join(f"{t.ip} . {t.port}" for t in v4) + " } accept")
+        lines.append(f"    meta l4proto tcp ip daddr . tcp dport {elements(v4)} accept")
     if v6:
-        lines.append("    meta l4proto tcp ip6 daddr . tcp dport { " + ", ".join(f"{t.ip} . {t.port}" for t in v6) + " } accept")
+        lines.append(f"    meta l4proto tcp ip6 daddr . tcp dport {elements(v6)} accept")
     if pass4:
-        lines.append("    ip daddr . th dport { " + ", ".join(f"{p.ip} . {p.port}" for p in pass4) + " } accept")
+        lines.append(f"    ip daddr . th dport {elements(pass4)} accept")
     if pass6:
-        lines.append("    ip6 daddr . th dport { " + ", ".join(f"{p.ip} . {p.port}" for p in pass6) + " } accept")
+        lines.append(f"    ip6 daddr . th dport {elements(pass6)} accept")
     lines += ["    reject with icmpx admin-prohibited", "  }"]
     lines += ["  chain nat_out {", "    type nat hook output priority -100; policy accept;"]
     for t in settings.targets:

@@ -28,8 +28,10 @@ REASONS = {
     3: "IPv4 socket cannot reach an IPv6-only listener",
     4: "UDP send to an address that is not passthrough",
     5: "socket type not allowed (only TCP and UDP)",
+    6: "bind to an inspector listener port",
 }
 WHY_SOCKET_TYPE = 5
+WHY_BIND_LISTENER = 6
 
 Ip16 = ctypes.c_ubyte * 16
 

@@ -5,6 +5,9 @@
  *                       listener and remember who asked (by socket cookie);
  *                       anything else -> EPERM and a "denied" event.
  *   sendmsg4/sendmsg6   unconnected UDP: only passthrough entries.
+ *   bind4/bind6         no binding the inspector's listener ports (a bot
+ *                       must not receive other bots' redirected connections
+ *                       while the daemon is down).
  *   sock_create         only TCP and UDP inet sockets (no raw, ICMP, SCTP,
  *                       MPTCP...: hooks above would not see their traffic).
  *   sockops             TCP_CONNECT_CB (source port known, SYN not sent yet):
@@ -25,8 +28,21 @@ static __u64 (*bw_socket_cookie)(void *ctx) = (void *)BPF_FUNC_get_socket_cookie
 BPF_TABLE_PINNED("hash", struct bw_addr_key, struct bw_target, bw_targets, BW_MAX_TARGETS, BW_PIN_DIR "/targets");
 BPF_TABLE_PINNED("lru_hash", __u64, struct bw_origin, bw_by_cookie, BW_MAX_CONNS, BW_PIN_DIR "/by_cookie");
 BPF_TABLE_PINNED("lru_hash", struct bw_tuple_key, struct bw_origin, bw_by_tuple, BW_MAX_CONNS, BW_PIN_DIR "/by_tuple");
+BPF_TABLE_PINNED("hash", __u32, __u32, bw_listeners, BW_MAX_TARGETS, BW_PIN_DIR "/listeners");
 BPF_TABLE_PINNED("array", __u32, struct bw_meta, bw_meta, 1, BW_PIN_DIR "/meta");
-BPF_RINGBUF_OUTPUT(bw_events, BW_RINGBUF_PAGES);
+/* BPF_RINGBUF_OUTPUT, pinned: the daemon drains it with libbpf, without bcc,
+ * and a restarted daemon still finds what was reported while it was down. */
+struct bw_events_table_t {
+    int key;
+    __u32 leaf;
+    int (*ringbuf_output)(void *, __u64, __u64);
+    void *(*ringbuf_reserve)(__u64);
+    void (*ringbuf_discard)(void *, __u64);
+    void (*ringbuf_submit)(void *, __u64);
+    __u32 max_entries;
+};
+__attribute__((section("maps/ringbuf:" BW_PIN_DIR "/events")))
+struct bw_events_table_t bw_events = {.max_entries = BW_RINGBUF_PAGES * 4096};
 
 /* Stop clang from merging adjacent 4-byte ctx reads into 8-byte ones the verifier rejects. */
 #define BW_BARRIER() asm volatile("" ::: "memory")
@@ -215,6 +231,41 @@ int bw_sendmsg6(struct bpf_sock_addr *ctx)
     if (t && (t->flags & BW_TARGET_PASSTHROUGH))
         return 1;
     return bw_deny(&key, BW_AF_INET6, ctx->protocol, BW_WHY_UDP_SEND);
+}
+
+static __always_inline int bw_bind(struct bpf_sock_addr *ctx, struct bw_addr_key *key, __u16 family)
+{
+    __u32 port = key->port;
+
+    if (port && bw_listeners.lookup(&port))
+        return bw_deny(key, family, ctx->protocol, BW_WHY_BIND_LISTENER);
+    return 1;
+}
+
+int bw_bind4(struct bpf_sock_addr *ctx)
+{
+    struct bw_addr_key key = {};
+
+    key.ip[2] = bpf_htonl(0xffff);
+    key.ip[3] = ctx->user_ip4;
+    key.port = bpf_ntohs((__u16)ctx->user_port);
+    return bw_bind(ctx, &key, BW_AF_INET);
+}
+
+int bw_bind6(struct bpf_sock_addr *ctx)
+{
+    struct bw_addr_key key = {};
+
+    key.ip[0] = ctx->user_ip6[0];
+    BW_BARRIER();
+    key.ip[1] = ctx->user_ip6[1];
+    BW_BARRIER();
+    key.ip[2] = ctx->user_ip6[2];
+    BW_BARRIER();
+    key.ip[3] = ctx->user_ip6[3];
+    BW_BARRIER();
+    key.port = bpf_ntohs((__u16)ctx->user_port);
+    return bw_bind(ctx, &key, BW_AF_INET6);
 }
 
 int bw_sock_create(struct bpf_sock *sk)

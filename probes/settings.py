@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
 from pathlib import PurePosixPath
 from typing import Literal
 
@@ -111,3 +112,13 @@ class ProbeSettings:
             raise SettingsError(f"cgroup_parent: {self.cgroup_parent!r} is not a clean path")
         if not self.nft_table.replace("_", "").replace("-", "").isalnum():
             raise SettingsError(f"nft_table: {self.nft_table!r} must be alphanumeric (with - or _)")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "ProbeSettings":
+        data = json.loads(text)
+        data["targets"] = tuple(Target(**t) for t in data.get("targets", ()))
+        data["passthrough"] = tuple(Passthrough(**p) for p in data.get("passthrough", ()))
+        return cls(**data)

@@ -74,7 +74,12 @@ for a in attempts:
         continue
     s.settimeout(5)
     try:
-        if proto == "tfo":
+        if proto == "bind":
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past TIME_WAIT leftovers
+            s.bind((a["ip"], a["port"]))
+            s.listen(1)
+            res["bound"] = list(s.getsockname()[:2])
+        elif proto == "tfo":
             s.settimeout(None)  # a non-blocking TFO sendto only says EINPROGRESS
             s.sendto(a.get("msg", "hello").encode() + b"\n", socket.MSG_FASTOPEN, (a["ip"], a["port"]))
             res["peer"] = list(s.getpeername()[:2])

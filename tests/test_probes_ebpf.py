@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
+import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 import probes
-from probes import cgroups, loader
+from probes import bpfsys, cgroups, loader, records
 from tests.probes_fixtures import (
     BOT_PYTHON,
     BOT_SCRIPT,
@@ -139,12 +140,35 @@ def test_redirect_lands_in_listener_with_kernel_attribution(env):
     assert attr.audit_fields()["pid"] == bot.pid
 
 
+def test_records_are_dropped_when_the_connection_closes(env):
+    # A stale record would attribute a later connection that reuses the same addresses
+    # (say, a process outside the bots' cgroups binding the bot's old source port) to the bot.
+    bot = run_bot(env.bot_cg, [tcp(env.net.ip4, P_REG)])
+    sockname = bot.results[0]["sockname"]
+    lport = env.settings.targets[0].listener_port
+    fd = bpfsys.obj_get(f"{env.settings.pin_dir}/by_tuple")
+    try:
+        key = records.tuple_key(("127.0.0.1", lport), tuple(sockname))
+        assert wait_for(lambda: not bpfsys.map_lookup(fd, key, records.Origin()))
+    finally:
+        os.close(fd)
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(tuple(sockname))
+        s.settimeout(5)
+        s.connect(("127.0.0.1", lport))
+        assert s.recv(100) == b"no-attribution\n"
+    assert env.relay.seen[tuple(sockname)] is None
+
+
 def test_unregistered_destinations_are_denied_and_reported(env):
     _drain(env.handle)
     lport = env.settings.targets[0].listener_port
     attempts = [tcp(env.net.ip4, P_UNREG), tcp(env.net.host_ip4, P_REG), tcp("127.0.0.1", lport)]
     bot = run_bot(env.bot_cg, attempts)
     assert [r.get("errno") for r in bot.results] == ["EPERM", "EPERM", "EPERM"]
+    readable, _, _ = select.select([env.handle.fileno()], [], [], 5)  # asyncio can wait on this fd
+    assert readable == [env.handle.fileno()]
     # The same unregistered port answers a process outside the watched cgroup: the denial is the probe's.
     outside = run_bot(None, [tcp(env.net.ip4, P_UNREG)])
     assert outside.results[0]["reply"] == f"target:{P_UNREG}:hello\n"
@@ -304,9 +328,20 @@ def test_daemon_death_fails_closed_then_reattach_then_detach_leaves_nothing(net)
         # Programs outlive their owner: bots go to the dead listener, never to the target.
         dead = run_bot(bot_cg, [tcp(net.ip4, P_REG), tcp(net.ip6, P_REG), tcp(net.ip4, P_UNREG)])
         assert [r.get("errno") for r in dead.results] == ["ECONNREFUSED", "ECONNREFUSED", "EPERM"]
+        # Nor can a bot take over the free listener port to receive other bots' connections.
+        grab = [{"family": "4", "ip": "127.0.0.1", "port": lport, "proto": "bind"},
+                {"family": "6", "ip": "::", "port": lport, "proto": "bind"},
+                {"family": "4", "ip": "127.0.0.1", "port": 0, "proto": "bind"}]
+        grabbed = run_bot(bot_cg, grab).results
+        assert [r.get("errno") for r in grabbed[:2]] == ["EPERM", "EPERM"] and "bound" in grabbed[2]
+        assert run_bot(None, grab[:1]).results[0]["bound"] == ["127.0.0.1", lport]  # free from outside
 
         handle = probes.attach(settings)  # the restarted daemon
         relay = Relay(lport, pin_dir=settings.pin_dir)
+        # What was refused while the daemon was down is still reported (the ring is pinned).
+        events: list[probes.ProbeEvent] = []
+        assert wait_for(lambda: handle.poll_events(events.append, 0) >= 0 and any(
+            e.event == "denied_connect" and e.pid == dead.pid and e.dst_port == P_UNREG for e in events))
         again = run_bot(bot_cg, [tcp(net.ip4, P_REG)])
         assert again.results[0]["reply"] == f"via-listener|target:{P_REG}:hello\n"
         assert _seen(relay, again.results[0]["sockname"]).tgid == again.pid
@@ -405,3 +440,25 @@ def test_fast_open_and_other_socket_types_cannot_bypass(env):
     refused = [e for e in events if e.pid == bot.pid and e.dst_addr is None]
     assert {e.detail for e in refused} == {"socket type not allowed (only TCP and UDP): protocol 262",
                                            "socket type not allowed (only TCP and UDP): protocol 136"}
+
+
+def test_run_bot_joins_its_cgroup_before_exec(env):
+    # What `botwarden bot run --name NAME -- COMMAND...` calls: the process joins <parent>/<name>
+    # and execs in place, so the command's first socket is already watched.
+    attempts = json.dumps([tcp(env.net.ip4, P_REG)])
+    caller = (
+        "import os, sys\n"
+        "from probes import cgroups\n"
+        "print(os.getpid(), flush=True)\n"
+        f"cgroups.run_bot({env.settings.cgroup_parent!r}, 'cli-bot', sys.argv[1:], user='nobody')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", caller, BOT_PYTHON, "-c", BOT_SCRIPT, attempts],
+                         capture_output=True, text=True, timeout=60, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True).stdout.splitlines()
+    caller_pid, report = int(out[0]), json.loads(out[1])
+    assert report["pid"] == caller_pid  # exec'd in place
+    res = report["results"][0]
+    assert res["reply"] == f"via-listener|target:{P_REG}:hello\n"
+    attr = _seen(env.relay, res["sockname"])
+    assert attr.cgroup_path == f"{cgroups.relative(env.settings.cgroup_parent)}/cli-bot"
+    assert attr.tgid == caller_pid and attr.uid == NOBODY

@@ -1,4 +1,7 @@
-"""nftables fallback: same redirect as eBPF, attribution from the socket owner; 'auto' picks it when eBPF cannot attach."""
+"""nftables fallback: the same redirect as eBPF, attribution from the socket owner.
+
+'auto' picks it when eBPF cannot attach.
+"""
 
 from __future__ import annotations
 
@@ -91,7 +94,8 @@ def test_auto_falls_back_to_nftables_when_the_cgroup_hook_is_taken(net):
     settings = _settings(net, lport, "auto")
     cg = cgroups.create(settings.cgroup_parent)
     foreign = BPF(text=_FOREIGN)
-    fn = foreign.load_func(b"other_connect4", loader.PROG_TYPE_CGROUP_SOCK_ADDR, attach_type=loader.ATTACH_INET4_CONNECT)
+    fn = foreign.load_func(b"other_connect4", loader.PROG_TYPE_CGROUP_SOCK_ADDR,
+                           attach_type=loader.ATTACH_INET4_CONNECT)
     cg_fd = os.open(cg, os.O_RDONLY | os.O_DIRECTORY)
     relay = None
     try:
