@@ -1,0 +1,1 @@
+"""Protocol fronts: the asyncio layer that wires sans-IO codecs to sockets."""

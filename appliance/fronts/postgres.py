@@ -1,0 +1,1374 @@
+"""The PostgreSQL front: botwarden's Layer-7 inspector between a bot and its real database.
+
+Data path
+=========
+
+One bot connection is one :class:`BotProtocol` (an ``asyncio.Protocol``, not
+streams, so uvloop delivers bytes straight into our buffer) paired with one
+:class:`UpstreamProtocol` to the real server. There is no pooling: the bot's
+session *is* one server session, so backend PIDs, prepared statements,
+LISTEN and temp tables behave exactly as they would directly.
+
+1. **Startup** (a coroutine, ``Session.run_startup``): the sans-IO codec
+   (:mod:`appliance.protocols.postgres`) parses SSLRequest / GSSENCRequest
+   ('N') / CancelRequest / StartupMessage. SSLRequest gets 'S' and
+   ``loop.start_tls`` with the appliance's certificate. The bot's password
+   field carries its OIDC token (AuthenticationCleartextPassword), which goes
+   to ``services.open_session``; the grant brings the real credential. We
+   connect to the target (TLS per settings), send the bot's startup
+   parameters verbatim with only ``user`` replaced, and answer SCRAM / MD5 /
+   cleartext with the credential. From AuthenticationOk on, the server's
+   ParameterStatus messages go to the bot as sent; BackendKeyData keeps the
+   real PID and gets our own secret (the front maps it back for
+   CancelRequest). The first ReadyForQuery switches both sides to relaying.
+
+2. **Relay, bot -> server** (``Session.client_data``): the buffer is split
+   into (type, start, end) spans with ``struct.unpack_from``
+   (:func:`split_messages`), no copies. Only the types that matter are
+   decoded: Query and Parse go through ``services.decide_sql`` (verdicts
+   cached per session by exact text); Bind/Describe/Execute/Close/Sync are
+   recorded as pending operations. Unchanged runs of messages are written
+   as the very bytes received.
+
+   * *block*: the statement is replaced by a statement that fails in the
+     server's parser (``botwarden_blocked_<nonce>``). The server then does
+     its own error recovery - aborts the transaction like any failed
+     statement, discards up to Sync, sends ReadyForQuery with the true
+     status - and we swap its syntax error for our 42501 ErrorResponse.
+     Responses stay in order even with pipelining, and the blocked text never
+     reaches the server.
+   * *approve*: reading from the bot pauses for this session only; the
+     statement waits on ``services.hold`` (the bot gets a NoticeResponse
+     naming the approval id) and is then sent or replaced as for *block*.
+   * *mask*: the statement runs; see below.
+
+3. **Relay, server -> bot** (``Session.server_data``): spans again; a table
+   of handlers per message type, ``None`` for pass-through. Pending
+   operations pop on ParseComplete / BindComplete / CommandComplete /
+   ReadyForQuery ..., which gives each request its rows, error and duration
+   for the audit record. DataRows are decoded only while a masked result is
+   in flight: RowDescription (or a Describe we add after Bind) gives the
+   columns to ``services.mask_plan``, and each DataRow is re-encoded with
+   the plan's values. Large pass-through messages stream without being
+   buffered whole.
+
+4. **End**: a bot that disconnects mid-query gets its query cancelled and
+   the upstream closed; an upstream that dies gives the bot a FATAL 08006
+   from botwarden. ``session_end`` carries bytes each way and the outcome.
+
+Back-pressure: each side pauses reading the other when its transport's
+write buffer fills (``pause_writing``), so a 100 MB result never sits in
+memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import ssl
+import struct
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Callable, Literal
+
+from appliance.errors import BotwardenError
+from appliance.policy.types import ColumnDesc, Verdict
+from appliance.protocols.postgres import messages as m
+from appliance.protocols.postgres import sqlstate
+from appliance.protocols.postgres.auth import SCRAM_SHA_256, ScramClient, md5_password
+from appliance.protocols.postgres.connection import (NEED_DATA, ConnectionClosed, PgConnection, Role,
+                                                     error_response, negotiate_reply, notice_response,
+                                                     startup_for_server)
+from appliance.protocols.postgres.errors import PgProtocolError
+from appliance.protocols.postgres.framing import DEFAULT_MAX_MESSAGE_SIZE, split_messages
+
+from .services import (AuthRefused, ColumnMaskPlan, ConnectionContext, FrontServices, HoldOutcome,
+                       SessionGrant)
+
+log = logging.getLogger(__name__)
+
+PROTOCOL = "postgresql"
+UpstreamTLS = Literal["disable", "prefer", "require", "verify-full"]
+
+# Pass-through messages at least this large stream to the other side before they are complete.
+STREAM_THRESHOLD = 64 * 1024
+# PostgreSQL's own ceiling for one message (MaxAllocSize); server messages are checked against it.
+SERVER_MAX_MESSAGE = 0x3FFFFFFF + 5
+# Bot bytes kept while a statement is held before reading from the bot pauses.
+HELD_BUFFER_LIMIT = 1024 * 1024
+_VERDICT_CACHE_MAX = 4096
+
+
+@dataclass(frozen=True)
+class PgFrontSettings:
+    """One listener in front of one PostgreSQL target."""
+
+    target: str
+    upstream_host: str
+    upstream_port: int = 5432
+    upstream_tls: UpstreamTLS = "prefer"
+    upstream_ca_file: str | None = None
+    tls_cert_file: str | None = None      # bot side; None = no TLS offered to bots
+    tls_key_file: str | None = None
+    allow_plaintext: bool = False         # bots without TLS are refused unless this is set
+    require_token: bool = True            # ask the bot for a password (its OIDC token)
+    allow_function_call: bool = False     # FunctionCall messages bypass SQL policy, so off by default
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+    connect_timeout: float = 10.0
+    startup_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.upstream_tls not in ("disable", "prefer", "require", "verify-full"):
+            raise ValueError(f"upstream_tls must be disable|prefer|require|verify-full, not {self.upstream_tls!r}")
+        if self.upstream_tls == "verify-full" and not self.upstream_ca_file:
+            raise ValueError("upstream_tls = verify-full needs upstream_ca_file")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        if self.tls_cert_file is None and not self.allow_plaintext:
+            raise ValueError("without tls_cert_file the front can only serve bots with allow_plaintext = true")
+        if not 1024 <= self.max_message_size <= SERVER_MAX_MESSAGE:
+            raise ValueError("max_message_size must be between 1 KiB and 1 GiB")
+
+
+class FrontError(BotwardenError):
+    """A session ends with a FATAL error for the bot (``sqlstate``, ``message``)."""
+
+    def __init__(self, sqlstate_: str, message: str, *, server_error: m.ErrorResponse | None = None):
+        super().__init__(message)
+        self.sqlstate = sqlstate_
+        self.message = message
+        self.server_error = server_error
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _new_id() -> str:
+    return os.urandom(16).hex()
+
+
+def _addr(a: Any) -> str | None:
+    if isinstance(a, tuple) and len(a) >= 2:
+        return f"{a[0]}:{a[1]}"
+    return str(a) if a else None
+
+
+def _encode_error(err: m.ErrorResponse) -> bytes:
+    return err.encode()
+
+
+class PostgresFront:
+    """Listener for one target: ``await PostgresFront(settings, services).serve(host, port)``."""
+
+    def __init__(self, settings: PgFrontSettings, services: FrontServices):
+        self.settings = settings
+        self.services = services
+        self.server_ssl: ssl.SSLContext | None = None
+        if settings.tls_cert_file:
+            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ctx.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
+            self.server_ssl = ctx
+        self.upstream_ssl: ssl.SSLContext | None = None
+        if settings.upstream_tls != "disable":
+            if settings.upstream_tls == "verify-full":
+                ctx = ssl.create_default_context(cafile=settings.upstream_ca_file)
+            else:
+                # require/prefer encrypt without verifying, as libpq does without a root cert.
+                ctx = ssl.create_default_context()
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+            self.upstream_ssl = ctx
+        # (backend pid, secret we gave the bot) -> (real secret, upstream host, upstream port)
+        self.cancel_keys: dict[tuple[int, int], tuple[int, str, int]] = {}
+        self.sessions: set[Session] = set()
+        self._tasks: set[asyncio.Task] = set()
+        self._server: asyncio.Server | None = None
+
+    def protocol_factory(self) -> "BotProtocol":
+        return BotProtocol(self)
+
+    async def serve(self, host: str, port: int, **kwargs: Any) -> asyncio.Server:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(self.protocol_factory, host, port, **kwargs)
+        return self._server
+
+    async def close(self) -> None:
+        """Stop listening and end every session."""
+        if self._server is not None:
+            self._server.close()
+        for s in list(self.sessions):
+            s.shutdown(sqlstate.ADMIN_SHUTDOWN, "the appliance is shutting down")
+        for t in list(self._tasks):
+            t.cancel()
+
+    async def drain(self, deadline: float) -> None:
+        """Stop listening; let requests in flight finish until ``deadline`` (monotonic), then end
+        every session with a shutdown error (57P01) that says botwarden is stopping."""
+        if self._server is not None:
+            self._server.close()
+        while any(s.busy for s in self.sessions) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for s in list(self.sessions):
+            s.shutdown(sqlstate.ADMIN_SHUTDOWN, "botwarden is shutting down; reconnect to continue")
+        await asyncio.sleep(0)
+
+    def spawn(self, coro, name: str) -> asyncio.Task:
+        """Create a named task, keep a reference, log (not raise) its failure."""
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task %s failed", task.get_name(), exc_info=task.exception())
+
+    async def cancel(self, req: m.CancelRequest) -> None:
+        """Forward a bot's CancelRequest to the upstream that owns (pid, our secret)."""
+        found = self.cancel_keys.get((req.pid, req.secret))
+        if found is None:
+            log.info("cancel request for an unknown key ignored (pid %s)", req.pid)
+            return
+        secret, host, port = found
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port),
+                                               self.settings.connect_timeout)
+            writer.write(m.CancelRequest(req.pid, secret).encode())
+            await writer.drain()
+            writer.close()
+        except (OSError, asyncio.TimeoutError) as e:
+            log.warning("could not forward a cancel request to %s:%s: %s", host, port, e)
+
+
+class _Waiter:
+    """Feeds a sans-IO connection and lets a coroutine await its next event."""
+
+    def __init__(self, codec: PgConnection):
+        self.codec = codec
+        self.fut: asyncio.Future | None = None
+        self.error: BaseException | None = None
+
+    def feed(self, data: bytes) -> None:
+        self.codec.receive_data(data)
+        self.wake()
+
+    def wake(self, error: BaseException | None = None) -> None:
+        if error is not None and self.error is None:
+            self.error = error
+        if self.fut is not None and not self.fut.done():
+            self.fut.set_result(None)
+
+    async def next(self):
+        while True:
+            ev = self.codec.next_event()
+            if ev is not NEED_DATA:
+                return ev
+            if self.error is not None:
+                raise self.error
+            self.fut = asyncio.get_running_loop().create_future()
+            await self.fut
+            self.fut = None
+
+
+class BotProtocol(asyncio.Protocol):
+    """The bot's side of one session."""
+
+    def __init__(self, front: PostgresFront):
+        self.front = front
+        self.session = Session(front, self)
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport) -> None:  # also called again by start_tls? no: we set it
+        if self.transport is None:
+            self.transport = transport
+            self.session.start()
+
+    def data_received(self, data: bytes) -> None:
+        s = self.session
+        s.bytes_in += len(data)
+        if s.relaying:
+            s.client_data(data)
+        else:
+            try:
+                s.bot_waiter.feed(data)
+            except PgProtocolError as e:
+                s.bot_waiter.wake(e)
+
+    def eof_received(self) -> bool | None:
+        self.session.bot_waiter.wake(ConnectionResetError("bot closed the connection"))
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.session.bot_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.session.flow("bot_full", True)
+
+    def resume_writing(self) -> None:
+        self.session.flow("bot_full", False)
+
+
+class UpstreamProtocol(asyncio.Protocol):
+    """The server's side of one session."""
+
+    def __init__(self, session: "Session"):
+        self.session = session
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport) -> None:
+        if self.transport is None:
+            self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        s = self.session
+        s.bytes_out += len(data)
+        if s.relaying:
+            s.server_data(data)
+        else:
+            try:
+                s.server_waiter.feed(data)
+            except PgProtocolError as e:
+                s.server_waiter.wake(e)
+
+    def eof_received(self) -> bool | None:
+        self.session.server_waiter.wake(ConnectionResetError("server closed the connection"))
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.session.server_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.session.flow("server_full", True)
+
+    def resume_writing(self) -> None:
+        self.session.flow("server_full", False)
+
+
+class _Request:
+    """One statement's audit record while it runs."""
+
+    __slots__ = ("request_id", "kind", "text", "params", "verdict", "decision", "ts", "t0", "rows", "error",
+                 "sqlstate", "masked", "nonce", "refusal", "reason")
+
+    def __init__(self, kind: str, text: str, verdict: Verdict, params: list | None = None):
+        self.request_id = _new_id()
+        self.kind = kind
+        self.text = text
+        self.params = params
+        self.verdict = verdict
+        self.decision = verdict.action
+        self.reason = verdict.reason or None
+        self.ts = _now()
+        self.t0 = time.perf_counter()
+        self.rows: int | None = None
+        self.error: str | None = None
+        self.sqlstate: str | None = None
+        self.masked: dict[str, int] | None = None
+        self.nonce: str | None = None       # set when the statement was replaced by a failing one
+        self.refusal: m.ErrorResponse | None = None
+
+
+class _Statement:
+    __slots__ = ("text", "verdict", "columns")
+
+    def __init__(self, text: str, verdict: Verdict):
+        self.text = text
+        self.verdict = verdict
+        self.columns: list[ColumnDesc] | None = None
+
+
+class _Portal:
+    __slots__ = ("statement", "params", "result_formats", "columns")
+
+    def __init__(self, statement: _Statement | None, params: list | None, result_formats: tuple[int, ...]):
+        self.statement = statement
+        self.params = params
+        self.result_formats = result_formats
+        self.columns: list[ColumnDesc] | None = None
+
+
+_UNKNOWN_STATEMENT = _Statement("", Verdict("allow", None, "statement prepared before this session"))
+
+# Pending-operation kinds (first item of each op tuple).
+OP_QUERY, OP_PARSE, OP_BIND, OP_DESCRIBE, OP_EXECUTE, OP_CLOSE, OP_SYNC, OP_FUNCTION = range(8)
+
+_I32 = struct.Struct("!i")
+_HEADER = struct.Struct("!ci")
+
+
+def _row_values(buf, start: int, end: int) -> list[bytes | None]:
+    """Values of a DataRow at buf[start:end] (start = its type byte)."""
+    (n,) = struct.unpack_from("!h", buf, start + 5)
+    pos = start + 7
+    out: list[bytes | None] = []
+    unpack = _I32.unpack_from
+    for _ in range(n):
+        (ln,) = unpack(buf, pos)
+        pos += 4
+        if ln < 0:
+            out.append(None)
+        else:
+            if pos + ln > end:
+                raise PgProtocolError("DataRow value runs past its message")
+            out.append(bytes(buf[pos:pos + ln]))
+            pos += ln
+    return out
+
+
+def _columns(desc: m.RowDescription, formats: tuple[int, ...] | None = None) -> list[ColumnDesc]:
+    cols = []
+    for i, f in enumerate(desc.fields):
+        fmt = f.format
+        if formats is not None:
+            fmt = formats[i] if len(formats) > 1 else (formats[0] if formats else 0)
+        cols.append(ColumnDesc(f.name, f.table_oid, f.attnum, f.type_oid, fmt))
+    return cols
+
+
+def _render_params(bind: m.Bind) -> list[str | None]:
+    out: list[str | None] = []
+    for i, v in enumerate(bind.params):
+        if v is None:
+            out.append(None)
+        elif bind.param_format(i) == 0:
+            out.append(v.decode("utf-8", "replace"))
+        else:
+            out.append("\\x" + v.hex())
+    return out
+
+
+class Session:
+    """State of one bot session: startup coroutine, then two relay directions."""
+
+    def __init__(self, front: PostgresFront, bot: BotProtocol):
+        self.front = front
+        self.services = front.services
+        self.settings = front.settings
+        self.bot = bot
+        self.upstream: UpstreamProtocol | None = None
+        self.bot_waiter = _Waiter(PgConnection(Role.SERVER, max_message_size=self.settings.max_message_size))
+        self.server_waiter = _Waiter(PgConnection(Role.CLIENT, max_message_size=SERVER_MAX_MESSAGE))
+        self.relaying = False
+        self.closed = False
+        self.grant: SessionGrant | None = None
+        self.session_id: str | None = None
+        self.tls = False
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.outcome = "ok"
+        self.end_error: str | None = None
+        self.cancel_key: tuple[int, int] | None = None
+        self.backend_pid: int | None = None
+        self.txn_status = "I"
+        self._paused: set[str] = set()
+        self._startup_task: asyncio.Task | None = None
+        self._hold_task: asyncio.Task | None = None
+        # bot -> server
+        self._cbuf = b""
+        self._held = False
+        self._skip_until_sync = False
+        self._verdicts: dict[tuple[str, str], Verdict] = {}
+        self._statements: dict[str, _Statement] = {}
+        self._portals: dict[str, _Portal] = {}
+        # server -> bot
+        self._sbuf = b""
+        self._stream_left = 0
+        self._ops: deque = deque()
+        self._plan = None
+        self._plan_req: _Request | None = None
+        self._server_fatal = False
+        self._handlers: list[Callable | None] = [None] * 256
+        for ch, h in ((b"1", self._on_parse_complete), (b"2", self._on_bind_complete),
+                      (b"3", self._on_close_complete), (b"T", self._on_row_description),
+                      (b"n", self._on_no_data), (b"C", self._on_command_complete),
+                      (b"I", self._on_empty_query), (b"s", self._on_portal_suspended),
+                      (b"E", self._on_error), (b"Z", self._on_ready), (b"K", self._on_backend_key)):
+            self._handlers[ch[0]] = h
+        self._client_handlers: list[Callable | None] = [None] * 256
+        for ch, h in ((b"Q", self._c_query), (b"P", self._c_parse), (b"B", self._c_bind),
+                      (b"D", self._c_describe), (b"E", self._c_execute), (b"C", self._c_close),
+                      (b"S", self._c_sync), (b"F", self._c_function_call), (b"X", self._c_terminate)):
+            self._client_handlers[ch[0]] = h
+
+    @property
+    def busy(self) -> bool:
+        """A request is in flight (sent, its answer not complete) or held for approval."""
+        return bool(self._ops) or self._held or (self._startup_task is not None and not self._startup_task.done())
+
+    # ================================================================== lifecycle
+    def start(self) -> None:
+        self.front.sessions.add(self)
+        self._startup_task = self.front.spawn(self.run_startup(), "pg-startup")
+
+    def write_bot(self, data: bytes) -> None:
+        t = self.bot.transport
+        if t is not None and not t.is_closing():
+            t.write(data)
+
+    def write_server(self, data: bytes) -> None:
+        u = self.upstream
+        if u is not None and u.transport is not None and not u.transport.is_closing():
+            u.transport.write(data)
+
+    def fatal(self, code: str, message: str, *, outcome: str = "error") -> None:
+        """Tell the bot why the session ends (FATAL, botwarden-made) and close it."""
+        if self.outcome == "ok":
+            self.outcome = outcome
+            self.end_error = message
+        self.write_bot(error_response(code, message, severity="FATAL").encode())
+        self.close()
+
+    def shutdown(self, code: str, message: str) -> None:
+        self.fatal(code, message, outcome="terminated")
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._startup_task is not None and not self._startup_task.done():
+            self._startup_task.cancel()
+        if self._hold_task is not None and not self._hold_task.done():
+            self._hold_task.cancel()
+        if self.bot.transport is not None:
+            self.bot.transport.close()
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.close()
+        self._finish_pending("session ended before the statement completed")
+        if self.cancel_key is not None:
+            self.front.cancel_keys.pop(self.cancel_key, None)
+        self.front.sessions.discard(self)
+        if self.session_id is not None:
+            self._audit("session_end", {
+                "session_id": self.session_id, "ts": _now(), "bytes_in": self.bytes_in,
+                "bytes_out": self.bytes_out, "outcome": self.outcome, "error": self.end_error})
+        if self.grant is not None:
+            self.front.spawn(self._close_grant(self.grant), "pg-close-session")
+
+    async def _close_grant(self, grant: SessionGrant) -> None:
+        try:
+            await self.services.close_session(grant)
+        except Exception:
+            log.exception("close_session failed for session %s", grant.session_id)
+
+    def bot_lost(self, exc: Exception | None) -> None:
+        self.bot_waiter.wake(ConnectionResetError("bot closed the connection"))
+        if self.closed:
+            return
+        if self._ops and self.backend_pid is not None and self.cancel_key is not None:
+            # The server would run the statement to its end; ask it to stop now.
+            self.front.spawn(self.front.cancel(m.CancelRequest(self.cancel_key[0], self.cancel_key[1])),
+                             "pg-cancel-on-disconnect")
+            if self.outcome == "ok":
+                self.outcome = "terminated"
+                self.end_error = "bot disconnected during a statement"
+        self.close()
+
+    def server_lost(self, exc: Exception | None) -> None:
+        self.server_waiter.wake(ConnectionResetError("server closed the connection"))
+        if self.closed or not self.relaying:
+            return
+        if self._server_fatal:
+            # The server already told the bot why (e.g. pg_terminate_backend's 57P01).
+            self.outcome = "terminated"
+            self.close()
+            return
+        self.fatal(sqlstate.CONNECTION_FAILURE,
+                   "lost the connection to the PostgreSQL server"
+                   + (f" ({exc})" if exc else "") + "; the session is closed")
+
+    def flow(self, reason: str, paused: bool) -> None:
+        """Back-pressure: a full write buffer on one side pauses reading on the other."""
+        if paused:
+            self._paused.add(reason)
+        else:
+            self._paused.discard(reason)
+        up = self.upstream.transport if self.upstream is not None else None
+        if up is not None and not up.is_closing():
+            (up.pause_reading if "bot_full" in self._paused else up.resume_reading)()
+        bt = self.bot.transport
+        if bt is not None and not bt.is_closing():
+            stop = "server_full" in self._paused or "held" in self._paused
+            (bt.pause_reading if stop else bt.resume_reading)()
+
+    def _audit(self, kind: str, record: dict) -> None:
+        try:
+            self.services.audit(kind, record)
+        except Exception:
+            log.exception("audit hook failed for %s", kind)
+
+    # ================================================================== startup
+    async def run_startup(self) -> None:
+        try:
+            await asyncio.wait_for(self._startup(), self.settings.startup_timeout)
+        except asyncio.TimeoutError:
+            self.fatal(sqlstate.CONNECTION_FAILURE, "the session did not start in time", outcome="error")
+        except FrontError as e:
+            if e.server_error is not None:
+                # The server's own words (e.g. 3D000 database does not exist) reach the bot unchanged.
+                self.outcome, self.end_error = "refused", e.server_error.message
+                self.write_bot(e.server_error.encode())
+                self.close()
+            else:
+                self.fatal(e.sqlstate, e.message, outcome="refused" if e.sqlstate.startswith("28") else "error")
+        except PgProtocolError as e:
+            self.fatal(e.sqlstate, e.message)
+        except (ConnectionError, OSError) as e:
+            if not self.closed:
+                log.info("session startup ended: %s", e)
+                self.outcome = "error"
+                self.end_error = str(e)
+                self.close()
+
+    async def _startup(self) -> None:
+        loop = asyncio.get_running_loop()
+        codec = self.bot_waiter.codec
+        ev = await self.bot_waiter.next()
+        while isinstance(ev, (m.SSLRequest, m.GSSENCRequest)):
+            if isinstance(ev, m.SSLRequest) and self.front.server_ssl is not None and not self.tls:
+                self.write_bot(codec.send(m.SSLResponse(True)))
+                self.bot.transport = await loop.start_tls(self.bot.transport, self.bot, self.front.server_ssl,
+                                                          server_side=True)
+                self.tls = True
+            else:
+                self.write_bot(codec.send(m.SSLResponse(False)))
+            ev = await self.bot_waiter.next()
+        if isinstance(ev, m.CancelRequest):
+            await self.front.cancel(ev)
+            self.close()
+            return
+        if isinstance(ev, ConnectionClosed):
+            self.close()
+            return
+        startup: m.StartupMessage = ev
+        if not self.tls and not self.settings.allow_plaintext:
+            raise FrontError(sqlstate.INVALID_AUTHORIZATION_SPECIFICATION,
+                             "this target requires TLS; connect with sslmode=require or stronger")
+        reply = negotiate_reply(startup)
+        if reply is not None:
+            self.write_bot(reply.encode())
+        user = startup.get("user")
+        if not user:
+            raise FrontError(sqlstate.INVALID_AUTHORIZATION_SPECIFICATION, "no user name in the startup packet")
+        token: str | None = None
+        if self.settings.require_token:
+            self.write_bot(m.AuthenticationCleartextPassword().encode())
+            ev = await self.bot_waiter.next()
+            if not isinstance(ev, m.PasswordMessage):
+                raise FrontError(sqlstate.PROTOCOL_VIOLATION, "expected a password message carrying the token")
+            token = ev.password_text()
+        transport = self.bot.transport
+        ctx = ConnectionContext(transport.get_extra_info("peername"), transport.get_extra_info("sockname"),
+                                self.tls, _attribution(transport))
+        try:
+            grant = await self.services.open_session(self.settings.target, ctx, user, token)
+        except AuthRefused as e:
+            self.session_id = _new_id()
+            self._session_start(ctx, None)
+            raise FrontError(e.sqlstate, e.message) from None
+        finally:
+            token = None  # the token is not kept past this point
+        self.grant = grant
+        self.session_id = grant.session_id
+        register = getattr(self.services, "register_terminate", None)
+        if register is not None:  # the daemon ends sessions whose lease or token ran out
+            register(grant.session_id, lambda code, message: self.fatal(code, message, outcome="terminated"))
+        self._session_start(ctx, grant)
+        await self._connect_upstream(grant, startup)
+
+    def _session_start(self, ctx: ConnectionContext, grant: SessionGrant | None) -> None:
+        rec: dict[str, Any] = {
+            "session_id": self.session_id, "ts": _now(), "target": self.settings.target, "protocol": PROTOCOL,
+            "client_addr": _addr(ctx.client_addr),
+            "target_addr": f"{self.settings.upstream_host}:{self.settings.upstream_port}", "tls": ctx.tls,
+        }
+        a = ctx.attribution
+        if a is not None:
+            rec.update(pid=a.pid, uid=a.uid, gid=a.gid, cgroup_id=a.cgroup_id, cgroup_path=a.cgroup_path,
+                       exe=a.exe_path, comm=a.comm, attribution_source=a.source)
+        else:
+            rec["attribution_source"] = "none"
+        if grant is not None:
+            rec.update(identity=grant.identity, token_subject=grant.subject,
+                       credential_user=grant.credential.username, lease_id=grant.credential.lease_id)
+            rec.update(grant.audit_fields)
+        self._audit("session_start", rec)
+
+    async def _connect_upstream(self, grant: SessionGrant, startup: m.StartupMessage) -> None:
+        loop = asyncio.get_running_loop()
+        st = self.settings
+        try:
+            _, proto = await asyncio.wait_for(
+                loop.create_connection(lambda: UpstreamProtocol(self), st.upstream_host, st.upstream_port),
+                st.connect_timeout)
+        except (OSError, asyncio.TimeoutError) as e:
+            raise FrontError(sqlstate.SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
+                             f"could not connect to the target {st.target!r}: {e or 'timeout'}") from e
+        self.upstream = proto
+        if self.closed:
+            proto.transport.close()
+            return
+        codec = self.server_waiter.codec
+        if st.upstream_tls != "disable":
+            proto.transport.write(codec.send(m.SSLRequest()))
+            ev = await self.server_waiter.next()
+            if isinstance(ev, m.SSLResponse) and ev.accepted:
+                try:
+                    proto.transport = await loop.start_tls(
+                        proto.transport, proto, self.front.upstream_ssl,
+                        server_hostname=st.upstream_host if st.upstream_tls == "verify-full" else None)
+                except (ssl.SSLError, OSError) as e:
+                    raise FrontError(sqlstate.SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
+                                     f"TLS to the target {st.target!r} failed: {e}") from e
+            elif isinstance(ev, m.ErrorResponse):
+                raise FrontError(ev.sqlstate or sqlstate.CONNECTION_FAILURE, "", server_error=ev)
+            elif st.upstream_tls != "prefer":
+                raise FrontError(sqlstate.SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
+                                 f"the target {st.target!r} does not accept TLS (upstream_tls = {st.upstream_tls})")
+        cred = grant.credential
+        proto.transport.write(codec.send(startup_for_server(startup, cred.username)))
+        await self._authenticate_upstream(cred.username, cred.password)
+        self.write_bot(m.AuthenticationOk().encode())
+        # Until ReadyForQuery: ParameterStatus/Notice as sent, BackendKeyData with our secret.
+        while True:
+            ev = await self.server_waiter.next()
+            if isinstance(ev, m.ReadyForQuery):
+                self.write_bot(ev.encode())
+                self.txn_status = ev.status
+                break
+            if isinstance(ev, m.BackendKeyData):
+                self.write_bot(self._remap_key(ev.pid, ev.secret))
+            elif isinstance(ev, m.ErrorResponse):
+                raise FrontError(ev.sqlstate or sqlstate.CONNECTION_FAILURE, "", server_error=ev)
+            elif isinstance(ev, ConnectionClosed):
+                raise FrontError(sqlstate.CONNECTION_FAILURE, "the server closed the connection during startup")
+            elif isinstance(ev, (m.ParameterStatus, m.NoticeResponse, m.NegotiateProtocolVersion)):
+                if not isinstance(ev, m.NegotiateProtocolVersion):
+                    self.write_bot(ev.encode())
+            else:
+                raise FrontError(sqlstate.PROTOCOL_VIOLATION,
+                                 f"the server sent {type(ev).__name__} during startup")
+        self.relaying = True
+        rest_server = self.server_waiter.codec.trailing_data
+        rest_bot = self.bot_waiter.codec.trailing_data
+        if rest_server:
+            self.server_data(rest_server)
+        if rest_bot:
+            self.client_data(rest_bot)
+
+    async def _authenticate_upstream(self, user: str, password: str | None) -> None:
+        write = self.upstream.transport.write
+        scram: ScramClient | None = None
+
+        def need_password() -> str:
+            if password is None:
+                raise FrontError(sqlstate.INVALID_PASSWORD,
+                                 "the target asks for a password but the session's credential has none")
+            return password
+
+        while True:
+            ev = await self.server_waiter.next()
+            if isinstance(ev, m.AuthenticationOk):
+                return
+            if isinstance(ev, m.AuthenticationCleartextPassword):
+                write(m.PasswordMessage.password(need_password()).encode())
+            elif isinstance(ev, m.AuthenticationMD5Password):
+                write(m.PasswordMessage.password(md5_password(user, need_password(), ev.salt)).encode())
+            elif isinstance(ev, m.AuthenticationSASL):
+                if SCRAM_SHA_256 not in ev.mechanisms:
+                    raise FrontError(sqlstate.FEATURE_NOT_SUPPORTED,
+                                     f"the target offers SASL mechanisms {list(ev.mechanisms)}, none supported")
+                scram = ScramClient(need_password())
+                write(m.PasswordMessage.sasl_initial(SCRAM_SHA_256, scram.client_first()).encode())
+            elif isinstance(ev, m.AuthenticationSASLContinue) and scram is not None:
+                write(m.PasswordMessage(scram.client_final(ev.data)).encode())
+            elif isinstance(ev, m.AuthenticationSASLFinal) and scram is not None:
+                scram.verify_server_final(ev.data)
+            elif isinstance(ev, m.ErrorResponse):
+                raise FrontError(ev.sqlstate or sqlstate.INVALID_AUTHORIZATION_SPECIFICATION, "",
+                                 server_error=ev)
+            elif isinstance(ev, m.NegotiateProtocolVersion):
+                continue
+            elif isinstance(ev, ConnectionClosed):
+                raise FrontError(sqlstate.CONNECTION_FAILURE, "the server closed the connection during login")
+            else:
+                raise FrontError(sqlstate.FEATURE_NOT_SUPPORTED,
+                                 f"the target asks for an authentication method botwarden does not speak "
+                                 f"({type(ev).__name__})")
+
+    def _remap_key(self, pid: int, secret: int) -> bytes:
+        """BackendKeyData with the real pid and our own secret (the real one stays here)."""
+        ours = struct.unpack("!i", os.urandom(4))[0]
+        if self.cancel_key is not None:
+            self.front.cancel_keys.pop(self.cancel_key, None)
+        self.cancel_key = (pid, ours)
+        self.backend_pid = pid
+        self.front.cancel_keys[self.cancel_key] = (secret, self.settings.upstream_host, self.settings.upstream_port)
+        return m.BackendKeyData(pid, ours).encode()
+
+    # ================================================================== bot -> server
+    def _decide(self, sql: str, phase: str) -> Verdict:
+        key = (sql, phase)
+        v = self._verdicts.get(key)
+        if v is None:
+            try:
+                v = self.services.decide_sql(self.grant, self.settings.target, sql, phase)
+            except Exception:
+                log.exception("policy failed; statement refused")
+                v = Verdict("block", None, "the policy engine failed on this statement")
+            if len(self._verdicts) >= _VERDICT_CACHE_MAX:
+                self._verdicts.clear()
+            self._verdicts[key] = v
+        return v
+
+    def client_data(self, data: bytes) -> None:
+        if self._cbuf:
+            # bytearray: appending is amortised O(1) while a large message arrives in pieces
+            self._cbuf += data
+            buf = self._cbuf
+        else:
+            buf = data
+        if self._held:
+            self._cbuf = buf if isinstance(buf, bytearray) else bytearray(buf)
+            if len(buf) > HELD_BUFFER_LIMIT and "held" not in self._paused:
+                self.flow("held", True)
+            return
+        try:
+            spans, pos = split_messages(buf, 0, self.settings.max_message_size)
+        except PgProtocolError as e:
+            self.fatal(e.sqlstate, e.message)
+            return
+        handlers = self._client_handlers
+        out: list = []
+        run = 0   # start of the pending run of unchanged bytes
+        for i, (t, s, e) in enumerate(spans):
+            h = handlers[t]
+            if h is None:
+                continue
+            try:
+                r = h(buf, s, e)
+            except PgProtocolError as err:
+                self.fatal(err.sqlstate, err.message)
+                return
+            if r is None:
+                continue
+            if r is _HOLD:
+                if run < s:
+                    out.append(buf[run:s])
+                self._cbuf = bytearray(memoryview(buf)[e:])
+                self._held = True
+                self._flush_out(out)
+                return
+            if run < s:
+                out.append(buf[run:s])
+            if r:
+                out.append(r)
+            run = e
+            if self.closed:
+                self._flush_out(out)
+                return
+        if not out:
+            if pos == len(buf):
+                self.write_server(buf)
+            elif pos:
+                self.write_server(buf[:pos])
+        else:
+            if run < pos:
+                out.append(buf[run:pos])
+            self._flush_out(out)
+        # A new object each time: bytes already handed to the transport are never mutated.
+        self._cbuf = bytearray(memoryview(buf)[pos:]) if pos < len(buf) else b""
+
+    def _flush_out(self, out: list) -> None:
+        if out:
+            self.write_server(b"".join(out))
+
+    def _blocked_sql(self, req: _Request, refusal: m.ErrorResponse) -> str:
+        # A statement that fails in the server's parser: the server then recovers exactly as
+        # from any error (transaction state, discard-until-Sync) and we swap in our refusal.
+        req.nonce = "botwarden_blocked_" + os.urandom(8).hex()
+        req.refusal = refusal
+        req.error = refusal.message
+        req.sqlstate = refusal.sqlstate
+        return req.nonce
+
+    @staticmethod
+    def _block_refusal(verdict: Verdict) -> m.ErrorResponse:
+        rule = f"rule {verdict.rule!r}" if verdict.rule else "the target's default policy"
+        return error_response(sqlstate.INSUFFICIENT_PRIVILEGE, f"statement blocked by {rule}",
+                              detail=verdict.reason or None)
+
+    def _c_query(self, buf, s: int, e: int):
+        sql = m.Query.decode(bytes(buf[s + 5:e])).sql
+        v = self._decide(sql, "query")
+        req = _Request("query", sql, v)
+        action = v.action
+        if action == "allow" or action == "mask":
+            if action == "mask":
+                self._handlers[68] = self._on_data_row
+            self._ops.append((OP_QUERY, req))
+            return None
+        if action == "block":
+            nonce = self._blocked_sql(req, self._block_refusal(v))
+            self._ops.append((OP_QUERY, req))
+            return m.Query(nonce).encode()
+        self._start_hold(req, bytes(buf[s:e]), lambda: (OP_QUERY, req),
+                         lambda nonce: m.Query(nonce).encode())
+        return _HOLD
+
+    def _c_parse(self, buf, s: int, e: int):
+        msg = m.Parse.decode(bytes(buf[s + 5:e]))
+        if self._skip_until_sync:
+            # The server discards this after our refusal; no decision needed.
+            self._ops.append((OP_PARSE, None, None))
+            return None
+        v = self._decide(msg.query, "parse")
+        stmt = _Statement(msg.query, v)
+        self._statements[msg.name] = stmt
+        action = v.action
+        if action == "allow" or action == "mask":
+            self._ops.append((OP_PARSE, None, stmt))
+            return None
+        req = _Request("parse", msg.query, v)
+        if action == "block":
+            nonce = self._blocked_sql(req, self._block_refusal(v))
+            self._skip_until_sync = True
+            self._ops.append((OP_PARSE, req, stmt))
+            return m.Parse(msg.name, nonce, ()).encode()
+
+        def on_denied(nonce: str) -> bytes:
+            self._skip_until_sync = True
+            return m.Parse(msg.name, nonce, ()).encode()
+
+        def op():
+            req.kind = "parse"
+            return (OP_PARSE, req if req.nonce else None, stmt)
+
+        self._start_hold(req, bytes(buf[s:e]), op, on_denied)
+        return _HOLD
+
+    def _c_bind(self, buf, s: int, e: int):
+        msg = m.Bind.decode(bytes(buf[s + 5:e]))
+        stmt = self._statements.get(msg.statement, _UNKNOWN_STATEMENT)
+        portal = _Portal(stmt, _render_params(msg), msg.result_formats)
+        self._portals[msg.portal] = portal
+        self._ops.append((OP_BIND,))
+        if stmt.verdict.action == "mask" and not self._skip_until_sync:
+            # Masking needs the result columns with their formats: ask for them, keep the answer.
+            self._handlers[68] = self._on_data_row
+            self._ops.append((OP_DESCRIBE, "P", portal, True))
+            return bytes(buf[s:e]) + m.Describe("P", msg.portal).encode()
+        return None
+
+    def _c_describe(self, buf, s: int, e: int):
+        msg = m.Describe.decode(bytes(buf[s + 5:e]))
+        target = (self._statements.get(msg.name) if msg.kind == "S" else self._portals.get(msg.name))
+        self._ops.append((OP_DESCRIBE, msg.kind, target, False))
+        return None
+
+    def _c_execute(self, buf, s: int, e: int):
+        msg = m.Execute.decode(bytes(buf[s + 5:e]))
+        portal = self._portals.get(msg.portal)
+        stmt = portal.statement if portal is not None else _UNKNOWN_STATEMENT
+        req = _Request("execute", stmt.text, stmt.verdict, portal.params if portal is not None else None)
+        self._ops.append((OP_EXECUTE, portal, req))
+        return None
+
+    def _c_close(self, buf, s: int, e: int):
+        msg = m.Close.decode(bytes(buf[s + 5:e]))
+        (self._statements if msg.kind == "S" else self._portals).pop(msg.name, None)
+        self._ops.append((OP_CLOSE,))
+        return None
+
+    def _c_sync(self, buf, s: int, e: int):
+        self._skip_until_sync = False
+        self._ops.append((OP_SYNC,))
+        return None
+
+    def _c_function_call(self, buf, s: int, e: int):
+        msg = m.FunctionCall.decode(bytes(buf[s + 5:e]))
+        text = f"-- FunctionCall oid {msg.oid}"
+        if self.settings.allow_function_call:
+            req = _Request("function_call", text, Verdict("allow", None, "function calls allowed for target"))
+            self._ops.append((OP_FUNCTION, req))
+            return None
+        v = Verdict("block", None, "FunctionCall messages bypass SQL policy; use SELECT instead")
+        req = _Request("function_call", text, v)
+        nonce = self._blocked_sql(req, error_response(sqlstate.INSUFFICIENT_PRIVILEGE,
+                                                      "FunctionCall messages are not allowed on this target",
+                                                      hint="call the function with SELECT"))
+        self._ops.append((OP_FUNCTION, req))
+        return m.Query(nonce).encode()
+
+    def _c_terminate(self, buf, s: int, e: int):
+        return None
+
+    # ------------------------------------------------------------------ approvals
+    def _start_hold(self, req: _Request, original: bytes, make_op: Callable[[], tuple],
+                    on_denied: Callable[[str], bytes]) -> None:
+        self._hold_task = self.front.spawn(self._hold(req, original, make_op, on_denied), "pg-hold")
+
+    async def _hold(self, req: _Request, original: bytes, make_op, on_denied) -> None:
+        loop = asyncio.get_running_loop()
+        thread = threading.get_ident()
+
+        def notify(approval_id: str) -> None:
+            notice = notice_response(
+                f"statement held for approval {approval_id}"
+                + (f" (rule {req.verdict.rule!r})" if req.verdict.rule else "") + "; waiting for an operator",
+                severity="NOTICE").encode()
+            if threading.get_ident() == thread:
+                self.write_bot(notice)
+            else:
+                loop.call_soon_threadsafe(self.write_bot, notice)
+
+        try:
+            outcome = await self.services.hold(self.grant, self.settings.target, req.text, req.verdict, notify)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.exception("approval hold failed; statement denied")
+            outcome = HoldOutcome(False, "", f"approval failed: {type(e).__name__}")
+        if self.closed:
+            return
+        if outcome.approved:
+            req.decision = "approve"
+            req.reason = outcome.reason or req.reason
+            out = original
+            if req.kind == "query" and req.verdict.action == "mask":
+                self._handlers[68] = self._on_data_row
+        else:
+            req.decision = "deny"
+            req.reason = outcome.reason or "denied"
+            refusal = error_response(
+                sqlstate.INSUFFICIENT_PRIVILEGE,
+                f"statement denied by the approver: {outcome.reason or 'no reason given'}",
+                detail=f"approval {outcome.approval_id}" if outcome.approval_id else None)
+            out = on_denied(self._blocked_sql(req, refusal))
+        self._ops.append(make_op())
+        self.write_server(out)
+        self._held = False
+        if "held" in self._paused:
+            self.flow("held", False)
+        rest, self._cbuf = self._cbuf, b""
+        if rest:
+            self.client_data(rest)
+
+    # ================================================================== server -> bot
+    def server_data(self, data: bytes) -> None:
+        left = self._stream_left
+        if left:
+            if len(data) <= left:
+                self._stream_left = left - len(data)
+                self.write_bot(data)
+                return
+            self.write_bot(data[:left])
+            data = data[left:]
+            self._stream_left = 0
+        if self._sbuf:
+            self._sbuf += data
+            buf = self._sbuf
+        else:
+            buf = data
+        try:
+            spans, pos = split_messages(buf, 0, SERVER_MAX_MESSAGE)
+        except PgProtocolError as e:
+            self.fatal(sqlstate.PROTOCOL_VIOLATION, f"the server sent an invalid message ({e.message})")
+            return
+        handlers = self._handlers
+        out: list = []
+        run = 0
+        try:
+            for t, s, e in spans:
+                h = handlers[t]
+                if h is None:
+                    continue
+                r = h(buf, s, e)
+                if r is None:
+                    continue
+                if run < s:
+                    out.append(buf[run:s])
+                if r:
+                    out.append(r)
+                run = e
+        except PgProtocolError as err:
+            self.fatal(sqlstate.PROTOCOL_VIOLATION, f"the server sent an invalid message ({err.message})")
+            return
+        end = len(buf)
+        if pos < end and end - pos >= STREAM_THRESHOLD and handlers[buf[pos]] is None:
+            # A big message we do not inspect: send what we have, stream the rest as it comes.
+            (length,) = _I32.unpack_from(buf, pos + 1)
+            self._stream_left = length + 1 - (end - pos)
+            pos = end
+        if not out:
+            if pos == end:
+                self.write_bot(buf)
+            elif pos:
+                self.write_bot(buf[:pos])
+        else:
+            if run < pos:
+                out.append(buf[run:pos])
+            self.write_bot(b"".join(out))
+        self._sbuf = bytearray(memoryview(buf)[pos:]) if pos < end else b""
+
+    def _pop(self, kind: int):
+        ops = self._ops
+        if ops and ops[0][0] == kind:
+            return ops.popleft()
+        log.debug("server response out of step with pending operations (expected op %s, have %s)", kind,
+                  ops[0][0] if ops else None)
+        return None
+
+    def _on_parse_complete(self, buf, s, e):
+        self._pop(OP_PARSE)
+
+    def _on_bind_complete(self, buf, s, e):
+        self._pop(OP_BIND)
+
+    def _on_close_complete(self, buf, s, e):
+        self._pop(OP_CLOSE)
+
+    def _on_row_description(self, buf, s, e):
+        ops = self._ops
+        if not ops:
+            return None
+        head = ops[0]
+        kind = head[0]
+        if kind == OP_QUERY:
+            req = head[1]
+            if req.verdict.action == "mask" and req.decision != "deny":
+                self._end_plan()
+                desc = m.RowDescription.decode(bytes(buf[s + 5:e]))
+                self._plan = self._make_plan(req.verdict, _columns(desc)) or _NO_PLAN
+                self._plan_req = req
+            return None
+        if kind == OP_DESCRIBE:
+            ops.popleft()
+            _, dkind, target, hidden = head
+            if target is not None and target is not _UNKNOWN_STATEMENT:
+                verdict = target.verdict if dkind == "S" else target.statement.verdict
+                if verdict.action == "mask":
+                    desc = m.RowDescription.decode(bytes(buf[s + 5:e]))
+                    target.columns = _columns(desc)
+            return b"" if hidden else None
+        return None
+
+    def _on_no_data(self, buf, s, e):
+        ops = self._ops
+        if ops and ops[0][0] == OP_DESCRIBE:
+            head = ops.popleft()
+            if head[3]:
+                return b""
+        return None
+
+    def _make_plan(self, verdict: Verdict, columns: list[ColumnDesc]):
+        try:
+            return self.services.mask_plan(self.grant, self.settings.target, verdict, columns)
+        except Exception:
+            log.exception("mask_plan failed; every column of this result is masked")
+            return ColumnMaskPlan(columns, range(len(columns)))
+
+    def _end_plan(self) -> None:
+        plan, req = self._plan, self._plan_req
+        if plan is not None and plan is not _NO_PLAN and req is not None and plan.counts:
+            masked = req.masked or {}
+            for k, n in plan.counts.items():
+                masked[k] = masked.get(k, 0) + n
+            req.masked = masked
+            plan.counts = {}
+        self._plan = None
+        self._plan_req = None
+
+    def _on_data_row(self, buf, s, e):
+        plan = self._plan
+        if plan is _NO_PLAN:
+            return None
+        if plan is None:
+            ops = self._ops
+            if not ops or ops[0][0] != OP_EXECUTE:
+                return None
+            portal, req = ops[0][1], ops[0][2]
+            if portal is None or req.verdict.action != "mask":
+                return None
+            cols = portal.columns
+            if cols is None:
+                stmt = portal.statement
+                if stmt.columns is None:
+                    # Columns unknown: fail closed, mask every value in the row.
+                    (n,) = struct.unpack_from("!h", buf, s + 5)
+                    cols = [ColumnDesc(f"column{i + 1}", 0, 0, 0, 0) for i in range(n)]
+                    plan = ColumnMaskPlan(cols, range(n))
+                else:
+                    cols = [ColumnDesc(c.name, c.table_oid, c.attnum, c.type_oid,
+                                       portal.result_formats[i] if len(portal.result_formats) > 1
+                                       else (portal.result_formats[0] if portal.result_formats else 0))
+                            for i, c in enumerate(stmt.columns)]
+            if plan is None:
+                plan = self._make_plan(req.verdict, cols) or _NO_PLAN
+            self._plan = plan
+            self._plan_req = req
+            if plan is _NO_PLAN:
+                return None
+        try:
+            values = _row_values(buf, s, e)
+        except struct.error as err:
+            raise PgProtocolError(f"malformed DataRow: {err}") from err
+        new, changed = plan.apply(values)
+        if not changed:
+            return None
+        return m.DataRow(tuple(new)).encode()
+
+    def _on_command_complete(self, buf, s, e):
+        ops = self._ops
+        if not ops:
+            return None
+        head = ops[0]
+        rows = m.CommandComplete.decode(bytes(buf[s + 5:e])).rows
+        if head[0] == OP_QUERY:
+            req = head[1]
+            if rows is not None:
+                req.rows = (req.rows or 0) + rows
+            if self._plan is not None:
+                self._end_plan()
+        elif head[0] == OP_EXECUTE:
+            ops.popleft()
+            req = head[2]
+            req.rows = rows
+            self._end_plan()
+            self._finish(req)
+        return None
+
+    def _on_empty_query(self, buf, s, e):
+        ops = self._ops
+        if ops and ops[0][0] == OP_EXECUTE:
+            self._end_plan()
+            self._finish(ops.popleft()[2])
+
+    def _on_portal_suspended(self, buf, s, e):
+        ops = self._ops
+        if ops and ops[0][0] == OP_EXECUTE:
+            self._end_plan()
+            self._finish(ops.popleft()[2])
+
+    def _on_error(self, buf, s, e):
+        err = m.ErrorResponse.decode(bytes(buf[s + 5:e]))
+        if err.severity in ("FATAL", "PANIC"):
+            self._server_fatal = True
+        ops = self._ops
+        self._end_plan()
+        if not ops:
+            return None
+        head = ops[0]
+        kind = head[0]
+        req = None
+        if kind in (OP_QUERY, OP_FUNCTION):
+            req = head[1]
+        elif kind == OP_EXECUTE:
+            req = head[2]
+        elif kind == OP_PARSE:
+            req = head[1]
+            if req is None and head[2] is not None:
+                # An allowed statement the server refused to prepare: still one audited request.
+                req = _Request("parse", head[2].text, head[2].verdict)
+                ops[0] = (OP_PARSE, req, head[2])
+        replacement = None
+        if req is not None:
+            if req.nonce is not None and req.nonce in (err.message or ""):
+                replacement = req.refusal.encode()
+            else:
+                req.error = err.message
+                req.sqlstate = err.sqlstate
+        if kind not in (OP_QUERY, OP_FUNCTION):
+            # Extended protocol: the server skips everything up to Sync; so do our pending ops.
+            while ops and ops[0][0] != OP_SYNC:
+                op = ops.popleft()
+                if op[0] == OP_EXECUTE:
+                    if op[2] is not req:
+                        op[2].error = op[2].error or "not run: an earlier message in the batch failed"
+                    self._finish(op[2])
+                elif op[0] == OP_PARSE and op[1] is not None:
+                    self._finish(op[1])
+        return replacement
+
+    def _on_ready(self, buf, s, e):
+        self.txn_status = chr(buf[s + 5])
+        ops = self._ops
+        while ops:
+            op = ops.popleft()
+            kind = op[0]
+            if kind == OP_QUERY or kind == OP_FUNCTION:
+                self._end_plan()
+                self._finish(op[1])
+                break
+            if kind == OP_SYNC:
+                break
+            if kind == OP_EXECUTE:
+                self._finish(op[2])
+            elif kind == OP_PARSE and op[1] is not None:
+                self._finish(op[1])
+        if not ops:
+            self._handlers[68] = None
+        return None
+
+    def _on_backend_key(self, buf, s, e):
+        msg = m.BackendKeyData.decode(bytes(buf[s + 5:e]))
+        return self._remap_key(msg.pid, msg.secret)
+
+    # ------------------------------------------------------------------ audit
+    def _finish(self, req: _Request) -> None:
+        self._audit("request", {
+            "request_id": req.request_id, "session_id": self.session_id, "ts": req.ts, "protocol": PROTOCOL,
+            "kind": req.kind, "text": req.text, "params": req.params, "decision": req.decision,
+            "rule": req.verdict.rule, "reason": req.reason,
+            "duration_ms": (time.perf_counter() - req.t0) * 1000.0, "rows": req.rows, "error": req.error,
+            "sqlstate": req.sqlstate, "masked": req.masked,
+        })
+
+    def _finish_pending(self, why: str) -> None:
+        if self._hold_task is not None and self._held:
+            self._held = False
+        for op in self._ops:
+            req = None
+            if op[0] in (OP_QUERY, OP_FUNCTION):
+                req = op[1]
+            elif op[0] == OP_EXECUTE:
+                req = op[2]
+            elif op[0] == OP_PARSE:
+                req = op[1]
+            if req is not None:
+                req.error = req.error or why
+                self._finish(req)
+        self._ops.clear()
+
+
+class _Marker:
+    __slots__ = ("name",)
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+_HOLD = _Marker("HOLD")          # a client handler's answer: stop here, the statement waits for approval
+_NO_PLAN = _Marker("NO_PLAN")    # the current result needs no masking
+
+
+def _attribution(transport) -> Any:
+    """The kernel-attested origin of this socket, when the probes are running."""
+    try:
+        import probes
+        lookup = getattr(probes, "lookup", None)
+        if lookup is None:
+            return None
+        sock = transport.get_extra_info("socket")
+        return lookup(sock) if sock is not None else None
+    except Exception:
+        log.exception("attribution lookup failed")
+        return None

@@ -1,0 +1,167 @@
+"""What a protocol front needs from the daemon (contract §3), plus simple defaults for tests.
+
+The daemon provides the real ``FrontServices`` (identity, secrets, policy,
+approvals, audit store). ``DefaultServices`` is an allow-all implementation
+with a static credential and an in-memory audit list, so a front can run on
+its own in tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence
+
+from appliance.errors import BotwardenError
+from appliance.policy.types import ALLOW, ColumnDesc, MaskPlan, Verdict
+
+if TYPE_CHECKING:  # the front only passes the probes' record through
+    from probes import Attribution  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class ConnectionContext:
+    client_addr: tuple
+    local_addr: tuple
+    tls: bool
+    attribution: "Attribution | None" = None
+
+
+@dataclass(frozen=True)
+class Credential:
+    username: str
+    password: str | None = field(default=None, repr=False)
+    lease_id: str | None = None
+    expires_at: datetime | None = None
+
+    def __repr__(self) -> str:
+        return (f"Credential(username={self.username!r}, password=<hidden>, lease_id={self.lease_id!r}, "
+                f"expires_at={self.expires_at!r})")
+
+
+@dataclass(frozen=True)
+class SessionGrant:
+    session_id: str
+    identity: str
+    groups: tuple[str, ...]
+    subject: str | None
+    credential: Credential
+    audit_fields: Mapping[str, Any] = field(default_factory=dict)
+
+
+class AuthRefused(BotwardenError):
+    """The session is refused; ``message`` goes to the bot and never contains a token."""
+
+    def __init__(self, sqlstate: str, message: str):
+        super().__init__(message)
+        self.sqlstate = sqlstate
+        self.message = message
+
+
+@dataclass(frozen=True)
+class HoldOutcome:
+    approved: bool
+    approval_id: str
+    reason: str = ""
+    decided_by: str | None = None
+
+
+class FrontServices(Protocol):
+    async def open_session(self, target: str, ctx: ConnectionContext, user: str,
+                           token: str | None) -> SessionGrant: ...
+
+    async def close_session(self, grant: SessionGrant) -> None: ...
+
+    def decide_sql(self, grant: SessionGrant, target: str, sql: str, phase: str) -> Verdict: ...
+
+    def mask_plan(self, grant: SessionGrant, target: str, verdict: Verdict,
+                  columns: Sequence[ColumnDesc]) -> MaskPlan | None: ...
+
+    async def hold(self, grant: SessionGrant, target: str, request_text: str, verdict: Verdict,
+                   notify: Callable[[str], None]) -> HoldOutcome: ...
+
+    def audit(self, kind: str, record: Mapping[str, Any]) -> None: ...
+
+
+# Binary-format replacements that keep a value's length valid for its type (OID -> bytes).
+_BINARY_MASKS: dict[int, bytes] = {
+    16: b"\x00",            # bool
+    20: b"\x00" * 8,        # int8
+    21: b"\x00" * 2,        # int2
+    23: b"\x00" * 4,        # int4
+    700: b"\x00" * 4,       # float4
+    701: b"\x00" * 8,       # float8
+}
+_TEXT_LIKE = {25, 1043, 1042, 19, 114, 3802}  # text, varchar, bpchar, name, json, jsonb(text form)
+
+
+class ColumnMaskPlan:
+    """Masks the values of the columns at ``indexes``: text -> ``mask``, binary -> a type-safe blank.
+
+    A simple MaskPlan for tests and the default services; the policy engine
+    provides the real ones.
+    """
+
+    def __init__(self, columns: Sequence[ColumnDesc], indexes: Sequence[int], mask: bytes = b"***"):
+        self.columns = list(columns)
+        self.indexes = list(indexes)
+        self.mask = mask
+        self.counts: dict[str, int] = {}
+
+    def _masked(self, col: ColumnDesc) -> bytes:
+        if col.format == 0 or col.type_oid in _TEXT_LIKE:
+            return b"\x01***" if col.type_oid == 3802 and col.format == 1 else self.mask
+        return _BINARY_MASKS.get(col.type_oid, b"")
+
+    def apply(self, values: Sequence[bytes | None]) -> tuple[list[bytes | None], bool]:
+        out = list(values)
+        changed = False
+        for i in self.indexes:
+            if i < len(out) and out[i] is not None:
+                col = self.columns[i]
+                out[i] = self._masked(col)
+                self.counts[col.name] = self.counts.get(col.name, 0) + 1
+                changed = True
+        return out, changed
+
+
+class DefaultServices:
+    """Allow-all policy, one static credential, audit records kept in a list (tests, benchmarks)."""
+
+    def __init__(self, credential: Credential, *, identity: str = "test-bot",
+                 mask_columns: Sequence[str] = ()):
+        self.credential = credential
+        self.identity = identity
+        self.mask_columns = set(mask_columns)
+        self.records: list[tuple[str, dict[str, Any]]] = []
+        self.closed: list[str] = []
+
+    async def open_session(self, target: str, ctx: ConnectionContext, user: str,
+                           token: str | None) -> SessionGrant:
+        return SessionGrant(uuid.uuid4().hex, self.identity, (), None, self.credential, {})
+
+    async def close_session(self, grant: SessionGrant) -> None:
+        self.closed.append(grant.session_id)
+
+    def decide_sql(self, grant: SessionGrant, target: str, sql: str, phase: str) -> Verdict:
+        return ALLOW
+
+    def mask_plan(self, grant: SessionGrant, target: str, verdict: Verdict,
+                  columns: Sequence[ColumnDesc]) -> MaskPlan | None:
+        idx = [i for i, c in enumerate(columns) if c.name in self.mask_columns]
+        return ColumnMaskPlan(columns, idx) if idx else None
+
+    async def hold(self, grant: SessionGrant, target: str, request_text: str, verdict: Verdict,
+                   notify: Callable[[str], None]) -> HoldOutcome:
+        approval_id = uuid.uuid4().hex
+        notify(approval_id)
+        await asyncio.sleep(0)
+        return HoldOutcome(False, approval_id, "no approver in the default services", None)
+
+    def audit(self, kind: str, record: Mapping[str, Any]) -> None:
+        self.records.append((kind, dict(record)))
+
+    def of_kind(self, kind: str) -> list[dict[str, Any]]:
+        return [r for k, r in self.records if k == kind]

@@ -1,0 +1,94 @@
+"""Helpers for the PostgreSQL front tests: the front on its own event loop thread, roles, a test CA."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+import threading
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
+
+import uvloop
+
+from appliance.fronts.postgres import PgFrontSettings, PostgresFront
+from appliance.fronts.services import Credential, DefaultServices
+
+APP_USER = "bw_app"
+APP_PASSWORD = "bw-app-secret-pw"
+MD5_USER, MD5_PASSWORD = "bw_md5", "bw-md5-secret-pw"
+CLEAR_USER, CLEAR_PASSWORD = "bw_clear", "bw-clear-secret-pw"
+BOT_TOKEN = "bot-oidc-token-abc123"
+
+
+def setup_roles(pg) -> None:
+    """Roles the front logs in as (scram, md5, cleartext) and a small data set."""
+    if pg.psql(f"SELECT count(*) FROM pg_roles WHERE rolname = '{APP_USER}'") == "1":
+        return
+    pg.psql(f"CREATE ROLE {APP_USER} LOGIN SUPERUSER PASSWORD '{APP_PASSWORD}'")
+    pg.psql(f"SET password_encryption = 'md5'; CREATE ROLE {MD5_USER} LOGIN PASSWORD '{MD5_PASSWORD}'")
+    pg.psql(f"CREATE ROLE {CLEAR_USER} LOGIN PASSWORD '{CLEAR_PASSWORD}'")
+    pg.psql("CREATE TABLE people (id int primary key, name text, email text, salary int, note varchar(40))")
+    pg.psql("INSERT INTO people SELECT i, 'name' || i, 'user' || i || '@example.com', 1000 * i, "
+            "CASE WHEN i % 2 = 0 THEN NULL ELSE 'n' || i END FROM generate_series(1, 50) i")
+    pg.psql(f"GRANT ALL ON people TO {MD5_USER}, {CLEAR_USER}")
+
+
+def make_ca(tmp: Path, host: str = "127.0.0.1") -> dict[str, Path]:
+    """A CA and a server certificate it signed, for the front's bot-side TLS."""
+    def run(*args: str) -> None:
+        subprocess.run(args, check=True, capture_output=True, cwd=tmp)
+
+    run("openssl", "req", "-new", "-x509", "-days", "2", "-nodes", "-subj", "/CN=bw-test-ca",
+        "-keyout", "ca.key", "-out", "ca.crt")
+    run("openssl", "req", "-new", "-nodes", "-subj", "/CN=botwarden-front", "-keyout", "front.key",
+        "-out", "front.csr")
+    (tmp / "ext.cnf").write_text(f"subjectAltName=IP:{host},DNS:localhost\n")
+    run("openssl", "x509", "-req", "-in", "front.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+        "-days", "2", "-extfile", "ext.cnf", "-out", "front.crt")
+    return {"ca": tmp / "ca.crt", "cert": tmp / "front.crt", "key": tmp / "front.key"}
+
+
+class FrontThread:
+    """A PostgresFront serving on 127.0.0.1 from its own uvloop thread."""
+
+    def __init__(self, settings: PgFrontSettings, services: Any):
+        self.settings = settings
+        self.services = services
+        self.loop = uvloop.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="pg-front")
+        self.thread.start()
+        self.front = PostgresFront(settings, services)
+        server = self.call(self.front.serve("127.0.0.1", 0))
+        self.port = server.sockets[0].getsockname()[1]
+
+    def call(self, coro, timeout: float = 30):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def soon(self, fn: Callable, *args) -> None:
+        self.loop.call_soon_threadsafe(fn, *args)
+
+    def dsn(self, *, user: str = "bot", password: str | None = BOT_TOKEN, db: str = "postgres",
+            sslmode: str = "disable", **extra: str) -> str:
+        parts = [f"host=127.0.0.1 port={self.port} dbname={db} user={user} sslmode={sslmode}"]
+        if password is not None:
+            parts.append(f"password={password}")
+        parts += [f"{k}={v}" for k, v in extra.items()]
+        return " ".join(parts)
+
+    def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            self.call(self.front.close(), timeout=10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def plain_settings(pg, **kw) -> PgFrontSettings:
+    base = PgFrontSettings(target="pg-test", upstream_host=pg.host, upstream_port=pg.port, upstream_tls="require",
+                           allow_plaintext=True)
+    return replace(base, **kw)
+
+
+def default_services(**kw) -> DefaultServices:
+    return DefaultServices(Credential(APP_USER, APP_PASSWORD), **kw)
