@@ -297,3 +297,12 @@ def test_mask_rule_without_entries_is_a_config_error() -> None:
     bad = CONFIG.split("[[rules]]")[0] + '[[rules]]\nname = "m"\naction = "mask"\n'
     with pytest.raises(ConfigError, match=r"<memory>:\d+: rules\[0\]: .*needs at least one \[\[rules.mask\]\]"):
         parse_config(bad)
+
+
+def test_plan_cache_tells_statements_apart(engine: PolicyEngine) -> None:
+    cols = [ColumnDesc("email", 0, 0, TEXT)]
+    for _ in range(2):  # second round: plans come from the cache
+        _, plan = _plan(engine, "select email from customers", cols)
+        assert plan.apply([b"alice@example.com"])[0] == [b"*****@******e.com"]
+        _, plan = _plan(engine, "select email from people", cols)
+        assert plan.apply([b"alice@example.com"])[0] == [b"alice@example.com"]

@@ -378,7 +378,7 @@ class PolicyEngine:
         self._exact: dict[tuple, Verdict] = {}
         self._shape: dict[tuple, Verdict] = {}
         self._analysis: dict[str, BatchAnalysis] = {}
-        self._plans: dict[tuple, list[ColumnAction | None] | None] = {}
+        self._plans: dict[tuple, tuple[tuple, list[ColumnAction | None] | None]] = {}
         self.stats = {"exact_hits": 0, "shape_hits": 0, "misses": 0}
 
     # -- scope --
@@ -567,12 +567,15 @@ class PolicyEngine:
                   columns: Sequence[ColumnDesc]) -> MaskPlan | None:
         if not verdict.mask_rules or verdict.action == "block":
             return None
-        key = (verdict.mask_rules, tuple(columns), verdict.details)
-        if key in self._plans:
-            actions = self._plans[key]
+        # Keyed by the identity of the analysis tuple (verdicts are cached and shared, so a
+        # repeated statement brings the same one); the entry holds it, so the id stays unique.
+        key = (verdict.mask_rules, id(verdict.details), tuple(columns))
+        cached = self._plans.get(key)
+        if cached is not None and cached[0] is verdict.details:
+            actions = cached[1]
         else:
             actions = self._build_actions(verdict, columns)
-            _put(self._plans, key, actions)
+            _put(self._plans, key, (verdict.details, actions))
         if actions is None:
             return None
         return RowMasker(actions, self.detector_settings)

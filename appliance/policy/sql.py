@@ -715,9 +715,21 @@ class _Walker:
         self._targets_written("RuleStmt", body, "relation")
 
     def _v_RenameStmt(self, body: Mapping[str, Any]) -> None:
+        if body.get("renameType") == "OBJECT_SCHEMA" and body.get("subname"):
+            self.writes.add(Relation(body["subname"].lower(), "*"))
         if body.get("renameType") in _TABLE_OBJECTS or body.get("relationType") in _TABLE_OBJECTS:
             self.kinds.add("ALTER_" + _object_suffix(body.get("relationType") or body.get("renameType")))
         self._targets_written("RenameStmt", body, "relation")
+
+    def _v_ImportForeignSchemaStmt(self, body: Mapping[str, Any]) -> None:
+        if body.get("local_schema"):
+            self.writes.add(Relation(body["local_schema"].lower(), "*"))
+        self.generic("ImportForeignSchemaStmt", body)
+
+    def _v_CreateSchemaStmt(self, body: Mapping[str, Any]) -> None:
+        if body.get("schemaname"):
+            self.writes.add(Relation(body["schemaname"].lower(), "*"))
+        self.generic("CreateSchemaStmt", body)
 
     def _v_AlterObjectSchemaStmt(self, body: Mapping[str, Any]) -> None:
         self._targets_written("AlterObjectSchemaStmt", body, "relation")
