@@ -54,8 +54,8 @@ def run_bot(cfg: Config | None, name: str, command: list[str]) -> int:
     parent = cfg.probes.bots_cgroup if cfg else ProbeConfig().bots_cgroup
     try:
         cgroups.run_bot(parent, name, command)  # does not return on success
-    except FileNotFoundError:
-        raise BotwardenError(f"bot run: command not found: {command[0]}") from None
+    except cgroups.ProbeError as e:
+        raise BotwardenError(f"bot run: {e}") from None
     except OSError as e:
         raise BotwardenError(f"bot run: {e}") from None
     return 1
@@ -64,6 +64,13 @@ def run_bot(cfg: Config | None, name: str, command: list[str]) -> int:
 def probes_command(cfg: Config, action: str, json_out: bool = False) -> int:
     import probes
 
+    try:
+        return _probes_command(probes, cfg, action, json_out)
+    except probes.ProbeError as e:
+        raise BotwardenError(f"probes {action}: {e}") from None
+
+
+def _probes_command(probes: Any, cfg: Config, action: str, json_out: bool) -> int:
     settings = probe_settings(cfg)
     if action == "status":
         st = probes.status(settings)

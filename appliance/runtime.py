@@ -21,6 +21,7 @@ from appliance.approvals import ApprovalBroker, HoldOutcome
 from appliance.config import Config, TargetConfig
 from appliance.errors import BotwardenError
 from appliance.fronts.services import AuthRefused, ConnectionContext, Credential, SessionGrant
+from appliance.policy import SqlSessionState
 from appliance.policy.types import ColumnDesc, MaskPlan, Verdict
 
 if TYPE_CHECKING:
@@ -52,6 +53,7 @@ class LiveSession:
     state: str = "active"
     watcher: asyncio.Task | None = None
     terminate: Callable[[str, str], None] | None = None
+    sql_state: SqlSessionState = field(default_factory=SqlSessionState)
 
     @property
     def session_id(self) -> str:
@@ -224,9 +226,11 @@ class Runtime:
             except BotwardenError as e:
                 log.error("session %s: could not revoke its credential lease: %s", grant.session_id, e)
 
-    def decide_sql(self, grant: SessionGrant, target: str, sql: str, phase: str,
-                   session: Any = None) -> Verdict:
-        return self.engine.decide_sql(grant.identity, grant.groups, target, sql, session=session)
+    def decide_sql(self, grant: SessionGrant, target: str, sql: str, phase: str) -> Verdict:
+        # Per-session SQL state (prepared statement names, search_path) lives with the session.
+        live = self.live.get(grant.session_id)
+        return self.engine.decide_sql(grant.identity, grant.groups, target, sql,
+                                      session=live.sql_state if live is not None else None)
 
     def mask_plan(self, grant: SessionGrant, target: str, verdict: Verdict,
                   columns: Sequence[ColumnDesc]) -> MaskPlan | None:

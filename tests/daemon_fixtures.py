@@ -21,6 +21,12 @@ PSQL = "/usr/lib/postgresql/15/bin/psql"
 
 RULES = """
 [[rules]]
+name = "no-secrets-table"
+action = "block"
+[rules.sql]
+relations = ["vault_secrets"]
+
+[[rules]]
 name = "no-drops"
 action = "block"
 description = "Nobody drops tables through botwarden"

@@ -328,3 +328,15 @@ def test_sigterm_drains_flushes_and_removes_the_socket(pg_server, bao_server, tm
     assert res.returncode == 0, res.stdout + res.stderr
     res = cli("--config", str(config), "audit", "sql", "SELECT count(*) AS n FROM sessions", "--format", "csv")
     assert res.returncode == 0 and res.stdout.strip().splitlines()[-1] == "1"
+
+
+def test_prepared_name_redefined_is_decided_again(env):
+    """A verdict for `EXECUTE p` must follow what `p` is now, not what it was."""
+    token = env.bao.mint_token()
+    env.pg.psql("CREATE TABLE IF NOT EXISTS vault_secrets (v text); TRUNCATE vault_secrets; "
+                "INSERT INTO vault_secrets VALUES ('hunter2')")
+    res = psql(env.port, token, "PREPARE p AS SELECT 1", "EXECUTE p", "DEALLOCATE p",
+               "PREPARE p AS SELECT v FROM vault_secrets", "EXECUTE p")
+    assert "hunter2" not in res.stdout
+    assert res.stdout.split() == ["PREPARE", "1", "DEALLOCATE"]
+    assert res.stderr.count("no-secrets-table") >= 1

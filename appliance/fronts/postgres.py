@@ -100,7 +100,6 @@ STREAM_THRESHOLD = 64 * 1024
 SERVER_MAX_MESSAGE = 0x3FFFFFFF + 5
 # Bot bytes kept while a statement is held before reading from the bot pauses.
 HELD_BUFFER_LIMIT = 1024 * 1024
-_VERDICT_CACHE_MAX = 4096
 
 
 @dataclass(frozen=True)
@@ -473,7 +472,6 @@ class Session:
         self._cbuf = b""
         self._held = False
         self._skip_until_sync = False
-        self._verdicts: dict[tuple[str, str], Verdict] = {}
         self._statements: dict[str, _Statement] = {}
         self._portals: dict[str, _Portal] = {}
         # server -> bot
@@ -689,7 +687,7 @@ class Session:
         }
         a = ctx.attribution
         if a is not None:
-            rec.update(pid=a.pid, uid=a.uid, gid=a.gid, cgroup_id=a.cgroup_id, cgroup_path=a.cgroup_path,
+            rec.update(pid=getattr(a, "tgid", a.pid), uid=a.uid, gid=a.gid, cgroup_id=a.cgroup_id, cgroup_path=a.cgroup_path,
                        exe=a.exe_path, comm=a.comm, attribution_source=a.source)
         else:
             rec["attribution_source"] = "none"
@@ -813,18 +811,13 @@ class Session:
 
     # ================================================================== bot -> server
     def _decide(self, sql: str, phase: str) -> Verdict:
-        key = (sql, phase)
-        v = self._verdicts.get(key)
-        if v is None:
-            try:
-                v = self.services.decide_sql(self.grant, self.settings.target, sql, phase)
-            except Exception:
-                log.exception("policy failed; statement refused")
-                v = Verdict("block", None, "the policy engine failed on this statement")
-            if len(self._verdicts) >= _VERDICT_CACHE_MAX:
-                self._verdicts.clear()
-            self._verdicts[key] = v
-        return v
+        # No cache here: a verdict can depend on session state (PREPARE names, search_path) and
+        # on time windows; the policy engine caches what is safe to cache.
+        try:
+            return self.services.decide_sql(self.grant, self.settings.target, sql, phase)
+        except Exception:
+            log.exception("policy failed; statement refused")
+            return Verdict("block", None, "the policy engine failed on this statement")
 
     def client_data(self, data: bytes) -> None:
         if self._cbuf:

@@ -40,8 +40,10 @@ class ProcessFacts:
         ``probes.Attribution``); None stays None (no attribution for this connection)."""
         if obj is None:
             return None
+        # The process id is the thread group id (what `ps` shows); probes' `pid` is the thread
+        # that called connect().
         return cls(
-            pid=int(obj.pid), uid=int(obj.uid), gid=int(obj.gid),
+            pid=int(getattr(obj, "tgid", None) or obj.pid), uid=int(obj.uid), gid=int(obj.gid),
             cgroup_path=getattr(obj, "cgroup_path", None), exe_path=getattr(obj, "exe_path", None),
             comm=str(getattr(obj, "comm", "") or ""), source=getattr(obj, "source", "ebpf") or "ebpf",
             cgroup_id=getattr(obj, "cgroup_id", None),
