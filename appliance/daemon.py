@@ -167,15 +167,16 @@ class Daemon:
             self.runtime = await Runtime.create(cfg, self)
             for target in cfg.targets:
                 await self._start_listener(target, self.runtime)
+            if cfg.probes.mode != "off":
+                await self._attach_probes()
+            await self.runtime.started()
             from appliance.api import build_router
 
+            # Last: a control socket that answers means everything above is in place.
             self.control = ControlServer(cfg.appliance.control_socket, build_router(self),
                                          mode=cfg.appliance.control_socket_mode,
                                          group=cfg.appliance.control_socket_group)
             await self.control.start()
-            await self.runtime.started()
-            if cfg.probes.mode != "off":
-                await self._attach_probes()
         except BaseException:
             await self._teardown()
             raise

@@ -151,6 +151,11 @@ class Runtime:
 
     # -- FrontServices ---------------------------------------------------------------
 
+    def attribute(self, sock: Any) -> Any:
+        """The probes' record of who opened this accepted connection (None: not redirected)."""
+        handle = self.daemon.probes
+        return handle.lookup(sock) if handle is not None else None
+
     def audit(self, kind: str, record: Mapping[str, Any]) -> None:
         store = self.daemon.audit
         if store is None:

@@ -662,7 +662,7 @@ class Session:
             token = ev.password_text()
         transport = self.bot.transport
         ctx = ConnectionContext(transport.get_extra_info("peername"), transport.get_extra_info("sockname"),
-                                self.tls, _attribution(transport))
+                                self.tls, _attribution(self.services, transport))
         try:
             grant = await self.services.open_session(self.settings.target, ctx, user, token)
         except AuthRefused as e:
@@ -1353,13 +1353,17 @@ _HOLD = _Marker("HOLD")          # a client handler's answer: stop here, the sta
 _NO_PLAN = _Marker("NO_PLAN")    # the current result needs no masking
 
 
-def _attribution(transport) -> Any:
-    """The kernel-attested origin of this socket, when the probes are running."""
+def _attribution(services: Any, transport) -> Any:
+    """The kernel-attested origin of this socket, from the daemon's probes (None without them)."""
+    attribute = getattr(services, "attribute", None)
+    sock = transport.get_extra_info("socket")
+    if attribute is None or sock is None:
+        return None
     try:
-        import probes
-        lookup = getattr(probes, "lookup", None)
-        if lookup is None:
-            return None
+        return attribute(sock)
+    except Exception:  # no attribution: identities that need it refuse the session
+        log.exception("attribution lookup failed")
+        return None
         sock = transport.get_extra_info("socket")
         return lookup(sock) if sock is not None else None
     except Exception:
