@@ -93,13 +93,15 @@ def build_router(daemon: "Daemon") -> Router:
         return Response(200, {"columns": cols, "rows": rows})
 
     async def audit_report(request: Request) -> Response:
-        from analytics import reports
+        from analytics import AuditError, UnknownReport, reports
 
         name = request.params["name"]
         try:
             cols, rows = await asyncio.to_thread(reports.run_report, daemon.audit, name)
-        except KeyError:
-            raise ControlError(404, f"no report {name!r}; known: {', '.join(reports.list_reports())}") from None
+        except UnknownReport as e:
+            raise ControlError(404, str(e)) from None
+        except AuditError as e:
+            raise ControlError(400, str(e)) from None
         return Response(200, {"columns": cols, "rows": _jsonable_rows(rows)})
 
     async def flush(request: Request) -> Response:
@@ -120,11 +122,11 @@ def build_router(daemon: "Daemon") -> Router:
 
 
 async def _audit_query(daemon: "Daemon", sql: str, params: Any) -> tuple[list[str], list[list[Any]]]:
-    from appliance.errors import BotwardenError
+    from analytics import AuditError
 
     try:
         cols, rows = await asyncio.to_thread(daemon.audit.query, sql, params)
-    except BotwardenError as e:
+    except AuditError as e:  # read-only violations, SQL errors: the operator's to fix
         raise ControlError(400, str(e)) from None
     return cols, _jsonable_rows(rows)
 

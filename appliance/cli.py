@@ -393,6 +393,16 @@ def main(argv: list[str] | None = None) -> int:
     except BotwardenError as e:
         print(f"botwarden: {e}", file=sys.stderr)
         return EXIT_FAIL
+    except Exception as e:
+        # Errors of the rooms that may not import appliance (analytics, probes) carry their own
+        # clear messages; anything else is a bug worth a traceback.
+        from analytics import AuditError
+        from probes import ProbeError
+
+        if isinstance(e, (AuditError, ProbeError)):
+            print(f"botwarden: {e}", file=sys.stderr)
+            return EXIT_FAIL
+        raise
 
 
 if __name__ == "__main__":

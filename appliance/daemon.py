@@ -170,6 +170,8 @@ class Daemon:
             if cfg.probes.mode != "off":
                 await self._attach_probes()
             await self.runtime.started()
+            if cfg.audit.retention_days:
+                self.spawn(self._retention_loop(), "audit-retention")
             from appliance.api import build_router
 
             # Last: a control socket that answers means everything above is in place.
@@ -191,6 +193,23 @@ class Daemon:
         host, port = target.listen_host_port
         server = await front.serve(host, port)
         self.listeners[target.name] = Listener(target, server, front)
+
+    async def _retention_loop(self) -> None:
+        """Apply audit.retention_days at start and then every hour (the chain stays verifiable:
+        the store records a checkpoint of what it removed; see docs/audit-schema.md)."""
+        from datetime import timedelta
+
+        from analytics import AuditError, apply_retention
+
+        while True:
+            days = self.config.audit.retention_days
+            if days:
+                try:
+                    result = await asyncio.to_thread(apply_retention, self.audit, timedelta(days=days))
+                    log.info("audit retention (%d days): %s", days, result)
+                except AuditError as e:
+                    log.error("audit retention failed: %s", e)
+            await asyncio.sleep(3600)
 
     async def _attach_probes(self) -> None:
         """Attach (or atomically replace) the redirect for the current targets, and start the

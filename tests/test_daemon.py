@@ -340,3 +340,45 @@ def test_prepared_name_redefined_is_decided_again(env):
     assert "hunter2" not in res.stdout
     assert res.stdout.split() == ["PREPARE", "1", "DEALLOCATE"]
     assert res.stderr.count("no-secrets-table") >= 1
+
+
+def test_retention_runs_in_the_daemon_and_keeps_the_chain_verifiable(tmp_path):
+    from datetime import datetime, timezone
+
+    from analytics import AuditStore
+
+    audit = tmp_path / "state" / "audit.duckdb"
+    audit.parent.mkdir(parents=True)
+    now = datetime.now(timezone.utc)
+    with AuditStore(audit) as store:
+        store.submit("session_start", {"session_id": "old-session", "ts": now, "target": "t",
+                                       "protocol": "postgres"})
+        store.flush()
+    # Age everything written so far by ten days (retention removes a prefix of the chain).
+    con = duckdb.connect(str(audit))
+    for table in ("session_starts", "writer_events"):
+        con.execute(f"UPDATE {table} SET ts = ts - INTERVAL 10 DAY")
+    con.close()
+    config = tmp_path / "bw.toml"
+    config.write_text(f"""
+[appliance]
+state_dir = "{tmp_path / 'state'}"
+control_socket = "{tmp_path / 'run' / 'control.sock'}"
+[audit]
+path = "{audit}"
+retention_days = 3
+[probes]
+mode = "off"
+""")
+    daemon = DaemonProcess(config, tmp_path / "run" / "control.sock").start()
+    try:
+        deadline = time.monotonic() + 20
+        while daemon.audit_sql("SELECT session_id FROM session_starts"):
+            assert time.monotonic() < deadline, "retention did not remove the old rows"
+            time.sleep(0.2)
+        events = [r["event"] for r in daemon.audit_sql("SELECT event FROM writer_events ORDER BY chain_seq")]
+        assert "retention" in events
+    finally:
+        assert daemon.stop() == 0
+    res = cli("--config", str(config), "audit", "verify")
+    assert res.returncode == 0, res.stdout + res.stderr
