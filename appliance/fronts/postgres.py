@@ -946,8 +946,9 @@ class Session:
             return m.Parse(msg.name, nonce, ()).encode()
 
         def op():
-            req.kind = "parse"
-            return (OP_PARSE, req if req.nonce else None, stmt)
+            # The held Parse is audited as its own request (the approval names its id); the
+            # Executes of the prepared statement are audited as usual.
+            return (OP_PARSE, req, stmt)
 
         self._start_hold(req, bytes(buf[s:e]), op, on_denied)
         return _HOLD
@@ -1014,6 +1015,9 @@ class Session:
         self._hold_task = self.front.spawn(self._hold(req, original, make_op, on_denied), "pg-hold")
 
     async def _hold(self, req: _Request, original: bytes, make_op, on_denied) -> None:
+        """The statement waits for an operator; reading from this bot pauses only if it keeps
+        sending (HELD_BUFFER_LIMIT). No timeout of ours runs meanwhile: the approval's own
+        expiry ends the wait, and a bot that hangs up withdraws the request (task cancelled)."""
         loop = asyncio.get_running_loop()
         thread = threading.get_ident()
 
@@ -1021,19 +1025,20 @@ class Session:
             notice = notice_response(
                 f"statement held for approval {approval_id}"
                 + (f" (rule {req.verdict.rule!r})" if req.verdict.rule else "") + "; waiting for an operator",
-                severity="NOTICE").encode()
+                hint=f"an operator decides with: botwarden approvals approve|deny {approval_id}").encode()
             if threading.get_ident() == thread:
                 self.write_bot(notice)
             else:
                 loop.call_soon_threadsafe(self.write_bot, notice)
 
         try:
-            outcome = await self.services.hold(self.grant, self.settings.target, req.text, req.verdict, notify)
+            outcome = await self.services.hold(self.grant, self.settings.target, req.text, req.verdict, notify,
+                                               request_id=req.request_id)
         except asyncio.CancelledError:
             raise
         except Exception as e:
             log.exception("approval hold failed; statement denied")
-            outcome = HoldOutcome(False, "", f"approval failed: {type(e).__name__}")
+            outcome = HoldOutcome(False, "", f"the approval could not be held ({type(e).__name__})")
         if self.closed:
             return
         if outcome.approved:
@@ -1045,11 +1050,7 @@ class Session:
         else:
             req.decision = "deny"
             req.reason = outcome.reason or "denied"
-            refusal = error_response(
-                sqlstate.INSUFFICIENT_PRIVILEGE,
-                f"statement denied by the approver: {outcome.reason or 'no reason given'}",
-                detail=f"approval {outcome.approval_id}" if outcome.approval_id else None)
-            out = on_denied(self._blocked_sql(req, refusal))
+            out = on_denied(self._blocked_sql(req, _hold_refusal(outcome)))
         self._ops.append(make_op())
         self.write_server(out)
         self._held = False
@@ -1125,7 +1126,9 @@ class Session:
         return None
 
     def _on_parse_complete(self, buf, s, e):
-        self._pop(OP_PARSE)
+        op = self._pop(OP_PARSE)
+        if op is not None and op[1] is not None:
+            self._finish(op[1])  # a Parse held for approval and approved: its own audited request
 
     def _on_bind_complete(self, buf, s, e):
         self._pop(OP_BIND)
@@ -1354,6 +1357,21 @@ class _Marker:
 
     def __repr__(self) -> str:
         return self.name
+
+
+def _hold_refusal(outcome: HoldOutcome) -> m.ErrorResponse:
+    """What the bot is told when its held statement does not run: who or what decided, and why."""
+    state = getattr(outcome, "state", "")
+    reason = outcome.reason or "no reason given"
+    detail = f"approval {outcome.approval_id}" if outcome.approval_id else None
+    if state == "cancelled_restart":
+        return error_response(sqlstate.ADMIN_SHUTDOWN, f"statement not run: {reason}", detail=detail)
+    if state == "denied":
+        return error_response(sqlstate.INSUFFICIENT_PRIVILEGE, f"statement {reason}", detail=detail)
+    if state == "expired":
+        return error_response(sqlstate.INSUFFICIENT_PRIVILEGE, f"statement not approved: {reason}", detail=detail,
+                              hint="nobody decided in time; send it again and ask an operator")
+    return error_response(sqlstate.INSUFFICIENT_PRIVILEGE, f"statement not approved: {reason}", detail=detail)
 
 
 _HOLD = _Marker("HOLD")          # a client handler's answer: stop here, the statement waits for approval
