@@ -100,6 +100,9 @@ STREAM_THRESHOLD = 64 * 1024
 SERVER_MAX_MESSAGE = 0x3FFFFFFF + 5
 # Bot bytes kept while a statement is held before reading from the bot pauses.
 HELD_BUFFER_LIMIT = 1024 * 1024
+# While a statement inside a transaction is held, a Sync this often keeps the server's
+# idle_in_transaction_session_timeout from ending the bot's session during the wait.
+HOLD_KEEPALIVE_S = 1.0
 _VERDICT_CACHE_MAX = 4096
 
 
@@ -396,7 +399,8 @@ class _Portal:
 _UNKNOWN_STATEMENT = _Statement("", Verdict("allow", None, "statement prepared before this session"))
 
 # Pending-operation kinds (first item of each op tuple).
-OP_QUERY, OP_PARSE, OP_BIND, OP_DESCRIBE, OP_EXECUTE, OP_CLOSE, OP_SYNC, OP_FUNCTION = range(8)
+OP_QUERY, OP_PARSE, OP_BIND, OP_DESCRIBE, OP_EXECUTE, OP_CLOSE, OP_SYNC, OP_FUNCTION, OP_KEEPALIVE = range(9)
+_SYNC = m.Sync().encode()
 
 _I32 = struct.Struct("!i")
 _HEADER = struct.Struct("!ci")
@@ -473,6 +477,7 @@ class Session:
         self._cbuf = b""
         self._held = False
         self._skip_until_sync = False
+        self._ext_open = False  # extended-protocol messages forwarded since the last Sync
         self._verdicts: dict[tuple[str, str], Verdict] = {}
         self._statements: dict[str, _Statement] = {}
         self._portals: dict[str, _Portal] = {}
@@ -923,6 +928,7 @@ class Session:
 
     def _c_parse(self, buf, s: int, e: int):
         msg = m.Parse.decode(bytes(buf[s + 5:e]))
+        ext_was_open, self._ext_open = self._ext_open, True
         if self._skip_until_sync:
             # The server discards this after our refusal; no decision needed.
             self._ops.append((OP_PARSE, None, None))
@@ -950,6 +956,7 @@ class Session:
             # Executes of the prepared statement are audited as usual.
             return (OP_PARSE, req, stmt)
 
+        self._ext_open = ext_was_open  # the held Parse is not forwarded yet
         self._start_hold(req, bytes(buf[s:e]), op, on_denied)
         return _HOLD
 
@@ -958,6 +965,7 @@ class Session:
         stmt = self._statements.get(msg.statement, _UNKNOWN_STATEMENT)
         portal = _Portal(stmt, _render_params(msg), msg.result_formats)
         self._portals[msg.portal] = portal
+        self._ext_open = True
         self._ops.append((OP_BIND,))
         if stmt.verdict.action == "mask" and not self._skip_until_sync:
             # Masking needs the result columns with their formats: ask for them, keep the answer.
@@ -969,6 +977,7 @@ class Session:
     def _c_describe(self, buf, s: int, e: int):
         msg = m.Describe.decode(bytes(buf[s + 5:e]))
         target = (self._statements.get(msg.name) if msg.kind == "S" else self._portals.get(msg.name))
+        self._ext_open = True
         self._ops.append((OP_DESCRIBE, msg.kind, target, False))
         return None
 
@@ -977,17 +986,20 @@ class Session:
         portal = self._portals.get(msg.portal)
         stmt = portal.statement if portal is not None else _UNKNOWN_STATEMENT
         req = _Request("execute", stmt.text, stmt.verdict, portal.params if portal is not None else None)
+        self._ext_open = True
         self._ops.append((OP_EXECUTE, portal, req))
         return None
 
     def _c_close(self, buf, s: int, e: int):
         msg = m.Close.decode(bytes(buf[s + 5:e]))
         (self._statements if msg.kind == "S" else self._portals).pop(msg.name, None)
+        self._ext_open = True
         self._ops.append((OP_CLOSE,))
         return None
 
     def _c_sync(self, buf, s: int, e: int):
         self._skip_until_sync = False
+        self._ext_open = False
         self._ops.append((OP_SYNC,))
         return None
 
@@ -1013,6 +1025,21 @@ class Session:
     def _start_hold(self, req: _Request, original: bytes, make_op: Callable[[], tuple],
                     on_denied: Callable[[str], bytes]) -> None:
         self._hold_task = self.front.spawn(self._hold(req, original, make_op, on_denied), "pg-hold")
+        self.front.spawn(self._keep_alive_while_held(self._hold_task), "pg-hold-keepalive")
+
+    async def _keep_alive_while_held(self, hold: asyncio.Task) -> None:
+        """Inside a transaction the server counts the wait as idle time: send a Sync now and
+        then (a no-op inside a BEGIN block, answered by a ReadyForQuery we swallow) so its
+        idle_in_transaction_session_timeout does not end the session while an operator decides.
+        Only when nothing else is in flight and no extended-protocol batch is open, where a Sync
+        would change the batch's meaning."""
+        while not hold.done():
+            await asyncio.sleep(HOLD_KEEPALIVE_S)
+            if self.closed or hold.done() or not self._held:
+                return
+            if not self._ops and not self._ext_open and self.txn_status in ("T", "E"):
+                self._ops.append((OP_KEEPALIVE,))
+                self.write_server(_SYNC)
 
     async def _hold(self, req: _Request, original: bytes, make_op, on_denied) -> None:
         """The statement waits for an operator; reading from this bot pauses only if it keeps
@@ -1301,6 +1328,9 @@ class Session:
     def _on_ready(self, buf, s, e):
         self.txn_status = chr(buf[s + 5])
         ops = self._ops
+        if ops and ops[0][0] == OP_KEEPALIVE:
+            ops.popleft()
+            return b""  # the answer to our own keep-alive Sync; the bot never asked for it
         while ops:
             op = ops.popleft()
             kind = op[0]
