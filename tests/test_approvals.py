@@ -10,10 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import http.server
-import json
-import threading
-import time
 
 import pytest
 
@@ -21,6 +17,7 @@ import analytics
 from analytics import AuditStore, db, schema
 from appliance.approvals import ApprovalBroker, ApprovalError, Operator
 from appliance.policy import PolicyEngine
+from tests.approvals_fixtures import Hook, wait_until
 
 UTC = dt.timezone.utc
 ALICE = Operator("alice", 1001)
@@ -244,52 +241,6 @@ def test_window_lets_the_same_shape_through_until_it_ends(store):
 
 
 # -- the webhook -------------------------------------------------------------------------------------------
-
-
-class Hook:
-    """A real HTTP server on 127.0.0.1 that fails the first `fail` attempts for each approval."""
-
-    def __init__(self, fail: int = 1, status: int = 503):
-        self.bodies: list[bytes] = []
-        self.fail = fail
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802 (http.server's naming)
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                outer.bodies.append(body)
-                approval_id = json.loads(body)["botwarden"]["approval_id"]
-                seen = sum(1 for b in outer.bodies if json.loads(b)["botwarden"]["approval_id"] == approval_id)
-                code = status if seen <= outer.fail else 200
-                self.send_response(code)
-                self.send_header("Content-Length", "2")
-                self.end_headers()
-                self.wfile.write(b"ok")
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/T000/B000"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self) -> "Hook":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-    def attempts(self, approval_id: str) -> list[dict]:
-        return [json.loads(b) for b in self.bodies if json.loads(b)["botwarden"]["approval_id"] == approval_id]
-
-
-def wait_until(predicate, timeout: float = 15.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.02)
 
 
 def test_webhook_retries_and_never_carries_the_statement(store):

@@ -1133,7 +1133,7 @@ class Session:
             (length,) = _I32.unpack_from(buf, pos + 1)
             self._stream_left = length + 1 - (end - pos)
             pos = end
-        if not out:
+        if not run:  # nothing replaced or dropped (a dropped message leaves `out` empty but moves `run`)
             if pos == end:
                 self.write_bot(buf)
             elif pos:
