@@ -473,11 +473,11 @@ class Session:
         self._paused: set[str] = set()
         self._startup_task: asyncio.Task | None = None
         self._hold_task: asyncio.Task | None = None
+        self._ext_open = False  # extended-protocol messages forwarded since the last Sync (bot -> server)
         # bot -> server
         self._cbuf = b""
         self._held = False
         self._skip_until_sync = False
-        self._ext_open = False  # extended-protocol messages forwarded since the last Sync
         self._verdicts: dict[tuple[str, str], Verdict] = {}
         self._statements: dict[str, _Statement] = {}
         self._portals: dict[str, _Portal] = {}
