@@ -96,13 +96,13 @@ UpstreamTLS = Literal["disable", "prefer", "require", "verify-full"]
 
 # Pass-through messages at least this large stream to the other side before they are complete.
 STREAM_THRESHOLD = 64 * 1024
+# While a statement inside a transaction is held, a Sync this often keeps the server's
+# idle_in_transaction_session_timeout from ending the bot's session during the wait.
+HOLD_KEEPALIVE_S = 1.0
 # PostgreSQL's own ceiling for one message (MaxAllocSize); server messages are checked against it.
 SERVER_MAX_MESSAGE = 0x3FFFFFFF + 5
 # Bot bytes kept while a statement is held before reading from the bot pauses.
 HELD_BUFFER_LIMIT = 1024 * 1024
-# While a statement inside a transaction is held, a Sync this often keeps the server's
-# idle_in_transaction_session_timeout from ending the bot's session during the wait.
-HOLD_KEEPALIVE_S = 1.0
 _VERDICT_CACHE_MAX = 4096
 
 
