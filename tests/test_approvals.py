@@ -359,3 +359,90 @@ def test_schema_v3_adds_credential_stale_s_to_a_v2_file(tmp_path):
     with pytest.raises(analytics.AuditRecordError):
         schema.normalize(schema.KINDS["approval"], {"approval_id": "a", "ts": now, "event": "approved_maybe"})
 
+
+
+# -- the runtime's wiring: process facts, operators mapped to the identity, config ----------------------
+
+RUNTIME_CONFIG = """\
+[appliance]
+state_dir = "/tmp/bw-approvals-unused"
+
+[approvals]
+timeout_s = 120
+approvers_required = 1
+
+[[targets]]
+name = "orders"
+protocol = "postgres"
+address = "127.0.0.1:5432"
+authentication = "attestation"
+[targets.credential]
+source = "static"
+username = "app"
+password_file = "/nonexistent/orders.pw"
+
+[[identities]]
+name = "orders-bot"
+operator_uids = [1001]
+[identities.process]
+uid = 1000
+
+[[rules]]
+name = "deletes-need-approval"
+action = "approve"
+[rules.sql]
+kinds = ["DELETE"]
+"""
+
+
+def test_runtime_hold_carries_process_facts_and_excludes_the_mapped_operator(store):
+    from types import SimpleNamespace
+
+    from appliance.config import parse_config
+    from appliance.fronts.services import ConnectionContext, Credential, SessionGrant
+    from appliance.runtime import LiveSession, Runtime
+    from probes import Attribution
+
+    cfg = parse_config(RUNTIME_CONFIG, "bw.toml")
+    runtime = Runtime(cfg, SimpleNamespace(audit=store))
+    runtime.engine = PolicyEngine(cfg.policy, cfg.targets, cfg.identities)
+    facts = Attribution(pid=4242, tgid=4242, uid=1000, gid=1000, cgroup_id=77, cgroup_path="/botwarden.bots/ci",
+                        comm="psql", start_time_ns=1, exe_inode=2, exe_dev=3, exe_path="/usr/bin/psql",
+                        original_dst=("10.0.0.5", 5432), source="ebpf")
+    grant = SessionGrant("sess-1", "orders-bot", (), None, Credential("app", "pw"), {})
+    runtime.live["sess-1"] = LiveSession(grant, "orders", ConnectionContext(("127.0.0.1", 40000), ("127.0.0.1", 6432),
+                                                                            False, facts), dt.datetime.now(UTC))
+    verdict = runtime.engine.decide_sql("orders-bot", (), "orders", "DELETE FROM t")
+    assert verdict.action == "approve"
+
+    async def scenario():
+        task = asyncio.ensure_future(runtime.hold(grant, "orders", "DELETE FROM t", verdict, lambda _id: None,
+                                                  request_id="req-1"))
+        approval_id = await pending_id(runtime.approvals)
+        listed = runtime.approvals.list()
+        with pytest.raises(ApprovalError) as mapped:
+            runtime.approvals.approve(approval_id, Operator("ci-owner", 1001))
+        runtime.approvals.approve(approval_id, BOB)
+        return listed, mapped.value, await task
+
+    (item,), mapped, outcome = asyncio.run(scenario())
+    assert item["process"] == {"pid": 4242, "uid": 1000, "gid": 1000, "exe": "/usr/bin/psql", "comm": "psql",
+                               "cgroup": "/botwarden.bots/ci", "attribution": "ebpf", "client": "127.0.0.1:40000"}
+    assert item["identity"] == "orders-bot" and item["rule"] == "deletes-need-approval"
+    assert item["request_id"] == "req-1" and item["protocol"] == "postgres"
+    assert mapped.status == 403 and outcome.approved and outcome.decided_by == "bob"
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("timeout_s = 0", "approvals.timeout_s: must be greater than zero"),
+    ("approvers_required = 0", "approvals.approvers_required: must be at least 1"),
+    ('webhook_url = "file:///etc/shadow?token=s3cr3t"', "approvals.webhook_url: must be an http"),
+])
+def test_approval_settings_are_checked_at_start(setting, message):
+    from appliance.config import parse_config
+    from appliance.errors import ConfigError
+
+    text = RUNTIME_CONFIG.replace("timeout_s = 120\napprovers_required = 1\n", setting + "\n")
+    with pytest.raises(ConfigError) as err:
+        parse_config(text, "bw.toml")
+    assert message in str(err.value) and "s3cr3t" not in str(err.value)

@@ -454,7 +454,8 @@ def test_two_operators_then_restart_denies_pending_and_kill_9_is_swept(pg_server
         bot.finish()
         assert exists(pg_server, 32)
         daemon.start()
-        events = final_events(daemon, lost)
+        events = wait_until(lambda: len(final_events(daemon, lost)) > 1 and final_events(daemon, lost),
+                            what="the start-up sweep")
         assert [e["event"] for e in events] == ["requested", "cancelled_restart"]
         assert "did not shut down cleanly" in events[1]["reason"]
         assert [e["event"] for e in final_events(daemon, restarted)] == ["requested", "cancelled_restart"]
