@@ -113,7 +113,8 @@ class ApprovalBroker:
                    request_id: str | None = None, excluded_uids: frozenset[int] = frozenset(),
                    notify: Callable[[str], None] | None = None) -> HoldOutcome:
         """Hold one request until it is decided. Cancelling the awaiting task = abandoned
-        (the bot hung up); the caller's connection has no idle timeout meanwhile."""
+        (the bot hung up, or withdrew the request: a ``task.cancel(msg)`` message becomes the
+        recorded reason); the caller's connection has no idle timeout meanwhile."""
         approval_id = uuid.uuid4().hex[:12]
         ids = dict(session_id=session_id, request_id=request_id, identity=identity, target=target, rule=rule)
         if self._closed:
@@ -154,10 +155,11 @@ class ApprovalBroker:
                                                       f"{self.timeout_s:g}s without a decision", None, "expired")
             self._finish(item, "expired", outcome, operator=None)
             return outcome
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as e:
             if not item.future.done():
-                outcome = HoldOutcome(False, approval_id, "the client disconnected while the request was held",
-                                      None, "abandoned")
+                why = e.args[0] if e.args and isinstance(e.args[0], str) else \
+                    "the client disconnected while the request was held"
+                outcome = HoldOutcome(False, approval_id, why, None, "abandoned")
                 self._finish(item, "abandoned", outcome, operator=None)
             raise
         finally:

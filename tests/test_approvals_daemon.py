@@ -12,6 +12,7 @@ import grp
 import json
 import os
 import pwd
+import signal
 import stat
 import subprocess
 import sys
@@ -309,6 +310,28 @@ def test_client_disconnect_while_held_is_abandoned(env):
     assert exists(env.pg, 8)
     res = cli("--config", str(env.config), "approvals", "approve", approval_id)
     assert res.returncode == 1 and "no pending approval" in res.stderr
+
+
+def test_ctrl_c_while_held_withdraws_the_request_and_the_session_goes_on(env):
+    bot = Bot(env.port, env.bao.mint_token(), "DELETE FROM ledger WHERE id = 9",
+              "SELECT count(*) FROM ledger WHERE id = 9")
+    approval_id = bot.wait_held()
+    bot.proc.send_signal(signal.SIGINT)  # psql sends a CancelRequest on its own connection
+    bot.finish()
+    assert "ERROR:  botwarden: canceling statement due to user request" in bot.stderr, bot.stderr
+    assert exists(env.pg, 9) and approval_id not in pending(env.client)
+    events = final_events(env.daemon, approval_id)
+    assert [(e["event"], e["reason"]) for e in events] == [
+        ("requested", None), ("abandoned", "the client cancelled the statement while it was held")]
+    # A driver's cancel does the same, and its session goes on.
+    with connect(env, autocommit=True) as conn:
+        before = set(pending(env.client))
+        done = in_thread(lambda: conn.execute("DELETE FROM ledger WHERE id = %s", [9]))
+        wait_pending(env.client, before)
+        conn.cancel()
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            done()
+        assert conn.execute("SELECT count(*) FROM ledger WHERE id = 9").fetchone() == (1,)
 
 
 def test_window_lets_the_same_shape_through_until_it_ends(env):

@@ -238,6 +238,12 @@ class PostgresFront:
         if found is None:
             log.info("cancel request for an unknown key ignored (pid %s)", req.pid)
             return
+        for session in list(self.sessions):
+            if session.cancel_key == (req.pid, req.secret) and session.withdraw_hold():
+                if not session.busy_upstream:
+                    # The held statement never reached the server; a cancel forwarded now could
+                    # hit the bot's next statement instead.
+                    return
         secret, host, port = found
         try:
             _, writer = await asyncio.wait_for(asyncio.open_connection(host, port),
@@ -473,6 +479,8 @@ class Session:
         self._paused: set[str] = set()
         self._startup_task: asyncio.Task | None = None
         self._hold_task: asyncio.Task | None = None
+        self._hold_wait: asyncio.Future | None = None  # services.hold, while a statement is held
+        self._withdrawn = False
         self._ext_open = False  # extended-protocol messages forwarded since the last Sync (bot -> server)
         # bot -> server
         self._cbuf = b""
@@ -500,6 +508,21 @@ class Session:
                       (b"D", self._c_describe), (b"E", self._c_execute), (b"C", self._c_close),
                       (b"S", self._c_sync), (b"F", self._c_function_call), (b"X", self._c_terminate)):
             self._client_handlers[ch[0]] = h
+
+    @property
+    def busy_upstream(self) -> bool:
+        """The server is working on something this session sent."""
+        return any(op[0] != OP_KEEPALIVE for op in self._ops)
+
+    def withdraw_hold(self) -> bool:
+        """The bot cancelled (CancelRequest, e.g. Ctrl-C in psql) while its statement is held:
+        withdraw the request; the bot gets 57014 as for any cancelled statement."""
+        wait = self._hold_wait
+        if self.closed or not self._held or wait is None or wait.done():
+            return False
+        wait.cancel(msg="the client cancelled the statement while it was held")
+        self._withdrawn = True
+        return True
 
     @property
     def busy(self) -> bool:
@@ -1058,11 +1081,16 @@ class Session:
             else:
                 loop.call_soon_threadsafe(self.write_bot, notice)
 
+        self._withdrawn = False
+        self._hold_wait = asyncio.ensure_future(self.services.hold(
+            self.grant, self.settings.target, req.text, req.verdict, notify, request_id=req.request_id))
         try:
-            outcome = await self.services.hold(self.grant, self.settings.target, req.text, req.verdict, notify,
-                                               request_id=req.request_id)
+            outcome = await self._hold_wait
         except asyncio.CancelledError:
-            raise
+            if self.closed or not self._withdrawn:
+                raise
+            outcome = HoldOutcome(False, "", "the held statement was withdrawn before anyone decided", None,
+                                  "withdrawn")
         except Exception as e:
             log.exception("approval hold failed; statement denied")
             outcome = HoldOutcome(False, "", f"the approval could not be held ({type(e).__name__})")
@@ -1394,6 +1422,8 @@ def _hold_refusal(outcome: HoldOutcome) -> m.ErrorResponse:
     state = getattr(outcome, "state", "")
     reason = outcome.reason or "no reason given"
     detail = f"approval {outcome.approval_id}" if outcome.approval_id else None
+    if state == "withdrawn":
+        return error_response(sqlstate.QUERY_CANCELED, f"canceling statement due to user request ({reason})")
     if state == "cancelled_restart":
         return error_response(sqlstate.ADMIN_SHUTDOWN, f"statement not run: {reason}", detail=detail)
     if state == "denied":

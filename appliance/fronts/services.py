@@ -66,7 +66,8 @@ class HoldOutcome:
     approval_id: str
     reason: str = ""
     decided_by: str | None = None
-    # How the hold ended: approved | denied | expired | abandoned | cancelled_restart ("" unknown).
+    # How the hold ended: approved | denied | expired | abandoned | cancelled_restart, or withdrawn
+    # (the front's own: the bot cancelled); "" unknown.
     state: str = ""
 
 
