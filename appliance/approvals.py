@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -87,6 +88,7 @@ class Window:
     granted_by: str
     approval_id: str
     window_s: int | None = None
+    granted_uid: int | None = None  # the operator whose approval completed the grant
 
 
 class ApprovalBroker:
@@ -104,6 +106,7 @@ class ApprovalBroker:
         self.windows: list[Window] = []
         self._subscribers: set[asyncio.Queue] = set()
         self._webhooks: set[asyncio.Future] = set()
+        self._stop = threading.Event()  # wakes webhook threads waiting to retry
         self._closed = False
 
     # -- the front's side -------------------------------------------------------------
@@ -124,8 +127,8 @@ class ApprovalBroker:
             return HoldOutcome(False, approval_id, reason, None, "cancelled_restart")
         window = self._window_for(identity, target, shape)
         if window is not None:
-            self._event("approved", approval_id, **ids, operator=window.granted_by, waited_ms=0.0,
-                        window_s=window.window_s,
+            self._event("approved", approval_id, **ids, operator=window.granted_by,
+                        operator_uid=window.granted_uid, waited_ms=0.0, window_s=window.window_s,
                         reason=f"within the approval window granted with {window.approval_id}")
             return HoldOutcome(True, approval_id, f"approved by the window granted with {window.approval_id}",
                                window.granted_by, "approved")
@@ -189,7 +192,8 @@ class ApprovalBroker:
         decided_by = ",".join(o.name for o in item.approvals)
         if item.window_s:
             self.windows.append(Window(item.identity, item.target, item.shape,
-                                       time.monotonic() + item.window_s, decided_by, approval_id, item.window_s))
+                                       time.monotonic() + item.window_s, decided_by, approval_id, item.window_s,
+                                       operator.uid))
         outcome = HoldOutcome(True, approval_id, reason or f"approved by {decided_by}", decided_by, "approved")
         self._finish(item, "approved", outcome, operator=operator, reason=reason)
         return {"approval_id": approval_id, "state": "approved", "window_s": item.window_s,
@@ -221,6 +225,7 @@ class ApprovalBroker:
         ones. The daemon calls this before it drains its sessions, so each held bot is told why
         while its connection is still open."""
         self._closed = True
+        self._stop.set()
         for item in list(self.pending.values()):
             if item.future.done():
                 continue
@@ -265,6 +270,7 @@ class ApprovalBroker:
         self.windows = other.windows
         self.pending = other.pending
         self._subscribers = other._subscribers
+        self._stop = other._stop
 
     # -- internals ----------------------------------------------------------------------
 
@@ -338,24 +344,25 @@ class ApprovalBroker:
         body = json.dumps(self.webhook_payload(item)).encode()
         ids = dict(session_id=item.session_id, request_id=item.request_id, identity=item.identity,
                    target=item.target, rule=item.rule)
-        last = ""
-        for attempt in range(1, self.webhook_retries + 1):
+        last, tried = "", 0
+        while tried < self.webhook_retries:
+            if tried and self._stop.wait(min(self.webhook_backoff_s * 2 ** (tried - 1), 8.0)):
+                last += "; not retried: botwarden is stopping"
+                break
+            tried += 1
             try:
                 req = urllib.request.Request(self.webhook_url, data=body, method="POST",
                                              headers={"Content-Type": "application/json",
                                                       "User-Agent": "botwarden-approvals"})
                 with urllib.request.urlopen(req, timeout=self.webhook_timeout_s) as resp:
                     self._event("notified", item.approval_id, **ids,
-                                reason=f"webhook answered HTTP {resp.status} (attempt {attempt})")
+                                reason=f"webhook answered HTTP {resp.status} (attempt {tried})")
                     return
             except urllib.error.HTTPError as e:
                 last = f"HTTP {e.code}"
             except (OSError, ValueError) as e:  # refused, timeout, bad URL
                 last = type(e).__name__
             # The URL may embed a token (Slack's do): it is never logged.
-            log.warning("approval %s: webhook attempt %d/%d failed: %s", item.approval_id, attempt,
+            log.warning("approval %s: webhook attempt %d/%d failed: %s", item.approval_id, tried,
                         self.webhook_retries, last)
-            if attempt < self.webhook_retries:
-                time.sleep(min(self.webhook_backoff_s * 2 ** (attempt - 1), 8.0))
-        self._event("notify_failed", item.approval_id, **ids,
-                    reason=f"webhook failed {self.webhook_retries} time(s), last: {last}")
+        self._event("notify_failed", item.approval_id, **ids, reason=f"webhook failed {tried} time(s), last: {last}")

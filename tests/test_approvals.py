@@ -234,7 +234,8 @@ def test_window_lets_the_same_shape_through_until_it_ends(store):
     first_id, same, held, late_id = asyncio.run(scenario())
     assert same.approved and same.decided_by == "alice" and first_id in same.reason
     rows = events(store, same.approval_id)
-    assert [(r["event"], r["operator"], r["window_s"]) for r in rows] == [("approved", "alice", 1)]
+    assert [(r["event"], r["operator"], r["operator_uid"], r["window_s"]) for r in rows] == [
+        ("approved", "alice", 1001, 1)]
     assert first_id in rows[0]["reason"] and rows[0]["waited_ms"] == 0
     assert events(store, first_id)[-1]["window_s"] == 1
     assert len(set(held.values())) == 3 and late_id not in held.values()
@@ -288,6 +289,26 @@ def test_a_webhook_failing_every_retry_is_recorded_and_the_hold_goes_on(store):
     rows = events(store, approval_id)
     assert [r["event"] for r in rows] == ["requested", "notify_failed", "approved"]
     assert "3 time(s)" in rows[1]["reason"] and "HTTP 500" in rows[1]["reason"]
+
+
+def test_shutdown_stops_a_webhook_waiting_to_retry(store):
+    with Hook(fail=99, status=502) as hook:
+        async def scenario():
+            broker = ApprovalBroker(timeout_s=300, audit=store.submit, webhook_url=hook.url, webhook_retries=3,
+                                    webhook_backoff_s=600)  # the retry would come in ten minutes
+            task = hold(broker)
+            approval_id = await pending_id(broker)
+            await asyncio.to_thread(wait_until, lambda: len(hook.attempts(approval_id)) == 1)
+            await broker.shutdown("botwarden is stopping")
+            await task
+            await asyncio.to_thread(wait_until, lambda: any(
+                r["event"] == "notify_failed" for r in events(store, approval_id)), 20)
+            return approval_id
+
+        approval_id = asyncio.run(scenario())
+    assert len(hook.attempts(approval_id)) == 1
+    failed = [r for r in events(store, approval_id) if r["event"] == "notify_failed"]
+    assert "failed 1 time(s)" in failed[0]["reason"] and "not retried: botwarden is stopping" in failed[0]["reason"]
 
 
 def test_watchers_get_the_request_at_once_and_that_is_recorded(store):
