@@ -398,6 +398,8 @@ def test_cli_exit_codes(env):
     assert cli("--config", str(env.config), "approvals", "deny", "nope0000").returncode == 2  # --reason
     assert cli("--config", str(env.config), "approvals", "approve", "x", "--for", "0m").returncode == 2
     assert cli("--config", str(env.config), "approvals", "approve", "x", "--for", "soon").returncode == 2
+    res = cli("--config", str(env.config), "approvals", "approve", "x", "--for", "2d")
+    assert res.returncode == 1 and "at most 86400 seconds" in res.stderr
     res = cli("--config", str(env.config), "approvals", "list", "--json")
     assert res.returncode == 0 and json.loads(res.stdout) == []
     res = cli("--socket", str(env.workdir / "nothing.sock"), "approvals", "list")
