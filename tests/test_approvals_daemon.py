@@ -370,6 +370,21 @@ def test_window_lets_the_same_shape_through_until_it_ends(env):
     assert exists(env.pg, 58)
 
 
+def test_a_reload_keeps_pending_requests_and_windows(env):
+    bot = Bot(env.port, env.bao.mint_token(), "DELETE FROM ledger WHERE id = 14 AND note LIKE 'row%'")
+    first = bot.wait_held()
+    res = cli("--config", str(env.config), "config", "reload")
+    assert res.returncode == 0, res.stderr
+    assert first in pending(env.client)  # still held, and decided through the new runtime
+    assert cli("--config", str(env.config), "approvals", "approve", first, "--for", "10m").returncode == 0
+    bot.finish()
+    assert not exists(env.pg, 14)
+    assert cli("--config", str(env.config), "config", "reload").returncode == 0
+    bot = Bot(env.port, env.bao.mint_token(), "DELETE FROM ledger WHERE id = 15 AND note LIKE 'x%'")
+    bot.finish()  # the window granted before the reload still applies
+    assert "held for approval" not in bot.stderr and bot.proc.returncode == 0, bot.stderr
+
+
 def test_operator_mapped_to_the_identity_cannot_approve_another_operator_can(env):
     st = os.stat(env.daemon.socket)
     assert stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == NOBODY.pw_gid
