@@ -234,10 +234,10 @@ def test_simple_protocol_in_a_transaction_resumes_then_commits_or_rolls_back(env
     # COMMIT, with the server's idle_in_transaction_session_timeout shorter than the wait: the
     # held session is kept alive and nothing else fires while the operator takes their time.
     bot = Bot(env.port, env.bao.mint_token(), script=(
-        "BEGIN;\nSET LOCAL idle_in_transaction_session_timeout = '2s';\nDELETE FROM ledger WHERE id = 7;\n"
+        "BEGIN;\nSET LOCAL idle_in_transaction_session_timeout = '3s';\nDELETE FROM ledger WHERE id = 7;\n"
         "SELECT count(*) FROM ledger WHERE id = 7;\nCOMMIT;\nSELECT 'after', count(*) FROM ledger WHERE id = 7;\n"))
     approval_id = bot.wait_held()
-    time.sleep(3.5)  # longer than the server's idle-in-transaction limit
+    time.sleep(4.5)  # longer than the server's idle-in-transaction limit
     assert bot.proc.poll() is None and approval_id in pending(env.client)
     env.client.post(f"/v1/approvals/{approval_id}/approve", {})
     bot.finish()
