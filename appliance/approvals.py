@@ -144,7 +144,10 @@ class ApprovalBroker:
         if watchers:
             self._event("notified", approval_id, **ids, reason=f"sent to {watchers} watcher(s) of the control API")
         if notify is not None:
-            notify(approval_id)
+            try:
+                notify(approval_id)
+            except Exception:  # the bot not hearing about the hold must not lose the request
+                log.exception("approval %s: the front could not tell its client about the hold", approval_id)
         if self.webhook_url:
             hook = asyncio.get_running_loop().run_in_executor(None, self._post_webhook, item)
             self._webhooks.add(hook)
