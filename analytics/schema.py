@@ -21,7 +21,7 @@ from typing import Any
 
 from .errors import AuditRecordError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 EPOCH_UTC = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 _ONE_US = dt.timedelta(microseconds=1)
@@ -91,6 +91,7 @@ KINDS: dict[str, Kind] = {
             _f("cgroup_id", "int"), _f("cgroup_path"), _f("exe"), _f("comm"),
             _f("attribution_source", choices=("ebpf", "nftables", "none")),
             _f("credential_user"), _f("lease_id"), _f("tls", "bool"),
+            _f("credential_stale_s", "float"),
         )),
         Kind("session_end", "session_ends", (
             _f("session_id", required=True), _f("ts", "ts", True), _f("bytes_in", "int"),
@@ -108,7 +109,7 @@ KINDS: dict[str, Kind] = {
             _f("approval_id", required=True), _f("ts", "ts", True),
             _f("event", required=True, choices=(
                 "requested", "notified", "approved", "denied", "expired", "abandoned",
-                "cancelled_restart")),
+                "cancelled_restart", "approved_partial", "notify_failed")),
             _f("request_id"), _f("session_id"), _f("identity"), _f("target"), _f("rule"),
             _f("operator"), _f("operator_uid", "int"), _f("reason"), _f("waited_ms", "float"),
             _f("window_s", "int"),
@@ -239,15 +240,21 @@ def _table_ddl(table: str, columns: list[tuple[str, str]]) -> str:
     return f"CREATE TABLE {table} (\n  {cols}\n)"
 
 
+# Columns later migrations add: migration 1 must create the table as version 1 had it.
+_ADDED_AFTER_V1 = {
+    "session_start": {"token_kid", "attribution_source", "cgroup_path",  # v2
+                      "credential_stale_s"},                              # v3
+    "request": {"sqlstate", "masked"},                                    # v2
+    "writer_event": {"anchor_seq", "anchor_hash", "removed_rows", "cutoff"},  # v2
+}
+
+
 def _v1_columns(kind: str) -> list[tuple[str, str]]:
     """The layout of version 1 (before probes, token_kid, attribution_source,
-    cgroup_path, sqlstate, masked counts and retention checkpoints existed)."""
-    added_in_v2 = {
-        "session_start": {"token_kid", "attribution_source", "cgroup_path"},
-        "request": {"sqlstate", "masked"},
-        "writer_event": {"anchor_seq", "anchor_hash", "removed_rows", "cutoff"},
-    }.get(kind, set())
-    return [(f.name, f.type) for f in KINDS[kind].fields if f.name not in added_in_v2]
+    cgroup_path, sqlstate, masked counts, retention checkpoints and stale-credential
+    ages existed)."""
+    added = _ADDED_AFTER_V1.get(kind, set())
+    return [(f.name, f.type) for f in KINDS[kind].fields if f.name not in added]
 
 
 def _migration_1() -> list[str]:
@@ -276,13 +283,19 @@ def _migration_2() -> list[str]:
     return stmts
 
 
+def _migration_3() -> list[str]:
+    # The approval event choices ('approved_partial', 'notify_failed') are checked in
+    # Python only (the column is a plain VARCHAR), so they need no DDL.
+    return ["ALTER TABLE session_starts ADD COLUMN credential_stale_s DOUBLE"]
+
+
 # Views are recreated after every migration (they only ever describe the latest layout).
 VIEWS = [
     """CREATE OR REPLACE VIEW sessions AS
 SELECT s.session_id, s.identity, s.token_subject, s.token_kid, s.target, s.protocol,
        s.client_addr, s.target_addr, s.pid, s.uid, s.gid, s.cgroup_id, s.cgroup_path,
        s.exe, s.comm, s.attribution_source, s.credential_user, s.lease_id, s.tls,
-       s.ts AS started_at, e.ts AS ended_at, e.bytes_in, e.bytes_out,
+       s.credential_stale_s, s.ts AS started_at, e.ts AS ended_at, e.bytes_in, e.bytes_out,
        coalesce(e.outcome, 'open') AS outcome, e.error,
        s.chain_seq AS start_seq, e.chain_seq AS end_seq
 FROM session_starts s
@@ -307,5 +320,7 @@ MIGRATIONS: dict[int, tuple[str, list[str]]] = {
     1: ("initial schema: sessions, requests, approvals, recordings, writer events", _migration_1()),
     2: ("probe attribution table, masked counts, sqlstate, token kid, attribution source, "
         "retention checkpoints", _migration_2()),
+    3: ("session_starts.credential_stale_s (a cached credential used while the secrets store was "
+        "unreachable)", _migration_3()),
 }
 assert max(MIGRATIONS) == SCHEMA_VERSION

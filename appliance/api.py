@@ -12,6 +12,8 @@ from appliance.control import ControlError, Request, Response, Router
 if TYPE_CHECKING:
     from appliance.daemon import Daemon
 
+MAX_WINDOW_S = 24 * 3600  # the TUI's limit too (tui.model.MAX_WINDOW_MINUTES)
+
 
 def _operator(request: Request) -> Operator:
     return Operator(request.peer.user, request.peer.uid)
@@ -39,8 +41,11 @@ def build_router(daemon: "Daemon") -> Router:
     async def approve(request: Request) -> Response:
         body = request.body or {}
         window = body.get("for_s")
-        if window is not None and (not isinstance(window, int) or window <= 0):
+        if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window <= 0):
             raise ControlError(400, "for_s must be a positive number of seconds")
+        if window is not None and window > MAX_WINDOW_S:
+            # A typo should not let a statement shape through unasked for a week.
+            raise ControlError(400, f"for_s may be at most {MAX_WINDOW_S} seconds (24h)")
         try:
             result = daemon.runtime.approvals.approve(request.params["approval_id"], _operator(request),
                                                       window_s=window, reason=str(body.get("reason", "")))

@@ -240,11 +240,27 @@ class ProbeSettings:
     pin_dir: str = "/sys/fs/bpf/botwarden"
 
 
+def _at_least_one(value: int) -> int:
+    if value < 1:
+        raise ValueError(f"must be at least 1, not {value}")
+    return value
+
+
+def _webhook_url(value: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        # Never echo the URL: a Slack webhook URL is itself a secret.
+        raise ValueError("must be an http:// or https:// URL with a host")
+    return value
+
+
 @dataclass(frozen=True)
 class ApprovalSettings:
-    timeout_s: int = 300
-    approvers_required: int = 1
-    webhook_url: str | None = None
+    timeout_s: int = field(default=300, metadata=check(_positive))
+    approvers_required: int = field(default=1, metadata=check(_at_least_one))
+    webhook_url: str | None = field(default=None, metadata=check(_webhook_url))
 
 
 @dataclass(frozen=True)

@@ -275,6 +275,9 @@ class Daemon:
         deadline = time.monotonic() + self.config.appliance.drain_timeout
         for listener in self.listeners.values():
             listener.server.close()
+        if self.runtime is not None:
+            # Held requests are denied first (recorded), so their bots hear why before the drain.
+            await self.runtime.stopping()
         fronts = [listener.front for listener in self.listeners.values()]
         if fronts:
             await asyncio.gather(*(f.drain(deadline) for f in fronts), return_exceptions=True)

@@ -131,7 +131,20 @@ class Runtime:
             self._owns_secrets = True
 
     async def started(self) -> None:
-        """Called once the daemon serves: nothing to do yet (kept for symmetry with retire)."""
+        """Called once, when the daemon serves: approvals an unclean stop (kill -9) left
+        undecided in the audit store are recorded as ``cancelled_restart``."""
+        store = self.daemon.audit
+        if store is None:
+            return
+        try:
+            await asyncio.to_thread(self.approvals.record_orphans, store.query)
+        except Exception:  # the sweep failing must not keep the daemon from serving
+            log.exception("could not check the audit store for approvals left undecided by the last stop")
+
+    async def stopping(self, reason: str = "botwarden is shutting down (restart or stop)") -> None:
+        """Before the fronts drain: deny every held request, so each bot still connected is
+        told why (and nothing waits for a decision that can no longer come)."""
+        await self.approvals.shutdown(reason)
 
     async def retire(self) -> None:
         """An old generation after a reload. Its secrets broker, if the new generation does not
@@ -143,7 +156,7 @@ class Runtime:
         await self.secrets.close()
 
     async def close(self) -> None:
-        await self.approvals.shutdown("botwarden is shutting down")
+        await self.approvals.shutdown("botwarden is shutting down (restart or stop)")
         brokers = {id(s.broker): s.broker for s in self.live.values() if s.broker is not None}
         brokers[id(self.secrets)] = self.secrets
         for broker in brokers.values():
@@ -249,13 +262,16 @@ class Runtime:
             excluded = frozenset(self.config.identity(grant.identity).operator_uids)
         except KeyError:
             excluded = frozenset()
-        shape = self.engine.shape_of(request_text) if hasattr(self.engine, "shape_of") else request_text
+        shape = self.engine.shape_of(request_text)
+        process = {"pid": getattr(facts, "pid", None), "uid": getattr(facts, "uid", None),
+                   "gid": getattr(facts, "gid", None), "exe": getattr(facts, "exe_path", None),
+                   "comm": getattr(facts, "comm", None), "cgroup": getattr(facts, "cgroup_path", None),
+                   "attribution": getattr(facts, "source", None) or "none",
+                   "client": "%s:%s" % tuple(live.ctx.client_addr[:2]) if live and live.ctx.client_addr else None}
         return await self.approvals.hold(
             session_id=grant.session_id, identity=grant.identity, target=target,
             protocol=self.config.target(target).protocol, text=request_text, rule=verdict.rule, shape=shape,
-            process={"pid": getattr(facts, "pid", None), "exe": getattr(facts, "exe_path", None),
-                     "uid": getattr(facts, "uid", None)},
-            request_id=request_id, excluded_uids=excluded, notify=notify)
+            process=process, request_id=request_id, excluded_uids=excluded, notify=notify)
 
     # -- status ---------------------------------------------------------------------
 

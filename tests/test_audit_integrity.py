@@ -187,16 +187,16 @@ def test_v1_file_is_migrated_and_still_verifies(tmp_path):
     assert analytics.verify(path).clean  # verify reads the old layout as it is
 
     with AuditStore(path, strict=True) as store:
-        assert store.migrations == [(1, 2)]
+        assert store.migrations == [(v - 1, v) for v in range(2, analytics.SCHEMA_VERSION + 1)]
         assert store.epoch == 2
         store.submit("request", request(s, masked={"ssn": 1}, sqlstate="00000"))
         store.submit("probe", {"ts": T0, "event": "attached"})
         store.flush()
-        assert store.query("SELECT max(version) FROM schema_version")[1] == [(2,)]
+        assert store.query("SELECT max(version) FROM schema_version")[1] == [(analytics.SCHEMA_VERSION,)]
         assert store.query("SELECT request_id, masked FROM requests ORDER BY chain_seq")[1][0] == ("r1", None)
         assert store.query("SELECT count(*) FROM sessions WHERE identity = 'bot'")[1] == [(1,)]
     report = analytics.verify(path)
-    assert report.clean and report.schema_version == 2 and report.epochs == 2
+    assert report.clean and report.schema_version == analytics.SCHEMA_VERSION and report.epochs == 2
     _, rows = analytics.query_readonly(path, "SELECT event, detail FROM writer_events ORDER BY chain_seq")
     assert ("migration", "schema 1 -> 2") in rows
 
@@ -291,12 +291,14 @@ def test_retention_removes_a_prefix_and_the_chain_still_verifies(tmp_path):
     result = analytics.apply_retention(path, dt.timedelta(days=30))
     assert result.removed_rows == 0
     result = analytics.apply_retention(path, dt.timedelta(0))
-    # two migration rows (new file), writer start and stop, and the events
-    assert result.removed == {"session_starts": 2, "requests": 6, "writer_events": 4}
+    # one migration row per schema version (new file), writer start and stop, and the events
+    assert result.removed == {"session_starts": 2, "requests": 6,
+                              "writer_events": analytics.SCHEMA_VERSION + 2}
     report = analytics.verify(path)
-    assert report.ok and report.anchor_seq == result.anchor_seq == 12
+    assert report.ok and report.anchor_seq == result.anchor_seq == 10 + analytics.SCHEMA_VERSION
     _, rows = analytics.query_readonly(path, "SELECT event, anchor_seq, removed_rows FROM writer_events")
-    assert rows == [("retention", 12, 12)]   # the checkpoint row is all that is left
+    n = 10 + analytics.SCHEMA_VERSION
+    assert rows == [("retention", n, n)]   # the checkpoint row is all that is left
     with AuditStore(path) as store:           # and writing continues from it
         store.submit("request", request(sid(), now))
     assert analytics.verify(path).clean
@@ -313,7 +315,7 @@ def test_retention_on_a_live_store_keeps_the_chain_verifiable(tmp_path):
         store.submit("request", request(old_s, now - dt.timedelta(days=40), text="late old"))
         result = analytics.apply_retention(store, dt.timedelta(0))
         # the migration and writer_start rows precede the cutoff too, so they go with the prefix
-        assert result.removed == {"requests": 10, "writer_events": 3}
+        assert result.removed == {"requests": 10, "writer_events": analytics.SCHEMA_VERSION + 1}
         _, rows = store.query("SELECT text FROM requests ORDER BY chain_seq")
         assert rows == [("new",), ("late old",)]   # only a prefix of the chain is removed
         assert store.verify().ok

@@ -96,6 +96,9 @@ UpstreamTLS = Literal["disable", "prefer", "require", "verify-full"]
 
 # Pass-through messages at least this large stream to the other side before they are complete.
 STREAM_THRESHOLD = 64 * 1024
+# While a statement inside a transaction is held, a Sync this often keeps the server's
+# idle_in_transaction_session_timeout from ending the bot's session during the wait.
+HOLD_KEEPALIVE_S = 1.0
 # PostgreSQL's own ceiling for one message (MaxAllocSize); server messages are checked against it.
 SERVER_MAX_MESSAGE = 0x3FFFFFFF + 5
 # Bot bytes kept while a statement is held before reading from the bot pauses.
@@ -234,6 +237,12 @@ class PostgresFront:
         if found is None:
             log.info("cancel request for an unknown key ignored (pid %s)", req.pid)
             return
+        for session in list(self.sessions):
+            if session.cancel_key == (req.pid, req.secret) and session.withdraw_hold():
+                if not session.busy_upstream:
+                    # The held statement never reached the server; a cancel forwarded now could
+                    # hit the bot's next statement instead.
+                    return
         secret, host, port = found
         try:
             _, writer = await asyncio.wait_for(asyncio.open_connection(host, port),
@@ -395,7 +404,8 @@ class _Portal:
 _UNKNOWN_STATEMENT = _Statement("", Verdict("allow", None, "statement prepared before this session"))
 
 # Pending-operation kinds (first item of each op tuple).
-OP_QUERY, OP_PARSE, OP_BIND, OP_DESCRIBE, OP_EXECUTE, OP_CLOSE, OP_SYNC, OP_FUNCTION = range(8)
+OP_QUERY, OP_PARSE, OP_BIND, OP_DESCRIBE, OP_EXECUTE, OP_CLOSE, OP_SYNC, OP_FUNCTION, OP_KEEPALIVE = range(9)
+_SYNC = m.Sync().encode()
 
 _I32 = struct.Struct("!i")
 _HEADER = struct.Struct("!ci")
@@ -468,6 +478,9 @@ class Session:
         self._paused: set[str] = set()
         self._startup_task: asyncio.Task | None = None
         self._hold_task: asyncio.Task | None = None
+        self._hold_wait: asyncio.Future | None = None  # services.hold, while a statement is held
+        self._withdrawn = False
+        self._ext_open = False  # extended-protocol messages forwarded since the last Sync (bot -> server)
         # bot -> server
         self._cbuf = b""
         self._held = False
@@ -493,6 +506,21 @@ class Session:
                       (b"D", self._c_describe), (b"E", self._c_execute), (b"C", self._c_close),
                       (b"S", self._c_sync), (b"F", self._c_function_call), (b"X", self._c_terminate)):
             self._client_handlers[ch[0]] = h
+
+    @property
+    def busy_upstream(self) -> bool:
+        """The server is working on something this session sent."""
+        return any(op[0] != OP_KEEPALIVE for op in self._ops)
+
+    def withdraw_hold(self) -> bool:
+        """The bot cancelled (CancelRequest, e.g. Ctrl-C in psql) while its statement is held:
+        withdraw the request; the bot gets 57014 as for any cancelled statement."""
+        wait = self._hold_wait
+        if self.closed or not self._held or wait is None or wait.done():
+            return False
+        wait.cancel(msg="the client cancelled the statement while it was held")
+        self._withdrawn = True
+        return True
 
     @property
     def busy(self) -> bool:
@@ -916,6 +944,7 @@ class Session:
 
     def _c_parse(self, buf, s: int, e: int):
         msg = m.Parse.decode(bytes(buf[s + 5:e]))
+        ext_was_open, self._ext_open = self._ext_open, True
         if self._skip_until_sync:
             # The server discards this after our refusal; no decision needed.
             self._ops.append((OP_PARSE, None, None))
@@ -939,9 +968,11 @@ class Session:
             return m.Parse(msg.name, nonce, ()).encode()
 
         def op():
-            req.kind = "parse"
-            return (OP_PARSE, req if req.nonce else None, stmt)
+            # The held Parse is audited as its own request (the approval names its id); the
+            # Executes of the prepared statement are audited as usual.
+            return (OP_PARSE, req, stmt)
 
+        self._ext_open = ext_was_open  # the held Parse is not forwarded yet
         self._start_hold(req, bytes(buf[s:e]), op, on_denied)
         return _HOLD
 
@@ -950,6 +981,7 @@ class Session:
         stmt = self._statements.get(msg.statement, _UNKNOWN_STATEMENT)
         portal = _Portal(stmt, _render_params(msg), msg.result_formats)
         self._portals[msg.portal] = portal
+        self._ext_open = True
         self._ops.append((OP_BIND,))
         if stmt.verdict.action == "mask" and not self._skip_until_sync:
             # Masking needs the result columns with their formats: ask for them, keep the answer.
@@ -961,6 +993,7 @@ class Session:
     def _c_describe(self, buf, s: int, e: int):
         msg = m.Describe.decode(bytes(buf[s + 5:e]))
         target = (self._statements.get(msg.name) if msg.kind == "S" else self._portals.get(msg.name))
+        self._ext_open = True
         self._ops.append((OP_DESCRIBE, msg.kind, target, False))
         return None
 
@@ -969,17 +1002,20 @@ class Session:
         portal = self._portals.get(msg.portal)
         stmt = portal.statement if portal is not None else _UNKNOWN_STATEMENT
         req = _Request("execute", stmt.text, stmt.verdict, portal.params if portal is not None else None)
+        self._ext_open = True
         self._ops.append((OP_EXECUTE, portal, req))
         return None
 
     def _c_close(self, buf, s: int, e: int):
         msg = m.Close.decode(bytes(buf[s + 5:e]))
         (self._statements if msg.kind == "S" else self._portals).pop(msg.name, None)
+        self._ext_open = True
         self._ops.append((OP_CLOSE,))
         return None
 
     def _c_sync(self, buf, s: int, e: int):
         self._skip_until_sync = False
+        self._ext_open = False
         self._ops.append((OP_SYNC,))
         return None
 
@@ -1005,8 +1041,26 @@ class Session:
     def _start_hold(self, req: _Request, original: bytes, make_op: Callable[[], tuple],
                     on_denied: Callable[[str], bytes]) -> None:
         self._hold_task = self.front.spawn(self._hold(req, original, make_op, on_denied), "pg-hold")
+        self.front.spawn(self._keep_alive_while_held(self._hold_task), "pg-hold-keepalive")
+
+    async def _keep_alive_while_held(self, hold: asyncio.Task) -> None:
+        """Inside a transaction the server counts the wait as idle time: send a Sync now and
+        then (a no-op inside a BEGIN block, answered by a ReadyForQuery we swallow) so its
+        idle_in_transaction_session_timeout does not end the session while an operator decides.
+        Only when nothing else is in flight and no extended-protocol batch is open, where a Sync
+        would change the batch's meaning."""
+        while not hold.done():
+            await asyncio.sleep(HOLD_KEEPALIVE_S)
+            if self.closed or hold.done() or not self._held:
+                return
+            if not self._ops and not self._ext_open and self.txn_status in ("T", "E"):
+                self._ops.append((OP_KEEPALIVE,))
+                self.write_server(_SYNC)
 
     async def _hold(self, req: _Request, original: bytes, make_op, on_denied) -> None:
+        """The statement waits for an operator; reading from this bot pauses only if it keeps
+        sending (HELD_BUFFER_LIMIT). No timeout of ours runs meanwhile: the approval's own
+        expiry ends the wait, and a bot that hangs up withdraws the request (task cancelled)."""
         loop = asyncio.get_running_loop()
         thread = threading.get_ident()
 
@@ -1014,19 +1068,25 @@ class Session:
             notice = notice_response(
                 f"statement held for approval {approval_id}"
                 + (f" (rule {req.verdict.rule!r})" if req.verdict.rule else "") + "; waiting for an operator",
-                severity="NOTICE").encode()
+                hint=f"an operator decides with: botwarden approvals approve|deny {approval_id}").encode()
             if threading.get_ident() == thread:
                 self.write_bot(notice)
             else:
                 loop.call_soon_threadsafe(self.write_bot, notice)
 
+        self._withdrawn = False
+        self._hold_wait = asyncio.ensure_future(self.services.hold(
+            self.grant, self.settings.target, req.text, req.verdict, notify, request_id=req.request_id))
         try:
-            outcome = await self.services.hold(self.grant, self.settings.target, req.text, req.verdict, notify)
+            outcome = await self._hold_wait
         except asyncio.CancelledError:
-            raise
+            if self.closed or not self._withdrawn:
+                raise
+            outcome = HoldOutcome(False, "", "the held statement was withdrawn before anyone decided", None,
+                                  "withdrawn")
         except Exception as e:
             log.exception("approval hold failed; statement denied")
-            outcome = HoldOutcome(False, "", f"approval failed: {type(e).__name__}")
+            outcome = HoldOutcome(False, "", f"the approval could not be held ({type(e).__name__})")
         if self.closed:
             return
         if outcome.approved:
@@ -1038,11 +1098,7 @@ class Session:
         else:
             req.decision = "deny"
             req.reason = outcome.reason or "denied"
-            refusal = error_response(
-                sqlstate.INSUFFICIENT_PRIVILEGE,
-                f"statement denied by the approver: {outcome.reason or 'no reason given'}",
-                detail=f"approval {outcome.approval_id}" if outcome.approval_id else None)
-            out = on_denied(self._blocked_sql(req, refusal))
+            out = on_denied(self._blocked_sql(req, _hold_refusal(outcome)))
         self._ops.append(make_op())
         self.write_server(out)
         self._held = False
@@ -1098,7 +1154,7 @@ class Session:
             (length,) = _I32.unpack_from(buf, pos + 1)
             self._stream_left = length + 1 - (end - pos)
             pos = end
-        if not out:
+        if not run:  # nothing replaced or dropped (a dropped message leaves `out` empty but moves `run`)
             if pos == end:
                 self.write_bot(buf)
             elif pos:
@@ -1118,7 +1174,9 @@ class Session:
         return None
 
     def _on_parse_complete(self, buf, s, e):
-        self._pop(OP_PARSE)
+        op = self._pop(OP_PARSE)
+        if op is not None and op[1] is not None:
+            self._finish(op[1])  # a Parse held for approval and approved: its own audited request
 
     def _on_bind_complete(self, buf, s, e):
         self._pop(OP_BIND)
@@ -1291,6 +1349,9 @@ class Session:
     def _on_ready(self, buf, s, e):
         self.txn_status = chr(buf[s + 5])
         ops = self._ops
+        if ops and ops[0][0] == OP_KEEPALIVE:
+            ops.popleft()
+            return b""  # the answer to our own keep-alive Sync; the bot never asked for it
         while ops:
             op = ops.popleft()
             kind = op[0]
@@ -1347,6 +1408,23 @@ class _Marker:
 
     def __repr__(self) -> str:
         return self.name
+
+
+def _hold_refusal(outcome: HoldOutcome) -> m.ErrorResponse:
+    """What the bot is told when its held statement does not run: who or what decided, and why."""
+    state = getattr(outcome, "state", "")
+    reason = outcome.reason or "no reason given"
+    detail = f"approval {outcome.approval_id}" if outcome.approval_id else None
+    if state == "withdrawn":
+        return error_response(sqlstate.QUERY_CANCELED, f"canceling statement due to user request ({reason})")
+    if state == "cancelled_restart":
+        return error_response(sqlstate.ADMIN_SHUTDOWN, f"statement not run: {reason}", detail=detail)
+    if state == "denied":
+        return error_response(sqlstate.INSUFFICIENT_PRIVILEGE, f"statement {reason}", detail=detail)
+    if state == "expired":
+        return error_response(sqlstate.INSUFFICIENT_PRIVILEGE, f"statement not approved: {reason}", detail=detail,
+                              hint="nobody decided in time; send it again and ask an operator")
+    return error_response(sqlstate.INSUFFICIENT_PRIVILEGE, f"statement not approved: {reason}", detail=detail)
 
 
 _HOLD = _Marker("HOLD")          # a client handler's answer: stop here, the statement waits for approval

@@ -24,7 +24,9 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 from zoneinfo import ZoneInfo
 
-from pglast.parser import ParseError, normalize
+import hashlib
+
+from pglast.parser import ParseError, fingerprint, normalize
 
 from appliance.policy.config import PolicyConfig, Rule, TimeWindow, parse_days, parse_hours
 from appliance.policy.k8s import K8sRequest
@@ -428,6 +430,16 @@ class PolicyEngine:
             found = analyze_sql(sql)
             _put(self._analysis, sql, found)
         return found
+
+    @staticmethod
+    def shape_of(sql: str) -> str:
+        """The statement's shape for approval windows: pglast's fingerprint, which ignores
+        constants, parameters, spacing and keyword/identifier case, so ``DELETE FROM t`` and
+        ``delete  from T`` share it. Text the parser refuses has only its exact self as shape."""
+        try:
+            return "fp:" + fingerprint(sql)
+        except ParseError:
+            return "text:" + hashlib.sha256(sql.encode("utf-8", "surrogatepass")).hexdigest()
 
     def decide_sql(self, identity: str, groups: tuple[str, ...], target: str, sql: str, *,
                    now: datetime | None = None, session: SqlSessionState | None = None) -> Verdict:
