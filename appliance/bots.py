@@ -43,8 +43,12 @@ def probe_settings(cfg: Config, listeners: Mapping[str, tuple[str, int]] | None 
         for ip in _resolve(host):
             targets.append(probes.Target(ip, port, lhost, lport))
     mode = "auto" if pc.mode == "off" else pc.mode
-    return probes.ProbeSettings(cgroup_parent=pc.bots_cgroup, targets=tuple(targets),
-                                max_connections=pc.map_entries, pin_dir=pc.pin_dir, mode=mode)
+    try:
+        return probes.ProbeSettings(cgroup_parent=pc.bots_cgroup, targets=tuple(targets),
+                                    max_connections=pc.map_entries, pin_dir=pc.pin_dir, mode=mode,
+                                    nft_table=pc.nft_table)
+    except probes.ProbeError as e:  # e.g. a pin_dir outside /sys/fs/bpf: name the [probes] key
+        raise BotwardenError(f"probes: {e}") from None
 
 
 def run_bot(cfg: Config | None, name: str, command: list[str]) -> int:

@@ -238,6 +238,7 @@ class ProbeSettings:
     bots_cgroup: str = "botwarden.bots"  # relative to the cgroup2 mount, or absolute
     map_entries: int = 65536
     pin_dir: str = "/sys/fs/bpf/botwarden"
+    nft_table: str = "botwarden"  # the nftables fallback's table (inet family); one per bots cgroup
 
 
 @dataclass(frozen=True)
