@@ -28,14 +28,16 @@ def _resolve(host: str) -> list[str]:
     return sorted({info[4][0] for info in infos})
 
 
-def probe_settings(cfg: Config, listeners: Mapping[str, tuple[str, int]] | None = None):
+def probe_settings(cfg: Config, listeners: Mapping[str, tuple[str, int]] | None = None, *,
+                   with_targets: bool = True):
     """probes.ProbeSettings for this config. ``listeners`` gives the bound (ip, port) of each
-    target's listener when the config says port 0."""
+    target's listener when the config says port 0. ``with_targets=False`` is enough for status
+    and detach, which need only the cgroup, the pins and the table (no listener ports, no DNS)."""
     import probes
 
     pc: ProbeConfig = cfg.probes
     targets = []
-    for t in cfg.targets:
+    for t in cfg.targets if with_targets else ():
         host, port = t.host_port
         lhost, lport = (listeners or {}).get(t.name, t.listen_host_port)
         if not lport:
@@ -75,20 +77,35 @@ def probes_command(cfg: Config, action: str, json_out: bool = False) -> int:
 
 
 def _probes_command(probes: Any, cfg: Config, action: str, json_out: bool) -> int:
-    settings = probe_settings(cfg)
+    from appliance.daemon import StateLock
+
+    daemon_pid = StateLock.holder(cfg.appliance.state_dir)
     if action == "status":
-        st = probes.status(settings)
+        st = probes.status(probe_settings(cfg, with_targets=False))
         doc: Any = st.as_dict()
         print(json.dumps(doc, indent=2, default=str) if json_out else _status_text(doc))
         return 0
     if action == "attach":
-        handle = probes.attach(settings)
+        if daemon_pid:
+            # The running daemon owns the probes: it attaches them again itself, with the listeners
+            # it really has (attaching from here would record this short-lived process as the owner,
+            # and `status` would then call a healthy daemon's redirect "fail closed").
+            from appliance.control import ControlClient
+
+            doc = ControlClient(cfg.appliance.control_socket, timeout=120).post("/v1/probes/attach")
+            print(f"probes attached by the daemon (pid {daemon_pid}): {doc['probes']}")
+            return 0
+        handle = probes.attach(probe_settings(cfg))
         print(f"probes attached: {handle.path} ({handle.reason})")
+        print("no daemon is running: bots' connections to targets are refused (fail closed) until it starts")
         handle.close()
         return 0
     if action == "detach":
-        result = probes.detach(settings)
-        print(f"probes detached: {result}")
+        result = probes.detach(probe_settings(cfg, with_targets=False))
+        print(f"probes detached from {cfg.probes.bots_cgroup}: {result.event.detail}")
+        if daemon_pid:
+            print(f"the daemon (pid {daemon_pid}) keeps running, but bots are no longer sent to it: "
+                  "`botwarden probes attach` or a restart puts the probes back")
         return 0
     raise BotwardenError(f"unknown probes action {action!r}")
 

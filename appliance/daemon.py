@@ -192,26 +192,41 @@ class Daemon:
         server = await front.serve(host, port)
         self.listeners[target.name] = Listener(target, server, front)
 
-    async def _attach_probes(self) -> None:
+    async def _attach_probes(self, *, reattach: bool = False) -> None:
         """Attach (or atomically replace) the redirect for the current targets, and start the
-        thread that turns probe events (denied connects, redirects) into audit rows."""
+        thread that turns probe events (denied connects, redirects) into audit rows.
+
+        With probes already attached only the targets are updated, unless ``reattach``: then the
+        programs (or table) are installed again with this daemon as their owner."""
         import probes
 
         from appliance.bots import probe_settings
 
         listeners = {name: li.address for name, li in self.listeners.items()}
         settings = await asyncio.to_thread(probe_settings, self.config, listeners)
-        if self.probes is not None:
+        if self.probes is not None and not reattach:
             await asyncio.to_thread(self.probes.update_targets, settings)
             return
         try:
-            self.probes = await asyncio.to_thread(probes.attach, settings)
+            handle = await asyncio.to_thread(probes.attach, settings)
         except probes.ProbeError as e:
             raise BotwardenError(f"probes could not attach: {e}") from None
+        # The old handle (if any) goes only now: lookups never see a moment without one.
+        await asyncio.to_thread(self._detach_probe_reader)
+        self.probes = handle
         log.info("probes attached: %s (%s)", self.probes.path, self.probes.reason)
         self._probe_stop = threading.Event()
         self._probe_thread = threading.Thread(target=self._poll_probe_events, name="probe-events", daemon=True)
         self._probe_thread.start()
+
+    async def reattach_probes(self) -> str:
+        """`botwarden probes attach` while the daemon runs: install the redirect again (restoring
+        one an operator detached, or replacing it atomically) owned by this daemon, with the
+        listeners it really has."""
+        if self.config.probes.mode == "off":
+            raise BotwardenError('probes.mode is "off" in the running config')
+        await self._attach_probes(reattach=True)
+        return f"{self.probes.path} ({self.probes.reason})"
 
     def _poll_probe_events(self) -> None:
         handle, stop, audit = self.probes, self._probe_stop, self.audit

@@ -585,3 +585,32 @@ def test_probes_cli_status_attach_detach(world):
     finally:
         cli(config, "probes", "detach")
         cgroups.remove(CLI_BOTS)
+
+
+def test_probes_detach_and_attach_from_the_cli_while_the_daemon_runs(env):
+    """Detach leaves the daemon running but unwatched bots; attach asks the daemon to put the
+    probes back, owned by the daemon (not by the short-lived CLI process)."""
+    res = cli(env.config, "probes", "detach")
+    assert res.returncode == 0, res.stderr
+    assert f"the daemon (pid {env.daemon.proc.pid}) keeps running" in res.stdout
+    assert bpftool_json("cgroup", "show", str(cgroups.resolve(BOTS))) == []
+    assert not Path(PIN_DIR).exists()
+    # Unwatched: a connect the probes would refuse with EPERM now reaches the namespace (closed port).
+    attempt = json.dumps([("other-port", 4, env.net.ip_a, 22)])
+    ran = bot_run(env.config, "prober", [BOT_PYTHON, "-c", CONNECT_PROBE, attempt])
+    assert json.loads(ran.stdout) == {"other-port": "ECONNREFUSED"}
+
+    res = cli(env.config, "probes", "attach")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith(f"probes attached by the daemon (pid {env.daemon.proc.pid}): ebpf"), res.stdout
+    st = json.loads(cli(env.config, "probes", "status", "--json").stdout)
+    assert st["owner_pid"] == env.daemon.proc.pid and st["owner_alive"] and not st["fail_closed"], st
+    ran = bot_run(env.config, BOT, psql_args(env.net.ip_a, env.pg.port, QUERY), env=PSQL_ENV)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.strip() == env.direct
+    assert sessions_for_pid(env, ran.pid)[0]["cgroup_path"] == f"/{BOTS}/{BOT}"
+    # The daemon reads the new event ring: a refused connect is audited again.
+    ran = bot_run(env.config, "prober", [BOT_PYTHON, "-c", CONNECT_PROBE, attempt])
+    assert json.loads(ran.stdout) == {"other-port": "EPERM"}
+    assert wait_for(lambda: env.daemon.audit_sql("SELECT count(*) AS n FROM probes WHERE pid = ? AND "
+                                                 "event = 'denied_connect'", [ran.pid])[0]["n"], timeout=10)
