@@ -352,6 +352,11 @@ class Daemon:
                 raise ConfigError(f"appliance.{key} cannot change on reload; restart the daemon")
         if new.audit.path != old.audit.path:
             raise ConfigError("audit.path cannot change on reload; restart the daemon")
+        # The probes are attached to one cgroup with one set of pins/table; a reload only updates
+        # their targets. Taking a new cgroup here would leave the bots in it unwatched.
+        for key in ("mode", "bots_cgroup", "pin_dir", "nft_table", "map_entries"):
+            if getattr(new.probes, key) != getattr(old.probes, key):
+                raise ConfigError(f"probes.{key} cannot change on reload; restart the daemon")
 
     # -- status --------------------------------------------------------------------------
 

@@ -499,6 +499,21 @@ def test_inspectors_upstream_is_not_redirected(env):
     assert row["credential_user"] == user and row["identity"] == "e2e-bot"
 
 
+def test_reload_cannot_move_the_probes_to_another_cgroup(env):
+    """A reload only updates targets; a new bots cgroup would leave the bots in it unwatched."""
+    good = env.config.read_text()
+    try:
+        env.config.write_text(good.replace(f'bots_cgroup = "{BOTS}"', 'bots_cgroup = "botwarden-e2e-moved.bots"'))
+        res = cli(env.config, "config", "reload")
+        assert res.returncode != 0
+        assert "probes.bots_cgroup cannot change on reload" in res.stderr, res.stderr
+    finally:
+        env.config.write_text(good)
+    assert not cgroups.resolve("botwarden-e2e-moved.bots").exists()
+    ran = bot_run(env.config, BOT, psql_args(env.net.ip_a, env.pg.port, QUERY), env=PSQL_ENV)
+    assert ran.returncode == 0 and ran.stdout.strip() == env.direct, ran.stderr
+
+
 def test_daemon_killed_fails_closed_then_restart_redirects_again(env):
     st = json.loads(cli(env.config, "probes", "status", "--json").stdout)
     assert st["path"] == "ebpf" and st["owner_alive"] and not st["fail_closed"]
