@@ -411,8 +411,8 @@ def test_cgroup_mismatch_is_refused_naming_it(env):
     ran = bot_run(env.config, "stranger-bot", psql_args(env.net.ip_a, env.pg.port, QUERY), env=PSQL_ENV)
     assert ran.returncode != 0
     assert "FATAL" in ran.stderr
-    assert (f"process not allowed: cgroup /{env.bots}/stranger-bot, identity 'e2e-bot' requires cgroup "
-            f"/{env.bots}/{BOT}") in ran.stderr, ran.stderr
+    assert (f"FATAL:  botwarden refused the connection: process not allowed: cgroup /{env.bots}/stranger-bot, "
+            f"identity 'e2e-bot' requires cgroup /{env.bots}/{BOT}") in ran.stderr, ran.stderr
     row = sessions_for_pid(env, ran.pid)[0]
     assert row["outcome"] == "refused" and row["identity"] is None
     assert row["cgroup_path"] == f"/{env.bots}/stranger-bot"
