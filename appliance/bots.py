@@ -54,13 +54,25 @@ def probe_settings(cfg: Config, listeners: Mapping[str, tuple[str, int]] | None 
 
 
 def run_bot(cfg: Config | None, name: str, command: list[str]) -> int:
-    """Exec ``command`` inside the bot's cgroup (created under the bots' parent cgroup)."""
+    """Exec ``command`` inside the bot's cgroup (created under the bots' parent cgroup).
+
+    Fail closed: unless the config turns the probes off, the bot starts only when probes are
+    attached to the bots' cgroup (by the daemon, or by `botwarden probes attach`); otherwise it
+    would run unwatched and reach targets directly."""
+    import probes
     from probes import cgroups
 
-    parent = cfg.probes.bots_cgroup if cfg else ProbeConfig().bots_cgroup
+    pc = cfg.probes if cfg else ProbeConfig()
     try:
-        cgroups.run_bot(parent, name, command)  # does not return on success
-    except cgroups.ProbeError as e:
+        if pc.mode != "off":
+            settings = (probe_settings(cfg, with_targets=False) if cfg else
+                        probes.ProbeSettings(cgroup_parent=pc.bots_cgroup, pin_dir=pc.pin_dir, nft_table=pc.nft_table))
+            st = probes.status(settings)
+            if st.path == "none":
+                raise BotwardenError(f"bot run: no probes are attached to the bots' cgroup {st.cgroup_path}, so "
+                                     "nothing would watch this bot; start the daemon (botwarden run) first")
+        cgroups.run_bot(pc.bots_cgroup, name, command)  # does not return on success
+    except probes.ProbeError as e:
         raise BotwardenError(f"bot run: {e}") from None
     except OSError as e:
         raise BotwardenError(f"bot run: {e}") from None

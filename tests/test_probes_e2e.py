@@ -266,6 +266,15 @@ def bot_run(config: Path, name: str, argv: list[str], env: dict | None = None, t
     return Ran(proc.pid, proc.returncode, out, err)
 
 
+def spawn_probe(bots: str, name: str, attempts: list) -> dict:
+    """CONNECT_PROBE in ``<bots>/<name>`` without `bot run` (which refuses to start an unwatched bot):
+    what the kernel does to that cgroup's connects."""
+    proc = cgroups.spawn(cgroups.bot_cgroup(bots, name), [BOT_PYTHON, "-c", CONNECT_PROBE, json.dumps(attempts)],
+                         stdout=subprocess.PIPE, text=True)
+    out, _ = proc.communicate(timeout=60)
+    return json.loads(out)
+
+
 def psql_args(host: str, port: int, *sql: str, user: str = BOT) -> list[str]:
     args = [PSQL, "-X", "-A", "-t", "-v", "ON_ERROR_STOP=0", "-h", host, "-p", str(port), "-U", user,
             "-d", "postgres"]
@@ -572,6 +581,10 @@ def test_probes_cli_status_attach_detach(world):
         res = cli(config, "probes", "status")
         assert res.returncode == 0, res.stderr
         assert "path: none" in res.stdout
+        # Nothing attached: `bot run` does not start a bot nothing would watch (fail closed).
+        ran = bot_run(config, "cli-bot", [BOT_PYTHON, "-c", "print('ran')"])
+        assert ran.returncode == 1 and "ran" not in ran.stdout
+        assert "start the daemon" in ran.stderr, ran.stderr
 
         res = cli(config, "probes", "attach")
         assert res.returncode == 0, res.stderr
@@ -593,10 +606,9 @@ def test_probes_cli_status_attach_detach(world):
         assert CLI_NFT_TABLE not in subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
         res = cli(config, "probes", "status")
         assert res.returncode == 0 and "path: none" in res.stdout
-        # Detached: the bot is no longer watched and reaches the server itself.
-        ran = bot_run(config, "cli-bot", [BOT_PYTHON, "-c", CONNECT_PROBE, json.dumps(
-            [("target", 4, world["net"].ip_a, world["pg"].port)])])
-        assert json.loads(ran.stdout) == {"target": "connected"}
+        # Detached: the cgroup is no longer watched (its processes reach the server itself).
+        assert spawn_probe(CLI_BOTS, "cli-bot", [("target", 4, world["net"].ip_a, world["pg"].port)]) == {
+            "target": "connected"}
     finally:
         cli(config, "probes", "detach")
         cgroups.remove(CLI_BOTS)
@@ -610,10 +622,13 @@ def test_probes_detach_and_attach_from_the_cli_while_the_daemon_runs(env):
     assert f"the daemon (pid {env.daemon.proc.pid}) keeps running" in res.stdout
     assert bpftool_json("cgroup", "show", str(cgroups.resolve(BOTS))) == []
     assert not Path(PIN_DIR).exists()
-    # Unwatched: a connect the probes would refuse with EPERM now reaches the namespace (closed port).
+    # Unwatched: a connect the probes would refuse with EPERM now reaches the namespace (closed port),
+    # so `bot run` refuses to start bots until the probes are back.
+    assert spawn_probe(BOTS, "prober", [("other-port", 4, env.net.ip_a, 22)]) == {"other-port": "ECONNREFUSED"}
     attempt = json.dumps([("other-port", 4, env.net.ip_a, 22)])
     ran = bot_run(env.config, "prober", [BOT_PYTHON, "-c", CONNECT_PROBE, attempt])
-    assert json.loads(ran.stdout) == {"other-port": "ECONNREFUSED"}
+    assert ran.returncode == 1 and not ran.stdout
+    assert f"no probes are attached to the bots' cgroup /{BOTS}" in ran.stderr, ran.stderr
 
     res = cli(env.config, "probes", "attach")
     assert res.returncode == 0, res.stderr
