@@ -53,10 +53,13 @@ BOT_PYTHON = "/usr/bin/python3"
 CONNECT_PROBE = r"""
 import errno, json, socket, sys
 out = {}
-for label, family, host, port in json.loads(sys.argv[1]):
+for label, family, host, port, *source_port in json.loads(sys.argv[1]):
     s = socket.socket(socket.AF_INET6 if family == 6 else socket.AF_INET, socket.SOCK_STREAM)
     s.settimeout(5)
     try:
+        if source_port:  # a known source port, to look for in the server's log
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("", source_port[0]))
         s.connect((host, port))
         out[label] = "connected"
     except OSError as e:
@@ -287,7 +290,11 @@ PSQL_ENV = {"PGSSLMODE": "disable", "PGCONNECT_TIMEOUT": "10"}
 
 def connection_lines(pg: PostgresServer) -> int:
     """How many connections PostgreSQL has seen (log_connections)."""
-    return (pg._tmp / "log").read_text(errors="replace").count("connection received:")
+    return pg_log(pg).count("connection received:")
+
+
+def pg_log(pg: PostgresServer) -> str:
+    return (pg._tmp / "log").read_text(errors="replace")
 
 
 @dataclass
@@ -415,7 +422,6 @@ def test_token_plus_attestation(env):
 
 
 def test_cgroup_mismatch_is_refused_naming_it(env):
-    before = connection_lines(env.pg)
     ran = bot_run(env.config, "stranger-bot", psql_args(env.net.ip_a, env.pg.port, QUERY), env=PSQL_ENV)
     assert ran.returncode != 0
     assert "FATAL" in ran.stderr
@@ -424,13 +430,13 @@ def test_cgroup_mismatch_is_refused_naming_it(env):
     row = sessions_for_pid(env, ran.pid)[0]
     assert row["outcome"] == "refused" and row["identity"] is None
     assert row["cgroup_path"] == f"/{env.bots}/stranger-bot"
+    assert row["credential_user"] is None  # refused before a credential was fetched or upstream opened
     # The refusal is protocol-native: a FATAL with SQLSTATE 28000 (psql does not print the code at
     # connect time; a driver that parses the ErrorResponse shows it).
     ran = bot_run(env.config, "stranger-bot", [sys.executable, "-c", ASYNCPG_PROBE, env.net.ip_a, str(env.pg.port)])
     refusal = json.loads(ran.stdout)
     assert (refusal["sqlstate"], refusal["severity"]) == ("28000", "FATAL"), refusal
     assert "identity 'e2e-bot' requires cgroup" in refusal["message"]
-    assert connection_lines(env.pg) == before  # a refused bot never reaches the server
 
 
 def test_uid_mismatch_is_refused_naming_it(env):
@@ -478,6 +484,16 @@ def test_process_outside_the_bots_cgroup_is_untouched(env):
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "direct:postgres"  # the superuser password worked: it reached PostgreSQL itself
     assert connection_lines(env.pg) > lines_before
+    # A connect from a known source port shows in PostgreSQL's connection log (the daemon-killed test
+    # relies on this to show that PostgreSQL never saw a bot).
+    for sport in random.sample(range(30000, 40000), 5):
+        res = subprocess.run([BOT_PYTHON, "-c", CONNECT_PROBE,
+                              json.dumps([("target", 4, env.net.ip_a, env.pg.port, sport)])],
+                             capture_output=True, text=True, timeout=60)
+        if json.loads(res.stdout)["target"] != "EADDRINUSE":
+            break
+    assert json.loads(res.stdout) == {"target": "connected"}
+    assert wait_for(lambda: f"connection received: host={env.net.host_ip} port={sport}" in pg_log(env.pg))
     assert env.daemon.audit_sql("SELECT count(*) AS n FROM sessions")[0]["n"] == sessions_before
 
 
@@ -529,12 +545,23 @@ def test_daemon_killed_fails_closed_then_restart_redirects_again(env):
 
     env.daemon.proc.send_signal(signal.SIGKILL)
     env.daemon.proc.wait(10)
-    before = connection_lines(env.pg)
     ran = bot_run(env.config, BOT, psql_args(env.net.ip_a, env.pg.port, QUERY), env=PSQL_ENV)
     assert ran.returncode != 0
+    # Refused: PostgreSQL listens at that address, so only the redirect to the dead listener refuses.
     assert "Connection refused" in ran.stderr, ran.stderr
     assert env.direct not in ran.stdout
-    assert connection_lines(env.pg) == before  # PostgreSQL never saw the bot
+    # From a known source port: PostgreSQL's connection log never shows it.
+    for sport in random.sample(range(20000, 30000), 5):
+        ran = bot_run(env.config, BOT, [BOT_PYTHON, "-c", CONNECT_PROBE,
+                                        json.dumps([("target", 4, env.net.ip_a, env.pg.port, sport)])])
+        if json.loads(ran.stdout)["target"] != "EADDRINUSE":
+            break
+    assert json.loads(ran.stdout) == {"target": "ECONNREFUSED"}
+    assert f"connection received: host={env.net.host_ip} port={sport}" not in pg_log(env.pg)
+    # Unregistered destinations are still refused by the kernel while the daemon is down.
+    denied = bot_run(env.config, "prober", [BOT_PYTHON, "-c", CONNECT_PROBE,
+                                            json.dumps([("other-port", 4, env.net.ip_a, 22)])])
+    assert json.loads(denied.stdout) == {"other-port": "EPERM"}
     res = cli(env.config, "probes", "status")
     assert res.returncode == 0, res.stderr
     assert "fail_closed: True" in res.stdout and "owner_alive: False" in res.stdout
@@ -547,6 +574,9 @@ def test_daemon_killed_fails_closed_then_restart_redirects_again(env):
     assert ran.returncode == 0, ran.stderr
     assert ran.stdout.strip() == env.direct
     assert sessions_for_pid(env, ran.pid)[0]["exe"] == PSQL
+    # What was refused while the daemon was down is audited once it is back (the pinned event ring).
+    assert wait_for(lambda: env.daemon.audit_sql("SELECT count(*) AS n FROM probes WHERE pid = ? AND "
+                                                 "event = 'denied_connect'", [denied.pid])[0]["n"], timeout=10)
 
 
 # -- the nftables fallback -------------------------------------------------------------------
