@@ -475,6 +475,15 @@ def test_unregistered_addresses_get_eperm_and_are_audited(env):
     assert {r["cgroup_path"] for r in rows} == {f"/{env.bots}/prober"}
 
 
+def test_v4_mapped_address_of_a_target_goes_through_the_inspector(env):
+    """An AF_INET6 socket to ::ffff:A never hits connect4; it is redirected all the same."""
+    ran = bot_run(env.config, BOT, psql_args(f"::ffff:{env.net.ip_a}", env.pg.port, QUERY), env=PSQL_ENV)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.strip() == env.direct
+    row = sessions_for_pid(env, ran.pid)[0]
+    assert (row["identity"], row["exe"], row["cgroup_path"]) == ("e2e-bot", PSQL, f"/{env.bots}/{BOT}")
+
+
 def test_process_outside_the_bots_cgroup_is_untouched(env):
     sessions_before = env.daemon.audit_sql("SELECT count(*) AS n FROM sessions")[0]["n"]
     lines_before = connection_lines(env.pg)
