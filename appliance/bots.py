@@ -12,7 +12,7 @@ import socket
 from collections.abc import Mapping
 from typing import Any
 
-from appliance.config import Config, ProbeSettings as ProbeConfig
+from appliance.config import Config, ProbeSettings as ProbeConfig, split_host_port
 from appliance.errors import BotwardenError
 
 
@@ -36,20 +36,21 @@ def probe_settings(cfg: Config, listeners: Mapping[str, tuple[str, int]] | None 
     import probes
 
     pc: ProbeConfig = cfg.probes
-    targets = []
-    for t in cfg.targets if with_targets else ():
-        host, port = t.host_port
-        lhost, lport = (listeners or {}).get(t.name, t.listen_host_port)
-        if not lport:
-            raise BotwardenError(f"target {t.name!r}: its listener port is not known yet (listen port 0)")
-        for ip in _resolve(host):
-            targets.append(probes.Target(ip, port, lhost, lport))
-    mode = "auto" if pc.mode == "off" else pc.mode
     try:
+        targets = []
+        for t in cfg.targets if with_targets else ():
+            host, port = t.host_port
+            lhost, lport = (listeners or {}).get(t.name, t.listen_host_port)
+            if not lport:
+                raise BotwardenError(f"target {t.name!r}: its listener port is not known yet (listen port 0)")
+            for ip in _resolve(host):
+                targets.append(probes.Target(ip, port, lhost, lport))
+        passthrough = [probes.Passthrough(*split_host_port(p)) for p in pc.passthrough] if with_targets else []
         return probes.ProbeSettings(cgroup_parent=pc.bots_cgroup, targets=tuple(targets),
-                                    max_connections=pc.map_entries, pin_dir=pc.pin_dir, mode=mode,
+                                    passthrough=tuple(passthrough), max_connections=pc.map_entries,
+                                    pin_dir=pc.pin_dir, mode="auto" if pc.mode == "off" else pc.mode,
                                     nft_table=pc.nft_table)
-    except probes.ProbeError as e:  # e.g. a pin_dir outside /sys/fs/bpf: name the [probes] key
+    except probes.ProbeError as e:  # e.g. a pin_dir outside /sys/fs/bpf, a passthrough that is a target
         raise BotwardenError(f"probes: {e}") from None
 
 

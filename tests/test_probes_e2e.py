@@ -47,6 +47,7 @@ CLI_BOTS = "botwarden-e2e-cli.bots"
 CLI_PIN_DIR = "/sys/fs/bpf/botwarden-e2e-cli"
 CLI_NFT_TABLE = "botwarden_e2e_cli"
 BOT = "e2e-bot"
+PASSTHROUGH_PORT = 5999  # nothing listens there: a bot reaching it gets ECONNREFUSED, not EPERM
 BOT_PYTHON = "/usr/bin/python3"
 
 # A bot that tries connections and prints, per attempt, "connected" or the errno's name.
@@ -194,6 +195,7 @@ bots_cgroup = "{bots}"
 pin_dir = "{pin_dir}"
 nft_table = "{nft_table}"
 map_entries = 4096
+passthrough = ["{net.ip_a}:{PASSTHROUGH_PORT}"]
 
 [[targets]]
 name = "orders"
@@ -459,9 +461,10 @@ def test_unregistered_addresses_get_eperm_and_are_audited(env):
         ("ipv6", 6, net.ip6, port),
         ("v4-mapped", 6, f"::ffff:{net.ip_a}", 22),
     ]
-    ran = bot_run(env.config, "prober", [BOT_PYTHON, "-c", CONNECT_PROBE, json.dumps(attempts)])
+    passthrough = [("passthrough", 4, net.ip_a, PASSTHROUGH_PORT)]  # [probes] passthrough: reached unmodified
+    ran = bot_run(env.config, "prober", [BOT_PYTHON, "-c", CONNECT_PROBE, json.dumps(attempts + passthrough)])
     assert ran.returncode == 0, ran.stderr
-    assert json.loads(ran.stdout) == {label: "EPERM" for label, *_ in attempts}
+    assert json.loads(ran.stdout) == {**{label: "EPERM" for label, *_ in attempts}, "passthrough": "ECONNREFUSED"}
 
     def denied():
         rows = env.daemon.audit_sql("SELECT dst_addr, dst_port, family, cgroup_path, comm, detail FROM probes "
