@@ -211,8 +211,10 @@ class Daemon:
             handle = await asyncio.to_thread(probes.attach, settings)
         except probes.ProbeError as e:
             raise BotwardenError(f"probes could not attach: {e}") from None
-        # The old handle (if any) goes only now: lookups never see a moment without one.
-        await asyncio.to_thread(self._detach_probe_reader)
+        if self.probes is not None:
+            # One reader of the event ring at a time. The old handle keeps answering lookups (they
+            # read the pins) until the new one replaces it, so sessions never see no handle at all.
+            await asyncio.to_thread(self._stop_probe_reader)
         self.probes = handle
         log.info("probes attached: %s (%s)", self.probes.path, self.probes.reason)
         self._probe_stop = threading.Event()
@@ -242,13 +244,17 @@ class Daemon:
                 log.exception("reading probe events failed")
                 stop.wait(1)
 
+    def _stop_probe_reader(self) -> None:
+        """Stop the event thread and close the handle's event reader (lookups still work)."""
+        self._probe_stop.set()
+        self._probe_thread.join(5)
+        self.probes.close()
+
     def _detach_probe_reader(self) -> None:
         """Stop reading events and release handles. The redirect itself stays (fail closed)."""
         if self.probes is None:
             return
-        self._probe_stop.set()
-        self._probe_thread.join(5)
-        self.probes.close()
+        self._stop_probe_reader()
         self.probes = None
 
     async def run(self) -> int:
