@@ -18,6 +18,7 @@ The nftables fallback runs the same main flow with a second daemon on a second b
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import random
@@ -118,7 +119,9 @@ class PgNet:
         third, base = random.randrange(256), random.randrange(32) * 8
         prefix = f"10.215.{third}."
         self.host_ip, self.ip_a, self.ip_b, self.ip_unused = (f"{prefix}{base + i}" for i in (1, 2, 3, 4))
-        self.ip6, host_ip6 = f"fd00:b2:{tag[:4]}::2", f"fd00:b2:{tag[:4]}::1"
+        # In normal form (no leading zeros), as the audit writes addresses.
+        self.ip6 = str(ipaddress.ip_address(f"fd00:b2:{tag[:4]}::2"))
+        host_ip6 = str(ipaddress.ip_address(f"fd00:b2:{tag[:4]}::1"))
         netns.create(self.name)
         try:
             with IPRoute() as ipr:
@@ -475,7 +478,7 @@ def test_unregistered_addresses_get_eperm_and_are_audited(env):
     got = {(r["dst_addr"], r["dst_port"], r["family"]) for r in rows}
     assert got >= {(net.ip_a, 22, "ipv4"), (net.ip_unused, port, "ipv4"), (net.ip6, port, "ipv6")}
     assert any("IPv4-mapped" in (r["detail"] or "") and r["dst_addr"] == net.ip_a for r in rows)
-    assert {r["cgroup_path"] for r in rows} == {f"/{env.bots}/prober"}
+    assert {r["cgroup_path"] for r in rows} == {f"/{env.bots}/prober"}, rows
 
 
 def test_v4_mapped_address_of_a_target_goes_through_the_inspector(env):
