@@ -113,7 +113,17 @@ def build_router(daemon: "Daemon") -> Router:
         await asyncio.to_thread(daemon.audit.flush)
         return Response(200, {"flushed": True})
 
+    async def probes_attach(request: Request) -> Response:
+        from appliance.errors import BotwardenError
+
+        try:
+            probes = await daemon.reattach_probes()
+        except BotwardenError as e:
+            raise ControlError(409, str(e)) from None
+        return Response(200, {"probes": probes})
+
     router.add("GET", "/v1/status", status)
+    router.add("POST", "/v1/probes/attach", probes_attach)
     router.add("POST", "/v1/reload", reload)
     router.add("GET", "/v1/sessions", sessions)
     router.add("GET", "/v1/approvals", approvals_list)

@@ -12,7 +12,7 @@ import socket
 from collections.abc import Mapping
 from typing import Any
 
-from appliance.config import Config, ProbeSettings as ProbeConfig
+from appliance.config import Config, ProbeSettings as ProbeConfig, split_host_port
 from appliance.errors import BotwardenError
 
 
@@ -28,33 +28,52 @@ def _resolve(host: str) -> list[str]:
     return sorted({info[4][0] for info in infos})
 
 
-def probe_settings(cfg: Config, listeners: Mapping[str, tuple[str, int]] | None = None):
+def probe_settings(cfg: Config, listeners: Mapping[str, tuple[str, int]] | None = None, *,
+                   with_targets: bool = True):
     """probes.ProbeSettings for this config. ``listeners`` gives the bound (ip, port) of each
-    target's listener when the config says port 0."""
+    target's listener when the config says port 0. ``with_targets=False`` is enough for status
+    and detach, which need only the cgroup, the pins and the table (no listener ports, no DNS)."""
     import probes
 
     pc: ProbeConfig = cfg.probes
-    targets = []
-    for t in cfg.targets:
-        host, port = t.host_port
-        lhost, lport = (listeners or {}).get(t.name, t.listen_host_port)
-        if not lport:
-            raise BotwardenError(f"target {t.name!r}: its listener port is not known yet (listen port 0)")
-        for ip in _resolve(host):
-            targets.append(probes.Target(ip, port, lhost, lport))
-    mode = "auto" if pc.mode == "off" else pc.mode
-    return probes.ProbeSettings(cgroup_parent=pc.bots_cgroup, targets=tuple(targets),
-                                max_connections=pc.map_entries, pin_dir=pc.pin_dir, mode=mode)
+    try:
+        targets = []
+        for t in cfg.targets if with_targets else ():
+            host, port = t.host_port
+            lhost, lport = (listeners or {}).get(t.name, t.listen_host_port)
+            if not lport:
+                raise BotwardenError(f"target {t.name!r}: its listener port is not known yet (listen port 0)")
+            for ip in _resolve(host):
+                targets.append(probes.Target(ip, port, lhost, lport))
+        passthrough = [probes.Passthrough(*split_host_port(p)) for p in pc.passthrough] if with_targets else []
+        return probes.ProbeSettings(cgroup_parent=pc.bots_cgroup, targets=tuple(targets),
+                                    passthrough=tuple(passthrough), max_connections=pc.map_entries,
+                                    pin_dir=pc.pin_dir, mode="auto" if pc.mode == "off" else pc.mode,
+                                    nft_table=pc.nft_table)
+    except probes.ProbeError as e:  # e.g. a pin_dir outside /sys/fs/bpf, a passthrough that is a target
+        raise BotwardenError(f"probes: {e}") from None
 
 
 def run_bot(cfg: Config | None, name: str, command: list[str]) -> int:
-    """Exec ``command`` inside the bot's cgroup (created under the bots' parent cgroup)."""
+    """Exec ``command`` inside the bot's cgroup (created under the bots' parent cgroup).
+
+    Fail closed: unless the config turns the probes off, the bot starts only when probes are
+    attached to the bots' cgroup (by the daemon, or by `botwarden probes attach`); otherwise it
+    would run unwatched and reach targets directly."""
+    import probes
     from probes import cgroups
 
-    parent = cfg.probes.bots_cgroup if cfg else ProbeConfig().bots_cgroup
+    pc = cfg.probes if cfg else ProbeConfig()
     try:
-        cgroups.run_bot(parent, name, command)  # does not return on success
-    except cgroups.ProbeError as e:
+        if pc.mode != "off":
+            settings = (probe_settings(cfg, with_targets=False) if cfg else
+                        probes.ProbeSettings(cgroup_parent=pc.bots_cgroup, pin_dir=pc.pin_dir, nft_table=pc.nft_table))
+            st = probes.status(settings)
+            if st.path == "none":
+                raise BotwardenError(f"bot run: no probes are attached to the bots' cgroup {st.cgroup_path}, so "
+                                     "nothing would watch this bot; start the daemon (botwarden run) first")
+        cgroups.run_bot(pc.bots_cgroup, name, command)  # does not return on success
+    except probes.ProbeError as e:
         raise BotwardenError(f"bot run: {e}") from None
     except OSError as e:
         raise BotwardenError(f"bot run: {e}") from None
@@ -71,20 +90,35 @@ def probes_command(cfg: Config, action: str, json_out: bool = False) -> int:
 
 
 def _probes_command(probes: Any, cfg: Config, action: str, json_out: bool) -> int:
-    settings = probe_settings(cfg)
+    from appliance.daemon import StateLock
+
+    daemon_pid = StateLock.holder(cfg.appliance.state_dir)
     if action == "status":
-        st = probes.status(settings)
+        st = probes.status(probe_settings(cfg, with_targets=False))
         doc: Any = st.as_dict()
         print(json.dumps(doc, indent=2, default=str) if json_out else _status_text(doc))
         return 0
     if action == "attach":
-        handle = probes.attach(settings)
+        if daemon_pid:
+            # The running daemon owns the probes: it attaches them again itself, with the listeners
+            # it really has (attaching from here would record this short-lived process as the owner,
+            # and `status` would then call a healthy daemon's redirect "fail closed").
+            from appliance.control import ControlClient
+
+            doc = ControlClient(cfg.appliance.control_socket, timeout=120).post("/v1/probes/attach")
+            print(f"probes attached by the daemon (pid {daemon_pid}): {doc['probes']}")
+            return 0
+        handle = probes.attach(probe_settings(cfg))
         print(f"probes attached: {handle.path} ({handle.reason})")
+        print("no daemon is running: bots' connections to targets are refused (fail closed) until it starts")
         handle.close()
         return 0
     if action == "detach":
-        result = probes.detach(settings)
-        print(f"probes detached: {result}")
+        result = probes.detach(probe_settings(cfg, with_targets=False))
+        print(f"probes detached from {cfg.probes.bots_cgroup}: {result.event.detail}")
+        if daemon_pid:
+            print(f"the daemon (pid {daemon_pid}) keeps running, but bots are no longer sent to it: "
+                  "`botwarden probes attach` or a restart puts the probes back")
         return 0
     raise BotwardenError(f"unknown probes action {action!r}")
 

@@ -232,12 +232,29 @@ class IdentityConfig:
             raise ValueError(f"identity {self.name!r} needs [identities.token] and/or [identities.process]")
 
 
+def _ip_ports(values: tuple[str, ...]) -> tuple[str, ...]:
+    for value in values:
+        host, port = split_host_port(value)
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"{value!r}: must be IP:PORT (an address, not a name: bots cannot resolve "
+                             "names without it)") from None
+        if not 0 < port < 65536:
+            raise ValueError(f"{value!r}: port {port} is out of range")
+    return values
+
+
 @dataclass(frozen=True)
 class ProbeSettings:
     mode: Literal["auto", "ebpf", "nftables", "off"] = "auto"
     bots_cgroup: str = "botwarden.bots"  # relative to the cgroup2 mount, or absolute
     map_entries: int = 65536
     pin_dir: str = "/sys/fs/bpf/botwarden"
+    nft_table: str = "botwarden"  # the nftables fallback's table (inet family); one per bots cgroup
+    # IP:PORT bots may reach unmodified (TCP and UDP), e.g. their DNS resolver: deny by default
+    # refuses everything that is neither a target nor listed here.
+    passthrough: tuple[str, ...] = field(default=(), metadata=check(_ip_ports))
 
 
 def _at_least_one(value: int) -> int:

@@ -211,26 +211,43 @@ class Daemon:
                     log.error("audit retention failed: %s", e)
             await asyncio.sleep(3600)
 
-    async def _attach_probes(self) -> None:
+    async def _attach_probes(self, *, reattach: bool = False) -> None:
         """Attach (or atomically replace) the redirect for the current targets, and start the
-        thread that turns probe events (denied connects, redirects) into audit rows."""
+        thread that turns probe events (denied connects, redirects) into audit rows.
+
+        With probes already attached only the targets are updated, unless ``reattach``: then the
+        programs (or table) are installed again with this daemon as their owner."""
         import probes
 
         from appliance.bots import probe_settings
 
         listeners = {name: li.address for name, li in self.listeners.items()}
         settings = await asyncio.to_thread(probe_settings, self.config, listeners)
-        if self.probes is not None:
+        if self.probes is not None and not reattach:
             await asyncio.to_thread(self.probes.update_targets, settings)
             return
         try:
-            self.probes = await asyncio.to_thread(probes.attach, settings)
+            handle = await asyncio.to_thread(probes.attach, settings)
         except probes.ProbeError as e:
             raise BotwardenError(f"probes could not attach: {e}") from None
+        if self.probes is not None:
+            # One reader of the event ring at a time. The old handle keeps answering lookups (they
+            # read the pins) until the new one replaces it, so sessions never see no handle at all.
+            await asyncio.to_thread(self._stop_probe_reader)
+        self.probes = handle
         log.info("probes attached: %s (%s)", self.probes.path, self.probes.reason)
         self._probe_stop = threading.Event()
         self._probe_thread = threading.Thread(target=self._poll_probe_events, name="probe-events", daemon=True)
         self._probe_thread.start()
+
+    async def reattach_probes(self) -> str:
+        """`botwarden probes attach` while the daemon runs: install the redirect again (restoring
+        one an operator detached, or replacing it atomically) owned by this daemon, with the
+        listeners it really has."""
+        if self.config.probes.mode == "off":
+            raise BotwardenError('probes.mode is "off" in the running config')
+        await self._attach_probes(reattach=True)
+        return f"{self.probes.path} ({self.probes.reason})"
 
     def _poll_probe_events(self) -> None:
         handle, stop, audit = self.probes, self._probe_stop, self.audit
@@ -246,13 +263,17 @@ class Daemon:
                 log.exception("reading probe events failed")
                 stop.wait(1)
 
+    def _stop_probe_reader(self) -> None:
+        """Stop the event thread and close the handle's event reader (lookups still work)."""
+        self._probe_stop.set()
+        self._probe_thread.join(5)
+        self.probes.close()
+
     def _detach_probe_reader(self) -> None:
         """Stop reading events and release handles. The redirect itself stays (fail closed)."""
         if self.probes is None:
             return
-        self._probe_stop.set()
-        self._probe_thread.join(5)
-        self.probes.close()
+        self._stop_probe_reader()
         self.probes = None
 
     async def run(self) -> int:
@@ -359,6 +380,11 @@ class Daemon:
                 raise ConfigError(f"appliance.{key} cannot change on reload; restart the daemon")
         if new.audit.path != old.audit.path:
             raise ConfigError("audit.path cannot change on reload; restart the daemon")
+        # The probes are attached to one cgroup with one set of pins/table; a reload only updates
+        # their targets. Taking a new cgroup here would leave the bots in it unwatched.
+        for key in ("mode", "bots_cgroup", "pin_dir", "nft_table", "map_entries"):
+            if getattr(new.probes, key) != getattr(old.probes, key):
+                raise ConfigError(f"probes.{key} cannot change on reload; restart the daemon")
 
     # -- status --------------------------------------------------------------------------
 

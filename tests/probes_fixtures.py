@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import secrets
@@ -142,8 +143,9 @@ class TargetNet:
         octet = int(tag[:2], 16) % 200 + 20  # a /30 inside 10.213.0.0/16, unique enough per run
         third = int(tag[2:4], 16)
         self.host_ip4, self.ip4 = f"10.213.{third}.{octet * 4 % 256 + 1}", f"10.213.{third}.{octet * 4 % 256 + 2}"
-        self.ip6 = f"fd00:b0:{tag[:4]}::2"
-        host_ip6 = f"fd00:b0:{tag[:4]}::1"
+        # Normal form (a tag like "0c90" has a leading zero that getpeername() and the audit drop).
+        self.ip6 = str(ipaddress.ip_address(f"fd00:b0:{tag[:4]}::2"))
+        host_ip6 = str(ipaddress.ip_address(f"fd00:b0:{tag[:4]}::1"))
         netns.create(self.name)
         try:
             with IPRoute() as ipr:

@@ -116,3 +116,14 @@ def test_shipped_example_is_valid():
     cfg = load_config(ROOT / "botwarden.example.toml")
     assert cfg.targets, "the example should show at least one target"
     assert cfg.identities and cfg.policy.rules
+
+
+def test_probe_passthrough_must_be_ip_port():
+    cfg = parse_config(BASE + '\n[probes]\npassthrough = ["127.0.0.53:53", "[fd00::53]:53"]\n', "bw.toml")
+    assert cfg.probes.passthrough == ("127.0.0.53:53", "[fd00::53]:53")
+    err = error_of(BASE + '\n[probes]\npassthrough = ["dns.internal:53"]\n')
+    assert "probes.passthrough" in err and "dns.internal:53" in err and "IP:PORT" in err
+    from appliance.bots import probe_settings
+
+    settings = probe_settings(cfg, {"orders": ("127.0.0.1", 15432)})
+    assert [(p.ip, p.port) for p in settings.passthrough] == [("127.0.0.53", 53), ("fd00::53", 53)]

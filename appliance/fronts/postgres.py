@@ -64,6 +64,7 @@ memory.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import ssl
@@ -690,7 +691,7 @@ class Session:
             token = ev.password_text()
         transport = self.bot.transport
         ctx = ConnectionContext(transport.get_extra_info("peername"), transport.get_extra_info("sockname"),
-                                self.tls, _attribution(self.services, transport))
+                                self.tls, await _attribution(self.services, transport))
         try:
             grant = await self.services.open_session(self.settings.target, ctx, user, token)
         except AuthRefused as e:
@@ -1431,19 +1432,16 @@ _HOLD = _Marker("HOLD")          # a client handler's answer: stop here, the sta
 _NO_PLAN = _Marker("NO_PLAN")    # the current result needs no masking
 
 
-def _attribution(services: Any, transport) -> Any:
-    """The kernel-attested origin of this socket, from the daemon's probes (None without them)."""
+async def _attribution(services: Any, transport) -> Any:
+    """The kernel-attested origin of this socket, from the daemon's probes (None without them).
+    ``services.attribute`` may be a plain or an async function."""
     attribute = getattr(services, "attribute", None)
     sock = transport.get_extra_info("socket")
     if attribute is None or sock is None:
         return None
     try:
-        return attribute(sock)
+        found = attribute(sock)
+        return await found if inspect.isawaitable(found) else found
     except Exception:  # no attribution: identities that need it refuse the session
-        log.exception("attribution lookup failed")
-        return None
-        sock = transport.get_extra_info("socket")
-        return lookup(sock) if sock is not None else None
-    except Exception:
         log.exception("attribution lookup failed")
         return None

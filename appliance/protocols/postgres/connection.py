@@ -233,7 +233,9 @@ def notice_response(message: str, *, severity: str = "NOTICE", sqlstate: str = "
 
 
 def _fields(sqlstate: str, message: str, severity: str, detail: str | None, hint: str | None):
-    fields = [("S", severity), ("V", severity), ("C", sqlstate), ("M", f"botwarden: {message}")]
+    # Say once that botwarden produced it (many callers' messages already start with "botwarden").
+    text = message if message.startswith("botwarden") else f"botwarden: {message}"
+    fields = [("S", severity), ("V", severity), ("C", sqlstate), ("M", text)]
     if detail:
         fields.append(("D", detail))
     if hint:
