@@ -18,7 +18,7 @@ import duckdb
 import pyarrow as pa
 
 from . import schema
-from .chain import GENESIS, dumps_canonical as _dumps
+from .chain import GENESIS
 from .schema import Kind
 
 IngestMethod = Literal["arrow", "executemany"]
@@ -60,12 +60,7 @@ class ChainWriter:
         seq, prev = self.seq, self.head
         for kind, row in items:
             seq += 1
-            doc = {n: v for n, v in zip(kind.names, row) if v is not None}
-            if kind.bytes_columns:
-                for n in kind.bytes_columns:
-                    if n in doc:
-                        doc[n] = doc[n].hex()
-            h = _sha256(prev + kind.hash_prefix + _dumps(doc).encode()).digest()
+            h = _sha256(prev + kind.hash_prefix + kind.encode_row(row).encode()).digest()
             g = groups.get(kind.table)
             if g is None:
                 g = groups[kind.table] = []
