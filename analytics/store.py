@@ -3,10 +3,11 @@
 Producers (the daemon's event loop, protocol fronts, the approval manager) call
 :meth:`AuditStore.submit` from any thread. It validates the record on the caller's
 thread (so a producer bug surfaces where it happens), appends it to a bounded
-in-memory queue and returns; it never touches DuckDB. One writer thread owns the
-read-write connection, drains the queue in batches (``batch_max`` events, or
-whatever arrived within ``flush_interval`` of the oldest pending event) and
-commits each batch as one transaction with its hash chain.
+in-memory queue and returns; it never touches DuckDB. A preparer thread drains the
+queue in batches (``batch_max`` events, or whatever arrived within
+``flush_interval`` of the oldest pending event) and computes their hash chain; one
+writer thread, the only user of the read-write connection, commits each batch as
+one transaction, in order.
 
 When the queue is full, ``on_full="refuse"`` makes submit return False at once
 (the daemon then refuses new sessions rather than run unaudited) and
@@ -17,8 +18,8 @@ remain unwritten.
 
 Each start() is a writer *epoch*: it writes a chained ``writer_start`` row and
 close() a ``writer_stop`` row. An epoch without a stop row ended abruptly (kill -9,
-power loss); at most the events of the last batch window (plus whatever was still
-queued) are missing, and :func:`analytics.verify` lists it as a gap.
+power loss); what was queued or in flight is missing — the last batch window
+while the writer keeps up — and :func:`analytics.verify` lists it as a gap.
 
 Readers: :meth:`query` runs a read-only statement on a separate cursor of the same
 database while the writer runs. DuckDB cannot open the file from another process

@@ -62,8 +62,8 @@ class Gap:
     def describe(self) -> str:
         nxt = (f"the next writer started at {self.next_epoch_started_at}" if self.next_epoch_started_at
                else "no writer started since")
-        window = (f"at most the last batch window ({self.flush_interval}s / {self.batch_max} events) "
-                  "plus any queued events") if self.flush_interval else "the last batch"
+        window = (f"what was queued or in flight: the last batch window ({self.flush_interval}s / "
+                  f"{self.batch_max} events) while the writer kept up") if self.flush_interval else "the last batch"
         return (f"epoch {self.epoch} (started {self.started_at}) did not end cleanly: its last row is "
                 f"seq {self.last_seq} at {self.last_ts}; {nxt}. Events submitted after that row may "
                 f"be lost: {window}.")
