@@ -251,3 +251,28 @@ def test_schema_doc_lists_every_column_with_its_type():
             if len(cells) >= 2 and cells[0] not in ("column", "") and not cells[0].startswith("---"):
                 documented[cells[0]] = cells[1]
         assert documented == {f.name: schema.SQL_TYPES[f.type] for f in kind.fields}, kind.table
+
+
+def test_commit_failures_refuse_new_events_and_lose_none(tmp_path):
+    path = tmp_path / "a.duckdb"
+    s = sid()
+    with AuditStore(path, strict=True, flush_interval=0.01) as store:
+        assert store.submit("request", request(s, request_id="before"))
+        store.flush()
+        # Break the real table under the writer: its inserts now fail in DuckDB.
+        admin = store.cursor()
+        admin.execute("ALTER TABLE requests RENAME TO requests_away")
+        assert store.submit("request", request(s, request_id="during"))
+        with pytest.raises(analytics.AuditFlushTimeout, match="not durable"):
+            store.flush(timeout=1.0)
+        assert store.healthy is False
+        assert store.submit("request", request(s, request_id="refused")) is False
+        admin.execute("ALTER TABLE requests_away RENAME TO requests")
+        admin.close()
+        store.flush(timeout=30)      # the kept batch is retried and lands
+        assert store.healthy is True
+        assert store.submit("request", request(s, request_id="after"))
+        store.flush()
+        _, rows = store.query("SELECT request_id FROM requests ORDER BY chain_seq")
+    assert [r[0] for r in rows] == ["before", "during", "after"]
+    assert analytics.verify(path).clean
