@@ -33,6 +33,7 @@ import logging
 import queue
 import threading
 import time
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from pathlib import Path
@@ -276,7 +277,9 @@ class AuditStore:
         try:
             loop()
         except BaseException as e:  # a bug: keep the error visible and fail closed
-            log.exception("audit %s thread died: %s", threading.current_thread().name, type(e).__name__)
+            # Frames only: an exception's message may quote a record value.
+            log.error("audit %s thread died: %s\n%s", threading.current_thread().name, type(e).__name__,
+                      "".join(traceback.format_tb(e.__traceback__)))
             with self._lock:
                 self._dead = True
                 self._progress.notify_all()

@@ -8,6 +8,7 @@ chain head only advances after the commit succeeds.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import os
 import socket
@@ -172,13 +173,12 @@ class ChainWriter:
 
 def writer_event(event: str, **fields: Any) -> tuple[Kind, tuple[Any, ...]]:
     """A normalized ``writer_events`` row (written by the store, not by producers)."""
-    import datetime as dt
-
     kind = schema.KINDS["writer_event"]
     record = {"ts": dt.datetime.now(dt.timezone.utc), "event": event, "pid": os.getpid(),
               "host": socket.gethostname(), **fields}
     row, unknown = schema.normalize(kind, record)
-    assert not unknown, unknown
+    if unknown:
+        raise AssertionError(f"writer_event fields not in the schema: {unknown}")
     return kind, row
 
 

@@ -14,7 +14,7 @@ import analytics
 from analytics import AuditClosedError, AuditRecordError, AuditStore
 
 from .audit_fixtures import (
-    T0, UTC, approval, probe, raw_rows, recording, request, session_end, session_start, sid,
+    T0, approval, probe, raw_rows, recording, request, session_end, session_start, sid,
 )
 
 
