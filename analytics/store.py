@@ -120,6 +120,8 @@ class AuditStore:
     def start(self) -> None:
         if self._running or self._thread is not None:
             raise AuditError("audit store already started")
+        if self._stopping:
+            raise AuditError("a closed AuditStore cannot be restarted; create a new one")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         con = db.connect(self.path, read_only=False)
         try:
@@ -198,6 +200,8 @@ class AuditStore:
         spec = schema.KINDS.get(kind)
         if spec is None or kind not in schema.PRODUCER_KINDS:
             raise AuditRecordError(f"unknown audit event kind {kind!r}")
+        if not isinstance(record, Mapping):
+            raise AuditRecordError(f"{kind}: record must be a mapping, got {type(record).__name__}")
         row, unknown = schema.normalize(spec, record)
         if unknown:
             self._unknown_fields(kind, unknown)

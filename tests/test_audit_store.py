@@ -98,9 +98,13 @@ def test_submit_outside_start_close_raises(tmp_path):
     with pytest.raises(AuditClosedError):
         store.submit("probe", probe())
     store.start()
+    with pytest.raises(AuditRecordError, match="mapping"):
+        store.submit("probe", [("ts", T0)])
     store.close()
     with pytest.raises(AuditClosedError):
         store.submit("probe", probe())
+    with pytest.raises(analytics.AuditError, match="new one"):
+        store.start()
 
 
 def _hold_writer(store: AuditStore) -> tuple[threading.Event, threading.Event, threading.Thread]:
