@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import duckdb
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import analytics
 from analytics import AuditStore, AuditStoreBusy
@@ -370,3 +373,63 @@ def test_parquet_export_round_trips_with_hive_partitions(tmp_path):
     # exporting again replaces the day's file instead of duplicating rows
     analytics.export_parquet(path, dt.date(2026, 3, 1), out)
     assert duckdb.sql(f"SELECT count(*) FROM read_parquet('{out}/table=requests/*/*.parquet')").fetchall() == [(5,)]
+
+
+# --- any single tampering is caught (property) ------------------------------------
+
+@pytest.fixture(scope="module")
+def template_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tpl") / "audit.duckdb"
+    populate(path, n_requests=6)
+    return path
+
+
+def _all_rows(path: Path) -> list[tuple[str, int, dict]]:
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        return sorted(((t, r["chain_seq"], r) for t in TABLES for r in raw_rows(con, t)), key=lambda x: x[1])
+    finally:
+        con.close()
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(op=st.sampled_from(["null", "append", "delete", "swap", "duplicate"]), a=st.integers(0, 10_000),
+       b=st.integers(0, 10_000), c=st.integers(0, 10_000))
+def test_any_single_tampering_is_caught(tmp_path_factory, template_file, op, a, b, c):
+    path = tmp_path_factory.mktemp("t") / "audit.duckdb"
+    shutil.copy(template_file, path)
+    rows = _all_rows(path)
+    table, seq, row = rows[a % len(rows)]
+    con = duckdb.connect(str(path))
+    try:
+        if op in ("null", "append"):
+            cols = [k for k, v in row.items() if v is not None and not k.startswith("chain_")]
+            if op == "append":
+                cols = [k for k in cols if isinstance(row[k], str)]
+            col = cols[b % len(cols)]
+            new = "NULL" if op == "null" else f"\"{col}\" || 'x'"
+            con.execute(f'UPDATE {table} SET "{col}" = {new} WHERE chain_seq = ?', [seq])
+        elif op == "delete":
+            con.execute(f"DELETE FROM {table} WHERE chain_seq = ?", [seq])
+        elif op == "swap":
+            table2, seq2, _ = rows[b % len(rows)]
+            if seq2 == seq:
+                seq2 = rows[(b + 1) % len(rows)][1]
+                table2 = rows[(b + 1) % len(rows)][0]
+            con.execute(f"UPDATE {table} SET chain_seq = -1 WHERE chain_seq = ?", [seq])
+            con.execute(f"UPDATE {table2} SET chain_seq = ? WHERE chain_seq = ?", [seq, seq2])
+            con.execute(f"UPDATE {table} SET chain_seq = ? WHERE chain_seq = -1", [seq2])
+        else:
+            cols = [k for k, v in row.items() if isinstance(v, str)]
+            col = cols[c % len(cols)]
+            con.execute(f"INSERT INTO {table} SELECT * REPLACE (\"{col}\" || 'x' AS \"{col}\") "
+                        "FROM {table} WHERE chain_seq = ?".replace("{table}", table), [seq])
+    finally:
+        con.close()
+    report = analytics.verify(path)
+    if op == "delete" and seq == rows[-1][1]:
+        # removing the final writer_stop row leaves an intact, shorter chain: an unclean epoch
+        assert report.ok and [g.epoch for g in report.gaps] == [1]
+    else:
+        assert not report.ok, (op, table, seq)
+        assert report.problems
