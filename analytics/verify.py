@@ -89,6 +89,9 @@ class VerifyReport:
         """Intact chain and every finished epoch ended with a writer_stop row."""
         return self.ok and not self.gaps
 
+    def __str__(self) -> str:
+        return self.text()
+
     def text(self) -> str:
         lines = [f"{'OK' if self.ok else 'FAILED'}: {self.rows_checked} rows checked, head seq "
                  f"{self.head_seq} hash {self.head_hash}, {self.epochs} writer epochs, schema "

@@ -254,7 +254,7 @@ def test_kill_9_loses_at_most_the_unflushed_tail_and_the_gap_is_reported(tmp_pat
     report = analytics.verify(path)
     assert report.ok
     assert [g.epoch for g in report.gaps] == [1]
-    assert "did not end cleanly" in report.text()
+    assert "did not end cleanly" in str(report)
     _, rows = analytics.query_readonly(path, "SELECT CAST(request_id AS BIGINT) FROM requests ORDER BY chain_seq")
     ids = [r[0] for r in rows]
     # Everything flush() confirmed is there, in order, without holes.
