@@ -84,6 +84,13 @@ def migrate(con: duckdb.DuckDBPyConnection) -> list[tuple[int, int]]:
             raise AuditSchemaError(f"migration to schema version {version} failed: {e}") from e
         log.info("audit store migrated to schema version %d", version)
         steps.append((version - 1, version))
+    if not steps:
+        # Views carry no data: refresh them so they always match this code.
+        try:
+            for view in schema.VIEWS:
+                con.execute(view)
+        except duckdb.Error as e:
+            raise AuditSchemaError(f"cannot refresh the audit views: {e}") from e
     return steps
 
 

@@ -45,6 +45,9 @@ class Report:
     sql: str
     path: Path
 
+    def __str__(self) -> str:
+        return f"{self.name}: {self.title}"
+
 
 def _load(path: Path) -> Report:
     text = path.read_text()

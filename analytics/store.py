@@ -3,10 +3,11 @@
 Producers (the daemon's event loop, protocol fronts, the approval manager) call
 :meth:`AuditStore.submit` from any thread. It validates the record on the caller's
 thread (so a producer bug surfaces where it happens), appends it to a bounded
-in-memory queue and returns; it never touches DuckDB. One writer thread owns the
-read-write connection, drains the queue in batches (``batch_max`` events, or
-whatever arrived within ``flush_interval`` of the oldest pending event) and
-commits each batch as one transaction with its hash chain.
+in-memory queue and returns; it never touches DuckDB. A preparer thread drains the
+queue in batches (``batch_max`` events, or whatever arrived within
+``flush_interval`` of the oldest pending event) and computes their hash chain; one
+writer thread, the only user of the read-write connection, commits each batch as
+one transaction, in order.
 
 When the queue is full, ``on_full="refuse"`` makes submit return False at once
 (the daemon then refuses new sessions rather than run unaudited) and
@@ -17,8 +18,8 @@ remain unwritten.
 
 Each start() is a writer *epoch*: it writes a chained ``writer_start`` row and
 close() a ``writer_stop`` row. An epoch without a stop row ended abruptly (kill -9,
-power loss); at most the events of the last batch window (plus whatever was still
-queued) are missing, and :func:`analytics.verify` lists it as a gap.
+power loss); what was queued or in flight is missing — the last batch window
+while the writer keeps up — and :func:`analytics.verify` lists it as a gap.
 
 Readers: :meth:`query` runs a read-only statement on a separate cursor of the same
 database while the writer runs. DuckDB cannot open the file from another process
@@ -29,8 +30,10 @@ from __future__ import annotations
 
 import collections
 import logging
+import queue
 import threading
 import time
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from pathlib import Path
@@ -45,6 +48,11 @@ from .writer import ChainWriter, IngestMethod, next_epoch, writer_event
 log = logging.getLogger(__name__)
 
 _HIGH_WATER = 0.8
+# DuckDB checkpoints when the WAL reaches this size. Its 16MB default makes the
+# writer rewrite the tail row group every ~50,000 events and stall commits meanwhile;
+# at 256MB sustained ingest roughly doubles (bench/results/audit.md). The cost is a
+# longer WAL replay (seconds) when the file is opened after a crash.
+_CHECKPOINT_THRESHOLD = "256MB"
 _RETRY_MIN_S = 0.05
 _RETRY_MAX_S = 2.0
 
@@ -100,7 +108,10 @@ class AuditStore:
         self._reader_root: duckdb.DuckDBPyConnection | None = None
         self._reader_lock = threading.Lock()
         self._chain: ChainWriter | None = None
-        self._thread: threading.Thread | None = None
+        self._thread: threading.Thread | None = None       # the writer: owns the connection
+        self._preparer: threading.Thread | None = None     # takes batches, hashes them
+        self._handoff: queue.Queue = queue.Queue(maxsize=2)
+        self._taken = 0            # events handed to the preparer
         self.epoch: int | None = None
         self.migrations: list[tuple[int, int]] = []
 
@@ -109,9 +120,12 @@ class AuditStore:
     def start(self) -> None:
         if self._running or self._thread is not None:
             raise AuditError("audit store already started")
+        if self._stopping:
+            raise AuditError("a closed AuditStore cannot be restarted; create a new one")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         con = db.connect(self.path, read_only=False)
         try:
+            con.execute(f"SET checkpoint_threshold = '{_CHECKPOINT_THRESHOLD}'")
             self.migrations = db.migrate(con)
             chain = ChainWriter(con, ingest=self._ingest)
             self.epoch = next_epoch(con)
@@ -128,8 +142,12 @@ class AuditStore:
         self._con, self._chain = con, chain
         self._reader_root = con.cursor()
         self._running = True
-        self._thread = threading.Thread(target=self._run, name=f"audit-writer-{self.path.name}", daemon=True)
+        self._thread = threading.Thread(target=self._guard, args=(self._write_loop,),
+                                        name=f"audit-writer-{self.path.name}", daemon=True)
+        self._preparer = threading.Thread(target=self._guard, args=(self._prepare_loop,),
+                                          name=f"audit-prepare-{self.path.name}", daemon=True)
         self._thread.start()
+        self._preparer.start()
         log.info("audit store %s started: epoch %d, head seq %d", self.path, self.epoch, chain.seq)
 
     def _warn_unclean_previous(self, con: duckdb.DuckDBPyConnection) -> None:
@@ -148,8 +166,9 @@ class AuditStore:
             self._stopping = True
             self._wake.notify_all()
             self._room.notify_all()
+        self._preparer.join()
         self._thread.join()
-        self._thread = None
+        self._thread = self._preparer = None
         self._running = False
         with self._reader_lock:
             if self._reader_root is not None:
@@ -181,6 +200,8 @@ class AuditStore:
         spec = schema.KINDS.get(kind)
         if spec is None or kind not in schema.PRODUCER_KINDS:
             raise AuditRecordError(f"unknown audit event kind {kind!r}")
+        if not isinstance(record, Mapping):
+            raise AuditRecordError(f"{kind}: record must be a mapping, got {type(record).__name__}")
         row, unknown = schema.normalize(spec, record)
         if unknown:
             self._unknown_fields(kind, unknown)
@@ -248,30 +269,86 @@ class AuditStore:
                         f"{target - self._written} audit events not durable after {timeout}s{why}")
                 self._progress.wait(remaining)
 
-    # --- the writer thread ------------------------------------------------
+    # --- the writer threads ---------------------------------------------------
+    #
+    # The preparer takes batches off the queue, assigns chain_seq and hashes and
+    # builds Arrow tables (Python, holds the GIL); the writer inserts and commits them
+    # (DuckDB, releases the GIL) in the same order. A handoff of two batches lets the
+    # next batch be hashed while the previous one commits. Maintenance tasks travel
+    # the same handoff, so they run after every batch taken before them.
 
-    def _run(self) -> None:
+    def _guard(self, loop: Callable[[], None]) -> None:
         try:
-            self._loop()
-        except BaseException as e:  # a bug: keep the error visible, fail closed
-            log.exception("audit writer thread died: %s", type(e).__name__)
+            loop()
+        except BaseException as e:  # a bug: keep the error visible and fail closed
+            # Frames only: an exception's message may quote a record value.
+            log.error("audit %s thread died: %s\n%s", threading.current_thread().name, type(e).__name__,
+                      "".join(traceback.format_tb(e.__traceback__)))
             with self._lock:
                 self._dead = True
                 self._progress.notify_all()
                 self._room.notify_all()
+                self._wake.notify_all()
 
-    def _loop(self) -> None:
-        backoff = _RETRY_MIN_S
-        batch: list = []
+    def _hand_over(self, item: tuple) -> bool:
+        while True:
+            try:
+                self._handoff.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                if self._dead:
+                    return False
+
+    def _prepare_loop(self) -> None:
+        chain = self._chain
         while True:
             with self._lock:
-                if not batch:
-                    batch = self._take_batch()
-                    if batch is None:
-                        break
-            if batch:
+                job = self._take_batch()
+            if job is None:
+                self._hand_over(("stop",))
+                return
+            if job[0] == "task":
+                _, fn, fut = job
+                if not self._hand_over(("task", fn, fut)):
+                    fut.set_exception(AuditWriterError("audit writer died"))
+                    return
                 try:
-                    self._chain.write(batch)
+                    fut.exception()   # wait: the task may append to the chain itself
+                except BaseException:  # cancelled; nothing ran
+                    pass
+                chain.reset()
+                continue
+            batch = job[1]
+            if not self._hand_over(("batch", chain.prepare(batch))):
+                return
+
+    def _write_loop(self) -> None:
+        chain = self._chain
+        backoff = _RETRY_MIN_S
+        gave_up = False
+        while True:
+            try:
+                item = self._handoff.get(timeout=0.5)
+            except queue.Empty:
+                if self._dead:
+                    return
+                continue
+            if item[0] == "stop":
+                break
+            if item[0] == "task":
+                _, fn, fut = item
+                if gave_up:
+                    fut.set_exception(AuditWriterError("audit writer gave up after commit failures"))
+                elif fut.set_running_or_notify_cancel():
+                    try:
+                        fut.set_result(fn(self._con, chain))
+                    except BaseException as e:
+                        fut.set_exception(e)
+                continue
+            batch = item[1]
+            while not gave_up:
+                try:
+                    chain.commit(batch)
                 except duckdb.Error as e:
                     # Keep the batch and retry; producers are refused meanwhile.
                     with self._lock:
@@ -280,8 +357,10 @@ class AuditStore:
                         stopping = self._stopping
                     if first:
                         log.error("audit writer cannot commit a batch of %d events: %s; retrying",
-                                  len(batch), type(e).__name__)
+                                  batch.events, type(e).__name__)
                     if stopping and backoff >= _RETRY_MAX_S:
+                        log.error("audit writer giving up at close: events remain unwritten")
+                        gave_up = True
                         break
                     time.sleep(backoff)
                     backoff = min(backoff * 2, _RETRY_MAX_S)
@@ -291,26 +370,27 @@ class AuditStore:
                     if self._failure is not None:
                         log.warning("audit writer recovered")
                     self._failure = None
-                    self._written += len(batch)
+                    self._written += batch.events
                     self._progress.notify_all()
-                batch = []
-            self._run_tasks()
-        self._run_tasks()
+                break
         with self._lock:
             clean = self._submitted == self._written
         if clean:
-            self._chain.write([writer_event("writer_stop", epoch=self.epoch, rows=self._written)])
+            chain.write([writer_event("writer_stop", epoch=self.epoch, rows=self._written)])
 
-    def _take_batch(self) -> list | None:
-        """Under the lock: wait for a batch to be due and take it. None: stop."""
+    def _take_batch(self) -> tuple | None:
+        """Under the lock: wait until a batch or a task is due and take it. None: stop."""
         while True:
+            if self._dead:
+                return None
             n = len(self._pending)
+            if self._tasks and self._tasks[0][2] <= self._taken:
+                fn, fut, _ = self._tasks.popleft()
+                return ("task", fn, fut)
             if n >= self.batch_max or (n and (self._flush_wanted or self._stopping)):
                 break
             if n and time.monotonic() - self._oldest >= self.flush_interval:
                 break
-            if self._tasks and self._tasks[0][2] <= self._written:
-                return []
             if not n and self._stopping:
                 return None
             if not n:
@@ -324,20 +404,9 @@ class AuditStore:
             pop = self._pending.popleft
             batch = [pop() for _ in range(self.batch_max)]
             self._oldest = time.monotonic()
+        self._taken += len(batch)
         self._room.notify_all()
-        return batch
-
-    def _run_tasks(self) -> None:
-        while True:
-            with self._lock:
-                if not self._tasks or self._tasks[0][2] > self._written:
-                    return
-                fn, fut, _ = self._tasks.popleft()
-            if fut.set_running_or_notify_cancel():
-                try:
-                    fut.set_result(fn(self._con, self._chain))
-                except BaseException as e:
-                    fut.set_exception(e)
+        return ("batch", batch)
 
     def run_in_writer(self, fn: Callable[[duckdb.DuckDBPyConnection, ChainWriter], Any],
                       timeout: float | None = None) -> Any:

@@ -36,7 +36,8 @@ from . import db, schema
 from .chain import GENESIS, canonical, row_hash
 
 ProblemKind = Literal["modified", "deleted", "inserted", "reordered"]
-_MAX_LOOKUPS = 1000
+_MAX_LOOKUPS = 200          # each is a scan of every table: bound the cost on a wrecked file
+_MAX_PROBLEMS = 10_000
 _FETCH = 10_000
 
 
@@ -62,8 +63,8 @@ class Gap:
     def describe(self) -> str:
         nxt = (f"the next writer started at {self.next_epoch_started_at}" if self.next_epoch_started_at
                else "no writer started since")
-        window = (f"at most the last batch window ({self.flush_interval}s / {self.batch_max} events) "
-                  "plus any queued events") if self.flush_interval else "the last batch"
+        window = (f"what was queued or in flight: the last batch window ({self.flush_interval}s / "
+                  f"{self.batch_max} events) while the writer kept up") if self.flush_interval else "the last batch"
         return (f"epoch {self.epoch} (started {self.started_at}) did not end cleanly: its last row is "
                 f"seq {self.last_seq} at {self.last_ts}; {nxt}. Events submitted after that row may "
                 f"be lost: {window}.")
@@ -80,13 +81,16 @@ class VerifyReport:
     anchor_seq: int
     schema_version: int
     epochs: int
-    truncated: bool = False           # more problems existed than were classified
+    truncated: bool = False           # stopped early: too many problems to classify
     notes: list[str] = field(default_factory=list)
 
     @property
     def clean(self) -> bool:
         """Intact chain and every finished epoch ended with a writer_stop row."""
         return self.ok and not self.gaps
+
+    def __str__(self) -> str:
+        return self.text()
 
     def text(self) -> str:
         lines = [f"{'OK' if self.ok else 'FAILED'}: {self.rows_checked} rows checked, head seq "
@@ -96,7 +100,7 @@ class VerifyReport:
         for p in self.problems:
             lines.append(f"  {p.kind:<9} {p.table or '?'} seq {p.seq}: {p.detail}")
         if self.truncated:
-            lines.append("  ... more problems not classified")
+            lines.append("  ... stopped after too many problems; the rest of the chain was not checked")
         for g in self.gaps:
             lines.append(f"  gap: {g.describe()}")
         lines += [f"  note: {n}" for n in self.notes]
@@ -192,7 +196,7 @@ def verify_connection(con: duckdb.DuckDBPyConnection, *, live_epoch: int | None 
         seq, rows = pending[0], list(pending[1])
         pending = next(groups, None)
         checked += len(rows)
-        if lookups >= _MAX_LOOKUPS:
+        if lookups >= _MAX_LOOKUPS or len(problems) >= _MAX_PROBLEMS:
             truncated = True
             break
         oks = [row_hash(r.prev, r.table, r.canon) == r.hash for r in rows]

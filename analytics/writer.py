@@ -2,23 +2,25 @@
 
 A batch becomes one transaction: rows get consecutive ``chain_seq`` values and
 hashes linked to the previous row, are grouped per table and inserted from Arrow
-tables (or with executemany, kept for the benchmark's comparison). The in-memory
+tables (or with executemany, kept for the benchmark's comparison). The committed
 chain head only advances after the commit succeeds.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import os
 import socket
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import duckdb
 import pyarrow as pa
 
 from . import schema
-from .chain import GENESIS, dumps_canonical as _dumps
+from .chain import GENESIS
 from .schema import Kind
 
 IngestMethod = Literal["arrow", "executemany"]
@@ -37,13 +39,41 @@ _ARROW_TYPES = {
 _sha256 = hashlib.sha256
 
 
+def _arrow_table(kind: Kind, rows: list[tuple]) -> pa.Table:
+    cols = list(zip(*rows))
+    n = len(rows)
+    arrays = [pa.array(cols[0], pa.int64()), pa.array(cols[1], pa.binary()), pa.array(cols[2], pa.binary())]
+    arrays += [pa.nulls(n, _ARROW_TYPES[f.type]) if c.count(None) == n else pa.array(c, _ARROW_TYPES[f.type])
+               for c, f in zip(cols[3:], kind.fields)]
+    return pa.Table.from_arrays(arrays, names=list(schema.CHAIN_COLUMNS) + list(kind.names))
+
+
+@dataclass(frozen=True)
+class PreparedBatch:
+    """Rows with their chain columns, ready to insert; immutable so a failed commit
+    can be retried as is."""
+
+    first_seq: int
+    last_seq: int
+    head: bytes                                  # chain_hash of the last row
+    parts: tuple[tuple[Kind, Any], ...]          # (kind, Arrow table | list of row tuples)
+    events: int
+
+
 class ChainWriter:
-    """Owns the chain head of one open read-write connection."""
+    """The chain head of one open read-write connection.
+
+    ``prepare`` (pure Python: hashes, Arrow conversion) and ``commit`` (DuckDB, which
+    releases the GIL) are separate so the store can hash the next batch while the
+    previous one commits. ``seq``/``head`` are the committed head; prepare advances a
+    provisional head, which ``reset`` brings back after a batch is abandoned.
+    """
 
     def __init__(self, con: duckdb.DuckDBPyConnection, *, ingest: IngestMethod = "arrow"):
         self.con = con
         self.ingest = ingest
         self.seq, self.head = self._load_head()
+        self._next_seq, self._next_head = self.seq, self.head
 
     def _load_head(self) -> tuple[int, bytes]:
         parts = [f"SELECT chain_seq, chain_hash FROM {t}" for t in schema.CHAINED_TABLES]
@@ -52,51 +82,64 @@ class ChainWriter:
         ).fetchone()
         return (0, GENESIS) if row is None else (int(row[0]), bytes(row[1]))
 
-    def write(self, items: Sequence[tuple[Kind, tuple[Any, ...]]],
-              before: Callable[[duckdb.DuckDBPyConnection], None] | None = None) -> None:
-        """Append ``items`` (kind, normalized row) in order, in one transaction
-        (``before(con)`` runs first in the same transaction: retention's deletes)."""
+    def reset(self) -> None:
+        self._next_seq, self._next_head = self.seq, self.head
+
+    def prepare(self, items: Sequence[tuple[Kind, tuple[Any, ...]]]) -> PreparedBatch:
+        """Assign ``chain_seq`` and hashes to ``items`` (kind, normalized row), in order."""
         groups: dict[str, list] = {}
-        seq, prev = self.seq, self.head
+        first = self._next_seq + 1
+        seq, prev = self._next_seq, self._next_head
         for kind, row in items:
             seq += 1
-            doc = {n: v for n, v in zip(kind.names, row) if v is not None}
-            if kind.bytes_columns:
-                for n in kind.bytes_columns:
-                    if n in doc:
-                        doc[n] = doc[n].hex()
-            h = _sha256(prev + kind.hash_prefix + _dumps(doc).encode()).digest()
+            h = _sha256(prev + kind.hash_prefix + kind.encode_row(row).encode()).digest()
             g = groups.get(kind.table)
             if g is None:
                 g = groups[kind.table] = []
             g.append((seq, prev, h) + row)
             prev = h
+        parts = []
+        for table, rows in groups.items():
+            kind = schema.KIND_BY_TABLE[table]
+            parts.append((kind, _arrow_table(kind, rows) if self.ingest == "arrow" else rows))
+        self._next_seq, self._next_head = seq, prev
+        return PreparedBatch(first, seq, prev, tuple(parts), len(items))
+
+    def commit(self, batch: PreparedBatch,
+               before: Callable[[duckdb.DuckDBPyConnection], None] | None = None) -> None:
+        """Insert a prepared batch in one transaction (``before(con)`` runs first in
+        the same transaction: retention's deletes). It must follow the committed head."""
+        if batch.first_seq != self.seq + 1:
+            raise AssertionError(f"batch starts at seq {batch.first_seq}, head is {self.seq}")
         con = self.con
         con.begin()
         try:
             if before is not None:
                 before(con)
-            for table, rows in groups.items():
-                kind = schema.KIND_BY_TABLE[table]
+            for kind, data in batch.parts:
                 if self.ingest == "arrow":
-                    self._insert_arrow(kind, rows)
+                    self._insert_arrow(kind, data)
                 else:
-                    self._insert_executemany(kind, rows)
+                    self._insert_executemany(kind, data)
             con.commit()
         except BaseException:
             con.rollback()
             raise
-        self.seq, self.head = seq, prev
+        self.seq, self.head = batch.last_seq, batch.head
 
-    def _insert_arrow(self, kind: Kind, rows: list[tuple]) -> None:
-        cols = list(zip(*rows))
-        arrays = [pa.array(cols[0], pa.int64()), pa.array(cols[1], pa.binary()), pa.array(cols[2], pa.binary())]
-        n = len(rows)
-        arrays += [pa.nulls(n, _ARROW_TYPES[f.type]) if c.count(None) == n else pa.array(c, _ARROW_TYPES[f.type])
-                   for c, f in zip(cols[3:], kind.fields)]
-        batch = pa.Table.from_arrays(arrays, names=list(schema.CHAIN_COLUMNS) + list(kind.names))
+    def write(self, items: Sequence[tuple[Kind, tuple[Any, ...]]],
+              before: Callable[[duckdb.DuckDBPyConnection], None] | None = None) -> None:
+        """prepare + commit, for callers that own the chain alone (start, stop, tasks)."""
+        batch = self.prepare(items)
+        try:
+            self.commit(batch, before)
+        except BaseException:
+            self.reset()
+            raise
+
+    def _insert_arrow(self, kind: Kind, table: pa.Table) -> None:
         name = f"_batch_{kind.table}"
-        self.con.register(name, batch)
+        self.con.register(name, table)
         try:
             self.con.execute(self._insert_sql(kind, f"SELECT * FROM {name}"))
         finally:
@@ -130,13 +173,12 @@ class ChainWriter:
 
 def writer_event(event: str, **fields: Any) -> tuple[Kind, tuple[Any, ...]]:
     """A normalized ``writer_events`` row (written by the store, not by producers)."""
-    import datetime as dt
-
     kind = schema.KINDS["writer_event"]
     record = {"ts": dt.datetime.now(dt.timezone.utc), "event": event, "pid": os.getpid(),
               "host": socket.gethostname(), **fields}
     row, unknown = schema.normalize(kind, record)
-    assert not unknown, unknown
+    if unknown:
+        raise AssertionError(f"writer_event fields not in the schema: {unknown}")
     return kind, row
 
 

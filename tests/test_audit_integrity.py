@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import duckdb
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import analytics
 from analytics import AuditStore, AuditStoreBusy
@@ -251,7 +254,7 @@ def test_kill_9_loses_at_most_the_unflushed_tail_and_the_gap_is_reported(tmp_pat
     report = analytics.verify(path)
     assert report.ok
     assert [g.epoch for g in report.gaps] == [1]
-    assert "did not end cleanly" in report.text()
+    assert "did not end cleanly" in str(report)
     _, rows = analytics.query_readonly(path, "SELECT CAST(request_id AS BIGINT) FROM requests ORDER BY chain_seq")
     ids = [r[0] for r in rows]
     # Everything flush() confirmed is there, in order, without holes.
@@ -318,7 +321,8 @@ def test_retention_on_a_live_store_keeps_the_chain_verifiable(tmp_path):
         assert result.removed == {"requests": 10, "writer_events": analytics.SCHEMA_VERSION + 1}
         _, rows = store.query("SELECT text FROM requests ORDER BY chain_seq")
         assert rows == [("new",), ("late old",)]   # only a prefix of the chain is removed
-        assert store.verify().ok
+        live_report = store.verify()
+        assert live_report.ok and live_report.gaps == []   # the running epoch is not a gap
         store.submit("request", request(new_s, now, text="after"))
     report = analytics.verify(path)
     assert report.ok and report.gaps == [] and report.anchor_seq == result.anchor_seq
@@ -343,6 +347,13 @@ def test_parquet_export_round_trips_with_hive_partitions(tmp_path):
             store.submit("request", request(s, day1, text=f"d1 {i}"))
         for i in range(2):
             store.submit("request", request(s, day2, text=f"d2 {i}", masked={"a": i}))
+        store.flush()
+        # the daemon exports from the live store the same way
+        live = analytics.export_parquet(store, dt.date(2026, 3, 2), tmp_path / "live")
+        live = [f for f in live if "table=requests" in str(f)]
+        assert [str(f.relative_to(tmp_path / "live")) for f in live] == [
+            "table=requests/day=2026-03-02/part-0.parquet"]
+        assert duckdb.sql(f"SELECT text FROM '{live[0]}' ORDER BY chain_seq").fetchall() == [("d2 0",), ("d2 1",)]
     out = tmp_path / "export"
     files = analytics.export_parquet(path, dt.date(2026, 3, 1), out)
     rel = sorted(str(f.relative_to(out)) for f in files)
@@ -364,3 +375,63 @@ def test_parquet_export_round_trips_with_hive_partitions(tmp_path):
     # exporting again replaces the day's file instead of duplicating rows
     analytics.export_parquet(path, dt.date(2026, 3, 1), out)
     assert duckdb.sql(f"SELECT count(*) FROM read_parquet('{out}/table=requests/*/*.parquet')").fetchall() == [(5,)]
+
+
+# --- any single tampering is caught (property) ------------------------------------
+
+@pytest.fixture(scope="module")
+def template_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tpl") / "audit.duckdb"
+    populate(path, n_requests=6)
+    return path
+
+
+def _all_rows(path: Path) -> list[tuple[str, int, dict]]:
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        return sorted(((t, r["chain_seq"], r) for t in TABLES for r in raw_rows(con, t)), key=lambda x: x[1])
+    finally:
+        con.close()
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(op=st.sampled_from(["null", "append", "delete", "swap", "duplicate"]), a=st.integers(0, 10_000),
+       b=st.integers(0, 10_000), c=st.integers(0, 10_000))
+def test_any_single_tampering_is_caught(tmp_path_factory, template_file, op, a, b, c):
+    path = tmp_path_factory.mktemp("t") / "audit.duckdb"
+    shutil.copy(template_file, path)
+    rows = _all_rows(path)
+    table, seq, row = rows[a % len(rows)]
+    con = duckdb.connect(str(path))
+    try:
+        if op in ("null", "append"):
+            cols = [k for k, v in row.items() if v is not None and not k.startswith("chain_")]
+            if op == "append":
+                cols = [k for k in cols if isinstance(row[k], str)]
+            col = cols[b % len(cols)]
+            new = "NULL" if op == "null" else f"\"{col}\" || 'x'"
+            con.execute(f'UPDATE {table} SET "{col}" = {new} WHERE chain_seq = ?', [seq])
+        elif op == "delete":
+            con.execute(f"DELETE FROM {table} WHERE chain_seq = ?", [seq])
+        elif op == "swap":
+            table2, seq2, _ = rows[b % len(rows)]
+            if seq2 == seq:
+                seq2 = rows[(b + 1) % len(rows)][1]
+                table2 = rows[(b + 1) % len(rows)][0]
+            con.execute(f"UPDATE {table} SET chain_seq = -1 WHERE chain_seq = ?", [seq])
+            con.execute(f"UPDATE {table2} SET chain_seq = ? WHERE chain_seq = ?", [seq, seq2])
+            con.execute(f"UPDATE {table} SET chain_seq = ? WHERE chain_seq = -1", [seq2])
+        else:
+            cols = [k for k, v in row.items() if isinstance(v, str)]
+            col = cols[c % len(cols)]
+            con.execute(f"INSERT INTO {table} SELECT * REPLACE (\"{col}\" || 'x' AS \"{col}\") "
+                        "FROM {table} WHERE chain_seq = ?".replace("{table}", table), [seq])
+    finally:
+        con.close()
+    report = analytics.verify(path)
+    if op == "delete" and seq == rows[-1][1]:
+        # removing the final writer_stop row leaves an intact, shorter chain: an unclean epoch
+        assert report.ok and [g.epoch for g in report.gaps] == [1]
+    else:
+        assert not report.ok, (op, table, seq)
+        assert report.problems

@@ -151,6 +151,7 @@ def test_canned_reports(tmp_path):
     assert names == ["approval_latency", "blocked_attempts", "destructive_by_identity",
                      "masked_fields_per_target", "sessions_per_executable"]
     assert all(r.title and r.description for r in reports.list_reports())
+    assert str(reports.get_report("blocked_attempts")) == "blocked_attempts: Blocked attempts"
     path = tmp_path / "a.duckdb"
     with AuditStore(path, strict=True) as store:
         _report_data(store)

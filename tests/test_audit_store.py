@@ -14,7 +14,7 @@ import analytics
 from analytics import AuditClosedError, AuditRecordError, AuditStore
 
 from .audit_fixtures import (
-    T0, UTC, approval, probe, raw_rows, recording, request, session_end, session_start, sid,
+    T0, approval, probe, raw_rows, recording, request, session_end, session_start, sid,
 )
 
 
@@ -98,9 +98,13 @@ def test_submit_outside_start_close_raises(tmp_path):
     with pytest.raises(AuditClosedError):
         store.submit("probe", probe())
     store.start()
+    with pytest.raises(AuditRecordError, match="mapping"):
+        store.submit("probe", [("ts", T0)])
     store.close()
     with pytest.raises(AuditClosedError):
         store.submit("probe", probe())
+    with pytest.raises(analytics.AuditError, match="new one"):
+        store.start()
 
 
 def _hold_writer(store: AuditStore) -> tuple[threading.Event, threading.Event, threading.Thread]:
@@ -251,3 +255,28 @@ def test_schema_doc_lists_every_column_with_its_type():
             if len(cells) >= 2 and cells[0] not in ("column", "") and not cells[0].startswith("---"):
                 documented[cells[0]] = cells[1]
         assert documented == {f.name: schema.SQL_TYPES[f.type] for f in kind.fields}, kind.table
+
+
+def test_commit_failures_refuse_new_events_and_lose_none(tmp_path):
+    path = tmp_path / "a.duckdb"
+    s = sid()
+    with AuditStore(path, strict=True, flush_interval=0.01) as store:
+        assert store.submit("request", request(s, request_id="before"))
+        store.flush()
+        # Break the real table under the writer: its inserts now fail in DuckDB.
+        admin = store.cursor()
+        admin.execute("ALTER TABLE requests RENAME TO requests_away")
+        assert store.submit("request", request(s, request_id="during"))
+        with pytest.raises(analytics.AuditFlushTimeout, match="not durable"):
+            store.flush(timeout=1.0)
+        assert store.healthy is False
+        assert store.submit("request", request(s, request_id="refused")) is False
+        admin.execute("ALTER TABLE requests_away RENAME TO requests")
+        admin.close()
+        store.flush(timeout=30)      # the kept batch is retried and lands
+        assert store.healthy is True
+        assert store.submit("request", request(s, request_id="after"))
+        store.flush()
+        _, rows = store.query("SELECT request_id FROM requests ORDER BY chain_seq")
+    assert [r[0] for r in rows] == ["before", "during", "after"]
+    assert analytics.verify(path).clean
