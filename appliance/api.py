@@ -15,6 +15,10 @@ if TYPE_CHECKING:
 MAX_WINDOW_S = 24 * 3600  # the TUI's limit too (tui.model.MAX_WINDOW_MINUTES)
 
 
+AUDIT_MAX_ROWS = 100_000
+AUDIT_QUERY_TIMEOUT_S = 60.0
+
+
 def _operator(request: Request) -> Operator:
     return Operator(request.peer.user, request.peer.uid)
 
@@ -109,6 +113,30 @@ def build_router(daemon: "Daemon") -> Router:
             raise ControlError(400, str(e)) from None
         return Response(200, {"columns": cols, "rows": _jsonable_rows(rows)})
 
+    async def audit_verify(request: Request) -> Response:
+        report = await asyncio.to_thread(daemon.audit.verify)
+        return Response(200, {"ok": report.ok, "report": str(report)})
+
+    async def audit_export(request: Request) -> Response:
+        from datetime import date
+        from pathlib import Path
+
+        from analytics import AuditError, export_parquet
+
+        body = request.body or {}
+        try:
+            since = date.fromisoformat(str(body.get("since")))
+        except ValueError:
+            raise ControlError(400, "since must be a date (YYYY-MM-DD)") from None
+        out_dir = Path(str(body.get("dir") or ""))
+        if not out_dir.is_absolute():
+            raise ControlError(400, "dir must be an absolute path")
+        try:
+            files = await asyncio.to_thread(export_parquet, daemon.audit, since, out_dir)
+        except AuditError as e:
+            raise ControlError(400, str(e)) from None
+        return Response(200, {"files": [str(f) for f in files]})
+
     async def flush(request: Request) -> Response:
         await asyncio.to_thread(daemon.audit.flush)
         return Response(200, {"flushed": True})
@@ -132,6 +160,8 @@ def build_router(daemon: "Daemon") -> Router:
     router.add("POST", "/v1/approvals/{approval_id}/deny", deny)
     router.add("POST", "/v1/audit/sql", audit_sql)
     router.add("POST", "/v1/audit/flush", flush)
+    router.add("POST", "/v1/audit/verify", audit_verify)
+    router.add("POST", "/v1/audit/export", audit_export)
     router.add("GET", "/v1/audit/reports/{name}", audit_report)
     return router
 
@@ -140,7 +170,9 @@ async def _audit_query(daemon: "Daemon", sql: str, params: Any) -> tuple[list[st
     from analytics import AuditError
 
     try:
-        cols, rows = await asyncio.to_thread(daemon.audit.query, sql, params)
+        # Bounded, so one operator's query cannot occupy the daemon.
+        cols, rows = await asyncio.to_thread(daemon.audit.query, sql, params, max_rows=AUDIT_MAX_ROWS,
+                                             timeout=AUDIT_QUERY_TIMEOUT_S)
     except AuditError as e:  # read-only violations, SQL errors: the operator's to fix
         raise ControlError(400, str(e)) from None
     return cols, _jsonable_rows(rows)

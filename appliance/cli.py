@@ -187,24 +187,35 @@ def cmd_audit(args: argparse.Namespace) -> int:
             cols, rows = analytics.reports.run_report(db_path, args.name)
         _print_table(cols, rows, args.format)
         return EXIT_OK
-    if not db_path:
-        raise CliError("no audit store path (--path or a config)", EXIT_USAGE)
     if args.action == "verify":
-        try:
-            _client(args).post("/v1/audit/flush")
-            raise CliError("the daemon is running and holds the audit store; stop it (or verify a copy) "
-                           "— DuckDB allows one process to open the file while it is written", EXIT_FAIL)
+        try:  # the running daemon holds the file: it verifies what it has committed
+            doc = _client(args).post("/v1/audit/verify", timeout=600)
+            print(doc["report"])
+            return EXIT_OK if doc["ok"] else EXIT_FAIL
         except DaemonNotRunning:
             pass
+        if not db_path:
+            raise CliError("no audit store path (--path or a config)", EXIT_USAGE)
         report = analytics.verify(db_path)
         print(report)
         return EXIT_OK if report.ok else EXIT_FAIL
     if args.action == "export":
         from datetime import date
 
-        since = date.fromisoformat(args.since)
-        files = analytics.export_parquet(db_path, since, Path(args.dir))
-        print(f"wrote {len(files)} Parquet file(s) under {args.dir}")
+        try:
+            since = date.fromisoformat(args.since)
+        except ValueError:
+            raise CliError(f"--since {args.since!r} is not a date (YYYY-MM-DD)", EXIT_USAGE) from None
+        out_dir = Path(args.dir).resolve()
+        try:
+            doc = _client(args).post("/v1/audit/export", {"since": since.isoformat(), "dir": str(out_dir)},
+                                     timeout=600)
+            files = doc["files"]
+        except DaemonNotRunning:
+            if not db_path:
+                raise CliError("no audit store path (--path or a config)", EXIT_USAGE)
+            files = analytics.export_parquet(db_path, since, out_dir)
+        print(f"wrote {len(files)} Parquet file(s) under {out_dir}")
         return EXIT_OK
     raise CliError(f"unknown audit action {args.action}", EXIT_USAGE)
 

@@ -382,3 +382,21 @@ mode = "off"
         assert daemon.stop() == 0
     res = cli("--config", str(config), "audit", "verify")
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_audit_verify_report_and_export_through_the_running_daemon(env, tmp_path):
+    psql(env.port, env.bao.mint_token(), "SELECT 1")
+    res = cli("--config", str(env.config), "audit", "verify")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "ok" in res.stdout.lower()
+    res = cli("--config", str(env.config), "audit", "report", "blocked_attempts")
+    assert res.returncode == 0, res.stderr
+    res = cli("--config", str(env.config), "audit", "sql", "DELETE FROM requests")
+    assert res.returncode == 1 and "read" in res.stderr.lower()
+    out = tmp_path / "export"
+    res = cli("--config", str(env.config), "audit", "export", "--since", "2020-01-01", str(out))
+    assert res.returncode == 0, res.stderr
+    con = duckdb.connect()
+    n = con.execute(f"SELECT count(*) FROM read_parquet('{out}/**/*.parquet', hive_partitioning=1) "
+                    "WHERE \"table\" = 'session_starts'").fetchone()[0]
+    assert n >= 1
