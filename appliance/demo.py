@@ -29,8 +29,7 @@ import time
 from pathlib import Path
 
 from appliance.control import ControlClient, ControlError
-from appliance.sandbox import (PG_BIN, OpenBaoServer, PostgresServer, configure_openbao, free_port,
-                               wait_for_port)
+from appliance.sandbox import PG_BIN, OpenBaoServer, PostgresServer, config_header, configure_openbao, free_port
 
 TARGET_HOST = "127.0.0.10"
 BOTS_CGROUP = "botwarden-demo.bots"
@@ -114,36 +113,11 @@ def _cli(config: Path, *args: str, check: bool = True, timeout: float = 60, **kw
 
 
 def write_demo_config(path: Path, workdir: Path, pg: PostgresServer, bao, listen_port: int, entity_id: str) -> None:
-    path.write_text(textwrap.dedent(f"""\
-        # Written by `botwarden demo`. See botwarden.example.toml for every key.
-        [appliance]
-        state_dir = "{workdir / 'state'}"
-        control_socket = "{workdir / 'run' / 'control.sock'}"
-        drain_timeout = 5.0
-
-        [audit]
-        path = "{workdir / 'state' / 'audit.duckdb'}"
-        flush_interval = 0.1
-
-        [oidc]
-        issuer = "{bao.issuer}"
-        audience = ["{bao.client_id}"]
-        algorithms = ["RS256"]
-
-        [vault]
-        address = "{bao.server.addr}"
-        auth = "approle"
-        role_id = "{bao.role_id}"
-        secret_id_file = "{bao.secret_id_file}"
-
-        [probes]
-        mode = "auto"
-        bots_cgroup = "{BOTS_CGROUP}"
-        pin_dir = "{PIN_DIR}"
-
-        [approvals]
-        timeout_s = 120
-
+    header = config_header(workdir, bao, probes=f'mode = "auto"\nbots_cgroup = "{BOTS_CGROUP}"\n'
+                                                f'pin_dir = "{PIN_DIR}"\nnft_table = "botwarden_demo"',
+                           approvals_timeout_s=120, flush_interval=0.1)
+    path.write_text("# Written by `botwarden demo`. See botwarden.example.toml for every key.\n" + header
+                    + textwrap.dedent(f"""
         [[targets]]
         name = "orders-db"
         protocol = "postgres"

@@ -309,3 +309,38 @@ def make_tls_cert(directory: Path, cn: str = "botwarden", ips: tuple[str, ...] =
         "-days", "30", "-out", str(crt), "-extfile", str(ext))
     os.chmod(key, 0o600)
     return ca_crt, crt, key
+
+
+def config_header(workdir: Path, bao: OpenBaoSetup, *, socket_path: Path | None = None, probes: str = 'mode = "off"',
+                  approvals_timeout_s: int = 20, appliance_extra: str = "", flush_interval: float = 0.05) -> str:
+    """The [appliance], [audit], [oidc], [vault], [probes] and [approvals] sections of a
+    botwarden.toml for a sandbox (state under ``workdir``, OpenBao as issuer and vault);
+    the caller appends targets, identities and rules."""
+    socket_path = socket_path or Path(workdir) / "run" / "control.sock"
+    return f"""\
+[appliance]
+state_dir = "{Path(workdir) / 'state'}"
+control_socket = "{socket_path}"
+{appliance_extra}drain_timeout = 5.0
+
+[audit]
+path = "{Path(workdir) / 'state' / 'audit.duckdb'}"
+flush_interval = {flush_interval}
+
+[oidc]
+issuer = "{bao.issuer}"
+audience = ["{bao.client_id}"]
+algorithms = ["RS256"]
+
+[vault]
+address = "{bao.server.addr}"
+auth = "approle"
+role_id = "{bao.role_id}"
+secret_id_file = "{bao.secret_id_file}"
+
+[probes]
+{probes}
+
+[approvals]
+timeout_s = {approvals_timeout_s}
+"""

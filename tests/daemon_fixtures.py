@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance.control import ControlClient, ControlError
-from appliance.sandbox import OpenBaoSetup, PostgresServer, configure_openbao, free_port
+from appliance.sandbox import OpenBaoSetup, PostgresServer, config_header, configure_openbao, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 PSQL = "/usr/lib/postgresql/15/bin/psql"
@@ -59,35 +59,10 @@ def write_config(path: Path, *, workdir: Path, pg: PostgresServer, bao: OpenBaoS
                  extra: str = "", rules: str = RULES, probes_mode: str = "off", socket_path: Path | None = None,
                  socket_group: str | None = None, target_address: str | None = None,
                  authentication: str = "token") -> Path:
-    socket_path = socket_path or workdir / "run" / "control.sock"
     group = f'control_socket_group = "{socket_group}"\ncontrol_socket_mode = "0660"\n' if socket_group else ""
-    path.write_text(f"""
-[appliance]
-state_dir = "{workdir / 'state'}"
-control_socket = "{socket_path}"
-{group}drain_timeout = 5.0
-
-[audit]
-path = "{workdir / 'state' / 'audit.duckdb'}"
-flush_interval = 0.05
-
-[oidc]
-issuer = "{bao.issuer}"
-audience = ["{bao.client_id}"]
-algorithms = ["RS256"]
-
-[vault]
-address = "{bao.server.addr}"
-auth = "approle"
-role_id = "{bao.role_id}"
-secret_id_file = "{bao.secret_id_file}"
-
-[probes]
-mode = "{probes_mode}"
-
-[approvals]
-timeout_s = 20
-
+    header = config_header(workdir, bao, socket_path=socket_path, probes=f'mode = "{probes_mode}"',
+                           appliance_extra=group)
+    path.write_text(header + f"""
 [[targets]]
 name = "orders"
 protocol = "postgres"

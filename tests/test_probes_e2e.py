@@ -32,7 +32,8 @@ from pathlib import Path
 import pytest
 from pyroute2 import IPRoute, NetNS, netns
 
-from appliance.sandbox import SUPERUSER_PASSWORD, OpenBaoSetup, PostgresServer, configure_openbao, free_port
+from appliance.sandbox import (SUPERUSER_PASSWORD, OpenBaoSetup, PostgresServer, config_header, configure_openbao,
+                               free_port)
 from probes import cgroups
 from tests.daemon_fixtures import PSQL, ROOT, DaemonProcess
 from tests.probes_fixtures import bpftool_json, unique, wait_for
@@ -171,35 +172,9 @@ source = "database"
 mount = "{bao.db_mount}"
 role = "{bao.db_role}"
 """
-    path.write_text(f"""
-[appliance]
-state_dir = "{workdir / 'state'}"
-control_socket = "{workdir / 'run' / 'control.sock'}"
-drain_timeout = 3.0
-
-[audit]
-path = "{workdir / 'state' / 'audit.duckdb'}"
-flush_interval = 0.05
-
-[oidc]
-issuer = "{bao.issuer}"
-audience = ["{bao.client_id}"]
-algorithms = ["RS256"]
-
-[vault]
-address = "{bao.server.addr}"
-auth = "approle"
-role_id = "{bao.role_id}"
-secret_id_file = "{bao.secret_id_file}"
-
-[probes]
-mode = "{mode}"
-bots_cgroup = "{bots}"
-pin_dir = "{pin_dir}"
-nft_table = "{nft_table}"
-map_entries = 4096
-passthrough = ["{net.ip_a}:{PASSTHROUGH_PORT}"]
-
+    probes = (f'mode = "{mode}"\nbots_cgroup = "{bots}"\npin_dir = "{pin_dir}"\nnft_table = "{nft_table}"\n'
+              f'map_entries = 4096\npassthrough = ["{net.ip_a}:{PASSTHROUGH_PORT}"]')
+    path.write_text(config_header(workdir, bao, probes=probes) + f"""
 [[targets]]
 name = "orders"
 protocol = "postgres"
