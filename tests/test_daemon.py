@@ -400,3 +400,30 @@ def test_audit_verify_report_and_export_through_the_running_daemon(env, tmp_path
     n = con.execute(f"SELECT count(*) FROM read_parquet('{out}/**/*.parquet', hive_partitioning=1) "
                     "WHERE \"table\" = 'session_starts'").fetchone()[0]
     assert n >= 1
+
+
+def test_replay_shows_a_session_request_by_request(env):
+    token = env.bao.mint_token()
+    psql(env.port, token, "SELECT 40 + 2", "DROP TABLE orders")
+    rows = env.daemon.audit_sql("SELECT session_id FROM requests WHERE text = 'SELECT 40 + 2' "
+                                "ORDER BY chain_seq DESC LIMIT 1")
+    session_id = rows[0]["session_id"]
+    res = cli("--config", str(env.config), "replay", session_id)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert "identity orders-bot" in lines[0]
+    allowed = next(i for i, line in enumerate(lines) if "SELECT 40 + 2" in line)
+    blocked = next(i for i, line in enumerate(lines) if "DROP TABLE orders" in line)
+    assert allowed < blocked and "[  block]" in lines[blocked] and "no-drops" in lines[blocked]
+    assert cli("--config", str(env.config), "replay", "no-such-session").returncode == 1
+
+
+def test_policy_explain_and_check_from_the_cli(env):
+    res = cli("--config", str(env.config), "policy", "explain", "--identity", "orders-bot", "--target", "orders",
+              "WITH d AS (DELETE FROM orders RETURNING *) SELECT count(*) FROM d")
+    assert res.returncode == 0, res.stderr
+    assert "approve" in res.stdout and "mass-delete-needs-approval" in res.stdout
+    res = cli("--config", str(env.config), "policy", "explain", "--identity", "nobody", "--target", "orders", "SELECT 1")
+    assert res.returncode == 2 and "unknown identity" in res.stderr
+    res = cli("--config", str(ROOT / "botwarden.example.toml"), "policy", "check")
+    assert res.returncode == 0, res.stdout + res.stderr
