@@ -124,7 +124,7 @@ def test_protocol_3_2_gets_negotiate_protocol_version():
     server.receive_data(startup.encode())
     got = server.next_event()
     assert got == startup
-    assert negotiate_reply(got) == m.NegotiateProtocolVersion(0, ("_pq_.foo",))
+    assert negotiate_reply(got) == m.NegotiateProtocolVersion(m.PROTOCOL_3_0, ("_pq_.foo",))
     assert negotiate_reply(m.StartupMessage((("user", "u"),))) is None
     upstream = startup_for_server(got, "real")
     assert upstream.version == m.PROTOCOL_3_0

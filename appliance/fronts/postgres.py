@@ -224,11 +224,13 @@ class PostgresFront:
         if found is None:
             log.info("cancel request for an unknown key ignored (pid %s)", req.pid)
             return
-        secret, host, port = found
+        await self.cancel_upstream(req.pid, *found)
+
+    async def cancel_upstream(self, pid: int, secret: int, host: str, port: int) -> None:
         try:
             _, writer = await asyncio.wait_for(asyncio.open_connection(host, port),
                                                self.settings.connect_timeout)
-            writer.write(m.CancelRequest(req.pid, secret).encode())
+            writer.write(m.CancelRequest(pid, secret).encode())
             await writer.drain()
             writer.close()
         except (OSError, asyncio.TimeoutError) as e:
@@ -546,7 +548,8 @@ class Session:
             return
         if self._ops and self.backend_pid is not None and self.cancel_key is not None:
             # The server would run the statement to its end; ask it to stop now.
-            self.front.spawn(self.front.cancel(m.CancelRequest(self.cancel_key[0], self.cancel_key[1])),
+            secret, host, port = self.front.cancel_keys[self.cancel_key]
+            self.front.spawn(self.front.cancel_upstream(self.backend_pid, secret, host, port),
                              "pg-cancel-on-disconnect")
             if self.outcome == "ok":
                 self.outcome = "terminated"
@@ -905,8 +908,7 @@ class Session:
     def _c_parse(self, buf, s: int, e: int):
         msg = m.Parse.decode(bytes(buf[s + 5:e]))
         if self._skip_until_sync:
-            # The server discards this after our refusal; no decision needed.
-            self._ops.append((OP_PARSE, None, None))
+            # The server discards this after our refusal: no decision, no response to expect.
             return None
         v = self._decide(msg.query, "parse")
         stmt = _Statement(msg.query, v)
@@ -934,12 +936,14 @@ class Session:
         return _HOLD
 
     def _c_bind(self, buf, s: int, e: int):
+        if self._skip_until_sync:
+            return None
         msg = m.Bind.decode(bytes(buf[s + 5:e]))
         stmt = self._statements.get(msg.statement, _UNKNOWN_STATEMENT)
         portal = _Portal(stmt, _render_params(msg), msg.result_formats)
         self._portals[msg.portal] = portal
         self._ops.append((OP_BIND,))
-        if stmt.verdict.action == "mask" and not self._skip_until_sync:
+        if stmt.verdict.action == "mask":
             # Masking needs the result columns with their formats: ask for them, keep the answer.
             self._handlers[68] = self._on_data_row
             self._ops.append((OP_DESCRIBE, "P", portal, True))
@@ -947,12 +951,16 @@ class Session:
         return None
 
     def _c_describe(self, buf, s: int, e: int):
+        if self._skip_until_sync:
+            return None
         msg = m.Describe.decode(bytes(buf[s + 5:e]))
         target = (self._statements.get(msg.name) if msg.kind == "S" else self._portals.get(msg.name))
         self._ops.append((OP_DESCRIBE, msg.kind, target, False))
         return None
 
     def _c_execute(self, buf, s: int, e: int):
+        if self._skip_until_sync:
+            return None
         msg = m.Execute.decode(bytes(buf[s + 5:e]))
         portal = self._portals.get(msg.portal)
         stmt = portal.statement if portal is not None else _UNKNOWN_STATEMENT
@@ -961,6 +969,8 @@ class Session:
         return None
 
     def _c_close(self, buf, s: int, e: int):
+        if self._skip_until_sync:
+            return None
         msg = m.Close.decode(bytes(buf[s + 5:e]))
         (self._statements if msg.kind == "S" else self._portals).pop(msg.name, None)
         self._ops.append((OP_CLOSE,))
