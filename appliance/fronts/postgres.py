@@ -83,8 +83,8 @@ from appliance.protocols.postgres.auth import SCRAM_SHA_256, ScramClient, md5_pa
 from appliance.protocols.postgres.connection import (NEED_DATA, ConnectionClosed, PgConnection, Role,
                                                      error_response, negotiate_reply, notice_response,
                                                      startup_for_server)
-from appliance.protocols.postgres.errors import PgProtocolError
-from appliance.protocols.postgres.framing import DEFAULT_MAX_MESSAGE_SIZE, split_messages
+from appliance.protocols.postgres.errors import PgProtocolError, RemoteProtocolError
+from appliance.protocols.postgres.framing import DEFAULT_MAX_MESSAGE_SIZE, check_length, unpack_len as _unpack_len
 
 from .services import (AuthRefused, ColumnMaskPlan, ConnectionContext, FrontServices, HoldOutcome,
                        SessionGrant)
@@ -148,8 +148,16 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+_time = time.time
+_urandom = os.urandom
+
+
+def _discard(data: bytes) -> None:
+    """Writer of a closed session."""
+
+
 def _new_id() -> str:
-    return os.urandom(16).hex()
+    return _urandom(16).hex()
 
 
 def _addr(a: Any) -> str | None:
@@ -344,7 +352,7 @@ class UpstreamProtocol(asyncio.Protocol):
 class _Request:
     """One statement's audit record while it runs."""
 
-    __slots__ = ("request_id", "kind", "text", "params", "verdict", "decision", "ts", "t0", "rows", "error",
+    __slots__ = ("request_id", "kind", "text", "params", "verdict", "decision", "t0", "rows", "error",
                  "sqlstate", "masked", "nonce", "refusal", "reason")
 
     def __init__(self, kind: str, text: str, verdict: Verdict, params: list | None = None):
@@ -355,8 +363,7 @@ class _Request:
         self.verdict = verdict
         self.decision = verdict.action
         self.reason = verdict.reason or None
-        self.ts = _now()
-        self.t0 = time.perf_counter()
+        self.t0 = _time()
         self.rows: int | None = None
         self.error: str | None = None
         self.sqlstate: str | None = None
@@ -422,6 +429,59 @@ def _columns(desc: m.RowDescription, formats: tuple[int, ...] | None = None) -> 
     return cols
 
 
+_H16 = struct.Struct("!h")
+
+
+def _cstring_at(buf, pos: int, end: int) -> tuple[str, int]:
+    z = buf.find(b"\x00", pos, end)
+    if z < 0:
+        raise RemoteProtocolError("string field is not NUL-terminated")
+    return buf[pos:z].decode("utf-8", "surrogateescape"), z + 1
+
+
+def _bind_fast(buf, s: int, e: int) -> tuple[str, str, list[str | None], tuple[int, ...]]:
+    """(portal, statement, parameters rendered for the audit, result formats) of a Bind, without copies.
+
+    The hot path of every extended-protocol execution; Bind.decode is the reference
+    (the fuzz tests hold both to the same inputs through the front's tests).
+    """
+    try:
+        portal, pos = _cstring_at(buf, s + 5, e)
+        statement, pos = _cstring_at(buf, pos, e)
+        (nf,) = _H16.unpack_from(buf, pos)
+        pos += 2
+        formats = struct.unpack_from(f"!{nf}h", buf, pos) if nf > 0 else ()
+        pos += 2 * nf
+        (np_,) = _H16.unpack_from(buf, pos)
+        pos += 2
+        if nf < 0 or np_ < 0 or (nf > 1 and nf != np_):
+            raise RemoteProtocolError("Bind has inconsistent parameter counts")
+        params: list[str | None] = []
+        for i in range(np_):
+            (ln,) = _I32.unpack_from(buf, pos)
+            pos += 4
+            if ln == -1:
+                params.append(None)
+                continue
+            if ln < 0 or pos + ln > e:
+                raise RemoteProtocolError("Bind parameter runs past its message")
+            fmt = formats[i] if nf > 1 else (formats[0] if nf else 0)
+            raw = buf[pos:pos + ln]
+            params.append(raw.decode("utf-8", "replace") if fmt == 0 else "\\x" + raw.hex())
+            pos += ln
+        (nr,) = _H16.unpack_from(buf, pos)
+        pos += 2
+        if nr < 0:
+            raise RemoteProtocolError("Bind has a negative result format count")
+        result_formats = struct.unpack_from(f"!{nr}h", buf, pos) if nr else ()
+        pos += 2 * nr
+        if pos != e:
+            raise RemoteProtocolError("Bind body length does not match its fields")
+        return portal, statement, params, result_formats
+    except struct.error as err:
+        raise RemoteProtocolError(f"Bind message is truncated: {err}") from err
+
+
 def _render_params(bind: m.Bind) -> list[str | None]:
     out: list[str | None] = []
     for i, v in enumerate(bind.params):
@@ -458,6 +518,9 @@ class Session:
         self.backend_pid: int | None = None
         self.txn_status = "I"
         self._paused: set[str] = set()
+        # The relay's writers: the transports' own write methods once relaying, no-ops after close.
+        self._to_bot: Callable[[bytes], None] = self.write_bot
+        self._to_server: Callable[[bytes], None] = self.write_server
         self._startup_task: asyncio.Task | None = None
         self._hold_task: asyncio.Task | None = None
         # bot -> server
@@ -517,6 +580,7 @@ class Session:
         if self.closed:
             return
         self.closed = True
+        self._to_bot = self._to_server = _discard
         if self._startup_task is not None and not self._startup_task.done():
             self._startup_task.cancel()
         if self._hold_task is not None and not self._hold_task.done():
@@ -737,6 +801,8 @@ class Session:
             else:
                 raise FrontError(sqlstate.PROTOCOL_VIOLATION,
                                  f"the server sent {type(ev).__name__} during startup")
+        self._to_bot = self.bot.transport.write
+        self._to_server = self.upstream.transport.write
         self.relaying = True
         rest_server = self.server_waiter.codec.trailing_data
         rest_bot = self.bot_waiter.codec.trailing_data
@@ -822,55 +888,58 @@ class Session:
             if len(buf) > HELD_BUFFER_LIMIT and "held" not in self._paused:
                 self.flow("held", True)
             return
-        try:
-            spans, pos = split_messages(buf, 0, self.settings.max_message_size)
-        except PgProtocolError as e:
-            self.fatal(e.sqlstate, e.message)
-            return
         handlers = self._client_handlers
+        max_size = self.settings.max_message_size
         out: list = []
         run = 0   # start of the pending run of unchanged bytes
-        for i, (t, s, e) in enumerate(spans):
-            h = handlers[t]
-            if h is None:
-                continue
-            try:
-                r = h(buf, s, e)
-            except PgProtocolError as err:
-                self.fatal(err.sqlstate, err.message)
-                return
-            if r is None:
-                continue
-            if r is _HOLD:
-                if run < s:
-                    out.append(buf[run:s])
-                self._cbuf = bytearray(memoryview(buf)[e:])
-                self._held = True
-                self._flush_out(out)
-                return
-            if run < s:
-                out.append(buf[run:s])
-            if r:
-                out.append(r)
-            run = e
-            if self.closed:
-                self._flush_out(out)
-                return
+        pos = 0
+        n = len(buf)
+        # Framing inline (see framing.split_messages): this loop is the hot path.
+        try:
+            while n - pos >= 5:
+                (length,) = _unpack_len(buf, pos + 1)
+                if length < 4 or length > max_size:
+                    check_length(buf[pos], length, max_size)
+                e = pos + 1 + length
+                if e > n:
+                    break
+                h = handlers[buf[pos]]
+                if h is not None:
+                    r = h(buf, pos, e)
+                    if r is not None:
+                        if run < pos:
+                            out.append(buf[run:pos])
+                        if r is _HOLD:
+                            self._cbuf = bytearray(memoryview(buf)[e:])
+                            self._held = True
+                            self._flush_out(out)
+                            return
+                        if r:
+                            out.append(r)
+                        run = e
+                        if self.closed:
+                            self._flush_out(out)
+                            return
+                pos = e
+        except PgProtocolError as err:
+            self._flush_out(out)
+            self.fatal(err.sqlstate, err.message)
+            return
         if not out:
-            if pos == len(buf):
-                self.write_server(buf)
+            if pos == n:
+                self._to_server(buf)
             elif pos:
-                self.write_server(buf[:pos])
+                self._to_server(buf[:pos])
         else:
             if run < pos:
                 out.append(buf[run:pos])
             self._flush_out(out)
         # A new object each time: bytes already handed to the transport are never mutated.
-        self._cbuf = bytearray(memoryview(buf)[pos:]) if pos < len(buf) else b""
+        self._cbuf = bytearray(memoryview(buf)[pos:]) if pos < n else b""
 
     def _flush_out(self, out: list) -> None:
         if out:
-            self.write_server(b"".join(out))
+            self._to_server(b"".join(out))
 
     def _blocked_sql(self, req: _Request, refusal: m.ErrorResponse) -> str:
         # A statement that fails in the server's parser: the server then recovers exactly as
@@ -888,7 +957,10 @@ class Session:
                               detail=verdict.reason or None)
 
     def _c_query(self, buf, s: int, e: int):
-        sql = m.Query.decode(bytes(buf[s + 5:e])).sql
+        # Inline decode: this runs for every simple-protocol statement.
+        if buf[e - 1] != 0 or buf.find(b"\x00", s + 5, e - 1) >= 0:
+            raise RemoteProtocolError("Query must carry exactly one NUL-terminated string")
+        sql = buf[s + 5:e - 1].decode("utf-8", "surrogateescape")
         v = self._decide(sql, "query")
         req = _Request("query", sql, v)
         action = v.action
@@ -938,16 +1010,16 @@ class Session:
     def _c_bind(self, buf, s: int, e: int):
         if self._skip_until_sync:
             return None
-        msg = m.Bind.decode(bytes(buf[s + 5:e]))
-        stmt = self._statements.get(msg.statement, _UNKNOWN_STATEMENT)
-        portal = _Portal(stmt, _render_params(msg), msg.result_formats)
-        self._portals[msg.portal] = portal
+        portal_name, stmt_name, params, result_formats = _bind_fast(buf, s, e)
+        stmt = self._statements.get(stmt_name, _UNKNOWN_STATEMENT)
+        portal = _Portal(stmt, params, result_formats)
+        self._portals[portal_name] = portal
         self._ops.append((OP_BIND,))
         if stmt.verdict.action == "mask":
             # Masking needs the result columns with their formats: ask for them, keep the answer.
             self._handlers[68] = self._on_data_row
             self._ops.append((OP_DESCRIBE, "P", portal, True))
-            return bytes(buf[s:e]) + m.Describe("P", msg.portal).encode()
+            return bytes(buf[s:e]) + m.Describe("P", portal_name).encode()
         return None
 
     def _c_describe(self, buf, s: int, e: int):
@@ -961,8 +1033,10 @@ class Session:
     def _c_execute(self, buf, s: int, e: int):
         if self._skip_until_sync:
             return None
-        msg = m.Execute.decode(bytes(buf[s + 5:e]))
-        portal = self._portals.get(msg.portal)
+        name, pos = _cstring_at(buf, s + 5, e)
+        if pos + 4 != e:
+            raise RemoteProtocolError("Execute body length does not match its fields")
+        portal = self._portals.get(name)
         stmt = portal.statement if portal is not None else _UNKNOWN_STATEMENT
         req = _Request("execute", stmt.text, stmt.verdict, portal.params if portal is not None else None)
         self._ops.append((OP_EXECUTE, portal, req))
@@ -1014,7 +1088,7 @@ class Session:
                 + (f" (rule {req.verdict.rule!r})" if req.verdict.rule else "") + "; waiting for an operator",
                 severity="NOTICE").encode()
             if threading.get_ident() == thread:
-                self.write_bot(notice)
+                self._to_bot(notice)
             else:
                 loop.call_soon_threadsafe(self.write_bot, notice)
 
@@ -1042,7 +1116,7 @@ class Session:
                 detail=f"approval {outcome.approval_id}" if outcome.approval_id else None)
             out = on_denied(self._blocked_sql(req, refusal))
         self._ops.append(make_op())
-        self.write_server(out)
+        self._to_server(out)
         self._held = False
         if "held" in self._paused:
             self.flow("held", False)
@@ -1056,9 +1130,9 @@ class Session:
         if left:
             if len(data) <= left:
                 self._stream_left = left - len(data)
-                self.write_bot(data)
+                self._to_bot(data)
                 return
-            self.write_bot(data[:left])
+            self._to_bot(data[:left])
             data = data[left:]
             self._stream_left = 0
         if self._sbuf:
@@ -1066,46 +1140,47 @@ class Session:
             buf = self._sbuf
         else:
             buf = data
-        try:
-            spans, pos = split_messages(buf, 0, SERVER_MAX_MESSAGE)
-        except PgProtocolError as e:
-            self.fatal(sqlstate.PROTOCOL_VIOLATION, f"the server sent an invalid message ({e.message})")
-            return
         handlers = self._handlers
         out: list = []
         run = 0
+        pos = 0
+        n = len(buf)
         try:
-            for t, s, e in spans:
-                h = handlers[t]
-                if h is None:
-                    continue
-                r = h(buf, s, e)
-                if r is None:
-                    continue
-                if run < s:
-                    out.append(buf[run:s])
-                if r:
-                    out.append(r)
-                run = e
+            while n - pos >= 5:
+                (length,) = _unpack_len(buf, pos + 1)
+                if length < 4:
+                    check_length(buf[pos], length, SERVER_MAX_MESSAGE)
+                e = pos + 1 + length
+                if e > n:
+                    break
+                h = handlers[buf[pos]]
+                if h is not None:
+                    r = h(buf, pos, e)
+                    if r is not None:
+                        if run < pos:
+                            out.append(buf[run:pos])
+                        if r:
+                            out.append(r)
+                        run = e
+                pos = e
         except PgProtocolError as err:
             self.fatal(sqlstate.PROTOCOL_VIOLATION, f"the server sent an invalid message ({err.message})")
             return
-        end = len(buf)
-        if pos < end and end - pos >= STREAM_THRESHOLD and handlers[buf[pos]] is None:
+        if pos < n and n - pos >= STREAM_THRESHOLD and handlers[buf[pos]] is None:
             # A big message we do not inspect: send what we have, stream the rest as it comes.
-            (length,) = _I32.unpack_from(buf, pos + 1)
-            self._stream_left = length + 1 - (end - pos)
-            pos = end
+            (length,) = _unpack_len(buf, pos + 1)
+            self._stream_left = length + 1 - (n - pos)
+            pos = n
         if not out:
-            if pos == end:
-                self.write_bot(buf)
+            if pos == n:
+                self._to_bot(buf)
             elif pos:
-                self.write_bot(buf[:pos])
+                self._to_bot(buf[:pos])
         else:
             if run < pos:
                 out.append(buf[run:pos])
-            self.write_bot(b"".join(out))
-        self._sbuf = bytearray(memoryview(buf)[pos:]) if pos < end else b""
+            self._to_bot(b"".join(out))
+        self._sbuf = bytearray(memoryview(buf)[pos:]) if pos < n else b""
 
     def _pop(self, kind: int):
         ops = self._ops
@@ -1219,7 +1294,9 @@ class Session:
         if not ops:
             return None
         head = ops[0]
-        rows = m.CommandComplete.decode(bytes(buf[s + 5:e])).rows
+        tag = buf[s + 5:e - 1]
+        i = tag.rfind(b" ")
+        rows = int(tag[i + 1:]) if i > 0 and tag[i + 1:].isdigit() else None
         if head[0] == OP_QUERY:
             req = head[1]
             if rows is not None:
@@ -1313,10 +1390,11 @@ class Session:
     # ------------------------------------------------------------------ audit
     def _finish(self, req: _Request) -> None:
         self._audit("request", {
-            "request_id": req.request_id, "session_id": self.session_id, "ts": req.ts, "protocol": PROTOCOL,
+            "request_id": req.request_id, "session_id": self.session_id,
+            "ts": datetime.fromtimestamp(req.t0, timezone.utc), "protocol": PROTOCOL,
             "kind": req.kind, "text": req.text, "params": req.params, "decision": req.decision,
             "rule": req.verdict.rule, "reason": req.reason,
-            "duration_ms": (time.perf_counter() - req.t0) * 1000.0, "rows": req.rows, "error": req.error,
+            "duration_ms": (_time() - req.t0) * 1000.0, "rows": req.rows, "error": req.error,
             "sqlstate": req.sqlstate, "masked": req.masked,
         })
 
