@@ -169,7 +169,7 @@ def main() -> None:
         subprocess.run([PGBENCH, "-i", "-q", "-s", str(args.scale), "-h", "127.0.0.1", "-p", str(pg.port), "-U", USER,
                         "bench"], check=True, capture_output=True, env=env)
         pg.psql("CREATE TABLE big AS SELECT i AS id, 'person' || i || '@example.com' AS email, "
-                "lpad((i * 7919 % 1000000000)::text, 9, '0') AS ssn, repeat(md5(i::text), 2) AS payload "
+                "lpad((i::bigint * 7919 % 1000000000)::text, 9, '0') AS ssn, repeat(md5(i::text), 2) AS payload "
                 f"FROM generate_series(1, {args.big_rows}) i", db="bench")
         big_mb = int(pg.psql("SELECT sum(octet_length(id::text) + octet_length(email) + octet_length(ssn) "
                              "+ octet_length(payload)) FROM big", db="bench")) / 1e6

@@ -489,3 +489,54 @@ _contract_fields = {
     "request": {"request_id", "session_id", "ts", "protocol", "kind", "text", "params", "decision", "rule",
                 "reason", "duration_ms", "rows", "error", "sqlstate", "masked"},
 }
+
+
+# ---------------------------------------------------------------- FunctionCall and the fast Bind decoder
+
+def test_function_call_blocked_by_default_and_allowed_by_setting(pg_server):
+    setup_roles(pg_server)
+    abs_int4 = int(pg_server.psql("SELECT 'abs(int4)'::regprocedure::oid"))
+    call = m.FunctionCall(abs_int4, (0,), (b"-42",), 0)
+    for allowed in (False, True):
+        ft = FrontThread(plain_settings(pg_server, allow_function_call=allowed), default_services())
+        try:
+            bot = RawBot(ft.port)
+            bot.sock.sendall(call.encode())
+            seen = bot.until(m.ReadyForQuery)
+            if allowed:
+                assert m.FunctionCallResponse(b"42") in seen
+            else:
+                err = [e for e in seen if isinstance(e, m.ErrorResponse)][0]
+                assert err.sqlstate == "42501" and "FunctionCall" in err.message
+            bot.sock.sendall(m.Query("SELECT 'usable'").encode())
+            assert m.DataRow((b"usable",)) in bot.until(m.ReadyForQuery)
+            rec = _wait_for(lambda: [r for r in ft.services.of_kind("request") if r["kind"] == "function_call"])[0]
+            assert rec["decision"] == ("allow" if allowed else "block")
+        finally:
+            ft.stop()
+
+
+from hypothesis import given, settings as hsettings, strategies as st  # noqa: E402
+
+from appliance.fronts.postgres import _bind_fast, _render_params  # noqa: E402
+from appliance.protocols.postgres.errors import PgProtocolError  # noqa: E402
+
+_values = st.lists(st.one_of(st.none(), st.binary(max_size=8)), max_size=4)
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(st.text(max_size=5).filter(lambda t: "\x00" not in t), _values, st.sampled_from([0, 1, 2]),
+       st.lists(st.sampled_from([0, 1]), max_size=3), st.binary(max_size=6), st.integers(0, 40))
+def test_fast_bind_decoder_agrees_with_codec(name, values, nformats, result_formats, junk, cut):
+    formats = tuple([1] * len(values)) if nformats == 2 else ((1,) if nformats == 1 else ())
+    wire = m.Bind(name, "s", formats, tuple(values), tuple(result_formats)).encode()
+    for candidate in (wire, wire[:5] + wire[5:5 + cut] + junk):
+        candidate = candidate[:1] + struct.pack("!i", len(candidate) - 1) + candidate[5:]
+        try:
+            ref = m.decode_frontend(b"B", candidate[5:])
+        except PgProtocolError:
+            with pytest.raises(PgProtocolError):
+                _bind_fast(candidate, 0, len(candidate))
+            continue
+        assert _bind_fast(candidate, 0, len(candidate)) == (ref.portal, ref.statement, _render_params(ref),
+                                                             ref.result_formats)

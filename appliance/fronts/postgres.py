@@ -397,26 +397,55 @@ _UNKNOWN_STATEMENT = _Statement("", Verdict("allow", None, "statement prepared b
 OP_QUERY, OP_PARSE, OP_BIND, OP_DESCRIBE, OP_EXECUTE, OP_CLOSE, OP_SYNC, OP_FUNCTION = range(8)
 
 _I32 = struct.Struct("!i")
+_H16 = struct.Struct("!h")
 _HEADER = struct.Struct("!ci")
 
 
 def _row_values(buf, start: int, end: int) -> list[bytes | None]:
-    """Values of a DataRow at buf[start:end] (start = its type byte)."""
-    (n,) = struct.unpack_from("!h", buf, start + 5)
-    pos = start + 7
-    out: list[bytes | None] = []
-    unpack = _I32.unpack_from
-    for _ in range(n):
-        (ln,) = unpack(buf, pos)
-        pos += 4
-        if ln < 0:
-            out.append(None)
-        else:
-            if pos + ln > end:
-                raise PgProtocolError("DataRow value runs past its message")
-            out.append(bytes(buf[pos:pos + ln]))
-            pos += ln
+    """Values of a DataRow at buf[start:end] (start = its type byte), as bytes."""
+    if type(buf) is not bytes:
+        buf = bytes(buf[start:end])  # one copy of the row, so values are immutable bytes
+        end -= start
+        start = 0
+    try:
+        (n,) = _H16.unpack_from(buf, start + 5)
+        pos = start + 7
+        out: list[bytes | None] = []
+        append = out.append
+        unpack = _I32.unpack_from
+        for _ in range(n):
+            (ln,) = unpack(buf, pos)
+            pos += 4
+            if ln < 0:
+                append(None)
+            else:
+                append(buf[pos:pos + ln])
+                pos += ln
+    except struct.error as err:
+        raise RemoteProtocolError(f"malformed DataRow: {err}") from err
+    if pos != end:
+        raise RemoteProtocolError("DataRow values do not match its length")
     return out
+
+
+_NULL = b"\xff\xff\xff\xff"
+
+
+def _encode_row(values) -> bytes:
+    parts = [b"", _H16.pack(len(values))]
+    append = parts.append
+    pack = _I32.pack
+    size = 6
+    for v in values:
+        if v is None:
+            append(_NULL)
+            size += 4
+        else:
+            append(pack(len(v)))
+            append(v)
+            size += 4 + len(v)
+    parts[0] = _HEADER.pack(b"D", size)
+    return b"".join(parts)
 
 
 def _columns(desc: m.RowDescription, formats: tuple[int, ...] | None = None) -> list[ColumnDesc]:
@@ -427,9 +456,6 @@ def _columns(desc: m.RowDescription, formats: tuple[int, ...] | None = None) -> 
             fmt = formats[i] if len(formats) > 1 else (formats[0] if formats else 0)
         cols.append(ColumnDesc(f.name, f.table_oid, f.attnum, f.type_oid, fmt))
     return cols
-
-
-_H16 = struct.Struct("!h")
 
 
 def _cstring_at(buf, pos: int, end: int) -> tuple[str, int]:
@@ -456,6 +482,9 @@ def _bind_fast(buf, s: int, e: int) -> tuple[str, str, list[str | None], tuple[i
         pos += 2
         if nf < 0 or np_ < 0 or (nf > 1 and nf != np_):
             raise RemoteProtocolError("Bind has inconsistent parameter counts")
+        for f in formats:
+            if f != 0 and f != 1:
+                raise RemoteProtocolError(f"unknown format code {f}")
         params: list[str | None] = []
         for i in range(np_):
             (ln,) = _I32.unpack_from(buf, pos)
@@ -474,6 +503,9 @@ def _bind_fast(buf, s: int, e: int) -> tuple[str, str, list[str | None], tuple[i
         if nr < 0:
             raise RemoteProtocolError("Bind has a negative result format count")
         result_formats = struct.unpack_from(f"!{nr}h", buf, pos) if nr else ()
+        for f in result_formats:
+            if f != 0 and f != 1:
+                raise RemoteProtocolError(f"unknown format code {f}")
         pos += 2 * nr
         if pos != e:
             raise RemoteProtocolError("Bind body length does not match its fields")
@@ -1280,14 +1312,11 @@ class Session:
             self._plan_req = req
             if plan is _NO_PLAN:
                 return None
-        try:
-            values = _row_values(buf, s, e)
-        except struct.error as err:
-            raise PgProtocolError(f"malformed DataRow: {err}") from err
+        values = _row_values(buf, s, e)
         new, changed = plan.apply(values)
         if not changed:
             return None
-        return m.DataRow(tuple(new)).encode()
+        return _encode_row(new)
 
     def _on_command_complete(self, buf, s, e):
         ops = self._ops

@@ -110,6 +110,7 @@ class ColumnMaskPlan:
         self.indexes = list(indexes)
         self.mask = mask
         self.counts: dict[str, int] = {}
+        self._targets = [(i, self.columns[i].name, self._masked(self.columns[i])) for i in self.indexes]
 
     def _masked(self, col: ColumnDesc) -> bytes:
         # Keep the value parseable for its type so clients do not fail on a masked row.
@@ -126,11 +127,12 @@ class ColumnMaskPlan:
     def apply(self, values: Sequence[bytes | None]) -> tuple[list[bytes | None], bool]:
         out = list(values)
         changed = False
-        for i in self.indexes:
-            if i < len(out) and out[i] is not None:
-                col = self.columns[i]
-                out[i] = self._masked(col)
-                self.counts[col.name] = self.counts.get(col.name, 0) + 1
+        counts = self.counts
+        n = len(out)
+        for i, name, masked in self._targets:
+            if i < n and out[i] is not None:
+                out[i] = masked
+                counts[name] = counts.get(name, 0) + 1
                 changed = True
         return out, changed
 
