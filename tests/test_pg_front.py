@@ -293,6 +293,13 @@ def test_bot_tls_verify_full(pg_server, tmp_path):
         with psycopg.connect(ft.dsn(sslmode="verify-full", sslrootcert=str(ca["ca"]))) as conn:
             assert conn.pgconn.ssl_in_use
             assert conn.execute("SELECT 42").fetchone() == (42,)
+            # libpq 17+ sends the cancel request over TLS too (SSLRequest, then CancelRequest)
+            timer = threading.Timer(0.5, conn.cancel_safe)
+            timer.start()
+            with pytest.raises(psycopg.errors.QueryCanceled):
+                conn.execute("SELECT pg_sleep(20)")
+            conn.rollback()
+            assert conn.execute("SELECT 43").fetchone() == (43,)
         with psycopg.connect(ft.dsn(sslmode="require")) as conn:
             assert conn.pgconn.ssl_in_use
         with pytest.raises(psycopg.OperationalError) as e:
@@ -456,6 +463,34 @@ def test_upstream_dying_gives_bot_fatal_error(pg_server):
     finally:
         ft.stop()
         relay.close()
+
+
+class RaisingMaskServices(DefaultServices):
+    """A policy whose mask plan breaks: no unmasked value may reach the bot."""
+
+    def mask_plan(self, grant, target, verdict, columns):
+        class Broken:
+            counts: dict = {}
+
+            def apply(self, values):
+                raise RuntimeError("mask plan bug")
+        return Broken()
+
+    def decide_sql(self, grant, target, sql, phase):
+        return Verdict("mask", "pii", "") if "people" in sql else super().decide_sql(grant, target, sql, phase)
+
+
+def test_failing_mask_plan_fails_closed(pg_server):
+    setup_roles(pg_server)
+    ft = FrontThread(plain_settings(pg_server), RaisingMaskServices(Credential(APP_USER, APP_PASSWORD)))
+    try:
+        with psycopg.connect(ft.dsn(), autocommit=True) as conn:
+            with pytest.raises(psycopg.errors.InternalError_) as e:
+                conn.execute("SELECT email FROM people WHERE id = 1").fetchall()
+            assert e.value.sqlstate == "XX000"
+            assert "user1@example.com" not in str(e.value) and "botwarden" in str(e.value)
+    finally:
+        ft.stop()
 
 
 def test_session_audit_records(policy_front):

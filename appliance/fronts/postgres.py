@@ -292,7 +292,11 @@ class BotProtocol(asyncio.Protocol):
         s = self.session
         s.bytes_in += len(data)
         if s.relaying:
-            s.client_data(data)
+            try:
+                s.client_data(data)
+            except Exception:  # our bug or a hook's: fail closed, never forward unchecked bytes
+                log.exception("relay failed (bot -> server); session closed")
+                s.fatal(sqlstate.INTERNAL_ERROR, "internal error in the inspector; the session is closed")
         else:
             try:
                 s.bot_waiter.feed(data)
@@ -328,7 +332,11 @@ class UpstreamProtocol(asyncio.Protocol):
         s = self.session
         s.bytes_out += len(data)
         if s.relaying:
-            s.server_data(data)
+            try:
+                s.server_data(data)
+            except Exception:  # e.g. a mask plan that raises: no unmasked row may pass
+                log.exception("relay failed (server -> bot); session closed")
+                s.fatal(sqlstate.INTERNAL_ERROR, "internal error in the inspector; the session is closed")
         else:
             try:
                 s.server_waiter.feed(data)
@@ -569,6 +577,7 @@ class Session:
         self._plan = None
         self._plan_req: _Request | None = None
         self._server_fatal = False
+        self._terminated = False
         self._handlers: list[Callable | None] = [None] * 256
         for ch, h in ((b"1", self._on_parse_complete), (b"2", self._on_bind_complete),
                       (b"3", self._on_close_complete), (b"T", self._on_row_description),
@@ -656,6 +665,9 @@ class Session:
         self.server_waiter.wake(ConnectionResetError("server closed the connection"))
         if self.closed or not self.relaying:
             return
+        if self._terminated:
+            self.close()  # the bot said goodbye; the server closing is the normal end
+            return
         if self._server_fatal:
             # The server already told the bot why (e.g. pg_terminate_backend's 57P01).
             self.outcome = "terminated"
@@ -707,6 +719,11 @@ class Session:
                 self.outcome = "error"
                 self.end_error = str(e)
                 self.close()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("session startup failed")
+            self.fatal(sqlstate.INTERNAL_ERROR, "internal error while starting the session")
 
     async def _startup(self) -> None:
         loop = asyncio.get_running_loop()
@@ -1103,6 +1120,7 @@ class Session:
         return m.Query(nonce).encode()
 
     def _c_terminate(self, buf, s: int, e: int):
+        self._terminated = True
         return None
 
     # ------------------------------------------------------------------ approvals
