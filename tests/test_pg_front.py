@@ -575,3 +575,40 @@ def test_fast_bind_decoder_agrees_with_codec(name, values, nformats, result_form
             continue
         assert _bind_fast(candidate, 0, len(candidate)) == (ref.portal, ref.statement, _render_params(ref),
                                                              ref.result_formats)
+
+
+def test_gssenc_request_is_answered_no(policy_front):
+    sock = socket.create_connection(("127.0.0.1", policy_front.port), 10)
+    sock.sendall(m.GSSENCRequest().encode())
+    assert sock.recv(1) == b"N"
+    sock.sendall(m.StartupMessage((("user", "bot"), ("database", "postgres"))).encode())
+    codec = PgConnection(Role.CLIENT)
+    codec.receive_data(sock.recv(100))
+    assert isinstance(codec.next_event(), m.AuthenticationCleartextPassword)
+    sock.close()
+
+
+def test_identity_from_attestation_alone_asks_no_password(pg_server):
+    setup_roles(pg_server)
+    svc = PolicyServices()
+    ft = FrontThread(plain_settings(pg_server, require_token=False), svc)
+    try:
+        with psycopg.connect(ft.dsn(password=None)) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        assert svc.tokens == [None]
+    finally:
+        ft.stop()
+
+
+def test_upstream_verify_full_with_wrong_ca_is_refused(pg_server, tmp_path):
+    setup_roles(pg_server)
+    other_ca = make_ca(tmp_path)["ca"]
+    ft = FrontThread(plain_settings(pg_server, upstream_tls="verify-full", upstream_ca_file=str(other_ca)),
+                     default_services())
+    try:
+        with pytest.raises(psycopg.OperationalError) as e:
+            psycopg.connect(ft.dsn())
+        assert "botwarden: TLS to the target 'pg-test' failed" in str(e.value)
+        assert "certificate verify failed" in str(e.value)
+    finally:
+        ft.stop()

@@ -106,6 +106,13 @@ def _psycopg_scenario(dsn: str) -> dict:
         out["params"] = (conn.info.parameter_status("server_encoding"),
                          conn.info.parameter_status("standard_conforming_strings"))
         out["pid_matches"] = cur.execute("SELECT pg_backend_pid()").fetchone()[0] == conn.info.backend_pid
+        # ParameterStatus as the server sends it, NoticeResponse relayed
+        cur.execute("SET application_name = 'changed-mid-session'")
+        out["param_after_set"] = conn.info.parameter_status("application_name")
+        notices: list = []
+        conn.add_notice_handler(lambda d: notices.append((d.severity_nonlocalized, d.message_primary)))
+        cur.execute("DO $$ BEGIN RAISE NOTICE 'notice from the server'; END $$")
+        out["notices"] = notices
 
         # LISTEN/NOTIFY: the notification names the notifier's real backend pid.
         with psycopg.connect(dsn, autocommit=True) as other:
