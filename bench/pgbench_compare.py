@@ -6,7 +6,8 @@ Run as root from the repository root:
 
 It starts a real PostgreSQL 15 (tests/servers.py), pgbouncer from the Debian
 package with a temp config, and the botwarden front in its own process on
-uvloop; runs `pgbench -S` in simple and prepared modes against each; and a
+uvloop (and, as the floor of any Python proxy, a plain uvloop byte relay); runs
+`pgbench -S` in simple and prepared modes against each; and a
 ~100 MB SELECT with two masked columns. TPS comes from pgbench, latency
 p50/p99 from its per-transaction logs (--log), CPU microseconds per
 transaction of the proxy process from /proc/<pid>/stat (utime + stime).
@@ -76,6 +77,53 @@ def serve_front(upstream_port: int, port_file: str) -> None:
     asyncio.run(main())
 
 
+def serve_relay(upstream_port: int, port_file: str) -> None:
+    """A plain uvloop byte relay (no inspection): the floor of any Python proxy on this machine."""
+    import uvloop
+
+    class Upstream(asyncio.Protocol):
+        def __init__(self, down):
+            self.down = down
+
+        def connection_made(self, transport):
+            self.transport = transport
+
+        def data_received(self, data):
+            self.down.transport.write(data)
+
+        def connection_lost(self, exc):
+            self.down.transport.close()
+
+    class Downstream(asyncio.Protocol):
+        def connection_made(self, transport):
+            self.transport, self.pending, self.up = transport, [], None
+            asyncio.get_running_loop().create_task(self.connect())
+
+        async def connect(self):
+            loop = asyncio.get_running_loop()
+            _, self.up = await loop.create_connection(lambda: Upstream(self), "127.0.0.1", upstream_port)
+            for data in self.pending:
+                self.up.transport.write(data)
+
+        def data_received(self, data):
+            if self.up is not None:
+                self.up.transport.write(data)
+            else:
+                self.pending.append(data)
+
+        def connection_lost(self, exc):
+            if self.up is not None:
+                self.up.transport.close()
+
+    async def main() -> None:
+        server = await asyncio.get_running_loop().create_server(Downstream, "127.0.0.1", 0)
+        Path(port_file).write_text(str(server.sockets[0].getsockname()[1]))
+        await asyncio.Event().wait()
+
+    uvloop.install()
+    asyncio.run(main())
+
+
 # ---------------------------------------------------------------- helpers
 
 def cpu_ticks(pid: int) -> int:
@@ -106,8 +154,8 @@ def run_pgbench(port: int, password: str, mode: str, args, logdir: Path, tag: st
     prefix = logdir / tag
     env = {**os.environ, "PGPASSWORD": password, "PGSSLMODE": "disable"}
     cmd = [PGBENCH, "-n", "-S", "-c", str(args.clients), "-j", str(args.threads), "-T", str(args.duration),
-           "-M", mode, "-h", "127.0.0.1", "-p", str(port), "-U", USER if tag.startswith(("direct", "pgbouncer"))
-           else "bot", "--log", f"--log-prefix={prefix}", "bench"]
+           "-M", mode, "-h", "127.0.0.1", "-p", str(port), "-U", "bot" if tag.startswith("botwarden") else USER,
+           "--log", f"--log-prefix={prefix}", "bench"]
     before = cpu_ticks(cpu_pid) if cpu_pid else 0
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=logdir)
     after = cpu_ticks(cpu_pid) if cpu_pid else 0
@@ -150,9 +198,13 @@ def main() -> None:
     ap.add_argument("--big-rows", type=int, default=900_000, help="rows of the ~100 MB table")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "pgbench.md"))
     ap.add_argument("--serve-front", nargs=2, metavar=("UPSTREAM_PORT", "PORT_FILE"), help=argparse.SUPPRESS)
+    ap.add_argument("--serve-relay", nargs=2, metavar=("UPSTREAM_PORT", "PORT_FILE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve_front:
         serve_front(int(args.serve_front[0]), args.serve_front[1])
+        return
+    if args.serve_relay:
+        serve_relay(int(args.serve_relay[0]), args.serve_relay[1])
         return
 
     from tests.servers import PostgresServer, free_port
@@ -201,28 +253,35 @@ pidfile = {bdir}/pgbouncer.pid
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         procs.append(bouncer)
 
-        port_file = tmp / "front.port"
-        front = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--serve-front", str(pg.port),
-                                  str(port_file)], cwd=ROOT)
-        procs.append(front)
-        deadline = time.monotonic() + 15
-        while not port_file.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        fport = int(port_file.read_text())
+        def start_own(flag: str) -> tuple[subprocess.Popen, int]:
+            port_file = tmp / f"{flag}.port"
+            proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), flag, str(pg.port),
+                                     str(port_file)], cwd=ROOT)
+            procs.append(proc)
+            deadline = time.monotonic() + 15
+            while not port_file.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            port = int(port_file.read_text())
+            wait_port(port)
+            return proc, port
+
+        front, fport = start_own("--serve-front")
+        relay, rport = start_own("--serve-relay")
         wait_port(bport)
-        wait_port(fport)
 
         targets = [("direct", pg.port, PASSWORD, None), ("pgbouncer", bport, PASSWORD, bouncer.pid),
-                   ("botwarden", fport, TOKEN, front.pid)]
+                   ("uvloop byte relay", rport, PASSWORD, relay.pid), ("botwarden", fport, TOKEN, front.pid)]
         results: dict[tuple[str, str], dict] = {}
         for mode in ("simple", "prepared"):
             for name, port, password, pid in targets:
                 print(f"pgbench -S -M {mode} via {name} ({args.duration}s) ...", file=sys.stderr)
-                results[(mode, name)] = run_pgbench(port, password, mode, args, tmp, f"{name}-{mode}", pid)
+                tag = name.replace(" ", "_")
+                results[(mode, name)] = run_pgbench(port, password, mode, args, tmp, f"{tag}-{mode}", pid)
 
         print("large result ...", file=sys.stderr)
         big: dict[str, float] = {}
-        for name, port, password, _ in targets:
+        big_targets = [t for t in targets if t[0] != "uvloop byte relay"]
+        for name, port, password, _ in big_targets:
             user = "bot" if name == "botwarden" else USER
             timed_psql(port, user, password, "SELECT 1")  # warm up the connection path
             big[name] = min(timed_psql(port, user, password, BIG_SQL) for _ in range(2))
@@ -244,12 +303,12 @@ pidfile = {bdir}/pgbouncer.pid
         lines += [
             "",
             f"# Large result: `{BIG_SQL}` ({args.big_rows:,} rows, ~{big_mb:.0f} MB of values), psql to /dev/null;"
-            " botwarden masks `email` and `ssn` in every row",
+            " botwarden masks `email` and `ssn` in every row (decode, mask, re-encode each DataRow)",
             "",
             "| path | seconds | MB/s | ratio to direct |",
             "|---|---:|---:|---:|",
         ]
-        for name, *_ in targets:
+        for name, *_ in big_targets:
             lines.append(f"| {name}{' (masking 2 columns)' if name == 'botwarden' else ''} | {big[name]:.2f} | "
                          f"{big_mb / big[name]:.1f} | {big['direct'] / big[name]:.2f} |")
         table = "\n".join(lines) + "\n"

@@ -612,3 +612,17 @@ def test_upstream_verify_full_with_wrong_ca_is_refused(pg_server, tmp_path):
         assert "certificate verify failed" in str(e.value)
     finally:
         ft.stop()
+
+
+def test_bot_leaving_during_hold_abandons_the_statement(policy_front):
+    bot = RawBot(policy_front.port)
+    bot.sock.sendall(m.Query(HELD).encode())
+    approval_id = policy_front.services.held.get(timeout=10)
+    notice = bot.next()
+    assert isinstance(notice, m.NoticeResponse) and approval_id in notice.message
+    bot.sock.close()
+    fut = policy_front.services.decisions[approval_id]
+    assert _wait_for(lambda: fut.cancelled())  # the hold was withdrawn, not left waiting
+    rec = _wait_for(lambda: [r for r in _requests(policy_front, HELD)
+                             if r["error"] == "session ended while the statement waited for approval"])
+    assert rec[0]["decision"] == "deny"

@@ -563,6 +563,7 @@ class Session:
         self._to_server: Callable[[bytes], None] = self.write_server
         self._startup_task: asyncio.Task | None = None
         self._hold_task: asyncio.Task | None = None
+        self._held_req: _Request | None = None
         # bot -> server
         self._cbuf = b""
         self._held = False
@@ -1126,6 +1127,7 @@ class Session:
     # ------------------------------------------------------------------ approvals
     def _start_hold(self, req: _Request, original: bytes, make_op: Callable[[], tuple],
                     on_denied: Callable[[str], bytes]) -> None:
+        self._held_req = req
         self._hold_task = self.front.spawn(self._hold(req, original, make_op, on_denied), "pg-hold")
 
     async def _hold(self, req: _Request, original: bytes, make_op, on_denied) -> None:
@@ -1165,6 +1167,7 @@ class Session:
                 f"statement denied by the approver: {outcome.reason or 'no reason given'}",
                 detail=f"approval {outcome.approval_id}" if outcome.approval_id else None)
             out = on_denied(self._blocked_sql(req, refusal))
+        self._held_req = None
         self._ops.append(make_op())
         self._to_server(out)
         self._held = False
@@ -1446,8 +1449,13 @@ class Session:
         })
 
     def _finish_pending(self, why: str) -> None:
-        if self._hold_task is not None and self._held:
-            self._held = False
+        held, self._held_req = self._held_req, None
+        if held is not None:
+            # The bot left while its statement waited for a human: it never ran.
+            held.decision = "deny"
+            held.error = "session ended while the statement waited for approval"
+            self._finish(held)
+        self._held = False
         for op in self._ops:
             req = None
             if op[0] in (OP_QUERY, OP_FUNCTION):
