@@ -626,3 +626,17 @@ def test_bot_leaving_during_hold_abandons_the_statement(policy_front):
     rec = _wait_for(lambda: [r for r in _requests(policy_front, HELD)
                              if r["error"] == "session ended while the statement waited for approval"])
     assert rec[0]["decision"] == "deny"
+
+
+def test_copy_out_of_masked_statement_is_refused(policy_front, tmp_path):
+    copy_sql = "COPY (SELECT id, email FROM people WHERE id <= 3 ORDER BY id) TO STDOUT"
+    policy_front.services.verdicts[copy_sql] = Verdict("mask", "pii", "personal data")
+    with psycopg.connect(policy_front.dsn(), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
+            with conn.cursor().copy(copy_sql) as cp:
+                data = b"".join(bytes(b) for b in cp)
+                assert b"example.com" not in data
+        assert "COPY TO STDOUT is refused" in str(e.value) and "example.com" not in str(e.value)
+        assert conn.execute("SELECT 'usable'").fetchone() == ("usable",)
+    rec = _wait_for(lambda: _requests(policy_front, copy_sql))[0]
+    assert rec["decision"] == "block" and rec["sqlstate"] == "42501"

@@ -584,7 +584,8 @@ class Session:
                       (b"3", self._on_close_complete), (b"T", self._on_row_description),
                       (b"n", self._on_no_data), (b"C", self._on_command_complete),
                       (b"I", self._on_empty_query), (b"s", self._on_portal_suspended),
-                      (b"E", self._on_error), (b"Z", self._on_ready), (b"K", self._on_backend_key)):
+                      (b"E", self._on_error), (b"Z", self._on_ready), (b"K", self._on_backend_key),
+                      (b"H", self._on_copy_out), (b"W", self._on_copy_out)):
             self._handlers[ch[0]] = h
         self._client_handlers: list[Callable | None] = [None] * 256
         for ch, h in ((b"Q", self._c_query), (b"P", self._c_parse), (b"B", self._c_bind),
@@ -1433,6 +1434,36 @@ class Session:
             self._handlers[68] = None
         return None
 
+    def _on_copy_out(self, buf, s, e):
+        """COPY ... TO STDOUT of a statement to be masked: CopyData cannot be masked, so refuse it."""
+        ops = self._ops
+        if not ops:
+            return None
+        head = ops[0]
+        req = head[1] if head[0] == OP_QUERY else (head[2] if head[0] == OP_EXECUTE else None)
+        if req is None or req.verdict.action != "mask":
+            return None
+        refusal = error_response(sqlstate.INSUFFICIENT_PRIVILEGE,
+                                 f"COPY TO STDOUT is refused for statements masked by rule {req.verdict.rule!r}",
+                                 detail="masking rewrites result rows; COPY data cannot be masked",
+                                 hint="select the rows instead")
+        req.decision = "block"
+        req.error, req.sqlstate = refusal.message, refusal.sqlstate
+        if head[0] == OP_EXECUTE:
+            # In an extended batch the server would go on with the next messages while the bot,
+            # having seen an error, expects them skipped: end the session rather than diverge.
+            self.fatal(sqlstate.INSUFFICIENT_PRIVILEGE, refusal.message)
+            return b""
+        # Swallow the copy stream up to its CommandComplete; the bot sees our error instead.
+        self._handlers[ord("d")] = self._handlers[ord("c")] = _swallow
+        self._handlers[ord("C")] = self._on_copy_refused_complete
+        return refusal.encode()
+
+    def _on_copy_refused_complete(self, buf, s, e):
+        self._handlers[ord("d")] = self._handlers[ord("c")] = None
+        self._handlers[ord("C")] = self._on_command_complete
+        return b""
+
     def _on_backend_key(self, buf, s, e):
         msg = m.BackendKeyData.decode(bytes(buf[s + 5:e]))
         return self._remap_key(msg.pid, msg.secret)
@@ -1482,6 +1513,10 @@ class _Marker:
 
 _HOLD = _Marker("HOLD")          # a client handler's answer: stop here, the statement waits for approval
 _NO_PLAN = _Marker("NO_PLAN")    # the current result needs no masking
+
+
+def _swallow(buf, s, e) -> bytes:
+    return b""
 
 
 def _attribution(transport) -> Any:
