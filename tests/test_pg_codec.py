@@ -300,3 +300,17 @@ def test_client_and_server_back_to_back():
         server.send(m.Query("servers do not send queries"))
     assert pump(client.send(m.Terminate()), server) == [m.Terminate()]
     assert server.state is State.CLOSED
+
+
+def test_startup_packet_limits():
+    too_long = struct.pack("!i", 20000) + b"\x00" * 8
+    too_short = struct.pack("!i", 4)
+    truncated = _startup_then(b"")[:4] + b"\x00\x03\x00\x00user\x00"  # closes before its announced end
+    for packet in (too_long, too_short, truncated):
+        server = PgConnection(Role.SERVER)
+        server.receive_data(packet)
+        with pytest.raises(RemoteProtocolError):
+            while server.next_event() is not NEED_DATA:
+                pass
+            server.receive_data(b"")
+            server.next_event()

@@ -399,8 +399,9 @@ def test_server_terminating_backend_reaches_bot(policy_front, pg_server):
 class CuttableRelay:
     """A TCP relay in front of the real server that the test can cut (asyncpg's fault-injection model)."""
 
-    def __init__(self, target: tuple[str, int]):
+    def __init__(self, target: tuple[str, int], chunk: int = 0):
         self.target = target
+        self.chunk = chunk  # > 0: forward the server's bytes in pieces this small
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.socks: list[socket.socket] = []
@@ -413,15 +414,20 @@ class CuttableRelay:
             except OSError:
                 return
             b = socket.create_connection(self.target)
+            a.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.socks += [a, b]
-            for src, dst in ((a, b), (b, a)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+            for src, dst, chunk in ((a, b, 0), (b, a, self.chunk)):
+                threading.Thread(target=self._pump, args=(src, dst, chunk), daemon=True).start()
 
     @staticmethod
-    def _pump(src, dst):
+    def _pump(src, dst, chunk=0):
         try:
             while data := src.recv(65536):
-                dst.sendall(data)
+                if chunk:
+                    for i in range(0, len(data), chunk):
+                        dst.sendall(data[i:i + chunk])
+                else:
+                    dst.sendall(data)
         except OSError:
             pass
         finally:
@@ -640,3 +646,25 @@ def test_copy_out_of_masked_statement_is_refused(policy_front, tmp_path):
         assert conn.execute("SELECT 'usable'").fetchone() == ("usable",)
     rec = _wait_for(lambda: _requests(policy_front, copy_sql))[0]
     assert rec["decision"] == "block" and rec["sqlstate"] == "42501"
+
+
+def test_messages_split_at_every_byte_both_ways(pg_server):
+    """The relay reassembles messages however TCP cuts them: bot bytes one at a time, server bytes in 1-3 byte pieces."""
+    setup_roles(pg_server)
+    relay = CuttableRelay((pg_server.host, pg_server.port), chunk=3)
+    svc = PolicyServices()
+    ft = FrontThread(plain_settings(pg_server, upstream_port=relay.port, upstream_tls="disable"), svc)
+    try:
+        bot = RawBot(ft.port)
+        wire = (m.Query(MASKED).encode() + m.Parse("s1", "SELECT $1::text || 'x'", ()).encode()
+                + m.Bind("", "s1", (), (b"a" * 300,), ()).encode() + m.Execute().encode() + m.Sync().encode())
+        for i in range(len(wire)):
+            bot.sock.sendall(wire[i:i + 1])
+        seen = bot.until(m.ReadyForQuery)
+        rows = [e.values for e in seen if isinstance(e, m.DataRow)]
+        assert rows == [(b"1", b"***", b"0", b"***"), (b"2", b"***", b"0", None), (b"3", b"***", b"0", b"***")]
+        seen = bot.until(m.ReadyForQuery)
+        assert m.DataRow((b"a" * 300 + b"x",)) in seen and m.CommandComplete("SELECT 1") in seen
+    finally:
+        ft.stop()
+        relay.close()
