@@ -369,8 +369,8 @@ def test_oversized_message_is_refused(pg_server):
 
 
 def _backend_count(pg, marker: str) -> int:
-    return int(pg.psql(f"SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%{marker}%' "
-                       f"AND pid <> pg_backend_pid()"))
+    # Exact text: the admin query that counts contains the marker too, but is not equal to it.
+    return int(pg.psql(f"SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60) /* {marker} */'"))
 
 
 def test_bot_disconnect_mid_query_stops_upstream(policy_front, pg_server):
