@@ -8,7 +8,6 @@ import socket
 import struct
 import threading
 import time
-from dataclasses import replace
 
 import psycopg
 import pytest
@@ -649,7 +648,7 @@ def test_copy_out_of_masked_statement_is_refused(policy_front, tmp_path):
 
 
 def test_messages_split_at_every_byte_both_ways(pg_server):
-    """The relay reassembles messages however TCP cuts them: bot bytes one at a time, server bytes in 1-3 byte pieces."""
+    """Messages reassembled however TCP cuts them: bot bytes one at a time, server bytes in 3-byte pieces."""
     setup_roles(pg_server)
     relay = CuttableRelay((pg_server.host, pg_server.port), chunk=3)
     svc = PolicyServices()

@@ -166,10 +166,6 @@ def _addr(a: Any) -> str | None:
     return str(a) if a else None
 
 
-def _encode_error(err: m.ErrorResponse) -> bytes:
-    return err.encode()
-
-
 class PostgresFront:
     """Listener for one target: ``await PostgresFront(settings, services).serve(host, port)``."""
 
@@ -360,24 +356,23 @@ class UpstreamProtocol(asyncio.Protocol):
 class _Request:
     """One statement's audit record while it runs."""
 
-    __slots__ = ("request_id", "kind", "text", "params", "verdict", "decision", "t0", "rows", "error",
-                 "sqlstate", "masked", "nonce", "refusal", "reason")
+    # Class-level defaults: one request per statement is the hot path, so __init__ sets only
+    # what every request has; the rest is written when it happens.
+    decision: str | None = None          # None: the verdict's action
+    reason: str | None = None            # None: the verdict's reason
+    rows: int | None = None
+    error: str | None = None
+    sqlstate: str | None = None
+    masked: dict[str, int] | None = None
+    nonce: str | None = None             # set when the statement was replaced by a failing one
+    refusal: m.ErrorResponse | None = None
 
     def __init__(self, kind: str, text: str, verdict: Verdict, params: list | None = None):
-        self.request_id = _new_id()
         self.kind = kind
         self.text = text
         self.params = params
         self.verdict = verdict
-        self.decision = verdict.action
-        self.reason = verdict.reason or None
         self.t0 = _time()
-        self.rows: int | None = None
-        self.error: str | None = None
-        self.sqlstate: str | None = None
-        self.masked: dict[str, int] | None = None
-        self.nonce: str | None = None       # set when the statement was replaced by a failing one
-        self.refusal: m.ErrorResponse | None = None
 
 
 class _Statement:
@@ -1012,7 +1007,7 @@ class Session:
         if buf[e - 1] != 0 or buf.find(b"\x00", s + 5, e - 1) >= 0:
             raise RemoteProtocolError("Query must carry exactly one NUL-terminated string")
         sql = buf[s + 5:e - 1].decode("utf-8", "surrogateescape")
-        v = self._decide(sql, "query")
+        v = self._verdicts.get((sql, "query")) or self._decide(sql, "query")
         req = _Request("query", sql, v)
         action = v.action
         if action == "allow" or action == "mask":
@@ -1421,7 +1416,8 @@ class Session:
             op = ops.popleft()
             kind = op[0]
             if kind == OP_QUERY or kind == OP_FUNCTION:
-                self._end_plan()
+                if self._plan is not None:
+                    self._end_plan()
                 self._finish(op[1])
                 break
             if kind == OP_SYNC:
@@ -1470,11 +1466,12 @@ class Session:
 
     # ------------------------------------------------------------------ audit
     def _finish(self, req: _Request) -> None:
+        v = req.verdict
         self._audit("request", {
-            "request_id": req.request_id, "session_id": self.session_id,
+            "request_id": _urandom(16).hex(), "session_id": self.session_id,
             "ts": datetime.fromtimestamp(req.t0, timezone.utc), "protocol": PROTOCOL,
-            "kind": req.kind, "text": req.text, "params": req.params, "decision": req.decision,
-            "rule": req.verdict.rule, "reason": req.reason,
+            "kind": req.kind, "text": req.text, "params": req.params, "decision": req.decision or v.action,
+            "rule": v.rule, "reason": req.reason or v.reason or None,
             "duration_ms": (_time() - req.t0) * 1000.0, "rows": req.rows, "error": req.error,
             "sqlstate": req.sqlstate, "masked": req.masked,
         })
