@@ -52,7 +52,7 @@ class PolicyServices(DefaultServices):
     def decide_sql(self, grant, target, sql, phase):
         return self.verdicts.get(sql.strip(), super().decide_sql(grant, target, sql, phase))
 
-    async def hold(self, grant, target, request_text, verdict, notify):
+    async def hold(self, grant, target, request_text, verdict, notify, request_id=None):
         approval_id = f"appr-{len(self.decisions) + 1}"
         fut = asyncio.get_running_loop().create_future()
         self.decisions[approval_id] = fut

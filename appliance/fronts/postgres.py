@@ -96,11 +96,13 @@ UpstreamTLS = Literal["disable", "prefer", "require", "verify-full"]
 
 # Pass-through messages at least this large stream to the other side before they are complete.
 STREAM_THRESHOLD = 64 * 1024
+# While a statement inside a transaction is held, a Sync this often keeps the server's
+# idle_in_transaction_session_timeout from ending the bot's session during the wait.
+HOLD_KEEPALIVE_S = 1.0
 # PostgreSQL's own ceiling for one message (MaxAllocSize); server messages are checked against it.
 SERVER_MAX_MESSAGE = 0x3FFFFFFF + 5
 # Bot bytes kept while a statement is held before reading from the bot pauses.
 HELD_BUFFER_LIMIT = 1024 * 1024
-_VERDICT_CACHE_MAX = 4096
 
 
 @dataclass(frozen=True)
@@ -210,6 +212,17 @@ class PostgresFront:
         for t in list(self._tasks):
             t.cancel()
 
+    async def drain(self, deadline: float) -> None:
+        """Stop listening; let requests in flight finish until ``deadline`` (monotonic), then end
+        every session with a shutdown error (57P01) that says botwarden is stopping."""
+        if self._server is not None:
+            self._server.close()
+        while any(s.busy for s in self.sessions) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for s in list(self.sessions):
+            s.shutdown(sqlstate.ADMIN_SHUTDOWN, "botwarden is shutting down; reconnect to continue")
+        await asyncio.sleep(0)
+
     def spawn(self, coro, name: str) -> asyncio.Task:
         """Create a named task, keep a reference, log (not raise) its failure."""
         task = asyncio.get_running_loop().create_task(coro, name=name)
@@ -228,6 +241,12 @@ class PostgresFront:
         if found is None:
             log.info("cancel request for an unknown key ignored (pid %s)", req.pid)
             return
+        for session in list(self.sessions):
+            if session.cancel_key == (req.pid, req.secret) and session.withdraw_hold():
+                if not session.busy_upstream:
+                    # The held statement never reached the server; a cancel forwarded now could
+                    # hit the bot's next statement instead.
+                    return
         await self.cancel_upstream(req.pid, *found)
 
     async def cancel_upstream(self, pid: int, secret: int, host: str, port: int) -> None:
@@ -358,6 +377,7 @@ class _Request:
 
     # Class-level defaults: one request per statement is the hot path, so __init__ sets only
     # what every request has; the rest is written when it happens.
+    request_id: str | None = None        # made when first needed (a hold names it, or the audit record)
     decision: str | None = None          # None: the verdict's action
     reason: str | None = None            # None: the verdict's reason
     rows: int | None = None
@@ -397,7 +417,8 @@ class _Portal:
 _UNKNOWN_STATEMENT = _Statement("", Verdict("allow", None, "statement prepared before this session"))
 
 # Pending-operation kinds (first item of each op tuple).
-OP_QUERY, OP_PARSE, OP_BIND, OP_DESCRIBE, OP_EXECUTE, OP_CLOSE, OP_SYNC, OP_FUNCTION = range(8)
+OP_QUERY, OP_PARSE, OP_BIND, OP_DESCRIBE, OP_EXECUTE, OP_CLOSE, OP_SYNC, OP_FUNCTION, OP_KEEPALIVE = range(9)
+_SYNC = m.Sync().encode()
 
 _I32 = struct.Struct("!i")
 _H16 = struct.Struct("!h")
@@ -559,11 +580,13 @@ class Session:
         self._startup_task: asyncio.Task | None = None
         self._hold_task: asyncio.Task | None = None
         self._held_req: _Request | None = None
+        self._hold_wait: asyncio.Future | None = None  # services.hold, while a statement is held
+        self._withdrawn = False
+        self._ext_open = False  # extended-protocol messages forwarded since the last Sync (bot -> server)
         # bot -> server
         self._cbuf = b""
         self._held = False
         self._skip_until_sync = False
-        self._verdicts: dict[tuple[str, str], Verdict] = {}
         self._statements: dict[str, _Statement] = {}
         self._portals: dict[str, _Portal] = {}
         # server -> bot
@@ -587,6 +610,26 @@ class Session:
                       (b"D", self._c_describe), (b"E", self._c_execute), (b"C", self._c_close),
                       (b"S", self._c_sync), (b"F", self._c_function_call), (b"X", self._c_terminate)):
             self._client_handlers[ch[0]] = h
+
+    @property
+    def busy_upstream(self) -> bool:
+        """The server is working on something this session sent."""
+        return any(op[0] != OP_KEEPALIVE for op in self._ops)
+
+    def withdraw_hold(self) -> bool:
+        """The bot cancelled (CancelRequest, e.g. Ctrl-C in psql) while its statement is held:
+        withdraw the request; the bot gets 57014 as for any cancelled statement."""
+        wait = self._hold_wait
+        if self.closed or not self._held or wait is None or wait.done():
+            return False
+        wait.cancel(msg="the client cancelled the statement while it was held")
+        self._withdrawn = True
+        return True
+
+    @property
+    def busy(self) -> bool:
+        """A request is in flight (sent, its answer not complete) or held for approval."""
+        return bool(self._ops) or self._held or (self._startup_task is not None and not self._startup_task.done())
 
     # ================================================================== lifecycle
     def start(self) -> None:
@@ -761,7 +804,7 @@ class Session:
             token = ev.password_text()
         transport = self.bot.transport
         ctx = ConnectionContext(transport.get_extra_info("peername"), transport.get_extra_info("sockname"),
-                                self.tls, _attribution(transport))
+                                self.tls, _attribution(self.services, transport))
         try:
             grant = await self.services.open_session(self.settings.target, ctx, user, token)
         except AuthRefused as e:
@@ -772,6 +815,9 @@ class Session:
             token = None  # the token is not kept past this point
         self.grant = grant
         self.session_id = grant.session_id
+        register = getattr(self.services, "register_terminate", None)
+        if register is not None:  # the daemon ends sessions whose lease or token ran out
+            register(grant.session_id, lambda code, message: self.fatal(code, message, outcome="terminated"))
         self._session_start(ctx, grant)
         await self._connect_upstream(grant, startup)
 
@@ -783,7 +829,7 @@ class Session:
         }
         a = ctx.attribution
         if a is not None:
-            rec.update(pid=a.pid, uid=a.uid, gid=a.gid, cgroup_id=a.cgroup_id, cgroup_path=a.cgroup_path,
+            rec.update(pid=getattr(a, "tgid", a.pid), uid=a.uid, gid=a.gid, cgroup_id=a.cgroup_id, cgroup_path=a.cgroup_path,
                        exe=a.exe_path, comm=a.comm, attribution_source=a.source)
         else:
             rec["attribution_source"] = "none"
@@ -909,18 +955,13 @@ class Session:
 
     # ================================================================== bot -> server
     def _decide(self, sql: str, phase: str) -> Verdict:
-        key = (sql, phase)
-        v = self._verdicts.get(key)
-        if v is None:
-            try:
-                v = self.services.decide_sql(self.grant, self.settings.target, sql, phase)
-            except Exception:
-                log.exception("policy failed; statement refused")
-                v = Verdict("block", None, "the policy engine failed on this statement")
-            if len(self._verdicts) >= _VERDICT_CACHE_MAX:
-                self._verdicts.clear()
-            self._verdicts[key] = v
-        return v
+        # No cache here: a verdict can depend on session state (PREPARE names, search_path) and
+        # on time windows; the policy engine caches what is safe to cache.
+        try:
+            return self.services.decide_sql(self.grant, self.settings.target, sql, phase)
+        except Exception:
+            log.exception("policy failed; statement refused")
+            return Verdict("block", None, "the policy engine failed on this statement")
 
     def client_data(self, data: bytes) -> None:
         if self._cbuf:
@@ -1007,7 +1048,7 @@ class Session:
         if buf[e - 1] != 0 or buf.find(b"\x00", s + 5, e - 1) >= 0:
             raise RemoteProtocolError("Query must carry exactly one NUL-terminated string")
         sql = buf[s + 5:e - 1].decode("utf-8", "surrogateescape")
-        v = self._verdicts.get((sql, "query")) or self._decide(sql, "query")
+        v = self._decide(sql, "query")
         req = _Request("query", sql, v)
         action = v.action
         if action == "allow" or action == "mask":
@@ -1025,6 +1066,7 @@ class Session:
 
     def _c_parse(self, buf, s: int, e: int):
         msg = m.Parse.decode(bytes(buf[s + 5:e]))
+        ext_was_open, self._ext_open = self._ext_open, True
         if self._skip_until_sync:
             # The server discards this after our refusal: no decision, no response to expect.
             return None
@@ -1047,9 +1089,11 @@ class Session:
             return m.Parse(msg.name, nonce, ()).encode()
 
         def op():
-            req.kind = "parse"
-            return (OP_PARSE, req if req.nonce else None, stmt)
+            # The held Parse is audited as its own request (the approval names its id); the
+            # Executes of the prepared statement are audited as usual.
+            return (OP_PARSE, req, stmt)
 
+        self._ext_open = ext_was_open  # the held Parse is not forwarded yet
         self._start_hold(req, bytes(buf[s:e]), op, on_denied)
         return _HOLD
 
@@ -1060,6 +1104,7 @@ class Session:
         stmt = self._statements.get(stmt_name, _UNKNOWN_STATEMENT)
         portal = _Portal(stmt, params, result_formats)
         self._portals[portal_name] = portal
+        self._ext_open = True
         self._ops.append((OP_BIND,))
         if stmt.verdict.action == "mask":
             # Masking needs the result columns with their formats: ask for them, keep the answer.
@@ -1073,6 +1118,7 @@ class Session:
             return None
         msg = m.Describe.decode(bytes(buf[s + 5:e]))
         target = (self._statements.get(msg.name) if msg.kind == "S" else self._portals.get(msg.name))
+        self._ext_open = True
         self._ops.append((OP_DESCRIBE, msg.kind, target, False))
         return None
 
@@ -1085,6 +1131,7 @@ class Session:
         portal = self._portals.get(name)
         stmt = portal.statement if portal is not None else _UNKNOWN_STATEMENT
         req = _Request("execute", stmt.text, stmt.verdict, portal.params if portal is not None else None)
+        self._ext_open = True
         self._ops.append((OP_EXECUTE, portal, req))
         return None
 
@@ -1093,11 +1140,13 @@ class Session:
             return None
         msg = m.Close.decode(bytes(buf[s + 5:e]))
         (self._statements if msg.kind == "S" else self._portals).pop(msg.name, None)
+        self._ext_open = True
         self._ops.append((OP_CLOSE,))
         return None
 
     def _c_sync(self, buf, s: int, e: int):
         self._skip_until_sync = False
+        self._ext_open = False
         self._ops.append((OP_SYNC,))
         return None
 
@@ -1125,28 +1174,54 @@ class Session:
                     on_denied: Callable[[str], bytes]) -> None:
         self._held_req = req
         self._hold_task = self.front.spawn(self._hold(req, original, make_op, on_denied), "pg-hold")
+        self.front.spawn(self._keep_alive_while_held(self._hold_task), "pg-hold-keepalive")
+
+    async def _keep_alive_while_held(self, hold: asyncio.Task) -> None:
+        """Inside a transaction the server counts the wait as idle time: send a Sync now and
+        then (a no-op inside a BEGIN block, answered by a ReadyForQuery we swallow) so its
+        idle_in_transaction_session_timeout does not end the session while an operator decides.
+        Only when nothing else is in flight and no extended-protocol batch is open, where a Sync
+        would change the batch's meaning."""
+        while not hold.done():
+            await asyncio.sleep(HOLD_KEEPALIVE_S)
+            if self.closed or hold.done() or not self._held:
+                return
+            if not self._ops and not self._ext_open and self.txn_status in ("T", "E"):
+                self._ops.append((OP_KEEPALIVE,))
+                self.write_server(_SYNC)
 
     async def _hold(self, req: _Request, original: bytes, make_op, on_denied) -> None:
+        """The statement waits for an operator; reading from this bot pauses only if it keeps
+        sending (HELD_BUFFER_LIMIT). No timeout of ours runs meanwhile: the approval's own
+        expiry ends the wait, and a bot that hangs up withdraws the request (task cancelled)."""
         loop = asyncio.get_running_loop()
         thread = threading.get_ident()
+        if req.request_id is None:
+            req.request_id = _new_id()  # the approval record names the request
 
         def notify(approval_id: str) -> None:
             notice = notice_response(
                 f"statement held for approval {approval_id}"
                 + (f" (rule {req.verdict.rule!r})" if req.verdict.rule else "") + "; waiting for an operator",
-                severity="NOTICE").encode()
+                hint=f"an operator decides with: botwarden approvals approve|deny {approval_id}").encode()
             if threading.get_ident() == thread:
                 self._to_bot(notice)
             else:
                 loop.call_soon_threadsafe(self.write_bot, notice)
 
+        self._withdrawn = False
+        self._hold_wait = asyncio.ensure_future(self.services.hold(
+            self.grant, self.settings.target, req.text, req.verdict, notify, request_id=req.request_id))
         try:
-            outcome = await self.services.hold(self.grant, self.settings.target, req.text, req.verdict, notify)
+            outcome = await self._hold_wait
         except asyncio.CancelledError:
-            raise
+            if self.closed or not self._withdrawn:
+                raise
+            outcome = HoldOutcome(False, "", "the held statement was withdrawn before anyone decided", None,
+                                  "withdrawn")
         except Exception as e:
             log.exception("approval hold failed; statement denied")
-            outcome = HoldOutcome(False, "", f"approval failed: {type(e).__name__}")
+            outcome = HoldOutcome(False, "", f"the approval could not be held ({type(e).__name__})")
         if self.closed:
             return
         if outcome.approved:
@@ -1158,11 +1233,7 @@ class Session:
         else:
             req.decision = "deny"
             req.reason = outcome.reason or "denied"
-            refusal = error_response(
-                sqlstate.INSUFFICIENT_PRIVILEGE,
-                f"statement denied by the approver: {outcome.reason or 'no reason given'}",
-                detail=f"approval {outcome.approval_id}" if outcome.approval_id else None)
-            out = on_denied(self._blocked_sql(req, refusal))
+            out = on_denied(self._blocked_sql(req, _hold_refusal(outcome)))
         self._held_req = None
         self._ops.append(make_op())
         self._to_server(out)
@@ -1220,7 +1291,7 @@ class Session:
             (length,) = _unpack_len(buf, pos + 1)
             self._stream_left = length + 1 - (n - pos)
             pos = n
-        if not out:
+        if not run:  # nothing replaced or dropped (a dropped message leaves `out` empty but moves `run`)
             if pos == n:
                 self._to_bot(buf)
             elif pos:
@@ -1240,7 +1311,9 @@ class Session:
         return None
 
     def _on_parse_complete(self, buf, s, e):
-        self._pop(OP_PARSE)
+        op = self._pop(OP_PARSE)
+        if op is not None and op[1] is not None:
+            self._finish(op[1])  # a Parse held for approval and approved: its own audited request
 
     def _on_bind_complete(self, buf, s, e):
         self._pop(OP_BIND)
@@ -1412,6 +1485,9 @@ class Session:
     def _on_ready(self, buf, s, e):
         self.txn_status = chr(buf[s + 5])
         ops = self._ops
+        if ops and ops[0][0] == OP_KEEPALIVE:
+            ops.popleft()
+            return b""  # the answer to our own keep-alive Sync; the bot never asked for it
         while ops:
             op = ops.popleft()
             kind = op[0]
@@ -1468,7 +1544,7 @@ class Session:
     def _finish(self, req: _Request) -> None:
         v = req.verdict
         self._audit("request", {
-            "request_id": _urandom(16).hex(), "session_id": self.session_id,
+            "request_id": req.request_id or _urandom(16).hex(), "session_id": self.session_id,
             "ts": datetime.fromtimestamp(req.t0, timezone.utc), "protocol": PROTOCOL,
             "kind": req.kind, "text": req.text, "params": req.params, "decision": req.decision or v.action,
             "rule": v.rule, "reason": req.reason or v.reason or None,
@@ -1508,6 +1584,23 @@ class _Marker:
         return self.name
 
 
+def _hold_refusal(outcome: HoldOutcome) -> m.ErrorResponse:
+    """What the bot is told when its held statement does not run: who or what decided, and why."""
+    state = getattr(outcome, "state", "")
+    reason = outcome.reason or "no reason given"
+    detail = f"approval {outcome.approval_id}" if outcome.approval_id else None
+    if state == "withdrawn":
+        return error_response(sqlstate.QUERY_CANCELED, f"canceling statement due to user request ({reason})")
+    if state == "cancelled_restart":
+        return error_response(sqlstate.ADMIN_SHUTDOWN, f"statement not run: {reason}", detail=detail)
+    if state == "denied":
+        return error_response(sqlstate.INSUFFICIENT_PRIVILEGE, f"statement {reason}", detail=detail)
+    if state == "expired":
+        return error_response(sqlstate.INSUFFICIENT_PRIVILEGE, f"statement not approved: {reason}", detail=detail,
+                              hint="nobody decided in time; send it again and ask an operator")
+    return error_response(sqlstate.INSUFFICIENT_PRIVILEGE, f"statement not approved: {reason}", detail=detail)
+
+
 _HOLD = _Marker("HOLD")          # a client handler's answer: stop here, the statement waits for approval
 _NO_PLAN = _Marker("NO_PLAN")    # the current result needs no masking
 
@@ -1516,15 +1609,14 @@ def _swallow(buf, s, e) -> bytes:
     return b""
 
 
-def _attribution(transport) -> Any:
-    """The kernel-attested origin of this socket, when the probes are running."""
+def _attribution(services: Any, transport) -> Any:
+    """The kernel-attested origin of this socket, from the daemon's probes (None without them)."""
+    attribute = getattr(services, "attribute", None)
+    sock = transport.get_extra_info("socket")
+    if attribute is None or sock is None:
+        return None
     try:
-        import probes
-        lookup = getattr(probes, "lookup", None)
-        if lookup is None:
-            return None
-        sock = transport.get_extra_info("socket")
-        return lookup(sock) if sock is not None else None
-    except Exception:
+        return attribute(sock)
+    except Exception:  # no attribution: identities that need it refuse the session
         log.exception("attribution lookup failed")
         return None

@@ -66,6 +66,9 @@ class HoldOutcome:
     approval_id: str
     reason: str = ""
     decided_by: str | None = None
+    # How the hold ended: approved | denied | expired | abandoned | cancelled_restart, or withdrawn
+    # (the front's own: the bot cancelled); "" unknown.
+    state: str = ""
 
 
 class FrontServices(Protocol):
@@ -80,7 +83,7 @@ class FrontServices(Protocol):
                   columns: Sequence[ColumnDesc]) -> MaskPlan | None: ...
 
     async def hold(self, grant: SessionGrant, target: str, request_text: str, verdict: Verdict,
-                   notify: Callable[[str], None]) -> HoldOutcome: ...
+                   notify: Callable[[str], None], request_id: str | None = None) -> HoldOutcome: ...
 
     def audit(self, kind: str, record: Mapping[str, Any]) -> None: ...
 
@@ -164,11 +167,11 @@ class DefaultServices:
         return ColumnMaskPlan(columns, idx) if idx else None
 
     async def hold(self, grant: SessionGrant, target: str, request_text: str, verdict: Verdict,
-                   notify: Callable[[str], None]) -> HoldOutcome:
+                   notify: Callable[[str], None], request_id: str | None = None) -> HoldOutcome:
         approval_id = uuid.uuid4().hex
         notify(approval_id)
         await asyncio.sleep(0)
-        return HoldOutcome(False, approval_id, "no approver in the default services", None)
+        return HoldOutcome(False, approval_id, "no approver in the default services", None, "denied")
 
     def audit(self, kind: str, record: Mapping[str, Any]) -> None:
         self.records.append((kind, dict(record)))

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, Sequence
 
+from appliance.errors import BotwardenError
+
 Action = Literal["allow", "block", "approve", "mask"]
 
 # Precedence among matching rules: the strongest kind wins.
@@ -18,8 +20,13 @@ class Verdict:
     action: Action
     rule: str | None = None
     reason: str = ""
-    # Pure analysis results the front may use (e.g. relations for masking); policy-defined.
+    # Pure analysis results the front may use (e.g. relations for masking); policy-defined:
+    # for SQL one appliance.policy.sql.StatementAnalysis per statement of the batch.
     details: tuple = field(default=(), compare=False)
+    # Names of every rule that matched (in file order), and of the mask rules among them:
+    # masking also applies to a request an operator approved.
+    matched: tuple[str, ...] = field(default=(), compare=False)
+    mask_rules: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
         if self.action not in ACTION_STRENGTH:
@@ -38,6 +45,10 @@ class ColumnDesc:
     attnum: int = 0
     type_oid: int = 0
     format: int = 0  # 0 text, 1 binary
+
+
+class PolicyError(BotwardenError):
+    """The policy cannot be used as configured (e.g. hashing without a salt)."""
 
 
 class MaskPlan(Protocol):

@@ -1,0 +1,326 @@
+"""The audit schema: event kinds, their tables and columns, and the migrations.
+
+Every event kind lands in its own append-only table. Each row also carries the
+integrity chain columns (``chain_seq``, ``chain_prev``, ``chain_hash``; see
+:mod:`analytics.chain`). Nothing is ever updated in place: a session's end is its
+own row in ``session_ends`` and the ``sessions`` view joins the two.
+
+Migrations may only add tables, nullable columns and views: the row hash omits
+NULL columns, so adding a column leaves every existing row's hash valid. A change
+that would rewrite existing values needs a new chain segment (a retention-style
+checkpoint) and is not done by a migration.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+from .errors import AuditRecordError
+
+SCHEMA_VERSION = 3
+
+EPOCH_UTC = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+_ONE_US = dt.timedelta(microseconds=1)
+
+# Column "types" drive validation, the DuckDB type, the Arrow type and the
+# canonical form used for hashing.
+SQL_TYPES = {
+    "str": "VARCHAR",
+    "int": "BIGINT",
+    "float": "DOUBLE",
+    "bool": "BOOLEAN",
+    "ts": "TIMESTAMPTZ",
+    "bytes": "BLOB",
+    "str_list": "VARCHAR[]",
+    "count_map": "MAP(VARCHAR, BIGINT)",
+}
+
+CHAIN_COLUMNS = ("chain_seq", "chain_prev", "chain_hash")
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    type: str
+    required: bool = False
+    choices: frozenset[str] | None = None
+
+
+def _f(name: str, type_: str = "str", required: bool = False, choices: tuple[str, ...] | None = None) -> Field:
+    return Field(name, type_, required, frozenset(choices) if choices else None)
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One event kind: the name producers submit and the table it is stored in."""
+
+    kind: str
+    table: str
+    fields: tuple[Field, ...]
+
+    @cached_property
+    def names(self) -> tuple[str, ...]:
+        return tuple(f.name for f in self.fields)
+
+    @cached_property
+    def spec(self) -> tuple[tuple[str, str, bool, frozenset[str] | None], ...]:
+        # Plain tuples: normalize() runs on the producer's thread for every event.
+        return tuple((f.name, f.type, f.required, f.choices) for f in self.fields)
+
+    @cached_property
+    def bytes_columns(self) -> tuple[str, ...]:
+        return tuple(f.name for f in self.fields if f.type == "bytes")
+
+    @cached_property
+    def hash_prefix(self) -> bytes:
+        """What follows chain_prev in the hashed bytes (see analytics.chain)."""
+        return self.table.encode() + b"\n"
+
+
+KINDS: dict[str, Kind] = {
+    k.kind: k
+    for k in (
+        Kind("session_start", "session_starts", (
+            _f("session_id", required=True), _f("ts", "ts", True), _f("target", required=True),
+            _f("protocol", required=True), _f("identity"), _f("token_subject"), _f("token_kid"),
+            _f("client_addr"), _f("target_addr"), _f("pid", "int"), _f("uid", "int"), _f("gid", "int"),
+            _f("cgroup_id", "int"), _f("cgroup_path"), _f("exe"), _f("comm"),
+            _f("attribution_source", choices=("ebpf", "nftables", "none")),
+            _f("credential_user"), _f("lease_id"), _f("tls", "bool"),
+            _f("credential_stale_s", "float"),
+        )),
+        Kind("session_end", "session_ends", (
+            _f("session_id", required=True), _f("ts", "ts", True), _f("bytes_in", "int"),
+            _f("bytes_out", "int"), _f("outcome", choices=("ok", "refused", "error", "terminated")),
+            _f("error"),
+        )),
+        Kind("request", "requests", (
+            _f("request_id", required=True), _f("session_id", required=True), _f("ts", "ts", True),
+            _f("protocol", required=True), _f("kind"), _f("text"), _f("params", "str_list"),
+            _f("decision", choices=("allow", "block", "approve", "mask", "deny")), _f("rule"),
+            _f("reason"), _f("duration_ms", "float"), _f("rows", "int"), _f("error"), _f("sqlstate"),
+            _f("masked", "count_map"),
+        )),
+        Kind("approval", "approvals", (
+            _f("approval_id", required=True), _f("ts", "ts", True),
+            _f("event", required=True, choices=(
+                "requested", "notified", "approved", "denied", "expired", "abandoned",
+                "cancelled_restart", "approved_partial", "notify_failed")),
+            _f("request_id"), _f("session_id"), _f("identity"), _f("target"), _f("rule"),
+            _f("operator"), _f("operator_uid", "int"), _f("reason"), _f("waited_ms", "float"),
+            _f("window_s", "int"),
+        )),
+        Kind("probe", "probes", (
+            _f("ts", "ts", True),
+            _f("event", required=True, choices=("denied_connect", "redirected", "attached", "detached")),
+            _f("pid", "int"), _f("uid", "int"), _f("gid", "int"), _f("cgroup_id", "int"),
+            _f("cgroup_path"), _f("comm"), _f("exe"), _f("dst_addr"), _f("dst_port", "int"),
+            _f("family", choices=("ipv4", "ipv6")), _f("detail"),
+        )),
+        Kind("recording", "recordings", (
+            _f("session_id", required=True), _f("seq", "int", True), _f("ts", "ts", True),
+            _f("direction", required=True, choices=("in", "out", "event")), _f("data", "bytes"),
+        )),
+        # Written by the store itself, never submitted by producers.
+        Kind("writer_event", "writer_events", (
+            _f("ts", "ts", True),
+            _f("event", required=True, choices=("writer_start", "writer_stop", "migration", "retention")),
+            _f("epoch", "int"), _f("pid", "int"), _f("host"), _f("schema_version", "int"),
+            _f("batch_max", "int"), _f("flush_interval", "float"), _f("queue_max", "int"),
+            _f("rows", "int"), _f("anchor_seq", "int"), _f("anchor_hash"), _f("removed_rows", "int"),
+            _f("cutoff", "ts"), _f("detail"),
+        )),
+    )
+}
+
+PRODUCER_KINDS = frozenset(k for k in KINDS if k != "writer_event")
+CHAINED_TABLES: tuple[str, ...] = tuple(k.table for k in KINDS.values())
+KIND_BY_TABLE = {k.table: k for k in KINDS.values()}
+
+
+def to_epoch_us(value: dt.datetime) -> int:
+    return (value - EPOCH_UTC) // _ONE_US
+
+
+def from_epoch_us(value: int) -> dt.datetime:
+    return EPOCH_UTC + dt.timedelta(microseconds=value)
+
+
+def _bad(kind: str, field: str, why: str) -> AuditRecordError:
+    # Never include the value: it may be sensitive.
+    return AuditRecordError(f"{kind}.{field}: {why}")
+
+
+def normalize(kind: Kind, record: Mapping[str, Any]) -> tuple[tuple[Any, ...], list[str]]:
+    """Validate ``record`` and return (row in column order, unknown field names).
+
+    Timestamps become integer microseconds since the epoch (UTC), byte strings
+    ``bytes``, lists ``list``, count maps ``dict``. Raises AuditRecordError.
+    """
+    row = []
+    append = row.append
+    get = record.get
+    for name, t, required, choices in kind.spec:
+        v = get(name)
+        if v is None:
+            if required:
+                raise _bad(kind.kind, name, "required field is missing")
+            append(None)
+            continue
+        if t == "str":
+            if type(v) is not str:
+                raise _bad(kind.kind, name, f"expected str, got {type(v).__name__}")
+            if not v.isascii():
+                try:
+                    v.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise _bad(kind.kind, name, "string is not valid UTF-8 (lone surrogate)") from None
+            if choices is not None and v not in choices:
+                raise _bad(kind.kind, name, f"must be one of {sorted(choices)}")
+        elif t == "ts":
+            if not isinstance(v, dt.datetime) or v.tzinfo is None or v.utcoffset() is None:
+                raise _bad(kind.kind, name, "expected a timezone-aware datetime")
+            v = (v - EPOCH_UTC) // _ONE_US
+        elif t == "int":
+            if type(v) is not int:
+                raise _bad(kind.kind, name, f"expected int, got {type(v).__name__}")
+            if not -(2**63) <= v < 2**63:
+                raise _bad(kind.kind, name, "integer out of 64-bit range")
+        elif t == "float":
+            if type(v) is float:
+                pass
+            elif type(v) is int:
+                v = float(v)
+            else:
+                raise _bad(kind.kind, name, f"expected float, got {type(v).__name__}")
+        elif t == "bool":
+            if type(v) is not bool:
+                raise _bad(kind.kind, name, f"expected bool, got {type(v).__name__}")
+        elif t == "bytes":
+            if isinstance(v, (bytearray, memoryview)):
+                v = bytes(v)
+            elif type(v) is not bytes:
+                raise _bad(kind.kind, name, f"expected bytes, got {type(v).__name__}")
+        elif t == "str_list":
+            if not isinstance(v, (list, tuple)) or any(x is not None and type(x) is not str for x in v):
+                raise _bad(kind.kind, name, "expected a list of str or None")
+            for x in v:
+                if x is not None and not x.isascii():
+                    try:
+                        x.encode("utf-8")
+                    except UnicodeEncodeError:
+                        raise _bad(kind.kind, name, "string is not valid UTF-8") from None
+            v = list(v)
+        elif t == "count_map":
+            if not isinstance(v, Mapping) or any(
+                type(k) is not str or type(c) is not int for k, c in v.items()
+            ):
+                raise _bad(kind.kind, name, "expected a mapping of str to int")
+            v = dict(v)
+        append(v)
+    names = _NAMESETS[kind.kind]
+    unknown = [] if names.issuperset(record) else [k for k in record if k not in names]
+    return tuple(row), unknown
+
+
+_NAMESETS = {k.kind: frozenset(k.names) for k in KINDS.values()}
+
+
+# --- DDL ------------------------------------------------------------------
+
+def _table_ddl(table: str, columns: list[tuple[str, str]]) -> str:
+    cols = ",\n  ".join(
+        ["chain_seq BIGINT NOT NULL", "chain_prev BLOB NOT NULL", "chain_hash BLOB NOT NULL"]
+        + [f"{name} {SQL_TYPES[t]}" for name, t in columns]
+    )
+    return f"CREATE TABLE {table} (\n  {cols}\n)"
+
+
+# Columns later migrations add: migration 1 must create the table as version 1 had it.
+_ADDED_AFTER_V1 = {
+    "session_start": {"token_kid", "attribution_source", "cgroup_path",  # v2
+                      "credential_stale_s"},                              # v3
+    "request": {"sqlstate", "masked"},                                    # v2
+    "writer_event": {"anchor_seq", "anchor_hash", "removed_rows", "cutoff"},  # v2
+}
+
+
+def _v1_columns(kind: str) -> list[tuple[str, str]]:
+    """The layout of version 1 (before probes, token_kid, attribution_source,
+    cgroup_path, sqlstate, masked counts, retention checkpoints and stale-credential
+    ages existed)."""
+    added = _ADDED_AFTER_V1.get(kind, set())
+    return [(f.name, f.type) for f in KINDS[kind].fields if f.name not in added]
+
+
+def _migration_1() -> list[str]:
+    stmts = [
+        "CREATE TABLE schema_version (version INTEGER NOT NULL, applied_at TIMESTAMPTZ NOT NULL,"
+        " description VARCHAR NOT NULL)",
+    ]
+    for kind in ("session_start", "session_end", "request", "approval", "recording", "writer_event"):
+        stmts.append(_table_ddl(KINDS[kind].table, _v1_columns(kind)))
+    return stmts
+
+
+def _migration_2() -> list[str]:
+    stmts = [
+        "ALTER TABLE session_starts ADD COLUMN token_kid VARCHAR",
+        "ALTER TABLE session_starts ADD COLUMN attribution_source VARCHAR",
+        "ALTER TABLE session_starts ADD COLUMN cgroup_path VARCHAR",
+        "ALTER TABLE requests ADD COLUMN sqlstate VARCHAR",
+        "ALTER TABLE requests ADD COLUMN masked MAP(VARCHAR, BIGINT)",
+        "ALTER TABLE writer_events ADD COLUMN anchor_seq BIGINT",
+        "ALTER TABLE writer_events ADD COLUMN anchor_hash VARCHAR",
+        "ALTER TABLE writer_events ADD COLUMN removed_rows BIGINT",
+        "ALTER TABLE writer_events ADD COLUMN cutoff TIMESTAMPTZ",
+        _table_ddl("probes", [(f.name, f.type) for f in KINDS["probe"].fields]),
+    ]
+    return stmts
+
+
+def _migration_3() -> list[str]:
+    # The approval event choices ('approved_partial', 'notify_failed') are checked in
+    # Python only (the column is a plain VARCHAR), so they need no DDL.
+    return ["ALTER TABLE session_starts ADD COLUMN credential_stale_s DOUBLE"]
+
+
+# Views are recreated after every migration (they only ever describe the latest layout).
+VIEWS = [
+    """CREATE OR REPLACE VIEW sessions AS
+SELECT s.session_id, s.identity, s.token_subject, s.token_kid, s.target, s.protocol,
+       s.client_addr, s.target_addr, s.pid, s.uid, s.gid, s.cgroup_id, s.cgroup_path,
+       s.exe, s.comm, s.attribution_source, s.credential_user, s.lease_id, s.tls,
+       s.credential_stale_s, s.ts AS started_at, e.ts AS ended_at, e.bytes_in, e.bytes_out,
+       coalesce(e.outcome, 'open') AS outcome, e.error,
+       s.chain_seq AS start_seq, e.chain_seq AS end_seq
+FROM session_starts s
+LEFT JOIN (
+    SELECT * FROM session_ends QUALIFY row_number() OVER (PARTITION BY session_id ORDER BY chain_seq DESC) = 1
+) e USING (session_id)""",
+    """CREATE OR REPLACE VIEW masked_fields AS
+SELECT r.request_id, r.session_id, r.ts, r.rule, e.key AS column_name, e.value AS masked_count
+FROM requests r, unnest(map_entries(r.masked)) AS u(e)
+WHERE r.masked IS NOT NULL""",
+    """CREATE OR REPLACE VIEW chain AS
+SELECT 'session_starts' AS "table", chain_seq, chain_prev, chain_hash, ts FROM session_starts
+UNION ALL SELECT 'session_ends', chain_seq, chain_prev, chain_hash, ts FROM session_ends
+UNION ALL SELECT 'requests', chain_seq, chain_prev, chain_hash, ts FROM requests
+UNION ALL SELECT 'approvals', chain_seq, chain_prev, chain_hash, ts FROM approvals
+UNION ALL SELECT 'probes', chain_seq, chain_prev, chain_hash, ts FROM probes
+UNION ALL SELECT 'recordings', chain_seq, chain_prev, chain_hash, ts FROM recordings
+UNION ALL SELECT 'writer_events', chain_seq, chain_prev, chain_hash, ts FROM writer_events""",
+]
+
+MIGRATIONS: dict[int, tuple[str, list[str]]] = {
+    1: ("initial schema: sessions, requests, approvals, recordings, writer events", _migration_1()),
+    2: ("probe attribution table, masked counts, sqlstate, token kid, attribution source, "
+        "retention checkpoints", _migration_2()),
+    3: ("session_starts.credential_stale_s (a cached credential used while the secrets store was "
+        "unreachable)", _migration_3()),
+}
+assert max(MIGRATIONS) == SCHEMA_VERSION

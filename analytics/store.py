@@ -1,0 +1,384 @@
+"""AuditStore: the single writer of the audit file.
+
+Producers (the daemon's event loop, protocol fronts, the approval manager) call
+:meth:`AuditStore.submit` from any thread. It validates the record on the caller's
+thread (so a producer bug surfaces where it happens), appends it to a bounded
+in-memory queue and returns; it never touches DuckDB. One writer thread owns the
+read-write connection, drains the queue in batches (``batch_max`` events, or
+whatever arrived within ``flush_interval`` of the oldest pending event) and
+commits each batch as one transaction with its hash chain.
+
+When the queue is full, ``on_full="refuse"`` makes submit return False at once
+(the daemon then refuses new sessions rather than run unaudited) and
+``on_full="block"`` waits for room (only for producers that are not an event loop).
+Nothing accepted is ever dropped: if a batch cannot be committed the writer keeps
+it, retries with back-off, and reports unhealthy; flush()/close() raise if events
+remain unwritten.
+
+Each start() is a writer *epoch*: it writes a chained ``writer_start`` row and
+close() a ``writer_stop`` row. An epoch without a stop row ended abruptly (kill -9,
+power loss); at most the events of the last batch window (plus whatever was still
+queued) are missing, and :func:`analytics.verify` lists it as a gap.
+
+Readers: :meth:`query` runs a read-only statement on a separate cursor of the same
+database while the writer runs. DuckDB cannot open the file from another process
+while this one holds it, so other processes read through the daemon.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, Literal
+
+import duckdb
+
+from . import db, schema
+from .errors import AuditClosedError, AuditError, AuditFlushTimeout, AuditRecordError, AuditWriterError
+from .writer import ChainWriter, IngestMethod, next_epoch, writer_event
+
+log = logging.getLogger(__name__)
+
+_HIGH_WATER = 0.8
+_RETRY_MIN_S = 0.05
+_RETRY_MAX_S = 2.0
+
+
+class AuditStore:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        batch_max: int = 2000,
+        flush_interval: float = 0.2,
+        queue_max: int = 100_000,
+        on_full: Literal["refuse", "block"] = "refuse",
+        strict: bool = False,
+        ingest: IngestMethod = "arrow",
+    ):
+        """``strict``: unknown record fields raise AuditRecordError (tests) instead of
+        being dropped with a warning naming the field (production).
+        ``ingest``: how batches enter DuckDB; "executemany" exists for the benchmark."""
+        if batch_max < 1 or queue_max < 1 or flush_interval <= 0:
+            raise AuditError("batch_max and queue_max must be >= 1 and flush_interval > 0")
+        if on_full not in ("refuse", "block"):
+            raise AuditError("on_full must be 'refuse' or 'block'")
+        if ingest not in ("arrow", "executemany"):
+            raise AuditError("ingest must be 'arrow' or 'executemany'")
+        self.path = Path(path)
+        self.batch_max = batch_max
+        self.flush_interval = flush_interval
+        self.queue_max = queue_max
+        self.on_full = on_full
+        self.strict = strict
+        self._ingest = ingest
+        self._high_water = max(1, int(queue_max * _HIGH_WATER))
+
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)       # writer waits here
+        self._room = threading.Condition(self._lock)       # blocked producers wait here
+        self._progress = threading.Condition(self._lock)   # flush() waits here
+        self._pending: collections.deque = collections.deque()
+        self._oldest = 0.0           # monotonic time the oldest pending event arrived
+        self._submitted = 0
+        self._written = 0
+        self._refused = 0
+        self._flush_wanted = False
+        self._stopping = False
+        self._running = False
+        self._failure: BaseException | None = None   # last commit error, cleared on success
+        self._dead = False                            # writer thread exited abnormally
+        self._tasks: collections.deque = collections.deque()
+        self._warned_unknown: set[tuple[str, str]] = set()
+
+        self._con: duckdb.DuckDBPyConnection | None = None
+        self._reader_root: duckdb.DuckDBPyConnection | None = None
+        self._reader_lock = threading.Lock()
+        self._chain: ChainWriter | None = None
+        self._thread: threading.Thread | None = None
+        self.epoch: int | None = None
+        self.migrations: list[tuple[int, int]] = []
+
+    # --- lifecycle ----------------------------------------------------------
+
+    def start(self) -> None:
+        if self._running or self._thread is not None:
+            raise AuditError("audit store already started")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        con = db.connect(self.path, read_only=False)
+        try:
+            self.migrations = db.migrate(con)
+            chain = ChainWriter(con, ingest=self._ingest)
+            self.epoch = next_epoch(con)
+            self._warn_unclean_previous(con)
+            first = [writer_event("migration", detail=f"schema {a} -> {b}", schema_version=b)
+                     for a, b in self.migrations]
+            first.append(writer_event(
+                "writer_start", epoch=self.epoch, schema_version=schema.SCHEMA_VERSION,
+                batch_max=self.batch_max, flush_interval=self.flush_interval, queue_max=self.queue_max))
+            chain.write(first)
+        except BaseException:
+            con.close()
+            raise
+        self._con, self._chain = con, chain
+        self._reader_root = con.cursor()
+        self._running = True
+        self._thread = threading.Thread(target=self._run, name=f"audit-writer-{self.path.name}", daemon=True)
+        self._thread.start()
+        log.info("audit store %s started: epoch %d, head seq %d", self.path, self.epoch, chain.seq)
+
+    def _warn_unclean_previous(self, con: duckdb.DuckDBPyConnection) -> None:
+        row = con.execute(
+            "SELECT epoch, bool_or(event = 'writer_stop') FROM writer_events "
+            "WHERE epoch = (SELECT max(epoch) FROM writer_events) GROUP BY epoch").fetchone()
+        if row is not None and not row[1]:
+            log.warning("audit epoch %d did not end cleanly; events of its last batch window may be "
+                        "missing (see `verify`)", row[0])
+
+    def close(self) -> None:
+        """Flush, write the epoch's stop row, stop the writer and close the file."""
+        if self._thread is None:
+            return
+        with self._lock:
+            self._stopping = True
+            self._wake.notify_all()
+            self._room.notify_all()
+        self._thread.join()
+        self._thread = None
+        self._running = False
+        with self._reader_lock:
+            if self._reader_root is not None:
+                self._reader_root.close()
+                self._reader_root = None
+        con, self._con = self._con, None
+        if con is not None:
+            con.close()
+        with self._lock:
+            unwritten = self._submitted - self._written
+        if unwritten:
+            raise AuditWriterError(
+                f"audit store closed with {unwritten} events not written "
+                f"(last error: {type(self._failure).__name__})")
+        log.info("audit store %s closed (epoch %d)", self.path, self.epoch)
+
+    def __enter__(self) -> AuditStore:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # --- producers -----------------------------------------------------------
+
+    def submit(self, kind: str, record: Mapping[str, Any]) -> bool:
+        """Queue one event. False: the queue is full or the writer is failing — refuse
+        the work that needed auditing. Raises AuditRecordError for a malformed record."""
+        spec = schema.KINDS.get(kind)
+        if spec is None or kind not in schema.PRODUCER_KINDS:
+            raise AuditRecordError(f"unknown audit event kind {kind!r}")
+        row, unknown = schema.normalize(spec, record)
+        if unknown:
+            self._unknown_fields(kind, unknown)
+        with self._lock:
+            if not self._running or self._stopping:
+                raise AuditClosedError("audit store is not running")
+            if self._failure is not None or self._dead:
+                self._refused += 1
+                return False
+            if len(self._pending) >= self.queue_max:
+                if self.on_full == "refuse":
+                    self._refused += 1
+                    return False
+                while len(self._pending) >= self.queue_max:
+                    if self._dead or self._stopping:
+                        self._refused += 1
+                        return False
+                    self._room.wait()
+            if not self._pending:
+                self._oldest = time.monotonic()
+            self._pending.append((spec, row))
+            self._submitted += 1
+            if len(self._pending) == self.batch_max:
+                self._wake.notify()
+        return True
+
+    def _unknown_fields(self, kind: str, names: list[str]) -> None:
+        if self.strict:
+            raise AuditRecordError(f"{kind}: unknown fields {sorted(map(str, names))}")
+        for n in names:
+            key = (kind, str(n))
+            if key not in self._warned_unknown:
+                self._warned_unknown.add(key)
+                log.warning("audit %s: dropping unknown field %r", kind, str(n))
+
+    @property
+    def healthy(self) -> bool:
+        with self._lock:
+            return (self._running and not self._dead and self._failure is None
+                    and len(self._pending) < self._high_water)
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {"epoch": self.epoch, "submitted": self._submitted, "written": self._written,
+                    "pending": len(self._pending), "refused": self._refused,
+                    "head_seq": self._chain.seq if self._chain else None,
+                    "failing": self._failure is not None or self._dead}
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """Return once every event submitted before the call is committed."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            if self._thread is None:
+                raise AuditClosedError("audit store is not running")
+            target = self._submitted
+            self._flush_wanted = True
+            self._wake.notify()
+            while self._written < target:
+                if self._dead:
+                    raise AuditWriterError("audit writer thread died; events are not durable")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    why = f" (writer failing: {type(self._failure).__name__})" if self._failure else ""
+                    raise AuditFlushTimeout(
+                        f"{target - self._written} audit events not durable after {timeout}s{why}")
+                self._progress.wait(remaining)
+
+    # --- the writer thread ------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # a bug: keep the error visible, fail closed
+            log.exception("audit writer thread died: %s", type(e).__name__)
+            with self._lock:
+                self._dead = True
+                self._progress.notify_all()
+                self._room.notify_all()
+
+    def _loop(self) -> None:
+        backoff = _RETRY_MIN_S
+        batch: list = []
+        while True:
+            with self._lock:
+                if not batch:
+                    batch = self._take_batch()
+                    if batch is None:
+                        break
+            if batch:
+                try:
+                    self._chain.write(batch)
+                except duckdb.Error as e:
+                    # Keep the batch and retry; producers are refused meanwhile.
+                    with self._lock:
+                        first = self._failure is None
+                        self._failure = e
+                        stopping = self._stopping
+                    if first:
+                        log.error("audit writer cannot commit a batch of %d events: %s; retrying",
+                                  len(batch), type(e).__name__)
+                    if stopping and backoff >= _RETRY_MAX_S:
+                        break
+                    time.sleep(backoff)
+                    backoff = min(backoff * 2, _RETRY_MAX_S)
+                    continue
+                backoff = _RETRY_MIN_S
+                with self._lock:
+                    if self._failure is not None:
+                        log.warning("audit writer recovered")
+                    self._failure = None
+                    self._written += len(batch)
+                    self._progress.notify_all()
+                batch = []
+            self._run_tasks()
+        self._run_tasks()
+        with self._lock:
+            clean = self._submitted == self._written
+        if clean:
+            self._chain.write([writer_event("writer_stop", epoch=self.epoch, rows=self._written)])
+
+    def _take_batch(self) -> list | None:
+        """Under the lock: wait for a batch to be due and take it. None: stop."""
+        while True:
+            n = len(self._pending)
+            if n >= self.batch_max or (n and (self._flush_wanted or self._stopping)):
+                break
+            if n and time.monotonic() - self._oldest >= self.flush_interval:
+                break
+            if self._tasks and self._tasks[0][2] <= self._written:
+                return []
+            if not n and self._stopping:
+                return None
+            if not n:
+                self._flush_wanted = False
+            timeout = self.flush_interval if not n else self._oldest + self.flush_interval - time.monotonic()
+            self._wake.wait(max(timeout, 0.001))
+        if n <= self.batch_max:
+            batch = list(self._pending)
+            self._pending.clear()
+        else:
+            pop = self._pending.popleft
+            batch = [pop() for _ in range(self.batch_max)]
+            self._oldest = time.monotonic()
+        self._room.notify_all()
+        return batch
+
+    def _run_tasks(self) -> None:
+        while True:
+            with self._lock:
+                if not self._tasks or self._tasks[0][2] > self._written:
+                    return
+                fn, fut, _ = self._tasks.popleft()
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn(self._con, self._chain))
+                except BaseException as e:
+                    fut.set_exception(e)
+
+    def run_in_writer(self, fn: Callable[[duckdb.DuckDBPyConnection, ChainWriter], Any],
+                      timeout: float | None = None) -> Any:
+        """Run ``fn(con, chain)`` on the writer thread after everything submitted so far
+        is written (maintenance such as retention). Blocks the caller."""
+        fut: Future = Future()
+        with self._lock:
+            if not self._running or self._stopping:
+                raise AuditClosedError("audit store is not running")
+            self._tasks.append((fn, fut, self._submitted))
+            self._flush_wanted = True
+            self._wake.notify()
+        return fut.result(timeout)
+
+    # --- readers -----------------------------------------------------------
+
+    def cursor(self) -> duckdb.DuckDBPyConnection:
+        """A new connection to the live database for the calling thread (read it only)."""
+        with self._reader_lock:
+            if self._reader_root is None:
+                raise AuditClosedError("audit store is not running")
+            return self._reader_root.cursor()
+
+    def query(self, sql: str, params: Sequence | None = None, *, max_rows: int | None = None,
+              timeout: float | None = None) -> tuple[list[str], list[tuple]]:
+        """Run one read-only statement against the live store (any thread, not the
+        event loop: it blocks). ``timeout`` interrupts it after that many seconds."""
+        from .sql import run_readonly
+
+        cur = self.cursor()
+        try:
+            return run_readonly(cur, sql, params, max_rows=max_rows, timeout=timeout)
+        finally:
+            cur.close()
+
+    def verify(self):
+        """Verify the chain of the live file (rows committed so far)."""
+        from .verify import verify_connection
+
+        cur = self.cursor()
+        try:
+            return verify_connection(cur, live_epoch=self.epoch)
+        finally:
+            cur.close()

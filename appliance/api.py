@@ -1,0 +1,143 @@
+"""Routes of the control API (see docs/control-api.md). Thin: each route calls the daemon."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from appliance.approvals import ApprovalError, Operator
+from appliance.control import ControlError, Request, Response, Router
+
+if TYPE_CHECKING:
+    from appliance.daemon import Daemon
+
+MAX_WINDOW_S = 24 * 3600  # the TUI's limit too (tui.model.MAX_WINDOW_MINUTES)
+
+
+def _operator(request: Request) -> Operator:
+    return Operator(request.peer.user, request.peer.uid)
+
+
+def build_router(daemon: "Daemon") -> Router:
+    router = Router()
+
+    async def status(request: Request) -> Response:
+        return Response(200, daemon.status())
+
+    async def reload(request: Request) -> Response:
+        ok = await daemon.reload()
+        if not ok:
+            raise ControlError(400, f"reload refused: {daemon.state.last_reload_error}")
+        return Response(200, {"reloaded": True, "reloads": daemon.state.reloads})
+
+    async def sessions(request: Request) -> Response:
+        active_only = request.query.get("all", ["0"])[0] in ("0", "false", "")
+        return Response(200, {"sessions": daemon.runtime.sessions(active_only=active_only)})
+
+    async def approvals_list(request: Request) -> Response:
+        return Response(200, {"approvals": daemon.runtime.approvals.list()})
+
+    async def approve(request: Request) -> Response:
+        body = request.body or {}
+        window = body.get("for_s")
+        if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window <= 0):
+            raise ControlError(400, "for_s must be a positive number of seconds")
+        if window is not None and window > MAX_WINDOW_S:
+            # A typo should not let a statement shape through unasked for a week.
+            raise ControlError(400, f"for_s may be at most {MAX_WINDOW_S} seconds (24h)")
+        try:
+            result = daemon.runtime.approvals.approve(request.params["approval_id"], _operator(request),
+                                                      window_s=window, reason=str(body.get("reason", "")))
+        except ApprovalError as e:
+            raise ControlError(e.status, e.message) from None
+        return Response(200, result)
+
+    async def deny(request: Request) -> Response:
+        body = request.body or {}
+        try:
+            result = daemon.runtime.approvals.deny(request.params["approval_id"], _operator(request),
+                                                   str(body.get("reason", "")))
+        except ApprovalError as e:
+            raise ControlError(e.status, e.message) from None
+        return Response(200, result)
+
+    async def watch(request: Request) -> Response:
+        broker = daemon.runtime.approvals
+        queue = broker.subscribe()
+
+        async def events() -> AsyncIterator[dict[str, Any]]:
+            try:
+                yield {"event": "hello", "pending": len(broker.pending)}
+                stopping = asyncio.ensure_future(daemon.stopping.wait())
+                try:
+                    while not daemon.stopping.is_set():
+                        getter = asyncio.ensure_future(queue.get())
+                        done, _ = await asyncio.wait({getter, stopping}, timeout=15,
+                                                     return_when=asyncio.FIRST_COMPLETED)
+                        if getter in done:
+                            yield getter.result()
+                        else:
+                            getter.cancel()
+                            if stopping not in done:
+                                yield {"event": "keepalive"}
+                    yield {"event": "daemon_stopping"}
+                finally:
+                    stopping.cancel()
+            finally:
+                broker.unsubscribe(queue)
+
+        return Response(200, stream=events())
+
+    async def audit_sql(request: Request) -> Response:
+        body = request.body or {}
+        sql = body.get("sql")
+        if not isinstance(sql, str) or not sql.strip():
+            raise ControlError(400, "body must be {\"sql\": \"SELECT ...\"}")
+        cols, rows = await _audit_query(daemon, sql, body.get("params"))
+        return Response(200, {"columns": cols, "rows": rows})
+
+    async def audit_report(request: Request) -> Response:
+        from analytics import AuditError, UnknownReport, reports
+
+        name = request.params["name"]
+        try:
+            cols, rows = await asyncio.to_thread(reports.run_report, daemon.audit, name)
+        except UnknownReport as e:
+            raise ControlError(404, str(e)) from None
+        except AuditError as e:
+            raise ControlError(400, str(e)) from None
+        return Response(200, {"columns": cols, "rows": _jsonable_rows(rows)})
+
+    async def flush(request: Request) -> Response:
+        await asyncio.to_thread(daemon.audit.flush)
+        return Response(200, {"flushed": True})
+
+    router.add("GET", "/v1/status", status)
+    router.add("POST", "/v1/reload", reload)
+    router.add("GET", "/v1/sessions", sessions)
+    router.add("GET", "/v1/approvals", approvals_list)
+    router.add("GET", "/v1/approvals/watch", watch)
+    router.add("POST", "/v1/approvals/{approval_id}/approve", approve)
+    router.add("POST", "/v1/approvals/{approval_id}/deny", deny)
+    router.add("POST", "/v1/audit/sql", audit_sql)
+    router.add("POST", "/v1/audit/flush", flush)
+    router.add("GET", "/v1/audit/reports/{name}", audit_report)
+    return router
+
+
+async def _audit_query(daemon: "Daemon", sql: str, params: Any) -> tuple[list[str], list[list[Any]]]:
+    from analytics import AuditError
+
+    try:
+        cols, rows = await asyncio.to_thread(daemon.audit.query, sql, params)
+    except AuditError as e:  # read-only violations, SQL errors: the operator's to fix
+        raise ControlError(400, str(e)) from None
+    return cols, _jsonable_rows(rows)
+
+
+def _jsonable_rows(rows: list[tuple]) -> list[list[Any]]:
+    out = []
+    for row in rows:
+        out.append([v.hex() if isinstance(v, (bytes, bytearray, memoryview)) else v for v in row])
+    return out

@@ -1,0 +1,371 @@
+"""Just-in-time approvals: a held request waits here until a human decides.
+
+A protocol front that gets an ``approve`` verdict calls :meth:`ApprovalBroker.hold`; the
+bot's connection waits on a future (no idle timeout runs meanwhile), other sessions go
+on. Operators decide through the control API (CLI or TUI): approve once, approve for a
+window (same identity, target and statement shape for N seconds), or deny with a reason.
+Undecided requests are denied when they expire; a bot that hangs up withdraws its request
+(abandoned); a daemon shutdown denies every pending request and records it. Every step is
+an ``approval`` audit event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from appliance.errors import BotwardenError
+from appliance.fronts.services import HoldOutcome
+
+# Events that end an approval (any other event leaves it pending).
+FINAL_EVENTS = ("approved", "denied", "expired", "abandoned", "cancelled_restart")
+
+log = logging.getLogger(__name__)
+
+
+class ApprovalError(BotwardenError):
+    """An operator's decision could not be applied; ``status`` is the HTTP status to answer."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Operator:
+    name: str
+    uid: int
+
+
+@dataclass
+class PendingApproval:
+    approval_id: str
+    session_id: str
+    request_id: str | None
+    identity: str
+    target: str
+    protocol: str
+    text: str  # as the audit stores it (masked by the caller)
+    rule: str | None
+    shape: str
+    process: Mapping[str, Any]
+    created: datetime
+    expires: datetime
+    required: int
+    excluded_uids: frozenset[int]
+    future: asyncio.Future = field(repr=False, default=None)  # type: ignore[assignment]
+    approvals: list[Operator] = field(default_factory=list)
+    window_s: int | None = None
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "approval_id": self.approval_id, "session_id": self.session_id, "request_id": self.request_id,
+            "identity": self.identity, "target": self.target, "protocol": self.protocol, "request": self.text,
+            "rule": self.rule, "process": dict(self.process), "created": self.created.isoformat(),
+            "expires": self.expires.isoformat(), "approvals": [o.name for o in self.approvals],
+            "required": self.required,
+        }
+
+
+@dataclass(frozen=True)
+class Window:
+    identity: str
+    target: str
+    shape: str
+    until: float  # monotonic
+    granted_by: str
+    approval_id: str
+    window_s: int | None = None
+    granted_uid: int | None = None  # the operator whose approval completed the grant
+
+
+class ApprovalBroker:
+    def __init__(self, *, timeout_s: float, required: int = 1, audit: Callable[[str, Mapping[str, Any]], None],
+                 webhook_url: str | None = None, webhook_retries: int = 3, webhook_backoff_s: float = 0.5,
+                 webhook_timeout_s: float = 5.0):
+        self.timeout_s = timeout_s
+        self.required = max(1, required)
+        self._audit = audit
+        self.webhook_url = webhook_url
+        self.webhook_retries = max(1, webhook_retries)
+        self.webhook_backoff_s = webhook_backoff_s
+        self.webhook_timeout_s = webhook_timeout_s
+        self.pending: dict[str, PendingApproval] = {}
+        self.windows: list[Window] = []
+        self._subscribers: set[asyncio.Queue] = set()
+        self._webhooks: set[asyncio.Future] = set()
+        self._stop = threading.Event()  # wakes webhook threads waiting to retry
+        self._closed = False
+
+    # -- the front's side -------------------------------------------------------------
+
+    async def hold(self, *, session_id: str, identity: str, target: str, protocol: str, text: str,
+                   rule: str | None, shape: str, process: Mapping[str, Any] | None = None,
+                   request_id: str | None = None, excluded_uids: frozenset[int] = frozenset(),
+                   notify: Callable[[str], None] | None = None) -> HoldOutcome:
+        """Hold one request until it is decided. Cancelling the awaiting task = abandoned
+        (the bot hung up, or withdrew the request: a ``task.cancel(msg)`` message becomes the
+        recorded reason); the caller's connection has no idle timeout meanwhile."""
+        approval_id = uuid.uuid4().hex[:12]
+        ids = dict(session_id=session_id, request_id=request_id, identity=identity, target=target, rule=rule)
+        if self._closed:
+            reason = "botwarden is shutting down; the request was not held and did not run"
+            self._event("requested", approval_id, **ids)
+            self._event("cancelled_restart", approval_id, **ids, reason=reason, waited_ms=0.0)
+            return HoldOutcome(False, approval_id, reason, None, "cancelled_restart")
+        window = self._window_for(identity, target, shape)
+        if window is not None:
+            self._event("approved", approval_id, **ids, operator=window.granted_by,
+                        operator_uid=window.granted_uid, waited_ms=0.0, window_s=window.window_s,
+                        reason=f"within the approval window granted with {window.approval_id}")
+            return HoldOutcome(True, approval_id, f"approved by the window granted with {window.approval_id}",
+                               window.granted_by, "approved")
+        now = datetime.now(timezone.utc)
+        item = PendingApproval(
+            approval_id=approval_id, session_id=session_id, request_id=request_id, identity=identity,
+            target=target, protocol=protocol, text=text, rule=rule, shape=shape, process=dict(process or {}),
+            created=now, expires=now + timedelta(seconds=self.timeout_s), required=self.required,
+            excluded_uids=excluded_uids, future=asyncio.get_running_loop().create_future())
+        self.pending[approval_id] = item
+        self._event("requested", approval_id, **ids)
+        watchers = self._publish({"event": "requested", "approval": item.public()})
+        if watchers:
+            self._event("notified", approval_id, **ids, reason=f"sent to {watchers} watcher(s) of the control API")
+        if notify is not None:
+            try:
+                notify(approval_id)
+            except Exception:  # the bot not hearing about the hold must not lose the request
+                log.exception("approval %s: the front could not tell its client about the hold", approval_id)
+        if self.webhook_url:
+            hook = asyncio.get_running_loop().run_in_executor(None, self._post_webhook, item)
+            self._webhooks.add(hook)
+            hook.add_done_callback(self._webhooks.discard)
+        try:
+            return await asyncio.wait_for(asyncio.shield(item.future), self.timeout_s)
+        except asyncio.TimeoutError:
+            if item.future.done():  # decided in the very last moment
+                return item.future.result()
+            outcome = HoldOutcome(False, approval_id, f"approval {approval_id} timed out after "
+                                                      f"{self.timeout_s:g}s without a decision", None, "expired")
+            self._finish(item, "expired", outcome, operator=None)
+            return outcome
+        except asyncio.CancelledError as e:
+            if not item.future.done():
+                why = e.args[0] if e.args and isinstance(e.args[0], str) else \
+                    "the client disconnected while the request was held"
+                outcome = HoldOutcome(False, approval_id, why, None, "abandoned")
+                self._finish(item, "abandoned", outcome, operator=None)
+            raise
+        finally:
+            self.pending.pop(approval_id, None)
+
+    # -- the operators' side ----------------------------------------------------------
+
+    def approve(self, approval_id: str, operator: Operator, *, window_s: int | None = None,
+                reason: str = "") -> dict[str, Any]:
+        item = self._get(approval_id)
+        if operator.uid in item.excluded_uids:
+            raise ApprovalError(403, f"operator {operator.name} is mapped to identity {item.identity!r} "
+                                     "and may not approve its requests")
+        if any(o.uid == operator.uid for o in item.approvals):
+            raise ApprovalError(409, f"operator {operator.name} has already approved {approval_id}")
+        item.approvals.append(operator)
+        if window_s:
+            item.window_s = max(item.window_s or 0, int(window_s))
+        if len(item.approvals) < item.required:
+            self._event("approved_partial", approval_id, session_id=item.session_id, request_id=item.request_id,
+                        identity=item.identity,
+                        target=item.target, rule=item.rule, operator=operator.name, operator_uid=operator.uid,
+                        reason=reason or None)
+            self._publish({"event": "approved_partial", "approval": item.public()})
+            return {"approval_id": approval_id, "state": "pending",
+                    "approvals": len(item.approvals), "required": item.required}
+        decided_by = ",".join(o.name for o in item.approvals)
+        if item.window_s:
+            self.windows.append(Window(item.identity, item.target, item.shape,
+                                       time.monotonic() + item.window_s, decided_by, approval_id, item.window_s,
+                                       operator.uid))
+        outcome = HoldOutcome(True, approval_id, reason or f"approved by {decided_by}", decided_by, "approved")
+        self._finish(item, "approved", outcome, operator=operator, reason=reason)
+        return {"approval_id": approval_id, "state": "approved", "window_s": item.window_s,
+                "approvals": len(item.approvals), "required": item.required}
+
+    def deny(self, approval_id: str, operator: Operator, reason: str) -> dict[str, Any]:
+        if not reason.strip():
+            raise ApprovalError(400, "a denial needs a reason (the bot is told it)")
+        item = self._get(approval_id)
+        outcome = HoldOutcome(False, approval_id, f"denied by {operator.name}: {reason}", operator.name, "denied")
+        self._finish(item, "denied", outcome, operator=operator, reason=reason)
+        return {"approval_id": approval_id, "state": "denied"}
+
+    def list(self) -> list[dict[str, Any]]:
+        return [p.public() for p in sorted(self.pending.values(), key=lambda p: p.created)]
+
+    def subscribe(self) -> asyncio.Queue:
+        queue: asyncio.Queue = asyncio.Queue(maxsize=1000)
+        self._subscribers.add(queue)
+        for item in self.list():
+            queue.put_nowait({"event": "pending", "approval": item})
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue) -> None:
+        self._subscribers.discard(queue)
+
+    async def shutdown(self, reason: str = "botwarden is shutting down") -> None:
+        """Deny every pending request (recorded as ``cancelled_restart``) and stop holding new
+        ones. The daemon calls this before it drains its sessions, so each held bot is told why
+        while its connection is still open."""
+        self._closed = True
+        self._stop.set()
+        for item in list(self.pending.values()):
+            if item.future.done():
+                continue
+            outcome = HoldOutcome(False, item.approval_id, f"{reason}; the held request was not run, send it "
+                                                           "again once botwarden is back", None, "cancelled_restart")
+            self._finish(item, "cancelled_restart", outcome, operator=None, reason=reason)
+        await asyncio.sleep(0)
+        for hook in list(self._webhooks):  # a webhook still retrying is not waited for
+            hook.cancel()
+
+    def record_orphans(self, query: Callable[..., tuple[list[str], list[tuple]]]) -> list[str]:
+        """After an unclean stop (kill -9, power loss), approvals the audit store shows as
+        requested with no final event were never decided: record them as ``cancelled_restart``
+        so nothing is silently lost. Blocking (DuckDB): run it in a thread, at start-up."""
+        finals = ", ".join(f"'{e}'" for e in FINAL_EVENTS)
+        _, rows = query(
+            "SELECT approval_id, any_value(session_id), any_value(request_id), any_value(identity), "
+            "any_value(target), any_value(rule), min(ts) FILTER (WHERE event = 'requested') "
+            "FROM approvals GROUP BY approval_id "
+            f"HAVING bool_or(event = 'requested') AND NOT bool_or(event IN ({finals})) ORDER BY 7")
+        recorded = []
+        now = datetime.now(timezone.utc)
+        for approval_id, session_id, request_id, identity, target, rule, requested in rows:
+            if approval_id in self.pending:
+                continue
+            waited = (now - requested).total_seconds() * 1000 if isinstance(requested, datetime) else None
+            self._event("cancelled_restart", approval_id, session_id=session_id, request_id=request_id,
+                        identity=identity, target=target, rule=rule, waited_ms=waited,
+                        reason="botwarden stopped without deciding it (the daemon did not shut down cleanly); "
+                               "the held request was not run")
+            recorded.append(approval_id)
+        if recorded:
+            log.warning("%d approval(s) left undecided by an unclean stop recorded as cancelled_restart",
+                        len(recorded))
+        return recorded
+
+    def adopt_windows(self, other: "ApprovalBroker") -> None:
+        """On reload, approval windows and pending requests carry over to the new broker."""
+        # The same objects, not copies: sessions opened before the reload keep the old broker,
+        # and a window granted through either broker must count for both.
+        other.windows[:] = [w for w in other.windows if w.until > time.monotonic()]
+        self.windows = other.windows
+        self.pending = other.pending
+        self._subscribers = other._subscribers
+        self._stop = other._stop
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _get(self, approval_id: str) -> PendingApproval:
+        item = self.pending.get(approval_id)
+        if item is None or item.future.done():
+            raise ApprovalError(404, f"no pending approval {approval_id!r} (decided, expired or withdrawn)")
+        return item
+
+    def _window_for(self, identity: str, target: str, shape: str) -> Window | None:
+        now = time.monotonic()
+        self.windows[:] = [w for w in self.windows if w.until > now]  # in place: shared across reloads
+        for w in self.windows:
+            if (w.identity, w.target, w.shape) == (identity, target, shape):
+                return w
+        return None
+
+    def _finish(self, item: PendingApproval, event: str, outcome: HoldOutcome,
+                operator: Operator | None, reason: str = "") -> None:
+        waited = (datetime.now(timezone.utc) - item.created).total_seconds() * 1000
+        self._event(event, item.approval_id, session_id=item.session_id, request_id=item.request_id,
+                    identity=item.identity, target=item.target, rule=item.rule,
+                    operator=operator.name if operator else None, operator_uid=operator.uid if operator else None,
+                    reason=reason or outcome.reason, waited_ms=waited, window_s=item.window_s)
+        self._publish({"event": event, "approval": item.public(), "reason": outcome.reason})
+        if not item.future.done():
+            item.future.set_result(outcome)
+        self.pending.pop(item.approval_id, None)
+
+    def _event(self, event: str, approval_id: str, **fields: Any) -> None:
+        record = {"approval_id": approval_id, "ts": datetime.now(timezone.utc), "event": event}
+        record.update({k: v for k, v in fields.items() if v is not None})
+        try:
+            self._audit("approval", record)
+        except Exception:  # an audit hook that fails is logged; the decision still stands
+            log.exception("approval %s: the %s event could not be audited", approval_id, event)
+
+    def _publish(self, message: dict[str, Any]) -> int:
+        """Send to every watcher; the number that got it."""
+        sent = 0
+        for queue in list(self._subscribers):
+            try:
+                queue.put_nowait(message)
+                sent += 1
+            except asyncio.QueueFull:
+                log.warning("an approvals watcher is not reading; it missed a %s event", message.get("event"))
+        return sent
+
+    def webhook_payload(self, item: PendingApproval) -> dict[str, Any]:
+        """Slack-compatible incoming-webhook payload. It names who, where and which rule, never
+        the request's text or values (they stay behind the control socket)."""
+        summary = (f"botwarden approval {item.approval_id}: identity {item.identity} wants to run a request on "
+                   f"{item.target}, held by rule {item.rule or '(default)'}. Expires {item.expires:%H:%M:%S} UTC.")
+        return {
+            "text": summary,
+            "blocks": [
+                {"type": "section", "text": {"type": "mrkdwn", "text": (
+                    f":lock: *botwarden approval* `{item.approval_id}`\nidentity *{item.identity}* wants to run "
+                    f"a request on *{item.target}*, held by rule `{item.rule or '(default)'}`.")}},
+                {"type": "context", "elements": [{"type": "mrkdwn", "text": (
+                    f"decide with `botwarden approvals approve {item.approval_id}` or "
+                    f"`botwarden approvals deny {item.approval_id} --reason ...`; expires "
+                    f"{item.expires:%H:%M:%S} UTC")}]},
+            ],
+            "botwarden": {"approval_id": item.approval_id, "identity": item.identity, "target": item.target,
+                          "rule": item.rule, "session_id": item.session_id, "expires": item.expires.isoformat()},
+        }
+
+    def _post_webhook(self, item: PendingApproval) -> None:
+        """POST the payload, retrying with back-off; runs in a worker thread."""
+        body = json.dumps(self.webhook_payload(item)).encode()
+        ids = dict(session_id=item.session_id, request_id=item.request_id, identity=item.identity,
+                   target=item.target, rule=item.rule)
+        last, tried = "", 0
+        while tried < self.webhook_retries:
+            if tried and self._stop.wait(min(self.webhook_backoff_s * 2 ** (tried - 1), 8.0)):
+                last += "; not retried: botwarden is stopping"
+                break
+            tried += 1
+            try:
+                req = urllib.request.Request(self.webhook_url, data=body, method="POST",
+                                             headers={"Content-Type": "application/json",
+                                                      "User-Agent": "botwarden-approvals"})
+                with urllib.request.urlopen(req, timeout=self.webhook_timeout_s) as resp:
+                    self._event("notified", item.approval_id, **ids,
+                                reason=f"webhook answered HTTP {resp.status} (attempt {tried})")
+                    return
+            except urllib.error.HTTPError as e:
+                last = f"HTTP {e.code}"
+            except (OSError, ValueError) as e:  # refused, timeout, bad URL
+                last = type(e).__name__
+            # The URL may embed a token (Slack's do): it is never logged.
+            log.warning("approval %s: webhook attempt %d/%d failed: %s", item.approval_id, tried,
+                        self.webhook_retries, last)
+        self._event("notify_failed", item.approval_id, **ids, reason=f"webhook failed {tried} time(s), last: {last}")

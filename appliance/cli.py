@@ -1,0 +1,409 @@
+"""The `botwarden` command.
+
+Exit codes: 0 success; 1 the operation failed or found a problem (verify, a refused
+decision); 2 bad usage or an invalid config; 3 the daemon is not running (or another one
+is, for `run`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from appliance.config import DEFAULT_CONTROL_SOCKET, Config, load_config
+from appliance.control import ControlClient, ControlError, DaemonNotRunning
+from appliance.errors import BotwardenError, ConfigError
+
+DEFAULT_CONFIG = os.environ.get("BOTWARDEN_CONFIG", "/etc/botwarden/botwarden.toml")
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_NO_DAEMON = 0, 1, 2, 3
+
+
+class CliError(BotwardenError):
+    def __init__(self, message: str, code: int = EXIT_FAIL):
+        super().__init__(message)
+        self.code = code
+
+
+def _duration(text: str) -> int:
+    """'90s', '15m', '2h', '1d' or plain seconds → seconds."""
+    m = re.fullmatch(r"\s*(\d+)\s*([smhd]?)\s*", text)
+    if not m or int(m.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 90s, 15m, 2h")
+    return int(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+
+
+def _config(args: argparse.Namespace, required: bool = True) -> Config | None:
+    try:
+        return load_config(args.config)
+    except ConfigError as e:
+        if required or Path(args.config).exists():
+            raise CliError(str(e), EXIT_USAGE) from None
+        return None
+
+
+def _client(args: argparse.Namespace) -> ControlClient:
+    path = args.socket
+    if not path:
+        cfg = _config(args, required=False)
+        path = cfg.appliance.control_socket if cfg else DEFAULT_CONTROL_SOCKET
+    return ControlClient(path)
+
+
+def _print_table(columns: list[str], rows: list[list[Any]], fmt: str = "table") -> None:
+    from analytics import format_table
+
+    print(format_table(columns, [tuple(r) for r in rows], fmt))
+
+
+# -- subcommands -------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from appliance.daemon import run_daemon
+
+    return run_daemon(args.config)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    try:
+        st = _client(args).get("/v1/status", timeout=5)
+    except DaemonNotRunning as e:
+        print(e.message)
+        return EXIT_NO_DAEMON
+    if args.json:
+        print(json.dumps(st, indent=2, default=str))
+        return EXIT_OK
+    print(f"botwarden daemon running (pid {st['pid']}) since {st['started_at']}, config {st['config']}")
+    for t in st["targets"]:
+        print(f"  target {t['name']:<20} {t['protocol']:<10} {t['address']:<24} listening on {t['listen']}")
+    print(f"  audit store {st['audit']['path']} ({'healthy' if st['audit']['healthy'] else 'NOT HEALTHY'})")
+    if "sessions_active" in st:
+        print(f"  sessions: {st['sessions_active']} active; approvals pending: {st.get('approvals_pending', 0)}")
+    if "probes" in st:
+        print(f"  probes: {st['probes']}")
+    if st.get("last_reload_error"):
+        print(f"  last reload refused: {st['last_reload_error']}")
+    return EXIT_OK
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    print(f"{args.config}: OK ({len(cfg.targets)} targets, {len(cfg.identities)} identities, "
+          f"{len(cfg.policy.rules)} rules)")
+    return EXIT_OK
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    _client(args).post("/v1/reload")
+    print("config reloaded")
+    return EXIT_OK
+
+
+def cmd_sessions(args: argparse.Namespace) -> int:
+    doc = _client(args).get("/v1/sessions" + ("?all=1" if args.all else ""))
+    sessions = doc["sessions"]
+    if args.json:
+        print(json.dumps(sessions, indent=2, default=str))
+        return EXIT_OK
+    cols = ["session_id", "identity", "target", "pid", "exe", "started", "state"]
+    _print_table(cols, [[s.get(c) for c in cols] for s in sessions])
+    return EXIT_OK
+
+
+def cmd_approvals(args: argparse.Namespace) -> int:
+    client = _client(args)
+    if args.action == "list":
+        items = client.get("/v1/approvals")["approvals"]
+        if args.json:
+            print(json.dumps(items, indent=2))
+            return EXIT_OK
+        if not items:
+            print("no pending approvals")
+            return EXIT_OK
+        cols = ["approval_id", "identity", "target", "rule", "request", "expires"]
+        _print_table(cols, [[i.get(c) for c in cols] for i in items])
+        return EXIT_OK
+    if args.action == "approve":
+        body: dict[str, Any] = {"reason": args.reason or ""}
+        if args.for_:
+            body["for_s"] = args.for_
+        res = client.post(f"/v1/approvals/{args.id}/approve", body)
+        extra = f" (window {res['window_s']}s for this identity, target and statement shape)" \
+            if res.get("window_s") else ""
+        if res["state"] == "pending":
+            print(f"approval {args.id}: {res['approvals']} of {res['required']} approvals recorded")
+        else:
+            print(f"approved {args.id}{extra}")
+        return EXIT_OK
+    if args.action == "deny":
+        client.post(f"/v1/approvals/{args.id}/deny", {"reason": args.reason})
+        print(f"denied {args.id}")
+        return EXIT_OK
+    if args.action == "watch":
+        try:
+            for event in client.stream("/v1/approvals/watch"):
+                if event.get("event") in ("keepalive",):
+                    continue
+                print(json.dumps(event, default=str), flush=True)
+        except KeyboardInterrupt:
+            pass
+        return EXIT_OK
+    raise CliError(f"unknown approvals action {args.action}", EXIT_USAGE)
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    import analytics
+
+    cfg = _config(args, required=False)
+    db_path = args.path or (cfg.audit.path if cfg else None)
+    if args.action == "sql":
+        try:
+            doc = _client(args).post("/v1/audit/sql", {"sql": args.sql})
+            cols, rows = doc["columns"], doc["rows"]
+        except DaemonNotRunning:
+            if not db_path:
+                raise CliError("no daemon running and no audit store path (--path or a config)", EXIT_USAGE)
+            cols, rows = analytics.query_readonly(db_path, args.sql)
+        _print_table(cols, rows, args.format)
+        return EXIT_OK
+    if args.action == "report":
+        if args.name is None:
+            for name in analytics.reports.list_reports():
+                print(name)
+            return EXIT_OK
+        try:
+            doc = _client(args).get(f"/v1/audit/reports/{args.name}")
+            cols, rows = doc["columns"], doc["rows"]
+        except DaemonNotRunning:
+            if not db_path:
+                raise CliError("no daemon running and no audit store path (--path or a config)", EXIT_USAGE)
+            cols, rows = analytics.reports.run_report(db_path, args.name)
+        _print_table(cols, rows, args.format)
+        return EXIT_OK
+    if not db_path:
+        raise CliError("no audit store path (--path or a config)", EXIT_USAGE)
+    if args.action == "verify":
+        try:
+            _client(args).post("/v1/audit/flush")
+            raise CliError("the daemon is running and holds the audit store; stop it (or verify a copy) "
+                           "— DuckDB allows one process to open the file while it is written", EXIT_FAIL)
+        except DaemonNotRunning:
+            pass
+        report = analytics.verify(db_path)
+        print(report)
+        return EXIT_OK if report.ok else EXIT_FAIL
+    if args.action == "export":
+        from datetime import date
+
+        since = date.fromisoformat(args.since)
+        files = analytics.export_parquet(db_path, since, Path(args.dir))
+        print(f"wrote {len(files)} Parquet file(s) under {args.dir}")
+        return EXIT_OK
+    raise CliError(f"unknown audit action {args.action}", EXIT_USAGE)
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from appliance.replay import replay_session
+
+    cfg = _config(args, required=False)
+    return replay_session(args, cfg)
+
+
+def cmd_policy(args: argparse.Namespace) -> int:
+    from appliance.policy import PolicyEngine, explain, lint
+
+    cfg = _config(args)
+    if args.action == "check":
+        findings = lint(cfg.policy, cfg.targets, cfg.identities)
+        for f in findings:
+            print(f)
+        errors = [f for f in findings if getattr(f, "severity", "error") == "error"]
+        print(f"{len(cfg.policy.rules)} rules: {len(errors)} error(s), {len(findings) - len(errors)} warning(s)")
+        return EXIT_FAIL if errors else EXIT_OK
+    engine = PolicyEngine(cfg.policy, cfg.targets, cfg.identities)
+    try:
+        cfg.identity(args.identity)
+    except KeyError:
+        raise CliError(f"unknown identity {args.identity!r}", EXIT_USAGE) from None
+    try:
+        cfg.target(args.target)
+    except KeyError:
+        raise CliError(f"unknown target {args.target!r}", EXIT_USAGE) from None
+    result = explain(engine, args.identity, args.target, args.statement)
+    print(result)
+    return EXIT_OK
+
+
+def cmd_bot_run(args: argparse.Namespace) -> int:
+    from appliance.bots import run_bot
+
+    cfg = _config(args, required=False)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        raise CliError("usage: botwarden bot run --name NAME -- COMMAND [ARGS...]", EXIT_USAGE)
+    return run_bot(cfg, args.name, command)
+
+
+def cmd_probes(args: argparse.Namespace) -> int:
+    from appliance.bots import probes_command
+
+    cfg = _config(args)
+    return probes_command(cfg, args.action, json_out=args.json)
+
+
+def cmd_tui(args: argparse.Namespace) -> int:
+    from tui.app import run_tui
+
+    return run_tui(_client(args).path)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from appliance.demo import run_demo
+
+    return run_demo(keep=args.keep, workdir=args.workdir)
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from appliance.doctor import run_doctor
+
+    return run_doctor(args)
+
+
+# -- parser ------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="botwarden", description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("--config", "-c", default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})")
+    p.add_argument("--socket", help="control socket (default: from the config)")
+    p.add_argument("--verbose", "-v", action="store_true")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("run", help="run the daemon")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("demo", help="self-contained demo: PostgreSQL, OpenBao, daemon, a bot")
+    s.add_argument("--keep", action="store_true", help="keep running until Ctrl-C after the demo bot ends")
+    s.add_argument("--workdir", help="where the demo keeps its files (default: a temp dir)")
+    s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("status", help="is the daemon running, and what is it doing")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("config", help="configuration")
+    ss = s.add_subparsers(dest="action", required=True)
+    ss.add_parser("check", help="validate the config file").set_defaults(func=cmd_config_check)
+    ss.add_parser("reload", help="ask the daemon to reload its config").set_defaults(func=cmd_reload)
+
+    s = sub.add_parser("approvals", help="held requests")
+    ss = s.add_subparsers(dest="action", required=True)
+    a = ss.add_parser("list")
+    a.add_argument("--json", action="store_true")
+    a = ss.add_parser("approve")
+    a.add_argument("id")
+    a.add_argument("--for", dest="for_", type=_duration, help="also approve the same statement shape for this long")
+    a.add_argument("--reason", default="")
+    a = ss.add_parser("deny")
+    a.add_argument("id")
+    a.add_argument("--reason", required=True)
+    ss.add_parser("watch")
+    s.set_defaults(func=cmd_approvals)
+
+    s = sub.add_parser("sessions", help="sessions (active by default)")
+    s.add_argument("--all", action="store_true")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_sessions)
+
+    s = sub.add_parser("audit", help="the audit store")
+    s.add_argument("--path", help="audit DuckDB file (default: audit.path from the config)")
+    ss = s.add_subparsers(dest="action", required=True)
+    a = ss.add_parser("sql", help="read-only SQL over the audit store")
+    a.add_argument("sql")
+    a.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    ss.add_parser("verify", help="check the integrity chain")
+    a = ss.add_parser("report", help="canned reports (no name: list them)")
+    a.add_argument("name", nargs="?")
+    a.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    a = ss.add_parser("export", help="Parquet export, hive-partitioned by day")
+    a.add_argument("--since", required=True, help="YYYY-MM-DD")
+    a.add_argument("dir")
+    s.set_defaults(func=cmd_audit)
+
+    s = sub.add_parser("replay", help="replay a recorded session")
+    s.add_argument("session_id")
+    s.add_argument("--path", help="audit DuckDB file")
+    s.set_defaults(func=cmd_replay)
+
+    s = sub.add_parser("policy", help="policy checks")
+    ss = s.add_subparsers(dest="action", required=True)
+    a = ss.add_parser("explain", help="what would happen to this statement for this identity")
+    a.add_argument("--identity", required=True)
+    a.add_argument("--target", required=True)
+    a.add_argument("statement")
+    ss.add_parser("check", help="lint the policy")
+    s.set_defaults(func=cmd_policy)
+
+    s = sub.add_parser("bot", help="bots")
+    ss = s.add_subparsers(dest="action", required=True)
+    a = ss.add_parser("run", help="start a command inside a bot's watched cgroup")
+    a.add_argument("--name", required=True)
+    a.add_argument("command", nargs=argparse.REMAINDER)
+    s.set_defaults(func=cmd_bot_run)
+
+    s = sub.add_parser("probes", help="eBPF probes")
+    s.add_argument("action", choices=["status", "attach", "detach"])
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_probes)
+
+    s = sub.add_parser("tui", help="the operator console")
+    s.set_defaults(func=cmd_tui)
+
+    s = sub.add_parser("doctor", help="check this host can run botwarden")
+    s.set_defaults(func=cmd_doctor)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except CliError as e:
+        print(f"botwarden: {e}", file=sys.stderr)
+        return e.code
+    except DaemonNotRunning as e:
+        print(f"botwarden: {e.message}", file=sys.stderr)
+        return EXIT_NO_DAEMON
+    except ControlError as e:
+        print(f"botwarden: {e.message}", file=sys.stderr)
+        return EXIT_FAIL
+    except ConfigError as e:
+        print(f"botwarden: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except BotwardenError as e:
+        print(f"botwarden: {e}", file=sys.stderr)
+        return EXIT_FAIL
+    except Exception as e:
+        # Errors of the rooms that may not import appliance (analytics, probes) carry their own
+        # clear messages; anything else is a bug worth a traceback.
+        from analytics import AuditError
+        from probes import ProbeError
+
+        if isinstance(e, (AuditError, ProbeError)):
+            print(f"botwarden: {e}", file=sys.stderr)
+            return EXIT_FAIL
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

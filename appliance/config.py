@@ -1,0 +1,367 @@
+"""``botwarden.toml``: read with tomllib into validated, frozen models.
+
+Every error names the file, the key and the line, e.g.::
+
+    botwarden.toml:14: targets[0].protocol: must be one of 'postgres', 'ssh', 'kubernetes', not 'postgress'
+
+The models are plain frozen dataclasses built by :mod:`appliance.schema`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from appliance.errors import ConfigError, ConfigKeyError, dotted
+from appliance.policy.config import PolicyConfig
+from appliance.schema import TomlLocator, build, check
+
+DEFAULT_STATE_DIR = "/var/lib/botwarden"
+DEFAULT_CONTROL_SOCKET = "/run/botwarden/control.sock"
+
+
+def _octal_mode(value: str | int) -> int:
+    try:
+        mode = value if isinstance(value, int) else int(value, 8)
+    except ValueError:
+        raise ValueError(f"must be an octal file mode such as \"0600\", not {value!r}") from None
+    if mode & 0o007:
+        raise ValueError(f"{value} gives other users access to the control socket; use 0600 or 0660 with a group")
+    if mode & ~0o777:
+        raise ValueError(f"{value} is not a file permission mode")
+    return mode
+
+
+def _host_port(value: str) -> str:
+    host, port = split_host_port(value)
+    if not 0 < port < 65536:
+        raise ValueError(f"port {port} is out of range")
+    return value
+
+
+def split_host_port(value: str) -> tuple[str, int]:
+    """``"10.0.0.5:5432"`` / ``"[::1]:5432"`` / ``"db.example:5432"`` → (host, port)."""
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        port_text = rest.removeprefix(":")
+    else:
+        host, sep, port_text = value.rpartition(":")
+        if not sep:
+            raise ValueError(f"must be HOST:PORT, not {value!r}")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ValueError(f"must be HOST:PORT with a numeric port, not {value!r}") from None
+    if not host:
+        raise ValueError(f"must be HOST:PORT, not {value!r}")
+    return host, port
+
+
+def _positive(value: float) -> float:
+    if value <= 0:
+        raise ValueError(f"must be greater than zero, not {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class ApplianceSettings:
+    state_dir: str = DEFAULT_STATE_DIR
+    control_socket: str = DEFAULT_CONTROL_SOCKET
+    # Octal string; never world-accessible (checked).
+    control_socket_mode: int | str = field(default=0o600, metadata=check(_octal_mode))
+    control_socket_group: str | None = None
+    drain_timeout: float = field(default=10.0, metadata=check(_positive))
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    path: str = f"{DEFAULT_STATE_DIR}/audit.duckdb"
+    on_full: Literal["refuse", "block"] = "refuse"
+    batch_max: int = 2000
+    flush_interval: float = field(default=0.2, metadata=check(_positive))
+    queue_max: int = 100_000
+    retention_days: int | None = None
+    record_sessions: bool = True
+
+
+@dataclass(frozen=True)
+class BotTLS:
+    """The appliance's own certificate, presented to bots that ask for TLS."""
+
+    cert_file: str
+    key_file: str
+
+
+@dataclass(frozen=True)
+class OIDCSettings:
+    issuer: str
+    audience: tuple[str, ...]
+    algorithms: tuple[str, ...] = ("RS256", "ES256", "EdDSA")
+    leeway_s: int = 30
+    required_claims: tuple[str, ...] = ("sub", "exp", "iat")
+    groups_claim: str = "groups"
+    jwks_cache_s: int = 300
+    # A token naming an unknown key id forces a JWKS refresh at most this often (key rotation
+    # works without a restart; forged key ids cannot hammer the issuer).
+    jwks_min_refresh_s: float = 10.0
+    http_timeout_s: float = 5.0
+    # What happens when a session outlives its token.
+    on_expiry: Literal["end", "recheck"] = "end"
+    # Where discovery and JWKS are fetched from, when it differs from the issuer (e.g. OpenBao's
+    # issuer is http://addr/v1/identity/oidc and discovery lives there too). Empty = the issuer.
+    discovery_url: str = ""
+    ca_file: str | None = None
+
+    def __post_init__(self) -> None:
+        bad = {a for a in self.algorithms if a.lower() == "none" or a.startswith("HS")}
+        if bad:
+            raise ValueError(f"oidc.algorithms: {', '.join(sorted(bad))} not allowed (no 'none', no HMAC)")
+        if not self.audience:
+            raise ValueError("oidc.audience: at least one audience is required")
+
+
+@dataclass(frozen=True)
+class VaultSettings:
+    address: str
+    auth: Literal["approle", "token"] = "token"
+    token_file: str | None = None
+    role_id: str | None = None
+    secret_id_file: str | None = None
+    approle_mount: str = "approle"
+    ca_file: str | None = None
+    timeout: float = 5.0
+    # Seconds a cached secret may be used when Vault cannot be reached. 0 = never (fail closed).
+    max_staleness_s: int = 0
+
+    def __post_init__(self) -> None:
+        if self.auth == "token" and not self.token_file:
+            raise ValueError("vault.token_file is required when vault.auth = \"token\"")
+        if self.auth == "approle" and not (self.role_id and self.secret_id_file):
+            raise ValueError("vault.role_id and vault.secret_id_file are required when vault.auth = \"approle\"")
+
+
+@dataclass(frozen=True)
+class CredentialSource:
+    source: Literal["static", "kv", "database", "ssh"]
+    # static: a username and a file holding the password (never the password inline).
+    username: str | None = None
+    password_file: str | None = None
+    # kv: KV v2 mount + path; the keys holding username and password.
+    mount: str | None = None
+    path: str | None = None
+    username_key: str = "username"
+    password_key: str = "password"
+    # database / ssh: the secrets engine role.
+    role: str | None = None
+    principals: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        need = {"static": ("username",), "kv": ("path",), "database": ("role",), "ssh": ("role",)}[self.source]
+        missing = [k for k in need if not getattr(self, k)]
+        if missing:
+            raise ValueError(f"credential.{missing[0]} is required for source = \"{self.source}\"")
+
+
+@dataclass(frozen=True)
+class UpstreamTLS:
+    mode: Literal["disable", "prefer", "require", "verify-full"] = "prefer"
+    ca_file: str | None = None
+    server_name: str | None = None
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    name: str
+    protocol: Literal["postgres", "ssh", "kubernetes"]
+    # The real address bots connect to (and botwarden connects to upstream).
+    address: str = field(metadata=check(_host_port))
+    # Where botwarden's listener for this target accepts (redirected) connections.
+    listen: str = field(default="127.0.0.1:0", metadata=check(_host_port))
+    credential: CredentialSource | None = None
+    tls: UpstreamTLS = UpstreamTLS()
+    # Bot side: plaintext is accepted only when this is true (e.g. loopback redirects).
+    allow_plaintext: bool = False
+    # How bots prove who they are: an OIDC token in the password field, kernel attestation alone, or both.
+    authentication: Literal["token", "attestation", "token+attestation"] = "token"
+    default_action: Literal["allow", "block", "approve"] = "allow"
+    max_message_size: int = 64 * 1024 * 1024
+    connect_timeout: float = 5.0
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        return split_host_port(self.address)
+
+    @property
+    def listen_host_port(self) -> tuple[str, int]:
+        return split_host_port(self.listen)
+
+
+@dataclass(frozen=True)
+class TokenMatch:
+    """Claims a bot's token must carry to be this identity."""
+
+    subject: str | None = None
+    groups_any: tuple[str, ...] = ()
+    claims: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ProcessMatch:
+    """Kernel-attested facts the connecting process must have."""
+
+    cgroup: str | None = None  # bot name (child of the bots cgroup) or an absolute cgroup path
+    uid: int | None = None
+    exe: str | None = None
+
+
+@dataclass(frozen=True)
+class IdentityConfig:
+    name: str
+    groups: tuple[str, ...] = ()
+    token: TokenMatch | None = None
+    process: ProcessMatch | None = None
+    targets: tuple[str, ...] = ()  # empty = any target
+    operator_uids: tuple[int, ...] = ()  # operators mapped to this identity may not approve its requests
+
+    def __post_init__(self) -> None:
+        if self.token is None and self.process is None:
+            raise ValueError(f"identity {self.name!r} needs [identities.token] and/or [identities.process]")
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    mode: Literal["auto", "ebpf", "nftables", "off"] = "auto"
+    bots_cgroup: str = "botwarden.bots"  # relative to the cgroup2 mount, or absolute
+    map_entries: int = 65536
+    pin_dir: str = "/sys/fs/bpf/botwarden"
+
+
+def _at_least_one(value: int) -> int:
+    if value < 1:
+        raise ValueError(f"must be at least 1, not {value}")
+    return value
+
+
+def _webhook_url(value: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        # Never echo the URL: a Slack webhook URL is itself a secret.
+        raise ValueError("must be an http:// or https:// URL with a host")
+    return value
+
+
+@dataclass(frozen=True)
+class ApprovalSettings:
+    timeout_s: int = field(default=300, metadata=check(_positive))
+    approvers_required: int = field(default=1, metadata=check(_at_least_one))
+    webhook_url: str | None = field(default=None, metadata=check(_webhook_url))
+
+
+@dataclass(frozen=True)
+class Config:
+    appliance: ApplianceSettings = ApplianceSettings()
+    audit: AuditSettings = AuditSettings()
+    tls: BotTLS | None = None
+    oidc: OIDCSettings | None = None
+    vault: VaultSettings | None = None
+    probes: ProbeSettings = ProbeSettings()
+    approvals: ApprovalSettings = ApprovalSettings()
+    targets: tuple[TargetConfig, ...] = ()
+    identities: tuple[IdentityConfig, ...] = ()
+    policy: PolicyConfig = PolicyConfig()
+    source: str = field(default="<memory>", compare=False)
+
+    def target(self, name: str) -> TargetConfig:
+        for t in self.targets:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    def identity(self, name: str) -> IdentityConfig:
+        for i in self.identities:
+            if i.name == name:
+                return i
+        raise KeyError(name)
+
+
+def _cross_check(cfg: Config) -> None:
+    """Checks that span sections; raise ConfigKeyError with the offending path."""
+    seen: dict[str, int] = {}
+    for i, t in enumerate(cfg.targets):
+        if t.name in seen:
+            raise ConfigKeyError(("targets", i, "name"), f"duplicate target name {t.name!r}")
+        seen[t.name] = i
+        if t.credential and t.credential.source in ("kv", "database", "ssh") and cfg.vault is None:
+            raise ConfigKeyError(("targets", i, "credential", "source"),
+                                 f"source = \"{t.credential.source}\" needs a [vault] section")
+        if t.authentication != "attestation" and cfg.oidc is None:
+            raise ConfigKeyError(("targets", i, "authentication"),
+                                 f"authentication = \"{t.authentication}\" needs an [oidc] section")
+        if t.credential and t.credential.source == "ssh" and t.protocol != "ssh":
+            raise ConfigKeyError(("targets", i, "credential", "source"), "source = \"ssh\" is for ssh targets")
+        host, _ = t.listen_host_port
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ConfigKeyError(("targets", i, "listen"), f"listen must be an IP address, not {host!r}") from None
+    names = set(seen)
+    idents: set[str] = set()
+    for i, ident in enumerate(cfg.identities):
+        if ident.name in idents:
+            raise ConfigKeyError(("identities", i, "name"), f"duplicate identity name {ident.name!r}")
+        idents.add(ident.name)
+        for j, tname in enumerate(ident.targets):
+            if tname not in names:
+                raise ConfigKeyError(("identities", i, "targets", j), f"unknown target {tname!r}")
+    cfg.policy.cross_check(target_names=names, identity_names=idents,
+                           group_names={g for ident in cfg.identities for g in ident.groups})
+
+
+def parse_config(text: str, source: str = "<memory>") -> Config:
+    """Parse and validate TOML text. Raises ConfigError naming source, line and key."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: not valid TOML: {e}") from None
+    locator = TomlLocator(text)
+    try:
+        raw_policy = {k: raw.pop(k) for k in ("rules", "masking") if k in raw}
+        policy = build(PolicyConfig, raw_policy, ())
+        cfg = build(Config, raw, ())
+        cfg = Config(**{**{f: getattr(cfg, f) for f in cfg.__dataclass_fields__}, "policy": policy, "source": source})
+        _cross_check(cfg)
+    except ConfigKeyError as e:
+        line = locator.line_of(e.path)
+        where = f"{source}:{line}" if line else source
+        raise ConfigError(f"{where}: {dotted(e.path)}: {e.message}") from None
+    return cfg
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file: {e.strerror}") from None
+    return parse_config(text, str(path))
+
+
+def to_jsonable(obj: Any) -> Any:
+    """A config (or part) as plain data, for `status` and the control API. Never includes secrets:
+    the config holds only file paths to secrets, not the secrets themselves."""
+    import dataclasses
+    from types import MappingProxyType
+
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (tuple, list)):
+        return [to_jsonable(x) for x in obj]
+    if isinstance(obj, (dict, MappingProxyType)):
+        return {k: to_jsonable(v) for k, v in obj.items()}
+    return obj

@@ -1,0 +1,406 @@
+"""The botwarden daemon: one process, one asyncio loop (uvloop), one listener per target.
+
+Lifecycle
+- start: take the state-dir lock (a second daemon on the same state dir refuses to start),
+  open the audit store (its single writer thread), build the runtime (policy engine,
+  identity, secrets) from the config, start one listener per target, the control socket,
+  and attach the probes.
+- SIGHUP: read the config again. If it is invalid, the old one keeps running and the error
+  is logged and kept for `status`. If it is valid, a new runtime is built first and then
+  swapped in at once; listeners whose settings changed are replaced, sessions already open
+  keep the runtime they started with.
+- SIGTERM / SIGINT: stop accepting, let in-flight requests finish up to
+  ``appliance.drain_timeout``, end what is left with a protocol-native shutdown error,
+  flush the audit store, remove the control socket, release the lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from appliance.config import Config, TargetConfig, load_config, to_jsonable
+from appliance.control import ControlServer, Router
+from appliance.errors import BotwardenError, ConfigError
+
+log = logging.getLogger(__name__)
+
+
+class AlreadyRunning(BotwardenError):
+    pass
+
+
+class StateLock:
+    """An exclusive flock on ``<state_dir>/daemon.lock`` holding the daemon's pid."""
+
+    def __init__(self, state_dir: str):
+        self.path = Path(state_dir) / "daemon.lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> "StateLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise AlreadyRunning(
+                f"another botwarden daemon (pid {other}) is already running on state dir {self.path.parent}; "
+                "stop it first or use another appliance.state_dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, 0)
+            os.close(self._fd)
+            self._fd = None
+
+    @staticmethod
+    def holder(state_dir: str) -> int | None:
+        """The pid of the daemon holding the lock, or None."""
+        path = Path(state_dir) / "daemon.lock"
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else -1
+        finally:
+            os.close(fd)
+        return None
+
+
+@dataclass
+class Listener:
+    target: TargetConfig
+    server: asyncio.AbstractServer
+    front: Any
+
+    @property
+    def address(self) -> tuple[str, int]:
+        sock = self.server.sockets[0]
+        return sock.getsockname()[:2]
+
+
+@dataclass
+class DaemonState:
+    started_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    reloads: int = 0
+    last_reload_error: str | None = None
+    last_reload_at: datetime | None = None
+
+
+def make_front(target: TargetConfig, config: Config, services: Any) -> Any:
+    """The protocol front for one target. Each front has ``serve(host, port)``, ``drain(deadline)``
+    and a ``services`` attribute the daemon swaps on reload."""
+    if target.protocol == "postgres":
+        from appliance.fronts.postgres import PgFrontSettings, PostgresFront
+
+        host, port = target.host_port
+        settings = PgFrontSettings(
+            target=target.name, upstream_host=host, upstream_port=port, upstream_tls=target.tls.mode,
+            upstream_ca_file=target.tls.ca_file,
+            tls_cert_file=config.tls.cert_file if config.tls else None,
+            tls_key_file=config.tls.key_file if config.tls else None,
+            allow_plaintext=target.allow_plaintext, require_token=target.authentication != "attestation",
+            max_message_size=target.max_message_size, connect_timeout=target.connect_timeout)
+        return PostgresFront(settings, services)
+    raise BotwardenError(f"target {target.name!r}: botwarden has no {target.protocol} front yet")
+
+
+class Daemon:
+    def __init__(self, config_path: str | Path, *, config: Config | None = None):
+        self.config_path = str(config_path)
+        self.config = config or load_config(config_path)
+        self.state = DaemonState()
+        self.listeners: dict[str, Listener] = {}
+        self.stopping = asyncio.Event()
+        self.stopped = asyncio.Event()
+        self._lock: StateLock | None = None
+        self.audit: Any = None
+        self.runtime: Any = None
+        self.control: ControlServer | None = None
+        self.probes: Any = None
+        self._tasks: set[asyncio.Task] = set()
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def spawn(self, coro, name: str) -> asyncio.Task:
+        """Create a named task and keep a reference to it (so it is not garbage-collected)."""
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task %s failed: %r", task.get_name(), task.exception())
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        cfg = self.config
+        self._lock = StateLock(cfg.appliance.state_dir).acquire()
+        try:
+            from appliance.runtime import Runtime, open_audit_store
+
+            self.audit = await asyncio.to_thread(open_audit_store, cfg)
+            self.runtime = await Runtime.create(cfg, self)
+            for target in cfg.targets:
+                await self._start_listener(target, self.runtime)
+            if cfg.probes.mode != "off":
+                await self._attach_probes()
+            await self.runtime.started()
+            if cfg.audit.retention_days:
+                self.spawn(self._retention_loop(), "audit-retention")
+            from appliance.api import build_router
+
+            # Last: a control socket that answers means everything above is in place.
+            self.control = ControlServer(cfg.appliance.control_socket, build_router(self),
+                                         mode=cfg.appliance.control_socket_mode,
+                                         group=cfg.appliance.control_socket_group)
+            await self.control.start()
+        except BaseException:
+            await self._teardown()
+            raise
+        log.info("botwarden daemon started (pid %d): %d target(s), control socket %s", os.getpid(),
+                 len(self.listeners), cfg.appliance.control_socket)
+
+    async def _start_listener(self, target: TargetConfig, runtime: Any) -> None:
+        try:
+            front = make_front(target, self.config, runtime)
+        except (ValueError, OSError) as e:  # e.g. TLS files that cannot be read
+            raise BotwardenError(f"target {target.name!r}: {e}") from None
+        host, port = target.listen_host_port
+        server = await front.serve(host, port)
+        self.listeners[target.name] = Listener(target, server, front)
+
+    async def _retention_loop(self) -> None:
+        """Apply audit.retention_days at start and then every hour (the chain stays verifiable:
+        the store records a checkpoint of what it removed; see docs/audit-schema.md)."""
+        from datetime import timedelta
+
+        from analytics import AuditError, apply_retention
+
+        while True:
+            days = self.config.audit.retention_days
+            if days:
+                try:
+                    result = await asyncio.to_thread(apply_retention, self.audit, timedelta(days=days))
+                    log.info("audit retention (%d days): %s", days, result)
+                except AuditError as e:
+                    log.error("audit retention failed: %s", e)
+            await asyncio.sleep(3600)
+
+    async def _attach_probes(self) -> None:
+        """Attach (or atomically replace) the redirect for the current targets, and start the
+        thread that turns probe events (denied connects, redirects) into audit rows."""
+        import probes
+
+        from appliance.bots import probe_settings
+
+        listeners = {name: li.address for name, li in self.listeners.items()}
+        settings = await asyncio.to_thread(probe_settings, self.config, listeners)
+        if self.probes is not None:
+            await asyncio.to_thread(self.probes.update_targets, settings)
+            return
+        try:
+            self.probes = await asyncio.to_thread(probes.attach, settings)
+        except probes.ProbeError as e:
+            raise BotwardenError(f"probes could not attach: {e}") from None
+        log.info("probes attached: %s (%s)", self.probes.path, self.probes.reason)
+        self._probe_stop = threading.Event()
+        self._probe_thread = threading.Thread(target=self._poll_probe_events, name="probe-events", daemon=True)
+        self._probe_thread.start()
+
+    def _poll_probe_events(self) -> None:
+        handle, stop, audit = self.probes, self._probe_stop, self.audit
+
+        def record(event: Any) -> None:
+            if audit is not None and not audit.submit("probe", event.as_record()):
+                log.error("audit queue full: a probe event was refused by the store")
+
+        while not stop.is_set():
+            try:
+                handle.poll_events(record, timeout_ms=200)
+            except Exception:  # a failing poll is logged, not fatal; the redirect stays in force
+                log.exception("reading probe events failed")
+                stop.wait(1)
+
+    def _detach_probe_reader(self) -> None:
+        """Stop reading events and release handles. The redirect itself stays (fail closed)."""
+        if self.probes is None:
+            return
+        self._probe_stop.set()
+        self._probe_thread.join(5)
+        self.probes.close()
+        self.probes = None
+
+    async def run(self) -> int:
+        """Start, serve until SIGTERM/SIGINT, drain, stop. Returns the process exit code."""
+        loop = asyncio.get_running_loop()
+        await self.start()
+        loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
+        loop.add_signal_handler(signal.SIGINT, self.stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: self.spawn(self.reload(), "reload"))
+        try:
+            await self.stopping.wait()
+            log.info("stopping: draining in-flight requests (up to %.1fs)", self.config.appliance.drain_timeout)
+            await self.stop()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+        return 0
+
+    async def stop(self) -> None:
+        deadline = time.monotonic() + self.config.appliance.drain_timeout
+        for listener in self.listeners.values():
+            listener.server.close()
+        if self.runtime is not None:
+            # Held requests are denied first (recorded), so their bots hear why before the drain.
+            await self.runtime.stopping()
+        fronts = [listener.front for listener in self.listeners.values()]
+        if fronts:
+            await asyncio.gather(*(f.drain(deadline) for f in fronts), return_exceptions=True)
+        await self._teardown()
+        self.stopped.set()
+        log.info("botwarden daemon stopped")
+
+    async def _teardown(self) -> None:
+        await asyncio.to_thread(self._detach_probe_reader)
+        if self.runtime is not None:
+            with contextlib.suppress(Exception):
+                await self.runtime.close()
+        if self.control is not None:
+            await self.control.close()
+        for listener in self.listeners.values():
+            listener.server.close()
+        for task in list(self._tasks):
+            if task is not asyncio.current_task():
+                task.cancel()
+        if self.audit is not None:
+            await asyncio.to_thread(self.audit.close)
+            self.audit = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    async def reload(self) -> bool:
+        """Re-read the config; keep the old one running if the new one is invalid."""
+        self.state.last_reload_at = datetime.now(timezone.utc)
+        try:
+            new = await asyncio.to_thread(load_config, self.config_path)
+            self._check_reloadable(new)
+            from appliance.runtime import Runtime
+
+            runtime = await Runtime.create(new, self)
+        except (ConfigError, BotwardenError) as e:
+            self.state.last_reload_error = str(e)
+            log.error("reload refused, the running config stays in force: %s", e)
+            return False
+        old_targets = {t.name: t for t in self.config.targets}
+        new_targets = {t.name: t for t in new.targets}
+        old_runtime = self.runtime
+        # Swap first so new sessions see the new policy at once; then fix the listeners.
+        self.runtime, self.config = runtime, new
+        for name, listener in list(self.listeners.items()):
+            if name not in new_targets or new_targets[name] != old_targets[name]:
+                listener.server.close()
+                del self.listeners[name]
+                self.spawn(listener.front.drain(time.monotonic() + new.appliance.drain_timeout),
+                           f"drain-{name}")
+        for name, target in new_targets.items():
+            if name in self.listeners:
+                self.listeners[name].front.services = runtime
+            else:
+                try:
+                    await self._start_listener(target, runtime)
+                except (OSError, BotwardenError) as e:
+                    log.error("reload: listener for target %r could not start: %s", name, e)
+                    self.state.last_reload_error = f"target {name!r}: {e}"
+        if self.probes is not None:
+            try:
+                await self._attach_probes()
+            except BotwardenError as e:
+                log.error("reload: probe targets not updated: %s", e)
+                self.state.last_reload_error = f"target probes: {e}"
+        if old_runtime is not None:
+            self.spawn(old_runtime.retire(), "retire-runtime")
+        self.state.reloads += 1
+        if self.state.last_reload_error and self.state.last_reload_error.startswith("target"):
+            return False
+        self.state.last_reload_error = None
+        log.info("config reloaded from %s", self.config_path)
+        return True
+
+    def _check_reloadable(self, new: Config) -> None:
+        old = self.config
+        for key in ("state_dir", "control_socket"):
+            if getattr(new.appliance, key) != getattr(old.appliance, key):
+                raise ConfigError(f"appliance.{key} cannot change on reload; restart the daemon")
+        if new.audit.path != old.audit.path:
+            raise ConfigError("audit.path cannot change on reload; restart the daemon")
+
+    # -- status --------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "started_at": self.state.started_at.isoformat(),
+            "config": self.config_path,
+            "reloads": self.state.reloads,
+            "last_reload_error": self.state.last_reload_error,
+            "targets": [
+                {"name": name, "protocol": li.target.protocol, "address": li.target.address,
+                 "listen": "%s:%d" % li.address}
+                for name, li in self.listeners.items()
+            ],
+            "audit": {"path": self.config.audit.path,
+                      "healthy": bool(self.audit is not None and self.audit.healthy)},
+            "probes": (f"{self.probes.path} ({self.probes.reason})" if self.probes is not None
+                       else "off" if self.config.probes.mode == "off" else "not attached"),
+            **(self.runtime.status() if self.runtime is not None else {}),
+        }
+
+
+def run_daemon(config_path: str) -> int:
+    """Entry point of `botwarden run`: uvloop, logging, exit code."""
+    import uvloop
+
+    try:
+        config = load_config(config_path)
+    except ConfigError as e:
+        log.error("%s", e)
+        return 2
+    logging.getLogger().setLevel(config.appliance.log_level.upper())
+    daemon = Daemon(config_path, config=config)
+    try:
+        return uvloop.run(daemon.run())
+    except AlreadyRunning as e:
+        log.error("%s", e)
+        return 3
+    except BotwardenError as e:
+        log.error("botwarden daemon could not start: %s", e)
+        return 1
+
+
+__all__ = ["Daemon", "StateLock", "AlreadyRunning", "make_front", "run_daemon", "to_jsonable"]

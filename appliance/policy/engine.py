@@ -1,0 +1,661 @@
+"""The policy engine: (identity, target, request) -> Verdict, cached; mask plans for results.
+
+Precedence (docs/policy.md): among the rules in scope that match, the strongest
+action wins (block > approve > mask > allow) and the first such rule in file
+order names the decision; no match -> the target's ``default_action``. A batch
+gets the strongest verdict over its statements. A statement botwarden cannot
+analyze is blocked unless a rule in scope says ``unparsed = "allow"`` (or
+``"approve"``).
+
+Caching: one engine per policy load (a reload builds a new engine, so the cache
+dies with the old policy). Verdicts are cached by exact text, then by statement
+shape (pglast's normalized text: constants replaced by ``$n``), both keyed by
+identity, groups, target, the session's search path and the truth value of
+every time window in scope, so a window opening or closing changes the key
+instead of serving a stale verdict.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from zoneinfo import ZoneInfo
+
+import hashlib
+
+from pglast.parser import ParseError, fingerprint, normalize
+
+from appliance.policy.config import PolicyConfig, Rule, TimeWindow, parse_days, parse_hours
+from appliance.policy.k8s import K8sRequest
+from appliance.policy.masking import (ColumnAction, DetectorSettings, RowMasker, Strategy, column_is_maskable)
+from appliance.policy.sql import (BatchAnalysis, Function, Relation, StatementAnalysis, analyze_sql, kind_matches,
+                                  resolve_execute)
+from appliance.policy.ssh import UNKNOWN_PROGRAM, SshAnalysis, SshRequest, analyze_ssh
+from appliance.policy.types import ACTION_STRENGTH, ColumnDesc, MaskPlan, PolicyError, Verdict
+
+if TYPE_CHECKING:
+    from appliance.config import IdentityConfig, TargetConfig
+
+
+CACHE_MAX = 50_000
+# Longer texts (bulk INSERT ... VALUES) are decided without caching: a cache of 50,000 of them
+# would hold gigabytes, and they rarely repeat.
+CACHE_TEXT_MAX = 16_384
+DEFAULT_SEARCH_PATH = ("public",)
+
+# --- session ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class SqlSessionState:
+    """What the engine remembers about one PostgreSQL session: prepared statements by name and
+    every schema ever put on the search path (kept as a union: a rolled-back SET cannot make
+    the engine believe a narrower path than the server may have)."""
+
+    prepared: dict[str, StatementAnalysis] = field(default_factory=dict)
+    search_path: frozenset[str] = frozenset(DEFAULT_SEARCH_PATH)
+
+    def apply(self, statements: Sequence[StatementAnalysis], verdict: Verdict) -> None:
+        if verdict.action == "block":
+            return  # it never reaches the server
+        for stmt in statements:
+            if stmt.error:
+                continue
+            if stmt.search_path is not None:
+                self.search_path = self.search_path | frozenset(stmt.search_path)
+            if stmt.prepare_name is not None and stmt.prepared_body is not None:
+                self.prepared[stmt.prepare_name] = stmt.prepared_body
+            if stmt.deallocate == "*":
+                self.prepared.clear()
+            elif stmt.deallocate:
+                self.prepared.pop(stmt.deallocate, None)
+
+
+def resolve_batch(batch: BatchAnalysis, session: SqlSessionState | None
+                  ) -> tuple[tuple[StatementAnalysis, ...], tuple[frozenset[str], ...]]:
+    """Resolve EXECUTE against prepared statements and give each statement the search path it
+    runs under: a SET search_path or PREPARE earlier in the same batch counts for later ones."""
+    path = session.search_path if session is not None else frozenset(DEFAULT_SEARCH_PATH)
+    if not batch.session_bound:
+        return batch.statements, (path,) * len(batch.statements)
+    prepared = dict(session.prepared) if session is not None else {}
+    statements, paths = [], []
+    for stmt in batch.statements:
+        stmt = resolve_execute(stmt, prepared)
+        statements.append(stmt)
+        paths.append(path)
+        if stmt.error is None:
+            if stmt.search_path is not None:
+                path = path | frozenset(stmt.search_path)
+            if stmt.deallocate == "*":
+                prepared.clear()
+            elif stmt.deallocate:
+                prepared.pop(stmt.deallocate, None)
+            if stmt.prepare_name is not None and stmt.prepared_body is not None:
+                prepared[stmt.prepare_name] = stmt.prepared_body
+    return tuple(statements), tuple(paths)
+
+
+# --- pattern matching ------------------------------------------------------------------------------
+
+
+def _glob(pattern: str) -> Callable[[str], bool]:
+    rx = re.compile(fnmatch.translate(pattern.lower()))
+    return lambda value: rx.match(value.lower()) is not None
+
+
+@dataclass(frozen=True)
+class _QualifiedPattern:
+    """``table``, ``schema.table`` (globs); the schema part None = any schema."""
+
+    schema: Callable[[str], bool] | None
+    name: Callable[[str], bool]
+    schema_text: str | None
+    name_text: str
+
+    @classmethod
+    def parse(cls, text: str) -> "_QualifiedPattern":
+        schema, sep, name = text.rpartition(".")
+        return cls(_glob(schema) if sep else None, _glob(name), schema if sep else None, name)
+
+
+def _interpretations(schema: str | None, name: str, search_path: frozenset[str], system: bool) -> list[tuple[str | None, str]]:
+    if schema is not None:
+        return [(schema, name)]
+    schemas = set(search_path)
+    if system:
+        schemas.add("pg_catalog")
+    return [(s, name) for s in sorted(schemas)]
+
+
+def _one(pattern: _QualifiedPattern, schema: str | None, name: str, any_mode: bool) -> bool:
+    if name == "*":  # a whole schema
+        if pattern.schema is None:
+            return any_mode
+        return (schema is not None and pattern.schema(schema)) and (any_mode or pattern.name_text == "*")
+    if not pattern.name(name):
+        return False
+    if pattern.schema is None:
+        return True
+    if schema == "*":  # set by a search_path botwarden could not read
+        return any_mode or pattern.schema_text == "*"
+    return schema is not None and pattern.schema(schema)
+
+
+def _names_match(patterns: Sequence[_QualifiedPattern], items: Iterable[Relation | Function],
+                 search_path: frozenset[str], any_mode: bool, is_function: bool) -> bool:
+    items = list(items)
+    if any_mode:
+        for item in items:
+            system = is_function or item.name.startswith("pg_")
+            for schema, name in _interpretations(item.schema, item.name, search_path, system):
+                if any(_one(p, schema, name, True) for p in patterns):
+                    return True
+        return False
+    for item in items:
+        system = is_function or item.name.startswith("pg_")
+        for schema, name in _interpretations(item.schema, item.name, search_path, system):
+            if is_function and item.schema is None and schema == "pg_catalog":
+                # An unqualified call resolves to pg_catalog first only if such a function exists
+                # there; bare patterns already cover the name, qualified ones must name pg_catalog.
+                if any(p.schema is None and p.name(name) for p in patterns):
+                    continue
+            if not any(_one(p, schema, name, False) for p in patterns):
+                return False
+    return True
+
+
+def _list_match(patterns: Sequence[Callable[[str], bool]], items: Iterable[str], any_mode: bool) -> bool:
+    items = list(items)
+    if any_mode:
+        return any(p(i) for i in items for p in patterns)
+    return all(any(p(i) for p in patterns) for i in items)
+
+
+# --- compiled rules --------------------------------------------------------------------------------
+
+
+class _Window:
+    def __init__(self, window: TimeWindow):
+        self.window = window
+        self.days = parse_days(window.days)
+        self.ranges = parse_hours(window.hours)
+        self.tz = ZoneInfo(window.timezone)
+
+    def contains(self, now: datetime) -> bool:
+        local = now.astimezone(self.tz)
+        minute = local.hour * 60 + local.minute
+        day = local.weekday()
+        for start, end in self.ranges:
+            if start < end:
+                if day in self.days and start <= minute < end:
+                    return True
+            elif (day in self.days and minute >= start) or ((day - 1) % 7 in self.days and minute < end):
+                return True
+        return False
+
+
+@dataclass
+class _Compiled:
+    index: int
+    rule: Rule
+    strength: int
+    window: _Window | None
+    any_mode: bool
+    generic: bool  # no content matcher: matches every request of its scope
+    sql_capable: bool = False  # has SQL matchers (or masks every result of its scope)
+    sql: dict[str, Any] = field(default_factory=dict)
+    ssh: dict[str, Any] = field(default_factory=dict)
+    k8s: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.rule.name
+
+    @property
+    def action(self) -> str:
+        return self.rule.action
+
+
+def _compile(index: int, rule: Rule) -> _Compiled:
+    section = rule.sql or rule.ssh
+    mode = getattr(section, "match", None) if section is not None else None
+    any_mode = (mode or ("all" if rule.action == "allow" else "any")) == "any"
+    c = _Compiled(index, rule, ACTION_STRENGTH[rule.action], _Window(rule.when) if rule.when else None,
+                  any_mode, generic=(rule.sql is None and rule.ssh is None and rule.k8s is None
+                                     and rule.unparsed == "block" and not rule.mask))
+    c.sql_capable = rule.sql is not None or bool(rule.mask)
+    if rule.sql is not None:
+        s = rule.sql
+        c.sql = {k: v for k, v in {
+            "kinds": s.kinds,
+            "relations": [_QualifiedPattern.parse(p) for p in s.relations] if s.relations is not None else None,
+            "reads": [_QualifiedPattern.parse(p) for p in s.reads] if s.reads is not None else None,
+            "writes": [_QualifiedPattern.parse(p) for p in s.writes] if s.writes is not None else None,
+            "functions": [_QualifiedPattern.parse(p) for p in s.functions] if s.functions is not None else None,
+            "properties": frozenset(s.properties) if s.properties is not None else None,
+        }.items() if v is not None}
+    if rule.ssh is not None:
+        s2 = rule.ssh
+        c.ssh = {k: v for k, v in {
+            "programs": [_glob(p) for p in s2.programs] if s2.programs is not None else None,
+            "commands": [_glob(p) for p in s2.commands] if s2.commands is not None else None,
+            "constructs": frozenset(s2.constructs) if s2.constructs is not None else None,
+            "shell": s2.shell,
+            "forwarding": frozenset(s2.forwarding) if s2.forwarding is not None else None,
+            "destinations": [_glob(p) for p in s2.destinations] if s2.destinations is not None else None,
+            "subsystems": [_glob(p) for p in s2.subsystems] if s2.subsystems is not None else None,
+            "sftp_paths": [_glob(p) for p in s2.sftp_paths] if s2.sftp_paths is not None else None,
+            "sftp_ops": frozenset(s2.sftp_ops) if s2.sftp_ops is not None else None,
+        }.items() if v is not None}
+    if rule.k8s is not None:
+        k = rule.k8s
+        c.k8s = {name: [_glob(p) for p in value] for name, value in {
+            "verbs": k.verbs, "resources": k.resources, "subresources": k.subresources,
+            "namespaces": k.namespaces, "names": k.names, "api_groups": k.api_groups,
+        }.items() if value is not None}
+    return c
+
+
+def _sql_matches(c: _Compiled, stmt: StatementAnalysis, search_path: frozenset[str]) -> bool:
+    m = c.sql
+    any_mode = c.any_mode
+    kinds = m.get("kinds")
+    if kinds is not None:
+        if any_mode:
+            if not any(kind_matches(p, k) for k in stmt.kinds for p in kinds):
+                return False
+        elif not all(any(kind_matches(p, k) for p in kinds) for k in stmt.kinds):
+            return False
+    props = m.get("properties")
+    if props is not None and not (props & stmt.properties):
+        return False
+    for key, items, is_fn in (("relations", stmt.reads | stmt.writes, False), ("reads", stmt.reads, False),
+                              ("writes", stmt.writes, False), ("functions", stmt.functions, True)):
+        patterns = m.get(key)
+        if patterns is not None and not _names_match(patterns, items, search_path, any_mode, is_fn):
+            return False
+    return True
+
+
+def _ssh_matches(c: _Compiled, a: SshAnalysis) -> bool:
+    m = c.ssh
+    req = a.request
+    any_mode = c.any_mode
+    if "shell" in m and (req.kind == "shell") != m["shell"]:
+        return False
+    if "programs" in m or "commands" in m or "constructs" in m:
+        if req.kind != "exec":
+            return False
+        # A program the shell computes at run time could be any program: it matches every
+        # "any" list (block rules fire) and no "all" list (allow rules do not).
+        unknown = UNKNOWN_PROGRAM in a.programs
+        if "programs" in m and not (unknown if any_mode and unknown else
+                                    (not unknown and _list_match(m["programs"], a.programs, any_mode))):
+            return False
+        if "commands" in m and not (unknown if any_mode and unknown else
+                                    (not unknown and _list_match(m["commands"], a.command_lines, any_mode))):
+            return False
+        if "constructs" in m:
+            allowed = m["constructs"]
+            if any_mode:
+                if not (("any" in allowed and a.constructs) or (allowed & a.constructs)):
+                    return False
+            elif not ("any" in allowed or a.constructs <= allowed):
+                return False
+    if not any_mode and req.kind == "exec" and "constructs" not in m and a.constructs:
+        return False  # allow rules bless plain commands unless they list the constructs they accept
+    if "forwarding" in m or "destinations" in m:
+        if req.kind != "forward":
+            return False
+        if "forwarding" in m and not ("any" in m["forwarding"] or req.forward in m["forwarding"]):
+            return False
+        if "destinations" in m and not any(p(req.destination or "") for p in m["destinations"]):
+            return False
+    if "subsystems" in m:
+        if req.kind not in ("subsystem", "sftp") or not any(p(req.subsystem or "sftp") for p in m["subsystems"]):
+            return False
+    if "sftp_paths" in m or "sftp_ops" in m:
+        if req.kind != "sftp":
+            return False
+        if "sftp_ops" in m and req.sftp_op not in m["sftp_ops"]:
+            return False
+        if "sftp_paths" in m and not any(p(_norm_path(req.path or "")) for p in m["sftp_paths"]):
+            return False
+    return True
+
+
+def _norm_path(path: str) -> str:
+    import posixpath
+
+    return posixpath.normpath("/" + path) if not path.startswith("/") else posixpath.normpath(path)
+
+
+def _k8s_matches(c: _Compiled, req: K8sRequest) -> bool:
+    values = {"verbs": req.verb, "resources": req.resource, "subresources": req.subresource,
+              "namespaces": req.namespace, "names": req.name, "api_groups": req.api_group}
+    for key, patterns in c.k8s.items():
+        value = values[key]
+        if value is None or not any(p(value) for p in patterns):
+            return False
+    return True
+
+
+# --- the engine --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RuleMatch:
+    rule: str
+    action: str
+    statement: int  # index in the batch (0 for ssh/k8s)
+
+
+@dataclass(frozen=True)
+class _Scope:
+    rules: tuple[_Compiled, ...]
+    windows: tuple[_Window, ...]  # distinct windows of those rules, for cache keys
+    default: str
+    protocol: str
+
+
+class PolicyEngine:
+    def __init__(self, policy: PolicyConfig, targets: Sequence["TargetConfig"],
+                 identities: Sequence["IdentityConfig"], salt: bytes = b"", *, cache: bool = True):
+        self.policy = policy
+        self.cache = cache  # False: every decision from scratch (benchmarks, explain)
+        self.targets = {t.name: t for t in targets}
+        self.identities = {i.name: i for i in identities}
+        self.salt = salt
+        self.rules = tuple(_compile(i, r) for i, r in enumerate(policy.rules))
+        self.detector_settings = DetectorSettings(policy.masking.secret_min_length, policy.masking.secret_entropy)
+        needs_salt = [r.name for r in policy.rules for m in r.mask if m.strategy in ("hash", "format")]
+        if needs_salt and not salt:
+            raise PolicyError(f"rule {needs_salt[0]!r} hashes or format-masks values: set masking.salt_file "
+                              "(random bytes) so masked values cannot be reversed by brute force")
+        self._scopes: dict[tuple, _Scope] = {}
+        self._exact: dict[tuple, Verdict] = {}
+        self._shape: dict[tuple, Verdict] = {}
+        self._analysis: dict[str, BatchAnalysis] = {}
+        self._plans: dict[tuple, tuple[tuple, list[ColumnAction | None] | None]] = {}
+        self.stats = {"exact_hits": 0, "shape_hits": 0, "misses": 0}
+
+    # -- scope --
+    def scope(self, identity: str, groups: tuple[str, ...], target: str) -> _Scope:
+        key = (identity, groups, target)
+        found = self._scopes.get(key)
+        if found is not None:
+            return found
+        t = self.targets.get(target)
+        default = t.default_action if t is not None else "block"  # unknown target: fail closed
+        protocol = t.protocol if t is not None else "postgres"
+        gset = set(groups)
+        rules = []
+        for c in self.rules:
+            r = c.rule
+            if r.targets and target not in r.targets:
+                continue
+            if (r.identities or r.groups) and identity not in r.identities and not (gset & set(r.groups)):
+                continue
+            if r.protocol is not None and r.protocol != protocol:
+                continue
+            rules.append(c)
+        windows: list[_Window] = []
+        for c in rules:
+            if c.window is not None and all(c.window.window != w.window for w in windows):
+                windows.append(c.window)
+        scope = _Scope(tuple(rules), tuple(windows), default, protocol)
+        if len(self._scopes) > 10_000:
+            self._scopes.clear()
+        self._scopes[key] = scope
+        return scope
+
+    @staticmethod
+    def _active(c: _Compiled, now: datetime | None) -> bool:
+        return c.window is None or (now is not None and c.window.contains(now))
+
+    @staticmethod
+    def _now(now: datetime | None) -> datetime:
+        if now is None:
+            return datetime.now(timezone.utc)
+        return now if now.tzinfo is not None else now.replace(tzinfo=timezone.utc)
+
+    # -- SQL --
+    def analyze(self, sql: str) -> BatchAnalysis:
+        found = self._analysis.get(sql)
+        if found is None:
+            found = analyze_sql(sql)
+            _put(self._analysis, sql, found)
+        return found
+
+    @staticmethod
+    def shape_of(sql: str) -> str:
+        """The statement's shape for approval windows: pglast's fingerprint, which ignores
+        constants, parameters, spacing and keyword/identifier case, so ``DELETE FROM t`` and
+        ``delete  from T`` share it. Text the parser refuses has only its exact self as shape."""
+        try:
+            return "fp:" + fingerprint(sql)
+        except ParseError:
+            return "text:" + hashlib.sha256(sql.encode("utf-8", "surrogatepass")).hexdigest()
+
+    def decide_sql(self, identity: str, groups: tuple[str, ...], target: str, sql: str, *,
+                   now: datetime | None = None, session: SqlSessionState | None = None) -> Verdict:
+        scope = self.scope(identity, tuple(groups), target)
+        when = self._now(now) if scope.windows else None
+        window_key = tuple(w.contains(when) for w in scope.windows) if when is not None else ()
+        path = session.search_path if session is not None else frozenset(DEFAULT_SEARCH_PATH)
+        key = (sql, identity, tuple(groups), target, path, window_key)
+        if not self.cache or len(sql) > CACHE_TEXT_MAX:
+            self.stats["misses"] += 1
+            statements, paths = resolve_batch(analyze_sql(sql), session)
+            verdict = self._decide_statements(scope, statements, paths, when, target)
+            if session is not None:
+                session.apply(statements, verdict)
+            return verdict
+        verdict = self._exact.get(key)
+        if verdict is not None:
+            self.stats["exact_hits"] += 1
+            return verdict
+        shape_key = None
+        if sql not in self._analysis:
+            try:
+                shape_key = (normalize(sql), *key[1:])
+            except ParseError:
+                shape_key = None
+            if shape_key is not None:
+                verdict = self._shape.get(shape_key)
+                if verdict is not None:
+                    self.stats["shape_hits"] += 1
+                    _put(self._exact, key, verdict)
+                    return verdict
+        self.stats["misses"] += 1
+        batch = self.analyze(sql)
+        statements, paths = resolve_batch(batch, session)
+        verdict = self._decide_statements(scope, statements, paths, when, target)
+        if session is not None:
+            session.apply(statements, verdict)
+        if not batch.session_bound:
+            _put(self._exact, key, verdict)
+            if batch.shape_cacheable:
+                if shape_key is None:
+                    try:
+                        shape_key = (normalize(sql), *key[1:])
+                    except ParseError:
+                        shape_key = None
+                if shape_key is not None:
+                    _put(self._shape, shape_key, verdict)
+        return verdict
+
+    def _decide_statements(self, scope: _Scope, statements: Sequence[StatementAnalysis],
+                           paths: Sequence[frozenset[str]], when: datetime | None, target: str) -> Verdict:
+        best: Verdict | None = None
+        best_strength = -1
+        matched: list[str] = []
+        mask_rules: list[str] = []
+        for i, stmt in enumerate(statements):
+            verdict, matches = self._decide_one(scope, stmt, paths[i], when, target)
+            for m in matches:
+                if m.rule not in matched:
+                    matched.append(m.rule)
+                if m.action == "mask" and m.rule not in mask_rules:
+                    mask_rules.append(m.rule)
+            strength = ACTION_STRENGTH[verdict.action]
+            if strength > best_strength:
+                best, best_strength = verdict, strength
+        assert best is not None
+        return Verdict(best.action, best.rule, best.reason, details=tuple(statements),
+                       matched=tuple(matched), mask_rules=tuple(mask_rules) if best.action != "block" else ())
+
+    def _decide_one(self, scope: _Scope, stmt: StatementAnalysis, path: frozenset[str], when: datetime | None,
+                    target: str) -> tuple[Verdict, list[RuleMatch]]:
+        matches: list[_Compiled] = []
+        if stmt.error is not None:
+            exemption = None
+            for c in scope.rules:
+                if not self._active(c, when):
+                    continue
+                if c.generic:
+                    matches.append(c)
+                elif c.rule.unparsed != "block" and exemption is None:
+                    exemption = c
+            if exemption is None:
+                return (Verdict("block", None, f"botwarden blocks statements it cannot analyze: {stmt.error}"),
+                        [RuleMatch(c.name, c.action, 0) for c in matches])
+            # The exemption acts as a rule with its unparsed action; generic rules still count.
+            candidates = [(ACTION_STRENGTH[exemption.rule.unparsed], exemption.index, exemption.rule.unparsed,
+                           exemption.name)]
+            candidates += [(c.strength, c.index, c.action, c.name) for c in matches if c.action != "mask"]
+            strength, _, action, name = max(candidates, key=lambda x: (x[0], -x[1]))
+            reason = (f"{action} by rule {name!r}: statement could not be analyzed ({stmt.error})")
+            found = [RuleMatch(exemption.name, exemption.rule.unparsed, 0)] + [RuleMatch(c.name, c.action, 0) for c in matches]
+            return Verdict(action, name, reason), found  # type: ignore[arg-type]
+        for c in scope.rules:
+            if not self._active(c, when):
+                continue
+            if c.generic or (c.sql_capable and _sql_matches(c, stmt, path)):
+                matches.append(c)
+        return self._pick(scope, matches, stmt.summary(), target), [RuleMatch(c.name, c.action, 0) for c in matches]
+
+    @staticmethod
+    def _pick(scope: _Scope, matches: Sequence[_Compiled], what: str, target: str) -> Verdict:
+        if not matches:
+            return Verdict(scope.default, None, f"{scope.default} by default for target {target!r}: {what}")  # type: ignore[arg-type]
+        top = max(c.strength for c in matches)
+        winner = next(c for c in matches if c.strength == top)
+        verb = {"block": "blocked", "approve": "needs approval", "mask": "masked", "allow": "allowed"}[winner.action]
+        desc = f" ({winner.rule.description})" if winner.rule.description else ""
+        return Verdict(winner.action, winner.name, f"{verb} by botwarden rule {winner.name!r}{desc}: {what}")  # type: ignore[arg-type]
+
+    # -- SSH / Kubernetes --
+    def decide_ssh(self, identity: str, groups: tuple[str, ...], target: str, request: SshRequest | str, *,
+                   now: datetime | None = None) -> Verdict:
+        if isinstance(request, str):
+            request = SshRequest.exec(request)
+        scope = self.scope(identity, tuple(groups), target)
+        when = self._now(now) if scope.windows else None
+        analysis = analyze_ssh(request)
+        matches = [c for c in scope.rules if c.action != "mask" and self._active(c, when)
+                   and (c.generic or (c.rule.ssh is not None and analysis.error is None and _ssh_matches(c, analysis)))]
+        if analysis.error is not None:
+            return Verdict("block", None, f"botwarden blocks commands it cannot analyze: {analysis.error}",
+                           details=(analysis,), matched=tuple(c.name for c in matches))
+        verdict = self._pick(scope, matches, analysis.summary(), target)
+        return replace(verdict, details=(analysis,), matched=tuple(c.name for c in matches))
+
+    def decide_k8s(self, identity: str, groups: tuple[str, ...], target: str, request: K8sRequest, *,
+                   now: datetime | None = None) -> Verdict:
+        scope = self.scope(identity, tuple(groups), target)
+        when = self._now(now) if scope.windows else None
+        matches = [c for c in scope.rules if c.action != "mask" and self._active(c, when)
+                   and (c.generic or (c.rule.k8s is not None and _k8s_matches(c, request)))]
+        verdict = self._pick(scope, matches, request.describe(), target)
+        return replace(verdict, details=(request,), matched=tuple(c.name for c in matches))
+
+    # -- masking --
+    def mask_plan(self, identity: str, groups: tuple[str, ...], target: str, verdict: Verdict,
+                  columns: Sequence[ColumnDesc]) -> MaskPlan | None:
+        if not verdict.mask_rules or verdict.action == "block":
+            return None
+        # Keyed by the identity of the analysis tuple (verdicts are cached and shared, so a
+        # repeated statement brings the same one); the entry holds it, so the id stays unique.
+        key = (verdict.mask_rules, id(verdict.details), tuple(columns))
+        cached = self._plans.get(key)
+        if cached is not None and cached[0] is verdict.details:
+            actions = cached[1]
+        else:
+            actions = self._build_actions(verdict, columns)
+            _put(self._plans, key, (verdict.details, actions))
+        if actions is None:
+            return None
+        return RowMasker(actions, self.detector_settings)
+
+    def _build_actions(self, verdict: Verdict, columns: Sequence[ColumnDesc]) -> list[ColumnAction | None] | None:
+        by_name = {c.rule.name: c.rule for c in self.rules}
+        specs = [spec for name in verdict.mask_rules for spec in by_name[name].mask]
+        statements = [s for s in verdict.details if isinstance(s, StatementAnalysis)]
+        relations = [r for s in statements for r in (s.reads | s.writes)]
+        range_names = {r.name for r in relations}
+        outputs: dict[str, set[str]] = {}
+        for s in statements:
+            for name, sources in s.outputs:
+                outputs.setdefault(name, set()).update(sources)
+        actions: list[ColumnAction | None] = []
+        any_action = False
+        for col in columns:
+            sources = _column_sources(col.name, outputs, range_names)
+            action = ColumnAction(col.name, col.type_oid, col.format)
+            for spec in specs:
+                strategy = Strategy(spec.strategy, spec.keep, self.salt)
+                if spec.columns and any(_column_spec_matches(p, sources, relations) for p in spec.columns):
+                    if spec.detectors:
+                        if column_is_maskable(col):
+                            action.detectors += [(d, strategy) for d in spec.detectors]
+                        elif col.format == 1:
+                            action.whole = action.whole or Strategy("null")
+                    elif action.whole is None or spec.strategy == "null":
+                        action.whole = strategy
+                elif not spec.columns and column_is_maskable(col):
+                    action.detectors += [(d, strategy) for d in spec.detectors]
+            if action.whole is not None or action.detectors:
+                actions.append(action)
+                any_action = True
+            else:
+                actions.append(None)
+        return actions if any_action else None
+
+
+def _column_sources(name: str, outputs: dict[str, set[str]], range_names: set[str]) -> set[str]:
+    """The column names an output column may carry: its own name, what it is computed from
+    (aliases, expressions, subqueries, transitively) and "*" for a whole-row reference."""
+    seen: set[str] = set()
+    todo = [name.lower()]
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        for src in outputs.get(current, ()):
+            todo.append(src.lower())
+    return seen
+
+
+def _column_spec_matches(pattern: str, sources: set[str], relations: Sequence[Relation]) -> bool:
+    table_part, sep, column = pattern.rpartition(".")
+    col_glob = _glob(column)
+    if not ("*" in sources or any(col_glob(s) for s in sources)):
+        return False
+    if not sep:
+        return True
+    tp = _QualifiedPattern.parse(table_part)
+    return any(_one(tp, r.schema, r.name, True) or (r.schema is None and tp.name(r.name)) for r in relations)
+
+
+def _put(cache: dict, key: Any, value: Any) -> None:
+    if len(cache) >= CACHE_MAX:
+        # Drop the oldest tenth: dicts keep insertion order, so this is FIFO eviction.
+        for old in list(cache)[:CACHE_MAX // 10]:
+            del cache[old]
+    cache[key] = value

@@ -1,0 +1,329 @@
+"""Masking of result values: content detectors, strategies, and the per-RowDescription plan.
+
+Regular expressions here read *values* (never SQL). Every detector that has a
+checksum or a reserved range checks it (Luhn for cards, mod-97 for IBANs, the
+invalid SSN areas/groups/serials), so look-alikes stay readable.
+
+Formats: text-format values are UTF-8. Binary-format values are masked only for
+types whose binary form is their UTF-8 text (text, varchar, bpchar, name, json,
+unknown; jsonb after its version byte); any other binary value a rule selects is
+replaced by NULL: we cannot rewrite it correctly, so it does not leave at all.
+Text-format values of non-text types (numbers, dates ...) are replaced by NULL
+too, since "****" would not parse as the column's type in the client.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from appliance.policy.types import ColumnDesc
+
+# Type OIDs whose text form (and, except jsonb, binary form) is plain UTF-8 text.
+TEXT_TYPES = {25: "text", 1043: "varchar", 1042: "bpchar", 19: "name", 705: "unknown", 18: "char"}
+JSON_TYPES = {114: "json", 3802: "jsonb"}
+UNKNOWN_TYPE = 0
+
+# --- detectors -----------------------------------------------------------------------------------
+
+
+def luhn_ok(digits: str) -> bool:
+    total, alt = 0, False
+    for ch in reversed(digits):
+        d = ord(ch) - 48
+        if alt:
+            d *= 2
+            if d > 9:
+                d -= 9
+        total += d
+        alt = not alt
+    return total % 10 == 0
+
+
+def iban_ok(text: str) -> bool:
+    compact = text.replace(" ", "").upper()
+    if not (15 <= len(compact) <= 34) or not compact[:2].isalpha() or not compact[2:4].isdigit():
+        return False
+    expected = IBAN_LENGTHS.get(compact[:2])
+    if expected is not None and len(compact) != expected:
+        return False
+    rearranged = compact[4:] + compact[:4]
+    digits = "".join(str(int(c, 36)) for c in rearranged)
+    return int(digits) % 97 == 1
+
+
+IBAN_LENGTHS = {"AD": 24, "AT": 20, "BE": 16, "BG": 22, "CH": 21, "CY": 28, "CZ": 24, "DE": 22, "DK": 18,
+                "EE": 20, "ES": 24, "FI": 18, "FR": 27, "GB": 22, "GR": 27, "HR": 21, "HU": 28, "IE": 22,
+                "IS": 26, "IT": 27, "LI": 21, "LT": 20, "LU": 20, "LV": 21, "MC": 27, "MT": 31, "NL": 18,
+                "NO": 15, "PL": 28, "PT": 25, "RO": 24, "SE": 24, "SI": 19, "SK": 24, "SM": 27, "TR": 26}
+
+
+def ssn_ok(area: str, group: str, serial: str) -> bool:
+    return area != "000" and area != "666" and not area.startswith("9") and group != "00" and serial != "0000"
+
+
+def shannon_entropy(text: str) -> float:
+    counts: dict[str, int] = {}
+    for ch in text:
+        counts[ch] = counts.get(ch, 0) + 1
+    n = len(text)
+    return -sum(c / n * math.log2(c / n) for c in counts.values())
+
+
+def _jwt_ok(token: str) -> bool:
+    import base64
+
+    header = token.split(".", 1)[0]
+    try:
+        data = json.loads(base64.urlsafe_b64decode(header + "=" * (-len(header) % 4)))
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(data, dict) and "alg" in data
+
+
+_EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}@(?:[A-Za-z0-9-]{1,63}\.)+[A-Za-z]{2,24}(?![\w-])")
+_CARD = re.compile(r"(?<![\d-])(?:\d[ -]?){12,18}\d(?![\d-])")
+_IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{1,4}){3,8}\b")
+_PHONE = re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{1,4}(?:[ .-]?\d{2,4}){2,4}"
+                    r"|\(\d{3}\)[ .-]?\d{3}[ .-]\d{4}|\b\d{3}[.-]\d{3}[.-]\d{4})(?![\w-])")
+_SSN = re.compile(r"(?<![\d-])(\d{3})-(\d{2})-(\d{4})(?![\d-])")
+_AWS = re.compile(r"(?<![A-Z0-9])(?:AKIA|ASIA|ABIA|ACCA|AGPA|AIDA|AROA|ANPA|ANVA|AIPA|APKA)[A-Z2-7]{16}(?![A-Z0-9])")
+_PEM = re.compile(r"-----BEGIN ((?:RSA |EC |DSA |OPENSSH |ENCRYPTED |PGP )?PRIVATE KEY(?: BLOCK)?)-----"
+                  r".*?-----END \1-----", re.S)
+_JWT = re.compile(r"(?<![\w-])eyJ[A-Za-z0-9_-]{5,}\.eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*(?![\w-])")
+_TOKEN = re.compile(r"[A-Za-z0-9+/_\-]{16,}={0,2}")
+_PREFIXED_SECRET = re.compile(r"\b(?:ghp|gho|ghs|ghu|github_pat|glpat|xox[abpr]|sk_live|rk_live|sk-proj|hvs|s)"
+                              r"[_.-][A-Za-z0-9_\-]{16,}\b")
+
+
+def _find_email(text: str, cfg: "DetectorSettings") -> list[tuple[int, int]]:
+    if "@" not in text:
+        return []
+    return [m.span() for m in _EMAIL.finditer(text)]
+
+
+def _find_card(text: str, cfg: "DetectorSettings") -> list[tuple[int, int]]:
+    out = []
+    for m in _CARD.finditer(text):
+        digits = re.sub(r"[ -]", "", m.group())
+        if 13 <= len(digits) <= 19 and digits[0] in "23456" and len(set(digits)) > 1 and luhn_ok(digits):
+            out.append(m.span())
+    return out
+
+
+def _find_iban(text: str, cfg: "DetectorSettings") -> list[tuple[int, int]]:
+    return [m.span() for m in _IBAN.finditer(text) if iban_ok(m.group())]
+
+
+def _find_phone(text: str, cfg: "DetectorSettings") -> list[tuple[int, int]]:
+    out = []
+    for m in _PHONE.finditer(text):
+        digits = sum(ch.isdigit() for ch in m.group())
+        if 10 <= digits <= 15:
+            out.append(m.span())
+    return out
+
+
+def _find_ssn(text: str, cfg: "DetectorSettings") -> list[tuple[int, int]]:
+    if "-" not in text:
+        return []
+    return [m.span() for m in _SSN.finditer(text) if ssn_ok(*m.groups())]
+
+
+def _find_aws(text: str, cfg: "DetectorSettings") -> list[tuple[int, int]]:
+    return [m.span() for m in _AWS.finditer(text)]
+
+
+def _find_pem(text: str, cfg: "DetectorSettings") -> list[tuple[int, int]]:
+    if "PRIVATE KEY" not in text:
+        return []
+    return [m.span() for m in _PEM.finditer(text)]
+
+
+def _find_jwt(text: str, cfg: "DetectorSettings") -> list[tuple[int, int]]:
+    if "eyJ" not in text:
+        return []
+    return [m.span() for m in _JWT.finditer(text) if _jwt_ok(m.group())]
+
+
+def _find_secret(text: str, cfg: "DetectorSettings") -> list[tuple[int, int]]:
+    if len(text) < 16:
+        return []
+    out = [m.span() for m in _PREFIXED_SECRET.finditer(text)]
+    for m in _TOKEN.finditer(text):
+        token = m.group()
+        if len(token) < cfg.secret_min_length:
+            continue
+        classes = sum((any(c.isdigit() for c in token), any(c.islower() for c in token),
+                       any(c.isupper() for c in token)))
+        if classes >= 2 and shannon_entropy(token) >= cfg.secret_entropy and m.span() not in out:
+            out.append(m.span())
+    return out
+
+
+DETECTOR_FUNCTIONS: dict[str, Callable[[str, "DetectorSettings"], list[tuple[int, int]]]] = {
+    "private_key": _find_pem, "jwt": _find_jwt, "aws_key": _find_aws, "email": _find_email,
+    "iban": _find_iban, "card": _find_card, "ssn": _find_ssn, "phone": _find_phone, "secret": _find_secret,
+}
+
+
+@dataclass(frozen=True)
+class DetectorSettings:
+    secret_min_length: int = 20
+    secret_entropy: float = 4.0
+
+
+def find(detector: str, text: str, settings: DetectorSettings = DetectorSettings()) -> list[tuple[int, int]]:
+    """Spans of ``text`` the detector flags (public for tests and the CLI)."""
+    return DETECTOR_FUNCTIONS[detector](text, settings)
+
+
+# --- strategies ----------------------------------------------------------------------------------
+
+STARS = "********"
+
+
+class Strategy:
+    """Turns one sensitive string into its masked form (None = SQL NULL)."""
+
+    def __init__(self, name: str, keep: int = 4, salt: bytes = b""):
+        self.name = name
+        self.keep = keep
+        self.salt = salt
+
+    def __call__(self, value: str) -> str | None:
+        if self.name == "null":
+            return None
+        if self.name == "full":
+            return STARS
+        if self.name == "partial":
+            return partial(value, self.keep)
+        if self.name == "hash":
+            return "h:" + hmac.new(self.salt, value.encode("utf-8"), hashlib.sha256).hexdigest()[:16]
+        if self.name == "format":
+            return format_preserving(value, self.salt)
+        raise ValueError(self.name)
+
+
+def partial(value: str, keep: int) -> str:
+    """Letters and digits become ``*`` except the last ``keep``; separators stay. A value with no
+    more than ``keep`` of them is masked whole (keeping all of it would keep everything)."""
+    alnum = [i for i, ch in enumerate(value) if ch.isalnum()]
+    if len(alnum) <= keep:
+        return "".join("*" if ch.isalnum() else ch for ch in value) if alnum else STARS
+    hide = set(alnum[:len(alnum) - keep])
+    return "".join("*" if i in hide else ch for i, ch in enumerate(value))
+
+
+def format_preserving(value: str, salt: bytes) -> str:
+    """Digits -> digits, letters -> letters (case kept), everything else kept; deterministic under
+    the deployment salt so equal inputs give equal outputs, not reversible without it."""
+    stream = b""
+    counter = 0
+    out = []
+    pos = 0
+    for ch in value:
+        if not (ch.isascii() and ch.isalnum()):
+            out.append(ch)
+            continue
+        while pos >= len(stream):
+            stream += hmac.new(salt, counter.to_bytes(4, "big") + value.encode("utf-8"), hashlib.sha256).digest()
+            counter += 1
+        b = stream[pos]
+        pos += 1
+        if ch.isdigit():
+            out.append(chr(48 + b % 10))
+        elif ch.isupper():
+            out.append(chr(65 + b % 26))
+        else:
+            out.append(chr(97 + b % 26))
+    return "".join(out)
+
+
+# --- the plan ------------------------------------------------------------------------------------
+
+
+@dataclass
+class ColumnAction:
+    """What happens to one column: whole-value strategy and/or detectors (strategy each)."""
+
+    name: str
+    type_oid: int
+    format: int
+    whole: Strategy | None = None
+    detectors: list[tuple[str, Strategy]] = field(default_factory=list)
+
+
+class RowMasker:
+    """A :class:`appliance.policy.types.MaskPlan`: rewrites the DataRows of one result."""
+
+    def __init__(self, actions: Sequence[ColumnAction | None], settings: DetectorSettings):
+        self.actions = list(actions)
+        self.settings = settings
+        self.counts: dict[str, int] = {}
+
+    def apply(self, values: Sequence[bytes | None]) -> tuple[list[bytes | None], bool]:
+        out = list(values)
+        changed = False
+        for i, action in enumerate(self.actions):
+            if action is None or i >= len(out) or out[i] is None:
+                continue
+            new = self._mask(action, out[i])  # type: ignore[arg-type]
+            if new != out[i]:
+                out[i] = new
+                changed = True
+                self.counts[action.name] = self.counts.get(action.name, 0) + 1
+        return out, changed
+
+    def _mask(self, action: ColumnAction, raw: bytes) -> bytes | None:
+        prefix = b""
+        texty = action.type_oid in TEXT_TYPES or action.type_oid in JSON_TYPES or action.type_oid == UNKNOWN_TYPE
+        if action.format == 1:
+            if action.type_oid == 3802 and raw[:1] == b"\x01":
+                prefix, raw = b"\x01", raw[1:]  # jsonb binary: version byte, then the text
+            elif action.type_oid not in TEXT_TYPES and action.type_oid != 114:
+                return None  # binary of a type we cannot rewrite: withhold it
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        is_json = action.type_oid in JSON_TYPES
+        if action.whole is not None:
+            if not texty:
+                return None  # "****" would not parse as a number/date in the client
+            masked = action.whole(text)
+            if masked is None:
+                return None
+            if is_json:
+                masked = json.dumps(masked)
+            return prefix + masked.encode("utf-8")
+        if not texty:
+            return raw
+        spans: list[tuple[int, int, Strategy]] = []
+        for detector, strategy in action.detectors:
+            for start, end in DETECTOR_FUNCTIONS[detector](text, self.settings):
+                spans.append((start, end, strategy))
+        if not spans:
+            return prefix + raw
+        spans.sort(key=lambda s: (s[0], -s[1]))
+        pieces, last = [], 0
+        for start, end, strategy in spans:
+            if start < last:
+                continue  # overlaps a span already masked
+            replacement = strategy(text[start:end])
+            if replacement is None:
+                return None  # strategy "null": the whole value goes
+            pieces.append(text[last:start])
+            pieces.append(replacement)
+            last = end
+        pieces.append(text[last:])
+        return prefix + "".join(pieces).encode("utf-8")
+
+
+def column_is_maskable(col: ColumnDesc) -> bool:
+    return col.type_oid in TEXT_TYPES or col.type_oid in JSON_TYPES or col.type_oid == UNKNOWN_TYPE

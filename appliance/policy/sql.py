@@ -1,0 +1,987 @@
+"""SQL analysis through PostgreSQL's own parser (pglast); never regular expressions.
+
+:func:`analyze_sql` turns the text of a simple Query (or of a Parse message, ``$n``
+parameters included) into one :class:`StatementAnalysis` per statement: its kind
+and every nested kind (DML inside CTEs, the statement under PREPARE / EXPLAIN /
+DECLARE, the SQL inside DO blocks and function bodies), the relations read and
+written (a CTE name is not a relation), every function called anywhere, and
+properties such as ``no_where`` or ``copy_program``.
+
+The walk runs over libpg_query's JSON tree (5x cheaper than pglast's Python
+objects). Fields whose C type is a concrete node (``RangeVar*``) are not wrapped
+in ``{"RangeVar": ...}`` there, so the field types are read once from
+``pglast.ast`` to walk every field of every node: nothing is skipped by accident.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterable, Mapping
+
+import pglast
+from pglast import ast as _ast
+from pglast import enums as _enums
+from pglast.parser import ParseError, parse_sql_json
+
+# --- field types of every node, from pglast's own description -------------------------------
+
+_WRAPPED = {"Node", "List", "Expr", "char", "Bitmapset"}
+
+
+def _field_types() -> dict[str, dict[str, str | None]]:
+    out: dict[str, dict[str, str | None]] = {}
+    for name in dir(_ast):
+        cls = getattr(_ast, name)
+        slots = getattr(cls, "__slots__", None)
+        if not (isinstance(cls, type) and issubclass(cls, _ast.Node) and isinstance(slots, dict)):
+            continue
+        fields: dict[str, str | None] = {}
+        for fname, info in slots.items():
+            ctype = getattr(info, "c_type", "")
+            base = ctype[:-1] if ctype.endswith("*") else None
+            fields[fname] = base if base and base not in _WRAPPED and hasattr(_ast, base) else None
+        out[name] = fields
+    return out
+
+
+_FIELDS = _field_types()
+_NODE_NAMES = frozenset(_FIELDS)
+
+# --- kinds --------------------------------------------------------------------------------------
+
+_TRANSACTION_KINDS = {
+    "TRANS_STMT_BEGIN": "BEGIN", "TRANS_STMT_START": "BEGIN", "TRANS_STMT_COMMIT": "COMMIT",
+    "TRANS_STMT_ROLLBACK": "ROLLBACK", "TRANS_STMT_SAVEPOINT": "SAVEPOINT", "TRANS_STMT_RELEASE": "RELEASE",
+    "TRANS_STMT_ROLLBACK_TO": "ROLLBACK_TO", "TRANS_STMT_PREPARE": "PREPARE_TRANSACTION",
+    "TRANS_STMT_COMMIT_PREPARED": "COMMIT_PREPARED", "TRANS_STMT_ROLLBACK_PREPARED": "ROLLBACK_PREPARED",
+}
+
+# Node name -> kind where the default (CamelCase minus "Stmt" in UPPER_SNAKE) reads badly.
+_KIND_NAMES = {
+    "SelectStmt": "SELECT", "InsertStmt": "INSERT", "UpdateStmt": "UPDATE", "DeleteStmt": "DELETE",
+    "MergeStmt": "MERGE", "CopyStmt": "COPY", "TruncateStmt": "TRUNCATE", "CreateStmt": "CREATE_TABLE",
+    "IndexStmt": "CREATE_INDEX", "ViewStmt": "CREATE_VIEW", "CreateSeqStmt": "CREATE_SEQUENCE",
+    "AlterSeqStmt": "ALTER_SEQUENCE", "CreateSchemaStmt": "CREATE_SCHEMA", "CreateTrigStmt": "CREATE_TRIGGER",
+    "CreateEventTrigStmt": "CREATE_EVENT_TRIGGER", "CreatePLangStmt": "CREATE_LANGUAGE",
+    "CreatedbStmt": "CREATE_DATABASE", "DropdbStmt": "DROP_DATABASE", "AlterDatabaseStmt": "ALTER_DATABASE",
+    "AlterDatabaseSetStmt": "ALTER_DATABASE", "CreateRoleStmt": "CREATE_ROLE", "AlterRoleStmt": "ALTER_ROLE",
+    "AlterRoleSetStmt": "ALTER_ROLE", "DropRoleStmt": "DROP_ROLE", "AlterSystemStmt": "ALTER_SYSTEM",
+    "CreateExtensionStmt": "CREATE_EXTENSION", "AlterExtensionStmt": "ALTER_EXTENSION",
+    "AlterExtensionContentsStmt": "ALTER_EXTENSION", "CreateFdwStmt": "CREATE_FOREIGN_DATA_WRAPPER",
+    "CreateForeignServerStmt": "CREATE_SERVER", "CreateForeignTableStmt": "CREATE_FOREIGN_TABLE",
+    "CreateUserMappingStmt": "CREATE_USER_MAPPING", "CreatePolicyStmt": "CREATE_POLICY",
+    "AlterPolicyStmt": "ALTER_POLICY", "RuleStmt": "CREATE_RULE", "CompositeTypeStmt": "CREATE_TYPE",
+    "CreateEnumStmt": "CREATE_TYPE", "CreateRangeStmt": "CREATE_TYPE", "CreateDomainStmt": "CREATE_DOMAIN",
+    "DefineStmt": "CREATE_TYPE", "CreateTableSpaceStmt": "CREATE_TABLESPACE", "DropTableSpaceStmt": "DROP_TABLESPACE",
+    "AlterOwnerStmt": "ALTER_OWNER", "AlterObjectSchemaStmt": "ALTER_SCHEMA", "RenameStmt": "RENAME",
+    "AlterDefaultPrivilegesStmt": "ALTER_DEFAULT_PRIVILEGES", "AlterFunctionStmt": "ALTER_FUNCTION",
+    "VariableShowStmt": "SHOW", "DeclareCursorStmt": "DECLARE_CURSOR", "FetchStmt": "FETCH",
+    "ClosePortalStmt": "CLOSE", "DoStmt": "DO", "CallStmt": "CALL", "ExplainStmt": "EXPLAIN",
+    "PrepareStmt": "PREPARE", "ExecuteStmt": "EXECUTE", "DeallocateStmt": "DEALLOCATE", "LockStmt": "LOCK",
+    "ListenStmt": "LISTEN", "UnlistenStmt": "UNLISTEN", "NotifyStmt": "NOTIFY", "LoadStmt": "LOAD",
+    "CheckPointStmt": "CHECKPOINT", "DiscardStmt": "DISCARD", "ClusterStmt": "CLUSTER", "ReindexStmt": "REINDEX",
+    "CommentStmt": "COMMENT", "SecLabelStmt": "SECURITY_LABEL", "RefreshMatViewStmt": "REFRESH_MATERIALIZED_VIEW",
+    "ReassignOwnedStmt": "REASSIGN_OWNED", "DropOwnedStmt": "DROP_OWNED", "ImportForeignSchemaStmt": "IMPORT_FOREIGN_SCHEMA",
+    "CreateSubscriptionStmt": "CREATE_SUBSCRIPTION", "AlterSubscriptionStmt": "ALTER_SUBSCRIPTION",
+    "DropSubscriptionStmt": "DROP_SUBSCRIPTION", "CreatePublicationStmt": "CREATE_PUBLICATION",
+    "AlterPublicationStmt": "ALTER_PUBLICATION", "CreateConversionStmt": "CREATE_CONVERSION",
+    "CreateCastStmt": "CREATE_CAST", "CreateOpClassStmt": "CREATE_OPERATOR_CLASS", "CreateStatsStmt": "CREATE_STATISTICS",
+    "ConstraintsSetStmt": "SET_CONSTRAINTS", "DropUserMappingStmt": "DROP_USER_MAPPING",
+}
+
+_TABLE_OBJECTS = {"OBJECT_TABLE", "OBJECT_VIEW", "OBJECT_MATVIEW", "OBJECT_FOREIGN_TABLE", "OBJECT_SEQUENCE",
+                  "OBJECT_INDEX"}
+
+
+def _default_kind(node: str) -> str:
+    base = node[:-4] if node.endswith("Stmt") else node
+    out = ""
+    for i, ch in enumerate(base):
+        if ch.isupper() and i and not base[i - 1].isupper():
+            out += "_"
+        out += ch.upper()
+    return out
+
+
+def _object_suffix(objtype: str | None) -> str:
+    return (objtype or "OBJECT_TABLE").removeprefix("OBJECT_")
+
+
+def _all_kinds() -> frozenset[str]:
+    kinds = {_KIND_NAMES.get(n, _default_kind(n)) for n in _NODE_NAMES if n.endswith("Stmt")}
+    kinds.discard("RAW")
+    kinds |= set(_TRANSACTION_KINDS.values()) | {"SET", "RESET", "GRANT", "REVOKE", "CREATE_TABLE_AS",
+                                                 "CREATE_MATERIALIZED_VIEW", "CREATE_FUNCTION", "CREATE_PROCEDURE",
+                                                 "VACUUM", "ANALYZE", "ALTER_TABLE"}
+    for member in _enums.ObjectType:
+        suffix = member.name.removeprefix("OBJECT_")
+        kinds |= {"DROP_" + suffix, "ALTER_" + suffix}
+    return frozenset(kinds)
+
+
+KNOWN_KINDS = _all_kinds()
+
+# Named groups of kinds a rule may use in ``kinds``.
+KIND_CATEGORIES: dict[str, Any] = {
+    "DML": lambda k: k in {"INSERT", "UPDATE", "DELETE", "MERGE", "COPY", "TRUNCATE"},
+    "DDL": lambda k: k.startswith(("CREATE_", "ALTER_", "DROP_")) or k in {"RENAME", "COMMENT", "SECURITY_LABEL"},
+    "DCL": lambda k: k in {"GRANT", "REVOKE"},
+    "TRANSACTION": lambda k: k in set(_TRANSACTION_KINDS.values()),
+    "SESSION": lambda k: k in {"SET", "RESET", "SHOW", "DISCARD", "SET_CONSTRAINTS"},
+    "DROP": lambda k: k.startswith("DROP_"),
+    "CREATE": lambda k: k.startswith("CREATE_"),
+    "ALTER": lambda k: k.startswith("ALTER_"),
+}
+
+PROPERTIES = frozenset({
+    "no_where", "truncate", "drop", "copy_program", "copy_file", "copy_from", "copy_to", "alter_system",
+    "set_role", "set_session_authorization", "do_block", "function_body", "multi_statement", "dynamic_sql",
+    "opaque_body", "select_into", "role_grant", "explain_analyze", "locking", "writes", "prepared",
+})
+
+# --- results -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, order=True)
+class Relation:
+    """``schema`` None = unqualified (resolved against the search path when matched);
+    ``name`` "*" = a whole schema (``DROP SCHEMA``)."""
+
+    schema: str | None
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.schema}.{self.name}" if self.schema else self.name
+
+
+@dataclass(frozen=True, order=True)
+class Function:
+    schema: str | None
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.schema}.{self.name}" if self.schema else self.name
+
+
+@dataclass(frozen=True)
+class StatementAnalysis:
+    """What one statement does. ``error`` set = it could not be analyzed (fail closed)."""
+
+    kind: str
+    kinds: frozenset[str] = frozenset()
+    reads: frozenset[Relation] = frozenset()
+    writes: frozenset[Relation] = frozenset()
+    functions: frozenset[Function] = frozenset()
+    properties: frozenset[str] = frozenset()
+    error: str | None = None
+    # Output column name -> the column names it is computed from ("*" = a whole row).
+    outputs: tuple[tuple[str, frozenset[str]], ...] = ()
+    # Session effects (applied by SqlSessionState when the statement is let through).
+    prepare_name: str | None = None
+    prepared_body: "StatementAnalysis | None" = field(default=None, compare=False)
+    execute_name: str | None = None
+    deallocate: str | None = None  # a name, or "*" for ALL
+    search_path: tuple[str, ...] | None = None  # schemas a SET search_path names; ("*",) = unknown
+    reset_session: bool = False  # RESET ALL / DISCARD ALL
+
+    @property
+    def relations(self) -> frozenset[Relation]:
+        return self.reads | self.writes
+
+    def summary(self) -> str:
+        parts = [self.kind]
+        if self.writes:
+            parts.append("writes " + ", ".join(sorted(map(str, self.writes))))
+        if self.reads:
+            parts.append("reads " + ", ".join(sorted(map(str, self.reads))))
+        if self.functions:
+            parts.append("calls " + ", ".join(sorted(map(str, self.functions))))
+        if self.properties:
+            parts.append("[" + ", ".join(sorted(self.properties)) + "]")
+        return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class BatchAnalysis:
+    statements: tuple[StatementAnalysis, ...]
+    # True when the verdict may be cached by statement shape (constants replaced): no
+    # statement's meaning hangs on a literal (DO bodies, SET values, function bodies).
+    shape_cacheable: bool = True
+    # True when the verdict depends on or changes per-session state (PREPARE/EXECUTE/SET...).
+    session_bound: bool = False
+
+
+_SHAPE_SENSITIVE = {"DO", "CREATE_FUNCTION", "CREATE_PROCEDURE", "SET", "RESET", "PREPARE", "EXECUTE",
+                    "DEALLOCATE", "DISCARD", "ALTER_FUNCTION"}
+_SESSION_KINDS = {"SET", "RESET", "PREPARE", "EXECUTE", "DEALLOCATE", "DISCARD"}
+_SESSION_FUNCTIONS = {"set_config"}
+
+
+def unparsed(message: str) -> StatementAnalysis:
+    return StatementAnalysis(kind="UNPARSED", error=message, properties=frozenset({"unparsed"}))
+
+
+def _parse_error_message(e: ParseError) -> str:
+    # The parser quotes the text near the error, which may be a secret literal: keep only the
+    # message and the position.
+    text = str(e.args[0]) if e.args else "syntax error"
+    text = text.split(" at or near ", 1)[0].split(" at end of input", 1)[0]
+    loc = e.args[1] if len(e.args) > 1 else None
+    return f"{text} at character {loc + 1}" if isinstance(loc, int) else text
+
+
+DEEP_RECURSION_LIMIT = 12_000
+
+
+def analyze_sql(sql: str) -> BatchAnalysis:
+    """Analyze every statement of ``sql``. Never raises on bad SQL: such a batch is one
+    statement with ``error`` set. EXECUTE is left unresolved (see :func:`resolve_execute`)."""
+    try:
+        return _analyze_sql(sql)
+    except RecursionError:
+        pass
+    # Deeply nested expressions (long generated a + b + c ... chains) exceed Python's default
+    # recursion limit in the JSON decoder and the walk: retry once with more room, then refuse.
+    old = sys.getrecursionlimit()
+    try:
+        sys.setrecursionlimit(max(old, DEEP_RECURSION_LIMIT))
+        return _analyze_sql(sql)
+    except RecursionError:
+        return BatchAnalysis((unparsed("statement nested too deeply for botwarden to analyze"),),
+                             shape_cacheable=False)
+    finally:
+        sys.setrecursionlimit(old)
+
+
+def _analyze_sql(sql: str) -> BatchAnalysis:
+    try:
+        tree = json.loads(parse_sql_json(sql))
+    except ParseError as e:
+        return BatchAnalysis((unparsed(_parse_error_message(e)),), shape_cacheable=False)
+    raw = sql.encode("utf-8")
+    stmts = tree.get("stmts", [])
+    results = []
+    for entry in stmts:
+        start = entry.get("stmt_location", 0)
+        length = entry.get("stmt_len", 0)
+        text = raw[start:start + length] if length else raw[start:]
+        results.append(_analyze_statement(entry.get("stmt", {}), text.decode("utf-8", "replace")))
+    if not results:  # an empty query string: nothing is executed
+        results.append(StatementAnalysis(kind="EMPTY", kinds=frozenset({"EMPTY"})))
+    if len(results) > 1:
+        results = [replace(r, properties=r.properties | {"multi_statement"}) for r in results]
+    shape = all(r.error is None and not (r.kinds & _SHAPE_SENSITIVE)
+                and not any(f.name in _SESSION_FUNCTIONS for f in r.functions) for r in results)
+    session = any((r.kinds & _SESSION_KINDS) or any(f.name in _SESSION_FUNCTIONS for f in r.functions)
+                  for r in results)
+    return BatchAnalysis(tuple(results), shape_cacheable=shape, session_bound=session)
+
+
+def resolve_execute(stmt: StatementAnalysis, prepared: Mapping[str, StatementAnalysis]) -> StatementAnalysis:
+    """EXECUTE name: what it runs is what ``name`` was prepared as in this session."""
+    if stmt.execute_name is None:
+        return stmt
+    body = prepared.get(stmt.execute_name)
+    if body is None:
+        return replace(stmt, error=f"EXECUTE of prepared statement {stmt.execute_name!r} that botwarden did not see prepared")
+    return replace(stmt, kinds=stmt.kinds | body.kinds, reads=stmt.reads | body.reads,
+                   writes=stmt.writes | body.writes, functions=stmt.functions | body.functions,
+                   properties=stmt.properties | (body.properties - {"multi_statement"}) | {"prepared"},
+                   outputs=body.outputs)
+
+
+def _analyze_statement(wrapped: Mapping[str, Any], text: str) -> StatementAnalysis:
+    walker = _Walker(text)
+    try:
+        walker.top(wrapped)
+    except _Unanalyzable as e:
+        return unparsed(str(e))
+    return walker.result()
+
+
+class _Unanalyzable(Exception):
+    pass
+
+
+def _sval(node: Any) -> str | None:
+    if isinstance(node, dict):
+        if "String" in node:
+            return node["String"].get("sval", "")
+        if "sval" in node and isinstance(node["sval"], str):
+            return node["sval"]
+    return None
+
+
+def _names(items: Iterable[Any]) -> list[str]:
+    return [s for s in (_sval(i) for i in items or ()) if s is not None]
+
+
+def _const_string(node: Any) -> str | None:
+    """A string constant, or a || concatenation of them (folded), else None."""
+    if not isinstance(node, dict):
+        return None
+    if "A_Const" in node:
+        val = node["A_Const"].get("sval")
+        return val.get("sval", "") if isinstance(val, dict) else None
+    if "TypeCast" in node:
+        return _const_string(node["TypeCast"].get("arg"))
+    if "A_Expr" in node:
+        expr = node["A_Expr"]
+        if expr.get("kind") == "AEXPR_OP" and _names(expr.get("name", ())) == ["||"]:
+            left, right = _const_string(expr.get("lexpr")), _const_string(expr.get("rexpr"))
+            if left is not None and right is not None:
+                return left + right
+    return None
+
+
+def _has_column_ref(node: Any) -> bool:
+    """A WHERE without any column reference (``true``, ``1 = 1``, ``$1``, ``EXISTS (SELECT 1)``)
+    selects every row or none: it counts as no WHERE."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "ColumnRef":
+                return True
+            if _has_column_ref(value):
+                return True
+    elif isinstance(node, list):
+        return any(_has_column_ref(v) for v in node)
+    return False
+
+
+def _figure_colname(node: Any) -> str:
+    """The output column name PostgreSQL gives an unnamed select-list expression."""
+    if isinstance(node, dict) and len(node) == 1:
+        (kind, body), = node.items()
+        if kind == "ColumnRef":
+            names = _names(body.get("fields", ()))
+            return names[-1] if names and len(names) == len(body.get("fields", ())) else "?column?"
+        if kind == "FuncCall":
+            names = _names(body.get("funcname", ()))
+            return names[-1] if names else "?column?"
+        if kind == "TypeCast":
+            inner = _figure_colname(body.get("arg"))
+            if inner != "?column?":
+                return inner
+            names = _names(body.get("typeName", {}).get("names", ()))
+            return names[-1] if names else "?column?"
+        if kind == "CoalesceExpr":
+            return "coalesce"
+        if kind == "CaseExpr":
+            return "case"
+    return "?column?"
+
+
+class _Walker:
+    """Walks one statement's JSON tree, collecting kinds, relations, functions, properties."""
+
+    def __init__(self, text: str, depth: int = 0):
+        self.text = text
+        self.depth = depth
+        self.kind = "UNKNOWN"
+        self.kinds: set[str] = set()
+        self.reads: set[Relation] = set()
+        self.writes: set[Relation] = set()
+        self.functions: set[Function] = set()
+        self.properties: set[str] = set()
+        self.cte_scopes: list[frozenset[str]] = []
+        self.outputs: dict[str, set[str]] = {}
+        self.range_names: set[str] = set()
+        self.prepare_name: str | None = None
+        self.prepared_body: StatementAnalysis | None = None
+        self.execute_name: str | None = None
+        self.deallocate: str | None = None
+        self.search_path: tuple[str, ...] | None = None
+        self.reset_session = False
+
+    # -- entry points --
+    def top(self, wrapped: Mapping[str, Any]) -> None:
+        (node, body), = wrapped.items()
+        self.kind = self._kind_of(node, body)
+        self.visit(node, body)
+
+    def result(self) -> StatementAnalysis:
+        if self.writes:
+            self.properties.add("writes")
+        # "*?x": a bare name that is a whole row when x is a table or alias in this statement.
+        outputs = tuple(sorted(
+            (k, frozenset("*" if src.startswith("*?") else src for src in v
+                          if not src.startswith("*?") or src[2:].lower() in self.range_names))
+            for k, v in self.outputs.items()))
+        return StatementAnalysis(
+            kind=self.kind, kinds=frozenset(self.kinds | {self.kind}), reads=frozenset(self.reads),
+            writes=frozenset(self.writes), functions=frozenset(self.functions),
+            properties=frozenset(self.properties), outputs=outputs, prepare_name=self.prepare_name,
+            prepared_body=self.prepared_body, execute_name=self.execute_name, deallocate=self.deallocate,
+            search_path=self.search_path, reset_session=self.reset_session)
+
+    # -- generic walk --
+    def visit_value(self, value: Any, typed: str | None) -> None:
+        if isinstance(value, list):
+            for item in value:
+                self.visit_value(item, None)
+        elif isinstance(value, dict):
+            if len(value) == 1:
+                (key, body), = value.items()
+                if key in _NODE_NAMES and isinstance(body, dict):
+                    self.visit(key, body)
+                    return
+                if key == "List" and isinstance(body, dict):
+                    self.visit_value(body.get("items", []), None)
+                    return
+            if typed:
+                self.visit(typed, value)
+            else:
+                for item in value.values():  # defensive: never skip a subtree we do not know
+                    self.visit_value(item, None)
+
+    def visit(self, node: str, body: Mapping[str, Any]) -> None:
+        handler = getattr(self, "_v_" + node, None)
+        if handler is not None:
+            handler(body)
+        else:
+            self.generic(node, body)
+
+    def generic(self, node: str, body: Mapping[str, Any], skip: tuple[str, ...] = ()) -> None:
+        fields = _FIELDS.get(node, {})
+        if node.endswith("Stmt") and node != "SelectStmt":
+            self.kinds.add(self._kind_of(node, body))
+        for key, value in body.items():
+            if key not in skip and isinstance(value, (list, dict)):
+                self.visit_value(value, fields.get(key))
+
+    def _kind_of(self, node: str, body: Mapping[str, Any]) -> str:
+        if node == "SelectStmt" and body.get("intoClause"):
+            return "CREATE_TABLE_AS"
+        if node == "TransactionStmt":
+            return _TRANSACTION_KINDS.get(body.get("kind", "TRANS_STMT_BEGIN"), "TRANSACTION")
+        if node == "DropStmt":
+            return "DROP_" + _object_suffix(body.get("removeType"))
+        if node == "AlterTableStmt":
+            return "ALTER_" + _object_suffix(body.get("objtype"))
+        if node in ("GrantStmt", "GrantRoleStmt"):
+            return "GRANT" if body.get("is_grant") else "REVOKE"
+        if node == "VariableSetStmt":
+            return "RESET" if str(body.get("kind", "")).startswith("VAR_RESET") else "SET"
+        if node == "CreateFunctionStmt":
+            return "CREATE_PROCEDURE" if body.get("is_procedure") else "CREATE_FUNCTION"
+        if node == "CreateTableAsStmt":
+            return "CREATE_MATERIALIZED_VIEW" if body.get("objtype") == "OBJECT_MATVIEW" else "CREATE_TABLE_AS"
+        if node == "VacuumStmt":
+            return "VACUUM" if body.get("is_vacuumcmd") else "ANALYZE"
+        return _KIND_NAMES.get(node, _default_kind(node))
+
+    # -- relations --
+    def _relation(self, body: Mapping[str, Any]) -> Relation:
+        schema = body.get("schemaname")
+        if body.get("catalogname"):
+            schema = f"{body['catalogname']}.{schema}"
+        return Relation(schema.lower() if schema else None, body.get("relname", "").lower())
+
+    def _is_cte(self, body: Mapping[str, Any]) -> bool:
+        if body.get("schemaname") or body.get("catalogname"):
+            return False
+        name = body.get("relname", "")
+        return any(name in scope for scope in self.cte_scopes)
+
+    def _v_RangeVar(self, body: Mapping[str, Any]) -> None:
+        alias = body.get("alias", {}).get("aliasname") if isinstance(body.get("alias"), dict) else None
+        self.range_names.add((alias or body.get("relname", "")).lower())
+        if not self._is_cte(body):
+            self.reads.add(self._relation(body))
+
+    def _write(self, value: Any) -> None:
+        """A write target (INSERT INTO x, UPDATE x ...): never a CTE reference."""
+        if isinstance(value, dict):
+            body = value.get("RangeVar", value)
+            if "relname" in body:
+                alias = body.get("alias", {}).get("aliasname") if isinstance(body.get("alias"), dict) else None
+                self.range_names.add((alias or body["relname"]).lower())
+                self.writes.add(self._relation(body))
+                return
+        self.visit_value(value, None)
+
+    def _v_RangeFunction(self, body: Mapping[str, Any]) -> None:
+        alias = body.get("alias")
+        if isinstance(alias, dict) and alias.get("aliasname"):
+            self.range_names.add(alias["aliasname"].lower())
+        self.generic("RangeFunction", body)
+
+    def _v_RangeSubselect(self, body: Mapping[str, Any]) -> None:
+        alias = body.get("alias")
+        if isinstance(alias, dict) and alias.get("aliasname"):
+            self.range_names.add(alias["aliasname"].lower())
+        self.generic("RangeSubselect", body)
+
+    # -- functions --
+    def _v_FuncCall(self, body: Mapping[str, Any]) -> None:
+        names = [n.lower() for n in _names(body.get("funcname", ()))]
+        if names:
+            self.functions.add(Function(".".join(names[:-1]) or None, names[-1]))
+            if names[-1] == "set_config":
+                self._set_config(body.get("args", []))
+        self.generic("FuncCall", body, skip=("funcname",))
+
+    def _set_config(self, args: list[Any]) -> None:
+        setting = _const_string(args[0]) if args else None
+        if setting is None:
+            self.properties.add("set_role")  # unknown setting: assume the worst
+            self.search_path = ("*",)
+            return
+        setting = setting.lower()
+        if setting in ("role", "session_authorization"):
+            self.properties.add("set_role")
+        if setting == "search_path":
+            value = _const_string(args[1]) if len(args) > 1 else None
+            self.search_path = _split_search_path(value) if value is not None else ("*",)
+
+    # -- WITH scoping --
+    def _with(self, body: Mapping[str, Any]) -> frozenset[str]:
+        """Walk the CTE bodies with the names each may see; return every name of this WITH."""
+        clause = body.get("withClause")
+        if not isinstance(clause, dict):
+            return frozenset()
+        ctes = [c.get("CommonTableExpr", c) for c in clause.get("ctes", [])]
+        names = [c.get("ctename", "") for c in ctes]
+        recursive = bool(clause.get("recursive"))
+        for i, cte in enumerate(ctes):
+            # Without RECURSIVE a CTE sees only the ones before it; its own name is a table.
+            visible = frozenset(names) if recursive else frozenset(names[:i])
+            self.cte_scopes.append(visible)
+            try:
+                self.visit_value(cte.get("ctequery"), None)
+                for key in ("search_clause", "cycle_clause"):
+                    if key in cte:
+                        self.visit_value(cte[key], None)
+            finally:
+                self.cte_scopes.pop()
+        return frozenset(names)
+
+    def _scoped(self, node: str, body: Mapping[str, Any], skip: tuple[str, ...], after: Any = None) -> None:
+        names = self._with(body)
+        self.cte_scopes.append(names)
+        try:
+            if after:
+                after()
+            self.generic(node, body, skip=("withClause", *skip))
+        finally:
+            self.cte_scopes.pop()
+
+    # -- statements --
+    def _v_SelectStmt(self, body: Mapping[str, Any]) -> None:
+        into = body.get("intoClause")
+        if isinstance(into, dict):
+            self.properties.add("select_into")
+            self.kinds.add("CREATE_TABLE_AS")
+            self._write(into.get("rel"))
+        if body.get("lockingClause"):
+            self.properties.add("locking")
+
+        def outputs() -> None:
+            self._outputs(body.get("targetList", []))
+
+        self._scoped("SelectStmt", body, ("intoClause",), outputs)
+
+    def _outputs(self, targets: list[Any]) -> None:
+        for item in targets:
+            res = item.get("ResTarget", {}) if isinstance(item, dict) else {}
+            val = res.get("val")
+            name = res.get("name") or _figure_colname(val)
+            sources = self.outputs.setdefault(name, set())
+            self._column_sources(val, sources)
+
+    def _column_sources(self, node: Any, out: set[str]) -> None:
+        if isinstance(node, dict):
+            ref = node.get("ColumnRef")
+            if isinstance(ref, dict):
+                fields = ref.get("fields", [])
+                if any(isinstance(f, dict) and "A_Star" in f for f in fields):
+                    out.add("*")
+                else:
+                    names = _names(fields)
+                    if names:
+                        out.add(names[-1])
+                        if len(names) == 1:
+                            out.add("*?" + names[-1])  # maybe a whole-row reference; resolved later
+                return
+            for value in node.values():
+                self._column_sources(value, out)
+        elif isinstance(node, list):
+            for value in node:
+                self._column_sources(value, out)
+
+    def _dml(self, node: str, body: Mapping[str, Any]) -> None:
+        self.kinds.add(self._kind_of(node, body))
+        if node in ("UpdateStmt", "DeleteStmt"):
+            where = body.get("whereClause")
+            if where is None or not _has_column_ref(where):
+                self.properties.add("no_where")
+        returning = body.get("returningClause") or body.get("returningList")
+
+        def targets() -> None:
+            self._write(body.get("relation"))
+            if isinstance(returning, dict):
+                self._outputs(returning.get("exprs", []))
+            elif isinstance(returning, list):
+                self._outputs(returning)
+
+        self._scoped(node, body, ("relation",), targets)
+
+    def _v_InsertStmt(self, body: Mapping[str, Any]) -> None:
+        self._dml("InsertStmt", body)
+
+    def _v_UpdateStmt(self, body: Mapping[str, Any]) -> None:
+        self._dml("UpdateStmt", body)
+
+    def _v_DeleteStmt(self, body: Mapping[str, Any]) -> None:
+        self._dml("DeleteStmt", body)
+
+    def _v_MergeStmt(self, body: Mapping[str, Any]) -> None:
+        self._dml("MergeStmt", body)
+
+    def _v_CopyStmt(self, body: Mapping[str, Any]) -> None:
+        is_from = bool(body.get("is_from"))
+        self.properties.add("copy_from" if is_from else "copy_to")
+        if body.get("is_program"):
+            self.properties.add("copy_program")
+        elif body.get("filename"):
+            self.properties.add("copy_file")
+        rel = body.get("relation")
+        if rel:
+            if is_from:
+                self._write(rel)
+            else:
+                self.reads.add(self._relation(rel.get("RangeVar", rel)))
+        self.generic("CopyStmt", body, skip=("relation",))
+
+    def _v_TruncateStmt(self, body: Mapping[str, Any]) -> None:
+        self.properties.add("truncate")
+        for rel in body.get("relations", []):
+            self._write(rel)
+        self.generic("TruncateStmt", body, skip=("relations",))
+
+    def _v_DropStmt(self, body: Mapping[str, Any]) -> None:
+        self.properties.add("drop")
+        objtype = body.get("removeType", "OBJECT_TABLE")
+        if objtype in _TABLE_OBJECTS or objtype == "OBJECT_SCHEMA":
+            for obj in body.get("objects", []):
+                items = obj.get("List", {}).get("items", []) if isinstance(obj, dict) and "List" in obj else [obj]
+                names = [n.lower() for n in _names(items)]
+                if objtype == "OBJECT_SCHEMA" and names:
+                    self.writes.add(Relation(names[-1], "*"))
+                elif names:
+                    self.writes.add(Relation(".".join(names[:-1]) or None, names[-1]))
+        self.generic("DropStmt", body, skip=("objects",))
+
+    def _v_DropdbStmt(self, body: Mapping[str, Any]) -> None:
+        self.properties.add("drop")
+        self.generic("DropdbStmt", body)
+
+    def _v_DropRoleStmt(self, body: Mapping[str, Any]) -> None:
+        self.properties.add("drop")
+        self.generic("DropRoleStmt", body)
+
+    def _v_AlterTableStmt(self, body: Mapping[str, Any]) -> None:
+        self._write(body.get("relation"))
+        self.generic("AlterTableStmt", body, skip=("relation",))
+
+    def _targets_written(self, node: str, body: Mapping[str, Any], key: str) -> None:
+        self._write(body.get(key))
+        self.generic(node, body, skip=(key,))
+
+    def _v_CreateStmt(self, body: Mapping[str, Any]) -> None:
+        self._targets_written("CreateStmt", body, "relation")
+
+    def _v_IndexStmt(self, body: Mapping[str, Any]) -> None:
+        self._targets_written("IndexStmt", body, "relation")
+
+    def _v_ViewStmt(self, body: Mapping[str, Any]) -> None:
+        self._targets_written("ViewStmt", body, "view")
+
+    def _v_RefreshMatViewStmt(self, body: Mapping[str, Any]) -> None:
+        self._targets_written("RefreshMatViewStmt", body, "relation")
+
+    def _v_CreateTrigStmt(self, body: Mapping[str, Any]) -> None:
+        names = [n.lower() for n in _names(body.get("funcname", ()))]
+        if names:
+            self.functions.add(Function(".".join(names[:-1]) or None, names[-1]))
+        self._targets_written("CreateTrigStmt", body, "relation")
+
+    def _v_CreatePolicyStmt(self, body: Mapping[str, Any]) -> None:
+        self._targets_written("CreatePolicyStmt", body, "table")
+
+    def _v_RuleStmt(self, body: Mapping[str, Any]) -> None:
+        self._targets_written("RuleStmt", body, "relation")
+
+    def _v_RenameStmt(self, body: Mapping[str, Any]) -> None:
+        if body.get("renameType") == "OBJECT_SCHEMA" and body.get("subname"):
+            self.writes.add(Relation(body["subname"].lower(), "*"))
+        if body.get("renameType") in _TABLE_OBJECTS or body.get("relationType") in _TABLE_OBJECTS:
+            self.kinds.add("ALTER_" + _object_suffix(body.get("relationType") or body.get("renameType")))
+        self._targets_written("RenameStmt", body, "relation")
+
+    def _v_ImportForeignSchemaStmt(self, body: Mapping[str, Any]) -> None:
+        if body.get("local_schema"):
+            self.writes.add(Relation(body["local_schema"].lower(), "*"))
+        self.generic("ImportForeignSchemaStmt", body)
+
+    def _v_CreateSchemaStmt(self, body: Mapping[str, Any]) -> None:
+        if body.get("schemaname"):
+            self.writes.add(Relation(body["schemaname"].lower(), "*"))
+        self.generic("CreateSchemaStmt", body)
+
+    def _v_AlterObjectSchemaStmt(self, body: Mapping[str, Any]) -> None:
+        self._targets_written("AlterObjectSchemaStmt", body, "relation")
+
+    def _v_AlterOwnerStmt(self, body: Mapping[str, Any]) -> None:
+        self._targets_written("AlterOwnerStmt", body, "relation")
+
+    def _v_CreateTableAsStmt(self, body: Mapping[str, Any]) -> None:
+        into = body.get("into") or {}
+        self._write(into.get("rel"))
+        self.generic("CreateTableAsStmt", body, skip=("into",))
+
+    def _v_VacuumStmt(self, body: Mapping[str, Any]) -> None:
+        for rel in body.get("rels", []):
+            inner = rel.get("VacuumRelation", rel) if isinstance(rel, dict) else {}
+            if inner.get("relation"):
+                self._write(inner["relation"])
+        self.generic("VacuumStmt", body, skip=("rels",))
+
+    def _v_GrantStmt(self, body: Mapping[str, Any]) -> None:
+        if body.get("objtype", "OBJECT_TABLE") == "OBJECT_TABLE" and body.get("targtype", "ACL_TARGET_OBJECT") == "ACL_TARGET_OBJECT":
+            for obj in body.get("objects", []):
+                self._write(obj)
+        elif body.get("targtype") == "ACL_TARGET_ALL_IN_SCHEMA":
+            for name in _names(body.get("objects", [])):
+                self.writes.add(Relation(name.lower(), "*"))
+        self.generic("GrantStmt", body, skip=("objects",))
+
+    def _v_GrantRoleStmt(self, body: Mapping[str, Any]) -> None:
+        self.properties.add("role_grant")
+        self.generic("GrantRoleStmt", body)
+
+    def _v_AlterSystemStmt(self, body: Mapping[str, Any]) -> None:
+        self.properties.add("alter_system")
+        self.generic("AlterSystemStmt", body)
+
+    def _v_VariableSetStmt(self, body: Mapping[str, Any]) -> None:
+        name = (body.get("name") or "").lower()
+        kind = str(body.get("kind", "VAR_SET_VALUE"))
+        if name in ("role", "session_authorization") and kind != "VAR_RESET":
+            self.properties.add("set_role")
+            if name == "session_authorization":
+                self.properties.add("set_session_authorization")
+        if kind == "VAR_RESET_ALL":
+            self.reset_session = True
+        elif name == "search_path":
+            if kind in ("VAR_RESET", "VAR_SET_DEFAULT"):
+                self.search_path = ("public",)
+            else:
+                schemas: list[str] = []
+                for arg in body.get("args", []):
+                    value = _const_string(arg)
+                    if value is None:
+                        schemas.append("*")
+                    else:
+                        schemas.extend(_split_search_path(value))
+                self.search_path = tuple(schemas) or ("*",)
+        self.generic("VariableSetStmt", body)
+
+    def _v_DiscardStmt(self, body: Mapping[str, Any]) -> None:
+        if body.get("target", "DISCARD_ALL") == "DISCARD_ALL":
+            self.reset_session = True
+            self.deallocate = "*"
+        self.generic("DiscardStmt", body)
+
+    def _v_PrepareStmt(self, body: Mapping[str, Any]) -> None:
+        self.prepare_name = body.get("name", "")
+        inner = _Walker(self.text, self.depth + 1)
+        query = body.get("query", {})
+        if isinstance(query, dict) and len(query) == 1:
+            inner.top(query)
+            self.prepared_body = inner.result()
+            self._merge(self.prepared_body)
+        self.generic("PrepareStmt", body, skip=("query",))
+
+    def _v_ExecuteStmt(self, body: Mapping[str, Any]) -> None:
+        self.execute_name = body.get("name", "")
+        self.generic("ExecuteStmt", body)
+
+    def _v_DeallocateStmt(self, body: Mapping[str, Any]) -> None:
+        self.deallocate = "*" if body.get("isall") or not body.get("name") else body["name"]
+        self.generic("DeallocateStmt", body)
+
+    def _v_ExplainStmt(self, body: Mapping[str, Any]) -> None:
+        for opt in body.get("options", []):
+            defname = opt.get("DefElem", {}).get("defname") if isinstance(opt, dict) else None
+            if defname == "analyze":
+                self.properties.add("explain_analyze")
+        # What EXPLAIN shows counts as if it ran: fail closed (EXPLAIN ANALYZE does run it).
+        self.generic("ExplainStmt", body)
+
+    def _merge(self, other: StatementAnalysis) -> None:
+        # A nested plain SELECT adds nothing a reads/functions matcher does not already see.
+        self.kinds |= other.kinds - {"SELECT"}
+        self.reads |= other.reads
+        self.writes |= other.writes
+        self.functions |= other.functions
+        self.properties |= other.properties
+
+    # -- code bodies --
+    def _v_DoStmt(self, body: Mapping[str, Any]) -> None:
+        self.properties.add("do_block")
+        language, code = "plpgsql", None
+        for arg in body.get("args", []):
+            elem = arg.get("DefElem", {}) if isinstance(arg, dict) else {}
+            if elem.get("defname") == "language":
+                language = (_sval(elem.get("arg")) or _const_string(elem.get("arg")) or "").lower()
+            elif elem.get("defname") == "as":
+                code = _sval(elem.get("arg"))
+        if code is None:
+            raise _Unanalyzable("DO block without a body botwarden can read")
+        if language != "plpgsql":
+            raise _Unanalyzable(f"DO block in language {language!r}: botwarden cannot analyze it")
+        self._plpgsql_body(code)
+
+    def _v_CreateFunctionStmt(self, body: Mapping[str, Any]) -> None:
+        self.properties.add("function_body")
+        language, code = "sql", None
+        for opt in body.get("options", []):
+            elem = opt.get("DefElem", {}) if isinstance(opt, dict) else {}
+            if elem.get("defname") == "language":
+                language = (_sval(elem.get("arg")) or _const_string(elem.get("arg")) or "").lower()
+            elif elem.get("defname") == "as":
+                arg = elem.get("arg")
+                items = arg.get("List", {}).get("items", []) if isinstance(arg, dict) else arg
+                parts = _names(items or [])
+                code = parts[0] if len(parts) == 1 else None
+        if body.get("sql_body"):
+            pass  # BEGIN ATOMIC ... END: already a parsed tree, walked below
+        elif code is not None and language == "sql":
+            self._sql_body(code)
+        elif code is not None and language == "plpgsql":
+            # The function's own text parses with its real signature (RETURN x needs it).
+            self._plpgsql_body(code, self.text if self.depth == 0 and self.kind.startswith("CREATE_") else None)
+        else:
+            self.properties.add("opaque_body")
+        self.generic("CreateFunctionStmt", body, skip=("funcname",))
+
+    def _sql_body(self, code: str) -> None:
+        if self.depth > 4:
+            raise _Unanalyzable("code nested too deeply to analyze")
+        batch = analyze_sql(code)
+        for stmt in batch.statements:
+            if stmt.error:
+                raise _Unanalyzable(f"embedded SQL could not be analyzed: {stmt.error}")
+            self._merge(stmt)
+
+    def _plpgsql_body(self, code: str, wrapper: str | None = None) -> None:
+        if self.depth > 4:
+            raise _Unanalyzable("code nested too deeply to analyze")
+        if wrapper is None:
+            tag = "bw"
+            while f"${tag}$" in code:
+                tag += "x"
+            wrapper = f"CREATE FUNCTION botwarden_do() RETURNS void LANGUAGE plpgsql AS ${tag}${code}${tag}$"
+        try:
+            tree = pglast.parse_plpgsql(wrapper)
+        except ParseError as e:
+            raise _Unanalyzable(f"PL/pgSQL body could not be parsed: {_parse_error_message(e)}") from None
+        self._plpgsql_walk(tree)
+
+    def _plpgsql_walk(self, node: Any) -> None:
+        if isinstance(node, list):
+            for item in node:
+                self._plpgsql_walk(item)
+            return
+        if not isinstance(node, dict):
+            return
+        for key, value in node.items():
+            if key == "PLpgSQL_stmt_dynexecute":
+                self._dynamic(value.get("query", {}).get("PLpgSQL_expr", {}))
+                self._plpgsql_walk({k: v for k, v in value.items() if k != "query"})
+            elif key == "PLpgSQL_stmt_dynfors" or key == "PLpgSQL_stmt_open":
+                if "query" in value and key == "PLpgSQL_stmt_dynfors":
+                    self._dynamic(value["query"].get("PLpgSQL_expr", {}))
+                    value = {k: v for k, v in value.items() if k != "query"}
+                if key == "PLpgSQL_stmt_open" and "dynquery" in value:
+                    self._dynamic(value["dynquery"].get("PLpgSQL_expr", {}))
+                    value = {k: v for k, v in value.items() if k != "dynquery"}
+                self._plpgsql_walk(value)
+            elif key == "PLpgSQL_expr":
+                self._plpgsql_expr(value)
+            else:
+                self._plpgsql_walk(value)
+
+    def _plpgsql_expr(self, expr: Mapping[str, Any]) -> None:
+        query = expr.get("query", "")
+        mode = expr.get("parseMode", 0)
+        if mode == 0:
+            self._sql_body(query)
+        elif mode in (1, 2):  # a type name / an expression
+            if mode == 2:
+                self._sql_body("SELECT " + query)
+        else:  # assignment: "target := expression"; split with PostgreSQL's own lexer
+            self._sql_body("SELECT " + _after_assignment(query))
+
+    def _dynamic(self, expr: Mapping[str, Any]) -> None:
+        query = expr.get("query", "")
+        self._sql_body("SELECT " + query)  # functions called while building the string
+        try:
+            tree = json.loads(parse_sql_json("SELECT " + query))
+            target = tree["stmts"][0]["stmt"]["SelectStmt"]["targetList"][0]["ResTarget"]["val"]
+        except (ParseError, KeyError, IndexError):
+            target = None
+        literal = _const_string(target)
+        if literal is not None:
+            self._sql_body(literal)  # EXECUTE 'constant text': analyze what it runs
+        else:
+            self.properties.add("dynamic_sql")
+
+
+def _after_assignment(text: str) -> str:
+    """The expression part of a PL/pgSQL assignment (``x := expr`` or ``x = expr``)."""
+    depth = 0
+    for token in pglast.parser.scan(text):
+        piece = text.encode("utf-8")[token.start:token.end + 1].decode("utf-8", "replace")
+        if piece in ("(", "["):
+            depth += 1
+        elif piece in (")", "]"):
+            depth -= 1
+        elif depth == 0 and piece in (":=", "="):
+            return text.encode("utf-8")[token.end + 1:].decode("utf-8", "replace")
+    raise _Unanalyzable("PL/pgSQL assignment botwarden cannot split")
+
+
+def _split_search_path(value: str) -> tuple[str, ...]:
+    out = []
+    for part in value.split(","):
+        part = part.strip()
+        if part.startswith('"') and part.endswith('"') and len(part) >= 2:
+            out.append(part[1:-1])
+        elif part:
+            out.append(part.lower())
+    return tuple(p for p in out if p != "$user") or ("public",)
+
+
+def kind_matches(pattern: str, kind: str) -> bool:
+    """A ``kinds`` entry (exact kind, category, or glob like ``CREATE_*``) against a kind."""
+    pattern = pattern.upper()
+    if pattern == kind:
+        return True
+    category = KIND_CATEGORIES.get(pattern)
+    if category is not None:
+        return bool(category(kind))
+    if any(c in pattern for c in "*?["):
+        import fnmatch
+
+        return fnmatch.fnmatchcase(kind, pattern)
+    return False
+
+
+def valid_kind_pattern(pattern: str) -> bool:
+    return any(kind_matches(pattern, k) for k in KNOWN_KINDS) or pattern.upper() in KIND_CATEGORIES
+
+

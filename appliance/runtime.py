@@ -1,0 +1,285 @@
+"""The daemon's runtime: everything built from one config, swapped whole on reload.
+
+It is the ``services`` object every protocol front receives (contract: identity → the
+session's credential → per-request decisions → holds → audit). A reload builds a new
+Runtime; sessions already open keep the one they started with, so a policy change
+applies to the next statement of new sessions and never half-way through a decision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from appliance.approvals import ApprovalBroker, HoldOutcome
+from appliance.config import Config, TargetConfig
+from appliance.errors import BotwardenError
+from appliance.fronts.services import AuthRefused, ConnectionContext, Credential, SessionGrant
+from appliance.policy import SqlSessionState
+from appliance.policy.types import ColumnDesc, MaskPlan, Verdict
+
+if TYPE_CHECKING:
+    from appliance.daemon import Daemon
+
+log = logging.getLogger(__name__)
+
+
+def open_audit_store(cfg: Config):
+    """Open (create, migrate) the audit store and start its single writer. Blocking."""
+    from analytics import AuditStore
+
+    Path(cfg.audit.path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    store = AuditStore(cfg.audit.path, batch_max=cfg.audit.batch_max, flush_interval=cfg.audit.flush_interval,
+                       queue_max=cfg.audit.queue_max, on_full=cfg.audit.on_full)
+    store.start()
+    return store
+
+
+@dataclass
+class LiveSession:
+    grant: SessionGrant
+    target: str
+    ctx: ConnectionContext
+    started: datetime
+    credential_handle: Any = None
+    broker: Any = None  # the SecretsBroker that issued the credential (releases it)
+    ended: datetime | None = None
+    state: str = "active"
+    watcher: asyncio.Task | None = None
+    terminate: Callable[[str, str], None] | None = None
+    sql_state: SqlSessionState = field(default_factory=SqlSessionState)
+
+    @property
+    def session_id(self) -> str:
+        return self.grant.session_id
+
+    def public(self) -> dict[str, Any]:
+        facts = self.ctx.attribution
+        return {
+            "session_id": self.grant.session_id, "identity": self.grant.identity, "target": self.target,
+            "subject": self.grant.subject, "credential_user": self.grant.credential.username,
+            "lease_id": self.grant.credential.lease_id,
+            "client": "%s:%s" % tuple(self.ctx.client_addr[:2]) if self.ctx.client_addr else None,
+            "pid": getattr(facts, "pid", None), "uid": getattr(facts, "uid", None),
+            "exe": getattr(facts, "exe_path", None), "cgroup": getattr(facts, "cgroup_path", None),
+            "started": self.started.isoformat(), "ended": self.ended.isoformat() if self.ended else None,
+            "state": self.state,
+        }
+
+
+class Runtime:
+    """Policy, identity, secrets and approvals for one config generation."""
+
+    def __init__(self, cfg: Config, daemon: "Daemon"):
+        self.config = cfg
+        self.daemon = daemon
+        self.engine: Any = None
+        self.identity: Any = None
+        self.secrets: Any = None
+        self._owns_secrets = True
+        self.approvals = ApprovalBroker(timeout_s=cfg.approvals.timeout_s, required=cfg.approvals.approvers_required,
+                                        audit=self.audit, webhook_url=cfg.approvals.webhook_url)
+        # Shared across generations so `sessions` sees every open session.
+        self.live: dict[str, LiveSession] = {}
+        self.recent: list[LiveSession] = []
+
+    @classmethod
+    async def create(cls, cfg: Config, daemon: "Daemon") -> "Runtime":
+        rt = cls(cfg, daemon)
+        previous: Runtime | None = getattr(daemon, "runtime", None)
+        await asyncio.to_thread(rt._build_blocking, previous)
+        if rt._owns_secrets and cfg.vault is not None:
+            await rt.secrets.start()
+        if previous is not None:
+            rt.live = previous.live
+            rt.recent = previous.recent
+            rt.approvals.adopt_windows(previous.approvals)
+        return rt
+
+    def _build_blocking(self, previous: "Runtime | None") -> None:
+        """Everything that reads files at build time (runs in a thread)."""
+        from appliance.identity import IdentityService, OIDCValidator
+        from appliance.policy import PolicyEngine
+        from appliance.secrets import SecretsBroker
+
+        cfg = self.config
+        salt = b""
+        if cfg.policy.masking.salt_file:
+            try:
+                salt = Path(cfg.policy.masking.salt_file).read_bytes().strip()
+            except OSError as e:
+                raise BotwardenError(f"masking.salt_file: cannot read {cfg.policy.masking.salt_file}: "
+                                     f"{e.strerror}") from None
+        self.engine = PolicyEngine(cfg.policy, cfg.targets, cfg.identities, salt=salt)
+        # The OIDC validator (its JWKS cache) and the secrets broker (its Vault token, leases) live
+        # on across reloads unless their own settings changed.
+        same_oidc = previous is not None and previous.config.oidc == cfg.oidc
+        validator = previous.identity.validator if same_oidc else (OIDCValidator(cfg.oidc) if cfg.oidc else None)
+        self.identity = IdentityService(cfg, validator)
+        if previous is not None and previous.config.vault == cfg.vault:
+            self.secrets = previous.secrets
+            self._owns_secrets = False
+        else:
+            # Without [vault] the broker serves only static credentials (password files).
+            self.secrets = SecretsBroker(cfg.vault)  # type: ignore[arg-type]
+            self._owns_secrets = True
+
+    async def started(self) -> None:
+        """Called once, when the daemon serves: approvals an unclean stop (kill -9) left
+        undecided in the audit store are recorded as ``cancelled_restart``."""
+        store = self.daemon.audit
+        if store is None:
+            return
+        try:
+            await asyncio.to_thread(self.approvals.record_orphans, store.query)
+        except Exception:  # the sweep failing must not keep the daemon from serving
+            log.exception("could not check the audit store for approvals left undecided by the last stop")
+
+    async def stopping(self, reason: str = "botwarden is shutting down (restart or stop)") -> None:
+        """Before the fronts drain: deny every held request, so each bot still connected is
+        told why (and nothing waits for a decision that can no longer come)."""
+        await self.approvals.shutdown(reason)
+
+    async def retire(self) -> None:
+        """An old generation after a reload. Its secrets broker, if the new generation does not
+        share it, closes once the sessions it issued credentials to have ended."""
+        if not self._owns_secrets or self.daemon.runtime.secrets is self.secrets:
+            return
+        while any(s.broker is self.secrets for s in self.live.values()):
+            await asyncio.sleep(1)
+        await self.secrets.close()
+
+    async def close(self) -> None:
+        await self.approvals.shutdown("botwarden is shutting down (restart or stop)")
+        brokers = {id(s.broker): s.broker for s in self.live.values() if s.broker is not None}
+        brokers[id(self.secrets)] = self.secrets
+        for broker in brokers.values():
+            await broker.close()
+
+    # -- FrontServices ---------------------------------------------------------------
+
+    def attribute(self, sock: Any) -> Any:
+        """The probes' record of who opened this accepted connection (None: not redirected)."""
+        handle = self.daemon.probes
+        return handle.lookup(sock) if handle is not None else None
+
+    def audit(self, kind: str, record: Mapping[str, Any]) -> None:
+        store = self.daemon.audit
+        if store is None:
+            log.error("audit store is closed; %s event not recorded", kind)
+            return
+        if not store.submit(kind, record):
+            log.error("audit queue full: %s event refused by the store", kind)
+
+    async def open_session(self, target: str, ctx: ConnectionContext, user: str, token: str | None) -> SessionGrant:
+        from appliance.identity import IdentityRefused
+        from appliance.secrets import SecretUnavailable
+
+        store = self.daemon.audit
+        if store is None or not store.healthy:
+            raise AuthRefused("57P03", "botwarden refuses new sessions: the audit store cannot keep up "
+                                       "(no session runs unaudited)")
+        tcfg = self.config.target(target)
+        try:
+            auth = await self.identity.authenticate(tcfg, token, ctx.attribution)
+        except IdentityRefused as e:
+            raise AuthRefused(e.sqlstate, f"botwarden refused the connection: {e.message}") from None
+        ident = auth.identity
+        if tcfg.credential is None:
+            raise AuthRefused("28000", f"botwarden: target {target!r} has no credential source configured")
+        session_id = uuid.uuid4().hex
+        try:
+            handle = await self.secrets.acquire(tcfg, session_id)
+        except SecretUnavailable as e:
+            raise AuthRefused("08004", f"botwarden could not get a credential for {target!r}: {e.message}") from None
+        cred = Credential(handle.username, handle.password, handle.lease_id, handle.expires_at)
+        audit_fields = {**ident.audit_fields, **handle.audit_fields, "identity": ident.name,
+                        "credential_user": handle.username, "lease_id": handle.lease_id}
+        grant = SessionGrant(session_id=session_id, identity=ident.name, groups=tuple(ident.groups),
+                             subject=ident.subject, credential=cred, audit_fields=audit_fields)
+        live = LiveSession(grant, target, ctx, datetime.now(timezone.utc), handle, self.secrets)
+        self.live[session_id] = live
+        live.watcher = self.daemon.spawn(self._watch_session(live, auth.expiry), f"watch-{session_id[:8]}")
+        return grant
+
+    async def _watch_session(self, live: LiveSession, expiry: Any) -> None:
+        """End a session whose credential lease ended (max TTL, revoked) or whose token expired."""
+        waits = [asyncio.ensure_future(live.credential_handle.wait_ended())]
+        if expiry is not None and expiry.policy == "end":
+            waits.append(asyncio.ensure_future(expiry.wait()))
+        try:
+            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            reason = next(iter(done)).result()
+        finally:
+            for w in waits:
+                w.cancel()
+        if live.session_id in self.live and live.terminate is not None:
+            live.terminate("57P01", f"botwarden ended the session: {reason}")
+
+    def register_terminate(self, session_id: str, terminate: Callable[[str, str], None]) -> None:
+        """A front tells the runtime how to end one of its sessions (lease or token expiry)."""
+        live = self.live.get(session_id)
+        if live is not None:
+            live.terminate = terminate
+
+    async def close_session(self, grant: SessionGrant) -> None:
+        live = self.live.pop(grant.session_id, None)
+        if live is None:
+            return
+        live.ended = datetime.now(timezone.utc)
+        live.state = "ended"
+        self.recent.append(live)
+        del self.recent[:-200]
+        if live.watcher is not None:
+            live.watcher.cancel()
+        if live.broker is not None and live.credential_handle is not None:
+            try:
+                await live.broker.release(live.credential_handle)
+            except BotwardenError as e:
+                log.error("session %s: could not revoke its credential lease: %s", grant.session_id, e)
+
+    def decide_sql(self, grant: SessionGrant, target: str, sql: str, phase: str) -> Verdict:
+        # Per-session SQL state (prepared statement names, search_path) lives with the session.
+        live = self.live.get(grant.session_id)
+        return self.engine.decide_sql(grant.identity, grant.groups, target, sql,
+                                      session=live.sql_state if live is not None else None)
+
+    def mask_plan(self, grant: SessionGrant, target: str, verdict: Verdict,
+                  columns: Sequence[ColumnDesc]) -> MaskPlan | None:
+        return self.engine.mask_plan(grant.identity, grant.groups, target, verdict, columns)
+
+    async def hold(self, grant: SessionGrant, target: str, request_text: str, verdict: Verdict,
+                   notify: Callable[[str], None], request_id: str | None = None) -> HoldOutcome:
+        live = self.live.get(grant.session_id)
+        facts = live.ctx.attribution if live else None
+        try:
+            excluded = frozenset(self.config.identity(grant.identity).operator_uids)
+        except KeyError:
+            excluded = frozenset()
+        shape = self.engine.shape_of(request_text)
+        process = {"pid": getattr(facts, "pid", None), "uid": getattr(facts, "uid", None),
+                   "gid": getattr(facts, "gid", None), "exe": getattr(facts, "exe_path", None),
+                   "comm": getattr(facts, "comm", None), "cgroup": getattr(facts, "cgroup_path", None),
+                   "attribution": getattr(facts, "source", None) or "none",
+                   "client": "%s:%s" % tuple(live.ctx.client_addr[:2]) if live and live.ctx.client_addr else None}
+        return await self.approvals.hold(
+            session_id=grant.session_id, identity=grant.identity, target=target,
+            protocol=self.config.target(target).protocol, text=request_text, rule=verdict.rule, shape=shape,
+            process=process, request_id=request_id, excluded_uids=excluded, notify=notify)
+
+    # -- status ---------------------------------------------------------------------
+
+    def sessions(self, active_only: bool = True) -> list[dict[str, Any]]:
+        items = list(self.live.values())
+        if not active_only:
+            items = self.recent + items
+        return [s.public() for s in items]
+
+    def status(self) -> dict[str, Any]:
+        return {"sessions_active": len(self.live), "approvals_pending": len(self.approvals.pending)}

@@ -1,0 +1,295 @@
+"""Test harness for the probes room (own fixtures, kept out of conftest.py).
+
+- ``TargetNet``: a network namespace with a veth pair, so the target lives at
+  a non-loopback address (IPv4 and IPv6); inside it a small TCP server answers
+  ``target:<port>:<line>`` on two ports (one registered, one not).
+- ``Relay``: the test's stand-in for the inspector's accept side: it accepts
+  redirected connections, calls ``probes.lookup`` and relays one line to the
+  original destination over its own (never redirected) upstream connection,
+  answering ``via-<name>|<upstream reply>``.
+- ``run_bot``: starts a bot process in a cgroup (as ``nobody``) that tries a
+  list of connections and reports, per attempt, the reply or the errno.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pyroute2 import IPRoute, NetNS, netns
+
+import probes
+from probes import cgroups
+
+BOT_PYTHON = "/usr/bin/python3"  # the bot's executable, as attribution should report it
+BOT_USER = "nobody"
+
+_TARGET_SERVER = r"""
+import socket, sys, threading
+def serve(ls, port):
+    while True:
+        c, _ = ls.accept()
+        threading.Thread(target=handle, args=(c, port), daemon=True).start()
+def handle(c, port):
+    with c:
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = c.recv(4096)
+            if not chunk:
+                return
+            data += chunk
+        c.sendall(b"target:%d:" % port + data)
+for port in map(int, sys.argv[1:]):
+    ls = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    ls.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    ls.bind(("::", port))
+    ls.listen(256)
+    threading.Thread(target=serve, args=(ls, port), daemon=True).start()
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+BOT_SCRIPT = r"""
+import errno, json, os, socket, sys
+attempts = json.loads(sys.argv[1])
+out = []
+for a in attempts:
+    fam = socket.AF_INET6 if a["family"] == "6" else socket.AF_INET
+    proto = a.get("proto", "tcp")
+    kind = socket.SOCK_DGRAM if proto in ("udp", "udplite") else socket.SOCK_STREAM
+    res = {}
+    try:
+        s = socket.socket(fam, kind, {"udplite": 136, "mptcp": 262}.get(proto, 0))
+    except OSError as e:
+        out.append({"errno": errno.errorcode.get(e.errno, str(e.errno)), "at": "socket"})
+        continue
+    s.settimeout(5)
+    try:
+        if proto == "bind":
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past TIME_WAIT leftovers
+            s.bind((a["ip"], a["port"]))
+            s.listen(1)
+            res["bound"] = list(s.getsockname()[:2])
+        elif proto == "tfo":
+            s.settimeout(None)  # a non-blocking TFO sendto only says EINPROGRESS
+            s.sendto(a.get("msg", "hello").encode() + b"\n", socket.MSG_FASTOPEN, (a["ip"], a["port"]))
+            res["peer"] = list(s.getpeername()[:2])
+            data = b""
+            while True:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+            res["reply"] = data.decode()
+        elif kind == socket.SOCK_DGRAM:
+            s.sendto(b"x", (a["ip"], a["port"]))
+            res["sent"] = True
+        else:
+            s.connect((a["ip"], a["port"]))
+            res["sockname"] = list(s.getsockname()[:2])
+            res["peer"] = list(s.getpeername()[:2])
+            s.sendall(a.get("msg", "hello").encode() + b"\n")
+            data = b""
+            while True:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+            res["reply"] = data.decode()
+    except OSError as e:
+        res["errno"] = errno.errorcode.get(e.errno, str(e.errno)) if e.errno else type(e).__name__
+    finally:
+        s.close()
+    out.append(res)
+print(json.dumps({"pid": os.getpid(), "results": out}), flush=True)
+"""
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}{secrets.token_hex(3)}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class TargetNet:
+    """netns + veth; the target server answers on ``ports`` at ``ip4`` / ``ip6``."""
+
+    ports: tuple[int, ...] = (5432, 6432, 7432)
+    name: str = field(default_factory=lambda: unique("bwp-"))
+    ip4: str = ""
+    host_ip4: str = ""
+    ip6: str = ""
+    _server: subprocess.Popen | None = None
+    _host_if: str = ""
+
+    def start(self) -> "TargetNet":
+        tag = self.name[-6:]
+        self._host_if, peer_if = f"bwh{tag}", f"bwn{tag}"
+        octet = int(tag[:2], 16) % 200 + 20  # a /30 inside 10.213.0.0/16, unique enough per run
+        third = int(tag[2:4], 16)
+        self.host_ip4, self.ip4 = f"10.213.{third}.{octet * 4 % 256 + 1}", f"10.213.{third}.{octet * 4 % 256 + 2}"
+        self.ip6 = f"fd00:b0:{tag[:4]}::2"
+        host_ip6 = f"fd00:b0:{tag[:4]}::1"
+        netns.create(self.name)
+        try:
+            with IPRoute() as ipr:
+                ipr.link("add", ifname=self._host_if, kind="veth", peer={"ifname": peer_if, "net_ns_fd": self.name})
+                idx = ipr.link_lookup(ifname=self._host_if)[0]
+                ipr.addr("add", index=idx, address=self.host_ip4, prefixlen=30)
+                ipr.addr("add", index=idx, address=host_ip6, prefixlen=64, flags=0x02)  # IFA_F_NODAD
+                ipr.link("set", index=idx, state="up")
+            with NetNS(self.name) as ns:
+                idx = ns.link_lookup(ifname=peer_if)[0]
+                ns.addr("add", index=idx, address=self.ip4, prefixlen=30)
+                ns.addr("add", index=idx, address=self.ip6, prefixlen=64, flags=0x02)
+                ns.link("set", index=idx, state="up")
+                ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
+            self._server = subprocess.Popen(
+                ["ip", "netns", "exec", self.name, sys.executable, "-c", _TARGET_SERVER, *map(str, self.ports)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            )
+            if self._server.stdout.readline().strip() != "ready":
+                raise RuntimeError("target server in the namespace did not start")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.kill()
+            self._server.wait()
+            self._server = None
+        with IPRoute() as ipr:
+            links = ipr.link_lookup(ifname=self._host_if) if self._host_if else []
+            if links:
+                ipr.link("del", index=links[0])
+        try:
+            netns.remove(self.name)
+        except OSError:
+            pass
+
+
+class Relay:
+    """The inspector's accept side, for tests: lookup() then relay one line upstream."""
+
+    def __init__(self, port: int, *, name: str = "listener", pin_dir: str, nft_table: str = "botwarden",
+                 host: str = "127.0.0.1"):
+        self.port = port
+        self.name = name
+        self.pin_dir = pin_dir
+        self.nft_table = nft_table
+        self.seen: dict[tuple[str, int], probes.Attribution | None] = {}
+        self.held: dict[tuple[str, int], socket.socket] = {}
+        self.hold = False  # keep accepted connections open, unanswered (for later lookups)
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((host, port))
+        self._sock.listen(512)
+        self._thread = threading.Thread(target=self._accept_loop, daemon=True)
+        self._thread.start()
+
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                conn, peer = self._sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(conn, peer), daemon=True).start()
+
+    def _handle(self, conn: socket.socket, peer) -> None:
+        if self.hold:
+            self.seen[tuple(peer[:2])] = probes.lookup(conn, pin_dir=self.pin_dir, nft_table=self.nft_table)
+            self.held[tuple(peer[:2])] = conn
+            return
+        with conn:
+            attr = probes.lookup(conn, pin_dir=self.pin_dir, nft_table=self.nft_table)
+            self.seen[tuple(peer[:2])] = attr
+            if attr is None:
+                conn.sendall(b"no-attribution\n")
+                return
+            conn.settimeout(5)
+            line = b""
+            while not line.endswith(b"\n"):
+                chunk = conn.recv(4096)
+                if not chunk:
+                    return
+                line += chunk
+            try:
+                with socket.create_connection(attr.original_dst, timeout=5) as up:
+                    up.sendall(line)
+                    reply = b""
+                    while True:
+                        chunk = up.recv(4096)
+                        if not chunk:
+                            break
+                        reply += chunk
+            except OSError as e:
+                reply = f"upstream-error:{e.errno}".encode()
+            conn.sendall(f"via-{self.name}|".encode() + reply)
+
+    def stop(self) -> None:
+        for conn in self.held.values():
+            conn.close()
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
+        except OSError:
+            pass
+        self._sock.close()
+        self._thread.join(timeout=5)
+
+
+@dataclass
+class BotRun:
+    pid: int
+    results: list[dict]
+
+
+def run_bot(cgroup: str | Path | None, attempts: list[dict], *, user: str | None = BOT_USER) -> BotRun:
+    """Run the bot script in ``cgroup`` (None: outside any bot cgroup) and collect its report."""
+    argv = [BOT_PYTHON, "-c", BOT_SCRIPT, json.dumps(attempts)]
+    if cgroup is None:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    else:
+        proc = cgroups.spawn(cgroup, argv, user=user, stdout=subprocess.PIPE, text=True)
+    out, _ = proc.communicate(timeout=60)
+    report = json.loads(out)
+    return BotRun(report["pid"], report["results"])
+
+
+def tcp(ip: str, port: int, family: str | None = None, msg: str = "hello") -> dict:
+    return {"family": family or ("6" if ":" in ip else "4"), "ip": ip, "port": port, "msg": msg}
+
+
+def wait_for(predicate, timeout: float = 5.0, interval: float = 0.02):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
+
+
+def bpftool_json(*args: str):
+    out = subprocess.run(["bpftool", "-j", *args], capture_output=True, text=True, check=True).stdout
+    return json.loads(out) if out.strip() else []
+
+
+def exe_identity(path: str) -> tuple[str, int, int]:
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    return real, st.st_ino, st.st_dev

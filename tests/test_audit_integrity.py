@@ -1,0 +1,366 @@
+"""Integrity chain, tamper detection, migrations, crash recovery, retention, export."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import duckdb
+import pytest
+
+import analytics
+from analytics import AuditStore, AuditStoreBusy
+
+from .audit_fixtures import T0, UTC, documented_hash, populate, raw_rows, request, session_start, sid
+
+ROOT = Path(__file__).resolve().parent.parent
+TABLES = ("session_starts", "session_ends", "requests", "approvals", "probes", "recordings", "writer_events")
+
+
+def _seq_of(con, table: str, text: str) -> int:
+    return con.execute(f"SELECT chain_seq FROM {table} WHERE text = ?", [text]).fetchone()[0]
+
+
+@pytest.fixture
+def audit_file(tmp_path) -> Path:
+    path = tmp_path / "audit.duckdb"
+    populate(path)
+    return path
+
+
+def test_clean_file_verifies_and_hashes_follow_the_documented_algorithm(audit_file):
+    report = analytics.verify(audit_file)
+    assert report.ok and report.clean and report.problems == [] and report.gaps == []
+    con = duckdb.connect(str(audit_file), read_only=True)
+    try:
+        rows = sorted(((r["chain_seq"], t, r) for t in TABLES for r in raw_rows(con, t)), key=lambda x: x[0])
+    finally:
+        con.close()
+    assert [r[0] for r in rows] == list(range(1, len(rows) + 1))
+    assert report.rows_checked == len(rows) and report.head_seq == len(rows)
+    prev = bytes(32)
+    for _, table, row in rows:
+        assert row["chain_prev"] == prev
+        assert documented_hash(prev, table, row) == row["chain_hash"], (table, row["chain_seq"])
+        prev = row["chain_hash"]
+    assert report.head_hash == prev.hex()
+
+
+def _tamper(path: Path, *sql_and_params) -> None:
+    con = duckdb.connect(str(path))
+    try:
+        for sql, params in sql_and_params:
+            con.execute(sql, params)
+    finally:
+        con.close()
+
+
+def test_edit_is_reported_as_modified(audit_file):
+    con = duckdb.connect(str(audit_file))
+    seq = _seq_of(con, "requests", "SELECT 7")
+    con.close()
+    _tamper(audit_file, ("UPDATE requests SET decision = 'allow' WHERE chain_seq = ?", [seq]))
+    report = analytics.verify(audit_file)
+    assert not report.ok
+    assert [(p.table, p.seq, p.kind) for p in report.problems] == [("requests", seq, "modified")]
+
+
+def test_edit_with_recomputed_hash_is_reported_as_modified(audit_file):
+    con = duckdb.connect(str(audit_file))
+    seq = _seq_of(con, "requests", "SELECT 7")
+    row = [r for r in raw_rows(con, "requests") if r["chain_seq"] == seq][0]
+    row["decision"] = "allow"
+    forged = documented_hash(row["chain_prev"], "requests", row)
+    con.execute("UPDATE requests SET decision = 'allow', chain_hash = ? WHERE chain_seq = ?", [forged, seq])
+    con.close()
+    report = analytics.verify(audit_file)
+    assert not report.ok
+    assert [(p.table, p.seq, p.kind) for p in report.problems] == [("requests", seq, "modified")]
+
+
+def test_delete_is_reported_as_deleted(audit_file):
+    con = duckdb.connect(str(audit_file))
+    seq = _seq_of(con, "requests", "SELECT 7")
+    con.close()
+    _tamper(audit_file, ("DELETE FROM requests WHERE chain_seq IN (?, ?)", [seq, seq + 1]))
+    report = analytics.verify(audit_file)
+    assert not report.ok
+    assert [(p.seq, p.kind) for p in report.problems] == [(seq, "deleted")]
+    assert f"seq {seq}..{seq + 1}" in report.problems[0].detail
+
+
+def test_insert_with_a_taken_sequence_number_is_reported_as_inserted(audit_file):
+    con = duckdb.connect(str(audit_file))
+    seq = _seq_of(con, "requests", "SELECT 7")
+    con.execute("INSERT INTO requests SELECT * REPLACE ('DROP TABLE people' AS text, 'forged' AS request_id) "
+                "FROM requests WHERE chain_seq = ?", [seq])
+    con.close()
+    report = analytics.verify(audit_file)
+    assert not report.ok
+    assert len(report.problems) == 1
+    p = report.problems[0]
+    assert (p.table, p.seq, p.kind) == ("requests", seq, "inserted")
+
+
+def test_insert_at_the_end_is_reported_as_inserted(audit_file):
+    con = duckdb.connect(str(audit_file))
+    head = con.execute("SELECT max(chain_seq) FROM chain").fetchone()[0]
+    con.execute("INSERT INTO requests SELECT * REPLACE (? AS chain_seq, 'forged' AS request_id) "
+                "FROM requests WHERE text = 'SELECT 3'", [head + 1])
+    con.close()
+    report = analytics.verify(audit_file)
+    assert [(p.table, p.seq, p.kind) for p in report.problems] == [("requests", head + 1, "inserted")]
+
+
+def test_reorder_is_reported_as_reordered(audit_file):
+    con = duckdb.connect(str(audit_file))
+    a, b = _seq_of(con, "requests", "SELECT 4"), _seq_of(con, "requests", "SELECT 5")
+    con.execute("UPDATE requests SET chain_seq = CASE chain_seq WHEN ? THEN ? ELSE ? END "
+                "WHERE chain_seq IN (?, ?)", [a, b, a, a, b])
+    con.close()
+    report = analytics.verify(audit_file)
+    assert not report.ok
+    kinds = {p.kind for p in report.problems}
+    assert kinds == {"reordered"}
+    assert {a, b} <= {p.seq for p in report.problems}
+
+
+def test_tampering_a_writer_marker_is_caught_too(audit_file):
+    _tamper(audit_file, ("DELETE FROM writer_events WHERE event = 'writer_stop'", []))
+    report = analytics.verify(audit_file)
+    # Truncating the tail removes the epoch's stop row: the epoch shows as unclean.
+    assert [g.epoch for g in report.gaps] == [1] and not report.clean
+
+
+# --- migrations -------------------------------------------------------------
+
+V1_DDL = """
+CREATE TABLE schema_version (version INTEGER NOT NULL, applied_at TIMESTAMPTZ NOT NULL, description VARCHAR NOT NULL);
+CREATE TABLE session_starts (chain_seq BIGINT NOT NULL, chain_prev BLOB NOT NULL, chain_hash BLOB NOT NULL,
+  session_id VARCHAR, ts TIMESTAMPTZ, target VARCHAR, protocol VARCHAR, identity VARCHAR, token_subject VARCHAR,
+  client_addr VARCHAR, target_addr VARCHAR, pid BIGINT, uid BIGINT, gid BIGINT, cgroup_id BIGINT, exe VARCHAR,
+  comm VARCHAR, credential_user VARCHAR, lease_id VARCHAR, tls BOOLEAN);
+CREATE TABLE session_ends (chain_seq BIGINT NOT NULL, chain_prev BLOB NOT NULL, chain_hash BLOB NOT NULL,
+  session_id VARCHAR, ts TIMESTAMPTZ, bytes_in BIGINT, bytes_out BIGINT, outcome VARCHAR, error VARCHAR);
+CREATE TABLE requests (chain_seq BIGINT NOT NULL, chain_prev BLOB NOT NULL, chain_hash BLOB NOT NULL,
+  request_id VARCHAR, session_id VARCHAR, ts TIMESTAMPTZ, protocol VARCHAR, kind VARCHAR, text VARCHAR,
+  params VARCHAR[], decision VARCHAR, rule VARCHAR, reason VARCHAR, duration_ms DOUBLE, rows BIGINT, error VARCHAR);
+CREATE TABLE approvals (chain_seq BIGINT NOT NULL, chain_prev BLOB NOT NULL, chain_hash BLOB NOT NULL,
+  approval_id VARCHAR, ts TIMESTAMPTZ, event VARCHAR, request_id VARCHAR, session_id VARCHAR, identity VARCHAR,
+  target VARCHAR, rule VARCHAR, operator VARCHAR, operator_uid BIGINT, reason VARCHAR, waited_ms DOUBLE, window_s BIGINT);
+CREATE TABLE recordings (chain_seq BIGINT NOT NULL, chain_prev BLOB NOT NULL, chain_hash BLOB NOT NULL,
+  session_id VARCHAR, seq BIGINT, ts TIMESTAMPTZ, direction VARCHAR, data BLOB);
+CREATE TABLE writer_events (chain_seq BIGINT NOT NULL, chain_prev BLOB NOT NULL, chain_hash BLOB NOT NULL,
+  ts TIMESTAMPTZ, event VARCHAR, epoch BIGINT, pid BIGINT, host VARCHAR, schema_version BIGINT, batch_max BIGINT,
+  flush_interval DOUBLE, queue_max BIGINT, "rows" BIGINT, detail VARCHAR);
+INSERT INTO schema_version VALUES (1, TIMESTAMPTZ '2026-01-01 00:00:00+00', 'initial');
+"""
+
+
+def _insert_v1(con, table: str, seq: int, prev: bytes, row: dict) -> bytes:
+    h = documented_hash(prev, table, row)
+    cols = ", ".join(["chain_seq", "chain_prev", "chain_hash"] + [f'"{k}"' for k in row])
+    marks = ", ".join("?" * (len(row) + 3))
+    con.execute(f"INSERT INTO {table} ({cols}) VALUES ({marks})", [seq, prev, h, *row.values()])
+    return h
+
+
+def test_v1_file_is_migrated_and_still_verifies(tmp_path):
+    path = tmp_path / "v1.duckdb"
+    s = sid()
+    con = duckdb.connect(str(path))
+    con.execute(V1_DDL)
+    h = _insert_v1(con, "writer_events", 1, bytes(32), {"ts": T0, "event": "writer_start", "epoch": 1,
+                                                        "pid": 1, "schema_version": 1})
+    h = _insert_v1(con, "session_starts", 2, h, {"session_id": s, "ts": T0, "target": "db", "protocol": "postgres",
+                                                 "identity": "bot", "pid": 10, "tls": False})
+    h = _insert_v1(con, "requests", 3, h, {"request_id": "r1", "session_id": s, "ts": T0, "protocol": "postgres",
+                                           "text": "SELECT 1", "params": ["a", None], "duration_ms": 0.25,
+                                           "decision": "allow"})
+    h = _insert_v1(con, "writer_events", 4, h, {"ts": T0, "event": "writer_stop", "epoch": 1, "rows": 2})
+    con.close()
+    assert analytics.verify(path).clean  # verify reads the old layout as it is
+
+    with AuditStore(path, strict=True) as store:
+        assert store.migrations == [(v - 1, v) for v in range(2, analytics.SCHEMA_VERSION + 1)]
+        assert store.epoch == 2
+        store.submit("request", request(s, masked={"ssn": 1}, sqlstate="00000"))
+        store.submit("probe", {"ts": T0, "event": "attached"})
+        store.flush()
+        assert store.query("SELECT max(version) FROM schema_version")[1] == [(analytics.SCHEMA_VERSION,)]
+        assert store.query("SELECT request_id, masked FROM requests ORDER BY chain_seq")[1][0] == ("r1", None)
+        assert store.query("SELECT count(*) FROM sessions WHERE identity = 'bot'")[1] == [(1,)]
+    report = analytics.verify(path)
+    assert report.clean and report.schema_version == analytics.SCHEMA_VERSION and report.epochs == 2
+    _, rows = analytics.query_readonly(path, "SELECT event, detail FROM writer_events ORDER BY chain_seq")
+    assert ("migration", "schema 1 -> 2") in rows
+
+
+def test_newer_schema_is_refused(tmp_path):
+    path = tmp_path / "a.duckdb"
+    populate(path, n_requests=1)
+    _tamper(path, ("INSERT INTO schema_version VALUES (99, now(), 'future')", []))
+    with pytest.raises(analytics.AuditSchemaError, match="99"):
+        AuditStore(path).start()
+
+
+# --- kill -9 ----------------------------------------------------------------
+
+CHILD = textwrap.dedent("""
+    import datetime as dt, sys
+    from analytics import AuditStore
+    store = AuditStore(sys.argv[1], batch_max=200, flush_interval=0.05)
+    store.start()
+    ts = dt.datetime.now(dt.timezone.utc)
+    store.submit("session_start", {"session_id": "s", "ts": ts, "target": "db", "protocol": "postgres"})
+    i = 0
+    while True:
+        assert store.submit("request", {"request_id": str(i), "session_id": "s", "ts": ts, "protocol": "postgres"})
+        if i % 500 == 499:
+            store.flush()
+            print(i, flush=True)
+        i += 1
+""")
+
+
+def test_kill_9_loses_at_most_the_unflushed_tail_and_the_gap_is_reported(tmp_path):
+    path = tmp_path / "crash.duckdb"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(path)], stdout=subprocess.PIPE, env=env,
+                             cwd=ROOT, text=True)
+    try:
+        flushed = -1
+        while flushed < 3000:
+            line = child.stdout.readline()
+            assert line, "writer child exited early"
+            flushed = int(line)
+        # While it runs, the file is the daemon's: readers are told to go through it.
+        with pytest.raises(AuditStoreBusy, match="daemon"):
+            analytics.query_readonly(path, "SELECT 1")
+        child.send_signal(signal.SIGKILL)
+        child.wait(30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    report = analytics.verify(path)
+    assert report.ok
+    assert [g.epoch for g in report.gaps] == [1]
+    assert "did not end cleanly" in report.text()
+    _, rows = analytics.query_readonly(path, "SELECT CAST(request_id AS BIGINT) FROM requests ORDER BY chain_seq")
+    ids = [r[0] for r in rows]
+    # Everything flush() confirmed is there, in order, without holes.
+    assert ids == list(range(len(ids)))
+    assert len(ids) > flushed
+
+    # The next writer starts a new epoch; the gap stays visible and now says when it ended.
+    with AuditStore(path) as store:
+        assert store.epoch == 2
+    report = analytics.verify(path)
+    assert report.ok and not report.clean
+    assert [g.epoch for g in report.gaps] == [1]
+    gap = report.gaps[0]
+    assert gap.next_epoch_started_at is not None and gap.flush_interval == 0.05 and gap.batch_max == 200
+    assert gap.last_seq == report.head_seq - 2  # epoch 2 wrote only its start and stop rows
+
+
+# --- retention ----------------------------------------------------------------
+
+def _old_and_new(path: Path, now: dt.datetime) -> tuple[str, str]:
+    old_s, new_s = sid(), sid()
+    with AuditStore(path, strict=True) as store:
+        store.submit("session_start", session_start(old_s, now - dt.timedelta(days=40)))
+        for i in range(5):
+            store.submit("request", request(old_s, now - dt.timedelta(days=40), text=f"old {i}"))
+        store.submit("session_start", session_start(new_s, now - dt.timedelta(days=1)))
+        store.submit("request", request(new_s, now - dt.timedelta(days=1), text="new"))
+    return old_s, new_s
+
+
+def test_retention_removes_a_prefix_and_the_chain_still_verifies(tmp_path):
+    path = tmp_path / "a.duckdb"
+    now = dt.datetime.now(UTC)
+    _old_and_new(path, now)
+    # The epoch's writer_start row is dated now and comes first: retention only ever
+    # removes a prefix of the chain, so nothing is older than 30 days before it.
+    result = analytics.apply_retention(path, dt.timedelta(days=30))
+    assert result.removed_rows == 0
+    result = analytics.apply_retention(path, dt.timedelta(0))
+    # one migration row per schema version (new file), writer start and stop, and the events
+    assert result.removed == {"session_starts": 2, "requests": 6,
+                              "writer_events": analytics.SCHEMA_VERSION + 2}
+    report = analytics.verify(path)
+    assert report.ok and report.anchor_seq == result.anchor_seq == 10 + analytics.SCHEMA_VERSION
+    _, rows = analytics.query_readonly(path, "SELECT event, anchor_seq, removed_rows FROM writer_events")
+    n = 10 + analytics.SCHEMA_VERSION
+    assert rows == [("retention", n, n)]   # the checkpoint row is all that is left
+    with AuditStore(path) as store:           # and writing continues from it
+        store.submit("request", request(sid(), now))
+    assert analytics.verify(path).clean
+
+
+def test_retention_on_a_live_store_keeps_the_chain_verifiable(tmp_path):
+    path = tmp_path / "a.duckdb"
+    now = dt.datetime.now(UTC)
+    old_s, new_s = sid(), sid()
+    with AuditStore(path, strict=True) as store:
+        for i in range(10):
+            store.submit("request", request(old_s, now - dt.timedelta(days=40), text=f"old {i}"))
+        store.submit("request", request(new_s, now + dt.timedelta(seconds=5), text="new"))
+        store.submit("request", request(old_s, now - dt.timedelta(days=40), text="late old"))
+        result = analytics.apply_retention(store, dt.timedelta(0))
+        # the migration and writer_start rows precede the cutoff too, so they go with the prefix
+        assert result.removed == {"requests": 10, "writer_events": analytics.SCHEMA_VERSION + 1}
+        _, rows = store.query("SELECT text FROM requests ORDER BY chain_seq")
+        assert rows == [("new",), ("late old",)]   # only a prefix of the chain is removed
+        assert store.verify().ok
+        store.submit("request", request(new_s, now, text="after"))
+    report = analytics.verify(path)
+    assert report.ok and report.gaps == [] and report.anchor_seq == result.anchor_seq
+    # deleting the first kept row is still caught
+    con = duckdb.connect(str(path))
+    first = con.execute("SELECT min(chain_seq) FROM chain").fetchone()[0]
+    con.execute("DELETE FROM requests WHERE chain_seq = ?", [first])
+    con.close()
+    assert [p.kind for p in analytics.verify(path).problems] == ["deleted"]
+
+
+# --- export -------------------------------------------------------------------
+
+def test_parquet_export_round_trips_with_hive_partitions(tmp_path):
+    path = tmp_path / "a.duckdb"
+    s = sid()
+    day1 = dt.datetime(2026, 3, 1, 23, 59, 59, 999999, tzinfo=UTC)
+    day2 = dt.datetime(2026, 3, 2, 0, 0, 0, tzinfo=UTC)
+    with AuditStore(path, strict=True) as store:
+        store.submit("session_start", session_start(s, day1 - dt.timedelta(days=3)))
+        for i in range(3):
+            store.submit("request", request(s, day1, text=f"d1 {i}"))
+        for i in range(2):
+            store.submit("request", request(s, day2, text=f"d2 {i}", masked={"a": i}))
+    out = tmp_path / "export"
+    files = analytics.export_parquet(path, dt.date(2026, 3, 1), out)
+    rel = sorted(str(f.relative_to(out)) for f in files)
+    assert "table=requests/day=2026-03-01/part-0.parquet" in rel
+    assert "table=requests/day=2026-03-02/part-0.parquet" in rel
+    assert not any("session_starts/day=2026-02-26" in r for r in rel)  # before `since`
+    con = duckdb.connect()
+    try:
+        back = con.execute(
+            f"SELECT day, text, ts, params, masked, chain_hash FROM read_parquet('{out}/table=requests/*/*.parquet', "
+            "hive_partitioning = 1) ORDER BY chain_seq").fetchall()
+        src = duckdb.connect(str(path), read_only=True)
+        orig = src.execute("SELECT text, ts, params, masked, chain_hash FROM requests ORDER BY chain_seq").fetchall()
+        src.close()
+    finally:
+        con.close()
+    assert [r[1:] for r in back] == orig
+    assert [str(r[0]) for r in back] == ["2026-03-01"] * 3 + ["2026-03-02"] * 2
+    # exporting again replaces the day's file instead of duplicating rows
+    analytics.export_parquet(path, dt.date(2026, 3, 1), out)
+    assert duckdb.sql(f"SELECT count(*) FROM read_parquet('{out}/table=requests/*/*.parquet')").fetchall() == [(5,)]

@@ -1,0 +1,118 @@
+"""Config errors name the file, the key and the line; valid configs build frozen models."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from appliance.config import load_config, parse_config
+from appliance.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+BASE = """\
+[appliance]
+state_dir = "/tmp/bw-state"
+
+[[targets]]
+name = "orders"
+protocol = "postgres"
+address = "10.0.0.5:5432"
+authentication = "attestation"
+[targets.credential]
+source = "static"
+username = "app"
+password_file = "/etc/botwarden/orders.pw"
+"""
+
+
+def error_of(text: str) -> str:
+    with pytest.raises(ConfigError) as exc:
+        parse_config(text, "bw.toml")
+    return str(exc.value)
+
+
+def test_valid_config_builds_frozen_models():
+    cfg = parse_config(BASE, "bw.toml")
+    target = cfg.target("orders")
+    assert target.host_port == ("10.0.0.5", 5432)
+    assert target.credential.source == "static"
+    assert cfg.appliance.control_socket_mode == 0o600
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        target.name = "other"  # type: ignore[misc]
+
+
+def test_typo_in_a_value_names_file_line_key_and_choices():
+    msg = error_of(BASE.replace('protocol = "postgres"', 'protocol = "postgress"'))
+    assert msg.startswith("bw.toml:6: targets[0].protocol:")
+    assert "'postgres', 'ssh', 'kubernetes'" in msg and "'postgress'" in msg
+
+
+def test_unknown_key_names_line_and_suggests_the_right_one():
+    msg = error_of(BASE.replace("address =", "adress ="))
+    assert msg.startswith("bw.toml:7: targets[0].adress: unknown key")
+    assert "did you mean 'address'" in msg
+
+
+def test_wrong_type_names_the_expected_type():
+    msg = error_of(BASE + '\n[audit]\nbatch_max = "lots"\n')
+    assert msg.startswith("bw.toml:15: audit.batch_max: must be an integer")
+    assert "'lots'" in msg
+
+
+def test_missing_required_key_names_the_table_line():
+    msg = error_of(BASE.replace('address = "10.0.0.5:5432"\n', ""))
+    assert "targets[0].address: required key is missing" in msg
+    assert msg.startswith("bw.toml:4:")
+
+
+def test_nested_table_error_has_its_own_line():
+    msg = error_of(BASE.replace('source = "static"', 'source = "vaultt"'))
+    assert msg.startswith("bw.toml:10: targets[0].credential.source:")
+
+
+def test_world_accessible_control_socket_is_refused():
+    msg = error_of('[appliance]\ncontrol_socket_mode = "0666"\n')
+    assert msg.startswith("bw.toml:2: appliance.control_socket_mode:")
+    assert "other users" in msg
+
+
+def test_invalid_toml_says_so():
+    msg = error_of("[appliance\n")
+    assert msg.startswith("bw.toml: not valid TOML")
+
+
+def test_cross_section_references_are_checked():
+    text = BASE + '\n[[identities]]\nname = "bot"\ntargets = ["nope"]\n[identities.process]\nuid = 1000\n'
+    msg = error_of(text)
+    assert "identities[0].targets[0]: unknown target 'nope'" in msg
+    assert msg.startswith("bw.toml:16:")
+
+
+def test_vault_source_without_vault_section():
+    msg = error_of(BASE.replace('source = "static"', 'source = "kv"\npath = "x"'))
+    assert 'needs a [vault] section' in msg
+
+
+def test_token_authentication_needs_oidc():
+    msg = error_of(BASE.replace('authentication = "attestation"', 'authentication = "token"'))
+    assert "needs an [oidc] section" in msg
+
+
+def test_hmac_algorithms_are_refused_for_oidc():
+    text = BASE + '\n[oidc]\nissuer = "https://idp"\naudience = ["bw"]\nalgorithms = ["RS256", "HS256"]\n'
+    msg = error_of(text)
+    assert "HS256" in msg and "not allowed" in msg
+
+
+def test_missing_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read the config file"):
+        load_config(tmp_path / "absent.toml")
+
+
+def test_shipped_example_is_valid():
+    cfg = load_config(ROOT / "botwarden.example.toml")
+    assert cfg.targets, "the example should show at least one target"
+    assert cfg.identities and cfg.policy.rules

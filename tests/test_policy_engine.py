@@ -1,0 +1,246 @@
+"""Engine behaviour: precedence, defaults, caching (time windows, shapes), sessions, explain, fuzzing."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from appliance.config import parse_config
+from appliance.policy import (ACTION_STRENGTH, K8sRequest, PolicyEngine, SqlSessionState, SshRequest, Verdict,
+                              analyze_sql, explain)
+from appliance.policy.sql import Function, Relation
+
+CONFIG = """
+[[targets]]
+name = "db"
+protocol = "postgres"
+address = "127.0.0.1:5432"
+authentication = "attestation"
+
+[[targets]]
+name = "locked"
+protocol = "postgres"
+address = "127.0.0.1:5433"
+authentication = "attestation"
+default_action = "block"
+
+[[identities]]
+name = "bot"
+groups = ["ci"]
+[identities.process]
+uid = 1000
+
+[[rules]]
+name = "allow-selects"
+action = "allow"
+[rules.sql]
+kinds = ["SELECT"]
+
+[[rules]]
+name = "mask-a"
+action = "mask"
+targets = ["db"]
+[rules.sql]
+reads = ["a"]
+[[rules.mask]]
+columns = ["secret"]
+
+[[rules]]
+name = "approve-a"
+action = "approve"
+[rules.sql]
+reads = ["a"]
+
+[[rules]]
+name = "approve-a-again"
+action = "approve"
+[rules.sql]
+relations = ["a", "b"]
+
+[[rules]]
+name = "block-b"
+action = "block"
+[rules.sql]
+reads = ["b"]
+
+[[rules]]
+name = "office-hours-only"
+action = "block"
+targets = ["db"]
+[rules.sql]
+kinds = ["INSERT"]
+[rules.when]
+hours = ["17:00-09:00"]
+timezone = "UTC"
+"""
+
+NOON = datetime(2026, 11, 25, 12, 0, tzinfo=timezone.utc)
+
+
+def engine() -> PolicyEngine:
+    cfg = parse_config(CONFIG)
+    return PolicyEngine(cfg.policy, cfg.targets, cfg.identities)
+
+
+def test_strongest_kind_wins_and_first_of_that_kind_names_it() -> None:
+    e = engine()
+    v = e.decide_sql("bot", ("ci",), "db", "select * from a")
+    assert (v.action, v.rule) == ("approve", "approve-a")
+    assert v.matched == ("allow-selects", "mask-a", "approve-a", "approve-a-again")
+    assert v.mask_rules == ("mask-a",)  # masking still applies once approved
+    v = e.decide_sql("bot", ("ci",), "db", "select * from a join b on true")
+    assert (v.action, v.rule) == ("block", "block-b")
+    assert v.mask_rules == ()
+
+
+def test_target_default_when_nothing_matches() -> None:
+    e = engine()
+    v = e.decide_sql("bot", ("ci",), "locked", "insert into c values (1)")
+    assert (v.action, v.rule) == ("block", None) and "by default for target 'locked'" in v.reason
+    v = e.decide_sql("bot", ("ci",), "db", "insert into c values (1)", now=NOON)
+    assert (v.action, v.rule) == ("allow", None)
+
+
+def test_unknown_target_fails_closed() -> None:
+    v = engine().decide_sql("bot", ("ci",), "not-configured", "insert into c values (1)")
+    assert v.action == "block"
+
+
+def test_batch_takes_the_strongest_statement() -> None:
+    v = engine().decide_sql("bot", ("ci",), "locked", "select 1; select * from a; insert into c values (1)")
+    assert (v.action, v.rule) == ("block", None)
+    assert [s.kind for s in v.details] == ["SELECT", "SELECT", "INSERT"]
+
+
+def test_time_window_changes_the_cached_verdict() -> None:
+    e = engine()
+    sql = "insert into c values (1)"
+    assert e.decide_sql("bot", ("ci",), "db", sql, now=NOON).action == "allow"
+    assert e.decide_sql("bot", ("ci",), "db", sql, now=NOON + timedelta(hours=6)).action == "block"
+    assert e.decide_sql("bot", ("ci",), "db", sql, now=NOON + timedelta(hours=1)).action == "allow"
+    assert e.decide_sql("bot", ("ci",), "db", sql, now=NOON + timedelta(hours=20)).action == "block"
+    assert e.stats["exact_hits"] >= 1  # the repeated daytime decision came from the cache
+
+
+def test_exact_and_shape_cache_hits() -> None:
+    e = engine()
+    e.decide_sql("bot", ("ci",), "db", "select * from b where id = 1")
+    e.decide_sql("bot", ("ci",), "db", "select * from b where id = 1")
+    assert e.stats["exact_hits"] == 1
+    v = e.decide_sql("bot", ("ci",), "db", "select * from b where id = 42")
+    assert e.stats["shape_hits"] == 1 and v.action == "block"
+    # Different identity or groups: never someone else's cached verdict.
+    v = e.decide_sql("other", (), "locked", "select * from b where id = 42")
+    assert v.action == "block" and e.stats["misses"] == 2
+
+
+def test_do_bodies_are_not_shape_cached() -> None:
+    e = engine()
+    assert e.decide_sql("bot", ("ci",), "locked", "do $$ begin perform 1; end $$").action == "block"
+    body = "do $$ begin perform * from b; end $$"
+    v = e.decide_sql("bot", ("ci",), "db", body)
+    assert (v.action, v.rule) == ("block", "block-b")
+    assert e.stats["shape_hits"] == 0
+
+
+def test_session_state_is_per_session() -> None:
+    e = engine()
+    s1, s2 = SqlSessionState(), SqlSessionState()
+    assert e.decide_sql("bot", ("ci",), "db", "prepare q as select * from b", session=s1).action == "block"
+    assert e.decide_sql("bot", ("ci",), "db", "prepare q as select * from c", session=s1).action == "allow"
+    assert "q" in s1.prepared and not s2.prepared
+    assert e.decide_sql("bot", ("ci",), "db", "execute q", session=s1).action == "allow"
+    v = e.decide_sql("bot", ("ci",), "db", "execute q", session=s2)
+    assert v.action == "block" and "did not see prepared" in v.reason
+    e.decide_sql("bot", ("ci",), "db", "set search_path = x, public", session=s1)
+    assert s1.search_path == frozenset({"public", "x"}) and s2.search_path == frozenset({"public"})
+
+
+def test_parse_errors_do_not_leak_literals() -> None:
+    v = engine().decide_sql("bot", ("ci",), "db", "selec 'hunter2-password'")
+    assert v.action == "block" and "hunter2" not in v.reason
+    assert "syntax error at character 1" in v.reason
+
+
+def test_extended_protocol_parse_text_with_params() -> None:
+    e = engine()
+    v = e.decide_sql("bot", ("ci",), "db", "select * from b where id = $1 and name = $2")
+    assert (v.action, v.rule) == ("block", "block-b")
+    v = e.decide_sql("bot", ("ci",), "locked", "select $1::int + $2")
+    assert (v.action, v.rule) == ("allow", "allow-selects")
+
+
+def test_ssh_and_k8s_without_matching_rules_use_the_default() -> None:
+    cfg = parse_config(CONFIG + """
+[[targets]]
+name = "box"
+protocol = "ssh"
+address = "127.0.0.1:22"
+authentication = "attestation"
+default_action = "approve"
+""")
+    e = PolicyEngine(cfg.policy, cfg.targets, cfg.identities)
+    v = e.decide_ssh("bot", ("ci",), "box", SshRequest.exec("uptime"))
+    assert (v.action, v.rule) == ("approve", None)
+    v = e.decide_ssh("bot", ("ci",), "box", SshRequest.exec("echo 'open"))
+    assert v.action == "block" and "cannot analyze" in v.reason
+
+
+def test_k8s_request_parsing() -> None:
+    r = K8sRequest.from_http("GET", "/api/v1/namespaces/dev/pods/web/exec?command=ls&stdout=1")
+    assert (r.verb, r.resource, r.subresource, r.namespace, r.name) == ("create", "pods", "exec", "dev", "web")
+    r = K8sRequest.from_http("DELETE", "/apis/apps/v1/namespaces/prod/deployments")
+    assert (r.verb, r.resource, r.api_group, r.namespace, r.name) == ("deletecollection", "deployments", "apps", "prod", None)
+    r = K8sRequest.from_http("GET", "/api/v1/pods?watch=1")
+    assert (r.verb, r.resource, r.namespace) == ("watch", "pods", None)
+    r = K8sRequest.from_http("GET", "/api/v1/namespaces/kube-system")
+    assert (r.verb, r.resource, r.name, r.namespace) == ("get", "namespaces", "kube-system", "kube-system")
+    assert not K8sRequest.from_http("GET", "/healthz").resource_request
+
+
+def test_explain_is_readable() -> None:
+    e = engine()
+    text = str(explain(e, "bot", "db", "with d as (delete from b where id = 1 returning *) select lower(x) from a, d"))
+    assert "decision:  approve (rule 'approve-a')" in text  # b is written, block-b is about reads
+    assert "identity:  bot (groups: ci)" in text
+    assert "kinds:      DELETE, SELECT" in text
+    assert "reads:      a" in text and "writes:     b" in text
+    assert "functions:  lower" in text
+    assert "matching rules: mask-a (mask), approve-a (approve), approve-a-again (approve)" in text
+
+
+# --- fuzzing: nothing but verdicts comes out, whatever the text -------------------------------------
+
+SQL_BITS = st.sampled_from(["select", "SELECT", "*", "from", "a", "b", "pg_read_file", "(", ")", "'x'", "$1", ";",
+                            "with", "as", "delete", "do", "$$", "begin", "end", "/*", "*/", "--", "\n", ",", "\"q\"",
+                            "execute", "prepare", "set", "search_path", "=", "drop", "table", "where", "1", "E'\\''"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(SQL_BITS, max_size=25).map(" ".join))
+def test_fuzz_sql_tokens(sql: str) -> None:
+    v = engine().decide_sql("bot", ("ci",), "db", sql, session=SqlSessionState())
+    assert isinstance(v, Verdict) and v.action in ACTION_STRENGTH and v.reason
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=200))
+def test_fuzz_arbitrary_text(text: str) -> None:
+    batch = analyze_sql(text)
+    assert batch.statements
+    for stmt in batch.statements:
+        assert all(isinstance(r, Relation) for r in stmt.reads | stmt.writes)
+        assert all(isinstance(f, Function) for f in stmt.functions)
+    v = engine().decide_ssh("bot", ("ci",), "db", SshRequest.exec(text))
+    assert v.action in ACTION_STRENGTH
+
+
+def test_long_statements_are_decided_but_not_cached() -> None:
+    e = engine()
+    sql = "insert into c values " + ", ".join(f"({i}, 'x')" for i in range(3000))
+    assert len(sql) > 16_384
+    assert e.decide_sql("bot", ("ci",), "locked", sql).action == "block"
+    assert e.decide_sql("bot", ("ci",), "locked", sql).action == "block"
+    assert e.stats["exact_hits"] == 0 and not e._exact and not e._analysis

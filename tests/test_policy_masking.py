@@ -1,0 +1,308 @@
+"""Masking: content detectors (true positives and look-alikes), strategies, and mask plans."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from appliance.config import parse_config
+from appliance.errors import ConfigError
+from appliance.policy import ColumnDesc, PolicyEngine, PolicyError
+from appliance.policy.masking import (find, format_preserving, iban_ok, luhn_ok, partial, shannon_entropy, ssn_ok,
+                                      Strategy)
+
+JWT = ("eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0."
+       "dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U")
+PEM = "-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA1c\n-----END RSA PRIVATE KEY-----"
+
+POSITIVES = [
+    ("email", "contact alice@example.com now", "alice@example.com"),
+    ("email", "bob.smith+tag@mail.co.uk", "bob.smith+tag@mail.co.uk"),
+    ("card", "card 4111 1111 1111 1111 exp", "4111 1111 1111 1111"),
+    ("card", "4111-1111-1111-1111", "4111-1111-1111-1111"),
+    ("card", "5500005555555559", "5500005555555559"),
+    ("card", "amex 378282246310005", "378282246310005"),
+    ("iban", "pay to DE89 3704 0044 0532 0130 00 today", "DE89 3704 0044 0532 0130 00"),
+    ("iban", "GB82WEST12345698765432", "GB82WEST12345698765432"),
+    ("iban", "FR1420041010050500013M02606", "FR1420041010050500013M02606"),
+    ("phone", "call +1 415 555 2671", "+1 415 555 2671"),
+    ("phone", "+49 30 1234567", "+49 30 1234567"),
+    ("phone", "(415) 555-2671", "(415) 555-2671"),
+    ("phone", "415-555-2671", "415-555-2671"),
+    ("ssn", "ssn 123-45-6789.", "123-45-6789"),
+    ("ssn", "078-05-1120", "078-05-1120"),
+    ("aws_key", "key=AKIAIOSFODNN7EXAMPLE;", "AKIAIOSFODNN7EXAMPLE"),
+    ("aws_key", "ASIAY34FZKBOKMUTVV7A", "ASIAY34FZKBOKMUTVV7A"),
+    ("private_key", f"x {PEM} y", PEM),
+    ("private_key", "-----BEGIN OPENSSH PRIVATE KEY-----\nb3Blbn\n-----END OPENSSH PRIVATE KEY-----",
+     "-----BEGIN OPENSSH PRIVATE KEY-----\nb3Blbn\n-----END OPENSSH PRIVATE KEY-----"),
+    ("jwt", f"Bearer {JWT}", JWT),
+    ("secret", "token=Zx8kP2mQ9vR4tY7wB1nC5dF3gH6jK0lA", "Zx8kP2mQ9vR4tY7wB1nC5dF3gH6jK0lA"),
+    ("secret", "ghp_abcdefghijklmnopqrstuvwxyz0123456789", "ghp_abcdefghijklmnopqrstuvwxyz0123456789"),
+]
+
+NEGATIVES = [
+    ("email", "user@localhost"), ("email", "a@b"), ("email", "foo@bar.c"), ("email", "not an @ email"),
+    ("email", "@handle on twitter"),
+    ("card", "4111111111111112"),  # Luhn fails
+    ("card", "0000000000000000"),  # one repeated digit
+    ("card", "1234567812345670"),  # Luhn ok, but no card network starts with 1
+    ("card", "order 12345"), ("card", "2024-01-15"),
+    ("iban", "DE89 3704 0044 0532 0130 01"),  # checksum fails
+    ("iban", "DE12 3456"), ("iban", "DE8937040044053201300"),  # wrong length for DE
+    ("phone", "2024-01-15"), ("phone", "192.168.1.1"), ("phone", "v1.2.3"), ("phone", "12345"),
+    ("ssn", "000-12-3456"), ("ssn", "666-12-3456"), ("ssn", "900-12-3456"), ("ssn", "123-00-4567"),
+    ("ssn", "123-45-0000"), ("ssn", "1234-56-789"), ("ssn", "123456789"),
+    ("aws_key", "akiaiosfodnn7example"), ("aws_key", "AKIAIOSFODNN7EXAMPL"), ("aws_key", "XKIAIOSFODNN7EXAMPLE"),
+    ("aws_key", "AKIAIOSFODNN7EXAMPLE1"),
+    ("private_key", "-----BEGIN PUBLIC KEY-----\nabc\n-----END PUBLIC KEY-----"),
+    ("private_key", "-----BEGIN CERTIFICATE-----\nabc\n-----END CERTIFICATE-----"),
+    ("private_key", "-----BEGIN RSA PRIVATE KEY----- (truncated"),
+    ("jwt", "eyJhbGciOi.eyJzdWIi.x"),
+    ("jwt", "eyJub3QiOiJqd3QifQ.eyJzdWIiOiIxMjM0NTY3ODkwIn0.abc"),  # header without "alg"
+    ("secret", "internationalization"), ("secret", "aaaaaaaaaaaaaaaaaaaaaaaaaaaa"),
+    ("secret", "550e8400-e29b-41d4-a716-446655440000"),  # a UUID
+    ("secret", "d41d8cd98f00b204e9800998ecf8427e"),  # hex digest: 4 bits/char at most
+    ("secret", "/usr/local/lib/python3.11/site-packages"),
+    ("secret", "The quick brown fox jumps over the lazy dog"),
+]
+
+
+@pytest.mark.parametrize("detector,text,expected", POSITIVES)
+def test_detector_true_positive(detector: str, text: str, expected: str) -> None:
+    spans = find(detector, text)
+    assert [text[a:b] for a, b in spans] == [expected]
+
+
+@pytest.mark.parametrize("detector,text", NEGATIVES)
+def test_detector_look_alike_is_left_alone(detector: str, text: str) -> None:
+    assert find(detector, text) == []
+
+
+def test_checksums() -> None:
+    assert luhn_ok("4111111111111111") and not luhn_ok("4111111111111112")
+    assert iban_ok("DE89370400440532013000") and not iban_ok("DE89370400440532013001")
+    assert ssn_ok("123", "45", "6789") and not ssn_ok("666", "45", "6789") and not ssn_ok("987", "65", "4321")
+    assert shannon_entropy("aaaa") == 0.0 and shannon_entropy("abcd") == 2.0
+
+
+# --- strategies ------------------------------------------------------------------------------------
+
+
+def test_partial_keeps_last_n_and_separators() -> None:
+    assert partial("4111-1111-1111-1234", 4) == "****-****-****-1234"
+    assert partial("alice@example.com", 4) == "*****@******e.com"
+    assert partial("abc", 4) == "***"  # never reveal a value shorter than what is kept
+    assert partial("", 4) == "********"
+
+
+def test_format_preserving_keeps_shape_and_is_keyed() -> None:
+    out = format_preserving("AB-12 cd/9", b"salt-one")
+    assert len(out) == len("AB-12 cd/9")
+    assert out[2] == "-" and out[5] == " " and out[8] == "/"
+    assert out[0:2].isupper() and out[3:5].isdigit() and out[6:8].islower() and out[9].isdigit()
+    assert out == format_preserving("AB-12 cd/9", b"salt-one")  # deterministic: joins still work
+    assert out != format_preserving("AB-12 cd/9", b"salt-two")  # but keyed by the deployment salt
+    assert format_preserving("123-45-6789", b"k") != "123-45-6789"
+
+
+def test_hash_is_salted_and_stable() -> None:
+    a = Strategy("hash", salt=b"one")("alice@example.com")
+    assert a == Strategy("hash", salt=b"one")("alice@example.com")
+    assert a != Strategy("hash", salt=b"two")("alice@example.com")
+    assert a.startswith("h:") and "alice" not in a
+    assert Strategy("null")("x") is None
+    assert Strategy("full")("secret-value") == "********"
+
+
+# --- plans through the engine ------------------------------------------------------------------------
+
+CONFIG = """
+[[targets]]
+name = "db"
+protocol = "postgres"
+address = "127.0.0.1:5432"
+authentication = "attestation"
+
+[[identities]]
+name = "bot"
+[identities.process]
+uid = 1000
+
+[[rules]]
+name = "pii"
+action = "mask"
+[rules.sql]
+reads = ["public.customers", "public.people"]
+[[rules.mask]]
+columns = ["customers.email"]
+strategy = "partial"
+keep = 4
+[[rules.mask]]
+columns = ["*.ssn"]
+strategy = "null"
+[[rules.mask]]
+columns = ["card_*"]
+strategy = "format"
+[[rules.mask]]
+columns = ["notes"]
+detectors = ["email", "card"]
+strategy = "hash"
+
+[[rules]]
+name = "secrets-everywhere"
+action = "mask"
+[[rules.mask]]
+detectors = ["aws_key", "private_key"]
+strategy = "full"
+"""
+
+TEXT, VARCHAR, INT4, JSONB, JSON_, BYTEA = 25, 1043, 23, 3802, 114, 17
+
+
+@pytest.fixture(scope="module")
+def engine() -> PolicyEngine:
+    cfg = parse_config(CONFIG)
+    return PolicyEngine(cfg.policy, cfg.targets, cfg.identities, salt=b"0123456789abcdef")
+
+
+def _plan(engine: PolicyEngine, sql: str, columns: list[ColumnDesc]):
+    verdict = engine.decide_sql("bot", (), "db", sql)
+    return verdict, engine.mask_plan("bot", (), "db", verdict, columns)
+
+
+def test_column_rules_by_name_and_table(engine: PolicyEngine) -> None:
+    cols = [ColumnDesc("id", 1, 1, INT4), ColumnDesc("email", 1, 2, TEXT), ColumnDesc("ssn", 1, 3, VARCHAR),
+            ColumnDesc("card_number", 1, 4, TEXT)]
+    verdict, plan = _plan(engine, "select id, email, ssn, card_number from customers where id = $1", cols)
+    assert verdict.action == "mask" and verdict.rule == "pii"
+    out, changed = plan.apply([b"7", b"alice@example.com", b"123-45-6789", b"4111-1111-1111-1111"])
+    assert changed
+    assert out[0] == b"7"
+    assert out[1] == b"*****@******e.com"
+    assert out[2] is None
+    assert out[3] != b"4111-1111-1111-1111" and len(out[3]) == 19 and out[3][4:5] == b"-"
+    assert plan.counts == {"email": 1, "ssn": 1, "card_number": 1}
+    plan.apply([b"8", None, b"x", b"1"])  # NULL stays NULL and is not counted
+    assert plan.counts == {"email": 1, "ssn": 2, "card_number": 2}
+
+
+def test_table_qualified_column_rule_needs_that_table(engine: PolicyEngine) -> None:
+    # "customers.email" does not apply to people.email; "*.ssn" does.
+    cols = [ColumnDesc("email", 2, 1, TEXT), ColumnDesc("ssn", 2, 2, TEXT)]
+    _, plan = _plan(engine, "select email, ssn from people", cols)
+    out, _ = plan.apply([b"bob@example.com", b"123-45-6789"])
+    assert out == [b"bob@example.com", None]
+
+
+def test_alias_and_expression_do_not_escape_column_rules(engine: PolicyEngine) -> None:
+    cols = [ColumnDesc("contact", 0, 0, TEXT), ColumnDesc("lower", 0, 0, TEXT), ColumnDesc("x", 0, 0, TEXT)]
+    _, plan = _plan(engine, "select email as contact, lower(email), y.x from (select email as x from customers) y", cols)
+    out, _ = plan.apply([b"alice@example.com", b"alice@example.com", b"alice@example.com"])
+    assert out == [b"*****@******e.com"] * 3
+
+
+def test_whole_row_reference_is_masked(engine: PolicyEngine) -> None:
+    cols = [ColumnDesc("c", 0, 0, TEXT), ColumnDesc("row_to_json", 0, 0, JSON_)]
+    _, plan = _plan(engine, "select c, row_to_json(c) from customers c", cols)
+    out, changed = plan.apply([b'(1,alice@example.com,123-45-6789)', b'{"email":"alice@example.com"}'])
+    # The row carries every column, ssn included, whose strategy is null: the strictest applies.
+    assert changed and out == [None, None]
+
+
+def test_whole_row_in_json_stays_valid_json() -> None:
+    cfg = parse_config(CONFIG.split("[[rules.mask]]")[0] + '[[rules.mask]]\ncolumns = ["customers.email"]\n')
+    engine = PolicyEngine(cfg.policy, cfg.targets, cfg.identities)
+    _, plan = _plan(engine, "select to_json(c) as doc from customers c", [ColumnDesc("doc", 0, 0, JSON_)])
+    out, changed = plan.apply([b'{"email":"alice@example.com"}'])
+    assert changed and json.loads(out[0]) == "********"
+
+
+def test_detectors_inside_a_column_keep_the_rest(engine: PolicyEngine) -> None:
+    cols = [ColumnDesc("notes", 1, 5, TEXT)]
+    _, plan = _plan(engine, "select notes from customers", cols)
+    out, changed = plan.apply([b"mail alice@example.com, card 4111 1111 1111 1111, thanks"])
+    text = out[0].decode()
+    assert changed and text.startswith("mail h:") and ", card h:" in text and text.endswith(", thanks")
+    assert "alice" not in text and "4111" not in text
+
+
+def test_content_detectors_on_every_text_column(engine: PolicyEngine) -> None:
+    cols = [ColumnDesc("a", 0, 0, TEXT), ColumnDesc("n", 0, 0, INT4), ColumnDesc("j", 0, 0, JSONB)]
+    verdict, plan = _plan(engine, "select a, n, j from orders", cols)
+    assert verdict.action == "mask" and verdict.rule == "secrets-everywhere"
+    out, changed = plan.apply([b"key AKIAIOSFODNN7EXAMPLE end", b"42", b'{"k": "AKIAIOSFODNN7EXAMPLE"}'])
+    assert out == [b"key ******** end", b"42", b'{"k": "********"}']
+    assert json.loads(out[2]) == {"k": "********"}
+    out2, changed2 = plan.apply([b"nothing here", b"1", b"{}"])
+    assert not changed2 and out2 == [b"nothing here", b"1", b"{}"]
+
+
+def test_binary_format(engine: PolicyEngine) -> None:
+    # text in binary format is UTF-8: masked; jsonb binary: version byte kept; int4 binary: NULL.
+    cols = [ColumnDesc("email", 1, 2, TEXT, 1), ColumnDesc("ssn", 1, 3, JSONB, 1),
+            ColumnDesc("card_number", 1, 4, INT4, 1), ColumnDesc("notes", 1, 5, BYTEA, 1)]
+    _, plan = _plan(engine, "select email, ssn, card_number, notes from customers", cols)
+    out, _ = plan.apply([b"alice@example.com", b'\x01"123-45-6789"', b"\x00\x00\x00\x07", b"alice@example.com"])
+    assert out[0] == b"*****@******e.com"
+    assert out[1] is None  # ssn strategy is null
+    assert out[2] is None  # binary int cannot be format-masked correctly: withheld
+    assert out[3] is None  # bytea named by a detector rule: cannot scan binary, withheld
+
+
+def test_text_format_non_text_type_named_by_rule_becomes_null(engine: PolicyEngine) -> None:
+    cols = [ColumnDesc("card_number", 1, 4, INT4, 0)]
+    _, plan = _plan(engine, "select card_number from customers", cols)
+    out, _ = plan.apply([b"4111111111111111"])
+    assert out == [None]
+
+
+def test_no_plan_when_nothing_to_mask() -> None:
+    cfg = parse_config(CONFIG.replace('name = "secrets-everywhere"\naction = "mask"',
+                                      'name = "secrets-everywhere"\naction = "mask"\n[rules.sql]\nreads = ["vault.*"]'))
+    engine = PolicyEngine(cfg.policy, cfg.targets, cfg.identities, salt=b"k" * 16)
+    verdict = engine.decide_sql("bot", (), "db", "select id from orders")
+    assert verdict.action == "allow" and verdict.mask_rules == ()
+    assert engine.mask_plan("bot", (), "db", verdict, [ColumnDesc("id", 1, 1, INT4)]) is None
+    # A mask rule matched, but no column of this result is one it names: still no plan.
+    verdict = engine.decide_sql("bot", (), "db", "select id from customers")
+    assert verdict.action == "mask"
+    assert engine.mask_plan("bot", (), "db", verdict, [ColumnDesc("id", 1, 1, INT4)]) is None
+
+
+def test_blocked_verdict_gets_no_plan(engine: PolicyEngine) -> None:
+    from appliance.policy import Verdict
+
+    v = Verdict("block", "x", "r", mask_rules=("pii",))
+    assert engine.mask_plan("bot", (), "db", v, [ColumnDesc("email", 0, 0, TEXT)]) is None
+
+
+def test_masking_applies_after_approval() -> None:
+    cfg = parse_config(CONFIG + '\n[[rules]]\nname = "hold"\naction = "approve"\n[rules.sql]\nreads = ["customers"]\n')
+    engine = PolicyEngine(cfg.policy, cfg.targets, cfg.identities, salt=b"k" * 16)
+    verdict = engine.decide_sql("bot", (), "db", "select email from customers")
+    assert verdict.action == "approve" and "pii" in verdict.mask_rules
+    plan = engine.mask_plan("bot", (), "db", verdict, [ColumnDesc("email", 1, 2, TEXT)])
+    assert plan.apply([b"alice@example.com"])[0] == [b"*****@******e.com"]
+
+
+def test_hash_without_salt_is_refused() -> None:
+    cfg = parse_config(CONFIG)
+    with pytest.raises(PolicyError, match="salt"):
+        PolicyEngine(cfg.policy, cfg.targets, cfg.identities)
+
+
+def test_mask_rule_without_entries_is_a_config_error() -> None:
+    bad = CONFIG.split("[[rules]]")[0] + '[[rules]]\nname = "m"\naction = "mask"\n'
+    with pytest.raises(ConfigError, match=r"<memory>:\d+: rules\[0\]: .*needs at least one \[\[rules.mask\]\]"):
+        parse_config(bad)
+
+
+def test_plan_cache_tells_statements_apart(engine: PolicyEngine) -> None:
+    cols = [ColumnDesc("email", 0, 0, TEXT)]
+    for _ in range(2):  # second round: plans come from the cache
+        _, plan = _plan(engine, "select email from customers", cols)
+        assert plan.apply([b"alice@example.com"])[0] == [b"*****@******e.com"]
+        _, plan = _plan(engine, "select email from people", cols)
+        assert plan.apply([b"alice@example.com"])[0] == [b"alice@example.com"]

@@ -1,0 +1,596 @@
+"""The operator console: a Textual app that talks to the daemon only through the control API.
+
+Layout: four tabs (Approvals, Sessions, Audit, Replay) above a status bar and the key
+footer. Every control API call is blocking (:class:`appliance.control.ControlClient`), so
+each one runs in a thread worker and posts an :class:`Answer` message back; the UI thread
+never waits on the socket. Pending approvals are kept live from the daemon's NDJSON watch
+stream, read on a background thread that reconnects while the daemon is away.
+
+Errors from the daemon are shown (status bar, notifications, a message line per tab) and
+never end the app; when the daemon is not running the console says so and keeps retrying.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from rich.text import Text
+from textual import on
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.message import Message
+from textual.screen import ModalScreen, Screen
+from textual.widget import Widget
+from textual.widgets import DataTable, Footer, Header, Input, Select, Static, TabbedContent, TabPane
+from textual.widgets.data_table import CellDoesNotExist, RowDoesNotExist
+
+from appliance.control import ControlClient, ControlError, DaemonNotRunning
+from tui.dialogs import DecisionScreen, Mode
+from tui.model import ApprovalBook, Decision, cell, status_line, time_left
+from tui.queries import REPLAY_SQL, REPORTS
+
+log = logging.getLogger(__name__)
+
+WATCH_PATH = "/v1/approvals/watch"
+TABS = ("approvals", "sessions", "audit", "replay")
+MAX_TABLE_ROWS = 2000  # a SELECT without LIMIT must not freeze the terminal
+REQUEST_PREVIEW = 80
+
+
+@dataclass
+class Answer(Message):
+    """The daemon's answer to one control API call made in a worker."""
+
+    purpose: str
+    value: Any = None
+    error: str | None = None
+    not_running: bool = False
+    context: Any = None
+    seq: int = 0
+
+
+@dataclass
+class WatchEvent(Message):
+    """One object from the approvals watch stream."""
+
+    event: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class WatchDown(Message):
+    """The approvals watch stream ended or could not be opened."""
+
+    why: str = ""
+    not_running: bool = False
+
+
+class BotwardenApp(App[int]):
+    """The botwarden operator console."""
+
+    CSS_PATH = "app.tcss"
+    TITLE = "botwarden"
+
+    BINDINGS: ClassVar = [
+        Binding("a", "approve", "Approve"),
+        Binding("w", "approve_window", "Approve for…"),
+        Binding("d", "deny", "Deny"),
+        Binding("r", "refresh", "Refresh"),
+        Binding("q", "quit", "Quit"),
+        # Tab moves between the four tabs; inside the dialog it still moves focus.
+        Binding("tab", "next_tab", "Next tab", priority=True, show=False),
+        Binding("shift+tab", "previous_tab", "Previous tab", priority=True, show=False),
+        Binding("1", "show_tab('approvals')", "Approvals", show=False),
+        Binding("2", "show_tab('sessions')", "Sessions", show=False),
+        Binding("3", "show_tab('audit')", "Audit", show=False),
+        Binding("4", "show_tab('replay')", "Replay", show=False),
+        Binding("ctrl+o", "focus_reports", "Reports", show=False),
+    ]
+
+    def __init__(self, socket_path: str, *, status_every_s: float = 3.0, retry_s: float = 2.0,
+                 call_timeout_s: float = 10.0):
+        super().__init__()
+        self.socket_path = socket_path
+        self.client = ControlClient(socket_path, timeout=call_timeout_s)
+        self.status_every_s = status_every_s
+        self.retry_s = retry_s
+        self.book = ApprovalBook()
+        self.daemon_up: bool | None = None  # None until the first answer
+        self.daemon_status: dict[str, Any] | None = None
+        self.daemon_error: str | None = None
+        self.watch_live = False
+        self._stop_watch = threading.Event()
+        self._watch_thread: threading.Thread | None = None
+        self._busy: set[str] = set()
+        self._seq: dict[str, int] = {}
+        # Notifications fade after a few seconds; the recent ones stay readable here.
+        self.notices: deque[str] = deque(maxlen=50)
+        self._tabs: TabbedContent | None = None
+        self._widgets: list[Widget] = []
+
+    # -- layout ---------------------------------------------------------------------------
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with TabbedContent(initial="approvals", id="tabs"):
+            with TabPane("Approvals", id="approvals"):
+                yield DataTable(id="approvals-table", cursor_type="row", zebra_stripes=True)
+                yield Static(Text("No pending approvals."), id="approval-detail")
+            with TabPane("Sessions", id="sessions"):
+                yield DataTable(id="sessions-table", cursor_type="row", zebra_stripes=True)
+                yield Static(Text("Enter on a session replays it."), id="sessions-msg", classes="msg")
+            with TabPane("Audit", id="audit"):
+                with Horizontal(id="audit-controls"):
+                    yield Input(placeholder="SELECT … FROM requests LIMIT 100   (Enter runs)", id="sql")
+                    yield Select([(label, name) for name, label in REPORTS], prompt="Canned report",
+                                 id="report")
+                yield Static(Text("Type a read-only query, or pick a canned report (ctrl+o)."),
+                             id="audit-msg", classes="msg")
+                yield DataTable(id="audit-table", zebra_stripes=True)
+            with TabPane("Replay", id="replay"):
+                yield Input(placeholder="session id   (Enter replays)", id="replay-session")
+                yield Static(Text("Pick a session here or press Enter on one in Sessions."),
+                             id="replay-msg", classes="msg")
+                yield DataTable(id="replay-table", zebra_stripes=True)
+        with Vertical(id="status"):
+            yield Static(Text(f"connecting to {self.socket_path} …"), id="status-bar")
+        yield Footer()
+
+    @property
+    def _main(self) -> Screen:
+        # The console's widgets live on the first screen; App.query_one would search the
+        # dialog while it is open.
+        return self.screen_stack[0]
+
+    def _ui_ready(self) -> bool:
+        # Answers and stream events can still arrive while the app is shutting down.
+        return bool(self._widgets) and all(w.is_attached for w in self._widgets)
+
+    def on_mount(self) -> None:
+        self.sub_title = self.socket_path
+        self._tabs = self._main.query_one("#tabs", TabbedContent)
+        self._widgets = [self._tabs, *self._main.query("DataTable, Input, Select, Static.msg, #status-bar, "
+                                                        "#approval-detail")]
+        table = self._main.query_one("#approvals-table", DataTable)
+        for label, key in (("id", "id"), ("identity", "identity"), ("target", "target"), ("rule", "rule"),
+                           ("request", "request"), ("left", "left"), ("ok", "ok")):
+            table.add_column(label, key=key)
+        sessions = self._main.query_one("#sessions-table", DataTable)
+        for key in ("session_id", "identity", "target", "subject", "pid", "uid", "exe", "client",
+                    "started", "ended", "state"):
+            sessions.add_column(key, key=key)
+        table.focus()
+        self.refresh_status()
+        self.set_interval(self.status_every_s, self.refresh_status)
+        self.set_interval(1.0, self._tick)
+        self._start_watch()
+
+    def on_unmount(self) -> None:
+        self._stop_watch.set()
+
+    # -- talking to the daemon --------------------------------------------------------------
+
+    def _request(self, purpose: str, method: str, path: str, body: Any = None, *, context: Any = None,
+                 single: bool = False) -> None:
+        """Make one control API call in a thread worker; the answer comes back as :class:`Answer`.
+
+        ``single``: skip if a call for the same purpose is still out (periodic polls must not
+        pile up behind a slow daemon).
+        """
+        if single and purpose in self._busy:
+            return
+        self._busy.add(purpose)
+        seq = self._seq[purpose] = self._seq.get(purpose, 0) + 1
+
+        def work() -> None:
+            try:
+                answer = Answer(purpose, self.client.call(method, path, body), context=context, seq=seq)
+            except DaemonNotRunning as e:
+                answer = Answer(purpose, error=e.message, not_running=True, context=context, seq=seq)
+            except ControlError as e:
+                answer = Answer(purpose, error=e.message, context=context, seq=seq)
+            except Exception as e:  # whatever breaks in a call is shown, never fatal to the console
+                log.debug("control call %s %s failed", method, path, exc_info=True)
+                answer = Answer(purpose, error=f"{type(e).__name__}: {e}", context=context, seq=seq)
+            self._post(answer)
+
+        self.run_worker(work, thread=True, group=purpose, name=f"{method} {path}", exit_on_error=False)
+
+    def _post(self, message: Message) -> None:
+        try:
+            self.post_message(message)
+        except RuntimeError:  # the app's loop is gone: we are exiting
+            pass
+
+    def _start_watch(self) -> None:
+        # A plain daemon thread, not a Textual thread worker: those run in the loop's default
+        # executor, which asyncio joins at exit, and a stream read only returns at the next
+        # event or keepalive (up to 15 s) — quitting would hang that long.
+        self._watch_thread = threading.Thread(target=self._watch_loop, name="botwarden-watch", daemon=True)
+        self._watch_thread.start()
+
+    def _watch_loop(self) -> None:
+        while not self._stop_watch.is_set():
+            not_running = False
+            try:
+                for event in self.client.stream(WATCH_PATH):
+                    if self._stop_watch.is_set():
+                        return
+                    if isinstance(event, dict):
+                        self._post(WatchEvent(event))
+                why = "the daemon closed the approvals stream"
+            except DaemonNotRunning as e:
+                why, not_running = e.message, True
+            except ControlError as e:
+                why = e.message
+            except Exception as e:  # a broken line or socket: say so and reconnect
+                why = f"approvals stream failed: {type(e).__name__}: {e}"
+            if self._stop_watch.is_set():
+                return
+            self._post(WatchDown(why, not_running))
+            self._stop_watch.wait(self.retry_s)
+
+    def refresh_status(self) -> None:
+        if not self._ui_ready():
+            return
+        self._request("status", "GET", "/v1/status", single=True)
+        if self._active_tab() == "sessions":
+            self.refresh_sessions()
+
+    def refresh_approvals(self) -> None:
+        self._request("approvals", "GET", "/v1/approvals", single=True)
+
+    def refresh_sessions(self) -> None:
+        self._request("sessions", "GET", "/v1/sessions?all=1", single=True)
+
+    def run_sql(self, sql: str, params: list[Any] | None = None) -> None:
+        body: dict[str, Any] = {"sql": sql}
+        if params:
+            body["params"] = params
+        self._set_msg("#audit-msg", "running …")
+        self._request("audit", "POST", "/v1/audit/sql", body, context=sql)
+
+    def run_report(self, name: str) -> None:
+        self._set_msg("#audit-msg", f"running report {name} …")
+        self._request("audit", "GET", f"/v1/audit/reports/{name}", context=f"report {name}")
+
+    def replay(self, session_id: str) -> None:
+        session_id = session_id.strip()
+        if not session_id:
+            self._set_msg("#replay-msg", "Type a session id first.", error=True)
+            return
+        self._set_msg("#replay-msg", f"loading session {session_id} …")
+        self._request("replay", "POST", "/v1/audit/sql", {"sql": REPLAY_SQL, "params": [session_id]},
+                      context=session_id)
+
+    def send_decision(self, decision: Decision) -> None:
+        self._request("decision", "POST", decision.path, decision.body, context=decision)
+
+    # -- answers ----------------------------------------------------------------------------
+
+    def on_answer(self, answer: Answer) -> None:
+        self._busy.discard(answer.purpose)
+        if not self._ui_ready():
+            return
+        if answer.purpose != "decision" and answer.seq != self._seq.get(answer.purpose):
+            return  # a newer call for the same view is out; its answer wins
+        if answer.not_running:
+            self._daemon_down(answer.error or "the daemon is not running")
+            if answer.purpose == "status":
+                return
+        handler: Callable[[Answer], None] = getattr(self, f"_answer_{answer.purpose}")
+        try:
+            handler(answer)
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
+            # The daemon answered something this console does not understand: say so, go on.
+            log.debug("unexpected answer to %s", answer.purpose, exc_info=True)
+            self.notify(f"unexpected answer from the daemon ({type(e).__name__}: {e})", title=answer.purpose,
+                        severity="error", markup=False)
+
+    def _answer_status(self, answer: Answer) -> None:
+        if answer.error:
+            self.daemon_error = answer.error
+            self._render_status()
+            return
+        was_down = self.daemon_up is False
+        self.daemon_up, self.daemon_status, self.daemon_error = True, answer.value, None
+        if was_down:
+            self.notify("botwarden daemon is back", severity="information")
+        self._render_status()
+
+    def _answer_approvals(self, answer: Answer) -> None:
+        if answer.error:
+            self.notify(answer.error, title="approvals", severity="error", markup=False)
+            return
+        self.book.replace(answer.value.get("approvals", []))
+        self._render_approvals()
+
+    def _answer_sessions(self, answer: Answer) -> None:
+        if answer.error:
+            self._set_msg("#sessions-msg", answer.error, error=True)
+            return
+        table = self._main.query_one("#sessions-table", DataTable)
+        keep = self._selected_key(table)
+        table.clear()
+        for s in answer.value.get("sessions", []):
+            sid = str(s.get("session_id"))
+            table.add_row(*(Text(cell(s.get(str(c.key.value)))) for c in table.ordered_columns), key=sid)
+        self._restore_cursor(table, keep)
+        n = table.row_count
+        self._set_msg("#sessions-msg", f"{n} session{'s' if n != 1 else ''} (active and recently ended). "
+                                       "Enter on a session replays it.")
+
+    def _answer_audit(self, answer: Answer) -> None:
+        self._fill_result("#audit-table", "#audit-msg", answer, what=str(answer.context))
+
+    def _answer_replay(self, answer: Answer) -> None:
+        self._fill_result("#replay-table", "#replay-msg", answer, what=f"session {answer.context}",
+                          noun="request")
+
+    def _answer_decision(self, answer: Answer) -> None:
+        decision: Decision = answer.context
+        if answer.error:
+            self.notify(answer.error, title=f"{decision.action} {decision.approval_id} refused",
+                        severity="error", markup=False)
+        else:
+            result = answer.value or {}
+            state = result.get("state")
+            if state == "pending":
+                text = (f"{decision.approval_id}: your approval is recorded "
+                        f"({result.get('approvals')}/{result.get('required')}); waiting for more operators")
+            elif decision.for_s:
+                text = f"{decision.approval_id} approved; window of {decision.for_s // 60} min granted"
+            else:
+                text = f"{decision.approval_id} {state}"
+            self.notify(text, title="decision", markup=False)
+        self.refresh_approvals()
+
+    def on_watch_event(self, message: WatchEvent) -> None:
+        if not self._ui_ready():
+            return
+        event = message.event
+        if event.get("event") == "hello" and not self.watch_live:
+            self.watch_live = True
+            self._render_status()
+        if self.book.apply(event):
+            self._render_approvals()
+
+    def on_watch_down(self, message: WatchDown) -> None:
+        if not self._ui_ready():
+            return
+        was_live = self.watch_live
+        self.watch_live = False
+        if message.not_running:
+            self._daemon_down(message.why)
+        elif was_live:
+            self.notify(f"approvals stream lost: {message.why}; reconnecting", severity="warning",
+                        markup=False)
+        # Held requests live in the daemon; without the stream this list would be stale.
+        if len(self.book):
+            self.book.replace([])
+            self._render_approvals()
+        self._render_status()
+
+    def _daemon_down(self, why: str) -> None:
+        if self.daemon_up is not False:
+            self.notify(why, title="daemon not running", severity="warning", markup=False)
+        self.daemon_up, self.daemon_error = False, why
+        self._render_status()
+
+    # -- rendering --------------------------------------------------------------------------
+
+    def _render_status(self) -> None:
+        bar = self._main.query_one("#status-bar", Static)
+        if self.daemon_up is False:
+            text = f"{self.daemon_error} — retrying every {self.status_every_s:g} s"
+            bar.set_class(True, "down")
+        elif self.daemon_status is None:
+            text = self.daemon_error or f"connecting to {self.socket_path} …"
+            bar.set_class(bool(self.daemon_error), "down")
+        else:
+            stream = "live" if self.watch_live else "reconnecting"
+            text = f"{status_line(self.daemon_status)} · approvals stream {stream}"
+            if self.daemon_error:
+                text += f" · last error: {self.daemon_error}"
+            bar.set_class(False, "down")
+        bar.update(Text(text))
+
+    def _render_approvals(self) -> None:
+        table = self._main.query_one("#approvals-table", DataTable)
+        keep = self._selected_key(table)
+        table.clear()
+        for a in self.book.items():
+            request = " ".join(str(a.get("request", "")).split())
+            if len(request) > REQUEST_PREVIEW:
+                request = request[: REQUEST_PREVIEW - 1] + "…"
+            table.add_row(Text(a["approval_id"]), Text(cell(a.get("identity"))), Text(cell(a.get("target"))),
+                          Text(cell(a.get("rule"))), Text(request), Text(time_left(a.get("expires"))),
+                          Text(f"{len(a.get('approvals') or [])}/{a.get('required', 1)}"),
+                          key=a["approval_id"])
+        self._restore_cursor(table, keep)
+        self._render_detail()
+        self.sub_title = f"{self.socket_path} · {len(self.book)} pending"
+
+    def _render_detail(self) -> None:
+        detail = self._main.query_one("#approval-detail", Static)
+        approval = self.selected_approval()
+        if approval is None:
+            detail.update(Text("No pending approvals." if not len(self.book) else ""))
+            return
+        process = approval.get("process") or {}
+        proc = " ".join(f"{k}={v}" for k, v in process.items() if v is not None)
+        detail.update(Text(f"{approval['approval_id']}  session {approval.get('session_id')}  "
+                           f"protocol {approval.get('protocol')}  {proc}\n{approval.get('request', '')}"))
+
+    def _tick(self) -> None:
+        if not self._ui_ready():
+            return
+        table = self._main.query_one("#approvals-table", DataTable)
+        for a in self.book.items():
+            try:
+                table.update_cell(a["approval_id"], "left", Text(time_left(a.get("expires"))))
+            except CellDoesNotExist:  # the row went away between the book and the table: next render fixes it
+                pass
+
+    def _fill_result(self, table_id: str, msg_id: str, answer: Answer, *, what: str, noun: str = "row") -> None:
+        if answer.error:
+            self._set_msg(msg_id, f"{what}: {answer.error}", error=True)
+            self.notify(answer.error, title=what, severity="error", markup=False)
+            return
+        columns = [str(c) for c in answer.value.get("columns", [])]
+        rows = answer.value.get("rows", [])
+        table = self._main.query_one(table_id, DataTable)
+        table.clear(columns=True)
+        table.add_columns(*columns)
+        table.add_rows([[Text(cell(v)) for v in row] for row in rows[:MAX_TABLE_ROWS]])
+        shown = f"{len(rows)} {noun}{'s' if len(rows) != 1 else ''}"
+        if len(rows) > MAX_TABLE_ROWS:
+            shown += f", showing the first {MAX_TABLE_ROWS}"
+        self._set_msg(msg_id, f"{what}: {shown}")
+
+    def _set_msg(self, selector: str, text: str, *, error: bool = False) -> None:
+        widget = self._main.query_one(selector, Static)
+        widget.update(Text(text))
+        widget.set_class(error, "error")
+
+    @staticmethod
+    def _selected_key(table: DataTable) -> str | None:
+        if not table.row_count:
+            return None
+        try:
+            return table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
+        except CellDoesNotExist:
+            return None
+
+    @staticmethod
+    def _restore_cursor(table: DataTable, key: str | None) -> None:
+        if key is None:
+            return
+        try:
+            table.move_cursor(row=table.get_row_index(key))
+        except RowDoesNotExist:  # the row is gone; the cursor stays where the table put it
+            pass
+
+    def selected_approval(self) -> dict[str, Any] | None:
+        key = self._selected_key(self._main.query_one("#approvals-table", DataTable))
+        return self.book.get(key) if key else None
+
+    def _active_tab(self) -> str:
+        return self._tabs.active if self._tabs is not None else ""
+
+    # -- events from widgets ----------------------------------------------------------------
+
+    @on(DataTable.RowHighlighted, "#approvals-table")
+    def _approval_highlighted(self) -> None:
+        self._render_detail()
+
+    @on(DataTable.RowSelected, "#sessions-table")
+    def _session_selected(self, event: DataTable.RowSelected) -> None:
+        session_id = str(event.row_key.value)
+        self._main.query_one("#replay-session", Input).value = session_id
+        self.action_show_tab("replay")
+        self.replay(session_id)
+
+    @on(Input.Submitted, "#sql")
+    def _sql_submitted(self, event: Input.Submitted) -> None:
+        if event.value.strip():
+            self.run_sql(event.value)
+
+    @on(Select.Changed, "#report")
+    def _report_chosen(self, event: Select.Changed) -> None:
+        if event.value is not Select.NULL:
+            self.run_report(str(event.value))
+
+    @on(Input.Submitted, "#replay-session")
+    def _replay_submitted(self, event: Input.Submitted) -> None:
+        self.replay(event.value)
+
+    @on(TabbedContent.TabActivated)
+    def _tab_activated(self, event: TabbedContent.TabActivated) -> None:
+        pane = event.pane.id
+        if pane == "sessions":
+            self.refresh_sessions()
+        focus = {"approvals": "#approvals-table", "sessions": "#sessions-table", "audit": "#sql",
+                 "replay": "#replay-session"}.get(pane or "")
+        if focus:
+            self._main.query_one(focus).focus()
+
+    # -- actions ----------------------------------------------------------------------------
+
+    def action_approve(self) -> None:
+        self._decide("approve")
+
+    def action_approve_window(self) -> None:
+        self._decide("window")
+
+    def action_deny(self) -> None:
+        self._decide("deny")
+
+    def _decide(self, mode: Mode) -> None:
+        if isinstance(self.screen, ModalScreen):
+            return  # one decision at a time
+        if self._active_tab() != "approvals":
+            self.action_show_tab("approvals")
+            self.notify("Choose a request in Approvals, then decide.", markup=False)
+            return
+        approval = self.selected_approval()
+        if approval is None:
+            self.notify("No pending approval is selected.", severity="warning", markup=False)
+            return
+
+        def decided(decision: Decision | None) -> None:
+            if decision is not None:
+                self.send_decision(decision)
+
+        self.push_screen(DecisionScreen(approval, mode), decided)
+
+    def action_refresh(self) -> None:
+        self.refresh_status()
+        self.refresh_approvals()
+        tab = self._active_tab()
+        if tab == "sessions":
+            self.refresh_sessions()
+        elif tab == "replay":
+            value = self._main.query_one("#replay-session", Input).value
+            if value.strip():
+                self.replay(value)
+
+    def action_show_tab(self, tab: str) -> None:
+        self._main.query_one("#tabs", TabbedContent).active = tab
+
+    def action_next_tab(self) -> None:
+        self._step_tab(+1)
+
+    def action_previous_tab(self) -> None:
+        self._step_tab(-1)
+
+    def _step_tab(self, step: int) -> None:
+        if isinstance(self.screen, ModalScreen):
+            # In the dialog, tab keeps its usual meaning.
+            (self.screen.focus_next if step > 0 else self.screen.focus_previous)()
+            return
+        current = self._active_tab()
+        index = TABS.index(current) if current in TABS else 0
+        self.action_show_tab(TABS[(index + step) % len(TABS)])
+
+    def action_focus_reports(self) -> None:
+        self.action_show_tab("audit")
+        self._main.query_one("#report", Select).focus()
+
+
+    def notify(self, message: str, *, title: str = "", severity: Any = "information",
+               timeout: float | None = None, markup: bool = True) -> None:
+        self.notices.append(f"{title}: {message}" if title else message)
+        super().notify(message, title=title, severity=severity, timeout=timeout, markup=markup)
+
+
+def run_tui(socket_path: str) -> int:
+    """Entry point of ``botwarden tui``."""
+    app = BotwardenApp(socket_path)
+    app.run()
+    return app.return_code or 0

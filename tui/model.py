@@ -1,0 +1,153 @@
+"""What the console knows, kept apart from widgets so it can be tested without a terminal.
+
+Everything here is pure: the pending approvals as the watch stream describes them, the
+decision an operator takes in the dialog, and the text of the status bar.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Literal
+from urllib.parse import quote
+
+# Watch-stream events that end a held request (see appliance/approvals.py).
+TERMINAL_EVENTS = frozenset({"approved", "denied", "expired", "abandoned", "cancelled_restart"})
+# Events that carry a still-pending request (new, already pending at connect, or waiting for
+# more operators under an N-of-M rule).
+PENDING_EVENTS = frozenset({"pending", "requested", "approved_partial"})
+
+MAX_WINDOW_MINUTES = 24 * 60  # a typo should not grant a week-long window
+
+
+class ApprovalBook:
+    """Pending held requests, kept current from ``/v1/approvals/watch`` events."""
+
+    def __init__(self) -> None:
+        self._items: dict[str, dict[str, Any]] = {}
+
+    def apply(self, event: Mapping[str, Any]) -> bool:
+        """Apply one stream event; True when the set of pending requests changed."""
+        kind = event.get("event")
+        if kind == "hello":
+            # The daemon replays every pending request after hello, so start from empty.
+            changed = bool(self._items)
+            self._items.clear()
+            return changed
+        approval = event.get("approval")
+        if not isinstance(approval, Mapping) or "approval_id" not in approval:
+            return False  # keepalive, or an event this console does not show
+        approval_id = str(approval["approval_id"])
+        if kind in PENDING_EVENTS:
+            self._items[approval_id] = dict(approval)
+            return True
+        if kind in TERMINAL_EVENTS:
+            return self._items.pop(approval_id, None) is not None
+        return False
+
+    def replace(self, approvals: Iterable[Mapping[str, Any]]) -> None:
+        """Take the daemon's full list (``GET /v1/approvals``) as the truth."""
+        self._items = {str(a["approval_id"]): dict(a) for a in approvals
+                       if isinstance(a, Mapping) and "approval_id" in a}
+
+    def get(self, approval_id: str) -> dict[str, Any] | None:
+        return self._items.get(approval_id)
+
+    def items(self) -> list[dict[str, Any]]:
+        return sorted(self._items.values(), key=lambda a: (str(a.get("created", "")), a["approval_id"]))
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the operator chose in the decision dialog."""
+
+    approval_id: str
+    action: Literal["approve", "deny"]
+    reason: str = ""
+    for_s: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.action not in ("approve", "deny"):
+            raise ValueError(f"unknown decision {self.action!r}")
+        if self.action == "deny" and not self.reason.strip():
+            raise ValueError("a denial needs a reason")
+        if self.for_s is not None and (self.action != "approve" or self.for_s <= 0):
+            raise ValueError("a window is a positive number of seconds on an approval")
+
+    @property
+    def path(self) -> str:
+        return f"/v1/approvals/{quote(self.approval_id, safe='')}/{self.action}"
+
+    @property
+    def body(self) -> dict[str, Any]:
+        body: dict[str, Any] = {}
+        if self.reason.strip():
+            body["reason"] = self.reason.strip()
+        if self.for_s is not None:
+            body["for_s"] = self.for_s
+        return body
+
+
+def parse_window_minutes(text: str) -> int:
+    """Minutes typed in the dialog → seconds for ``for_s``; ValueError says what is wrong."""
+    try:
+        minutes = int(text.strip())
+    except ValueError:
+        raise ValueError("the window is a whole number of minutes") from None
+    if not 1 <= minutes <= MAX_WINDOW_MINUTES:
+        raise ValueError(f"the window is between 1 and {MAX_WINDOW_MINUTES} minutes")
+    return minutes * 60
+
+
+def time_left(expires: str | None, now: datetime | None = None) -> str:
+    """``expires`` (ISO 8601 from the daemon) as "4m 05s", or "expired"."""
+    if not expires:
+        return "?"
+    try:
+        when = datetime.fromisoformat(expires)
+    except ValueError:
+        return "?"
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    seconds = int((when - (now or datetime.now(timezone.utc))).total_seconds())
+    if seconds <= 0:
+        return "expired"
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    if minutes:
+        return f"{minutes}m {secs:02d}s"
+    return f"{secs}s"
+
+
+def status_line(status: Mapping[str, Any]) -> str:
+    """One line for the status bar from ``GET /v1/status``."""
+    targets = status.get("targets") or []
+    names = ", ".join(f"{t.get('name')} ({t.get('protocol')} {t.get('listen')})" for t in targets) or "none"
+    audit = status.get("audit") or {}
+    health = "ok" if audit.get("healthy") else "UNHEALTHY"
+    parts = [
+        f"daemon pid {status.get('pid', '?')}",
+        f"targets: {names}",
+        f"audit {health}",
+        f"sessions {status.get('sessions_active', 0)}",
+        f"pending {status.get('approvals_pending', 0)}",
+    ]
+    if status.get("last_reload_error"):
+        parts.append(f"last reload refused: {status['last_reload_error']}")
+    return " · ".join(parts)
+
+
+def cell(value: Any) -> str:
+    """A value from the daemon as table text (None shows as empty, not "None")."""
+    if value is None:
+        return ""
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, default=str)
+    return str(value)

@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# Install everything botwarden needs on Debian 12 (as root), then optionally run it.
+#
+#   bash vagrant/provision.sh          # install only (what the Vagrant VM runs)
+#   bash vagrant/provision.sh demo     # install, then run the self-contained demo
+#   bash vagrant/provision.sh test     # install, then run the whole test suite
+#
+# Safe to run twice: every step checks before it acts.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+VENV=${BOTWARDEN_VENV:-$ROOT/.venv}
+ACTION=${1:-install}
+shift || true
+
+log() { printf '[provision] %s\n' "$*" >&2; }
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "provision.sh must run as root (it installs packages, loads eBPF programs, mounts cgroup2)" >&2
+    exit 1
+fi
+
+APT_PACKAGES=(
+    postgresql postgresql-contrib pgbouncer      # targets and the peer proxy for benchmarks
+    openssh-server openssh-client                # SSH targets
+    nftables iproute2                            # TPROXY/REDIRECT fallback, network namespaces in tests
+    python3-bpfcc bpfcc-tools bpftool linux-headers-amd64   # eBPF probes (bcc)
+    python3-venv openssl ca-certificates procps util-linux
+)
+
+install_apt() {
+    local missing=()
+    for p in "${APT_PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    if [ ${#missing[@]} -eq 0 ]; then
+        log "apt packages present"
+        return
+    fi
+    log "installing apt packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    # Do not let package scripts start the system's own postgresql/pgbouncer/sshd services:
+    # botwarden's tests and demo start their own instances on loopback.
+    local added_policy=0
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+        chmod +x /usr/sbin/policy-rc.d
+        added_policy=1
+    fi
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    [ $added_policy -eq 1 ] && rm -f /usr/sbin/policy-rc.d
+    return 0
+}
+
+install_venv() {
+    local py=${BOTWARDEN_PYTHON:-python3}
+    if [ ! -x "$VENV/bin/python" ]; then
+        log "creating venv at $VENV"
+        "$py" -m venv "$VENV"
+    fi
+    local stamp="$VENV/.botwarden-installed"
+    if [ ! -e "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
+        log "installing botwarden and its dependencies into the venv"
+        "$VENV/bin/pip" install -q --disable-pip-version-check --upgrade pip
+        "$VENV/bin/pip" install -q --disable-pip-version-check -e "$ROOT[test]"
+        touch "$stamp"
+    else
+        log "venv up to date"
+    fi
+    # bcc is Debian's python3-bpfcc (pure Python over libbcc.so). Link only its package into the
+    # venv; adding all of dist-packages would shadow newer PyPI packages.
+    local site
+    site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    if [ -d /usr/lib/python3/dist-packages/bcc ] && [ ! -e "$site/bcc" ]; then
+        ln -s /usr/lib/python3/dist-packages/bcc "$site/bcc"
+    fi
+}
+
+setup_host() {
+    # Kernel headers for bcc, cgroup2 and bpffs mounts.
+    # shellcheck source=../probes/setup-host.sh
+    if [ -f "$ROOT/probes/setup-host.sh" ]; then
+        bash "$ROOT/probes/setup-host.sh"
+    fi
+}
+
+install_apt
+install_venv
+setup_host
+
+case "$ACTION" in
+    install) log "installed; run: $VENV/bin/botwarden --help" ;;
+    demo) exec "$VENV/bin/botwarden" demo "$@" ;;
+    test)
+        cd "$ROOT"
+        exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@" ;;
+    *) echo "usage: provision.sh [install|demo|test]" >&2; exit 2 ;;
+esac
