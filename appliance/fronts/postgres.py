@@ -22,11 +22,12 @@ LISTEN and temp tables behave exactly as they would directly.
    real PID and gets our own secret (the front maps it back for
    CancelRequest). The first ReadyForQuery switches both sides to relaying.
 
-2. **Relay, bot -> server** (``Session.client_data``): the buffer is split
-   into (type, start, end) spans with ``struct.unpack_from``
-   (:func:`split_messages`), no copies. Only the types that matter are
-   decoded: Query and Parse go through ``services.decide_sql`` (verdicts
-   cached per session by exact text); Bind/Describe/Execute/Close/Sync are
+2. **Relay, bot -> server** (``Session.client_data``): message boundaries
+   come from ``struct.unpack_from`` over the received buffer (the loop of
+   :func:`split_messages`, inlined), no copies. Only the types that matter
+   are decoded: Query and Parse go through ``services.decide_sql`` (the
+   policy engine caches what is safe to cache; a verdict may depend on
+   session state and time windows); Bind/Describe/Execute/Close/Sync are
    recorded as pending operations. Unchanged runs of messages are written
    as the very bytes received.
 
@@ -40,7 +41,10 @@ LISTEN and temp tables behave exactly as they would directly.
    * *approve*: reading from the bot pauses for this session only; the
      statement waits on ``services.hold`` (the bot gets a NoticeResponse
      naming the approval id) and is then sent or replaced as for *block*.
-   * *mask*: the statement runs; see below.
+     Inside a transaction a keep-alive Sync (answer swallowed) keeps the
+     server's idle timeout away; a CancelRequest withdraws the hold (57014).
+   * *mask*: the statement runs; see below. COPY TO STDOUT of a masked
+     statement is refused (CopyData cannot be masked).
 
 3. **Relay, server -> bot** (``Session.server_data``): spans again; a table
    of handlers per message type, ``None`` for pass-through. Pending
