@@ -601,6 +601,7 @@ class Session:
         self._plan_req: _Request | None = None
         self._server_fatal = False
         self._terminated = False
+        self._deferred: list | None = None  # requests completed during the current server read
         self._handlers: list[Callable | None] = [None] * 256
         for ch, h in ((b"1", self._on_parse_complete), (b"2", self._on_bind_complete),
                       (b"3", self._on_close_complete), (b"T", self._on_row_description),
@@ -1250,6 +1251,17 @@ class Session:
 
     # ================================================================== server -> bot
     def server_data(self, data: bytes) -> None:
+        # Requests that complete in this read are audited after the bytes went to the bot:
+        # the bot is not kept waiting for our bookkeeping.
+        self._deferred = deferred = []
+        try:
+            self._relay_server_data(data)
+        finally:
+            self._deferred = None
+            for req in deferred:
+                self._emit(req)
+
+    def _relay_server_data(self, data: bytes) -> None:
         left = self._stream_left
         if left:
             if len(data) <= left:
@@ -1546,6 +1558,13 @@ class Session:
 
     # ------------------------------------------------------------------ audit
     def _finish(self, req: _Request) -> None:
+        deferred = self._deferred
+        if deferred is not None:
+            deferred.append(req)
+        else:
+            self._emit(req)
+
+    def _emit(self, req: _Request) -> None:
         v = req.verdict
         self._audit("request", {
             "request_id": req.request_id or _urandom(16).hex(), "session_id": self.session_id,
