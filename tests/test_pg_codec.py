@@ -13,8 +13,8 @@ from appliance.protocols.postgres import messages as m, sqlstate
 from appliance.protocols.postgres.auth import ScramClient, md5_password
 from appliance.protocols.postgres.connection import (NEED_DATA, ConnectionClosed, PgConnection, Role, State,
                                                      error_response, negotiate_reply, startup_for_server)
-from appliance.protocols.postgres.errors import (MessageTooLarge, PgProtocolError, RemoteProtocolError,
-                                                 UnsupportedProtocol, AuthenticationError)
+from appliance.protocols.postgres.errors import (AuthenticationError, LocalProtocolError, MessageTooLarge,
+                                                 PgProtocolError, RemoteProtocolError, UnsupportedProtocol)
 from appliance.protocols.postgres.framing import split_messages
 
 FRONTEND = [
@@ -124,7 +124,7 @@ def test_protocol_3_2_gets_negotiate_protocol_version():
     server.receive_data(startup.encode())
     got = server.next_event()
     assert got == startup
-    assert negotiate_reply(got) == m.NegotiateProtocolVersion(0, ("_pq_.foo",))
+    assert negotiate_reply(got) == m.NegotiateProtocolVersion(m.PROTOCOL_3_0, ("_pq_.foo",))
     assert negotiate_reply(m.StartupMessage((("user", "u"),))) is None
     upstream = startup_for_server(got, "real")
     assert upstream.version == m.PROTOCOL_3_0
@@ -269,3 +269,48 @@ def test_fuzz_frontend_bodies_only_declared_errors(parts):
             continue
         # whatever decodes must encode back to the same bytes
         assert msg.encode() == t + struct.pack("!i", len(body) + 4) + body
+
+
+def test_client_and_server_back_to_back():
+    """Two codecs wired together in memory: a login and a query round trip."""
+    client, server = PgConnection(Role.CLIENT), PgConnection(Role.SERVER)
+
+    def pump(src_bytes: bytes, dst: PgConnection) -> list:
+        dst.receive_data(src_bytes)
+        out = []
+        while (ev := dst.next_event()) is not NEED_DATA and not isinstance(ev, ConnectionClosed):
+            out.append(ev)
+        return out
+
+    assert pump(client.send(m.SSLRequest()), server) == [m.SSLRequest()]
+    assert pump(server.send(m.SSLResponse(False)), client) == [m.SSLResponse(False)]
+    startup = m.StartupMessage((("user", "u"), ("database", "d")))
+    assert pump(client.send(startup), server) == [startup]
+    assert pump(server.send(m.AuthenticationCleartextPassword()), client) == [m.AuthenticationCleartextPassword()]
+    [pw] = pump(client.send(m.PasswordMessage.password("tok")), server)
+    assert pw.password_text() == "tok"
+    replies = [m.AuthenticationOk(), m.ParameterStatus("server_version", "15"), m.BackendKeyData(1, 2),
+               m.ReadyForQuery("I")]
+    assert pump(b"".join(server.send(r) for r in replies), client) == replies
+    assert pump(client.send(m.Query("SELECT 1")), server) == [m.Query("SELECT 1")]
+    result = [m.RowDescription((m.FieldDescription("x", type_oid=23),)), m.DataRow((b"1",)),
+              m.CommandComplete("SELECT 1"), m.ReadyForQuery("I")]
+    assert pump(b"".join(server.send(r) for r in result), client) == result
+    with pytest.raises(LocalProtocolError):
+        server.send(m.Query("servers do not send queries"))
+    assert pump(client.send(m.Terminate()), server) == [m.Terminate()]
+    assert server.state is State.CLOSED
+
+
+def test_startup_packet_limits():
+    too_long = struct.pack("!i", 20000) + b"\x00" * 8
+    too_short = struct.pack("!i", 4)
+    truncated = _startup_then(b"")[:4] + b"\x00\x03\x00\x00user\x00"  # closes before its announced end
+    for packet in (too_long, too_short, truncated):
+        server = PgConnection(Role.SERVER)
+        server.receive_data(packet)
+        with pytest.raises(RemoteProtocolError):
+            while server.next_event() is not NEED_DATA:
+                pass
+            server.receive_data(b"")
+            server.next_event()

@@ -22,11 +22,12 @@ LISTEN and temp tables behave exactly as they would directly.
    real PID and gets our own secret (the front maps it back for
    CancelRequest). The first ReadyForQuery switches both sides to relaying.
 
-2. **Relay, bot -> server** (``Session.client_data``): the buffer is split
-   into (type, start, end) spans with ``struct.unpack_from``
-   (:func:`split_messages`), no copies. Only the types that matter are
-   decoded: Query and Parse go through ``services.decide_sql`` (verdicts
-   cached per session by exact text); Bind/Describe/Execute/Close/Sync are
+2. **Relay, bot -> server** (``Session.client_data``): message boundaries
+   come from ``struct.unpack_from`` over the received buffer (the loop of
+   :func:`split_messages`, inlined), no copies. Only the types that matter
+   are decoded: Query and Parse go through ``services.decide_sql`` (the
+   policy engine caches what is safe to cache; a verdict may depend on
+   session state and time windows); Bind/Describe/Execute/Close/Sync are
    recorded as pending operations. Unchanged runs of messages are written
    as the very bytes received.
 
@@ -40,7 +41,10 @@ LISTEN and temp tables behave exactly as they would directly.
    * *approve*: reading from the bot pauses for this session only; the
      statement waits on ``services.hold`` (the bot gets a NoticeResponse
      naming the approval id) and is then sent or replaced as for *block*.
-   * *mask*: the statement runs; see below.
+     Inside a transaction a keep-alive Sync (answer swallowed) keeps the
+     server's idle timeout away; a CancelRequest withdraws the hold (57014).
+   * *mask*: the statement runs; see below. COPY TO STDOUT of a masked
+     statement is refused (CopyData cannot be masked).
 
 3. **Relay, server -> bot** (``Session.server_data``): spans again; a table
    of handlers per message type, ``None`` for pass-through. Pending
@@ -84,8 +88,8 @@ from appliance.protocols.postgres.auth import SCRAM_SHA_256, ScramClient, md5_pa
 from appliance.protocols.postgres.connection import (NEED_DATA, ConnectionClosed, PgConnection, Role,
                                                      error_response, negotiate_reply, notice_response,
                                                      startup_for_server)
-from appliance.protocols.postgres.errors import PgProtocolError
-from appliance.protocols.postgres.framing import DEFAULT_MAX_MESSAGE_SIZE, split_messages
+from appliance.protocols.postgres.errors import PgProtocolError, RemoteProtocolError
+from appliance.protocols.postgres.framing import DEFAULT_MAX_MESSAGE_SIZE, check_length, unpack_len as _unpack_len
 
 from .services import (AuthRefused, ColumnMaskPlan, ConnectionContext, FrontServices, HoldOutcome,
                        SessionGrant)
@@ -151,18 +155,22 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+_time = time.time
+_urandom = os.urandom
+
+
+def _discard(data: bytes) -> None:
+    """Writer of a closed session."""
+
+
 def _new_id() -> str:
-    return os.urandom(16).hex()
+    return _urandom(16).hex()
 
 
 def _addr(a: Any) -> str | None:
     if isinstance(a, tuple) and len(a) >= 2:
         return f"{a[0]}:{a[1]}"
     return str(a) if a else None
-
-
-def _encode_error(err: m.ErrorResponse) -> bytes:
-    return err.encode()
 
 
 class PostgresFront:
@@ -244,11 +252,13 @@ class PostgresFront:
                     # The held statement never reached the server; a cancel forwarded now could
                     # hit the bot's next statement instead.
                     return
-        secret, host, port = found
+        await self.cancel_upstream(req.pid, *found)
+
+    async def cancel_upstream(self, pid: int, secret: int, host: str, port: int) -> None:
         try:
             _, writer = await asyncio.wait_for(asyncio.open_connection(host, port),
                                                self.settings.connect_timeout)
-            writer.write(m.CancelRequest(req.pid, secret).encode())
+            writer.write(m.CancelRequest(pid, secret).encode())
             await writer.drain()
             writer.close()
         except (OSError, asyncio.TimeoutError) as e:
@@ -302,7 +312,11 @@ class BotProtocol(asyncio.Protocol):
         s = self.session
         s.bytes_in += len(data)
         if s.relaying:
-            s.client_data(data)
+            try:
+                s.client_data(data)
+            except Exception:  # our bug or a hook's: fail closed, never forward unchecked bytes
+                log.exception("relay failed (bot -> server); session closed")
+                s.fatal(sqlstate.INTERNAL_ERROR, "internal error in the inspector; the session is closed")
         else:
             try:
                 s.bot_waiter.feed(data)
@@ -338,7 +352,11 @@ class UpstreamProtocol(asyncio.Protocol):
         s = self.session
         s.bytes_out += len(data)
         if s.relaying:
-            s.server_data(data)
+            try:
+                s.server_data(data)
+            except Exception:  # e.g. a mask plan that raises: no unmasked row may pass
+                log.exception("relay failed (server -> bot); session closed")
+                s.fatal(sqlstate.INTERNAL_ERROR, "internal error in the inspector; the session is closed")
         else:
             try:
                 s.server_waiter.feed(data)
@@ -362,25 +380,24 @@ class UpstreamProtocol(asyncio.Protocol):
 class _Request:
     """One statement's audit record while it runs."""
 
-    __slots__ = ("request_id", "kind", "text", "params", "verdict", "decision", "ts", "t0", "rows", "error",
-                 "sqlstate", "masked", "nonce", "refusal", "reason")
+    # Class-level defaults: one request per statement is the hot path, so __init__ sets only
+    # what every request has; the rest is written when it happens.
+    request_id: str | None = None        # made when first needed (a hold names it, or the audit record)
+    decision: str | None = None          # None: the verdict's action
+    reason: str | None = None            # None: the verdict's reason
+    rows: int | None = None
+    error: str | None = None
+    sqlstate: str | None = None
+    masked: dict[str, int] | None = None
+    nonce: str | None = None             # set when the statement was replaced by a failing one
+    refusal: m.ErrorResponse | None = None
 
     def __init__(self, kind: str, text: str, verdict: Verdict, params: list | None = None):
-        self.request_id = _new_id()
         self.kind = kind
         self.text = text
         self.params = params
         self.verdict = verdict
-        self.decision = verdict.action
-        self.reason = verdict.reason or None
-        self.ts = _now()
-        self.t0 = time.perf_counter()
-        self.rows: int | None = None
-        self.error: str | None = None
-        self.sqlstate: str | None = None
-        self.masked: dict[str, int] | None = None
-        self.nonce: str | None = None       # set when the statement was replaced by a failing one
-        self.refusal: m.ErrorResponse | None = None
+        self.t0 = _time()
 
 
 class _Statement:
@@ -409,26 +426,55 @@ OP_QUERY, OP_PARSE, OP_BIND, OP_DESCRIBE, OP_EXECUTE, OP_CLOSE, OP_SYNC, OP_FUNC
 _SYNC = m.Sync().encode()
 
 _I32 = struct.Struct("!i")
+_H16 = struct.Struct("!h")
 _HEADER = struct.Struct("!ci")
 
 
 def _row_values(buf, start: int, end: int) -> list[bytes | None]:
-    """Values of a DataRow at buf[start:end] (start = its type byte)."""
-    (n,) = struct.unpack_from("!h", buf, start + 5)
-    pos = start + 7
-    out: list[bytes | None] = []
-    unpack = _I32.unpack_from
-    for _ in range(n):
-        (ln,) = unpack(buf, pos)
-        pos += 4
-        if ln < 0:
-            out.append(None)
-        else:
-            if pos + ln > end:
-                raise PgProtocolError("DataRow value runs past its message")
-            out.append(bytes(buf[pos:pos + ln]))
-            pos += ln
+    """Values of a DataRow at buf[start:end] (start = its type byte), as bytes."""
+    if type(buf) is not bytes:
+        buf = bytes(buf[start:end])  # one copy of the row, so values are immutable bytes
+        end -= start
+        start = 0
+    try:
+        (n,) = _H16.unpack_from(buf, start + 5)
+        pos = start + 7
+        out: list[bytes | None] = []
+        append = out.append
+        unpack = _I32.unpack_from
+        for _ in range(n):
+            (ln,) = unpack(buf, pos)
+            pos += 4
+            if ln < 0:
+                append(None)
+            else:
+                append(buf[pos:pos + ln])
+                pos += ln
+    except struct.error as err:
+        raise RemoteProtocolError(f"malformed DataRow: {err}") from err
+    if pos != end:
+        raise RemoteProtocolError("DataRow values do not match its length")
     return out
+
+
+_NULL = b"\xff\xff\xff\xff"
+
+
+def _encode_row(values) -> bytes:
+    parts = [b"", _H16.pack(len(values))]
+    append = parts.append
+    pack = _I32.pack
+    size = 6
+    for v in values:
+        if v is None:
+            append(_NULL)
+            size += 4
+        else:
+            append(pack(len(v)))
+            append(v)
+            size += 4 + len(v)
+    parts[0] = _HEADER.pack(b"D", size)
+    return b"".join(parts)
 
 
 def _columns(desc: m.RowDescription, formats: tuple[int, ...] | None = None) -> list[ColumnDesc]:
@@ -439,6 +485,62 @@ def _columns(desc: m.RowDescription, formats: tuple[int, ...] | None = None) -> 
             fmt = formats[i] if len(formats) > 1 else (formats[0] if formats else 0)
         cols.append(ColumnDesc(f.name, f.table_oid, f.attnum, f.type_oid, fmt))
     return cols
+
+
+def _cstring_at(buf, pos: int, end: int) -> tuple[str, int]:
+    z = buf.find(b"\x00", pos, end)
+    if z < 0:
+        raise RemoteProtocolError("string field is not NUL-terminated")
+    return buf[pos:z].decode("utf-8", "surrogateescape"), z + 1
+
+
+def _bind_fast(buf, s: int, e: int) -> tuple[str, str, list[str | None], tuple[int, ...]]:
+    """(portal, statement, parameters rendered for the audit, result formats) of a Bind, without copies.
+
+    The hot path of every extended-protocol execution; Bind.decode is the reference
+    (the fuzz tests hold both to the same inputs through the front's tests).
+    """
+    try:
+        portal, pos = _cstring_at(buf, s + 5, e)
+        statement, pos = _cstring_at(buf, pos, e)
+        (nf,) = _H16.unpack_from(buf, pos)
+        pos += 2
+        formats = struct.unpack_from(f"!{nf}h", buf, pos) if nf > 0 else ()
+        pos += 2 * nf
+        (np_,) = _H16.unpack_from(buf, pos)
+        pos += 2
+        if nf < 0 or np_ < 0 or (nf > 1 and nf != np_):
+            raise RemoteProtocolError("Bind has inconsistent parameter counts")
+        for f in formats:
+            if f != 0 and f != 1:
+                raise RemoteProtocolError(f"unknown format code {f}")
+        params: list[str | None] = []
+        for i in range(np_):
+            (ln,) = _I32.unpack_from(buf, pos)
+            pos += 4
+            if ln == -1:
+                params.append(None)
+                continue
+            if ln < 0 or pos + ln > e:
+                raise RemoteProtocolError("Bind parameter runs past its message")
+            fmt = formats[i] if nf > 1 else (formats[0] if nf else 0)
+            raw = buf[pos:pos + ln]
+            params.append(raw.decode("utf-8", "replace") if fmt == 0 else "\\x" + raw.hex())
+            pos += ln
+        (nr,) = _H16.unpack_from(buf, pos)
+        pos += 2
+        if nr < 0:
+            raise RemoteProtocolError("Bind has a negative result format count")
+        result_formats = struct.unpack_from(f"!{nr}h", buf, pos) if nr else ()
+        for f in result_formats:
+            if f != 0 and f != 1:
+                raise RemoteProtocolError(f"unknown format code {f}")
+        pos += 2 * nr
+        if pos != e:
+            raise RemoteProtocolError("Bind body length does not match its fields")
+        return portal, statement, params, result_formats
+    except struct.error as err:
+        raise RemoteProtocolError(f"Bind message is truncated: {err}") from err
 
 
 def _render_params(bind: m.Bind) -> list[str | None]:
@@ -477,8 +579,12 @@ class Session:
         self.backend_pid: int | None = None
         self.txn_status = "I"
         self._paused: set[str] = set()
+        # The relay's writers: the transports' own write methods once relaying, no-ops after close.
+        self._to_bot: Callable[[bytes], None] = self.write_bot
+        self._to_server: Callable[[bytes], None] = self.write_server
         self._startup_task: asyncio.Task | None = None
         self._hold_task: asyncio.Task | None = None
+        self._held_req: _Request | None = None
         self._hold_wait: asyncio.Future | None = None  # services.hold, while a statement is held
         self._withdrawn = False
         self._ext_open = False  # extended-protocol messages forwarded since the last Sync (bot -> server)
@@ -495,12 +601,15 @@ class Session:
         self._plan = None
         self._plan_req: _Request | None = None
         self._server_fatal = False
+        self._terminated = False
+        self._deferred: list | None = None  # requests completed during the current server read
         self._handlers: list[Callable | None] = [None] * 256
         for ch, h in ((b"1", self._on_parse_complete), (b"2", self._on_bind_complete),
                       (b"3", self._on_close_complete), (b"T", self._on_row_description),
                       (b"n", self._on_no_data), (b"C", self._on_command_complete),
                       (b"I", self._on_empty_query), (b"s", self._on_portal_suspended),
-                      (b"E", self._on_error), (b"Z", self._on_ready), (b"K", self._on_backend_key)):
+                      (b"E", self._on_error), (b"Z", self._on_ready), (b"K", self._on_backend_key),
+                      (b"H", self._on_copy_out), (b"W", self._on_copy_out)):
             self._handlers[ch[0]] = h
         self._client_handlers: list[Callable | None] = [None] * 256
         for ch, h in ((b"Q", self._c_query), (b"P", self._c_parse), (b"B", self._c_bind),
@@ -558,6 +667,7 @@ class Session:
         if self.closed:
             return
         self.closed = True
+        self._to_bot = self._to_server = _discard
         if self._startup_task is not None and not self._startup_task.done():
             self._startup_task.cancel()
         if self._hold_task is not None and not self._hold_task.done():
@@ -589,7 +699,8 @@ class Session:
             return
         if self._ops and self.backend_pid is not None and self.cancel_key is not None:
             # The server would run the statement to its end; ask it to stop now.
-            self.front.spawn(self.front.cancel(m.CancelRequest(self.cancel_key[0], self.cancel_key[1])),
+            secret, host, port = self.front.cancel_keys[self.cancel_key]
+            self.front.spawn(self.front.cancel_upstream(self.backend_pid, secret, host, port),
                              "pg-cancel-on-disconnect")
             if self.outcome == "ok":
                 self.outcome = "terminated"
@@ -599,6 +710,9 @@ class Session:
     def server_lost(self, exc: Exception | None) -> None:
         self.server_waiter.wake(ConnectionResetError("server closed the connection"))
         if self.closed or not self.relaying:
+            return
+        if self._terminated:
+            self.close()  # the bot said goodbye; the server closing is the normal end
             return
         if self._server_fatal:
             # The server already told the bot why (e.g. pg_terminate_backend's 57P01).
@@ -651,6 +765,11 @@ class Session:
                 self.outcome = "error"
                 self.end_error = str(e)
                 self.close()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("session startup failed")
+            self.fatal(sqlstate.INTERNAL_ERROR, "internal error while starting the session")
 
     async def _startup(self) -> None:
         loop = asyncio.get_running_loop()
@@ -780,6 +899,8 @@ class Session:
             else:
                 raise FrontError(sqlstate.PROTOCOL_VIOLATION,
                                  f"the server sent {type(ev).__name__} during startup")
+        self._to_bot = self.bot.transport.write
+        self._to_server = self.upstream.transport.write
         self.relaying = True
         rest_server = self.server_waiter.codec.trailing_data
         rest_bot = self.bot_waiter.codec.trailing_data
@@ -860,55 +981,58 @@ class Session:
             if len(buf) > HELD_BUFFER_LIMIT and "held" not in self._paused:
                 self.flow("held", True)
             return
-        try:
-            spans, pos = split_messages(buf, 0, self.settings.max_message_size)
-        except PgProtocolError as e:
-            self.fatal(e.sqlstate, e.message)
-            return
         handlers = self._client_handlers
+        max_size = self.settings.max_message_size
         out: list = []
         run = 0   # start of the pending run of unchanged bytes
-        for i, (t, s, e) in enumerate(spans):
-            h = handlers[t]
-            if h is None:
-                continue
-            try:
-                r = h(buf, s, e)
-            except PgProtocolError as err:
-                self.fatal(err.sqlstate, err.message)
-                return
-            if r is None:
-                continue
-            if r is _HOLD:
-                if run < s:
-                    out.append(buf[run:s])
-                self._cbuf = bytearray(memoryview(buf)[e:])
-                self._held = True
-                self._flush_out(out)
-                return
-            if run < s:
-                out.append(buf[run:s])
-            if r:
-                out.append(r)
-            run = e
-            if self.closed:
-                self._flush_out(out)
-                return
+        pos = 0
+        n = len(buf)
+        # Framing inline (see framing.split_messages): this loop is the hot path.
+        try:
+            while n - pos >= 5:
+                (length,) = _unpack_len(buf, pos + 1)
+                if length < 4 or length > max_size:
+                    check_length(buf[pos], length, max_size)
+                e = pos + 1 + length
+                if e > n:
+                    break
+                h = handlers[buf[pos]]
+                if h is not None:
+                    r = h(buf, pos, e)
+                    if r is not None:
+                        if run < pos:
+                            out.append(buf[run:pos])
+                        if r is _HOLD:
+                            self._cbuf = bytearray(memoryview(buf)[e:])
+                            self._held = True
+                            self._flush_out(out)
+                            return
+                        if r:
+                            out.append(r)
+                        run = e
+                        if self.closed:
+                            self._flush_out(out)
+                            return
+                pos = e
+        except PgProtocolError as err:
+            self._flush_out(out)
+            self.fatal(err.sqlstate, err.message)
+            return
         if not out:
-            if pos == len(buf):
-                self.write_server(buf)
+            if pos == n:
+                self._to_server(buf)
             elif pos:
-                self.write_server(buf[:pos])
+                self._to_server(buf[:pos])
         else:
             if run < pos:
                 out.append(buf[run:pos])
             self._flush_out(out)
         # A new object each time: bytes already handed to the transport are never mutated.
-        self._cbuf = bytearray(memoryview(buf)[pos:]) if pos < len(buf) else b""
+        self._cbuf = bytearray(memoryview(buf)[pos:]) if pos < n else b""
 
     def _flush_out(self, out: list) -> None:
         if out:
-            self.write_server(b"".join(out))
+            self._to_server(b"".join(out))
 
     def _blocked_sql(self, req: _Request, refusal: m.ErrorResponse) -> str:
         # A statement that fails in the server's parser: the server then recovers exactly as
@@ -926,7 +1050,10 @@ class Session:
                               detail=verdict.reason or None)
 
     def _c_query(self, buf, s: int, e: int):
-        sql = m.Query.decode(bytes(buf[s + 5:e])).sql
+        # Inline decode: this runs for every simple-protocol statement.
+        if buf[e - 1] != 0 or buf.find(b"\x00", s + 5, e - 1) >= 0:
+            raise RemoteProtocolError("Query must carry exactly one NUL-terminated string")
+        sql = buf[s + 5:e - 1].decode("utf-8", "surrogateescape")
         v = self._decide(sql, "query")
         req = _Request("query", sql, v)
         action = v.action
@@ -947,8 +1074,7 @@ class Session:
         msg = m.Parse.decode(bytes(buf[s + 5:e]))
         ext_was_open, self._ext_open = self._ext_open, True
         if self._skip_until_sync:
-            # The server discards this after our refusal; no decision needed.
-            self._ops.append((OP_PARSE, None, None))
+            # The server discards this after our refusal: no decision, no response to expect.
             return None
         v = self._decide(msg.query, "parse")
         stmt = _Statement(msg.query, v)
@@ -978,20 +1104,24 @@ class Session:
         return _HOLD
 
     def _c_bind(self, buf, s: int, e: int):
-        msg = m.Bind.decode(bytes(buf[s + 5:e]))
-        stmt = self._statements.get(msg.statement, _UNKNOWN_STATEMENT)
-        portal = _Portal(stmt, _render_params(msg), msg.result_formats)
-        self._portals[msg.portal] = portal
+        if self._skip_until_sync:
+            return None
+        portal_name, stmt_name, params, result_formats = _bind_fast(buf, s, e)
+        stmt = self._statements.get(stmt_name, _UNKNOWN_STATEMENT)
+        portal = _Portal(stmt, params, result_formats)
+        self._portals[portal_name] = portal
         self._ext_open = True
         self._ops.append((OP_BIND,))
-        if stmt.verdict.action == "mask" and not self._skip_until_sync:
+        if stmt.verdict.action == "mask":
             # Masking needs the result columns with their formats: ask for them, keep the answer.
             self._handlers[68] = self._on_data_row
             self._ops.append((OP_DESCRIBE, "P", portal, True))
-            return bytes(buf[s:e]) + m.Describe("P", msg.portal).encode()
+            return bytes(buf[s:e]) + m.Describe("P", portal_name).encode()
         return None
 
     def _c_describe(self, buf, s: int, e: int):
+        if self._skip_until_sync:
+            return None
         msg = m.Describe.decode(bytes(buf[s + 5:e]))
         target = (self._statements.get(msg.name) if msg.kind == "S" else self._portals.get(msg.name))
         self._ext_open = True
@@ -999,8 +1129,12 @@ class Session:
         return None
 
     def _c_execute(self, buf, s: int, e: int):
-        msg = m.Execute.decode(bytes(buf[s + 5:e]))
-        portal = self._portals.get(msg.portal)
+        if self._skip_until_sync:
+            return None
+        name, pos = _cstring_at(buf, s + 5, e)
+        if pos + 4 != e:
+            raise RemoteProtocolError("Execute body length does not match its fields")
+        portal = self._portals.get(name)
         stmt = portal.statement if portal is not None else _UNKNOWN_STATEMENT
         req = _Request("execute", stmt.text, stmt.verdict, portal.params if portal is not None else None)
         self._ext_open = True
@@ -1008,6 +1142,8 @@ class Session:
         return None
 
     def _c_close(self, buf, s: int, e: int):
+        if self._skip_until_sync:
+            return None
         msg = m.Close.decode(bytes(buf[s + 5:e]))
         (self._statements if msg.kind == "S" else self._portals).pop(msg.name, None)
         self._ext_open = True
@@ -1036,11 +1172,13 @@ class Session:
         return m.Query(nonce).encode()
 
     def _c_terminate(self, buf, s: int, e: int):
+        self._terminated = True
         return None
 
     # ------------------------------------------------------------------ approvals
     def _start_hold(self, req: _Request, original: bytes, make_op: Callable[[], tuple],
                     on_denied: Callable[[str], bytes]) -> None:
+        self._held_req = req
         self._hold_task = self.front.spawn(self._hold(req, original, make_op, on_denied), "pg-hold")
         self.front.spawn(self._keep_alive_while_held(self._hold_task), "pg-hold-keepalive")
 
@@ -1064,6 +1202,8 @@ class Session:
         expiry ends the wait, and a bot that hangs up withdraws the request (task cancelled)."""
         loop = asyncio.get_running_loop()
         thread = threading.get_ident()
+        if req.request_id is None:
+            req.request_id = _new_id()  # the approval record names the request
 
         def notify(approval_id: str) -> None:
             notice = notice_response(
@@ -1071,7 +1211,7 @@ class Session:
                 + (f" (rule {req.verdict.rule!r})" if req.verdict.rule else "") + "; waiting for an operator",
                 hint=f"an operator decides with: botwarden approvals approve|deny {approval_id}").encode()
             if threading.get_ident() == thread:
-                self.write_bot(notice)
+                self._to_bot(notice)
             else:
                 loop.call_soon_threadsafe(self.write_bot, notice)
 
@@ -1100,8 +1240,9 @@ class Session:
             req.decision = "deny"
             req.reason = outcome.reason or "denied"
             out = on_denied(self._blocked_sql(req, _hold_refusal(outcome)))
+        self._held_req = None
         self._ops.append(make_op())
-        self.write_server(out)
+        self._to_server(out)
         self._held = False
         if "held" in self._paused:
             self.flow("held", False)
@@ -1111,13 +1252,24 @@ class Session:
 
     # ================================================================== server -> bot
     def server_data(self, data: bytes) -> None:
+        # Requests that complete in this read are audited after the bytes went to the bot:
+        # the bot is not kept waiting for our bookkeeping.
+        self._deferred = deferred = []
+        try:
+            self._relay_server_data(data)
+        finally:
+            self._deferred = None
+            for req in deferred:
+                self._emit(req)
+
+    def _relay_server_data(self, data: bytes) -> None:
         left = self._stream_left
         if left:
             if len(data) <= left:
                 self._stream_left = left - len(data)
-                self.write_bot(data)
+                self._to_bot(data)
                 return
-            self.write_bot(data[:left])
+            self._to_bot(data[:left])
             data = data[left:]
             self._stream_left = 0
         if self._sbuf:
@@ -1125,46 +1277,47 @@ class Session:
             buf = self._sbuf
         else:
             buf = data
-        try:
-            spans, pos = split_messages(buf, 0, SERVER_MAX_MESSAGE)
-        except PgProtocolError as e:
-            self.fatal(sqlstate.PROTOCOL_VIOLATION, f"the server sent an invalid message ({e.message})")
-            return
         handlers = self._handlers
         out: list = []
         run = 0
+        pos = 0
+        n = len(buf)
         try:
-            for t, s, e in spans:
-                h = handlers[t]
-                if h is None:
-                    continue
-                r = h(buf, s, e)
-                if r is None:
-                    continue
-                if run < s:
-                    out.append(buf[run:s])
-                if r:
-                    out.append(r)
-                run = e
+            while n - pos >= 5:
+                (length,) = _unpack_len(buf, pos + 1)
+                if length < 4:
+                    check_length(buf[pos], length, SERVER_MAX_MESSAGE)
+                e = pos + 1 + length
+                if e > n:
+                    break
+                h = handlers[buf[pos]]
+                if h is not None:
+                    r = h(buf, pos, e)
+                    if r is not None:
+                        if run < pos:
+                            out.append(buf[run:pos])
+                        if r:
+                            out.append(r)
+                        run = e
+                pos = e
         except PgProtocolError as err:
             self.fatal(sqlstate.PROTOCOL_VIOLATION, f"the server sent an invalid message ({err.message})")
             return
-        end = len(buf)
-        if pos < end and end - pos >= STREAM_THRESHOLD and handlers[buf[pos]] is None:
+        if pos < n and n - pos >= STREAM_THRESHOLD and handlers[buf[pos]] is None:
             # A big message we do not inspect: send what we have, stream the rest as it comes.
-            (length,) = _I32.unpack_from(buf, pos + 1)
-            self._stream_left = length + 1 - (end - pos)
-            pos = end
+            (length,) = _unpack_len(buf, pos + 1)
+            self._stream_left = length + 1 - (n - pos)
+            pos = n
         if not run:  # nothing replaced or dropped (a dropped message leaves `out` empty but moves `run`)
-            if pos == end:
-                self.write_bot(buf)
+            if pos == n:
+                self._to_bot(buf)
             elif pos:
-                self.write_bot(buf[:pos])
+                self._to_bot(buf[:pos])
         else:
             if run < pos:
                 out.append(buf[run:pos])
-            self.write_bot(b"".join(out))
-        self._sbuf = bytearray(memoryview(buf)[pos:]) if pos < end else b""
+            self._to_bot(b"".join(out))
+        self._sbuf = bytearray(memoryview(buf)[pos:]) if pos < n else b""
 
     def _pop(self, kind: int):
         ops = self._ops
@@ -1266,21 +1419,20 @@ class Session:
             self._plan_req = req
             if plan is _NO_PLAN:
                 return None
-        try:
-            values = _row_values(buf, s, e)
-        except struct.error as err:
-            raise PgProtocolError(f"malformed DataRow: {err}") from err
+        values = _row_values(buf, s, e)
         new, changed = plan.apply(values)
         if not changed:
             return None
-        return m.DataRow(tuple(new)).encode()
+        return _encode_row(new)
 
     def _on_command_complete(self, buf, s, e):
         ops = self._ops
         if not ops:
             return None
         head = ops[0]
-        rows = m.CommandComplete.decode(bytes(buf[s + 5:e])).rows
+        tag = buf[s + 5:e - 1]
+        i = tag.rfind(b" ")
+        rows = int(tag[i + 1:]) if i > 0 and tag[i + 1:].isdigit() else None
         if head[0] == OP_QUERY:
             req = head[1]
             if rows is not None:
@@ -1357,7 +1509,8 @@ class Session:
             op = ops.popleft()
             kind = op[0]
             if kind == OP_QUERY or kind == OP_FUNCTION:
-                self._end_plan()
+                if self._plan is not None:
+                    self._end_plan()
                 self._finish(op[1])
                 break
             if kind == OP_SYNC:
@@ -1370,23 +1523,67 @@ class Session:
             self._handlers[68] = None
         return None
 
+    def _on_copy_out(self, buf, s, e):
+        """COPY ... TO STDOUT of a statement to be masked: CopyData cannot be masked, so refuse it."""
+        ops = self._ops
+        if not ops:
+            return None
+        head = ops[0]
+        req = head[1] if head[0] == OP_QUERY else (head[2] if head[0] == OP_EXECUTE else None)
+        if req is None or req.verdict.action != "mask":
+            return None
+        refusal = error_response(sqlstate.INSUFFICIENT_PRIVILEGE,
+                                 f"COPY TO STDOUT is refused for statements masked by rule {req.verdict.rule!r}",
+                                 detail="masking rewrites result rows; COPY data cannot be masked",
+                                 hint="select the rows instead")
+        req.decision = "block"
+        req.error, req.sqlstate = refusal.message, refusal.sqlstate
+        if head[0] == OP_EXECUTE:
+            # In an extended batch the server would go on with the next messages while the bot,
+            # having seen an error, expects them skipped: end the session rather than diverge.
+            self.fatal(sqlstate.INSUFFICIENT_PRIVILEGE, refusal.message)
+            return b""
+        # Swallow the copy stream up to its CommandComplete; the bot sees our error instead.
+        self._handlers[ord("d")] = self._handlers[ord("c")] = _swallow
+        self._handlers[ord("C")] = self._on_copy_refused_complete
+        return refusal.encode()
+
+    def _on_copy_refused_complete(self, buf, s, e):
+        self._handlers[ord("d")] = self._handlers[ord("c")] = None
+        self._handlers[ord("C")] = self._on_command_complete
+        return b""
+
     def _on_backend_key(self, buf, s, e):
         msg = m.BackendKeyData.decode(bytes(buf[s + 5:e]))
         return self._remap_key(msg.pid, msg.secret)
 
     # ------------------------------------------------------------------ audit
     def _finish(self, req: _Request) -> None:
+        deferred = self._deferred
+        if deferred is not None:
+            deferred.append(req)
+        else:
+            self._emit(req)
+
+    def _emit(self, req: _Request) -> None:
+        v = req.verdict
         self._audit("request", {
-            "request_id": req.request_id, "session_id": self.session_id, "ts": req.ts, "protocol": PROTOCOL,
-            "kind": req.kind, "text": req.text, "params": req.params, "decision": req.decision,
-            "rule": req.verdict.rule, "reason": req.reason,
-            "duration_ms": (time.perf_counter() - req.t0) * 1000.0, "rows": req.rows, "error": req.error,
+            "request_id": req.request_id or _urandom(16).hex(), "session_id": self.session_id,
+            "ts": datetime.fromtimestamp(req.t0, timezone.utc), "protocol": PROTOCOL,
+            "kind": req.kind, "text": req.text, "params": req.params, "decision": req.decision or v.action,
+            "rule": v.rule, "reason": req.reason or v.reason or None,
+            "duration_ms": (_time() - req.t0) * 1000.0, "rows": req.rows, "error": req.error,
             "sqlstate": req.sqlstate, "masked": req.masked,
         })
 
     def _finish_pending(self, why: str) -> None:
-        if self._hold_task is not None and self._held:
-            self._held = False
+        held, self._held_req = self._held_req, None
+        if held is not None:
+            # The bot left while its statement waited for a human: it never ran.
+            held.decision = "deny"
+            held.error = "session ended while the statement waited for approval"
+            self._finish(held)
+        self._held = False
         for op in self._ops:
             req = None
             if op[0] in (OP_QUERY, OP_FUNCTION):
@@ -1430,6 +1627,10 @@ def _hold_refusal(outcome: HoldOutcome) -> m.ErrorResponse:
 
 _HOLD = _Marker("HOLD")          # a client handler's answer: stop here, the statement waits for approval
 _NO_PLAN = _Marker("NO_PLAN")    # the current result needs no masking
+
+
+def _swallow(buf, s, e) -> bytes:
+    return b""
 
 
 async def _attribution(services: Any, transport) -> Any:

@@ -97,6 +97,7 @@ _BINARY_MASKS: dict[int, bytes] = {
     700: b"\x00" * 4,       # float4
     701: b"\x00" * 8,       # float8
 }
+_NUMERIC = {20, 21, 23, 700, 701, 1700, 26}
 _TEXT_LIKE = {25, 1043, 1042, 19, 114, 3802}  # text, varchar, bpchar, name, json, jsonb(text form)
 
 
@@ -112,20 +113,29 @@ class ColumnMaskPlan:
         self.indexes = list(indexes)
         self.mask = mask
         self.counts: dict[str, int] = {}
+        self._targets = [(i, self.columns[i].name, self._masked(self.columns[i])) for i in self.indexes]
 
     def _masked(self, col: ColumnDesc) -> bytes:
-        if col.format == 0 or col.type_oid in _TEXT_LIKE:
-            return b"\x01***" if col.type_oid == 3802 and col.format == 1 else self.mask
+        # Keep the value parseable for its type so clients do not fail on a masked row.
+        if col.format == 0:
+            if col.type_oid in _NUMERIC:
+                return b"0"
+            if col.type_oid == 16:
+                return b"f"
+            return self.mask
+        if col.type_oid in _TEXT_LIKE:
+            return b"\x01***" if col.type_oid == 3802 else self.mask
         return _BINARY_MASKS.get(col.type_oid, b"")
 
     def apply(self, values: Sequence[bytes | None]) -> tuple[list[bytes | None], bool]:
         out = list(values)
         changed = False
-        for i in self.indexes:
-            if i < len(out) and out[i] is not None:
-                col = self.columns[i]
-                out[i] = self._masked(col)
-                self.counts[col.name] = self.counts.get(col.name, 0) + 1
+        counts = self.counts
+        n = len(out)
+        for i, name, masked in self._targets:
+            if i < n and out[i] is not None:
+                out[i] = masked
+                counts[name] = counts.get(name, 0) + 1
                 changed = True
         return out, changed
 

@@ -212,7 +212,7 @@ def negotiate_reply(startup: m.StartupMessage) -> m.NegotiateProtocolVersion | N
     unrecognized = tuple(k for k, _ in startup.params if k.startswith("_pq_."))
     if startup.minor == 0 and not unrecognized:
         return None
-    return m.NegotiateProtocolVersion(0, unrecognized)
+    return m.NegotiateProtocolVersion(m.PROTOCOL_3_0, unrecognized)
 
 
 def startup_for_server(startup: m.StartupMessage, user: str) -> m.StartupMessage:

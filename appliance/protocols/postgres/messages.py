@@ -821,11 +821,13 @@ class FunctionCallResponse(Message):
 @dataclass(frozen=True, slots=True)
 class NegotiateProtocolVersion(Message):
     type: ClassVar[bytes] = b"v"
-    newest_minor: int
+    # The newest protocol version the server speaks as a whole (3 << 16 | minor), which is
+    # what PostgreSQL sends and libpq checks, although the docs call it the minor version.
+    newest_version: int
     unrecognized: tuple[str, ...] = ()
 
     def encode(self) -> bytes:
-        return _frame(b"v", _I.pack(self.newest_minor) + _I.pack(len(self.unrecognized))
+        return _frame(b"v", _I.pack(self.newest_version) + _I.pack(len(self.unrecognized))
                       + b"".join(_s(o) for o in self.unrecognized))
 
     @classmethod

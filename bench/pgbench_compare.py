@@ -1,0 +1,331 @@
+"""pgbench side by side: direct vs pgbouncer (session mode) vs the botwarden PostgreSQL front.
+
+Run as root from the repository root:
+
+    /work/main/.venv/bin/python bench/pgbench_compare.py [--duration 15] [--clients 8] [--threads 2]
+
+It starts a real PostgreSQL 15 (tests/servers.py), pgbouncer from the Debian
+package with a temp config, and the botwarden front in its own process on
+uvloop (and, as the floor of any Python proxy, a plain uvloop byte relay); runs
+`pgbench -S` in simple and prepared modes against each; and a
+~100 MB SELECT with two masked columns. TPS comes from pgbench, latency
+p50/p99 from its per-transaction logs (--log), CPU microseconds per
+transaction of the proxy process from /proc/<pid>/stat (utime + stime).
+Prints a Markdown table and writes it to bench/results/pgbench.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import glob
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+PGBENCH = "/usr/lib/postgresql/15/bin/pgbench"
+PSQL = "/usr/lib/postgresql/15/bin/psql"
+USER, PASSWORD = "bw_bench", "bw-bench-pw"
+TOKEN = "bench-token"
+BIG_SQL = "SELECT id, email, ssn, payload FROM big"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+# ---------------------------------------------------------------- the front, in its own process
+
+def serve_front(upstream_port: int, port_file: str) -> None:
+    import uvloop
+
+    from appliance.fronts.postgres import PgFrontSettings, PostgresFront
+    from appliance.fronts.services import Credential, DefaultServices
+    from appliance.policy.types import Verdict
+
+    class BenchServices(DefaultServices):
+        """Allow all except the big SELECT, which masks two columns; audit kept in a bounded ring."""
+
+        def __init__(self):
+            super().__init__(Credential(USER, PASSWORD), mask_columns=("email", "ssn"))
+            from collections import deque
+            self.ring = deque(maxlen=10_000)
+
+        def decide_sql(self, grant, target, sql, phase):
+            if sql == BIG_SQL:
+                return Verdict("mask", "bench-pii", "two masked columns")
+            return super().decide_sql(grant, target, sql, phase)
+
+        def audit(self, kind, record):
+            self.ring.append((kind, record))
+
+    async def main() -> None:
+        settings = PgFrontSettings(target="bench", upstream_host="127.0.0.1", upstream_port=upstream_port,
+                                   upstream_tls="disable", allow_plaintext=True)
+        front = PostgresFront(settings, BenchServices())
+        server = await front.serve("127.0.0.1", 0)
+        Path(port_file).write_text(str(server.sockets[0].getsockname()[1]))
+        await asyncio.Event().wait()
+
+    uvloop.install()
+    asyncio.run(main())
+
+
+def serve_relay(upstream_port: int, port_file: str) -> None:
+    """A plain uvloop byte relay (no inspection): the floor of any Python proxy on this machine."""
+    import uvloop
+
+    class Upstream(asyncio.Protocol):
+        def __init__(self, down):
+            self.down = down
+
+        def connection_made(self, transport):
+            self.transport = transport
+
+        def data_received(self, data):
+            self.down.transport.write(data)
+
+        def connection_lost(self, exc):
+            self.down.transport.close()
+
+    class Downstream(asyncio.Protocol):
+        def connection_made(self, transport):
+            self.transport, self.pending, self.up = transport, [], None
+            asyncio.get_running_loop().create_task(self.connect())
+
+        async def connect(self):
+            loop = asyncio.get_running_loop()
+            _, self.up = await loop.create_connection(lambda: Upstream(self), "127.0.0.1", upstream_port)
+            for data in self.pending:
+                self.up.transport.write(data)
+
+        def data_received(self, data):
+            if self.up is not None:
+                self.up.transport.write(data)
+            else:
+                self.pending.append(data)
+
+        def connection_lost(self, exc):
+            if self.up is not None:
+                self.up.transport.close()
+
+    async def main() -> None:
+        server = await asyncio.get_running_loop().create_server(Downstream, "127.0.0.1", 0)
+        Path(port_file).write_text(str(server.sockets[0].getsockname()[1]))
+        await asyncio.Event().wait()
+
+    uvloop.install()
+    asyncio.run(main())
+
+
+# ---------------------------------------------------------------- helpers
+
+def cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+
+
+def wait_port(port: int, timeout: float = 15) -> None:
+    import socket
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {port}")
+
+
+def percentile(sorted_values: list[int], p: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    k = min(len(sorted_values) - 1, max(0, int(round(p / 100 * (len(sorted_values) - 1)))))
+    return sorted_values[k]
+
+
+def run_pgbench(port: int, password: str, mode: str, args, logdir: Path, tag: str, cpu_pid: int | None) -> dict:
+    prefix = logdir / tag
+    env = {**os.environ, "PGPASSWORD": password, "PGSSLMODE": "disable"}
+    cmd = [PGBENCH, "-n", "-S", "-c", str(args.clients), "-j", str(args.threads), "-T", str(args.duration),
+           "-M", mode, "-h", "127.0.0.1", "-p", str(port), "-U", "bot" if tag.startswith("botwarden") else USER,
+           "--log", f"--log-prefix={prefix}", "bench"]
+    before = cpu_ticks(cpu_pid) if cpu_pid else 0
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=logdir)
+    after = cpu_ticks(cpu_pid) if cpu_pid else 0
+    if res.returncode != 0:
+        raise RuntimeError(f"pgbench {tag} failed: {res.stderr}")
+    tps = float(next(line.split("=")[1].split()[0] for line in res.stdout.splitlines()
+                     if line.startswith("tps") and "without initial" in line))
+    txns = int(next(line.split(":")[1].split("/")[0] for line in res.stdout.splitlines()
+                    if "number of transactions actually processed" in line))
+    lat: list[int] = []
+    for f in glob.glob(f"{prefix}.*"):
+        with open(f) as fh:
+            for line in fh:
+                parts = line.split()
+                if len(parts) >= 3:
+                    lat.append(int(parts[2]))
+        os.unlink(f)
+    lat.sort()
+    cpu_us = (after - before) / CLK_TCK * 1e6 / txns if cpu_pid else None
+    return {"tps": tps, "p50": percentile(lat, 50) / 1000, "p99": percentile(lat, 99) / 1000, "cpu_us": cpu_us,
+            "txns": txns}
+
+
+def timed_psql(port: int, user: str, password: str, sql: str) -> float:
+    env = {**os.environ, "PGPASSWORD": password, "PGSSLMODE": "disable"}
+    t0 = time.perf_counter()
+    subprocess.run([PSQL, "-X", "-A", "-t", "-q", "-h", "127.0.0.1", "-p", str(port), "-U", user, "-d", "bench",
+                    "-o", "/dev/null", "-c", sql], check=True, env=env, capture_output=True)
+    return time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------- main
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--duration", type=int, default=15)
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--scale", type=int, default=10)
+    ap.add_argument("--big-rows", type=int, default=900_000, help="rows of the ~100 MB table")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "pgbench.md"))
+    ap.add_argument("--serve-front", nargs=2, metavar=("UPSTREAM_PORT", "PORT_FILE"), help=argparse.SUPPRESS)
+    ap.add_argument("--serve-relay", nargs=2, metavar=("UPSTREAM_PORT", "PORT_FILE"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.serve_front:
+        serve_front(int(args.serve_front[0]), args.serve_front[1])
+        return
+    if args.serve_relay:
+        serve_relay(int(args.serve_relay[0]), args.serve_relay[1])
+        return
+
+    from tests.servers import PostgresServer, free_port
+
+    tmp = Path(tempfile.mkdtemp(prefix="bw-bench-"))
+    os.chmod(tmp, 0o777)
+    pg = PostgresServer(extra_conf={"max_connections": "100"}).start()
+    procs: list[subprocess.Popen] = []
+    try:
+        print(f"PostgreSQL 15 on 127.0.0.1:{pg.port}; preparing data ...", file=sys.stderr)
+        pg.psql(f"CREATE ROLE {USER} LOGIN SUPERUSER PASSWORD '{PASSWORD}'")
+        pg.psql("CREATE DATABASE bench")
+        env = {**os.environ, "PGPASSWORD": PASSWORD}
+        subprocess.run([PGBENCH, "-i", "-q", "-s", str(args.scale), "-h", "127.0.0.1", "-p", str(pg.port), "-U", USER,
+                        "bench"], check=True, capture_output=True, env=env)
+        pg.psql("CREATE TABLE big AS SELECT i AS id, 'person' || i || '@example.com' AS email, "
+                "lpad((i::bigint * 7919 % 1000000000)::text, 9, '0') AS ssn, repeat(md5(i::text), 2) AS payload "
+                f"FROM generate_series(1, {args.big_rows}) i", db="bench")
+        big_mb = int(pg.psql("SELECT sum(octet_length(id::text) + octet_length(email) + octet_length(ssn) "
+                             "+ octet_length(payload)) FROM big", db="bench")) / 1e6
+
+        # pgbouncer, session mode, temp config (it refuses to run as root: -u postgres)
+        bport = free_port()
+        bdir = tmp / "pgbouncer"
+        bdir.mkdir()
+        (bdir / "userlist.txt").write_text(f'"{USER}" "{PASSWORD}"\n')
+        (bdir / "pgbouncer.ini").write_text(f"""[databases]
+bench = host=127.0.0.1 port={pg.port} dbname=bench
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {bport}
+unix_socket_dir =
+auth_type = scram-sha-256
+auth_file = {bdir}/userlist.txt
+pool_mode = session
+max_client_conn = 200
+default_pool_size = 50
+logfile = {bdir}/pgbouncer.log
+pidfile = {bdir}/pgbouncer.pid
+""")
+        pw = pwd.getpwnam("postgres")
+        for p in bdir.iterdir():
+            os.chown(p, pw.pw_uid, pw.pw_gid)
+        os.chown(bdir, pw.pw_uid, pw.pw_gid)
+        bouncer = subprocess.Popen(["pgbouncer", "-u", "postgres", str(bdir / "pgbouncer.ini")],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        procs.append(bouncer)
+
+        def start_own(flag: str) -> tuple[subprocess.Popen, int]:
+            port_file = tmp / f"{flag}.port"
+            proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), flag, str(pg.port),
+                                     str(port_file)], cwd=ROOT)
+            procs.append(proc)
+            deadline = time.monotonic() + 15
+            while not port_file.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            port = int(port_file.read_text())
+            wait_port(port)
+            return proc, port
+
+        front, fport = start_own("--serve-front")
+        relay, rport = start_own("--serve-relay")
+        wait_port(bport)
+
+        targets = [("direct", pg.port, PASSWORD, None), ("pgbouncer", bport, PASSWORD, bouncer.pid),
+                   ("uvloop byte relay", rport, PASSWORD, relay.pid), ("botwarden", fport, TOKEN, front.pid)]
+        results: dict[tuple[str, str], dict] = {}
+        for mode in ("simple", "prepared"):
+            for name, port, password, pid in targets:
+                print(f"pgbench -S -M {mode} via {name} ({args.duration}s) ...", file=sys.stderr)
+                tag = name.replace(" ", "_")
+                results[(mode, name)] = run_pgbench(port, password, mode, args, tmp, f"{tag}-{mode}", pid)
+
+        print("large result ...", file=sys.stderr)
+        big: dict[str, float] = {}
+        big_targets = [t for t in targets if t[0] != "uvloop byte relay"]
+        for name, port, password, _ in big_targets:
+            user = "bot" if name == "botwarden" else USER
+            timed_psql(port, user, password, "SELECT 1")  # warm up the connection path
+            big[name] = min(timed_psql(port, user, password, BIG_SQL) for _ in range(2))
+
+        lines = [
+            f"# pgbench -S, {args.clients} clients, {args.threads} threads, {args.duration}s per run "
+            f"(scale {args.scale}); {os.cpu_count()} CPUs shared by PostgreSQL, the proxy and pgbench",
+            "",
+            "| mode | path | TPS | ratio to direct | p50 ms | p99 ms | proxy CPU µs/txn |",
+            "|---|---|---:|---:|---:|---:|---:|",
+        ]
+        for mode in ("simple", "prepared"):
+            base = results[(mode, "direct")]["tps"]
+            for name, *_ in targets:
+                r = results[(mode, name)]
+                cpu = f"{r['cpu_us']:.1f}" if r["cpu_us"] is not None else "—"
+                lines.append(f"| {mode} | {name} | {r['tps']:,.0f} | {r['tps'] / base:.2f} | {r['p50']:.3f} | "
+                             f"{r['p99']:.3f} | {cpu} |")
+        lines += [
+            "",
+            f"# Large result: `{BIG_SQL}` ({args.big_rows:,} rows, ~{big_mb:.0f} MB of values), psql to /dev/null;"
+            " botwarden masks `email` and `ssn` in every row (decode, mask, re-encode each DataRow)",
+            "",
+            "| path | seconds | MB/s | ratio to direct |",
+            "|---|---:|---:|---:|",
+        ]
+        for name, *_ in big_targets:
+            lines.append(f"| {name}{' (masking 2 columns)' if name == 'botwarden' else ''} | {big[name]:.2f} | "
+                         f"{big_mb / big[name]:.1f} | {big['direct'] / big[name]:.2f} |")
+        table = "\n".join(lines) + "\n"
+        print(table)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(table)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+        pg.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
