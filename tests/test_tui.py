@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import getpass
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -20,15 +19,14 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import duckdb
 import pytest
 from textual.pilot import Pilot
 from textual.widgets import DataTable, Input, Select, Static
 
+from analytics import AuditStore
 from appliance.api import build_router
 from appliance.approvals import ApprovalBroker, HoldOutcome
 from appliance.control import ControlClient, ControlError, ControlServer
-from appliance.errors import BotwardenError
 from tui.app import BotwardenApp
 from tui.dialogs import DecisionScreen
 from tui.model import ApprovalBook, Decision, parse_window_minutes, status_line, time_left
@@ -46,41 +44,22 @@ SESSIONS = [
 ]
 
 
-class DuckAudit:
-    """The audit side the routes use (query / flush), on a real DuckDB file opened read-only."""
-
-    def __init__(self, path: Path):
-        con = duckdb.connect(str(path))
-        con.execute("CREATE TABLE requests (request_id VARCHAR, session_id VARCHAR, ts TIMESTAMPTZ, "
-                    "kind VARCHAR, text VARCHAR, decision VARCHAR, rule VARCHAR, rows BIGINT, error VARCHAR)")
-        # Inserted out of order so the replay's ORDER BY ts is what puts them in order.
-        con.executemany("INSERT INTO requests VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", [
-            ("r3", "sess-ended", T0 + timedelta(seconds=3), "query", "DROP TABLE orders", "block",
-             "no-drop", 0, "blocked by rule no-drop"),
-            ("r1", "sess-ended", T0 + timedelta(seconds=1), "query", "SELECT 1", "allow", None, 1, None),
-            ("r2", "sess-ended", T0 + timedelta(seconds=2), "query", "SELECT email FROM users", "mask",
-             "mask-email", 2, None),
-            ("r9", "sess-active", T0, "query", "SELECT now()", "allow", None, 1, None),
-        ])
-        con.close()
-        self._con = duckdb.connect(str(path), read_only=True)
-        self._lock = threading.Lock()
-        self.healthy = True
-
-    def query(self, sql: str, params: Any = None) -> tuple[list[str], list[tuple]]:
-        with self._lock:
-            try:
-                cur = self._con.cursor()
-                cur.execute(sql, params or [])
-                return [d[0] for d in cur.description], cur.fetchall()
-            except duckdb.Error as e:
-                raise BotwardenError(f"audit query refused: {e}") from None
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        self._con.close()
+def audit_store(path: Path) -> AuditStore:
+    """The real audit store, with one ended session's requests (and one of an active session)."""
+    store = AuditStore(path)
+    store.start()
+    # Submitted out of order so the replay's ORDER BY ts is what puts them in order.
+    for rid, sid, secs, text, decision, rule, rows, error in (
+        ("r3", "sess-ended", 3, "DROP TABLE orders", "block", "no-drop", 0, "blocked by rule no-drop"),
+        ("r1", "sess-ended", 1, "SELECT 1", "allow", None, 1, None),
+        ("r2", "sess-ended", 2, "SELECT email FROM users", "mask", "mask-email", 2, None),
+        ("r9", "sess-active", 0, "SELECT now()", "allow", None, 1, None),
+    ):
+        store.submit("request", {"request_id": rid, "session_id": sid, "ts": T0 + timedelta(seconds=secs),
+                                 "protocol": "postgres", "kind": "query", "text": text, "decision": decision,
+                                 "rule": rule, "rows": rows, "error": error})
+    store.flush()
+    return store
 
 
 class Runtime:
@@ -99,7 +78,7 @@ class TestDaemon:
 
     __test__ = False
 
-    def __init__(self, broker: ApprovalBroker, audit: DuckAudit):
+    def __init__(self, broker: ApprovalBroker, audit: AuditStore):
         self.runtime = Runtime(broker)
         self.audit = audit
         self.stopping = asyncio.Event()
@@ -131,7 +110,7 @@ class Served:
 async def served(tmp_path: Path, socket: str | None = None, required: int = 1) -> AsyncIterator[Served]:
     events: list[dict[str, Any]] = []
     broker = ApprovalBroker(timeout_s=120, required=required, audit=lambda kind, record: events.append(dict(record)))
-    audit = DuckAudit(tmp_path / "audit.duckdb")
+    audit = audit_store(tmp_path / "audit.duckdb")
     daemon = TestDaemon(broker, audit)
     path = socket or str(tmp_path / "run" / "control.sock")
     server = ControlServer(path, build_router(daemon))
