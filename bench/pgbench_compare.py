@@ -4,9 +4,14 @@ Run as root from the repository root:
 
     /work/main/.venv/bin/python bench/pgbench_compare.py [--duration 15] [--clients 8] [--threads 2]
 
-It starts a real PostgreSQL 15 (tests/servers.py), pgbouncer from the Debian
-package with a temp config, and the botwarden front in its own process on
-uvloop (and, as the floor of any Python proxy, a plain uvloop byte relay); runs
+It starts a real PostgreSQL 15 (appliance.sandbox), pgbouncer from the Debian
+package with a temp config, and botwarden twice: the whole daemon (`botwarden
+run`: pgbench runs inside a watched bot cgroup via `botwarden bot run`, the eBPF
+probes redirect it, identity from kernel attestation, every statement through the
+pglast policy engine with a realistic rule set, every request an audit row in
+DuckDB) and, to show what the inspection costs, the PostgreSQL front alone in its
+own process (allow-all, audit into a ring buffer); and, as the floor of any Python
+proxy, a plain uvloop byte relay. Runs
 `pgbench -S` in simple and prepared modes against each; and a
 ~100 MB SELECT with two masked columns. TPS comes from pgbench, latency
 p50/p99 from its per-transaction logs (--log), CPU microseconds per
@@ -124,6 +129,139 @@ def serve_relay(upstream_port: int, port_file: str) -> None:
     asyncio.run(main())
 
 
+# ---------------------------------------------------------------- the whole daemon
+
+BOTS_CGROUP = "botwarden-bench.bots"
+PIN_DIR = "/sys/fs/bpf/botwarden-bench"
+DAEMON_RULES = """
+[[rules]]
+name = "no-drops-or-truncates"
+action = "block"
+[rules.sql]
+properties = ["drop", "truncate"]
+
+[[rules]]
+name = "no-server-files"
+action = "block"
+[rules.sql]
+functions = ["pg_read_file", "pg_read_binary_file", "pg_ls_dir", "lo_export", "lo_import"]
+
+[[rules]]
+name = "mass-changes-need-a-human"
+action = "approve"
+[rules.sql]
+kinds = ["DELETE", "UPDATE"]
+properties = ["no_where"]
+
+[[rules]]
+name = "mask-pii"
+action = "mask"
+[rules.sql]
+relations = ["big"]
+[[rules.mask]]
+columns = ["email", "ssn"]
+strategy = "partial"
+keep = 4
+"""
+
+
+class Daemon:
+    """`botwarden run` with eBPF probes on a bench bots cgroup; bots are started with `bot run`."""
+
+    def __init__(self, tmp: Path, pg_port: int):
+        from appliance.sandbox import free_port
+
+        self.dir = tmp / "daemon"
+        self.dir.mkdir()
+        pwfile = self.dir / "bench.pw"
+        pwfile.write_text(PASSWORD + "\n")
+        os.chmod(pwfile, 0o600)
+        self.config = self.dir / "botwarden.toml"
+        self.socket = self.dir / "run" / "control.sock"
+        self.config.write_text(f"""
+[appliance]
+state_dir = "{self.dir / 'state'}"
+control_socket = "{self.socket}"
+
+[audit]
+path = "{self.dir / 'state' / 'audit.duckdb'}"
+
+[probes]
+mode = "ebpf"
+bots_cgroup = "{BOTS_CGROUP}"
+pin_dir = "{PIN_DIR}"
+nft_table = "botwarden_bench"
+
+[[targets]]
+name = "bench"
+protocol = "postgres"
+address = "127.0.0.1:{pg_port}"
+listen = "127.0.0.1:{free_port()}"
+allow_plaintext = true
+authentication = "attestation"
+[targets.tls]
+mode = "disable"
+[targets.credential]
+source = "static"
+username = "{USER}"
+password_file = "{pwfile}"
+
+[[identities]]
+name = "bench-bot"
+[identities.process]
+cgroup = "pgbench"
+""" + DAEMON_RULES)
+        self.log = open(self.dir / "daemon.log", "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "appliance.cli", "--config", str(self.config), "run"],
+                                     cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+        from appliance.control import ControlClient, ControlError
+
+        deadline = time.monotonic() + 90
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the daemon exited; see {self.dir / 'daemon.log'}")
+            try:
+                ControlClient(str(self.socket)).get("/v1/status")
+                break
+            except ControlError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def bot(self, argv: list[str]) -> list[str]:
+        """argv run as the bench bot, inside its watched cgroup."""
+        return [sys.executable, "-m", "appliance.cli", "--config", str(self.config), "bot", "run",
+                "--name", "pgbench", "--", *argv]
+
+    def audited_requests(self) -> int:
+        from appliance.control import ControlClient
+
+        client = ControlClient(str(self.socket))
+        client.post("/v1/audit/flush")
+        return client.post("/v1/audit/sql", {"sql": "SELECT count(*) FROM requests"})["rows"][0][0]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        subprocess.run([sys.executable, "-m", "appliance.cli", "--config", str(self.config), "probes", "detach"],
+                       cwd=ROOT, capture_output=True)
+        from probes import cgroups
+
+        try:
+            cgroups.remove(BOTS_CGROUP)
+        except Exception as e:  # leave it: the next run re-creates it
+            print(f"could not remove cgroup {BOTS_CGROUP}: {e}", file=sys.stderr)
+        self.log.close()
+
+
 # ---------------------------------------------------------------- helpers
 
 def cpu_ticks(pid: int) -> int:
@@ -150,12 +288,15 @@ def percentile(sorted_values: list[int], p: float) -> float:
     return sorted_values[k]
 
 
-def run_pgbench(port: int, password: str, mode: str, args, logdir: Path, tag: str, cpu_pid: int | None) -> dict:
+def run_pgbench(port: int, password: str, mode: str, args, logdir: Path, tag: str, cpu_pid: int | None,
+                wrap=None) -> dict:
     prefix = logdir / tag
-    env = {**os.environ, "PGPASSWORD": password, "PGSSLMODE": "disable"}
+    env = {**os.environ, "PGPASSWORD": password, "PGSSLMODE": "disable", "PYTHONPATH": str(ROOT)}
     cmd = [PGBENCH, "-n", "-S", "-c", str(args.clients), "-j", str(args.threads), "-T", str(args.duration),
            "-M", mode, "-h", "127.0.0.1", "-p", str(port), "-U", "bot" if tag.startswith("botwarden") else USER,
            "--log", f"--log-prefix={prefix}", "bench"]
+    if wrap is not None:
+        cmd = wrap(cmd)
     before = cpu_ticks(cpu_pid) if cpu_pid else 0
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=logdir)
     after = cpu_ticks(cpu_pid) if cpu_pid else 0
@@ -179,11 +320,12 @@ def run_pgbench(port: int, password: str, mode: str, args, logdir: Path, tag: st
             "txns": txns}
 
 
-def timed_psql(port: int, user: str, password: str, sql: str) -> float:
-    env = {**os.environ, "PGPASSWORD": password, "PGSSLMODE": "disable"}
+def timed_psql(port: int, user: str, password: str, sql: str, wrap=None) -> float:
+    env = {**os.environ, "PGPASSWORD": password, "PGSSLMODE": "disable", "PYTHONPATH": str(ROOT)}
+    cmd = [PSQL, "-X", "-A", "-t", "-q", "-h", "127.0.0.1", "-p", str(port), "-U", user, "-d", "bench",
+           "-o", "/dev/null", "-v", "ON_ERROR_STOP=1", "-c", sql]
     t0 = time.perf_counter()
-    subprocess.run([PSQL, "-X", "-A", "-t", "-q", "-h", "127.0.0.1", "-p", str(port), "-U", user, "-d", "bench",
-                    "-o", "/dev/null", "-c", sql], check=True, env=env, capture_output=True)
+    subprocess.run(wrap(cmd) if wrap else cmd, check=True, env=env, capture_output=True)
     return time.perf_counter() - t0
 
 
@@ -207,12 +349,13 @@ def main() -> None:
         serve_relay(int(args.serve_relay[0]), args.serve_relay[1])
         return
 
-    from tests.servers import PostgresServer, free_port
+    from appliance.sandbox import PostgresServer, free_port
 
     tmp = Path(tempfile.mkdtemp(prefix="bw-bench-"))
     os.chmod(tmp, 0o777)
     pg = PostgresServer(extra_conf={"max_connections": "100"}).start()
     procs: list[subprocess.Popen] = []
+    daemon: Daemon | None = None
     try:
         print(f"PostgreSQL 15 on 127.0.0.1:{pg.port}; preparing data ...", file=sys.stderr)
         pg.psql(f"CREATE ROLE {USER} LOGIN SUPERUSER PASSWORD '{PASSWORD}'")
@@ -268,27 +411,42 @@ pidfile = {bdir}/pgbouncer.pid
         front, fport = start_own("--serve-front")
         relay, rport = start_own("--serve-relay")
         wait_port(bport)
+        daemon = Daemon(tmp, pg.port)
 
-        targets = [("direct", pg.port, PASSWORD, None), ("pgbouncer", bport, PASSWORD, bouncer.pid),
-                   ("uvloop byte relay", rport, PASSWORD, relay.pid), ("botwarden", fport, TOKEN, front.pid)]
+        # (name, port, password, proxy pid, argv wrapper)
+        full = "botwarden (full inspection)"
+        front_only = "botwarden front only"
+        targets = [("direct", pg.port, PASSWORD, None, None), ("pgbouncer", bport, PASSWORD, bouncer.pid, None),
+                   ("uvloop byte relay", rport, PASSWORD, relay.pid, None),
+                   (full, pg.port, "no-token-needed", daemon.pid, daemon.bot),
+                   (front_only, fport, TOKEN, front.pid, None)]
         results: dict[tuple[str, str], dict] = {}
+        audited_before = daemon.audited_requests()
         for mode in ("simple", "prepared"):
-            for name, port, password, pid in targets:
+            for name, port, password, pid, wrap in targets:
                 print(f"pgbench -S -M {mode} via {name} ({args.duration}s) ...", file=sys.stderr)
-                tag = name.replace(" ", "_")
-                results[(mode, name)] = run_pgbench(port, password, mode, args, tmp, f"{tag}-{mode}", pid)
+                tag = name.replace(" ", "_").replace("(", "").replace(")", "")
+                results[(mode, name)] = run_pgbench(port, password, mode, args, tmp, f"{tag}-{mode}", pid, wrap)
+        audited = daemon.audited_requests() - audited_before
+        full_txns = sum(results[(m, full)]["txns"] for m in ("simple", "prepared"))
 
         print("large result ...", file=sys.stderr)
         big: dict[str, float] = {}
         big_targets = [t for t in targets if t[0] != "uvloop byte relay"]
-        for name, port, password, _ in big_targets:
-            user = "bot" if name == "botwarden" else USER
-            timed_psql(port, user, password, "SELECT 1")  # warm up the connection path
-            big[name] = min(timed_psql(port, user, password, BIG_SQL) for _ in range(2))
+        for name, port, password, _, wrap in big_targets:
+            user = "bot" if name.startswith("botwarden") else USER
+            timed_psql(port, user, password, "SELECT 1", wrap)  # warm up the connection path
+            big[name] = min(timed_psql(port, user, password, BIG_SQL, wrap) for _ in range(2))
 
         lines = [
             f"# pgbench -S, {args.clients} clients, {args.threads} threads, {args.duration}s per run "
             f"(scale {args.scale}); {os.cpu_count()} CPUs shared by PostgreSQL, the proxy and pgbench",
+            "",
+            f"`{full}`: the daemon (`botwarden run`), pgbench started with `botwarden bot run` inside a "
+            "watched cgroup and sent to the daemon by the eBPF probes, identity from kernel attestation, every "
+            "statement through the pglast policy engine (4 rules), every request an audit row in DuckDB "
+            f"({audited:,} request rows for {full_txns:,} transactions). `{front_only}`: the PostgreSQL front in "
+            "its own process with allow-all decisions and audit into a ring buffer (what the protocol work costs).",
             "",
             "| mode | path | TPS | ratio to direct | p50 ms | p99 ms | proxy CPU µs/txn |",
             "|---|---|---:|---:|---:|---:|---:|",
@@ -303,19 +461,22 @@ pidfile = {bdir}/pgbouncer.pid
         lines += [
             "",
             f"# Large result: `{BIG_SQL}` ({args.big_rows:,} rows, ~{big_mb:.0f} MB of values), psql to /dev/null;"
-            " botwarden masks `email` and `ssn` in every row (decode, mask, re-encode each DataRow)",
+            " botwarden masks `email` and `ssn` in every row (decode, mask, re-encode each DataRow; the full daemon "
+            "with the policy engine's partial masking, the front alone with a fixed mask)",
             "",
             "| path | seconds | MB/s | ratio to direct |",
             "|---|---:|---:|---:|",
         ]
         for name, *_ in big_targets:
-            lines.append(f"| {name}{' (masking 2 columns)' if name == 'botwarden' else ''} | {big[name]:.2f} | "
+            lines.append(f"| {name}{' (masking 2 columns)' if name.startswith('botwarden') else ''} | {big[name]:.2f} | "
                          f"{big_mb / big[name]:.1f} | {big['direct'] / big[name]:.2f} |")
         table = "\n".join(lines) + "\n"
         print(table)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(table)
     finally:
+        if daemon is not None:
+            daemon.stop()
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
