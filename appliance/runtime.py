@@ -56,6 +56,7 @@ class LiveSession:
     watcher: asyncio.Task | None = None
     terminate: Callable[[str, str], None] | None = None
     sql_state: SqlSessionState = field(default_factory=SqlSessionState)
+    expiry: Any = None  # appliance.identity.SessionExpiry when the session rests on a token
 
     @property
     def session_id(self) -> str:
@@ -215,7 +216,8 @@ class Runtime:
                         "credential_user": handle.username, "lease_id": handle.lease_id}
         grant = SessionGrant(session_id=session_id, identity=ident.name, groups=tuple(ident.groups),
                              subject=ident.subject, credential=cred, audit_fields=audit_fields)
-        live = LiveSession(grant, target, ctx, datetime.now(timezone.utc), handle, self.secrets)
+        live = LiveSession(grant, target, ctx, datetime.now(timezone.utc), handle, self.secrets,
+                           expiry=auth.expiry)
         self.live[session_id] = live
         live.watcher = self.daemon.spawn(self._watch_session(live, auth.expiry), f"watch-{session_id[:8]}")
         return grant
@@ -259,6 +261,12 @@ class Runtime:
     def decide_sql(self, grant: SessionGrant, target: str, sql: str, phase: str) -> Verdict:
         # Per-session SQL state (prepared statement names, search_path) lives with the session.
         live = self.live.get(grant.session_id)
+        if live is not None and live.expiry is not None and live.expiry.policy == "recheck":
+            expired = live.expiry.check()
+            if expired is not None:  # refuse this request, then end the session (oidc.on_expiry = "recheck")
+                if live.terminate is not None:
+                    asyncio.get_running_loop().call_soon(live.terminate, "57P01", expired)
+                return Verdict("block", None, expired)
         return self.engine.decide_sql(grant.identity, grant.groups, target, sql,
                                       session=live.sql_state if live is not None else None)
 

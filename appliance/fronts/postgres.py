@@ -90,6 +90,7 @@ from appliance.protocols.postgres.connection import (NEED_DATA, ConnectionClosed
                                                      startup_for_server)
 from appliance.protocols.postgres.errors import PgProtocolError, RemoteProtocolError
 from appliance.protocols.postgres.framing import DEFAULT_MAX_MESSAGE_SIZE, check_length, unpack_len as _unpack_len
+from appliance.tasks import TaskSet
 
 from .services import (AuthRefused, ColumnMaskPlan, ConnectionContext, FrontServices, HoldOutcome,
                        SessionGrant)
@@ -197,7 +198,7 @@ class PostgresFront:
         # (backend pid, secret we gave the bot) -> (real secret, upstream host, upstream port)
         self.cancel_keys: dict[tuple[int, int], tuple[int, str, int]] = {}
         self.sessions: set[Session] = set()
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks = TaskSet()
         self._server: asyncio.Server | None = None
 
     def protocol_factory(self) -> "BotProtocol":
@@ -214,8 +215,7 @@ class PostgresFront:
             self._server.close()
         for s in list(self.sessions):
             s.shutdown(sqlstate.ADMIN_SHUTDOWN, "the appliance is shutting down")
-        for t in list(self._tasks):
-            t.cancel()
+        self._tasks.cancel_all()
 
     async def drain(self, deadline: float) -> None:
         """Stop listening; let requests in flight finish until ``deadline`` (monotonic), then end
@@ -229,16 +229,7 @@ class PostgresFront:
         await asyncio.sleep(0)
 
     def spawn(self, coro, name: str) -> asyncio.Task:
-        """Create a named task, keep a reference, log (not raise) its failure."""
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("task %s failed", task.get_name(), exc_info=task.exception())
+        return self._tasks.spawn(coro, name)
 
     async def cancel(self, req: m.CancelRequest) -> None:
         """Forward a bot's CancelRequest to the upstream that owns (pid, our secret)."""
