@@ -10,4 +10,5 @@ def test_openbao_answers(bao_server):
     client = bao_server.client()
     assert client.is_authenticated()
     client.secrets.kv.v2.create_or_update_secret(path="probe", secret={"k": "v"})
-    assert client.secrets.kv.v2.read_secret_version(path="probe")["data"]["data"] == {"k": "v"}
+    got = client.secrets.kv.v2.read_secret_version(path="probe", raise_on_deleted_version=True)
+    assert got["data"]["data"] == {"k": "v"}
