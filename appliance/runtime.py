@@ -83,6 +83,7 @@ class Runtime:
         self.config = cfg
         self.daemon = daemon
         self.engine: Any = None
+        self.redactor: Any = None
         self.identity: Any = None
         self.secrets: Any = None
         self._owns_secrets = True
@@ -109,6 +110,7 @@ class Runtime:
         """Everything that reads files at build time (runs in a thread)."""
         from appliance.identity import IdentityService, OIDCValidator
         from appliance.policy import PolicyEngine
+        from appliance.policy.redact import AuditRedactor
         from appliance.secrets import SecretsBroker
 
         cfg = self.config
@@ -120,6 +122,7 @@ class Runtime:
                 raise BotwardenError(f"masking.salt_file: cannot read {cfg.policy.masking.salt_file}: "
                                      f"{e.strerror}") from None
         self.engine = PolicyEngine(cfg.policy, cfg.targets, cfg.identities, salt=salt)
+        self.redactor = AuditRedactor(self.engine.detector_settings)
         # The OIDC validator (its JWKS cache) and the secrets broker (its Vault token, leases) live
         # on across reloads unless their own settings changed.
         same_oidc = previous is not None and previous.config.oidc == cfg.oidc
@@ -183,6 +186,15 @@ class Runtime:
             dup.close()
 
     def audit(self, kind: str, record: Mapping[str, Any]) -> None:
+        if kind == "request":
+            # No sensitive value reaches the audit store: constants and parameters that a content
+            # detector flags are redacted; a masked statement's parameters are masked whole.
+            record = dict(record)
+            if record.get("text"):
+                record["text"] = self.redactor.text(record["text"])
+            record["params"] = self.redactor.params(record.get("params"),
+                                                    masked_statement=record.get("decision") == "mask")
+            record["error"] = self.redactor.message(record.get("error"))
         store = self.daemon.audit
         if store is None:
             log.error("audit store is closed; %s event not recorded", kind)

@@ -1,0 +1,95 @@
+"""What the audit store may keep of a request: its text and parameters with sensitive values
+redacted (pure).
+
+Statement text: only constants are looked at — string, numeric, bit and hex literals as the
+real PostgreSQL scanner (pglast) splits them, never a regex over the SQL — and every
+constant a content detector flags (e-mail, card, IBAN, phone, SSN, AWS key, private key, JWT,
+high-entropy secret) is replaced by a fixed mask. Parameters: each value goes through the
+same detectors; for a statement whose result is masked, every parameter is masked (it may be
+the very value a filter compares with a masked column). Text the scanner refuses is redacted
+as one value. The masks keep a statement's shape readable for auditors.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+from pglast.parser import scan
+
+from appliance.policy.masking import DETECTOR_FUNCTIONS, DetectorSettings
+
+MASK = "********"
+_CONSTANT_TOKENS = frozenset({"SCONST", "USCONST", "FCONST", "ICONST", "BCONST", "XCONST"})
+_CACHE_MAX = 4096
+
+
+def redact_value(text: str, settings: DetectorSettings = DetectorSettings()) -> str:
+    """``text`` with every span a detector flags replaced by the mask."""
+    spans: list[tuple[int, int]] = []
+    for find in DETECTOR_FUNCTIONS.values():
+        spans.extend(find(text, settings))
+    if not spans:
+        return text
+    out, pos = [], 0
+    for start, end in sorted(spans):
+        if end <= pos:
+            continue
+        start = max(start, pos)
+        out.append(text[pos:start])
+        out.append(MASK)
+        pos = end
+    out.append(text[pos:])
+    return "".join(out)
+
+
+class AuditRedactor:
+    """Redacts request records for the audit store; remembers recent statement texts."""
+
+    def __init__(self, settings: DetectorSettings = DetectorSettings()):
+        self.settings = settings
+        self._texts: OrderedDict[str, str] = OrderedDict()
+
+    def text(self, sql: str) -> str:
+        cached = self._texts.get(sql)
+        if cached is not None:
+            self._texts.move_to_end(sql)
+            return cached
+        redacted = self._redact_sql(sql)
+        self._texts[sql] = redacted
+        if len(self._texts) > _CACHE_MAX:
+            self._texts.popitem(last=False)
+        return redacted
+
+    def _redact_sql(self, sql: str) -> str:
+        try:
+            tokens = scan(sql)
+        except Exception:  # the scanner refused it: treat the whole text as one value
+            return redact_value(sql, self.settings)
+        out, pos = [], 0
+        for tok in tokens:
+            if tok.name not in _CONSTANT_TOKENS:
+                continue
+            end = tok.end + 1  # pglast gives inclusive character offsets
+            literal = sql[tok.start:end]
+            redacted = redact_value(literal, self.settings)
+            if redacted != literal:
+                out.append(sql[pos:tok.start])
+                quoted = literal[-1:] == "'"
+                out.append(f"'{MASK}'" if quoted else MASK)
+                pos = end
+        if not out:
+            return sql
+        out.append(sql[pos:])
+        return "".join(out)
+
+    def params(self, params: Sequence[str | None] | None, *, masked_statement: bool) -> list[str | None] | None:
+        if params is None:
+            return None
+        if masked_statement:
+            return [None if p is None else MASK for p in params]
+        return [None if p is None else redact_value(p, self.settings) for p in params]
+
+    def message(self, text: str | None) -> str | None:
+        """Error texts can quote values (e.g. a unique violation's key)."""
+        return None if text is None else redact_value(text, self.settings)
