@@ -20,6 +20,9 @@ from pglast.parser import scan
 from appliance.policy.masking import DETECTOR_FUNCTIONS, DetectorSettings
 
 MASK = "********"
+# No detector flags fewer than 6 characters (the shortest is an e-mail like a@b.co); shorter
+# constants (most numbers, short strings) are not examined.
+_MIN_FLAGGABLE = 6
 _CONSTANT_TOKENS = frozenset({"SCONST", "USCONST", "FCONST", "ICONST", "BCONST", "XCONST"})
 _CACHE_MAX = 4096
 
@@ -71,6 +74,8 @@ class AuditRedactor:
             if tok.name not in _CONSTANT_TOKENS:
                 continue
             end = tok.end + 1  # pglast gives inclusive character offsets
+            if end - tok.start < _MIN_FLAGGABLE:
+                continue
             literal = sql[tok.start:end]
             redacted = redact_value(literal, self.settings)
             if redacted != literal:
