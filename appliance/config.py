@@ -13,7 +13,7 @@ import ipaddress
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from appliance.errors import ConfigError, ConfigKeyError, dotted
 from appliance.policy.config import PolicyConfig
@@ -367,18 +367,3 @@ def load_config(path: str | Path) -> Config:
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the config file: {e.strerror}") from None
     return parse_config(text, str(path))
-
-
-def to_jsonable(obj: Any) -> Any:
-    """A config (or part) as plain data, for `status` and the control API. Never includes secrets:
-    the config holds only file paths to secrets, not the secrets themselves."""
-    import dataclasses
-    from types import MappingProxyType
-
-    if dataclasses.is_dataclass(obj):
-        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, (tuple, list)):
-        return [to_jsonable(x) for x in obj]
-    if isinstance(obj, (dict, MappingProxyType)):
-        return {k: to_jsonable(v) for k, v in obj.items()}
-    return obj

@@ -30,7 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from appliance.config import Config, TargetConfig, load_config, to_jsonable
+from appliance.config import Config, TargetConfig, load_config
 from appliance.control import ControlServer, Router
 from appliance.errors import BotwardenError, ConfigError
 from appliance.tasks import TaskSet
@@ -107,7 +107,6 @@ class DaemonState:
     started_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
     reloads: int = 0
     last_reload_error: str | None = None
-    last_reload_at: datetime | None = None
 
 
 def make_front(target: TargetConfig, config: Config, services: Any) -> Any:
@@ -135,7 +134,6 @@ class Daemon:
         self.state = DaemonState()
         self.listeners: dict[str, Listener] = {}
         self.stopping = asyncio.Event()
-        self.stopped = asyncio.Event()
         self._lock: StateLock | None = None
         self.audit: Any = None
         self.runtime: Any = None
@@ -296,7 +294,6 @@ class Daemon:
         if fronts:
             await asyncio.gather(*(f.drain(deadline) for f in fronts), return_exceptions=True)
         await self._teardown()
-        self.stopped.set()
         log.info("botwarden daemon stopped")
 
     async def _teardown(self) -> None:
@@ -318,7 +315,6 @@ class Daemon:
 
     async def reload(self) -> bool:
         """Re-read the config; keep the old one running if the new one is invalid."""
-        self.state.last_reload_at = datetime.now(timezone.utc)
         try:
             new = await asyncio.to_thread(load_config, self.config_path)
             self._check_reloadable(new)
@@ -431,4 +427,4 @@ def run_daemon(config_path: str) -> int:
         return 1
 
 
-__all__ = ["Daemon", "StateLock", "AlreadyRunning", "make_front", "run_daemon", "to_jsonable"]
+__all__ = ["Daemon", "StateLock", "AlreadyRunning", "make_front", "run_daemon"]

@@ -57,18 +57,29 @@ class LiveSession:
     terminate: Callable[[str, str], None] | None = None
     sql_state: SqlSessionState = field(default_factory=SqlSessionState)
     expiry: Any = None  # appliance.identity.SessionExpiry when the session rests on a token
+    # The kernel-attested process (appliance.identity.ProcessFacts: pid is the process id), None
+    # when the connection was not redirected by the probes.
+    facts: Any = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        from appliance.identity import ProcessFacts
+
+        self.facts = ProcessFacts.from_attribution(self.ctx.attribution)
+
+    @property
+    def client(self) -> str | None:
+        return "%s:%s" % tuple(self.ctx.client_addr[:2]) if self.ctx.client_addr else None
 
     @property
     def session_id(self) -> str:
         return self.grant.session_id
 
     def public(self) -> dict[str, Any]:
-        facts = self.ctx.attribution
+        facts = self.facts
         return {
             "session_id": self.grant.session_id, "identity": self.grant.identity, "target": self.target,
             "subject": self.grant.subject, "credential_user": self.grant.credential.username,
-            "lease_id": self.grant.credential.lease_id,
-            "client": "%s:%s" % tuple(self.ctx.client_addr[:2]) if self.ctx.client_addr else None,
+            "lease_id": self.grant.credential.lease_id, "client": self.client,
             "pid": getattr(facts, "pid", None), "uid": getattr(facts, "uid", None),
             "exe": getattr(facts, "exe_path", None), "cgroup": getattr(facts, "cgroup_path", None),
             "started": self.started.isoformat(), "ended": self.ended.isoformat() if self.ended else None,
@@ -289,7 +300,7 @@ class Runtime:
     async def hold(self, grant: SessionGrant, target: str, request_text: str, verdict: Verdict,
                    notify: Callable[[str], None], request_id: str | None = None) -> HoldOutcome:
         live = self.live.get(grant.session_id)
-        facts = live.ctx.attribution if live else None
+        facts = live.facts if live else None
         try:
             excluded = frozenset(self.config.identity(grant.identity).operator_uids)
         except KeyError:
@@ -299,7 +310,7 @@ class Runtime:
                    "gid": getattr(facts, "gid", None), "exe": getattr(facts, "exe_path", None),
                    "comm": getattr(facts, "comm", None), "cgroup": getattr(facts, "cgroup_path", None),
                    "attribution": getattr(facts, "source", None) or "none",
-                   "client": "%s:%s" % tuple(live.ctx.client_addr[:2]) if live and live.ctx.client_addr else None}
+                   "client": live.client if live else None}
         return await self.approvals.hold(
             session_id=grant.session_id, identity=grant.identity, target=target,
             protocol=self.config.target(target).protocol, text=request_text, rule=verdict.rule, shape=shape,

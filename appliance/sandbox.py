@@ -292,25 +292,6 @@ def configure_openbao(bao: OpenBaoServer, pg: PostgresServer, workdir: Path, *, 
                         bot_role_id, bot_secret_id)
 
 
-def make_tls_cert(directory: Path, cn: str = "botwarden", ips: tuple[str, ...] = ("127.0.0.1",)) -> tuple[Path, Path, Path]:
-    """A CA and a server certificate signed by it (for bots using sslmode=verify-full).
-    Returns (ca_cert, server_cert, server_key)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    ca_key, ca_crt = directory / "ca.key", directory / "ca.crt"
-    key, csr, crt = directory / "server.key", directory / "server.csr", directory / "server.crt"
-    run = lambda *a: subprocess.run(a, check=True, capture_output=True)  # noqa: E731
-    run("openssl", "req", "-new", "-x509", "-days", "30", "-nodes", "-subj", f"/CN={cn} test CA",
-        "-keyout", str(ca_key), "-out", str(ca_crt))
-    run("openssl", "req", "-new", "-nodes", "-subj", f"/CN={cn}", "-keyout", str(key), "-out", str(csr))
-    ext = directory / "san.ext"
-    ext.write_text("subjectAltName=" + ",".join([*(f"IP:{ip}" for ip in ips), f"DNS:{cn}", "DNS:localhost"]) + "\n")
-    run("openssl", "x509", "-req", "-in", str(csr), "-CA", str(ca_crt), "-CAkey", str(ca_key), "-CAcreateserial",
-        "-days", "30", "-out", str(crt), "-extfile", str(ext))
-    os.chmod(key, 0o600)
-    return ca_crt, crt, key
-
-
 def config_header(workdir: Path, bao: OpenBaoSetup, *, socket_path: Path | None = None, probes: str = 'mode = "off"',
                   approvals_timeout_s: int = 20, appliance_extra: str = "", flush_interval: float = 0.05) -> str:
     """The [appliance], [audit], [oidc], [vault], [probes] and [approvals] sections of a

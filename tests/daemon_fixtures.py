@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -168,7 +167,3 @@ def seed_orders(pg: PostgresServer) -> None:
 
 def new_port() -> int:
     return free_port()
-
-
-def dump(obj) -> str:
-    return json.dumps(obj, indent=2, default=str)
