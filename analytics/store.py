@@ -197,6 +197,11 @@ class AuditStore:
     def submit(self, kind: str, record: Mapping[str, Any]) -> bool:
         """Queue one event. False: the queue is full or the writer is failing — refuse
         the work that needed auditing. Raises AuditRecordError for a malformed record."""
+        spec, row = self.validate(kind, record)
+        return self.submit_row(spec, row)
+
+    def validate(self, kind: str, record: Mapping[str, Any]) -> tuple[schema.Kind, tuple[Any, ...]]:
+        """The record as a row in column order; raises AuditRecordError naming the field."""
         spec = schema.KINDS.get(kind)
         if spec is None or kind not in schema.PRODUCER_KINDS:
             raise AuditRecordError(f"unknown audit event kind {kind!r}")
@@ -205,6 +210,10 @@ class AuditStore:
         row, unknown = schema.normalize(spec, record)
         if unknown:
             self._unknown_fields(kind, unknown)
+        return spec, row
+
+    def submit_row(self, spec: schema.Kind, row: tuple[Any, ...]) -> bool:
+        """Queue a row :meth:`validate` (or :func:`schema.normalize`) produced."""
         with self._lock:
             if not self._running or self._stopping:
                 raise AuditClosedError("audit store is not running")

@@ -102,11 +102,11 @@ def build_router(daemon: "Daemon") -> Router:
         return Response(200, {"columns": cols, "rows": rows})
 
     async def audit_report(request: Request) -> Response:
-        from analytics import AuditError, UnknownReport, reports
+        from analytics import AuditError, UnknownReport
 
         name = request.params["name"]
         try:
-            cols, rows = await asyncio.to_thread(reports.run_report, daemon.audit, name)
+            cols, rows = await asyncio.to_thread(daemon.audit.report, name)
         except UnknownReport as e:
             raise ControlError(404, str(e)) from None
         except AuditError as e:
@@ -121,7 +121,7 @@ def build_router(daemon: "Daemon") -> Router:
         from datetime import date
         from pathlib import Path
 
-        from analytics import AuditError, export_parquet
+        from analytics import AuditError
 
         body = request.body or {}
         try:
@@ -132,7 +132,7 @@ def build_router(daemon: "Daemon") -> Router:
         if not out_dir.is_absolute():
             raise ControlError(400, "dir must be an absolute path")
         try:
-            files = await asyncio.to_thread(export_parquet, daemon.audit, since, out_dir)
+            files = await asyncio.to_thread(daemon.audit.export, since, out_dir)
         except AuditError as e:
             raise ControlError(400, str(e)) from None
         return Response(200, {"files": [str(f) for f in files]})

@@ -156,6 +156,7 @@ class Daemon:
 
             self.audit = await asyncio.to_thread(open_audit_store, cfg)
             self.runtime = await Runtime.create(cfg, self)
+            self.audit.set_redaction(self.runtime.engine.detector_settings)
             for target in cfg.targets:
                 await self._start_listener(target, self.runtime)
             if cfg.probes.mode != "off":
@@ -190,13 +191,13 @@ class Daemon:
         the store records a checkpoint of what it removed; see docs/audit-schema.md)."""
         from datetime import timedelta
 
-        from analytics import AuditError, apply_retention
+        from analytics import AuditError
 
         while True:
             days = self.config.audit.retention_days
             if days:
                 try:
-                    result = await asyncio.to_thread(apply_retention, self.audit, timedelta(days=days))
+                    result = await asyncio.to_thread(self.audit.retention, timedelta(days=days))
                     log.info("audit retention (%d days): %s", days, result)
                 except AuditError as e:
                     log.error("audit retention failed: %s", e)
@@ -306,12 +307,14 @@ class Daemon:
         for listener in self.listeners.values():
             listener.server.close()
         self._tasks.cancel_all()
-        if self.audit is not None:
-            await asyncio.to_thread(self.audit.close)
-            self.audit = None
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
+        try:
+            if self.audit is not None:
+                audit, self.audit = self.audit, None
+                await asyncio.to_thread(audit.close)  # raises if accepted events were lost
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
 
     async def reload(self) -> bool:
         """Re-read the config; keep the old one running if the new one is invalid."""
@@ -330,6 +333,8 @@ class Daemon:
         old_runtime = self.runtime
         # Swap first so new sessions see the new policy at once; then fix the listeners.
         self.runtime, self.config = runtime, new
+        if self.audit is not None:
+            self.audit.set_redaction(runtime.engine.detector_settings)
         for name, listener in list(self.listeners.items()):
             if name not in new_targets or new_targets[name] != old_targets[name]:
                 listener.server.close()
@@ -388,7 +393,8 @@ class Daemon:
                 for name, li in self.listeners.items()
             ],
             "audit": {"path": self.config.audit.path,
-                      "healthy": bool(self.audit is not None and self.audit.healthy)},
+                      "healthy": bool(self.audit is not None and self.audit.healthy),
+                      "pid": self.audit.pid if self.audit is not None else None},
             "probes": (f"{self.probes.path} ({self.probes.reason})" if self.probes is not None
                        else "off" if self.config.probes.mode == "off" else "not attached"),
             **(self.runtime.status() if self.runtime is not None else {}),

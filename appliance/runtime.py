@@ -33,12 +33,13 @@ log = logging.getLogger(__name__)
 
 
 def open_audit_store(cfg: Config):
-    """Open (create, migrate) the audit store and start its single writer. Blocking."""
-    from analytics import AuditStore
+    """Open (create, migrate) the audit store in its own process (appliance.auditproc) and
+    start its single writer. Blocking."""
+    from appliance.auditproc import AuditProcess
 
     Path(cfg.audit.path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    store = AuditStore(cfg.audit.path, batch_max=cfg.audit.batch_max, flush_interval=cfg.audit.flush_interval,
-                       queue_max=cfg.audit.queue_max, on_full=cfg.audit.on_full)
+    store = AuditProcess(cfg.audit.path, batch_max=cfg.audit.batch_max, flush_interval=cfg.audit.flush_interval,
+                         queue_max=cfg.audit.queue_max, on_full=cfg.audit.on_full)
     store.start()
     return store
 
@@ -94,7 +95,6 @@ class Runtime:
         self.config = cfg
         self.daemon = daemon
         self.engine: Any = None
-        self.redactor: Any = None
         self.identity: Any = None
         self.secrets: Any = None
         self._owns_secrets = True
@@ -121,7 +121,6 @@ class Runtime:
         """Everything that reads files at build time (runs in a thread)."""
         from appliance.identity import IdentityService, OIDCValidator
         from appliance.policy import PolicyEngine
-        from appliance.policy.redact import AuditRedactor
         from appliance.secrets import SecretsBroker
 
         cfg = self.config
@@ -133,7 +132,6 @@ class Runtime:
                 raise BotwardenError(f"masking.salt_file: cannot read {cfg.policy.masking.salt_file}: "
                                      f"{e.strerror}") from None
         self.engine = PolicyEngine(cfg.policy, cfg.targets, cfg.identities, salt=salt)
-        self.redactor = AuditRedactor(self.engine.detector_settings)
         # The OIDC validator (its JWKS cache) and the secrets broker (its Vault token, leases) live
         # on across reloads unless their own settings changed.
         same_oidc = previous is not None and previous.config.oidc == cfg.oidc
@@ -197,21 +195,16 @@ class Runtime:
             dup.close()
 
     def audit(self, kind: str, record: Mapping[str, Any]) -> None:
-        if kind == "request":
-            # No sensitive value reaches the audit store: constants and parameters that a content
-            # detector flags are redacted; a masked statement's parameters are masked whole.
-            record = dict(record)
-            if record.get("text"):
-                record["text"] = self.redactor.text(record["text"])
-            record["params"] = self.redactor.params(record.get("params"),
-                                                    masked_statement=record.get("decision") == "mask")
-            record["error"] = self.redactor.message(record.get("error"))
+        # No sensitive value reaches the audit store: the audit process redacts request records
+        # (constants and parameters a content detector flags; a masked statement's parameters
+        # whole) with the detector settings this runtime sent it (set_redaction).
         store = self.daemon.audit
         if store is None:
             log.error("audit store is closed; %s event not recorded", kind)
             return
         if not store.submit(kind, record):
-            log.error("audit queue full: %s event refused by the store", kind)
+            log.error("audit store refused a %s event (%s)", kind,
+                      "store failing" if store.stats()["failing"] else "queue full")
 
     async def open_session(self, target: str, ctx: ConnectionContext, user: str, token: str | None) -> SessionGrant:
         from appliance.identity import IdentityRefused

@@ -265,8 +265,36 @@ cgroup = "pgbench"
 # ---------------------------------------------------------------- helpers
 
 def cpu_ticks(pid: int) -> int:
+    """utime + stime of a process and its child processes (the daemon's audit process)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    ticks = int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            children = task.joinpath("children").read_text().split()
+        except OSError:
+            continue
+        ticks += sum(cpu_ticks(int(c)) for c in children if Path(f"/proc/{c}").exists())
+    return ticks
+
+
+def cpu_own(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def thread_ticks(pid: int) -> dict[str, tuple[int, int]]:
+    """(utime, stime) per thread name of a process."""
+    out: dict[str, tuple[int, int]] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            head, rest = task.joinpath("stat").read_text().rsplit(")", 1)
+        except OSError:
+            continue
+        name = head.split("(", 1)[1]
+        f = rest.split()
+        u, s = out.get(name, (0, 0))
+        out[name] = (u + int(f[11]), s + int(f[12]))
+    return out
 
 
 def wait_port(port: int, timeout: float = 15) -> None:
@@ -298,8 +326,17 @@ def run_pgbench(port: int, password: str, mode: str, args, logdir: Path, tag: st
     if wrap is not None:
         cmd = wrap(cmd)
     before = cpu_ticks(cpu_pid) if cpu_pid else 0
+    threads_before = thread_ticks(cpu_pid) if cpu_pid else {}
+    own_before = cpu_own(cpu_pid) if cpu_pid else 0
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=logdir)
     after = cpu_ticks(cpu_pid) if cpu_pid else 0
+    if cpu_pid and os.environ.get("BW_THREADS"):
+        print(f"  {tag} own {cpu_own(cpu_pid) - own_before} ticks, with children {after - before} ticks",
+              file=sys.stderr)
+        for name, (u, s) in thread_ticks(cpu_pid).items():
+            u0, s0 = threads_before.get(name, (0, 0))
+            print(f"  {tag} thread {name}: user {(u - u0) / CLK_TCK:.2f}s sys {(s - s0) / CLK_TCK:.2f}s",
+                  file=sys.stderr)
     if res.returncode != 0:
         raise RuntimeError(f"pgbench {tag} failed: {res.stderr}")
     tps = float(next(line.split("=")[1].split()[0] for line in res.stdout.splitlines()
@@ -339,6 +376,12 @@ def main() -> None:
     ap.add_argument("--scale", type=int, default=10)
     ap.add_argument("--big-rows", type=int, default=900_000, help="rows of the ~100 MB table")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "pgbench.md"))
+    ap.add_argument("--paths", default="direct,pgbouncer,relay,full,front",
+                    help="comma-separated subset of direct,pgbouncer,relay,full,front (direct is always run)")
+    ap.add_argument("--modes", default="simple,prepared", help="comma-separated subset of simple,prepared")
+    ap.add_argument("--no-big", action="store_true", help="skip the large-result benchmark")
+    ap.add_argument("--profile", metavar="FILE", help="profile the daemon during its simple-mode run: FILE.perf "
+                    "with Linux perf, FILE.txt py-spy collapsed stacks, else a py-spy flame graph")
     ap.add_argument("--serve-front", nargs=2, metavar=("UPSTREAM_PORT", "PORT_FILE"), help=argparse.SUPPRESS)
     ap.add_argument("--serve-relay", nargs=2, metavar=("UPSTREAM_PORT", "PORT_FILE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -363,11 +406,12 @@ def main() -> None:
         env = {**os.environ, "PGPASSWORD": PASSWORD}
         subprocess.run([PGBENCH, "-i", "-q", "-s", str(args.scale), "-h", "127.0.0.1", "-p", str(pg.port), "-U", USER,
                         "bench"], check=True, capture_output=True, env=env)
-        pg.psql("CREATE TABLE big AS SELECT i AS id, 'person' || i || '@example.com' AS email, "
-                "lpad((i::bigint * 7919 % 1000000000)::text, 9, '0') AS ssn, repeat(md5(i::text), 2) AS payload "
-                f"FROM generate_series(1, {args.big_rows}) i", db="bench")
-        big_mb = int(pg.psql("SELECT sum(octet_length(id::text) + octet_length(email) + octet_length(ssn) "
-                             "+ octet_length(payload)) FROM big", db="bench")) / 1e6
+        if not args.no_big:
+            pg.psql("CREATE TABLE big AS SELECT i AS id, 'person' || i || '@example.com' AS email, "
+                    "lpad((i::bigint * 7919 % 1000000000)::text, 9, '0') AS ssn, repeat(md5(i::text), 2) AS payload "
+                    f"FROM generate_series(1, {args.big_rows}) i", db="bench")
+            big_mb = int(pg.psql("SELECT sum(octet_length(id::text) + octet_length(email) + octet_length(ssn) "
+                                 "+ octet_length(payload)) FROM big", db="bench")) / 1e6
 
         # pgbouncer, session mode, temp config (it refuses to run as root: -u postgres)
         bport = free_port()
@@ -416,23 +460,41 @@ pidfile = {bdir}/pgbouncer.pid
         # (name, port, password, proxy pid, argv wrapper)
         full = "botwarden (full inspection)"
         front_only = "botwarden front only"
-        targets = [("direct", pg.port, PASSWORD, None, None), ("pgbouncer", bport, PASSWORD, bouncer.pid, None),
-                   ("uvloop byte relay", rport, PASSWORD, relay.pid, None),
-                   (full, pg.port, "no-token-needed", daemon.pid, daemon.bot),
-                   (front_only, fport, TOKEN, front.pid, None)]
+        keys = {"direct", *args.paths.split(",")}
+        targets = [t for key, t in [
+            ("direct", ("direct", pg.port, PASSWORD, None, None)),
+            ("pgbouncer", ("pgbouncer", bport, PASSWORD, bouncer.pid, None)),
+            ("relay", ("uvloop byte relay", rport, PASSWORD, relay.pid, None)),
+            ("full", (full, pg.port, "no-token-needed", daemon.pid, daemon.bot)),
+            ("front", (front_only, fport, TOKEN, front.pid, None))] if key in keys]
+        modes = [m for m in ("simple", "prepared") if m in args.modes.split(",")]
         results: dict[tuple[str, str], dict] = {}
         audited_before = daemon.audited_requests()
-        for mode in ("simple", "prepared"):
+        for mode in modes:
             for name, port, password, pid, wrap in targets:
                 print(f"pgbench -S -M {mode} via {name} ({args.duration}s) ...", file=sys.stderr)
                 tag = name.replace(" ", "_").replace("(", "").replace(")", "")
+                spy = None
+                if args.profile and name == full and mode == "simple":
+                    if args.profile.endswith(".perf"):  # Linux perf: user and kernel time, all threads
+                        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+                        cmd = ["perf", "record", "-F", "499", "-g", "-p", ",".join([str(pid), *kids]), "-o", args.profile,
+                               "--", "sleep", str(args.duration)]
+                    else:  # py-spy: Python stacks (raw collapsed stacks for a .txt name)
+                        cmd = [str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(pid), "-o",
+                               args.profile, "-r", "200", "-d", str(args.duration), "--threads", "--nonblocking",
+                               "-f", "raw" if args.profile.endswith(".txt") else "flamegraph"]
+                    spy = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 results[(mode, name)] = run_pgbench(port, password, mode, args, tmp, f"{tag}-{mode}", pid, wrap)
+                if spy is not None:
+                    spy.wait()
         audited = daemon.audited_requests() - audited_before
-        full_txns = sum(results[(m, full)]["txns"] for m in ("simple", "prepared"))
+        full_txns = sum(results[(m, full)]["txns"] for m in modes if (m, full) in results)
 
-        print("large result ...", file=sys.stderr)
         big: dict[str, float] = {}
-        big_targets = [t for t in targets if t[0] != "uvloop byte relay"]
+        big_targets = [] if args.no_big else [t for t in targets if t[0] != "uvloop byte relay"]
+        if big_targets:
+            print("large result ...", file=sys.stderr)
         for name, port, password, _, wrap in big_targets:
             user = "bot" if name.startswith("botwarden") else USER
             timed_psql(port, user, password, "SELECT 1", wrap)  # warm up the connection path
@@ -451,14 +513,14 @@ pidfile = {bdir}/pgbouncer.pid
             "| mode | path | TPS | ratio to direct | p50 ms | p99 ms | proxy CPU µs/txn |",
             "|---|---|---:|---:|---:|---:|---:|",
         ]
-        for mode in ("simple", "prepared"):
+        for mode in modes:
             base = results[(mode, "direct")]["tps"]
             for name, *_ in targets:
                 r = results[(mode, name)]
                 cpu = f"{r['cpu_us']:.1f}" if r["cpu_us"] is not None else "—"
                 lines.append(f"| {mode} | {name} | {r['tps']:,.0f} | {r['tps'] / base:.2f} | {r['p50']:.3f} | "
                              f"{r['p99']:.3f} | {cpu} |")
-        lines += [
+        lines += [] if not big_targets else [
             "",
             f"# Large result: `{BIG_SQL}` ({args.big_rows:,} rows, ~{big_mb:.0f} MB of values), psql to /dev/null;"
             " botwarden masks `email` and `ssn` in every row (decode, mask, re-encode each DataRow; the full daemon "

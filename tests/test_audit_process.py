@@ -1,0 +1,205 @@
+"""The audit store in its own process (appliance.auditproc): the same contract as the store —
+nothing accepted is lost, nothing sensitive is stored, a failing store refuses work — across a
+process boundary, including either side dying."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from analytics import AuditStore
+from analytics.errors import (AuditClosedError, AuditError, AuditRecordError, AuditWriterError,
+                              ReadOnlyViolation, UnknownReport)
+from appliance.auditproc import AuditProcess
+from appliance.policy.masking import DetectorSettings
+from appliance.policy.redact import MASK
+from tests.daemon_fixtures import ROOT
+
+NOW = dt.datetime(2026, 11, 29, 12, 0, tzinfo=dt.timezone.utc)
+
+
+def request(i: int, **extra) -> dict:
+    return {"request_id": f"r{i}", "session_id": "s1", "ts": NOW, "protocol": "postgres", "kind": "query",
+            "text": f"SELECT {i}", "decision": "allow", **extra}
+
+
+def wait_for(cond, timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return stat[0] != "Z"
+
+
+def test_events_round_trip_redacted_and_chained(tmp_path):
+    with AuditProcess(tmp_path / "a.duckdb", flush_interval=0.02) as p:
+        assert p.pid != os.getpid() and process_alive(p.pid)
+        for i in range(500):
+            assert p.submit("request", request(i))
+        assert p.submit("request", request(
+            1000, text="SELECT * FROM cards WHERE pan = '4111111111111111'", params=["ada@example.com", "ok"],
+            error="Key (email)=(bob@example.org) already exists"))
+        assert p.submit("request", request(1001, decision="mask", params=["plain"]))
+        p.flush()
+        assert p.stats()["written"] == 502 and p.stats()["pending"] == 0
+        cols, rows = p.query("SELECT count(*) FROM requests")
+        assert rows == [(502,)]
+        _, rows = p.query("SELECT text, params, error FROM requests WHERE request_id = ?", ["r1000"])
+        assert rows == [("SELECT * FROM cards WHERE pan = '********'", [MASK, "ok"], f"Key (email)=({MASK}) already exists")]
+        _, rows = p.query("SELECT params FROM requests WHERE request_id = 'r1001'")
+        assert rows == [([MASK],)]  # a masked statement's parameters are masked whole
+        assert p.verify().ok
+        cols, _ = p.report("blocked_attempts")
+        assert "decision" in cols
+        with pytest.raises(UnknownReport):
+            p.report("no-such-report")
+        with pytest.raises(ReadOnlyViolation):
+            p.query("DELETE FROM requests")
+        pid = p.pid
+    assert not process_alive(pid)
+    # Closed cleanly: the child wrote its stop row and released the file.
+    with AuditStore(tmp_path / "a.duckdb") as store:
+        _, rows = store.query("SELECT event FROM writer_events WHERE epoch = 1 ORDER BY chain_seq")
+        assert [r[0] for r in rows][-1] == "writer_stop"
+        assert store.verify().ok
+
+
+def test_malformed_records_fail_in_the_caller(tmp_path):
+    with AuditProcess(tmp_path / "a.duckdb", strict=True) as p:
+        with pytest.raises(AuditRecordError, match="decision"):
+            p.submit("request", request(1, decision="maybe"))
+        with pytest.raises(AuditRecordError, match="unknown audit event kind"):
+            p.submit("nonsense", {})
+        with pytest.raises(AuditRecordError, match="unknown fields"):
+            p.submit("request", request(2, colour="blue"))
+        assert p.stats()["submitted"] == 0
+    with pytest.raises(AuditClosedError):
+        p.submit("request", request(3))
+
+
+def test_redaction_settings_follow_the_policy(tmp_path):
+    secret = "Zq8xV2mK9pL4rT7w"  # 16 characters of high entropy
+    with AuditProcess(tmp_path / "a.duckdb") as p:
+        p.submit("request", request(1, params=[secret]))
+        p.set_redaction(DetectorSettings(secret_min_length=16, secret_entropy=3.0))
+        p.submit("request", request(2, params=[secret]))
+        p.flush()
+        _, rows = p.query("SELECT request_id, params FROM requests ORDER BY request_id")
+    assert rows == [("r1", [secret]), ("r2", [MASK])]
+
+
+def test_a_stalled_store_refuses_beyond_the_queue_and_recovers(tmp_path):
+    p = AuditProcess(tmp_path / "a.duckdb", queue_max=200, flush_interval=0.02)
+    p.start()
+    try:
+        os.kill(p.pid, signal.SIGSTOP)  # the writer stops making progress
+        accepted = sum(p.submit("request", request(i)) for i in range(300))
+        assert accepted == 200
+        assert p.stats()["refused"] == 100
+        assert not p.healthy
+        os.kill(p.pid, signal.SIGCONT)
+        p.flush()
+        assert p.healthy
+        assert p.query("SELECT count(*) FROM requests")[1] == [(200,)]
+    finally:
+        os.kill(p.pid, signal.SIGCONT)
+        p.close()
+
+
+def test_a_dead_audit_process_fails_closed(tmp_path):
+    p = AuditProcess(tmp_path / "a.duckdb", flush_interval=0.02)
+    p.start()
+    p.submit("request", request(1))
+    p.flush()
+    os.kill(p.pid, signal.SIGKILL)
+    assert wait_for(lambda: not p.healthy)
+    assert p.submit("request", request(2)) is False
+    with pytest.raises(AuditWriterError, match="audit store unavailable"):
+        p.query("SELECT 1")
+    with pytest.raises(AuditWriterError):
+        p.close()  # an event was accepted and never written: the loss is reported
+
+
+def test_the_audit_process_outlives_a_killed_daemon_only_to_close_the_file(tmp_path):
+    """The daemon dies (kill -9) after flushing 100 events: the child commits, writes its
+    stop row, exits, and the file opens and verifies."""
+    path = tmp_path / "a.duckdb"
+    script = textwrap.dedent(f"""
+        import datetime as dt, os, signal, sys
+        from appliance.auditproc import AuditProcess
+        p = AuditProcess({str(path)!r}, flush_interval=0.02)
+        p.start()
+        now = dt.datetime.now(dt.timezone.utc)
+        for i in range(100):
+            p.submit("request", {{"request_id": f"r{{i}}", "session_id": "s", "ts": now, "protocol": "postgres",
+                                  "kind": "query", "text": "SELECT 1", "decision": "allow"}})
+        p.flush()
+        print(p.pid, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    res = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == -signal.SIGKILL, res.stderr
+    child = int(res.stdout.strip())
+    assert wait_for(lambda: not process_alive(child)), "the audit process stayed behind"
+    with AuditStore(path) as store:
+        assert store.query("SELECT count(*) FROM requests")[1] == [(100,)]
+        _, rows = store.query("SELECT event FROM writer_events WHERE epoch = 1 ORDER BY chain_seq")
+        assert [r[0] for r in rows][-1] == "writer_stop"
+        assert store.verify().ok
+
+
+def test_a_store_that_cannot_open_says_why(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    p = AuditProcess(blocker / "a.duckdb")
+    with pytest.raises(AuditError, match=str(blocker)):
+        p.start()
+    assert p.pid is not None and not process_alive(p.pid)
+
+
+def test_daemon_refuses_new_sessions_when_its_audit_process_dies(pg_server, bao_server, tmp_path):
+    import uuid
+
+    from appliance.control import ControlError
+    from appliance.sandbox import configure_openbao
+    from tests.daemon_fixtures import DaemonProcess, new_port, psql, seed_orders, write_config
+
+    seed_orders(pg_server)
+    setup = configure_openbao(bao_server, pg_server, tmp_path, tag=f"a{uuid.uuid4().hex[:6]}")
+    port = new_port()
+    config = write_config(tmp_path / "bw.toml", workdir=tmp_path, pg=pg_server, bao=setup, listen_port=port)
+    daemon = DaemonProcess(config, tmp_path / "run" / "control.sock").start()
+    try:
+        token = setup.mint_token()
+        assert psql(port, token, "SELECT 'before'").stdout.strip() == "before"
+        audit = daemon.client().get("/v1/status")["audit"]
+        assert audit["healthy"] and audit["pid"] != daemon.proc.pid
+        os.kill(audit["pid"], signal.SIGKILL)
+        assert wait_for(lambda: not daemon.client().get("/v1/status")["audit"]["healthy"])
+        res = psql(port, token, "SELECT 'after'")
+        assert "after" not in res.stdout
+        assert "audit store" in res.stderr and "no session runs unaudited" in res.stderr, res.stderr
+        with pytest.raises(ControlError, match="audit store unavailable"):
+            daemon.client().post("/v1/audit/sql", {"sql": "SELECT 1"})
+    finally:
+        code = daemon.stop()
+    assert code != 0  # it had accepted events it could not write: the stop says so
