@@ -40,6 +40,12 @@ POSITIVES = [
     ("jwt", f"Bearer {JWT}", JWT),
     ("secret", "token=Zx8kP2mQ9vR4tY7wB1nC5dF3gH6jK0lA", "Zx8kP2mQ9vR4tY7wB1nC5dF3gH6jK0lA"),
     ("secret", "ghp_abcdefghijklmnopqrstuvwxyz0123456789", "ghp_abcdefghijklmnopqrstuvwxyz0123456789"),
+    # The shortest value each length-guarded detector flags, alone (the guards skip shorter text).
+    ("card", "4222222222222", "4222222222222"),             # 13 digits
+    ("iban", "NO9386011117947", "NO9386011117947"),         # 15 characters, the shortest IBAN
+    ("phone", "+4912345678", "+4912345678"),                # 10 digits
+    ("ssn", "123-45-6789", "123-45-6789"),                  # 11 characters
+    ("aws_key", "AKIAIOSFODNN7EXAMPLE", "AKIAIOSFODNN7EXAMPLE"),  # 20 characters
 ]
 
 NEGATIVES = [

@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import itertools
 import logging
 import os
 import ssl
@@ -166,6 +167,16 @@ def _discard(data: bytes) -> None:
 
 def _new_id() -> str:
     return _urandom(16).hex()
+
+
+# Request ids: unique, not secret (only root reads them). A random per-process prefix and a
+# counter cost no system call per statement, unlike 16 fresh random bytes.
+_REQUEST_PREFIX = _urandom(8).hex()
+_request_seq = itertools.count(1)
+
+
+def _request_id() -> str:
+    return f"{_REQUEST_PREFIX}{next(_request_seq):016x}"
 
 
 def _addr(a: Any) -> str | None:
@@ -1194,7 +1205,7 @@ class Session:
         loop = asyncio.get_running_loop()
         thread = threading.get_ident()
         if req.request_id is None:
-            req.request_id = _new_id()  # the approval record names the request
+            req.request_id = _request_id()  # the approval record names the request
 
         def notify(approval_id: str) -> None:
             notice = notice_response(
@@ -1559,7 +1570,7 @@ class Session:
     def _emit(self, req: _Request) -> None:
         v = req.verdict
         self._audit("request", {
-            "request_id": req.request_id or _urandom(16).hex(), "session_id": self.session_id,
+            "request_id": req.request_id or _request_id(), "session_id": self.session_id,
             "ts": datetime.fromtimestamp(req.t0, timezone.utc), "protocol": PROTOCOL,
             "kind": req.kind, "text": req.text, "params": req.params, "decision": req.decision or v.action,
             "rule": v.rule, "reason": req.reason or v.reason or None,

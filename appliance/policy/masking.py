@@ -108,6 +108,8 @@ def _find_email(text: str, cfg: "DetectorSettings") -> list[tuple[int, int]]:
 
 
 def _find_card(text: str, cfg: "DetectorSettings") -> list[tuple[int, int]]:
+    if len(text) < 13:  # 13 digits at least; the cheap checks skip the regex for most values
+        return []
     out = []
     for m in _CARD.finditer(text):
         digits = re.sub(r"[ -]", "", m.group())
@@ -117,10 +119,14 @@ def _find_card(text: str, cfg: "DetectorSettings") -> list[tuple[int, int]]:
 
 
 def _find_iban(text: str, cfg: "DetectorSettings") -> list[tuple[int, int]]:
+    if len(text) < 15:  # the shortest IBAN (Norway)
+        return []
     return [m.span() for m in _IBAN.finditer(text) if iban_ok(m.group())]
 
 
 def _find_phone(text: str, cfg: "DetectorSettings") -> list[tuple[int, int]]:
+    if len(text) < 10:  # 10 digits at least
+        return []
     out = []
     for m in _PHONE.finditer(text):
         digits = sum(ch.isdigit() for ch in m.group())
@@ -130,12 +136,14 @@ def _find_phone(text: str, cfg: "DetectorSettings") -> list[tuple[int, int]]:
 
 
 def _find_ssn(text: str, cfg: "DetectorSettings") -> list[tuple[int, int]]:
-    if "-" not in text:
+    if len(text) < 11 or "-" not in text:
         return []
     return [m.span() for m in _SSN.finditer(text) if ssn_ok(*m.groups())]
 
 
 def _find_aws(text: str, cfg: "DetectorSettings") -> list[tuple[int, int]]:
+    if len(text) < 20:  # a 4-letter prefix and 16 characters
+        return []
     return [m.span() for m in _AWS.finditer(text)]
 
 
