@@ -3,8 +3,13 @@ end to end through the daemon: nothing a bot sends in a literal or a parameter l
 
 from __future__ import annotations
 
-import psycopg
+from unittest import mock
 
+import psycopg
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from appliance.policy import redact
 from appliance.policy.redact import MASK, AuditRedactor
 from tests.daemon_fixtures import psql
 
@@ -21,6 +26,45 @@ def test_only_flagged_constants_are_redacted_by_the_real_scanner():
     assert r.text("SELECT 'ünï', 'bob@example.org', 'ok'") == "SELECT 'ünï', '********', 'ok'"
     # Text the scanner refuses is redacted as one value.
     assert "ada@example.com" not in r.text("SELECT 'unterminated ada@example.com")
+
+
+def full_path(sql: str) -> str:
+    with mock.patch.object(redact, "_FAST_PATH", False):
+        return AuditRedactor()._redact_sql(sql)
+
+
+def test_statements_with_only_short_numbers_skip_the_token_scan():
+    assert redact._FAST_PATH  # every detector declares what it needs (masking.MIN_LENGTH / REQUIRED_TEXT)
+    with mock.patch.object(redact, "scan", side_effect=AssertionError("scanned")):
+        assert AuditRedactor().text("SELECT abalance FROM pgbench_accounts WHERE aid = 1234567") == \
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 1234567"
+    # What the fast path must leave to the scan: long numbers, strings, dollar quotes, and text the
+    # scanner refuses (redacted whole: here a card number in groups, then an open comment).
+    for sql, expected in [
+        ("SELECT 4111111111111111", "SELECT ********"),
+        ("SELECT x FROM t WHERE y = 'ada@example.com'", "SELECT x FROM t WHERE y = '********'"),
+        ("SELECT $$4111111111111111$$", "SELECT ********"),
+        ("SELECT 4111 1111 1111 1111 /* x", "SELECT ******** /* x"),
+    ]:
+        assert AuditRedactor().text(sql) == expected == full_path(sql)
+
+
+_fragments = st.one_of(
+    st.sampled_from(["SELECT", "FROM", "WHERE", "AND", "t", "pgbench_accounts", "aid", "col_2024", "x1", "ünï",
+                     "=", "+", "-", "*", "(", ")", ",", ";", ".", "::", "--c\n", "/* c */", "/*", '"q', '"id"',
+                     "'", "'ada@example.com'", "$1", "$$", "@", "e", "E", "0x", "_", "1x", "\n"]),
+    st.from_regex(r"[0-9]{1,20}", fullmatch=True),
+    st.from_regex(r"[0-9]{1,4}([ .-][0-9]{1,4}){1,4}", fullmatch=True),
+    st.from_regex(r"[0-9]{1,6}\.[0-9]{1,6}(e[+-]?[0-9]{1,3})?", fullmatch=True),
+    st.from_regex(r"0x[0-9A-F]{1,20}", fullmatch=True),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_fragments, min_size=1, max_size=12), st.sampled_from([" ", "", "  "]))
+def test_the_fast_path_redacts_exactly_as_the_scan(parts, sep):
+    sql = sep.join(parts)
+    assert AuditRedactor().text(sql) == full_path(sql)
 
 
 def test_parameters_and_errors_are_redacted():

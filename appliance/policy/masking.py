@@ -101,14 +101,21 @@ _PREFIXED_SECRET = re.compile(r"\b(?:ghp|gho|ghs|ghu|github_pat|glpat|xox[abpr]|
                               r"[_.-][A-Za-z0-9_\-]{16,}\b")
 
 
+# The fewest characters each detector flags; each detector skips shorter text (the cheap check
+# comes before the regex). Audit redaction relies on these to skip short numeric constants.
+MIN_LENGTH = {"card": 13, "iban": 15, "phone": 10, "ssn": 11, "aws_key": 20, "secret": 16}
+# What the other detectors need in the text: none of these can occur in a numeric literal.
+REQUIRED_TEXT = {"email": "@", "jwt": "eyJ", "private_key": "PRIVATE KEY"}
+
+
 def _find_email(text: str, cfg: "DetectorSettings") -> list[tuple[int, int]]:
-    if "@" not in text:
+    if REQUIRED_TEXT["email"] not in text:
         return []
     return [m.span() for m in _EMAIL.finditer(text)]
 
 
 def _find_card(text: str, cfg: "DetectorSettings") -> list[tuple[int, int]]:
-    if len(text) < 13:  # 13 digits at least; the cheap checks skip the regex for most values
+    if len(text) < MIN_LENGTH["card"]:  # 13 digits at least
         return []
     out = []
     for m in _CARD.finditer(text):
@@ -119,13 +126,13 @@ def _find_card(text: str, cfg: "DetectorSettings") -> list[tuple[int, int]]:
 
 
 def _find_iban(text: str, cfg: "DetectorSettings") -> list[tuple[int, int]]:
-    if len(text) < 15:  # the shortest IBAN (Norway)
+    if len(text) < MIN_LENGTH["iban"]:  # the shortest IBAN (Norway)
         return []
     return [m.span() for m in _IBAN.finditer(text) if iban_ok(m.group())]
 
 
 def _find_phone(text: str, cfg: "DetectorSettings") -> list[tuple[int, int]]:
-    if len(text) < 10:  # 10 digits at least
+    if len(text) < MIN_LENGTH["phone"]:  # 10 digits at least
         return []
     out = []
     for m in _PHONE.finditer(text):
@@ -136,31 +143,31 @@ def _find_phone(text: str, cfg: "DetectorSettings") -> list[tuple[int, int]]:
 
 
 def _find_ssn(text: str, cfg: "DetectorSettings") -> list[tuple[int, int]]:
-    if len(text) < 11 or "-" not in text:
+    if len(text) < MIN_LENGTH["ssn"] or "-" not in text:
         return []
     return [m.span() for m in _SSN.finditer(text) if ssn_ok(*m.groups())]
 
 
 def _find_aws(text: str, cfg: "DetectorSettings") -> list[tuple[int, int]]:
-    if len(text) < 20:  # a 4-letter prefix and 16 characters
+    if len(text) < MIN_LENGTH["aws_key"]:  # a 4-letter prefix and 16 characters
         return []
     return [m.span() for m in _AWS.finditer(text)]
 
 
 def _find_pem(text: str, cfg: "DetectorSettings") -> list[tuple[int, int]]:
-    if "PRIVATE KEY" not in text:
+    if REQUIRED_TEXT["private_key"] not in text:
         return []
     return [m.span() for m in _PEM.finditer(text)]
 
 
 def _find_jwt(text: str, cfg: "DetectorSettings") -> list[tuple[int, int]]:
-    if "eyJ" not in text:
+    if REQUIRED_TEXT["jwt"] not in text:
         return []
     return [m.span() for m in _JWT.finditer(text) if _jwt_ok(m.group())]
 
 
 def _find_secret(text: str, cfg: "DetectorSettings") -> list[tuple[int, int]]:
-    if len(text) < 16:
+    if len(text) < MIN_LENGTH["secret"]:
         return []
     out = [m.span() for m in _PREFIXED_SECRET.finditer(text)]
     for m in _TOKEN.finditer(text):

@@ -15,9 +15,9 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 
-from pglast.parser import scan
+from pglast.parser import scan, split
 
-from appliance.policy.masking import DETECTOR_FUNCTIONS, DetectorSettings
+from appliance.policy.masking import DETECTOR_FUNCTIONS, MIN_LENGTH, REQUIRED_TEXT, DetectorSettings
 
 MASK = "********"
 # No detector flags fewer than 6 characters (the shortest is an e-mail like a@b.co); shorter
@@ -25,6 +25,33 @@ MASK = "********"
 _MIN_FLAGGABLE = 6
 _CONSTANT_TOKENS = frozenset({"SCONST", "USCONST", "FCONST", "ICONST", "BCONST", "XCONST"})
 _CACHE_MAX = 4096
+
+# Statements without string constants (no quote, no dollar quote) hold only numeric constants
+# (digits, ".", "_", "+", "-", exponent and 0x/0o/0b prefixes, hex digits). The detectors that
+# need text a number cannot contain (an "@", "eyJ", "PRIVATE KEY") cannot flag one; the others
+# need MIN_LENGTH characters. A numeric constant lies inside a run of [0-9A-Za-z_.+-] that holds
+# a digit, so when every such run is shorter than that, no constant can be flagged and the
+# statement is kept as it is — once the scanner has accepted it (text it refuses is redacted
+# whole, below). This spares the per-token scan for most statements that differ only in numbers.
+_NUMERIC_CHARS = frozenset("0123456789._+-xXoObBeEabcdefABCDEF")
+_RUN_CHARS = frozenset("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_.+-")
+# bytes.translate table: run characters (and any non-ASCII byte, to stay on the safe side) kept,
+# everything else a space.
+_SEPARATE = bytes(c if c >= 128 or chr(c) in _RUN_CHARS else 32 for c in range(256))
+_DIGITS = frozenset(b"0123456789")
+_NUMERIC_FLAGGABLE = min(MIN_LENGTH.values())
+_FAST_PATH = (set(DETECTOR_FUNCTIONS) <= set(MIN_LENGTH) | set(REQUIRED_TEXT)
+              and all(not set(t) <= _NUMERIC_CHARS for t in REQUIRED_TEXT.values()))
+
+
+def _only_short_numbers(sql: str) -> bool:
+    """True when ``sql`` can hold no constant a detector could flag (see above)."""
+    if "'" in sql or "$" in sql:
+        return False
+    for run in sql.encode("utf-8", "surrogatepass").translate(_SEPARATE).split():
+        if len(run) >= _NUMERIC_FLAGGABLE and not _DIGITS.isdisjoint(run):
+            return False
+    return True
 
 
 def redact_value(text: str, settings: DetectorSettings = DetectorSettings()) -> str:
@@ -65,6 +92,13 @@ class AuditRedactor:
         return redacted
 
     def _redact_sql(self, sql: str) -> str:
+        if _FAST_PATH and _only_short_numbers(sql):
+            try:
+                split(sql, with_parser=False)  # the same scanner, without a token list: does it accept it?
+            except Exception:  # noqa: S110 - refused: the full path below redacts it whole
+                pass
+            else:
+                return sql
         try:
             tokens = scan(sql)
         except Exception:  # the scanner refused it: treat the whole text as one value
