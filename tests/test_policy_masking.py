@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from appliance.config import parse_config
 from appliance.errors import ConfigError
@@ -312,3 +314,19 @@ def test_plan_cache_tells_statements_apart(engine: PolicyEngine) -> None:
         assert plan.apply([b"alice@example.com"])[0] == [b"*****@******e.com"]
         _, plan = _plan(engine, "select email from people", cols)
         assert plan.apply([b"alice@example.com"])[0] == [b"alice@example.com"]
+
+
+def _partial_reference(value: str, keep: int) -> str:
+    """partial() as specified, written the slow obvious way."""
+    alnum = [i for i, ch in enumerate(value) if ch.isalnum()]
+    if len(alnum) <= keep:
+        return "".join("*" if ch.isalnum() else ch for ch in value) if alnum else "********"
+    hide = set(alnum[:len(alnum) - keep])
+    return "".join("*" if i in hide else ch for i, ch in enumerate(value))
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("ab1Z9-@. é٣_")), max_size=30) | st.text(max_size=20),
+       st.integers(0, 8))
+def test_partial_matches_its_reference(value: str, keep: int) -> None:
+    assert partial(value, keep) == _partial_reference(value, keep)

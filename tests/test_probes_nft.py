@@ -86,7 +86,7 @@ def test_nftables_fallback_redirects_and_attributes(net):
     assert probes.status(settings).path == "none"
 
 
-_FOREIGN = r"""
+_FOREIGN = rb"""
 int other_connect4(struct bpf_sock_addr *ctx) { return 1; }
 """
 

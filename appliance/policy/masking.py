@@ -225,14 +225,28 @@ class Strategy:
         raise ValueError(self.name)
 
 
+_ASCII_ALNUM_TO_STAR = str.maketrans({c: "*" for c in "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"})
+
+
+def _stars_for_alnum(text: str) -> str:
+    if text.isascii():
+        return text.translate(_ASCII_ALNUM_TO_STAR)  # in C: this runs for every masked value of a result
+    return "".join("*" if ch.isalnum() else ch for ch in text)
+
+
 def partial(value: str, keep: int) -> str:
     """Letters and digits become ``*`` except the last ``keep``; separators stay. A value with no
     more than ``keep`` of them is masked whole (keeping all of it would keep everything)."""
-    alnum = [i for i, ch in enumerate(value) if ch.isalnum()]
-    if len(alnum) <= keep:
-        return "".join("*" if ch.isalnum() else ch for ch in value) if alnum else STARS
-    hide = set(alnum[:len(alnum) - keep])
-    return "".join("*" if i in hide else ch for i, ch in enumerate(value))
+    # Find where the last ``keep`` letters/digits begin, walking back over the short tail only.
+    i, seen = len(value), 0
+    while i > 0 and seen < keep:
+        i -= 1
+        if value[i].isalnum():
+            seen += 1
+    head = _stars_for_alnum(value[:i])
+    if seen < keep or head == value[:i]:  # no more than ``keep`` of them in all: mask it whole
+        return _stars_for_alnum(value) if seen else STARS
+    return head + value[i:]
 
 
 def format_preserving(value: str, salt: bytes) -> str:
