@@ -2,7 +2,10 @@
 
 Run as root from the repository root:
 
-    /work/main/.venv/bin/python bench/pgbench_compare.py [--duration 15] [--clients 8] [--threads 2]
+    .venv/bin/python bench/pgbench_compare.py [--duration 15] [--repeat 3] [--clients 8] [--threads 2]
+
+(--paths, --modes and --no-big pick a subset while working on one path; --profile FILE.perf
+or FILE.txt records the daemon with Linux perf or py-spy during its first run.)
 
 It starts a real PostgreSQL 15 (appliance.sandbox), pgbouncer from the Debian
 package with a temp config, and botwarden twice: the whole daemon (`botwarden
@@ -15,7 +18,9 @@ proxy, a plain uvloop byte relay. Runs
 `pgbench -S` in simple and prepared modes against each; and a
 ~100 MB SELECT with two masked columns. TPS comes from pgbench, latency
 p50/p99 from its per-transaction logs (--log), CPU microseconds per
-transaction of the proxy process from /proc/<pid>/stat (utime + stime).
+transaction of the proxy process and its children from /proc/<pid>/stat (utime +
+stime; the daemon's child is its audit process). With --repeat N every path runs N
+times, the rounds interleaved, and the table shows medians.
 Prints a Markdown table and writes it to bench/results/pgbench.md.
 """
 
@@ -24,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import glob
+import itertools
 import os
 import pwd
 import shutil
@@ -278,23 +284,9 @@ def cpu_ticks(pid: int) -> int:
 
 
 def cpu_own(pid: int) -> int:
+    """utime + stime of the process alone."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return int(fields[11]) + int(fields[12])
-
-
-def thread_ticks(pid: int) -> dict[str, tuple[int, int]]:
-    """(utime, stime) per thread name of a process."""
-    out: dict[str, tuple[int, int]] = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            head, rest = task.joinpath("stat").read_text().rsplit(")", 1)
-        except OSError:
-            continue
-        name = head.split("(", 1)[1]
-        f = rest.split()
-        u, s = out.get(name, (0, 0))
-        out[name] = (u + int(f[11]), s + int(f[12]))
-    return out
 
 
 def wait_port(port: int, timeout: float = 15) -> None:
@@ -326,17 +318,9 @@ def run_pgbench(port: int, password: str, mode: str, args, logdir: Path, tag: st
     if wrap is not None:
         cmd = wrap(cmd)
     before = cpu_ticks(cpu_pid) if cpu_pid else 0
-    threads_before = thread_ticks(cpu_pid) if cpu_pid else {}
     own_before = cpu_own(cpu_pid) if cpu_pid else 0
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=logdir)
     after = cpu_ticks(cpu_pid) if cpu_pid else 0
-    if cpu_pid and os.environ.get("BW_THREADS"):
-        print(f"  {tag} own {cpu_own(cpu_pid) - own_before} ticks, with children {after - before} ticks",
-              file=sys.stderr)
-        for name, (u, s) in thread_ticks(cpu_pid).items():
-            u0, s0 = threads_before.get(name, (0, 0))
-            print(f"  {tag} thread {name}: user {(u - u0) / CLK_TCK:.2f}s sys {(s - s0) / CLK_TCK:.2f}s",
-                  file=sys.stderr)
     if res.returncode != 0:
         raise RuntimeError(f"pgbench {tag} failed: {res.stderr}")
     tps = float(next(line.split("=")[1].split()[0] for line in res.stdout.splitlines()
@@ -353,8 +337,9 @@ def run_pgbench(port: int, password: str, mode: str, args, logdir: Path, tag: st
         os.unlink(f)
     lat.sort()
     cpu_us = (after - before) / CLK_TCK * 1e6 / txns if cpu_pid else None
+    own_us = (cpu_own(cpu_pid) - own_before) / CLK_TCK * 1e6 / txns if cpu_pid else None
     return {"tps": tps, "p50": percentile(lat, 50) / 1000, "p99": percentile(lat, 99) / 1000, "cpu_us": cpu_us,
-            "txns": txns}
+            "own_us": own_us, "txns": txns}
 
 
 def timed_psql(port: int, user: str, password: str, sql: str, wrap=None) -> float:
@@ -380,7 +365,9 @@ def main() -> None:
                     help="comma-separated subset of direct,pgbouncer,relay,full,front (direct is always run)")
     ap.add_argument("--modes", default="simple,prepared", help="comma-separated subset of simple,prepared")
     ap.add_argument("--no-big", action="store_true", help="skip the large-result benchmark")
-    ap.add_argument("--profile", metavar="FILE", help="profile the daemon during its simple-mode run: FILE.perf "
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="rounds of every (mode, path) run, interleaved; the table shows medians")
+    ap.add_argument("--profile", metavar="FILE", help="profile the daemon during its first mode's run: FILE.perf "
                     "with Linux perf, FILE.txt py-spy collapsed stacks, else a py-spy flame graph")
     ap.add_argument("--serve-front", nargs=2, metavar=("UPSTREAM_PORT", "PORT_FILE"), help=argparse.SUPPRESS)
     ap.add_argument("--serve-relay", nargs=2, metavar=("UPSTREAM_PORT", "PORT_FILE"), help=argparse.SUPPRESS)
@@ -468,14 +455,16 @@ pidfile = {bdir}/pgbouncer.pid
             ("full", (full, pg.port, "no-token-needed", daemon.pid, daemon.bot)),
             ("front", (front_only, fport, TOKEN, front.pid, None))] if key in keys]
         modes = [m for m in ("simple", "prepared") if m in args.modes.split(",")]
-        results: dict[tuple[str, str], dict] = {}
+        runs: dict[tuple[str, str], list[dict]] = {}
         audited_before = daemon.audited_requests()
-        for mode in modes:
+        # Rounds interleave the paths, so a slow minute of the machine does not land on one path only.
+        for round_no, mode in itertools.product(range(args.repeat), modes):
             for name, port, password, pid, wrap in targets:
-                print(f"pgbench -S -M {mode} via {name} ({args.duration}s) ...", file=sys.stderr)
+                print(f"[{round_no + 1}/{args.repeat}] pgbench -S -M {mode} via {name} ({args.duration}s) ...",
+                      file=sys.stderr)
                 tag = name.replace(" ", "_").replace("(", "").replace(")", "")
                 spy = None
-                if args.profile and name == full and mode == "simple":
+                if args.profile and name == full and mode == modes[0] and round_no == 0:
                     if args.profile.endswith(".perf"):  # Linux perf: user and kernel time, all threads
                         kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
                         cmd = ["perf", "record", "-F", "499", "-g", "-p", ",".join([str(pid), *kids]), "-o", args.profile,
@@ -485,11 +474,22 @@ pidfile = {bdir}/pgbouncer.pid
                                args.profile, "-r", "200", "-d", str(args.duration), "--threads", "--nonblocking",
                                "-f", "raw" if args.profile.endswith(".txt") else "flamegraph"]
                     spy = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                results[(mode, name)] = run_pgbench(port, password, mode, args, tmp, f"{tag}-{mode}", pid, wrap)
+                r = run_pgbench(port, password, mode, args, tmp, f"{tag}-{mode}", pid, wrap)
+                r["round"] = round_no
+                runs.setdefault((mode, name), []).append(r)
                 if spy is not None:
                     spy.wait()
         audited = daemon.audited_requests() - audited_before
-        full_txns = sum(results[(m, full)]["txns"] for m in modes if (m, full) in results)
+        full_txns = sum(r["txns"] for m in modes for r in runs.get((m, full), []))
+        # Per path: the run with the median TPS (its latencies and CPU go with it); ratios per round
+        # against that round's direct run, then their median.
+        results: dict[tuple[str, str], dict] = {}
+        for key, rs in runs.items():
+            pick = sorted(rs, key=lambda r: r["tps"])[(len(rs) - 1) // 2]
+            direct = {r["round"]: r["tps"] for r in runs[(key[0], "direct")]}
+            ratios = sorted(r["tps"] / direct[r["round"]] for r in rs)
+            results[key] = {**pick, "ratio": ratios[(len(ratios) - 1) // 2], "all_tps": [r["tps"] for r in rs],
+                            "all_ratios": ratios}
 
         big: dict[str, float] = {}
         big_targets = [] if args.no_big else [t for t in targets if t[0] != "uvloop byte relay"]
@@ -510,16 +510,22 @@ pidfile = {bdir}/pgbouncer.pid
             f"({audited:,} request rows for {full_txns:,} transactions). `{front_only}`: the PostgreSQL front in "
             "its own process with allow-all decisions and audit into a ring buffer (what the protocol work costs).",
             "",
-            "| mode | path | TPS | ratio to direct | p50 ms | p99 ms | proxy CPU µs/txn |",
-            "|---|---|---:|---:|---:|---:|---:|",
+            f"Proxy CPU is user + system time of the proxy's process and its children (for the daemon: "
+            f"the daemon + its audit process). "
+            + (f"Each path ran {args.repeat} times, interleaved; the table shows the median run and the median "
+               f"of the per-round ratios (all ratios in the last column)." if args.repeat > 1 else ""),
+            "",
+            "| mode | path | TPS | ratio to direct | p50 ms | p99 ms | proxy CPU µs/txn | ratios of all rounds |",
+            "|---|---|---:|---:|---:|---:|---:|---|",
         ]
         for mode in modes:
-            base = results[(mode, "direct")]["tps"]
             for name, *_ in targets:
                 r = results[(mode, name)]
                 cpu = f"{r['cpu_us']:.1f}" if r["cpu_us"] is not None else "—"
-                lines.append(f"| {mode} | {name} | {r['tps']:,.0f} | {r['tps'] / base:.2f} | {r['p50']:.3f} | "
-                             f"{r['p99']:.3f} | {cpu} |")
+                if name == full and r["own_us"] is not None:
+                    cpu += f" ({r['own_us']:.0f} daemon + {r['cpu_us'] - r['own_us']:.0f} audit process)"
+                lines.append(f"| {mode} | {name} | {r['tps']:,.0f} | {r['ratio']:.2f} | {r['p50']:.3f} | "
+                             f"{r['p99']:.3f} | {cpu} | {', '.join(f'{x:.2f}' for x in r['all_ratios'])} |")
         lines += [] if not big_targets else [
             "",
             f"# Large result: `{BIG_SQL}` ({args.big_rows:,} rows, ~{big_mb:.0f} MB of values), psql to /dev/null;"
