@@ -171,6 +171,8 @@ class AuditProcess:
             first = ("error", ("AuditError", f"the audit process did not start: {e}"))
         if not first or first[0] != "ready":
             self._kill()
+            ev_parent.close()
+            rpc_parent.close()
             if first and first[0] == "error":
                 raise _error_from(first[1])
             raise AuditWriterError(f"the audit process exited while starting (code {self._proc.poll()})")
@@ -206,10 +208,10 @@ class AuditProcess:
             self._kill()
             code = self._proc.returncode
         self._running = False
+        self._reader.join(5)  # the child has exited: the reader takes its last status, then sees EOF
         for s in (self._events, self._rpc):
             if s is not None:
                 s.close()
-        self._reader.join(5)
         with self._lock:
             unwritten = self._submitted - self._written
         if code != 0 and not unwritten:

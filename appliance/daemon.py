@@ -380,6 +380,19 @@ class Daemon:
 
     # -- status --------------------------------------------------------------------------
 
+    def _probe_status(self) -> str:
+        handle = self.probes
+        if handle is None:
+            return "off" if self.config.probes.mode == "off" else "not attached"
+        try:
+            attached = handle.still_attached()
+        except Exception as e:  # noqa: BLE001 - a status line must not fail the status call
+            return f"{handle.path} ({handle.reason}); could not check the attachment: {e}"
+        if not attached:
+            return (f"{handle.path} programs were removed outside the daemon (botwarden probes detach?): "
+                    "bots are not redirected; run `botwarden probes attach`")
+        return f"{handle.path} ({handle.reason})"
+
     def status(self) -> dict[str, Any]:
         return {
             "pid": os.getpid(),
@@ -395,8 +408,7 @@ class Daemon:
             "audit": {"path": self.config.audit.path,
                       "healthy": bool(self.audit is not None and self.audit.healthy),
                       "pid": self.audit.pid if self.audit is not None else None},
-            "probes": (f"{self.probes.path} ({self.probes.reason})" if self.probes is not None
-                       else "off" if self.config.probes.mode == "off" else "not attached"),
+            "probes": self._probe_status(),
             **(self.runtime.status() if self.runtime is not None else {}),
         }
 

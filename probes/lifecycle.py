@@ -102,6 +102,15 @@ class ProbeHandle:
     def lookup(self, sock: socket.socket) -> Attribution | None:
         return _lookup(sock, pin_dir=self.settings.pin_dir, nft_table=self.settings.nft_table)
 
+    def still_attached(self) -> bool:
+        """Are this handle's eBPF programs still on the cgroup? (``botwarden probes detach`` from
+        the CLI removes them behind the daemon's back.) A few bpf syscalls; the nftables path is
+        not checked here (that needs the nft binary) and reports True."""
+        if self.path != "ebpf":
+            return True
+        attached = {p.prog_id for p in loader.attached_programs(cgroups.resolve(self.settings.cgroup_parent))}
+        return bool(self.prog_ids) and set(self.prog_ids) <= attached
+
     def update_targets(self, settings: ProbeSettings) -> None:
         """New targets/passthrough without a reload (same cgroup, pins and mode)."""
         if self.path == "ebpf":

@@ -641,6 +641,9 @@ def test_probes_detach_and_attach_from_the_cli_while_the_daemon_runs(env):
     assert f"the daemon (pid {env.daemon.proc.pid}) keeps running" in res.stdout
     assert bpftool_json("cgroup", "show", str(cgroups.resolve(BOTS))) == []
     assert not Path(PIN_DIR).exists()
+    # The daemon's status says so (it checks the cgroup, not only its own handle).
+    probes_line = env.daemon.client().get("/v1/status")["probes"]
+    assert "removed outside the daemon" in probes_line and "botwarden probes attach" in probes_line, probes_line
     # Unwatched: a connect the probes would refuse with EPERM now reaches the namespace (closed port),
     # so `bot run` refuses to start bots until the probes are back.
     assert spawn_probe(BOTS, "prober", [("other-port", 4, env.net.ip_a, 22)]) == {"other-port": "ECONNREFUSED"}
@@ -654,6 +657,7 @@ def test_probes_detach_and_attach_from_the_cli_while_the_daemon_runs(env):
     assert res.stdout.startswith(f"probes attached by the daemon (pid {env.daemon.proc.pid}): ebpf"), res.stdout
     st = json.loads(cli(env.config, "probes", "status", "--json").stdout)
     assert st["owner_pid"] == env.daemon.proc.pid and st["owner_alive"] and not st["fail_closed"], st
+    assert env.daemon.client().get("/v1/status")["probes"].startswith("ebpf (")
     ran = bot_run(env.config, BOT, psql_args(env.net.ip_a, env.pg.port, QUERY), env=PSQL_ENV)
     assert ran.returncode == 0, ran.stderr
     assert ran.stdout.strip() == env.direct
