@@ -57,6 +57,33 @@ _RETRY_MIN_S = 0.05
 _RETRY_MAX_S = 2.0
 
 
+class RecordValidator:
+    """Checks a producer's record on the producer's thread (so a bug surfaces where it happens)
+    and turns it into a row in column order. Unknown fields: ``strict`` raises, otherwise they
+    are dropped with one warning per (kind, field name)."""
+
+    def __init__(self, strict: bool = False):
+        self.strict = strict
+        self._warned: set[tuple[str, str]] = set()
+
+    def __call__(self, kind: str, record: Mapping[str, Any]) -> tuple[schema.Kind, tuple[Any, ...]]:
+        spec = schema.KINDS.get(kind)
+        if spec is None or kind not in schema.PRODUCER_KINDS:
+            raise AuditRecordError(f"unknown audit event kind {kind!r}")
+        if not isinstance(record, Mapping):
+            raise AuditRecordError(f"{kind}: record must be a mapping, got {type(record).__name__}")
+        row, unknown = schema.normalize(spec, record)
+        if unknown:
+            if self.strict:
+                raise AuditRecordError(f"{kind}: unknown fields {sorted(map(str, unknown))}")
+            for n in unknown:
+                key = (kind, str(n))
+                if key not in self._warned:
+                    self._warned.add(key)
+                    log.warning("audit %s: dropping unknown field %r", kind, str(n))
+        return spec, row
+
+
 class AuditStore:
     def __init__(
         self,
@@ -102,7 +129,7 @@ class AuditStore:
         self._failure: BaseException | None = None   # last commit error, cleared on success
         self._dead = False                            # writer thread exited abnormally
         self._tasks: collections.deque = collections.deque()
-        self._warned_unknown: set[tuple[str, str]] = set()
+        self._validator = RecordValidator(strict)
 
         self._con: duckdb.DuckDBPyConnection | None = None
         self._reader_root: duckdb.DuckDBPyConnection | None = None
@@ -202,15 +229,7 @@ class AuditStore:
 
     def validate(self, kind: str, record: Mapping[str, Any]) -> tuple[schema.Kind, tuple[Any, ...]]:
         """The record as a row in column order; raises AuditRecordError naming the field."""
-        spec = schema.KINDS.get(kind)
-        if spec is None or kind not in schema.PRODUCER_KINDS:
-            raise AuditRecordError(f"unknown audit event kind {kind!r}")
-        if not isinstance(record, Mapping):
-            raise AuditRecordError(f"{kind}: record must be a mapping, got {type(record).__name__}")
-        row, unknown = schema.normalize(spec, record)
-        if unknown:
-            self._unknown_fields(kind, unknown)
-        return spec, row
+        return self._validator(kind, record)
 
     def submit_row(self, spec: schema.Kind, row: tuple[Any, ...]) -> bool:
         """Queue a row :meth:`validate` (or :func:`schema.normalize`) produced."""
@@ -236,15 +255,6 @@ class AuditStore:
             if len(self._pending) == self.batch_max:
                 self._wake.notify()
         return True
-
-    def _unknown_fields(self, kind: str, names: list[str]) -> None:
-        if self.strict:
-            raise AuditRecordError(f"{kind}: unknown fields {sorted(map(str, names))}")
-        for n in names:
-            key = (kind, str(n))
-            if key not in self._warned_unknown:
-                self._warned_unknown.add(key)
-                log.warning("audit %s: dropping unknown field %r", kind, str(n))
 
     @property
     def healthy(self) -> bool:

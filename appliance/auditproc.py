@@ -44,7 +44,8 @@ from typing import Any, Literal
 
 from analytics import errors as audit_errors
 from analytics import schema
-from analytics.errors import AuditClosedError, AuditError, AuditRecordError, AuditWriterError
+from analytics.errors import AuditClosedError, AuditError, AuditWriterError
+from analytics.store import RecordValidator
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,7 @@ class AuditProcess:
         self._dead: str | None = None       # why the child is gone, once it is
         self._closing = False
         self._running = False
-        self._warned_unknown: set[tuple[str, str]] = set()
+        self._validate = RecordValidator(strict)
         self._calls: dict[int, Future] = {}
         self._call_ids = itertools.count(1)
         self._call_lock = threading.Lock()
@@ -240,14 +241,7 @@ class AuditProcess:
         """Queue one event. False: too many events are not yet written or the audit process
         is failing — refuse the work that needed auditing. Raises AuditRecordError for a
         malformed record."""
-        spec = schema.KINDS.get(kind)
-        if spec is None or kind not in schema.PRODUCER_KINDS:
-            raise AuditRecordError(f"unknown audit event kind {kind!r}")
-        if not isinstance(record, Mapping):
-            raise AuditRecordError(f"{kind}: record must be a mapping, got {type(record).__name__}")
-        row, unknown = schema.normalize(spec, record)
-        if unknown:
-            self._unknown_fields(kind, unknown)
+        _, row = self._validate(kind, record)
         with self._lock:
             if not self._running or self._closing:
                 raise AuditClosedError("audit store is not running")
@@ -275,15 +269,6 @@ class AuditProcess:
             self._buf.append(("!redaction", settings))
             self._ship_now = True
             self._ship.notify()
-
-    def _unknown_fields(self, kind: str, names: list[str]) -> None:
-        if self.strict:
-            raise AuditRecordError(f"{kind}: unknown fields {sorted(map(str, names))}")
-        for n in names:
-            key = (kind, str(n))
-            if key not in self._warned_unknown:
-                self._warned_unknown.add(key)
-                log.warning("audit %s: dropping unknown field %r", kind, str(n))
 
     def _send_loop(self) -> None:
         while True:
