@@ -373,9 +373,15 @@ class AuditProcess:
 
     @property
     def healthy(self) -> bool:
-        with self._lock:
-            return (self._running and self._dead is None and not self._failing
-                    and self._submitted - self._written - self._lost < self._high_water)
+        """Taking events with room to spare (below 80 % of ``queue_max``). Read per request by
+        the runtime, so without the lock: a stale answer by one event does not matter."""
+        return (self._running and self._dead is None and not self._failing and not self._closing
+                and self._submitted - self._written - self._lost < self._high_water)
+
+    @property
+    def unavailable(self) -> str | None:
+        """Why the store is gone for good (its process died), else None."""
+        return self._dead
 
     def stats(self) -> dict[str, Any]:
         with self._lock:

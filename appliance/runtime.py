@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import socket
+import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -102,6 +103,8 @@ class Runtime:
                                         audit=self.audit, webhook_url=cfg.approvals.webhook_url)
         # Shared across generations so `sessions` sees every open session.
         self.live: dict[str, LiveSession] = {}
+        self._refused_events = 0
+        self._refused_logged_at = -1e9
         self.recent: list[LiveSession] = []
 
     @classmethod
@@ -203,8 +206,14 @@ class Runtime:
             log.error("audit store is closed; %s event not recorded", kind)
             return
         if not store.submit(kind, record):
-            log.error("audit store refused a %s event (%s)", kind,
-                      "store failing" if store.stats()["failing"] else "queue full")
+            # Under back-pressure this happens per event: one line per 10 s, with the count.
+            self._refused_events += 1
+            now = time.monotonic()
+            if now - self._refused_logged_at >= 10.0:
+                log.error("audit store refused %d event(s) (last: %s; %s); statements are refused until it "
+                          "recovers", self._refused_events, kind,
+                          "store failing" if store.stats()["failing"] else "queue full")
+                self._refused_events, self._refused_logged_at = 0, now
 
     async def open_session(self, target: str, ctx: ConnectionContext, user: str, token: str | None) -> SessionGrant:
         from appliance.identity import IdentityRefused
@@ -277,6 +286,9 @@ class Runtime:
     def decide_sql(self, grant: SessionGrant, target: str, sql: str, phase: str) -> Verdict:
         # Per-session SQL state (prepared statement names, search_path) lives with the session.
         live = self.live.get(grant.session_id)
+        store = self.daemon.audit
+        if store is None or not store.healthy:
+            return self._audit_refusal(store, live)
         if live is not None and live.expiry is not None and live.expiry.policy == "recheck":
             expired = live.expiry.check()
             if expired is not None:  # refuse this request, then end the session (oidc.on_expiry = "recheck")
@@ -285,6 +297,21 @@ class Runtime:
                 return Verdict("block", None, expired)
         return self.engine.decide_sql(grant.identity, grant.groups, target, sql,
                                       session=live.sql_state if live is not None else None)
+
+    def _audit_refusal(self, store: Any, live: LiveSession | None) -> Verdict:
+        """Nothing runs unaudited: while the store cannot take events, statements are refused;
+        once it is gone for good (its process died), the session ends too."""
+        gone = store.unavailable if store is not None else "the audit store is closed"
+        if gone is not None:
+            if live is not None and live.terminate is not None:
+                asyncio.get_running_loop().call_soon(
+                    live.terminate, "57P03",
+                    f"botwarden ended the session: the audit store is unavailable ({gone}); "
+                    "no session runs unaudited")
+            why = f"the audit store is unavailable ({gone})"
+        else:
+            why = "the audit store cannot keep up (its queue is nearly full)"
+        return Verdict("block", "botwarden:audit", f"{why}; no statement runs unaudited, try again later")
 
     def mask_plan(self, grant: SessionGrant, target: str, verdict: Verdict,
                   columns: Sequence[ColumnDesc]) -> MaskPlan | None:

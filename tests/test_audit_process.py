@@ -13,6 +13,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from analytics import AuditStore
@@ -191,10 +192,19 @@ def test_daemon_refuses_new_sessions_when_its_audit_process_dies(pg_server, bao_
     try:
         token = setup.mint_token()
         assert psql(port, token, "SELECT 'before'").stdout.strip() == "before"
+        open_session = psycopg.connect(host="127.0.0.1", port=port, user="orders-bot", password=token,
+                                       dbname="postgres", sslmode="disable", autocommit=True)
+        assert open_session.execute("SELECT 1").fetchone() == (1,)
         audit = daemon.client().get("/v1/status")["audit"]
         assert audit["healthy"] and audit["pid"] != daemon.proc.pid
         os.kill(audit["pid"], signal.SIGKILL)
         assert wait_for(lambda: not daemon.client().get("/v1/status")["audit"]["healthy"])
+        # A session already open runs nothing more: its next statement is refused and the session ends.
+        with pytest.raises(psycopg.Error, match="audit store is unavailable"):
+            open_session.execute("SELECT 'unaudited'").fetchone()
+        with pytest.raises(psycopg.OperationalError):
+            open_session.execute("SELECT 1")
+        open_session.close()
         res = psql(port, token, "SELECT 'after'")
         assert "after" not in res.stdout
         assert "audit store" in res.stderr and "no session runs unaudited" in res.stderr, res.stderr
@@ -203,3 +213,45 @@ def test_daemon_refuses_new_sessions_when_its_audit_process_dies(pg_server, bao_
     finally:
         code = daemon.stop()
     assert code != 0  # it had accepted events it could not write: the stop says so
+
+
+def test_statements_wait_for_an_audit_store_that_cannot_keep_up(pg_server, bao_server, tmp_path):
+    """The audit process stalls (SIGSTOP) with a small queue: statements in an open session are
+    refused with a clear reason instead of running unaudited, and run again once it catches up."""
+    import uuid
+
+    from appliance.sandbox import configure_openbao
+    from tests.daemon_fixtures import DaemonProcess, new_port, seed_orders, write_config
+
+    seed_orders(pg_server)
+    setup = configure_openbao(bao_server, pg_server, tmp_path, tag=f"q{uuid.uuid4().hex[:6]}")
+    port = new_port()
+    config = write_config(tmp_path / "bw.toml", workdir=tmp_path, pg=pg_server, bao=setup, listen_port=port)
+    config.write_text(config.read_text().replace("[audit]\n", "[audit]\nqueue_max = 20\n", 1))
+    assert "queue_max = 20" in config.read_text()
+    daemon = DaemonProcess(config, tmp_path / "run" / "control.sock").start()
+    child = daemon.client().get("/v1/status")["audit"]["pid"]
+    try:
+        conn = psycopg.connect(host="127.0.0.1", port=port, user="orders-bot", password=setup.mint_token(),
+                               dbname="postgres", sslmode="disable", autocommit=True)
+        os.kill(child, signal.SIGSTOP)
+        ran, refusal = 0, None
+        for i in range(40):
+            try:
+                conn.execute(f"SELECT {i}").fetchone()
+                ran += 1
+            except psycopg.errors.InsufficientPrivilege as e:
+                refusal = str(e)
+                break
+        assert refusal is not None and 0 < ran < 20, (ran, refusal)
+        assert "cannot keep up" in refusal and "no statement runs unaudited" in refusal
+        assert not daemon.client().get("/v1/status")["audit"]["healthy"]
+        os.kill(child, signal.SIGCONT)
+        assert wait_for(lambda: daemon.client().get("/v1/status")["audit"]["healthy"])
+        assert conn.execute("SELECT 'again'").fetchone() == ("again",)  # the same session carries on
+        conn.close()
+        rows = daemon.audit_sql("SELECT count(*) AS n FROM requests WHERE text LIKE 'SELECT %'")
+        assert rows[0]["n"] >= ran + 1
+    finally:
+        os.kill(child, signal.SIGCONT)
+        daemon.stop()
