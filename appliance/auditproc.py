@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import pickle
+import signal
 import socket
 import struct
 import subprocess
@@ -597,6 +598,10 @@ class _Child:
 
 
 def _child_main(argv: list[str]) -> int:
+    # The daemon decides when the store closes (end of the events stream, or its own death); a
+    # SIGTERM or Ctrl-C sent to the whole group must not cut the stop row short.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
     events = socket.socket(fileno=int(argv[0]))
     rpc = socket.socket(fileno=int(argv[1]))
     options = json.loads(argv[2])

@@ -255,3 +255,18 @@ def test_statements_wait_for_an_audit_store_that_cannot_keep_up(pg_server, bao_s
     finally:
         os.kill(child, signal.SIGCONT)
         daemon.stop()
+
+
+def test_the_audit_process_ignores_signals_meant_for_the_daemon(tmp_path):
+    """systemd (KillMode=control-group) or a terminal's Ctrl-C can signal the whole group: the
+    child waits for the daemon to close the events stream, so its stop row is still written."""
+    with AuditProcess(tmp_path / "a.duckdb", flush_interval=0.02) as p:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            os.kill(p.pid, sig)
+        time.sleep(0.3)
+        assert process_alive(p.pid) and p.healthy
+        assert p.submit("request", request(1))
+        p.flush()
+    with AuditStore(tmp_path / "a.duckdb") as store:
+        _, rows = store.query("SELECT event FROM writer_events WHERE epoch = 1 ORDER BY chain_seq")
+        assert [r[0] for r in rows][-1] == "writer_stop"
