@@ -85,20 +85,28 @@ class AuditRedactor:
         if cached is not None:
             self._texts.move_to_end(sql)
             return cached
-        redacted = self._redact_sql(sql)
+        if self._nothing_to_redact(sql):
+            return sql  # not cached: texts that differ only in short numbers would evict the useful ones
+        redacted = self._redact_tokens(sql)
         self._texts[sql] = redacted
         if len(self._texts) > _CACHE_MAX:
             self._texts.popitem(last=False)
         return redacted
 
     def _redact_sql(self, sql: str) -> str:
-        if _FAST_PATH and _only_short_numbers(sql):
-            try:
-                split(sql, with_parser=False)  # the same scanner, without a token list: does it accept it?
-            except Exception:  # noqa: S110 - refused: the full path below redacts it whole
-                pass
-            else:
-                return sql
+        return sql if self._nothing_to_redact(sql) else self._redact_tokens(sql)
+
+    @staticmethod
+    def _nothing_to_redact(sql: str) -> bool:
+        if not (_FAST_PATH and _only_short_numbers(sql)):
+            return False
+        try:
+            split(sql, with_parser=False)  # the same scanner, without a token list: does it accept it?
+        except Exception:  # refused: the token path redacts it whole
+            return False
+        return True
+
+    def _redact_tokens(self, sql: str) -> str:
         try:
             tokens = scan(sql)
         except Exception:  # the scanner refused it: treat the whole text as one value
