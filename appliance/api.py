@@ -138,7 +138,12 @@ def build_router(daemon: "Daemon") -> Router:
         return Response(200, {"files": [str(f) for f in files]})
 
     async def flush(request: Request) -> Response:
-        await asyncio.to_thread(daemon.audit.flush)
+        from analytics import AuditError
+
+        try:
+            await asyncio.to_thread(daemon.audit.flush)
+        except AuditError as e:  # the store is down or behind: say so, it is not the daemon's bug
+            raise ControlError(503, str(e)) from None
         return Response(200, {"flushed": True})
 
     async def probes_attach(request: Request) -> Response:

@@ -105,7 +105,9 @@ class AuditProcess:
 
     def __init__(self, path: str | Path, *, batch_max: int = 2000, flush_interval: float = 0.2,
                  queue_max: int = 100_000, on_full: Literal["refuse", "block"] = "refuse",
-                 strict: bool = False):
+                 strict: bool = False, restart_after: float | None = 1.0):
+        """``restart_after``: seconds before a dead audit process is started again (doubling
+        up to 30 s while it keeps failing); None leaves it dead."""
         if batch_max < 1 or queue_max < 1 or flush_interval <= 0:
             raise AuditError("batch_max and queue_max must be >= 1 and flush_interval > 0")
         if on_full not in ("refuse", "block"):
@@ -133,6 +135,15 @@ class AuditProcess:
         self._closing = False
         self._running = False
         self._validate = RecordValidator(strict)
+        self.restart_after = restart_after
+        self._restart_lock = threading.Lock()   # held while a new child is spawned; close() waits
+        self._restarting = False
+        self._restarts = 0
+        self._crash_lost = 0      # events handed to a child that died before committing them
+        self._base_written = 0    # what earlier children committed (a child counts from zero)
+        self._base_lost = 0
+        self._base_sent = 0       # events handed to earlier children (flush targets are per child)
+        self._redaction: Any = None
         self._calls: dict[int, Future] = {}
         self._call_ids = itertools.count(1)
         self._call_lock = threading.Lock()
@@ -151,12 +162,24 @@ class AuditProcess:
         """Spawn the child and wait until its store is open (or raise its error)."""
         if self._proc is not None:
             raise AuditError("audit process already started")
+        self._proc, self._events, self._rpc, info = self._spawn()
+        self.pid = self._proc.pid
+        self.epoch, self.migrations, self._child_stats = info["epoch"], info["migrations"], info["stats"]
+        self._running = True
+        self._reader = threading.Thread(target=self._read_loop, args=(self._proc, self._rpc),
+                                        name="audit-process-reader", daemon=True)
+        self._sender = threading.Thread(target=self._send_loop, name="audit-process-sender", daemon=True)
+        self._reader.start()
+        self._sender.start()
+        log.info("audit store %s runs in process %d (epoch %d)", self.path, self.pid, self.epoch)
+
+    def _spawn(self) -> tuple[subprocess.Popen, socket.socket, socket.socket, dict[str, Any]]:
         ev_parent, ev_child = socket.socketpair()
         rpc_parent, rpc_child = socket.socketpair()
         root = str(Path(__file__).resolve().parent.parent)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
         try:
-            self._proc = subprocess.Popen(
+            proc = subprocess.Popen(
                 [sys.executable, "-m", "appliance.auditproc", str(ev_child.fileno()), str(rpc_child.fileno()),
                  json.dumps(self.options)],
                 pass_fds=(ev_child.fileno(), rpc_child.fileno()), stdin=subprocess.DEVNULL, env=env,
@@ -164,29 +187,23 @@ class AuditProcess:
         finally:
             ev_child.close()
             rpc_child.close()
-        self.pid = self._proc.pid
-        self._events, self._rpc = ev_parent, rpc_parent
+        self.pid = proc.pid
         rpc_parent.settimeout(_START_TIMEOUT_S)
         try:
             first = _recv(rpc_parent)
         except (OSError, pickle.UnpicklingError, EOFError) as e:
             first = ("error", ("AuditError", f"the audit process did not start: {e}"))
         if not first or first[0] != "ready":
-            self._kill()
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
             ev_parent.close()
             rpc_parent.close()
             if first and first[0] == "error":
                 raise _error_from(first[1])
-            raise AuditWriterError(f"the audit process exited while starting (code {self._proc.poll()})")
+            raise AuditWriterError(f"the audit process exited while starting (code {proc.returncode})")
         rpc_parent.settimeout(None)
-        info = first[1]
-        self.epoch, self.migrations, self._child_stats = info["epoch"], info["migrations"], info["stats"]
-        self._running = True
-        self._reader = threading.Thread(target=self._read_loop, name="audit-process-reader", daemon=True)
-        self._sender = threading.Thread(target=self._send_loop, name="audit-process-sender", daemon=True)
-        self._reader.start()
-        self._sender.start()
-        log.info("audit store %s runs in process %d (epoch %d)", self.path, self.pid, self.epoch)
+        return proc, ev_parent, rpc_parent, first[1]
 
     def close(self) -> None:
         """Ship what is left, have the child write its stop row and exit; raise if events
@@ -197,6 +214,8 @@ class AuditProcess:
             self._closing = True
             self._ship.notify_all()
             self._room.notify_all()
+        with self._restart_lock:
+            pass  # a restart in progress finishes (or gives up) first
         self._sender.join()
         if self._dead is None:
             try:  # end of the events stream: the child commits what it has, writes its stop row, exits
@@ -215,7 +234,8 @@ class AuditProcess:
             if s is not None:
                 s.close()
         with self._lock:
-            unwritten = self._submitted - self._written
+            # Events lost when a child died were reported then (and verify shows the gap).
+            unwritten = self._submitted - self._written - self._crash_lost
         if code != 0 and not unwritten:
             raise AuditWriterError(f"the audit process exited with code {code} while closing the store")
         if unwritten:
@@ -267,6 +287,7 @@ class AuditProcess:
     def set_redaction(self, settings: Any) -> None:
         """Detector settings for request rows from now on (ordered with the events)."""
         with self._lock:
+            self._redaction = settings
             self._buf.append(("!redaction", settings))
             self._ship_now = True
             self._ship.notify()
@@ -276,16 +297,19 @@ class AuditProcess:
             with self._lock:
                 if len(self._buf) < _SEND_BATCH and not self._closing and not self._ship_now:
                     self._ship.wait(_SEND_INTERVAL_S)
+                if self._dead is not None and not self._closing:
+                    continue  # keep them for the next child (submit refuses meanwhile)
                 self._ship_now = False
                 batch, self._buf = self._buf, []
                 if not batch and self._closing:
                     return
+                events_sock = self._events
             if not batch:
                 continue
             if self._dead is not None:
-                continue  # nobody to send to; submit refuses from now on, close() reports the loss
+                continue  # closing with a dead child: close() reports these as not written
             try:
-                _send(self._events, batch)
+                _send(events_sock, batch)
             except OSError as e:
                 self._mark_dead(f"sending events failed: {e}")
                 continue
@@ -296,20 +320,20 @@ class AuditProcess:
 
     # --- the child's answers -------------------------------------------------
 
-    def _read_loop(self) -> None:
+    def _read_loop(self, proc: subprocess.Popen, rpc: socket.socket) -> None:
         while True:
             try:
-                msg = _recv(self._rpc)
+                msg = _recv(rpc)
             except (OSError, pickle.UnpicklingError, EOFError) as e:
                 msg = None
                 why = f"its channel failed: {e}"
             else:
                 why = None
             if msg is None:
-                code = self._proc.poll() if self._proc is not None else None
+                code = proc.poll()
                 if code is None:
                     try:
-                        code = self._proc.wait(5)
+                        code = proc.wait(5)
                     except subprocess.TimeoutExpired:
                         code = None
                 if not self._closing or code not in (0, None):
@@ -332,24 +356,84 @@ class AuditProcess:
     def _update(self, stats: dict[str, Any]) -> None:
         with self._lock:
             self._child_stats = stats
-            self._written = stats["written"]
-            self._lost = stats.get("dropped", 0)
+            self._written = self._base_written + stats["written"]
+            self._lost = self._base_lost + stats.get("dropped", 0)
             self._failing = bool(stats["failing"])
             self._room.notify_all()
 
     def _mark_dead(self, why: str) -> None:
+        restart = False
         with self._lock:
             if self._dead is None:
                 self._dead = why
                 if not self._closing:
-                    log.error("audit store unavailable: %s; new sessions are refused", why)
+                    log.error("audit store unavailable: %s; statements and new sessions are refused%s", why,
+                              "" if self.restart_after is None else f"; restarting it in {self.restart_after:g}s")
+                    restart = self.restart_after is not None and not self._restarting
+                    self._restarting = self._restarting or restart
             self._room.notify_all()
             self._ship.notify_all()
+        if restart:
+            threading.Thread(target=self._restart_loop, name="audit-process-restart", daemon=True).start()
         with self._call_lock:
             calls, self._calls = self._calls, {}
         for fut in calls.values():
             if not fut.done():
                 fut.set_exception(AuditWriterError(f"audit store unavailable: {why}"))
+
+    def _restart_loop(self) -> None:
+        delay = self.restart_after or 1.0
+        try:
+            while True:
+                with self._lock:
+                    if not self._closing:
+                        self._room.wait(delay)  # close() wakes it
+                    if self._closing:
+                        return
+                with self._restart_lock:
+                    if self._closing:
+                        return
+                    if self._reader is not None:
+                        self._reader.join(10)  # the old child's last status counts before the books close
+                    old_proc = self._proc
+                    if old_proc is not None and old_proc.poll() is None:
+                        old_proc.kill()  # its channel broke but it lives: it must not hold the file
+                        old_proc.wait()
+                    try:
+                        proc, events, rpc, info = self._spawn()
+                    except AuditError as e:
+                        delay = min(delay * 2, 30.0)
+                        log.error("the audit process could not be restarted: %s; next attempt in %gs", e, delay)
+                        continue
+                    with self._lock:
+                        lost = self._sent - self._written - self._lost
+                        self._crash_lost += lost
+                        self._lost += lost
+                        self._base_written, self._base_lost = self._written, self._lost
+                        self._base_sent = self._sent
+                        old_sockets = (self._events, self._rpc)
+                        self._proc, self._events, self._rpc, self.pid = proc, events, rpc, proc.pid
+                        self.epoch, self._child_stats, self._failing = info["epoch"], info["stats"], False
+                        if self._redaction is not None:  # the new child starts with the current settings
+                            self._buf.insert(0, ("!redaction", self._redaction))
+                            self._ship_now = True
+                        self._reader = threading.Thread(target=self._read_loop, args=(proc, rpc),
+                                                        name="audit-process-reader", daemon=True)
+                        self._reader.start()
+                        self._restarts += 1
+                        self._dead = None
+                        self._ship.notify_all()
+                        self._room.notify_all()
+                    for sock in old_sockets:
+                        if sock is not None:
+                            sock.close()
+                    log.warning("audit process restarted as pid %d (epoch %d); %d event(s) in flight when the "
+                                "last one died were lost (`botwarden audit verify` shows the gap)",
+                                proc.pid, self.epoch, lost)
+                    return
+        finally:
+            with self._lock:
+                self._restarting = False
 
     def _call(self, method: str, *args: Any, timeout: float | None = None) -> Any:
         if self._proc is None:
@@ -388,7 +472,7 @@ class AuditProcess:
         with self._lock:
             return {"epoch": self.epoch, "submitted": self._submitted, "written": self._written,
                     "pending": self._submitted - self._written - self._lost, "refused": self._refused,
-                    "lost": self._lost,
+                    "lost": self._lost, "lost_in_crashes": self._crash_lost, "restarts": self._restarts,
                     "head_seq": self._child_stats.get("head_seq"), "pid": self.pid,
                     "failing": self._failing or self._dead is not None}
 
@@ -405,7 +489,8 @@ class AuditProcess:
                     raise audit_errors.AuditFlushTimeout(
                         f"audit flush timed out with {target - self._written} events unwritten")
                 self._room.wait(left)
-        self._call("flush", target, max(0.1, deadline - time.monotonic()), timeout=timeout + 5)
+            child_target = target - self._base_sent  # this child counts from zero
+        self._call("flush", child_target, max(0.1, deadline - time.monotonic()), timeout=timeout + 5)
 
     def query(self, sql: str, params: Sequence | None = None, *, max_rows: int | None = None,
               timeout: float | None = None) -> tuple[list[str], list[tuple]]:
