@@ -110,11 +110,16 @@ def build_router(daemon: "Daemon") -> Router:
         except UnknownReport as e:
             raise ControlError(404, str(e)) from None
         except AuditError as e:
-            raise ControlError(400, str(e)) from None
+            raise _audit_failure(e) from None
         return Response(200, {"columns": cols, "rows": _jsonable_rows(rows)})
 
     async def audit_verify(request: Request) -> Response:
-        report = await asyncio.to_thread(daemon.audit.verify)
+        from analytics import AuditError
+
+        try:
+            report = await asyncio.to_thread(daemon.audit.verify)
+        except AuditError as e:
+            raise _audit_failure(e) from None
         return Response(200, {"ok": report.ok, "report": str(report)})
 
     async def audit_export(request: Request) -> Response:
@@ -134,7 +139,7 @@ def build_router(daemon: "Daemon") -> Router:
         try:
             files = await asyncio.to_thread(daemon.audit.export, since, out_dir)
         except AuditError as e:
-            raise ControlError(400, str(e)) from None
+            raise _audit_failure(e) from None
         return Response(200, {"files": [str(f) for f in files]})
 
     async def flush(request: Request) -> Response:
@@ -143,7 +148,7 @@ def build_router(daemon: "Daemon") -> Router:
         try:
             await asyncio.to_thread(daemon.audit.flush)
         except AuditError as e:  # the store is down or behind: say so, it is not the daemon's bug
-            raise ControlError(503, str(e)) from None
+            raise _audit_failure(e) from None
         return Response(200, {"flushed": True})
 
     async def probes_attach(request: Request) -> Response:
@@ -178,9 +183,17 @@ async def _audit_query(daemon: "Daemon", sql: str, params: Any) -> tuple[list[st
         # Bounded, so one operator's query cannot occupy the daemon.
         cols, rows = await asyncio.to_thread(daemon.audit.query, sql, params, max_rows=AUDIT_MAX_ROWS,
                                              timeout=AUDIT_QUERY_TIMEOUT_S)
-    except AuditError as e:  # read-only violations, SQL errors: the operator's to fix
-        raise ControlError(400, str(e)) from None
+    except AuditError as e:  # read-only violations, SQL errors: the operator's to fix (400)
+        raise _audit_failure(e) from None
     return cols, _jsonable_rows(rows)
+
+
+def _audit_failure(e: Exception) -> ControlError:
+    """An audit call failed: 503 when the store itself is down or closed (try again later),
+    400 when the request was at fault (a write in audit SQL, a bad SQL statement, ...)."""
+    from analytics import AuditClosedError, AuditWriterError
+
+    return ControlError(503 if isinstance(e, (AuditWriterError, AuditClosedError)) else 400, str(e))
 
 
 def _jsonable_rows(rows: list[tuple]) -> list[list[Any]]:

@@ -233,8 +233,9 @@ def test_daemon_fails_closed_while_its_audit_process_is_down_and_recovers(pg_ser
         res = psql(port, token, "SELECT 'meanwhile'")
         assert "meanwhile" not in res.stdout
         assert "audit store" in res.stderr and "no session runs unaudited" in res.stderr, res.stderr
-        with pytest.raises(ControlError, match="audit store unavailable"):
+        with pytest.raises(ControlError, match="audit store unavailable") as refused:
             daemon.client().post("/v1/audit/sql", {"sql": "SELECT 1"})
+        assert refused.value.status == 503
         # The daemon starts a new audit process; bots are served again, and audited.
         assert wait_for(lambda: daemon.client().get("/v1/status")["audit"]["healthy"], timeout=30)
         assert daemon.client().get("/v1/status")["audit"]["pid"] != audit["pid"]
