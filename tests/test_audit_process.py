@@ -302,3 +302,32 @@ def test_the_audit_process_ignores_signals_meant_for_the_daemon(tmp_path):
     with AuditStore(tmp_path / "a.duckdb") as store:
         _, rows = store.query("SELECT event FROM writer_events WHERE epoch = 1 ORDER BY chain_seq")
         assert [r[0] for r in rows][-1] == "writer_stop"
+
+
+def test_a_reload_sends_new_detector_settings_to_the_audit_process(pg_server, bao_server, tmp_path):
+    import uuid
+
+    from appliance.sandbox import configure_openbao
+    from tests.daemon_fixtures import DaemonProcess, new_port, seed_orders, write_config
+
+    seed_orders(pg_server)
+    setup = configure_openbao(bao_server, pg_server, tmp_path, tag=f"r{uuid.uuid4().hex[:6]}")
+    port = new_port()
+    config = write_config(tmp_path / "bw.toml", workdir=tmp_path, pg=pg_server, bao=setup, listen_port=port)
+    daemon = DaemonProcess(config, tmp_path / "run" / "control.sock").start()
+    secret = "Zq8xV2mK9pL4rT7w"  # 16 characters: below the default secret_min_length of 20
+    try:
+        def run(tag: str) -> None:
+            with psycopg.connect(host="127.0.0.1", port=port, user="orders-bot", password=setup.mint_token(),
+                                 dbname="postgres", sslmode="disable") as conn:
+                conn.execute(f"SELECT %s::text AS {tag}", [secret]).fetchone()
+
+        run("before")
+        config.write_text(config.read_text() + "\n[masking]\nsecret_min_length = 16\nsecret_entropy = 3.0\n")
+        assert daemon.client().post("/v1/reload")["reloaded"] is True
+        run("after")
+        rows = {r["text"].split(" AS ")[1]: r["params"] for r in daemon.audit_sql(
+            "SELECT text, params FROM requests WHERE text LIKE 'SELECT $1::text AS %'")}
+        assert rows == {"before": [secret], "after": [MASK]}
+    finally:
+        daemon.stop()
