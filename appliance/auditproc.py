@@ -47,6 +47,8 @@ from analytics import errors as audit_errors
 from analytics import schema
 from analytics.errors import AuditClosedError, AuditError, AuditWriterError
 from analytics.store import RecordValidator
+from appliance.policy.masking import DetectorSettings
+from appliance.policy.redact import AuditRedactor
 
 log = logging.getLogger(__name__)
 
@@ -162,8 +164,7 @@ class AuditProcess:
         """Spawn the child and wait until its store is open (or raise its error)."""
         if self._proc is not None:
             raise AuditError("audit process already started")
-        self._proc, self._events, self._rpc, info = self._spawn()
-        self.pid = self._proc.pid
+        self._proc, self._events, self._rpc, info = self._spawn()  # sets self.pid
         self.epoch, self.migrations, self._child_stats = info["epoch"], info["migrations"], info["stats"]
         self._running = True
         self._reader = threading.Thread(target=self._read_loop, args=(self._proc, self._rpc),
@@ -515,8 +516,6 @@ class AuditProcess:
 class _Child:
     def __init__(self, events: socket.socket, rpc: socket.socket, options: dict[str, Any]):
         from analytics import AuditStore
-        from appliance.policy.masking import DetectorSettings
-        from appliance.policy.redact import AuditRedactor
 
         self.events, self.rpc = events, rpc
         self.store = AuditStore(options["path"], batch_max=options["batch_max"],
@@ -582,8 +581,6 @@ class _Child:
         return tuple(r)
 
     def _events_loop(self) -> None:
-        from appliance.policy.redact import AuditRedactor
-
         kinds = schema.KINDS
         request = self._request
         submit = self.store.submit_row

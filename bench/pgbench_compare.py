@@ -272,8 +272,7 @@ cgroup = "pgbench"
 
 def cpu_ticks(pid: int) -> int:
     """utime + stime of a process and its child processes (the daemon's audit process)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    ticks = cpu_own(pid)
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             children = task.joinpath("children").read_text().split()
@@ -286,7 +285,7 @@ def cpu_ticks(pid: int) -> int:
 def cpu_own(pid: int) -> int:
     """utime + stime of the process alone."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
+    return int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
 
 
 def wait_port(port: int, timeout: float = 15) -> None:

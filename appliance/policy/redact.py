@@ -93,9 +93,6 @@ class AuditRedactor:
             self._texts.popitem(last=False)
         return redacted
 
-    def _redact_sql(self, sql: str) -> str:
-        return sql if self._nothing_to_redact(sql) else self._redact_tokens(sql)
-
     @staticmethod
     def _nothing_to_redact(sql: str) -> bool:
         if not (_FAST_PATH and _only_short_numbers(sql)):
