@@ -308,13 +308,23 @@ class AuditProcess:
             if not batch:
                 continue
             if self._dead is not None:
+                if not self._closing:  # died since the batch was taken: keep it for the next child
+                    with self._lock:
+                        self._buf[:0] = batch
                 continue  # closing with a dead child: close() reports these as not written
+            events = sum(1 for kind, _ in batch if kind[0] != "!")
             try:
                 _send(events_sock, batch)
             except OSError as e:
+                with self._lock:
+                    if events_sock is not self._events:  # a new child took over meanwhile: it gets them
+                        self._buf[:0] = batch
+                        continue
+                    # Handed to a child that is gone: they count as sent, so the restart books them
+                    # as lost in the crash (otherwise they would stay pending and block flush forever).
+                    self._sent += events
                 self._mark_dead(f"sending events failed: {e}")
                 continue
-            events = sum(1 for kind, _ in batch if kind[0] != "!")
             with self._lock:
                 self._sent += events
                 self._room.notify_all()
