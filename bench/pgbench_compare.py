@@ -333,6 +333,8 @@ def run_pgbench(port: int, password: str, mode: str, args, logdir: Path, tag: st
                 parts = line.split()
                 if len(parts) >= 3:
                     lat.append(int(parts[2]))
+        if os.environ.get("BENCH_KEEP_LOGS"):
+            shutil.copy(f, os.environ["BENCH_KEEP_LOGS"])
         os.unlink(f)
     lat.sort()
     cpu_us = (after - before) / CLK_TCK * 1e6 / txns if cpu_pid else None

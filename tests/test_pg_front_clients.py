@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import signal
 import subprocess
 import threading
+import time
 
 import asyncpg
 import psycopg
@@ -73,6 +75,30 @@ def test_psql_results_equal_direct(endpoints, tmp_path):
     proxied = _psql_run(endpoints["botwarden"], tmp_path, "proxied")
     assert "COPY 200" in direct[0] and 'relation "nonexistent_table" does not exist' in direct[0]
     assert proxied == direct
+
+
+def _psql_watch(ep: Endpoint) -> tuple[int, list[str], str]:
+    """psql's own \\watch (psql 15 repeats until interrupted): a query re-run every 0.2 s on
+    one session, stopped with SIGINT like a person at the keyboard; then the script goes on."""
+    proc = subprocess.Popen([PSQL, "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ep.env())
+    proc.stdin.write("SELECT 'tick', count(*) FROM people WHERE id <= 3 \\watch 0.2\n"
+                     "SELECT 'after watch';\n")
+    proc.stdin.flush()
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    lines = [line for line in out.splitlines() if line]  # -t: no "Every 0.2s" headers
+    return proc.returncode, lines, err
+
+
+def test_psql_watch_repeats_equal_direct(endpoints):
+    results = {name: _psql_watch(ep) for name, ep in endpoints.items()}
+    for name, (code, lines, err) in results.items():
+        assert code == 0, (name, err)
+        ticks = [line for line in lines if line.startswith("tick|")]
+        assert len(ticks) >= 3 and set(ticks) == {"tick|3"}, (name, lines)
+        assert lines[-1] == "after watch", (name, lines)  # the session stayed usable after the interrupt
 
 
 def _psycopg_scenario(dsn: str) -> dict:
