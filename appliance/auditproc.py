@@ -4,7 +4,7 @@ Hashing the chain, building Arrow batches and inserting them into DuckDB cost ab
 much CPU per request as the whole protocol front, and in the daemon's process that work
 holds the GIL the event loop needs: every batch the writer prepared stalled every
 session. So the daemon runs :class:`analytics.AuditStore` in a child process
-(``python -m appliance.auditproc``) and talks to it over two private socket pairs:
+(``_child_main``, started through ``_CHILD_BOOT``) and talks to it over two private socket pairs:
 
 * **events** (daemon → child): pickled lists of already-validated rows. ``submit``
   validates a record on the caller's thread, exactly as the store does, so a producer's
@@ -62,6 +62,18 @@ _START_TIMEOUT_S = 120.0   # migrations of a large file can take a while
 _STOP_TIMEOUT_S = 60.0
 
 
+# The child's entry: its CPU priority is set before anything is imported, because DuckDB and
+# Arrow start native threads at import and a thread keeps the priority it was created with.
+_CHILD_BOOT = """\
+import json, os, sys
+nice = json.loads(sys.argv[3]).get("nice")
+if nice is not None and os.getpriority(os.PRIO_PROCESS, 0) != nice:
+    os.setpriority(os.PRIO_PROCESS, 0, nice)
+from appliance.auditproc import _child_main
+sys.exit(_child_main(sys.argv[1:]))
+"""
+
+
 def _send(sock: socket.socket, obj: Any) -> None:
     data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
     sock.sendall(_LEN.pack(len(data)) + data)
@@ -107,16 +119,17 @@ class AuditProcess:
 
     def __init__(self, path: str | Path, *, batch_max: int = 2000, flush_interval: float = 0.2,
                  queue_max: int = 100_000, on_full: Literal["refuse", "block"] = "refuse",
-                 strict: bool = False, restart_after: float | None = 1.0):
+                 strict: bool = False, restart_after: float | None = 1.0, nice: int | None = None):
         """``restart_after``: seconds before a dead audit process is started again (doubling
-        up to 30 s while it keeps failing); None leaves it dead."""
+        up to 30 s while it keeps failing); None leaves it dead. ``nice``: the child's CPU
+        priority (the daemon passes the one it was started with; None inherits the caller's)."""
         if batch_max < 1 or queue_max < 1 or flush_interval <= 0:
             raise AuditError("batch_max and queue_max must be >= 1 and flush_interval > 0")
         if on_full not in ("refuse", "block"):
             raise AuditError("on_full must be 'refuse' or 'block'")
         self.path = Path(path)
         self.options = {"path": str(self.path), "batch_max": batch_max, "flush_interval": flush_interval,
-                        "strict": strict, "log_level": logging.getLogger().getEffectiveLevel()}
+                        "strict": strict, "log_level": logging.getLogger().getEffectiveLevel(), "nice": nice}
         self.queue_max = queue_max
         self.on_full = on_full
         self.strict = strict
@@ -181,7 +194,7 @@ class AuditProcess:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "appliance.auditproc", str(ev_child.fileno()), str(rpc_child.fileno()),
+                [sys.executable, "-c", _CHILD_BOOT, str(ev_child.fileno()), str(rpc_child.fileno()),
                  json.dumps(self.options)],
                 pass_fds=(ev_child.fileno(), rpc_child.fileno()), stdin=subprocess.DEVNULL, env=env,
                 start_new_session=True)  # a Ctrl-C meant for the daemon must not kill the store first

@@ -60,6 +60,12 @@ def split_host_port(value: str) -> tuple[str, int]:
     return host, port
 
 
+def _nice(value: int) -> int:
+    if not -20 <= value <= 19:
+        raise ValueError(f"must be a nice value from -20 (first) to 19 (last), not {value}")
+    return value
+
+
 def _positive(value: float) -> float:
     if value <= 0:
         raise ValueError(f"must be greater than zero, not {value}")
@@ -75,6 +81,10 @@ class ApplianceSettings:
     control_socket_group: str | None = None
     drain_timeout: float = field(default=10.0, metadata=check(_positive))
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # CPU priority of the daemon's threads (every bot's statements wait on its event loop, so it
+    # runs ahead of the bots); its audit process keeps the priority botwarden was started with.
+    # None leaves the priority alone.
+    nice: int | None = field(default=-10, metadata=check(_nice))
 
 
 @dataclass(frozen=True)

@@ -36,11 +36,12 @@ log = logging.getLogger(__name__)
 def open_audit_store(cfg: Config):
     """Open (create, migrate) the audit store in its own process (appliance.auditproc) and
     start its single writer. Blocking."""
+    from appliance import daemon as daemon_module
     from appliance.auditproc import AuditProcess
 
     Path(cfg.audit.path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     store = AuditProcess(cfg.audit.path, batch_max=cfg.audit.batch_max, flush_interval=cfg.audit.flush_interval,
-                         queue_max=cfg.audit.queue_max, on_full=cfg.audit.on_full)
+                         queue_max=cfg.audit.queue_max, on_full=cfg.audit.on_full, nice=daemon_module.STARTING_NICE)
     store.start()
     return store
 

@@ -5,7 +5,8 @@ Run as root from the repository root:
     .venv/bin/python bench/pgbench_compare.py [--duration 15] [--repeat 3] [--clients 8] [--threads 2]
 
 (--paths, --modes and --no-big pick a subset while working on one path; --profile FILE.perf
-or FILE.txt records the daemon with Linux perf or py-spy during its first run.)
+or FILE.txt records the daemon with Linux perf or py-spy during its first run; with
+BENCH_KEEP_LOGS=DIR in the environment, pgbench's per-transaction logs are copied to DIR.)
 
 It starts a real PostgreSQL 15 (appliance.sandbox), pgbouncer from the Debian
 package with a temp config, and botwarden twice: the whole daemon (`botwarden

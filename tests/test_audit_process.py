@@ -202,6 +202,18 @@ def test_a_store_that_cannot_open_says_why(tmp_path):
     assert p.pid is not None and not process_alive(p.pid)
 
 
+def _thread_nices(pid: int) -> set[int]:
+    """The nice value of every thread of ``pid`` (field 19 of /proc/PID/task/TID/stat)."""
+    nices = set()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        except FileNotFoundError:  # a thread that just ended
+            continue
+        nices.add(int(stat.rpartition(")")[2].split()[16]))
+    return nices
+
+
 def test_daemon_fails_closed_while_its_audit_process_is_down_and_recovers(pg_server, bao_server, tmp_path):
     import uuid
 
@@ -222,6 +234,11 @@ def test_daemon_fails_closed_while_its_audit_process_is_down_and_recovers(pg_ser
         assert open_session.execute("SELECT 1").fetchone() == (1,)
         audit = daemon.client().get("/v1/status")["audit"]
         assert audit["healthy"] and audit["pid"] != daemon.proc.pid
+        # Every daemon thread runs at the configured priority (default nice -10); its audit
+        # process at the one botwarden was started with (this test's).
+        started = os.getpriority(os.PRIO_PROCESS, 0)
+        assert _thread_nices(daemon.proc.pid) == {-10}
+        assert _thread_nices(audit["pid"]) == {started}
         os.kill(audit["pid"], signal.SIGKILL)
         assert wait_for(lambda: not daemon.client().get("/v1/status")["audit"]["healthy"])
         # A session already open runs nothing more: its next statement is refused and the session ends.
@@ -238,7 +255,9 @@ def test_daemon_fails_closed_while_its_audit_process_is_down_and_recovers(pg_ser
         assert refused.value.status == 503
         # The daemon starts a new audit process; bots are served again, and audited.
         assert wait_for(lambda: daemon.client().get("/v1/status")["audit"]["healthy"], timeout=30)
-        assert daemon.client().get("/v1/status")["audit"]["pid"] != audit["pid"]
+        restarted = daemon.client().get("/v1/status")["audit"]["pid"]
+        assert restarted != audit["pid"]
+        assert _thread_nices(restarted) == {started}  # started again from a daemon thread, at -10
         assert psql(port, token, "SELECT 'after'").stdout.strip() == "after"
         rows = daemon.audit_sql("SELECT count(*) AS n FROM requests WHERE text = ?", ["SELECT 'after'"])
         assert rows[0]["n"] == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,26 @@ def test_world_accessible_control_socket_is_refused():
     msg = error_of('[appliance]\ncontrol_socket_mode = "0666"\n')
     assert msg.startswith("bw.toml:2: appliance.control_socket_mode:")
     assert "other users" in msg
+
+
+def test_daemon_priority_defaults_to_ahead_of_the_bots_and_is_range_checked():
+    assert parse_config(BASE, "bw.toml").appliance.nice == -10
+    assert parse_config('[appliance]\nnice = 0\n', "bw.toml").appliance.nice == 0
+    msg = error_of('[appliance]\nnice = -30\n')
+    assert msg.startswith("bw.toml:2: appliance.nice:") and "-20" in msg and "-30" in msg
+
+
+def test_daemon_without_the_privilege_to_raise_its_priority_says_so_and_runs(monkeypatch, caplog):
+    from appliance import daemon
+
+    def refuse(*args):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(daemon.os, "setpriority", refuse)
+    with caplog.at_level("WARNING"):
+        daemon.set_priority(-10)
+    assert "could not set the daemon's CPU priority to nice -10 (Operation not permitted)" in caplog.text
+    assert daemon.STARTING_NICE == os.getpriority(os.PRIO_PROCESS, 0)
 
 
 def test_invalid_toml_says_so():
