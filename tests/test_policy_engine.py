@@ -244,3 +244,19 @@ def test_long_statements_are_decided_but_not_cached() -> None:
     assert e.decide_sql("bot", ("ci",), "locked", sql).action == "block"
     assert e.decide_sql("bot", ("ci",), "locked", sql).action == "block"
     assert e.stats["exact_hits"] == 0 and not e._exact and not e._analysis
+
+
+def test_decision_caches_stay_bounded_and_evict_their_oldest_hundredth() -> None:
+    # A hundredth at a time: evicting a tenth at once (copying all 50,000 keys) held the event
+    # loop for ~3 ms.
+    from appliance.policy.engine import CACHE_MAX, _put
+
+    cache: dict = {}
+    for i in range(CACHE_MAX):
+        _put(cache, i, i)
+    _put(cache, 1, "updated")  # an update adds nothing, so evicts nothing
+    assert len(cache) == CACHE_MAX and 0 in cache and cache[1] == "updated"
+    _put(cache, "new", 1)
+    chunk = CACHE_MAX // 100
+    assert len(cache) == CACHE_MAX - chunk + 1 and cache["new"] == 1
+    assert not any(i in cache for i in range(chunk)) and chunk in cache

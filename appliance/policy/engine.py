@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from itertools import islice
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
@@ -654,8 +655,10 @@ def _column_spec_matches(pattern: str, sources: set[str], relations: Sequence[Re
 
 
 def _put(cache: dict, key: Any, value: Any) -> None:
-    if len(cache) >= CACHE_MAX:
-        # Drop the oldest tenth: dicts keep insertion order, so this is FIFO eviction.
-        for old in list(cache)[:CACHE_MAX // 10]:
+    if len(cache) >= CACHE_MAX and key not in cache:
+        # FIFO (dicts keep insertion order), a hundredth at a time: dropping a tenth, found by
+        # copying every key, held the event loop for about 3 ms twice a second under pgbench,
+        # whose statements all differ; this takes about 0.1 ms, 20 times a second.
+        for old in list(islice(cache, CACHE_MAX // 100)):
             del cache[old]
     cache[key] = value
