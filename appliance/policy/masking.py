@@ -211,6 +211,17 @@ class Strategy:
         self.keep = keep
         self.salt = salt
 
+    def function(self) -> Callable[[str], str | None]:
+        """The strategy as a plain function of the value (what __call__ does, chosen once)."""
+        if self.name == "null":
+            return lambda value: None
+        if self.name == "full":
+            return lambda value: STARS
+        if self.name == "partial":
+            keep = self.keep
+            return lambda value: partial(value, keep)
+        return self.__call__
+
     def __call__(self, value: str) -> str | None:
         if self.name == "null":
             return None
@@ -295,19 +306,47 @@ class RowMasker:
         self.actions = list(actions)
         self.settings = settings
         self.counts: dict[str, int] = {}
+        # (column index, raw -> masked raw, column name), each function chosen once per result.
+        self._steps = [(i, self._compile(a), a.name) for i, a in enumerate(self.actions) if a is not None]
 
     def apply(self, values: Sequence[bytes | None]) -> tuple[list[bytes | None], bool]:
-        out = list(values)
-        changed = False
-        for i, action in enumerate(self.actions):
-            if action is None or i >= len(out) or out[i] is None:
+        # This runs for every row of a masked result: nothing is decided here that _compile
+        # could decide once.
+        out = None
+        n = len(values)
+        counts = self.counts
+        for i, mask, name in self._steps:
+            if i >= n:
                 continue
-            new = self._mask(action, out[i])  # type: ignore[arg-type]
-            if new != out[i]:
+            value = values[i]
+            if value is None:
+                continue
+            new = mask(value)
+            if new != value:
+                if out is None:
+                    out = list(values)
                 out[i] = new
-                changed = True
-                self.counts[action.name] = self.counts.get(action.name, 0) + 1
-        return out, changed
+                counts[name] = counts.get(name, 0) + 1
+        if out is None:
+            return list(values), False
+        return out, True
+
+    def _compile(self, action: ColumnAction) -> Callable[[bytes], bytes | None]:
+        """``raw -> self._mask(action, raw)``, specialised for the common case: a whole-value
+        strategy on a text column (whose text and binary formats are the same UTF-8 bytes)."""
+        if action.whole is None or action.type_oid not in TEXT_TYPES:
+            return lambda raw: self._mask(action, raw)
+        whole = action.whole.function()
+
+        def mask_text(raw: bytes) -> bytes | None:
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return None
+            masked = whole(text)
+            return None if masked is None else masked.encode("utf-8")
+
+        return mask_text
 
     def _mask(self, action: ColumnAction, raw: bytes) -> bytes | None:
         prefix = b""
