@@ -528,6 +528,16 @@ pidfile = {bdir}/pgbouncer.pid
                     cpu += f" ({r['own_us']:.0f} daemon + {r['cpu_us'] - r['own_us']:.0f} audit process)"
                 lines.append(f"| {mode} | {name} | {r['tps']:,.0f} | {r['ratio']:.2f} | {r['p50']:.3f} | "
                              f"{r['p99']:.3f} | {cpu} | {', '.join(f'{x:.2f}' for x in r['all_ratios'])} |")
+        relay_name = "uvloop byte relay"
+        vs_relay = []
+        for mode in modes:
+            if (mode, full) in runs and (mode, relay_name) in runs:
+                relay_tps = {r["round"]: r["tps"] for r in runs[(mode, relay_name)]}
+                rs = sorted(r["tps"] / relay_tps[r["round"]] for r in runs[(mode, full)])
+                vs_relay.append(f"{mode} {rs[(len(rs) - 1) // 2]:.2f} ({', '.join(f'{x:.2f}' for x in rs)})")
+        if vs_relay:
+            lines += ["", f"`{full}` against the {relay_name} of the same round (a proxy that inspects nothing, "
+                          "the floor of any Python proxy on this machine): " + "; ".join(vs_relay) + "."]
         lines += [] if not big_targets else [
             "",
             f"# Large result: `{BIG_SQL}` ({args.big_rows:,} rows, ~{big_mb:.0f} MB of values), psql to /dev/null;"
