@@ -214,18 +214,30 @@ def _thread_nices(pid: int) -> set[int]:
     return nices
 
 
-def test_daemon_fails_closed_while_its_audit_process_is_down_and_recovers(pg_server, bao_server, tmp_path):
+def _daemon_setup(pg_server, bao_server, tmp_path, tag: str, audit_extra: str = ""):
+    """A real daemon (`botwarden run`) on the orders data with OpenBao credentials: (setup, bot
+    port, config path, DaemonProcess not yet started). ``audit_extra``: lines for [audit]."""
     import uuid
 
-    from appliance.control import ControlError
     from appliance.sandbox import configure_openbao
-    from tests.daemon_fixtures import DaemonProcess, new_port, psql, seed_orders, write_config
+    from tests.daemon_fixtures import DaemonProcess, new_port, seed_orders, write_config
 
     seed_orders(pg_server)
-    setup = configure_openbao(bao_server, pg_server, tmp_path, tag=f"a{uuid.uuid4().hex[:6]}")
+    setup = configure_openbao(bao_server, pg_server, tmp_path, tag=f"{tag}{uuid.uuid4().hex[:6]}")
     port = new_port()
     config = write_config(tmp_path / "bw.toml", workdir=tmp_path, pg=pg_server, bao=setup, listen_port=port)
-    daemon = DaemonProcess(config, tmp_path / "run" / "control.sock").start()
+    if audit_extra:
+        config.write_text(config.read_text().replace("[audit]\n", f"[audit]\n{audit_extra}\n", 1))
+        assert audit_extra in config.read_text()
+    return setup, port, config, DaemonProcess(config, tmp_path / "run" / "control.sock")
+
+
+def test_daemon_fails_closed_while_its_audit_process_is_down_and_recovers(pg_server, bao_server, tmp_path):
+    from appliance.control import ControlError
+    from tests.daemon_fixtures import psql
+
+    setup, port, _, daemon = _daemon_setup(pg_server, bao_server, tmp_path, "a")
+    daemon.start()
     try:
         token = setup.mint_token()
         assert psql(port, token, "SELECT 'before'").stdout.strip() == "before"
@@ -269,18 +281,8 @@ def test_daemon_fails_closed_while_its_audit_process_is_down_and_recovers(pg_ser
 def test_statements_wait_for_an_audit_store_that_cannot_keep_up(pg_server, bao_server, tmp_path):
     """The audit process stalls (SIGSTOP) with a small queue: statements in an open session are
     refused with a clear reason instead of running unaudited, and run again once it catches up."""
-    import uuid
-
-    from appliance.sandbox import configure_openbao
-    from tests.daemon_fixtures import DaemonProcess, new_port, seed_orders, write_config
-
-    seed_orders(pg_server)
-    setup = configure_openbao(bao_server, pg_server, tmp_path, tag=f"q{uuid.uuid4().hex[:6]}")
-    port = new_port()
-    config = write_config(tmp_path / "bw.toml", workdir=tmp_path, pg=pg_server, bao=setup, listen_port=port)
-    config.write_text(config.read_text().replace("[audit]\n", "[audit]\nqueue_max = 20\n", 1))
-    assert "queue_max = 20" in config.read_text()
-    daemon = DaemonProcess(config, tmp_path / "run" / "control.sock").start()
+    setup, port, _, daemon = _daemon_setup(pg_server, bao_server, tmp_path, "q", audit_extra="queue_max = 20")
+    daemon.start()
     child = daemon.client().get("/v1/status")["audit"]["pid"]
     try:
         conn = psycopg.connect(host="127.0.0.1", port=port, user="orders-bot", password=setup.mint_token(),
@@ -324,16 +326,8 @@ def test_the_audit_process_ignores_signals_meant_for_the_daemon(tmp_path):
 
 
 def test_a_reload_sends_new_detector_settings_to_the_audit_process(pg_server, bao_server, tmp_path):
-    import uuid
-
-    from appliance.sandbox import configure_openbao
-    from tests.daemon_fixtures import DaemonProcess, new_port, seed_orders, write_config
-
-    seed_orders(pg_server)
-    setup = configure_openbao(bao_server, pg_server, tmp_path, tag=f"r{uuid.uuid4().hex[:6]}")
-    port = new_port()
-    config = write_config(tmp_path / "bw.toml", workdir=tmp_path, pg=pg_server, bao=setup, listen_port=port)
-    daemon = DaemonProcess(config, tmp_path / "run" / "control.sock").start()
+    setup, port, config, daemon = _daemon_setup(pg_server, bao_server, tmp_path, "r")
+    daemon.start()
     secret = "Zq8xV2mK9pL4rT7w"  # 16 characters: below the default secret_min_length of 20
     try:
         def run(tag: str) -> None:
