@@ -83,8 +83,7 @@ class ApplianceSettings:
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # CPU priority of the daemon's threads (every bot's statements wait on its event loop, so it
     # runs ahead of the bots); its audit process keeps the priority botwarden was started with.
-    # None leaves the priority alone.
-    nice: int | None = field(default=-10, metadata=check(_nice))
+    nice: int = field(default=-10, metadata=check(_nice))
 
 
 @dataclass(frozen=True)

@@ -426,7 +426,7 @@ def tune_gc() -> None:
 STARTING_NICE: int | None = None  # the priority botwarden was started with (its audit process keeps it)
 
 
-def set_priority(nice: int | None) -> None:
+def set_priority(nice: int) -> None:
     """Run the daemon at CPU priority ``nice``, before any thread starts (on Linux a priority is
     per thread, and new threads inherit their creator's). Under load the bots, the daemon and
     (on a shared host) the database compete for the cores; at the default priority the event
@@ -435,7 +435,7 @@ def set_priority(nice: int | None) -> None:
     at -10 vs 79/75/93/86 at 0. Without the privilege to raise it, the daemon says so and runs."""
     global STARTING_NICE
     STARTING_NICE = os.getpriority(os.PRIO_PROCESS, 0)
-    if nice is None or nice == STARTING_NICE:
+    if nice == STARTING_NICE:
         return
     try:
         os.setpriority(os.PRIO_PROCESS, 0, nice)

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from itertools import islice
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
+from itertools import islice
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 from zoneinfo import ZoneInfo
 
