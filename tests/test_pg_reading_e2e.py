@@ -113,6 +113,33 @@ for step in steps:
                 got.append({"ok": True, "tag": body.rstrip(b"\0").decode()})
         s.close()
         out.append(got)
+    elif step["op"] == "asyncpg_named":  # issue 13.2: a protocol-level name, then SQL EXECUTE of it
+        import asyncio, asyncpg
+        async def named():
+            p = dict(x.split("=", 1) for x in dsn.split())
+            con = await asyncpg.connect(host=p["host"], port=int(p["port"]), user=p["user"],
+                                        password=p.get("password"), database=p["dbname"], ssl=False)
+            try:
+                ps = await con.prepare(step["sql"], name="foobar")
+                first = await ps.fetchval()
+                try:
+                    via_sql = await con.fetchval("EXECUTE foobar")
+                except asyncpg.PostgresError as e:
+                    via_sql = f"{e.sqlstate}: {e}"
+                return [first, via_sql]
+            finally:
+                await con.close()
+        out.append(asyncio.run(named()))
+    elif step["op"] == "pg8000_params":  # issue 13.6: a Bind with more than 32,767 parameters
+        import pg8000.dbapi  # its DB-API "format" style: native's :name rewriting is quadratic in Python
+        p = dict(x.split("=", 1) for x in dsn.split())
+        con = pg8000.dbapi.connect(p["user"], host=p["host"], port=int(p["port"]), database=p["dbname"],
+                                   password=p.get("password"))
+        cur = con.cursor()
+        n = step["n"]
+        cur.execute("SELECT count(*) FROM (VALUES (1)) v WHERE 1 IN (" + ", ".join(["%s"] * n) + ")", tuple(range(n)))
+        out.append(cur.fetchall())
+        con.close()
 print(json.dumps(out))
 """
 
@@ -372,3 +399,21 @@ def test_syntax_errors_answer_as_the_server_would(world):
         assert "botwarden" in got["message"]  # DETAIL says who answered
     rows = requests_of(world, "SELEC 1")
     assert rows[-1]["decision"] == "block" and rows[-1]["sqlstate"] == "42601"
+
+
+# -- protocol-level fidelity through the redirect (issue 13.2, 13.6) ---------------------------------
+
+def test_asyncpg_named_statement_runs_through_sql_execute(world):
+    steps = [{"op": "asyncpg_named", "sql": "select 41 + 1"}]
+    assert run_bot(world, steps) == run_direct(world, steps) == [[42, 42]]
+
+
+def test_execute_of_a_named_statement_is_decided_as_what_it_runs(world, accounts):
+    out = run_bot(world, [{"op": "asyncpg_named", "sql": "select count(*) from accounts"}])
+    assert out == [[1, 1]]
+    assert table_exists(accounts)
+
+
+def test_pg8000_bind_with_60000_parameters(world):
+    steps = [{"op": "pg8000_params", "n": 60000}]
+    assert run_bot(world, steps) == run_direct(world, steps) == [[[1]]]
