@@ -130,6 +130,28 @@ for step in steps:
             finally:
                 await con.close()
         out.append(asyncio.run(named()))
+    elif step["op"] == "asyncpg_cancel":  # issue 13.1: a timeout's cancel must not hit the next statement
+        import asyncio, asyncpg
+        async def timeouts():
+            p = dict(x.split("=", 1) for x in dsn.split())
+            con = await asyncpg.connect(host=p["host"], port=int(p["port"]), user=p["user"],
+                                        password=p.get("password"), database=p["dbname"], ssl=False)
+            got = []
+            try:
+                for i in range(step["rounds"]):
+                    try:
+                        await con.fetch("select pg_sleep(10)", timeout=0.02)
+                        got.append("no timeout")
+                    except asyncio.TimeoutError:
+                        pass
+                    try:
+                        got.append(await con.fetchval("select $1::int", i))
+                    except asyncpg.PostgresError as e:
+                        got.append(f"{e.sqlstate}: {e}")
+            finally:
+                await con.close()
+            return got
+        out.append(asyncio.run(timeouts()))
     elif step["op"] == "pg8000_params":  # issue 13.6: a Bind with more than 32,767 parameters
         import pg8000.dbapi  # its DB-API "format" style: native's :name rewriting is quadratic in Python
         p = dict(x.split("=", 1) for x in dsn.split())
@@ -417,3 +439,8 @@ def test_execute_of_a_named_statement_is_decided_as_what_it_runs(world, accounts
 def test_pg8000_bind_with_60000_parameters(world):
     steps = [{"op": "pg8000_params", "n": 60000}]
     assert run_bot(world, steps) == run_direct(world, steps) == [[[1]]]
+
+
+def test_asyncpg_timeout_cancel_does_not_hit_the_next_statement(world):
+    steps = [{"op": "asyncpg_cancel", "rounds": 40}]
+    assert run_bot(world, steps) == run_direct(world, steps) == [list(range(40))]

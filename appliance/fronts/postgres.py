@@ -264,14 +264,22 @@ class PostgresFront:
         await self.cancel_upstream(req.pid, *found)
 
     async def cancel_upstream(self, pid: int, secret: int, host: str, port: int) -> None:
+        """Deliver the cancel and return only once the server has closed its end: PostgreSQL
+        closes a CancelRequest connection after it has signalled the backend, and clients
+        (asyncpg's timeouts) wait for that close before sending their next statement. The
+        bot's own cancel connection is closed after this returns, keeping that order."""
+        writer = None
         try:
-            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port),
-                                               self.settings.connect_timeout)
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port),
+                                                    self.settings.connect_timeout)
             writer.write(m.CancelRequest(pid, secret).encode())
             await writer.drain()
-            writer.close()
+            await asyncio.wait_for(reader.read(), self.settings.connect_timeout)
         except (OSError, asyncio.TimeoutError) as e:
             log.warning("could not forward a cancel request to %s:%s: %s", host, port, e)
+        finally:
+            if writer is not None:
+                writer.close()
 
 
 class _Waiter:
