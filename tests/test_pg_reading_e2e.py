@@ -444,3 +444,20 @@ def test_pg8000_bind_with_60000_parameters(world):
 def test_asyncpg_timeout_cancel_does_not_hit_the_next_statement(world):
     steps = [{"op": "asyncpg_cancel", "rounds": 40}]
     assert run_bot(world, steps) == run_direct(world, steps) == [list(range(40))]
+
+
+def test_plpgsql_bodies_the_offline_parser_cannot_read_are_opaque_not_unparsable(world):
+    # Issue 13.8: the server accepts these; the statement parses, only the body needs the catalog.
+    bodies = [
+        "CREATE OR REPLACE FUNCTION pg_temp.bw_v(VARIADIC a int[]) RETURNS int LANGUAGE plpgsql AS "
+        "$$ BEGIN RETURN array_length(a, 1); END $$",
+        "CREATE OR REPLACE FUNCTION pg_temp.bw_t(x pg_class.oid%TYPE) RETURNS oid LANGUAGE plpgsql AS "
+        "$$ DECLARE y pg_class.oid%TYPE; BEGIN y := x; RETURN y; END $$",
+        "CREATE OR REPLACE FUNCTION pg_temp.bw_r() RETURNS int LANGUAGE plpgsql AS "
+        "$$ DECLARE r record; rs pg_class[]; BEGIN FOREACH r IN ARRAY rs LOOP END LOOP; RETURN 1; END $$",
+    ]
+    steps = _steps(*bodies, "SELECT pg_temp.bw_v(1, 2, 3), pg_temp.bw_t(42)")
+    out = run_bot(world, steps)
+    assert out == run_direct(world, steps) and all(r["ok"] for r in out), out
+    from appliance.policy.sql import analyze_sql
+    assert all("opaque_body" in analyze_sql(b).statements[0].properties for b in bodies[:2])

@@ -874,7 +874,12 @@ class _Walker:
             self._sql_body(code)
         elif code is not None and language == "plpgsql":
             # The function's own text parses with its real signature (RETURN x needs it).
-            self._plpgsql_body(code, self.text if self.depth == 0 and self.kind.startswith("CREATE_") else None)
+            try:
+                self._plpgsql_body(code, self.text if self.depth == 0 and self.kind.startswith("CREATE_") else None)
+            except _Unanalyzable:
+                # The offline PL/pgSQL parser has no catalog (%TYPE, VARIADIC, record arrays): the
+                # statement itself parsed, so its body is opaque, decided by rules like any other.
+                self.properties.add("opaque_body")
         else:
             self.properties.add("opaque_body")
         self.generic("CreateFunctionStmt", body, skip=("funcname",))
