@@ -39,6 +39,12 @@ description = "Nobody drops tables through botwarden"
 properties = ["drop", "truncate"]
 
 [[rules]]
+name = "no-lo-unlink"
+action = "block"
+[rules.sql]
+functions = ["lo_unlink"]
+
+[[rules]]
 name = "no-role-switch"
 action = "block"
 [rules.sql]
@@ -152,6 +158,34 @@ for step in steps:
                 await con.close()
             return got
         out.append(asyncio.run(timeouts()))
+    elif step["op"] == "psycopg2_lobject":  # issue 13.4: libpq's large-object API is FunctionCall
+        import psycopg2
+        c2 = psycopg2.connect(dsn)
+        got = {}
+        try:
+            lo = c2.lobject(0, "wb")
+            got["oid"] = lo.oid > 0
+            got["written"] = lo.write(b"hello large object " * 100)
+            lo.seek(6)
+            got["read"] = lo.read(12).decode()
+            lo.truncate(5)
+            lo.seek(0)
+            got["after_truncate"] = lo.read().decode()
+            lo.close()
+            c2.commit()
+            try:
+                c2.lobject(lo.oid).unlink()
+                c2.commit()
+                got["unlink"] = "ok"
+            except psycopg2.Error as e:
+                c2.rollback()
+                got["unlink"] = e.pgcode or str(e).splitlines()[0]  # libpq's lo_* report no SQLSTATE
+            cur = c2.cursor()
+            cur.execute("SELECT count(*) FROM pg_largeobject_metadata WHERE oid = %s", (lo.oid,))
+            got["still_there"] = cur.fetchone()[0]
+        finally:
+            c2.close()
+        out.append(got)
     elif step["op"] == "pg8000_params":  # issue 13.6: a Bind with more than 32,767 parameters
         import pg8000.dbapi  # its DB-API "format" style: native's :name rewriting is quadratic in Python
         p = dict(x.split("=", 1) for x in dsn.split())
@@ -461,3 +495,18 @@ def test_plpgsql_bodies_the_offline_parser_cannot_read_are_opaque_not_unparsable
     assert out == run_direct(world, steps) and all(r["ok"] for r in out), out
     from appliance.policy.sql import analyze_sql
     assert all("opaque_body" in analyze_sql(b).statements[0].properties for b in bodies[:2])
+
+
+def test_large_objects_through_function_call_and_function_rules_apply(world):
+    steps = [{"op": "psycopg2_lobject"}]
+    got, direct = run_bot(world, steps)[0], run_direct(world, steps)[0]
+    assert direct == {"oid": True, "written": 1900, "read": "large object", "after_truncate": "hello",
+                      "unlink": "ok", "still_there": 0}, direct
+    # The same calls through botwarden, decided as SELECT pg_catalog.lo_*(...): lo_unlink is blocked.
+    assert "no-lo-unlink" in got.pop("unlink") and direct.pop("unlink") == "ok"
+    assert got == {**direct, "still_there": 1}
+    rows = world["daemon"].audit_sql("SELECT text, decision, rule FROM requests WHERE kind = 'function_call' "
+                                     "ORDER BY chain_seq")
+    texts = {r["text"] for r in rows}
+    assert 'SELECT "pg_catalog"."lo_open"($1, $2)' in texts and 'SELECT "pg_catalog"."lowrite"($1, $2)' in texts
+    assert [r["rule"] for r in rows if "lo_unlink" in r["text"]] == ["no-lo-unlink"]

@@ -132,7 +132,6 @@ class PgFrontSettings:
     tls_key_file: str | None = None
     allow_plaintext: bool = False         # bots without TLS are refused unless this is set
     require_token: bool = True            # ask the bot for a password (its OIDC token)
-    allow_function_call: bool = False     # FunctionCall messages bypass SQL policy, so off by default
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     connect_timeout: float = 10.0
     startup_timeout: float = 30.0
@@ -213,6 +212,10 @@ class PostgresFront:
                 ctx.check_hostname = False
                 ctx.verify_mode = ssl.CERT_NONE
             self.upstream_ssl = ctx
+        # FunctionCall OIDs resolved on the target (oid -> (schema, name)), for the policy.
+        # Kept while the services (one config generation) stay the same: a reload re-resolves.
+        self.function_names: dict[int, tuple[str, str]] = {}
+        self._function_names_for: Any = services
         # (backend pid, secret we gave the bot) -> (real secret, upstream host, upstream port)
         self.cancel_keys: dict[tuple[int, int], tuple[int, str, int]] = {}
         self.sessions: set[Session] = set()
@@ -559,12 +562,14 @@ def _bind_fast(buf, s: int, e: int) -> tuple[str, str, list[str | None], tuple[i
         raise RemoteProtocolError(f"Bind message is truncated: {err}") from err
 
 
-def _render_params(bind: m.Bind) -> list[str | None]:
+def _render_params(bind: m.Bind | m.FunctionCall) -> list[str | None]:
+    params = bind.params if isinstance(bind, m.Bind) else bind.args
+    formats = bind.param_formats if isinstance(bind, m.Bind) else bind.arg_formats
     out: list[str | None] = []
-    for i, v in enumerate(bind.params):
+    for i, v in enumerate(params):
         if v is None:
             out.append(None)
-        elif bind.param_format(i) == 0:
+        elif (formats[i] if len(formats) > 1 else formats[0] if formats else 0) == 0:
             out.append(v.decode("utf-8", "replace"))
         else:
             out.append("\\x" + v.hex())
@@ -621,6 +626,8 @@ class Session:
         self._plan_req: _Request | None = None
         self._server_fatal = False
         self._terminated = False
+        self._lookup_active = False   # a FunctionCall's OID is being resolved on this session
+        self._unknown_oids: set[int] = set()
         self._deferred: list | None = None  # requests completed during the current server read
         self._handlers: list[Callable | None] = [None] * 256
         for ch, h in ((b"1", self._on_parse_complete), (b"2", self._on_bind_complete),
@@ -1251,19 +1258,81 @@ class Session:
         return None
 
     def _c_function_call(self, buf, s: int, e: int):
+        """A FunctionCall (libpq's large-object API) is decided as ``SELECT schema.f($1, ...)`` of
+        the function its OID names, so function rules apply to it as to a SELECT. An OID not yet
+        resolved is looked up on this very session first (pg_proc), then the call is decided."""
         msg = m.FunctionCall.decode(bytes(buf[s + 5:e]))
-        text = f"-- FunctionCall oid {msg.oid}"
-        if self.settings.allow_function_call:
-            req = _Request("function_call", text, Verdict("allow", None, "function calls allowed for target"))
-            self._ops.append((OP_FUNCTION, req))
-            return None
-        v = Verdict("block", None, "FunctionCall messages bypass SQL policy; use SELECT instead")
-        req = _Request("function_call", text, v)
-        nonce = self._blocked_sql(req, error_response(sqlstate.INSUFFICIENT_PRIVILEGE,
-                                                      "FunctionCall messages are not allowed on this target",
-                                                      hint="call the function with SELECT"))
+        front = self.front
+        if front._function_names_for is not self.services:  # a reload: resolve again
+            front.function_names.clear()
+            front._function_names_for = self.services
+        name = front.function_names.get(msg.oid)
+        if name is None and msg.oid not in self._unknown_oids:
+            if self._settled() and self.txn_status != "E" and not self._lookup_active:
+                self._lookup_function(msg.oid, bytes(buf[s:e]))
+                return _HOLD
+            v = Verdict("block", "botwarden:function_call",
+                        f"FunctionCall of OID {msg.oid}, which botwarden could not resolve to a function now "
+                        "(send it when no other request of this session is in flight)")
+            return self._refuse_function_call(_Request("function_call", f"-- FunctionCall oid {msg.oid}", v), v)
+        if name is None:  # pg_proc has no such function: the server refuses it
+            text = f"-- FunctionCall oid {msg.oid} (no such function)"
+            req = _Request("function_call", text, Verdict("allow", None, "no function has this OID: the server refuses it"))
+        else:
+            args = ", ".join(f"${i + 1}" for i in range(len(msg.args)))
+            text = f"SELECT {_quote_ident(name[0])}.{_quote_ident(name[1])}({args})"
+            v = self._decide(text, "function_call")
+            req = _Request("function_call", text, v, _render_params(msg))
+            if v.action == "block":
+                return self._refuse_function_call(req, v)
+            if v.action == "approve":
+                self._start_hold(req, bytes(buf[s:e]), lambda: (OP_FUNCTION, req),
+                                 lambda nonce: m.Query(nonce).encode())
+                return _HOLD
+        self._ops.append((OP_FUNCTION, req))
+        return None
+
+    def _refuse_function_call(self, req: _Request, v: Verdict) -> bytes:
+        nonce = self._blocked_sql(req, self._block_refusal(v))
         self._ops.append((OP_FUNCTION, req))
         return m.Query(nonce).encode()
+
+    def _lookup_function(self, oid: int, original: bytes) -> None:
+        """Ask the server which function ``oid`` is, on this session (nothing else is in flight,
+        so the answer is ours alone), then process the held FunctionCall again."""
+        self._lookup_active = True
+        self._lookup_found: tuple[str, str] | None = None
+        saved = {c: self._handlers[c] for c in _LOOKUP_REPLIES}
+        self._lookup_saved = saved
+        for c in _LOOKUP_REPLIES:
+            self._handlers[c] = self._on_lookup_reply
+        self._lookup_oid = oid
+        self._lookup_original = original
+        self._to_server(m.Query(
+            "SELECT n.nspname, p.proname FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n "
+            f"ON n.oid = p.pronamespace WHERE p.oid = {int(oid)}").encode())
+
+    def _on_lookup_reply(self, buf, s, e):
+        kind = buf[s]
+        if kind == 68:  # DataRow: (nspname, proname)
+            values = _row_values(buf, s, e)
+            if len(values) == 2 and None not in values:
+                self._lookup_found = (bytes(values[0]).decode("utf-8", "replace"),
+                                      bytes(values[1]).decode("utf-8", "replace"))
+        elif kind == 90:  # ReadyForQuery: the lookup is over
+            self.txn_status = chr(buf[s + 5])
+            for c, h in self._lookup_saved.items():
+                self._handlers[c] = h
+            self._lookup_active = False
+            if self._lookup_found is not None:
+                self.front.function_names[self._lookup_oid] = self._lookup_found
+            else:
+                self._unknown_oids.add(self._lookup_oid)
+            self._held = False
+            rest = self._cbuf
+            self._cbuf = self._lookup_original + bytes(rest)
+            asyncio.get_running_loop().call_soon(self.client_data, b"")
+        return b""  # the bot never asked for this
 
     def _c_terminate(self, buf, s: int, e: int):
         self._terminated = True
@@ -1739,6 +1808,15 @@ def _syntax_error(message: str, position: int | None, *, why: str = "") -> m.Err
     if position:
         fields.append(("P", str(position)))
     return m.ErrorResponse(tuple(fields))
+
+
+# Replies to the front's own pg_proc lookup (RowDescription, DataRow, CommandComplete,
+# ErrorResponse, NoticeResponse, ReadyForQuery): swallowed while it runs.
+_LOOKUP_REPLIES = tuple(b"TDCENZ")
+
+
+def _quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
 
 
 _HOLD = _Marker("HOLD")          # a client handler's answer: stop here, the statement waits for approval

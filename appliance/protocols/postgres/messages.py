@@ -21,7 +21,8 @@ CANCEL_REQUEST_CODE = 80877102
 
 _I = struct.Struct("!i")
 _H = struct.Struct("!h")
-_UH = struct.Struct("!H")   # counts: PostgreSQL reads them as unsigned 16-bit (pq_getmsgint(msg, 2)), up to 65,535
+_UH = struct.Struct("!H")
+_UI = struct.Struct("!I")   # OIDs are unsigned 32-bit   # counts: PostgreSQL reads them as unsigned 16-bit (pq_getmsgint(msg, 2)), up to 65,535
 _IH = struct.Struct("!ih")
 _HEADER = struct.Struct("!ci")
 
@@ -457,7 +458,7 @@ class FunctionCall(Message):
             _check_format(f)
 
     def encode(self) -> bytes:
-        return _frame(b"F", _I.pack(self.oid) + _pack_int16s(self.arg_formats) + _values(self.args)
+        return _frame(b"F", _UI.pack(self.oid) + _pack_int16s(self.arg_formats) + _values(self.args)
                       + _H.pack(self.result_format))
 
     @classmethod
