@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Literal, Sequence
 
-from appliance.policy.config import PolicyConfig, Rule
+from appliance.policy.config import PolicyConfig, Rule, matcher_keys
 from appliance.policy.engine import PolicyEngine, RuleMatch, SqlSessionState, resolve_batch
 from appliance.policy.k8s import K8sRequest
 from appliance.policy.sql import StatementAnalysis, analyze_sql
@@ -200,8 +200,18 @@ def lint(policy: PolicyConfig, targets: Sequence["TargetConfig"], identities: Se
             if not reachable and any(n in ident_by_name for n in rule.identities):
                 findings.append(LintFinding("error", rule.name, "can never match: none of its identities may use its "
                                             "targets", path))
-        if rule.sql is not None and rule.sql.match == "all" and rule.sql.properties:
-            pass  # properties are always "any of": documented, nothing to flag
+        section = rule.sql or rule.ssh
+        keys = matcher_keys(section)
+        if rule.action in ("block", "approve") and len(keys) > 1 and section is not None and section.match_keys is None:
+            # The first operators who wrote "functions = [...]" and "properties = [...]" in one block
+            # rule expected either to block; keys combine with AND unless match_keys says otherwise.
+            verb = "blocked" if rule.action == "block" else "held for approval"
+            listed = " and ".join(keys)
+            findings.append(LintFinding(
+                "warning", rule.name,
+                f"combines {listed}: it matches only requests that meet all of them, so a request that meets "
+                f"{keys[1]} but not {keys[0]} is not {verb}; set match_keys = \"any\" to match on either, or "
+                f"match_keys = \"all\" to say the intersection is meant", (*path, "sql" if rule.sql else "ssh")))
 
     # Shadowing: a rule that can never name a decision because another rule always matches too.
     for j, later in enumerate(policy.rules):
@@ -260,14 +270,16 @@ def covers(a: Rule, b: Rule) -> bool:
             return True
         if sb is None:
             return all(getattr(sa, f) is None for f in ("kinds", "relations", "reads", "writes", "functions", "properties"))
-        if _mode(a, sa) != _mode(b, sb):
-            return False
+        if _mode(a, sa) != _mode(b, sb) or "any" in (sa.match_keys, sb.match_keys):
+            return False  # match_keys = "any": not worth proving, say nothing
+        if sa.unless_properties and not set(sa.unless_properties) <= set(sb.unless_properties or ()):
+            return False  # a exempts statements b still matches
         return all(_subset(getattr(sb, f), getattr(sa, f))
                    for f in ("kinds", "relations", "reads", "writes", "functions", "properties"))
     if a.ssh is not None and b.ssh is not None:
         sa2, sb2 = a.ssh, b.ssh
         mode = _mode(a, sa2)
-        if mode != _mode(b, sb2):
+        if mode != _mode(b, sb2) or "any" in (sa2.match_keys, sb2.match_keys):
             return False
         if sa2.shell is not None and sa2.shell != sb2.shell:
             return False
