@@ -460,7 +460,7 @@ class PolicyEngine:
         ``delete  from T`` share it. Text the parser refuses has only its exact self as shape."""
         try:
             return "fp:" + fingerprint(sql)
-        except ParseError:
+        except (ParseError, UnicodeError):
             return "text:" + hashlib.sha256(sql.encode("utf-8", "surrogatepass")).hexdigest()
 
     def decide_sql(self, identity: str, groups: tuple[str, ...], target: str, sql: str, *,
@@ -485,7 +485,7 @@ class PolicyEngine:
         if sql not in self._analysis:
             try:
                 shape_key = (normalize(sql), *key[1:])
-            except ParseError:
+            except (ParseError, UnicodeError):
                 shape_key = None
             if shape_key is not None:
                 verdict = self._shape.get(shape_key)
@@ -505,7 +505,7 @@ class PolicyEngine:
                 if shape_key is None:
                     try:
                         shape_key = (normalize(sql), *key[1:])
-                    except ParseError:
+                    except (ParseError, UnicodeError):
                         shape_key = None
                 if shape_key is not None:
                     _put(self._shape, shape_key, verdict)

@@ -49,10 +49,46 @@ class Explanation:
                     out.append(m.rule)
         return tuple(out)
 
+    @property
+    def decided_by(self) -> str:
+        """"rule", "default" (no rule matched: the target's default_action) or "unanalyzable"
+        (the request could not be analyzed and no rule exempts it: blocked, fail closed)."""
+        return _decided_by(self.decision, [s.analysis for s in self.statements])
+
+    def to_json(self) -> dict:
+        """The machine-readable form (``policy explain --json``)."""
+        d = self.decision
+        out: dict = {
+            "identity": self.identity, "groups": list(self.groups), "target": self.target,
+            "protocol": self.protocol, "default_action": self.default_action,
+            "decision": {"action": d.action, "rule": d.rule, "decided_by": self.decided_by, "reason": d.reason},
+            "masking": list(d.mask_rules), "matching_rules": list(self.matching_rules),
+            "exit_status": EXIT_STATUS[d.action], "statements": [],
+        }
+        for s in self.statements:
+            a = s.analysis
+            item: dict = {"index": s.index}
+            if isinstance(a, StatementAnalysis):
+                item.update(kind=a.kind, kinds=sorted(a.kinds), reads=sorted(map(str, a.reads)),
+                            writes=sorted(map(str, a.writes)), functions=sorted(map(str, a.functions)),
+                            properties=sorted(a.properties), error=a.error)
+            elif isinstance(a, SshAnalysis):
+                item.update(request=a.request.describe(), commands=[list(argv) for argv in a.argvs],
+                            programs=sorted(a.programs), constructs=sorted(a.constructs), error=a.error)
+            else:
+                item.update(request=a.describe())
+            item["matching_rules"] = [{"rule": m.rule, "action": m.action} for m in s.matches]
+            item["verdict"] = {"action": s.verdict.action, "rule": s.verdict.rule,
+                               "decided_by": _decided_by(s.verdict, [a])}
+            out["statements"].append(item)
+        return out
+
     def __str__(self) -> str:
         d = self.decision
+        label = {"rule": f" (rule {d.rule!r})", "default": " (target default)",
+                 "unanalyzable": " (not analyzable: blocked, fail closed)"}[self.decided_by]
         lines = [
-            f"decision:  {d.action}" + (f" (rule {d.rule!r})" if d.rule else " (target default)"),
+            f"decision:  {d.action}" + label,
             f"reason:    {d.reason}",
             f"identity:  {self.identity}" + (f" (groups: {', '.join(self.groups)})" if self.groups else ""),
             f"target:    {self.target} ({self.protocol}, default {self.default_action})",
@@ -84,8 +120,22 @@ class Explanation:
                 lines.append(f"request: {a.describe()}")
             matches = ", ".join(f"{m.rule} ({m.action})" for m in s.matches) or "none"
             lines.append(f"  matching rules: {matches}")
-            lines.append(f"  verdict:    {s.verdict.action}" + (f" by {s.verdict.rule!r}" if s.verdict.rule else " (default)"))
+            by = _decided_by(s.verdict, [a])
+            lines.append(f"  verdict:    {s.verdict.action}" + (f" by {s.verdict.rule!r}" if by == "rule" else f" ({by})"))
         return "\n".join(lines)
+
+
+# ``policy explain`` exits with the decision, so scripts need not parse it (documented in
+# docs/policy.md and the CLI's help): 1 is the CLI's "refused" status.
+EXIT_STATUS = {"allow": 0, "block": 1, "approve": 4, "mask": 5}
+
+
+def _decided_by(verdict: Verdict, analyses: Sequence[object]) -> str:
+    if verdict.rule is not None:
+        return "rule"
+    if verdict.action == "block" and any(getattr(a, "error", None) for a in analyses):
+        return "unanalyzable"
+    return "default"
 
 
 def explain(engine: PolicyEngine, identity: str, target: str, statement: str | SshRequest | K8sRequest, *,

@@ -314,6 +314,10 @@ def _analyze_sql(sql: str) -> BatchAnalysis:
         tree = json.loads(parse_sql_json(sql))
     except ParseError as e:
         return BatchAnalysis((unparsed(_parse_error_message(e)),), shape_cacheable=False)
+    except UnicodeEncodeError:
+        # Undecodable bytes carried as surrogates (a command line, surrogateescape): the parser
+        # takes UTF-8 only, and botwarden will not guess what the server would read.
+        return BatchAnalysis((unparsed("statement is not valid UTF-8"),), shape_cacheable=False)
     raw = sql.encode("utf-8")
     stmts = tree.get("stmts", [])
     results = []
