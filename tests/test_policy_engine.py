@@ -346,3 +346,20 @@ def test_unless_properties_lets_a_policy_allow_plain_explain() -> None:
     # A nested plain EXPLAIN does not exempt what runs around it.
     assert e.decide_sql("bot", (), "db", "do $$ begin execute 'explain select 1'; delete from t; end $$"
                         ).rule == "no-mass-writes"
+
+
+def test_shape_cache_never_carries_a_verdict_that_hung_on_a_constant() -> None:
+    """query_to_xml's SQL text, table_to_xml's relation and a LIKE '%' pattern are constants:
+    the same shape with another constant must be decided afresh."""
+    cfg = parse_config(KEYS_CONFIG.replace('functions = ["pg_read_file"]\nproperties = ["copy_program"]',
+                                           'functions = ["pg_read_file"]\nreads = ["billing.*"]'))
+    e = PolicyEngine(cfg.policy, cfg.targets, cfg.identities)
+    for harmless, dangerous, rule in [
+        ("select query_to_xml('select 1', true, true, '')",
+         "select query_to_xml('select pg_read_file(''/etc/passwd'')', true, true, '')", "either"),
+        ("select table_to_xml('public.t', true, true, '')", "select table_to_xml('billing.cards', true, true, '')",
+         "either"),
+        ("delete from t where name like 'a%'", "delete from t where name like '%'", "no-mass-writes"),
+    ]:
+        assert e.decide_sql("bot", (), "db", harmless).action == "allow", harmless
+        assert e.decide_sql("bot", (), "db", dangerous).rule == rule, dangerous

@@ -134,6 +134,8 @@ def _interpretations(schema: str | None, name: str, search_path: frozenset[str],
 
 def _one(pattern: _QualifiedPattern, schema: str | None, name: str, any_mode: bool) -> bool:
     if name == "*":  # a whole schema
+        if schema == "*":  # every schema (database_to_xml)
+            return any_mode or (pattern.schema_text == "*" and pattern.name_text == "*")
         if pattern.schema is None:
             return any_mode
         return (schema is not None and pattern.schema(schema)) and (any_mode or pattern.name_text == "*")

@@ -184,15 +184,27 @@ _FUNCTION_OPTIONS = frozenset({
     "handler", "validator",  # foreign-data wrappers
 })
 
-# Built-in functions that run SQL given as text (PostgreSQL 15's pg_proc; tests/test_policy_sql_functions.py
-# shows each running its argument on a real server): name -> (argument index, argument count or
-# None for any). A constant argument is analyzed like any nested statement; another sets dynamic_sql.
+# Built-in functions that run SQL given as text, from PostgreSQL 15's pg_proc (the one list;
+# tests/test_policy_pg_functions.py shows each running its argument on a real server): name ->
+# (argument index, argument count or None for any). A constant argument is analyzed like any
+# nested statement; another sets dynamic_sql. query_to_xmlschema only plans its query, but
+# planning runs immutable functions (constant folding), so it is here too.
 SQL_TEXT_FUNCTIONS: dict[str, tuple[int, int | None]] = {
     "query_to_xml": (0, None),
     "query_to_xmlschema": (0, None),
     "query_to_xml_and_xmlschema": (0, None),
     "ts_stat": (0, None),
     "ts_rewrite": (1, 2),  # ts_rewrite(query tsquery, select text); the 3-argument form runs nothing
+}
+
+# Built-ins that read whole relations named by an argument (SELECT * FROM it, through SPI): the
+# relation is a read of the statement. "table": a regclass; "schema": every table of a schema;
+# "database": every table. A non-constant name sets dynamic_sql. (cursor_to_xml and
+# cursor_to_xmlschema fetch from a cursor whose query botwarden analyzed when it was declared.)
+RELATION_READING_FUNCTIONS: dict[str, str] = {
+    "table_to_xml": "table", "table_to_xmlschema": "table", "table_to_xml_and_xmlschema": "table",
+    "schema_to_xml": "schema", "schema_to_xmlschema": "schema", "schema_to_xml_and_xmlschema": "schema",
+    "database_to_xml": "database", "database_to_xmlschema": "database", "database_to_xml_and_xmlschema": "database",
 }
 
 # --- results -----------------------------------------------------------------------------------
@@ -239,6 +251,9 @@ class StatementAnalysis:
     deallocate: str | None = None  # a name, or "*" for ALL
     search_path: tuple[str, ...] | None = None  # schemas a SET search_path names; ("*",) = unknown
     reset_session: bool = False  # RESET ALL / DISCARD ALL
+    # The analysis read a constant's value (SQL text in query_to_xml, a LIKE pattern, a relation
+    # name): another constant in the same place may mean something else, so no shape caching.
+    reads_constants: bool = False
 
     @property
     def relations(self) -> frozenset[Relation]:
@@ -330,7 +345,7 @@ def _analyze_sql(sql: str) -> BatchAnalysis:
         results.append(StatementAnalysis(kind="EMPTY", kinds=frozenset({"EMPTY"})))
     if len(results) > 1:
         results = [replace(r, properties=r.properties | {"multi_statement"}) for r in results]
-    shape = all(r.error is None and not (r.kinds & _SHAPE_SENSITIVE)
+    shape = all(r.error is None and not (r.kinds & _SHAPE_SENSITIVE) and not r.reads_constants
                 and not any(f.name in _SESSION_FUNCTIONS for f in r.functions) for r in results)
     session = any((r.kinds & _SESSION_KINDS) or any(f.name in _SESSION_FUNCTIONS for f in r.functions)
                   for r in results)
@@ -435,6 +450,12 @@ class _Target:
                 src_alias = src.get("alias", {}).get("aliasname") if isinstance(src.get("alias"), dict) else None
                 same.add((src_alias or src.get("relname", "")).lower())
         self.same = frozenset(same - self.names)
+        self.read_constant = False  # a constant's value decided (LIKE '%'): no shape caching
+
+    def keeps_every_row_of(self, walker: "_Walker", node: Any) -> bool:
+        found = self.keeps_every_row(node)
+        walker.reads_constants |= self.read_constant
+        return found
 
     def mentioned(self, node: Any, nested: bool = False, names: frozenset[str] | None = None) -> bool:
         """A column of the target is referenced: unqualified at this level (inside a subquery an
@@ -510,6 +531,7 @@ class _Target:
                 return isinstance(items, list) and any(self.canon(i) == left for i in items)
             if ekind in ("AEXPR_LIKE", "AEXPR_ILIKE") and op and op[-1] in ("~~", "~~*"):
                 pattern = _const_string(body.get("rexpr"))
+                self.read_constant = True
                 return pattern is not None and pattern != "" and set(pattern) == {"%"}
             if ekind == "AEXPR_BETWEEN" or ekind == "AEXPR_BETWEEN_SYM":
                 bounds = body.get("rexpr")
@@ -576,6 +598,22 @@ def _from_names(items: Iterable[Any]) -> frozenset[str]:
     return frozenset(out)
 
 
+def _regclass(text: str) -> Relation | None:
+    """A regclass literal ('s.t', '"T"') as PostgreSQL reads it, by parsing it as a FROM item."""
+    try:
+        tree = json.loads(parse_sql_json("SELECT * FROM " + text))
+        stmts = tree.get("stmts", [])
+        select = stmts[0]["stmt"]["SelectStmt"] if len(stmts) == 1 else {}
+        (item,) = select.get("fromClause", [None])
+        rel = item["RangeVar"]
+    except (ParseError, KeyError, TypeError, ValueError, UnicodeError):
+        return None
+    if set(select) - {"targetList", "fromClause", "limitOption", "op"} or rel.get("alias") or not rel.get("inh", True):
+        return None
+    schema = rel.get("schemaname")
+    return Relation(schema.lower() if schema else None, rel.get("relname", "").lower())
+
+
 def _range_vars(items: Iterable[Any]) -> Iterable[Mapping[str, Any]]:
     for item in items or ():
         if not isinstance(item, dict):
@@ -634,6 +672,7 @@ class _Walker:
         self.search_path: tuple[str, ...] | None = None
         self.reset_session = False
         self.explain_only = False
+        self.reads_constants = False
 
     # -- entry points --
     def top(self, wrapped: Mapping[str, Any]) -> None:
@@ -662,7 +701,7 @@ class _Walker:
             writes=frozenset(self.writes), functions=frozenset(self.functions),
             properties=frozenset(self.properties), outputs=outputs, prepare_name=self.prepare_name,
             prepared_body=self.prepared_body, execute_name=self.execute_name, deallocate=self.deallocate,
-            search_path=self.search_path, reset_session=self.reset_session)
+            search_path=self.search_path, reset_session=self.reset_session, reads_constants=self.reads_constants)
 
     # -- generic walk --
     def visit_value(self, value: Any, typed: str | None) -> None:
@@ -774,6 +813,8 @@ class _Walker:
                 self._set_config(body.get("args", []))
             elif names[-1] in SQL_TEXT_FUNCTIONS and names[0] in (names[-1], "pg_catalog"):
                 self._sql_text_argument(names[-1], body.get("args", []))
+            elif names[-1] in RELATION_READING_FUNCTIONS and names[0] in (names[-1], "pg_catalog"):
+                self._relation_argument(RELATION_READING_FUNCTIONS[names[-1]], body.get("args", []))
         self.generic("FuncCall", body, skip=("funcname",))
 
     def _function_named(self, names: Iterable[Any]) -> None:
@@ -851,6 +892,7 @@ class _Walker:
     def _sql_text_argument(self, name: str, args: list[Any]) -> None:
         """query_to_xml('DELETE ...', ...) runs its text: analyze a constant, flag anything else."""
         index, count = SQL_TEXT_FUNCTIONS[name]
+        self.reads_constants = True
         if count is not None and len(args) != count:
             return
         if len(args) <= index:
@@ -860,6 +902,24 @@ class _Walker:
             self.properties.add("dynamic_sql")
         else:
             self._sql_body(text)
+
+    def _relation_argument(self, scope: str, args: list[Any]) -> None:
+        """table_to_xml('billing.secrets', ...) reads billing.secrets; database_to_xml reads all."""
+        self.reads_constants = True
+        if scope == "database":
+            self.reads.add(Relation("*", "*"))
+            return
+        name = _const_string(args[0]) if args else None
+        if name is None:
+            self.properties.add("dynamic_sql")
+        elif scope == "schema":
+            self.reads.add(Relation(name.lower(), "*"))  # a name, taken as written
+        else:
+            relation = _regclass(name)
+            if relation is None:
+                self.properties.add("dynamic_sql")  # an OID, or text botwarden cannot read as a name
+            else:
+                self.reads.add(relation)
 
     def _set_config(self, args: list[Any]) -> None:
         setting = _const_string(args[0]) if args else None
@@ -953,7 +1013,7 @@ class _Walker:
         self.kinds.add(self._kind_of(node, body))
         if node in ("UpdateStmt", "DeleteStmt"):
             sources = body.get("fromClause") or body.get("usingClause") or ()
-            if _Target(body.get("relation"), sources).keeps_every_row(body.get("whereClause")):
+            if _Target(body.get("relation"), sources).keeps_every_row_of(self, body.get("whereClause")):
                 self.properties.add("no_where")
         elif node == "MergeStmt":
             self._merge_actions(body)
@@ -984,7 +1044,7 @@ class _Walker:
         """MERGE's sub-kinds (MERGE.DELETE ...), and no_where when a WHEN MATCHED UPDATE/DELETE
         reaches every target row: its ON condition and its own AND condition filter nothing."""
         target = _Target(body.get("relation"), [body.get("sourceRelation")])
-        every_row_matches = target.keeps_every_row(body.get("joinCondition"))
+        every_row_matches = target.keeps_every_row_of(self, body.get("joinCondition"))
         for clause in body.get("mergeWhenClauses", []):
             when = clause.get("MergeWhenClause", {}) if isinstance(clause, dict) else {}
             command = str(when.get("commandType", "")).removeprefix("CMD_")
@@ -994,7 +1054,7 @@ class _Walker:
                 continue
             # NOT MATCHED BY SOURCE (PostgreSQL 17) acts on the target rows no source row matched.
             reaches_all = every_row_matches or when.get("matchKind") == "MERGE_WHEN_NOT_MATCHED_BY_SOURCE"
-            if reaches_all and target.keeps_every_row(when.get("condition")):
+            if reaches_all and target.keeps_every_row_of(self, when.get("condition")):
                 self.properties.add("no_where")
 
     def _v_CopyStmt(self, body: Mapping[str, Any]) -> None:
@@ -1205,6 +1265,7 @@ class _Walker:
         self.writes |= other.writes
         self.functions |= other.functions
         self.properties |= other.properties - {"explain_only"}
+        self.reads_constants |= other.reads_constants
 
     # -- code bodies --
     def _v_DoStmt(self, body: Mapping[str, Any]) -> None:
