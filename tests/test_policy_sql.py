@@ -268,6 +268,10 @@ def test_function_references_are_functions_of_the_statement(sql: str, kind: str,
     "delete from accounts where (id = id) is true",
     "delete from accounts where id is not distinct from id",
     "delete from accounts where name like '%'",
+    "delete from accounts where name ~~ '%%'",
+    "delete from accounts where name = name collate \"C\"",
+    "delete from accounts where (id, name) = (id, name)",
+    "delete from accounts where current_user = current_user",
     "delete from accounts where id in (id)",
     "delete from accounts where id between id and id",
     "delete from accounts where id::text = id::text",
@@ -382,3 +386,33 @@ def test_explain_only_is_plain_explain_of_the_whole_statement() -> None:
     assert "explain_only" not in one("do $$ begin execute 'explain select 1'; delete from t; end $$").properties
     assert "explain_only" not in one("create function f() returns setof text language sql as "
                                      "'explain select 1'").properties
+
+
+# --- property: whatever the condition, OR true filters nothing and AND id = 5 filters ----------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_ATOMS = st.sampled_from(["id = id", "id = 1", "t.id = t.id", "x is not null", "x is null", "true", "$1", "x like '%'",
+                          "x ~~ 'a%'", "exists (select 1 from u where u.a = t.id)", "exists (select 1 from u)",
+                          "(a, b) = (a, b)", "x <> x", "x = x collate \"C\"", "id in (select id from u)",
+                          "coalesce(x, 0) = 0", "new.id is not null", "s.id = t.id", "x between x and x"])
+_CONDITIONS = st.recursive(_ATOMS, lambda inner: st.one_of(
+    st.tuples(inner, inner).map(lambda p: f"({p[0]} and {p[1]})"),
+    st.tuples(inner, inner).map(lambda p: f"({p[0]} or {p[1]})"),
+    inner.map(lambda c: f"not ({c})"),
+    inner.map(lambda c: f"({c}) is true")), max_leaves=8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_CONDITIONS)
+def test_no_where_invariants(condition: str) -> None:
+    for template in ("delete from t where {}", "update t set a = 1 where {}",
+                     "merge into t using s on {} when matched then delete"):
+        plain = one(template.format(condition))
+        assert plain.error is None
+        assert "no_where" in one(template.format(f"({condition}) or true")).properties
+        assert "no_where" not in one(template.format(f"({condition}) and t.id = 5")).properties
+        # no_where depends on the condition, not on how the target is written
+        assert ("no_where" in one(template.replace("t ", "public.t ", 1).format(condition)).properties) == \
+            ("no_where" in plain.properties)

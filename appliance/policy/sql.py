@@ -486,6 +486,8 @@ class _Target:
     def canon(self, node: Any) -> Any:
         """The expression without positions, the target's aliases (and self-join aliases) removed."""
         if isinstance(node, dict):
+            if "CollateClause" in node and isinstance(node["CollateClause"], dict):
+                return self.canon(node["CollateClause"].get("arg"))  # x = x COLLATE "C" is x = x
             if "ColumnRef" in node and isinstance(node["ColumnRef"], dict):
                 names = [(_sval(f) or "*").lower() for f in node["ColumnRef"].get("fields", ())]
                 if len(names) == 2 and names[0] in (self.names | self.same):
@@ -522,6 +524,8 @@ class _Target:
             ekind = body.get("kind")
             if ekind == "AEXPR_OP" and op and op[-1] in _TAUTOLOGY_OPS:
                 return self.same_sides(body)
+            if ekind == "AEXPR_OP" and op and op[-1] in ("~~", "~~*"):  # x ~~ '%' is x LIKE '%'
+                ekind = "AEXPR_LIKE"
             if ekind == "AEXPR_NOT_DISTINCT":
                 return self.same_sides(body)
             if ekind == "AEXPR_IN" and op == ["="]:
