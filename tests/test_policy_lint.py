@@ -142,3 +142,13 @@ def test_block_rule_combining_keys_warns_until_match_keys_says_what_is_meant() -
     # One key, or an allow rule: nothing to say.
     assert findings(Rule("one", "block", sql=SqlMatch(functions=("pg_read_file",)))) == []
     assert findings(Rule("ok", "allow", sql=SqlMatch(kinds=("SELECT",), reads=("public.*",)))) == []
+
+
+def test_a_rule_with_unless_properties_does_not_shadow_what_it_exempts() -> None:
+    narrow = Rule("no-explain-exempt", "block", targets=("db",), sql=SqlMatch(unless_properties=("explain_only",)))
+    later = Rule("all-on-db", "block", targets=("db",))
+    assert not any("shadowed" in m for _, _, m in findings(narrow, later))
+    exempt = Rule("mass", "block", sql=SqlMatch(properties=("no_where",), unless_properties=("explain_only",)))
+    strict = Rule("mass-strict", "block", sql=SqlMatch(properties=("no_where",)))
+    assert not any("shadowed" in m for _, r, m in findings(exempt, strict) if r == "mass-strict")
+    assert any("shadowed by rule 'mass-strict'" in m for _, r, m in findings(strict, exempt) if r == "mass")

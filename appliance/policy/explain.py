@@ -319,7 +319,8 @@ def covers(a: Rule, b: Rule) -> bool:
         if sa is None:
             return True
         if sb is None:
-            return all(getattr(sa, f) is None for f in ("kinds", "relations", "reads", "writes", "functions", "properties"))
+            return all(getattr(sa, f) is None for f in ("kinds", "relations", "reads", "writes", "functions", "properties",
+                                                        "unless_properties"))
         if _mode(a, sa) != _mode(b, sb) or "any" in (sa.match_keys, sb.match_keys):
             return False  # match_keys = "any": not worth proving, say nothing
         if sa.unless_properties and not set(sa.unless_properties) <= set(sb.unless_properties or ()):
