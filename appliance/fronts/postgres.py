@@ -25,7 +25,11 @@ LISTEN and temp tables behave exactly as they would directly.
 2. **Relay, bot -> server** (``Session.client_data``): message boundaries
    come from ``struct.unpack_from`` over the received buffer (the loop of
    :func:`split_messages`, inlined), no copies. Only the types that matter
-   are decoded: Query and Parse go through ``services.decide_sql`` (the
+   are decoded: Query and Parse are first read as the server will read them
+   (``appliance.policy.reading``: the session's client_encoding and
+   standard_conforming_strings, tracked from ParameterStatus; while a request
+   that might change them is still in flight, every reading it could bring
+   must agree) and then go through ``services.decide_sql`` (the
    policy engine caches what is safe to cache; a verdict may depend on
    session state and time windows); Bind/Describe/Execute/Close/Sync are
    recorded as pending operations. Unchanged runs of messages are written
@@ -82,7 +86,10 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Literal
 
 from appliance.errors import BotwardenError
-from appliance.policy.types import ColumnDesc, Verdict
+from appliance.policy.reading import (DEFAULT_READING, TRACKED_PARAMETERS, Reading, UnreadableStatement,
+                                      possible_readings, read_statement)
+from appliance.policy.sql import syntax_error
+from appliance.policy.types import ACTION_STRENGTH, ColumnDesc, Verdict
 from appliance.protocols.postgres import messages as m
 from appliance.protocols.postgres import sqlstate
 from appliance.protocols.postgres.auth import SCRAM_SHA_256, ScramClient, md5_password
@@ -257,14 +264,22 @@ class PostgresFront:
         await self.cancel_upstream(req.pid, *found)
 
     async def cancel_upstream(self, pid: int, secret: int, host: str, port: int) -> None:
+        """Deliver the cancel and return only once the server has closed its end: PostgreSQL
+        closes a CancelRequest connection after it has signalled the backend, and clients
+        (asyncpg's timeouts) wait for that close before sending their next statement. The
+        bot's own cancel connection is closed after this returns, keeping that order."""
+        writer = None
         try:
-            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port),
-                                               self.settings.connect_timeout)
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port),
+                                                    self.settings.connect_timeout)
             writer.write(m.CancelRequest(pid, secret).encode())
             await writer.drain()
-            writer.close()
+            await asyncio.wait_for(reader.read(), self.settings.connect_timeout)
         except (OSError, asyncio.TimeoutError) as e:
             log.warning("could not forward a cancel request to %s:%s: %s", host, port, e)
+        finally:
+            if writer is not None:
+                writer.close()
 
 
 class _Waiter:
@@ -403,12 +418,13 @@ class _Request:
 
 
 class _Statement:
-    __slots__ = ("text", "verdict", "columns")
+    __slots__ = ("text", "verdict", "columns", "name")
 
-    def __init__(self, text: str, verdict: Verdict):
+    def __init__(self, text: str, verdict: Verdict, name: str = ""):
         self.text = text
         self.verdict = verdict
         self.columns: list[ColumnDesc] | None = None
+        self.name = name
 
 
 class _Portal:
@@ -428,7 +444,7 @@ OP_QUERY, OP_PARSE, OP_BIND, OP_DESCRIBE, OP_EXECUTE, OP_CLOSE, OP_SYNC, OP_FUNC
 _SYNC = m.Sync().encode()
 
 _I32 = struct.Struct("!i")
-_H16 = struct.Struct("!h")
+_H16 = struct.Struct("!H")  # counts are unsigned 16-bit, as PostgreSQL reads them
 _HEADER = struct.Struct("!ci")
 
 
@@ -511,7 +527,7 @@ def _bind_fast(buf, s: int, e: int) -> tuple[str, str, list[str | None], tuple[i
         pos += 2 * nf
         (np_,) = _H16.unpack_from(buf, pos)
         pos += 2
-        if nf < 0 or np_ < 0 or (nf > 1 and nf != np_):
+        if nf > 1 and nf != np_:
             raise RemoteProtocolError("Bind has inconsistent parameter counts")
         for f in formats:
             if f != 0 and f != 1:
@@ -531,8 +547,6 @@ def _bind_fast(buf, s: int, e: int) -> tuple[str, str, list[str | None], tuple[i
             pos += ln
         (nr,) = _H16.unpack_from(buf, pos)
         pos += 2
-        if nr < 0:
-            raise RemoteProtocolError("Bind has a negative result format count")
         result_formats = struct.unpack_from(f"!{nr}h", buf, pos) if nr else ()
         for f in result_formats:
             if f != 0 and f != 1:
@@ -580,6 +594,9 @@ class Session:
         self.cancel_key: tuple[int, int] | None = None
         self.backend_pid: int | None = None
         self.txn_status = "I"
+        # How the server reads statement text (client_encoding, standard_conforming_strings), as
+        # its ParameterStatus messages last said.
+        self._reading: Reading = DEFAULT_READING
         self._paused: set[str] = set()
         # The relay's writers: the transports' own write methods once relaying, no-ops after close.
         self._to_bot: Callable[[bytes], None] = self.write_bot
@@ -611,7 +628,8 @@ class Session:
                       (b"n", self._on_no_data), (b"C", self._on_command_complete),
                       (b"I", self._on_empty_query), (b"s", self._on_portal_suspended),
                       (b"E", self._on_error), (b"Z", self._on_ready), (b"K", self._on_backend_key),
-                      (b"H", self._on_copy_out), (b"W", self._on_copy_out)):
+                      (b"H", self._on_copy_out), (b"W", self._on_copy_out),
+                      (b"S", self._on_parameter_status)):
             self._handlers[ch[0]] = h
         self._client_handlers: list[Callable | None] = [None] * 256
         for ch, h in ((b"Q", self._c_query), (b"P", self._c_parse), (b"B", self._c_bind),
@@ -896,6 +914,8 @@ class Session:
             elif isinstance(ev, ConnectionClosed):
                 raise FrontError(sqlstate.CONNECTION_FAILURE, "the server closed the connection during startup")
             elif isinstance(ev, (m.ParameterStatus, m.NoticeResponse, m.NegotiateProtocolVersion)):
+                if isinstance(ev, m.ParameterStatus) and ev.name in TRACKED_PARAMETERS:
+                    self._reading = self._reading.with_parameter(ev.name, ev.value)
                 if not isinstance(ev, m.NegotiateProtocolVersion):
                     self.write_bot(ev.encode())
             else:
@@ -962,14 +982,71 @@ class Session:
         return m.BackendKeyData(pid, ours).encode()
 
     # ================================================================== bot -> server
-    def _decide(self, sql: str, phase: str) -> Verdict:
+    def _decide(self, sql: str, phase: str, *, probe: bool = False) -> Verdict:
         # No cache here: a verdict can depend on session state (PREPARE names, search_path) and
         # on time windows; the policy engine caches what is safe to cache.
         try:
+            if probe:  # a possible reading, not the one the session state follows
+                return self.services.decide_sql(self.grant, self.settings.target, sql, phase, probe=True)
             return self.services.decide_sql(self.grant, self.settings.target, sql, phase)
         except Exception:
             log.exception("policy failed; statement refused")
             return Verdict("block", None, "the policy engine failed on this statement")
+
+    def _read_and_decide(self, raw: bytes, phase: str) -> tuple[str, Verdict, m.ErrorResponse | None]:
+        """(text as the server reads it, verdict, the refusal to send when blocked or None for
+        the usual one). The hot path is the first two lines."""
+        if self._reading is DEFAULT_READING and ((raw.isascii() and b"\\" not in raw) or self._settled()):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                pass
+            else:
+                return text, self._decide(text, phase), None
+        try:
+            text = read_statement(raw, self._reading)
+        except UnreadableStatement as e:
+            return self._unreadable(raw, e)
+        verdict = self._decide(text, phase)
+        if verdict.action == "block" or self._settled() or (raw.isascii() and b"\\" not in raw):
+            return text, verdict, None
+        return text, self._other_readings(raw, text, verdict, phase), None
+
+    def _settled(self) -> bool:
+        """Nothing this session sent is still unanswered: the settings the server last reported
+        are the ones it will read the next statement with. (A SET, set_config() or ROLLBACK in
+        flight changes them for the next message before its ParameterStatus arrives.)"""
+        return not self._ext_open and not self.busy_upstream
+
+    def _other_readings(self, raw: bytes, text: str, verdict: Verdict, phase: str) -> Verdict:
+        """While a request in flight may still change client_encoding or standard_conforming_strings,
+        the statement runs only if every reading the server might apply is decided alike."""
+        seen = {text}
+        for reading in possible_readings(raw, self._reading):
+            try:
+                other = read_statement(raw, reading)
+            except UnreadableStatement:
+                continue  # the server would refuse it under that reading: nothing runs
+            if other in seen:
+                continue
+            seen.add(other)
+            alt = self._decide(other, phase, probe=True)
+            if alt.action != verdict.action or alt.mask_rules != verdict.mask_rules:
+                return Verdict("block", "botwarden:reading",
+                               f"a request still in flight may change how the server reads this statement "
+                               f"({reading.describe()} reads it differently, and it would be "
+                               f"{'allowed' if alt.action == 'allow' else alt.action + 'ed' if alt.action != 'block' else 'blocked'}"
+                               f"); send it after the previous one completes", details=verdict.details)
+        return verdict
+
+    def _unreadable(self, raw: bytes, e: UnreadableStatement) -> tuple[str, Verdict, m.ErrorResponse]:
+        text = raw.decode("utf-8", "replace")  # what the audit keeps: never a lone surrogate
+        if e.syntax:
+            return text, Verdict("block", None, f"botwarden blocks statements it cannot analyze: {e.message}"), \
+                _syntax_error(e.message, e.position)
+        return text, Verdict("block", "botwarden:reading", e.message), \
+            error_response(e.sqlstate, e.message, detail=f"botwarden reads statements as the server does "
+                                                         f"({self._reading.describe()})")
 
     def client_data(self, data: bytes) -> None:
         if self._cbuf:
@@ -1046,7 +1123,11 @@ class Session:
         return req.nonce
 
     @staticmethod
-    def _block_refusal(verdict: Verdict) -> m.ErrorResponse:
+    def _block_refusal(verdict: Verdict, text: str = "") -> m.ErrorResponse:
+        if verdict.rule is None and verdict.details and verdict.details[0].kind == "UNPARSED":
+            found = syntax_error(text)  # the server would refuse it too: answer as it would
+            if found is not None:
+                return _syntax_error(*found, why=verdict.reason)
         rule = f"rule {verdict.rule!r}" if verdict.rule else "the target's default policy"
         return error_response(sqlstate.INSUFFICIENT_PRIVILEGE, f"statement blocked by {rule}",
                               detail=verdict.reason or None)
@@ -1055,8 +1136,7 @@ class Session:
         # Inline decode: this runs for every simple-protocol statement.
         if buf[e - 1] != 0 or buf.find(b"\x00", s + 5, e - 1) >= 0:
             raise RemoteProtocolError("Query must carry exactly one NUL-terminated string")
-        sql = buf[s + 5:e - 1].decode("utf-8", "surrogateescape")
-        v = self._decide(sql, "query")
+        sql, v, refusal = self._read_and_decide(bytes(buf[s + 5:e - 1]), "query")
         req = _Request("query", sql, v)
         action = v.action
         if action == "allow" or action == "mask":
@@ -1065,7 +1145,7 @@ class Session:
             self._ops.append((OP_QUERY, req))
             return None
         if action == "block":
-            nonce = self._blocked_sql(req, self._block_refusal(v))
+            nonce = self._blocked_sql(req, refusal or self._block_refusal(v, sql))
             self._ops.append((OP_QUERY, req))
             return m.Query(nonce).encode()
         self._start_hold(req, bytes(buf[s:e]), lambda: (OP_QUERY, req),
@@ -1073,21 +1153,24 @@ class Session:
         return _HOLD
 
     def _c_parse(self, buf, s: int, e: int):
-        msg = m.Parse.decode(bytes(buf[s + 5:e]))
-        ext_was_open, self._ext_open = self._ext_open, True
+        body = bytes(buf[s + 5:e])
+        msg = m.Parse.decode(body)
         if self._skip_until_sync:
             # The server discards this after our refusal: no decision, no response to expect.
+            self._ext_open = True
             return None
-        v = self._decide(msg.query, "parse")
-        stmt = _Statement(msg.query, v)
+        start = body.index(0) + 1
+        query, v, refusal = self._read_and_decide(body[start:body.index(0, start)], "parse")
+        ext_was_open, self._ext_open = self._ext_open, True
+        stmt = _Statement(query, v, msg.name)
         self._statements[msg.name] = stmt
         action = v.action
         if action == "allow" or action == "mask":
             self._ops.append((OP_PARSE, None, stmt))
             return None
-        req = _Request("parse", msg.query, v)
+        req = _Request("parse", query, v)
         if action == "block":
-            nonce = self._blocked_sql(req, self._block_refusal(v))
+            nonce = self._blocked_sql(req, refusal or self._block_refusal(v, query))
             self._skip_until_sync = True
             self._ops.append((OP_PARSE, req, stmt))
             return m.Parse(msg.name, nonce, ()).encode()
@@ -1143,11 +1226,20 @@ class Session:
         self._ops.append((OP_EXECUTE, portal, req))
         return None
 
+    def _name_statement(self, name: str, verdict: Verdict | None) -> None:
+        """A named protocol-level statement is also SQL's: ``EXECUTE name`` runs it."""
+        if name:
+            remember = getattr(self.services, "name_statement", None)
+            if remember is not None:
+                remember(self.grant, name, verdict)
+
     def _c_close(self, buf, s: int, e: int):
         if self._skip_until_sync:
             return None
         msg = m.Close.decode(bytes(buf[s + 5:e]))
         (self._statements if msg.kind == "S" else self._portals).pop(msg.name, None)
+        if msg.kind == "S":
+            self._name_statement(msg.name, None)
         self._ext_open = True
         self._ops.append((OP_CLOSE,))
         return None
@@ -1331,8 +1423,13 @@ class Session:
 
     def _on_parse_complete(self, buf, s, e):
         op = self._pop(OP_PARSE)
-        if op is not None and op[1] is not None:
-            self._finish(op[1])  # a Parse held for approval and approved: its own audited request
+        if op is not None:
+            if op[2] is not None and op[2].name:
+                # Known to SQL EXECUTE once the server has it (a duplicate name fails and keeps
+                # the first statement, so nothing is named before ParseComplete).
+                self._name_statement(op[2].name, op[2].verdict)
+            if op[1] is not None:
+                self._finish(op[1])  # a Parse held for approval and approved: its own audited request
 
     def _on_bind_complete(self, buf, s, e):
         self._pop(OP_BIND)
@@ -1525,6 +1622,12 @@ class Session:
             self._handlers[68] = None
         return None
 
+    def _on_parameter_status(self, buf, s, e):
+        msg = m.ParameterStatus.decode(bytes(buf[s + 5:e]))
+        if msg.name in TRACKED_PARAMETERS:
+            self._reading = self._reading.with_parameter(msg.name, msg.value)
+        return None
+
     def _on_copy_out(self, buf, s, e):
         """COPY ... TO STDOUT of a statement to be masked: CopyData cannot be masked, so refuse it."""
         ops = self._ops
@@ -1625,6 +1728,17 @@ def _hold_refusal(outcome: HoldOutcome) -> m.ErrorResponse:
         return error_response(sqlstate.INSUFFICIENT_PRIVILEGE, f"statement not approved: {reason}", detail=detail,
                               hint="nobody decided in time; send it again and ask an operator")
     return error_response(sqlstate.INSUFFICIENT_PRIVILEGE, f"statement not approved: {reason}", detail=detail)
+
+
+def _syntax_error(message: str, position: int | None, *, why: str = "") -> m.ErrorResponse:
+    """The server's own answer to a statement it cannot parse (42601, with the Position psql
+    turns into LINE/caret), with botwarden's part in DETAIL."""
+    fields = [("S", "ERROR"), ("V", "ERROR"), ("C", sqlstate.SYNTAX_ERROR), ("M", message),
+              ("D", "botwarden did not send this statement to the server: it cannot be parsed"
+                    + (f" ({why})" if why and message not in why else ""))]
+    if position:
+        fields.append(("P", str(position)))
+    return m.ErrorResponse(tuple(fields))
 
 
 _HOLD = _Marker("HOLD")          # a client handler's answer: stop here, the statement waits for approval

@@ -59,6 +59,17 @@ class SqlSessionState:
     prepared: dict[str, StatementAnalysis] = field(default_factory=dict)
     search_path: frozenset[str] = frozenset(DEFAULT_SEARCH_PATH)
 
+    def copy(self) -> "SqlSessionState":
+        return SqlSessionState(dict(self.prepared), self.search_path)
+
+    def name_statement(self, name: str, statements: Sequence[StatementAnalysis] | None) -> None:
+        """A protocol-level prepared statement (Parse ``name``): SQL ``EXECUTE name`` runs it too.
+        None: it was closed."""
+        if statements is None or len(statements) != 1 or statements[0].error is not None:
+            self.prepared.pop(name, None)
+        else:
+            self.prepared[name] = statements[0]
+
     def apply(self, statements: Sequence[StatementAnalysis], verdict: Verdict) -> None:
         if verdict.action == "block":
             return  # it never reaches the server

@@ -301,6 +301,17 @@ def _parse_error_message(e: ParseError) -> str:
     return f"{text} at character {loc + 1}" if isinstance(loc, int) else text
 
 
+def syntax_error(sql: str) -> tuple[str, int | None] | None:
+    """(message, 1-based character position) when PostgreSQL's parser rejects ``sql``, as the
+    server would report it (the text near the error included: only the client sees it)."""
+    try:
+        parse_sql_json(sql)
+    except ParseError as e:
+        loc = e.args[1] if len(e.args) > 1 else None
+        return str(e.args[0]) if e.args else "syntax error", (loc + 1 if isinstance(loc, int) else None)
+    return None
+
+
 DEEP_RECURSION_LIMIT = 12_000
 
 
