@@ -443,6 +443,7 @@ def _has_column_ref(node: Any) -> bool:
 # column (``t.id = t2.id`` where t2 is the target table again).
 
 _TAUTOLOGY_OPS = frozenset({"=", ">=", "<="})
+_NO_COLUMNS = frozenset({"name", "funcname", "typeName"})  # lists of names only
 _CONTRADICTION_OPS = frozenset({"<>", "!=", "<", ">"})
 
 
@@ -473,25 +474,28 @@ class _Target:
         unqualified name belongs to the subquery's tables), or qualified by a target name that
         no subquery's FROM hides (``EXISTS (SELECT 1 FROM t WHERE t.x > 0)`` is the inner t)."""
         names = self.names if names is None else names
-        if isinstance(node, dict):
-            for key, value in node.items():
-                if key == "ColumnRef" and isinstance(value, dict):
-                    fields = value.get("fields", ())
-                    if len(fields) == 1:
-                        if not nested:
-                            return True
-                    elif len(fields) >= 2 and (_sval(fields[-2]) or "").lower() in names:
-                        return True
-                elif key == "SelectStmt" and isinstance(value, dict):
-                    inner = names - _from_names(value.get("fromClause", ()))
-                    if inner and self.mentioned({k: v for k, v in value.items() if k != "fromClause"}, True, inner):
-                        return True
-                    if inner and self.mentioned(value.get("fromClause"), True, inner):
-                        return True
-                elif self.mentioned(value, nested, names):
-                    return True
-        elif isinstance(node, list):
+        if type(node) is list:
             return any(self.mentioned(v, nested, names) for v in node)
+        if type(node) is not dict:
+            return False
+        for key, value in node.items():
+            if (type(value) is not dict and type(value) is not list) or key in _NO_COLUMNS:
+                continue  # positions, flags, operator and function names: nothing to look into
+            if key == "ColumnRef":
+                fields = value.get("fields", ()) if type(value) is dict else ()
+                if len(fields) == 1:
+                    if not nested:
+                        return True
+                elif len(fields) >= 2 and (_sval(fields[-2]) or "").lower() in names:
+                    return True
+            elif key == "SelectStmt" and type(value) is dict:
+                inner = names - _from_names(value.get("fromClause", ()))
+                if inner and self.mentioned({k: v for k, v in value.items() if k != "fromClause"}, True, inner):
+                    return True
+                if inner and self.mentioned(value.get("fromClause"), True, inner):
+                    return True
+            elif self.mentioned(value, nested, names):
+                return True
         return False
 
     def canon(self, node: Any) -> Any:
@@ -511,7 +515,11 @@ class _Target:
 
     def same_sides(self, expr: Mapping[str, Any]) -> bool:
         left, right = expr.get("lexpr"), expr.get("rexpr")
-        return left is not None and self.canon(left) == self.canon(right)
+        if not (isinstance(left, dict) and isinstance(right, dict)):
+            return False
+        if left.keys() != right.keys() and "CollateClause" not in left and "CollateClause" not in right:
+            return False  # different node types (id = 1): not the same expression, no need to compare
+        return self.canon(left) == self.canon(right)
 
     def keeps_every_row(self, node: Any) -> bool:
         """True when ``node`` as a WHERE keeps every row of the target (see above)."""
@@ -775,7 +783,7 @@ class _Walker:
         if node == "DefineStmt":
             objtype = body.get("kind", "OBJECT_TYPE")
             return _DEFINE_KINDS.get(objtype, "CREATE_" + _object_suffix(objtype))
-        return _KIND_NAMES.get(node, _default_kind(node))
+        return _KIND_NAMES.get(node) or _default_kind(node)  # not eagerly: this runs per node
 
     # -- relations --
     def _relation(self, body: Mapping[str, Any]) -> Relation:
