@@ -46,6 +46,12 @@ def test_explain_json() -> None:
     assert {"rule": "unbounded-writes", "action": "approve"} in second["matching_rules"]
     res = explain("ci-bot", "select 1", "--json")
     assert res.returncode == 0 and json.loads(res.stdout)["decision"]["decided_by"] == "default"
+    res = explain("ci-bot", "ls; rm -rf /", "--json", target="bastion")
+    out = json.loads(res.stdout)
+    assert res.returncode == 1 and out["protocol"] == "ssh" and out["decision"]["rule"] == "ssh-destructive"
+    assert out["statements"][0]["programs"] == ["ls", "rm"] and out["statements"][0]["commands"] == [["ls"], ["rm", "-rf", "/"]]
+    res = explain("ci-bot", "DELETE /api/v1/namespaces/prod/pods/web-1", "--json", target="cluster")
+    assert json.loads(res.stdout)["statements"][0]["request"].startswith("delete")
 
 
 def test_explain_refuses_what_the_parser_refuses_without_a_traceback() -> None:
