@@ -188,9 +188,10 @@ def test_time_left_and_status_line() -> None:
     assert time_left((T0 - timedelta(seconds=1)).isoformat(), now=T0) == "expired"
     assert time_left("garbage", now=T0) == "?"
     line = status_line({"pid": 12, "targets": [{"name": "pg", "protocol": "postgres", "listen": "127.0.0.1:1"}],
-                        "audit": {"healthy": False}, "sessions_active": 3, "approvals_pending": 2})
+                        "audit": {"healthy": False}, "sessions_active": 3, "approvals_pending": 2}, 5)
     assert "pid 12" in line and "pg (postgres 127.0.0.1:1)" in line and "audit UNHEALTHY" in line
-    assert "pending 2" in line
+    assert "pending 5" in line  # the console's live count, not the daemon's polled one
+    assert "pending ?" in status_line({}, None)
 
 
 # -- the app against a real control server ------------------------------------------------------
@@ -207,8 +208,11 @@ def test_approve_once(tmp_path: Path) -> None:
                 rows = table_rows(app, "#approvals-table")
                 assert rows[0][1:5] == ["ci-bot", "pg-prod", "deletes-need-approval", "DELETE FROM orders WHERE id = 7"]
                 assert "DELETE FROM orders WHERE id = 7" in text_of(app, "#approval-detail")
-                await pilot.press("a")
+                await pilot.press("f6")
                 await until(pilot, lambda: isinstance(app.screen, DecisionScreen), "the dialog")
+                await pilot.press("enter")  # reason (empty) → the Approve button; nothing decided yet
+                await pilot.pause(0.2)
+                assert not task.done() and app.screen.focused.id == "confirm"
                 await pilot.press("enter")
                 outcome = await asyncio.wait_for(task, 15)
                 await until(pilot, lambda: len(app.book) == 0, "the decided request to leave the list")
@@ -226,18 +230,19 @@ def test_deny_needs_a_reason(tmp_path: Path) -> None:
             async with app.run_test(size=(140, 40)) as pilot:
                 task = env.hold("DROP TABLE orders", "DROP orders")
                 await until(pilot, lambda: len(app.book) == 1, "the held request to show")
-                await pilot.press("d")
+                await pilot.press("f8")
                 await until(pilot, lambda: isinstance(app.screen, DecisionScreen), "the dialog")
+                assert app.screen.focused.id == "reason"
                 await pilot.press("tab")  # inside the dialog tab moves focus, not the tabs underneath
                 assert isinstance(app.screen, DecisionScreen) and app.query_one("#tabs").active == "approvals"
-                await pilot.press("shift+tab")
-                await pilot.press("enter")  # no reason yet: the dialog stays and says why
+                assert app.screen.focused.id == "confirm"
+                await pilot.press("enter")  # no reason yet: the dialog stays, says why, and goes back to it
                 await pilot.pause()
-                assert isinstance(app.screen, DecisionScreen)
+                assert isinstance(app.screen, DecisionScreen) and app.screen.focused.id == "reason"
                 complaint = str(app.screen.query_one("#dialog-error", Static).content)
                 assert not task.done()
                 await pilot.press(*"change freeze")
-                await pilot.press("enter")
+                await pilot.press("enter", "enter")
                 outcome = await asyncio.wait_for(task, 15)
                 return outcome, complaint
 
@@ -256,10 +261,10 @@ def test_approve_for_a_window(tmp_path: Path) -> None:
                 task = env.hold()
                 await until(pilot, lambda: len(app.book) == 1, "the held request to show")
                 approval_id = app.book.items()[0]["approval_id"]
-                await pilot.press("w")
+                await pilot.press("f7")
                 await until(pilot, lambda: isinstance(app.screen, DecisionScreen), "the dialog")
-                await pilot.press("backspace", "backspace", "5", "enter")  # 15 → 5 minutes, on to reason
-                await pilot.press(*"nightly batch", "enter")
+                await pilot.press(*"nightly batch", "enter")  # reason, on to the minutes
+                await pilot.press("backspace", "backspace", "5", "enter", "enter")  # 15 → 5, the button, decide
                 outcome = await asyncio.wait_for(task, 15)
                 assert [w.approval_id for w in env.broker.windows] == [approval_id]
                 # The window is real: the same identity, target and shape now pass unheld.
@@ -283,12 +288,12 @@ def test_a_refused_decision_is_shown_not_fatal(tmp_path: Path) -> None:
                 task = env.hold()
                 await until(pilot, lambda: len(app.book) == 1, "the held request to show")
                 approval_id = app.book.items()[0]["approval_id"]
-                await pilot.press("a")
+                await pilot.press("f6")
                 await until(pilot, lambda: isinstance(app.screen, DecisionScreen), "the dialog")
                 # Someone else decides first (the CLI, another console) while the dialog is open.
                 await asyncio.to_thread(ControlClient(env.socket).post, f"/v1/approvals/{approval_id}/deny",
                                         {"reason": "decided elsewhere"})
-                await pilot.press("enter")
+                await pilot.press("enter", "enter")
                 await until(pilot, lambda: any("no pending approval" in n for n in app.notices), "the refusal")
                 assert app.is_running and not isinstance(app.screen, DecisionScreen)
                 outcome = await asyncio.wait_for(task, 15)
@@ -308,16 +313,16 @@ def test_two_person_rule_shows_progress(tmp_path: Path) -> None:
                 task = env.hold()
                 await until(pilot, lambda: len(app.book) == 1, "the held request to show")
                 assert table_rows(app, "#approvals-table")[0][6] == "0/2"
-                await pilot.press("a")
+                await pilot.press("f6")
                 await until(pilot, lambda: isinstance(app.screen, DecisionScreen), "the dialog")
-                await pilot.press("enter")
+                await pilot.press("enter", "enter")
                 await until(pilot, lambda: table_rows(app, "#approvals-table")[0][6] == "1/2", "1 of 2")
                 await until(pilot, lambda: any("waiting for more" in n for n in app.notices), "the notice")
                 progress = table_rows(app, "#approvals-table")[0][6]
                 # The same operator approving again is refused by the daemon, and the console says so.
-                await pilot.press("a")
+                await pilot.press("f6")
                 await until(pilot, lambda: isinstance(app.screen, DecisionScreen), "the dialog")
-                await pilot.press("enter")
+                await pilot.press("enter", "enter")
                 await until(pilot, lambda: any("already approved" in n for n in app.notices), "the refusal")
                 held = not task.done()
                 task.cancel()
@@ -335,7 +340,7 @@ def test_sessions_and_replay(tmp_path: Path) -> None:
         async with served(tmp_path) as env:
             app = make_app(env.socket)
             async with app.run_test(size=(140, 40)) as pilot:
-                await pilot.press("tab")  # Approvals → Sessions
+                await pilot.press("f2")  # Approvals → Sessions
                 await until(pilot, lambda: app.query_one("#sessions-table", DataTable).row_count == 2,
                             "active and ended sessions")
                 sessions = table_rows(app, "#sessions-table")
@@ -360,7 +365,7 @@ def test_audit_sql_and_reports(tmp_path: Path) -> None:
             app = make_app(env.socket)
             seen: dict[str, Any] = {}
             async with app.run_test(size=(140, 40)) as pilot:
-                await pilot.press("3")
+                await pilot.press("f3")
                 sql = app.query_one("#sql", Input)
                 assert app.focused is sql
                 sql.value = "SELECT decision, count(*) AS n FROM requests GROUP BY decision ORDER BY decision"
@@ -423,8 +428,8 @@ def test_daemon_not_running_then_back(tmp_path: Path) -> None:
             await until(pilot, lambda: "not running" in text_of(app, "#status-bar"), "the daemon gone")
             await until(pilot, lambda: len(app.book) == 0, "the stale request to go")
             assert app.is_running
-            await pilot.press("q")
-            await until(pilot, lambda: not app.is_running, "q to quit")
+            await pilot.press("f10")  # nothing pending: quits without asking
+            await until(pilot, lambda: not app.is_running, "F10 to quit")
             return down, up
 
     down, up = asyncio.run(scenario())
