@@ -11,7 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import getpass
+import socket
+import subprocess
+import sys
+import threading
 import time
+import unicodedata
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -20,15 +25,18 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from textual import events
+from textual.command import CommandList, CommandPalette
+from textual.keys import REPLACED_KEYS, _character_to_key, _get_unicode_name_from_key
 from textual.pilot import Pilot
-from textual.widgets import DataTable, Input, Select, Static
+from textual.widgets import DataTable, HelpPanel, Input, Select, Static
 
 from analytics import AuditStore
 from appliance.api import build_router
 from appliance.approvals import ApprovalBroker, HoldOutcome
 from appliance.control import ControlClient, ControlError, ControlServer
 from tui.app import BotwardenApp
-from tui.dialogs import DecisionScreen
+from tui.dialogs import DecisionScreen, QuitScreen
 from tui.model import ApprovalBook, Decision, parse_window_minutes, status_line, time_left
 
 pytestmark = pytest.mark.timeout(60)
@@ -130,7 +138,9 @@ async def until(pilot: Pilot, predicate: Callable[[], bool], what: str, limit_s:
     while not predicate():
         if time.monotonic() > deadline:
             raise AssertionError(f"gave up waiting for {what}")
-        await pilot.pause(0.05)
+        # Not pilot.pause: it waits for every widget of the screen to go idle, and a widget
+        # removed meanwhile (a dialog or the palette closing) never does.
+        await asyncio.sleep(0.05)
 
 
 def text_of(app: BotwardenApp, selector: str) -> str:
@@ -142,8 +152,36 @@ def table_rows(app: BotwardenApp, selector: str) -> list[list[str]]:
     return [[str(c) for c in table.get_row_at(i)] for i in range(table.row_count)]
 
 
-def make_app(path: str) -> BotwardenApp:
-    return BotwardenApp(path, status_every_s=0.3, retry_s=0.2)
+def make_app(path: str, **kw: Any) -> BotwardenApp:
+    return BotwardenApp(path, status_every_s=0.3, retry_s=0.2, **kw)
+
+
+def requests(app: BotwardenApp) -> list[str]:
+    return [a["request"] for a in app.book.items()]
+
+
+def key_event(key: str) -> events.Key:
+    """The Key event a terminal read produces for ``key`` (as Pilot builds it)."""
+    if len(key) == 1 and not key.isalnum():
+        key = _character_to_key(key)
+    try:
+        char: str | None = unicodedata.lookup(_get_unicode_name_from_key(REPLACED_KEYS.get(key, key)))
+    except KeyError:
+        char = key if len(key) == 1 else None
+    return events.Key(key, char)
+
+
+async def burst(pilot: Pilot, *keys: str) -> None:
+    """Keys as one terminal read delivers them (fast typing, tmux send-keys, an unbracketed
+    paste): all in the app's queue before the first is handled. Pilot.press would wait for
+    the app to go idle after each one, which is slow typing."""
+    app = pilot.app
+    handled_before = app._input_seq
+    for key in keys:
+        app.post_message(key_event(key))
+    await until(pilot, lambda: not app.is_running or (app._input_seq >= handled_before + len(keys)
+                                                      and not app._input_busy), "the keys", limit_s=30)
+    await asyncio.sleep(0.1)
 
 
 # -- pure model ------------------------------------------------------------------------------
@@ -435,3 +473,314 @@ def test_daemon_not_running_then_back(tmp_path: Path) -> None:
     down, up = asyncio.run(scenario())
     assert socket in down and "retrying" in down
     assert "targets: pg-prod (postgres 127.0.0.1:6432)" in up and "audit ok" in up
+
+
+# -- keys: where they land, and what they can (not) do --------------------------------------------
+
+
+def test_fast_keys_land_where_slow_typing_would(tmp_path: Path) -> None:
+    """Bursts with letters that used to be bindings (a, d, q, w, digits), Tab, Backspace and
+    Enter: each decides exactly what the dialog showed when Enter hit its button, nothing else."""
+
+    async def scenario() -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        async with served(tmp_path) as env:
+            app = make_app(env.socket)
+            async with app.run_test(size=(140, 40)) as pilot:
+                await until(pilot, lambda: app.watch_live, "the approvals stream")
+                first = env.hold()
+                await until(pilot, lambda: len(app.book) == 1, "the held request to show")
+                # On the queue, typed letters and digits are nothing: no decision, no tab, no quit.
+                await burst(pilot, *"adwq1234 qd", "tab", "shift+tab")
+                seen["after_letters"] = (app.is_running, app.query_one("#tabs").active, type(app.screen))
+                # F8, a reason with a Backspace in it, Tab to the Deny button, more letters (they land
+                # on the button, which ignores them), Enter on the button: one burst.
+                await burst(pilot, "f8", *"no: a d q 1234x", "backspace", "tab", *"qad 9", "enter")
+                seen["first"] = await asyncio.wait_for(first, 15)
+                await until(pilot, lambda: app.screen is app.screen_stack[0], "the dialog to close")
+                seen["focus_after"] = app.focused.id if app.focused else None
+                # Approve once: Enter in the reason moves to the button, the second Enter decides.
+                second = env.hold("DELETE FROM orders WHERE id = 8")
+                await until(pilot, lambda: requests(app) == ["DELETE FROM orders WHERE id = 8"], "the second")
+                await burst(pilot, "f6", *"ok: checked w/ owner, a+d q=42", "enter", "enter", *"dq")
+                seen["second"] = await asyncio.wait_for(second, 15)
+                # Escape cancels, and what follows it is typed at the queue again: nothing decided.
+                third = env.hold("DELETE FROM orders WHERE id = 9")
+                await until(pilot, lambda: requests(app) == ["DELETE FROM orders WHERE id = 9"], "the third")
+                await burst(pilot, "f8", *"q a d", "escape", *"qad1234", "enter", "f6", *"d 1", "escape")
+                await pilot.pause(0.5)
+                seen["third_done"] = third.done()
+                seen["running"] = app.is_running
+                seen["screen"] = type(app.screen)
+                third.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await third
+        return seen
+
+    seen = asyncio.run(scenario())
+    running, tab, screen = seen["after_letters"]
+    assert running and tab == "approvals" and screen not in (DecisionScreen, QuitScreen)
+    first: HoldOutcome = seen["first"]
+    assert not first.approved and first.reason == f"denied by {getpass.getuser()}: no: a d q 1234"
+    assert seen["focus_after"] == "approvals-table"
+    second: HoldOutcome = seen["second"]
+    assert second.approved and second.reason == "ok: checked w/ owner, a+d q=42"
+    assert not seen["third_done"] and seen["running"] and seen["screen"] is not DecisionScreen
+
+
+def test_a_dialog_owns_the_keyboard(tmp_path: Path) -> None:
+    async def scenario() -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        async with served(tmp_path) as env:
+            app = make_app(env.socket, screenshot_dir=str(tmp_path))
+            async with app.run_test(size=(140, 40)) as pilot:
+                task = env.hold()
+                await until(pilot, lambda: len(app.book) == 1, "the held request to show")
+                await pilot.press("f3")  # from another tab: F6-F8 act the same everywhere
+                for key, mode in (("f6", "approve"), ("f7", "window"), ("f8", "deny")):
+                    await pilot.press(key)
+                    await until(pilot, lambda: isinstance(app.screen, DecisionScreen), "the dialog")
+                    seen[mode] = (app.screen.mode, app.screen.focused.id if app.screen.focused else None)
+                    # Every global key, the palette and quit: none of them acts while the dialog is open.
+                    await pilot.press("f1", "f2", "f3", "f4", "f5", "f6", "f7", "f8", "f10", "ctrl+q",
+                                      "ctrl+p", "ctrl+o", *"q1")
+                    seen[f"{mode}_after_keys"] = (type(app.screen), app.screen.mode, app.is_running,
+                                                  app.query_one("#tabs").active,
+                                                  app.screen.query_one("#reason", Input).value)
+                    await pilot.press("escape")
+                    await until(pilot, lambda: not isinstance(app.screen, DecisionScreen), "the dialog to close")
+                seen["decided"] = task.done()
+                seen["palette_seen"] = False
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        return seen
+
+    seen = asyncio.run(scenario())
+    for mode in ("approve", "window", "deny"):
+        assert seen[mode] == (mode, "reason")
+        assert seen[f"{mode}_after_keys"] == (DecisionScreen, mode, True, "approvals", "q1")
+    assert not seen["decided"]
+
+
+def test_quit_asks_while_requests_are_pending(tmp_path: Path) -> None:
+    async def scenario() -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        async with served(tmp_path) as env:
+            app = make_app(env.socket)
+            async with app.run_test(size=(140, 40)) as pilot:
+                task = env.hold()
+                await until(pilot, lambda: len(app.book) == 1, "the held request to show")
+                await pilot.press("q")  # a letter: nothing
+                seen["q"] = (app.is_running, type(app.screen))
+                await pilot.press("f10")
+                await until(pilot, lambda: isinstance(app.screen, QuitScreen), "the question")
+                seen["focus"] = app.screen.focused.id
+                await pilot.press(*"qy", "enter")  # Enter on the focused "Stay"
+                await until(pilot, lambda: not isinstance(app.screen, QuitScreen), "the question to close")
+                seen["stayed"] = app.is_running
+                await pilot.press("ctrl+q")
+                await until(pilot, lambda: isinstance(app.screen, QuitScreen), "the question again")
+                await pilot.press("escape")
+                await until(pilot, lambda: not isinstance(app.screen, QuitScreen), "escape to stay")
+                await pilot.press("f10")
+                await until(pilot, lambda: isinstance(app.screen, QuitScreen), "the question a third time")
+                await pilot.press("tab", "enter")  # Quit
+                await until(pilot, lambda: not app.is_running, "quitting")
+                seen["held"] = not task.done()  # quitting the console decides nothing
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        return seen
+
+    seen = asyncio.run(scenario())
+    assert seen["q"][0] and seen["q"][1] is not QuitScreen
+    assert seen["focus"] == "stay" and seen["stayed"] and seen["held"]
+
+
+# -- recently decided, and one pending count ---------------------------------------------------
+
+
+def pending_shown(app: BotwardenApp) -> tuple[str, str, str]:
+    """The pending count as the header, the Approvals tab and the status bar show it."""
+    bar = text_of(app, "#status-bar")
+    label = str(app.query_one("#tabs").get_tab("approvals").label)
+    return (app.sub_title.rsplit("· ", 1)[-1].split()[0], label.split("(")[1].rstrip(")"),
+            bar.split("pending ", 1)[1].split()[0])
+
+
+def test_recently_decided_and_one_pending_count(tmp_path: Path) -> None:
+    async def scenario() -> dict[str, Any]:
+        seen: dict[str, Any] = {"counts": []}
+        async with served(tmp_path) as env:
+            app = make_app(env.socket)
+            async with app.run_test(size=(160, 45)) as pilot:
+                await until(pilot, lambda: app.watch_live and app.daemon_status is not None, "the console")
+                tasks = [env.hold(f"DELETE FROM orders WHERE id = {i}", f"DELETE orders {i}") for i in (1, 2, 3)]
+                await until(pilot, lambda: len(app.book) == 3, "three held requests")
+                seen["counts"].append(pending_shown(app))
+                ids = [a["approval_id"] for a in app.book.items()]
+                await pilot.press("f7", *"nightly batch", "enter", "backspace", "backspace", "5", "enter", "enter")
+                await asyncio.wait_for(tasks[0], 15)
+                await until(pilot, lambda: len(app.book) == 2, "two left")
+                seen["counts"].append(pending_shown(app))
+                await pilot.press("f8", *"not during the freeze", "enter", "enter")
+                await asyncio.wait_for(tasks[1], 15)
+                await until(pilot, lambda: len(app.book) == 1, "one left")
+                seen["counts"].append(pending_shown(app))
+                tasks[2].cancel("the bot hung up")
+                with contextlib.suppress(asyncio.CancelledError):
+                    await tasks[2]
+                await until(pilot, lambda: len(app.recent) == 3, "three decided")
+                seen["counts"].append(pending_shown(app))
+                seen["recent"] = table_rows(app, "#recent-table")
+                seen["ids"] = ids
+        return seen
+
+    seen = asyncio.run(scenario())
+    assert seen["counts"] == [("3", "3", "3"), ("2", "2", "2"), ("1", "1", "1"), ("0", "0", "0")]
+    me = getpass.getuser()
+    rows = {r[1]: r for r in seen["recent"]}
+    first, second, third = (rows[i] for i in seen["ids"])
+    assert [r[1] for r in seen["recent"]] == [seen["ids"][2], seen["ids"][1], seen["ids"][0]]  # newest first
+    assert first[2:5] == ["approved", me, "5 min"] and first[7] == "nightly batch"
+    assert second[2:5] == ["denied", me, ""] and second[7] == f"denied by {me}: not during the freeze"
+    assert third[2:4] == ["abandoned", "—"] and "hung up" in third[7]
+    for row in (first, second, third):
+        assert len(row[0]) == 8 and row[0][2] == ":"  # HH:MM:SS
+        assert row[5:7] == ["ci-bot", "pg-prod"]
+
+
+# -- never hangs -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cpu_hog():
+    """Two busy processes: this machine's two cores are taken, as on a loaded bastion."""
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        yield
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+
+
+async def run_command(pilot: Pilot, name: str) -> None:
+    """ctrl+p, the command's name and Enter, as an operator types them."""
+    app = pilot.app
+    await burst(pilot, "ctrl+p", *name)
+    assert isinstance(app.screen, CommandPalette)
+
+    def best_match() -> str | None:
+        found = app.screen.query(CommandList)
+        if not found or found.first().highlighted is None:
+            return None
+        option = found.first().get_option_at_index(found.first().highlighted)
+        return str(option.prompt).split("\n")[0]
+
+    await until(pilot, lambda: best_match() == name, f"{name} to be the palette's choice", limit_s=30)
+    # Not pilot.press: it waits for the palette's widgets, which Enter removes.
+    await burst(pilot, "enter")
+    await until(pilot, lambda: not isinstance(app.screen, CommandPalette), f"the palette to run {name}", limit_s=30)
+
+
+def test_palette_commands_work_under_cpu_load(tmp_path: Path, cpu_hog: None) -> None:
+    shots = tmp_path / "shots"
+    shots.mkdir()
+
+    async def scenario() -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        async with served(tmp_path) as env:
+            app = make_app(env.socket, screenshot_dir=str(shots))
+            async with app.run_test(size=(140, 40)) as pilot:
+                await until(pilot, lambda: app.watch_live, "the approvals stream", limit_s=30)
+                seen["offered"] = sorted(c.title for c in app.get_system_commands(app.screen))
+                for tab in ("Sessions", "Audit", "Replay", "Approvals"):
+                    await run_command(pilot, f"{tab} tab")
+                    await until(pilot, lambda: app.query_one("#tabs").active == tab.lower(), tab, limit_s=30)
+                    seen[tab] = (app.query_one("#tabs").active, app.focused.id if app.focused else None)
+                await run_command(pilot, "Refresh")
+                await run_command(pilot, "Keys")
+                await until(pilot, lambda: bool(app.screen.query(HelpPanel)), "the keys panel", limit_s=30)
+                await run_command(pilot, "Keys")
+                await until(pilot, lambda: not app.screen.query(HelpPanel), "the keys panel to hide", limit_s=30)
+                await run_command(pilot, "Screenshot")
+                await until(pilot, lambda: any(shots.glob("*.svg")), "the screenshot", limit_s=30)
+                await until(pilot, lambda: any("screenshot saved to" in n for n in app.notices), "its notice",
+                            limit_s=30)
+                task = env.hold()
+                await until(pilot, lambda: len(app.book) == 1, "the held request", limit_s=30)
+                await run_command(pilot, "Quit")
+                await until(pilot, lambda: isinstance(app.screen, QuitScreen), "the quit question", limit_s=30)
+                await pilot.press("escape")
+                # Still answering keys after all of it.
+                await pilot.press("f2")
+                seen["after"] = app.query_one("#tabs").active
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                await until(pilot, lambda: len(app.book) == 0, "the withdrawn request", limit_s=30)
+                await run_command(pilot, "Quit")  # nothing pending: quits
+                await until(pilot, lambda: not app.is_running, "quitting", limit_s=30)
+        return seen
+
+    seen = asyncio.run(scenario())
+    assert seen["offered"] == ["Approvals tab", "Audit tab", "Keys", "Quit", "Refresh", "Replay tab",
+                               "Screenshot", "Sessions tab"]
+    assert seen["Sessions"] == ("sessions", "sessions-table") and seen["Audit"] == ("audit", "sql")
+    assert seen["Replay"] == ("replay", "replay-session") and seen["Approvals"] == ("approvals", "approvals-table")
+    assert seen["after"] == "sessions"
+    (svg,) = shots.glob("*.svg")
+    text = svg.read_text()
+    assert text.startswith("<svg") and "Approvals" in text
+
+
+class TricklingDaemon:
+    """A real Unix socket whose peer answers one byte at a time, forever: each read succeeds
+    well within the socket timeout, so only the console's own deadline ends the call."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.bind(str(path))
+        self.sock.listen(16)
+        self.stop = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while not self.stop.is_set():
+            conn, _ = self.sock.accept()
+            threading.Thread(target=self._trickle, args=(conn,), daemon=True).start()
+
+    def _trickle(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                conn.sendall(b"HTTP/1.1 200 OK\r\n")
+                while not self.stop.wait(0.1):
+                    conn.sendall(b"X")  # a header line that never ends
+            except OSError:
+                pass
+
+
+def test_an_unanswered_call_is_reported_and_keys_still_work(tmp_path: Path) -> None:
+    trickle = TricklingDaemon(tmp_path / "control.sock")
+
+    async def scenario() -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        app = make_app(str(trickle.path), call_timeout_s=0.5)
+        async with app.run_test(size=(140, 40)) as pilot:
+            await until(pilot, lambda: "no answer from the daemon within 0.5 s" in text_of(app, "#status-bar"),
+                        "the missing answer")
+            await pilot.press("f2")
+            seen["tab"] = app.query_one("#tabs").active
+            await until(pilot, lambda: "no answer" in text_of(app, "#sessions-msg"), "the sessions call too")
+            await pilot.press("f10")
+            await until(pilot, lambda: not app.is_running, "quitting")
+        return seen
+
+    try:
+        seen = asyncio.run(scenario())
+    finally:
+        trickle.stop.set()
+    assert seen["tab"] == "sessions"

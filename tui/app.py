@@ -40,6 +40,7 @@ from textual import on
 from textual.actions import SkipAction
 from textual.app import ComposeResult, SystemCommand
 from textual.binding import Binding
+from textual.command import CommandPalette
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.screen import Screen
@@ -642,10 +643,7 @@ class BotwardenApp(OrderedKeys):
             if decision is not None:
                 self.send_decision(decision)
 
-        # Awaited: the dialog is mounted and its reason field focused before the next key is
-        # handled, so whatever the operator types next lands there.
-        await self.push_screen(DecisionScreen(approval, mode), decided)
-        self.screen.set_focus(self.screen.query_one("#reason"))
+        await self._open(DecisionScreen(approval, mode), decided, "#reason")
 
     def action_enter(self) -> None:
         focused = self._main.focused
@@ -690,12 +688,26 @@ class BotwardenApp(OrderedKeys):
             if quit_now:
                 self.exit()
 
-        await self.push_screen(QuitScreen(pending), answered)
-        self.screen.set_focus(self.screen.query_one("#stay"))
+        await self._open(QuitScreen(pending), answered, "#stay")
+
+    async def _open(self, screen: Screen[Any], callback: Callable[[Any], None] | None, focus: str) -> None:
+        """Push ``screen`` and return once it is composed with ``focus`` focused.
+
+        Called from key actions: the key gate (tui.keys) handles the next key only after this
+        returns, so whatever the operator typed after the key that opened the screen lands in
+        its field instead of being lost while the screen was still being built.
+        """
+        self.push_screen(screen, callback)
+        await screen._mounted_event.wait()  # set once compose and on_mount have run
+        if screen.is_current:
+            screen.set_focus(screen.query_one(focus))
 
     async def action_command_palette(self) -> None:
         self._global_key()
-        await super().action_command_palette()
+        if not self.use_command_palette or CommandPalette.is_open(self):
+            return
+        # Like the dialogs: what is typed after ctrl+p is the search.
+        await self._open(CommandPalette(id="--command-palette"), None, "CommandInput")
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         """The palette offers what the keys do, plus a screenshot; nothing else (no theme
