@@ -37,7 +37,8 @@ from appliance.approvals import ApprovalBroker, HoldOutcome
 from appliance.control import ControlClient, ControlError, ControlServer
 from tui.app import BotwardenApp
 from tui.dialogs import DecisionScreen, QuitScreen
-from tui.model import ApprovalBook, Decision, parse_window_minutes, status_line, time_left
+from tui.model import (ApprovalBook, Decision, RecentDecisions, parse_window_minutes, status_line, time_left,
+                       window_text)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -203,6 +204,24 @@ def test_book_follows_the_watch_stream() -> None:
     assert len(book) == 0
     book.replace([a, {"no": "id"}, "junk"])  # type: ignore[list-item]
     assert [x["approval_id"] for x in book.items()] == ["a1"]
+
+
+def test_recent_decisions_keep_the_newest_final_events() -> None:
+    recent = RecentDecisions(keep=2)
+    a = {"approval_id": "a1", "identity": "ci-bot", "target": "pg", "request": "DELETE  FROM t", "approvals": []}
+    assert not recent.apply({"event": "requested", "approval": a})
+    assert not recent.apply({"event": "approved_partial", "approval": a})
+    assert recent.apply({"event": "denied", "approval": a, "reason": "denied by ann: no", "operator": "ann",
+                         "window_s": None, "decided": T0.isoformat()})
+    b = {**a, "approval_id": "b2", "approvals": ["bob"]}
+    assert recent.apply({"event": "approved", "approval": b, "reason": "ok"}, now=T0)  # no operator field
+    assert recent.apply({"event": "expired", "approval": {**a, "approval_id": "c3"}, "reason": "timed out",
+                         "operator": None, "decided": "garbage"}, now=T0)
+    assert [d.approval_id for d in recent.items()] == ["c3", "b2"]  # newest first, two kept
+    expired, approved = recent.items()
+    assert (expired.outcome, expired.operator, expired.when) == ("expired", None, T0)
+    assert (approved.operator, approved.request, approved.window_s) == ("bob", "DELETE FROM t", None)
+    assert window_text(300) == "5 min" and window_text(None) == "" and window_text(90) == "90 s"
 
 
 def test_decision_body_and_validation() -> None:
