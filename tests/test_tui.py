@@ -563,6 +563,10 @@ def test_a_dialog_owns_the_keyboard(tmp_path: Path) -> None:
                     # Every global key, the palette and quit: none of them acts while the dialog is open.
                     await pilot.press("f1", "f2", "f3", "f4", "f5", "f6", "f7", "f8", "f10", "ctrl+q",
                                       "ctrl+p", "ctrl+o", *"q1")
+                    # A pasted line break is not Enter: the paste's first line lands in the field.
+                    before = app._input_seq
+                    app.post_message(events.Paste(" pasted\nsecond line\n"))
+                    await until(pilot, lambda: app._input_seq > before and not app._input_busy, "the paste")
                     seen[f"{mode}_after_keys"] = (type(app.screen), app.screen.mode, app.is_running,
                                                   app.query_one("#tabs").active,
                                                   app.screen.query_one("#reason", Input).value)
@@ -578,7 +582,7 @@ def test_a_dialog_owns_the_keyboard(tmp_path: Path) -> None:
     seen = asyncio.run(scenario())
     for mode in ("approve", "window", "deny"):
         assert seen[mode] == (mode, "reason")
-        assert seen[f"{mode}_after_keys"] == (DecisionScreen, mode, True, "approvals", "q1")
+        assert seen[f"{mode}_after_keys"] == (DecisionScreen, mode, True, "approvals", "q1 pasted")
     assert not seen["decided"]
 
 
