@@ -222,6 +222,19 @@ def test_recent_decisions_keep_the_newest_final_events() -> None:
     assert (expired.outcome, expired.operator, expired.when) == ("expired", None, T0)
     assert (approved.operator, approved.request, approved.window_s) == ("bob", "DELETE FROM t", None)
     assert window_text(300) == "5 min" and window_text(None) == "" and window_text(90) == "90 s"
+    # Rows from the audit store fill in what happened before; the stream's word on an id wins.
+    recent = RecentDecisions(keep=3)
+    recent.apply({"event": "denied", "approval": a, "reason": "denied by ann: no", "recorded_reason": "no",
+                  "operator": "ann", "decided": (T0 + timedelta(minutes=5)).isoformat()})
+    recent.add_history([
+        {"approval_id": "a1", "event": "denied", "operator": "ann", "reason": "old", "ts": T0.isoformat()},
+        {"approval_id": "z9", "event": "approved", "operator": "bob", "reason": "ticket 7", "window_s": 900,
+         "ts": (T0 + timedelta(minutes=1)).isoformat(), "identity": "ci-bot", "target": "pg", "request": None},
+        {"approval_id": "y8", "event": "requested", "ts": T0.isoformat()},
+        {"approval_id": "x7", "event": "expired", "ts": "not a time"},
+    ])
+    assert [(d.approval_id, d.reason, d.window_s) for d in recent.items()] == [("a1", "no", None),
+                                                                             ("z9", "ticket 7", 900)]
 
 
 def test_decision_body_and_validation() -> None:
@@ -667,7 +680,7 @@ def test_recently_decided_and_one_pending_count(tmp_path: Path) -> None:
     first, second, third = (rows[i] for i in seen["ids"])
     assert [r[1] for r in seen["recent"]] == [seen["ids"][2], seen["ids"][1], seen["ids"][0]]  # newest first
     assert first[2:5] == ["approved", me, "5 min"] and first[7] == "nightly batch"
-    assert second[2:5] == ["denied", me, ""] and second[7] == f"denied by {me}: not during the freeze"
+    assert second[2:5] == ["denied", me, ""] and second[7] == "not during the freeze"
     assert third[2:4] == ["abandoned", "—"] and "hung up" in third[7]
     for row in (first, second, third):
         assert len(row[0]) == 8 and row[0][2] == ":"  # HH:MM:SS
@@ -702,12 +715,18 @@ async def run_command(pilot: Pilot, name: str) -> None:
         option = found.first().get_option_at_index(found.first().highlighted)
         return str(option.prompt).split("\n")[0]
 
-    await until(pilot, lambda: best_match() == name, f"{name} to be the palette's choice", limit_s=30)
+    def settled() -> bool:
+        # The palette searches in a worker and may re-sort while it runs: wait for it to finish.
+        searching = any(w.node is app.screen and not w.is_finished for w in app.workers)
+        return not searching and best_match() == name
+
+    await until(pilot, settled, f"{name} to be the palette's choice", limit_s=30)
     # Not pilot.press: it waits for the palette's widgets, which Enter removes.
     await burst(pilot, "enter")
     await until(pilot, lambda: not isinstance(app.screen, CommandPalette), f"the palette to run {name}", limit_s=30)
 
 
+@pytest.mark.timeout(240)  # a loaded machine, loaded further on purpose
 def test_palette_commands_work_under_cpu_load(tmp_path: Path, cpu_hog: None) -> None:
     shots = tmp_path / "shots"
     shots.mkdir()

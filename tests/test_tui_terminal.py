@@ -172,6 +172,19 @@ def test_typed_bursts_decide_only_what_the_dialog_confirmed(env, tmp_path):
     finally:
         term.close()
 
+    # A console started afterwards shows those decisions too: read from the audit store.
+    term = console(env, tmp_path / "console2.pid")
+    try:
+        screen = term.wait_for(second)
+        lines = [line for line in screen.splitlines() if first in line or second in line or third in line]
+        assert any(first in line and "denied" in line and "root" in line and "no: a d q 1234" in line
+                   for line in lines), screen
+        assert any(second in line and "approved" in line and "ok: checked a+d q=42" in line for line in lines)
+        assert any(third in line and "denied" in line and "cleanup" in line for line in lines)
+        assert "DELETE FROM console_ledger WHERE id = 2" in screen
+    finally:
+        term.close()
+
 
 @pytest.fixture
 def cpu_hog():

@@ -52,7 +52,7 @@ from appliance.control import ControlClient, ControlError, DaemonNotRunning
 from tui.dialogs import DecisionScreen, Mode, QuitScreen
 from tui.keys import OrderedKeys
 from tui.model import ApprovalBook, Decision, RecentDecisions, cell, status_line, time_left, window_text
-from tui.queries import REPLAY_SQL, REPORTS
+from tui.queries import RECENT_DECISIONS_SQL, REPLAY_SQL, REPORTS
 
 log = logging.getLogger(__name__)
 
@@ -395,6 +395,16 @@ class BotwardenApp(OrderedKeys):
         self._fill_result("#replay-table", "#replay-msg", answer, what=f"session {answer.context}",
                           noun="request")
 
+    def _answer_recent(self, answer: Answer) -> None:
+        title = self._main.query_one("#recent-title", Label)
+        if answer.error:
+            title.update(Text(f"Recently decided (last {RECENT_KEEP}; earlier ones unavailable: {answer.error})"))
+            return
+        columns = [str(c) for c in answer.value.get("columns", [])]
+        self.recent.add_history(dict(zip(columns, row)) for row in answer.value.get("rows", []))
+        title.update(Text(f"Recently decided (last {RECENT_KEEP})"))
+        self._render_recent()
+
     def _answer_decision(self, answer: Answer) -> None:
         decision: Decision = answer.context
         if answer.error:
@@ -421,6 +431,9 @@ class BotwardenApp(OrderedKeys):
         if event.get("event") == "hello" and not self.watch_live:
             self.watch_live = True
             self._render_pending()
+            # What was decided before this console (re)connected comes from the audit store.
+            self._request("recent", "POST", "/v1/audit/sql",
+                          {"sql": RECENT_DECISIONS_SQL, "params": [RECENT_KEEP]}, single=True)
         if self.recent.apply(event):
             self._render_recent()
         if self.book.apply(event):
@@ -716,8 +729,9 @@ class BotwardenApp(OrderedKeys):
             yield SystemCommand(f"{tab.title()} tab", f"Show the {tab} tab",
                                 lambda tab=tab: self.action_show_tab(tab))
         yield SystemCommand("Refresh", "Ask the daemon for its status again", self.action_refresh)
+        # The palette runs a command after it has closed, so the console is what gets saved.
         yield SystemCommand("Screenshot", f"Save an SVG of the console in {self.screenshot_dir}",
-                            lambda: self.call_after_refresh(self.save_console_screenshot))
+                            self.save_console_screenshot)
         if screen.query("HelpPanel"):
             yield SystemCommand("Keys", "Hide the keys panel", self.action_hide_help_panel)
         else:

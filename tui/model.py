@@ -101,11 +101,34 @@ class RecentDecisions:
             operator = ",".join(approval.get("approvals") or []) or None
         window = event.get("window_s")
         item = Decided(str(approval["approval_id"]), str(kind), str(operator) if operator else None,
-                       str(event.get("reason") or ""), int(window) if isinstance(window, (int, float)) else None,
+                       str(event.get("recorded_reason") or event.get("reason") or ""),
+                       int(window) if isinstance(window, (int, float)) else None,
                        when, str(approval.get("identity", "")), str(approval.get("target", "")),
                        " ".join(str(approval.get("request", "")).split()))
         self._items = [item, *(i for i in self._items if i.approval_id != item.approval_id)][: self.keep]
         return True
+
+    def add_history(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        """Decisions read from the audit store (``RECENT_DECISIONS_SQL``); what the stream has
+        already said about an approval wins."""
+        known = {i.approval_id for i in self._items}
+        for row in rows:
+            approval_id = str(row.get("approval_id"))
+            if approval_id in known or row.get("event") not in TERMINAL_EVENTS:
+                continue
+            try:
+                when = datetime.fromisoformat(str(row.get("ts")))
+            except ValueError:
+                continue
+            if when.tzinfo is None:
+                when = when.replace(tzinfo=timezone.utc)
+            window = row.get("window_s")
+            self._items.append(Decided(
+                approval_id, str(row["event"]), str(row["operator"]) if row.get("operator") else None,
+                str(row.get("reason") or ""), int(window) if isinstance(window, (int, float)) and window else None,
+                when, cell(row.get("identity")), cell(row.get("target")), " ".join(cell(row.get("request")).split())))
+            known.add(approval_id)
+        self._items = sorted(self._items, key=lambda i: i.when, reverse=True)[: self.keep]
 
     def items(self) -> list[Decided]:
         return list(self._items)
