@@ -298,7 +298,12 @@ class ApprovalBroker:
                     identity=item.identity, target=item.target, rule=item.rule,
                     operator=operator.name if operator else None, operator_uid=operator.uid if operator else None,
                     reason=reason or outcome.reason, waited_ms=waited, window_s=item.window_s)
-        self._publish({"event": event, "approval": item.public(), "reason": outcome.reason})
+        # Watchers (the TUI's "recently decided" list) see who decided, when, any window, and
+        # the reason as the audit row records it (the operator's own words, when given).
+        self._publish({"event": event, "approval": item.public(), "reason": outcome.reason,
+                       "recorded_reason": reason or outcome.reason, "operator": outcome.decided_by,
+                       "window_s": item.window_s if outcome.approved else None,
+                       "decided": datetime.now(timezone.utc).isoformat()})
         if not item.future.done():
             item.future.set_result(outcome)
         self.pending.pop(item.approval_id, None)

@@ -321,9 +321,12 @@ class ControlClient:
     def post(self, path: str, body: Any = None, **kw: Any) -> Any:
         return self.call("POST", path, body, **kw)
 
-    def stream(self, path: str) -> Iterator[Any]:
-        """Yield the JSON objects of an NDJSON stream until the daemon closes it."""
-        conn = _UnixHTTPConnection(self.path, None)
+    def stream(self, path: str, timeout: float | None = None) -> Iterator[Any]:
+        """Yield the JSON objects of an NDJSON stream until the daemon closes it.
+
+        ``timeout``: longest wait for the next line (None: no limit); a socket.timeout
+        (an OSError) ends the stream."""
+        conn = _UnixHTTPConnection(self.path, timeout)
         try:
             conn.request("GET", path)
             resp = conn.getresponse()

@@ -1,10 +1,19 @@
 """The operator console: a Textual app that talks to the daemon only through the control API.
 
-Layout: four tabs (Approvals, Sessions, Audit, Replay) above a status bar and the key
-footer. Every control API call is blocking (:class:`appliance.control.ControlClient`), so
-each one runs in a thread worker and posts an :class:`Answer` message back; the UI thread
-never waits on the socket. Pending approvals are kept live from the daemon's NDJSON watch
-stream, read on a background thread that reconnects while the daemon is away.
+Layout: four tabs (Approvals with its "recently decided" list, Sessions, Audit, Replay)
+above a status bar and the key footer. Every control API call is blocking
+(:class:`appliance.control.ControlClient`), so each one runs on a worker thread with a
+timeout and posts an :class:`Answer` message back; the UI thread never waits on the socket,
+and a call that outlives its deadline is reported as unanswered. Pending approvals are kept
+live from the daemon's NDJSON watch stream, read on a background thread that reconnects
+while the daemon is away; that stream is the one source of the pending count shown in the
+header, the Approvals tab and the status bar.
+
+Keys (README, "The operator console"): global actions are F-keys (priority bindings that
+are skipped while a dialog, the quit question or the command palette is open), so nothing
+an operator types into a field can trigger them; keys are handled strictly in arrival
+order (:mod:`tui.keys`); focus and screen changes made by keys happen synchronously.
+SIGTERM, SIGINT and SIGHUP end the console within a second (:func:`run_tui`).
 
 Errors from the daemon are shown (status bar, notifications, a message line per tab) and
 never end the app; when the daemon is not running the console says so and keeps retrying.
@@ -13,34 +22,51 @@ never end the app; when the daemon is not running the console says so and keeps 
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import sys
 import threading
+import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from types import FrameType
 from typing import Any, ClassVar
 
 from rich.text import Text
 from textual import on
-from textual.app import App, ComposeResult
+from textual.actions import SkipAction
+from textual.app import ComposeResult, SystemCommand
 from textual.binding import Binding
+from textual.command import CommandPalette
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
-from textual.screen import ModalScreen, Screen
+from textual.screen import Screen
 from textual.widget import Widget
-from textual.widgets import DataTable, Footer, Header, Input, Select, Static, TabbedContent, TabPane
+from textual.widgets import DataTable, Footer, Header, Input, Label, Select, Static, TabbedContent, TabPane
 from textual.widgets.data_table import CellDoesNotExist, RowDoesNotExist
 
 from appliance.control import ControlClient, ControlError, DaemonNotRunning
-from tui.dialogs import DecisionScreen, Mode
-from tui.model import ApprovalBook, Decision, cell, status_line, time_left
-from tui.queries import REPLAY_SQL, REPORTS
+from tui.dialogs import DecisionScreen, Mode, QuitScreen
+from tui.keys import OrderedKeys
+from tui.model import ApprovalBook, Decision, RecentDecisions, cell, status_line, time_left, window_text
+from tui.queries import RECENT_DECISIONS_SQL, REPLAY_SQL, REPORTS
 
 log = logging.getLogger(__name__)
 
 WATCH_PATH = "/v1/approvals/watch"
 TABS = ("approvals", "sessions", "audit", "replay")
+TAB_FOCUS = {"approvals": "#approvals-table", "sessions": "#sessions-table", "audit": "#sql",
+             "replay": "#replay-session"}
 MAX_TABLE_ROWS = 2000  # a SELECT without LIMIT must not freeze the terminal
 REQUEST_PREVIEW = 80
+RECENT_KEEP = 10
+# The stream sends a keepalive every 15 s; three missed ones mean the socket is dead.
+WATCH_READ_TIMEOUT_S = 45.0
+# After SIGTERM / SIGINT / SIGHUP, the console is gone within this long even if its loop is stuck.
+SIGNAL_EXIT_S = 0.8
 
 
 @dataclass
@@ -53,6 +79,19 @@ class Answer(Message):
     not_running: bool = False
     context: Any = None
     seq: int = 0
+    call_id: int = 0
+
+
+@dataclass
+class Call:
+    """One control API call that is out: what for, and until when its answer is awaited."""
+
+    purpose: str
+    method: str
+    path: str
+    deadline: float
+    context: Any
+    seq: int
 
 
 @dataclass
@@ -70,43 +109,49 @@ class WatchDown(Message):
     not_running: bool = False
 
 
-class BotwardenApp(App[int]):
+class BotwardenApp(OrderedKeys):
     """The botwarden operator console."""
 
     CSS_PATH = "app.tcss"
     TITLE = "botwarden"
 
+    # Every global key is an F-key (or a ctrl chord) and a priority binding: it cannot be
+    # typed into a field, acts the same on every tab, and is skipped while any dialog is open.
     BINDINGS: ClassVar = [
-        Binding("a", "approve", "Approve"),
-        Binding("w", "approve_window", "Approve for…"),
-        Binding("d", "deny", "Deny"),
-        Binding("r", "refresh", "Refresh"),
-        Binding("q", "quit", "Quit"),
-        # Tab moves between the four tabs; inside the dialog it still moves focus.
-        Binding("tab", "next_tab", "Next tab", priority=True, show=False),
-        Binding("shift+tab", "previous_tab", "Previous tab", priority=True, show=False),
-        Binding("1", "show_tab('approvals')", "Approvals", show=False),
-        Binding("2", "show_tab('sessions')", "Sessions", show=False),
-        Binding("3", "show_tab('audit')", "Audit", show=False),
-        Binding("4", "show_tab('replay')", "Replay", show=False),
-        Binding("ctrl+o", "focus_reports", "Reports", show=False),
+        Binding("f1", "show_tab('approvals')", "Approvals", priority=True),
+        Binding("f2", "show_tab('sessions')", "Sessions", priority=True),
+        Binding("f3", "show_tab('audit')", "Audit", priority=True),
+        Binding("f4", "show_tab('replay')", "Replay", priority=True),
+        Binding("f5", "refresh", "Refresh", priority=True),
+        Binding("f6", "approve", "Approve", priority=True),
+        Binding("f7", "approve_window", "Approve for…", priority=True),
+        Binding("f8", "deny", "Deny", priority=True),
+        Binding("f10", "quit", "Quit", priority=True),
+        Binding("ctrl+q", "quit", "Quit", priority=True, show=False),
+        Binding("ctrl+o", "focus_reports", "Reports", priority=True, show=False),
+        # Enter on a session replays it; done here so the focus moves before the next key.
+        Binding("enter", "enter", show=False, priority=True),
     ]
 
     def __init__(self, socket_path: str, *, status_every_s: float = 3.0, retry_s: float = 2.0,
-                 call_timeout_s: float = 10.0):
+                 call_timeout_s: float = 10.0, screenshot_dir: str | None = None):
         super().__init__()
         self.socket_path = socket_path
+        self.call_timeout_s = call_timeout_s
         self.client = ControlClient(socket_path, timeout=call_timeout_s)
         self.status_every_s = status_every_s
         self.retry_s = retry_s
+        self.screenshot_dir = Path(screenshot_dir or os.getcwd())
         self.book = ApprovalBook()
+        self.recent = RecentDecisions(RECENT_KEEP)
         self.daemon_up: bool | None = None  # None until the first answer
         self.daemon_status: dict[str, Any] | None = None
         self.daemon_error: str | None = None
         self.watch_live = False
         self._stop_watch = threading.Event()
         self._watch_thread: threading.Thread | None = None
-        self._busy: set[str] = set()
+        self._calls: dict[int, Call] = {}
+        self._call_ids = 0
         self._seq: dict[str, int] = {}
         # Notifications fade after a few seconds; the recent ones stay readable here.
         self.notices: deque[str] = deque(maxlen=50)
@@ -121,6 +166,8 @@ class BotwardenApp(App[int]):
             with TabPane("Approvals", id="approvals"):
                 yield DataTable(id="approvals-table", cursor_type="row", zebra_stripes=True)
                 yield Static(Text("No pending approvals."), id="approval-detail")
+                yield Label(f"Recently decided (last {RECENT_KEEP})", id="recent-title")
+                yield DataTable(id="recent-table", cursor_type="row", zebra_stripes=True)
             with TabPane("Sessions", id="sessions"):
                 yield DataTable(id="sessions-table", cursor_type="row", zebra_stripes=True)
                 yield Static(Text("Enter on a session replays it."), id="sessions-msg", classes="msg")
@@ -129,7 +176,7 @@ class BotwardenApp(App[int]):
                     yield Input(placeholder="SELECT … FROM requests LIMIT 100   (Enter runs)", id="sql")
                     yield Select([(label, name) for name, label in REPORTS], prompt="Canned report",
                                  id="report")
-                yield Static(Text("Type a read-only query, or pick a canned report (ctrl+o)."),
+                yield Static(Text("Type a read-only query, or pick a canned report (Tab or ctrl+o)."),
                              id="audit-msg", classes="msg")
                 yield DataTable(id="audit-table", zebra_stripes=True)
             with TabPane("Replay", id="replay"):
@@ -155,16 +202,20 @@ class BotwardenApp(App[int]):
         self.sub_title = self.socket_path
         self._tabs = self._main.query_one("#tabs", TabbedContent)
         self._widgets = [self._tabs, *self._main.query("DataTable, Input, Select, Static.msg, #status-bar, "
-                                                        "#approval-detail")]
+                                                        "#approval-detail, #recent-title")]
         table = self._main.query_one("#approvals-table", DataTable)
         for label, key in (("id", "id"), ("identity", "identity"), ("target", "target"), ("rule", "rule"),
                            ("request", "request"), ("left", "left"), ("ok", "ok")):
             table.add_column(label, key=key)
+        recent = self._main.query_one("#recent-table", DataTable)
+        for label in ("time", "id", "outcome", "by", "window", "identity", "target", "reason", "request"):
+            recent.add_column(label, key=label)
         sessions = self._main.query_one("#sessions-table", DataTable)
         for key in ("session_id", "identity", "target", "subject", "pid", "uid", "exe", "client",
                     "started", "ended", "state"):
             sessions.add_column(key, key=key)
-        table.focus()
+        self._main.set_focus(table)
+        self._render_pending()
         self.refresh_status()
         self.set_interval(self.status_every_s, self.refresh_status)
         self.set_interval(1.0, self._tick)
@@ -177,15 +228,24 @@ class BotwardenApp(App[int]):
 
     def _request(self, purpose: str, method: str, path: str, body: Any = None, *, context: Any = None,
                  single: bool = False) -> None:
-        """Make one control API call in a thread worker; the answer comes back as :class:`Answer`.
+        """Make one control API call on a worker thread; the answer comes back as :class:`Answer`.
 
-        ``single``: skip if a call for the same purpose is still out (periodic polls must not
-        pile up behind a slow daemon).
+        The socket has ``call_timeout_s`` per operation; on top of that, an answer that has not
+        arrived a little after it is reported as missing by :meth:`_expire_calls` (a daemon that
+        trickles bytes must not keep a view "running …" forever). ``single``: skip if a call for
+        the same purpose is still out (periodic polls must not pile up behind a slow daemon).
+
+        A plain daemon thread, not a Textual thread worker: those run in the loop's default
+        executor, which is joined at exit, so a call stuck on a dead daemon would hold up
+        quitting (and a signal) for its whole timeout.
         """
-        if single and purpose in self._busy:
+        if single and any(c.purpose == purpose for c in self._calls.values()):
             return
-        self._busy.add(purpose)
         seq = self._seq[purpose] = self._seq.get(purpose, 0) + 1
+        self._call_ids += 1
+        call_id = self._call_ids
+        self._calls[call_id] = Call(purpose, method, path, time.monotonic() + self.call_timeout_s + 2.0,
+                                    context, seq)
 
         def work() -> None:
             try:
@@ -197,9 +257,21 @@ class BotwardenApp(App[int]):
             except Exception as e:  # whatever breaks in a call is shown, never fatal to the console
                 log.debug("control call %s %s failed", method, path, exc_info=True)
                 answer = Answer(purpose, error=f"{type(e).__name__}: {e}", context=context, seq=seq)
+            answer.call_id = call_id
             self._post(answer)
 
-        self.run_worker(work, thread=True, group=purpose, name=f"{method} {path}", exit_on_error=False)
+        threading.Thread(target=work, name=f"botwarden-call {method} {path}", daemon=True).start()
+
+    def _expire_calls(self) -> None:
+        """Calls past their deadline are answered here with an error; a late answer is dropped."""
+        now = time.monotonic()
+        for call_id, call in list(self._calls.items()):
+            if call.deadline <= now:
+                why = f"no answer from the daemon within {self.call_timeout_s:g} s ({call.method} {call.path})"
+                if call.purpose == "decision":
+                    why += "; it may still have been applied: see Recently decided"
+                self.on_answer(Answer(call.purpose, error=why, context=call.context, seq=call.seq,
+                                      call_id=call_id))
 
     def _post(self, message: Message) -> None:
         try:
@@ -218,7 +290,7 @@ class BotwardenApp(App[int]):
         while not self._stop_watch.is_set():
             not_running = False
             try:
-                for event in self.client.stream(WATCH_PATH):
+                for event in self.client.stream(WATCH_PATH, timeout=WATCH_READ_TIMEOUT_S):
                     if self._stop_watch.is_set():
                         return
                     if isinstance(event, dict):
@@ -241,9 +313,6 @@ class BotwardenApp(App[int]):
         self._request("status", "GET", "/v1/status", single=True)
         if self._active_tab() == "sessions":
             self.refresh_sessions()
-
-    def refresh_approvals(self) -> None:
-        self._request("approvals", "GET", "/v1/approvals", single=True)
 
     def refresh_sessions(self) -> None:
         self._request("sessions", "GET", "/v1/sessions?all=1", single=True)
@@ -274,7 +343,8 @@ class BotwardenApp(App[int]):
     # -- answers ----------------------------------------------------------------------------
 
     def on_answer(self, answer: Answer) -> None:
-        self._busy.discard(answer.purpose)
+        if self._calls.pop(answer.call_id, None) is None:
+            return  # already reported as unanswered
         if not self._ui_ready():
             return
         if answer.purpose != "decision" and answer.seq != self._seq.get(answer.purpose):
@@ -303,13 +373,6 @@ class BotwardenApp(App[int]):
             self.notify("botwarden daemon is back", severity="information")
         self._render_status()
 
-    def _answer_approvals(self, answer: Answer) -> None:
-        if answer.error:
-            self.notify(answer.error, title="approvals", severity="error", markup=False)
-            return
-        self.book.replace(answer.value.get("approvals", []))
-        self._render_approvals()
-
     def _answer_sessions(self, answer: Answer) -> None:
         if answer.error:
             self._set_msg("#sessions-msg", answer.error, error=True)
@@ -332,6 +395,16 @@ class BotwardenApp(App[int]):
         self._fill_result("#replay-table", "#replay-msg", answer, what=f"session {answer.context}",
                           noun="request")
 
+    def _answer_recent(self, answer: Answer) -> None:
+        title = self._main.query_one("#recent-title", Label)
+        if answer.error:
+            title.update(Text(f"Recently decided (last {RECENT_KEEP}; earlier ones unavailable: {answer.error})"))
+            return
+        columns = [str(c) for c in answer.value.get("columns", [])]
+        self.recent.add_history(dict(zip(columns, row)) for row in answer.value.get("rows", []))
+        title.update(Text(f"Recently decided (last {RECENT_KEEP})"))
+        self._render_recent()
+
     def _answer_decision(self, answer: Answer) -> None:
         decision: Decision = answer.context
         if answer.error:
@@ -348,7 +421,8 @@ class BotwardenApp(App[int]):
             else:
                 text = f"{decision.approval_id} {state}"
             self.notify(text, title="decision", markup=False)
-        self.refresh_approvals()
+        # What is pending (and what was decided) comes from the approvals stream only: a list
+        # fetched here could be older than the stream's events and bring a decided request back.
 
     def on_watch_event(self, message: WatchEvent) -> None:
         if not self._ui_ready():
@@ -356,7 +430,12 @@ class BotwardenApp(App[int]):
         event = message.event
         if event.get("event") == "hello" and not self.watch_live:
             self.watch_live = True
-            self._render_status()
+            self._render_pending()
+            # What was decided before this console (re)connected comes from the audit store.
+            self._request("recent", "POST", "/v1/audit/sql",
+                          {"sql": RECENT_DECISIONS_SQL, "params": [RECENT_KEEP]}, single=True)
+        if self.recent.apply(event):
+            self._render_recent()
         if self.book.apply(event):
             self._render_approvals()
 
@@ -374,7 +453,7 @@ class BotwardenApp(App[int]):
         if len(self.book):
             self.book.replace([])
             self._render_approvals()
-        self._render_status()
+        self._render_pending()
 
     def _daemon_down(self, why: str) -> None:
         if self.daemon_up is not False:
@@ -394,7 +473,7 @@ class BotwardenApp(App[int]):
             bar.set_class(bool(self.daemon_error), "down")
         else:
             stream = "live" if self.watch_live else "reconnecting"
-            text = f"{status_line(self.daemon_status)} · approvals stream {stream}"
+            text = f"{status_line(self.daemon_status, self.pending_count)} · approvals stream {stream}"
             if self.daemon_error:
                 text += f" · last error: {self.daemon_error}"
             bar.set_class(False, "down")
@@ -414,7 +493,30 @@ class BotwardenApp(App[int]):
                           key=a["approval_id"])
         self._restore_cursor(table, keep)
         self._render_detail()
-        self.sub_title = f"{self.socket_path} · {len(self.book)} pending"
+        self._render_pending()
+
+    @property
+    def pending_count(self) -> int | None:
+        """The one pending count the console shows; None while the approvals stream is down."""
+        return len(self.book) if self.watch_live else None
+
+    def _render_pending(self) -> None:
+        """Header, Approvals tab and status bar: the same number, updated together."""
+        n = self.pending_count
+        shown = "?" if n is None else str(n)
+        self.sub_title = f"{self.socket_path} · {shown} pending"
+        if self._tabs is not None:
+            self._tabs.get_tab("approvals").label = f"Approvals ({shown})"
+        self._render_status()
+
+    def _render_recent(self) -> None:
+        table = self._main.query_one("#recent-table", DataTable)
+        table.clear()
+        for d in self.recent.items():
+            request = d.request if len(d.request) <= REQUEST_PREVIEW else d.request[: REQUEST_PREVIEW - 1] + "…"
+            table.add_row(Text(d.when.astimezone().strftime("%H:%M:%S")), Text(d.approval_id), Text(d.outcome),
+                          Text(d.operator or "—"), Text(window_text(d.window_s)), Text(d.identity),
+                          Text(d.target), Text(d.reason), Text(request), key=d.approval_id)
 
     def _render_detail(self) -> None:
         detail = self._main.query_one("#approval-detail", Static)
@@ -430,6 +532,7 @@ class BotwardenApp(App[int]):
     def _tick(self) -> None:
         if not self._ui_ready():
             return
+        self._expire_calls()
         table = self._main.query_one("#approvals-table", DataTable)
         for a in self.book.items():
             try:
@@ -491,7 +594,9 @@ class BotwardenApp(App[int]):
 
     @on(DataTable.RowSelected, "#sessions-table")
     def _session_selected(self, event: DataTable.RowSelected) -> None:
-        session_id = str(event.row_key.value)
+        self._replay_session(str(event.row_key.value))  # a mouse click; Enter is action_enter
+
+    def _replay_session(self, session_id: str) -> None:
         self._main.query_one("#replay-session", Input).value = session_id
         self.action_show_tab("replay")
         self.replay(session_id)
@@ -512,46 +617,59 @@ class BotwardenApp(App[int]):
 
     @on(TabbedContent.TabActivated)
     def _tab_activated(self, event: TabbedContent.TabActivated) -> None:
-        pane = event.pane.id
-        if pane == "sessions":
+        pane = event.pane
+        if pane.id == "sessions":
             self.refresh_sessions()
-        focus = {"approvals": "#approvals-table", "sessions": "#sessions-table", "audit": "#sql",
-                 "replay": "#replay-session"}.get(pane or "")
-        if focus:
-            self._main.query_one(focus).focus()
+        # A tab chosen with the mouse leaves focus on the tab bar: move it into the pane. A key
+        # (F1-F4) has already done so synchronously, and whatever was typed since must stay put.
+        focused = self._main.focused
+        if pane.id in TAB_FOCUS and (focused is None or pane not in focused.ancestors):
+            self._main.set_focus(self._main.query_one(TAB_FOCUS[pane.id]))
 
     # -- actions ----------------------------------------------------------------------------
 
-    def action_approve(self) -> None:
-        self._decide("approve")
+    def _global_key(self) -> None:
+        """Global keys act on the console only; in a dialog (or the palette) they do nothing."""
+        if self.screen is not self._main:
+            raise SkipAction()
 
-    def action_approve_window(self) -> None:
-        self._decide("window")
+    async def action_approve(self) -> None:
+        self._global_key()
+        await self._decide("approve")
 
-    def action_deny(self) -> None:
-        self._decide("deny")
+    async def action_approve_window(self) -> None:
+        self._global_key()
+        await self._decide("window")
 
-    def _decide(self, mode: Mode) -> None:
-        if isinstance(self.screen, ModalScreen):
-            return  # one decision at a time
-        if self._active_tab() != "approvals":
-            self.action_show_tab("approvals")
-            self.notify("Choose a request in Approvals, then decide.", markup=False)
-            return
+    async def action_deny(self) -> None:
+        self._global_key()
+        await self._decide("deny")
+
+    async def _decide(self, mode: Mode) -> None:
         approval = self.selected_approval()
         if approval is None:
             self.notify("No pending approval is selected.", severity="warning", markup=False)
             return
+        self.action_show_tab("approvals")  # the dialog names the request; the queue is behind it
 
         def decided(decision: Decision | None) -> None:
             if decision is not None:
                 self.send_decision(decision)
 
-        self.push_screen(DecisionScreen(approval, mode), decided)
+        await self._open(DecisionScreen(approval, mode), decided, "#reason")
+
+    def action_enter(self) -> None:
+        focused = self._main.focused
+        if self.screen is not self._main or focused is None or focused.id != "sessions-table":
+            raise SkipAction()
+        table = self._main.query_one("#sessions-table", DataTable)
+        session_id = self._selected_key(table)
+        if session_id is not None:
+            self._replay_session(str(session_id))
 
     def action_refresh(self) -> None:
+        self._global_key()
         self.refresh_status()
-        self.refresh_approvals()
         tab = self._active_tab()
         if tab == "sessions":
             self.refresh_sessions()
@@ -561,27 +679,77 @@ class BotwardenApp(App[int]):
                 self.replay(value)
 
     def action_show_tab(self, tab: str) -> None:
+        self._global_key()
         self._main.query_one("#tabs", TabbedContent).active = tab
-
-    def action_next_tab(self) -> None:
-        self._step_tab(+1)
-
-    def action_previous_tab(self) -> None:
-        self._step_tab(-1)
-
-    def _step_tab(self, step: int) -> None:
-        if isinstance(self.screen, ModalScreen):
-            # In the dialog, tab keeps its usual meaning.
-            (self.screen.focus_next if step > 0 else self.screen.focus_previous)()
-            return
-        current = self._active_tab()
-        index = TABS.index(current) if current in TABS else 0
-        self.action_show_tab(TABS[(index + step) % len(TABS)])
+        self._main.set_focus(self._main.query_one(TAB_FOCUS[tab]))
 
     def action_focus_reports(self) -> None:
         self.action_show_tab("audit")
-        self._main.query_one("#report", Select).focus()
+        self._main.set_focus(self._main.query_one("#report", Select))
 
+    async def action_quit(self) -> None:
+        self._global_key()
+        await self._ask_quit()
+
+    async def _ask_quit(self) -> None:
+        pending = len(self.book)
+        if not pending:
+            self.exit()
+            return
+
+        def answered(quit_now: bool | None) -> None:
+            if quit_now:
+                self.exit()
+
+        await self._open(QuitScreen(pending), answered, "#stay")
+
+    async def _open(self, screen: Screen[Any], callback: Callable[[Any], None] | None, focus: str) -> None:
+        """Push ``screen`` and return once it is composed with ``focus`` focused.
+
+        Called from key actions: the key gate (tui.keys) handles the next key only after this
+        returns, so whatever the operator typed after the key that opened the screen lands in
+        its field instead of being lost while the screen was still being built.
+        """
+        self.push_screen(screen, callback)
+        await screen._mounted_event.wait()  # set once compose and on_mount have run
+        if screen.is_current:
+            screen.set_focus(screen.query_one(focus))
+
+    async def action_command_palette(self) -> None:
+        self._global_key()
+        if not self.use_command_palette or CommandPalette.is_open(self):
+            return
+        # Like the dialogs: what is typed after ctrl+p is the search.
+        await self._open(CommandPalette(id="--command-palette"), None, "CommandInput")
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        """The palette offers what the keys do, plus a screenshot; nothing else (no theme
+        switching or maximizing in an incident console)."""
+        for tab in TABS:
+            yield SystemCommand(f"{tab.title()} tab", f"Show the {tab} tab",
+                                lambda tab=tab: self.action_show_tab(tab))
+        yield SystemCommand("Refresh", "Ask the daemon for its status again", self.action_refresh)
+        # The palette runs a command after it has closed, so the console is what gets saved.
+        yield SystemCommand("Screenshot", f"Save an SVG of the console in {self.screenshot_dir}",
+                            self.save_console_screenshot)
+        if screen.query("HelpPanel"):
+            yield SystemCommand("Keys", "Hide the keys panel", self.action_hide_help_panel)
+        else:
+            yield SystemCommand("Keys", "Show the keys of the focused widget", self.action_show_help_panel)
+        yield SystemCommand("Quit", "Quit the console (asks first while requests are pending)",
+                            self._ask_quit)
+
+    def save_console_screenshot(self) -> Path | None:
+        """Write the console as SVG into ``screenshot_dir`` and say where (or why not)."""
+        stamp = datetime.now().strftime("%Y%m%dT%H%M%S")
+        path = self.screenshot_dir / f"botwarden-console-{stamp}-{os.getpid()}-{time.monotonic_ns() % 10**6}.svg"
+        try:
+            path.write_text(self.export_screenshot(), encoding="utf-8")
+        except OSError as e:
+            self.notify(f"screenshot not saved: {e}", severity="error", markup=False)
+            return None
+        self.notify(f"screenshot saved to {path}", markup=False)
+        return path
 
     def notify(self, message: str, *, title: str = "", severity: Any = "information",
                timeout: float | None = None, markup: bool = True) -> None:
@@ -590,7 +758,55 @@ class BotwardenApp(App[int]):
 
 
 def run_tui(socket_path: str) -> int:
-    """Entry point of ``botwarden tui``."""
+    """Entry point of ``botwarden tui``.
+
+    SIGTERM, SIGINT and SIGHUP ask the app to exit (which restores the terminal); if its loop
+    has not finished within :data:`SIGNAL_EXIT_S`, a watchdog thread restores the terminal
+    itself and ends the process. Either way the exit status is 128 + the signal.
+    """
     app = BotwardenApp(socket_path)
+    tty = sys.__stdin__.fileno() if sys.__stdin__ is not None and sys.__stdin__.isatty() else None
+    saved = _terminal_attrs(tty)
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        code = 128 + signum
+        threading.Thread(target=_exit_after, args=(SIGNAL_EXIT_S, code, tty, saved), daemon=True,
+                         name="botwarden-signal-exit").start()
+        loop = app._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(app.exit, None, code)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, on_signal)
     app.run()
     return app.return_code or 0
+
+
+def _terminal_attrs(fd: int | None) -> list[Any] | None:
+    if fd is None:
+        return None
+    import termios
+
+    try:
+        return termios.tcgetattr(fd)
+    except termios.error:
+        return None
+
+
+# Leave the alternate screen, show the cursor, stop mouse reporting and bracketed paste,
+# pop the kitty keyboard mode: what Textual's driver undoes when it stops normally.
+_TERMINAL_RESET = "\x1b[<u\x1b[?1000l\x1b[?1003l\x1b[?1015l\x1b[?1006l\x1b[?2004l\x1b[?1049l\x1b[?25h"
+
+
+def _exit_after(delay_s: float, code: int, tty: int | None, saved: list[Any] | None) -> None:
+    """The last resort after a signal: the app did not finish in time (its loop is stuck)."""
+    time.sleep(delay_s)
+    if tty is not None and saved is not None:
+        import termios
+
+        try:
+            os.write(sys.__stdout__.fileno(), _TERMINAL_RESET.encode())
+            termios.tcsetattr(tty, termios.TCSANOW, saved)
+        except (OSError, termios.error):
+            pass
+    os._exit(code)

@@ -63,6 +63,88 @@ class ApprovalBook:
 
 
 @dataclass(frozen=True)
+class Decided:
+    """One held request that left the queue: how, by whom, why, and when."""
+
+    approval_id: str
+    outcome: str  # the final event: approved, denied, expired, abandoned, cancelled_restart
+    operator: str | None
+    reason: str
+    window_s: int | None
+    when: datetime
+    identity: str
+    target: str
+    request: str
+
+
+class RecentDecisions:
+    """The last ``keep`` final events of the approvals stream, newest first."""
+
+    def __init__(self, keep: int = 10) -> None:
+        self.keep = keep
+        self._items: list[Decided] = []
+
+    def apply(self, event: Mapping[str, Any], now: datetime | None = None) -> bool:
+        """Record one stream event; True when it was a final one."""
+        kind = event.get("event")
+        approval = event.get("approval")
+        if kind not in TERMINAL_EVENTS or not isinstance(approval, Mapping) or "approval_id" not in approval:
+            return False
+        when = now or datetime.now(timezone.utc)
+        if isinstance(event.get("decided"), str):
+            try:
+                when = datetime.fromisoformat(event["decided"])
+            except ValueError:
+                pass
+        operator = event.get("operator")
+        if operator is None and kind == "approved":  # a daemon older than the operator field
+            operator = ",".join(approval.get("approvals") or []) or None
+        window = event.get("window_s")
+        item = Decided(str(approval["approval_id"]), str(kind), str(operator) if operator else None,
+                       str(event.get("recorded_reason") or event.get("reason") or ""),
+                       int(window) if isinstance(window, (int, float)) else None,
+                       when, str(approval.get("identity", "")), str(approval.get("target", "")),
+                       " ".join(str(approval.get("request", "")).split()))
+        self._items = [item, *(i for i in self._items if i.approval_id != item.approval_id)][: self.keep]
+        return True
+
+    def add_history(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        """Decisions read from the audit store (``RECENT_DECISIONS_SQL``); what the stream has
+        already said about an approval wins."""
+        known = {i.approval_id for i in self._items}
+        for row in rows:
+            approval_id = str(row.get("approval_id"))
+            if approval_id in known or row.get("event") not in TERMINAL_EVENTS:
+                continue
+            try:
+                when = datetime.fromisoformat(str(row.get("ts")))
+            except ValueError:
+                continue
+            if when.tzinfo is None:
+                when = when.replace(tzinfo=timezone.utc)
+            window = row.get("window_s")
+            self._items.append(Decided(
+                approval_id, str(row["event"]), str(row["operator"]) if row.get("operator") else None,
+                str(row.get("reason") or ""), int(window) if isinstance(window, (int, float)) and window else None,
+                when, cell(row.get("identity")), cell(row.get("target")), " ".join(cell(row.get("request")).split())))
+            known.add(approval_id)
+        self._items = sorted(self._items, key=lambda i: i.when, reverse=True)[: self.keep]
+
+    def items(self) -> list[Decided]:
+        return list(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def window_text(window_s: int | None) -> str:
+    if not window_s:
+        return ""
+    minutes, secs = divmod(window_s, 60)
+    return f"{minutes} min" if not secs else f"{window_s} s"
+
+
+@dataclass(frozen=True)
 class Decision:
     """What the operator chose in the decision dialog."""
 
@@ -126,8 +208,12 @@ def time_left(expires: str | None, now: datetime | None = None) -> str:
     return f"{secs}s"
 
 
-def status_line(status: Mapping[str, Any]) -> str:
-    """One line for the status bar from ``GET /v1/status``."""
+def status_line(status: Mapping[str, Any], pending: int | None) -> str:
+    """One line for the status bar from ``GET /v1/status``.
+
+    ``pending`` is the console's own count (the approvals stream, live); the daemon's
+    ``approvals_pending`` is a poll that lags, so it is not shown. None: unknown (no stream).
+    """
     targets = status.get("targets") or []
     names = ", ".join(f"{t.get('name')} ({t.get('protocol')} {t.get('listen')})" for t in targets) or "none"
     audit = status.get("audit") or {}
@@ -137,7 +223,7 @@ def status_line(status: Mapping[str, Any]) -> str:
         f"targets: {names}",
         f"audit {health}",
         f"sessions {status.get('sessions_active', 0)}",
-        f"pending {status.get('approvals_pending', 0)}",
+        f"pending {'?' if pending is None else pending}",
     ]
     if status.get("last_reload_error"):
         parts.append(f"last reload refused: {status['last_reload_error']}")

@@ -26,6 +26,7 @@ APT_PACKAGES=(
     nftables iproute2                            # TPROXY/REDIRECT fallback, network namespaces in tests
     python3-bpfcc bpfcc-tools bpftool linux-headers-amd64   # eBPF probes (bcc)
     python3-venv openssl ca-certificates procps util-linux
+    tmux                                         # the console's tests in a real terminal
 )
 
 install_apt() {
