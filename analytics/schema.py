@@ -102,7 +102,8 @@ KINDS: dict[str, Kind] = {
         )),
         Kind("session_end", "session_ends", (
             _f("session_id", required=True), _f("ts", "ts", True), _f("bytes_in", "int"),
-            _f("bytes_out", "int"), _f("outcome", choices=("ok", "refused", "error", "terminated")),
+            _f("bytes_out", "int"),
+            _f("outcome", choices=("ok", "refused", "error", "terminated", "crashed", "revoke_failed")),
             _f("error"),
         )),
         Kind("request", "requests", (
@@ -116,7 +117,7 @@ KINDS: dict[str, Kind] = {
             _f("approval_id", required=True), _f("ts", "ts", True),
             _f("event", required=True, choices=(
                 "requested", "notified", "approved", "denied", "expired", "abandoned",
-                "cancelled_restart", "approved_partial", "notify_failed")),
+                "cancelled_restart", "approved_partial", "notify_failed", "decision_refused")),
             _f("request_id"), _f("session_id"), _f("identity"), _f("target"), _f("rule"),
             _f("operator"), _f("operator_uid", "int"), _f("reason"), _f("waited_ms", "float"),
             _f("window_s", "int"),

@@ -46,6 +46,18 @@ def open_audit_store(cfg: Config):
     return store
 
 
+def watched_cgroups(cfg: Config) -> tuple[str, ...]:
+    """Every cgroup whose processes are bots: the bots' parent cgroup and any cgroup an identity
+    names outside it (as /proc/<pid>/cgroup shows them)."""
+    from appliance.identity.attestation import normalize_cgroup, required_cgroup
+
+    found = [normalize_cgroup(cfg.probes.bots_cgroup)]
+    for ident in cfg.identities:
+        if ident.process is not None and ident.process.cgroup:
+            found.append(required_cgroup(ident.process.cgroup, cfg.probes.bots_cgroup))
+    return tuple(dict.fromkeys(p for p in found if p != "/"))
+
+
 @dataclass
 class LiveSession:
     grant: SessionGrant
@@ -101,7 +113,8 @@ class Runtime:
         self.secrets: Any = None
         self._owns_secrets = True
         self.approvals = ApprovalBroker(timeout_s=cfg.approvals.timeout_s, required=cfg.approvals.approvers_required,
-                                        audit=self.audit, webhook_url=cfg.approvals.webhook_url)
+                                        audit=self.audit, webhook_url=cfg.approvals.webhook_url,
+                                        bots_cgroups=watched_cgroups(cfg))
         # Shared across generations so `sessions` sees every open session.
         self.live: dict[str, LiveSession] = {}
         self._refused_events = 0
@@ -228,7 +241,8 @@ class Runtime:
         try:
             auth = await self.identity.authenticate(tcfg, token, ctx.attribution)
         except IdentityRefused as e:
-            raise AuthRefused(e.sqlstate, f"botwarden refused the connection: {e.message}") from None
+            raise AuthRefused(e.sqlstate, f"botwarden refused the connection: {e.message}",
+                              audit_fields=e.audit_fields) from None
         ident = auth.identity
         if tcfg.credential is None:
             raise AuthRefused("28000", f"botwarden: target {target!r} has no credential source configured")

@@ -842,7 +842,7 @@ class Session:
             grant = await self.services.open_session(self.settings.target, ctx, user, token)
         except AuthRefused as e:
             self.session_id = _new_id()
-            self._session_start(ctx, None)
+            self._session_start(ctx, None, getattr(e, "audit_fields", None))
             raise FrontError(e.sqlstate, e.message) from None
         finally:
             token = None  # the token is not kept past this point
@@ -854,7 +854,8 @@ class Session:
         self._session_start(ctx, grant)
         await self._connect_upstream(grant, startup)
 
-    def _session_start(self, ctx: ConnectionContext, grant: SessionGrant | None) -> None:
+    def _session_start(self, ctx: ConnectionContext, grant: SessionGrant | None,
+                       refused_fields: Any = None) -> None:
         rec: dict[str, Any] = {
             "session_id": self.session_id, "ts": _now(), "target": self.settings.target, "protocol": PROTOCOL,
             "client_addr": _addr(ctx.client_addr),
@@ -870,6 +871,8 @@ class Session:
             rec.update(identity=grant.identity, token_subject=grant.subject,
                        credential_user=grant.credential.username, lease_id=grant.credential.lease_id)
             rec.update(grant.audit_fields)
+        elif refused_fields:
+            rec.update(refused_fields)
         self._audit("session_start", rec)
 
     async def _connect_upstream(self, grant: SessionGrant, startup: m.StartupMessage) -> None:
