@@ -90,6 +90,16 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  sessions: {st['sessions_active']} active; approvals pending: {st.get('approvals_pending', 0)}")
     if "probes" in st:
         print(f"  probes: {st['probes']}")
+    pending = st.get("revocations_pending") or []
+    if pending:
+        print(f"  credential revocations pending: {len(pending)} (Vault could not revoke them yet; retried)")
+        for p in pending:
+            print(f"    lease {p['lease_id']} session {p['session_id'] or '-'}: {p['attempts']} attempt(s) "
+                  f"since {p['since']}, last error: {p['last_error']}")
+    adm = st.get("admission")
+    if adm:
+        print(f"  unauthenticated connections: {adm['unauthenticated']} open; refused {adm['refused']}, "
+              f"timed out {adm['timed_out']} since start")
     if st.get("last_reload_error"):
         print(f"  last reload refused: {st['last_reload_error']}")
     return EXIT_OK

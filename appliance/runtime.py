@@ -159,7 +159,8 @@ class Runtime:
             self._owns_secrets = False
         else:
             # Without [vault] the broker serves only static credentials (password files).
-            self.secrets = SecretsBroker(cfg.vault)  # type: ignore[arg-type]
+            self.secrets = SecretsBroker(cfg.vault, ledger=getattr(self.daemon, "leases", None),  # type: ignore[arg-type]
+                                         on_revoked_late=self._revoked_late)
             self._owns_secrets = True
 
     async def started(self) -> None:
@@ -172,6 +173,52 @@ class Runtime:
             await asyncio.to_thread(self.approvals.record_orphans, store.query)
         except Exception:  # the sweep failing must not keep the daemon from serving
             log.exception("could not check the audit store for approvals left undecided by the last stop")
+        self.daemon.spawn(self._sweep_unclean_stop(), "sweep-unclean-stop")
+
+    async def _sweep_unclean_stop(self) -> None:
+        """After kill -9, a crash or a power loss: revoke the credential leases the last run left
+        behind (the lease ledger, plus the leases of sessions the audit store shows as still open)
+        and close those sessions' rows (outcome ``crashed``)."""
+        store = self.daemon.audit
+        started = self.daemon.state.started_at
+        try:
+            _, rows = await asyncio.to_thread(
+                store.query, "SELECT session_id, lease_id FROM sessions WHERE outcome = 'open' AND started_at < ? "
+                             "ORDER BY started_at", [started])
+        except Exception:
+            log.exception("could not look for sessions the last stop left open")
+            rows = []
+        open_sessions = [(sid, lease) for sid, lease in rows if sid not in self.live]
+        session_of = {lease: sid for sid, lease in open_sessions if lease}
+        # The ledger as the daemon found it at start: leases of sessions this run opens are not in it.
+        orphans = dict.fromkeys([*getattr(self.daemon, "leases_at_start", ()), *session_of])
+        results: dict[str, str | None] = {}
+        if orphans and self.config.vault is not None:
+            results = await self.secrets.revoke_orphans(list(orphans), session_of)
+            log.warning("%d credential lease(s) left by the last run: %d revoked, %d pending", len(orphans),
+                        sum(1 for r in results.values() if r is None), sum(1 for r in results.values() if r))
+        for sid, lease in open_sessions:
+            error = ("botwarden stopped without ending this session (killed, crashed or power loss); "
+                     "closed at the next start")
+            if lease and lease in results:
+                why = results[lease]
+                error += ("; its credential lease was revoked then" if why is None else
+                          f"; revoking its credential lease failed ({why}), botwarden retries")
+            self.audit("session_end", {"session_id": sid, "ts": datetime.now(timezone.utc), "outcome": "crashed",
+                                       "error": error})
+        if open_sessions:
+            log.warning("%d session(s) the last run left open closed as crashed", len(open_sessions))
+
+    def _revoked_late(self, pending: Any) -> None:
+        """A lease Vault could not revoke at session end (or at the sweep) is revoked at last: the
+        session's row says so (its outcome stays ``revoke_failed``)."""
+        if pending.session_id is None:
+            return
+        late = (datetime.now(timezone.utc) - pending.since).total_seconds()
+        self.audit("session_end", {
+            "session_id": pending.session_id, "ts": datetime.now(timezone.utc), "outcome": "revoke_failed",
+            "error": f"the credential lease was not revoked at session end ({pending.first_error}); "
+                     f"revoked {late:.0f}s later, at attempt {pending.attempts}"})
 
     async def stopping(self, reason: str = "botwarden is shutting down (restart or stop)") -> None:
         """Before the fronts drain: deny every held request, so each bot still connected is
@@ -294,9 +341,17 @@ class Runtime:
             live.watcher.cancel()
         if live.broker is not None and live.credential_handle is not None:
             try:
-                await live.broker.release(live.credential_handle)
+                why = await live.broker.release(live.credential_handle)
             except BotwardenError as e:
-                log.error("session %s: could not revoke its credential lease: %s", grant.session_id, e)
+                why = str(e)
+            if why is not None:
+                # The front wrote the session's end already; this row corrects its outcome: a
+                # database user outlives the session until a retry revokes it (`status` lists it).
+                log.error("session %s: could not revoke its credential lease: %s", grant.session_id, why)
+                self.audit("session_end", {
+                    "session_id": grant.session_id, "ts": datetime.now(timezone.utc), "outcome": "revoke_failed",
+                    "error": f"the credential lease {live.credential_handle.lease_id} was not revoked at session "
+                             f"end ({why}); botwarden retries with back-off"})
 
     def decide_sql(self, grant: SessionGrant, target: str, sql: str, phase: str, *,
                    probe: bool = False) -> Verdict:
@@ -368,4 +423,9 @@ class Runtime:
         return [s.public() for s in items]
 
     def status(self) -> dict[str, Any]:
-        return {"sessions_active": len(self.live), "approvals_pending": len(self.approvals.pending)}
+        brokers = {id(s.broker): s.broker for s in self.live.values() if s.broker is not None}
+        if self.secrets is not None:
+            brokers[id(self.secrets)] = self.secrets
+        pending = [p for b in brokers.values() for p in b.pending_revocations()]
+        return {"sessions_active": len(self.live), "approvals_pending": len(self.approvals.pending),
+                "revocations_pending": pending}
