@@ -462,3 +462,30 @@ def test_a_refused_connection_gets_postgresqls_too_many_connections_error(env):
                           "-c", script], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("E") and "C53300" in res.stdout and "too many connections" in res.stdout, res.stdout
+
+
+# -- 26.6: output to a reader that went away ------------------------------------------------------
+
+
+@pytest.mark.parametrize("args", [["status"], ["sessions", "--all"], ["audit", "sql", "SELECT * FROM chain"]])
+def test_cli_output_into_a_closed_pipe_ends_quietly(env, args):
+    """`botwarden status | head -1`: the reader is gone before the output is flushed. A pipe whose
+    read end is already closed makes that certain (every write gets EPIPE)."""
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        res = subprocess.run([sys.executable, "-m", "appliance.cli", "--config", str(env.config), *args], cwd=ROOT,
+                             stdout=w, stderr=subprocess.PIPE, text=True, timeout=60,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+    finally:
+        os.close(w)
+    assert "Traceback" not in res.stderr and "BrokenPipeError" not in res.stderr, res.stderr
+    assert res.stderr == "" and res.returncode == 141
+
+
+def test_cli_status_piped_into_head(env):
+    res = subprocess.run(f"{sys.executable} -m appliance.cli --config {env.config} status | head -1", shell=True,
+                         cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert res.stdout.startswith("botwarden daemon running") and res.stdout.count("\n") == 1
+    assert res.stderr == "", res.stderr
