@@ -155,3 +155,24 @@ def test_kill_9_orphan_lease_is_revoked_and_session_closed_at_restart(env):
                      20, "the session closed as crashed")
     assert "stopped without ending this session" in row["error"] and "lease was revoked then" in row["error"]
     assert row["ended_at"] is not None
+
+
+def test_lease_ledger_is_atomic_private_and_survives_a_bad_file(tmp_path, caplog):
+    from appliance.secrets import LeaseLedger
+
+    old = os.umask(0)  # the file is 0600 whatever umask the daemon runs with
+    try:
+        ledger_ = LeaseLedger.in_state_dir(tmp_path / "state")
+        ledger_.add("database/creds/r/abc")
+        ledger_.add("database/creds/r/def")
+        ledger_.remove("database/creds/r/abc")
+    finally:
+        os.umask(old)
+    path = tmp_path / "state" / "leases.json"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert json.loads(path.read_text()) == {"leases": ["database/creds/r/def"]}
+    assert [p.name for p in path.parent.iterdir()] == ["leases.json"]  # no temporary file left
+    assert LeaseLedger(path).ids() == ["database/creds/r/def"]  # what a restart reads
+    path.write_text("{not json")
+    assert LeaseLedger(path).ids() == []  # a damaged file does not keep the daemon from starting ...
+    assert "lease ledger" in caplog.text and "not valid" in caplog.text  # ... and it says so
