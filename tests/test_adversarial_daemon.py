@@ -262,6 +262,7 @@ def test_the_session_process_tree_may_not_decide(tmp_path):
         finally:
             in_bots.kill()
             in_bots.wait()
+            cgroups.remove(f"{BOTS}/tree-check")
     finally:
         os.kill(child, signal.SIGKILL)
         for p in (parent, unrelated):
@@ -400,9 +401,16 @@ def test_flood_of_idle_connections_is_capped_and_bots_keep_working(env):
     daemon_pid = env.daemon.client().get("/v1/status")["pid"]
     base_fds, base_rss = _fds(daemon_pid), _rss_kib(daemon_pid)
     flood_s, per_flooder = 14.0, 150
-    flooders = [subprocess.Popen(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--",
-                                  SYSTEM_PYTHON, "-c", FLOOD, str(env.port), str(per_flooder), str(flood_s)],
-                                 stdout=subprocess.PIPE, text=True) for uid in FLOODERS]
+    def flood(uid: int) -> subprocess.Popen:
+        return subprocess.Popen(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--",
+                                 SYSTEM_PYTHON, "-c", FLOOD, str(env.port), str(per_flooder), str(flood_s)],
+                                stdout=subprocess.PIPE, text=True)
+
+    # The first user fills its own cap; the second then meets the total (each cap in turn).
+    flooders = [flood(FLOODERS[0])]
+    wait_until(lambda: env.daemon.client().get("/v1/status")["admission"]["unauthenticated"] >= PER_UID, 20,
+               "the first user at its cap")
+    flooders.append(flood(FLOODERS[1]))
     samples: list[tuple[int, int]] = []
     stop = threading.Event()
 
