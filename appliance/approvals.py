@@ -104,8 +104,7 @@ def caller_is_part_of_the_bot(item_process: Mapping[str, Any], caller_pid: int |
     whose process cannot be inspected is refused (fail closed)."""
     attested_uid = item_process.get("uid")
     if check_uid and attested_uid is not None and caller_uid == attested_uid:
-        return (f"the caller's uid {caller_uid} is the uid of the process whose request is held "
-                "(a bot may not approve its own request)")
+        return f"the caller's uid {caller_uid} is the uid of the process whose request is held"
     if caller_pid is None:  # an in-process caller (no control socket): nothing more to look at
         return None
     if caller_pid <= 0:  # SO_PEERCRED says 0 for a peer in a pid namespace it cannot map

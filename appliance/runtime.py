@@ -119,6 +119,7 @@ class Runtime:
         self.live: dict[str, LiveSession] = {}
         self._refused_events = 0
         self._refused_logged_at = -1e9
+        self._crashed: set[str] = set()  # sessions the last run left open, closed as crashed at this start
         self.recent: list[LiveSession] = []
 
     @classmethod
@@ -206,6 +207,7 @@ class Runtime:
                           f"; revoking its credential lease failed ({why}), botwarden retries")
             self.audit("session_end", {"session_id": sid, "ts": datetime.now(timezone.utc), "outcome": "crashed",
                                        "error": error})
+            self._crashed.add(sid)
         if open_sessions:
             log.warning("%d session(s) the last run left open closed as crashed", len(open_sessions))
 
@@ -215,9 +217,12 @@ class Runtime:
         if pending.session_id is None:
             return
         late = (datetime.now(timezone.utc) - pending.since).total_seconds()
+        crashed = pending.session_id in self._crashed
         self.audit("session_end", {
-            "session_id": pending.session_id, "ts": datetime.now(timezone.utc), "outcome": "revoke_failed",
-            "error": f"the credential lease was not revoked at session end ({pending.first_error}); "
+            "session_id": pending.session_id, "ts": datetime.now(timezone.utc),
+            "outcome": "crashed" if crashed else "revoke_failed",
+            "error": ("botwarden stopped without ending this session; " if crashed else "") +
+                     f"the credential lease was not revoked when the session ended ({pending.first_error}); "
                      f"revoked {late:.0f}s later, at attempt {pending.attempts}"})
 
     async def stopping(self, reason: str = "botwarden is shutting down (restart or stop)") -> None:
