@@ -102,7 +102,8 @@ KINDS: dict[str, Kind] = {
         )),
         Kind("session_end", "session_ends", (
             _f("session_id", required=True), _f("ts", "ts", True), _f("bytes_in", "int"),
-            _f("bytes_out", "int"), _f("outcome", choices=("ok", "refused", "error", "terminated")),
+            _f("bytes_out", "int"),
+            _f("outcome", choices=("ok", "refused", "error", "terminated", "crashed", "revoke_failed")),
             _f("error"),
         )),
         Kind("request", "requests", (
@@ -116,14 +117,15 @@ KINDS: dict[str, Kind] = {
             _f("approval_id", required=True), _f("ts", "ts", True),
             _f("event", required=True, choices=(
                 "requested", "notified", "approved", "denied", "expired", "abandoned",
-                "cancelled_restart", "approved_partial", "notify_failed")),
+                "cancelled_restart", "approved_partial", "notify_failed", "decision_refused")),
             _f("request_id"), _f("session_id"), _f("identity"), _f("target"), _f("rule"),
             _f("operator"), _f("operator_uid", "int"), _f("reason"), _f("waited_ms", "float"),
             _f("window_s", "int"),
         )),
         Kind("probe", "probes", (
             _f("ts", "ts", True),
-            _f("event", required=True, choices=("denied_connect", "redirected", "attached", "detached")),
+            _f("event", required=True, choices=("denied_connect", "redirected", "attached", "detached",
+                                                "admission_refused")),
             _f("pid", "int"), _f("uid", "int"), _f("gid", "int"), _f("cgroup_id", "int"),
             _f("cgroup_path"), _f("comm"), _f("exe"), _f("dst_addr"), _f("dst_port", "int"),
             _f("family", choices=("ipv4", "ipv6")), _f("detail"),
@@ -360,7 +362,12 @@ SELECT s.session_id, s.identity, s.token_subject, s.token_kid, s.target, s.proto
        s.chain_seq AS start_seq, e.chain_seq AS end_seq
 FROM session_starts s
 LEFT JOIN (
-    SELECT * FROM session_ends QUALIFY row_number() OVER (PARTITION BY session_id ORDER BY chain_seq DESC) = 1
+    -- The first end row says when the session ended and its bytes; a later one (a credential
+    -- not revoked at the end, a session closed after a crash) amends its outcome and error.
+    SELECT session_id, min(ts) AS ts, arg_max(bytes_in, chain_seq) AS bytes_in,
+           arg_max(bytes_out, chain_seq) AS bytes_out, arg_max_null(outcome, chain_seq) AS outcome,
+           arg_max_null(error, chain_seq) AS error, max(chain_seq) AS chain_seq
+    FROM session_ends GROUP BY session_id
 ) e USING (session_id)""",
     # unnest() of map_keys/map_values in the select list: ~25x faster than a lateral
     # unnest(map_entries(...)) join over millions of rows.

@@ -20,7 +20,7 @@ AUDIT_QUERY_TIMEOUT_S = 60.0
 
 
 def _operator(request: Request) -> Operator:
-    return Operator(request.peer.user, request.peer.uid)
+    return Operator(request.peer.user, request.peer.uid, request.peer.pid)
 
 
 def build_router(daemon: "Daemon") -> Router:

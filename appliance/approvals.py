@@ -47,6 +47,83 @@ class ApprovalError(BotwardenError):
 class Operator:
     name: str
     uid: int
+    pid: int | None = None  # the caller's process (SO_PEERCRED): the self-approval rule looks at it
+
+
+def _proc_cgroup(pid: int) -> str | None:
+    """The cgroup2 path of a process as /proc/<pid>/cgroup names it ("0::/a/b"), or None."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            for line in f:
+                if line.startswith("0::"):
+                    return line[3:].strip()
+    except OSError:
+        return None
+    return None
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # Field 4 after the command, which sits in parentheses and may itself contain ") ".
+    try:
+        return int(stat[stat.rindex(")") + 2:].split()[1])
+    except (ValueError, IndexError):
+        return None
+
+
+def _ancestors(pid: int) -> list[int]:
+    """pid's parent, grandparent, ... up to (excluding) pid 0."""
+    out: list[int] = []
+    seen = {pid}
+    current: int | None = pid
+    while current:
+        current = _ppid(current)
+        if not current or current in seen:
+            break
+        out.append(current)
+        seen.add(current)
+    return out
+
+
+def _under(path: str, parent: str) -> bool:
+    return parent != "/" and (path == parent or path.startswith(parent.rstrip("/") + "/"))
+
+
+def caller_is_part_of_the_bot(item_process: Mapping[str, Any], caller_pid: int | None, caller_uid: int,
+                              bots_cgroups: tuple[str, ...], *, check_uid: bool = True) -> str | None:
+    """Why the process calling the control API counts as the bot whose request is held, or None.
+
+    A bot may not decide its own held request (issue 26.2): the caller is refused when its uid is
+    the held request's attested uid (``check_uid``), when it runs in a watched bots cgroup, or
+    when it belongs to the requesting session's process tree (a descendant of the attested
+    process, or one of its ancestors: the supervisor that started it). Reads /proc; a caller
+    whose process cannot be inspected is refused (fail closed)."""
+    attested_uid = item_process.get("uid")
+    if check_uid and attested_uid is not None and caller_uid == attested_uid:
+        return f"the caller's uid {caller_uid} is the uid of the process whose request is held"
+    if caller_pid is None:  # an in-process caller (no control socket): nothing more to look at
+        return None
+    if caller_pid <= 0:  # SO_PEERCRED says 0 for a peer in a pid namespace it cannot map
+        return "the caller's process cannot be identified (no pid from SO_PEERCRED)"
+    cgroup = _proc_cgroup(caller_pid)
+    if cgroup is None:
+        return f"the caller's process {caller_pid} cannot be inspected (/proc/{caller_pid}/cgroup)"
+    for bots in bots_cgroups:
+        if _under(cgroup, bots):
+            return f"the caller (pid {caller_pid}) runs in the bots cgroup {cgroup}"
+    session_pid = item_process.get("pid")
+    if session_pid:
+        if caller_pid == session_pid or session_pid in _ancestors(caller_pid):
+            return (f"the caller (pid {caller_pid}) belongs to the process tree of the session's process "
+                    f"{session_pid}")
+        if caller_pid in _ancestors(session_pid):
+            return (f"the caller (pid {caller_pid}) started the session's process {session_pid} "
+                    "(it is one of its ancestors)")
+    return None
 
 
 @dataclass
@@ -94,8 +171,10 @@ class Window:
 class ApprovalBroker:
     def __init__(self, *, timeout_s: float, required: int = 1, audit: Callable[[str, Mapping[str, Any]], None],
                  webhook_url: str | None = None, webhook_retries: int = 3, webhook_backoff_s: float = 0.5,
-                 webhook_timeout_s: float = 5.0):
+                 webhook_timeout_s: float = 5.0, bots_cgroups: tuple[str, ...] = ()):
         self.timeout_s = timeout_s
+        # cgroup2 paths ("/botwarden.bots") whose processes are bots: they decide no request.
+        self.bots_cgroups = bots_cgroups
         self.required = max(1, required)
         self._audit = audit
         self.webhook_url = webhook_url
@@ -179,6 +258,7 @@ class ApprovalBroker:
         if operator.uid in item.excluded_uids:
             raise ApprovalError(403, f"operator {operator.name} is mapped to identity {item.identity!r} "
                                      "and may not approve its requests")
+        self._refuse_the_bot(item, operator, "approve")
         if any(o.uid == operator.uid for o in item.approvals):
             raise ApprovalError(409, f"operator {operator.name} has already approved {approval_id}")
         item.approvals.append(operator)
@@ -206,6 +286,9 @@ class ApprovalBroker:
         if not reason.strip():
             raise ApprovalError(400, "a denial needs a reason (the bot is told it)")
         item = self._get(approval_id)
+        # Saying no never runs anything, so an operator who shares the bot's uid may deny; a
+        # process of the bot itself (its cgroup, its process tree) decides nothing.
+        self._refuse_the_bot(item, operator, "deny", check_uid=False)
         outcome = HoldOutcome(False, approval_id, f"denied by {operator.name}: {reason}", operator.name, "denied")
         self._finish(item, "denied", outcome, operator=operator, reason=reason)
         return {"approval_id": approval_id, "state": "denied"}
@@ -282,6 +365,20 @@ class ApprovalBroker:
         if item is None or item.future.done():
             raise ApprovalError(404, f"no pending approval {approval_id!r} (decided, expired or withdrawn)")
         return item
+
+    def _refuse_the_bot(self, item: PendingApproval, operator: Operator, action: str, *,
+                        check_uid: bool = True) -> None:
+        """403 (audited as ``decision_refused``) when the caller is the bot that asked."""
+        why = caller_is_part_of_the_bot(item.process, operator.pid, operator.uid, self.bots_cgroups,
+                                        check_uid=check_uid)
+        if why is None:
+            return
+        message = f"{action} refused: {why}; a bot may not decide its own held request"
+        self._event("decision_refused", item.approval_id, session_id=item.session_id, request_id=item.request_id,
+                    identity=item.identity, target=item.target, rule=item.rule, operator=operator.name,
+                    operator_uid=operator.uid, reason=message)
+        log.warning("approval %s: %s (caller %s, pid %s)", item.approval_id, message, operator.name, operator.pid)
+        raise ApprovalError(403, message)
 
     def _window_for(self, identity: str, target: str, shape: str) -> Window | None:
         now = time.monotonic()

@@ -24,6 +24,7 @@ from appliance.errors import BotwardenError, ConfigError
 DEFAULT_CONFIG = os.environ.get("BOTWARDEN_CONFIG", "/etc/botwarden/botwarden.toml")
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_NO_DAEMON = 0, 1, 2, 3
+EXIT_BROKEN_PIPE = 141  # the reader of our output went away (128 + SIGPIPE, as a shell reports it)
 
 
 class CliError(BotwardenError):
@@ -89,6 +90,16 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  sessions: {st['sessions_active']} active; approvals pending: {st.get('approvals_pending', 0)}")
     if "probes" in st:
         print(f"  probes: {st['probes']}")
+    pending = st.get("revocations_pending") or []
+    if pending:
+        print(f"  credential revocations pending: {len(pending)} (Vault could not revoke them yet; retried)")
+        for p in pending:
+            print(f"    lease {p['lease_id']} session {p['session_id'] or '-'}: {p['attempts']} attempt(s) "
+                  f"since {p['since']}, last error: {p['last_error']}")
+    adm = st.get("admission")
+    if adm:
+        print(f"  unauthenticated connections: {adm['unauthenticated']} open; refused {adm['refused']}, "
+              f"timed out {adm['timed_out']} since start")
     if st.get("last_reload_error"):
         print(f"  last reload refused: {st['last_reload_error']}")
     return EXIT_OK
@@ -413,6 +424,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `botwarden` command. A reader that goes away early (`botwarden status | head -1`)
+    ends the output quietly, as `cat` would: no traceback, exit status 141 (128 + SIGPIPE)."""
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # inside the try: a pipe closed early fails here, not at exit
+        return code
+    except BrokenPipeError:
+        # Python flushes stdout again at exit; point it at /dev/null so that flush cannot fail.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_BROKEN_PIPE
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,

@@ -290,6 +290,21 @@ class ApprovalSettings:
 
 
 @dataclass(frozen=True)
+class LimitSettings:
+    """What a connection may cost the daemon before it proves anything (docs: botwarden.example.toml)."""
+
+    # Connections that have not presented their credentials yet, per peer uid and in all (the
+    # total counts connections the probes did not redirect: a flood cannot lock bots out).
+    unauthenticated_per_uid: int = field(default=64, metadata=check(_at_least_one))
+    unauthenticated_total: int = field(default=1024, metadata=check(_at_least_one))
+    unauthenticated_timeout_s: float = field(default=10.0, metadata=check(_positive))
+    # Used instead once either cap is more than half used, for connections already waiting too.
+    unauthenticated_timeout_under_pressure_s: float = field(default=2.0, metadata=check(_positive))
+    # After login, a message the client started must be complete within this many seconds.
+    message_timeout_s: float = field(default=60.0, metadata=check(_positive))
+
+
+@dataclass(frozen=True)
 class Config:
     appliance: ApplianceSettings = ApplianceSettings()
     audit: AuditSettings = AuditSettings()
@@ -298,6 +313,7 @@ class Config:
     vault: VaultSettings | None = None
     probes: ProbeSettings = ProbeSettings()
     approvals: ApprovalSettings = ApprovalSettings()
+    limits: LimitSettings = LimitSettings()
     targets: tuple[TargetConfig, ...] = ()
     identities: tuple[IdentityConfig, ...] = ()
     policy: PolicyConfig = PolicyConfig()

@@ -109,7 +109,7 @@ class DaemonState:
     last_reload_error: str | None = None
 
 
-def make_front(target: TargetConfig, config: Config, services: Any) -> Any:
+def make_front(target: TargetConfig, config: Config, services: Any, admission: Any = None) -> Any:
     """The protocol front for one target. Each front has ``serve(host, port)``, ``drain(deadline)``
     and a ``services`` attribute the daemon swaps on reload."""
     if target.protocol == "postgres":
@@ -122,8 +122,9 @@ def make_front(target: TargetConfig, config: Config, services: Any) -> Any:
             tls_cert_file=config.tls.cert_file if config.tls else None,
             tls_key_file=config.tls.key_file if config.tls else None,
             allow_plaintext=target.allow_plaintext, require_token=target.authentication != "attestation",
-            max_message_size=target.max_message_size, connect_timeout=target.connect_timeout)
-        return PostgresFront(settings, services)
+            max_message_size=target.max_message_size, connect_timeout=target.connect_timeout,
+            message_timeout=config.limits.message_timeout_s)
+        return PostgresFront(settings, services, admission)
     raise BotwardenError(f"target {target.name!r}: botwarden has no {target.protocol} front yet")
 
 
@@ -139,12 +140,43 @@ class Daemon:
         self.runtime: Any = None
         self.control: ControlServer | None = None
         self.probes: Any = None
+        self.leases: Any = None  # appliance.secrets.LeaseLedger: leases held and not yet revoked, on disk
+        self.leases_at_start: list[str] = []  # what the last run left in it
         self._tasks = TaskSet()
+        from appliance.fronts.admission import Admission
+
+        # One set of caps on unauthenticated connections for every listener, kept across reloads.
+        self.admission = Admission(admission_limits(self.config), classify=self._classify_peer,
+                                   audit=self._audit_event)
 
     # -- helpers -------------------------------------------------------------------------
 
     def spawn(self, coro, name: str) -> asyncio.Task:
         return self._tasks.spawn(coro, name)
+
+    def _audit_event(self, kind: str, record: Any) -> None:
+        if self.runtime is not None:
+            self.runtime.audit(kind, record)
+
+    def _classify_peer(self, sock: Any) -> Any:
+        """Who holds the client end of an accepted connection: a bot the probes redirected (eBPF
+        attribution, a map read), else the uid owning the local client socket (sock_diag)."""
+        import probes
+
+        from appliance.fronts.admission import Peer
+
+        handle = self.probes
+        if handle is not None and handle.path == "ebpf":
+            found = handle.lookup(sock)
+            if found is not None:
+                return Peer(f"uid:{found.uid}", found.uid, True)
+        uid = probes.peer_uid(sock)
+        if uid is not None:
+            return Peer(f"uid:{uid}", uid, False)
+        try:
+            return Peer(f"addr:{sock.getpeername()[0]}", None, False)
+        except OSError:
+            return Peer("unknown", None, False)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -155,6 +187,10 @@ class Daemon:
             from appliance.runtime import Runtime, open_audit_store
 
             self.audit = await asyncio.to_thread(open_audit_store, cfg)
+            from appliance.secrets import LeaseLedger
+
+            self.leases = await asyncio.to_thread(LeaseLedger.in_state_dir, cfg.appliance.state_dir)
+            self.leases_at_start = self.leases.ids()
             self.runtime = await Runtime.create(cfg, self)
             self.audit.set_redaction(self.runtime.engine.detector_settings)
             for target in cfg.targets:
@@ -179,7 +215,7 @@ class Daemon:
 
     async def _start_listener(self, target: TargetConfig, runtime: Any) -> None:
         try:
-            front = make_front(target, self.config, runtime)
+            front = make_front(target, self.config, runtime, self.admission)
         except (ValueError, OSError) as e:  # e.g. TLS files that cannot be read
             raise BotwardenError(f"target {target.name!r}: {e}") from None
         host, port = target.listen_host_port
@@ -333,6 +369,7 @@ class Daemon:
         old_runtime = self.runtime
         # Swap first so new sessions see the new policy at once; then fix the listeners.
         self.runtime, self.config = runtime, new
+        self.admission.limits = admission_limits(new)
         if self.audit is not None:
             self.audit.set_redaction(runtime.engine.detector_settings)
         for name, listener in list(self.listeners.items()):
@@ -409,8 +446,18 @@ class Daemon:
                       "healthy": bool(self.audit is not None and self.audit.healthy),
                       "pid": self.audit.pid if self.audit is not None else None},
             "probes": self._probe_status(),
+            "admission": self.admission.stats(),
             **(self.runtime.status() if self.runtime is not None else {}),
         }
+
+
+def admission_limits(cfg: Config) -> Any:
+    from appliance.fronts.admission import AdmissionLimits
+
+    lim = cfg.limits
+    return AdmissionLimits(per_uid=lim.unauthenticated_per_uid, total=lim.unauthenticated_total,
+                           timeout_s=lim.unauthenticated_timeout_s,
+                           pressure_timeout_s=lim.unauthenticated_timeout_under_pressure_s)
 
 
 def tune_gc() -> None:

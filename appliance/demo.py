@@ -144,11 +144,15 @@ def write_demo_config(path: Path, workdir: Path, pg: PostgresServer, bao, listen
 
 
 class _Approver(threading.Thread):
-    """Plays the operator: approves the first held request it sees (as `botwarden approvals approve`)."""
+    """Plays the operator: approves the first held request it sees with `botwarden approvals approve`.
 
-    def __init__(self, socket_path: str):
+    A process of its own, not this one: the demo process started the bot, and a request is never
+    approved by the process tree of the bot that asked (docs/approvals.md)."""
+
+    def __init__(self, socket_path: str, config: Path):
         super().__init__(daemon=True, name="demo-approver")
         self.client = ControlClient(socket_path)
+        self.config = config
         self.seen: list[dict] = []
         self.stop = threading.Event()
 
@@ -159,12 +163,15 @@ class _Approver(threading.Thread):
             except ControlError:
                 items = []
             for item in items:
+                if any(seen["approval_id"] == item["approval_id"] for seen in self.seen):
+                    continue
                 self.seen.append(item)
                 _say(f"      operator: request {item['approval_id']} held by rule {item['rule']!r}: "
                      f"{item['request']!r} — approving")
-                with contextlib.suppress(ControlError):
-                    self.client.post(f"/v1/approvals/{item['approval_id']}/approve",
-                                     {"reason": "demo: stale orders may go"})
+                res = _cli(self.config, "approvals", "approve", item["approval_id"], "--reason",
+                           "demo: stale orders may go", check=False)
+                if res.returncode != 0:
+                    _say(f"      operator: the approval was refused: {res.stderr.strip()}")
             self.stop.wait(0.3)
 
 
@@ -215,14 +222,18 @@ def run_demo(keep: bool = False, workdir: str | None = None) -> int:
         _step(4, f"the demo bot: `botwarden bot run --name {BOT} -- psql` to {pg.host}:{pg.port}, "
                  "its OIDC token as the password")
         token = bao.mint_token()
-        approver = _Approver(socket_path)
+        approver = _Approver(socket_path, config)
         approver.start()
         env = {**os.environ, "PGPASSWORD": token, "PGSSLMODE": "disable", "PGCONNECT_TIMEOUT": "10"}
         psql_args = [str(PG_BIN / "psql"), "-X", "-h", pg.host, "-p", str(pg.port), "-U", BOT, "-d", "postgres",
                      "-v", "ON_ERROR_STOP=0", "-P", "pager=off"]
         for label, sql in BOT_STATEMENTS:
             psql_args += ["-c", f"\\echo '-- {label}: {sql.replace(chr(39), chr(39) * 2)}'", "-c", sql]
-        res = _cli(config, "bot", "run", "--name", BOT, "--", *psql_args, check=False, env=env, timeout=180)
+        # The bot runs as its own user (nobody), not as root: the demo's operator is root, and a
+        # request is never approved by a caller with the bot's own uid (docs/approvals.md).
+        as_bot_user = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"]
+        res = _cli(config, "bot", "run", "--name", BOT, "--", *as_bot_user, *psql_args, check=False, env=env,
+                   timeout=180)
         approver.stop.set()
         for line in (res.stdout + res.stderr).splitlines():
             _say("      " + line)

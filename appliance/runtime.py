@@ -46,6 +46,18 @@ def open_audit_store(cfg: Config):
     return store
 
 
+def watched_cgroups(cfg: Config) -> tuple[str, ...]:
+    """Every cgroup whose processes are bots: the bots' parent cgroup and any cgroup an identity
+    names outside it (as /proc/<pid>/cgroup shows them)."""
+    from appliance.identity.attestation import normalize_cgroup, required_cgroup
+
+    found = [normalize_cgroup(cfg.probes.bots_cgroup)]
+    for ident in cfg.identities:
+        if ident.process is not None and ident.process.cgroup:
+            found.append(required_cgroup(ident.process.cgroup, cfg.probes.bots_cgroup))
+    return tuple(dict.fromkeys(p for p in found if p != "/"))
+
+
 @dataclass
 class LiveSession:
     grant: SessionGrant
@@ -101,11 +113,13 @@ class Runtime:
         self.secrets: Any = None
         self._owns_secrets = True
         self.approvals = ApprovalBroker(timeout_s=cfg.approvals.timeout_s, required=cfg.approvals.approvers_required,
-                                        audit=self.audit, webhook_url=cfg.approvals.webhook_url)
+                                        audit=self.audit, webhook_url=cfg.approvals.webhook_url,
+                                        bots_cgroups=watched_cgroups(cfg))
         # Shared across generations so `sessions` sees every open session.
         self.live: dict[str, LiveSession] = {}
         self._refused_events = 0
         self._refused_logged_at = -1e9
+        self._crashed: set[str] = set()  # sessions the last run left open, closed as crashed at this start
         self.recent: list[LiveSession] = []
 
     @classmethod
@@ -146,7 +160,8 @@ class Runtime:
             self._owns_secrets = False
         else:
             # Without [vault] the broker serves only static credentials (password files).
-            self.secrets = SecretsBroker(cfg.vault)  # type: ignore[arg-type]
+            self.secrets = SecretsBroker(cfg.vault, ledger=getattr(self.daemon, "leases", None),  # type: ignore[arg-type]
+                                         on_revoked_late=self._revoked_late)
             self._owns_secrets = True
 
     async def started(self) -> None:
@@ -159,6 +174,56 @@ class Runtime:
             await asyncio.to_thread(self.approvals.record_orphans, store.query)
         except Exception:  # the sweep failing must not keep the daemon from serving
             log.exception("could not check the audit store for approvals left undecided by the last stop")
+        self.daemon.spawn(self._sweep_unclean_stop(), "sweep-unclean-stop")
+
+    async def _sweep_unclean_stop(self) -> None:
+        """After kill -9, a crash or a power loss: revoke the credential leases the last run left
+        behind (the lease ledger, plus the leases of sessions the audit store shows as still open)
+        and close those sessions' rows (outcome ``crashed``)."""
+        store = self.daemon.audit
+        started = self.daemon.state.started_at
+        try:
+            _, rows = await asyncio.to_thread(
+                store.query, "SELECT session_id, lease_id FROM sessions WHERE outcome = 'open' AND started_at < ? "
+                             "ORDER BY started_at", [started])
+        except Exception:
+            log.exception("could not look for sessions the last stop left open")
+            rows = []
+        open_sessions = [(sid, lease) for sid, lease in rows if sid not in self.live]
+        session_of = {lease: sid for sid, lease in open_sessions if lease}
+        # The ledger as the daemon found it at start: leases of sessions this run opens are not in it.
+        orphans = dict.fromkeys([*getattr(self.daemon, "leases_at_start", ()), *session_of])
+        results: dict[str, str | None] = {}
+        if orphans and self.config.vault is not None:
+            results = await self.secrets.revoke_orphans(list(orphans), session_of)
+            log.warning("%d credential lease(s) left by the last run: %d revoked, %d pending", len(orphans),
+                        sum(1 for r in results.values() if r is None), sum(1 for r in results.values() if r))
+        for sid, lease in open_sessions:
+            error = ("botwarden stopped without ending this session (killed, crashed or power loss); "
+                     "closed at the next start")
+            if lease and lease in results:
+                why = results[lease]
+                error += ("; its credential lease was revoked then" if why is None else
+                          f"; revoking its credential lease failed ({why}), botwarden retries")
+            self.audit("session_end", {"session_id": sid, "ts": datetime.now(timezone.utc), "outcome": "crashed",
+                                       "error": error})
+            self._crashed.add(sid)
+        if open_sessions:
+            log.warning("%d session(s) the last run left open closed as crashed", len(open_sessions))
+
+    def _revoked_late(self, pending: Any) -> None:
+        """A lease Vault could not revoke at session end (or at the sweep) is revoked at last: the
+        session's row says so (its outcome stays ``revoke_failed``)."""
+        if pending.session_id is None:
+            return
+        late = (datetime.now(timezone.utc) - pending.since).total_seconds()
+        crashed = pending.session_id in self._crashed
+        self.audit("session_end", {
+            "session_id": pending.session_id, "ts": datetime.now(timezone.utc),
+            "outcome": "crashed" if crashed else "revoke_failed",
+            "error": ("botwarden stopped without ending this session; " if crashed else "") +
+                     f"the credential lease was not revoked when the session ended ({pending.first_error}); "
+                     f"revoked {late:.0f}s later, at attempt {pending.attempts}"})
 
     async def stopping(self, reason: str = "botwarden is shutting down (restart or stop)") -> None:
         """Before the fronts drain: deny every held request, so each bot still connected is
@@ -228,7 +293,8 @@ class Runtime:
         try:
             auth = await self.identity.authenticate(tcfg, token, ctx.attribution)
         except IdentityRefused as e:
-            raise AuthRefused(e.sqlstate, f"botwarden refused the connection: {e.message}") from None
+            raise AuthRefused(e.sqlstate, f"botwarden refused the connection: {e.message}",
+                              audit_fields=e.audit_fields) from None
         ident = auth.identity
         if tcfg.credential is None:
             raise AuthRefused("28000", f"botwarden: target {target!r} has no credential source configured")
@@ -280,9 +346,17 @@ class Runtime:
             live.watcher.cancel()
         if live.broker is not None and live.credential_handle is not None:
             try:
-                await live.broker.release(live.credential_handle)
+                why = await live.broker.release(live.credential_handle)
             except BotwardenError as e:
-                log.error("session %s: could not revoke its credential lease: %s", grant.session_id, e)
+                why = str(e)
+            if why is not None:
+                # The front wrote the session's end already; this row corrects its outcome: a
+                # database user outlives the session until a retry revokes it (`status` lists it).
+                log.error("session %s: could not revoke its credential lease: %s", grant.session_id, why)
+                self.audit("session_end", {
+                    "session_id": grant.session_id, "ts": datetime.now(timezone.utc), "outcome": "revoke_failed",
+                    "error": f"the credential lease {live.credential_handle.lease_id} was not revoked at session "
+                             f"end ({why}); botwarden retries with back-off"})
 
     def decide_sql(self, grant: SessionGrant, target: str, sql: str, phase: str, *,
                    probe: bool = False) -> Verdict:
@@ -354,4 +428,9 @@ class Runtime:
         return [s.public() for s in items]
 
     def status(self) -> dict[str, Any]:
-        return {"sessions_active": len(self.live), "approvals_pending": len(self.approvals.pending)}
+        brokers = {id(s.broker): s.broker for s in self.live.values() if s.broker is not None}
+        if self.secrets is not None:
+            brokers[id(self.secrets)] = self.secrets
+        pending = [p for b in brokers.values() for p in b.pending_revocations()]
+        return {"sessions_active": len(self.live), "approvals_pending": len(self.approvals.pending),
+                "revocations_pending": pending}

@@ -263,6 +263,21 @@ def _sock_diag_inode(src: tuple[str, int], dst: tuple[str, int]) -> tuple[int, i
     return uid, inode
 
 
+def peer_uid(sock: socket.socket) -> int | None:
+    """The uid owning the client end of an accepted TCP connection from this host (sock_diag),
+    or None when no local socket is (the peer is remote, or already gone)."""
+    try:
+        local = sock.getsockname()[:2]
+        peer = sock.getpeername()[:2]
+        found = _sock_diag_inode(peer, local)
+        if found is None:  # NAT'd (nftables fallback): the client socket still names the original dst
+            orig = original_dst(sock)
+            found = _sock_diag_inode(peer, orig) if orig is not None else None
+    except OSError:
+        return None
+    return found[0] if found is not None else None
+
+
 def _owner_pid(inode: int, candidates: list[int]) -> int | None:
     want = f"socket:[{inode}]"
     for pid in candidates:

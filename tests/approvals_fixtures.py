@@ -123,10 +123,11 @@ def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
-def as_user(uid: int, gid: int, socket_path: Path, method: str, path: str, body: dict | None = None
-            ) -> tuple[int, dict]:
+def as_user(uid: int, gid: int, socket_path: Path, method: str, path: str, body: dict | None = None,
+            cgroup: Path | None = None) -> tuple[int, dict]:
     """One control-API call from a forked child that setuid()s to uid (the venv's python is not
-    executable by other users, so no subprocess). HTTP by hand over the connected socket."""
+    executable by other users, so no subprocess). HTTP by hand over the connected socket. With
+    ``cgroup`` (a directory under /sys/fs/cgroup) the child joins it first, as a bot would be."""
     payload = json.dumps(body).encode() if body is not None else b""
     request = (f"{method} {path} HTTP/1.1\r\nHost: botwarden\r\nContent-Type: application/json\r\n"
                f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n").encode() + payload
@@ -135,6 +136,9 @@ def as_user(uid: int, gid: int, socket_path: Path, method: str, path: str, body:
     if pid == 0:  # child: only plain syscalls, then _exit
         try:
             os.close(r)
+            if cgroup is not None:
+                with open(cgroup / "cgroup.procs", "w") as f:
+                    f.write(str(os.getpid()))
             os.setgroups([])
             os.setgid(gid)
             os.setuid(uid)

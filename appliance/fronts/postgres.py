@@ -100,6 +100,7 @@ from appliance.protocols.postgres.errors import PgProtocolError, RemoteProtocolE
 from appliance.protocols.postgres.framing import DEFAULT_MAX_MESSAGE_SIZE, check_length, unpack_len as _unpack_len
 from appliance.tasks import TaskSet
 
+from .admission import Admission, PartialMessageTimer, Ticket
 from .services import (AuthRefused, ColumnMaskPlan, ConnectionContext, FrontServices, HoldOutcome,
                        SessionGrant)
 
@@ -135,6 +136,7 @@ class PgFrontSettings:
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     connect_timeout: float = 10.0
     startup_timeout: float = 30.0
+    message_timeout: float = 60.0         # a message started after login must be complete by then (0: off)
 
     def __post_init__(self) -> None:
         if self.upstream_tls not in ("disable", "prefer", "require", "verify-full"):
@@ -194,9 +196,10 @@ def _addr(a: Any) -> str | None:
 class PostgresFront:
     """Listener for one target: ``await PostgresFront(settings, services).serve(host, port)``."""
 
-    def __init__(self, settings: PgFrontSettings, services: FrontServices):
+    def __init__(self, settings: PgFrontSettings, services: FrontServices, admission: Admission | None = None):
         self.settings = settings
         self.services = services
+        self.admission = admission  # caps on unauthenticated connections (the daemon's, shared by its fronts)
         self.server_ssl: ssl.SSLContext | None = None
         if settings.tls_cert_file:
             ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -326,6 +329,8 @@ class BotProtocol(asyncio.Protocol):
     def connection_made(self, transport) -> None:  # also called again by start_tls? no: we set it
         if self.transport is None:
             self.transport = transport
+            if not self.session.admit():
+                return
             self.session.start()
 
     def data_received(self, data: bytes) -> None:
@@ -607,6 +612,9 @@ class Session:
         self._to_bot: Callable[[bytes], None] = self.write_bot
         self._to_server: Callable[[bytes], None] = self.write_server
         self._startup_task: asyncio.Task | None = None
+        self._admission: Ticket | None = None
+        self._message_timer = PartialMessageTimer(self.settings.message_timeout, self._message_timed_out,
+                                                  lambda: self._held or bool(self._paused))
         self._hold_task: asyncio.Task | None = None
         self._held_req: _Request | None = None
         self._hold_wait: asyncio.Future | None = None  # services.hold, while a statement is held
@@ -665,6 +673,30 @@ class Session:
         return bool(self._ops) or self._held or (self._startup_task is not None and not self._startup_task.done())
 
     # ================================================================== lifecycle
+    def admit(self) -> bool:
+        """Count this connection against the daemon's caps on unauthenticated connections; beyond
+        them it is refused at once with PostgreSQL's own 53300 (appliance/fronts/admission.py)."""
+        admission = self.front.admission
+        if admission is None:
+            return True
+        transport = self.bot.transport
+        self._admission = admission.admit(transport.get_extra_info("socket"), self._admission_closed,
+                                          listener=_addr(transport.get_extra_info("sockname")) or "")
+        if self._admission is not None:
+            return True
+        self.closed = True
+        transport.write(error_response(sqlstate.TOO_MANY_CONNECTIONS, "botwarden: too many connections waiting "
+                                       "to authenticate; try again later").encode())
+        transport.close()
+        return False
+
+    def _admission_closed(self, reason: str) -> None:
+        self.fatal(sqlstate.CONNECTION_FAILURE, f"botwarden: {reason}; the connection is closed")
+
+    def _message_timed_out(self, timeout: float) -> None:
+        self.fatal(sqlstate.PROTOCOL_VIOLATION, f"botwarden: a message from the client stayed incomplete for "
+                                                f"{timeout:g}s; the session is closed")
+
     def start(self) -> None:
         self.front.sessions.add(self)
         self._startup_task = self.front.spawn(self.run_startup(), "pg-startup")
@@ -695,6 +727,9 @@ class Session:
             return
         self.closed = True
         self._to_bot = self._to_server = _discard
+        self._message_timer.cancel()
+        if self._admission is not None:
+            self._admission.release()
         if self._startup_task is not None and not self._startup_task.done():
             self._startup_task.cancel()
         if self._hold_task is not None and not self._hold_task.done():
@@ -835,6 +870,8 @@ class Session:
             if not isinstance(ev, m.PasswordMessage):
                 raise FrontError(sqlstate.PROTOCOL_VIOLATION, "expected a password message carrying the token")
             token = ev.password_text()
+        if self._admission is not None:
+            self._admission.release()  # credentials presented: the identity checks bound it from here
         transport = self.bot.transport
         ctx = ConnectionContext(transport.get_extra_info("peername"), transport.get_extra_info("sockname"),
                                 self.tls, await _attribution(self.services, transport))
@@ -842,7 +879,7 @@ class Session:
             grant = await self.services.open_session(self.settings.target, ctx, user, token)
         except AuthRefused as e:
             self.session_id = _new_id()
-            self._session_start(ctx, None)
+            self._session_start(ctx, None, e.audit_fields)
             raise FrontError(e.sqlstate, e.message) from None
         finally:
             token = None  # the token is not kept past this point
@@ -854,7 +891,8 @@ class Session:
         self._session_start(ctx, grant)
         await self._connect_upstream(grant, startup)
 
-    def _session_start(self, ctx: ConnectionContext, grant: SessionGrant | None) -> None:
+    def _session_start(self, ctx: ConnectionContext, grant: SessionGrant | None,
+                       refused_fields: Any = None) -> None:
         rec: dict[str, Any] = {
             "session_id": self.session_id, "ts": _now(), "target": self.settings.target, "protocol": PROTOCOL,
             "client_addr": _addr(ctx.client_addr),
@@ -870,6 +908,8 @@ class Session:
             rec.update(identity=grant.identity, token_subject=grant.subject,
                        credential_user=grant.credential.username, lease_id=grant.credential.lease_id)
             rec.update(grant.audit_fields)
+        elif refused_fields:
+            rec.update(refused_fields)
         self._audit("session_start", rec)
 
     async def _connect_upstream(self, grant: SessionGrant, startup: m.StartupMessage) -> None:
@@ -1091,6 +1131,7 @@ class Session:
                         if r is _HOLD:
                             self._cbuf = bytearray(memoryview(buf)[e:])
                             self._held = True
+                            self._message_timer.cancel()  # no timeout of ours runs while a request is held
                             self._flush_out(out)
                             return
                         if r:
@@ -1115,6 +1156,7 @@ class Session:
             self._flush_out(out)
         # A new object each time: bytes already handed to the transport are never mutated.
         self._cbuf = bytearray(memoryview(buf)[pos:]) if pos < n else b""
+        self._message_timer.update(pos < n)  # a half-sent message may not hold the session forever
 
     def _flush_out(self, out: list) -> None:
         if out:

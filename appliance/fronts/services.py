@@ -54,10 +54,13 @@ class SessionGrant:
 class AuthRefused(BotwardenError):
     """The session is refused; ``message`` goes to the bot and never contains a token."""
 
-    def __init__(self, sqlstate: str, message: str):
+    def __init__(self, sqlstate: str, message: str, *, audit_fields: Mapping[str, Any] | None = None):
         super().__init__(message)
         self.sqlstate = sqlstate
         self.message = message
+        # Facts for the refused session's session_start row (e.g. token_subject of a valid token
+        # presented by the wrong process); never the token.
+        self.audit_fields: Mapping[str, Any] = dict(audit_fields or {})
 
 
 @dataclass(frozen=True)

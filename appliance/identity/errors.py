@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 from appliance.errors import BotwardenError
 
@@ -33,12 +34,15 @@ SQLSTATE_BY_REASON: dict[str, str] = {
 class IdentityRefused(BotwardenError):
     """A token or a process was refused. ``message`` never contains the token."""
 
-    def __init__(self, reason: Reason, message: str):
+    def __init__(self, reason: Reason, message: str, *, audit_fields: Mapping[str, Any] | None = None):
         if reason not in SQLSTATE_BY_REASON:
             raise ValueError(f"unknown refusal reason {reason!r}")
         self.reason: Reason = reason
         self.sqlstate: str = SQLSTATE_BY_REASON[reason]
         self.message = message
+        # What is known for sure about the refused connection (e.g. the subject of a token that
+        # was valid but presented by the wrong process), for its session_start row.
+        self.audit_fields: Mapping[str, Any] = dict(audit_fields or {})
         super().__init__(message)
 
     def __repr__(self) -> str:

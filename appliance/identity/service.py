@@ -47,6 +47,10 @@ class IdentityService:
                                         authentication=target.authentication)
         except IdentityRefused as e:
             log.info("identity refused on target %r: %s (%s)", target.name, e.reason, e.message)
-            raise
+            if info is None:
+                raise
+            # The token itself was valid: the audit names whose token the wrong process presented.
+            raise IdentityRefused(e.reason, e.message, audit_fields={
+                **e.audit_fields, "token_subject": info.subject, "token_kid": info.kid}) from None
         expiry = self.validator.session_expiry(info) if info is not None and self.validator else None
         return Authenticated(resolved, expiry)

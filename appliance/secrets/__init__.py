@@ -4,8 +4,12 @@
 - :class:`SessionCredential` — username, password (never in ``repr``), lease, certificate;
   ``wait_ended()`` returns when its lease can no longer carry the session.
 - :class:`SecretUnavailable` — Vault unreachable, sealed or forbidding; a clear message, no secret.
+- :class:`LeaseLedger` — the leases not yet revoked, on disk (``<state_dir>/leases.json``).
 """
 
-from appliance.secrets.broker import LeaseWatch, SecretsBroker, SecretUnavailable, SessionCredential
+from appliance.secrets.broker import (LeaseWatch, PendingRevocation, SecretsBroker, SecretUnavailable,
+                                     SessionCredential)
+from appliance.secrets.ledger import LeaseLedger
 
-__all__ = ["LeaseWatch", "SecretUnavailable", "SecretsBroker", "SessionCredential"]
+__all__ = ["LeaseLedger", "LeaseWatch", "PendingRevocation", "SecretUnavailable", "SecretsBroker",
+           "SessionCredential"]

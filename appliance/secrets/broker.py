@@ -22,6 +22,7 @@ cannot be renewed (max TTL), AppRole logs in again and a token file is read agai
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Callable, Literal, Mapping, TypeVar
+from typing import Any, Callable, Iterable, Literal, Mapping, TypeVar
 
 import hvac
 import hvac.exceptions
@@ -37,12 +38,17 @@ import requests
 
 from appliance.config import CredentialSource, TargetConfig, VaultSettings
 from appliance.errors import BotwardenError
+from appliance.secrets.ledger import LeaseLedger
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 DEFAULT_MOUNTS = {"kv": "secret", "database": "database", "ssh": "ssh"}
+
+# A lease Vault could not revoke is tried again after 1 s, 2 s, 4 s, ... at most a minute apart.
+REVOKE_RETRY_FIRST_S = 1.0
+REVOKE_RETRY_MAX_S = 60.0
 
 
 class SecretUnavailable(BotwardenError):
@@ -115,6 +121,24 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+@dataclass
+class PendingRevocation:
+    """A lease botwarden tried to revoke and could not yet: retried until Vault confirms."""
+
+    lease_id: str
+    session_id: str | None
+    since: datetime
+    first_error: str
+    last_error: str
+    attempts: int = 1
+    next_try: datetime | None = None
+
+    def public(self) -> dict[str, Any]:
+        return {"lease_id": self.lease_id, "session_id": self.session_id, "since": self.since.isoformat(),
+                "attempts": self.attempts, "last_error": self.last_error,
+                "next_try": self.next_try.isoformat() if self.next_try else None}
+
+
 def _vault_errors(e: hvac.exceptions.VaultError) -> str:
     errors = [str(x).strip() for x in (e.errors or []) if str(x).strip()]
     text = "; ".join(errors)[:300]
@@ -125,8 +149,15 @@ class SecretsBroker:
     """Fetches, renews and revokes per-session credentials. Use from one event loop:
     ``await broker.start()`` … ``await broker.acquire(target, session_id)`` … ``await broker.close()``."""
 
-    def __init__(self, settings: VaultSettings, *, lease_end_margin_s: float = 2.0):
+    def __init__(self, settings: VaultSettings, *, lease_end_margin_s: float = 2.0,
+                 ledger: LeaseLedger | None = None,
+                 on_revoked_late: Callable[[PendingRevocation], None] | None = None):
         self.settings = settings
+        # Every lease held and not yet revoked, on disk (kill -9 forgets nothing); None: memory only.
+        self.ledger = ledger
+        self.on_revoked_late = on_revoked_late
+        self._pending: dict[str, PendingRevocation] = {}
+        self._retries: dict[str, asyncio.Task] = {}
         self._local = threading.local()
         self._token: str | None = None
         self._token_period = 0  # the TTL a renewal asks for: the login's lease or the token's creation TTL
@@ -153,17 +184,21 @@ class SecretsBroker:
             await asyncio.gather(self._renewer, return_exceptions=True)
             self._renewer = None
         leases = list(self._keepers)
-        for task in self._keepers.values():
+        for task in [*self._keepers.values(), *self._retries.values()]:
             task.cancel()
-        await asyncio.gather(*self._keepers.values(), return_exceptions=True)
+        await asyncio.gather(*self._keepers.values(), *self._retries.values(), return_exceptions=True)
         self._keepers.clear()
+        self._retries.clear()  # their leases stay in the ledger: the next start revokes them
         if revoke_outstanding:
             for lease_id in leases:
                 try:
                     await self._call(f"revoking lease {lease_id}",
                                      lambda c, lid=lease_id: c.sys.revoke_lease(lid))
                 except SecretUnavailable as e:
-                    log.warning("lease %s not revoked at shutdown; it ends at its TTL: %s", lease_id, e.message)
+                    log.warning("lease %s not revoked at shutdown (%s); %s", lease_id, e.message,
+                                "the next start revokes it" if self.ledger else "it ends at its TTL")
+                    continue
+                await self._forget(lease_id)
 
     # -- sessions ---------------------------------------------------------------------------
 
@@ -185,11 +220,12 @@ class SecretsBroker:
                  session_id, target.name, cred.username, source.source, cred.lease_id or "-")
         return cred
 
-    async def release(self, cred: SessionCredential) -> None:
+    async def release(self, cred: SessionCredential) -> str | None:
         """End of session: stop renewing and revoke the lease (the database user is dropped).
-        A Vault that cannot be reached is logged, not raised: the lease then ends at its TTL."""
+        A Vault that cannot be reached is not raised: the lease stays in the ledger, revocation is
+        retried with back-off (:meth:`pending_revocations`), and the reason is returned."""
         if not cred.lease_id:
-            return
+            return None
         task = self._keepers.pop(cred.lease_id, None)
         if task:
             task.cancel()
@@ -197,12 +233,79 @@ class SecretsBroker:
         try:
             await self._call(f"revoking lease {cred.lease_id}", lambda c: c.sys.revoke_lease(cred.lease_id))
         except SecretUnavailable as e:
-            log.warning("lease %s of session %s not revoked; it ends at its TTL: %s",
+            log.warning("lease %s of session %s not revoked (%s); retrying with back-off",
                         cred.lease_id, cred.session_id, e.message)
-            return
+            self._retry_later(cred.lease_id, cred.session_id, e.message)
+            return e.message
+        await self._forget(cred.lease_id)
         if cred.watch:
             cred.watch.end("revoked", f"botwarden: the credential for target {cred.target!r} was revoked")
         log.info("revoked lease %s of session %s", cred.lease_id, cred.session_id)
+        return None
+
+    async def revoke_orphans(self, lease_ids: Iterable[str],
+                             session_of: Mapping[str, str] | None = None) -> dict[str, str | None]:
+        """Revoke leases a previous run left behind (kill -9, crash): one attempt each now, then
+        with back-off. Returns, per lease, None (revoked) or why not yet."""
+        results: dict[str, str | None] = {}
+        for lease_id in lease_ids:
+            try:
+                await self._call(f"revoking orphan lease {lease_id}",
+                                 lambda c, lid=lease_id: c.sys.revoke_lease(lid))
+            except SecretUnavailable as e:
+                self._retry_later(lease_id, (session_of or {}).get(lease_id), e.message)
+                results[lease_id] = e.message
+                continue
+            await self._forget(lease_id)
+            log.info("revoked lease %s left behind by the last run", lease_id)
+            results[lease_id] = None
+        return results
+
+    def pending_revocations(self) -> list[dict[str, Any]]:
+        return [p.public() for p in self._pending.values()]
+
+    async def _forget(self, lease_id: str) -> None:
+        if self.ledger is not None:
+            try:
+                await asyncio.to_thread(self.ledger.remove, lease_id)
+            except OSError as e:  # the lease is revoked; the next start's sweep finds nothing to do
+                log.error("lease %s revoked but not removed from the ledger: %s", lease_id, e)
+
+    def _retry_later(self, lease_id: str, session_id: str | None, error: str) -> None:
+        if lease_id in self._retries:
+            return
+        self._pending[lease_id] = PendingRevocation(lease_id, session_id, _now(), error, error)
+        self._retries[lease_id] = asyncio.get_running_loop().create_task(
+            self._retry_revoke(self._pending[lease_id]), name=f"botwarden-revoke-{lease_id}")
+
+    async def _retry_revoke(self, pending: PendingRevocation) -> None:
+        delay = REVOKE_RETRY_FIRST_S
+        try:
+            while True:
+                pending.next_try = _now() + timedelta(seconds=delay)
+                await asyncio.sleep(delay)
+                pending.attempts += 1
+                try:
+                    await self._call(f"revoking lease {pending.lease_id} (attempt {pending.attempts})",
+                                     lambda c: c.sys.revoke_lease(pending.lease_id))
+                except SecretUnavailable as e:
+                    pending.last_error = e.message
+                    delay = min(delay * 2, REVOKE_RETRY_MAX_S)
+                    log.warning("lease %s still not revoked after %d attempts (%s); next try in %gs",
+                                pending.lease_id, pending.attempts, e.message, delay)
+                    continue
+                break
+        finally:
+            self._retries.pop(pending.lease_id, None)
+        self._pending.pop(pending.lease_id, None)
+        await self._forget(pending.lease_id)
+        log.info("revoked lease %s of session %s after %d attempts", pending.lease_id, pending.session_id,
+                 pending.attempts)
+        if self.on_revoked_late is not None:
+            try:
+                self.on_revoked_late(pending)
+            except Exception:  # a hook that fails is logged; the lease is revoked
+                log.exception("reporting the late revocation of lease %s failed", pending.lease_id)
 
     # -- sources ----------------------------------------------------------------------------
 
@@ -265,6 +368,14 @@ class SecretsBroker:
             raise SecretUnavailable(f"{mount}/creds/{source.role} returned no username/lease for target "
                                     f"{target.name!r}", "invalid")
         expires_at = _now() + timedelta(seconds=duration) if duration else None
+        if self.ledger is not None:
+            try:  # on disk before the credential is used: a crash from here on forgets nothing
+                await asyncio.to_thread(self.ledger.add, lease_id)
+            except OSError as e:
+                with contextlib.suppress(SecretUnavailable):
+                    await self._call(f"revoking lease {lease_id}", lambda c: c.sys.revoke_lease(lease_id))
+                raise SecretUnavailable(f"cannot record lease of target {target.name!r} in "
+                                        f"{self.ledger.path}: {e.strerror}", "file") from None
         watch = LeaseWatch()
         cred = SessionCredential(
             username=data["username"], password=data.get("password"), lease_id=lease_id, expires_at=expires_at,
