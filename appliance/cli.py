@@ -377,7 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("tui", help="the operator console")
     s.set_defaults(func=cmd_tui)
 
-    s = sub.add_parser("doctor", help="check this host can run botwarden")
+    s = sub.add_parser("doctor", help="check this host, the config and everything it points at")
+    s.add_argument("--json", action="store_true", help="one JSON document for scripts")
     s.set_defaults(func=cmd_doctor)
     return p
 
