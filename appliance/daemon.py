@@ -139,6 +139,10 @@ class Daemon:
         self.runtime: Any = None
         self.control: ControlServer | None = None
         self.probes: Any = None
+        from appliance.metrics import Metrics
+
+        self.metrics = Metrics(self)
+        self.metrics_address: tuple[str, int] | None = None
         self._tasks = TaskSet()
 
     # -- helpers -------------------------------------------------------------------------
@@ -164,6 +168,13 @@ class Daemon:
             await self.runtime.started()
             if cfg.audit.retention_days:
                 self.spawn(self._retention_loop(), "audit-retention")
+            if cfg.metrics.listen:
+                from appliance.config import split_host_port
+
+                try:
+                    self.metrics_address = await self.metrics.serve(*split_host_port(cfg.metrics.listen))
+                except OSError as e:
+                    raise BotwardenError(f"metrics.listen {cfg.metrics.listen}: {e.strerror or e}") from None
             from appliance.api import build_router
 
             # Last: a control socket that answers means everything above is in place.
@@ -299,6 +310,7 @@ class Daemon:
 
     async def _teardown(self) -> None:
         await asyncio.to_thread(self._detach_probe_reader)
+        await self.metrics.close()
         if self.runtime is not None:
             with contextlib.suppress(Exception):
                 await self.runtime.close()
@@ -372,6 +384,8 @@ class Daemon:
                 raise ConfigError(f"appliance.{key} cannot change on reload; restart the daemon")
         if new.audit.path != old.audit.path:
             raise ConfigError("audit.path cannot change on reload; restart the daemon")
+        if new.metrics != old.metrics:
+            raise ConfigError("metrics.listen cannot change on reload; restart the daemon")
         # The probes are attached to one cgroup with one set of pins/table; a reload only updates
         # their targets. Taking a new cgroup here would leave the bots in it unwatched.
         for key in ("mode", "bots_cgroup", "pin_dir", "nft_table", "map_entries"):
@@ -409,6 +423,7 @@ class Daemon:
                       "healthy": bool(self.audit is not None and self.audit.healthy),
                       "pid": self.audit.pid if self.audit is not None else None},
             "probes": self._probe_status(),
+            "metrics": "%s:%d" % self.metrics_address if self.metrics_address else None,
             **(self.runtime.status() if self.runtime is not None else {}),
         }
 
