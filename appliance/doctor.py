@@ -260,6 +260,7 @@ class Doctor:
 
         for t in vault_targets:
             self.check(f"target {t.name} credential", lambda t=t: access(t))
+        broker.check_logout()
 
     def target(self, target: TargetConfig) -> str:
         host, port = target.host_port

@@ -384,6 +384,14 @@ class SecretsBroker:
         """Authenticate once, blocking, without starting the renewer. Raises SecretUnavailable."""
         self._login()
 
+    def check_logout(self) -> None:
+        """Revoke the token check_login made (best effort: it would end at its TTL anyway)."""
+        try:
+            self._call_sync("revoking its own token", lambda c: c.auth.token.revoke_self())
+        except SecretUnavailable as e:
+            log.info("could not revoke botwarden doctor's Vault token; it ends at its TTL: %s", e.message)
+        self._token = None
+
     def check_access(self, target: TargetConfig) -> str:
         """Whether botwarden's token may use ``target``'s credential path, asked of Vault itself
         (sys/capabilities-self: nothing is read or issued). Returns the path; raises
