@@ -96,7 +96,10 @@ def test_protocol_level_names_resolve_for_sql_execute_and_are_forgotten_on_close
 
 # -- the server is the oracle ---------------------------------------------------------------------
 
-ENCODINGS = ["UTF8", "SJIS", "BIG5", "GBK", "GB18030", "UHC", "LATIN1", "WIN1252", "KOI8R", "EUC_JP"]
+# Every client encoding botwarden decodes (SQL_ASCII as a client is checked as UTF8, so it is the same).
+ENCODINGS = sorted(set(CODECS) - {"SQL_ASCII"})
+MULTIBYTE = {"UTF8", "SJIS", "SHIFT_JIS_2004", "BIG5", "GBK", "GB18030", "UHC", "JOHAB", "EUC_JP", "EUC_CN",
+             "EUC_KR", "EUC_JIS_2004"}
 
 
 def _trail_chars(codec: str) -> list[str]:
@@ -191,7 +194,8 @@ def test_statement_boundaries_and_literals_equal_the_servers(oracle, encoding, s
         assert oracle.exec_(f"SET {setting}".encode()).status == pq.ExecStatus.COMMAND_OK
     agreed = []
 
-    @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    @settings(max_examples=120 if encoding in MULTIBYTE else 40, deadline=None,
+              suppress_health_check=list(HealthCheck), derandomize=True)
     @given(statements(chars))
     def check(sql):
         raw = sql.encode(codec)
@@ -218,4 +222,4 @@ def test_statement_boundaries_and_literals_equal_the_servers(oracle, encoding, s
         agreed.append(sql)
 
     check()
-    assert len(agreed) >= 10, f"too few statements the server ran in {encoding}: the generator needs work"
+    assert len(agreed) >= 5, f"too few statements the server ran in {encoding}: the generator needs work"

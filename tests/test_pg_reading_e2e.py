@@ -11,6 +11,7 @@ harmless look-alikes must pass with the answer PostgreSQL gives direct.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -208,9 +209,10 @@ def _steps(*sqls: str | bytes) -> list[dict]:
     return [{"op": "exec", "sql": _hex(s)} for s in sqls]
 
 
-@pytest.fixture(scope="module")
-def world(bao_server, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("reading-e2e")
+@contextlib.contextmanager
+def start_world(bao_server, workdir: Path, rules: str = RULES, bots: str = BOTS, pin_dir: str = PIN_DIR):
+    """PostgreSQL in a namespace, OpenBao, the daemon with eBPF probes, one bot identity and ``rules``
+    (also used by tests/test_policy_bypasses_e2e.py)."""
     os.chmod(workdir, 0o755)
     net = PgNet().start()
     pg = daemon = None
@@ -222,7 +224,7 @@ def world(bao_server, tmp_path_factory):
                                         "GRANT pg_write_all_data TO \"{{name}}\";",
                                         "GRANT acct_owner TO \"{{name}}\";"))
         config = workdir / "botwarden.toml"
-        probes = f'mode = "ebpf"\nbots_cgroup = "{BOTS}"\npin_dir = "{PIN_DIR}"\nmap_entries = 4096'
+        probes = f'mode = "ebpf"\nbots_cgroup = "{bots}"\npin_dir = "{pin_dir}"\nmap_entries = 4096'
         config.write_text(config_header(workdir, bao, probes=probes) + f"""
 [[targets]]
 name = "db"
@@ -241,7 +243,7 @@ name = "reader-bot"
 targets = ["db"]
 [identities.process]
 cgroup = "{BOT}"
-{RULES}
+{rules}
 """)
         daemon = DaemonProcess(config, workdir / "run" / "control.sock").start()
         yield {"net": net, "pg": pg, "daemon": daemon, "config": config}
@@ -251,10 +253,16 @@ cgroup = "{BOT}"
                 daemon.stop()
                 cli(config, "probes", "detach")
         finally:
-            cgroups.remove(BOTS)
+            cgroups.remove(bots)
             if pg is not None:
                 pg.stop()
             net.stop()
+
+
+@pytest.fixture(scope="module")
+def world(bao_server, tmp_path_factory):
+    with start_world(bao_server, tmp_path_factory.mktemp("reading-e2e")) as w:
+        yield w
 
 
 @pytest.fixture()
