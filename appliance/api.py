@@ -160,6 +160,12 @@ def build_router(daemon: "Daemon") -> Router:
             raise ControlError(409, str(e)) from None
         return Response(200, {"probes": probes})
 
+    async def metrics(request: Request) -> Response:
+        from appliance.metrics import CONTENT_TYPE_LATEST
+
+        return Response(200, daemon.metrics.render(), content_type=CONTENT_TYPE_LATEST)
+
+    router.add("GET", "/metrics", metrics)
     router.add("GET", "/v1/status", status)
     router.add("POST", "/v1/probes/attach", probes_attach)
     router.add("POST", "/v1/reload", reload)

@@ -118,9 +118,29 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# `sessions --all` with the daemon down: the audit file's latest sessions, in the daemon's shape.
+OFFLINE_SESSIONS_SQL = ("SELECT * FROM (SELECT session_id, identity, target, subject, credential_user, lease_id, "
+                        "client, pid, uid, exe, cgroup, started, ended, state FROM (SELECT session_id, identity, "
+                        "target, token_subject AS subject, credential_user, lease_id, client_addr AS client, pid, "
+                        "uid, exe, cgroup_path AS cgroup, started_at AS started, ended_at AS ended, outcome AS state, "
+                        "start_seq FROM sessions) ORDER BY start_seq DESC LIMIT ?) ORDER BY started")
+
+
 def cmd_sessions(args: argparse.Namespace) -> int:
-    doc = _client(args).get("/v1/sessions" + ("?all=1" if args.all else ""))
-    sessions = doc["sessions"]
+    try:
+        sessions = _client(args).get("/v1/sessions" + ("?all=1" if args.all else ""))["sessions"]
+    except DaemonNotRunning:
+        if not args.all:
+            raise  # no daemon, no active session: exit 3 and say so
+        import analytics
+
+        cfg = _config(args, required=False)
+        db_path = args.path or (cfg.audit.path if cfg else None)
+        if not db_path:
+            raise CliError("no daemon running and no audit store path (--path or a config)", EXIT_USAGE) from None
+        print(f"botwarden: the daemon is not running; sessions read from {db_path} (read-only)", file=sys.stderr)
+        cols, rows = analytics.query_readonly(db_path, OFFLINE_SESSIONS_SQL, [args.limit])
+        sessions = [dict(zip(cols, row)) for row in rows]
     if args.json:
         print(json.dumps(sessions, indent=2, default=str))
         return EXIT_OK
@@ -365,8 +385,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_approvals)
 
     s = sub.add_parser("sessions", help="sessions (active by default)")
-    s.add_argument("--all", action="store_true")
+    s.add_argument("--all", action="store_true",
+                   help="also ended ones (daemon down: the latest --limit from the audit file, read-only)")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--path", help="audit DuckDB file when the daemon is down (default: audit.path from the config)")
+    s.add_argument("--limit", type=int, default=200, help="sessions read from the audit file (default 200)")
     s.set_defaults(func=cmd_sessions)
 
     s = sub.add_parser("audit", help="the audit store")
@@ -418,7 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("tui", help="the operator console")
     s.set_defaults(func=cmd_tui)
 
-    s = sub.add_parser("doctor", help="check this host can run botwarden")
+    s = sub.add_parser("doctor", help="check this host, the config and everything it points at")
+    s.add_argument("--json", action="store_true", help="one JSON document for scripts")
     s.set_defaults(func=cmd_doctor)
     return p
 

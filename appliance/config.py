@@ -305,6 +305,14 @@ class LimitSettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    """Prometheus metrics: always at GET /metrics on the control socket; also on this TCP
+    address when set (off by default; the names of targets, identities and rules are in it)."""
+
+    listen: str | None = field(default=None, metadata=check(_host_port))
+
+
+@dataclass(frozen=True)
 class Config:
     appliance: ApplianceSettings = ApplianceSettings()
     audit: AuditSettings = AuditSettings()
@@ -314,6 +322,7 @@ class Config:
     probes: ProbeSettings = ProbeSettings()
     approvals: ApprovalSettings = ApprovalSettings()
     limits: LimitSettings = LimitSettings()
+    metrics: MetricsSettings = MetricsSettings()
     targets: tuple[TargetConfig, ...] = ()
     identities: tuple[IdentityConfig, ...] = ()
     policy: PolicyConfig = PolicyConfig()

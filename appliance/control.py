@@ -89,8 +89,9 @@ class Request:
 @dataclass
 class Response:
     status: int = 200
-    body: Any = None
+    body: Any = None  # JSON-able, or bytes sent as they are with ``content_type`` (GET /metrics)
     stream: AsyncIterator[Any] | None = None
+    content_type: str = "application/json"
 
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -261,8 +262,9 @@ class ControlServer:
                 writer.write(json.dumps(item, default=str).encode() + b"\n")
                 await writer.drain()
             return
-        payload = json.dumps(response.body, default=str).encode()
-        writer.write(f"HTTP/1.1 {response.status} {reason}\r\nContent-Type: application/json\r\n"
+        body = response.body
+        payload = body if isinstance(body, bytes) else json.dumps(body, default=str).encode()
+        writer.write(f"HTTP/1.1 {response.status} {reason}\r\nContent-Type: {response.content_type}\r\n"
                      f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode() + payload)
         await writer.drain()
 

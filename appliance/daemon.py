@@ -142,6 +142,10 @@ class Daemon:
         self.probes: Any = None
         self.leases: Any = None  # appliance.secrets.LeaseLedger: leases held and not yet revoked, on disk
         self.leases_at_start: list[str] = []  # what the last run left in it
+        from appliance.metrics import Metrics
+
+        self.metrics = Metrics(self)
+        self.metrics_address: tuple[str, int] | None = None
         self._tasks = TaskSet()
         from appliance.fronts.admission import Admission
 
@@ -200,6 +204,13 @@ class Daemon:
             await self.runtime.started()
             if cfg.audit.retention_days:
                 self.spawn(self._retention_loop(), "audit-retention")
+            if cfg.metrics.listen:
+                from appliance.config import split_host_port
+
+                try:
+                    self.metrics_address = await self.metrics.serve(*split_host_port(cfg.metrics.listen))
+                except OSError as e:
+                    raise BotwardenError(f"metrics.listen {cfg.metrics.listen}: {e.strerror or e}") from None
             from appliance.api import build_router
 
             # Last: a control socket that answers means everything above is in place.
@@ -335,6 +346,7 @@ class Daemon:
 
     async def _teardown(self) -> None:
         await asyncio.to_thread(self._detach_probe_reader)
+        await self.metrics.close()
         if self.runtime is not None:
             with contextlib.suppress(Exception):
                 await self.runtime.close()
@@ -409,6 +421,8 @@ class Daemon:
                 raise ConfigError(f"appliance.{key} cannot change on reload; restart the daemon")
         if new.audit.path != old.audit.path:
             raise ConfigError("audit.path cannot change on reload; restart the daemon")
+        if new.metrics != old.metrics:
+            raise ConfigError("metrics.listen cannot change on reload; restart the daemon")
         # The probes are attached to one cgroup with one set of pins/table; a reload only updates
         # their targets. Taking a new cgroup here would leave the bots in it unwatched.
         for key in ("mode", "bots_cgroup", "pin_dir", "nft_table", "map_entries"):
@@ -447,6 +461,7 @@ class Daemon:
                       "pid": self.audit.pid if self.audit is not None else None},
             "probes": self._probe_status(),
             "admission": self.admission.stats(),
+            "metrics": "%s:%d" % self.metrics_address if self.metrics_address else None,
             **(self.runtime.status() if self.runtime is not None else {}),
         }
 

@@ -267,6 +267,9 @@ class Runtime:
         # No sensitive value reaches the audit store: the audit process redacts request records
         # (constants and parameters a content detector flags; a masked statement's parameters
         # whole) with the detector settings this runtime sent it (set_redaction).
+        metrics = getattr(self.daemon, "metrics", None)
+        if metrics is not None:
+            metrics.observe(kind, record)
         store = self.daemon.audit
         if store is None:
             log.error("audit store is closed; %s event not recorded", kind)
@@ -327,6 +330,12 @@ class Runtime:
                 w.cancel()
         if live.session_id in self.live and live.terminate is not None:
             live.terminate("57P01", f"botwarden ended the session: {reason}")
+
+    def upstream_connect_failed(self, target: str, stage: str) -> None:
+        """A front could not reach its target (``stage``: "tcp" or "tls"): counted for /metrics."""
+        metrics = getattr(self.daemon, "metrics", None)
+        if metrics is not None:
+            metrics.upstream_connect_failed(target, stage)
 
     def register_terminate(self, session_id: str, terminate: Callable[[str, str], None]) -> None:
         """A front tells the runtime how to end one of its sessions (lease or token expiry)."""

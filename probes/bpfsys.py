@@ -151,3 +151,15 @@ def prog_attach(target_fd: int, prog_fd: int, attach_type: int, flags: int = 0) 
 
 def prog_detach(target_fd: int, prog_fd: int, attach_type: int) -> None:
     _bpf(PROG_DETACH, _attr(("I", 0, target_fd), ("I", 4, prog_fd), ("I", 8, attach_type)), "PROG_DETACH")
+
+
+def can_create_map() -> str | None:
+    """None when this process may use bpf(2) (it creates and closes a one-entry array map),
+    else why not. For `botwarden doctor`."""
+    map_create, array = 0, 2
+    try:
+        fd = _bpf(map_create, _attr(("I", 0, array), ("I", 4, 4), ("I", 8, 4), ("I", 12, 1)), "MAP_CREATE")
+    except BPFSyscallError as e:
+        return str(e)
+    os.close(fd)
+    return None

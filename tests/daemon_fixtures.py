@@ -93,10 +93,12 @@ class DaemonProcess:
     socket: Path
     log: Path = field(default_factory=lambda: Path(tempfile.mktemp(prefix="bw-daemon-", suffix=".log")))
     proc: subprocess.Popen | None = None
+    prefix: list[str] = field(default_factory=list)  # e.g. setpriv with the systemd unit's restrictions
 
     def start(self, wait: bool = True) -> "DaemonProcess":
         self._logf = open(self.log, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "appliance.cli", "--config", str(self.config), "run"],
+        self.proc = subprocess.Popen([*self.prefix, sys.executable, "-m", "appliance.cli", "--config", str(self.config),
+                                      "run"],
                                      cwd=ROOT, stdout=self._logf, stderr=subprocess.STDOUT,
                                      env={**os.environ, "PYTHONPATH": str(ROOT)})
         if wait:

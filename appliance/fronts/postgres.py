@@ -799,6 +799,11 @@ class Session:
             stop = "server_full" in self._paused or "held" in self._paused
             (bt.pause_reading if stop else bt.resume_reading)()
 
+    def _upstream_failed(self, stage: str) -> None:
+        note = getattr(self.services, "upstream_connect_failed", None)  # the daemon counts it (/metrics)
+        if note is not None:
+            note(self.settings.target, stage)
+
     def _audit(self, kind: str, record: dict) -> None:
         try:
             self.services.audit(kind, record)
@@ -920,6 +925,7 @@ class Session:
                 loop.create_connection(lambda: UpstreamProtocol(self), st.upstream_host, st.upstream_port),
                 st.connect_timeout)
         except (OSError, asyncio.TimeoutError) as e:
+            self._upstream_failed("tcp")
             raise FrontError(sqlstate.SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
                              f"could not connect to the target {st.target!r}: {e or 'timeout'}") from e
         self.upstream = proto
@@ -936,6 +942,7 @@ class Session:
                         proto.transport, proto, self.front.upstream_ssl,
                         server_hostname=st.upstream_host if st.upstream_tls == "verify-full" else None)
                 except (ssl.SSLError, OSError) as e:
+                    self._upstream_failed("tls")
                     raise FrontError(sqlstate.SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
                                      f"TLS to the target {st.target!r} failed: {e}") from e
             elif isinstance(ev, m.ErrorResponse):

@@ -194,6 +194,11 @@ class OIDCValidator:
         with self._lock:
             self._fetch_locked()
 
+    @property
+    def key_count(self) -> int:
+        """Keys in the JWKS fetched last (botwarden doctor)."""
+        return len(self._jwks.by_kid) + len(self._jwks.anonymous)
+
     # -- steps ------------------------------------------------------------------------------
 
     def _parse(self, token: str) -> tuple[dict, dict, str, str | None]:

@@ -489,6 +489,40 @@ class SecretsBroker:
         self.logins += 1
         log.info("authenticated to Vault at %s (%s), token ttl %ss", s.address, s.auth, ttl or "none")
 
+    # -- checks (botwarden doctor) ----------------------------------------------------------
+
+    def check_login(self) -> None:
+        """Authenticate once, blocking, without starting the renewer. Raises SecretUnavailable."""
+        self._login()
+
+    def check_logout(self) -> None:
+        """Revoke the token check_login made (best effort: it would end at its TTL anyway)."""
+        try:
+            self._call_sync("revoking its own token", lambda c: c.auth.token.revoke_self())
+        except SecretUnavailable as e:
+            log.info("could not revoke botwarden doctor's Vault token; it ends at its TTL: %s", e.message)
+        self._token = None
+
+    def check_access(self, target: TargetConfig) -> str:
+        """Whether botwarden's token may use ``target``'s credential path, asked of Vault itself
+        (sys/capabilities-self: nothing is read or issued). Returns the path; raises
+        SecretUnavailable ('forbidden') naming the capability that is missing."""
+        source = target.credential
+        if source is None or source.source == "static":
+            raise SecretUnavailable(f"target {target.name!r} has no Vault credential source", "invalid")
+        mount = source.mount or DEFAULT_MOUNTS[source.source]
+        path, needed = {"kv": (f"{mount}/data/{source.path}", "read"),
+                        "database": (f"{mount}/creds/{source.role}", "read"),
+                        "ssh": (f"{mount}/sign/{source.role}", "update")}[source.source]
+        reply = self._call_sync(f"asking its capabilities on {path}",
+                                lambda c: c.sys.get_capabilities(paths=[path]))
+        caps = set((reply.get("data") or reply).get(path) or reply.get("capabilities") or ())
+        if needed not in caps and "root" not in caps:
+            raise SecretUnavailable(f"Vault at {self.settings.address}: botwarden's token has "
+                                    f"{sorted(caps) or ['no']} capabilities on {path}, needs {needed!r}",
+                                    "forbidden")
+        return path
+
     def _renew_token(self) -> None:
         """Renew our token; log in again (AppRole) or re-read the token file when it cannot be renewed."""
         asked = max(self._token_period, 1)
