@@ -123,10 +123,11 @@ KINDS: dict[str, Kind] = {
         )),
         Kind("probe", "probes", (
             _f("ts", "ts", True),
-            _f("event", required=True, choices=("denied_connect", "redirected", "attached", "detached")),
+            _f("event", required=True, choices=("denied_connect", "redirected", "attached", "detached",
+                                                "left_cgroup")),
             _f("pid", "int"), _f("uid", "int"), _f("gid", "int"), _f("cgroup_id", "int"),
             _f("cgroup_path"), _f("comm"), _f("exe"), _f("dst_addr"), _f("dst_port", "int"),
-            _f("family", choices=("ipv4", "ipv6")), _f("detail"),
+            _f("family", choices=("ipv4", "ipv6", "unix")), _f("detail"),
         )),
         Kind("recording", "recordings", (
             _f("session_id", required=True), _f("seq", "int", True), _f("ts", "ts", True),

@@ -49,7 +49,9 @@ def probe_settings(cfg: Config, listeners: Mapping[str, tuple[str, int]] | None 
         return probes.ProbeSettings(cgroup_parent=pc.bots_cgroup, targets=tuple(targets),
                                     passthrough=tuple(passthrough), max_connections=pc.map_entries,
                                     pin_dir=pc.pin_dir, mode="auto" if pc.mode == "off" else pc.mode,
-                                    nft_table=pc.nft_table)
+                                    nft_table=pc.nft_table, unix_sockets=pc.unix_sockets,
+                                    unix_allow=pc.unix_allow, watch_escapes=pc.watch_escapes,
+                                    kill_escaped=pc.kill_escaped)
     except probes.ProbeError as e:  # e.g. a pin_dir outside /sys/fs/bpf, a passthrough that is a target
         raise BotwardenError(f"probes: {e}") from None
 

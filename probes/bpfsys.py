@@ -23,14 +23,17 @@ MAP_LOOKUP_ELEM = 1
 MAP_UPDATE_ELEM = 2
 MAP_DELETE_ELEM = 3
 MAP_GET_NEXT_KEY = 4
+OBJ_PIN = 6
 OBJ_GET = 7
 PROG_ATTACH = 8
 PROG_DETACH = 9
 PROG_GET_FD_BY_ID = 13
 OBJ_GET_INFO_BY_FD = 15
 PROG_QUERY = 16
+RAW_TRACEPOINT_OPEN = 17
 
 BPF_ANY = 0
+BPF_NOEXIST = 1
 
 
 class BPFSyscallError(ProbeError):
@@ -151,3 +154,15 @@ def prog_attach(target_fd: int, prog_fd: int, attach_type: int, flags: int = 0) 
 
 def prog_detach(target_fd: int, prog_fd: int, attach_type: int) -> None:
     _bpf(PROG_DETACH, _attr(("I", 0, target_fd), ("I", 4, prog_fd), ("I", 8, attach_type)), "PROG_DETACH")
+
+
+def raw_tracepoint_open(name: str, prog_fd: int) -> int:
+    """Attach a raw-tracepoint program; returns the link fd (detached when its last reference goes)."""
+    cname = ctypes.create_string_buffer(name.encode())
+    return _bpf(RAW_TRACEPOINT_OPEN, _attr(("Q", 0, ctypes.addressof(cname)), ("I", 8, prog_fd)),
+                f"RAW_TRACEPOINT_OPEN {name}")
+
+
+def obj_pin(fd: int, path: str) -> None:
+    cpath = ctypes.create_string_buffer(os.fsencode(path))
+    _bpf(OBJ_PIN, _attr(("Q", 0, ctypes.addressof(cpath)), ("I", 8, fd)), f"OBJ_PIN {path}")

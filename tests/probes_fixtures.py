@@ -64,12 +64,15 @@ import errno, json, os, socket, sys
 attempts = json.loads(sys.argv[1])
 out = []
 for a in attempts:
-    fam = socket.AF_INET6 if a["family"] == "6" else socket.AF_INET
+    fam = {"6": socket.AF_INET6, "unix": socket.AF_UNIX}.get(a["family"], socket.AF_INET)
     proto = a.get("proto", "tcp")
-    kind = socket.SOCK_DGRAM if proto in ("udp", "udplite") else socket.SOCK_STREAM
+    kind = socket.SOCK_DGRAM if proto in ("udp", "udplite", "dgram", "icmp") else socket.SOCK_STREAM
+    kind = socket.SOCK_RAW if proto == "raw" else kind
+    if fam == socket.AF_UNIX:  # "@name": an abstract address
+        a["ip"] = ("\0" + a["path"][1:] if a["path"].startswith("@") else a["path"]).encode()
     res = {}
     try:
-        s = socket.socket(fam, kind, {"udplite": 136, "mptcp": 262}.get(proto, 0))
+        s = socket.socket(fam, kind, {"udplite": 136, "mptcp": 262, "raw": 1, "icmp": 1}.get(proto, 0))
     except OSError as e:
         out.append({"errno": errno.errorcode.get(e.errno, str(e.errno)), "at": "socket"})
         continue
@@ -92,8 +95,12 @@ for a in attempts:
                 data += chunk
             res["reply"] = data.decode()
         elif kind == socket.SOCK_DGRAM:
-            s.sendto(b"x", (a["ip"], a["port"]))
+            s.sendto(b"x", a["ip"] if fam == socket.AF_UNIX else (a["ip"], a["port"]))
             res["sent"] = True
+        elif fam == socket.AF_UNIX:
+            s.connect(a["ip"])
+            s.sendall(a.get("msg", "hello").encode() + b"\n")
+            res["reply"] = s.recv(4096).decode()
         else:
             s.connect((a["ip"], a["port"]))
             res["sockname"] = list(s.getsockname()[:2])
@@ -261,9 +268,11 @@ class BotRun:
     results: list[dict]
 
 
-def run_bot(cgroup: str | Path | None, attempts: list[dict], *, user: str | None = BOT_USER) -> BotRun:
-    """Run the bot script in ``cgroup`` (None: outside any bot cgroup) and collect its report."""
-    argv = [BOT_PYTHON, "-c", BOT_SCRIPT, json.dumps(attempts)]
+def run_bot(cgroup: str | Path | None, attempts: list[dict], *, user: str | None = BOT_USER,
+            wrap: tuple[str, ...] = ()) -> BotRun:
+    """Run the bot script in ``cgroup`` (None: outside any bot cgroup) and collect its report.
+    ``wrap`` prefixes the command (e.g. ``("unshare", "-U")``)."""
+    argv = [*wrap, BOT_PYTHON, "-c", BOT_SCRIPT, json.dumps(attempts)]
     if cgroup is None:
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
     else:
@@ -275,6 +284,11 @@ def run_bot(cgroup: str | Path | None, attempts: list[dict], *, user: str | None
 
 def tcp(ip: str, port: int, family: str | None = None, msg: str = "hello") -> dict:
     return {"family": family or ("6" if ":" in ip else "4"), "ip": ip, "port": port, "msg": msg}
+
+
+def unix(path: str, proto: str = "stream", msg: str = "hello") -> dict:
+    """An attempt on a Unix socket address (a path, or "@name" for an abstract one)."""
+    return {"family": "unix", "path": path, "proto": proto, "msg": msg}
 
 
 def wait_for(predicate, timeout: float = 5.0, interval: float = 0.02):
