@@ -224,6 +224,7 @@ class ProcessMatch:
 
     cgroup: str | None = None  # bot name (child of the bots cgroup) or an absolute cgroup path
     uid: int | None = None
+    uid_not: tuple[int, ...] = ()  # e.g. [0]: never a root process (root can undo the probes)
     exe: str | None = None
 
 
