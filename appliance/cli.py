@@ -88,6 +88,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  sessions: {st['sessions_active']} active; approvals pending: {st.get('approvals_pending', 0)}")
     if "probes" in st:
         print(f"  probes: {st['probes']}")
+    if st.get("bots_left_cgroup"):
+        print(f"  WARNING: {st['bots_left_cgroup']} bot processes left the bots' cgroups since start "
+              "(audit: SELECT * FROM probes WHERE event = 'left_cgroup')")
     if st.get("last_reload_error"):
         print(f"  last reload refused: {st['last_reload_error']}")
     return EXIT_OK

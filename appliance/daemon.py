@@ -139,6 +139,7 @@ class Daemon:
         self.runtime: Any = None
         self.control: ControlServer | None = None
         self.probes: Any = None
+        self.bots_left_cgroup = 0  # probe events "left_cgroup" since start (status shows it)
         self._tasks = TaskSet()
 
     # -- helpers -------------------------------------------------------------------------
@@ -245,6 +246,8 @@ class Daemon:
         handle, stop, audit = self.probes, self._probe_stop, self.audit
 
         def record(event: Any) -> None:
+            if event.event == "left_cgroup":  # probes logged the warning; status counts it
+                self.bots_left_cgroup += 1
             if audit is not None and not audit.submit("probe", event.as_record()):
                 log.error("audit queue full: a probe event was refused by the store")
 
@@ -409,6 +412,7 @@ class Daemon:
                       "healthy": bool(self.audit is not None and self.audit.healthy),
                       "pid": self.audit.pid if self.audit is not None else None},
             "probes": self._probe_status(),
+            "bots_left_cgroup": self.bots_left_cgroup,
             **(self.runtime.status() if self.runtime is not None else {}),
         }
 

@@ -7,6 +7,7 @@
   redirected connections, calls ``probes.lookup`` and relays one line to the
   original destination over its own (never redirected) upstream connection,
   answering ``via-<name>|<upstream reply>``.
+- ``UnixEcho``: a Unix stream/datagram server anyone may reach (``unix:<name>:<line>``).
 - ``run_bot``: starts a bot process in a cgroup (as ``nobody``) that tries a
   list of connections and reports, per attempt, the reply or the errno.
 """
@@ -260,6 +261,45 @@ class Relay:
             pass
         self._sock.close()
         self._thread.join(timeout=5)
+
+
+class UnixEcho:
+    """A Unix stream or datagram server anyone may reach (answers ``unix:<name>:<line>``)."""
+
+    def __init__(self, address: str, name: str, kind: int = socket.SOCK_STREAM):
+        self.name = name
+        self.path = None if address.startswith("@") else Path(address)
+        self.received: list[bytes] = []
+        self._sock = socket.socket(socket.AF_UNIX, kind)
+        self._sock.bind("\0" + address[1:] if address.startswith("@") else address)
+        if not address.startswith("@"):
+            os.chmod(address, 0o777)
+        if kind == socket.SOCK_STREAM:
+            self._sock.listen(16)
+        self._kind = kind
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                if self._kind == socket.SOCK_DGRAM:
+                    self.received.append(self._sock.recv(4096))
+                    continue
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.sendall(b"unix:" + self.name.encode() + b":" + conn.recv(4096))
+
+    def close(self) -> None:
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._sock.close()
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
 
 
 @dataclass

@@ -16,7 +16,6 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from tests.probes_fixtures import (
     TargetNet,
     free_port,
     run_bot,
+    UnixEcho,
     tcp,
     unique,
     unix,
@@ -41,45 +41,6 @@ pytestmark = [pytest.mark.root, pytest.mark.timeout(120)]
 
 P_REG, P_UNREG = 5432, 6432
 NOBODY = 65534
-
-
-class UnixEcho:
-    """A Unix stream or datagram server anyone may reach (answers ``unix:<name>:<line>``)."""
-
-    def __init__(self, address: str, name: str, kind: int = socket.SOCK_STREAM):
-        self.name = name
-        self.path = None if address.startswith("@") else Path(address)
-        self.received: list[bytes] = []
-        self._sock = socket.socket(socket.AF_UNIX, kind)
-        self._sock.bind("\0" + address[1:] if address.startswith("@") else address)
-        if not address.startswith("@"):
-            os.chmod(address, 0o777)
-        if kind == socket.SOCK_STREAM:
-            self._sock.listen(16)
-        self._kind = kind
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                if self._kind == socket.SOCK_DGRAM:
-                    self.received.append(self._sock.recv(4096))
-                    continue
-                conn, _ = self._sock.accept()
-            except OSError:
-                return
-            with conn:
-                conn.sendall(b"unix:" + self.name.encode() + b":" + conn.recv(4096))
-
-    def close(self) -> None:
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self._sock.close()
-        if self.path is not None:
-            self.path.unlink(missing_ok=True)
 
 
 @dataclass

@@ -162,7 +162,8 @@ class PgNet:
 
 
 def write_e2e_config(path: Path, *, workdir: Path, net: PgNet, pg: PostgresServer, bao: OpenBaoSetup,
-                     entity_id: str, mode: str, bots: str, pin_dir: str, nft_table: str) -> Path:
+                     entity_id: str, mode: str, bots: str, pin_dir: str, nft_table: str,
+                     extra_probes: str = "") -> Path:
     workdir.mkdir(parents=True, exist_ok=True)
     target_tail = f"""allow_plaintext = true
 [targets.tls]
@@ -174,7 +175,7 @@ role = "{bao.db_role}"
 """
     probes = (f'mode = "{mode}"\nbots_cgroup = "{bots}"\npin_dir = "{pin_dir}"\nnft_table = "{nft_table}"\n'
               f'map_entries = 4096\npassthrough = ["{net.ip_a}:{PASSTHROUGH_PORT}"]'
-              + ('\nunix_sockets = "unfiltered"' if mode == "nftables" else ""))
+              + ('\nunix_sockets = "unfiltered"' if mode == "nftables" else "") + extra_probes)
     path.write_text(config_header(workdir, bao, probes=probes) + f"""
 [[targets]]
 name = "orders"
@@ -321,11 +322,11 @@ def world(bao_server, tmp_path_factory):
         net.stop()
 
 
-def _start(world, name: str, *, mode: str, bots: str, pin_dir: str, nft_table: str) -> E2E:
+def _start(world, name: str, *, mode: str, bots: str, pin_dir: str, nft_table: str, extra_probes: str = "") -> E2E:
     workdir = world["workdir"] / name
     config = write_e2e_config(workdir / "botwarden.toml", workdir=workdir, net=world["net"], pg=world["pg"],
                               bao=world["bao"], entity_id=world["entity_id"], mode=mode, bots=bots,
-                              pin_dir=pin_dir, nft_table=nft_table)
+                              pin_dir=pin_dir, nft_table=nft_table, extra_probes=extra_probes)
     daemon = DaemonProcess(config, workdir / "run" / "control.sock").start()
     return E2E(world["net"], world["pg"], world["bao"], world["entity_id"], workdir, config, daemon, bots,
                world["direct"])

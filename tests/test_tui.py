@@ -190,7 +190,8 @@ def test_time_left_and_status_line() -> None:
     line = status_line({"pid": 12, "targets": [{"name": "pg", "protocol": "postgres", "listen": "127.0.0.1:1"}],
                         "audit": {"healthy": False}, "sessions_active": 3, "approvals_pending": 2})
     assert "pid 12" in line and "pg (postgres 127.0.0.1:1)" in line and "audit UNHEALTHY" in line
-    assert "pending 2" in line
+    assert "pending 2" in line and "LEFT THEIR CGROUP" not in line
+    assert "BOTS LEFT THEIR CGROUP: 2" in status_line({"bots_left_cgroup": 2})
 
 
 # -- the app against a real control server ------------------------------------------------------

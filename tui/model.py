@@ -139,6 +139,8 @@ def status_line(status: Mapping[str, Any]) -> str:
         f"sessions {status.get('sessions_active', 0)}",
         f"pending {status.get('approvals_pending', 0)}",
     ]
+    if status.get("bots_left_cgroup"):
+        parts.append(f"BOTS LEFT THEIR CGROUP: {status['bots_left_cgroup']}")
     if status.get("last_reload_error"):
         parts.append(f"last reload refused: {status['last_reload_error']}")
     return " · ".join(parts)
