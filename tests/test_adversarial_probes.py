@@ -10,6 +10,7 @@ The IPv4/IPv6/v4-mapped/UDP/TFO/MPTCP/SCTP cases live in test_probes_ebpf.py.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -284,3 +285,40 @@ def test_bots_started_before_the_probes_are_watched_too(net):
         early.kill()
         early.wait()
         _cleanup(settings, handle)
+
+
+# -- kernels without the AF_UNIX hooks ------------------------------------------------------------
+def test_without_unix_hooks_attach_refuses_loudly_unless_unfiltered(net, monkeypatch, caplog):
+    from probes import btf, lifecycle
+
+    before_6_7 = dataclasses.replace(
+        btf.kernel_features(), unix_offsets=None,
+        unix_missing="the kernel has no cgroup hooks for Unix sockets (BPF_CGROUP_UNIX_CONNECT, Linux 6.7+)")
+    monkeypatch.setattr(lifecycle, "kernel_features", lambda: before_6_7)
+    settings = _settings(net, free_port())
+    try:
+        with pytest.raises(probes.ProbeUnavailable, match=r"Unix-socket connections cannot be filtered: the kernel "
+                           r"has no cgroup hooks .*Linux 6.7\+.*set probes.unix_sockets = \"unfiltered\""):
+            probes.attach(settings)
+        assert "Refusing to attach" in caplog.text  # logged at error level too
+        assert probes.status(settings).path == "none"  # nothing half-installed
+    finally:
+        _cleanup(settings)
+    # The operator's explicit opt-out: attached without the Unix hooks, and Unix sockets are open.
+    sockdir = Path(tempfile.mkdtemp(prefix="bw-adv-sock-"))
+    os.chmod(sockdir, 0o755)
+    settings = _settings(net, free_port(), unix_sockets="unfiltered")
+    handle = srv = None
+    try:
+        handle = probes.attach(settings)
+        st = probes.status(settings)
+        assert st.path == "ebpf" and "partially" not in st.reason
+        assert not {p.hook for p in st.programs} & {"connect_unix", "sendmsg_unix"}
+        srv = UnixEcho(str(sockdir / "db.sock"), "db")
+        bot = run_bot(cgroups.bot_cgroup(settings.cgroup_parent, "bot"), [unix(str(sockdir / "db.sock"))])
+        assert bot.results == [{"reply": "unix:db:hello\n"}]
+    finally:
+        if srv is not None:
+            srv.close()
+        _cleanup(settings, handle)
+        shutil.rmtree(sockdir, ignore_errors=True)
