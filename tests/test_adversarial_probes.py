@@ -215,6 +215,28 @@ def test_unshare_net_and_raw_sockets_stay_under_the_hooks(env):
         "not a registered target", "socket type not allowed (only TCP and UDP)"}
 
 
+def test_io_uring_connect_meets_the_same_hooks(env):
+    """IORING_OP_CONNECT runs the kernel's connect path (and its cgroup hooks) for the bot's socket."""
+    allowed = env.sockdir / "allowed.sock"
+    srv = UnixEcho(str(allowed), "allowed")
+    try:
+        _drain(env.handle)
+        bot = run_bot(env.bot_cg, [
+            {**tcp(env.net.ip4, P_REG), "uring": True},
+            {**tcp(env.net.ip4, P_UNREG), "uring": True},
+            {**tcp(env.net.ip6, P_UNREG), "uring": True},
+            {**unix(str(allowed)), "uring": True},
+            {**unix(str(env.sockdir / "db.sock")), "uring": True},
+        ])
+        assert [r.get("reply") or r.get("errno") for r in bot.results] == [
+            f"via-listener|target:{P_REG}:hello\n", "EPERM", "EPERM", "unix:allowed:hello\n", "EPERM"]
+        denied = _events_of(env.handle, bot.pid, want=3)
+        assert sorted((e.family, e.dst_port) for e in denied if e.event == "denied_connect") == [
+            ("ipv4", P_UNREG), ("ipv6", P_UNREG), ("unix", None)]
+    finally:
+        srv.close()
+
+
 # -- cgroup escapes ---------------------------------------------------------------------------
 def _escape_script(root: Path, then: str) -> list[str]:
     return ["/bin/sh", "-c", f'echo $$ > {root}/cgroup.procs && {then}']
