@@ -268,6 +268,38 @@ def test_root_bot_leaving_its_cgroup_is_detected(env):
     assert ev.as_record()["event"] == "left_cgroup"
 
 
+# clone3(CLONE_INTO_CGROUP) with the cgroup's fd: the child starts in another cgroup, no move.
+CLONE_INTO_CGROUP = r"""
+import ctypes, os, struct, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+cgfd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
+args = ctypes.create_string_buffer(struct.pack("<11Q", 0x200000000, 0, 0, 0, 17, 0, 0, 0, 0, 0, cgfd), 88)
+pid = libc.syscall(435, args, 88)
+if pid == 0:
+    libc.syscall(34)  # the child: pause() until the test kills it
+    libc.syscall(60, 0)
+print(pid if pid > 0 else -ctypes.get_errno(), flush=True)
+"""
+
+
+def test_root_bot_forking_into_another_cgroup_is_detected(env):
+    _drain(env.handle)
+    proc = cgroups.spawn(env.bot_cg, [BOT_PYTHON, "-c", CLONE_INTO_CGROUP, str(cgroups.cgroup2_mount())],
+                         stdout=subprocess.PIPE, text=True)
+    child = int(proc.stdout.readline())
+    try:
+        assert child > 0
+        assert Path(f"/proc/{child}/cgroup").read_text().splitlines()[-1] == "0::/"
+        [ev] = [e for e in _events_of(env.handle, child) if e.event == "left_cgroup"]
+        assert ev.cgroup_path == cgroups.relative(env.bot_cg) and ev.dst_addr == "/" and ev.uid == 0
+        assert ev.detail == (f"moved from {cgroups.relative(env.bot_cg)} to /: forked straight into another "
+                             "cgroup (clone3 CLONE_INTO_CGROUP)")
+    finally:
+        os.kill(child, 9)
+        proc.wait()
+
+
 def test_escaped_root_bot_is_killed_when_configured(net):
     lport = free_port()
     settings = _settings(net, lport, kill_escaped=True)
