@@ -377,7 +377,9 @@ class Daemon:
             raise ConfigError("audit.path cannot change on reload; restart the daemon")
         # The probes are attached to one cgroup with one set of pins/table; a reload only updates
         # their targets. Taking a new cgroup here would leave the bots in it unwatched.
-        for key in ("mode", "bots_cgroup", "pin_dir", "nft_table", "map_entries"):
+        # (unix_allow and passthrough do change with the targets; these are compiled into the programs.)
+        for key in ("mode", "bots_cgroup", "pin_dir", "nft_table", "map_entries", "unix_sockets", "watch_escapes",
+                    "kill_escaped"):
             if getattr(new.probes, key) != getattr(old.probes, key):
                 raise ConfigError(f"probes.{key} cannot change on reload; restart the daemon")
 

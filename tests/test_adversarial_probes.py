@@ -163,6 +163,21 @@ def test_allow_listed_unix_paths_work_and_only_as_spelled(env):
         link.unlink()
 
 
+def test_unix_allow_changes_without_reloading_the_programs(env):
+    extra = env.sockdir / "added.sock"
+    srv = UnixEcho(str(extra), "added")
+    try:
+        assert run_bot(env.bot_cg, [unix(str(extra))]).results == [{"errno": "EPERM"}]
+        env.handle.update_targets(dataclasses.replace(env.settings, unix_allow=env.settings.unix_allow + (str(extra),)))
+        assert run_bot(env.bot_cg, [unix(str(extra))]).results == [{"reply": "unix:added:hello\n"}]
+    finally:
+        env.handle.update_targets(env.settings)
+        srv.close()
+    # Off the list again: refused before the kernel even looks the path up (it is gone: ENOENT otherwise).
+    assert run_bot(env.bot_cg, [unix(str(extra))]).results == [{"errno": "EPERM"}]
+    _drain(env.handle)
+
+
 def test_abstract_and_datagram_unix_addresses(env):
     abstract = next(a for a in env.settings.unix_allow if a.startswith("@"))
     other = "@" + unique("bw-adv-other-")
