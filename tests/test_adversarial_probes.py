@@ -213,6 +213,30 @@ def test_unix_sockets_from_a_user_namespace_are_refused(env):
         srv.close()
 
 
+# -- daemonized children -------------------------------------------------------------------------
+def test_double_forked_daemonized_child_is_still_redirected_and_attributed(env):
+    """A bot that daemonizes (fork, setsid, the parent exits: the child is reparented) stays in its
+    cgroup: its connection is redirected and attributed to it, not to the long-gone parent."""
+    out = env.sockdir / f"{unique('daemonized-')}.json"
+    out.touch(mode=0o666)
+    out.chmod(0o666)
+    attempts = json.dumps([tcp(env.net.ip4, P_REG), tcp(env.net.ip4, P_UNREG)])
+    script = '( setsid /usr/bin/python3 -c "$BOT" "$ATTEMPTS" > "$OUT" & ) ; exit 0'
+    sh = cgroups.spawn(env.bot_cg, ["/bin/sh", "-c", script], user="nobody",
+                       env={"PATH": "/usr/bin:/bin", "BOT": BOT_SCRIPT, "ATTEMPTS": attempts, "OUT": str(out)})
+    assert sh.wait(timeout=30) == 0
+    try:
+        report = json.loads(wait_for(lambda: out.read_text().strip(), timeout=30))
+        assert report["pid"] != sh.pid
+        ok, denied = report["results"]
+        assert ok["reply"] == f"via-listener|target:{P_REG}:hello\n" and denied == {"errno": "EPERM"}
+        attr = env.relay.seen.get((ok["sockname"][0].removeprefix("::ffff:"), ok["sockname"][1]))
+        assert attr is not None and attr.tgid == report["pid"] and attr.uid == NOBODY
+        assert attr.cgroup_path == cgroups.relative(env.bot_cg)
+    finally:
+        out.unlink(missing_ok=True)
+
+
 # -- namespaces and socket types ----------------------------------------------------------------
 def test_unshare_net_and_raw_sockets_stay_under_the_hooks(env):
     """A non-root bot in its own user+network namespace holds CAP_NET_RAW there; the cgroup hooks
