@@ -1,8 +1,9 @@
 """The `botwarden` command.
 
 Exit codes: 0 success; 1 the operation failed or found a problem (verify, a refused
-decision); 2 bad usage or an invalid config; 3 the daemon is not running (or another one
-is, for `run`).
+decision, a `policy test` mismatch); 2 bad usage or an invalid config; 3 the daemon is not
+running (or another one is, for `run`). `policy explain` exits with its decision: 0 allow,
+1 block, 4 approve, 5 mask.
 """
 
 from __future__ import annotations
@@ -232,9 +233,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 def cmd_policy(args: argparse.Namespace) -> int:
     from appliance.policy import PolicyEngine, explain, lint
+    from appliance.policy.explain import EXIT_STATUS
 
     cfg = _config(args)
-    if args.action == "check":
+    if args.action in ("check", "lint"):
         findings = lint(cfg.policy, cfg.targets, cfg.identities)
         for f in findings:
             print(f)
@@ -242,6 +244,8 @@ def cmd_policy(args: argparse.Namespace) -> int:
         print(f"{len(cfg.policy.rules)} rules: {len(errors)} error(s), {len(findings) - len(errors)} warning(s)")
         return EXIT_FAIL if errors else EXIT_OK
     engine = PolicyEngine(cfg.policy, cfg.targets, cfg.identities)
+    if args.action == "test":
+        return _policy_test(engine, Path(args.file))
     try:
         cfg.identity(args.identity)
     except KeyError:
@@ -251,8 +255,29 @@ def cmd_policy(args: argparse.Namespace) -> int:
     except KeyError:
         raise CliError(f"unknown target {args.target!r}", EXIT_USAGE) from None
     result = explain(engine, args.identity, args.target, args.statement)
-    print(result)
-    return EXIT_OK
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        print(result)
+    return EXIT_STATUS[result.decision.action]
+
+
+def _policy_test(engine: Any, path: Path) -> int:
+    from appliance.policy.testing import CorpusError, parse_corpus, run_corpus
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CliError(f"cannot read {path}: {e}", EXIT_USAGE) from None
+    try:
+        outcomes = run_corpus(engine, parse_corpus(text, path.name))
+    except CorpusError as e:
+        raise CliError(f"{path}: {e}", EXIT_USAGE) from None
+    failed = [o for o in outcomes if not o.passed]
+    for o in failed:
+        print(o.describe())
+    print(f"policy test {path.name}: {len(outcomes)} cases, {len(failed)} mismatch(es)")
+    return EXIT_FAIL if failed else EXIT_OK
 
 
 def cmd_bot_run(args: argparse.Namespace) -> int:
@@ -359,11 +384,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("policy", help="policy checks")
     ss = s.add_subparsers(dest="action", required=True)
-    a = ss.add_parser("explain", help="what would happen to this statement for this identity")
+    a = ss.add_parser("explain", help="what would happen to this statement for this identity; exits 0 allow, "
+                      "1 block, 4 approve, 5 mask (2 bad usage)")
     a.add_argument("--identity", required=True)
     a.add_argument("--target", required=True)
+    a.add_argument("--json", action="store_true", help="machine-readable output")
     a.add_argument("statement")
-    ss.add_parser("check", help="lint the policy")
+    ss.add_parser("check", aliases=["lint"], help="lint the policy")
+    a = ss.add_parser("test", help="run a corpus of requests with expected decisions (TOML or TSV); "
+                      "exits 1 on any mismatch")
+    a.add_argument("file")
     s.set_defaults(func=cmd_policy)
 
     s = sub.add_parser("bot", help="bots")

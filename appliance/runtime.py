@@ -284,7 +284,8 @@ class Runtime:
             except BotwardenError as e:
                 log.error("session %s: could not revoke its credential lease: %s", grant.session_id, e)
 
-    def decide_sql(self, grant: SessionGrant, target: str, sql: str, phase: str) -> Verdict:
+    def decide_sql(self, grant: SessionGrant, target: str, sql: str, phase: str, *,
+                   probe: bool = False) -> Verdict:
         # Per-session SQL state (prepared statement names, search_path) lives with the session.
         live = self.live.get(grant.session_id)
         store = self.daemon.audit
@@ -296,8 +297,15 @@ class Runtime:
                 if live.terminate is not None:
                     asyncio.get_running_loop().call_soon(live.terminate, "57P01", expired)
                 return Verdict("block", None, expired)
-        return self.engine.decide_sql(grant.identity, grant.groups, target, sql,
-                                      session=live.sql_state if live is not None else None)
+        state = live.sql_state if live is not None else None
+        if probe and state is not None:
+            state = state.copy()
+        return self.engine.decide_sql(grant.identity, grant.groups, target, sql, session=state)
+
+    def name_statement(self, grant: SessionGrant, name: str, verdict: Verdict | None) -> None:
+        live = self.live.get(grant.session_id)
+        if live is not None:
+            live.sql_state.name_statement(name, verdict.details if verdict is not None else None)
 
     def _audit_refusal(self, store: Any, live: LiveSession | None) -> Verdict:
         """Nothing runs unaudited: while the store cannot take events, statements are refused;

@@ -24,7 +24,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def pg_server():
-    server = PostgresServer(ssl=True).start()
+    # Prepared transactions on: the client-fidelity tests run two-phase commit direct and through botwarden.
+    server = PostgresServer(ssl=True, extra_conf={"max_prepared_transactions": "10"}).start()
     try:
         yield server
     finally:

@@ -421,7 +421,7 @@ def test_replay_shows_a_session_request_by_request(env):
 def test_policy_explain_and_check_from_the_cli(env):
     res = cli("--config", str(env.config), "policy", "explain", "--identity", "orders-bot", "--target", "orders",
               "WITH d AS (DELETE FROM orders RETURNING *) SELECT count(*) FROM d")
-    assert res.returncode == 0, res.stderr
+    assert res.returncode == 4, res.stderr  # explain exits with its decision: 4 = approve
     assert "approve" in res.stdout and "mass-delete-needs-approval" in res.stdout
     res = cli("--config", str(env.config), "policy", "explain", "--identity", "nobody", "--target", "orders", "SELECT 1")
     assert res.returncode == 2 and "unknown identity" in res.stderr

@@ -533,27 +533,30 @@ _contract_fields = {
 
 # ---------------------------------------------------------------- FunctionCall and the fast Bind decoder
 
-def test_function_call_blocked_by_default_and_allowed_by_setting(pg_server):
+def test_function_call_is_decided_as_the_function_its_oid_names(pg_server):
+    """Issue 13.4: the OID is resolved on the session (pg_proc) and the call decided as
+    SELECT schema.f($1); an OID no function has is left for the server to refuse."""
     setup_roles(pg_server)
     abs_int4 = int(pg_server.psql("SELECT 'abs(int4)'::regprocedure::oid"))
-    call = m.FunctionCall(abs_int4, (0,), (b"-42",), 0)
-    for allowed in (False, True):
-        ft = FrontThread(plain_settings(pg_server, allow_function_call=allowed), default_services())
-        try:
-            bot = RawBot(ft.port)
-            bot.sock.sendall(call.encode())
+    ft = FrontThread(plain_settings(pg_server), default_services())
+    try:
+        bot = RawBot(ft.port)
+        for _ in range(2):  # the second call is decided from the cache
+            bot.sock.sendall(m.FunctionCall(abs_int4, (0,), (b"-42",), 0).encode())
             seen = bot.until(m.ReadyForQuery)
-            if allowed:
-                assert m.FunctionCallResponse(b"42") in seen
-            else:
-                err = [e for e in seen if isinstance(e, m.ErrorResponse)][0]
-                assert err.sqlstate == "42501" and "FunctionCall" in err.message
-            bot.sock.sendall(m.Query("SELECT 'usable'").encode())
-            assert m.DataRow((b"usable",)) in bot.until(m.ReadyForQuery)
-            rec = _wait_for(lambda: [r for r in ft.services.of_kind("request") if r["kind"] == "function_call"])[0]
-            assert rec["decision"] == ("allow" if allowed else "block")
-        finally:
-            ft.stop()
+            assert m.FunctionCallResponse(b"42") in seen, seen
+            assert not any(isinstance(x, (m.RowDescription, m.DataRow, m.CommandComplete)) for x in seen)
+        bot.sock.sendall(m.FunctionCall(4_000_000_000, (), (), 0).encode())
+        err = [x for x in bot.until(m.ReadyForQuery) if isinstance(x, m.ErrorResponse)][0]
+        assert err.sqlstate == "42883"  # the server's own "function with OID ... does not exist"
+        bot.sock.sendall(m.Query("SELECT 'usable'").encode())
+        assert m.DataRow((b"usable",)) in bot.until(m.ReadyForQuery)
+        recs = _wait_for(lambda: [r for r in ft.services.of_kind("request") if r["kind"] == "function_call"][2:] and
+                         [r for r in ft.services.of_kind("request") if r["kind"] == "function_call"])
+        assert recs[0]["text"] == 'SELECT "pg_catalog"."abs"($1)' and recs[0]["params"] == ["-42"]
+        assert recs[0]["decision"] == "allow" and recs[2]["sqlstate"] == "42883"
+    finally:
+        ft.stop()
 
 
 from hypothesis import given, settings as hsettings, strategies as st  # noqa: E402

@@ -260,3 +260,106 @@ def test_decision_caches_stay_bounded_and_evict_their_oldest_hundredth() -> None
     chunk = CACHE_MAX // 100
     assert len(cache) == CACHE_MAX - chunk + 1 and cache["new"] == 1
     assert not any(i in cache for i in range(chunk)) and chunk in cache
+
+
+# --- issue 15.4 / 24.4: match_keys, unless_properties -------------------------------------------------
+
+KEYS_CONFIG = """
+[[targets]]
+name = "db"
+protocol = "postgres"
+address = "127.0.0.1:5432"
+authentication = "attestation"
+
+[[targets]]
+name = "box"
+protocol = "ssh"
+address = "127.0.0.1:22"
+authentication = "attestation"
+
+[[identities]]
+name = "bot"
+[identities.process]
+uid = 1000
+
+[[rules]]
+name = "either"
+action = "block"
+targets = ["db"]
+[rules.sql]
+functions = ["pg_read_file"]
+properties = ["copy_program"]
+match_keys = "any"
+
+[[rules]]
+name = "both"
+action = "approve"
+targets = ["db"]
+[rules.sql]
+kinds = ["DELETE"]
+relations = ["billing.*"]
+
+[[rules]]
+name = "no-mass-writes"
+action = "block"
+targets = ["db"]
+[rules.sql]
+properties = ["no_where"]
+unless_properties = ["explain_only"]
+
+[[rules]]
+name = "ssh-either"
+action = "block"
+targets = ["box"]
+[rules.ssh]
+programs = ["curl"]
+constructs = ["pipe"]
+match_keys = "any"
+"""
+
+
+def keys_engine() -> PolicyEngine:
+    cfg = parse_config(KEYS_CONFIG)
+    return PolicyEngine(cfg.policy, cfg.targets, cfg.identities)
+
+
+def test_match_keys_any_matches_on_either_key() -> None:
+    e = keys_engine()
+    assert e.decide_sql("bot", (), "db", "select pg_read_file('/etc/passwd')").rule == "either"
+    assert e.decide_sql("bot", (), "db", "copy t to program 'id'").rule == "either"
+    assert e.decide_sql("bot", (), "db", "select 1").action == "allow"
+    # Without match_keys the keys still combine with AND.
+    assert e.decide_sql("bot", (), "db", "delete from billing.x where id = 1").rule == "both"
+    assert e.decide_sql("bot", (), "db", "delete from public.x where id = 1").action == "allow"
+    assert e.decide_sql("bot", (), "db", "select * from billing.x").action == "allow"
+    assert e.decide_ssh("bot", (), "box", SshRequest.exec("curl x")).rule == "ssh-either"
+    assert e.decide_ssh("bot", (), "box", SshRequest.exec("ls | wc")).rule == "ssh-either"
+    assert e.decide_ssh("bot", (), "box", SshRequest.exec("ls")).action == "allow"
+
+
+def test_unless_properties_lets_a_policy_allow_plain_explain() -> None:
+    e = keys_engine()
+    assert e.decide_sql("bot", (), "db", "delete from t").rule == "no-mass-writes"
+    assert e.decide_sql("bot", (), "db", "explain delete from t").action == "allow"
+    assert e.decide_sql("bot", (), "db", "explain analyze delete from t").rule == "no-mass-writes"
+    assert e.decide_sql("bot", (), "db", "explain (analyze) delete from t").rule == "no-mass-writes"
+    # A nested plain EXPLAIN does not exempt what runs around it.
+    assert e.decide_sql("bot", (), "db", "do $$ begin execute 'explain select 1'; delete from t; end $$"
+                        ).rule == "no-mass-writes"
+
+
+def test_shape_cache_never_carries_a_verdict_that_hung_on_a_constant() -> None:
+    """query_to_xml's SQL text, table_to_xml's relation and a LIKE '%' pattern are constants:
+    the same shape with another constant must be decided afresh."""
+    cfg = parse_config(KEYS_CONFIG.replace('functions = ["pg_read_file"]\nproperties = ["copy_program"]',
+                                           'functions = ["pg_read_file"]\nreads = ["billing.*"]'))
+    e = PolicyEngine(cfg.policy, cfg.targets, cfg.identities)
+    for harmless, dangerous, rule in [
+        ("select query_to_xml('select 1', true, true, '')",
+         "select query_to_xml('select pg_read_file(''/etc/passwd'')', true, true, '')", "either"),
+        ("select table_to_xml('public.t', true, true, '')", "select table_to_xml('billing.cards', true, true, '')",
+         "either"),
+        ("delete from t where name like 'a%'", "delete from t where name like '%'", "no-mass-writes"),
+    ]:
+        assert e.decide_sql("bot", (), "db", harmless).action == "allow", harmless
+        assert e.decide_sql("bot", (), "db", dangerous).rule == rule, dangerous

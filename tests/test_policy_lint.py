@@ -126,3 +126,29 @@ functions = ["lo_export"]
     assert [str(f) for f in out] == [
         "warning: rule 'b': shadowed by rule 'a': it matches whenever this rule does and comes first with the same action"]
     assert out[0].path == ("rules", 1)
+
+
+def test_block_rule_combining_keys_warns_until_match_keys_says_what_is_meant() -> None:
+    both = SqlMatch(functions=("pg_read_file",), properties=("copy_program",))
+    out = findings(Rule("files", "block", sql=both))
+    assert ("warning", "files", 'combines functions and properties: it matches only requests that meet all of '
+            'them, so a request that meets properties but not functions is not blocked; set match_keys = "any" '
+            'to match on either, or match_keys = "all" to say the intersection is meant') in out
+    out = findings(Rule("curl-pipe", "approve", targets=("box",), ssh=SshMatch(programs=("curl",), constructs=("pipe",))))
+    assert any(r == "curl-pipe" and "held for approval" in m for _, r, m in out)
+    for mode in ("any", "all"):
+        sql = SqlMatch(functions=("pg_read_file",), properties=("copy_program",), match_keys=mode)
+        assert findings(Rule("files", "block", sql=sql)) == []
+    # One key, or an allow rule: nothing to say.
+    assert findings(Rule("one", "block", sql=SqlMatch(functions=("pg_read_file",)))) == []
+    assert findings(Rule("ok", "allow", sql=SqlMatch(kinds=("SELECT",), reads=("public.*",)))) == []
+
+
+def test_a_rule_with_unless_properties_does_not_shadow_what_it_exempts() -> None:
+    narrow = Rule("no-explain-exempt", "block", targets=("db",), sql=SqlMatch(unless_properties=("explain_only",)))
+    later = Rule("all-on-db", "block", targets=("db",))
+    assert not any("shadowed" in m for _, _, m in findings(narrow, later))
+    exempt = Rule("mass", "block", sql=SqlMatch(properties=("no_where",), unless_properties=("explain_only",)))
+    strict = Rule("mass-strict", "block", sql=SqlMatch(properties=("no_where",)))
+    assert not any("shadowed" in m for _, r, m in findings(exempt, strict) if r == "mass-strict")
+    assert any("shadowed by rule 'mass-strict'" in m for _, r, m in findings(strict, exempt) if r == "mass")

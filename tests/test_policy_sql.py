@@ -23,15 +23,15 @@ def names(rels) -> set[str]:
     ("insert into t values (1)", "INSERT", {"INSERT"}),
     ("update t set a = 1", "UPDATE", {"UPDATE"}),
     ("delete from t", "DELETE", {"DELETE"}),
-    ("merge into t using s on true when matched then delete", "MERGE", {"MERGE"}),
+    ("merge into t using s on true when matched then delete", "MERGE", {"MERGE", "MERGE.DELETE"}),
     ("copy t from stdin", "COPY", {"COPY"}),
     ("truncate t", "TRUNCATE", {"TRUNCATE"}),
     ("create table t (a int)", "CREATE_TABLE", {"CREATE_TABLE"}),
     ("create table t as select 1", "CREATE_TABLE_AS", {"CREATE_TABLE_AS"}),
     ("drop table t", "DROP_TABLE", {"DROP_TABLE"}),
     ("drop schema s", "DROP_SCHEMA", {"DROP_SCHEMA"}),
-    ("alter table t add b int", "ALTER_TABLE", {"ALTER_TABLE"}),
-    ("alter index i set tablespace x", "ALTER_INDEX", {"ALTER_INDEX"}),
+    ("alter table t add b int", "ALTER_TABLE", {"ALTER_TABLE", "ALTER_TABLE.ADD_COLUMN"}),
+    ("alter index i set tablespace x", "ALTER_INDEX", {"ALTER_INDEX", "ALTER_INDEX.SET_TABLE_SPACE"}),
     ("grant select on t to u", "GRANT", {"GRANT"}),
     ("revoke select on t from u", "REVOKE", {"REVOKE"}),
     ("set x = 1", "SET", {"SET"}),
@@ -207,3 +207,212 @@ def test_deep_nesting_is_analyzed_or_refused_never_raises() -> None:
     stmt = one(chain)
     assert stmt.error == "statement nested too deeply for botwarden to analyze"
     assert sys.getrecursionlimit() == limit  # restored
+
+
+# --- issue 24.2: statements that give a function a new name -----------------------------------------
+
+
+@pytest.mark.parametrize("sql,kind,functions", [
+    ("CREATE OPERATOR ### (FUNCTION = pg_read_file, RIGHTARG = text)", "CREATE_OPERATOR", {"pg_read_file"}),
+    ("create operator public.!! (procedure = pg_catalog.pg_terminate_backend, rightarg = int, restrict = eqsel)",
+     "CREATE_OPERATOR", {"pg_catalog.pg_terminate_backend", "eqsel"}),
+    ("CREATE AGGREGATE rf(text) (SFUNC = textcat, STYPE = text, FINALFUNC = pg_read_file)", "CREATE_AGGREGATE",
+     {"textcat", "pg_read_file"}),
+    ("create aggregate a(int) (sfunc = s, stype = int, combinefunc = c, serialfunc = se, deserialfunc = de, "
+     "msfunc = ms, minvfunc = mi, mstype = int, mfinalfunc = mf)", "CREATE_AGGREGATE",
+     {"s", "c", "se", "de", "ms", "mi", "mf"}),
+    ("create cast (int as text) with function myf(int)", "CREATE_CAST", {"myf"}),
+    ("create type t (input = myin, output = myout, receive = r, send = s, typmod_in = ti, analyze = an)",
+     "CREATE_TYPE", {"myin", "myout", "r", "s", "ti", "an"}),
+    ("create type r as range (subtype = int, canonical = c, subtype_diff = d)", "CREATE_TYPE", {"c", "d"}),
+    ("create trigger t before insert on x for each row execute function pg_read_file()", "CREATE_TRIGGER",
+     {"pg_read_file"}),
+    ("create event trigger e on ddl_command_start execute function lo_export()", "CREATE_EVENT_TRIGGER",
+     {"lo_export"}),
+    ("create policy p on t using (pg_read_file('x') is not null)", "CREATE_POLICY", {"pg_read_file"}),
+    ("create policy p on t with check (pg_ls_dir('/') is not null)", "CREATE_POLICY", {"pg_ls_dir"}),
+    ("create operator class c for type int using btree as function 1 myf(int, int)", "CREATE_OPERATOR_CLASS",
+     {"myf"}),
+    ("create transform for int language plpgsql (from sql with function f1(internal), to sql with function f2(int))",
+     "CREATE_TRANSFORM", {"f1", "f2"}),
+    ("create conversion c for 'UTF8' to 'LATIN1' from myconv", "CREATE_CONVERSION", {"myconv"}),
+    ("create language l handler h inline i validator v", "CREATE_LANGUAGE", {"h", "i", "v"}),
+    ("create foreign data wrapper w handler h validator v", "CREATE_FOREIGN_DATA_WRAPPER", {"h", "v"}),
+    ("alter operator ### (none, text) set (restrict = f)", "ALTER_OPERATOR", {"f"}),
+    ("alter type t set (receive = r, send = s)", "ALTER_TYPE", {"r", "s"}),
+    ("create text search parser p (start = a, gettoken = b, end = c, lextypes = d)", "CREATE_TEXT_SEARCH_PARSER",
+     {"a", "b", "c", "d"}),
+])
+def test_function_references_are_functions_of_the_statement(sql: str, kind: str, functions: set[str]) -> None:
+    stmt = one(sql)
+    assert stmt.error is None
+    assert stmt.kind == kind and kind in KNOWN_KINDS
+    assert {str(f) for f in stmt.functions} >= functions
+
+
+# --- issue 24.3 / 15.2: WHEREs that filter nothing, rule actions, MERGE -----------------------------
+
+
+@pytest.mark.parametrize("sql", [
+    "delete from accounts where id = id",
+    "update accounts set balance = 0 where balance = balance",
+    "delete from accounts where id is not null",
+    "delete from accounts a where a.id is not null",
+    "delete from accounts where true or id = 1",
+    "delete from accounts where id = 1 or true",
+    "delete from accounts where id = 1 or $1",
+    "delete from accounts where id = id and balance >= balance",
+    "delete from accounts where accounts.id = id",
+    "delete from accounts where not (id <> id)",
+    "delete from accounts where not (id is null)",
+    "delete from accounts where (id = id) is true",
+    "delete from accounts where id is not distinct from id",
+    "delete from accounts where name like '%'",
+    "delete from accounts where name ~~ '%%'",
+    "delete from accounts where name = name collate \"C\"",
+    "delete from accounts where (id, name) = (id, name)",
+    "delete from accounts where current_user = current_user",
+    "delete from accounts where id in (id)",
+    "delete from accounts where id between id and id",
+    "delete from accounts where id::text = id::text",
+    "delete from accounts where coalesce(id, 0) = coalesce(id, 0)",
+    "DELETE FROM accounts WHERE EXISTS (SELECT 1 FROM log WHERE log.id > 0)",
+    "delete from accounts where exists (select 1 from accounts where accounts.id > 0)",
+    "delete from accounts where exists (select 1 from log where id > 0)",
+    "delete from accounts using accounts b where accounts.id = b.id",
+    "update accounts set x = 1 from log where log.id > 0",
+    "CREATE RULE r AS ON INSERT TO log DO ALSO DELETE FROM accounts WHERE new.id IS NOT NULL",
+    "create rule r as on update to log do also update accounts set balance = 0 where old.id = old.id",
+    "MERGE INTO accounts a USING (SELECT 1) s ON true WHEN MATCHED THEN DELETE",
+    "MERGE INTO accounts a USING (SELECT 1) s ON true WHEN MATCHED THEN UPDATE SET balance = 0",
+    "merge into accounts a using accounts b on a.id = b.id when matched then delete",
+    "merge into accounts a using log s on s.id > 0 when matched then delete",
+    "merge into accounts a using log s on a.id = s.id or true when matched then delete",
+    "merge into accounts a using (select 1) s on true when matched and a.id is not null then delete",
+    "with d as (delete from accounts where id = id returning *) select * from d",
+])
+def test_where_that_filters_nothing_is_no_where(sql: str) -> None:
+    stmt = one(sql)
+    assert stmt.error is None
+    assert {"no_where", "destructive"} <= stmt.properties, sql
+
+
+@pytest.mark.parametrize("sql", [
+    "delete from accounts where id = 1",
+    "delete from accounts a where a.id = $1",
+    "delete from accounts where id is null",
+    "delete from accounts where id = 1 and true",
+    "delete from accounts where exists (select 1 from log where log.account_id = accounts.id)",
+    "delete from accounts a where exists (select 1 from log l where l.account_id = a.id)",
+    "delete from accounts where id in (select account_id from log)",
+    "delete from accounts using log where log.account_id = accounts.id",
+    "update accounts set x = 1 from log where log.id = accounts.id",
+    "delete from accounts where name like 'a%'",
+    "create rule r as on delete to log do also delete from accounts where id = old.account_id",
+    "merge into accounts a using log s on a.id = s.account_id when matched then delete",
+    "merge into accounts a using (select 1) s on true when matched and a.id = 5 then delete",
+    "merge into accounts a using (select 1) s on true when not matched then insert values (1)",
+])
+def test_where_that_filters_is_not_no_where(sql: str) -> None:
+    assert "no_where" not in one(sql).properties, sql
+
+
+def test_merge_sub_kinds_and_rule_actions_are_analyzed() -> None:
+    s = one("merge into t using s on t.id = s.id when matched and s.gone then delete "
+            "when matched then update set x = s.x when not matched then insert values (s.id)")
+    assert s.kinds == {"MERGE", "MERGE.DELETE", "MERGE.UPDATE", "MERGE.INSERT"}
+    assert "destructive" in s.properties and "no_where" not in s.properties
+    assert kind_matches("MERGE", "MERGE.DELETE") and not kind_matches("DELETE", "MERGE.DELETE")
+    r = one("create rule r as on insert to log do also delete from accounts where new.id is not null")
+    assert r.kinds == {"CREATE_RULE", "DELETE"} and names(r.writes) == {"log", "accounts"}
+
+
+# --- issue 24.4 / 15.3: ALTER sub-kinds, RENAME, EXPLAIN, destructive -------------------------------
+
+
+@pytest.mark.parametrize("sql,kinds", [
+    ("alter table x rename to y", {"RENAME", "ALTER_TABLE", "ALTER_TABLE.RENAME"}),
+    ("alter view v rename to w", {"RENAME", "ALTER_VIEW", "ALTER_VIEW.RENAME"}),
+    ("alter table x rename column a to b", {"RENAME", "ALTER_TABLE", "ALTER_TABLE.RENAME_COLUMN"}),
+    ("alter table x rename constraint a to b", {"RENAME", "ALTER_TABLE", "ALTER_TABLE.RENAME_CONSTRAINT"}),
+    ("alter table t drop column c", {"ALTER_TABLE", "ALTER_TABLE.DROP_COLUMN"}),
+    ("alter table t add column c int, drop constraint k", {"ALTER_TABLE", "ALTER_TABLE.ADD_COLUMN",
+                                                             "ALTER_TABLE.DROP_CONSTRAINT"}),
+    ("alter table t alter column c type bigint using null", {"ALTER_TABLE", "ALTER_TABLE.ALTER_COLUMN_TYPE"}),
+    ("alter table t set unlogged", {"ALTER_TABLE", "ALTER_TABLE.SET_UNLOGGED"}),
+    ("alter table t disable trigger all", {"ALTER_TABLE", "ALTER_TABLE.DISABLE_TRIG_ALL"}),
+    ("alter foreign table f drop column c", {"ALTER_FOREIGN_TABLE", "ALTER_FOREIGN_TABLE.DROP_COLUMN"}),
+])
+def test_alter_sub_kinds(sql: str, kinds: set[str]) -> None:
+    stmt = one(sql)
+    assert stmt.kinds == kinds
+    assert kinds <= KNOWN_KINDS
+    assert "ALTER_ACCESS_METHOD" not in stmt.kinds
+
+
+def test_kind_patterns_match_sub_kinds() -> None:
+    assert kind_matches("ALTER_TABLE", "ALTER_TABLE.DROP_COLUMN")
+    assert kind_matches("alter_table.drop_*", "ALTER_TABLE.DROP_CONSTRAINT")
+    assert not kind_matches("ALTER_TABLE.DROP_COLUMN", "ALTER_TABLE.ADD_COLUMN")
+    assert not kind_matches("ALTER_TAB", "ALTER_TABLE.DROP_COLUMN")
+    assert kind_matches("DDL", "ALTER_TABLE.DROP_COLUMN") and not kind_matches("DROP", "ALTER_TABLE.DROP_COLUMN")
+    assert valid_kind_pattern("ALTER_TABLE.DROP_COLUMN") and not valid_kind_pattern("ALTER_TABLE.DROP_COLUMNS")
+
+
+@pytest.mark.parametrize("sql,destructive", [
+    ("drop table t", True), ("drop index i", True), ("drop role r", True), ("drop database d", True),
+    ("drop owned by bob", True), ("reassign owned by a to b", True), ("truncate t", True),
+    ("alter table t drop column c", True), ("alter table t drop constraint k", True),
+    ("alter table t alter column c type int", True), ("delete from t", True), ("update t set a = 1", True),
+    ("delete from t where id = id", True), ("merge into t using s on t.id = s.id when matched then delete", True),
+    ("with d as (delete from t returning 1) select * from d", True), ("drop tablespace x", True),
+    ("delete from t where id = 1", False), ("alter table t add column c int", False),
+    ("alter table t rename to u", False), ("merge into t using s on t.id = s.id when matched then update set a = 1",
+                                           False),
+    ("insert into t values (1)", False), ("create table t (a int)", False), ("select 1", False),
+])
+def test_destructive(sql: str, destructive: bool) -> None:
+    assert ("destructive" in one(sql).properties) is destructive, sql
+
+
+def test_explain_only_is_plain_explain_of_the_whole_statement() -> None:
+    plain = one("explain delete from t")
+    assert {"explain_only", "no_where", "destructive"} <= plain.properties and "DELETE" in plain.kinds
+    assert "explain_only" in one("explain (costs off, verbose) update t set a = 1").properties
+    assert "explain_only" not in one("explain analyze delete from t").properties
+    assert "explain_only" not in one("explain (analyze false) delete from t").properties  # the safe side
+    assert "explain_only" not in one("delete from t").properties
+    # A nested EXPLAIN never marks its outer statement.
+    assert "explain_only" not in one("do $$ begin execute 'explain select 1'; delete from t; end $$").properties
+    assert "explain_only" not in one("create function f() returns setof text language sql as "
+                                     "'explain select 1'").properties
+
+
+# --- property: whatever the condition, OR true filters nothing and AND id = 5 filters ----------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_ATOMS = st.sampled_from(["id = id", "id = 1", "t.id = t.id", "x is not null", "x is null", "true", "$1", "x like '%'",
+                          "x ~~ 'a%'", "exists (select 1 from u where u.a = t.id)", "exists (select 1 from u)",
+                          "(a, b) = (a, b)", "x <> x", "x = x collate \"C\"", "id in (select id from u)",
+                          "coalesce(x, 0) = 0", "new.id is not null", "s.id = t.id", "x between x and x"])
+_CONDITIONS = st.recursive(_ATOMS, lambda inner: st.one_of(
+    st.tuples(inner, inner).map(lambda p: f"({p[0]} and {p[1]})"),
+    st.tuples(inner, inner).map(lambda p: f"({p[0]} or {p[1]})"),
+    inner.map(lambda c: f"not ({c})"),
+    inner.map(lambda c: f"({c}) is true")), max_leaves=8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_CONDITIONS)
+def test_no_where_invariants(condition: str) -> None:
+    for template in ("delete from t where {}", "update t set a = 1 where {}",
+                     "merge into t using s on {} when matched then delete"):
+        plain = one(template.format(condition))
+        assert plain.error is None
+        assert "no_where" in one(template.format(f"({condition}) or true")).properties
+        assert "no_where" not in one(template.format(f"({condition}) and t.id = 5")).properties
+        # no_where depends on the condition, not on how the target is written
+        assert ("no_where" in one(template.replace("t ", "public.t ", 1).format(condition)).properties) == \
+            ("no_where" in plain.properties)

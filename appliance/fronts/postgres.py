@@ -25,7 +25,11 @@ LISTEN and temp tables behave exactly as they would directly.
 2. **Relay, bot -> server** (``Session.client_data``): message boundaries
    come from ``struct.unpack_from`` over the received buffer (the loop of
    :func:`split_messages`, inlined), no copies. Only the types that matter
-   are decoded: Query and Parse go through ``services.decide_sql`` (the
+   are decoded: Query and Parse are first read as the server will read them
+   (``appliance.policy.reading``: the session's client_encoding and
+   standard_conforming_strings, tracked from ParameterStatus; while a request
+   that might change them is still in flight, every reading it could bring
+   must agree) and then go through ``services.decide_sql`` (the
    policy engine caches what is safe to cache; a verdict may depend on
    session state and time windows); Bind/Describe/Execute/Close/Sync are
    recorded as pending operations. Unchanged runs of messages are written
@@ -82,7 +86,10 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Literal
 
 from appliance.errors import BotwardenError
-from appliance.policy.types import ColumnDesc, Verdict
+from appliance.policy.reading import (DEFAULT_READING, TRACKED_PARAMETERS, Reading, UnreadableStatement,
+                                      possible_readings, read_statement)
+from appliance.policy.sql import syntax_error
+from appliance.policy.types import ACTION_STRENGTH, ColumnDesc, Verdict
 from appliance.protocols.postgres import messages as m
 from appliance.protocols.postgres import sqlstate
 from appliance.protocols.postgres.auth import SCRAM_SHA_256, ScramClient, md5_password
@@ -125,7 +132,6 @@ class PgFrontSettings:
     tls_key_file: str | None = None
     allow_plaintext: bool = False         # bots without TLS are refused unless this is set
     require_token: bool = True            # ask the bot for a password (its OIDC token)
-    allow_function_call: bool = False     # FunctionCall messages bypass SQL policy, so off by default
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     connect_timeout: float = 10.0
     startup_timeout: float = 30.0
@@ -206,6 +212,10 @@ class PostgresFront:
                 ctx.check_hostname = False
                 ctx.verify_mode = ssl.CERT_NONE
             self.upstream_ssl = ctx
+        # FunctionCall OIDs resolved on the target (oid -> (schema, name)), for the policy.
+        # Kept while the services (one config generation) stay the same: a reload re-resolves.
+        self.function_names: dict[int, tuple[str, str]] = {}
+        self._function_names_for: Any = services
         # (backend pid, secret we gave the bot) -> (real secret, upstream host, upstream port)
         self.cancel_keys: dict[tuple[int, int], tuple[int, str, int]] = {}
         self.sessions: set[Session] = set()
@@ -257,14 +267,22 @@ class PostgresFront:
         await self.cancel_upstream(req.pid, *found)
 
     async def cancel_upstream(self, pid: int, secret: int, host: str, port: int) -> None:
+        """Deliver the cancel and return only once the server has closed its end: PostgreSQL
+        closes a CancelRequest connection after it has signalled the backend, and clients
+        (asyncpg's timeouts) wait for that close before sending their next statement. The
+        bot's own cancel connection is closed after this returns, keeping that order."""
+        writer = None
         try:
-            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port),
-                                               self.settings.connect_timeout)
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port),
+                                                    self.settings.connect_timeout)
             writer.write(m.CancelRequest(pid, secret).encode())
             await writer.drain()
-            writer.close()
+            await asyncio.wait_for(reader.read(), self.settings.connect_timeout)
         except (OSError, asyncio.TimeoutError) as e:
             log.warning("could not forward a cancel request to %s:%s: %s", host, port, e)
+        finally:
+            if writer is not None:
+                writer.close()
 
 
 class _Waiter:
@@ -403,12 +421,13 @@ class _Request:
 
 
 class _Statement:
-    __slots__ = ("text", "verdict", "columns")
+    __slots__ = ("text", "verdict", "columns", "name")
 
-    def __init__(self, text: str, verdict: Verdict):
+    def __init__(self, text: str, verdict: Verdict, name: str = ""):
         self.text = text
         self.verdict = verdict
         self.columns: list[ColumnDesc] | None = None
+        self.name = name
 
 
 class _Portal:
@@ -428,7 +447,7 @@ OP_QUERY, OP_PARSE, OP_BIND, OP_DESCRIBE, OP_EXECUTE, OP_CLOSE, OP_SYNC, OP_FUNC
 _SYNC = m.Sync().encode()
 
 _I32 = struct.Struct("!i")
-_H16 = struct.Struct("!h")
+_H16 = struct.Struct("!H")  # counts are unsigned 16-bit, as PostgreSQL reads them
 _HEADER = struct.Struct("!ci")
 
 
@@ -511,7 +530,7 @@ def _bind_fast(buf, s: int, e: int) -> tuple[str, str, list[str | None], tuple[i
         pos += 2 * nf
         (np_,) = _H16.unpack_from(buf, pos)
         pos += 2
-        if nf < 0 or np_ < 0 or (nf > 1 and nf != np_):
+        if nf > 1 and nf != np_:
             raise RemoteProtocolError("Bind has inconsistent parameter counts")
         for f in formats:
             if f != 0 and f != 1:
@@ -531,8 +550,6 @@ def _bind_fast(buf, s: int, e: int) -> tuple[str, str, list[str | None], tuple[i
             pos += ln
         (nr,) = _H16.unpack_from(buf, pos)
         pos += 2
-        if nr < 0:
-            raise RemoteProtocolError("Bind has a negative result format count")
         result_formats = struct.unpack_from(f"!{nr}h", buf, pos) if nr else ()
         for f in result_formats:
             if f != 0 and f != 1:
@@ -545,12 +562,14 @@ def _bind_fast(buf, s: int, e: int) -> tuple[str, str, list[str | None], tuple[i
         raise RemoteProtocolError(f"Bind message is truncated: {err}") from err
 
 
-def _render_params(bind: m.Bind) -> list[str | None]:
+def _render_params(bind: m.Bind | m.FunctionCall) -> list[str | None]:
+    params = bind.params if isinstance(bind, m.Bind) else bind.args
+    formats = bind.param_formats if isinstance(bind, m.Bind) else bind.arg_formats
     out: list[str | None] = []
-    for i, v in enumerate(bind.params):
+    for i, v in enumerate(params):
         if v is None:
             out.append(None)
-        elif bind.param_format(i) == 0:
+        elif (formats[i] if len(formats) > 1 else formats[0] if formats else 0) == 0:
             out.append(v.decode("utf-8", "replace"))
         else:
             out.append("\\x" + v.hex())
@@ -580,6 +599,9 @@ class Session:
         self.cancel_key: tuple[int, int] | None = None
         self.backend_pid: int | None = None
         self.txn_status = "I"
+        # How the server reads statement text (client_encoding, standard_conforming_strings), as
+        # its ParameterStatus messages last said.
+        self._reading: Reading = DEFAULT_READING
         self._paused: set[str] = set()
         # The relay's writers: the transports' own write methods once relaying, no-ops after close.
         self._to_bot: Callable[[bytes], None] = self.write_bot
@@ -604,6 +626,8 @@ class Session:
         self._plan_req: _Request | None = None
         self._server_fatal = False
         self._terminated = False
+        self._lookup_active = False   # a FunctionCall's OID is being resolved on this session
+        self._unknown_oids: set[int] = set()
         self._deferred: list | None = None  # requests completed during the current server read
         self._handlers: list[Callable | None] = [None] * 256
         for ch, h in ((b"1", self._on_parse_complete), (b"2", self._on_bind_complete),
@@ -611,7 +635,8 @@ class Session:
                       (b"n", self._on_no_data), (b"C", self._on_command_complete),
                       (b"I", self._on_empty_query), (b"s", self._on_portal_suspended),
                       (b"E", self._on_error), (b"Z", self._on_ready), (b"K", self._on_backend_key),
-                      (b"H", self._on_copy_out), (b"W", self._on_copy_out)):
+                      (b"H", self._on_copy_out), (b"W", self._on_copy_out),
+                      (b"S", self._on_parameter_status)):
             self._handlers[ch[0]] = h
         self._client_handlers: list[Callable | None] = [None] * 256
         for ch, h in ((b"Q", self._c_query), (b"P", self._c_parse), (b"B", self._c_bind),
@@ -897,6 +922,8 @@ class Session:
             elif isinstance(ev, ConnectionClosed):
                 raise FrontError(sqlstate.CONNECTION_FAILURE, "the server closed the connection during startup")
             elif isinstance(ev, (m.ParameterStatus, m.NoticeResponse, m.NegotiateProtocolVersion)):
+                if isinstance(ev, m.ParameterStatus) and ev.name in TRACKED_PARAMETERS:
+                    self._reading = self._reading.with_parameter(ev.name, ev.value)
                 if not isinstance(ev, m.NegotiateProtocolVersion):
                     self.write_bot(ev.encode())
             else:
@@ -963,14 +990,71 @@ class Session:
         return m.BackendKeyData(pid, ours).encode()
 
     # ================================================================== bot -> server
-    def _decide(self, sql: str, phase: str) -> Verdict:
+    def _decide(self, sql: str, phase: str, *, probe: bool = False) -> Verdict:
         # No cache here: a verdict can depend on session state (PREPARE names, search_path) and
         # on time windows; the policy engine caches what is safe to cache.
         try:
+            if probe:  # a possible reading, not the one the session state follows
+                return self.services.decide_sql(self.grant, self.settings.target, sql, phase, probe=True)
             return self.services.decide_sql(self.grant, self.settings.target, sql, phase)
         except Exception:
             log.exception("policy failed; statement refused")
             return Verdict("block", None, "the policy engine failed on this statement")
+
+    def _read_and_decide(self, raw: bytes, phase: str) -> tuple[str, Verdict, m.ErrorResponse | None]:
+        """(text as the server reads it, verdict, the refusal to send when blocked or None for
+        the usual one). The hot path is the first two lines."""
+        if self._reading is DEFAULT_READING and ((raw.isascii() and b"\\" not in raw) or self._settled()):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                pass
+            else:
+                return text, self._decide(text, phase), None
+        try:
+            text = read_statement(raw, self._reading)
+        except UnreadableStatement as e:
+            return self._unreadable(raw, e)
+        verdict = self._decide(text, phase)
+        if verdict.action == "block" or self._settled() or (raw.isascii() and b"\\" not in raw):
+            return text, verdict, None
+        return text, self._other_readings(raw, text, verdict, phase), None
+
+    def _settled(self) -> bool:
+        """Nothing this session sent is still unanswered: the settings the server last reported
+        are the ones it will read the next statement with. (A SET, set_config() or ROLLBACK in
+        flight changes them for the next message before its ParameterStatus arrives.)"""
+        return not self._ext_open and not self.busy_upstream
+
+    def _other_readings(self, raw: bytes, text: str, verdict: Verdict, phase: str) -> Verdict:
+        """While a request in flight may still change client_encoding or standard_conforming_strings,
+        the statement runs only if every reading the server might apply is decided alike."""
+        seen = {text}
+        for reading in possible_readings(raw, self._reading):
+            try:
+                other = read_statement(raw, reading)
+            except UnreadableStatement:
+                continue  # the server would refuse it under that reading: nothing runs
+            if other in seen:
+                continue
+            seen.add(other)
+            alt = self._decide(other, phase, probe=True)
+            if alt.action != verdict.action or alt.mask_rules != verdict.mask_rules:
+                return Verdict("block", "botwarden:reading",
+                               f"a request still in flight may change how the server reads this statement "
+                               f"({reading.describe()} reads it differently, and it would be "
+                               f"{'allowed' if alt.action == 'allow' else alt.action + 'ed' if alt.action != 'block' else 'blocked'}"
+                               f"); send it after the previous one completes", details=verdict.details)
+        return verdict
+
+    def _unreadable(self, raw: bytes, e: UnreadableStatement) -> tuple[str, Verdict, m.ErrorResponse]:
+        text = raw.decode("utf-8", "replace")  # what the audit keeps: never a lone surrogate
+        if e.syntax:
+            return text, Verdict("block", None, f"botwarden blocks statements it cannot analyze: {e.message}"), \
+                _syntax_error(e.message, e.position)
+        return text, Verdict("block", "botwarden:reading", e.message), \
+            error_response(e.sqlstate, e.message, detail=f"botwarden reads statements as the server does "
+                                                         f"({self._reading.describe()})")
 
     def client_data(self, data: bytes) -> None:
         if self._cbuf:
@@ -1047,7 +1131,11 @@ class Session:
         return req.nonce
 
     @staticmethod
-    def _block_refusal(verdict: Verdict) -> m.ErrorResponse:
+    def _block_refusal(verdict: Verdict, text: str = "") -> m.ErrorResponse:
+        if verdict.rule is None and verdict.details and verdict.details[0].kind == "UNPARSED":
+            found = syntax_error(text)  # the server would refuse it too: answer as it would
+            if found is not None:
+                return _syntax_error(*found, why=verdict.reason)
         rule = f"rule {verdict.rule!r}" if verdict.rule else "the target's default policy"
         return error_response(sqlstate.INSUFFICIENT_PRIVILEGE, f"statement blocked by {rule}",
                               detail=verdict.reason or None)
@@ -1056,8 +1144,7 @@ class Session:
         # Inline decode: this runs for every simple-protocol statement.
         if buf[e - 1] != 0 or buf.find(b"\x00", s + 5, e - 1) >= 0:
             raise RemoteProtocolError("Query must carry exactly one NUL-terminated string")
-        sql = buf[s + 5:e - 1].decode("utf-8", "surrogateescape")
-        v = self._decide(sql, "query")
+        sql, v, refusal = self._read_and_decide(bytes(buf[s + 5:e - 1]), "query")
         req = _Request("query", sql, v)
         action = v.action
         if action == "allow" or action == "mask":
@@ -1066,7 +1153,7 @@ class Session:
             self._ops.append((OP_QUERY, req))
             return None
         if action == "block":
-            nonce = self._blocked_sql(req, self._block_refusal(v))
+            nonce = self._blocked_sql(req, refusal or self._block_refusal(v, sql))
             self._ops.append((OP_QUERY, req))
             return m.Query(nonce).encode()
         self._start_hold(req, bytes(buf[s:e]), lambda: (OP_QUERY, req),
@@ -1074,21 +1161,24 @@ class Session:
         return _HOLD
 
     def _c_parse(self, buf, s: int, e: int):
-        msg = m.Parse.decode(bytes(buf[s + 5:e]))
-        ext_was_open, self._ext_open = self._ext_open, True
+        body = bytes(buf[s + 5:e])
+        msg = m.Parse.decode(body)
         if self._skip_until_sync:
             # The server discards this after our refusal: no decision, no response to expect.
+            self._ext_open = True
             return None
-        v = self._decide(msg.query, "parse")
-        stmt = _Statement(msg.query, v)
+        start = body.index(0) + 1
+        query, v, refusal = self._read_and_decide(body[start:body.index(0, start)], "parse")
+        ext_was_open, self._ext_open = self._ext_open, True
+        stmt = _Statement(query, v, msg.name)
         self._statements[msg.name] = stmt
         action = v.action
         if action == "allow" or action == "mask":
             self._ops.append((OP_PARSE, None, stmt))
             return None
-        req = _Request("parse", msg.query, v)
+        req = _Request("parse", query, v)
         if action == "block":
-            nonce = self._blocked_sql(req, self._block_refusal(v))
+            nonce = self._blocked_sql(req, refusal or self._block_refusal(v, query))
             self._skip_until_sync = True
             self._ops.append((OP_PARSE, req, stmt))
             return m.Parse(msg.name, nonce, ()).encode()
@@ -1144,11 +1234,20 @@ class Session:
         self._ops.append((OP_EXECUTE, portal, req))
         return None
 
+    def _name_statement(self, name: str, verdict: Verdict | None) -> None:
+        """A named protocol-level statement is also SQL's: ``EXECUTE name`` runs it."""
+        if name:
+            remember = getattr(self.services, "name_statement", None)
+            if remember is not None:
+                remember(self.grant, name, verdict)
+
     def _c_close(self, buf, s: int, e: int):
         if self._skip_until_sync:
             return None
         msg = m.Close.decode(bytes(buf[s + 5:e]))
         (self._statements if msg.kind == "S" else self._portals).pop(msg.name, None)
+        if msg.kind == "S":
+            self._name_statement(msg.name, None)
         self._ext_open = True
         self._ops.append((OP_CLOSE,))
         return None
@@ -1160,19 +1259,81 @@ class Session:
         return None
 
     def _c_function_call(self, buf, s: int, e: int):
+        """A FunctionCall (libpq's large-object API) is decided as ``SELECT schema.f($1, ...)`` of
+        the function its OID names, so function rules apply to it as to a SELECT. An OID not yet
+        resolved is looked up on this very session first (pg_proc), then the call is decided."""
         msg = m.FunctionCall.decode(bytes(buf[s + 5:e]))
-        text = f"-- FunctionCall oid {msg.oid}"
-        if self.settings.allow_function_call:
-            req = _Request("function_call", text, Verdict("allow", None, "function calls allowed for target"))
-            self._ops.append((OP_FUNCTION, req))
-            return None
-        v = Verdict("block", None, "FunctionCall messages bypass SQL policy; use SELECT instead")
-        req = _Request("function_call", text, v)
-        nonce = self._blocked_sql(req, error_response(sqlstate.INSUFFICIENT_PRIVILEGE,
-                                                      "FunctionCall messages are not allowed on this target",
-                                                      hint="call the function with SELECT"))
+        front = self.front
+        if front._function_names_for is not self.services:  # a reload: resolve again
+            front.function_names.clear()
+            front._function_names_for = self.services
+        name = front.function_names.get(msg.oid)
+        if name is None and msg.oid not in self._unknown_oids:
+            if self._settled() and self.txn_status != "E" and not self._lookup_active:
+                self._lookup_function(msg.oid, bytes(buf[s:e]))
+                return _HOLD
+            v = Verdict("block", "botwarden:function_call",
+                        f"FunctionCall of OID {msg.oid}, which botwarden could not resolve to a function now "
+                        "(send it when no other request of this session is in flight)")
+            return self._refuse_function_call(_Request("function_call", f"-- FunctionCall oid {msg.oid}", v), v)
+        if name is None:  # pg_proc has no such function: the server refuses it
+            text = f"-- FunctionCall oid {msg.oid} (no such function)"
+            req = _Request("function_call", text, Verdict("allow", None, "no function has this OID: the server refuses it"))
+        else:
+            args = ", ".join(f"${i + 1}" for i in range(len(msg.args)))
+            text = f"SELECT {_quote_ident(name[0])}.{_quote_ident(name[1])}({args})"
+            v = self._decide(text, "function_call")
+            req = _Request("function_call", text, v, _render_params(msg))
+            if v.action == "block":
+                return self._refuse_function_call(req, v)
+            if v.action == "approve":
+                self._start_hold(req, bytes(buf[s:e]), lambda: (OP_FUNCTION, req),
+                                 lambda nonce: m.Query(nonce).encode())
+                return _HOLD
+        self._ops.append((OP_FUNCTION, req))
+        return None
+
+    def _refuse_function_call(self, req: _Request, v: Verdict) -> bytes:
+        nonce = self._blocked_sql(req, self._block_refusal(v))
         self._ops.append((OP_FUNCTION, req))
         return m.Query(nonce).encode()
+
+    def _lookup_function(self, oid: int, original: bytes) -> None:
+        """Ask the server which function ``oid`` is, on this session (nothing else is in flight,
+        so the answer is ours alone), then process the held FunctionCall again."""
+        self._lookup_active = True
+        self._lookup_found: tuple[str, str] | None = None
+        saved = {c: self._handlers[c] for c in _LOOKUP_REPLIES}
+        self._lookup_saved = saved
+        for c in _LOOKUP_REPLIES:
+            self._handlers[c] = self._on_lookup_reply
+        self._lookup_oid = oid
+        self._lookup_original = original
+        self._to_server(m.Query(
+            "SELECT n.nspname, p.proname FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n "
+            f"ON n.oid = p.pronamespace WHERE p.oid = {int(oid)}").encode())
+
+    def _on_lookup_reply(self, buf, s, e):
+        kind = buf[s]
+        if kind == 68:  # DataRow: (nspname, proname)
+            values = _row_values(buf, s, e)
+            if len(values) == 2 and None not in values:
+                self._lookup_found = (bytes(values[0]).decode("utf-8", "replace"),
+                                      bytes(values[1]).decode("utf-8", "replace"))
+        elif kind == 90:  # ReadyForQuery: the lookup is over
+            self.txn_status = chr(buf[s + 5])
+            for c, h in self._lookup_saved.items():
+                self._handlers[c] = h
+            self._lookup_active = False
+            if self._lookup_found is not None:
+                self.front.function_names[self._lookup_oid] = self._lookup_found
+            else:
+                self._unknown_oids.add(self._lookup_oid)
+            self._held = False
+            rest = self._cbuf
+            self._cbuf = self._lookup_original + bytes(rest)
+            asyncio.get_running_loop().call_soon(self.client_data, b"")
+        return b""  # the bot never asked for this
 
     def _c_terminate(self, buf, s: int, e: int):
         self._terminated = True
@@ -1332,8 +1493,13 @@ class Session:
 
     def _on_parse_complete(self, buf, s, e):
         op = self._pop(OP_PARSE)
-        if op is not None and op[1] is not None:
-            self._finish(op[1])  # a Parse held for approval and approved: its own audited request
+        if op is not None:
+            if op[2] is not None and op[2].name:
+                # Known to SQL EXECUTE once the server has it (a duplicate name fails and keeps
+                # the first statement, so nothing is named before ParseComplete).
+                self._name_statement(op[2].name, op[2].verdict)
+            if op[1] is not None:
+                self._finish(op[1])  # a Parse held for approval and approved: its own audited request
 
     def _on_bind_complete(self, buf, s, e):
         self._pop(OP_BIND)
@@ -1526,6 +1692,12 @@ class Session:
             self._handlers[68] = None
         return None
 
+    def _on_parameter_status(self, buf, s, e):
+        msg = m.ParameterStatus.decode(bytes(buf[s + 5:e]))
+        if msg.name in TRACKED_PARAMETERS:
+            self._reading = self._reading.with_parameter(msg.name, msg.value)
+        return None
+
     def _on_copy_out(self, buf, s, e):
         """COPY ... TO STDOUT of a statement to be masked: CopyData cannot be masked, so refuse it."""
         ops = self._ops
@@ -1626,6 +1798,26 @@ def _hold_refusal(outcome: HoldOutcome) -> m.ErrorResponse:
         return error_response(sqlstate.INSUFFICIENT_PRIVILEGE, f"statement not approved: {reason}", detail=detail,
                               hint="nobody decided in time; send it again and ask an operator")
     return error_response(sqlstate.INSUFFICIENT_PRIVILEGE, f"statement not approved: {reason}", detail=detail)
+
+
+def _syntax_error(message: str, position: int | None, *, why: str = "") -> m.ErrorResponse:
+    """The server's own answer to a statement it cannot parse (42601, with the Position psql
+    turns into LINE/caret), with botwarden's part in DETAIL."""
+    fields = [("S", "ERROR"), ("V", "ERROR"), ("C", sqlstate.SYNTAX_ERROR), ("M", message),
+              ("D", "botwarden did not send this statement to the server: it cannot be parsed"
+                    + (f" ({why})" if why and message not in why else ""))]
+    if position:
+        fields.append(("P", str(position)))
+    return m.ErrorResponse(tuple(fields))
+
+
+# Replies to the front's own pg_proc lookup (RowDescription, DataRow, CommandComplete,
+# ErrorResponse, NoticeResponse, ReadyForQuery): swallowed while it runs.
+_LOOKUP_REPLIES = tuple(b"TDCENZ")
+
+
+def _quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
 
 
 _HOLD = _Marker("HOLD")          # a client handler's answer: stop here, the statement waits for approval

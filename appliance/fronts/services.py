@@ -77,7 +77,15 @@ class FrontServices(Protocol):
 
     async def close_session(self, grant: SessionGrant) -> None: ...
 
-    def decide_sql(self, grant: SessionGrant, target: str, sql: str, phase: str) -> Verdict: ...
+    def decide_sql(self, grant: SessionGrant, target: str, sql: str, phase: str, *,
+                   probe: bool = False) -> Verdict:
+        """``probe``: decide without changing the session's SQL state (a reading of the
+        statement the server may or may not apply)."""
+        ...
+
+    def name_statement(self, grant: SessionGrant, name: str, verdict: Verdict | None) -> None:
+        """A protocol-level Parse named ``name`` (verdict None: closed): SQL EXECUTE can run it."""
+        ...
 
     def mask_plan(self, grant: SessionGrant, target: str, verdict: Verdict,
                   columns: Sequence[ColumnDesc]) -> MaskPlan | None: ...
@@ -158,8 +166,12 @@ class DefaultServices:
     async def close_session(self, grant: SessionGrant) -> None:
         self.closed.append(grant.session_id)
 
-    def decide_sql(self, grant: SessionGrant, target: str, sql: str, phase: str) -> Verdict:
+    def decide_sql(self, grant: SessionGrant, target: str, sql: str, phase: str, *,
+                   probe: bool = False) -> Verdict:
         return ALLOW
+
+    def name_statement(self, grant: SessionGrant, name: str, verdict: Verdict | None) -> None:
+        pass
 
     def mask_plan(self, grant: SessionGrant, target: str, verdict: Verdict,
                   columns: Sequence[ColumnDesc]) -> MaskPlan | None:

@@ -132,9 +132,13 @@ class SqlMatch:
     writes: tuple[str, ...] | None = field(default=None, metadata=check(_nonempty_patterns))
     functions: tuple[str, ...] | None = field(default=None, metadata=check(_nonempty_patterns))
     properties: tuple[str, ...] | None = field(default=None, metadata=check(_properties))
+    # The rule does not match a statement with any of these properties (e.g. "explain_only").
+    unless_properties: tuple[str, ...] | None = field(default=None, metadata=check(_properties))
     # "any": some item of the statement matches a pattern (default for block/approve/mask);
     # "all": every item matches (default for allow, so one allowed table cannot carry another).
     match: MatchMode | None = None
+    # How the keys combine: "all" (default) = every key present must match; "any" = one is enough.
+    match_keys: MatchMode | None = None
 
 
 @dataclass(frozen=True)
@@ -150,6 +154,7 @@ class SshMatch:
     sftp_paths: tuple[str, ...] | None = field(default=None, metadata=check(_nonempty_patterns))
     sftp_ops: tuple[Literal[SFTP_OPS], ...] | None = None  # type: ignore[valid-type]
     match: MatchMode | None = None
+    match_keys: MatchMode | None = None  # as in SqlMatch
 
 
 @dataclass(frozen=True)
@@ -258,6 +263,20 @@ class PolicyConfig:
                 for j, value in enumerate(values):
                     if value not in known:
                         raise ConfigKeyError(("rules", i, key, j), f"unknown {key[:-1] if key != 'identities' else 'identity'} {value!r}")
+
+
+# The matcher keys of each section (what match_keys combines and lint counts).
+SQL_KEYS = ("kinds", "relations", "reads", "writes", "functions", "properties")
+SSH_KEYS = ("programs", "commands", "constructs", "shell", "forwarding", "destinations", "subsystems", "sftp_paths",
+            "sftp_ops")
+
+
+def matcher_keys(section: SqlMatch | SshMatch | None) -> tuple[str, ...]:
+    """The matcher keys a section sets, in declaration order."""
+    if section is None:
+        return ()
+    keys = SQL_KEYS if isinstance(section, SqlMatch) else SSH_KEYS
+    return tuple(k for k in keys if getattr(section, k) is not None)
 
 
 def glob_matches(pattern: str, value: str) -> bool:

@@ -29,7 +29,7 @@ import hashlib
 
 from pglast.parser import ParseError, fingerprint, normalize
 
-from appliance.policy.config import PolicyConfig, Rule, TimeWindow, parse_days, parse_hours
+from appliance.policy.config import PolicyConfig, Rule, TimeWindow, matcher_keys, parse_days, parse_hours
 from appliance.policy.k8s import K8sRequest
 from appliance.policy.masking import (ColumnAction, DetectorSettings, RowMasker, Strategy, column_is_maskable)
 from appliance.policy.sql import (BatchAnalysis, Function, Relation, StatementAnalysis, analyze_sql, kind_matches,
@@ -58,6 +58,17 @@ class SqlSessionState:
 
     prepared: dict[str, StatementAnalysis] = field(default_factory=dict)
     search_path: frozenset[str] = frozenset(DEFAULT_SEARCH_PATH)
+
+    def copy(self) -> "SqlSessionState":
+        return SqlSessionState(dict(self.prepared), self.search_path)
+
+    def name_statement(self, name: str, statements: Sequence[StatementAnalysis] | None) -> None:
+        """A protocol-level prepared statement (Parse ``name``): SQL ``EXECUTE name`` runs it too.
+        None: it was closed."""
+        if statements is None or len(statements) != 1 or statements[0].error is not None:
+            self.prepared.pop(name, None)
+        else:
+            self.prepared[name] = statements[0]
 
     def apply(self, statements: Sequence[StatementAnalysis], verdict: Verdict) -> None:
         if verdict.action == "block":
@@ -134,6 +145,8 @@ def _interpretations(schema: str | None, name: str, search_path: frozenset[str],
 
 def _one(pattern: _QualifiedPattern, schema: str | None, name: str, any_mode: bool) -> bool:
     if name == "*":  # a whole schema
+        if schema == "*":  # every schema (database_to_xml)
+            return any_mode or (pattern.schema_text == "*" and pattern.name_text == "*")
         if pattern.schema is None:
             return any_mode
         return (schema is not None and pattern.schema(schema)) and (any_mode or pattern.name_text == "*")
@@ -211,6 +224,8 @@ class _Compiled:
     sql: dict[str, Any] = field(default_factory=dict)
     ssh: dict[str, Any] = field(default_factory=dict)
     k8s: dict[str, Any] = field(default_factory=dict)
+    # match_keys = "any": one compiled part per matcher key; the rule matches when one part does.
+    parts: tuple["_Compiled", ...] = ()
 
     @property
     def name(self) -> str:
@@ -223,6 +238,17 @@ class _Compiled:
 
 def _compile(index: int, rule: Rule) -> _Compiled:
     section = rule.sql or rule.ssh
+    keys = matcher_keys(section)
+    if section is not None and section.match_keys == "any" and len(keys) > 1:
+        whole = _compile(index, replace(rule, sql=replace(rule.sql, match_keys=None) if rule.sql else None,
+                                        ssh=replace(rule.ssh, match_keys=None) if rule.ssh else None))
+        empty = {k: None for k in keys}
+        parts = []
+        for key in keys:
+            one = replace(section, **{**empty, key: getattr(section, key)}, match_keys=None)
+            parts.append(_compile(index, replace(rule, sql=one) if rule.sql is not None else replace(rule, ssh=one)))
+        whole.parts = tuple(parts)
+        return whole
     mode = getattr(section, "match", None) if section is not None else None
     any_mode = (mode or ("all" if rule.action == "allow" else "any")) == "any"
     c = _Compiled(index, rule, ACTION_STRENGTH[rule.action], _Window(rule.when) if rule.when else None,
@@ -238,6 +264,7 @@ def _compile(index: int, rule: Rule) -> _Compiled:
             "writes": [_QualifiedPattern.parse(p) for p in s.writes] if s.writes is not None else None,
             "functions": [_QualifiedPattern.parse(p) for p in s.functions] if s.functions is not None else None,
             "properties": frozenset(s.properties) if s.properties is not None else None,
+            "unless_properties": frozenset(s.unless_properties) if s.unless_properties is not None else None,
         }.items() if v is not None}
     if rule.ssh is not None:
         s2 = rule.ssh
@@ -262,7 +289,12 @@ def _compile(index: int, rule: Rule) -> _Compiled:
 
 
 def _sql_matches(c: _Compiled, stmt: StatementAnalysis, search_path: frozenset[str]) -> bool:
+    if c.parts:
+        return any(_sql_matches(p, stmt, search_path) for p in c.parts)
     m = c.sql
+    unless = m.get("unless_properties")
+    if unless is not None and unless & stmt.properties:
+        return False
     any_mode = c.any_mode
     kinds = m.get("kinds")
     if kinds is not None:
@@ -283,6 +315,8 @@ def _sql_matches(c: _Compiled, stmt: StatementAnalysis, search_path: frozenset[s
 
 
 def _ssh_matches(c: _Compiled, a: SshAnalysis) -> bool:
+    if c.parts:
+        return any(_ssh_matches(p, a) for p in c.parts)
     m = c.ssh
     req = a.request
     any_mode = c.any_mode
@@ -439,7 +473,7 @@ class PolicyEngine:
         ``delete  from T`` share it. Text the parser refuses has only its exact self as shape."""
         try:
             return "fp:" + fingerprint(sql)
-        except ParseError:
+        except (ParseError, UnicodeError):
             return "text:" + hashlib.sha256(sql.encode("utf-8", "surrogatepass")).hexdigest()
 
     def decide_sql(self, identity: str, groups: tuple[str, ...], target: str, sql: str, *,
@@ -464,7 +498,7 @@ class PolicyEngine:
         if sql not in self._analysis:
             try:
                 shape_key = (normalize(sql), *key[1:])
-            except ParseError:
+            except (ParseError, UnicodeError):
                 shape_key = None
             if shape_key is not None:
                 verdict = self._shape.get(shape_key)
@@ -484,7 +518,7 @@ class PolicyEngine:
                 if shape_key is None:
                     try:
                         shape_key = (normalize(sql), *key[1:])
-                    except ParseError:
+                    except (ParseError, UnicodeError):
                         shape_key = None
                 if shape_key is not None:
                     _put(self._shape, shape_key, verdict)

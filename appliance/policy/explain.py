@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Literal, Sequence
 
-from appliance.policy.config import PolicyConfig, Rule
+from appliance.policy.config import PolicyConfig, Rule, matcher_keys
 from appliance.policy.engine import PolicyEngine, RuleMatch, SqlSessionState, resolve_batch
 from appliance.policy.k8s import K8sRequest
 from appliance.policy.sql import StatementAnalysis, analyze_sql
@@ -49,10 +49,46 @@ class Explanation:
                     out.append(m.rule)
         return tuple(out)
 
+    @property
+    def decided_by(self) -> str:
+        """"rule", "default" (no rule matched: the target's default_action) or "unanalyzable"
+        (the request could not be analyzed and no rule exempts it: blocked, fail closed)."""
+        return _decided_by(self.decision, [s.analysis for s in self.statements])
+
+    def to_json(self) -> dict:
+        """The machine-readable form (``policy explain --json``)."""
+        d = self.decision
+        out: dict = {
+            "identity": self.identity, "groups": list(self.groups), "target": self.target,
+            "protocol": self.protocol, "default_action": self.default_action,
+            "decision": {"action": d.action, "rule": d.rule, "decided_by": self.decided_by, "reason": d.reason},
+            "masking": list(d.mask_rules), "matching_rules": list(self.matching_rules),
+            "exit_status": EXIT_STATUS[d.action], "statements": [],
+        }
+        for s in self.statements:
+            a = s.analysis
+            item: dict = {"index": s.index}
+            if isinstance(a, StatementAnalysis):
+                item.update(kind=a.kind, kinds=sorted(a.kinds), reads=sorted(map(str, a.reads)),
+                            writes=sorted(map(str, a.writes)), functions=sorted(map(str, a.functions)),
+                            properties=sorted(a.properties), error=a.error)
+            elif isinstance(a, SshAnalysis):
+                item.update(request=a.request.describe(), commands=[list(argv) for argv in a.argvs],
+                            programs=sorted(a.programs), constructs=sorted(a.constructs), error=a.error)
+            else:
+                item.update(request=a.describe())
+            item["matching_rules"] = [{"rule": m.rule, "action": m.action} for m in s.matches]
+            item["verdict"] = {"action": s.verdict.action, "rule": s.verdict.rule,
+                               "decided_by": _decided_by(s.verdict, [a])}
+            out["statements"].append(item)
+        return out
+
     def __str__(self) -> str:
         d = self.decision
+        label = {"rule": f" (rule {d.rule!r})", "default": " (target default)",
+                 "unanalyzable": " (not analyzable: blocked, fail closed)"}[self.decided_by]
         lines = [
-            f"decision:  {d.action}" + (f" (rule {d.rule!r})" if d.rule else " (target default)"),
+            f"decision:  {d.action}" + label,
             f"reason:    {d.reason}",
             f"identity:  {self.identity}" + (f" (groups: {', '.join(self.groups)})" if self.groups else ""),
             f"target:    {self.target} ({self.protocol}, default {self.default_action})",
@@ -84,8 +120,22 @@ class Explanation:
                 lines.append(f"request: {a.describe()}")
             matches = ", ".join(f"{m.rule} ({m.action})" for m in s.matches) or "none"
             lines.append(f"  matching rules: {matches}")
-            lines.append(f"  verdict:    {s.verdict.action}" + (f" by {s.verdict.rule!r}" if s.verdict.rule else " (default)"))
+            by = _decided_by(s.verdict, [a])
+            lines.append(f"  verdict:    {s.verdict.action}" + (f" by {s.verdict.rule!r}" if by == "rule" else f" ({by})"))
         return "\n".join(lines)
+
+
+# ``policy explain`` exits with the decision, so scripts need not parse it (documented in
+# docs/policy.md and the CLI's help): 1 is the CLI's "refused" status.
+EXIT_STATUS = {"allow": 0, "block": 1, "approve": 4, "mask": 5}
+
+
+def _decided_by(verdict: Verdict, analyses: Sequence[object]) -> str:
+    if verdict.rule is not None:
+        return "rule"
+    if verdict.action == "block" and any(getattr(a, "error", None) for a in analyses):
+        return "unanalyzable"
+    return "default"
 
 
 def explain(engine: PolicyEngine, identity: str, target: str, statement: str | SshRequest | K8sRequest, *,
@@ -200,8 +250,18 @@ def lint(policy: PolicyConfig, targets: Sequence["TargetConfig"], identities: Se
             if not reachable and any(n in ident_by_name for n in rule.identities):
                 findings.append(LintFinding("error", rule.name, "can never match: none of its identities may use its "
                                             "targets", path))
-        if rule.sql is not None and rule.sql.match == "all" and rule.sql.properties:
-            pass  # properties are always "any of": documented, nothing to flag
+        section = rule.sql or rule.ssh
+        keys = matcher_keys(section)
+        if rule.action in ("block", "approve") and len(keys) > 1 and section is not None and section.match_keys is None:
+            # The first operators who wrote "functions = [...]" and "properties = [...]" in one block
+            # rule expected either to block; keys combine with AND unless match_keys says otherwise.
+            verb = "blocked" if rule.action == "block" else "held for approval"
+            listed = " and ".join(keys)
+            findings.append(LintFinding(
+                "warning", rule.name,
+                f"combines {listed}: it matches only requests that meet all of them, so a request that meets "
+                f"{keys[1]} but not {keys[0]} is not {verb}; set match_keys = \"any\" to match on either, or "
+                f"match_keys = \"all\" to say the intersection is meant", (*path, "sql" if rule.sql else "ssh")))
 
     # Shadowing: a rule that can never name a decision because another rule always matches too.
     for j, later in enumerate(policy.rules):
@@ -259,15 +319,18 @@ def covers(a: Rule, b: Rule) -> bool:
         if sa is None:
             return True
         if sb is None:
-            return all(getattr(sa, f) is None for f in ("kinds", "relations", "reads", "writes", "functions", "properties"))
-        if _mode(a, sa) != _mode(b, sb):
-            return False
+            return all(getattr(sa, f) is None for f in ("kinds", "relations", "reads", "writes", "functions", "properties",
+                                                        "unless_properties"))
+        if _mode(a, sa) != _mode(b, sb) or "any" in (sa.match_keys, sb.match_keys):
+            return False  # match_keys = "any": not worth proving, say nothing
+        if sa.unless_properties and not set(sa.unless_properties) <= set(sb.unless_properties or ()):
+            return False  # a exempts statements b still matches
         return all(_subset(getattr(sb, f), getattr(sa, f))
                    for f in ("kinds", "relations", "reads", "writes", "functions", "properties"))
     if a.ssh is not None and b.ssh is not None:
         sa2, sb2 = a.ssh, b.ssh
         mode = _mode(a, sa2)
-        if mode != _mode(b, sb2):
+        if mode != _mode(b, sb2) or "any" in (sa2.match_keys, sb2.match_keys):
             return False
         if sa2.shell is not None and sa2.shell != sb2.shell:
             return False

@@ -109,15 +109,44 @@ def _object_suffix(objtype: str | None) -> str:
     return (objtype or "OBJECT_TABLE").removeprefix("OBJECT_")
 
 
+# CREATE OPERATOR / AGGREGATE / TYPE / COLLATION / TEXT SEARCH ... are one node (DefineStmt).
+_DEFINE_KINDS = {"OBJECT_TSPARSER": "CREATE_TEXT_SEARCH_PARSER", "OBJECT_TSDICTIONARY": "CREATE_TEXT_SEARCH_DICTIONARY",
+                 "OBJECT_TSTEMPLATE": "CREATE_TEXT_SEARCH_TEMPLATE",
+                 "OBJECT_TSCONFIGURATION": "CREATE_TEXT_SEARCH_CONFIGURATION"}
+
+# ALTER TABLE subcommands are sub-kinds: ``ALTER_TABLE.DROP_COLUMN`` (from AT_DropColumn). A kind
+# pattern matches its sub-kinds (``ALTER_TABLE`` matches ``ALTER_TABLE.ADD_COLUMN``).
+_ALTER_OBJECTS = ("TABLE", "INDEX", "VIEW", "MATVIEW", "FOREIGN_TABLE", "SEQUENCE", "TYPE")
+
+
+def _alter_subkind(subtype: str) -> str:
+    return _default_kind(subtype.removeprefix("AT_")).replace("UN_LOGGED", "UNLOGGED")
+
+
+_RENAME_SUBKINDS = {"OBJECT_COLUMN": "RENAME_COLUMN", "OBJECT_ATTRIBUTE": "RENAME_COLUMN",
+                    "OBJECT_TABCONSTRAINT": "RENAME_CONSTRAINT"}
+_MERGE_SUBKINDS = ("MERGE.INSERT", "MERGE.UPDATE", "MERGE.DELETE")
+
+# Sub-kinds that destroy data or schema (property ``destructive``), beside DROP_*, TRUNCATE,
+# DROP_OWNED, REASSIGN_OWNED, MERGE.DELETE and no_where UPDATE/DELETE. ALTER COLUMN TYPE
+# rewrites the table and its USING expression may replace every value.
+_DESTRUCTIVE_SUBCOMMANDS = ("DROP_COLUMN", "DROP_CONSTRAINT", "ALTER_COLUMN_TYPE")
+_DESTRUCTIVE_KINDS = {"TRUNCATE", "REASSIGN_OWNED", "MERGE.DELETE"}
+
+
 def _all_kinds() -> frozenset[str]:
     kinds = {_KIND_NAMES.get(n, _default_kind(n)) for n in _NODE_NAMES if n.endswith("Stmt")}
     kinds.discard("RAW")
     kinds |= set(_TRANSACTION_KINDS.values()) | {"SET", "RESET", "GRANT", "REVOKE", "CREATE_TABLE_AS",
                                                  "CREATE_MATERIALIZED_VIEW", "CREATE_FUNCTION", "CREATE_PROCEDURE",
-                                                 "VACUUM", "ANALYZE", "ALTER_TABLE"}
+                                                 "VACUUM", "ANALYZE", "ALTER_TABLE", "CREATE_OPERATOR",
+                                                 "CREATE_AGGREGATE", "CREATE_COLLATION", *_DEFINE_KINDS.values(),
+                                                 *_MERGE_SUBKINDS}
     for member in _enums.ObjectType:
         suffix = member.name.removeprefix("OBJECT_")
         kinds |= {"DROP_" + suffix, "ALTER_" + suffix}
+    subs = {_alter_subkind(m.name) for m in _enums.AlterTableType} | {"RENAME", *_RENAME_SUBKINDS.values()}
+    kinds |= {f"ALTER_{obj}.{sub}" for obj in _ALTER_OBJECTS for sub in subs}
     return frozenset(kinds)
 
 
@@ -139,7 +168,44 @@ PROPERTIES = frozenset({
     "no_where", "truncate", "drop", "copy_program", "copy_file", "copy_from", "copy_to", "alter_system",
     "set_role", "set_session_authorization", "do_block", "function_body", "multi_statement", "dynamic_sql",
     "opaque_body", "select_into", "role_grant", "explain_analyze", "locking", "writes", "prepared",
+    "destructive", "explain_only",
 })
+
+# Options of CREATE OPERATOR / AGGREGATE / TYPE / TEXT SEARCH PARSER|TEMPLATE, CREATE TYPE AS RANGE,
+# ALTER OPERATOR / ALTER TYPE ... SET (...) whose value is a function the server will call: each
+# is a function of the statement, so a rule blocking pg_read_file also blocks an operator or an
+# aggregate's final function that is pg_read_file under a new name.
+_FUNCTION_OPTIONS = frozenset({
+    "function", "procedure", "restrict", "join",  # operators
+    "sfunc", "finalfunc", "combinefunc", "serialfunc", "deserialfunc", "msfunc", "minvfunc", "mfinalfunc",
+    "input", "output", "receive", "send", "typmod_in", "typmod_out", "analyze", "subscript",  # types
+    "canonical", "subtype_diff",  # ranges
+    "start", "gettoken", "end", "lextypes", "headline", "init", "lexize",  # text search
+    "handler", "validator",  # foreign-data wrappers
+})
+
+# Built-in functions that run SQL given as text, from PostgreSQL 15's pg_proc (the one list;
+# tests/test_policy_pg_functions.py shows each running its argument on a real server): name ->
+# (argument index, argument count or None for any). A constant argument is analyzed like any
+# nested statement; another sets dynamic_sql. query_to_xmlschema only plans its query, but
+# planning runs immutable functions (constant folding), so it is here too.
+SQL_TEXT_FUNCTIONS: dict[str, tuple[int, int | None]] = {
+    "query_to_xml": (0, None),
+    "query_to_xmlschema": (0, None),
+    "query_to_xml_and_xmlschema": (0, None),
+    "ts_stat": (0, None),
+    "ts_rewrite": (1, 2),  # ts_rewrite(query tsquery, select text); the 3-argument form runs nothing
+}
+
+# Built-ins that read whole relations named by an argument (SELECT * FROM it, through SPI): the
+# relation is a read of the statement. "table": a regclass; "schema": every table of a schema;
+# "database": every table. A non-constant name sets dynamic_sql. (cursor_to_xml and
+# cursor_to_xmlschema fetch from a cursor whose query botwarden analyzed when it was declared.)
+RELATION_READING_FUNCTIONS: dict[str, str] = {
+    "table_to_xml": "table", "table_to_xmlschema": "table", "table_to_xml_and_xmlschema": "table",
+    "schema_to_xml": "schema", "schema_to_xmlschema": "schema", "schema_to_xml_and_xmlschema": "schema",
+    "database_to_xml": "database", "database_to_xmlschema": "database", "database_to_xml_and_xmlschema": "database",
+}
 
 # --- results -----------------------------------------------------------------------------------
 
@@ -185,6 +251,9 @@ class StatementAnalysis:
     deallocate: str | None = None  # a name, or "*" for ALL
     search_path: tuple[str, ...] | None = None  # schemas a SET search_path names; ("*",) = unknown
     reset_session: bool = False  # RESET ALL / DISCARD ALL
+    # The analysis read a constant's value (SQL text in query_to_xml, a LIKE pattern, a relation
+    # name): another constant in the same place may mean something else, so no shape caching.
+    reads_constants: bool = False
 
     @property
     def relations(self) -> frozenset[Relation]:
@@ -232,6 +301,17 @@ def _parse_error_message(e: ParseError) -> str:
     return f"{text} at character {loc + 1}" if isinstance(loc, int) else text
 
 
+def syntax_error(sql: str) -> tuple[str, int | None] | None:
+    """(message, 1-based character position) when PostgreSQL's parser rejects ``sql``, as the
+    server would report it (the text near the error included: only the client sees it)."""
+    try:
+        parse_sql_json(sql)
+    except ParseError as e:
+        loc = e.args[1] if len(e.args) > 1 else None
+        return str(e.args[0]) if e.args else "syntax error", (loc + 1 if isinstance(loc, int) else None)
+    return None
+
+
 DEEP_RECURSION_LIMIT = 12_000
 
 
@@ -260,6 +340,10 @@ def _analyze_sql(sql: str) -> BatchAnalysis:
         tree = json.loads(parse_sql_json(sql))
     except ParseError as e:
         return BatchAnalysis((unparsed(_parse_error_message(e)),), shape_cacheable=False)
+    except UnicodeEncodeError:
+        # Undecodable bytes carried as surrogates (a command line, surrogateescape): the parser
+        # takes UTF-8 only, and botwarden will not guess what the server would read.
+        return BatchAnalysis((unparsed("statement is not valid UTF-8"),), shape_cacheable=False)
     raw = sql.encode("utf-8")
     stmts = tree.get("stmts", [])
     results = []
@@ -272,7 +356,7 @@ def _analyze_sql(sql: str) -> BatchAnalysis:
         results.append(StatementAnalysis(kind="EMPTY", kinds=frozenset({"EMPTY"})))
     if len(results) > 1:
         results = [replace(r, properties=r.properties | {"multi_statement"}) for r in results]
-    shape = all(r.error is None and not (r.kinds & _SHAPE_SENSITIVE)
+    shape = all(r.error is None and not (r.kinds & _SHAPE_SENSITIVE) and not r.reads_constants
                 and not any(f.name in _SESSION_FUNCTIONS for f in r.functions) for r in results)
     session = any((r.kinds & _SESSION_KINDS) or any(f.name in _SESSION_FUNCTIONS for f in r.functions)
                   for r in results)
@@ -337,8 +421,7 @@ def _const_string(node: Any) -> str | None:
 
 
 def _has_column_ref(node: Any) -> bool:
-    """A WHERE without any column reference (``true``, ``1 = 1``, ``$1``, ``EXISTS (SELECT 1)``)
-    selects every row or none: it counts as no WHERE."""
+    """Any column reference at all (a select list item that is only constants and calls)."""
     if isinstance(node, dict):
         for key, value in node.items():
             if key == "ColumnRef":
@@ -348,6 +431,223 @@ def _has_column_ref(node: Any) -> bool:
     elif isinstance(node, list):
         return any(_has_column_ref(v) for v in node)
     return False
+
+
+# --- does a WHERE (or MERGE's ON) filter the target's rows? ----------------------------------------
+#
+# Syntax alone cannot know how many rows a condition keeps; these are the shapes that keep every
+# row (or every row with a non-null key) whatever the data: a condition that never mentions the
+# target (``true``, ``$1``, ``EXISTS (SELECT 1 FROM other)``, ``new.id IS NOT NULL`` in a rule),
+# ``x = x``, ``x IS NOT NULL`` (a key column is never null, and the parser cannot see constraints),
+# ``x LIKE '%'``, an OR with such a branch, an AND of only such parts, and a self-join on the same
+# column (``t.id = t2.id`` where t2 is the target table again).
+
+_TAUTOLOGY_OPS = frozenset({"=", ">=", "<="})
+_NO_COLUMNS = frozenset({"name", "funcname", "typeName"})  # lists of names only
+_CONTRADICTION_OPS = frozenset({"<>", "!=", "<", ">"})
+
+
+class _Target:
+    """The names the target of an UPDATE / DELETE / MERGE goes by inside its condition."""
+
+    def __init__(self, relation: Mapping[str, Any] | None, sources: Iterable[Any]):
+        rel = relation.get("RangeVar", relation) if isinstance(relation, dict) else {}
+        alias = rel.get("alias", {}).get("aliasname") if isinstance(rel.get("alias"), dict) else None
+        self.names = frozenset({(alias or rel.get("relname", "")).lower()})
+        # Other range entries that are the target table again (a self-join): t2.id is t.id.
+        key = ((rel.get("schemaname") or "").lower(), rel.get("relname", "").lower())
+        same = set()
+        for src in _range_vars(sources):
+            if ((src.get("schemaname") or "").lower(), src.get("relname", "").lower()) == key:
+                src_alias = src.get("alias", {}).get("aliasname") if isinstance(src.get("alias"), dict) else None
+                same.add((src_alias or src.get("relname", "")).lower())
+        self.same = frozenset(same - self.names)
+        self.read_constant = False  # a constant's value decided (LIKE '%'): no shape caching
+
+    def keeps_every_row_of(self, walker: "_Walker", node: Any) -> bool:
+        found = self.keeps_every_row(node)
+        walker.reads_constants |= self.read_constant
+        return found
+
+    def mentioned(self, node: Any, nested: bool = False, names: frozenset[str] | None = None) -> bool:
+        """A column of the target is referenced: unqualified at this level (inside a subquery an
+        unqualified name belongs to the subquery's tables), or qualified by a target name that
+        no subquery's FROM hides (``EXISTS (SELECT 1 FROM t WHERE t.x > 0)`` is the inner t)."""
+        names = self.names if names is None else names
+        if type(node) is list:
+            return any(self.mentioned(v, nested, names) for v in node)
+        if type(node) is not dict:
+            return False
+        for key, value in node.items():
+            if (type(value) is not dict and type(value) is not list) or key in _NO_COLUMNS:
+                continue  # positions, flags, operator and function names: nothing to look into
+            if key == "ColumnRef":
+                fields = value.get("fields", ()) if type(value) is dict else ()
+                if len(fields) == 1:
+                    if not nested:
+                        return True
+                elif len(fields) >= 2 and (_sval(fields[-2]) or "").lower() in names:
+                    return True
+            elif key == "SelectStmt" and type(value) is dict:
+                inner = names - _from_names(value.get("fromClause", ()))
+                if inner and self.mentioned({k: v for k, v in value.items() if k != "fromClause"}, True, inner):
+                    return True
+                if inner and self.mentioned(value.get("fromClause"), True, inner):
+                    return True
+            elif self.mentioned(value, nested, names):
+                return True
+        return False
+
+    def canon(self, node: Any) -> Any:
+        """The expression without positions, the target's aliases (and self-join aliases) removed."""
+        if isinstance(node, dict):
+            if "CollateClause" in node and isinstance(node["CollateClause"], dict):
+                return self.canon(node["CollateClause"].get("arg"))  # x = x COLLATE "C" is x = x
+            if "ColumnRef" in node and isinstance(node["ColumnRef"], dict):
+                names = [(_sval(f) or "*").lower() for f in node["ColumnRef"].get("fields", ())]
+                if len(names) == 2 and names[0] in (self.names | self.same):
+                    names = names[1:]
+                return ("col", tuple(names))
+            return tuple(sorted((k, self.canon(v)) for k, v in node.items() if k != "location"))
+        if isinstance(node, list):
+            return tuple(self.canon(v) for v in node)
+        return node
+
+    def same_sides(self, expr: Mapping[str, Any]) -> bool:
+        left, right = expr.get("lexpr"), expr.get("rexpr")
+        if not (isinstance(left, dict) and isinstance(right, dict)):
+            return False
+        if left.keys() != right.keys() and "CollateClause" not in left and "CollateClause" not in right:
+            return False  # different node types (id = 1): not the same expression, no need to compare
+        return self.canon(left) == self.canon(right)
+
+    def keeps_every_row(self, node: Any) -> bool:
+        """True when ``node`` as a WHERE keeps every row of the target (see above)."""
+        if node is None or not self.mentioned(node):
+            return True
+        if not isinstance(node, dict) or len(node) != 1:
+            return False
+        (kind, body), = node.items()
+        if kind == "BoolExpr":
+            args = body.get("args", [])
+            op = body.get("boolop")
+            if op == "OR_EXPR":
+                return any(self.keeps_every_row(a) for a in args)
+            if op == "AND_EXPR":
+                return all(self.keeps_every_row(a) for a in args)
+            if op == "NOT_EXPR":
+                return any(self.keeps_no_row(a) for a in args)
+            return False
+        if kind == "A_Expr":
+            op = _names(body.get("name", ()))
+            ekind = body.get("kind")
+            if ekind == "AEXPR_OP" and op and op[-1] in _TAUTOLOGY_OPS:
+                return self.same_sides(body)
+            if ekind == "AEXPR_OP" and op and op[-1] in ("~~", "~~*"):  # x ~~ '%' is x LIKE '%'
+                ekind = "AEXPR_LIKE"
+            if ekind == "AEXPR_NOT_DISTINCT":
+                return self.same_sides(body)
+            if ekind == "AEXPR_IN" and op == ["="]:
+                left = self.canon(body.get("lexpr"))
+                right = body.get("rexpr")
+                items = right.get("List", {}).get("items", []) if isinstance(right, dict) and "List" in right else right
+                return isinstance(items, list) and any(self.canon(i) == left for i in items)
+            if ekind in ("AEXPR_LIKE", "AEXPR_ILIKE") and op and op[-1] in ("~~", "~~*"):
+                pattern = _const_string(body.get("rexpr"))
+                self.read_constant = True
+                return pattern is not None and pattern != "" and set(pattern) == {"%"}
+            if ekind == "AEXPR_BETWEEN" or ekind == "AEXPR_BETWEEN_SYM":
+                bounds = body.get("rexpr")
+                items = bounds.get("List", {}).get("items", []) if isinstance(bounds, dict) and "List" in bounds else bounds
+                left = self.canon(body.get("lexpr"))
+                return isinstance(items, list) and len(items) == 2 and all(self.canon(i) == left for i in items)
+            return False
+        if kind == "NullTest":
+            return body.get("nulltesttype") == "IS_NOT_NULL"
+        if kind == "BooleanTest":
+            test = body.get("booltesttype")
+            if test in ("IS_TRUE", "IS_NOT_FALSE"):
+                return self.keeps_every_row(body.get("arg"))
+            if test in ("IS_FALSE", "IS_NOT_TRUE"):
+                return self.keeps_no_row(body.get("arg"))
+            return False
+        if kind == "TypeCast":
+            return self.keeps_every_row(body.get("arg"))
+        return False
+
+    def keeps_no_row(self, node: Any) -> bool:
+        """True when ``node`` is false for every row with non-null keys (x <> x, x IS NULL)."""
+        if not isinstance(node, dict) or len(node) != 1 or not self.mentioned(node):
+            return False
+        (kind, body), = node.items()
+        if kind == "BoolExpr":
+            args = body.get("args", [])
+            op = body.get("boolop")
+            if op == "OR_EXPR":
+                return all(self.keeps_no_row(a) for a in args)
+            if op == "AND_EXPR":
+                return any(self.keeps_no_row(a) for a in args)
+            if op == "NOT_EXPR":
+                return any(self.keeps_every_row(a) for a in args)
+            return False
+        if kind == "A_Expr":
+            op = _names(body.get("name", ()))
+            if body.get("kind") == "AEXPR_OP" and op and op[-1] in _CONTRADICTION_OPS:
+                return self.same_sides(body)
+            if body.get("kind") == "AEXPR_DISTINCT":
+                return self.same_sides(body)
+            return False
+        if kind == "NullTest":
+            return body.get("nulltesttype") == "IS_NULL"
+        if kind == "TypeCast":
+            return self.keeps_no_row(body.get("arg"))
+        return False
+
+
+def _from_names(items: Iterable[Any]) -> frozenset[str]:
+    """The names a FROM list makes visible (aliases, or table names)."""
+    out = set()
+    for item in items or ():
+        if not isinstance(item, dict) or len(item) != 1:
+            continue
+        (kind, body), = item.items()
+        alias = body.get("alias", {}).get("aliasname") if isinstance(body.get("alias"), dict) else None
+        if alias:
+            out.add(alias.lower())
+        elif kind == "RangeVar":
+            out.add(body.get("relname", "").lower())
+        if kind == "JoinExpr":
+            out |= _from_names([body.get("larg"), body.get("rarg")])
+    return frozenset(out)
+
+
+def _regclass(text: str) -> Relation | None:
+    """A regclass literal ('s.t', '"T"') as PostgreSQL reads it, by parsing it as a FROM item."""
+    try:
+        tree = json.loads(parse_sql_json("SELECT * FROM " + text))
+        stmts = tree.get("stmts", [])
+        select = stmts[0]["stmt"]["SelectStmt"] if len(stmts) == 1 else {}
+        (item,) = select.get("fromClause", [None])
+        rel = item["RangeVar"]
+    except (ParseError, KeyError, TypeError, ValueError, UnicodeError):
+        return None
+    if set(select) - {"targetList", "fromClause", "limitOption", "op"} or rel.get("alias") or not rel.get("inh", True):
+        return None
+    schema = rel.get("schemaname")
+    return Relation(schema.lower() if schema else None, rel.get("relname", "").lower())
+
+
+def _range_vars(items: Iterable[Any]) -> Iterable[Mapping[str, Any]]:
+    for item in items or ():
+        if not isinstance(item, dict):
+            continue
+        if "RangeVar" in item:
+            yield item["RangeVar"]
+        elif "JoinExpr" in item:
+            join = item["JoinExpr"]
+            yield from _range_vars([join.get("larg"), join.get("rarg")])
+        elif "relname" in item:
+            yield item
 
 
 def _figure_colname(node: Any) -> str:
@@ -394,6 +694,8 @@ class _Walker:
         self.deallocate: str | None = None
         self.search_path: tuple[str, ...] | None = None
         self.reset_session = False
+        self.explain_only = False
+        self.reads_constants = False
 
     # -- entry points --
     def top(self, wrapped: Mapping[str, Any]) -> None:
@@ -404,17 +706,25 @@ class _Walker:
     def result(self) -> StatementAnalysis:
         if self.writes:
             self.properties.add("writes")
+        kinds = self.kinds | {self.kind}
+        if any(k.startswith("DROP_") for k in kinds):
+            self.properties.add("drop")
+        if ("drop" in self.properties or "truncate" in self.properties or "no_where" in self.properties
+                or kinds & _DESTRUCTIVE_KINDS or any(k.endswith(_DESTRUCTIVE_SUBCOMMANDS) and "." in k for k in kinds)):
+            self.properties.add("destructive")
+        if self.explain_only:
+            self.properties.add("explain_only")
         # "*?x": a bare name that is a whole row when x is a table or alias in this statement.
         outputs = tuple(sorted(
             (k, frozenset("*" if src.startswith("*?") else src for src in v
                           if not src.startswith("*?") or src[2:].lower() in self.range_names))
             for k, v in self.outputs.items()))
         return StatementAnalysis(
-            kind=self.kind, kinds=frozenset(self.kinds | {self.kind}), reads=frozenset(self.reads),
+            kind=self.kind, kinds=frozenset(kinds), reads=frozenset(self.reads),
             writes=frozenset(self.writes), functions=frozenset(self.functions),
             properties=frozenset(self.properties), outputs=outputs, prepare_name=self.prepare_name,
             prepared_body=self.prepared_body, execute_name=self.execute_name, deallocate=self.deallocate,
-            search_path=self.search_path, reset_session=self.reset_session)
+            search_path=self.search_path, reset_session=self.reset_session, reads_constants=self.reads_constants)
 
     # -- generic walk --
     def visit_value(self, value: Any, typed: str | None) -> None:
@@ -470,7 +780,10 @@ class _Walker:
             return "CREATE_MATERIALIZED_VIEW" if body.get("objtype") == "OBJECT_MATVIEW" else "CREATE_TABLE_AS"
         if node == "VacuumStmt":
             return "VACUUM" if body.get("is_vacuumcmd") else "ANALYZE"
-        return _KIND_NAMES.get(node, _default_kind(node))
+        if node == "DefineStmt":
+            objtype = body.get("kind", "OBJECT_TYPE")
+            return _DEFINE_KINDS.get(objtype, "CREATE_" + _object_suffix(objtype))
+        return _KIND_NAMES.get(node) or _default_kind(node)  # not eagerly: this runs per node
 
     # -- relations --
     def _relation(self, body: Mapping[str, Any]) -> Relation:
@@ -521,7 +834,115 @@ class _Walker:
             self.functions.add(Function(".".join(names[:-1]) or None, names[-1]))
             if names[-1] == "set_config":
                 self._set_config(body.get("args", []))
+            elif names[-1] in SQL_TEXT_FUNCTIONS and names[0] in (names[-1], "pg_catalog"):
+                self._sql_text_argument(names[-1], body.get("args", []))
+            elif names[-1] in RELATION_READING_FUNCTIONS and names[0] in (names[-1], "pg_catalog"):
+                self._relation_argument(RELATION_READING_FUNCTIONS[names[-1]], body.get("args", []))
         self.generic("FuncCall", body, skip=("funcname",))
+
+    def _function_named(self, names: Iterable[Any]) -> None:
+        parts = [n.lower() for n in _names(names)]
+        if parts:
+            self.functions.add(Function(".".join(parts[:-1]) or None, parts[-1]))
+
+    def _function_options(self, options: Iterable[Any]) -> None:
+        """Options whose value is a function the server will call (see _FUNCTION_OPTIONS)."""
+        for opt in options or ():
+            elem = opt.get("DefElem", {}) if isinstance(opt, dict) else {}
+            if elem.get("defname", "").lower() not in _FUNCTION_OPTIONS:
+                continue
+            arg = elem.get("arg")
+            if isinstance(arg, dict) and "TypeName" in arg:
+                self._function_named(arg["TypeName"].get("names", ()))
+            elif isinstance(arg, dict) and "List" in arg:
+                self._function_named(arg["List"].get("items", ()))
+            elif _sval(arg) is not None:
+                self._function_named([arg])
+
+    def _v_DefineStmt(self, body: Mapping[str, Any]) -> None:
+        self._function_options(body.get("definition", ()))
+        self.generic("DefineStmt", body)
+
+    def _v_CreateRangeStmt(self, body: Mapping[str, Any]) -> None:
+        self._function_options(body.get("params", ()))
+        self.generic("CreateRangeStmt", body)
+
+    def _v_AlterOperatorStmt(self, body: Mapping[str, Any]) -> None:
+        self._function_options(body.get("options", ()))
+        self.generic("AlterOperatorStmt", body)
+
+    def _v_AlterTypeStmt(self, body: Mapping[str, Any]) -> None:
+        self._function_options(body.get("options", ()))
+        self.generic("AlterTypeStmt", body)
+
+    def _v_CreateFdwStmt(self, body: Mapping[str, Any]) -> None:
+        self._function_options(body.get("func_options", ()))
+        self.generic("CreateFdwStmt", body)
+
+    def _v_AlterFdwStmt(self, body: Mapping[str, Any]) -> None:
+        self._function_options(body.get("func_options", ()))
+        self.generic("AlterFdwStmt", body)
+
+    def _v_CreateCastStmt(self, body: Mapping[str, Any]) -> None:
+        if isinstance(body.get("func"), dict):
+            self._function_named(body["func"].get("objname", ()))
+        self.generic("CreateCastStmt", body)
+
+    def _v_CreateTransformStmt(self, body: Mapping[str, Any]) -> None:
+        for key in ("fromsql", "tosql"):
+            if isinstance(body.get(key), dict):
+                self._function_named(body[key].get("objname", ()))
+        self.generic("CreateTransformStmt", body)
+
+    def _v_CreateOpClassItem(self, body: Mapping[str, Any]) -> None:
+        if body.get("itemtype") == 2 and isinstance(body.get("name"), dict):  # OPCLASS_ITEM_FUNCTION
+            self._function_named(body["name"].get("objname", ()))
+        self.generic("CreateOpClassItem", body)
+
+    def _v_CreateConversionStmt(self, body: Mapping[str, Any]) -> None:
+        self._function_named(body.get("func_name", ()))
+        self.generic("CreateConversionStmt", body)
+
+    def _v_CreatePLangStmt(self, body: Mapping[str, Any]) -> None:
+        for key in ("plhandler", "plinline", "plvalidator"):
+            self._function_named(body.get(key, ()))
+        self.generic("CreatePLangStmt", body)
+
+    def _v_CreateEventTrigStmt(self, body: Mapping[str, Any]) -> None:
+        self._function_named(body.get("funcname", ()))
+        self.generic("CreateEventTrigStmt", body, skip=("funcname",))
+
+    def _sql_text_argument(self, name: str, args: list[Any]) -> None:
+        """query_to_xml('DELETE ...', ...) runs its text: analyze a constant, flag anything else."""
+        index, count = SQL_TEXT_FUNCTIONS[name]
+        self.reads_constants = True
+        if count is not None and len(args) != count:
+            return
+        if len(args) <= index:
+            return
+        text = _const_string(args[index])
+        if text is None:
+            self.properties.add("dynamic_sql")
+        else:
+            self._sql_body(text)
+
+    def _relation_argument(self, scope: str, args: list[Any]) -> None:
+        """table_to_xml('billing.secrets', ...) reads billing.secrets; database_to_xml reads all."""
+        self.reads_constants = True
+        if scope == "database":
+            self.reads.add(Relation("*", "*"))
+            return
+        name = _const_string(args[0]) if args else None
+        if name is None:
+            self.properties.add("dynamic_sql")
+        elif scope == "schema":
+            self.reads.add(Relation(name.lower(), "*"))  # a name, taken as written
+        else:
+            relation = _regclass(name)
+            if relation is None:
+                self.properties.add("dynamic_sql")  # an OID, or text botwarden cannot read as a name
+            else:
+                self.reads.add(relation)
 
     def _set_config(self, args: list[Any]) -> None:
         setting = _const_string(args[0]) if args else None
@@ -614,9 +1035,11 @@ class _Walker:
     def _dml(self, node: str, body: Mapping[str, Any]) -> None:
         self.kinds.add(self._kind_of(node, body))
         if node in ("UpdateStmt", "DeleteStmt"):
-            where = body.get("whereClause")
-            if where is None or not _has_column_ref(where):
+            sources = body.get("fromClause") or body.get("usingClause") or ()
+            if _Target(body.get("relation"), sources).keeps_every_row_of(self, body.get("whereClause")):
                 self.properties.add("no_where")
+        elif node == "MergeStmt":
+            self._merge_actions(body)
         returning = body.get("returningClause") or body.get("returningList")
 
         def targets() -> None:
@@ -639,6 +1062,23 @@ class _Walker:
 
     def _v_MergeStmt(self, body: Mapping[str, Any]) -> None:
         self._dml("MergeStmt", body)
+
+    def _merge_actions(self, body: Mapping[str, Any]) -> None:
+        """MERGE's sub-kinds (MERGE.DELETE ...), and no_where when a WHEN MATCHED UPDATE/DELETE
+        reaches every target row: its ON condition and its own AND condition filter nothing."""
+        target = _Target(body.get("relation"), [body.get("sourceRelation")])
+        every_row_matches = target.keeps_every_row_of(self, body.get("joinCondition"))
+        for clause in body.get("mergeWhenClauses", []):
+            when = clause.get("MergeWhenClause", {}) if isinstance(clause, dict) else {}
+            command = str(when.get("commandType", "")).removeprefix("CMD_")
+            if command in ("INSERT", "UPDATE", "DELETE"):
+                self.kinds.add("MERGE." + command)
+            if command not in ("UPDATE", "DELETE"):
+                continue
+            # NOT MATCHED BY SOURCE (PostgreSQL 17) acts on the target rows no source row matched.
+            reaches_all = every_row_matches or when.get("matchKind") == "MERGE_WHEN_NOT_MATCHED_BY_SOURCE"
+            if reaches_all and target.keeps_every_row_of(self, when.get("condition")):
+                self.properties.add("no_where")
 
     def _v_CopyStmt(self, body: Mapping[str, Any]) -> None:
         is_from = bool(body.get("is_from"))
@@ -683,6 +1123,11 @@ class _Walker:
         self.generic("DropRoleStmt", body)
 
     def _v_AlterTableStmt(self, body: Mapping[str, Any]) -> None:
+        kind = self._kind_of("AlterTableStmt", body)
+        for cmd in body.get("cmds", []):
+            subtype = cmd.get("AlterTableCmd", {}).get("subtype") if isinstance(cmd, dict) else None
+            if subtype:
+                self.kinds.add(f"{kind}.{_alter_subkind(subtype)}")
         self._write(body.get("relation"))
         self.generic("AlterTableStmt", body, skip=("relation",))
 
@@ -717,8 +1162,18 @@ class _Walker:
     def _v_RenameStmt(self, body: Mapping[str, Any]) -> None:
         if body.get("renameType") == "OBJECT_SCHEMA" and body.get("subname"):
             self.writes.add(Relation(body["subname"].lower(), "*"))
-        if body.get("renameType") in _TABLE_OBJECTS or body.get("relationType") in _TABLE_OBJECTS:
-            self.kinds.add("ALTER_" + _object_suffix(body.get("relationType") or body.get("renameType")))
+        # ALTER TABLE x RENAME TO y names the object in renameType (relationType is then unset, and
+        # unset reads as its enum's first member, OBJECT_ACCESS_METHOD); RENAME COLUMN / CONSTRAINT
+        # name the column or constraint there and the table in relationType.
+        rename, relation = body.get("renameType"), body.get("relationType")
+        if rename in _TABLE_OBJECTS or rename == "OBJECT_TYPE":
+            kind = "ALTER_" + _object_suffix(rename)
+            self.kinds |= {kind, kind + ".RENAME"}
+        elif rename in _RENAME_SUBKINDS and (relation in _TABLE_OBJECTS or relation == "OBJECT_TYPE"
+                                             or rename == "OBJECT_TABCONSTRAINT"):
+            kind = "ALTER_" + _object_suffix(relation if relation in _TABLE_OBJECTS or relation == "OBJECT_TYPE"
+                                             else "OBJECT_TABLE")
+            self.kinds |= {kind, f"{kind}.{_RENAME_SUBKINDS[rename]}"}
         self._targets_written("RenameStmt", body, "relation")
 
     def _v_ImportForeignSchemaStmt(self, body: Mapping[str, Any]) -> None:
@@ -814,11 +1269,16 @@ class _Walker:
         self.generic("DeallocateStmt", body)
 
     def _v_ExplainStmt(self, body: Mapping[str, Any]) -> None:
+        analyze = False
         for opt in body.get("options", []):
             defname = opt.get("DefElem", {}).get("defname") if isinstance(opt, dict) else None
             if defname == "analyze":
+                analyze = True  # also ANALYZE false: the safe side
                 self.properties.add("explain_analyze")
-        # What EXPLAIN shows counts as if it ran: fail closed (EXPLAIN ANALYZE does run it).
+        # What EXPLAIN shows counts as if it ran: fail closed (EXPLAIN ANALYZE does run it). A plain
+        # EXPLAIN of a whole statement is marked explain_only, so a rule can exempt it
+        # (unless_properties); never a nested one, which cannot speak for its outer statement.
+        self.explain_only = not analyze and self.depth == 0 and self.kind == "EXPLAIN"
         self.generic("ExplainStmt", body)
 
     def _merge(self, other: StatementAnalysis) -> None:
@@ -827,7 +1287,8 @@ class _Walker:
         self.reads |= other.reads
         self.writes |= other.writes
         self.functions |= other.functions
-        self.properties |= other.properties
+        self.properties |= other.properties - {"explain_only"}
+        self.reads_constants |= other.reads_constants
 
     # -- code bodies --
     def _v_DoStmt(self, body: Mapping[str, Any]) -> None:
@@ -863,7 +1324,12 @@ class _Walker:
             self._sql_body(code)
         elif code is not None and language == "plpgsql":
             # The function's own text parses with its real signature (RETURN x needs it).
-            self._plpgsql_body(code, self.text if self.depth == 0 and self.kind.startswith("CREATE_") else None)
+            try:
+                self._plpgsql_body(code, self.text if self.depth == 0 and self.kind.startswith("CREATE_") else None)
+            except _Unanalyzable:
+                # The offline PL/pgSQL parser has no catalog (%TYPE, VARIADIC, record arrays): the
+                # statement itself parsed, so its body is opaque, decided by rules like any other.
+                self.properties.add("opaque_body")
         else:
             self.properties.add("opaque_body")
         self.generic("CreateFunctionStmt", body, skip=("funcname",))
@@ -969,8 +1435,8 @@ def _split_search_path(value: str) -> tuple[str, ...]:
 def kind_matches(pattern: str, kind: str) -> bool:
     """A ``kinds`` entry (exact kind, category, or glob like ``CREATE_*``) against a kind."""
     pattern = pattern.upper()
-    if pattern == kind:
-        return True
+    if pattern == kind or (kind.startswith(pattern) and kind[len(pattern):len(pattern) + 1] == "."):
+        return True  # a kind matches its sub-kinds: ALTER_TABLE matches ALTER_TABLE.DROP_COLUMN
     category = KIND_CATEGORIES.get(pattern)
     if category is not None:
         return bool(category(kind))

@@ -21,6 +21,8 @@ CANCEL_REQUEST_CODE = 80877102
 
 _I = struct.Struct("!i")
 _H = struct.Struct("!h")
+_UH = struct.Struct("!H")
+_UI = struct.Struct("!I")   # OIDs are unsigned 32-bit   # counts: PostgreSQL reads them as unsigned 16-bit (pq_getmsgint(msg, 2)), up to 65,535
 _IH = struct.Struct("!ih")
 _HEADER = struct.Struct("!ci")
 
@@ -81,9 +83,9 @@ class _Reader:
         return value
 
     def count(self) -> int:
-        n = self.int16()
-        if n < 0:
-            raise RemoteProtocolError("negative count in message")
+        self._need(2)
+        (n,) = _UH.unpack_from(self.buf, self.pos)
+        self.pos += 2
         return n
 
     def value(self) -> bytes | None:
@@ -103,7 +105,7 @@ class _Reader:
 
 
 def _values(values: tuple[bytes | None, ...]) -> bytes:
-    parts = [_H.pack(len(values))]
+    parts = [_UH.pack(len(values))]
     for v in values:
         if v is None:
             parts.append(_I.pack(-1))
@@ -126,7 +128,7 @@ def _formats(r: _Reader) -> tuple[int, ...]:
 
 
 def _pack_int16s(values: tuple[int, ...]) -> bytes:
-    return _H.pack(len(values)) + b"".join(_H.pack(v) for v in values)
+    return _UH.pack(len(values)) + b"".join(_H.pack(v) for v in values)
 
 
 def _check_format(f: int) -> None:
@@ -282,7 +284,7 @@ class Parse(Message):
     param_types: tuple[int, ...] = ()
 
     def encode(self) -> bytes:
-        return _frame(b"P", _s(self.name) + _s(self.query) + _H.pack(len(self.param_types))
+        return _frame(b"P", _s(self.name) + _s(self.query) + _UH.pack(len(self.param_types))
                       + b"".join(_I.pack(t) for t in self.param_types))
 
     @classmethod
@@ -456,7 +458,7 @@ class FunctionCall(Message):
             _check_format(f)
 
     def encode(self) -> bytes:
-        return _frame(b"F", _I.pack(self.oid) + _pack_int16s(self.arg_formats) + _values(self.args)
+        return _frame(b"F", _UI.pack(self.oid) + _pack_int16s(self.arg_formats) + _values(self.args)
                       + _H.pack(self.result_format))
 
     @classmethod
@@ -866,7 +868,7 @@ class ParameterDescription(Message):
     type_oids: tuple[int, ...]
 
     def encode(self) -> bytes:
-        return _frame(b"t", _H.pack(len(self.type_oids)) + b"".join(_I.pack(o) for o in self.type_oids))
+        return _frame(b"t", _UH.pack(len(self.type_oids)) + b"".join(_I.pack(o) for o in self.type_oids))
 
     @classmethod
     def decode(cls, body: bytes) -> "ParameterDescription":
@@ -932,7 +934,7 @@ class RowDescription(Message):
     fields: tuple[FieldDescription, ...] = field(default=())
 
     def encode(self) -> bytes:
-        parts = [_H.pack(len(self.fields))]
+        parts = [_UH.pack(len(self.fields))]
         for f in self.fields:
             parts.append(_s(f.name))
             parts.append(_FIELD.pack(f.table_oid, f.attnum, f.type_oid, f.type_size, f.type_mod, f.format))

@@ -1,0 +1,82 @@
+"""Issue 24.2-24.4's bypasses end to end: a real PostgreSQL 15 in a network namespace, the real
+daemon with its eBPF probes, a bot started with `botwarden bot run` whose database user may do
+each of them (it owns the table through a role). Under a policy that names what each does, each
+is refused with the rule's name and the server shows nothing happened; the harmless look-alikes
+(ADD COLUMN under a DROP COLUMN rule, a plain EXPLAIN, a filtered DELETE, SET statement_timeout)
+pass. tests/test_policy_front_bypasses.py runs the same through the front alone, quicker."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.test_pg_reading_e2e import _steps, run_bot, start_world, table_exists
+from tests.test_pg_reading_e2e import accounts  # noqa: F401  (the fixture, on this module's world)
+
+pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
+
+RULES = """
+[[rules]]
+name = "no-server-files"
+action = "block"
+[rules.sql]
+functions = ["pg_read_file", "pg_terminate_backend"]
+
+[[rules]]
+name = "no-mass-writes"
+action = "block"
+[rules.sql]
+properties = ["no_where"]
+unless_properties = ["explain_only"]
+
+[[rules]]
+name = "no-column-drops"
+action = "block"
+[rules.sql]
+kinds = ["ALTER_TABLE.DROP_COLUMN", "ALTER_TABLE.RENAME"]
+"""
+
+
+@pytest.fixture(scope="module")
+def world(bao_server, tmp_path_factory):
+    with start_world(bao_server, tmp_path_factory.mktemp("policy-e2e"), RULES, bots="botwarden-policy.bots",
+                     pin_dir="/sys/fs/bpf/botwarden-policy") as w:
+        yield w
+
+
+BYPASSES = [
+    ("CREATE OPERATOR ### (FUNCTION = pg_read_file, RIGHTARG = text)", "no-server-files"),
+    ("CREATE AGGREGATE rf(text) (SFUNC = textcat, STYPE = text, FINALFUNC = pg_read_file)", "no-server-files"),
+    ("CREATE OPERATOR !!! (FUNCTION = pg_terminate_backend, RIGHTARG = int)", "no-server-files"),
+    ("SELECT query_to_xml('select pg_read_file(''/etc/hostname'')', true, true, '')", "no-server-files"),
+    ("CREATE RULE r AS ON INSERT TO accounts DO ALSO DELETE FROM accounts WHERE new.id IS NOT NULL",
+     "no-mass-writes"),
+    ("MERGE INTO accounts a USING (SELECT 1) s ON true WHEN MATCHED THEN DELETE", "no-mass-writes"),
+    ("MERGE INTO accounts a USING (SELECT 1) s ON true WHEN MATCHED THEN UPDATE SET email = NULL", "no-mass-writes"),
+    ("DELETE FROM accounts WHERE EXISTS (SELECT 1 FROM pg_class WHERE pg_class.oid > 0)", "no-mass-writes"),
+    ("DELETE FROM accounts WHERE true OR id = 1", "no-mass-writes"),
+    ("UPDATE accounts SET email = NULL WHERE id IS NOT NULL", "no-mass-writes"),
+    ("ALTER TABLE accounts DROP COLUMN email", "no-column-drops"),
+    ("ALTER TABLE accounts RENAME TO accounts_gone", "no-column-drops"),
+]
+
+
+def test_bypasses_are_refused_and_nothing_happens(world, accounts):  # noqa: F811
+    out = run_bot(world, _steps(*(sql for sql, _ in BYPASSES), "SELECT count(*) FROM accounts"))
+    for (sql, rule), got in zip(BYPASSES, out):
+        assert not got["ok"] and got["sqlstate"] == "42501" and rule in got["message"], (sql, got)
+    assert bytes.fromhex(out[-1]["rows"][0][0]) == b"1"  # the session stayed usable
+    pg = world["pg"]
+    assert table_exists(pg)
+    assert pg.psql("SELECT count(*) FROM accounts WHERE email = 'a@example.com'") == "1"
+    assert pg.psql("SELECT count(*) FROM pg_operator WHERE oprname IN ('###', '!!!')") == "0"
+    assert pg.psql("SELECT count(*) FROM pg_proc WHERE proname = 'rf'") == "0"
+    assert pg.psql("SELECT count(*) FROM pg_rules WHERE tablename = 'accounts'") == "0"
+
+
+def test_look_alikes_pass(world, accounts):  # noqa: F811
+    out = run_bot(world, _steps("ALTER TABLE accounts ADD COLUMN note text", "EXPLAIN DELETE FROM accounts",
+                                "DELETE FROM accounts WHERE id = 2", "SET statement_timeout = 5000",
+                                "UPDATE accounts SET note = 'x' WHERE id = 1"))
+    assert all(step["ok"] for step in out), out
+    assert any(b"Delete on accounts" in bytes.fromhex(row[0]) for row in out[1]["rows"])
+    assert world["pg"].psql("SELECT note FROM accounts WHERE id = 1") == "x"
