@@ -21,7 +21,7 @@ from typing import Any
 
 from .errors import AuditRecordError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 EPOCH_UTC = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 _ONE_US = dt.timedelta(microseconds=1)
@@ -98,7 +98,7 @@ KINDS: dict[str, Kind] = {
             _f("cgroup_id", "int"), _f("cgroup_path"), _f("exe"), _f("comm"),
             _f("attribution_source", choices=("ebpf", "nftables", "none")),
             _f("credential_user"), _f("lease_id"), _f("tls", "bool"),
-            _f("credential_stale_s", "float"),
+            _f("credential_stale_s", "float"), _f("privileged", "bool"),
         )),
         Kind("session_end", "session_ends", (
             _f("session_id", required=True), _f("ts", "ts", True), _f("bytes_in", "int"),
@@ -125,10 +125,10 @@ KINDS: dict[str, Kind] = {
         Kind("probe", "probes", (
             _f("ts", "ts", True),
             _f("event", required=True, choices=("denied_connect", "redirected", "attached", "detached",
-                                                "admission_refused")),
+                                                "admission_refused", "left_cgroup")),
             _f("pid", "int"), _f("uid", "int"), _f("gid", "int"), _f("cgroup_id", "int"),
             _f("cgroup_path"), _f("comm"), _f("exe"), _f("dst_addr"), _f("dst_port", "int"),
-            _f("family", choices=("ipv4", "ipv6")), _f("detail"),
+            _f("family", choices=("ipv4", "ipv6", "unix")), _f("detail"),
         )),
         Kind("recording", "recordings", (
             _f("session_id", required=True), _f("seq", "int", True), _f("ts", "ts", True),
@@ -305,7 +305,8 @@ def _table_ddl(table: str, columns: list[tuple[str, str]]) -> str:
 # Columns later migrations add: migration 1 must create the table as version 1 had it.
 _ADDED_AFTER_V1 = {
     "session_start": {"token_kid", "attribution_source", "cgroup_path",  # v2
-                      "credential_stale_s"},                              # v3
+                      "credential_stale_s",                               # v3
+                      "privileged"},                                      # v4
     "request": {"sqlstate", "masked"},                                    # v2
     "writer_event": {"anchor_seq", "anchor_hash", "removed_rows", "cutoff"},  # v2
 }
@@ -351,13 +352,17 @@ def _migration_3() -> list[str]:
     return ["ALTER TABLE session_starts ADD COLUMN credential_stale_s DOUBLE"]
 
 
+def _migration_4() -> list[str]:
+    return ["ALTER TABLE session_starts ADD COLUMN privileged BOOLEAN"]
+
+
 # Views are recreated after every migration (they only ever describe the latest layout).
 VIEWS = [
     """CREATE OR REPLACE VIEW sessions AS
 SELECT s.session_id, s.identity, s.token_subject, s.token_kid, s.target, s.protocol,
        s.client_addr, s.target_addr, s.pid, s.uid, s.gid, s.cgroup_id, s.cgroup_path,
        s.exe, s.comm, s.attribution_source, s.credential_user, s.lease_id, s.tls,
-       s.credential_stale_s, s.ts AS started_at, e.ts AS ended_at, e.bytes_in, e.bytes_out,
+       s.credential_stale_s, s.privileged, s.ts AS started_at, e.ts AS ended_at, e.bytes_in, e.bytes_out,
        coalesce(e.outcome, 'open') AS outcome, e.error,
        s.chain_seq AS start_seq, e.chain_seq AS end_seq
 FROM session_starts s
@@ -392,5 +397,7 @@ MIGRATIONS: dict[int, tuple[str, list[str]]] = {
         "retention checkpoints", _migration_2()),
     3: ("session_starts.credential_stale_s (a cached credential used while the secrets store was "
         "unreachable)", _migration_3()),
+    4: ("session_starts.privileged (the bot's process ran as uid 0 or with capabilities that can "
+        "undo the probes)", _migration_4()),
 }
 assert max(MIGRATIONS) == SCHEMA_VERSION

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
+import pwd
 import socket
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -49,22 +52,51 @@ def probe_settings(cfg: Config, listeners: Mapping[str, tuple[str, int]] | None 
         return probes.ProbeSettings(cgroup_parent=pc.bots_cgroup, targets=tuple(targets),
                                     passthrough=tuple(passthrough), max_connections=pc.map_entries,
                                     pin_dir=pc.pin_dir, mode="auto" if pc.mode == "off" else pc.mode,
-                                    nft_table=pc.nft_table)
+                                    nft_table=pc.nft_table, unix_sockets=pc.unix_sockets,
+                                    unix_allow=pc.unix_allow, watch_escapes=pc.watch_escapes,
+                                    kill_escaped=pc.kill_escaped)
     except probes.ProbeError as e:  # e.g. a pin_dir outside /sys/fs/bpf, a passthrough that is a target
         raise BotwardenError(f"probes: {e}") from None
 
 
-def run_bot(cfg: Config | None, name: str, command: list[str]) -> int:
+def run_bot(cfg: Config | None, name: str, command: list[str], *, user: str | None = None,
+            allow_privileged: bool = False) -> int:
     """Exec ``command`` inside the bot's cgroup (created under the bots' parent cgroup).
 
     Fail closed: unless the config turns the probes off, the bot starts only when probes are
     attached to the bots' cgroup (by the daemon, or by `botwarden probes attach`); otherwise it
-    would run unwatched and reach targets directly."""
+    would run unwatched and reach targets directly.
+
+    Not privileged by accident: a bot that would run as uid 0 or with a capability that can undo
+    the probes (leave its cgroup, change BPF programs or netfilter rules, ptrace the daemon) is
+    refused, unless ``user`` names the unprivileged user to switch to after joining the cgroup,
+    or ``allow_privileged`` says the operator means it (a warning; the daemon marks such sessions
+    ``privileged`` in the audit from the process it attests)."""
     import probes
     from probes import cgroups
+    from probes.attribution import privileges
 
     pc = cfg.probes if cfg else ProbeConfig()
     try:
+        if user is not None:
+            if os.geteuid() != 0:
+                raise BotwardenError("bot run --user: switching users needs root")
+            try:
+                target = pwd.getpwnam(user)
+            except KeyError:
+                raise BotwardenError(f"bot run --user: no user {user!r}") from None
+            why = ("uid 0",) if target.pw_uid == 0 else ()  # setuid() to another uid drops all capabilities
+        else:
+            why = privileges() or ()
+        if why and not allow_privileged:
+            raise BotwardenError(
+                f"bot run: refusing to start a privileged bot ({', '.join(why)}): it could leave its cgroup "
+                "or change the probes, and nothing it does would be contained. Use --user NAME to run it as "
+                "an unprivileged user, or --allow-privileged if you mean it (docs/threat-model.md)")
+        if why:
+            print(f"botwarden: WARNING: bot {name!r} runs privileged ({', '.join(why)}): the kernel redirect "
+                  "holds only while it does not undo it; its sessions are marked privileged in the audit",
+                  file=sys.stderr, flush=True)
         if pc.mode != "off":
             settings = (probe_settings(cfg, with_targets=False) if cfg else
                         probes.ProbeSettings(cgroup_parent=pc.bots_cgroup, pin_dir=pc.pin_dir, nft_table=pc.nft_table))
@@ -72,7 +104,7 @@ def run_bot(cfg: Config | None, name: str, command: list[str]) -> int:
             if st.path == "none":
                 raise BotwardenError(f"bot run: no probes are attached to the bots' cgroup {st.cgroup_path}, so "
                                      "nothing would watch this bot; start the daemon (botwarden run) first")
-        cgroups.run_bot(pc.bots_cgroup, name, command)  # does not return on success
+        cgroups.run_bot(pc.bots_cgroup, name, command, user=user)  # does not return on success
     except probes.ProbeError as e:
         raise BotwardenError(f"bot run: {e}") from None
     except OSError as e:

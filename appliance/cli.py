@@ -100,6 +100,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     if adm:
         print(f"  unauthenticated connections: {adm['unauthenticated']} open; refused {adm['refused']}, "
               f"timed out {adm['timed_out']} since start")
+    if st.get("bots_left_cgroup"):
+        print(f"  WARNING: {st['bots_left_cgroup']} bot processes left the bots' cgroups since start "
+              "(audit: SELECT * FROM probes WHERE event = 'left_cgroup')")
     if st.get("last_reload_error"):
         print(f"  last reload refused: {st['last_reload_error']}")
     return EXIT_OK
@@ -314,8 +317,9 @@ def cmd_bot_run(args: argparse.Namespace) -> int:
     cfg = _config(args, required=False)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
-        raise CliError("usage: botwarden bot run --name NAME -- COMMAND [ARGS...]", EXIT_USAGE)
-    return run_bot(cfg, args.name, command)
+        raise CliError("usage: botwarden bot run --name NAME [--user USER | --allow-privileged] -- COMMAND [ARGS...]",
+                       EXIT_USAGE)
+    return run_bot(cfg, args.name, command, user=args.user, allow_privileged=args.allow_privileged)
 
 
 def cmd_probes(args: argparse.Namespace) -> int:
@@ -430,6 +434,10 @@ def build_parser() -> argparse.ArgumentParser:
     ss = s.add_subparsers(dest="action", required=True)
     a = ss.add_parser("run", help="start a command inside a bot's watched cgroup")
     a.add_argument("--name", required=True)
+    a.add_argument("--user", help="run the bot as this (unprivileged) user, switched to after joining its cgroup")
+    a.add_argument("--allow-privileged", action="store_true",
+                   help="run it even as root or with capabilities that can undo the probes (warns; its "
+                        "sessions are marked privileged in the audit)")
     a.add_argument("command", nargs=argparse.REMAINDER)
     s.set_defaults(func=cmd_bot_run)
 

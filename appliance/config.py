@@ -224,6 +224,7 @@ class ProcessMatch:
 
     cgroup: str | None = None  # bot name (child of the bots cgroup) or an absolute cgroup path
     uid: int | None = None
+    uid_not: tuple[int, ...] = ()  # e.g. [0]: never a root process (root can undo the probes)
     exe: str | None = None
 
 
@@ -254,6 +255,15 @@ def _ip_ports(values: tuple[str, ...]) -> tuple[str, ...]:
     return values
 
 
+def _unix_addresses(value: tuple[str, ...]) -> tuple[str, ...]:
+    for address in value:
+        if not (address.startswith("/") or address.startswith("@")) or "\0" in address:
+            raise ValueError(f"{address!r} must be an absolute socket path or @abstract-name")
+        if len(address.encode()) > 108:
+            raise ValueError(f"{address!r} is longer than a Unix socket address (108 bytes)")
+    return value
+
+
 @dataclass(frozen=True)
 class ProbeSettings:
     mode: Literal["auto", "ebpf", "nftables", "off"] = "auto"
@@ -264,6 +274,15 @@ class ProbeSettings:
     # IP:PORT bots may reach unmodified (TCP and UDP), e.g. their DNS resolver: deny by default
     # refuses everything that is neither a target nor listed here.
     passthrough: tuple[str, ...] = field(default=(), metadata=check(_ip_ports))
+    # Unix sockets: "filter" denies bots every Unix socket address but unix_allow, and refuses to
+    # start where the kernel cannot (before Linux 6.7, or the nftables fallback); "unfiltered" is
+    # the explicit opt-out (bots then reach every local socket, a database's included).
+    unix_sockets: Literal["filter", "unfiltered"] = "filter"
+    # Absolute socket paths exactly as clients pass them (or "@name" for an abstract name).
+    unix_allow: tuple[str, ...] = field(default=(), metadata=check(_unix_addresses))
+    # Report bots' processes that leave the bots' cgroups (probe event left_cgroup); kill them too.
+    watch_escapes: bool = True
+    kill_escaped: bool = False
 
 
 def _at_least_one(value: int) -> int:

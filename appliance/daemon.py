@@ -146,6 +146,7 @@ class Daemon:
 
         self.metrics = Metrics(self)
         self.metrics_address: tuple[str, int] | None = None
+        self.bots_left_cgroup = 0  # probe events "left_cgroup" since start (status shows it)
         self._tasks = TaskSet()
         from appliance.fronts.admission import Admission
 
@@ -292,6 +293,8 @@ class Daemon:
         handle, stop, audit = self.probes, self._probe_stop, self.audit
 
         def record(event: Any) -> None:
+            if event.event == "left_cgroup":  # probes logged the warning; status counts it
+                self.bots_left_cgroup += 1
             if audit is not None and not audit.submit("probe", event.as_record()):
                 log.error("audit queue full: a probe event was refused by the store")
 
@@ -425,7 +428,9 @@ class Daemon:
             raise ConfigError("metrics.listen cannot change on reload; restart the daemon")
         # The probes are attached to one cgroup with one set of pins/table; a reload only updates
         # their targets. Taking a new cgroup here would leave the bots in it unwatched.
-        for key in ("mode", "bots_cgroup", "pin_dir", "nft_table", "map_entries"):
+        # (unix_allow and passthrough do change with the targets; these are compiled into the programs.)
+        for key in ("mode", "bots_cgroup", "pin_dir", "nft_table", "map_entries", "unix_sockets", "watch_escapes",
+                    "kill_escaped"):
             if getattr(new.probes, key) != getattr(old.probes, key):
                 raise ConfigError(f"probes.{key} cannot change on reload; restart the daemon")
 
@@ -462,6 +467,7 @@ class Daemon:
             "probes": self._probe_status(),
             "admission": self.admission.stats(),
             "metrics": "%s:%d" % self.metrics_address if self.metrics_address else None,
+            "bots_left_cgroup": self.bots_left_cgroup,
             **(self.runtime.status() if self.runtime is not None else {}),
         }
 

@@ -35,6 +35,7 @@ TARGET_HOST = "127.0.0.10"
 BOTS_CGROUP = "botwarden-demo.bots"
 PIN_DIR = "/sys/fs/bpf/botwarden-demo"
 BOT = "demo-bot"
+BOT_USER = "nobody"  # the demo bot's unprivileged user
 
 SEED_SQL = """
 CREATE TABLE customers (id int PRIMARY KEY, name text, email text, card text);
@@ -140,6 +141,7 @@ def write_demo_config(path: Path, workdir: Path, pg: PostgresServer, bao, listen
         subject = "{entity_id}"
         [identities.process]
         cgroup = "{BOT}"
+        uid_not = [0]
         """) + RULES)
 
 
@@ -219,7 +221,7 @@ def run_demo(keep: bool = False, workdir: str | None = None) -> int:
         for t in status["targets"]:
             _say(f"      target {t['name']}: bots connect to {t['address']}, the kernel sends them to {t['listen']}")
 
-        _step(4, f"the demo bot: `botwarden bot run --name {BOT} -- psql` to {pg.host}:{pg.port}, "
+        _step(4, f"the demo bot: `botwarden bot run --name {BOT} --user {BOT_USER} -- psql` to {pg.host}:{pg.port}, "
                  "its OIDC token as the password")
         token = bao.mint_token()
         approver = _Approver(socket_path, config)
@@ -229,10 +231,8 @@ def run_demo(keep: bool = False, workdir: str | None = None) -> int:
                      "-v", "ON_ERROR_STOP=0", "-P", "pager=off"]
         for label, sql in BOT_STATEMENTS:
             psql_args += ["-c", f"\\echo '-- {label}: {sql.replace(chr(39), chr(39) * 2)}'", "-c", sql]
-        # The bot runs as its own user (nobody), not as root: the demo's operator is root, and a
-        # request is never approved by a caller with the bot's own uid (docs/approvals.md).
-        as_bot_user = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"]
-        res = _cli(config, "bot", "run", "--name", BOT, "--", *as_bot_user, *psql_args, check=False, env=env,
+        # As an unprivileged user: a root bot could leave its cgroup (botwarden refuses to start one).
+        res = _cli(config, "bot", "run", "--name", BOT, "--user", BOT_USER, "--", *psql_args, check=False, env=env,
                    timeout=180)
         approver.stop.set()
         for line in (res.stdout + res.stderr).splitlines():
@@ -241,14 +241,15 @@ def run_demo(keep: bool = False, workdir: str | None = None) -> int:
         _step(5, "the same bot tries to go around botwarden (another port on the database host)")
         probe = (f"import socket\ntry:\n socket.create_connection(('{pg.host}', 22), 3)\n print('connected')\n"
                  f"except OSError as e:\n print('refused by the kernel:', e.strerror)")
-        res = _cli(config, "bot", "run", "--name", BOT, "--", sys.executable, "-c", probe, check=False)
+        res = _cli(config, "bot", "run", "--name", BOT, "--user", BOT_USER, "--", "/usr/bin/python3", "-c", probe,
+                   check=False)
         _say("      " + (res.stdout.strip() or res.stderr.strip()))
 
         _step(6, "what the audit store recorded (botwarden audit sql ...)")
         client.post("/v1/audit/flush")
         time.sleep(0.3)
         for title, sql in (
-            ("sessions", "SELECT identity, pid, exe, cgroup_path, credential_user, outcome FROM sessions "
+            ("sessions", "SELECT identity, pid, uid, privileged, exe, cgroup_path, credential_user, outcome FROM sessions "
                          "ORDER BY started_at"),
             ("requests", "SELECT decision, rule, left(text, 60) AS text, rows, masked FROM requests "
                          "ORDER BY chain_seq"),

@@ -160,7 +160,7 @@ def main() -> int:
                                 emit_redirected=False, nft_table=unique("bwbench_"))
     nft = probes.ProbeSettings(cgroup_parent=unique("bw-bench-"), targets=target,
                                pin_dir=f"/sys/fs/bpf/{unique('botwarden-bench-')}", mode="nftables",
-                               nft_table=unique("bwbench_"))
+                               nft_table=unique("bwbench_"), unix_sockets="unfiltered")  # nft cannot filter them
     handle = None
     rows = []
     lookups = []

@@ -55,6 +55,8 @@ class Attribution:
     exe_path: str | None  # only when /proc/<pid> matches the kernel record
     original_dst: tuple[str, int]  # (ip, port) the bot asked for
     source: Literal["ebpf", "nftables"]
+    # Why the process could undo its own containment ("uid 0", "CAP_SYS_ADMIN"...); empty: none.
+    privileges: tuple[str, ...] = ()
 
     def audit_fields(self) -> dict[str, Any]:
         """The session_start fields this attribution fills (contract §1)."""
@@ -68,10 +70,39 @@ class Attribution:
             "comm": self.comm,
             "attribution_source": self.source,
             "target_addr": f"{self.original_dst[0]}:{self.original_dst[1]}",
+            "privileged": bool(self.privileges),
         }
 
 
 # -- /proc cross-checks ---------------------------------------------------------
+# Capabilities that let a process leave its cgroup (write any cgroup.procs, chmod/chown it),
+# change what watches it (BPF programs, netfilter rules, the daemon's memory, the kernel), or
+# become root.
+PRIVILEGED_CAPS = {
+    0: "CAP_CHOWN", 1: "CAP_DAC_OVERRIDE", 3: "CAP_FOWNER", 6: "CAP_SETGID", 7: "CAP_SETUID",
+    8: "CAP_SETPCAP", 12: "CAP_NET_ADMIN", 16: "CAP_SYS_MODULE", 17: "CAP_SYS_RAWIO",
+    19: "CAP_SYS_PTRACE", 21: "CAP_SYS_ADMIN", 38: "CAP_PERFMON", 39: "CAP_BPF",
+}
+
+
+def privileges(pid: int | str = "self") -> tuple[str, ...] | None:
+    """Why process ``pid`` is privileged: "uid 0" (any of its uids), and the PRIVILEGED_CAPS in its
+    effective, permitted or ambient sets (permitted ones it can raise at will). None: no such process."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+    except OSError:
+        return None
+    out: list[str] = []
+    if "0" in fields.get("Uid", "").split():
+        out.append("uid 0")
+    caps = 0
+    for name in ("CapEff", "CapPrm", "CapAmb"):
+        caps |= int(fields.get(name, "0").strip() or "0", 16)
+    out += [name for bit, name in sorted(PRIVILEGED_CAPS.items()) if caps >> bit & 1]
+    return tuple(out)
+
+
 def proc_start_ticks(pid: int) -> int | None:
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
@@ -213,7 +244,17 @@ def attribution_from_identity(
         exe_path=verified_exe(ident.tgid, ident.start_boottime_ns, ident.exe_ino, exe_dev),
         original_dst=original_dst,
         source=source,  # type: ignore[arg-type]
+        privileges=_privileges_of(ident.tgid, ident.uid, ident.start_boottime_ns),
     )
+
+
+def _privileges_of(tgid: int, uid: int, start_time_ns: int) -> tuple[str, ...]:
+    """The kernel-recorded uid 0, plus what /proc says while it is still the same process."""
+    found = privileges(tgid) if proc_start_ticks(tgid) == start_time_ns // _NS_PER_TICK else None
+    found = found or ()
+    if uid == 0 and "uid 0" not in found:
+        found = ("uid 0", *found)
+    return found
 
 
 # -- nftables path ----------------------------------------------------------------
@@ -334,6 +375,7 @@ def _nft_attribution(sock: socket.socket, orig: tuple[str, int], cgroup_parent: 
         exe_path=exe,
         original_dst=orig,
         source="nftables",
+        privileges=_privileges_of(pid, uid, start * _NS_PER_TICK),
     )
 
 

@@ -9,6 +9,7 @@
 #ifndef BOTWARDEN_H
 #define BOTWARDEN_H
 
+#define BW_AF_UNIX 1
 #define BW_AF_INET 2
 #define BW_AF_INET6 10
 #define BW_IPPROTO_TCP 6
@@ -23,6 +24,7 @@
 /* bw_event.event */
 #define BW_EV_DENIED 1
 #define BW_EV_REDIRECTED 2
+#define BW_EV_LEFT_CGROUP 3 /* a bot's process moved out of the bots' cgroups */
 
 /* bw_event.reason */
 #define BW_WHY_NONE 0
@@ -32,6 +34,19 @@
 #define BW_WHY_UDP_SEND 4        /* unconnected UDP sendmsg */
 #define BW_WHY_SOCKET_TYPE 5     /* socket() of an inet type other than TCP or UDP */
 #define BW_WHY_BIND_LISTENER 6   /* bind() to a port an inspector listener uses */
+#define BW_WHY_UNIX_NOT_ALLOWED 7 /* connect/sendmsg to a Unix socket not in the allow-list */
+#define BW_WHY_UNIX_USERNS 8     /* Unix socket from inside a user namespace (paths could lie) */
+#define BW_WHY_CLONE_INTO 9      /* left_cgroup: forked straight into another cgroup */
+#define BW_WHY_KILLED 10         /* left_cgroup: and killed (probes.kill_escaped) */
+
+#define BW_UNIX_PATH_MAX 108     /* sizeof(sockaddr_un.sun_path) */
+
+/* A Unix socket address in normal form: a pathname up to its first NUL (what
+ * the kernel resolves), or an abstract name (path[0] == 0) of exactly len bytes. */
+struct bw_unix_key {
+    __u32 len;
+    char path[BW_UNIX_PATH_MAX];
+};
 
 struct bw_addr_key {
     __u32 ip[4];
@@ -86,6 +101,8 @@ struct bw_event {
     __u16 reason;
     __u32 protocol;
     __u32 pad;
+    __u64 other_cgroup_id; /* left_cgroup: the bots' cgroup it was in */
+    struct bw_unix_key path; /* AF_UNIX: the address; left_cgroup: where it went */
 };
 
 /* Written by the loader only: who owns the programs (status reads it). */
@@ -104,6 +121,7 @@ _Static_assert(sizeof(struct bw_origin) == BW_SIZEOF_ORIGIN, "bw_origin layout d
 _Static_assert(sizeof(struct bw_tuple_key) == BW_SIZEOF_TUPLE_KEY, "bw_tuple_key layout drifted");
 _Static_assert(sizeof(struct bw_event) == BW_SIZEOF_EVENT, "bw_event layout drifted");
 _Static_assert(sizeof(struct bw_meta) == BW_SIZEOF_META, "bw_meta layout drifted");
+_Static_assert(sizeof(struct bw_unix_key) == BW_SIZEOF_UNIX_KEY, "bw_unix_key layout drifted");
 #endif
 
 #endif /* BOTWARDEN_H */

@@ -23,14 +23,17 @@ MAP_LOOKUP_ELEM = 1
 MAP_UPDATE_ELEM = 2
 MAP_DELETE_ELEM = 3
 MAP_GET_NEXT_KEY = 4
+OBJ_PIN = 6
 OBJ_GET = 7
 PROG_ATTACH = 8
 PROG_DETACH = 9
 PROG_GET_FD_BY_ID = 13
 OBJ_GET_INFO_BY_FD = 15
 PROG_QUERY = 16
+RAW_TRACEPOINT_OPEN = 17
 
 BPF_ANY = 0
+BPF_NOEXIST = 1
 
 
 class BPFSyscallError(ProbeError):
@@ -163,3 +166,15 @@ def can_create_map() -> str | None:
         return str(e)
     os.close(fd)
     return None
+
+
+def raw_tracepoint_open(name: str, prog_fd: int) -> int:
+    """Attach a raw-tracepoint program; returns the link fd (detached when its last reference goes)."""
+    cname = ctypes.create_string_buffer(name.encode())
+    return _bpf(RAW_TRACEPOINT_OPEN, _attr(("Q", 0, ctypes.addressof(cname)), ("I", 8, prog_fd)),
+                f"RAW_TRACEPOINT_OPEN {name}")
+
+
+def obj_pin(fd: int, path: str) -> None:
+    cpath = ctypes.create_string_buffer(os.fsencode(path))
+    _bpf(OBJ_PIN, _attr(("Q", 0, ctypes.addressof(cpath)), ("I", 8, fd)), f"OBJ_PIN {path}")

@@ -24,6 +24,8 @@ VMLINUX_BTF = Path("/sys/kernel/btf/vmlinux")
 _MAGIC = 0xEB9F
 _KIND_STRUCT = 4
 _KIND_UNION = 5
+_KIND_ENUM = 6
+_KIND_ENUM64 = 19
 # Bytes that follow the 12-byte common header, per kind: fixed part and per-member part.
 _EXTRA_FIXED = {1: 4, 3: 12, 14: 4, 17: 4}
 _EXTRA_PER_MEMBER = {4: 12, 5: 12, 6: 8, 13: 8, 15: 12, 19: 12}
@@ -38,6 +40,36 @@ ATTRIBUTION_FIELDS: dict[str, tuple[str, str]] = {
     "BW_OFF_INODE_INO": ("inode", "i_ino"),
     "BW_OFF_INODE_SB": ("inode", "i_sb"),
     "BW_OFF_SB_DEV": ("super_block", "s_dev"),
+}
+
+# AF_UNIX filtering (Linux 6.7+): the kernel context behind bpf_sock_addr, and the
+# caller's user namespace depth.
+UNIX_FIELDS: dict[str, tuple[str, str]] = {
+    "BW_OFF_SA_KERN_UADDR": ("bpf_sock_addr_kern", "uaddr"),
+    "BW_OFF_SA_KERN_UADDRLEN": ("bpf_sock_addr_kern", "uaddrlen"),
+    "BW_OFF_TASK_CRED": ("task_struct", "cred"),
+    "BW_OFF_CRED_USER_NS": ("cred", "user_ns"),
+    "BW_OFF_USER_NS_LEVEL": ("user_namespace", "level"),
+}
+# The attach type whose presence means the kernel has the AF_UNIX cgroup hooks.
+UNIX_ATTACH_ENUM = "BPF_CGROUP_UNIX_CONNECT"
+
+# Escape watch: another task's identity, and a cgroup's id, hierarchy and ancestors.
+ESCAPE_FIELDS: dict[str, tuple[str, str]] = {
+    "BW_OFF_TASK_PID": ("task_struct", "pid"),
+    "BW_OFF_TASK_TGID": ("task_struct", "tgid"),
+    "BW_OFF_TASK_COMM": ("task_struct", "comm"),
+    "BW_OFF_TASK_REAL_CRED": ("task_struct", "real_cred"),
+    "BW_OFF_CRED_UID": ("cred", "uid"),
+    "BW_OFF_CRED_GID": ("cred", "gid"),
+    "BW_OFF_TASK_CGROUPS": ("task_struct", "cgroups"),
+    "BW_OFF_CSS_SET_DFL_CGRP": ("css_set", "dfl_cgrp"),
+    "BW_OFF_CGROUP_KN": ("cgroup", "kn"),
+    "BW_OFF_KERNFS_NODE_ID": ("kernfs_node", "id"),
+    "BW_OFF_CGROUP_ROOT": ("cgroup", "root"),
+    "BW_OFF_CGROUP_ROOT_HIERARCHY_ID": ("cgroup_root", "hierarchy_id"),
+    "BW_OFF_CGROUP_LEVEL": ("cgroup", "level"),
+    "BW_OFF_CGROUP_ANCESTORS": ("cgroup", "ancestors"),
 }
 
 
@@ -72,6 +104,7 @@ class BTF:
         self._strings = data[hdr_len + str_off : hdr_len + str_off + str_len]
         self._types: list[_Type | None] = [None]  # type id 0 is void
         self._by_name: dict[str, list[int]] = {}
+        self.enumerators: dict[str, int] = {}
         pos = 0
         while pos < len(types):
             name_off, info, _size = struct.unpack_from("<III", types, pos)
@@ -88,6 +121,11 @@ class BTF:
                     bit_off = m_off & 0xFFFFFF if kind_flag else m_off
                     out.append(_Member(self._str(m_name), m_type, bit_off))
                 members = tuple(out)
+            elif kind in (_KIND_ENUM, _KIND_ENUM64):
+                width = 8 if kind == _KIND_ENUM else 12
+                for i in range(vlen):
+                    e_name, e_val = struct.unpack_from("<Ii", types, pos + width * i)
+                    self.enumerators[self._str(e_name)] = e_val
             pos += _EXTRA_FIXED.get(kind, 0) + _EXTRA_PER_MEMBER.get(kind, 0) * vlen
             type_id = len(self._types)
             name = self._str(name_off)
@@ -126,11 +164,48 @@ class BTF:
 
 
 @lru_cache(maxsize=1)
-def kernel_offsets(path: Path = VMLINUX_BTF) -> dict[str, int]:
-    """The ``BW_OFF_*`` defines for the running kernel."""
+def _kernel_btf(path: Path) -> BTF:
     try:
         data = path.read_bytes()
     except OSError as e:
         raise BTFError(f"cannot read kernel BTF at {path}: {e.strerror}") from e
-    btf = BTF(data)
-    return {define: btf.member_offset(s, m) for define, (s, m) in ATTRIBUTION_FIELDS.items()}
+    return BTF(data)
+
+
+def _offsets(btf: BTF, fields: dict[str, tuple[str, str]]) -> dict[str, int]:
+    return {define: btf.member_offset(s, m) for define, (s, m) in fields.items()}
+
+
+@lru_cache(maxsize=1)
+def kernel_offsets(path: Path = VMLINUX_BTF) -> dict[str, int]:
+    """The ``BW_OFF_*`` defines attribution needs on the running kernel (always required)."""
+    return _offsets(_kernel_btf(path), ATTRIBUTION_FIELDS)
+
+
+@dataclass(frozen=True)
+class KernelFeatures:
+    """Optional program groups this kernel can run, their offsets, and why not when it cannot."""
+
+    unix_offsets: dict[str, int] | None
+    unix_missing: str | None
+    escape_offsets: dict[str, int] | None
+    escape_missing: str | None
+
+
+@lru_cache(maxsize=1)
+def kernel_features(path: Path = VMLINUX_BTF) -> KernelFeatures:
+    btf = _kernel_btf(path)
+    unix = escape = None
+    unix_missing = escape_missing = None
+    if UNIX_ATTACH_ENUM not in btf.enumerators:
+        unix_missing = f"the kernel has no cgroup hooks for Unix sockets ({UNIX_ATTACH_ENUM}, Linux 6.7+)"
+    else:
+        try:
+            unix = _offsets(btf, UNIX_FIELDS)
+        except BTFError as e:
+            unix_missing = str(e)
+    try:
+        escape = _offsets(btf, ESCAPE_FIELDS)
+    except BTFError as e:
+        escape_missing = str(e)
+    return KernelFeatures(unix, unix_missing, escape, escape_missing)

@@ -100,6 +100,19 @@ def pids(path: str | os.PathLike, recursive: bool = True) -> list[int]:
     return out
 
 
+def pids_with_cgroup(path: str | os.PathLike) -> list[tuple[int, int]]:
+    """(pid, cgroup id) of every process in a cgroup tree."""
+    root = resolve(path)
+    out: list[tuple[int, int]] = []
+    for d, _, _ in os.walk(root):
+        try:
+            cgid = os.stat(d).st_ino
+            out += [(int(x), cgid) for x in (Path(d) / "cgroup.procs").read_text().split()]
+        except FileNotFoundError:
+            continue
+    return out
+
+
 def path_for_id(parent: str | os.PathLike, cgid: int) -> str | None:
     """Relative path of the cgroup with id ``cgid`` at or under ``parent``."""
     root = resolve(parent)

@@ -15,6 +15,7 @@ import ctypes.util
 import importlib.util
 import logging
 import os
+import signal
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -24,7 +25,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from probes import cgroups, loader, nft, records
-from probes.attribution import Attribution, cgroup_path_for, verified_exe
+from probes.attribution import Attribution, cgroup_path_for, proc_start_ticks, verified_exe
+from probes.btf import kernel_features
 from probes.attribution import lookup as _lookup
 from probes.errors import ProbeError, ProbeUnavailable
 from probes.ringbuf import RingBufferReader
@@ -40,7 +42,7 @@ class ProbeEvent:
     """One ``probe`` audit record (contract §1)."""
 
     ts: datetime
-    event: Literal["denied_connect", "redirected", "attached", "detached"]
+    event: Literal["denied_connect", "redirected", "attached", "detached", "left_cgroup"]
     pid: int | None = None  # process id (tgid)
     uid: int | None = None
     gid: int | None = None
@@ -50,8 +52,10 @@ class ProbeEvent:
     exe: str | None = None
     dst_addr: str | None = None
     dst_port: int | None = None
-    family: Literal["ipv4", "ipv6"] | None = None
+    family: Literal["ipv4", "ipv6", "unix"] | None = None  # unix: dst_addr is the socket path
     detail: str | None = None
+    # left_cgroup: pid/uid/exe are the process that left, cgroup_* the bots' cgroup it was in,
+    # dst_addr the cgroup it went to.
 
     def as_record(self) -> dict[str, Any]:
         """Fields for ``AuditStore.submit("probe", ...)``; unset ones left out."""
@@ -157,13 +161,17 @@ class ProbeHandle:
             yield from batch
 
     def _event(self, raw: records.Event, offset: int) -> ProbeEvent:
+        if raw.event == records.EV_LEFT_CGROUP:
+            return self._left_cgroup(raw, offset)
         ident = raw.id
         exe_dev = records.kernel_dev_to_user(ident.exe_dev)
         detail = records.REASONS.get(raw.reason, f"reason {raw.reason}")
         dst_addr: str | None = records.unpack_ip(bytes(raw.dst_ip))
         dst_port: int | None = raw.dst_port
         family = "ipv4" if records.is_mapped(bytes(raw.dst_ip)) else "ipv6"
-        if raw.reason == records.WHY_SOCKET_TYPE:  # socket() refused: there is no destination
+        if raw.family == socket.AF_UNIX:
+            dst_addr, dst_port, family = records.unix_address(raw.path) or None, None, "unix"
+        elif raw.reason == records.WHY_SOCKET_TYPE:  # socket() refused: there is no destination
             dst_addr = dst_port = None
             family = "ipv4" if raw.family == socket.AF_INET else "ipv6"
             detail = f"{detail}: protocol {raw.protocol}"
@@ -188,6 +196,32 @@ class ProbeHandle:
             detail=detail or None,
         )
 
+    def _left_cgroup(self, raw: records.Event, offset: int) -> ProbeEvent:
+        """A bot's process outside the bots' cgroups: warn, and kill it when configured and
+        the BPF program could not (it signals only a process that moved itself)."""
+        ident = raw.id
+        exe = verified_exe(ident.tgid, ident.start_boottime_ns, ident.exe_ino,
+                           records.kernel_dev_to_user(ident.exe_dev))
+        to = records.unix_address(raw.path) if raw.path.len else cgroup_path_for(ident.cgroup_id, "/")
+        to = to or f"cgroup id {ident.cgroup_id}"
+        came_from = cgroup_path_for(raw.other_cgroup_id, self._cgroup_parent)
+        detail = f"moved from {came_from or f'cgroup id {raw.other_cgroup_id}'} to {to}"
+        if raw.reason and raw.reason != records.WHY_KILLED:
+            detail += f": {records.REASONS.get(raw.reason, raw.reason)}"
+        if raw.reason == records.WHY_KILLED:
+            detail += "; killed (probes.kill_escaped)"
+        elif self.settings.kill_escaped:
+            detail += "; " + _kill_if_same(ident.tgid, ident.start_boottime_ns)
+        comm = ident.comm.decode(errors="replace")
+        log.warning("bot process left the bots' cgroups: pid %d uid %d %s (%s) %s",
+                    ident.tgid, ident.uid, exe or "?", comm, detail)
+        return ProbeEvent(
+            ts=datetime.fromtimestamp((ident.ktime_ns + offset) / 1e9, timezone.utc),
+            event="left_cgroup", pid=ident.tgid, uid=ident.uid, gid=ident.gid,
+            cgroup_id=raw.other_cgroup_id, cgroup_path=came_from, comm=comm, exe=exe,
+            dst_addr=to, detail=detail,
+        )
+
     def close(self) -> None:
         """Release this process's handles; the redirect stays in force (fail closed)."""
         if self._events is not None:
@@ -195,12 +229,45 @@ class ProbeHandle:
             self._events = None
 
 
+def _kill_if_same(tgid: int, start_boottime_ns: int) -> str:
+    """SIGKILL ``tgid`` through a pidfd, if it is still the process the kernel reported."""
+    try:
+        pidfd = os.pidfd_open(tgid)
+    except OSError:
+        return "already gone"
+    try:
+        if proc_start_ticks(tgid) != start_boottime_ns // (10**9 // os.sysconf("SC_CLK_TCK")):
+            return "not killed: the pid now belongs to another process"
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        return "killed (probes.kill_escaped)"
+    except OSError as e:
+        return f"not killed: {e.strerror}"
+    finally:
+        os.close(pidfd)
+
+
+def unix_refusal(why: str) -> str:
+    """The loud refusal when Unix sockets are to be filtered and cannot be."""
+    return (f"bots' Unix-socket connections cannot be filtered: {why}. A bot could reach every local "
+            "Unix socket (a database's socket directory, a container runtime's socket...) without "
+            "passing the inspector. Refusing to attach; set probes.unix_sockets = \"unfiltered\" to "
+            "accept that (docs/threat-model.md)")
+
+
 def attach(settings: ProbeSettings) -> ProbeHandle:
-    """Install the redirect for ``settings`` (or replace the running one atomically)."""
+    """Install the redirect for ``settings`` (or replace the running one atomically).
+
+    With ``unix_sockets="filter"`` it refuses (ProbeUnavailable) rather than run a path that
+    cannot filter Unix sockets: a kernel without the AF_UNIX cgroup hooks, or nftables."""
     cgroups.create(settings.cgroup_parent)
     reason: str
     if settings.mode in ("auto", "ebpf"):
         why_not = _ebpf_unavailable_reason()
+        if why_not is None and settings.unix_sockets == "filter":
+            missing = kernel_features().unix_missing
+            if missing:
+                log.error("%s", unix_refusal(missing))
+                raise ProbeUnavailable(unix_refusal(missing))
         if why_not is None:
             try:
                 ids = loader.load_and_attach(settings)
@@ -218,6 +285,10 @@ def attach(settings: ProbeSettings) -> ProbeHandle:
         reason = f"eBPF unavailable: {why_not}"
     else:
         reason = "mode=nftables"
+    if settings.unix_sockets == "filter":
+        why = unix_refusal(f"the nftables path ({reason}) sees only IP traffic")
+        log.error("%s", why)
+        raise ProbeUnavailable(why)
     nft.attach(settings, reason)
     # Only now drop eBPF programs a previous run left: there was never a gap.
     loader.detach_programs(cgroups.resolve(settings.cgroup_parent))
@@ -278,14 +349,14 @@ def status(settings: ProbeSettings) -> ProbeStatus:
     rel = cgroups.relative(cgroup)
     progs = tuple(loader.attached_programs(cgroup))
     pin_dir = Path(settings.pin_dir)
-    pins = tuple(str(pin_dir / n) for n in loader.PINNED_MAPS if (pin_dir / n).exists())
+    pins = tuple(str(pin_dir / n) for n in loader.PINNED if (pin_dir / n).exists())
     has_table = nft.available() is None and nft.installed(settings.nft_table)
     if progs:
         meta = loader.read_meta(settings.pin_dir)
         owner = meta.owner_tgid if meta else None
         alive = bool(meta and loader.owner_alive(meta))
         hooks = {p.hook for p in progs}
-        missing = sorted({short for *_, short in loader.PROGRAMS} - hooks)
+        missing = sorted({short for *_, short in loader.plan(settings).cgroup_programs()} - hooks)
         if missing:
             reason = f"eBPF partially attached (missing {', '.join(missing)})"
         elif alive:

@@ -16,6 +16,7 @@ atomically, so a restart has no window without a program.
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import logging
 import os
@@ -26,9 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from probes import bpfsys, cgroups, records
-from probes.btf import kernel_offsets
+from probes.btf import kernel_features, kernel_offsets
 from probes.errors import ProbeError, ProbeUnavailable
-from probes.settings import ProbeSettings
+from probes.settings import MAX_UNIX_ALLOW, ProbeSettings
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ HEADER_FILE = SOURCE_DIR / "botwarden.h"
 
 PROG_TYPE_CGROUP_SOCK = 9
 PROG_TYPE_SOCK_OPS = 13
+PROG_TYPE_RAW_TRACEPOINT = 17
 PROG_TYPE_CGROUP_SOCK_ADDR = 18
 
 ATTACH_INET_SOCK_CREATE = 2
@@ -50,6 +52,8 @@ ATTACH_UDP4_SENDMSG = 14
 ATTACH_UDP6_SENDMSG = 15
 ATTACH_INET4_GETPEERNAME = 29
 ATTACH_INET6_GETPEERNAME = 30
+ATTACH_UNIX_CONNECT = 49
+ATTACH_UNIX_SENDMSG = 50
 
 # (function, program type, attach type, short name for status)
 PROGRAMS: tuple[tuple[str, int, int, str], ...] = (
@@ -64,11 +68,48 @@ PROGRAMS: tuple[tuple[str, int, int, str], ...] = (
     ("bw_getpeername4", PROG_TYPE_CGROUP_SOCK_ADDR, ATTACH_INET4_GETPEERNAME, "getpeername4"),
     ("bw_getpeername6", PROG_TYPE_CGROUP_SOCK_ADDR, ATTACH_INET6_GETPEERNAME, "getpeername6"),
 )
-ATTACH_NAMES = {attach: short for _, _, attach, short in PROGRAMS}
+# AF_UNIX hooks (Linux 6.7+), attached when settings.unix_sockets == "filter".
+UNIX_PROGRAMS: tuple[tuple[str, int, int, str], ...] = (
+    ("bw_connect_unix", PROG_TYPE_CGROUP_SOCK_ADDR, ATTACH_UNIX_CONNECT, "connect_unix"),
+    ("bw_sendmsg_unix", PROG_TYPE_CGROUP_SOCK_ADDR, ATTACH_UNIX_SENDMSG, "sendmsg_unix"),
+)
+ALL_CGROUP_PROGRAMS = PROGRAMS + UNIX_PROGRAMS
+ATTACH_NAMES = {attach: short for _, _, attach, short in ALL_CGROUP_PROGRAMS}
 PROGRAM_PREFIX = "bw_"
 
-# Pinned maps, relative to settings.pin_dir (names fixed in redirect.bpf.c).
-PINNED_MAPS = ("targets", "listeners", "by_cookie", "by_tuple", "meta", "events")
+# Escape watch: (function, raw tracepoint); each attachment is a BPF link pinned as link_<tracepoint>
+# (a raw tracepoint lives as long as its link: the pin keeps it after the loader exits).
+ESCAPE_PROGRAMS: tuple[tuple[str, str], ...] = (
+    ("bw_cgroup_attach", "cgroup_attach_task"),
+    ("bw_task_fork", "sched_process_fork"),
+    ("bw_task_exit", "sched_process_exit"),
+)
+ESCAPE_LINKS = tuple(f"link_{tp}" for _, tp in ESCAPE_PROGRAMS)
+
+# Pinned maps and links, relative to settings.pin_dir (names fixed in redirect.bpf.c).
+PINNED_MAPS = ("targets", "listeners", "by_cookie", "by_tuple", "meta", "events", "unix_allow", "bot_tasks")
+PINNED = PINNED_MAPS + ESCAPE_LINKS
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which optional program groups a load includes on this kernel, and why not."""
+
+    unix: bool
+    escapes: bool
+    escapes_missing: str | None = None
+
+    def cgroup_programs(self) -> tuple[tuple[str, int, int, str], ...]:
+        return PROGRAMS + (UNIX_PROGRAMS if self.unix else ())
+
+
+def plan(settings: ProbeSettings) -> Plan:
+    """The optional groups for ``settings``. Unix filtering the kernel cannot do is refused by
+    lifecycle.attach before this; a missing escape watch only degrades (it detects, not prevents)."""
+    features = kernel_features()
+    unix = settings.unix_sockets == "filter" and features.unix_offsets is not None
+    escapes = settings.watch_escapes and features.escape_offsets is not None
+    return Plan(unix, escapes, None if escapes or not settings.watch_escapes else features.escape_missing)
 
 
 @dataclass(frozen=True)
@@ -86,16 +127,36 @@ class RenderedProgram:
 def cflags(settings: ProbeSettings, offsets: dict[str, int] | None = None) -> tuple[str, ...]:
     if offsets is None:
         offsets = kernel_offsets()
+    features = kernel_features()
+    unix = settings.unix_sockets == "filter" and features.unix_offsets is not None
+    escapes = settings.watch_escapes and features.escape_offsets is not None
+    bots_id, bots_level = _bots_cgroup(settings)
     defines: dict[str, str | int] = {
         "BW_PIN_DIR": '"' + settings.pin_dir.rstrip("/") + '"',
         "BW_MAX_TARGETS": settings.max_targets,
         "BW_MAX_CONNS": settings.max_connections,
         "BW_RINGBUF_PAGES": settings.ringbuf_pages,
         "BW_EMIT_REDIRECTED": int(settings.emit_redirected),
+        "BW_UNIX_HOOKS": int(unix),
+        "BW_MAX_UNIX_ALLOW": MAX_UNIX_ALLOW,
+        "BW_WATCH_ESCAPES": int(escapes),
+        "BW_KILL_ESCAPED": int(escapes and settings.kill_escaped),
+        "BW_BOTS_CGROUP_ID": bots_id,
+        "BW_BOTS_LEVEL": bots_level,
         **offsets,
+        **(features.unix_offsets if unix else {}),
+        **(features.escape_offsets if escapes else {}),
         **records.size_defines(),
     }
     return (f"-I{SOURCE_DIR}",) + tuple(f"-D{k}={v}" for k, v in defines.items())
+
+
+def _bots_cgroup(settings: ProbeSettings) -> tuple[int, int]:
+    """(cgroup id, depth) of the bots' parent cgroup; (0, 0) when it does not exist yet (render only)."""
+    try:
+        return cgroups.cgroup_id(settings.cgroup_parent), cgroups.level(settings.cgroup_parent)
+    except (OSError, ProbeError):
+        return 0, 0
 
 
 def render_program(settings: ProbeSettings, offsets: dict[str, int] | None = None) -> RenderedProgram:
@@ -149,11 +210,16 @@ class EbpfPrograms:
         self.pin_dir.mkdir(parents=True, exist_ok=True)
         _drop_stale_pins(self.pin_dir)
         rendered = render_program(self.settings)
+        self.plan = plan(self.settings)
+        if self.plan.escapes_missing:
+            log.warning("escape watch unavailable: %s", self.plan.escapes_missing)
         started = time.monotonic()
         try:
             self._bpf = bcc.BPF(src_file=str(PROGRAM_FILE).encode(), cflags=list(rendered.cflags))
-            for func, prog_type, attach_type, _ in PROGRAMS:
+            for func, prog_type, attach_type, _ in self.plan.cgroup_programs():
                 self._functions[func] = self._bpf.load_func(func.encode(), prog_type, attach_type=attach_type)
+            for func, _ in ESCAPE_PROGRAMS if self.plan.escapes else ():
+                self._functions[func] = self._bpf.load_func(func.encode(), PROG_TYPE_RAW_TRACEPOINT)
         except Exception as e:  # bcc raises bare Exception on compile/verifier errors
             self.close()
             raise ProbeUnavailable(f"loading the BPF programs failed: {e}") from e
@@ -163,16 +229,47 @@ class EbpfPrograms:
 
     def attach(self) -> list[int]:
         """Attach (or atomically replace) every program on the bots' parent cgroup."""
+        if self.plan.escapes:
+            self._attach_escape_watch()  # first: bots that move while the rest attaches are seen
         cg_fd = os.open(self.cgroup, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            for func, _, attach_type, short in PROGRAMS:
+            for func, _, attach_type, short in self.plan.cgroup_programs():
                 try:
                     bpfsys.prog_attach(cg_fd, self._functions[func].fd, attach_type, 0)
                 except bpfsys.BPFSyscallError as e:
                     raise ProbeError(f"attaching {short} to {self.cgroup} failed: {e}") from e
-            return [bpfsys.prog_info(self._functions[f].fd).id for f, *_ in PROGRAMS]
+            if not self.plan.unix:  # the operator opted out: drop Unix filters a previous run left
+                _detach_from(cg_fd, UNIX_PROGRAMS)
+            if not self.plan.escapes:
+                for name in ESCAPE_LINKS:
+                    (self.pin_dir / name).unlink(missing_ok=True)
+            return [bpfsys.prog_info(self._functions[f].fd).id for f, *_ in self.plan.cgroup_programs()]
         finally:
             os.close(cg_fd)
+
+    def _attach_escape_watch(self) -> None:
+        """Open one raw-tracepoint link per program and pin it in place of the previous run's
+        (both are attached for a moment: an event may be reported twice, never missed). Then
+        enter the bots' processes already running, which no tracepoint saw join."""
+        for func, tracepoint in ESCAPE_PROGRAMS:
+            try:
+                link = bpfsys.raw_tracepoint_open(tracepoint, self._functions[func].fd)
+            except bpfsys.BPFSyscallError as e:
+                raise ProbeError(f"attaching {func} to raw tracepoint {tracepoint} failed: {e}") from e
+            try:
+                pin = self.pin_dir / f"link_{tracepoint}"
+                pin.unlink(missing_ok=True)
+                bpfsys.obj_pin(link, str(pin))
+            finally:
+                os.close(link)
+        fd = _open_pinned(self.pin_dir, "bot_tasks")
+        try:
+            for pid, cgid in cgroups.pids_with_cgroup(self.cgroup):
+                bpfsys.map_update(fd, ctypes.c_uint32(pid), ctypes.c_uint64(cgid), bpfsys.BPF_NOEXIST)
+        except bpfsys.BPFSyscallError:
+            pass  # already known (BPF_NOEXIST keeps the kernel's own record)
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
         """Release the loader's handles. Programs stay attached, maps stay pinned."""
@@ -237,6 +334,7 @@ def sync_targets(settings: ProbeSettings) -> None:
                 bpfsys.map_delete(fd, key)
     finally:
         os.close(fd)
+    _sync_unix_allow(settings)
     # Listener ports bots may not bind (new ones added before stale ones go).
     ports = {t.listener_port for t in settings.targets}
     fd = _open_pinned(settings.pin_dir, "listeners")
@@ -245,6 +343,23 @@ def sync_targets(settings: ProbeSettings) -> None:
             bpfsys.map_update(fd, ctypes.c_uint32(port), ctypes.c_uint32(1))
         for key in bpfsys.map_keys(fd, ctypes.c_uint32):
             if key.value not in ports:
+                bpfsys.map_delete(fd, key)
+    finally:
+        os.close(fd)
+
+
+def _sync_unix_allow(settings: ProbeSettings) -> None:
+    """The pinned unix_allow map equals settings.unix_allow (absent when the kernel has no hooks)."""
+    path = Path(settings.pin_dir) / "unix_allow"
+    if not path.exists():
+        return
+    wanted = {bytes(records.unix_key(a)) for a in settings.unix_allow}
+    fd = _open_pinned(settings.pin_dir, "unix_allow")
+    try:
+        for raw in wanted:
+            bpfsys.map_update(fd, records.UnixKey.from_buffer_copy(raw), ctypes.c_uint32(1))
+        for key in bpfsys.map_keys(fd, records.UnixKey):
+            if bytes(key) not in wanted:
                 bpfsys.map_delete(fd, key)
     finally:
         os.close(fd)
@@ -281,8 +396,8 @@ def attached_programs(cgroup: Path) -> list[AttachedProgram]:
     except FileNotFoundError:
         return out
     try:
-        for _, _, attach_type, short in PROGRAMS:
-            for prog_id in bpfsys.prog_query(cg_fd, attach_type):
+        for _, _, attach_type, short in ALL_CGROUP_PROGRAMS:
+            for prog_id in _query(cg_fd, attach_type):
                 try:
                     fd = bpfsys.prog_get_fd_by_id(prog_id)
                 except bpfsys.BPFSyscallError:
@@ -300,27 +415,41 @@ def attached_programs(cgroup: Path) -> list[AttachedProgram]:
 
 def detach_programs(cgroup: Path) -> list[AttachedProgram]:
     """Detach our programs from ``cgroup`` (whoever loaded them); returns what was detached."""
-    done: list[AttachedProgram] = []
     try:
         cg_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
     except FileNotFoundError:
-        return done
+        return []
     try:
-        for _, _, attach_type, short in PROGRAMS:
-            for prog_id in bpfsys.prog_query(cg_fd, attach_type):
-                try:
-                    fd = bpfsys.prog_get_fd_by_id(prog_id)
-                except bpfsys.BPFSyscallError:
-                    continue
-                try:
-                    info = bpfsys.prog_info(fd)
-                    if info.name.startswith(PROGRAM_PREFIX):
-                        bpfsys.prog_detach(cg_fd, fd, attach_type)
-                        done.append(AttachedProgram(short, prog_id, info.name))
-                finally:
-                    os.close(fd)
+        return _detach_from(cg_fd, ALL_CGROUP_PROGRAMS)
     finally:
         os.close(cg_fd)
+
+
+def _query(cg_fd: int, attach_type: int) -> list[int]:
+    """Attached program ids; none for an attach type this kernel does not know (EINVAL)."""
+    try:
+        return bpfsys.prog_query(cg_fd, attach_type)
+    except bpfsys.BPFSyscallError as e:
+        if e.errno == errno.EINVAL:
+            return []
+        raise
+
+
+def _detach_from(cg_fd: int, programs: tuple[tuple[str, int, int, str], ...]) -> list[AttachedProgram]:
+    done: list[AttachedProgram] = []
+    for _, _, attach_type, short in programs:
+        for prog_id in _query(cg_fd, attach_type):
+            try:
+                fd = bpfsys.prog_get_fd_by_id(prog_id)
+            except bpfsys.BPFSyscallError:
+                continue
+            try:
+                info = bpfsys.prog_info(fd)
+                if info.name.startswith(PROGRAM_PREFIX):
+                    bpfsys.prog_detach(cg_fd, fd, attach_type)
+                    done.append(AttachedProgram(short, prog_id, info.name))
+            finally:
+                os.close(fd)
     return done
 
 
@@ -343,10 +472,10 @@ def owner_alive(meta: records.Meta) -> bool:
 
 
 def unpin(pin_dir: str | Path) -> list[str]:
-    """Remove our pins and the pin directory."""
+    """Remove our pins (maps, and the escape watch's links: that detaches it) and the pin directory."""
     removed = []
     d = Path(pin_dir)
-    for name in PINNED_MAPS:
+    for name in PINNED:
         p = d / name
         if p.exists():
             p.unlink()

@@ -10,7 +10,7 @@ import ctypes
 import ipaddress
 import socket
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2  # 2: events carry a Unix path / cgroup move; unix_allow, bot_tasks maps
 
 AF_INET = socket.AF_INET
 AF_INET6 = socket.AF_INET6
@@ -20,6 +20,7 @@ TARGET_PASSTHROUGH = 2
 
 EV_DENIED = 1
 EV_REDIRECTED = 2
+EV_LEFT_CGROUP = 3
 
 REASONS = {
     0: "",
@@ -29,9 +30,16 @@ REASONS = {
     4: "UDP send to an address that is not passthrough",
     5: "socket type not allowed (only TCP and UDP)",
     6: "bind to an inspector listener port",
+    7: "Unix socket not in probes.unix_allow",
+    8: "Unix socket from inside a user namespace",
+    9: "forked straight into another cgroup (clone3 CLONE_INTO_CGROUP)",
+    10: "killed (probes.kill_escaped)",
 }
 WHY_SOCKET_TYPE = 5
 WHY_BIND_LISTENER = 6
+WHY_KILLED = 10
+
+UNIX_PATH_MAX = 108
 
 Ip16 = ctypes.c_ubyte * 16
 
@@ -84,6 +92,10 @@ class TupleKey(ctypes.Structure):
     ]
 
 
+class UnixKey(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_uint32), ("path", ctypes.c_ubyte * UNIX_PATH_MAX)]
+
+
 class Event(ctypes.Structure):
     _fields_ = [
         ("id", Identity),
@@ -94,6 +106,8 @@ class Event(ctypes.Structure):
         ("reason", ctypes.c_uint16),
         ("protocol", ctypes.c_uint32),
         ("pad", ctypes.c_uint32),
+        ("other_cgroup_id", ctypes.c_uint64),
+        ("path", UnixKey),
     ]
 
 
@@ -116,6 +130,7 @@ def size_defines() -> dict[str, int]:
         "BW_SIZEOF_TUPLE_KEY": ctypes.sizeof(TupleKey),
         "BW_SIZEOF_EVENT": ctypes.sizeof(Event),
         "BW_SIZEOF_META": ctypes.sizeof(Meta),
+        "BW_SIZEOF_UNIX_KEY": ctypes.sizeof(UnixKey),
     }
 
 
@@ -143,6 +158,26 @@ def addr_key(ip: str, port: int) -> AddrKey:
     key.ip = Ip16.from_buffer_copy(pack_ip(ip))
     key.port = port
     return key
+
+
+def unix_key(address: str) -> UnixKey:
+    """A Unix socket address as the BPF programs normalize it: a path, or "@name" for an
+    abstract name (its bytes after the leading NUL)."""
+    raw = b"\0" + address[1:].encode() if address.startswith("@") else address.encode()
+    if not raw or len(raw) > UNIX_PATH_MAX or (raw[0] and b"\0" in raw):
+        raise ValueError(f"{address!r} is not a Unix socket address")
+    key = UnixKey()
+    key.len = len(raw)
+    ctypes.memmove(key.path, raw, len(raw))
+    return key
+
+
+def unix_address(key: UnixKey) -> str:
+    """Inverse of unix_key (abstract names as "@name", non-text bytes escaped)."""
+    raw = bytes(key.path[: min(key.len, UNIX_PATH_MAX)])
+    if raw[:1] == b"\0":
+        return "@" + raw[1:].decode(errors="backslashreplace")
+    return raw.decode(errors="backslashreplace")
 
 
 def tuple_key(local: tuple, peer: tuple) -> TupleKey:

@@ -14,10 +14,18 @@
  *                       copy the record to the key the inspector sees on
  *                       accept(); forget both when the socket closes.
  *   getpeername4/6      the bot sees the address it asked for.
+ *   connect_unix        AF_UNIX (Linux 6.7+, BW_UNIX_HOOKS): only the
+ *   sendmsg_unix        allow-listed socket paths, never from inside a user
+ *                       namespace; anything else -> EPERM and an event.
+ *   cgroup_attach,      (raw tracepoints, BW_WATCH_ESCAPES) follow the bots'
+ *   task_fork,          processes and report each one that moves (or is
+ *   task_exit           forked) out of the bots' cgroups: "left_cgroup".
  *
  * Options come in as -D defines from probes/loader.py (render_program shows
  * them): BW_PIN_DIR, BW_MAX_TARGETS, BW_MAX_CONNS, BW_RINGBUF_PAGES,
- * BW_EMIT_REDIRECTED and the kernel struct offsets BW_OFF_* read from BTF.
+ * BW_EMIT_REDIRECTED, BW_UNIX_HOOKS, BW_WATCH_ESCAPES, BW_KILL_ESCAPED,
+ * BW_BOTS_CGROUP_ID, BW_BOTS_LEVEL and the kernel struct offsets BW_OFF_*
+ * read from BTF.
  */
 #include <uapi/linux/bpf.h>
 #include "botwarden.h"
@@ -84,13 +92,18 @@ static __always_inline void bw_fill_identity(struct bw_identity *id)
     }
 }
 
-static __always_inline void bw_emit(const struct bw_addr_key *dst, __u16 family, __u32 protocol,
-                                    __u16 event, __u16 reason)
+static __always_inline void bw_emit_path(const struct bw_addr_key *dst, __u16 family, __u32 protocol,
+                                         __u16 event, __u16 reason, const struct bw_unix_key *path)
 {
     struct bw_event *ev = bw_events.ringbuf_reserve(sizeof(struct bw_event));
     if (!ev)
         return; /* ring full: the verdict stands, only the report is lost */
     bw_fill_identity(&ev->id);
+    ev->other_cgroup_id = 0;
+    if (path)
+        __builtin_memcpy(&ev->path, path, sizeof(ev->path));
+    else
+        __builtin_memset(&ev->path, 0, sizeof(ev->path));
     ev->dst_ip[0] = dst->ip[0];
     ev->dst_ip[1] = dst->ip[1];
     ev->dst_ip[2] = dst->ip[2];
@@ -102,6 +115,12 @@ static __always_inline void bw_emit(const struct bw_addr_key *dst, __u16 family,
     ev->protocol = protocol;
     ev->pad = 0;
     bw_events.ringbuf_submit(ev, 0);
+}
+
+static __always_inline void bw_emit(const struct bw_addr_key *dst, __u16 family, __u32 protocol,
+                                    __u16 event, __u16 reason)
+{
+    bw_emit_path(dst, family, protocol, event, reason, 0);
 }
 
 static __always_inline int bw_deny(const struct bw_addr_key *dst, __u16 family, __u32 protocol, __u16 reason)
@@ -369,3 +388,265 @@ int bw_getpeername6(struct bpf_sock_addr *ctx)
     }
     return 1;
 }
+
+#if BW_UNIX_HOOKS
+BPF_TABLE_PINNED("hash", struct bw_unix_key, __u32, bw_unix_allow, BW_MAX_UNIX_ALLOW, BW_PIN_DIR "/unix_allow");
+
+/* The address the caller passed, in normal form. The UAPI bpf_sock_addr has no
+ * field for a Unix path (6.7+ reads it through a kfunc bcc cannot call), but at
+ * run time ctx is the kernel's struct bpf_sock_addr_kern: read its uaddr and
+ * uaddrlen at BTF offsets. uaddr is the kernel's own copy (a sockaddr_storage),
+ * not user memory, so another thread cannot change it after this check. */
+static __always_inline int bw_unix_address(struct bpf_sock_addr *ctx, struct bw_unix_key *key)
+{
+    void *uaddr = 0;
+    __u32 n = 0;
+    int end = 0;
+
+    bpf_probe_read_kernel(&uaddr, sizeof(uaddr), (char *)ctx + BW_OFF_SA_KERN_UADDR);
+    bpf_probe_read_kernel(&n, sizeof(n), (char *)ctx + BW_OFF_SA_KERN_UADDRLEN);
+    if (!uaddr || n <= 2)
+        return -1;
+    n -= 2; /* sun_family */
+    if (bpf_probe_read_kernel(key->path, sizeof(key->path), (char *)uaddr + 2))
+        return -1;
+    if (key->path[0]) { /* a pathname ends at its first NUL, as the kernel reads it */
+#pragma unroll
+        for (int i = 0; i < BW_UNIX_PATH_MAX; i++) {
+            if (i >= n || key->path[i] == 0)
+                end = 1;
+            if (end)
+                key->path[i] = 0;
+            else
+                key->len = i + 1;
+        }
+    } else { /* abstract: every one of the n bytes counts */
+#pragma unroll
+        for (int i = 0; i < BW_UNIX_PATH_MAX; i++) {
+            if (i >= n)
+                key->path[i] = 0;
+        }
+        key->len = n > BW_UNIX_PATH_MAX ? BW_UNIX_PATH_MAX : n;
+    }
+    return 0;
+}
+
+/* In a user namespace a non-root bot can chroot or bind-mount another socket
+ * over an allowed path: the path string no longer names the allowed socket. */
+static __always_inline int bw_in_user_namespace(void)
+{
+    void *task = (void *)bpf_get_current_task();
+    void *cred, *ns;
+    int level = 1;
+
+    bw_read_kernel_ptr(&cred, task, BW_OFF_TASK_CRED);
+    bw_read_kernel_ptr(&ns, cred, BW_OFF_CRED_USER_NS);
+    if (ns)
+        bpf_probe_read_kernel(&level, sizeof(level), ns + BW_OFF_USER_NS_LEVEL);
+    return level != 0;
+}
+
+static __always_inline int bw_unix(struct bpf_sock_addr *ctx)
+{
+    struct bw_addr_key none = {};
+    struct bw_unix_key key = {};
+    __u32 protocol = ctx->protocol;
+
+    if (bw_unix_address(ctx, &key) < 0) {
+        bw_emit_path(&none, BW_AF_UNIX, protocol, BW_EV_DENIED, BW_WHY_UNIX_NOT_ALLOWED, &key);
+        return 0;
+    }
+    if (bw_in_user_namespace()) {
+        bw_emit_path(&none, BW_AF_UNIX, protocol, BW_EV_DENIED, BW_WHY_UNIX_USERNS, &key);
+        return 0;
+    }
+    if (bw_unix_allow.lookup(&key))
+        return 1;
+    bw_emit_path(&none, BW_AF_UNIX, protocol, BW_EV_DENIED, BW_WHY_UNIX_NOT_ALLOWED, &key);
+    return 0; /* EPERM */
+}
+
+int bw_connect_unix(struct bpf_sock_addr *ctx)
+{
+    return bw_unix(ctx);
+}
+
+int bw_sendmsg_unix(struct bpf_sock_addr *ctx)
+{
+    return bw_unix(ctx);
+}
+#endif /* BW_UNIX_HOOKS */
+
+#if BW_WATCH_ESCAPES
+/* Processes of the bots (tgid -> the bots' cgroup id they were last seen in):
+ * added when they join a cgroup under the bots' parent (bot run) or are forked
+ * by one, dropped when they exit or leave. The loader adds those already there. */
+BPF_TABLE_PINNED("lru_hash", __u32, __u64, bw_bot_tasks, BW_MAX_CONNS, BW_PIN_DIR "/bot_tasks");
+
+static __always_inline __u64 bw_cgroup_id(void *cgrp)
+{
+    void *kn;
+    __u64 id = 0;
+
+    bw_read_kernel_ptr(&kn, cgrp, BW_OFF_CGROUP_KN);
+    if (kn)
+        bpf_probe_read_kernel(&id, sizeof(id), kn + BW_OFF_KERNFS_NODE_ID);
+    return id;
+}
+
+/* The unified (v2) hierarchy is hierarchy 0; v1 hierarchies of a hybrid host are not ours. */
+static __always_inline int bw_cgroup_is_v2(void *cgrp)
+{
+    void *root;
+    int hierarchy = -1;
+
+    bw_read_kernel_ptr(&root, cgrp, BW_OFF_CGROUP_ROOT);
+    if (root)
+        bpf_probe_read_kernel(&hierarchy, sizeof(hierarchy), root + BW_OFF_CGROUP_ROOT_HIERARCHY_ID);
+    return hierarchy == 0;
+}
+
+static __always_inline int bw_under_bots(void *cgrp)
+{
+    void *ancestor;
+    int level = -1;
+
+    bpf_probe_read_kernel(&level, sizeof(level), cgrp + BW_OFF_CGROUP_LEVEL);
+    if (level < BW_BOTS_LEVEL)
+        return 0;
+    bw_read_kernel_ptr(&ancestor, cgrp, BW_OFF_CGROUP_ANCESTORS + BW_BOTS_LEVEL * sizeof(void *));
+    return ancestor && bw_cgroup_id(ancestor) == BW_BOTS_CGROUP_ID;
+}
+
+static __always_inline __u32 bw_task_u32(void *task, long off)
+{
+    __u32 v = 0;
+
+    bpf_probe_read_kernel(&v, sizeof(v), task + off);
+    return v;
+}
+
+/* Report (and with BW_KILL_ESCAPED stop) a bot process found outside the bots' cgroups. */
+static __always_inline void bw_left(void *task, __u64 from, void *dst, const char *dst_path, __u16 reason)
+{
+    struct bw_event *ev;
+    void *cred, *leader, *mm, *exe, *inode, *sb;
+    __u32 tgid = bw_task_u32(task, BW_OFF_TASK_TGID);
+    int killed = 0;
+
+#if BW_KILL_ESCAPED
+    /* Only the current task can be signalled from here: the usual case, a bot
+     * writing its own pid. The daemon kills the others by pid. */
+    if ((bpf_get_current_pid_tgid() >> 32) == tgid && bpf_send_signal(9) == 0)
+        killed = 1;
+#endif
+    ev = bw_events.ringbuf_reserve(sizeof(struct bw_event));
+    if (!ev)
+        return;
+    __builtin_memset(ev, 0, sizeof(*ev));
+    ev->id.pid = bw_task_u32(task, BW_OFF_TASK_PID);
+    ev->id.tgid = tgid;
+    bw_read_kernel_ptr(&cred, task, BW_OFF_TASK_REAL_CRED);
+    if (cred) {
+        ev->id.uid = bw_task_u32(cred, BW_OFF_CRED_UID);
+        ev->id.gid = bw_task_u32(cred, BW_OFF_CRED_GID);
+    }
+    ev->id.cgroup_id = bw_cgroup_id(dst);
+    ev->id.ktime_ns = bpf_ktime_get_ns();
+    bpf_probe_read_kernel(ev->id.comm, sizeof(ev->id.comm), task + BW_OFF_TASK_COMM);
+    bw_read_kernel_ptr(&leader, task, BW_OFF_TASK_GROUP_LEADER);
+    if (leader)
+        bpf_probe_read_kernel(&ev->id.start_boottime_ns, sizeof(ev->id.start_boottime_ns),
+                              leader + BW_OFF_TASK_START_BOOTTIME);
+    bw_read_kernel_ptr(&mm, task, BW_OFF_TASK_MM);
+    bw_read_kernel_ptr(&exe, mm, BW_OFF_MM_EXE_FILE);
+    bw_read_kernel_ptr(&inode, exe, BW_OFF_FILE_INODE);
+    if (inode) {
+        bpf_probe_read_kernel(&ev->id.exe_ino, sizeof(ev->id.exe_ino), inode + BW_OFF_INODE_INO);
+        bw_read_kernel_ptr(&sb, inode, BW_OFF_INODE_SB);
+        if (sb)
+            bpf_probe_read_kernel(&ev->id.exe_dev, sizeof(ev->id.exe_dev), sb + BW_OFF_SB_DEV);
+    }
+    ev->event = BW_EV_LEFT_CGROUP;
+    ev->reason = killed ? BW_WHY_KILLED : reason;
+    ev->other_cgroup_id = from;
+    if (dst_path) {
+        long n = bpf_probe_read_kernel_str(ev->path.path, sizeof(ev->path.path), dst_path);
+        ev->path.len = n > 0 ? n - 1 : 0;
+    }
+    bw_events.ringbuf_submit(ev, 0);
+}
+
+/* cgroup_attach_task(struct cgroup *dst, const char *path, struct task_struct *task, bool threadgroup):
+ * runs after the move, so where the task came from is what bw_bot_tasks remembers. */
+int bw_cgroup_attach(struct bpf_raw_tracepoint_args *ctx)
+{
+    void *dst = (void *)ctx->args[0];
+    void *task = (void *)ctx->args[2];
+    __u32 tgid;
+    __u64 id, *from;
+
+    if (!dst || !task || !bw_cgroup_is_v2(dst))
+        return 0;
+    tgid = bw_task_u32(task, BW_OFF_TASK_TGID);
+    if (bw_under_bots(dst)) {
+        id = bw_cgroup_id(dst);
+        bw_bot_tasks.update(&tgid, &id);
+        return 0;
+    }
+    from = bw_bot_tasks.lookup(&tgid);
+    if (!from)
+        return 0;
+    id = *from;
+    bw_bot_tasks.delete(&tgid);
+    bw_left(task, id, dst, (const char *)ctx->args[1], BW_WHY_NONE);
+    return 0;
+}
+
+/* sched_process_fork(struct task_struct *parent, struct task_struct *child): a bot's
+ * child is a bot, unless clone3(CLONE_INTO_CGROUP) put it somewhere else. */
+int bw_task_fork(struct bpf_raw_tracepoint_args *ctx)
+{
+    void *parent = (void *)ctx->args[0];
+    void *child = (void *)ctx->args[1];
+    void *css_set, *cgrp;
+    __u32 ptgid, ctgid;
+    __u64 id, *from;
+
+    if (!parent || !child)
+        return 0;
+    ptgid = bw_task_u32(parent, BW_OFF_TASK_TGID);
+    ctgid = bw_task_u32(child, BW_OFF_TASK_TGID);
+    if (ptgid == ctgid)
+        return 0; /* a new thread */
+    from = bw_bot_tasks.lookup(&ptgid);
+    if (!from)
+        return 0;
+    id = *from;
+    bw_read_kernel_ptr(&css_set, child, BW_OFF_TASK_CGROUPS);
+    bw_read_kernel_ptr(&cgrp, css_set, BW_OFF_CSS_SET_DFL_CGRP);
+    if (!cgrp || bw_under_bots(cgrp)) {
+        if (cgrp)
+            id = bw_cgroup_id(cgrp);
+        bw_bot_tasks.update(&ctgid, &id);
+        return 0;
+    }
+    bw_left(child, id, cgrp, 0, BW_WHY_CLONE_INTO);
+    return 0;
+}
+
+/* sched_process_exit(struct task_struct *p, ...): forget a process when its leader exits. */
+int bw_task_exit(struct bpf_raw_tracepoint_args *ctx)
+{
+    void *task = (void *)ctx->args[0];
+    __u32 pid, tgid;
+
+    if (!task)
+        return 0;
+    pid = bw_task_u32(task, BW_OFF_TASK_PID);
+    tgid = bw_task_u32(task, BW_OFF_TASK_TGID);
+    if (pid == tgid)
+        bw_bot_tasks.delete(&tgid);
+    return 0;
+}
+#endif /* BW_WATCH_ESCAPES */

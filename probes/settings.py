@@ -8,11 +8,14 @@ from dataclasses import asdict, dataclass
 from pathlib import PurePosixPath
 from typing import Literal
 
+from probes import records
 from probes.errors import ProbeError
 
 Mode = Literal["auto", "ebpf", "nftables"]
+UnixSockets = Literal["filter", "unfiltered"]
 
 BPFFS = "/sys/fs/bpf"
+MAX_UNIX_ALLOW = 256
 DEFAULT_PIN_DIR = "/sys/fs/bpf/botwarden"
 
 
@@ -68,6 +71,13 @@ class ProbeSettings:
     ``cgroup_parent`` is the bots' parent cgroup: absolute under the cgroup2
     mount, or relative to it. ``targets`` and ``passthrough`` accept plain
     tuples ``(ip, port, listener_ip, listener_port)`` / ``(ip, port)``.
+
+    ``unix_sockets="filter"`` (the default) denies bots every Unix socket
+    address but ``unix_allow`` (absolute paths, "@name" for abstract names)
+    and refuses to attach where that cannot be enforced (kernel before 6.7,
+    the nftables fallback); ``"unfiltered"`` is the operator's explicit opt-out.
+    ``watch_escapes`` reports bots' processes that leave the bots' cgroups;
+    ``kill_escaped`` also kills them.
     """
 
     cgroup_parent: str = "botwarden.bots"
@@ -80,6 +90,10 @@ class ProbeSettings:
     mode: Mode = "auto"
     emit_redirected: bool = True
     nft_table: str = "botwarden"
+    unix_sockets: UnixSockets = "filter"
+    unix_allow: tuple[str, ...] = ()
+    watch_escapes: bool = True
+    kill_escaped: bool = False
 
     def __post_init__(self) -> None:
         targets = tuple(t if isinstance(t, Target) else Target(*t) for t in self.targets)
@@ -110,6 +124,20 @@ class ProbeSettings:
             raise SettingsError(f"pin_dir: {self.pin_dir!r} is not a clean short path")
         if not self.cgroup_parent or ".." in PurePosixPath(self.cgroup_parent).parts:
             raise SettingsError(f"cgroup_parent: {self.cgroup_parent!r} is not a clean path")
+        object.__setattr__(self, "unix_allow", tuple(self.unix_allow))
+        if self.unix_sockets not in ("filter", "unfiltered"):
+            raise SettingsError(f"unix_sockets: {self.unix_sockets!r} is not one of filter, unfiltered")
+        for address in self.unix_allow:
+            if not (address.startswith("/") or address.startswith("@")):
+                raise SettingsError(f"unix_allow: {address!r} must be an absolute path or @abstract-name")
+            try:
+                records.unix_key(address)
+            except ValueError as e:
+                raise SettingsError(f"unix_allow: {e}") from None
+        if len(self.unix_allow) > MAX_UNIX_ALLOW:
+            raise SettingsError(f"unix_allow: more than {MAX_UNIX_ALLOW} entries")
+        if self.kill_escaped and not self.watch_escapes:
+            raise SettingsError("kill_escaped: needs watch_escapes")
         if not self.nft_table.replace("_", "").replace("-", "").isalnum():
             raise SettingsError(f"nft_table: {self.nft_table!r} must be alphanumeric (with - or _)")
 
@@ -121,4 +149,5 @@ class ProbeSettings:
         data = json.loads(text)
         data["targets"] = tuple(Target(**t) for t in data.get("targets", ()))
         data["passthrough"] = tuple(Passthrough(**p) for p in data.get("passthrough", ()))
+        data["unix_allow"] = tuple(data.get("unix_allow", ()))
         return cls(**data)

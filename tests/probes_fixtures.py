@@ -7,6 +7,7 @@
   redirected connections, calls ``probes.lookup`` and relays one line to the
   original destination over its own (never redirected) upstream connection,
   answering ``via-<name>|<upstream reply>``.
+- ``UnixEcho``: a Unix stream/datagram server anyone may reach (``unix:<name>:<line>``).
 - ``run_bot``: starts a bot process in a cgroup (as ``nobody``) that tries a
   list of connections and reports, per attempt, the reply or the errno.
 """
@@ -60,16 +61,62 @@ sys.stdin.read()
 """
 
 BOT_SCRIPT = r"""
-import errno, json, os, socket, sys
+import ctypes, errno, json, mmap, os, socket, struct, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+
+def uring_connect(sock, sockaddr):
+    # connect() as IORING_OP_CONNECT through a raw io_uring (setup 425, enter 426); 0 or -errno.
+    params = ctypes.create_string_buffer(120)
+    ring = libc.syscall(425, 4, params)
+    if ring < 0:
+        return -ctypes.get_errno()
+    try:
+        sq_entries, cq_entries = struct.unpack_from("II", params, 0)
+        sq_head, sq_tail, sq_mask, _, _, _, sq_array = struct.unpack_from("7I", params, 40)
+        cq_head, cq_tail, cq_mask, _, _, cqes = struct.unpack_from("6I", params, 80)
+        sq = mmap.mmap(ring, sq_array + sq_entries * 4, offset=0)
+        cq = mmap.mmap(ring, cqes + cq_entries * 16, offset=0x8000000)
+        sqes = mmap.mmap(ring, sq_entries * 64, offset=0x10000000)
+        addr = ctypes.create_string_buffer(sockaddr, len(sockaddr))
+        sqes[0:64] = struct.pack("<BBHiQQIIQ", 16, 0, 0, sock.fileno(), len(sockaddr), ctypes.addressof(addr),
+                                 0, 0, 7).ljust(64, b"\0")
+        tail = struct.unpack_from("I", sq, sq_tail)[0]
+        struct.pack_into("I", sq, sq_array + 4 * (tail & struct.unpack_from("I", sq, sq_mask)[0]), 0)
+        struct.pack_into("I", sq, sq_tail, tail + 1)
+        if libc.syscall(426, ring, 1, 1, 1, None, 0) < 0:
+            return -ctypes.get_errno()
+        head = struct.unpack_from("I", cq, cq_head)[0]
+        return struct.unpack_from("<Qi", cq, cqes + 16 * (head & struct.unpack_from("I", cq, cq_mask)[0]))[1]
+    finally:
+        os.close(ring)
+
+def sockaddr(fam, a):
+    if fam == socket.AF_UNIX:
+        return struct.pack("<H", 1) + a["ip"] + (b"" if a["ip"][:1] == b"\0" else b"\0")
+    if fam == socket.AF_INET6:
+        return struct.pack("<H", 10) + struct.pack(">HI", a["port"], 0) + socket.inet_pton(fam, a["ip"]) + b"\0" * 4
+    return struct.pack("<H", 2) + struct.pack(">H", a["port"]) + socket.inet_aton(a["ip"]) + b"\0" * 8
+
+def connect(s, fam, a):
+    if not a.get("uring"):
+        return s.connect(a["ip"] if fam == socket.AF_UNIX else (a["ip"], a["port"]))
+    rc = uring_connect(s, sockaddr(fam, a))
+    if rc < 0:
+        raise OSError(-rc, os.strerror(-rc))
+
 attempts = json.loads(sys.argv[1])
 out = []
 for a in attempts:
-    fam = socket.AF_INET6 if a["family"] == "6" else socket.AF_INET
+    fam = {"6": socket.AF_INET6, "unix": socket.AF_UNIX}.get(a["family"], socket.AF_INET)
     proto = a.get("proto", "tcp")
-    kind = socket.SOCK_DGRAM if proto in ("udp", "udplite") else socket.SOCK_STREAM
+    kind = socket.SOCK_DGRAM if proto in ("udp", "udplite", "dgram", "icmp") else socket.SOCK_STREAM
+    kind = socket.SOCK_RAW if proto == "raw" else kind
+    if fam == socket.AF_UNIX:  # "@name": an abstract address
+        a["ip"] = ("\0" + a["path"][1:] if a["path"].startswith("@") else a["path"]).encode()
     res = {}
     try:
-        s = socket.socket(fam, kind, {"udplite": 136, "mptcp": 262}.get(proto, 0))
+        s = socket.socket(fam, kind, {"udplite": 136, "mptcp": 262, "raw": 1, "icmp": 1}.get(proto, 0))
     except OSError as e:
         out.append({"errno": errno.errorcode.get(e.errno, str(e.errno)), "at": "socket"})
         continue
@@ -92,10 +139,14 @@ for a in attempts:
                 data += chunk
             res["reply"] = data.decode()
         elif kind == socket.SOCK_DGRAM:
-            s.sendto(b"x", (a["ip"], a["port"]))
+            s.sendto(b"x", a["ip"] if fam == socket.AF_UNIX else (a["ip"], a["port"]))
             res["sent"] = True
+        elif fam == socket.AF_UNIX:
+            connect(s, fam, a)
+            s.sendall(a.get("msg", "hello").encode() + b"\n")
+            res["reply"] = s.recv(4096).decode()
         else:
-            s.connect((a["ip"], a["port"]))
+            connect(s, fam, a)
             res["sockname"] = list(s.getsockname()[:2])
             res["peer"] = list(s.getpeername()[:2])
             s.sendall(a.get("msg", "hello").encode() + b"\n")
@@ -255,15 +306,56 @@ class Relay:
         self._thread.join(timeout=5)
 
 
+class UnixEcho:
+    """A Unix stream or datagram server anyone may reach (answers ``unix:<name>:<line>``)."""
+
+    def __init__(self, address: str, name: str, kind: int = socket.SOCK_STREAM):
+        self.name = name
+        self.path = None if address.startswith("@") else Path(address)
+        self.received: list[bytes] = []
+        self._sock = socket.socket(socket.AF_UNIX, kind)
+        self._sock.bind("\0" + address[1:] if address.startswith("@") else address)
+        if not address.startswith("@"):
+            os.chmod(address, 0o777)
+        if kind == socket.SOCK_STREAM:
+            self._sock.listen(16)
+        self._kind = kind
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                if self._kind == socket.SOCK_DGRAM:
+                    self.received.append(self._sock.recv(4096))
+                    continue
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.sendall(b"unix:" + self.name.encode() + b":" + conn.recv(4096))
+
+    def close(self) -> None:
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._sock.close()
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
 @dataclass
 class BotRun:
     pid: int
     results: list[dict]
 
 
-def run_bot(cgroup: str | Path | None, attempts: list[dict], *, user: str | None = BOT_USER) -> BotRun:
-    """Run the bot script in ``cgroup`` (None: outside any bot cgroup) and collect its report."""
-    argv = [BOT_PYTHON, "-c", BOT_SCRIPT, json.dumps(attempts)]
+def run_bot(cgroup: str | Path | None, attempts: list[dict], *, user: str | None = BOT_USER,
+            wrap: tuple[str, ...] = ()) -> BotRun:
+    """Run the bot script in ``cgroup`` (None: outside any bot cgroup) and collect its report.
+    ``wrap`` prefixes the command (e.g. ``("unshare", "-U")``)."""
+    argv = [*wrap, BOT_PYTHON, "-c", BOT_SCRIPT, json.dumps(attempts)]
     if cgroup is None:
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
     else:
@@ -275,6 +367,11 @@ def run_bot(cgroup: str | Path | None, attempts: list[dict], *, user: str | None
 
 def tcp(ip: str, port: int, family: str | None = None, msg: str = "hello") -> dict:
     return {"family": family or ("6" if ":" in ip else "4"), "ip": ip, "port": port, "msg": msg}
+
+
+def unix(path: str, proto: str = "stream", msg: str = "hello") -> dict:
+    """An attempt on a Unix socket address (a path, or "@name" for an abstract one)."""
+    return {"family": "unix", "path": path, "proto": proto, "msg": msg}
 
 
 def wait_for(predicate, timeout: float = 5.0, interval: float = 0.02):

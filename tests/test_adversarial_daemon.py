@@ -63,7 +63,7 @@ def write_adv_config(path: Path, *, workdir: Path, pg, bao, socket_path: Path, p
 
     ops = grp.getgrgid(NOBODY.pw_gid).gr_name
     probes = (f'mode = "ebpf"\nbots_cgroup = "{BOTS}"\npin_dir = "{PIN_DIR}"\nnft_table = "botwarden_adv"\n'
-              'map_entries = 4096')
+              f'map_entries = 4096\nunix_allow = ["{socket_path}"]')  # the self-approval cases call the control socket
     header = config_header(workdir, bao, socket_path=socket_path, probes=probes, approvals_timeout_s=120,
                            appliance_extra=f'control_socket_group = "{ops}"\ncontrol_socket_mode = "0660"\n')
     path.write_text(header + f"""

@@ -20,6 +20,8 @@ def test_demo_runs_every_kind_of_decision(tmp_path):
     # The bot went through the redirect and was identified by the kernel and its token.
     assert "probes: ebpf" in out
     assert "demo-bot" in out and "/usr/lib/postgresql/15/bin/psql" in out and "/botwarden-demo.bots/demo-bot" in out
+    # It ran as an unprivileged user (a root bot could leave its cgroup): nobody, not privileged.
+    assert "--user nobody" in out and "65534" in out and "WARNING" not in out
     # Allowed, masked, blocked, approved.
     assert "ada@example.com" not in out and "**** **** **** 1111" in out
     assert "blocked by rule 'no-drops-or-truncates'" in out and "blocked by rule 'no-server-files'" in out

@@ -9,6 +9,8 @@ from types import MappingProxyType
 
 import pytest
 
+import probes
+
 from appliance.config import IdentityConfig, ProcessMatch, TokenMatch, parse_config
 from appliance.identity import IdentityRefused, ProcessFacts, TokenInfo, normalize_cgroup, resolve_identity
 
@@ -66,7 +68,7 @@ def test_token_and_process_bound_together():
     assert dict(r.audit_fields) == {
         "identity": "deploy-bot", "token_subject": "deploy-sub", "token_kid": "kid-1", "pid": 4242, "uid": 1000,
         "gid": 1000, "cgroup_path": "/botwarden.bots/deploy", "exe": "/usr/bin/psql", "comm": "psql",
-        "attribution_source": "ebpf"}
+        "attribution_source": "ebpf", "privileged": False}
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -86,6 +88,21 @@ def test_process_mismatch_names_the_mismatch(kwargs, message):
         resolve_identity(ALL, token(), facts(**kwargs), "prod-db")
     assert err.value.reason == "process_mismatch" and err.value.sqlstate == "28000"
     assert err.value.message == message
+
+
+def test_uid_not_refuses_a_root_process_and_privileges_mark_the_session():
+    nonroot = IdentityConfig(name="nonroot-bot", process=ProcessMatch(cgroup="deploy", uid_not=(0,)))
+    assert resolve_identity((nonroot,), None, facts(uid=1000), "db").name == "nonroot-bot"
+    with pytest.raises(IdentityRefused) as err:
+        resolve_identity((nonroot,), None, facts(uid=0), "db")
+    assert err.value.message == "process not allowed: uid 0, identity 'nonroot-bot' requires uid not 0"
+    # A root (or capable) process is attested as privileged, and its session row says so.
+    attr = probes.Attribution(pid=10, tgid=10, uid=0, gid=0, cgroup_id=77, cgroup_path="/botwarden.bots/deploy",
+                       comm="psql", start_time_ns=1, exe_inode=2, exe_dev=3, exe_path="/usr/bin/psql",
+                       original_dst=("10.0.0.5", 5432), source="ebpf", privileges=("uid 0", "CAP_SYS_ADMIN"))
+    f = ProcessFacts.from_attribution(attr)
+    assert f.privileged and f.audit_fields()["privileged"] is True
+    assert attr.audit_fields()["privileged"] is True
 
 
 def test_unattested_connection_refused_when_identity_requires_process():
@@ -185,7 +202,9 @@ subject = "deploy-sub"
 [identities.process]
 cgroup = "deploy"
 uid = 1000
+uid_not = [0]
 """)
+    assert cfg.identities[0].process.uid_not == (0,)
     t = cfg.target("prod-db")
     r = resolve_identity(cfg.identities, token(), facts(exe="/anything"), t.name,
                          bots_cgroup=cfg.probes.bots_cgroup, authentication=t.authentication)

@@ -162,7 +162,8 @@ class PgNet:
 
 
 def write_e2e_config(path: Path, *, workdir: Path, net: PgNet, pg: PostgresServer, bao: OpenBaoSetup,
-                     entity_id: str, mode: str, bots: str, pin_dir: str, nft_table: str) -> Path:
+                     entity_id: str, mode: str, bots: str, pin_dir: str, nft_table: str,
+                     extra_probes: str = "") -> Path:
     workdir.mkdir(parents=True, exist_ok=True)
     target_tail = f"""allow_plaintext = true
 [targets.tls]
@@ -173,7 +174,8 @@ mount = "{bao.db_mount}"
 role = "{bao.db_role}"
 """
     probes = (f'mode = "{mode}"\nbots_cgroup = "{bots}"\npin_dir = "{pin_dir}"\nnft_table = "{nft_table}"\n'
-              f'map_entries = 4096\npassthrough = ["{net.ip_a}:{PASSTHROUGH_PORT}"]')
+              f'map_entries = 4096\npassthrough = ["{net.ip_a}:{PASSTHROUGH_PORT}"]'
+              + ('\nunix_sockets = "unfiltered"' if mode == "nftables" else "") + extra_probes)
     path.write_text(config_header(workdir, bao, probes=probes) + f"""
 [[targets]]
 name = "orders"
@@ -232,11 +234,14 @@ class Ran:
     stderr: str
 
 
-def bot_run(config: Path, name: str, argv: list[str], env: dict | None = None, timeout: float = 60) -> Ran:
-    """`botwarden bot run --name NAME -- ARGV`: it execs ARGV in place, so the pid is ARGV's."""
+def bot_run(config: Path, name: str, argv: list[str], env: dict | None = None, timeout: float = 60, *,
+            user: str | None = "nobody", allow_privileged: bool = False) -> Ran:
+    """`botwarden bot run --name NAME [--user USER] -- ARGV`: it execs ARGV in place, so the pid is ARGV's.
+    Bots run as ``user`` (nobody) unless told otherwise: root bots are refused without --allow-privileged."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    opts = (["--user", user] if user else []) + (["--allow-privileged"] if allow_privileged else [])
     proc = subprocess.Popen([sys.executable, "-m", "appliance.cli", "--config", str(config), "bot", "run",
-                             "--name", name, "--", *argv], cwd=ROOT, stdout=subprocess.PIPE,
+                             "--name", name, *opts, "--", *argv], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
                             env={**base, "PYTHONPATH": str(ROOT), **(env or {})})
     try:
@@ -317,11 +322,11 @@ def world(bao_server, tmp_path_factory):
         net.stop()
 
 
-def _start(world, name: str, *, mode: str, bots: str, pin_dir: str, nft_table: str) -> E2E:
+def _start(world, name: str, *, mode: str, bots: str, pin_dir: str, nft_table: str, extra_probes: str = "") -> E2E:
     workdir = world["workdir"] / name
     config = write_e2e_config(workdir / "botwarden.toml", workdir=workdir, net=world["net"], pg=world["pg"],
                               bao=world["bao"], entity_id=world["entity_id"], mode=mode, bots=bots,
-                              pin_dir=pin_dir, nft_table=nft_table)
+                              pin_dir=pin_dir, nft_table=nft_table, extra_probes=extra_probes)
     daemon = DaemonProcess(config, workdir / "run" / "control.sock").start()
     return E2E(world["net"], world["pg"], world["bao"], world["entity_id"], workdir, config, daemon, bots,
                world["direct"])
@@ -350,7 +355,7 @@ def env(world):
 def sessions_for_pid(env: E2E, pid: int, want_ended: bool = True) -> list[dict]:
     def rows():
         got = env.daemon.audit_sql("SELECT session_id, identity, target, pid, exe, cgroup_path, comm, uid, "
-                                   "attribution_source, credential_user, outcome, error FROM sessions "
+                                   "attribution_source, credential_user, outcome, error, privileged FROM sessions "
                                    "WHERE pid = ?", [pid])
         return got if got and (not want_ended or got[0]["outcome"] != "open") else None
     return wait_for(rows, timeout=10, interval=0.1) or []
@@ -374,7 +379,8 @@ def main_flow(env: E2E, source: str) -> None:
     assert row["pid"] == ran.pid
     assert row["exe"] == PSQL
     assert row["cgroup_path"] == f"/{env.bots}/{BOT}"
-    assert row["uid"] == 0 and row["comm"] == "psql" and row["attribution_source"] == source
+    assert row["uid"] == 65534 and row["comm"] == "psql" and row["attribution_source"] == source
+    assert row["privileged"] is False  # bot run --user nobody: no uid 0, no capabilities
     assert row["credential_user"] == out[1]
     reqs = env.daemon.audit_sql("SELECT decision, rule FROM requests WHERE session_id = ? ORDER BY chain_seq",
                                 [row["session_id"]])
@@ -413,7 +419,9 @@ def test_cgroup_mismatch_is_refused_naming_it(env):
     assert row["credential_user"] is None  # refused before a credential was fetched or upstream opened
     # The refusal is protocol-native: a FATAL with SQLSTATE 28000 (psql does not print the code at
     # connect time; a driver that parses the ErrorResponse shows it).
-    ran = bot_run(env.config, "stranger-bot", [sys.executable, "-c", ASYNCPG_PROBE, env.net.ip_a, str(env.pg.port)])
+    # (The venv's interpreter lives under /root: this bot runs as root, deliberately.)
+    ran = bot_run(env.config, "stranger-bot", [sys.executable, "-c", ASYNCPG_PROBE, env.net.ip_a, str(env.pg.port)],
+                  user=None, allow_privileged=True)
     refusal = json.loads(ran.stdout)
     assert (refusal["sqlstate"], refusal["severity"]) == ("28000", "FATAL"), refusal
     assert "identity 'e2e-bot' requires cgroup" in refusal["message"]
@@ -422,10 +430,10 @@ def test_cgroup_mismatch_is_refused_naming_it(env):
 def test_uid_mismatch_is_refused_naming_it(env):
     token = env.bao.mint_token()
     ran = bot_run(env.config, "uid-bot", psql_args(env.net.ip_b, env.pg.port, QUERY, user="uid-bot"),
-                  env={**PSQL_ENV, "PGPASSWORD": token})
+                  env={**PSQL_ENV, "PGPASSWORD": token}, user="daemon")
     assert ran.returncode != 0
     assert "FATAL" in ran.stderr
-    assert "process not allowed: uid 0, identity 'uid-bot' requires uid 65534" in ran.stderr, ran.stderr
+    assert "process not allowed: uid 1, identity 'uid-bot' requires uid 65534" in ran.stderr, ran.stderr
     assert token not in ran.stderr and token not in env.daemon.output()
     row = sessions_for_pid(env, ran.pid)[0]
     assert row["outcome"] == "refused" and row["cgroup_path"] == f"/{env.bots}/uid-bot"
@@ -490,7 +498,7 @@ def test_process_outside_the_bots_cgroup_is_untouched(env):
 def test_inspectors_upstream_is_not_redirected(env):
     """PostgreSQL sees the session's connection coming from the daemon's own socket on the veth."""
     proc = subprocess.Popen([sys.executable, "-m", "appliance.cli", "--config", str(env.config), "bot", "run",
-                             "--name", BOT, "--", *psql_args(env.net.ip_a, env.pg.port, "SELECT pg_sleep(4)")],
+                             "--name", BOT, "--user", "nobody", "--", *psql_args(env.net.ip_a, env.pg.port, "SELECT pg_sleep(4)")],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT), **PSQL_ENV})
     try:

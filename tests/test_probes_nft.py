@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import probes
-from probes import cgroups, loader
+from probes import cgroups, loader, nft
 from tests.probes_fixtures import BOT_PYTHON, Relay, TargetNet, exe_identity, free_port, run_bot, tcp, unique
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(120)]
@@ -41,7 +41,20 @@ def _settings(net: TargetNet, lport: int, mode: str) -> probes.ProbeSettings:
         pin_dir=f"/sys/fs/bpf/{unique('botwarden-test-')}",
         nft_table=unique("bwtest_"),
         mode=mode,
+        unix_sockets="unfiltered",  # nftables cannot filter them: the explicit opt-out
     )
+
+
+def test_nftables_refuses_to_attach_unless_unix_sockets_are_explicitly_unfiltered(net):
+    settings = probes.ProbeSettings(**{**_settings(net, free_port(), "nftables").__dict__,
+                                       "unix_sockets": "filter"})
+    try:
+        with pytest.raises(probes.ProbeUnavailable, match="Unix-socket connections cannot be filtered: the "
+                           "nftables path .*unix_sockets = \"unfiltered\""):
+            probes.attach(settings)
+        assert not nft.installed(settings.nft_table)
+    finally:
+        cgroups.remove(settings.cgroup_parent)
 
 
 def _tables() -> str:

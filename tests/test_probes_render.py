@@ -89,3 +89,29 @@ def test_addresses_share_one_normal_form():
     k2 = records.tuple_key(("::ffff:127.0.0.1", 15432), ("::ffff:127.0.0.1", 40000))
     assert bytes(k1) == bytes(k2)
     assert records.kernel_dev_to_user((8 << 20) | 1) == (8 << 8) | 1
+
+
+def test_kernel_features_say_when_the_unix_hooks_are_missing(tmp_path):
+    from probes.btf import UNIX_FIELDS, kernel_features
+
+    here = kernel_features()  # this kernel (6.18) has them
+    assert here.unix_missing is None and set(here.unix_offsets) == set(UNIX_FIELDS)
+    assert here.escape_missing is None
+    # The same BTF with the attach type renamed: what a kernel before 6.7 looks like to the check.
+    older = tmp_path / "vmlinux"
+    older.write_bytes(VMLINUX_BTF.read_bytes().replace(b"BPF_CGROUP_UNIX_CONNECT\0", b"BPF_CGROUP_UNIX_CONNECX\0"))
+    missing = kernel_features(older)
+    assert missing.unix_offsets is None
+    assert missing.unix_missing == ("the kernel has no cgroup hooks for Unix sockets (BPF_CGROUP_UNIX_CONNECT, "
+                                    "Linux 6.7+)")
+
+
+def test_unix_allow_settings_are_checked():
+    with pytest.raises(SettingsError, match="unix_allow: 'relative.sock' must be an absolute path"):
+        probes.ProbeSettings(unix_allow=("relative.sock",))
+    with pytest.raises(SettingsError, match="unix_sockets: 'maybe' is not one of filter, unfiltered"):
+        probes.ProbeSettings(unix_sockets="maybe")
+    with pytest.raises(SettingsError, match="is not a Unix socket address"):
+        probes.ProbeSettings(unix_allow=("/" + "x" * 200,))
+    key = records.unix_key("@name")
+    assert key.len == 5 and bytes(key.path[:5]) == b"\0name" and records.unix_address(key) == "@name"

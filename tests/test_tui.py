@@ -262,6 +262,8 @@ def test_time_left_and_status_line() -> None:
     assert "pid 12" in line and "pg (postgres 127.0.0.1:1)" in line and "audit UNHEALTHY" in line
     assert "pending 5" in line  # the console's live count, not the daemon's polled one
     assert "pending ?" in status_line({}, None)
+    assert "LEFT THEIR CGROUP" not in line
+    assert "BOTS LEFT THEIR CGROUP: 2" in status_line({"bots_left_cgroup": 2}, None)
 
 
 # -- the app against a real control server ------------------------------------------------------

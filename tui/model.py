@@ -225,6 +225,8 @@ def status_line(status: Mapping[str, Any], pending: int | None) -> str:
         f"sessions {status.get('sessions_active', 0)}",
         f"pending {'?' if pending is None else pending}",
     ]
+    if status.get("bots_left_cgroup"):
+        parts.append(f"BOTS LEFT THEIR CGROUP: {status['bots_left_cgroup']}")
     if status.get("last_reload_error"):
         parts.append(f"last reload refused: {status['last_reload_error']}")
     return " · ".join(parts)

@@ -906,7 +906,8 @@ class Session:
         a = ctx.attribution
         if a is not None:
             rec.update(pid=getattr(a, "tgid", a.pid), uid=a.uid, gid=a.gid, cgroup_id=a.cgroup_id, cgroup_path=a.cgroup_path,
-                       exe=a.exe_path, comm=a.comm, attribution_source=a.source)
+                       exe=a.exe_path, comm=a.comm, attribution_source=a.source,
+                       privileged=bool(getattr(a, "privileges", ())))
         else:
             rec["attribution_source"] = "none"
         if grant is not None:

@@ -33,6 +33,7 @@ class ProcessFacts:
     comm: str
     source: Literal["ebpf", "nftables", "none"] = "ebpf"
     cgroup_id: int | None = None
+    privileged: bool = False  # uid 0 or capabilities that can undo the probes (see probes.attribution)
 
     @classmethod
     def from_attribution(cls, obj: Any) -> "ProcessFacts | None":
@@ -46,12 +47,13 @@ class ProcessFacts:
             pid=int(getattr(obj, "tgid", None) or obj.pid), uid=int(obj.uid), gid=int(obj.gid),
             cgroup_path=getattr(obj, "cgroup_path", None), exe_path=getattr(obj, "exe_path", None),
             comm=str(getattr(obj, "comm", "") or ""), source=getattr(obj, "source", "ebpf") or "ebpf",
-            cgroup_id=getattr(obj, "cgroup_id", None),
+            cgroup_id=getattr(obj, "cgroup_id", None), privileged=bool(getattr(obj, "privileges", ())),
         )
 
     def audit_fields(self) -> dict[str, Any]:
         out: dict[str, Any] = {"pid": self.pid, "uid": self.uid, "gid": self.gid, "cgroup_path": self.cgroup_path,
-                               "exe": self.exe_path, "comm": self.comm, "attribution_source": self.source}
+                               "exe": self.exe_path, "comm": self.comm, "attribution_source": self.source,
+                               "privileged": self.privileged}
         if self.cgroup_id is not None:
             out["cgroup_id"] = self.cgroup_id
         return out
@@ -107,6 +109,8 @@ def _process_miss(match: ProcessMatch, facts: ProcessFacts | None, bots_cgroup: 
     wants = []
     if match.uid is not None:
         wants.append(("uid", str(match.uid)))
+    if match.uid_not:
+        wants.append(("uid_not", "not " + " or ".join(map(str, match.uid_not))))
     if match.cgroup is not None:
         wants.append(("cgroup", required_cgroup(match.cgroup, bots_cgroup)))
     if match.exe is not None:
@@ -118,6 +122,8 @@ def _process_miss(match: ProcessMatch, facts: ProcessFacts | None, bots_cgroup: 
         return ("not attested (no kernel attribution for this connection)", f"{what} {want}")
     for what, want in wants:
         if what == "uid" and facts.uid != match.uid:
+            return (f"uid {facts.uid}", f"uid {want}")
+        if what == "uid_not" and facts.uid in match.uid_not:
             return (f"uid {facts.uid}", f"uid {want}")
         if what == "cgroup":
             have = normalize_cgroup(facts.cgroup_path) if facts.cgroup_path else None
