@@ -85,18 +85,20 @@ class RecordValidator:
         return spec, row
 
 
-def _unclean_previous(con: duckdb.DuckDBPyConnection) -> tuple[int, int] | None:
-    """The last epoch, if it ended without a writer_stop row: (epoch, producer events it committed).
-    The chain is in the order events were received, so those are the first N it received."""
+def _unclean_previous(con: duckdb.DuckDBPyConnection) -> tuple[int, int, int] | None:
+    """The last epoch, if it ended without a writer_stop row: (epoch, producer rows it holds, how
+    many of those it replayed itself at its start). The rest are the first events it received,
+    in order (the chain keeps the order of arrival)."""
     row = con.execute(
-        "SELECT epoch, bool_or(event = 'writer_stop'), min(chain_seq) FILTER (event = 'writer_start') "
+        "SELECT epoch, bool_or(event = 'writer_stop'), min(chain_seq) FILTER (event = 'writer_start'), "
+        "coalesce(max(replayed_rows) FILTER (event = 'writer_start'), 0) "
         "FROM writer_events WHERE epoch = (SELECT max(epoch) FROM writer_events) GROUP BY epoch").fetchone()
     if row is None or row[1]:
         return None
     start = row[2] if row[2] is not None else 0
     tables = [t for t in db.existing_tables(con) if t != "writer_events"]
     union = " UNION ALL ".join(f"SELECT count(*) AS n FROM {t} WHERE chain_seq > {int(start)}" for t in tables)
-    return int(row[0]), int(con.execute(f"SELECT sum(n) FROM ({union})").fetchone()[0] or 0)
+    return int(row[0]), int(con.execute(f"SELECT sum(n) FROM ({union})").fetchone()[0] or 0), int(row[3])
 
 
 class AuditStore:
@@ -167,8 +169,8 @@ class AuditStore:
         self.journal: Any = None   # analytics.journal.Journal while running with journal=True
         self.epoch: int | None = None
         self.migrations: list[tuple[int, int]] = []
-        # After an epoch that ended abruptly: (its number, events it had committed, events this
-        # writer replayed from its journal); None after a clean stop.
+        # After an epoch that ended abruptly: (its number, events it had received and committed,
+        # events this writer replayed from its journal, None: it had none); None after a clean stop.
         self.recovered: tuple[int, int, int] | None = None
 
     # --- lifecycle ----------------------------------------------------------
@@ -188,7 +190,8 @@ class AuditStore:
             unclean = _unclean_previous(con)
             replay: list = []
             if unclean is not None:
-                prev_epoch, committed = unclean
+                prev_epoch, held, own_replayed = unclean
+                committed = held - own_replayed   # of what that epoch received (its journal's order)
                 had_journal = bool(_journal.epoch_files(self.path, prev_epoch))
                 replay = _journal.read_events(self.path, prev_epoch)[committed:]
                 self.recovered = (prev_epoch, committed, len(replay) if had_journal else None)
@@ -198,7 +201,7 @@ class AuditStore:
                             "; what it had not committed is lost (no journal)")
             first = [writer_event("migration", detail=f"schema {a} -> {b}", schema_version=b)
                      for a, b in self.migrations]
-            recovered = ({"prev_epoch": self.recovered[0], "prev_epoch_rows": self.recovered[1],
+            recovered = ({"prev_epoch": self.recovered[0], "prev_epoch_rows": unclean[1],
                           "replayed_rows": self.recovered[2]} if self.recovered else {})
             if self.recovered and self.recovered[2] is None and self._accounted_by:
                 recovered["detail"] = f"accounted: {self._accounted_by}"

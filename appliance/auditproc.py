@@ -17,15 +17,28 @@ session. So the daemon runs :class:`analytics.AuditStore` in a child process
 
 Back-pressure and failure keep the store's contract: the daemon counts events it
 accepted and the child has not committed; beyond ``queue_max`` a submit is refused
-(``on_full="refuse"``) or waits (``"block"``). If the child dies, every later submit is
-refused and ``healthy`` is false, so the daemon refuses new sessions rather than run
-unaudited (fail closed); a call in flight raises :class:`analytics.AuditWriterError`.
-If the daemon dies, the child sees the events socket close, commits what it received,
-writes its ``writer_stop`` row and exits.
+(``on_full="refuse"``) or waits (``"block"``). If the child dies, ``healthy`` is false, so
+the daemon refuses statements and new sessions rather than run unaudited (fail closed); a
+call in flight raises :class:`analytics.AuditWriterError`. The daemon keeps every event it
+shipped until the child reports it committed, and re-sends what the dead child had not
+committed to the next one (which counts what its predecessor's epoch holds), so a dead
+audit process loses nothing while the daemon lives. If the daemon dies, the child sees
+the events socket close, commits what it received, writes its ``writer_stop`` row and exits.
+
+Strict mode (``journal=True``, ``audit.mode = "strict"``): the child appends each batch it
+receives to a journal file (:mod:`analytics.journal`) and then acknowledges it
+(``("ack", n)``); :meth:`AuditProcess.submit_acked` gives the caller a future that resolves
+on that acknowledgement, and ships at once. Whoever waits on it can rely on the event
+surviving the death of the daemon, of the audit process, or of both.
+
+The daemon's high-water file (:mod:`analytics.highwater`) holds what it issued per session
+and the committed head, so a restart after the daemon died can record what was lost.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import itertools
 import json
 import logging
@@ -44,7 +57,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from analytics import errors as audit_errors
-from analytics import schema
+from analytics import highwater, schema
 from analytics.errors import AuditClosedError, AuditError, AuditWriterError
 from analytics.store import RecordValidator
 from appliance.policy.masking import DetectorSettings
@@ -119,17 +132,22 @@ class AuditProcess:
 
     def __init__(self, path: str | Path, *, batch_max: int = 2000, flush_interval: float = 0.2,
                  queue_max: int = 100_000, on_full: Literal["refuse", "block"] = "refuse",
-                 strict: bool = False, restart_after: float | None = 1.0, nice: int | None = None):
+                 strict: bool = False, restart_after: float | None = 1.0, nice: int | None = None,
+                 journal: bool = False, highwater: bool = False):
         """``restart_after``: seconds before a dead audit process is started again (doubling
         up to 30 s while it keeps failing); None leaves it dead. ``nice``: the child's CPU
-        priority (the daemon passes the one it was started with; None inherits the caller's)."""
+        priority (the daemon passes the one it was started with; None inherits the caller's).
+        ``journal``: the child journals and acknowledges what it receives (strict mode).
+        ``highwater``: keep the daemon's high-water file beside the store (``self.marks``)."""
         if batch_max < 1 or queue_max < 1 or flush_interval <= 0:
             raise AuditError("batch_max and queue_max must be >= 1 and flush_interval > 0")
         if on_full not in ("refuse", "block"):
             raise AuditError("on_full must be 'refuse' or 'block'")
         self.path = Path(path)
         self.options = {"path": str(self.path), "batch_max": batch_max, "flush_interval": flush_interval,
-                        "strict": strict, "log_level": logging.getLogger().getEffectiveLevel(), "nice": nice}
+                        "strict": strict, "log_level": logging.getLogger().getEffectiveLevel(), "nice": nice,
+                        "journal": journal, "accounted_by": None}
+        self.journal = journal
         self.queue_max = queue_max
         self.on_full = on_full
         self.strict = strict
@@ -139,10 +157,18 @@ class AuditProcess:
         self._room = threading.Condition(self._lock)      # blocked producers and flush() wait here
         self._buf: list = []
         self._ship_now = False   # flush() and set_redaction() want the buffer shipped at once
+        # Event counts are global (across children): the current child's own counts start after
+        # _child_base, the events its predecessors' epochs hold.
         self._submitted = 0      # events accepted by submit
-        self._sent = 0           # events handed to the child
-        self._written = 0        # events the child committed
+        self._sent = 0           # events handed to the current child (or its predecessors)
+        self._written = 0        # events committed
+        self._acked = 0          # events journaled and acknowledged (strict mode)
         self._lost = 0           # events the child could not accept (its store was failing)
+        self._lost_before = 0    # ... of which by earlier children
+        self._child_base = 0
+        self._inflight: collections.deque = collections.deque()   # (last event index, batch) not yet committed
+        self._waiters: collections.deque = collections.deque()    # (event index, future, loop) until acked
+        self._resent = 0         # events re-sent to a new child after one died
         self._refused = 0
         self._child_stats: dict[str, Any] = {}
         self._failing = False
@@ -154,10 +180,6 @@ class AuditProcess:
         self._restart_lock = threading.Lock()   # held while a new child is spawned; close() waits
         self._restarting = False
         self._restarts = 0
-        self._crash_lost = 0      # events handed to a child that died before committing them
-        self._base_written = 0    # what earlier children committed (a child counts from zero)
-        self._base_lost = 0
-        self._base_sent = 0       # events handed to earlier children (flush targets are per child)
         self._redaction: Any = None
         self._calls: dict[int, Future] = {}
         self._call_ids = itertools.count(1)
@@ -169,7 +191,11 @@ class AuditProcess:
         self._reader: threading.Thread | None = None
         self.epoch: int | None = None
         self.migrations: list[tuple[int, int]] = []
+        self.recovered: tuple | None = None    # the child's store recovered an abrupt epoch: see AuditStore
         self.pid: int | None = None
+        self._use_highwater = highwater
+        self.marks: Any = None                 # analytics.highwater.HighWaterFile while running
+        self.previous_marks: Any = None        # what the last daemon left, if it did not stop cleanly
 
     # --- lifecycle ----------------------------------------------------------
 
@@ -177,8 +203,16 @@ class AuditProcess:
         """Spawn the child and wait until its store is open (or raise its error)."""
         if self._proc is not None:
             raise AuditError("audit process already started")
+        if self._use_highwater:
+            left = highwater.read(self.path)
+            if left is not None and left.running:
+                self.previous_marks = left
+                self.options["accounted_by"] = (f"the high-water marks of daemon pid {left.pid}, which stopped "
+                                                "abruptly (see audit_losses)")
         self._proc, self._events, self._rpc, info = self._spawn()  # sets self.pid
+        self.options["accounted_by"] = None
         self.epoch, self.migrations, self._child_stats = info["epoch"], info["migrations"], info["stats"]
+        self.recovered = info.get("recovered")
         self._running = True
         self._reader = threading.Thread(target=self._read_loop, args=(self._proc, self._rpc),
                                         name="audit-process-reader", daemon=True)
@@ -186,6 +220,41 @@ class AuditProcess:
         self._reader.start()
         self._sender.start()
         log.info("audit store %s runs in process %d (epoch %d)", self.path, self.pid, self.epoch)
+
+    def account_previous_crash(self) -> list[Any]:
+        """After a daemon that stopped abruptly: record, per session its high-water marks name,
+        what never reached the store (``audit_losses`` rows, and a ``session_end`` for a session
+        that never got one), then start this daemon's own marks. Returns the shortfalls."""
+        from datetime import datetime, timezone
+
+        found: list[Any] = []
+        marks = self.previous_marks
+        if marks is not None:
+            found, open_sessions = self._call("shortfalls", marks, timeout=120)
+            now = datetime.now(timezone.utc)
+            issued = {m.session_id: m.issued_seq for m in marks.sessions}
+            for sf in found:
+                self.submit("audit_loss", {
+                    "ts": now, "cause": "daemon_crash", "session_id": sf.session_id, "issued_seq": sf.issued_seq,
+                    "recorded_seq": sf.recorded_seq, "missing": sf.missing,
+                    "session_end_missing": sf.session_end_missing,
+                    "detail": f"daemon pid {marks.pid} stopped abruptly; events it issued never reached the store"})
+            for sid in open_sessions:  # cut by the crash: close the session's row
+                self.submit("session_end", {
+                    "session_id": sid, "ts": now, "outcome": "error", "requests": issued[sid],
+                    "error": f"botwarden (pid {marks.pid}) stopped abruptly; the session was cut"})
+            self.flush(60)
+            if found:
+                log.warning("the previous daemon (pid %d) stopped abruptly: %d session(s) lack %d audit "
+                            "event(s) (recorded in audit_losses; `botwarden audit verify` lists them)",
+                            self.previous_marks.pid, len(found), sum(f.missing for f in found))
+            self.previous_marks = None
+        if self._use_highwater and self.marks is None:
+            self.marks = highwater.HighWaterFile(self.path)
+            st = self._child_stats
+            if st.get("head_seq") is not None:
+                self.marks.set_head(self.epoch or 0, st["head_seq"])
+        return found
 
     def _spawn(self) -> tuple[subprocess.Popen, socket.socket, socket.socket, dict[str, Any]]:
         ev_parent, ev_child = socket.socketpair()
@@ -195,7 +264,7 @@ class AuditProcess:
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-c", _CHILD_BOOT, str(ev_child.fileno()), str(rpc_child.fileno()),
-                 json.dumps(self.options)],
+                 json.dumps({k: v for k, v in self.options.items()})],
                 pass_fds=(ev_child.fileno(), rpc_child.fileno()), stdin=subprocess.DEVNULL, env=env,
                 start_new_session=True)  # a Ctrl-C meant for the daemon must not kill the store first
         finally:
@@ -248,14 +317,17 @@ class AuditProcess:
             if s is not None:
                 s.close()
         with self._lock:
-            # Events lost when a child died were reported then (and verify shows the gap).
-            unwritten = self._submitted - self._written - self._crash_lost
+            unwritten = self._submitted - self._written - self._lost
+            waiters, self._waiters = list(self._waiters), collections.deque()
+        self._fail_waiters(waiters, "the audit store closed")
         if code != 0 and not unwritten:
             raise AuditWriterError(f"the audit process exited with code {code} while closing the store")
         if unwritten:
             raise AuditWriterError(f"audit store closed with {unwritten} events not written"
                                    + (f" ({self._lost} refused by the failing store)" if self._lost else "")
                                    + (f" ({self._dead})" if self._dead else ""))
+        if self.marks is not None:  # a clean stop: the next start has nothing to account for
+            self.marks.close()
         log.info("audit store %s closed (epoch %d)", self.path, self.epoch)
 
     def _kill(self) -> None:
@@ -280,7 +352,9 @@ class AuditProcess:
         with self._lock:
             if not self._running or self._closing:
                 raise AuditClosedError("audit store is not running")
-            if self._dead is not None or self._failing:
+            # While a dead child is being replaced, events wait for the next one (statements are
+            # refused meanwhile: `healthy` is false); without a restart they would wait forever.
+            if self._failing or (self._dead is not None and not self._restarting):
                 self._refused += 1
                 return False
             if self._submitted - self._written - self._lost >= self.queue_max:
@@ -298,6 +372,51 @@ class AuditProcess:
                 self._ship.notify()
         return True
 
+    def submit_acked(self, kind: str, record: Mapping[str, Any],
+                     loop: asyncio.AbstractEventLoop) -> asyncio.Future | None:
+        """Queue one event and ship it at once; the future (of ``loop``) resolves once the audit
+        process has journaled it (it then survives the death of either process), or fails if
+        that process dies first. None: refused (as :meth:`submit` returning False)."""
+        if not self.journal:
+            raise AuditError("submit_acked needs the journal (audit.mode = 'strict')")
+        _, row = self._validate(kind, record)
+        fut = loop.create_future()
+        with self._lock:
+            if not self._running or self._closing:
+                raise AuditClosedError("audit store is not running")
+            if self._dead is not None or self._failing or self._submitted - self._written - self._lost >= self.queue_max:
+                self._refused += 1
+                return None
+            self._buf.append((kind, row))
+            self._submitted += 1
+            self._waiters.append((self._submitted, fut, loop))
+            if not self._ship_now:
+                self._ship_now = True
+                self._ship.notify()
+        return fut
+
+    @staticmethod
+    def _resolve(futs: list) -> None:
+        for f in futs:
+            if not f.done():
+                f.set_result(None)
+
+    @staticmethod
+    def _fail(futs: list, why: str) -> None:
+        for f in futs:
+            if not f.done():
+                f.set_exception(AuditWriterError(why))
+
+    def _fail_waiters(self, waiters: list, why: str) -> None:
+        by_loop: dict[Any, list] = {}
+        for _, fut, loop in waiters:
+            by_loop.setdefault(loop, []).append(fut)
+        for loop, futs in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(self._fail, futs, why)
+            except RuntimeError:  # that loop is closed
+                pass
+
     def set_redaction(self, settings: Any) -> None:
         """Detector settings for request rows from now on (ordered with the events)."""
         with self._lock:
@@ -311,35 +430,30 @@ class AuditProcess:
             with self._lock:
                 if len(self._buf) < _SEND_BATCH and not self._closing and not self._ship_now:
                     self._ship.wait(_SEND_INTERVAL_S)
-                if self._dead is not None and not self._closing:
-                    continue  # keep them for the next child (submit refuses meanwhile)
+                if self._dead is not None:
+                    if not self._closing:
+                        self._ship.wait(_SEND_INTERVAL_S)
+                        continue  # keep them for the next child
+                    return  # closing with a dead child: close() reports what was not written
                 self._ship_now = False
                 batch, self._buf = self._buf, []
                 if not batch and self._closing:
                     return
+                if not batch:
+                    continue
                 events_sock = self._events
-            if not batch:
-                continue
-            if self._dead is not None:
-                if not self._closing:  # died since the batch was taken: keep it for the next child
-                    with self._lock:
-                        self._buf[:0] = batch
-                continue  # closing with a dead child: close() reports these as not written
-            events = sum(1 for kind, _ in batch if kind[0] != "!")
+                # Kept until the child reports it committed: if it dies first, the next one gets it.
+                self._sent += sum(1 for kind, _ in batch if kind[0] != "!")
+                self._inflight.append((self._sent, batch))
             try:
                 _send(events_sock, batch)
             except OSError as e:
                 with self._lock:
-                    if events_sock is not self._events:  # a new child took over meanwhile: it gets them
-                        self._buf[:0] = batch
-                        continue
-                    # Handed to a child that is gone: they count as sent, so the restart books them
-                    # as lost in the crash (otherwise they would stay pending and block flush forever).
-                    self._sent += events
-                self._mark_dead(f"sending events failed: {e}")
+                    replaced = events_sock is not self._events
+                if not replaced:
+                    self._mark_dead(f"sending events failed: {e}")
                 continue
             with self._lock:
-                self._sent += events
                 self._room.notify_all()
 
     # --- the child's answers -------------------------------------------------
@@ -365,7 +479,9 @@ class AuditProcess:
                 else:
                     self._mark_dead("the audit process stopped")
                 return
-            if msg[0] == "status":
+            if msg[0] == "ack":
+                self._on_ack(msg[1])
+            elif msg[0] == "status":
                 self._update(msg[1])
             elif msg[0] == "reply":
                 _, call_id, ok, value = msg
@@ -377,13 +493,35 @@ class AuditProcess:
                     else:
                         fut.set_exception(_error_from(value))
 
+    def _on_ack(self, received: int) -> None:
+        by_loop: dict[Any, list] = {}
+        with self._lock:
+            self._acked = acked = self._child_base + received
+            waiters = self._waiters
+            while waiters and waiters[0][0] <= acked:
+                _, fut, loop = waiters.popleft()
+                by_loop.setdefault(loop, []).append(fut)
+        for loop, futs in by_loop.items():  # one wake-up per loop for the whole group
+            try:
+                loop.call_soon_threadsafe(self._resolve, futs)
+            except RuntimeError:
+                pass
+
     def _update(self, stats: dict[str, Any]) -> None:
         with self._lock:
             self._child_stats = stats
-            self._written = self._base_written + stats["written"]
-            self._lost = self._base_lost + stats.get("dropped", 0)
+            self._written = self._child_base + stats["written"]
+            dropped = stats.get("dropped", 0)
+            self._lost = self._lost_before + dropped
+            done = self._written + dropped
+            inflight = self._inflight
+            while inflight and inflight[0][0] <= done:
+                inflight.popleft()
             self._failing = bool(stats["failing"])
             self._room.notify_all()
+        marks = self.marks
+        if marks is not None and stats.get("head_seq") is not None:
+            marks.set_head(stats.get("epoch") or 0, stats["head_seq"])
 
     def _mark_dead(self, why: str) -> None:
         restart = False
@@ -404,6 +542,11 @@ class AuditProcess:
         for fut in calls.values():
             if not fut.done():
                 fut.set_exception(AuditWriterError(f"audit store unavailable: {why}"))
+        with self._lock:
+            # A statement waiting for its record's acknowledgement is refused (its record is
+            # re-sent to the next process with everything else that was not committed).
+            waiters, self._waiters = list(self._waiters), collections.deque()
+        self._fail_waiters(waiters, f"audit store unavailable: {why}")
 
     def _restart_loop(self) -> None:
         delay = self.restart_after or 1.0
@@ -423,6 +566,8 @@ class AuditProcess:
                     if old_proc is not None and old_proc.poll() is None:
                         old_proc.kill()  # its channel broke but it lives: it must not hold the file
                         old_proc.wait()
+                    self.options["accounted_by"] = ("the daemon re-sent the events the audit process had not "
+                                                    "committed when it died")
                     try:
                         proc, events, rpc, info = self._spawn()
                     except AuditError as e:
@@ -430,14 +575,15 @@ class AuditProcess:
                         log.error("the audit process could not be restarted: %s; next attempt in %gs", e, delay)
                         continue
                     with self._lock:
-                        lost = self._sent - self._written - self._lost
-                        self._crash_lost += lost
-                        self._lost += lost
-                        self._base_written, self._base_lost = self._written, self._lost
-                        self._base_sent = self._sent
+                        resend, in_store = self._take_resend(info.get("recovered"))
+                        self._resent += sum(1 for kind, _ in resend if kind[0] != "!")
+                        self._child_base = self._written = self._acked = self._sent = in_store
+                        self._lost_before = self._lost
+                        self._buf[:0] = resend
                         old_sockets = (self._events, self._rpc)
                         self._proc, self._events, self._rpc, self.pid = proc, events, rpc, proc.pid
                         self.epoch, self._child_stats, self._failing = info["epoch"], info["stats"], False
+                        self.recovered = info.get("recovered")
                         if self._redaction is not None:  # the new child starts with the current settings
                             self._buf.insert(0, ("!redaction", self._redaction))
                             self._ship_now = True
@@ -451,13 +597,34 @@ class AuditProcess:
                     for sock in old_sockets:
                         if sock is not None:
                             sock.close()
-                    log.warning("audit process restarted as pid %d (epoch %d); %d event(s) in flight when the "
-                                "last one died were lost (`botwarden audit verify` shows the gap)",
-                                proc.pid, self.epoch, lost)
+                    log.warning("audit process restarted as pid %d (epoch %d); %d event(s) it had not committed "
+                                "were sent to it again", proc.pid, self.epoch, self._resent)
                     return
         finally:
             with self._lock:
                 self._restarting = False
+
+    def _take_resend(self, recovered: Any) -> tuple[list, int]:
+        """Under the lock, once a new child is up: the events shipped to the dead one that its
+        epoch does not hold (the new child counted them: committed, plus replayed from its
+        journal), and the global count of events now in the store."""
+        in_store = self._child_base
+        if recovered is not None and recovered[0] == self.epoch:
+            in_store += recovered[1] + (recovered[2] or 0)
+        resend: list = []
+        index = None
+        for last, batch in self._inflight:
+            n = sum(1 for kind, _ in batch if kind[0] != "!")
+            index = last - n
+            for item in batch:
+                if item[0][0] == "!":
+                    resend.append(item)
+                    continue
+                index += 1
+                if index > in_store:
+                    resend.append(item)
+        self._inflight.clear()
+        return resend, in_store
 
     def _call(self, method: str, *args: Any, timeout: float | None = None) -> Any:
         if self._proc is None:
@@ -496,7 +663,8 @@ class AuditProcess:
         with self._lock:
             return {"epoch": self.epoch, "submitted": self._submitted, "written": self._written,
                     "pending": self._submitted - self._written - self._lost, "refused": self._refused,
-                    "lost": self._lost, "lost_in_crashes": self._crash_lost, "restarts": self._restarts,
+                    "lost": self._lost, "resent_after_crash": self._resent, "restarts": self._restarts,
+                    "acked": self._acked,
                     "head_seq": self._child_stats.get("head_seq"), "pid": self.pid,
                     "failing": self._failing or self._dead is not None}
 
@@ -513,7 +681,7 @@ class AuditProcess:
                     raise audit_errors.AuditFlushTimeout(
                         f"audit flush timed out with {target - self._written} events unwritten")
                 self._room.wait(left)
-            child_target = target - self._base_sent  # this child counts from zero
+            child_target = target - self._child_base  # this child counts from zero
         self._call("flush", child_target, max(0.1, deadline - time.monotonic()), timeout=timeout + 5)
 
     def query(self, sql: str, params: Sequence | None = None, *, max_rows: int | None = None,
@@ -543,7 +711,8 @@ class _Child:
         self.events, self.rpc = events, rpc
         self.store = AuditStore(options["path"], batch_max=options["batch_max"],
                                 flush_interval=options["flush_interval"], queue_max=max(options["batch_max"] * 8, 10_000),
-                                on_full="block", strict=options["strict"])
+                                on_full="block", strict=options["strict"], journal=bool(options.get("journal")),
+                                accounted_by=options.get("accounted_by"))
         self.redactor = AuditRedactor(DetectorSettings())
         self._redactors: dict[Any, AuditRedactor] = {}
         req = schema.KINDS["request"]
@@ -571,7 +740,7 @@ class _Child:
                                   f"audit store {self.store.path}: {e}")))
             return 1
         self.reply(("ready", {"epoch": self.store.epoch, "migrations": self.store.migrations,
-                              "stats": self.stats()}))
+                              "stats": self.stats(), "recovered": self.store.recovered}))
         threads = [threading.Thread(target=self._events_loop, name="audit-events", daemon=True),
                    threading.Thread(target=self._calls_loop, name="audit-calls", daemon=True),
                    threading.Thread(target=self._status_loop, name="audit-status", daemon=True)]
@@ -589,7 +758,11 @@ class _Child:
         return code
 
     def stats(self) -> dict[str, Any]:
-        return {**self.store.stats(), "dropped": self.dropped}
+        # "written" counts this child's stream: the events its store replayed at start are its
+        # predecessor's, already counted by the daemon.
+        st = self.store.stats()
+        replayed = (self.store.recovered[2] or 0) if self.store.recovered else 0
+        return {**st, "written": st["written"] - replayed, "dropped": self.dropped}
 
     def _redact(self, row: tuple) -> tuple:
         ix = self._ix
@@ -606,7 +779,10 @@ class _Child:
     def _events_loop(self) -> None:
         kinds = schema.KINDS
         request = self._request
+        request_start = kinds["request_start"]
         submit = self.store.submit_row
+        journal = self.store.journal
+        replayed = (self.store.recovered[2] or 0) if self.store.recovered else 0
         while True:
             try:
                 batch = _recv(self.events)
@@ -615,7 +791,7 @@ class _Child:
                 return
             if batch is None:
                 return
-            n = 0
+            rows = []
             for kind, row in batch:
                 if kind == "!redaction":
                     red = self._redactors.get(row)
@@ -624,17 +800,24 @@ class _Child:
                     self.redactor = red
                     continue
                 spec = kinds[kind]
-                if spec is request:
+                if spec is request or spec is request_start:
                     row = self._redact(row)
+                rows.append((spec, row))
+            if journal is not None and rows:
+                # On disk (redacted, as the store would hold it) before the daemon is told.
+                journal.append([(spec.kind, row) for spec, row in rows])
+                self.reply(("ack", self._received + len(rows)))
+            for spec, row in rows:
                 # on_full="block": waits for the writer rather than drop. False only while the
                 # store is failing, which the daemon learns from the status and refuses from then on.
                 if not submit(spec, row):
                     self.dropped += 1
-                    log.error("audit store failing: a %s event in transit was not accepted", kind)
-                n += 1
+                    log.error("audit store failing: a %s event in transit was not accepted", spec.kind)
             with self._received_cv:
-                self._received += n
+                self._received += len(rows)
                 self._received_cv.notify_all()
+            if journal is not None:
+                journal.release(self.store.stats()["written"] - replayed)
 
     def _status_loop(self) -> None:
         last = None
@@ -679,6 +862,17 @@ class _Child:
                 self._received_cv.wait(left)
         self.store.flush(max(0.1, deadline - time.monotonic()))
         self.reply(("status", self.stats()))
+
+    def _m_shortfalls(self, marks: Any) -> tuple[list, list[str]]:
+        """What the marks say was issued and the store lacks, and which of their sessions have
+        no session_end row."""
+        cur = self.store.cursor()
+        try:
+            found = highwater.shortfalls(cur, marks.sessions)
+            ended = {r[0] for r in cur.execute("SELECT DISTINCT session_id FROM session_ends").fetchall()}
+        finally:
+            cur.close()
+        return found, [m.session_id for m in marks.sessions if m.session_id not in ended]
 
     def _m_query(self, sql: str, params: list | None, max_rows: int | None, timeout: float | None):
         return self.store.query(sql, params, max_rows=max_rows, timeout=timeout)

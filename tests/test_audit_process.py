@@ -139,27 +139,37 @@ def test_a_dead_audit_process_fails_closed(tmp_path):
         p.close()  # an event was accepted and never written: the loss is reported
 
 
-def test_a_dead_audit_process_is_restarted_and_the_gap_is_on_record(tmp_path):
-    p = AuditProcess(tmp_path / "a.duckdb", flush_interval=0.02, restart_after=0.3)
+def test_a_dead_audit_process_is_restarted_and_gets_what_it_had_not_committed(tmp_path):
+    """kill -9 of the audit process with events shipped but not committed (a long batch window):
+    the daemon side keeps them, the new process counts what the dead epoch holds, and the rest
+    is sent to it again: every event is on record once, and verify accounts for the epoch."""
+    p = AuditProcess(tmp_path / "a.duckdb", flush_interval=5.0, restart_after=0.3)
     p.start()
     try:
         p.set_redaction(DetectorSettings(secret_min_length=16, secret_entropy=3.0))
         for i in range(10):
             assert p.submit("request", request(i))
         p.flush()
+        for i in range(10, 310):   # shipped within 10 ms, committed only after 5 s: in flight
+            assert p.submit("request", request(i))
+        assert wait_for(lambda: p.stats()["resent_after_crash"] == 0 and p._sent == 310)
         first = p.pid
         os.kill(first, signal.SIGKILL)
         assert wait_for(lambda: not p.healthy)
-        assert p.submit("request", request(100)) is False  # refused while there is no store
+        assert p.submit("request", request(310))  # kept for the next process (statements are refused meanwhile)
         assert wait_for(lambda: p.healthy and p.pid != first)
         assert p.stats()["restarts"] == 1 and not process_alive(first)
+        assert p.stats()["resent_after_crash"] == 300
         # The new process writes, and with the settings the daemon sent before the crash.
-        assert p.submit("request", request(11, params=["Zq8xV2mK9pL4rT7w"]))
+        assert p.submit("request", request(311, params=["Zq8xV2mK9pL4rT7w"]))
         p.flush()
-        _, rows = p.query("SELECT count(*), count(*) FILTER (WHERE params = ['********']) FROM requests")
-        assert rows == [(11, 1)]
+        _, rows = p.query("SELECT count(*), count(DISTINCT request_id), "
+                          "count(*) FILTER (WHERE params = ['********']) FROM requests")
+        assert rows == [(312, 312, 1)]
         report = p.verify()
-        assert report.ok and not report.clean  # the first epoch has no stop row: a gap, on record
+        # The first epoch has no stop row, but the next writer counted it and the rest was re-sent.
+        assert report.clean, report.text()
+        assert any("ended abruptly after committing 10 events" in n for n in report.notes), report.notes
     finally:
         p.close()  # nothing was lost: no error
 
