@@ -72,12 +72,13 @@ def read(store_path: str | Path) -> HighWater | None:
 
 
 class HighWaterFile:
-    """The daemon's writable marks. ``claim``/``issue``/``end``/``free`` run on the event loop
-    thread; ``set_head`` on the audit process's reader thread."""
+    """The daemon's writable marks. ``claim``/``issue``/``end`` run on the event loop thread;
+    ``free`` and ``set_head`` on the audit process's reader thread."""
 
     def __init__(self, store_path: str | Path, *, capacity: int = 1024):
         self.path = path_for(store_path)
         self._lock = threading.Lock()        # set_head against a remap while growing
+        self._slots = threading.RLock()      # claim (event loop) against free (the audit reader thread)
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         self._capacity = 0
         self._mm: mmap.mmap | None = None
@@ -97,12 +98,13 @@ class HighWaterFile:
             struct.pack_into("<Q", self._mm, 32, capacity)
 
     def claim(self, session_id: str) -> int:
-        if not self._free:
-            self._grow(self._capacity * 2)
-        slot = self._free.pop()
-        _SLOT.pack_into(self._mm, _SLOT_AREA + slot * _SLOT.size,
-                        session_id.encode("ascii", "replace")[:32], 0, _USED)
-        return slot
+        with self._slots:
+            if not self._free:
+                self._grow(self._capacity * 2)
+            slot = self._free.pop()
+            _SLOT.pack_into(self._mm, _SLOT_AREA + slot * _SLOT.size,
+                            session_id.encode("ascii", "replace")[:32], 0, _USED)
+            return slot
 
     def issue(self, slot: int, seq: int) -> None:
         _ISSUED.pack_into(self._mm, _SLOT_AREA + slot * _SLOT.size + 32, seq)
@@ -112,8 +114,11 @@ class HighWaterFile:
 
     def free(self, slot: int) -> None:
         """The session's events are all committed: its mark is no longer needed."""
-        _SLOT.pack_into(self._mm, _SLOT_AREA + slot * _SLOT.size, b"", 0, 0)
-        self._free.append(slot)
+        with self._slots:
+            if self._mm is None:
+                return
+            _SLOT.pack_into(self._mm, _SLOT_AREA + slot * _SLOT.size, b"", 0, 0)
+            self._free.append(slot)
 
     def set_head(self, epoch: int, head_seq: int) -> None:
         with self._lock:

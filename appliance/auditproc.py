@@ -169,6 +169,7 @@ class AuditProcess:
         self._inflight: collections.deque = collections.deque()   # (last event index, batch) not yet committed
         self._waiters: collections.deque = collections.deque()    # (event index, future, loop) until acked
         self._resent = 0         # events re-sent to a new child after one died
+        self._mark_releases: collections.deque = collections.deque()  # (event index, high-water slot)
         self._refused = 0
         self._child_stats: dict[str, Any] = {}
         self._failing = False
@@ -417,6 +418,11 @@ class AuditProcess:
             except RuntimeError:  # that loop is closed
                 pass
 
+    def release_mark(self, slot: int) -> None:
+        """Free a session's high-water slot once every event submitted so far is committed."""
+        with self._lock:
+            self._mark_releases.append((self._submitted, slot))
+
     def set_redaction(self, settings: Any) -> None:
         """Detector settings for request rows from now on (ordered with the events)."""
         with self._lock:
@@ -519,9 +525,16 @@ class AuditProcess:
                 inflight.popleft()
             self._failing = bool(stats["failing"])
             self._room.notify_all()
+            releases = self._mark_releases
+            free = []
+            while releases and releases[0][0] <= self._written:
+                free.append(releases.popleft()[1])
         marks = self.marks
-        if marks is not None and stats.get("head_seq") is not None:
-            marks.set_head(stats.get("epoch") or 0, stats["head_seq"])
+        if marks is not None:
+            for slot in free:
+                marks.free(slot)
+            if stats.get("head_seq") is not None:
+                marks.set_head(stats.get("epoch") or 0, stats["head_seq"])
 
     def _mark_dead(self, why: str) -> None:
         restart = False
@@ -718,6 +731,8 @@ class _Child:
         req = schema.KINDS["request"]
         self._request = req
         self._ix = {n: req.names.index(n) for n in ("text", "params", "error", "decision")}
+        start = schema.KINDS["request_start"]
+        self._ix_start = {**{n: start.names.index(n) for n in ("text", "params", "decision")}, "error": None}
         self._send_lock = threading.Lock()
         self._received = 0
         self._received_cv = threading.Condition()
@@ -764,15 +779,14 @@ class _Child:
         replayed = (self.store.recovered[2] or 0) if self.store.recovered else 0
         return {**st, "written": st["written"] - replayed, "dropped": self.dropped}
 
-    def _redact(self, row: tuple) -> tuple:
-        ix = self._ix
+    def _redact(self, row: tuple, ix: dict[str, int | None]) -> tuple:
         r = list(row)
         red = self.redactor
         if r[ix["text"]]:
             r[ix["text"]] = red.text(r[ix["text"]])
         if r[ix["params"]] is not None:
             r[ix["params"]] = red.params(r[ix["params"]], masked_statement=r[ix["decision"]] == "mask")
-        if r[ix["error"]] is not None:
+        if ix["error"] is not None and r[ix["error"]] is not None:
             r[ix["error"]] = red.message(r[ix["error"]])
         return tuple(r)
 
@@ -800,8 +814,10 @@ class _Child:
                     self.redactor = red
                     continue
                 spec = kinds[kind]
-                if spec is request or spec is request_start:
-                    row = self._redact(row)
+                if spec is request:
+                    row = self._redact(row, self._ix)
+                elif spec is request_start:
+                    row = self._redact(row, self._ix_start)
                 rows.append((spec, row))
             if journal is not None and rows:
                 # On disk (redacted, as the store would hold it) before the daemon is told.

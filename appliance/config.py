@@ -95,6 +95,14 @@ class AuditSettings:
     queue_max: int = 100_000
     retention_days: int | None = None
     record_sessions: bool = True
+    # "strict": a request is forwarded to its target only once the audit process has journaled
+    # its record (it then survives kill -9 of the daemon, of the audit process, or of both).
+    # "batched": records are shipped every 10 ms; a crash of the daemon can lose what it had not
+    # shipped yet, and the next start records how much (audit_losses). See docs/audit-schema.md.
+    mode: Literal["strict", "batched"] = "strict"
+    # strict mode: plain reads (a SELECT the policy allows as it is, no functions, no locks) wait
+    # for their record too; false lets them through at once (their record follows as in batched).
+    strict_reads: bool = True
 
 
 @dataclass(frozen=True)

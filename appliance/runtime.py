@@ -9,6 +9,7 @@ applies to the next statement of new sessions and never half-way through a decis
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -41,9 +42,28 @@ def open_audit_store(cfg: Config):
 
     Path(cfg.audit.path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     store = AuditProcess(cfg.audit.path, batch_max=cfg.audit.batch_max, flush_interval=cfg.audit.flush_interval,
-                         queue_max=cfg.audit.queue_max, on_full=cfg.audit.on_full, nice=daemon_module.STARTING_NICE)
+                         queue_max=cfg.audit.queue_max, on_full=cfg.audit.on_full, nice=daemon_module.STARTING_NICE,
+                         journal=cfg.audit.mode == "strict", highwater=True)
     store.start()
+    try:
+        store.account_previous_crash()  # what a daemon that died left unrecorded, before anything new
+    except BaseException:
+        with contextlib.suppress(Exception):
+            store.close()
+        raise
     return store
+
+
+def _plain_read(verdict: Verdict) -> bool:
+    """A statement the policy allows as it is and that only reads: every statement of it a
+    SELECT without functions, locks, INTO or writes (a function may have side effects)."""
+    if verdict.action != "allow" or not verdict.details:
+        return False
+    for d in verdict.details:
+        if (getattr(d, "kind", None) != "SELECT" or d.error is not None or d.writes or d.functions
+                or d.properties - {"prepared"}):
+            return False
+    return True
 
 
 @dataclass
@@ -63,6 +83,8 @@ class LiveSession:
     # The kernel-attested process (appliance.identity.ProcessFacts: pid is the process id), None
     # when the connection was not redirected by the probes.
     facts: Any = field(init=False, default=None)
+    requests: int = 0          # request events issued so far: the last one's `seq`
+    mark: int | None = None    # its slot in the daemon's high-water file
 
     def __post_init__(self) -> None:
         from appliance.identity import ProcessFacts
@@ -206,6 +228,8 @@ class Runtime:
         if store is None:
             log.error("audit store is closed; %s event not recorded", kind)
             return
+        if kind == "request" or kind == "session_end":
+            record = self._count(store, kind, record)
         if not store.submit(kind, record):
             # Under back-pressure this happens per event: one line per 10 s, with the count.
             self._refused_events += 1
@@ -215,6 +239,41 @@ class Runtime:
                           "recovers", self._refused_events, kind,
                           "store failing" if store.stats()["failing"] else "queue full")
                 self._refused_events, self._refused_logged_at = 0, now
+
+    def _count(self, store: Any, kind: str, record: Mapping[str, Any]) -> Mapping[str, Any]:
+        """Number a session's requests (1, 2, 3...: verify finds a lost one as a hole) and keep
+        the daemon's high-water marks, so a crash's loss can be counted at the next start."""
+        live = self.live.get(record.get("session_id"))
+        if live is None:
+            return record
+        marks = store.marks
+        if kind == "request":
+            live.requests += 1
+            record = {**record, "seq": live.requests}
+            if marks is not None and live.mark is not None:
+                marks.issue(live.mark, live.requests)
+            return record
+        if marks is not None and live.mark is not None:  # session_end
+            marks.end(live.mark)
+            store.release_mark(live.mark)   # once the session_end is committed
+            live.mark = None
+        return {**record, "requests": live.requests}
+
+    def audit_durable(self, kind: str, record: Mapping[str, Any], verdict: Verdict | None = None) -> Any:
+        """audit.mode = "strict": submit ``record`` and return a future that resolves once the
+        audit process has journaled it; the front forwards the request only then. None: no wait
+        (batched mode, or a plain read with ``strict_reads = false``), nothing submitted. A refused
+        record gives a future that fails (the front refuses the request)."""
+        cfg = self.config.audit
+        if cfg.mode != "strict" or (not cfg.strict_reads and verdict is not None and _plain_read(verdict)):
+            return None
+        loop = asyncio.get_running_loop()
+        store = self.daemon.audit
+        fut = store.submit_acked(kind, record, loop) if store is not None else None
+        if fut is None:
+            fut = loop.create_future()
+            fut.set_exception(BotwardenError("the audit store cannot take the statement's record"))
+        return fut
 
     async def open_session(self, target: str, ctx: ConnectionContext, user: str, token: str | None) -> SessionGrant:
         from appliance.identity import IdentityRefused
@@ -244,6 +303,8 @@ class Runtime:
                              subject=ident.subject, credential=cred, audit_fields=audit_fields)
         live = LiveSession(grant, target, ctx, datetime.now(timezone.utc), handle, self.secrets,
                            expiry=auth.expiry)
+        if store.marks is not None:
+            live.mark = store.marks.claim(session_id)
         self.live[session_id] = live
         live.watcher = self.daemon.spawn(self._watch_session(live, auth.expiry), f"watch-{session_id[:8]}")
         return grant
