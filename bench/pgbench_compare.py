@@ -175,7 +175,7 @@ keep = 4
 class Daemon:
     """`botwarden run` with eBPF probes on a bench bots cgroup; bots are started with `bot run`."""
 
-    def __init__(self, tmp: Path, pg_port: int):
+    def __init__(self, tmp: Path, pg_port: int, audit_mode: str = "strict", strict_reads: bool = True):
         from appliance.sandbox import free_port
 
         self.dir = tmp / "daemon"
@@ -192,6 +192,8 @@ control_socket = "{self.socket}"
 
 [audit]
 path = "{self.dir / 'state' / 'audit.duckdb'}"
+mode = "{audit_mode}"
+strict_reads = {str(strict_reads).lower()}
 
 [probes]
 mode = "ebpf"
@@ -312,7 +314,7 @@ def run_pgbench(port: int, password: str, mode: str, args, logdir: Path, tag: st
                 wrap=None) -> dict:
     prefix = logdir / tag
     env = {**os.environ, "PGPASSWORD": password, "PGSSLMODE": "disable", "PYTHONPATH": str(ROOT)}
-    cmd = [PGBENCH, "-n", "-S", "-c", str(args.clients), "-j", str(args.threads), "-T", str(args.duration),
+    cmd = [PGBENCH, "-n", *(["-S"] if args.builtin == "select-only" else ["-b", args.builtin]), "-c", str(args.clients), "-j", str(args.threads), "-T", str(args.duration),
            "-M", mode, "-h", "127.0.0.1", "-p", str(port), "-U", "bot" if tag.startswith("botwarden") else USER,
            "--log", f"--log-prefix={prefix}", "bench"]
     if wrap is not None:
@@ -367,6 +369,12 @@ def main() -> None:
                     help="comma-separated subset of direct,pgbouncer,relay,full,front (direct is always run)")
     ap.add_argument("--modes", default="simple,prepared", help="comma-separated subset of simple,prepared")
     ap.add_argument("--no-big", action="store_true", help="skip the large-result benchmark")
+    ap.add_argument("--audit-mode", choices=["strict", "batched"], default="strict",
+                    help="the full daemon's audit.mode (strict: each statement waits for its record's journal ack)")
+    ap.add_argument("--no-strict-reads", action="store_true",
+                    help="audit.strict_reads = false: plain reads do not wait for their record")
+    ap.add_argument("--builtin", choices=["select-only", "tpcb-like", "simple-update"], default="select-only",
+                    help="pgbench's built-in script (select-only is -S)")
     ap.add_argument("--repeat", type=int, default=1,
                     help="rounds of every (mode, path) run, interleaved; the table shows medians")
     ap.add_argument("--profile", metavar="FILE", help="profile the daemon during its first mode's run: FILE.perf "
@@ -444,7 +452,7 @@ pidfile = {bdir}/pgbouncer.pid
         front, fport = start_own("--serve-front")
         relay, rport = start_own("--serve-relay")
         wait_port(bport)
-        daemon = Daemon(tmp, pg.port)
+        daemon = Daemon(tmp, pg.port, args.audit_mode, not args.no_strict_reads)
 
         # (name, port, password, proxy pid, argv wrapper)
         full = "botwarden (full inspection)"
@@ -503,8 +511,11 @@ pidfile = {bdir}/pgbouncer.pid
             big[name] = min(timed_psql(port, user, password, BIG_SQL, wrap) for _ in range(2))
 
         lines = [
-            f"# pgbench -S, {args.clients} clients, {args.threads} threads, {args.duration}s per run "
-            f"(scale {args.scale}); {os.cpu_count()} CPUs shared by PostgreSQL, the proxy and pgbench",
+            f"# pgbench {'-S' if args.builtin == 'select-only' else '-b ' + args.builtin}, {args.clients} clients, "
+            f"{args.threads} threads, {args.duration}s per run "
+            f"(scale {args.scale}); {os.cpu_count()} CPUs shared by PostgreSQL, the proxy and pgbench; "
+            f"the daemon's audit.mode = {args.audit_mode}"
+            + (", strict_reads = false" if args.no_strict_reads else ""),
             "",
             f"`{full}`: the daemon (`botwarden run`), pgbench started with `botwarden bot run` inside a "
             "watched cgroup and sent to the daemon by the eBPF probes, identity from kernel attestation, every "
