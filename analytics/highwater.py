@@ -154,8 +154,10 @@ def shortfalls(con, marks: tuple[SessionMark, ...] | list[SessionMark]) -> list[
     """What the store lacks of what the marks say was issued (``con``: a DuckDB connection)."""
     out = []
     for mark in marks:
-        recorded = con.execute("SELECT coalesce(max(seq), 0) FROM requests WHERE session_id = ?",
-                               [mark.session_id]).fetchone()[0]
+        # A request's seq is on record in its request_starts row (strict mode) or its requests row.
+        recorded = con.execute("SELECT coalesce(max(seq), 0) FROM (SELECT seq FROM requests WHERE session_id = ? "
+                               "UNION ALL SELECT seq FROM request_starts WHERE session_id = ?)",
+                               [mark.session_id, mark.session_id]).fetchone()[0]
         end_missing = mark.ended and not con.execute(
             "SELECT count(*) FROM session_ends WHERE session_id = ?", [mark.session_id]).fetchone()[0]
         if recorded < mark.issued_seq or end_missing:

@@ -114,7 +114,8 @@ KINDS: dict[str, Kind] = {
             _f("decision", choices=("allow", "block", "approve", "mask", "deny")), _f("rule"),
             _f("reason"), _f("duration_ms", "float"), _f("rows", "int"), _f("error"), _f("sqlstate"),
             _f("masked", "count_map"),
-            # 1, 2, 3... per session in the order the requests completed: a hole is a lost event.
+            # 1, 2, 3... per session in the order the requests were decided (a request_start and its
+            # requests row share one): a seq on record in neither table is a lost event.
             _f("seq", "int"),
         )),
         # audit.mode = "strict": written (and acknowledged by the audit process) before the
@@ -123,6 +124,7 @@ KINDS: dict[str, Kind] = {
             _f("request_id", required=True), _f("session_id", required=True), _f("ts", "ts", True),
             _f("protocol", required=True), _f("kind"), _f("text"), _f("params", "str_list"),
             _f("decision", choices=("allow", "block", "approve", "mask", "deny")), _f("rule"),
+            _f("seq", "int"),   # the seq its requests row will carry
         )),
         # Events a crash may have cost, found when botwarden started again: per session, how
         # many request events were issued and how many reached the store.

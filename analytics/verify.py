@@ -337,8 +337,11 @@ def _session_gaps(con: duckdb.DuckDBPyConnection, anchor_seq: int, tables: list[
     if "seq" not in cols:
         return []
     losses = "audit_losses" in tables
+    # A request's seq is on record in its requests row or (strict mode) its request_starts row.
+    seqs = "SELECT session_id, seq FROM requests" + (
+        " UNION ALL SELECT session_id, seq FROM request_starts" if "request_starts" in tables else "")
     rows = con.execute(f"""
-        WITH r AS (SELECT session_id, count(DISTINCT seq) AS n, max(seq) AS hi FROM requests
+        WITH r AS (SELECT session_id, count(DISTINCT seq) AS n, max(seq) AS hi FROM ({seqs})
                    WHERE seq IS NOT NULL GROUP BY session_id),
              e AS (SELECT session_id, max(requests) AS declared FROM session_ends GROUP BY session_id),
              l AS ({"SELECT session_id, max(issued_seq) AS issued, bool_or(session_end_missing) AS end_missing "

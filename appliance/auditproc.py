@@ -133,12 +133,13 @@ class AuditProcess:
     def __init__(self, path: str | Path, *, batch_max: int = 2000, flush_interval: float = 0.2,
                  queue_max: int = 100_000, on_full: Literal["refuse", "block"] = "refuse",
                  strict: bool = False, restart_after: float | None = 1.0, nice: int | None = None,
-                 journal: bool = False, highwater: bool = False):
+                 journal: bool = False, highwater: bool = False, ack_timeout: float = 10.0):
         """``restart_after``: seconds before a dead audit process is started again (doubling
         up to 30 s while it keeps failing); None leaves it dead. ``nice``: the child's CPU
         priority (the daemon passes the one it was started with; None inherits the caller's).
         ``journal``: the child journals and acknowledges what it receives (strict mode).
-        ``highwater``: keep the daemon's high-water file beside the store (``self.marks``)."""
+        ``highwater``: keep the daemon's high-water file beside the store (``self.marks``).
+        ``ack_timeout``: a :meth:`submit_acked` future not acknowledged by then fails."""
         if batch_max < 1 or queue_max < 1 or flush_interval <= 0:
             raise AuditError("batch_max and queue_max must be >= 1 and flush_interval > 0")
         if on_full not in ("refuse", "block"):
@@ -148,6 +149,7 @@ class AuditProcess:
                         "strict": strict, "log_level": logging.getLogger().getEffectiveLevel(), "nice": nice,
                         "journal": journal, "accounted_by": None}
         self.journal = journal
+        self.ack_timeout = ack_timeout
         self.queue_max = queue_max
         self.on_full = on_full
         self.strict = strict
@@ -390,7 +392,7 @@ class AuditProcess:
                 return None
             self._buf.append((kind, row))
             self._submitted += 1
-            self._waiters.append((self._submitted, fut, loop))
+            self._waiters.append((self._submitted, fut, loop, time.monotonic()))
             if not self._ship_now:
                 self._ship_now = True
                 self._ship.notify()
@@ -410,7 +412,7 @@ class AuditProcess:
 
     def _fail_waiters(self, waiters: list, why: str) -> None:
         by_loop: dict[Any, list] = {}
-        for _, fut, loop in waiters:
+        for _, fut, loop, _t in waiters:
             by_loop.setdefault(loop, []).append(fut)
         for loop, futs in by_loop.items():
             try:
@@ -431,9 +433,20 @@ class AuditProcess:
             self._ship_now = True
             self._ship.notify()
 
+    def _expire_waiters(self) -> None:
+        """Under the lock: fail the acknowledgements a stalled audit process has kept waiting."""
+        waiters = self._waiters
+        if waiters and time.monotonic() - waiters[0][3] > self.ack_timeout:
+            limit = time.monotonic() - self.ack_timeout
+            late = []
+            while waiters and waiters[0][3] <= limit:
+                late.append(waiters.popleft())
+            self._fail_waiters(late, f"the audit process did not acknowledge the record within {self.ack_timeout:g}s")
+
     def _send_loop(self) -> None:
         while True:
             with self._lock:
+                self._expire_waiters()
                 if len(self._buf) < _SEND_BATCH and not self._closing and not self._ship_now:
                     self._ship.wait(_SEND_INTERVAL_S)
                 if self._dead is not None:
@@ -505,7 +518,7 @@ class AuditProcess:
             self._acked = acked = self._child_base + received
             waiters = self._waiters
             while waiters and waiters[0][0] <= acked:
-                _, fut, loop = waiters.popleft()
+                _, fut, loop, _t = waiters.popleft()
                 by_loop.setdefault(loop, []).append(fut)
         for loop, futs in by_loop.items():  # one wake-up per loop for the whole group
             try:

@@ -103,6 +103,9 @@ class AuditSettings:
     # strict mode: plain reads (a SELECT the policy allows as it is, no functions, no locks) wait
     # for their record too; false lets them through at once (their record follows as in batched).
     strict_reads: bool = True
+    # strict mode: a statement whose record the audit process has not acknowledged after this many
+    # seconds (the process is stalled) is not run, and its session ends (57P03).
+    ack_timeout: float = field(default=10.0, metadata=check(_positive))
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ def open_audit_store(cfg: Config):
     Path(cfg.audit.path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     store = AuditProcess(cfg.audit.path, batch_max=cfg.audit.batch_max, flush_interval=cfg.audit.flush_interval,
                          queue_max=cfg.audit.queue_max, on_full=cfg.audit.on_full, nice=daemon_module.STARTING_NICE,
-                         journal=cfg.audit.mode == "strict", highwater=True)
+                         journal=cfg.audit.mode == "strict", highwater=True, ack_timeout=cfg.audit.ack_timeout)
     store.start()
     try:
         store.account_previous_crash()  # what a daemon that died left unrecorded, before anything new
@@ -83,8 +83,9 @@ class LiveSession:
     # The kernel-attested process (appliance.identity.ProcessFacts: pid is the process id), None
     # when the connection was not redirected by the probes.
     facts: Any = field(init=False, default=None)
-    requests: int = 0          # request events issued so far: the last one's `seq`
+    requests: int = 0          # requests numbered so far: the last one's `seq`
     mark: int | None = None    # its slot in the daemon's high-water file
+    pending_starts: dict = field(default_factory=dict)  # request_id -> seq of a request_start not completed yet
 
     def __post_init__(self) -> None:
         from appliance.identity import ProcessFacts
@@ -247,12 +248,17 @@ class Runtime:
         if live is None:
             return record
         marks = store.marks
-        if kind == "request":
-            live.requests += 1
-            record = {**record, "seq": live.requests}
-            if marks is not None and live.mark is not None:
-                marks.issue(live.mark, live.requests)
-            return record
+        if kind == "request" or kind == "request_start":
+            # A request's start (strict mode) and its completion share one seq.
+            seq = live.pending_starts.pop(record.get("request_id"), None) if kind == "request" and live.pending_starts else None
+            if seq is None:
+                live.requests += 1
+                seq = live.requests
+                if kind == "request_start":
+                    live.pending_starts[record.get("request_id")] = seq
+                if marks is not None and live.mark is not None:
+                    marks.issue(live.mark, seq)
+            return {**record, "seq": seq}
         if marks is not None and live.mark is not None:  # session_end
             marks.end(live.mark)
             store.release_mark(live.mark)   # once the session_end is committed
@@ -269,6 +275,8 @@ class Runtime:
             return None
         loop = asyncio.get_running_loop()
         store = self.daemon.audit
+        if store is not None:
+            record = self._count(store, kind, record)
         fut = store.submit_acked(kind, record, loop) if store is not None else None
         if fut is None:
             fut = loop.create_future()

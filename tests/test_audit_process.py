@@ -291,7 +291,8 @@ def test_daemon_fails_closed_while_its_audit_process_is_down_and_recovers(pg_ser
 def test_statements_wait_for_an_audit_store_that_cannot_keep_up(pg_server, bao_server, tmp_path):
     """The audit process stalls (SIGSTOP) with a small queue: statements in an open session are
     refused with a clear reason instead of running unaudited, and run again once it catches up."""
-    setup, port, _, daemon = _daemon_setup(pg_server, bao_server, tmp_path, "q", audit_extra="queue_max = 20")
+    setup, port, _, daemon = _daemon_setup(pg_server, bao_server, tmp_path, "q",
+                                           audit_extra="queue_max = 20\nmode = \"batched\"")
     daemon.start()
     child = daemon.client().get("/v1/status")["audit"]["pid"]
     try:
@@ -315,6 +316,44 @@ def test_statements_wait_for_an_audit_store_that_cannot_keep_up(pg_server, bao_s
         conn.close()
         rows = daemon.audit_sql("SELECT count(*) AS n FROM requests WHERE text LIKE 'SELECT %'")
         assert rows[0]["n"] >= ran + 1
+    finally:
+        os.kill(child, signal.SIGCONT)
+        daemon.stop()
+
+
+def test_strict_mode_never_runs_a_statement_the_audit_process_has_not_acknowledged(pg_server, bao_server, tmp_path):
+    """audit.mode = "strict": with the audit process stalled (SIGSTOP) a write waits for its record's
+    acknowledgement, is not run, and its session ends once ack_timeout passes; nothing reached
+    the database. The next session, once the process runs again, writes and is on record first."""
+    setup, port, _, daemon = _daemon_setup(pg_server, bao_server, tmp_path, "s",
+                                           audit_extra="mode = \"strict\"\nack_timeout = 2")
+    pg_server.psql("DROP TABLE IF EXISTS strict_t; CREATE TABLE strict_t (v text); GRANT ALL ON strict_t TO PUBLIC")
+    daemon.start()
+    child = daemon.client().get("/v1/status")["audit"]["pid"]
+    try:
+        conn = psycopg.connect(host="127.0.0.1", port=port, user="orders-bot", password=setup.mint_token(),
+                               dbname="postgres", sslmode="disable", autocommit=True)
+        conn.execute("INSERT INTO strict_t VALUES ('before')")
+        os.kill(child, signal.SIGSTOP)
+        with pytest.raises(psycopg.OperationalError, match="did not acknowledge the record"):
+            conn.execute("INSERT INTO strict_t VALUES ('stalled')")
+        assert pg_server.psql("SELECT string_agg(v, ',') FROM strict_t") == "before"
+        os.kill(child, signal.SIGCONT)
+        token = setup.mint_token()
+        with psycopg.connect(host="127.0.0.1", port=port, user="orders-bot", password=token, dbname="postgres",
+                             sslmode="disable", autocommit=True) as again:
+            again.execute("INSERT INTO strict_t VALUES ('after')")
+        rows = daemon.audit_sql("SELECT s.text, r.seq = s.seq AS same_seq FROM request_starts s "
+                                "LEFT JOIN requests r USING (request_id) WHERE s.text LIKE 'INSERT INTO strict_t%' "
+                                "ORDER BY s.chain_seq")
+        # Every write has its start record, with the seq its requests row carries (the stalled one's
+        # record was journaled before the stall ended its session; it never ran).
+        assert [r["text"] for r in rows] == ["INSERT INTO strict_t VALUES ('before')",
+                                             "INSERT INTO strict_t VALUES ('stalled')",
+                                             "INSERT INTO strict_t VALUES ('after')"], rows
+        assert [r["same_seq"] for r in rows] == [True, True, True]
+        err = daemon.audit_sql("SELECT error FROM requests WHERE text = ?", ["INSERT INTO strict_t VALUES ('stalled')"])
+        assert "it was not run" in err[0]["error"]
     finally:
         os.kill(child, signal.SIGCONT)
         daemon.stop()

@@ -1286,6 +1286,7 @@ class Session:
         try:
             wait = self._record_start(req)
         except Exception as e:  # the record was refused (malformed, store closed)
+            log.exception("the audit store refused a request's start record")
             wait = asyncio.get_running_loop().create_future()
             wait.set_exception(e)
         if wait is None:
@@ -1310,6 +1311,8 @@ class Session:
 
     def _refuse_unrecorded(self, req: _Request, error: BaseException | None) -> None:
         """Fail closed: a request whose record could not be made durable never runs."""
+        log.error("a request's record could not be made durable; the request is refused and the session ends",
+                  exc_info=error)
         why = f"the audit store could not record the statement ({error or 'cancelled'}); it was not run"
         req.error, req.sqlstate = why, sqlstate.CANNOT_CONNECT_NOW
         self._finish(req)
