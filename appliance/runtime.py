@@ -85,6 +85,7 @@ class LiveSession:
     facts: Any = field(init=False, default=None)
     requests: int = 0          # requests numbered so far: the last one's `seq`
     mark: int | None = None    # its slot in the daemon's high-water file
+    marked: int = 0            # the highest seq written there
     pending_starts: dict = field(default_factory=dict)  # request_id -> seq of a request_start not completed yet
 
     def __post_init__(self) -> None:
@@ -254,16 +255,22 @@ class Runtime:
             if seq is None:
                 live.requests += 1
                 seq = live.requests
-                if kind == "request_start":
+                if kind == "request_start":  # marked once acknowledged (audit_durable): it runs only then
                     live.pending_starts[record.get("request_id")] = seq
-                if marks is not None and live.mark is not None:
-                    marks.issue(live.mark, seq)
+                    return {**record, "seq": seq}
+            self._mark(marks, live, seq)
             return {**record, "seq": seq}
         if marks is not None and live.mark is not None:  # session_end
             marks.end(live.mark)
             store.release_mark(live.mark)   # once the session_end is committed
             live.mark = None
         return {**record, "requests": live.requests}
+
+    @staticmethod
+    def _mark(marks: Any, live: LiveSession, seq: int) -> None:
+        if marks is not None and live.mark is not None and seq > live.marked:
+            live.marked = seq
+            marks.issue(live.mark, seq)
 
     def audit_durable(self, kind: str, record: Mapping[str, Any], verdict: Verdict | None = None) -> Any:
         """audit.mode = "strict": submit ``record`` and return a future that resolves once the
@@ -281,6 +288,14 @@ class Runtime:
         if fut is None:
             fut = loop.create_future()
             fut.set_exception(BotwardenError("the audit store cannot take the statement's record"))
+            return fut
+        live = self.live.get(record.get("session_id"))
+        if live is not None and store.marks is not None:
+            # The high-water mark counts a start once it is journaled: one never acknowledged was
+            # never forwarded (its completion row, with the same seq, marks it then).
+            seq = record["seq"]
+            fut.add_done_callback(lambda f: None if f.cancelled() or f.exception() is not None
+                                  else self._mark(store.marks, live, seq))
         return fut
 
     async def open_session(self, target: str, ctx: ConnectionContext, user: str, token: str | None) -> SessionGrant:
