@@ -150,6 +150,7 @@ class AuditProcess:
                         "journal": journal, "accounted_by": None}
         self.journal = journal
         self.ack_timeout = ack_timeout
+        self._kick_pending = False   # a _kick is scheduled on the event loop (submit_acked)
         self.queue_max = queue_max
         self.on_full = on_full
         self.strict = strict
@@ -393,10 +394,18 @@ class AuditProcess:
             self._buf.append((kind, row))
             self._submitted += 1
             self._waiters.append((self._submitted, fut, loop, time.monotonic()))
-            if not self._ship_now:
-                self._ship_now = True
-                self._ship.notify()
+        if not self._kick_pending:
+            # Group commit: the sender ships once the loop has run the callbacks of this round of
+            # I/O, so the records of every session decided meanwhile travel (and are acked) together.
+            self._kick_pending = True
+            loop.call_soon(self._kick)
         return fut
+
+    def _kick(self) -> None:
+        self._kick_pending = False
+        with self._lock:
+            self._ship_now = True
+            self._ship.notify()
 
     @staticmethod
     def _resolve(futs: list) -> None:

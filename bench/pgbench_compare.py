@@ -175,7 +175,7 @@ keep = 4
 class Daemon:
     """`botwarden run` with eBPF probes on a bench bots cgroup; bots are started with `bot run`."""
 
-    def __init__(self, tmp: Path, pg_port: int, audit_mode: str = "strict", strict_reads: bool = True,
+    def __init__(self, tmp: Path, pg_port: int, audit_mode: str = "strict", strict_reads: bool = False,
                  suffix: str = ""):
         """``suffix``: a second daemon beside the first (its own directory, bots cgroup, pins, table)."""
         from appliance.sandbox import free_port
@@ -375,8 +375,8 @@ def main() -> None:
     ap.add_argument("--no-big", action="store_true", help="skip the large-result benchmark")
     ap.add_argument("--audit-mode", choices=["strict", "batched"], default="strict",
                     help="the full daemon's audit.mode (strict: each statement waits for its record's journal ack)")
-    ap.add_argument("--no-strict-reads", action="store_true",
-                    help="audit.strict_reads = false: plain reads do not wait for their record")
+    ap.add_argument("--strict-reads", action="store_true",
+                    help="audit.strict_reads = true: plain reads wait for their record too")
     ap.add_argument("--builtin", choices=["select-only", "tpcb-like", "simple-update"], default="select-only",
                     help="pgbench's built-in script (select-only is -S)")
     ap.add_argument("--repeat", type=int, default=1,
@@ -457,9 +457,9 @@ pidfile = {bdir}/pgbouncer.pid
         front, fport = start_own("--serve-front")
         relay, rport = start_own("--serve-relay")
         wait_port(bport)
-        daemon = Daemon(tmp, pg.port, args.audit_mode, not args.no_strict_reads)
+        daemon = Daemon(tmp, pg.port, args.audit_mode, args.strict_reads)
         if "full-batched" in args.paths.split(","):  # the same daemon with audit.mode = "batched", interleaved
-            batched = Daemon(tmp, pg.port, "batched", True, suffix="-batched")
+            batched = Daemon(tmp, pg.port, "batched", suffix="-batched")
 
         # (name, port, password, proxy pid, argv wrapper)
         full = "botwarden (full inspection)"
@@ -524,7 +524,7 @@ pidfile = {bdir}/pgbouncer.pid
             f"{args.threads} threads, {args.duration}s per run "
             f"(scale {args.scale}); {os.cpu_count()} CPUs shared by PostgreSQL, the proxy and pgbench; "
             f"the daemon's audit.mode = {args.audit_mode}"
-            + (", strict_reads = false" if args.no_strict_reads else ""),
+            + (", strict_reads = true" if args.strict_reads else ""),
             "",
             f"`{full}`: the daemon (`botwarden run`), pgbench started with `botwarden bot run` inside a "
             "watched cgroup and sent to the daemon by the eBPF probes, identity from kernel attestation, every "

@@ -266,23 +266,32 @@ def _crash(crash_db, tmp_path: Path, mode: str, kill: str, audit_extra: str = ""
             pass
 
 
-@pytest.mark.parametrize("kill", ["daemon", "audit", "both"])
-def test_strict_mode_loses_no_statement_that_reached_the_database(crash_db, tmp_path, kill):
-    r = _crash(crash_db, tmp_path, "strict", kill)
+@pytest.mark.parametrize("kill,strict_reads", [("daemon", False), ("audit", False), ("both", False),
+                                                ("both", True)])
+def test_strict_mode_loses_no_statement_that_reached_the_database(crash_db, tmp_path, kill, strict_reads):
+    r = _crash(crash_db, tmp_path, "strict", kill, audit_extra=f"strict_reads = {str(strict_reads).lower()}")
     bot = r["bot"]
     assert bot.writes <= r["in_db"]  # what the client saw succeed is in the table
     recorded_writes = _rows(t for t in r["starts"] + r["done"] if t.startswith("INSERT"))
     recorded_reads = _rows(t for t in r["starts"] + r["done"] if t.startswith("SELECT"))
     # Zero writes missing: every row in the database (even one whose answer the crash cut off)
-    # has its record; so has every read the client saw answered.
+    # has its record, journaled before the write was forwarded.
     assert r["in_db"] - recorded_writes == set(), (kill, len(r["in_db"]), len(r["in_db"] - recorded_writes))
-    assert bot.reads - recorded_reads == set()
-    # The start record of every write that ran was journaled before it was forwarded.
     assert r["in_db"] <= _rows(t for t in r["starts"] if t.startswith("INSERT"))
-    # Nothing that ran is missing, so verify passes: a completion row lost with the daemon shares
-    # its seq with the start on record, and only acknowledged starts count as issued.
-    assert r["verify"]["passes"], r["verify"]["report"]
-    assert r["verify_cli"].returncode == 0, r["verify_cli"].stdout
+    reported = r["verify"]["missing_events"]
+    if strict_reads:
+        # Reads waited for their record too: zero requests of any kind missing, and verify passes (a
+        # completion row lost with the daemon shares its seq with the start on record).
+        assert bot.reads - recorded_reads == set()
+        assert r["verify"]["passes"] and reported == 0, r["verify"]["report"]
+        assert r["verify_cli"].returncode == 0, r["verify_cli"].stdout
+    else:
+        # Plain reads went at once (strict_reads = false): a dead daemon can lose their records, and
+        # verify reports at least as many missing events as reads the client saw and nobody recorded.
+        assert len(bot.reads - recorded_reads) <= reported, (len(bot.reads - recorded_reads), reported)
+        assert r["verify_cli"].returncode == (1 if reported else 0), r["verify_cli"].stdout
+        if kill == "audit":
+            assert reported == 0, r["verify"]["report"]  # the daemon lived and re-sent
 
 
 @pytest.mark.parametrize("kill", ["daemon", "audit", "both"])
