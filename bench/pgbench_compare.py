@@ -479,7 +479,7 @@ pidfile = {bdir}/pgbouncer.pid
         # Rounds interleave the paths, so a slow minute of the machine does not land on one path only.
         for round_no, mode in itertools.product(range(args.repeat), modes):
             for name, port, password, pid, wrap in targets:
-                print(f"[{round_no + 1}/{args.repeat}] pgbench -S -M {mode} via {name} ({args.duration}s) ...",
+                print(f"[{round_no + 1}/{args.repeat}] pgbench {args.builtin} -M {mode} via {name} ({args.duration}s) ...",
                       file=sys.stderr)
                 tag = name.replace(" ", "_").replace("(", "").replace(")", "")
                 spy = None
