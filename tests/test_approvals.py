@@ -365,7 +365,7 @@ def test_schema_v3_adds_credential_stale_s_to_a_v2_file(tmp_path):
     con.close()
     now = dt.datetime.now(UTC)
     with AuditStore(path, strict=True) as s:
-        assert s.migrations == [(2, 3)]
+        assert s.migrations == [(2, 3), (3, 4)]
         s.submit("session_start", {"session_id": "fresh", "ts": now, "target": "db", "protocol": "postgres"})
         s.submit("session_start", {"session_id": "stale", "ts": now, "target": "db", "protocol": "postgres",
                                    "credential_stale_s": 42.5})
