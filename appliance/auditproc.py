@@ -27,7 +27,7 @@ the events socket close, commits what it received, writes its ``writer_stop`` ro
 
 Strict mode (``journal=True``, ``audit.mode = "strict"``): the child appends each batch it
 receives to a journal file (:mod:`analytics.journal`) and then acknowledges it
-(``("ack", n)``); :meth:`AuditProcess.submit_acked` gives the caller a future that resolves
+(an 8-byte count on the events socket, read by the event loop); :meth:`AuditProcess.submit_acked` gives the caller a future that resolves
 on that acknowledgement, and ships at once. Whoever waits on it can rely on the event
 surviving the death of the daemon, of the audit process, or of both.
 
@@ -66,6 +66,7 @@ from appliance.policy.redact import AuditRedactor
 log = logging.getLogger(__name__)
 
 _LEN = struct.Struct(">I")
+_ACK = struct.Struct(">Q")   # strict mode: the child's count of events journaled, on the events socket
 _HIGH_WATER = 0.8
 _SEND_BATCH = 512          # events that make the sender ship at once
 _SEND_INTERVAL_S = 0.01    # otherwise it ships what accumulated this often
@@ -87,9 +88,13 @@ sys.exit(_child_main(sys.argv[1:]))
 """
 
 
-def _send(sock: socket.socket, obj: Any) -> None:
+def _frame(obj: Any) -> bytes:
     data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    sock.sendall(_LEN.pack(len(data)) + data)
+    return _LEN.pack(len(data)) + data
+
+
+def _send(sock: socket.socket, obj: Any) -> None:
+    sock.sendall(_frame(obj))
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
@@ -151,6 +156,14 @@ class AuditProcess:
         self.journal = journal
         self.ack_timeout = ack_timeout
         self._kick_pending = False   # a _kick is scheduled on the event loop (submit_acked)
+        # Strict mode runs its round trip on the event loop: _kick sends the batch (non-blocking; the
+        # sender thread finishes what does not fit) and the loop reads the child's acknowledgements
+        # from the events socket itself, so no thread hand-off (and no GIL wait) sits in between.
+        self._send_lock = threading.Lock()     # one frame at a time on the events socket
+        self._partial: tuple[socket.socket, bytes] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._watched: socket.socket | None = None   # the events socket the loop reads acks from
+        self._ackbuf = b""
         self.queue_max = queue_max
         self.on_full = on_full
         self.strict = strict
@@ -317,6 +330,7 @@ class AuditProcess:
             code = self._proc.returncode
         self._running = False
         self._reader.join(5)  # the child has exited: the reader takes its last status, then sees EOF
+        self._unwatch()
         for s in (self._events, self._rpc):
             if s is not None:
                 s.close()
@@ -333,6 +347,25 @@ class AuditProcess:
         if self.marks is not None:  # a clean stop: the next start has nothing to account for
             self.marks.close()
         log.info("audit store %s closed (epoch %d)", self.path, self.epoch)
+
+    def _unwatch(self) -> None:
+        """Take the events socket out of the event loop's selector before it is closed."""
+        loop = self._loop
+        if loop is None or self._watched is None:
+            return
+        done = threading.Event()
+
+        def unwatch() -> None:
+            self._watch(None)
+            done.set()
+        try:
+            if loop.is_running() and threading.current_thread() is not threading.main_thread():
+                loop.call_soon_threadsafe(unwatch)
+                done.wait(5)
+            else:
+                unwatch()
+        except RuntimeError:  # the loop is closed
+            pass
 
     def _kill(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
@@ -394,18 +427,84 @@ class AuditProcess:
             self._buf.append((kind, row))
             self._submitted += 1
             self._waiters.append((self._submitted, fut, loop, time.monotonic()))
+        if self._loop is None:
+            self._loop = loop
+        if self._watched is not self._events:
+            self._watch(self._events)
         if not self._kick_pending:
-            # Group commit: the sender ships once the loop has run the callbacks of this round of
-            # I/O, so the records of every session decided meanwhile travel (and are acked) together.
+            # Group commit: the batch goes once the loop has run the callbacks of this round of I/O,
+            # so the records of every session decided meanwhile travel (and are acked) together.
             self._kick_pending = True
             loop.call_soon(self._kick)
         return fut
 
     def _kick(self) -> None:
+        """On the event loop: send what is buffered now, without blocking; the sender thread takes
+        over when it is busy sending or the socket is full."""
         self._kick_pending = False
+        if not self._send_lock.acquire(blocking=False):
+            self._wake_sender()
+            return
+        try:
+            with self._lock:
+                if self._partial is not None or self._dead is not None or self._closing or not self._buf:
+                    self._ship_now = True
+                    self._ship.notify()
+                    return
+                batch, self._buf = self._buf, []
+                events_sock = self._events
+                self._sent += sum(1 for kind, _ in batch if kind[0] != "!")
+                self._inflight.append((self._sent, batch))
+            data = _frame(batch)
+            try:
+                n = events_sock.send(data, socket.MSG_DONTWAIT)
+            except OSError:  # full (BlockingIOError) or broken: the sender thread sends it, or finds out
+                n = 0
+            if n < len(data):
+                self._partial = (events_sock, data[n:])
+                self._wake_sender()
+        finally:
+            self._send_lock.release()
+
+    def _wake_sender(self) -> None:
         with self._lock:
             self._ship_now = True
             self._ship.notify()
+
+    def _watch(self, sock: socket.socket | None) -> None:
+        """On the event loop: read acknowledgements from ``sock`` (the current events socket)."""
+        loop = self._loop
+        old, self._watched = self._watched, sock
+        self._ackbuf = b""
+        if old is not None:
+            loop.remove_reader(old.fileno())
+        if sock is not None:
+            loop.add_reader(sock.fileno(), self._on_acks, sock)
+
+    def _on_acks(self, sock: socket.socket) -> None:
+        try:
+            data = sock.recv(65536, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:  # the child is gone: the reader thread handles that
+            if self._watched is sock:
+                self._loop.remove_reader(sock.fileno())
+                self._watched = None
+            return
+        buf = self._ackbuf + data
+        whole = len(buf) - len(buf) % _ACK.size
+        self._ackbuf = buf[whole:]
+        if whole and sock is self._events:
+            (received,) = _ACK.unpack_from(buf, whole - _ACK.size)
+            with self._lock:
+                self._acked = acked = self._child_base + received
+                waiters = self._waiters
+                done = []
+                while waiters and waiters[0][0] <= acked:
+                    done.append(waiters.popleft()[1])
+            self._resolve(done)
 
     @staticmethod
     def _resolve(futs: list) -> None:
@@ -463,24 +562,37 @@ class AuditProcess:
                         self._ship.wait(_SEND_INTERVAL_S)
                         continue  # keep them for the next child
                     return  # closing with a dead child: close() reports what was not written
-                self._ship_now = False
-                batch, self._buf = self._buf, []
-                if not batch and self._closing:
-                    return
-                if not batch:
-                    continue
-                events_sock = self._events
-                # Kept until the child reports it committed: if it dies first, the next one gets it.
-                self._sent += sum(1 for kind, _ in batch if kind[0] != "!")
-                self._inflight.append((self._sent, batch))
-            try:
-                _send(events_sock, batch)
-            except OSError as e:
+            with self._send_lock:
+                if self._partial is not None:  # the rest of a frame the event loop began
+                    sock, rest = self._partial
+                    self._partial = None
+                    if sock is self._events:
+                        try:
+                            sock.sendall(rest)
+                        except OSError as e:
+                            self._mark_dead(f"sending events failed: {e}")
+                            continue
                 with self._lock:
-                    replaced = events_sock is not self._events
-                if not replaced:
-                    self._mark_dead(f"sending events failed: {e}")
-                continue
+                    self._ship_now = False
+                    batch, self._buf = self._buf, []
+                    if not batch and self._closing:
+                        return
+                    if not batch or self._dead is not None:
+                        if batch:
+                            self._buf[:0] = batch
+                        continue
+                    events_sock = self._events
+                    # Kept until the child reports it committed: if it dies first, the next one gets it.
+                    self._sent += sum(1 for kind, _ in batch if kind[0] != "!")
+                    self._inflight.append((self._sent, batch))
+                try:
+                    _send(events_sock, batch)
+                except OSError as e:
+                    with self._lock:
+                        replaced = events_sock is not self._events
+                    if not replaced:
+                        self._mark_dead(f"sending events failed: {e}")
+                    continue
             with self._lock:
                 self._room.notify_all()
 
@@ -630,7 +742,7 @@ class AuditProcess:
                         self._ship.notify_all()
                         self._room.notify_all()
                     for sock in old_sockets:
-                        if sock is not None:
+                        if sock is not None and not self._rewatch(sock, events):
                             sock.close()
                     log.warning("audit process restarted as pid %d (epoch %d); %d event(s) it had not committed "
                                 "were sent to it again", proc.pid, self.epoch, self._resent)
@@ -638,6 +750,22 @@ class AuditProcess:
         finally:
             with self._lock:
                 self._restarting = False
+
+    def _rewatch(self, old: socket.socket, new: socket.socket) -> bool:
+        """If the event loop reads acks from ``old``, have it switch to ``new`` and close ``old``
+        itself (a socket must leave the loop's selector before it is closed). True: done so."""
+        loop = self._loop
+        if loop is None or old is not self._watched:
+            return False
+
+        def switch() -> None:
+            self._watch(new)
+            old.close()
+        try:
+            loop.call_soon_threadsafe(switch)
+        except RuntimeError:  # the loop is closed
+            return False
+        return True
 
     def _take_resend(self, recovered: Any) -> tuple[list, int]:
         """Under the lock, once a new child is up: the events shipped to the dead one that its
@@ -844,7 +972,10 @@ class _Child:
             if journal is not None and rows:
                 # On disk (redacted, as the store would hold it) before the daemon is told.
                 journal.append([(spec.kind, row) for spec, row in rows])
-                self.reply(("ack", self._received + len(rows)))
+                try:
+                    self.events.sendall(_ACK.pack(self._received + len(rows)))
+                except OSError:
+                    pass  # the daemon is gone: commit what arrived all the same
             for spec, row in rows:
                 # on_full="block": waits for the writer rather than drop. False only while the
                 # store is failing, which the daemon learns from the status and refuses from then on.
