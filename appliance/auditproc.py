@@ -619,9 +619,7 @@ class AuditProcess:
                 else:
                     self._mark_dead("the audit process stopped")
                 return
-            if msg[0] == "ack":
-                self._on_ack(msg[1])
-            elif msg[0] == "status":
+            if msg[0] == "status":
                 self._update(msg[1])
             elif msg[0] == "reply":
                 _, call_id, ok, value = msg
@@ -632,20 +630,6 @@ class AuditProcess:
                         fut.set_result(value)
                     else:
                         fut.set_exception(_error_from(value))
-
-    def _on_ack(self, received: int) -> None:
-        by_loop: dict[Any, list] = {}
-        with self._lock:
-            self._acked = acked = self._child_base + received
-            waiters = self._waiters
-            while waiters and waiters[0][0] <= acked:
-                _, fut, loop, _t = waiters.popleft()
-                by_loop.setdefault(loop, []).append(fut)
-        for loop, futs in by_loop.items():  # one wake-up per loop for the whole group
-            try:
-                loop.call_soon_threadsafe(self._resolve, futs)
-            except RuntimeError:
-                pass
 
     def _update(self, stats: dict[str, Any]) -> None:
         with self._lock:
