@@ -867,6 +867,9 @@ class _Child:
         self._ix = {n: req.names.index(n) for n in ("text", "params", "error", "decision")}
         start = schema.KINDS["request_start"]
         self._ix_start = {**{n: start.names.index(n) for n in ("text", "params", "decision")}, "error": None}
+        # Strict mode: a request's start and its completion carry the same text; the completion
+        # reuses the start's redaction (request_id -> (text, redacted text)) instead of scanning again.
+        self._start_texts: dict[str, tuple[str, str]] = {}
         self._send_lock = threading.Lock()
         self._received = 0
         self._received_cv = threading.Condition()
@@ -916,8 +919,17 @@ class _Child:
     def _redact(self, row: tuple, ix: dict[str, int | None]) -> tuple:
         r = list(row)
         red = self.redactor
-        if r[ix["text"]]:
-            r[ix["text"]] = red.text(r[ix["text"]])
+        text = r[ix["text"]]
+        if text:
+            starts = self._start_texts
+            if ix is self._ix_start:
+                r[ix["text"]] = red.text(text)
+                if len(starts) > 10_000:  # starts whose completion never came (sessions cut short)
+                    starts.clear()
+                starts[r[0]] = (text, r[ix["text"]])
+            else:
+                seen = starts.pop(r[0], None) if starts else None
+                r[ix["text"]] = seen[1] if seen is not None and seen[0] == text else red.text(text)
         if r[ix["params"]] is not None:
             r[ix["params"]] = red.params(r[ix["params"]], masked_statement=r[ix["decision"]] == "mask")
         if ix["error"] is not None and r[ix["error"]] is not None:

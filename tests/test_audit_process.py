@@ -83,6 +83,33 @@ def test_events_round_trip_redacted_and_chained(tmp_path):
         assert store.verify().ok
 
 
+def test_strict_start_records_are_journaled_acknowledged_and_redacted(tmp_path):
+    """submit_acked resolves once the child journaled the record; the journal and both rows of a
+    request (its start and its completion, which reuses the start's redaction) hold no secret."""
+    import asyncio
+
+    secret_sql = "SELECT * FROM cards WHERE pan = '4111111111111111'"
+
+    async def run(p: AuditProcess) -> None:
+        loop = asyncio.get_running_loop()
+        start = {**request(7, text=secret_sql), "params": ["ada@example.com"]}
+        start.pop("decision")
+        fut = p.submit_acked("request_start", {**start, "decision": "allow", "seq": 1}, loop)
+        await asyncio.wait_for(fut, 10)
+        journal = b"".join(f.read_bytes() for f in tmp_path.glob("a.duckdb.journal-*"))
+        assert b"pan = '" in journal and b"4111111111111111" not in journal and b"ada@example.com" not in journal
+        assert p.submit("request", request(7, text=secret_sql, params=["ada@example.com"], seq=1))
+
+    with AuditProcess(tmp_path / "a.duckdb", journal=True) as p:
+        asyncio.run(run(p))
+        p.flush()
+        _, rows = p.query("SELECT s.text, s.params, r.text, r.params FROM request_starts s JOIN requests r "
+                          "USING (request_id, seq)")
+        masked = "SELECT * FROM cards WHERE pan = '********'"
+        assert rows == [(masked, [MASK], masked, [MASK])]
+    assert list(tmp_path.glob("a.duckdb.journal-*")) == []  # a clean stop leaves no journal
+
+
 def test_malformed_records_fail_in_the_caller(tmp_path):
     with AuditProcess(tmp_path / "a.duckdb", strict=True) as p:
         with pytest.raises(AuditRecordError, match="decision"):
