@@ -44,6 +44,7 @@ import json
 import logging
 import os
 import pickle
+import select
 import signal
 import socket
 import struct
@@ -95,6 +96,22 @@ def _frame(obj: Any) -> bytes:
 
 def _send(sock: socket.socket, obj: Any) -> None:
     sock.sendall(_frame(obj))
+
+
+def _send_waiting(sock: socket.socket, data: bytes, while_waiting: Any = None) -> None:
+    """sendall for the events socket, whose file is non-blocking once the event loop reads the
+    child's acknowledgements from it (libuv and asyncio set O_NONBLOCK): wait until it is
+    writable instead of failing with EAGAIN; ``while_waiting()`` runs every 50 ms meanwhile."""
+    view = memoryview(data)
+    while view:
+        try:
+            n = sock.send(view)
+        except BlockingIOError:
+            select.select([], [sock], [], 0.05)
+            if while_waiting is not None:
+                while_waiting()
+            continue
+        view = view[n:]
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
@@ -364,7 +381,7 @@ class AuditProcess:
                 done.wait(5)
             else:
                 unwatch()
-        except RuntimeError:  # the loop is closed
+        except (RuntimeError, ValueError):  # the loop (or the socket) is closed already
             pass
 
     def _kill(self) -> None:
@@ -476,7 +493,7 @@ class AuditProcess:
         loop = self._loop
         old, self._watched = self._watched, sock
         self._ackbuf = b""
-        if old is not None:
+        if old is not None and old.fileno() >= 0:
             loop.remove_reader(old.fileno())
         if sock is not None:
             loop.add_reader(sock.fileno(), self._on_acks, sock)
@@ -551,6 +568,10 @@ class AuditProcess:
                 late.append(waiters.popleft())
             self._fail_waiters(late, f"the audit process did not acknowledge the record within {self.ack_timeout:g}s")
 
+    def _expire_waiters_locked(self) -> None:
+        with self._lock:
+            self._expire_waiters()
+
     def _send_loop(self) -> None:
         while True:
             with self._lock:
@@ -568,7 +589,7 @@ class AuditProcess:
                     self._partial = None
                     if sock is self._events:
                         try:
-                            sock.sendall(rest)
+                            _send_waiting(sock, rest, self._expire_waiters_locked)
                         except OSError as e:
                             self._mark_dead(f"sending events failed: {e}")
                             continue
@@ -586,7 +607,7 @@ class AuditProcess:
                     self._sent += sum(1 for kind, _ in batch if kind[0] != "!")
                     self._inflight.append((self._sent, batch))
                 try:
-                    _send(events_sock, batch)
+                    _send_waiting(events_sock, _frame(batch), self._expire_waiters_locked)
                 except OSError as e:
                     with self._lock:
                         replaced = events_sock is not self._events

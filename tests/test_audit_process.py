@@ -110,6 +110,35 @@ def test_strict_start_records_are_journaled_acknowledged_and_redacted(tmp_path):
     assert list(tmp_path.glob("a.duckdb.journal-*")) == []  # a clean stop leaves no journal
 
 
+def test_a_full_events_socket_waits_in_strict_mode(tmp_path):
+    """Once the event loop reads acknowledgements from the events socket, the socket's file is
+    non-blocking: a burst larger than its buffer while the audit process is briefly stopped must
+    wait for room, not be taken for a dead audit process."""
+    import asyncio
+
+    async def run(p: AuditProcess) -> None:
+        loop = asyncio.get_running_loop()
+        start = {**request(0), "seq": 1}
+        await asyncio.wait_for(p.submit_acked("request_start", start, loop), 10)  # the loop now reads acks
+        os.kill(p.pid, signal.SIGSTOP)
+        try:
+            for i in range(1, 3001):  # ~6 MB: far more than a socket buffer holds
+                assert p.submit("request", request(i, text="SELECT '" + "x" * 2000 + f"' -- {i}"))
+            await asyncio.sleep(1.0)
+        finally:
+            os.kill(p.pid, signal.SIGCONT)
+
+    import uvloop  # the daemon's loop: libuv makes a watched file non-blocking
+
+    with AuditProcess(tmp_path / "a.duckdb", journal=True, flush_interval=0.05) as p:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(run(p))
+        p.flush(60)
+        assert p.stats()["restarts"] == 0 and p.unavailable is None
+        _, rows = p.query("SELECT count(*) FROM requests")
+        assert rows == [(3000,)]
+
+
 def test_malformed_records_fail_in_the_caller(tmp_path):
     with AuditProcess(tmp_path / "a.duckdb", strict=True) as p:
         with pytest.raises(AuditRecordError, match="decision"):
