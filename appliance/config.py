@@ -101,7 +101,7 @@ class AuditSettings:
     # shipped yet, and the next start records how much (audit_losses). See docs/audit-schema.md.
     mode: Literal["strict", "batched"] = "strict"
     # strict mode: plain reads (a SELECT the policy allows as it is, no functions, no locks) wait
-    # for their record too. Off by default: it costs about 60 % of the throughput of a read-only
+    # for their record too. Off by default: it costs about half the throughput of a read-only
     # load (README); their record then follows as in batched mode.
     strict_reads: bool = False
     # strict mode: a statement whose record the audit process has not acknowledged after this many
