@@ -503,10 +503,9 @@ def test_a_whole_last_epoch_cut_at_its_boundary_fails_verify(tmp_path):
     assert _verify_cli(path, tmp_path, "--allow-gaps").returncode == 1
 
 
-def test_rows_outside_any_epoch_and_a_stop_row_that_miscounts_fail(tmp_path):
-    """Rows removed from inside a finished epoch and the later ones renumbered and re-hashed (a
-    consistent chain): the stop row's count no longer matches. And a row appended after the last
-    stop row, chained properly, lies outside any writer epoch."""
+def test_a_row_chained_after_the_last_stop_row_lies_outside_any_epoch_and_fails(tmp_path):
+    """A row appended after the last writer_stop, properly chained (its hash recomputed): the chain
+    is intact, but the row lies outside any writer epoch."""
     from analytics.chain import canonical, row_hash
 
     path = tmp_path / "a.duckdb"
@@ -530,9 +529,8 @@ def test_rows_outside_any_epoch_and_a_stop_row_that_miscounts_fail(tmp_path):
     assert _verify_cli(path, tmp_path).returncode == 1
 
 
-def test_a_hole_in_a_sessions_requests_is_a_gap_with_its_size(tmp_path):
-    """Requests 1..N per session: deleting two of them (and re-chaining nothing: the chain break is
-    found too) shows the session with 2 events missing."""
+def test_requests_a_session_end_counts_but_the_store_lacks_are_a_gap_with_its_size(tmp_path):
+    """A session whose end counts 12 requests and whose store has 10: 2 events missing."""
     path = tmp_path / "a.duckdb"
     s = sid()
     with AuditStore(path, strict=True) as store:
@@ -545,3 +543,39 @@ def test_a_hole_in_a_sessions_requests_is_a_gap_with_its_size(tmp_path):
     assert report.ok and [(g.session_id, g.missing) for g in report.session_gaps] == [(s, 2)]
     assert "its session end counts 12 requests, the last on record is 10" in report.text()
     assert not report.passes() and report.passes(allow_gaps=True)
+
+
+def _rechain_from(con, seq: int) -> None:
+    """Recompute chain_prev/chain_hash of every row from ``seq`` on (what a forger able to rewrite
+    the file would do after changing a row)."""
+    from analytics.chain import canonical, row_hash
+
+    prev = bytes(con.execute("SELECT chain_hash FROM chain WHERE chain_seq = ?", [seq - 1]).fetchone()[0])
+    rows = con.execute('SELECT "table", chain_seq FROM chain WHERE chain_seq >= ? ORDER BY chain_seq', [seq]).fetchall()
+    for table, s in rows:
+        cols = con.execute("SELECT column_name, data_type FROM duckdb_columns() WHERE table_name = ? "
+                           "ORDER BY column_index", [table]).fetchall()
+        names = [c for c, _ in cols if c not in analytics.schema.CHAIN_COLUMNS]
+        types = dict(cols)
+        exprs = [f'epoch_us("{n}")' if types[n].startswith("TIMESTAMP WITH TIME ZONE") else f'"{n}"' for n in names]
+        blobs = frozenset(n for n in names if types[n] == "BLOB")
+        values = con.execute(f"SELECT {', '.join(exprs)} FROM {table} WHERE chain_seq = ?", [s]).fetchone()
+        h = row_hash(prev, table, canonical(names, values, blobs))
+        con.execute(f"UPDATE {table} SET chain_prev = ?, chain_hash = ? WHERE chain_seq = ?", [prev, h, s])
+        prev = h
+
+
+def test_a_stop_row_whose_count_was_rewritten_fails_even_with_a_consistent_chain(tmp_path):
+    """Epoch 1's writer_stop says it wrote 250 rows (it wrote 300) and every hash from there on is
+    recomputed: the chain verifies, the epoch check does not."""
+    path = tmp_path / "a.duckdb"
+    _two_epochs(path)
+    con = duckdb.connect(str(path))
+    stop = con.execute("SELECT chain_seq FROM writer_events WHERE event = 'writer_stop' AND epoch = 1").fetchone()[0]
+    con.execute("UPDATE writer_events SET rows = 250 WHERE chain_seq = ?", [stop])
+    _rechain_from(con, stop)
+    con.close()
+    report = analytics.verify(path)
+    assert [(p.kind, p.seq) for p in report.problems] == [("inserted", stop)], report.text()
+    assert "writer_stop counts 250 rows, 300 precede it" in report.problems[0].detail
+    assert _verify_cli(path, tmp_path, "--allow-gaps").returncode == 1
