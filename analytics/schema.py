@@ -105,6 +105,9 @@ KINDS: dict[str, Kind] = {
             _f("bytes_out", "int"),
             _f("outcome", choices=("ok", "refused", "error", "terminated", "crashed", "revoke_failed")),
             _f("error"),
+            # How many request events the session emitted (the last request's seq): verify checks
+            # that every one of them is on record.
+            _f("requests", "int"),
         )),
         Kind("request", "requests", (
             _f("request_id", required=True), _f("session_id", required=True), _f("ts", "ts", True),
@@ -112,6 +115,24 @@ KINDS: dict[str, Kind] = {
             _f("decision", choices=("allow", "block", "approve", "mask", "deny")), _f("rule"),
             _f("reason"), _f("duration_ms", "float"), _f("rows", "int"), _f("error"), _f("sqlstate"),
             _f("masked", "count_map"),
+            # 1, 2, 3... per session in the order the requests were decided (a request_start and its
+            # requests row share one): a seq on record in neither table is a lost event.
+            _f("seq", "int"),
+        )),
+        # audit.mode = "strict": written (and acknowledged by the audit process) before the
+        # request is forwarded to the target; its `requests` row follows when it completes.
+        Kind("request_start", "request_starts", (
+            _f("request_id", required=True), _f("session_id", required=True), _f("ts", "ts", True),
+            _f("protocol", required=True), _f("kind"), _f("text"), _f("params", "str_list"),
+            _f("decision", choices=("allow", "block", "approve", "mask", "deny")), _f("rule"),
+            _f("seq", "int"),   # the seq its requests row will carry
+        )),
+        # Events a crash may have cost, found when botwarden started again: per session, how
+        # many request events were issued and how many reached the store.
+        Kind("audit_loss", "audit_losses", (
+            _f("ts", "ts", True), _f("cause", required=True, choices=("daemon_crash", "audit_crash")),
+            _f("session_id"), _f("issued_seq", "int"), _f("recorded_seq", "int"),
+            _f("missing", "int", True), _f("session_end_missing", "bool"), _f("detail"),
         )),
         Kind("approval", "approvals", (
             _f("approval_id", required=True), _f("ts", "ts", True),
@@ -142,6 +163,11 @@ KINDS: dict[str, Kind] = {
             _f("batch_max", "int"), _f("flush_interval", "float"), _f("queue_max", "int"),
             _f("rows", "int"), _f("anchor_seq", "int"), _f("anchor_hash"), _f("removed_rows", "int"),
             _f("cutoff", "ts"), _f("detail"),
+            # writer_stop: chain_seq of the epoch's last row before it. writer_start after an epoch
+            # that ended abruptly: that epoch's number, the events it had committed, and how many
+            # more this writer replayed from its journal (strict mode).
+            _f("last_seq", "int"), _f("prev_epoch", "int"), _f("prev_epoch_rows", "int"),
+            _f("replayed_rows", "int"),
         )),
     )
 }
@@ -307,8 +333,10 @@ _ADDED_AFTER_V1 = {
     "session_start": {"token_kid", "attribution_source", "cgroup_path",  # v2
                       "credential_stale_s",                               # v3
                       "privileged"},                                      # v4
-    "request": {"sqlstate", "masked"},                                    # v2
-    "writer_event": {"anchor_seq", "anchor_hash", "removed_rows", "cutoff"},  # v2
+    "writer_event": {"anchor_seq", "anchor_hash", "removed_rows", "cutoff",   # v2
+                     "last_seq", "prev_epoch", "prev_epoch_rows", "replayed_rows"},  # v4
+    "session_end": {"requests"},                                          # v4
+    "request": {"sqlstate", "masked", "seq"},                             # v2, v4
 }
 
 
@@ -353,7 +381,17 @@ def _migration_3() -> list[str]:
 
 
 def _migration_4() -> list[str]:
-    return ["ALTER TABLE session_starts ADD COLUMN privileged BOOLEAN"]
+    return [
+        "ALTER TABLE session_starts ADD COLUMN privileged BOOLEAN",
+        "ALTER TABLE requests ADD COLUMN seq BIGINT",
+        "ALTER TABLE session_ends ADD COLUMN requests BIGINT",
+        "ALTER TABLE writer_events ADD COLUMN last_seq BIGINT",
+        "ALTER TABLE writer_events ADD COLUMN prev_epoch BIGINT",
+        "ALTER TABLE writer_events ADD COLUMN prev_epoch_rows BIGINT",
+        "ALTER TABLE writer_events ADD COLUMN replayed_rows BIGINT",
+        _table_ddl("request_starts", [(f.name, f.type) for f in KINDS["request_start"].fields]),
+        _table_ddl("audit_losses", [(f.name, f.type) for f in KINDS["audit_loss"].fields]),
+    ]
 
 
 # Views are recreated after every migration (they only ever describe the latest layout).
@@ -388,6 +426,8 @@ UNION ALL SELECT 'requests', chain_seq, chain_prev, chain_hash, ts FROM requests
 UNION ALL SELECT 'approvals', chain_seq, chain_prev, chain_hash, ts FROM approvals
 UNION ALL SELECT 'probes', chain_seq, chain_prev, chain_hash, ts FROM probes
 UNION ALL SELECT 'recordings', chain_seq, chain_prev, chain_hash, ts FROM recordings
+UNION ALL SELECT 'request_starts', chain_seq, chain_prev, chain_hash, ts FROM request_starts
+UNION ALL SELECT 'audit_losses', chain_seq, chain_prev, chain_hash, ts FROM audit_losses
 UNION ALL SELECT 'writer_events', chain_seq, chain_prev, chain_hash, ts FROM writer_events""",
 ]
 
@@ -397,7 +437,8 @@ MIGRATIONS: dict[int, tuple[str, list[str]]] = {
         "retention checkpoints", _migration_2()),
     3: ("session_starts.credential_stale_s (a cached credential used while the secrets store was "
         "unreachable)", _migration_3()),
-    4: ("session_starts.privileged (the bot's process ran as uid 0 or with capabilities that can "
-        "undo the probes)", _migration_4()),
+    4: ("crash accounting: requests.seq, session_ends.requests, request_starts (strict mode), "
+        "audit_losses, writer_events.last_seq / prev_epoch / prev_epoch_rows / replayed_rows; "
+        "session_starts.privileged (the bot ran as uid 0 or with capabilities that can undo the probes)", _migration_4()),
 }
 assert max(MIGRATIONS) == SCHEMA_VERSION

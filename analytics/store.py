@@ -42,6 +42,7 @@ from typing import Any, Literal
 import duckdb
 
 from . import db, schema
+from . import journal as _journal
 from .errors import AuditClosedError, AuditError, AuditFlushTimeout, AuditRecordError, AuditWriterError
 from .writer import ChainWriter, IngestMethod, next_epoch, writer_event
 
@@ -84,6 +85,22 @@ class RecordValidator:
         return spec, row
 
 
+def _unclean_previous(con: duckdb.DuckDBPyConnection) -> tuple[int, int, int] | None:
+    """The last epoch, if it ended without a writer_stop row: (epoch, producer rows it holds, how
+    many of those it replayed itself at its start). The rest are the first events it received,
+    in order (the chain keeps the order of arrival)."""
+    row = con.execute(
+        "SELECT epoch, bool_or(event = 'writer_stop'), min(chain_seq) FILTER (event = 'writer_start'), "
+        "coalesce(max(replayed_rows) FILTER (event = 'writer_start'), 0) "
+        "FROM writer_events WHERE epoch = (SELECT max(epoch) FROM writer_events) GROUP BY epoch").fetchone()
+    if row is None or row[1]:
+        return None
+    start = row[2] if row[2] is not None else 0
+    tables = [t for t in db.existing_tables(con) if t != "writer_events"]
+    union = " UNION ALL ".join(f"SELECT count(*) AS n FROM {t} WHERE chain_seq > {int(start)}" for t in tables)
+    return int(row[0]), int(con.execute(f"SELECT sum(n) FROM ({union})").fetchone()[0] or 0), int(row[3])
+
+
 class AuditStore:
     def __init__(
         self,
@@ -95,10 +112,18 @@ class AuditStore:
         on_full: Literal["refuse", "block"] = "refuse",
         strict: bool = False,
         ingest: IngestMethod = "arrow",
+        journal: bool = False,
+        accounted_by: str | None = None,
     ):
         """``strict``: unknown record fields raise AuditRecordError (tests) instead of
         being dropped with a warning naming the field (production).
-        ``ingest``: how batches enter DuckDB; "executemany" exists for the benchmark."""
+        ``ingest``: how batches enter DuckDB; "executemany" exists for the benchmark.
+        ``journal``: open a :class:`analytics.journal.Journal` for this epoch (the audit
+        process appends what it receives before acknowledging it). Whatever the setting, a
+        start after an epoch that ended abruptly replays that epoch's journal, if any.
+        ``accounted_by``: who accounts for what such an epoch had not committed when there is
+        no journal (the daemon that re-sends it, or its high-water marks); recorded in the
+        writer_start row so verify does not count the epoch as a gap of unknown size."""
         if batch_max < 1 or queue_max < 1 or flush_interval <= 0:
             raise AuditError("batch_max and queue_max must be >= 1 and flush_interval > 0")
         if on_full not in ("refuse", "block"):
@@ -139,8 +164,14 @@ class AuditStore:
         self._preparer: threading.Thread | None = None     # takes batches, hashes them
         self._handoff: queue.Queue = queue.Queue(maxsize=2)
         self._taken = 0            # events handed to the preparer
+        self._use_journal = journal
+        self._accounted_by = accounted_by
+        self.journal: Any = None   # analytics.journal.Journal while running with journal=True
         self.epoch: int | None = None
         self.migrations: list[tuple[int, int]] = []
+        # After an epoch that ended abruptly: (its number, events it had received and committed,
+        # events this writer replayed from its journal, None: it had none); None after a clean stop.
+        self.recovered: tuple[int, int, int] | None = None
 
     # --- lifecycle ----------------------------------------------------------
 
@@ -156,13 +187,35 @@ class AuditStore:
             self.migrations = db.migrate(con)
             chain = ChainWriter(con, ingest=self._ingest)
             self.epoch = next_epoch(con)
-            self._warn_unclean_previous(con)
+            unclean = _unclean_previous(con)
+            replay: list = []
+            if unclean is not None:
+                prev_epoch, held, own_replayed = unclean
+                committed = held - own_replayed   # of what that epoch received (its journal's order)
+                had_journal = bool(_journal.epoch_files(self.path, prev_epoch))
+                replay = _journal.read_events(self.path, prev_epoch)[committed:]
+                self.recovered = (prev_epoch, committed, len(replay) if had_journal else None)
+                log.warning("audit epoch %d did not end cleanly: %d events were committed%s", prev_epoch, committed,
+                            f", {len(replay)} more replayed from its journal" if had_journal else
+                            f" ({self._accounted_by})" if self._accounted_by else
+                            "; what it had not committed is lost (no journal)")
             first = [writer_event("migration", detail=f"schema {a} -> {b}", schema_version=b)
                      for a, b in self.migrations]
+            recovered = ({"prev_epoch": self.recovered[0], "prev_epoch_rows": unclean[1],
+                          "replayed_rows": self.recovered[2]} if self.recovered else {})
+            if self.recovered and self.recovered[2] is None and self._accounted_by:
+                recovered["detail"] = f"accounted: {self._accounted_by}"
             first.append(writer_event(
                 "writer_start", epoch=self.epoch, schema_version=schema.SCHEMA_VERSION,
-                batch_max=self.batch_max, flush_interval=self.flush_interval, queue_max=self.queue_max))
-            chain.write(first)
+                batch_max=self.batch_max, flush_interval=self.flush_interval, queue_max=self.queue_max,
+                **recovered))
+            # The replayed events belong to this epoch: they count in its writer_stop row.
+            chain.write(first + replay)
+            self._submitted = self._written = len(replay)
+            for stale in _journal.all_files(self.path):  # replayed (or of epochs that stopped cleanly)
+                stale.unlink(missing_ok=True)
+            if self._use_journal:
+                self.journal = _journal.Journal(self.path, self.epoch)
         except BaseException:
             con.close()
             raise
@@ -177,13 +230,6 @@ class AuditStore:
         self._preparer.start()
         log.info("audit store %s started: epoch %d, head seq %d", self.path, self.epoch, chain.seq)
 
-    def _warn_unclean_previous(self, con: duckdb.DuckDBPyConnection) -> None:
-        row = con.execute(
-            "SELECT epoch, bool_or(event = 'writer_stop') FROM writer_events "
-            "WHERE epoch = (SELECT max(epoch) FROM writer_events) GROUP BY epoch").fetchone()
-        if row is not None and not row[1]:
-            log.warning("audit epoch %d did not end cleanly; events of its last batch window may be "
-                        "missing (see `verify`)", row[0])
 
     def close(self) -> None:
         """Flush, write the epoch's stop row, stop the writer and close the file."""
@@ -206,6 +252,8 @@ class AuditStore:
             con.close()
         with self._lock:
             unwritten = self._submitted - self._written
+        if self.journal is not None:  # everything is committed (else the stop row is missing: keep it)
+            self.journal.close(delete=not unwritten and not self._dead)
         if unwritten:
             raise AuditWriterError(
                 f"audit store closed with {unwritten} events not written "
@@ -395,7 +443,7 @@ class AuditStore:
         with self._lock:
             clean = self._submitted == self._written
         if clean:
-            chain.write([writer_event("writer_stop", epoch=self.epoch, rows=self._written)])
+            chain.write([writer_event("writer_stop", epoch=self.epoch, rows=self._written, last_seq=chain.seq)])
 
     def _take_batch(self) -> tuple | None:
         """Under the lock: wait until a batch or a task is due and take it. None: stop."""
@@ -463,10 +511,11 @@ class AuditStore:
 
     def verify(self):
         """Verify the chain of the live file (rows committed so far)."""
+        from . import highwater
         from .verify import verify_connection
 
         cur = self.cursor()
         try:
-            return verify_connection(cur, live_epoch=self.epoch)
+            return verify_connection(cur, live_epoch=self.epoch, marks=highwater.read(self.path))
         finally:
             cur.close()

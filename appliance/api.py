@@ -120,7 +120,9 @@ def build_router(daemon: "Daemon") -> Router:
             report = await asyncio.to_thread(daemon.audit.verify)
         except AuditError as e:
             raise _audit_failure(e) from None
-        return Response(200, {"ok": report.ok, "report": str(report)})
+        allow_gaps = bool((request.body or {}).get("allow_gaps", False))
+        return Response(200, {"ok": report.ok, "clean": report.clean, "passes": report.passes(allow_gaps),
+                              "missing_events": report.missing_events, "report": report.text(allow_gaps)})
 
     async def audit_export(request: Request) -> Response:
         from datetime import date

@@ -17,20 +17,34 @@ session. So the daemon runs :class:`analytics.AuditStore` in a child process
 
 Back-pressure and failure keep the store's contract: the daemon counts events it
 accepted and the child has not committed; beyond ``queue_max`` a submit is refused
-(``on_full="refuse"``) or waits (``"block"``). If the child dies, every later submit is
-refused and ``healthy`` is false, so the daemon refuses new sessions rather than run
-unaudited (fail closed); a call in flight raises :class:`analytics.AuditWriterError`.
-If the daemon dies, the child sees the events socket close, commits what it received,
-writes its ``writer_stop`` row and exits.
+(``on_full="refuse"``) or waits (``"block"``). If the child dies, ``healthy`` is false, so
+the daemon refuses statements and new sessions rather than run unaudited (fail closed); a
+call in flight raises :class:`analytics.AuditWriterError`. The daemon keeps every event it
+shipped until the child reports it committed, and re-sends what the dead child had not
+committed to the next one (which counts what its predecessor's epoch holds), so a dead
+audit process loses nothing while the daemon lives. If the daemon dies, the child sees
+the events socket close, commits what it received, writes its ``writer_stop`` row and exits.
+
+Strict mode (``journal=True``, ``audit.mode = "strict"``): the child appends each batch it
+receives to a journal file (:mod:`analytics.journal`) and then acknowledges it
+(an 8-byte count on the events socket, read by the event loop); :meth:`AuditProcess.submit_acked` gives the caller a future that resolves
+on that acknowledgement, and ships at once. Whoever waits on it can rely on the event
+surviving the death of the daemon, of the audit process, or of both.
+
+The daemon's high-water file (:mod:`analytics.highwater`) holds what it issued per session
+and the committed head, so a restart after the daemon died can record what was lost.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import itertools
 import json
 import logging
 import os
 import pickle
+import select
 import signal
 import socket
 import struct
@@ -44,7 +58,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from analytics import errors as audit_errors
-from analytics import schema
+from analytics import highwater, schema
 from analytics.errors import AuditClosedError, AuditError, AuditWriterError
 from analytics.store import RecordValidator
 from appliance.policy.masking import DetectorSettings
@@ -53,6 +67,7 @@ from appliance.policy.redact import AuditRedactor
 log = logging.getLogger(__name__)
 
 _LEN = struct.Struct(">I")
+_ACK = struct.Struct(">Q")   # strict mode: the child's count of events journaled, on the events socket
 _HIGH_WATER = 0.8
 _SEND_BATCH = 512          # events that make the sender ship at once
 _SEND_INTERVAL_S = 0.01    # otherwise it ships what accumulated this often
@@ -74,9 +89,29 @@ sys.exit(_child_main(sys.argv[1:]))
 """
 
 
-def _send(sock: socket.socket, obj: Any) -> None:
+def _frame(obj: Any) -> bytes:
     data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    sock.sendall(_LEN.pack(len(data)) + data)
+    return _LEN.pack(len(data)) + data
+
+
+def _send(sock: socket.socket, obj: Any) -> None:
+    sock.sendall(_frame(obj))
+
+
+def _send_waiting(sock: socket.socket, data: bytes, while_waiting: Any = None) -> None:
+    """sendall for the events socket, whose file is non-blocking once the event loop reads the
+    child's acknowledgements from it (libuv and asyncio set O_NONBLOCK): wait until it is
+    writable instead of failing with EAGAIN; ``while_waiting()`` runs every 50 ms meanwhile."""
+    view = memoryview(data)
+    while view:
+        try:
+            n = sock.send(view)
+        except BlockingIOError:
+            select.select([], [sock], [], 0.05)
+            if while_waiting is not None:
+                while_waiting()
+            continue
+        view = view[n:]
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
@@ -119,17 +154,33 @@ class AuditProcess:
 
     def __init__(self, path: str | Path, *, batch_max: int = 2000, flush_interval: float = 0.2,
                  queue_max: int = 100_000, on_full: Literal["refuse", "block"] = "refuse",
-                 strict: bool = False, restart_after: float | None = 1.0, nice: int | None = None):
+                 strict: bool = False, restart_after: float | None = 1.0, nice: int | None = None,
+                 journal: bool = False, highwater: bool = False, ack_timeout: float = 10.0):
         """``restart_after``: seconds before a dead audit process is started again (doubling
         up to 30 s while it keeps failing); None leaves it dead. ``nice``: the child's CPU
-        priority (the daemon passes the one it was started with; None inherits the caller's)."""
+        priority (the daemon passes the one it was started with; None inherits the caller's).
+        ``journal``: the child journals and acknowledges what it receives (strict mode).
+        ``highwater``: keep the daemon's high-water file beside the store (``self.marks``).
+        ``ack_timeout``: a :meth:`submit_acked` future not acknowledged by then fails."""
         if batch_max < 1 or queue_max < 1 or flush_interval <= 0:
             raise AuditError("batch_max and queue_max must be >= 1 and flush_interval > 0")
         if on_full not in ("refuse", "block"):
             raise AuditError("on_full must be 'refuse' or 'block'")
         self.path = Path(path)
         self.options = {"path": str(self.path), "batch_max": batch_max, "flush_interval": flush_interval,
-                        "strict": strict, "log_level": logging.getLogger().getEffectiveLevel(), "nice": nice}
+                        "strict": strict, "log_level": logging.getLogger().getEffectiveLevel(), "nice": nice,
+                        "journal": journal, "accounted_by": None}
+        self.journal = journal
+        self.ack_timeout = ack_timeout
+        self._kick_pending = False   # a _kick is scheduled on the event loop (submit_acked)
+        # Strict mode runs its round trip on the event loop: _kick sends the batch (non-blocking; the
+        # sender thread finishes what does not fit) and the loop reads the child's acknowledgements
+        # from the events socket itself, so no thread hand-off (and no GIL wait) sits in between.
+        self._send_lock = threading.Lock()     # one frame at a time on the events socket
+        self._partial: tuple[socket.socket, bytes] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._watched: socket.socket | None = None   # the events socket the loop reads acks from
+        self._ackbuf = b""
         self.queue_max = queue_max
         self.on_full = on_full
         self.strict = strict
@@ -139,10 +190,19 @@ class AuditProcess:
         self._room = threading.Condition(self._lock)      # blocked producers and flush() wait here
         self._buf: list = []
         self._ship_now = False   # flush() and set_redaction() want the buffer shipped at once
+        # Event counts are global (across children): the current child's own counts start after
+        # _child_base, the events its predecessors' epochs hold.
         self._submitted = 0      # events accepted by submit
-        self._sent = 0           # events handed to the child
-        self._written = 0        # events the child committed
+        self._sent = 0           # events handed to the current child (or its predecessors)
+        self._written = 0        # events committed
+        self._acked = 0          # events journaled and acknowledged (strict mode)
         self._lost = 0           # events the child could not accept (its store was failing)
+        self._lost_before = 0    # ... of which by earlier children
+        self._child_base = 0
+        self._inflight: collections.deque = collections.deque()   # (last event index, batch) not yet committed
+        self._waiters: collections.deque = collections.deque()    # (event index, future, loop) until acked
+        self._resent = 0         # events re-sent to a new child after one died
+        self._mark_releases: collections.deque = collections.deque()  # (event index, high-water slot)
         self._refused = 0
         self._child_stats: dict[str, Any] = {}
         self._failing = False
@@ -154,10 +214,6 @@ class AuditProcess:
         self._restart_lock = threading.Lock()   # held while a new child is spawned; close() waits
         self._restarting = False
         self._restarts = 0
-        self._crash_lost = 0      # events handed to a child that died before committing them
-        self._base_written = 0    # what earlier children committed (a child counts from zero)
-        self._base_lost = 0
-        self._base_sent = 0       # events handed to earlier children (flush targets are per child)
         self._redaction: Any = None
         self._calls: dict[int, Future] = {}
         self._call_ids = itertools.count(1)
@@ -169,7 +225,11 @@ class AuditProcess:
         self._reader: threading.Thread | None = None
         self.epoch: int | None = None
         self.migrations: list[tuple[int, int]] = []
+        self.recovered: tuple | None = None    # the child's store recovered an abrupt epoch: see AuditStore
         self.pid: int | None = None
+        self._use_highwater = highwater
+        self.marks: Any = None                 # analytics.highwater.HighWaterFile while running
+        self.previous_marks: Any = None        # what the last daemon left, if it did not stop cleanly
 
     # --- lifecycle ----------------------------------------------------------
 
@@ -177,8 +237,16 @@ class AuditProcess:
         """Spawn the child and wait until its store is open (or raise its error)."""
         if self._proc is not None:
             raise AuditError("audit process already started")
+        if self._use_highwater:
+            left = highwater.read(self.path)
+            if left is not None and left.running:
+                self.previous_marks = left
+                self.options["accounted_by"] = (f"the high-water marks of daemon pid {left.pid}, which stopped "
+                                                "abruptly (see audit_losses)")
         self._proc, self._events, self._rpc, info = self._spawn()  # sets self.pid
+        self.options["accounted_by"] = None
         self.epoch, self.migrations, self._child_stats = info["epoch"], info["migrations"], info["stats"]
+        self.recovered = info.get("recovered")
         self._running = True
         self._reader = threading.Thread(target=self._read_loop, args=(self._proc, self._rpc),
                                         name="audit-process-reader", daemon=True)
@@ -186,6 +254,41 @@ class AuditProcess:
         self._reader.start()
         self._sender.start()
         log.info("audit store %s runs in process %d (epoch %d)", self.path, self.pid, self.epoch)
+
+    def account_previous_crash(self) -> list[Any]:
+        """After a daemon that stopped abruptly: record, per session its high-water marks name,
+        what never reached the store (``audit_losses`` rows, and a ``session_end`` for a session
+        that never got one), then start this daemon's own marks. Returns the shortfalls."""
+        from datetime import datetime, timezone
+
+        found: list[Any] = []
+        marks = self.previous_marks
+        if marks is not None:
+            found, open_sessions = self._call("shortfalls", marks, timeout=120)
+            now = datetime.now(timezone.utc)
+            issued = {m.session_id: m.issued_seq for m in marks.sessions}
+            for sf in found:
+                self.submit("audit_loss", {
+                    "ts": now, "cause": "daemon_crash", "session_id": sf.session_id, "issued_seq": sf.issued_seq,
+                    "recorded_seq": sf.recorded_seq, "missing": sf.missing,
+                    "session_end_missing": sf.session_end_missing,
+                    "detail": f"daemon pid {marks.pid} stopped abruptly; events it issued never reached the store"})
+            for sid in open_sessions:  # cut by the crash: close the session's row
+                self.submit("session_end", {
+                    "session_id": sid, "ts": now, "outcome": "error", "requests": issued[sid],
+                    "error": f"botwarden (pid {marks.pid}) stopped abruptly; the session was cut"})
+            self.flush(60)
+            if found:
+                log.warning("the previous daemon (pid %d) stopped abruptly: %d session(s) lack %d audit "
+                            "event(s) (recorded in audit_losses; `botwarden audit verify` lists them)",
+                            self.previous_marks.pid, len(found), sum(f.missing for f in found))
+            self.previous_marks = None
+        if self._use_highwater and self.marks is None:
+            self.marks = highwater.HighWaterFile(self.path)
+            st = self._child_stats
+            if st.get("head_seq") is not None:
+                self.marks.set_head(self.epoch or 0, st["head_seq"])
+        return found
 
     def _spawn(self) -> tuple[subprocess.Popen, socket.socket, socket.socket, dict[str, Any]]:
         ev_parent, ev_child = socket.socketpair()
@@ -195,7 +298,7 @@ class AuditProcess:
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-c", _CHILD_BOOT, str(ev_child.fileno()), str(rpc_child.fileno()),
-                 json.dumps(self.options)],
+                 json.dumps({k: v for k, v in self.options.items()})],
                 pass_fds=(ev_child.fileno(), rpc_child.fileno()), stdin=subprocess.DEVNULL, env=env,
                 start_new_session=True)  # a Ctrl-C meant for the daemon must not kill the store first
         finally:
@@ -244,19 +347,42 @@ class AuditProcess:
             code = self._proc.returncode
         self._running = False
         self._reader.join(5)  # the child has exited: the reader takes its last status, then sees EOF
+        self._unwatch()
         for s in (self._events, self._rpc):
             if s is not None:
                 s.close()
         with self._lock:
-            # Events lost when a child died were reported then (and verify shows the gap).
-            unwritten = self._submitted - self._written - self._crash_lost
+            unwritten = self._submitted - self._written - self._lost
+            waiters, self._waiters = list(self._waiters), collections.deque()
+        self._fail_waiters(waiters, "the audit store closed")
         if code != 0 and not unwritten:
             raise AuditWriterError(f"the audit process exited with code {code} while closing the store")
         if unwritten:
             raise AuditWriterError(f"audit store closed with {unwritten} events not written"
                                    + (f" ({self._lost} refused by the failing store)" if self._lost else "")
                                    + (f" ({self._dead})" if self._dead else ""))
+        if self.marks is not None:  # a clean stop: the next start has nothing to account for
+            self.marks.close()
         log.info("audit store %s closed (epoch %d)", self.path, self.epoch)
+
+    def _unwatch(self) -> None:
+        """Take the events socket out of the event loop's selector before it is closed."""
+        loop = self._loop
+        if loop is None or self._watched is None:
+            return
+        done = threading.Event()
+
+        def unwatch() -> None:
+            self._watch(None)
+            done.set()
+        try:
+            if loop.is_running() and threading.current_thread() is not threading.main_thread():
+                loop.call_soon_threadsafe(unwatch)
+                done.wait(5)
+            else:
+                unwatch()
+        except (RuntimeError, ValueError):  # the loop (or the socket) is closed already
+            pass
 
     def _kill(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
@@ -280,7 +406,9 @@ class AuditProcess:
         with self._lock:
             if not self._running or self._closing:
                 raise AuditClosedError("audit store is not running")
-            if self._dead is not None or self._failing:
+            # While a dead child is being replaced, events wait for the next one (statements are
+            # refused meanwhile: `healthy` is false); without a restart they would wait forever.
+            if self._failing or (self._dead is not None and not self._restarting):
                 self._refused += 1
                 return False
             if self._submitted - self._written - self._lost >= self.queue_max:
@@ -298,6 +426,130 @@ class AuditProcess:
                 self._ship.notify()
         return True
 
+    def submit_acked(self, kind: str, record: Mapping[str, Any],
+                     loop: asyncio.AbstractEventLoop) -> asyncio.Future | None:
+        """Queue one event and ship it at once; the future (of ``loop``) resolves once the audit
+        process has journaled it (it then survives the death of either process), or fails if
+        that process dies first. None: refused (as :meth:`submit` returning False)."""
+        if not self.journal:
+            raise AuditError("submit_acked needs the journal (audit.mode = 'strict')")
+        _, row = self._validate(kind, record)
+        fut = loop.create_future()
+        with self._lock:
+            if not self._running or self._closing:
+                raise AuditClosedError("audit store is not running")
+            if self._dead is not None or self._failing or self._submitted - self._written - self._lost >= self.queue_max:
+                self._refused += 1
+                return None
+            self._buf.append((kind, row))
+            self._submitted += 1
+            self._waiters.append((self._submitted, fut, loop, time.monotonic()))
+        if self._loop is None:
+            self._loop = loop
+        if self._watched is not self._events:
+            self._watch(self._events)
+        if not self._kick_pending:
+            # Group commit: the batch goes once the loop has run the callbacks of this round of I/O,
+            # so the records of every session decided meanwhile travel (and are acked) together.
+            self._kick_pending = True
+            loop.call_soon(self._kick)
+        return fut
+
+    def _kick(self) -> None:
+        """On the event loop: send what is buffered now, without blocking; the sender thread takes
+        over when it is busy sending or the socket is full."""
+        self._kick_pending = False
+        if not self._send_lock.acquire(blocking=False):
+            self._wake_sender()
+            return
+        try:
+            with self._lock:
+                if self._partial is not None or self._dead is not None or self._closing or not self._buf:
+                    self._ship_now = True
+                    self._ship.notify()
+                    return
+                batch, self._buf = self._buf, []
+                events_sock = self._events
+                self._sent += sum(1 for kind, _ in batch if kind[0] != "!")
+                self._inflight.append((self._sent, batch))
+            data = _frame(batch)
+            try:
+                n = events_sock.send(data, socket.MSG_DONTWAIT)
+            except OSError:  # full (BlockingIOError) or broken: the sender thread sends it, or finds out
+                n = 0
+            if n < len(data):
+                self._partial = (events_sock, data[n:])
+                self._wake_sender()
+        finally:
+            self._send_lock.release()
+
+    def _wake_sender(self) -> None:
+        with self._lock:
+            self._ship_now = True
+            self._ship.notify()
+
+    def _watch(self, sock: socket.socket | None) -> None:
+        """On the event loop: read acknowledgements from ``sock`` (the current events socket)."""
+        loop = self._loop
+        old, self._watched = self._watched, sock
+        self._ackbuf = b""
+        if old is not None and old.fileno() >= 0:
+            loop.remove_reader(old.fileno())
+        if sock is not None:
+            loop.add_reader(sock.fileno(), self._on_acks, sock)
+
+    def _on_acks(self, sock: socket.socket) -> None:
+        try:
+            data = sock.recv(65536, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:  # the child is gone: the reader thread handles that
+            if self._watched is sock:
+                self._loop.remove_reader(sock.fileno())
+                self._watched = None
+            return
+        buf = self._ackbuf + data
+        whole = len(buf) - len(buf) % _ACK.size
+        self._ackbuf = buf[whole:]
+        if whole and sock is self._events:
+            (received,) = _ACK.unpack_from(buf, whole - _ACK.size)
+            with self._lock:
+                self._acked = acked = self._child_base + received
+                waiters = self._waiters
+                done = []
+                while waiters and waiters[0][0] <= acked:
+                    done.append(waiters.popleft()[1])
+            self._resolve(done)
+
+    @staticmethod
+    def _resolve(futs: list) -> None:
+        for f in futs:
+            if not f.done():
+                f.set_result(None)
+
+    @staticmethod
+    def _fail(futs: list, why: str) -> None:
+        for f in futs:
+            if not f.done():
+                f.set_exception(AuditWriterError(why))
+
+    def _fail_waiters(self, waiters: list, why: str) -> None:
+        by_loop: dict[Any, list] = {}
+        for _, fut, loop, _t in waiters:
+            by_loop.setdefault(loop, []).append(fut)
+        for loop, futs in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(self._fail, futs, why)
+            except RuntimeError:  # that loop is closed
+                pass
+
+    def release_mark(self, slot: int) -> None:
+        """Free a session's high-water slot once every event submitted so far is committed."""
+        with self._lock:
+            self._mark_releases.append((self._submitted, slot))
+
     def set_redaction(self, settings: Any) -> None:
         """Detector settings for request rows from now on (ordered with the events)."""
         with self._lock:
@@ -306,40 +558,63 @@ class AuditProcess:
             self._ship_now = True
             self._ship.notify()
 
+    def _expire_waiters(self) -> None:
+        """Under the lock: fail the acknowledgements a stalled audit process has kept waiting."""
+        waiters = self._waiters
+        if waiters and time.monotonic() - waiters[0][3] > self.ack_timeout:
+            limit = time.monotonic() - self.ack_timeout
+            late = []
+            while waiters and waiters[0][3] <= limit:
+                late.append(waiters.popleft())
+            self._fail_waiters(late, f"the audit process did not acknowledge the record within {self.ack_timeout:g}s")
+
+    def _expire_waiters_locked(self) -> None:
+        with self._lock:
+            self._expire_waiters()
+
     def _send_loop(self) -> None:
         while True:
             with self._lock:
+                self._expire_waiters()
                 if len(self._buf) < _SEND_BATCH and not self._closing and not self._ship_now:
                     self._ship.wait(_SEND_INTERVAL_S)
-                if self._dead is not None and not self._closing:
-                    continue  # keep them for the next child (submit refuses meanwhile)
-                self._ship_now = False
-                batch, self._buf = self._buf, []
-                if not batch and self._closing:
-                    return
-                events_sock = self._events
-            if not batch:
-                continue
-            if self._dead is not None:
-                if not self._closing:  # died since the batch was taken: keep it for the next child
-                    with self._lock:
-                        self._buf[:0] = batch
-                continue  # closing with a dead child: close() reports these as not written
-            events = sum(1 for kind, _ in batch if kind[0] != "!")
-            try:
-                _send(events_sock, batch)
-            except OSError as e:
+                if self._dead is not None:
+                    if not self._closing:
+                        self._ship.wait(_SEND_INTERVAL_S)
+                        continue  # keep them for the next child
+                    return  # closing with a dead child: close() reports what was not written
+            with self._send_lock:
+                if self._partial is not None:  # the rest of a frame the event loop began
+                    sock, rest = self._partial
+                    self._partial = None
+                    if sock is self._events:
+                        try:
+                            _send_waiting(sock, rest, self._expire_waiters_locked)
+                        except OSError as e:
+                            self._mark_dead(f"sending events failed: {e}")
+                            continue
                 with self._lock:
-                    if events_sock is not self._events:  # a new child took over meanwhile: it gets them
-                        self._buf[:0] = batch
+                    self._ship_now = False
+                    batch, self._buf = self._buf, []
+                    if not batch and self._closing:
+                        return
+                    if not batch or self._dead is not None:
+                        if batch:
+                            self._buf[:0] = batch
                         continue
-                    # Handed to a child that is gone: they count as sent, so the restart books them
-                    # as lost in the crash (otherwise they would stay pending and block flush forever).
-                    self._sent += events
-                self._mark_dead(f"sending events failed: {e}")
-                continue
+                    events_sock = self._events
+                    # Kept until the child reports it committed: if it dies first, the next one gets it.
+                    self._sent += sum(1 for kind, _ in batch if kind[0] != "!")
+                    self._inflight.append((self._sent, batch))
+                try:
+                    _send_waiting(events_sock, _frame(batch), self._expire_waiters_locked)
+                except OSError as e:
+                    with self._lock:
+                        replaced = events_sock is not self._events
+                    if not replaced:
+                        self._mark_dead(f"sending events failed: {e}")
+                    continue
             with self._lock:
-                self._sent += events
                 self._room.notify_all()
 
     # --- the child's answers -------------------------------------------------
@@ -380,10 +655,25 @@ class AuditProcess:
     def _update(self, stats: dict[str, Any]) -> None:
         with self._lock:
             self._child_stats = stats
-            self._written = self._base_written + stats["written"]
-            self._lost = self._base_lost + stats.get("dropped", 0)
+            self._written = self._child_base + stats["written"]
+            dropped = stats.get("dropped", 0)
+            self._lost = self._lost_before + dropped
+            done = self._written + dropped
+            inflight = self._inflight
+            while inflight and inflight[0][0] <= done:
+                inflight.popleft()
             self._failing = bool(stats["failing"])
             self._room.notify_all()
+            releases = self._mark_releases
+            free = []
+            while releases and releases[0][0] <= self._written:
+                free.append(releases.popleft()[1])
+        marks = self.marks
+        if marks is not None:
+            for slot in free:
+                marks.free(slot)
+            if stats.get("head_seq") is not None:
+                marks.set_head(stats.get("epoch") or 0, stats["head_seq"])
 
     def _mark_dead(self, why: str) -> None:
         restart = False
@@ -404,6 +694,11 @@ class AuditProcess:
         for fut in calls.values():
             if not fut.done():
                 fut.set_exception(AuditWriterError(f"audit store unavailable: {why}"))
+        with self._lock:
+            # A statement waiting for its record's acknowledgement is refused (its record is
+            # re-sent to the next process with everything else that was not committed).
+            waiters, self._waiters = list(self._waiters), collections.deque()
+        self._fail_waiters(waiters, f"audit store unavailable: {why}")
 
     def _restart_loop(self) -> None:
         delay = self.restart_after or 1.0
@@ -423,6 +718,8 @@ class AuditProcess:
                     if old_proc is not None and old_proc.poll() is None:
                         old_proc.kill()  # its channel broke but it lives: it must not hold the file
                         old_proc.wait()
+                    self.options["accounted_by"] = ("the daemon re-sent the events the audit process had not "
+                                                    "committed when it died")
                     try:
                         proc, events, rpc, info = self._spawn()
                     except AuditError as e:
@@ -430,14 +727,15 @@ class AuditProcess:
                         log.error("the audit process could not be restarted: %s; next attempt in %gs", e, delay)
                         continue
                     with self._lock:
-                        lost = self._sent - self._written - self._lost
-                        self._crash_lost += lost
-                        self._lost += lost
-                        self._base_written, self._base_lost = self._written, self._lost
-                        self._base_sent = self._sent
+                        resend, in_store = self._take_resend(info.get("recovered"))
+                        self._resent += sum(1 for kind, _ in resend if kind[0] != "!")
+                        self._child_base = self._written = self._acked = self._sent = in_store
+                        self._lost_before = self._lost
+                        self._buf[:0] = resend
                         old_sockets = (self._events, self._rpc)
                         self._proc, self._events, self._rpc, self.pid = proc, events, rpc, proc.pid
                         self.epoch, self._child_stats, self._failing = info["epoch"], info["stats"], False
+                        self.recovered = info.get("recovered")
                         if self._redaction is not None:  # the new child starts with the current settings
                             self._buf.insert(0, ("!redaction", self._redaction))
                             self._ship_now = True
@@ -449,15 +747,52 @@ class AuditProcess:
                         self._ship.notify_all()
                         self._room.notify_all()
                     for sock in old_sockets:
-                        if sock is not None:
+                        if sock is not None and not self._rewatch(sock, events):
                             sock.close()
-                    log.warning("audit process restarted as pid %d (epoch %d); %d event(s) in flight when the "
-                                "last one died were lost (`botwarden audit verify` shows the gap)",
-                                proc.pid, self.epoch, lost)
+                    log.warning("audit process restarted as pid %d (epoch %d); %d event(s) it had not committed "
+                                "were sent to it again", proc.pid, self.epoch, self._resent)
                     return
         finally:
             with self._lock:
                 self._restarting = False
+
+    def _rewatch(self, old: socket.socket, new: socket.socket) -> bool:
+        """If the event loop reads acks from ``old``, have it switch to ``new`` and close ``old``
+        itself (a socket must leave the loop's selector before it is closed). True: done so."""
+        loop = self._loop
+        if loop is None or old is not self._watched:
+            return False
+
+        def switch() -> None:
+            self._watch(new)
+            old.close()
+        try:
+            loop.call_soon_threadsafe(switch)
+        except RuntimeError:  # the loop is closed
+            return False
+        return True
+
+    def _take_resend(self, recovered: Any) -> tuple[list, int]:
+        """Under the lock, once a new child is up: the events shipped to the dead one that its
+        epoch does not hold (the new child counted them: committed, plus replayed from its
+        journal), and the global count of events now in the store."""
+        in_store = self._child_base
+        if recovered is not None and recovered[0] == self.epoch:
+            in_store += recovered[1] + (recovered[2] or 0)
+        resend: list = []
+        index = None
+        for last, batch in self._inflight:
+            n = sum(1 for kind, _ in batch if kind[0] != "!")
+            index = last - n
+            for item in batch:
+                if item[0][0] == "!":
+                    resend.append(item)
+                    continue
+                index += 1
+                if index > in_store:
+                    resend.append(item)
+        self._inflight.clear()
+        return resend, in_store
 
     def _call(self, method: str, *args: Any, timeout: float | None = None) -> Any:
         if self._proc is None:
@@ -496,7 +831,8 @@ class AuditProcess:
         with self._lock:
             return {"epoch": self.epoch, "submitted": self._submitted, "written": self._written,
                     "pending": self._submitted - self._written - self._lost, "refused": self._refused,
-                    "lost": self._lost, "lost_in_crashes": self._crash_lost, "restarts": self._restarts,
+                    "lost": self._lost, "resent_after_crash": self._resent, "restarts": self._restarts,
+                    "acked": self._acked,
                     "head_seq": self._child_stats.get("head_seq"), "pid": self.pid,
                     "failing": self._failing or self._dead is not None}
 
@@ -513,7 +849,7 @@ class AuditProcess:
                     raise audit_errors.AuditFlushTimeout(
                         f"audit flush timed out with {target - self._written} events unwritten")
                 self._room.wait(left)
-            child_target = target - self._base_sent  # this child counts from zero
+            child_target = target - self._child_base  # this child counts from zero
         self._call("flush", child_target, max(0.1, deadline - time.monotonic()), timeout=timeout + 5)
 
     def query(self, sql: str, params: Sequence | None = None, *, max_rows: int | None = None,
@@ -543,12 +879,18 @@ class _Child:
         self.events, self.rpc = events, rpc
         self.store = AuditStore(options["path"], batch_max=options["batch_max"],
                                 flush_interval=options["flush_interval"], queue_max=max(options["batch_max"] * 8, 10_000),
-                                on_full="block", strict=options["strict"])
+                                on_full="block", strict=options["strict"], journal=bool(options.get("journal")),
+                                accounted_by=options.get("accounted_by"))
         self.redactor = AuditRedactor(DetectorSettings())
         self._redactors: dict[Any, AuditRedactor] = {}
         req = schema.KINDS["request"]
         self._request = req
         self._ix = {n: req.names.index(n) for n in ("text", "params", "error", "decision")}
+        start = schema.KINDS["request_start"]
+        self._ix_start = {**{n: start.names.index(n) for n in ("text", "params", "decision")}, "error": None}
+        # Strict mode: a request's start and its completion carry the same text; the completion
+        # reuses the start's redaction (request_id -> (text, redacted text)) instead of scanning again.
+        self._start_texts: dict[str, tuple[str, str]] = {}
         self._send_lock = threading.Lock()
         self._received = 0
         self._received_cv = threading.Condition()
@@ -571,7 +913,7 @@ class _Child:
                                   f"audit store {self.store.path}: {e}")))
             return 1
         self.reply(("ready", {"epoch": self.store.epoch, "migrations": self.store.migrations,
-                              "stats": self.stats()}))
+                              "stats": self.stats(), "recovered": self.store.recovered}))
         threads = [threading.Thread(target=self._events_loop, name="audit-events", daemon=True),
                    threading.Thread(target=self._calls_loop, name="audit-calls", daemon=True),
                    threading.Thread(target=self._status_loop, name="audit-status", daemon=True)]
@@ -589,24 +931,39 @@ class _Child:
         return code
 
     def stats(self) -> dict[str, Any]:
-        return {**self.store.stats(), "dropped": self.dropped}
+        # "written" counts this child's stream: the events its store replayed at start are its
+        # predecessor's, already counted by the daemon.
+        st = self.store.stats()
+        replayed = (self.store.recovered[2] or 0) if self.store.recovered else 0
+        return {**st, "written": st["written"] - replayed, "dropped": self.dropped}
 
-    def _redact(self, row: tuple) -> tuple:
-        ix = self._ix
+    def _redact(self, row: tuple, ix: dict[str, int | None]) -> tuple:
         r = list(row)
         red = self.redactor
-        if r[ix["text"]]:
-            r[ix["text"]] = red.text(r[ix["text"]])
+        text = r[ix["text"]]
+        if text:
+            starts = self._start_texts
+            if ix is self._ix_start:
+                r[ix["text"]] = red.text(text)
+                if len(starts) > 10_000:  # starts whose completion never came (sessions cut short)
+                    starts.clear()
+                starts[r[0]] = (text, r[ix["text"]])
+            else:
+                seen = starts.pop(r[0], None) if starts else None
+                r[ix["text"]] = seen[1] if seen is not None and seen[0] == text else red.text(text)
         if r[ix["params"]] is not None:
             r[ix["params"]] = red.params(r[ix["params"]], masked_statement=r[ix["decision"]] == "mask")
-        if r[ix["error"]] is not None:
+        if ix["error"] is not None and r[ix["error"]] is not None:
             r[ix["error"]] = red.message(r[ix["error"]])
         return tuple(r)
 
     def _events_loop(self) -> None:
         kinds = schema.KINDS
         request = self._request
+        request_start = kinds["request_start"]
         submit = self.store.submit_row
+        journal = self.store.journal
+        replayed = (self.store.recovered[2] or 0) if self.store.recovered else 0
         while True:
             try:
                 batch = _recv(self.events)
@@ -615,7 +972,7 @@ class _Child:
                 return
             if batch is None:
                 return
-            n = 0
+            rows = []
             for kind, row in batch:
                 if kind == "!redaction":
                     red = self._redactors.get(row)
@@ -625,16 +982,28 @@ class _Child:
                     continue
                 spec = kinds[kind]
                 if spec is request:
-                    row = self._redact(row)
+                    row = self._redact(row, self._ix)
+                elif spec is request_start:
+                    row = self._redact(row, self._ix_start)
+                rows.append((spec, row))
+            if journal is not None and rows:
+                # On disk (redacted, as the store would hold it) before the daemon is told.
+                journal.append([(spec.kind, row) for spec, row in rows])
+                try:
+                    self.events.sendall(_ACK.pack(self._received + len(rows)))
+                except OSError:
+                    pass  # the daemon is gone: commit what arrived all the same
+            for spec, row in rows:
                 # on_full="block": waits for the writer rather than drop. False only while the
                 # store is failing, which the daemon learns from the status and refuses from then on.
                 if not submit(spec, row):
                     self.dropped += 1
-                    log.error("audit store failing: a %s event in transit was not accepted", kind)
-                n += 1
+                    log.error("audit store failing: a %s event in transit was not accepted", spec.kind)
             with self._received_cv:
-                self._received += n
+                self._received += len(rows)
                 self._received_cv.notify_all()
+            if journal is not None:
+                journal.release(self.store.stats()["written"] - replayed)
 
     def _status_loop(self) -> None:
         last = None
@@ -679,6 +1048,17 @@ class _Child:
                 self._received_cv.wait(left)
         self.store.flush(max(0.1, deadline - time.monotonic()))
         self.reply(("status", self.stats()))
+
+    def _m_shortfalls(self, marks: Any) -> tuple[list, list[str]]:
+        """What the marks say was issued and the store lacks, and which of their sessions have
+        no session_end row."""
+        cur = self.store.cursor()
+        try:
+            found = highwater.shortfalls(cur, marks.sessions)
+            ended = {r[0] for r in cur.execute("SELECT DISTINCT session_id FROM session_ends").fetchall()}
+        finally:
+            cur.close()
+        return found, [m.session_id for m in marks.sessions if m.session_id not in ended]
 
     def _m_query(self, sql: str, params: list | None, max_rows: int | None, timeout: float | None):
         return self.store.query(sql, params, max_rows=max_rows, timeout=timeout)

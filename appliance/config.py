@@ -95,6 +95,18 @@ class AuditSettings:
     queue_max: int = 100_000
     retention_days: int | None = None
     record_sessions: bool = True
+    # "strict": a request is forwarded to its target only once the audit process has journaled
+    # its record (it then survives kill -9 of the daemon, of the audit process, or of both).
+    # "batched": records are shipped every 10 ms; a crash of the daemon can lose what it had not
+    # shipped yet, and the next start records how much (audit_losses). See docs/audit-schema.md.
+    mode: Literal["strict", "batched"] = "strict"
+    # strict mode: plain reads (a SELECT the policy allows as it is, no functions, no locks) wait
+    # for their record too. Off by default: it costs about half the throughput of a read-only
+    # load (README); their record then follows as in batched mode.
+    strict_reads: bool = False
+    # strict mode: a statement whose record the audit process has not acknowledged after this many
+    # seconds (the process is stalled) is not run, and its session ends (57P03).
+    ack_timeout: float = field(default=10.0, metadata=check(_positive))
 
 
 @dataclass(frozen=True)

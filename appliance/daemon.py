@@ -422,8 +422,10 @@ class Daemon:
         for key in ("state_dir", "control_socket"):
             if getattr(new.appliance, key) != getattr(old.appliance, key):
                 raise ConfigError(f"appliance.{key} cannot change on reload; restart the daemon")
-        if new.audit.path != old.audit.path:
-            raise ConfigError("audit.path cannot change on reload; restart the daemon")
+        # The audit process was started with (or without) its journal and acknowledgements.
+        for key in ("path", "mode", "ack_timeout"):
+            if getattr(new.audit, key) != getattr(old.audit, key):
+                raise ConfigError(f"audit.{key} cannot change on reload; restart the daemon")
         if new.metrics != old.metrics:
             raise ConfigError("metrics.listen cannot change on reload; restart the daemon")
         # The probes are attached to one cgroup with one set of pins/table; a reload only updates

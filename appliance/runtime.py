@@ -9,6 +9,7 @@ applies to the next statement of new sessions and never half-way through a decis
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -41,8 +42,15 @@ def open_audit_store(cfg: Config):
 
     Path(cfg.audit.path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     store = AuditProcess(cfg.audit.path, batch_max=cfg.audit.batch_max, flush_interval=cfg.audit.flush_interval,
-                         queue_max=cfg.audit.queue_max, on_full=cfg.audit.on_full, nice=daemon_module.STARTING_NICE)
+                         queue_max=cfg.audit.queue_max, on_full=cfg.audit.on_full, nice=daemon_module.STARTING_NICE,
+                         journal=cfg.audit.mode == "strict", highwater=True, ack_timeout=cfg.audit.ack_timeout)
     store.start()
+    try:
+        store.account_previous_crash()  # what a daemon that died left unrecorded, before anything new
+    except BaseException:
+        with contextlib.suppress(Exception):
+            store.close()
+        raise
     return store
 
 
@@ -56,6 +64,18 @@ def watched_cgroups(cfg: Config) -> tuple[str, ...]:
         if ident.process is not None and ident.process.cgroup:
             found.append(required_cgroup(ident.process.cgroup, cfg.probes.bots_cgroup))
     return tuple(dict.fromkeys(p for p in found if p != "/"))
+
+
+def _plain_read(verdict: Verdict) -> bool:
+    """A statement the policy allows as it is and that only reads: every statement of it a
+    SELECT without functions, locks, INTO or writes (a function may have side effects)."""
+    if verdict.action != "allow" or not verdict.details:
+        return False
+    for d in verdict.details:
+        if (getattr(d, "kind", None) != "SELECT" or d.error is not None or d.writes or d.functions
+                or d.properties - {"prepared"}):
+            return False
+    return True
 
 
 @dataclass
@@ -75,6 +95,10 @@ class LiveSession:
     # The kernel-attested process (appliance.identity.ProcessFacts: pid is the process id), None
     # when the connection was not redirected by the probes.
     facts: Any = field(init=False, default=None)
+    requests: int = 0          # requests numbered so far: the last one's `seq`
+    mark: int | None = None    # its slot in the daemon's high-water file
+    marked: int = 0            # the highest seq written there
+    pending_starts: dict = field(default_factory=dict)  # request_id -> seq of a request_start not completed yet
 
     def __post_init__(self) -> None:
         from appliance.identity import ProcessFacts
@@ -274,6 +298,8 @@ class Runtime:
         if store is None:
             log.error("audit store is closed; %s event not recorded", kind)
             return
+        if kind == "request" or kind == "session_end":
+            record = self._count(store, kind, record)
         if not store.submit(kind, record):
             # Under back-pressure this happens per event: one line per 10 s, with the count.
             self._refused_events += 1
@@ -283,6 +309,62 @@ class Runtime:
                           "recovers", self._refused_events, kind,
                           "store failing" if store.stats()["failing"] else "queue full")
                 self._refused_events, self._refused_logged_at = 0, now
+
+    def _count(self, store: Any, kind: str, record: Mapping[str, Any]) -> Mapping[str, Any]:
+        """Number a session's requests (1, 2, 3...: verify finds a lost one as a hole) and keep
+        the daemon's high-water marks, so a crash's loss can be counted at the next start."""
+        live = self.live.get(record.get("session_id"))
+        if live is None:
+            return record
+        marks = store.marks
+        if kind == "request" or kind == "request_start":
+            # A request's start (strict mode) and its completion share one seq.
+            seq = live.pending_starts.pop(record.get("request_id"), None) if kind == "request" and live.pending_starts else None
+            if seq is None:
+                live.requests += 1
+                seq = live.requests
+                if kind == "request_start":  # marked once acknowledged (audit_durable): it runs only then
+                    live.pending_starts[record.get("request_id")] = seq
+                    return {**record, "seq": seq}
+            self._mark(marks, live, seq)
+            return {**record, "seq": seq}
+        if marks is not None and live.mark is not None:  # session_end
+            marks.end(live.mark)
+            store.release_mark(live.mark)   # once the session_end is committed
+            live.mark = None
+        return {**record, "requests": live.requests}
+
+    @staticmethod
+    def _mark(marks: Any, live: LiveSession, seq: int) -> None:
+        if marks is not None and live.mark is not None and seq > live.marked:
+            live.marked = seq
+            marks.issue(live.mark, seq)
+
+    def audit_durable(self, kind: str, record: Mapping[str, Any], verdict: Verdict | None = None) -> Any:
+        """audit.mode = "strict": submit ``record`` and return a future that resolves once the
+        audit process has journaled it; the front forwards the request only then. None: no wait
+        (batched mode, or a plain read with ``strict_reads = false``), nothing submitted. A refused
+        record gives a future that fails (the front refuses the request)."""
+        cfg = self.config.audit
+        if cfg.mode != "strict" or (not cfg.strict_reads and verdict is not None and _plain_read(verdict)):
+            return None
+        loop = asyncio.get_running_loop()
+        store = self.daemon.audit
+        if store is not None:
+            record = self._count(store, kind, record)
+        fut = store.submit_acked(kind, record, loop) if store is not None else None
+        if fut is None:
+            fut = loop.create_future()
+            fut.set_exception(BotwardenError("the audit store cannot take the statement's record"))
+            return fut
+        live = self.live.get(record.get("session_id"))
+        if live is not None and store.marks is not None:
+            # The high-water mark counts a start once it is journaled: one never acknowledged was
+            # never forwarded (its completion row, with the same seq, marks it then).
+            seq = record["seq"]
+            fut.add_done_callback(lambda f: None if f.cancelled() or f.exception() is not None
+                                  else self._mark(store.marks, live, seq))
+        return fut
 
     async def open_session(self, target: str, ctx: ConnectionContext, user: str, token: str | None) -> SessionGrant:
         from appliance.identity import IdentityRefused
@@ -313,6 +395,8 @@ class Runtime:
                              subject=ident.subject, credential=cred, audit_fields=audit_fields)
         live = LiveSession(grant, target, ctx, datetime.now(timezone.utc), handle, self.secrets,
                            expiry=auth.expiry)
+        if store.marks is not None:
+            live.mark = store.marks.claim(session_id)
         self.live[session_id] = live
         live.watcher = self.daemon.spawn(self._watch_session(live, auth.expiry), f"watch-{session_id[:8]}")
         return grant

@@ -175,10 +175,13 @@ keep = 4
 class Daemon:
     """`botwarden run` with eBPF probes on a bench bots cgroup; bots are started with `bot run`."""
 
-    def __init__(self, tmp: Path, pg_port: int):
+    def __init__(self, tmp: Path, pg_port: int, audit_mode: str = "strict", strict_reads: bool = False,
+                 suffix: str = ""):
+        """``suffix``: a second daemon beside the first (its own directory, bots cgroup, pins, table)."""
         from appliance.sandbox import free_port
 
-        self.dir = tmp / "daemon"
+        self.bots_cgroup = BOTS_CGROUP.replace(".bots", f"{suffix}.bots")
+        self.dir = tmp / f"daemon{suffix}"
         self.dir.mkdir()
         pwfile = self.dir / "bench.pw"
         pwfile.write_text(PASSWORD + "\n")
@@ -192,12 +195,14 @@ control_socket = "{self.socket}"
 
 [audit]
 path = "{self.dir / 'state' / 'audit.duckdb'}"
+mode = "{audit_mode}"
+strict_reads = {str(strict_reads).lower()}
 
 [probes]
 mode = "ebpf"
-bots_cgroup = "{BOTS_CGROUP}"
-pin_dir = "{PIN_DIR}"
-nft_table = "botwarden_bench"
+bots_cgroup = "{self.bots_cgroup}"
+pin_dir = "{PIN_DIR}{suffix}"
+nft_table = "botwarden_bench{suffix.replace('-', '_')}"
 
 [[targets]]
 name = "bench"
@@ -263,9 +268,9 @@ cgroup = "pgbench"
         from probes import cgroups
 
         try:
-            cgroups.remove(BOTS_CGROUP)
+            cgroups.remove(self.bots_cgroup)
         except Exception as e:  # leave it: the next run re-creates it
-            print(f"could not remove cgroup {BOTS_CGROUP}: {e}", file=sys.stderr)
+            print(f"could not remove cgroup {self.bots_cgroup}: {e}", file=sys.stderr)
         self.log.close()
 
 
@@ -312,7 +317,7 @@ def run_pgbench(port: int, password: str, mode: str, args, logdir: Path, tag: st
                 wrap=None) -> dict:
     prefix = logdir / tag
     env = {**os.environ, "PGPASSWORD": password, "PGSSLMODE": "disable", "PYTHONPATH": str(ROOT)}
-    cmd = [PGBENCH, "-n", "-S", "-c", str(args.clients), "-j", str(args.threads), "-T", str(args.duration),
+    cmd = [PGBENCH, "-n", *(["-S"] if args.builtin == "select-only" else ["-b", args.builtin]), "-c", str(args.clients), "-j", str(args.threads), "-T", str(args.duration),
            "-M", mode, "-h", "127.0.0.1", "-p", str(port), "-U", "bot" if tag.startswith("botwarden") else USER,
            "--log", f"--log-prefix={prefix}", "bench"]
     if wrap is not None:
@@ -364,9 +369,16 @@ def main() -> None:
     ap.add_argument("--big-rows", type=int, default=900_000, help="rows of the ~100 MB table")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "pgbench.md"))
     ap.add_argument("--paths", default="direct,pgbouncer,relay,full,front",
-                    help="comma-separated subset of direct,pgbouncer,relay,full,front (direct is always run)")
+                    help="comma-separated subset of direct,pgbouncer,relay,full,full-batched,front (direct is always "
+                         "run; full-batched: a second daemon with audit.mode = batched)")
     ap.add_argument("--modes", default="simple,prepared", help="comma-separated subset of simple,prepared")
     ap.add_argument("--no-big", action="store_true", help="skip the large-result benchmark")
+    ap.add_argument("--audit-mode", choices=["strict", "batched"], default="strict",
+                    help="the full daemon's audit.mode (strict: each statement waits for its record's journal ack)")
+    ap.add_argument("--strict-reads", action="store_true",
+                    help="audit.strict_reads = true: plain reads wait for their record too")
+    ap.add_argument("--builtin", choices=["select-only", "tpcb-like", "simple-update"], default="select-only",
+                    help="pgbench's built-in script (select-only is -S)")
     ap.add_argument("--repeat", type=int, default=1,
                     help="rounds of every (mode, path) run, interleaved; the table shows medians")
     ap.add_argument("--profile", metavar="FILE", help="profile the daemon during its first mode's run: FILE.perf "
@@ -388,6 +400,7 @@ def main() -> None:
     pg = PostgresServer(extra_conf={"max_connections": "100"}).start()
     procs: list[subprocess.Popen] = []
     daemon: Daemon | None = None
+    batched: Daemon | None = None
     try:
         print(f"PostgreSQL 15 on 127.0.0.1:{pg.port}; preparing data ...", file=sys.stderr)
         pg.psql(f"CREATE ROLE {USER} LOGIN SUPERUSER PASSWORD '{PASSWORD}'")
@@ -444,7 +457,9 @@ pidfile = {bdir}/pgbouncer.pid
         front, fport = start_own("--serve-front")
         relay, rport = start_own("--serve-relay")
         wait_port(bport)
-        daemon = Daemon(tmp, pg.port)
+        daemon = Daemon(tmp, pg.port, args.audit_mode, args.strict_reads)
+        if "full-batched" in args.paths.split(","):  # the same daemon with audit.mode = "batched", interleaved
+            batched = Daemon(tmp, pg.port, "batched", suffix="-batched")
 
         # (name, port, password, proxy pid, argv wrapper)
         full = "botwarden (full inspection)"
@@ -455,6 +470,8 @@ pidfile = {bdir}/pgbouncer.pid
             ("pgbouncer", ("pgbouncer", bport, PASSWORD, bouncer.pid, None)),
             ("relay", ("uvloop byte relay", rport, PASSWORD, relay.pid, None)),
             ("full", (full, pg.port, "no-token-needed", daemon.pid, daemon.bot)),
+            ("full-batched", ("botwarden (full, audit.mode = batched)", pg.port, "no-token-needed",
+                              batched.pid if batched else None, batched.bot if batched else None)),
             ("front", (front_only, fport, TOKEN, front.pid, None))] if key in keys]
         modes = [m for m in ("simple", "prepared") if m in args.modes.split(",")]
         runs: dict[tuple[str, str], list[dict]] = {}
@@ -462,7 +479,7 @@ pidfile = {bdir}/pgbouncer.pid
         # Rounds interleave the paths, so a slow minute of the machine does not land on one path only.
         for round_no, mode in itertools.product(range(args.repeat), modes):
             for name, port, password, pid, wrap in targets:
-                print(f"[{round_no + 1}/{args.repeat}] pgbench -S -M {mode} via {name} ({args.duration}s) ...",
+                print(f"[{round_no + 1}/{args.repeat}] pgbench {args.builtin} -M {mode} via {name} ({args.duration}s) ...",
                       file=sys.stderr)
                 tag = name.replace(" ", "_").replace("(", "").replace(")", "")
                 spy = None
@@ -503,8 +520,11 @@ pidfile = {bdir}/pgbouncer.pid
             big[name] = min(timed_psql(port, user, password, BIG_SQL, wrap) for _ in range(2))
 
         lines = [
-            f"# pgbench -S, {args.clients} clients, {args.threads} threads, {args.duration}s per run "
-            f"(scale {args.scale}); {os.cpu_count()} CPUs shared by PostgreSQL, the proxy and pgbench",
+            f"# pgbench {'-S' if args.builtin == 'select-only' else '-b ' + args.builtin}, {args.clients} clients, "
+            f"{args.threads} threads, {args.duration}s per run "
+            f"(scale {args.scale}); {os.cpu_count()} CPUs shared by PostgreSQL, the proxy and pgbench; "
+            f"the daemon's audit.mode = {args.audit_mode}"
+            + (", strict_reads = true" if args.strict_reads else ""),
             "",
             f"`{full}`: the daemon (`botwarden run`), pgbench started with `botwarden bot run` inside a "
             "watched cgroup and sent to the daemon by the eBPF probes, identity from kernel attestation, every "
@@ -524,17 +544,27 @@ pidfile = {bdir}/pgbouncer.pid
             for name, *_ in targets:
                 r = results[(mode, name)]
                 cpu = f"{r['cpu_us']:.1f}" if r["cpu_us"] is not None else "—"
-                if name == full and r["own_us"] is not None:
+                if name.startswith("botwarden (full") and r["own_us"] is not None:
                     cpu += f" ({r['own_us']:.0f} daemon + {r['cpu_us'] - r['own_us']:.0f} audit process)"
                 lines.append(f"| {mode} | {name} | {r['tps']:,.0f} | {r['ratio']:.2f} | {r['p50']:.3f} | "
                              f"{r['p99']:.3f} | {cpu} | {', '.join(f'{x:.2f}' for x in r['all_ratios'])} |")
         relay_name = "uvloop byte relay"
         vs_relay = []
+        batched_name = "botwarden (full, audit.mode = batched)"
         for mode in modes:
             if (mode, full) in runs and (mode, relay_name) in runs:
                 relay_tps = {r["round"]: r["tps"] for r in runs[(mode, relay_name)]}
                 rs = sorted(r["tps"] / relay_tps[r["round"]] for r in runs[(mode, full)])
                 vs_relay.append(f"{mode} {rs[(len(rs) - 1) // 2]:.2f} ({', '.join(f'{x:.2f}' for x in rs)})")
+        vs_batched = []
+        for mode in modes:
+            if (mode, full) in runs and (mode, batched_name) in runs:
+                b_tps = {r["round"]: r["tps"] for r in runs[(mode, batched_name)]}
+                rs = sorted(r["tps"] / b_tps[r["round"]] for r in runs[(mode, full)])
+                vs_batched.append(f"{mode} {rs[(len(rs) - 1) // 2]:.2f} ({', '.join(f'{x:.2f}' for x in rs)})")
+        if vs_batched:
+            lines += ["", f"`{full}` (audit.mode = {args.audit_mode}) against `{batched_name}` in the same round: "
+                          + "; ".join(vs_batched) + "."]
         if vs_relay:
             lines += ["", f"`{full}` against the {relay_name} of the same round (a proxy that inspects nothing, "
                           "the floor of any Python proxy on this machine): " + "; ".join(vs_relay) + "."]
@@ -555,8 +585,9 @@ pidfile = {bdir}/pgbouncer.pid
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(table)
     finally:
-        if daemon is not None:
-            daemon.stop()
+        for d in (daemon, batched):
+            if d is not None:
+                d.stop()
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)

@@ -435,3 +435,147 @@ def test_any_single_tampering_is_caught(tmp_path_factory, template_file, op, a, 
     else:
         assert not report.ok, (op, table, seq)
         assert report.problems
+
+
+# --- truncation and per-session completeness (issue 26.5, issue 23) ------------------------------
+
+def _verify_cli(path: Path, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.run([sys.executable, "-m", "appliance.cli", "--config", str(tmp_path / "none.toml"),
+                           "--socket", str(tmp_path / "no-daemon.sock"), "audit", "--path", str(path), "verify",
+                           *extra], cwd=root, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+
+
+def _two_epochs(path: Path) -> int:
+    """Epoch 1 with 300 requests, epoch 2 with 40, written through the daemon's handle (which keeps
+    the high-water file beside the store). Returns the head seq."""
+    from appliance.auditproc import AuditProcess
+
+    s = sid()
+    for n in (300, 40):
+        p = AuditProcess(path, flush_interval=0.02, highwater=True)
+        p.start()
+        p.account_previous_crash()
+        for i in range(n):
+            assert p.submit("request", request(s, text=f"SELECT {i}", seq=i + 1 if n == 300 else 300 + i + 1))
+        p.close()
+    con = duckdb.connect(str(path))
+    head = con.execute("SELECT max(chain_seq) FROM chain").fetchone()[0]
+    con.close()
+    return head
+
+
+def test_a_truncated_tail_fails_verify_with_the_size_of_the_cut(tmp_path):
+    """Deleting the last 100 rows (all of epoch 2 and the end of epoch 1, its stop row with it):
+    verify FAILS, says how many rows are gone (the high-water file saw the head), and exits 1;
+    --allow-gaps accepts it (exit 0) and still prints the gap."""
+    path = tmp_path / "a.duckdb"
+    head = _two_epochs(path)
+    assert analytics.verify(path).clean and _verify_cli(path, tmp_path).returncode == 0
+    con = duckdb.connect(str(path))
+    for table in analytics.schema.CHAINED_TABLES:
+        con.execute(f"DELETE FROM {table} WHERE chain_seq > ?", [head - 100])
+    con.close()
+    report = analytics.verify(path)
+    assert report.ok and not report.clean and report.epochs == 1
+    assert [g.epoch for g in report.gaps] == [1] and report.gaps[0].missing == 100
+    res = _verify_cli(path, tmp_path)
+    assert res.returncode == 1, res.stdout
+    assert res.stdout.startswith("FAILED") and "At least 100 committed row(s) after it are gone" in res.stdout
+    allowed = _verify_cli(path, tmp_path, "--allow-gaps")
+    assert allowed.returncode == 0 and "allowed by --allow-gaps" in allowed.stdout, allowed.stdout
+
+
+def test_a_whole_last_epoch_cut_at_its_boundary_fails_verify(tmp_path):
+    """The rows of epoch 2 exactly: epoch 1 still ends with its stop row and the chain is intact,
+    but the high-water file knows the head was further: a deletion, FAILED even with --allow-gaps."""
+    path = tmp_path / "a.duckdb"
+    head = _two_epochs(path)
+    con = duckdb.connect(str(path))
+    start2 = con.execute("SELECT chain_seq FROM writer_events WHERE event = 'writer_start' AND epoch = 2").fetchone()[0]
+    for table in analytics.schema.CHAINED_TABLES:
+        con.execute(f"DELETE FROM {table} WHERE chain_seq >= ?", [start2])
+    con.close()
+    report = analytics.verify(path)
+    assert not report.ok and [p.kind for p in report.problems] == ["deleted"]
+    assert f"{head - start2 + 1} row(s) cut off the end" in report.problems[0].detail
+    assert _verify_cli(path, tmp_path, "--allow-gaps").returncode == 1
+
+
+def test_a_row_chained_after_the_last_stop_row_lies_outside_any_epoch_and_fails(tmp_path):
+    """A row appended after the last writer_stop, properly chained (its hash recomputed): the chain
+    is intact, but the row lies outside any writer epoch."""
+    from analytics.chain import canonical, row_hash
+
+    path = tmp_path / "a.duckdb"
+    _two_epochs(path)
+    # Append a well-chained forged request after epoch 2's stop row.
+    con = duckdb.connect(str(path))
+    seq, h = con.execute("SELECT chain_seq, chain_hash FROM chain ORDER BY chain_seq DESC LIMIT 1").fetchone()
+    con.execute("INSERT INTO requests SELECT * REPLACE (? AS chain_seq, ? AS chain_prev, 'forged' AS request_id) "
+                "FROM requests WHERE seq = 1", [seq + 1, bytes(h)])
+    cols = [r[0] for r in con.execute("SELECT column_name FROM duckdb_columns() WHERE table_name = 'requests' "
+                                      "ORDER BY column_index").fetchall()]
+    names = [c for c in cols if c not in analytics.schema.CHAIN_COLUMNS]
+    exprs = [f'epoch_us("{n}")' if n == "ts" else f'"{n}"' for n in names]
+    row = con.execute(f"SELECT {', '.join(exprs)} FROM requests WHERE chain_seq = ?", [seq + 1]).fetchone()
+    con.execute("UPDATE requests SET chain_hash = ? WHERE chain_seq = ?",
+                [row_hash(bytes(h), "requests", canonical(names, row, frozenset())), seq + 1])
+    con.close()
+    report = analytics.verify(path)
+    assert not report.ok
+    assert any(p.kind == "inserted" and "outside any writer epoch" in p.detail for p in report.problems), report.text()
+    assert _verify_cli(path, tmp_path).returncode == 1
+
+
+def test_requests_a_session_end_counts_but_the_store_lacks_are_a_gap_with_its_size(tmp_path):
+    """A session whose end counts 12 requests and whose store has 10: 2 events missing."""
+    path = tmp_path / "a.duckdb"
+    s = sid()
+    with AuditStore(path, strict=True) as store:
+        store.submit("session_start", session_start(s))
+        for i in range(1, 11):
+            store.submit("request", request(s, text=f"SELECT {i}", seq=i))
+        store.submit("session_end", {"session_id": s, "ts": T0, "outcome": "ok", "requests": 12})
+    report = analytics.verify(path)
+    # The session's end counts 12 requests; 10 are on record: the last two are missing.
+    assert report.ok and [(g.session_id, g.missing) for g in report.session_gaps] == [(s, 2)]
+    assert "its session end counts 12 requests, the last on record is 10" in report.text()
+    assert not report.passes() and report.passes(allow_gaps=True)
+
+
+def _rechain_from(con, seq: int) -> None:
+    """Recompute chain_prev/chain_hash of every row from ``seq`` on (what a forger able to rewrite
+    the file would do after changing a row)."""
+    from analytics.chain import canonical, row_hash
+
+    prev = bytes(con.execute("SELECT chain_hash FROM chain WHERE chain_seq = ?", [seq - 1]).fetchone()[0])
+    rows = con.execute('SELECT "table", chain_seq FROM chain WHERE chain_seq >= ? ORDER BY chain_seq', [seq]).fetchall()
+    for table, s in rows:
+        cols = con.execute("SELECT column_name, data_type FROM duckdb_columns() WHERE table_name = ? "
+                           "ORDER BY column_index", [table]).fetchall()
+        names = [c for c, _ in cols if c not in analytics.schema.CHAIN_COLUMNS]
+        types = dict(cols)
+        exprs = [f'epoch_us("{n}")' if types[n].startswith("TIMESTAMP WITH TIME ZONE") else f'"{n}"' for n in names]
+        blobs = frozenset(n for n in names if types[n] == "BLOB")
+        values = con.execute(f"SELECT {', '.join(exprs)} FROM {table} WHERE chain_seq = ?", [s]).fetchone()
+        h = row_hash(prev, table, canonical(names, values, blobs))
+        con.execute(f"UPDATE {table} SET chain_prev = ?, chain_hash = ? WHERE chain_seq = ?", [prev, h, s])
+        prev = h
+
+
+def test_a_stop_row_whose_count_was_rewritten_fails_even_with_a_consistent_chain(tmp_path):
+    """Epoch 1's writer_stop says it wrote 250 rows (it wrote 300) and every hash from there on is
+    recomputed: the chain verifies, the epoch check does not."""
+    path = tmp_path / "a.duckdb"
+    _two_epochs(path)
+    con = duckdb.connect(str(path))
+    stop = con.execute("SELECT chain_seq FROM writer_events WHERE event = 'writer_stop' AND epoch = 1").fetchone()[0]
+    con.execute("UPDATE writer_events SET rows = 250 WHERE chain_seq = ?", [stop])
+    _rechain_from(con, stop)
+    con.close()
+    report = analytics.verify(path)
+    assert [(p.kind, p.seq) for p in report.problems] == [("inserted", stop)], report.text()
+    assert "writer_stop counts 250 rows, 300 precede it" in report.problems[0].detail
+    assert _verify_cli(path, tmp_path, "--allow-gaps").returncode == 1

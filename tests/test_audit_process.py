@@ -83,6 +83,62 @@ def test_events_round_trip_redacted_and_chained(tmp_path):
         assert store.verify().ok
 
 
+def test_strict_start_records_are_journaled_acknowledged_and_redacted(tmp_path):
+    """submit_acked resolves once the child journaled the record; the journal and both rows of a
+    request (its start and its completion, which reuses the start's redaction) hold no secret."""
+    import asyncio
+
+    secret_sql = "SELECT * FROM cards WHERE pan = '4111111111111111'"
+
+    async def run(p: AuditProcess) -> None:
+        loop = asyncio.get_running_loop()
+        start = {**request(7, text=secret_sql), "params": ["ada@example.com"]}
+        start.pop("decision")
+        fut = p.submit_acked("request_start", {**start, "decision": "allow", "seq": 1}, loop)
+        await asyncio.wait_for(fut, 10)
+        journal = b"".join(f.read_bytes() for f in tmp_path.glob("a.duckdb.journal-*"))
+        assert b"pan = '" in journal and b"4111111111111111" not in journal and b"ada@example.com" not in journal
+        assert p.submit("request", request(7, text=secret_sql, params=["ada@example.com"], seq=1))
+
+    with AuditProcess(tmp_path / "a.duckdb", journal=True) as p:
+        asyncio.run(run(p))
+        p.flush()
+        _, rows = p.query("SELECT s.text, s.params, r.text, r.params FROM request_starts s JOIN requests r "
+                          "USING (request_id, seq)")
+        masked = "SELECT * FROM cards WHERE pan = '********'"
+        assert rows == [(masked, [MASK], masked, [MASK])]
+    assert list(tmp_path.glob("a.duckdb.journal-*")) == []  # a clean stop leaves no journal
+
+
+def test_a_full_events_socket_waits_in_strict_mode(tmp_path):
+    """Once the event loop reads acknowledgements from the events socket, the socket's file is
+    non-blocking: a burst larger than its buffer while the audit process is briefly stopped must
+    wait for room, not be taken for a dead audit process."""
+    import asyncio
+
+    async def run(p: AuditProcess) -> None:
+        loop = asyncio.get_running_loop()
+        start = {**request(0), "seq": 1}
+        await asyncio.wait_for(p.submit_acked("request_start", start, loop), 10)  # the loop now reads acks
+        os.kill(p.pid, signal.SIGSTOP)
+        try:
+            for i in range(1, 3001):  # ~6 MB: far more than a socket buffer holds
+                assert p.submit("request", request(i, text="SELECT '" + "x" * 2000 + f"' -- {i}"))
+            await asyncio.sleep(1.0)
+        finally:
+            os.kill(p.pid, signal.SIGCONT)
+
+    import uvloop  # the daemon's loop: libuv makes a watched file non-blocking
+
+    with AuditProcess(tmp_path / "a.duckdb", journal=True, flush_interval=0.05) as p:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(run(p))
+        p.flush(60)
+        assert p.stats()["restarts"] == 0 and p.unavailable is None
+        _, rows = p.query("SELECT count(*) FROM requests")
+        assert rows == [(3000,)]
+
+
 def test_malformed_records_fail_in_the_caller(tmp_path):
     with AuditProcess(tmp_path / "a.duckdb", strict=True) as p:
         with pytest.raises(AuditRecordError, match="decision"):
@@ -139,27 +195,37 @@ def test_a_dead_audit_process_fails_closed(tmp_path):
         p.close()  # an event was accepted and never written: the loss is reported
 
 
-def test_a_dead_audit_process_is_restarted_and_the_gap_is_on_record(tmp_path):
-    p = AuditProcess(tmp_path / "a.duckdb", flush_interval=0.02, restart_after=0.3)
+def test_a_dead_audit_process_is_restarted_and_gets_what_it_had_not_committed(tmp_path):
+    """kill -9 of the audit process with events shipped but not committed (a long batch window):
+    the daemon side keeps them, the new process counts what the dead epoch holds, and the rest
+    is sent to it again: every event is on record once, and verify accounts for the epoch."""
+    p = AuditProcess(tmp_path / "a.duckdb", flush_interval=5.0, restart_after=0.3)
     p.start()
     try:
         p.set_redaction(DetectorSettings(secret_min_length=16, secret_entropy=3.0))
         for i in range(10):
             assert p.submit("request", request(i))
         p.flush()
+        for i in range(10, 310):   # shipped within 10 ms, committed only after 5 s: in flight
+            assert p.submit("request", request(i))
+        assert wait_for(lambda: p.stats()["resent_after_crash"] == 0 and p._sent == 310)
         first = p.pid
         os.kill(first, signal.SIGKILL)
         assert wait_for(lambda: not p.healthy)
-        assert p.submit("request", request(100)) is False  # refused while there is no store
+        assert p.submit("request", request(310))  # kept for the next process (statements are refused meanwhile)
         assert wait_for(lambda: p.healthy and p.pid != first)
         assert p.stats()["restarts"] == 1 and not process_alive(first)
+        assert p.stats()["resent_after_crash"] == 300
         # The new process writes, and with the settings the daemon sent before the crash.
-        assert p.submit("request", request(11, params=["Zq8xV2mK9pL4rT7w"]))
+        assert p.submit("request", request(311, params=["Zq8xV2mK9pL4rT7w"]))
         p.flush()
-        _, rows = p.query("SELECT count(*), count(*) FILTER (WHERE params = ['********']) FROM requests")
-        assert rows == [(11, 1)]
+        _, rows = p.query("SELECT count(*), count(DISTINCT request_id), "
+                          "count(*) FILTER (WHERE params = ['********']) FROM requests")
+        assert rows == [(312, 312, 1)]
         report = p.verify()
-        assert report.ok and not report.clean  # the first epoch has no stop row: a gap, on record
+        # The first epoch has no stop row, but the next writer counted it and the rest was re-sent.
+        assert report.clean, report.text()
+        assert any("ended abruptly after committing 10 events" in n for n in report.notes), report.notes
     finally:
         p.close()  # nothing was lost: no error
 
@@ -281,7 +347,8 @@ def test_daemon_fails_closed_while_its_audit_process_is_down_and_recovers(pg_ser
 def test_statements_wait_for_an_audit_store_that_cannot_keep_up(pg_server, bao_server, tmp_path):
     """The audit process stalls (SIGSTOP) with a small queue: statements in an open session are
     refused with a clear reason instead of running unaudited, and run again once it catches up."""
-    setup, port, _, daemon = _daemon_setup(pg_server, bao_server, tmp_path, "q", audit_extra="queue_max = 20")
+    setup, port, _, daemon = _daemon_setup(pg_server, bao_server, tmp_path, "q",
+                                           audit_extra="queue_max = 20\nmode = \"batched\"")
     daemon.start()
     child = daemon.client().get("/v1/status")["audit"]["pid"]
     try:
@@ -305,6 +372,44 @@ def test_statements_wait_for_an_audit_store_that_cannot_keep_up(pg_server, bao_s
         conn.close()
         rows = daemon.audit_sql("SELECT count(*) AS n FROM requests WHERE text LIKE 'SELECT %'")
         assert rows[0]["n"] >= ran + 1
+    finally:
+        os.kill(child, signal.SIGCONT)
+        daemon.stop()
+
+
+def test_strict_mode_never_runs_a_statement_the_audit_process_has_not_acknowledged(pg_server, bao_server, tmp_path):
+    """audit.mode = "strict": with the audit process stalled (SIGSTOP) a write waits for its record's
+    acknowledgement, is not run, and its session ends once ack_timeout passes; nothing reached
+    the database. The next session, once the process runs again, writes and is on record first."""
+    setup, port, _, daemon = _daemon_setup(pg_server, bao_server, tmp_path, "s",
+                                           audit_extra="mode = \"strict\"\nack_timeout = 2")
+    pg_server.psql("DROP TABLE IF EXISTS strict_t; CREATE TABLE strict_t (v text); GRANT ALL ON strict_t TO PUBLIC")
+    daemon.start()
+    child = daemon.client().get("/v1/status")["audit"]["pid"]
+    try:
+        conn = psycopg.connect(host="127.0.0.1", port=port, user="orders-bot", password=setup.mint_token(),
+                               dbname="postgres", sslmode="disable", autocommit=True)
+        conn.execute("INSERT INTO strict_t VALUES ('before')")
+        os.kill(child, signal.SIGSTOP)
+        with pytest.raises(psycopg.OperationalError, match="did not acknowledge the record"):
+            conn.execute("INSERT INTO strict_t VALUES ('stalled')")
+        assert pg_server.psql("SELECT string_agg(v, ',') FROM strict_t") == "before"
+        os.kill(child, signal.SIGCONT)
+        token = setup.mint_token()
+        with psycopg.connect(host="127.0.0.1", port=port, user="orders-bot", password=token, dbname="postgres",
+                             sslmode="disable", autocommit=True) as again:
+            again.execute("INSERT INTO strict_t VALUES ('after')")
+        rows = daemon.audit_sql("SELECT s.text, r.seq = s.seq AS same_seq FROM request_starts s "
+                                "LEFT JOIN requests r USING (request_id) WHERE s.text LIKE 'INSERT INTO strict_t%' "
+                                "ORDER BY s.chain_seq")
+        # Every write has its start record, with the seq its requests row carries (the stalled one's
+        # record was journaled before the stall ended its session; it never ran).
+        assert [r["text"] for r in rows] == ["INSERT INTO strict_t VALUES ('before')",
+                                             "INSERT INTO strict_t VALUES ('stalled')",
+                                             "INSERT INTO strict_t VALUES ('after')"], rows
+        assert [r["same_seq"] for r in rows] == [True, True, True]
+        err = daemon.audit_sql("SELECT error FROM requests WHERE text = ?", ["INSERT INTO strict_t VALUES ('stalled')"])
+        assert "it was not run" in err[0]["error"]
     finally:
         os.kill(child, signal.SIGCONT)
         daemon.stop()

@@ -270,6 +270,23 @@ relations = ["customers"]
         cli("--config", str(env.config), "config", "reload")
 
 
+def test_reload_refuses_to_change_the_audit_mode(env):
+    """The audit process runs with or without its journal from its start: a reload that switches
+    audit.mode is refused (the running config stays) and the strict statements still work."""
+    good = env.config.read_text()
+    try:
+        env.config.write_text(good.replace("[audit]\n", '[audit]\nmode = "batched"\n', 1))
+        res = cli("--config", str(env.config), "config", "reload")
+        assert res.returncode != 0 and "audit.mode cannot change on reload" in (res.stderr + res.stdout)
+        token = env.bao.mint_token()
+        assert psql(env.port, token, "UPDATE orders SET total = total WHERE id = 1").returncode == 0
+        rows = env.daemon.audit_sql("SELECT count(*) AS n FROM request_starts WHERE text = ?",
+                                    ["UPDATE orders SET total = total WHERE id = 1"])
+        assert rows[0]["n"] >= 1  # strict: the write's start record went before it
+    finally:
+        env.config.write_text(good)
+
+
 def test_sessions_command_lists_an_open_session(env):
     token = env.bao.mint_token()
     proc = subprocess.Popen(

@@ -646,6 +646,8 @@ class Session:
                       (b"H", self._on_copy_out), (b"W", self._on_copy_out),
                       (b"S", self._on_parameter_status)):
             self._handlers[ch[0]] = h
+        # audit.mode = "strict": services.audit_durable(kind, record, verdict) -> future | None.
+        self._audit_durable = getattr(self.services, "audit_durable", None)
         self._client_handlers: list[Callable | None] = [None] * 256
         for ch, h in ((b"Q", self._c_query), (b"P", self._c_parse), (b"B", self._c_bind),
                       (b"D", self._c_describe), (b"E", self._c_execute), (b"C", self._c_close),
@@ -1199,6 +1201,8 @@ class Session:
         if action == "allow" or action == "mask":
             if action == "mask":
                 self._handlers[68] = self._on_data_row
+            if self._audit_durable is not None and self._wait_for_record(req, bytes(buf[s:e]), (OP_QUERY, req)):
+                return _HOLD
             self._ops.append((OP_QUERY, req))
             return None
         if action == "block":
@@ -1280,6 +1284,8 @@ class Session:
         stmt = portal.statement if portal is not None else _UNKNOWN_STATEMENT
         req = _Request("execute", stmt.text, stmt.verdict, portal.params if portal is not None else None)
         self._ext_open = True
+        if self._audit_durable is not None and self._wait_for_record(req, bytes(buf[s:e]), (OP_EXECUTE, portal, req)):
+            return _HOLD
         self._ops.append((OP_EXECUTE, portal, req))
         return None
 
@@ -1449,6 +1455,17 @@ class Session:
             out = original
             if req.kind == "query" and req.verdict.action == "mask":
                 self._handlers[68] = self._on_data_row
+            # strict audit: an approved statement too runs only once its record is durable (a held
+            # Parse runs nothing: its Executes wait for theirs).
+            wait = self._record_start(req) if self._audit_durable is not None and req.kind != "parse" else None
+            if wait is not None:
+                try:
+                    await wait
+                except Exception as e:
+                    self._refuse_unrecorded(req, e)
+                    return
+                if self.closed:
+                    return
         else:
             req.decision = "deny"
             req.reason = outcome.reason or "denied"
@@ -1462,6 +1479,55 @@ class Session:
         rest, self._cbuf = self._cbuf, b""
         if rest:
             self.client_data(rest)
+
+    # ------------------------------------------------------------------ strict audit
+    def _record_start(self, req: _Request):
+        """The request's start record, submitted to be durable: a future, or None (no wait)."""
+        if req.request_id is None:
+            req.request_id = _request_id()  # its requests row carries the same id
+        return self._audit_durable("request_start", {
+            "request_id": req.request_id, "session_id": self.session_id,
+            "ts": datetime.fromtimestamp(req.t0, timezone.utc), "protocol": PROTOCOL, "kind": req.kind,
+            "text": req.text, "params": req.params, "decision": req.decision or req.verdict.action,
+            "rule": req.verdict.rule}, req.verdict)
+
+    def _wait_for_record(self, req: _Request, original: bytes, op: tuple) -> bool:
+        """audit.mode = "strict": hold the message (as for an approval: the bytes after it wait in
+        _cbuf) until the audit process has the request's record, then forward it. False: no wait."""
+        try:
+            wait = self._record_start(req)
+        except Exception as e:  # the record was refused (malformed, store closed)
+            log.exception("the audit store refused a request's start record")
+            wait = asyncio.get_running_loop().create_future()
+            wait.set_exception(e)
+        if wait is None:
+            return False
+        wait.add_done_callback(lambda fut: self._forward_recorded(fut, req, original, op))
+        return True
+
+    def _forward_recorded(self, fut: asyncio.Future, req: _Request, original: bytes, op: tuple) -> None:
+        if self.closed:
+            return
+        if fut.cancelled() or fut.exception() is not None:
+            self._refuse_unrecorded(req, fut.exception() if not fut.cancelled() else None)
+            return
+        self._ops.append(op)
+        self._to_server(original)
+        self._held = False
+        if "held" in self._paused:
+            self.flow("held", False)
+        rest, self._cbuf = self._cbuf, b""
+        if rest:
+            self.client_data(rest)
+
+    def _refuse_unrecorded(self, req: _Request, error: BaseException | None) -> None:
+        """Fail closed: a request whose record could not be made durable never runs."""
+        log.error("a request's record could not be made durable; the request is refused and the session ends",
+                  exc_info=error)
+        why = f"the audit store could not record the statement ({error or 'cancelled'}); it was not run"
+        req.error, req.sqlstate = why, sqlstate.CANNOT_CONNECT_NOW
+        self._finish(req)
+        self.fatal(sqlstate.CANNOT_CONNECT_NOW, f"botwarden ended the session: {why}")
 
     # ================================================================== server -> bot
     def server_data(self, data: bytes) -> None:
