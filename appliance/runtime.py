@@ -143,6 +143,8 @@ class Runtime:
         self.live: dict[str, LiveSession] = {}
         self._refused_events = 0
         self._refused_logged_at = -1e9
+        self.audit_record_failures: dict[str, int] = {}  # kind -> records that could not be submitted
+        self._record_failures_logged: set[tuple[str, str]] = set()
         self._crashed: set[str] = set()  # sessions the last run left open, closed as crashed at this start
         self.recent: list[LiveSession] = []
 
@@ -300,7 +302,12 @@ class Runtime:
             return
         if kind == "request" or kind == "session_end":
             record = self._count(store, kind, record)
-        if not store.submit(kind, record):
+        try:
+            submitted = store.submit(kind, record)
+        except Exception as e:
+            self._record_failed(kind, e)
+            raise
+        if not submitted:
             # Under back-pressure this happens per event: one line per 10 s, with the count.
             self._refused_events += 1
             now = time.monotonic()
@@ -352,7 +359,11 @@ class Runtime:
         store = self.daemon.audit
         if store is not None:
             record = self._count(store, kind, record)
-        fut = store.submit_acked(kind, record, loop) if store is not None else None
+        try:
+            fut = store.submit_acked(kind, record, loop) if store is not None else None
+        except Exception as e:  # a record the store cannot take: the front refuses the request
+            self._record_failed(kind, e)
+            raise
         if fut is None:
             fut = loop.create_future()
             fut.set_exception(BotwardenError("the audit store cannot take the statement's record"))
@@ -520,10 +531,20 @@ class Runtime:
             items = self.recent + items
         return [s.public() for s in items]
 
+    def _record_failed(self, kind: str, error: BaseException) -> None:
+        """An audit record that could not even be submitted (a malformed record is botwarden's bug):
+        counted for `status`, logged once per kind and error type; the caller refuses the request."""
+        key = (kind, type(error).__name__)
+        self.audit_record_failures[key[0]] = self.audit_record_failures.get(key[0], 0) + 1
+        if key not in self._record_failures_logged:
+            self._record_failures_logged.add(key)
+            log.error("audit %s record could not be submitted (%s: %s); its request is refused (logged once, "
+                      "counted in status)", kind, type(error).__name__, error)
+
     def status(self) -> dict[str, Any]:
         brokers = {id(s.broker): s.broker for s in self.live.values() if s.broker is not None}
         if self.secrets is not None:
             brokers[id(self.secrets)] = self.secrets
         pending = [p for b in brokers.values() for p in b.pending_revocations()]
         return {"sessions_active": len(self.live), "approvals_pending": len(self.approvals.pending),
-                "revocations_pending": pending}
+                "revocations_pending": pending, "audit_record_failures": dict(self.audit_record_failures)}

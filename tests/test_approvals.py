@@ -467,3 +467,21 @@ def test_approval_settings_are_checked_at_start(setting, message):
     with pytest.raises(ConfigError) as err:
         parse_config(text, "bw.toml")
     assert message in str(err.value) and "s3cr3t" not in str(err.value)
+
+
+def test_an_audit_record_that_cannot_be_submitted_is_counted_logged_once_and_raised(store, caplog):
+    """Issue 13.5: an audit failure for a request cannot pass silently: the caller gets the error
+    (the front refuses the request in strict mode), `status` counts it, the log says it once."""
+    from types import SimpleNamespace
+
+    from appliance.config import parse_config
+    from appliance.runtime import Runtime
+
+    runtime = Runtime(parse_config(RUNTIME_CONFIG, "bw.toml"), SimpleNamespace(audit=store))
+    bad = {"request_id": "r1", "session_id": "s1", "ts": dt.datetime.now(UTC), "protocol": "postgresql",
+           "kind": "query", "text": "SELECT 1", "decision": "allow", "not_a_field": 1}
+    for _ in range(3):
+        with pytest.raises(Exception, match="unknown fields"):
+            runtime.audit("request", bad)
+    assert runtime.status()["audit_record_failures"] == {"request": 3}
+    assert sum("could not be submitted" in r.getMessage() for r in caplog.records) == 1

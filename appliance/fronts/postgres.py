@@ -810,7 +810,11 @@ class Session:
         try:
             self.services.audit(kind, record)
         except Exception:
-            log.exception("audit hook failed for %s", kind)
+            # Counted (and logged once) by the runtime; in strict mode the request itself was
+            # refused before it ran. Here only once per kind, for services without that count.
+            if kind not in _AUDIT_FAILURE_LOGGED:
+                _AUDIT_FAILURE_LOGGED.add(kind)
+                log.exception("audit hook failed for %s", kind)
 
     # ================================================================== startup
     async def run_startup(self) -> None:
@@ -1935,6 +1939,7 @@ def _quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+_AUDIT_FAILURE_LOGGED: set[str] = set()
 _HOLD = _Marker("HOLD")          # a client handler's answer: stop here, the statement waits for approval
 _NO_PLAN = _Marker("NO_PLAN")    # the current result needs no masking
 
