@@ -43,7 +43,7 @@ PIN_DIR = "/sys/fs/bpf/botwarden-adv"
 BOT = "adv-bot"
 NOBODY = pwd.getpwnam("nobody")
 OTHER_UID = pwd.getpwnam("daemon").pw_uid  # not the bot's uid, but in the operator group below
-AS_NOBODY = ["setpriv", f"--reuid={NOBODY.pw_uid}", f"--regid={NOBODY.pw_gid}", "--clear-groups", "--"]
+AS_NOBODY: list[str] = []  # `bot run --user nobody` (BotProcess) switches user after joining the cgroup
 SYSTEM_PYTHON = "/usr/bin/python3"  # executable by every user (the venv's is not)
 PER_UID, TOTAL, PRESSURE_TIMEOUT_S, MESSAGE_TIMEOUT_S = 8, 12, 3, 3
 FLOODERS = (42421, 42422)  # two ordinary local users (uids without a passwd entry)
@@ -132,7 +132,7 @@ class BotProcess:
     def __init__(self, config: Path, name: str, argv: list[str], env: dict | None = None):
         base = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
         self.proc = subprocess.Popen([sys.executable, "-m", "appliance.cli", "--config", str(config), "bot", "run",
-                                      "--name", name, "--", *argv], cwd=ROOT, stdout=subprocess.PIPE,
+                                      "--name", name, "--user", NOBODY.pw_name, "--", *argv], cwd=ROOT, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True,
                                      env={**base, "PYTHONPATH": str(ROOT), **(env or {})})
         self.err: list[str] = []
