@@ -262,6 +262,7 @@ class AuditProcess:
         from datetime import datetime, timezone
 
         found: list[Any] = []
+        self.crash_closed: list[str] = []  # sessions closed here; the runtime revokes their leases
         marks = self.previous_marks
         if marks is not None:
             found, open_sessions = self._call("shortfalls", marks, timeout=120)
@@ -273,10 +274,12 @@ class AuditProcess:
                     "recorded_seq": sf.recorded_seq, "missing": sf.missing,
                     "session_end_missing": sf.session_end_missing,
                     "detail": f"daemon pid {marks.pid} stopped abruptly; events it issued never reached the store"})
-            for sid in open_sessions:  # cut by the crash: close the session's row
+            for sid in open_sessions:  # cut by the crash: close the session's row (its lease: Runtime's sweep)
                 self.submit("session_end", {
-                    "session_id": sid, "ts": now, "outcome": "error", "requests": issued[sid],
-                    "error": f"botwarden (pid {marks.pid}) stopped abruptly; the session was cut"})
+                    "session_id": sid, "ts": now, "outcome": "crashed", "requests": issued[sid],
+                    "error": f"botwarden (pid {marks.pid}) stopped without ending this session "
+                             "(killed, crashed or power loss); the session was cut"})
+                self.crash_closed.append(sid)
             self.flush(60)
             if found:
                 log.warning("the previous daemon (pid %d) stopped abruptly: %d session(s) lack %d audit "

@@ -208,10 +208,12 @@ class Runtime:
         and close those sessions' rows (outcome ``crashed``)."""
         store = self.daemon.audit
         started = self.daemon.state.started_at
+        # Sessions still open, and those the audit process just closed from its high-water marks.
+        closed = list(getattr(store, "crash_closed", None) or ())
         try:
             _, rows = await asyncio.to_thread(
-                store.query, "SELECT session_id, lease_id FROM sessions WHERE outcome = 'open' AND started_at < ? "
-                             "ORDER BY started_at", [started])
+                store.query, "SELECT session_id, lease_id FROM sessions WHERE (outcome = 'open' AND started_at < ?) "
+                             "OR list_contains(?, session_id) ORDER BY started_at", [started, closed])
         except Exception:
             log.exception("could not look for sessions the last stop left open")
             rows = []
