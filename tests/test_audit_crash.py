@@ -146,7 +146,8 @@ class Bot:
         self.connected = 0
         self.errors: list[str] = []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "appliance.cli", "--config", str(config), "bot", "run", "--name", BOT, "--",
+            [sys.executable, "-m", "appliance.cli", "--config", str(config), "bot", "run", "--name", BOT,
+             "--allow-privileged", "--",  # the venv's interpreter lives under /root, which nobody can read
              sys.executable, "-c", WORKLOAD, str(pg_port), str(CLIENTS)],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env={**{k: v for k, v in os.environ.items() if not k.startswith("PG")}, "PYTHONPATH": str(ROOT)})

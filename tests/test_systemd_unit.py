@@ -81,8 +81,7 @@ def run_under(caps: list[str], pg, bao, workdir: Path) -> dict:
         env = {**os.environ, "PGPASSWORD": bao.mint_token(), "PGSSLMODE": "disable", "PGCONNECT_TIMEOUT": "10",
                "HOME": "/tmp", "PYTHONPATH": str(ROOT)}
         bot = subprocess.run([sys.executable, "-m", "appliance.cli", "--config", str(config), "bot", "run",
-                              "--name", "unit-bot", "--", "setpriv", "--reuid", "65534", "--regid", "65534",
-                              "--clear-groups", PSQL, "-X", "-A", "-t", "-h", pg.host, "-p", str(pg.port),
+                              "--name", "unit-bot", "--user", "nobody", "--", PSQL, "-X", "-A", "-t", "-h", pg.host, "-p", str(pg.port),
                               "-U", "orders-bot", "-d", "postgres", "-c", "SELECT 'through the redirect'"],
                              capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
         result["bot"] = bot.stdout.strip() or bot.stderr.strip()
