@@ -1349,6 +1349,8 @@ class Session:
                 self._start_hold(req, bytes(buf[s:e]), lambda: (OP_FUNCTION, req),
                                  lambda nonce: m.Query(nonce).encode())
                 return _HOLD
+        if self._audit_durable is not None and self._wait_for_record(req, bytes(buf[s:e]), (OP_FUNCTION, req)):
+            return _HOLD  # strict audit: a function call runs once its record is durable, like a statement
         self._ops.append((OP_FUNCTION, req))
         return None
 
