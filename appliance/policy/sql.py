@@ -673,6 +673,14 @@ def _figure_colname(node: Any) -> str:
     return "?column?"
 
 
+# Statements whose option list names functions (FUNCTION =, SFUNC =, INPUT =, HANDLER ...): node ->
+# the field holding the options. Each named function becomes a function of the statement.
+_FUNCTION_OPTION_FIELDS = {
+    "DefineStmt": "definition", "CreateRangeStmt": "params", "AlterOperatorStmt": "options",
+    "AlterTypeStmt": "options", "CreateFdwStmt": "func_options", "AlterFdwStmt": "func_options",
+}
+
+
 class _Walker:
     """Walks one statement's JSON tree, collecting kinds, relations, functions, properties."""
 
@@ -750,8 +758,11 @@ class _Walker:
         handler = getattr(self, "_v_" + node, None)
         if handler is not None:
             handler(body)
-        else:
-            self.generic(node, body)
+            return
+        options = _FUNCTION_OPTION_FIELDS.get(node)
+        if options is not None:  # statements that name functions in their options (CREATE OPERATOR ...)
+            self._function_options(body.get(options, ()))
+        self.generic(node, body)
 
     def generic(self, node: str, body: Mapping[str, Any], skip: tuple[str, ...] = ()) -> None:
         fields = _FIELDS.get(node, {})
@@ -858,30 +869,6 @@ class _Walker:
                 self._function_named(arg["List"].get("items", ()))
             elif _sval(arg) is not None:
                 self._function_named([arg])
-
-    def _v_DefineStmt(self, body: Mapping[str, Any]) -> None:
-        self._function_options(body.get("definition", ()))
-        self.generic("DefineStmt", body)
-
-    def _v_CreateRangeStmt(self, body: Mapping[str, Any]) -> None:
-        self._function_options(body.get("params", ()))
-        self.generic("CreateRangeStmt", body)
-
-    def _v_AlterOperatorStmt(self, body: Mapping[str, Any]) -> None:
-        self._function_options(body.get("options", ()))
-        self.generic("AlterOperatorStmt", body)
-
-    def _v_AlterTypeStmt(self, body: Mapping[str, Any]) -> None:
-        self._function_options(body.get("options", ()))
-        self.generic("AlterTypeStmt", body)
-
-    def _v_CreateFdwStmt(self, body: Mapping[str, Any]) -> None:
-        self._function_options(body.get("func_options", ()))
-        self.generic("CreateFdwStmt", body)
-
-    def _v_AlterFdwStmt(self, body: Mapping[str, Any]) -> None:
-        self._function_options(body.get("func_options", ()))
-        self.generic("AlterFdwStmt", body)
 
     def _v_CreateCastStmt(self, body: Mapping[str, Any]) -> None:
         if isinstance(body.get("func"), dict):
