@@ -449,6 +449,7 @@ _UNKNOWN_STATEMENT = _Statement("", Verdict("allow", None, "statement prepared b
 
 # Pending-operation kinds (first item of each op tuple).
 OP_QUERY, OP_PARSE, OP_BIND, OP_DESCRIBE, OP_EXECUTE, OP_CLOSE, OP_SYNC, OP_FUNCTION, OP_KEEPALIVE = range(9)
+_EXTENDED_OPS = frozenset((OP_PARSE, OP_BIND, OP_DESCRIBE, OP_EXECUTE, OP_CLOSE))
 _SYNC = m.Sync().encode()
 
 _I32 = struct.Struct("!i")
@@ -622,6 +623,9 @@ class Session:
         self._ext_open = False  # extended-protocol messages forwarded since the last Sync (bot -> server)
         # bot -> server
         self._cbuf = b""
+        self._cpos = 0          # where the unrelayed bytes in _cbuf start (after a hold)
+        self._cmore: list = []  # what the bot sent while a request was held, in order
+        self._cmore_len = 0
         self._held = False
         self._skip_until_sync = False
         self._statements: dict[str, _Statement] = {}
@@ -1110,66 +1114,109 @@ class Session:
                                                          f"({self._reading.describe()})")
 
     def client_data(self, data: bytes) -> None:
-        if self._cbuf:
+        if self._held:
+            # A request waits (approval, strict audit, a FunctionCall's lookup): what the bot sends
+            # meanwhile queues in arrival order, and past HELD_BUFFER_LIMIT the bot is not read.
+            self._cmore.append(data)
+            self._cmore_len += len(data)
+            self._limit_held()
+            return
+        buf = self._cbuf
+        if buf:
             # bytearray: appending is amortised O(1) while a large message arrives in pieces
-            self._cbuf += data
-            buf = self._cbuf
+            buf += data
         else:
             buf = data
-        if self._held:
-            self._cbuf = buf if isinstance(buf, bytearray) else bytearray(buf)
-            if len(buf) > HELD_BUFFER_LIMIT and "held" not in self._paused:
-                self.flow("held", True)
+        self._consume(buf, 0, None)
+
+    def _limit_held(self) -> None:
+        if (len(self._cbuf) - self._cpos + self._cmore_len > HELD_BUFFER_LIMIT
+                and "held" not in self._paused):
+            self.flow("held", True)
+
+    def _release_client(self) -> None:
+        """The held request went on (or was refused): relay what the bot sent meanwhile, from
+        where it stopped, then read the bot again unless another request holds in turn."""
+        if self.closed:
             return
+        self._held = False
+        buf, pos, more = self._cbuf, self._cpos, self._cmore
+        self._cbuf, self._cpos, self._cmore, self._cmore_len = b"", 0, [], 0
+        self._consume(buf, pos, more)
+        if not self._held and "held" in self._paused:
+            self.flow("held", False)
+
+    def _consume(self, buf, pos: int, more: list | None) -> None:
+        """Relay the bot's messages in buf from pos on, then the chunks in ``more``. A hold keeps
+        the buffer and the offset (no copy of the rest: a pipeline of many held requests would
+        make that quadratic)."""
         handlers = self._client_handlers
         max_size = self.settings.max_message_size
-        out: list = []
-        run = 0   # start of the pending run of unchanged bytes
-        pos = 0
-        n = len(buf)
-        # Framing inline (see framing.split_messages): this loop is the hot path.
-        try:
-            while n - pos >= 5:
-                (length,) = _unpack_len(buf, pos + 1)
-                if length < 4 or length > max_size:
-                    check_length(buf[pos], length, max_size)
-                e = pos + 1 + length
-                if e > n:
-                    break
-                h = handlers[buf[pos]]
-                if h is not None:
-                    r = h(buf, pos, e)
-                    if r is not None:
-                        if run < pos:
-                            out.append(buf[run:pos])
-                        if r is _HOLD:
-                            self._cbuf = bytearray(memoryview(buf)[e:])
-                            self._held = True
-                            self._message_timer.cancel()  # no timeout of ours runs while a request is held
-                            self._flush_out(out)
-                            return
-                        if r:
-                            out.append(r)
-                        run = e
-                        if self.closed:
-                            self._flush_out(out)
-                            return
-                pos = e
-        except PgProtocolError as err:
-            self._flush_out(out)
-            self.fatal(err.sqlstate, err.message)
-            return
-        if not out:
-            if pos == n:
-                self._to_server(buf)
-            elif pos:
-                self._to_server(buf[:pos])
+        while True:
+            out: list = []
+            run = pos   # start of the pending run of unchanged bytes
+            n = len(buf)
+            # Framing inline (see framing.split_messages): this loop is the hot path.
+            try:
+                while n - pos >= 5:
+                    (length,) = _unpack_len(buf, pos + 1)
+                    if length < 4 or length > max_size:
+                        check_length(buf[pos], length, max_size)
+                    e = pos + 1 + length
+                    if e > n:
+                        break
+                    h = handlers[buf[pos]]
+                    if h is not None:
+                        r = h(buf, pos, e)
+                        if r is not None:
+                            if run < pos:
+                                out.append(buf[run:pos])
+                            if r is _HOLD:
+                                self._cbuf, self._cpos = buf, e
+                                if more:
+                                    self._cmore[:0] = more
+                                    self._cmore_len += sum(map(len, more))
+                                self._held = True
+                                self._message_timer.cancel()  # no timeout of ours runs while a request is held
+                                self._flush_out(out)
+                                self._limit_held()
+                                return
+                            if r:
+                                out.append(r)
+                            run = e
+                            if self.closed:
+                                self._flush_out(out)
+                                return
+                    pos = e
+            except PgProtocolError as err:
+                self._flush_out(out)
+                self.fatal(err.sqlstate, err.message)
+                return
+            if not out:
+                if run == 0 and pos == n:
+                    self._to_server(buf)
+                elif run < pos:
+                    self._to_server(buf[run:pos])
+            else:
+                if run < pos:
+                    out.append(buf[run:pos])
+                self._flush_out(out)
+            if more:
+                # What arrived while a request was held: after the partial message left here.
+                tail = bytearray(memoryview(buf)[pos:])
+                for chunk in more:
+                    tail += chunk
+                buf, pos, more = tail, 0, None
+                continue
+            break
+        # A new object each time bytes were handed on (they are never mutated once the transport
+        # has them); a message still arriving keeps growing in place.
+        if pos == n:
+            self._cbuf = b""
+        elif pos == 0 and isinstance(buf, bytearray):
+            self._cbuf = buf
         else:
-            if run < pos:
-                out.append(buf[run:pos])
-            self._flush_out(out)
-        # A new object each time: bytes already handed to the transport are never mutated.
-        self._cbuf = bytearray(memoryview(buf)[pos:]) if pos < n else b""
+            self._cbuf = bytearray(memoryview(buf)[pos:])
         self._message_timer.update(pos < n)  # a half-sent message may not hold the session forever
 
     def _flush_out(self, out: list) -> None:
@@ -1199,6 +1246,8 @@ class Session:
         # Inline decode: this runs for every simple-protocol statement.
         if buf[e - 1] != 0 or buf.find(b"\x00", s + 5, e - 1) >= 0:
             raise RemoteProtocolError("Query must carry exactly one NUL-terminated string")
+        if self._skip_until_sync:
+            return None  # inside a failed batch the server discards a Query too, up to Sync
         sql, v, refusal = self._read_and_decide(bytes(buf[s + 5:e - 1]), "query")
         req = _Request("query", sql, v)
         action = v.action
@@ -1322,6 +1371,8 @@ class Session:
         the function its OID names, so function rules apply to it as to a SELECT. An OID not yet
         resolved is looked up on this very session first (pg_proc), then the call is decided."""
         msg = m.FunctionCall.decode(bytes(buf[s + 5:e]))
+        if self._skip_until_sync:
+            return None  # discarded by the server inside a failed batch, like a Query
         front = self.front
         if front._function_names_for is not self.services:  # a reload: resolve again
             front.function_names.clear()
@@ -1390,10 +1441,10 @@ class Session:
                 self.front.function_names[self._lookup_oid] = self._lookup_found
             else:
                 self._unknown_oids.add(self._lookup_oid)
-            self._held = False
-            rest = self._cbuf
-            self._cbuf = self._lookup_original + bytes(rest)
-            asyncio.get_running_loop().call_soon(self.client_data, b"")
+            # The FunctionCall itself is decided again, now that its name is known.
+            self._cbuf = self._lookup_original + bytes(memoryview(self._cbuf)[self._cpos:])
+            self._cpos = 0
+            asyncio.get_running_loop().call_soon(self._release_client)
         return b""  # the bot never asked for this
 
     def _c_terminate(self, buf, s: int, e: int):
@@ -1455,6 +1506,7 @@ class Session:
             outcome = HoldOutcome(False, "", f"the approval could not be held ({type(e).__name__})")
         if self.closed:
             return
+        discarded = self._skip_until_sync  # the batch failed while a human decided
         if outcome.approved:
             req.decision = "approve"
             req.reason = outcome.reason or req.reason
@@ -1477,14 +1529,8 @@ class Session:
             req.reason = outcome.reason or "denied"
             out = on_denied(self._blocked_sql(req, _hold_refusal(outcome)))
         self._held_req = None
-        self._ops.append(make_op())
-        self._to_server(out)
-        self._held = False
-        if "held" in self._paused:
-            self.flow("held", False)
-        rest, self._cbuf = self._cbuf, b""
-        if rest:
-            self.client_data(rest)
+        self._forward_held(req, out, make_op(), discarded)
+        self._release_client()
 
     # ------------------------------------------------------------------ strict audit
     def _record_start(self, req: _Request):
@@ -1517,14 +1563,18 @@ class Session:
         if fut.cancelled() or fut.exception() is not None:
             self._refuse_unrecorded(req, fut.exception() if not fut.cancelled() else None)
             return
-        self._ops.append(op)
-        self._to_server(original)
-        self._held = False
-        if "held" in self._paused:
-            self.flow("held", False)
-        rest, self._cbuf = self._cbuf, b""
-        if rest:
-            self.client_data(rest)
+        self._forward_held(req, original, op, self._skip_until_sync)
+        self._release_client()
+
+    def _forward_held(self, req: _Request, out: bytes, op: tuple, discarded: bool) -> None:
+        """Send a request that waited (approval, strict audit). If the batch it belongs to failed
+        meanwhile (``discarded``), the server discards it: recorded as not run, no answer to expect."""
+        self._to_server(out)
+        if discarded:
+            req.error = req.error or "not run: an earlier message in the batch failed"
+            self._finish(req)
+        else:
+            self._ops.append(op)
 
     def _refuse_unrecorded(self, req: _Request, error: BaseException | None) -> None:
         """Fail closed: a request whose record could not be made durable never runs."""
@@ -1787,6 +1837,13 @@ class Session:
                     self._finish(op[2])
                 elif op[0] == OP_PARSE and op[1] is not None:
                     self._finish(op[1])
+            if not ops and kind in _EXTENDED_OPS:
+                # No Sync of the bot's went out after the failed message: the server now discards
+                # everything up to that Sync, so the rest of the batch is relayed at once (nothing
+                # in it runs, nothing to decide or record), as after one of our own refusals. A
+                # pipelining client (asyncpg's executemany) sees the error while it is still
+                # sending and stops, as it does direct.
+                self._skip_until_sync = True
         return replacement
 
     def _on_ready(self, buf, s, e):
