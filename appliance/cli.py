@@ -152,6 +152,15 @@ def cmd_sessions(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _rows_cell(item: dict) -> str:
+    """The affected-rows guard's numbers for one held request: "~5000 > 1000" (estimate, limit)."""
+    limit = item.get("row_limit")
+    if limit is None:
+        return ""
+    est = item.get("row_estimate")
+    return f"~{est} > {limit}" if est is not None else f"unknown > {limit}"
+
+
 def cmd_approvals(args: argparse.Namespace) -> int:
     client = _client(args)
     if args.action == "list":
@@ -162,8 +171,8 @@ def cmd_approvals(args: argparse.Namespace) -> int:
         if not items:
             print("no pending approvals")
             return EXIT_OK
-        cols = ["approval_id", "identity", "target", "rule", "request", "expires"]
-        _print_table(cols, [[i.get(c) for c in cols] for i in items])
+        cols = ["approval_id", "identity", "target", "rule", "request", "rows", "expires"]
+        _print_table(cols, [[_rows_cell(i) if c == "rows" else i.get(c) for c in cols] for i in items])
         return EXIT_OK
     if args.action == "approve":
         body: dict[str, Any] = {"reason": args.reason or ""}

@@ -523,7 +523,8 @@ class Runtime:
         return await self.approvals.hold(
             session_id=grant.session_id, identity=grant.identity, target=target,
             protocol=self.config.target(target).protocol, text=request_text, rule=verdict.rule, shape=shape,
-            process=process, request_id=request_id, excluded_uids=excluded, notify=notify)
+            process=process, request_id=request_id, excluded_uids=excluded, notify=notify,
+            rows=(verdict.row_estimate, verdict.row_limit))
 
     # -- status ---------------------------------------------------------------------
 

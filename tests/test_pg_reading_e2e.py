@@ -137,6 +137,19 @@ for step in steps:
             finally:
                 await con.close()
         out.append(asyncio.run(named()))
+    elif step["op"] == "psycopg_params":  # extended protocol: one statement with bound parameters
+        tx = step.get("transaction", False)
+        c2 = psycopg.connect(dsn, autocommit=not tx)
+        try:
+            cur = c2.execute(step["sql"], step["params"])
+            got = {"ok": True, "rowcount": cur.rowcount}
+            if tx:
+                c2.commit()
+        except psycopg.Error as e:
+            got = {"ok": False, "sqlstate": e.sqlstate, "message": e.diag.message_primary,
+                   "detail": e.diag.message_detail}
+        c2.close()
+        out.append(got)
     elif step["op"] == "asyncpg_executemany":  # issue 13.3: an early error stops a pipelined executemany
         import asyncio, asyncpg
         class Counting:  # the socket under asyncpg's transport, counting the Bind messages sent

@@ -89,6 +89,7 @@ from appliance.errors import BotwardenError
 from appliance.policy.reading import (DEFAULT_READING, TRACKED_PARAMETERS, Reading, UnreadableStatement,
                                       possible_readings, read_statement)
 from appliance.policy.sql import syntax_error
+from appliance.policy.engine import plan_rows, with_row_estimate
 from appliance.policy.types import ACTION_STRENGTH, ColumnDesc, Verdict
 from appliance.protocols.postgres import messages as m
 from appliance.protocols.postgres import sqlstate
@@ -426,23 +427,27 @@ class _Request:
 
 
 class _Statement:
-    __slots__ = ("text", "verdict", "columns", "name")
+    __slots__ = ("text", "verdict", "columns", "name", "guard")
 
     def __init__(self, text: str, verdict: Verdict, name: str = ""):
         self.text = text
         self.verdict = verdict
         self.columns: list[ColumnDesc] | None = None
         self.name = name
+        # Affected-rows guard pending (verdict.row_guards): (query bytes, parameter type OIDs),
+        # to have the server estimate the rows at Execute, with the portal's parameters.
+        self.guard: tuple[bytes, tuple[int, ...]] | None = None
 
 
 class _Portal:
-    __slots__ = ("statement", "params", "result_formats", "columns")
+    __slots__ = ("statement", "params", "result_formats", "columns", "bind")
 
     def __init__(self, statement: _Statement | None, params: list | None, result_formats: tuple[int, ...]):
         self.statement = statement
         self.params = params
         self.result_formats = result_formats
         self.columns: list[ColumnDesc] | None = None
+        self.bind: bytes | None = None  # the Bind message, kept only for a guarded statement
 
 
 _UNKNOWN_STATEMENT = _Statement("", Verdict("allow", None, "statement prepared before this session"))
@@ -451,6 +456,11 @@ _UNKNOWN_STATEMENT = _Statement("", Verdict("allow", None, "statement prepared b
 OP_QUERY, OP_PARSE, OP_BIND, OP_DESCRIBE, OP_EXECUTE, OP_CLOSE, OP_SYNC, OP_FUNCTION, OP_KEEPALIVE = range(9)
 _EXTENDED_OPS = frozenset((OP_PARSE, OP_BIND, OP_DESCRIBE, OP_EXECUTE, OP_CLOSE))
 _SYNC = m.Sync().encode()
+_FLUSH = m.Flush().encode()
+# The affected-rows guard's own statement and portal on the bot's session (closed right after).
+_ESTIMATE = "botwarden_row_estimate"
+_EXPLAIN_PREFIX = b"EXPLAIN (FORMAT JSON) "
+_ESTIMATE_REPLIES = tuple(b"123DCENZ")
 
 _I32 = struct.Struct("!i")
 _H16 = struct.Struct("!H")  # counts are unsigned 16-bit, as PostgreSQL reads them
@@ -639,6 +649,12 @@ class Session:
         self._server_fatal = False
         self._terminated = False
         self._lookup_active = False   # a FunctionCall's OID is being resolved on this session
+        # Affected-rows guard: the EXPLAIN in flight (original message, extended?, request), the
+        # estimate for the message processed again ((original, rows or None, why none)), and what
+        # runs once the bot's earlier extended messages are all answered.
+        self._estimating: tuple[bytes, bool, Any] | None = None
+        self._estimate: tuple[bytes, int | None, str] | None = None
+        self._after_drain: Callable[[], None] | None = None
         self._unknown_oids: set[int] = set()
         self._deferred: list | None = None  # requests completed during the current server read
         self._handlers: list[Callable | None] = [None] * 256
@@ -1250,6 +1266,11 @@ class Session:
             return None  # inside a failed batch the server discards a Query too, up to Sync
         sql, v, refusal = self._read_and_decide(bytes(buf[s + 5:e - 1]), "query")
         req = _Request("query", sql, v)
+        if v.row_guards:
+            r = self._row_guard(req, bytes(buf[s:e]), bytes(buf[s + 5:e - 1]), (), None, extended=False)
+            if r is not None:
+                return r
+            v = req.verdict
         action = v.action
         if action == "allow" or action == "mask":
             if action == "mask":
@@ -1277,6 +1298,8 @@ class Session:
         query, v, refusal = self._read_and_decide(body[start:body.index(0, start)], "parse")
         ext_was_open, self._ext_open = self._ext_open, True
         stmt = _Statement(query, v, msg.name)
+        if v.row_guards:
+            stmt.guard = (body[start:body.index(0, start)], msg.param_types)
         self._statements[msg.name] = stmt
         action = v.action
         if action == "allow" or action == "mask":
@@ -1308,6 +1331,8 @@ class Session:
         portal_name, stmt_name, params, result_formats = _bind_fast(buf, s, e)
         stmt = self._statements.get(stmt_name, _UNKNOWN_STATEMENT)
         portal = _Portal(stmt, params, result_formats)
+        if stmt.guard is not None:
+            portal.bind = bytes(buf[s + 5:e])
         self._portals[portal_name] = portal
         self._ext_open = True
         self._ops.append((OP_BIND,))
@@ -1337,6 +1362,19 @@ class Session:
         stmt = portal.statement if portal is not None else _UNKNOWN_STATEMENT
         req = _Request("execute", stmt.text, stmt.verdict, portal.params if portal is not None else None)
         self._ext_open = True
+        if stmt.guard is not None and portal is not None:
+            original = bytes(buf[s:e])
+            r = self._row_guard(req, original, stmt.guard[0], stmt.guard[1], portal.bind, extended=True)
+            if r is not None:
+                return r
+            if req.verdict.action == "block":
+                nonce = self._blocked_sql(req, self._block_refusal(req.verdict))
+                self._ops.append((OP_EXECUTE, portal, req))
+                return m.Execute(nonce).encode()  # no such portal: the server fails, we answer
+            if req.verdict.action == "approve":
+                self._start_hold(req, original, lambda: (OP_EXECUTE, portal, req),
+                                 lambda nonce: m.Execute(nonce).encode())
+                return _HOLD
         if self._audit_durable is not None and self._wait_for_record(req, bytes(buf[s:e]), (OP_EXECUTE, portal, req)):
             return _HOLD
         self._ops.append((OP_EXECUTE, portal, req))
@@ -1441,15 +1479,116 @@ class Session:
                 self.front.function_names[self._lookup_oid] = self._lookup_found
             else:
                 self._unknown_oids.add(self._lookup_oid)
-            # The FunctionCall itself is decided again, now that its name is known.
-            self._cbuf = self._lookup_original + bytes(memoryview(self._cbuf)[self._cpos:])
-            self._cpos = 0
-            asyncio.get_running_loop().call_soon(self._release_client)
+            self._requeue(self._lookup_original)  # decided again, now that its name is known
         return b""  # the bot never asked for this
 
     def _c_terminate(self, buf, s: int, e: int):
         self._terminated = True
         return None
+
+    # ------------------------------------------------------------------ affected-rows guard
+    def _row_guard(self, req: _Request, original: bytes, query: bytes, param_types: tuple[int, ...],
+                   bind: bytes | None, *, extended: bool):
+        """A write some ``max_rows`` rule waits on: ask the server for the planner's estimate
+        first (EXPLAIN on this session, its own statement and portal, the bot's parameters), then
+        process the message again with it. None: decided now (req.verdict updated)."""
+        found = self._estimate
+        if found is not None and found[0] == original:
+            self._estimate = None
+            req.verdict = with_row_estimate(req.verdict, found[1], found[2])
+            return None
+        if self._lookup_active or self._estimating is not None or (not extended and not self._settled()):
+            req.verdict = with_row_estimate(req.verdict, None, "another request of this session was still in "
+                                                               "flight; send the write on its own")
+            return None
+        # Parse by hand: the statement stays in the bytes the bot sent (its client_encoding).
+        body = (_ESTIMATE.encode() + b"\0" + _EXPLAIN_PREFIX + query + b"\0" + _H16.pack(len(param_types))
+                + b"".join(struct.pack("!I", t) for t in param_types))
+        b = m.Bind.decode(bind) if bind is not None else m.Bind(_ESTIMATE, _ESTIMATE)
+        explain = b"P" + struct.pack("!I", len(body) + 4) + body + m.Bind(_ESTIMATE, _ESTIMATE, b.param_formats, b.params, ()).encode() \
+            + m.Execute(_ESTIMATE).encode() + m.Close("S", _ESTIMATE).encode() + m.Close("P", _ESTIMATE).encode() \
+            + (_FLUSH if extended else _SYNC)
+        self._estimating = (original, extended, req)
+        # After the messages before this one in the bot's buffer have gone out (call_soon: the
+        # handler's caller sends them once it sees _HOLD).
+        asyncio.get_running_loop().call_soon(self._ask_estimate, explain)
+        return _HOLD
+
+    def _ask_estimate(self, explain: bytes) -> None:
+        if self.closed:
+            return
+        self._to_server(explain)
+        if self._estimating[1] and self._ops:
+            # The bot's earlier messages of this batch are not answered yet (our Flush has them
+            # answered now): the replies are ours from the moment the last of them is in.
+            self._after_drain = self._await_estimate
+        else:
+            self._await_estimate()
+
+    def _await_estimate(self) -> None:
+        if self._skip_until_sync:
+            # The batch failed before our EXPLAIN: the server discarded it, and discards the held
+            # message too; nothing to estimate.
+            original = self._estimating[0]
+            self._estimating = None
+            self._requeue(original)
+            return
+        self._estimate_saved = {c: self._handlers[c] for c in _ESTIMATE_REPLIES}
+        for c in _ESTIMATE_REPLIES:
+            self._handlers[c] = self._on_estimate_reply
+        self._estimate_plan: str | None = None
+        self._estimate_error: bytes | None = None
+        self._estimate_closes = 0
+
+    def _on_estimate_reply(self, buf, s, e):
+        kind = buf[s]
+        extended = self._estimating[1]
+        if kind == 68:  # DataRow: the plan as JSON text
+            values = _row_values(buf, s, e)
+            if values and values[0] is not None:
+                self._estimate_plan = bytes(values[0]).decode("utf-8", "replace")
+        elif kind == 69:  # ErrorResponse: the statement would fail the same way (EXPLAIN plans it)
+            self._estimate_error = _shift_position(bytes(buf[s:e]), len(_EXPLAIN_PREFIX))
+            if extended:  # the server now discards the bot's batch up to its Sync, as for the statement
+                self._end_estimate()
+            return self._estimate_error
+        elif kind == 51:  # CloseComplete: the second one ends the extended variant
+            self._estimate_closes += 1
+            if extended and self._estimate_closes == 2:
+                self._end_estimate()
+        elif kind == 90:  # ReadyForQuery (simple variant, after our Sync)
+            self.txn_status = chr(buf[s + 5])
+            failed = self._estimate_error is not None
+            self._end_estimate()
+            return None if failed else b""  # after an error: the bot's Query ends with this one
+        return b""  # the bot never asked for this
+
+    def _end_estimate(self) -> None:
+        for c, h in self._estimate_saved.items():
+            self._handlers[c] = h
+        original, extended, req = self._estimating
+        self._estimating = None
+        if self._estimate_error is not None:
+            # Answered as the statement would have been; it was not sent.
+            err = m.ErrorResponse.decode(self._estimate_error[5:])
+            req.error, req.sqlstate = err.message, err.sqlstate
+            if extended:
+                self._skip_until_sync = True
+            self._finish(req)
+            asyncio.get_running_loop().call_soon(self._release_client)
+            return
+        try:
+            rows, why = plan_rows(self._estimate_plan or ""), ""
+        except (ValueError, KeyError, TypeError, IndexError) as e:
+            rows, why = None, f"the server's plan could not be read ({type(e).__name__})"
+        self._estimate = (original, rows, why)
+        self._requeue(original)
+
+    def _requeue(self, original: bytes) -> None:
+        """Process a held message again (after a lookup or an estimate), before what followed it."""
+        self._cbuf = original + bytes(memoryview(self._cbuf)[self._cpos:])
+        self._cpos = 0
+        asyncio.get_running_loop().call_soon(self._release_client)
 
     # ------------------------------------------------------------------ approvals
     def _start_hold(self, req: _Request, original: bytes, make_op: Callable[[], tuple],
@@ -1634,6 +1773,10 @@ class Session:
                         if r:
                             out.append(r)
                         run = e
+                    if self._after_drain is not None and not self._ops:
+                        # The bot's last pending answer: what follows is ours (handlers swap here).
+                        then, self._after_drain = self._after_drain, None
+                        then()
                 pos = e
         except PgProtocolError as err:
             self.fatal(sqlstate.PROTOCOL_VIOLATION, f"the server sent an invalid message ({err.message})")
@@ -1927,6 +2070,7 @@ class Session:
             "rule": v.rule, "reason": req.reason or v.reason or None,
             "duration_ms": (_time() - req.t0) * 1000.0, "rows": req.rows, "error": req.error,
             "sqlstate": req.sqlstate, "masked": req.masked,
+            "row_estimate": v.row_estimate, "row_limit": v.row_limit,
         })
 
     def _finish_pending(self, why: str) -> None:
@@ -1992,6 +2136,21 @@ def _syntax_error(message: str, position: int | None, *, why: str = "") -> m.Err
 # Replies to the front's own pg_proc lookup (RowDescription, DataRow, CommandComplete,
 # ErrorResponse, NoticeResponse, ReadyForQuery): swallowed while it runs.
 _LOOKUP_REPLIES = tuple(b"TDCENZ")
+
+
+def _shift_position(error: bytes, by: int) -> bytes:
+    """An ErrorResponse about ``EXPLAIN ... <statement>``, its Position (P) made relative to the
+    statement the bot sent, so psql's caret points where it would have."""
+    fields, pos, out = error[5:], 0, bytearray()
+    while pos < len(fields) and fields[pos] != 0:
+        end = fields.index(0, pos + 1)
+        code, value = fields[pos:pos + 1], fields[pos + 1:end]
+        if code == b"P" and value.isdigit() and int(value) > by:
+            value = str(int(value) - by).encode()
+        out += code + value + b"\0"
+        pos = end + 1
+    out += b"\0"
+    return error[:1] + struct.pack("!I", len(out) + 4) + bytes(out)
 
 
 def _quote_ident(name: str) -> str:
