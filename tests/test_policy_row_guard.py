@@ -118,3 +118,13 @@ def test_plan_rows_reads_modify_table_inputs() -> None:
         {"Node Type": "ModifyTable", "Operation": "Update", "Plans": [{"Node Type": "Seq Scan", "Plan Rows": 7}]},
         {"Node Type": "CTE Scan", "Plan Rows": 7}]}}]
     assert plan_rows(json.dumps(cte)) == 7
+
+
+def test_policy_explain_says_which_guards_wait_for_the_estimate() -> None:
+    from appliance.policy import explain
+
+    e = explain(engine(), "bot", "db", "DELETE FROM accounts WHERE id = id")
+    assert "row guard: approve by 'big-deletes-need-approval' if the server estimates more than 1000 rows" in str(e)
+    assert e.to_json()["row_guards"] == [
+        {"rule": "big-deletes-need-approval", "action": "approve", "max_rows": 1000},
+        {"rule": "huge-writes-blocked", "action": "block", "max_rows": 100000}]
