@@ -126,8 +126,9 @@ class PgFrontSettings:
     """One listener in front of one PostgreSQL target."""
 
     target: str
-    upstream_host: str
+    upstream_host: str                    # with upstream_unix: the server's Unix socket path
     upstream_port: int = 5432
+    upstream_unix: bool = False
     upstream_tls: UpstreamTLS = "prefer"
     upstream_ca_file: str | None = None
     tls_cert_file: str | None = None      # bot side; None = no TLS offered to bots
@@ -234,6 +235,25 @@ class PostgresFront:
         self._server = await loop.create_server(self.protocol_factory, host, port, **kwargs)
         return self._server
 
+    async def serve_unix(self, path: str) -> asyncio.Server:
+        """Listen on a Unix socket (a Unix-socket target: the kernel rewrites bots' connects to
+        the database's socket into connects to this one). World-connectable like a loopback
+        port: who is calling is decided by attestation (SO_PEERCRED), not by file modes."""
+        loop = asyncio.get_running_loop()
+        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+        if os.path.exists(path):
+            os.unlink(path)  # a stale socket of a previous run
+        self._server = await loop.create_unix_server(self.protocol_factory, path)
+        os.chmod(path, 0o666)
+        return self._server
+
+    async def _open_upstream(self, factory: Callable[[], Any]) -> tuple[Any, Any]:
+        st = self.settings
+        loop = asyncio.get_running_loop()
+        if st.upstream_unix:
+            return await loop.create_unix_connection(factory, st.upstream_host)
+        return await loop.create_connection(factory, st.upstream_host, st.upstream_port)
+
     async def close(self) -> None:
         """Stop listening and end every session."""
         if self._server is not None:
@@ -277,8 +297,9 @@ class PostgresFront:
         bot's own cancel connection is closed after this returns, keeping that order."""
         writer = None
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port),
-                                                    self.settings.connect_timeout)
+            opened = (asyncio.open_unix_connection(host) if self.settings.upstream_unix
+                      else asyncio.open_connection(host, port))
+            reader, writer = await asyncio.wait_for(opened, self.settings.connect_timeout)
             writer.write(m.CancelRequest(pid, secret).encode())
             await writer.drain()
             await asyncio.wait_for(reader.read(), self.settings.connect_timeout)
@@ -927,7 +948,8 @@ class Session:
         rec: dict[str, Any] = {
             "session_id": self.session_id, "ts": _now(), "target": self.settings.target, "protocol": PROTOCOL,
             "client_addr": _addr(ctx.client_addr),
-            "target_addr": f"{self.settings.upstream_host}:{self.settings.upstream_port}", "tls": ctx.tls,
+            "target_addr": (f"unix:{self.settings.upstream_host}" if self.settings.upstream_unix
+                            else f"{self.settings.upstream_host}:{self.settings.upstream_port}"), "tls": ctx.tls,
         }
         a = ctx.attribution
         if a is not None:
@@ -948,9 +970,8 @@ class Session:
         loop = asyncio.get_running_loop()
         st = self.settings
         try:
-            _, proto = await asyncio.wait_for(
-                loop.create_connection(lambda: UpstreamProtocol(self), st.upstream_host, st.upstream_port),
-                st.connect_timeout)
+            _, proto = await asyncio.wait_for(self.front._open_upstream(lambda: UpstreamProtocol(self)),
+                                              st.connect_timeout)
         except (OSError, asyncio.TimeoutError) as e:
             self._upstream_failed("tcp")
             raise FrontError(sqlstate.SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
