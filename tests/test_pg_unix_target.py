@@ -131,3 +131,12 @@ def test_a_process_outside_the_bots_cgroups_is_refused_on_the_inspectors_socket(
         reply = s.recv(4096)
     assert reply[:1] == b"E" and b"reader-bot" not in reply[:1], reply
     assert Path(world["socket"]).exists() and world["pg"].psql("SELECT 1") == "1"
+
+
+def test_doctor_checks_the_databases_socket(world):
+    import json
+
+    res = cli(world["config"], "doctor", "--json")
+    checks = {c["name"]: c for c in json.loads(res.stdout)["checks"]}
+    check = checks["target local-db reachable"]
+    assert check["status"] == "ok" and "PostgreSQL answers SSLRequest with 'N'" in check["detail"], check
