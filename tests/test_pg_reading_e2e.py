@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.probes_fixtures import RUN_TAG
+
 from appliance.sandbox import PostgresServer, config_header, configure_openbao, free_port
 from probes import cgroups
 from tests.daemon_fixtures import DaemonProcess
@@ -27,8 +29,8 @@ from tests.test_probes_e2e import PgNet, bot_run, cli
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
 
-BOTS = "botwarden-read.bots"
-PIN_DIR = "/sys/fs/bpf/botwarden-read"
+BOTS = f"botwarden-read-{RUN_TAG}.bots"
+PIN_DIR = f"/sys/fs/bpf/botwarden-read-{RUN_TAG}"
 BOT = "reader"
 
 RULES = """

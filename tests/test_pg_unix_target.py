@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.probes_fixtures import RUN_TAG
+
 from appliance.sandbox import PostgresServer, config_header, configure_openbao
 from probes import cgroups
 from tests.daemon_fixtures import DaemonProcess
@@ -26,8 +28,8 @@ from tests.test_probes_e2e import bot_run, cli
 pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
 
 PSQL = "/usr/lib/postgresql/15/bin/psql"
-BOTS = "botwarden-unixt.bots"
-PIN_DIR = "/sys/fs/bpf/botwarden-unixt"
+BOTS = f"botwarden-unixt-{RUN_TAG}.bots"
+PIN_DIR = f"/sys/fs/bpf/botwarden-unixt-{RUN_TAG}"
 BOT = "local-reader"
 
 
