@@ -115,3 +115,35 @@ def session_row(daemon, **where) -> dict | None:
     rows = daemon.audit_sql(f"SELECT * FROM sessions WHERE {cond} AND outcome <> 'open' ORDER BY start_seq",
                             list(where.values()))
     return rows[-1] if rows else None
+
+
+class Sampler:
+    """Samples a process's open file descriptors and RSS every ``interval`` seconds (a thread)."""
+
+    def __init__(self, pid: int, interval: float = 0.2):
+        self.pid = pid
+        self.before = (fd_count(pid), rss_kib(pid))
+        self.samples: list[tuple[int, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((fd_count(self.pid), rss_kib(self.pid)))
+            self._stop.wait(0.2)
+
+    def __enter__(self) -> "Sampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    @property
+    def peak_fds(self) -> int:
+        return max([s[0] for s in self.samples] or [self.before[0]])
+
+    @property
+    def peak_rss_kib(self) -> int:
+        return max([s[1] for s in self.samples] or [self.before[1]])
