@@ -87,7 +87,8 @@ def env(pg_server, bao_server, other_issuer, tmp_path_factory):
     port = new_port()
     top = Path(tempfile.mkdtemp(prefix="bw-advt-"))
     socket_path = top / "run" / "control.sock"
-    probes = f'mode = "ebpf"\nbots_cgroup = "{BOTS}"\npin_dir = "{PIN_DIR}"\nnft_table = "botwarden_advt"\nmap_entries = 4096'
+    probes = (f'mode = "ebpf"\nbots_cgroup = "{BOTS}"\npin_dir = "{PIN_DIR}"\nnft_table = "botwarden_advt"\n'
+              'map_entries = 4096')
     header = config_header(workdir, setup, socket_path=socket_path, probes=probes)
     # No leeway: a token that expired a second ago is expired (the default allows 30 s of clock skew).
     header = header.replace('algorithms = ["RS256"]\n', 'algorithms = ["RS256"]\nleeway_s = 0\n', 1)
@@ -225,6 +226,22 @@ def test_token_of_identity_x_from_a_process_attested_as_y(env):
     assert code == 0 and out.strip() == "y ran", err
     row = wait_until(lambda: session_row(env.daemon, pid=ok.pid), 20, "Y's session row")
     assert row["outcome"] == "ok" and row["identity"] == "token-y"
+
+
+def test_a_root_bot_with_a_valid_token_is_refused_by_uid_not(env):
+    """`bot run --allow-privileged` lets a root bot start (marked privileged); the identity's
+    ``uid_not = [0]`` still refuses its session."""
+    ran = subprocess.run([sys.executable, "-m", "appliance.cli", "--config", str(env.config), "bot", "run", "--name",
+                          BOT_X, "--allow-privileged", "--", *psql_argv(env.pg.port, "SELECT 'should not run'")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": str(ROOT), **bot_env(env.bao.mint_token())})
+    reason = "process not allowed: uid 0, identity 'token-x' requires uid not 0"
+    assert ran.returncode != 0 and ran.stdout == "" and reason in ran.stderr, ran.stderr
+    row = wait_until(lambda: env.daemon.audit_sql("SELECT * FROM sessions WHERE uid = 0 AND cgroup_path = ? AND "
+                                                  "outcome <> 'open'", [f"/{BOTS}/{BOT_X}"]), 20, "the row")[-1]
+    assert row["outcome"] == "refused" and reason in row["error"] and row["privileged"] is True
+    assert row["token_subject"] == env.bao.bot_entity_id() and row["identity"] is None
+    assert env.live.alive()
 
 
 HUGE_PASSWORD_BOT = r"""
