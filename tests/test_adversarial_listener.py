@@ -14,7 +14,6 @@ before the attack still work. Memory and descriptors are measured from /proc and
 from __future__ import annotations
 
 import json
-import os
 import pwd
 import random
 import socket

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import hvac
 import pytest
+import requests
 from joserfc import jwk
 
 from appliance.sandbox import OpenBaoServer, config_header
@@ -81,8 +82,10 @@ def env(pg_server, bao_server, other_issuer, tmp_path_factory):
                    template=base64.b64encode(template.encode()).decode())
     root.sys.create_or_update_policy(f"advt-mint-{tag}", 'path "identity/oidc/token/*" { capabilities = ["read"] }')
     minter = _approle_login(root, bao_server.addr, f"advt-minter-{tag}", f"advt-mint-{tag}")
-    # Identity Y: another bot with its own AppRole (its own entity, so its own token subject).
-    bot_y = _approle_login(root, bao_server.addr, f"advt-bot-y-{tag}", f"{setup.oidc_role.rsplit('-', 1)[0]}-mint")
+    # Identity Y: another bot with its own AppRole (its own entity, so its own token subject),
+    # allowed to mint from the bots' role (configure_openbao's policy "<tag>-mint" for "<tag>-bots").
+    mint_policy = setup.oidc_role.removesuffix("-bots") + "-mint"
+    bot_y = _approle_login(root, bao_server.addr, f"advt-bot-y-{tag}", mint_policy)
 
     port = new_port()
     top = Path(tempfile.mkdtemp(prefix="bw-advt-"))
@@ -133,8 +136,7 @@ uid_not = [0]
             "pg": pg_server, "bao": setup, "config": config, "daemon": daemon, "live": live,
             "mint_as": lambda which: minter.read(f"identity/oidc/token/{roles[which][0]}")["data"]["token"],
             "mint_y": lambda: bot_y.read(f"identity/oidc/token/{setup.oidc_role}")["data"]["token"],
-            "jwks": lambda: __import__("requests").get(f"{bao_server.addr}/v1/identity/oidc/.well-known/keys",
-                                                       timeout=5).json(),
+            "jwks": lambda: requests.get(f"{bao_server.addr}/v1/identity/oidc/.well-known/keys", timeout=5).json(),
         })
     finally:
         try:
