@@ -40,8 +40,10 @@ from tests.test_adversarial_daemon import BotProcess, bot_env, psql_argv
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
 
-BOTS = "botwarden-advt.bots"
-PIN_DIR = "/sys/fs/bpf/botwarden-advt"
+# Unique per run: other test runs on the machine may hold their own probes at the same time.
+RUN = uuid.uuid4().hex[:6]
+BOTS = f"bw-advt-{RUN}.bots"
+PIN_DIR = f"/sys/fs/bpf/bw-advt-{RUN}"
 BOT_X, BOT_Y = "bot-x", "bot-y"  # the cgroups (under BOTS) identities X and Y require
 MAX_TOKEN_BYTES = 16 * 1024       # appliance.identity.oidc.MAX_TOKEN_BYTES
 
@@ -90,7 +92,7 @@ def env(pg_server, bao_server, other_issuer, tmp_path_factory):
     port = new_port()
     top = Path(tempfile.mkdtemp(prefix="bw-advt-"))
     socket_path = top / "run" / "control.sock"
-    probes = (f'mode = "ebpf"\nbots_cgroup = "{BOTS}"\npin_dir = "{PIN_DIR}"\nnft_table = "botwarden_advt"\n'
+    probes = (f'mode = "ebpf"\nbots_cgroup = "{BOTS}"\npin_dir = "{PIN_DIR}"\nnft_table = "bw_advt_{RUN}"\n'
               'map_entries = 4096')
     header = config_header(workdir, setup, socket_path=socket_path, probes=probes)
     # No leeway: a token that expired a second ago is expired (the default allows 30 s of clock skew).
