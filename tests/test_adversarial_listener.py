@@ -132,7 +132,21 @@ def test_garbage_before_login_is_refused_with_a_protocol_error(env, case):
     grew = rss_kib(pid) - rss_before
     print(f"{case}: daemon RSS grew by {grew} KiB")
     assert grew < 16 * 1024  # nothing was allocated for the length the packet claimed
+    # No session exists before login: the refusal is a probe row (at most one per peer and kind
+    # of refusal per 10 s, the count of those it stands for in the detail).
+    assert_refusal_recorded(env, "protocol error: invalid startup packet length")
     unaffected(env)
+
+
+def assert_refusal_recorded(env, text: str) -> None:
+    def found() -> bool:
+        rows = env.daemon.audit_sql("SELECT detail, uid FROM probes WHERE event = 'protocol_refused'")
+        return any(text in (r["detail"] or "") and r["uid"] == 0 for r in rows)
+
+    deadline = time.monotonic() + 10
+    while not found():
+        assert time.monotonic() < deadline, env.daemon.audit_sql("SELECT event, detail FROM probes")
+        time.sleep(0.2)
 
 
 def test_half_a_startup_packet_then_silence_is_closed_by_the_unauthenticated_timeout(env):
@@ -143,6 +157,7 @@ def test_half_a_startup_packet_then_silence_is_closed_by_the_unauthenticated_tim
     assert (answer["type"], answer["severity"], answer["sqlstate"]) == ("E", "FATAL", "08006"), answer
     assert f"did not authenticate within {TIMEOUT_S:g}s" in answer["message"] and answer["closed"]
     assert env.daemon.client().get("/v1/status")["admission"]["timed_out"] >= 1
+    assert_refusal_recorded(env, f"did not authenticate within {TIMEOUT_S:g}s")
     unaffected(env)
 
 

@@ -734,7 +734,16 @@ class Session:
         return False
 
     def _admission_closed(self, reason: str) -> None:
+        self._refused_before_login(reason)
         self.fatal(sqlstate.CONNECTION_FAILURE, f"botwarden: {reason}; the connection is closed")
+
+    def _refused_before_login(self, why: str) -> None:
+        """Garbage, impossible lengths or silence before login: no session exists to carry a row,
+        so the refusal is a probe event (rate-limited per peer by the admission)."""
+        ticket = self._admission
+        if ticket is not None and self.grant is None:
+            t = self.bot.transport
+            ticket.refused(why, _addr(t.get_extra_info("sockname")) if t is not None else "")
 
     def _message_timed_out(self, timeout: float) -> None:
         self.fatal(sqlstate.PROTOCOL_VIOLATION, f"botwarden: a message from the client stayed incomplete for "
@@ -862,6 +871,7 @@ class Session:
         try:
             await asyncio.wait_for(self._startup(), self.settings.startup_timeout)
         except asyncio.TimeoutError:
+            self._refused_before_login("the session did not start in time")
             self.fatal(sqlstate.CONNECTION_FAILURE, "the session did not start in time", outcome="error")
         except FrontError as e:
             if e.server_error is not None:
@@ -872,6 +882,7 @@ class Session:
             else:
                 self.fatal(e.sqlstate, e.message, outcome="refused" if e.sqlstate.startswith("28") else "error")
         except PgProtocolError as e:
+            self._refused_before_login(f"protocol error: {e.message}")
             self.fatal(e.sqlstate, e.message)
         except (ConnectionError, OSError) as e:
             if not self.closed:
