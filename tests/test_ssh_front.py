@@ -10,10 +10,12 @@ each command are audit rows; the upstream certificate was made for this session.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -126,6 +128,12 @@ targets = ["web-1"]
 cgroup = "{BOT}"
 
 [[rules]]
+name = "touch-needs-approval"
+action = "approve"
+[rules.ssh]
+programs = ["touch"]
+
+[[rules]]
 name = "no-rm"
 action = "block"
 description = "deploy bots do not delete files"
@@ -208,3 +216,34 @@ def test_blocked_command_exits_126_with_the_rule_and_never_reaches_sshd(world, t
     assert world["sshd"].logged().count("Accepted publickey") == before  # no upstream connection at all
     rows = world["daemon"].audit_sql("SELECT decision, rule FROM requests WHERE text = ?", [f"rm -f {marker}"])
     assert rows == [{"decision": "block", "rule": "no-rm"}]
+
+
+@pytest.mark.parametrize("approve", [True, False])
+def test_held_command_runs_once_approved_and_exits_126_when_denied(world, approve):
+    marker = Path(tempfile.mkdtemp(prefix="bw-ssh-held-")) / "made"
+    result: dict = {}
+    t = threading.Thread(target=lambda: result.update(ran=ssh_bot(world, f"touch {marker}")))
+    t.start()
+    item = None
+    for _ in range(300):
+        items = json.loads(cli(world["config"], "approvals", "list", "--json").stdout or "[]")
+        if items:
+            item = items[0]
+            break
+        time.sleep(0.1)
+    assert item is not None and item["rule"] == "touch-needs-approval" and item["protocol"] == "ssh", item
+    assert item["request"] == f"touch {marker}" and not marker.exists()  # nothing ran while it waited
+    verb = ["approve", item["approval_id"], "--reason", "ok"] if approve else ["deny", item["approval_id"],
+                                                                                  "--reason", "not now"]
+    decided = cli(world["config"], "approvals", *verb)
+    assert decided.returncode == 0, decided.stderr
+    t.join(60)
+    ran = result["ran"]
+    assert f"botwarden: waiting for approval {item['approval_id']}" in ran.stderr, ran.stderr
+    if approve:
+        assert ran.returncode == 0 and marker.exists(), ran
+    else:
+        assert ran.returncode == 126 and "not now" in ran.stderr and not marker.exists(), ran
+    rows = world["daemon"].audit_sql("SELECT decision FROM requests WHERE text = ?", [f"touch {marker}"])
+    assert [r["decision"] for r in rows] == ["approve" if approve else "deny"]
+    shutil.rmtree(marker.parent, ignore_errors=True)
