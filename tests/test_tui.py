@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import getpass
+import io
 import socket
 import subprocess
 import sys
@@ -25,6 +26,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from rich.console import Console
+from rich.text import Text
 from textual import events
 from textual.command import CommandList, CommandPalette
 from textual.keys import REPLACED_KEYS, _character_to_key, _get_unicode_name_from_key
@@ -145,7 +148,14 @@ async def until(pilot: Pilot, predicate: Callable[[], bool], what: str, limit_s:
 
 
 def text_of(app: BotwardenApp, selector: str) -> str:
-    return str(app.query_one(selector, Static).content)
+    """A Static's text; a rich renderable (the approval's detail grid) as the terminal shows it,
+    wide enough that no line wraps."""
+    content = app.query_one(selector, Static).content
+    if isinstance(content, (str, Text)):
+        return str(content)
+    console = Console(width=400, record=True, file=io.StringIO())
+    console.print(content)
+    return "\n".join(line.rstrip() for line in console.export_text().splitlines())
 
 
 def table_rows(app: BotwardenApp, selector: str) -> list[list[str]]:

@@ -36,6 +36,7 @@ from types import FrameType
 from typing import Any, ClassVar
 from urllib.parse import quote
 
+from rich.table import Table as RichTable
 from rich.text import Text
 from textual import on
 from textual.actions import SkipAction
@@ -117,7 +118,7 @@ class WatchDown(Message):
 class BotwardenApp(OrderedKeys):
     """The botwarden operator console."""
 
-    CSS_PATH = "app.tcss"
+    CSS_PATH = Path(__file__).with_name("app.tcss")  # absolute: subclasses elsewhere find it too
     TITLE = "botwarden"
 
     # Every global key is an F-key (or a ctrl chord) and a priority binding: it cannot be
@@ -129,7 +130,7 @@ class BotwardenApp(OrderedKeys):
         Binding("f3", "show_tab('audit')", "Audit", priority=True, show=False),
         Binding("f4", "show_tab('replay')", "Replay", priority=True, show=False),
         Binding("f9", "show_tab('status')", "Status", priority=True, show=False),
-        Binding("f5", "refresh", "Refresh", priority=True),
+        Binding("f5", "refresh", "Refresh", priority=True, show=False),
         Binding("f6", "approve", "Approve", priority=True),
         Binding("f7", "approve_window", "Window", priority=True),
         Binding("f8", "deny", "Deny", priority=True),
@@ -143,8 +144,13 @@ class BotwardenApp(OrderedKeys):
     ]
 
     def __init__(self, socket_path: str, *, status_every_s: float = 3.0, retry_s: float = 2.0,
-                 call_timeout_s: float = 10.0, screenshot_dir: str | None = None):
+                 call_timeout_s: float = 10.0, screenshot_dir: str | None = None, connect: bool = True,
+                 clock: Callable[[], datetime] | None = None):
+        """``connect=False`` and ``clock``: for snapshot tests, which hand the console the daemon's
+        documents themselves and freeze its clock, so every render is the same."""
         super().__init__()
+        self.connect = connect
+        self._clock = clock
         self.socket_path = socket_path
         self.call_timeout_s = call_timeout_s
         self.client = ControlClient(socket_path, timeout=call_timeout_s)
@@ -206,7 +212,7 @@ class BotwardenApp(OrderedKeys):
                     yield Static(Text("asking the daemon …"), id="status-view")
         with Vertical(id="status"):
             yield Static(Text(f"connecting to {self.socket_path} …"), id="status-bar")
-        yield Footer()
+        yield Footer(compact=True)
 
     @property
     def _main(self) -> Screen:
@@ -237,6 +243,8 @@ class BotwardenApp(OrderedKeys):
             sessions.add_column(key, key=key)
         self._main.set_focus(table)
         self._render_pending()
+        if not self.connect:
+            return
         self.refresh_status()
         self.set_interval(self.status_every_s, self.refresh_status)
         self.set_interval(1.0, self._tick)
@@ -261,7 +269,7 @@ class BotwardenApp(OrderedKeys):
         executor, which is joined at exit, so a call stuck on a dead daemon would hold up
         quitting (and a signal) for its whole timeout.
         """
-        if single and any(c.purpose == purpose for c in self._calls.values()):
+        if not self.connect or (single and any(c.purpose == purpose for c in self._calls.values())):
             return
         seq = self._seq[purpose] = self._seq.get(purpose, 0) + 1
         self._call_ids += 1
@@ -421,10 +429,11 @@ class BotwardenApp(OrderedKeys):
         table = self._main.query_one("#sessions-table", DataTable)
         keep = self._selected_key(table)
         query = self._main.query_one("#sessions-filter", Input).value
-        shown = [s for s in self.sessions if session_matches(s, query)]
+        shown = [s for s in self.sessions if session_matches(s, query, self.now())]
         table.clear()
         for s in shown:
-            row = {**s, "current": current_statement(s)}
+            # The id's first 12 characters tell sessions apart; the detail line has all of it.
+            row = {**s, "current": current_statement(s, self.now()), "session_id": str(s.get("session_id"))[:12]}
             table.add_row(*(Text(cell(row.get(str(c.key.value)))) for c in table.ordered_columns),
                           key=str(s.get("session_id")))
         self._restore_cursor(table, keep)
@@ -447,7 +456,7 @@ class BotwardenApp(OrderedKeys):
             return
         line = (f"{s.get('session_id')}  {s.get('identity')} → {s.get('target')}  {s.get('state')}  "
                 f"pid {cell(s.get('pid'))} uid {cell(s.get('uid'))} {cell(s.get('exe'))}")
-        current = current_statement(s)
+        current = current_statement(s, self.now())
         detail.update(Text(line + (f"\n{'now' if s.get('current_running') else 'last'}: {current}" if current
                                    else "")))
 
@@ -626,16 +635,18 @@ class BotwardenApp(OrderedKeys):
         if approval is None:
             detail.update(Text("No pending approvals." if not len(self.book) else ""))
             return
-        text = Text()
-        text.append(f"{approval['approval_id']}", style="bold")
+        # A grid, so a long line wraps inside its own column at 80 columns.
+        grid = RichTable.grid(padding=(0, 1))
+        grid.add_column(style="bold", justify="right", no_wrap=True)
+        grid.add_column(overflow="fold")
+        grid.add_row("held", Text(str(approval["approval_id"])))
         for label, line in approval_detail(approval, self.now()):
-            text.append(f"\n{label:>10}  ", style="bold")
-            text.append(line)
-        detail.update(text)
+            grid.add_row(label, Text(line))
+        detail.update(grid)
 
     def now(self) -> datetime:
         """The console's clock (snapshot tests freeze it)."""
-        return datetime.now(timezone.utc)
+        return self._clock() if self._clock is not None else datetime.now(timezone.utc)
 
     def _tick(self) -> None:
         if not self._ui_ready():
@@ -811,7 +822,7 @@ class BotwardenApp(OrderedKeys):
 
     async def action_help(self) -> None:
         self._global_key()
-        await self._open(HelpScreen(self._active_tab()), None, "#help-close")
+        await self._open(HelpScreen(self._active_tab()), None, "#help-body")
 
     async def action_end_session(self) -> None:
         """ctrl+k on the sessions table: end the selected live session, once confirmed."""

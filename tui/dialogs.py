@@ -17,7 +17,7 @@ from textual import on
 from textual.actions import SkipAction
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.containers import Horizontal, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Static
 
@@ -53,7 +53,7 @@ class DecisionScreen(ModalScreen[Decision | None]):
     def compose(self) -> ComposeResult:
         a = self.approval
         required = self.mode == "deny"
-        with Vertical(id="dialog", classes=self.mode):
+        with VerticalScroll(id="dialog", classes=self.mode):
             yield Label(f"{_TITLES[self.mode]} — {a.get('approval_id')}", id="dialog-title")
             yield Static(Text(f"identity {a.get('identity')}  target {a.get('target')}  rule {a.get('rule')}\n"
                               f"{a.get('request', '')}"), id="dialog-request")
@@ -156,7 +156,7 @@ class EndSessionScreen(ModalScreen[str | None]):
 
     def compose(self) -> ComposeResult:
         s = self.session
-        with Vertical(id="dialog", classes="deny"):
+        with VerticalScroll(id="dialog", classes="deny"):
             yield Label(f"End session {s.get('session_id')}", id="dialog-title")
             yield Static(Text(f"identity {s.get('identity')}  target {s.get('target')}  pid {s.get('pid')}  "
                               f"exe {s.get('exe')}\n{s.get('current') or ''}"), id="dialog-request")
@@ -238,7 +238,7 @@ HELP: dict[str, tuple[tuple[str, str], ...]] = {
 
 
 class HelpScreen(ModalScreen[None]):
-    """The keys of every tab, the current one first. Escape, Enter or ? closes it."""
+    """The keys of every tab, the current one first; arrows scroll it. Escape, Enter or ? closes it."""
 
     BINDINGS = [
         Binding("escape", "close", "Close", priority=True),
@@ -260,7 +260,7 @@ class HelpScreen(ModalScreen[None]):
             for keys, what in HELP[section]:
                 text.append(f"  {keys:<16}", style="bold")
                 text.append(f"{what}\n")
-        with Vertical(id="dialog", classes="help"):
+        with VerticalScroll(id="dialog", classes="help"):
             yield Label("Keys", id="dialog-title")
             with VerticalScroll(id="help-body"):
                 yield Static(text, id="help-text")
@@ -291,7 +291,7 @@ class QuitScreen(ModalScreen[bool]):
 
     def compose(self) -> ComposeResult:
         n = self.pending
-        with Vertical(id="dialog", classes="quit"):
+        with VerticalScroll(id="dialog", classes="quit"):
             yield Label("Quit the console?", id="dialog-title")
             yield Static(Text(f"{n} request{'s are' if n != 1 else ' is'} waiting for a decision. "
                               "They stay held in the daemon (and are denied when they expire), "
