@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from appliance.control import ControlError
 from appliance.sandbox import OpenBaoServer, config_header
 from probes import cgroups
 from tests.daemon_fixtures import PSQL, ROOT, DaemonProcess, fresh_setup, new_port
@@ -302,6 +303,11 @@ def test_sessions_filter_and_end_a_live_session(env):
     rows = env.daemon.audit_sql("SELECT outcome, error FROM sessions WHERE session_id = ?", [sid])
     assert rows and rows[0]["outcome"] == "terminated"
     assert f"ended by operator {me} (uid {os.getuid()}): runaway query" in rows[0]["error"]
+    # Once ended it cannot be ended again; an unknown id is the same answer.
+    for unknown in (sid, "no-such-session"):
+        with pytest.raises(ControlError) as refused:
+            env.daemon.client().post(f"/v1/sessions/{unknown}/end", {"reason": "again"})
+        assert refused.value.status == 404 and "no live session" in refused.value.message
 
 
 def status_text(app: BotwardenApp) -> str:
