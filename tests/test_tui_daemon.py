@@ -330,7 +330,7 @@ def test_help_and_status_then_status_with_openbao_stopped(env):
             seen["up"] = status_text(app)
             await pilot.press("question_mark")
             await until(pilot, lambda: isinstance(app.screen, HelpScreen), "the help")
-            seen["help"] = str(app.screen.query_one("#help-text").content)
+            seen["help"] = text_of(app.screen, "#help-text")
             await pilot.press("escape")
             await until(pilot, lambda: not isinstance(app.screen, HelpScreen), "the help to close")
             await asyncio.to_thread(env.bao_server.stop)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from rich.table import Table as RichTable
 from rich.text import Text
 from textual import on
 from textual.actions import SkipAction
@@ -252,14 +253,17 @@ class HelpScreen(ModalScreen[None]):
 
     def compose(self) -> ComposeResult:
         order = ["everywhere", self.tab, *(t for t in HELP if t not in ("everywhere", self.tab))]
-        text = Text()
+        # A grid, so a long description wraps in its own column at 80 columns.
+        text = RichTable.grid(padding=(0, 2))
+        text.add_column(style="bold", no_wrap=True)
+        text.add_column(overflow="fold")
         for section in order:
             if section not in HELP:
                 continue
-            text.append(f"{section}{' (this tab)' if section == self.tab else ''}\n", style="bold")
+            text.add_row(Text(f"{section}{' (this tab)' if section == self.tab else ''}", style="bold underline"),
+                         "")
             for keys, what in HELP[section]:
-                text.append(f"  {keys:<16}", style="bold")
-                text.append(f"{what}\n")
+                text.add_row(f"  {keys}", what)
         with VerticalScroll(id="dialog", classes="help"):
             yield Label("Keys", id="dialog-title")
             with VerticalScroll(id="help-body"):
