@@ -468,19 +468,35 @@ class Runtime:
                    probe: bool = False) -> Verdict:
         # Per-session SQL state (prepared statement names, search_path) lives with the session.
         live = self.live.get(grant.session_id)
+        refused = self._refuse_before_deciding(live)
+        if refused is not None:
+            return refused
+        state = live.sql_state if live is not None else None
+        if probe and state is not None:
+            state = state.copy()
+        return self.engine.decide_sql(grant.identity, grant.groups, target, sql, session=state)
+
+    def decide_k8s(self, grant: SessionGrant, target: str, request: Any) -> Verdict:
+        """One Kubernetes API request (an appliance.policy.K8sRequest), under the same audit and
+        token-expiry checks as a statement."""
+        refused = self._refuse_before_deciding(self.live.get(grant.session_id))
+        if refused is not None:
+            return refused
+        return self.engine.decide_k8s(grant.identity, grant.groups, target, request)
+
+    def _refuse_before_deciding(self, live: LiveSession | None) -> Verdict | None:
+        """Nothing runs unaudited, nor on an expired token (oidc.on_expiry = "recheck"): the
+        verdict that refuses the request, or None."""
         store = self.daemon.audit
         if store is None or not store.healthy:
             return self._audit_refusal(store, live)
         if live is not None and live.expiry is not None and live.expiry.policy == "recheck":
             expired = live.expiry.check()
-            if expired is not None:  # refuse this request, then end the session (oidc.on_expiry = "recheck")
+            if expired is not None:  # refuse this request, then end the session
                 if live.terminate is not None:
                     asyncio.get_running_loop().call_soon(live.terminate, "57P01", expired)
                 return Verdict("block", None, expired)
-        state = live.sql_state if live is not None else None
-        if probe and state is not None:
-            state = state.copy()
-        return self.engine.decide_sql(grant.identity, grant.groups, target, sql, session=state)
+        return None
 
     def name_statement(self, grant: SessionGrant, name: str, verdict: Verdict | None) -> None:
         live = self.live.get(grant.session_id)

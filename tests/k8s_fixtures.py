@@ -1,0 +1,107 @@
+"""A real kube-apiserver (tests/k8s/cluster.py) behind a real botwarden daemon, for kubectl tests."""
+
+from __future__ import annotations
+
+import subprocess
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from appliance.control import ControlClient
+from appliance.sandbox import OpenBaoSetup, config_header
+from tests.daemon_fixtures import DaemonProcess, fresh_setup, new_port
+from tests.k8s.cluster import KubeCluster, issue_cert, make_ca
+
+K8S_RULES = """
+[[rules]]
+name = "no-namespace-deletes"
+action = "block"
+description = "namespaces are deleted by humans"
+[rules.k8s]
+verbs = ["delete", "deletecollection"]
+resources = ["namespaces"]
+
+[[rules]]
+name = "deployment-deletes-need-approval"
+action = "approve"
+[rules.k8s]
+verbs = ["delete"]
+resources = ["deployments"]
+api_groups = ["apps"]
+
+[[rules]]
+name = "mask-secrets"
+action = "mask"
+[rules.k8s]
+resources = ["secrets"]
+"""
+
+
+@dataclass
+class K8sEnv:
+    kube: KubeCluster
+    bao: OpenBaoSetup
+    daemon: DaemonProcess
+    workdir: Path
+    listen_port: int
+    bot_ca: Path
+
+    @property
+    def client(self) -> ControlClient:
+        return self.daemon.client()
+
+    def bot_kubeconfig(self, token: str | None = None, name: str | None = None) -> Path:
+        """A bot's kubeconfig: the API server's name (here the front's loopback listener, as the
+        probes would redirect it), the CA botwarden's certificate chains to, the bot's OIDC token."""
+        path = self.workdir / f"{name or uuid.uuid4().hex[:8]}.kubeconfig"
+        return self.kube.kubeconfig(path, server=f"https://127.0.0.1:{self.listen_port}",
+                                    token=token if token is not None else self.bao.mint_token(), ca_file=self.bot_ca)
+
+    def direct_kubeconfig(self) -> Path:
+        return self.kube.kubeconfig(self.workdir / "direct.kubeconfig")
+
+    def kubectl(self, kubeconfig: Path, *args: str, **kw) -> subprocess.CompletedProcess:
+        return self.kube.run_kubectl(kubeconfig, *args, **kw)
+
+
+def start_k8s_env(kube: KubeCluster, bao_server, pg_server, *, rules: str = K8S_RULES,
+                  approvals_timeout_s: int = 60) -> K8sEnv:
+    workdir = Path(tempfile.mkdtemp(prefix="bw-k8s-env-"))
+    bao = fresh_setup(bao_server, pg_server, workdir)
+    ca = make_ca(workdir, "bot-ca")
+    cert, key = issue_cert(workdir, ca, "front", "/CN=kube-apiserver",
+                           sans=("IP:127.0.0.1", "DNS:localhost", "DNS:kubernetes"))
+    token_file = workdir / "k8s-token"
+    token_file.write_text(kube.admin_token + "\n")
+    token_file.chmod(0o600)
+    port = new_port()
+    header = config_header(workdir, bao, approvals_timeout_s=approvals_timeout_s)
+    config = workdir / "botwarden.toml"
+    config.write_text(header + f"""
+[tls]
+cert_file = "{cert}"
+key_file = "{key}"
+
+[[targets]]
+name = "cluster"
+protocol = "kubernetes"
+address = "127.0.0.1:{kube.port}"
+listen = "127.0.0.1:{port}"
+[targets.tls]
+mode = "verify-full"
+ca_file = "{kube.ca_file}"
+[targets.credential]
+source = "static"
+username = "bw-admin"
+password_file = "{token_file}"
+
+[[identities]]
+name = "deploy-bot"
+groups = ["bots"]
+[identities.token]
+subject = "{bao.bot_entity_id()}"
+{rules}
+""")
+    daemon = DaemonProcess(config, workdir / "run" / "control.sock").start()
+    return K8sEnv(kube, bao, daemon, workdir, port, ca[0])

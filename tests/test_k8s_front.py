@@ -1,0 +1,147 @@
+"""The Kubernetes front with real kubectl 1.20 against a real kube-apiserver 1.20.2 (issue 17).
+
+The control plane is built by tests/k8s/build.sh (cached per machine) and started by
+tests/k8s/cluster.py; botwarden runs as a real daemon with OpenBao as OIDC issuer.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import time
+import uuid
+
+import pytest
+import yaml
+
+from appliance.protocols.kubernetes import MASK_DATA, MASK_TEXT
+from tests.k8s.cluster import KubeCluster
+from tests.k8s_fixtures import K8sEnv, start_k8s_env
+
+
+@pytest.fixture(scope="module")
+def kube():
+    cluster = KubeCluster().start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def env(kube, bao_server, pg_server):
+    e = start_k8s_env(kube, bao_server, pg_server)
+    try:
+        yield e
+    finally:
+        e.daemon.stop()
+
+
+def _ns(env: K8sEnv) -> str:
+    name = f"bw-{uuid.uuid4().hex[:8]}"
+    res = env.kubectl(env.direct_kubeconfig(), "create", "namespace", name)
+    assert res.returncode == 0, res.stderr
+    return name
+
+
+def test_get_and_list_through_botwarden_match_direct(env: K8sEnv) -> None:
+    ns = _ns(env)
+    direct = env.direct_kubeconfig()
+    for i in range(3):
+        assert env.kubectl(direct, "-n", ns, "create", "configmap", f"cm{i}", f"--from-literal=k=v{i}").returncode == 0
+    bot = env.bot_kubeconfig()
+    for args in (("get", "configmaps", "-n", ns, "-o", "json"), ("get", "configmap", "cm1", "-n", ns, "-o", "yaml"),
+                 ("get", "namespaces", ns), ("get", "configmaps", "-n", ns),
+                 ("get", "configmaps", "-n", ns, "-l", "missing=label")):
+        want = env.kubectl(direct, *args)
+        got = env.kubectl(bot, *args)
+        assert want.returncode == 0, want.stderr
+        assert (got.returncode, got.stdout) == (0, want.stdout), got.stderr
+    rows = env.daemon.audit_sql(
+        "SELECT text, decision, sqlstate FROM requests WHERE protocol = 'k8s' AND text LIKE ? ORDER BY ts",
+        [f"list configmaps in {ns}%"])
+    assert rows and all(r["decision"] == "allow" and r["sqlstate"] == "200" for r in rows)
+
+
+def test_namespace_delete_is_refused_with_a_kubernetes_status(env: K8sEnv) -> None:
+    ns = _ns(env)
+    res = env.kubectl(env.bot_kubeconfig(), "delete", "namespace", ns)
+    assert res.returncode != 0
+    assert ("Error from server (Forbidden): blocked by botwarden rule 'no-namespace-deletes' "
+            f"(namespaces are deleted by humans): delete namespaces {ns} in {ns}") in res.stderr
+    # Never reached the server: the namespace is there and active.
+    doc = env.kube.get(f"/api/v1/namespaces/{ns}")
+    assert doc["status"]["phase"] == "Active"
+    rows = env.daemon.audit_sql("SELECT decision, rule, sqlstate, error FROM requests WHERE text LIKE ?",
+                                [f"delete namespaces {ns}%"])
+    assert [(r["decision"], r["rule"], r["sqlstate"]) for r in rows] == [("block", "no-namespace-deletes", "403")]
+
+
+def test_secret_values_are_masked_in_yaml_json_and_lists(env: K8sEnv) -> None:
+    ns = _ns(env)
+    direct = env.direct_kubeconfig()
+    res = env.kubectl(direct, "-n", ns, "create", "secret", "generic", "db", "--from-literal=password=hunter2-real",
+                      "--from-literal=user=admin")
+    assert res.returncode == 0, res.stderr
+    bot = env.bot_kubeconfig()
+    got = env.kubectl(bot, "-n", ns, "get", "secret", "db", "-o", "yaml")
+    assert got.returncode == 0, got.stderr
+    doc = yaml.safe_load(got.stdout)  # still parses
+    assert doc["kind"] == "Secret" and doc["data"] == {"password": MASK_DATA, "user": MASK_DATA}
+    assert base64.b64decode(doc["data"]["password"]).decode() == MASK_TEXT
+    assert "hunter2-real" not in got.stdout and base64.b64encode(b"hunter2-real").decode() not in got.stdout
+    listed = env.kubectl(bot, "-n", ns, "get", "secrets", "-o", "json")
+    assert listed.returncode == 0, listed.stderr
+    items = [i for i in json.loads(listed.stdout)["items"] if i["metadata"]["name"] == "db"]
+    assert items[0]["data"] == {"password": MASK_DATA, "user": MASK_DATA}
+    # Direct, the value is there: the mask is botwarden's doing.
+    real = env.kubectl(direct, "-n", ns, "get", "secret", "db", "-o", "jsonpath={.data.password}")
+    assert base64.b64decode(real.stdout).decode() == "hunter2-real"
+    rows = env.daemon.audit_sql("SELECT decision, rule, masked FROM requests WHERE text LIKE ? ORDER BY ts",
+                                [f"get secrets db in {ns}%"])
+    assert rows and rows[-1]["decision"] == "mask" and rows[-1]["rule"] == "mask-secrets"
+
+
+def test_a_bad_token_is_refused_and_audited(env: K8sEnv) -> None:
+    bot = env.bot_kubeconfig(token="not-a-valid-oidc-token")
+    res = env.kubectl(bot, "get", "namespaces")
+    assert res.returncode != 0
+    assert "Unauthorized" in res.stderr or "You must be logged in" in res.stderr, res.stderr
+    rows = env.daemon.audit_sql("SELECT outcome, error FROM sessions WHERE protocol = 'k8s' AND outcome = 'refused'")
+    assert rows and any("token" in (r["error"] or "") for r in rows)
+
+
+def test_held_deployment_delete_runs_once_approved(env: K8sEnv) -> None:
+    ns = _ns(env)
+    direct = env.direct_kubeconfig()
+    res = env.kubectl(direct, "-n", ns, "create", "deployment", "web", "--image=registry.invalid/web:1")
+    assert res.returncode == 0, res.stderr
+    bot = env.bot_kubeconfig()
+    home = bot.parent / "home"
+    home.mkdir(exist_ok=True)
+    before = {a["approval_id"] for a in env.client.get("/v1/approvals")["approvals"]}
+    proc = subprocess.Popen([env.kube.kubectl, f"--kubeconfig={bot}", "-n", ns, "delete", "deployment", "web"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={"HOME": str(home)})
+    try:
+        deadline = time.monotonic() + 30
+        held = []
+        while not held and time.monotonic() < deadline:
+            held = [a for a in env.client.get("/v1/approvals")["approvals"] if a["approval_id"] not in before]
+            time.sleep(0.2)
+        assert held, "the delete was not held"
+        item = held[0]
+        assert item["rule"] == "deployment-deletes-need-approval" and item["target"] == "cluster"
+        assert f"delete deployments.apps web in {ns}" in item["request"]
+        # Nothing ran while it waited.
+        assert env.kube.get(f"/apis/apps/v1/namespaces/{ns}/deployments/web")["metadata"]["name"] == "web"
+        assert proc.poll() is None
+        env.client.post(f"/v1/approvals/{item['approval_id']}/approve", {"reason": "change 17"})
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert 'deployment.apps "web" deleted' in out
+    gone = env.kubectl(direct, "-n", ns, "get", "deployment", "web")
+    assert gone.returncode != 0 and "NotFound" in gone.stderr
