@@ -31,6 +31,13 @@ resources = ["deployments"]
 api_groups = ["apps"]
 
 [[rules]]
+name = "no-exec-in-locked-namespaces"
+action = "block"
+[rules.k8s]
+subresources = ["exec", "attach", "portforward"]
+namespaces = ["locked-*"]
+
+[[rules]]
 name = "mask-secrets"
 action = "mask"
 [rules.k8s]
@@ -65,10 +72,34 @@ class K8sEnv:
         return self.kube.run_kubectl(kubeconfig, *args, **kw)
 
 
+def configure_k8s_engine(bao_server, bao: OpenBaoSetup, kube: KubeCluster, *, tag: str | None = None,
+                        ttl: str = "10m") -> tuple[str, str]:
+    """OpenBao's kubernetes secrets engine for ``kube``, configured as an operator would: a role
+    that creates a service account bound to the ClusterRole ``edit`` in the requested namespace
+    for each session. Returns (mount, role); the appliance's AppRole may ask it for tokens."""
+    tag = tag or uuid.uuid4().hex[:6]
+    root = bao_server.client()
+    mount, role = f"k8s-{tag}", "bot-session"
+    root.sys.enable_secrets_engine("kubernetes", path=mount)
+    root.write(f"{mount}/config", kubernetes_host=kube.url, kubernetes_ca_cert=kube.ca_file.read_text(),
+               service_account_jwt=kube.admin_token, disable_local_ca_jwt=True)
+    root.write(f"{mount}/roles/{role}", allowed_kubernetes_namespaces=["*"], kubernetes_role_type="ClusterRole",
+               kubernetes_role_name="edit", token_default_ttl=ttl)
+    appliance_role = f"{bao.db_mount.removesuffix('-db')}-appliance"
+    root.sys.create_or_update_policy(f"{mount}-creds", f'path "{mount}/creds/*" {{ capabilities = ["update"] }}')
+    root.auth.approle.create_or_update_approle(appliance_role, token_policies=[appliance_role, f"{mount}-creds"],
+                                               token_ttl="1h", token_max_ttl="24h")
+    return mount, role
+
+
 def start_k8s_env(kube: KubeCluster, bao_server, pg_server, *, rules: str = K8S_RULES,
-                  approvals_timeout_s: int = 60) -> K8sEnv:
+                  approvals_timeout_s: int = 60, credential: str | None = None) -> K8sEnv:
+    """``credential``: a [targets.credential] body; default a static token (the cluster's admin)."""
     workdir = Path(tempfile.mkdtemp(prefix="bw-k8s-env-"))
     bao = fresh_setup(bao_server, pg_server, workdir)
+    if credential is not None and "{engine}" in credential:
+        mount, role = configure_k8s_engine(bao_server, bao, kube)
+        credential = credential.replace("{engine}", f'mount = "{mount}"\nrole = "{role}"')
     ca = make_ca(workdir, "bot-ca")
     cert, key = issue_cert(workdir, ca, "front", "/CN=kube-apiserver",
                            sans=("IP:127.0.0.1", "DNS:localhost", "DNS:kubernetes"))
@@ -92,9 +123,7 @@ listen = "127.0.0.1:{port}"
 mode = "verify-full"
 ca_file = "{kube.ca_file}"
 [targets.credential]
-source = "static"
-username = "bw-admin"
-password_file = "{token_file}"
+{credential or f'source = "static"{chr(10)}username = "bw-admin"{chr(10)}password_file = "{token_file}"'}
 
 [[identities]]
 name = "deploy-bot"

@@ -16,17 +16,7 @@ import pytest
 import yaml
 
 from appliance.protocols.kubernetes import MASK_DATA, MASK_TEXT
-from tests.k8s.cluster import KubeCluster
 from tests.k8s_fixtures import K8sEnv, start_k8s_env
-
-
-@pytest.fixture(scope="module")
-def kube():
-    cluster = KubeCluster().start()
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +135,69 @@ def test_held_deployment_delete_runs_once_approved(env: K8sEnv) -> None:
     assert 'deployment.apps "web" deleted' in out
     gone = env.kubectl(direct, "-n", ns, "get", "deployment", "web")
     assert gone.returncode != 0 and "NotFound" in gone.stderr
+
+
+def _pod(env: K8sEnv, ns: str, name: str = "web") -> None:
+    """A Pod object. Nothing runs it (no kubelet): it stays Pending with no node."""
+    env.kube.request("POST", f"/api/v1/namespaces/{ns}/pods", {
+        "metadata": {"name": name}, "spec": {"containers": [{"name": "c", "image": "registry.invalid/web:1"}]}})
+
+
+def _read_until(proc: subprocess.Popen, needle: str, timeout: float = 30) -> str:
+    import selectors
+
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    seen = ""
+    deadline = time.monotonic() + timeout
+    while needle not in seen and time.monotonic() < deadline:
+        if sel.select(0.2):
+            chunk = proc.stdout.readline()
+            if not chunk:
+                break
+            seen += chunk
+    return seen
+
+
+def test_watch_streams_events_and_masks_secrets_event_by_event(env: K8sEnv) -> None:
+    ns = _ns(env)
+    bot = env.bot_kubeconfig()
+    home = bot.parent / "home"
+    home.mkdir(exist_ok=True)
+    proc = subprocess.Popen([env.kube.kubectl, f"--kubeconfig={bot}", "-n", ns, "get", "secrets", "--watch",
+                             "--output-watch-events", "-o", "json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={"HOME": str(home)})
+    try:
+        time.sleep(1.0)  # the watch is open (nothing to assert on: an empty namespace has no events yet)
+        env.kube.request("POST", f"/api/v1/namespaces/{ns}/secrets",
+                         {"metadata": {"name": "later"}, "data": {"pw": base64.b64encode(b"streamed-secret").decode()}})
+        seen = _read_until(proc, '"later"')
+        assert '"later"' in seen, proc.stderr.read() if proc.poll() is not None else seen
+    finally:
+        proc.kill()
+        proc.wait()
+    assert MASK_DATA in seen and base64.b64encode(b"streamed-secret").decode() not in seen
+
+
+def test_exec_and_logs_refusals_of_the_api_server_pass_through_unchanged(env: K8sEnv) -> None:
+    ns = _ns(env)
+    _pod(env, ns)
+    direct, bot = env.direct_kubeconfig(), env.bot_kubeconfig()
+    for args in (("exec", "web", "--", "ls"), ("logs", "web")):
+        want = env.kubectl(direct, "-n", ns, *args)
+        got = env.kubectl(bot, "-n", ns, *args)
+        assert want.returncode != 0 and want.stderr  # no kubelet: the server refuses
+        assert (got.returncode, got.stderr) == (want.returncode, want.stderr)
+
+
+def test_a_blocked_exec_is_refused_before_it_reaches_the_server(env: K8sEnv) -> None:
+    ns = f"locked-{uuid.uuid4().hex[:6]}"
+    assert env.kubectl(env.direct_kubeconfig(), "create", "namespace", ns).returncode == 0
+    _pod(env, ns)
+    res = env.kubectl(env.bot_kubeconfig(), "-n", ns, "exec", "web", "--", "cat", "/etc/shadow")
+    assert res.returncode != 0
+    assert "blocked by botwarden rule 'no-exec-in-locked-namespaces'" in res.stderr
+    rows = env.daemon.audit_sql("SELECT decision, rule, sqlstate FROM requests WHERE text LIKE ?",
+                                [f"create pods/exec web in {ns}%"])
+    assert [(r["decision"], r["rule"], r["sqlstate"]) for r in rows] == [("block", "no-exec-in-locked-namespaces",
+                                                                          "403")]

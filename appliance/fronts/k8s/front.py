@@ -84,10 +84,9 @@ class KubernetesFront:
         ctx.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
         ctx.set_alpn_protocols(["h2", "http/1.1"])
         self.server_ssl = ctx
-        up = ssl.create_default_context(cafile=settings.upstream_ca_file)
-        if settings.upstream_server_name is None and _is_ip(settings.upstream_host):
-            up.check_hostname = True  # an IP SAN is checked as the address
-        self.upstream_ssl = up
+        # Always verified: the API server's certificate against its CA, for the address (an IP SAN)
+        # or for upstream_server_name.
+        self.upstream_ssl = ssl.create_default_context(cafile=settings.upstream_ca_file)
         self.sessions: set[Session] = set()
         self._tasks = TaskSet()
         self._server: asyncio.AbstractServer | None = None
@@ -125,16 +124,6 @@ class KubernetesFront:
         for s in list(self.sessions):
             s.shutdown("botwarden is shutting down; reconnect to continue")
         await asyncio.sleep(0)
-
-
-def _is_ip(host: str) -> bool:
-    import ipaddress
-
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def _now() -> datetime:
@@ -348,7 +337,8 @@ class Session:
                 if not outcome.approved:
                     record["decision"] = "deny"
                     raise Refusal(403, _hold_refusal(outcome), reason="Forbidden")
-            masked = await self._forward(grant, req, verdict, out, record)
+            await self._record_start(record, verdict)
+            masked = await self._forward(grant, req, k8s, verdict, out, record)
             if masked:
                 record["masked"] = {"secret_values": masked}
             return True
@@ -364,6 +354,24 @@ class Session:
                 record.setdefault("session_id", self.session_id)
                 record["duration_ms"] = (time.time() - t0) * 1000.0
                 self._audit("request", record)
+
+    async def _record_start(self, record: dict, verdict: Verdict) -> None:
+        """audit.mode = "strict": the request reaches the API server only once its start record
+        is durable (as a statement does; docs/audit-schema.md)."""
+        durable = getattr(self.services, "audit_durable", None)
+        if durable is None:
+            return
+        start = {k: record[k] for k in ("request_id", "session_id", "ts", "protocol", "kind", "text", "decision",
+                                        "rule")}
+        try:
+            wait = durable("request_start", start, verdict)
+            if wait is not None:
+                await wait
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            raise Refusal(503, f"botwarden: the audit store cannot take this request's record ({e}); "
+                               "no request runs unaudited, try again later", reason="ServiceUnavailable") from None
 
     async def _refuse(self, out: Responder, e: Refusal, k8s: K8sRequest | None) -> None:
         body = status_body(e.code, e.message, reason=e.reason, name=k8s.name if k8s else None,
@@ -381,8 +389,8 @@ class Session:
         return await self.services.hold(grant, self.settings.target, record["text"], verdict, notify,
                                         record["request_id"])
 
-    async def _forward(self, grant: SessionGrant, req: BotRequest, verdict: Verdict, out: Responder,
-                       record: dict) -> int:
+    async def _forward(self, grant: SessionGrant, req: BotRequest, k8s: K8sRequest, verdict: Verdict,
+                       out: Responder, record: dict) -> int:
         """Send the request upstream and stream the answer back; returns the Secret values masked."""
         mask = bool(verdict.mask_rules) or verdict.action == "mask"
         headers = upstream_headers(req.headers, grant.credential.password, narrow_json=mask)
@@ -390,8 +398,10 @@ class Session:
             headers += [(n.lower(), v) for n, v in req.headers if n.lower() in _UPGRADE_HEADERS]
         assert self.client is not None
         try:
+            sni = self.settings.upstream_server_name
             upstream = self.client.build_request(req.method, req.target, headers=headers,
-                                                 content=req.body if req.body else None)
+                                                 content=req.body if req.body else None,
+                                                 extensions={"sni_hostname": sni} if sni else None)
             resp = await self.client.send(upstream, stream=True)
         except httpx.HTTPError as e:
             note = getattr(self.services, "upstream_connect_failed", None)
@@ -406,7 +416,7 @@ class Session:
                 raise Refusal(501, "botwarden does not relay upgraded connections (exec, attach, port-forward) "
                                    "yet", reason="NotImplemented", close=True)
             ctype = resp.headers.get("content-type")
-            watch = "watch=" in req.target and ("watch=true" in req.target or "watch=1" in req.target)
+            watch = k8s.verb == "watch" or k8s.subresource == "log"  # streams: masked event by event
             if mask and resp.status_code < 300 and not watch:
                 body = await resp.aread()
                 masker = SecretMasker()
