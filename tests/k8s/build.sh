@@ -60,7 +60,8 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 work=$(mktemp -d /var/tmp/botwarden-k8s-build.XXXXXX)
-trap 'rm -rf "$work"' EXIT
+# The scratch directory goes when the build succeeds; a failed build keeps it (and its log).
+trap 'if [ $? -eq 0 ]; then rm -rf "$work"; else log "build failed; scratch kept in $work"; fi' EXIT
 start=$(date +%s)
 
 # deb-src entries live in a private apt configuration inside the scratch directory, so the
@@ -86,7 +87,13 @@ log "building kube-apiserver (several minutes)"
     cd "$tree"
     export GOPATH=$tree/.go CGO_ENABLED=0 GOPROXY=off GOFLAGS= HOME=$work/home GOCACHE=$work/gocache
     mkdir -p "$HOME"
-    nice -n 10 make WHAT=cmd/kube-apiserver >"$work/build.log" 2>&1 || { tail -40 "$work/build.log" >&2; exit 1; }
+    rc=0
+    nice -n 10 make WHAT=cmd/kube-apiserver >"$work/build.log" 2>&1 || rc=$?
+    if [ $rc -ne 0 ] || [ ! -x _output/bin/kube-apiserver ]; then
+        tail -40 "$work/build.log" >&2
+        log "make WHAT=cmd/kube-apiserver failed (exit $rc)"
+        exit 1
+    fi
 )
 
 mkdir -p "$work/client"

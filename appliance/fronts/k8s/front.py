@@ -348,6 +348,12 @@ class Session:
             record["sqlstate"] = str(e.code)
             await self._refuse(out, e, k8s)
             return not e.close
+        except asyncio.CancelledError:
+            # The bot went away (or reset the stream): a held request is withdrawn, a watch ends.
+            if record.get("decision") == "approve" and "sqlstate" not in record:
+                record["decision"] = "deny"
+            record["error"] = record.get("error") or "the client went away before the answer was complete"
+            raise
         finally:
             self.in_flight -= 1
             if "session_id" in record or self.session_id is not None:

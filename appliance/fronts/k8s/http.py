@@ -129,7 +129,9 @@ class Http1Driver:
         finally:
             if not read.done():
                 read.cancel()
-            elif not read.cancelled() and task.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await read  # the reader is free again before the next request is read
+            if not read.cancelled() and task.done():
                 self.conn.receive_data(read.result())  # bytes (or the EOF) read as the exchange ended
 
     async def _bad_request(self, e: Exception | None, code: int = 400, message: str | None = None) -> None:
