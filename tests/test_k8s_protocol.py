@@ -24,6 +24,9 @@ def test_forwarded_headers_drop_the_bots_identity_and_hop_by_hop_headers() -> No
                            "upstream-token", narrow_json=True)
     assert got == [("user-agent", "kubectl/v1.20.2"), ("accept", "application/json"),
                    ("authorization", "Bearer upstream-token")]
+    table = "application/json;as=Table;v=v1;g=meta.k8s.io,application/json"
+    assert upstream_headers([("accept", f"application/vnd.kubernetes.protobuf;as=Table;v=v1;g=meta.k8s.io,{table}")],
+                            None, narrow_json=True) == [("accept", table)]
     kept = upstream_headers([("Accept", "application/vnd.kubernetes.protobuf")], None, narrow_json=False)
     assert kept == [("accept", "application/vnd.kubernetes.protobuf")]
 

@@ -85,7 +85,9 @@ ln -s ../../.. "$tree/.go/src/k8s.io/kubernetes"
 log "building kube-apiserver (several minutes)"
 (
     cd "$tree"
-    export GOPATH=$tree/.go CGO_ENABLED=0 GOPROXY=off GOFLAGS= HOME=$work/home GOCACHE=$work/gocache
+    # Go's build cache outlives a failed attempt (a retry takes a minute, not the whole build)
+    # and is removed with the scratch directory once the build succeeds.
+    export GOPATH=$tree/.go CGO_ENABLED=0 GOPROXY=off GOFLAGS= HOME=$work/home GOCACHE=$CACHE_ROOT/.go-build
     mkdir -p "$HOME"
     rc=0
     nice -n 10 make WHAT=cmd/kube-apiserver >"$work/build.log" 2>&1 || rc=$?
@@ -109,5 +111,6 @@ seconds=$(( $(date +%s) - start ))
 printf 'version=%s\nbuild_seconds=%s\nbuilt=%s\n' "$version" "$seconds" "$(date -u +%FT%TZ)" > "$staging/BUILD-INFO"
 rm -rf "$out"
 mv "$staging" "$out"
+rm -rf "$CACHE_ROOT/.go-build"
 log "built in ${seconds}s: $out"
 echo "$out"

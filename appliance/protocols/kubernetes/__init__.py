@@ -68,15 +68,19 @@ def upstream_headers(headers: Iterable[tuple[str, str]], token: str | None, *,
     uncompressed (a masked body must be read; loopback bandwidth is cheap). With ``narrow_json``
     the ``Accept`` becomes JSON: the server then answers JSON instead of protobuf or a Table."""
     out: list[tuple[str, str]] = []
+    accept: list[str] = []
     for name, value in headers:
         n = name.lower()
         if n in HOP_BY_HOP or n in IDENTITY_HEADERS or n.startswith(":") or n == "accept-encoding":
             continue
         if narrow_json and n == "accept":
+            # JSON media types stay, with their parameters (kubectl's server-side Table is
+            # `application/json;as=Table;...`: the same output as direct); protobuf goes.
+            accept += [p.strip() for p in value.split(",") if p.split(";")[0].strip().lower() == JSON]
             continue
         out.append((n, value))
     if narrow_json:
-        out.append(("accept", JSON))
+        out.append(("accept", ",".join(accept) or JSON))
     if token is not None:
         out.append(("authorization", f"Bearer {token}"))
     return out
