@@ -93,8 +93,10 @@ def configure_k8s_engine(bao_server, bao: OpenBaoSetup, kube: KubeCluster, *, ta
 
 
 def start_k8s_env(kube: KubeCluster, bao_server, pg_server, *, rules: str = K8S_RULES,
-                  approvals_timeout_s: int = 60, credential: str | None = None) -> K8sEnv:
-    """``credential``: a [targets.credential] body; default a static token (the cluster's admin)."""
+                  approvals_timeout_s: int = 60, credential: str | None = None, probes: str = 'mode = "off"',
+                  authentication: str = "token", identity_process: str = "") -> K8sEnv:
+    """``credential``: a [targets.credential] body; default a static token (the cluster's admin).
+    ``probes``: the [probes] body; ``identity_process``: an [identities.process] body."""
     workdir = Path(tempfile.mkdtemp(prefix="bw-k8s-env-"))
     bao = fresh_setup(bao_server, pg_server, workdir)
     if credential is not None and "{engine}" in credential:
@@ -107,7 +109,7 @@ def start_k8s_env(kube: KubeCluster, bao_server, pg_server, *, rules: str = K8S_
     token_file.write_text(kube.admin_token + "\n")
     token_file.chmod(0o600)
     port = new_port()
-    header = config_header(workdir, bao, approvals_timeout_s=approvals_timeout_s)
+    header = config_header(workdir, bao, approvals_timeout_s=approvals_timeout_s, probes=probes)
     config = workdir / "botwarden.toml"
     config.write_text(header + f"""
 [tls]
@@ -119,6 +121,7 @@ name = "cluster"
 protocol = "kubernetes"
 address = "127.0.0.1:{kube.port}"
 listen = "127.0.0.1:{port}"
+authentication = "{authentication}"
 [targets.tls]
 mode = "verify-full"
 ca_file = "{kube.ca_file}"
@@ -130,6 +133,7 @@ name = "deploy-bot"
 groups = ["bots"]
 [identities.token]
 subject = "{bao.bot_entity_id()}"
+{"[identities.process]" + chr(10) + identity_process if identity_process else ""}
 {rules}
 """)
     daemon = DaemonProcess(config, workdir / "run" / "control.sock").start()
