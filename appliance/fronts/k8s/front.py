@@ -25,6 +25,9 @@ from appliance.protocols.kubernetes import (KubernetesProtocolError, SecretMaske
 from appliance.tasks import TaskSet
 
 log = logging.getLogger(__name__)
+# httpx logs every request URL at INFO; a query can carry what the bot passed (an exec command's
+# arguments), and no request content goes to the log.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 PROTOCOL = "k8s"  # as the audit store names it (the config says "kubernetes")
 # Upgrade requests (exec/attach/port-forward over SPDY or WebSocket) keep these headers upstream,
