@@ -53,16 +53,17 @@ class K8sEnv:
     workdir: Path
     listen_port: int
     bot_ca: Path
+    down_listen_port: int = 0  # the listener of target cluster-down (an API server that is down)
 
     @property
     def client(self) -> ControlClient:
         return self.daemon.client()
 
-    def bot_kubeconfig(self, token: str | None = None, name: str | None = None) -> Path:
+    def bot_kubeconfig(self, token: str | None = None, name: str | None = None, port: int | None = None) -> Path:
         """A bot's kubeconfig: the API server's name (here the front's loopback listener, as the
         probes would redirect it), the CA botwarden's certificate chains to, the bot's OIDC token."""
         path = self.workdir / f"{name or uuid.uuid4().hex[:8]}.kubeconfig"
-        return self.kube.kubeconfig(path, server=f"https://127.0.0.1:{self.listen_port}",
+        return self.kube.kubeconfig(path, server=f"https://127.0.0.1:{port or self.listen_port}",
                                     token=token if token is not None else self.bao.mint_token(), ca_file=self.bot_ca)
 
     def direct_kubeconfig(self) -> Path:
@@ -108,7 +109,7 @@ def start_k8s_env(kube: KubeCluster, bao_server, pg_server, *, rules: str = K8S_
     token_file = workdir / "k8s-token"
     token_file.write_text(kube.admin_token + "\n")
     token_file.chmod(0o600)
-    port = new_port()
+    port, down_port, down_listen = new_port(), new_port(), new_port()
     header = config_header(workdir, bao, approvals_timeout_s=approvals_timeout_s, probes=probes)
     config = workdir / "botwarden.toml"
     config.write_text(header + f"""
@@ -128,6 +129,20 @@ ca_file = "{kube.ca_file}"
 [targets.credential]
 {credential or f'source = "static"{chr(10)}username = "bw-admin"{chr(10)}password_file = "{token_file}"'}
 
+# An API server that is down: nothing listens at its address.
+[[targets]]
+name = "cluster-down"
+protocol = "kubernetes"
+address = "127.0.0.1:{down_port}"
+listen = "127.0.0.1:{down_listen}"
+[targets.tls]
+mode = "verify-full"
+ca_file = "{kube.ca_file}"
+[targets.credential]
+source = "static"
+username = "bw-admin"
+password_file = "{token_file}"
+
 [[identities]]
 name = "deploy-bot"
 groups = ["bots"]
@@ -137,4 +152,4 @@ subject = "{bao.bot_entity_id()}"
 {rules}
 """)
     daemon = DaemonProcess(config, workdir / "run" / "control.sock").start()
-    return K8sEnv(kube, bao, daemon, workdir, port, ca[0])
+    return K8sEnv(kube, bao, daemon, workdir, port, ca[0], down_listen)

@@ -201,3 +201,12 @@ def test_a_blocked_exec_is_refused_before_it_reaches_the_server(env: K8sEnv) -> 
                                 [f"create pods/exec web in {ns}%"])
     assert [(r["decision"], r["rule"], r["sqlstate"]) for r in rows] == [("block", "no-exec-in-locked-namespaces",
                                                                           "403")]
+
+
+def test_an_api_server_that_is_down_gives_a_status_and_an_audit_row(env: K8sEnv) -> None:
+    res = env.kubectl(env.bot_kubeconfig(port=env.down_listen_port), "get", "configmaps", "-n", "default")
+    assert res.returncode != 0
+    assert "could not reach the Kubernetes API server of target 'cluster-down'" in res.stderr, res.stderr
+    rows = env.daemon.audit_sql("SELECT r.sqlstate FROM requests r JOIN sessions s USING (session_id) "
+                                "WHERE s.target = 'cluster-down'")
+    assert rows and {r["sqlstate"] for r in rows} == {"503"}
