@@ -210,3 +210,34 @@ def test_an_api_server_that_is_down_gives_a_status_and_an_audit_row(env: K8sEnv)
     rows = env.daemon.audit_sql("SELECT r.sqlstate FROM requests r JOIN sessions s USING (session_id) "
                                 "WHERE s.target = 'cluster-down'")
     assert rows and {r["sqlstate"] for r in rows} == {"503"}
+
+
+def _python_client(host: str, token: str, ca: str):
+    from kubernetes import client
+
+    cfg = client.Configuration()
+    cfg.host = host
+    cfg.api_key = {"authorization": f"Bearer {token}"}
+    cfg.ssl_ca_cert = ca
+    return client.CoreV1Api(client.ApiClient(cfg))
+
+
+def test_the_python_client_over_http1_keep_alive_sees_what_it_sees_direct(env: K8sEnv) -> None:
+    ns = _ns(env)
+    env.kube.request("POST", f"/api/v1/namespaces/{ns}/configmaps", {"metadata": {"name": "a"}, "data": {"k": "v"}})
+    env.kube.request("POST", f"/api/v1/namespaces/{ns}/secrets",
+                     {"metadata": {"name": "s"}, "data": {"pw": base64.b64encode(b"py-secret").decode()}})
+    direct = _python_client(env.kube.url, env.kube.admin_token, str(env.kube.ca_file))
+    bot = _python_client(f"https://127.0.0.1:{env.listen_port}", env.bao.mint_token(), str(env.bot_ca))
+    for _ in range(3):  # one connection, several requests (urllib3 keeps it alive)
+        want = direct.list_namespaced_config_map(ns).to_dict()
+        got = bot.list_namespaced_config_map(ns).to_dict()
+        assert got == want
+    assert direct.read_namespaced_secret("s", ns).data == {"pw": base64.b64encode(b"py-secret").decode()}
+    assert bot.read_namespaced_secret("s", ns).data == {"pw": MASK_DATA}
+    from kubernetes.client.exceptions import ApiException
+
+    with pytest.raises(ApiException) as refused:
+        bot.delete_namespace(ns)
+    assert refused.value.status == 403
+    assert json.loads(refused.value.body)["message"].startswith("blocked by botwarden rule 'no-namespace-deletes'")
