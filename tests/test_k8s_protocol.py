@@ -47,7 +47,8 @@ def test_secrets_are_masked_alone_in_lists_and_in_tables() -> None:
     m = SecretMasker()
     one = json.loads(m.mask_body(json.dumps(_secret("a")).encode(), "application/json"))
     assert one["data"] == {"password": MASK_DATA} and one["stringData"] == {"token": MASK_TEXT}
-    listed = {"kind": "SecretList", "items": [_secret("a"), _secret("b")]}
+    # As the API server writes lists: the items carry no kind.
+    listed = {"kind": "SecretList", "items": [{k: v for k, v in _secret(n).items() if k != "kind"} for n in "ab"]}
     listed = json.loads(m.mask_body(json.dumps(listed).encode(), "application/json"))
     assert all(i["data"] == {"password": MASK_DATA} for i in listed["items"])
     table = {"kind": "Table", "rows": [{"cells": ["a"], "object": _secret("a")}]}

@@ -122,13 +122,14 @@ class SecretMasker:
 
     def _walk(self, node: Any) -> None:
         if isinstance(node, dict):
-            if node.get("kind") == "Secret":
-                for key, mask in (("data", MASK_DATA), ("stringData", MASK_TEXT)):
-                    values = node.get(key)
-                    if isinstance(values, dict):
-                        for k in values:
-                            values[k] = mask
-                            self.masked += 1
+            kind = node.get("kind")
+            if kind == "Secret":
+                self._secret(node)
+            elif kind == "SecretList" and isinstance(node.get("items"), list):
+                # The API server leaves kind out of a list's items.
+                for item in node["items"]:
+                    if isinstance(item, dict):
+                        self._secret(item)
             for value in node.values():
                 if isinstance(value, (dict, list)):
                     self._walk(value)
@@ -136,6 +137,15 @@ class SecretMasker:
             for value in node:
                 if isinstance(value, (dict, list)):
                     self._walk(value)
+
+    def _secret(self, node: dict) -> None:
+        for key, mask in (("data", MASK_DATA), ("stringData", MASK_TEXT)):
+            values = node.get(key)
+            if isinstance(values, dict):
+                for k in values:
+                    if values[k] != mask:
+                        values[k] = mask
+                        self.masked += 1
 
     def mask_body(self, body: bytes, content_type: str | None) -> bytes:
         """A whole JSON response masked; anything else is refused (fail closed)."""
