@@ -76,8 +76,9 @@ class K8sEnv:
 def configure_k8s_engine(bao_server, bao: OpenBaoSetup, kube: KubeCluster, *, tag: str | None = None,
                         ttl: str = "10m") -> tuple[str, str]:
     """OpenBao's kubernetes secrets engine for ``kube``, configured as an operator would: a role
-    that creates a service account bound to the ClusterRole ``edit`` in the requested namespace
-    for each session. Returns (mount, role); the appliance's AppRole may ask it for tokens."""
+    that creates a service account bound (RoleBinding: that namespace only) to the ClusterRole
+    ``cluster-admin`` for each session. (Not ``edit``: it is an aggregated role whose rules the
+    controller manager fills in, and the test cluster runs none.) Returns (mount, role); the appliance's AppRole may ask it for tokens."""
     tag = tag or uuid.uuid4().hex[:6]
     root = bao_server.client()
     mount, role = f"k8s-{tag}", "bot-session"
@@ -85,7 +86,7 @@ def configure_k8s_engine(bao_server, bao: OpenBaoSetup, kube: KubeCluster, *, ta
     root.write(f"{mount}/config", kubernetes_host=kube.url, kubernetes_ca_cert=kube.ca_file.read_text(),
                service_account_jwt=kube.admin_token, disable_local_ca_jwt=True)
     root.write(f"{mount}/roles/{role}", allowed_kubernetes_namespaces=["*"], kubernetes_role_type="ClusterRole",
-               kubernetes_role_name="edit", token_default_ttl=ttl)
+               kubernetes_role_name="cluster-admin", token_default_ttl=ttl)
     appliance_role = f"{bao.db_mount.removesuffix('-db')}-appliance"
     root.sys.create_or_update_policy(f"{mount}-creds", f'path "{mount}/creds/*" {{ capabilities = ["update"] }}')
     root.auth.approle.create_or_update_approle(appliance_role, token_policies=[appliance_role, f"{mount}-creds"],

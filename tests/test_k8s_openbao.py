@@ -53,7 +53,7 @@ def test_each_session_gets_its_own_service_account_revoked_at_the_end(env: K8sEn
     while _account_exists(env, account) and time.monotonic() < deadline:
         time.sleep(0.3)
     assert not _account_exists(env, account)
-    # Cluster-wide reads are not in the role OpenBao binds (edit, in one namespace): the API
+    # Cluster-wide reads are not in what OpenBao binds (a RoleBinding in one namespace): the API
     # server's own RBAC refusal comes back unchanged.
     res = env.kubectl(env.bot_kubeconfig(), "get", "nodes")
     assert res.returncode != 0 and "Forbidden" in res.stderr and "system:serviceaccount" in res.stderr
