@@ -79,3 +79,27 @@ def test_an_oversized_watch_event_ends_the_stream() -> None:
     w = WatchMasker(SecretMasker(), max_event=100)
     with pytest.raises(KubernetesProtocolError):
         w.feed(b"{" + b"x" * 200)
+
+
+def test_deeply_nested_json_is_withheld_not_a_crash() -> None:
+    deep = b"[" * 100_000 + b"]" * 100_000
+    with pytest.raises(KubernetesProtocolError):
+        SecretMasker().mask_body(deep, "application/json")
+    with pytest.raises(KubernetesProtocolError):
+        WatchMasker(SecretMasker(), max_event=1 << 20).feed(deep + b"\n")
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(max_size=64), max_size=20))
+def test_watch_masker_fuzz_raises_only_its_own_error(chunks: list[bytes]) -> None:
+    w = WatchMasker(SecretMasker(), max_event=256)
+    try:
+        for chunk in chunks:
+            out = w.feed(chunk)
+            assert out == b"" or out.endswith(b"\n")
+        w.close()
+    except KubernetesProtocolError:
+        pass

@@ -156,11 +156,10 @@ class SecretMasker:
                 f"botwarden must mask this response but the API server answered {content_type or 'no content type'}"
                 " instead of JSON; the response was withheld")
         try:
-            doc = json.loads(body)
-        except ValueError as e:
+            return json.dumps(self.mask(json.loads(body)), separators=(",", ":")).encode()
+        except (ValueError, RecursionError) as e:  # RecursionError: nesting deeper than Python's stack
             raise KubernetesProtocolError(f"botwarden could not read the API server's JSON to mask it ({e}); "
                                           "the response was withheld") from None
-        return json.dumps(self.mask(doc), separators=(",", ":")).encode()
 
 
 class WatchMasker:
@@ -187,11 +186,10 @@ class WatchMasker:
                 out.append(line)
                 continue
             try:
-                event = json.loads(line)
-            except ValueError as e:
+                out.append(json.dumps(self.masker.mask(json.loads(line)), separators=(",", ":")).encode())
+            except (ValueError, RecursionError) as e:
                 raise KubernetesProtocolError(f"botwarden could not read a watch event to mask it ({e}); "
                                               "the stream was ended") from None
-            out.append(json.dumps(self.masker.mask(event), separators=(",", ":")).encode())
         return b"\n".join(out) + b"\n"
 
     def close(self) -> bytes:
@@ -200,7 +198,6 @@ class WatchMasker:
             return b""
         rest, self._buf = bytes(self._buf), bytearray()
         try:
-            event = json.loads(rest)
-        except ValueError as e:
+            return json.dumps(self.masker.mask(json.loads(rest)), separators=(",", ":")).encode()
+        except (ValueError, RecursionError) as e:
             raise KubernetesProtocolError(f"botwarden could not read a watch event to mask it ({e})") from None
-        return json.dumps(self.masker.mask(event), separators=(",", ":")).encode()
