@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from probes import cgroups
 from tests.daemon_fixtures import ROOT
 from tests.k8s_fixtures import start_k8s_env
 
@@ -33,7 +34,16 @@ def env(kube, bao_server, pg_server):
     try:
         yield e
     finally:
-        e.daemon.stop()
+        try:
+            e.daemon.stop()
+        finally:
+            try:  # programs detached, pins removed, then the bots' cgroup
+                res = subprocess.run([sys.executable, "-m", "appliance.cli", "--config", str(e.daemon.config),
+                                      "probes", "detach"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                                     env={**os.environ, "PYTHONPATH": str(ROOT)})
+                assert res.returncode == 0, res.stderr
+            finally:
+                cgroups.remove(BOTS)
 
 
 def test_kubectl_against_the_real_address_is_redirected_attested_and_decided(env) -> None:
