@@ -68,3 +68,14 @@ def test_kubectl_against_the_real_address_is_redirected_attested_and_decided(env
         "AND attribution_source = 'ebpf'")
     assert rows and rows[-1]["identity"] == "deploy-bot" and rows[-1]["exe"].endswith("/kubectl")
     assert rows[-1]["uid"] == 65534
+
+
+def test_a_valid_token_from_a_process_outside_the_bots_cgroup_is_refused(env) -> None:
+    # Straight to the front's listener, from the test process's cgroup: nothing attests it.
+    res = env.kubectl(env.bot_kubeconfig(), "get", "namespaces")
+    assert res.returncode != 0
+    assert "botwarden refused the connection" in res.stderr, res.stderr
+    rows = env.daemon.audit_sql(
+        "SELECT outcome, token_subject, attribution_source FROM sessions WHERE protocol = 'k8s' AND outcome = 'refused'")
+    assert rows and rows[-1]["attribution_source"] == "none"
+    assert rows[-1]["token_subject"] == env.bao.bot_entity_id()  # a valid token: its subject is on record
