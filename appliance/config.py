@@ -180,7 +180,7 @@ class VaultSettings:
 
 @dataclass(frozen=True)
 class CredentialSource:
-    source: Literal["static", "kv", "database", "ssh"]
+    source: Literal["static", "kv", "database", "ssh", "kubernetes"]
     # static: a username and a file holding the password (never the password inline).
     username: str | None = None
     password_file: str | None = None
@@ -192,9 +192,12 @@ class CredentialSource:
     # database / ssh: the secrets engine role.
     role: str | None = None
     principals: tuple[str, ...] = ()
+    # kubernetes: the namespace the service-account token is issued for (OpenBao's kubernetes engine).
+    kubernetes_namespace: str | None = None
 
     def __post_init__(self) -> None:
-        need = {"static": ("username",), "kv": ("path",), "database": ("role",), "ssh": ("role",)}[self.source]
+        need = {"static": ("username",), "kv": ("path",), "database": ("role",), "ssh": ("role",),
+                "kubernetes": ("role", "kubernetes_namespace")}[self.source]
         missing = [k for k in need if not getattr(self, k)]
         if missing:
             raise ValueError(f"credential.{missing[0]} is required for source = \"{self.source}\"")
@@ -421,7 +424,7 @@ def _cross_check(cfg: Config) -> None:
         if t.name in seen:
             raise ConfigKeyError(("targets", i, "name"), f"duplicate target name {t.name!r}")
         seen[t.name] = i
-        if t.credential and t.credential.source in ("kv", "database", "ssh") and cfg.vault is None:
+        if t.credential and t.credential.source in ("kv", "database", "ssh", "kubernetes") and cfg.vault is None:
             raise ConfigKeyError(("targets", i, "credential", "source"),
                                  f"source = \"{t.credential.source}\" needs a [vault] section")
         if t.authentication != "attestation" and cfg.oidc is None:
@@ -430,6 +433,9 @@ def _cross_check(cfg: Config) -> None:
 
         if t.credential and t.credential.source == "ssh" and t.protocol != "ssh":
             raise ConfigKeyError(("targets", i, "credential", "source"), "source = \"ssh\" is for ssh targets")
+        if t.credential and t.credential.source == "kubernetes" and t.protocol != "kubernetes":
+            raise ConfigKeyError(("targets", i, "credential", "source"),
+                                 "source = \"kubernetes\" is for kubernetes targets")
         if t.unix_path is not None or t.listen_unix_path is not None:
             _check_unix_target(t, i)
             continue

@@ -133,6 +133,19 @@ def make_front(target: TargetConfig, config: Config, services: Any, admission: A
             max_message_size=target.max_message_size, connect_timeout=target.connect_timeout,
             message_timeout=config.limits.message_timeout_s)
         return PostgresFront(settings, services, admission)
+    if target.protocol == "kubernetes":
+        from appliance.fronts.k8s import K8sFrontSettings, KubernetesFront
+
+        if config.tls is None:
+            raise BotwardenError(f"target {target.name!r}: a Kubernetes target needs the [tls] section (kubectl "
+                                 "speaks only TLS; the certificate must carry the API server's names)")
+        host, port = target.host_port
+        settings_k = K8sFrontSettings(
+            target=target.name, upstream_host=host, upstream_port=port, tls_cert_file=config.tls.cert_file,
+            tls_key_file=config.tls.key_file, upstream_ca_file=target.tls.ca_file,
+            upstream_server_name=target.tls.server_name, require_token=target.authentication != "attestation",
+            max_body_size=target.max_message_size, connect_timeout=target.connect_timeout)
+        return KubernetesFront(settings_k, services, admission)
     if target.protocol == "ssh":
         from appliance.fronts.ssh import SshFront, SshFrontSettings, host_identity, load_or_make_host_ca
 

@@ -483,15 +483,9 @@ class Runtime:
                    probe: bool = False) -> Verdict:
         # Per-session SQL state (prepared statement names, search_path) lives with the session.
         live = self.live.get(grant.session_id)
-        store = self.daemon.audit
-        if store is None or not store.healthy:
-            return self._audit_refusal(store, live)
-        if live is not None and live.expiry is not None and live.expiry.policy == "recheck":
-            expired = live.expiry.check()
-            if expired is not None:  # refuse this request, then end the session (oidc.on_expiry = "recheck")
-                if live.terminate is not None:
-                    asyncio.get_running_loop().call_soon(live.terminate, "57P01", expired)
-                return Verdict("block", None, expired)
+        refused = self._refuse_before_deciding(live)
+        if refused is not None:
+            return refused
         if live is not None and not probe:
             live.current, live.current_since, live.current_running = sql, time.time(), True
         state = live.sql_state if live is not None else None
@@ -499,12 +493,34 @@ class Runtime:
             state = state.copy()
         return self.engine.decide_sql(grant.identity, grant.groups, target, sql, session=state)
 
-    def decide_ssh(self, grant: SessionGrant, target: str, request: Any) -> Verdict:
-        """An SSH request (exec, shell, subsystem...), decided like a statement: refused while the
-        audit store cannot take its record."""
+    def decide_k8s(self, grant: SessionGrant, target: str, request: Any) -> Verdict:
+        """One Kubernetes API request (an appliance.policy.K8sRequest), under the same audit and
+        token-expiry checks as a statement."""
+        refused = self._refuse_before_deciding(self.live.get(grant.session_id))
+        if refused is not None:
+            return refused
+        return self.engine.decide_k8s(grant.identity, grant.groups, target, request)
+
+    def _refuse_before_deciding(self, live: LiveSession | None) -> Verdict | None:
+        """Nothing runs unaudited, nor on an expired token (oidc.on_expiry = "recheck"): the
+        verdict that refuses the request, or None."""
         store = self.daemon.audit
         if store is None or not store.healthy:
-            return self._audit_refusal(store, self.live.get(grant.session_id))
+            return self._audit_refusal(store, live)
+        if live is not None and live.expiry is not None and live.expiry.policy == "recheck":
+            expired = live.expiry.check()
+            if expired is not None:  # refuse this request, then end the session
+                if live.terminate is not None:
+                    asyncio.get_running_loop().call_soon(live.terminate, "57P01", expired)
+                return Verdict("block", None, expired)
+        return None
+
+    def decide_ssh(self, grant: SessionGrant, target: str, request: Any) -> Verdict:
+        """An SSH request (exec, shell, subsystem...), decided like a statement: refused while the
+        audit store cannot take its record, nor on an expired token."""
+        refused = self._refuse_before_deciding(self.live.get(grant.session_id))
+        if refused is not None:
+            return refused
         return self.engine.decide_ssh(grant.identity, grant.groups, target, request)
 
     def name_statement(self, grant: SessionGrant, name: str, verdict: Verdict | None) -> None:

@@ -39,3 +39,15 @@ def bao_server():
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def kube():
+    """A real etcd + kube-apiserver 1.20.2 on loopback (tests/k8s/cluster.py; built once per machine)."""
+    from tests.k8s.cluster import KubeCluster
+
+    cluster = KubeCluster().start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

@@ -95,6 +95,9 @@ case "$ACTION" in
     demo) exec "$VENV/bin/botwarden" demo "$@" ;;
     test)
         cd "$ROOT"
+        # The Kubernetes tests need kube-apiserver, built from Debian's source package once per
+        # machine (minutes on a fresh one; cached under /var/cache/botwarden/kubernetes after).
+        bash "$ROOT/tests/k8s/build.sh" >/dev/null
         exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@" ;;
     *) echo "usage: provision.sh [install|demo|test]" >&2; exit 2 ;;
 esac

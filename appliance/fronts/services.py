@@ -89,6 +89,10 @@ class FrontServices(Protocol):
         statement the server may or may not apply)."""
         ...
 
+    def decide_k8s(self, grant: SessionGrant, target: str, request: Any) -> Verdict:
+        """One Kubernetes API request (appliance.policy.K8sRequest)."""
+        ...
+
     def name_statement(self, grant: SessionGrant, name: str, verdict: Verdict | None) -> None:
         """A protocol-level Parse named ``name`` (verdict None: closed): SQL EXECUTE can run it."""
         ...
@@ -174,6 +178,9 @@ class DefaultServices:
 
     def decide_sql(self, grant: SessionGrant, target: str, sql: str, phase: str, *,
                    probe: bool = False) -> Verdict:
+        return ALLOW
+
+    def decide_k8s(self, grant: SessionGrant, target: str, request: Any) -> Verdict:
         return ALLOW
 
     def name_statement(self, grant: SessionGrant, name: str, verdict: Verdict | None) -> None:

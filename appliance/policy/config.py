@@ -220,8 +220,10 @@ class Rule:
         sections = [k for k in ("sql", "ssh", "k8s") if getattr(self, k) is not None]
         if len(sections) > 1:
             raise ValueError(f"rule {self.name!r}: one of sql / ssh / k8s per rule, not {' and '.join(sections)}")
-        if self.action == "mask" and not self.mask:
-            raise ValueError(f"rule {self.name!r}: action = \"mask\" needs at least one [[rules.mask]] entry")
+        # A Kubernetes mask rule needs no entries: it masks Secret values (docs/kubernetes.md).
+        if self.action == "mask" and not self.mask and self.k8s is None:
+            raise ValueError(f"rule {self.name!r}: action = \"mask\" needs at least one [[rules.mask]] entry "
+                             "(or a [rules.k8s] section: Secret values in Kubernetes responses)")
         if self.mask and self.action != "mask":
             raise ValueError(f"rule {self.name!r}: mask entries need action = \"mask\", not {self.action!r}")
         if self.mask and sections and sections[0] != "sql":

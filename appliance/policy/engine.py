@@ -669,10 +669,13 @@ class PolicyEngine:
                    now: datetime | None = None) -> Verdict:
         scope = self.scope(identity, tuple(groups), target)
         when = self._now(now) if scope.windows else None
-        matches = [c for c in scope.rules if c.action != "mask" and self._active(c, when)
+        # Mask rules (a [rules.k8s] section, no entries) mask Secret values in the response; like
+        # SQL masks they also apply to a request an operator approved.
+        matches = [c for c in scope.rules if self._active(c, when)
                    and (c.generic or (c.rule.k8s is not None and _k8s_matches(c, request)))]
         verdict = self._pick(scope, matches, request.describe(), target)
-        return replace(verdict, details=(request,), matched=tuple(c.name for c in matches))
+        masks = tuple(c.name for c in matches if c.action == "mask")
+        return replace(verdict, details=(request,), matched=tuple(c.name for c in matches), mask_rules=masks)
 
     # -- masking --
     def mask_plan(self, identity: str, groups: tuple[str, ...], target: str, verdict: Verdict,

@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-DEFAULT_MOUNTS = {"kv": "secret", "database": "database", "ssh": "ssh"}
+DEFAULT_MOUNTS = {"kv": "secret", "database": "database", "ssh": "ssh", "kubernetes": "kubernetes"}
 
 # A lease Vault could not revoke is tried again after 1 s, 2 s, 4 s, ... at most a minute apart.
 REVOKE_RETRY_FIRST_S = 1.0
@@ -214,6 +214,8 @@ class SecretsBroker:
             cred = await self._kv(target, source, session_id)
         elif source.source == "database":
             cred = await self._database(target, source, session_id)
+        elif source.source == "kubernetes":
+            cred = await self._kubernetes(target, source, session_id)
         else:
             cred = await self._ssh(target, source, session_id, public_key)
         log.info("credential for session %s on target %r: user %r, source %s, lease %s",
@@ -363,10 +365,30 @@ class SecretsBroker:
         resp = await self._call(f"creating a database user from {mount}/creds/{source.role} for target {target.name!r}",
                                 lambda c: c.secrets.database.generate_credentials(name=source.role, mount_point=mount))
         data = resp.get("data") or {}
-        lease_id, duration = resp.get("lease_id") or None, int(resp.get("lease_duration") or 0)
-        if not data.get("username") or lease_id is None:
+        if not data.get("username") or not resp.get("lease_id"):
             raise SecretUnavailable(f"{mount}/creds/{source.role} returned no username/lease for target "
                                     f"{target.name!r}", "invalid")
+        return await self._leased(target, sid, resp, data["username"], data.get("password"), "database")
+
+    async def _kubernetes(self, target: TargetConfig, source: CredentialSource, sid: str) -> SessionCredential:
+        """A service-account token from OpenBao's kubernetes secrets engine (TokenRequest API):
+        the session's bearer token upstream, its lease revoked when the session ends."""
+        mount = source.mount or DEFAULT_MOUNTS["kubernetes"]
+        assert source.role and source.kubernetes_namespace
+        resp = await self._call(
+            f"creating a service-account token from {mount}/creds/{source.role} for target {target.name!r}",
+            lambda c: c.write(f"{mount}/creds/{source.role}", kubernetes_namespace=source.kubernetes_namespace))
+        data = (resp or {}).get("data") or {}
+        if not data.get("service_account_token") or not resp.get("lease_id"):
+            raise SecretUnavailable(f"{mount}/creds/{source.role} returned no token/lease for target "
+                                    f"{target.name!r}", "invalid")
+        account = f"system:serviceaccount:{data.get('service_account_namespace')}:{data.get('service_account_name')}"
+        return await self._leased(target, sid, resp, account, data["service_account_token"], "kubernetes")
+
+    async def _leased(self, target: TargetConfig, sid: str, resp: dict, username: str, password: str | None,
+                      source_name: str) -> SessionCredential:
+        """A credential with a lease: in the ledger before use, renewed at half-life, ended with it."""
+        lease_id, duration = resp["lease_id"], int(resp.get("lease_duration") or 0)
         expires_at = _now() + timedelta(seconds=duration) if duration else None
         if self.ledger is not None:
             try:  # on disk before the credential is used: a crash from here on forgets nothing
@@ -378,10 +400,9 @@ class SecretsBroker:
                                         f"{self.ledger.path}: {e.strerror}", "file") from None
         watch = LeaseWatch()
         cred = SessionCredential(
-            username=data["username"], password=data.get("password"), lease_id=lease_id, expires_at=expires_at,
-            renewable=bool(resp.get("renewable")), target=target.name, session_id=sid, source="database",
-            watch=watch,
-            audit_fields=MappingProxyType({"credential_user": data["username"], "lease_id": lease_id}))
+            username=username, password=password, lease_id=lease_id, expires_at=expires_at,
+            renewable=bool(resp.get("renewable")), target=target.name, session_id=sid, source=source_name,
+            watch=watch, audit_fields=MappingProxyType({"credential_user": username, "lease_id": lease_id}))
         if duration:
             self._keepers[lease_id] = asyncio.create_task(self._keep_lease(cred, duration),
                                                           name=f"botwarden-lease-{lease_id}")
@@ -519,6 +540,7 @@ class SecretsBroker:
         mount = source.mount or DEFAULT_MOUNTS[source.source]
         path, needed = {"kv": (f"{mount}/data/{source.path}", "read"),
                         "database": (f"{mount}/creds/{source.role}", "read"),
+                        "kubernetes": (f"{mount}/creds/{source.role}", "update"),
                         "ssh": (f"{mount}/sign/{source.role}", "update")}[source.source]
         reply = self._call_sync(f"asking its capabilities on {path}",
                                 lambda c: c.sys.get_capabilities(paths=[path]))

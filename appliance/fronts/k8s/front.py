@@ -1,0 +1,488 @@
+"""The Kubernetes front's listener and sessions (see the package docstring for the data path)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import ssl
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+import httpx
+
+from appliance.errors import BotwardenError
+from appliance.fronts.admission import Admission, Ticket
+from appliance.fronts.postgres import _attribution
+from appliance.fronts.services import AuthRefused, ConnectionContext, FrontServices, HoldOutcome, SessionGrant
+from appliance.policy.k8s import K8sRequest
+from appliance.policy.types import Verdict
+from appliance.protocols.kubernetes import (KubernetesProtocolError, SecretMasker, WatchMasker, bearer_token,
+                                            response_headers, status_body, upstream_headers)
+from appliance.tasks import TaskSet
+
+log = logging.getLogger(__name__)
+# httpx logs every request URL at INFO; a query can carry what the bot passed (an exec command's
+# arguments), and no request content goes to the log.
+logging.getLogger("httpx").setLevel(logging.WARNING)
+
+PROTOCOL = "k8s"  # as the audit store names it (the config says "kubernetes")
+# Upgrade requests (exec/attach/port-forward over SPDY or WebSocket) keep these headers upstream,
+# so the API server answers them exactly as it answers the client directly.
+_UPGRADE_HEADERS = ("connection", "upgrade")
+
+
+@dataclass(frozen=True)
+class K8sFrontSettings:
+    """One listener in front of one Kubernetes API server."""
+
+    target: str
+    upstream_host: str
+    upstream_port: int
+    tls_cert_file: str                   # the appliance's certificate for the API server's names
+    tls_key_file: str
+    upstream_ca_file: str | None = None  # the API server's CA (None: the system's roots)
+    upstream_server_name: str | None = None
+    require_token: bool = True           # the bot's bearer token is its OIDC token
+    max_body_size: int = 64 * 1024 * 1024
+    connect_timeout: float = 10.0
+    startup_timeout: float = 30.0        # the first request (with the token) must arrive by then
+
+    def __post_init__(self) -> None:
+        if not self.tls_cert_file or not self.tls_key_file:
+            raise ValueError("a Kubernetes target needs [tls] cert_file and key_file: kubectl speaks only TLS")
+        if not 1024 <= self.max_body_size <= 1 << 30:
+            raise ValueError("max_body_size must be between 1 KiB and 1 GiB")
+
+
+class Responder(Protocol):
+    """How an exchange answers on its HTTP version (HTTP/1.1 or one HTTP/2 stream)."""
+
+    async def start(self, status: int, headers: list[tuple[str, str]]) -> None: ...
+
+    async def send(self, data: bytes) -> None: ...
+
+    async def end(self) -> None: ...
+
+
+@dataclass
+class BotRequest:
+    method: str
+    target: str          # path and query, as sent
+    headers: list[tuple[str, str]]
+    body: bytes
+
+
+class KubernetesFront:
+    """Listener for one target: ``await KubernetesFront(settings, services).serve(host, port)``."""
+
+    def __init__(self, settings: K8sFrontSettings, services: FrontServices, admission: Admission | None = None):
+        self.settings = settings
+        self.services = services
+        self.admission = admission
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
+        ctx.set_alpn_protocols(["h2", "http/1.1"])
+        self.server_ssl = ctx
+        # Always verified: the API server's certificate against its CA, for the address (an IP SAN)
+        # or for upstream_server_name.
+        self.upstream_ssl = ssl.create_default_context(cafile=settings.upstream_ca_file)
+        self.sessions: set[Session] = set()
+        self._tasks = TaskSet()
+        self._server: asyncio.AbstractServer | None = None
+
+    async def serve(self, host: str, port: int, **kwargs: Any) -> asyncio.AbstractServer:
+        self._server = await asyncio.start_server(self._accepted, host, port, ssl=self.server_ssl,
+                                                  ssl_handshake_timeout=self.settings.startup_timeout, **kwargs)
+        return self._server
+
+    def spawn(self, coro, name: str) -> asyncio.Task:
+        return self._tasks.spawn(coro, name)
+
+    async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        session = Session(self, reader, writer)
+        self.sessions.add(session)
+        try:
+            await session.run()
+        finally:
+            self.sessions.discard(session)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for s in list(self.sessions):
+            s.shutdown("botwarden is shutting down")
+        self._tasks.cancel_all()
+
+    async def drain(self, deadline: float) -> None:
+        """Stop listening; let requests in flight finish until ``deadline`` (monotonic), then end
+        every session (long watches included: kubectl re-establishes them)."""
+        if self._server is not None:
+            self._server.close()
+        while any(s.busy for s in self.sessions) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for s in list(self.sessions):
+            s.shutdown("botwarden is shutting down; reconnect to continue")
+        await asyncio.sleep(0)
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _addr(a: Any) -> str | None:
+    if isinstance(a, tuple) and len(a) >= 2:
+        return f"{a[0]}:{a[1]}"
+    return str(a) if a else None
+
+
+class Refusal(BotwardenError):
+    """An exchange answered by botwarden itself with a ``Status`` (``code``, ``message``)."""
+
+    def __init__(self, code: int, message: str, *, reason: str | None = None, close: bool = False):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.reason = reason
+        self.close = close  # the connection ends after the answer (e.g. the session was refused)
+
+
+class Session:
+    """One bot connection: its identity, its upstream pool, its exchanges."""
+
+    def __init__(self, front: KubernetesFront, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.front = front
+        self.services = front.services
+        self.settings = front.settings
+        self.reader = reader
+        self.writer = writer
+        self.grant: SessionGrant | None = None
+        self.session_id: str | None = None
+        self._token_digest: bytes | None = None
+        self._opening: asyncio.Future | None = None
+        self._admission: Ticket | None = None
+        self.client: httpx.AsyncClient | None = None
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.outcome = "ok"
+        self.end_error: str | None = None
+        self.in_flight = 0
+        self.closed = False
+        self._ctx: ConnectionContext | None = None
+        self._driver: Any = None
+
+    @property
+    def busy(self) -> bool:
+        return self.in_flight > 0
+
+    # ------------------------------------------------------------------ lifecycle
+    async def run(self) -> None:
+        from .http import Http1Driver, Http2Driver
+
+        admission = self.front.admission
+        if admission is not None:
+            self._admission = admission.admit(self.writer.get_extra_info("socket"), self._admission_closed,
+                                              listener=_addr(self.writer.get_extra_info("sockname")) or "")
+            if self._admission is None:
+                self.writer.close()
+                return
+        ssl_object = self.writer.get_extra_info("ssl_object")
+        alpn = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
+        self._driver = (Http2Driver if alpn == "h2" else Http1Driver)(self)
+        try:
+            await self._driver.run()
+        except asyncio.CancelledError:
+            raise
+        except (ConnectionError, OSError, ssl.SSLError) as e:
+            log.info("kubernetes session ended: %s", e)
+        except Exception:
+            log.exception("kubernetes session failed")
+            self.outcome, self.end_error = "error", "internal error in the Kubernetes front"
+        finally:
+            await self.finish()
+
+    def _admission_closed(self, reason: str) -> None:
+        self.outcome, self.end_error = "error", f"botwarden: {reason}"
+        self.shutdown(reason)
+
+    def shutdown(self, reason: str) -> None:
+        if self.outcome == "ok":
+            self.outcome, self.end_error = "terminated", reason
+        if self._driver is not None:
+            self._driver.shutdown(reason)
+        else:
+            self.writer.close()
+
+    async def finish(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._admission is not None:
+            self._admission.release()
+        self.writer.close()
+        if self.client is not None:
+            await self.client.aclose()
+        if self.session_id is not None:
+            self._audit("session_end", {"session_id": self.session_id, "ts": _now(), "bytes_in": self.bytes_in,
+                                        "bytes_out": self.bytes_out, "outcome": self.outcome,
+                                        "error": self.end_error})
+        if self.grant is not None:
+            try:
+                await self.services.close_session(self.grant)
+            except Exception:
+                log.exception("close_session failed for session %s", self.grant.session_id)
+
+    def _audit(self, kind: str, record: dict) -> None:
+        try:
+            self.services.audit(kind, record)
+        except Exception:  # counted by the runtime; strict callers refused the request already
+            log.exception("audit hook failed for %s", kind)
+
+    # ------------------------------------------------------------------ identity
+    async def _session_for(self, token: str | None) -> SessionGrant:
+        """The session's grant: opened by the first request, the same token required after."""
+        import hashlib
+
+        digest = hashlib.sha256(token.encode()).digest() if token else b""
+        if self._opening is None:
+            self._opening = asyncio.ensure_future(self._open(token))
+            self._token_digest = digest
+        grant = await asyncio.shield(self._opening)
+        if digest != self._token_digest:
+            raise Refusal(401, "botwarden: every request of a connection must carry the same token",
+                          reason="Unauthorized")
+        return grant
+
+    async def _open(self, token: str | None) -> SessionGrant:
+        ctx = await self._context()
+        if self._admission is not None:
+            self._admission.release()  # credentials presented: the identity checks bound it from here
+        if self.settings.require_token and not token:
+            self.session_id = os.urandom(16).hex()
+            self._session_start(ctx, None)
+            self.outcome, self.end_error = "refused", "no bearer token"
+            raise Refusal(401, "botwarden refused the connection: no bearer token (the kubeconfig's token is "
+                               "the bot's OIDC token)", reason="Unauthorized", close=True)
+        try:
+            grant = await self.services.open_session(self.settings.target, ctx, "", token if token else None)
+        except AuthRefused as e:
+            self.session_id = os.urandom(16).hex()
+            self._session_start(ctx, None, e.audit_fields)
+            self.outcome, self.end_error = "refused", e.message
+            code = 401 if e.sqlstate.startswith("28") else 503
+            raise Refusal(code, e.message, close=True) from None
+        self.grant = grant
+        self.session_id = grant.session_id
+        register = getattr(self.services, "register_terminate", None)
+        if register is not None:  # the daemon ends sessions whose lease or token ran out
+            register(grant.session_id, lambda code, message: self.shutdown(message))
+        self._session_start(ctx, grant)
+        s = self.settings
+        self.client = httpx.AsyncClient(
+            base_url=f"https://{s.upstream_host}:{s.upstream_port}", verify=self.front.upstream_ssl,
+            # No timeout on reads: a watch or `logs -f` stays open as long as the bot wants it.
+            timeout=httpx.Timeout(connect=s.connect_timeout, read=None, write=60.0, pool=None),
+            headers={"accept-encoding": "identity"}, follow_redirects=False, trust_env=False)
+        return grant
+
+    async def _context(self) -> ConnectionContext:
+        if self._ctx is None:
+            transport = self.writer.transport
+            self._ctx = ConnectionContext(self.writer.get_extra_info("peername"),
+                                          self.writer.get_extra_info("sockname"), True,
+                                          await _attribution(self.services, transport))
+        return self._ctx
+
+    def _session_start(self, ctx: ConnectionContext, grant: SessionGrant | None, refused_fields: Any = None) -> None:
+        rec: dict[str, Any] = {
+            "session_id": self.session_id, "ts": _now(), "target": self.settings.target, "protocol": PROTOCOL,
+            "client_addr": _addr(ctx.client_addr),
+            "target_addr": f"{self.settings.upstream_host}:{self.settings.upstream_port}", "tls": True,
+        }
+        a = ctx.attribution
+        if a is not None:
+            rec.update(pid=getattr(a, "tgid", a.pid), uid=a.uid, gid=a.gid, cgroup_id=a.cgroup_id,
+                       cgroup_path=a.cgroup_path, exe=a.exe_path, comm=a.comm, attribution_source=a.source,
+                       privileged=bool(getattr(a, "privileges", ())))
+        else:
+            rec["attribution_source"] = "none"
+        if grant is not None:
+            rec.update(identity=grant.identity, token_subject=grant.subject,
+                       credential_user=grant.credential.username, lease_id=grant.credential.lease_id)
+            rec.update(grant.audit_fields)
+        elif refused_fields:
+            rec.update(refused_fields)
+        self._audit("session_start", rec)
+
+    # ------------------------------------------------------------------ one exchange
+    async def exchange(self, req: BotRequest, out: Responder) -> bool:
+        """Answer one request. Returns False when the connection must close afterwards."""
+        self.in_flight += 1
+        t0 = time.time()
+        self.bytes_in += len(req.body)
+        record: dict[str, Any] = {"request_id": os.urandom(16).hex(), "ts": datetime.fromtimestamp(t0, timezone.utc),
+                                  "protocol": PROTOCOL, "kind": "k8s", "text": f"{req.method} {req.target}"}
+        k8s: K8sRequest | None = None
+        try:
+            grant = await self._session_for(bearer_token(req.headers))
+            record["session_id"] = grant.session_id
+            k8s = K8sRequest.from_http(req.method, req.target)
+            record["text"] = f"{k8s.describe()} ({req.method} {urlsplit(req.target).path})"
+            verdict = self.services.decide_k8s(grant, self.settings.target, k8s)
+            record.update(decision=verdict.action, rule=verdict.rule, reason=verdict.reason or None)
+            if verdict.action == "block":
+                raise Refusal(403, verdict.reason, reason="Forbidden")
+            if verdict.action == "approve":
+                outcome = await self._hold(grant, k8s, req, verdict, record)
+                if not outcome.approved:
+                    record["decision"] = "deny"
+                    raise Refusal(403, _hold_refusal(outcome), reason="Forbidden")
+            await self._record_start(record, verdict)
+            masked = await self._forward(grant, req, k8s, verdict, out, record)
+            if masked:
+                record["masked"] = {"secret_values": masked}
+            return True
+        except Refusal as e:
+            record.setdefault("decision", "block" if e.code == 403 else "deny")
+            record["error"] = e.message
+            record["sqlstate"] = str(e.code)
+            await self._refuse(out, e, k8s)
+            return not e.close
+        except asyncio.CancelledError:
+            # The bot went away (or reset the stream): a held request is withdrawn, a watch ends.
+            if record.get("decision") == "approve" and "sqlstate" not in record:
+                record["decision"] = "deny"
+            record["error"] = record.get("error") or "the client went away before the answer was complete"
+            raise
+        finally:
+            self.in_flight -= 1
+            if "session_id" in record or self.session_id is not None:
+                record.setdefault("session_id", self.session_id)
+                record["duration_ms"] = (time.time() - t0) * 1000.0
+                self._audit("request", record)
+
+    async def _record_start(self, record: dict, verdict: Verdict) -> None:
+        """audit.mode = "strict": the request reaches the API server only once its start record
+        is durable (as a statement does; docs/audit-schema.md)."""
+        durable = getattr(self.services, "audit_durable", None)
+        if durable is None:
+            return
+        start = {k: record[k] for k in ("request_id", "session_id", "ts", "protocol", "kind", "text", "decision",
+                                        "rule")}
+        try:
+            wait = durable("request_start", start, verdict)
+            if wait is not None:
+                await wait
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            raise Refusal(503, f"botwarden: the audit store cannot take this request's record ({e}); "
+                               "no request runs unaudited, try again later", reason="ServiceUnavailable") from None
+
+    async def _refuse(self, out: Responder, e: Refusal, k8s: K8sRequest | None) -> None:
+        body = status_body(e.code, e.message, reason=e.reason, name=k8s.name if k8s else None,
+                           kind=k8s.resource if k8s else None, group=k8s.api_group if k8s else None)
+        await out.start(e.code, [("content-type", "application/json"), ("content-length", str(len(body)))])
+        await out.send(body)
+        await out.end()
+        self.bytes_out += len(body)
+
+    async def _hold(self, grant: SessionGrant, k8s: K8sRequest, req: BotRequest, verdict: Verdict,
+                    record: dict) -> HoldOutcome:
+        def notify(approval_id: str) -> None:
+            log.info("session %s: %s held for approval %s", grant.session_id, k8s.describe(), approval_id)
+
+        return await self.services.hold(grant, self.settings.target, record["text"], verdict, notify,
+                                        record["request_id"])
+
+    async def _forward(self, grant: SessionGrant, req: BotRequest, k8s: K8sRequest, verdict: Verdict,
+                       out: Responder, record: dict) -> int:
+        """Send the request upstream and stream the answer back; returns the Secret values masked."""
+        mask = bool(verdict.mask_rules) or verdict.action == "mask"
+        headers = upstream_headers(req.headers, grant.credential.password, narrow_json=mask)
+        if _is_upgrade(req.headers):
+            headers += [(n.lower(), v) for n, v in req.headers if n.lower() in _UPGRADE_HEADERS]
+        assert self.client is not None
+        try:
+            sni = self.settings.upstream_server_name
+            upstream = self.client.build_request(req.method, req.target, headers=headers,
+                                                 content=req.body if req.body else None,
+                                                 extensions={"sni_hostname": sni} if sni else None)
+            resp = await self.client.send(upstream, stream=True)
+        except httpx.HTTPError as e:
+            note = getattr(self.services, "upstream_connect_failed", None)
+            if note is not None and isinstance(e, httpx.ConnectError):
+                note(self.settings.target, "tcp")
+            raise Refusal(503, f"botwarden could not reach the Kubernetes API server of target "
+                               f"{self.settings.target!r}: {type(e).__name__}: {e}",
+                          reason="ServiceUnavailable") from None
+        try:
+            record["sqlstate"] = str(resp.status_code)
+            if resp.status_code == 101:
+                raise Refusal(501, "botwarden does not relay upgraded connections (exec, attach, port-forward) "
+                                   "yet", reason="NotImplemented", close=True)
+            ctype = resp.headers.get("content-type")
+            watch = k8s.verb == "watch" or k8s.subresource == "log"  # streams: masked event by event
+            if mask and resp.status_code < 300 and not watch:
+                body = await resp.aread()
+                masker = SecretMasker()
+                try:
+                    body = masker.mask_body(body, ctype)
+                except KubernetesProtocolError as e:
+                    raise Refusal(e.status, e.message) from None
+                hdrs = response_headers(resp.headers.multi_items(), drop_length=True)
+                await out.start(resp.status_code, hdrs + [("content-length", str(len(body)))])
+                await out.send(body)
+                await out.end()
+                self.bytes_out += len(body)
+                return masker.masked
+            masker = SecretMasker()
+            stream = WatchMasker(masker, self.settings.max_body_size) if mask and resp.status_code < 300 else None
+            await out.start(resp.status_code, response_headers(resp.headers.multi_items(), drop_length=stream is not None))
+            try:
+                async for chunk in resp.aiter_raw():
+                    if stream is not None:
+                        chunk = stream.feed(chunk)
+                    if chunk:
+                        self.bytes_out += len(chunk)
+                        await out.send(chunk)
+                if stream is not None:
+                    tail = stream.close()
+                    if tail:
+                        await out.send(tail)
+            except KubernetesProtocolError as e:
+                record["error"] = e.message
+                out_abort = getattr(out, "abort", None)
+                if out_abort is not None:
+                    out_abort()
+                return masker.masked
+            except httpx.HTTPError as e:
+                record["error"] = f"the API server's answer broke off: {e}"
+                out_abort = getattr(out, "abort", None)
+                if out_abort is not None:
+                    out_abort()
+                return masker.masked
+            await out.end()
+            if resp.status_code >= 400:
+                record["error"] = f"HTTP {resp.status_code} from the API server"
+            return masker.masked
+        finally:
+            await resp.aclose()
+
+
+def _is_upgrade(headers: list[tuple[str, str]]) -> bool:
+    return any(n.lower() == "upgrade" for n, _ in headers)
+
+
+def _hold_refusal(outcome: HoldOutcome) -> str:
+    state = getattr(outcome, "state", "")
+    reason = outcome.reason or "no reason given"
+    where = f" (approval {outcome.approval_id})" if outcome.approval_id else ""
+    if state == "expired":
+        return f"botwarden: request not approved in time: {reason}{where}"
+    if state == "withdrawn":
+        return f"botwarden: request withdrawn while it waited for approval{where}"
+    return f"botwarden: request {reason}{where}" if state == "denied" else f"botwarden: request not approved: {reason}{where}"

@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# Build a real Kubernetes control plane for botwarden's tests, once per machine.
+#
+#   bash tests/k8s/build.sh            # build if missing, print the directory holding the binaries
+#   bash tests/k8s/build.sh --check    # exit 0 if the cached build exists, 1 if not (no network)
+#
+# No registry ships a kube-apiserver binary, so it is built offline from Debian's `kubernetes`
+# source package (the full 1.20.2 tree with vendor/) with Debian's Go, through the tree's own
+# Makefile (GOPATH mode, as Debian's rules build it). kubectl 1.20 comes from Debian's
+# `kubernetes-client` .deb and is unpacked next to it rather than installed, because some hosts
+# already have another package owning /usr/bin/kubectl. etcd 3.4 is Debian's `etcd-server`.
+#
+# The result is cached by the Debian package version under $BOTWARDEN_K8S_CACHE
+# (default /var/cache/botwarden/kubernetes/<version>/), outside the repository; later runs on
+# the same machine reuse it. The build takes minutes and ~2 GB of scratch space, which is
+# deleted afterwards; it runs under `nice` so other work on the machine keeps going.
+# Must run as root (apt-get). docs/kubernetes.md has the facts behind each step.
+set -euo pipefail
+
+CACHE_ROOT=${BOTWARDEN_K8S_CACHE:-/var/cache/botwarden/kubernetes}
+log() { printf '[k8s-build] %s\n' "$*" >&2; }
+
+# The version of Debian's kubernetes packages this machine's apt would install: the cache key.
+version=$(apt-cache policy kubernetes-client 2>/dev/null | awk '/Candidate:/ {print $2}')
+if [ -z "$version" ] || [ "$version" = "(none)" ]; then
+    log "apt knows no kubernetes-client package (run apt-get update?)"
+    exit 1
+fi
+out="$CACHE_ROOT/$version"
+
+if [ -x "$out/kube-apiserver" ] && [ -x "$out/kubectl" ] && [ -x "$out/etcd" ]; then
+    [ "${1:-}" = "--check" ] && exit 0
+    echo "$out"
+    exit 0
+fi
+[ "${1:-}" = "--check" ] && exit 1
+
+if [ "$(id -u)" -ne 0 ]; then
+    log "must run as root (installs golang-go, rsync, etcd-server with apt)"
+    exit 1
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+need=()
+for p in golang-go rsync etcd-server; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
+done
+if [ ${#need[@]} -gt 0 ]; then
+    log "installing ${need[*]}"
+    # etcd-server's package scripts would start a system etcd on the default ports; the tests
+    # start their own, so keep package scripts from starting services.
+    added_policy=0
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+        chmod +x /usr/sbin/policy-rc.d
+        added_policy=1
+    fi
+    apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+    [ $added_policy -eq 1 ] && rm -f /usr/sbin/policy-rc.d
+fi
+
+work=$(mktemp -d /var/tmp/botwarden-k8s-build.XXXXXX)
+# The scratch directory goes when the build succeeds; a failed build keeps it (and its log).
+trap 'if [ $? -eq 0 ]; then rm -rf "$work"; else log "build failed; scratch kept in $work"; fi' EXIT
+start=$(date +%s)
+
+# deb-src entries live in a private apt configuration inside the scratch directory, so the
+# host's own apt sources are left as they are.
+mkdir -p "$work/apt/lists/partial"
+sed 's/^Types: deb$/Types: deb-src/' /etc/apt/sources.list.d/debian.sources > "$work/apt/debian-src.sources"
+aptopts=(-o "APT::Sandbox::User=root" -o "Dir::Etc::SourceList=/dev/null" -o "Dir::Etc::SourceParts=$work/apt"
+         -o "Dir::State::Lists=$work/apt/lists" -o "Dir::Cache::pkgcache=" -o "Dir::Cache::srcpkgcache=")
+log "fetching the kubernetes source package $version"
+apt-get "${aptopts[@]}" update -qq
+(cd "$work" && apt-get "${aptopts[@]}" source -qq --download-only "kubernetes=$version" >/dev/null)
+(cd "$work" && apt-get -o "APT::Sandbox::User=root" download -qq "kubernetes-client=$version" >/dev/null)
+
+tarball=$(ls "$work"/kubernetes_*.orig.tar.gz | head -1)
+mkdir -p "$work/src"
+tar xzf "$tarball" -C "$work/src"
+tree=$(ls -d "$work"/src/kubernetes-*/ | head -1)
+mkdir -p "$tree/.go/src/k8s.io"
+ln -s ../../.. "$tree/.go/src/k8s.io/kubernetes"
+
+log "building kube-apiserver (several minutes)"
+(
+    cd "$tree"
+    # Go's build cache outlives a failed attempt (a retry takes a minute, not the whole build)
+    # and is removed with the scratch directory once the build succeeds.
+    export GOPATH=$tree/.go CGO_ENABLED=0 GOPROXY=off GOFLAGS= HOME=$work/home GOCACHE=$CACHE_ROOT/.go-build
+    mkdir -p "$HOME"
+    rc=0
+    nice -n 10 make WHAT=cmd/kube-apiserver >"$work/build.log" 2>&1 || rc=$?
+    if [ $rc -ne 0 ] || [ ! -x _output/bin/kube-apiserver ]; then
+        tail -40 "$work/build.log" >&2
+        log "make WHAT=cmd/kube-apiserver failed (exit $rc)"
+        exit 1
+    fi
+)
+
+mkdir -p "$work/client"
+dpkg-deb -x "$work"/kubernetes-client_*.deb "$work/client"
+
+staging="$out.partial"
+rm -rf "$staging"
+mkdir -p "$staging"
+install -m 0755 "$tree/_output/bin/kube-apiserver" "$staging/kube-apiserver"
+install -m 0755 "$work/client/usr/bin/kubectl" "$staging/kubectl"
+ln -s "$(command -v etcd)" "$staging/etcd"
+seconds=$(( $(date +%s) - start ))
+printf 'version=%s\nbuild_seconds=%s\nbuilt=%s\n' "$version" "$seconds" "$(date -u +%FT%TZ)" > "$staging/BUILD-INFO"
+rm -rf "$out"
+mv "$staging" "$out"
+rm -rf "$CACHE_ROOT/.go-build"
+log "built in ${seconds}s: $out"
+echo "$out"

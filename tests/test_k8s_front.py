@@ -1,0 +1,259 @@
+"""The Kubernetes front with real kubectl 1.20 against a real kube-apiserver 1.20.2 (issue 17).
+
+The control plane is built by tests/k8s/build.sh (cached per machine) and started by
+tests/k8s/cluster.py; botwarden runs as a real daemon with OpenBao as OIDC issuer.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import time
+import uuid
+
+import pytest
+import yaml
+
+from appliance.protocols.kubernetes import MASK_DATA, MASK_TEXT
+from tests.k8s_fixtures import K8sEnv, start_k8s_env
+
+
+@pytest.fixture(scope="module")
+def env(kube, bao_server, pg_server):
+    e = start_k8s_env(kube, bao_server, pg_server)
+    try:
+        yield e
+    finally:
+        e.daemon.stop()
+
+
+def _ns(env: K8sEnv) -> str:
+    name = f"bw-{uuid.uuid4().hex[:8]}"
+    res = env.kubectl(env.direct_kubeconfig(), "create", "namespace", name)
+    assert res.returncode == 0, res.stderr
+    return name
+
+
+def _no_age(table: str) -> str:
+    """kubectl's tables end with AGE, which moves between two runs; everything else must match."""
+    lines = table.splitlines()
+    if not lines or not lines[0].rstrip().endswith("AGE"):
+        return table
+    return "\n".join(line[:lines[0].rindex("AGE")].rstrip() for line in lines)
+
+
+def test_get_and_list_through_botwarden_match_direct(env: K8sEnv) -> None:
+    ns = _ns(env)
+    direct = env.direct_kubeconfig()
+    for i in range(3):
+        assert env.kubectl(direct, "-n", ns, "create", "configmap", f"cm{i}", f"--from-literal=k=v{i}").returncode == 0
+    bot = env.bot_kubeconfig()
+    for args in (("get", "configmaps", "-n", ns, "-o", "json"), ("get", "configmap", "cm1", "-n", ns, "-o", "yaml"),
+                 ("get", "namespaces", ns), ("get", "configmaps", "-n", ns), ("get", "all", "-n", ns),
+                 ("get", "configmaps", "-n", ns, "-l", "missing=label"), ("api-resources",)):
+        want = env.kubectl(direct, *args)
+        got = env.kubectl(bot, *args)
+        assert want.returncode == 0, want.stderr
+        assert (got.returncode, _no_age(got.stdout)) == (0, _no_age(want.stdout)), got.stderr
+    rows = env.daemon.audit_sql(
+        "SELECT text, decision, sqlstate FROM requests WHERE protocol = 'k8s' AND text LIKE ? ORDER BY ts",
+        [f"list configmaps in {ns}%"])
+    assert rows and all(r["decision"] == "allow" and r["sqlstate"] == "200" for r in rows)
+
+
+def test_namespace_delete_is_refused_with_a_kubernetes_status(env: K8sEnv) -> None:
+    ns = _ns(env)
+    res = env.kubectl(env.bot_kubeconfig(), "delete", "namespace", ns)
+    assert res.returncode != 0
+    assert ("Error from server (Forbidden): blocked by botwarden rule 'no-namespace-deletes' "
+            f"(namespaces are deleted by humans): delete namespaces {ns} in {ns}") in res.stderr
+    # Never reached the server: the namespace is there and active.
+    doc = env.kube.get(f"/api/v1/namespaces/{ns}")
+    assert doc["status"]["phase"] == "Active"
+    rows = env.daemon.audit_sql("SELECT decision, rule, sqlstate, error FROM requests WHERE text LIKE ?",
+                                [f"delete namespaces {ns}%"])
+    assert [(r["decision"], r["rule"], r["sqlstate"]) for r in rows] == [("block", "no-namespace-deletes", "403")]
+
+
+def test_secret_values_are_masked_in_yaml_json_and_lists(env: K8sEnv) -> None:
+    ns = _ns(env)
+    direct = env.direct_kubeconfig()
+    res = env.kubectl(direct, "-n", ns, "create", "secret", "generic", "db", "--from-literal=password=hunter2-real",
+                      "--from-literal=user=admin")
+    assert res.returncode == 0, res.stderr
+    bot = env.bot_kubeconfig()
+    got = env.kubectl(bot, "-n", ns, "get", "secret", "db", "-o", "yaml")
+    assert got.returncode == 0, got.stderr
+    doc = yaml.safe_load(got.stdout)  # still parses
+    assert doc["kind"] == "Secret" and doc["data"] == {"password": MASK_DATA, "user": MASK_DATA}
+    assert base64.b64decode(doc["data"]["password"]).decode() == MASK_TEXT
+    assert "hunter2-real" not in got.stdout and base64.b64encode(b"hunter2-real").decode() not in got.stdout
+    listed = env.kubectl(bot, "-n", ns, "get", "secrets", "-o", "json")
+    assert listed.returncode == 0, listed.stderr
+    items = [i for i in json.loads(listed.stdout)["items"] if i["metadata"]["name"] == "db"]
+    assert items[0]["data"] == {"password": MASK_DATA, "user": MASK_DATA}
+    table_direct = env.kubectl(direct, "-n", ns, "get", "secrets", "db")
+    table_bot = env.kubectl(bot, "-n", ns, "get", "secrets", "db")
+    assert _no_age(table_bot.stdout) == _no_age(table_direct.stdout) and "Opaque" in table_bot.stdout
+    # Direct, the value is there: the mask is botwarden's doing.
+    real = env.kubectl(direct, "-n", ns, "get", "secret", "db", "-o", "jsonpath={.data.password}")
+    assert base64.b64decode(real.stdout).decode() == "hunter2-real"
+    rows = env.daemon.audit_sql("SELECT decision, rule, masked FROM requests WHERE text LIKE ? ORDER BY ts",
+                                [f"get secrets db in {ns}%"])
+    assert rows and rows[-1]["decision"] == "mask" and rows[-1]["rule"] == "mask-secrets"
+
+
+def test_a_bad_token_is_refused_and_audited(env: K8sEnv) -> None:
+    bot = env.bot_kubeconfig(token="not-a-valid-oidc-token")
+    res = env.kubectl(bot, "get", "namespaces")
+    assert res.returncode != 0
+    assert "Unauthorized" in res.stderr or "You must be logged in" in res.stderr, res.stderr
+    rows = env.daemon.audit_sql("SELECT outcome, error FROM sessions WHERE protocol = 'k8s' AND outcome = 'refused'")
+    assert rows and any("token" in (r["error"] or "") for r in rows)
+
+
+def test_held_deployment_delete_runs_once_approved(env: K8sEnv) -> None:
+    ns = _ns(env)
+    direct = env.direct_kubeconfig()
+    res = env.kubectl(direct, "-n", ns, "create", "deployment", "web", "--image=registry.invalid/web:1")
+    assert res.returncode == 0, res.stderr
+    bot = env.bot_kubeconfig()
+    home = bot.parent / "home"
+    home.mkdir(exist_ok=True)
+    before = {a["approval_id"] for a in env.client.get("/v1/approvals")["approvals"]}
+    proc = subprocess.Popen([env.kube.kubectl, f"--kubeconfig={bot}", "-n", ns, "delete", "deployment", "web"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={"HOME": str(home)})
+    try:
+        deadline = time.monotonic() + 30
+        held = []
+        while not held and time.monotonic() < deadline:
+            held = [a for a in env.client.get("/v1/approvals")["approvals"] if a["approval_id"] not in before]
+            time.sleep(0.2)
+        assert held, "the delete was not held"
+        item = held[0]
+        assert item["rule"] == "deployment-deletes-need-approval" and item["target"] == "cluster"
+        assert f"delete deployments.apps web in {ns}" in item["request"]
+        # Nothing ran while it waited.
+        assert env.kube.get(f"/apis/apps/v1/namespaces/{ns}/deployments/web")["metadata"]["name"] == "web"
+        assert proc.poll() is None
+        env.client.post(f"/v1/approvals/{item['approval_id']}/approve", {"reason": "change 17"})
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert 'deployment.apps "web" deleted' in out
+    gone = env.kubectl(direct, "-n", ns, "get", "deployment", "web")
+    assert gone.returncode != 0 and "NotFound" in gone.stderr
+
+
+def _pod(env: K8sEnv, ns: str, name: str = "web") -> None:
+    """A Pod object. Nothing runs it (no kubelet): it stays Pending with no node. (Without a
+    controller manager nobody makes the namespace's default service account: we do.)"""
+    env.kube.request("POST", f"/api/v1/namespaces/{ns}/serviceaccounts", {"metadata": {"name": "default"}})
+    env.kube.request("POST", f"/api/v1/namespaces/{ns}/pods", {
+        "metadata": {"name": name}, "spec": {"automountServiceAccountToken": False,
+                                      "containers": [{"name": "c", "image": "registry.invalid/web:1"}]}})
+
+
+def _read_until(proc: subprocess.Popen, needle: str, timeout: float = 30) -> str:
+    import selectors
+
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    seen = ""
+    deadline = time.monotonic() + timeout
+    while needle not in seen and time.monotonic() < deadline:
+        if sel.select(0.2):
+            chunk = proc.stdout.readline()
+            if not chunk:
+                break
+            seen += chunk
+    return seen
+
+
+def test_watch_streams_events_and_masks_secrets_event_by_event(env: K8sEnv) -> None:
+    ns = _ns(env)
+    bot = env.bot_kubeconfig()
+    home = bot.parent / "home"
+    home.mkdir(exist_ok=True)
+    proc = subprocess.Popen([env.kube.kubectl, f"--kubeconfig={bot}", "-n", ns, "get", "secrets", "--watch",
+                             "--output-watch-events", "-o", "json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={"HOME": str(home)})
+    try:
+        time.sleep(1.0)  # the watch is open (nothing to assert on: an empty namespace has no events yet)
+        env.kube.request("POST", f"/api/v1/namespaces/{ns}/secrets",
+                         {"metadata": {"name": "later"}, "data": {"pw": base64.b64encode(b"streamed-secret").decode()}})
+        seen = _read_until(proc, '"later"')
+        assert '"later"' in seen, proc.stderr.read() if proc.poll() is not None else seen
+    finally:
+        proc.kill()
+        proc.wait()
+    assert MASK_DATA in seen and base64.b64encode(b"streamed-secret").decode() not in seen
+
+
+def test_exec_and_logs_refusals_of_the_api_server_pass_through_unchanged(env: K8sEnv) -> None:
+    ns = _ns(env)
+    _pod(env, ns)
+    direct, bot = env.direct_kubeconfig(), env.bot_kubeconfig()
+    # No kubelet: the server refuses the exec upgrade; a pod that never ran has empty logs.
+    for args in (("exec", "web", "--", "ls"), ("logs", "web"), ("logs", "web", "--tail=5")):
+        want = env.kubectl(direct, "-n", ns, *args)
+        got = env.kubectl(bot, "-n", ns, *args)
+        assert (got.returncode, got.stdout, got.stderr) == (want.returncode, want.stdout, want.stderr)
+    exec_direct = env.kubectl(direct, "-n", ns, "exec", "web", "--", "ls")
+    assert exec_direct.returncode != 0 and "does not have a host assigned" in exec_direct.stderr
+
+
+def test_a_blocked_exec_is_refused_before_it_reaches_the_server(env: K8sEnv) -> None:
+    ns = f"locked-{uuid.uuid4().hex[:6]}"
+    assert env.kubectl(env.direct_kubeconfig(), "create", "namespace", ns).returncode == 0
+    _pod(env, ns)
+    res = env.kubectl(env.bot_kubeconfig(), "-n", ns, "exec", "web", "--", "cat", "/etc/shadow")
+    assert res.returncode != 0
+    assert "blocked by botwarden rule 'no-exec-in-locked-namespaces'" in res.stderr
+    rows = env.daemon.audit_sql("SELECT decision, rule, sqlstate FROM requests WHERE text LIKE ?",
+                                [f"create pods/exec web in {ns}%"])
+    assert [(r["decision"], r["rule"], r["sqlstate"]) for r in rows] == [("block", "no-exec-in-locked-namespaces",
+                                                                          "403")]
+
+
+def test_an_api_server_that_is_down_gives_a_status_and_an_audit_row(env: K8sEnv) -> None:
+    res = env.kubectl(env.bot_kubeconfig(port=env.down_listen_port), "get", "configmaps", "-n", "default")
+    assert res.returncode != 0
+    assert "could not reach the Kubernetes API server of target 'cluster-down'" in res.stderr, res.stderr
+    rows = env.daemon.audit_sql("SELECT r.sqlstate FROM requests r JOIN sessions s USING (session_id) "
+                                "WHERE s.target = 'cluster-down'")
+    assert rows and {r["sqlstate"] for r in rows} == {"503"}
+
+
+def _python_client(host: str, token: str, ca: str):
+    from kubernetes import client
+
+    cfg = client.Configuration()
+    cfg.host = host
+    cfg.api_key = {"authorization": f"Bearer {token}"}
+    cfg.ssl_ca_cert = ca
+    return client.CoreV1Api(client.ApiClient(cfg))
+
+
+def test_the_python_client_over_http1_keep_alive_sees_what_it_sees_direct(env: K8sEnv) -> None:
+    ns = _ns(env)
+    env.kube.request("POST", f"/api/v1/namespaces/{ns}/configmaps", {"metadata": {"name": "a"}, "data": {"k": "v"}})
+    env.kube.request("POST", f"/api/v1/namespaces/{ns}/secrets",
+                     {"metadata": {"name": "s"}, "data": {"pw": base64.b64encode(b"py-secret").decode()}})
+    direct = _python_client(env.kube.url, env.kube.admin_token, str(env.kube.ca_file))
+    bot = _python_client(f"https://127.0.0.1:{env.listen_port}", env.bao.mint_token(), str(env.bot_ca))
+    for _ in range(3):  # one connection, several requests (urllib3 keeps it alive)
+        want = direct.list_namespaced_config_map(ns).to_dict()
+        got = bot.list_namespaced_config_map(ns).to_dict()
+        assert got == want
+    assert direct.read_namespaced_secret("s", ns).data == {"pw": base64.b64encode(b"py-secret").decode()}
+    assert bot.read_namespaced_secret("s", ns).data == {"pw": MASK_DATA}
+    from kubernetes.client.exceptions import ApiException
+
+    with pytest.raises(ApiException) as refused:
+        bot.delete_namespace(ns)
+    assert refused.value.status == 403
+    assert json.loads(refused.value.body)["message"].startswith("blocked by botwarden rule 'no-namespace-deletes'")
