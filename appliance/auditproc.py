@@ -924,7 +924,13 @@ class _Child:
         from appliance.auditstream import start_stream
 
         # The SIEM stream tails what the store commits (after the start rows, replayed ones included).
-        stream = start_stream(self.store, self.options.get("stream"))
+        try:
+            stream = start_stream(self.store, self.options.get("stream"))
+        except OSError as e:  # e.g. its file cannot be created: the daemon does not start without it
+            self.reply(("error", ("AuditError", f"[audit.stream] {e.filename or ''}: {e.strerror or e}")))
+            with contextlib.suppress(AuditError):
+                self.store.close()
+            return 1
         self.reply(("ready", {"epoch": self.store.epoch, "migrations": self.store.migrations,
                               "stats": self.stats(), "recovered": self.store.recovered}))
         threads = [threading.Thread(target=self._events_loop, name="audit-events", daemon=True),
