@@ -15,6 +15,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import pytest
 from analytics import AuditStore
 from appliance.auditstream import start_stream
 from appliance.sandbox import free_port
-from tests.daemon_fixtures import DaemonProcess, fresh_setup, new_port, psql, seed_orders, write_config
+from tests.daemon_fixtures import ROOT, DaemonProcess, fresh_setup, new_port, psql, seed_orders, write_config
 from tests.probes_fixtures import wait_for
 
 pytestmark = pytest.mark.root  # rsyslogd binds its sockets as root here
@@ -157,6 +158,16 @@ format = "json"
         assert masked and masked[0]["unmapped"]["masked"] == {"email": 2}
         (logoff,) = [m["event"] for m in by_table["session_ends"]]
         assert logoff["activity_name"] == "Logoff" and logoff["session"]["uid"] == logon["session"]["uid"]
+
+        # The audit process was started with its stream: a reload that changes it is refused, and says why.
+        good = config.read_text()
+        try:
+            config.write_text(good.replace('syslog_facility = "local3"', 'syslog_facility = "local4"'))
+            res = subprocess.run([sys.executable, "-m", "appliance.cli", "--config", str(config), "config", "reload"],
+                                 capture_output=True, text=True, timeout=60, cwd=ROOT)
+            assert res.returncode != 0 and "audit.stream cannot change on reload" in res.stderr, res.stderr
+        finally:
+            config.write_text(good)
 
         # The receiver goes away: the file keeps up, syslog catches up when it is back, nothing is lost.
         rsyslog.stop()
