@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import json
 import logging
@@ -155,13 +156,16 @@ class AuditProcess:
     def __init__(self, path: str | Path, *, batch_max: int = 2000, flush_interval: float = 0.2,
                  queue_max: int = 100_000, on_full: Literal["refuse", "block"] = "refuse",
                  strict: bool = False, restart_after: float | None = 1.0, nice: int | None = None,
-                 journal: bool = False, highwater: bool = False, ack_timeout: float = 10.0):
+                 journal: bool = False, highwater: bool = False, ack_timeout: float = 10.0,
+                 stream: Mapping[str, Any] | None = None, log_format: str = "text"):
         """``restart_after``: seconds before a dead audit process is started again (doubling
         up to 30 s while it keeps failing); None leaves it dead. ``nice``: the child's CPU
         priority (the daemon passes the one it was started with; None inherits the caller's).
         ``journal``: the child journals and acknowledges what it receives (strict mode).
         ``highwater``: keep the daemon's high-water file beside the store (``self.marks``).
-        ``ack_timeout``: a :meth:`submit_acked` future not acknowledged by then fails."""
+        ``ack_timeout``: a :meth:`submit_acked` future not acknowledged by then fails.
+        ``stream``: ``[audit.stream]`` as a dict: the child sends each committed row to SIEMs
+        (:mod:`appliance.auditstream`). ``log_format``: the child's log lines ("text" or "json")."""
         if batch_max < 1 or queue_max < 1 or flush_interval <= 0:
             raise AuditError("batch_max and queue_max must be >= 1 and flush_interval > 0")
         if on_full not in ("refuse", "block"):
@@ -169,7 +173,8 @@ class AuditProcess:
         self.path = Path(path)
         self.options = {"path": str(self.path), "batch_max": batch_max, "flush_interval": flush_interval,
                         "strict": strict, "log_level": logging.getLogger().getEffectiveLevel(), "nice": nice,
-                        "journal": journal, "accounted_by": None}
+                        "journal": journal, "accounted_by": None,
+                        "stream": dict(stream) if stream else None, "log_format": log_format}
         self.journal = journal
         self.ack_timeout = ack_timeout
         self._kick_pending = False   # a _kick is scheduled on the event loop (submit_acked)
@@ -880,6 +885,7 @@ class _Child:
         from analytics import AuditStore
 
         self.events, self.rpc = events, rpc
+        self.options = options
         self.store = AuditStore(options["path"], batch_max=options["batch_max"],
                                 flush_interval=options["flush_interval"], queue_max=max(options["batch_max"] * 8, 10_000),
                                 on_full="block", strict=options["strict"], journal=bool(options.get("journal")),
@@ -915,6 +921,16 @@ class _Child:
             self.reply(("error", (type(e).__name__ if isinstance(e, AuditError) else "AuditError",
                                   f"audit store {self.store.path}: {e}")))
             return 1
+        from appliance.auditstream import start_stream
+
+        # The SIEM stream tails what the store commits (after the start rows, replayed ones included).
+        try:
+            stream = start_stream(self.store, self.options.get("stream"))
+        except OSError as e:  # e.g. its file cannot be created: the daemon does not start without it
+            self.reply(("error", ("AuditError", f"[audit.stream] {e.filename or ''}: {e.strerror or e}")))
+            with contextlib.suppress(AuditError):
+                self.store.close()
+            return 1
         self.reply(("ready", {"epoch": self.store.epoch, "migrations": self.store.migrations,
                               "stats": self.stats(), "recovered": self.store.recovered}))
         threads = [threading.Thread(target=self._events_loop, name="audit-events", daemon=True),
@@ -925,6 +941,10 @@ class _Child:
         threads[0].join()     # the daemon closed the events channel (close() or its own death)
         self._stop.set()
         code = 0
+        if stream is not None:  # what is committed goes out before the store closes (its stop row: next start)
+            with contextlib.suppress(AuditError):
+                self.store.flush(10)
+            stream.close()
         try:
             self.store.close()
         except AuditError as e:
@@ -1093,8 +1113,10 @@ def _child_main(argv: list[str]) -> int:
     events = socket.socket(fileno=int(argv[0]))
     rpc = socket.socket(fileno=int(argv[1]))
     options = json.loads(argv[2])
-    logging.basicConfig(level=options.get("log_level", logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from appliance.logs import formatter
+
+    logging.basicConfig(level=options.get("log_level", logging.INFO))
+    logging.getLogger().handlers[0].setFormatter(formatter(options.get("log_format", "text")))
     from appliance.daemon import tune_gc
 
     tune_gc()

@@ -120,6 +120,58 @@ class AuditSettings:
     # strict mode: a statement whose record the audit process has not acknowledged after this many
     # seconds (the process is stalled) is not run, and its session ends (57P03).
     ack_timeout: float = field(default=10.0, metadata=check(_positive))
+    # Every committed audit event, as one JSON line, to SIEMs ([audit.stream]; off when absent).
+    stream: AuditStreamSettings | None = None
+
+
+SYSLOG_FACILITIES = {"kern": 0, "user": 1, "daemon": 3, "auth": 4, "syslog": 5, "authpriv": 10,
+                     **{f"local{i}": 16 + i for i in range(8)}}
+
+
+def _syslog_address(value: str) -> str:
+    scheme, sep, rest = value.partition(":")
+    if not sep or scheme not in ("unix", "udp", "tcp"):
+        raise ValueError(f'must be "unix:/path/to/socket", "udp:HOST:PORT" or "tcp:HOST:PORT", not {value!r}')
+    if scheme == "unix":
+        if not rest.startswith("/"):
+            raise ValueError(f"unix: needs an absolute socket path, not {rest!r}")
+    else:
+        _host_port(rest)
+    return value
+
+
+def _at_least_one(value: int) -> int:
+    if value < 1:
+        raise ValueError(f"must be at least 1, not {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class AuditStreamSettings:
+    """The audit stream for SIEMs: the audit process sends each committed audit row, once, in
+    chain order, as one JSON line (docs/audit-schema.md, "Audit stream") to a file it rotates
+    and/or to syslog (RFC 5424)."""
+
+    file: str | None = None
+    file_max_bytes: int = field(default=100 * 1024 * 1024, metadata=check(_at_least_one))
+    file_backups: int = field(default=10, metadata=check(_at_least_one))
+    syslog: str | None = field(default=None, metadata=check(_syslog_address))
+    syslog_facility: Literal["kern", "user", "daemon", "auth", "syslog", "authpriv", "local0", "local1", "local2",
+                             "local3", "local4", "local5", "local6", "local7"] = "authpriv"
+    # Longer events are shortened for syslog (the longest texts cut, "truncated": true); the file
+    # keeps them whole. 8000 fits rsyslog's default maxMessageSize (8k).
+    syslog_max_bytes: int = field(default=8000, metadata=check(_at_least_one))
+
+    def __post_init__(self) -> None:
+        if not self.file and not self.syslog:
+            raise ValueError("[audit.stream] needs file or syslog (or remove the section)")
+
+
+@dataclass(frozen=True)
+class LoggingSettings:
+    """``format = "json"``: one JSON object per log line on stderr (journald keeps each as one entry)."""
+
+    format: Literal["text", "json"] = "text"
 
 
 @dataclass(frozen=True)
@@ -326,12 +378,6 @@ class ProbeSettings:
     kill_escaped: bool = False
 
 
-def _at_least_one(value: int) -> int:
-    if value < 1:
-        raise ValueError(f"must be at least 1, not {value}")
-    return value
-
-
 def _webhook_url(value: str) -> str:
     from urllib.parse import urlsplit
 
@@ -383,6 +429,7 @@ class Config:
     approvals: ApprovalSettings = ApprovalSettings()
     limits: LimitSettings = LimitSettings()
     metrics: MetricsSettings = MetricsSettings()
+    logging: LoggingSettings = LoggingSettings()
     targets: tuple[TargetConfig, ...] = ()
     identities: tuple[IdentityConfig, ...] = ()
     policy: PolicyConfig = PolicyConfig()

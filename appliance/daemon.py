@@ -463,9 +463,11 @@ class Daemon:
             if getattr(new.appliance, key) != getattr(old.appliance, key):
                 raise ConfigError(f"appliance.{key} cannot change on reload; restart the daemon")
         # The audit process was started with (or without) its journal and acknowledgements.
-        for key in ("path", "mode", "ack_timeout"):
+        for key in ("path", "mode", "ack_timeout", "stream"):
             if getattr(new.audit, key) != getattr(old.audit, key):
                 raise ConfigError(f"audit.{key} cannot change on reload; restart the daemon")
+        if new.logging != old.logging:
+            raise ConfigError("logging.format cannot change on reload; restart the daemon")
         if new.metrics != old.metrics:
             raise ConfigError("metrics.listen cannot change on reload; restart the daemon")
         # The probes are attached to one cgroup with one set of pins/table; a reload only updates
@@ -566,6 +568,10 @@ def run_daemon(config_path: str) -> int:
         log.error("%s", e)
         return 2
     logging.getLogger().setLevel(config.appliance.log_level.upper())
+    if config.logging.format != "text":
+        from appliance.logs import use_format
+
+        use_format(config.logging.format)
     set_priority(config.appliance.nice)
     daemon = Daemon(config_path, config=config)
     tune_gc()

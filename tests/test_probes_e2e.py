@@ -25,6 +25,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -578,6 +579,124 @@ def test_daemon_killed_fails_closed_then_restart_redirects_again(env):
     assert wait_for(lambda: env.daemon.audit_sql("SELECT count(*) AS n FROM probes WHERE pid = ? AND "
                                                  "event = 'denied_connect'", [denied.pid])[0]["n"], timeout=10)
 
+
+
+# -- restarts and upgrades (issue 21.4) --------------------------------------------------------
+
+# A bot that connects to the target in a loop until SIGUSR1, then prints every attempt: when it
+# started (monotonic), its result, and the local address the kernel gave the socket. Redirected,
+# the socket's local address is the loopback listener's side; sent direct, it is the host's veth
+# address (the only route to the namespace).
+RESTART_PROBE = r"""
+import errno, json, signal, socket, sys, time
+host, port = sys.argv[1], int(sys.argv[2])
+stop = []
+signal.signal(signal.SIGUSR1, lambda *a: stop.append(1))
+print("ready", flush=True)
+out = []
+deadline = time.monotonic() + 300
+while not stop and time.monotonic() < deadline:
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(3)
+    t = time.monotonic()
+    try:
+        s.connect((host, port))
+        out.append([t, "connected", s.getsockname()[0]])
+    except OSError as e:
+        out.append([t, errno.errorcode.get(e.errno, repr(e)), None])
+    finally:
+        s.close()
+    time.sleep(0.02)
+print(json.dumps(out), flush=True)
+"""
+
+
+def restart_window(attempts: list) -> tuple[float, int]:
+    """Seconds from the last accepted connect before the first refusal to the first accepted one
+    after the last refusal, and how many connects were refused in between."""
+    refused = [i for i, (_, result, _) in enumerate(attempts) if result != "connected"]
+    first, last = refused[0], refused[-1]
+    return attempts[last + 1][0] - attempts[first - 1][0], len(refused)
+
+
+def test_bots_stay_fail_closed_while_the_daemon_restarts(env):
+    """`systemctl restart botwarden` is SIGTERM (drain, exit) and a new `botwarden run`: a bot
+    connecting all the while is refused in between, never sent to the target direct."""
+    net = env.net
+    bot = subprocess.Popen([sys.executable, "-m", "appliance.cli", "--config", str(env.config), "bot", "run",
+                            "--name", BOT, "--user", "nobody", "--", BOT_PYTHON, "-c", RESTART_PROBE, net.ip_a,
+                            str(env.pg.port)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert bot.stdout.readline().strip() == "ready", bot.stderr.read()
+        wait_for(lambda: False, timeout=0.5)  # some connects through the running daemon first
+        t0 = time.monotonic()
+        assert env.daemon.stop() == 0
+        t1 = time.monotonic()
+        env.daemon = DaemonProcess(env.config, env.daemon.socket).start()  # the fixture stops this one
+        t2 = time.monotonic()
+        st = json.loads(cli(env.config, "probes", "status", "--json").stdout)
+        assert st["owner_pid"] == env.daemon.proc.pid and st["owner_alive"], st
+        wait_for(lambda: False, timeout=1.0)  # and some through the new one
+    finally:
+        bot.send_signal(signal.SIGUSR1)
+        out, err = bot.communicate(timeout=30)
+    attempts = json.loads(out)
+    results = {result for _, result, _ in attempts}
+    direct = [a for a in attempts if a[2] == net.host_ip]
+    assert not direct, f"{len(direct)} connects reached {net.ip_a} direct during the restart"
+    assert results == {"connected", "ECONNREFUSED"}, results  # refused while down, never a timeout or EPERM
+    assert {a[2] for a in attempts if a[1] == "connected"} == {"127.0.0.1"}  # always the inspector's listener
+    assert attempts[0][1] == "connected" and attempts[-1][1] == "connected"
+    window, refused = restart_window(attempts)
+    print(f"restart window: {window:.2f} s ({refused} of {len(attempts)} connects refused); the old daemon "
+          f"stopped in {t1 - t0:.2f} s, the new one answered its control socket {t2 - t1:.2f} s later; "
+          f"load average {os.getloadavg()[0]:.1f}")
+    ran = bot_run(env.config, BOT, psql_args(net.ip_a, env.pg.port, QUERY), env=PSQL_ENV)
+    assert ran.returncode == 0 and ran.stdout.strip() == env.direct, ran.stderr
+
+
+def _pinned_ids(kind: str, names) -> dict[str, int]:
+    ids = {}
+    for name in names:
+        path = Path(PIN_DIR) / name
+        if path.exists():
+            ids[name] = bpftool_json(kind, "show", "pinned", str(path))["id"]
+    return ids
+
+
+def test_run_after_kill_9_takes_over_the_crashed_daemons_programs(env):
+    """A `botwarden run` that finds the pins and programs of a daemon killed with -9 replaces its
+    programs and escape-watch links (the old ones are freed, not left running beside the new ones),
+    keeps its maps (in-flight attribution and the refused-connect ring survive) and owns them."""
+    from probes import loader
+
+    cgroup = str(cgroups.resolve(BOTS))
+    before = {(p["attach_type"], p["id"]) for p in bpftool_json("cgroup", "show", cgroup)}
+    maps = _pinned_ids("map", loader.PINNED_MAPS)
+    links = _pinned_ids("link", loader.ESCAPE_LINKS)
+    assert before and maps and links
+
+    env.daemon.proc.send_signal(signal.SIGKILL)
+    env.daemon.proc.wait(10)
+    crashed = json.loads(cli(env.config, "probes", "status", "--json").stdout)
+    assert crashed["fail_closed"] and not crashed["owner_alive"], crashed
+    env.daemon = DaemonProcess(env.config, env.daemon.socket).start()  # the fixture stops this one
+
+    after = {(p["attach_type"], p["id"]) for p in bpftool_json("cgroup", "show", cgroup)}
+    assert {t for t, _ in after} == {t for t, _ in before} and len(after) == len(before)  # one per hook
+    assert not {i for _, i in after} & {i for _, i in before}  # every program replaced
+    live_progs = {p["id"] for p in bpftool_json("prog", "show")}
+    assert not live_progs & {i for _, i in before}, "the crashed daemon's programs are still loaded"
+    new_links = _pinned_ids("link", loader.ESCAPE_LINKS)
+    assert new_links.keys() == links.keys() and not set(new_links.values()) & set(links.values())
+    live_links = {link["id"] for link in bpftool_json("link", "show")}
+    assert not live_links & set(links.values()), "the crashed daemon's tracepoint links are still attached"
+    assert _pinned_ids("map", loader.PINNED_MAPS) == maps  # reused, not recreated
+    st = json.loads(cli(env.config, "probes", "status", "--json").stdout)
+    assert st["owner_pid"] == env.daemon.proc.pid and st["owner_alive"] and not st["fail_closed"], st
+    ran = bot_run(env.config, BOT, psql_args(env.net.ip_a, env.pg.port, QUERY), env=PSQL_ENV)
+    assert ran.returncode == 0 and ran.stdout.strip() == env.direct, ran.stderr
 
 # -- the nftables fallback -------------------------------------------------------------------
 

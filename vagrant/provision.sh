@@ -1,11 +1,19 @@
 #!/usr/bin/env bash
-# Install everything botwarden needs on Debian 12 (as root), then optionally run it.
+# Install botwarden on Debian 12 (as root).
 #
-#   bash vagrant/provision.sh          # install only (what the Vagrant VM runs)
+#   bash vagrant/provision.sh          # = install
+#   bash vagrant/provision.sh install  # for development: packages, .venv in this checkout (editable), host set-up
 #   bash vagrant/provision.sh demo     # install, then run the self-contained demo
 #   bash vagrant/provision.sh test     # install, then run the whole test suite
+#   bash vagrant/provision.sh bastion  # the service on a bastion (README, "Install on a bastion"):
+#       /opt/botwarden/venv (this checkout, not editable), /usr/local/bin/botwarden,
+#       /etc/botwarden (botwarden.toml 0600 and the secret files), /var/lib/botwarden, /var/log/botwarden,
+#       botwarden.service + botwarden-bots.slice, persistent cgroup2/bpffs mounts. Run it again to
+#       upgrade: the config, the secret files and the audit data are kept.
 #
-# Safe to run twice: every step checks before it acts.
+# Safe to run twice: every step checks before it acts; a second `bastion` run changes no file.
+# DESTDIR=/some/dir (bastion only): lay the files out under that root instead of / and leave the
+# host alone (no packages, mounts, kernel-header links or systemctl); tests use it.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -20,18 +28,23 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 
-APT_PACKAGES=(
-    postgresql postgresql-contrib pgbouncer      # targets and the peer proxy for benchmarks
-    openssh-server openssh-client                # SSH targets
-    nftables iproute2                            # TPROXY/REDIRECT fallback, network namespaces in tests
+# What the service needs on a bastion.
+RUNTIME_PACKAGES=(
+    nftables iproute2                            # the nftables fallback
     python3-bpfcc bpfcc-tools bpftool linux-headers-amd64   # eBPF probes (bcc)
     python3-venv openssl ca-certificates procps util-linux
+)
+# What the demo, the tests and the benchmarks need besides.
+DEV_PACKAGES=(
+    postgresql postgresql-contrib pgbouncer      # targets and the peer proxy for benchmarks
+    openssh-server openssh-client                # SSH targets
+    rsyslog                                      # the SIEM receiver of the audit stream's tests
     tmux                                         # the console's tests in a real terminal
 )
 
 install_apt() {
     local missing=()
-    for p in "${APT_PACKAGES[@]}"; do
+    for p in "$@"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
     done
     if [ ${#missing[@]} -eq 0 ]; then
@@ -86,7 +99,14 @@ setup_host() {
     fi
 }
 
-install_apt
+if [ "$ACTION" = bastion ]; then
+    # shellcheck source=bastion.sh
+    . "$ROOT/vagrant/bastion.sh"
+    install_bastion
+    exit 0
+fi
+
+install_apt "${RUNTIME_PACKAGES[@]}" "${DEV_PACKAGES[@]}"
 install_venv
 setup_host
 
@@ -99,5 +119,5 @@ case "$ACTION" in
         # machine (minutes on a fresh one; cached under /var/cache/botwarden/kubernetes after).
         bash "$ROOT/tests/k8s/build.sh" >/dev/null
         exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@" ;;
-    *) echo "usage: provision.sh [install|demo|test]" >&2; exit 2 ;;
+    *) echo "usage: provision.sh [install|demo|test|bastion]" >&2; exit 2 ;;
 esac
