@@ -155,13 +155,16 @@ class AuditProcess:
     def __init__(self, path: str | Path, *, batch_max: int = 2000, flush_interval: float = 0.2,
                  queue_max: int = 100_000, on_full: Literal["refuse", "block"] = "refuse",
                  strict: bool = False, restart_after: float | None = 1.0, nice: int | None = None,
-                 journal: bool = False, highwater: bool = False, ack_timeout: float = 10.0):
+                 journal: bool = False, highwater: bool = False, ack_timeout: float = 10.0,
+                 fleet: Mapping[str, Any] | None = None):
         """``restart_after``: seconds before a dead audit process is started again (doubling
         up to 30 s while it keeps failing); None leaves it dead. ``nice``: the child's CPU
         priority (the daemon passes the one it was started with; None inherits the caller's).
         ``journal``: the child journals and acknowledges what it receives (strict mode).
         ``highwater``: keep the daemon's high-water file beside the store (``self.marks``).
-        ``ack_timeout``: a :meth:`submit_acked` future not acknowledged by then fails."""
+        ``ack_timeout``: a :meth:`submit_acked` future not acknowledged by then fails.
+        ``fleet``: the lake's settings (analytics.fleet.LakeSettings fields): the child ships
+        committed rows there (analytics.fleet.shipping)."""
         if batch_max < 1 or queue_max < 1 or flush_interval <= 0:
             raise AuditError("batch_max and queue_max must be >= 1 and flush_interval > 0")
         if on_full not in ("refuse", "block"):
@@ -169,7 +172,7 @@ class AuditProcess:
         self.path = Path(path)
         self.options = {"path": str(self.path), "batch_max": batch_max, "flush_interval": flush_interval,
                         "strict": strict, "log_level": logging.getLogger().getEffectiveLevel(), "nice": nice,
-                        "journal": journal, "accounted_by": None}
+                        "journal": journal, "accounted_by": None, "fleet": dict(fleet) if fleet else None}
         self.journal = journal
         self.ack_timeout = ack_timeout
         self._kick_pending = False   # a _kick is scheduled on the event loop (submit_acked)
@@ -879,7 +882,7 @@ class _Child:
     def __init__(self, events: socket.socket, rpc: socket.socket, options: dict[str, Any]):
         from analytics import AuditStore
 
-        self.events, self.rpc = events, rpc
+        self.events, self.rpc, self.options = events, rpc, options
         self.store = AuditStore(options["path"], batch_max=options["batch_max"],
                                 flush_interval=options["flush_interval"], queue_max=max(options["batch_max"] * 8, 10_000),
                                 on_full="block", strict=options["strict"], journal=bool(options.get("journal")),
@@ -922,7 +925,10 @@ class _Child:
                    threading.Thread(target=self._status_loop, name="audit-status", daemon=True)]
         for t in threads:
             t.start()
-        threads[0].join()     # the daemon closed the events channel (close() or its own death)
+        from analytics import fleet
+
+        with fleet.shipping(self.store, self.options.get("fleet")):  # to the fleet lake, if configured
+            threads[0].join()     # the daemon closed the events channel (close() or its own death)
         self._stop.set()
         code = 0
         try:

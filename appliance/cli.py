@@ -90,6 +90,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  sessions: {st['sessions_active']} active; approvals pending: {st.get('approvals_pending', 0)}")
     if "probes" in st:
         print(f"  probes: {st['probes']}")
+    fleet = st.get("fleet")
+    if fleet:
+        backlog = "unknown" if fleet.get("backlog") is None else f"{fleet['backlog']} row(s)"
+        print(f"  fleet: bastion {fleet['bastion']}, lake {fleet['lake']}, shipped up to seq "
+              f"{fleet.get('shipped_seq')}, backlog {backlog}, lag {fleet.get('lag_s', 0):g}s"
+              + (f"; last error: {fleet['last_error']}" if fleet.get("last_error") else ""))
     pending = st.get("revocations_pending") or []
     if pending:
         print(f"  credential revocations pending: {len(pending)} (Vault could not revoke them yet; retried)")
@@ -256,6 +262,57 @@ def cmd_audit(args: argparse.Namespace) -> int:
     raise CliError(f"unknown audit action {args.action}", EXIT_USAGE)
 
 
+def _lake(args: argparse.Namespace):
+    cfg = _config(args)
+    if cfg.fleet is None:
+        raise CliError(f"{args.config} has no [fleet] section: the lake's catalog and data path are "
+                       "configured there (docs/fleet.md)", EXIT_USAGE)
+    return cfg.fleet.lake()
+
+
+def _local_heads(args: argparse.Namespace, lake: Any) -> dict[str, dict[int, str]] | None:
+    """This bastion's own chain hashes at the ends of its last 1,000 shipped batches, through the
+    daemon (None when it does not run: the lake is then checked against itself only)."""
+    from analytics import fleet
+
+    _, batches = fleet.run_sql(lake, f"SELECT seq_hi FROM {fleet.BATCHES} WHERE bastion = ? "
+                                     "ORDER BY seq_hi DESC LIMIT 1000", [lake.bastion])
+    if not batches:
+        return None
+    try:
+        doc = _client(args).post("/v1/audit/sql", {
+            "sql": "SELECT chain_seq, lower(hex(chain_hash)) FROM chain WHERE list_contains(?, chain_seq)",
+            "params": [[int(r[0]) for r in batches]]})
+    except DaemonNotRunning:
+        return None
+    return {lake.bastion: {int(seq): h for seq, h in doc["rows"]}}
+
+
+def cmd_fleet(args: argparse.Namespace) -> int:
+    from analytics import fleet
+
+    lake = _lake(args)
+    if args.action == "sql":
+        cols, rows = fleet.run_sql(lake, args.sql)
+        _print_table(cols, rows, args.format)
+        return EXIT_OK
+    if args.action == "report":
+        import analytics
+
+        if args.name is None:
+            for name in analytics.reports.list_reports():
+                print(name)
+            return EXIT_OK
+        cols, rows = fleet.run_report(lake, args.name)
+        _print_table(cols, rows, args.format)
+        return EXIT_OK
+    if args.action == "verify":
+        report = fleet.verify_lake(lake, _local_heads(args, lake))
+        print(report.text())
+        return EXIT_OK if report.ok else EXIT_FAIL
+    raise CliError(f"unknown fleet action {args.action}", EXIT_USAGE)
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     from appliance.replay import replay_session
 
@@ -413,6 +470,17 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--since", required=True, help="YYYY-MM-DD")
     a.add_argument("dir")
     s.set_defaults(func=cmd_audit)
+
+    s = sub.add_parser("fleet", help="the fleet lake: every bastion's audit as one (docs/fleet.md)")
+    ss = s.add_subparsers(dest="action", required=True)
+    a = ss.add_parser("sql", help="read-only SQL over the lake (tables carry a bastion column)")
+    a.add_argument("sql")
+    a.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    a = ss.add_parser("report", help="a canned report across bastions (no name: list them)")
+    a.add_argument("name", nargs="?")
+    a.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    ss.add_parser("verify", help="check every bastion's shipped chain (and this bastion's against its store)")
+    s.set_defaults(func=cmd_fleet)
 
     s = sub.add_parser("replay", help="replay a recorded session")
     s.add_argument("session_id")

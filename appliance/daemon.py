@@ -451,6 +451,18 @@ class Daemon:
                     "bots are not redirected; run `botwarden probes attach`")
         return f"{handle.path} ({handle.reason})"
 
+    def fleet_status(self) -> dict[str, Any] | None:
+        """The fleet shipper's progress (it writes it beside the store; analytics.fleet), or None
+        without [fleet]. ``backlog``: committed rows not yet in the lake."""
+        if self.config.fleet is None:
+            return None
+        from analytics.fleet import read_progress
+
+        progress = read_progress(self.config.audit.path)
+        if progress is None or progress.get("bastion") != self.config.fleet.bastion:
+            return {"bastion": self.config.fleet.bastion, "lake": "connecting", "backlog": None}
+        return progress
+
     def status(self) -> dict[str, Any]:
         return {
             "pid": os.getpid(),
@@ -466,6 +478,7 @@ class Daemon:
             "audit": {"path": self.config.audit.path,
                       "healthy": bool(self.audit is not None and self.audit.healthy),
                       "pid": self.audit.pid if self.audit is not None else None},
+            "fleet": self.fleet_status(),
             "probes": self._probe_status(),
             "admission": self.admission.stats(),
             "metrics": "%s:%d" % self.metrics_address if self.metrics_address else None,

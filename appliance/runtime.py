@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
@@ -43,7 +44,8 @@ def open_audit_store(cfg: Config):
     Path(cfg.audit.path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     store = AuditProcess(cfg.audit.path, batch_max=cfg.audit.batch_max, flush_interval=cfg.audit.flush_interval,
                          queue_max=cfg.audit.queue_max, on_full=cfg.audit.on_full, nice=daemon_module.STARTING_NICE,
-                         journal=cfg.audit.mode == "strict", highwater=True, ack_timeout=cfg.audit.ack_timeout)
+                         journal=cfg.audit.mode == "strict", highwater=True, ack_timeout=cfg.audit.ack_timeout,
+                         fleet=dataclasses.asdict(cfg.fleet.lake()) if cfg.fleet else None)
     store.start()
     try:
         store.account_previous_crash()  # what a daemon that died left unrecorded, before anything new

@@ -1,0 +1,224 @@
+"""The fleet lake for real: two daemons (two state dirs, two bots cgroups) ship their audit to
+one DuckLake whose catalog is a PostgreSQL 15 of its own, started here (and killed here).
+
+Order matters inside the module: the tamper test writes into the lake, so it runs last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from analytics import fleet
+from appliance.sandbox import PostgresServer
+from tests.daemon_fixtures import ROOT, DaemonProcess, fresh_setup, new_port, psql, seed_orders, write_config
+from tests.fleet_fixtures import Lake, new_lake, remove_lake
+from tests.test_metrics import scrape_socket
+
+
+def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "appliance.cli", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+class Bastion:
+    def __init__(self, name: str, config: Path, daemon: DaemonProcess, port: int):
+        self.name, self.config, self.daemon, self.port = name, config, daemon, port
+
+    def status(self) -> dict:
+        return self.daemon.client().get("/v1/status")
+
+    def head(self) -> int:
+        return self.daemon.audit_sql("SELECT max(chain_seq) AS head FROM chain")[0]["head"]
+
+    def wait_shipped(self, timeout: float = 90) -> int:
+        """Wait until everything committed so far is in the lake; returns that head."""
+        head = self.head()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            st = self.status()["fleet"]
+            if st["lake"] == "up" and (st.get("shipped_seq") or 0) >= head:
+                return head
+            time.sleep(0.2)
+        raise AssertionError(f"bastion {self.name} did not ship up to seq {head}: {self.status()['fleet']}")
+
+    def fleet(self, *args: str) -> subprocess.CompletedProcess:
+        return cli("--config", str(self.config), "fleet", *args)
+
+
+@pytest.fixture(scope="module")
+def catalog_server():
+    server = PostgresServer().start()   # the lake's catalog only: the tests kill and restart it
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def lake(catalog_server):
+    found = new_lake(catalog_server)
+    try:
+        yield found
+    finally:
+        remove_lake(found)
+
+
+@pytest.fixture(scope="module")
+def bastions(pg_server, bao_server, lake: Lake, tmp_path_factory):
+    seed_orders(pg_server)
+    root = tmp_path_factory.mktemp("fleet")
+    setup = fresh_setup(bao_server, pg_server, root)
+    started: list[Bastion] = []
+    try:
+        for name in ("bastion-a", "bastion-b"):
+            workdir = root / name
+            workdir.mkdir()
+            port = new_port()
+            config = write_config(workdir / "botwarden.toml", workdir=workdir, pg=pg_server, bao=setup,
+                                  listen_port=port, extra=lake.toml(name))
+            # Each bastion watches its own bots cgroup (unique on this shared machine).
+            text = config.read_text().replace('[probes]\nmode = "off"',
+                                              f'[probes]\nmode = "off"\nbots_cgroup = "bw-fleet-{uuid.uuid4().hex[:8]}"')
+            config.write_text(text)
+            daemon = DaemonProcess(config, workdir / "run" / "control.sock").start()
+            started.append(Bastion(name, config, daemon, port))
+        yield type("Fleet", (), {"a": started[0], "b": started[1], "bao": setup, "pg": pg_server, "lake": lake})
+    finally:
+        for b in started:
+            b.daemon.stop()
+
+
+def lake_counts(lake: Lake, bastion: str, table: str) -> tuple[int, int, int, int]:
+    """(rows, distinct chain positions, min seq, max seq) of one bastion's table in the lake."""
+    _, rows = fleet.run_sql(lake.settings(bastion), f"SELECT count(*), count(DISTINCT chain_seq), "
+                                                    f"min(chain_seq), max(chain_seq) FROM {table} WHERE bastion = ?",
+                            [bastion])
+    return tuple(rows[0])
+
+
+def test_both_bastions_ship_and_fleet_sql_counts_each(bastions):
+    a, b = bastions.a, bastions.b
+    token = bastions.bao.mint_token()
+    res = psql(a.port, token, *["SELECT count(*) FROM orders"] * 3)
+    assert res.returncode == 0, res.stderr
+    res = psql(b.port, token, *["SELECT id FROM orders WHERE id = 1"] * 5)
+    assert res.returncode == 0, res.stderr
+    a.wait_shipped()
+    b.wait_shipped()
+    local = {x.name: x.daemon.audit_sql("SELECT count(*) AS n FROM requests")[0]["n"] for x in (a, b)}
+    assert local["bastion-a"] >= 3 and local["bastion-b"] >= 5
+
+    res = a.fleet("sql", "SELECT bastion, count(*) AS n FROM requests GROUP BY bastion ORDER BY bastion",
+                  "--format", "json")
+    assert res.returncode == 0, res.stderr
+    assert {r["bastion"]: r["n"] for r in json.loads(res.stdout)} == local
+    # The other bastion's CLI sees the same lake.
+    res = b.fleet("sql", "SELECT count(DISTINCT bastion) AS bastions FROM session_starts", "--format", "json")
+    assert json.loads(res.stdout) == [{"bastions": 2}]
+
+    st = a.status()["fleet"]
+    assert st["bastion"] == "bastion-a" and st["lake"] == "up" and st["backlog"] == 0
+    res = cli("--config", str(a.config), "status")
+    assert "fleet: bastion bastion-a, lake up" in res.stdout
+    _, metrics = scrape_socket(a.daemon.socket)
+    assert "botwarden_fleet_backlog_rows 0.0" in metrics and "botwarden_fleet_lake_up 1.0" in metrics
+
+
+def test_fleet_report_has_a_bastion_column(bastions):
+    a, b = bastions.a, bastions.b
+    token = bastions.bao.mint_token()
+    for x in (a, b):
+        res = psql(x.port, token, "SELECT * FROM vault_secrets")   # blocked by no-secrets-table
+        assert "no-secrets-table" in res.stderr
+        x.wait_shipped()
+    res = a.fleet("report", "blocked_attempts", "--format", "json")
+    assert res.returncode == 0, res.stderr
+    rows = json.loads(res.stdout)
+    assert {r["bastion"] for r in rows if r["rule"] == "no-secrets-table"} == {"bastion-a", "bastion-b"}
+    local = a.daemon.audit_sql("SELECT count(*) AS n FROM requests WHERE rule = 'no-secrets-table'")[0]["n"]
+    assert sum(r["attempts"] for r in rows if r["bastion"] == "bastion-a" and r["rule"] == "no-secrets-table") == local
+
+
+def test_catalog_killed_mid_shipping_no_gap_no_duplicate_bots_unaffected(bastions):
+    a, lake = bastions.a, bastions.lake
+    token = bastions.bao.mint_token()
+    results: list[subprocess.CompletedProcess] = []
+    stop = threading.Event()
+
+    def bot() -> None:
+        while not stop.is_set():
+            results.append(psql(a.port, token, *["SELECT count(*) FROM orders"] * 20))
+
+    t = threading.Thread(target=bot)
+    t.start()
+    try:
+        # Shipping is under way (the bot keeps adding rows), then the catalog dies at once.
+        deadline = time.monotonic() + 60
+        start_seq = a.status()["fleet"]["shipped_seq"]
+        while a.status()["fleet"]["shipped_seq"] == start_seq and time.monotonic() < deadline:
+            time.sleep(0.1)
+        lake.kill()
+        before_outage = len(results)
+        deadline = time.monotonic() + 60
+        while a.status()["fleet"]["lake"] != "down" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert a.status()["fleet"]["lake"] == "down"
+        # Bot traffic goes on while the lake is down, and the backlog grows visibly.
+        deadline = time.monotonic() + 60
+        while len(results) < before_outage + 3 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        st = a.status()["fleet"]
+        assert st["lake"] == "down" and st["backlog"] > 0 and st["last_error"]
+        assert "password" not in st["last_error"].lower() or "***" in st["last_error"]
+        lake.restart()
+    finally:
+        stop.set()
+        t.join(120)
+    assert len(results) > before_outage + 3
+    for r in results:
+        assert r.returncode == 0 and r.stdout.split() == ["20"] * 20, r.stderr
+    head = a.wait_shipped(timeout=120)
+    # No gap, no duplicate: every chain position 1..head is in the lake exactly once.
+    total = distinct = 0
+    for table in ("session_starts", "session_ends", "requests", "request_starts", "approvals", "probes",
+                  "recordings", "audit_losses", "writer_events"):
+        n, d, _, hi = lake_counts(lake, "bastion-a", table)
+        total += n
+        distinct += d
+        assert hi is None or hi <= head
+    assert total == distinct
+    lake_head = fleet.run_sql(lake.settings("x"), "SELECT max(seq_hi) FROM fleet_batches WHERE bastion = 'bastion-a'")
+    assert total == lake_head[1][0][0]
+    local = a.daemon.audit_sql("SELECT count(*) AS n FROM chain WHERE chain_seq <= ?", [lake_head[1][0][0]])[0]["n"]
+    assert local == total
+    res = a.fleet("verify")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "OK: 2 bastion(s)" in res.stdout
+
+
+def test_tampered_lake_row_is_named_by_fleet_verify(bastions):
+    b, lake = bastions.b, bastions.lake
+    b.wait_shipped()
+    res = b.fleet("verify")
+    assert res.returncode == 0, res.stdout + res.stderr
+    _, rows = fleet.run_sql(lake.settings("bastion-b"),
+                            "SELECT chain_seq FROM requests WHERE bastion = 'bastion-b' ORDER BY chain_seq LIMIT 1")
+    seq = rows[0][0]
+    con = fleet.connect(lake.settings("bastion-b"))   # someone with write access to the lake
+    try:
+        con.execute("UPDATE requests SET rows = 999 WHERE bastion = 'bastion-b' AND chain_seq = ?", [seq])
+    finally:
+        con.close()
+    res = b.fleet("verify")
+    assert res.returncode == 1
+    assert f"modified  bastion bastion-b requests seq {seq}:" in res.stdout, res.stdout
+    assert "bastion bastion-a" not in res.stdout.split("FAILED", 1)[1].split("\n", 2)[-1]
