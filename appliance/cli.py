@@ -109,6 +109,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     if st.get("bots_left_cgroup"):
         print(f"  WARNING: {st['bots_left_cgroup']} bot processes left the bots' cgroups since start "
               "(audit: SELECT * FROM probes WHERE event = 'left_cgroup')")
+    fa = st.get("fleet_approvals")
+    if fa:
+        print(f"  fleet approvals: {'connected' if fa['available'] else 'UNAVAILABLE: ' + fa['message']}")
     if st.get("last_reload_error"):
         print(f"  last reload refused: {st['last_reload_error']}")
     return EXIT_OK
@@ -161,14 +164,19 @@ def cmd_sessions(args: argparse.Namespace) -> int:
 def cmd_approvals(args: argparse.Namespace) -> int:
     client = _client(args)
     if args.action == "list":
-        items = client.get("/v1/approvals")["approvals"]
+        doc = client.get("/v1/approvals")
+        items = doc["approvals"]
+        fleet_note = (doc.get("fleet") or {}).get("message")
+        if fleet_note:   # a partition: say it where operators look (stderr keeps --json parseable)
+            print(f"botwarden: {fleet_note}", file=sys.stderr)
         if args.json:
             print(json.dumps(items, indent=2))
             return EXIT_OK
         if not items:
             print("no pending approvals")
             return EXIT_OK
-        cols = ["approval_id", "identity", "target", "rule", "request", "expires"]
+        cols = (["bastion"] if "fleet" in doc else []) + ["approval_id", "identity", "target", "rule", "request",
+                                                          "expires"]
         _print_table(cols, [[i.get(c) for c in cols] for i in items])
         return EXIT_OK
     if args.action == "approve":
@@ -178,10 +186,11 @@ def cmd_approvals(args: argparse.Namespace) -> int:
         res = client.post(f"/v1/approvals/{args.id}/approve", body)
         extra = f" (window {res['window_s']}s for this identity, target and statement shape)" \
             if res.get("window_s") else ""
+        where = f" (held on {res['bastion']})" if res.get("bastion") else ""
         if res["state"] == "pending":
             print(f"approval {args.id}: {res['approvals']} of {res['required']} approvals recorded")
         else:
-            print(f"approved {args.id}{extra}")
+            print(f"approved {args.id}{extra}{where}")
         return EXIT_OK
     if args.action == "deny":
         client.post(f"/v1/approvals/{args.id}/deny", {"reason": args.reason})

@@ -365,6 +365,10 @@ class FleetSettings:
     bastion: str = field(metadata=check(_bastion_name))  # unique across the fleet
     batch_rows: int = field(default=10_000, metadata=check(_at_least_one))
     interval: float = field(default=1.0, metadata=check(_positive))
+    # Held requests published to a PostgreSQL table every bastion reaches (appliance/fleet_approvals.py):
+    # operators on any bastion see and decide them. approvals_dsn defaults to the catalog's server.
+    approvals: bool = False
+    approvals_dsn: str | None = field(default=None, metadata=check(_catalog_dsn))
 
     def lake(self):
         from analytics.fleet import LakeSettings

@@ -147,6 +147,7 @@ class Daemon:
         self.metrics = Metrics(self)
         self.metrics_address: tuple[str, int] | None = None
         self.bots_left_cgroup = 0  # probe events "left_cgroup" since start (status shows it)
+        self.fleet_approvals: Any = None  # appliance.fleet_approvals.FleetApprovals with [fleet] approvals
         self._tasks = TaskSet()
         from appliance.fronts.admission import Admission
 
@@ -203,6 +204,12 @@ class Daemon:
             if cfg.probes.mode != "off":
                 await self._attach_probes()
             await self.runtime.started()
+            if cfg.fleet is not None and cfg.fleet.approvals:
+                from appliance.fleet_approvals import FleetApprovals
+
+                self.fleet_approvals = FleetApprovals(self, cfg.fleet.approvals_dsn or cfg.fleet.catalog,
+                                                      cfg.fleet.bastion)
+                await self.fleet_approvals.start()
             if cfg.audit.retention_days:
                 self.spawn(self._retention_loop(), "audit-retention")
             if cfg.metrics.listen:
@@ -350,6 +357,8 @@ class Daemon:
     async def _teardown(self) -> None:
         await asyncio.to_thread(self._detach_probe_reader)
         await self.metrics.close()
+        if self.fleet_approvals is not None:
+            await asyncio.to_thread(self.fleet_approvals.close)
         if self.runtime is not None:
             with contextlib.suppress(Exception):
                 await self.runtime.close()
@@ -479,6 +488,7 @@ class Daemon:
                       "healthy": bool(self.audit is not None and self.audit.healthy),
                       "pid": self.audit.pid if self.audit is not None else None},
             "fleet": self.fleet_status(),
+            "fleet_approvals": self.fleet_approvals.status() if self.fleet_approvals is not None else None,
             "probes": self._probe_status(),
             "admission": self.admission.stats(),
             "metrics": "%s:%d" % self.metrics_address if self.metrics_address else None,

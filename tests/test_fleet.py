@@ -53,6 +53,17 @@ class Bastion:
     def fleet(self, *args: str) -> subprocess.CompletedProcess:
         return cli("--config", str(self.config), "fleet", *args)
 
+    def cli(self, *args: str) -> subprocess.CompletedProcess:
+        return cli("--config", str(self.config), *args)
+
+    def wait_approvals_store(self, available: bool = True, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.status()["fleet_approvals"]["available"] == available:
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"{self.name}: fleet approvals available is not {available}: {self.status()}")
+
 
 @pytest.fixture(scope="module")
 def catalog_server():
@@ -84,10 +95,11 @@ def bastions(pg_server, bao_server, lake: Lake, tmp_path_factory):
             workdir.mkdir()
             port = new_port()
             config = write_config(workdir / "botwarden.toml", workdir=workdir, pg=pg_server, bao=setup,
-                                  listen_port=port, extra=lake.toml(name))
+                                  listen_port=port, extra=lake.toml(name, "approvals = true"))
             # Each bastion watches its own bots cgroup (unique on this shared machine).
             text = config.read_text().replace('[probes]\nmode = "off"',
                                               f'[probes]\nmode = "off"\nbots_cgroup = "bw-fleet-{uuid.uuid4().hex[:8]}"')
+            text = text.replace("[approvals]\ntimeout_s = 20", "[approvals]\ntimeout_s = 90")
             config.write_text(text)
             daemon = DaemonProcess(config, workdir / "run" / "control.sock").start()
             started.append(Bastion(name, config, daemon, port))
@@ -203,6 +215,116 @@ def test_catalog_killed_mid_shipping_no_gap_no_duplicate_bots_unaffected(bastion
     res = a.fleet("verify")
     assert res.returncode == 0, res.stdout + res.stderr
     assert "OK: 2 bastion(s)" in res.stdout
+
+
+def hold_on(bastion: Bastion, token: str, table: str, pg) -> tuple[threading.Thread, dict]:
+    """A bot on ``bastion`` runs a DELETE without WHERE (held by mass-delete-needs-approval)."""
+    pg.psql(f"DROP TABLE IF EXISTS {table}; CREATE TABLE {table} (id int); INSERT INTO {table} VALUES (1), (2)")
+    result: dict = {}
+
+    def bot() -> None:
+        result["res"] = psql(bastion.port, token, f"DELETE FROM {table}", f"SELECT count(*) FROM {table}",
+                             timeout=120)
+
+    t = threading.Thread(target=bot)
+    t.start()
+    return t, result
+
+
+def wait_listed(on: Bastion, held_on: str, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        res = on.cli("approvals", "list", "--json")
+        assert res.returncode == 0, res.stderr
+        items = [i for i in json.loads(res.stdout) if i.get("bastion") == held_on]
+        if items:
+            return items[0]
+        time.sleep(0.3)
+    raise AssertionError(f"no request held on {held_on} is listed on {on.name}")
+
+
+def test_request_held_on_a_is_approved_from_b_cli(bastions):
+    a, b, pg = bastions.a, bastions.b, bastions.pg
+    a.wait_approvals_store()
+    b.wait_approvals_store()
+    t, result = hold_on(a, bastions.bao.mint_token(), "fleet_scratch_1", pg)
+    item = wait_listed(b, "bastion-a")
+    assert item["rule"] == "mass-delete-needs-approval" and item["identity"] == "orders-bot"
+    assert pg.psql("SELECT count(*) FROM fleet_scratch_1") == "2"   # nothing ran while held
+    res = b.cli("approvals", "approve", item["approval_id"], "--reason", "ok from b")
+    assert res.returncode == 0, res.stderr
+    assert "held on bastion-a" in res.stdout
+    t.join(60)
+    assert result["res"].returncode == 0, result["res"].stderr
+    assert result["res"].stdout.strip().splitlines()[-1] == "0"
+    on_a = a.daemon.audit_sql("SELECT event, operator FROM approvals WHERE approval_id = ? ORDER BY chain_seq",
+                              [item["approval_id"]])
+    assert [r["event"] for r in on_a] == ["requested", "notified", "approved"]   # notified: published
+    assert on_a[2]["operator"] == "root@bastion-b"
+    on_b = b.daemon.audit_sql("SELECT event, operator, reason FROM approvals WHERE approval_id = ?",
+                              [item["approval_id"]])
+    assert [(r["event"], r["operator"]) for r in on_b] == [("approved", "root")]
+    assert on_b[0]["reason"].startswith("fleet: decided for bastion-a")
+
+
+def test_concurrent_decisions_from_both_bastions_exactly_one_wins(bastions):
+    a, b, pg = bastions.a, bastions.b, bastions.pg
+    a.wait_approvals_store()
+    b.wait_approvals_store()
+    t, result = hold_on(a, bastions.bao.mint_token(), "fleet_scratch_2", pg)
+    approval_id = wait_listed(b, "bastion-a")["approval_id"]
+    base = [sys.executable, "-m", "appliance.cli", "--config"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    argvs = ([[*base, str(a.config), "approvals", "approve", approval_id]] * 3
+             + [[*base, str(b.config), "approvals", "deny", approval_id, "--reason", "no from b"]] * 3)
+    procs = [subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for argv in argvs]
+    outs = [(p.wait(120), *p.communicate()) for p in procs]
+    winners = [i for i, (rc, _, _) in enumerate(outs) if rc == 0]
+    assert len(winners) == 1, outs
+    for i, (rc, _, err) in enumerate(outs):
+        if i not in winners:
+            assert "already" in err or "no pending approval" in err, err
+    t.join(60)
+    final = a.daemon.audit_sql("SELECT event, operator FROM approvals WHERE approval_id = ? AND event IN "
+                               "('approved', 'denied')", [approval_id])
+    assert len(final) == 1
+    count = pg.psql("SELECT count(*) FROM fleet_scratch_2")
+    if winners[0] < 3:   # approved on A
+        assert final[0]["event"] == "approved" and final[0]["operator"] == "root" and count == "0"
+    else:
+        assert final[0]["event"] == "denied" and final[0]["operator"] == "root@bastion-b" and count == "2"
+        assert "no from b" in result["res"].stderr
+
+
+def test_partition_degrades_to_local_approvals_never_auto_approves(bastions):
+    a, b, pg, lake = bastions.a, bastions.b, bastions.pg, bastions.lake
+    a.wait_approvals_store()
+    lake.kill()
+    try:
+        a.wait_approvals_store(available=False)
+        t, result = hold_on(a, bastions.bao.mint_token(), "fleet_scratch_3", pg)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            res = a.cli("approvals", "list", "--json")
+            items = json.loads(res.stdout)
+            if items:
+                break
+            time.sleep(0.3)
+        assert items and items[0]["bastion"] == "bastion-a"
+        assert "fleet approvals store unreachable" in res.stderr and "nothing is approved automatically" in res.stderr
+        st = cli("--config", str(a.config), "status").stdout
+        assert "fleet approvals: UNAVAILABLE" in st
+        time.sleep(2)
+        assert t.is_alive() and pg.psql("SELECT count(*) FROM fleet_scratch_3") == "2"   # still held, not run
+        res = a.cli("approvals", "approve", items[0]["approval_id"])
+        assert res.returncode == 0, res.stderr
+        t.join(60)
+        assert result["res"].stdout.strip().splitlines()[-1] == "0"
+    finally:
+        lake.restart()
+    a.wait_approvals_store()
+    b.wait_approvals_store()
 
 
 def test_tampered_lake_row_is_named_by_fleet_verify(bastions):
