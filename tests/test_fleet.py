@@ -344,3 +344,39 @@ def test_tampered_lake_row_is_named_by_fleet_verify(bastions):
     assert res.returncode == 1
     assert f"modified  bastion bastion-b requests seq {seq}:" in res.stdout, res.stdout
     assert "bastion bastion-a" not in res.stdout.split("FAILED", 1)[1].split("\n", 2)[-1]
+
+
+# -- [fleet] configuration (no servers) -----------------------------------------------------
+
+MINIMAL = '[audit]\npath = "/tmp/x.duckdb"\n'
+
+
+def test_fleet_config_errors_name_the_key_and_line_and_never_echo_the_catalog():
+    from appliance.config import parse_config
+    from appliance.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        parse_config(MINIMAL + '[fleet]\ncatalog = "dbname=lake"\ndata_path = "/l"\nbastion = "a b"\n', "f.toml")
+    assert str(e.value).startswith("f.toml:6: fleet.bastion:")
+    with pytest.raises(ConfigError) as e:
+        parse_config(MINIMAL + '[fleet]\ncatalog = "s3cr3t-not-a-dsn"\ndata_path = "/l"\nbastion = "a"\n', "f.toml")
+    assert "fleet.catalog" in str(e.value) and "s3cr3t" not in str(e.value)
+    cfg = parse_config(MINIMAL + '[fleet]\ncatalog = "dbname=lake password=pw"\ndata_path = "/l"\nbastion = "b-1"\n'
+                       'approvals = true\n')
+    assert cfg.fleet.lake() == fleet.LakeSettings("dbname=lake password=pw", "/l", "b-1")
+    assert cfg.fleet.approvals and cfg.fleet.approvals_dsn is None
+
+
+def test_lake_errors_hide_the_catalog_password(tmp_path):
+    settings = fleet.LakeSettings(f"host=127.0.0.1 port={_closed_port()} dbname=x user=u password=hunter2",
+                                  str(tmp_path), "a")
+    with pytest.raises(fleet.FleetError) as e:
+        fleet.connect(settings)
+    assert "hunter2" not in str(e.value)
+    assert fleet.redact_dsn("host=h password='a b' user=u") == "host=h password=*** user=u"
+
+
+def _closed_port() -> int:
+    from appliance.sandbox import free_port
+
+    return free_port()
