@@ -260,8 +260,9 @@ def main() -> None:
                   f"**{n / elapsed:,.0f} rows/s** (batches of 10,000 rows, one DuckLake transaction each).", ""]
 
         lines += ["## Fleet query", "", f"{args.query_rows:,} request rows from 2 bastions in the lake "
-                  "(Parquet under the data path, catalog in PostgreSQL), attached read-only as `botwarden fleet "
-                  "sql` does (each `fleet sql` pays the attach once); query times are the median of 3 runs.", "",
+                  "(Parquet under the data path, catalog in PostgreSQL), beside the rows the sections above "
+                  "shipped (2 more bastions), attached read-only as `botwarden fleet sql` does (each `fleet sql` "
+                  "pays the attach once); query times are the median of 3 runs.", "",
                   "| query | seconds | |", "|---|---:|---|"]
         for name, secs, note in fleet_query(lake, args.query_rows):
             lines.append(f"| {name} | {secs:.2f} | {note} |")
@@ -272,7 +273,8 @@ def main() -> None:
         remove_lake(lake)
         catalog.stop()
         pg.stop()
-    text = "# Fleet audit benchmark (bench/fleet_ship.py)\n\n" + "\n".join(lines)
+    text = (f"# Fleet audit benchmark (bench/fleet_ship.py)\n\n`{' '.join(['.venv/bin/python', *sys.argv])}` "
+            f"({os.cpu_count()} CPUs; other load on the machine shows in the bot TPS)\n\n" + "\n".join(lines))
     print(text)
     Path(args.out).write_text(text)
 
