@@ -56,6 +56,7 @@ _METADATA = {"recordings": [("data_bytes", "BIGINT", "octet_length(data)")]}
 _RETRY_MIN_S = 1.0
 _RETRY_MAX_S = 30.0
 _MARK_EVERY_S = 2.0
+_CONNECT_TIMEOUT_S = 10
 
 
 class FleetError(AuditError):
@@ -107,7 +108,10 @@ def connect(settings: LakeSettings, *, read_only: bool = False) -> duckdb.DuckDB
         for name in EXTENSIONS:
             con.execute(f"LOAD '{ext / (name + '.duckdb_extension')}'")
         options = ", READ_ONLY" if read_only else ""
-        con.execute(f"ATTACH 'ducklake:postgres:{_quote(settings.catalog)}' AS lake "
+        catalog = settings.catalog
+        if "connect_timeout" not in catalog:   # an unreachable catalog fails, rather than hangs
+            catalog += f" connect_timeout={_CONNECT_TIMEOUT_S}"
+        con.execute(f"ATTACH 'ducklake:postgres:{_quote(catalog)}' AS lake "
                     f"(DATA_PATH '{_quote(settings.data_path)}'{options})")
         con.execute("USE lake")
     except duckdb.Error as e:

@@ -73,6 +73,7 @@ _SEND_BATCH = 512          # events that make the sender ship at once
 _SEND_INTERVAL_S = 0.01    # otherwise it ships what accumulated this often
 # Waking the sender per event would hand the GIL back and forth with the event loop thousands
 # of times a second (measured: four futex calls per request); a timer wakes it a hundred times.
+_FLEET_ENV = "BOTWARDEN_FLEET_SETTINGS"   # the lake's settings for the child (analytics.fleet)
 _START_TIMEOUT_S = 120.0   # migrations of a large file can take a while
 _STOP_TIMEOUT_S = 60.0
 
@@ -172,7 +173,10 @@ class AuditProcess:
         self.path = Path(path)
         self.options = {"path": str(self.path), "batch_max": batch_max, "flush_interval": flush_interval,
                         "strict": strict, "log_level": logging.getLogger().getEffectiveLevel(), "nice": nice,
-                        "journal": journal, "accounted_by": None, "fleet": dict(fleet) if fleet else None}
+                        "journal": journal, "accounted_by": None}
+        # Not in the child's argv (any local user can read a command line): the catalog's DSN may
+        # hold a password. The child's environment is readable by its own uid only.
+        self._fleet = json.dumps(dict(fleet)) if fleet else None
         self.journal = journal
         self.ack_timeout = ack_timeout
         self._kick_pending = False   # a _kick is scheduled on the event loop (submit_acked)
@@ -301,6 +305,8 @@ class AuditProcess:
         rpc_parent, rpc_child = socket.socketpair()
         root = str(Path(__file__).resolve().parent.parent)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+        if self._fleet:
+            env[_FLEET_ENV] = self._fleet
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-c", _CHILD_BOOT, str(ev_child.fileno()), str(rpc_child.fileno()),
@@ -882,7 +888,8 @@ class _Child:
     def __init__(self, events: socket.socket, rpc: socket.socket, options: dict[str, Any]):
         from analytics import AuditStore
 
-        self.events, self.rpc, self.options = events, rpc, options
+        self.events, self.rpc = events, rpc
+        self.fleet = json.loads(os.environ.pop(_FLEET_ENV, "null"))   # [fleet], or None
         self.store = AuditStore(options["path"], batch_max=options["batch_max"],
                                 flush_interval=options["flush_interval"], queue_max=max(options["batch_max"] * 8, 10_000),
                                 on_full="block", strict=options["strict"], journal=bool(options.get("journal")),
@@ -927,7 +934,7 @@ class _Child:
             t.start()
         from analytics import fleet
 
-        with fleet.shipping(self.store, self.options.get("fleet")):  # to the fleet lake, if configured
+        with fleet.shipping(self.store, self.fleet):  # to the fleet lake, if configured
             threads[0].join()     # the daemon closed the events channel (close() or its own death)
         self._stop.set()
         code = 0

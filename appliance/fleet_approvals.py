@@ -118,7 +118,10 @@ class FleetApprovals:
     def _connect(self) -> Any:
         import psycopg
 
-        return psycopg.connect(self.dsn, autocommit=True, connect_timeout=_CONNECT_TIMEOUT_S)
+        # Keepalives and a TCP user timeout: a partition that drops packets is noticed in seconds.
+        return psycopg.connect(self.dsn, autocommit=True, connect_timeout=_CONNECT_TIMEOUT_S, keepalives=1,
+                               keepalives_idle=5, keepalives_interval=2, keepalives_count=3,
+                               tcp_user_timeout=10_000)
 
     def _down(self, e: BaseException) -> None:
         why = _redact(f"{type(e).__name__}: {e}".strip().splitlines()[0])

@@ -139,6 +139,10 @@ def test_both_bastions_ship_and_fleet_sql_counts_each(bastions):
 
     st = a.status()["fleet"]
     assert st["bastion"] == "bastion-a" and st["lake"] == "up" and st["backlog"] == 0
+    # The catalog's password never shows in a command line any local user can read.
+    audit_pid = a.status()["audit"]["pid"]
+    assert bastions.lake.server.password not in Path(f"/proc/{audit_pid}/cmdline").read_text()
+    assert bastions.lake.server.password not in a.daemon.output()
     res = cli("--config", str(a.config), "status")
     assert "fleet: bastion bastion-a, lake up" in res.stdout
     _, metrics = scrape_socket(a.daemon.socket)
