@@ -437,6 +437,9 @@ class Daemon:
                 raise ConfigError(f"audit.{key} cannot change on reload; restart the daemon")
         if new.metrics != old.metrics:
             raise ConfigError("metrics.listen cannot change on reload; restart the daemon")
+        # The audit process ships with the [fleet] it was started with; fleet approvals likewise.
+        if new.fleet != old.fleet:
+            raise ConfigError("[fleet] cannot change on reload; restart the daemon")
         # The probes are attached to one cgroup with one set of pins/table; a reload only updates
         # their targets. Taking a new cgroup here would leave the bots in it unwatched.
         # (unix_allow and passthrough do change with the targets; these are compiled into the programs.)

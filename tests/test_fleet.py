@@ -221,6 +221,18 @@ def test_catalog_killed_mid_shipping_no_gap_no_duplicate_bots_unaffected(bastion
     assert "OK: 2 bastion(s)" in res.stdout
 
 
+def test_reload_refuses_a_changed_fleet_section(bastions):
+    b = bastions.b
+    text = b.config.read_text()
+    try:
+        b.config.write_text(text.replace('bastion = "bastion-b"', 'bastion = "bastion-b2"'))
+        res = b.cli("config", "reload")
+        assert res.returncode == 1 and "[fleet] cannot change on reload" in res.stderr
+        assert b.status()["fleet"]["bastion"] == "bastion-b"
+    finally:
+        b.config.write_text(text)
+
+
 def hold_on(bastion: Bastion, token: str, table: str, pg) -> tuple[threading.Thread, dict]:
     """A bot on ``bastion`` runs a DELETE without WHERE (held by mass-delete-needs-approval)."""
     pg.psql(f"DROP TABLE IF EXISTS {table}; CREATE TABLE {table} (id int); INSERT INTO {table} VALUES (1), (2)")
