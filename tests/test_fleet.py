@@ -221,6 +221,28 @@ def test_catalog_killed_mid_shipping_no_gap_no_duplicate_bots_unaffected(bastion
     assert "OK: 2 bastion(s)" in res.stdout
 
 
+def test_restarted_daemon_resumes_from_the_lake_without_duplicates(bastions):
+    b, lake = bastions.b, bastions.lake
+    token = bastions.bao.mint_token()
+    assert psql(b.port, token, "SELECT 1").returncode == 0
+    before = b.wait_shipped()
+    b.daemon.stop()
+    b.daemon.start()
+    res = psql(b.port, token, *["SELECT 2"] * 4)
+    assert res.returncode == 0, res.stderr
+    head = b.wait_shipped()
+    assert head > before
+    total = distinct = 0
+    for table in ("session_starts", "session_ends", "requests", "approvals", "writer_events"):
+        n, d, _, _ = lake_counts(lake, "bastion-b", table)
+        total, distinct = total + n, distinct + d
+    assert total == distinct
+    local = b.daemon.audit_sql("SELECT count(*) AS n FROM chain WHERE \"table\" IN ('session_starts', "
+                               "'session_ends', 'requests', 'approvals', 'writer_events') AND chain_seq <= ?",
+                               [head])[0]["n"]
+    assert local == total
+
+
 def test_reload_refuses_a_changed_fleet_section(bastions):
     b = bastions.b
     text = b.config.read_text()
