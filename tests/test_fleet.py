@@ -418,3 +418,29 @@ def _closed_port() -> int:
     from appliance.sandbox import free_port
 
     return free_port()
+
+
+def test_an_unreachable_lake_leaves_the_audit_store_alone(tmp_path):
+    from analytics import AuditStore
+    from tests.audit_fixtures import request, session_start, sid
+
+    store = AuditStore(tmp_path / "a.duckdb")
+    store.start()
+    settings = fleet.LakeSettings(f"host=127.0.0.1 port={_closed_port()} dbname=x user=u password=hunter2",
+                                  str(tmp_path / "lake"), "alone", interval=0.1)
+    try:
+        with fleet.shipping(store, settings.__dict__) as shipper:
+            s = sid()
+            assert store.submit("session_start", session_start(s))
+            for i in range(50):
+                assert store.submit("request", request(s, seq=i + 1))
+            store.flush(10)
+            deadline = time.monotonic() + 30
+            while shipper.progress.lake != "down" and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert shipper.progress.lake == "down" and store.healthy
+        progress = fleet.read_progress(store.path)
+        assert progress["lake"] == "down" and progress["shipped_seq"] is None
+        assert "hunter2" not in progress["last_error"] and "hunter2" not in json.dumps(progress)
+    finally:
+        store.close()
