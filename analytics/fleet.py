@@ -417,6 +417,26 @@ def run_report(settings: LakeSettings, name: str) -> tuple[list[str], list[tuple
         con.close()
 
 
+def compact(settings: LakeSettings, keep_days: int = 7) -> dict[str, int]:
+    """Lake upkeep, from any one machine: merge the many small Parquet files that batches leave
+    (one per table per batch) into larger ones, forget snapshots older than ``keep_days`` (time
+    travel before that is gone) and delete the files only those snapshots used."""
+    con = connect(settings)
+    try:
+        before = con.execute("SELECT count(*) FROM ducklake_list_files('lake', ?)", ["requests"]).fetchone()[0]
+        con.execute("CALL ducklake_merge_adjacent_files('lake')")
+        expired = con.execute("CALL ducklake_expire_snapshots('lake', older_than => now() - to_days(?))",
+                              [int(keep_days)]).fetchall()
+        removed = con.execute("CALL ducklake_cleanup_old_files('lake', cleanup_all => true)").fetchall()
+        after = con.execute("SELECT count(*) FROM ducklake_list_files('lake', ?)", ["requests"]).fetchone()[0]
+    except duckdb.Error as e:
+        raise FleetError(f"fleet compact failed: {redact_dsn(str(e))}") from None
+    finally:
+        con.close()
+    return {"requests_files_before": int(before), "requests_files_after": int(after),
+            "snapshots_expired": len(expired), "files_deleted": len(removed)}
+
+
 # --- verifying the lake ------------------------------------------------------------------
 
 class FleetProblem(NamedTuple):
@@ -557,5 +577,5 @@ def verify_lake(settings: LakeSettings, local_heads: Mapping[str, Mapping[int, s
     return FleetVerifyReport(summary, problems, notes)
 
 
-__all__ = ["FleetError", "FleetShipper", "FleetVerifyReport", "LakeSettings", "connect", "ensure_schema",
+__all__ = ["FleetError", "FleetShipper", "FleetVerifyReport", "LakeSettings", "compact", "connect", "ensure_schema",
            "lake_mark", "read_progress", "run_report", "run_sql", "shipping", "verify_lake"]

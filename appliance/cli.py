@@ -319,6 +319,12 @@ def cmd_fleet(args: argparse.Namespace) -> int:
         report = fleet.verify_lake(lake, _local_heads(args, lake))
         print(report.text())
         return EXIT_OK if report.ok else EXIT_FAIL
+    if args.action == "compact":
+        done = fleet.compact(lake, args.keep_days)
+        print(f"lake compacted: requests in {done['requests_files_before']} -> {done['requests_files_after']} "
+              f"file(s); {done['snapshots_expired']} snapshot(s) older than {args.keep_days} day(s) expired, "
+              f"{done['files_deleted']} file(s) deleted")
+        return EXIT_OK
     raise CliError(f"unknown fleet action {args.action}", EXIT_USAGE)
 
 
@@ -489,6 +495,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("name", nargs="?")
     a.add_argument("--format", choices=["table", "csv", "json"], default="table")
     ss.add_parser("verify", help="check every bastion's shipped chain (and this bastion's against its store)")
+    a = ss.add_parser("compact", help="merge the lake's small Parquet files; expire old snapshots (run from one host)")
+    a.add_argument("--keep-days", type=int, default=7, help="snapshots (time travel) kept, in days (default 7)")
     s.set_defaults(func=cmd_fleet)
 
     s = sub.add_parser("replay", help="replay a recorded session")

@@ -365,6 +365,20 @@ def test_partition_degrades_to_local_approvals_never_auto_approves(bastions):
     b.wait_approvals_store()
 
 
+def test_fleet_compact_merges_files_and_keeps_every_row(bastions):
+    a, lake = bastions.a, bastions.lake
+    a.wait_shipped()
+    query = "SELECT bastion, count(*) AS n, count(DISTINCT chain_seq) AS d FROM requests GROUP BY bastion ORDER BY 1"
+    before = json.loads(a.fleet("sql", query, "--format", "json").stdout)
+    res = a.fleet("compact", "--keep-days", "0")
+    assert res.returncode == 0, res.stderr
+    files = [int(x) for x in res.stdout.split("requests in ")[1].split(" file")[0].split(" -> ")]
+    assert files[1] < files[0]
+    assert json.loads(a.fleet("sql", query, "--format", "json").stdout) == before
+    res = a.fleet("verify")
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
 def test_tampered_lake_row_is_named_by_fleet_verify(bastions):
     b, lake = bastions.b, bastions.lake
     b.wait_shipped()
