@@ -41,7 +41,7 @@ def build_router(daemon: "Daemon") -> Router:
 
     async def approvals_list(request: Request) -> Response:
         items = daemon.runtime.approvals.list()
-        fleet = daemon.fleet_approvals
+        fleet = getattr(daemon, "fleet_approvals", None)  # None without [fleet] approvals
         if fleet is None:
             return Response(200, {"approvals": items})
         items = [{**i, "bastion": fleet.bastion} for i in items] + await fleet.pending_elsewhere()
@@ -50,7 +50,7 @@ def build_router(daemon: "Daemon") -> Router:
     async def _decide(request: Request, state: str, window: int | None, reason: str, apply: Any) -> dict[str, Any]:
         """Decide here (``apply()``), or with fleet approvals claim the decision in the fleet store
         first (exactly one decision wins) and apply it here only for a request held here."""
-        fleet, broker = daemon.fleet_approvals, daemon.runtime.approvals
+        fleet, broker = getattr(daemon, "fleet_approvals", None), daemon.runtime.approvals
         approval_id, operator = request.params["approval_id"], _operator(request)
         item = broker.pending.get(approval_id)
         if fleet is None or (item is not None and len(item.approvals) + 1 < item.required):
