@@ -21,7 +21,7 @@ from typing import Any
 
 from .errors import AuditRecordError
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 EPOCH_UTC = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 _ONE_US = dt.timedelta(microseconds=1)
@@ -96,7 +96,7 @@ KINDS: dict[str, Kind] = {
             _f("protocol", required=True), _f("identity"), _f("token_subject"), _f("token_kid"),
             _f("client_addr"), _f("target_addr"), _f("pid", "int"), _f("uid", "int"), _f("gid", "int"),
             _f("cgroup_id", "int"), _f("cgroup_path"), _f("exe"), _f("comm"),
-            _f("attribution_source", choices=("ebpf", "nftables", "none")),
+            _f("attribution_source", choices=("ebpf", "nftables", "peercred", "none")),
             _f("credential_user"), _f("lease_id"), _f("tls", "bool"),
             _f("credential_stale_s", "float"), _f("privileged", "bool"),
         )),
@@ -118,6 +118,8 @@ KINDS: dict[str, Kind] = {
             # 1, 2, 3... per session in the order the requests were decided (a request_start and its
             # requests row share one): a seq on record in neither table is a lost event.
             _f("seq", "int"),
+            # Affected-rows guard (rules with max_rows): the planner's estimate and the limit.
+            _f("row_estimate", "int"), _f("row_limit", "int"),
         )),
         # audit.mode = "strict": written (and acknowledged by the audit process) before the
         # request is forwarded to the target; its `requests` row follows when it completes.
@@ -336,7 +338,7 @@ _ADDED_AFTER_V1 = {
     "writer_event": {"anchor_seq", "anchor_hash", "removed_rows", "cutoff",   # v2
                      "last_seq", "prev_epoch", "prev_epoch_rows", "replayed_rows"},  # v4
     "session_end": {"requests"},                                          # v4
-    "request": {"sqlstate", "masked", "seq"},                             # v2, v4
+    "request": {"sqlstate", "masked", "seq", "row_estimate", "row_limit"},  # v2, v4, v5
 }
 
 
@@ -394,6 +396,11 @@ def _migration_4() -> list[str]:
     ]
 
 
+def _migration_5() -> list[str]:
+    return ["ALTER TABLE requests ADD COLUMN row_estimate BIGINT",
+            "ALTER TABLE requests ADD COLUMN row_limit BIGINT"]
+
+
 # Views are recreated after every migration (they only ever describe the latest layout).
 VIEWS = [
     """CREATE OR REPLACE VIEW sessions AS
@@ -440,5 +447,7 @@ MIGRATIONS: dict[int, tuple[str, list[str]]] = {
     4: ("crash accounting: requests.seq, session_ends.requests, request_starts (strict mode), "
         "audit_losses, writer_events.last_seq / prev_epoch / prev_epoch_rows / replayed_rows; "
         "session_starts.privileged (the bot ran as uid 0 or with capabilities that can undo the probes)", _migration_4()),
+    5: ("requests.row_estimate / row_limit (the affected-rows guard: the planner's estimate and "
+        "the max_rows that applied)", _migration_5()),
 }
 assert max(MIGRATIONS) == SCHEMA_VERSION

@@ -145,6 +145,9 @@ class PendingApproval:
     future: asyncio.Future = field(repr=False, default=None)  # type: ignore[assignment]
     approvals: list[Operator] = field(default_factory=list)
     window_s: int | None = None
+    # Affected-rows guard: the planner's estimate and the max_rows it exceeded (None: no guard).
+    row_estimate: int | None = None
+    row_limit: int | None = None
 
     def public(self) -> dict[str, Any]:
         return {
@@ -152,7 +155,7 @@ class PendingApproval:
             "identity": self.identity, "target": self.target, "protocol": self.protocol, "request": self.text,
             "rule": self.rule, "process": dict(self.process), "created": self.created.isoformat(),
             "expires": self.expires.isoformat(), "approvals": [o.name for o in self.approvals],
-            "required": self.required,
+            "required": self.required, "row_estimate": self.row_estimate, "row_limit": self.row_limit,
         }
 
 
@@ -193,7 +196,8 @@ class ApprovalBroker:
     async def hold(self, *, session_id: str, identity: str, target: str, protocol: str, text: str,
                    rule: str | None, shape: str, process: Mapping[str, Any] | None = None,
                    request_id: str | None = None, excluded_uids: frozenset[int] = frozenset(),
-                   notify: Callable[[str], None] | None = None) -> HoldOutcome:
+                   notify: Callable[[str], None] | None = None,
+                   rows: tuple[int | None, int | None] = (None, None)) -> HoldOutcome:
         """Hold one request until it is decided. Cancelling the awaiting task = abandoned
         (the bot hung up, or withdrew the request: a ``task.cancel(msg)`` message becomes the
         recorded reason); the caller's connection has no idle timeout meanwhile."""
@@ -216,7 +220,8 @@ class ApprovalBroker:
             approval_id=approval_id, session_id=session_id, request_id=request_id, identity=identity,
             target=target, protocol=protocol, text=text, rule=rule, shape=shape, process=dict(process or {}),
             created=now, expires=now + timedelta(seconds=self.timeout_s), required=self.required,
-            excluded_uids=excluded_uids, future=asyncio.get_running_loop().create_future())
+            excluded_uids=excluded_uids, future=asyncio.get_running_loop().create_future(),
+            row_estimate=rows[0], row_limit=rows[1])
         self.pending[approval_id] = item
         self._event("requested", approval_id, **ids)
         watchers = self._publish({"event": "requested", "approval": item.public()})

@@ -161,6 +161,15 @@ def cmd_sessions(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _rows_cell(item: dict) -> str:
+    """The affected-rows guard's numbers for one held request: "~5000 > 1000" (estimate, limit)."""
+    limit = item.get("row_limit")
+    if limit is None:
+        return ""
+    est = item.get("row_estimate")
+    return f"~{est} > {limit}" if est is not None else f"unknown > {limit}"
+
+
 def cmd_approvals(args: argparse.Namespace) -> int:
     client = _client(args)
     if args.action == "list":
@@ -176,8 +185,8 @@ def cmd_approvals(args: argparse.Namespace) -> int:
             print("no pending approvals")
             return EXIT_OK
         cols = (["bastion"] if "fleet" in doc else []) + ["approval_id", "identity", "target", "rule", "request",
-                                                          "expires"]
-        _print_table(cols, [[i.get(c) for c in cols] for i in items])
+                                                          "rows", "expires"]
+        _print_table(cols, [[_rows_cell(i) if c == "rows" else i.get(c) for c in cols] for i in items])
         return EXIT_OK
     if args.action == "approve":
         body: dict[str, Any] = {"reason": args.reason or ""}
@@ -414,6 +423,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(keep=args.keep, workdir=args.workdir)
 
 
+def cmd_ssh(args: argparse.Namespace) -> int:
+    """`botwarden ssh known-hosts`: the line bots add to known_hosts to trust the appliance's host
+    certificates (made on first use; the daemon signs each SSH target's host key with it)."""
+    from appliance.fronts.ssh import known_hosts_line, load_or_make_host_ca
+
+    cfg = _config(args)
+    state = Path(cfg.appliance.state_dir)
+    state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    print(known_hosts_line(load_or_make_host_ca(str(state / "ssh_host_ca")), args.hosts))
+    return EXIT_OK
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from appliance.doctor import run_doctor
 
@@ -536,6 +557,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("tui", help="the operator console")
     s.set_defaults(func=cmd_tui)
+
+    s = sub.add_parser("ssh", help="SSH targets")
+    ss = s.add_subparsers(dest="action", required=True)
+    a = ss.add_parser("known-hosts", help="the @cert-authority line bots trust the appliance's host certificates with")
+    a.add_argument("--hosts", default="*", help="host pattern the line covers (default: *)")
+    a.set_defaults(func=cmd_ssh)
 
     s = sub.add_parser("doctor", help="check this host, the config and everything it points at")
     s.add_argument("--json", action="store_true", help="one JSON document for scripts")

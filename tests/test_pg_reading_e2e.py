@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.probes_fixtures import RUN_TAG
+
 from appliance.sandbox import PostgresServer, config_header, configure_openbao, free_port
 from probes import cgroups
 from tests.daemon_fixtures import DaemonProcess
@@ -27,8 +29,8 @@ from tests.test_probes_e2e import PgNet, bot_run, cli
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
 
-BOTS = "botwarden-read.bots"
-PIN_DIR = "/sys/fs/bpf/botwarden-read"
+BOTS = f"botwarden-read-{RUN_TAG}.bots"
+PIN_DIR = f"/sys/fs/bpf/botwarden-read-{RUN_TAG}"
 BOT = "reader"
 
 RULES = """
@@ -137,6 +139,64 @@ for step in steps:
             finally:
                 await con.close()
         out.append(asyncio.run(named()))
+    elif step["op"] == "psycopg_params":  # extended protocol: one statement with bound parameters
+        tx = step.get("transaction", False)
+        c2 = psycopg.connect(dsn, autocommit=not tx)
+        try:
+            cur = c2.execute(step["sql"], step["params"])
+            got = {"ok": True, "rowcount": cur.rowcount}
+            if tx:
+                c2.commit()
+        except psycopg.Error as e:
+            got = {"ok": False, "sqlstate": e.sqlstate, "message": e.diag.message_primary,
+                   "detail": e.diag.message_detail}
+        c2.close()
+        out.append(got)
+    elif step["op"] == "asyncpg_executemany":  # issue 13.3: an early error stops a pipelined executemany
+        import asyncio, asyncpg
+        class Counting:  # the socket under asyncpg's transport, counting the Bind messages sent
+            def __init__(self, sock):
+                self.sock, self.binds, self.tail = sock, 0, b""
+            def _count(self, data):
+                buf = self.tail + bytes(data)
+                pos = 0
+                while len(buf) - pos >= 5:
+                    n = struct.unpack("!I", buf[pos + 1:pos + 5])[0]
+                    if len(buf) - pos < 1 + n:
+                        break
+                    self.binds += buf[pos] == ord("B")
+                    pos += 1 + n
+                self.tail = buf[pos:]
+            def send(self, data, *flags):
+                sent = self.sock.send(data, *flags)
+                self._count(memoryview(data)[:sent])
+                return sent
+            def sendmsg(self, buffers, *rest):
+                sent = self.sock.sendmsg(buffers, *rest)
+                self._count(b"".join(bytes(b) for b in buffers)[:sent])
+                return sent
+            def __getattr__(self, name):
+                return getattr(self.sock, name)
+        async def many():
+            p = dict(x.split("=", 1) for x in dsn.split())
+            con = await asyncpg.connect(host=p["host"], port=int(p["port"]), user=p["user"],
+                                        password=p.get("password"), database=p["dbname"], ssl=False)
+            try:
+                table = step["table"]
+                await con.execute(f"CREATE TEMP TABLE {table} (id int PRIMARY KEY, pad text)")
+                transport = con._transport
+                counting = transport._sock = Counting(transport._sock)
+                rows = [(0 if i == 1 else i, "x" * step["width"]) for i in range(step["rows"])]
+                try:
+                    await con.executemany(f"INSERT INTO {table} VALUES ($1, $2)", rows)
+                    error = None
+                except asyncpg.PostgresError as e:
+                    error = e.sqlstate
+                return {"error": error, "binds": counting.binds,
+                        "count": await con.fetchval(f"SELECT count(*) FROM {table}")}
+            finally:
+                await con.close()
+        out.append(asyncio.run(many()))
     elif step["op"] == "asyncpg_cancel":  # issue 13.1: a timeout's cancel must not hit the next statement
         import asyncio, asyncpg
         async def timeouts():
@@ -147,7 +207,7 @@ for step in steps:
             try:
                 for i in range(step["rounds"]):
                     try:
-                        await con.fetch("select pg_sleep(10)", timeout=0.02)
+                        await con.fetch("select pg_sleep(10)", timeout=step.get("timeout", 0.02))
                         got.append("no timeout")
                     except asyncio.TimeoutError:
                         pass
@@ -485,8 +545,29 @@ def test_pg8000_bind_with_60000_parameters(world):
 
 
 def test_asyncpg_timeout_cancel_does_not_hit_the_next_statement(world):
-    steps = [{"op": "asyncpg_cancel", "rounds": 40}]
-    assert run_bot(world, steps) == run_direct(world, steps) == [list(range(40))]
+    # 0.1 s: long enough that the statement is surely running on a loaded machine when the cancel
+    # lands (a cancel that arrives first is ignored by the server and the sleep runs its 10 s).
+    steps = [{"op": "asyncpg_cancel", "rounds": 20, "timeout": 0.1}]
+    assert run_bot(world, steps) == run_direct(world, steps) == [list(range(20))]
+
+
+def test_asyncpg_executemany_stops_sending_after_an_early_error(world):
+    # Issue 13.3: 2,000 rows of 20 kB, the second a duplicate key. The server discards the rest
+    # of the batch up to Sync; so does botwarden, at once, without waiting for a record of each
+    # Execute that will never run: asyncpg sees the error while it is still sending and stops
+    # (then sends Sync), as it does direct, instead of pushing 40 MB through a dead pipeline.
+    table = f"em_{uuid.uuid4().hex[:8]}"
+    steps = [{"op": "asyncpg_executemany", "rows": 2000, "width": 20000, "table": table}]
+    (bot,), (direct,) = run_bot(world, steps), run_direct(world, steps)
+    print("Bind messages sent before stopping: botwarden", bot["binds"], "direct", direct["binds"])
+    assert bot["error"] == direct["error"] == "23505" and bot["count"] == direct["count"] == 0
+    assert direct["binds"] < 1000 and bot["binds"] < 1000, (bot, direct)
+    # The audit says what ran: the first row (rolled back with the batch), the failing second;
+    # every Execute the server discarded is either unrecorded or recorded as not run.
+    rows = world["daemon"].audit_sql("SELECT error, sqlstate FROM requests WHERE text = ? AND kind = 'execute' "
+                                     "ORDER BY chain_seq", [f"INSERT INTO {table} VALUES ($1, $2)"])
+    assert rows[0]["error"] is None and rows[1]["sqlstate"] == "23505", rows[:3]
+    assert all(r["error"] == "not run: an earlier message in the batch failed" for r in rows[2:]), rows
 
 
 def test_plpgsql_bodies_the_offline_parser_cannot_read_are_opaque_not_unparsable(world):

@@ -89,6 +89,7 @@ from appliance.errors import BotwardenError
 from appliance.policy.reading import (DEFAULT_READING, TRACKED_PARAMETERS, Reading, UnreadableStatement,
                                       possible_readings, read_statement)
 from appliance.policy.sql import syntax_error
+from appliance.policy.engine import plan_rows, with_row_estimate
 from appliance.policy.types import ACTION_STRENGTH, ColumnDesc, Verdict
 from appliance.protocols.postgres import messages as m
 from appliance.protocols.postgres import sqlstate
@@ -125,8 +126,9 @@ class PgFrontSettings:
     """One listener in front of one PostgreSQL target."""
 
     target: str
-    upstream_host: str
+    upstream_host: str                    # with upstream_unix: the server's Unix socket path
     upstream_port: int = 5432
+    upstream_unix: bool = False
     upstream_tls: UpstreamTLS = "prefer"
     upstream_ca_file: str | None = None
     tls_cert_file: str | None = None      # bot side; None = no TLS offered to bots
@@ -233,6 +235,25 @@ class PostgresFront:
         self._server = await loop.create_server(self.protocol_factory, host, port, **kwargs)
         return self._server
 
+    async def serve_unix(self, path: str) -> asyncio.Server:
+        """Listen on a Unix socket (a Unix-socket target: the kernel rewrites bots' connects to
+        the database's socket into connects to this one). World-connectable like a loopback
+        port: who is calling is decided by attestation (SO_PEERCRED), not by file modes."""
+        loop = asyncio.get_running_loop()
+        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+        if os.path.exists(path):
+            os.unlink(path)  # a stale socket of a previous run
+        self._server = await loop.create_unix_server(self.protocol_factory, path)
+        os.chmod(path, 0o666)
+        return self._server
+
+    async def _open_upstream(self, factory: Callable[[], Any]) -> tuple[Any, Any]:
+        st = self.settings
+        loop = asyncio.get_running_loop()
+        if st.upstream_unix:
+            return await loop.create_unix_connection(factory, st.upstream_host)
+        return await loop.create_connection(factory, st.upstream_host, st.upstream_port)
+
     async def close(self) -> None:
         """Stop listening and end every session."""
         if self._server is not None:
@@ -276,8 +297,9 @@ class PostgresFront:
         bot's own cancel connection is closed after this returns, keeping that order."""
         writer = None
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port),
-                                                    self.settings.connect_timeout)
+            opened = (asyncio.open_unix_connection(host) if self.settings.upstream_unix
+                      else asyncio.open_connection(host, port))
+            reader, writer = await asyncio.wait_for(opened, self.settings.connect_timeout)
             writer.write(m.CancelRequest(pid, secret).encode())
             await writer.drain()
             await asyncio.wait_for(reader.read(), self.settings.connect_timeout)
@@ -426,30 +448,40 @@ class _Request:
 
 
 class _Statement:
-    __slots__ = ("text", "verdict", "columns", "name")
+    __slots__ = ("text", "verdict", "columns", "name", "guard")
 
     def __init__(self, text: str, verdict: Verdict, name: str = ""):
         self.text = text
         self.verdict = verdict
         self.columns: list[ColumnDesc] | None = None
         self.name = name
+        # Affected-rows guard pending (verdict.row_guards): (query bytes, parameter type OIDs),
+        # to have the server estimate the rows at Execute, with the portal's parameters.
+        self.guard: tuple[bytes, tuple[int, ...]] | None = None
 
 
 class _Portal:
-    __slots__ = ("statement", "params", "result_formats", "columns")
+    __slots__ = ("statement", "params", "result_formats", "columns", "bind")
 
     def __init__(self, statement: _Statement | None, params: list | None, result_formats: tuple[int, ...]):
         self.statement = statement
         self.params = params
         self.result_formats = result_formats
         self.columns: list[ColumnDesc] | None = None
+        self.bind: bytes | None = None  # the Bind message, kept only for a guarded statement
 
 
 _UNKNOWN_STATEMENT = _Statement("", Verdict("allow", None, "statement prepared before this session"))
 
 # Pending-operation kinds (first item of each op tuple).
 OP_QUERY, OP_PARSE, OP_BIND, OP_DESCRIBE, OP_EXECUTE, OP_CLOSE, OP_SYNC, OP_FUNCTION, OP_KEEPALIVE = range(9)
+_EXTENDED_OPS = frozenset((OP_PARSE, OP_BIND, OP_DESCRIBE, OP_EXECUTE, OP_CLOSE))
 _SYNC = m.Sync().encode()
+_FLUSH = m.Flush().encode()
+# The affected-rows guard's own statement and portal on the bot's session (closed right after).
+_ESTIMATE = "botwarden_row_estimate"
+_EXPLAIN_PREFIX = b"EXPLAIN (FORMAT JSON) "
+_ESTIMATE_REPLIES = tuple(b"123DCENZ")
 
 _I32 = struct.Struct("!i")
 _H16 = struct.Struct("!H")  # counts are unsigned 16-bit, as PostgreSQL reads them
@@ -622,6 +654,9 @@ class Session:
         self._ext_open = False  # extended-protocol messages forwarded since the last Sync (bot -> server)
         # bot -> server
         self._cbuf = b""
+        self._cpos = 0          # where the unrelayed bytes in _cbuf start (after a hold)
+        self._cmore: list = []  # what the bot sent while a request was held, in order
+        self._cmore_len = 0
         self._held = False
         self._skip_until_sync = False
         self._statements: dict[str, _Statement] = {}
@@ -635,6 +670,12 @@ class Session:
         self._server_fatal = False
         self._terminated = False
         self._lookup_active = False   # a FunctionCall's OID is being resolved on this session
+        # Affected-rows guard: the EXPLAIN in flight (original message, extended?, request), the
+        # estimate for the message processed again ((original, rows or None, why none)), and what
+        # runs once the bot's earlier extended messages are all answered.
+        self._estimating: tuple[bytes, bool, Any] | None = None
+        self._estimate: tuple[bytes, int | None, str] | None = None
+        self._after_drain: Callable[[], None] | None = None
         self._unknown_oids: set[int] = set()
         self._deferred: list | None = None  # requests completed during the current server read
         self._handlers: list[Callable | None] = [None] * 256
@@ -907,7 +948,8 @@ class Session:
         rec: dict[str, Any] = {
             "session_id": self.session_id, "ts": _now(), "target": self.settings.target, "protocol": PROTOCOL,
             "client_addr": _addr(ctx.client_addr),
-            "target_addr": f"{self.settings.upstream_host}:{self.settings.upstream_port}", "tls": ctx.tls,
+            "target_addr": (f"unix:{self.settings.upstream_host}" if self.settings.upstream_unix
+                            else f"{self.settings.upstream_host}:{self.settings.upstream_port}"), "tls": ctx.tls,
         }
         a = ctx.attribution
         if a is not None:
@@ -928,9 +970,8 @@ class Session:
         loop = asyncio.get_running_loop()
         st = self.settings
         try:
-            _, proto = await asyncio.wait_for(
-                loop.create_connection(lambda: UpstreamProtocol(self), st.upstream_host, st.upstream_port),
-                st.connect_timeout)
+            _, proto = await asyncio.wait_for(self.front._open_upstream(lambda: UpstreamProtocol(self)),
+                                              st.connect_timeout)
         except (OSError, asyncio.TimeoutError) as e:
             self._upstream_failed("tcp")
             raise FrontError(sqlstate.SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
@@ -1110,66 +1151,109 @@ class Session:
                                                          f"({self._reading.describe()})")
 
     def client_data(self, data: bytes) -> None:
-        if self._cbuf:
+        if self._held:
+            # A request waits (approval, strict audit, a FunctionCall's lookup): what the bot sends
+            # meanwhile queues in arrival order, and past HELD_BUFFER_LIMIT the bot is not read.
+            self._cmore.append(data)
+            self._cmore_len += len(data)
+            self._limit_held()
+            return
+        buf = self._cbuf
+        if buf:
             # bytearray: appending is amortised O(1) while a large message arrives in pieces
-            self._cbuf += data
-            buf = self._cbuf
+            buf += data
         else:
             buf = data
-        if self._held:
-            self._cbuf = buf if isinstance(buf, bytearray) else bytearray(buf)
-            if len(buf) > HELD_BUFFER_LIMIT and "held" not in self._paused:
-                self.flow("held", True)
+        self._consume(buf, 0, None)
+
+    def _limit_held(self) -> None:
+        if (len(self._cbuf) - self._cpos + self._cmore_len > HELD_BUFFER_LIMIT
+                and "held" not in self._paused):
+            self.flow("held", True)
+
+    def _release_client(self) -> None:
+        """The held request went on (or was refused): relay what the bot sent meanwhile, from
+        where it stopped, then read the bot again unless another request holds in turn."""
+        if self.closed:
             return
+        self._held = False
+        buf, pos, more = self._cbuf, self._cpos, self._cmore
+        self._cbuf, self._cpos, self._cmore, self._cmore_len = b"", 0, [], 0
+        self._consume(buf, pos, more)
+        if not self._held and "held" in self._paused:
+            self.flow("held", False)
+
+    def _consume(self, buf, pos: int, more: list | None) -> None:
+        """Relay the bot's messages in buf from pos on, then the chunks in ``more``. A hold keeps
+        the buffer and the offset (no copy of the rest: a pipeline of many held requests would
+        make that quadratic)."""
         handlers = self._client_handlers
         max_size = self.settings.max_message_size
-        out: list = []
-        run = 0   # start of the pending run of unchanged bytes
-        pos = 0
-        n = len(buf)
-        # Framing inline (see framing.split_messages): this loop is the hot path.
-        try:
-            while n - pos >= 5:
-                (length,) = _unpack_len(buf, pos + 1)
-                if length < 4 or length > max_size:
-                    check_length(buf[pos], length, max_size)
-                e = pos + 1 + length
-                if e > n:
-                    break
-                h = handlers[buf[pos]]
-                if h is not None:
-                    r = h(buf, pos, e)
-                    if r is not None:
-                        if run < pos:
-                            out.append(buf[run:pos])
-                        if r is _HOLD:
-                            self._cbuf = bytearray(memoryview(buf)[e:])
-                            self._held = True
-                            self._message_timer.cancel()  # no timeout of ours runs while a request is held
-                            self._flush_out(out)
-                            return
-                        if r:
-                            out.append(r)
-                        run = e
-                        if self.closed:
-                            self._flush_out(out)
-                            return
-                pos = e
-        except PgProtocolError as err:
-            self._flush_out(out)
-            self.fatal(err.sqlstate, err.message)
-            return
-        if not out:
-            if pos == n:
-                self._to_server(buf)
-            elif pos:
-                self._to_server(buf[:pos])
+        while True:
+            out: list = []
+            run = pos   # start of the pending run of unchanged bytes
+            n = len(buf)
+            # Framing inline (see framing.split_messages): this loop is the hot path.
+            try:
+                while n - pos >= 5:
+                    (length,) = _unpack_len(buf, pos + 1)
+                    if length < 4 or length > max_size:
+                        check_length(buf[pos], length, max_size)
+                    e = pos + 1 + length
+                    if e > n:
+                        break
+                    h = handlers[buf[pos]]
+                    if h is not None:
+                        r = h(buf, pos, e)
+                        if r is not None:
+                            if run < pos:
+                                out.append(buf[run:pos])
+                            if r is _HOLD:
+                                self._cbuf, self._cpos = buf, e
+                                if more:
+                                    self._cmore[:0] = more
+                                    self._cmore_len += sum(map(len, more))
+                                self._held = True
+                                self._message_timer.cancel()  # no timeout of ours runs while a request is held
+                                self._flush_out(out)
+                                self._limit_held()
+                                return
+                            if r:
+                                out.append(r)
+                            run = e
+                            if self.closed:
+                                self._flush_out(out)
+                                return
+                    pos = e
+            except PgProtocolError as err:
+                self._flush_out(out)
+                self.fatal(err.sqlstate, err.message)
+                return
+            if not out:
+                if run == 0 and pos == n:
+                    self._to_server(buf)
+                elif run < pos:
+                    self._to_server(buf[run:pos])
+            else:
+                if run < pos:
+                    out.append(buf[run:pos])
+                self._flush_out(out)
+            if more:
+                # What arrived while a request was held: after the partial message left here.
+                tail = bytearray(memoryview(buf)[pos:])
+                for chunk in more:
+                    tail += chunk
+                buf, pos, more = tail, 0, None
+                continue
+            break
+        # A new object each time bytes were handed on (they are never mutated once the transport
+        # has them); a message still arriving keeps growing in place.
+        if pos == n:
+            self._cbuf = b""
+        elif pos == 0 and isinstance(buf, bytearray):
+            self._cbuf = buf
         else:
-            if run < pos:
-                out.append(buf[run:pos])
-            self._flush_out(out)
-        # A new object each time: bytes already handed to the transport are never mutated.
-        self._cbuf = bytearray(memoryview(buf)[pos:]) if pos < n else b""
+            self._cbuf = bytearray(memoryview(buf)[pos:])
         self._message_timer.update(pos < n)  # a half-sent message may not hold the session forever
 
     def _flush_out(self, out: list) -> None:
@@ -1199,8 +1283,15 @@ class Session:
         # Inline decode: this runs for every simple-protocol statement.
         if buf[e - 1] != 0 or buf.find(b"\x00", s + 5, e - 1) >= 0:
             raise RemoteProtocolError("Query must carry exactly one NUL-terminated string")
+        if self._skip_until_sync:
+            return None  # inside a failed batch the server discards a Query too, up to Sync
         sql, v, refusal = self._read_and_decide(bytes(buf[s + 5:e - 1]), "query")
         req = _Request("query", sql, v)
+        if v.row_guards:
+            r = self._row_guard(req, bytes(buf[s:e]), bytes(buf[s + 5:e - 1]), (), None, extended=False)
+            if r is not None:
+                return r
+            v = req.verdict
         action = v.action
         if action == "allow" or action == "mask":
             if action == "mask":
@@ -1228,6 +1319,8 @@ class Session:
         query, v, refusal = self._read_and_decide(body[start:body.index(0, start)], "parse")
         ext_was_open, self._ext_open = self._ext_open, True
         stmt = _Statement(query, v, msg.name)
+        if v.row_guards:
+            stmt.guard = (body[start:body.index(0, start)], msg.param_types)
         self._statements[msg.name] = stmt
         action = v.action
         if action == "allow" or action == "mask":
@@ -1259,6 +1352,8 @@ class Session:
         portal_name, stmt_name, params, result_formats = _bind_fast(buf, s, e)
         stmt = self._statements.get(stmt_name, _UNKNOWN_STATEMENT)
         portal = _Portal(stmt, params, result_formats)
+        if stmt.guard is not None:
+            portal.bind = bytes(buf[s + 5:e])
         self._portals[portal_name] = portal
         self._ext_open = True
         self._ops.append((OP_BIND,))
@@ -1288,6 +1383,19 @@ class Session:
         stmt = portal.statement if portal is not None else _UNKNOWN_STATEMENT
         req = _Request("execute", stmt.text, stmt.verdict, portal.params if portal is not None else None)
         self._ext_open = True
+        if stmt.guard is not None and portal is not None:
+            original = bytes(buf[s:e])
+            r = self._row_guard(req, original, stmt.guard[0], stmt.guard[1], portal.bind, extended=True)
+            if r is not None:
+                return r
+            if req.verdict.action == "block":
+                nonce = self._blocked_sql(req, self._block_refusal(req.verdict))
+                self._ops.append((OP_EXECUTE, portal, req))
+                return m.Execute(nonce).encode()  # no such portal: the server fails, we answer
+            if req.verdict.action == "approve":
+                self._start_hold(req, original, lambda: (OP_EXECUTE, portal, req),
+                                 lambda nonce: m.Execute(nonce).encode())
+                return _HOLD
         if self._audit_durable is not None and self._wait_for_record(req, bytes(buf[s:e]), (OP_EXECUTE, portal, req)):
             return _HOLD
         self._ops.append((OP_EXECUTE, portal, req))
@@ -1322,6 +1430,8 @@ class Session:
         the function its OID names, so function rules apply to it as to a SELECT. An OID not yet
         resolved is looked up on this very session first (pg_proc), then the call is decided."""
         msg = m.FunctionCall.decode(bytes(buf[s + 5:e]))
+        if self._skip_until_sync:
+            return None  # discarded by the server inside a failed batch, like a Query
         front = self.front
         if front._function_names_for is not self.services:  # a reload: resolve again
             front.function_names.clear()
@@ -1390,15 +1500,116 @@ class Session:
                 self.front.function_names[self._lookup_oid] = self._lookup_found
             else:
                 self._unknown_oids.add(self._lookup_oid)
-            self._held = False
-            rest = self._cbuf
-            self._cbuf = self._lookup_original + bytes(rest)
-            asyncio.get_running_loop().call_soon(self.client_data, b"")
+            self._requeue(self._lookup_original)  # decided again, now that its name is known
         return b""  # the bot never asked for this
 
     def _c_terminate(self, buf, s: int, e: int):
         self._terminated = True
         return None
+
+    # ------------------------------------------------------------------ affected-rows guard
+    def _row_guard(self, req: _Request, original: bytes, query: bytes, param_types: tuple[int, ...],
+                   bind: bytes | None, *, extended: bool):
+        """A write some ``max_rows`` rule waits on: ask the server for the planner's estimate
+        first (EXPLAIN on this session, its own statement and portal, the bot's parameters), then
+        process the message again with it. None: decided now (req.verdict updated)."""
+        found = self._estimate
+        if found is not None and found[0] == original:
+            self._estimate = None
+            req.verdict = with_row_estimate(req.verdict, found[1], found[2])
+            return None
+        if self._lookup_active or self._estimating is not None or (not extended and not self._settled()):
+            req.verdict = with_row_estimate(req.verdict, None, "another request of this session was still in "
+                                                               "flight; send the write on its own")
+            return None
+        # Parse by hand: the statement stays in the bytes the bot sent (its client_encoding).
+        body = (_ESTIMATE.encode() + b"\0" + _EXPLAIN_PREFIX + query + b"\0" + _H16.pack(len(param_types))
+                + b"".join(struct.pack("!I", t) for t in param_types))
+        b = m.Bind.decode(bind) if bind is not None else m.Bind(_ESTIMATE, _ESTIMATE)
+        explain = b"P" + struct.pack("!I", len(body) + 4) + body + m.Bind(_ESTIMATE, _ESTIMATE, b.param_formats, b.params, ()).encode() \
+            + m.Execute(_ESTIMATE).encode() + m.Close("S", _ESTIMATE).encode() + m.Close("P", _ESTIMATE).encode() \
+            + (_FLUSH if extended else _SYNC)
+        self._estimating = (original, extended, req)
+        # After the messages before this one in the bot's buffer have gone out (call_soon: the
+        # handler's caller sends them once it sees _HOLD).
+        asyncio.get_running_loop().call_soon(self._ask_estimate, explain)
+        return _HOLD
+
+    def _ask_estimate(self, explain: bytes) -> None:
+        if self.closed:
+            return
+        self._to_server(explain)
+        if self._estimating[1] and self._ops:
+            # The bot's earlier messages of this batch are not answered yet (our Flush has them
+            # answered now): the replies are ours from the moment the last of them is in.
+            self._after_drain = self._await_estimate
+        else:
+            self._await_estimate()
+
+    def _await_estimate(self) -> None:
+        if self._skip_until_sync:
+            # The batch failed before our EXPLAIN: the server discarded it, and discards the held
+            # message too; nothing to estimate.
+            original = self._estimating[0]
+            self._estimating = None
+            self._requeue(original)
+            return
+        self._estimate_saved = {c: self._handlers[c] for c in _ESTIMATE_REPLIES}
+        for c in _ESTIMATE_REPLIES:
+            self._handlers[c] = self._on_estimate_reply
+        self._estimate_plan: str | None = None
+        self._estimate_error: bytes | None = None
+        self._estimate_closes = 0
+
+    def _on_estimate_reply(self, buf, s, e):
+        kind = buf[s]
+        extended = self._estimating[1]
+        if kind == 68:  # DataRow: the plan as JSON text
+            values = _row_values(buf, s, e)
+            if values and values[0] is not None:
+                self._estimate_plan = bytes(values[0]).decode("utf-8", "replace")
+        elif kind == 69:  # ErrorResponse: the statement would fail the same way (EXPLAIN plans it)
+            self._estimate_error = _shift_position(bytes(buf[s:e]), len(_EXPLAIN_PREFIX))
+            if extended:  # the server now discards the bot's batch up to its Sync, as for the statement
+                self._end_estimate()
+            return self._estimate_error
+        elif kind == 51:  # CloseComplete: the second one ends the extended variant
+            self._estimate_closes += 1
+            if extended and self._estimate_closes == 2:
+                self._end_estimate()
+        elif kind == 90:  # ReadyForQuery (simple variant, after our Sync)
+            self.txn_status = chr(buf[s + 5])
+            failed = self._estimate_error is not None
+            self._end_estimate()
+            return None if failed else b""  # after an error: the bot's Query ends with this one
+        return b""  # the bot never asked for this
+
+    def _end_estimate(self) -> None:
+        for c, h in self._estimate_saved.items():
+            self._handlers[c] = h
+        original, extended, req = self._estimating
+        self._estimating = None
+        if self._estimate_error is not None:
+            # Answered as the statement would have been; it was not sent.
+            err = m.ErrorResponse.decode(self._estimate_error[5:])
+            req.error, req.sqlstate = err.message, err.sqlstate
+            if extended:
+                self._skip_until_sync = True
+            self._finish(req)
+            asyncio.get_running_loop().call_soon(self._release_client)
+            return
+        try:
+            rows, why = plan_rows(self._estimate_plan or ""), ""
+        except (ValueError, KeyError, TypeError, IndexError) as e:
+            rows, why = None, f"the server's plan could not be read ({type(e).__name__})"
+        self._estimate = (original, rows, why)
+        self._requeue(original)
+
+    def _requeue(self, original: bytes) -> None:
+        """Process a held message again (after a lookup or an estimate), before what followed it."""
+        self._cbuf = original + bytes(memoryview(self._cbuf)[self._cpos:])
+        self._cpos = 0
+        asyncio.get_running_loop().call_soon(self._release_client)
 
     # ------------------------------------------------------------------ approvals
     def _start_hold(self, req: _Request, original: bytes, make_op: Callable[[], tuple],
@@ -1455,6 +1666,7 @@ class Session:
             outcome = HoldOutcome(False, "", f"the approval could not be held ({type(e).__name__})")
         if self.closed:
             return
+        discarded = self._skip_until_sync  # the batch failed while a human decided
         if outcome.approved:
             req.decision = "approve"
             req.reason = outcome.reason or req.reason
@@ -1477,14 +1689,8 @@ class Session:
             req.reason = outcome.reason or "denied"
             out = on_denied(self._blocked_sql(req, _hold_refusal(outcome)))
         self._held_req = None
-        self._ops.append(make_op())
-        self._to_server(out)
-        self._held = False
-        if "held" in self._paused:
-            self.flow("held", False)
-        rest, self._cbuf = self._cbuf, b""
-        if rest:
-            self.client_data(rest)
+        self._forward_held(req, out, make_op(), discarded)
+        self._release_client()
 
     # ------------------------------------------------------------------ strict audit
     def _record_start(self, req: _Request):
@@ -1517,14 +1723,18 @@ class Session:
         if fut.cancelled() or fut.exception() is not None:
             self._refuse_unrecorded(req, fut.exception() if not fut.cancelled() else None)
             return
-        self._ops.append(op)
-        self._to_server(original)
-        self._held = False
-        if "held" in self._paused:
-            self.flow("held", False)
-        rest, self._cbuf = self._cbuf, b""
-        if rest:
-            self.client_data(rest)
+        self._forward_held(req, original, op, self._skip_until_sync)
+        self._release_client()
+
+    def _forward_held(self, req: _Request, out: bytes, op: tuple, discarded: bool) -> None:
+        """Send a request that waited (approval, strict audit). If the batch it belongs to failed
+        meanwhile (``discarded``), the server discards it: recorded as not run, no answer to expect."""
+        self._to_server(out)
+        if discarded:
+            req.error = req.error or "not run: an earlier message in the batch failed"
+            self._finish(req)
+        else:
+            self._ops.append(op)
 
     def _refuse_unrecorded(self, req: _Request, error: BaseException | None) -> None:
         """Fail closed: a request whose record could not be made durable never runs."""
@@ -1584,6 +1794,10 @@ class Session:
                         if r:
                             out.append(r)
                         run = e
+                    if self._after_drain is not None and not self._ops:
+                        # The bot's last pending answer: what follows is ours (handlers swap here).
+                        then, self._after_drain = self._after_drain, None
+                        then()
                 pos = e
         except PgProtocolError as err:
             self.fatal(sqlstate.PROTOCOL_VIOLATION, f"the server sent an invalid message ({err.message})")
@@ -1787,6 +2001,13 @@ class Session:
                     self._finish(op[2])
                 elif op[0] == OP_PARSE and op[1] is not None:
                     self._finish(op[1])
+            if not ops and kind in _EXTENDED_OPS:
+                # No Sync of the bot's went out after the failed message: the server now discards
+                # everything up to that Sync, so the rest of the batch is relayed at once (nothing
+                # in it runs, nothing to decide or record), as after one of our own refusals. A
+                # pipelining client (asyncpg's executemany) sees the error while it is still
+                # sending and stops, as it does direct.
+                self._skip_until_sync = True
         return replacement
 
     def _on_ready(self, buf, s, e):
@@ -1870,6 +2091,7 @@ class Session:
             "rule": v.rule, "reason": req.reason or v.reason or None,
             "duration_ms": (_time() - req.t0) * 1000.0, "rows": req.rows, "error": req.error,
             "sqlstate": req.sqlstate, "masked": req.masked,
+            "row_estimate": v.row_estimate, "row_limit": v.row_limit,
         })
 
     def _finish_pending(self, why: str) -> None:
@@ -1935,6 +2157,21 @@ def _syntax_error(message: str, position: int | None, *, why: str = "") -> m.Err
 # Replies to the front's own pg_proc lookup (RowDescription, DataRow, CommandComplete,
 # ErrorResponse, NoticeResponse, ReadyForQuery): swallowed while it runs.
 _LOOKUP_REPLIES = tuple(b"TDCENZ")
+
+
+def _shift_position(error: bytes, by: int) -> bytes:
+    """An ErrorResponse about ``EXPLAIN ... <statement>``, its Position (P) made relative to the
+    statement the bot sent, so psql's caret points where it would have."""
+    fields, pos, out = error[5:], 0, bytearray()
+    while pos < len(fields) and fields[pos] != 0:
+        end = fields.index(0, pos + 1)
+        code, value = fields[pos:pos + 1], fields[pos + 1:end]
+        if code == b"P" and value.isdigit() and int(value) > by:
+            value = str(int(value) - by).encode()
+        out += code + value + b"\0"
+        pos = end + 1
+    out += b"\0"
+    return error[:1] + struct.pack("!I", len(out) + 4) + bytes(out)
 
 
 def _quote_ident(name: str) -> str:

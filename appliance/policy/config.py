@@ -52,6 +52,12 @@ def _properties(values: tuple[str, ...] | None) -> tuple[str, ...] | None:
     return values
 
 
+def _positive_rows(value: int | None) -> int | None:
+    if value is not None and (isinstance(value, bool) or value < 0):
+        raise ValueError("max_rows must be a whole number of rows, 0 or more")
+    return value
+
+
 def _days(values: tuple[str, ...]) -> tuple[str, ...]:
     parse_days(values)
     return values
@@ -139,6 +145,10 @@ class SqlMatch:
     match: MatchMode | None = None
     # How the keys combine: "all" (default) = every key present must match; "any" = one is enough.
     match_keys: MatchMode | None = None
+    # Affected-rows guard: the rule matches an UPDATE, DELETE or MERGE (its other keys matching)
+    # only when the planner estimates it touches more rows than this; the front asks the server
+    # (EXPLAIN on the bot's session) before the statement runs. Not a matcher key.
+    max_rows: int | None = field(default=None, metadata=check(_positive_rows))
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from appliance.policy.masking import (ColumnAction, DetectorSettings, RowMasker,
 from appliance.policy.sql import (BatchAnalysis, Function, Relation, StatementAnalysis, analyze_sql, kind_matches,
                                   resolve_execute)
 from appliance.policy.ssh import UNKNOWN_PROGRAM, SshAnalysis, SshRequest, analyze_ssh
-from appliance.policy.types import ACTION_STRENGTH, ColumnDesc, MaskPlan, PolicyError, Verdict
+from appliance.policy.types import ACTION_STRENGTH, ColumnDesc, MaskPlan, PolicyError, RowGuard, Verdict
 
 if TYPE_CHECKING:
     from appliance.config import IdentityConfig, TargetConfig
@@ -226,6 +226,7 @@ class _Compiled:
     k8s: dict[str, Any] = field(default_factory=dict)
     # match_keys = "any": one compiled part per matcher key; the rule matches when one part does.
     parts: tuple["_Compiled", ...] = ()
+    max_rows: int | None = None  # affected-rows guard: matches only above this estimate
 
     @property
     def name(self) -> str:
@@ -255,6 +256,11 @@ def _compile(index: int, rule: Rule) -> _Compiled:
                   any_mode, generic=(rule.sql is None and rule.ssh is None and rule.k8s is None
                                      and rule.unparsed == "block" and not rule.mask))
     c.sql_capable = rule.sql is not None or bool(rule.mask)
+    if rule.sql is not None and rule.sql.max_rows is not None:
+        if rule.action not in ("block", "approve"):
+            raise PolicyError(f"rule {rule.name!r}: max_rows needs action \"block\" or \"approve\" "
+                              f"(it decides what happens above the limit), not {rule.action!r}")
+        c.max_rows = rule.sql.max_rows
     if rule.sql is not None:
         s = rule.sql
         c.sql = {k: v for k, v in {
@@ -377,6 +383,48 @@ def _k8s_matches(c: _Compiled, req: K8sRequest) -> bool:
         if value is None or not any(p(value) for p in patterns):
             return False
     return True
+
+
+# --- affected-rows guard -----------------------------------------------------------------------------
+
+GUARDED_KINDS = frozenset(("UPDATE", "DELETE", "MERGE"))
+
+
+def with_row_estimate(verdict: Verdict, estimate: int | None, missing: str = "") -> Verdict:
+    """The verdict once the planner's row estimate is known (None: it could not be had, for the
+    reason ``missing``, and every pending guard applies: fail closed). The estimate and the
+    limit that decided go with the verdict into the audit row and the approval."""
+    guards = verdict.row_guards
+    if not guards:
+        return verdict
+    applying = [g for g in guards if estimate is None or estimate > g.max_rows]
+    if not applying:
+        return replace(verdict, row_guards=(), row_estimate=estimate, row_limit=min(g.max_rows for g in guards))
+    top = max(ACTION_STRENGTH[g.action] for g in applying)
+    g = next(g for g in applying if ACTION_STRENGTH[g.action] == top)  # file order among the strongest
+    verb = "blocked" if g.action == "block" else "needs approval"
+    desc = f" ({g.description})" if g.description else ""
+    why = (f"the planner estimates {estimate} rows, more than max_rows = {g.max_rows}" if estimate is not None
+           else f"no row estimate ({missing}), so max_rows = {g.max_rows} applies")
+    return Verdict(g.action, g.rule, f"{verb} by botwarden rule {g.rule!r}{desc}: {why}", details=verdict.details,
+                   matched=verdict.matched + (g.rule,), mask_rules=verdict.mask_rules if g.action != "block" else (),
+                   row_estimate=estimate, row_limit=g.max_rows)
+
+
+def plan_rows(explain_json: str) -> int:
+    """Rows an EXPLAIN (FORMAT JSON) plan says its UPDATE/DELETE/MERGE touch: the estimated
+    input rows of every ModifyTable node (data-modifying CTEs included), summed."""
+    import json
+
+    total = 0
+    stack = [entry["Plan"] for entry in json.loads(explain_json)]
+    while stack:
+        node = stack.pop()
+        children = node.get("Plans", ())
+        if node.get("Node Type") == "ModifyTable" and node.get("Operation") != "Insert":
+            total += int(children[0]["Plan Rows"]) if children else int(node.get("Plan Rows", 0))
+        stack.extend(children)
+    return total
 
 
 # --- the engine --------------------------------------------------------------------------------------
@@ -530,8 +578,9 @@ class PolicyEngine:
         best_strength = -1
         matched: list[str] = []
         mask_rules: list[str] = []
+        guards_of: list[RowGuard] = []
         for i, stmt in enumerate(statements):
-            verdict, matches = self._decide_one(scope, stmt, paths[i], when, target)
+            verdict, matches = self._decide_one(scope, stmt, paths[i], when, target, guards_of)
             for m in matches:
                 if m.rule not in matched:
                     matched.append(m.rule)
@@ -541,11 +590,21 @@ class PolicyEngine:
             if strength > best_strength:
                 best, best_strength = verdict, strength
         assert best is not None
-        return Verdict(best.action, best.rule, best.reason, details=tuple(statements),
-                       matched=tuple(matched), mask_rules=tuple(mask_rules) if best.action != "block" else ())
+        verdict = Verdict(best.action, best.rule, best.reason, details=tuple(statements),
+                          matched=tuple(matched), mask_rules=tuple(mask_rules) if best.action != "block" else ())
+        guards = [g for g in guards_of if ACTION_STRENGTH[g.action] > best_strength]
+        if not guards:
+            return verdict
+        verdict = replace(verdict, row_guards=tuple(guards))
+        if len(statements) > 1:
+            # The server is asked for the estimate of one statement at a time: a batch of several
+            # with a guard in play gets the guard's action (fail closed).
+            return with_row_estimate(verdict, None, "the request holds several statements; send the "
+                                                    "guarded one on its own to have its rows estimated")
+        return verdict
 
     def _decide_one(self, scope: _Scope, stmt: StatementAnalysis, path: frozenset[str], when: datetime | None,
-                    target: str) -> tuple[Verdict, list[RuleMatch]]:
+                    target: str, guards: list[RowGuard] | None = None) -> tuple[Verdict, list[RuleMatch]]:
         matches: list[_Compiled] = []
         if stmt.error is not None:
             exemption = None
@@ -571,6 +630,12 @@ class PolicyEngine:
             if not self._active(c, when):
                 continue
             if c.generic or (c.sql_capable and _sql_matches(c, stmt, path)):
+                if c.max_rows is not None:
+                    # Only an UPDATE, DELETE or MERGE, and only above the estimate: decided
+                    # once the server has estimated the rows (with_row_estimate).
+                    if guards is not None and any(k in GUARDED_KINDS or k.startswith("MERGE.") for k in stmt.kinds):
+                        guards.append(RowGuard(c.name, c.action, c.max_rows, c.rule.description or ""))  # type: ignore[arg-type]
+                    continue
                 matches.append(c)
         return self._pick(scope, matches, stmt.summary(), target), [RuleMatch(c.name, c.action, 0) for c in matches]
 

@@ -64,6 +64,7 @@ class Explanation:
             "decision": {"action": d.action, "rule": d.rule, "decided_by": self.decided_by, "reason": d.reason},
             "masking": list(d.mask_rules), "matching_rules": list(self.matching_rules),
             "exit_status": EXIT_STATUS[d.action], "statements": [],
+            "row_guards": [{"rule": g.rule, "action": g.action, "max_rows": g.max_rows} for g in d.row_guards],
         }
         for s in self.statements:
             a = s.analysis
@@ -96,6 +97,9 @@ class Explanation:
         ]
         if d.mask_rules:
             lines.append(f"masking:   {', '.join(d.mask_rules)}")
+        for g in d.row_guards:
+            lines.append(f"row guard: {g.action} by {g.rule!r} if the server estimates more than {g.max_rows} rows "
+                         "(asked before the statement runs)")
         for s in self.statements:
             a = s.analysis
             lines.append("")

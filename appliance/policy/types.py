@@ -27,6 +27,12 @@ class Verdict:
     # masking also applies to a request an operator approved.
     matched: tuple[str, ...] = field(default=(), compare=False)
     mask_rules: tuple[str, ...] = field(default=(), compare=False)
+    # Affected-rows guard (rules with max_rows): the guards still waiting for the planner's
+    # estimate, as RowGuard; once it is known (appliance.policy.engine.with_row_estimate), the
+    # estimate and the smallest limit that applied, for the audit row and the approval.
+    row_guards: tuple["RowGuard", ...] = field(default=(), compare=False)
+    row_estimate: int | None = field(default=None, compare=False)
+    row_limit: int | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.action not in ACTION_STRENGTH:
@@ -34,6 +40,17 @@ class Verdict:
 
 
 ALLOW = Verdict("allow", None, "allowed by default")
+
+
+@dataclass(frozen=True)
+class RowGuard:
+    """A rule with ``max_rows`` whose other matchers matched an UPDATE/DELETE/MERGE: it applies
+    when the statement is estimated to touch more than ``max_rows`` rows (or no estimate exists)."""
+
+    rule: str
+    action: Action
+    max_rows: int
+    description: str = ""
 
 
 @dataclass(frozen=True)
