@@ -40,10 +40,9 @@ def export_parquet(path_or_store: Any, since: dt.date, out_dir: str | Path) -> l
                 target = out / f"table={table}" / f"day={day.isoformat()}" / "part-0.parquet"
                 target.parent.mkdir(parents=True, exist_ok=True)
                 tmp = target.with_name(f".part-0.parquet.{os.getpid()}.tmp")
-                reader = con.sql(
-                    f"SELECT * FROM {table} WHERE ts >= $lo AND ts < $hi ORDER BY chain_seq",
-                    params={"lo": lo, "hi": hi},
-                ).to_arrow_reader(_BATCH_ROWS)
+                reader = con.execute(
+                    f"SELECT * FROM {table} WHERE ts >= ? AND ts < ? ORDER BY chain_seq", [lo, hi],
+                ).fetch_record_batch(_BATCH_ROWS)
                 with pq.ParquetWriter(tmp, reader.schema, compression="zstd") as w:
                     for batch in reader:
                         w.write_batch(batch)

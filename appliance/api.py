@@ -60,7 +60,38 @@ def build_router(daemon: "Daemon") -> Router:
         return Response(200, result)
 
     async def approvals_list(request: Request) -> Response:
-        return Response(200, {"approvals": daemon.runtime.approvals.list()})
+        items = daemon.runtime.approvals.list()
+        fleet = getattr(daemon, "fleet_approvals", None)  # None without [fleet] approvals
+        if fleet is None:
+            return Response(200, {"approvals": items})
+        items = [{**i, "bastion": fleet.bastion} for i in items] + await fleet.pending_elsewhere()
+        return Response(200, {"approvals": items, "fleet": fleet.status()})
+
+    async def _decide(request: Request, state: str, window: int | None, reason: str, apply: Any) -> dict[str, Any]:
+        """Decide here (``apply()``), or with fleet approvals claim the decision in the fleet store
+        first (exactly one decision wins) and apply it here only for a request held here."""
+        fleet, broker = getattr(daemon, "fleet_approvals", None), daemon.runtime.approvals
+        approval_id, operator = request.params["approval_id"], _operator(request)
+        item = broker.pending.get(approval_id)
+        if fleet is None or (item is not None and len(item.approvals) + 1 < item.required):
+            return apply()   # no fleet, or an N-of-M approval that is not the last one
+        if item is None:
+            from appliance.approvals import caller_is_part_of_the_bot
+
+            why = caller_is_part_of_the_bot({}, operator.pid, operator.uid, broker.bots_cgroups, check_uid=False)
+            if why is not None:
+                raise ApprovalError(403, f"{state} refused: {why}; a bot may not decide held requests")
+        row = await fleet.claim(approval_id, state, operator, reason, window)
+        if item is not None:
+            try:
+                return apply()
+            except ApprovalError:
+                if row is not None:   # refused here after all: the request is decidable again
+                    await fleet.release(approval_id, still_held=approval_id in broker.pending)
+                raise
+        fleet.record_remote_decision(row, operator)
+        return {"approval_id": approval_id, "state": state, "bastion": row["bastion"], "window_s": window,
+                "approvals": 1, "required": 1}
 
     async def approve(request: Request) -> Response:
         body = request.body or {}
@@ -70,18 +101,22 @@ def build_router(daemon: "Daemon") -> Router:
         if window is not None and window > MAX_WINDOW_S:
             # A typo should not let a statement shape through unasked for a week.
             raise ControlError(400, f"for_s may be at most {MAX_WINDOW_S} seconds (24h)")
+        reason = str(body.get("reason", ""))
         try:
-            result = daemon.runtime.approvals.approve(request.params["approval_id"], _operator(request),
-                                                      window_s=window, reason=str(body.get("reason", "")))
+            result = await _decide(request, "approved", window, reason, lambda: daemon.runtime.approvals.approve(
+                request.params["approval_id"], _operator(request), window_s=window, reason=reason))
         except ApprovalError as e:
             raise ControlError(e.status, e.message) from None
         return Response(200, result)
 
     async def deny(request: Request) -> Response:
         body = request.body or {}
+        reason = str(body.get("reason", ""))
         try:
-            result = daemon.runtime.approvals.deny(request.params["approval_id"], _operator(request),
-                                                   str(body.get("reason", "")))
+            if not reason.strip():
+                raise ApprovalError(400, "a denial needs a reason (the bot is told it)")
+            result = await _decide(request, "denied", None, reason, lambda: daemon.runtime.approvals.deny(
+                request.params["approval_id"], _operator(request), reason))
         except ApprovalError as e:
             raise ControlError(e.status, e.message) from None
         return Response(200, result)

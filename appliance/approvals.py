@@ -310,8 +310,11 @@ class ApprovalBroker:
     def list(self) -> list[dict[str, Any]]:
         return [p.public() for p in sorted(self.pending.values(), key=lambda p: p.created)]
 
-    def subscribe(self) -> asyncio.Queue:
+    def subscribe(self, *, internal: bool = False) -> asyncio.Queue:
+        """A queue of approval events. ``internal``: a part of botwarden (fleet approvals), not an
+        operator's watcher: it does not count in the ``notified`` event."""
         queue: asyncio.Queue = asyncio.Queue(maxsize=1000)
+        queue.internal = internal  # type: ignore[attr-defined]
         self._subscribers.add(queue)
         for item in self.list():
             queue.put_nowait({"event": "pending", "approval": item})
@@ -451,7 +454,7 @@ class ApprovalBroker:
         for queue in list(self._subscribers):
             try:
                 queue.put_nowait(message)
-                sent += 1
+                sent += not getattr(queue, "internal", False)
             except asyncio.QueueFull:
                 log.warning("an approvals watcher is not reading; it missed a %s event", message.get("event"))
         return sent

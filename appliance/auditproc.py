@@ -74,6 +74,7 @@ _SEND_BATCH = 512          # events that make the sender ship at once
 _SEND_INTERVAL_S = 0.01    # otherwise it ships what accumulated this often
 # Waking the sender per event would hand the GIL back and forth with the event loop thousands
 # of times a second (measured: four futex calls per request); a timer wakes it a hundred times.
+_FLEET_ENV = "BOTWARDEN_FLEET_SETTINGS"   # the lake's settings for the child (analytics.fleet)
 _START_TIMEOUT_S = 120.0   # migrations of a large file can take a while
 _STOP_TIMEOUT_S = 60.0
 
@@ -157,7 +158,8 @@ class AuditProcess:
                  queue_max: int = 100_000, on_full: Literal["refuse", "block"] = "refuse",
                  strict: bool = False, restart_after: float | None = 1.0, nice: int | None = None,
                  journal: bool = False, highwater: bool = False, ack_timeout: float = 10.0,
-                 stream: Mapping[str, Any] | None = None, log_format: str = "text"):
+                 stream: Mapping[str, Any] | None = None, log_format: str = "text",
+                 fleet: Mapping[str, Any] | None = None):
         """``restart_after``: seconds before a dead audit process is started again (doubling
         up to 30 s while it keeps failing); None leaves it dead. ``nice``: the child's CPU
         priority (the daemon passes the one it was started with; None inherits the caller's).
@@ -165,7 +167,9 @@ class AuditProcess:
         ``highwater``: keep the daemon's high-water file beside the store (``self.marks``).
         ``ack_timeout``: a :meth:`submit_acked` future not acknowledged by then fails.
         ``stream``: ``[audit.stream]`` as a dict: the child sends each committed row to SIEMs
-        (:mod:`appliance.auditstream`). ``log_format``: the child's log lines ("text" or "json")."""
+        (:mod:`appliance.auditstream`). ``log_format``: the child's log lines ("text" or "json").
+        ``fleet``: the lake's settings (analytics.fleet.LakeSettings fields): the child ships
+        committed rows there (analytics.fleet.shipping)."""
         if batch_max < 1 or queue_max < 1 or flush_interval <= 0:
             raise AuditError("batch_max and queue_max must be >= 1 and flush_interval > 0")
         if on_full not in ("refuse", "block"):
@@ -175,6 +179,9 @@ class AuditProcess:
                         "strict": strict, "log_level": logging.getLogger().getEffectiveLevel(), "nice": nice,
                         "journal": journal, "accounted_by": None,
                         "stream": dict(stream) if stream else None, "log_format": log_format}
+        # Not in the child's argv (any local user can read a command line): the catalog's DSN may
+        # hold a password. The child's environment is readable by its own uid only.
+        self._fleet = json.dumps(dict(fleet)) if fleet else None
         self.journal = journal
         self.ack_timeout = ack_timeout
         self._kick_pending = False   # a _kick is scheduled on the event loop (submit_acked)
@@ -303,6 +310,8 @@ class AuditProcess:
         rpc_parent, rpc_child = socket.socketpair()
         root = str(Path(__file__).resolve().parent.parent)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+        if self._fleet:
+            env[_FLEET_ENV] = self._fleet
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-c", _CHILD_BOOT, str(ev_child.fileno()), str(rpc_child.fileno()),
@@ -886,6 +895,7 @@ class _Child:
 
         self.events, self.rpc = events, rpc
         self.options = options
+        self.fleet = json.loads(os.environ.pop(_FLEET_ENV, "null"))   # [fleet], or None
         self.store = AuditStore(options["path"], batch_max=options["batch_max"],
                                 flush_interval=options["flush_interval"], queue_max=max(options["batch_max"] * 8, 10_000),
                                 on_full="block", strict=options["strict"], journal=bool(options.get("journal")),
@@ -938,7 +948,10 @@ class _Child:
                    threading.Thread(target=self._status_loop, name="audit-status", daemon=True)]
         for t in threads:
             t.start()
-        threads[0].join()     # the daemon closed the events channel (close() or its own death)
+        from analytics import fleet
+
+        with fleet.shipping(self.store, self.fleet):  # to the fleet lake, if configured
+            threads[0].join()     # the daemon closed the events channel (close() or its own death)
         self._stop.set()
         code = 0
         if stream is not None:  # what is committed goes out before the store closes (its stop row: next start)

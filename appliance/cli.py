@@ -90,6 +90,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  sessions: {st['sessions_active']} active; approvals pending: {st.get('approvals_pending', 0)}")
     if "probes" in st:
         print(f"  probes: {st['probes']}")
+    fleet = st.get("fleet")
+    if fleet:
+        backlog = "unknown" if fleet.get("backlog") is None else f"{fleet['backlog']} row(s)"
+        print(f"  fleet: bastion {fleet['bastion']}, lake {fleet['lake']}, shipped up to seq "
+              f"{fleet.get('shipped_seq')}, backlog {backlog}, lag {fleet.get('lag_s', 0):g}s"
+              + (f"; last error: {fleet['last_error']}" if fleet.get("last_error") else ""))
     pending = st.get("revocations_pending") or []
     if pending:
         print(f"  credential revocations pending: {len(pending)} (Vault could not revoke them yet; retried)")
@@ -103,6 +109,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     if st.get("bots_left_cgroup"):
         print(f"  WARNING: {st['bots_left_cgroup']} bot processes left the bots' cgroups since start "
               "(audit: SELECT * FROM probes WHERE event = 'left_cgroup')")
+    fa = st.get("fleet_approvals")
+    if fa:
+        print(f"  fleet approvals: {'connected' if fa['available'] else 'UNAVAILABLE: ' + fa['message']}")
     if st.get("last_reload_error"):
         print(f"  last reload refused: {st['last_reload_error']}")
     return EXIT_OK
@@ -164,14 +173,19 @@ def _rows_cell(item: dict) -> str:
 def cmd_approvals(args: argparse.Namespace) -> int:
     client = _client(args)
     if args.action == "list":
-        items = client.get("/v1/approvals")["approvals"]
+        doc = client.get("/v1/approvals")
+        items = doc["approvals"]
+        fleet_note = (doc.get("fleet") or {}).get("message")
+        if fleet_note:   # a partition: say it where operators look (stderr keeps --json parseable)
+            print(f"botwarden: {fleet_note}", file=sys.stderr)
         if args.json:
             print(json.dumps(items, indent=2))
             return EXIT_OK
         if not items:
             print("no pending approvals")
             return EXIT_OK
-        cols = ["approval_id", "identity", "target", "rule", "request", "rows", "expires"]
+        cols = (["bastion"] if "fleet" in doc else []) + ["approval_id", "identity", "target", "rule", "request",
+                                                          "rows", "expires"]
         _print_table(cols, [[_rows_cell(i) if c == "rows" else i.get(c) for c in cols] for i in items])
         return EXIT_OK
     if args.action == "approve":
@@ -181,10 +195,11 @@ def cmd_approvals(args: argparse.Namespace) -> int:
         res = client.post(f"/v1/approvals/{args.id}/approve", body)
         extra = f" (window {res['window_s']}s for this identity, target and statement shape)" \
             if res.get("window_s") else ""
+        where = f" (held on {res['bastion']})" if res.get("bastion") else ""
         if res["state"] == "pending":
             print(f"approval {args.id}: {res['approvals']} of {res['required']} approvals recorded")
         else:
-            print(f"approved {args.id}{extra}")
+            print(f"approved {args.id}{extra}{where}")
         return EXIT_OK
     if args.action == "deny":
         client.post(f"/v1/approvals/{args.id}/deny", {"reason": args.reason})
@@ -263,6 +278,63 @@ def cmd_audit(args: argparse.Namespace) -> int:
         print(f"wrote {len(files)} Parquet file(s) under {out_dir}")
         return EXIT_OK
     raise CliError(f"unknown audit action {args.action}", EXIT_USAGE)
+
+
+def _lake(args: argparse.Namespace):
+    cfg = _config(args)
+    if cfg.fleet is None:
+        raise CliError(f"{args.config} has no [fleet] section: the lake's catalog and data path are "
+                       "configured there (docs/fleet.md)", EXIT_USAGE)
+    return cfg.fleet.lake()
+
+
+def _local_heads(args: argparse.Namespace, lake: Any) -> dict[str, dict[int, str]] | None:
+    """This bastion's own chain hashes at the ends of its last 1,000 shipped batches, through the
+    daemon (None when it does not run: the lake is then checked against itself only)."""
+    from analytics import fleet
+
+    _, batches = fleet.run_sql(lake, f"SELECT seq_hi FROM {fleet.BATCHES} WHERE bastion = ? "
+                                     "ORDER BY seq_hi DESC LIMIT 1000", [lake.bastion])
+    if not batches:
+        return None
+    try:
+        doc = _client(args).post("/v1/audit/sql", {
+            "sql": "SELECT chain_seq, lower(hex(chain_hash)) FROM chain WHERE list_contains(?, chain_seq)",
+            "params": [[int(r[0]) for r in batches]]})
+    except DaemonNotRunning:
+        return None
+    return {lake.bastion: {int(seq): h for seq, h in doc["rows"]}}
+
+
+def cmd_fleet(args: argparse.Namespace) -> int:
+    from analytics import fleet
+
+    lake = _lake(args)
+    if args.action == "sql":
+        cols, rows = fleet.run_sql(lake, args.sql)
+        _print_table(cols, rows, args.format)
+        return EXIT_OK
+    if args.action == "report":
+        import analytics
+
+        if args.name is None:
+            for name in analytics.reports.list_reports():
+                print(name)
+            return EXIT_OK
+        cols, rows = fleet.run_report(lake, args.name)
+        _print_table(cols, rows, args.format)
+        return EXIT_OK
+    if args.action == "verify":
+        report = fleet.verify_lake(lake, _local_heads(args, lake))
+        print(report.text())
+        return EXIT_OK if report.ok else EXIT_FAIL
+    if args.action == "compact":
+        done = fleet.compact(lake, args.keep_days)
+        print(f"lake compacted: requests in {done['requests_files_before']} -> {done['requests_files_after']} "
+              f"file(s); {done['snapshots_expired']} snapshot(s) older than {args.keep_days} day(s) expired, "
+              f"{done['files_deleted']} file(s) deleted")
+        return EXIT_OK
+    raise CliError(f"unknown fleet action {args.action}", EXIT_USAGE)
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
@@ -434,6 +506,19 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--since", required=True, help="YYYY-MM-DD")
     a.add_argument("dir")
     s.set_defaults(func=cmd_audit)
+
+    s = sub.add_parser("fleet", help="the fleet lake: every bastion's audit as one (docs/fleet.md)")
+    ss = s.add_subparsers(dest="action", required=True)
+    a = ss.add_parser("sql", help="read-only SQL over the lake (tables carry a bastion column)")
+    a.add_argument("sql")
+    a.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    a = ss.add_parser("report", help="a canned report across bastions (no name: list them)")
+    a.add_argument("name", nargs="?")
+    a.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    ss.add_parser("verify", help="check every bastion's shipped chain (and this bastion's against its store)")
+    a = ss.add_parser("compact", help="merge the lake's small Parquet files; expire old snapshots (run from one host)")
+    a.add_argument("--keep-days", type=int, default=7, help="snapshots (time travel) kept, in days (default 7)")
+    s.set_defaults(func=cmd_fleet)
 
     s = sub.add_parser("replay", help="replay a recorded session")
     s.add_argument("session_id")

@@ -418,6 +418,40 @@ class MetricsSettings:
     listen: str | None = field(default=None, metadata=check(_host_port))
 
 
+def _bastion_name(value: str) -> str:
+    if not value or len(value) > 64 or not all(c.isalnum() or c in "-_." for c in value):
+        raise ValueError("must be 1-64 letters, digits, '-', '_' or '.' (it names this bastion in the lake)")
+    return value
+
+
+def _catalog_dsn(value: str) -> str:
+    # Never echo the value: it may hold the catalog's password.
+    if "=" not in value:
+        raise ValueError("must be a libpq connection string such as \"dbname=lake host=10.0.0.9 user=botwarden\"")
+    return value
+
+
+@dataclass(frozen=True)
+class FleetSettings:
+    """The fleet lake (docs/fleet.md): where this bastion ships its audit, under which name."""
+
+    catalog: str = field(metadata=check(_catalog_dsn))   # libpq string of DuckLake's PostgreSQL catalog
+    data_path: str                                        # shared directory for the lake's Parquet files
+    bastion: str = field(metadata=check(_bastion_name))  # unique across the fleet
+    batch_rows: int = field(default=10_000, metadata=check(_at_least_one))
+    interval: float = field(default=1.0, metadata=check(_positive))
+    # Held requests published to a PostgreSQL table every bastion reaches (appliance/fleet_approvals.py):
+    # operators on any bastion see and decide them. approvals_dsn defaults to the catalog's server.
+    approvals: bool = False
+    approvals_dsn: str | None = field(default=None, metadata=check(_catalog_dsn))
+
+    def lake(self):
+        from analytics.fleet import LakeSettings
+
+        return LakeSettings(catalog=self.catalog, data_path=self.data_path, bastion=self.bastion,
+                            batch_rows=self.batch_rows, interval=self.interval)
+
+
 @dataclass(frozen=True)
 class Config:
     appliance: ApplianceSettings = ApplianceSettings()
@@ -430,6 +464,7 @@ class Config:
     limits: LimitSettings = LimitSettings()
     metrics: MetricsSettings = MetricsSettings()
     logging: LoggingSettings = LoggingSettings()
+    fleet: FleetSettings | None = None
     targets: tuple[TargetConfig, ...] = ()
     identities: tuple[IdentityConfig, ...] = ()
     policy: PolicyConfig = PolicyConfig()

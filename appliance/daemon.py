@@ -184,6 +184,7 @@ class Daemon:
         self.metrics = Metrics(self)
         self.metrics_address: tuple[str, int] | None = None
         self.bots_left_cgroup = 0  # probe events "left_cgroup" since start (status shows it)
+        self.fleet_approvals: Any = None  # appliance.fleet_approvals.FleetApprovals with [fleet] approvals
         self._tasks = TaskSet()
         from appliance.fronts.admission import Admission
 
@@ -240,6 +241,12 @@ class Daemon:
             if cfg.probes.mode != "off":
                 await self._attach_probes()
             await self.runtime.started()
+            if cfg.fleet is not None and cfg.fleet.approvals:
+                from appliance.fleet_approvals import FleetApprovals
+
+                self.fleet_approvals = FleetApprovals(self, cfg.fleet.approvals_dsn or cfg.fleet.catalog,
+                                                      cfg.fleet.bastion)
+                await self.fleet_approvals.start()
             if cfg.audit.retention_days:
                 self.spawn(self._retention_loop(), "audit-retention")
             if cfg.metrics.listen:
@@ -390,6 +397,8 @@ class Daemon:
     async def _teardown(self) -> None:
         await asyncio.to_thread(self._detach_probe_reader)
         await self.metrics.close()
+        if self.fleet_approvals is not None:
+            await asyncio.to_thread(self.fleet_approvals.close)
         if self.runtime is not None:
             with contextlib.suppress(Exception):
                 await self.runtime.close()
@@ -470,6 +479,9 @@ class Daemon:
             raise ConfigError("logging.format cannot change on reload; restart the daemon")
         if new.metrics != old.metrics:
             raise ConfigError("metrics.listen cannot change on reload; restart the daemon")
+        # The audit process ships with the [fleet] it was started with; fleet approvals likewise.
+        if new.fleet != old.fleet:
+            raise ConfigError("[fleet] cannot change on reload; restart the daemon")
         # The probes are attached to one cgroup with one set of pins/table; a reload only updates
         # their targets. Taking a new cgroup here would leave the bots in it unwatched.
         # (unix_allow and passthrough do change with the targets; these are compiled into the programs.)
@@ -493,6 +505,18 @@ class Daemon:
                     "bots are not redirected; run `botwarden probes attach`")
         return f"{handle.path} ({handle.reason})"
 
+    def fleet_status(self) -> dict[str, Any] | None:
+        """The fleet shipper's progress (it writes it beside the store; analytics.fleet), or None
+        without [fleet]. ``backlog``: committed rows not yet in the lake."""
+        if self.config.fleet is None:
+            return None
+        from analytics.fleet import read_progress
+
+        progress = read_progress(self.config.audit.path)
+        if progress is None or progress.get("bastion") != self.config.fleet.bastion:
+            return {"bastion": self.config.fleet.bastion, "lake": "connecting", "backlog": None}
+        return progress
+
     def status(self) -> dict[str, Any]:
         return {
             "pid": os.getpid(),
@@ -508,6 +532,8 @@ class Daemon:
             "audit": {"path": self.config.audit.path,
                       "healthy": bool(self.audit is not None and self.audit.healthy),
                       "pid": self.audit.pid if self.audit is not None else None},
+            "fleet": self.fleet_status(),
+            "fleet_approvals": self.fleet_approvals.status() if self.fleet_approvals is not None else None,
             "probes": self._probe_status(),
             "admission": self.admission.stats(),
             "metrics": "%s:%d" % self.metrics_address if self.metrics_address else None,

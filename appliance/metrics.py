@@ -199,6 +199,18 @@ class _Collector(Collector):
         if stats.get("head_seq") is not None:
             yield GaugeMetricFamily("botwarden_audit_chain_head_seq", "chain_seq of the last committed row",
                                     value=stats["head_seq"])
+        fleet = daemon.fleet_status() if hasattr(daemon, "fleet_status") else None
+        if fleet is not None:
+            yield GaugeMetricFamily("botwarden_fleet_lake_up", "1 while the fleet lake takes this bastion's batches",
+                                    value=1 if fleet.get("lake") == "up" else 0)
+            if fleet.get("backlog") is not None:
+                yield GaugeMetricFamily("botwarden_fleet_backlog_rows", "Committed audit rows not yet shipped to "
+                                                                        "the fleet lake", value=fleet["backlog"])
+            if fleet.get("shipped_seq") is not None:
+                yield GaugeMetricFamily("botwarden_fleet_shipped_seq", "chain_seq of the last row in the fleet lake",
+                                        value=fleet["shipped_seq"])
+            yield GaugeMetricFamily("botwarden_fleet_lag_seconds", "Age of the oldest committed row not yet in "
+                                                                   "the fleet lake", value=fleet.get("lag_s") or 0.0)
 
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]

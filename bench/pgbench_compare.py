@@ -176,8 +176,9 @@ class Daemon:
     """`botwarden run` with eBPF probes on a bench bots cgroup; bots are started with `bot run`."""
 
     def __init__(self, tmp: Path, pg_port: int, audit_mode: str = "strict", strict_reads: bool = False,
-                 suffix: str = ""):
-        """``suffix``: a second daemon beside the first (its own directory, bots cgroup, pins, table)."""
+                 suffix: str = "", extra: str = ""):
+        """``suffix``: a second daemon beside the first (its own directory, bots cgroup, pins, table).
+        ``extra``: more botwarden.toml sections (bench/fleet_ship.py adds [fleet])."""
         from appliance.sandbox import free_port
 
         self.bots_cgroup = BOTS_CGROUP.replace(".bots", f"{suffix}.bots")
@@ -222,7 +223,7 @@ password_file = "{pwfile}"
 name = "bench-bot"
 [identities.process]
 cgroup = "pgbench"
-""" + DAEMON_RULES)
+""" + extra + DAEMON_RULES)
         self.log = open(self.dir / "daemon.log", "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "appliance.cli", "--config", str(self.config), "run"],
                                      cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
