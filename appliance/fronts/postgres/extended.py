@@ -113,7 +113,7 @@ class ExtendedProtocolMixin:
         if name:
             remember = getattr(self.services, "name_statement", None)
             if remember is not None:
-                remember(self.grant, name, verdict)
+                remember(self.core.grant, name, verdict)
 
     def _c_close(self, buf, s: int, e: int):
         if self._skip_until_sync:

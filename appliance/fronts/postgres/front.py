@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-import time
 from typing import Any
 
 from appliance.protocols.postgres import sqlstate
@@ -12,6 +11,7 @@ from appliance.tasks import TaskSet
 
 from ..admission import Admission
 from ..services import FrontServices
+from ..session import drain
 from .settings import PgFrontSettings
 from .transport import BotProtocol
 from .cancel import CancelForwarding
@@ -72,13 +72,8 @@ class PostgresFront(CancelForwarding):
     async def drain(self, deadline: float) -> None:
         """Stop listening; let requests in flight finish until ``deadline`` (monotonic), then end
         every session with a shutdown error (57P01) that says botwarden is stopping."""
-        if self._server is not None:
-            self._server.close()
-        while any(s.busy for s in self.sessions) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        for s in list(self.sessions):
-            s.shutdown(sqlstate.ADMIN_SHUTDOWN, "botwarden is shutting down; reconnect to continue")
-        await asyncio.sleep(0)
+        await drain(self._server, self.sessions, deadline, lambda s: s.busy,
+                    lambda s: s.shutdown(sqlstate.ADMIN_SHUTDOWN, "botwarden is shutting down; reconnect to continue"))
 
     def spawn(self, coro, name: str) -> asyncio.Task:
         return self._tasks.spawn(coro, name)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 from datetime import datetime, timezone
 from typing import Callable
 
@@ -26,12 +25,9 @@ class HoldMixin:
     def withdraw_hold(self) -> bool:
         """The bot cancelled (CancelRequest, e.g. Ctrl-C in psql) while its statement is held:
         withdraw the request; the bot gets 57014 as for any cancelled statement."""
-        wait = self._hold_wait
-        if self.closed or not self._held or wait is None or wait.done():
+        if self.closed or not self._held:
             return False
-        wait.cancel(msg="the client cancelled the statement while it was held")
-        self._withdrawn = True
-        return True
+        return self.core.withdraw_hold("the client cancelled the statement while it was held")
 
     def _start_hold(self, req: _Request, original: bytes, make_op: Callable[[], tuple],
                     on_denied: Callable[[str], bytes]) -> None:
@@ -57,8 +53,6 @@ class HoldMixin:
         """The statement waits for an operator; reading from this bot pauses only if it keeps
         sending (HELD_BUFFER_LIMIT). No timeout of ours runs meanwhile: the approval's own
         expiry ends the wait, and a bot that hangs up withdraws the request (task cancelled)."""
-        loop = asyncio.get_running_loop()
-        thread = threading.get_ident()
         if req.request_id is None:
             req.request_id = _request_id()  # the approval record names the request
 
@@ -67,24 +61,10 @@ class HoldMixin:
                 f"statement held for approval {approval_id}"
                 + (f" (rule {req.verdict.rule!r})" if req.verdict.rule else "") + "; waiting for an operator",
                 hint=f"an operator decides with: botwarden approvals approve|deny {approval_id}").encode()
-            if threading.get_ident() == thread:
-                self._to_bot(notice)
-            else:
-                loop.call_soon_threadsafe(self.write_bot, notice)
+            self._to_bot(notice)  # on the loop's thread (the core sees to it)
 
-        self._withdrawn = False
-        self._hold_wait = asyncio.ensure_future(self.services.hold(
-            self.grant, self.settings.target, req.text, req.verdict, notify, request_id=req.request_id))
-        try:
-            outcome = await self._hold_wait
-        except asyncio.CancelledError:
-            if self.closed or not self._withdrawn:
-                raise
-            outcome = HoldOutcome(False, "", "the held statement was withdrawn before anyone decided", None,
-                                  "withdrawn")
-        except Exception as e:
-            log.exception("approval hold failed; statement denied")
-            outcome = HoldOutcome(False, "", f"the approval could not be held ({type(e).__name__})")
+        outcome = await self.core.hold(req.text, req.verdict, notify, req.request_id,
+                                       withdrawn="the held statement was withdrawn before anyone decided")
         if self.closed:
             return
         discarded = self._skip_until_sync  # the batch failed while a human decided
@@ -117,8 +97,8 @@ class HoldMixin:
         """The request's start record, submitted to be durable: a future, or None (no wait)."""
         if req.request_id is None:
             req.request_id = _request_id()  # its requests row carries the same id
-        return self._audit_durable("request_start", {
-            "request_id": req.request_id, "session_id": self.session_id,
+        return self.core.record_start({
+            "request_id": req.request_id, "session_id": self.core.session_id,
             "ts": datetime.fromtimestamp(req.t0, timezone.utc), "protocol": PROTOCOL, "kind": req.kind,
             "text": req.text, "params": req.params, "decision": req.decision or req.verdict.action,
             "rule": req.verdict.rule}, req.verdict)

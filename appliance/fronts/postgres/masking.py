@@ -47,7 +47,7 @@ class MaskingMixin:
 
     def _make_plan(self, verdict: Verdict, columns: list[ColumnDesc]):
         try:
-            return self.services.mask_plan(self.grant, self.settings.target, verdict, columns)
+            return self.services.mask_plan(self.core.grant, self.settings.target, verdict, columns)
         except Exception:
             log.exception("mask_plan failed; every column of this result is masked")
             return ColumnMaskPlan(columns, range(len(columns)))

@@ -82,6 +82,5 @@ class _Marker:
         return self.name
 
 
-_AUDIT_FAILURE_LOGGED: set[str] = set()
 _HOLD = _Marker("HOLD")          # a client handler's answer: stop here, the statement waits for approval
 _NO_PLAN = _Marker("NO_PLAN")    # the current result needs no masking

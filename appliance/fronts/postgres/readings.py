@@ -22,8 +22,8 @@ class ReadingMixin:
         # on time windows; the policy engine caches what is safe to cache.
         try:
             if probe:  # a possible reading, not the one the session state follows
-                return self.services.decide_sql(self.grant, self.settings.target, sql, phase, probe=True)
-            return self.services.decide_sql(self.grant, self.settings.target, sql, phase)
+                return self.services.decide_sql(self.core.grant, self.settings.target, sql, phase, probe=True)
+            return self.services.decide_sql(self.core.grant, self.settings.target, sql, phase)
         except Exception:
             log.exception("policy failed; statement refused")
             return Verdict("block", None, "the policy engine failed on this statement")

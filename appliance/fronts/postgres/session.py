@@ -19,14 +19,12 @@ from appliance.protocols.postgres.connection import PgConnection, Role, error_re
 from appliance.protocols.postgres.errors import PgProtocolError, RemoteProtocolError
 from appliance.protocols.postgres.framing import check_length, unpack_len as _unpack_len
 
-from ..admission import PartialMessageTimer, Ticket
-from ..services import SessionGrant
-from ..session import format_addr as _addr, new_request_id as _request_id
-from ..session import now as _now
+from ..admission import PartialMessageTimer
+from ..session import SessionCore, format_addr as _addr, new_request_id as _request_id
 from .settings import PROTOCOL, STREAM_THRESHOLD, SERVER_MAX_MESSAGE, HELD_BUFFER_LIMIT
 from .wire import _syntax_error
 from .pending import (_time, _discard, _Request, _Statement, _Portal, OP_QUERY, OP_PARSE, OP_EXECUTE, OP_SYNC,
-                      OP_FUNCTION, OP_KEEPALIVE, _EXTENDED_OPS, _HOLD, _AUDIT_FAILURE_LOGGED)
+                      OP_FUNCTION, OP_KEEPALIVE, _EXTENDED_OPS, _HOLD)
 from .transport import _Waiter, UpstreamProtocol
 from .startup import StartupMixin
 from .cancel import CancelKeyMixin
@@ -58,13 +56,13 @@ class Session(StartupMixin, ReadingMixin, ExtendedProtocolMixin, MaskingMixin, F
         self.server_waiter = _Waiter(PgConnection(Role.CLIENT, max_message_size=SERVER_MAX_MESSAGE))
         self.relaying = False
         self.closed = False
-        self.grant: SessionGrant | None = None
-        self.session_id: str | None = None
+        # Identity, grant, outcome, audit rows, holds and the end: what every protocol's session does.
+        self.core = SessionCore(self.services, target=self.settings.target, protocol=PROTOCOL,
+                                target_addr=f"{self.settings.upstream_host}:{self.settings.upstream_port}",
+                                spawn=front.spawn, terminate=self.shutdown)
         self.tls = False
         self.bytes_in = 0
         self.bytes_out = 0
-        self.outcome = "ok"
-        self.end_error: str | None = None
         self.cancel_key: tuple[int, int] | None = None
         self.backend_pid: int | None = None
         self.txn_status = "I"
@@ -76,13 +74,10 @@ class Session(StartupMixin, ReadingMixin, ExtendedProtocolMixin, MaskingMixin, F
         self._to_bot: Callable[[bytes], None] = self.write_bot
         self._to_server: Callable[[bytes], None] = self.write_server
         self._startup_task: asyncio.Task | None = None
-        self._admission: Ticket | None = None
         self._message_timer = PartialMessageTimer(self.settings.message_timeout, self._message_timed_out,
                                                   lambda: self._held or bool(self._paused))
         self._hold_task: asyncio.Task | None = None
         self._held_req: _Request | None = None
-        self._hold_wait: asyncio.Future | None = None  # services.hold, while a statement is held
-        self._withdrawn = False
         self._ext_open = False  # extended-protocol messages forwarded since the last Sync (bot -> server)
         # bot -> server
         self._cbuf = b""
@@ -120,7 +115,7 @@ class Session(StartupMixin, ReadingMixin, ExtendedProtocolMixin, MaskingMixin, F
                       (b"S", self._on_parameter_status)):
             self._handlers[ch[0]] = h
         # audit.mode = "strict": services.audit_durable(kind, record, verdict) -> future | None.
-        self._audit_durable = getattr(self.services, "audit_durable", None)
+        self._audit_durable = self.core.durable
         self._client_handlers: list[Callable | None] = [None] * 256
         for ch, h in ((b"Q", self._c_query), (b"P", self._c_parse), (b"B", self._c_bind),
                       (b"D", self._c_describe), (b"E", self._c_execute), (b"C", self._c_close),
@@ -140,13 +135,9 @@ class Session(StartupMixin, ReadingMixin, ExtendedProtocolMixin, MaskingMixin, F
     def admit(self) -> bool:
         """Count this connection against the daemon's caps on unauthenticated connections; beyond
         them it is refused at once with PostgreSQL's own 53300 (appliance/fronts/admission.py)."""
-        admission = self.front.admission
-        if admission is None:
-            return True
         transport = self.bot.transport
-        self._admission = admission.admit(transport.get_extra_info("socket"), self._admission_closed,
-                                          listener=_addr(transport.get_extra_info("sockname")) or "")
-        if self._admission is not None:
+        if self.core.admit(self.front.admission, transport.get_extra_info("socket"), self._admission_closed,
+                           listener=_addr(transport.get_extra_info("sockname")) or ""):
             return True
         self.closed = True
         transport.write(error_response(sqlstate.TOO_MANY_CONNECTIONS, "botwarden: too many connections waiting "
@@ -177,9 +168,7 @@ class Session(StartupMixin, ReadingMixin, ExtendedProtocolMixin, MaskingMixin, F
 
     def fatal(self, code: str, message: str, *, outcome: str = "error") -> None:
         """Tell the bot why the session ends (FATAL, botwarden-made) and close it."""
-        if self.outcome == "ok":
-            self.outcome = outcome
-            self.end_error = message
+        self.core.set_outcome(outcome, message)
         self.write_bot(error_response(code, message, severity="FATAL").encode())
         self.close()
 
@@ -192,8 +181,6 @@ class Session(StartupMixin, ReadingMixin, ExtendedProtocolMixin, MaskingMixin, F
         self.closed = True
         self._to_bot = self._to_server = _discard
         self._message_timer.cancel()
-        if self._admission is not None:
-            self._admission.release()
         if self._startup_task is not None and not self._startup_task.done():
             self._startup_task.cancel()
         if self._hold_task is not None and not self._hold_task.done():
@@ -206,18 +193,7 @@ class Session(StartupMixin, ReadingMixin, ExtendedProtocolMixin, MaskingMixin, F
         if self.cancel_key is not None:
             self.front.cancel_keys.pop(self.cancel_key, None)
         self.front.sessions.discard(self)
-        if self.session_id is not None:
-            self._audit("session_end", {
-                "session_id": self.session_id, "ts": _now(), "bytes_in": self.bytes_in,
-                "bytes_out": self.bytes_out, "outcome": self.outcome, "error": self.end_error})
-        if self.grant is not None:
-            self.front.spawn(self._close_grant(self.grant), "pg-close-session")
-
-    async def _close_grant(self, grant: SessionGrant) -> None:
-        try:
-            await self.services.close_session(grant)
-        except Exception:
-            log.exception("close_session failed for session %s", grant.session_id)
+        self.core.end(self.bytes_in, self.bytes_out)  # session_end, admission ticket, grant released
 
     def bot_lost(self, exc: Exception | None) -> None:
         self.bot_waiter.wake(ConnectionResetError("bot closed the connection"))
@@ -228,9 +204,7 @@ class Session(StartupMixin, ReadingMixin, ExtendedProtocolMixin, MaskingMixin, F
             secret, host, port = self.front.cancel_keys[self.cancel_key]
             self.front.spawn(self.front.cancel_upstream(self.backend_pid, secret, host, port),
                              "pg-cancel-on-disconnect")
-            if self.outcome == "ok":
-                self.outcome = "terminated"
-                self.end_error = "bot disconnected during a statement"
+            self.core.set_outcome("terminated", "bot disconnected during a statement")
         self.close()
 
     def server_lost(self, exc: Exception | None) -> None:
@@ -242,7 +216,7 @@ class Session(StartupMixin, ReadingMixin, ExtendedProtocolMixin, MaskingMixin, F
             return
         if self._server_fatal:
             # The server already told the bot why (e.g. pg_terminate_backend's 57P01).
-            self.outcome = "terminated"
+            self.core.outcome = "terminated"
             self.close()
             return
         self.fatal(sqlstate.CONNECTION_FAILURE,
@@ -262,21 +236,6 @@ class Session(StartupMixin, ReadingMixin, ExtendedProtocolMixin, MaskingMixin, F
         if bt is not None and not bt.is_closing():
             stop = "server_full" in self._paused or "held" in self._paused
             (bt.pause_reading if stop else bt.resume_reading)()
-
-    def _upstream_failed(self, stage: str) -> None:
-        note = getattr(self.services, "upstream_connect_failed", None)  # the daemon counts it (/metrics)
-        if note is not None:
-            note(self.settings.target, stage)
-
-    def _audit(self, kind: str, record: dict) -> None:
-        try:
-            self.services.audit(kind, record)
-        except Exception:
-            # Counted (and logged once) by the runtime; in strict mode the request itself was
-            # refused before it ran. Here only once per kind, for services without that count.
-            if kind not in _AUDIT_FAILURE_LOGGED:
-                _AUDIT_FAILURE_LOGGED.add(kind)
-                log.exception("audit hook failed for %s", kind)
 
     def client_data(self, data: bytes) -> None:
         if self._held:
@@ -646,8 +605,8 @@ class Session(StartupMixin, ReadingMixin, ExtendedProtocolMixin, MaskingMixin, F
 
     def _emit(self, req: _Request) -> None:
         v = req.verdict
-        self._audit("request", {
-            "request_id": req.request_id or _request_id(), "session_id": self.session_id,
+        self.core.audit("request", {
+            "request_id": req.request_id or _request_id(), "session_id": self.core.session_id,
             "ts": datetime.fromtimestamp(req.t0, timezone.utc), "protocol": PROTOCOL,
             "kind": req.kind, "text": req.text, "params": req.params, "decision": req.decision or v.action,
             "rule": v.rule, "reason": req.reason or v.reason or None,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from typing import Any
 
 from appliance.policy.reading import TRACKED_PARAMETERS
 from appliance.protocols.postgres import messages as m
@@ -15,9 +14,8 @@ from appliance.protocols.postgres.connection import ConnectionClosed, negotiate_
 from appliance.protocols.postgres.errors import PgProtocolError
 
 from ..services import AuthRefused, ConnectionContext, SessionGrant
-from ..session import attribution as _attribution, format_addr as _addr
-from ..session import new_session_id as _new_id, now as _now
-from .settings import PROTOCOL, FrontError
+from ..session import attribution as _attribution
+from .settings import FrontError
 from .transport import UpstreamProtocol
 
 log = logging.getLogger(__name__)
@@ -34,7 +32,7 @@ class StartupMixin:
         except FrontError as e:
             if e.server_error is not None:
                 # The server's own words (e.g. 3D000 database does not exist) reach the bot unchanged.
-                self.outcome, self.end_error = "refused", e.server_error.message
+                self.core.outcome, self.core.end_error = "refused", e.server_error.message
                 self.write_bot(e.server_error.encode())
                 self.close()
             else:
@@ -44,8 +42,8 @@ class StartupMixin:
         except (ConnectionError, OSError) as e:
             if not self.closed:
                 log.info("session startup ended: %s", e)
-                self.outcome = "error"
-                self.end_error = str(e)
+                self.core.outcome = "error"
+                self.core.end_error = str(e)
                 self.close()
         except asyncio.CancelledError:
             raise
@@ -90,48 +88,17 @@ class StartupMixin:
             if not isinstance(ev, m.PasswordMessage):
                 raise FrontError(sqlstate.PROTOCOL_VIOLATION, "expected a password message carrying the token")
             token = ev.password_text()
-        if self._admission is not None:
-            self._admission.release()  # credentials presented: the identity checks bound it from here
+        self.core.credentials_presented()  # the identity checks bound the connection from here
         transport = self.bot.transport
         ctx = ConnectionContext(transport.get_extra_info("peername"), transport.get_extra_info("sockname"),
                                 self.tls, await _attribution(self.services, transport))
         try:
-            grant = await self.services.open_session(self.settings.target, ctx, user, token)
+            grant = await self.core.open(ctx, user, token)  # a refusal is recorded there
         except AuthRefused as e:
-            self.session_id = _new_id()
-            self._session_start(ctx, None, e.audit_fields)
             raise FrontError(e.sqlstate, e.message) from None
         finally:
             token = None  # the token is not kept past this point
-        self.grant = grant
-        self.session_id = grant.session_id
-        register = getattr(self.services, "register_terminate", None)
-        if register is not None:  # the daemon ends sessions whose lease or token ran out
-            register(grant.session_id, lambda code, message: self.fatal(code, message, outcome="terminated"))
-        self._session_start(ctx, grant)
         await self._connect_upstream(grant, startup)
-
-    def _session_start(self, ctx: ConnectionContext, grant: SessionGrant | None,
-                       refused_fields: Any = None) -> None:
-        rec: dict[str, Any] = {
-            "session_id": self.session_id, "ts": _now(), "target": self.settings.target, "protocol": PROTOCOL,
-            "client_addr": _addr(ctx.client_addr),
-            "target_addr": f"{self.settings.upstream_host}:{self.settings.upstream_port}", "tls": ctx.tls,
-        }
-        a = ctx.attribution
-        if a is not None:
-            rec.update(pid=getattr(a, "tgid", a.pid), uid=a.uid, gid=a.gid, cgroup_id=a.cgroup_id, cgroup_path=a.cgroup_path,
-                       exe=a.exe_path, comm=a.comm, attribution_source=a.source,
-                       privileged=bool(getattr(a, "privileges", ())))
-        else:
-            rec["attribution_source"] = "none"
-        if grant is not None:
-            rec.update(identity=grant.identity, token_subject=grant.subject,
-                       credential_user=grant.credential.username, lease_id=grant.credential.lease_id)
-            rec.update(grant.audit_fields)
-        elif refused_fields:
-            rec.update(refused_fields)
-        self._audit("session_start", rec)
 
     async def _connect_upstream(self, grant: SessionGrant, startup: m.StartupMessage) -> None:
         loop = asyncio.get_running_loop()
@@ -141,7 +108,7 @@ class StartupMixin:
                 loop.create_connection(lambda: UpstreamProtocol(self), st.upstream_host, st.upstream_port),
                 st.connect_timeout)
         except (OSError, asyncio.TimeoutError) as e:
-            self._upstream_failed("tcp")
+            self.core.upstream_failed("tcp")
             raise FrontError(sqlstate.SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
                              f"could not connect to the target {st.target!r}: {e or 'timeout'}") from e
         self.upstream = proto
@@ -158,7 +125,7 @@ class StartupMixin:
                         proto.transport, proto, self.front.upstream_ssl,
                         server_hostname=st.upstream_host if st.upstream_tls == "verify-full" else None)
                 except (ssl.SSLError, OSError) as e:
-                    self._upstream_failed("tls")
+                    self.core.upstream_failed("tls")
                     raise FrontError(sqlstate.SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
                                      f"TLS to the target {st.target!r} failed: {e}") from e
             elif isinstance(ev, m.ErrorResponse):
