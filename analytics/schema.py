@@ -96,7 +96,7 @@ KINDS: dict[str, Kind] = {
             _f("protocol", required=True), _f("identity"), _f("token_subject"), _f("token_kid"),
             _f("client_addr"), _f("target_addr"), _f("pid", "int"), _f("uid", "int"), _f("gid", "int"),
             _f("cgroup_id", "int"), _f("cgroup_path"), _f("exe"), _f("comm"),
-            _f("attribution_source", choices=("ebpf", "nftables", "none")),
+            _f("attribution_source", choices=("ebpf", "nftables", "peercred", "none")),
             _f("credential_user"), _f("lease_id"), _f("tls", "bool"),
             _f("credential_stale_s", "float"), _f("privileged", "bool"),
         )),

@@ -40,8 +40,11 @@ def probe_settings(cfg: Config, listeners: Mapping[str, tuple[str, int]] | None 
 
     pc: ProbeConfig = cfg.probes
     try:
-        targets = []
+        targets, unix_targets = [], []
         for t in cfg.targets if with_targets else ():
+            if t.unix_path is not None:
+                unix_targets.append(probes.UnixTarget(t.unix_path, t.listen_unix_path))
+                continue
             host, port = t.host_port
             lhost, lport = (listeners or {}).get(t.name, t.listen_host_port)
             if not lport:
@@ -53,7 +56,7 @@ def probe_settings(cfg: Config, listeners: Mapping[str, tuple[str, int]] | None 
                                     passthrough=tuple(passthrough), max_connections=pc.map_entries,
                                     pin_dir=pc.pin_dir, mode="auto" if pc.mode == "off" else pc.mode,
                                     nft_table=pc.nft_table, unix_sockets=pc.unix_sockets,
-                                    unix_allow=pc.unix_allow, watch_escapes=pc.watch_escapes,
+                                    unix_allow=pc.unix_allow, unix_targets=tuple(unix_targets), watch_escapes=pc.watch_escapes,
                                     kill_escaped=pc.kill_escaped)
     except probes.ProbeError as e:  # e.g. a pin_dir outside /sys/fs/bpf, a passthrough that is a target
         raise BotwardenError(f"probes: {e}") from None

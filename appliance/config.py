@@ -35,6 +35,19 @@ def _octal_mode(value: str | int) -> int:
     return mode
 
 
+UNIX_PREFIX = "unix:"
+
+
+def _address(value: str) -> str:
+    """``host:port``, or ``unix:/absolute/path`` for a Unix socket (a local database's socket)."""
+    if value.startswith(UNIX_PREFIX):
+        path = value[len(UNIX_PREFIX):]
+        if not path.startswith("/") or len(path.encode()) >= 108 or "\0" in path:
+            raise ValueError(f"{value!r}: a Unix socket address is unix: and an absolute path under 108 bytes")
+        return value
+    return _host_port(value)
+
+
 def _host_port(value: str) -> str:
     host, port = split_host_port(value)
     if not 0 < port < 65536:
@@ -198,10 +211,11 @@ class UpstreamTLS:
 class TargetConfig:
     name: str
     protocol: Literal["postgres", "ssh", "kubernetes"]
-    # The real address bots connect to (and botwarden connects to upstream).
-    address: str = field(metadata=check(_host_port))
+    # The real address bots connect to (and botwarden connects to upstream): host:port, or
+    # unix:/path for a PostgreSQL Unix socket (then listen is a unix:/path too).
+    address: str = field(metadata=check(_address))
     # Where botwarden's listener for this target accepts (redirected) connections.
-    listen: str = field(default="127.0.0.1:0", metadata=check(_host_port))
+    listen: str = field(default="127.0.0.1:0", metadata=check(_address))
     credential: CredentialSource | None = None
     tls: UpstreamTLS = UpstreamTLS()
     # Bot side: plaintext is accepted only when this is true (e.g. loopback redirects).
@@ -219,6 +233,15 @@ class TargetConfig:
     @property
     def listen_host_port(self) -> tuple[str, int]:
         return split_host_port(self.listen)
+
+    @property
+    def unix_path(self) -> str | None:
+        """The target's Unix socket path (address = "unix:/path"), None for a TCP target."""
+        return self.address[len(UNIX_PREFIX):] if self.address.startswith(UNIX_PREFIX) else None
+
+    @property
+    def listen_unix_path(self) -> str | None:
+        return self.listen[len(UNIX_PREFIX):] if self.listen.startswith(UNIX_PREFIX) else None
 
 
 @dataclass(frozen=True)
@@ -372,6 +395,22 @@ class Config:
         raise KeyError(name)
 
 
+def _check_unix_target(t: TargetConfig, i: int) -> None:
+    """A Unix-socket target: PostgreSQL only, a Unix listener, no TLS to its socket."""
+    if t.unix_path is None:
+        raise ConfigKeyError(("targets", i, "listen"), "a unix: listener is for a unix: target address")
+    if t.listen_unix_path is None:
+        raise ConfigKeyError(("targets", i, "listen"), "a Unix-socket target needs listen = \"unix:/path\" "
+                                                         "(the inspector's own socket, e.g. /run/botwarden/NAME.sock)")
+    if t.protocol != "postgres":
+        raise ConfigKeyError(("targets", i, "address"), "only postgres targets can be Unix sockets")
+    if t.listen_unix_path == t.unix_path:
+        raise ConfigKeyError(("targets", i, "listen"), "listen must not be the target's own socket")
+    if t.tls.mode in ("require", "verify-full"):
+        raise ConfigKeyError(("targets", i, "tls", "mode"),
+                             "PostgreSQL does not speak TLS on its Unix socket: use \"disable\" or \"prefer\"")
+
+
 def _cross_check(cfg: Config) -> None:
     """Checks that span sections; raise ConfigKeyError with the offending path."""
     seen: dict[str, int] = {}
@@ -387,6 +426,9 @@ def _cross_check(cfg: Config) -> None:
                                  f"authentication = \"{t.authentication}\" needs an [oidc] section")
         if t.credential and t.credential.source == "ssh" and t.protocol != "ssh":
             raise ConfigKeyError(("targets", i, "credential", "source"), "source = \"ssh\" is for ssh targets")
+        if t.unix_path is not None or t.listen_unix_path is not None:
+            _check_unix_target(t, i)
+            continue
         host, _ = t.listen_host_port
         try:
             ipaddress.ip_address(host)

@@ -101,6 +101,12 @@ class Listener:
         sock = self.server.sockets[0]
         return sock.getsockname()[:2]
 
+    def describe(self) -> str:
+        """Where it listens: ip:port, or unix:/path."""
+        if self.target.listen_unix_path is not None:
+            return self.target.listen
+        return "%s:%d" % self.address
+
 
 @dataclass
 class DaemonState:
@@ -115,13 +121,15 @@ def make_front(target: TargetConfig, config: Config, services: Any, admission: A
     if target.protocol == "postgres":
         from appliance.fronts.postgres import PgFrontSettings, PostgresFront
 
-        host, port = target.host_port
+        host, port = target.host_port if target.unix_path is None else (target.unix_path, 0)
         settings = PgFrontSettings(
-            target=target.name, upstream_host=host, upstream_port=port, upstream_tls=target.tls.mode,
+            target=target.name, upstream_host=host, upstream_port=port, upstream_unix=target.unix_path is not None,
+            upstream_tls=target.tls.mode if target.unix_path is None else "disable",
             upstream_ca_file=target.tls.ca_file,
             tls_cert_file=config.tls.cert_file if config.tls else None,
             tls_key_file=config.tls.key_file if config.tls else None,
-            allow_plaintext=target.allow_plaintext, require_token=target.authentication != "attestation",
+            # A Unix listener is local by construction: no network to protect the password from.
+            allow_plaintext=target.allow_plaintext or target.listen_unix_path is not None, require_token=target.authentication != "attestation",
             max_message_size=target.max_message_size, connect_timeout=target.connect_timeout,
             message_timeout=config.limits.message_timeout_s)
         return PostgresFront(settings, services, admission)
@@ -230,8 +238,11 @@ class Daemon:
             front = make_front(target, self.config, runtime, self.admission)
         except (ValueError, OSError) as e:  # e.g. TLS files that cannot be read
             raise BotwardenError(f"target {target.name!r}: {e}") from None
-        host, port = target.listen_host_port
-        server = await front.serve(host, port)
+        if target.listen_unix_path is not None:
+            server = await front.serve_unix(target.listen_unix_path)
+        else:
+            host, port = target.listen_host_port
+            server = await front.serve(host, port)
         self.listeners[target.name] = Listener(target, server, front)
 
     async def _retention_loop(self) -> None:
@@ -261,7 +272,7 @@ class Daemon:
 
         from appliance.bots import probe_settings
 
-        listeners = {name: li.address for name, li in self.listeners.items()}
+        listeners = {name: li.address for name, li in self.listeners.items() if li.target.unix_path is None}
         settings = await asyncio.to_thread(probe_settings, self.config, listeners)
         if self.probes is not None and not reattach:
             await asyncio.to_thread(self.probes.update_targets, settings)
@@ -460,7 +471,7 @@ class Daemon:
             "last_reload_error": self.state.last_reload_error,
             "targets": [
                 {"name": name, "protocol": li.target.protocol, "address": li.target.address,
-                 "listen": "%s:%d" % li.address}
+                 "listen": li.describe()}
                 for name, li in self.listeners.items()
             ],
             "audit": {"path": self.config.audit.path,

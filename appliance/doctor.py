@@ -263,12 +263,20 @@ class Doctor:
         broker.check_logout()
 
     def target(self, target: TargetConfig) -> str:
-        host, port = target.host_port
         timeout = min(self.timeout, target.connect_timeout)
         try:
-            sock = socket.create_connection((host, port), timeout=timeout)
+            if target.unix_path is not None:  # a local database's socket
+                sock = socket.socket(socket.AF_UNIX)
+                sock.settimeout(timeout)
+                try:
+                    sock.connect(target.unix_path)
+                except OSError:
+                    sock.close()
+                    raise
+            else:
+                sock = socket.create_connection(target.host_port, timeout=timeout)
         except OSError as e:
-            raise _Failed(f"TCP {target.address}: {e.strerror or e}",
+            raise _Failed(f"{'Unix socket' if target.unix_path else 'TCP'} {target.address}: {e.strerror or e}",
                           f"start the {target.protocol} server or fix targets.address") from None
         with sock:
             sock.settimeout(timeout)

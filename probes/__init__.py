@@ -17,7 +17,7 @@ from probes.attribution import Attribution, lookup, peer_uid
 from probes.errors import ProbeError, ProbeUnavailable
 from probes.lifecycle import DetachResult, ProbeEvent, ProbeHandle, ProbeStatus, attach, detach, status
 from probes.loader import RenderedProgram, render_program
-from probes.settings import Passthrough, ProbeSettings, Target
+from probes.settings import Passthrough, ProbeSettings, Target, UnixTarget
 
 __all__ = [
     "Attribution",
@@ -31,6 +31,7 @@ __all__ = [
     "ProbeUnavailable",
     "RenderedProgram",
     "Target",
+    "UnixTarget",
     "attach",
     "detach",
     "lookup",

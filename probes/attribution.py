@@ -53,8 +53,8 @@ class Attribution:
     exe_inode: int
     exe_dev: int  # st_dev encoding
     exe_path: str | None  # only when /proc/<pid> matches the kernel record
-    original_dst: tuple[str, int]  # (ip, port) the bot asked for
-    source: Literal["ebpf", "nftables"]
+    original_dst: tuple[str, int]  # (ip, port) the bot asked for; ("unix:/path", 0) for a Unix socket
+    source: Literal["ebpf", "nftables", "peercred"]
     # Why the process could undo its own containment ("uid 0", "CAP_SYS_ADMIN"...); empty: none.
     privileges: tuple[str, ...] = ()
 
@@ -307,6 +307,11 @@ def _sock_diag_inode(src: tuple[str, int], dst: tuple[str, int]) -> tuple[int, i
 def peer_uid(sock: socket.socket) -> int | None:
     """The uid owning the client end of an accepted TCP connection from this host (sock_diag),
     or None when no local socket is (the peer is remote, or already gone)."""
+    if sock.family == socket.AF_UNIX:
+        try:
+            return _peercred(sock)[1]
+        except OSError:
+            return None
     try:
         local = sock.getsockname()[:2]
         peer = sock.getpeername()[:2]
@@ -333,6 +338,52 @@ def _owner_pid(inode: int, candidates: list[int]) -> int | None:
             except OSError:
                 continue
     return None
+
+
+def _peercred(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) the kernel recorded for the peer of a Unix socket when it connected."""
+    return struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+
+
+def _unix_attribution(sock: socket.socket, cgroup_parent: str | None) -> Attribution | None:
+    """A connection to a Unix-socket target's listener (the kernel rewrote the bot's connect):
+    pid, uid and gid as the kernel recorded them at connect() (SO_PEERCRED); cgroup, executable
+    and start time from /proc/<pid>, read while the process holds its end of the socket. Only a
+    process inside the bots' parent cgroup is attributed (another local user reaching this socket
+    directly is nobody's bot: None, and attestation refuses it)."""
+    try:
+        pid, uid, gid = _peercred(sock)
+        listener = sock.getsockname()
+    except OSError:
+        return None
+    if pid <= 0 or not cgroup_parent:
+        return None
+    try:
+        start = proc_start_ticks(pid)
+        cg_line = next(line for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+                       if line.startswith("0::"))
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        st = os.stat(f"/proc/{pid}/exe")
+        exe = os.readlink(f"/proc/{pid}/exe")
+    except (OSError, StopIteration):
+        return None  # gone already: no attribution, the session is refused
+    cg_rel = cg_line[3:]
+    parent = "/" + cgroups.relative(cgroup_parent).strip("/")
+    if start is None or not (cg_rel == parent or cg_rel.startswith(parent + "/")):
+        return None
+    try:
+        cgid = cgroups.cgroup_id(cg_rel)
+    except OSError:
+        return None
+    # Checked last: a pid reused between the reads above shows a start time after the connect.
+    if proc_start_ticks(pid) != start:
+        return None
+    return Attribution(
+        pid=pid, tgid=pid, uid=uid, gid=gid, cgroup_id=cgid, cgroup_path=cg_rel, comm=comm,
+        start_time_ns=start * _NS_PER_TICK, exe_inode=st.st_ino, exe_dev=st.st_dev, exe_path=exe,
+        original_dst=(f"unix:{listener}", 0), source="peercred",
+        privileges=_privileges_of(pid, uid, start * _NS_PER_TICK),
+    )
 
 
 def _nft_attribution(sock: socket.socket, orig: tuple[str, int], cgroup_parent: str | None) -> Attribution | None:
@@ -394,6 +445,8 @@ def lookup(
     overrides the one recorded at attach time (nftables path only).
     None means: no probe saw this connection; do not trust it (fail closed).
     """
+    if sock.family == socket.AF_UNIX:
+        return _unix_attribution(sock, _pinned(pin_dir).cgroup_parent())
     try:
         local = sock.getsockname()[:2]
         peer = sock.getpeername()[:2]

@@ -48,6 +48,13 @@ struct bw_unix_key {
     char path[BW_UNIX_PATH_MAX];
 };
 
+/* Where a Unix-socket target's connects go: the inspector's listening socket.
+ * 128 bytes so that a length masked to 7 bits stays inside it for the verifier. */
+struct bw_unix_dest {
+    __u32 len;
+    char path[128];
+};
+
 struct bw_addr_key {
     __u32 ip[4];
     __u16 port;
@@ -122,6 +129,7 @@ _Static_assert(sizeof(struct bw_tuple_key) == BW_SIZEOF_TUPLE_KEY, "bw_tuple_key
 _Static_assert(sizeof(struct bw_event) == BW_SIZEOF_EVENT, "bw_event layout drifted");
 _Static_assert(sizeof(struct bw_meta) == BW_SIZEOF_META, "bw_meta layout drifted");
 _Static_assert(sizeof(struct bw_unix_key) == BW_SIZEOF_UNIX_KEY, "bw_unix_key layout drifted");
+_Static_assert(sizeof(struct bw_unix_dest) == BW_SIZEOF_UNIX_DEST, "bw_unix_dest layout drifted");
 #endif
 
 #endif /* BOTWARDEN_H */

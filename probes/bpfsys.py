@@ -7,6 +7,7 @@ process (the inspector, the CLI), without loading bcc and its compiler.
 from __future__ import annotations
 
 import ctypes
+import struct
 import errno
 import os
 import platform
@@ -166,6 +167,38 @@ def can_create_map() -> str | None:
         return str(e)
     os.close(fd)
     return None
+
+
+PROG_LOAD = 5
+BPF_PSEUDO_KFUNC_CALL = 2
+
+
+def prog_load(prog_type: int, insns: bytes, expected_attach_type: int, license: str = "GPL") -> int:
+    """BPF_PROG_LOAD of raw instructions (map fds already in them); returns the program fd. On a
+    verifier refusal the error carries the verifier's last lines."""
+    cinsns = ctypes.create_string_buffer(insns, len(insns))
+    clicense = ctypes.create_string_buffer(license.encode())
+    vlog = ctypes.create_string_buffer(1 << 20)
+    attr = _attr(("I", 0, prog_type), ("I", 4, len(insns) // 8), ("Q", 8, ctypes.addressof(cinsns)),
+                 ("Q", 16, ctypes.addressof(clicense)), ("I", 24, 1), ("I", 28, len(vlog)),
+                 ("Q", 32, ctypes.addressof(vlog)), ("I", 68, expected_attach_type))
+    try:
+        return _bpf(PROG_LOAD, attr, "PROG_LOAD")
+    except BPFSyscallError as e:
+        tail = vlog.value.decode(errors="replace").strip().splitlines()[-3:]
+        raise BPFSyscallError(f"PROG_LOAD ({' / '.join(tail)})", e.errno) from None
+
+
+def patch_kfunc_calls(insns: bytes, kfuncs: dict[int, int]) -> bytes:
+    """Turn ``call <placeholder>`` instructions into kfunc calls: src_reg = BPF_PSEUDO_KFUNC_CALL,
+    imm = the function's BTF id in vmlinux (``kfuncs``: placeholder -> BTF id)."""
+    out = bytearray(insns)
+    for i in range(0, len(out), 8):
+        off, imm = struct.unpack_from("<hi", out, i + 2)
+        if out[i] == 0x85 and imm in kfuncs:  # BPF_JMP | BPF_CALL
+            out[i + 1] = (out[i + 1] & 0x0F) | (BPF_PSEUDO_KFUNC_CALL << 4)
+            struct.pack_into("<hi", out, i + 2, 0, kfuncs[imm])
+    return bytes(out)
 
 
 def raw_tracepoint_open(name: str, prog_fd: int) -> int:

@@ -26,6 +26,7 @@ _KIND_STRUCT = 4
 _KIND_UNION = 5
 _KIND_ENUM = 6
 _KIND_ENUM64 = 19
+_KIND_FUNC = 12
 # Bytes that follow the 12-byte common header, per kind: fixed part and per-member part.
 _EXTRA_FIXED = {1: 4, 3: 12, 14: 4, 17: 4}
 _EXTRA_PER_MEMBER = {4: 12, 5: 12, 6: 8, 13: 8, 15: 12, 19: 12}
@@ -53,6 +54,8 @@ UNIX_FIELDS: dict[str, tuple[str, str]] = {
 }
 # The attach type whose presence means the kernel has the AF_UNIX cgroup hooks.
 UNIX_ATTACH_ENUM = "BPF_CGROUP_UNIX_CONNECT"
+# Unix-socket targets (Linux 6.7+): connect_unix rewrites the address with these kfuncs.
+UNIX_KFUNCS = ("bpf_cast_to_kern_ctx", "bpf_sock_addr_set_sun_path")
 
 # Escape watch: another task's identity, and a cgroup's id, hierarchy and ancestors.
 ESCAPE_FIELDS: dict[str, tuple[str, str]] = {
@@ -105,6 +108,7 @@ class BTF:
         self._types: list[_Type | None] = [None]  # type id 0 is void
         self._by_name: dict[str, list[int]] = {}
         self.enumerators: dict[str, int] = {}
+        self.functions: dict[str, int] = {}  # FUNC name -> type id (kfuncs are called by it)
         pos = 0
         while pos < len(types):
             name_off, info, _size = struct.unpack_from("<III", types, pos)
@@ -132,6 +136,8 @@ class BTF:
             self._types.append(_Type(kind, name, members))
             if name and kind in (_KIND_STRUCT, _KIND_UNION):
                 self._by_name.setdefault(name, []).append(type_id)
+            elif kind == _KIND_FUNC and name:
+                self.functions.setdefault(name, type_id)
 
     def _str(self, off: int) -> str:
         end = self._strings.index(b"\0", off)
@@ -188,6 +194,9 @@ class KernelFeatures:
 
     unix_offsets: dict[str, int] | None
     unix_missing: str | None
+    # Unix-socket targets: the kfuncs that rewrite a Unix address (name -> BTF id), or why not.
+    unix_kfuncs: dict[str, int] | None
+    unix_kfuncs_missing: str | None
     escape_offsets: dict[str, int] | None
     escape_missing: str | None
 
@@ -208,4 +217,12 @@ def kernel_features(path: Path = VMLINUX_BTF) -> KernelFeatures:
         escape = _offsets(btf, ESCAPE_FIELDS)
     except BTFError as e:
         escape_missing = str(e)
-    return KernelFeatures(unix, unix_missing, escape, escape_missing)
+    kfuncs: dict[str, int] | None = {name: btf.functions[name] for name in UNIX_KFUNCS if name in btf.functions}
+    kfuncs_missing = None
+    if unix is None:
+        kfuncs, kfuncs_missing = None, unix_missing
+    elif len(kfuncs) != len(UNIX_KFUNCS):
+        kfuncs_missing = ("the kernel lacks the kfuncs that rewrite a Unix address ("
+                          + ", ".join(n for n in UNIX_KFUNCS if n not in kfuncs) + ")")
+        kfuncs = None
+    return KernelFeatures(unix, unix_missing, kfuncs, kfuncs_missing, escape, escape_missing)

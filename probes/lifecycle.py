@@ -268,6 +268,11 @@ def attach(settings: ProbeSettings) -> ProbeHandle:
             if missing:
                 log.error("%s", unix_refusal(missing))
                 raise ProbeUnavailable(unix_refusal(missing))
+            if settings.unix_targets and kernel_features().unix_kfuncs_missing:
+                why = (f"Unix-socket targets cannot be redirected: {kernel_features().unix_kfuncs_missing}; "
+                       "register the database by a TCP address instead")
+                log.error("%s", why)
+                raise ProbeUnavailable(why)
         if why_not is None:
             try:
                 ids = loader.load_and_attach(settings)

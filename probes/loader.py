@@ -87,7 +87,11 @@ ESCAPE_PROGRAMS: tuple[tuple[str, str], ...] = (
 ESCAPE_LINKS = tuple(f"link_{tp}" for _, tp in ESCAPE_PROGRAMS)
 
 # Pinned maps and links, relative to settings.pin_dir (names fixed in redirect.bpf.c).
-PINNED_MAPS = ("targets", "listeners", "by_cookie", "by_tuple", "meta", "events", "unix_allow", "bot_tasks")
+PINNED_MAPS = ("targets", "listeners", "by_cookie", "by_tuple", "meta", "events", "unix_allow", "bot_tasks",
+               "unix_targets")
+MAX_UNIX_TARGETS = 64
+# Placeholder helper ids bcc compiles the kfunc calls to; the loader patches them (load()).
+KFUNC_PLACEHOLDERS = {"bpf_cast_to_kern_ctx": 0x7FFF_0001, "bpf_sock_addr_set_sun_path": 0x7FFF_0002}
 PINNED = PINNED_MAPS + ESCAPE_LINKS
 
 
@@ -98,6 +102,7 @@ class Plan:
     unix: bool
     escapes: bool
     escapes_missing: str | None = None
+    unix_redirect: bool = False  # Unix-socket targets can be redirected (kfuncs present)
 
     def cgroup_programs(self) -> tuple[tuple[str, int, int, str], ...]:
         return PROGRAMS + (UNIX_PROGRAMS if self.unix else ())
@@ -109,7 +114,8 @@ def plan(settings: ProbeSettings) -> Plan:
     features = kernel_features()
     unix = settings.unix_sockets == "filter" and features.unix_offsets is not None
     escapes = settings.watch_escapes and features.escape_offsets is not None
-    return Plan(unix, escapes, None if escapes or not settings.watch_escapes else features.escape_missing)
+    return Plan(unix, escapes, None if escapes or not settings.watch_escapes else features.escape_missing,
+                unix_redirect=unix and features.unix_kfuncs is not None)
 
 
 @dataclass(frozen=True)
@@ -139,6 +145,10 @@ def cflags(settings: ProbeSettings, offsets: dict[str, int] | None = None) -> tu
         "BW_EMIT_REDIRECTED": int(settings.emit_redirected),
         "BW_UNIX_HOOKS": int(unix),
         "BW_MAX_UNIX_ALLOW": MAX_UNIX_ALLOW,
+        "BW_UNIX_REDIRECT": int(unix and features.unix_kfuncs is not None),
+        "BW_MAX_UNIX_TARGETS": MAX_UNIX_TARGETS,
+        "BW_KFUNC_CAST_TO_KERN_CTX": KFUNC_PLACEHOLDERS["bpf_cast_to_kern_ctx"],
+        "BW_KFUNC_SET_SUN_PATH": KFUNC_PLACEHOLDERS["bpf_sock_addr_set_sun_path"],
         "BW_WATCH_ESCAPES": int(escapes),
         "BW_KILL_ESCAPED": int(escapes and settings.kill_escaped),
         "BW_BOTS_CGROUP_ID": bots_id,
@@ -195,6 +205,18 @@ def _drop_stale_pins(pin_dir: Path) -> None:
             (pin_dir / name).unlink(missing_ok=True)
 
 
+class _RawProgram:
+    """A program loaded outside bcc (kfunc calls): its fd, as bcc's function objects have."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
 class EbpfPrograms:
     """Compile, load and attach one program set (runs in the short-lived loader child)."""
 
@@ -217,6 +239,9 @@ class EbpfPrograms:
         try:
             self._bpf = bcc.BPF(src_file=str(PROGRAM_FILE).encode(), cflags=list(rendered.cflags))
             for func, prog_type, attach_type, _ in self.plan.cgroup_programs():
+                if func == "bw_connect_unix" and self.plan.unix_redirect:
+                    self._functions[func] = self._load_with_kfuncs(func, prog_type, attach_type)
+                    continue
                 self._functions[func] = self._bpf.load_func(func.encode(), prog_type, attach_type=attach_type)
             for func, _ in ESCAPE_PROGRAMS if self.plan.escapes else ():
                 self._functions[func] = self._bpf.load_func(func.encode(), PROG_TYPE_RAW_TRACEPOINT)
@@ -226,6 +251,14 @@ class EbpfPrograms:
         log.info("BPF programs compiled and loaded in %.1f s", time.monotonic() - started)
         # Targets are in place before any program is attached: no window of blanket denial.
         sync_targets(self.settings)
+
+    def _load_with_kfuncs(self, func: str, prog_type: int, attach_type: int) -> "_RawProgram":
+        """bcc cannot emit kfunc calls: compile with placeholder helper ids, patch those calls
+        into kfunc calls (BTF ids of the running kernel), load the instructions ourselves."""
+        kfuncs = kernel_features().unix_kfuncs or {}
+        insns = bpfsys.patch_kfunc_calls(self._bpf.dump_func(func.encode()),
+                                         {KFUNC_PLACEHOLDERS[n]: kfuncs[n] for n in KFUNC_PLACEHOLDERS})
+        return _RawProgram(bpfsys.prog_load(prog_type, insns, attach_type))
 
     def attach(self) -> list[int]:
         """Attach (or atomically replace) every program on the bots' parent cgroup."""
@@ -273,6 +306,9 @@ class EbpfPrograms:
 
     def close(self) -> None:
         """Release the loader's handles. Programs stay attached, maps stay pinned."""
+        for prog in self._functions.values():
+            if isinstance(prog, _RawProgram):
+                prog.close()
         if self._bpf is not None:
             try:
                 self._bpf.cleanup()
@@ -335,6 +371,7 @@ def sync_targets(settings: ProbeSettings) -> None:
     finally:
         os.close(fd)
     _sync_unix_allow(settings)
+    _sync_unix_targets(settings)
     # Listener ports bots may not bind (new ones added before stale ones go).
     ports = {t.listener_port for t in settings.targets}
     fd = _open_pinned(settings.pin_dir, "listeners")
@@ -358,6 +395,24 @@ def _sync_unix_allow(settings: ProbeSettings) -> None:
     try:
         for raw in wanted:
             bpfsys.map_update(fd, records.UnixKey.from_buffer_copy(raw), ctypes.c_uint32(1))
+        for key in bpfsys.map_keys(fd, records.UnixKey):
+            if bytes(key) not in wanted:
+                bpfsys.map_delete(fd, key)
+    finally:
+        os.close(fd)
+
+
+def _sync_unix_targets(settings: ProbeSettings) -> None:
+    """The pinned unix_targets map equals settings.unix_targets (absent without the kfuncs: then
+    a Unix-socket target is refused before this, see lifecycle.attach)."""
+    path = Path(settings.pin_dir) / "unix_targets"
+    if not path.exists():
+        return
+    wanted = {bytes(records.unix_key(t.path)): records.unix_dest(t.listener) for t in settings.unix_targets}
+    fd = _open_pinned(settings.pin_dir, "unix_targets")
+    try:
+        for raw, dest in wanted.items():
+            bpfsys.map_update(fd, records.UnixKey.from_buffer_copy(raw), dest)
         for key in bpfsys.map_keys(fd, records.UnixKey):
             if bytes(key) not in wanted:
                 bpfsys.map_delete(fd, key)

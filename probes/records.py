@@ -96,6 +96,21 @@ class UnixKey(ctypes.Structure):
     _fields_ = [("len", ctypes.c_uint32), ("path", ctypes.c_ubyte * UNIX_PATH_MAX)]
 
 
+class UnixDest(ctypes.Structure):
+    """Value of the unix_targets map: the inspector's socket path for a Unix-socket target."""
+    _fields_ = [("len", ctypes.c_uint32), ("path", ctypes.c_ubyte * 128)]
+
+
+def unix_dest(path: str) -> UnixDest:
+    raw = path.encode()
+    if not raw.startswith(b"/") or len(raw) >= UNIX_PATH_MAX or b"\0" in raw:
+        raise ValueError(f"{path!r} is not a Unix socket path the kernel can connect to")
+    dest = UnixDest()
+    dest.len = len(raw)
+    ctypes.memmove(dest.path, raw, len(raw))
+    return dest
+
+
 class Event(ctypes.Structure):
     _fields_ = [
         ("id", Identity),
@@ -131,6 +146,7 @@ def size_defines() -> dict[str, int]:
         "BW_SIZEOF_EVENT": ctypes.sizeof(Event),
         "BW_SIZEOF_META": ctypes.sizeof(Meta),
         "BW_SIZEOF_UNIX_KEY": ctypes.sizeof(UnixKey),
+        "BW_SIZEOF_UNIX_DEST": ctypes.sizeof(UnixDest),
     }
 
 

@@ -466,8 +466,36 @@ static __always_inline int bw_unix(struct bpf_sock_addr *ctx)
     return 0; /* EPERM */
 }
 
+#if BW_UNIX_REDIRECT
+/* Unix-socket targets: the target's path -> the inspector's socket. The kernel (6.7+) rewrites
+ * the address with the kfunc bpf_sock_addr_set_sun_path on the kernel context. bcc cannot emit
+ * kfunc calls: these two are placeholder helper ids that the loader rewrites into
+ * BPF_PSEUDO_KFUNC_CALLs with the functions' ids from the vmlinux BTF (probes/loader.py). */
+BPF_TABLE_PINNED("hash", struct bw_unix_key, struct bw_unix_dest, bw_unix_targets, BW_MAX_UNIX_TARGETS,
+                 BW_PIN_DIR "/unix_targets");
+static void *(*bw_kfunc_cast_to_kern_ctx)(void *ctx) = (void *)BW_KFUNC_CAST_TO_KERN_CTX;
+static int (*bw_kfunc_set_sun_path)(void *sa_kern, const unsigned char *path, __u32 len) =
+    (void *)BW_KFUNC_SET_SUN_PATH;
+#endif
+
 int bw_connect_unix(struct bpf_sock_addr *ctx)
 {
+#if BW_UNIX_REDIRECT
+    struct bw_unix_key key = {};
+    struct bw_addr_key none = {};
+    if (bw_unix_address(ctx, &key) == 0 && !bw_in_user_namespace()) {
+        struct bw_unix_dest *dest = bw_unix_targets.lookup(&key);
+        if (dest) {
+            __u32 len = dest->len & 0x7f; /* bounded for the verifier; the kfunc refuses > 108 */
+            if (len == 0 || bw_kfunc_set_sun_path(bw_kfunc_cast_to_kern_ctx(ctx), (const unsigned char *)dest->path, len))
+                return 0; /* fail closed: never the target's own socket */
+#if BW_EMIT_REDIRECTED
+            bw_emit_path(&none, BW_AF_UNIX, ctx->protocol, BW_EV_REDIRECTED, BW_WHY_NONE, &key);
+#endif
+            return 1;
+        }
+    }
+#endif
     return bw_unix(ctx);
 }
 

@@ -65,6 +65,21 @@ class Passthrough:
 
 
 @dataclass(frozen=True)
+class UnixTarget:
+    """A Unix-socket target: bots' connects to ``path`` land on the inspector's ``listener``."""
+
+    path: str
+    listener: str
+
+    def __post_init__(self) -> None:
+        for what, value in (("path", self.path), ("listener", self.listener)):
+            try:
+                records.unix_dest(value)
+            except ValueError as e:
+                raise SettingsError(f"unix_targets: {what}: {e}") from None
+
+
+@dataclass(frozen=True)
 class ProbeSettings:
     """Everything attach/detach/status need.
 
@@ -92,6 +107,7 @@ class ProbeSettings:
     nft_table: str = "botwarden"
     unix_sockets: UnixSockets = "filter"
     unix_allow: tuple[str, ...] = ()
+    unix_targets: tuple[UnixTarget, ...] = ()
     watch_escapes: bool = True
     kill_escaped: bool = False
 
@@ -125,6 +141,13 @@ class ProbeSettings:
         if not self.cgroup_parent or ".." in PurePosixPath(self.cgroup_parent).parts:
             raise SettingsError(f"cgroup_parent: {self.cgroup_parent!r} is not a clean path")
         object.__setattr__(self, "unix_allow", tuple(self.unix_allow))
+        object.__setattr__(self, "unix_targets", tuple(t if isinstance(t, UnixTarget) else UnixTarget(*t)
+                                                       for t in self.unix_targets))
+        if self.unix_targets and self.unix_sockets != "filter":
+            raise SettingsError("unix_targets: a Unix-socket target needs unix_sockets = \"filter\" "
+                                "(the hooks that redirect it)")
+        if len({t.path for t in self.unix_targets}) != len(self.unix_targets):
+            raise SettingsError("unix_targets: a path is registered twice")
         if self.unix_sockets not in ("filter", "unfiltered"):
             raise SettingsError(f"unix_sockets: {self.unix_sockets!r} is not one of filter, unfiltered")
         for address in self.unix_allow:
@@ -150,4 +173,5 @@ class ProbeSettings:
         data["targets"] = tuple(Target(**t) for t in data.get("targets", ()))
         data["passthrough"] = tuple(Passthrough(**p) for p in data.get("passthrough", ()))
         data["unix_allow"] = tuple(data.get("unix_allow", ()))
+        data["unix_targets"] = tuple(UnixTarget(**t) for t in data.get("unix_targets", ()))
         return cls(**data)

@@ -166,6 +166,11 @@ print(json.dumps({"pid": os.getpid(), "results": out}), flush=True)
 """
 
 
+# One tag per test process: e2e modules name their bots' cgroup, pin dir and nft table with it,
+# so two suites (two checkouts) on one machine never share kernel objects.
+RUN_TAG = secrets.token_hex(3)
+
+
 def unique(prefix: str) -> str:
     return f"{prefix}{secrets.token_hex(3)}"
 

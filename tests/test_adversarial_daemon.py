@@ -30,6 +30,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.probes_fixtures import RUN_TAG
+
 from appliance.approvals import caller_is_part_of_the_bot
 from appliance.sandbox import config_header
 from probes import cgroups
@@ -38,8 +40,8 @@ from tests.daemon_fixtures import PSQL, ROOT, DaemonProcess, fresh_setup, new_po
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
 
-BOTS = "botwarden-adv.bots"
-PIN_DIR = "/sys/fs/bpf/botwarden-adv"
+BOTS = f"botwarden-adv-{RUN_TAG}.bots"
+PIN_DIR = f"/sys/fs/bpf/botwarden-adv-{RUN_TAG}"
 BOT = "adv-bot"
 NOBODY = pwd.getpwnam("nobody")
 OTHER_UID = pwd.getpwnam("daemon").pw_uid  # not the bot's uid, but in the operator group below
@@ -62,7 +64,7 @@ def write_adv_config(path: Path, *, workdir: Path, pg, bao, socket_path: Path, p
     import grp
 
     ops = grp.getgrgid(NOBODY.pw_gid).gr_name
-    probes = (f'mode = "ebpf"\nbots_cgroup = "{BOTS}"\npin_dir = "{PIN_DIR}"\nnft_table = "botwarden_adv"\n'
+    probes = (f'mode = "ebpf"\nbots_cgroup = "{BOTS}"\npin_dir = "{PIN_DIR}"\nnft_table = "botwarden_adv_{RUN_TAG}"\n'
               f'map_entries = 4096\nunix_allow = ["{socket_path}"]')  # the self-approval cases call the control socket
     header = config_header(workdir, bao, socket_path=socket_path, probes=probes, approvals_timeout_s=120,
                            appliance_extra=f'control_socket_group = "{ops}"\ncontrol_socket_mode = "0660"\n')

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.probes_fixtures import RUN_TAG
+
 from probes import cgroups
 from tests.daemon_fixtures import PSQL, ROOT
 from tests.probes_fixtures import BOT_PYTHON, BOT_SCRIPT, UnixEcho, unix, wait_for
@@ -40,8 +42,8 @@ from tests.test_probes_e2e import (  # noqa: F401 - world is a fixture
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
 
-BOTS = "botwarden-advk.bots"
-PIN_DIR = "/sys/fs/bpf/botwarden-advk"
+BOTS = f"botwarden-advk-{RUN_TAG}.bots"
+PIN_DIR = f"/sys/fs/bpf/botwarden-advk-{RUN_TAG}"
 NOBODY = 65534
 
 
@@ -57,7 +59,7 @@ def sockdir():
 
 @pytest.fixture(scope="module")
 def env(world, sockdir):
-    e = _start(world, "adversarial", mode="ebpf", bots=BOTS, pin_dir=PIN_DIR, nft_table="botwarden_advk",
+    e = _start(world, "adversarial", mode="ebpf", bots=BOTS, pin_dir=PIN_DIR, nft_table=f"botwarden_advk_{RUN_TAG}",
                extra_probes=f'\nunix_allow = ["{sockdir / "allowed.sock"}"]')
     try:
         yield e

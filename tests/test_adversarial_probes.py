@@ -178,6 +178,35 @@ def test_unix_allow_changes_without_reloading_the_programs(env):
     _drain(env.handle)
 
 
+def test_a_unix_socket_target_lands_on_the_inspector(env):
+    """Issue 26.1: a Unix-socket target. A bot's connect to the database's socket path is
+    rewritten in the kernel (connect_unix, kfunc bpf_sock_addr_set_sun_path) to the inspector's
+    socket; processes outside the bots' cgroups still reach the database's own socket; the same
+    socket under another spelling stays refused; a sendmsg to it (datagram) is refused."""
+    db, inspector = env.sockdir / "pg.sock", env.sockdir / "inspector.sock"
+    real, front = UnixEcho(str(db), "db"), UnixEcho(str(inspector), "inspector")
+    link = env.sockdir / "pg-link.sock"
+    link.symlink_to(db)
+    with_target = dataclasses.replace(env.settings, unix_targets=((str(db), str(inspector)),))
+    try:
+        assert run_bot(env.bot_cg, [unix(str(db))]).results == [{"errno": "EPERM"}]  # no target yet
+        _drain(env.handle)
+        env.handle.update_targets(with_target)
+        bot = run_bot(env.bot_cg, [unix(str(db)), unix(str(link))])
+        assert [r.get("reply") or r.get("errno") for r in bot.results] == ["unix:inspector:hello\n", "EPERM"]
+        events = _events_of(env.handle, bot.pid, want=2)
+        assert [(e.event, e.dst_addr) for e in events] == [("redirected", str(db)), ("denied_connect", str(link))]
+        outside = run_bot(None, [unix(str(db))])
+        assert outside.results[0]["reply"] == "unix:db:hello\n"
+    finally:
+        env.handle.update_targets(env.settings)
+        real.close()
+        front.close()
+        link.unlink()
+    assert run_bot(env.bot_cg, [unix(str(db))]).results == [{"errno": "EPERM"}]  # target gone: refused again
+    _drain(env.handle)
+
+
 def test_abstract_and_datagram_unix_addresses(env):
     abstract = next(a for a in env.settings.unix_allow if a.startswith("@"))
     other = "@" + unique("bw-adv-other-")

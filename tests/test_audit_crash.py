@@ -28,15 +28,17 @@ from pathlib import Path
 
 import pytest
 
+from tests.probes_fixtures import RUN_TAG
+
 from appliance.sandbox import free_port
 from probes import cgroups
 from tests.daemon_fixtures import ROOT, DaemonProcess
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(600)]
 
-BOTS = "botwarden-crash.bots"
-PIN_DIR = "/sys/fs/bpf/botwarden-crash"
-NFT_TABLE = "botwarden_crash"
+BOTS = f"botwarden-crash-{RUN_TAG}.bots"
+PIN_DIR = f"/sys/fs/bpf/botwarden-crash-{RUN_TAG}"
+NFT_TABLE = f"botwarden_crash_{RUN_TAG}"
 BOT = "writer"
 USER, PASSWORD = "bw_crash", "bw-crash-pw"
 CLIENTS = 4

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.probes_fixtures import RUN_TAG
+
 from appliance.sandbox import PostgresServer, config_header, configure_openbao, free_port
 from probes import cgroups
 from tests.daemon_fixtures import DaemonProcess
@@ -27,8 +29,8 @@ from tests.test_probes_e2e import PgNet, bot_run, cli
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
 
-BOTS = "botwarden-read.bots"
-PIN_DIR = "/sys/fs/bpf/botwarden-read"
+BOTS = f"botwarden-read-{RUN_TAG}.bots"
+PIN_DIR = f"/sys/fs/bpf/botwarden-read-{RUN_TAG}"
 BOT = "reader"
 
 RULES = """
@@ -205,7 +207,7 @@ for step in steps:
             try:
                 for i in range(step["rounds"]):
                     try:
-                        await con.fetch("select pg_sleep(10)", timeout=0.02)
+                        await con.fetch("select pg_sleep(10)", timeout=step.get("timeout", 0.02))
                         got.append("no timeout")
                     except asyncio.TimeoutError:
                         pass
@@ -543,8 +545,10 @@ def test_pg8000_bind_with_60000_parameters(world):
 
 
 def test_asyncpg_timeout_cancel_does_not_hit_the_next_statement(world):
-    steps = [{"op": "asyncpg_cancel", "rounds": 40}]
-    assert run_bot(world, steps) == run_direct(world, steps) == [list(range(40))]
+    # 0.1 s: long enough that the statement is surely running on a loaded machine when the cancel
+    # lands (a cancel that arrives first is ignored by the server and the sleep runs its 10 s).
+    steps = [{"op": "asyncpg_cancel", "rounds": 20, "timeout": 0.1}]
+    assert run_bot(world, steps) == run_direct(world, steps) == [list(range(20))]
 
 
 def test_asyncpg_executemany_stops_sending_after_an_early_error(world):

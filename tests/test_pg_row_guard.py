@@ -15,6 +15,8 @@ import time
 
 import pytest
 
+from tests.probes_fixtures import RUN_TAG
+
 from tests.test_pg_reading_e2e import BOT, _dsn, _steps, run_bot, run_direct, start_world
 from tests.test_probes_e2e import bot_run, cli
 
@@ -42,8 +44,8 @@ max_rows = 1000
 
 @pytest.fixture(scope="module")
 def world(bao_server, tmp_path_factory):
-    with start_world(bao_server, tmp_path_factory.mktemp("rowguard-e2e"), RULES, bots="botwarden-rowguard.bots",
-                     pin_dir="/sys/fs/bpf/botwarden-rowguard") as w:
+    with start_world(bao_server, tmp_path_factory.mktemp("rowguard-e2e"), RULES, bots=f"botwarden-rowguard-{RUN_TAG}.bots",
+                     pin_dir=f"/sys/fs/bpf/botwarden-rowguard-{RUN_TAG}") as w:
         yield w
 
 

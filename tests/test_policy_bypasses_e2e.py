@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.probes_fixtures import RUN_TAG
+
 from tests.test_pg_reading_e2e import _steps, run_bot, start_world, table_exists
 from tests.test_pg_reading_e2e import accounts  # noqa: F401  (the fixture, on this module's world)
 
@@ -38,8 +40,8 @@ kinds = ["ALTER_TABLE.DROP_COLUMN", "ALTER_TABLE.RENAME"]
 
 @pytest.fixture(scope="module")
 def world(bao_server, tmp_path_factory):
-    with start_world(bao_server, tmp_path_factory.mktemp("policy-e2e"), RULES, bots="botwarden-policy.bots",
-                     pin_dir="/sys/fs/bpf/botwarden-policy") as w:
+    with start_world(bao_server, tmp_path_factory.mktemp("policy-e2e"), RULES, bots=f"botwarden-policy-{RUN_TAG}.bots",
+                     pin_dir=f"/sys/fs/bpf/botwarden-policy-{RUN_TAG}") as w:
         yield w
 
 

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from tests.probes_fixtures import RUN_TAG
 from pyroute2 import IPRoute, NetNS, netns
 
 from appliance.sandbox import (SUPERUSER_PASSWORD, OpenBaoSetup, PostgresServer, config_header, configure_openbao,
@@ -40,14 +42,14 @@ from tests.probes_fixtures import bpftool_json, unique, wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
 
-BOTS = "botwarden-e2e.bots"
-PIN_DIR = "/sys/fs/bpf/botwarden-e2e"
-NFT_BOTS = "botwarden-e2e-nft.bots"
-NFT_PIN_DIR = "/sys/fs/bpf/botwarden-e2e-nft"
-NFT_TABLE = "botwarden_e2e_nft"
-CLI_BOTS = "botwarden-e2e-cli.bots"
-CLI_PIN_DIR = "/sys/fs/bpf/botwarden-e2e-cli"
-CLI_NFT_TABLE = "botwarden_e2e_cli"
+BOTS = f"botwarden-e2e-{RUN_TAG}.bots"
+PIN_DIR = f"/sys/fs/bpf/botwarden-e2e-{RUN_TAG}"
+NFT_BOTS = f"botwarden-e2e-nft-{RUN_TAG}.bots"
+NFT_PIN_DIR = f"/sys/fs/bpf/botwarden-e2e-nft-{RUN_TAG}"
+NFT_TABLE = f"botwarden_e2e_nft_{RUN_TAG}"
+CLI_BOTS = f"botwarden-e2e-cli-{RUN_TAG}.bots"
+CLI_PIN_DIR = f"/sys/fs/bpf/botwarden-e2e-cli-{RUN_TAG}"
+CLI_NFT_TABLE = f"botwarden_e2e_cli_{RUN_TAG}"
 BOT = "e2e-bot"
 PASSTHROUGH_PORT = 5999  # nothing listens there: a bot reaching it gets ECONNREFUSED, not EPERM
 BOT_PYTHON = "/usr/bin/python3"
@@ -345,7 +347,7 @@ def _finish(env: E2E) -> None:
 
 @pytest.fixture(scope="module")
 def env(world):
-    e = _start(world, "ebpf", mode="ebpf", bots=BOTS, pin_dir=PIN_DIR, nft_table="botwarden_e2e")
+    e = _start(world, "ebpf", mode="ebpf", bots=BOTS, pin_dir=PIN_DIR, nft_table=f"botwarden_e2e_{RUN_TAG}")
     try:
         yield e
     finally:
@@ -525,7 +527,7 @@ def test_reload_cannot_move_the_probes_to_another_cgroup(env):
     """A reload only updates targets; a new bots cgroup would leave the bots in it unwatched."""
     good = env.config.read_text()
     try:
-        env.config.write_text(good.replace(f'bots_cgroup = "{BOTS}"', 'bots_cgroup = "botwarden-e2e-moved.bots"'))
+        env.config.write_text(good.replace(f'bots_cgroup = "{BOTS}"', f'bots_cgroup = "botwarden-e2e-moved-{RUN_TAG}.bots"'))
         res = cli(env.config, "config", "reload")
         assert res.returncode != 0
         assert "probes.bots_cgroup cannot change on reload" in res.stderr, res.stderr

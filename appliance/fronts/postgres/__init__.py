@@ -71,7 +71,7 @@ memory.
 Modules
 =======
 
-``front``      the listener: TLS contexts, its sessions, close and drain
+``front``      the listener (TCP or Unix socket), TLS contexts, upstream connects, close and drain
 ``transport``  the asyncio protocols of the bot's and the server's sockets
 ``session``    one session's lifecycle and both relay loops (the hot path)
 ``startup``    TLS, the token, the grant, the upstream connection and its login

@@ -37,8 +37,9 @@ class CancelForwarding:
         bot's own cancel connection is closed after this returns, keeping that order."""
         writer = None
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port),
-                                                    self.settings.connect_timeout)
+            opened = (asyncio.open_unix_connection(host) if self.settings.upstream_unix
+                      else asyncio.open_connection(host, port))
+            reader, writer = await asyncio.wait_for(opened, self.settings.connect_timeout)
             writer.write(m.CancelRequest(pid, secret).encode())
             await writer.drain()
             await asyncio.wait_for(reader.read(), self.settings.connect_timeout)

@@ -13,7 +13,8 @@ from .pending import (_Request, _Statement, _Portal, _UNKNOWN_STATEMENT, OP_PARS
 
 
 class ExtendedProtocolMixin:
-    """Extended-protocol bookkeeping: Parse/Bind/Describe/Execute/Close/Sync and their answers (part of :class:`Session`)."""
+    """Extended-protocol bookkeeping: Parse/Bind/Describe/Execute/Close/Sync and their answers
+    (part of :class:`Session`)."""
 
     def _c_parse(self, buf, s: int, e: int):
         body = bytes(buf[s + 5:e])

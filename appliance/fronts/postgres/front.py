@@ -1,10 +1,12 @@
-"""The listener for one PostgreSQL target: TLS contexts, its sessions, close and drain."""
+"""The listener for one PostgreSQL target (TCP or Unix socket): TLS contexts, the upstream
+connection, its sessions, close and drain."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
-from typing import Any
+from typing import Any, Callable
 
 from appliance.protocols.postgres import sqlstate
 from appliance.tasks import TaskSet
@@ -60,6 +62,25 @@ class PostgresFront(CancelForwarding):
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(self.protocol_factory, host, port, **kwargs)
         return self._server
+
+    async def serve_unix(self, path: str) -> asyncio.Server:
+        """Listen on a Unix socket (a Unix-socket target: the kernel rewrites bots' connects to
+        the database's socket into connects to this one). World-connectable like a loopback
+        port: who is calling is decided by attestation (SO_PEERCRED), not by file modes."""
+        loop = asyncio.get_running_loop()
+        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+        if os.path.exists(path):
+            os.unlink(path)  # a stale socket of a previous run
+        self._server = await loop.create_unix_server(self.protocol_factory, path)
+        os.chmod(path, 0o666)
+        return self._server
+
+    async def _open_upstream(self, factory: Callable[[], Any]) -> tuple[Any, Any]:
+        st = self.settings
+        loop = asyncio.get_running_loop()
+        if st.upstream_unix:
+            return await loop.create_unix_connection(factory, st.upstream_host)
+        return await loop.create_connection(factory, st.upstream_host, st.upstream_port)
 
     async def close(self) -> None:
         """Stop listening and end every session."""

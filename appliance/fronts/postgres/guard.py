@@ -19,7 +19,8 @@ _ESTIMATE_REPLIES = tuple(b"123DCENZ")
 
 
 class RowGuardMixin:
-    """The affected-rows guard: the planner's estimate (EXPLAIN) for a write a max_rows rule waits on (part of :class:`Session`)."""
+    """The affected-rows guard: the planner's estimate (EXPLAIN) for a write a max_rows rule waits on
+    (part of :class:`Session`)."""
 
     def _row_guard(self, req: _Request, original: bytes, query: bytes, param_types: tuple[int, ...],
                    bind: bytes | None, *, extended: bool):

@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 
 
 class HoldMixin:
-    """Statements that wait: held for approval, or for their durable record (strict audit) (part of :class:`Session`)."""
+    """Statements that wait: held for approval, or for their durable record (strict audit)
+    (part of :class:`Session`)."""
 
     def withdraw_hold(self) -> bool:
         """The bot cancelled (CancelRequest, e.g. Ctrl-C in psql) while its statement is held:

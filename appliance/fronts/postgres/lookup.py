@@ -11,7 +11,8 @@ from .pending import _Request, OP_FUNCTION, _HOLD
 
 
 class FunctionLookupMixin:
-    """FunctionCall decided as the SELECT of the function its OID names (looked up in pg_proc) (part of :class:`Session`)."""
+    """FunctionCall decided as the SELECT of the function its OID names (looked up in pg_proc)
+    (part of :class:`Session`)."""
 
     def _c_function_call(self, buf, s: int, e: int):
         """A FunctionCall (libpq's large-object API) is decided as ``SELECT schema.f($1, ...)`` of

@@ -18,7 +18,8 @@ log = logging.getLogger(__name__)
 
 
 class MaskingMixin:
-    """Result masking: mask plans from the result's columns, DataRows rewritten, COPY TO refused (part of :class:`Session`)."""
+    """Result masking: mask plans from the result's columns, DataRows rewritten, COPY TO refused
+    (part of :class:`Session`)."""
 
     def _on_row_description(self, buf, s, e):
         ops = self._ops

@@ -15,7 +15,8 @@ log = logging.getLogger(__name__)
 
 
 class ReadingMixin:
-    """Statement text read as the server will read it, and decided by the policy (part of :class:`Session`)."""
+    """Statement text read as the server will read it, and decided by the policy
+    (part of :class:`Session`)."""
 
     def _decide(self, sql: str, phase: str, *, probe: bool = False) -> Verdict:
         # No cache here: a verdict can depend on session state (PREPARE names, search_path) and

@@ -58,7 +58,8 @@ class Session(StartupMixin, ReadingMixin, ExtendedProtocolMixin, MaskingMixin, F
         self.closed = False
         # Identity, grant, outcome, audit rows, holds and the end: what every protocol's session does.
         self.core = SessionCore(self.services, target=self.settings.target, protocol=PROTOCOL,
-                                target_addr=f"{self.settings.upstream_host}:{self.settings.upstream_port}",
+                                target_addr=(f"unix:{self.settings.upstream_host}" if self.settings.upstream_unix
+                                             else f"{self.settings.upstream_host}:{self.settings.upstream_port}"),
                                 spawn=front.spawn, terminate=self.shutdown)
         self.tls = False
         self.bytes_in = 0

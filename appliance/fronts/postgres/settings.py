@@ -29,8 +29,9 @@ class PgFrontSettings:
     """One listener in front of one PostgreSQL target."""
 
     target: str
-    upstream_host: str
+    upstream_host: str                    # with upstream_unix: the server's Unix socket path
     upstream_port: int = 5432
+    upstream_unix: bool = False
     upstream_tls: UpstreamTLS = "prefer"
     upstream_ca_file: str | None = None
     tls_cert_file: str | None = None      # bot side; None = no TLS offered to bots

@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 
 
 class StartupMixin:
-    """Session start: TLS, the bot's token, the grant, the upstream connection and its login (part of :class:`Session`)."""
+    """Session start: TLS, the bot's token, the grant, the upstream connection and its login
+    (part of :class:`Session`)."""
 
     async def run_startup(self) -> None:
         try:
@@ -104,9 +105,8 @@ class StartupMixin:
         loop = asyncio.get_running_loop()
         st = self.settings
         try:
-            _, proto = await asyncio.wait_for(
-                loop.create_connection(lambda: UpstreamProtocol(self), st.upstream_host, st.upstream_port),
-                st.connect_timeout)
+            _, proto = await asyncio.wait_for(self.front._open_upstream(lambda: UpstreamProtocol(self)),
+                                              st.connect_timeout)
         except (OSError, asyncio.TimeoutError) as e:
             self.core.upstream_failed("tcp")
             raise FrontError(sqlstate.SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
