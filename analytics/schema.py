@@ -148,7 +148,7 @@ KINDS: dict[str, Kind] = {
         Kind("probe", "probes", (
             _f("ts", "ts", True),
             _f("event", required=True, choices=("denied_connect", "redirected", "attached", "detached",
-                                                "admission_refused", "left_cgroup")),
+                                                "admission_refused", "left_cgroup", "protocol_refused")),
             _f("pid", "int"), _f("uid", "int"), _f("gid", "int"), _f("cgroup_id", "int"),
             _f("cgroup_path"), _f("comm"), _f("exe"), _f("dst_addr"), _f("dst_port", "int"),
             _f("family", choices=("ipv4", "ipv6", "unix")), _f("detail"),

@@ -80,8 +80,10 @@ class Gap:
                else "no writer started since")
         window = (f"what was queued or in flight: the last batch window ({self.flush_interval}s / "
                   f"{self.batch_max} events) while the writer kept up") if self.flush_interval else "the last batch"
-        size = (f" At least {self.missing} committed row(s) after it are gone (the daemon saw the head at "
-                f"seq {self.last_seq + self.missing})." if self.missing else "")
+        # The first missing seq is named: where an investigation starts.
+        size = (f" At least {self.missing} committed row(s) after it are gone: seq {self.last_seq + 1}.."
+                f"{self.last_seq + self.missing} (the daemon saw the head at seq {self.last_seq + self.missing})."
+                if self.missing else "")
         return (f"epoch {self.epoch} (started {self.started_at}) did not end cleanly: its last row is "
                 f"seq {self.last_seq} at {self.last_ts}; {nxt}. Events submitted after that row may "
                 f"be lost: {window}.{size}")

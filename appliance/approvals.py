@@ -261,8 +261,8 @@ class ApprovalBroker:
                 reason: str = "") -> dict[str, Any]:
         item = self._get(approval_id)
         if operator.uid in item.excluded_uids:
-            raise ApprovalError(403, f"operator {operator.name} is mapped to identity {item.identity!r} "
-                                     "and may not approve its requests")
+            self._refuse(item, operator, f"approve refused: operator {operator.name} is mapped to identity "
+                                         f"{item.identity!r} and may not approve its requests (operator_uids)")
         self._refuse_the_bot(item, operator, "approve")
         if any(o.uid == operator.uid for o in item.approvals):
             raise ApprovalError(409, f"operator {operator.name} has already approved {approval_id}")
@@ -378,7 +378,10 @@ class ApprovalBroker:
                                         check_uid=check_uid)
         if why is None:
             return
-        message = f"{action} refused: {why}; a bot may not decide its own held request"
+        self._refuse(item, operator, f"{action} refused: {why}; a bot may not decide its own held request")
+
+    def _refuse(self, item: PendingApproval, operator: Operator, message: str) -> None:
+        """A decision this caller may not make: 403, audited as ``decision_refused``, logged."""
         self._event("decision_refused", item.approval_id, session_id=item.session_id, request_id=item.request_id,
                     identity=item.identity, target=item.target, rule=item.rule, operator=operator.name,
                     operator_uid=operator.uid, reason=message)

@@ -351,6 +351,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(keep=args.keep, workdir=args.workdir)
 
 
+def cmd_ssh(args: argparse.Namespace) -> int:
+    """`botwarden ssh known-hosts`: the line bots add to known_hosts to trust the appliance's host
+    certificates (made on first use; the daemon signs each SSH target's host key with it)."""
+    from appliance.fronts.ssh import known_hosts_line, load_or_make_host_ca
+
+    cfg = _config(args)
+    state = Path(cfg.appliance.state_dir)
+    state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    print(known_hosts_line(load_or_make_host_ca(str(state / "ssh_host_ca")), args.hosts))
+    return EXIT_OK
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from appliance.doctor import run_doctor
 
@@ -460,6 +472,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("tui", help="the operator console")
     s.set_defaults(func=cmd_tui)
+
+    s = sub.add_parser("ssh", help="SSH targets")
+    ss = s.add_subparsers(dest="action", required=True)
+    a = ss.add_parser("known-hosts", help="the @cert-authority line bots trust the appliance's host certificates with")
+    a.add_argument("--hosts", default="*", help="host pattern the line covers (default: *)")
+    a.set_defaults(func=cmd_ssh)
 
     s = sub.add_parser("doctor", help="check this host, the config and everything it points at")
     s.add_argument("--json", action="store_true", help="one JSON document for scripts")

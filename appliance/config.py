@@ -225,6 +225,9 @@ class TargetConfig:
     default_action: Literal["allow", "block", "approve"] = "allow"
     max_message_size: int = 64 * 1024 * 1024
     connect_timeout: float = 5.0
+    # ssh targets: the upstream sshd's host keys (OpenSSH known_hosts format: key lines or an
+    # @cert-authority line). Required: an unverified upstream would be a man in the middle.
+    known_hosts: str | None = None
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -424,6 +427,7 @@ def _cross_check(cfg: Config) -> None:
         if t.authentication != "attestation" and cfg.oidc is None:
             raise ConfigKeyError(("targets", i, "authentication"),
                                  f"authentication = \"{t.authentication}\" needs an [oidc] section")
+
         if t.credential and t.credential.source == "ssh" and t.protocol != "ssh":
             raise ConfigKeyError(("targets", i, "credential", "source"), "source = \"ssh\" is for ssh targets")
         if t.unix_path is not None or t.listen_unix_path is not None:

@@ -133,6 +133,22 @@ def make_front(target: TargetConfig, config: Config, services: Any, admission: A
             max_message_size=target.max_message_size, connect_timeout=target.connect_timeout,
             message_timeout=config.limits.message_timeout_s)
         return PostgresFront(settings, services, admission)
+    if target.protocol == "ssh":
+        from appliance.fronts.ssh import SshFront, SshFrontSettings, host_identity, load_or_make_host_ca
+
+        if not target.known_hosts:
+            raise BotwardenError(f"target {target.name!r}: an ssh target needs known_hosts (the sshd's host keys "
+                                 "or its host CA): botwarden does not connect to an upstream it cannot verify")
+        if target.credential is None or target.credential.source != "ssh":
+            raise BotwardenError(f"target {target.name!r}: an ssh target needs credential.source = \"ssh\" "
+                                 "(a certificate per session)")
+        host, port = target.host_port
+        ca = load_or_make_host_ca(str(Path(config.appliance.state_dir) / "ssh_host_ca"))
+        key, cert = host_identity(ca, sorted({host, target.name}))
+        return SshFront(SshFrontSettings(
+            target=target.name, upstream_host=host, upstream_port=port, known_hosts=target.known_hosts,
+            host_key=key, host_cert=cert, require_token=target.authentication != "attestation",
+            connect_timeout=target.connect_timeout), services, admission)
     raise BotwardenError(f"target {target.name!r}: botwarden has no {target.protocol} front yet")
 
 

@@ -401,7 +401,8 @@ class Runtime:
             handle = await self.secrets.acquire(tcfg, session_id)
         except SecretUnavailable as e:
             raise AuthRefused("08004", f"botwarden could not get a credential for {target!r}: {e.message}") from None
-        cred = Credential(handle.username, handle.password, handle.lease_id, handle.expires_at)
+        cred = Credential(handle.username, handle.password, handle.lease_id, handle.expires_at,
+                          cert=getattr(handle, "cert", None), private_key=getattr(handle, "private_key", None))
         audit_fields = {**ident.audit_fields, **handle.audit_fields, "identity": ident.name,
                         "credential_user": handle.username, "lease_id": handle.lease_id}
         grant = SessionGrant(session_id=session_id, identity=ident.name, groups=tuple(ident.groups),
@@ -481,6 +482,14 @@ class Runtime:
         if probe and state is not None:
             state = state.copy()
         return self.engine.decide_sql(grant.identity, grant.groups, target, sql, session=state)
+
+    def decide_ssh(self, grant: SessionGrant, target: str, request: Any) -> Verdict:
+        """An SSH request (exec, shell, subsystem...), decided like a statement: refused while the
+        audit store cannot take its record."""
+        store = self.daemon.audit
+        if store is None or not store.healthy:
+            return self._audit_refusal(store, self.live.get(grant.session_id))
+        return self.engine.decide_ssh(grant.identity, grant.groups, target, request)
 
     def name_statement(self, grant: SessionGrant, name: str, verdict: Verdict | None) -> None:
         live = self.live.get(grant.session_id)

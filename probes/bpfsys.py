@@ -173,15 +173,18 @@ PROG_LOAD = 5
 BPF_PSEUDO_KFUNC_CALL = 2
 
 
-def prog_load(prog_type: int, insns: bytes, expected_attach_type: int, license: str = "GPL") -> int:
+def prog_load(prog_type: int, insns: bytes, expected_attach_type: int, name: str, license: str = "GPL") -> int:
     """BPF_PROG_LOAD of raw instructions (map fds already in them); returns the program fd. On a
-    verifier refusal the error carries the verifier's last lines."""
+    verifier refusal the error carries the verifier's last lines. ``name`` is what bpftool and
+    `probes status` see (the kernel keeps 15 bytes)."""
     cinsns = ctypes.create_string_buffer(insns, len(insns))
     clicense = ctypes.create_string_buffer(license.encode())
     vlog = ctypes.create_string_buffer(1 << 20)
     attr = _attr(("I", 0, prog_type), ("I", 4, len(insns) // 8), ("Q", 8, ctypes.addressof(cinsns)),
                  ("Q", 16, ctypes.addressof(clicense)), ("I", 24, 1), ("I", 28, len(vlog)),
                  ("Q", 32, ctypes.addressof(vlog)), ("I", 68, expected_attach_type))
+    raw_name = name.encode()[:15]
+    ctypes.memmove(ctypes.addressof(attr) + 48, raw_name, len(raw_name))  # prog_name[16], NUL-terminated
     try:
         return _bpf(PROG_LOAD, attr, "PROG_LOAD")
     except BPFSyscallError as e:

@@ -258,7 +258,7 @@ class EbpfPrograms:
         kfuncs = kernel_features().unix_kfuncs or {}
         insns = bpfsys.patch_kfunc_calls(self._bpf.dump_func(func.encode()),
                                          {KFUNC_PLACEHOLDERS[n]: kfuncs[n] for n in KFUNC_PLACEHOLDERS})
-        return _RawProgram(bpfsys.prog_load(prog_type, insns, attach_type))
+        return _RawProgram(bpfsys.prog_load(prog_type, insns, attach_type, func))
 
     def attach(self) -> list[int]:
         """Attach (or atomically replace) every program on the bots' parent cgroup."""

@@ -35,6 +35,7 @@ from tests.probes_fixtures import RUN_TAG
 from appliance.approvals import caller_is_part_of_the_bot
 from appliance.sandbox import config_header
 from probes import cgroups
+from tests.adversarial_fixtures import fd_count, rss_kib
 from tests.approvals_fixtures import as_user, wait_until
 from tests.daemon_fixtures import PSQL, ROOT, DaemonProcess, fresh_setup, new_port
 
@@ -388,20 +389,9 @@ print(json.dumps({"opened": opened, "ended_by_daemon": ended, "connect_failed": 
 """
 
 
-def _fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def _rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
-
-
 def test_flood_of_idle_connections_is_capped_and_bots_keep_working(env):
     daemon_pid = env.daemon.client().get("/v1/status")["pid"]
-    base_fds, base_rss = _fds(daemon_pid), _rss_kib(daemon_pid)
+    base_fds, base_rss = fd_count(daemon_pid), rss_kib(daemon_pid)
     flood_s, per_flooder = 14.0, 150
     def flood(uid: int) -> subprocess.Popen:
         return subprocess.Popen(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--",
@@ -418,7 +408,7 @@ def test_flood_of_idle_connections_is_capped_and_bots_keep_working(env):
 
     def sample():
         while not stop.is_set():
-            samples.append((_fds(daemon_pid), _rss_kib(daemon_pid)))
+            samples.append((fd_count(daemon_pid), rss_kib(daemon_pid)))
             stop.wait(0.25)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -438,10 +428,10 @@ def test_flood_of_idle_connections_is_capped_and_bots_keep_working(env):
                 f.kill()
                 f.wait()
     peak_fds, peak_rss = max(s[0] for s in samples), max(s[1] for s in samples)
-    after = wait_until(lambda: (n := _fds(daemon_pid)) <= base_fds + 4 and n, 30, "the daemon's fds to come back")
+    after = wait_until(lambda: (n := fd_count(daemon_pid)) <= base_fds + 4 and n, 30, "the daemon's fds to come back")
     status = env.daemon.client().get("/v1/status")["admission"]
     measured = {"fds_before": base_fds, "fds_peak": peak_fds, "fds_after": after, "rss_kib_before": base_rss,
-                "rss_kib_peak": peak_rss, "rss_kib_after": _rss_kib(daemon_pid), "flooders": reports,
+                "rss_kib_peak": peak_rss, "rss_kib_after": rss_kib(daemon_pid), "flooders": reports,
                 "admission": status}
     print("flood measurements:", json.dumps(measured))
     Path(tempfile.gettempdir(), "botwarden-flood-measurements.json").write_text(json.dumps(measured))

@@ -148,8 +148,10 @@ def test_kill_9_orphan_lease_is_revoked_and_session_closed_at_restart(env):
     bot.end()  # psql notices the lost connection only now; nothing is left to revoke it
     assert role_exists(env.pg, user)  # nobody revoked it
     assert lease in ledger(env.state)
+    started = time.monotonic()
     env.daemon.start()  # the same config and state dir
     wait_until(lambda: not role_exists(env.pg, user), 60, f"role {user} revoked at restart")
+    print(f"orphan lease revoked {time.monotonic() - started:.1f}s after the restart began (its TTL: 300 s)")
     assert lease not in ledger(env.state)
     row = wait_until(lambda: session_row(env.daemon, sid).get("outcome") == "crashed" and session_row(env.daemon, sid),
                      20, "the session closed as crashed")

@@ -124,7 +124,10 @@ def test_operator_mapped_to_the_identity_may_not_approve_its_request(store):
     approval_id, refused, still_pending, outcome = asyncio.run(scenario())
     assert refused.status == 403 and "alice" in refused.message and "ci-bot" in refused.message
     assert still_pending and outcome.approved and outcome.decided_by == "bob"
-    assert [r["event"] for r in events(store, approval_id)] == ["requested", "approved"]
+    # The refused attempt is on record (who, and why), then the decision.
+    assert [(r["event"], r["operator_uid"]) for r in events(store, approval_id)] == [
+        ("requested", None), ("decision_refused", ALICE.uid), ("approved", BOB.uid)]
+    assert "(operator_uids)" in events(store, approval_id)[1]["reason"]
 
 
 # -- N-of-M ---------------------------------------------------------------------------------------

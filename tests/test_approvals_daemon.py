@@ -403,7 +403,9 @@ def test_operator_mapped_to_the_identity_cannot_approve_another_operator_can(env
     assert not exists(env.pg, 13)
     events = final_events(env.daemon, approval_id)
     assert [(e["event"], e["operator"], e["operator_uid"]) for e in events] == [
-        ("requested", None, None), ("approved", OTHER_OPERATOR.pw_name, OTHER_OPERATOR.pw_uid)]
+        ("requested", None, None), ("decision_refused", NOBODY.pw_name, NOBODY.pw_uid),
+        ("approved", OTHER_OPERATOR.pw_name, OTHER_OPERATOR.pw_uid)]
+    assert "(operator_uids)" in events[1]["reason"]
 
 
 def test_cli_exit_codes(env):

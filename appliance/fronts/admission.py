@@ -68,6 +68,11 @@ class Ticket:
         self.close = close
         self.released = False
 
+    def refused(self, why: str, listener: str = "") -> None:
+        """The connection was refused before it logged in (a malformed startup, silence): on
+        record as a ``protocol_refused`` probe event, rate-limited per peer like admission's own."""
+        self.admission._record(self.peer, "protocol_refused", why, listener)
+
     def release(self) -> None:
         """The connection presented its credentials (or ended): it no longer counts."""
         if not self.released:
@@ -173,23 +178,28 @@ class Admission:
 
     def _refused(self, peer: Peer, why: str, listener: str) -> None:
         self.refused_total += 1
+        self._record(peer, "admission_refused", why, listener)
+
+    def _record(self, peer: Peer, event: str, why: str, listener: str) -> None:
+        """A probe event for a refusal before authentication: at most one per peer and kind per
+        REFUSAL_EVENT_INTERVAL_S, counting the ones it stands for (a flood is not an audit flood)."""
         now = time.monotonic()
-        last, pending = self._refusals.get(peer.key, (-1e9, 0))
+        key = f"{event}:{peer.key}:{why.split(':', 1)[0][:40]}"  # per kind of refusal, too
+        last, pending = self._refusals.get(key, (-1e9, 0))
         pending += 1
         if now - last < REFUSAL_EVENT_INTERVAL_S:
-            self._refusals[peer.key] = (last, pending)
+            self._refusals[key] = (last, pending)
             return
-        self._refusals[peer.key] = (now, 0)
+        self._refusals[key] = (now, 0)
         if len(self._refusals) > 10_000:  # many peers (remote addresses): forget the oldest
-            for key in list(self._refusals)[:1000]:
-                del self._refusals[key]
+            for old in list(self._refusals)[:1000]:
+                del self._refusals[old]
         detail = f"{pending} connection(s) refused before authentication: {why}"
         log.warning("admission: %s", detail)
         if self._audit is None:
             return
         host, _, port = listener.rpartition(":")
-        record: dict[str, Any] = {"ts": datetime.now(timezone.utc), "event": "admission_refused",
-                                  "detail": detail}
+        record: dict[str, Any] = {"ts": datetime.now(timezone.utc), "event": event, "detail": detail}
         if peer.uid is not None:
             record["uid"] = peer.uid
         if host and port.isdigit():

@@ -35,6 +35,9 @@ class Credential:
     password: str | None = field(default=None, repr=False)
     lease_id: str | None = None
     expires_at: datetime | None = None
+    # SSH targets: the session's OpenSSH user certificate and its private key (never logged).
+    cert: str | None = None
+    private_key: str | None = field(default=None, repr=False)
 
     def __repr__(self) -> str:
         return (f"Credential(username={self.username!r}, password=<hidden>, lease_id={self.lease_id!r}, "

@@ -118,6 +118,12 @@ class SessionCore:
         self._ticket = admission.admit(sock, on_closed, listener=listener)
         return self._ticket is not None
 
+    def refused_before_login(self, why: str, listener: str) -> None:
+        """Garbage, impossible lengths or silence before login: no session exists to carry a row,
+        so the refusal is a probe event (rate-limited per peer by the admission)."""
+        if self._ticket is not None and self.grant is None:
+            self._ticket.refused(why, listener)
+
     def credentials_presented(self) -> None:
         """The identity checks bound the connection from here on, not the admission caps."""
         if self._ticket is not None:

@@ -147,7 +147,12 @@ class Session(StartupMixin, ReadingMixin, ExtendedProtocolMixin, MaskingMixin, F
         return False
 
     def _admission_closed(self, reason: str) -> None:
+        self._refused_before_login(reason)
         self.fatal(sqlstate.CONNECTION_FAILURE, f"botwarden: {reason}; the connection is closed")
+
+    def _refused_before_login(self, why: str) -> None:
+        t = self.bot.transport
+        self.core.refused_before_login(why, _addr(t.get_extra_info("sockname")) if t is not None else "")
 
     def _message_timed_out(self, timeout: float) -> None:
         self.fatal(sqlstate.PROTOCOL_VIOLATION, f"botwarden: a message from the client stayed incomplete for "

@@ -29,6 +29,7 @@ class StartupMixin:
         try:
             await asyncio.wait_for(self._startup(), self.settings.startup_timeout)
         except asyncio.TimeoutError:
+            self._refused_before_login("the session did not start in time")
             self.fatal(sqlstate.CONNECTION_FAILURE, "the session did not start in time", outcome="error")
         except FrontError as e:
             if e.server_error is not None:
@@ -39,6 +40,7 @@ class StartupMixin:
             else:
                 self.fatal(e.sqlstate, e.message, outcome="refused" if e.sqlstate.startswith("28") else "error")
         except PgProtocolError as e:
+            self._refused_before_login(f"protocol error: {e.message}")
             self.fatal(e.sqlstate, e.message)
         except (ConnectionError, OSError) as e:
             if not self.closed:
