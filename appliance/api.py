@@ -29,6 +29,11 @@ def build_router(daemon: "Daemon") -> Router:
     async def status(request: Request) -> Response:
         return Response(200, daemon.status())
 
+    async def health(request: Request) -> Response:
+        from appliance.health import health as gather
+
+        return Response(200, await gather(daemon))
+
     async def reload(request: Request) -> Response:
         ok = await daemon.reload()
         if not ok:
@@ -38,6 +43,21 @@ def build_router(daemon: "Daemon") -> Router:
     async def sessions(request: Request) -> Response:
         active_only = request.query.get("all", ["0"])[0] in ("0", "false", "")
         return Response(200, {"sessions": daemon.runtime.sessions(active_only=active_only)})
+
+    async def session_end(request: Request) -> Response:
+        from appliance.runtime import SessionNotLive
+
+        body = request.body or {}
+        reason = body.get("reason", "")
+        if not isinstance(reason, str):
+            raise ControlError(400, "reason must be a string")
+        operator = _operator(request)
+        try:
+            result = daemon.runtime.end_session(request.params["session_id"], operator.name, operator.uid,
+                                                reason.strip())
+        except SessionNotLive as e:
+            raise ControlError(404, str(e)) from None
+        return Response(200, result)
 
     async def approvals_list(request: Request) -> Response:
         return Response(200, {"approvals": daemon.runtime.approvals.list()})
@@ -169,9 +189,11 @@ def build_router(daemon: "Daemon") -> Router:
 
     router.add("GET", "/metrics", metrics)
     router.add("GET", "/v1/status", status)
+    router.add("GET", "/v1/health", health)
     router.add("POST", "/v1/probes/attach", probes_attach)
     router.add("POST", "/v1/reload", reload)
     router.add("GET", "/v1/sessions", sessions)
+    router.add("POST", "/v1/sessions/{session_id}/end", session_end)
     router.add("GET", "/v1/approvals", approvals_list)
     router.add("GET", "/v1/approvals/watch", watch)
     router.add("POST", "/v1/approvals/{approval_id}/approve", approve)

@@ -20,6 +20,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -30,6 +31,10 @@ from appliance.fronts.services import HoldOutcome
 
 # Events that end an approval (any other event leaves it pending).
 FINAL_EVENTS = ("approved", "denied", "expired", "abandoned", "cancelled_restart")
+# Final decisions remembered (since the daemon started) to show an operator what was decided
+# before on the same statement shape; each held request carries the last EARLIER_SHOWN of them.
+HISTORY_KEEP = 2000
+EARLIER_SHOWN = 5
 
 log = logging.getLogger(__name__)
 
@@ -145,17 +150,20 @@ class PendingApproval:
     future: asyncio.Future = field(repr=False, default=None)  # type: ignore[assignment]
     approvals: list[Operator] = field(default_factory=list)
     window_s: int | None = None
-    # Affected-rows guard: the planner's estimate and the max_rows it exceeded (None: no guard).
-    row_estimate: int | None = None
-    row_limit: int | None = None
+    # What the operator needs beside the request (the runtime's: groups, the rule's description,
+    # the policy's reason, an affected-rows estimate): shown as it is, never decides anything.
+    context: Mapping[str, Any] = field(default_factory=dict)
+    # Final decisions on the same target and statement shape before this one was held, newest first.
+    earlier: list[dict[str, Any]] = field(default_factory=list)
 
     def public(self) -> dict[str, Any]:
         return {
+            **self.context,
             "approval_id": self.approval_id, "session_id": self.session_id, "request_id": self.request_id,
             "identity": self.identity, "target": self.target, "protocol": self.protocol, "request": self.text,
             "rule": self.rule, "process": dict(self.process), "created": self.created.isoformat(),
             "expires": self.expires.isoformat(), "approvals": [o.name for o in self.approvals],
-            "required": self.required, "row_estimate": self.row_estimate, "row_limit": self.row_limit,
+            "required": self.required, "earlier": list(self.earlier),
         }
 
 
@@ -186,6 +194,7 @@ class ApprovalBroker:
         self.webhook_timeout_s = webhook_timeout_s
         self.pending: dict[str, PendingApproval] = {}
         self.windows: list[Window] = []
+        self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY_KEEP)
         self._subscribers: set[asyncio.Queue] = set()
         self._webhooks: set[asyncio.Future] = set()
         self._stop = threading.Event()  # wakes webhook threads waiting to retry
@@ -197,7 +206,7 @@ class ApprovalBroker:
                    rule: str | None, shape: str, process: Mapping[str, Any] | None = None,
                    request_id: str | None = None, excluded_uids: frozenset[int] = frozenset(),
                    notify: Callable[[str], None] | None = None,
-                   rows: tuple[int | None, int | None] = (None, None)) -> HoldOutcome:
+                   context: Mapping[str, Any] | None = None) -> HoldOutcome:
         """Hold one request until it is decided. Cancelling the awaiting task = abandoned
         (the bot hung up, or withdrew the request: a ``task.cancel(msg)`` message becomes the
         recorded reason); the caller's connection has no idle timeout meanwhile."""
@@ -221,7 +230,7 @@ class ApprovalBroker:
             target=target, protocol=protocol, text=text, rule=rule, shape=shape, process=dict(process or {}),
             created=now, expires=now + timedelta(seconds=self.timeout_s), required=self.required,
             excluded_uids=excluded_uids, future=asyncio.get_running_loop().create_future(),
-            row_estimate=rows[0], row_limit=rows[1])
+            context=dict(context or {}), earlier=self._earlier(target, shape))
         self.pending[approval_id] = item
         self._event("requested", approval_id, **ids)
         watchers = self._publish({"event": "requested", "approval": item.public()})
@@ -261,8 +270,8 @@ class ApprovalBroker:
                 reason: str = "") -> dict[str, Any]:
         item = self._get(approval_id)
         if operator.uid in item.excluded_uids:
-            self._refuse(item, operator, f"approve refused: operator {operator.name} is mapped to identity "
-                                         f"{item.identity!r} and may not approve its requests (operator_uids)")
+            raise ApprovalError(403, f"operator {operator.name} is mapped to identity {item.identity!r} "
+                                     "and may not approve its requests")
         self._refuse_the_bot(item, operator, "approve")
         if any(o.uid == operator.uid for o in item.approvals):
             raise ApprovalError(409, f"operator {operator.name} has already approved {approval_id}")
@@ -359,6 +368,7 @@ class ApprovalBroker:
         # and a window granted through either broker must count for both.
         other.windows[:] = [w for w in other.windows if w.until > time.monotonic()]
         self.windows = other.windows
+        self.history = other.history
         self.pending = other.pending
         self._subscribers = other._subscribers
         self._stop = other._stop
@@ -378,15 +388,21 @@ class ApprovalBroker:
                                         check_uid=check_uid)
         if why is None:
             return
-        self._refuse(item, operator, f"{action} refused: {why}; a bot may not decide its own held request")
-
-    def _refuse(self, item: PendingApproval, operator: Operator, message: str) -> None:
-        """A decision this caller may not make: 403, audited as ``decision_refused``, logged."""
+        message = f"{action} refused: {why}; a bot may not decide its own held request"
         self._event("decision_refused", item.approval_id, session_id=item.session_id, request_id=item.request_id,
                     identity=item.identity, target=item.target, rule=item.rule, operator=operator.name,
                     operator_uid=operator.uid, reason=message)
         log.warning("approval %s: %s (caller %s, pid %s)", item.approval_id, message, operator.name, operator.pid)
         raise ApprovalError(403, message)
+
+    def _earlier(self, target: str, shape: str) -> list[dict[str, Any]]:
+        found = []
+        for h in reversed(self.history):
+            if h["target"] == target and h["shape"] == shape:
+                found.append({k: v for k, v in h.items() if k not in ("target", "shape")})
+                if len(found) == EARLIER_SHOWN:
+                    break
+        return found
 
     def _window_for(self, identity: str, target: str, shape: str) -> Window | None:
         now = time.monotonic()
@@ -403,12 +419,17 @@ class ApprovalBroker:
                     identity=item.identity, target=item.target, rule=item.rule,
                     operator=operator.name if operator else None, operator_uid=operator.uid if operator else None,
                     reason=reason or outcome.reason, waited_ms=waited, window_s=item.window_s)
+        decided = datetime.now(timezone.utc).isoformat()
+        self.history.append({"target": item.target, "shape": item.shape, "approval_id": item.approval_id,
+                             "identity": item.identity, "event": event, "operator": outcome.decided_by,
+                             "reason": reason or outcome.reason, "decided": decided,
+                             "window_s": item.window_s if outcome.approved else None})
         # Watchers (the TUI's "recently decided" list) see who decided, when, any window, and
         # the reason as the audit row records it (the operator's own words, when given).
         self._publish({"event": event, "approval": item.public(), "reason": outcome.reason,
                        "recorded_reason": reason or outcome.reason, "operator": outcome.decided_by,
                        "window_s": item.window_s if outcome.approved else None,
-                       "decided": datetime.now(timezone.utc).isoformat()})
+                       "decided": decided})
         if not item.future.done():
             item.future.set_result(outcome)
         self.pending.pop(item.approval_id, None)

@@ -214,22 +214,7 @@ class Doctor:
         broker = SecretsBroker(cfg.vault)
 
         def reachable() -> str:
-            import requests
-
-            url = cfg.vault.address.rstrip("/") + "/v1/sys/health?standbyok=true&perfstandbyok=true"
-            try:
-                resp = requests.get(url, timeout=self.timeout, verify=cfg.vault.ca_file or True)
-            except requests.RequestException as e:
-                raise _Failed(f"{cfg.vault.address} is unreachable ({type(e).__name__})",
-                              "start Vault/OpenBao, or fix vault.address (and vault.ca_file for TLS)") from None
-            if resp.status_code == 503:
-                raise _Failed(f"{cfg.vault.address} is sealed", "unseal it (bao operator unseal)")
-            if resp.status_code == 501:
-                raise _Failed(f"{cfg.vault.address} is not initialised", "bao operator init, then unseal")
-            if resp.status_code not in (200, 429, 472, 473):
-                raise _Failed(f"{cfg.vault.address} answered HTTP {resp.status_code} to sys/health",
-                              "check vault.address points at Vault/OpenBao")
-            return f"{cfg.vault.address} unsealed"
+            return self.vault_reachable(cfg)
 
         def login() -> str:
             try:
@@ -261,6 +246,41 @@ class Doctor:
         for t in vault_targets:
             self.check(f"target {t.name} credential", lambda t=t: access(t))
         broker.check_logout()
+
+    def vault_reachable(self, cfg: Config) -> str:
+        import requests
+
+        assert cfg.vault is not None
+        url = cfg.vault.address.rstrip("/") + "/v1/sys/health?standbyok=true&perfstandbyok=true"
+        try:
+            resp = requests.get(url, timeout=self.timeout, verify=cfg.vault.ca_file or True)
+        except requests.RequestException as e:
+            raise _Failed(f"{cfg.vault.address} is unreachable ({type(e).__name__})",
+                          "start Vault/OpenBao, or fix vault.address (and vault.ca_file for TLS)") from None
+        if resp.status_code == 503:
+            raise _Failed(f"{cfg.vault.address} is sealed", "unseal it (bao operator unseal)")
+        if resp.status_code == 501:
+            raise _Failed(f"{cfg.vault.address} is not initialised", "bao operator init, then unseal")
+        if resp.status_code not in (200, 429, 472, 473):
+            raise _Failed(f"{cfg.vault.address} answered HTTP {resp.status_code} to sys/health",
+                          "check vault.address points at Vault/OpenBao")
+        return f"{cfg.vault.address} unsealed"
+
+    def live(self, cfg: Config, vault_token: Callable[[], str] | None) -> list[Check]:
+        """The checks a running daemon's status view repeats (GET /v1/health): each target's
+        greeting, Vault reachable and the daemon's own token (``vault_token`` says its TTL), the
+        OIDC issuer. Nothing here logs in or issues anything."""
+        for target in cfg.targets:
+            self.check(f"target {target.name} reachable", lambda t=target: self.target(t))
+        if cfg.vault is None:
+            self.skip("Vault", "no [vault] section: only static credentials")
+        elif self.check("Vault reachable", lambda: self.vault_reachable(cfg)) and vault_token is not None:
+            self.check("Vault token", vault_token)
+        if cfg.oidc is None:
+            self.skip("OIDC issuer", "no [oidc] section: bots are identified by kernel attestation only")
+        else:
+            self.check("OIDC issuer", lambda: self.oidc(cfg))
+        return self.checks
 
     def target(self, target: TargetConfig) -> str:
         timeout = min(self.timeout, target.connect_timeout)
@@ -486,4 +506,7 @@ def run_doctor(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-__all__ = ["Check", "Doctor", "run_checks", "run_doctor"]
+# What a check raises to fail (or warn) with a fix; public for the daemon's live checks (appliance.health).
+CheckFailed = _Failed
+
+__all__ = ["Check", "CheckFailed", "Doctor", "run_checks", "run_doctor"]

@@ -78,6 +78,10 @@ def _plain_read(verdict: Verdict) -> bool:
     return True
 
 
+class SessionNotLive(BotwardenError):
+    """An operator asked to end a session that is not (or not yet) live."""
+
+
 @dataclass
 class LiveSession:
     grant: SessionGrant
@@ -99,6 +103,11 @@ class LiveSession:
     mark: int | None = None    # its slot in the daemon's high-water file
     marked: int = 0            # the highest seq written there
     pending_starts: dict = field(default_factory=dict)  # request_id -> seq of a request_start not completed yet
+    # The last statement decided for this session (text as sent, shown redacted), when (epoch
+    # seconds), and whether its request record has not come yet (still running or held).
+    current: str | None = None
+    current_since: float | None = None
+    current_running: bool = False
 
     def __post_init__(self) -> None:
         from appliance.identity import ProcessFacts
@@ -147,6 +156,7 @@ class Runtime:
         self._record_failures_logged: set[tuple[str, str]] = set()
         self._crashed: set[str] = set()  # sessions the last run left open, closed as crashed at this start
         self.recent: list[LiveSession] = []
+        self._redactor: Any = None
 
     @classmethod
     async def create(cls, cfg: Config, daemon: "Daemon") -> "Runtime":
@@ -303,6 +313,10 @@ class Runtime:
             log.error("audit store is closed; %s event not recorded", kind)
             return
         if kind == "request" or kind == "session_end":
+            if kind == "request":
+                live = self.live.get(record.get("session_id"))
+                if live is not None:
+                    live.current_running = False
             record = self._count(store, kind, record)
         try:
             submitted = store.submit(kind, record)
@@ -478,6 +492,8 @@ class Runtime:
                 if live.terminate is not None:
                     asyncio.get_running_loop().call_soon(live.terminate, "57P01", expired)
                 return Verdict("block", None, expired)
+        if live is not None and not probe:
+            live.current, live.current_since, live.current_running = sql, time.time(), True
         state = live.sql_state if live is not None else None
         if probe and state is not None:
             state = state.copy()
@@ -529,11 +545,30 @@ class Runtime:
                    "comm": getattr(facts, "comm", None), "cgroup": getattr(facts, "cgroup_path", None),
                    "attribution": getattr(facts, "source", None) or "none",
                    "client": live.client if live else None}
+        # The operator sees the statement as the audit keeps it: constants a detector flags masked.
+        context = {"groups": list(grant.groups), "rule_description": self._rule_description(verdict.rule),
+                   "policy_reason": verdict.reason}
+        if verdict.row_limit is not None:  # the affected-rows guard held it: its numbers
+            context.update(row_estimate=verdict.row_estimate, row_limit=verdict.row_limit)
         return await self.approvals.hold(
             session_id=grant.session_id, identity=grant.identity, target=target,
-            protocol=self.config.target(target).protocol, text=request_text, rule=verdict.rule, shape=shape,
-            process=process, request_id=request_id, excluded_uids=excluded, notify=notify,
-            rows=(verdict.row_estimate, verdict.row_limit))
+            protocol=self.config.target(target).protocol, text=self.redacted(request_text), rule=verdict.rule,
+            shape=shape, process=process, request_id=request_id, excluded_uids=excluded, notify=notify,
+            context=context)
+
+    def redacted(self, text: str) -> str:
+        """``text`` as the audit store keeps it (appliance.policy.redact), for operators' eyes."""
+        if self._redactor is None:
+            from appliance.policy.redact import AuditRedactor
+
+            self._redactor = AuditRedactor(self.engine.detector_settings)
+        return self._redactor.text(text)
+
+    def _rule_description(self, rule: str | None) -> str:
+        for r in self.config.policy.rules:
+            if r.name == rule:
+                return r.description
+        return ""
 
     # -- status ---------------------------------------------------------------------
 
@@ -541,7 +576,27 @@ class Runtime:
         items = list(self.live.values())
         if not active_only:
             items = self.recent + items
-        return [s.public() for s in items]
+        out = []
+        for s in items:
+            doc = s.public()
+            if s.current is not None:
+                doc["current"] = self.redacted(s.current)
+                doc["current_since"] = datetime.fromtimestamp(s.current_since or 0, timezone.utc).isoformat()
+                doc["current_running"] = s.current_running and s.state == "active"
+            out.append(doc)
+        return out
+
+    def end_session(self, session_id: str, operator: str, operator_uid: int, reason: str = "") -> dict[str, Any]:
+        """An operator ends a live session: the bot is told why (57P01, FATAL), the front closes it
+        and its ``session_end`` row (outcome ``terminated``) names the operator."""
+        live = self.live.get(session_id)
+        if live is None:
+            raise SessionNotLive(f"no live session {session_id!r} (ended, or never opened)")
+        if live.terminate is None:
+            raise SessionNotLive(f"session {session_id!r} is still starting; try again in a moment")
+        why = f"ended by operator {operator} (uid {operator_uid})" + (f": {reason}" if reason else "")
+        live.terminate("57P01", f"botwarden ended the session: {why}")
+        return {"session_id": session_id, "state": "ending", "reason": why}
 
     def _record_failed(self, kind: str, error: BaseException) -> None:
         """An audit record that could not even be submitted (a malformed record is botwarden's bug):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import getpass
+import io
 import socket
 import subprocess
 import sys
@@ -25,6 +26,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from rich.console import Console
+from rich.text import Text
 from textual import events
 from textual.command import CommandList, CommandPalette
 from textual.keys import REPLACED_KEYS, _character_to_key, _get_unicode_name_from_key
@@ -37,8 +40,8 @@ from appliance.approvals import ApprovalBroker, HoldOutcome
 from appliance.control import ControlClient, ControlError, ControlServer
 from tui.app import BotwardenApp
 from tui.dialogs import DecisionScreen, QuitScreen
-from tui.model import (ApprovalBook, Decision, RecentDecisions, parse_window_minutes, status_line, time_left,
-                       window_text)
+from tui.model import (ApprovalBook, Decision, RecentDecisions, approval_detail, current_statement, parse_span,
+                       parse_window_minutes, session_matches, status_line, time_left, window_text)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -145,7 +148,14 @@ async def until(pilot: Pilot, predicate: Callable[[], bool], what: str, limit_s:
 
 
 def text_of(app: BotwardenApp, selector: str) -> str:
-    return str(app.query_one(selector, Static).content)
+    """A Static's text; a rich renderable (the approval's detail grid) as the terminal shows it,
+    wide enough that no line wraps."""
+    content = app.query_one(selector, Static).content
+    if isinstance(content, (str, Text)):
+        return str(content)
+    console = Console(width=400, record=True, file=io.StringIO())
+    console.print(content)
+    return "\n".join(line.rstrip() for line in console.export_text().splitlines())
 
 
 def table_rows(app: BotwardenApp, selector: str) -> list[list[str]]:
@@ -249,6 +259,42 @@ def test_decision_body_and_validation() -> None:
     for bad in ("0", "-3", "abc", "100000"):
         with pytest.raises(ValueError):
             parse_window_minutes(bad)
+
+
+def test_session_filter_and_current_statement() -> None:
+    active, ended = SESSIONS[0], SESSIONS[1]
+    now = T0 + timedelta(minutes=20)
+    assert session_matches(active, "state=active ci-bot", now) and not session_matches(ended, "state=active", now)
+    assert session_matches(ended, "identity=deploy target=pg", now) and not session_matches(ended, "target=x", now)
+    assert session_matches(active, "psql", now) and not session_matches(active, "python", now)
+    assert session_matches(active, "since=30m", now) and not session_matches(active, "since=15m", now)
+    assert not session_matches(active, "since=soon", now)  # unreadable: matches nothing rather than all
+    assert parse_span("90s") == 90 and parse_span("2h") == 7200 and parse_span("5") == 300
+    running = {**active, "current": "SELECT  pg_sleep(9)", "current_running": True,
+               "current_since": (now - timedelta(seconds=65)).isoformat()}
+    assert current_statement(running, now) == "SELECT pg_sleep(9)  [running 1m 05s]"
+    assert current_statement({**running, "current_running": False}, now) == "SELECT pg_sleep(9)  [done]"
+    assert current_statement(ended, now) == ""
+
+
+def test_approval_detail_lines() -> None:
+    a = {"approval_id": "a1", "request": "DELETE  FROM t WHERE x = '********'", "identity": "ci-bot",
+         "groups": ["bots"], "process": {"pid": 7, "uid": 1001, "exe": "/usr/bin/psql", "cgroup": "/b/ci",
+                                         "attribution": "ebpf"},
+         "target": "pg", "protocol": "postgres", "session_id": "s1", "rule": "r", "rule_description": "why",
+         "created": T0.isoformat(), "expires": (T0 + timedelta(minutes=10)).isoformat(), "approvals": ["ann"],
+         "required": 2, "earlier": [{"event": "denied", "operator": "bob", "reason": "no", "identity": "ci-bot",
+                                     "decided": T0.isoformat()}]}
+    lines = dict(approval_detail(a, T0 + timedelta(seconds=65)))
+    assert lines["statement"] == "DELETE FROM t WHERE x = '********'"
+    assert lines["identity"] == "ci-bot   groups: bots"
+    assert lines["process"] == "pid 7 uid 1001 exe /usr/bin/psql cgroup /b/ci  (ebpf)"
+    assert lines["rule"] == "r — why" and lines["waiting"] == "1m 05s held, 8m 55s left"
+    assert lines["approvals"] == "1 of 2, so far: ann" and "denied by bob: no — ci-bot" in lines["earlier"]
+    assert "rows" not in lines  # no estimate asked for: no line
+    lines = dict(approval_detail({**a, "row_estimate": 5000, "row_limit": 1000, "process": {}, "earlier": []}, T0))
+    assert lines["rows"] == "about 5000 rows (the rule allows 1000 without asking)"
+    assert lines["process"].startswith("not attested") and lines["earlier"].startswith("no earlier decision")
 
 
 def test_time_left_and_status_line() -> None:
@@ -391,9 +437,13 @@ def test_two_person_rule_shows_progress(tmp_path: Path) -> None:
                 await until(pilot, lambda: table_rows(app, "#approvals-table")[0][6] == "1/2", "1 of 2")
                 await until(pilot, lambda: any("waiting for more" in n for n in app.notices), "the notice")
                 progress = table_rows(app, "#approvals-table")[0][6]
+                # The detail pane and the next dialog name who has approved so far.
+                assert f"1 of 2, so far: {getpass.getuser()}" in text_of(app, "#approval-detail")
                 # The same operator approving again is refused by the daemon, and the console says so.
                 await pilot.press("f6")
                 await until(pilot, lambda: isinstance(app.screen, DecisionScreen), "the dialog")
+                what = str(app.screen.query_one("#dialog-what", Static).content)
+                assert f"Approval 2 of 2 (so far: {getpass.getuser()}): it runs now." in what
                 await pilot.press("enter", "enter")
                 await until(pilot, lambda: any("already approved" in n for n in app.notices), "the refusal")
                 held = not task.done()
@@ -770,8 +820,8 @@ def test_palette_commands_work_under_cpu_load(tmp_path: Path, cpu_hog: None) -> 
         return seen
 
     seen = asyncio.run(scenario())
-    assert seen["offered"] == ["Approvals tab", "Audit tab", "Keys", "Quit", "Refresh", "Replay tab",
-                               "Screenshot", "Sessions tab"]
+    assert seen["offered"] == ["Approvals tab", "Audit tab", "Help", "Keys", "Quit", "Refresh", "Replay tab",
+                               "Screenshot", "Sessions tab", "Status tab"]
     assert seen["Sessions"] == ("sessions", "sessions-table") and seen["Audit"] == ("audit", "sql")
     assert seen["Replay"] == ("replay", "replay-session") and seen["Approvals"] == ("approvals", "approvals-table")
     assert seen["after"] == "sessions"

@@ -30,18 +30,20 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from types import FrameType
 from typing import Any, ClassVar
+from urllib.parse import quote
 
+from rich.table import Table as RichTable
 from rich.text import Text
 from textual import on
 from textual.actions import SkipAction
 from textual.app import ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.command import CommandPalette
-from textual.containers import Horizontal, Vertical
+from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.screen import Screen
 from textual.widget import Widget
@@ -49,17 +51,21 @@ from textual.widgets import DataTable, Footer, Header, Input, Label, Select, Sta
 from textual.widgets.data_table import CellDoesNotExist, RowDoesNotExist
 
 from appliance.control import ControlClient, ControlError, DaemonNotRunning
-from tui.dialogs import DecisionScreen, Mode, QuitScreen
+from tui.dialogs import DecisionScreen, EndSessionScreen, HelpScreen, Mode, QuitScreen
 from tui.keys import OrderedKeys
-from tui.model import ApprovalBook, Decision, RecentDecisions, cell, status_line, time_left, window_text
+from tui.model import (ApprovalBook, Decision, RecentDecisions, approval_detail, cell, current_statement,
+                       health_lines, session_matches, status_line, time_left, window_text)
 from tui.queries import RECENT_DECISIONS_SQL, REPLAY_SQL, REPORTS
 
 log = logging.getLogger(__name__)
 
 WATCH_PATH = "/v1/approvals/watch"
-TABS = ("approvals", "sessions", "audit", "replay")
+TABS = ("approvals", "sessions", "audit", "replay", "status")
+TAB_KEYS = {"approvals": "F1", "sessions": "F2", "audit": "F3", "replay": "F4", "status": "F9"}
 TAB_FOCUS = {"approvals": "#approvals-table", "sessions": "#sessions-table", "audit": "#sql",
-             "replay": "#replay-session"}
+             "replay": "#replay-session", "status": "#status-scroll"}
+# The Status view asks the daemon for its live checks (targets, Vault, OIDC) this often while shown.
+HEALTH_EVERY_S = 15.0
 MAX_TABLE_ROWS = 2000  # a SELECT without LIMIT must not freeze the terminal
 REQUEST_PREVIEW = 80
 RECENT_KEEP = 10
@@ -112,21 +118,25 @@ class WatchDown(Message):
 class BotwardenApp(OrderedKeys):
     """The botwarden operator console."""
 
-    CSS_PATH = "app.tcss"
+    CSS_PATH = Path(__file__).with_name("app.tcss")  # absolute: subclasses elsewhere find it too
     TITLE = "botwarden"
 
     # Every global key is an F-key (or a ctrl chord) and a priority binding: it cannot be
     # typed into a field, acts the same on every tab, and is skipped while any dialog is open.
+    # The tab keys are on the tabs themselves ("F2 Sessions"), so the footer has room at 80 columns.
     BINDINGS: ClassVar = [
-        Binding("f1", "show_tab('approvals')", "Approvals", priority=True),
-        Binding("f2", "show_tab('sessions')", "Sessions", priority=True),
-        Binding("f3", "show_tab('audit')", "Audit", priority=True),
-        Binding("f4", "show_tab('replay')", "Replay", priority=True),
-        Binding("f5", "refresh", "Refresh", priority=True),
+        Binding("f1", "show_tab('approvals')", "Approvals", priority=True, show=False),
+        Binding("f2", "show_tab('sessions')", "Sessions", priority=True, show=False),
+        Binding("f3", "show_tab('audit')", "Audit", priority=True, show=False),
+        Binding("f4", "show_tab('replay')", "Replay", priority=True, show=False),
+        Binding("f9", "show_tab('status')", "Status", priority=True, show=False),
+        Binding("f5", "refresh", "Refresh", priority=True, show=False),
         Binding("f6", "approve", "Approve", priority=True),
-        Binding("f7", "approve_window", "Approve for…", priority=True),
+        Binding("f7", "approve_window", "Window", priority=True),
         Binding("f8", "deny", "Deny", priority=True),
         Binding("f10", "quit", "Quit", priority=True),
+        # Not a priority binding: in a text field "?" is typed, everywhere else it opens the help.
+        Binding("question_mark", "help", "Help"),
         Binding("ctrl+q", "quit", "Quit", priority=True, show=False),
         Binding("ctrl+o", "focus_reports", "Reports", priority=True, show=False),
         # Enter on a session replays it; done here so the focus moves before the next key.
@@ -134,8 +144,13 @@ class BotwardenApp(OrderedKeys):
     ]
 
     def __init__(self, socket_path: str, *, status_every_s: float = 3.0, retry_s: float = 2.0,
-                 call_timeout_s: float = 10.0, screenshot_dir: str | None = None):
+                 call_timeout_s: float = 10.0, screenshot_dir: str | None = None, connect: bool = True,
+                 clock: Callable[[], datetime] | None = None):
+        """``connect=False`` and ``clock``: for snapshot tests, which hand the console the daemon's
+        documents themselves and freeze its clock, so every render is the same."""
         super().__init__()
+        self.connect = connect
+        self._clock = clock
         self.socket_path = socket_path
         self.call_timeout_s = call_timeout_s
         self.client = ControlClient(socket_path, timeout=call_timeout_s)
@@ -143,6 +158,10 @@ class BotwardenApp(OrderedKeys):
         self.retry_s = retry_s
         self.screenshot_dir = Path(screenshot_dir or os.getcwd())
         self.book = ApprovalBook()
+        self.sessions: list[dict[str, Any]] = []
+        self.health: dict[str, Any] | None = None
+        self.health_error: str | None = None
+        self.bells = 0  # terminal bells rung for new held requests
         self.recent = RecentDecisions(RECENT_KEEP)
         self.daemon_up: bool | None = None  # None until the first answer
         self.daemon_status: dict[str, Any] | None = None
@@ -163,15 +182,19 @@ class BotwardenApp(OrderedKeys):
     def compose(self) -> ComposeResult:
         yield Header()
         with TabbedContent(initial="approvals", id="tabs"):
-            with TabPane("Approvals", id="approvals"):
+            with TabPane("F1 Approvals", id="approvals"):
                 yield DataTable(id="approvals-table", cursor_type="row", zebra_stripes=True)
-                yield Static(Text("No pending approvals."), id="approval-detail")
+                with VerticalScroll(id="approval-detail-box", can_focus=False):
+                    yield Static(Text("No pending approvals."), id="approval-detail")
                 yield Label(f"Recently decided (last {RECENT_KEEP})", id="recent-title")
                 yield DataTable(id="recent-table", cursor_type="row", zebra_stripes=True)
-            with TabPane("Sessions", id="sessions"):
-                yield DataTable(id="sessions-table", cursor_type="row", zebra_stripes=True)
+            with TabPane("F2 Sessions", id="sessions"):
+                yield Input(placeholder="/ filter: words, identity=… target=… state=… since=15m",
+                            id="sessions-filter")
+                yield SessionsTable(id="sessions-table", cursor_type="row", zebra_stripes=True)
+                yield Static(Text(""), id="session-detail")
                 yield Static(Text("Enter on a session replays it."), id="sessions-msg", classes="msg")
-            with TabPane("Audit", id="audit"):
+            with TabPane("F3 Audit", id="audit"):
                 with Horizontal(id="audit-controls"):
                     yield Input(placeholder="SELECT … FROM requests LIMIT 100   (Enter runs)", id="sql")
                     yield Select([(label, name) for name, label in REPORTS], prompt="Canned report",
@@ -179,14 +202,17 @@ class BotwardenApp(OrderedKeys):
                 yield Static(Text("Type a read-only query, or pick a canned report (Tab or ctrl+o)."),
                              id="audit-msg", classes="msg")
                 yield DataTable(id="audit-table", zebra_stripes=True)
-            with TabPane("Replay", id="replay"):
+            with TabPane("F4 Replay", id="replay"):
                 yield Input(placeholder="session id   (Enter replays)", id="replay-session")
                 yield Static(Text("Pick a session here or press Enter on one in Sessions."),
                              id="replay-msg", classes="msg")
                 yield DataTable(id="replay-table", zebra_stripes=True)
+            with TabPane("F9 Status", id="status"):
+                with VerticalScroll(id="status-scroll"):
+                    yield Static(Text("asking the daemon …"), id="status-view")
         with Vertical(id="status"):
             yield Static(Text(f"connecting to {self.socket_path} …"), id="status-bar")
-        yield Footer()
+        yield Footer(compact=True)
 
     @property
     def _main(self) -> Screen:
@@ -202,7 +228,8 @@ class BotwardenApp(OrderedKeys):
         self.sub_title = self.socket_path
         self._tabs = self._main.query_one("#tabs", TabbedContent)
         self._widgets = [self._tabs, *self._main.query("DataTable, Input, Select, Static.msg, #status-bar, "
-                                                        "#approval-detail, #recent-title")]
+                                                        "#approval-detail, #recent-title, #status-view, "
+                                                        "#session-detail")]
         table = self._main.query_one("#approvals-table", DataTable)
         for label, key in (("id", "id"), ("identity", "identity"), ("target", "target"), ("rule", "rule"),
                            ("request", "request"), ("left", "left"), ("ok", "ok")):
@@ -211,14 +238,17 @@ class BotwardenApp(OrderedKeys):
         for label in ("time", "id", "outcome", "by", "window", "identity", "target", "reason", "request"):
             recent.add_column(label, key=label)
         sessions = self._main.query_one("#sessions-table", DataTable)
-        for key in ("session_id", "identity", "target", "subject", "pid", "uid", "exe", "client",
-                    "started", "ended", "state"):
+        for key in ("session_id", "identity", "target", "state", "current", "pid", "uid", "exe", "started",
+                    "ended", "client"):
             sessions.add_column(key, key=key)
         self._main.set_focus(table)
         self._render_pending()
+        if not self.connect:
+            return
         self.refresh_status()
         self.set_interval(self.status_every_s, self.refresh_status)
         self.set_interval(1.0, self._tick)
+        self.set_interval(HEALTH_EVERY_S, self._health_tick)
         self._start_watch()
 
     def on_unmount(self) -> None:
@@ -239,7 +269,7 @@ class BotwardenApp(OrderedKeys):
         executor, which is joined at exit, so a call stuck on a dead daemon would hold up
         quitting (and a signal) for its whole timeout.
         """
-        if single and any(c.purpose == purpose for c in self._calls.values()):
+        if not self.connect or (single and any(c.purpose == purpose for c in self._calls.values())):
             return
         seq = self._seq[purpose] = self._seq.get(purpose, 0) + 1
         self._call_ids += 1
@@ -317,6 +347,17 @@ class BotwardenApp(OrderedKeys):
     def refresh_sessions(self) -> None:
         self._request("sessions", "GET", "/v1/sessions?all=1", single=True)
 
+    def refresh_health(self) -> None:
+        self._request("health", "GET", "/v1/health", single=True)
+
+    def _health_tick(self) -> None:
+        if self._ui_ready() and self._active_tab() == "status":
+            self.refresh_health()
+
+    def end_session(self, session_id: str, reason: str) -> None:
+        self._request("end_session", "POST", f"/v1/sessions/{quote(session_id, safe='')}/end",
+                      {"reason": reason}, context=session_id)
+
     def run_sql(self, sql: str, params: list[Any] | None = None) -> None:
         body: dict[str, Any] = {"sql": sql}
         if params:
@@ -377,16 +418,81 @@ class BotwardenApp(OrderedKeys):
         if answer.error:
             self._set_msg("#sessions-msg", answer.error, error=True)
             return
+        # Live sessions first, then the ended ones, newest first in each.
+        found = sorted((s for s in answer.value.get("sessions", []) if isinstance(s, dict)),
+                       key=lambda s: str(s.get("started", "")), reverse=True)
+        self.sessions = ([s for s in found if s.get("state") == "active"]
+                         + [s for s in found if s.get("state") != "active"])
+        self._render_sessions()
+
+    def _render_sessions(self) -> None:
         table = self._main.query_one("#sessions-table", DataTable)
         keep = self._selected_key(table)
+        query = self._main.query_one("#sessions-filter", Input).value
+        shown = [s for s in self.sessions if session_matches(s, query, self.now())]
         table.clear()
-        for s in answer.value.get("sessions", []):
-            sid = str(s.get("session_id"))
-            table.add_row(*(Text(cell(s.get(str(c.key.value)))) for c in table.ordered_columns), key=sid)
+        for s in shown:
+            # The id's first 12 characters tell sessions apart; the detail line has all of it.
+            row = {**s, "current": current_statement(s, self.now()), "session_id": str(s.get("session_id"))[:12]}
+            table.add_row(*(Text(cell(row.get(str(c.key.value)))) for c in table.ordered_columns),
+                          key=str(s.get("session_id")))
         self._restore_cursor(table, keep)
-        n = table.row_count
-        self._set_msg("#sessions-msg", f"{n} session{'s' if n != 1 else ''} (active and recently ended). "
-                                       "Enter on a session replays it.")
+        live = sum(1 for s in shown if s.get("state") == "active")
+        text = f"{len(shown)} session{'s' if len(shown) != 1 else ''} ({live} live)"
+        if query.strip():
+            text += f" of {len(self.sessions)}, filter: {query.strip()}"
+        self._set_msg("#sessions-msg", text + ". Enter replays · ctrl+k ends a live session · / filters.")
+        self._render_session_detail()
+
+    def selected_session(self) -> dict[str, Any] | None:
+        key = self._selected_key(self._main.query_one("#sessions-table", DataTable))
+        return next((s for s in self.sessions if str(s.get("session_id")) == key), None) if key else None
+
+    def _render_session_detail(self) -> None:
+        s = self.selected_session()
+        detail = self._main.query_one("#session-detail", Static)
+        if s is None:
+            detail.update(Text(""))
+            return
+        line = (f"{s.get('session_id')}  {s.get('identity')} → {s.get('target')}  {s.get('state')}  "
+                f"pid {cell(s.get('pid'))} uid {cell(s.get('uid'))} {cell(s.get('exe'))}")
+        current = current_statement(s, self.now())
+        detail.update(Text(line + (f"\n{'now' if s.get('current_running') else 'last'}: {current}" if current
+                                   else "")))
+
+    def _answer_health(self, answer: Answer) -> None:
+        if answer.error:
+            self.health_error = answer.error
+        else:
+            self.health, self.health_error = answer.value, None
+        self._render_health()
+
+    def _render_health(self) -> None:
+        view = self._main.query_one("#status-view", Static)
+        text = Text()
+        if self.health_error:
+            text.append(f"[FAIL] the daemon did not answer: {self.health_error}\n", style="bold red")
+        if self.health is None:
+            view.update(text or Text("asking the daemon …"))
+            return
+        if self.health_error:
+            text.append("What it said last:\n", style="dim")
+        marks = {"ok": ("  ok", "green"), "warn": ("WARN", "yellow"), "fail": ("FAIL", "bold red")}
+        for label, level, line in health_lines(self.health):
+            mark, style = marks[level]
+            text.append(f"[{mark}] ", style=style)
+            text.append(f"{label}: ", style="bold")
+            text.append(f"{line}\n")
+        view.update(text)
+
+    def _answer_end_session(self, answer: Answer) -> None:
+        if answer.error:
+            self.notify(answer.error, title=f"ending session {answer.context} refused", severity="error",
+                        markup=False)
+            return
+        self.notify(f"session {answer.context}: {answer.value.get('reason', 'ended')}", title="session ended",
+                    markup=False)
+        self.refresh_sessions()
 
     def _answer_audit(self, answer: Answer) -> None:
         self._fill_result("#audit-table", "#audit-msg", answer, what=str(answer.context))
@@ -428,6 +534,10 @@ class BotwardenApp(OrderedKeys):
         if not self._ui_ready():
             return
         event = message.event
+        if event.get("event") == "requested":
+            # Someone who is not looking hears it: the terminal bell, and the count in the title.
+            self.bells += 1
+            self.bell()
         if event.get("event") == "hello" and not self.watch_live:
             self.watch_live = True
             self._render_pending()
@@ -488,7 +598,7 @@ class BotwardenApp(OrderedKeys):
             if len(request) > REQUEST_PREVIEW:
                 request = request[: REQUEST_PREVIEW - 1] + "…"
             table.add_row(Text(a["approval_id"]), Text(cell(a.get("identity"))), Text(cell(a.get("target"))),
-                          Text(cell(a.get("rule"))), Text(request), Text(time_left(a.get("expires"))),
+                          Text(cell(a.get("rule"))), Text(request), Text(time_left(a.get("expires"), self.now())),
                           Text(f"{len(a.get('approvals') or [])}/{a.get('required', 1)}"),
                           key=a["approval_id"])
         self._restore_cursor(table, keep)
@@ -504,9 +614,10 @@ class BotwardenApp(OrderedKeys):
         """Header, Approvals tab and status bar: the same number, updated together."""
         n = self.pending_count
         shown = "?" if n is None else str(n)
+        self.title = f"botwarden · {shown} pending" if n else "botwarden"
         self.sub_title = f"{self.socket_path} · {shown} pending"
         if self._tabs is not None:
-            self._tabs.get_tab("approvals").label = f"Approvals ({shown})"
+            self._tabs.get_tab("approvals").label = f"F1 Approvals ({shown})"
         self._render_status()
 
     def _render_recent(self) -> None:
@@ -524,10 +635,18 @@ class BotwardenApp(OrderedKeys):
         if approval is None:
             detail.update(Text("No pending approvals." if not len(self.book) else ""))
             return
-        process = approval.get("process") or {}
-        proc = " ".join(f"{k}={v}" for k, v in process.items() if v is not None)
-        detail.update(Text(f"{approval['approval_id']}  session {approval.get('session_id')}  "
-                           f"protocol {approval.get('protocol')}  {proc}\n{approval.get('request', '')}"))
+        # A grid, so a long line wraps inside its own column at 80 columns.
+        grid = RichTable.grid(padding=(0, 1))
+        grid.add_column(style="bold", justify="right", no_wrap=True)
+        grid.add_column(overflow="fold")
+        grid.add_row("held", Text(str(approval["approval_id"])))
+        for label, line in approval_detail(approval, self.now()):
+            grid.add_row(label, Text(line))
+        detail.update(grid)
+
+    def now(self) -> datetime:
+        """The console's clock (snapshot tests freeze it)."""
+        return self._clock() if self._clock is not None else datetime.now(timezone.utc)
 
     def _tick(self) -> None:
         if not self._ui_ready():
@@ -536,9 +655,11 @@ class BotwardenApp(OrderedKeys):
         table = self._main.query_one("#approvals-table", DataTable)
         for a in self.book.items():
             try:
-                table.update_cell(a["approval_id"], "left", Text(time_left(a.get("expires"))))
+                table.update_cell(a["approval_id"], "left", Text(time_left(a.get("expires"), self.now())))
             except CellDoesNotExist:  # the row went away between the book and the table: next render fixes it
                 pass
+        if len(self.book):
+            self._render_detail()  # its waited / left times
 
     def _fill_result(self, table_id: str, msg_id: str, answer: Answer, *, what: str, noun: str = "row") -> None:
         if answer.error:
@@ -592,6 +713,18 @@ class BotwardenApp(OrderedKeys):
     def _approval_highlighted(self) -> None:
         self._render_detail()
 
+    @on(DataTable.RowHighlighted, "#sessions-table")
+    def _session_highlighted(self) -> None:
+        self._render_session_detail()
+
+    @on(Input.Changed, "#sessions-filter")
+    def _filter_changed(self) -> None:
+        self._render_sessions()
+
+    @on(Input.Submitted, "#sessions-filter")
+    def _filter_submitted(self) -> None:
+        self._main.set_focus(self._main.query_one("#sessions-table"))
+
     @on(DataTable.RowSelected, "#sessions-table")
     def _session_selected(self, event: DataTable.RowSelected) -> None:
         self._replay_session(str(event.row_key.value))  # a mouse click; Enter is action_enter
@@ -620,6 +753,8 @@ class BotwardenApp(OrderedKeys):
         pane = event.pane
         if pane.id == "sessions":
             self.refresh_sessions()
+        elif pane.id == "status":
+            self.refresh_health()
         # A tab chosen with the mouse leaves focus on the tab bar: move it into the pane. A key
         # (F1-F4) has already done so synchronously, and whatever was typed since must stay put.
         focused = self._main.focused
@@ -673,6 +808,8 @@ class BotwardenApp(OrderedKeys):
         tab = self._active_tab()
         if tab == "sessions":
             self.refresh_sessions()
+        elif tab == "status":
+            self.refresh_health()
         elif tab == "replay":
             value = self._main.query_one("#replay-session", Input).value
             if value.strip():
@@ -682,6 +819,29 @@ class BotwardenApp(OrderedKeys):
         self._global_key()
         self._main.query_one("#tabs", TabbedContent).active = tab
         self._main.set_focus(self._main.query_one(TAB_FOCUS[tab]))
+
+    async def action_help(self) -> None:
+        self._global_key()
+        await self._open(HelpScreen(self._active_tab()), None, "#help-body")
+
+    async def action_end_session(self) -> None:
+        """ctrl+k on the sessions table: end the selected live session, once confirmed."""
+        self._global_key()
+        session = self.selected_session()
+        if session is None or session.get("state") != "active":
+            self.notify("Select a live session to end.", severity="warning", markup=False)
+            return
+        session_id = str(session["session_id"])
+
+        def confirmed(reason: str | None) -> None:
+            if reason is not None:
+                self.end_session(session_id, reason)
+
+        await self._open(EndSessionScreen(session), confirmed, "#reason")
+
+    def action_focus_filter(self) -> None:
+        self._global_key()
+        self._main.set_focus(self._main.query_one("#sessions-filter", Input))
 
     def action_focus_reports(self) -> None:
         self.action_show_tab("audit")
@@ -729,6 +889,7 @@ class BotwardenApp(OrderedKeys):
             yield SystemCommand(f"{tab.title()} tab", f"Show the {tab} tab",
                                 lambda tab=tab: self.action_show_tab(tab))
         yield SystemCommand("Refresh", "Ask the daemon for its status again", self.action_refresh)
+        yield SystemCommand("Help", "The keys of every tab", self.action_help)
         # The palette runs a command after it has closed, so the console is what gets saved.
         yield SystemCommand("Screenshot", f"Save an SVG of the console in {self.screenshot_dir}",
                             self.save_console_screenshot)
@@ -755,6 +916,16 @@ class BotwardenApp(OrderedKeys):
                timeout: float | None = None, markup: bool = True) -> None:
         self.notices.append(f"{title}: {message}" if title else message)
         super().notify(message, title=title, severity=severity, timeout=timeout, markup=markup)
+
+
+class SessionsTable(DataTable):
+    """The sessions list; its keys show in the footer while it has the focus."""
+
+    BINDINGS: ClassVar = [
+        Binding("slash", "app.focus_filter", "Filter"),
+        Binding("ctrl+k", "app.end_session", "End session"),
+        Binding("enter", "app.enter", "Replay", show=True),
+    ]
 
 
 def run_tui(socket_path: str) -> int:

@@ -239,3 +239,189 @@ def cell(value: Any) -> str:
     if isinstance(value, (list, dict)):
         return json.dumps(value, default=str)
     return str(value)
+
+
+def waited(created: str | None, now: datetime | None = None) -> str:
+    """How long a request has been held, from its ``created`` (ISO 8601), as "1m 05s"."""
+    if not created:
+        return "?"
+    try:
+        when = datetime.fromisoformat(created)
+    except ValueError:
+        return "?"
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return _span(max(0, int(((now or datetime.now(timezone.utc)) - when).total_seconds())))
+
+
+def _span(seconds: int) -> str:
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    if minutes:
+        return f"{minutes}m {secs:02d}s"
+    return f"{secs}s"
+
+
+def _clock(iso: str | None) -> str:
+    try:
+        return datetime.fromisoformat(str(iso)).astimezone().strftime("%H:%M:%S")
+    except ValueError:
+        return "?"
+
+
+def approval_detail(a: Mapping[str, Any], now: datetime | None = None) -> list[tuple[str, str]]:
+    """The detail pane of one held request: (label, text) lines, everything a decision needs.
+
+    The statement is the daemon's redacted text (constants a detector flags are masked); the
+    affected-rows lines appear only where the policy asked for an estimate."""
+    p = a.get("process") or {}
+    proc = " ".join(f"{k} {p[k]}" for k in ("pid", "uid", "exe", "cgroup") if p.get(k) is not None)
+    if p.get("attribution") and p.get("attribution") != "none":
+        proc += f"  ({p['attribution']})"
+    rule = cell(a.get("rule")) or "(the target's default)"
+    if a.get("rule_description"):
+        rule += f" — {a['rule_description']}"
+    so_far = a.get("approvals") or []
+    lines = [
+        ("statement", " ".join(str(a.get("request", "")).split())),
+        ("identity", f"{cell(a.get('identity'))}" + (f"   groups: {', '.join(a['groups'])}" if a.get("groups") else
+                                                    "   groups: none")),
+        ("process", proc or "not attested (the connection was not redirected by the probes)"),
+        ("target", f"{cell(a.get('target'))} ({cell(a.get('protocol'))})   session {cell(a.get('session_id'))}"),
+        ("rule", rule),
+    ]
+    if a.get("row_estimate") is not None or a.get("row_limit") is not None:
+        rows = f"about {a['row_estimate']} rows" if a.get("row_estimate") is not None else "no estimate"
+        if a.get("row_limit") is not None:
+            rows += f" (the rule allows {a['row_limit']} without asking)"
+        lines.append(("rows", rows))
+    lines.append(("waiting", f"{waited(a.get('created'), now)} held, {time_left(a.get('expires'), now)} left"))
+    lines.append(("approvals", f"{len(so_far)} of {a.get('required', 1)}"
+                  + (f", so far: {', '.join(so_far)}" if so_far else "")))
+    earlier = a.get("earlier") or []
+    if earlier:
+        for i, e in enumerate(earlier):
+            who = f" by {e['operator']}" if e.get("operator") else ""
+            why = f": {e['reason']}" if e.get("reason") else ""
+            window = f" (window {window_text(e.get('window_s'))})" if e.get("window_s") else ""
+            lines.append(("earlier" if i == 0 else "", f"{_clock(e.get('decided'))} {e.get('event')}{who}{window}"
+                                                       f"{why} — {cell(e.get('identity'))}"))
+    else:
+        lines.append(("earlier", "no earlier decision on this statement shape since the daemon started"))
+    return lines
+
+
+def session_matches(session: Mapping[str, Any], query: str, now: datetime | None = None) -> bool:
+    """The sessions filter: every word must match. ``identity=…``, ``target=…``, ``state=…``
+    (active, ended; a session's outcome) and ``since=15m`` (started within; s, m, h, d) look at
+    one field; any other word matches the id, identity, target, state, executable or statement."""
+    for word in query.split():
+        key, sep, value = word.partition("=")
+        value = value.lower()
+        if sep and key in ("identity", "target", "state"):
+            if value not in cell(session.get(key)).lower():
+                return False
+        elif sep and key == "since":
+            limit = parse_span(value)
+            if limit is None:
+                return False
+            try:
+                started = datetime.fromisoformat(str(session.get("started")))
+            except ValueError:
+                return False
+            if started.tzinfo is None:
+                started = started.replace(tzinfo=timezone.utc)
+            if ((now or datetime.now(timezone.utc)) - started).total_seconds() > limit:
+                return False
+        else:
+            hay = " ".join(cell(session.get(k)) for k in ("session_id", "identity", "target", "state", "exe",
+                                                          "subject", "current")).lower()
+            if word.lower() not in hay:
+                return False
+    return True
+
+
+def parse_span(text: str) -> int | None:
+    """"15m" → 900 seconds (s, m, h, d; a bare number is minutes); None when unreadable."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    text = text.strip().lower()
+    unit = units.get(text[-1:], None)
+    number = text[:-1] if unit else text
+    try:
+        return int(number) * (unit or 60)
+    except ValueError:
+        return None
+
+
+def current_statement(session: Mapping[str, Any], now: datetime | None = None) -> str:
+    """A live session's current (or last) statement, as the sessions table shows it."""
+    text = " ".join(cell(session.get("current")).split())
+    if not text:
+        return ""
+    if session.get("current_running"):
+        return f"{text}  [running {waited(session.get('current_since'), now)}]"
+    return f"{text}  [done]" if session.get("state") == "active" else text
+
+
+def health_lines(h: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    """``GET /v1/health`` as the Status view's lines: (label, level, text); level is ok, warn or
+    fail (shown as a marker, not only a colour, so it reads on any terminal)."""
+    out: list[tuple[str, str, str]] = []
+    uptime = h.get("uptime_s")
+    out.append(("daemon", "ok", f"botwarden {h.get('version', '?')}, pid {h.get('pid', '?')}, up "
+                                f"{_span(int(uptime)) if isinstance(uptime, int) else '?'} (since "
+                                f"{_clock(h.get('started_at'))}), config {h.get('config', '?')}"
+                + (f", {h['reloads']} reload(s)" if h.get("reloads") else "")))
+    if h.get("last_reload_error"):
+        out.append(("reload", "warn", f"last reload refused: {h['last_reload_error']}"))
+    probes = str(h.get("probes") or "")
+    mode = h.get("probes_mode")
+    probes_level = "ok" if h.get("probes_path") and "removed" not in probes else ("warn" if mode == "off" else "fail")
+    out.append(("probes", probes_level, f"{probes}  (mode {mode}, path {h.get('probes_path') or 'none'})"))
+    for b in h.get("bots") or []:
+        if b.get("error"):
+            out.append(("bots cgroup", "warn", f"{b.get('cgroup')}: {b['error']}"))
+            continue
+        level = "fail" if b.get("uid0") else "ok"
+        text = f"{b.get('cgroup')}: {b.get('processes', 0)} process{'es' if b.get('processes') != 1 else ''}"
+        if b.get("uid0"):
+            named = ", ".join(f"{p['pid']} {p['comm']}" for p in b.get("uid0_pids") or [])
+            text += f", {b['uid0']} AS UID 0 ({named})"
+        out.append(("bots cgroup", level, text))
+    if h.get("bots_left_cgroup"):
+        out.append(("bots", "fail", f"{h['bots_left_cgroup']} bot process(es) left their cgroup"))
+    for t in h.get("targets") or []:
+        out.append(("listener", "ok", f"{t.get('name')} ({t.get('protocol')}) on {t.get('listen')} → "
+                                      f"{t.get('address')}"))
+    for c in h.get("checks") or []:
+        level = {"ok": "ok", "warn": "warn", "skip": "ok"}.get(str(c.get("status")), "fail")
+        text = str(c.get("detail", ""))
+        if c.get("status") == "skip":
+            text = f"not configured: {text}"
+        if c.get("fix") and level != "ok":
+            text += f"  → {c['fix']}"
+        out.append((str(c.get("name", "")), level, text))
+    if h.get("oidc_issuer"):
+        out.append(("OIDC issuer url", "ok", str(h["oidc_issuer"])))
+    audit = h.get("audit") or {}
+    stats = h.get("audit_stats") or {}
+    healthy = bool(audit.get("healthy"))
+    out.append(("audit store", "ok" if healthy else "fail",
+                f"{'healthy' if healthy else 'NOT HEALTHY: statements are refused'}, {audit.get('path')}, "
+                f"mode {stats.get('mode')}, audit process pid {audit.get('pid')}, writer epoch {stats.get('epoch')}"))
+    depth = stats.get("queue_depth")
+    out.append(("audit queue", "ok", f"{depth if depth is not None else '?'} event(s) not yet committed"
+                                     + (f" (limit {stats['queue_max']})" if stats.get("queue_max") else "")))
+    lost = int(stats.get("lost") or 0)
+    refused = int(stats.get("refused") or 0)
+    out.append(("audit losses", "fail" if lost else ("warn" if refused else "ok"),
+                f"{lost} event(s) lost, {refused} refused, {stats.get('restarts', 0)} audit process restart(s)"))
+    out.append(("chain head", "ok", f"seq {stats.get('head_seq') if stats.get('head_seq') is not None else '?'}"))
+    out.append(("sessions", "ok", f"{h.get('sessions_active', 0)} active, "
+                                  f"{h.get('approvals_pending', 0)} request(s) held"))
+    revocations = h.get("revocations_pending") or []
+    if revocations:
+        out.append(("leases", "warn", f"{len(revocations)} credential lease(s) not revoked yet"))
+    return out

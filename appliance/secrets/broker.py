@@ -495,6 +495,12 @@ class SecretsBroker:
         """Authenticate once, blocking, without starting the renewer. Raises SecretUnavailable."""
         self._login()
 
+    def token_lookup(self) -> tuple[int, bool]:
+        """(seconds left, renewable) of botwarden's own token, asked of Vault now (blocking; the
+        status view's "Vault token" line). Raises SecretUnavailable."""
+        data = self._call_sync("looking up botwarden's own token", lambda c: c.auth.token.lookup_self())["data"]
+        return int(data.get("ttl") or 0), bool(data.get("renewable"))
+
     def check_logout(self) -> None:
         """Revoke the token check_login made (best effort: it would end at its TTL anyway)."""
         try:

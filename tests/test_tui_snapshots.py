@@ -1,0 +1,156 @@
+"""SVG snapshots of every console screen at 80×24 and 120×40 (pytest-textual-snapshot).
+
+These check what the operator sees, cell by cell: layout, wrapping, which keys the footer
+shows, what a dialog says. To keep each render the same run after run, the console is
+started with ``connect=False`` and a frozen clock, and handed the daemon's documents (the
+approvals stream's events and the answers of /v1/status, /v1/sessions, /v1/health, audit
+SQL) through the same handlers the live console uses; text cursors do not blink. What the
+console does with a real daemon is tested in test_tui_daemon.py and test_tui.py.
+
+After an intended change to a screen: ``pytest tests/test_tui_snapshots.py --snapshot-update``,
+look at the SVGs that changed (tests/__snapshots__/test_tui_snapshots/), commit them.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+from textual.widgets import Input
+
+from tui.app import Answer, BotwardenApp, WatchEvent
+
+pytestmark = pytest.mark.timeout(120)
+
+T0 = datetime(2026, 11, 29, 3, 0, tzinfo=timezone.utc)
+NOW = T0 + timedelta(seconds=75)
+SOCKET = "/run/botwarden/control.sock"
+
+APPROVAL = {
+    "approval_id": "3cffbb72ac19", "session_id": "f3dcfce4f1484e45ac50c92028f87e4b", "request_id": "r-1",
+    "identity": "ledger-bot", "target": "ledger", "protocol": "postgres",
+    "request": "DELETE FROM tui_ledger WHERE id = 1 AND note <> '********'",
+    "rule": "ledger-deletes-need-approval", "rule_description": "Deletes on the ledger need a second pair of eyes",
+    "policy_reason": "needs approval by botwarden rule 'ledger-deletes-need-approval'",
+    "groups": ["bots", "ledger-writers"],
+    "process": {"pid": 2533, "uid": 65534, "gid": 65534, "exe": "/usr/lib/postgresql/15/bin/psql", "comm": "psql",
+                "cgroup": "/botwarden.bots/tui-bot", "attribution": "ebpf", "client": "127.0.0.1:50412"},
+    "created": T0.isoformat(), "expires": (T0 + timedelta(minutes=10)).isoformat(),
+    "approvals": [], "required": 1, "row_estimate": 1, "row_limit": 100,
+    "earlier": [{"approval_id": "0a1b2c3d4e5f", "identity": "ledger-bot", "event": "approved", "operator": "root",
+                 "reason": "checked with the owner", "decided": (T0 - timedelta(minutes=30)).isoformat(),
+                 "window_s": None}],
+}
+SECOND = {**APPROVAL, "approval_id": "9e8d7c6b5a41", "identity": "deploy-bot", "request": "TRUNCATE audit_tmp",
+          "rule": "truncates-need-two", "rule_description": "", "required": 2, "approvals": ["alice"],
+          "created": (T0 + timedelta(seconds=40)).isoformat(), "earlier": [], "row_estimate": None, "row_limit": None}
+DECIDED = {"event": "denied", "approval": {**APPROVAL, "approval_id": "77aa88bb99cc", "request": "DELETE FROM orders"},
+           "reason": "denied by root: not during the freeze", "recorded_reason": "not during the freeze",
+           "operator": "root", "window_s": None, "decided": (T0 - timedelta(minutes=5)).isoformat()}
+STATUS = {"pid": 2086, "started_at": (T0 - timedelta(hours=3)).isoformat(), "config": "/etc/botwarden/botwarden.toml",
+          "reloads": 0, "last_reload_error": None,
+          "targets": [{"name": "ledger", "protocol": "postgres", "address": "10.0.0.5:5432",
+                       "listen": "127.0.0.1:6432"}],
+          "audit": {"path": "/var/lib/botwarden/audit.duckdb", "healthy": True, "pid": 2161},
+          "probes": "ebpf (mode=ebpf)", "sessions_active": 1, "approvals_pending": 2, "bots_left_cgroup": 0}
+SESSIONS = [
+    {"session_id": "f3dcfce4f1484e45ac50c92028f87e4b", "identity": "ledger-bot", "target": "ledger",
+     "subject": "a1b2", "pid": 2533, "uid": 65534, "exe": "/usr/lib/postgresql/15/bin/psql",
+     "client": "127.0.0.1:50412", "started": (T0 - timedelta(minutes=2)).isoformat(), "ended": None,
+     "state": "active", "current": "SELECT pg_sleep(120)", "current_since": (T0 + timedelta(seconds=5)).isoformat(),
+     "current_running": True},
+    {"session_id": "0d9e8f7a6b5c4d3e2f1a0b9c8d7e6f5a", "identity": "deploy-bot", "target": "ledger",
+     "subject": "c3d4", "pid": 2101, "uid": 1001, "exe": "/usr/bin/python3.11", "client": "127.0.0.1:50398",
+     "started": (T0 - timedelta(minutes=9)).isoformat(), "ended": (T0 - timedelta(minutes=8)).isoformat(),
+     "state": "ended", "current": "COMMIT", "current_since": (T0 - timedelta(minutes=8)).isoformat(),
+     "current_running": False},
+]
+HEALTH = {**STATUS, "version": "0.1.0", "uptime_s": 10875, "probes_mode": "ebpf", "probes_path": "ebpf",
+          "bots": [{"cgroup": "/botwarden.bots", "processes": 0, "uid0": 0, "uid0_pids": []},
+                   {"cgroup": "/botwarden.bots/tui-bot", "processes": 1, "uid0": 0, "uid0_pids": []},
+                   {"cgroup": "/botwarden.bots/root-sleeper", "processes": 1, "uid0": 1,
+                    "uid0_pids": [{"pid": 3120, "comm": "sleep"}]}],
+          "checks": [{"name": "target ledger reachable", "status": "ok",
+                      "detail": "10.0.0.5:5432: PostgreSQL answers SSLRequest with 'S' (TLS offered)", "fix": ""},
+                     {"name": "Vault reachable", "status": "fail",
+                      "detail": "http://127.0.0.1:8200 is unreachable (ConnectionError)",
+                      "fix": "start Vault/OpenBao, or fix vault.address (and vault.ca_file for TLS)"},
+                     {"name": "OIDC issuer", "status": "ok",
+                      "detail": "http://127.0.0.1:8200/v1/identity/oidc/.well-known/openid-configuration: discovery "
+                                "and JWKS (1 keys)", "fix": ""}],
+          "audit_stats": {"mode": "strict", "queue_depth": 3, "queue_max": 100000, "lost": 0, "refused": 0,
+                          "restarts": 0, "head_seq": 4182, "epoch": 1, "failing": False},
+          "oidc_issuer": "http://127.0.0.1:8200/v1/identity/oidc"}
+REPLAY = {"columns": ["ts", "kind", "text", "decision", "rule", "rows", "error"],
+          "rows": [["2026-11-29 02:58:01", "query", "SELECT 1", "allow", None, 1, None],
+                   ["2026-11-29 02:58:02", "query", "SELECT email FROM customers", "mask", "mask-pii", 2, None],
+                   ["2026-11-29 02:58:03", "query", "DROP TABLE orders", "block", "no-drops", 0,
+                    "blocked by rule no-drops"]]}
+AUDIT = {"columns": ["decision", "n"], "rows": [["allow", 120], ["block", 3], ["mask", 17]]}
+
+
+class SnapshotConsole(BotwardenApp):
+    """The console with a frozen clock, no daemon connection, and text cursors that do not blink."""
+
+    def __init__(self) -> None:
+        super().__init__(SOCKET, connect=False, clock=lambda: NOW)
+
+    async def _open(self, screen: Any, callback: Any, focus: str) -> None:
+        await super()._open(screen, callback, focus)
+        for field in screen.query(Input):
+            field.cursor_blink = False
+
+
+async def fill(pilot) -> None:
+    """Hand the console what a daemon would have said."""
+    app: BotwardenApp = pilot.app
+    for field in app.query(Input):
+        field.cursor_blink = False
+    app.on_watch_event(WatchEvent({"event": "hello", "pending": 2}))
+    app.on_watch_event(WatchEvent({"event": "pending", "approval": APPROVAL}))
+    app.on_watch_event(WatchEvent({"event": "pending", "approval": SECOND}))
+    app.on_watch_event(WatchEvent(DECIDED))
+    app._answer_status(Answer("status", STATUS))
+    app._answer_sessions(Answer("sessions", {"sessions": SESSIONS}))
+    app._answer_health(Answer("health", HEALTH))
+    app._answer_replay(Answer("replay", REPLAY, context="0d9e8f7a6b5c4d3e2f1a0b9c8d7e6f5a"))
+    app.query_one("#replay-session", Input).value = "0d9e8f7a6b5c4d3e2f1a0b9c8d7e6f5a"
+    app.query_one("#sql", Input).value = "SELECT decision, count(*) AS n FROM requests GROUP BY 1 ORDER BY 1"
+    app._answer_audit(Answer("audit", AUDIT, context="SELECT decision, count(*) AS n FROM requests GROUP BY 1"))
+    await pilot.pause()
+
+
+@pytest.fixture(autouse=True)
+def utc(monkeypatch):
+    """Times are shown in local time: make it the same everywhere."""
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+SCREENS = {
+    "approvals": (),
+    "approve_once": ("f6",),
+    "approve_window": ("f7",),
+    "deny": ("f8",),
+    "sessions": ("f2",),
+    "sessions_filtered": ("f2", "slash", *"state=active"),
+    "end_session": ("f2", "ctrl+k"),
+    "audit": ("f3",),
+    "replay": ("f4",),
+    "status": ("f9",),
+    "help": ("question_mark",),
+    "quit": ("f10",),
+}
+
+
+@pytest.mark.parametrize("size", [(80, 24), (120, 40)], ids=["80x24", "120x40"])
+@pytest.mark.parametrize("screen", list(SCREENS))
+def test_screen(snap_compare, screen: str, size: tuple[int, int]) -> None:
+    assert os.environ["TZ"] == "UTC"
+    assert snap_compare(SnapshotConsole(), press=SCREENS[screen], terminal_size=size, run_before=fill)
