@@ -1,0 +1,158 @@
+"""Extended-protocol bookkeeping: Parse/Bind/Describe/Execute/Close/Sync and their answers."""
+
+from __future__ import annotations
+
+
+from appliance.policy.types import Verdict
+from appliance.protocols.postgres import messages as m
+from appliance.protocols.postgres.errors import RemoteProtocolError
+
+from .wire import _cstring_at, _bind_fast
+from .pending import (_Request, _Statement, _Portal, _UNKNOWN_STATEMENT, OP_PARSE, OP_BIND, OP_DESCRIBE,
+                      OP_EXECUTE, OP_CLOSE, OP_SYNC, _HOLD)
+
+
+class ExtendedProtocolMixin:
+    """Extended-protocol bookkeeping: Parse/Bind/Describe/Execute/Close/Sync and their answers
+    (part of :class:`Session`)."""
+
+    def _c_parse(self, buf, s: int, e: int):
+        body = bytes(buf[s + 5:e])
+        msg = m.Parse.decode(body)
+        if self._skip_until_sync:
+            # The server discards this after our refusal: no decision, no response to expect.
+            self._ext_open = True
+            return None
+        start = body.index(0) + 1
+        query, v, refusal = self._read_and_decide(body[start:body.index(0, start)], "parse")
+        ext_was_open, self._ext_open = self._ext_open, True
+        stmt = _Statement(query, v, msg.name)
+        if v.row_guards:
+            stmt.guard = (body[start:body.index(0, start)], msg.param_types)
+        self._statements[msg.name] = stmt
+        action = v.action
+        if action == "allow" or action == "mask":
+            self._ops.append((OP_PARSE, None, stmt))
+            return None
+        req = _Request("parse", query, v)
+        if action == "block":
+            nonce = self._blocked_sql(req, refusal or self._block_refusal(v, query))
+            self._skip_until_sync = True
+            self._ops.append((OP_PARSE, req, stmt))
+            return m.Parse(msg.name, nonce, ()).encode()
+
+        def on_denied(nonce: str) -> bytes:
+            self._skip_until_sync = True
+            return m.Parse(msg.name, nonce, ()).encode()
+
+        def op():
+            # The held Parse is audited as its own request (the approval names its id); the
+            # Executes of the prepared statement are audited as usual.
+            return (OP_PARSE, req, stmt)
+
+        self._ext_open = ext_was_open  # the held Parse is not forwarded yet
+        self._start_hold(req, bytes(buf[s:e]), op, on_denied)
+        return _HOLD
+
+    def _c_bind(self, buf, s: int, e: int):
+        if self._skip_until_sync:
+            return None
+        portal_name, stmt_name, params, result_formats = _bind_fast(buf, s, e)
+        stmt = self._statements.get(stmt_name, _UNKNOWN_STATEMENT)
+        portal = _Portal(stmt, params, result_formats)
+        if stmt.guard is not None:
+            portal.bind = bytes(buf[s + 5:e])
+        self._portals[portal_name] = portal
+        self._ext_open = True
+        self._ops.append((OP_BIND,))
+        if stmt.verdict.action == "mask":
+            # Masking needs the result columns with their formats: ask for them, keep the answer.
+            self._handlers[68] = self._on_data_row
+            self._ops.append((OP_DESCRIBE, "P", portal, True))
+            return bytes(buf[s:e]) + m.Describe("P", portal_name).encode()
+        return None
+
+    def _c_describe(self, buf, s: int, e: int):
+        if self._skip_until_sync:
+            return None
+        msg = m.Describe.decode(bytes(buf[s + 5:e]))
+        target = (self._statements.get(msg.name) if msg.kind == "S" else self._portals.get(msg.name))
+        self._ext_open = True
+        self._ops.append((OP_DESCRIBE, msg.kind, target, False))
+        return None
+
+    def _c_execute(self, buf, s: int, e: int):
+        if self._skip_until_sync:
+            return None
+        name, pos = _cstring_at(buf, s + 5, e)
+        if pos + 4 != e:
+            raise RemoteProtocolError("Execute body length does not match its fields")
+        portal = self._portals.get(name)
+        stmt = portal.statement if portal is not None else _UNKNOWN_STATEMENT
+        req = _Request("execute", stmt.text, stmt.verdict, portal.params if portal is not None else None)
+        self._ext_open = True
+        if stmt.guard is not None and portal is not None:
+            original = bytes(buf[s:e])
+            r = self._row_guard(req, original, stmt.guard[0], stmt.guard[1], portal.bind, extended=True)
+            if r is not None:
+                return r
+            if req.verdict.action == "block":
+                nonce = self._blocked_sql(req, self._block_refusal(req.verdict))
+                self._ops.append((OP_EXECUTE, portal, req))
+                return m.Execute(nonce).encode()  # no such portal: the server fails, we answer
+            if req.verdict.action == "approve":
+                self._start_hold(req, original, lambda: (OP_EXECUTE, portal, req),
+                                 lambda nonce: m.Execute(nonce).encode())
+                return _HOLD
+        if self._audit_durable is not None and self._wait_for_record(req, bytes(buf[s:e]), (OP_EXECUTE, portal, req)):
+            return _HOLD
+        self._ops.append((OP_EXECUTE, portal, req))
+        return None
+
+    def _name_statement(self, name: str, verdict: Verdict | None) -> None:
+        """A named protocol-level statement is also SQL's: ``EXECUTE name`` runs it."""
+        if name:
+            remember = getattr(self.services, "name_statement", None)
+            if remember is not None:
+                remember(self.core.grant, name, verdict)
+
+    def _c_close(self, buf, s: int, e: int):
+        if self._skip_until_sync:
+            return None
+        msg = m.Close.decode(bytes(buf[s + 5:e]))
+        (self._statements if msg.kind == "S" else self._portals).pop(msg.name, None)
+        if msg.kind == "S":
+            self._name_statement(msg.name, None)
+        self._ext_open = True
+        self._ops.append((OP_CLOSE,))
+        return None
+
+    def _c_sync(self, buf, s: int, e: int):
+        self._skip_until_sync = False
+        self._ext_open = False
+        self._ops.append((OP_SYNC,))
+        return None
+
+    def _on_parse_complete(self, buf, s, e):
+        op = self._pop(OP_PARSE)
+        if op is not None:
+            if op[2] is not None and op[2].name:
+                # Known to SQL EXECUTE once the server has it (a duplicate name fails and keeps
+                # the first statement, so nothing is named before ParseComplete).
+                self._name_statement(op[2].name, op[2].verdict)
+            if op[1] is not None:
+                self._finish(op[1])  # a Parse held for approval and approved: its own audited request
+
+    def _on_bind_complete(self, buf, s, e):
+        self._pop(OP_BIND)
+
+    def _on_close_complete(self, buf, s, e):
+        self._pop(OP_CLOSE)
+
+    def _on_no_data(self, buf, s, e):
+        ops = self._ops
+        if ops and ops[0][0] == OP_DESCRIBE:
+            head = ops.popleft()
+            if head[3]:
+                return b""
+        return None

@@ -1,0 +1,211 @@
+"""Session start: TLS, the bot's token, the grant, the upstream connection and its login."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+
+from appliance.policy.reading import TRACKED_PARAMETERS
+from appliance.protocols.postgres import messages as m
+from appliance.protocols.postgres import sqlstate
+from appliance.protocols.postgres.auth import SCRAM_SHA_256, ScramClient, md5_password
+from appliance.protocols.postgres.connection import ConnectionClosed, negotiate_reply, startup_for_server
+from appliance.protocols.postgres.errors import PgProtocolError
+
+from ..services import AuthRefused, ConnectionContext, SessionGrant
+from ..session import attribution as _attribution
+from .settings import FrontError
+from .transport import UpstreamProtocol
+
+log = logging.getLogger(__name__)
+
+
+class StartupMixin:
+    """Session start: TLS, the bot's token, the grant, the upstream connection and its login
+    (part of :class:`Session`)."""
+
+    async def run_startup(self) -> None:
+        try:
+            await asyncio.wait_for(self._startup(), self.settings.startup_timeout)
+        except asyncio.TimeoutError:
+            self._refused_before_login("the session did not start in time")
+            self.fatal(sqlstate.CONNECTION_FAILURE, "the session did not start in time", outcome="error")
+        except FrontError as e:
+            if e.server_error is not None:
+                # The server's own words (e.g. 3D000 database does not exist) reach the bot unchanged.
+                self.core.outcome, self.core.end_error = "refused", e.server_error.message
+                self.write_bot(e.server_error.encode())
+                self.close()
+            else:
+                self.fatal(e.sqlstate, e.message, outcome="refused" if e.sqlstate.startswith("28") else "error")
+        except PgProtocolError as e:
+            self._refused_before_login(f"protocol error: {e.message}")
+            self.fatal(e.sqlstate, e.message)
+        except (ConnectionError, OSError) as e:
+            if not self.closed:
+                log.info("session startup ended: %s", e)
+                self.core.outcome = "error"
+                self.core.end_error = str(e)
+                self.close()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("session startup failed")
+            self.fatal(sqlstate.INTERNAL_ERROR, "internal error while starting the session")
+
+    async def _startup(self) -> None:
+        loop = asyncio.get_running_loop()
+        codec = self.bot_waiter.codec
+        ev = await self.bot_waiter.next()
+        while isinstance(ev, (m.SSLRequest, m.GSSENCRequest)):
+            if isinstance(ev, m.SSLRequest) and self.front.server_ssl is not None and not self.tls:
+                self.write_bot(codec.send(m.SSLResponse(True)))
+                self.bot.transport = await loop.start_tls(self.bot.transport, self.bot, self.front.server_ssl,
+                                                          server_side=True)
+                self.tls = True
+            else:
+                self.write_bot(codec.send(m.SSLResponse(False)))
+            ev = await self.bot_waiter.next()
+        if isinstance(ev, m.CancelRequest):
+            await self.front.cancel(ev)
+            self.close()
+            return
+        if isinstance(ev, ConnectionClosed):
+            self.close()
+            return
+        startup: m.StartupMessage = ev
+        if not self.tls and not self.settings.allow_plaintext:
+            raise FrontError(sqlstate.INVALID_AUTHORIZATION_SPECIFICATION,
+                             "this target requires TLS; connect with sslmode=require or stronger")
+        reply = negotiate_reply(startup)
+        if reply is not None:
+            self.write_bot(reply.encode())
+        user = startup.get("user")
+        if not user:
+            raise FrontError(sqlstate.INVALID_AUTHORIZATION_SPECIFICATION, "no user name in the startup packet")
+        token: str | None = None
+        if self.settings.require_token:
+            self.write_bot(m.AuthenticationCleartextPassword().encode())
+            ev = await self.bot_waiter.next()
+            if not isinstance(ev, m.PasswordMessage):
+                raise FrontError(sqlstate.PROTOCOL_VIOLATION, "expected a password message carrying the token")
+            token = ev.password_text()
+        self.core.credentials_presented()  # the identity checks bound the connection from here
+        transport = self.bot.transport
+        ctx = ConnectionContext(transport.get_extra_info("peername"), transport.get_extra_info("sockname"),
+                                self.tls, await _attribution(self.services, transport))
+        try:
+            grant = await self.core.open(ctx, user, token)  # a refusal is recorded there
+        except AuthRefused as e:
+            raise FrontError(e.sqlstate, e.message) from None
+        finally:
+            token = None  # the token is not kept past this point
+        await self._connect_upstream(grant, startup)
+
+    async def _connect_upstream(self, grant: SessionGrant, startup: m.StartupMessage) -> None:
+        loop = asyncio.get_running_loop()
+        st = self.settings
+        try:
+            _, proto = await asyncio.wait_for(self.front._open_upstream(lambda: UpstreamProtocol(self)),
+                                              st.connect_timeout)
+        except (OSError, asyncio.TimeoutError) as e:
+            self.core.upstream_failed("tcp")
+            raise FrontError(sqlstate.SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
+                             f"could not connect to the target {st.target!r}: {e or 'timeout'}") from e
+        self.upstream = proto
+        if self.closed:
+            proto.transport.close()
+            return
+        codec = self.server_waiter.codec
+        if st.upstream_tls != "disable":
+            proto.transport.write(codec.send(m.SSLRequest()))
+            ev = await self.server_waiter.next()
+            if isinstance(ev, m.SSLResponse) and ev.accepted:
+                try:
+                    proto.transport = await loop.start_tls(
+                        proto.transport, proto, self.front.upstream_ssl,
+                        server_hostname=st.upstream_host if st.upstream_tls == "verify-full" else None)
+                except (ssl.SSLError, OSError) as e:
+                    self.core.upstream_failed("tls")
+                    raise FrontError(sqlstate.SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
+                                     f"TLS to the target {st.target!r} failed: {e}") from e
+            elif isinstance(ev, m.ErrorResponse):
+                raise FrontError(ev.sqlstate or sqlstate.CONNECTION_FAILURE, "", server_error=ev)
+            elif st.upstream_tls != "prefer":
+                raise FrontError(sqlstate.SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
+                                 f"the target {st.target!r} does not accept TLS (upstream_tls = {st.upstream_tls})")
+        cred = grant.credential
+        proto.transport.write(codec.send(startup_for_server(startup, cred.username)))
+        await self._authenticate_upstream(cred.username, cred.password)
+        self.write_bot(m.AuthenticationOk().encode())
+        # Until ReadyForQuery: ParameterStatus/Notice as sent, BackendKeyData with our secret.
+        while True:
+            ev = await self.server_waiter.next()
+            if isinstance(ev, m.ReadyForQuery):
+                self.write_bot(ev.encode())
+                self.txn_status = ev.status
+                break
+            if isinstance(ev, m.BackendKeyData):
+                self.write_bot(self._remap_key(ev.pid, ev.secret))
+            elif isinstance(ev, m.ErrorResponse):
+                raise FrontError(ev.sqlstate or sqlstate.CONNECTION_FAILURE, "", server_error=ev)
+            elif isinstance(ev, ConnectionClosed):
+                raise FrontError(sqlstate.CONNECTION_FAILURE, "the server closed the connection during startup")
+            elif isinstance(ev, (m.ParameterStatus, m.NoticeResponse, m.NegotiateProtocolVersion)):
+                if isinstance(ev, m.ParameterStatus) and ev.name in TRACKED_PARAMETERS:
+                    self._reading = self._reading.with_parameter(ev.name, ev.value)
+                if not isinstance(ev, m.NegotiateProtocolVersion):
+                    self.write_bot(ev.encode())
+            else:
+                raise FrontError(sqlstate.PROTOCOL_VIOLATION,
+                                 f"the server sent {type(ev).__name__} during startup")
+        self._to_bot = self.bot.transport.write
+        self._to_server = self.upstream.transport.write
+        self.relaying = True
+        rest_server = self.server_waiter.codec.trailing_data
+        rest_bot = self.bot_waiter.codec.trailing_data
+        if rest_server:
+            self.server_data(rest_server)
+        if rest_bot:
+            self.client_data(rest_bot)
+
+    async def _authenticate_upstream(self, user: str, password: str | None) -> None:
+        write = self.upstream.transport.write
+        scram: ScramClient | None = None
+
+        def need_password() -> str:
+            if password is None:
+                raise FrontError(sqlstate.INVALID_PASSWORD,
+                                 "the target asks for a password but the session's credential has none")
+            return password
+
+        while True:
+            ev = await self.server_waiter.next()
+            if isinstance(ev, m.AuthenticationOk):
+                return
+            if isinstance(ev, m.AuthenticationCleartextPassword):
+                write(m.PasswordMessage.password(need_password()).encode())
+            elif isinstance(ev, m.AuthenticationMD5Password):
+                write(m.PasswordMessage.password(md5_password(user, need_password(), ev.salt)).encode())
+            elif isinstance(ev, m.AuthenticationSASL):
+                if SCRAM_SHA_256 not in ev.mechanisms:
+                    raise FrontError(sqlstate.FEATURE_NOT_SUPPORTED,
+                                     f"the target offers SASL mechanisms {list(ev.mechanisms)}, none supported")
+                scram = ScramClient(need_password())
+                write(m.PasswordMessage.sasl_initial(SCRAM_SHA_256, scram.client_first()).encode())
+            elif isinstance(ev, m.AuthenticationSASLContinue) and scram is not None:
+                write(m.PasswordMessage(scram.client_final(ev.data)).encode())
+            elif isinstance(ev, m.AuthenticationSASLFinal) and scram is not None:
+                scram.verify_server_final(ev.data)
+            elif isinstance(ev, m.ErrorResponse):
+                raise FrontError(ev.sqlstate or sqlstate.INVALID_AUTHORIZATION_SPECIFICATION, "",
+                                 server_error=ev)
+            elif isinstance(ev, m.NegotiateProtocolVersion):
+                continue
+            elif isinstance(ev, ConnectionClosed):
+                raise FrontError(sqlstate.CONNECTION_FAILURE, "the server closed the connection during login")
+            else:
+                raise FrontError(sqlstate.FEATURE_NOT_SUPPORTED,
+                                 f"the target asks for an authentication method botwarden does not speak "
+                                 f"({type(ev).__name__})")

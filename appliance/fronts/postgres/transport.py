@@ -1,0 +1,132 @@
+"""The asyncio protocols of one session: the bot's socket and the server's, and the waiter
+that lets the startup coroutine read events from the sans-IO codec."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from appliance.protocols.postgres import sqlstate
+from appliance.protocols.postgres.connection import NEED_DATA, PgConnection
+from appliance.protocols.postgres.errors import PgProtocolError
+
+if TYPE_CHECKING:
+    from .front import PostgresFront
+    from .session import Session
+
+log = logging.getLogger(__name__)
+
+
+class _Waiter:
+    """Feeds a sans-IO connection and lets a coroutine await its next event."""
+
+    def __init__(self, codec: PgConnection):
+        self.codec = codec
+        self.fut: asyncio.Future | None = None
+        self.error: BaseException | None = None
+
+    def feed(self, data: bytes) -> None:
+        self.codec.receive_data(data)
+        self.wake()
+
+    def wake(self, error: BaseException | None = None) -> None:
+        if error is not None and self.error is None:
+            self.error = error
+        if self.fut is not None and not self.fut.done():
+            self.fut.set_result(None)
+
+    async def next(self):
+        while True:
+            ev = self.codec.next_event()
+            if ev is not NEED_DATA:
+                return ev
+            if self.error is not None:
+                raise self.error
+            self.fut = asyncio.get_running_loop().create_future()
+            await self.fut
+            self.fut = None
+
+
+class BotProtocol(asyncio.Protocol):
+    """The bot's side of one session."""
+
+    def __init__(self, front: PostgresFront):
+        self.front = front
+        self.session = front.new_session(self)
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport) -> None:  # also called again by start_tls? no: we set it
+        if self.transport is None:
+            self.transport = transport
+            if not self.session.admit():
+                return
+            self.session.start()
+
+    def data_received(self, data: bytes) -> None:
+        s = self.session
+        s.bytes_in += len(data)
+        if s.relaying:
+            try:
+                s.client_data(data)
+            except Exception:  # our bug or a hook's: fail closed, never forward unchecked bytes
+                log.exception("relay failed (bot -> server); session closed")
+                s.fatal(sqlstate.INTERNAL_ERROR, "internal error in the inspector; the session is closed")
+        else:
+            try:
+                s.bot_waiter.feed(data)
+            except PgProtocolError as e:
+                s.bot_waiter.wake(e)
+
+    def eof_received(self) -> bool | None:
+        self.session.bot_waiter.wake(ConnectionResetError("bot closed the connection"))
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.session.bot_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.session.flow("bot_full", True)
+
+    def resume_writing(self) -> None:
+        self.session.flow("bot_full", False)
+
+
+class UpstreamProtocol(asyncio.Protocol):
+    """The server's side of one session."""
+
+    def __init__(self, session: Session):
+        self.session = session
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport) -> None:
+        if self.transport is None:
+            self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        s = self.session
+        s.bytes_out += len(data)
+        if s.relaying:
+            try:
+                s.server_data(data)
+            except Exception:  # e.g. a mask plan that raises: no unmasked row may pass
+                log.exception("relay failed (server -> bot); session closed")
+                s.fatal(sqlstate.INTERNAL_ERROR, "internal error in the inspector; the session is closed")
+        else:
+            try:
+                s.server_waiter.feed(data)
+            except PgProtocolError as e:
+                s.server_waiter.wake(e)
+
+    def eof_received(self) -> bool | None:
+        self.session.server_waiter.wake(ConnectionResetError("server closed the connection"))
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.session.server_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.session.flow("server_full", True)
+
+    def resume_writing(self) -> None:
+        self.session.flow("server_full", False)
