@@ -527,7 +527,7 @@ _contract_fields = {
                       "attribution_source", "credential_user", "lease_id", "tls"},
     "session_end": {"session_id", "ts", "bytes_in", "bytes_out", "outcome", "error"},
     "request": {"request_id", "session_id", "ts", "protocol", "kind", "text", "params", "decision", "rule",
-                "reason", "duration_ms", "rows", "error", "sqlstate", "masked"},
+                "reason", "duration_ms", "rows", "error", "sqlstate", "masked", "row_estimate", "row_limit"},
 }
 
 
