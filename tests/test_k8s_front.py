@@ -60,6 +60,13 @@ def test_get_and_list_through_botwarden_match_direct(env: K8sEnv) -> None:
         "SELECT text, decision, sqlstate FROM requests WHERE protocol = 'k8s' AND text LIKE ? ORDER BY ts",
         [f"list configmaps in {ns}%"])
     assert rows and all(r["decision"] == "allow" and r["sqlstate"] == "200" for r in rows)
+    # audit.mode = "strict" (the default): each request was journaled before it went upstream, a
+    # request_starts row its requests row completes (same id and seq; issue 23.4).
+    unstarted = env.daemon.audit_sql(
+        "SELECT r.text FROM requests r LEFT JOIN request_starts s ON s.request_id = r.request_id "
+        "AND s.seq = r.seq AND s.chain_seq < r.chain_seq "
+        "WHERE r.protocol = 'k8s' AND r.text LIKE ? AND s.request_id IS NULL", [f"list configmaps in {ns}%"])
+    assert unstarted == []
 
 
 def test_namespace_delete_is_refused_with_a_kubernetes_status(env: K8sEnv) -> None:

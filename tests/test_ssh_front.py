@@ -198,6 +198,12 @@ def test_allowed_command_output_and_exit_status_equal_direct(world, tmp_path):
     assert (bot.returncode, bot.stdout, bot.stderr) == (direct.returncode, direct.stdout, direct.stderr)
     rows = world["daemon"].audit_sql("SELECT kind, text, decision, rows FROM requests WHERE text = ?", [command])
     assert rows == [{"kind": "ssh_exec", "text": command, "decision": "allow", "rows": 3}]
+    # audit.mode = "strict" (the default): the command was journaled before it went to sshd, as a
+    # request_starts row that its requests row completes (same id and seq; issue 23.4).
+    started = world["daemon"].audit_sql(
+        "SELECT s.request_id FROM request_starts s JOIN requests r USING (request_id) "
+        "WHERE s.text = ? AND s.seq = r.seq AND s.chain_seq < r.chain_seq", [command])
+    assert len(started) == 1, started
     s = world["daemon"].audit_sql("SELECT identity, protocol, attribution_source, credential_user, pid FROM sessions "
                                   "WHERE protocol = 'ssh' ORDER BY start_seq DESC LIMIT 1")[0]
     assert s == {"identity": "deploy-bot", "protocol": "ssh", "attribution_source": "ebpf",
