@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -63,10 +64,17 @@ def test_kubectl_against_the_real_address_is_redirected_attested_and_decided(env
     # Decided by botwarden (the rule's Status), so the connection went through the front.
     assert proc.returncode != 0
     assert "Error from server (Forbidden): blocked by botwarden rule 'no-namespace-deletes'" in proc.stderr, proc.stderr
-    rows = env.daemon.audit_sql(
-        "SELECT identity, attribution_source, exe, uid FROM sessions WHERE protocol = 'k8s' AND outcome = 'ok' "
-        "AND attribution_source = 'ebpf'")
-    assert rows and rows[-1]["identity"] == "deploy-bot" and rows[-1]["exe"].endswith("/kubectl")
+    # The session's end row follows kubectl's exit (the front sees the connection close): wait for it.
+    deadline = time.monotonic() + 20
+    while True:
+        rows = env.daemon.audit_sql(
+            "SELECT identity, attribution_source, exe, uid FROM sessions WHERE protocol = 'k8s' AND outcome = 'ok' "
+            "AND attribution_source = 'ebpf'")
+        if rows or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert rows and rows[-1]["identity"] == "deploy-bot" and rows[-1]["exe"].endswith("/kubectl"), \
+        env.daemon.audit_sql("SELECT identity, attribution_source, outcome, error FROM sessions WHERE protocol = 'k8s'")
     assert rows[-1]["uid"] == 65534
 
 
