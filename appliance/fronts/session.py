@@ -86,7 +86,8 @@ class SessionCore:
     """
 
     __slots__ = ("services", "target", "protocol", "target_addr", "session_id", "grant", "outcome", "end_error",
-                 "durable", "_spawn", "_terminate", "_ticket", "_hold_wait", "_withdrawn", "_ended")
+                 "durable", "_spawn", "_terminate", "_ticket", "_hold_wait", "_withdrawn", "_ended",
+                 "_record_seq")
 
     def __init__(self, services: FrontServices, *, target: str, protocol: str, target_addr: str,
                  spawn: Callable[[Coroutine[Any, Any, Any], str], asyncio.Task],
@@ -107,6 +108,7 @@ class SessionCore:
         self._hold_wait: asyncio.Future | None = None
         self._withdrawn = False
         self._ended = False
+        self._record_seq = 0
 
     # ------------------------------------------------------------------ admission
     def admit(self, admission: Admission | None, sock: Any, on_closed: Callable[[str], None],
@@ -195,6 +197,16 @@ class SessionCore:
             if kind not in _AUDIT_FAILURE_LOGGED:
                 _AUDIT_FAILURE_LOGGED.add(kind)
                 log.exception("audit hook failed for %s", kind)
+
+    def record(self, direction: str, data: bytes) -> None:
+        """One chunk of the session's recording, as the bot saw it (after masking): ``direction``
+        "in" (bot to target), "out" (target to bot) or "event" (a JSON document: terminal size,
+        resize, exec command...). A ``recordings`` row in the session's chain."""
+        if self.session_id is None or not data:
+            return
+        self._record_seq += 1
+        self.audit("recording", {"session_id": self.session_id, "seq": self._record_seq, "ts": now(),
+                                 "direction": direction, "data": data})
 
     def record_start(self, record: Mapping[str, Any], verdict: Verdict) -> Any:
         """audit.mode = "strict": submit the request's start record to be durable before the
