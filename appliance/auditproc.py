@@ -910,6 +910,12 @@ class _Child:
         # Strict mode: a request's start and its completion carry the same text; the completion
         # reuses the start's redaction (request_id -> (text, redacted text)) instead of scanning again.
         self._start_texts: dict[str, tuple[str, str]] = {}
+        # Recordings: a PostgreSQL session's chunks are redacted like its request rows (the
+        # protocol of each open session, from its session_start row).
+        self._recording = schema.KINDS["recording"]
+        self._session_start = schema.KINDS["session_start"]
+        self._session_end = schema.KINDS["session_end"]
+        self._protocols: dict[str, str] = {}
         self._send_lock = threading.Lock()
         self._received = 0
         self._received_cv = threading.Condition()
@@ -993,6 +999,31 @@ class _Child:
             r[ix["error"]] = red.message(r[ix["error"]])
         return tuple(r)
 
+    def _redact_recording(self, row: tuple) -> tuple:
+        """A recording chunk as the store may keep it: a PostgreSQL session's messages redacted
+        (appliance/recordings/pgstream.py). A session this process has not seen start (it
+        replaced a dead one) is looked up; one not found is treated as PostgreSQL (fail closed)."""
+        names = self._recording.names
+        direction = row[names.index("direction")]
+        if direction == "event":
+            return row
+        sid = row[0]
+        protocol = self._protocols.get(sid)
+        if protocol is None:
+            try:
+                _, found = self.store.query("SELECT protocol FROM sessions WHERE session_id = ?", [sid])
+            except Exception:
+                found = []
+            protocol = self._protocols[sid] = found[0][0] if found else "postgresql"
+        if protocol != "postgresql":
+            return row
+        from appliance.recordings.pgstream import redact_chunk
+
+        i = names.index("data")
+        r = list(row)
+        r[i] = redact_chunk(bytes(r[i] or b""), direction, self.redactor)
+        return tuple(r)
+
     def _events_loop(self) -> None:
         kinds = schema.KINDS
         request = self._request
@@ -1021,6 +1052,12 @@ class _Child:
                     row = self._redact(row, self._ix)
                 elif spec is request_start:
                     row = self._redact(row, self._ix_start)
+                elif spec is self._recording:
+                    row = self._redact_recording(row)
+                elif spec is self._session_start:
+                    self._protocols[row[0]] = row[spec.names.index("protocol")]
+                elif spec is self._session_end:
+                    self._protocols.pop(row[0], None)
                 rows.append((spec, row))
             if journal is not None and rows:
                 # On disk (redacted, as the store would hold it) before the daemon is told.
