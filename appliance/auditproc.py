@@ -916,6 +916,9 @@ class _Child:
         self._session_start = schema.KINDS["session_start"]
         self._session_end = schema.KINDS["session_end"]
         self._protocols: dict[str, str] = {}
+        # Statement texts of recent request rows and their redaction: a recording's chunk holds the
+        # same statements, redacted once (bounded: cleared when full).
+        self._recent_texts: dict[str, str] = {}
         self._send_lock = threading.Lock()
         self._received = 0
         self._received_cv = threading.Condition()
@@ -993,6 +996,10 @@ class _Child:
             else:
                 seen = starts.pop(r[0], None) if starts else None
                 r[ix["text"]] = seen[1] if seen is not None and seen[0] == text else red.text(text)
+            recent = self._recent_texts
+            if len(recent) > 20_000:
+                recent.clear()
+            recent[text] = r[ix["text"]]
         if r[ix["params"]] is not None:
             r[ix["params"]] = red.params(r[ix["params"]], masked_statement=r[ix["decision"]] == "mask")
         if ix["error"] is not None and r[ix["error"]] is not None:
@@ -1019,9 +1026,15 @@ class _Child:
             return row
         from appliance.recordings.pgstream import redact_chunk
 
+        recent, red = self._recent_texts, self.redactor
+
+        def text(sql: str) -> str:
+            done = recent.get(sql)
+            return done if done is not None else red.text(sql)
+
         i = names.index("data")
         r = list(row)
-        r[i] = redact_chunk(bytes(r[i] or b""), direction, self.redactor)
+        r[i] = redact_chunk(bytes(r[i] or b""), direction, red, text)
         return tuple(r)
 
     def _events_loop(self) -> None:
@@ -1046,6 +1059,7 @@ class _Child:
                     if red is None:
                         red = self._redactors[row] = AuditRedactor(row)
                     self.redactor = red
+                    self._recent_texts.clear()
                     continue
                 spec = kinds[kind]
                 if spec is request:

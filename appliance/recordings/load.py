@@ -12,7 +12,7 @@ from appliance.control import ControlClient, DaemonNotRunning
 from appliance.errors import BotwardenError
 
 SESSION_SQL = ("SELECT session_id, identity, target, protocol, pid, exe, cgroup_path, credential_user, "
-               "started_at, ended_at, outcome, error FROM sessions WHERE session_id = ?")
+               "started_at, ended_at, outcome, error, client_addr, target_addr FROM sessions WHERE session_id = ?")
 REQUESTS_SQL = ("SELECT request_id, ts, kind, text, params, decision, rule, reason, rows, error, sqlstate, "
                 "duration_ms, masked FROM requests WHERE session_id = ? ORDER BY chain_seq")
 APPROVALS_SQL = ("SELECT ts, approval_id, request_id, event, operator, reason, rule FROM approvals "

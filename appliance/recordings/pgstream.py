@@ -19,7 +19,7 @@ import json
 import struct
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from appliance.policy.redact import MASK, AuditRedactor, redact_value
 from appliance.protocols.postgres import messages as m
@@ -56,6 +56,10 @@ def complete_prefix(data: bytes | bytearray, start: int = 0) -> int:
     return end
 
 
+# No detector flags fewer characters (appliance/policy/redact.py: the same floor for constants).
+_MIN_FLAGGABLE = 6
+
+
 def _redact_values(values: Iterable[bytes | None], formats: tuple[int, ...],
                    redactor: AuditRedactor) -> tuple[bytes | None, ...]:
     out = []
@@ -65,32 +69,40 @@ def _redact_values(values: Iterable[bytes | None], formats: tuple[int, ...],
             out.append(None)
         elif fmt != 0:
             out.append(_MASK_BYTES)  # binary: nothing a detector can read, so nothing is kept
+        elif len(v) < _MIN_FLAGGABLE:
+            out.append(v)
         else:
             text = v.decode("utf-8", "replace")
             out.append(redact_value(text, redactor.settings).encode())
     return tuple(out)
 
 
-def _redact_front(t: int, body: bytes, redactor: AuditRedactor) -> bytes:
+def _redact_front(t: int, body: bytes, redactor: AuditRedactor, text: Callable[[str], str]) -> bytes | None:
+    """The message redacted, or None when it is kept as it is."""
     if t == 0x51:  # Q
-        return m.Query(redactor.text(m.Query.decode(body).sql)).encode()
+        sql = m.Query.decode(body).sql
+        red = text(sql)
+        return None if red == sql else m.Query(red).encode()
     if t == 0x50:  # P
         p = m.Parse.decode(body)
-        return m.Parse(p.name, redactor.text(p.query), p.param_types).encode()
+        red = text(p.query)
+        return None if red == p.query else m.Parse(p.name, red, p.param_types).encode()
     if t == 0x42:  # B
         b = m.Bind.decode(body)
-        return m.Bind(b.portal, b.statement, b.param_formats, _redact_values(b.params, b.param_formats, redactor),
-                      b.result_formats).encode()
+        params = _redact_values(b.params, b.param_formats, redactor)
+        if params == b.params:
+            return None
+        return m.Bind(b.portal, b.statement, b.param_formats, params, b.result_formats).encode()
     if t == 0x46:  # F
         f = m.FunctionCall.decode(body)
-        return m.FunctionCall(f.oid, f.arg_formats, _redact_values(f.args, f.arg_formats, redactor),
-                              f.result_format).encode()
+        args = _redact_values(f.args, f.arg_formats, redactor)
+        return None if args == f.args else m.FunctionCall(f.oid, f.arg_formats, args, f.result_format).encode()
     if t == 0x64:  # d: COPY FROM STDIN data
         return m.CopyData(redact_value(body.decode("utf-8", "replace"), redactor.settings).encode()).encode()
     return m.PasswordMessage(_MASK_BYTES + b"\x00").encode()  # p: never kept
 
 
-def _redact_back(t: int, body: bytes, redactor: AuditRedactor) -> bytes:
+def _redact_back(t: int, body: bytes, redactor: AuditRedactor, text: Callable[[str], str]) -> bytes | None:
     if t == 0x41:  # A: NOTIFY payload
         n = m.NotificationResponse.decode(body)
         return m.NotificationResponse(n.pid, n.channel, redact_value(n.payload, redactor.settings)).encode()
@@ -99,11 +111,15 @@ def _redact_back(t: int, body: bytes, redactor: AuditRedactor) -> bytes:
     return cls(tuple((c, v if c in "VSC" else redact_value(v, redactor.settings)) for c, v in fields)).encode()
 
 
-def redact_chunk(data: bytes, direction: str, redactor: AuditRedactor) -> bytes:
+def redact_chunk(data: bytes, direction: str, redactor: AuditRedactor,
+                 text: Callable[[str], str] | None = None) -> bytes:
     """A recorded chunk as the audit store may keep it (see the module docstring). A message the
-    codec cannot decode is dropped with the rest of the chunk (fail closed)."""
+    codec cannot decode is dropped with the rest of the chunk (fail closed). ``text``: how a
+    statement's text is redacted (default ``redactor.text``; the audit process passes one that
+    reuses what it just did for the statement's request row)."""
     if direction not in ("in", "out"):
         return data
+    text = text or redactor.text
     wanted = _FRONT_REDACTED if direction == "in" else _BACK_REDACTED
     redact = _redact_front if direction == "in" else _redact_back
     out: list[bytes] = []
@@ -113,13 +129,14 @@ def redact_chunk(data: bytes, direction: str, redactor: AuditRedactor) -> bytes:
     for t, s, e in frames(data):
         if t in wanted:
             try:
-                new = redact(t, bytes(view[s + 5:e]), redactor)
+                new = redact(t, bytes(view[s + 5:e]), redactor, text)
             except (PgProtocolError, ValueError, UnicodeError):
                 out.append(bytes(view[run:s]))
                 return b"".join(out)
-            out.append(bytes(view[run:s]))
-            out.append(new)
-            run = e
+            if new is not None:
+                out.append(bytes(view[run:s]))
+                out.append(new)
+                run = e
         end = e
     if not out:
         return data if end == len(data) else bytes(view[:end])
