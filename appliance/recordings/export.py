@@ -227,7 +227,7 @@ def jsonl_events(rec: SessionRecord) -> Iterator[dict[str, Any]]:
     if rec.protocol == "postgresql":
         ses = exchanges(rec.recordings)
         if ses.startup:
-            yield {"type": "startup", **ses.startup}
+            yield {**ses.startup}   # "type": "pg_startup"
         by_text: dict[str, list[dict[str, Any]]] = {}
         for req in rec.requests:
             by_text.setdefault(req.get("text") or "", []).append(req)
