@@ -429,7 +429,7 @@ def test_replay_shows_a_session_request_by_request(env):
     assert allowed < blocked
     assert lines[allowed + 1:allowed + 5] == ["-- botwarden: allow", " ?column? ", "----------", "       42"]
     assert lines[blocked + 1].startswith("-- botwarden: block (rule no-drops)")
-    assert lines[blocked + 2] == "ERROR:  statement blocked by rule 'no-drops'"
+    assert lines[blocked + 2] == "ERROR:  botwarden: statement blocked by rule 'no-drops'"
     assert cli("--config", str(env.config), "replay", "no-such-session").returncode == 1
 
 

@@ -211,6 +211,9 @@ def pg_lines(rec: SessionRecord) -> Iterator[Line]:
                 yield other.get("ts"), line
         when = (req or {}).get("ts") or ex.sent_at
         yield from _exchange_lines(ex, req, rec.approvals, when)
+        if ex.status is None and truncated:   # the answer is beyond the cap: say so where it stops
+            ts, doc = truncated.pop(0)
+            yield ts, _event_note(doc)
     if ses.startup and ses.startup.get("recording") == "metadata" and rec.requests:
         yield None, f"{NOTE}this target records metadata only (record = \"metadata\"); its statements from the audit:"
     for ts, doc in truncated:
@@ -251,7 +254,7 @@ def _exchange_lines(ex: Exchange, req: dict[str, Any] | None, approvals: list[di
     if req is not None and req.get("duration_ms") is not None:
         yield None, f"Time: {float(req['duration_ms']):.3f} ms"
     if ex.status is None:
-        yield None, f"{NOTE}(no answer recorded: the session or its recording ended here)"
+        yield None, f"{NOTE}(no complete answer recorded: the session or its recording ended here)"
 
 
 def request_log_lines(rec: SessionRecord) -> Iterator[Line]:
