@@ -294,6 +294,60 @@ def test_jsonl_has_one_event_per_line(world, session, tmp_path):
     assert [a["event"] for a in stmts[4]["approvals"]] == ["requested", "approved"]
 
 
+def test_console_player_steps_through_the_session(world, session):
+    import asyncio
+
+    from textual.widgets import Input, Static
+
+    from tests.test_tui import make_app, until
+    from tui.replay import ReplayScreen
+
+    app = make_app(str(world["daemon"].socket))
+    seen: dict = {}
+
+    async def run() -> None:
+        async with app.run_test(size=(120, 40)) as pilot:
+            await pilot.press("f4")
+            app.query_one("#replay-session", Input).value = session["id"]
+            await pilot.press("ctrl+r")
+            await until(pilot, lambda: isinstance(app.screen, ReplayScreen) and app.screen.doc is not None,
+                        "the session in the player")
+            screen = app.screen
+
+            def view() -> str:
+                return str(screen.query_one("#player-view", Static).content)
+
+            def status() -> str:
+                return str(screen.query_one("#player-status", Static).content)
+
+            seen["header"] = view()
+            for _ in range(4):
+                await pilot.press("right")
+            seen["drop"], seen["drop_status"] = view(), status()
+            await pilot.press("n")
+            seen["delete"] = view()
+            await pilot.press("left")
+            seen["back"] = view()
+            for _ in range(4):
+                await pilot.press("plus")
+            await pilot.press("home")
+            await pilot.press("space")
+            seen["speed"] = screen.speed
+            await until(pilot, lambda: screen.index == len(screen.frames) - 1 and not screen.playing,
+                        "the session played to its end")
+            seen["end"] = view()
+            await pilot.press("escape")
+            seen["closed"] = not isinstance(app.screen, ReplayScreen)
+
+    asyncio.run(run())
+    assert "identity rec-bot → db" in seen["header"]
+    assert seen["drop"].splitlines()[0] == "DROP TABLE orders"
+    assert "-- botwarden: block (rule no-drops)" in seen["drop"] and "statement 4/6 · block" in seen["drop_status"]
+    assert f"-- approval {session['approval']} approved by root: ticket 7" in seen["delete"]
+    assert "DELETE 5" in seen["delete"] and seen["back"] == seen["drop"]
+    assert seen["speed"] == 16.0 and "left_in_scratch" in seen["end"] and seen["closed"]
+
+
 # -- secrets never recorded --------------------------------------------------------------------------
 
 

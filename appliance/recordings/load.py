@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Callable
 
 from appliance.config import DEFAULT_CONTROL_SOCKET, Config
 from appliance.control import ControlClient, DaemonNotRunning
@@ -44,9 +44,6 @@ class Reader:
         cols, rows = query_readonly(self.path, sql, params)
         return cols, [list(r) for r in rows]
 
-    def dicts(self, sql: str, params: list[Any]) -> list[dict[str, Any]]:
-        cols, rows = self.query(sql, params)
-        return [dict(zip(cols, r)) for r in rows]
 
 
 def _ts(v: Any) -> Any:
@@ -72,16 +69,27 @@ class SessionRecord:
         return self.session.get("protocol") or ""
 
 
-def load_session(reader: Reader, session_id: str) -> SessionRecord | None:
-    rows = reader.dicts(SESSION_SQL, [session_id])
+Query = Callable[[str, list[Any]], "tuple[list[str], list[Any]]"]
+
+
+def load_session(reader: Reader | Query, session_id: str) -> SessionRecord | None:
+    """The session's rows; ``reader`` a Reader, or any ``query(sql, params) -> (columns, rows)``
+    (the daemon's own audit store, for the control API)."""
+    query = reader.query if isinstance(reader, Reader) else reader
+
+    def dicts(sql: str, params: list[Any]) -> list[dict[str, Any]]:
+        cols, rows = query(sql, params)
+        return [dict(zip(cols, r)) for r in rows]
+
+    rows = dicts(SESSION_SQL, [session_id])
     if not rows:
         return None
     rec = SessionRecord({k: _ts(v) for k, v in rows[0].items()})
-    rec.requests = [{**r, "ts": _ts(r["ts"])} for r in reader.dicts(REQUESTS_SQL, [session_id])]
-    rec.approvals = [{**r, "ts": _ts(r["ts"])} for r in reader.dicts(APPROVALS_SQL, [session_id])]
+    rec.requests = [{**r, "ts": _ts(r["ts"])} for r in dicts(REQUESTS_SQL, [session_id])]
+    rec.approvals = [{**r, "ts": _ts(r["ts"])} for r in dicts(APPROVALS_SQL, [session_id])]
     last = 0
     while True:
-        page = reader.dicts(RECORDINGS_SQL, [session_id, last])
+        page = dicts(RECORDINGS_SQL, [session_id, last])
         for r in page:
             data = r["data"]
             if isinstance(data, str):       # the control API sends bytes as hex

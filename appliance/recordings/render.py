@@ -11,6 +11,7 @@ for pacing a replay.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Iterator
 
@@ -182,63 +183,84 @@ def _request_note_lines(req: dict[str, Any], approvals: list[dict[str, Any]]) ->
     return lines + _approval_notes(approvals, req.get("request_id"))
 
 
-def pg_lines(rec: SessionRecord) -> Iterator[Line]:
-    """A PostgreSQL session as psql would have shown it, with botwarden's notes."""
+@dataclass
+class Step:
+    """One statement of a PostgreSQL session (or the session's header): its start, its text, the
+    decision, and the lines psql showed for it with botwarden's notes."""
+
+    ts: datetime | None
+    title: str
+    decision: str | None = None
+    lines: list[str] = field(default_factory=list)
+
+    def timed_lines(self) -> Iterator[Line]:
+        for i, line in enumerate(self.lines):
+            yield (self.ts if i == 0 else None), line
+
+
+def pg_steps(rec: SessionRecord) -> list[Step]:
+    """A PostgreSQL session as psql would have shown it, statement by statement (the first step
+    is the session's header), with botwarden's notes."""
     ses: PgSession = exchanges(rec.recordings)
-    for line in header_lines(rec):
-        yield None, line
+    head = Step(None, "session", lines=header_lines(rec))
+    steps = [head]
     st = ses.startup
     if st:
         params = st.get("parameters", {})
-        yield None, (f"{NOTE}connected: user={params.get('user')} database={params.get('database', params.get('user'))}"
-                     f" application_name={params.get('application_name', '')} tls={'yes' if st.get('tls') else 'no'}"
-                     f" authentication={st.get('authentication')} (the password is not recorded);"
-                     f" recording {st.get('recording')}")
+        head.lines.append(f"{NOTE}connected: user={params.get('user')} database={params.get('database', params.get('user'))}"
+                          f" application_name={params.get('application_name', '')} tls={'yes' if st.get('tls') else 'no'}"
+                          f" authentication={st.get('authentication')} (the password is not recorded);"
+                          f" recording {st.get('recording')}")
     elif not rec.recordings:
-        yield None, f"{NOTE}no recording for this session; its statements from the audit:"
+        head.lines.append(f"{NOTE}no recording for this session; its statements from the audit:")
     requests = _Requests(rec.requests)
     for item in ses.before:
         if item[0] in ("notice", "error"):
-            for line in error_lines(item[1]):
-                yield None, line
+            head.lines += error_lines(item[1])
     truncated = [(ts, doc) for ts, doc in ses.events if doc.get("type") == "truncated"]
+
+    def audit_only(req: dict[str, Any]) -> None:
+        steps.append(Step(req.get("ts"), req.get("text") or "", req.get("decision"),
+                          _request_note_lines(req, rec.approvals)))
+
     for ex in ses.exchanges:
         if ex.kind == "terminate":
             continue
         skipped, req = requests.match(ex.text)
         for other in skipped:
-            for line in _request_note_lines(other, rec.approvals):
-                yield other.get("ts"), line
-        when = (req or {}).get("ts") or ex.sent_at
-        yield from _exchange_lines(ex, req, rec.approvals, when)
+            audit_only(other)
+        step = Step((req or {}).get("ts") or ex.sent_at, ex.text, (req or {}).get("decision"),
+                    list(_exchange_lines(ex, req, rec.approvals)))
+        steps.append(step)
         if ex.status is None and truncated:   # the answer is beyond the cap: say so where it stops
-            ts, doc = truncated.pop(0)
-            yield ts, _event_note(doc)
-    if ses.startup and ses.startup.get("recording") == "metadata" and rec.requests:
-        yield None, f"{NOTE}this target records metadata only (record = \"metadata\"); its statements from the audit:"
-    for ts, doc in truncated:
-        yield ts, _event_note(doc)
+            step.lines.append(_event_note(truncated.pop(0)[1]))
+    if st and st.get("recording") == "metadata" and rec.requests:
+        head.lines.append(f"{NOTE}this target records metadata only (record = \"metadata\"); its statements "
+                          "from the audit:")
+    if truncated:
+        steps.append(Step(truncated[0][0], "recording truncated", lines=[_event_note(d) for _, d in truncated]))
     for req in requests.rest():
-        for line in _request_note_lines(req, rec.approvals):
-            yield req.get("ts"), line
-    for ts, doc in ses.events:
-        if doc.get("type") != "truncated":
-            yield ts, _event_note(doc)
+        audit_only(req)
+    others = [_event_note(doc) for _, doc in ses.events if doc.get("type") != "truncated"]
+    if others:
+        steps.append(Step(None, "events", lines=others))
+    return steps
 
 
-def _exchange_lines(ex: Exchange, req: dict[str, Any] | None, approvals: list[dict[str, Any]],
-                    when: datetime | None) -> Iterator[Line]:
-    first = True
-    for line in (ex.text or "").split("\n"):
-        yield (when if first else None), line
-        first = False
+def pg_lines(rec: SessionRecord) -> Iterator[Line]:
+    """A PostgreSQL session as psql would have shown it, with botwarden's notes."""
+    for step in pg_steps(rec):
+        yield from step.timed_lines()
+
+
+def _exchange_lines(ex: Exchange, req: dict[str, Any] | None, approvals: list[dict[str, Any]]) -> Iterator[str]:
+    yield from (ex.text or "").split("\n")
     if ex.params:
-        yield None, f"{NOTE}parameters: " + ", ".join(f"${i + 1}={'NULL' if p is None else repr(p)}"
-                                                      for i, p in enumerate(ex.params))
+        yield f"{NOTE}parameters: " + ", ".join(f"${i + 1}={'NULL' if p is None else repr(p)}"
+                                                for i, p in enumerate(ex.params))
     if req is not None:
-        yield None, _decision_note(req)
-        for line in _approval_notes(approvals, req.get("request_id")):
-            yield None, line
+        yield _decision_note(req)
+        yield from _approval_notes(approvals, req.get("request_id"))
     for kind, value in ex.items:
         if kind == "result":
             lines = _result_lines(value)
@@ -249,12 +271,11 @@ def _exchange_lines(ex: Exchange, req: dict[str, Any] | None, approvals: list[di
                      f"from server process with PID {value.pid}."]
         else:
             lines = []
-        for line in lines:
-            yield None, line
+        yield from lines
     if req is not None and req.get("duration_ms") is not None:
-        yield None, f"Time: {float(req['duration_ms']):.3f} ms"
+        yield f"Time: {float(req['duration_ms']):.3f} ms"
     if ex.status is None:
-        yield None, f"{NOTE}(no complete answer recorded: the session or its recording ended here)"
+        yield f"{NOTE}(no complete answer recorded: the session or its recording ended here)"
 
 
 def request_log_lines(rec: SessionRecord) -> Iterator[Line]:
@@ -262,18 +283,7 @@ def request_log_lines(rec: SessionRecord) -> Iterator[Line]:
     for line in header_lines(rec):
         yield None, line
     for req in rec.requests:
-        line = f"{req.get('ts')}  [{req.get('decision'):>7}] {req.get('text')}"
-        if req.get("rule"):
-            line += f"   (rule {req['rule']})"
-        if req.get("error"):
-            line += f"   error: {req['error']}"
-        elif req.get("rows") is not None:
-            line += f"   → {req['rows']}"
-        if req.get("duration_ms") is not None:
-            line += f"   {float(req['duration_ms']):.1f} ms"
-        yield req.get("ts"), line
-        for note in _approval_notes(rec.approvals, req.get("request_id")):
-            yield None, note
+        yield from _request_log_entry(req, rec.approvals)
 
 
 def terminal_chunks(rec: SessionRecord) -> Iterator[tuple[datetime | None, bytes]]:
@@ -288,3 +298,56 @@ def terminal_chunks(rec: SessionRecord) -> Iterator[tuple[datetime | None, bytes
                 continue
             if doc.get("type") == "truncated":
                 yield r["ts"], ("\r\n" + _event_note(doc) + "\r\n").encode()
+
+
+def replay_document(rec: SessionRecord) -> dict[str, Any]:
+    """What a console needs to step through or play a session (the control API's
+    ``GET /v1/sessions/{id}/replay``): steps (PostgreSQL statements, or requests), and for a
+    session with a terminal recording its output chunks, in order, with their times."""
+    import codecs
+
+    def iso(v: Any) -> Any:
+        return v.isoformat() if isinstance(v, datetime) else v
+
+    if rec.protocol == "postgresql":
+        steps = pg_steps(rec)
+    else:
+        steps = [Step(None, "session", lines=header_lines(rec))]
+        for req in rec.requests:
+            steps.append(Step(req.get("ts"), req.get("text") or "", req.get("decision"),
+                              [line for _, line in _request_log_entry(req, rec.approvals)]))
+    terminal: list[dict[str, Any]] = []
+    size = None
+    if rec.protocol != "postgresql":
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        for ts, chunk in terminal_chunks(rec):
+            text = decoder.decode(chunk)
+            if text:
+                terminal.append({"ts": iso(ts), "text": text})
+        for r in rec.recordings:
+            if r["direction"] == "event":
+                try:
+                    doc = json.loads(r["data"].decode())
+                except ValueError:
+                    continue
+                if doc.get("type") == "pty":
+                    size = [doc.get("width"), doc.get("height")]
+                    break
+    return {"session": {k: iso(v) for k, v in rec.session.items()}, "protocol": rec.protocol,
+            "steps": [{"ts": iso(s.ts), "title": s.title, "decision": s.decision, "lines": s.lines} for s in steps],
+            "terminal": terminal, "terminal_size": size}
+
+
+def _request_log_entry(req: dict[str, Any], approvals: list[dict[str, Any]]) -> Iterator[Line]:
+    line = f"{req.get('ts')}  [{req.get('decision'):>7}] {req.get('text')}"
+    if req.get("rule"):
+        line += f"   (rule {req['rule']})"
+    if req.get("error"):
+        line += f"   error: {req['error']}"
+    elif req.get("rows") is not None:
+        line += f"   → {req['rows']}"
+    if req.get("duration_ms") is not None:
+        line += f"   {float(req['duration_ms']):.1f} ms"
+    yield req.get("ts"), line
+    for note in _approval_notes(approvals, req.get("request_id")):
+        yield None, note
