@@ -125,7 +125,7 @@ class ReplayScreen(Screen):
         frames = self.frames
         if self.is_terminal:
             self.terminal = "".join(f["text"] for f in frames[:self.index + 1])
-            view.update(Text.from_ansi(self.terminal))
+            view.update(Text.from_ansi(self.terminal.replace("\r\n", "\n")))
             where = f"output {self.index + 1}/{len(frames)}"
         else:
             step = frames[self.index] if frames else {"lines": [], "title": "", "decision": None}

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Callable, Iterable, Iterator
 
+from appliance.policy.masking import DETECTOR_FUNCTIONS, MIN_LENGTH, REQUIRED_TEXT
 from appliance.policy.redact import MASK, AuditRedactor, redact_value
 from appliance.protocols.postgres import messages as m
 from appliance.protocols.postgres.errors import PgProtocolError
@@ -56,8 +57,20 @@ def complete_prefix(data: bytes | bytearray, start: int = 0) -> int:
     return end
 
 
-# No detector flags fewer characters (appliance/policy/redact.py: the same floor for constants).
-_MIN_FLAGGABLE = 6
+# A value no detector can flag: shorter than any detector's minimum and without the text the
+# others need (the reasoning of appliance/policy/redact.py's fast path, for Bind values).
+_FAST_VALUES = set(DETECTOR_FUNCTIONS) <= set(MIN_LENGTH) | set(REQUIRED_TEXT)
+_SHORTEST = min(MIN_LENGTH.values())
+_REQUIRED = tuple(t.encode() for t in REQUIRED_TEXT.values())
+
+
+def _cannot_flag(v: bytes) -> bool:
+    if not _FAST_VALUES or len(v) >= _SHORTEST:
+        return False
+    for t in _REQUIRED:
+        if t in v:
+            return False
+    return True
 
 
 def _redact_values(values: Iterable[bytes | None], formats: tuple[int, ...],
@@ -69,12 +82,40 @@ def _redact_values(values: Iterable[bytes | None], formats: tuple[int, ...],
             out.append(None)
         elif fmt != 0:
             out.append(_MASK_BYTES)  # binary: nothing a detector can read, so nothing is kept
-        elif len(v) < _MIN_FLAGGABLE:
+        elif _cannot_flag(v):
             out.append(v)
         else:
             text = v.decode("utf-8", "replace")
             out.append(redact_value(text, redactor.settings).encode())
     return tuple(out)
+
+
+_H = struct.Struct("!h")
+
+
+def _bind_values_harmless(body: bytes) -> bool:
+    """True when a Bind holds only values no detector can flag, read without decoding the
+    message (the common case: short keys and numbers); False sends it the long way."""
+    try:
+        pos = body.index(b"\x00") + 1
+        pos = body.index(b"\x00", pos) + 1
+        (nf,) = _H.unpack_from(body, pos)
+        fmts = struct.unpack_from(f"!{nf}h", body, pos + 2)
+        pos += 2 + 2 * nf
+        (n,) = _H.unpack_from(body, pos)
+        pos += 2
+        for i in range(n):
+            (length,) = _LEN.unpack_from(body, pos)
+            pos += 4
+            if length < 0:
+                continue
+            fmt = fmts[i] if nf > 1 else (fmts[0] if nf else 0)
+            if fmt != 0 or not _cannot_flag(body[pos:pos + length]):
+                return False
+            pos += length
+        return True
+    except (ValueError, struct.error):
+        return False
 
 
 def _redact_front(t: int, body: bytes, redactor: AuditRedactor, text: Callable[[str], str]) -> bytes | None:
@@ -88,6 +129,8 @@ def _redact_front(t: int, body: bytes, redactor: AuditRedactor, text: Callable[[
         red = text(p.query)
         return None if red == p.query else m.Parse(p.name, red, p.param_types).encode()
     if t == 0x42:  # B
+        if _bind_values_harmless(body):
+            return None
         b = m.Bind.decode(body)
         params = _redact_values(b.params, b.param_formats, redactor)
         if params == b.params:
