@@ -191,3 +191,39 @@ def test_player_plays_a_terminal_recording_with_pause_and_speed():
     assert seen["paused"][0] is False and seen["still"] == seen["paused"][1]
     assert seen["speed"] == 8.0
     assert seen["end"] == "café\n$ exit\n" and seen["status"].startswith("output 3/3 · paused at 8x")
+
+
+# -- the front's recorder, with a real PostgreSQL and psql (in-process front, no daemon) ----------
+
+
+def test_front_records_whole_messages_in_bounded_chunks_and_stops_at_the_cap(pg_server):
+    import subprocess
+
+    from tests.pg_front_fixtures import BOT_TOKEN, FrontThread, default_services, plain_settings, setup_roles
+
+    setup_roles(pg_server)
+    services = default_services()
+    services.recording_policy = lambda target: (True, 1_000_000)
+    ft = FrontThread(plain_settings(pg_server), services)
+    try:
+        # 20 rows of 100 kB: each DataRow is streamed to the bot in pieces (past STREAM_THRESHOLD).
+        sql = "SELECT i, repeat('x', 100000) FROM generate_series(1, 20) i"
+        res = subprocess.run(["psql", "-X", "-A", "-t", "-c", sql, "-c", "SELECT 'after'", ft.dsn()],
+                             capture_output=True, text=True, timeout=60, env={"PGPASSWORD": BOT_TOKEN, "PATH": "/usr/bin:/bin"})
+        assert res.returncode == 0, res.stderr
+        assert len(res.stdout.splitlines()) == 21   # the bot got everything: the cap is the recording's
+        ft.call(asyncio.sleep(0.5))
+    finally:
+        ft.stop()
+    rows = [r for k, r in services.records if k == "recording"]
+    assert len({r["session_id"] for r in rows}) == 1
+    assert json.loads(rows[0]["data"])["type"] == "pg_startup" and rows[-1]["direction"] == "event"
+    assert json.loads(rows[-1]["data"]) == {"type": "truncated", "reason": "recording_max_bytes", "max_bytes": 1_000_000}
+    assert sum(len(r["data"]) for r in rows[:-1]) == 1_000_000
+    body = rows[1:-2]   # every chunk before the one the cap cut: whole messages, 64 KiB or one message
+    assert body and all(r["direction"] in ("in", "out") for r in body)
+    for r in body:
+        ends = [e for _, _, e in frames(r["data"])]
+        assert ends and ends[-1] == len(r["data"])
+        assert len(r["data"]) <= 64 * 1024 or len(ends) <= 2
+    assert not any(b"after" in r["data"] for r in rows)   # nothing recorded past the cap

@@ -211,6 +211,11 @@ class SessionCore:
                 _AUDIT_FAILURE_LOGGED.add(kind)
                 log.exception("audit hook failed for %s", kind)
 
+    @property
+    def recording_left(self) -> int:
+        """Bytes the recording still takes (0: it stopped at the cap, or records metadata only)."""
+        return self._record_left if self.recording_full else 0
+
     def record(self, direction: str, data: bytes, ts: datetime | None = None) -> None:
         """One chunk of the session's recording, as the bot saw it (after masking): ``direction``
         "in" (bot to target), "out" (target to bot) or "event" (a JSON document: terminal size,

@@ -5,9 +5,9 @@ bot (after masking, with botwarden's own notices and errors); no message is deco
 buffers go to ``SessionCore.record`` (one "in" and one "out" row) FLUSH_INTERVAL after their first
 byte, at CHUNK_BYTES, and when the session ends: a busy session makes a few rows a second, not
 one per statement (each row costs the audit process a hash and a write), and a daemon killed
-loses at most the last interval. "in" chunks end on a message boundary (the audit process redacts
-each message of them: appliance/recordings/pgstream.py); "out" chunks too (a message streamed in
-pieces is flushed once complete). Replay pairs the statements of one with the answers of the
+loses at most the last interval. Chunks end on message boundaries (found when a chunk is taken,
+not per write; the audit process redacts each message: appliance/recordings/pgstream.py): a
+message still arriving waits for its end, up to what the session's cap still takes. Replay pairs the statements of one with the answers of the
 other by protocol order, and times them with the requests rows.
 
 The startup, with the bot's password/token, is never recorded: the session's ``pg_startup``
@@ -35,7 +35,7 @@ FLUSH_INTERVAL = 0.2
 class PgRecorder:
     """One session's recording buffers (only when the target records its sessions' bytes)."""
 
-    __slots__ = ("core", "session", "_in", "_in_ts", "_out", "_out_ts", "_timer", "_loop")
+    __slots__ = ("core", "session", "_in", "_in_ts", "_out", "_out_ts", "_timer", "_loop", "_write", "_wrapped")
 
     def __init__(self, core: SessionCore, session: Session):
         self.core = core
@@ -45,6 +45,8 @@ class PgRecorder:
         self._in_ts = self._out_ts = None
         self._timer: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_running_loop()
+        self._write: Callable[[bytes], None] | None = None     # the bot transport's write, unwrapped
+        self._wrapped: Callable[[bytes], None] | None = None
 
     def sent(self, data: bytes) -> None:
         """Bytes the bot sent (relay phase)."""
@@ -55,7 +57,7 @@ class PgRecorder:
                 self._timer = self._loop.call_later(FLUSH_INTERVAL, self._due)
         buf += data
         if len(buf) >= CHUNK_BYTES:
-            self._flush_in()
+            self.flush()
 
     def received(self, data: bytes) -> None:
         """Bytes written to the bot."""
@@ -65,7 +67,7 @@ class PgRecorder:
             if self._timer is None:
                 self._timer = self._loop.call_later(FLUSH_INTERVAL, self._due)
         buf += data
-        if len(buf) >= CHUNK_BYTES and not self.session._stream_left:
+        if len(buf) >= CHUNK_BYTES:
             self.flush()
 
     def writer(self, write: Callable[[bytes], None]) -> Callable[[bytes], None]:
@@ -75,35 +77,51 @@ class PgRecorder:
         def write_and_record(data: bytes) -> None:
             write(data)
             received(data)
+        self._write, self._wrapped = write, write_and_record
         return write_and_record
 
     def _due(self) -> None:
         self._timer = None
-        if self.session._stream_left:   # inside a streamed message: once it is complete
-            self._timer = self._loop.call_later(FLUSH_INTERVAL, self._due)
-            return
         self.flush()
-        if self._in:   # a message the bot has not finished sending
+        if self._in or self._out:   # a message not complete yet (the bot's, or one streamed to it)
             self._timer = self._loop.call_later(FLUSH_INTERVAL, self._due)
 
     def flush(self, final: bool = False) -> None:
-        """Both buffers to the recording: what the bot sent first (it was sent first)."""
-        if final and self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._flush_in(final)
-        if self._out:
-            data, self._out = bytes(self._out), bytearray()
-            self.core.record("out", data, self._out_ts)
+        """The complete messages of both buffers to the recording, what the bot sent first (it was
+        sent first); ``final`` (the session ended) everything. A message still arriving stays, unless
+        it is already more than the cap takes (it is cut there)."""
+        left = self.core.recording_left
+        data = self._take(self._in, final or len(self._in) > left)
+        if data:
+            ts, self._in_ts = self._in_ts, (now() if self._in else None)
+            self.core.record("in", data, ts)
+        data = self._take(self._out, final or len(self._out) > self.core.recording_left)
+        if data:
+            ts, self._out_ts = self._out_ts, (now() if self._out else None)
+            self.core.record("out", data, ts)
+        if final or self.core.recording_left <= 0:
+            self._stop()
 
-    def _flush_in(self, final: bool = False) -> None:
-        buf = self._in
+    @staticmethod
+    def _take(buf: bytearray, everything: bool) -> bytes:
+        """What is flushed of ``buf`` (its complete messages, or all of it), removed from it."""
         if not buf:
-            return
-        end = len(buf) if final else complete_prefix(buf)
-        if not end:
-            return
+            return b""
+        end = len(buf) if everything else complete_prefix(buf)
         data = bytes(buf[:end])
         del buf[:end]
-        ts, self._in_ts = self._in_ts, (now() if buf else None)
-        self.core.record("in", data, ts)
+        return data
+
+    def _stop(self) -> None:
+        """Nothing more is recorded (the session ended, or its recording reached the cap): the
+        relay writes to the bot directly again and the bot's bytes are no longer copied."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        s = self.session
+        if s.recorder is self:
+            s.recorder = None
+        if self._wrapped is not None and s._to_bot is self._wrapped:
+            s._to_bot = self._write
+        self._in.clear()
+        self._out.clear()
