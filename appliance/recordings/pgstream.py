@@ -167,23 +167,29 @@ def redact_chunk(data: bytes, direction: str, redactor: AuditRedactor,
     redact = _redact_front if direction == "in" else _redact_back
     out: list[bytes] = []
     run = 0
-    end = 0
-    view = memoryview(data)
-    for t, s, e in frames(data):
-        if t in wanted:
+    pos = 0
+    n = len(data)
+    unpack = _LEN.unpack_from
+    # Framing inline (see frames()): the audit process runs this over every byte of a session.
+    while n - pos >= 5:
+        (length,) = unpack(data, pos + 1)
+        e = pos + 1 + length
+        if length < 4 or e > n:
+            break
+        if data[pos] in wanted:
             try:
-                new = redact(t, bytes(view[s + 5:e]), redactor, text)
+                new = redact(data[pos], data[pos + 5:e], redactor, text)
             except (PgProtocolError, ValueError, UnicodeError):
-                out.append(bytes(view[run:s]))
+                out.append(data[run:pos])
                 return b"".join(out)
             if new is not None:
-                out.append(bytes(view[run:s]))
+                out.append(data[run:pos])
                 out.append(new)
                 run = e
-        end = e
+        pos = e
     if not out:
-        return data if end == len(data) else bytes(view[:end])
-    out.append(bytes(view[run:end]))
+        return data if pos == n else data[:pos]
+    out.append(data[run:pos])
     return b"".join(out)
 
 

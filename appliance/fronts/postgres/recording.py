@@ -6,8 +6,9 @@ buffers go to ``SessionCore.record`` (one "in" and one "out" row) FLUSH_INTERVAL
 byte, at CHUNK_BYTES, and when the session ends: a busy session makes a few rows a second, not
 one per statement (each row costs the audit process a hash and a write), and a daemon killed
 loses at most the last interval. Chunks end on message boundaries (found when a chunk is taken,
-not per write; the audit process redacts each message: appliance/recordings/pgstream.py): a
-message still arriving waits for its end, up to what the session's cap still takes. Replay pairs the statements of one with the answers of the
+not per write; when the timer fires between two reads the relay's own state says so without a
+walk; the audit process redacts each message: appliance/recordings/pgstream.py): a message still
+arriving waits for its end, up to what the session's cap still takes. Replay pairs the statements of one with the answers of the
 other by protocol order, and times them with the requests rows.
 
 The startup, with the bot's password/token, is never recorded: the session's ``pg_startup``
@@ -82,20 +83,26 @@ class PgRecorder:
 
     def _due(self) -> None:
         self._timer = None
-        self.flush()
+        self.flush(at_rest=True)
         if self._in or self._out:   # a message not complete yet (the bot's, or one streamed to it)
             self._timer = self._loop.call_later(FLUSH_INTERVAL, self._due)
 
-    def flush(self, final: bool = False) -> None:
+    def flush(self, final: bool = False, at_rest: bool = False) -> None:
         """The complete messages of both buffers to the recording, what the bot sent first (it was
         sent first); ``final`` (the session ended) everything. A message still arriving stays, unless
-        it is already more than the cap takes (it is cut there)."""
+        it is already more than the cap takes (it is cut there). ``at_rest``: called between two
+        reads (the timer), when the relay says whether it is inside a message — then the buffers
+        need no walk over their messages to find where the last one ends."""
+        s = self.session
         left = self.core.recording_left
-        data = self._take(self._in, final or len(self._in) > left)
+        whole = at_rest and not s._cbuf and not s._held   # the relay consumed all the bot sent
+        data = self._take(self._in, final or whole or len(self._in) > left)
         if data:
             ts, self._in_ts = self._in_ts, (now() if self._in else None)
             self.core.record("in", data, ts)
-        data = self._take(self._out, final or len(self._out) > self.core.recording_left)
+        # Every write to the bot is whole messages but a streamed one, which the relay tracks.
+        whole = at_rest and not s._stream_left
+        data = self._take(self._out, final or whole or len(self._out) > self.core.recording_left)
         if data:
             ts, self._out_ts = self._out_ts, (now() if self._out else None)
             self.core.record("out", data, ts)
