@@ -222,7 +222,7 @@ def test_replay_shows_what_psql_showed_with_decisions_inline(world, session):
     assert not any(card in "\n".join(lines) for card in CARDS)
 
 
-def test_replay_speed_paces_by_the_sessions_clock(world, session):
+def test_replay_at_a_speed_prints_the_same_transcript(world, session):
     # The held DELETE waited for the operator: replayed at 1000x, that wait is a short pause,
     # and --no-wait does not pause at all; both print the same transcript.
     res = cli(world["config"], "replay", "--speed", "1000", session["id"])
