@@ -54,7 +54,7 @@ from appliance.control import ControlClient, ControlError, DaemonNotRunning
 from tui.dialogs import DecisionScreen, EndSessionScreen, HelpScreen, Mode, QuitScreen
 from tui.keys import OrderedKeys
 from tui.model import (ApprovalBook, Decision, RecentDecisions, approval_detail, cell, current_statement,
-                       health_lines, session_matches, status_line, time_left, window_text)
+                       health_lines, protocol_short, session_matches, status_line, time_left, window_text)
 from tui.queries import RECENT_DECISIONS_SQL, REPLAY_SQL, REPORTS
 
 log = logging.getLogger(__name__)
@@ -231,15 +231,15 @@ class BotwardenApp(OrderedKeys):
                                                         "#approval-detail, #recent-title, #status-view, "
                                                         "#session-detail")]
         table = self._main.query_one("#approvals-table", DataTable)
-        for label, key in (("id", "id"), ("identity", "identity"), ("target", "target"), ("rule", "rule"),
-                           ("request", "request"), ("left", "left"), ("ok", "ok")):
+        for label, key in (("id", "id"), ("identity", "identity"), ("target", "target"), ("proto", "protocol"),
+                           ("rule", "rule"), ("request", "request"), ("left", "left"), ("ok", "ok")):
             table.add_column(label, key=key)
         recent = self._main.query_one("#recent-table", DataTable)
         for label in ("time", "id", "outcome", "by", "window", "identity", "target", "reason", "request"):
             recent.add_column(label, key=label)
         sessions = self._main.query_one("#sessions-table", DataTable)
-        for key in ("session_id", "identity", "target", "state", "current", "pid", "uid", "exe", "started",
-                    "ended", "client"):
+        for key in ("session_id", "identity", "target", "protocol", "state", "current", "pid", "uid", "exe",
+                    "started", "ended", "client"):
             sessions.add_column(key, key=key)
         self._main.set_focus(table)
         self._render_pending()
@@ -433,7 +433,8 @@ class BotwardenApp(OrderedKeys):
         table.clear()
         for s in shown:
             # The id's first 12 characters tell sessions apart; the detail line has all of it.
-            row = {**s, "current": current_statement(s, self.now()), "session_id": str(s.get("session_id"))[:12]}
+            row = {**s, "current": current_statement(s, self.now()), "session_id": str(s.get("session_id"))[:12],
+                   "protocol": protocol_short(s.get("protocol"))}
             table.add_row(*(Text(cell(row.get(str(c.key.value)))) for c in table.ordered_columns),
                           key=str(s.get("session_id")))
         self._restore_cursor(table, keep)
@@ -454,7 +455,8 @@ class BotwardenApp(OrderedKeys):
         if s is None:
             detail.update(Text(""))
             return
-        line = (f"{s.get('session_id')}  {s.get('identity')} → {s.get('target')}  {s.get('state')}  "
+        line = (f"{s.get('session_id')}  {s.get('identity')} → {s.get('target')} ({cell(s.get('protocol'))})  "
+                f"{s.get('state')}  "
                 f"pid {cell(s.get('pid'))} uid {cell(s.get('uid'))} {cell(s.get('exe'))}")
         current = current_statement(s, self.now())
         detail.update(Text(line + (f"\n{'now' if s.get('current_running') else 'last'}: {current}" if current
@@ -498,8 +500,13 @@ class BotwardenApp(OrderedKeys):
         self._fill_result("#audit-table", "#audit-msg", answer, what=str(answer.context))
 
     def _answer_replay(self, answer: Answer) -> None:
-        self._fill_result("#replay-table", "#replay-msg", answer, what=f"session {answer.context}",
-                          noun="request")
+        # The session's protocol, when the sessions list knows it: SQL, SSH and Kubernetes
+        # requests share the table (its `kind` column: query, ssh_exec, k8s ...).
+        known = next((s for s in self.sessions if str(s.get("session_id")) == answer.context), None)
+        what = f"session {answer.context}"
+        if known is not None and known.get("protocol"):
+            what += f" ({known['protocol']}, {cell(known.get('identity'))} → {cell(known.get('target'))})"
+        self._fill_result("#replay-table", "#replay-msg", answer, what=what, noun="request")
 
     def _answer_recent(self, answer: Answer) -> None:
         title = self._main.query_one("#recent-title", Label)
@@ -598,7 +605,7 @@ class BotwardenApp(OrderedKeys):
             if len(request) > REQUEST_PREVIEW:
                 request = request[: REQUEST_PREVIEW - 1] + "…"
             table.add_row(Text(a["approval_id"]), Text(cell(a.get("identity"))), Text(cell(a.get("target"))),
-                          Text(cell(a.get("rule"))), Text(request), Text(time_left(a.get("expires"), self.now())),
+                          Text(protocol_short(a.get("protocol"))), Text(cell(a.get("rule"))), Text(request), Text(time_left(a.get("expires"), self.now())),
                           Text(f"{len(a.get('approvals') or [])}/{a.get('required', 1)}"),
                           key=a["approval_id"])
         self._restore_cursor(table, keep)

@@ -62,6 +62,11 @@ class K8sRequest:
         return cls(verb=verb, resource=resource, subresource=sub, namespace=namespace, name=name,
                    api_group=group, path=url.path)
 
+    def detail(self) -> dict[str, str | None]:
+        """What an operator deciding a held request reads (the approvals' ``detail``)."""
+        return {"verb": self.verb, "api_group": self.api_group, "resource": self.resource or self.path,
+                "subresource": self.subresource, "namespace": self.namespace, "name": self.name}
+
     def describe(self) -> str:
         res = self.resource or self.path
         if self.api_group:

@@ -396,7 +396,7 @@ class Session:
             log.info("session %s: %s held for approval %s", grant.session_id, k8s.describe(), approval_id)
 
         return await self.services.hold(grant, self.settings.target, record["text"], verdict, notify,
-                                        record["request_id"])
+                                        record["request_id"], detail=k8s.detail())
 
     async def _forward(self, grant: SessionGrant, req: BotRequest, k8s: K8sRequest, verdict: Verdict,
                        out: Responder, record: dict) -> int:
