@@ -189,7 +189,7 @@ class BotwardenApp(OrderedKeys):
                 yield Label(f"Recently decided (last {RECENT_KEEP})", id="recent-title")
                 yield DataTable(id="recent-table", cursor_type="row", zebra_stripes=True)
             with TabPane("F2 Sessions", id="sessions"):
-                yield Input(placeholder="/ filter: words, identity=… target=… state=… since=15m",
+                yield Input(placeholder="/ filter: words, identity=… target=… protocol=… state=… since=15m",
                             id="sessions-filter")
                 yield SessionsTable(id="sessions-table", cursor_type="row", zebra_stripes=True)
                 yield Static(Text(""), id="session-detail")

@@ -219,7 +219,7 @@ HELP: dict[str, tuple[tuple[str, str], ...]] = {
         ("↑ ↓", "pick a held request; its details show below the queue"),
     ),
     "sessions": (
-        ("/", "filter: words, identity=… target=… state=active|ended|… since=15m"),
+        ("/", "filter: words, identity=… target=… protocol=sql|ssh|k8s state=active|ended|… since=15m"),
         ("Enter (filter)", "back to the list"),
         ("ctrl+k", "end the selected live session (asks first)"),
         ("Enter", "replay the selected session"),
