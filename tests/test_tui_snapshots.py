@@ -158,7 +158,11 @@ async def fill(pilot) -> None:
 
 @pytest.fixture(autouse=True)
 def utc(monkeypatch):
-    """Times are shown in local time: make it the same everywhere."""
+    """Times are shown in local time: make it the same everywhere. (And no operator fleet settings:
+    the fleet screens say which they found.)"""
+    for name in ("BOTWARDEN_FLEET_CATALOG", "BOTWARDEN_FLEET_DATA_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", "/home/operator/.config")
     monkeypatch.setenv("TZ", "UTC")
     time.tzset()
     yield
@@ -205,3 +209,28 @@ def test_detail_pane_of_a_held(snap_compare, held: str, size: tuple[int, int]) -
 def test_screen(snap_compare, screen: str, size: tuple[int, int]) -> None:
     assert os.environ["TZ"] == "UTC"
     assert snap_compare(SnapshotConsole(), press=SCREENS[screen], terminal_size=size, run_before=fill)
+
+
+FLEET = {"columns": ["bastion", "decision", "n"],
+         "rows": [["eu-west-prod-1", "allow", 120], ["eu-west-prod-1", "block", 3], ["us-east-prod-2", "allow", 88],
+                  ["us-east-prod-2", "approve", 2]]}
+
+
+@pytest.mark.parametrize("size", [(80, 24), (120, 40)], ids=["80x24", "120x40"])
+@pytest.mark.parametrize("configured", [True, False], ids=["configured", "unconfigured"])
+def test_audit_tab_on_the_fleet(snap_compare, monkeypatch, configured: bool, size: tuple[int, int]) -> None:
+    """ctrl+f on the Audit tab: the fleet lake with the operator's own settings (a result with its
+    bastion column), or the message that says what to set."""
+    if configured:
+        monkeypatch.setenv("BOTWARDEN_FLEET_CATALOG", "host=lake-db dbname=botwarden_lake user=auditor")
+        monkeypatch.setenv("BOTWARDEN_FLEET_DATA_PATH", "/mnt/botwarden-lake")
+
+    async def run_before(pilot) -> None:
+        await fill(pilot)
+        await pilot.press("f3", "ctrl+f")
+        if configured:
+            pilot.app.query_one("#sql", Input).value = "SELECT bastion, decision, count(*) AS n FROM requests GROUP BY ALL"
+            pilot.app._answer_audit(Answer("audit", FLEET, context="fleet: SELECT bastion, decision, count(*) …"))
+        await pilot.pause()
+
+    assert snap_compare(SnapshotConsole(), terminal_size=size, run_before=run_before)

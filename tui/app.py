@@ -52,6 +52,8 @@ from textual.widgets.data_table import CellDoesNotExist, RowDoesNotExist
 
 from appliance.control import ControlClient, ControlError, DaemonNotRunning
 from tui.dialogs import DecisionScreen, EndSessionScreen, HelpScreen, Mode, QuitScreen
+from tui.fleet import QUERY_TIMEOUT_S as FLEET_QUERY_TIMEOUT_S
+from tui.fleet import FleetUnavailable, OperatorLake
 from tui.keys import OrderedKeys
 from tui.model import (ApprovalBook, Decision, RecentDecisions, approval_detail, cell, current_statement,
                        health_lines, protocol_short, session_matches, status_line, time_left, window_text)
@@ -139,6 +141,8 @@ class BotwardenApp(OrderedKeys):
         Binding("question_mark", "help", "Help"),
         Binding("ctrl+q", "quit", "Quit", priority=True, show=False),
         Binding("ctrl+o", "focus_reports", "Reports", priority=True, show=False),
+        # Audit tab only (check_action): its source, this bastion's store or the fleet lake (tui.fleet).
+        Binding("ctrl+f", "toggle_fleet", "Fleet/local", priority=True),
         # Enter on a session replays it; done here so the focus moves before the next key.
         Binding("enter", "enter", show=False, priority=True),
     ]
@@ -174,6 +178,9 @@ class BotwardenApp(OrderedKeys):
         self._seq: dict[str, int] = {}
         # Notifications fade after a few seconds; the recent ones stay readable here.
         self.notices: deque[str] = deque(maxlen=50)
+        # The Audit tab's source: "local" (the daemon's store, over the control socket) or "fleet"
+        # (the lake, attached in this process with the operator's own settings: tui/fleet.py).
+        self.audit_source = "local"
         self._tabs: TabbedContent | None = None
         self._widgets: list[Widget] = []
 
@@ -298,6 +305,8 @@ class BotwardenApp(OrderedKeys):
         for call_id, call in list(self._calls.items()):
             if call.deadline <= now:
                 why = f"no answer from the daemon within {self.call_timeout_s:g} s ({call.method} {call.path})"
+                if call.method == "in this process:":
+                    why = f"no answer from the fleet lake within {FLEET_QUERY_TIMEOUT_S + 15:g} s ({call.path})"
                 if call.purpose == "decision":
                     why += "; it may still have been applied: see Recently decided"
                 self.on_answer(Answer(call.purpose, error=why, context=call.context, seq=call.seq,
@@ -358,7 +367,41 @@ class BotwardenApp(OrderedKeys):
         self._request("end_session", "POST", f"/v1/sessions/{quote(session_id, safe='')}/end",
                       {"reason": reason}, context=session_id)
 
+    def _in_thread(self, purpose: str, what: str, work: Callable[[], Any], *, context: Any = None,
+                   timeout_s: float) -> None:
+        """Like :meth:`_request`, for work done in this process (fleet queries): on a daemon
+        thread, its answer (or error message) posted back as :class:`Answer`."""
+        if not self.connect:
+            return
+        seq = self._seq[purpose] = self._seq.get(purpose, 0) + 1
+        self._call_ids += 1
+        call_id = self._call_ids
+        self._calls[call_id] = Call(purpose, "in this process:", what, time.monotonic() + timeout_s + 2.0,
+                                    context, seq)
+
+        def run() -> None:
+            try:
+                answer = Answer(purpose, work(), context=context, seq=seq)
+            except Exception as e:  # FleetUnavailable says what is wrong; anything else is shown too
+                answer = Answer(purpose, error=str(e) or type(e).__name__, context=context, seq=seq)
+            answer.call_id = call_id
+            self._post(answer)
+
+        threading.Thread(target=run, name=f"botwarden-{purpose}", daemon=True).start()
+
+    def _fleet(self, what: str, query: Callable[[OperatorLake], tuple[list[str], list[tuple]]],
+               context: str) -> None:
+        def work() -> dict[str, Any]:
+            columns, rows = query(OperatorLake.find())  # read again each time: a fixed file needs no restart
+            return {"columns": columns, "rows": [list(r) for r in rows]}
+
+        self._in_thread("audit", what, work, context=f"fleet: {context}", timeout_s=FLEET_QUERY_TIMEOUT_S + 15)
+
     def run_sql(self, sql: str, params: list[Any] | None = None) -> None:
+        if self.audit_source == "fleet":
+            self._set_msg("#audit-msg", "running on the fleet lake …")
+            self._fleet("fleet sql", lambda lake: lake.sql(sql, params), sql)
+            return
         body: dict[str, Any] = {"sql": sql}
         if params:
             body["params"] = params
@@ -366,6 +409,10 @@ class BotwardenApp(OrderedKeys):
         self._request("audit", "POST", "/v1/audit/sql", body, context=sql)
 
     def run_report(self, name: str) -> None:
+        if self.audit_source == "fleet":
+            self._set_msg("#audit-msg", f"running report {name} on the fleet lake …")
+            self._fleet(f"fleet report {name}", lambda lake: lake.report(name), f"report {name}")
+            return
         self._set_msg("#audit-msg", f"running report {name} …")
         self._request("audit", "GET", f"/v1/audit/reports/{name}", context=f"report {name}")
 
@@ -758,6 +805,7 @@ class BotwardenApp(OrderedKeys):
     @on(TabbedContent.TabActivated)
     def _tab_activated(self, event: TabbedContent.TabActivated) -> None:
         pane = event.pane
+        self.refresh_bindings()
         if pane.id == "sessions":
             self.refresh_sessions()
         elif pane.id == "status":
@@ -826,6 +874,7 @@ class BotwardenApp(OrderedKeys):
         self._global_key()
         self._main.query_one("#tabs", TabbedContent).active = tab
         self._main.set_focus(self._main.query_one(TAB_FOCUS[tab]))
+        self.refresh_bindings()  # the Audit tab's own key (ctrl+f) shows in the footer there only
 
     async def action_help(self) -> None:
         self._global_key()
@@ -849,6 +898,34 @@ class BotwardenApp(OrderedKeys):
     def action_focus_filter(self) -> None:
         self._global_key()
         self._main.set_focus(self._main.query_one("#sessions-filter", Input))
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "toggle_fleet":  # in the footer (and acting) on the Audit tab only
+            return self._active_tab() == "audit"
+        return True
+
+    def action_toggle_fleet(self) -> None:
+        """ctrl+f on the Audit tab: queries and reports go to the fleet lake, or back here."""
+        self._global_key()
+        if self._active_tab() != "audit":
+            raise SkipAction()
+        self.audit_source = "local" if self.audit_source == "fleet" else "fleet"
+        fleet = self.audit_source == "fleet"
+        self._tabs.get_tab("audit").label = "F3 Audit (fleet)" if fleet else "F3 Audit"
+        self._main.query_one("#sql", Input).placeholder = (
+            "SELECT bastion, … FROM requests LIMIT 100   (fleet lake; Enter runs)" if fleet
+            else "SELECT … FROM requests LIMIT 100   (Enter runs)")
+        self._main.query_one("#audit-table", DataTable).clear(columns=True)
+        if not fleet:
+            self._set_msg("#audit-msg", "This bastion's audit store. ctrl+f: the fleet lake.")
+            return
+        try:
+            lake = OperatorLake.find()
+        except FleetUnavailable as e:
+            self._set_msg("#audit-msg", f"{e}  (ctrl+f: back to this bastion)", error=True)
+            return
+        self._set_msg("#audit-msg", f"The fleet lake, read-only, as you (settings: {lake.source}): every "
+                                    "bastion's rows, with a bastion column. ctrl+f: back to this bastion.")
 
     def action_focus_reports(self) -> None:
         self.action_show_tab("audit")

@@ -227,6 +227,7 @@ HELP: dict[str, tuple[tuple[str, str], ...]] = {
     "audit": (
         ("Enter", "run the read-only SQL"),
         ("ctrl+o", "pick a canned report"),
+        ("ctrl+f", "switch between this bastion's audit and the fleet lake (read as you: docs/fleet.md)"),
     ),
     "replay": (
         ("Enter", "replay the session id typed"),
