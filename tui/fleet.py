@@ -69,7 +69,7 @@ class OperatorLake:
             raise FleetUnavailable(
                 f"fleet: no lake configured for you. Set {CATALOG_ENV} (your own read-only catalog role's "
                 f"connection string) and {DATA_PATH_ENV}, or write them as catalog = and data_path = in {path} "
-                "(mode 0600). The daemon's configuration is never used (docs/fleet.md, \"The console\").")
+                "(mode 0600). The daemon's configuration is never used (docs/fleet.md, \"The console on the fleet\").")
         catalog, data_path = raw.get("catalog"), raw.get("data_path")
         if not isinstance(catalog, str) or not catalog.strip() or not isinstance(data_path, str) \
                 or not data_path.strip():
