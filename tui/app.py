@@ -972,6 +972,8 @@ class BotwardenApp(OrderedKeys):
         for tab in TABS:
             yield SystemCommand(f"{tab.title()} tab", f"Show the {tab} tab",
                                 lambda tab=tab: self.action_show_tab(tab))
+        yield SystemCommand("Fleet audit", "Switch the Audit tab between this bastion and the fleet lake (ctrl+f)",
+                            lambda: (self.action_show_tab("audit"), self.action_toggle_fleet()))
         yield SystemCommand("Refresh", "Ask the daemon for its status again", self.action_refresh)
         yield SystemCommand("Help", "The keys of every tab", self.action_help)
         # The palette runs a command after it has closed, so the console is what gets saved.
