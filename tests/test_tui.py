@@ -269,6 +269,10 @@ def test_session_filter_and_current_statement() -> None:
     assert session_matches(active, "psql", now) and not session_matches(active, "python", now)
     assert session_matches(active, "since=30m", now) and not session_matches(active, "since=15m", now)
     assert not session_matches(active, "since=soon", now)  # unreadable: matches nothing rather than all
+    ssh, k8s = {**ended, "protocol": "ssh"}, {**ended, "protocol": "kubernetes"}
+    assert session_matches(ssh, "protocol=ssh", now) and not session_matches(k8s, "protocol=ssh", now)
+    assert session_matches(k8s, "protocol=k8s", now) and session_matches(k8s, "protocol=kubernetes", now)
+    assert session_matches({**active, "protocol": "postgres"}, "protocol=sql", now)
     assert parse_span("90s") == 90 and parse_span("2h") == 7200 and parse_span("5") == 300
     running = {**active, "current": "SELECT  pg_sleep(9)", "current_running": True,
                "current_since": (now - timedelta(seconds=65)).isoformat()}

@@ -166,3 +166,32 @@ def test_audit_tab_on_the_fleet_without_settings_or_with_an_unreachable_catalog_
     assert operator.password not in seen["dead"]
     assert not any(operator.password in n for n in seen["notices"])
     assert seen["running"]
+
+
+def test_operator_settings_come_from_the_environment_or_the_operators_own_private_file(tmp_path):
+    from tui.fleet import FleetUnavailable, OperatorLake
+
+    env = {"XDG_CONFIG_HOME": str(tmp_path)}
+    with pytest.raises(FleetUnavailable, match="no lake configured for you"):
+        OperatorLake.find(env)
+    found = OperatorLake.find({**env, CATALOG_ENV: "dbname=lake user=alice", DATA_PATH_ENV: "/mnt/lake"})
+    assert (found.source, found.settings.catalog, found.settings.data_path) == ("environment", "dbname=lake user=alice",
+                                                                                "/mnt/lake")
+    path = tmp_path / "botwarden" / "fleet.toml"
+    path.parent.mkdir()
+    path.write_text('catalog = "dbname=lake user=bob password=s3cret"\ndata_path = "/mnt/lake"\n')
+    for mode in (0o640, 0o604, 0o620):
+        path.chmod(mode)
+        with pytest.raises(FleetUnavailable, match=f"mode {mode:04o}") as e:
+            OperatorLake.find(env)
+        assert "s3cret" not in str(e.value)
+    path.chmod(0o600)
+    found = OperatorLake.find(env)
+    assert found.source == str(path) and found.settings.catalog == "dbname=lake user=bob password=s3cret"
+    os.chown(path, 65534, -1)  # someone else's file, even 0600
+    with pytest.raises(FleetUnavailable, match="is not yours"):
+        OperatorLake.find(env)
+    path.write_text('catalog = "dbname=lake"\n')
+    os.chown(path, os.getuid(), -1)
+    with pytest.raises(FleetUnavailable, match="needs catalog"):
+        OperatorLake.find(env)
