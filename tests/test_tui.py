@@ -825,8 +825,8 @@ def test_palette_commands_work_under_cpu_load(tmp_path: Path, cpu_hog: None) -> 
         return seen
 
     seen = asyncio.run(scenario())
-    assert seen["offered"] == ["Approvals tab", "Audit tab", "Help", "Keys", "Quit", "Refresh", "Replay tab",
-                               "Screenshot", "Sessions tab", "Status tab"]
+    assert seen["offered"] == ["Approvals tab", "Audit tab", "Fleet audit", "Help", "Keys", "Quit", "Refresh",
+                               "Replay tab", "Screenshot", "Sessions tab", "Status tab"]
     assert seen["Sessions"] == ("sessions", "sessions-table") and seen["Audit"] == ("audit", "sql")
     assert seen["Replay"] == ("replay", "replay-session") and seen["Approvals"] == ("approvals", "approvals-table")
     assert seen["after"] == "sessions"
