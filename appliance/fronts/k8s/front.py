@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
-import os
 import ssl
 import time
 from dataclasses import dataclass
@@ -15,9 +15,9 @@ from urllib.parse import urlsplit
 import httpx
 
 from appliance.errors import BotwardenError
-from appliance.fronts.admission import Admission, Ticket
-from appliance.fronts.postgres import _attribution
+from appliance.fronts.admission import Admission
 from appliance.fronts.services import AuthRefused, ConnectionContext, FrontServices, HoldOutcome, SessionGrant
+from appliance.fronts.session import SessionCore, attribution, format_addr, new_request_id
 from appliance.policy.k8s import K8sRequest
 from appliance.policy.types import Verdict
 from appliance.protocols.kubernetes import (KubernetesProtocolError, SecretMasker, WatchMasker, bearer_token,
@@ -129,16 +129,6 @@ class KubernetesFront:
         await asyncio.sleep(0)
 
 
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def _addr(a: Any) -> str | None:
-    if isinstance(a, tuple) and len(a) >= 2:
-        return f"{a[0]}:{a[1]}"
-    return str(a) if a else None
-
-
 class Refusal(BotwardenError):
     """An exchange answered by botwarden itself with a ``Status`` (``code``, ``message``)."""
 
@@ -159,20 +149,23 @@ class Session:
         self.settings = front.settings
         self.reader = reader
         self.writer = writer
-        self.grant: SessionGrant | None = None
-        self.session_id: str | None = None
+        # Admission, identity and grant, audit rows, holds and the end: what every front shares.
+        self.core = SessionCore(front.services, target=self.settings.target, protocol=PROTOCOL,
+                                target_addr=f"{self.settings.upstream_host}:{self.settings.upstream_port}",
+                                spawn=front.spawn, terminate=lambda code, message: self.shutdown(message))
         self._token_digest: bytes | None = None
         self._opening: asyncio.Future | None = None
-        self._admission: Ticket | None = None
         self.client: httpx.AsyncClient | None = None
         self.bytes_in = 0
         self.bytes_out = 0
-        self.outcome = "ok"
-        self.end_error: str | None = None
         self.in_flight = 0
         self.closed = False
         self._ctx: ConnectionContext | None = None
         self._driver: Any = None
+
+    @property
+    def session_id(self) -> str | None:
+        return self.core.session_id
 
     @property
     def busy(self) -> bool:
@@ -182,13 +175,10 @@ class Session:
     async def run(self) -> None:
         from .http import Http1Driver, Http2Driver
 
-        admission = self.front.admission
-        if admission is not None:
-            self._admission = admission.admit(self.writer.get_extra_info("socket"), self._admission_closed,
-                                              listener=_addr(self.writer.get_extra_info("sockname")) or "")
-            if self._admission is None:
-                self.writer.close()
-                return
+        if not self.core.admit(self.front.admission, self.writer.get_extra_info("socket"), self._admission_closed,
+                               format_addr(self.writer.get_extra_info("sockname")) or ""):
+            self.writer.close()
+            return
         ssl_object = self.writer.get_extra_info("ssl_object")
         alpn = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
         self._driver = (Http2Driver if alpn == "h2" else Http1Driver)(self)
@@ -200,17 +190,16 @@ class Session:
             log.info("kubernetes session ended: %s", e)
         except Exception:
             log.exception("kubernetes session failed")
-            self.outcome, self.end_error = "error", "internal error in the Kubernetes front"
+            self.core.set_outcome("error", "internal error in the Kubernetes front")
         finally:
             await self.finish()
 
     def _admission_closed(self, reason: str) -> None:
-        self.outcome, self.end_error = "error", f"botwarden: {reason}"
+        self.core.set_outcome("error", f"botwarden: {reason}")
         self.shutdown(reason)
 
     def shutdown(self, reason: str) -> None:
-        if self.outcome == "ok":
-            self.outcome, self.end_error = "terminated", reason
+        self.core.set_outcome("terminated", reason)
         if self._driver is not None:
             self._driver.shutdown(reason)
         else:
@@ -220,32 +209,14 @@ class Session:
         if self.closed:
             return
         self.closed = True
-        if self._admission is not None:
-            self._admission.release()
         self.writer.close()
         if self.client is not None:
             await self.client.aclose()
-        if self.session_id is not None:
-            self._audit("session_end", {"session_id": self.session_id, "ts": _now(), "bytes_in": self.bytes_in,
-                                        "bytes_out": self.bytes_out, "outcome": self.outcome,
-                                        "error": self.end_error})
-        if self.grant is not None:
-            try:
-                await self.services.close_session(self.grant)
-            except Exception:
-                log.exception("close_session failed for session %s", self.grant.session_id)
-
-    def _audit(self, kind: str, record: dict) -> None:
-        try:
-            self.services.audit(kind, record)
-        except Exception:  # counted by the runtime; strict callers refused the request already
-            log.exception("audit hook failed for %s", kind)
+        self.core.end(self.bytes_in, self.bytes_out)  # session_end, admission ticket, grant released
 
     # ------------------------------------------------------------------ identity
     async def _session_for(self, token: str | None) -> SessionGrant:
         """The session's grant: opened by the first request, the same token required after."""
-        import hashlib
-
         digest = hashlib.sha256(token.encode()).digest() if token else b""
         if self._opening is None:
             self._opening = asyncio.ensure_future(self._open(token))
@@ -258,28 +229,18 @@ class Session:
 
     async def _open(self, token: str | None) -> SessionGrant:
         ctx = await self._context()
-        if self._admission is not None:
-            self._admission.release()  # credentials presented: the identity checks bound it from here
+        self.core.credentials_presented()  # the identity checks bound the connection from here
         if self.settings.require_token and not token:
-            self.session_id = os.urandom(16).hex()
-            self._session_start(ctx, None)
-            self.outcome, self.end_error = "refused", "no bearer token"
+            self.core.refuse(ctx)
+            self.core.set_outcome("refused", "no bearer token")
             raise Refusal(401, "botwarden refused the connection: no bearer token (the kubeconfig's token is "
                                "the bot's OIDC token)", reason="Unauthorized", close=True)
         try:
-            grant = await self.services.open_session(self.settings.target, ctx, "", token if token else None)
+            grant = await self.core.open(ctx, "", token if token else None)  # a refusal is recorded there
         except AuthRefused as e:
-            self.session_id = os.urandom(16).hex()
-            self._session_start(ctx, None, e.audit_fields)
-            self.outcome, self.end_error = "refused", e.message
+            self.core.set_outcome("refused", e.message)
             code = 401 if e.sqlstate.startswith("28") else 503
             raise Refusal(code, e.message, close=True) from None
-        self.grant = grant
-        self.session_id = grant.session_id
-        register = getattr(self.services, "register_terminate", None)
-        if register is not None:  # the daemon ends sessions whose lease or token ran out
-            register(grant.session_id, lambda code, message: self.shutdown(message))
-        self._session_start(ctx, grant)
         s = self.settings
         self.client = httpx.AsyncClient(
             base_url=f"https://{s.upstream_host}:{s.upstream_port}", verify=self.front.upstream_ssl,
@@ -293,29 +254,8 @@ class Session:
             transport = self.writer.transport
             self._ctx = ConnectionContext(self.writer.get_extra_info("peername"),
                                           self.writer.get_extra_info("sockname"), True,
-                                          await _attribution(self.services, transport))
+                                          await attribution(self.services, transport))
         return self._ctx
-
-    def _session_start(self, ctx: ConnectionContext, grant: SessionGrant | None, refused_fields: Any = None) -> None:
-        rec: dict[str, Any] = {
-            "session_id": self.session_id, "ts": _now(), "target": self.settings.target, "protocol": PROTOCOL,
-            "client_addr": _addr(ctx.client_addr),
-            "target_addr": f"{self.settings.upstream_host}:{self.settings.upstream_port}", "tls": True,
-        }
-        a = ctx.attribution
-        if a is not None:
-            rec.update(pid=getattr(a, "tgid", a.pid), uid=a.uid, gid=a.gid, cgroup_id=a.cgroup_id,
-                       cgroup_path=a.cgroup_path, exe=a.exe_path, comm=a.comm, attribution_source=a.source,
-                       privileged=bool(getattr(a, "privileges", ())))
-        else:
-            rec["attribution_source"] = "none"
-        if grant is not None:
-            rec.update(identity=grant.identity, token_subject=grant.subject,
-                       credential_user=grant.credential.username, lease_id=grant.credential.lease_id)
-            rec.update(grant.audit_fields)
-        elif refused_fields:
-            rec.update(refused_fields)
-        self._audit("session_start", rec)
 
     # ------------------------------------------------------------------ one exchange
     async def exchange(self, req: BotRequest, out: Responder) -> bool:
@@ -323,7 +263,7 @@ class Session:
         self.in_flight += 1
         t0 = time.time()
         self.bytes_in += len(req.body)
-        record: dict[str, Any] = {"request_id": os.urandom(16).hex(), "ts": datetime.fromtimestamp(t0, timezone.utc),
+        record: dict[str, Any] = {"request_id": new_request_id(), "ts": datetime.fromtimestamp(t0, timezone.utc),
                                   "protocol": PROTOCOL, "kind": "k8s", "text": f"{req.method} {req.target}"}
         k8s: K8sRequest | None = None
         try:
@@ -362,18 +302,15 @@ class Session:
             if "session_id" in record or self.session_id is not None:
                 record.setdefault("session_id", self.session_id)
                 record["duration_ms"] = (time.time() - t0) * 1000.0
-                self._audit("request", record)
+                self.core.audit("request", record)
 
     async def _record_start(self, record: dict, verdict: Verdict) -> None:
         """audit.mode = "strict": the request reaches the API server only once its start record
         is durable (as a statement does; docs/audit-schema.md)."""
-        durable = getattr(self.services, "audit_durable", None)
-        if durable is None:
-            return
         start = {k: record[k] for k in ("request_id", "session_id", "ts", "protocol", "kind", "text", "decision",
                                         "rule")}
         try:
-            wait = durable("request_start", start, verdict)
+            wait = self.core.record_start(start, verdict)
             if wait is not None:
                 await wait
         except asyncio.CancelledError:
@@ -395,8 +332,7 @@ class Session:
         def notify(approval_id: str) -> None:
             log.info("session %s: %s held for approval %s", grant.session_id, k8s.describe(), approval_id)
 
-        return await self.services.hold(grant, self.settings.target, record["text"], verdict, notify,
-                                        record["request_id"])
+        return await self.core.hold(record["text"], verdict, notify, record["request_id"])
 
     async def _forward(self, grant: SessionGrant, req: BotRequest, k8s: K8sRequest, verdict: Verdict,
                        out: Responder, record: dict) -> int:
@@ -413,9 +349,8 @@ class Session:
                                                  extensions={"sni_hostname": sni} if sni else None)
             resp = await self.client.send(upstream, stream=True)
         except httpx.HTTPError as e:
-            note = getattr(self.services, "upstream_connect_failed", None)
-            if note is not None and isinstance(e, httpx.ConnectError):
-                note(self.settings.target, "tcp")
+            if isinstance(e, httpx.ConnectError):
+                self.core.upstream_failed("tcp")
             raise Refusal(503, f"botwarden could not reach the Kubernetes API server of target "
                                f"{self.settings.target!r}: {type(e).__name__}: {e}",
                           reason="ServiceUnavailable") from None
