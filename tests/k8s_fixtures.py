@@ -29,6 +29,30 @@ action = "approve"
 verbs = ["delete"]
 resources = ["deployments"]
 api_groups = ["apps"]
+dry_run = false  # `kubectl delete --dry-run=server` runs without waiting
+
+# `kubectl delete pods -l app=...` lists by the selector first: refused there.
+[[rules]]
+name = "no-pod-deletes-by-app-selector"
+action = "block"
+[rules.k8s]
+verbs = ["list", "deletecollection"]
+resources = ["pods"]
+label_selectors = ["app=*"]
+
+[[rules]]
+name = "pod-deletes-by-name"
+action = "allow"
+[rules.k8s]
+verbs = ["delete"]
+resources = ["pods"]
+
+[[rules]]
+name = "no-json-patches"
+action = "block"
+[rules.k8s]
+verbs = ["patch"]
+patch_types = ["json"]
 
 [[rules]]
 name = "no-exec-in-locked-namespaces"

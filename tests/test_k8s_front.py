@@ -10,6 +10,7 @@ import base64
 import json
 import subprocess
 import time
+import urllib.error
 import uuid
 
 import pytest
@@ -155,12 +156,16 @@ def test_held_deployment_delete_runs_once_approved(env: K8sEnv) -> None:
     assert gone.returncode != 0 and "NotFound" in gone.stderr
 
 
-def _pod(env: K8sEnv, ns: str, name: str = "web") -> None:
+def _pod(env: K8sEnv, ns: str, name: str = "web", labels: dict | None = None) -> None:
     """A Pod object. Nothing runs it (no kubelet): it stays Pending with no node. (Without a
     controller manager nobody makes the namespace's default service account: we do.)"""
-    env.kube.request("POST", f"/api/v1/namespaces/{ns}/serviceaccounts", {"metadata": {"name": "default"}})
+    try:
+        env.kube.request("POST", f"/api/v1/namespaces/{ns}/serviceaccounts", {"metadata": {"name": "default"}})
+    except urllib.error.HTTPError as e:
+        if e.code != 409:  # made for an earlier pod of the namespace
+            raise
     env.kube.request("POST", f"/api/v1/namespaces/{ns}/pods", {
-        "metadata": {"name": name}, "spec": {"automountServiceAccountToken": False,
+        "metadata": {"name": name, "labels": labels or {}}, "spec": {"automountServiceAccountToken": False,
                                       "containers": [{"name": "c", "image": "registry.invalid/web:1"}]}})
 
 
@@ -264,3 +269,61 @@ def test_the_python_client_over_http1_keep_alive_sees_what_it_sees_direct(env: K
         bot.delete_namespace(ns)
     assert refused.value.status == 403
     assert json.loads(refused.value.body)["message"].startswith("blocked by botwarden rule 'no-namespace-deletes'")
+
+
+def _rows(env: K8sEnv, like: str) -> list[tuple]:
+    return [(r["decision"], r["rule"], r["sqlstate"]) for r in env.daemon.audit_sql(
+        "SELECT decision, rule, sqlstate FROM requests WHERE protocol = 'k8s' AND text LIKE ? ORDER BY ts", [like])]
+
+
+def test_a_selector_rule_refuses_delete_by_label_while_delete_by_name_is_another_rules(env: K8sEnv) -> None:
+    ns = _ns(env)
+    for name in ("web-1", "web-2"):
+        _pod(env, ns, name, labels={"app": "web"})
+    bot = env.bot_kubeconfig()
+    res = env.kubectl(bot, "-n", ns, "delete", "pods", "-l", "app=web")
+    assert res.returncode != 0
+    assert "Error from server (Forbidden): blocked by botwarden rule 'no-pod-deletes-by-app-selector'" in res.stderr
+    assert env.kube.get(f"/api/v1/namespaces/{ns}/pods/web-1")["metadata"]["name"] == "web-1"  # nothing deleted
+    assert _rows(env, f"list pods in {ns} -l app=web%") == [("block", "no-pod-deletes-by-app-selector", "403")]
+    res = env.kubectl(bot, "-n", ns, "delete", "pod", "web-2", "--wait=false")
+    assert res.returncode == 0 and 'pod "web-2" deleted' in res.stdout, res.stderr
+    assert _rows(env, f"delete pods web-2 in {ns}%") == [("allow", "pod-deletes-by-name", "200")]
+    # Another selector is not this rule's.
+    other = env.kubectl(bot, "-n", ns, "get", "pods", "-l", "tier=fe")
+    assert other.returncode == 0, other.stderr
+
+
+def test_a_patch_type_rule_blocks_json_patches_and_lets_apply_and_merge_through(env: K8sEnv) -> None:
+    ns = _ns(env)
+    env.kube.request("POST", f"/api/v1/namespaces/{ns}/configmaps", {"metadata": {"name": "c"}, "data": {"k": "v0"}})
+    bot = env.bot_kubeconfig()
+    res = env.kubectl(bot, "-n", ns, "patch", "configmap", "c", "--type=json",
+                      "-p", '[{"op": "replace", "path": "/data/k", "value": "json"}]')
+    assert res.returncode != 0 and "blocked by botwarden rule 'no-json-patches'" in res.stderr, res.stderr
+    assert env.kube.get(f"/api/v1/namespaces/{ns}/configmaps/c")["data"] == {"k": "v0"}
+    res = env.kubectl(bot, "-n", ns, "patch", "configmap", "c", "--type=merge", "-p", '{"data": {"k": "merge"}}')
+    assert res.returncode == 0, res.stderr
+    manifest = env.workdir / f"{ns}-c.yaml"
+    manifest.write_text(f"apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: c\n  namespace: {ns}\n"
+                        "data:\n  k: applied\n")
+    res = env.kubectl(bot, "apply", "-f", str(manifest))  # the object exists: a strategic merge patch
+    assert res.returncode == 0, res.stderr
+    assert env.kube.get(f"/api/v1/namespaces/{ns}/configmaps/c")["data"] == {"k": "applied"}
+    assert _rows(env, f"patch configmaps c in {ns} (json patch)%") == [("block", "no-json-patches", "403")]
+    assert _rows(env, f"patch configmaps c in {ns} (merge patch)%") == [("allow", None, "200")]
+    assert _rows(env, f"patch configmaps c in {ns} (strategic patch)%") == [("allow", None, "200")]
+
+
+def test_a_server_dry_run_delete_is_not_held_where_the_real_one_is(env: K8sEnv) -> None:
+    ns = _ns(env)
+    direct = env.direct_kubeconfig()
+    res = env.kubectl(direct, "-n", ns, "create", "deployment", "web", "--image=registry.invalid/web:1")
+    assert res.returncode == 0, res.stderr
+    before = {a["approval_id"] for a in env.client.get("/v1/approvals")["approvals"]}
+    res = env.kubectl(env.bot_kubeconfig(), "-n", ns, "delete", "deployment", "web", "--dry-run=server")
+    assert res.returncode == 0, res.stderr
+    assert 'deployment.apps "web" deleted (server dry run)' in res.stdout
+    assert env.kube.get(f"/apis/apps/v1/namespaces/{ns}/deployments/web")["metadata"]["name"] == "web"
+    assert {a["approval_id"] for a in env.client.get("/v1/approvals")["approvals"]} == before
+    assert _rows(env, f"delete deployments.apps web in {ns} (dry run)%") == [("allow", None, "200")]

@@ -21,6 +21,8 @@ DETECTORS = ("email", "card", "iban", "phone", "ssn", "aws_key", "private_key", 
 SHELL_CONSTRUCTS = ("sequence", "and_or", "pipe", "background", "subst", "redirect", "expansion", "glob",
                     "subshell", "newline")
 FORWARD_KINDS = ("local", "remote", "agent", "x11")
+K8S_PATCH_TYPES = ("json", "merge", "strategic", "apply", "unknown")
+K8S_SELECTOR_VERBS = ("list", "watch", "deletecollection")
 SFTP_OPS = ("read", "write", "create", "remove", "rename", "mkdir", "rmdir", "list", "stat", "setstat",
             "symlink", "readlink")
 
@@ -175,6 +177,26 @@ class K8sMatch:
     namespaces: tuple[str, ...] | None = field(default=None, metadata=check(_nonempty_patterns))
     names: tuple[str, ...] | None = field(default=None, metadata=check(_nonempty_patterns))
     api_groups: tuple[str, ...] | None = None
+    # Requirements of the request's selectors (`kubectl -l app=web` is "app=web"; "*" = any
+    # selector); a request without one does not match.
+    label_selectors: tuple[str, ...] | None = field(default=None, metadata=check(_nonempty_patterns))
+    field_selectors: tuple[str, ...] | None = field(default=None, metadata=check(_nonempty_patterns))
+    # A PATCH's type: `kubectl patch --type`, `kubectl apply` (strategic), `--server-side` (apply).
+    patch_types: tuple[Literal[K8S_PATCH_TYPES], ...] | None = None  # type: ignore[valid-type]
+    dry_run: bool | None = None  # true: only dry runs (`--dry-run=server`); false: only real requests
+
+    def __post_init__(self) -> None:
+        # A key no request of the rule's verbs can carry would make the rule match nothing.
+        verbs = self.verbs
+        if verbs is None:
+            return
+        can = lambda wanted: any(fnmatch.fnmatchcase(v, p.lower()) for p in verbs for v in wanted)  # noqa: E731
+        if self.patch_types is not None and not can(("patch",)):
+            raise ValueError("patch_types match only patch requests: verbs must include \"patch\"")
+        for key in ("label_selectors", "field_selectors"):
+            if getattr(self, key) is not None and not can(K8S_SELECTOR_VERBS):
+                raise ValueError(f"{key} match only list, watch and deletecollection requests (the verbs that "
+                                 f"carry selectors; `kubectl delete -l` lists first): verbs must include one")
 
 
 def _keep(value: int) -> int:

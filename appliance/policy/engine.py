@@ -290,7 +290,12 @@ def _compile(index: int, rule: Rule) -> _Compiled:
         c.k8s = {name: [_glob(p) for p in value] for name, value in {
             "verbs": k.verbs, "resources": k.resources, "subresources": k.subresources,
             "namespaces": k.namespaces, "names": k.names, "api_groups": k.api_groups,
+            "label_selectors": k.label_selectors, "field_selectors": k.field_selectors,
         }.items() if value is not None}
+        if k.patch_types is not None:
+            c.k8s["patch_types"] = frozenset(k.patch_types)
+        if k.dry_run is not None:
+            c.k8s["dry_run"] = k.dry_run
     return c
 
 
@@ -379,9 +384,21 @@ def _k8s_matches(c: _Compiled, req: K8sRequest) -> bool:
     values = {"verbs": req.verb, "resources": req.resource, "subresources": req.subresource,
               "namespaces": req.namespace, "names": req.name, "api_groups": req.api_group}
     for key, patterns in c.k8s.items():
-        value = values[key]
-        if value is None or not any(p(value) for p in patterns):
-            return False
+        if key == "dry_run":
+            if req.dry_run != patterns:
+                return False
+        elif key == "patch_types":
+            if req.patch_type not in patterns:
+                return False
+        elif key in ("label_selectors", "field_selectors"):
+            # Some requirement of the selector matches some pattern.
+            reqs = req.label_selector if key == "label_selectors" else req.field_selector
+            if not any(p(r) for r in reqs for p in patterns):
+                return False
+        else:
+            value = values[key]
+            if value is None or not any(p(value) for p in patterns):
+                return False
     return True
 
 

@@ -269,7 +269,7 @@ class Session:
         try:
             grant = await self._session_for(bearer_token(req.headers))
             record["session_id"] = grant.session_id
-            k8s = K8sRequest.from_http(req.method, req.target)
+            k8s = K8sRequest.from_http(req.method, req.target, _header(req.headers, "content-type"), req.body)
             record["text"] = f"{k8s.describe()} ({req.method} {urlsplit(req.target).path})"
             verdict = self.services.decide_k8s(grant, self.settings.target, k8s)
             record.update(decision=verdict.action, rule=verdict.rule, reason=verdict.reason or None)
@@ -406,6 +406,10 @@ class Session:
             return masker.masked
         finally:
             await resp.aclose()
+
+
+def _header(headers: list[tuple[str, str]], name: str) -> str | None:
+    return next((v for n, v in headers if n.lower() == name), None)
 
 
 def _is_upgrade(headers: list[tuple[str, str]]) -> bool:
