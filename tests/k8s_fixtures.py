@@ -66,6 +66,13 @@ name = "mask-secrets"
 action = "mask"
 [rules.k8s]
 resources = ["secrets"]
+
+[[rules]]
+name = "mask-config-passwords"
+action = "mask"
+[rules.k8s]
+namespaces = ["masked-*"]
+mask_paths = ["ConfigMap.data.password", "Pod.spec.containers[*].env[name=*PASSWORD*].value"]
 """
 
 

@@ -153,3 +153,19 @@ def test_config_errors_name_the_key_and_the_fix() -> None:
     # Verb globs that include a verb carrying the key are fine.
     parse_config(TARGET + '\n[[rules]]\nname = "r"\naction = "block"\n[rules.k8s]\nverbs = ["*"]\n'
                  'label_selectors = ["a=*"]\npatch_types = ["json"]\ndry_run = true\n', "bw.toml")
+
+
+def test_mask_paths_need_a_mask_rule_and_a_kind() -> None:
+    assert 'rule \'r\': mask_paths need action = "mask", not \'block\'' in _error('mask_paths = ["ConfigMap.data.x"]')
+    text = TARGET + '\n[[rules]]\nname = "r"\naction = "mask"\n[rules.k8s]\nmask_paths = ["data.x"]\n'
+    with pytest.raises(ConfigError) as exc:
+        parse_config(text, "bw.toml")
+    assert "rules[0].k8s.mask_paths: mask path 'data.x' must start with the kind of object it applies to" in \
+        str(exc.value)
+    cfg = parse_config(TARGET + '\n[[rules]]\nname = "m"\naction = "mask"\n[rules.k8s]\nnamespaces = ["a"]\n'
+                       'mask_paths = ["ConfigMap.data.password"]\n', "bw.toml")
+    engine = PolicyEngine(cfg.policy, cfg.targets, cfg.identities)
+    got = engine.decide_k8s("bot", (), "cluster", K8sRequest.from_http("GET", "/api/v1/namespaces/a/configmaps"))
+    assert got.action == "mask" and [p.text for p in got.details[1:]] == ["ConfigMap.data.password"]
+    other = engine.decide_k8s("bot", (), "cluster", K8sRequest.from_http("GET", "/api/v1/namespaces/b/configmaps"))
+    assert other.action == "allow" and other.details[1:] == ()

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from appliance.errors import ConfigKeyError
+from appliance.protocols.kubernetes import parse_mask_path
 from appliance.schema import check
 
 Action = Literal["allow", "block", "approve", "mask"]
@@ -169,6 +170,12 @@ class SshMatch:
     match_keys: MatchMode | None = None  # as in SqlMatch
 
 
+def _mask_paths(values: tuple[str, ...] | None) -> tuple[str, ...] | None:
+    for v in values or ():
+        parse_mask_path(v)  # ValueError: what is wrong with it
+    return values
+
+
 @dataclass(frozen=True)
 class K8sMatch:
     verbs: tuple[str, ...] | None = field(default=None, metadata=check(_nonempty_patterns))
@@ -184,6 +191,9 @@ class K8sMatch:
     # A PATCH's type: `kubectl patch --type`, `kubectl apply` (strategic), `--server-side` (apply).
     patch_types: tuple[Literal[K8S_PATCH_TYPES], ...] | None = None  # type: ignore[valid-type]
     dry_run: bool | None = None  # true: only dry runs (`--dry-run=server`); false: only real requests
+    # Not a matcher: with action = "mask", the values at these paths in the response's objects
+    # ("ConfigMap.data.password", "Pod.spec.containers[*].env[*].value"; docs/kubernetes.md).
+    mask_paths: tuple[str, ...] | None = field(default=None, metadata=check(_mask_paths))
 
     def __post_init__(self) -> None:
         # A key no request of the rule's verbs can carry would make the rule match nothing.
@@ -248,6 +258,8 @@ class Rule:
                              "(or a [rules.k8s] section: Secret values in Kubernetes responses)")
         if self.mask and self.action != "mask":
             raise ValueError(f"rule {self.name!r}: mask entries need action = \"mask\", not {self.action!r}")
+        if self.k8s is not None and self.k8s.mask_paths and self.action != "mask":
+            raise ValueError(f"rule {self.name!r}: mask_paths need action = \"mask\", not {self.action!r}")
         if self.mask and sections and sections[0] != "sql":
             raise ValueError(f"rule {self.name!r}: masking applies to SQL results only")
 

@@ -31,6 +31,7 @@ from pglast.parser import ParseError, fingerprint, normalize
 
 from appliance.policy.config import PolicyConfig, Rule, TimeWindow, matcher_keys, parse_days, parse_hours
 from appliance.policy.k8s import K8sRequest
+from appliance.protocols.kubernetes import MaskPath, parse_mask_path
 from appliance.policy.masking import (ColumnAction, DetectorSettings, RowMasker, Strategy, column_is_maskable)
 from appliance.policy.sql import (BatchAnalysis, Function, Relation, StatementAnalysis, analyze_sql, kind_matches,
                                   resolve_execute)
@@ -224,6 +225,7 @@ class _Compiled:
     sql: dict[str, Any] = field(default_factory=dict)
     ssh: dict[str, Any] = field(default_factory=dict)
     k8s: dict[str, Any] = field(default_factory=dict)
+    k8s_mask_paths: tuple[MaskPath, ...] = ()  # a Kubernetes mask rule's mask_paths, parsed
     # match_keys = "any": one compiled part per matcher key; the rule matches when one part does.
     parts: tuple["_Compiled", ...] = ()
     max_rows: int | None = None  # affected-rows guard: matches only above this estimate
@@ -296,6 +298,7 @@ def _compile(index: int, rule: Rule) -> _Compiled:
             c.k8s["patch_types"] = frozenset(k.patch_types)
         if k.dry_run is not None:
             c.k8s["dry_run"] = k.dry_run
+        c.k8s_mask_paths = tuple(parse_mask_path(p) for p in k.mask_paths or ())
     return c
 
 
@@ -692,7 +695,10 @@ class PolicyEngine:
                    and (c.generic or (c.rule.k8s is not None and _k8s_matches(c, request)))]
         verdict = self._pick(scope, matches, request.describe(), target)
         masks = tuple(c.name for c in matches if c.action == "mask")
-        return replace(verdict, details=(request,), matched=tuple(c.name for c in matches), mask_rules=masks)
+        # details: the request, then the MaskPaths of the mask rules that matched (the front masks
+        # the response's Secrets and these).
+        paths = tuple(p for c in matches if c.action == "mask" for p in c.k8s_mask_paths)
+        return replace(verdict, details=(request, *paths), matched=tuple(c.name for c in matches), mask_rules=masks)
 
     # -- masking --
     def mask_plan(self, identity: str, groups: tuple[str, ...], target: str, verdict: Verdict,

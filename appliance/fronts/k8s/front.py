@@ -20,7 +20,7 @@ from appliance.fronts.services import AuthRefused, ConnectionContext, FrontServi
 from appliance.fronts.session import SessionCore, attribution, format_addr, new_request_id
 from appliance.policy.k8s import K8sRequest
 from appliance.policy.types import Verdict
-from appliance.protocols.kubernetes import (KubernetesProtocolError, SecretMasker, WatchMasker, bearer_token,
+from appliance.protocols.kubernetes import (KubernetesProtocolError, MaskPath, ResponseMasker, WatchMasker, bearer_token,
                                             response_headers, status_body, upstream_headers)
 from appliance.tasks import TaskSet
 
@@ -283,7 +283,7 @@ class Session:
             await self._record_start(record, verdict)
             masked = await self._forward(grant, req, k8s, verdict, out, record)
             if masked:
-                record["masked"] = {"secret_values": masked}
+                record["masked"] = masked
             return True
         except Refusal as e:
             record.setdefault("decision", "block" if e.code == 403 else "deny")
@@ -335,9 +335,11 @@ class Session:
         return await self.core.hold(record["text"], verdict, notify, record["request_id"])
 
     async def _forward(self, grant: SessionGrant, req: BotRequest, k8s: K8sRequest, verdict: Verdict,
-                       out: Responder, record: dict) -> int:
-        """Send the request upstream and stream the answer back; returns the Secret values masked."""
+                       out: Responder, record: dict) -> dict[str, int]:
+        """Send the request upstream and stream the answer back; returns the values masked (Secret
+        values, and per configured path)."""
         mask = bool(verdict.mask_rules) or verdict.action == "mask"
+        paths = tuple(d for d in verdict.details if isinstance(d, MaskPath))
         headers = upstream_headers(req.headers, grant.credential.password, narrow_json=mask)
         if _is_upgrade(req.headers):
             headers += [(n.lower(), v) for n, v in req.headers if n.lower() in _UPGRADE_HEADERS]
@@ -363,7 +365,7 @@ class Session:
             watch = k8s.verb == "watch" or k8s.subresource == "log"  # streams: masked event by event
             if mask and resp.status_code < 300 and not watch:
                 body = await resp.aread()
-                masker = SecretMasker()
+                masker = ResponseMasker(paths)
                 try:
                     body = masker.mask_body(body, ctype)
                 except KubernetesProtocolError as e:
@@ -374,7 +376,7 @@ class Session:
                 await out.end()
                 self.bytes_out += len(body)
                 return masker.masked
-            masker = SecretMasker()
+            masker = ResponseMasker(paths)
             stream = WatchMasker(masker, self.settings.max_body_size) if mask and resp.status_code < 300 else None
             await out.start(resp.status_code, response_headers(resp.headers.multi_items(), drop_length=stream is not None))
             try:
