@@ -85,6 +85,8 @@ class K8sEnv:
     listen_port: int
     bot_ca: Path
     down_listen_port: int = 0  # the listener of target cluster-down (an API server that is down)
+    wrong_ca_listen_port: int = 0  # target cluster-wrong-ca: the API server's CA is not the configured one
+    wrong_name_listen_port: int = 0  # target cluster-wrong-name: its certificate does not name server_name
 
     @property
     def client(self) -> ControlClient:
@@ -127,9 +129,10 @@ def configure_k8s_engine(bao_server, bao: OpenBaoSetup, kube: KubeCluster, *, ta
 
 def start_k8s_env(kube: KubeCluster, bao_server, pg_server, *, rules: str = K8S_RULES,
                   approvals_timeout_s: int = 60, credential: str | None = None, probes: str = 'mode = "off"',
-                  authentication: str = "token", identity_process: str = "") -> K8sEnv:
+                  authentication: str = "token", identity_process: str = "", vault_timeout: float | None = None) -> K8sEnv:
     """``credential``: a [targets.credential] body; default a static token (the cluster's admin).
-    ``probes``: the [probes] body; ``identity_process``: an [identities.process] body."""
+    ``probes``: the [probes] body; ``identity_process``: an [identities.process] body;
+    ``vault_timeout``: [vault] timeout (a hung OpenBao is noticed after that, not hvac's default)."""
     workdir = Path(tempfile.mkdtemp(prefix="bw-k8s-env-"))
     bao = fresh_setup(bao_server, pg_server, workdir)
     if credential is not None and "{engine}" in credential:
@@ -142,7 +145,10 @@ def start_k8s_env(kube: KubeCluster, bao_server, pg_server, *, rules: str = K8S_
     token_file.write_text(kube.admin_token + "\n")
     token_file.chmod(0o600)
     port, down_port, down_listen = new_port(), new_port(), new_port()
+    wrong_ca_listen, wrong_name_listen = new_port(), new_port()
     header = config_header(workdir, bao, approvals_timeout_s=approvals_timeout_s, probes=probes)
+    if vault_timeout is not None:
+        header = header.replace('auth = "approle"\n', f'auth = "approle"\ntimeout = {vault_timeout}\n', 1)
     config = workdir / "botwarden.toml"
     config.write_text(header + f"""
 [tls]
@@ -175,6 +181,35 @@ source = "static"
 username = "bw-admin"
 password_file = "{token_file}"
 
+# The real API server, but the configured CA did not sign its certificate (a man in the middle
+# looks like this), or the certificate does not name the configured server_name.
+[[targets]]
+name = "cluster-wrong-ca"
+protocol = "kubernetes"
+address = "127.0.0.1:{kube.port}"
+listen = "127.0.0.1:{wrong_ca_listen}"
+[targets.tls]
+mode = "verify-full"
+ca_file = "{ca[0]}"
+[targets.credential]
+source = "static"
+username = "bw-admin"
+password_file = "{token_file}"
+
+[[targets]]
+name = "cluster-wrong-name"
+protocol = "kubernetes"
+address = "127.0.0.1:{kube.port}"
+listen = "127.0.0.1:{wrong_name_listen}"
+[targets.tls]
+mode = "verify-full"
+ca_file = "{kube.ca_file}"
+server_name = "not-the-api-server.example"
+[targets.credential]
+source = "static"
+username = "bw-admin"
+password_file = "{token_file}"
+
 [[identities]]
 name = "deploy-bot"
 groups = ["bots"]
@@ -184,4 +219,4 @@ subject = "{bao.bot_entity_id()}"
 {rules}
 """)
     daemon = DaemonProcess(config, workdir / "run" / "control.sock").start()
-    return K8sEnv(kube, bao, daemon, workdir, port, ca[0], down_listen)
+    return K8sEnv(kube, bao, daemon, workdir, port, ca[0], down_listen, wrong_ca_listen, wrong_name_listen)

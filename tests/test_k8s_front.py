@@ -382,3 +382,20 @@ def test_configured_paths_are_masked_in_configmaps_and_pod_env_in_yaml_json_and_
                                 [f"get configmaps app in {ns}%"])
     assert rows and rows[-1]["decision"] == "mask" and rows[-1]["rule"] == "mask-config-passwords"
     assert rows[-1]["masked"] == {"ConfigMap.data.password": 1}
+
+
+@pytest.mark.parametrize("target,why", [
+    ("cluster-wrong-ca", "unable to get local issuer certificate"),
+    ("cluster-wrong-name", "Hostname mismatch"),
+])
+def test_an_api_server_whose_certificate_does_not_verify_is_refused(env: K8sEnv, target: str, why: str) -> None:
+    port = env.wrong_ca_listen_port if target == "cluster-wrong-ca" else env.wrong_name_listen_port
+    res = env.kubectl(env.bot_kubeconfig(port=port), "get", "configmaps", "-n", "default")
+    assert res.returncode != 0
+    assert (f"Error from server (ServiceUnavailable): botwarden refused the Kubernetes API server of target "
+            f"'{target}': its certificate does not verify") in res.stderr, res.stderr
+    assert why in res.stderr
+    rows = env.daemon.audit_sql("SELECT r.sqlstate, r.decision, r.error FROM requests r JOIN sessions s "
+                                "USING (session_id) WHERE s.target = ?", [target])
+    assert rows and {r["sqlstate"] for r in rows} == {"503"}
+    assert all("certificate does not verify" in r["error"] for r in rows)

@@ -351,6 +351,15 @@ class Session:
                                                  extensions={"sni_hostname": sni} if sni else None)
             resp = await self.client.send(upstream, stream=True)
         except httpx.HTTPError as e:
+            unverified = _certificate_error(e)
+            if unverified is not None:
+                # Not the API server the target names (its CA, its name): nothing is sent to it.
+                self.core.upstream_failed("tls")
+                raise Refusal(503, f"botwarden refused the Kubernetes API server of target {self.settings.target!r}: "
+                                   f"its certificate does not verify against the target's [targets.tls] ca_file"
+                                   f"{' and server_name' if self.settings.upstream_server_name else ''} "
+                                   f"({unverified.verify_message or unverified.reason})",
+                              reason="ServiceUnavailable") from None
             if isinstance(e, httpx.ConnectError):
                 self.core.upstream_failed("tcp")
             raise Refusal(503, f"botwarden could not reach the Kubernetes API server of target "
@@ -408,6 +417,19 @@ class Session:
             return masker.masked
         finally:
             await resp.aclose()
+
+
+def _certificate_error(e: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The certificate verification failure behind an httpx error (httpx wraps httpcore's, which
+    wraps ssl's), or None."""
+    seen = 0
+    cur: BaseException | None = e
+    while cur is not None and seen < 8:
+        if isinstance(cur, ssl.SSLCertVerificationError):
+            return cur
+        cur = cur.__cause__ or cur.__context__
+        seen += 1
+    return None
 
 
 def _header(headers: list[tuple[str, str]], name: str) -> str | None:
