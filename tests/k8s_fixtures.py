@@ -61,6 +61,14 @@ action = "block"
 subresources = ["exec", "attach", "portforward"]
 namespaces = ["locked-*"]
 
+# `kubectl exec -- cmd`: the command, read by the SSH command analysis (sh -c included).
+[[rules]]
+name = "no-destructive-exec"
+action = "block"
+[rules.k8s]
+subresources = ["exec"]
+programs = ["rm", "shred", "dd"]
+
 [[rules]]
 name = "mask-secrets"
 action = "mask"

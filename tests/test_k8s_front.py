@@ -221,6 +221,14 @@ def test_exec_and_logs_refusals_of_the_api_server_pass_through_unchanged(env: K8
     assert exec_direct.returncode != 0 and "does not have a host assigned" in exec_direct.stderr
 
 
+def _exec_events(env: K8sEnv, ns: str) -> list[dict]:
+    """The exec requests of namespace ``ns`` that reached the API server (its audit log: one event
+    per stage of a request, one request per auditID)."""
+    return list({e["auditID"]: e for e in env.kube.audit_events()
+                 if e.get("objectRef", {}).get("namespace") == ns and e["objectRef"].get("subresource") == "exec"
+                 }.values())
+
+
 def test_a_blocked_exec_is_refused_before_it_reaches_the_server(env: K8sEnv) -> None:
     ns = f"locked-{uuid.uuid4().hex[:6]}"
     assert env.kubectl(env.direct_kubeconfig(), "create", "namespace", ns).returncode == 0
@@ -232,6 +240,31 @@ def test_a_blocked_exec_is_refused_before_it_reaches_the_server(env: K8sEnv) -> 
                                 [f"create pods/exec web in {ns}%"])
     assert [(r["decision"], r["rule"], r["sqlstate"]) for r in rows] == [("block", "no-exec-in-locked-namespaces",
                                                                           "403")]
+    assert _exec_events(env, ns) == []  # the server never saw it
+
+
+def test_exec_is_decided_on_its_command_and_only_allowed_commands_reach_the_server(env: K8sEnv) -> None:
+    ns = _ns(env)
+    _pod(env, ns)
+    direct, bot = env.direct_kubeconfig(), env.bot_kubeconfig()
+    for argv in (("rm", "-rf", "/data"), ("sh", "-c", "ls /data; rm -rf /data"), ("/bin/dd", "if=/dev/zero")):
+        res = env.kubectl(bot, "-n", ns, "exec", "web", "--", *argv)
+        assert res.returncode != 0
+        assert "Error from server (Forbidden): blocked by botwarden rule 'no-destructive-exec'" in res.stderr, \
+            res.stderr
+    assert _exec_events(env, ns) == []  # none of them reached the server
+    # An allowed command goes to the server, which refuses it (no kubelet): that answer is passed
+    # through unchanged, and the server's audit log has the request.
+    want = env.kubectl(direct, "-n", ns, "exec", "web", "--", "ls", "/data")
+    got = env.kubectl(bot, "-n", ns, "exec", "web", "--", "ls", "/data")
+    assert (got.returncode, got.stdout, got.stderr) == (want.returncode, want.stdout, want.stderr)
+    assert "does not have a host assigned" in got.stderr
+    assert len(_exec_events(env, ns)) == 2  # direct and through botwarden
+    rows = env.daemon.audit_sql("SELECT text, decision, rule, sqlstate FROM requests WHERE text LIKE ? ORDER BY ts",
+                                [f"create pods/exec web in {ns}%"])
+    assert [(r["decision"], r["rule"]) for r in rows] == [("block", "no-destructive-exec")] * 3 + [("allow", None)]
+    assert rows[1]["text"].startswith(f"create pods/exec web in {ns} -- sh -c 'ls /data; rm -rf /data'")
+    assert rows[3]["sqlstate"] == "400"
 
 
 def test_an_api_server_that_is_down_gives_a_status_and_an_audit_row(env: K8sEnv) -> None:

@@ -169,3 +169,74 @@ def test_mask_paths_need_a_mask_rule_and_a_kind() -> None:
     assert got.action == "mask" and [p.text for p in got.details[1:]] == ["ConfigMap.data.password"]
     other = engine.decide_k8s("bot", (), "cluster", K8sRequest.from_http("GET", "/api/v1/namespaces/b/configmaps"))
     assert other.action == "allow" and other.details[1:] == ()
+
+
+EXEC_RULES = """
+[[rules]]
+name = "no-destructive-exec"
+action = "block"
+[rules.k8s]
+subresources = ["exec"]
+programs = ["rm", "dd"]
+
+[[rules]]
+name = "reads-need-no-approval"
+action = "allow"
+[rules.k8s]
+subresources = ["exec"]
+programs = ["ls", "cat"]
+
+[[rules]]
+name = "interpreters-need-approval"
+action = "approve"
+[rules.k8s]
+subresources = ["exec"]
+programs = ["python*", "perl"]
+
+[[rules]]
+name = "attach-needs-approval"
+action = "approve"
+[rules.k8s]
+subresources = ["attach"]
+"""
+
+
+def _exec(engine: PolicyEngine, *argv: str, method: str = "POST"):
+    from urllib.parse import urlencode
+
+    query = urlencode([("command", a) for a in argv] + [("container", "c"), ("stdout", "true")])
+    return _decide(engine, method, f"/api/v1/namespaces/a/pods/web/exec?{query}")
+
+
+def test_exec_is_decided_on_its_command_as_ssh_commands_are() -> None:
+    cfg = parse_config(TARGET + EXEC_RULES, "bw.toml")
+    engine = PolicyEngine(cfg.policy, cfg.targets, cfg.identities)
+    req = K8sRequest.from_http("POST", "/api/v1/namespaces/a/pods/web/exec?command=sh&command=-c&command=ls+%3B+rm+x")
+    assert req.command == ("sh", "-c", "ls ; rm x") and req.command_line == "sh -c 'ls ; rm x'"
+    assert req.describe() == "create pods/exec web in a -- sh -c 'ls ; rm x'"
+    assert _exec(engine, "rm", "-rf", "/") == ("block", "no-destructive-exec")
+    assert _exec(engine, "/bin/rm", "x", method="GET") == ("block", "no-destructive-exec")  # websocket exec
+    assert _exec(engine, "sh", "-c", "ls; rm -rf /") == ("block", "no-destructive-exec")  # inside sh -c too
+    # The argv runs without a shell: ";" in an argument is a file name, not a second command.
+    assert _exec(engine, "ls", "a;", "rm", "-rf") == ("allow", "reads-need-no-approval")
+    assert _exec(engine, "cat", "/etc/hostname") == ("allow", "reads-need-no-approval")
+    assert _exec(engine, "python3") == ("approve", "interpreters-need-approval")
+    assert _exec(engine, "sh", "-c", "cat x | python3") == ("approve", "interpreters-need-approval")
+    assert _exec(engine, "sh", "-c", "cat x | perl; dd of=y") == ("block", "no-destructive-exec")
+    # attach carries no command: only rules without command keys decide it.
+    assert _decide(engine, "POST", "/api/v1/namespaces/a/pods/web/attach?stdout=true") == (
+        "approve", "attach-needs-approval")
+    assert K8sRequest.from_http("POST", "/api/v1/namespaces/a/pods/web/attach?command=rm").command == ()
+    # A command the analysis cannot read is blocked, as for SSH.
+    from urllib.parse import urlencode
+
+    query = urlencode([("command", "sh"), ("command", "-c"), ("command", "ls 'unterminated")])
+    got = engine.decide_k8s("bot", (), "cluster", K8sRequest.from_http("POST", f"/api/v1/namespaces/a/pods/web/exec?{query}"))
+    assert (got.action, got.rule) == ("block", None) and "cannot analyze: unterminated single quote" in got.reason
+
+
+def test_exec_command_keys_need_the_exec_subresource() -> None:
+    assert 'rules[0].k8s: programs match the command of `kubectl exec`: subresources must include "exec"' in _error(
+        'subresources = ["attach"]\nprograms = ["rm"]')
+    assert "rules[0].k8s: match applies to programs / commands / constructs" in _error('match = "all"')
+    assert "rules[0].k8s.constructs[0]: must be one of" in _error('constructs = ["loops"]')

@@ -191,11 +191,24 @@ class K8sMatch:
     # A PATCH's type: `kubectl patch --type`, `kubectl apply` (strategic), `--server-side` (apply).
     patch_types: tuple[Literal[K8S_PATCH_TYPES], ...] | None = None  # type: ignore[valid-type]
     dry_run: bool | None = None  # true: only dry runs (`--dry-run=server`); false: only real requests
+    # `kubectl exec -- cmd`: the command, analyzed as an SSH command is (docs/policy.md, SSH):
+    # programs run, whole command lines, shell constructs; `match` as for [rules.ssh].
+    programs: tuple[str, ...] | None = field(default=None, metadata=check(_nonempty_patterns))
+    commands: tuple[str, ...] | None = field(default=None, metadata=check(_nonempty_patterns))
+    constructs: tuple[Literal[SHELL_CONSTRUCTS + ("any",)], ...] | None = None  # type: ignore[valid-type]
+    match: MatchMode | None = None
     # Not a matcher: with action = "mask", the values at these paths in the response's objects
     # ("ConfigMap.data.password", "Pod.spec.containers[*].env[*].value"; docs/kubernetes.md).
     mask_paths: tuple[str, ...] | None = field(default=None, metadata=check(_mask_paths))
 
     def __post_init__(self) -> None:
+        command_keys = [k for k in ("programs", "commands", "constructs") if getattr(self, k) is not None]
+        if command_keys and self.subresources is not None and not any(
+                fnmatch.fnmatchcase("exec", p.lower()) for p in self.subresources):
+            raise ValueError(f"{command_keys[0]} match the command of `kubectl exec`: subresources must include "
+                             "\"exec\" (attach and port-forward carry no command)")
+        if self.match is not None and not command_keys:
+            raise ValueError("match applies to programs / commands / constructs: set one of them or drop it")
         # A key no request of the rule's verbs can carry would make the rule match nothing.
         verbs = self.verbs
         if verbs is None:

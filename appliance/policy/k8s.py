@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from dataclasses import dataclass
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -72,6 +73,13 @@ class K8sRequest:
     field_selector: tuple[str, ...] = ()
     patch_type: str | None = None  # PATCH only: json / merge / strategic / apply ("unknown": another type)
     dry_run: bool = False
+    command: tuple[str, ...] = ()  # exec: the command's argv (`kubectl exec -- cmd args`)
+
+    @property
+    def command_line(self) -> str | None:
+        """An exec's argv as a shell command line (each word quoted: the container runs the argv
+        itself, with no shell between), for the SSH command analysis; None without a command."""
+        return shlex.join(self.command) if self.command else None
 
     @classmethod
     def from_http(cls, method: str, target: str, content_type: str | None = None, body: bytes = b"") -> "K8sRequest":
@@ -125,7 +133,8 @@ class K8sRequest:
                    api_group=group, path=url.path,
                    label_selector=selector_requirements(query.get("labelSelector", [""])[-1]),
                    field_selector=selector_requirements(query.get("fieldSelector", [""])[-1]),
-                   patch_type=patch_type, dry_run=dry_run)
+                   patch_type=patch_type, dry_run=dry_run,
+                   command=tuple(query.get("command", ())) if sub == "exec" else ())
 
     def describe(self) -> str:
         res = self.resource or self.path
@@ -142,4 +151,6 @@ class K8sRequest:
             extra += f" ({self.patch_type} patch)"
         if self.dry_run:
             extra += " (dry run)"
+        if self.command:
+            extra += f" -- {self.command_line}"
         return f"{self.verb} {res}{name}{where}{extra}"
