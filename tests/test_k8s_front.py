@@ -432,3 +432,37 @@ def test_an_api_server_whose_certificate_does_not_verify_is_refused(env: K8sEnv,
                                 "USING (session_id) WHERE s.target = ?", [target])
     assert rows and {r["sqlstate"] for r in rows} == {"503"}
     assert all("certificate does not verify" in r["error"] for r in rows)
+
+
+def test_each_request_is_a_row_with_its_attributes_status_duration_and_response_size(env: K8sEnv) -> None:
+    import http.client
+    import ssl
+
+    ns = _ns(env)
+    env.kube.request("POST", f"/api/v1/namespaces/{ns}/configmaps", {"metadata": {"name": "a"}, "data": {"k": "v"}})
+    conn = http.client.HTTPSConnection("127.0.0.1", env.listen_port,
+                                       context=ssl.create_default_context(cafile=str(env.bot_ca)))
+    auth = {"Authorization": f"Bearer {env.bao.mint_token()}", "Accept": "application/json"}
+    got = {}
+    try:  # one HTTP/1.1 connection: one session, three requests
+        for method, path in (("GET", f"/api/v1/namespaces/{ns}/configmaps/a"),
+                             ("GET", f"/apis/apps/v1/namespaces/{ns}/deployments?labelSelector=app%3Dx"),
+                             ("DELETE", f"/api/v1/namespaces/{ns}")):
+            conn.request(method, path, headers=auth)
+            resp = conn.getresponse()
+            got[method + path] = (resp.status, len(resp.read()))
+    finally:
+        conn.close()
+    rows = env.daemon.audit_sql(
+        "SELECT params, decision, rule, sqlstate, duration_ms, rows, session_id FROM requests "
+        "WHERE protocol = 'k8s' AND list_contains(params, ?) ORDER BY seq", [ns])
+    assert [(r["params"], r["decision"], r["rule"], r["sqlstate"]) for r in rows] == [
+        (["get", "", "configmaps", None, ns, "a"], "allow", None, "200"),
+        (["list", "apps", "deployments", None, ns, None], "allow", None, "200"),
+        (["delete", "", "namespaces", None, ns, ns], "block", "no-namespace-deletes", "403"),
+    ]
+    assert len({r["session_id"] for r in rows}) == 1
+    # The response size is what the bot received, byte for byte; every row has a duration.
+    assert [r["rows"] for r in rows] == [size for _, size in got.values()]
+    assert [str(status) for status, _ in got.values()] == [r["sqlstate"] for r in rows]
+    assert all(r["duration_ms"] is not None and r["duration_ms"] >= 0 for r in rows)

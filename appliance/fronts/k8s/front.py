@@ -263,6 +263,7 @@ class Session:
         self.in_flight += 1
         t0 = time.time()
         self.bytes_in += len(req.body)
+        out = _Counted(out, self)
         record: dict[str, Any] = {"request_id": new_request_id(), "ts": datetime.fromtimestamp(t0, timezone.utc),
                                   "protocol": PROTOCOL, "kind": "k8s", "text": f"{req.method} {req.target}"}
         k8s: K8sRequest | None = None
@@ -271,6 +272,8 @@ class Session:
             record["session_id"] = grant.session_id
             k8s = K8sRequest.from_http(req.method, req.target, _header(req.headers, "content-type"), req.body)
             record["text"] = f"{k8s.describe()} ({req.method} {urlsplit(req.target).path})"
+            # The request's attributes as columns one can query (docs/audit-schema.md, params).
+            record["params"] = [k8s.verb, k8s.api_group, k8s.resource, k8s.subresource, k8s.namespace, k8s.name]
             verdict = self.services.decide_k8s(grant, self.settings.target, k8s)
             record.update(decision=verdict.action, rule=verdict.rule, reason=verdict.reason or None)
             if verdict.action == "block":
@@ -302,6 +305,7 @@ class Session:
             if "session_id" in record or self.session_id is not None:
                 record.setdefault("session_id", self.session_id)
                 record["duration_ms"] = (time.time() - t0) * 1000.0
+                record["rows"] = out.sent  # the response body's size as the bot got it (masked)
                 self.core.audit("request", record)
 
     async def _record_start(self, record: dict, verdict: Verdict) -> None:
@@ -325,7 +329,6 @@ class Session:
         await out.start(e.code, [("content-type", "application/json"), ("content-length", str(len(body)))])
         await out.send(body)
         await out.end()
-        self.bytes_out += len(body)
 
     async def _hold(self, grant: SessionGrant, k8s: K8sRequest, req: BotRequest, verdict: Verdict,
                     record: dict) -> HoldOutcome:
@@ -383,7 +386,6 @@ class Session:
                 await out.start(resp.status_code, hdrs + [("content-length", str(len(body)))])
                 await out.send(body)
                 await out.end()
-                self.bytes_out += len(body)
                 return masker.masked
             masker = ResponseMasker(paths)
             stream = WatchMasker(masker, self.settings.max_body_size) if mask and resp.status_code < 300 else None
@@ -393,7 +395,6 @@ class Session:
                     if stream is not None:
                         chunk = stream.feed(chunk)
                     if chunk:
-                        self.bytes_out += len(chunk)
                         await out.send(chunk)
                 if stream is not None:
                     tail = stream.close()
@@ -417,6 +418,32 @@ class Session:
             return masker.masked
         finally:
             await resp.aclose()
+
+
+class _Counted:
+    """A responder that counts the body bytes it sends (the request's response size, the
+    session's bytes_out)."""
+
+    def __init__(self, out: Responder, session: "Session"):
+        self._out = out
+        self._session = session
+        self.sent = 0
+
+    async def start(self, status: int, headers: list[tuple[str, str]]) -> None:
+        await self._out.start(status, headers)
+
+    async def send(self, data: bytes) -> None:
+        self.sent += len(data)
+        self._session.bytes_out += len(data)
+        await self._out.send(data)
+
+    async def end(self) -> None:
+        await self._out.end()
+
+    def abort(self) -> None:
+        abort = getattr(self._out, "abort", None)
+        if abort is not None:
+            abort()
 
 
 def _certificate_error(e: BaseException) -> ssl.SSLCertVerificationError | None:
