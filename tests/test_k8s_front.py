@@ -110,6 +110,19 @@ def test_secret_values_are_masked_in_yaml_json_and_lists(env: K8sEnv) -> None:
     rows = env.daemon.audit_sql("SELECT decision, rule, masked FROM requests WHERE text LIKE ? ORDER BY ts",
                                 [f"get secrets db in {ns}%"])
     assert rows and rows[-1]["decision"] == "mask" and rows[-1]["rule"] == "mask-secrets"
+    # `kubectl apply` keeps a copy of the object, values included, in an annotation: masked too.
+    manifest = env.workdir / f"{ns}-applied.yaml"
+    value = base64.b64encode(b"applied-secret-9").decode()
+    manifest.write_text(f"apiVersion: v1\nkind: Secret\nmetadata:\n  name: applied\n  namespace: {ns}\n"
+                        f"data:\n  pw: {value}\n")
+    assert env.kubectl(direct, "apply", "-f", str(manifest)).returncode == 0
+    assert value in env.kubectl(direct, "-n", ns, "get", "secret", "applied", "-o", "yaml").stdout
+    got = env.kubectl(bot, "-n", ns, "get", "secret", "applied", "-o", "yaml")
+    assert got.returncode == 0, got.stderr
+    assert value not in got.stdout and "applied-secret-9" not in got.stdout
+    doc = yaml.safe_load(got.stdout)
+    assert json.loads(doc["metadata"]["annotations"]["kubectl.kubernetes.io/last-applied-configuration"])["data"] == {
+        "pw": MASK_DATA}
 
 
 def test_a_bad_token_is_refused_and_audited(env: K8sEnv) -> None:

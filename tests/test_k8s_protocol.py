@@ -150,3 +150,22 @@ def test_mask_paths_are_parsed_or_refused_with_the_reason() -> None:
                      ("ConfigMap.data[", "cannot read '['"), ("ConfigMap..data", "cannot read '..data'")):
         with pytest.raises(ValueError, match=re.escape(why)):
             parse_mask_path(bad)
+
+
+def test_kubectl_apply_s_copy_of_the_object_in_its_annotation_is_masked_too() -> None:
+    from appliance.protocols.kubernetes import LAST_APPLIED
+
+    applied = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s"}, "data": {"pw": "aHVudGVyMg=="}}
+    secret = {**applied, "metadata": {"name": "s", "annotations": {LAST_APPLIED: json.dumps(applied) + "\n"}}}
+    cm = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}, "data": {"password": "cm-pw"}}
+    cm["metadata"]["annotations"] = {LAST_APPLIED: json.dumps(cm), "other": "kept"}
+    broken = {"kind": "Secret", "metadata": {"annotations": {LAST_APPLIED: "{not json"}}, "data": {}}
+    m = ResponseMasker((parse_mask_path("ConfigMap.data.password"),))
+    got = json.loads(m.mask_body(json.dumps({"kind": "List", "items": [secret, cm, broken]}).encode(),
+                                 "application/json"))
+    s_ann = json.loads(got["items"][0]["metadata"]["annotations"][LAST_APPLIED])
+    assert s_ann["data"] == {"pw": MASK_DATA} and "aHVudGVyMg==" not in json.dumps(got)
+    c_ann = json.loads(got["items"][1]["metadata"]["annotations"][LAST_APPLIED])
+    assert c_ann["data"] == {"password": MASK_TEXT} and "cm-pw" not in json.dumps(got)
+    assert got["items"][1]["metadata"]["annotations"]["other"] == "kept"
+    assert got["items"][2]["metadata"]["annotations"][LAST_APPLIED] == MASK_TEXT

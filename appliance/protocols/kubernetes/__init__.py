@@ -34,6 +34,7 @@ HOP_BY_HOP = frozenset({
 IDENTITY_HEADERS = frozenset({"authorization", "impersonate-user", "impersonate-group", "impersonate-uid"})
 JSON = "application/json"
 MASK_TEXT = "********"
+LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
 MASK_DATA = base64.b64encode(MASK_TEXT.encode()).decode()  # Secret.data values are base64
 
 
@@ -211,9 +212,27 @@ class ResponseMasker:
     def _object(self, node: dict, kind: str | None) -> None:
         if kind == "Secret":
             self._secret(node)
-        for path in self.paths:
-            if kind is not None and fnmatch.fnmatchcase(kind, path.kind):
-                self._apply(node, path, path.steps)
+        matching = [p for p in self.paths if kind is not None and fnmatch.fnmatchcase(kind, p.kind)]
+        for path in matching:
+            self._apply(node, path, path.steps)
+        if kind == "Secret" or matching:
+            self._last_applied(node)
+
+    def _last_applied(self, node: dict) -> None:
+        """`kubectl apply` keeps the whole object it applied, values included, as JSON in an
+        annotation: masked the same way (unreadable: replaced whole)."""
+        annotations = (node.get("metadata") or {}).get("annotations") if isinstance(node.get("metadata"), dict) else None
+        if not isinstance(annotations, dict) or not isinstance(annotations.get(LAST_APPLIED), str):
+            return
+        before = self.total
+        try:
+            applied = json.loads(annotations[LAST_APPLIED])
+            self._walk(applied, None)
+            if self.total != before:
+                annotations[LAST_APPLIED] = json.dumps(applied, separators=(",", ":"))
+        except (ValueError, RecursionError):
+            annotations[LAST_APPLIED] = MASK_TEXT
+            self._count("unreadable_annotations", 1)
 
     def _count(self, key: str, n: int) -> None:
         if n:
