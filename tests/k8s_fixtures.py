@@ -137,10 +137,13 @@ def configure_k8s_engine(bao_server, bao: OpenBaoSetup, kube: KubeCluster, *, ta
 
 def start_k8s_env(kube: KubeCluster, bao_server, pg_server, *, rules: str = K8S_RULES,
                   approvals_timeout_s: int = 60, credential: str | None = None, probes: str = 'mode = "off"',
-                  authentication: str = "token", identity_process: str = "", vault_timeout: float | None = None) -> K8sEnv:
+                  authentication: str = "token", identity_process: str = "", vault_timeout: float | None = None,
+                  mismatch_targets: bool = True) -> K8sEnv:
     """``credential``: a [targets.credential] body; default a static token (the cluster's admin).
     ``probes``: the [probes] body; ``identity_process``: an [identities.process] body;
-    ``vault_timeout``: [vault] timeout (a hung OpenBao is noticed after that, not hvac's default)."""
+    ``vault_timeout``: [vault] timeout (a hung OpenBao is noticed after that, not hvac's default);
+    ``mismatch_targets``: the targets cluster-wrong-ca / cluster-wrong-name, which name the same
+    address as cluster (the eBPF probes take one target per address: off with them)."""
     workdir = Path(tempfile.mkdtemp(prefix="bw-k8s-env-"))
     bao = fresh_setup(bao_server, pg_server, workdir)
     if credential is not None and "{engine}" in credential:
@@ -157,6 +160,36 @@ def start_k8s_env(kube: KubeCluster, bao_server, pg_server, *, rules: str = K8S_
     header = config_header(workdir, bao, approvals_timeout_s=approvals_timeout_s, probes=probes)
     if vault_timeout is not None:
         header = header.replace('auth = "approle"\n', f'auth = "approle"\ntimeout = {vault_timeout}\n', 1)
+    mismatch = f"""# The real API server, but the configured CA did not sign its certificate (a man in the middle
+# looks like this), or the certificate does not name the configured server_name.
+[[targets]]
+name = "cluster-wrong-ca"
+protocol = "kubernetes"
+address = "127.0.0.1:{kube.port}"
+listen = "127.0.0.1:{wrong_ca_listen}"
+[targets.tls]
+mode = "verify-full"
+ca_file = "{ca[0]}"
+[targets.credential]
+source = "static"
+username = "bw-admin"
+password_file = "{token_file}"
+
+[[targets]]
+name = "cluster-wrong-name"
+protocol = "kubernetes"
+address = "127.0.0.1:{kube.port}"
+listen = "127.0.0.1:{wrong_name_listen}"
+[targets.tls]
+mode = "verify-full"
+ca_file = "{kube.ca_file}"
+server_name = "not-the-api-server.example"
+[targets.credential]
+source = "static"
+username = "bw-admin"
+password_file = "{token_file}"
+
+""" if mismatch_targets else ""
     config = workdir / "botwarden.toml"
     config.write_text(header + f"""
 [tls]
@@ -189,36 +222,7 @@ source = "static"
 username = "bw-admin"
 password_file = "{token_file}"
 
-# The real API server, but the configured CA did not sign its certificate (a man in the middle
-# looks like this), or the certificate does not name the configured server_name.
-[[targets]]
-name = "cluster-wrong-ca"
-protocol = "kubernetes"
-address = "127.0.0.1:{kube.port}"
-listen = "127.0.0.1:{wrong_ca_listen}"
-[targets.tls]
-mode = "verify-full"
-ca_file = "{ca[0]}"
-[targets.credential]
-source = "static"
-username = "bw-admin"
-password_file = "{token_file}"
-
-[[targets]]
-name = "cluster-wrong-name"
-protocol = "kubernetes"
-address = "127.0.0.1:{kube.port}"
-listen = "127.0.0.1:{wrong_name_listen}"
-[targets.tls]
-mode = "verify-full"
-ca_file = "{kube.ca_file}"
-server_name = "not-the-api-server.example"
-[targets.credential]
-source = "static"
-username = "bw-admin"
-password_file = "{token_file}"
-
-[[identities]]
+{mismatch}[[identities]]
 name = "deploy-bot"
 groups = ["bots"]
 [identities.token]

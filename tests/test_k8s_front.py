@@ -479,3 +479,50 @@ def test_each_request_is_a_row_with_its_attributes_status_duration_and_response_
     assert [r["rows"] for r in rows] == [size for _, size in got.values()]
     assert [str(status) for status, _ in got.values()] == [r["sqlstate"] for r in rows]
     assert all(r["duration_ms"] is not None and r["duration_ms"] >= 0 for r in rows)
+
+
+def _recording(env: K8sEnv, session_id: str) -> list[tuple[str, object]]:
+    rows = env.daemon.audit_sql("SELECT direction, to_base64(data) AS data FROM recordings WHERE session_id = ? "
+                                "ORDER BY seq", [session_id])
+    chunks = [(r["direction"], base64.b64decode(r["data"])) for r in rows]
+    return [(k, json.loads(d) if k == "event" else d) for k, d in chunks]
+
+
+def test_the_session_is_recorded_request_by_request_with_bodies_masked(env: K8sEnv) -> None:
+    ns = _ns(env)
+    bot = env.bot_kubeconfig()
+    secret = b"rec-secret-1"
+    res = env.kubectl(bot, "-n", ns, "create", "secret", "generic", "s", f"--from-literal=pw={secret.decode()}")
+    assert res.returncode == 0, res.stderr
+    res = env.kubectl(bot, "-n", ns, "patch", "secret", "s", "-p",
+                      json.dumps({"data": {"pw": base64.b64encode(b"rec-secret-2").decode()}}))
+    assert res.returncode == 0, res.stderr
+    got = env.kubectl(bot, "-n", ns, "get", "secret", "s", "-o", "json")
+    assert got.returncode == 0, got.stderr
+    sessions = {}
+    for verb in ("create", "patch", "get"):
+        rows = env.daemon.audit_sql("SELECT session_id, request_id FROM requests WHERE text LIKE ? ORDER BY ts",
+                                    [f"{verb} secrets%in {ns}%"])
+        assert rows, verb
+        sessions[verb] = (rows[-1]["session_id"], rows[-1]["request_id"])  # (kubectl patch gets it first)
+    everything = b""
+    for verb, (session_id, request_id) in sessions.items():
+        rec = _recording(env, session_id)
+        everything += b"".join(d if isinstance(d, bytes) else json.dumps(d).encode() for _, d in rec)
+        events = [d for k, d in rec if k == "event" and d.get("request_id") == request_id]
+        assert events[0]["type"] == "request" and events[0]["path"] == (
+            f"/api/v1/namespaces/{ns}/secrets" + ("" if verb == "create" else "/s"))
+        assert any(e["type"] == "response" and e["status"] in (200, 201) for e in events)
+        # the chunks after this request's events are its bodies: masked, or withheld
+        start = next(i for i, (k, d) in enumerate(rec) if k == "event" and d == events[0])
+        mine = [(k, d) for k, d in rec[start:] if k != "event"][:2]
+        if verb == "create":
+            sent = json.loads(mine[0][1])
+            assert mine[0][0] == "in" and sent["kind"] == "Secret" and sent["data"] == {"pw": MASK_DATA}
+        if verb == "patch":  # a patch has no kind to mask by: only its size is recorded
+            assert any(e["type"] == "withheld" and e["direction"] == "in" for e in events)
+            assert mine[0][0] == "out"
+        if verb == "get":
+            assert mine[0][0] == "out" and json.loads(mine[0][1])["data"] == {"pw": MASK_DATA}
+    for value in (b"rec-secret-1", b"rec-secret-2"):
+        assert value not in everything and base64.b64encode(value) not in everything

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import ssl
 import time
@@ -159,6 +160,7 @@ class Session:
         self.bytes_in = 0
         self.bytes_out = 0
         self.in_flight = 0
+        self._recorded_request: str | None = None  # the exchange the recording's last row belongs to
         self.closed = False
         self._ctx: ConnectionContext | None = None
         self._driver: Any = None
@@ -263,8 +265,9 @@ class Session:
         self.in_flight += 1
         t0 = time.time()
         self.bytes_in += len(req.body)
-        out = _Counted(out, self)
-        record: dict[str, Any] = {"request_id": new_request_id(), "ts": datetime.fromtimestamp(t0, timezone.utc),
+        request_id = new_request_id()
+        out = _Counted(out, self, request_id)
+        record: dict[str, Any] = {"request_id": request_id, "ts": datetime.fromtimestamp(t0, timezone.utc),
                                   "protocol": PROTOCOL, "kind": "k8s", "text": f"{req.method} {req.target}"}
         k8s: K8sRequest | None = None
         try:
@@ -276,6 +279,11 @@ class Session:
             record["params"] = [k8s.verb, k8s.api_group, k8s.resource, k8s.subresource, k8s.namespace, k8s.name]
             verdict = self.services.decide_k8s(grant, self.settings.target, k8s)
             record.update(decision=verdict.action, rule=verdict.rule, reason=verdict.reason or None)
+            # The recording: the request line without its query (which can carry what an exec
+            # command was given; the requests row has it, redacted), then its body, masked.
+            self.record_event(request_id, {"type": "request", "method": req.method,
+                                           "path": urlsplit(req.target).path, "decision": verdict.action})
+            self._record_request_body(request_id, req.body, k8s, verdict)
             if verdict.action == "block":
                 raise Refusal(403, verdict.reason, reason="Forbidden")
             if verdict.action == "approve":
@@ -307,6 +315,38 @@ class Session:
                 record["duration_ms"] = (time.time() - t0) * 1000.0
                 record["rows"] = out.sent  # the response body's size as the bot got it (masked)
                 self.core.audit("request", record)
+
+    # ------------------------------------------------------------------ recording
+    def record(self, request_id: str, direction: str, data: bytes) -> None:
+        """One chunk of an exchange in the session's recording (SessionCore.record). HTTP/2
+        interleaves exchanges: a chunk of another exchange than the last one recorded follows a
+        ``{"type": "continue", "request_id": ...}`` event, so each chunk belongs to one request."""
+        if direction != "event" and self._recorded_request != request_id:
+            self.core.record("event", json.dumps({"type": "continue", "request_id": request_id}).encode())
+        self._recorded_request = request_id
+        self.core.record(direction, data)
+
+    def record_event(self, request_id: str, doc: dict[str, Any]) -> None:
+        self.record(request_id, "event", json.dumps({**doc, "request_id": request_id}, separators=(",", ":")).encode())
+
+    def _record_request_body(self, request_id: str, body: bytes, k8s: K8sRequest, verdict: Verdict) -> None:
+        """The request's body as the recording keeps it: an object (JSON with a ``kind``) masked as
+        a response would be; another body (a patch, YAML) as sent unless it may carry values a
+        rule masks (a Secret, or a mask rule matched): then only its size (fail closed)."""
+        if not body:
+            return
+        try:
+            doc = json.loads(body)
+        except (ValueError, RecursionError):
+            doc = None
+        if isinstance(doc, dict) and isinstance(doc.get("kind"), str):
+            ResponseMasker(tuple(d for d in verdict.details if isinstance(d, MaskPath))).mask(doc)
+            self.record(request_id, "in", json.dumps(doc, separators=(",", ":")).encode())
+        elif k8s.resource != "secrets" and not verdict.mask_rules:
+            self.record(request_id, "in", body)
+        else:
+            self.record_event(request_id, {"type": "withheld", "direction": "in", "bytes": len(body),
+                                           "reason": "a body botwarden cannot mask (not an object with a kind)"})
 
     async def _record_start(self, record: dict, verdict: Verdict) -> None:
         """audit.mode = "strict": the request reaches the API server only once its start record
@@ -343,6 +383,8 @@ class Session:
         values, and per configured path)."""
         mask = bool(verdict.mask_rules) or verdict.action == "mask"
         paths = tuple(d for d in verdict.details if isinstance(d, MaskPath))
+        if not mask and k8s.resource == "secrets" and isinstance(out, _Counted):
+            out.withhold("Secret values no rule masks stay out of the recording")
         headers = upstream_headers(req.headers, grant.credential.password, narrow_json=mask)
         if _is_upgrade(req.headers):
             headers += [(n.lower(), v) for n, v in req.headers if n.lower() in _UPGRADE_HEADERS]
@@ -422,20 +464,36 @@ class Session:
 
 class _Counted:
     """A responder that counts the body bytes it sends (the request's response size, the
-    session's bytes_out)."""
+    session's bytes_out) and records them (what the bot got, after masking)."""
 
-    def __init__(self, out: Responder, session: "Session"):
+    def __init__(self, out: Responder, session: "Session", request_id: str):
         self._out = out
         self._session = session
+        self._request_id = request_id
+        self._withheld: str | None = None
         self.sent = 0
 
+    def withhold(self, reason: str) -> None:
+        """The response's body stays out of the recording (its size is recorded)."""
+        self._withheld = reason
+
     async def start(self, status: int, headers: list[tuple[str, str]]) -> None:
+        ctype = next((v for n, v in headers if n.lower() == "content-type"), None)
+        self._session.record_event(self._request_id, {"type": "response", "status": status, "content_type": ctype})
         await self._out.start(status, headers)
 
     async def send(self, data: bytes) -> None:
         self.sent += len(data)
         self._session.bytes_out += len(data)
+        if self._withheld is None:
+            self._session.record(self._request_id, "out", data)
         await self._out.send(data)
+
+    async def end(self) -> None:
+        if self._withheld is not None:
+            self._session.record_event(self._request_id, {"type": "withheld", "direction": "out", "bytes": self.sent,
+                                                          "reason": self._withheld})
+        await self._out.end()
 
     async def end(self) -> None:
         await self._out.end()
