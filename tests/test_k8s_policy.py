@@ -231,7 +231,8 @@ def test_exec_is_decided_on_its_command_as_ssh_commands_are() -> None:
     from urllib.parse import urlencode
 
     query = urlencode([("command", "sh"), ("command", "-c"), ("command", "ls 'unterminated")])
-    got = engine.decide_k8s("bot", (), "cluster", K8sRequest.from_http("POST", f"/api/v1/namespaces/a/pods/web/exec?{query}"))
+    got = engine.decide_k8s("bot", (), "cluster",
+                            K8sRequest.from_http("POST", f"/api/v1/namespaces/a/pods/web/exec?{query}"))
     assert (got.action, got.rule) == ("block", None) and "cannot analyze: unterminated single quote" in got.reason
 
 

@@ -21,8 +21,8 @@ from appliance.fronts.services import AuthRefused, ConnectionContext, FrontServi
 from appliance.fronts.session import SessionCore, attribution, format_addr, new_request_id
 from appliance.policy.k8s import K8sRequest
 from appliance.policy.types import Verdict
-from appliance.protocols.kubernetes import (KubernetesProtocolError, MaskPath, ResponseMasker, WatchMasker, bearer_token,
-                                            response_headers, status_body, upstream_headers)
+from appliance.protocols.kubernetes import (KubernetesProtocolError, MaskPath, ResponseMasker, WatchMasker,
+                                            bearer_token, response_headers, status_body, upstream_headers)
 from appliance.tasks import TaskSet
 
 log = logging.getLogger(__name__)

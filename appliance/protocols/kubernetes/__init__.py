@@ -122,7 +122,8 @@ class MaskPath:
 
     text: str
     kind: str
-    steps: tuple[tuple[str, str, str], ...]  # ("key", glob, ""), ("literal", key, ""), ("each", "", ""), ("where", field, glob)
+    # ("key", glob, ""), ("literal", key, ""), ("each", "", ""), ("where", field, glob)
+    steps: tuple[tuple[str, str, str], ...]
 
     def children(self, node: Any, step: tuple[str, str, str]) -> list:
         how, a, b = step
@@ -221,7 +222,8 @@ class ResponseMasker:
     def _last_applied(self, node: dict) -> None:
         """`kubectl apply` keeps the whole object it applied, values included, as JSON in an
         annotation: masked the same way (unreadable: replaced whole)."""
-        annotations = (node.get("metadata") or {}).get("annotations") if isinstance(node.get("metadata"), dict) else None
+        metadata = node.get("metadata")
+        annotations = metadata.get("annotations") if isinstance(metadata, dict) else None
         if not isinstance(annotations, dict) or not isinstance(annotations.get(LAST_APPLIED), str):
             return
         before = self.total
