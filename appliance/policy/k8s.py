@@ -136,6 +136,11 @@ class K8sRequest:
                    patch_type=patch_type, dry_run=dry_run,
                    command=tuple(query.get("command", ())) if sub == "exec" else ())
 
+    def detail(self) -> dict[str, str | None]:
+        """What an operator deciding a held request reads (the approvals' ``detail``)."""
+        return {"verb": self.verb, "api_group": self.api_group, "resource": self.resource or self.path,
+                "subresource": self.subresource, "namespace": self.namespace, "name": self.name}
+
     def describe(self) -> str:
         res = self.resource or self.path
         if self.api_group:

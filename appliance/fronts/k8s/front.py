@@ -375,7 +375,8 @@ class Session:
         def notify(approval_id: str) -> None:
             log.info("session %s: %s held for approval %s", grant.session_id, k8s.describe(), approval_id)
 
-        return await self.core.hold(record["text"], verdict, notify, record["request_id"])
+        return await self.core.hold(record["text"], verdict, notify, record["request_id"],
+                                    detail=k8s.detail())
 
     async def _forward(self, grant: SessionGrant, req: BotRequest, k8s: K8sRequest, verdict: Verdict,
                        out: Responder, record: dict) -> dict[str, int]:
