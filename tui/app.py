@@ -141,6 +141,7 @@ class BotwardenApp(OrderedKeys):
         Binding("question_mark", "help", "Help"),
         Binding("ctrl+q", "quit", "Quit", priority=True, show=False),
         Binding("ctrl+o", "focus_reports", "Reports", priority=True, show=False),
+        Binding("ctrl+r", "player", "Player", priority=True, show=False),   # tui/replay.py
         # Audit tab only (check_action): its source, this bastion's store or the fleet lake (tui.fleet).
         Binding("ctrl+f", "toggle_fleet", "Fleet/local", priority=True),
         # Enter on a session replays it; done here so the focus moves before the next key.
@@ -894,6 +895,17 @@ class BotwardenApp(OrderedKeys):
                 self.end_session(session_id, reason)
 
         await self._open(EndSessionScreen(session), confirmed, "#reason")
+
+    def action_player(self) -> None:
+        """The session in the Replay tab, stepped through or played (tui/replay.py)."""
+        from tui.replay import ReplayScreen
+
+        session_id = self._main.query_one("#replay-session", Input).value.strip()
+        if not session_id:
+            self.action_show_tab("replay")
+            self._set_msg("#replay-msg", "Type a session id first, then ctrl+r plays it.", error=True)
+            return
+        self.push_screen(ReplayScreen(session_id, self.client))
 
     def action_focus_filter(self) -> None:
         self._global_key()
