@@ -227,3 +227,12 @@ def test_front_records_whole_messages_in_bounded_chunks_and_stops_at_the_cap(pg_
         assert ends and ends[-1] == len(r["data"])
         assert len(r["data"]) <= 64 * 1024 or len(ends) <= 2
     assert not any(b"after" in r["data"] for r in rows)   # nothing recorded past the cap
+
+
+def test_replay_writes_a_terminal_recording_as_it_came(capsysbinary):
+    from appliance.replay import _Clock, play_terminal
+
+    play_terminal(_ssh_record(), _Clock(None))
+    out = capsysbinary.readouterr().out
+    assert out.startswith(b"-- session ssh1: identity ops-bot \xe2\x86\x92 web (ssh)")
+    assert out.endswith(b"\x1b[1mcaf\xc3\xa9\x1b[0m\r\n$ exit\r\n\r\n")
