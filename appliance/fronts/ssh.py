@@ -21,7 +21,6 @@ import asyncio
 import logging
 import os
 import time
-import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -30,13 +29,16 @@ import asyncssh
 
 from appliance.policy.ssh import SshRequest
 from appliance.policy.types import Verdict
+from appliance.tasks import TaskSet
 
 from .services import AuthRefused, ConnectionContext, HoldOutcome
+from .session import SessionCore, attribution, drain, format_addr, new_request_id
 
 log = logging.getLogger(__name__)
 
 PROTOCOL = "ssh"
 REFUSED_EXIT = 126  # "command found but not executable": what a refused command exits with
+WITHDRAWN = "withdrawn: the bot disconnected while the command waited for approval"
 
 
 @dataclass(frozen=True)
@@ -52,10 +54,6 @@ class SshFrontSettings:
     login_timeout: float = 30.0
 
 
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
 class SshFront:
     """One listener in front of one SSH target."""
 
@@ -65,6 +63,10 @@ class SshFront:
         self.admission = admission
         self._server: asyncssh.SSHAcceptor | None = None
         self.sessions: set[_BotConnection] = set()
+        self._tasks = TaskSet()
+
+    def spawn(self, coro, name: str) -> asyncio.Task:
+        return self._tasks.spawn(coro, name)
 
     async def serve(self, host: str, port: int) -> Any:
         st = self.settings
@@ -76,21 +78,23 @@ class SshFront:
         return self._server
 
     async def close(self) -> None:
+        await drain(self._server, self.sessions, 0.0, lambda s: False,
+                    lambda s: s.end("botwarden is shutting down"))
         if self._server is not None:
-            self._server.close()
             await self._server.wait_closed()
-        for bot in list(self.sessions):
-            bot.end("botwarden is shutting down")
 
     async def drain(self, deadline: float) -> None:
-        while self.sessions and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-        await self.close()
+        """SIGTERM: commands in flight may finish until ``deadline``; then every session ends with
+        a disconnect message the bot's ssh prints."""
+        await drain(self._server, self.sessions, deadline, lambda s: s.busy,
+                    lambda s: s.end("botwarden is shutting down"))
+        if self._server is not None:
+            await self._server.wait_closed()
 
     async def _process(self, process: asyncssh.SSHServerProcess) -> None:
         conn = process.get_extra_info("connection")
         bot = conn.get_owner() if conn is not None else None
-        if not isinstance(bot, _BotConnection) or bot.grant is None:
+        if not isinstance(bot, _BotConnection) or bot.core.grant is None:
             process.stderr.write(b"botwarden: this session was not granted\n")
             process.exit(REFUSED_EXIT)
             return
@@ -98,35 +102,65 @@ class SshFront:
 
 
 class _BotConnection(asyncssh.SSHServer):
-    """One bot's SSH connection: its grant, its upstream connection, its commands."""
+    """One bot's SSH connection: its session core (grant, audit, holds), its upstream connection,
+    its commands."""
 
     def __init__(self, front: SshFront):
         self.front = front
         self.settings = front.settings
         self.services = front.services
-        self.session_id = uuid.uuid4().hex
+        st = self.settings
+        self.core = SessionCore(self.services, target=st.target, protocol=PROTOCOL,
+                                target_addr=f"{st.upstream_host}:{st.upstream_port}", spawn=front.spawn,
+                                terminate=lambda code, message: self.end(message))
         self.conn: asyncssh.SSHServerConnection | None = None
-        self.grant: Any = None
-        self.attribution: Any = None
         self.username = ""
         self.upstream: asyncssh.SSHClientConnection | None = None
         self._upstream_lock = asyncio.Lock()
-        self._started = False
-        self._ended = False
-        self.outcome, self.end_error = "ok", None
+        self._refused = False
+        self.running = 0  # commands in flight or held (drain waits for them)
         self.bytes_in = self.bytes_out = 0
-        self._seq = 0
+
+    @property
+    def busy(self) -> bool:
+        return self.running > 0
+
+    @property
+    def grant(self) -> Any:
+        return self.core.grant
+
+    @property
+    def session_id(self) -> str | None:
+        return self.core.session_id
 
     # -- asyncssh.SSHServer -----------------------------------------------------------
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
         self.front.sessions.add(self)
+        if not self.core.admit(self.front.admission, conn.get_extra_info("socket"), self._admission_closed,
+                               listener=self._listener()):
+            conn.disconnect(asyncssh.DISC_TOO_MANY_CONNECTIONS,
+                            "botwarden: too many connections waiting to authenticate; try again later")
+
+    def _listener(self) -> str:
+        return format_addr(self.conn.get_extra_info("sockname")) or "" if self.conn is not None else ""
+
+    def _admission_closed(self, reason: str) -> None:
+        self.core.refused_before_login(reason, self._listener())
+        if self.conn is not None:
+            self.conn.disconnect(asyncssh.DISC_BY_APPLICATION, f"botwarden: {reason}; the connection is closed")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.front.sessions.discard(self)
-        if exc is not None and self.outcome == "ok" and self.grant is not None:
-            self.outcome, self.end_error = "error", str(exc)
-        asyncio.get_running_loop().create_task(self._close())
+        if exc is not None:
+            if self.core.grant is None and not self._refused:
+                self.core.refused_before_login(f"closed before login: {exc}", self._listener())
+            elif self.core.grant is not None:
+                self.core.set_outcome("error", str(exc))
+        self.core.withdraw_hold(WITHDRAWN)  # before end: an ended core withdraws nothing
+        if self.upstream is not None:
+            self.upstream.close()
+        self.core.end(self.bytes_in, self.bytes_out)  # session_end, admission ticket, grant released
 
     async def begin_auth(self, username: str) -> bool:
         self.username = username
@@ -145,42 +179,38 @@ class _BotConnection(asyncssh.SSHServer):
 
     # -- the grant ----------------------------------------------------------------------
     async def _grant(self, token: str | None) -> bool:
-        if self.grant is not None:
+        if self.core.grant is not None:
             return True
-        sock = self.conn.get_extra_info("socket") if self.conn is not None else None
-        if self.attribution is None and sock is not None:
-            attribute = getattr(self.services, "attribute", None)
-            if attribute is not None:
-                try:
-                    found = attribute(sock)
-                    self.attribution = await found if asyncio.iscoroutine(found) else found
-                except Exception:
-                    log.exception("attribution lookup failed")
+        if self._refused:
+            return False
+        self.core.credentials_presented()
         ctx = ConnectionContext(self.conn.get_extra_info("peername"), self.conn.get_extra_info("sockname"),
-                                True, self.attribution)
+                                True, await attribution(self.services, self.conn))
         try:
-            self.grant = await self.services.open_session(self.settings.target, ctx, self.username, token)
+            await self.core.open(ctx, self.username, token)  # a refusal is recorded there
         except AuthRefused as e:
             # SSH shows no reason on an authentication failure: the banner carries ours (never the token).
+            self._refused = True
             self.conn.send_auth_banner(f"{e}\r\n")
-            self._session_start(ctx, None, e.audit_fields)
-            self.outcome, self.end_error = "refused", str(e)
+            self.core.set_outcome("refused", str(e))
             return False
-        self.session_id = self.grant.session_id
-        self._session_start(ctx, self.grant, None)
-        register = getattr(self.services, "register_terminate", None)
-        if register is not None:
-            register(self.grant.session_id, lambda code, message: self.end(message))
         return True
 
     def end(self, why: str) -> None:
         """End the session from botwarden's side (lease or token expiry, shutdown, an operator)."""
         if self.conn is not None:
-            self.outcome, self.end_error = "terminated", why
+            self.core.set_outcome("terminated", why)
             self.conn.disconnect(asyncssh.DISC_BY_APPLICATION, f"botwarden: {why}")
 
     # -- commands -----------------------------------------------------------------------
     async def run(self, process: asyncssh.SSHServerProcess) -> None:
+        self.running += 1
+        try:
+            await self._run(process)
+        finally:
+            self.running -= 1
+
+    async def _run(self, process: asyncssh.SSHServerProcess) -> None:
         command = process.command
         subsystem = process.subsystem
         if subsystem is not None or command is None:
@@ -190,23 +220,23 @@ class _BotConnection(asyncssh.SSHServer):
             return
         req_t0 = time.time()
         try:
-            verdict = self.services.decide_ssh(self.grant, self.settings.target, SshRequest.exec(command))
+            verdict = self.services.decide_ssh(self.core.grant, self.settings.target, SshRequest.exec(command))
         except Exception:
             log.exception("policy failed; command refused")
             verdict = Verdict("block", None, "the policy engine failed on this command")
         decision = verdict.action
         reason = verdict.reason
+        request_id = new_request_id()
         if verdict.action == "block":
-            self._refuse(process, command, verdict)
+            self._refuse(process, command, verdict, request_id=request_id)
             return
         if verdict.action == "approve":
-            outcome = await self._hold(process, command, verdict)
+            outcome = await self._hold(process, command, verdict, request_id)
             if not outcome.approved:
-                self._refuse(process, command, verdict, decision="deny",
-                             why=outcome.reason or "denied", t0=req_t0)
+                self._refuse(process, command, verdict, decision="deny", why=outcome.reason or "denied",
+                             t0=req_t0, request_id=request_id)
                 return
             decision, reason = "approve", outcome.reason or reason
-        request_id = uuid.uuid4().hex
         if not await self._durable(process, command, verdict, decision, request_id, req_t0):
             return
         try:
@@ -225,19 +255,16 @@ class _BotConnection(asyncssh.SSHServer):
                        request_id: str, t0: float) -> bool:
         """audit.mode = "strict": the command reaches the target only once its record is journaled
         by the audit process (issue 23.4); a record that cannot be made durable refuses it."""
-        durable = getattr(self.services, "audit_durable", None)
-        if durable is None:
-            return True
         try:
-            wait = durable("request_start", {
-                "request_id": request_id, "session_id": self.session_id,
+            wait = self.core.record_start({
+                "request_id": request_id, "session_id": self.core.session_id,
                 "ts": datetime.fromtimestamp(t0, timezone.utc), "protocol": PROTOCOL, "kind": "ssh_exec",
                 "text": command, "params": None, "decision": decision, "rule": verdict.rule}, verdict)
             if wait is not None:
                 await wait
         except Exception as e:
             log.error("a command's record could not be made durable; it is refused: %s", e)
-            self._refuse(process, command, verdict, decision="block", t0=t0,
+            self._refuse(process, command, verdict, decision="block", t0=t0, request_id=request_id,
                          why=f"the audit store could not record the command ({e}); it was not run")
             return False
         return True
@@ -246,38 +273,38 @@ class _BotConnection(asyncssh.SSHServer):
         return process.command or (f"[subsystem {process.subsystem}]" if process.subsystem else "[shell]")
 
     def _refuse(self, process: asyncssh.SSHServerProcess, text: str, verdict: Verdict, *,
-                decision: str = "block", why: str | None = None, t0: float | None = None) -> None:
+                decision: str = "block", why: str | None = None, t0: float | None = None,
+                request_id: str | None = None) -> None:
         rule = f"rule {verdict.rule!r}" if verdict.rule else "the target's default policy"
         reason = why or verdict.reason
         line = (f"botwarden: command {'denied' if decision == 'deny' else 'blocked by ' + rule}: {reason}"
                 if decision == "deny" or verdict.rule or verdict.action == "block" else f"botwarden: {reason}")
         process.stderr.write(line.encode() + b"\n")
         process.exit(REFUSED_EXIT)
-        self._request(text, verdict, decision, reason, t0 or time.time(), error=line, exit_status=REFUSED_EXIT)
+        self._request(text, verdict, decision, reason, t0 or time.time(), error=line, exit_status=REFUSED_EXIT,
+                      request_id=request_id)
 
-    async def _hold(self, process: asyncssh.SSHServerProcess, command: str, verdict: Verdict) -> HoldOutcome:
+    async def _hold(self, process: asyncssh.SSHServerProcess, command: str, verdict: Verdict,
+                    request_id: str) -> HoldOutcome:
         def notify(approval_id: str) -> None:
             process.stderr.write(f"botwarden: waiting for approval {approval_id}"
                                  f"{' (rule ' + repr(verdict.rule) + ')' if verdict.rule else ''}\n".encode())
 
-        hold = asyncio.ensure_future(self.services.hold(self.grant, self.settings.target, command, verdict, notify))
+        hold = asyncio.ensure_future(self.core.hold(command, verdict, notify, request_id, withdrawn=WITHDRAWN))
         closed = asyncio.ensure_future(process.channel.wait_closed())
         done, _ = await asyncio.wait({hold, closed}, return_when=asyncio.FIRST_COMPLETED)
-        if hold in done:
-            closed.cancel()
-            return hold.result()
-        hold.cancel("the bot disconnected while the command waited for approval")  # withdraws it
+        if hold not in done:  # the bot gave up waiting: the approval's record says withdrawn
+            self.core.withdraw_hold(WITHDRAWN)
+        closed.cancel()
         try:
-            await hold
-        except asyncio.CancelledError:
-            pass
-        return HoldOutcome(False, "", "the bot disconnected while the command waited for approval", None,
-                           "abandoned")
+            return await hold
+        except asyncio.CancelledError:  # the connection ended first (connection_lost withdrew it)
+            return HoldOutcome(False, "", WITHDRAWN, None, "withdrawn")
 
     async def _upstream(self) -> asyncssh.SSHClientConnection:
         async with self._upstream_lock:
             if self.upstream is None:
-                cred = self.grant.credential
+                cred = self.core.grant.credential
                 if not cred.cert or not cred.private_key:
                     raise OSError("the session's credential has no SSH certificate")
                 key = asyncssh.import_private_key(cred.private_key)
@@ -300,62 +327,15 @@ class _BotConnection(asyncssh.SSHServer):
         return result.exit_status if result.exit_status is not None else 255
 
     # -- audit --------------------------------------------------------------------------
-    def _audit(self, kind: str, record: dict) -> None:
-        try:
-            self.services.audit(kind, record)
-        except Exception:
-            log.exception("audit hook failed for %s", kind)
-
-    def _session_start(self, ctx: ConnectionContext, grant: Any, refused_fields: Any) -> None:
-        if self._started:
-            return
-        self._started = True
-        peer = ctx.client_addr
-        rec: dict[str, Any] = {
-            "session_id": self.session_id, "ts": _now(), "target": self.settings.target, "protocol": PROTOCOL,
-            "client_addr": f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else None,
-            "target_addr": f"{self.settings.upstream_host}:{self.settings.upstream_port}", "tls": True,
-        }
-        a = ctx.attribution
-        if a is not None:
-            rec.update(pid=getattr(a, "tgid", a.pid), uid=a.uid, gid=a.gid, cgroup_id=a.cgroup_id,
-                       cgroup_path=a.cgroup_path, exe=a.exe_path, comm=a.comm, attribution_source=a.source,
-                       privileged=bool(getattr(a, "privileges", ())))
-        else:
-            rec["attribution_source"] = "none"
-        if grant is not None:
-            rec.update(identity=grant.identity, token_subject=grant.subject,
-                       credential_user=grant.credential.username, lease_id=grant.credential.lease_id)
-            rec.update(grant.audit_fields)
-        elif refused_fields:
-            rec.update(refused_fields)
-        self._audit("session_start", rec)
-
     def _request(self, text: str, verdict: Verdict, decision: str, reason: str | None, t0: float, *,
                  error: str | None = None, exit_status: int | None = None, request_id: str | None = None) -> None:
-        self._audit("request", {
-            "request_id": request_id or uuid.uuid4().hex, "session_id": self.session_id,
+        self.core.audit("request", {
+            "request_id": request_id or new_request_id(), "session_id": self.core.session_id,
             "ts": datetime.fromtimestamp(t0, timezone.utc), "protocol": PROTOCOL, "kind": "ssh_exec",
             "text": text, "params": None, "decision": decision, "rule": verdict.rule, "reason": reason or None,
             "duration_ms": (time.time() - t0) * 1000.0, "rows": exit_status, "error": error,
             "sqlstate": None, "masked": None,
         })
-
-    async def _close(self) -> None:
-        if self._ended:
-            return
-        self._ended = True
-        if self.upstream is not None:
-            self.upstream.close()
-        if self._started:
-            self._audit("session_end", {"session_id": self.session_id, "ts": _now(), "bytes_in": self.bytes_in,
-                                        "bytes_out": self.bytes_out, "outcome": self.outcome,
-                                        "error": self.end_error})
-        if self.grant is not None:
-            try:
-                await self.services.close_session(self.grant)
-            except Exception:
-                log.exception("closing the session's grant failed")
 
 
 def _signal_number(name: str) -> int:
