@@ -39,14 +39,16 @@ SSH = "/usr/bin/ssh"
 class Sshd:
     """Debian's sshd in the namespace: its own host key, trusting the user CA it is given."""
 
-    def __init__(self, net: PgNet, user_ca: str):
+    def __init__(self, net: PgNet, user_ca: str, extra_ports: int = 2):
         self.dir = Path(tempfile.mkdtemp(prefix="bw-sshd-"))
         self.port = free_port()
+        # More ports on the same sshd: one target per port (attestation, token, token+attestation).
+        self.extra_ports = [free_port() for _ in range(extra_ports)]
         self.host = net.ip_a
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.dir / "host")], check=True)
         (self.dir / "user_ca.pub").write_text(user_ca.strip() + "\n")
-        (self.dir / "sshd_config").write_text(f"""Port {self.port}
-ListenAddress {self.host}
+        ports = "".join(f"Port {p}\n" for p in [self.port, *self.extra_ports])
+        (self.dir / "sshd_config").write_text(f"""{ports}ListenAddress {self.host}
 HostKey {self.dir / 'host'}
 PidFile {self.dir / 'sshd.pid'}
 TrustedUserCAKeys {self.dir / 'user_ca.pub'}
@@ -69,7 +71,8 @@ LogLevel VERBOSE
             time.sleep(0.1)
 
     def known_hosts_line(self) -> str:
-        return f"[{self.host}]:{self.port} " + (self.dir / "host.pub").read_text().strip()
+        key = (self.dir / "host.pub").read_text().strip()
+        return "\n".join(f"[{self.host}]:{p} {key}" for p in [self.port, *self.extra_ports])
 
     def logged(self) -> str:
         return (self.dir / "log").read_text()
@@ -106,6 +109,7 @@ def world(bao_server, tmp_path_factory):
         known_hosts = workdir / "upstream_known_hosts"
         known_hosts.write_text(sshd.known_hosts_line() + "\n")
         config = workdir / "botwarden.toml"
+        credential = f'[targets.credential]\nsource = "ssh"\nmount = "{ssh_mount}"\nrole = "bot"\nprincipals = ["root"]\n'
         probes = f'mode = "ebpf"\nbots_cgroup = "{BOTS}"\npin_dir = "{PIN_DIR}"\nmap_entries = 4096'
         config.write_text(config_header(workdir, bao, probes=probes) + f"""
 [[targets]]
@@ -115,15 +119,40 @@ address = "{sshd.host}:{sshd.port}"
 listen = "127.0.0.1:{free_port()}"
 authentication = "attestation"
 known_hosts = "{known_hosts}"
-[targets.credential]
-source = "ssh"
-mount = "{ssh_mount}"
-role = "bot"
-principals = ["root"]
-
+{credential}
+[[targets]]
+name = "web-tok"
+protocol = "ssh"
+address = "{sshd.host}:{sshd.extra_ports[0]}"
+listen = "127.0.0.1:{free_port()}"
+authentication = "token"
+known_hosts = "{known_hosts}"
+{credential}
+[[targets]]
+name = "web-both"
+protocol = "ssh"
+address = "{sshd.host}:{sshd.extra_ports[1]}"
+listen = "127.0.0.1:{free_port()}"
+authentication = "token+attestation"
+known_hosts = "{known_hosts}"
+{credential}
 [[identities]]
 name = "deploy-bot"
 targets = ["web-1"]
+[identities.process]
+cgroup = "{BOT}"
+
+[[identities]]
+name = "token-bot"
+targets = ["web-tok"]
+[identities.token]
+subject = "{bao.bot_entity_id()}"
+
+[[identities]]
+name = "both-bot"
+targets = ["web-both"]
+[identities.token]
+subject = "{bao.bot_entity_id()}"
 [identities.process]
 cgroup = "{BOT}"
 
@@ -146,7 +175,7 @@ programs = ["rm"]
         os.chmod(bot_home, 0o755)
         line = cli(config, "ssh", "known-hosts").stdout.strip()
         (bot_home / "known_hosts").write_text(line + "\n")
-        yield {"net": net, "sshd": sshd, "daemon": daemon, "config": config, "bot_home": bot_home,
+        yield {"net": net, "bao_setup": bao, "sshd": sshd, "daemon": daemon, "config": config, "bot_home": bot_home,
                "bao": bao_server, "ssh_mount": ssh_mount, "known_hosts_line": line}
         shutil.rmtree(bot_home, ignore_errors=True)
     finally:
@@ -163,12 +192,32 @@ programs = ["rm"]
             net.stop()
 
 
-def ssh_bot(world, command: str):
+def ssh_bot(world, command: str, *, port: int | None = None, bot: str = BOT, token: str | None = None,
+            auth: str = "password", options: tuple[str, ...] = (), log_level: str = "ERROR"):
+    """The real ``ssh`` as a bot. With ``token``: it answers the password (or keyboard-interactive)
+    prompt through SSH_ASKPASS, as a bot without a terminal does; otherwise BatchMode."""
     sshd = world["sshd"]
-    return bot_run(world["config"], BOT, [
-        SSH, "-F", "/dev/null", "-o", f"UserKnownHostsFile={world['bot_home'] / 'known_hosts'}",
-        "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR",
-        "-p", str(sshd.port), f"root@{sshd.host}", command], env={"HOME": str(world["bot_home"])})
+    env = {"HOME": str(world["bot_home"])}
+    if token is not None:
+        secrets = Path(tempfile.mkdtemp(prefix="bw-ssh-askpass-"))
+        os.chmod(secrets, 0o755)
+        (secrets / "token").write_text(token)
+        askpass = secrets / "askpass"
+        askpass.write_text(f"#!/bin/sh\ncat {secrets / 'token'}\n")
+        os.chmod(askpass, 0o755)
+        os.chmod(secrets / "token", 0o644)
+        env.update(SSH_ASKPASS=str(askpass), SSH_ASKPASS_REQUIRE="force", DISPLAY=":0")
+        how = ["-o", f"PreferredAuthentications={auth}", "-o", "NumberOfPasswordPrompts=1"]
+    else:
+        how = ["-o", "BatchMode=yes"]
+    try:
+        return bot_run(world["config"], bot, [
+            SSH, "-F", "/dev/null", "-o", f"UserKnownHostsFile={world['bot_home'] / 'known_hosts'}",
+            "-o", "StrictHostKeyChecking=yes", *how, "-o", f"LogLevel={log_level}", *options,
+            "-p", str(port or sshd.port), f"root@{sshd.host}", command], env=env)
+    finally:
+        if token is not None:
+            shutil.rmtree(secrets, ignore_errors=True)
 
 
 def ssh_direct(world, command: str, workdir: Path):
@@ -185,6 +234,17 @@ def ssh_direct(world, command: str, workdir: Path):
                            "-o", f"UserKnownHostsFile={workdir / 'known_hosts'}", "-o", "StrictHostKeyChecking=yes",
                            "-o", "BatchMode=yes", "-o", "LogLevel=ERROR", "-p", str(sshd.port), f"root@{sshd.host}",
                            command], capture_output=True, text=True, timeout=60)
+
+
+def session_of(world, pid: int) -> dict:
+    """The session row of the bot process ``pid`` (its session_end may follow the exit)."""
+    for _ in range(100):
+        rows = world["daemon"].audit_sql("SELECT * FROM sessions WHERE pid = ? AND outcome <> 'open'", [pid])
+        if rows:
+            return rows[0]
+        time.sleep(0.1)
+    raise AssertionError(f"no ended session for pid {pid}: "
+                         f"{world['daemon'].audit_sql('SELECT * FROM sessions WHERE pid = ?', [pid])}")
 
 
 def test_known_hosts_line_is_a_cert_authority(world):
@@ -257,3 +317,53 @@ def test_held_command_runs_once_approved_and_exits_126_when_denied(world, approv
     rows = world["daemon"].audit_sql("SELECT decision FROM requests WHERE text = ?", [f"touch {marker}"])
     assert [r["decision"] for r in rows] == ["approve" if approve else "deny"]
     shutil.rmtree(marker.parent, ignore_errors=True)
+
+
+# -- bot authentication per target (item 1) ------------------------------------------------------
+
+
+@pytest.mark.parametrize("auth", ["password", "keyboard-interactive"])
+def test_token_target_accepts_the_token_as_password_or_keyboard_interactive_answer(world, auth):
+    token = world["bao_setup"].mint_token()
+    ran = ssh_bot(world, f"echo via-{auth}", port=world["sshd"].extra_ports[0], token=token, auth=auth)
+    assert (ran.returncode, ran.stdout) == (0, f"via-{auth}\n"), ran
+    s = session_of(world, ran.pid)
+    assert (s["target"], s["identity"], s["outcome"]) == ("web-tok", "token-bot", "ok"), s
+
+
+def test_bad_token_is_refused_naming_the_check_and_never_echoed(world):
+    token = world["bao_setup"].mint_token()
+    head, payload, signature = token.split(".")
+    forged = f"{head}.{payload}.{signature[::-1]}"  # a well-formed token whose signature fails
+    ran = ssh_bot(world, "echo never", port=world["sshd"].extra_ports[0], token=forged, log_level="INFO")
+    assert ran.returncode == 255 and "never" not in ran.stdout, ran
+    assert "botwarden refused the connection: token signature does not verify" in ran.stderr, ran.stderr
+    s = session_of(world, ran.pid)
+    assert (s["target"], s["outcome"], s["identity"]) == ("web-tok", "refused", None), s
+    assert "token signature" in s["error"], s
+    assert forged not in ran.stderr and forged not in world["daemon"].output()
+    assert signature[::-1][:24] not in json.dumps(s, default=str)
+
+
+def test_valid_token_from_the_wrong_process_is_refused_naming_the_process_check(world):
+    token = world["bao_setup"].mint_token()
+    ran = ssh_bot(world, "echo never", port=world["sshd"].extra_ports[1], token=token, bot="stranger-bot",
+                  log_level="INFO")
+    assert ran.returncode == 255 and "never" not in ran.stdout, ran
+    assert "process not allowed: cgroup" in ran.stderr and "stranger-bot" in ran.stderr, ran.stderr
+    assert token not in ran.stderr and token not in world["daemon"].output()
+    s = session_of(world, ran.pid)
+    assert (s["target"], s["outcome"], s["identity"]) == ("web-both", "refused", None), s
+    assert s["cgroup_path"].endswith("/stranger-bot") and "process not allowed" in s["error"], s
+    # The right process with the same token is let in: the refusal was the process check alone.
+    ran = ssh_bot(world, "echo both-ok", port=world["sshd"].extra_ports[1], token=token)
+    assert (ran.returncode, ran.stdout) == (0, "both-ok\n"), ran
+    assert session_of(world, ran.pid)["identity"] == "both-bot"
+
+
+def test_attestation_target_refuses_a_process_outside_its_identity(world):
+    ran = ssh_bot(world, "echo never", bot="stranger-bot", log_level="INFO")
+    assert ran.returncode == 255 and "never" not in ran.stdout, ran
+    assert "process not allowed: cgroup" in ran.stderr, ran.stderr
+    s = session_of(world, ran.pid)
+    assert (s["target"], s["outcome"]) == ("web-1", "refused"), s

@@ -168,11 +168,26 @@ class _BotConnection(asyncssh.SSHServer):
             return True  # the token comes as the password
         return not await self._grant(None)  # attestation alone: no further auth if granted
 
+    # The token (authentication = "token" or "token+attestation") comes as the password or as
+    # the answer to one keyboard-interactive prompt: whichever the bot's client offers.
     def password_auth_supported(self) -> bool:
         return self.settings.require_token
 
     async def validate_password(self, username: str, password: str) -> bool:
         return await self._grant(password)
+
+    def kbdint_auth_supported(self) -> bool:
+        return self.settings.require_token
+
+    def get_kbdint_challenge(self, username: str, lang: str, submethods: str) -> Any:
+        if self._refused:
+            return False
+        return ("botwarden", "", "", [(f"botwarden token for {self.settings.target}: ", False)])
+
+    async def validate_kbdint_response(self, username: str, responses: Any) -> bool:
+        if len(responses) != 1:
+            return False
+        return await self._grant(responses[0])
 
     def public_key_auth_supported(self) -> bool:
         return False
