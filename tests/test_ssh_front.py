@@ -12,9 +12,15 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import select
 import shutil
+import signal
+import struct
 import subprocess
+import sys
 import tempfile
+import termios
 import threading
 import time
 import uuid
@@ -26,7 +32,7 @@ from appliance.sandbox import PostgresServer, config_header, configure_openbao, 
 from probes import cgroups
 from tests.daemon_fixtures import DaemonProcess
 from tests.probes_fixtures import RUN_TAG
-from tests.test_probes_e2e import PgNet, bot_run, cli
+from tests.test_probes_e2e import ROOT, PgNet, bot_run, cli
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
 
@@ -161,6 +167,13 @@ name = "touch-needs-approval"
 action = "approve"
 [rules.ssh]
 programs = ["touch"]
+
+[[rules]]
+name = "no-scp-into-locked"
+action = "block"
+description = "nothing is copied into /srv/locked"
+[rules.ssh]
+commands = ["scp -t /srv/locked*"]
 
 [[rules]]
 name = "no-rm"
@@ -367,3 +380,164 @@ def test_attestation_target_refuses_a_process_outside_its_identity(world):
     assert "process not allowed: cgroup" in ran.stderr, ran.stderr
     s = session_of(world, ran.pid)
     assert (s["target"], s["outcome"]) == ("web-1", "refused"), s
+
+
+# -- scp's legacy protocol, signals and window changes (item 3) -----------------------------------
+
+
+def scp_bot(world, *args: str):
+    sshd = world["sshd"]
+    return bot_run(world["config"], BOT, [
+        "/usr/bin/scp", "-O", "-F", "/dev/null", "-o", f"UserKnownHostsFile={world['bot_home'] / 'known_hosts'}",
+        "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR", "-P", str(sshd.port),
+        *args], env={"HOME": str(world["bot_home"])})
+
+
+def test_scp_legacy_protocol_is_an_exec_decided_by_policy(world):
+    # Plain paths: a random temp name would look like a secret to the audit's redaction.
+    local = Path("/tmp/bw-ssh-scp-local")
+    shutil.rmtree(local, ignore_errors=True)
+    local.mkdir()
+    os.chmod(local, 0o777)
+    (local / "payload").write_bytes(os.urandom(200_000))
+    os.chmod(local / "payload", 0o644)
+    remote = "/tmp/bw-ssh-scp-uploaded"
+    host = world["sshd"].host
+    try:
+        up = scp_bot(world, str(local / "payload"), f"root@{host}:{remote}")
+        assert up.returncode == 0, up
+        assert Path(remote).read_bytes() == (local / "payload").read_bytes()
+        down = scp_bot(world, f"root@{host}:{remote}", str(local / "back"))
+        assert down.returncode == 0, down
+        assert (local / "back").read_bytes() == (local / "payload").read_bytes()
+        refused = scp_bot(world, str(local / "payload"), f"root@{host}:/srv/locked-file")
+        assert refused.returncode != 0 and "no-scp-into-locked" in refused.stderr, refused
+        assert not Path("/srv/locked-file").exists()
+        rows = world["daemon"].audit_sql("SELECT text, decision, rule, rows FROM requests WHERE text LIKE 'scp %' "
+                                         "ORDER BY chain_seq")
+        assert rows == [
+            {"text": f"scp -t {remote}", "decision": "allow", "rule": None, "rows": 0},
+            {"text": f"scp -f {remote}", "decision": "allow", "rule": None, "rows": 0},
+            {"text": "scp -t /srv/locked-file", "decision": "block", "rule": "no-scp-into-locked", "rows": 126},
+        ], rows
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+        Path(remote).unlink(missing_ok=True)
+
+
+def test_a_command_killed_by_a_signal_ends_as_it_does_direct(world, tmp_path):
+    command = "echo before; kill -TERM $$"
+    bot, direct = ssh_bot(world, command), ssh_direct(world, command, tmp_path)
+    assert (bot.returncode, bot.stdout) == (direct.returncode, direct.stdout) == (255, "before\n"), (bot, direct)
+    rows = world["daemon"].audit_sql("SELECT rows FROM requests WHERE text = ?", [command])
+    assert rows == [{"rows": 128 + signal.SIGTERM}]
+
+
+SIGNAL_PROBE = """
+import asyncio, sys
+import asyncssh
+
+async def main(host, port, known_hosts):
+    async with asyncssh.connect(host, int(port), username="root", known_hosts=known_hosts, client_keys=None,
+                                agent_path=None, config=None) as conn:
+        proc = await conn.create_process("echo ready; sleep 3")
+        print(await proc.stdout.readline(), end="", flush=True)
+        proc.send_signal("TERM")  # what OpenSSH's ssh never sends: only a library client can
+        result = await proc.wait(check=False)
+        print(result.exit_signal[0] if result.exit_signal else f"status {result.exit_status}")
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+def test_a_signal_request_from_the_bot_reaches_the_sshd(world):
+    sshd = world["sshd"]
+    # OpenSSH's sshd acts on signal requests only in privilege-separated (non-root) sessions; this
+    # sshd's sessions are root's, so it answers with a log line: that line is the proof the bot's
+    # request went through botwarden to the sshd.
+    refusal = "session_signal_req: session signalling requires privilege separation"
+    before = sshd.logged().count(refusal)
+    # The venv's interpreter lives under /root: this bot runs as root, deliberately.
+    ran = bot_run(world["config"], BOT, [sys.executable, "-c", SIGNAL_PROBE, sshd.host, str(sshd.port),
+                                         str(world["bot_home"] / "known_hosts")], user=None, allow_privileged=True,
+                  timeout=90)
+    assert ran.returncode == 0 and ran.stdout.startswith("ready\n"), ran
+    assert sshd.logged().count(refusal) == before + 1, sshd.logged()[-2000:]
+
+
+def run_in_pty(world, argv: list[str], script, *, rows: int = 30, cols: int = 100, timeout: float = 60):
+    """``bot run -- argv`` with a pseudo-terminal as its stdin/stdout/stderr (what a person at a
+    terminal gives ssh). ``script(pid, master, read_until)`` drives it; returns all output."""
+    master, slave = pty.openpty()
+    termios_size = struct.pack("HHHH", rows, cols, 0, 0)
+    import fcntl
+
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, termios_size)
+    base = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    proc = subprocess.Popen([sys.executable, "-m", "appliance.cli", "--config", str(world["config"]), "bot", "run",
+                             "--name", BOT, "--user", "nobody", "--", *argv], cwd=ROOT, stdin=slave, stdout=slave,
+                            stderr=slave, env={**base, "PYTHONPATH": str(ROOT), "HOME": str(world["bot_home"])},
+                            start_new_session=True)
+    os.close(slave)
+    seen = bytearray()
+
+    def read_until(marker: bytes, limit: float = timeout) -> bytes:
+        deadline = time.monotonic() + limit
+        while marker not in seen:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"{marker!r} not seen in {bytes(seen)!r}")
+            ready, _, _ = select.select([master], [], [], left)
+            if ready:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:  # EIO: the other side closed
+                    raise AssertionError(f"{marker!r} not seen before EOF in {bytes(seen)!r}") from None
+                if not chunk:
+                    raise AssertionError(f"{marker!r} not seen before EOF in {bytes(seen)!r}")
+                seen.extend(chunk)
+        return bytes(seen)
+
+    try:
+        script(proc.pid, master, read_until)
+        proc.wait(timeout)
+        while True:  # what is left after the exit
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if not ready:
+                break
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            seen.extend(chunk)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+    return proc.returncode, bytes(seen)
+
+
+def ssh_tty_argv(world, *command: str) -> list[str]:
+    sshd = world["sshd"]
+    return [SSH, "-tt", "-F", "/dev/null", "-o", f"UserKnownHostsFile={world['bot_home'] / 'known_hosts'}",
+            "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR",
+            "-p", str(sshd.port), f"root@{sshd.host}", *command]
+
+
+def test_window_changes_reach_the_commands_terminal(world):
+    import fcntl
+
+    def script(pid, master, read_until):
+        read_until(b"size-1 30 100")
+        fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+        os.kill(pid, signal.SIGWINCH)  # what the kernel sends ssh's foreground group on a resize
+        time.sleep(1)  # let ssh send window-change before the line that asks for the size again
+        os.write(master, b"go\r")
+        read_until(b"size-2 40 120")
+
+    status, out = run_in_pty(world, ssh_tty_argv(world, "echo size-1 $(stty size); read x; echo size-2 $(stty size)"),
+                             script)
+    assert status == 0, out

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 PROTOCOL = "ssh"
 REFUSED_EXIT = 126  # "command found but not executable": what a refused command exits with
+RELAY_CHUNK = 64 * 1024
 WITHDRAWN = "withdrawn: the bot disconnected while the command waited for approval"
 
 
@@ -73,7 +74,8 @@ class SshFront:
         self._server = await asyncssh.create_server(
             lambda: _BotConnection(self), host, port,
             server_host_keys=[(st.host_key, st.host_cert)], process_factory=self._process,
-            encoding=None, login_timeout=st.login_timeout, allow_scp=False, x509_trusted_certs=None,
+            # line_editor=False: a pty's echo and line editing are the real shell's, not asyncssh's.
+            encoding=None, line_editor=False, login_timeout=st.login_timeout, allow_scp=False, x509_trusted_certs=None,
             agent_forwarding=False, x11_forwarding=False, keepalive_interval=30)
         return self._server
 
@@ -255,7 +257,7 @@ class _BotConnection(asyncssh.SSHServer):
         if not await self._durable(process, command, verdict, decision, request_id, req_t0):
             return
         try:
-            status = await self._relay(process, command)
+            status = await self._relay(process, command)  # exits the bot's channel with the command's status
         except (OSError, asyncssh.Error, asyncio.TimeoutError) as e:
             msg = f"botwarden: could not run the command on {self.settings.target!r}: {e}"
             process.stderr.write(msg.encode() + b"\n")
@@ -264,7 +266,6 @@ class _BotConnection(asyncssh.SSHServer):
                           request_id=request_id)
             return
         self._request(command, verdict, decision, reason, req_t0, exit_status=status, request_id=request_id)
-        process.exit(status)
 
     async def _durable(self, process: asyncssh.SSHServerProcess, command: str, verdict: Verdict, decision: str,
                        request_id: str, t0: float) -> bool:
@@ -331,15 +332,67 @@ class _BotConnection(asyncssh.SSHServer):
                     st.connect_timeout)
             return self.upstream
 
-    async def _relay(self, process: asyncssh.SSHServerProcess, command: str) -> int:
+    async def _relay(self, process: asyncssh.SSHServerProcess, command: str | None) -> int:
+        """Run ``command`` (None: a login shell) on the sshd and relay it both ways: stdin, stdout,
+        stderr, EOF, window changes, signals and breaks from the bot; the exit status or the signal
+        that ended the command back. Returns the exit status (128 + signal number for a signal)."""
         upstream = await self._upstream()
-        async with upstream.create_process(command, encoding=None, term_type=process.get_terminal_type(),
-                                           env=None) as remote:
-            await process.redirect(stdin=remote.stdin, stdout=remote.stdout, stderr=remote.stderr)
+        term_type = process.get_terminal_type()
+        remote = await upstream.create_process(
+            command, encoding=None, term_type=term_type,
+            term_size=process.get_terminal_size() if term_type else None,
+            term_modes=process.term_modes if term_type else None, env=None)
+        to_bot = [asyncio.ensure_future(self._pump_out(remote.stdout, process.stdout)),
+                  asyncio.ensure_future(self._pump_out(remote.stderr, process.stderr))]
+        from_bot = asyncio.ensure_future(self._pump_in(process, remote))
+        try:
+            await asyncio.gather(*to_bot)
             result = await remote.wait(check=False)
+        finally:
+            from_bot.cancel()
+            for t in to_bot:
+                t.cancel()
+            remote.close()
         if result.exit_signal is not None:
-            return 128 + _signal_number(result.exit_signal[0])
-        return result.exit_status if result.exit_status is not None else 255
+            name, core_dumped, message, lang = result.exit_signal
+            process.exit_with_signal(name, core_dumped, message, lang)
+            return 128 + _signal_number(name)
+        status = result.exit_status if result.exit_status is not None else 255
+        process.exit(status)
+        return status
+
+    async def _pump_in(self, process: asyncssh.SSHServerProcess, remote: asyncssh.SSHClientProcess) -> None:
+        """The bot's stdin to the command, with the out-of-band requests asyncssh hands over as
+        exceptions in the stream's order (a resize between two keystrokes stays between them)."""
+        while True:
+            try:
+                data = await process.stdin.read(RELAY_CHUNK)
+            except asyncssh.TerminalSizeChanged as e:
+                remote.change_terminal_size(e.width, e.height, e.pixwidth, e.pixheight)
+                continue
+            except asyncssh.SignalReceived as e:
+                remote.send_signal(e.signal)
+                continue
+            except asyncssh.BreakReceived as e:
+                remote.send_break(e.msec)
+                continue
+            except asyncssh.SoftEOFReceived:
+                continue
+            if not data:
+                remote.stdin.write_eof()
+                return
+            self.bytes_in += len(data)
+            remote.stdin.write(data)
+            await remote.stdin.drain()
+
+    async def _pump_out(self, source: asyncssh.SSHReader, sink: asyncssh.SSHWriter) -> None:
+        while True:
+            data = await source.read(RELAY_CHUNK)
+            if not data:
+                return
+            self.bytes_out += len(data)
+            sink.write(data)
+            await sink.drain()
 
     # -- audit --------------------------------------------------------------------------
     def _request(self, text: str, verdict: Verdict, decision: str, reason: str | None, t0: float, *,
