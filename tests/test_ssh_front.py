@@ -176,6 +176,14 @@ description = "nothing is copied into /srv/locked"
 commands = ["scp -t /srv/locked*"]
 
 [[rules]]
+name = "no-shells-on-web-tok"
+action = "block"
+targets = ["web-tok"]
+description = "token bots run commands, not shells"
+[rules.ssh]
+shell = true
+
+[[rules]]
 name = "no-rm"
 action = "block"
 description = "deploy bots do not delete files"
@@ -205,7 +213,7 @@ programs = ["rm"]
             net.stop()
 
 
-def ssh_bot(world, command: str, *, port: int | None = None, bot: str = BOT, token: str | None = None,
+def ssh_bot(world, command: str | None, *, port: int | None = None, bot: str = BOT, token: str | None = None,
             auth: str = "password", options: tuple[str, ...] = (), log_level: str = "ERROR"):
     """The real ``ssh`` as a bot. With ``token``: it answers the password (or keyboard-interactive)
     prompt through SSH_ASKPASS, as a bot without a terminal does; otherwise BatchMode."""
@@ -227,7 +235,8 @@ def ssh_bot(world, command: str, *, port: int | None = None, bot: str = BOT, tok
         return bot_run(world["config"], bot, [
             SSH, "-F", "/dev/null", "-o", f"UserKnownHostsFile={world['bot_home'] / 'known_hosts'}",
             "-o", "StrictHostKeyChecking=yes", *how, "-o", f"LogLevel={log_level}", *options,
-            "-p", str(port or sshd.port), f"root@{sshd.host}", command], env=env)
+            "-p", str(port or sshd.port), f"root@{sshd.host}", *([command] if command is not None else [])],
+            env=env)
     finally:
         if token is not None:
             shutil.rmtree(secrets, ignore_errors=True)
@@ -476,7 +485,8 @@ def run_in_pty(world, argv: list[str], script, *, rows: int = 30, cols: int = 10
     base = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
     proc = subprocess.Popen([sys.executable, "-m", "appliance.cli", "--config", str(world["config"]), "bot", "run",
                              "--name", BOT, "--user", "nobody", "--", *argv], cwd=ROOT, stdin=slave, stdout=slave,
-                            stderr=slave, env={**base, "PYTHONPATH": str(ROOT), "HOME": str(world["bot_home"])},
+                            stderr=slave, env={**base, "PYTHONPATH": str(ROOT), "HOME": str(world["bot_home"]),
+                                                 "TERM": "xterm-256color"},
                             start_new_session=True)
     os.close(slave)
     seen = bytearray()
@@ -541,3 +551,80 @@ def test_window_changes_reach_the_commands_terminal(world):
     status, out = run_in_pty(world, ssh_tty_argv(world, "echo size-1 $(stty size); read x; echo size-2 $(stty size)"),
                              script)
     assert status == 0, out
+
+
+# -- shells: decided, recorded, typed lines (item 4) ---------------------------------------------
+
+
+def recording_rows(world, session_id: str) -> list[dict]:
+    """A session's recordings rows as the audit store has them (ts, direction, data bytes)."""
+    import base64
+    from datetime import datetime, timezone
+
+    rows = world["daemon"].audit_sql("SELECT epoch_us(ts) AS us, direction, base64(data) AS data FROM recordings "
+                                     "WHERE session_id = ? ORDER BY seq", [session_id])
+    return [{"ts": datetime.fromtimestamp(r["us"] / 1e6, timezone.utc), "direction": r["direction"],
+             "data": base64.b64decode(r["data"] or "")} for r in rows]
+
+
+def test_shell_is_recorded_and_its_asciicast_parses(world, tmp_path):
+    import fcntl
+
+    from asciinema.asciicast import open_from_url
+
+    from appliance.fronts.ssh_cast import asciicast
+
+    secret = "hunter2-typed-secret"
+
+    def script(pid, master, read_until):
+        os.write(master, b"echo typed-$((6*7))X\x7f\r")  # a typo and its backspace: the line is without it
+        read_until(b"typed-42")
+        fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+        os.kill(pid, signal.SIGWINCH)
+        time.sleep(1)  # ssh sends window-change before the next line
+        os.write(master, b'read -s -p "Pass""word: " pw; echo got-${#pw}\r')
+        read_until(b"Password: ")
+        os.write(master, secret.encode() + b"\r")
+        read_until(b"got-20")
+        os.write(master, b"exit\r")
+
+    status, out = run_in_pty(world, ssh_tty_argv(world), script)
+    assert status == 0, out
+    daemon = world["daemon"]
+    shell = daemon.audit_sql("SELECT session_id, decision, rows FROM requests WHERE kind = 'ssh_shell' "
+                             "ORDER BY chain_seq DESC LIMIT 1")[0]
+    assert (shell["decision"], shell["rows"]) == ("allow", 0), shell
+    sid = shell["session_id"]
+    typed = daemon.audit_sql("SELECT text, reason FROM requests WHERE session_id = ? AND kind = 'ssh_typed' "
+                             "ORDER BY chain_seq", [sid])
+    assert [t["text"] for t in typed] == ["echo typed-$((6*7))", 'read -s -p "Pass""word: " pw; echo got-${#pw}',
+                                          "exit"], typed
+    assert "not decided" in typed[0]["reason"]
+    rows = recording_rows(world, sid)
+    first = json.loads(bytes(rows[0]["data"]))
+    assert rows[0]["direction"] == "event" and first["event"] == "pty", rows[0]
+    assert (first["width"], first["height"], first["term"]) == (100, 30, "xterm-256color")
+    assert any(r["direction"] == "out" and b"typed-42" in bytes(r["data"]) for r in rows)
+    assert not any(secret.encode() in bytes(r["data"]) for r in rows)  # the password prompt's answer is stars
+    cast_file = tmp_path / "shell.cast"
+    cast_file.write_text(asciicast(rows))
+    with open_from_url(str(cast_file)) as cast:  # asciinema's own reader
+        header = cast.v2_header
+        events = list(cast.events())
+    assert (header["version"], header["width"], header["height"]) == (2, 100, 30)
+    assert header["env"]["TERM"] == "xterm-256color"
+    assert any(e[1] == "o" and "typed-42" in e[2] for e in events)
+    assert [e[2] for e in events if e[1] == "r"] == ["120x40"]
+    typed_keys = "".join(e[2] for e in events if e[1] == "i")
+    assert "echo typed-$((6*7))" in typed_keys and "*" * len(secret) + "\r" in typed_keys, typed_keys
+    assert all(a[0] <= b[0] for a, b in zip(events, events[1:]))
+    assert secret not in cast_file.read_text()
+
+
+def test_shell_refused_by_policy_exits_126_with_the_rule(world):
+    token = world["bao_setup"].mint_token()
+    ran = ssh_bot(world, None, port=world["sshd"].extra_ports[0], token=token, options=("-T",))
+    assert ran.returncode == 126 and "no-shells-on-web-tok" in ran.stderr, ran
+    rows = world["daemon"].audit_sql("SELECT decision, rule, text FROM requests WHERE kind = 'ssh_shell' "
+                                     "AND rule = 'no-shells-on-web-tok'")
+    assert rows == [{"decision": "block", "rule": "no-shells-on-web-tok", "text": "[shell]"}]

@@ -32,6 +32,7 @@ from appliance.policy.types import Verdict
 from appliance.tasks import TaskSet
 
 from .services import AuthRefused, ConnectionContext, HoldOutcome
+from .ssh_cast import TypedLines, pty_event, resize_event
 from .session import SessionCore, attribution, drain, format_addr, new_request_id
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,8 @@ log = logging.getLogger(__name__)
 PROTOCOL = "ssh"
 REFUSED_EXIT = 126  # "command found but not executable": what a refused command exits with
 RELAY_CHUNK = 64 * 1024
+SHELL_TEXT = "[shell]"  # a shell's requests row text
+TYPED_REASON = "typed in an interactive shell: extracted best-effort from keystrokes, not decided"
 WITHDRAWN = "withdrawn: the bot disconnected while the command waited for approval"
 
 
@@ -230,57 +233,61 @@ class _BotConnection(asyncssh.SSHServer):
     async def _run(self, process: asyncssh.SSHServerProcess) -> None:
         command = process.command
         subsystem = process.subsystem
-        if subsystem is not None or command is None:
-            what = f"subsystem {subsystem!r}" if subsystem else "an interactive shell"
+        if subsystem is not None:
             self._refuse(process, self._request_text(process), Verdict(
-                "block", None, f"{what} is not supported by botwarden's SSH front yet; run commands instead"))
+                "block", None, f"subsystem {subsystem!r} is not supported by botwarden's SSH front yet; "
+                               "run commands instead"), kind="ssh_subsystem")
             return
+        shell = command is None
+        request, text, kind = ((SshRequest("shell"), SHELL_TEXT, "ssh_shell") if shell
+                               else (SshRequest.exec(command), command, "ssh_exec"))
         req_t0 = time.time()
         try:
-            verdict = self.services.decide_ssh(self.core.grant, self.settings.target, SshRequest.exec(command))
+            verdict = self.services.decide_ssh(self.core.grant, self.settings.target, request)
         except Exception:
-            log.exception("policy failed; command refused")
-            verdict = Verdict("block", None, "the policy engine failed on this command")
+            log.exception("policy failed; request refused")
+            verdict = Verdict("block", None, "the policy engine failed on this request")
         decision = verdict.action
         reason = verdict.reason
         request_id = new_request_id()
         if verdict.action == "block":
-            self._refuse(process, command, verdict, request_id=request_id)
+            self._refuse(process, text, verdict, request_id=request_id, kind=kind)
             return
         if verdict.action == "approve":
-            outcome = await self._hold(process, command, verdict, request_id)
+            outcome = await self._hold(process, text, verdict, request_id)
             if not outcome.approved:
-                self._refuse(process, command, verdict, decision="deny", why=outcome.reason or "denied",
-                             t0=req_t0, request_id=request_id)
+                self._refuse(process, text, verdict, decision="deny", why=outcome.reason or "denied",
+                             t0=req_t0, request_id=request_id, kind=kind)
                 return
             decision, reason = "approve", outcome.reason or reason
-        if not await self._durable(process, command, verdict, decision, request_id, req_t0):
+        if not await self._durable(process, text, verdict, decision, request_id, req_t0, kind):
             return
         try:
-            status = await self._relay(process, command)  # exits the bot's channel with the command's status
+            # exits the bot's channel with the command's status
+            status = await self._relay(process, command, recorded=shell and process.get_terminal_type() is not None)
         except (OSError, asyncssh.Error, asyncio.TimeoutError) as e:
             msg = f"botwarden: could not run the command on {self.settings.target!r}: {e}"
             process.stderr.write(msg.encode() + b"\n")
             process.exit(255)
-            self._request(command, verdict, decision, reason, req_t0, error=str(e), exit_status=255,
-                          request_id=request_id)
+            self._request(text, verdict, decision, reason, req_t0, error=str(e), exit_status=255,
+                          request_id=request_id, kind=kind)
             return
-        self._request(command, verdict, decision, reason, req_t0, exit_status=status, request_id=request_id)
+        self._request(text, verdict, decision, reason, req_t0, exit_status=status, request_id=request_id, kind=kind)
 
     async def _durable(self, process: asyncssh.SSHServerProcess, command: str, verdict: Verdict, decision: str,
-                       request_id: str, t0: float) -> bool:
+                       request_id: str, t0: float, kind: str) -> bool:
         """audit.mode = "strict": the command reaches the target only once its record is journaled
         by the audit process (issue 23.4); a record that cannot be made durable refuses it."""
         try:
             wait = self.core.record_start({
                 "request_id": request_id, "session_id": self.core.session_id,
-                "ts": datetime.fromtimestamp(t0, timezone.utc), "protocol": PROTOCOL, "kind": "ssh_exec",
+                "ts": datetime.fromtimestamp(t0, timezone.utc), "protocol": PROTOCOL, "kind": kind,
                 "text": command, "params": None, "decision": decision, "rule": verdict.rule}, verdict)
             if wait is not None:
                 await wait
         except Exception as e:
             log.error("a command's record could not be made durable; it is refused: %s", e)
-            self._refuse(process, command, verdict, decision="block", t0=t0, request_id=request_id,
+            self._refuse(process, command, verdict, decision="block", t0=t0, request_id=request_id, kind=kind,
                          why=f"the audit store could not record the command ({e}); it was not run")
             return False
         return True
@@ -290,7 +297,7 @@ class _BotConnection(asyncssh.SSHServer):
 
     def _refuse(self, process: asyncssh.SSHServerProcess, text: str, verdict: Verdict, *,
                 decision: str = "block", why: str | None = None, t0: float | None = None,
-                request_id: str | None = None) -> None:
+                request_id: str | None = None, kind: str = "ssh_exec") -> None:
         rule = f"rule {verdict.rule!r}" if verdict.rule else "the target's default policy"
         reason = why or verdict.reason
         line = (f"botwarden: command {'denied' if decision == 'deny' else 'blocked by ' + rule}: {reason}"
@@ -298,7 +305,7 @@ class _BotConnection(asyncssh.SSHServer):
         process.stderr.write(line.encode() + b"\n")
         process.exit(REFUSED_EXIT)
         self._request(text, verdict, decision, reason, t0 or time.time(), error=line, exit_status=REFUSED_EXIT,
-                      request_id=request_id)
+                      request_id=request_id, kind=kind)
 
     async def _hold(self, process: asyncssh.SSHServerProcess, command: str, verdict: Verdict,
                     request_id: str) -> HoldOutcome:
@@ -332,19 +339,23 @@ class _BotConnection(asyncssh.SSHServer):
                     st.connect_timeout)
             return self.upstream
 
-    async def _relay(self, process: asyncssh.SSHServerProcess, command: str | None) -> int:
+    async def _relay(self, process: asyncssh.SSHServerProcess, command: str | None, *, recorded: bool = False) -> int:
         """Run ``command`` (None: a login shell) on the sshd and relay it both ways: stdin, stdout,
         stderr, EOF, window changes, signals and breaks from the bot; the exit status or the signal
         that ended the command back. Returns the exit status (128 + signal number for a signal)."""
         upstream = await self._upstream()
         term_type = process.get_terminal_type()
+        shell = _ShellRecord(self) if recorded else None
+        if shell is not None:
+            width, height, _, _ = process.get_terminal_size()
+            self.core.record("event", pty_event(width, height, term_type or "", time.time()))
         remote = await upstream.create_process(
             command, encoding=None, term_type=term_type,
             term_size=process.get_terminal_size() if term_type else None,
             term_modes=process.term_modes if term_type else None, env=None)
-        to_bot = [asyncio.ensure_future(self._pump_out(remote.stdout, process.stdout)),
-                  asyncio.ensure_future(self._pump_out(remote.stderr, process.stderr))]
-        from_bot = asyncio.ensure_future(self._pump_in(process, remote))
+        to_bot = [asyncio.ensure_future(self._pump_out(remote.stdout, process.stdout, shell)),
+                  asyncio.ensure_future(self._pump_out(remote.stderr, process.stderr, shell))]
+        from_bot = asyncio.ensure_future(self._pump_in(process, remote, shell))
         try:
             await asyncio.gather(*to_bot)
             result = await remote.wait(check=False)
@@ -361,7 +372,8 @@ class _BotConnection(asyncssh.SSHServer):
         process.exit(status)
         return status
 
-    async def _pump_in(self, process: asyncssh.SSHServerProcess, remote: asyncssh.SSHClientProcess) -> None:
+    async def _pump_in(self, process: asyncssh.SSHServerProcess, remote: asyncssh.SSHClientProcess,
+                       shell: "_ShellRecord | None") -> None:
         """The bot's stdin to the command, with the out-of-band requests asyncssh hands over as
         exceptions in the stream's order (a resize between two keystrokes stays between them)."""
         while True:
@@ -369,6 +381,8 @@ class _BotConnection(asyncssh.SSHServer):
                 data = await process.stdin.read(RELAY_CHUNK)
             except asyncssh.TerminalSizeChanged as e:
                 remote.change_terminal_size(e.width, e.height, e.pixwidth, e.pixheight)
+                if shell is not None:
+                    self.core.record("event", resize_event(e.width, e.height))
                 continue
             except asyncssh.SignalReceived as e:
                 remote.send_signal(e.signal)
@@ -382,28 +396,56 @@ class _BotConnection(asyncssh.SSHServer):
                 remote.stdin.write_eof()
                 return
             self.bytes_in += len(data)
+            if shell is not None:
+                shell.typed(data)
             remote.stdin.write(data)
             await remote.stdin.drain()
 
-    async def _pump_out(self, source: asyncssh.SSHReader, sink: asyncssh.SSHWriter) -> None:
+    async def _pump_out(self, source: asyncssh.SSHReader, sink: asyncssh.SSHWriter,
+                        shell: "_ShellRecord | None") -> None:
         while True:
             data = await source.read(RELAY_CHUNK)
             if not data:
                 return
             self.bytes_out += len(data)
+            if shell is not None:
+                shell.shown(data)
             sink.write(data)
             await sink.drain()
 
     # -- audit --------------------------------------------------------------------------
     def _request(self, text: str, verdict: Verdict, decision: str, reason: str | None, t0: float, *,
-                 error: str | None = None, exit_status: int | None = None, request_id: str | None = None) -> None:
+                 error: str | None = None, exit_status: int | None = None, request_id: str | None = None,
+                 kind: str = "ssh_exec") -> None:
         self.core.audit("request", {
             "request_id": request_id or new_request_id(), "session_id": self.core.session_id,
-            "ts": datetime.fromtimestamp(t0, timezone.utc), "protocol": PROTOCOL, "kind": "ssh_exec",
+            "ts": datetime.fromtimestamp(t0, timezone.utc), "protocol": PROTOCOL, "kind": kind,
             "text": text, "params": None, "decision": decision, "rule": verdict.rule, "reason": reason or None,
             "duration_ms": (time.time() - t0) * 1000.0, "rows": exit_status, "error": error,
             "sqlstate": None, "masked": None,
         })
+
+
+class _ShellRecord:
+    """One recorded shell: its terminal bytes as recording rows, typed lines as requests rows
+    (kind ``ssh_typed``: extracted best-effort, an audit aid, not a decision; appliance/fronts/ssh_cast.py)."""
+
+    def __init__(self, bot: _BotConnection):
+        self.bot = bot
+        self.lines = TypedLines()
+
+    def shown(self, data: bytes) -> None:
+        self.bot.core.record("out", data)
+        self.lines.output(data)
+
+    def typed(self, data: bytes) -> None:
+        self.bot.core.record("in", self.lines.redact(data))
+        for line in self.lines.feed(data):
+            self.bot.core.audit("request", {
+                "request_id": new_request_id(), "session_id": self.bot.core.session_id, "ts": datetime.now(timezone.utc),
+                "protocol": PROTOCOL, "kind": "ssh_typed", "text": line, "params": None, "decision": "allow",
+                "rule": None, "reason": TYPED_REASON, "duration_ms": None, "rows": None, "error": None,
+                "sqlstate": None, "masked": None})
 
 
 def _signal_number(name: str) -> int:
