@@ -38,6 +38,7 @@ pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
 
 BOTS = f"botwarden-ssh-{RUN_TAG}.bots"
 PIN_DIR = f"/sys/fs/bpf/botwarden-ssh-{RUN_TAG}"
+AGENT_DIR = Path(f"/tmp/bw-ssh-agent-{RUN_TAG}")  # the one Unix socket bots may reach (ssh -A's agent)
 BOT = "deployer"
 SSH = "/usr/bin/ssh"
 
@@ -59,6 +60,7 @@ HostKey {self.dir / 'host'}
 PidFile {self.dir / 'sshd.pid'}
 TrustedUserCAKeys {self.dir / 'user_ca.pub'}
 PermitRootLogin prohibit-password
+AcceptEnv LANG LC_* BW_*
 PasswordAuthentication no
 KbdInteractiveAuthentication no
 PubkeyAuthentication yes
@@ -116,7 +118,8 @@ def world(bao_server, tmp_path_factory):
         known_hosts.write_text(sshd.known_hosts_line() + "\n")
         config = workdir / "botwarden.toml"
         credential = f'[targets.credential]\nsource = "ssh"\nmount = "{ssh_mount}"\nrole = "bot"\nprincipals = ["root"]\n'
-        probes = f'mode = "ebpf"\nbots_cgroup = "{BOTS}"\npin_dir = "{PIN_DIR}"\nmap_entries = 4096'
+        probes = (f'mode = "ebpf"\nbots_cgroup = "{BOTS}"\npin_dir = "{PIN_DIR}"\nmap_entries = 4096\n'
+                  f'unix_allow = ["{AGENT_DIR / "sock"}"]')
         config.write_text(config_header(workdir, bao, probes=probes) + f"""
 [[targets]]
 name = "web-1"
@@ -125,6 +128,7 @@ address = "{sshd.host}:{sshd.port}"
 listen = "127.0.0.1:{free_port()}"
 authentication = "attestation"
 known_hosts = "{known_hosts}"
+env_allow = ["LANG", "LC_*", "BW_OK"]
 {credential}
 [[targets]]
 name = "web-tok"
@@ -628,3 +632,109 @@ def test_shell_refused_by_policy_exits_126_with_the_rule(world):
     rows = world["daemon"].audit_sql("SELECT decision, rule, text FROM requests WHERE kind = 'ssh_shell' "
                                      "AND rule = 'no-shells-on-web-tok'")
     assert rows == [{"decision": "block", "rule": "no-shells-on-web-tok", "text": "[shell]"}]
+
+
+# -- refused by design: forwarding, other subsystems, environment (item 6) -----------------------
+
+
+def requests_of(world, pid: int) -> list[dict]:
+    sid = session_of(world, pid)["session_id"]
+    return world["daemon"].audit_sql("SELECT kind, text, decision, reason FROM requests WHERE session_id = ? "
+                                     "ORDER BY chain_seq", [sid])
+
+
+def test_local_port_forwarding_is_refused_and_audited(world):
+    import socket
+
+    sshd = world["sshd"]
+    lport = free_port()
+    base = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    proc = subprocess.Popen([
+        sys.executable, "-m", "appliance.cli", "--config", str(world["config"]), "bot", "run", "--name", BOT,
+        "--user", "nobody", "--", SSH, "-N", "-L", f"127.0.0.1:{lport}:127.0.0.1:{sshd.port}", "-F", "/dev/null",
+        "-o", f"UserKnownHostsFile={world['bot_home'] / 'known_hosts'}", "-o", "StrictHostKeyChecking=yes",
+        "-o", "BatchMode=yes", "-p", str(sshd.port), f"root@{sshd.host}"], cwd=ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, env={**base, "PYTHONPATH": str(ROOT), "HOME": str(world["bot_home"])})
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                client = socket.create_connection(("127.0.0.1", lport), timeout=5)
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+                time.sleep(0.2)
+        client.settimeout(20)
+        assert client.recv(100) == b""  # nothing of the sshd's banner: the channel was refused
+        client.close()
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert "administratively prohibited: botwarden refuses local port forwarding" in err, err
+    rows = [r for r in requests_of(world, proc.pid) if r["kind"] == "ssh_forward"]
+    assert rows == [{"kind": "ssh_forward", "text": f"local port forwarding to 127.0.0.1:{sshd.port}",
+                     "decision": "block", "reason": f"botwarden refuses local port forwarding to 127.0.0.1:"
+                                                    f"{sshd.port} on SSH targets"}], rows
+
+
+@pytest.mark.parametrize("kind", ["remote", "agent", "x11"])
+def test_remote_agent_and_x11_forwarding_are_refused_and_audited(world, kind):
+    rport = free_port()
+    options, env, expected = {
+        "remote": (("-o", "ExitOnForwardFailure=yes", "-R", f"127.0.0.1:{rport}:127.0.0.1:9"), {},
+                   f"remote port forwarding from 127.0.0.1:{rport}"),
+        "agent": (("-A",), {}, "agent forwarding"),
+        "x11": (("-X",), {"DISPLAY": "127.0.0.1:0"}, "X11 forwarding (screen 0)"),
+    }[kind]
+    agent_pid = None
+    if kind == "agent":  # ssh asks for agent forwarding only with an agent it can reach
+        agent_dir = AGENT_DIR
+        shutil.rmtree(agent_dir, ignore_errors=True)
+        agent_dir.mkdir()
+        os.chmod(agent_dir, 0o777)
+        env = {"SSH_AUTH_SOCK": str(agent_dir / "sock")}
+        started = subprocess.run(["runuser", "-u", "nobody", "--", "ssh-agent", "-a", env["SSH_AUTH_SOCK"]],
+                                 capture_output=True, text=True, check=True)
+        agent_pid = int(started.stdout.split("SSH_AGENT_PID=")[1].split(";")[0])
+    try:
+        ran = ssh_bot(world, "echo ran", options=(*options,), log_level="INFO") if not env else \
+            _ssh_bot_env(world, "echo ran", options, env)
+    finally:
+        if agent_pid is not None:
+            os.kill(agent_pid, signal.SIGTERM)
+            shutil.rmtree(agent_dir, ignore_errors=True)
+    if kind == "remote":  # ExitOnForwardFailure: ssh gives up before running the command
+        assert ran.returncode == 255 and "remote port forwarding failed" in ran.stderr, ran
+    else:  # the request is refused, the command still runs
+        assert (ran.returncode, ran.stdout) == (0, "ran\n"), ran
+    if kind == "x11":
+        assert "X11 forwarding request failed" in ran.stderr, ran.stderr
+    rows = [r for r in requests_of(world, ran.pid) if r["kind"] == "ssh_forward"]
+    assert [(r["text"], r["decision"]) for r in rows] == [(expected, "block")], (rows, ran.stderr)
+
+
+def _ssh_bot_env(world, command, options, env):
+    sshd = world["sshd"]
+    return bot_run(world["config"], BOT, [
+        SSH, "-F", "/dev/null", "-o", f"UserKnownHostsFile={world['bot_home'] / 'known_hosts'}",
+        "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", *options, "-p", str(sshd.port),
+        f"root@{sshd.host}", command], env={"HOME": str(world["bot_home"]), **env})
+
+
+def test_subsystems_other_than_sftp_are_refused_and_audited(world):
+    ran = ssh_bot(world, "othersubsystem", options=("-s",))
+    assert ran.returncode == 126 and "refuses subsystem 'othersubsystem'" in ran.stderr, ran
+    rows = requests_of(world, ran.pid)
+    assert [(r["kind"], r["text"], r["decision"]) for r in rows] == [
+        ("ssh_subsystem", "[subsystem othersubsystem]", "block")], rows
+
+
+def test_environment_outside_the_allow_list_is_refused_and_audited_without_its_value(world, tmp_path):
+    command = 'echo "[$BW_OK][$BW_NOPE]"'
+    env = {"BW_OK": "yes", "BW_NOPE": "value-never-audited"}
+    ran = _ssh_bot_env(world, command, ("-o", "SendEnv=BW_OK BW_NOPE"), env)
+    assert (ran.returncode, ran.stdout) == (0, "[yes][]\n"), ran
+    rows = requests_of(world, ran.pid)
+    assert [(r["kind"], r["text"], r["decision"]) for r in rows] == [
+        ("ssh_env", "environment variable BW_NOPE", "block"), ("ssh_exec", command, "allow")], rows
+    assert "env_allow" in rows[0]["reason"] and "value-never-audited" not in json.dumps(rows)

@@ -18,6 +18,7 @@ are refused with a message (forwarding of every kind too, by design).
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import logging
 import os
 import time
@@ -55,6 +56,7 @@ class SshFrontSettings:
     host_cert: Any              # its certificate from the appliance's host CA
     require_token: bool = False
     connect_timeout: float = 10.0
+    env_allow: tuple[str, ...] = ("LANG", "LC_*")  # environment variables a session may pass on
     login_timeout: float = 30.0
 
 
@@ -68,6 +70,10 @@ class SshFront:
         self._server: asyncssh.SSHAcceptor | None = None
         self.sessions: set[_BotConnection] = set()
         self._tasks = TaskSet()
+        # The SFTP handler (appliance/fronts/ssh_sftp.py): asyncssh's sftp_factory, called with
+        # the bot's channel (chan.get_connection().get_owner() is its _BotConnection: core, grant,
+        # upstream()). None: the sftp subsystem is refused like any other.
+        self.sftp_factory: Any = None
 
     def spawn(self, coro, name: str) -> asyncio.Task:
         return self._tasks.spawn(coro, name)
@@ -77,6 +83,7 @@ class SshFront:
         self._server = await asyncssh.create_server(
             lambda: _BotConnection(self), host, port,
             server_host_keys=[(st.host_key, st.host_cert)], process_factory=self._process,
+            sftp_factory=self.sftp_factory,
             # line_editor=False: a pty's echo and line editing are the real shell's, not asyncssh's.
             encoding=None, line_editor=False, login_timeout=st.login_timeout, allow_scp=False, x509_trusted_certs=None,
             agent_forwarding=False, x11_forwarding=False, keepalive_interval=30)
@@ -142,6 +149,10 @@ class _BotConnection(asyncssh.SSHServer):
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
         self.front.sessions.add(self)
+        # Agent and X11 forwarding requests reach the connection, not this object: asyncssh asks
+        # these two methods whether to open a listener. Ours refuse, with an audit row each.
+        conn.create_agent_listener = self._agent_requested
+        conn.attach_x11_listener = self._x11_requested
         if not self.core.admit(self.front.admission, conn.get_extra_info("socket"), self._admission_closed,
                                listener=self._listener()):
             conn.disconnect(asyncssh.DISC_TOO_MANY_CONNECTIONS,
@@ -197,6 +208,53 @@ class _BotConnection(asyncssh.SSHServer):
     def public_key_auth_supported(self) -> bool:
         return False
 
+    # -- refused by design: forwarding of every kind --------------------------------------
+    def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> Any:
+        what = f"local port forwarding to {dest_host}:{dest_port}"
+        self._refused_request("ssh_forward", what)
+        raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, f"botwarden refuses {what}")
+
+    def unix_connection_requested(self, dest_path: str) -> Any:
+        what = f"local forwarding to the Unix socket {dest_path}"
+        self._refused_request("ssh_forward", what)
+        raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, f"botwarden refuses {what}")
+
+    def server_requested(self, listen_host: str, listen_port: int) -> bool:
+        self._refused_request("ssh_forward", f"remote port forwarding from {listen_host or '*'}:{listen_port}")
+        return False
+
+    def unix_server_requested(self, listen_path: str) -> bool:
+        self._refused_request("ssh_forward", f"remote forwarding from the Unix socket {listen_path}")
+        return False
+
+    async def _agent_requested(self) -> bool:
+        self._refused_request("ssh_forward", "agent forwarding")
+        return False
+
+    async def _x11_requested(self, chan: Any, auth_proto: bytes, auth_data: bytes, screen: int) -> None:
+        self._refused_request("ssh_forward", f"X11 forwarding (screen {screen})")
+        return None
+
+    def _refused_request(self, kind: str, what: str, reason: str | None = None) -> None:
+        """A request botwarden refuses whatever the policy says (it would carry traffic no rule
+        sees): a requests row; the bot sees SSH's own refusal."""
+        log.info("ssh session %s: refused %s", self.core.session_id, what)
+        self._request(what, Verdict("block", None, reason or f"botwarden refuses {what}"), "block",
+                      reason or f"botwarden refuses {what} on SSH targets", time.time(), kind=kind)
+
+    def _session_env(self, process: asyncssh.SSHServerProcess) -> dict[str, str]:
+        """The variables the bot sent (SendEnv / setenv) that the target's env_allow lets through;
+        each other one is refused with a row naming it (never its value)."""
+        allowed: dict[str, str] = {}
+        for name, value in process.channel.get_environment().items():
+            if any(fnmatch.fnmatchcase(name, pattern) for pattern in self.settings.env_allow):
+                allowed[name] = value
+            else:
+                self._refused_request("ssh_env", f"environment variable {name}",
+                                      f"environment variable {name} is not in target "
+                                      f"{self.settings.target!r}'s env_allow")
+        return allowed
+
     # -- the grant ----------------------------------------------------------------------
     async def _grant(self, token: str | None) -> bool:
         if self.core.grant is not None:
@@ -234,10 +292,14 @@ class _BotConnection(asyncssh.SSHServer):
         command = process.command
         subsystem = process.subsystem
         if subsystem is not None:
-            self._refuse(process, self._request_text(process), Verdict(
-                "block", None, f"subsystem {subsystem!r} is not supported by botwarden's SSH front yet; "
-                               "run commands instead"), kind="ssh_subsystem")
+            # sftp: appliance/fronts/ssh_sftp.py plugs in at SshFront.sftp_factory (asyncssh then
+            # runs it instead of this); without it, sftp is refused here like any other subsystem.
+            why = ("sftp is not enabled on botwarden's SSH front; use scp -O or commands" if subsystem == "sftp"
+                   else f"botwarden refuses subsystem {subsystem!r}: only sftp is relayed")
+            self._session_env(process)
+            self._refuse(process, self._request_text(process), Verdict("block", None, why), kind="ssh_subsystem")
             return
+        env = self._session_env(process)
         shell = command is None
         request, text, kind = ((SshRequest("shell"), SHELL_TEXT, "ssh_shell") if shell
                                else (SshRequest.exec(command), command, "ssh_exec"))
@@ -264,7 +326,8 @@ class _BotConnection(asyncssh.SSHServer):
             return
         try:
             # exits the bot's channel with the command's status
-            status = await self._relay(process, command, recorded=shell and process.get_terminal_type() is not None)
+            status = await self._relay(process, command, env,
+                                       recorded=shell and process.get_terminal_type() is not None)
         except (OSError, asyncssh.Error, asyncio.TimeoutError) as e:
             msg = f"botwarden: could not run the command on {self.settings.target!r}: {e}"
             process.stderr.write(msg.encode() + b"\n")
@@ -339,7 +402,8 @@ class _BotConnection(asyncssh.SSHServer):
                     st.connect_timeout)
             return self.upstream
 
-    async def _relay(self, process: asyncssh.SSHServerProcess, command: str | None, *, recorded: bool = False) -> int:
+    async def _relay(self, process: asyncssh.SSHServerProcess, command: str | None, env: dict[str, str], *,
+                     recorded: bool = False) -> int:
         """Run ``command`` (None: a login shell) on the sshd and relay it both ways: stdin, stdout,
         stderr, EOF, window changes, signals and breaks from the bot; the exit status or the signal
         that ended the command back. Returns the exit status (128 + signal number for a signal)."""
@@ -352,7 +416,7 @@ class _BotConnection(asyncssh.SSHServer):
         remote = await upstream.create_process(
             command, encoding=None, term_type=term_type,
             term_size=process.get_terminal_size() if term_type else None,
-            term_modes=process.term_modes if term_type else None, env=None)
+            term_modes=process.term_modes if term_type else None, env=env or None)
         to_bot = [asyncio.ensure_future(self._pump_out(remote.stdout, process.stdout, shell)),
                   asyncio.ensure_future(self._pump_out(remote.stderr, process.stderr, shell))]
         from_bot = asyncio.ensure_future(self._pump_in(process, remote, shell))
