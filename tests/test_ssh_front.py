@@ -188,6 +188,14 @@ description = "token bots run commands, not shells"
 shell = true
 
 [[rules]]
+name = "mask-keys-in-head-output"
+action = "mask"
+[rules.ssh]
+programs = ["head"]
+[[rules.mask]]
+detectors = ["aws_key"]
+
+[[rules]]
 name = "no-rm"
 action = "block"
 description = "deploy bots do not delete files"
@@ -738,3 +746,18 @@ def test_environment_outside_the_allow_list_is_refused_and_audited_without_its_v
     assert [(r["kind"], r["text"], r["decision"]) for r in rows] == [
         ("ssh_env", "environment variable BW_NOPE", "block"), ("ssh_exec", command, "allow")], rows
     assert "env_allow" in rows[0]["reason"] and "value-never-audited" not in json.dumps(rows)
+
+
+# -- masking of output (item 7) -------------------------------------------------------------------
+
+
+def test_output_is_masked_even_when_a_secret_straddles_ssh_packets(world, tmp_path):
+    key = "AKIAIOSFODNN7EXAMPLE"
+    # 32,759 bytes first: the key straddles the 32 KiB SSH channel packets and botwarden's reads.
+    command = f"head -c 32759 /dev/zero | tr '\\0' x; echo ' {key} end'"
+    bot, direct = ssh_bot(world, command), ssh_direct(world, command, tmp_path)
+    assert direct.returncode == 0 and direct.stdout == "x" * 32759 + f" {key} end\n"
+    assert bot.returncode == 0 and bot.stdout == "x" * 32759 + " ******** end\n", bot.stdout[-100:]
+    # (the command's own text carries the key: the audit stores it redacted, hence LIKE)
+    rows = world["daemon"].audit_sql("SELECT masked, text FROM requests WHERE text LIKE 'head -c 32759 %'")
+    assert len(rows) == 1 and rows[0]["masked"] == {"output": 1} and key not in rows[0]["text"], rows

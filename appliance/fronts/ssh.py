@@ -34,6 +34,7 @@ from appliance.tasks import TaskSet
 
 from .services import AuthRefused, ConnectionContext, HoldOutcome
 from .ssh_cast import TypedLines, pty_event, resize_event
+from .ssh_mask import StreamMasker
 from .session import SessionCore, attribution, drain, format_addr, new_request_id
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 PROTOCOL = "ssh"
 REFUSED_EXIT = 126  # "command found but not executable": what a refused command exits with
 RELAY_CHUNK = 64 * 1024
+IDLE_FLUSH_S = 0.2  # a masked interactive session shows a held partial line (a prompt) after this pause
 SHELL_TEXT = "[shell]"  # a shell's requests row text
 TYPED_REASON = "typed in an interactive shell: extracted best-effort from keystrokes, not decided"
 WITHDRAWN = "withdrawn: the bot disconnected while the command waited for approval"
@@ -324,9 +326,10 @@ class _BotConnection(asyncssh.SSHServer):
             decision, reason = "approve", outcome.reason or reason
         if not await self._durable(process, text, verdict, decision, request_id, req_t0, kind):
             return
+        relayed: dict[str, int] = {}  # what the relay counted (secrets masked)
         try:
             # exits the bot's channel with the command's status
-            status = await self._relay(process, command, env,
+            status = await self._relay(process, command, env, self._text_masker(verdict), relayed,
                                        recorded=shell and process.get_terminal_type() is not None)
         except (OSError, asyncssh.Error, asyncio.TimeoutError) as e:
             msg = f"botwarden: could not run the command on {self.settings.target!r}: {e}"
@@ -335,7 +338,8 @@ class _BotConnection(asyncssh.SSHServer):
             self._request(text, verdict, decision, reason, req_t0, error=str(e), exit_status=255,
                           request_id=request_id, kind=kind)
             return
-        self._request(text, verdict, decision, reason, req_t0, exit_status=status, request_id=request_id, kind=kind)
+        self._request(text, verdict, decision, reason, req_t0, exit_status=status, request_id=request_id, kind=kind,
+                      masked=relayed.get("masked"))
 
     async def _durable(self, process: asyncssh.SSHServerProcess, command: str, verdict: Verdict, decision: str,
                        request_id: str, t0: float, kind: str) -> bool:
@@ -402,7 +406,12 @@ class _BotConnection(asyncssh.SSHServer):
                     st.connect_timeout)
             return self.upstream
 
-    async def _relay(self, process: asyncssh.SSHServerProcess, command: str | None, env: dict[str, str], *,
+    def _text_masker(self, verdict: Verdict) -> Any:
+        find = getattr(self.services, "text_masker", None)
+        return find(self.core.grant, self.settings.target, verdict) if find is not None else None
+
+    async def _relay(self, process: asyncssh.SSHServerProcess, command: str | None, env: dict[str, str],
+                     text_masker: Any = None, counts: dict[str, int] | None = None, *,
                      recorded: bool = False) -> int:
         """Run ``command`` (None: a login shell) on the sshd and relay it both ways: stdin, stdout,
         stderr, EOF, window changes, signals and breaks from the bot; the exit status or the signal
@@ -417,8 +426,11 @@ class _BotConnection(asyncssh.SSHServer):
             command, encoding=None, term_type=term_type,
             term_size=process.get_terminal_size() if term_type else None,
             term_modes=process.term_modes if term_type else None, env=env or None)
-        to_bot = [asyncio.ensure_future(self._pump_out(remote.stdout, process.stdout, shell)),
-                  asyncio.ensure_future(self._pump_out(remote.stderr, process.stderr, shell))]
+        maskers = ([StreamMasker(text_masker), StreamMasker(text_masker)] if text_masker is not None
+                   else [None, None])
+        interactive = term_type is not None
+        to_bot = [asyncio.ensure_future(self._pump_out(remote.stdout, process.stdout, shell, maskers[0], interactive)),
+                  asyncio.ensure_future(self._pump_out(remote.stderr, process.stderr, shell, maskers[1], interactive))]
         from_bot = asyncio.ensure_future(self._pump_in(process, remote, shell))
         try:
             await asyncio.gather(*to_bot)
@@ -428,6 +440,8 @@ class _BotConnection(asyncssh.SSHServer):
             for t in to_bot:
                 t.cancel()
             remote.close()
+        if counts is not None:
+            counts["masked"] = sum(m.masked for m in maskers if m is not None)
         if result.exit_signal is not None:
             name, core_dumped, message, lang = result.exit_signal
             process.exit_with_signal(name, core_dumped, message, lang)
@@ -466,27 +480,48 @@ class _BotConnection(asyncssh.SSHServer):
             await remote.stdin.drain()
 
     async def _pump_out(self, source: asyncssh.SSHReader, sink: asyncssh.SSHWriter,
-                        shell: "_ShellRecord | None") -> None:
-        while True:
-            data = await source.read(RELAY_CHUNK)
-            if not data:
-                return
-            self.bytes_out += len(data)
-            if shell is not None:
-                shell.shown(data)
-            sink.write(data)
-            await sink.drain()
+                        shell: "_ShellRecord | None", masker: StreamMasker | None, interactive: bool) -> None:
+        """The command's output to the bot (and the recording), masked when a mask rule matched
+        the request. A masker holds back what could be the start of a secret; in an interactive
+        session what it holds goes out after IDLE_FLUSH_S without more output (a prompt)."""
+        loop = asyncio.get_running_loop()
+        idle: asyncio.TimerHandle | None = None
+
+        def send(data: bytes) -> None:
+            if data:
+                self.bytes_out += len(data)
+                if shell is not None:
+                    shell.shown(data)
+                sink.write(data)
+
+        try:
+            while True:
+                data = await source.read(RELAY_CHUNK)
+                if idle is not None:
+                    idle.cancel()
+                    idle = None
+                if not data:
+                    if masker is not None:
+                        send(masker.flush())
+                    return
+                send(masker.feed(data) if masker is not None else data)
+                if masker is not None and interactive and masker.holding:
+                    idle = loop.call_later(IDLE_FLUSH_S, lambda: send(masker.flush()))
+                await sink.drain()
+        finally:
+            if idle is not None:
+                idle.cancel()
 
     # -- audit --------------------------------------------------------------------------
     def _request(self, text: str, verdict: Verdict, decision: str, reason: str | None, t0: float, *,
                  error: str | None = None, exit_status: int | None = None, request_id: str | None = None,
-                 kind: str = "ssh_exec") -> None:
+                 kind: str = "ssh_exec", masked: int | None = None) -> None:
         self.core.audit("request", {
             "request_id": request_id or new_request_id(), "session_id": self.core.session_id,
             "ts": datetime.fromtimestamp(t0, timezone.utc), "protocol": PROTOCOL, "kind": kind,
             "text": text, "params": None, "decision": decision, "rule": verdict.rule, "reason": reason or None,
             "duration_ms": (time.time() - t0) * 1000.0, "rows": exit_status, "error": error,
-            "sqlstate": None, "masked": None,
+            "sqlstate": None, "masked": {"output": masked} if masked else None,
         })
 
 
