@@ -564,6 +564,10 @@ class Runtime:
             why = "the audit store cannot keep up (its queue is nearly full)"
         return Verdict("block", "botwarden:audit", f"{why}; no statement runs unaudited, try again later")
 
+    def text_masker(self, grant: SessionGrant, target: str, verdict: Verdict) -> Any:
+        """The detectors an SSH request's output is masked with (None: no mask rule matched it)."""
+        return self.engine.text_masker(verdict)
+
     def mask_plan(self, grant: SessionGrant, target: str, verdict: Verdict,
                   columns: Sequence[ColumnDesc]) -> MaskPlan | None:
         return self.engine.mask_plan(grant.identity, grant.groups, target, verdict, columns)

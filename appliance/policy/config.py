@@ -273,13 +273,15 @@ class Rule:
             raise ValueError(f"rule {self.name!r}: mask entries need action = \"mask\", not {self.action!r}")
         if self.k8s is not None and self.k8s.mask_paths and self.action != "mask":
             raise ValueError(f"rule {self.name!r}: mask_paths need action = \"mask\", not {self.action!r}")
-        if self.mask and sections and sections[0] != "sql":
-            raise ValueError(f"rule {self.name!r}: masking applies to SQL results only")
+        if self.mask and sections and sections[0] not in ("sql", "ssh"):
+            raise ValueError(f"rule {self.name!r}: masking applies to SQL results and SSH output only")
+        if self.mask and self.ssh is not None and any(m.columns for m in self.mask):
+            raise ValueError(f"rule {self.name!r}: SSH output has no columns; mask it with detectors")
 
     @property
     def protocol(self) -> str | None:
         """The protocol this rule's matchers speak; None = it matches any request."""
-        if self.sql is not None or self.mask:
+        if self.sql is not None or (self.mask and self.ssh is None):
             return "postgres"
         if self.ssh is not None:
             return "ssh"

@@ -32,7 +32,8 @@ from pglast.parser import ParseError, fingerprint, normalize
 from appliance.policy.config import PolicyConfig, Rule, TimeWindow, matcher_keys, parse_days, parse_hours
 from appliance.policy.k8s import K8sRequest
 from appliance.protocols.kubernetes import MaskPath, parse_mask_path
-from appliance.policy.masking import (ColumnAction, DetectorSettings, RowMasker, Strategy, column_is_maskable)
+from appliance.policy.masking import (ColumnAction, DetectorSettings, RowMasker, Strategy, TextMasker,
+                                      column_is_maskable)
 from appliance.policy.sql import (BatchAnalysis, Function, Relation, StatementAnalysis, analyze_sql, kind_matches,
                                   resolve_execute)
 from appliance.policy.ssh import UNKNOWN_PROGRAM, SshAnalysis, SshRequest, analyze_ssh
@@ -258,7 +259,7 @@ def _compile(index: int, rule: Rule) -> _Compiled:
     c = _Compiled(index, rule, ACTION_STRENGTH[rule.action], _Window(rule.when) if rule.when else None,
                   any_mode, generic=(rule.sql is None and rule.ssh is None and rule.k8s is None
                                      and rule.unparsed == "block" and not rule.mask))
-    c.sql_capable = rule.sql is not None or bool(rule.mask)
+    c.sql_capable = rule.sql is not None or (bool(rule.mask) and rule.ssh is None)
     if rule.sql is not None and rule.sql.max_rows is not None:
         if rule.action not in ("block", "approve"):
             raise PolicyError(f"rule {rule.name!r}: max_rows needs action \"block\" or \"approve\" "
@@ -697,7 +698,11 @@ class PolicyEngine:
             return Verdict("block", None, f"botwarden blocks commands it cannot analyze: {analysis.error}",
                            details=(analysis,), matched=tuple(c.name for c in matches))
         verdict = self._pick(scope, matches, analysis.summary(), target)
-        return replace(verdict, details=(analysis,), matched=tuple(c.name for c in matches))
+        # Mask rules with a [rules.ssh] section mask the output of the requests they match.
+        masks = tuple(c.name for c in scope.rules if c.action == "mask" and c.rule.ssh is not None
+                      and self._active(c, when) and _ssh_matches(c, analysis))
+        return replace(verdict, details=(analysis,), matched=tuple(c.name for c in matches),
+                       mask_rules=masks if verdict.action != "block" else ())
 
     def decide_k8s(self, identity: str, groups: tuple[str, ...], target: str, request: K8sRequest, *,
                    now: datetime | None = None) -> Verdict:
@@ -720,6 +725,16 @@ class PolicyEngine:
         return replace(verdict, details=(request, *paths), matched=tuple(c.name for c in matches), mask_rules=masks)
 
     # -- masking --
+    def text_masker(self, verdict: Verdict) -> TextMasker | None:
+        """The content detectors an SSH request's output is masked with (its verdict's mask
+        rules), or None: nothing to mask."""
+        if not verdict.mask_rules or verdict.action == "block":
+            return None
+        by_name = {c.rule.name: c.rule for c in self.rules}
+        detectors = [(d, Strategy(spec.strategy, spec.keep, self.salt)) for name in verdict.mask_rules
+                     for spec in by_name[name].mask for d in spec.detectors]
+        return TextMasker(detectors, self.detector_settings) if detectors else None
+
     def mask_plan(self, identity: str, groups: tuple[str, ...], target: str, verdict: Verdict,
                   columns: Sequence[ColumnDesc]) -> MaskPlan | None:
         if not verdict.mask_rules or verdict.action == "block":
