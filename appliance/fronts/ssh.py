@@ -32,6 +32,7 @@ from appliance.policy.ssh import SshRequest
 from appliance.policy.types import Verdict
 
 from .services import AuthRefused, ConnectionContext, HoldOutcome
+from .ssh_sftp import sftp_relay
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,9 @@ class SshFront:
         self._server = await asyncssh.create_server(
             lambda: _BotConnection(self), host, port,
             server_host_keys=[(st.host_key, st.host_cert)], process_factory=self._process,
+            # The sftp subsystem (and OpenSSH 9's scp) is decided per operation (ssh_sftp.py);
+            # allow_scp stays off: asyncssh's own scp server would serve the appliance's files.
+            sftp_factory=sftp_relay,
             encoding=None, login_timeout=st.login_timeout, allow_scp=False, x509_trusted_certs=None,
             agent_forwarding=False, x11_forwarding=False, keepalive_interval=30)
         return self._server
