@@ -10,7 +10,8 @@ names), ``stat`` (stat, lstat, realpath, statvfs), ``readlink``. Paths are made 
 against the upstream's home directory and normalized before they are decided.
 
 A blocked or denied operation gets SFTP's own ``FX_PERMISSION_DENIED`` with a message naming
-the rule, and the session goes on. A held one waits for an operator (``botwarden: waiting for
+the rule (also written to the channel's stderr, which OpenSSH's clients print), and the session
+goes on. A held one waits for an operator (``botwarden: waiting for
 approval <id>`` on the channel's stderr, which the bot's ``sftp`` prints). Each operation is a
 ``requests`` row: kind ``sftp``, text ``sftp <op> '<path>'``, params the path(s) and, for a file,
 ``size=<bytes>`` (its size when it was closed), rows = bytes moved through it (read + written).
@@ -108,9 +109,14 @@ class SftpRelay(asyncssh.SFTPServer):
         handler: one request per request, paths and attributes as bytes, unchanged)."""
         async with self._client_lock:
             if self._client is None:
-                conn = await self.session.upstream()
-                self._client = await conn.start_sftp_client()
-                home = await self._client._handler.realpath(b".")
+                try:
+                    conn = await self.session.upstream()
+                    self._client = await conn.start_sftp_client()
+                    home = await self._client._handler.realpath(b".")
+                except (OSError, asyncssh.Error, asyncio.TimeoutError) as e:
+                    self.core.upstream_failed("sftp")
+                    raise asyncssh.SFTPFailure(f"botwarden: the target's sftp server could not be reached: "
+                                               f"{getattr(e, 'reason', None) or e}") from None
                 self._home = _text(home[0][0].filename)
             return self._client._handler
 
@@ -183,6 +189,9 @@ class SftpRelay(asyncssh.SFTPServer):
         message = (f"botwarden: {what} denied: {reason}" if decision == "deny"
                    else f"botwarden: {what} blocked by {rule}: {reason}")
         self._row(op, paths, verdict, decision, reason, request_id, t0, error=message)
+        # OpenSSH's sftp prints only "Permission denied" for the status; the channel's stderr,
+        # which it does print, says which rule.
+        self.channel.write_stderr(message.encode() + b"\n")
         raise asyncssh.SFTPPermissionDenied(message)
 
     async def _hold(self, text: str, verdict: Verdict, request_id: str) -> HoldOutcome:
