@@ -159,7 +159,7 @@ def sftp_bot(world, batch: str):
 def scp_bot(world, *args: str):
     sshd, home = world["sshd"], world["bot_home"]
     return bot_run(world["config"], BOT, [
-        "/usr/bin/scp", *SSH_OPTS, "-o", f"UserKnownHostsFile={home / 'known_hosts'}", "-P", str(sshd.port),
+        "/usr/bin/scp", *SSH_OPTS, *(["-v"] if os.environ.get("BW_SCP_DEBUG") else []), "-o", f"UserKnownHostsFile={home / 'known_hosts'}", "-P", str(sshd.port),
         *args], env={"HOME": str(home)}, timeout=120)
 
 

@@ -370,6 +370,11 @@ class SftpRelay(asyncssh.SFTPServer):
         self.core.withdraw_hold(WITHDRAWN)
         if self._client is not None:
             self._client.exit()
+        # As sshd does when sftp-server exits: scp (SFTP mode) fails a transfer without a status.
+        try:
+            self.channel.exit(0)
+        except OSError:
+            pass  # the bot already closed the channel
 
 
 def sftp_relay(chan: asyncssh.SSHServerChannel) -> SftpRelay:
