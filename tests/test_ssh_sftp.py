@@ -20,6 +20,7 @@ import tempfile
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -80,9 +81,10 @@ sftp_ops = ["write"]
 """
 
 
-@pytest.fixture(scope="module")
-def world(bao_server, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("ssh-sftp")
+@contextmanager
+def sftp_world(bao_server, workdir: Path):
+    """The real daemon (eBPF probes, an SSH target with the rules above), a real sshd trusting
+    OpenBao's SSH CA, the bot's home with its known_hosts line. Used by bench/ssh_compare.py too."""
     os.chmod(workdir, 0o755)
     net = PgNet().start()
     pg = sshd = daemon = config = None
@@ -126,6 +128,12 @@ def world(bao_server, tmp_path_factory):
                 pg.stop()
             net.stop()
             shutil.rmtree(AREA, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def world(bao_server, tmp_path_factory):
+    with sftp_world(bao_server, tmp_path_factory.mktemp("ssh-sftp")) as w:
+        yield w
 
 
 @pytest.fixture
