@@ -127,7 +127,6 @@ def sftp_world(bao_server, workdir: Path):
             if pg is not None:
                 pg.stop()
             net.stop()
-            shutil.rmtree(AREA, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
