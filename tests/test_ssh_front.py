@@ -66,6 +66,7 @@ KbdInteractiveAuthentication no
 PubkeyAuthentication yes
 UsePAM no
 StrictModes no
+Subsystem sftp /usr/lib/openssh/sftp-server
 LogLevel VERBOSE
 """)
         os.makedirs("/run/sshd", exist_ok=True)

@@ -36,6 +36,7 @@ from .services import AuthRefused, ConnectionContext, HoldOutcome
 from .ssh_cast import TypedLines, pty_event, resize_event
 from .ssh_mask import StreamMasker
 from .session import SessionCore, attribution, drain, format_addr, new_request_id
+from .ssh_sftp import sftp_relay
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +75,8 @@ class SshFront:
         self._tasks = TaskSet()
         # The SFTP handler (appliance/fronts/ssh_sftp.py): asyncssh's sftp_factory, called with
         # the bot's channel (chan.get_connection().get_owner() is its _BotConnection: core, grant,
-        # upstream()). None: the sftp subsystem is refused like any other.
-        self.sftp_factory: Any = None
+        # _upstream()). None: the sftp subsystem is refused like any other.
+        self.sftp_factory: Any = sftp_relay
 
     def spawn(self, coro, name: str) -> asyncio.Task:
         return self._tasks.spawn(coro, name)
@@ -294,7 +295,7 @@ class _BotConnection(asyncssh.SSHServer):
         command = process.command
         subsystem = process.subsystem
         if subsystem is not None:
-            # sftp: appliance/fronts/ssh_sftp.py plugs in at SshFront.sftp_factory (asyncssh then
+            # sftp: appliance/fronts/ssh_sftp.py serves it (SshFront.sftp_factory; asyncssh then
             # runs it instead of this); without it, sftp is refused here like any other subsystem.
             why = ("sftp is not enabled on botwarden's SSH front; use scp -O or commands" if subsystem == "sftp"
                    else f"botwarden refuses subsystem {subsystem!r}: only sftp is relayed")

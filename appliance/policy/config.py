@@ -36,6 +36,24 @@ def _nonempty_patterns(values: tuple[str, ...] | None) -> tuple[str, ...] | None
     return values
 
 
+def _sftp_paths(values: tuple[str, ...] | None) -> tuple[str, ...] | None:
+    """SFTP operations are decided on absolute, normalized paths (the front resolves relative ones
+    against the login's home directory): a pattern that could never match one is a mistake."""
+    _nonempty_patterns(values)
+    for v in values or ():
+        if not v.startswith(("/", "*")):
+            raise ValueError(f"sftp path pattern {v!r} must be absolute (start with / or *): operations are "
+                             f"decided on absolute paths")
+        parts = v.split("/")
+        if any(p in (".", "..") for p in parts) or "//" in v:
+            raise ValueError(f"sftp path pattern {v!r} is not normalized (no ., .. or //): paths are "
+                             f"normalized before they are decided, so it would never match")
+        if len(v) > 1 and v.endswith("/"):
+            raise ValueError(f"sftp path pattern {v!r} ends with /: paths are decided without one "
+                             f"(write {v.rstrip('/')!r} for the directory, {v + '*'!r} for what is under it)")
+    return values
+
+
 def _kinds(values: tuple[str, ...] | None) -> tuple[str, ...] | None:
     from appliance.policy.sql import valid_kind_pattern
 
@@ -164,7 +182,7 @@ class SshMatch:
     forwarding: tuple[Literal[FORWARD_KINDS + ("any",)], ...] | None = None  # type: ignore[valid-type]
     destinations: tuple[str, ...] | None = field(default=None, metadata=check(_nonempty_patterns))
     subsystems: tuple[str, ...] | None = field(default=None, metadata=check(_nonempty_patterns))
-    sftp_paths: tuple[str, ...] | None = field(default=None, metadata=check(_nonempty_patterns))
+    sftp_paths: tuple[str, ...] | None = field(default=None, metadata=check(_sftp_paths))
     sftp_ops: tuple[Literal[SFTP_OPS], ...] | None = None  # type: ignore[valid-type]
     match: MatchMode | None = None
     match_keys: MatchMode | None = None  # as in SqlMatch
