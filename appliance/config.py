@@ -289,6 +289,9 @@ class TargetConfig:
     # ssh targets: the upstream sshd's host keys (OpenSSH known_hosts format: key lines or an
     # @cert-authority line). Required: an unverified upstream would be a man in the middle.
     known_hosts: str | None = None
+    # ssh targets: environment variables (names, globs) a bot's session may pass to the sshd
+    # (SendEnv / setenv); every other one is refused and an audit row.
+    env_allow: tuple[str, ...] = ("LANG", "LC_*")
 
     @property
     def host_port(self) -> tuple[str, int]:

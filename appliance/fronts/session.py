@@ -258,11 +258,13 @@ class SessionCore:
 
     # ------------------------------------------------------------------ holds
     async def hold(self, text: str, verdict: Verdict, notify: Callable[[str], None], request_id: str, *,
-                   withdrawn: str = "the held request was withdrawn before anyone decided") -> HoldOutcome:
+                   withdrawn: str = "the held request was withdrawn before anyone decided",
+                   detail: Mapping[str, Any] | None = None) -> HoldOutcome:
         """Wait for an operator's decision on a request. ``notify(approval_id)`` runs on the event
         loop's thread (the broker may call it from another). Ends as withdrawn when the bot
         withdrew it (:meth:`withdraw_hold`; ``withdrawn`` is the outcome's reason); a broker failure
-        denies. Cancelling the caller's
+        denies. ``detail``: the protocol's facts the approval shows (Kubernetes: verb, resource...).
+        Cancelling the caller's
         task (the bot hung up) cancels the hold, which the broker records as abandoned."""
         loop = asyncio.get_running_loop()
         thread = threading.get_ident()
@@ -275,7 +277,8 @@ class SessionCore:
 
         self._withdrawn = False
         self._hold_wait = asyncio.ensure_future(self.services.hold(
-            self.grant, self.target, text, verdict, on_loop, request_id=request_id))
+            self.grant, self.target, text, verdict, on_loop, request_id=request_id,
+            **({"detail": detail} if detail else {})))
         try:
             return await self._hold_wait
         except asyncio.CancelledError:
