@@ -127,11 +127,13 @@ def test_extended_protocol_batches_read_back_as_statements_with_their_parameters
 
 
 def _ssh_record() -> SessionRecord:
-    # "é" split across two chunks, as a terminal's bytes can be.
-    rows = _rows(("event", json.dumps({"type": "pty", "width": 100, "height": 30, "term": "xterm"}).encode()),
+    from appliance.fronts.ssh_cast import pty_event, resize_event
+
+    # Rows as the SSH front writes them; "é" split across two chunks, as a terminal's bytes can be.
+    rows = _rows(("event", pty_event(100, 30, "xterm", T0.timestamp())),
                  ("in", b"ls\r"),
                  ("out", b"\x1b[1mcaf\xc3"), ("out", b"\xa9\x1b[0m\r\n$ "),
-                 ("event", json.dumps({"type": "resize", "width": 120, "height": 40}).encode()),
+                 ("event", resize_event(120, 40)),
                  ("out", b"exit\r\n"))
     return SessionRecord({"session_id": "ssh1", "protocol": "ssh", "identity": "ops-bot", "target": "web",
                           "started_at": T0}, [], [], rows)
@@ -146,9 +148,9 @@ def test_terminal_recording_as_asciicast(tmp_path):
     write_cast(_ssh_record(), path)
     with open_from_url(str(path)) as cast:
         got = list(cast.events())
-    assert [e[1] for e in got] == ["o", "o", "r", "o"]
+    assert [e[1] for e in got] == ["i", "o", "o", "r", "o"]
     assert "".join(e[2] for e in got if e[1] == "o") == "\x1b[1mcafé\x1b[0m\r\n$ exit\r\n"
-    assert got[2][2] == "120x40" and [e[0] for e in got] == sorted(e[0] for e in got)
+    assert got[3][2] == "120x40" and [e[0] for e in got] == sorted(e[0] for e in got)
 
 
 def test_player_plays_a_terminal_recording_with_pause_and_speed():

@@ -632,6 +632,16 @@ def test_shell_is_recorded_and_its_asciicast_parses(world, tmp_path):
     assert "echo typed-$((6*7))" in typed_keys and "*" * len(secret) + "\r" in typed_keys, typed_keys
     assert all(a[0] <= b[0] for a, b in zip(events, events[1:]))
     assert secret not in cast_file.read_text()
+    # issue 18: `botwarden replay` plays the terminal output; `session export --cast` is the same reading.
+    replayed = subprocess.run([sys.executable, "-m", "appliance.cli", "--config", str(world["config"]), "replay",
+                               "--no-wait", sid], cwd=ROOT, capture_output=True, timeout=60)
+    assert replayed.returncode == 0, replayed.stderr
+    assert b"typed-42" in replayed.stdout and b"got-20" in replayed.stdout and secret.encode() not in replayed.stdout
+    exported = tmp_path / "export.cast"
+    res = cli(world["config"], "session", "export", sid, "--cast", str(exported))
+    assert res.returncode == 0, res.stderr
+    with open_from_url(str(exported)) as cast:
+        assert [e for e in cast.events()] == events
 
 
 def test_shell_refused_by_policy_exits_126_with_the_rule(world):

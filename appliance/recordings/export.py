@@ -17,7 +17,6 @@ Every export is built from the stored recording, which the audit process already
 from __future__ import annotations
 
 import base64
-import codecs
 import ipaddress
 import json
 from datetime import datetime, timezone
@@ -52,18 +51,6 @@ def _first_ts(rec: SessionRecord) -> float:
 
 # ------------------------------------------------------------------ asciicast v2
 
-def _terminal_size(rec: SessionRecord) -> tuple[int, int]:
-    for r in rec.recordings:
-        if r["direction"] == "event":
-            try:
-                doc = json.loads(r["data"].decode())
-            except ValueError:
-                continue
-            if doc.get("type") == "pty":
-                return int(doc.get("width") or 80), int(doc.get("height") or 24)
-    return 120, 40
-
-
 def cast_events(rec: SessionRecord) -> tuple[dict[str, Any], list[list[Any]]]:
     """(asciicast v2 header, events [time, code, data])."""
     start = _first_ts(rec)
@@ -78,30 +65,18 @@ def cast_events(rec: SessionRecord) -> tuple[dict[str, Any], list[list[Any]]]:
         return t
 
     if rec.protocol == "ssh" and any(r["direction"] == "out" for r in rec.recordings):
-        width, height = _terminal_size(rec)
-        decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        for r in rec.recordings:
-            if r["direction"] == "out":
-                text = decoder.decode(r["data"])
-                if text:
-                    events.append([at(r["ts"]), "o", text])
-            elif r["direction"] == "event":
-                try:
-                    doc = json.loads(r["data"].decode())
-                except ValueError:
-                    continue
-                if doc.get("type") in ("resize", "window_change", "window-change") and doc.get("width"):
-                    events.append([at(r["ts"]), "r", f"{doc['width']}x{doc['height']}"])
-                elif doc.get("type") == "truncated":
-                    events.append([at(r["ts"]), "o", "\r\n-- botwarden: the recording stops here "
-                                                     "([audit] recording_max_bytes)\r\n"])
-    else:
-        width, height = 120, 40
-        lines = pg_lines(rec) if rec.protocol == "postgresql" else request_log_lines(rec)
-        for ts, line in lines:
-            events.append([at(ts), "o", line + "\r\n"])
+        # A shell: the SSH front's own asciicast reading of its rows (one way to do it).
+        from appliance.fronts.ssh_cast import asciicast
+
+        lines = asciicast(rec.recordings).splitlines()
+        header = json.loads(lines[0])
+        header.setdefault("title", f"botwarden session {rec.session.get('session_id')} (ssh)")
+        return header, [json.loads(line) for line in lines[1:]]
+    lines = pg_lines(rec) if rec.protocol == "postgresql" else request_log_lines(rec)
+    for ts, line in lines:
+        events.append([at(ts), "o", line + "\r\n"])
     s = rec.session
-    header = {"version": 2, "width": width, "height": height, "timestamp": int(start),
+    header = {"version": 2, "width": 120, "height": 40, "timestamp": int(start),
               "title": f"botwarden session {s.get('session_id')} ({s.get('protocol')}, {s.get('identity')} → "
                        f"{s.get('target')})",
               "env": {"TERM": "xterm-256color", "SHELL": "/bin/sh"}}

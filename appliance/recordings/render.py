@@ -330,7 +330,7 @@ def replay_document(rec: SessionRecord) -> dict[str, Any]:
                     doc = json.loads(r["data"].decode())
                 except ValueError:
                     continue
-                if doc.get("type") == "pty":
+                if (doc.get("type") or doc.get("event")) == "pty":   # the SSH front's key is "event"
                     size = [doc.get("width"), doc.get("height")]
                     break
     return {"session": {k: iso(v) for k, v in rec.session.items()}, "protocol": rec.protocol,
