@@ -52,11 +52,16 @@ def skip_unhandled(list handlers, object buf, Py_ssize_t pos, long max_size):
 
 def row_values(object buf, Py_ssize_t start, Py_ssize_t end):
     cdef const unsigned char *data
-    cdef Py_ssize_t size, pos, i, ncols
-    cdef long ln
-    cdef list out
+    cdef Py_ssize_t size
     if not _view(buf, &data, &size) or start < 0 or end > size or end < start:
         return _ref.row_values(buf, start, end)
+    return _row_values(data, start, end)
+
+
+cdef list _row_values(const unsigned char *data, Py_ssize_t start, Py_ssize_t end):
+    cdef Py_ssize_t pos, i, ncols
+    cdef long ln
+    cdef list out
     if end - start < 7:
         raise RemoteProtocolError("malformed DataRow: unpack_from requires a buffer of at least 2 bytes")
     ncols = (<Py_ssize_t>data[start + 5] << 8) | data[start + 6]
@@ -86,6 +91,10 @@ cdef inline void _put_i32(unsigned char *p, long v) noexcept nogil:
 
 
 def encode_row(values):
+    return _encode_row(values)
+
+
+cdef object _encode_row(object values):
     cdef Py_ssize_t count, size, i, ln
     cdef object v
     cdef bytes result
@@ -131,6 +140,10 @@ cdef bytes _STARS = b"********"
 
 def partial_utf8(bytes raw not None, long keep):
     """reference.partial_utf8 for ASCII values in C; anything else goes to the reference."""
+    return _partial_utf8(raw, keep)
+
+
+cdef object _partial_utf8(bytes raw, long keep):
     cdef const unsigned char *data = <const unsigned char *> PyBytes_AS_STRING(raw)
     cdef Py_ssize_t n = PyBytes_GET_SIZE(raw), i, j
     cdef long seen = 0
@@ -182,23 +195,22 @@ def mask_rows(object buf, Py_ssize_t pos, Py_ssize_t n, list steps, list counts)
         e = pos + 1 + length
         if length < 4 or e > n:
             break
-        values = row_values(buf, pos, e)
+        values = _row_values(data, pos, e)
         changed = False
         for k in range(nsteps):
             i = idx[k]
             if i < len(values):
                 old = values[i]
                 if old is not None:
-                    new = partial_utf8(old, keeps[k])
+                    new = _partial_utf8(<bytes> old, keeps[k])
                     if new != old:
                         values[i] = new
                         counts[k] += 1
                         changed = True
         if changed:
-            parts.append(encode_row(values))
+            parts.append(_encode_row(values))
             changed_any = True
         else:
             parts.append(PyBytes_FromStringAndSize(<const char *> data + pos, e - pos))
-        data = <const unsigned char *> (PyBytes_AS_STRING(buf) if type(buf) is bytes else PyByteArray_AS_STRING(buf))
         pos = e
     return pos, (b"".join(parts) if changed_any else None)
