@@ -527,6 +527,7 @@ pidfile = {bdir}/pgbouncer.pid
                     else:  # py-spy: Python stacks (raw collapsed stacks for a .txt name)
                         cmd = [str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(pid), "-o",
                                args.profile, "-r", "200", "-d", str(args.duration), "--threads", "--nonblocking",
+                               "--subprocesses",  # the audit process too
                                "-f", "raw" if args.profile.endswith(".txt") else "flamegraph"]
                     spy = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 r = run_pgbench(port, password, mode, args, tmp, f"{tag}-{mode}", pid, wrap)
