@@ -376,9 +376,9 @@ def timed_psql(port: int, user: str, password: str, sql: str, wrap=None) -> floa
 # ---------------------------------------------------------------- main
 
 def _compiled() -> bool | None:
-    """Whether the daemon's hot paths run compiled (appliance/fronts/postgres/hotpath.py)."""
+    """Whether the daemon's hot paths run compiled (appliance/hotpath; the daemon inherits this environment)."""
     try:
-        from appliance.fronts.postgres import hotpath
+        from appliance import hotpath
     except ImportError:
         return None
     return hotpath.COMPILED

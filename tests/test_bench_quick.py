@@ -26,7 +26,7 @@ PATHS = ("direct", "pgbouncer", "uvloop byte relay", "botwarden (full inspection
 def test_quick_bench_writes_every_path_as_json(tmp_path, capsys):
     out_json, out_md = tmp_path / "quick.json", tmp_path / "quick.md"
     res = subprocess.run([sys.executable, str(ROOT / "bench" / "pgbench_compare.py"), "--quick", "--json",
-                          str(out_json), "--out", str(out_md), "--suffix", f"-q{RUN_TAG}"],
+                          str(out_json), "--out", str(out_md), f"--suffix=-q{RUN_TAG}"],
                          cwd=ROOT, capture_output=True, text=True, timeout=840, env={**os.environ})
     assert res.returncode == 0, res.stderr[-4000:]
     with capsys.disabled():  # the table goes to the CI log whatever pytest captures
