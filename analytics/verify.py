@@ -312,6 +312,8 @@ def verify_connection(con: duckdb.DuckDBPyConnection, *, live_epoch: int | None 
                                     f"{marks.head_seq} ({highwater.path_for('<store>').name}): "
                                     f"{marks.head_seq - max_seq} row(s) cut off the end"))
     session_gaps = _session_gaps(con, anchor_seq, tables)
+    if live_epoch is None and "recordings" in tables and "session_ends" in tables:
+        notes += _unended_recordings(con)
     if marks is not None and marks.running and live_epoch is None and marks.sessions:
         seen = {g.session_id for g in session_gaps}
         for sf in highwater.shortfalls(con, marks.sessions):
@@ -326,6 +328,20 @@ def verify_connection(con: duckdb.DuckDBPyConnection, *, live_epoch: int | None 
         head_seq=max_seq, head_hash=bytes(head[1]).hex() if head else GENESIS.hex(),
         anchor_seq=anchor_seq, schema_version=version, epochs=epochs, truncated=truncated,
         notes=notes, session_gaps=session_gaps)
+
+
+def _unended_recordings(con: duckdb.DuckDBPyConnection) -> list[str]:
+    """Where the recording of each session without an end row stops (a daemon that died mid-session:
+    each chunk is committed whole, so the recording is complete up to its last chunk)."""
+    rows = con.execute(
+        "SELECT session_id, max(seq), count(*), max(ts) FROM recordings WHERE session_id NOT IN "
+        "(SELECT session_id FROM session_ends) GROUP BY session_id ORDER BY min(chain_seq)").fetchall()
+    notes = []
+    for sid, last, n, ts in rows:
+        holes = f"; {last - n} chunk(s) before it are missing" if n < last else ""
+        notes.append(f"session {sid} has no end on record: its recording ends at chunk {last} ({ts}), "
+                     f"complete up to there{holes}")
+    return notes
 
 
 def _session_gaps(con: duckdb.DuckDBPyConnection, anchor_seq: int, tables: list[str]) -> list[SessionGap]:

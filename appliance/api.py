@@ -148,6 +148,27 @@ def build_router(daemon: "Daemon") -> Router:
 
         return Response(200, stream=events())
 
+    async def session_replay(request: Request) -> Response:
+        """A recorded session for the console's player (appliance/recordings/render.py)."""
+        from analytics import AuditError
+        from appliance.recordings.load import load_session
+        from appliance.recordings.render import replay_document
+
+        session_id = request.params["session_id"]
+
+        def build() -> dict | None:
+            rec = load_session(lambda sql, params: daemon.audit.query(sql, params, max_rows=AUDIT_MAX_ROWS,
+                                                                      timeout=AUDIT_QUERY_TIMEOUT_S), session_id)
+            return None if rec is None else replay_document(rec)
+
+        try:
+            doc = await asyncio.to_thread(build)
+        except AuditError as e:
+            raise _audit_failure(e) from None
+        if doc is None:
+            raise ControlError(404, f"no session {session_id!r} in the audit store")
+        return Response(200, doc)
+
     async def audit_sql(request: Request) -> Response:
         body = request.body or {}
         sql = body.get("sql")
@@ -228,6 +249,7 @@ def build_router(daemon: "Daemon") -> Router:
     router.add("POST", "/v1/probes/attach", probes_attach)
     router.add("POST", "/v1/reload", reload)
     router.add("GET", "/v1/sessions", sessions)
+    router.add("GET", "/v1/sessions/{session_id}/replay", session_replay)
     router.add("POST", "/v1/sessions/{session_id}/end", session_end)
     router.add("GET", "/v1/approvals", approvals_list)
     router.add("GET", "/v1/approvals/watch", watch)

@@ -910,6 +910,15 @@ class _Child:
         # Strict mode: a request's start and its completion carry the same text; the completion
         # reuses the start's redaction (request_id -> (text, redacted text)) instead of scanning again.
         self._start_texts: dict[str, tuple[str, str]] = {}
+        # Recordings: a PostgreSQL session's chunks are redacted like its request rows (the
+        # protocol of each open session, from its session_start row).
+        self._recording = schema.KINDS["recording"]
+        self._session_start = schema.KINDS["session_start"]
+        self._session_end = schema.KINDS["session_end"]
+        self._protocols: dict[str, str] = {}
+        # Statement texts of recent request rows and their redaction: a recording's chunk holds the
+        # same statements, redacted once (bounded: cleared when full).
+        self._recent_texts: dict[str, str] = {}
         self._send_lock = threading.Lock()
         self._received = 0
         self._received_cv = threading.Condition()
@@ -987,10 +996,45 @@ class _Child:
             else:
                 seen = starts.pop(r[0], None) if starts else None
                 r[ix["text"]] = seen[1] if seen is not None and seen[0] == text else red.text(text)
+            recent = self._recent_texts
+            if len(recent) > 20_000:
+                recent.clear()
+            recent[text] = r[ix["text"]]
         if r[ix["params"]] is not None:
             r[ix["params"]] = red.params(r[ix["params"]], masked_statement=r[ix["decision"]] == "mask")
         if ix["error"] is not None and r[ix["error"]] is not None:
             r[ix["error"]] = red.message(r[ix["error"]])
+        return tuple(r)
+
+    def _redact_recording(self, row: tuple) -> tuple:
+        """A recording chunk as the store may keep it: a PostgreSQL session's messages redacted
+        (appliance/recordings/pgstream.py). A session this process has not seen start (it
+        replaced a dead one) is looked up; one not found is treated as PostgreSQL (fail closed)."""
+        names = self._recording.names
+        direction = row[names.index("direction")]
+        if direction == "event":
+            return row
+        sid = row[0]
+        protocol = self._protocols.get(sid)
+        if protocol is None:
+            try:
+                _, found = self.store.query("SELECT protocol FROM sessions WHERE session_id = ?", [sid])
+            except Exception:
+                found = []
+            protocol = self._protocols[sid] = found[0][0] if found else "postgresql"
+        if protocol != "postgresql":
+            return row
+        from appliance.recordings.pgstream import redact_chunk
+
+        recent, red = self._recent_texts, self.redactor
+
+        def text(sql: str) -> str:
+            done = recent.get(sql)
+            return done if done is not None else red.text(sql)
+
+        i = names.index("data")
+        r = list(row)
+        r[i] = redact_chunk(bytes(r[i] or b""), direction, red, text)
         return tuple(r)
 
     def _events_loop(self) -> None:
@@ -1015,12 +1059,19 @@ class _Child:
                     if red is None:
                         red = self._redactors[row] = AuditRedactor(row)
                     self.redactor = red
+                    self._recent_texts.clear()
                     continue
                 spec = kinds[kind]
                 if spec is request:
                     row = self._redact(row, self._ix)
                 elif spec is request_start:
                     row = self._redact(row, self._ix_start)
+                elif spec is self._recording:
+                    row = self._redact_recording(row)
+                elif spec is self._session_start:
+                    self._protocols[row[0]] = row[spec.names.index("protocol")]
+                elif spec is self._session_end:
+                    self._protocols.pop(row[0], None)
                 rows.append((spec, row))
             if journal is not None and rows:
                 # On disk (redacted, as the store would hold it) before the daemon is told.

@@ -344,6 +344,25 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return replay_session(args, cfg)
 
 
+def cmd_session_export(args: argparse.Namespace) -> int:
+    from appliance.recordings.export import write_cast, write_jsonl, write_pcap
+    from appliance.recordings.load import Reader, load_session
+
+    if not (args.cast or args.pcap or args.jsonl):
+        raise CliError("say what to write: --cast FILE, --pcap FILE and/or --jsonl FILE", EXIT_USAGE)
+    cfg = _config(args, required=False)
+    rec = load_session(Reader(cfg, getattr(args, "socket", None), args.path), args.session_id)
+    if rec is None:
+        raise CliError(f"no session {args.session_id!r} in the audit store", EXIT_FAIL)
+    if args.pcap and rec.protocol != "postgresql":
+        raise CliError(f"--pcap exports PostgreSQL sessions; this one is {rec.protocol}", EXIT_USAGE)
+    for path, write, what in ((args.cast, write_cast, "asciicast v2 event(s)"), (args.pcap, write_pcap, "packet(s)"),
+                              (args.jsonl, write_jsonl, "line(s)")):
+        if path:
+            print(f"{path}: {write(rec, path)} {what}")
+    return EXIT_OK
+
+
 def cmd_policy(args: argparse.Namespace) -> int:
     from appliance.policy import PolicyEngine, explain, lint
     from appliance.policy.explain import EXIT_STATUS
@@ -520,10 +539,23 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--keep-days", type=int, default=7, help="snapshots (time travel) kept, in days (default 7)")
     s.set_defaults(func=cmd_fleet)
 
-    s = sub.add_parser("replay", help="replay a recorded session")
+    s = sub.add_parser("replay", help="replay a recorded session (PostgreSQL as psql showed it, SSH as its "
+                                      "terminal, Kubernetes as a request log)")
     s.add_argument("session_id")
     s.add_argument("--path", help="audit DuckDB file")
+    s.add_argument("--speed", type=float, default=1.0, help="play N times faster than it happened (default 1)")
+    s.add_argument("--no-wait", action="store_true", help="play at once, without the session's pauses")
     s.set_defaults(func=cmd_replay)
+
+    s = sub.add_parser("session", help="one recorded session")
+    ss = s.add_subparsers(dest="action", required=True)
+    a = ss.add_parser("export", help="export a recorded session: asciicast v2, pcap (PostgreSQL), JSON lines")
+    a.add_argument("session_id")
+    a.add_argument("--cast", metavar="FILE", help="asciicast v2 (asciinema play FILE)")
+    a.add_argument("--pcap", metavar="FILE", help="the PostgreSQL session as TCP packets (wireshark, tshark)")
+    a.add_argument("--jsonl", metavar="FILE", help="one event per line")
+    a.add_argument("--path", help="audit DuckDB file")
+    a.set_defaults(func=cmd_session_export)
 
     s = sub.add_parser("policy", help="policy checks")
     ss = s.add_subparsers(dest="action", required=True)

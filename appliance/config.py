@@ -107,7 +107,10 @@ class AuditSettings:
     flush_interval: float = field(default=0.2, metadata=check(_positive))
     queue_max: int = 100_000
     retention_days: int | None = None
+    # false: every target records metadata only (as `record = "metadata"` on each target).
     record_sessions: bool = True
+    # A session's recording stops here, with a "truncated" event (docs/recordings.md).
+    recording_max_bytes: int = field(default=16 * 1024 * 1024, metadata=check(_positive))
     # "strict": a request is forwarded to its target only once the audit process has journaled
     # its record (it then survives kill -9 of the daemon, of the audit process, or of both).
     # "batched": records are shipped every 10 ms; a crash of the daemon can lose what it had not
@@ -280,9 +283,15 @@ class TargetConfig:
     default_action: Literal["allow", "block", "approve"] = "allow"
     max_message_size: int = 64 * 1024 * 1024
     connect_timeout: float = 5.0
+    # What the session recording keeps: the session's bytes as the bot saw them ("full") or only
+    # its events (startup, sizes, truncation: "metadata"). docs/recordings.md
+    record: Literal["full", "metadata"] = "full"
     # ssh targets: the upstream sshd's host keys (OpenSSH known_hosts format: key lines or an
     # @cert-authority line). Required: an unverified upstream would be a man in the middle.
     known_hosts: str | None = None
+    # ssh targets: environment variables (names, globs) a bot's session may pass to the sshd
+    # (SendEnv / setenv); every other one is refused and an audit row.
+    env_allow: tuple[str, ...] = ("LANG", "LC_*")
 
     @property
     def host_port(self) -> tuple[str, int]:

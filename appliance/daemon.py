@@ -161,7 +161,7 @@ def make_front(target: TargetConfig, config: Config, services: Any, admission: A
         return SshFront(SshFrontSettings(
             target=target.name, upstream_host=host, upstream_port=port, known_hosts=target.known_hosts,
             host_key=key, host_cert=cert, require_token=target.authentication != "attestation",
-            connect_timeout=target.connect_timeout), services, admission)
+            connect_timeout=target.connect_timeout, env_allow=target.env_allow), services, admission)
     raise BotwardenError(f"target {target.name!r}: botwarden has no {target.protocol} front yet")
 
 

@@ -1,77 +1,82 @@
-"""`botwarden replay SESSION_ID`: a recorded session, request by request, from the audit store.
+"""`botwarden replay SESSION_ID`: a recorded session played back from the audit store.
 
-Reads through the daemon's control API while it runs, or the DuckDB file read-only when it
-does not. What it shows is what the audit holds: statements as recorded (masked values stay
-masked), each decision, the rule, rows and errors, and held requests with who decided them.
+Reads through the daemon's control API while it runs, or the DuckDB file read-only when it does
+not (appliance/recordings/load.py). A PostgreSQL session is shown the way psql showed it to the
+bot (statements, result tables with the masked values the bot saw, notices, errors, row counts,
+timings), with each statement's decision, rule and approvals inline; an SSH session is its
+terminal output, written as it came; a Kubernetes session is its request log. ``--speed N``
+plays N times faster than it happened, ``--no-wait`` at once.
 """
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import sys
+import time
+from datetime import datetime
+from typing import Any, Iterable
 
-from appliance.config import DEFAULT_CONTROL_SOCKET, Config
-from appliance.control import ControlClient, DaemonNotRunning
-from appliance.errors import BotwardenError
+from appliance.config import Config
+from appliance.recordings.load import Reader, SessionRecord, load_session
+from appliance.recordings.render import header_lines, pg_lines, request_log_lines, terminal_chunks
 
-SESSION_SQL = ("SELECT session_id, identity, target, protocol, pid, exe, cgroup_path, credential_user, "
-               "started_at, ended_at, outcome FROM sessions WHERE session_id = ?")
-REQUESTS_SQL = ("SELECT ts, kind, text, decision, rule, rows, error, duration_ms FROM requests "
-                "WHERE session_id = ? ORDER BY chain_seq")
-APPROVALS_SQL = ("SELECT ts, approval_id, event, operator, reason FROM approvals "
-                 "WHERE session_id = ? ORDER BY chain_seq")
+# Longest pause replay keeps between two moments of a session (an idle hour plays as this).
+MAX_IDLE_S = 5.0
 
 
-class _Reader:
-    def __init__(self, cfg: Config | None, socket: str | None, path: str | None):
-        self.client = ControlClient(socket or (cfg.appliance.control_socket if cfg else DEFAULT_CONTROL_SOCKET))
-        self.path = path or (cfg.audit.path if cfg else None)
-        self.offline = False
+class _Clock:
+    """Sleeps so that session time ``ts`` is played ``speed`` times faster than it happened."""
 
-    def query(self, sql: str, params: list[Any]) -> tuple[list[str], list[list[Any]]]:
-        if not self.offline:
-            try:
-                doc = self.client.post("/v1/audit/sql", {"sql": sql, "params": params})
-                return doc["columns"], doc["rows"]
-            except DaemonNotRunning:
-                self.offline = True
-        if not self.path:
-            raise BotwardenError("no daemon running and no audit store path (--path or a config)")
-        from analytics import query_readonly
+    def __init__(self, speed: float | None):
+        self.speed = speed
+        self.last: datetime | None = None
 
-        cols, rows = query_readonly(self.path, sql, params)
-        return cols, [list(r) for r in rows]
+    def wait(self, ts: Any) -> None:
+        if self.speed is None or not isinstance(ts, datetime):
+            return
+        if self.last is not None:
+            gap = (ts - self.last).total_seconds() / self.speed
+            if gap > 0:
+                time.sleep(min(gap, MAX_IDLE_S))
+        if self.last is None or ts > self.last:
+            self.last = ts
+
+
+def play_lines(lines: Iterable[tuple[Any, str]], clock: _Clock, out=None) -> None:
+    out = out or sys.stdout
+    for ts, line in lines:
+        if ts is not None:
+            out.flush()
+            clock.wait(ts)
+        out.write(line + "\n")
+    out.flush()
+
+
+def play_terminal(rec: SessionRecord, clock: _Clock) -> None:
+    out = sys.stdout.buffer
+    for line in header_lines(rec):
+        out.write((line + "\r\n").encode())
+    for ts, chunk in terminal_chunks(rec):
+        out.flush()
+        clock.wait(ts)
+        out.write(chunk)
+    out.write(b"\r\n")
+    out.flush()
 
 
 def replay_session(args: argparse.Namespace, cfg: Config | None) -> int:
-    reader = _Reader(cfg, getattr(args, "socket", None), getattr(args, "path", None))
-    cols, rows = reader.query(SESSION_SQL, [args.session_id])
-    if not rows:
+    reader = Reader(cfg, getattr(args, "socket", None), getattr(args, "path", None))
+    rec = load_session(reader, args.session_id)
+    if rec is None:
         print(f"no session {args.session_id!r} in the audit store")
         return 1
-    session = dict(zip(cols, rows[0]))
-    print(f"session {session['session_id']}: identity {session['identity']} → {session['target']} "
-          f"({session['protocol']}) as {session['credential_user']}")
-    print(f"  process pid {session['pid']} exe {session['exe']} cgroup {session['cgroup_path']}")
-    print(f"  {session['started_at']} → {session['ended_at'] or 'still open'} ({session['outcome'] or 'active'})")
-    events: list[tuple[Any, str]] = []
-    cols, rows = reader.query(REQUESTS_SQL, [args.session_id])
-    for r in rows:
-        d = dict(zip(cols, r))
-        line = f"[{d['decision']:>7}] {d['text']}"
-        if d["rule"]:
-            line += f"   (rule {d['rule']})"
-        if d["error"]:
-            line += f"   error: {d['error']}"
-        elif d["rows"] is not None:
-            line += f"   → {d['rows']} row(s)"
-        events.append((d["ts"], line))
-    cols, rows = reader.query(APPROVALS_SQL, [args.session_id])
-    for r in rows:
-        d = dict(zip(cols, r))
-        who = f" by {d['operator']}" if d["operator"] else ""
-        events.append((d["ts"], f"[approval] {d['approval_id']} {d['event']}{who}"
-                                f"{': ' + d['reason'] if d['reason'] else ''}"))
-    for ts, line in sorted(events, key=lambda e: str(e[0])):
-        print(f"  {ts}  {line}")
+    speed = None if getattr(args, "no_wait", False) else float(getattr(args, "speed", 1.0) or 1.0)
+    clock = _Clock(speed)
+    protocol = rec.protocol
+    if protocol == "postgresql":
+        play_lines(pg_lines(rec), clock)
+    elif protocol == "ssh" and any(r["direction"] == "out" for r in rec.recordings):
+        play_terminal(rec, clock)
+    else:   # Kubernetes, SSH exec without a terminal recording, anything else: the request log
+        play_lines(request_log_lines(rec), clock)
     return 0

@@ -367,6 +367,13 @@ class Runtime:
             live.marked = seq
             marks.issue(live.mark, seq)
 
+    def recording_policy(self, target: str) -> tuple[bool, int]:
+        """What a session's recording keeps: (its bytes too, or only its events; at most how many
+        bytes). SessionCore asks once, when the session opens."""
+        audit = self.config.audit
+        return (audit.record_sessions and self.config.target(target).record == "full",
+                audit.recording_max_bytes)
+
     def audit_durable(self, kind: str, record: Mapping[str, Any], verdict: Verdict | None = None) -> Any:
         """audit.mode = "strict": submit ``record`` and return a future that resolves once the
         audit process has journaled it; the front forwards the request only then. None: no wait
@@ -490,8 +497,8 @@ class Runtime:
         refused = self._refuse_before_deciding(live)
         if refused is not None:
             return refused
-        if live is not None and not probe:
-            live.current, live.current_since, live.current_running = sql, time.time(), True
+        if not probe:
+            self._note_current(live, sql)
         state = live.sql_state if live is not None else None
         if probe and state is not None:
             state = state.copy()
@@ -500,9 +507,11 @@ class Runtime:
     def decide_k8s(self, grant: SessionGrant, target: str, request: Any) -> Verdict:
         """One Kubernetes API request (an appliance.policy.K8sRequest), under the same audit and
         token-expiry checks as a statement."""
-        refused = self._refuse_before_deciding(self.live.get(grant.session_id))
+        live = self.live.get(grant.session_id)
+        refused = self._refuse_before_deciding(live)
         if refused is not None:
             return refused
+        self._note_current(live, request.describe())
         return self.engine.decide_k8s(grant.identity, grant.groups, target, request)
 
     def _refuse_before_deciding(self, live: LiveSession | None) -> Verdict | None:
@@ -522,10 +531,18 @@ class Runtime:
     def decide_ssh(self, grant: SessionGrant, target: str, request: Any) -> Verdict:
         """An SSH request (exec, shell, subsystem...), decided like a statement: refused while the
         audit store cannot take its record, nor on an expired token."""
-        refused = self._refuse_before_deciding(self.live.get(grant.session_id))
+        live = self.live.get(grant.session_id)
+        refused = self._refuse_before_deciding(live)
         if refused is not None:
             return refused
+        self._note_current(live, request.command if request.command is not None else request.describe())
         return self.engine.decide_ssh(grant.identity, grant.groups, target, request)
+
+    @staticmethod
+    def _note_current(live: LiveSession | None, text: str) -> None:
+        """The session's current request, as the sessions view shows it (any protocol)."""
+        if live is not None:
+            live.current, live.current_since, live.current_running = text, time.time(), True
 
     def name_statement(self, grant: SessionGrant, name: str, verdict: Verdict | None) -> None:
         live = self.live.get(grant.session_id)
@@ -547,12 +564,17 @@ class Runtime:
             why = "the audit store cannot keep up (its queue is nearly full)"
         return Verdict("block", "botwarden:audit", f"{why}; no statement runs unaudited, try again later")
 
+    def text_masker(self, grant: SessionGrant, target: str, verdict: Verdict) -> Any:
+        """The detectors an SSH request's output is masked with (None: no mask rule matched it)."""
+        return self.engine.text_masker(verdict)
+
     def mask_plan(self, grant: SessionGrant, target: str, verdict: Verdict,
                   columns: Sequence[ColumnDesc]) -> MaskPlan | None:
         return self.engine.mask_plan(grant.identity, grant.groups, target, verdict, columns)
 
     async def hold(self, grant: SessionGrant, target: str, request_text: str, verdict: Verdict,
-                   notify: Callable[[str], None], request_id: str | None = None) -> HoldOutcome:
+                   notify: Callable[[str], None], request_id: str | None = None,
+                   detail: Mapping[str, Any] | None = None) -> HoldOutcome:
         live = self.live.get(grant.session_id)
         facts = live.facts if live else None
         try:
@@ -570,9 +592,14 @@ class Runtime:
                    "policy_reason": verdict.reason}
         if verdict.row_limit is not None:  # the affected-rows guard held it: its numbers
             context.update(row_estimate=verdict.row_estimate, row_limit=verdict.row_limit)
+        tcfg = self.config.target(target)
+        if tcfg.protocol == "ssh":  # where the command runs: the session's login on the real host
+            context["login"] = f"{grant.credential.username}@{tcfg.address}"
+        if detail:  # the front's protocol facts (Kubernetes: verb, resource, namespace, name)
+            context["detail"] = dict(detail)
         return await self.approvals.hold(
             session_id=grant.session_id, identity=grant.identity, target=target,
-            protocol=self.config.target(target).protocol, text=self.redacted(request_text), rule=verdict.rule,
+            protocol=tcfg.protocol, text=self.redacted(request_text), rule=verdict.rule,
             shape=shape, process=process, request_id=request_id, excluded_uids=excluded, notify=notify,
             context=context)
 
@@ -597,8 +624,10 @@ class Runtime:
         if not active_only:
             items = self.recent + items
         out = []
+        protocols = {t.name: t.protocol for t in self.config.targets}
         for s in items:
             doc = s.public()
+            doc["protocol"] = protocols.get(s.target)  # None: a target a reload has since removed
             if s.current is not None:
                 doc["current"] = self.redacted(s.current)
                 doc["current_since"] = datetime.fromtimestamp(s.current_since or 0, timezone.utc).isoformat()

@@ -146,8 +146,8 @@ def serve_relay(upstream_port: int, port_file: str) -> None:
 
 # ---------------------------------------------------------------- the whole daemon
 
-BOTS_CGROUP = "botwarden-bench.bots"
-PIN_DIR = "/sys/fs/bpf/botwarden-bench"
+BOTS_CGROUP = f"botwarden-bench{os.getpid()}.bots"  # per run: benches of other checkouts may run beside
+PIN_DIR = f"/sys/fs/bpf/botwarden-bench{os.getpid()}"
 DAEMON_RULES = """
 [[rules]]
 name = "no-drops-or-truncates"
@@ -184,7 +184,7 @@ class Daemon:
     """`botwarden run` with eBPF probes on a bench bots cgroup; bots are started with `bot run`."""
 
     def __init__(self, tmp: Path, pg_port: int, audit_mode: str = "strict", strict_reads: bool = False,
-                 suffix: str = "", extra: str = ""):
+                 suffix: str = "", extra: str = "", record: str = "full"):
         """``suffix``: a second daemon beside the first (its own directory, bots cgroup, pins, table).
         ``extra``: more botwarden.toml sections (bench/fleet_ship.py adds [fleet])."""
         from appliance.sandbox import free_port
@@ -220,6 +220,7 @@ address = "127.0.0.1:{pg_port}"
 listen = "127.0.0.1:{free_port()}"
 allow_plaintext = true
 authentication = "attestation"
+record = "{record}"
 [targets.tls]
 mode = "disable"
 [targets.credential]
@@ -393,8 +394,9 @@ def main() -> None:
     ap.add_argument("--big-rows", type=int, default=900_000, help="rows of the ~100 MB table")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "pgbench.md"))
     ap.add_argument("--paths", default="direct,pgbouncer,relay,full,front",
-                    help="comma-separated subset of direct,pgbouncer,relay,full,full-batched,front (direct is always "
-                         "run; full-batched: a second daemon with audit.mode = batched)")
+                    help="comma-separated subset of direct,pgbouncer,relay,full,full-batched,full-norecord,front "
+                         "(direct is always run; full-batched: a second daemon with audit.mode = batched; "
+                         "full-norecord: a second daemon whose target records metadata only)")
     ap.add_argument("--modes", default="simple,prepared", help="comma-separated subset of simple,prepared")
     ap.add_argument("--no-big", action="store_true", help="skip the large-result benchmark")
     ap.add_argument("--audit-mode", choices=["strict", "batched"], default="strict",
@@ -436,6 +438,7 @@ def main() -> None:
     procs: list[subprocess.Popen] = []
     daemon: Daemon | None = None
     batched: Daemon | None = None
+    norecord: Daemon | None = None
     try:
         print(f"PostgreSQL 15 on 127.0.0.1:{pg.port}; preparing data ...", file=sys.stderr)
         pg.psql(f"CREATE ROLE {USER} LOGIN SUPERUSER PASSWORD '{PASSWORD}'")
@@ -496,6 +499,9 @@ pidfile = {bdir}/pgbouncer.pid
         daemon = Daemon(tmp, pg.port, args.audit_mode, args.strict_reads, suffix=args.suffix)
         if "full-batched" in args.paths.split(","):  # the same daemon with audit.mode = "batched", interleaved
             batched = Daemon(tmp, pg.port, "batched", suffix=args.suffix + "-batched")
+        if "full-norecord" in args.paths.split(","):  # the same daemon without the session recording
+            norecord = Daemon(tmp, pg.port, args.audit_mode, args.strict_reads, suffix=args.suffix + "-norec",
+                              record="metadata")
 
         # (name, port, password, proxy pid, argv wrapper)
         full = "botwarden (full inspection)"
@@ -508,6 +514,8 @@ pidfile = {bdir}/pgbouncer.pid
             ("full", (full, pg.port, "no-token-needed", daemon.pid, daemon.bot)),
             ("full-batched", ("botwarden (full, audit.mode = batched)", pg.port, "no-token-needed",
                               batched.pid if batched else None, batched.bot if batched else None)),
+            ("full-norecord", ("botwarden (full, record = metadata)", pg.port, "no-token-needed",
+                               norecord.pid if norecord else None, norecord.bot if norecord else None)),
             ("front", (front_only, fport, TOKEN, front.pid, None))] if key in keys]
         modes = [m for m in ("simple", "prepared") if m in args.modes.split(",")]
         runs: dict[tuple[str, str], list[dict]] = {}
@@ -627,6 +635,16 @@ pidfile = {bdir}/pgbouncer.pid
                 b_tps = {r["round"]: r["tps"] for r in runs[(mode, batched_name)]}
                 rs = sorted(r["tps"] / b_tps[r["round"]] for r in runs[(mode, full)])
                 vs_batched.append(f"{mode} {rs[(len(rs) - 1) // 2]:.2f} ({', '.join(f'{x:.2f}' for x in rs)})")
+        norecord_name = "botwarden (full, record = metadata)"
+        vs_norecord = []
+        for mode in modes:
+            if (mode, full) in runs and (mode, norecord_name) in runs:
+                n_tps = {r["round"]: r["tps"] for r in runs[(mode, norecord_name)]}
+                rs = sorted(r["tps"] / n_tps[r["round"]] for r in runs[(mode, full)])
+                vs_norecord.append(f"{mode} {rs[(len(rs) - 1) // 2]:.2f} ({', '.join(f'{x:.2f}' for x in rs)})")
+        if vs_norecord:
+            lines += ["", f"`{full}` (sessions recorded) against `{norecord_name}` in the same round: "
+                          + "; ".join(vs_norecord) + "."]
         if vs_batched:
             lines += ["", f"`{full}` (audit.mode = {args.audit_mode}) against `{batched_name}` in the same round: "
                           + "; ".join(vs_batched) + "."]
@@ -676,7 +694,7 @@ pidfile = {bdir}/pgbouncer.pid
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
     finally:
-        for d in (daemon, batched):
+        for d in (daemon, batched, norecord):
             if d is not None:
                 d.stop()
         for p in procs:

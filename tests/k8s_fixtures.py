@@ -29,6 +29,30 @@ action = "approve"
 verbs = ["delete"]
 resources = ["deployments"]
 api_groups = ["apps"]
+dry_run = false  # `kubectl delete --dry-run=server` runs without waiting
+
+# `kubectl delete pods -l app=...` lists by the selector first: refused there.
+[[rules]]
+name = "no-pod-deletes-by-app-selector"
+action = "block"
+[rules.k8s]
+verbs = ["list", "deletecollection"]
+resources = ["pods"]
+label_selectors = ["app=*"]
+
+[[rules]]
+name = "pod-deletes-by-name"
+action = "allow"
+[rules.k8s]
+verbs = ["delete"]
+resources = ["pods"]
+
+[[rules]]
+name = "no-json-patches"
+action = "block"
+[rules.k8s]
+verbs = ["patch"]
+patch_types = ["json"]
 
 [[rules]]
 name = "no-exec-in-locked-namespaces"
@@ -37,11 +61,26 @@ action = "block"
 subresources = ["exec", "attach", "portforward"]
 namespaces = ["locked-*"]
 
+# `kubectl exec -- cmd`: the command, read by the SSH command analysis (sh -c included).
+[[rules]]
+name = "no-destructive-exec"
+action = "block"
+[rules.k8s]
+subresources = ["exec"]
+programs = ["rm", "shred", "dd"]
+
 [[rules]]
 name = "mask-secrets"
 action = "mask"
 [rules.k8s]
 resources = ["secrets"]
+
+[[rules]]
+name = "mask-config-passwords"
+action = "mask"
+[rules.k8s]
+namespaces = ["masked-*"]
+mask_paths = ["ConfigMap.data.password", "Pod.spec.containers[*].env[name=*PASSWORD*].value"]
 """
 
 
@@ -54,6 +93,8 @@ class K8sEnv:
     listen_port: int
     bot_ca: Path
     down_listen_port: int = 0  # the listener of target cluster-down (an API server that is down)
+    wrong_ca_listen_port: int = 0  # target cluster-wrong-ca: the API server's CA is not the configured one
+    wrong_name_listen_port: int = 0  # target cluster-wrong-name: its certificate does not name server_name
 
     @property
     def client(self) -> ControlClient:
@@ -96,9 +137,13 @@ def configure_k8s_engine(bao_server, bao: OpenBaoSetup, kube: KubeCluster, *, ta
 
 def start_k8s_env(kube: KubeCluster, bao_server, pg_server, *, rules: str = K8S_RULES,
                   approvals_timeout_s: int = 60, credential: str | None = None, probes: str = 'mode = "off"',
-                  authentication: str = "token", identity_process: str = "") -> K8sEnv:
+                  authentication: str = "token", identity_process: str = "", vault_timeout: float | None = None,
+                  mismatch_targets: bool = True) -> K8sEnv:
     """``credential``: a [targets.credential] body; default a static token (the cluster's admin).
-    ``probes``: the [probes] body; ``identity_process``: an [identities.process] body."""
+    ``probes``: the [probes] body; ``identity_process``: an [identities.process] body;
+    ``vault_timeout``: [vault] timeout (a hung OpenBao is noticed after that, not hvac's default);
+    ``mismatch_targets``: the targets cluster-wrong-ca / cluster-wrong-name, which name the same
+    address as cluster (the eBPF probes take one target per address: off with them)."""
     workdir = Path(tempfile.mkdtemp(prefix="bw-k8s-env-"))
     bao = fresh_setup(bao_server, pg_server, workdir)
     if credential is not None and "{engine}" in credential:
@@ -111,7 +156,40 @@ def start_k8s_env(kube: KubeCluster, bao_server, pg_server, *, rules: str = K8S_
     token_file.write_text(kube.admin_token + "\n")
     token_file.chmod(0o600)
     port, down_port, down_listen = new_port(), new_port(), new_port()
+    wrong_ca_listen, wrong_name_listen = new_port(), new_port()
     header = config_header(workdir, bao, approvals_timeout_s=approvals_timeout_s, probes=probes)
+    if vault_timeout is not None:
+        header = header.replace('auth = "approle"\n', f'auth = "approle"\ntimeout = {vault_timeout}\n', 1)
+    mismatch = f"""# The real API server, but the configured CA did not sign its certificate (a man in the middle
+# looks like this), or the certificate does not name the configured server_name.
+[[targets]]
+name = "cluster-wrong-ca"
+protocol = "kubernetes"
+address = "127.0.0.1:{kube.port}"
+listen = "127.0.0.1:{wrong_ca_listen}"
+[targets.tls]
+mode = "verify-full"
+ca_file = "{ca[0]}"
+[targets.credential]
+source = "static"
+username = "bw-admin"
+password_file = "{token_file}"
+
+[[targets]]
+name = "cluster-wrong-name"
+protocol = "kubernetes"
+address = "127.0.0.1:{kube.port}"
+listen = "127.0.0.1:{wrong_name_listen}"
+[targets.tls]
+mode = "verify-full"
+ca_file = "{kube.ca_file}"
+server_name = "not-the-api-server.example"
+[targets.credential]
+source = "static"
+username = "bw-admin"
+password_file = "{token_file}"
+
+""" if mismatch_targets else ""
     config = workdir / "botwarden.toml"
     config.write_text(header + f"""
 [tls]
@@ -144,7 +222,7 @@ source = "static"
 username = "bw-admin"
 password_file = "{token_file}"
 
-[[identities]]
+{mismatch}[[identities]]
 name = "deploy-bot"
 groups = ["bots"]
 [identities.token]
@@ -153,4 +231,4 @@ subject = "{bao.bot_entity_id()}"
 {rules}
 """)
     daemon = DaemonProcess(config, workdir / "run" / "control.sock").start()
-    return K8sEnv(kube, bao, daemon, workdir, port, ca[0], down_listen)
+    return K8sEnv(kube, bao, daemon, workdir, port, ca[0], down_listen, wrong_ca_listen, wrong_name_listen)

@@ -419,13 +419,17 @@ def test_replay_shows_a_session_request_by_request(env):
     rows = env.daemon.audit_sql("SELECT session_id FROM requests WHERE text = 'SELECT 40 + 2' "
                                 "ORDER BY chain_seq DESC LIMIT 1")
     session_id = rows[0]["session_id"]
-    res = cli("--config", str(env.config), "replay", session_id)
+    res = cli("--config", str(env.config), "replay", "--no-wait", session_id)
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
     assert "identity orders-bot" in lines[0]
-    allowed = next(i for i, line in enumerate(lines) if "SELECT 40 + 2" in line)
-    blocked = next(i for i, line in enumerate(lines) if "DROP TABLE orders" in line)
-    assert allowed < blocked and "[  block]" in lines[blocked] and "no-drops" in lines[blocked]
+    # psql's view (statement, its answer) with the decisions inline.
+    allowed = lines.index("SELECT 40 + 2")
+    blocked = lines.index("DROP TABLE orders")
+    assert allowed < blocked
+    assert lines[allowed + 1:allowed + 5] == ["-- botwarden: allow", " ?column? ", "----------", "       42"]
+    assert lines[blocked + 1].startswith("-- botwarden: block (rule no-drops)")
+    assert lines[blocked + 2] == "ERROR:  botwarden: statement blocked by rule 'no-drops'"
     assert cli("--config", str(env.config), "replay", "no-such-session").returncode == 1
 
 

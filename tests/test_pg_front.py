@@ -528,6 +528,7 @@ _contract_fields = {
     "session_end": {"session_id", "ts", "bytes_in", "bytes_out", "outcome", "error"},
     "request": {"request_id", "session_id", "ts", "protocol", "kind", "text", "params", "decision", "rule",
                 "reason", "duration_ms", "rows", "error", "sqlstate", "masked", "row_estimate", "row_limit"},
+    "recording": {"session_id", "seq", "ts", "direction", "data"},   # the session as the bot saw it (issue 18)
 }
 
 

@@ -269,6 +269,10 @@ def test_session_filter_and_current_statement() -> None:
     assert session_matches(active, "psql", now) and not session_matches(active, "python", now)
     assert session_matches(active, "since=30m", now) and not session_matches(active, "since=15m", now)
     assert not session_matches(active, "since=soon", now)  # unreadable: matches nothing rather than all
+    ssh, k8s = {**ended, "protocol": "ssh"}, {**ended, "protocol": "kubernetes"}
+    assert session_matches(ssh, "protocol=ssh", now) and not session_matches(k8s, "protocol=ssh", now)
+    assert session_matches(k8s, "protocol=k8s", now) and session_matches(k8s, "protocol=kubernetes", now)
+    assert session_matches({**active, "protocol": "postgres"}, "protocol=sql", now)
     assert parse_span("90s") == 90 and parse_span("2h") == 7200 and parse_span("5") == 300
     running = {**active, "current": "SELECT  pg_sleep(9)", "current_running": True,
                "current_since": (now - timedelta(seconds=65)).isoformat()}
@@ -324,7 +328,8 @@ def test_approve_once(tmp_path: Path) -> None:
                 task = env.hold()
                 await until(pilot, lambda: len(app.book) == 1, "the held request to show")
                 rows = table_rows(app, "#approvals-table")
-                assert rows[0][1:5] == ["ci-bot", "pg-prod", "deletes-need-approval", "DELETE FROM orders WHERE id = 7"]
+                assert rows[0][1:6] == ["ci-bot", "pg-prod", "sql", "deletes-need-approval",
+                                        "DELETE FROM orders WHERE id = 7"]
                 assert "DELETE FROM orders WHERE id = 7" in text_of(app, "#approval-detail")
                 await pilot.press("f6")
                 await until(pilot, lambda: isinstance(app.screen, DecisionScreen), "the dialog")
@@ -430,13 +435,13 @@ def test_two_person_rule_shows_progress(tmp_path: Path) -> None:
             async with app.run_test(size=(140, 40)) as pilot:
                 task = env.hold()
                 await until(pilot, lambda: len(app.book) == 1, "the held request to show")
-                assert table_rows(app, "#approvals-table")[0][6] == "0/2"
+                assert table_rows(app, "#approvals-table")[0][7] == "0/2"
                 await pilot.press("f6")
                 await until(pilot, lambda: isinstance(app.screen, DecisionScreen), "the dialog")
                 await pilot.press("enter", "enter")
-                await until(pilot, lambda: table_rows(app, "#approvals-table")[0][6] == "1/2", "1 of 2")
+                await until(pilot, lambda: table_rows(app, "#approvals-table")[0][7] == "1/2", "1 of 2")
                 await until(pilot, lambda: any("waiting for more" in n for n in app.notices), "the notice")
-                progress = table_rows(app, "#approvals-table")[0][6]
+                progress = table_rows(app, "#approvals-table")[0][7]
                 # The detail pane and the next dialog name who has approved so far.
                 assert f"1 of 2, so far: {getpass.getuser()}" in text_of(app, "#approval-detail")
                 # The same operator approving again is refused by the daemon, and the console says so.
@@ -820,8 +825,8 @@ def test_palette_commands_work_under_cpu_load(tmp_path: Path, cpu_hog: None) -> 
         return seen
 
     seen = asyncio.run(scenario())
-    assert seen["offered"] == ["Approvals tab", "Audit tab", "Help", "Keys", "Quit", "Refresh", "Replay tab",
-                               "Screenshot", "Sessions tab", "Status tab"]
+    assert seen["offered"] == ["Approvals tab", "Audit tab", "Fleet audit", "Help", "Keys", "Quit", "Refresh",
+                               "Replay tab", "Screenshot", "Sessions tab", "Status tab"]
     assert seen["Sessions"] == ("sessions", "sessions-table") and seen["Audit"] == ("audit", "sql")
     assert seen["Replay"] == ("replay", "replay-session") and seen["Approvals"] == ("approvals", "approvals-table")
     assert seen["after"] == "sessions"

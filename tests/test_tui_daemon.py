@@ -265,7 +265,7 @@ def test_sessions_filter_and_end_a_live_session(env):
             seen["focus"] = app.focused.id
             await pilot.press(*"state=active identity=ledger")
             await until(pilot, lambda: table_rows(app, "#sessions-table") and all(
-                r[3] == "active" for r in table_rows(app, "#sessions-table")), "only live sessions")
+                r[4] == "active" for r in table_rows(app, "#sessions-table")), "only live sessions")
             seen["filtered"] = [r[0] for r in table_rows(app, "#sessions-table")]
             await pilot.press(*" nosuchword")
             await until(pilot, lambda: not table_rows(app, "#sessions-table"), "nothing matches")
@@ -291,7 +291,7 @@ def test_sessions_filter_and_end_a_live_session(env):
 
     seen = asyncio.run(scenario())
     sid = seen["sid"]
-    assert seen["row"][0] == sid[:12] and "SELECT pg_sleep(120)  [running" in seen["row"][4]
+    assert seen["row"][0] == sid[:12] and "SELECT pg_sleep(120)  [running" in seen["row"][5]
     assert seen["focus"] == "sessions-filter" and sid[:12] in seen["filtered"]
     assert seen["focus_after"] == "sessions-table"
     assert "now: SELECT pg_sleep(120)" in seen["session_detail"]

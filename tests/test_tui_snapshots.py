@@ -68,6 +68,39 @@ SESSIONS = [
      "state": "ended", "current": "COMMIT", "current_since": (T0 - timedelta(minutes=8)).isoformat(),
      "current_running": False},
 ]
+# An SSH command and a Kubernetes request held, as the daemon describes them (appliance/runtime.py
+# adds `login` for SSH and the front's `detail` for Kubernetes).
+SSH_APPROVAL = {
+    **APPROVAL, "approval_id": "5a5b5c5d5e5f", "session_id": "9a8b7c6d5e4f40312a1b2c3d4e5f6a7b", "identity": "deploy-bot",
+    "target": "web-1", "protocol": "ssh", "request": "systemctl restart nginx", "rule": "restarts-need-approval",
+    "rule_description": "Service restarts on production web hosts", "login": "root@10.0.0.21:22",
+    "process": {"pid": 3310, "uid": 65534, "gid": 65534, "exe": "/usr/bin/ssh", "comm": "ssh",
+                "cgroup": "/botwarden.bots/deployer", "attribution": "ebpf", "client": "127.0.0.1:50602"},
+    "row_estimate": None, "row_limit": None, "earlier": [], "created": (T0 + timedelta(seconds=50)).isoformat()}
+K8S_APPROVAL = {
+    **APPROVAL, "approval_id": "6b6c6d6e6f60", "session_id": "7c6b5a4f3e2d41c0b9a8f7e6d5c4b3a2", "identity": "deploy-bot",
+    "target": "cluster", "protocol": "kubernetes",
+    "request": "delete deployments.apps web in shop (DELETE /apis/apps/v1/namespaces/shop/deployments/web)",
+    "rule": "deployment-deletes-need-approval", "rule_description": "", "process": {"attribution": "none"},
+    "detail": {"verb": "delete", "api_group": "apps", "resource": "deployments", "subresource": None,
+               "namespace": "shop", "name": "web"},
+    "row_estimate": None, "row_limit": None, "created": (T0 + timedelta(seconds=60)).isoformat(),
+    "earlier": [{"approval_id": "1f2e3d4c5b6a", "identity": "deploy-bot", "event": "denied", "operator": "alice",
+                 "reason": "not in the change window", "decided": (T0 - timedelta(hours=2)).isoformat(),
+                 "window_s": None}]}
+SESSIONS += [
+    {"session_id": SSH_APPROVAL["session_id"], "identity": "deploy-bot", "target": "web-1", "protocol": "ssh",
+     "subject": None, "pid": 3310, "uid": 65534, "exe": "/usr/bin/ssh", "client": "127.0.0.1:50602",
+     "started": (T0 - timedelta(seconds=30)).isoformat(), "ended": None, "state": "active",
+     "current": "systemctl restart nginx", "current_since": T0.isoformat(), "current_running": True},
+    {"session_id": K8S_APPROVAL["session_id"], "identity": "deploy-bot", "target": "cluster", "protocol": "kubernetes",
+     "subject": "e5f6", "pid": None, "uid": None, "exe": None, "client": "127.0.0.1:50710",
+     "started": (T0 - timedelta(minutes=20)).isoformat(), "ended": (T0 - timedelta(minutes=19)).isoformat(),
+     "state": "ended", "current": "list pods in shop", "current_since": (T0 - timedelta(minutes=19)).isoformat(),
+     "current_running": False},
+]
+for _s in SESSIONS[:2]:
+    _s["protocol"] = "postgres"
 HEALTH = {**STATUS, "version": "0.1.0", "uptime_s": 10875, "probes_mode": "ebpf", "probes_path": "ebpf",
           "bots": [{"cgroup": "/botwarden.bots", "processes": 0, "uid0": 0, "uid0_pids": []},
                    {"cgroup": "/botwarden.bots/tui-bot", "processes": 1, "uid0": 0, "uid0_pids": []},
@@ -125,7 +158,11 @@ async def fill(pilot) -> None:
 
 @pytest.fixture(autouse=True)
 def utc(monkeypatch):
-    """Times are shown in local time: make it the same everywhere."""
+    """Times are shown in local time: make it the same everywhere. (And no operator fleet settings:
+    the fleet screens say which they found.)"""
+    for name in ("BOTWARDEN_FLEET_CATALOG", "BOTWARDEN_FLEET_DATA_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", "/home/operator/.config")
     monkeypatch.setenv("TZ", "UTC")
     time.tzset()
     yield
@@ -149,8 +186,51 @@ SCREENS = {
 }
 
 
+async def fill_fronts(pilot) -> None:
+    """The SQL queue plus a held SSH command and a held Kubernetes request."""
+    await fill(pilot)
+    pilot.app.on_watch_event(WatchEvent({"event": "requested", "approval": SSH_APPROVAL}))
+    pilot.app.on_watch_event(WatchEvent({"event": "requested", "approval": K8S_APPROVAL}))
+    await pilot.pause()
+
+
+@pytest.mark.parametrize("size", [(80, 24), (120, 40)], ids=["80x24", "120x40"])
+@pytest.mark.parametrize("held", ["ssh", "k8s"])
+def test_detail_pane_of_a_held(snap_compare, held: str, size: tuple[int, int]) -> None:
+    """The detail pane of an SSH command (its command line, user@host) and of a Kubernetes request
+    (verb, resource, namespace, name), selected with the cursor keys in the one queue."""
+    # The queue is ordered by arrival: the two SQL requests, then SSH, then Kubernetes.
+    press = ("down", "down") if held == "ssh" else ("down", "down", "down")
+    assert snap_compare(SnapshotConsole(), press=press, terminal_size=size, run_before=fill_fronts)
+
+
 @pytest.mark.parametrize("size", [(80, 24), (120, 40)], ids=["80x24", "120x40"])
 @pytest.mark.parametrize("screen", list(SCREENS))
 def test_screen(snap_compare, screen: str, size: tuple[int, int]) -> None:
     assert os.environ["TZ"] == "UTC"
     assert snap_compare(SnapshotConsole(), press=SCREENS[screen], terminal_size=size, run_before=fill)
+
+
+FLEET = {"columns": ["bastion", "decision", "n"],
+         "rows": [["eu-west-prod-1", "allow", 120], ["eu-west-prod-1", "block", 3], ["us-east-prod-2", "allow", 88],
+                  ["us-east-prod-2", "approve", 2]]}
+
+
+@pytest.mark.parametrize("size", [(80, 24), (120, 40)], ids=["80x24", "120x40"])
+@pytest.mark.parametrize("configured", [True, False], ids=["configured", "unconfigured"])
+def test_audit_tab_on_the_fleet(snap_compare, monkeypatch, configured: bool, size: tuple[int, int]) -> None:
+    """ctrl+f on the Audit tab: the fleet lake with the operator's own settings (a result with its
+    bastion column), or the message that says what to set."""
+    if configured:
+        monkeypatch.setenv("BOTWARDEN_FLEET_CATALOG", "host=lake-db dbname=botwarden_lake user=auditor")
+        monkeypatch.setenv("BOTWARDEN_FLEET_DATA_PATH", "/mnt/botwarden-lake")
+
+    async def run_before(pilot) -> None:
+        await fill(pilot)
+        await pilot.press("f3", "ctrl+f")
+        if configured:
+            pilot.app.query_one("#sql", Input).value = "SELECT bastion, decision, count(*) AS n FROM requests GROUP BY ALL"
+            pilot.app._answer_audit(Answer("audit", FLEET, context="fleet: SELECT bastion, decision, count(*) …"))
+        await pilot.pause()
+
+    assert snap_compare(SnapshotConsole(), terminal_size=size, run_before=run_before)

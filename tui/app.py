@@ -52,9 +52,11 @@ from textual.widgets.data_table import CellDoesNotExist, RowDoesNotExist
 
 from appliance.control import ControlClient, ControlError, DaemonNotRunning
 from tui.dialogs import DecisionScreen, EndSessionScreen, HelpScreen, Mode, QuitScreen
+from tui.fleet import QUERY_TIMEOUT_S as FLEET_QUERY_TIMEOUT_S
+from tui.fleet import FleetUnavailable, OperatorLake
 from tui.keys import OrderedKeys
 from tui.model import (ApprovalBook, Decision, RecentDecisions, approval_detail, cell, current_statement,
-                       health_lines, session_matches, status_line, time_left, window_text)
+                       health_lines, protocol_short, session_matches, status_line, time_left, window_text)
 from tui.queries import RECENT_DECISIONS_SQL, REPLAY_SQL, REPORTS
 
 log = logging.getLogger(__name__)
@@ -139,6 +141,9 @@ class BotwardenApp(OrderedKeys):
         Binding("question_mark", "help", "Help"),
         Binding("ctrl+q", "quit", "Quit", priority=True, show=False),
         Binding("ctrl+o", "focus_reports", "Reports", priority=True, show=False),
+        Binding("ctrl+r", "player", "Player", priority=True, show=False),   # tui/replay.py
+        # Audit tab only (check_action): its source, this bastion's store or the fleet lake (tui.fleet).
+        Binding("ctrl+f", "toggle_fleet", "Fleet/local", priority=True),
         # Enter on a session replays it; done here so the focus moves before the next key.
         Binding("enter", "enter", show=False, priority=True),
     ]
@@ -174,6 +179,9 @@ class BotwardenApp(OrderedKeys):
         self._seq: dict[str, int] = {}
         # Notifications fade after a few seconds; the recent ones stay readable here.
         self.notices: deque[str] = deque(maxlen=50)
+        # The Audit tab's source: "local" (the daemon's store, over the control socket) or "fleet"
+        # (the lake, attached in this process with the operator's own settings: tui/fleet.py).
+        self.audit_source = "local"
         self._tabs: TabbedContent | None = None
         self._widgets: list[Widget] = []
 
@@ -189,7 +197,7 @@ class BotwardenApp(OrderedKeys):
                 yield Label(f"Recently decided (last {RECENT_KEEP})", id="recent-title")
                 yield DataTable(id="recent-table", cursor_type="row", zebra_stripes=True)
             with TabPane("F2 Sessions", id="sessions"):
-                yield Input(placeholder="/ filter: words, identity=… target=… state=… since=15m",
+                yield Input(placeholder="/ filter: words, identity=… target=… protocol=… state=… since=15m",
                             id="sessions-filter")
                 yield SessionsTable(id="sessions-table", cursor_type="row", zebra_stripes=True)
                 yield Static(Text(""), id="session-detail")
@@ -231,15 +239,15 @@ class BotwardenApp(OrderedKeys):
                                                         "#approval-detail, #recent-title, #status-view, "
                                                         "#session-detail")]
         table = self._main.query_one("#approvals-table", DataTable)
-        for label, key in (("id", "id"), ("identity", "identity"), ("target", "target"), ("rule", "rule"),
-                           ("request", "request"), ("left", "left"), ("ok", "ok")):
+        for label, key in (("id", "id"), ("identity", "identity"), ("target", "target"), ("proto", "protocol"),
+                           ("rule", "rule"), ("request", "request"), ("left", "left"), ("ok", "ok")):
             table.add_column(label, key=key)
         recent = self._main.query_one("#recent-table", DataTable)
         for label in ("time", "id", "outcome", "by", "window", "identity", "target", "reason", "request"):
             recent.add_column(label, key=label)
         sessions = self._main.query_one("#sessions-table", DataTable)
-        for key in ("session_id", "identity", "target", "state", "current", "pid", "uid", "exe", "started",
-                    "ended", "client"):
+        for key in ("session_id", "identity", "target", "protocol", "state", "current", "pid", "uid", "exe",
+                    "started", "ended", "client"):
             sessions.add_column(key, key=key)
         self._main.set_focus(table)
         self._render_pending()
@@ -298,6 +306,8 @@ class BotwardenApp(OrderedKeys):
         for call_id, call in list(self._calls.items()):
             if call.deadline <= now:
                 why = f"no answer from the daemon within {self.call_timeout_s:g} s ({call.method} {call.path})"
+                if call.method == "in this process:":
+                    why = f"no answer from the fleet lake within {FLEET_QUERY_TIMEOUT_S + 15:g} s ({call.path})"
                 if call.purpose == "decision":
                     why += "; it may still have been applied: see Recently decided"
                 self.on_answer(Answer(call.purpose, error=why, context=call.context, seq=call.seq,
@@ -358,7 +368,41 @@ class BotwardenApp(OrderedKeys):
         self._request("end_session", "POST", f"/v1/sessions/{quote(session_id, safe='')}/end",
                       {"reason": reason}, context=session_id)
 
+    def _in_thread(self, purpose: str, what: str, work: Callable[[], Any], *, context: Any = None,
+                   timeout_s: float) -> None:
+        """Like :meth:`_request`, for work done in this process (fleet queries): on a daemon
+        thread, its answer (or error message) posted back as :class:`Answer`."""
+        if not self.connect:
+            return
+        seq = self._seq[purpose] = self._seq.get(purpose, 0) + 1
+        self._call_ids += 1
+        call_id = self._call_ids
+        self._calls[call_id] = Call(purpose, "in this process:", what, time.monotonic() + timeout_s + 2.0,
+                                    context, seq)
+
+        def run() -> None:
+            try:
+                answer = Answer(purpose, work(), context=context, seq=seq)
+            except Exception as e:  # FleetUnavailable says what is wrong; anything else is shown too
+                answer = Answer(purpose, error=str(e) or type(e).__name__, context=context, seq=seq)
+            answer.call_id = call_id
+            self._post(answer)
+
+        threading.Thread(target=run, name=f"botwarden-{purpose}", daemon=True).start()
+
+    def _fleet(self, what: str, query: Callable[[OperatorLake], tuple[list[str], list[tuple]]],
+               context: str) -> None:
+        def work() -> dict[str, Any]:
+            columns, rows = query(OperatorLake.find())  # read again each time: a fixed file needs no restart
+            return {"columns": columns, "rows": [list(r) for r in rows]}
+
+        self._in_thread("audit", what, work, context=f"fleet: {context}", timeout_s=FLEET_QUERY_TIMEOUT_S + 15)
+
     def run_sql(self, sql: str, params: list[Any] | None = None) -> None:
+        if self.audit_source == "fleet":
+            self._set_msg("#audit-msg", "running on the fleet lake …")
+            self._fleet("fleet sql", lambda lake: lake.sql(sql, params), sql)
+            return
         body: dict[str, Any] = {"sql": sql}
         if params:
             body["params"] = params
@@ -366,6 +410,10 @@ class BotwardenApp(OrderedKeys):
         self._request("audit", "POST", "/v1/audit/sql", body, context=sql)
 
     def run_report(self, name: str) -> None:
+        if self.audit_source == "fleet":
+            self._set_msg("#audit-msg", f"running report {name} on the fleet lake …")
+            self._fleet(f"fleet report {name}", lambda lake: lake.report(name), f"report {name}")
+            return
         self._set_msg("#audit-msg", f"running report {name} …")
         self._request("audit", "GET", f"/v1/audit/reports/{name}", context=f"report {name}")
 
@@ -433,7 +481,8 @@ class BotwardenApp(OrderedKeys):
         table.clear()
         for s in shown:
             # The id's first 12 characters tell sessions apart; the detail line has all of it.
-            row = {**s, "current": current_statement(s, self.now()), "session_id": str(s.get("session_id"))[:12]}
+            row = {**s, "current": current_statement(s, self.now()), "session_id": str(s.get("session_id"))[:12],
+                   "protocol": protocol_short(s.get("protocol"))}
             table.add_row(*(Text(cell(row.get(str(c.key.value)))) for c in table.ordered_columns),
                           key=str(s.get("session_id")))
         self._restore_cursor(table, keep)
@@ -454,7 +503,8 @@ class BotwardenApp(OrderedKeys):
         if s is None:
             detail.update(Text(""))
             return
-        line = (f"{s.get('session_id')}  {s.get('identity')} → {s.get('target')}  {s.get('state')}  "
+        line = (f"{s.get('session_id')}  {s.get('identity')} → {s.get('target')} ({cell(s.get('protocol'))})  "
+                f"{s.get('state')}  "
                 f"pid {cell(s.get('pid'))} uid {cell(s.get('uid'))} {cell(s.get('exe'))}")
         current = current_statement(s, self.now())
         detail.update(Text(line + (f"\n{'now' if s.get('current_running') else 'last'}: {current}" if current
@@ -498,8 +548,13 @@ class BotwardenApp(OrderedKeys):
         self._fill_result("#audit-table", "#audit-msg", answer, what=str(answer.context))
 
     def _answer_replay(self, answer: Answer) -> None:
-        self._fill_result("#replay-table", "#replay-msg", answer, what=f"session {answer.context}",
-                          noun="request")
+        # The session's protocol, when the sessions list knows it: SQL, SSH and Kubernetes
+        # requests share the table (its `kind` column: query, ssh_exec, k8s ...).
+        known = next((s for s in self.sessions if str(s.get("session_id")) == answer.context), None)
+        what = f"session {answer.context}"
+        if known is not None and known.get("protocol"):
+            what += f" ({known['protocol']}, {cell(known.get('identity'))} → {cell(known.get('target'))})"
+        self._fill_result("#replay-table", "#replay-msg", answer, what=what, noun="request")
 
     def _answer_recent(self, answer: Answer) -> None:
         title = self._main.query_one("#recent-title", Label)
@@ -598,7 +653,7 @@ class BotwardenApp(OrderedKeys):
             if len(request) > REQUEST_PREVIEW:
                 request = request[: REQUEST_PREVIEW - 1] + "…"
             table.add_row(Text(a["approval_id"]), Text(cell(a.get("identity"))), Text(cell(a.get("target"))),
-                          Text(cell(a.get("rule"))), Text(request), Text(time_left(a.get("expires"), self.now())),
+                          Text(protocol_short(a.get("protocol"))), Text(cell(a.get("rule"))), Text(request), Text(time_left(a.get("expires"), self.now())),
                           Text(f"{len(a.get('approvals') or [])}/{a.get('required', 1)}"),
                           key=a["approval_id"])
         self._restore_cursor(table, keep)
@@ -751,6 +806,7 @@ class BotwardenApp(OrderedKeys):
     @on(TabbedContent.TabActivated)
     def _tab_activated(self, event: TabbedContent.TabActivated) -> None:
         pane = event.pane
+        self.refresh_bindings()
         if pane.id == "sessions":
             self.refresh_sessions()
         elif pane.id == "status":
@@ -819,6 +875,7 @@ class BotwardenApp(OrderedKeys):
         self._global_key()
         self._main.query_one("#tabs", TabbedContent).active = tab
         self._main.set_focus(self._main.query_one(TAB_FOCUS[tab]))
+        self.refresh_bindings()  # the Audit tab's own key (ctrl+f) shows in the footer there only
 
     async def action_help(self) -> None:
         self._global_key()
@@ -839,9 +896,48 @@ class BotwardenApp(OrderedKeys):
 
         await self._open(EndSessionScreen(session), confirmed, "#reason")
 
+    def action_player(self) -> None:
+        """The session in the Replay tab, stepped through or played (tui/replay.py)."""
+        from tui.replay import ReplayScreen
+
+        session_id = self._main.query_one("#replay-session", Input).value.strip()
+        if not session_id:
+            self.action_show_tab("replay")
+            self._set_msg("#replay-msg", "Type a session id first, then ctrl+r plays it.", error=True)
+            return
+        self.push_screen(ReplayScreen(session_id, self.client))
+
     def action_focus_filter(self) -> None:
         self._global_key()
         self._main.set_focus(self._main.query_one("#sessions-filter", Input))
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "toggle_fleet":  # in the footer (and acting) on the Audit tab only
+            return self._active_tab() == "audit"
+        return True
+
+    def action_toggle_fleet(self) -> None:
+        """ctrl+f on the Audit tab: queries and reports go to the fleet lake, or back here."""
+        self._global_key()
+        if self._active_tab() != "audit":
+            raise SkipAction()
+        self.audit_source = "local" if self.audit_source == "fleet" else "fleet"
+        fleet = self.audit_source == "fleet"
+        self._tabs.get_tab("audit").label = "F3 Audit (fleet)" if fleet else "F3 Audit"
+        self._main.query_one("#sql", Input).placeholder = (
+            "SELECT bastion, … FROM requests LIMIT 100   (fleet lake; Enter runs)" if fleet
+            else "SELECT … FROM requests LIMIT 100   (Enter runs)")
+        self._main.query_one("#audit-table", DataTable).clear(columns=True)
+        if not fleet:
+            self._set_msg("#audit-msg", "This bastion's audit store. ctrl+f: the fleet lake.")
+            return
+        try:
+            lake = OperatorLake.find()
+        except FleetUnavailable as e:
+            self._set_msg("#audit-msg", f"{e}  (ctrl+f: back to this bastion)", error=True)
+            return
+        self._set_msg("#audit-msg", f"The fleet lake, read-only, as you (settings: {lake.source}): every "
+                                    "bastion's rows, with a bastion column. ctrl+f: back to this bastion.")
 
     def action_focus_reports(self) -> None:
         self.action_show_tab("audit")
@@ -888,6 +984,8 @@ class BotwardenApp(OrderedKeys):
         for tab in TABS:
             yield SystemCommand(f"{tab.title()} tab", f"Show the {tab} tab",
                                 lambda tab=tab: self.action_show_tab(tab))
+        yield SystemCommand("Fleet audit", "Switch the Audit tab between this bastion and the fleet lake (ctrl+f)",
+                            lambda: (self.action_show_tab("audit"), self.action_toggle_fleet()))
         yield SystemCommand("Refresh", "Ask the daemon for its status again", self.action_refresh)
         yield SystemCommand("Help", "The keys of every tab", self.action_help)
         # The palette runs a command after it has closed, so the console is what gets saved.

@@ -22,7 +22,7 @@ from textual.containers import Horizontal, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Static
 
-from tui.model import Decision, parse_window_minutes
+from tui.model import Decision, parse_window_minutes, request_noun
 
 Mode = Literal["approve", "window", "deny"]
 
@@ -62,7 +62,7 @@ class DecisionScreen(ModalScreen[Decision | None]):
             yield Label("Reason (required, the bot is told it)" if required else "Reason (optional)")
             yield Input(placeholder="reason", id="reason")
             if self.mode == "window":
-                yield Label("Window (minutes): same identity, target and statement shape are approved")
+                yield Label(f"Window (minutes): same identity, target and {request_noun(a)} shape are approved")
                 yield Input(str(self.default_minutes), id="minutes", type="integer")
             yield Static("", id="dialog-error")
             yield Static(Text("Enter: next field, then Enter on the button decides · Tab: move · Esc: cancel"),
@@ -126,13 +126,16 @@ def what_is_decided(a: dict[str, Any], mode: Mode) -> str:
     who = f"identity {a.get('identity')} on target {a.get('target')}"
     so_far = a.get("approvals") or []
     required = int(a.get("required") or 1)
+    noun = request_noun(a)  # statement, command (SSH) or request (Kubernetes)
+    if a.get("login"):
+        who += f" (as {a['login']})"
     if mode == "deny":
-        return f"The statement above does not run; {who} gets your reason as its error."
+        return f"The {noun} above does not run; {who} gets your reason as its error."
     if mode == "window":
-        what = (f"Runs the statement above now, and for the window below every statement of the same shape "
+        what = (f"Runs the {noun} above now, and for the window below every {noun} of the same shape "
                 f"from {who} runs without asking.")
     else:
-        what = f"Runs the statement above once, for {who}; the next one like it is held again."
+        what = f"Runs the {noun} above once, for {who}; the next one like it is held again."
     if required > 1:
         after = len(so_far) + 1
         what += (f" Approval {after} of {required}" + (f" (so far: {', '.join(so_far)})" if so_far else "")
@@ -216,7 +219,7 @@ HELP: dict[str, tuple[tuple[str, str], ...]] = {
         ("↑ ↓", "pick a held request; its details show below the queue"),
     ),
     "sessions": (
-        ("/", "filter: words, identity=… target=… state=active|ended|… since=15m"),
+        ("/", "filter: words, identity=… target=… protocol=sql|ssh|k8s state=active|ended|… since=15m"),
         ("Enter (filter)", "back to the list"),
         ("ctrl+k", "end the selected live session (asks first)"),
         ("Enter", "replay the selected session"),
@@ -224,6 +227,7 @@ HELP: dict[str, tuple[tuple[str, str], ...]] = {
     "audit": (
         ("Enter", "run the read-only SQL"),
         ("ctrl+o", "pick a canned report"),
+        ("ctrl+f", "switch between this bastion's audit and the fleet lake (read as you: docs/fleet.md)"),
     ),
     "replay": (
         ("Enter", "replay the session id typed"),

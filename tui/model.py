@@ -271,10 +271,38 @@ def _clock(iso: str | None) -> str:
         return "?"
 
 
+# What one request is called, per target protocol (the daemon's config names).
+REQUEST_NOUNS = {"ssh": "command", "kubernetes": "request", "k8s": "request"}
+# The short protocol names the lists show (the audit store's names).
+PROTOCOL_SHORT = {"postgres": "sql", "ssh": "ssh", "kubernetes": "k8s", "k8s": "k8s"}
+
+
+def request_noun(a: Mapping[str, Any]) -> str:
+    """"statement" (SQL), "command" (SSH) or "request" (Kubernetes)."""
+    return REQUEST_NOUNS.get(str(a.get("protocol")), "statement")
+
+
+def protocol_short(protocol: Any) -> str:
+    return PROTOCOL_SHORT.get(str(protocol), cell(protocol))
+
+
+def k8s_detail(d: Mapping[str, Any]) -> str:
+    """A Kubernetes request's verb/resource/namespace/name, each named."""
+    resource = cell(d.get("resource"))
+    if d.get("api_group"):
+        resource += f".{d['api_group']}"
+    if d.get("subresource"):
+        resource += f"/{d['subresource']}"
+    return (f"verb {cell(d.get('verb'))}   resource {resource}   namespace {cell(d.get('namespace')) or '(cluster)'}"
+            f"   name {cell(d.get('name')) or '(all)'}")
+
+
 def approval_detail(a: Mapping[str, Any], now: datetime | None = None) -> list[tuple[str, str]]:
     """The detail pane of one held request: (label, text) lines, everything a decision needs.
 
-    The statement is the daemon's redacted text (constants a detector flags are masked); the
+    The statement (SSH: the command line; Kubernetes: the request) is the daemon's redacted
+    text (constants a detector flags are masked); an SSH command says where it runs
+    (user@host), a Kubernetes request its verb, resource, namespace and name; the
     affected-rows lines appear only where the policy asked for an estimate."""
     p = a.get("process") or {}
     proc = " ".join(f"{k} {p[k]}" for k in ("pid", "uid", "exe", "cgroup") if p.get(k) is not None)
@@ -284,8 +312,13 @@ def approval_detail(a: Mapping[str, Any], now: datetime | None = None) -> list[t
     if a.get("rule_description"):
         rule += f" — {a['rule_description']}"
     so_far = a.get("approvals") or []
-    lines = [
-        ("statement", " ".join(str(a.get("request", "")).split())),
+    lines = [(request_noun(a), " ".join(str(a.get("request", "")).split()))]
+    if a.get("login"):
+        lines.append(("runs as", cell(a["login"])))
+    detail = a.get("detail")
+    if isinstance(detail, Mapping) and detail.get("verb"):
+        lines.append(("kubernetes", k8s_detail(detail)))
+    lines += [
         ("identity", f"{cell(a.get('identity'))}" + (f"   groups: {', '.join(a['groups'])}" if a.get("groups") else
                                                     "   groups: none")),
         ("process", proc or "not attested (the connection was not redirected by the probes)"),
@@ -309,19 +342,23 @@ def approval_detail(a: Mapping[str, Any], now: datetime | None = None) -> list[t
             lines.append(("earlier" if i == 0 else "", f"{_clock(e.get('decided'))} {e.get('event')}{who}{window}"
                                                        f"{why} — {cell(e.get('identity'))}"))
     else:
-        lines.append(("earlier", "no earlier decision on this statement shape since the daemon started"))
+        lines.append(("earlier", f"no earlier decision on this {request_noun(a)} shape since the daemon started"))
     return lines
 
 
 def session_matches(session: Mapping[str, Any], query: str, now: datetime | None = None) -> bool:
     """The sessions filter: every word must match. ``identity=…``, ``target=…``, ``state=…``
-    (active, ended; a session's outcome) and ``since=15m`` (started within; s, m, h, d) look at
-    one field; any other word matches the id, identity, target, state, executable or statement."""
+    (active, ended; a session's outcome), ``protocol=…`` (postgres or sql, ssh, kubernetes or
+    k8s) and ``since=15m`` (started within; s, m, h, d) look at one field; any other word
+    matches the id, identity, target, protocol, state, executable or statement."""
     for word in query.split():
         key, sep, value = word.partition("=")
         value = value.lower()
         if sep and key in ("identity", "target", "state"):
             if value not in cell(session.get(key)).lower():
+                return False
+        elif sep and key == "protocol":
+            if value not in (cell(session.get(key)).lower(), protocol_short(session.get(key))):
                 return False
         elif sep and key == "since":
             limit = parse_span(value)
@@ -336,8 +373,8 @@ def session_matches(session: Mapping[str, Any], query: str, now: datetime | None
             if ((now or datetime.now(timezone.utc)) - started).total_seconds() > limit:
                 return False
         else:
-            hay = " ".join(cell(session.get(k)) for k in ("session_id", "identity", "target", "state", "exe",
-                                                          "subject", "current")).lower()
+            hay = " ".join(cell(session.get(k)) for k in ("session_id", "identity", "target", "protocol", "state",
+                                                          "exe", "subject", "current")).lower()
             if word.lower() not in hay:
                 return False
     return True

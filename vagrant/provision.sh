@@ -41,6 +41,7 @@ DEV_PACKAGES=(
     openssh-server openssh-client                # SSH targets
     rsyslog                                      # the SIEM receiver of the audit stream's tests
     tmux                                         # the console's tests in a real terminal
+    tshark                                       # decodes `session export --pcap` in its tests
 )
 
 install_apt() {

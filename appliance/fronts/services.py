@@ -101,7 +101,8 @@ class FrontServices(Protocol):
                   columns: Sequence[ColumnDesc]) -> MaskPlan | None: ...
 
     async def hold(self, grant: SessionGrant, target: str, request_text: str, verdict: Verdict,
-                   notify: Callable[[str], None], request_id: str | None = None) -> HoldOutcome: ...
+                   notify: Callable[[str], None], request_id: str | None = None,
+                   detail: Mapping[str, Any] | None = None) -> HoldOutcome: ...
 
     def audit(self, kind: str, record: Mapping[str, Any]) -> None: ...
 
@@ -192,7 +193,8 @@ class DefaultServices:
         return ColumnMaskPlan(columns, idx) if idx else None
 
     async def hold(self, grant: SessionGrant, target: str, request_text: str, verdict: Verdict,
-                   notify: Callable[[str], None], request_id: str | None = None) -> HoldOutcome:
+                   notify: Callable[[str], None], request_id: str | None = None,
+                   detail: Mapping[str, Any] | None = None) -> HoldOutcome:
         approval_id = uuid.uuid4().hex
         notify(approval_id)
         await asyncio.sleep(0)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import itertools
+import json
 import logging
 import os
 import threading
@@ -69,6 +70,10 @@ async def attribution(services: Any, transport) -> Any:
         return None
 
 
+# A session's recording stops at this many bytes unless the services say otherwise
+# ([audit] recording_max_bytes).
+DEFAULT_RECORDING_MAX_BYTES = 16 * 1024 * 1024
+
 # Audit hook failures are logged once per kind (the runtime counts every one).
 _AUDIT_FAILURE_LOGGED: set[str] = set()
 
@@ -87,7 +92,7 @@ class SessionCore:
 
     __slots__ = ("services", "target", "protocol", "target_addr", "session_id", "grant", "outcome", "end_error",
                  "durable", "_spawn", "_terminate", "_ticket", "_hold_wait", "_withdrawn", "_ended",
-                 "_record_seq")
+                 "_record_seq", "recording_full", "_record_left", "_record_cap")
 
     def __init__(self, services: FrontServices, *, target: str, protocol: str, target_addr: str,
                  spawn: Callable[[Coroutine[Any, Any, Any], str], asyncio.Task],
@@ -109,6 +114,10 @@ class SessionCore:
         self._withdrawn = False
         self._ended = False
         self._record_seq = 0
+        # What the recording keeps (set at open from services.recording_policy(target)): the
+        # session's bytes ("full") or only its events ("metadata"), and how many bytes at most.
+        self.recording_full = True
+        self._record_left = self._record_cap = DEFAULT_RECORDING_MAX_BYTES
 
     # ------------------------------------------------------------------ admission
     def admit(self, admission: Admission | None, sock: Any, on_closed: Callable[[str], None],
@@ -143,6 +152,10 @@ class SessionCore:
             raise
         self.grant = grant
         self.session_id = grant.session_id
+        policy = getattr(self.services, "recording_policy", None)
+        if policy is not None:
+            self.recording_full, self._record_cap = policy(self.target)
+            self._record_left = self._record_cap
         register = getattr(self.services, "register_terminate", None)
         if register is not None:  # the daemon ends sessions whose lease or token ran out
             register(grant.session_id, self._terminate)
@@ -198,15 +211,42 @@ class SessionCore:
                 _AUDIT_FAILURE_LOGGED.add(kind)
                 log.exception("audit hook failed for %s", kind)
 
-    def record(self, direction: str, data: bytes) -> None:
+    @property
+    def recording_left(self) -> int:
+        """Bytes the recording still takes (0: it stopped at the cap, or records metadata only)."""
+        return self._record_left if self.recording_full else 0
+
+    def record(self, direction: str, data: bytes, ts: datetime | None = None) -> None:
         """One chunk of the session's recording, as the bot saw it (after masking): ``direction``
         "in" (bot to target), "out" (target to bot) or "event" (a JSON document: terminal size,
-        resize, exec command...). A ``recordings`` row in the session's chain."""
+        resize, exec command...). A ``recordings`` row in the session's chain; ``ts`` when the
+        chunk began (default: now).
+
+        A target with ``record = "metadata"`` keeps only the events. Every row counts against the
+        session's ``[audit] recording_max_bytes``: the chunk that reaches it is cut there and
+        followed by a ``{"type": "truncated"}`` event; nothing is recorded after it."""
         if self.session_id is None or not data:
             return
-        self._record_seq += 1
-        self.audit("recording", {"session_id": self.session_id, "seq": self._record_seq, "ts": now(),
-                                 "direction": direction, "data": data})
+        if direction != "event" and not self.recording_full:
+            return
+        left = self._record_left
+        if left <= 0:
+            return
+        cut = len(data) > left
+        if cut:
+            data = data[:left] if direction != "event" else b""
+        self._record_left = left - len(data)
+        if data:
+            self._record_seq += 1
+            self.audit("recording", {"session_id": self.session_id, "seq": self._record_seq, "ts": ts or now(),
+                                     "direction": direction, "data": data})
+        if cut:
+            self._record_left = 0
+            self._record_seq += 1
+            self.audit("recording", {"session_id": self.session_id, "seq": self._record_seq, "ts": now(),
+                                     "direction": "event", "data": json.dumps({
+                                         "type": "truncated", "reason": "recording_max_bytes",
+                                         "max_bytes": self._record_cap}).encode()})
 
     def record_start(self, record: Mapping[str, Any], verdict: Verdict) -> Any:
         """audit.mode = "strict": submit the request's start record to be durable before the
@@ -218,11 +258,13 @@ class SessionCore:
 
     # ------------------------------------------------------------------ holds
     async def hold(self, text: str, verdict: Verdict, notify: Callable[[str], None], request_id: str, *,
-                   withdrawn: str = "the held request was withdrawn before anyone decided") -> HoldOutcome:
+                   withdrawn: str = "the held request was withdrawn before anyone decided",
+                   detail: Mapping[str, Any] | None = None) -> HoldOutcome:
         """Wait for an operator's decision on a request. ``notify(approval_id)`` runs on the event
         loop's thread (the broker may call it from another). Ends as withdrawn when the bot
         withdrew it (:meth:`withdraw_hold`; ``withdrawn`` is the outcome's reason); a broker failure
-        denies. Cancelling the caller's
+        denies. ``detail``: the protocol's facts the approval shows (Kubernetes: verb, resource...).
+        Cancelling the caller's
         task (the bot hung up) cancels the hold, which the broker records as abandoned."""
         loop = asyncio.get_running_loop()
         thread = threading.get_ident()
@@ -235,7 +277,8 @@ class SessionCore:
 
         self._withdrawn = False
         self._hold_wait = asyncio.ensure_future(self.services.hold(
-            self.grant, self.target, text, verdict, on_loop, request_id=request_id))
+            self.grant, self.target, text, verdict, on_loop, request_id=request_id,
+            **({"detail": detail} if detail else {})))
         try:
             return await self._hold_wait
         except asyncio.CancelledError:

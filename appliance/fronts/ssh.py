@@ -18,10 +18,10 @@ are refused with a message (forwarding of every kind too, by design).
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import logging
 import os
 import time
-import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -30,13 +30,23 @@ import asyncssh
 
 from appliance.policy.ssh import SshRequest
 from appliance.policy.types import Verdict
+from appliance.tasks import TaskSet
 
 from .services import AuthRefused, ConnectionContext, HoldOutcome
+from .ssh_cast import TypedLines, pty_event, resize_event
+from .ssh_mask import StreamMasker
+from .session import SessionCore, attribution, drain, format_addr, new_request_id
+from .ssh_sftp import sftp_relay
 
 log = logging.getLogger(__name__)
 
 PROTOCOL = "ssh"
 REFUSED_EXIT = 126  # "command found but not executable": what a refused command exits with
+RELAY_CHUNK = 64 * 1024
+IDLE_FLUSH_S = 0.2  # a masked interactive session shows a held partial line (a prompt) after this pause
+SHELL_TEXT = "[shell]"  # a shell's requests row text
+TYPED_REASON = "typed in an interactive shell: extracted best-effort from keystrokes, not decided"
+WITHDRAWN = "withdrawn: the bot disconnected while the command waited for approval"
 
 
 @dataclass(frozen=True)
@@ -49,11 +59,8 @@ class SshFrontSettings:
     host_cert: Any              # its certificate from the appliance's host CA
     require_token: bool = False
     connect_timeout: float = 10.0
+    env_allow: tuple[str, ...] = ("LANG", "LC_*")  # environment variables a session may pass on
     login_timeout: float = 30.0
-
-
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 class SshFront:
@@ -65,32 +72,44 @@ class SshFront:
         self.admission = admission
         self._server: asyncssh.SSHAcceptor | None = None
         self.sessions: set[_BotConnection] = set()
+        self._tasks = TaskSet()
+        # The SFTP handler (appliance/fronts/ssh_sftp.py): asyncssh's sftp_factory, called with
+        # the bot's channel (chan.get_connection().get_owner() is its _BotConnection: core, grant,
+        # _upstream()). None: the sftp subsystem is refused like any other.
+        self.sftp_factory: Any = sftp_relay
+
+    def spawn(self, coro, name: str) -> asyncio.Task:
+        return self._tasks.spawn(coro, name)
 
     async def serve(self, host: str, port: int) -> Any:
         st = self.settings
         self._server = await asyncssh.create_server(
             lambda: _BotConnection(self), host, port,
             server_host_keys=[(st.host_key, st.host_cert)], process_factory=self._process,
-            encoding=None, login_timeout=st.login_timeout, allow_scp=False, x509_trusted_certs=None,
+            sftp_factory=self.sftp_factory,
+            # line_editor=False: a pty's echo and line editing are the real shell's, not asyncssh's.
+            encoding=None, line_editor=False, login_timeout=st.login_timeout, allow_scp=False, x509_trusted_certs=None,
             agent_forwarding=False, x11_forwarding=False, keepalive_interval=30)
         return self._server
 
     async def close(self) -> None:
+        await drain(self._server, self.sessions, 0.0, lambda s: False,
+                    lambda s: s.end("botwarden is shutting down"))
         if self._server is not None:
-            self._server.close()
             await self._server.wait_closed()
-        for bot in list(self.sessions):
-            bot.end("botwarden is shutting down")
 
     async def drain(self, deadline: float) -> None:
-        while self.sessions and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-        await self.close()
+        """SIGTERM: commands in flight may finish until ``deadline``; then every session ends with
+        a disconnect message the bot's ssh prints."""
+        await drain(self._server, self.sessions, deadline, lambda s: s.busy,
+                    lambda s: s.end("botwarden is shutting down"))
+        if self._server is not None:
+            await self._server.wait_closed()
 
     async def _process(self, process: asyncssh.SSHServerProcess) -> None:
         conn = process.get_extra_info("connection")
         bot = conn.get_owner() if conn is not None else None
-        if not isinstance(bot, _BotConnection) or bot.grant is None:
+        if not isinstance(bot, _BotConnection) or bot.core.grant is None:
             process.stderr.write(b"botwarden: this session was not granted\n")
             process.exit(REFUSED_EXIT)
             return
@@ -98,35 +117,69 @@ class SshFront:
 
 
 class _BotConnection(asyncssh.SSHServer):
-    """One bot's SSH connection: its grant, its upstream connection, its commands."""
+    """One bot's SSH connection: its session core (grant, audit, holds), its upstream connection,
+    its commands."""
 
     def __init__(self, front: SshFront):
         self.front = front
         self.settings = front.settings
         self.services = front.services
-        self.session_id = uuid.uuid4().hex
+        st = self.settings
+        self.core = SessionCore(self.services, target=st.target, protocol=PROTOCOL,
+                                target_addr=f"{st.upstream_host}:{st.upstream_port}", spawn=front.spawn,
+                                terminate=lambda code, message: self.end(message))
         self.conn: asyncssh.SSHServerConnection | None = None
-        self.grant: Any = None
-        self.attribution: Any = None
         self.username = ""
         self.upstream: asyncssh.SSHClientConnection | None = None
         self._upstream_lock = asyncio.Lock()
-        self._started = False
-        self._ended = False
-        self.outcome, self.end_error = "ok", None
+        self._refused = False
+        self.running = 0  # commands in flight or held (drain waits for them)
         self.bytes_in = self.bytes_out = 0
-        self._seq = 0
+
+    @property
+    def busy(self) -> bool:
+        return self.running > 0
+
+    @property
+    def grant(self) -> Any:
+        return self.core.grant
+
+    @property
+    def session_id(self) -> str | None:
+        return self.core.session_id
 
     # -- asyncssh.SSHServer -----------------------------------------------------------
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
         self.front.sessions.add(self)
+        # Agent and X11 forwarding requests reach the connection, not this object: asyncssh asks
+        # these two methods whether to open a listener. Ours refuse, with an audit row each.
+        conn.create_agent_listener = self._agent_requested
+        conn.attach_x11_listener = self._x11_requested
+        if not self.core.admit(self.front.admission, conn.get_extra_info("socket"), self._admission_closed,
+                               listener=self._listener()):
+            conn.disconnect(asyncssh.DISC_TOO_MANY_CONNECTIONS,
+                            "botwarden: too many connections waiting to authenticate; try again later")
+
+    def _listener(self) -> str:
+        return format_addr(self.conn.get_extra_info("sockname")) or "" if self.conn is not None else ""
+
+    def _admission_closed(self, reason: str) -> None:
+        self.core.refused_before_login(reason, self._listener())
+        if self.conn is not None:
+            self.conn.disconnect(asyncssh.DISC_BY_APPLICATION, f"botwarden: {reason}; the connection is closed")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.front.sessions.discard(self)
-        if exc is not None and self.outcome == "ok" and self.grant is not None:
-            self.outcome, self.end_error = "error", str(exc)
-        asyncio.get_running_loop().create_task(self._close())
+        if exc is not None:
+            if self.core.grant is None and not self._refused:
+                self.core.refused_before_login(f"closed before login: {exc}", self._listener())
+            elif self.core.grant is not None:
+                self.core.set_outcome("error", str(exc))
+        self.core.withdraw_hold(WITHDRAWN)  # before end: an ended core withdraws nothing
+        if self.upstream is not None:
+            self.upstream.close()
+        self.core.end(self.bytes_in, self.bytes_out)  # session_end, admission ticket, grant released
 
     async def begin_auth(self, username: str) -> bool:
         self.username = username
@@ -134,110 +187,175 @@ class _BotConnection(asyncssh.SSHServer):
             return True  # the token comes as the password
         return not await self._grant(None)  # attestation alone: no further auth if granted
 
+    # The token (authentication = "token" or "token+attestation") comes as the password or as
+    # the answer to one keyboard-interactive prompt: whichever the bot's client offers.
     def password_auth_supported(self) -> bool:
         return self.settings.require_token
 
     async def validate_password(self, username: str, password: str) -> bool:
         return await self._grant(password)
 
+    def kbdint_auth_supported(self) -> bool:
+        return self.settings.require_token
+
+    def get_kbdint_challenge(self, username: str, lang: str, submethods: str) -> Any:
+        if self._refused:
+            return False
+        return ("botwarden", "", "", [(f"botwarden token for {self.settings.target}: ", False)])
+
+    async def validate_kbdint_response(self, username: str, responses: Any) -> bool:
+        if len(responses) != 1:
+            return False
+        return await self._grant(responses[0])
+
     def public_key_auth_supported(self) -> bool:
         return False
 
+    # -- refused by design: forwarding of every kind --------------------------------------
+    def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> Any:
+        what = f"local port forwarding to {dest_host}:{dest_port}"
+        self._refused_request("ssh_forward", what)
+        raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, f"botwarden refuses {what}")
+
+    def unix_connection_requested(self, dest_path: str) -> Any:
+        what = f"local forwarding to the Unix socket {dest_path}"
+        self._refused_request("ssh_forward", what)
+        raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, f"botwarden refuses {what}")
+
+    def server_requested(self, listen_host: str, listen_port: int) -> bool:
+        self._refused_request("ssh_forward", f"remote port forwarding from {listen_host or '*'}:{listen_port}")
+        return False
+
+    def unix_server_requested(self, listen_path: str) -> bool:
+        self._refused_request("ssh_forward", f"remote forwarding from the Unix socket {listen_path}")
+        return False
+
+    async def _agent_requested(self) -> bool:
+        self._refused_request("ssh_forward", "agent forwarding")
+        return False
+
+    async def _x11_requested(self, chan: Any, auth_proto: bytes, auth_data: bytes, screen: int) -> None:
+        self._refused_request("ssh_forward", f"X11 forwarding (screen {screen})")
+        return None
+
+    def _refused_request(self, kind: str, what: str, reason: str | None = None) -> None:
+        """A request botwarden refuses whatever the policy says (it would carry traffic no rule
+        sees): a requests row; the bot sees SSH's own refusal."""
+        log.info("ssh session %s: refused %s", self.core.session_id, what)
+        self._request(what, Verdict("block", None, reason or f"botwarden refuses {what}"), "block",
+                      reason or f"botwarden refuses {what} on SSH targets", time.time(), kind=kind)
+
+    def _session_env(self, process: asyncssh.SSHServerProcess) -> dict[str, str]:
+        """The variables the bot sent (SendEnv / setenv) that the target's env_allow lets through;
+        each other one is refused with a row naming it (never its value)."""
+        allowed: dict[str, str] = {}
+        for name, value in process.channel.get_environment().items():
+            if any(fnmatch.fnmatchcase(name, pattern) for pattern in self.settings.env_allow):
+                allowed[name] = value
+            else:
+                self._refused_request("ssh_env", f"environment variable {name}",
+                                      f"environment variable {name} is not in target "
+                                      f"{self.settings.target!r}'s env_allow")
+        return allowed
+
     # -- the grant ----------------------------------------------------------------------
     async def _grant(self, token: str | None) -> bool:
-        if self.grant is not None:
+        if self.core.grant is not None:
             return True
-        sock = self.conn.get_extra_info("socket") if self.conn is not None else None
-        if self.attribution is None and sock is not None:
-            attribute = getattr(self.services, "attribute", None)
-            if attribute is not None:
-                try:
-                    found = attribute(sock)
-                    self.attribution = await found if asyncio.iscoroutine(found) else found
-                except Exception:
-                    log.exception("attribution lookup failed")
+        if self._refused:
+            return False
+        self.core.credentials_presented()
         ctx = ConnectionContext(self.conn.get_extra_info("peername"), self.conn.get_extra_info("sockname"),
-                                True, self.attribution)
+                                True, await attribution(self.services, self.conn))
         try:
-            self.grant = await self.services.open_session(self.settings.target, ctx, self.username, token)
+            await self.core.open(ctx, self.username, token)  # a refusal is recorded there
         except AuthRefused as e:
             # SSH shows no reason on an authentication failure: the banner carries ours (never the token).
+            self._refused = True
             self.conn.send_auth_banner(f"{e}\r\n")
-            self._session_start(ctx, None, e.audit_fields)
-            self.outcome, self.end_error = "refused", str(e)
+            self.core.set_outcome("refused", str(e))
             return False
-        self.session_id = self.grant.session_id
-        self._session_start(ctx, self.grant, None)
-        register = getattr(self.services, "register_terminate", None)
-        if register is not None:
-            register(self.grant.session_id, lambda code, message: self.end(message))
         return True
 
     def end(self, why: str) -> None:
         """End the session from botwarden's side (lease or token expiry, shutdown, an operator)."""
         if self.conn is not None:
-            self.outcome, self.end_error = "terminated", why
+            self.core.set_outcome("terminated", why)
             self.conn.disconnect(asyncssh.DISC_BY_APPLICATION, f"botwarden: {why}")
 
     # -- commands -----------------------------------------------------------------------
     async def run(self, process: asyncssh.SSHServerProcess) -> None:
+        self.running += 1
+        try:
+            await self._run(process)
+        finally:
+            self.running -= 1
+
+    async def _run(self, process: asyncssh.SSHServerProcess) -> None:
         command = process.command
         subsystem = process.subsystem
-        if subsystem is not None or command is None:
-            what = f"subsystem {subsystem!r}" if subsystem else "an interactive shell"
-            self._refuse(process, self._request_text(process), Verdict(
-                "block", None, f"{what} is not supported by botwarden's SSH front yet; run commands instead"))
+        if subsystem is not None:
+            # sftp: appliance/fronts/ssh_sftp.py serves it (SshFront.sftp_factory; asyncssh then
+            # runs it instead of this); without it, sftp is refused here like any other subsystem.
+            why = ("sftp is not enabled on botwarden's SSH front; use scp -O or commands" if subsystem == "sftp"
+                   else f"botwarden refuses subsystem {subsystem!r}: only sftp is relayed")
+            self._session_env(process)
+            self._refuse(process, self._request_text(process), Verdict("block", None, why), kind="ssh_subsystem")
             return
+        env = self._session_env(process)
+        shell = command is None
+        request, text, kind = ((SshRequest("shell"), SHELL_TEXT, "ssh_shell") if shell
+                               else (SshRequest.exec(command), command, "ssh_exec"))
         req_t0 = time.time()
         try:
-            verdict = self.services.decide_ssh(self.grant, self.settings.target, SshRequest.exec(command))
+            verdict = self.services.decide_ssh(self.core.grant, self.settings.target, request)
         except Exception:
-            log.exception("policy failed; command refused")
-            verdict = Verdict("block", None, "the policy engine failed on this command")
+            log.exception("policy failed; request refused")
+            verdict = Verdict("block", None, "the policy engine failed on this request")
         decision = verdict.action
         reason = verdict.reason
+        request_id = new_request_id()
         if verdict.action == "block":
-            self._refuse(process, command, verdict)
+            self._refuse(process, text, verdict, request_id=request_id, kind=kind)
             return
         if verdict.action == "approve":
-            outcome = await self._hold(process, command, verdict)
+            outcome = await self._hold(process, text, verdict, request_id)
             if not outcome.approved:
-                self._refuse(process, command, verdict, decision="deny",
-                             why=outcome.reason or "denied", t0=req_t0)
+                self._refuse(process, text, verdict, decision="deny", why=outcome.reason or "denied",
+                             t0=req_t0, request_id=request_id, kind=kind)
                 return
             decision, reason = "approve", outcome.reason or reason
-        request_id = uuid.uuid4().hex
-        if not await self._durable(process, command, verdict, decision, request_id, req_t0):
+        if not await self._durable(process, text, verdict, decision, request_id, req_t0, kind):
             return
+        relayed: dict[str, int] = {}  # what the relay counted (secrets masked)
         try:
-            status = await self._relay(process, command)
+            # exits the bot's channel with the command's status
+            status = await self._relay(process, command, env, self._text_masker(verdict), relayed,
+                                       recorded=shell and process.get_terminal_type() is not None)
         except (OSError, asyncssh.Error, asyncio.TimeoutError) as e:
             msg = f"botwarden: could not run the command on {self.settings.target!r}: {e}"
             process.stderr.write(msg.encode() + b"\n")
             process.exit(255)
-            self._request(command, verdict, decision, reason, req_t0, error=str(e), exit_status=255,
-                          request_id=request_id)
+            self._request(text, verdict, decision, reason, req_t0, error=str(e), exit_status=255,
+                          request_id=request_id, kind=kind)
             return
-        self._request(command, verdict, decision, reason, req_t0, exit_status=status, request_id=request_id)
-        process.exit(status)
+        self._request(text, verdict, decision, reason, req_t0, exit_status=status, request_id=request_id, kind=kind,
+                      masked=relayed.get("masked"))
 
     async def _durable(self, process: asyncssh.SSHServerProcess, command: str, verdict: Verdict, decision: str,
-                       request_id: str, t0: float) -> bool:
+                       request_id: str, t0: float, kind: str) -> bool:
         """audit.mode = "strict": the command reaches the target only once its record is journaled
         by the audit process (issue 23.4); a record that cannot be made durable refuses it."""
-        durable = getattr(self.services, "audit_durable", None)
-        if durable is None:
-            return True
         try:
-            wait = durable("request_start", {
-                "request_id": request_id, "session_id": self.session_id,
-                "ts": datetime.fromtimestamp(t0, timezone.utc), "protocol": PROTOCOL, "kind": "ssh_exec",
+            wait = self.core.record_start({
+                "request_id": request_id, "session_id": self.core.session_id,
+                "ts": datetime.fromtimestamp(t0, timezone.utc), "protocol": PROTOCOL, "kind": kind,
                 "text": command, "params": None, "decision": decision, "rule": verdict.rule}, verdict)
             if wait is not None:
                 await wait
         except Exception as e:
             log.error("a command's record could not be made durable; it is refused: %s", e)
-            self._refuse(process, command, verdict, decision="block", t0=t0,
+            self._refuse(process, command, verdict, decision="block", t0=t0, request_id=request_id, kind=kind,
                          why=f"the audit store could not record the command ({e}); it was not run")
             return False
         return True
@@ -246,38 +364,38 @@ class _BotConnection(asyncssh.SSHServer):
         return process.command or (f"[subsystem {process.subsystem}]" if process.subsystem else "[shell]")
 
     def _refuse(self, process: asyncssh.SSHServerProcess, text: str, verdict: Verdict, *,
-                decision: str = "block", why: str | None = None, t0: float | None = None) -> None:
+                decision: str = "block", why: str | None = None, t0: float | None = None,
+                request_id: str | None = None, kind: str = "ssh_exec") -> None:
         rule = f"rule {verdict.rule!r}" if verdict.rule else "the target's default policy"
         reason = why or verdict.reason
         line = (f"botwarden: command {'denied' if decision == 'deny' else 'blocked by ' + rule}: {reason}"
                 if decision == "deny" or verdict.rule or verdict.action == "block" else f"botwarden: {reason}")
         process.stderr.write(line.encode() + b"\n")
         process.exit(REFUSED_EXIT)
-        self._request(text, verdict, decision, reason, t0 or time.time(), error=line, exit_status=REFUSED_EXIT)
+        self._request(text, verdict, decision, reason, t0 or time.time(), error=line, exit_status=REFUSED_EXIT,
+                      request_id=request_id, kind=kind)
 
-    async def _hold(self, process: asyncssh.SSHServerProcess, command: str, verdict: Verdict) -> HoldOutcome:
+    async def _hold(self, process: asyncssh.SSHServerProcess, command: str, verdict: Verdict,
+                    request_id: str) -> HoldOutcome:
         def notify(approval_id: str) -> None:
             process.stderr.write(f"botwarden: waiting for approval {approval_id}"
                                  f"{' (rule ' + repr(verdict.rule) + ')' if verdict.rule else ''}\n".encode())
 
-        hold = asyncio.ensure_future(self.services.hold(self.grant, self.settings.target, command, verdict, notify))
+        hold = asyncio.ensure_future(self.core.hold(command, verdict, notify, request_id, withdrawn=WITHDRAWN))
         closed = asyncio.ensure_future(process.channel.wait_closed())
         done, _ = await asyncio.wait({hold, closed}, return_when=asyncio.FIRST_COMPLETED)
-        if hold in done:
-            closed.cancel()
-            return hold.result()
-        hold.cancel("the bot disconnected while the command waited for approval")  # withdraws it
+        if hold not in done:  # the bot gave up waiting: the approval's record says withdrawn
+            self.core.withdraw_hold(WITHDRAWN)
+        closed.cancel()
         try:
-            await hold
-        except asyncio.CancelledError:
-            pass
-        return HoldOutcome(False, "", "the bot disconnected while the command waited for approval", None,
-                           "abandoned")
+            return await hold
+        except asyncio.CancelledError:  # the connection ended first (connection_lost withdrew it)
+            return HoldOutcome(False, "", WITHDRAWN, None, "withdrawn")
 
     async def _upstream(self) -> asyncssh.SSHClientConnection:
         async with self._upstream_lock:
             if self.upstream is None:
-                cred = self.grant.credential
+                cred = self.core.grant.credential
                 if not cred.cert or not cred.private_key:
                     raise OSError("the session's credential has no SSH certificate")
                 key = asyncssh.import_private_key(cred.private_key)
@@ -289,73 +407,145 @@ class _BotConnection(asyncssh.SSHServer):
                     st.connect_timeout)
             return self.upstream
 
-    async def _relay(self, process: asyncssh.SSHServerProcess, command: str) -> int:
+    def _text_masker(self, verdict: Verdict) -> Any:
+        find = getattr(self.services, "text_masker", None)
+        return find(self.core.grant, self.settings.target, verdict) if find is not None else None
+
+    async def _relay(self, process: asyncssh.SSHServerProcess, command: str | None, env: dict[str, str],
+                     text_masker: Any = None, counts: dict[str, int] | None = None, *,
+                     recorded: bool = False) -> int:
+        """Run ``command`` (None: a login shell) on the sshd and relay it both ways: stdin, stdout,
+        stderr, EOF, window changes, signals and breaks from the bot; the exit status or the signal
+        that ended the command back. Returns the exit status (128 + signal number for a signal)."""
         upstream = await self._upstream()
-        async with upstream.create_process(command, encoding=None, term_type=process.get_terminal_type(),
-                                           env=None) as remote:
-            await process.redirect(stdin=remote.stdin, stdout=remote.stdout, stderr=remote.stderr)
+        term_type = process.get_terminal_type()
+        shell = _ShellRecord(self) if recorded else None
+        if shell is not None:
+            width, height, _, _ = process.get_terminal_size()
+            self.core.record("event", pty_event(width, height, term_type or "", time.time()))
+        remote = await upstream.create_process(
+            command, encoding=None, term_type=term_type,
+            term_size=process.get_terminal_size() if term_type else None,
+            term_modes=process.term_modes if term_type else None, env=env or None)
+        maskers = ([StreamMasker(text_masker), StreamMasker(text_masker)] if text_masker is not None
+                   else [None, None])
+        interactive = term_type is not None
+        to_bot = [asyncio.ensure_future(self._pump_out(remote.stdout, process.stdout, shell, maskers[0], interactive)),
+                  asyncio.ensure_future(self._pump_out(remote.stderr, process.stderr, shell, maskers[1], interactive))]
+        from_bot = asyncio.ensure_future(self._pump_in(process, remote, shell))
+        try:
+            await asyncio.gather(*to_bot)
             result = await remote.wait(check=False)
+        finally:
+            from_bot.cancel()
+            for t in to_bot:
+                t.cancel()
+            remote.close()
+        if counts is not None:
+            counts["masked"] = sum(m.masked for m in maskers if m is not None)
         if result.exit_signal is not None:
-            return 128 + _signal_number(result.exit_signal[0])
-        return result.exit_status if result.exit_status is not None else 255
+            name, core_dumped, message, lang = result.exit_signal
+            process.exit_with_signal(name, core_dumped, message, lang)
+            return 128 + _signal_number(name)
+        status = result.exit_status if result.exit_status is not None else 255
+        process.exit(status)
+        return status
+
+    async def _pump_in(self, process: asyncssh.SSHServerProcess, remote: asyncssh.SSHClientProcess,
+                       shell: "_ShellRecord | None") -> None:
+        """The bot's stdin to the command, with the out-of-band requests asyncssh hands over as
+        exceptions in the stream's order (a resize between two keystrokes stays between them)."""
+        while True:
+            try:
+                data = await process.stdin.read(RELAY_CHUNK)
+            except asyncssh.TerminalSizeChanged as e:
+                remote.change_terminal_size(e.width, e.height, e.pixwidth, e.pixheight)
+                if shell is not None:
+                    self.core.record("event", resize_event(e.width, e.height))
+                continue
+            except asyncssh.SignalReceived as e:
+                remote.send_signal(e.signal)
+                continue
+            except asyncssh.BreakReceived as e:
+                remote.send_break(e.msec)
+                continue
+            except asyncssh.SoftEOFReceived:
+                continue
+            if not data:
+                remote.stdin.write_eof()
+                return
+            self.bytes_in += len(data)
+            if shell is not None:
+                shell.typed(data)
+            remote.stdin.write(data)
+            await remote.stdin.drain()
+
+    async def _pump_out(self, source: asyncssh.SSHReader, sink: asyncssh.SSHWriter,
+                        shell: "_ShellRecord | None", masker: StreamMasker | None, interactive: bool) -> None:
+        """The command's output to the bot (and the recording), masked when a mask rule matched
+        the request. A masker holds back what could be the start of a secret; in an interactive
+        session what it holds goes out after IDLE_FLUSH_S without more output (a prompt)."""
+        loop = asyncio.get_running_loop()
+        idle: asyncio.TimerHandle | None = None
+
+        def send(data: bytes) -> None:
+            if data:
+                self.bytes_out += len(data)
+                if shell is not None:
+                    shell.shown(data)
+                sink.write(data)
+
+        try:
+            while True:
+                data = await source.read(RELAY_CHUNK)
+                if idle is not None:
+                    idle.cancel()
+                    idle = None
+                if not data:
+                    if masker is not None:
+                        send(masker.flush())
+                    return
+                send(masker.feed(data) if masker is not None else data)
+                if masker is not None and interactive and masker.holding:
+                    idle = loop.call_later(IDLE_FLUSH_S, lambda: send(masker.flush()))
+                await sink.drain()
+        finally:
+            if idle is not None:
+                idle.cancel()
 
     # -- audit --------------------------------------------------------------------------
-    def _audit(self, kind: str, record: dict) -> None:
-        try:
-            self.services.audit(kind, record)
-        except Exception:
-            log.exception("audit hook failed for %s", kind)
-
-    def _session_start(self, ctx: ConnectionContext, grant: Any, refused_fields: Any) -> None:
-        if self._started:
-            return
-        self._started = True
-        peer = ctx.client_addr
-        rec: dict[str, Any] = {
-            "session_id": self.session_id, "ts": _now(), "target": self.settings.target, "protocol": PROTOCOL,
-            "client_addr": f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else None,
-            "target_addr": f"{self.settings.upstream_host}:{self.settings.upstream_port}", "tls": True,
-        }
-        a = ctx.attribution
-        if a is not None:
-            rec.update(pid=getattr(a, "tgid", a.pid), uid=a.uid, gid=a.gid, cgroup_id=a.cgroup_id,
-                       cgroup_path=a.cgroup_path, exe=a.exe_path, comm=a.comm, attribution_source=a.source,
-                       privileged=bool(getattr(a, "privileges", ())))
-        else:
-            rec["attribution_source"] = "none"
-        if grant is not None:
-            rec.update(identity=grant.identity, token_subject=grant.subject,
-                       credential_user=grant.credential.username, lease_id=grant.credential.lease_id)
-            rec.update(grant.audit_fields)
-        elif refused_fields:
-            rec.update(refused_fields)
-        self._audit("session_start", rec)
-
     def _request(self, text: str, verdict: Verdict, decision: str, reason: str | None, t0: float, *,
-                 error: str | None = None, exit_status: int | None = None, request_id: str | None = None) -> None:
-        self._audit("request", {
-            "request_id": request_id or uuid.uuid4().hex, "session_id": self.session_id,
-            "ts": datetime.fromtimestamp(t0, timezone.utc), "protocol": PROTOCOL, "kind": "ssh_exec",
+                 error: str | None = None, exit_status: int | None = None, request_id: str | None = None,
+                 kind: str = "ssh_exec", masked: int | None = None) -> None:
+        self.core.audit("request", {
+            "request_id": request_id or new_request_id(), "session_id": self.core.session_id,
+            "ts": datetime.fromtimestamp(t0, timezone.utc), "protocol": PROTOCOL, "kind": kind,
             "text": text, "params": None, "decision": decision, "rule": verdict.rule, "reason": reason or None,
             "duration_ms": (time.time() - t0) * 1000.0, "rows": exit_status, "error": error,
-            "sqlstate": None, "masked": None,
+            "sqlstate": None, "masked": {"output": masked} if masked else None,
         })
 
-    async def _close(self) -> None:
-        if self._ended:
-            return
-        self._ended = True
-        if self.upstream is not None:
-            self.upstream.close()
-        if self._started:
-            self._audit("session_end", {"session_id": self.session_id, "ts": _now(), "bytes_in": self.bytes_in,
-                                        "bytes_out": self.bytes_out, "outcome": self.outcome,
-                                        "error": self.end_error})
-        if self.grant is not None:
-            try:
-                await self.services.close_session(self.grant)
-            except Exception:
-                log.exception("closing the session's grant failed")
+
+class _ShellRecord:
+    """One recorded shell: its terminal bytes as recording rows, typed lines as requests rows
+    (kind ``ssh_typed``: extracted best-effort, an audit aid, not a decision; appliance/fronts/ssh_cast.py)."""
+
+    def __init__(self, bot: _BotConnection):
+        self.bot = bot
+        self.lines = TypedLines()
+
+    def shown(self, data: bytes) -> None:
+        self.bot.core.record("out", data)
+        self.lines.output(data)
+
+    def typed(self, data: bytes) -> None:
+        self.bot.core.record("in", self.lines.redact(data))
+        for line in self.lines.feed(data):
+            self.bot.core.audit("request", {
+                "request_id": new_request_id(), "session_id": self.bot.core.session_id, "ts": datetime.now(timezone.utc),
+                "protocol": PROTOCOL, "kind": "ssh_typed", "text": line, "params": None, "decision": "allow",
+                "rule": None, "reason": TYPED_REASON, "duration_ms": None, "rows": None, "error": None,
+                "sqlstate": None, "masked": None})
 
 
 def _signal_number(name: str) -> int:

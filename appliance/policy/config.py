@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from appliance.errors import ConfigKeyError
+from appliance.protocols.kubernetes import parse_mask_path
 from appliance.schema import check
 
 Action = Literal["allow", "block", "approve", "mask"]
@@ -21,6 +22,8 @@ DETECTORS = ("email", "card", "iban", "phone", "ssn", "aws_key", "private_key", 
 SHELL_CONSTRUCTS = ("sequence", "and_or", "pipe", "background", "subst", "redirect", "expansion", "glob",
                     "subshell", "newline")
 FORWARD_KINDS = ("local", "remote", "agent", "x11")
+K8S_PATCH_TYPES = ("json", "merge", "strategic", "apply", "unknown")
+K8S_SELECTOR_VERBS = ("list", "watch", "deletecollection")
 SFTP_OPS = ("read", "write", "create", "remove", "rename", "mkdir", "rmdir", "list", "stat", "setstat",
             "symlink", "readlink")
 
@@ -30,6 +33,24 @@ def _nonempty_patterns(values: tuple[str, ...] | None) -> tuple[str, ...] | None
         for v in values:
             if not v.strip():
                 raise ValueError("patterns must not be empty strings")
+    return values
+
+
+def _sftp_paths(values: tuple[str, ...] | None) -> tuple[str, ...] | None:
+    """SFTP operations are decided on absolute, normalized paths (the front resolves relative ones
+    against the login's home directory): a pattern that could never match one is a mistake."""
+    _nonempty_patterns(values)
+    for v in values or ():
+        if not v.startswith(("/", "*")):
+            raise ValueError(f"sftp path pattern {v!r} must be absolute (start with / or *): operations are "
+                             f"decided on absolute paths")
+        parts = v.split("/")
+        if any(p in (".", "..") for p in parts) or "//" in v:
+            raise ValueError(f"sftp path pattern {v!r} is not normalized (no ., .. or //): paths are "
+                             f"normalized before they are decided, so it would never match")
+        if len(v) > 1 and v.endswith("/"):
+            raise ValueError(f"sftp path pattern {v!r} ends with /: paths are decided without one "
+                             f"(write {v.rstrip('/')!r} for the directory, {v + '*'!r} for what is under it)")
     return values
 
 
@@ -161,10 +182,16 @@ class SshMatch:
     forwarding: tuple[Literal[FORWARD_KINDS + ("any",)], ...] | None = None  # type: ignore[valid-type]
     destinations: tuple[str, ...] | None = field(default=None, metadata=check(_nonempty_patterns))
     subsystems: tuple[str, ...] | None = field(default=None, metadata=check(_nonempty_patterns))
-    sftp_paths: tuple[str, ...] | None = field(default=None, metadata=check(_nonempty_patterns))
+    sftp_paths: tuple[str, ...] | None = field(default=None, metadata=check(_sftp_paths))
     sftp_ops: tuple[Literal[SFTP_OPS], ...] | None = None  # type: ignore[valid-type]
     match: MatchMode | None = None
     match_keys: MatchMode | None = None  # as in SqlMatch
+
+
+def _mask_paths(values: tuple[str, ...] | None) -> tuple[str, ...] | None:
+    for v in values or ():
+        parse_mask_path(v)  # ValueError: what is wrong with it
+    return values
 
 
 @dataclass(frozen=True)
@@ -175,6 +202,42 @@ class K8sMatch:
     namespaces: tuple[str, ...] | None = field(default=None, metadata=check(_nonempty_patterns))
     names: tuple[str, ...] | None = field(default=None, metadata=check(_nonempty_patterns))
     api_groups: tuple[str, ...] | None = None
+    # Requirements of the request's selectors (`kubectl -l app=web` is "app=web"; "*" = any
+    # selector); a request without one does not match.
+    label_selectors: tuple[str, ...] | None = field(default=None, metadata=check(_nonempty_patterns))
+    field_selectors: tuple[str, ...] | None = field(default=None, metadata=check(_nonempty_patterns))
+    # A PATCH's type: `kubectl patch --type`, `kubectl apply` (strategic), `--server-side` (apply).
+    patch_types: tuple[Literal[K8S_PATCH_TYPES], ...] | None = None  # type: ignore[valid-type]
+    dry_run: bool | None = None  # true: only dry runs (`--dry-run=server`); false: only real requests
+    # `kubectl exec -- cmd`: the command, analyzed as an SSH command is (docs/policy.md, SSH):
+    # programs run, whole command lines, shell constructs; `match` as for [rules.ssh].
+    programs: tuple[str, ...] | None = field(default=None, metadata=check(_nonempty_patterns))
+    commands: tuple[str, ...] | None = field(default=None, metadata=check(_nonempty_patterns))
+    constructs: tuple[Literal[SHELL_CONSTRUCTS + ("any",)], ...] | None = None  # type: ignore[valid-type]
+    match: MatchMode | None = None
+    # Not a matcher: with action = "mask", the values at these paths in the response's objects
+    # ("ConfigMap.data.password", "Pod.spec.containers[*].env[*].value"; docs/kubernetes.md).
+    mask_paths: tuple[str, ...] | None = field(default=None, metadata=check(_mask_paths))
+
+    def __post_init__(self) -> None:
+        command_keys = [k for k in ("programs", "commands", "constructs") if getattr(self, k) is not None]
+        if command_keys and self.subresources is not None and not any(
+                fnmatch.fnmatchcase("exec", p.lower()) for p in self.subresources):
+            raise ValueError(f"{command_keys[0]} match the command of `kubectl exec`: subresources must include "
+                             "\"exec\" (attach and port-forward carry no command)")
+        if self.match is not None and not command_keys:
+            raise ValueError("match applies to programs / commands / constructs: set one of them or drop it")
+        # A key no request of the rule's verbs can carry would make the rule match nothing.
+        verbs = self.verbs
+        if verbs is None:
+            return
+        can = lambda wanted: any(fnmatch.fnmatchcase(v, p.lower()) for p in verbs for v in wanted)  # noqa: E731
+        if self.patch_types is not None and not can(("patch",)):
+            raise ValueError("patch_types match only patch requests: verbs must include \"patch\"")
+        for key in ("label_selectors", "field_selectors"):
+            if getattr(self, key) is not None and not can(K8S_SELECTOR_VERBS):
+                raise ValueError(f"{key} match only list, watch and deletecollection requests (the verbs that "
+                                 f"carry selectors; `kubectl delete -l` lists first): verbs must include one")
 
 
 def _keep(value: int) -> int:
@@ -226,13 +289,17 @@ class Rule:
                              "(or a [rules.k8s] section: Secret values in Kubernetes responses)")
         if self.mask and self.action != "mask":
             raise ValueError(f"rule {self.name!r}: mask entries need action = \"mask\", not {self.action!r}")
-        if self.mask and sections and sections[0] != "sql":
-            raise ValueError(f"rule {self.name!r}: masking applies to SQL results only")
+        if self.k8s is not None and self.k8s.mask_paths and self.action != "mask":
+            raise ValueError(f"rule {self.name!r}: mask_paths need action = \"mask\", not {self.action!r}")
+        if self.mask and sections and sections[0] not in ("sql", "ssh"):
+            raise ValueError(f"rule {self.name!r}: masking applies to SQL results and SSH output only")
+        if self.mask and self.ssh is not None and any(m.columns for m in self.mask):
+            raise ValueError(f"rule {self.name!r}: SSH output has no columns; mask it with detectors")
 
     @property
     def protocol(self) -> str | None:
         """The protocol this rule's matchers speak; None = it matches any request."""
-        if self.sql is not None or self.mask:
+        if self.sql is not None or (self.mask and self.ssh is None):
             return "postgres"
         if self.ssh is not None:
             return "ssh"

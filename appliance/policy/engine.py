@@ -31,7 +31,9 @@ from pglast.parser import ParseError, fingerprint, normalize
 
 from appliance.policy.config import PolicyConfig, Rule, TimeWindow, matcher_keys, parse_days, parse_hours
 from appliance.policy.k8s import K8sRequest
-from appliance.policy.masking import (ColumnAction, DetectorSettings, RowMasker, Strategy, column_is_maskable)
+from appliance.protocols.kubernetes import MaskPath, parse_mask_path
+from appliance.policy.masking import (ColumnAction, DetectorSettings, RowMasker, Strategy, TextMasker,
+                                      column_is_maskable)
 from appliance.policy.sql import (BatchAnalysis, Function, Relation, StatementAnalysis, analyze_sql, kind_matches,
                                   resolve_execute)
 from appliance.policy.ssh import UNKNOWN_PROGRAM, SshAnalysis, SshRequest, analyze_ssh
@@ -224,6 +226,8 @@ class _Compiled:
     sql: dict[str, Any] = field(default_factory=dict)
     ssh: dict[str, Any] = field(default_factory=dict)
     k8s: dict[str, Any] = field(default_factory=dict)
+    k8s_mask_paths: tuple[MaskPath, ...] = ()  # a Kubernetes mask rule's mask_paths, parsed
+    k8s_exec: "_Compiled | None" = None  # programs / commands / constructs of a [rules.k8s]: the exec command
     # match_keys = "any": one compiled part per matcher key; the rule matches when one part does.
     parts: tuple["_Compiled", ...] = ()
     max_rows: int | None = None  # affected-rows guard: matches only above this estimate
@@ -255,7 +259,7 @@ def _compile(index: int, rule: Rule) -> _Compiled:
     c = _Compiled(index, rule, ACTION_STRENGTH[rule.action], _Window(rule.when) if rule.when else None,
                   any_mode, generic=(rule.sql is None and rule.ssh is None and rule.k8s is None
                                      and rule.unparsed == "block" and not rule.mask))
-    c.sql_capable = rule.sql is not None or bool(rule.mask)
+    c.sql_capable = rule.sql is not None or (bool(rule.mask) and rule.ssh is None)
     if rule.sql is not None and rule.sql.max_rows is not None:
         if rule.action not in ("block", "approve"):
             raise PolicyError(f"rule {rule.name!r}: max_rows needs action \"block\" or \"approve\" "
@@ -290,7 +294,22 @@ def _compile(index: int, rule: Rule) -> _Compiled:
         c.k8s = {name: [_glob(p) for p in value] for name, value in {
             "verbs": k.verbs, "resources": k.resources, "subresources": k.subresources,
             "namespaces": k.namespaces, "names": k.names, "api_groups": k.api_groups,
+            "label_selectors": k.label_selectors, "field_selectors": k.field_selectors,
         }.items() if value is not None}
+        if k.patch_types is not None:
+            c.k8s["patch_types"] = frozenset(k.patch_types)
+        if k.dry_run is not None:
+            c.k8s["dry_run"] = k.dry_run
+        c.k8s_mask_paths = tuple(parse_mask_path(p) for p in k.mask_paths or ())
+        exec_keys = {key: v for key, v in {
+            "programs": [_glob(p) for p in k.programs] if k.programs is not None else None,
+            "commands": [_glob(p) for p in k.commands] if k.commands is not None else None,
+            "constructs": frozenset(k.constructs) if k.constructs is not None else None,
+        }.items() if v is not None}
+        if exec_keys:
+            # The exec command is matched exactly as an SSH command is (_ssh_matches).
+            exec_any = (k.match or ("all" if rule.action == "allow" else "any")) == "any"
+            c.k8s_exec = _Compiled(index, rule, c.strength, c.window, exec_any, generic=False, ssh=exec_keys)
     return c
 
 
@@ -375,13 +394,29 @@ def _norm_path(path: str) -> str:
     return posixpath.normpath("/" + path) if not path.startswith("/") else posixpath.normpath(path)
 
 
-def _k8s_matches(c: _Compiled, req: K8sRequest) -> bool:
+def _k8s_matches(c: _Compiled, req: K8sRequest, command: SshAnalysis | None) -> bool:
+    """``command``: the analysis of an exec's command (None: the request runs none)."""
+    if c.k8s_exec is not None and (command is None or command.error is not None
+                                   or not _ssh_matches(c.k8s_exec, command)):
+        return False
     values = {"verbs": req.verb, "resources": req.resource, "subresources": req.subresource,
               "namespaces": req.namespace, "names": req.name, "api_groups": req.api_group}
     for key, patterns in c.k8s.items():
-        value = values[key]
-        if value is None or not any(p(value) for p in patterns):
-            return False
+        if key == "dry_run":
+            if req.dry_run != patterns:
+                return False
+        elif key == "patch_types":
+            if req.patch_type not in patterns:
+                return False
+        elif key in ("label_selectors", "field_selectors"):
+            # Some requirement of the selector matches some pattern.
+            reqs = req.label_selector if key == "label_selectors" else req.field_selector
+            if not any(p(r) for r in reqs for p in patterns):
+                return False
+        else:
+            value = values[key]
+            if value is None or not any(p(value) for p in patterns):
+                return False
     return True
 
 
@@ -663,7 +698,11 @@ class PolicyEngine:
             return Verdict("block", None, f"botwarden blocks commands it cannot analyze: {analysis.error}",
                            details=(analysis,), matched=tuple(c.name for c in matches))
         verdict = self._pick(scope, matches, analysis.summary(), target)
-        return replace(verdict, details=(analysis,), matched=tuple(c.name for c in matches))
+        # Mask rules with a [rules.ssh] section mask the output of the requests they match.
+        masks = tuple(c.name for c in scope.rules if c.action == "mask" and c.rule.ssh is not None
+                      and self._active(c, when) and _ssh_matches(c, analysis))
+        return replace(verdict, details=(analysis,), matched=tuple(c.name for c in matches),
+                       mask_rules=masks if verdict.action != "block" else ())
 
     def decide_k8s(self, identity: str, groups: tuple[str, ...], target: str, request: K8sRequest, *,
                    now: datetime | None = None) -> Verdict:
@@ -671,13 +710,31 @@ class PolicyEngine:
         when = self._now(now) if scope.windows else None
         # Mask rules (a [rules.k8s] section, no entries) mask Secret values in the response; like
         # SQL masks they also apply to a request an operator approved.
+        command = analyze_ssh(SshRequest.exec(request.command_line)) if request.command_line else None
         matches = [c for c in scope.rules if self._active(c, when)
-                   and (c.generic or (c.rule.k8s is not None and _k8s_matches(c, request)))]
+                   and (c.generic or (c.rule.k8s is not None and _k8s_matches(c, request, command)))]
+        if command is not None and command.error is not None:
+            # As for SSH: a command botwarden cannot read is not run.
+            return Verdict("block", None, f"botwarden blocks commands it cannot analyze: {command.error}",
+                           details=(request,), matched=tuple(c.name for c in matches))
         verdict = self._pick(scope, matches, request.describe(), target)
         masks = tuple(c.name for c in matches if c.action == "mask")
-        return replace(verdict, details=(request,), matched=tuple(c.name for c in matches), mask_rules=masks)
+        # details: the request, then the MaskPaths of the mask rules that matched (the front masks
+        # the response's Secrets and these).
+        paths = tuple(p for c in matches if c.action == "mask" for p in c.k8s_mask_paths)
+        return replace(verdict, details=(request, *paths), matched=tuple(c.name for c in matches), mask_rules=masks)
 
     # -- masking --
+    def text_masker(self, verdict: Verdict) -> TextMasker | None:
+        """The content detectors an SSH request's output is masked with (its verdict's mask
+        rules), or None: nothing to mask."""
+        if not verdict.mask_rules or verdict.action == "block":
+            return None
+        by_name = {c.rule.name: c.rule for c in self.rules}
+        detectors = [(d, Strategy(spec.strategy, spec.keep, self.salt)) for name in verdict.mask_rules
+                     for spec in by_name[name].mask for d in spec.detectors]
+        return TextMasker(detectors, self.detector_settings) if detectors else None
+
     def mask_plan(self, identity: str, groups: tuple[str, ...], target: str, verdict: Verdict,
                   columns: Sequence[ColumnDesc]) -> MaskPlan | None:
         if not verdict.mask_rules or verdict.action == "block":

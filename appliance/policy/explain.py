@@ -346,6 +346,9 @@ def covers(a: Rule, b: Rule) -> bool:
         return sa2.constructs is None or (sb2.constructs is not None and (
             set(sb2.constructs) <= set(sa2.constructs) or "any" in sa2.constructs))
     if a.k8s is not None and b.k8s is not None:
-        return all(_subset(getattr(b.k8s, f), getattr(a.k8s, f))
-                   for f in ("verbs", "resources", "subresources", "namespaces", "names", "api_groups"))
+        return (all(_subset(getattr(b.k8s, f), getattr(a.k8s, f))
+                    for f in ("verbs", "resources", "subresources", "namespaces", "names", "api_groups",
+                              "label_selectors", "field_selectors", "patch_types", "programs", "commands",
+                              "constructs"))
+                and a.k8s.dry_run in (None, b.k8s.dry_run))
     return False

@@ -393,3 +393,29 @@ class RowMasker:
 
 def column_is_maskable(col: ColumnDesc) -> bool:
     return col.type_oid in TEXT_TYPES or col.type_oid in JSON_TYPES or col.type_oid == UNKNOWN_TYPE
+
+
+class TextMasker:
+    """Content detectors over free text (an SSH command's output): where the secrets are and
+    what replaces each. A ``null`` strategy has no place in a byte stream: it stars the value."""
+
+    def __init__(self, detectors: Sequence[tuple[str, Strategy]], settings: DetectorSettings):
+        self.detectors = list(detectors)
+        self.settings = settings
+
+    def spans(self, text: str) -> list[tuple[int, int, str]]:
+        """(start, end, replacement) of every secret in ``text``, in order, without overlaps."""
+        found: list[tuple[int, int, Strategy]] = []
+        for detector, strategy in self.detectors:
+            for start, end in DETECTOR_FUNCTIONS[detector](text, self.settings):
+                found.append((start, end, strategy))
+        found.sort(key=lambda s: (s[0], -s[1]))
+        out: list[tuple[int, int, str]] = []
+        last = 0
+        for start, end, strategy in found:
+            if start < last:
+                continue  # overlaps a span already masked
+            replacement = strategy(text[start:end])
+            out.append((start, end, STARS if replacement is None else replacement))
+            last = end
+        return out

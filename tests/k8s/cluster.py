@@ -124,7 +124,8 @@ class KubeCluster:
                  "--service-account-issuer=https://kubernetes.default.svc",
                  f"--token-auth-file={d / 'tokens.csv'}", "--authorization-mode=RBAC",
                  "--service-cluster-ip-range=10.0.0.0/24", "--insecure-port=0",
-                 f"--cert-dir={d / 'certs'}", "--enable-priority-and-fairness=false"],
+                 f"--cert-dir={d / 'certs'}", "--enable-priority-and-fairness=false",
+                 f"--audit-policy-file={self._audit_policy(d)}", f"--audit-log-path={self.audit_log}"],
                 stdout=self._api_log, stderr=subprocess.STDOUT, start_new_session=True))
             self._wait_ready(timeout)
         except BaseException:
@@ -146,6 +147,34 @@ class KubeCluster:
                 last = str(e)
             time.sleep(0.3)
         raise TimeoutError(f"kube-apiserver not ready after {timeout}s ({last}):\n{self.logs()[-4000:]}")
+
+    # The server's own audit log, for exec/attach/port-forward only: the tests read in it which of
+    # those requests reached the server (a request botwarden refused must not be there).
+    AUDIT_POLICY = """apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: ["RequestReceived"]
+rules:
+- level: Metadata
+  resources:
+  - group: ""
+    resources: ["pods/exec", "pods/attach", "pods/portforward"]
+- level: None
+"""
+
+    def _audit_policy(self, d: Path) -> Path:
+        path = d / "audit-policy.yaml"
+        path.write_text(self.AUDIT_POLICY)
+        return path
+
+    @property
+    def audit_log(self) -> Path:
+        return self.workdir / "audit.log"
+
+    def audit_events(self) -> list[dict]:
+        """The server's audit events so far (exec/attach/port-forward requests it received)."""
+        if not self.audit_log.exists():
+            return []
+        return [json.loads(line) for line in self.audit_log.read_text().splitlines() if line.strip()]
 
     def logs(self) -> str:
         out = []

@@ -18,16 +18,19 @@ socket (:mod:`appliance.fronts.k8s.http`).
    otherwise). The bot's token never leaves botwarden.
 2. **Decision** per request: :class:`appliance.policy.K8sRequest` reads verb, group,
    version, resource, subresource, namespace and name from the request line the way the
-   API server does; ``services.decide_k8s`` answers allow / block / approve / mask.
+   API server does, plus selectors, a PATCH's type, dry run and an exec's command;
+   ``services.decide_k8s`` answers allow / block / approve / mask.
    *block* and *deny* answer a real ``Status`` (403 Forbidden, naming the rule) that kubectl
    prints like an RBAC refusal; *approve* holds the request (kubectl sees a slow request).
-3. **Forwarding** (:mod:`appliance.fronts.k8s.upstream`): httpx over a per-session
+3. **Forwarding** (``Session._forward``): httpx over a per-session
    connection pool to the real server, the bot's headers minus hop-by-hop and identity
    headers, the session's token added. Responses stream back as they arrive (``watch``,
    ``logs -f``); a masked response is read as JSON (``Accept`` narrowed to JSON) and Secret
-   values are rewritten, event by event for a watch.
-4. **Audit**: a ``session_start`` / ``session_end`` per connection and one ``requests`` row per
-   API request (protocol ``k8s``, the HTTP status in ``sqlstate``).
+   values (and the rule's ``mask_paths``) are rewritten, event by event for a watch.
+4. **Audit** through :class:`appliance.fronts.session.SessionCore`: a ``session_start`` /
+   ``session_end`` per connection, one ``requests`` row per API request (protocol ``k8s``, the
+   HTTP status in ``sqlstate``, the attributes in ``params``, the response size in ``rows``)
+   and the session's recording (each request and response, bodies masked).
 """
 
 from .front import PROTOCOL, K8sFrontSettings, KubernetesFront

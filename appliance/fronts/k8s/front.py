@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
-import os
 import ssl
 import time
 from dataclasses import dataclass
@@ -15,13 +16,13 @@ from urllib.parse import urlsplit
 import httpx
 
 from appliance.errors import BotwardenError
-from appliance.fronts.admission import Admission, Ticket
-from appliance.fronts.postgres import _attribution
+from appliance.fronts.admission import Admission
 from appliance.fronts.services import AuthRefused, ConnectionContext, FrontServices, HoldOutcome, SessionGrant
+from appliance.fronts.session import SessionCore, attribution, format_addr, new_request_id
 from appliance.policy.k8s import K8sRequest
 from appliance.policy.types import Verdict
-from appliance.protocols.kubernetes import (KubernetesProtocolError, SecretMasker, WatchMasker, bearer_token,
-                                            response_headers, status_body, upstream_headers)
+from appliance.protocols.kubernetes import (KubernetesProtocolError, MaskPath, ResponseMasker, WatchMasker,
+                                            bearer_token, response_headers, status_body, upstream_headers)
 from appliance.tasks import TaskSet
 
 log = logging.getLogger(__name__)
@@ -129,16 +130,6 @@ class KubernetesFront:
         await asyncio.sleep(0)
 
 
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def _addr(a: Any) -> str | None:
-    if isinstance(a, tuple) and len(a) >= 2:
-        return f"{a[0]}:{a[1]}"
-    return str(a) if a else None
-
-
 class Refusal(BotwardenError):
     """An exchange answered by botwarden itself with a ``Status`` (``code``, ``message``)."""
 
@@ -159,20 +150,24 @@ class Session:
         self.settings = front.settings
         self.reader = reader
         self.writer = writer
-        self.grant: SessionGrant | None = None
-        self.session_id: str | None = None
+        # Admission, identity and grant, audit rows, holds and the end: what every front shares.
+        self.core = SessionCore(front.services, target=self.settings.target, protocol=PROTOCOL,
+                                target_addr=f"{self.settings.upstream_host}:{self.settings.upstream_port}",
+                                spawn=front.spawn, terminate=lambda code, message: self.shutdown(message))
         self._token_digest: bytes | None = None
         self._opening: asyncio.Future | None = None
-        self._admission: Ticket | None = None
         self.client: httpx.AsyncClient | None = None
         self.bytes_in = 0
         self.bytes_out = 0
-        self.outcome = "ok"
-        self.end_error: str | None = None
         self.in_flight = 0
+        self._recorded_request: str | None = None  # the exchange the recording's last row belongs to
         self.closed = False
         self._ctx: ConnectionContext | None = None
         self._driver: Any = None
+
+    @property
+    def session_id(self) -> str | None:
+        return self.core.session_id
 
     @property
     def busy(self) -> bool:
@@ -182,13 +177,10 @@ class Session:
     async def run(self) -> None:
         from .http import Http1Driver, Http2Driver
 
-        admission = self.front.admission
-        if admission is not None:
-            self._admission = admission.admit(self.writer.get_extra_info("socket"), self._admission_closed,
-                                              listener=_addr(self.writer.get_extra_info("sockname")) or "")
-            if self._admission is None:
-                self.writer.close()
-                return
+        if not self.core.admit(self.front.admission, self.writer.get_extra_info("socket"), self._admission_closed,
+                               format_addr(self.writer.get_extra_info("sockname")) or ""):
+            self.writer.close()
+            return
         ssl_object = self.writer.get_extra_info("ssl_object")
         alpn = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
         self._driver = (Http2Driver if alpn == "h2" else Http1Driver)(self)
@@ -200,17 +192,16 @@ class Session:
             log.info("kubernetes session ended: %s", e)
         except Exception:
             log.exception("kubernetes session failed")
-            self.outcome, self.end_error = "error", "internal error in the Kubernetes front"
+            self.core.set_outcome("error", "internal error in the Kubernetes front")
         finally:
             await self.finish()
 
     def _admission_closed(self, reason: str) -> None:
-        self.outcome, self.end_error = "error", f"botwarden: {reason}"
+        self.core.set_outcome("error", f"botwarden: {reason}")
         self.shutdown(reason)
 
     def shutdown(self, reason: str) -> None:
-        if self.outcome == "ok":
-            self.outcome, self.end_error = "terminated", reason
+        self.core.set_outcome("terminated", reason)
         if self._driver is not None:
             self._driver.shutdown(reason)
         else:
@@ -220,32 +211,14 @@ class Session:
         if self.closed:
             return
         self.closed = True
-        if self._admission is not None:
-            self._admission.release()
         self.writer.close()
         if self.client is not None:
             await self.client.aclose()
-        if self.session_id is not None:
-            self._audit("session_end", {"session_id": self.session_id, "ts": _now(), "bytes_in": self.bytes_in,
-                                        "bytes_out": self.bytes_out, "outcome": self.outcome,
-                                        "error": self.end_error})
-        if self.grant is not None:
-            try:
-                await self.services.close_session(self.grant)
-            except Exception:
-                log.exception("close_session failed for session %s", self.grant.session_id)
-
-    def _audit(self, kind: str, record: dict) -> None:
-        try:
-            self.services.audit(kind, record)
-        except Exception:  # counted by the runtime; strict callers refused the request already
-            log.exception("audit hook failed for %s", kind)
+        self.core.end(self.bytes_in, self.bytes_out)  # session_end, admission ticket, grant released
 
     # ------------------------------------------------------------------ identity
     async def _session_for(self, token: str | None) -> SessionGrant:
         """The session's grant: opened by the first request, the same token required after."""
-        import hashlib
-
         digest = hashlib.sha256(token.encode()).digest() if token else b""
         if self._opening is None:
             self._opening = asyncio.ensure_future(self._open(token))
@@ -258,28 +231,18 @@ class Session:
 
     async def _open(self, token: str | None) -> SessionGrant:
         ctx = await self._context()
-        if self._admission is not None:
-            self._admission.release()  # credentials presented: the identity checks bound it from here
+        self.core.credentials_presented()  # the identity checks bound the connection from here
         if self.settings.require_token and not token:
-            self.session_id = os.urandom(16).hex()
-            self._session_start(ctx, None)
-            self.outcome, self.end_error = "refused", "no bearer token"
+            self.core.refuse(ctx)
+            self.core.set_outcome("refused", "no bearer token")
             raise Refusal(401, "botwarden refused the connection: no bearer token (the kubeconfig's token is "
                                "the bot's OIDC token)", reason="Unauthorized", close=True)
         try:
-            grant = await self.services.open_session(self.settings.target, ctx, "", token if token else None)
+            grant = await self.core.open(ctx, "", token if token else None)  # a refusal is recorded there
         except AuthRefused as e:
-            self.session_id = os.urandom(16).hex()
-            self._session_start(ctx, None, e.audit_fields)
-            self.outcome, self.end_error = "refused", e.message
+            self.core.set_outcome("refused", e.message)
             code = 401 if e.sqlstate.startswith("28") else 503
             raise Refusal(code, e.message, close=True) from None
-        self.grant = grant
-        self.session_id = grant.session_id
-        register = getattr(self.services, "register_terminate", None)
-        if register is not None:  # the daemon ends sessions whose lease or token ran out
-            register(grant.session_id, lambda code, message: self.shutdown(message))
-        self._session_start(ctx, grant)
         s = self.settings
         self.client = httpx.AsyncClient(
             base_url=f"https://{s.upstream_host}:{s.upstream_port}", verify=self.front.upstream_ssl,
@@ -293,29 +256,8 @@ class Session:
             transport = self.writer.transport
             self._ctx = ConnectionContext(self.writer.get_extra_info("peername"),
                                           self.writer.get_extra_info("sockname"), True,
-                                          await _attribution(self.services, transport))
+                                          await attribution(self.services, transport))
         return self._ctx
-
-    def _session_start(self, ctx: ConnectionContext, grant: SessionGrant | None, refused_fields: Any = None) -> None:
-        rec: dict[str, Any] = {
-            "session_id": self.session_id, "ts": _now(), "target": self.settings.target, "protocol": PROTOCOL,
-            "client_addr": _addr(ctx.client_addr),
-            "target_addr": f"{self.settings.upstream_host}:{self.settings.upstream_port}", "tls": True,
-        }
-        a = ctx.attribution
-        if a is not None:
-            rec.update(pid=getattr(a, "tgid", a.pid), uid=a.uid, gid=a.gid, cgroup_id=a.cgroup_id,
-                       cgroup_path=a.cgroup_path, exe=a.exe_path, comm=a.comm, attribution_source=a.source,
-                       privileged=bool(getattr(a, "privileges", ())))
-        else:
-            rec["attribution_source"] = "none"
-        if grant is not None:
-            rec.update(identity=grant.identity, token_subject=grant.subject,
-                       credential_user=grant.credential.username, lease_id=grant.credential.lease_id)
-            rec.update(grant.audit_fields)
-        elif refused_fields:
-            rec.update(refused_fields)
-        self._audit("session_start", rec)
 
     # ------------------------------------------------------------------ one exchange
     async def exchange(self, req: BotRequest, out: Responder) -> bool:
@@ -323,16 +265,25 @@ class Session:
         self.in_flight += 1
         t0 = time.time()
         self.bytes_in += len(req.body)
-        record: dict[str, Any] = {"request_id": os.urandom(16).hex(), "ts": datetime.fromtimestamp(t0, timezone.utc),
+        request_id = new_request_id()
+        out = _Counted(out, self, request_id)
+        record: dict[str, Any] = {"request_id": request_id, "ts": datetime.fromtimestamp(t0, timezone.utc),
                                   "protocol": PROTOCOL, "kind": "k8s", "text": f"{req.method} {req.target}"}
         k8s: K8sRequest | None = None
         try:
             grant = await self._session_for(bearer_token(req.headers))
             record["session_id"] = grant.session_id
-            k8s = K8sRequest.from_http(req.method, req.target)
+            k8s = K8sRequest.from_http(req.method, req.target, _header(req.headers, "content-type"), req.body)
             record["text"] = f"{k8s.describe()} ({req.method} {urlsplit(req.target).path})"
+            # The request's attributes as columns one can query (docs/audit-schema.md, params).
+            record["params"] = [k8s.verb, k8s.api_group, k8s.resource, k8s.subresource, k8s.namespace, k8s.name]
             verdict = self.services.decide_k8s(grant, self.settings.target, k8s)
             record.update(decision=verdict.action, rule=verdict.rule, reason=verdict.reason or None)
+            # The recording: the request line without its query (which can carry what an exec
+            # command was given; the requests row has it, redacted), then its body, masked.
+            self.record_event(request_id, {"type": "request", "method": req.method,
+                                           "path": urlsplit(req.target).path, "decision": verdict.action})
+            self._record_request_body(request_id, req.body, k8s, verdict)
             if verdict.action == "block":
                 raise Refusal(403, verdict.reason, reason="Forbidden")
             if verdict.action == "approve":
@@ -343,7 +294,7 @@ class Session:
             await self._record_start(record, verdict)
             masked = await self._forward(grant, req, k8s, verdict, out, record)
             if masked:
-                record["masked"] = {"secret_values": masked}
+                record["masked"] = masked
             return True
         except Refusal as e:
             record.setdefault("decision", "block" if e.code == 403 else "deny")
@@ -362,18 +313,48 @@ class Session:
             if "session_id" in record or self.session_id is not None:
                 record.setdefault("session_id", self.session_id)
                 record["duration_ms"] = (time.time() - t0) * 1000.0
-                self._audit("request", record)
+                record["rows"] = out.sent  # the response body's size as the bot got it (masked)
+                self.core.audit("request", record)
+
+    # ------------------------------------------------------------------ recording
+    def record(self, request_id: str, direction: str, data: bytes) -> None:
+        """One chunk of an exchange in the session's recording (SessionCore.record). HTTP/2
+        interleaves exchanges: a chunk of another exchange than the last one recorded follows a
+        ``{"type": "continue", "request_id": ...}`` event, so each chunk belongs to one request."""
+        if direction != "event" and self._recorded_request != request_id:
+            self.core.record("event", json.dumps({"type": "continue", "request_id": request_id}).encode())
+        self._recorded_request = request_id
+        self.core.record(direction, data)
+
+    def record_event(self, request_id: str, doc: dict[str, Any]) -> None:
+        self.record(request_id, "event", json.dumps({**doc, "request_id": request_id}, separators=(",", ":")).encode())
+
+    def _record_request_body(self, request_id: str, body: bytes, k8s: K8sRequest, verdict: Verdict) -> None:
+        """The request's body as the recording keeps it: an object (JSON with a ``kind``) masked as
+        a response would be; another body (a patch, YAML) as sent unless it may carry values a
+        rule masks (a Secret, or a mask rule matched): then only its size (fail closed)."""
+        if not body:
+            return
+        try:
+            doc = json.loads(body)
+        except (ValueError, RecursionError):
+            doc = None
+        if isinstance(doc, dict) and isinstance(doc.get("kind"), str):
+            ResponseMasker(tuple(d for d in verdict.details if isinstance(d, MaskPath))).mask(doc)
+            self.record(request_id, "in", json.dumps(doc, separators=(",", ":")).encode())
+        elif k8s.resource != "secrets" and not verdict.mask_rules:
+            self.record(request_id, "in", body)
+        else:
+            self.record_event(request_id, {"type": "withheld", "direction": "in", "bytes": len(body),
+                                           "reason": "a body botwarden cannot mask (not an object with a kind)"})
 
     async def _record_start(self, record: dict, verdict: Verdict) -> None:
         """audit.mode = "strict": the request reaches the API server only once its start record
         is durable (as a statement does; docs/audit-schema.md)."""
-        durable = getattr(self.services, "audit_durable", None)
-        if durable is None:
-            return
         start = {k: record[k] for k in ("request_id", "session_id", "ts", "protocol", "kind", "text", "decision",
                                         "rule")}
         try:
-            wait = durable("request_start", start, verdict)
+            wait = self.core.record_start(start, verdict)
             if wait is not None:
                 await wait
         except asyncio.CancelledError:
@@ -388,20 +369,23 @@ class Session:
         await out.start(e.code, [("content-type", "application/json"), ("content-length", str(len(body)))])
         await out.send(body)
         await out.end()
-        self.bytes_out += len(body)
 
     async def _hold(self, grant: SessionGrant, k8s: K8sRequest, req: BotRequest, verdict: Verdict,
                     record: dict) -> HoldOutcome:
         def notify(approval_id: str) -> None:
             log.info("session %s: %s held for approval %s", grant.session_id, k8s.describe(), approval_id)
 
-        return await self.services.hold(grant, self.settings.target, record["text"], verdict, notify,
-                                        record["request_id"])
+        return await self.core.hold(record["text"], verdict, notify, record["request_id"],
+                                    detail=k8s.detail())
 
     async def _forward(self, grant: SessionGrant, req: BotRequest, k8s: K8sRequest, verdict: Verdict,
-                       out: Responder, record: dict) -> int:
-        """Send the request upstream and stream the answer back; returns the Secret values masked."""
+                       out: Responder, record: dict) -> dict[str, int]:
+        """Send the request upstream and stream the answer back; returns the values masked (Secret
+        values, and per configured path)."""
         mask = bool(verdict.mask_rules) or verdict.action == "mask"
+        paths = tuple(d for d in verdict.details if isinstance(d, MaskPath))
+        if not mask and k8s.resource == "secrets" and isinstance(out, _Counted):
+            out.withhold("Secret values no rule masks stay out of the recording")
         headers = upstream_headers(req.headers, grant.credential.password, narrow_json=mask)
         if _is_upgrade(req.headers):
             headers += [(n.lower(), v) for n, v in req.headers if n.lower() in _UPGRADE_HEADERS]
@@ -413,9 +397,17 @@ class Session:
                                                  extensions={"sni_hostname": sni} if sni else None)
             resp = await self.client.send(upstream, stream=True)
         except httpx.HTTPError as e:
-            note = getattr(self.services, "upstream_connect_failed", None)
-            if note is not None and isinstance(e, httpx.ConnectError):
-                note(self.settings.target, "tcp")
+            unverified = _certificate_error(e)
+            if unverified is not None:
+                # Not the API server the target names (its CA, its name): nothing is sent to it.
+                self.core.upstream_failed("tls")
+                raise Refusal(503, f"botwarden refused the Kubernetes API server of target {self.settings.target!r}: "
+                                   f"its certificate does not verify against the target's [targets.tls] ca_file"
+                                   f"{' and server_name' if self.settings.upstream_server_name else ''} "
+                                   f"({unverified.verify_message or unverified.reason})",
+                              reason="ServiceUnavailable") from None
+            if isinstance(e, httpx.ConnectError):
+                self.core.upstream_failed("tcp")
             raise Refusal(503, f"botwarden could not reach the Kubernetes API server of target "
                                f"{self.settings.target!r}: {type(e).__name__}: {e}",
                           reason="ServiceUnavailable") from None
@@ -428,7 +420,7 @@ class Session:
             watch = k8s.verb == "watch" or k8s.subresource == "log"  # streams: masked event by event
             if mask and resp.status_code < 300 and not watch:
                 body = await resp.aread()
-                masker = SecretMasker()
+                masker = ResponseMasker(paths)
                 try:
                     body = masker.mask_body(body, ctype)
                 except KubernetesProtocolError as e:
@@ -437,9 +429,8 @@ class Session:
                 await out.start(resp.status_code, hdrs + [("content-length", str(len(body)))])
                 await out.send(body)
                 await out.end()
-                self.bytes_out += len(body)
                 return masker.masked
-            masker = SecretMasker()
+            masker = ResponseMasker(paths)
             stream = WatchMasker(masker, self.settings.max_body_size) if mask and resp.status_code < 300 else None
             await out.start(resp.status_code, response_headers(resp.headers.multi_items(), drop_length=stream is not None))
             try:
@@ -447,7 +438,6 @@ class Session:
                     if stream is not None:
                         chunk = stream.feed(chunk)
                     if chunk:
-                        self.bytes_out += len(chunk)
                         await out.send(chunk)
                 if stream is not None:
                     tail = stream.close()
@@ -471,6 +461,65 @@ class Session:
             return masker.masked
         finally:
             await resp.aclose()
+
+
+class _Counted:
+    """A responder that counts the body bytes it sends (the request's response size, the
+    session's bytes_out) and records them (what the bot got, after masking)."""
+
+    def __init__(self, out: Responder, session: "Session", request_id: str):
+        self._out = out
+        self._session = session
+        self._request_id = request_id
+        self._withheld: str | None = None
+        self.sent = 0
+
+    def withhold(self, reason: str) -> None:
+        """The response's body stays out of the recording (its size is recorded)."""
+        self._withheld = reason
+
+    async def start(self, status: int, headers: list[tuple[str, str]]) -> None:
+        ctype = next((v for n, v in headers if n.lower() == "content-type"), None)
+        self._session.record_event(self._request_id, {"type": "response", "status": status, "content_type": ctype})
+        await self._out.start(status, headers)
+
+    async def send(self, data: bytes) -> None:
+        self.sent += len(data)
+        self._session.bytes_out += len(data)
+        if self._withheld is None:
+            self._session.record(self._request_id, "out", data)
+        await self._out.send(data)
+
+    async def end(self) -> None:
+        if self._withheld is not None:
+            self._session.record_event(self._request_id, {"type": "withheld", "direction": "out", "bytes": self.sent,
+                                                          "reason": self._withheld})
+        await self._out.end()
+
+    async def end(self) -> None:
+        await self._out.end()
+
+    def abort(self) -> None:
+        abort = getattr(self._out, "abort", None)
+        if abort is not None:
+            abort()
+
+
+def _certificate_error(e: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The certificate verification failure behind an httpx error (httpx wraps httpcore's, which
+    wraps ssl's), or None."""
+    seen = 0
+    cur: BaseException | None = e
+    while cur is not None and seen < 8:
+        if isinstance(cur, ssl.SSLCertVerificationError):
+            return cur
+        cur = cur.__cause__ or cur.__context__
+        seen += 1
+    return None
+
+
+def _header(headers: list[tuple[str, str]], name: str) -> str | None:
+    return next((v for n, v in headers if n.lower() == name), None)
 
 
 def _is_upgrade(headers: list[tuple[str, str]]) -> bool:

@@ -65,6 +65,8 @@ class Session(StartupMixin, ReadingMixin, ExtendedProtocolMixin, MaskingMixin, F
                                              else f"{self.settings.upstream_host}:{self.settings.upstream_port}"),
                                 spawn=front.spawn, terminate=self.shutdown)
         self.tls = False
+        # The session's recording (recording.py): None when the target records metadata only.
+        self.recorder = None
         self.bytes_in = 0
         self.bytes_out = 0
         self.cancel_key: tuple[int, int] | None = None
@@ -170,6 +172,8 @@ class Session(StartupMixin, ReadingMixin, ExtendedProtocolMixin, MaskingMixin, F
         t = self.bot.transport
         if t is not None and not t.is_closing():
             t.write(data)
+            if self.relaying and self.recorder is not None:  # e.g. our FATAL: the bot saw it
+                self.recorder.received(data)
 
     def write_server(self, data: bytes) -> None:
         u = self.upstream
@@ -200,6 +204,8 @@ class Session(StartupMixin, ReadingMixin, ExtendedProtocolMixin, MaskingMixin, F
         if self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.close()
         self._finish_pending("session ended before the statement completed")
+        if self.recorder is not None:
+            self.recorder.flush(final=True)
         if self.cancel_key is not None:
             self.front.cancel_keys.pop(self.cancel_key, None)
         self.front.sessions.discard(self)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import ssl
 
 from appliance.policy.reading import TRACKED_PARAMETERS
+from appliance.policy.redact import redact_value
 from appliance.protocols.postgres import messages as m
 from appliance.protocols.postgres import sqlstate
 from appliance.protocols.postgres.auth import SCRAM_SHA_256, ScramClient, md5_password
@@ -15,6 +17,7 @@ from appliance.protocols.postgres.errors import PgProtocolError
 
 from ..services import AuthRefused, ConnectionContext, SessionGrant
 from ..session import attribution as _attribution
+from .recording import PgRecorder
 from .settings import FrontError
 from .transport import UpstreamProtocol
 
@@ -140,6 +143,7 @@ class StartupMixin:
         await self._authenticate_upstream(cred.username, cred.password)
         self.write_bot(m.AuthenticationOk().encode())
         # Until ReadyForQuery: ParameterStatus/Notice as sent, BackendKeyData with our secret.
+        server_params: dict[str, str] = {}
         while True:
             ev = await self.server_waiter.next()
             if isinstance(ev, m.ReadyForQuery):
@@ -153,8 +157,10 @@ class StartupMixin:
             elif isinstance(ev, ConnectionClosed):
                 raise FrontError(sqlstate.CONNECTION_FAILURE, "the server closed the connection during startup")
             elif isinstance(ev, (m.ParameterStatus, m.NoticeResponse, m.NegotiateProtocolVersion)):
-                if isinstance(ev, m.ParameterStatus) and ev.name in TRACKED_PARAMETERS:
-                    self._reading = self._reading.with_parameter(ev.name, ev.value)
+                if isinstance(ev, m.ParameterStatus):
+                    server_params[ev.name] = ev.value
+                    if ev.name in TRACKED_PARAMETERS:
+                        self._reading = self._reading.with_parameter(ev.name, ev.value)
                 if not isinstance(ev, m.NegotiateProtocolVersion):
                     self.write_bot(ev.encode())
             else:
@@ -162,13 +168,33 @@ class StartupMixin:
                                  f"the server sent {type(ev).__name__} during startup")
         self._to_bot = self.bot.transport.write
         self._to_server = self.upstream.transport.write
+        self._record_startup(startup, server_params)
         self.relaying = True
         rest_server = self.server_waiter.codec.trailing_data
         rest_bot = self.bot_waiter.codec.trailing_data
         if rest_server:
             self.server_data(rest_server)
         if rest_bot:
+            if self.recorder is not None:
+                self.recorder.sent(rest_bot)
             self.client_data(rest_bot)
+
+    def _record_startup(self, startup: m.StartupMessage, server_params: dict[str, str]) -> None:
+        """The startup as one recording event, never its password message (the token) or the
+        credential; then, when the target records sessions' bytes, the recorder on the relay."""
+        core = self.core
+        core.record("event", json.dumps({
+            "type": "pg_startup", "protocol_version": f"{startup.major}.{startup.minor}",
+            # The bot's parameters as it sent them (a value a detector flags is masked).
+            "parameters": {k: redact_value(v) for k, v in startup.params},
+            "server_parameters": server_params, "backend_pid": self.backend_pid, "tls": self.tls,
+            "authentication": "token" if self.settings.require_token else "attestation",
+            "password": "not recorded", "credential_user": core.grant.credential.username if core.grant else None,
+            "recording": "full" if core.recording_full else "metadata",
+        }).encode())
+        if core.recording_full:
+            self.recorder = PgRecorder(core, self)
+            self._to_bot = self.recorder.writer(self._to_bot)
 
     async def _authenticate_upstream(self, user: str, password: str | None) -> None:
         write = self.upstream.transport.write

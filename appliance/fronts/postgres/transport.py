@@ -67,6 +67,8 @@ class BotProtocol(asyncio.Protocol):
         s = self.session
         s.bytes_in += len(data)
         if s.relaying:
+            if s.recorder is not None:
+                s.recorder.sent(data)
             try:
                 s.client_data(data)
             except Exception:  # our bug or a hook's: fail closed, never forward unchecked bytes

@@ -8,15 +8,18 @@ only the Kubernetes parts around them:
 - :func:`upstream_headers`: the bot's request headers as they go to the real server (hop-by-hop
   headers dropped, the bot's ``Authorization`` replaced by the session's credential, ``Accept``
   narrowed to JSON where botwarden must read the response);
-- :class:`SecretMasker` / :class:`WatchMasker`: Secret ``data`` / ``stringData`` values masked in
-  JSON responses, whole documents (get, list) and watch event streams alike.
+- :class:`ResponseMasker` / :class:`WatchMasker`: Secret ``data`` / ``stringData`` values, and the
+  values at configured :class:`MaskPath` s, masked in JSON responses, whole documents (get, list)
+  and watch event streams alike.
 """
 
 from __future__ import annotations
 
 import base64
+import fnmatch
 import json
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from appliance.errors import BotwardenError
@@ -31,6 +34,7 @@ HOP_BY_HOP = frozenset({
 IDENTITY_HEADERS = frozenset({"authorization", "impersonate-user", "impersonate-group", "impersonate-uid"})
 JSON = "application/json"
 MASK_TEXT = "********"
+LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
 MASK_DATA = base64.b64encode(MASK_TEXT.encode()).decode()  # Secret.data values are base64
 
 
@@ -107,45 +111,166 @@ def is_json(content_type: str | None) -> bool:
     return bool(content_type) and content_type.split(";")[0].strip().lower() in (JSON, "application/merge-patch+json")
 
 
-@dataclass
-class SecretMasker:
-    """Masks the values of every Secret's ``data`` and ``stringData`` in a decoded JSON document:
-    a Secret, a SecretList, a Table with objects, a watch event, a List of anything. Keys stay
-    (kubectl and controllers see which keys exist); values become ``MASK_DATA`` (base64 of
-    ``MASK_TEXT``, so clients that decode still can) and ``MASK_TEXT`` in ``stringData``."""
+@dataclass(frozen=True)
+class MaskPath:
+    """A configured path to values masked in objects of some kinds (``mask_paths`` of a
+    ``[rules.k8s]`` mask rule): ``ConfigMap.data.password``, ``Pod.spec.containers[*].env[*].value``,
+    ``Deployment.spec.template.spec.containers[*].env[name=DB_*].value``,
+    ``*.metadata.annotations["example.com/token"]``. The first part is the object's kind (a glob);
+    then ``.key`` (a glob), ``["literal key"]``, ``[*]`` (every list element) or ``[field=glob]``
+    (the list elements whose ``field`` matches)."""
 
-    masked: int = 0
+    text: str
+    kind: str
+    # ("key", glob, ""), ("literal", key, ""), ("each", "", ""), ("where", field, glob)
+    steps: tuple[tuple[str, str, str], ...]
+
+    def children(self, node: Any, step: tuple[str, str, str]) -> list:
+        how, a, b = step
+        if how in ("key", "literal"):
+            if not isinstance(node, dict):
+                return []
+            return [k for k in node if (fnmatch.fnmatchcase(k, a) if how == "key" else k == a)]
+        if not isinstance(node, list):
+            return []
+        if how == "each":
+            return list(range(len(node)))
+        return [i for i, el in enumerate(node)
+                if isinstance(el, dict) and isinstance(el.get(a), str) and fnmatch.fnmatchcase(el[a], b)]
+
+
+_KIND = re.compile(r"[^.\[\]\"]+")
+_STEP = re.compile(r'\.([^.\[\]"]+)|\[\*\]|\["((?:[^"\\]|\\.)*)"\]|\[([A-Za-z0-9_.-]+)=([^\]]*)\]')
+
+
+def parse_mask_path(text: str) -> MaskPath:
+    """A ``mask_paths`` entry, or ValueError saying what is wrong with it."""
+    m = _KIND.match(text)
+    if m is None or not (m.group(0)[0].isupper() or m.group(0)[0] in "*?["):
+        raise ValueError(f"mask path {text!r} must start with the kind of object it applies to "
+                         "(\"ConfigMap.data.password\"; \"*\" for every kind)")
+    steps: list[tuple[str, str, str]] = []
+    pos = m.end()
+    while pos < len(text):
+        s = _STEP.match(text, pos)
+        if s is None:
+            raise ValueError(f"mask path {text!r}: cannot read {text[pos:]!r} (after the kind: .key, [\"key\"], "
+                             "[*] or [field=pattern])")
+        if s.group(1) is not None:
+            steps.append(("key", s.group(1), ""))
+        elif s.group(2) is not None:
+            steps.append(("literal", re.sub(r"\\(.)", r"\1", s.group(2)), ""))
+        elif s.group(3) is not None:
+            steps.append(("where", s.group(3), s.group(4)))
+        else:
+            steps.append(("each", "", ""))
+        pos = s.end()
+    if not steps:
+        raise ValueError(f"mask path {text!r} names a kind but no field (\"ConfigMap.data.password\")")
+    return MaskPath(text, m.group(0), tuple(steps))
+
+
+@dataclass
+class ResponseMasker:
+    """Masks a decoded JSON document - a single object, a ``...List``, a Table with objects, a
+    watch event, a List of anything:
+
+    - every Secret's ``data`` and ``stringData`` values. Keys stay (kubectl and controllers see
+      which keys exist); values become ``MASK_DATA`` (base64 of ``MASK_TEXT``, so clients that
+      decode still can) and ``MASK_TEXT`` in ``stringData``;
+    - the values at ``paths`` in objects of their kinds: each string there (or under it, when the
+      path selects an object or a list) becomes ``MASK_TEXT``; numbers and booleans stay (typed
+      fields a client decodes).
+
+    ``masked`` counts the values masked per Secret (``secret_values``) and per path."""
+
+    paths: tuple[MaskPath, ...] = ()
+    masked: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(self.masked.values())
 
     def mask(self, doc: Any) -> Any:
-        self._walk(doc)
+        self._walk(doc, None)
         return doc
 
-    def _walk(self, node: Any) -> None:
+    def _walk(self, node: Any, inherited_kind: str | None) -> None:
         if isinstance(node, dict):
-            kind = node.get("kind")
-            if kind == "Secret":
-                self._secret(node)
-            elif kind == "SecretList" and isinstance(node.get("items"), list):
-                # The API server leaves kind out of a list's items.
-                for item in node["items"]:
-                    if isinstance(item, dict):
-                        self._secret(item)
-            for value in node.values():
+            kind = node.get("kind") if isinstance(node.get("kind"), str) else inherited_kind
+            if kind is not None:
+                self._object(node, kind)
+            # The API server leaves kind out of a list's items: a FooList's items are Foos.
+            item_kind = kind[:-4] if kind and kind.endswith("List") and kind != "List" else None
+            for key, value in node.items():
                 if isinstance(value, (dict, list)):
-                    self._walk(value)
+                    self._walk(value, item_kind if key == "items" else None)
         elif isinstance(node, list):
             for value in node:
                 if isinstance(value, (dict, list)):
-                    self._walk(value)
+                    self._walk(value, inherited_kind)
+
+    def _object(self, node: dict, kind: str | None) -> None:
+        if kind == "Secret":
+            self._secret(node)
+        matching = [p for p in self.paths if kind is not None and fnmatch.fnmatchcase(kind, p.kind)]
+        for path in matching:
+            self._apply(node, path, path.steps)
+        if kind == "Secret" or matching:
+            self._last_applied(node)
+
+    def _last_applied(self, node: dict) -> None:
+        """`kubectl apply` keeps the whole object it applied, values included, as JSON in an
+        annotation: masked the same way (unreadable: replaced whole)."""
+        metadata = node.get("metadata")
+        annotations = metadata.get("annotations") if isinstance(metadata, dict) else None
+        if not isinstance(annotations, dict) or not isinstance(annotations.get(LAST_APPLIED), str):
+            return
+        before = self.total
+        try:
+            applied = json.loads(annotations[LAST_APPLIED])
+            self._walk(applied, None)
+            if self.total != before:
+                annotations[LAST_APPLIED] = json.dumps(applied, separators=(",", ":"))
+        except (ValueError, RecursionError):
+            annotations[LAST_APPLIED] = MASK_TEXT
+            self._count("unreadable_annotations", 1)
+
+    def _count(self, key: str, n: int) -> None:
+        if n:
+            self.masked[key] = self.masked.get(key, 0) + n
 
     def _secret(self, node: dict) -> None:
+        n = 0
         for key, mask in (("data", MASK_DATA), ("stringData", MASK_TEXT)):
             values = node.get(key)
             if isinstance(values, dict):
                 for k in values:
                     if values[k] != mask:
                         values[k] = mask
-                        self.masked += 1
+                        n += 1
+        self._count("secret_values", n)
+
+    def _apply(self, node: Any, path: MaskPath, steps: tuple) -> None:
+        step, rest = steps[0], steps[1:]
+        for key in path.children(node, step):
+            if rest:
+                self._apply(node[key], path, rest)
+            else:
+                node[key] = self._masked(node[key], path.text)
+
+    def _masked(self, value: Any, counter: str) -> Any:
+        if isinstance(value, str):
+            if value != MASK_TEXT:
+                self._count(counter, 1)
+            return MASK_TEXT
+        if isinstance(value, dict):
+            for k in value:
+                value[k] = self._masked(value[k], counter)
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                value[i] = self._masked(v, counter)
+        return value
 
     def mask_body(self, body: bytes, content_type: str | None) -> bytes:
         """A whole JSON response masked; anything else is refused (fail closed)."""
@@ -166,7 +291,7 @@ class WatchMasker:
     """A watch stream (one JSON event per line) masked event by event. ``feed`` returns what
     may go to the bot now; a partial event waits for its end, bounded by ``max_event``."""
 
-    def __init__(self, masker: SecretMasker, max_event: int):
+    def __init__(self, masker: ResponseMasker, max_event: int):
         self.masker = masker
         self.max_event = max_event
         self._buf = bytearray()

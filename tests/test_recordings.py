@@ -1,0 +1,238 @@
+"""Recordings without servers (issue 18): what the audit process keeps of a PostgreSQL chunk, the
+session core's cap and metadata switch, the parse back into statements, and terminal recordings
+in replay, asciicast and the console's player. The end-to-end tests are in
+tests/test_recordings_e2e.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import datetime, timedelta, timezone
+
+from analytics.schema import KINDS, normalize
+from appliance.fronts.session import SessionCore
+from appliance.policy.redact import AuditRedactor
+from appliance.protocols.postgres import messages as m
+from appliance.recordings.export import cast_events, write_cast
+from appliance.recordings.load import SessionRecord
+from appliance.recordings.pgstream import exchanges, frames, redact_chunk
+from appliance.recordings.render import replay_document
+
+CARD = "4111111111111111"
+EMAIL = "ada.lovelace@example.com"
+SECRET = "Zq8-q3xVb7Kp0Lm2Rt9Yw4Hs6Jd1Nf5"
+T0 = datetime(2026, 12, 4, 12, 0, tzinfo=timezone.utc)
+
+
+def test_redaction_keeps_no_detected_value_and_leaves_the_rest_as_sent():
+    red = AuditRedactor()
+    plain = m.Query("SELECT id FROM t WHERE id = 42").encode() + m.Sync().encode()
+    sent = (plain
+            + m.Query(f"ALTER ROLE bot PASSWORD '{SECRET}'").encode()
+            + m.Parse("s1", f"SELECT * FROM cards WHERE card = '{CARD}' AND id = $1", (23,)).encode()
+            + m.Bind("", "s1", (0, 0, 1), (CARD.encode(), b"7", b"\x00\x01"), ()).encode()
+            + m.Bind("", "s1", (), (b"12345",), ()).encode()
+            + m.CopyData(f"1\t{EMAIL}\n".encode()).encode()
+            + m.FunctionCall(1234, (0,), (SECRET.encode(),), 0).encode())
+    kept = redact_chunk(sent, "in", red)
+    for secret in (CARD, EMAIL, SECRET):
+        assert secret.encode() not in kept
+    msgs = [m.decode_frontend(bytes([t]), kept[s + 5:e]) for t, s, e in frames(kept)]
+    assert msgs[0] == m.Query("SELECT id FROM t WHERE id = 42") and kept.startswith(plain)
+    assert msgs[2] == m.Query("ALTER ROLE bot PASSWORD '********'")
+    assert msgs[3].query == "SELECT * FROM cards WHERE card = '********' AND id = $1"
+    assert msgs[4].params == (b"********", b"7", b"********")   # a binary value is never kept
+    assert msgs[5].params == (b"12345",)
+    assert msgs[6] == m.CopyData(b"1\t********\n")
+    assert msgs[7].args == (b"********",)
+    got = (m.ErrorResponse((("S", "ERROR"), ("V", "ERROR"), ("C", "23505"),
+                            ("M", "duplicate key value violates unique constraint \"u\""),
+                            ("D", f"Key (email)=({EMAIL}) already exists."))).encode()
+           + m.NoticeResponse((("S", "NOTICE"), ("M", f"card {CARD} seen"))).encode()
+           + m.DataRow((b"1", b"************1111")).encode() + m.ReadyForQuery("I").encode())
+    kept = redact_chunk(got, "out", red)
+    assert EMAIL.encode() not in kept and CARD.encode() not in kept
+    err = m.decode_backend(b"E", kept[5:1 + int.from_bytes(kept[1:5], "big")])
+    assert err.get("D") == "Key (email)=(********) already exists." and err.sqlstate == "23505"
+    assert kept.endswith(m.DataRow((b"1", b"************1111")).encode() + m.ReadyForQuery("I").encode())
+    # A message cut short (the size cap) is dropped whole, never kept in part.
+    partial = plain + m.Query(f"SELECT '{CARD}'").encode()[:12]
+    assert redact_chunk(partial, "in", red) == plain
+
+
+class _Services:
+    def __init__(self, full: bool, cap: int) -> None:
+        self.rows: list[tuple[str, dict]] = []
+        self.policy = (full, cap)
+
+    def audit(self, kind: str, record: dict) -> None:
+        self.rows.append((kind, dict(record)))
+
+    def recording_policy(self, target: str) -> tuple[bool, int]:
+        return self.policy
+
+
+def _core(services: _Services) -> SessionCore:
+    core = SessionCore(services, target="db", protocol="postgresql", target_addr="127.0.0.1:5432",
+                       spawn=lambda coro, name: asyncio.ensure_future(coro), terminate=lambda code, msg: None)
+    core.session_id = "s1"
+    policy = services.recording_policy("db")
+    core.recording_full, core._record_cap = policy
+    core._record_left = policy[1]
+    return core
+
+
+def test_the_cap_cuts_the_chunk_that_reaches_it_and_marks_the_stop():
+    services = _Services(True, 100)
+    core = _core(services)
+    core.record("event", b'{"type": "pg_startup"}')   # 22 bytes
+    core.record("in", b"x" * 50)
+    core.record("out", b"y" * 50)                     # 28 of these fit
+    core.record("in", b"z" * 10)                      # after the cap: nothing
+    rows = [r for k, r in services.rows]
+    assert [(r["direction"], len(r["data"])) for r in rows[:3]] == [("event", 22), ("in", 50), ("out", 28)]
+    assert rows[3]["direction"] == "event"
+    assert json.loads(rows[-1]["data"]) == {"type": "truncated", "reason": "recording_max_bytes", "max_bytes": 100}
+    assert [r["seq"] for r in rows] == [1, 2, 3, 4]
+    for r in rows:
+        normalize(KINDS["recording"], r)   # valid rows for the store
+
+
+def test_metadata_only_keeps_events_not_bytes():
+    services = _Services(False, 1 << 20)
+    core = _core(services)
+    core.record("event", b'{"type": "pg_startup"}')
+    core.record("in", b"Q\x00\x00\x00\x05\x00")
+    core.record("out", b"Z\x00\x00\x00\x05I")
+    assert [r["direction"] for _, r in services.rows] == ["event"]
+
+
+def _rows(*chunks: tuple[str, bytes]) -> list[dict]:
+    return [{"seq": i + 1, "ts": T0 + timedelta(seconds=i), "direction": d, "data": data}
+            for i, (d, data) in enumerate(chunks)]
+
+
+def test_extended_protocol_batches_read_back_as_statements_with_their_parameters():
+    sent = (m.Parse("s1", "SELECT name FROM people WHERE id = $1", (23,)).encode()
+            + m.Bind("", "s1", (), (b"7",), ()).encode() + m.Describe("P", "").encode()
+            + m.Execute("", 0).encode() + m.Sync().encode())
+    got = (m.ParseComplete().encode() + m.BindComplete().encode()
+           + m.RowDescription((m.FieldDescription("name", 0, 0, 25, -1, -1, 0),)).encode()
+           + m.DataRow((b"ada",)).encode() + m.CommandComplete("SELECT 1").encode() + m.ReadyForQuery("I").encode())
+    ses = exchanges(_rows(("in", sent), ("out", got)))
+    (ex,) = ses.exchanges
+    assert (ex.kind, ex.text, ex.params, ex.status) == ("extended", "SELECT name FROM people WHERE id = $1", ["7"], "I")
+    (kind, result), = ex.items
+    assert kind == "result" and result.rows == [("ada",)] and result.tag == "SELECT 1"
+
+
+def _ssh_record() -> SessionRecord:
+    # "é" split across two chunks, as a terminal's bytes can be.
+    rows = _rows(("event", json.dumps({"type": "pty", "width": 100, "height": 30, "term": "xterm"}).encode()),
+                 ("in", b"ls\r"),
+                 ("out", b"\x1b[1mcaf\xc3"), ("out", b"\xa9\x1b[0m\r\n$ "),
+                 ("event", json.dumps({"type": "resize", "width": 120, "height": 40}).encode()),
+                 ("out", b"exit\r\n"))
+    return SessionRecord({"session_id": "ssh1", "protocol": "ssh", "identity": "ops-bot", "target": "web",
+                          "started_at": T0}, [], [], rows)
+
+
+def test_terminal_recording_as_asciicast(tmp_path):
+    from asciinema.asciicast import open_from_url
+
+    header, events = cast_events(_ssh_record())
+    assert (header["width"], header["height"]) == (100, 30)
+    path = tmp_path / "ssh.cast"
+    write_cast(_ssh_record(), path)
+    with open_from_url(str(path)) as cast:
+        got = list(cast.events())
+    assert [e[1] for e in got] == ["o", "o", "r", "o"]
+    assert "".join(e[2] for e in got if e[1] == "o") == "\x1b[1mcafé\x1b[0m\r\n$ exit\r\n"
+    assert got[2][2] == "120x40" and [e[0] for e in got] == sorted(e[0] for e in got)
+
+
+def test_player_plays_a_terminal_recording_with_pause_and_speed():
+    from textual.app import App
+    from textual.widgets import Static
+
+    from tests.test_tui import until
+    from tui.replay import ReplayScreen
+
+    doc = json.loads(json.dumps(replay_document(_ssh_record()), default=str))
+    assert [c["text"] for c in doc["terminal"]] == ["\x1b[1mcaf", "é\x1b[0m\r\n$ ", "exit\r\n"]
+
+    class Player(App):
+        def on_mount(self) -> None:
+            self.push_screen(ReplayScreen("ssh1", doc=doc))
+
+    seen: dict = {}
+
+    async def run() -> None:
+        app = Player()
+        async with app.run_test(size=(100, 30)) as pilot:
+            await until(pilot, lambda: isinstance(app.screen, ReplayScreen), "the player")
+            screen = app.screen
+            seen["first"] = str(screen.query_one("#player-view", Static).content)
+            await pilot.press("space")          # play
+            await pilot.press("space")          # pause at once
+            seen["paused"] = (screen.playing, screen.index)
+            await pilot.pause()
+            seen["still"] = screen.index
+            for _ in range(3):
+                await pilot.press("plus")
+            seen["speed"] = screen.speed
+            await pilot.press("space")
+            await until(pilot, lambda: screen.index == 2 and not screen.playing, "played to the end")
+            seen["end"] = str(screen.query_one("#player-view", Static).content)
+            seen["status"] = str(screen.query_one("#player-status", Static).content)
+
+    asyncio.run(run())
+    assert seen["first"] == "caf"
+    assert seen["paused"][0] is False and seen["still"] == seen["paused"][1]
+    assert seen["speed"] == 8.0
+    assert seen["end"] == "café\n$ exit\n" and seen["status"].startswith("output 3/3 · paused at 8x")
+
+
+# -- the front's recorder, with a real PostgreSQL and psql (in-process front, no daemon) ----------
+
+
+def test_front_records_whole_messages_in_bounded_chunks_and_stops_at_the_cap(pg_server):
+    import subprocess
+
+    from tests.pg_front_fixtures import BOT_TOKEN, FrontThread, default_services, plain_settings, setup_roles
+
+    setup_roles(pg_server)
+    services = default_services()
+    services.recording_policy = lambda target: (True, 1_000_000)
+    ft = FrontThread(plain_settings(pg_server), services)
+    try:
+        # 20 rows of 100 kB: each DataRow is streamed to the bot in pieces (past STREAM_THRESHOLD).
+        sql = "SELECT i, repeat('x', 100000) FROM generate_series(1, 20) i"
+        res = subprocess.run(["psql", "-X", "-A", "-t", "-c", sql, "-c", "SELECT 'after'", ft.dsn()],
+                             capture_output=True, text=True, timeout=60, env={"PGPASSWORD": BOT_TOKEN, "PATH": "/usr/bin:/bin"})
+        assert res.returncode == 0, res.stderr
+        assert len(res.stdout.splitlines()) == 21   # the bot got everything: the cap is the recording's
+        ft.call(asyncio.sleep(0.5))
+    finally:
+        ft.stop()
+    rows = [r for k, r in services.records if k == "recording"]
+    assert len({r["session_id"] for r in rows}) == 1
+    assert json.loads(rows[0]["data"])["type"] == "pg_startup" and rows[-1]["direction"] == "event"
+    assert json.loads(rows[-1]["data"]) == {"type": "truncated", "reason": "recording_max_bytes", "max_bytes": 1_000_000}
+    assert sum(len(r["data"]) for r in rows[:-1]) == 1_000_000
+    body = rows[1:-2]   # every chunk before the one the cap cut: whole messages, 64 KiB or one message
+    assert body and all(r["direction"] in ("in", "out") for r in body)
+    for r in body:
+        ends = [e for _, _, e in frames(r["data"])]
+        assert ends and ends[-1] == len(r["data"])
+        assert len(r["data"]) <= 64 * 1024 or len(ends) <= 2
+    assert not any(b"after" in r["data"] for r in rows)   # nothing recorded past the cap
+
+
+def test_replay_writes_a_terminal_recording_as_it_came(capsysbinary):
+    from appliance.replay import _Clock, play_terminal
+
+    play_terminal(_ssh_record(), _Clock(None))
+    out = capsysbinary.readouterr().out
+    assert out.startswith(b"-- session ssh1: identity ops-bot \xe2\x86\x92 web (ssh)")
+    assert out.endswith(b"\x1b[1mcaf\xc3\xa9\x1b[0m\r\n$ exit\r\n\r\n")
