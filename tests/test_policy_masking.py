@@ -370,3 +370,42 @@ def test_row_masker_compiled_steps_equal_the_general_path(actions, values):
                     assert masker._compile(action)(raw) == masker._mask(action, raw)
     out, changed = masker.apply(values)
     assert (out, changed, masker.counts) == _reference_apply(RowMasker(actions, DetectorSettings()), values)
+
+
+_PARTIAL_ACTIONS = st.builds(
+    lambda name, oid, fmt, keep: ColumnAction(name, oid, fmt, Strategy("partial", keep)),
+    st.sampled_from(["email", "ssn", "note"]), st.sampled_from([25, 1043, 1042, 19, 705, 18]),
+    st.sampled_from([0, 1]), st.integers(0, 6))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.none() | _PARTIAL_ACTIONS, min_size=1, max_size=4),
+       st.lists(st.lists(st.none() | _RAW, max_size=5), max_size=6))
+def test_runs_of_rows_masked_at_once_equal_row_by_row(actions, rows):
+    """The relay hands a run of DataRows to hotpath.mask_rows when every step is a partial mask
+    of a text column (RowMasker.partial_steps): same bytes out, same counts as RowMasker.apply."""
+    from appliance import hotpath
+
+    masker = RowMasker(actions, DetectorSettings())
+    if all(a is None for a in actions):
+        assert masker.partial_steps is None
+        return
+    assert masker.partial_steps is not None
+    buf = b"".join(hotpath.encode_row(r) for r in rows) + b"C\x00\x00\x00\x0dSELECT 1\x00"
+    counts = [0] * len(masker.partial_steps)
+    end, out = hotpath.mask_rows(buf, 0, len(buf), masker.partial_steps, counts)
+    masker.add_counts(counts)
+    by_row = RowMasker(actions, DetectorSettings())
+    expected = b"".join(hotpath.encode_row(by_row.apply(r)[0]) for r in rows)
+    assert end == len(buf) - 14
+    assert (out if out is not None else buf[:end]) == expected
+    assert masker.counts == by_row.counts
+
+
+def test_other_strategies_keep_the_row_by_row_path():
+    masker = RowMasker([ColumnAction("email", 25, 0, Strategy("partial", 4)),
+                        ColumnAction("ssn", 25, 0, Strategy("hash", salt=b"s"))], DetectorSettings())
+    assert masker.partial_steps is None
+    detectors = RowMasker([ColumnAction("note", 25, 0, None, [("email", Strategy("partial", 4))])],
+                          DetectorSettings())
+    assert detectors.partial_steps is None

@@ -22,6 +22,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+from appliance import hotpath
 from appliance.policy.types import ColumnDesc
 
 # Type OIDs whose text form (and, except jsonb, binary form) is plain UTF-8 text.
@@ -200,7 +201,7 @@ def find(detector: str, text: str, settings: DetectorSettings = DetectorSettings
 
 # --- strategies ----------------------------------------------------------------------------------
 
-STARS = "********"
+STARS = hotpath.reference.STARS
 
 
 class Strategy:
@@ -236,28 +237,9 @@ class Strategy:
         raise ValueError(self.name)
 
 
-_ASCII_ALNUM_TO_STAR = str.maketrans({c: "*" for c in "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"})
-
-
-def _stars_for_alnum(text: str) -> str:
-    if text.isascii():
-        return text.translate(_ASCII_ALNUM_TO_STAR)  # in C: this runs for every masked value of a result
-    return "".join("*" if ch.isalnum() else ch for ch in text)
-
-
-def partial(value: str, keep: int) -> str:
-    """Letters and digits become ``*`` except the last ``keep``; separators stay. A value with no
-    more than ``keep`` of them is masked whole (keeping all of it would keep everything)."""
-    # Find where the last ``keep`` letters/digits begin, walking back over the short tail only.
-    i, seen = len(value), 0
-    while i > 0 and seen < keep:
-        i -= 1
-        if value[i].isalnum():
-            seen += 1
-    head = _stars_for_alnum(value[:i])
-    if seen < keep or head == value[:i]:  # no more than ``keep`` of them in all: mask it whole
-        return _stars_for_alnum(value) if seen else STARS
-    return head + value[i:]
+# partial() and its UTF-8 form live with the other hot paths: compiled when built, this reference else.
+partial = hotpath.partial
+partial_utf8 = hotpath.partial_utf8
 
 
 def format_preserving(value: str, salt: bytes) -> str:
@@ -308,6 +290,19 @@ class RowMasker:
         self.counts: dict[str, int] = {}
         # (column index, raw -> masked raw, column name), each function chosen once per result.
         self._steps = [(i, self._compile(a), a.name) for i, a in enumerate(self.actions) if a is not None]
+        # When every step is a partial mask of a text column (the common rule), the relay hands
+        # whole runs of DataRows to hotpath.mask_rows with these (column index, keep) pairs.
+        self.partial_steps: list[tuple[int, int]] | None = None
+        if self._steps and all(a is None or (a.whole is not None and a.whole.name == "partial"
+                                             and a.type_oid in TEXT_TYPES) for a in self.actions):
+            self.partial_steps = [(i, a.whole.keep) for i, a in enumerate(self.actions) if a is not None]
+
+    def add_counts(self, counts: Sequence[int]) -> None:
+        """Values changed by hotpath.mask_rows, per entry of ``partial_steps``."""
+        names = [a.name for a in self.actions if a is not None]
+        for name, n in zip(names, counts):
+            if n:
+                self.counts[name] = self.counts.get(name, 0) + n
 
     def apply(self, values: Sequence[bytes | None]) -> tuple[list[bytes | None], bool]:
         # This runs for every row of a masked result: nothing is decided here that _compile
@@ -336,6 +331,9 @@ class RowMasker:
         strategy on a text column (whose text and binary formats are the same UTF-8 bytes)."""
         if action.whole is None or action.type_oid not in TEXT_TYPES:
             return lambda raw: self._mask(action, raw)
+        if action.whole.name == "partial":  # the common case, bytes to bytes in one call
+            keep = action.whole.keep
+            return lambda raw: partial_utf8(raw, keep)
         whole = action.whole.function()
 
         def mask_text(raw: bytes) -> bytes | None:

@@ -11,6 +11,8 @@ from appliance.protocols.postgres import sqlstate
 from appliance.protocols.postgres.connection import error_response
 
 from ..services import ColumnMaskPlan
+from appliance.hotpath import mask_rows
+
 from .wire import _row_values, _encode_row, _columns, _swallow
 from .pending import _UNKNOWN_STATEMENT, OP_QUERY, OP_DESCRIBE, OP_EXECUTE, _NO_PLAN
 
@@ -94,6 +96,15 @@ class MaskingMixin:
             self._plan_req = req
             if plan is _NO_PLAN:
                 return None
+        steps = getattr(plan, "partial_steps", None)
+        if steps is not None:
+            # The whole run of DataRows from here in one call (compiled where built); the relay
+            # loop resumes where the run ends (self._run_end).
+            counts = [0] * len(steps)
+            end, out = mask_rows(buf, s, len(buf), steps, counts)
+            plan.add_counts(counts)
+            self._run_end = end
+            return out
         values = _row_values(buf, s, e)
         new, changed = plan.apply(values)
         if not changed:

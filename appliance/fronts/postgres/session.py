@@ -10,6 +10,7 @@ from collections import deque
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Callable
 
+from appliance.hotpath import skip_unhandled as _skip_unhandled
 from appliance.policy.reading import DEFAULT_READING, TRACKED_PARAMETERS, Reading
 from appliance.policy.sql import syntax_error
 from appliance.policy.types import Verdict
@@ -40,6 +41,8 @@ if TYPE_CHECKING:
     from .transport import BotProtocol
 
 log = logging.getLogger(__name__)
+
+_NO_LIMIT = 0x7FFFFFFF  # the server side checks only that a length is at least 4 (as before)
 
 
 class Session(StartupMixin, ReadingMixin, ExtendedProtocolMixin, MaskingMixin, FunctionLookupMixin,
@@ -97,6 +100,7 @@ class Session(StartupMixin, ReadingMixin, ExtendedProtocolMixin, MaskingMixin, F
         self._ops: deque = deque()
         self._plan = None
         self._plan_req: _Request | None = None
+        self._run_end = 0  # where a handler that took a run of messages left the server's buffer
         self._server_fatal = False
         self._terminated = False
         self._lookup_active = False   # a FunctionCall's OID is being resolved on this session
@@ -450,6 +454,11 @@ class Session(StartupMixin, ReadingMixin, ExtendedProtocolMixin, MaskingMixin, F
         n = len(buf)
         try:
             while n - pos >= 5:
+                # Messages nobody inspects (DataRows of an unmasked result, ...) are stepped over
+                # in one call, compiled where built: no Python per message (appliance/hotpath).
+                pos = _skip_unhandled(handlers, buf, pos, _NO_LIMIT)
+                if n - pos < 5:
+                    break
                 (length,) = _unpack_len(buf, pos + 1)
                 if length < 4:
                     check_length(buf[pos], length, SERVER_MAX_MESSAGE)
@@ -459,6 +468,8 @@ class Session(StartupMixin, ReadingMixin, ExtendedProtocolMixin, MaskingMixin, F
                 h = handlers[buf[pos]]
                 if h is not None:
                     r = h(buf, pos, e)
+                    if self._run_end:  # the handler took a run of messages (masked DataRows)
+                        e, self._run_end = self._run_end, 0
                     if r is not None:
                         if run < pos:
                             out.append(buf[run:pos])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import struct
 
+from appliance import hotpath
 from appliance.policy.types import ColumnDesc
 from appliance.protocols.postgres import messages as m
 from appliance.protocols.postgres import sqlstate
@@ -13,54 +14,11 @@ from appliance.protocols.postgres.errors import RemoteProtocolError
 
 _I32 = struct.Struct("!i")
 _H16 = struct.Struct("!H")  # counts are unsigned 16-bit, as PostgreSQL reads them
-_HEADER = struct.Struct("!ci")
 
 
-def _row_values(buf, start: int, end: int) -> list[bytes | None]:
-    """Values of a DataRow at buf[start:end] (start = its type byte), as bytes."""
-    if type(buf) is not bytes:
-        buf = bytes(buf[start:end])  # one copy of the row, so values are immutable bytes
-        end -= start
-        start = 0
-    try:
-        (n,) = _H16.unpack_from(buf, start + 5)
-        pos = start + 7
-        out: list[bytes | None] = []
-        append = out.append
-        unpack = _I32.unpack_from
-        for _ in range(n):
-            (ln,) = unpack(buf, pos)
-            pos += 4
-            if ln < 0:
-                append(None)
-            else:
-                append(buf[pos:pos + ln])
-                pos += ln
-    except struct.error as err:
-        raise RemoteProtocolError(f"malformed DataRow: {err}") from err
-    if pos != end:
-        raise RemoteProtocolError("DataRow values do not match its length")
-    return out
-
-
-_NULL = b"\xff\xff\xff\xff"
-
-
-def _encode_row(values) -> bytes:
-    parts = [b"", _H16.pack(len(values))]
-    append = parts.append
-    pack = _I32.pack
-    size = 6
-    for v in values:
-        if v is None:
-            append(_NULL)
-            size += 4
-        else:
-            append(pack(len(v)))
-            append(v)
-            size += 4 + len(v)
-    parts[0] = _HEADER.pack(b"D", size)
-    return b"".join(parts)
+# DataRow decode/encode: compiled when built, the pure-Python reference otherwise (appliance/hotpath).
+_row_values = hotpath.row_values
+_encode_row = hotpath.encode_row
 
 
 def _columns(desc: m.RowDescription, formats: tuple[int, ...] | None = None) -> list[ColumnDesc]:

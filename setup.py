@@ -1,0 +1,41 @@
+"""The one compiled module, appliance/hotpath/_compiled.pyx (Cython), built at `pip install`
+(vagrant/provision.sh install, editable; bastion, not editable). Everything else is in
+pyproject.toml. A machine that cannot build it (no Cython, no C compiler) still installs:
+appliance.hotpath then runs the pure-Python reference and says so (`COMPILED = False`)."""
+
+import sys
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+
+class OptionalBuildExt(build_ext):
+    """Build the hot paths if possible; a failure leaves the pure-Python reference in charge."""
+
+    def run(self):
+        try:
+            super().run()
+        except Exception as e:  # noqa: BLE001 (any build failure means: no extension)
+            print(f"botwarden: the compiled hot paths were not built ({e}); the pure-Python "
+                  "reference will run", file=sys.stderr)
+
+    def build_extension(self, ext):
+        try:
+            super().build_extension(ext)
+        except Exception as e:  # noqa: BLE001
+            print(f"botwarden: could not build {ext.name} ({e}); the pure-Python reference will run",
+                  file=sys.stderr)
+
+
+def extensions():
+    try:
+        from Cython.Build import cythonize
+    except ImportError:
+        print("botwarden: Cython is not installed; the pure-Python hot paths will run", file=sys.stderr)
+        return []
+    return cythonize([Extension("appliance.hotpath._compiled", ["appliance/hotpath/_compiled.pyx"],
+                                extra_compile_args=["-O2"])],
+                     compiler_directives={"language_level": "3"}, quiet=True)
+
+
+setup(ext_modules=extensions(), cmdclass={"build_ext": OptionalBuildExt})

@@ -1,0 +1,50 @@
+"""The performance regression guard (issue 20): `bench/pgbench_compare.py --quick` runs in the
+suite so its table (proxy CPU per transaction, ratios to direct and to the byte relay) is in every
+CI log. Nothing here asserts a timing: the machine is shared and the numbers are noisy. What is
+asserted is that the bench ran every path end to end and wrote complete JSON, so the guard
+cannot rot silently.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.daemon_fixtures import ROOT
+from tests.probes_fixtures import RUN_TAG
+
+pytestmark = [pytest.mark.root, pytest.mark.timeout(900)]
+
+PATHS = ("direct", "pgbouncer", "uvloop byte relay", "botwarden (full inspection)")
+
+
+def test_quick_bench_writes_every_path_as_json(tmp_path, capsys):
+    out_json, out_md = tmp_path / "quick.json", tmp_path / "quick.md"
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "pgbench_compare.py"), "--quick", "--json",
+                          str(out_json), "--out", str(out_md), f"--suffix=-q{RUN_TAG}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=840, env={**os.environ})
+    assert res.returncode == 0, res.stderr[-4000:]
+    with capsys.disabled():  # the table goes to the CI log whatever pytest captures
+        print("\n" + out_md.read_text())
+    report = json.loads(out_json.read_text())
+    medians = {(r["mode"], r["path"]): r for r in report["medians"]}
+    for mode in ("simple", "prepared"):
+        for path in PATHS:
+            r = medians[(mode, path)]
+            assert r["tps"] > 0 and r["txns"] > 0, (mode, path, r)
+            assert math.isfinite(r["p99"])
+            if path != "direct":
+                assert r["cpu_us"] is not None and r["cpu_us"] > 0, (mode, path, r)
+        assert report["full_vs_relay"][mode] and all(x > 0 for x in report["full_vs_relay"][mode])
+    # every statement of the full path was audited as its own row
+    assert report["audited_requests"] >= report["full_transactions"]
+    large = report["large"]
+    for name in ("direct", "pgbouncer", "botwarden (full inspection)"):
+        assert large["masked_seconds"][name] > 0
+    assert large["unmasked_seconds"]["botwarden (full inspection)"] > 0
+    assert len(report["load_before"]) == 3 and report["compiled"] in (True, False)
