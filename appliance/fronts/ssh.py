@@ -4,15 +4,21 @@ The bot connects to the target's real address (the eBPF probes redirect it here,
 PostgreSQL). The appliance answers with a host certificate for the target's names, signed by
 the appliance's host CA (bots trust it with one ``@cert-authority`` known_hosts line, printed
 by ``botwarden ssh known-hosts``). The bot proves who it is by kernel attestation and/or its
-OIDC token as the password; the runtime grants the session (identity, an OpenSSH user
-certificate signed by OpenBao's SSH engine for this session alone). Each exec request is
-decided by the policy (``appliance.policy.ssh``: argv-level, shell constructs): allowed
-commands run on the real sshd over a connection authenticated with that certificate, their
-streams and exit status relayed; blocked ones get a one-line reason on stderr and exit 126;
-held ones wait for an operator. Every session and command is an audit row.
+OIDC token (as the password or a keyboard-interactive answer); the session core
+(``appliance.fronts.session.SessionCore``) grants the session (identity, an OpenSSH user
+certificate signed by OpenBao's SSH engine for this session alone, which ends the session when
+it expires) and keeps its audit rows, holds and end.
 
-Not yet (issue 16): interactive shells and their recording, SFTP/scp, output masking; they
-are refused with a message (forwarding of every kind too, by design).
+Each exec (``scp -O``'s ``scp -t/-f`` too) and shell request is decided by the policy
+(``appliance.policy.ssh``): allowed ones run on the real sshd over a connection authenticated
+with that certificate, relayed by botwarden both ways (stdin/EOF, stdout, stderr, window
+changes, signals, exit status), output masked by the matching ``[rules.ssh]`` mask rules
+(``ssh_mask``), shells recorded (``ssh_cast``); blocked ones get a one-line reason on stderr and
+exit 126; held ones wait for an operator. Forwarding of every kind, subsystems other than sftp
+and environment variables outside the target's ``env_allow`` are refused, each an audit row.
+
+SFTP plugs in at ``SshFront.sftp_factory`` (appliance/fronts/ssh_sftp.py); until then the sftp
+subsystem is refused with a message.
 """
 
 from __future__ import annotations
