@@ -40,13 +40,14 @@ BOTS = f"botwarden-ssh-{RUN_TAG}.bots"
 PIN_DIR = f"/sys/fs/bpf/botwarden-ssh-{RUN_TAG}"
 AGENT_DIR = Path(f"/tmp/bw-ssh-agent-{RUN_TAG}")  # the one Unix socket bots may reach (ssh -A's agent)
 BOT = "deployer"
+SHORT_TTL = 20  # seconds: web-short's certificates
 SSH = "/usr/bin/ssh"
 
 
 class Sshd:
     """Debian's sshd in the namespace: its own host key, trusting the user CA it is given."""
 
-    def __init__(self, net: PgNet, user_ca: str, extra_ports: int = 2):
+    def __init__(self, net: PgNet, user_ca: str, extra_ports: int = 4):
         self.dir = Path(tempfile.mkdtemp(prefix="bw-sshd-"))
         self.port = free_port()
         # More ports on the same sshd: one target per port (attestation, token, token+attestation).
@@ -110,15 +111,27 @@ def world(bao_server, tmp_path_factory):
         root.write(f"{ssh_mount}/roles/bot", key_type="ca", allow_user_certificates=True, allowed_users="root",
                    default_user="root", ttl="10m", algorithm_signer="rsa-sha2-256",
                    default_extensions={"permit-pty": ""})
+        # A short-lived certificate: the session must end with it (the validity window is the session's).
+        root.write(f"{ssh_mount}/roles/short", key_type="ca", allow_user_certificates=True, allowed_users="root",
+                   default_user="root", ttl=f"{SHORT_TTL}s", algorithm_signer="rsa-sha2-256")
         user_ca = root.read(f"{ssh_mount}/config/ca")["data"]["public_key"]
         policy = root.sys.read_policy(f"{tag}-appliance")["data"]["rules"]
-        root.sys.create_or_update_policy(f"{tag}-appliance", policy + f'\npath "{ssh_mount}/sign/bot" '
+        root.sys.create_or_update_policy(f"{tag}-appliance", policy + f'\npath "{ssh_mount}/sign/*" '
                                                                       '{ capabilities = ["update"] }\n')
         sshd = Sshd(net, user_ca)
         known_hosts = workdir / "upstream_known_hosts"
         known_hosts.write_text(sshd.known_hosts_line() + "\n")
         config = workdir / "botwarden.toml"
         credential = f'[targets.credential]\nsource = "ssh"\nmount = "{ssh_mount}"\nrole = "bot"\nprincipals = ["root"]\n'
+        short_credential = credential.replace('role = "bot"', 'role = "short"')
+        missing_credential = credential.replace('role = "bot"', 'role = "no-such-role"')
+        # The upstream's host key as botwarden must not accept it: a fresh key for that port.
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(workdir / "other_host")], check=True)
+        wrong_known_hosts = workdir / "wrong_known_hosts"
+        wrong_known_hosts.write_text(f"[{sshd.host}]:{sshd.extra_ports[3]} "
+                                     + (workdir / "other_host.pub").read_text().strip() + "\n")
+        down_port = free_port()  # nothing listens there
+        nocred_port = free_port()
         probes = (f'mode = "ebpf"\nbots_cgroup = "{BOTS}"\npin_dir = "{PIN_DIR}"\nmap_entries = 4096\n'
                   f'unix_allow = ["{AGENT_DIR / "sock"}"]')
         config.write_text(config_header(workdir, bao, probes=probes) + f"""
@@ -147,9 +160,42 @@ listen = "127.0.0.1:{free_port()}"
 authentication = "token+attestation"
 known_hosts = "{known_hosts}"
 {credential}
+[[targets]]
+name = "web-short"
+protocol = "ssh"
+address = "{sshd.host}:{sshd.extra_ports[2]}"
+listen = "127.0.0.1:{free_port()}"
+authentication = "attestation"
+known_hosts = "{known_hosts}"
+{short_credential}
+[[targets]]
+name = "web-badkey"
+protocol = "ssh"
+address = "{sshd.host}:{sshd.extra_ports[3]}"
+listen = "127.0.0.1:{free_port()}"
+authentication = "attestation"
+known_hosts = "{wrong_known_hosts}"
+{credential}
+[[targets]]
+name = "web-down"
+protocol = "ssh"
+address = "{sshd.host}:{down_port}"
+listen = "127.0.0.1:{free_port()}"
+authentication = "attestation"
+known_hosts = "{known_hosts}"
+connect_timeout = 5
+{credential}
+[[targets]]
+name = "web-nocred"
+protocol = "ssh"
+address = "{sshd.host}:{nocred_port}"
+listen = "127.0.0.1:{free_port()}"
+authentication = "attestation"
+known_hosts = "{known_hosts}"
+{missing_credential}
 [[identities]]
 name = "deploy-bot"
-targets = ["web-1"]
+targets = ["web-1", "web-short", "web-badkey", "web-down", "web-nocred"]
 [identities.process]
 cgroup = "{BOT}"
 
@@ -209,7 +255,7 @@ programs = ["rm"]
         os.chmod(bot_home, 0o755)
         line = cli(config, "ssh", "known-hosts").stdout.strip()
         (bot_home / "known_hosts").write_text(line + "\n")
-        yield {"net": net, "bao_setup": bao, "sshd": sshd, "daemon": daemon, "config": config, "bot_home": bot_home,
+        yield {"net": net, "bao_setup": bao, "down_port": down_port, "nocred_port": nocred_port, "sshd": sshd, "daemon": daemon, "config": config, "bot_home": bot_home,
                "bao": bao_server, "ssh_mount": ssh_mount, "known_hosts_line": line}
         shutil.rmtree(bot_home, ignore_errors=True)
     finally:
@@ -684,10 +730,11 @@ def test_local_port_forwarding_is_refused_and_audited(world):
                 assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
                 time.sleep(0.2)
         client.settimeout(20)
-        assert client.recv(100) == b""  # nothing of the sshd's banner: the channel was refused
+        # Nothing of the sshd's banner: the channel was refused (ssh logs the failure, then closes).
+        assert client.recv(100) == b""
         client.close()
     finally:
-        proc.terminate()
+        proc.kill()  # ssh -N runs until killed
         _, err = proc.communicate(timeout=30)
     assert "administratively prohibited: botwarden refuses local port forwarding" in err, err
     rows = [r for r in requests_of(world, proc.pid) if r["kind"] == "ssh_forward"]
@@ -772,3 +819,92 @@ def test_output_is_masked_even_when_a_secret_straddles_ssh_packets(world, tmp_pa
     # (the command's own text carries the key: the audit stores it redacted, hence LIKE)
     rows = world["daemon"].audit_sql("SELECT masked, text FROM requests WHERE text LIKE 'head -c 32759 %'")
     assert len(rows) == 1 and rows[0]["masked"] == {"output": 1} and key not in rows[0]["text"], rows
+
+
+# -- lifecycle (item 8) ---------------------------------------------------------------------------
+
+
+def test_the_session_ends_when_its_upstream_certificate_expires(world):
+    # web-short's role signs for SHORT_TTL seconds: the session may not outlive its certificate.
+    ran = ssh_bot(world, "echo started; sleep 50; echo never", port=world["sshd"].extra_ports[2])
+    assert ran.returncode == 255 and ran.stdout == "started\n", ran
+    assert "botwarden: the session's SSH certificate expired" in ran.stderr, ran.stderr
+    s = session_of(world, ran.pid)
+    assert (s["target"], s["outcome"]) == ("web-short", "terminated") and "certificate expired" in s["error"], s
+    lived = (_ts(s["ended_at"]) - _ts(s["started_at"])).total_seconds()
+    assert lived >= SHORT_TTL - 1, s  # not before the certificate's end (signed just before started_at)
+
+
+def _ts(value):
+    from datetime import datetime
+
+    return datetime.fromisoformat(value) if isinstance(value, str) else value
+
+
+def test_sshd_down_refuses_the_command_with_the_reason_and_an_audit_row(world):
+    ran = ssh_bot(world, "echo never", port=world["down_port"])
+    assert ran.returncode == 255 and "never" not in ran.stdout, ran
+    assert "botwarden: could not run the command on 'web-down'" in ran.stderr, ran.stderr
+    rows = requests_of(world, ran.pid)
+    assert len(rows) == 1 and rows[0]["text"] == "echo never", rows
+    row = world["daemon"].audit_sql("SELECT error, rows FROM requests WHERE session_id = ?",
+                                    [session_of(world, ran.pid)["session_id"]])[0]
+    assert row["rows"] == 255 and row["error"], row
+
+
+def test_upstream_host_key_mismatch_refuses_the_command(world):
+    before = world["sshd"].logged().count("Accepted publickey")
+    ran = ssh_bot(world, "echo never", port=world["sshd"].extra_ports[3])
+    assert ran.returncode == 255 and "never" not in ran.stdout, ran
+    assert "the sshd's host key does not match the target's known_hosts" in ran.stderr, ran.stderr
+    assert world["sshd"].logged().count("Accepted publickey") == before  # no login with the certificate
+    row = world["daemon"].audit_sql("SELECT error FROM requests WHERE session_id = ?",
+                                    [session_of(world, ran.pid)["session_id"]])[0]
+    assert "host key does not match" in row["error"], row
+
+
+def test_no_credential_from_openbao_refuses_the_session(world):
+    # OpenBao answers but will not sign (no such role): fail closed, before any upstream connection.
+    ran = ssh_bot(world, "echo never", port=world["nocred_port"], log_level="INFO")
+    assert ran.returncode == 255 and "never" not in ran.stdout, ran
+    assert "botwarden could not get a credential for 'web-nocred'" in ran.stderr, ran.stderr
+    s = session_of(world, ran.pid)
+    assert (s["target"], s["outcome"]) == ("web-nocred", "refused") and "credential" in s["error"], s
+
+
+def test_a_bot_that_disconnects_mid_approval_withdraws_the_request(world):
+    sshd = world["sshd"]
+    marker = "/tmp/bw-ssh-withdrawn-marker"
+    Path(marker).unlink(missing_ok=True)
+    base = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    proc = subprocess.Popen([
+        sys.executable, "-m", "appliance.cli", "--config", str(world["config"]), "bot", "run", "--name", BOT,
+        "--user", "nobody", "--", SSH, "-F", "/dev/null", "-o", f"UserKnownHostsFile={world['bot_home'] / 'known_hosts'}",
+        "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-p", str(sshd.port), f"root@{sshd.host}",
+        f"touch {marker}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**base, "PYTHONPATH": str(ROOT), "HOME": str(world["bot_home"])})
+    item = None
+    try:
+        for _ in range(300):
+            items = [i for i in json.loads(cli(world["config"], "approvals", "list", "--json").stdout or "[]")
+                     if i["request"] == f"touch {marker}"]
+            if items:
+                item = items[0]
+                break
+            time.sleep(0.1)
+        assert item is not None, proc.poll()
+    finally:
+        proc.kill()  # the bot goes away while its command waits
+        proc.communicate(timeout=30)
+    final = None
+    for _ in range(100):
+        rows = world["daemon"].audit_sql("SELECT event, reason FROM approvals WHERE approval_id = ? "
+                                         "AND event NOT IN ('requested', 'notified')", [item["approval_id"]])
+        if rows:
+            final = rows[0]
+            break
+        time.sleep(0.1)
+    assert final is not None and final["event"] == "abandoned" and final["reason"].startswith("withdrawn"), final
+    assert not Path(marker).exists()
+    left = json.loads(cli(world["config"], "approvals", "list", "--json").stdout or "[]")
+    assert item["approval_id"] not in [i["approval_id"] for i in left]

@@ -4,15 +4,21 @@ The bot connects to the target's real address (the eBPF probes redirect it here,
 PostgreSQL). The appliance answers with a host certificate for the target's names, signed by
 the appliance's host CA (bots trust it with one ``@cert-authority`` known_hosts line, printed
 by ``botwarden ssh known-hosts``). The bot proves who it is by kernel attestation and/or its
-OIDC token as the password; the runtime grants the session (identity, an OpenSSH user
-certificate signed by OpenBao's SSH engine for this session alone). Each exec request is
-decided by the policy (``appliance.policy.ssh``: argv-level, shell constructs): allowed
-commands run on the real sshd over a connection authenticated with that certificate, their
-streams and exit status relayed; blocked ones get a one-line reason on stderr and exit 126;
-held ones wait for an operator. Every session and command is an audit row.
+OIDC token (as the password or a keyboard-interactive answer); the session core
+(``appliance.fronts.session.SessionCore``) grants the session (identity, an OpenSSH user
+certificate signed by OpenBao's SSH engine for this session alone, which ends the session when
+it expires) and keeps its audit rows, holds and end.
 
-Not yet (issue 16): interactive shells and their recording, SFTP/scp, output masking; they
-are refused with a message (forwarding of every kind too, by design).
+Each exec (``scp -O``'s ``scp -t/-f`` too) and shell request is decided by the policy
+(``appliance.policy.ssh``): allowed ones run on the real sshd over a connection authenticated
+with that certificate, relayed by botwarden both ways (stdin/EOF, stdout, stderr, window
+changes, signals, exit status), output masked by the matching ``[rules.ssh]`` mask rules
+(``ssh_mask``), shells recorded (``ssh_cast``); blocked ones get a one-line reason on stderr and
+exit 126; held ones wait for an operator. Forwarding of every kind, subsystems other than sftp
+and environment variables outside the target's ``env_allow`` are refused, each an audit row.
+
+SFTP plugs in at ``SshFront.sftp_factory`` (appliance/fronts/ssh_sftp.py); until then the sftp
+subsystem is refused with a message.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ RELAY_CHUNK = 64 * 1024
 IDLE_FLUSH_S = 0.2  # a masked interactive session shows a held partial line (a prompt) after this pause
 SHELL_TEXT = "[shell]"  # a shell's requests row text
 TYPED_REASON = "typed in an interactive shell: extracted best-effort from keystrokes, not decided"
+CERT_EXPIRED = "the session's SSH certificate expired; the session ends with it"
 WITHDRAWN = "withdrawn: the bot disconnected while the command waited for approval"
 
 
@@ -133,6 +140,7 @@ class _BotConnection(asyncssh.SSHServer):
         self.upstream: asyncssh.SSHClientConnection | None = None
         self._upstream_lock = asyncio.Lock()
         self._refused = False
+        self._expiry: asyncio.TimerHandle | None = None
         self.running = 0  # commands in flight or held (drain waits for them)
         self.bytes_in = self.bytes_out = 0
 
@@ -176,6 +184,8 @@ class _BotConnection(asyncssh.SSHServer):
                 self.core.refused_before_login(f"closed before login: {exc}", self._listener())
             elif self.core.grant is not None:
                 self.core.set_outcome("error", str(exc))
+        if self._expiry is not None:
+            self._expiry.cancel()
         self.core.withdraw_hold(WITHDRAWN)  # before end: an ended core withdraws nothing
         if self.upstream is not None:
             self.upstream.close()
@@ -275,6 +285,12 @@ class _BotConnection(asyncssh.SSHServer):
             self.conn.send_auth_banner(f"{e}\r\n")
             self.core.set_outcome("refused", str(e))
             return False
+        # The session lives as long as its certificate: an upstream connection made with it would
+        # otherwise outlive it (sshd checks a certificate only at login).
+        expires = self.core.grant.credential.expires_at
+        if expires is not None:
+            delay = max(0.0, (expires - datetime.now(timezone.utc)).total_seconds())
+            self._expiry = asyncio.get_running_loop().call_later(delay, self.end, CERT_EXPIRED)
         return True
 
     def end(self, why: str) -> None:
@@ -333,6 +349,12 @@ class _BotConnection(asyncssh.SSHServer):
             status = await self._relay(process, command, env, self._text_masker(verdict), relayed,
                                        recorded=shell and process.get_terminal_type() is not None)
         except (OSError, asyncssh.Error, asyncio.TimeoutError) as e:
+            self.core.upstream_failed("ssh")
+            if isinstance(e, asyncssh.HostKeyNotVerifiable):
+                e = OSError(f"the sshd's host key does not match the target's known_hosts ({e}); "
+                            "botwarden does not talk to an upstream it cannot verify")
+            elif isinstance(e, asyncio.TimeoutError):
+                e = OSError(f"no answer from the sshd within {self.settings.connect_timeout:g}s")
             msg = f"botwarden: could not run the command on {self.settings.target!r}: {e}"
             process.stderr.write(msg.encode() + b"\n")
             process.exit(255)

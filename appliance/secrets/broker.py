@@ -421,8 +421,10 @@ class SecretsBroker:
             public_key, private_key = await asyncio.to_thread(_ed25519_pair)
         resp = await self._call(
             f"signing an SSH certificate with {mount}/sign/{source.role} for target {target.name!r}",
-            lambda c: c.secrets.ssh.sign_ssh_key(name=source.role, public_key=public_key,
-                                                 valid_principals=",".join(principals), mount_point=mount))
+            # Not hvac's sign_ssh_key: it always sends ttl="", which OpenBao reads as "no TTL asked"
+            # and signs for the mount's max TTL (32 days), ignoring the role's ttl.
+            lambda c: c.write(f"{mount}/sign/{source.role}", public_key=public_key,
+                              valid_principals=",".join(principals)))
         data = resp.get("data") or {}
         cert = data.get("signed_key")
         if not cert:
