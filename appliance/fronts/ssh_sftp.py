@@ -26,7 +26,7 @@ import asyncio
 import logging
 import posixpath
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, AsyncIterator, Callable
 
@@ -71,7 +71,7 @@ class _Open:
     t0: float
     moved: int = 0
     size: int | None = None
-    audited: bool = field(default=False)
+    audited: bool = False
 
 
 def _text(path: bytes) -> str:
