@@ -72,4 +72,4 @@ resources = ["secrets"]
 
 def test_mask_entries_stay_sql_only() -> None:
     text = TARGET + 'kubernetes_namespace = "apps"\n' + MASK_RULE + '[[rules.mask]]\ncolumns = ["email"]\n'
-    assert "masking applies to SQL results only" in _error(text)
+    assert "masking applies to SQL results and SSH output only" in _error(text)
