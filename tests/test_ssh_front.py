@@ -908,3 +908,48 @@ def test_a_bot_that_disconnects_mid_approval_withdraws_the_request(world):
     assert not Path(marker).exists()
     left = json.loads(cli(world["config"], "approvals", "list", "--json").stdout or "[]")
     assert item["approval_id"] not in [i["approval_id"] for i in left]
+
+
+def test_openbao_hung_at_session_start_refuses_the_session_with_the_reason(world):
+    # OpenBao paused (a hung server: it accepts connections and answers nothing), the bot's new
+    # session needs a certificate signed for it: fail closed, nothing reaches the sshd.
+    bao = world["bao"]
+    os.killpg(bao.proc.pid, signal.SIGSTOP)
+    try:
+        ran = ssh_bot(world, "echo never", log_level="INFO")
+    finally:
+        os.killpg(bao.proc.pid, signal.SIGCONT)  # never leave the shared server paused
+    assert ran.returncode == 255 and "never" not in ran.stdout, ran
+    assert "botwarden could not get a credential for 'web-1'" in ran.stderr, ran.stderr
+    s = session_of(world, ran.pid)
+    assert (s["target"], s["outcome"]) == ("web-1", "refused") and "credential" in s["error"], s
+    again = ssh_bot(world, "echo back")  # OpenBao answers again: so does the target
+    assert again.returncode == 0 and again.stdout == "back\n", again
+
+
+# Stops the module's daemon: keep it the module's last test.
+def test_daemon_sigterm_ends_ssh_sessions_with_a_message_on_stderr(world):
+    import analytics
+    from appliance.config import load_config
+
+    ran: dict = {}
+    runner = threading.Thread(target=lambda: ran.update(r=ssh_bot(world, "sleep 300", log_level="INFO")),
+                              daemon=True)
+    runner.start()
+    daemon = world["daemon"]
+    for _ in range(300):
+        live = json.loads(cli(world["config"], "sessions", "--json").stdout or "[]")
+        if any(s["target"] == "web-1" and "sleep 300" in (s.get("current") or "") for s in live):
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"the session never started: {live}")
+    assert daemon.stop(timeout=60) == 0, daemon.output()[-3000:]
+    runner.join(60)
+    r = ran["r"]
+    assert r.returncode == 255, r  # ssh's own status for a connection the server closed
+    assert "botwarden is shutting down" in r.stderr, r.stderr
+    path = load_config(world["config"]).audit.path
+    cols, rows = analytics.query_readonly(path, "SELECT outcome, error FROM sessions WHERE pid = ?", [r.pid])
+    assert [dict(zip(cols, row)) for row in rows] == [
+        {"outcome": "terminated", "error": "botwarden is shutting down"}], rows
