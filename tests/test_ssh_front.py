@@ -819,6 +819,45 @@ def test_output_is_masked_even_when_a_secret_straddles_ssh_packets(world, tmp_pa
     # (the command's own text carries the key: the audit stores it redacted, hence LIKE)
     rows = world["daemon"].audit_sql("SELECT masked, text FROM requests WHERE text LIKE 'head -c 32759 %'")
     assert len(rows) == 1 and rows[0]["masked"] == {"output": 1} and key not in rows[0]["text"], rows
+    recorded = b"".join(bytes(r["data"]) for r in recording_rows(world, session_of(world, bot.pid)["session_id"])
+                        if r["direction"] == "out")
+    assert recorded == ("x" * 32759 + " ******** end\n").encode()  # the recording is what the bot saw
+
+
+def test_a_commands_output_is_recorded_and_exported_as_a_cast_but_not_its_stdin(world, tmp_path):
+    from asciinema.asciicast import open_from_url
+
+    from appliance.fronts.ssh_cast import asciicast
+
+    piped = "stdin-secret-piped-to-the-command"
+    ran = bot_run(world["config"], BOT, ["sh", "-c", f"echo {piped} | {SSH} -F /dev/null "
+                                         f"-o UserKnownHostsFile={world['bot_home'] / 'known_hosts'} "
+                                         "-o StrictHostKeyChecking=yes -o BatchMode=yes -o LogLevel=ERROR "
+                                         f"-p {world['sshd'].port} root@{world['sshd'].host} "
+                                         "'wc -c; echo recorded-out; echo recorded-err >&2'"],
+                  env={"HOME": str(world["bot_home"])})
+    assert ran.returncode == 0 and ran.stdout == f"{len(piped) + 1}\nrecorded-out\n", ran
+    # (the pid is the shell's; ssh is its child in the pipe: the session is found by its command)
+    request = world["daemon"].audit_sql("SELECT session_id, request_id FROM requests WHERE kind = 'ssh_exec' "
+                                        "AND text = 'wc -c; echo recorded-out; echo recorded-err >&2'")
+    assert len(request) == 1, request
+    for _ in range(100):  # the exec_end event follows the command's exit
+        rows = recording_rows(world, request[0]["session_id"])
+        events = [json.loads(bytes(r["data"])) for r in rows if r["direction"] == "event"]
+        if len(events) >= 2:
+            break
+        time.sleep(0.1)
+    assert [e["event"] for e in events] == ["exec", "exec_end"], events
+    assert events[0]["request_id"] == request[0]["request_id"] and events[1]["stdin_bytes"] == len(piped) + 1
+    out = b"".join(bytes(r["data"]) for r in rows if r["direction"] == "out")
+    assert b"recorded-out\n" in out and b"recorded-err\n" in out
+    assert not any(r["direction"] == "in" for r in rows) and not any(piped.encode() in bytes(r["data"]) for r in rows)
+    cast_file = tmp_path / "exec.cast"
+    cast_file.write_text(asciicast(rows))
+    with open_from_url(str(cast_file)) as cast:  # asciinema's own reader
+        assert cast.v2_header["version"] == 2
+        shown = "".join(e[2] for e in cast.events() if e[1] == "o")
+    assert "recorded-out" in shown and "recorded-err" in shown
 
 
 # -- lifecycle (item 8) ---------------------------------------------------------------------------

@@ -24,6 +24,7 @@ subsystem is refused with a message.
 from __future__ import annotations
 
 import asyncio
+import json
 import fnmatch
 import logging
 import os
@@ -347,7 +348,8 @@ class _BotConnection(asyncssh.SSHServer):
         try:
             # exits the bot's channel with the command's status
             status = await self._relay(process, command, env, self._text_masker(verdict), relayed,
-                                       recorded=shell and process.get_terminal_type() is not None)
+                                       recorded=shell and process.get_terminal_type() is not None,
+                                       request_id=request_id)
         except (OSError, asyncssh.Error, asyncio.TimeoutError) as e:
             self.core.upstream_failed("ssh")
             if isinstance(e, asyncssh.HostKeyNotVerifiable):
@@ -435,16 +437,19 @@ class _BotConnection(asyncssh.SSHServer):
 
     async def _relay(self, process: asyncssh.SSHServerProcess, command: str | None, env: dict[str, str],
                      text_masker: Any = None, counts: dict[str, int] | None = None, *,
-                     recorded: bool = False) -> int:
+                     recorded: bool = False, request_id: str | None = None) -> int:
         """Run ``command`` (None: a login shell) on the sshd and relay it both ways: stdin, stdout,
         stderr, EOF, window changes, signals and breaks from the bot; the exit status or the signal
         that ended the command back. Returns the exit status (128 + signal number for a signal)."""
         upstream = await self._upstream()
         term_type = process.get_terminal_type()
-        shell = _ShellRecord(self) if recorded else None
-        if shell is not None:
+        shell: _ShellRecord | _ExecRecord
+        if recorded:
+            shell = _ShellRecord(self)
             width, height, _, _ = process.get_terminal_size()
             self.core.record("event", pty_event(width, height, term_type or "", time.time()))
+        else:
+            shell = _ExecRecord(self, request_id)
         remote = await upstream.create_process(
             command, encoding=None, term_type=term_type,
             term_size=process.get_terminal_size() if term_type else None,
@@ -463,6 +468,8 @@ class _BotConnection(asyncssh.SSHServer):
             for t in to_bot:
                 t.cancel()
             remote.close()
+            if isinstance(shell, _ExecRecord):
+                shell.close()
         if counts is not None:
             counts["masked"] = sum(m.masked for m in maskers if m is not None)
         if result.exit_signal is not None:
@@ -474,7 +481,7 @@ class _BotConnection(asyncssh.SSHServer):
         return status
 
     async def _pump_in(self, process: asyncssh.SSHServerProcess, remote: asyncssh.SSHClientProcess,
-                       shell: "_ShellRecord | None") -> None:
+                       shell: "_ShellRecord | _ExecRecord | None") -> None:
         """The bot's stdin to the command, with the out-of-band requests asyncssh hands over as
         exceptions in the stream's order (a resize between two keystrokes stays between them)."""
         while True:
@@ -482,7 +489,7 @@ class _BotConnection(asyncssh.SSHServer):
                 data = await process.stdin.read(RELAY_CHUNK)
             except asyncssh.TerminalSizeChanged as e:
                 remote.change_terminal_size(e.width, e.height, e.pixwidth, e.pixheight)
-                if shell is not None:
+                if isinstance(shell, _ShellRecord):
                     self.core.record("event", resize_event(e.width, e.height))
                 continue
             except asyncssh.SignalReceived as e:
@@ -503,7 +510,7 @@ class _BotConnection(asyncssh.SSHServer):
             await remote.stdin.drain()
 
     async def _pump_out(self, source: asyncssh.SSHReader, sink: asyncssh.SSHWriter,
-                        shell: "_ShellRecord | None", masker: StreamMasker | None, interactive: bool) -> None:
+                        shell: "_ShellRecord | _ExecRecord | None", masker: StreamMasker | None, interactive: bool) -> None:
         """The command's output to the bot (and the recording), masked when a mask rule matched
         the request. A masker holds back what could be the start of a secret; in an interactive
         session what it holds goes out after IDLE_FLUSH_S without more output (a prompt)."""
@@ -546,6 +553,29 @@ class _BotConnection(asyncssh.SSHServer):
             "duration_ms": (time.time() - t0) * 1000.0, "rows": exit_status, "error": error,
             "sqlstate": None, "masked": {"output": masked} if masked else None,
         })
+
+
+class _ExecRecord:
+    """One recorded command (exec, ``scp -O``, a shell without a pty): an ``exec`` event naming
+    its requests row, then what it printed (stdout and stderr, after masking) as "out" rows. Its
+    stdin is not recorded, only counted (``stdin_bytes`` in the closing ``exec_end`` event): it
+    may be a file being copied or a secret piped to the command."""
+
+    def __init__(self, bot: _BotConnection, request_id: str | None):
+        self.bot = bot
+        self.request_id = request_id
+        self.stdin_bytes = 0
+        bot.core.record("event", json.dumps({"event": "exec", "request_id": request_id}).encode())
+
+    def shown(self, data: bytes) -> None:
+        self.bot.core.record("out", data)
+
+    def typed(self, data: bytes) -> None:
+        self.stdin_bytes += len(data)
+
+    def close(self) -> None:
+        self.bot.core.record("event", json.dumps({"event": "exec_end", "request_id": self.request_id,
+                                                  "stdin_bytes": self.stdin_bytes}).encode())
 
 
 class _ShellRecord:

@@ -98,7 +98,8 @@ class TypedLines:
 def asciicast(rows: Iterable[Mapping[str, Any]]) -> str:
     """An asciicast v2 document (header line + one JSON event per line) from a session's
     ``recordings`` rows (``ts``, ``direction``, ``data``), in ``seq`` order. Rows before the
-    pty event (there are none for a shell) are skipped."""
+    pty event (there are none for a shell) are skipped; a session of commands without a
+    terminal starts at its first ``exec`` event, at 80x24."""
     lines: list[str] = []
     start: datetime | None = None
     decoders = {"in": codecs.getincrementaldecoder("utf-8")("replace"),
@@ -111,6 +112,11 @@ def asciicast(rows: Iterable[Mapping[str, Any]]) -> str:
                 start = ts
                 lines.append(json.dumps({"version": 2, "width": event["width"], "height": event["height"],
                                          "timestamp": event["timestamp"], "env": {"TERM": event["term"]}}))
+            elif event.get("event") == "exec" and start is None:
+                # A command without a terminal: its output as a cast of the default size.
+                start = ts
+                lines.append(json.dumps({"version": 2, "width": 80, "height": 24,
+                                         "timestamp": int(ts.timestamp()), "env": {"TERM": "dumb"}}))
             elif event.get("event") == "resize" and start is not None:
                 lines.append(json.dumps([_offset(ts, start), "r", f"{event['width']}x{event['height']}"]))
             continue
@@ -120,7 +126,7 @@ def asciicast(rows: Iterable[Mapping[str, Any]]) -> str:
         if text:
             lines.append(json.dumps([_offset(ts, start), "o" if direction == "out" else "i", text]))
     if start is None:
-        raise ValueError("no pty event in these recording rows: not a shell session")
+        raise ValueError("no pty or exec event in these recording rows: not a terminal session")
     return "\n".join(lines) + "\n"
 
 
