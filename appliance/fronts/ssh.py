@@ -111,6 +111,11 @@ class SshFront:
         a disconnect message the bot's ssh prints."""
         await drain(self._server, self.sessions, deadline, lambda s: s.busy,
                     lambda s: s.end("botwarden is shutting down"))
+        # The disconnect messages must reach the bots before the daemon exits: wait (briefly) for
+        # the connections to close, which asyncssh does once the message is written out.
+        until = time.monotonic() + 2.0
+        while self.sessions and time.monotonic() < until:
+            await asyncio.sleep(0.02)
         if self._server is not None:
             await self._server.wait_closed()
 
@@ -143,6 +148,7 @@ class _BotConnection(asyncssh.SSHServer):
         self._refused = False
         self._expiry: asyncio.TimerHandle | None = None
         self.running = 0  # commands in flight or held (drain waits for them)
+        self.processes: set[asyncssh.SSHServerProcess] = set()  # their channels, for end()
         self.bytes_in = self.bytes_out = 0
 
     @property
@@ -295,18 +301,33 @@ class _BotConnection(asyncssh.SSHServer):
         return True
 
     def end(self, why: str) -> None:
-        """End the session from botwarden's side (lease or token expiry, shutdown, an operator)."""
-        if self.conn is not None:
-            self.core.set_outcome("terminated", why)
-            self.conn.disconnect(asyncssh.DISC_BY_APPLICATION, f"botwarden: {why}")
+        """End the session from botwarden's side (lease or token expiry, shutdown, an operator):
+        each running command's channel gets the reason on stderr and exit status 255 (what ssh
+        prints whatever its LogLevel), then the connection is closed with it as the disconnect
+        message, a moment later so the channels' last bytes go out first."""
+        if self.conn is None:
+            return
+        self.core.set_outcome("terminated", why)
+        message = f"botwarden: {why}"
+        for process in list(self.processes):
+            try:
+                process.stderr.write(message.encode() + b"\n")
+                process.exit(255)
+            except (OSError, asyncssh.Error):
+                pass  # the channel is already closing
+        conn = self.conn
+        asyncio.get_running_loop().call_later(
+            0.3 if self.processes else 0.0, conn.disconnect, asyncssh.DISC_BY_APPLICATION, message)
 
     # -- commands -----------------------------------------------------------------------
     async def run(self, process: asyncssh.SSHServerProcess) -> None:
         self.running += 1
+        self.processes.add(process)
         try:
             await self._run(process)
         finally:
             self.running -= 1
+            self.processes.discard(process)
 
     async def _run(self, process: asyncssh.SSHServerProcess) -> None:
         command = process.command
