@@ -152,9 +152,10 @@ def make_front(target: TargetConfig, config: Config, services: Any, admission: A
         if not target.known_hosts:
             raise BotwardenError(f"target {target.name!r}: an ssh target needs known_hosts (the sshd's host keys "
                                  "or its host CA): botwarden does not connect to an upstream it cannot verify")
-        if target.credential is None or target.credential.source != "ssh":
+        if target.credential is None or target.credential.source not in ("ssh", "kv"):
             raise BotwardenError(f"target {target.name!r}: an ssh target needs credential.source = \"ssh\" "
-                                 "(a certificate per session)")
+                                 "(a certificate per session) or \"kv\" (a private key, and optionally its "
+                                 "certificate, kept in OpenBao's KV)")
         host, port = target.host_port
         ca = load_or_make_host_ca(str(Path(config.appliance.state_dir) / "ssh_host_ca"))
         key, cert = host_identity(ca, sorted({host, target.name}))

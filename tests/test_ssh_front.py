@@ -118,7 +118,15 @@ def world(bao_server, tmp_path_factory):
         policy = root.sys.read_policy(f"{tag}-appliance")["data"]["rules"]
         root.sys.create_or_update_policy(f"{tag}-appliance", policy + f'\npath "{ssh_mount}/sign/*" '
                                                                       '{ capabilities = ["update"] }\n')
-        sshd = Sshd(net, user_ca)
+        sshd = Sshd(net, user_ca, extra_ports=5)
+        # A standing key in OpenBao's KV (credential.source = "kv"): a key pair with a certificate
+        # signed once, as an operator would store it.
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(workdir / "kv_key")], check=True)
+        kv_cert = root.write(f"{ssh_mount}/sign/bot", public_key=(workdir / "kv_key.pub").read_text(),
+                             valid_principals="root")["data"]["signed_key"]
+        root.secrets.kv.v2.create_or_update_secret(path=f"{tag}-ssh-key", mount_point="secret", secret={
+            "username": "root", "private_key": (workdir / "kv_key").read_text(), "certificate": kv_cert})
+        (workdir / "kv_key").unlink()  # only OpenBao keeps it
         known_hosts = workdir / "upstream_known_hosts"
         known_hosts.write_text(sshd.known_hosts_line() + "\n")
         config = workdir / "botwarden.toml"
@@ -177,6 +185,18 @@ authentication = "attestation"
 known_hosts = "{wrong_known_hosts}"
 {credential}
 [[targets]]
+name = "web-kv"
+protocol = "ssh"
+address = "{sshd.host}:{sshd.extra_ports[4]}"
+listen = "127.0.0.1:{free_port()}"
+authentication = "attestation"
+known_hosts = "{known_hosts}"
+[targets.credential]
+source = "kv"
+path = "{tag}-ssh-key"
+password_key = "private_key"
+
+[[targets]]
 name = "web-down"
 protocol = "ssh"
 address = "{sshd.host}:{down_port}"
@@ -195,7 +215,7 @@ known_hosts = "{known_hosts}"
 {missing_credential}
 [[identities]]
 name = "deploy-bot"
-targets = ["web-1", "web-short", "web-badkey", "web-down", "web-nocred"]
+targets = ["web-1", "web-short", "web-badkey", "web-down", "web-nocred", "web-kv"]
 [identities.process]
 cgroup = "{BOT}"
 
@@ -900,6 +920,15 @@ def test_upstream_host_key_mismatch_refuses_the_command(world):
     row = world["daemon"].audit_sql("SELECT error FROM requests WHERE session_id = ?",
                                     [session_of(world, ran.pid)["session_id"]])[0]
     assert "host key does not match" in row["error"], row
+
+
+def test_a_key_from_openbaos_kv_logs_in_upstream(world):
+    ran = ssh_bot(world, "echo kv-key-works", port=world["sshd"].extra_ports[4])
+    assert ran.returncode == 0 and ran.stdout == "kv-key-works\n", ran
+    s = session_of(world, ran.pid)
+    assert (s["target"], s["outcome"], s["credential_user"], s["lease_id"]) == ("web-kv", "ok", "root", None), s
+    kv_key = (Path(world["config"]).parent / "kv_key")
+    assert not kv_key.exists()  # the key lives in OpenBao only, never in a file botwarden wrote
 
 
 def test_no_credential_from_openbao_refuses_the_session(world):

@@ -441,13 +441,14 @@ class _BotConnection(asyncssh.SSHServer):
         async with self._upstream_lock:
             if self.upstream is None:
                 cred = self.core.grant.credential
-                if not cred.cert or not cred.private_key:
-                    raise OSError("the session's credential has no SSH certificate")
+                if not cred.private_key:
+                    raise OSError("the session's credential has no SSH private key")
                 key = asyncssh.import_private_key(cred.private_key)
-                cert = asyncssh.import_certificate(cred.cert)
+                # A certificate from OpenBao's SSH engine, or a KV key with or without its own.
+                client_key = (key, asyncssh.import_certificate(cred.cert)) if cred.cert else key
                 st = self.settings
                 self.upstream = await asyncio.wait_for(asyncssh.connect(
-                    st.upstream_host, st.upstream_port, username=cred.username, client_keys=[(key, cert)],
+                    st.upstream_host, st.upstream_port, username=cred.username, client_keys=[client_key],
                     known_hosts=st.known_hosts, agent_path=None, config=None, preferred_auth="publickey"),
                     st.connect_timeout)
             return self.upstream

@@ -354,6 +354,13 @@ class SecretsBroker:
         if password is None:
             raise SecretUnavailable(f"KV secret {mount}/{source.path} for target {target.name!r} has no "
                                     f"{source.password_key!r} key", "missing")
+        if target.protocol == "ssh":
+            # An SSH target's KV secret holds a private key (under password_key, e.g. "private_key")
+            # and optionally its certificate ("certificate"); never cached past Vault's answer.
+            return SessionCredential(username=str(username), password=None, lease_id=None, expires_at=None,
+                                     renewable=False, target=target.name, session_id=sid, source="kv",
+                                     private_key=str(password), cert=data.get("certificate") or None,
+                                     audit_fields=MappingProxyType({"credential_user": str(username)}))
         self._kv_cache[key] = (str(username), str(password), version, time.monotonic())
         return SessionCredential(username=str(username), password=str(password), lease_id=None, expires_at=None,
                                  renewable=False, target=target.name, session_id=sid, source="kv",
