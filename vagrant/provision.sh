@@ -42,6 +42,7 @@ DEV_PACKAGES=(
     rsyslog                                      # the SIEM receiver of the audit stream's tests
     tmux                                         # the console's tests in a real terminal
     tshark                                       # decodes `session export --pcap` in its tests
+    containerd runc containernetworking-plugins busybox-static  # the Kubernetes tests' node (tests/k8s/node.py)
 )
 
 install_apt() {
@@ -120,8 +121,9 @@ case "$ACTION" in
     test)
         cd "$ROOT"
         # The Kubernetes tests need kube-apiserver, built from Debian's source package once per
-        # machine (minutes on a fresh one; cached under /var/cache/botwarden/kubernetes after).
-        bash "$ROOT/tests/k8s/build.sh" >/dev/null
+        # machine (minutes on a fresh one; cached under /var/cache/botwarden/kubernetes after);
+        # --node adds the kubelet and the pause binary for the tests that run pods.
+        bash "$ROOT/tests/k8s/build.sh" --node >/dev/null
         exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@" ;;
     *) echo "usage: provision.sh [install|demo|test|bastion]" >&2; exit 2 ;;
 esac

@@ -1,20 +1,26 @@
 #!/usr/bin/env bash
-# Build a real Kubernetes control plane for botwarden's tests, once per machine.
+# Build a real Kubernetes control plane (and, with --node, a node) for botwarden's tests, once per machine.
 #
-#   bash tests/k8s/build.sh            # build if missing, print the directory holding the binaries
-#   bash tests/k8s/build.sh --check    # exit 0 if the cached build exists, 1 if not (no network)
+#   bash tests/k8s/build.sh                  # build if missing, print the directory holding the binaries
+#   bash tests/k8s/build.sh --node           # also the kubelet and the pause binary (tests/k8s/node.py)
+#   bash tests/k8s/build.sh --check [--node] # exit 0 if the cached build exists, 1 if not (no network)
 #
 # No registry ships a kube-apiserver binary, so it is built offline from Debian's `kubernetes`
 # source package (the full 1.20.2 tree with vendor/) with Debian's Go, through the tree's own
 # Makefile (GOPATH mode, as Debian's rules build it). kubectl 1.20 comes from Debian's
 # `kubernetes-client` .deb and is unpacked next to it rather than installed, because some hosts
 # already have another package owning /usr/bin/kubectl. etcd 3.4 is Debian's `etcd-server`.
+# --node builds the kubelet from the same tree (`make WHAT=cmd/kubelet`) and the pause binary
+# from its build/pause/linux/pause.c (gcc -static); the node's runtime is Debian's containerd,
+# runc, CNI plugins and busybox-static (installed here when missing).
 #
 # The result is cached by the Debian package version under $BOTWARDEN_K8S_CACHE
 # (default /var/cache/botwarden/kubernetes/<version>/), outside the repository; later runs on
-# the same machine reuse it. The build takes minutes and ~2 GB of scratch space, which is
-# deleted afterwards; it runs under `nice` so other work on the machine keeps going.
-# Must run as root (apt-get). docs/kubernetes.md has the facts behind each step.
+# the same machine reuse it, and a --node build next to a cached control plane builds only the
+# kubelet. The build takes minutes and ~2 GB of scratch space, which is deleted afterwards; it
+# runs under `nice` so other work on the machine keeps going. Two runs at once are serialised by
+# a lock; the second finds the first's result. Must run as root (apt-get). docs/kubernetes.md has
+# the facts behind each step.
 set -euo pipefail
 
 CACHE_ROOT=${BOTWARDEN_K8S_CACHE:-/var/cache/botwarden/kubernetes}
@@ -28,21 +34,51 @@ if [ -z "$version" ] || [ "$version" = "(none)" ]; then
 fi
 out="$CACHE_ROOT/$version"
 
-if [ -x "$out/kube-apiserver" ] && [ -x "$out/kubectl" ] && [ -x "$out/etcd" ]; then
-    [ "${1:-}" = "--check" ] && exit 0
+check=0 node=0
+for arg in "$@"; do
+    case "$arg" in
+        --check) check=1 ;;
+        --node) node=1 ;;
+        *) log "usage: build.sh [--check] [--node]"; exit 2 ;;
+    esac
+done
+
+# The make targets still missing from the cache (empty: everything asked for is there).
+missing_targets() {
+    targets=()
+    { [ -x "$out/kube-apiserver" ] && [ -x "$out/kubectl" ] && [ -x "$out/etcd" ]; } || targets+=(cmd/kube-apiserver)
+    if [ $node -eq 1 ] && ! { [ -x "$out/kubelet" ] && [ -x "$out/pause" ]; }; then
+        targets+=(cmd/kubelet)
+    fi
+}
+missing_targets
+if [ ${#targets[@]} -eq 0 ]; then
+    [ $check -eq 1 ] && exit 0
     echo "$out"
     exit 0
 fi
-[ "${1:-}" = "--check" ] && exit 1
+[ $check -eq 1 ] && exit 1
 
 if [ "$(id -u)" -ne 0 ]; then
     log "must run as root (installs golang-go, rsync, etcd-server with apt)"
     exit 1
 fi
 
+# One build at a time per cache: a second run waits, then finds the first one's result.
+mkdir -p "$CACHE_ROOT"
+exec 9>"$CACHE_ROOT/.build.lock"
+flock 9
+missing_targets
+if [ ${#targets[@]} -eq 0 ]; then
+    echo "$out"
+    exit 0
+fi
+
 export DEBIAN_FRONTEND=noninteractive
 need=()
-for p in golang-go rsync etcd-server; do
+packages=(golang-go rsync etcd-server)
+[ $node -eq 1 ] && packages+=(gcc libc6-dev containerd runc containernetworking-plugins busybox-static)
+for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -73,7 +109,9 @@ aptopts=(-o "APT::Sandbox::User=root" -o "Dir::Etc::SourceList=/dev/null" -o "Di
 log "fetching the kubernetes source package $version"
 apt-get "${aptopts[@]}" update -qq
 (cd "$work" && apt-get "${aptopts[@]}" source -qq --download-only "kubernetes=$version" >/dev/null)
-(cd "$work" && apt-get -o "APT::Sandbox::User=root" download -qq "kubernetes-client=$version" >/dev/null)
+if [[ " ${targets[*]} " == *" cmd/kube-apiserver "* ]]; then
+    (cd "$work" && apt-get -o "APT::Sandbox::User=root" download -qq "kubernetes-client=$version" >/dev/null)
+fi
 
 tarball=$(ls "$work"/kubernetes_*.orig.tar.gz | head -1)
 mkdir -p "$work/src"
@@ -82,7 +120,7 @@ tree=$(ls -d "$work"/src/kubernetes-*/ | head -1)
 mkdir -p "$tree/.go/src/k8s.io"
 ln -s ../../.. "$tree/.go/src/k8s.io/kubernetes"
 
-log "building kube-apiserver (several minutes)"
+log "building ${targets[*]} (several minutes each)"
 (
     cd "$tree"
     # Go's build cache outlives a failed attempt (a retry takes a minute, not the whole build)
@@ -90,27 +128,44 @@ log "building kube-apiserver (several minutes)"
     export GOPATH=$tree/.go CGO_ENABLED=0 GOPROXY=off GOFLAGS= HOME=$work/home GOCACHE=$CACHE_ROOT/.go-build
     mkdir -p "$HOME"
     rc=0
-    nice -n 10 make WHAT=cmd/kube-apiserver >"$work/build.log" 2>&1 || rc=$?
-    if [ $rc -ne 0 ] || [ ! -x _output/bin/kube-apiserver ]; then
-        tail -40 "$work/build.log" >&2
-        log "make WHAT=cmd/kube-apiserver failed (exit $rc)"
-        exit 1
+    nice -n 10 make WHAT="${targets[*]}" >"$work/build.log" 2>&1 || rc=$?
+    for t in "${targets[@]}"; do
+        if [ $rc -ne 0 ] || [ ! -x "_output/bin/${t#cmd/}" ]; then
+            tail -40 "$work/build.log" >&2
+            log "make WHAT=\"${targets[*]}\" failed (exit $rc)"
+            exit 1
+        fi
+    done
+    if [ $node -eq 1 ]; then
+        # The pause image's only file; CFLAGS as in build/pause/Makefile.
+        nice -n 10 gcc -Os -Wall -Werror -static -DVERSION=v3.4-botwarden \
+            -o _output/bin/pause build/pause/linux/pause.c
     fi
 )
-
-mkdir -p "$work/client"
-dpkg-deb -x "$work"/kubernetes-client_*.deb "$work/client"
 
 staging="$out.partial"
 rm -rf "$staging"
 mkdir -p "$staging"
-install -m 0755 "$tree/_output/bin/kube-apiserver" "$staging/kube-apiserver"
-install -m 0755 "$work/client/usr/bin/kubectl" "$staging/kubectl"
-ln -s "$(command -v etcd)" "$staging/etcd"
+# What is cached already stays as it is (an apiserver is not rebuilt when only the kubelet is asked for).
+[ -d "$out" ] && cp -a "$out/." "$staging/"
+if [[ " ${targets[*]} " == *" cmd/kube-apiserver "* ]]; then
+    mkdir -p "$work/client"
+    dpkg-deb -x "$work"/kubernetes-client_*.deb "$work/client"
+    install -m 0755 "$tree/_output/bin/kube-apiserver" "$staging/kube-apiserver"
+    install -m 0755 "$work/client/usr/bin/kubectl" "$staging/kubectl"
+    ln -sf "$(command -v etcd)" "$staging/etcd"
+fi
+if [ $node -eq 1 ]; then
+    install -m 0755 "$tree/_output/bin/kubelet" "$staging/kubelet"
+    install -m 0755 "$tree/_output/bin/pause" "$staging/pause"
+fi
 seconds=$(( $(date +%s) - start ))
-printf 'version=%s\nbuild_seconds=%s\nbuilt=%s\n' "$version" "$seconds" "$(date -u +%FT%TZ)" > "$staging/BUILD-INFO"
+for t in "${targets[@]}"; do
+    printf '%s_build_seconds=%s\n%s_built=%s\n' "${t#cmd/}" "$seconds" "${t#cmd/}" "$(date -u +%FT%TZ)"
+done >> "$staging/BUILD-INFO"
+grep -q '^version=' "$staging/BUILD-INFO" || sed -i "1i version=$version" "$staging/BUILD-INFO"
 rm -rf "$out"
 mv "$staging" "$out"
 rm -rf "$CACHE_ROOT/.go-build"
-log "built in ${seconds}s: $out"
+log "built ${targets[*]} in ${seconds}s: $out"
 echo "$out"
