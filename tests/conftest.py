@@ -51,3 +51,15 @@ def kube():
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def kube_node(kube):
+    """A real kubelet + containerd node joined to ``kube`` (tests/k8s/node.py); pods run on it."""
+    from tests.k8s.node import KubeNode
+
+    node = KubeNode(kube).start()
+    try:
+        yield node
+    finally:
+        node.stop()

@@ -94,6 +94,10 @@ class KubeCluster:
         ca = make_ca(d, "ca")
         issue_cert(d, ca, "apiserver", "/CN=kube-apiserver",
                    sans=(f"IP:{self.host}", "DNS:localhost", "DNS:kubernetes", "DNS:kubernetes.default.svc"))
+        # The API server's client certificate for kubelets (exec/attach/port-forward/logs); a
+        # kubelet (tests/k8s/node.py) serves with a certificate from the same CA.
+        issue_cert(d, ca, "apiserver-kubelet-client", "/O=system:masters/CN=kube-apiserver-kubelet-client",
+                   client=True)
         _openssl(d, "genrsa", "-out", "sa.key", "2048")
         _openssl(d, "rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub")
         rows = [f'{self.admin_token},bw-admin,bw-admin-uid,"system:masters"']
@@ -125,6 +129,9 @@ class KubeCluster:
                  f"--token-auth-file={d / 'tokens.csv'}", "--authorization-mode=RBAC",
                  "--service-cluster-ip-range=10.0.0.0/24", "--insecure-port=0",
                  f"--cert-dir={d / 'certs'}", "--enable-priority-and-fairness=false",
+                 f"--kubelet-client-certificate={d / 'apiserver-kubelet-client.crt'}",
+                 f"--kubelet-client-key={d / 'apiserver-kubelet-client.key'}",
+                 f"--kubelet-certificate-authority={d / 'ca.crt'}", "--kubelet-preferred-address-types=InternalIP",
                  f"--audit-policy-file={self._audit_policy(d)}", f"--audit-log-path={self.audit_log}"],
                 stdout=self._api_log, stderr=subprocess.STDOUT, start_new_session=True))
             self._wait_ready(timeout)
