@@ -131,7 +131,7 @@ class KubeCluster:
                  f"--cert-dir={d / 'certs'}", "--enable-priority-and-fairness=false",
                  f"--kubelet-client-certificate={d / 'apiserver-kubelet-client.crt'}",
                  f"--kubelet-client-key={d / 'apiserver-kubelet-client.key'}",
-                 f"--kubelet-certificate-authority={d / 'ca.crt'}", "--kubelet-preferred-address-types=InternalIP",
+                 f"--kubelet-certificate-authority={d / 'ca.crt'}", "--kubelet-preferred-address-types=Hostname",
                  f"--audit-policy-file={self._audit_policy(d)}", f"--audit-log-path={self.audit_log}"],
                 stdout=self._api_log, stderr=subprocess.STDOUT, start_new_session=True))
             self._wait_ready(timeout)

@@ -78,6 +78,9 @@ state = "{d}/containerd/state"
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
   disable_apparmor = true
+  # No CAP_SYS_RESOURCE here: runc cannot lower oom_score_adj (the pause container's -998);
+  # clamp pods' values to containerd's own.
+  restrict_oom_score_adj = true
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "/usr/lib/cni"
     conf_dir = "{d}/cni"
@@ -98,7 +101,12 @@ class KubeNode:
     """One kubelet + containerd node registered with ``cluster`` as :attr:`name`."""
 
     cluster: KubeCluster
-    name: str = field(default_factory=lambda: "bw-node-" + os.urandom(4).hex())
+    # The API server reaches a kubelet at one of the Node's addresses; the kubelet refuses a
+    # loopback --node-ip, so the node is called "localhost" and the API server dials its Hostname
+    # address (--kubelet-preferred-address-types=Hostname). One node per cluster, then; each
+    # KubeCluster has its own etcd, so two runs never share a node name.
+    name: str = "localhost"
+    tag: str = field(default_factory=lambda: os.urandom(4).hex())
     bin_dir: Path | None = None
     workdir: Path | None = None
     kubelet_port: int = 0
@@ -145,7 +153,7 @@ class KubeNode:
         # ptp: a veth pair per pod and a host route to its address; no bridge, no iptables (ipMasq
         # off), IPAM state in the temp dir. Pods only need to be reachable from this host.
         (d / "cni" / "10-bw.conflist").write_text(json.dumps({
-            "cniVersion": "0.4.0", "name": self.name,
+            "cniVersion": "0.4.0", "name": f"bw-node-{self.tag}",
             "plugins": [{"type": "ptp", "ipMasq": False,
                          "ipam": {"type": "host-local", "subnet": str(self.pod_subnet),
                                   "dataDir": str(d / "cni-ipam")}},
@@ -173,7 +181,7 @@ class KubeNode:
         """Bind the built-in ClusterRole system:node to this node's user (there is no Node authorizer)."""
         self.cluster.request("POST", "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings", {
             "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-            "metadata": {"name": self.name},
+            "metadata": {"name": f"bw-node-{self.tag}"},
             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "system:node"},
             "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User",
                           "name": f"system:node:{self.name}"}]})
@@ -181,7 +189,7 @@ class KubeNode:
     def _start_kubelet(self) -> None:
         d, c = self.workdir, self.cluster
         ca = (c.ca_file, c.workdir / "ca.key")
-        issue_cert(d, ca, "kubelet-serving", f"/CN={self.name}", sans=("IP:127.0.0.1", f"DNS:{self.name}"))
+        issue_cert(d, ca, "kubelet-serving", f"/CN={self.name}", sans=("IP:127.0.0.1", "DNS:localhost"))
         issue_cert(d, ca, "kubelet-client", f"/O=system:nodes/CN=system:node:{self.name}", client=True)
         kubeconfig = d / "kubelet.kubeconfig"
         kubeconfig.write_text(json.dumps({
@@ -219,7 +227,7 @@ class KubeNode:
             str(self.bin_dir / "kubelet"), f"--config={d / 'kubelet.yaml'}", f"--kubeconfig={kubeconfig}",
             "--container-runtime=remote", f"--container-runtime-endpoint=unix://{self.containerd_socket}",
             f"--root-dir={d / 'kubelet'}", f"--cert-dir={d / 'kubelet-certs'}",
-            f"--hostname-override={self.name}", "--node-ip=127.0.0.1",
+            f"--hostname-override={self.name}",
             f"--pod-infra-container-image={PAUSE_IMAGE}", "--v=2"])
 
     def _wait_ready(self, deadline: float) -> None:
@@ -364,7 +372,7 @@ class KubeNode:
         with contextlib.suppress(OSError, urllib.error.URLError):
             self.cluster.request("DELETE", f"/api/v1/nodes/{self.name}")
         with contextlib.suppress(OSError, urllib.error.URLError):
-            self.cluster.request("DELETE", f"/apis/rbac.authorization.k8s.io/v1/clusterrolebindings/{self.name}")
+            self.cluster.request("DELETE", f"/apis/rbac.authorization.k8s.io/v1/clusterrolebindings/bw-node-{self.tag}")
         for key, value in getattr(self, "_sysctls", {}).items():
             with contextlib.suppress(OSError):
                 Path("/proc/sys", key).write_text(value)
