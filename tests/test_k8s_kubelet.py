@@ -12,6 +12,7 @@ import ipaddress
 import subprocess
 import urllib.request
 import uuid
+from pathlib import Path
 
 import pytest
 from kubernetes import client as k8s_client
@@ -19,7 +20,7 @@ from kubernetes.stream import stream
 
 from appliance.sandbox import free_port
 from tests.k8s.cluster import KubeCluster
-from tests.k8s.node import KubeNode
+from tests.k8s.node import KUBELET_SYSCTLS, KubeNode
 
 
 @pytest.fixture(scope="module")
@@ -153,3 +154,33 @@ def test_python_client_websocket_exec(kube: KubeCluster, ns: str, shell_pod: str
         assert resp.returncode == 3
     finally:
         resp.close()
+
+
+def test_node_stop_leaves_no_process_mount_namespace_or_route() -> None:
+    # A node of its own (one node per cluster): its teardown must leave the shared machine as it was.
+    sysctls = {k: Path("/proc/sys", k).read_text() for k in KUBELET_SYSCTLS}
+    cluster = KubeCluster().start()
+    try:
+        node = KubeNode(cluster).start()
+        try:
+            pod = node.run_pod("bw-teardown", "p", ["sh", "-c", "exec sleep 3600"])
+            workdir, pod_ip = node.workdir, pod["status"]["podIP"]
+            netns, shims = node._netns_paths(), node._our_pids()
+            pids = [p.pid for p in node._procs] + shims
+            assert netns and shims and Path(netns[0]).exists()
+            assert pod_ip in _routes()
+        finally:
+            node.stop()
+        assert not [pid for pid in pids if Path(f"/proc/{pid}").exists()]
+        assert str(workdir) not in Path("/proc/self/mountinfo").read_text()
+        assert not workdir.exists()
+        assert not [p for p in netns if Path(p).exists()]
+        assert pod_ip not in _routes()
+        assert {k: Path("/proc/sys", k).read_text() for k in KUBELET_SYSCTLS} == sysctls
+        assert cluster.get("/api/v1/nodes")["items"] == []
+    finally:
+        cluster.stop()
+
+
+def _routes() -> str:
+    return subprocess.run(["ip", "-4", "route"], capture_output=True, text=True, check=True).stdout

@@ -315,7 +315,8 @@ class KubeNode:
         for entry in Path("/proc").iterdir():
             if entry.name.isdigit():
                 with contextlib.suppress(OSError):
-                    if str(self.containerd_socket).encode() in (entry / "cmdline").read_bytes():
+                    argv = (entry / "cmdline").read_bytes().split(b"\0")
+                    if b"containerd-shim" in argv[0] and str(self.containerd_socket).encode() in argv:
                         pids.append(int(entry.name))
         return pids
 
