@@ -27,7 +27,7 @@ from appliance.protocols.postgres import messages as m
 
 from .load import SessionRecord
 from .pgstream import exchanges
-from .render import pg_lines, request_log_lines
+from .render import pg_lines, request_log_lines, terminal_chunks
 
 PG_PORT = 5432
 _MSS = 1448
@@ -73,14 +73,32 @@ def cast_events(rec: SessionRecord) -> tuple[dict[str, Any], list[list[Any]]]:
         header.setdefault("title", f"botwarden session {rec.session.get('session_id')} (ssh)")
         return header, [json.loads(line) for line in lines[1:]]
     lines = pg_lines(rec) if rec.protocol == "postgresql" else request_log_lines(rec)
-    for ts, line in lines:
-        events.append([at(ts), "o", line + "\r\n"])
+    timed = [(ts, line + "\r\n") for ts, line in lines]
+    if rec.protocol == "k8s":
+        # exec/attach output, as the bot's terminal showed it, after the request log's line
+        # for its request (the request's row is written when the connection ends).
+        out = [(ts, chunk.decode("utf-8", "replace").replace("\n", "\r\n")) for ts, chunk in terminal_chunks(rec)]
+        timed = _merged(timed, out)
+    for ts, text in timed:
+        events.append([at(ts), "o", text])
     s = rec.session
     header = {"version": 2, "width": 120, "height": 40, "timestamp": int(start),
               "title": f"botwarden session {s.get('session_id')} ({s.get('protocol')}, {s.get('identity')} → "
                        f"{s.get('target')})",
               "env": {"TERM": "xterm-256color", "SHELL": "/bin/sh"}}
     return header, events
+
+
+def _merged(log: list[tuple[Any, str]], out: list[tuple[Any, str]]) -> list[tuple[Any, str]]:
+    """The request log and terminal output in time order (untimed log lines stay with the line
+    before them)."""
+    keyed = []
+    last = None
+    for i, (ts, text) in enumerate(log):
+        last = _epoch(ts) if ts is not None else last
+        keyed.append(((last or 0.0), 0, i, ts, text))
+    keyed += [((_epoch(ts) or 0.0), 1, i, ts, text) for i, (ts, text) in enumerate(out)]
+    return [(ts, text) for *_, ts, text in sorted(keyed, key=lambda k: k[:3])]
 
 
 def write_cast(rec: SessionRecord, path: str | Path) -> int:

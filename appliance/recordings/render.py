@@ -287,15 +287,21 @@ def request_log_lines(rec: SessionRecord) -> Iterator[Line]:
 
 
 def terminal_chunks(rec: SessionRecord) -> Iterator[tuple[datetime | None, bytes]]:
-    """An SSH (or exec) session's terminal output as the bot saw it: the "out" rows, in order."""
+    """An SSH (or exec) session's terminal output as the bot saw it: the "out" rows, in order.
+    For Kubernetes only the rows of exec/attach streams (between an ``exec``/``attach`` event and
+    its ``*_end``); the other "out" rows are response bodies."""
+    streaming = rec.protocol != "k8s"
     for r in rec.recordings:
         if r["direction"] == "out":
-            yield r["ts"], r["data"]
+            if streaming:
+                yield r["ts"], r["data"]
         elif r["direction"] == "event":
             try:
                 doc = json.loads(r["data"].decode())
             except ValueError:
                 continue
+            if rec.protocol == "k8s" and doc.get("type") in ("exec", "attach", "exec_end", "attach_end"):
+                streaming = doc["type"] in ("exec", "attach")
             if doc.get("type") == "truncated":
                 yield r["ts"], ("\r\n" + _event_note(doc) + "\r\n").encode()
 

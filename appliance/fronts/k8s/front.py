@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -11,7 +12,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Protocol
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 
@@ -23,6 +24,7 @@ from appliance.policy.k8s import K8sRequest
 from appliance.policy.types import Verdict
 from appliance.protocols.kubernetes import (KubernetesProtocolError, MaskPath, ResponseMasker, WatchMasker,
                                             bearer_token, response_headers, status_body, upstream_headers)
+from appliance.protocols.kubernetes.streams import (SpdyStreams, StreamProtocolError, WebSocketChannelReader)
 from appliance.tasks import TaskSet
 
 log = logging.getLogger(__name__)
@@ -414,8 +416,7 @@ class Session:
         try:
             record["sqlstate"] = str(resp.status_code)
             if resp.status_code == 101:
-                raise Refusal(501, "botwarden does not relay upgraded connections (exec, attach, port-forward) "
-                                   "yet", reason="NotImplemented", close=True)
+                return await self._relay_upgrade(req, k8s, resp, out, record)
             ctype = resp.headers.get("content-type")
             watch = k8s.verb == "watch" or k8s.subresource == "log"  # streams: masked event by event
             if mask and resp.status_code < 300 and not watch:
@@ -463,6 +464,51 @@ class Session:
             await resp.aclose()
 
 
+    async def _relay_upgrade(self, req: BotRequest, k8s: K8sRequest, resp: httpx.Response, out: "_Counted",
+                             record: dict) -> dict[str, int]:
+        """The API server switched protocols (exec, attach, port-forward): the 101 goes to the bot
+        and the bytes are piped both ways, unchanged, until either side closes or the session
+        ends. A copy of each direction is read on the side for the recording (:class:`_StreamRecord`)."""
+        upstream = resp.extensions.get("network_stream")
+        if upstream is None:  # httpcore gives the connection of every 101 it reads
+            raise Refusal(502, "botwarden: the API server's upgraded connection is not available",
+                          reason="InternalError", close=True)
+        headers = [(n.lower(), v) for n, v in resp.headers.multi_items()]
+        client = await out.switch(101, headers)
+        rec = _StreamRecord(self, record["request_id"], k8s, resp.headers.get("upgrade", ""),
+                            resp.headers.get("x-stream-protocol-version") or resp.headers.get("sec-websocket-protocol")
+                            or "", tty=_query_flag(req.target, "tty"))
+
+        async def from_bot() -> None:
+            while data := await client.read():
+                self.bytes_in += len(data)
+                rec.from_client(data)
+                await upstream.write(data)
+
+        async def from_server() -> None:
+            while data := await upstream.read(65536):
+                out.count(len(data))
+                rec.from_server(data)
+                await client.write(data)
+
+        tasks = [asyncio.ensure_future(from_bot()), asyncio.ensure_future(from_server())]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                if t.exception() is not None and not isinstance(t.exception(), (ConnectionError, OSError,
+                                                                                  httpx.HTTPError, ssl.SSLError)):
+                    record["error"] = f"the upgraded connection broke off: {t.exception()}"
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await upstream.aclose()
+            client.close()
+            rec.close(record)
+        return {}
+
+
 class _Counted:
     """A responder that counts the body bytes it sends (the request's response size, the
     session's bytes_out) and records them (what the bot got, after masking)."""
@@ -496,8 +542,18 @@ class _Counted:
                                                           "reason": self._withheld})
         await self._out.end()
 
-    async def end(self) -> None:
-        await self._out.end()
+    async def switch(self, status: int, headers: list[tuple[str, str]]) -> "UpgradedClient":
+        switch = getattr(self._out, "switch", None)
+        if switch is None:
+            raise Refusal(400, "botwarden: exec, attach and port-forward need an HTTP/1.1 connection "
+                               "(an HTTP/2 request cannot be upgraded)", reason="BadRequest")
+        self._session.record_event(self._request_id, {"type": "response", "status": status})
+        return await switch(status, headers)
+
+    def count(self, n: int) -> None:
+        """Bytes of an upgraded connection sent to the bot (relayed, not through :meth:`send`)."""
+        self.sent += n
+        self._session.bytes_out += n
 
     def abort(self) -> None:
         abort = getattr(self._out, "abort", None)
@@ -535,3 +591,108 @@ def _hold_refusal(outcome: HoldOutcome) -> str:
     if state == "withdrawn":
         return f"botwarden: request withdrawn while it waited for approval{where}"
     return f"botwarden: request {reason}{where}" if state == "denied" else f"botwarden: request not approved: {reason}{where}"
+
+
+def _query_flag(target: str, name: str) -> bool:
+    return any(v.lower() in ("1", "true") for v in parse_qs(urlsplit(target).query).get(name, ()))
+
+
+class UpgradedClient(Protocol):
+    """The bot's side of a switched connection (HTTP/1.1 only)."""
+
+    async def read(self) -> bytes: ...
+
+    async def write(self, data: bytes) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class _StreamRecord:
+    """What an upgraded exchange leaves in the recording, read from a copy of its bytes: an
+    ``exec`` event (exec/attach; the command itself is in the requests row, redacted, not here),
+    stdout and stderr as "out" rows as the bot got them (asciicast output on export), resizes,
+    and an ``exec_end`` event with the exit code and the byte counts. Stdin is counted, never
+    recorded (it may be a file or a secret piped to the command: the SSH front's rule).
+    Port-forward: bytes counted per direction only. A stream that cannot be read is not a reason
+    to break the bot's connection; the recording says where it stopped reading."""
+
+    def __init__(self, session: "Session", request_id: str, k8s: K8sRequest, upgrade: str, protocol: str, *,
+                 tty: bool):
+        self.session = session
+        self.request_id = request_id
+        self.kind = k8s.subresource or "upgrade"
+        self.terminal = self.kind in ("exec", "attach")
+        self.counts = {"stdin": 0, "stdout": 0, "stderr": 0, "data_in": 0, "data_out": 0}
+        self.exit_code: int | None = None
+        self.unreadable: str | None = None
+        self._error = bytearray()
+        if upgrade.lower().startswith("spdy"):
+            self._client, self._server = SpdyStreams().readers()
+        elif upgrade.lower() == "websocket":
+            b64 = protocol.startswith("base64.")
+            self._client, self._server = WebSocketChannelReader(True, b64), WebSocketChannelReader(False, b64)
+        else:
+            self._client = self._server = None
+            self.unreadable = f"an upgrade to {upgrade!r} botwarden does not read"
+        session.record_event(request_id, {"type": self.kind, "protocol": protocol or upgrade, "tty": tty})
+
+    def _read(self, reader, data: bytes):
+        if reader is None or self.unreadable:
+            return ()
+        try:
+            return reader.feed(data)
+        except StreamProtocolError as e:
+            self.unreadable = str(e)
+            return ()
+
+    def from_client(self, data: bytes) -> None:
+        for c in self._read(self._client, data):
+            if c.channel == "stdin":
+                self.counts["stdin"] += len(c.data)
+            elif c.channel == "resize" and self.terminal:
+                with contextlib.suppress(ValueError, TypeError, KeyError):
+                    size = json.loads(c.data)
+                    self.session.record_event(self.request_id, {"type": "resize", "width": int(size["Width"]),
+                                                                "height": int(size["Height"])})
+            elif c.channel == "data":
+                self.counts["data_in"] += len(c.data)
+
+    def from_server(self, data: bytes) -> None:
+        for c in self._read(self._server, data):
+            if c.channel in ("stdout", "stderr") and self.terminal:
+                self.counts[c.channel] += len(c.data)
+                self.session.record(self.request_id, "out", c.data)
+            elif c.channel == "error" and len(self._error) < 65536:
+                self._error += c.data
+            elif c.channel == "data":
+                self.counts["data_out"] += len(c.data)
+
+    def close(self, record: dict) -> None:
+        if self._error:
+            self.exit_code = _exit_code(bytes(self._error))
+        doc: dict[str, Any] = {"type": f"{self.kind}_end", **{k: v for k, v in self.counts.items() if v}}
+        if self.exit_code is not None:
+            doc["exit_code"] = self.exit_code
+        if self.unreadable:
+            doc["unreadable"] = self.unreadable
+        self.session.record_event(self.request_id, doc)
+        if self.exit_code is not None:
+            record["params"] = [*record.get("params", []), f"exit_code={self.exit_code}"]
+
+
+def _exit_code(status: bytes) -> int | None:
+    """The exit code in the error channel's ``Status`` (v4+: Success is 0, NonZeroExitCode names
+    it in details.causes); None for another error or text (v1-v3 send plain text)."""
+    try:
+        doc = json.loads(status)
+    except ValueError:
+        return None
+    if not isinstance(doc, dict):
+        return None
+    if doc.get("status") == "Success":
+        return 0
+    for cause in (doc.get("details") or {}).get("causes") or ():
+        if isinstance(cause, dict) and cause.get("reason") == "ExitCode":
+            with contextlib.suppress(ValueError, TypeError):
+                return int(cause.get("message"))
+    return None

@@ -43,6 +43,8 @@ class Http1Driver:
     def __init__(self, session: "Session"):
         self.session = session
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
+        self._pending_read: asyncio.Future | None = None
+        self.switched = False  # the connection was upgraded: the exchange's relay reads the bot
 
     def shutdown(self, reason: str) -> None:
         self.session.writer.close()
@@ -112,10 +114,13 @@ class Http1Driver:
 
     async def _exchange(self, req: BotRequest) -> bool:
         task = asyncio.ensure_future(self.session.exchange(req, _H1Responder(self)))
-        read = asyncio.ensure_future(self._read())
+        read = self._pending_read = asyncio.ensure_future(self._read())
         try:
             while not task.done():
                 done, _ = await asyncio.wait({task, read}, return_when=asyncio.FIRST_COMPLETED)
+                if self.switched:
+                    await task  # the relay owns the bot's bytes now (take_reader)
+                    return False
                 if read in done and not task.done():
                     data = read.result()
                     if not data:  # the bot left: stop the exchange (withdraws a hold, ends a watch)
@@ -124,10 +129,13 @@ class Http1Driver:
                             await task
                         return False
                     self.conn.receive_data(data)  # the next request, parsed after this one
-                    read = asyncio.ensure_future(self._read())
-            return task.result()
+                    read = self._pending_read = asyncio.ensure_future(self._read())
+            return task.result() and not self.switched
         finally:
-            if not read.done():
+            self._pending_read = None
+            if self.switched:
+                pass  # what was read belongs to the relay (take_reader); the connection ends
+            elif not read.done():
                 read.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await read  # the reader is free again before the next request is read
@@ -147,6 +155,47 @@ class Http1Driver:
             await self.session.writer.drain()
 
 
+    async def take_reader(self) -> bytes:
+        """The connection switched protocols: the bot's bytes go to the relay from here. Returns
+        what was already read past the request (h11's trailing data, a read that completed)."""
+        self.switched = True
+        pending = bytearray(self.conn.trailing_data[0])
+        read = self._pending_read
+        if read is not None:
+            if not read.done():
+                read.cancel()  # StreamReader.read keeps unread bytes in its buffer when cancelled
+                with contextlib.suppress(asyncio.CancelledError):
+                    await read
+            if read.done() and not read.cancelled() and read.exception() is None:
+                pending += read.result()
+        return bytes(pending)
+
+
+class _Switched:
+    """The bot's side of an upgraded HTTP/1.1 connection."""
+
+    def __init__(self, driver: "Http1Driver", pending: bytes):
+        self.reader = driver.session.reader
+        self.writer = driver.session.writer
+        self._pending = pending
+
+    async def read(self) -> bytes:
+        if self._pending:
+            data, self._pending = self._pending, b""
+            return data
+        try:
+            return await self.reader.read(READ_SIZE)
+        except (ConnectionError, OSError):
+            return b""
+
+    async def write(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
 class _H1Responder:
     def __init__(self, driver: Http1Driver):
         self.driver = driver
@@ -163,6 +212,13 @@ class _H1Responder:
     async def end(self) -> None:
         self.writer.write(self.driver.conn.send(h11.EndOfMessage()))
         await self.writer.drain()
+
+    async def switch(self, status: int, headers: list[tuple[str, str]]) -> _Switched:
+        """Answer 101 (the API server switched protocols) and hand the raw connection over."""
+        self.writer.write(self.driver.conn.send(h11.InformationalResponse(
+            status_code=status, headers=[(n.encode("latin-1"), v.encode("latin-1")) for n, v in headers])))
+        await self.writer.drain()
+        return _Switched(self.driver, await self.driver.take_reader())
 
     def abort(self) -> None:
         """The answer cannot be completed (a masked stream that cannot be read): the bot sees the
