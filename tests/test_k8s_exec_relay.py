@@ -249,3 +249,46 @@ def test_python_client_websocket_exec_through_botwarden(env: K8sEnv, ns: str, sh
     assert b"out:from-python" in b"".join(d for k, d in rec if k == "out")
     ends = [d for k, d in rec if k == "event" and d.get("type") == "exec_end"]
     assert ends and ends[0]["exit_code"] == 3 and ends[0]["stdin"] == len("from-python\n")
+
+
+def test_a_terminal_exec_records_keystrokes_with_a_password_answer_starred(env: K8sEnv, ns: str,
+                                                                           shell_pod: str) -> None:
+    config = k8s_client.Configuration()
+    config.host = f"https://127.0.0.1:{env.listen_port}"
+    config.ssl_ca_cert = str(env.bot_ca)
+    config.api_key = {"authorization": "Bearer " + env.bao.mint_token()}
+    api = k8s_client.CoreV1Api(k8s_client.ApiClient(config))
+    resp = stream(api.connect_get_namespaced_pod_exec, shell_pod, ns,
+                  command=["sh", "-c", "printf 'Password: '; read -s pw; echo; echo got-${#pw}-chars; "
+                                       "read line; echo line:$line"],
+                  stdin=True, stdout=True, stderr=True, tty=True, _preload_content=False)
+    out = ""
+    try:
+        deadline = time.monotonic() + 30
+        while "Password:" not in out and time.monotonic() < deadline:
+            resp.update(timeout=1)
+            out += resp.read_stdout() if resp.peek_stdout() else ""
+        assert "Password:" in out
+        resp.write_stdin("hunter2-typed\n")
+        while "got-" not in out and time.monotonic() < deadline:
+            resp.update(timeout=1)
+            out += resp.read_stdout() if resp.peek_stdout() else ""
+        resp.write_stdin("hello from the keyboard\n")
+        while resp.is_open() and time.monotonic() < deadline:
+            resp.update(timeout=1)
+            out += resp.read_stdout() if resp.peek_stdout() else ""
+    finally:
+        resp.close()
+    assert "got-13-chars" in out and "line:hello from the keyboard" in out
+    row = _wait_rows(env, f"%pods/exec {shell_pod} in {ns} -- sh -c 'printf%")
+    deadline = time.monotonic() + 20
+    while True:
+        rec = _recording(env, row["session_id"])
+        if any(k == "event" and d.get("type") == "exec_end" for k, d in rec) or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    typed = b"".join(d for k, d in rec if k == "in")
+    assert b"hello from the keyboard" in typed and b"*************" in typed
+    everything = b"".join(d if isinstance(d, bytes) else json.dumps(d).encode() for _, d in rec)
+    assert b"hunter2" not in everything
+    assert [d for k, d in rec if k == "event" and d.get("type") == "exec"][0]["tty"] is True

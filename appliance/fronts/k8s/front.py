@@ -18,6 +18,7 @@ import httpx
 
 from appliance.errors import BotwardenError
 from appliance.fronts.admission import Admission
+from appliance.fronts.ssh_cast import TypedLines
 from appliance.fronts.services import AuthRefused, ConnectionContext, FrontServices, HoldOutcome, SessionGrant
 from appliance.fronts.session import SessionCore, attribution, format_addr, new_request_id
 from appliance.policy.k8s import K8sRequest
@@ -611,8 +612,9 @@ class _StreamRecord:
     """What an upgraded exchange leaves in the recording, read from a copy of its bytes: an
     ``exec`` event (exec/attach; the command itself is in the requests row, redacted, not here),
     stdout and stderr as "out" rows as the bot got them (asciicast output on export), resizes,
-    and an ``exec_end`` event with the exit code and the byte counts. Stdin is counted, never
-    recorded (it may be a file or a secret piped to the command: the SSH front's rule).
+    and an ``exec_end`` event with the exit code and the byte counts. Stdin is counted, not
+    recorded (it may be a file or a secret piped to the command: the SSH front's rule), except
+    on a terminal, where keystrokes are recorded as an SSH shell's are (password answers as *s).
     Port-forward: bytes counted per direction only. A stream that cannot be read is not a reason
     to break the bot's connection; the recording says where it stopped reading."""
 
@@ -626,6 +628,9 @@ class _StreamRecord:
         self.exit_code: int | None = None
         self.unreadable: str | None = None
         self._error = bytearray()
+        # A terminal (exec -t, attach -t): keystrokes are recorded as the SSH front records a
+        # shell's, an answer to a password prompt as *s. Without one, stdin is only counted.
+        self._typed = TypedLines() if tty and self.terminal else None
         if upgrade.lower().startswith("spdy"):
             self._client, self._server = SpdyStreams().readers()
         elif upgrade.lower() == "websocket":
@@ -649,6 +654,9 @@ class _StreamRecord:
         for c in self._read(self._client, data):
             if c.channel == "stdin":
                 self.counts["stdin"] += len(c.data)
+                if self._typed is not None:
+                    self.session.record(self.request_id, "in", self._typed.redact(c.data))
+                    self._typed.feed(c.data)
             elif c.channel == "resize" and self.terminal:
                 with contextlib.suppress(ValueError, TypeError, KeyError):
                     size = json.loads(c.data)
@@ -662,6 +670,8 @@ class _StreamRecord:
             if c.channel in ("stdout", "stderr") and self.terminal:
                 self.counts[c.channel] += len(c.data)
                 self.session.record(self.request_id, "out", c.data)
+                if self._typed is not None:
+                    self._typed.output(c.data)
             elif c.channel == "error" and len(self._error) < 65536:
                 self._error += c.data
             elif c.channel == "data":
