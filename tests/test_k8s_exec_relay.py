@@ -292,3 +292,33 @@ def test_a_terminal_exec_records_keystrokes_with_a_password_answer_starred(env: 
     everything = b"".join(d if isinstance(d, bytes) else json.dumps(d).encode() for _, d in rec)
     assert b"hunter2" not in everything
     assert [d for k, d in rec if k == "event" and d.get("type") == "exec"][0]["tty"] is True
+
+
+def test_ending_the_session_closes_a_running_exec(env: K8sEnv, ns: str, shell_pod: str) -> None:
+    bot = env.bot_kubeconfig()
+    before = {s["session_id"] for s in env.client.get("/v1/sessions")["sessions"]}
+    proc = subprocess.Popen([env.kube.kubectl, f"--kubeconfig={bot}", "-n", ns, "exec", shell_pod, "--",
+                             "sh", "-c", "echo running; exec sleep 300"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_home(bot))
+    try:
+        assert proc.stdout.readline() == "running\n"
+        mine = []
+        deadline = time.monotonic() + 20
+        while not mine and time.monotonic() < deadline:
+            mine = [s for s in env.client.get("/v1/sessions")["sessions"]
+                    if s["session_id"] not in before and s.get("protocol") == "kubernetes"]
+            time.sleep(0.2)
+        assert mine
+        for s in mine:  # the exec's connection (kubectl's discovery has its own, already idle or gone)
+            env.client.post(f"/v1/sessions/{s['session_id']}/end", {"reason": "runaway exec"})
+        _, err = proc.communicate(timeout=30)  # not the 300 s the command would take
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # The reason on the exec's error channel: kubectl prints it and fails, as for a server error.
+    assert proc.returncode != 0 and "botwarden ended the session: ended by operator" in err, err
+    assert "runaway exec" in err
+    row = _wait_rows(env, f"create pods/exec {shell_pod} in {ns} -- sh -c 'echo running; exec sleep 300'%")
+    assert row["sqlstate"] == "101"
+    ended = env.daemon.audit_sql("SELECT outcome, error FROM sessions WHERE session_id = ?", [row["session_id"]])
+    assert ended and ended[0]["outcome"] == "terminated" and "runaway exec" in ended[0]["error"]

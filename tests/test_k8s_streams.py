@@ -132,3 +132,26 @@ def test_an_unmasked_frame_from_a_client_is_refused() -> None:
     unmasked = _ws_frames([b"\x00x"], from_client=False)
     with pytest.raises(StreamProtocolError, match="WebSocket"):
         WebSocketChannelReader(from_client=True).feed(unmasked)
+
+
+def test_frames_botwarden_adds_at_a_boundary_are_read_by_the_same_readers() -> None:
+    # Session end: botwarden writes a Status on the error channel, between two frames only.
+    up, down = _exec_conversation()
+    from_client, from_server = SpdyStreams().readers()
+    from_client.feed(up)
+    assert from_server.feed(down[:5]) == [] and not from_server.at_boundary
+    from_server.feed(down[5:])
+    assert from_server.at_boundary
+    frame = from_server.error_frame(b'{"status":"Failure","message":"ended"}')
+    check_client, check_server = SpdyStreams().readers()
+    check_client.feed(up)
+    assert check_server.feed(down + frame)[-1] == ChannelData("error", b'{"status":"Failure","message":"ended"}')
+    for b64 in (False, True):
+        ws = WebSocketChannelReader(from_client=False, base64=b64)
+        partial = _ws_frames([b"1aGVsbG8K" if b64 else b"\x01hello\n"], from_client=False)
+        ws.feed(partial[:3])
+        assert not ws.at_boundary  # mid-message (the first fragment is not FIN)
+        ws.feed(partial[3:])
+        assert ws.at_boundary
+        got = WebSocketChannelReader(from_client=False, base64=b64).feed(partial + ws.error_frame(b"why"))
+        assert got[-1] == ChannelData("error", b"why")

@@ -167,6 +167,7 @@ class Session:
         self.closed = False
         self._ctx: ConnectionContext | None = None
         self._driver: Any = None
+        self._ending: asyncio.Future | None = None  # set while an upgraded connection is relayed
 
     @property
     def session_id(self) -> str | None:
@@ -205,6 +206,9 @@ class Session:
 
     def shutdown(self, reason: str) -> None:
         self.core.set_outcome("terminated", reason)
+        if self._ending is not None:  # an upgraded exchange: it tells the client why, then closes
+            self._ending.set_result(reason) if not self._ending.done() else None
+            return
         if self._driver is not None:
             self._driver.shutdown(reason)
         else:
@@ -493,16 +497,28 @@ class Session:
                 await client.write(data)
 
         tasks = [asyncio.ensure_future(from_bot()), asyncio.ensure_future(from_server())]
+        self._ending = ending = asyncio.get_running_loop().create_future()
         try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait([*tasks, ending], return_when=asyncio.FIRST_COMPLETED)
             for t in done:
-                if t.exception() is not None and not isinstance(t.exception(), (ConnectionError, OSError,
-                                                                                  httpx.HTTPError, ssl.SSLError)):
+                if t is not ending and t.exception() is not None and not isinstance(
+                        t.exception(), (ConnectionError, OSError, httpx.HTTPError, ssl.SSLError)):
                     record["error"] = f"the upgraded connection broke off: {t.exception()}"
         finally:
+            self._ending = None
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if ending.done() and not ending.cancelled():
+                # The session ended (operator, TTL, shutdown): the client reads why on the error
+                # channel, as it reads a command's failure, where the stream is between frames.
+                record["error"] = ending.result()
+                frame = rec.error_frame(ending.result())
+                if frame:
+                    with contextlib.suppress(ConnectionError, OSError):
+                        await asyncio.wait_for(client.write(frame), 2.0)
+            else:
+                ending.cancel()
             with contextlib.suppress(Exception):
                 await upstream.aclose()
             client.close()
@@ -640,6 +656,15 @@ class _StreamRecord:
             self._client = self._server = None
             self.unreadable = f"an upgrade to {upgrade!r} botwarden does not read"
         session.record_event(request_id, {"type": self.kind, "protocol": protocol or upgrade, "tty": tty})
+
+    def error_frame(self, message: str) -> bytes | None:
+        """A ``Status`` (Failure, the message) on the error channel to the client, or None where
+        none can be sent (no error stream known, or the server's stream stopped mid-frame)."""
+        status = json.dumps({"metadata": {}, "status": "Failure", "message": message,
+                             "reason": "InternalError"}).encode()
+        if self.unreadable or self._server is None or not self._server.at_boundary:
+            return None
+        return self._server.error_frame(status)
 
     def _read(self, reader, data: bytes):
         if reader is None or self.unreadable:

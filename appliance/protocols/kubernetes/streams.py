@@ -107,6 +107,19 @@ class SpdyReader:
                     out.append(ChannelData(self.streams.types.get(sid, ""), payload))
         return out
 
+    @property
+    def at_boundary(self) -> bool:
+        """Everything fed so far was whole frames (a frame may be written after it)."""
+        return not self._buf
+
+    def error_frame(self, status: bytes) -> bytes | None:
+        """A data frame carrying ``status`` on the error stream, closing it (FLAG_FIN), or None
+        when no error stream was opened."""
+        sid = next((sid for sid, kind in self.streams.types.items() if kind == "error"), None)
+        if sid is None or len(status) > MAX_FRAME - 1:
+            return None
+        return struct.pack(">II", sid, 0x01000000 | len(status)) + status
+
     def _control(self, ftype: int, payload: bytes) -> None:
         if ftype == _SYN_STREAM:
             if len(payload) < 10:
@@ -168,8 +181,12 @@ class WebSocketChannelReader:
         self._frames = FrameProtocol(client=not from_client, extensions=[])
         self._message = bytearray()
         self._base64 = base64
+        self._head = bytearray()      # a frame header being read (_track)
+        self._remaining = 0           # payload bytes until the current frame ends
+        self._in_message = False      # a fragmented message has begun and not ended
 
     def feed(self, data: bytes) -> list[ChannelData]:
+        self._track(data)
         self._frames.receive_bytes(data)
         out: list[ChannelData] = []
         try:
@@ -185,6 +202,46 @@ class WebSocketChannelReader:
         except (ParseFailed, WsProtocolError) as e:
             raise StreamProtocolError(f"WebSocket stream malformed: {e}") from None
         return [c for c in out if c.data or c.channel]
+
+    @property
+    def at_boundary(self) -> bool:
+        """No frame, and no fragmented message, in progress (another message may follow)."""
+        return not self._head and not self._remaining and not self._in_message
+
+    def _track(self, data: bytes) -> None:
+        """Frame boundaries of the raw stream (wsproto does not expose them): header sizes and
+        payload lengths only."""
+        pos, n = 0, len(data)
+        while pos < n:
+            if self._remaining:
+                take = min(self._remaining, n - pos)
+                self._remaining -= take
+                pos += take
+                continue
+            self._head.append(data[pos])
+            pos += 1
+            h = self._head
+            if len(h) < 2:
+                continue
+            short = h[1] & 0x7F
+            size = 2 + (2 if short == 126 else 8 if short == 127 else 0) + (4 if h[1] & 0x80 else 0)
+            if len(h) < size:
+                continue
+            length = (short if short < 126 else int.from_bytes(h[2:4]) if short == 126
+                      else int.from_bytes(h[2:10]))
+            if h[0] & 0x0F < 8:  # a data frame: a message goes on until one with FIN
+                self._in_message = not h[0] & 0x80
+            self._remaining = length
+            self._head.clear()
+
+    def error_frame(self, status: bytes) -> bytes:
+        """A message on the error channel (3), as a server sends it (unmasked)."""
+        if self._base64:
+            import base64
+            payload = b"3" + base64.b64encode(status)
+        else:
+            payload = b"\x03" + status
+        return FrameProtocol(client=False, extensions=[]).send_data(payload, fin=True)
 
     def _channel(self, message: bytes) -> ChannelData:
         if not message:
