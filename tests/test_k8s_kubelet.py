@@ -9,6 +9,7 @@ upgrades is tested against the same node.
 from __future__ import annotations
 
 import ipaddress
+import os
 import subprocess
 import urllib.request
 import uuid
@@ -20,7 +21,7 @@ from kubernetes.stream import stream
 
 from appliance.sandbox import free_port
 from tests.k8s.cluster import KubeCluster
-from tests.k8s.node import KUBELET_SYSCTLS, KubeNode
+from tests.k8s.node import NODES_DIR, KubeNode
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +159,6 @@ def test_python_client_websocket_exec(kube: KubeCluster, ns: str, shell_pod: str
 
 def test_node_stop_leaves_no_process_mount_namespace_or_route() -> None:
     # A node of its own (one node per cluster): its teardown must leave the shared machine as it was.
-    sysctls = {k: Path("/proc/sys", k).read_text() for k in KUBELET_SYSCTLS}
     cluster = KubeCluster().start()
     try:
         node = KubeNode(cluster).start()
@@ -169,6 +169,7 @@ def test_node_stop_leaves_no_process_mount_namespace_or_route() -> None:
             pids = [p.pid for p in node._procs] + shims
             assert netns and shims and Path(netns[0]).exists()
             assert pod_ip in _routes()
+            assert (NODES_DIR / f"node-{node.tag}").read_text() == str(os.getpid())
         finally:
             node.stop()
         assert not [pid for pid in pids if Path(f"/proc/{pid}").exists()]
@@ -176,7 +177,8 @@ def test_node_stop_leaves_no_process_mount_namespace_or_route() -> None:
         assert not workdir.exists()
         assert not [p for p in netns if Path(p).exists()]
         assert pod_ip not in _routes()
-        assert {k: Path("/proc/sys", k).read_text() for k in KUBELET_SYSCTLS} == sysctls
+        # The kernel settings are shared with other runs' nodes: restored by the last one to stop.
+        assert not (NODES_DIR / f"node-{node.tag}").exists()
         assert cluster.get("/api/v1/nodes")["items"] == []
     finally:
         cluster.stop()

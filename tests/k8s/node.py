@@ -8,12 +8,13 @@ certificate from the cluster's CA on a free loopback port, and waits for the Nod
 Pods are placed with ``spec.nodeName`` (there is no scheduler) and get their own network
 namespace from the CNI ``ptp`` plugin in a private /24. :meth:`stop` deletes the node's pods,
 kills the processes by pid, removes the containers, unmounts what they mounted and restores the
-kernel settings the kubelet changes.
+kernel settings the kubelet changes (when no other node runs on the machine).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import ipaddress
 import json
 import os
@@ -32,9 +33,46 @@ from tests.k8s.cluster import BUILD_SCRIPT, KubeCluster, issue_cert
 from tests.k8s.images import BUSYBOX_IMAGE, PAUSE_IMAGE, busybox_image, pause_image
 
 # The kubelet (container manager start-up) sets these host sysctls to its defaults; they are put
-# back when the node stops.
+# back when the last node on the machine stops. Nodes of parallel test runs share the machine, so
+# the values from before the first one are kept machine-wide (SYSCTL_STATE) and each running node
+# registers its test process's pid under NODES_DIR; a registration whose process is gone (a run
+# that was killed) does not count.
 KUBELET_SYSCTLS = ("vm/overcommit_memory", "kernel/panic", "kernel/panic_on_oops",
                    "kernel/keys/root_maxkeys", "kernel/keys/root_maxbytes")
+NODES_DIR = Path("/run/botwarden-k8s-nodes")
+SYSCTL_STATE = NODES_DIR / "sysctls.json"
+
+
+@contextlib.contextmanager
+def _nodes_lock():
+    NODES_DIR.mkdir(exist_ok=True)
+    with open(NODES_DIR / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _live_registrations() -> list[Path]:
+    return [f for f in NODES_DIR.glob("node-*") if Path(f"/proc/{f.read_text().strip()}").exists()]
+
+
+def _register_node(tag: str) -> None:
+    with _nodes_lock():
+        # A state file left by a killed run holds the values from before its node: keep those.
+        if not SYSCTL_STATE.exists():
+            SYSCTL_STATE.write_text(json.dumps({k: Path("/proc/sys", k).read_text() for k in KUBELET_SYSCTLS}))
+        (NODES_DIR / f"node-{tag}").write_text(str(os.getpid()))
+
+
+def _unregister_node(tag: str) -> None:
+    with _nodes_lock():
+        with contextlib.suppress(FileNotFoundError):
+            (NODES_DIR / f"node-{tag}").unlink()
+        if _live_registrations() or not SYSCTL_STATE.exists():
+            return
+        for key, value in json.loads(SYSCTL_STATE.read_text()).items():
+            with contextlib.suppress(OSError):
+                Path("/proc/sys", key).write_text(value)
+        SYSCTL_STATE.unlink()
 
 
 def node_binaries() -> Path:
@@ -124,7 +162,8 @@ class KubeNode:
         self.workdir = Path(tempfile.mkdtemp(prefix="bw-node-", dir="/tmp"))
         self._procs: list[subprocess.Popen] = []
         self._logs: list = []
-        self._sysctls = {k: Path("/proc/sys", k).read_text() for k in KUBELET_SYSCTLS}
+        _register_node(self.tag)
+        self._registered = True
         try:
             self._start_containerd()
             self._import_images()
@@ -374,8 +413,8 @@ class KubeNode:
             self.cluster.request("DELETE", f"/api/v1/nodes/{self.name}")
         with contextlib.suppress(OSError, urllib.error.URLError):
             self.cluster.request("DELETE", f"/apis/rbac.authorization.k8s.io/v1/clusterrolebindings/bw-node-{self.tag}")
-        for key, value in getattr(self, "_sysctls", {}).items():
-            with contextlib.suppress(OSError):
-                Path("/proc/sys", key).write_text(value)
+        if getattr(self, "_registered", False):
+            _unregister_node(self.tag)
+            self._registered = False
         shutil.rmtree(self.workdir, ignore_errors=True)
         self.workdir = None
