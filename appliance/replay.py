@@ -75,7 +75,8 @@ def replay_session(args: argparse.Namespace, cfg: Config | None) -> int:
     protocol = rec.protocol
     if protocol == "postgresql":
         play_lines(pg_lines(rec), clock)
-    elif protocol == "ssh" and any(r["direction"] == "out" for r in rec.recordings):
+    elif protocol == "ssh" and any(r["direction"] == "out" or (r["direction"] == "event" and b'"sftp' in r["data"])
+                                   for r in rec.recordings):   # a terminal, a command's output, SFTP files
         play_terminal(rec, clock)
     else:   # Kubernetes, SSH exec without a terminal recording, anything else: the request log
         play_lines(request_log_lines(rec), clock)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -282,3 +283,98 @@ def test_held_write_waits_for_an_operator(world, area, approve):
     else:
         assert "Permission denied" in ran.stderr and not target.exists(), ran
     assert [r["decision"] for r in rows(world, f"sftp write '{target}'")] == ["approve" if approve else "deny"]
+
+
+# A card number and an AWS key id (content detectors flag both); the rest of the file is plain text.
+SECRET_CARD = "4111111111111111"
+SECRET_AWS = "AKIAIOSFODNN7EXAMPLE"
+
+
+def sftp_session(world, text: str) -> str:
+    found = world["daemon"].audit_sql("SELECT session_id FROM requests WHERE kind = 'sftp' AND text = ? "
+                                      "ORDER BY seq DESC LIMIT 1", [text])
+    assert found, f"no requests row {text!r}"
+    return found[0]["session_id"]
+
+
+def recording(world, session_id: str) -> list[dict]:
+    rows = world["daemon"].audit_sql("SELECT seq, direction, data FROM recordings WHERE session_id = ? ORDER BY seq",
+                                     [session_id])
+    return [{**r, "data": bytes.fromhex(r["data"])} for r in rows]
+
+
+def test_downloads_are_recorded_through_the_detectors_uploads_counted(world, area, tmp_path):
+    """Issue 18: SFTP file contents in the recording. A download's content is in it (and in the
+    replay and the JSON lines export) with the card number and the AWS key starred; an upload's is
+    not (counted, like an exec's stdin); both files' operations and sizes are events."""
+    report = "".join(f"quarterly line {i} nothing secret here\n" for i in range(2000))
+    content = f"{report}card {SECRET_CARD} key {SECRET_AWS}\nthe end of the report\n".encode()
+    (OPEN / "report.txt").write_bytes(content)
+    upload = b"uploaded-marker-7c1e " * 500
+    src = bot_file(world, "upload.txt", upload)
+    back = world["bot_home"] / "report.back"
+    ran = sftp_bot(world, f"get {OPEN}/report.txt {back}\nput {src} {OPEN}/upload.txt\n")
+    assert ran.returncode == 0, ran
+    assert back.read_bytes() == content           # the bot got the file as it is
+    sid = sftp_session(world, f"sftp read '{OPEN}/report.txt'")
+    rows = recording(world, sid)
+    out = b"".join(r["data"] for r in rows if r["direction"] == "out")
+    assert b"quarterly line 1999 nothing secret here\n" in out and out.endswith(b"the end of the report\n")
+    assert len(out) > len(report)
+    for secret in (SECRET_CARD.encode(), SECRET_AWS.encode(), b"uploaded-marker"):
+        assert all(secret not in r["data"] for r in rows), secret
+    assert not any(r["direction"] == "in" for r in rows)
+    events = [json.loads(r["data"]) for r in rows if r["direction"] == "event"]
+    ends = {e["path"]: e for e in events if e.get("event") == "sftp_end"}
+    assert ends[f"{OPEN}/report.txt"]["read_bytes"] == len(content)
+    assert ends[f"{OPEN}/upload.txt"]["written_bytes"] == len(upload)
+    assert ends[f"{OPEN}/upload.txt"]["size"] == len(upload)
+    assert [e["op"] for e in events if e.get("event") == "sftp"] == ["read", "write"]
+
+    replayed = cli(world["config"], "replay", "--no-wait", sid)
+    assert replayed.returncode == 0, replayed.stderr
+    assert f"-- sftp read '{OPEN}/report.txt' closed: {len(content)} bytes read, 0 bytes written" in replayed.stdout
+    assert (f"-- sftp write '{OPEN}/upload.txt' closed: 0 bytes read, {len(upload)} bytes written "
+            f"(uploads are counted, not recorded), size {len(upload)}") in replayed.stdout
+    assert "quarterly line 1999 nothing secret here" in replayed.stdout
+    jsonl = tmp_path / "sftp.jsonl"
+    exported = cli(world["config"], "session", "export", sid, "--jsonl", str(jsonl))
+    assert exported.returncode == 0, exported.stderr
+    text = jsonl.read_text()
+    assert "quarterly line 1999 nothing secret here" in text
+    for secret in (SECRET_CARD, SECRET_AWS, "uploaded-marker"):
+        assert secret not in text and secret not in replayed.stdout
+
+
+def test_a_download_past_the_recording_cap_ends_in_the_truncated_marker(world, area):
+    config = world["config"]
+    base = config.read_text()
+    daemon = world["daemon"]
+
+    def reload(text: str) -> None:
+        before = daemon.client().get("/v1/status")["reloads"]
+        config.write_text(text)
+        daemon.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while daemon.client().get("/v1/status")["reloads"] == before:
+            assert time.monotonic() < deadline, daemon.output()[-2000:]
+            time.sleep(0.1)
+        assert daemon.client().get("/v1/status")["last_reload_error"] is None
+
+    (OPEN / "big.txt").write_bytes(b"".join(b"line %06d of a long log\n" % i for i in range(4000)))
+    reload(base.replace("[audit]\n", "[audit]\nrecording_max_bytes = 4096\n", 1))
+    try:
+        back = world["bot_home"] / "big.back"
+        ran = sftp_bot(world, f"get {OPEN}/big.txt {back}\n")
+        assert ran.returncode == 0, ran
+        assert back.read_bytes() == (OPEN / "big.txt").read_bytes()   # the bot's transfer is whole
+    finally:
+        reload(base)
+    sid = sftp_session(world, f"sftp read '{OPEN}/big.txt'")
+    rows = recording(world, sid)
+    assert json.loads(rows[-1]["data"]) == {"type": "truncated", "reason": "recording_max_bytes", "max_bytes": 4096}
+    assert sum(len(r["data"]) for r in rows[:-1]) == 4096
+    assert b"line 000000 of a long log\n" in b"".join(r["data"] for r in rows if r["direction"] == "out")
+    replayed = cli(world["config"], "replay", "--no-wait", sid)
+    assert "-- botwarden: the recording stops here: the session reached [audit] recording_max_bytes (4096 bytes)" \
+        in replayed.stdout

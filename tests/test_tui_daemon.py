@@ -358,3 +358,4 @@ def test_help_and_status_then_status_with_openbao_stopped(env):
     assert "Vault token" not in down  # not asked once Vault is unreachable
     assert "sessions (this tab)" in seen["help"] or "status (this tab)" in seen["help"]
     assert "ctrl+k" in seen["help"] and "F6 / F7 / F8" in seen["help"]
+    assert "ctrl+r" in seen["help"]  # the player key, bound on every tab

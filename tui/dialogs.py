@@ -212,6 +212,7 @@ HELP: dict[str, tuple[tuple[str, str], ...]] = {
         ("F6 / F7 / F8", "approve once / approve for a window / deny the selected held request"),
         ("F10, ctrl+q", "quit (asks first while requests are held)"),
         ("ctrl+p", "command palette (tabs, refresh, help, screenshot, quit)"),
+        ("ctrl+r", "play the session whose id is in the Replay tab (asks for one there if empty)"),
         ("?", "this help (outside text fields)"),
         ("Tab, shift+Tab", "move between fields"),
     ),
@@ -231,6 +232,7 @@ HELP: dict[str, tuple[tuple[str, str], ...]] = {
     ),
     "replay": (
         ("Enter", "replay the session id typed"),
+        ("ctrl+r", "open the player on it: → ← or n p step, Home End, space play/pause, + - speed, Esc q close"),
     ),
     "status": (
         ("↑ ↓ PgUp PgDn", "scroll; F5 asks the daemon again (also every 15 s here)"),

@@ -18,11 +18,18 @@ approval <id>`` on the channel's stderr, which the bot's ``sftp`` prints). Each 
 
 Operations on an open handle (read, write, fstat, fsync) are not decided again: the open was.
 Path rules see names, not where a symbolic link on the target leads (docs/ssh.md).
+
+Recording (docs/recordings.md): each opened file is an ``sftp`` event (op, path, its requests
+row) and, at close, an ``sftp_end`` event (bytes read, bytes written, size). What the bot
+downloaded is recorded as "out" rows, through every content detector first (the bot got the file
+as it is: SFTP has no result masking, but a recording keeps no secret); what it uploaded is
+counted, not recorded, as an exec's stdin is (it may be a key or a secret being copied).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import posixpath
 import time
@@ -35,10 +42,12 @@ from asyncssh import SFTPAttrs, SFTPName
 from asyncssh.sftp import (FILEXFER_ATTR_DEFINED_V4, FXF_APPEND, FXF_CREAT, FXF_READ, FXF_TRUNC, FXF_WRITE,
                            SFTPEOFError)
 
+from appliance.policy.masking import DETECTOR_FUNCTIONS, DetectorSettings, Strategy, TextMasker
 from appliance.policy.ssh import SshRequest
 from appliance.policy.types import Verdict
 
 from .services import HoldOutcome
+from .ssh_mask import StreamMasker
 from .session import SessionCore, new_request_id
 
 log = logging.getLogger(__name__)
@@ -72,6 +81,9 @@ class _Open:
     moved: int = 0
     size: int | None = None
     audited: bool = False
+    read_bytes: int = 0
+    written_bytes: int = 0
+    recording: StreamMasker | None = None  # downloads on their way to the recording (None: not recorded)
 
 
 def _text(path: bytes) -> str:
@@ -251,16 +263,43 @@ class SftpRelay(asyncssh.SFTPServer):
             self._row(name, (absolute,), verdict, decision, reason, request_id, t0,
                       error=f"{type(e).__name__}: {e.reason}")
             raise
-        return _Open(handle, absolute, name, request_id, verdict, decision, reason, t0)
+        opened = _Open(handle, absolute, name, request_id, verdict, decision, reason, t0)
+        self._record_event({"event": "sftp", "op": name, "path": absolute, "request_id": request_id})
+        if "read" in ops and self.core.recording_left > 0:
+            opened.recording = StreamMasker(self._recording_masker())
+        return opened
+
+    def _record_event(self, doc: dict[str, Any]) -> None:
+        self.core.record("event", json.dumps(doc).encode())
+
+    def _recording_masker(self) -> TextMasker:
+        """Every content detector, starred: the recording's copy of a download keeps no secret
+        whatever the rules say (the audit store's redaction, appliance/policy/redact.py)."""
+        engine = getattr(self.core.services, "engine", None)
+        settings = getattr(engine, "detector_settings", None) or DetectorSettings()
+        return TextMasker([(d, Strategy("full")) for d in DETECTOR_FUNCTIONS], settings)
+
+    def _record_download(self, file_obj: _Open, data: bytes, last: bool = False) -> None:
+        masker = file_obj.recording
+        if masker is None:
+            return
+        shown = masker.feed(data) if not last else masker.flush()
+        if shown:
+            self.core.record("out", shown)
+        if last or self.core.recording_left <= 0:
+            file_obj.recording = None   # the cap reached: nothing more is masked for nothing
 
     async def read(self, file_obj: _Open, offset: int, size: int) -> bytes:
         data, _ = await (await self._upstream()).read(file_obj.handle, offset, size)
         file_obj.moved += len(data)
+        file_obj.read_bytes += len(data)
+        self._record_download(file_obj, data)
         return data
 
     async def write(self, file_obj: _Open, offset: int, data: bytes) -> int:
         await (await self._upstream()).write(file_obj.handle, offset, data)
         file_obj.moved += len(data)
+        file_obj.written_bytes += len(data)
         return len(data)
 
     async def close(self, file_obj: _Open) -> None:
@@ -278,6 +317,10 @@ class SftpRelay(asyncssh.SFTPServer):
         finally:
             if not file_obj.audited:
                 file_obj.audited = True
+                self._record_download(file_obj, b"", last=True)
+                self._record_event({"event": "sftp_end", "op": file_obj.op, "path": file_obj.path,
+                                    "request_id": file_obj.request_id, "read_bytes": file_obj.read_bytes,
+                                    "written_bytes": file_obj.written_bytes, "size": file_obj.size})
                 self._row(file_obj.op, (file_obj.path,), file_obj.verdict, file_obj.decision, file_obj.reason,
                           file_obj.request_id, file_obj.t0, error=error, moved=file_obj.moved, size=file_obj.size)
 

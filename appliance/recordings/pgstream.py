@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Callable, Iterable, Iterator
 
+from appliance.hotpath import skip_unhandled
 from appliance.policy.masking import DETECTOR_FUNCTIONS, MIN_LENGTH, REQUIRED_TEXT
 from appliance.policy.redact import MASK, AuditRedactor, redact_value
 from appliance.protocols.postgres import messages as m
@@ -31,6 +32,13 @@ _MASK_BYTES = MASK.encode()
 # Frontend messages whose payload can carry a secret; every other type is kept as sent.
 _FRONT_REDACTED = frozenset(b"QPBdFp")
 _BACK_REDACTED = frozenset(b"ENA")
+# The same sets as skip_unhandled's tables (None: step over): the messages that cannot carry a
+# secret — Execute, Sync, Describe..., and from the server DataRows (already masked by the front:
+# the bot saw them), RowDescription, CommandComplete, ReadyForQuery... — are stepped over in one
+# compiled call per run, not one Python iteration each.
+_FRONT_STOPS = [True if t in _FRONT_REDACTED else None for t in range(256)]
+_BACK_STOPS = [True if t in _BACK_REDACTED else None for t in range(256)]
+_ANY_LENGTH = 0x7FFFFFFF
 
 
 def frames(data: bytes | bytearray | memoryview, start: int = 0) -> Iterator[tuple[int, int, int]]:
@@ -96,23 +104,28 @@ _H = struct.Struct("!h")
 def _bind_values_harmless(body: bytes) -> bool:
     """True when a Bind holds only values no detector can flag, read without decoding the
     message (the common case: short keys and numbers); False sends it the long way."""
+    for t in _REQUIRED:   # one scan of the body for the text some detector needs
+        if t in body:
+            return False
     try:
         pos = body.index(b"\x00") + 1
         pos = body.index(b"\x00", pos) + 1
         (nf,) = _H.unpack_from(body, pos)
-        fmts = struct.unpack_from(f"!{nf}h", body, pos + 2)
+        if nf > 1:
+            if any(struct.unpack_from(f"!{nf}h", body, pos + 2)):
+                return False   # a binary value: never kept, the long way masks it
+        elif nf == 1 and body[pos + 2:pos + 4] != b"\x00\x00":
+            return False
         pos += 2 + 2 * nf
         (n,) = _H.unpack_from(body, pos)
         pos += 2
-        for i in range(n):
-            (length,) = _LEN.unpack_from(body, pos)
-            pos += 4
-            if length < 0:
-                continue
-            fmt = fmts[i] if nf > 1 else (fmts[0] if nf else 0)
-            if fmt != 0 or not _cannot_flag(body[pos:pos + length]):
+        shortest = _SHORTEST
+        unpack = _LEN.unpack_from
+        for _ in range(n):
+            (length,) = unpack(body, pos)
+            if length >= shortest:
                 return False
-            pos += length
+            pos += 4 + (length if length > 0 else 0)
         return True
     except (ValueError, struct.error):
         return False
@@ -129,7 +142,7 @@ def _redact_front(t: int, body: bytes, redactor: AuditRedactor, text: Callable[[
         red = text(p.query)
         return None if red == p.query else m.Parse(p.name, red, p.param_types).encode()
     if t == 0x42:  # B
-        if _bind_values_harmless(body):
+        if _FAST_VALUES and _bind_values_harmless(body):
             return None
         b = m.Bind.decode(body)
         params = _redact_values(b.params, b.param_formats, redactor)
@@ -163,7 +176,7 @@ def redact_chunk(data: bytes, direction: str, redactor: AuditRedactor,
     if direction not in ("in", "out"):
         return data
     text = text or redactor.text
-    wanted = _FRONT_REDACTED if direction == "in" else _BACK_REDACTED
+    stops = _FRONT_STOPS if direction == "in" else _BACK_STOPS
     redact = _redact_front if direction == "in" else _redact_back
     out: list[bytes] = []
     run = 0
@@ -172,11 +185,14 @@ def redact_chunk(data: bytes, direction: str, redactor: AuditRedactor,
     unpack = _LEN.unpack_from
     # Framing inline (see frames()): the audit process runs this over every byte of a session.
     while n - pos >= 5:
+        pos = skip_unhandled(stops, data, pos, _ANY_LENGTH)
+        if n - pos < 5:
+            break
         (length,) = unpack(data, pos + 1)
         e = pos + 1 + length
         if length < 4 or e > n:
             break
-        if data[pos] in wanted:
+        if stops[data[pos]] is not None:
             try:
                 new = redact(data[pos], data[pos + 5:e], redactor, text)
             except (PgProtocolError, ValueError, UnicodeError):

@@ -304,6 +304,20 @@ def terminal_chunks(rec: SessionRecord) -> Iterator[tuple[datetime | None, bytes
                 streaming = doc["type"] in ("exec", "attach")
             if doc.get("type") == "truncated":
                 yield r["ts"], ("\r\n" + _event_note(doc) + "\r\n").encode()
+            elif doc.get("event") in ("sftp", "sftp_end"):
+                yield r["ts"], ("\r\n" + _sftp_note(doc) + "\r\n").encode()
+
+
+def _sftp_note(doc: dict[str, Any]) -> str:
+    """A file the bot opened over SFTP (appliance/fronts/ssh_sftp.py): what follows an ``sftp``
+    note up to its ``sftp_end`` is the download's content, as recorded (detectors applied)."""
+    what = f"{NOTE}sftp {doc.get('op')} {doc.get('path')!r}"
+    if doc.get("event") == "sftp":
+        return what
+    note = f"{what} closed: {doc.get('read_bytes', 0)} bytes read, {doc.get('written_bytes', 0)} bytes written"
+    if doc.get("written_bytes"):
+        note += " (uploads are counted, not recorded)"
+    return note + (f", size {doc['size']}" if doc.get("size") is not None else "")
 
 
 def replay_document(rec: SessionRecord) -> dict[str, Any]:
