@@ -292,3 +292,31 @@ def test_a_terminal_exec_records_keystrokes_with_a_password_answer_starred(env: 
     everything = b"".join(d if isinstance(d, bytes) else json.dumps(d).encode() for _, d in rec)
     assert b"hunter2" not in everything
     assert [d for k, d in rec if k == "event" and d.get("type") == "exec"][0]["tty"] is True
+
+
+def test_an_operator_ending_the_session_closes_a_relayed_exec(env: K8sEnv, ns: str, shell_pod: str) -> None:
+    # The exec runs until the session ends: the relay must close both sides then, and the
+    # requests row gets written (with its duration and bytes) as the relay ends.
+    bot = env.bot_kubeconfig()
+    before = {s["session_id"] for s in env.client.get("/v1/sessions")["sessions"]}
+    proc = subprocess.Popen([env.kube.kubectl, f"--kubeconfig={bot}", "-n", ns, "exec", shell_pod, "--",
+                             "sh", "-c", "echo until-ended; exec sleep 300"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_home(bot))
+    try:
+        assert proc.stdout.readline() == "until-ended\n"  # the relay is up
+        live = [s["session_id"] for s in env.client.get("/v1/sessions")["sessions"]
+                if s["session_id"] not in before and s.get("target") == "cluster"]
+        assert live
+        for sid in live:  # kubectl's API connection and its upgraded exec connection
+            env.client.post(f"/v1/sessions/{sid}/end", {"reason": "relay test"})
+        _, err = proc.communicate(timeout=60)  # not the 300 s of the command
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0
+    row = _wait_rows(env, f"create pods/exec {shell_pod} in {ns} -- sh -c 'echo until-ended; exec sleep 300'%")
+    assert (row["decision"], row["sqlstate"]) == ("allow", "101")
+    assert row["rows"] >= len("until-ended\n") and row["duration_ms"] > 0
+    ended = env.daemon.audit_sql("SELECT outcome, error FROM sessions WHERE session_id = ?", [row["session_id"]])
+    assert ended and ended[0]["outcome"] == "terminated" and "relay test" in ended[0]["error"], ended

@@ -132,3 +132,15 @@ def test_an_unmasked_frame_from_a_client_is_refused() -> None:
     unmasked = _ws_frames([b"\x00x"], from_client=False)
     with pytest.raises(StreamProtocolError, match="WebSocket"):
         WebSocketChannelReader(from_client=True).feed(unmasked)
+
+
+def test_the_spdy3_dictionary_is_the_one_kubectl_compresses_with() -> None:
+    # zlib names a preset dictionary by its Adler-32 in the stream header (DICTID): kubectl's
+    # (Go spdystream's) header blocks carry 0xe3c6a7c2 (3821447106); any other dictionary, even
+    # one this module's own tests compress with, would fail on every real SYN_STREAM.
+    import zlib
+
+    from appliance.protocols.kubernetes.streams import SPDY3_DICTIONARY
+
+    assert len(SPDY3_DICTIONARY) == 1423
+    assert zlib.adler32(SPDY3_DICTIONARY) == 3821447106
