@@ -322,3 +322,42 @@ def test_an_operator_ending_the_session_closes_a_relayed_exec(env: K8sEnv, ns: s
     assert ended and ended[0]["outcome"] == "terminated" and "relay test" in ended[0]["error"], ended
     ends = [d for k, d in _recording(env, row["session_id"]) if k == "event" and d.get("type") == "exec_end"]
     assert ends and "exit_code" not in ends[0]  # cut off by the end, not the command's exit
+
+
+def test_an_upgrade_over_http2_is_a_protocol_error_and_reaches_nothing(env: K8sEnv, ns: str, shell_pod: str) -> None:
+    # kubectl and the Python client upgrade over HTTP/1.1 only (no RFC 8441 extended CONNECT).
+    # HTTP/2 forbids connection-specific headers (RFC 9113 8.2.2): the front's h2 stack answers
+    # GOAWAY PROTOCOL_ERROR and the request is never decided nor sent to the API server.
+    import socket
+    import ssl
+
+    import h2.config
+    import h2.connection
+    import h2.errors
+    import h2.events
+
+    ctx = ssl.create_default_context(cafile=str(env.bot_ca))
+    ctx.set_alpn_protocols(["h2"])
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(
+        client_side=True, validate_outbound_headers=False, normalize_outbound_headers=False))
+    path = f"/api/v1/namespaces/{ns}/pods/{shell_pod}/exec?command=touch&command=/tmp/h2-upgrade&stdout=true"
+    with socket.create_connection(("127.0.0.1", env.listen_port), timeout=30) as raw, \
+            ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+        assert tls.selected_alpn_protocol() == "h2"
+        conn.initiate_connection()
+        conn.send_headers(1, [(":method", "POST"), (":path", path), (":scheme", "https"),
+                              (":authority", f"127.0.0.1:{env.listen_port}"),
+                              ("authorization", f"Bearer {env.bao.mint_token()}"),
+                              ("connection", "Upgrade"), ("upgrade", "SPDY/3.1")], end_stream=True)
+        tls.sendall(conn.data_to_send())
+        events = []
+        while not any(isinstance(e, h2.events.ConnectionTerminated) for e in events):
+            data = tls.recv(65536)
+            if not data:
+                break
+            events += conn.receive_data(data)
+    ended = [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
+    assert ended and ended[0].error_code == h2.errors.ErrorCodes.PROTOCOL_ERROR, events
+    assert not [e for e in events if isinstance(e, h2.events.ResponseReceived)]
+    check = env.kubectl(env.direct_kubeconfig(), "-n", ns, "exec", shell_pod, "--", "ls", "/tmp")
+    assert check.returncode == 0 and "h2-upgrade" not in check.stdout
