@@ -361,3 +361,37 @@ def test_an_upgrade_over_http2_is_a_protocol_error_and_reaches_nothing(env: K8sE
     assert not [e for e in events if isinstance(e, h2.events.ResponseReceived)]
     check = env.kubectl(env.direct_kubeconfig(), "-n", ns, "exec", shell_pod, "--", "ls", "/tmp")
     assert check.returncode == 0 and "h2-upgrade" not in check.stdout
+
+
+def test_a_frame_botwarden_cannot_read_closes_the_relay_with_the_reason_in_the_row(env: K8sEnv, ns: str,
+                                                                                    shell_pod: str) -> None:
+    # A real WebSocket exec, then a frame RFC 6455 forbids (a client frame without a mask): the
+    # recording could not hold it, so it is not relayed; the connection closes, the row says why.
+    config = k8s_client.Configuration()
+    config.host = f"https://127.0.0.1:{env.listen_port}"
+    config.ssl_ca_cert = str(env.bot_ca)
+    config.api_key = {"authorization": "Bearer " + env.bao.mint_token()}
+    api = k8s_client.CoreV1Api(k8s_client.ApiClient(config))
+    resp = stream(api.connect_get_namespaced_pod_exec, shell_pod, ns,
+                  command=["sh", "-c", "echo malformed-ready; cat"],
+                  stdin=True, stdout=True, stderr=True, tty=False, _preload_content=False)
+    out = ""
+    try:
+        while "malformed-ready" not in out and resp.is_open():
+            resp.update(timeout=5)
+            out += resp.read_stdout() if resp.peek_stdout() else ""
+        resp.sock.sock.sendall(b"\x82\x06\x00leak\n")  # FIN+binary, no MASK bit: malformed
+        for _ in range(60):
+            if not resp.is_open():
+                break
+            resp.update(timeout=1)
+            out += resp.read_stdout() if resp.peek_stdout() else ""
+        assert not resp.is_open()
+    finally:
+        resp.close()
+    assert "leak" not in out
+    row = _wait_rows(env, f"%pods/exec {shell_pod} in {ns} -- sh -c 'echo malformed-ready; cat'%")
+    assert row["sqlstate"] == "101"
+    assert "botwarden closed the upgraded connection" in row["error"] and "mask" in row["error"], row["error"]
+    ends = [d for k, d in _recording(env, row["session_id"]) if k == "event" and d.get("type") == "exec_end"]
+    assert ends and "mask" in ends[0]["unreadable"]

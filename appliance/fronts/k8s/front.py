@@ -496,8 +496,11 @@ class Session:
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for t in done:
-                if t.exception() is not None and not isinstance(t.exception(), (ConnectionError, OSError,
-                                                                                  httpx.HTTPError, ssl.SSLError)):
+                if isinstance(t.exception(), StreamProtocolError):
+                    record["error"] = (f"botwarden closed the upgraded connection: {t.exception()} "
+                                       f"(not relayed: it could not be recorded)")
+                elif t.exception() is not None and not isinstance(t.exception(), (ConnectionError, OSError,
+                                                                                    httpx.HTTPError, ssl.SSLError)):
                     record["error"] = f"the upgraded connection broke off: {t.exception()}"
         finally:
             for t in tasks:
@@ -647,8 +650,9 @@ class _StreamRecord:
         try:
             return reader.feed(data)
         except StreamProtocolError as e:
+            # Not relayed: bytes the recording cannot read would go unrecorded (fail closed).
             self.unreadable = str(e)
-            return ()
+            raise
 
     def from_client(self, data: bytes) -> None:
         for c in self._read(self._client, data):
