@@ -18,6 +18,7 @@ import uuid
 import pytest
 from kubernetes import client as k8s_client
 from kubernetes.stream import stream
+from websocket import WebSocketConnectionClosedException
 
 from appliance.sandbox import free_port
 from tests.k8s.node import KubeNode
@@ -381,12 +382,15 @@ def test_a_frame_botwarden_cannot_read_closes_the_relay_with_the_reason_in_the_r
             resp.update(timeout=5)
             out += resp.read_stdout() if resp.peek_stdout() else ""
         resp.sock.sock.sendall(b"\x82\x06\x00leak\n")  # FIN+binary, no MASK bit: malformed
+        closed = False
         for _ in range(60):
-            if not resp.is_open():
+            try:
+                resp.update(timeout=1)
+            except WebSocketConnectionClosedException:
+                closed = True  # botwarden closed the connection
                 break
-            resp.update(timeout=1)
             out += resp.read_stdout() if resp.peek_stdout() else ""
-        assert not resp.is_open()
+        assert closed
     finally:
         resp.close()
     assert "leak" not in out
