@@ -18,6 +18,7 @@ import uuid
 import pytest
 from kubernetes import client as k8s_client
 from kubernetes.stream import stream
+from websocket import WebSocketConnectionClosedException
 
 from appliance.sandbox import free_port
 from tests.k8s.node import KubeNode
@@ -320,5 +321,102 @@ def test_ending_the_session_closes_a_running_exec(env: K8sEnv, ns: str, shell_po
     assert "runaway exec" in err
     row = _wait_rows(env, f"create pods/exec {shell_pod} in {ns} -- sh -c 'echo running; exec sleep 300'%")
     assert row["sqlstate"] == "101"
+    assert row["rows"] >= len("running\n") and row["duration_ms"] > 0
     ended = env.daemon.audit_sql("SELECT outcome, error FROM sessions WHERE session_id = ?", [row["session_id"]])
     assert ended and ended[0]["outcome"] == "terminated" and "runaway exec" in ended[0]["error"]
+    ends = [d for k, d in _recording(env, row["session_id"]) if k == "event" and d.get("type") == "exec_end"]
+    assert ends and "exit_code" not in ends[0]  # cut off by the end, not the command's exit
+
+
+def test_an_upgrade_over_http2_is_a_protocol_error_and_reaches_nothing(env: K8sEnv, ns: str, shell_pod: str) -> None:
+    # kubectl and the Python client upgrade over HTTP/1.1 only (no RFC 8441 extended CONNECT).
+    # HTTP/2 forbids connection-specific headers (RFC 9113 8.2.2): the front's h2 stack answers
+    # GOAWAY PROTOCOL_ERROR and the request is never decided nor sent to the API server.
+    import socket
+    import ssl
+
+    import h2.config
+    import h2.connection
+    import h2.errors
+    import h2.events
+
+    ctx = ssl.create_default_context(cafile=str(env.bot_ca))
+    ctx.set_alpn_protocols(["h2"])
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(
+        client_side=True, validate_outbound_headers=False, normalize_outbound_headers=False))
+    path = f"/api/v1/namespaces/{ns}/pods/{shell_pod}/exec?command=touch&command=/tmp/h2-upgrade&stdout=true"
+    with socket.create_connection(("127.0.0.1", env.listen_port), timeout=30) as raw, \
+            ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+        assert tls.selected_alpn_protocol() == "h2"
+        conn.initiate_connection()
+        conn.send_headers(1, [(":method", "POST"), (":path", path), (":scheme", "https"),
+                              (":authority", f"127.0.0.1:{env.listen_port}"),
+                              ("authorization", f"Bearer {env.bao.mint_token()}"),
+                              ("connection", "Upgrade"), ("upgrade", "SPDY/3.1")], end_stream=True)
+        tls.sendall(conn.data_to_send())
+        events = []
+        while not any(isinstance(e, h2.events.ConnectionTerminated) for e in events):
+            data = tls.recv(65536)
+            if not data:
+                break
+            events += conn.receive_data(data)
+    ended = [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
+    assert ended and ended[0].error_code == h2.errors.ErrorCodes.PROTOCOL_ERROR, events
+    assert not [e for e in events if isinstance(e, h2.events.ResponseReceived)]
+    check = env.kubectl(env.direct_kubeconfig(), "-n", ns, "exec", shell_pod, "--", "ls", "/tmp")
+    assert check.returncode == 0 and "h2-upgrade" not in check.stdout
+
+
+def test_a_frame_botwarden_cannot_read_closes_the_relay_with_the_reason_in_the_row(env: K8sEnv, ns: str,
+                                                                                    shell_pod: str) -> None:
+    # A real WebSocket exec, then a frame RFC 6455 forbids (a client frame without a mask): the
+    # recording could not hold it, so it is not relayed; the connection closes, the row says why.
+    config = k8s_client.Configuration()
+    config.host = f"https://127.0.0.1:{env.listen_port}"
+    config.ssl_ca_cert = str(env.bot_ca)
+    config.api_key = {"authorization": "Bearer " + env.bao.mint_token()}
+    api = k8s_client.CoreV1Api(k8s_client.ApiClient(config))
+    resp = stream(api.connect_get_namespaced_pod_exec, shell_pod, ns,
+                  command=["sh", "-c", "echo malformed-ready; cat"],
+                  stdin=True, stdout=True, stderr=True, tty=False, _preload_content=False)
+    out = ""
+    try:
+        while "malformed-ready" not in out and resp.is_open():
+            resp.update(timeout=5)
+            out += resp.read_stdout() if resp.peek_stdout() else ""
+        resp.sock.sock.sendall(b"\x82\x06\x00leak\n")  # FIN+binary, no MASK bit: malformed
+        closed = False
+        for _ in range(60):
+            try:
+                resp.update(timeout=1)
+            except WebSocketConnectionClosedException:
+                closed = True  # botwarden closed the connection
+                break
+            out += resp.read_stdout() if resp.peek_stdout() else ""
+        assert closed
+    finally:
+        resp.close()
+    assert "leak" not in out
+    row = _wait_rows(env, f"%pods/exec {shell_pod} in {ns} -- sh -c 'echo malformed-ready; cat'%")
+    assert row["sqlstate"] == "101"
+    assert "botwarden closed the upgraded connection" in row["error"] and "mask" in row["error"], row["error"]
+    ends = [d for k, d in _recording(env, row["session_id"]) if k == "event" and d.get("type") == "exec_end"]
+    assert ends and "mask" in ends[0]["unreadable"]
+
+
+def test_an_upgrade_to_a_protocol_botwarden_cannot_read_is_refused_before_the_server(env: K8sEnv, ns: str,
+                                                                                      shell_pod: str) -> None:
+    import http.client
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=str(env.bot_ca))
+    conn = http.client.HTTPSConnection("127.0.0.1", env.listen_port, context=ctx, timeout=30)
+    path = f"/api/v1/namespaces/{ns}/pods/{shell_pod}/exec?command=touch&command=/tmp/odd-upgrade&stdout=true"
+    conn.request("POST", path, headers={"Authorization": f"Bearer {env.bao.mint_token()}",
+                                        "Connection": "Upgrade", "Upgrade": "h2c"})
+    resp = conn.getresponse()
+    body = json.loads(resp.read())
+    conn.close()
+    assert resp.status == 400 and body["reason"] == "BadRequest" and "SPDY/3.1 and WebSocket only" in body["message"]
+    check = env.kubectl(env.direct_kubeconfig(), "-n", ns, "exec", shell_pod, "--", "ls", "/tmp")
+    assert check.returncode == 0 and "odd-upgrade" not in check.stdout

@@ -155,3 +155,15 @@ def test_frames_botwarden_adds_at_a_boundary_are_read_by_the_same_readers() -> N
         assert ws.at_boundary
         got = WebSocketChannelReader(from_client=False, base64=b64).feed(partial + ws.error_frame(b"why"))
         assert got[-1] == ChannelData("error", b"why")
+
+
+def test_the_spdy3_dictionary_is_the_one_kubectl_compresses_with() -> None:
+    # zlib names a preset dictionary by its Adler-32 in the stream header (DICTID): kubectl's
+    # (Go spdystream's) header blocks carry 0xe3c6a7c2 (3821447106); any other dictionary, even
+    # one this module's own tests compress with, would fail on every real SYN_STREAM.
+    import zlib
+
+    from appliance.protocols.kubernetes.streams import SPDY3_DICTIONARY
+
+    assert len(SPDY3_DICTIONARY) == 1423
+    assert zlib.adler32(SPDY3_DICTIONARY) == 3821447106

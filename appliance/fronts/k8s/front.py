@@ -395,6 +395,11 @@ class Session:
             out.withhold("Secret values no rule masks stay out of the recording")
         headers = upstream_headers(req.headers, grant.credential.password, narrow_json=mask)
         if _is_upgrade(req.headers):
+            wanted = (_header([(n.lower(), v) for n, v in req.headers], "upgrade") or "").strip().lower()
+            if not (wanted.startswith("spdy/3") or wanted == "websocket"):
+                # The recording could not read it (fail closed): nothing goes upstream.
+                raise Refusal(400, f"botwarden relays upgrades to SPDY/3.1 and WebSocket only, not {wanted!r}",
+                              reason="BadRequest")
             headers += [(n.lower(), v) for n, v in req.headers if n.lower() in _UPGRADE_HEADERS]
         assert self.client is not None
         try:
@@ -501,8 +506,13 @@ class Session:
         try:
             done, _ = await asyncio.wait([*tasks, ending], return_when=asyncio.FIRST_COMPLETED)
             for t in done:
-                if t is not ending and t.exception() is not None and not isinstance(
-                        t.exception(), (ConnectionError, OSError, httpx.HTTPError, ssl.SSLError)):
+                if t is ending:
+                    continue
+                if isinstance(t.exception(), StreamProtocolError):
+                    record["error"] = (f"botwarden closed the upgraded connection: {t.exception()} "
+                                       f"(not relayed: it could not be recorded)")
+                elif t.exception() is not None and not isinstance(t.exception(), (ConnectionError, OSError,
+                                                                                    httpx.HTTPError, ssl.SSLError)):
                     record["error"] = f"the upgraded connection broke off: {t.exception()}"
         finally:
             self._ending = None
@@ -672,8 +682,9 @@ class _StreamRecord:
         try:
             return reader.feed(data)
         except StreamProtocolError as e:
+            # Not relayed: bytes the recording cannot read would go unrecorded (fail closed).
             self.unreadable = str(e)
-            return ()
+            raise
 
     def from_client(self, data: bytes) -> None:
         for c in self._read(self._client, data):
