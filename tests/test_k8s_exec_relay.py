@@ -78,6 +78,15 @@ def _recording(env: K8sEnv, session_id: str) -> list[tuple[str, object]]:
     return [(k, json.loads(d) if k == "event" else d) for k, d in chunks]
 
 
+def _python_api(env: K8sEnv) -> k8s_client.CoreV1Api:
+    """The ``kubernetes`` Python client as a bot uses it: botwarden's listener, its OIDC token."""
+    config = k8s_client.Configuration()
+    config.host = f"https://127.0.0.1:{env.listen_port}"
+    config.ssl_ca_cert = str(env.bot_ca)
+    config.api_key = {"authorization": "Bearer " + env.bao.mint_token()}
+    return k8s_client.CoreV1Api(k8s_client.ApiClient(config))
+
+
 def _wait_rows(env: K8sEnv, like: str, timeout: float = 20) -> dict:
     deadline = time.monotonic() + timeout
     while True:
@@ -225,11 +234,7 @@ def test_port_forward_through_botwarden(env: K8sEnv, kube_node: KubeNode, ns: st
 
 
 def test_python_client_websocket_exec_through_botwarden(env: K8sEnv, ns: str, shell_pod: str) -> None:
-    config = k8s_client.Configuration()
-    config.host = f"https://127.0.0.1:{env.listen_port}"
-    config.ssl_ca_cert = str(env.bot_ca)
-    config.api_key = {"authorization": "Bearer " + env.bao.mint_token()}
-    api = k8s_client.CoreV1Api(k8s_client.ApiClient(config))
+    api = _python_api(env)
     resp = stream(api.connect_get_namespaced_pod_exec, shell_pod, ns,
                   command=["sh", "-c", "read x; echo out:$x; echo err >&2; exit 3"],
                   stdin=True, stdout=True, stderr=True, tty=False, _preload_content=False)
@@ -254,11 +259,7 @@ def test_python_client_websocket_exec_through_botwarden(env: K8sEnv, ns: str, sh
 
 def test_a_terminal_exec_records_keystrokes_with_a_password_answer_starred(env: K8sEnv, ns: str,
                                                                            shell_pod: str) -> None:
-    config = k8s_client.Configuration()
-    config.host = f"https://127.0.0.1:{env.listen_port}"
-    config.ssl_ca_cert = str(env.bot_ca)
-    config.api_key = {"authorization": "Bearer " + env.bao.mint_token()}
-    api = k8s_client.CoreV1Api(k8s_client.ApiClient(config))
+    api = _python_api(env)
     resp = stream(api.connect_get_namespaced_pod_exec, shell_pod, ns,
                   command=["sh", "-c", "printf 'Password: '; read -s pw; echo; echo got-${#pw}-chars; "
                                        "read line; echo line:$line"],
@@ -371,11 +372,7 @@ def test_a_frame_botwarden_cannot_read_closes_the_relay_with_the_reason_in_the_r
                                                                                     shell_pod: str) -> None:
     # A real WebSocket exec, then a frame RFC 6455 forbids (a client frame without a mask): the
     # recording could not hold it, so it is not relayed; the connection closes, the row says why.
-    config = k8s_client.Configuration()
-    config.host = f"https://127.0.0.1:{env.listen_port}"
-    config.ssl_ca_cert = str(env.bot_ca)
-    config.api_key = {"authorization": "Bearer " + env.bao.mint_token()}
-    api = k8s_client.CoreV1Api(k8s_client.ApiClient(config))
+    api = _python_api(env)
     resp = stream(api.connect_get_namespaced_pod_exec, shell_pod, ns,
                   command=["sh", "-c", "echo malformed-ready; cat"],
                   stdin=True, stdout=True, stderr=True, tty=False, _preload_content=False)
