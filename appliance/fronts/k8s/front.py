@@ -207,7 +207,8 @@ class Session:
     def shutdown(self, reason: str) -> None:
         self.core.set_outcome("terminated", reason)
         if self._ending is not None:  # an upgraded exchange: it tells the client why, then closes
-            self._ending.set_result(reason) if not self._ending.done() else None
+            if not self._ending.done():
+                self._ending.set_result(reason)
             return
         if self._driver is not None:
             self._driver.shutdown(reason)
@@ -395,7 +396,7 @@ class Session:
             out.withhold("Secret values no rule masks stay out of the recording")
         headers = upstream_headers(req.headers, grant.credential.password, narrow_json=mask)
         if _is_upgrade(req.headers):
-            wanted = (_header([(n.lower(), v) for n, v in req.headers], "upgrade") or "").strip().lower()
+            wanted = (_header(req.headers, "upgrade") or "").strip().lower()
             if not (wanted.startswith("spdy/3") or wanted == "websocket"):
                 # The recording could not read it (fail closed): nothing goes upstream.
                 raise Refusal(400, f"botwarden relays upgrades to SPDY/3.1 and WebSocket only, not {wanted!r}",
@@ -472,7 +473,6 @@ class Session:
             return masker.masked
         finally:
             await resp.aclose()
-
 
     async def _relay_upgrade(self, req: BotRequest, k8s: K8sRequest, resp: httpx.Response, out: "_Counted",
                              record: dict) -> dict[str, int]:
@@ -641,8 +641,8 @@ class _StreamRecord:
     and an ``exec_end`` event with the exit code and the byte counts. Stdin is counted, not
     recorded (it may be a file or a secret piped to the command: the SSH front's rule), except
     on a terminal, where keystrokes are recorded as an SSH shell's are (password answers as *s).
-    Port-forward: bytes counted per direction only. A stream that cannot be read is not a reason
-    to break the bot's connection; the recording says where it stopped reading."""
+    Port-forward: bytes counted per direction only. Bytes that cannot be read as the negotiated
+    protocol raise StreamProtocolError: the relay closes rather than pass what it cannot record."""
 
     def __init__(self, session: "Session", request_id: str, k8s: K8sRequest, upgrade: str, protocol: str, *,
                  tty: bool):

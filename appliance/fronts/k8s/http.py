@@ -133,14 +133,13 @@ class Http1Driver:
             return task.result() and not self.switched
         finally:
             self._pending_read = None
-            if self.switched:
-                pass  # what was read belongs to the relay (take_reader); the connection ends
-            elif not read.done():
-                read.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await read  # the reader is free again before the next request is read
-            if not read.cancelled() and task.done():
-                self.conn.receive_data(read.result())  # bytes (or the EOF) read as the exchange ended
+            if not self.switched:  # once switched, what was read belongs to the relay (take_reader)
+                if not read.done():
+                    read.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await read  # the reader is free again before the next request is read
+                if not read.cancelled() and task.done():
+                    self.conn.receive_data(read.result())  # bytes (or the EOF) read as the exchange ended
 
     async def _bad_request(self, e: Exception | None, code: int = 400, message: str | None = None) -> None:
         status = getattr(e, "error_status_hint", code) if e is not None else code
@@ -153,7 +152,6 @@ class Http1Driver:
             self.session.writer.write(self.conn.send(h11.Data(data=body)))
             self.session.writer.write(self.conn.send(h11.EndOfMessage()))
             await self.session.writer.drain()
-
 
     async def take_reader(self) -> bytes:
         """The connection switched protocols: the bot's bytes go to the relay from here. Returns
