@@ -345,6 +345,8 @@ class Runtime:
             return record
         marks = store.marks
         if kind == "request" or kind == "request_start":
+            if kind == "request" and "seq" in record:
+                return record  # numbered and marked by issue_seq before its answer reached the bot
             # A request's start (strict mode) and its completion share one seq.
             seq = live.pending_starts.pop(record.get("request_id"), None) if kind == "request" and live.pending_starts else None
             if seq is None:
@@ -360,6 +362,21 @@ class Runtime:
             store.release_mark(live.mark)   # once the session_end is committed
             live.mark = None
         return {**record, "requests": live.requests}
+
+    def issue_seq(self, session_id: str, request_id: str) -> int | None:
+        """Number a completed request and mark it issued now, before its answer goes to the bot
+        (the record, submitted a moment later, carries the seq): a daemon killed in between
+        leaves a mark that counts the lost record. None: not a live session, no numbering."""
+        live = self.live.get(session_id)
+        store = self.daemon.audit
+        if live is None or store is None:
+            return None
+        seq = live.pending_starts.pop(request_id, None) if live.pending_starts else None
+        if seq is None:
+            live.requests += 1
+            seq = live.requests
+        self._mark(store.marks, live, seq)
+        return seq
 
     @staticmethod
     def _mark(marks: Any, live: LiveSession, seq: int) -> None:

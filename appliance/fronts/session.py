@@ -91,7 +91,7 @@ class SessionCore:
     """
 
     __slots__ = ("services", "target", "protocol", "target_addr", "session_id", "grant", "outcome", "end_error",
-                 "durable", "_spawn", "_terminate", "_ticket", "_hold_wait", "_withdrawn", "_ended",
+                 "durable", "_issue_seq", "_spawn", "_terminate", "_ticket", "_hold_wait", "_withdrawn", "_ended",
                  "_record_seq", "recording_full", "_record_left", "_record_cap")
 
     def __init__(self, services: FrontServices, *, target: str, protocol: str, target_addr: str,
@@ -107,6 +107,7 @@ class SessionCore:
         self.end_error: str | None = None
         # audit.mode = "strict": services.audit_durable(kind, record, verdict) -> future | None.
         self.durable: Callable[..., Any] | None = getattr(services, "audit_durable", None)
+        self._issue_seq: Callable[[str, str], int | None] | None = getattr(services, "issue_seq", None)
         self._spawn = spawn
         self._terminate = terminate
         self._ticket: Ticket | None = None
@@ -201,6 +202,13 @@ class SessionCore:
             note(self.target, stage)
 
     # ------------------------------------------------------------------ audit
+    def issue_seq(self, request_id: str) -> int | None:
+        """Number a completed request now, before its answer reaches the bot, when its record
+        is submitted only after (the ``seq`` goes into that record). None: services that number
+        records as they come."""
+        issue = self._issue_seq
+        return issue(self.session_id, request_id) if issue is not None else None
+
     def audit(self, kind: str, record: Mapping[str, Any]) -> None:
         try:
             self.services.audit(kind, record)

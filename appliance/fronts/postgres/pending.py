@@ -30,6 +30,7 @@ class _Request:
     masked: dict[str, int] | None = None
     nonce: str | None = None             # set when the statement was replaced by a failing one
     refusal: m.ErrorResponse | None = None
+    seq: int | None = None               # numbered before its record is submitted (SessionCore.issue_seq)
 
     def __init__(self, kind: str, text: str, verdict: Verdict, params: list | None = None):
         self.kind = kind

@@ -622,13 +622,17 @@ class Session(StartupMixin, ReadingMixin, ExtendedProtocolMixin, MaskingMixin, F
     def _finish(self, req: _Request) -> None:
         deferred = self._deferred
         if deferred is not None:
+            # Its record goes after the server's bytes reach the bot, its number now: a daemon
+            # killed in between leaves a high-water mark that counts the record as lost.
+            req.request_id = rid = req.request_id or _request_id()
+            req.seq = self.core.issue_seq(rid)
             deferred.append(req)
         else:
             self._emit(req)
 
     def _emit(self, req: _Request) -> None:
         v = req.verdict
-        self.core.audit("request", {
+        record = {
             "request_id": req.request_id or _request_id(), "session_id": self.core.session_id,
             "ts": datetime.fromtimestamp(req.t0, timezone.utc), "protocol": PROTOCOL,
             "kind": req.kind, "text": req.text, "params": req.params, "decision": req.decision or v.action,
@@ -636,7 +640,10 @@ class Session(StartupMixin, ReadingMixin, ExtendedProtocolMixin, MaskingMixin, F
             "duration_ms": (_time() - req.t0) * 1000.0, "rows": req.rows, "error": req.error,
             "sqlstate": req.sqlstate, "masked": req.masked,
             "row_estimate": v.row_estimate, "row_limit": v.row_limit,
-        })
+        }
+        if req.seq is not None:
+            record["seq"] = req.seq
+        self.core.audit("request", record)
 
     def _finish_pending(self, why: str) -> None:
         held, self._held_req = self._held_req, None
