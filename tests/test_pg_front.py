@@ -263,6 +263,21 @@ def test_upstream_md5_and_cleartext_credentials(pg_server, user, password):
         ft.stop()
 
 
+def test_a_session_that_cannot_be_set_up_is_refused_with_a_fatal_not_a_timeout(pg_server):
+    # Our own bug while setting a session up (here: new_session raising) must not leave the
+    # bot's connect hanging until its timeout: it gets a FATAL that says botwarden refused it.
+    ft = FrontThread(plain_settings(pg_server), DefaultServices(Credential(APP_USER, APP_PASSWORD)))
+    try:
+        def broken(bot):
+            raise RuntimeError("session set-up bug")
+        ft.front.new_session = broken
+        with pytest.raises(psycopg.OperationalError) as err:
+            psycopg.connect(ft.dsn(connect_timeout="20"))
+        assert "internal error setting up the session" in str(err.value)  # not "timeout expired"
+    finally:
+        ft.stop()
+
+
 def test_upstream_verify_full_and_startup_parameters_verbatim(pg_server):
     setup_roles(pg_server)
     ft = FrontThread(plain_settings(pg_server, upstream_tls="verify-full", upstream_ca_file=str(pg_server.ca_file)),

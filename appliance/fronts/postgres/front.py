@@ -4,11 +4,13 @@ connection, its sessions, close and drain."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import ssl
 from typing import Any, Callable
 
 from appliance.protocols.postgres import sqlstate
+from appliance.protocols.postgres.connection import error_response
 from appliance.tasks import TaskSet
 
 from ..admission import Admission
@@ -18,6 +20,18 @@ from .settings import PgFrontSettings
 from .transport import BotProtocol
 from .cancel import CancelForwarding
 from .session import Session
+
+
+log = logging.getLogger(__name__)
+
+
+class _Refused(asyncio.Protocol):
+    """An accepted connection botwarden could not set a session up for: one FATAL, then close."""
+
+    def connection_made(self, transport) -> None:
+        transport.write(error_response(sqlstate.INTERNAL_ERROR, "botwarden: internal error setting up the "
+                                       "session; the connection is refused", severity="FATAL").encode())
+        transport.close()
 
 
 class PostgresFront(CancelForwarding):
@@ -52,8 +66,12 @@ class PostgresFront(CancelForwarding):
         self._tasks = TaskSet()
         self._server: asyncio.Server | None = None
 
-    def protocol_factory(self) -> BotProtocol:
-        return BotProtocol(self)
+    def protocol_factory(self) -> asyncio.Protocol:
+        try:
+            return BotProtocol(self)
+        except Exception:  # our bug: the bot gets a clear FATAL now, not a connect timeout
+            log.exception("could not set up a session for an accepted connection; refused")
+            return _Refused()
 
     def new_session(self, bot: BotProtocol) -> Session:
         return Session(self, bot)
