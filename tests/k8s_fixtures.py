@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import tempfile
 import uuid
@@ -99,6 +100,13 @@ class K8sEnv:
     @property
     def client(self) -> ControlClient:
         return self.daemon.client()
+
+    def close(self) -> None:
+        """Stop the daemon, then remove the work directory (configs, keys, kubeconfigs)."""
+        try:
+            self.daemon.stop()
+        finally:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def bot_kubeconfig(self, token: str | None = None, name: str | None = None, port: int | None = None) -> Path:
         """A bot's kubeconfig: the API server's name (here the front's loopback listener, as the

@@ -41,7 +41,7 @@ def env(kube, own_bao, pg_server):
         yield e
     finally:
         os.killpg(own_bao.proc.pid, signal.SIGCONT)
-        e.daemon.stop()
+        e.close()
 
 
 def test_openbao_down_refuses_the_session_with_a_status_and_an_audit_row(env: K8sEnv, own_bao) -> None:

@@ -41,7 +41,7 @@ def env(kube, kube_node, bao_server, pg_server):
     try:
         yield e
     finally:
-        e.daemon.stop()
+        e.close()
 
 
 @pytest.fixture(scope="module")

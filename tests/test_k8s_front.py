@@ -26,7 +26,7 @@ def env(kube, bao_server, pg_server):
     try:
         yield e
     finally:
-        e.daemon.stop()
+        e.close()
 
 
 def _ns(env: K8sEnv) -> str:

@@ -21,7 +21,7 @@ def env(kube, bao_server, pg_server):
     try:
         yield e
     finally:
-        e.daemon.stop()
+        e.close()
 
 
 def _account_exists(env: K8sEnv, name: str) -> bool:

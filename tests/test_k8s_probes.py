@@ -6,6 +6,7 @@ botwarden, which knows which process asked (token + attestation)."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -45,6 +46,7 @@ def env(kube, bao_server, pg_server):
                 assert res.returncode == 0, res.stderr
             finally:
                 cgroups.remove(BOTS)
+                shutil.rmtree(e.workdir, ignore_errors=True)
 
 
 def test_kubectl_against_the_real_address_is_redirected_attested_and_decided(env) -> None:

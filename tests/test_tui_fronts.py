@@ -143,7 +143,7 @@ def k8s_env(kube, bao_server, pg_server):
     try:
         yield e
     finally:
-        e.daemon.stop()
+        e.close()
 
 
 @pytest.mark.parametrize("approve", [True, False], ids=["approved", "denied"])
