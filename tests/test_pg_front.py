@@ -263,14 +263,23 @@ def test_upstream_md5_and_cleartext_credentials(pg_server, user, password):
         ft.stop()
 
 
-def test_a_session_that_cannot_be_set_up_is_refused_with_a_fatal_not_a_timeout(pg_server):
-    # Our own bug while setting a session up (here: new_session raising) must not leave the
-    # bot's connect hanging until its timeout: it gets a FATAL that says botwarden refused it.
+class _BrokenAdmission:
+    def admit(self, *args, **kw):
+        raise RuntimeError("admission bug")
+
+
+@pytest.mark.parametrize("where", ["new_session", "admit"])
+def test_a_session_that_cannot_be_set_up_is_refused_with_a_fatal_not_a_timeout(pg_server, where):
+    # Our own bug while setting a session up (building it, or admitting the connection) must not
+    # leave the bot's connect hanging until its timeout: it gets a FATAL that says so.
     ft = FrontThread(plain_settings(pg_server), DefaultServices(Credential(APP_USER, APP_PASSWORD)))
     try:
-        def broken(bot):
-            raise RuntimeError("session set-up bug")
-        ft.front.new_session = broken
+        if where == "new_session":
+            def broken(bot):
+                raise RuntimeError("session set-up bug")
+            ft.front.new_session = broken
+        else:
+            ft.front.admission = _BrokenAdmission()
         with pytest.raises(psycopg.OperationalError) as err:
             psycopg.connect(ft.dsn(connect_timeout="20"))
         assert "internal error setting up the session" in str(err.value)  # not "timeout expired"

@@ -10,28 +10,18 @@ import ssl
 from typing import Any, Callable
 
 from appliance.protocols.postgres import sqlstate
-from appliance.protocols.postgres.connection import error_response
 from appliance.tasks import TaskSet
 
 from ..admission import Admission
 from ..services import FrontServices
 from ..session import drain
 from .settings import PgFrontSettings
-from .transport import BotProtocol
+from .transport import BotProtocol, SetupRefused
 from .cancel import CancelForwarding
 from .session import Session
 
 
 log = logging.getLogger(__name__)
-
-
-class _Refused(asyncio.Protocol):
-    """An accepted connection botwarden could not set a session up for: one FATAL, then close."""
-
-    def connection_made(self, transport) -> None:
-        transport.write(error_response(sqlstate.INTERNAL_ERROR, "botwarden: internal error setting up the "
-                                       "session; the connection is refused", severity="FATAL").encode())
-        transport.close()
 
 
 class PostgresFront(CancelForwarding):
@@ -71,7 +61,7 @@ class PostgresFront(CancelForwarding):
             return BotProtocol(self)
         except Exception:  # our bug: the bot gets a clear FATAL now, not a connect timeout
             log.exception("could not set up a session for an accepted connection; refused")
-            return _Refused()
+            return SetupRefused()
 
     def new_session(self, bot: BotProtocol) -> Session:
         return Session(self, bot)

@@ -8,7 +8,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from appliance.protocols.postgres import sqlstate
-from appliance.protocols.postgres.connection import NEED_DATA, PgConnection
+from appliance.protocols.postgres.connection import NEED_DATA, PgConnection, error_response
 from appliance.protocols.postgres.errors import PgProtocolError
 
 if TYPE_CHECKING:
@@ -48,6 +48,21 @@ class _Waiter:
             self.fut = None
 
 
+def refuse_setup(transport) -> None:
+    """A connection botwarden could not set a session up for (its own bug): one FATAL that says
+    so, then close, rather than leaving the bot to its connect timeout."""
+    transport.write(error_response(sqlstate.INTERNAL_ERROR, "botwarden: internal error setting up the session; "
+                                   "the connection is refused", severity="FATAL").encode())
+    transport.close()
+
+
+class SetupRefused(asyncio.Protocol):
+    """The protocol of an accepted connection whose session could not even be built."""
+
+    def connection_made(self, transport) -> None:
+        refuse_setup(transport)
+
+
 class BotProtocol(asyncio.Protocol):
     """The bot's side of one session."""
 
@@ -59,9 +74,14 @@ class BotProtocol(asyncio.Protocol):
     def connection_made(self, transport) -> None:  # also called again by start_tls? no: we set it
         if self.transport is None:
             self.transport = transport
-            if not self.session.admit():
-                return
-            self.session.start()
+            try:
+                if not self.session.admit():
+                    return
+                self.session.start()
+            except Exception:  # our bug: the bot gets a clear FATAL now, not a connect timeout
+                log.exception("could not start a session for an accepted connection; refused")
+                self.session.closed = True
+                refuse_setup(transport)
 
     def data_received(self, data: bytes) -> None:
         s = self.session
