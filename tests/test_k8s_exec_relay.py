@@ -78,6 +78,16 @@ def _recording(env: K8sEnv, session_id: str) -> list[tuple[str, object]]:
     return [(k, json.loads(d) if k == "event" else d) for k, d in chunks]
 
 
+def _ended_recording(env: K8sEnv, session_id: str, end: str = "exec_end") -> list[tuple[str, object]]:
+    """The session's recording once its exec's ``end`` event is in it (the store commits in batches)."""
+    deadline = time.monotonic() + 20
+    while True:
+        rec = _recording(env, session_id)
+        if any(k == "event" and d.get("type") == end for k, d in rec) or time.monotonic() > deadline:
+            return rec
+        time.sleep(0.3)
+
+
 def _python_api(env: K8sEnv) -> k8s_client.CoreV1Api:
     """The ``kubernetes`` Python client as a bot uses it: botwarden's listener, its OIDC token."""
     config = k8s_client.Configuration()
@@ -117,14 +127,8 @@ def test_exec_stdin_is_relayed_and_the_recording_has_the_output_not_the_input(en
     assert res.returncode == 0, res.stderr
     assert res.stdout == payload.upper() + "done\n"
     row = _wait_rows(env, f"create pods/exec {shell_pod} in {ns} -- sh -c 'tr a-z A-Z; echo done'%")
-    env.daemon.client().get("/v1/status")
-    deadline = time.monotonic() + 20
-    while True:
-        rec = _recording(env, row["session_id"])
-        ends = [d for k, d in rec if k == "event" and d.get("type") == "exec_end"]
-        if ends or time.monotonic() > deadline:
-            break
-        time.sleep(0.3)
+    rec = _ended_recording(env, row["session_id"])
+    ends = [d for k, d in rec if k == "event" and d.get("type") == "exec_end"]
     starts = [d for k, d in rec if k == "event" and d.get("type") == "exec"]
     assert starts and starts[0]["request_id"] == row["request_id"] and starts[0]["protocol"] == "v4.channel.k8s.io"
     assert ends and ends[0]["exit_code"] == 0 and ends[0]["stdin"] == len(payload)
@@ -140,6 +144,28 @@ def test_exec_stdin_is_relayed_and_the_recording_has_the_output_not_the_input(en
         assert a.v2_header["version"] == 2
         text = "".join(e[2] for e in a.events() if e[1] == "o")
     assert "LINE 1999 OF THE BOT'S INPUT" in text and "done" in text
+
+
+def test_an_exec_a_mask_rule_matches_keeps_its_output_out_of_the_recording(env: K8sEnv, kube_node: KubeNode) -> None:
+    # K8S_RULES' mask-config-passwords matches everything in masked-* namespaces. botwarden masks
+    # objects (Secret data, configured paths), not a command's output: that output reaches the bot
+    # unmasked (README, differences) but stays out of the recording, counted only (fail closed).
+    ns = kube_node.create_namespace(f"masked-relay-{uuid.uuid4().hex[:6]}")
+    kube_node.run_pod(ns, "shell", ["sh", "-c", "exec sleep 3600"])
+    res = env.kubectl(env.bot_kubeconfig(), "-n", ns, "exec", "shell", "--",
+                      "sh", "-c", "echo DB_PASSWORD=s3cr3t-in-the-pod; echo on-stderr >&2")
+    row = _wait_rows(env, f"create pods/exec shell in {ns} -- %")
+    assert res.returncode == 0, (res.stderr, {k: row[k] for k in ("decision", "sqlstate", "error", "rows")})
+    assert res.stdout == "DB_PASSWORD=s3cr3t-in-the-pod\n" and res.stderr == "on-stderr\n"
+    assert row["decision"] == "mask"
+    rec = _ended_recording(env, row["session_id"])
+    events = [d for k, d in rec if k == "event"]
+    assert any(d.get("type") == "withheld" for d in events), events
+    end = [d for d in events if d.get("type") == "exec_end"][0]
+    assert end["stdout"] == len("DB_PASSWORD=s3cr3t-in-the-pod\n") and end["stderr"] == len("on-stderr\n")
+    assert not [d for k, d in rec if k in ("out", "in")]
+    everything = b"".join(d if isinstance(d, bytes) else json.dumps(d).encode() for _, d in rec)
+    assert b"s3cr3t-in-the-pod" not in everything and b"on-stderr" not in everything
 
 
 def test_a_held_exec_runs_once_approved_and_a_blocked_one_never_reaches_the_kubelet(
@@ -283,12 +309,7 @@ def test_a_terminal_exec_records_keystrokes_with_a_password_answer_starred(env: 
         resp.close()
     assert "got-13-chars" in out and "line:hello from the keyboard" in out
     row = _wait_rows(env, f"%pods/exec {shell_pod} in {ns} -- sh -c 'printf%")
-    deadline = time.monotonic() + 20
-    while True:
-        rec = _recording(env, row["session_id"])
-        if any(k == "event" and d.get("type") == "exec_end" for k, d in rec) or time.monotonic() > deadline:
-            break
-        time.sleep(0.3)
+    rec = _ended_recording(env, row["session_id"])
     typed = b"".join(d for k, d in rec if k == "in")
     assert b"hello from the keyboard" in typed and b"*************" in typed
     everything = b"".join(d if isinstance(d, bytes) else json.dumps(d).encode() for _, d in rec)
