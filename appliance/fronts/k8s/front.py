@@ -294,6 +294,13 @@ class Session:
             self._record_request_body(request_id, req.body, k8s, verdict)
             if verdict.action == "block":
                 raise Refusal(403, verdict.reason, reason="Forbidden")
+            if (verdict.action == "mask" or verdict.mask_rules) and _is_upgrade(req.headers):
+                # botwarden masks objects, not a command's output or a forwarded port's bytes: where
+                # a mask applies, nothing it cannot mask reaches the bot (fail closed).
+                record.update(decision="block", reason="a mask rule applies and the stream cannot be masked")
+                raise Refusal(403, f"botwarden refuses this {k8s.subresource or 'upgrade'}: mask rule(s) "
+                                   f"{', '.join(verdict.mask_rules) or verdict.rule} apply to it and botwarden cannot "
+                                   f"mask a command's output or a forwarded port's bytes", reason="Forbidden")
             if verdict.action == "approve":
                 outcome = await self._hold(grant, k8s, req, verdict, record)
                 if not outcome.approved:
@@ -394,10 +401,8 @@ class Session:
         paths = tuple(d for d in verdict.details if isinstance(d, MaskPath))
         if not mask and k8s.resource == "secrets" and isinstance(out, _Counted):
             out.withhold("Secret values no rule masks stay out of the recording")
-        upgrade = _is_upgrade(req.headers)
-        # An upgrade has no body to mask (a narrowed Accept gets it a 406 from the API server).
-        headers = upstream_headers(req.headers, grant.credential.password, narrow_json=mask and not upgrade)
-        if upgrade:
+        headers = upstream_headers(req.headers, grant.credential.password, narrow_json=mask)
+        if _is_upgrade(req.headers):
             wanted = (_header(req.headers, "upgrade") or "").strip().lower()
             if not (wanted.startswith("spdy/3") or wanted == "websocket"):
                 # The recording could not read it (fail closed): nothing goes upstream.
@@ -429,7 +434,7 @@ class Session:
         try:
             record["sqlstate"] = str(resp.status_code)
             if resp.status_code == 101:
-                return await self._relay_upgrade(req, k8s, resp, out, record, withhold=mask)
+                return await self._relay_upgrade(req, k8s, resp, out, record)
             ctype = resp.headers.get("content-type")
             watch = k8s.verb == "watch" or k8s.subresource == "log"  # streams: masked event by event
             if mask and resp.status_code < 300 and not watch:
@@ -477,12 +482,10 @@ class Session:
             await resp.aclose()
 
     async def _relay_upgrade(self, req: BotRequest, k8s: K8sRequest, resp: httpx.Response, out: "_Counted",
-                             record: dict, *, withhold: bool = False) -> dict[str, int]:
+                             record: dict) -> dict[str, int]:
         """The API server switched protocols (exec, attach, port-forward): the 101 goes to the bot
         and the bytes are piped both ways, unchanged, until either side closes or the session
-        ends. A copy of each direction is read on the side for the recording (:class:`_StreamRecord`).
-        ``withhold``: a mask rule matched the request; the stream is not masked (only bodies with
-        a ``kind`` are), so its output stays out of the recording, counted only (fail closed)."""
+        ends. A copy of each direction is read on the side for the recording (:class:`_StreamRecord`)."""
         upstream = resp.extensions.get("network_stream")
         if upstream is None:  # httpcore gives the connection of every 101 it reads
             raise Refusal(502, "botwarden: the API server's upgraded connection is not available",
@@ -491,7 +494,7 @@ class Session:
         client = await out.switch(101, headers)
         rec = _StreamRecord(self, record["request_id"], k8s, resp.headers.get("upgrade", ""),
                             resp.headers.get("x-stream-protocol-version") or resp.headers.get("sec-websocket-protocol")
-                            or "", tty=_query_flag(req.target, "tty"), withhold=withhold)
+                            or "", tty=_query_flag(req.target, "tty"))
 
         async def from_bot() -> None:
             while data := await client.read():
@@ -645,15 +648,12 @@ class _StreamRecord:
     and an ``exec_end`` event with the exit code and the byte counts. Stdin is counted, not
     recorded (it may be a file or a secret piped to the command: the SSH front's rule), except
     on a terminal, where keystrokes are recorded as an SSH shell's are (password answers as *s).
-    A request a mask rule matched has its stdout, stderr and keystrokes counted only (the stream
-    is relayed unmasked: botwarden masks objects, not a command's output).
     Port-forward: bytes counted per direction only. Bytes that cannot be read as the negotiated
     protocol raise StreamProtocolError: the relay closes rather than pass what it cannot record."""
 
     def __init__(self, session: "Session", request_id: str, k8s: K8sRequest, upgrade: str, protocol: str, *,
-                 tty: bool, withhold: bool = False):
+                 tty: bool):
         self.session = session
-        self.withheld = withhold  # a mask rule matched: output counted, not recorded
         self.request_id = request_id
         self.kind = k8s.subresource or "upgrade"
         self.terminal = self.kind in ("exec", "attach")
@@ -663,9 +663,7 @@ class _StreamRecord:
         self._error = bytearray()
         # A terminal (exec -t, attach -t): keystrokes are recorded as the SSH front records a
         # shell's, an answer to a password prompt as *s. Without one, stdin is only counted.
-        # Withheld output: keystrokes too (a password prompt is seen in the output, so an answer
-        # could not be starred).
-        self._typed = TypedLines() if tty and self.terminal and not withhold else None
+        self._typed = TypedLines() if tty and self.terminal else None
         if upgrade.lower().startswith("spdy"):
             self._client, self._server = SpdyStreams().readers()
         elif upgrade.lower() == "websocket":
@@ -675,9 +673,6 @@ class _StreamRecord:
             self._client = self._server = None
             self.unreadable = f"an upgrade to {upgrade!r} botwarden does not read"
         session.record_event(request_id, {"type": self.kind, "protocol": protocol or upgrade, "tty": tty})
-        if withhold:
-            session.record_event(request_id, {"type": "withheld", "reason": "a mask rule matched this request and "
-                                              "botwarden does not mask stream output: counted, not recorded"})
 
     def error_frame(self, message: str) -> bytes | None:
         """A ``Status`` (Failure, the message) on the error channel to the client, or None where
@@ -717,8 +712,6 @@ class _StreamRecord:
         for c in self._read(self._server, data):
             if c.channel in ("stdout", "stderr") and self.terminal:
                 self.counts[c.channel] += len(c.data)
-                if self.withheld:
-                    continue
                 self.session.record(self.request_id, "out", c.data)
                 if self._typed is not None:
                     self._typed.output(c.data)
