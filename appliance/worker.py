@@ -59,7 +59,9 @@ class Link:
     ``on_message``. ``methods[name](*args)`` serves calls (a coroutine function)."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
-                 methods: Mapping[str, Callable[..., Any]], on_message: Callable[[tuple], None]):
+                 methods: Mapping[str, Callable[..., Any]], on_message: Callable[[tuple], None],
+                 peer: str = "the other end"):
+        self.peer = peer  # who is at the other end, for the reasons a closed link gives
         self._reader = reader
         self._writer = writer
         self._methods = methods
@@ -139,7 +141,7 @@ class Link:
                 for message in batch:
                     self._dispatch(message)
         except (asyncio.IncompleteReadError, ConnectionError) as e:
-            self._close(f"the other end closed the link ({type(e).__name__})")
+            self._close(f"{self.peer} closed its link: it died or stopped ({type(e).__name__})")
         except asyncio.CancelledError:
             self._close("the link was stopped")
             raise

@@ -160,7 +160,8 @@ class WorkerPool:
             theirs.close()
         slot.pid = slot.proc.pid
         slot.started_at = time.monotonic()
-        slot.link = await open_link(ours, methods=self._methods(slot), on_message=lambda msg: self._on_message(slot, msg))
+        slot.link = await open_link(ours, methods=self._methods(slot), on_message=lambda msg: self._on_message(slot, msg),
+                                    peer=f"the worker process {slot.worker_id} (pid {slot.pid})")
         self._tasks.spawn(self._run_link(slot, slot.link, slot.proc), f"worker-{slot.worker_id}-link")
         handle = self.daemon.probes
         probes = (handle.path, handle.settings.pin_dir, handle.settings.nft_table) if handle is not None else None

@@ -140,3 +140,159 @@ def test_sessions_on_both_workers_audit_into_one_verified_chain(env):
         assert row["n"] == row["top"] == row["requests"] >= 5
     res = cli("--config", str(env.config), "audit", "verify")
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def _running(pg, marker: str) -> bool:
+    return pg.psql(f"SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep(30) /* {marker} */%'") != "0"
+
+
+def test_cancel_request_accepted_by_the_other_worker_cancels_the_query(env):
+    """psycopg's cancel() opens a new connection, which the kernel gives to either worker: repeat
+    until one landed on the worker that does not own the session (the daemon counts each cancel it
+    forwarded), and check that every cancel stopped its pg_sleep."""
+    token = env.bao.mint_token()
+    forwarded_before = sum(w["cancels_forwarded"] for w in workers_status(env))
+    with psycopg.connect(dsn(env, token), autocommit=True) as conn:
+        for attempt in range(30):
+            marker = f"bw-xcancel-{attempt}"
+            result: dict = {}
+
+            def run() -> None:
+                try:
+                    conn.execute(f"SELECT pg_sleep(30) /* {marker} */")
+                    result["ok"] = True
+                except psycopg.Error as e:
+                    result["error"] = e
+
+            t = threading.Thread(target=run)
+            t.start()
+            wait_for(lambda: _running(env.pg, marker), what="the pg_sleep to run")
+            started = time.monotonic()
+            conn.cancel()  # returns once botwarden closed the cancel connection
+            t.join(20)
+            assert not t.is_alive() and time.monotonic() - started < 20
+            assert isinstance(result.get("error"), psycopg.errors.QueryCanceled), result
+            if sum(w["cancels_forwarded"] for w in workers_status(env)) > forwarded_before:
+                break
+        else:
+            raise AssertionError("30 cancel connections all landed on the session's own worker")
+        assert conn.execute("SELECT 1").fetchone()[0] == 1  # the session goes on
+    rows = env.daemon.audit_sql("SELECT count(*) AS n FROM requests WHERE text LIKE 'SELECT pg_sleep(30) /* bw-xcancel-%' "
+                                "AND sqlstate = '57014'")
+    assert rows[0]["n"] == attempt + 1
+
+
+def test_hold_approved_from_two_clients_at_once_runs_once(env):
+    token = env.bao.mint_token()
+    env.pg.psql("DROP TABLE IF EXISTS bumps; CREATE TABLE bumps (n int); INSERT INTO bumps VALUES (0)")
+    result: dict = {}
+
+    def bot() -> None:
+        result["res"] = psql(env.port, token, "UPDATE bumps SET n = n + 1", "SELECT n FROM bumps")
+
+    t = threading.Thread(target=bot)
+    t.start()
+    items = wait_for(lambda: env.daemon.client().get("/v1/approvals")["approvals"], what="the UPDATE to be held")
+    (item,) = items
+    barrier = threading.Barrier(2)
+    answers: list = []
+
+    def approve() -> None:
+        client = env.daemon.client()
+        barrier.wait()
+        try:
+            answers.append(client.post(f"/v1/approvals/{item['approval_id']}/approve", {}))
+        except ControlError as e:
+            answers.append(e.status)
+
+    threads = [threading.Thread(target=approve) for _ in range(2)]
+    for a in threads:
+        a.start()
+    for a in threads:
+        a.join(30)
+    t.join(30)
+    assert sorted(str(a) for a in answers if isinstance(a, int)) in (["404"], ["409"])
+    assert [a["state"] for a in answers if isinstance(a, dict)] == ["approved"]
+    assert result["res"].stdout.strip().splitlines()[-1] == "1"
+    assert env.pg.psql("SELECT n FROM bumps") == "1"
+    rows = env.daemon.audit_sql("SELECT event FROM approvals WHERE approval_id = ? ORDER BY chain_seq",
+                                [item["approval_id"]])
+    assert [r["event"] for r in rows].count("approved") == 1
+
+
+def test_sighup_moves_every_worker_to_the_new_policy(env):
+    token = env.bao.mint_token()
+    before = {w["worker"]: w["generation"] for w in workers_status(env)}
+    original = env.config.read_text()
+    try:
+        env.config.write_text(original + """
+[[rules]]
+name = "no-orders-after-reload"
+action = "block"
+[rules.sql]
+relations = ["orders"]
+""")
+        env.daemon.signal(signal.SIGHUP)
+        wait_for(lambda: all(w["generation"] > before[w["worker"]] for w in workers_status(env)),
+                 what="every worker to acknowledge the new generation")
+        assert env.daemon.client().get("/v1/status")["last_reload_error"] is None
+        with ExitStack() as stack:
+            by_worker = connect_on_every_worker(env, stack, token)
+            for conns in by_worker.values():
+                with pytest.raises(psycopg.errors.InsufficientPrivilege, match="no-orders-after-reload"):
+                    conns[0].execute("SELECT count(*) FROM orders")
+                assert conns[0].execute("SELECT count(*) FROM customers").fetchone()[0] == 2
+    finally:
+        env.config.write_text(original)
+        gen = {w["worker"]: w["generation"] for w in workers_status(env)}
+        env.daemon.signal(signal.SIGHUP)
+        wait_for(lambda: all(w["generation"] > gen[w["worker"]] for w in workers_status(env)),
+                 what="the original config back on every worker")
+
+
+def test_a_killed_worker_ends_its_sessions_withdraws_its_holds_and_restarts(env):
+    token = env.bao.mint_token()
+    env.pg.psql("DROP TABLE IF EXISTS doomed; CREATE TABLE doomed (n int); INSERT INTO doomed VALUES (1)")
+    with ExitStack() as stack:
+        by_worker = connect_on_every_worker(env, stack, token)
+        victim, survivor = by_worker[1][0], by_worker[2][0]
+        victim_user = victim.execute("SELECT current_user").fetchone()[0]
+        survivor_user = survivor.execute("SELECT current_user").fetchone()[0]
+        held: dict = {}
+
+        def hold() -> None:
+            try:
+                victim.execute("DELETE FROM doomed")
+            except psycopg.Error as e:
+                held["error"] = e
+
+        t = threading.Thread(target=hold)
+        t.start()
+        (item,) = wait_for(lambda: env.daemon.client().get("/v1/approvals")["approvals"], what="the DELETE held")
+        old = {w["worker"]: w for w in workers_status(env)}
+        os.kill(old[1]["pid"], signal.SIGKILL)
+        t.join(20)
+        assert isinstance(held.get("error"), psycopg.OperationalError)  # its connection is gone
+        assert env.daemon.client().get("/v1/approvals")["approvals"] == []
+        # The other worker's session goes on.
+        assert survivor.execute("SELECT count(*) FROM orders").fetchone()[0] == 20
+        assert survivor.execute("SELECT current_user").fetchone()[0] == survivor_user
+        restarted = wait_for(lambda: (w := workers_status(env)[0])["ready"] and w["pid"] != old[1]["pid"] and w,
+                             what="worker 1 to restart")
+        assert restarted["restarts"] == old[1]["restarts"] + 1
+    assert env.pg.psql("SELECT n FROM doomed") == "1"
+    rows = wait_for(lambda: env.daemon.audit_sql(
+        "SELECT outcome, error FROM sessions WHERE credential_user = ?", [victim_user]), what="the victim's end")
+    assert rows[0]["outcome"] == "error" and "died" in rows[0]["error"]
+    events = env.daemon.audit_sql("SELECT event, reason FROM approvals WHERE approval_id = ? ORDER BY chain_seq",
+                                  [item["approval_id"]])
+    assert [e["event"] for e in events] == ["requested", "abandoned"] and "died" in events[1]["reason"]
+    # Its credential was revoked: the database user is gone.
+    wait_for(lambda: env.pg.psql(f"SELECT count(*) FROM pg_roles WHERE rolname = '{victim_user}'") == "0",
+             what="the dead worker's session's role to be revoked")
+    # Both workers serve again, and the chain still verifies.
+    with ExitStack() as stack:
+        by_worker = connect_on_every_worker(env, stack, token)
+        assert all(c[0].execute("SELECT 1").fetchone()[0] == 1 for c in by_worker.values())
+    res = cli("--config", str(env.config), "audit", "verify")
+    assert res.returncode == 0, res.stdout + res.stderr
