@@ -296,3 +296,33 @@ def test_a_killed_worker_ends_its_sessions_withdraws_its_holds_and_restarts(env)
         assert all(c[0].execute("SELECT 1").fetchone()[0] == 1 for c in by_worker.values())
     res = cli("--config", str(env.config), "audit", "verify")
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_sigterm_drains_every_worker_and_exits_0(pg_server, bao_server, tmp_path):
+    setup = fresh_setup(bao_server, pg_server, tmp_path)
+    port = new_port()
+    config = write_config(tmp_path / "botwarden.toml", workdir=tmp_path, pg=pg_server, bao=setup, listen_port=port)
+    config.write_text(config.read_text().replace("[appliance]\n", "[appliance]\n" + WORKERS, 1))
+    daemon = DaemonProcess(config, tmp_path / "run" / "control.sock").start()
+    env = type("Env", (), {"port": port, "daemon": daemon})
+    try:
+        pids = [w["pid"] for w in workers_status(env)]
+        token = setup.mint_token()
+        with ExitStack() as stack:
+            by_worker = connect_on_every_worker(env, stack, token)
+            users = [c[0].execute("SELECT current_user").fetchone()[0] for c in by_worker.values()]
+            daemon.signal(signal.SIGTERM)
+            assert daemon.proc.wait(30) == 0
+            for conns in by_worker.values():
+                with pytest.raises(psycopg.OperationalError, match="botwarden is shutting down"):
+                    conns[0].execute("SELECT 1")
+    finally:
+        daemon.stop()
+    for pid in pids:  # no worker outlives the daemon
+        assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower()
+    import duckdb
+
+    con = duckdb.connect(str(tmp_path / "state" / "audit.duckdb"), read_only=True)
+    ends = con.execute("SELECT outcome FROM sessions WHERE list_contains(?, credential_user)", [users]).fetchall()
+    # Both ended by the drain (not buried as a dead worker's, not left open).
+    assert len(ends) == 2 and {e[0] for e in ends} <= {"ok", "terminated"}, ends
