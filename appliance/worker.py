@@ -37,6 +37,9 @@ from appliance.tasks import TaskSet
 log = logging.getLogger(__name__)
 
 _LEN = struct.Struct(">I")
+# How long a worker may keep audit records before they go to the supervisor (it wakes once per
+# batch). A CancelRequest, a hold, strict mode's start record (calls) flush at once.
+LAZY_FLUSH_S = 0.005
 
 
 class LinkClosed(BotwardenError):
@@ -68,6 +71,7 @@ class Link:
         self._on_message = on_message
         self._out: list[tuple] = []
         self._flush_scheduled = False
+        self._lazy_timer: asyncio.TimerHandle | None = None
         self._ids = itertools.count(1)
         self._calls: dict[int, tuple[asyncio.Future, Callable[[Any], None] | None]] = {}
         self._serving: dict[int, asyncio.Task] = {}
@@ -76,16 +80,30 @@ class Link:
 
     # -- sending -----------------------------------------------------------------------------
 
-    def send(self, message: tuple) -> None:
+    def send(self, message: tuple, *, lazy: bool = False) -> None:
+        """Queue ``message``; it goes at the end of this loop turn, or with ``lazy`` within
+        LAZY_FLUSH_S (audit records: under load one write and one wake-up of the other end per
+        few milliseconds instead of per statement). Anything sent later flushes it too: order holds."""
         if self.closed is not None:
             return
         self._out.append(message)
-        if not self._flush_scheduled:
+        if self._flush_scheduled:
+            return
+        loop = asyncio.get_running_loop()
+        if not lazy:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            if self._lazy_timer is not None:
+                self._lazy_timer.cancel()
+                self._lazy_timer = None
+            loop.call_soon(self._flush)
+        elif self._lazy_timer is None:
+            self._lazy_timer = loop.call_later(LAZY_FLUSH_S, self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        if self._lazy_timer is not None:
+            self._lazy_timer.cancel()
+            self._lazy_timer = None
         out, self._out = self._out, []
         if not out or self.closed is not None:
             return
@@ -231,7 +249,7 @@ class StoreLink:
     def submit(self, kind: str, record: Mapping[str, Any]) -> bool:
         if self.link.closed is not None:
             return False
-        self.link.send(("audit", kind, dict(record)))
+        self.link.send(("audit", kind, dict(record)), lazy=True)
         return True
 
     def submit_acked(self, kind: str, record: Mapping[str, Any], loop: Any) -> asyncio.Future | None:
@@ -335,7 +353,7 @@ class WorkerRuntime(Runtime):
     def _note_current(self, live: LiveSession | None, text: str) -> None:  # type: ignore[override]
         Runtime._note_current(live, text)
         if live is not None:  # the supervisor's session listing shows it
-            self.link.send(("current", live.session_id, text, live.current_since))
+            self.link.send(("current", live.session_id, text, live.current_since), lazy=True)
 
     async def forward_cancel(self, req: Any) -> None:
         """A CancelRequest for a key this worker does not hold: the supervisor hands it to the

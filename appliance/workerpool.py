@@ -261,6 +261,9 @@ class WorkerPool:
     async def _run_link(self, slot: WorkerSlot, link: Link, proc: subprocess.Popen) -> None:
         why = await link.run()
         code = await asyncio.to_thread(_reap, proc)
+        if code is None:  # it closed its link but does not exit: it is no use to anyone now
+            proc.kill()
+            code = await asyncio.to_thread(_reap, proc)
         slot.ready = False
         if self._stopping:
             return

@@ -21,6 +21,7 @@ import argparse
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -66,6 +67,8 @@ def main() -> None:
     ap.add_argument("--no-pin", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "workers.md"))
     ap.add_argument("--json", metavar="FILE")
+    ap.add_argument("--profile", metavar="PREFIX", help="py-spy (raw stacks) over each process of the workers = 2 "
+                                                        "daemon during its first run: PREFIX-<pid>.txt")
     args = ap.parse_args()
     args.builtin = "select-only"
 
@@ -95,8 +98,17 @@ def main() -> None:
             for n, d in daemons.items():
                 print(f"[{round_no + 1}/{args.repeat}] pgbench -S -M {mode}, workers = {n} ({args.duration}s) ...",
                       file=sys.stderr)
+                spies = []
+                if args.profile and n == 2 and round_no == 0 and mode == modes[0]:
+                    spies = [subprocess.Popen([shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(p),
+                                               "-o", f"{args.profile}-{p}.txt", "-r", "200", "-d", str(args.duration),
+                                               "--nonblocking", "-f", "raw"],
+                                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             for p in tree(d.pid)]
                 r = run_pgbench(pg.port, "no-token-needed", mode, args, tmp, f"botwarden_w{n}-{mode}", d.pid,
                                 wrap_cpu(d))
+                for spy in spies:
+                    spy.wait(60)
                 runs.setdefault((mode, n), []).append(r)
         results = {}
         for key, rs in runs.items():
