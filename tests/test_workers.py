@@ -218,6 +218,28 @@ def test_hold_approved_from_two_clients_at_once_runs_once(env):
     rows = env.daemon.audit_sql("SELECT event FROM approvals WHERE approval_id = ? ORDER BY chain_seq",
                                 [item["approval_id"]])
     assert [r["event"] for r in rows].count("approved") == 1
+    # Strict mode across the link: the UPDATE ran after its start record was acknowledged.
+    starts = env.daemon.audit_sql("SELECT s.seq, q.seq AS done FROM request_starts s JOIN requests q USING "
+                                  "(request_id) WHERE s.text = 'UPDATE bumps SET n = n + 1'")
+    assert len(starts) == 1 and starts[0]["seq"] == starts[0]["done"]
+
+
+def test_operator_ends_a_session_served_by_a_worker(env):
+    token = env.bao.mint_token()
+    with ExitStack() as stack:
+        by_worker = connect_on_every_worker(env, stack, token)
+        for worker, conns in by_worker.items():
+            user = conns[0].execute("SELECT current_user").fetchone()[0]
+            (s,) = [s for s in env.daemon.client().get("/v1/sessions")["sessions"] if s["credential_user"] == user]
+            env.daemon.client().post(f"/v1/sessions/{s['session_id']}/end", {"reason": f"test {worker}"})
+            with pytest.raises(psycopg.OperationalError, match="ended by operator"):
+                for _ in range(50):
+                    conns[0].execute("SELECT 1")
+                    time.sleep(0.1)
+            rows = wait_for(lambda: (r := env.daemon.audit_sql("SELECT outcome FROM sessions WHERE session_id = ?",
+                                                               [s["session_id"]])) and r[0]["outcome"] != "open" and r,
+                            what="the ended session's row")
+            assert rows[0]["outcome"] == "terminated"
 
 
 def test_sighup_moves_every_worker_to_the_new_policy(env):
