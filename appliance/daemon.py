@@ -1,4 +1,6 @@
 """The botwarden daemon: one process, one asyncio loop (uvloop), one listener per target.
+(With ``appliance.workers`` > 1 the PostgreSQL fronts run in worker processes accepting on the
+daemon's listeners: appliance/workerpool.py.)
 
 Lifecycle
 - start: take the state-dir lock (a second daemon on the same state dir refuses to start),
