@@ -79,6 +79,12 @@ def _nice(value: int) -> int:
     return value
 
 
+def _workers(value: int) -> int:
+    if not 1 <= value <= 64:
+        raise ValueError(f"must be a number of worker processes from 1 to 64, not {value}")
+    return value
+
+
 def _positive(value: float) -> float:
     if value <= 0:
         raise ValueError(f"must be greater than zero, not {value}")
@@ -97,6 +103,9 @@ class ApplianceSettings:
     # CPU priority of the daemon's threads (every bot's statements wait on its event loop, so it
     # runs ahead of the bots); its audit process keeps the priority botwarden was started with.
     nice: int = field(default=-10, metadata=check(_nice))
+    # Processes that run the protocol fronts (docs/architecture.md, "appliance.workers"): 1 runs
+    # them in the daemon's own event loop; N > 1 starts N worker processes sharing each listener.
+    workers: int = field(default=1, metadata=check(_workers))
 
 
 @dataclass(frozen=True)
@@ -515,6 +524,10 @@ def _cross_check(cfg: Config) -> None:
         if t.name in seen:
             raise ConfigKeyError(("targets", i, "name"), f"duplicate target name {t.name!r}")
         seen[t.name] = i
+        if cfg.appliance.workers > 1 and t.protocol != "postgres":
+            raise ConfigKeyError(("appliance", "workers"),
+                                 f"workers > 1 serves PostgreSQL targets only; target {t.name!r} is {t.protocol} "
+                                 "(use workers = 1)")
         if t.credential and t.credential.source in ("kv", "database", "ssh", "kubernetes") and cfg.vault is None:
             raise ConfigKeyError(("targets", i, "credential", "source"),
                                  f"source = \"{t.credential.source}\" needs a [vault] section")

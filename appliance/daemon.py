@@ -1,4 +1,6 @@
 """The botwarden daemon: one process, one asyncio loop (uvloop), one listener per target.
+(With ``appliance.workers`` > 1 the PostgreSQL fronts run in worker processes accepting on the
+daemon's listeners: appliance/workerpool.py.)
 
 Lifecycle
 - start: take the state-dir lock (a second daemon on the same state dir refuses to start),
@@ -166,6 +168,27 @@ def make_front(target: TargetConfig, config: Config, services: Any, admission: A
     raise BotwardenError(f"target {target.name!r}: botwarden has no {target.protocol} front yet")
 
 
+def classify_peer(handle: Any, sock: Any) -> Any:
+    """Who holds the client end of an accepted connection: a bot the probes redirected (eBPF
+    attribution, a map read; ``handle`` has ``path`` and ``lookup``), else the uid owning the
+    local client socket (sock_diag)."""
+    import probes
+
+    from appliance.fronts.admission import Peer
+
+    if handle is not None and handle.path == "ebpf":
+        found = handle.lookup(sock)
+        if found is not None:
+            return Peer(f"uid:{found.uid}", found.uid, True)
+    uid = probes.peer_uid(sock)
+    if uid is not None:
+        return Peer(f"uid:{uid}", uid, False)
+    try:
+        return Peer(f"addr:{sock.getpeername()[0]}", None, False)
+    except OSError:
+        return Peer("unknown", None, False)
+
+
 class Daemon:
     def __init__(self, config_path: str | Path, *, config: Config | None = None):
         self.config_path = str(config_path)
@@ -186,6 +209,7 @@ class Daemon:
         self.metrics_address: tuple[str, int] | None = None
         self.bots_left_cgroup = 0  # probe events "left_cgroup" since start (status shows it)
         self.fleet_approvals: Any = None  # appliance.fleet_approvals.FleetApprovals with [fleet] approvals
+        self.workers: Any = None  # appliance.workerpool.WorkerPool with appliance.workers > 1
         self._tasks = TaskSet()
         from appliance.fronts.admission import Admission
 
@@ -203,26 +227,10 @@ class Daemon:
             self.runtime.audit(kind, record)
 
     def _classify_peer(self, sock: Any) -> Any:
-        """Who holds the client end of an accepted connection: a bot the probes redirected (eBPF
-        attribution, a map read), else the uid owning the local client socket (sock_diag)."""
-        import probes
-
-        from appliance.fronts.admission import Peer
-
-        handle = self.probes
-        if handle is not None and handle.path == "ebpf":
-            found = handle.lookup(sock)
-            if found is not None:
-                return Peer(f"uid:{found.uid}", found.uid, True)
-        uid = probes.peer_uid(sock)
-        if uid is not None:
-            return Peer(f"uid:{uid}", uid, False)
-        try:
-            return Peer(f"addr:{sock.getpeername()[0]}", None, False)
-        except OSError:
-            return Peer("unknown", None, False)
+        return classify_peer(self.probes, sock)
 
     # -- lifecycle -----------------------------------------------------------------------
+
 
     async def start(self) -> None:
         cfg = self.config
@@ -237,10 +245,18 @@ class Daemon:
             self.leases_at_start = self.leases.ids()
             self.runtime = await Runtime.create(cfg, self)
             self.audit.set_redaction(self.runtime.engine.detector_settings)
-            for target in cfg.targets:
-                await self._start_listener(target, self.runtime)
+            if cfg.appliance.workers > 1:  # the daemon binds, its worker processes accept
+                from appliance.workerpool import WorkerPool
+
+                self.workers = WorkerPool(self)
+                self.listeners.update(self.workers.bind(cfg.targets))
+            else:
+                for target in cfg.targets:
+                    await self._start_listener(target, self.runtime)
             if cfg.probes.mode != "off":
                 await self._attach_probes()
+            if self.workers is not None:
+                await self.workers.start()
             await self.runtime.started()
             if cfg.fleet is not None and cfg.fleet.approvals:
                 from appliance.fleet_approvals import FleetApprovals
@@ -389,14 +405,18 @@ class Daemon:
         if self.runtime is not None:
             # Held requests are denied first (recorded), so their bots hear why before the drain.
             await self.runtime.stopping()
-        fronts = [listener.front for listener in self.listeners.values()]
+        fronts = [listener.front for listener in self.listeners.values() if listener.front is not None]
         if fronts:
             await asyncio.gather(*(f.drain(deadline) for f in fronts), return_exceptions=True)
+        if self.workers is not None:
+            await self.workers.stop(deadline)
         await self._teardown()
         log.info("botwarden daemon stopped")
 
     async def _teardown(self) -> None:
         await asyncio.to_thread(self._detach_probe_reader)
+        if self.workers is not None:  # a start that failed half-way; after stop() a no-op
+            await self.workers.stop(time.monotonic())
         await self.metrics.close()
         if self.fleet_approvals is not None:
             await asyncio.to_thread(self.fleet_approvals.close)
@@ -437,21 +457,29 @@ class Daemon:
         self.admission.limits = admission_limits(new)
         if self.audit is not None:
             self.audit.set_redaction(runtime.engine.detector_settings)
-        for name, listener in list(self.listeners.items()):
-            if name not in new_targets or new_targets[name] != old_targets[name]:
-                listener.server.close()
-                del self.listeners[name]
-                self.spawn(listener.front.drain(time.monotonic() + new.appliance.drain_timeout),
-                           f"drain-{name}")
-        for name, target in new_targets.items():
-            if name in self.listeners:
-                self.listeners[name].front.services = runtime
-            else:
-                try:
-                    await self._start_listener(target, runtime)
-                except (OSError, BotwardenError) as e:
-                    log.error("reload: listener for target %r could not start: %s", name, e)
-                    self.state.last_reload_error = f"target {name!r}: {e}"
+        if self.workers is not None:  # same listeners (checked); each worker takes the new generation
+            failed = await self.workers.reload(new)
+            if failed:
+                log.error("reload: %s", failed)
+                self.state.last_reload_error = f"target workers: {failed}"
+            for name, listener in self.listeners.items():
+                listener.target = new_targets[name]
+        else:
+            for name, listener in list(self.listeners.items()):
+                if name not in new_targets or new_targets[name] != old_targets[name]:
+                    listener.server.close()
+                    del self.listeners[name]
+                    self.spawn(listener.front.drain(time.monotonic() + new.appliance.drain_timeout),
+                               f"drain-{name}")
+            for name, target in new_targets.items():
+                if name in self.listeners:
+                    self.listeners[name].front.services = runtime
+                else:
+                    try:
+                        await self._start_listener(target, runtime)
+                    except (OSError, BotwardenError) as e:
+                        log.error("reload: listener for target %r could not start: %s", name, e)
+                        self.state.last_reload_error = f"target {name!r}: {e}"
         if self.probes is not None:
             try:
                 await self._attach_probes()
@@ -476,6 +504,13 @@ class Daemon:
         for key in ("path", "mode", "ack_timeout", "stream"):
             if getattr(new.audit, key) != getattr(old.audit, key):
                 raise ConfigError(f"audit.{key} cannot change on reload; restart the daemon")
+        if new.appliance.workers != old.appliance.workers:
+            raise ConfigError("appliance.workers cannot change on reload; restart the daemon")
+        if old.appliance.workers > 1 and ({t.name: (t.listen, t.protocol) for t in new.targets}
+                                          != {t.name: (t.listen, t.protocol) for t in old.targets}):
+            raise ConfigError("with appliance.workers > 1 the targets' names, listen addresses and protocols "
+                              "cannot change on reload (the daemon bound their listeners for its workers); "
+                              "restart the daemon")
         if new.logging != old.logging:
             raise ConfigError("logging.format cannot change on reload; restart the daemon")
         if new.metrics != old.metrics:
@@ -539,6 +574,7 @@ class Daemon:
             "admission": self.admission.stats(),
             "metrics": "%s:%d" % self.metrics_address if self.metrics_address else None,
             "bots_left_cgroup": self.bots_left_cgroup,
+            "workers": self.workers.status() if self.workers is not None else None,
             **(self.runtime.status() if self.runtime is not None else {}),
         }
 

@@ -112,6 +112,8 @@ class LiveSession:
     current: str | None = None
     current_since: float | None = None
     current_running: bool = False
+    # appliance.workers > 1: the worker process that serves the session (it numbers its requests).
+    worker: int | None = None
 
     def __post_init__(self) -> None:
         from appliance.identity import ProcessFacts
@@ -135,7 +137,7 @@ class LiveSession:
             "pid": getattr(facts, "pid", None), "uid": getattr(facts, "uid", None),
             "exe": getattr(facts, "exe_path", None), "cgroup": getattr(facts, "cgroup_path", None),
             "started": self.started.isoformat(), "ended": self.ended.isoformat() if self.ended else None,
-            "state": self.state,
+            "state": self.state, "worker": self.worker,
         }
 
 
@@ -178,18 +180,10 @@ class Runtime:
     def _build_blocking(self, previous: "Runtime | None") -> None:
         """Everything that reads files at build time (runs in a thread)."""
         from appliance.identity import IdentityService, OIDCValidator
-        from appliance.policy import PolicyEngine
         from appliance.secrets import SecretsBroker
 
         cfg = self.config
-        salt = b""
-        if cfg.policy.masking.salt_file:
-            try:
-                salt = Path(cfg.policy.masking.salt_file).read_bytes().strip()
-            except OSError as e:
-                raise BotwardenError(f"masking.salt_file: cannot read {cfg.policy.masking.salt_file}: "
-                                     f"{e.strerror}") from None
-        self.engine = PolicyEngine(cfg.policy, cfg.targets, cfg.identities, salt=salt)
+        self._build_engine()
         # The OIDC validator (its JWKS cache) and the secrets broker (its Vault token, leases) live
         # on across reloads unless their own settings changed.
         same_oidc = previous is not None and previous.config.oidc == cfg.oidc
@@ -203,6 +197,20 @@ class Runtime:
             self.secrets = SecretsBroker(cfg.vault, ledger=getattr(self.daemon, "leases", None),  # type: ignore[arg-type]
                                          on_revoked_late=self._revoked_late)
             self._owns_secrets = True
+
+    def _build_engine(self) -> None:
+        """The policy engine (reads the masking salt file: call it in a thread)."""
+        from appliance.policy import PolicyEngine
+
+        cfg = self.config
+        salt = b""
+        if cfg.policy.masking.salt_file:
+            try:
+                salt = Path(cfg.policy.masking.salt_file).read_bytes().strip()
+            except OSError as e:
+                raise BotwardenError(f"masking.salt_file: cannot read {cfg.policy.masking.salt_file}: "
+                                     f"{e.strerror}") from None
+        self.engine = PolicyEngine(cfg.policy, cfg.targets, cfg.identities, salt=salt)
 
     async def started(self) -> None:
         """Called once, when the daemon serves: approvals an unclean stop (kill -9) left
@@ -344,6 +352,8 @@ class Runtime:
         if live is None:
             return record
         marks = store.marks
+        if live.worker is not None:
+            return self._count_relayed(marks, store, kind, record, live)
         if kind == "request" or kind == "request_start":
             if kind == "request" and "seq" in record:
                 return record  # numbered and marked by issue_seq before its answer reached the bot
@@ -362,6 +372,20 @@ class Runtime:
             store.release_mark(live.mark)   # once the session_end is committed
             live.mark = None
         return {**record, "requests": live.requests}
+
+    def _count_relayed(self, marks: Any, store: Any, kind: str, record: Mapping[str, Any],
+                       live: LiveSession) -> Mapping[str, Any]:
+        """A worker's session (appliance.workers > 1): the worker numbered the record; the marks
+        move as its records reach the daemon (a request_start once acknowledged: audit_durable)."""
+        if kind == "request":
+            seq = record.get("seq") or 0
+            live.requests = max(live.requests, seq)
+            self._mark(marks, live, seq)
+        elif kind == "session_end" and marks is not None and live.mark is not None:
+            marks.end(live.mark)
+            store.release_mark(live.mark)
+            live.mark = None
+        return record
 
     def issue_seq(self, session_id: str, request_id: str) -> int | None:
         """Number a completed request and mark it issued now, before its answer goes to the bot

@@ -184,7 +184,7 @@ class Daemon:
     """`botwarden run` with eBPF probes on a bench bots cgroup; bots are started with `bot run`."""
 
     def __init__(self, tmp: Path, pg_port: int, audit_mode: str = "strict", strict_reads: bool = False,
-                 suffix: str = "", extra: str = "", record: str = "full"):
+                 suffix: str = "", extra: str = "", record: str = "full", workers: int = 1):
         """``suffix``: a second daemon beside the first (its own directory, bots cgroup, pins, table).
         ``extra``: more botwarden.toml sections (bench/fleet_ship.py adds [fleet])."""
         from appliance.sandbox import free_port
@@ -201,6 +201,7 @@ class Daemon:
 [appliance]
 state_dir = "{self.dir / 'state'}"
 control_socket = "{self.socket}"
+workers = {workers}
 
 [audit]
 path = "{self.dir / 'state' / 'audit.duckdb'}"

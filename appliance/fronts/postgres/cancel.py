@@ -20,6 +20,10 @@ class CancelForwarding:
         """Forward a bot's CancelRequest to the upstream that owns (pid, our secret)."""
         found = self.cancel_keys.get((req.pid, req.secret))
         if found is None:
+            forward = getattr(self.services, "forward_cancel", None)
+            if forward is not None:  # appliance.workers > 1: the key may be another worker's
+                await forward(req)
+                return
             log.info("cancel request for an unknown key ignored (pid %s)", req.pid)
             return
         for session in list(self.sessions):

@@ -71,6 +71,13 @@ class PostgresFront(CancelForwarding):
         self._server = await loop.create_server(self.protocol_factory, host, port, **kwargs)
         return self._server
 
+    async def serve_socket(self, sock: Any) -> asyncio.Server:
+        """Accept on a listening socket bound elsewhere (appliance.workers > 1: the daemon binds
+        it, each worker process accepts on it)."""
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(self.protocol_factory, sock=sock)
+        return self._server
+
     async def serve_unix(self, path: str) -> asyncio.Server:
         """Listen on a Unix socket (a Unix-socket target: the kernel rewrites bots' connects to
         the database's socket into connects to this one). World-connectable like a loopback

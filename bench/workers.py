@@ -1,0 +1,144 @@
+"""appliance.workers = 1 vs 2, full inspection, side by side (issue 20.3).
+
+Run as root from the repository root:
+
+    .venv/bin/python bench/workers.py [--duration 10] [--repeat 3] [--clients 8] [--modes simple,prepared]
+
+Two whole daemons (`botwarden run`, as bench/pgbench_compare.py starts them: eBPF probes,
+attestation, the pglast policy engine with a realistic rule set, every statement an audit row
+in DuckDB, audit.mode = strict) against one real PostgreSQL 15, one with ``workers = 1`` and
+one with ``workers = 2``; `pgbench -S` runs through each in turn, rounds interleaved. So that
+"more workers" is not measured as "more of the CPU the load generator needed", PostgreSQL and
+pgbench are pinned to CPU 0 and each daemon (its workers and its audit process) to CPU 1 with
+taskset (--no-pin: no pinning). Reports TPS and the daemon's CPU microseconds per transaction
+(supervisor + workers + audit process, from /proc), medians over the rounds; writes
+bench/results/workers.md and, with --json FILE, every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.pgbench_compare import PASSWORD, PGBENCH, USER, Daemon, run_pgbench  # noqa: E402
+
+
+def tree(pid: int) -> list[int]:
+    """pid and every descendant (the daemon, its workers, its audit process)."""
+    out = [pid]
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            children = task.joinpath("children").read_text().split()
+        except OSError:
+            continue
+        for c in children:
+            out += tree(int(c))
+    return out
+
+
+def pin(pids: list[int], cpu: int) -> None:
+    for p in pids:  # -a: every thread of the process
+        subprocess.run(["taskset", "-a", "-p", "-c", str(cpu), str(p)], check=True, capture_output=True)
+
+
+def postmaster_pid(pg) -> int:
+    return int((Path(pg.datadir) / "postmaster.pid").read_text().split()[0])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--duration", type=int, default=10)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--scale", type=int, default=10)
+    ap.add_argument("--modes", default="simple,prepared")
+    ap.add_argument("--no-pin", action="store_true")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "workers.md"))
+    ap.add_argument("--json", metavar="FILE")
+    ap.add_argument("--profile", metavar="PREFIX", help="py-spy (raw stacks) over each process of the workers = 2 "
+                                                        "daemon during its first run: PREFIX-<pid>.txt")
+    args = ap.parse_args()
+    args.builtin = "select-only"
+
+    from appliance.sandbox import PostgresServer
+
+    tmp = Path(tempfile.mkdtemp(prefix="bw-bench-workers-"))
+    os.chmod(tmp, 0o777)
+    pg = PostgresServer(extra_conf={"max_connections": "100"}).start()
+    daemons: dict[int, Daemon] = {}
+    try:
+        pg.psql(f"CREATE ROLE {USER} LOGIN SUPERUSER PASSWORD '{PASSWORD}'")
+        pg.psql("CREATE DATABASE bench")
+        subprocess.run([PGBENCH, "-i", "-q", "-s", str(args.scale), "-h", "127.0.0.1", "-p", str(pg.port), "-U", USER,
+                        "bench"], check=True, capture_output=True, env={**os.environ, "PGPASSWORD": PASSWORD})
+        for n in (1, 2):
+            daemons[n] = Daemon(tmp, pg.port, suffix=f"-w{n}-{os.getpid()}", workers=n)
+        time.sleep(1)  # the workers are up once the control socket answers; let them settle
+        if not args.no_pin:
+            pin(tree(postmaster_pid(pg)), 0)
+            for d in daemons.values():
+                pin(tree(d.pid), 1)
+        wrap_cpu = (lambda d: (lambda cmd: d.bot(["taskset", "-c", "0", *cmd]))) if not args.no_pin else \
+            (lambda d: d.bot)
+        modes = [m for m in ("simple", "prepared") if m in args.modes.split(",")]
+        runs: dict[tuple[str, int], list[dict]] = {}
+        for round_no, mode in itertools.product(range(args.repeat), modes):
+            for n, d in daemons.items():
+                print(f"[{round_no + 1}/{args.repeat}] pgbench -S -M {mode}, workers = {n} ({args.duration}s) ...",
+                      file=sys.stderr)
+                spies = []
+                if args.profile and n == 2 and round_no == 0 and mode == modes[0]:
+                    spies = [subprocess.Popen([shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(p),
+                                               "-o", f"{args.profile}-{p}.txt", "-r", "200", "-d", str(args.duration),
+                                               "--nonblocking", "-f", "raw"],
+                                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             for p in tree(d.pid)]
+                r = run_pgbench(pg.port, "no-token-needed", mode, args, tmp, f"botwarden_w{n}-{mode}", d.pid,
+                                wrap_cpu(d))
+                for spy in spies:
+                    spy.wait(60)
+                runs.setdefault((mode, n), []).append(r)
+        results = {}
+        for key, rs in runs.items():
+            pick = sorted(rs, key=lambda r: r["tps"])[(len(rs) - 1) // 2]
+            results[key] = {**pick, "all_tps": [r["tps"] for r in rs], "all_cpu_us": [r["cpu_us"] for r in rs]}
+        pinning = ("PostgreSQL and pgbench pinned to CPU 0, each daemon (workers, audit process) to CPU 1"
+                   if not args.no_pin else "no CPU pinning")
+        lines = [f"# appliance.workers: pgbench -S, {args.clients} clients, {args.duration}s per run, "
+                 f"{args.repeat} interleaved rounds (medians); full inspection, audit.mode = strict; {pinning}; "
+                 f"{os.cpu_count()} CPUs", "",
+                 "| mode | workers | TPS | CPU µs/txn (daemon + workers + audit) | p99 ms | TPS of each round |",
+                 "|---|---|---|---|---|---|"]
+        for mode in modes:
+            for n in daemons:
+                r = results[(mode, n)]
+                lines.append(f"| {mode} | {n} | {r['tps']:.0f} | {r['cpu_us']:.1f} | {r['p99']:.2f} | "
+                             f"{', '.join(f'{t:.0f}' for t in r['all_tps'])} |")
+        text = "\n".join(lines) + "\n"
+        print(text)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+        if args.json:
+            Path(args.json).write_text(json.dumps({
+                "args": vars(args), "cpus": os.cpu_count(),
+                "results": [{"mode": m, "workers": n, **r} for (m, n), r in results.items()]}, indent=2))
+    finally:
+        for d in daemons.values():
+            d.stop()
+        pg.stop()
+
+
+if __name__ == "__main__":
+    main()
