@@ -72,6 +72,7 @@ _ACK = struct.Struct(">Q")   # strict mode: the child's count of events journale
 _HIGH_WATER = 0.8
 _SEND_BATCH = 512          # events that make the sender ship at once
 _SEND_INTERVAL_S = 0.01    # otherwise it ships what accumulated this often
+_RECENT_TEXTS = 32_768     # statement texts per generation the child keeps for recordings (~6 s of pgbench)
 # Waking the sender per event would hand the GIL back and forth with the event loop thousands
 # of times a second (measured: four futex calls per request); a timer wakes it a hundred times.
 _FLEET_ENV = "BOTWARDEN_FLEET_SETTINGS"   # the lake's settings for the child (analytics.fleet)
@@ -917,8 +918,12 @@ class _Child:
         self._session_end = schema.KINDS["session_end"]
         self._protocols: dict[str, str] = {}
         # Statement texts of recent request rows and their redaction: a recording's chunk holds the
-        # same statements, redacted once (bounded: cleared when full).
+        # same statements, redacted once. Two generations of _RECENT_TEXTS each: when the newer is
+        # full it becomes the older, so the statements of the last second or more (a chunk's lag
+        # behind its request rows) are always found; one dict cleared when full made every chunk
+        # after the clear redact its statements again (a quarter of them at pgbench's rate).
         self._recent_texts: dict[str, str] = {}
+        self._older_texts: dict[str, str] = {}
         self._send_lock = threading.Lock()
         self._received = 0
         self._received_cv = threading.Condition()
@@ -997,8 +1002,9 @@ class _Child:
                 seen = starts.pop(r[0], None) if starts else None
                 r[ix["text"]] = seen[1] if seen is not None and seen[0] == text else red.text(text)
             recent = self._recent_texts
-            if len(recent) > 20_000:
-                recent.clear()
+            if len(recent) >= _RECENT_TEXTS:
+                self._older_texts, recent = recent, {}
+                self._recent_texts = recent
             recent[text] = r[ix["text"]]
         if r[ix["params"]] is not None:
             r[ix["params"]] = red.params(r[ix["params"]], masked_statement=r[ix["decision"]] == "mask")
@@ -1026,10 +1032,12 @@ class _Child:
             return row
         from appliance.recordings.pgstream import redact_chunk
 
-        recent, red = self._recent_texts, self.redactor
+        recent, older, red = self._recent_texts, self._older_texts, self.redactor
 
         def text(sql: str) -> str:
             done = recent.get(sql)
+            if done is None:
+                done = older.get(sql)
             return done if done is not None else red.text(sql)
 
         i = names.index("data")
@@ -1059,7 +1067,7 @@ class _Child:
                     if red is None:
                         red = self._redactors[row] = AuditRedactor(row)
                     self.redactor = red
-                    self._recent_texts.clear()
+                    self._recent_texts, self._older_texts = {}, {}
                     continue
                 spec = kinds[kind]
                 if spec is request:
