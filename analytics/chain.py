@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from binascii import hexlify
 from json.encoder import c_make_encoder, encode_basestring_ascii  # type: ignore[attr-defined]
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -84,3 +85,47 @@ def compile_row_encoder(names: Sequence[str], bytes_columns: Sequence[str] = ())
     ns: dict[str, Any] = {"_dumps": _dumps_presorted}
     exec("\n".join(lines), ns)  # noqa: S102 - built from the static schema only
     return ns["encode"]
+
+
+def compile_row_hasher(names: Sequence[str], bytes_columns: Sequence[str],
+                       prefix: bytes) -> Callable[[bytes, Sequence[Any]], bytes]:
+    """``row_hash(prev, table, canonical(names, row, bytes_columns))`` (``prefix``: the table and its
+    newline) for the writer's hot loop, without the canonical JSON of the BLOB columns.
+
+    A recording chunk is most of a row's bytes: as hex inside the JSON it was converted, escaped,
+    joined and encoded again only to be hashed. Here the row is encoded with each BLOB as ``""``
+    and the hash is fed the JSON up to that value, the BLOB's hex (one C pass), then the rest:
+    the same bytes, so the same hash. Outside a string, ``"name":""`` can only be that column's
+    key and value (a quote inside a string is escaped); a row where it is found twice (a map key
+    of that name) takes the plain way."""
+    plain = compile_row_encoder(names, bytes_columns)
+    if not bytes_columns:
+        def hash_plain(prev: bytes, row: Sequence[Any]) -> bytes:
+            return hashlib.sha256(prev + prefix + plain(row).encode()).digest()
+        return hash_plain
+    blobs = sorted((names[i], i) for i in range(len(names)) if names[i] in bytes_columns)  # key order
+    markers = [(i, f'"{name}":""') for name, i in blobs]
+    encode = compile_row_encoder(names)   # the BLOBs given as ""
+    sha256 = hashlib.sha256
+
+    def hash_row(prev: bytes, row: Sequence[Any]) -> bytes:
+        present = [(i, marker) for i, marker in markers if row[i] is not None]
+        if not present:
+            return sha256(prev + prefix + encode(row).encode()).digest()
+        r = list(row)
+        for i, _ in present:
+            r[i] = ""
+        doc = encode(r)
+        h = sha256(prev + prefix)
+        pos = 0
+        for i, marker in present:
+            at = doc.find(marker, pos)
+            if at < 0 or doc.find(marker, at + 1) >= 0:
+                return sha256(prev + prefix + plain(row).encode()).digest()
+            cut = at + len(marker) - 1   # the BLOB's closing quote
+            h.update(doc[pos:cut].encode())
+            h.update(hexlify(row[i]))
+            pos = cut
+        h.update(doc[pos:].encode())
+        return h.digest()
+    return hash_row

@@ -76,11 +76,12 @@ class Kind:
         return tuple(f.name for f in self.fields if f.type == "bytes")
 
     @cached_property
-    def encode_row(self) -> Callable[[Sequence[Any]], str]:
-        """Canonical JSON of a normalized row (analytics.chain)."""
-        from .chain import compile_row_encoder
+    def hash_row(self) -> Callable[[bytes, Sequence[Any]], bytes]:
+        """``hash_row(chain_prev, row)``: the row's chain_hash (analytics.chain), BLOBs hashed
+        without their canonical JSON."""
+        from .chain import compile_row_hasher
 
-        return compile_row_encoder(self.names, self.bytes_columns)
+        return compile_row_hasher(self.names, self.bytes_columns, self.hash_prefix)
 
     @cached_property
     def hash_prefix(self) -> bytes:

@@ -9,7 +9,6 @@ chain head only advances after the commit succeeds.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import os
 import socket
 from collections.abc import Callable, Sequence
@@ -35,8 +34,6 @@ _ARROW_TYPES = {
     "str_list": pa.list_(pa.string()),
     "count_map": pa.map_(pa.string(), pa.int64()),
 }
-
-_sha256 = hashlib.sha256
 
 
 def _arrow_table(kind: Kind, rows: list[tuple]) -> pa.Table:
@@ -92,7 +89,7 @@ class ChainWriter:
         seq, prev = self._next_seq, self._next_head
         for kind, row in items:
             seq += 1
-            h = _sha256(prev + kind.hash_prefix + kind.encode_row(row).encode()).digest()
+            h = kind.hash_row(prev, row)
             g = groups.get(kind.table)
             if g is None:
                 g = groups[kind.table] = []

@@ -72,6 +72,7 @@ _ACK = struct.Struct(">Q")   # strict mode: the child's count of events journale
 _HIGH_WATER = 0.8
 _SEND_BATCH = 512          # events that make the sender ship at once
 _SEND_INTERVAL_S = 0.01    # otherwise it ships what accumulated this often
+_RECENT_TEXTS = 32_768     # statement texts per generation the child keeps for recordings (~6 s of pgbench)
 # Waking the sender per event would hand the GIL back and forth with the event loop thousands
 # of times a second (measured: four futex calls per request); a timer wakes it a hundred times.
 _FLEET_ENV = "BOTWARDEN_FLEET_SETTINGS"   # the lake's settings for the child (analytics.fleet)
@@ -889,6 +890,30 @@ class AuditProcess:
 
 # ------------------------------------------------------------------ the child
 
+class RecentTexts:
+    """Statement texts and their redaction, at least the last ``size`` put: two generations, the
+    newer becoming the older when full. The audit process redacts a recording's statements with
+    what it did for their request rows, which arrive up to a chunk's interval (1 s) earlier; one
+    dict cleared when full made every chunk after the clear scan its statements again (a quarter
+    of them at pgbench's rate)."""
+
+    __slots__ = ("size", "_new", "_old")
+
+    def __init__(self, size: int = _RECENT_TEXTS):
+        self.size = size
+        self._new: dict[str, str] = {}
+        self._old: dict[str, str] = {}
+
+    def put(self, text: str, redacted: str) -> None:
+        if len(self._new) >= self.size:
+            self._old, self._new = self._new, {}
+        self._new[text] = redacted
+
+    def get(self, text: str) -> str | None:
+        done = self._new.get(text)
+        return done if done is not None else self._old.get(text)
+
+
 class _Child:
     def __init__(self, events: socket.socket, rpc: socket.socket, options: dict[str, Any]):
         from analytics import AuditStore
@@ -917,8 +942,8 @@ class _Child:
         self._session_end = schema.KINDS["session_end"]
         self._protocols: dict[str, str] = {}
         # Statement texts of recent request rows and their redaction: a recording's chunk holds the
-        # same statements, redacted once (bounded: cleared when full).
-        self._recent_texts: dict[str, str] = {}
+        # same statements, redacted once.
+        self._recent_texts = RecentTexts()
         self._send_lock = threading.Lock()
         self._received = 0
         self._received_cv = threading.Condition()
@@ -996,10 +1021,7 @@ class _Child:
             else:
                 seen = starts.pop(r[0], None) if starts else None
                 r[ix["text"]] = seen[1] if seen is not None and seen[0] == text else red.text(text)
-            recent = self._recent_texts
-            if len(recent) > 20_000:
-                recent.clear()
-            recent[text] = r[ix["text"]]
+            self._recent_texts.put(text, r[ix["text"]])
         if r[ix["params"]] is not None:
             r[ix["params"]] = red.params(r[ix["params"]], masked_statement=r[ix["decision"]] == "mask")
         if ix["error"] is not None and r[ix["error"]] is not None:
@@ -1026,10 +1048,10 @@ class _Child:
             return row
         from appliance.recordings.pgstream import redact_chunk
 
-        recent, red = self._recent_texts, self.redactor
+        recent, red = self._recent_texts.get, self.redactor
 
         def text(sql: str) -> str:
-            done = recent.get(sql)
+            done = recent(sql)
             return done if done is not None else red.text(sql)
 
         i = names.index("data")
@@ -1059,7 +1081,7 @@ class _Child:
                     if red is None:
                         red = self._redactors[row] = AuditRedactor(row)
                     self.redactor = red
-                    self._recent_texts.clear()
+                    self._recent_texts = RecentTexts()
                     continue
                 spec = kinds[kind]
                 if spec is request:

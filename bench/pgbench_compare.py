@@ -26,7 +26,11 @@ proxy, a plain uvloop byte relay. Runs
 p50/p99 from its per-transaction logs (--log), CPU microseconds per
 transaction of the proxy process and its children from /proc/<pid>/stat (utime +
 stime; the daemon's child is its audit process). With --repeat N every path runs N
-times, the rounds interleaved, and the table shows medians.
+times, the rounds interleaved (each round starting one path later), and the table shows medians;
+each proxy gets a short unmeasured warm-up run first, and after each run the bench waits for the
+proxy to go idle (its audit process's last commits count for that run, not the next path's).
+`--paths full,full-aa` is the A/A comparison: a second daemon configured exactly as the first, so
+the ratio of their TPS in the same round is the spread of the bench itself on this machine.
 Prints a Markdown table and writes it to bench/results/pgbench.md.
 """
 
@@ -58,6 +62,8 @@ BIG_SQL = "SELECT id, email, ssn, payload FROM big"
 # The same rows through a view no masking rule names: the large result forwarded unmasked.
 BIG_OPEN_SQL = "SELECT id, email, ssn, payload FROM big_open"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+AA_NAME = "botwarden (full, A-A twin)"
+SETTLE_MAX_S = 10.0   # after a run, how long to wait at most for the proxy to go idle
 
 
 # ---------------------------------------------------------------- the front, in its own process
@@ -335,8 +341,17 @@ def run_pgbench(port: int, password: str, mode: str, args, logdir: Path, tag: st
         cmd = wrap(cmd)
     before = cpu_ticks(cpu_pid) if cpu_pid else 0
     own_before = cpu_own(cpu_pid) if cpu_pid else 0
+    load = os.getloadavg()[0]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=logdir)
-    after = cpu_ticks(cpu_pid) if cpu_pid else 0
+    # What the proxy still does for this run after pgbench ended (its audit process committing the
+    # last records and chunks) counts for this run, and must not run into the next path's run.
+    after, settled = cpu_ticks(cpu_pid) if cpu_pid else 0, time.monotonic()
+    while cpu_pid and time.monotonic() - settled < SETTLE_MAX_S:
+        time.sleep(0.25)
+        now = cpu_ticks(cpu_pid)
+        busy, after = now - after > 1, now
+        if not busy:
+            break
     if res.returncode != 0:
         raise RuntimeError(f"pgbench {tag} failed: {res.stderr}")
     tps = float(next(line.split("=")[1].split()[0] for line in res.stdout.splitlines()
@@ -357,7 +372,7 @@ def run_pgbench(port: int, password: str, mode: str, args, logdir: Path, tag: st
     cpu_us = (after - before) / CLK_TCK * 1e6 / txns if cpu_pid else None
     own_us = (cpu_own(cpu_pid) - own_before) / CLK_TCK * 1e6 / txns if cpu_pid else None
     return {"tps": tps, "p50": percentile(lat, 50) / 1000, "p99": percentile(lat, 99) / 1000, "cpu_us": cpu_us,
-            "own_us": own_us, "txns": txns}
+            "own_us": own_us, "txns": txns, "load_1min_before": load}
 
 
 def timed_psql(port: int, user: str, password: str, sql: str, wrap=None) -> float:
@@ -395,9 +410,11 @@ def main() -> None:
     ap.add_argument("--big-rows", type=int, default=900_000, help="rows of the ~100 MB table")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "pgbench.md"))
     ap.add_argument("--paths", default="direct,pgbouncer,relay,full,front",
-                    help="comma-separated subset of direct,pgbouncer,relay,full,full-batched,full-norecord,front "
-                         "(direct is always run; full-batched: a second daemon with audit.mode = batched; "
-                         "full-norecord: a second daemon whose target records metadata only)")
+                    help="comma-separated subset of direct,pgbouncer,relay,full,full-batched,full-norecord,full-aa,"
+                         "front (direct is always run; full-batched: a second daemon with audit.mode = batched; "
+                         "full-norecord: a second daemon whose target records metadata only; full-aa: a second "
+                         "daemon configured exactly as full, so full / full-aa per round is the A/A spread: "
+                         "what two identical daemons differ by on this machine)")
     ap.add_argument("--modes", default="simple,prepared", help="comma-separated subset of simple,prepared")
     ap.add_argument("--no-big", action="store_true", help="skip the large-result benchmark")
     ap.add_argument("--audit-mode", choices=["strict", "batched"], default="strict",
@@ -440,6 +457,7 @@ def main() -> None:
     daemon: Daemon | None = None
     batched: Daemon | None = None
     norecord: Daemon | None = None
+    twin: Daemon | None = None
     try:
         print(f"PostgreSQL 15 on 127.0.0.1:{pg.port}; preparing data ...", file=sys.stderr)
         pg.psql(f"CREATE ROLE {USER} LOGIN SUPERUSER PASSWORD '{PASSWORD}'")
@@ -503,6 +521,8 @@ pidfile = {bdir}/pgbouncer.pid
         if "full-norecord" in args.paths.split(","):  # the same daemon without the session recording
             norecord = Daemon(tmp, pg.port, args.audit_mode, args.strict_reads, suffix=args.suffix + "-norec",
                               record="metadata")
+        if "full-aa" in args.paths.split(","):  # the same daemon again: the A/A comparison
+            twin = Daemon(tmp, pg.port, args.audit_mode, args.strict_reads, suffix=args.suffix + "-aa")
 
         # (name, port, password, proxy pid, argv wrapper)
         full = "botwarden (full inspection)"
@@ -517,13 +537,23 @@ pidfile = {bdir}/pgbouncer.pid
                               batched.pid if batched else None, batched.bot if batched else None)),
             ("full-norecord", ("botwarden (full, record = metadata)", pg.port, "no-token-needed",
                                norecord.pid if norecord else None, norecord.bot if norecord else None)),
+            ("full-aa", (AA_NAME, pg.port, "no-token-needed", twin.pid if twin else None, twin.bot if twin else None)),
             ("front", (front_only, fport, TOKEN, front.pid, None))] if key in keys]
         modes = [m for m in ("simple", "prepared") if m in args.modes.split(",")]
         runs: dict[tuple[str, str], list[dict]] = {}
         audited_before = daemon.audited_requests()
-        # Rounds interleave the paths, so a slow minute of the machine does not land on one path only.
+        # One short unmeasured run per proxy first: its first sessions fill the policy's caches and
+        # the audit file's first blocks, which would otherwise land on round 1 of that path only.
+        warm = argparse.Namespace(**{**vars(args), "duration": min(2, args.duration)})
+        for name, port, password, pid, wrap in targets:
+            if pid is not None:
+                run_pgbench(port, password, modes[0], warm, tmp, name.replace(" ", "_").replace("(", "").replace(")", "")
+                            + "-warmup", None, wrap)
+        # Rounds interleave the paths, so a slow minute of the machine does not land on one path only;
+        # each round starts one path later, so no path always runs first (or right after another).
         for round_no, mode in itertools.product(range(args.repeat), modes):
-            for name, port, password, pid, wrap in targets:
+            turn = round_no % len(targets)
+            for name, port, password, pid, wrap in targets[turn:] + targets[:turn]:
                 print(f"[{round_no + 1}/{args.repeat}] pgbench {args.builtin} -M {mode} via {name} ({args.duration}s) ...",
                       file=sys.stderr)
                 tag = name.replace(" ", "_").replace("(", "").replace(")", "")
@@ -623,26 +653,25 @@ pidfile = {bdir}/pgbouncer.pid
                 lines.append(f"| {mode} | {name} | {r['tps']:,.0f} | {r['ratio']:.2f} | {r['p50']:.3f} | "
                              f"{r['p99']:.3f} | {cpu} | {', '.join(f'{x:.2f}' for x in r['all_ratios'])} |")
         relay_name = "uvloop byte relay"
-        vs_relay = []
         batched_name = "botwarden (full, audit.mode = batched)"
-        for mode in modes:
-            if (mode, full) in runs and (mode, relay_name) in runs:
-                relay_tps = {r["round"]: r["tps"] for r in runs[(mode, relay_name)]}
-                rs = sorted(r["tps"] / relay_tps[r["round"]] for r in runs[(mode, full)])
-                vs_relay.append(f"{mode} {rs[(len(rs) - 1) // 2]:.2f} ({', '.join(f'{x:.2f}' for x in rs)})")
-        vs_batched = []
-        for mode in modes:
-            if (mode, full) in runs and (mode, batched_name) in runs:
-                b_tps = {r["round"]: r["tps"] for r in runs[(mode, batched_name)]}
-                rs = sorted(r["tps"] / b_tps[r["round"]] for r in runs[(mode, full)])
-                vs_batched.append(f"{mode} {rs[(len(rs) - 1) // 2]:.2f} ({', '.join(f'{x:.2f}' for x in rs)})")
         norecord_name = "botwarden (full, record = metadata)"
-        vs_norecord = []
-        for mode in modes:
-            if (mode, full) in runs and (mode, norecord_name) in runs:
-                n_tps = {r["round"]: r["tps"] for r in runs[(mode, norecord_name)]}
-                rs = sorted(r["tps"] / n_tps[r["round"]] for r in runs[(mode, full)])
-                vs_norecord.append(f"{mode} {rs[(len(rs) - 1) // 2]:.2f} ({', '.join(f'{x:.2f}' for x in rs)})")
+
+        def same_round(other: str, mode: str) -> list[float] | None:
+            """TPS of the full daemon over ``other``'s in the same round, sorted (None: not run)."""
+            if (mode, full) not in runs or (mode, other) not in runs:
+                return None
+            o_tps = {r["round"]: r["tps"] for r in runs[(mode, other)]}
+            return sorted(r["tps"] / o_tps[r["round"]] for r in runs[(mode, full)])
+
+        def summary(other: str) -> list[str]:
+            return [f"{mode} {rs[(len(rs) - 1) // 2]:.2f} ({', '.join(f'{x:.2f}' for x in rs)})"
+                    for mode in modes if (rs := same_round(other, mode))]
+
+        vs_relay, vs_batched, vs_norecord, vs_twin = (summary(n) for n in (relay_name, batched_name, norecord_name,
+                                                                            AA_NAME))
+        if vs_twin:
+            lines += ["", f"A/A: `{full}` against `{AA_NAME}` (a second daemon configured the same) in the same "
+                          "round, the spread two identical daemons show on this machine: " + "; ".join(vs_twin) + "."]
         if vs_norecord:
             lines += ["", f"`{full}` (sessions recorded) against `{norecord_name}` in the same round: "
                           + "; ".join(vs_norecord) + "."]
@@ -672,19 +701,17 @@ pidfile = {bdir}/pgbouncer.pid
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(table)
         if args.json:
-            def relay_ratios(mode: str) -> list[float] | None:
-                if (mode, full) not in runs or (mode, relay_name) not in runs:
-                    return None
-                relay_tps = {r["round"]: r["tps"] for r in runs[(mode, relay_name)]}
-                return sorted(r["tps"] / relay_tps[r["round"]] for r in runs[(mode, full)])
-
             report = {
                 "args": {k: v for k, v in vars(args).items() if not k.startswith("serve_")},
                 "cpus": os.cpu_count(), "load_before": load_before, "load_after": load_after,
                 "compiled": _compiled(), "audited_requests": audited, "full_transactions": full_txns,
                 "runs": [{"mode": mode, "path": name, **r} for (mode, name), rs in runs.items() for r in rs],
                 "medians": [{"mode": mode, "path": name, **r} for (mode, name), r in results.items()],
-                "full_vs_relay": {mode: relay_ratios(mode) for mode in modes},
+                "full_vs_relay": {mode: same_round(relay_name, mode) for mode in modes},
+                # full's TPS over the other daemon's in the same round, sorted (null: not run)
+                "full_vs_batched": {mode: same_round(batched_name, mode) for mode in modes},
+                "recorded_vs_metadata": {mode: same_round(norecord_name, mode) for mode in modes},
+                "aa": {mode: same_round(AA_NAME, mode) for mode in modes},
                 "large": None if not big_targets else {
                     "rows": args.big_rows, "mb": big_mb,
                     "masked_seconds": big, "unmasked_seconds": big_open,
@@ -695,7 +722,7 @@ pidfile = {bdir}/pgbouncer.pid
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
     finally:
-        for d in (daemon, batched, norecord):
+        for d in (daemon, batched, norecord, twin):
             if d is not None:
                 d.stop()
         for p in procs:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import duckdb
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import analytics
@@ -52,6 +52,29 @@ def test_clean_file_verifies_and_hashes_follow_the_documented_algorithm(audit_fi
         assert documented_hash(prev, table, row) == row["chain_hash"], (table, row["chain_seq"])
         prev = row["chain_hash"]
     assert report.head_hash == prev.hex()
+
+
+@settings(max_examples=300, deadline=None)
+@example('{"data":""}', 1, "in", b"\x00\"", bytes(32))
+@given(st.text(max_size=30), st.integers(0, 2**40), st.sampled_from(["in", "out", "event"]),
+       st.one_of(st.none(), st.binary(max_size=300)), st.binary(min_size=32, max_size=32))
+def test_the_writers_recording_hash_is_the_documented_one(session_id, seq, direction, data, prev):
+    """The writer hashes a recording's BLOB without its canonical JSON (analytics.chain.
+    compile_row_hasher); what it hashes must be the documented bytes, whatever the other values hold
+    (quotes, a ``"data":""`` of their own) and with or without data."""
+    from analytics.schema import KINDS, normalize
+
+    kind = KINDS["recording"]
+    row, _ = normalize(kind, {"session_id": session_id, "seq": seq, "ts": T0, "direction": direction, "data": data})
+    assert kind.hash_row(prev, row) == documented_hash(prev, "recordings", {**dict(zip(kind.names, row)), "ts": T0})
+
+
+def test_a_blob_hash_falls_back_to_the_canonical_json_when_its_key_is_found_twice():
+    from analytics.chain import canonical, compile_row_hasher, row_hash
+
+    hasher = compile_row_hasher(("data", "meta"), ("data",), b"t\n")
+    row = (b"\x01\x02", {"data": ""})   # a map with a key named like the BLOB: "data":"" twice
+    assert hasher(bytes(32), row) == row_hash(bytes(32), "t", canonical(("data", "meta"), row, frozenset({"data"})))
 
 
 def _tamper(path: Path, *sql_and_params) -> None:

@@ -449,3 +449,17 @@ def test_a_reload_sends_new_detector_settings_to_the_audit_process(pg_server, ba
         assert rows == {"before": [secret], "after": [MASK]}
     finally:
         daemon.stop()
+
+
+def test_recent_statement_texts_keep_at_least_the_last_ones_put():
+    """The audit process redacts a recording's statements with what it did for their request rows,
+    which came up to a second earlier: the last ``size`` texts put are always found (a dict cleared
+    when full lost them all at each clear)."""
+    from appliance.auditproc import RecentTexts
+
+    recent = RecentTexts(4)
+    for i in range(30):
+        recent.put(f"SELECT {i}", f"SELECT {i} -- redacted")
+        for j in range(max(0, i - 3), i + 1):
+            assert recent.get(f"SELECT {j}") == f"SELECT {j} -- redacted"
+    assert recent.get("SELECT 0") is None   # bounded

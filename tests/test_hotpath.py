@@ -175,3 +175,45 @@ def test_mask_rows_agrees_and_masks_each_row_as_the_plan_does(rows, steps, tail,
         expected.append(reference.encode_row(values))
     assert ref[0] == sum(map(len, encoded))  # stops at the CommandComplete
     assert (ref[1] or b"".join(encoded)) == b"".join(expected) and ref_counts == counts
+
+
+def _bind(values, formats=()) -> bytes:
+    return message(b"B", b"\x00s1\x00" + struct.pack("!h", len(formats)) + b"".join(struct.pack("!h", f) for f in formats)
+                   + struct.pack("!h", len(values))
+                   + b"".join(struct.pack("!i", -1) if v is None else struct.pack("!i", len(v)) + v for v in values)
+                   + struct.pack("!h", 0))
+
+
+bind_st = st.builds(_bind, st.lists(st.one_of(st.none(), st.binary(max_size=14)), max_size=4),
+                    st.lists(st.sampled_from([0, 0, 1]), max_size=3))
+recorded_st = st.lists(st.one_of(bind_st, st.builds(lambda t, b: message(bytes([t]), b), st.sampled_from(b"BQESD"),
+                                                    st.binary(max_size=20))), max_size=10)
+
+
+@HYPO
+@given(recorded_st, st.binary(max_size=8), st.integers(0, 16), st.sampled_from([bytes, bytearray]))
+def test_skip_recorded_agrees(frames, tail, shortest, kind):
+    stops = [None] * 256
+    for t in b"QB":
+        stops[t] = True
+    buf = kind(b"".join(frames) + tail)
+    for pos in range(0, min(len(buf), 12)):
+        assert compiled.skip_recorded(stops, buf, pos, shortest) == reference.skip_recorded(stops, buf, pos, shortest)
+
+
+def test_skip_recorded_steps_over_binds_of_short_text_values_only():
+    stops = [None] * 256
+    for t in b"QB":
+        stops[t] = True
+    run = (_bind([b"12345", None]) + message(b"E", b"\x00\x00\x00\x00\x00") + message(b"S", b"")) * 3
+    for impl in (compiled, reference):
+        assert impl.skip_recorded(stops, run, 0, 10) == len(run)
+        assert impl.skip_recorded(stops, run, 0, 0) == 0                       # 0: no Bind stepped over
+        for stop in (_bind([b"4111111111111111"]),                              # a value a detector may flag
+                     _bind([b"1"], [1]),                                        # a binary value (never kept)
+                     _bind([b"1", b"2"], [0, 1]),
+                     message(b"Q", b"SELECT 1\x00"),                            # a statement: the caller reads it
+                     message(b"B", b"\x00s1\x00\x00"),                          # a Bind it cannot read
+                     message(b"B", b"\x00s1\x00\x00\x00\x00\x01\x00\x00\x00\x0912")):  # a value past its end
+            buf = run + stop + run
+            assert impl.skip_recorded(stops, buf, 0, 10) == len(run)

@@ -50,6 +50,70 @@ def skip_unhandled(list handlers, object buf, Py_ssize_t pos, long max_size):
     return pos
 
 
+def skip_recorded(list stops, object buf, Py_ssize_t pos, long shortest):
+    cdef const unsigned char *data
+    cdef Py_ssize_t n, e
+    cdef long length
+    if not _view(buf, &data, &n) or PyList_GET_SIZE(stops) != 256:
+        return _ref.skip_recorded(stops, buf, pos, shortest)
+    if pos < 0:
+        return pos
+    while n - pos >= 5:
+        length = _i32(data + pos + 1)
+        if length < 4:
+            return pos
+        e = pos + 1 + length
+        if e > n:
+            return pos
+        if <object>PyList_GET_ITEM(stops, data[pos]) is not None and not (
+                data[pos] == 0x42 and shortest > 0 and _short_text_bind(data, pos + 5, e, shortest)):
+            return pos
+        pos = e
+    return pos
+
+
+cdef inline long _i16(const unsigned char *p) noexcept nogil:
+    return <short>((<unsigned int>p[0] << 8) | p[1])
+
+
+cdef bint _short_text_bind(const unsigned char *d, Py_ssize_t p, Py_ssize_t e, long shortest) noexcept nogil:
+    cdef long nf, nv, ln, i, k
+    for k in range(2):  # the portal's and the statement's names
+        while p < e and d[p] != 0:
+            p += 1
+        if p >= e:
+            return False
+        p += 1
+    if e - p < 2:
+        return False
+    nf = _i16(d + p)
+    p += 2
+    if nf < 0 or e - p < 2 * nf:
+        return False
+    for i in range(nf):
+        if d[p] != 0 or d[p + 1] != 0:
+            return False   # a binary parameter
+        p += 2
+    if e - p < 2:
+        return False
+    nv = _i16(d + p)
+    p += 2
+    if nv < 0:
+        return False
+    for i in range(nv):
+        if e - p < 4:
+            return False
+        ln = _i32(d + p)
+        if ln >= shortest or ln < -1:
+            return False
+        p += 4
+        if ln > 0:
+            if e - p < ln:
+                return False
+            p += ln
+    return True
+
+
 def row_values(object buf, Py_ssize_t start, Py_ssize_t end):
     cdef const unsigned char *data
     cdef Py_ssize_t size

@@ -36,6 +36,66 @@ def skip_unhandled(handlers, buf, pos: int, max_size: int) -> int:
     return pos
 
 
+_I16 = struct.Struct("!h")
+
+
+def skip_recorded(stops, buf, pos: int, shortest: int) -> int:
+    """:func:`skip_unhandled` for a recorded chunk of what a bot sent (appliance/recordings/pgstream.py),
+    with no size limit: it also steps over a Bind whose parameters are all in text format and each
+    NULL or shorter than ``shortest`` bytes (values no detector can flag when the caller found none
+    of the text some detectors need in the chunk); ``shortest`` 0 steps over no Bind. It stops at any
+    other message with a stop, and at a Bind it cannot read, for the caller's long way."""
+    n = len(buf)
+    while n - pos >= 5:
+        (length,) = _unpack_len(buf, pos + 1)
+        if length < 4:
+            return pos
+        e = pos + 1 + length
+        if e > n:
+            return pos
+        if stops[buf[pos]] is not None and not (buf[pos] == 0x42 and shortest > 0
+                                                 and _short_text_bind(buf, pos + 5, e, shortest)):
+            return pos
+        pos = e
+    return pos
+
+
+def _short_text_bind(buf, p: int, e: int, shortest: int) -> bool:
+    """The Bind body at buf[p:e]: every format text (0) and every value NULL or < ``shortest`` bytes."""
+    for _ in range(2):  # the portal's and the statement's names
+        p = buf.find(b"\x00", p, e)
+        if p < 0:
+            return False
+        p += 1
+    if e - p < 2:
+        return False
+    (nf,) = _I16.unpack_from(buf, p)
+    p += 2
+    if nf < 0 or e - p < 2 * nf:
+        return False
+    if any(buf[p:p + 2 * nf]):
+        return False   # a binary parameter
+    p += 2 * nf
+    if e - p < 2:
+        return False
+    (nv,) = _I16.unpack_from(buf, p)
+    p += 2
+    if nv < 0:
+        return False
+    for _ in range(nv):
+        if e - p < 4:
+            return False
+        (ln,) = _unpack_len(buf, p)
+        if ln >= shortest or ln < -1:
+            return False
+        p += 4
+        if ln > 0:
+            if e - p < ln:
+                return False
+            p += ln
+    return True
+
+
 def row_values(buf, start: int, end: int) -> list[bytes | None]:
     """Values of a DataRow at buf[start:end] (start = its type byte), as bytes."""
     if type(buf) is not bytes:

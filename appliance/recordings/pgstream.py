@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Callable, Iterable, Iterator
 
-from appliance.hotpath import skip_unhandled
+from appliance.hotpath import skip_recorded
 from appliance.policy.masking import DETECTOR_FUNCTIONS, MIN_LENGTH, REQUIRED_TEXT
 from appliance.policy.redact import MASK, AuditRedactor, redact_value
 from appliance.protocols.postgres import messages as m
@@ -35,10 +35,10 @@ _BACK_REDACTED = frozenset(b"ENA")
 # The same sets as skip_unhandled's tables (None: step over): the messages that cannot carry a
 # secret — Execute, Sync, Describe..., and from the server DataRows (already masked by the front:
 # the bot saw them), RowDescription, CommandComplete, ReadyForQuery... — are stepped over in one
-# compiled call per run, not one Python iteration each.
+# compiled call per run (hotpath.skip_recorded), not one Python iteration each; so are Binds whose
+# values no detector can flag (see redact_chunk).
 _FRONT_STOPS = [True if t in _FRONT_REDACTED else None for t in range(256)]
 _BACK_STOPS = [True if t in _BACK_REDACTED else None for t in range(256)]
-_ANY_LENGTH = 0x7FFFFFFF
 
 
 def frames(data: bytes | bytearray | memoryview, start: int = 0) -> Iterator[tuple[int, int, int]]:
@@ -133,8 +133,11 @@ def _bind_values_harmless(body: bytes) -> bool:
 
 def _redact_front(t: int, body: bytes, redactor: AuditRedactor, text: Callable[[str], str]) -> bytes | None:
     """The message redacted, or None when it is kept as it is."""
-    if t == 0x51:  # Q
-        sql = m.Query.decode(body).sql
+    if t == 0x51:  # Q: one string (read without the codec's reader: one per statement of a session)
+        if body.find(b"\x00") == len(body) - 1:
+            sql = body[:-1].decode("utf-8", "surrogateescape")   # as Query.decode reads it
+        else:
+            sql = m.Query.decode(body).sql   # raises: not one string
         red = text(sql)
         return None if red == sql else m.Query(red).encode()
     if t == 0x50:  # P
@@ -176,8 +179,14 @@ def redact_chunk(data: bytes, direction: str, redactor: AuditRedactor,
     if direction not in ("in", "out"):
         return data
     text = text or redactor.text
-    stops = _FRONT_STOPS if direction == "in" else _BACK_STOPS
-    redact = _redact_front if direction == "in" else _redact_back
+    if direction == "in":
+        stops, redact = _FRONT_STOPS, _redact_front
+        # A Bind whose values are all text and shorter than any detector's minimum is stepped over
+        # in the compiled loop, when none of the text the other detectors need is in the chunk (one
+        # scan of it per text): what _bind_values_harmless decides, without a Python step per Bind.
+        shortest = _SHORTEST if _FAST_VALUES and not any(t in data for t in _REQUIRED) else 0
+    else:
+        stops, redact, shortest = _BACK_STOPS, _redact_back, 0
     out: list[bytes] = []
     run = 0
     pos = 0
@@ -185,7 +194,7 @@ def redact_chunk(data: bytes, direction: str, redactor: AuditRedactor,
     unpack = _LEN.unpack_from
     # Framing inline (see frames()): the audit process runs this over every byte of a session.
     while n - pos >= 5:
-        pos = skip_unhandled(stops, data, pos, _ANY_LENGTH)
+        pos = skip_recorded(stops, data, pos, shortest)
         if n - pos < 5:
             break
         (length,) = unpack(data, pos + 1)
