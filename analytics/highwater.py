@@ -112,6 +112,11 @@ class HighWaterFile:
     def end(self, slot: int) -> None:
         _ISSUED.pack_into(self._mm, _SLOT_AREA + slot * _SLOT.size + 40, _USED | _ENDED)
 
+    def issued(self, slot: int) -> int:
+        """The issued request seq in ``slot`` (a worker process may have written it)."""
+        with self._lock:
+            return _ISSUED.unpack_from(self._mm, _SLOT_AREA + slot * _SLOT.size + 32)[0]
+
     def free(self, slot: int) -> None:
         """The session's events are all committed: its mark is no longer needed."""
         with self._slots:
@@ -136,6 +141,32 @@ class HighWaterFile:
             self._mm.close()
             self._mm = None
             os.close(self._fd)
+
+
+class SharedMarks:
+    """A worker process's view of the daemon's marks (``appliance.workers`` > 1): it writes the
+    issued seq of the sessions it serves into the slots the daemon claimed for them, before their
+    answers reach the bots, so a worker killed with records not yet sent leaves marks that count
+    them. Only the worker writes a slot's issued seq while the session lives; the daemon claims,
+    ends and frees slots (``end`` here does nothing: the daemon marks the end as its record arrives)."""
+
+    def __init__(self, path: str | Path):
+        self._fd = os.open(path, os.O_RDWR)
+        self._mm = mmap.mmap(self._fd, os.fstat(self._fd).st_size)
+
+    def issue(self, slot: int, seq: int) -> None:
+        at = _SLOT_AREA + slot * _SLOT.size + 32
+        if at + _ISSUED.size > len(self._mm):  # the daemon grew the file since: map all of it
+            self._mm.close()
+            self._mm = mmap.mmap(self._fd, os.fstat(self._fd).st_size)
+        _ISSUED.pack_into(self._mm, at, seq)
+
+    def end(self, slot: int) -> None:
+        pass
+
+    def close(self) -> None:
+        self._mm.close()
+        os.close(self._fd)
 
 
 @dataclass(frozen=True)

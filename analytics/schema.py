@@ -133,7 +133,7 @@ KINDS: dict[str, Kind] = {
         # Events a crash may have cost, found when botwarden started again: per session, how
         # many request events were issued and how many reached the store.
         Kind("audit_loss", "audit_losses", (
-            _f("ts", "ts", True), _f("cause", required=True, choices=("daemon_crash", "audit_crash")),
+            _f("ts", "ts", True), _f("cause", required=True, choices=("daemon_crash", "audit_crash", "worker_crash")),
             _f("session_id"), _f("issued_seq", "int"), _f("recorded_seq", "int"),
             _f("missing", "int", True), _f("session_end_missing", "bool"), _f("detail"),
         )),

@@ -375,12 +375,11 @@ class Runtime:
 
     def _count_relayed(self, marks: Any, store: Any, kind: str, record: Mapping[str, Any],
                        live: LiveSession) -> Mapping[str, Any]:
-        """A worker's session (appliance.workers > 1): the worker numbered the record; the marks
-        move as its records reach the daemon (a request_start once acknowledged: audit_durable)."""
-        if kind == "request":
-            seq = record.get("seq") or 0
-            live.requests = max(live.requests, seq)
-            self._mark(marks, live, seq)
+        """A worker's session (appliance.workers > 1): the worker numbered the record and wrote its
+        high-water mark itself (analytics.highwater.SharedMarks) before the answer reached the bot;
+        here ``live.requests`` counts what arrived (a dead worker's shortfall is the difference)."""
+        if kind == "request" or kind == "request_start":
+            live.requests = max(live.requests, record.get("seq") or 0)
         elif kind == "session_end" and marks is not None and live.mark is not None:
             marks.end(live.mark)
             store.release_mark(live.mark)

@@ -239,12 +239,16 @@ class StoreLink:
     the one audit process (which builds the one hash chain); its health is what the supervisor
     last said (it tells every worker when it changes)."""
 
-    marks = None  # the high-water marks move in the supervisor, as the records reach it
-
     def __init__(self, link: Link):
         self.link = link
         self.healthy = True
         self.unavailable: str | None = None
+        # The daemon's high-water file, mapped here (analytics.highwater.SharedMarks): this worker
+        # marks each request it numbers before the answer goes to the bot. None: no marks kept.
+        self.marks: Any = None
+
+    def release_mark(self, slot: int) -> None:
+        """The daemon frees a session's mark once its session_end is committed, not the worker."""
 
     def submit(self, kind: str, record: Mapping[str, Any]) -> bool:
         if self.link.closed is not None:
@@ -325,8 +329,9 @@ class WorkerRuntime(Runtime):
             raise AuthRefused("08006", f"botwarden could not open the session: {e}") from None
         if result[0] == "refused":
             raise AuthRefused(result[1], result[2], audit_fields=result[3])
-        _, grant, expiry = result
+        _, grant, expiry, mark = result
         live = LiveSession(grant, target, ctx, datetime.now(timezone.utc), expiry=expiry)
+        live.mark = mark if self.daemon.audit.marks is not None else None
         self.live[grant.session_id] = live
         return grant
 
@@ -458,6 +463,10 @@ class WorkerHost:
         if doc.get("probes"):
             self.probes = ProbeLookup(*doc["probes"])
         self.audit.healthy, self.audit.unavailable = doc["audit_health"]
+        if doc.get("marks"):
+            from analytics.highwater import SharedMarks
+
+            self.audit.marks = SharedMarks(doc["marks"])
         self.runtime = await WorkerRuntime.build(self.config, self, doc["generation"], None)
         # Caps on unauthenticated connections apply per worker (docs/architecture.md).
         self.admission = Admission(admission_limits(self.config), classify=lambda s: classify_peer(self.probes, s),

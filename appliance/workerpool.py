@@ -165,8 +165,9 @@ class WorkerPool:
         self._tasks.spawn(self._run_link(slot, slot.link, slot.proc), f"worker-{slot.worker_id}-link")
         handle = self.daemon.probes
         probes = (handle.path, handle.settings.pin_dir, handle.settings.nft_table) if handle is not None else None
+        marks = getattr(self.daemon.audit, "marks", None)
         doc = {"config": cfg, "listeners": fds, "probes": probes, "generation": self.generation,
-               "audit_health": self._audit_health()}
+               "audit_health": self._audit_health(), "marks": str(marks.path) if marks is not None else None}
         try:
             started = await asyncio.wait_for(slot.link.call("start", doc), _START_TIMEOUT_S)
         except (BotwardenError, asyncio.TimeoutError) as e:
@@ -190,7 +191,8 @@ class WorkerPool:
                 link = slot.link
                 live.terminate = lambda code, text, sid=grant.session_id: link.send(("terminate", sid, code, text))
             slot.sessions.add(grant.session_id)
-            return ("ok", grant, live.expiry if live is not None else None)
+            # The worker writes the session's issued seq into this high-water slot itself.
+            return ("ok", grant, live.expiry if live is not None else None, live.mark if live is not None else None)
 
         async def hold(call_id: int, session_id: str, target: str, text: str, verdict: Any,
                        request_id: str | None, detail: Any) -> Any:
@@ -292,12 +294,21 @@ class WorkerPool:
         slot.holds.clear()
         for key in [k for k, owner in self.cancel_owner.items() if owner == slot.worker_id]:
             del self.cancel_owner[key]
+        marks = getattr(self.daemon.audit, "marks", None)
+        now = datetime.now(timezone.utc)
         for session_id in list(slot.sessions):
             live = runtime.live.get(session_id)
             if live is None:
                 continue
-            runtime.audit("session_end", {"session_id": session_id, "ts": datetime.now(timezone.utc),
-                                          "outcome": "error", "error": why, "requests": live.requests})
+            # What the worker issued (its mark) and never sent: records lost with it, counted.
+            issued = marks.issued(live.mark) if marks is not None and live.mark is not None else 0
+            if issued > live.requests:
+                runtime.audit("audit_loss", {
+                    "ts": now, "cause": "worker_crash", "session_id": session_id, "issued_seq": issued,
+                    "recorded_seq": live.requests, "missing": issued - live.requests, "session_end_missing": False,
+                    "detail": f"{why}; requests it had answered were not yet sent to the daemon"})
+            runtime.audit("session_end", {"session_id": session_id, "ts": now, "outcome": "error", "error": why,
+                                          "requests": max(issued, live.requests)})
             self._tasks.spawn(runtime.close_session(live.grant), "worker-dead-close-session")
         slot.sessions.clear()
 
