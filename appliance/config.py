@@ -91,6 +91,12 @@ def _positive(value: float) -> float:
     return value
 
 
+def _not_negative(value: int) -> int:
+    if value < 0:
+        raise ValueError(f"must be zero or more, not {value}")
+    return value
+
+
 @dataclass(frozen=True)
 class ApplianceSettings:
     state_dir: str = DEFAULT_STATE_DIR
@@ -120,6 +126,10 @@ class AuditSettings:
     record_sessions: bool = True
     # A session's recording stops here, with a "truncated" event (docs/recordings.md).
     recording_max_bytes: int = field(default=16 * 1024 * 1024, metadata=check(_positive))
+    # PostgreSQL: a result's rows are recorded up to this many bytes; the rest are counted (a
+    # "rows_not_recorded" event), so one bulk read neither fills the session's recording nor
+    # slows the relay. 0: no limit per result (docs/recordings.md).
+    recording_result_bytes: int = field(default=1024 * 1024, metadata=check(_not_negative))
     # "strict": a request is forwarded to its target only once the audit process has journaled
     # its record (it then survives kill -9 of the daemon, of the audit process, or of both).
     # "batched": records are shipped every 10 ms; a crash of the daemon can lose what it had not

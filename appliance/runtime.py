@@ -407,12 +407,13 @@ class Runtime:
             live.marked = seq
             marks.issue(live.mark, seq)
 
-    def recording_policy(self, target: str) -> tuple[bool, int]:
+    def recording_policy(self, target: str) -> tuple[bool, int, int]:
         """What a session's recording keeps: (its bytes too, or only its events; at most how many
-        bytes). SessionCore asks once, when the session opens."""
+        bytes; at most how many bytes of one result's rows, 0: no limit). SessionCore asks once,
+        when the session opens."""
         audit = self.config.audit
         return (audit.record_sessions and self.config.target(target).record == "full",
-                audit.recording_max_bytes)
+                audit.recording_max_bytes, audit.recording_result_bytes)
 
     def audit_durable(self, kind: str, record: Mapping[str, Any], verdict: Verdict | None = None) -> Any:
         """audit.mode = "strict": submit ``record`` and return a future that resolves once the

@@ -201,6 +201,28 @@ def test_skip_recorded_agrees(frames, tail, shortest, kind):
         assert compiled.skip_recorded(stops, buf, pos, shortest) == reference.skip_recorded(stops, buf, pos, shortest)
 
 
+@HYPO
+@given(st.lists(st.builds(lambda t, b: message(bytes([t]), b), st.sampled_from(b"DDDDCZ"), st.binary(max_size=20)),
+                max_size=12),
+       st.binary(max_size=8), st.integers(-1, 200), st.sampled_from([bytes, bytearray]))
+def test_skip_rows_agrees(frames, tail, budget, kind):
+    buf = kind(b"".join(frames) + tail)
+    for pos in range(0, min(len(buf), 12)):
+        assert compiled.skip_rows(buf, pos, budget) == reference.skip_rows(buf, pos, budget)
+
+
+def test_skip_rows_keeps_a_budget_of_whole_rows_and_counts_the_rest():
+    row = message(b"D", b"\x00\x01\x00\x00\x00\x03abc")          # 14 bytes
+    done = message(b"C", b"SELECT 5\x00")
+    buf = row * 5 + done
+    for impl in (compiled, reference):
+        assert impl.skip_rows(buf, 0, -1) == (5 * len(row), 5)         # every row, up to the CommandComplete
+        assert impl.skip_rows(buf, 0, 2 * len(row) + 5) == (2 * len(row), 2)   # whole rows only
+        assert impl.skip_rows(buf, 0, 0) == (0, 0)
+        assert impl.skip_rows(buf, 5 * len(row), -1) == (5 * len(row), 0)     # not a row: nothing stepped
+        assert impl.skip_rows(row * 2 + row[:7], 0, -1) == (2 * len(row), 2)  # a row still arriving stays
+
+
 def test_skip_recorded_steps_over_binds_of_short_text_values_only():
     stops = [None] * 256
     for t in b"QB":

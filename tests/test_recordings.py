@@ -6,6 +6,7 @@ tests/test_recordings_e2e.py."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from datetime import datetime, timedelta, timezone
 
@@ -71,8 +72,8 @@ class _Services:
     def audit(self, kind: str, record: dict) -> None:
         self.rows.append((kind, dict(record)))
 
-    def recording_policy(self, target: str) -> tuple[bool, int]:
-        return self.policy
+    def recording_policy(self, target: str) -> tuple[bool, int, int]:
+        return (*self.policy, 0)
 
 
 def _core(services: _Services) -> SessionCore:
@@ -80,7 +81,7 @@ def _core(services: _Services) -> SessionCore:
                        spawn=lambda coro, name: asyncio.ensure_future(coro), terminate=lambda code, msg: None)
     core.session_id = "s1"
     policy = services.recording_policy("db")
-    core.recording_full, core._record_cap = policy
+    core.recording_full, core._record_cap, core.recording_result_cap = policy
     core._record_left = policy[1]
     return core
 
@@ -208,7 +209,7 @@ def test_front_records_whole_messages_in_bounded_chunks_and_stops_at_the_cap(pg_
 
     setup_roles(pg_server)
     services = default_services()
-    services.recording_policy = lambda target: (True, 1_000_000)
+    services.recording_policy = lambda target: (True, 1_000_000, 0)
     ft = FrontThread(plain_settings(pg_server), services)
     try:
         # 20 rows of 100 kB: each DataRow is streamed to the bot in pieces (past STREAM_THRESHOLD).
@@ -267,3 +268,168 @@ def test_redaction_fast_paths_keep_what_the_long_way_keeps(chunk_messages):
         for t, s, e in frames(chunk))
     assert fast == one_by_one
     assert CARD.encode() not in fast and EMAIL.encode() not in fast
+
+
+# -- a result's row budget ([audit] recording_result_bytes) ----------------------------------------
+
+
+class _Relay:
+    """What PgRecorder reads of the relay's session: whether the bytes it wrote end inside a
+    streamed message, and whether it is still the session's recorder."""
+
+    def __init__(self) -> None:
+        self._stream_left = 0
+        self._cbuf = b""
+        self._held = None
+        self._to_bot = lambda data: None
+        self.recorder = None
+
+
+_ROW_STREAM = st.lists(st.one_of(
+    st.builds(lambda n: m.DataRow((b"x" * n,)).encode(), st.integers(0, 300)),
+    st.sampled_from([m.RowDescription((m.FieldDescription("v", 0, 0, 25, -1, -1, 0),)).encode(),
+                     m.CommandComplete("SELECT 9").encode(), m.ReadyForQuery("I").encode(),
+                     m.NoticeResponse((("S", "NOTICE"), ("M", "n"))).encode()])), max_size=40)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_ROW_STREAM, st.lists(st.integers(1, 400), min_size=1, max_size=30), st.integers(1, 700))
+def test_the_row_budget_keeps_every_other_message_and_counts_each_row_it_drops(messages, cuts, cap):
+    """Whatever the writes (cut anywhere inside a message, as the relay streams a big one), the
+    recording keeps every message that is not a row, in order, whole; each result's first rows up
+    to the budget; and counts the rest in rows_not_recorded events placed before the message that
+    ended them. Nothing beyond the budget is copied."""
+    from appliance.fronts.postgres.recording import PgRecorder
+
+    stream = b"".join(messages)
+    services = _Services(True, 10**9)
+
+    async def record() -> None:
+        core = _core(services)
+        core.recording_result_cap = cap
+        relay = _Relay()
+        rec = PgRecorder(core, relay)
+        relay.recorder = rec
+        ends = [e for _, _, e in frames(stream)]
+        pos = 0
+        for cut in itertools.cycle(cuts):
+            if pos >= len(stream):
+                break
+            # The relay writes whole messages but a streamed one: a write starts at a boundary or
+            # continues the message the last write ended in, and never cuts a message's header.
+            end = min(len(stream), pos + cut)
+            begun = max(e for e in [0, *ends] if e <= end)
+            following = next((e for e in ends if e >= end), len(stream))
+            if end - begun < 5 and end != begun:
+                end = following
+            relay._stream_left = following - end
+            rec.received(stream[pos:end])
+            pos = end
+        rec.flush(final=True)
+
+    asyncio.run(record())
+    rows = [r for k, r in services.rows if k == "recording"]
+    kept = b"".join(r["data"] for r in rows if r["direction"] == "out")
+    got = [(t, kept[s:e]) for t, s, e in frames(kept)]
+    assert sum(e - s for _, s, e in frames(kept)) == len(kept)   # whole messages only
+    sent = [(t, stream[s:e]) for t, s, e in frames(stream)]
+    assert [x for x in got if x[0] != 0x44] == [x for x in sent if x[0] != 0x44]
+    # Replayed in place: each run of rows is its kept prefix plus the count of the rest.
+    events = [json.loads(r["data"]) for r in rows if r["direction"] == "event"]
+    assert all(e["type"] == "rows_not_recorded" and e["max_bytes"] == cap for e in events)
+    runs_sent, runs_kept, run_s, run_k, counted = [], [], [], [], []
+    for t, body in sent:
+        if t == 0x44:
+            run_s.append(body)
+        else:
+            runs_sent.append(run_s)
+            run_s = []
+    runs_sent.append(run_s)
+    order = []   # the recording as one sequence: ("out", message) and ("event", count)
+    for r in rows:
+        if r["direction"] == "out":
+            order += [("m", r["data"][s:e]) for _, s, e in frames(r["data"])]
+        elif r["direction"] == "event":
+            order.append(("n", json.loads(r["data"])["rows"]))
+    for kind, v in order:
+        if kind == "n":
+            counted.append(v)
+        elif v[0] == 0x44:
+            run_k.append(v)
+        else:
+            runs_kept.append((run_k, sum(counted)))
+            run_k, counted = [], []
+    runs_kept.append((run_k, sum(counted)))
+    assert len(runs_kept) == len(runs_sent)
+    for (k, skipped), s in zip(runs_kept, runs_sent):
+        assert k == s[:len(k)] and len(k) + skipped == len(s)
+        assert sum(len(x) for x in k) <= cap or len(k) == 0
+
+
+def test_a_zero_row_budget_records_every_row():
+    from appliance.fronts.postgres.recording import PgRecorder
+
+    stream = (m.RowDescription((m.FieldDescription("v", 0, 0, 25, -1, -1, 0),)).encode()
+              + m.DataRow((b"x" * 100,)).encode() * 50 + m.CommandComplete("SELECT 50").encode()
+              + m.ReadyForQuery("I").encode())
+    services = _Services(True, 10**9)
+
+    async def record() -> None:
+        core = _core(services)
+        core.recording_result_cap = 0
+        relay = _Relay()
+        rec = PgRecorder(core, relay)
+        relay.recorder = rec
+        rec.received(stream)
+        rec.flush(final=True)
+
+    asyncio.run(record())
+    assert b"".join(r["data"] for k, r in services.rows if k == "recording" and r["direction"] == "out") == stream
+
+
+def test_front_records_a_bulk_reads_first_rows_counts_the_rest_and_keeps_recording(pg_server):
+    """[audit] recording_result_bytes with a real PostgreSQL and psql: a big result's first rows
+    are recorded and the rest counted; rows streamed in pieces too; an error that arrives after
+    rows not recorded is; the session's later statements are; the replay's row count footer is
+    the one psql printed."""
+    import subprocess
+
+    from appliance.recordings.render import table_lines
+    from tests.pg_front_fixtures import BOT_TOKEN, FrontThread, default_services, plain_settings, setup_roles
+
+    setup_roles(pg_server)
+    services = default_services()
+    budget = 256 * 1024
+    services.recording_policy = lambda target: (True, 16 * 1024 * 1024, budget)
+    ft = FrontThread(plain_settings(pg_server), services)
+    statements = ["SELECT i, md5(i::text) FROM generate_series(1, 20000) i",          # ~1 MB of rows
+                  "SELECT i, repeat('x', 100000) FROM generate_series(1, 5) i",       # rows streamed in pieces
+                  "SELECT i, md5(i::text), 1 / (i - 15000) FROM generate_series(1, 20000) i",  # error after rows
+                  "SELECT 'after' AS last"]
+    try:
+        argv = ["psql", "-X"] + [a for sql in statements for a in ("-c", sql)] + [ft.dsn()]
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=60,
+                             env={"PGPASSWORD": BOT_TOKEN, "PATH": "/usr/bin:/bin"})
+        assert "(20000 rows)" in res.stdout and "(5 rows)" in res.stdout and "division by zero" in res.stderr
+        ft.call(asyncio.sleep(0.5))
+    finally:
+        ft.stop()
+    rows = [r for k, r in services.records if k == "recording"]
+    recorded = sum(len(r["data"]) for r in rows if r["direction"] == "out")
+    assert recorded < 4 * budget   # the bot received over 2 MB
+    ses = exchanges([{**r, "data": r["data"]} for r in rows])
+    results = [[v for kind, v in ex.items if kind == "result"] for ex in ses.exchanges]
+    errors = [[v for kind, v in ex.items if kind == "error"] for ex in ses.exchanges]
+    big, streamed, _, last = results[:4]
+    assert big[0].tag == "SELECT 20000" and 0 < len(big[0].rows) < 20000
+    assert len(big[0].rows) + big[0].not_recorded == 20000 and big[0].rows[0] == ("1", "c4ca4238a0b923820dcc509a6f75849b")
+    assert sum(len(i) + len(h) + 11 for i, h in big[0].rows) <= budget
+    assert streamed[0].tag == "SELECT 5" and len(streamed[0].rows) + streamed[0].not_recorded == 5
+    assert 0 < len(streamed[0].rows) < 5 and streamed[0].rows[0] == ("1", "x" * 100000)
+    assert errors[2] and errors[2][0].message == "division by zero"
+    assert last[0].rows == [("after",)]
+    table = table_lines(big[0])
+    assert table[-2] == "(20000 rows)" and table[-3].startswith(
+        f"-- botwarden: {big[0].not_recorded} more rows") and "recording_result_bytes (262144 bytes" in table[-3]
+    events = [json.loads(r["data"]) for r in rows if r["direction"] == "event"]
+    assert [e["type"] for e in events].count("rows_not_recorded") >= 3

@@ -73,6 +73,9 @@ async def attribution(services: Any, transport) -> Any:
 # A session's recording stops at this many bytes unless the services say otherwise
 # ([audit] recording_max_bytes).
 DEFAULT_RECORDING_MAX_BYTES = 16 * 1024 * 1024
+# A PostgreSQL result's rows are recorded up to this many bytes, the rest counted
+# ([audit] recording_result_bytes; 0: no limit per result).
+DEFAULT_RECORDING_RESULT_BYTES = 1024 * 1024
 
 # Audit hook failures are logged once per kind (the runtime counts every one).
 _AUDIT_FAILURE_LOGGED: set[str] = set()
@@ -92,7 +95,7 @@ class SessionCore:
 
     __slots__ = ("services", "target", "protocol", "target_addr", "session_id", "grant", "outcome", "end_error",
                  "durable", "_issue_seq", "_spawn", "_terminate", "_ticket", "_hold_wait", "_withdrawn", "_ended",
-                 "_record_seq", "recording_full", "_record_left", "_record_cap")
+                 "_record_seq", "recording_full", "_record_left", "_record_cap", "recording_result_cap")
 
     def __init__(self, services: FrontServices, *, target: str, protocol: str, target_addr: str,
                  spawn: Callable[[Coroutine[Any, Any, Any], str], asyncio.Task],
@@ -116,9 +119,11 @@ class SessionCore:
         self._ended = False
         self._record_seq = 0
         # What the recording keeps (set at open from services.recording_policy(target)): the
-        # session's bytes ("full") or only its events ("metadata"), and how many bytes at most.
+        # session's bytes ("full") or only its events ("metadata"), how many bytes at most, and
+        # how many bytes of one result's rows (a protocol's recorder applies it; 0: no limit).
         self.recording_full = True
         self._record_left = self._record_cap = DEFAULT_RECORDING_MAX_BYTES
+        self.recording_result_cap = DEFAULT_RECORDING_RESULT_BYTES
 
     # ------------------------------------------------------------------ admission
     def admit(self, admission: Admission | None, sock: Any, on_closed: Callable[[str], None],
@@ -155,7 +160,7 @@ class SessionCore:
         self.session_id = grant.session_id
         policy = getattr(self.services, "recording_policy", None)
         if policy is not None:
-            self.recording_full, self._record_cap = policy(self.target)
+            self.recording_full, self._record_cap, self.recording_result_cap = policy(self.target)
             self._record_left = self._record_cap
         register = getattr(self.services, "register_terminate", None)
         if register is not None:  # the daemon ends sessions whose lease or token ran out

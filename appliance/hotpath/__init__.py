@@ -25,10 +25,11 @@ COMPILED: bool = _impl is not reference
 
 skip_unhandled = _impl.skip_unhandled
 skip_recorded = _impl.skip_recorded
+skip_rows = _impl.skip_rows
 row_values = _impl.row_values
 encode_row = _impl.encode_row
 partial_utf8 = _impl.partial_utf8
 mask_rows = _impl.mask_rows
 partial = reference.partial  # str in, str out: only partial_utf8 is compiled
 
-__all__ = ["COMPILED", "skip_unhandled", "skip_recorded", "row_values", "encode_row", "partial_utf8", "mask_rows", "partial", "reference"]
+__all__ = ["COMPILED", "skip_unhandled", "skip_recorded", "skip_rows", "row_values", "encode_row", "partial_utf8", "mask_rows", "partial", "reference"]

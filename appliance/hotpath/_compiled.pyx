@@ -72,6 +72,26 @@ def skip_recorded(list stops, object buf, Py_ssize_t pos, long shortest):
     return pos
 
 
+def skip_rows(object buf, Py_ssize_t pos, long budget):
+    cdef const unsigned char *data
+    cdef Py_ssize_t n, e, start = pos
+    cdef long length, rows = 0
+    if not _view(buf, &data, &n):
+        return _ref.skip_rows(buf, pos, budget)
+    if pos < 0:
+        return pos, 0
+    while n - pos >= 5 and data[pos] == 0x44:
+        length = _i32(data + pos + 1)
+        if length < 4:
+            break
+        e = pos + 1 + length
+        if e > n or (budget >= 0 and e - start > budget):
+            break
+        pos = e
+        rows += 1
+    return pos, rows
+
+
 cdef inline long _i16(const unsigned char *p) noexcept nogil:
     return <short>((<unsigned int>p[0] << 8) | p[1])
 

@@ -232,7 +232,8 @@ def jsonl_events(rec: SessionRecord) -> Iterator[dict[str, Any]]:
             for kind, value in ex.items:
                 if kind == "result":
                     doc["answers"].append({"result": {"columns": [c[0] for c in value.columns or []] or None,
-                                                      "rows": [list(r) for r in value.rows], "tag": value.tag}})
+                                                      "rows": [list(r) for r in value.rows], "tag": value.tag,
+                                                      "rows_not_recorded": value.not_recorded}})
                 elif kind in ("error", "notice"):
                     doc["answers"].append({kind: _err_doc(value)})
             if req is not None:

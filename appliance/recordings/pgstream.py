@@ -228,6 +228,10 @@ class Result:
     columns: list[tuple[str, int]] | None = None
     rows: list[tuple[str | None, ...]] = field(default_factory=list)
     tag: str | None = None
+    # Rows the bot received past [audit] recording_result_bytes: counted, not recorded.
+    not_recorded: int = 0
+    not_recorded_bytes: int = 0
+    max_bytes: int | None = None
 
 
 @dataclass
@@ -261,9 +265,16 @@ def _text_value(v: bytes | None, fmt: int) -> str | None:
     return v.decode("utf-8", "replace")
 
 
+ROWS_NOT_RECORDED = -1   # _messages' type for a "rows_not_recorded" event among the server's messages
+
+
 def _messages(rows: Iterable[dict[str, Any]], direction: str) -> Iterator[tuple[datetime, int, bytes]]:
+    """The messages of one direction in order; for "out", each ``rows_not_recorded`` event where
+    it stands among them (type ROWS_NOT_RECORDED, its JSON as the body)."""
     for r in rows:
         if r["direction"] != direction:
+            if direction == "out" and r["direction"] == "event" and b'"rows_not_recorded"' in bytes(r["data"]):
+                yield r["ts"], ROWS_NOT_RECORDED, bytes(r["data"])
             continue
         data = bytes(r["data"] or b"")
         for t, s, e in frames(data):
@@ -278,6 +289,8 @@ def exchanges(rows: list[dict[str, Any]]) -> PgSession:
             doc = json.loads(bytes(r["data"]).decode())
             if doc.get("type") == "pg_startup" and not ses.startup:
                 ses.startup = doc
+            elif doc.get("type") == "rows_not_recorded":
+                continue   # read in place among the server's messages (below)
             else:
                 ses.events.append((r["ts"], doc))
     pending: list[Exchange] = []      # sent, not yet answered (in order)
@@ -325,6 +338,14 @@ def exchanges(rows: list[dict[str, Any]]) -> PgSession:
     current: Result | None = None
     formats: tuple[int, ...] = ()
     for ts, t, body in _messages(rows, "out"):
+        if t == ROWS_NOT_RECORDED:
+            doc = json.loads(body.decode())
+            if current is None:
+                current = Result(columns=[])
+            current.not_recorded += int(doc.get("rows") or 0)
+            current.not_recorded_bytes += int(doc.get("bytes") or 0)
+            current.max_bytes = doc.get("max_bytes")
+            continue
         try:
             msg = m.decode_backend(bytes([t]), body)
         except PgProtocolError:

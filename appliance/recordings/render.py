@@ -52,7 +52,11 @@ def table_lines(res: Result) -> list[str]:
             else:
                 cells.append(v if i == last else v.ljust(w))
         out.append(" " + " | ".join(cells))
-    n = len(rows)
+    if res.not_recorded:
+        out.append(f"{NOTE}botwarden: {res.not_recorded} more row{'' if res.not_recorded == 1 else 's'} "
+                   f"({res.not_recorded_bytes} bytes) reached the bot but are not recorded: past "
+                   f"[audit] recording_result_bytes ({res.max_bytes} bytes of rows per result)")
+    n = len(rows) + res.not_recorded
     out.append(f"({n} row{'' if n == 1 else 's'})")
     out.append("")
     return out

@@ -439,9 +439,9 @@ class Session(StartupMixin, ReadingMixin, ExtendedProtocolMixin, MaskingMixin, F
                 self._stream_left = left - len(data)
                 self._to_bot(data)
                 return
+            self._stream_left = 0   # before the write: the recorder reads it (recording.py)
             self._to_bot(data[:left])
             data = data[left:]
-            self._stream_left = 0
         if self._sbuf:
             self._sbuf += data
             buf = self._sbuf
