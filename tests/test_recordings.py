@@ -433,3 +433,13 @@ def test_front_records_a_bulk_reads_first_rows_counts_the_rest_and_keeps_recordi
         f"-- botwarden: {big[0].not_recorded} more rows") and "recording_result_bytes (262144 bytes" in table[-3]
     events = [json.loads(r["data"]) for r in rows if r["direction"] == "event"]
     assert [e["type"] for e in events].count("rows_not_recorded") >= 3
+
+
+@settings(max_examples=200, deadline=None)
+@given(_ROW_STREAM, st.integers(0, 40))
+def test_complete_prefix_ends_where_the_last_whole_message_does(messages, cut):
+    from appliance.recordings.pgstream import complete_prefix
+
+    stream = b"".join(messages)
+    data = bytearray(stream[:max(0, len(stream) - cut)])
+    assert complete_prefix(data) == max([0, *[e for _, _, e in frames(data)]])
