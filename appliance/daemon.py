@@ -132,7 +132,7 @@ def make_front(target: TargetConfig, config: Config, services: Any, admission: A
             tls_key_file=config.tls.key_file if config.tls else None,
             # A Unix listener is local by construction: no network to protect the password from.
             allow_plaintext=target.allow_plaintext or target.listen_unix_path is not None, require_token=target.authentication != "attestation",
-            max_message_size=target.max_message_size, connect_timeout=target.connect_timeout,
+            authentication=target.authentication, max_message_size=target.max_message_size, connect_timeout=target.connect_timeout,
             message_timeout=config.limits.message_timeout_s)
         return PostgresFront(settings, services, admission)
     if target.protocol == "kubernetes":

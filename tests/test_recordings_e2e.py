@@ -392,7 +392,7 @@ def test_no_secret_in_any_recording_export_or_the_audit_file(world, tmp_path):
     # The statement is there, its password masked; the startup is an event without the token.
     text = "\n".join(replay(world, sid))
     assert "ALTER ROLE CURRENT_USER PASSWORD '********'" in text
-    assert "authentication=token (the password is not recorded)" in text
+    assert "authentication=token+attestation (the password is not recorded)" in text   # target db-tok
 
 
 # -- the size cap and metadata-only targets ---------------------------------------------------------

@@ -38,6 +38,9 @@ class PgFrontSettings:
     tls_key_file: str | None = None
     allow_plaintext: bool = False         # bots without TLS are refused unless this is set
     require_token: bool = True            # ask the bot for a password (its OIDC token)
+    # How the target establishes who is calling (the config's `authentication`), as the session's
+    # recording reports it; None: "token" or "attestation" as require_token says.
+    authentication: str | None = None
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     connect_timeout: float = 10.0
     startup_timeout: float = 30.0

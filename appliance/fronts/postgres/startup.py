@@ -188,7 +188,7 @@ class StartupMixin:
             # The bot's parameters as it sent them (a value a detector flags is masked).
             "parameters": {k: redact_value(v) for k, v in startup.params},
             "server_parameters": server_params, "backend_pid": self.backend_pid, "tls": self.tls,
-            "authentication": "token" if self.settings.require_token else "attestation",
+            "authentication": self.settings.authentication or ("token" if self.settings.require_token else "attestation"),
             "password": "not recorded", "credential_user": core.grant.credential.username if core.grant else None,
             "recording": "full" if core.recording_full else "metadata",
         }).encode())
