@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from appliance.approvals import ApprovalBroker, HoldOutcome
 from appliance.config import Config, TargetConfig
@@ -415,14 +415,18 @@ class Runtime:
         return (audit.record_sessions and self.config.target(target).record == "full",
                 audit.recording_max_bytes, audit.recording_result_bytes)
 
-    def audit_durable(self, kind: str, record: Mapping[str, Any], verdict: Verdict | None = None) -> Any:
+    def audit_durable(self, kind: str, record: Mapping[str, Any] | Callable[[], Mapping[str, Any]],
+                      verdict: Verdict | None = None) -> Any:
         """audit.mode = "strict": submit ``record`` and return a future that resolves once the
         audit process has journaled it; the front forwards the request only then. None: no wait
         (batched mode, or a plain read with ``strict_reads = false``), nothing submitted. A refused
-        record gives a future that fails (the front refuses the request)."""
+        record gives a future that fails (the front refuses the request). ``record`` may be a
+        function that builds it: called only when it is submitted."""
         cfg = self.config.audit
         if cfg.mode != "strict" or (not cfg.strict_reads and verdict is not None and _plain_read(verdict)):
             return None
+        if callable(record):
+            record = record()
         loop = asyncio.get_running_loop()
         store = self.daemon.audit
         if store is not None:

@@ -261,10 +261,11 @@ class SessionCore:
                                          "type": "truncated", "reason": "recording_max_bytes",
                                          "max_bytes": self._record_cap}).encode()})
 
-    def record_start(self, record: Mapping[str, Any], verdict: Verdict) -> Any:
+    def record_start(self, record: Mapping[str, Any] | Callable[[], Mapping[str, Any]], verdict: Verdict) -> Any:
         """audit.mode = "strict": submit the request's start record to be durable before the
         request runs. A future to wait on, or None (batched mode: no wait). Raises when the
-        store refuses the record; the front then refuses the request (fail closed)."""
+        store refuses the record; the front then refuses the request (fail closed). ``record``
+        may be a function that builds it, called only when the record is submitted."""
         if self.durable is None:
             return None
         return self.durable("request_start", record, verdict)

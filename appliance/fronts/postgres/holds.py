@@ -95,14 +95,16 @@ class HoldMixin:
         self._release_client()
 
     def _record_start(self, req: _Request):
-        """The request's start record, submitted to be durable: a future, or None (no wait)."""
-        if req.request_id is None:
-            req.request_id = _request_id()  # its requests row carries the same id
-        return self.core.record_start({
-            "request_id": req.request_id, "session_id": self.core.session_id,
-            "ts": datetime.fromtimestamp(req.t0, timezone.utc), "protocol": PROTOCOL, "kind": req.kind,
-            "text": req.text, "params": req.params, "decision": req.decision or req.verdict.action,
-            "rule": req.verdict.rule}, req.verdict)
+        """The request's start record, submitted to be durable: a future, or None (no wait). The
+        record is built only when it is submitted (a plain read in strict mode is not)."""
+        def record() -> dict:
+            if req.request_id is None:
+                req.request_id = _request_id()  # its requests row carries the same id
+            return {"request_id": req.request_id, "session_id": self.core.session_id,
+                    "ts": datetime.fromtimestamp(req.t0, timezone.utc), "protocol": PROTOCOL, "kind": req.kind,
+                    "text": req.text, "params": req.params, "decision": req.decision or req.verdict.action,
+                    "rule": req.verdict.rule}
+        return self.core.record_start(record, req.verdict)
 
     def _wait_for_record(self, req: _Request, original: bytes, op: tuple) -> bool:
         """audit.mode = "strict": hold the message (as for an approval: the bytes after it wait in
