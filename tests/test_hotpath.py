@@ -202,13 +202,13 @@ def test_skip_recorded_agrees(frames, tail, shortest, kind):
 
 
 @HYPO
-@given(st.lists(st.builds(lambda t, b: message(bytes([t]), b), st.sampled_from(b"DDDDCZ"), st.binary(max_size=20)),
+@given(st.lists(st.builds(lambda t, b: message(bytes([t]), b), st.sampled_from(b"DDDddCZ"), st.binary(max_size=20)),
                 max_size=12),
-       st.binary(max_size=8), st.integers(-1, 200), st.sampled_from([bytes, bytearray]))
-def test_skip_rows_agrees(frames, tail, budget, kind):
+       st.binary(max_size=8), st.integers(-1, 200), st.sampled_from([bytes, bytearray]), st.sampled_from(b"Dd"))
+def test_skip_rows_agrees(frames, tail, budget, kind, row):
     buf = kind(b"".join(frames) + tail)
     for pos in range(0, min(len(buf), 12)):
-        assert compiled.skip_rows(buf, pos, budget) == reference.skip_rows(buf, pos, budget)
+        assert compiled.skip_rows(buf, pos, budget, row) == reference.skip_rows(buf, pos, budget, row)
 
 
 def test_skip_rows_keeps_a_budget_of_whole_rows_and_counts_the_rest():
@@ -221,6 +221,9 @@ def test_skip_rows_keeps_a_budget_of_whole_rows_and_counts_the_rest():
         assert impl.skip_rows(buf, 0, 0) == (0, 0)
         assert impl.skip_rows(buf, 5 * len(row), -1) == (5 * len(row), 0)     # not a row: nothing stepped
         assert impl.skip_rows(row * 2 + row[:7], 0, -1) == (2 * len(row), 2)  # a row still arriving stays
+        copy = message(b"d", b"1\tabc\n")
+        assert impl.skip_rows(copy * 3 + done, 0, -1, 0x64) == (3 * len(copy), 3)   # a COPY's rows
+        assert impl.skip_rows(copy * 3, 0, -1) == (0, 0)
 
 
 def test_skip_recorded_steps_over_binds_of_short_text_values_only():

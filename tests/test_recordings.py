@@ -394,7 +394,7 @@ def test_front_records_a_bulk_reads_first_rows_counts_the_rest_and_keeps_recordi
     the one psql printed."""
     import subprocess
 
-    from appliance.recordings.render import table_lines
+    from appliance.recordings.render import _result_lines, table_lines
     from tests.pg_front_fixtures import BOT_TOKEN, FrontThread, default_services, plain_settings, setup_roles
 
     setup_roles(pg_server)
@@ -405,22 +405,24 @@ def test_front_records_a_bulk_reads_first_rows_counts_the_rest_and_keeps_recordi
     statements = ["SELECT i, md5(i::text) FROM generate_series(1, 20000) i",          # ~1 MB of rows
                   "SELECT i, repeat('x', 100000) FROM generate_series(1, 5) i",       # rows streamed in pieces
                   "SELECT i, md5(i::text), 1 / (i - 15000) FROM generate_series(1, 20000) i",  # error after rows
+                  "COPY (SELECT i, md5(i::text) FROM generate_series(1, 20000) i) TO STDOUT",   # CopyData rows
                   "SELECT 'after' AS last"]
     try:
         argv = ["psql", "-X"] + [a for sql in statements for a in ("-c", sql)] + [ft.dsn()]
         res = subprocess.run(argv, capture_output=True, text=True, timeout=60,
                              env={"PGPASSWORD": BOT_TOKEN, "PATH": "/usr/bin:/bin"})
         assert "(20000 rows)" in res.stdout and "(5 rows)" in res.stdout and "division by zero" in res.stderr
+        assert res.stdout.count("\n") > 40000   # the COPY's rows reached psql
         ft.call(asyncio.sleep(0.5))
     finally:
         ft.stop()
     rows = [r for k, r in services.records if k == "recording"]
     recorded = sum(len(r["data"]) for r in rows if r["direction"] == "out")
-    assert recorded < 4 * budget   # the bot received over 2 MB
+    assert recorded < 5 * budget   # the bot received over 3 MB
     ses = exchanges([{**r, "data": r["data"]} for r in rows])
     results = [[v for kind, v in ex.items if kind == "result"] for ex in ses.exchanges]
     errors = [[v for kind, v in ex.items if kind == "error"] for ex in ses.exchanges]
-    big, streamed, _, last = results[:4]
+    big, streamed, _, copy, last = results[:5]
     assert big[0].tag == "SELECT 20000" and 0 < len(big[0].rows) < 20000
     assert len(big[0].rows) + big[0].not_recorded == 20000 and big[0].rows[0] == ("1", "c4ca4238a0b923820dcc509a6f75849b")
     assert sum(len(i) + len(h) + 11 for i, h in big[0].rows) <= budget
@@ -428,6 +430,10 @@ def test_front_records_a_bulk_reads_first_rows_counts_the_rest_and_keeps_recordi
     assert 0 < len(streamed[0].rows) < 5 and streamed[0].rows[0] == ("1", "x" * 100000)
     assert errors[2] and errors[2][0].message == "division by zero"
     assert last[0].rows == [("after",)]
+    assert copy[0].tag == "COPY 20000" and copy[0].not_recorded > 0 and copy[0].columns is None
+    assert _result_lines(copy[0]) == [f"-- botwarden: {copy[0].not_recorded} rows ({copy[0].not_recorded_bytes} bytes) "
+                                      "reached the bot but are not recorded: past [audit] recording_result_bytes "
+                                      "(262144 bytes of rows per result)", "COPY 20000"]
     table = table_lines(big[0])
     assert table[-2] == "(20000 rows)" and table[-3].startswith(
         f"-- botwarden: {big[0].not_recorded} more rows") and "recording_result_bytes (262144 bytes" in table[-3]

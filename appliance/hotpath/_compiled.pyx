@@ -72,15 +72,15 @@ def skip_recorded(list stops, object buf, Py_ssize_t pos, long shortest):
     return pos
 
 
-def skip_rows(object buf, Py_ssize_t pos, long budget):
+def skip_rows(object buf, Py_ssize_t pos, long budget, int kind=0x44):
     cdef const unsigned char *data
     cdef Py_ssize_t n, e, start = pos
     cdef long length, rows = 0
     if not _view(buf, &data, &n):
-        return _ref.skip_rows(buf, pos, budget)
+        return _ref.skip_rows(buf, pos, budget, kind)
     if pos < 0:
         return pos, 0
-    while n - pos >= 5 and data[pos] == 0x44:
+    while n - pos >= 5 and data[pos] == kind:
         length = _i32(data + pos + 1)
         if length < 4:
             break

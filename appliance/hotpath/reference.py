@@ -36,17 +36,18 @@ def skip_unhandled(handlers, buf, pos: int, max_size: int) -> int:
     return pos
 
 
-def skip_rows(buf, pos: int, budget: int) -> tuple[int, int]:
-    """From ``pos``, step over consecutive complete DataRow messages (type ``D``, valid length)
-    while their total size stays within ``budget`` bytes (negative: no limit). (offset of the
-    first message not stepped over, or ``len(buf)``; how many rows were stepped over.)
+def skip_rows(buf, pos: int, budget: int, kind: int = 0x44) -> tuple[int, int]:
+    """From ``pos``, step over consecutive complete messages of type ``kind`` (DataRow ``D``, or a
+    COPY's CopyData ``d``; valid length) while their total size stays within ``budget`` bytes
+    (negative: no limit). (offset of the first message not stepped over, or ``len(buf)``; how
+    many were stepped over.)
 
     How a session's recording keeps a result's first rows and counts the rest without a Python
     step per row (appliance/fronts/postgres/recording.py)."""
     n = len(buf)
     start = pos
     rows = 0
-    while n - pos >= 5 and buf[pos] == 0x44:
+    while n - pos >= 5 and buf[pos] == kind:
         (length,) = _unpack_len(buf, pos + 1)
         if length < 4:
             break

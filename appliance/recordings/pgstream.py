@@ -342,8 +342,8 @@ def exchanges(rows: list[dict[str, Any]]) -> PgSession:
     for ts, t, body in _messages(rows, "out"):
         if t == ROWS_NOT_RECORDED:
             doc = json.loads(body.decode())
-            if current is None:
-                current = Result(columns=[])
+            if current is None:   # a COPY's rows: the command's result, without columns
+                current = Result()
             current.not_recorded += int(doc.get("rows") or 0)
             current.not_recorded_bytes += int(doc.get("bytes") or 0)
             current.max_bytes = doc.get("max_bytes")

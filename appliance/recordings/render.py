@@ -53,9 +53,7 @@ def table_lines(res: Result) -> list[str]:
                 cells.append(v if i == last else v.ljust(w))
         out.append(" " + " | ".join(cells))
     if res.not_recorded:
-        out.append(f"{NOTE}botwarden: {res.not_recorded} more row{'' if res.not_recorded == 1 else 's'} "
-                   f"({res.not_recorded_bytes} bytes) reached the bot but are not recorded: past "
-                   f"[audit] recording_result_bytes ({res.max_bytes} bytes of rows per result)")
+        out.append(_not_recorded_note(res))
     n = len(rows) + res.not_recorded
     out.append(f"({n} row{'' if n == 1 else 's'})")
     out.append("")
@@ -92,6 +90,12 @@ def error_lines(err: m.ErrorResponse | m.NoticeResponse, query: str = "") -> lis
     return out
 
 
+def _not_recorded_note(res: Result) -> str:
+    return (f"{NOTE}botwarden: {res.not_recorded} {'more ' if res.rows else ''}row{'' if res.not_recorded == 1 else 's'} "
+            f"({res.not_recorded_bytes} bytes) reached the bot but are not recorded: past "
+            f"[audit] recording_result_bytes ({res.max_bytes} bytes of rows per result)")
+
+
 def _result_lines(res: Result) -> list[str]:
     tag = res.tag or ""
     if res.columns is not None:
@@ -99,7 +103,8 @@ def _result_lines(res: Result) -> list[str]:
         if tag.split(" ")[0] in ("INSERT", "UPDATE", "DELETE", "MERGE"):
             lines.append(tag)   # psql shows the status of a RETURNING statement too
         return lines
-    return [tag] if tag else []
+    lines = [_not_recorded_note(res)] if res.not_recorded else []   # a COPY TO STDOUT's rows
+    return lines + [tag] if tag else lines
 
 
 def _decision_note(req: dict[str, Any]) -> str:

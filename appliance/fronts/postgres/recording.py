@@ -14,7 +14,8 @@ other by protocol order, and times them with the requests rows.
 The startup, with the bot's password/token, is never recorded: the session's ``pg_startup``
 event says who connected and with which parameters.
 
-A result's rows are recorded up to ``[audit] recording_result_bytes``; the rows past it are
+A result's rows (DataRow, and a COPY TO STDOUT's CopyData) are recorded up to
+``[audit] recording_result_bytes``; the rows past it are
 counted, not copied, and a ``rows_not_recorded`` event stands where they were (before the message
 that ended them: CommandComplete, an error...). Every other message is kept. A write that fits in
 what the result still takes is kept whole without a look at its messages (the budget then counts
@@ -130,15 +131,16 @@ class PgRecorder:
         left = self._rows_left
         while n - pos >= 5:
             t = data[pos]
-            if t == 0x44:  # DataRow: a run of them in one compiled call, kept while the budget lasts
+            row = t == 0x44 or t == 0x64   # DataRow, or a COPY's CopyData row
+            if row:  # a run of them in one compiled call, kept while the budget lasts
                 if left > 0:
-                    e, _ = skip_rows(data, pos, left)
+                    e, _ = skip_rows(data, pos, left, t)
                     if e > pos:
                         keep.append(data[pos:e])
                         left -= e - pos
                         pos = e
                         continue
-                e, rows = skip_rows(data, pos, -1)
+                e, rows = skip_rows(data, pos, -1, t)
                 left = 0   # the result's rows after the first one not kept are not kept either
                 if e > pos:
                     self._skipped_rows += rows
@@ -149,7 +151,7 @@ class PgRecorder:
             if length < 4:   # the relay refuses such a message before it writes it
                 break
             e = pos + 1 + length
-            if t == 0x44:   # a row that continues in the next writes (streamed)
+            if row:   # a row that continues in the next writes (streamed)
                 kept = length + 1 <= left
                 if kept:
                     left -= length + 1
