@@ -337,29 +337,27 @@ def test_the_row_budget_keeps_every_other_message_and_counts_each_row_it_drops(m
     # Replayed in place: each run of rows is its kept prefix plus the count of the rest.
     events = [json.loads(r["data"]) for r in rows if r["direction"] == "event"]
     assert all(e["type"] == "rows_not_recorded" and e["max_bytes"] == cap for e in events)
-    runs_sent, runs_kept, run_s, run_k, counted = [], [], [], [], []
-    for t, body in sent:
-        if t == 0x44:
-            run_s.append(body)
-        else:
-            runs_sent.append(run_s)
-            run_s = []
-    runs_sent.append(run_s)
-    order = []   # the recording as one sequence: ("out", message) and ("event", count)
+    def runs(sequence: list) -> list[tuple[list[bytes], int]]:
+        """(rows, rows counted) of each run of DataRows up to the next other message."""
+        out, run, counted = [], [], 0
+        for item in sequence:
+            if isinstance(item, int):
+                counted += item
+            elif item[0] == 0x44:
+                run.append(item)
+            else:
+                out.append((run, counted))
+                run, counted = [], 0
+        return out + [(run, counted)]
+
+    runs_sent = [r for r, _ in runs([body for _, body in sent])]
+    order: list = []   # the recording as one sequence: messages, and each event's count
     for r in rows:
         if r["direction"] == "out":
-            order += [("m", r["data"][s:e]) for _, s, e in frames(r["data"])]
+            order += [r["data"][s:e] for _, s, e in frames(r["data"])]
         elif r["direction"] == "event":
-            order.append(("n", json.loads(r["data"])["rows"]))
-    for kind, v in order:
-        if kind == "n":
-            counted.append(v)
-        elif v[0] == 0x44:
-            run_k.append(v)
-        else:
-            runs_kept.append((run_k, sum(counted)))
-            run_k, counted = [], []
-    runs_kept.append((run_k, sum(counted)))
+            order.append(json.loads(r["data"])["rows"])
+    runs_kept = runs(order)
     assert len(runs_kept) == len(runs_sent)
     for (k, skipped), s in zip(runs_kept, runs_sent):
         assert k == s[:len(k)] and len(k) + skipped == len(s)

@@ -29,10 +29,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import struct
 from typing import TYPE_CHECKING, Callable
 
 from appliance.hotpath import skip_rows
+from appliance.protocols.postgres.framing import unpack_len as _unpack_len
 from appliance.recordings.pgstream import complete_prefix
 
 from ..session import now
@@ -47,7 +47,6 @@ CHUNK_BYTES = 64 * 1024
 # recording cost pgbench 9 % of its throughput, at 1 s it is within the noise (README).
 FLUSH_INTERVAL = 1.0
 
-_unpack_len = struct.Struct("!i").unpack_from
 _READY_HEAD = b"Z\x00\x00\x00\x05"   # a ReadyForQuery message before its status byte
 
 
