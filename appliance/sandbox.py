@@ -127,10 +127,19 @@ class PostgresServer:
         return res
 
     def psql(self, sql: str, db: str = "postgres") -> str:
-        """Run SQL as superuser over the Unix socket (never through botwarden)."""
-        res = subprocess.run([str(PG_BIN / "psql"), "-h", str(self.sockdir), "-p", str(self.port), "-U",
-                              self.superuser, "-d", db, "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql],
-                             capture_output=True, text=True)
+        """Run SQL as superuser over the Unix socket (never through botwarden).
+
+        A deadlock is retried: since 15.9 an in-place catalog update (autovacuum's ANALYZE writing
+        pg_class statistics) waits for the transaction that changed the row, so set-up DDL on a
+        table autovacuum is analysing can be chosen as the deadlock victim. The server rolled the
+        whole ``-c`` transaction back, so running it again is safe."""
+        for attempt in range(3):
+            res = subprocess.run([str(PG_BIN / "psql"), "-h", str(self.sockdir), "-p", str(self.port), "-U",
+                                  self.superuser, "-d", db, "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql],
+                                 capture_output=True, text=True)
+            if res.returncode == 0 or "deadlock detected" not in res.stderr or attempt == 2:
+                break
+            time.sleep(0.2)
         if res.returncode != 0:
             raise RuntimeError(f"psql failed: {res.stderr}")
         return res.stdout.strip()

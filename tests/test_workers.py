@@ -171,9 +171,13 @@ def test_cancel_request_accepted_by_the_other_worker_cancels_the_query(env):
         else:
             raise AssertionError("30 cancel connections all landed on the session's own worker")
         assert conn.execute("SELECT 1").fetchone()[0] == 1  # the session goes on
-    rows = env.daemon.audit_sql("SELECT count(*) AS n FROM requests WHERE text LIKE 'SELECT pg_sleep(30) /* bw-xcancel-%' "
-                                "AND sqlstate = '57014'")
-    assert rows[0]["n"] == attempt + 1
+
+    def cancelled() -> int:  # the audit store commits the last record a moment after the session ended
+        return env.daemon.audit_sql("SELECT count(*) AS n FROM requests WHERE text LIKE "
+                                    "'SELECT pg_sleep(30) /* bw-xcancel-%' AND sqlstate = '57014'")[0]["n"]
+
+    wait_for(lambda: cancelled() >= attempt + 1, what="every cancelled statement in the audit store")
+    assert cancelled() == attempt + 1
 
 
 def test_hold_approved_from_two_clients_at_once_runs_once(env):
