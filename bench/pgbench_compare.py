@@ -311,6 +311,29 @@ def cpu_own(pid: int) -> int:
     return int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
 
 
+def tree_switches(pid: int) -> tuple[int, int]:
+    """(system-mode CPU ticks, context switches of every thread) of a process and its children:
+    how much of the proxy's CPU is the kernel's, and how often its threads went to sleep or were
+    preempted (an event loop that finds one ready socket per wake-up switches once per message)."""
+    try:
+        stime = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[12])
+    except (OSError, IndexError, ValueError):
+        return 0, 0
+    switches = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            for line in task.joinpath("status").read_text().splitlines():
+                if "ctxt_switches:" in line:
+                    switches += int(line.split()[1])
+            children = task.joinpath("children").read_text().split()
+        except OSError:
+            continue
+        for c in children:
+            st, sw = tree_switches(int(c))
+            stime, switches = stime + st, switches + sw
+    return stime, switches
+
+
 def wait_port(port: int, timeout: float = 15) -> None:
     import socket
     deadline = time.monotonic() + timeout
@@ -341,6 +364,7 @@ def run_pgbench(port: int, password: str, mode: str, args, logdir: Path, tag: st
         cmd = wrap(cmd)
     before = cpu_ticks(cpu_pid) if cpu_pid else 0
     own_before = cpu_own(cpu_pid) if cpu_pid else 0
+    sys_before, sw_before = tree_switches(cpu_pid) if cpu_pid else (0, 0)
     load = os.getloadavg()[0]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=logdir)
     # What the proxy still does for this run after pgbench ended (its audit process committing the
@@ -371,8 +395,11 @@ def run_pgbench(port: int, password: str, mode: str, args, logdir: Path, tag: st
     lat.sort()
     cpu_us = (after - before) / CLK_TCK * 1e6 / txns if cpu_pid else None
     own_us = (cpu_own(cpu_pid) - own_before) / CLK_TCK * 1e6 / txns if cpu_pid else None
+    sys_after, sw_after = tree_switches(cpu_pid) if cpu_pid else (0, 0)
     return {"tps": tps, "p50": percentile(lat, 50) / 1000, "p99": percentile(lat, 99) / 1000, "cpu_us": cpu_us,
-            "own_us": own_us, "txns": txns, "load_1min_before": load}
+            "own_us": own_us, "txns": txns, "load_1min_before": load,
+            "sys_us": (sys_after - sys_before) / CLK_TCK * 1e6 / txns if cpu_pid else None,
+            "switches_per_txn": (sw_after - sw_before) / txns if cpu_pid else None}
 
 
 def timed_psql(port: int, user: str, password: str, sql: str, wrap=None) -> float:

@@ -119,12 +119,14 @@ def main() -> None:
         lines = [f"# appliance.workers: pgbench -S, {args.clients} clients, {args.duration}s per run, "
                  f"{args.repeat} interleaved rounds (medians); full inspection, audit.mode = strict; {pinning}; "
                  f"{os.cpu_count()} CPUs", "",
-                 "| mode | workers | TPS | CPU µs/txn (daemon + workers + audit) | p99 ms | TPS of each round |",
-                 "|---|---|---|---|---|---|"]
+                 "| mode | workers | TPS | CPU µs/txn (daemon + workers + audit) | of which kernel | of which the supervisor "
+                 "process | context switches/txn | p99 ms | TPS of each round |",
+                 "|---|---|---|---|---|---|---|---|---|"]
         for mode in modes:
             for n in daemons:
                 r = results[(mode, n)]
-                lines.append(f"| {mode} | {n} | {r['tps']:.0f} | {r['cpu_us']:.1f} | {r['p99']:.2f} | "
+                lines.append(f"| {mode} | {n} | {r['tps']:.0f} | {r['cpu_us']:.1f} | {r['sys_us']:.1f} | "
+                             f"{r['own_us']:.1f} | {r['switches_per_txn']:.2f} | {r['p99']:.2f} | "
                              f"{', '.join(f'{t:.0f}' for t in r['all_tps'])} |")
         text = "\n".join(lines) + "\n"
         print(text)
