@@ -67,8 +67,10 @@ def main() -> None:
     ap.add_argument("--no-pin", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "workers.md"))
     ap.add_argument("--json", metavar="FILE")
-    ap.add_argument("--profile", metavar="PREFIX", help="py-spy (raw stacks) over each process of the workers = 2 "
-                                                        "daemon during its first run: PREFIX-<pid>.txt")
+    ap.add_argument("--profile", metavar="PREFIX", help="py-spy (raw stacks) over each process of both daemons "
+                                                        "during their first run: PREFIX-w<N>-<pid>.txt (pinned, "
+                                                        "PostgreSQL and pgbench do not compete for the daemon's "
+                                                        "core, so its samples are mostly its CPU time)")
     args = ap.parse_args()
     args.builtin = "select-only"
 
@@ -99,9 +101,9 @@ def main() -> None:
                 print(f"[{round_no + 1}/{args.repeat}] pgbench -S -M {mode}, workers = {n} ({args.duration}s) ...",
                       file=sys.stderr)
                 spies = []
-                if args.profile and n == 2 and round_no == 0 and mode == modes[0]:
+                if args.profile and round_no == 0 and mode == modes[0]:
                     spies = [subprocess.Popen([shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(p),
-                                               "-o", f"{args.profile}-{p}.txt", "-r", "200", "-d", str(args.duration),
+                                               "-o", f"{args.profile}-w{n}-{p}.txt", "-r", "200", "-d", str(args.duration),
                                                "--nonblocking", "-f", "raw"],
                                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                              for p in tree(d.pid)]

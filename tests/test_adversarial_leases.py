@@ -22,6 +22,7 @@ import pytest
 from appliance.sandbox import OpenBaoServer
 from tests.approvals_fixtures import cli, wait_until
 from tests.daemon_fixtures import PSQL, DaemonProcess, fresh_setup, new_port, write_config
+from tests.servers import pause
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -97,7 +98,7 @@ def test_vault_down_at_session_end_revocation_is_retried_until_the_role_is_gone(
     assert lease in ledger(env.state)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert set(json.loads(path.read_text())) == {"leases"}
-    os.killpg(env.server.proc.pid, signal.SIGSTOP)  # Vault hangs
+    pause(env.server.proc.pid, group=True)  # Vault hangs
     try:
         bot.end()
         status = wait_until(lambda: (s := env.daemon.client().get("/v1/status"))["revocations_pending"] and s,
@@ -123,7 +124,7 @@ def test_vault_down_at_session_end_revocation_is_retried_until_the_role_is_gone(
 def test_status_lists_pending_revocations(env):
     bot = IdleBot(env.port, env.bao.mint_token())
     live = the_session(env.daemon)
-    os.killpg(env.server.proc.pid, signal.SIGSTOP)
+    pause(env.server.proc.pid, group=True)
     try:
         bot.end()
         wait_until(lambda: env.daemon.client().get("/v1/status")["revocations_pending"], 30, "a pending revocation")

@@ -23,6 +23,7 @@ from appliance.auditproc import AuditProcess
 from appliance.policy.masking import DetectorSettings
 from appliance.policy.redact import MASK
 from tests.daemon_fixtures import ROOT
+from tests.servers import pause
 
 NOW = dt.datetime(2026, 11, 29, 12, 0, tzinfo=dt.timezone.utc)
 
@@ -120,7 +121,7 @@ def test_a_full_events_socket_waits_in_strict_mode(tmp_path):
         loop = asyncio.get_running_loop()
         start = {**request(0), "seq": 1}
         await asyncio.wait_for(p.submit_acked("request_start", start, loop), 10)  # the loop now reads acks
-        os.kill(p.pid, signal.SIGSTOP)
+        pause(p.pid)
         try:
             for i in range(1, 3001):  # ~6 MB: far more than a socket buffer holds
                 assert p.submit("request", request(i, text="SELECT '" + "x" * 2000 + f"' -- {i}"))
@@ -167,7 +168,7 @@ def test_a_stalled_store_refuses_beyond_the_queue_and_recovers(tmp_path):
     p = AuditProcess(tmp_path / "a.duckdb", queue_max=200, flush_interval=0.02)
     p.start()
     try:
-        os.kill(p.pid, signal.SIGSTOP)  # the writer stops making progress
+        pause(p.pid)  # the writer stops making progress
         accepted = sum(p.submit("request", request(i)) for i in range(300))
         assert accepted == 200
         assert p.stats()["refused"] == 100
@@ -354,7 +355,7 @@ def test_statements_wait_for_an_audit_store_that_cannot_keep_up(pg_server, bao_s
     try:
         conn = psycopg.connect(host="127.0.0.1", port=port, user="orders-bot", password=setup.mint_token(),
                                dbname="postgres", sslmode="disable", autocommit=True)
-        os.kill(child, signal.SIGSTOP)
+        pause(child)
         ran, refusal = 0, None
         for i in range(40):
             try:
@@ -390,7 +391,7 @@ def test_strict_mode_never_runs_a_statement_the_audit_process_has_not_acknowledg
         conn = psycopg.connect(host="127.0.0.1", port=port, user="orders-bot", password=setup.mint_token(),
                                dbname="postgres", sslmode="disable", autocommit=True)
         conn.execute("INSERT INTO strict_t VALUES ('before')")
-        os.kill(child, signal.SIGSTOP)
+        pause(child)
         with pytest.raises(psycopg.OperationalError, match="did not acknowledge the record"):
             conn.execute("INSERT INTO strict_t VALUES ('stalled')")
         assert pg_server.psql("SELECT string_agg(v, ',') FROM strict_t") == "before"

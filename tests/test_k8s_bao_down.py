@@ -16,6 +16,7 @@ import pytest
 
 from appliance.sandbox import OpenBaoServer
 from tests.k8s_fixtures import K8sEnv, start_k8s_env
+from tests.servers import pause
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -48,7 +49,7 @@ def test_openbao_down_refuses_the_session_with_a_status_and_an_audit_row(env: K8
     kubeconfig = env.bot_kubeconfig()  # the bot's token is minted while OpenBao is up
     ok = env.kubectl(kubeconfig, "-n", NAMESPACE, "get", "configmaps")
     assert ok.returncode == 0, ok.stderr  # with OpenBao up, the same kubeconfig works
-    os.killpg(own_bao.proc.pid, signal.SIGSTOP)
+    pause(own_bao.proc.pid, group=True)
     try:
         res = env.kubectl(kubeconfig, "-n", NAMESPACE, "get", "configmaps")  # a new connection: a new session
     finally:

@@ -32,6 +32,7 @@ from appliance.sandbox import PostgresServer, config_header, configure_openbao, 
 from probes import cgroups
 from tests.daemon_fixtures import DaemonProcess
 from tests.probes_fixtures import RUN_TAG
+from tests.servers import pause
 from tests.test_probes_e2e import ROOT, PgNet, bot_run, cli
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
@@ -982,7 +983,7 @@ def test_openbao_hung_at_session_start_refuses_the_session_with_the_reason(world
     # OpenBao paused (a hung server: it accepts connections and answers nothing), the bot's new
     # session needs a certificate signed for it: fail closed, nothing reaches the sshd.
     bao = world["bao"]
-    os.killpg(bao.proc.pid, signal.SIGSTOP)
+    pause(bao.proc.pid, group=True)
     try:
         ran = ssh_bot(world, "echo never", log_level="INFO")
     finally:
