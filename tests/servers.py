@@ -1,5 +1,10 @@
 """The test suite's real servers: the same ones the demo starts (appliance.sandbox)."""
 
+import os
+import signal
+import time
+from pathlib import Path
+
 from appliance.sandbox import (  # noqa: F401
     PG_BIN,
     SUPERUSER_PASSWORD,
@@ -16,11 +21,6 @@ def pause(pid: int, *, group: bool = False, timeout: float = 10.0) -> None:
     stopped. kill() returns when the signal is queued; a thread running on another CPU stops a
     moment later (on a loaded VM, milliseconds): long enough to answer one more request, which
     a test of "the server hangs" must not see."""
-    import os
-    import signal
-    import time
-    from pathlib import Path
-
     (os.killpg if group else os.kill)(pid, signal.SIGSTOP)
     pids = [pid]
     if group:
@@ -36,7 +36,6 @@ def pause(pid: int, *, group: bool = False, timeout: float = 10.0) -> None:
 
 
 def _pgid(pid: int) -> int | None:
-    import os
     try:
         return os.getpgid(pid)
     except OSError:
@@ -44,7 +43,6 @@ def _pgid(pid: int) -> int | None:
 
 
 def _thread_states(pid: int) -> list[str]:
-    from pathlib import Path
     states = []
     try:
         tasks = list(Path(f"/proc/{pid}/task").iterdir())
