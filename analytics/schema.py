@@ -14,12 +14,15 @@ checkpoint) and is not done by a migration.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
 from .errors import AuditRecordError
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 5
 
@@ -452,3 +455,30 @@ MIGRATIONS: dict[int, tuple[str, list[str]]] = {
         "the max_rows that applied)", _migration_5()),
 }
 assert max(MIGRATIONS) == SCHEMA_VERSION
+
+
+class RecordValidator:
+    """Checks a producer's record on the producer's thread (so a bug surfaces where it happens)
+    and turns it into a row in column order. Unknown fields: ``strict`` raises, otherwise they
+    are dropped with one warning per (kind, field name)."""
+
+    def __init__(self, strict: bool = False):
+        self.strict = strict
+        self._warned: set[tuple[str, str]] = set()
+
+    def __call__(self, kind: str, record: Mapping[str, Any]) -> tuple[Kind, tuple[Any, ...]]:
+        spec = KINDS.get(kind)
+        if spec is None or kind not in PRODUCER_KINDS:
+            raise AuditRecordError(f"unknown audit event kind {kind!r}")
+        if not isinstance(record, Mapping):
+            raise AuditRecordError(f"{kind}: record must be a mapping, got {type(record).__name__}")
+        row, unknown = normalize(spec, record)
+        if unknown:
+            if self.strict:
+                raise AuditRecordError(f"{kind}: unknown fields {sorted(map(str, unknown))}")
+            for n in unknown:
+                key = (kind, str(n))
+                if key not in self._warned:
+                    self._warned.add(key)
+                    log.warning("audit %s: dropping unknown field %r", kind, str(n))
+        return spec, row

@@ -44,6 +44,7 @@ import duckdb
 from . import db, schema
 from . import journal as _journal
 from .errors import AuditClosedError, AuditError, AuditFlushTimeout, AuditRecordError, AuditWriterError
+from .schema import RecordValidator
 from .writer import ChainWriter, IngestMethod, next_epoch, writer_event
 
 log = logging.getLogger(__name__)
@@ -56,33 +57,6 @@ _HIGH_WATER = 0.8
 _CHECKPOINT_THRESHOLD = "256MB"
 _RETRY_MIN_S = 0.05
 _RETRY_MAX_S = 2.0
-
-
-class RecordValidator:
-    """Checks a producer's record on the producer's thread (so a bug surfaces where it happens)
-    and turns it into a row in column order. Unknown fields: ``strict`` raises, otherwise they
-    are dropped with one warning per (kind, field name)."""
-
-    def __init__(self, strict: bool = False):
-        self.strict = strict
-        self._warned: set[tuple[str, str]] = set()
-
-    def __call__(self, kind: str, record: Mapping[str, Any]) -> tuple[schema.Kind, tuple[Any, ...]]:
-        spec = schema.KINDS.get(kind)
-        if spec is None or kind not in schema.PRODUCER_KINDS:
-            raise AuditRecordError(f"unknown audit event kind {kind!r}")
-        if not isinstance(record, Mapping):
-            raise AuditRecordError(f"{kind}: record must be a mapping, got {type(record).__name__}")
-        row, unknown = schema.normalize(spec, record)
-        if unknown:
-            if self.strict:
-                raise AuditRecordError(f"{kind}: unknown fields {sorted(map(str, unknown))}")
-            for n in unknown:
-                key = (kind, str(n))
-                if key not in self._warned:
-                    self._warned.add(key)
-                    log.warning("audit %s: dropping unknown field %r", kind, str(n))
-        return spec, row
 
 
 def _unclean_previous(con: duckdb.DuckDBPyConnection) -> tuple[int, int, int] | None:

@@ -61,7 +61,7 @@ from typing import Any, Literal
 from analytics import errors as audit_errors
 from analytics import highwater, schema
 from analytics.errors import AuditClosedError, AuditError, AuditWriterError
-from analytics.store import RecordValidator
+from analytics.schema import RecordValidator
 from appliance.policy.masking import DetectorSettings
 from appliance.policy.redact import AuditRedactor
 
@@ -70,6 +70,7 @@ log = logging.getLogger(__name__)
 _LEN = struct.Struct(">I")
 _ACK = struct.Struct(">Q")   # strict mode: the child's count of events journaled, on the events socket
 _HIGH_WATER = 0.8
+_FRAME = "#frame"          # the handle's buffer: (_FRAME, a worker's pickled rows, their count)
 _SEND_BATCH = 512          # events that make the sender ship at once
 _SEND_INTERVAL_S = 0.01    # otherwise it ships what accumulated this often
 _RECENT_TEXTS = 32_768     # statement texts per generation the child keeps for recordings (~6 s of pgbench)
@@ -95,6 +96,49 @@ sys.exit(_child_main(sys.argv[1:]))
 def _frame(obj: Any) -> bytes:
     data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
     return _LEN.pack(len(data)) + data
+
+
+def _events_in(batch: list) -> int:
+    """The events in a batch of the handle's buffer: (kind, row) items, ("!…", settings) notes
+    for the child (not events), and (_FRAME, pickled rows, count) from workers."""
+    n = 0
+    for item in batch:
+        if item[0] is _FRAME:
+            n += item[2]
+        elif item[0][0] != "!":
+            n += 1
+    return n
+
+
+def _frames(batch: list) -> bytes:
+    """A batch as the child reads it: runs of items pickled as one frame each; a worker's frame
+    goes as it came (it is already a pickled list of (kind, row))."""
+    out: list[bytes] = []
+    run: list = []
+    for item in batch:
+        if item[0] is _FRAME:
+            if run:
+                out.append(_frame(run))
+                run = []
+            out.append(_LEN.pack(len(item[1])) + item[1])
+        else:
+            run.append(item)
+    if run:
+        out.append(_frame(run))
+    return b"".join(out)
+
+
+def _opened(batch: list) -> list:
+    """A batch with each worker frame unpickled into its items (re-sending after a crash)."""
+    if not any(item[0] is _FRAME for item in batch):
+        return batch
+    items: list = []
+    for item in batch:
+        if item[0] is _FRAME:
+            items.extend(pickle.loads(item[1]))  # noqa: S301 - a worker of this daemon pickled it
+        else:
+            items.append(item)
+    return items
 
 
 def _send(sock: socket.socket, obj: Any) -> None:
@@ -444,6 +488,31 @@ class AuditProcess:
                 self._ship.notify()
         return True
 
+    def submit_frame(self, frame: bytes, count: int) -> bool:
+        """Queue ``count`` events another process (a worker) validated and pickled as the child
+        takes them (a list of (kind, row)): sent on as they are, never opened here. All or none:
+        False as :meth:`submit` refuses."""
+        with self._lock:
+            if not self._running or self._closing:
+                raise AuditClosedError("audit store is not running")
+            if self._failing or (self._dead is not None and not self._restarting):
+                self._refused += count
+                return False
+            if self._submitted - self._written - self._lost >= self.queue_max:
+                if self.on_full == "refuse":
+                    self._refused += count
+                    return False
+                while self._submitted - self._written - self._lost >= self.queue_max:
+                    if self._dead is not None or self._closing:
+                        self._refused += count
+                        return False
+                    self._room.wait()
+            self._buf.append((_FRAME, frame, count))
+            self._submitted += count
+            if len(self._buf) >= _SEND_BATCH:
+                self._ship.notify()
+        return True
+
     def submit_acked(self, kind: str, record: Mapping[str, Any],
                      loop: asyncio.AbstractEventLoop) -> asyncio.Future | None:
         """Queue one event and ship it at once; the future (of ``loop``) resolves once the audit
@@ -488,9 +557,9 @@ class AuditProcess:
                     return
                 batch, self._buf = self._buf, []
                 events_sock = self._events
-                self._sent += sum(1 for kind, _ in batch if kind[0] != "!")
+                self._sent += _events_in(batch)
                 self._inflight.append((self._sent, batch))
-            data = _frame(batch)
+            data = _frames(batch)
             try:
                 n = events_sock.send(data, socket.MSG_DONTWAIT)
             except OSError:  # full (BlockingIOError) or broken: the sender thread sends it, or finds out
@@ -622,10 +691,10 @@ class AuditProcess:
                         continue
                     events_sock = self._events
                     # Kept until the child reports it committed: if it dies first, the next one gets it.
-                    self._sent += sum(1 for kind, _ in batch if kind[0] != "!")
+                    self._sent += _events_in(batch)
                     self._inflight.append((self._sent, batch))
                 try:
-                    _send_waiting(events_sock, _frame(batch), self._expire_waiters_locked)
+                    _send_waiting(events_sock, _frames(batch), self._expire_waiters_locked)
                 except OSError as e:
                     with self._lock:
                         replaced = events_sock is not self._events
@@ -746,7 +815,7 @@ class AuditProcess:
                         continue
                     with self._lock:
                         resend, in_store = self._take_resend(info.get("recovered"))
-                        self._resent += sum(1 for kind, _ in resend if kind[0] != "!")
+                        self._resent += _events_in(resend)
                         self._child_base = self._written = self._acked = self._sent = in_store
                         self._lost_before = self._lost
                         self._buf[:0] = resend
@@ -800,9 +869,8 @@ class AuditProcess:
         resend: list = []
         index = None
         for last, batch in self._inflight:
-            n = sum(1 for kind, _ in batch if kind[0] != "!")
-            index = last - n
-            for item in batch:
+            index = last - _events_in(batch)
+            for item in _opened(batch):
                 if item[0][0] == "!":
                     resend.append(item)
                     continue

@@ -324,39 +324,90 @@ class Runtime:
         if store is None:
             log.error("audit store is closed; %s event not recorded", kind)
             return
+        ended = None
         if kind == "request" or kind == "session_end":
             if kind == "request":
                 live = self.live.get(record.get("session_id"))
                 if live is not None:
                     live.current_running = False
-            record = self._count(store, kind, record)
+            record, ended = self._count(store, kind, record)
         try:
             submitted = store.submit(kind, record)
         except Exception as e:
             self._record_failed(kind, e)
             raise
+        finally:
+            if ended is not None:  # freed once everything submitted so far, its session_end too, is committed
+                store.release_mark(ended)
         if not submitted:
-            # Under back-pressure this happens per event: one line per 10 s, with the count.
-            self._refused_events += 1
-            now = time.monotonic()
-            if now - self._refused_logged_at >= 10.0:
-                log.error("audit store refused %d event(s) (last: %s; %s); statements are refused until it "
-                          "recovers", self._refused_events, kind,
-                          "store failing" if store.stats()["failing"] else "queue full")
-                self._refused_events, self._refused_logged_at = 0, now
+            self._refused(store, kind, 1)
 
-    def _count(self, store: Any, kind: str, record: Mapping[str, Any]) -> Mapping[str, Any]:
+    def _refused(self, store: Any, kind: str, n: int) -> None:
+        # Under back-pressure this happens per event: one line per 10 s, with the count.
+        self._refused_events += n
+        now = time.monotonic()
+        if now - self._refused_logged_at >= 10.0:
+            log.error("audit store refused %d event(s) (last: %s; %s); statements are refused until it "
+                      "recovers", self._refused_events, kind,
+                      "store failing" if store.stats()["failing"] else "queue full")
+            self._refused_events, self._refused_logged_at = 0, now
+
+    def audit_relayed(self, frame: bytes, count: int, seqs: Mapping[str, int], ends: list[str],
+                      decisions: Mapping[tuple[str, str], int], observed: list[tuple[str, dict]],
+                      current: Mapping[str, tuple[str | None, float | None, bool]]) -> None:
+        """A worker's records (appliance.worker.StoreLink): ``count`` rows it validated, pickled as
+        the audit process takes them (handed on unopened), and what this process needs of them:
+        each session's highest request seq, the sessions that ended, /metrics' counts, each
+        session's current request."""
+        metrics = getattr(self.daemon, "metrics", None)
+        if metrics is not None:
+            metrics.decisions.update(decisions)
+            for kind, record in observed:
+                metrics.observe(kind, record)
+        live_sessions = self.live
+        for session_id, (text, since, running) in current.items():
+            live = live_sessions.get(session_id)
+            if live is not None:
+                if text is not None:
+                    live.current, live.current_since = text, since
+                live.current_running = running
+        for session_id, seq in seqs.items():
+            live = live_sessions.get(session_id)
+            if live is not None and seq > live.requests:
+                live.requests = seq
+        store = self.daemon.audit
+        if not count:
+            return
+        if store is None:
+            log.error("audit store is closed; %d event(s) of a worker not recorded", count)
+            return
+        try:
+            submitted = store.submit_frame(frame, count)
+        except Exception as e:
+            self._record_failed("worker frame", e)
+            raise
+        if not submitted:
+            self._refused(store, "a worker's frame", count)
+        for session_id in ends:  # after the frame that holds their session_end
+            live = live_sessions.get(session_id)
+            slot = self._end_mark(store.marks, live) if live is not None else None
+            if slot is not None:
+                store.release_mark(slot)
+
+    def _count(self, store: Any, kind: str, record: Mapping[str, Any]) -> tuple[Mapping[str, Any], int | None]:
         """Number a session's requests (1, 2, 3...: verify finds a lost one as a hole) and keep
-        the daemon's high-water marks, so a crash's loss can be counted at the next start."""
+        the daemon's high-water marks, so a crash's loss can be counted at the next start. With
+        the record, the high-water slot a session_end ended, for the caller to release once the
+        record is submitted."""
         live = self.live.get(record.get("session_id"))
         if live is None:
-            return record
+            return record, None
         marks = store.marks
         if live.worker is not None:
-            return self._count_relayed(marks, store, kind, record, live)
+            return self._count_relayed(marks, kind, record, live)
         if kind == "request" or kind == "request_start":
             if kind == "request" and "seq" in record:
-                return record  # numbered and marked by issue_seq before its answer reached the bot
+                return record, None  # numbered and marked by issue_seq before its answer reached the bot
             # A request's start (strict mode) and its completion share one seq.
             seq = live.pending_starts.pop(record.get("request_id"), None) if kind == "request" and live.pending_starts else None
             if seq is None:
@@ -364,27 +415,32 @@ class Runtime:
                 seq = live.requests
                 if kind == "request_start":  # marked once acknowledged (audit_durable): it runs only then
                     live.pending_starts[record.get("request_id")] = seq
-                    return {**record, "seq": seq}
+                    return {**record, "seq": seq}, None
             self._mark(marks, live, seq)
-            return {**record, "seq": seq}
-        if marks is not None and live.mark is not None:  # session_end
-            marks.end(live.mark)
-            store.release_mark(live.mark)   # once the session_end is committed
-            live.mark = None
-        return {**record, "requests": live.requests}
+            return {**record, "seq": seq}, None
+        return {**record, "requests": live.requests}, self._end_mark(marks, live)
 
-    def _count_relayed(self, marks: Any, store: Any, kind: str, record: Mapping[str, Any],
-                       live: LiveSession) -> Mapping[str, Any]:
+    @staticmethod
+    def _end_mark(marks: Any, live: LiveSession) -> int | None:
+        """A session's end: its high-water slot says so; the slot, to release once the record is
+        submitted (it is freed when everything submitted by then is committed)."""
+        slot = live.mark
+        if marks is None or slot is None:
+            return None
+        marks.end(slot)
+        live.mark = None
+        return slot
+
+    def _count_relayed(self, marks: Any, kind: str, record: Mapping[str, Any],
+                       live: LiveSession) -> tuple[Mapping[str, Any], int | None]:
         """A worker's session (appliance.workers > 1): the worker numbered the record and wrote its
         high-water mark itself (analytics.highwater.SharedMarks) before the answer reached the bot;
         here ``live.requests`` counts what arrived (a dead worker's shortfall is the difference)."""
         if kind == "request" or kind == "request_start":
             live.requests = max(live.requests, record.get("seq") or 0)
-        elif kind == "session_end" and marks is not None and live.mark is not None:
-            marks.end(live.mark)
-            store.release_mark(live.mark)
-            live.mark = None
-        return record
+        elif kind == "session_end":
+            return record, self._end_mark(marks, live)
+        return record, None
 
     def issue_seq(self, session_id: str, request_id: str) -> int | None:
         """Number a completed request and mark it issued now, before its answer goes to the bot
@@ -430,7 +486,7 @@ class Runtime:
         loop = asyncio.get_running_loop()
         store = self.daemon.audit
         if store is not None:
-            record = self._count(store, kind, record)
+            record, _ = self._count(store, kind, record)  # a request's start: no session_end
         try:
             fut = store.submit_acked(kind, record, loop) if store is not None else None
         except Exception as e:  # a record the store cannot take: the front refuses the request

@@ -29,6 +29,7 @@ from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from typing import Any
 
+from analytics.schema import RecordValidator
 from appliance.errors import BotwardenError
 from appliance.fronts.services import AuthRefused, ConnectionContext, SessionGrant
 from appliance.runtime import LiveSession, Runtime
@@ -77,17 +78,30 @@ class Link:
         self._serving: dict[int, asyncio.Task] = {}
         self._tasks = TaskSet()
         self.closed: str | None = None
+        # What a sender keeps beside the queue (a worker's audit rows, StoreLink): called before
+        # anything else is queued and at each flush, it returns the message that carries it, or
+        # None. So that message keeps its place in the order of everything sent.
+        self.seal: Callable[[], tuple | None] | None = None
 
     # -- sending -----------------------------------------------------------------------------
 
     def send(self, message: tuple, *, lazy: bool = False) -> None:
         """Queue ``message``; it goes at the end of this loop turn, or with ``lazy`` within
-        LAZY_FLUSH_S (audit records: under load one write and one wake-up of the other end per
-        few milliseconds instead of per statement). Anything sent later flushes it too: order holds."""
+        LAZY_FLUSH_S. Anything sent later flushes it too: order holds."""
         if self.closed is not None:
             return
+        if self.seal is not None:
+            sealed = self.seal()
+            if sealed is not None:
+                self._out.append(sealed)
         self._out.append(message)
-        if self._flush_scheduled:
+        self.wake(lazy=lazy)
+
+    def wake(self, *, lazy: bool = False) -> None:
+        """Have the queue flushed: at the end of this loop turn, or with ``lazy`` within
+        LAZY_FLUSH_S (audit records: under load one write and one wake-up of the other end per
+        few milliseconds instead of per statement)."""
+        if self._flush_scheduled or self.closed is not None:
             return
         loop = asyncio.get_running_loop()
         if not lazy:
@@ -104,6 +118,10 @@ class Link:
         if self._lazy_timer is not None:
             self._lazy_timer.cancel()
             self._lazy_timer = None
+        if self.seal is not None and self.closed is None:
+            sealed = self.seal()
+            if sealed is not None:
+                self._out.append(sealed)
         out, self._out = self._out, []
         if not out or self.closed is not None:
             return
@@ -235,9 +253,16 @@ async def open_link(sock: socket.socket, **kwargs: Any) -> Link:
 
 
 class StoreLink:
-    """The audit store as a worker sees it: events go to the supervisor, which submits them to
-    the one audit process (which builds the one hash chain); its health is what the supervisor
-    last said (it tells every worker when it changes)."""
+    """The audit store as a worker sees it: the one audit process (which builds the one hash
+    chain) is reached through the supervisor; its health is what the supervisor last said (it
+    tells every worker when it changes).
+
+    Records that do not wait are validated here into the rows the audit process takes and go to
+    the supervisor as one pickled frame per flush (``audit_frame``), which it hands to the audit
+    process unopened: the supervisor does no per-record work. Beside the frame go what it needs
+    of them: each session's highest request seq (a dead worker's shortfall is counted from it),
+    the sessions that ended (their high-water slots are freed once committed), decision counts and
+    session/approval events for /metrics, and each session's current request for listings."""
 
     def __init__(self, link: Link):
         self.link = link
@@ -246,6 +271,14 @@ class StoreLink:
         # The daemon's high-water file, mapped here (analytics.highwater.SharedMarks): this worker
         # marks each request it numbers before the answer goes to the bot. None: no marks kept.
         self.marks: Any = None
+        self._validate = RecordValidator()
+        self._rows: list[tuple[str, tuple]] = []
+        self._seqs: dict[str, int] = {}
+        self._ends: list[str] = []
+        self._decisions: dict[tuple[str, str], int] = {}
+        self._observed: list[tuple[str, dict]] = []
+        self._current: dict[str, tuple[str | None, float | None, bool]] = {}
+        link.seal = self._seal
 
     def release_mark(self, slot: int) -> None:
         """The daemon frees a session's mark once its session_end is committed, not the worker."""
@@ -253,8 +286,38 @@ class StoreLink:
     def submit(self, kind: str, record: Mapping[str, Any]) -> bool:
         if self.link.closed is not None:
             return False
-        self.link.send(("audit", kind, dict(record)), lazy=True)
+        _, row = self._validate(kind, record)  # raises AuditRecordError here, where the bug is
+        self._rows.append((kind, row))
+        sid = record.get("session_id")
+        if kind == "request":
+            seq = record.get("seq") or 0
+            if seq > self._seqs.get(sid, 0):
+                self._seqs[sid] = seq
+            key = (str(record.get("decision") or "?"), str(record.get("rule") or ""))
+            self._decisions[key] = self._decisions.get(key, 0) + 1
+            text, since, _ = self._current.get(sid, (None, None, False))
+            self._current[sid] = (text, since, False)
+        elif kind in _OBSERVED:
+            self._observed.append((kind, {k: record[k] for k in _OBSERVED_FIELDS if k in record}))
+            if kind == "session_end":
+                self._ends.append(sid)
+        self.link.wake(lazy=True)
         return True
+
+    def note_current(self, session_id: str, text: str, since: float) -> None:
+        """A session's current request, for the supervisor's session listing (sent lazily)."""
+        if self.link.closed is None:
+            self._current[session_id] = (text, since, True)
+            self.link.wake(lazy=True)
+
+    def _seal(self) -> tuple | None:
+        if not self._rows and not self._current:
+            return None
+        rows, self._rows = self._rows, []
+        message = ("audit_frame", pickle.dumps(rows, protocol=pickle.HIGHEST_PROTOCOL) if rows else b"",
+                   len(rows), self._seqs, self._ends, self._decisions, self._observed, self._current)
+        self._seqs, self._ends, self._decisions, self._observed, self._current = {}, [], {}, [], {}
+        return message
 
     def submit_acked(self, kind: str, record: Mapping[str, Any], loop: Any) -> asyncio.Future | None:
         """Strict mode: resolves once the audit process has journaled the record."""
@@ -265,6 +328,11 @@ class StoreLink:
 
     def stats(self) -> dict[str, Any]:
         return {"failing": not self.healthy}
+
+
+# The records /metrics counts beside decisions (appliance.metrics.Metrics.observe), with the fields it reads.
+_OBSERVED = frozenset({"session_start", "session_end", "approval"})
+_OBSERVED_FIELDS = ("session_id", "target", "identity", "outcome", "event", "waited_ms")
 
 
 class ProbeLookup:
@@ -358,7 +426,7 @@ class WorkerRuntime(Runtime):
     def _note_current(self, live: LiveSession | None, text: str) -> None:  # type: ignore[override]
         Runtime._note_current(live, text)
         if live is not None:  # the supervisor's session listing shows it
-            self.link.send(("current", live.session_id, text, live.current_since), lazy=True)
+            self.daemon.audit.note_current(live.session_id, text, live.current_since)
 
     async def forward_cancel(self, req: Any) -> None:
         """A CancelRequest for a key this worker does not hold: the supervisor hands it to the

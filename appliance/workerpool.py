@@ -9,8 +9,9 @@ what must stay single is served here, through the daemon's own runtime:
 * ``open_session``: identity and the credential lease (one lease per session, revoked here);
   the session is a ``LiveSession`` of the daemon's runtime (listings, operator ends, lease and
   token expiry, all as with one process), marked with the worker that serves it.
-* audit events and strict mode's acknowledgements: the worker numbers its sessions' requests,
-  the daemon submits the records to its one audit process, which builds the one hash chain.
+* audit events and strict mode's acknowledgements: the worker numbers its sessions' requests and
+  turns its records into rows; the daemon hands each worker's frame of rows unopened to its one
+  audit process, which builds the one hash chain.
 * holds: the approval broker is the daemon's; a worker's hold is a call that returns the
   broker's decision (decided once, as always), withdrawn by cancelling the call.
 * cancel keys: every worker registers the keys it gives out; a CancelRequest for a key it
@@ -236,12 +237,8 @@ class WorkerPool:
     def _on_message(self, slot: WorkerSlot, message: tuple) -> None:
         kind = message[0]
         runtime = self.daemon.runtime
-        if kind == "audit":
-            runtime.audit(message[1], message[2])
-        elif kind == "current":
-            live = runtime.live.get(message[1])
-            if live is not None:
-                live.current, live.current_since, live.current_running = message[2], message[3], True
+        if kind == "audit_frame":
+            runtime.audit_relayed(*message[1:])
         elif kind == "close_session":
             slot.sessions.discard(message[1])
             live = runtime.live.get(message[1])

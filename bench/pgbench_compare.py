@@ -293,44 +293,81 @@ cgroup = "pgbench"
 
 # ---------------------------------------------------------------- helpers
 
-def cpu_ticks(pid: int) -> int:
-    """utime + stime of a process and its child processes (the daemon's audit process)."""
-    ticks = cpu_own(pid)
-    for task in Path(f"/proc/{pid}/task").iterdir():
+def proc_tree(pid: int) -> list[int]:
+    """pid and every descendant process (the daemon, its workers, its audit process)."""
+    out = [pid]
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return out
+    for task in tasks:
         try:
             children = task.joinpath("children").read_text().split()
         except OSError:
             continue
-        ticks += sum(cpu_ticks(int(c)) for c in children if Path(f"/proc/{c}").exists())
-    return ticks
+        for c in children:
+            out += proc_tree(int(c))
+    return out
+
+
+def _stat(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:  # gone meanwhile
+        return ["0"] * 13
 
 
 def cpu_own(pid: int) -> int:
     """utime + stime of the process alone."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    fields = _stat(pid)
     return int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+
+
+def cpu_ticks(pid: int) -> int:
+    """utime + stime of a process and its child processes (the daemon's audit process)."""
+    return sum(cpu_own(p) for p in proc_tree(pid))
+
+
+def role(pid: int, root: int) -> str:
+    """What a process of the daemon's tree is: "daemon", "worker", "audit" or "other"."""
+    if pid == root:
+        return "daemon"
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return "other"
+    if b"appliance.worker" in cmdline:
+        return "worker"
+    return "audit" if b"appliance.auditproc" in cmdline else "other"
+
+
+def cpu_by_role(pid: int) -> dict[str, int]:
+    """CPU ticks of a daemon's tree, per role (see role)."""
+    out: dict[str, int] = {}
+    for p in proc_tree(pid):
+        r = role(p, pid)
+        out[r] = out.get(r, 0) + cpu_own(p)
+    return out
 
 
 def tree_switches(pid: int) -> tuple[int, int]:
     """(system-mode CPU ticks, context switches of every thread) of a process and its children:
     how much of the proxy's CPU is the kernel's, and how often its threads went to sleep or were
     preempted (an event loop that finds one ready socket per wake-up switches once per message)."""
-    try:
-        stime = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[12])
-    except (OSError, IndexError, ValueError):
-        return 0, 0
-    switches = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
+    stime = switches = 0
+    for p in proc_tree(pid):
+        stime += int(_stat(p)[12])
         try:
-            for line in task.joinpath("status").read_text().splitlines():
-                if "ctxt_switches:" in line:
-                    switches += int(line.split()[1])
-            children = task.joinpath("children").read_text().split()
+            tasks = list(Path(f"/proc/{p}/task").iterdir())
         except OSError:
             continue
-        for c in children:
-            st, sw = tree_switches(int(c))
-            stime, switches = stime + st, switches + sw
+        for task in tasks:
+            try:
+                for line in task.joinpath("status").read_text().splitlines():
+                    if "ctxt_switches:" in line:
+                        switches += int(line.split()[1])
+            except OSError:
+                continue
     return stime, switches
 
 
@@ -364,6 +401,7 @@ def run_pgbench(port: int, password: str, mode: str, args, logdir: Path, tag: st
         cmd = wrap(cmd)
     before = cpu_ticks(cpu_pid) if cpu_pid else 0
     own_before = cpu_own(cpu_pid) if cpu_pid else 0
+    roles_before = cpu_by_role(cpu_pid) if cpu_pid else {}
     sys_before, sw_before = tree_switches(cpu_pid) if cpu_pid else (0, 0)
     load = os.getloadavg()[0]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=logdir)
@@ -396,7 +434,10 @@ def run_pgbench(port: int, password: str, mode: str, args, logdir: Path, tag: st
     cpu_us = (after - before) / CLK_TCK * 1e6 / txns if cpu_pid else None
     own_us = (cpu_own(cpu_pid) - own_before) / CLK_TCK * 1e6 / txns if cpu_pid else None
     sys_after, sw_after = tree_switches(cpu_pid) if cpu_pid else (0, 0)
-    return {"tps": tps, "p50": percentile(lat, 50) / 1000, "p99": percentile(lat, 99) / 1000, "cpu_us": cpu_us,
+    roles_after = cpu_by_role(cpu_pid) if cpu_pid else {}
+    # Per role (daemon or supervisor, workers, audit process): µs per transaction.
+    by_role = {r: (t - roles_before.get(r, 0)) / CLK_TCK * 1e6 / txns for r, t in roles_after.items()}
+    return {"by_role_us": by_role, "tps": tps, "p50": percentile(lat, 50) / 1000, "p99": percentile(lat, 99) / 1000, "cpu_us": cpu_us,
             "own_us": own_us, "txns": txns, "load_1min_before": load,
             "sys_us": (sys_after - sys_before) / CLK_TCK * 1e6 / txns if cpu_pid else None,
             "switches_per_txn": (sw_after - sw_before) / txns if cpu_pid else None}

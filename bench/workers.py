@@ -32,19 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.pgbench_compare import PASSWORD, PGBENCH, USER, Daemon, run_pgbench  # noqa: E402
-
-
-def tree(pid: int) -> list[int]:
-    """pid and every descendant (the daemon, its workers, its audit process)."""
-    out = [pid]
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            children = task.joinpath("children").read_text().split()
-        except OSError:
-            continue
-        for c in children:
-            out += tree(int(c))
-    return out
+from bench.pgbench_compare import proc_tree as tree  # noqa: E402
 
 
 def pin(pids: list[int], cpu: int) -> None:
@@ -121,14 +109,18 @@ def main() -> None:
         lines = [f"# appliance.workers: pgbench -S, {args.clients} clients, {args.duration}s per run, "
                  f"{args.repeat} interleaved rounds (medians); full inspection, audit.mode = strict; {pinning}; "
                  f"{os.cpu_count()} CPUs", "",
-                 "| mode | workers | TPS | CPU µs/txn (daemon + workers + audit) | of which kernel | of which the supervisor "
-                 "process | context switches/txn | p99 ms | TPS of each round |",
-                 "|---|---|---|---|---|---|---|---|---|"]
+                 "| mode | workers | TPS | CPU µs/txn (daemon + workers + audit) | of which kernel | of which the "
+                 "daemon (1) or supervisor (2) | the workers | the audit process | context switches/txn | p99 ms | "
+                 "TPS of each round |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|"]
         for mode in modes:
             for n in daemons:
                 r = results[(mode, n)]
+                roles = r["by_role_us"]
+                workers = f"{roles['worker']:.1f}" if "worker" in roles else "–"
                 lines.append(f"| {mode} | {n} | {r['tps']:.0f} | {r['cpu_us']:.1f} | {r['sys_us']:.1f} | "
-                             f"{r['own_us']:.1f} | {r['switches_per_txn']:.2f} | {r['p99']:.2f} | "
+                             f"{roles.get('daemon', 0):.1f} | {workers} | {roles.get('audit', 0):.1f} | "
+                             f"{r['switches_per_txn']:.2f} | {r['p99']:.2f} | "
                              f"{', '.join(f'{t:.0f}' for t in r['all_tps'])} |")
         text = "\n".join(lines) + "\n"
         print(text)

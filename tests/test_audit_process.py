@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import pytest
 from analytics import AuditStore
 from analytics.errors import (AuditClosedError, AuditError, AuditRecordError, AuditWriterError,
                               ReadOnlyViolation, UnknownReport)
+from analytics.schema import RecordValidator
 from appliance.auditproc import AuditProcess
 from appliance.policy.masking import DetectorSettings
 from appliance.policy.redact import MASK
@@ -229,6 +231,55 @@ def test_a_dead_audit_process_is_restarted_and_gets_what_it_had_not_committed(tm
         assert any("ended abruptly after committing 10 events" in n for n in report.notes), report.notes
     finally:
         p.close()  # nothing was lost: no error
+
+
+def frame_of(*records: dict) -> bytes:
+    """Rows as a worker sends them (appliance.worker.StoreLink): validated, pickled as one list."""
+    validate = RecordValidator()
+    return pickle.dumps([("request", validate("request", r)[1]) for r in records])
+
+
+def test_worker_frames_are_sent_on_unopened_in_order_redacted_and_resent_after_a_crash(tmp_path):
+    """A worker's frame (rows it validated and pickled) goes to the child as it came, in order
+    with the daemon's own events, redacted there like any row; frames in flight when the child
+    dies are opened and re-sent to the next one, each event once."""
+    p = AuditProcess(tmp_path / "a.duckdb", flush_interval=5.0, restart_after=0.3)
+    p.start()
+    try:
+        p.set_redaction(DetectorSettings(secret_min_length=16, secret_entropy=3.0))
+        assert p.submit("request", request(0))
+        assert p.submit_frame(frame_of(*(request(i) for i in range(1, 50))), 49)
+        assert p.submit("request", request(50))
+        assert p.submit_frame(frame_of(request(51, params=["Zq8xV2mK9pL4rT7w"]), request(52)), 2)
+        p.flush()
+        assert p.stats()["written"] == 53
+        _, rows = p.query("SELECT request_id, params FROM requests ORDER BY chain_seq")
+        assert [r[0] for r in rows] == [f"r{i}" for i in range(53)]
+        assert rows[51][1] == [MASK]  # redacted by the child as the daemon's own rows are
+        for n in range(3):   # shipped within 10 ms, committed only after 5 s: in flight
+            assert p.submit_frame(frame_of(*(request(i) for i in range(100 + 100 * n, 200 + 100 * n))), 100)
+        assert wait_for(lambda: p._sent == 353)
+        first = p.pid
+        os.kill(first, signal.SIGKILL)
+        assert wait_for(lambda: p.healthy and p.pid != first)
+        assert p.stats()["resent_after_crash"] == 300
+        p.flush()
+        _, rows = p.query("SELECT count(*), count(DISTINCT request_id) FROM requests")
+        assert rows == [(353, 353)]
+        assert p.verify().clean
+    finally:
+        p.close()  # nothing was lost: no error
+    p = AuditProcess(tmp_path / "b.duckdb", queue_max=10)
+    p.start()
+    try:  # all or none: a frame that does not fit under queue_max is refused whole
+        pause(p.pid)
+        assert p.submit_frame(frame_of(*(request(i) for i in range(8))), 8)
+        assert p.submit_frame(frame_of(*(request(i) for i in range(8, 16))), 8)  # below the limit when it came
+        assert not p.submit_frame(frame_of(*(request(i) for i in range(16, 24))), 8)
+        assert p.stats()["refused"] == 8 and p.stats()["pending"] == 16
+    finally:
+        os.kill(p.pid, signal.SIGCONT)
+        p.close()
 
 
 def test_the_audit_process_outlives_a_killed_daemon_only_to_close_the_file(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +19,7 @@ from contextlib import ExitStack
 
 import psycopg
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from appliance.config import parse_config
 from appliance.control import ControlError
@@ -135,6 +137,60 @@ def test_sessions_on_both_workers_audit_into_one_verified_chain(env):
         assert row["n"] == row["top"] == row["requests"] >= 5
     res = cli("--config", str(env.config), "audit", "verify")
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def scrape(env) -> dict[tuple[str, tuple], float]:
+    """The daemon's /metrics over its control socket, as {(sample, labels): value}."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(env.daemon.socket))
+        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: botwarden\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    return {(x.name, tuple(sorted(x.labels.items()))): x.value
+            for family in text_string_to_metric_families(body.decode()) for x in family.samples}
+
+
+def test_what_workers_send_in_frames_reaches_the_listing_and_metrics(env):
+    """A worker sends its records to the daemon as frames of rows the daemon hands on unopened,
+    with what the daemon needs of them beside: each session's current statement (the listing),
+    decision and session counts (/metrics), the highest request number (counted above)."""
+    def metric(name: str, **labels: str) -> float:
+        return scrape(env).get((name, tuple(sorted(labels.items()))), 0.0)
+
+    blocked_before = metric("botwarden_decisions_total", action="block", rule="no-drops")
+    ended_before = metric("botwarden_sessions_total", target="orders", identity="orders-bot", outcome="ok")
+    token = env.bao.mint_token()
+    with ExitStack() as stack:
+        by_worker = connect_on_every_worker(env, stack, token)
+        opened = sum(len(c) for c in by_worker.values())
+        for worker, conns in by_worker.items():
+            conn = conns[0]
+            user = conn.execute("SELECT current_user").fetchone()[0]
+            marker = f"bw-current-{worker}"
+            t = threading.Thread(target=lambda c=conn, m=marker: c.execute(f"SELECT pg_sleep(1.5) /* {m} */"))
+            t.start()
+
+            def listed(user: str = user) -> dict:
+                return next(s for s in env.daemon.client().get("/v1/sessions")["sessions"]
+                            if s["credential_user"] == user)
+
+            running = wait_for(lambda: s if (s := listed()).get("current_running") else None,
+                               what=f"worker {worker}'s statement as the session's current one")
+            assert marker in running["current"] and running["worker"] == worker
+            t.join(30)
+            assert not t.is_alive()
+            done = wait_for(lambda: s if not (s := listed()).get("current_running") else None,
+                            what="the statement no longer running")
+            assert marker in done["current"]
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="no-drops"):
+                conn.execute("DROP TABLE orders")
+    wait_for(lambda: metric("botwarden_decisions_total", action="block", rule="no-drops") == blocked_before + 2,
+             what="both workers' blocks counted")
+    wait_for(lambda: metric("botwarden_sessions_total", target="orders", identity="orders-bot", outcome="ok")
+             == ended_before + opened, what="every session's end counted")
 
 
 def _running(pg, marker: str) -> bool:
