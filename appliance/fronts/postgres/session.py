@@ -36,6 +36,9 @@ from .lookup import FunctionLookupMixin
 from .guard import RowGuardMixin
 from .holds import HoldMixin
 
+# How long a bot sent a FATAL has to hang up before its connection is closed (see close).
+LINGER_S = 2.0
+
 if TYPE_CHECKING:
     from .front import PostgresFront
     from .transport import BotProtocol
@@ -184,12 +187,19 @@ class Session(StartupMixin, ReadingMixin, ExtendedProtocolMixin, MaskingMixin, F
         """Tell the bot why the session ends (FATAL, botwarden-made) and close it."""
         self.core.set_outcome(outcome, message)
         self.write_bot(error_response(code, message, severity="FATAL").encode())
-        self.close()
+        # Lingering only for an established session: a bot still starting up waits for our answer
+        # (sends nothing meanwhile), and an unauthenticated flood must not hold descriptors longer.
+        self.close(linger=self.relaying)
 
     def shutdown(self, code: str, message: str) -> None:
         self.fatal(code, message, outcome="terminated")
 
-    def close(self) -> None:
+    def close(self, *, linger: bool = False) -> None:
+        """End the session. ``linger``: the bot was just sent a FATAL; half-close its connection
+        and read (and drop) what it still sends until it hangs up, for at most LINGER_S. Closed at
+        once, a statement the bot sends meanwhile would make our kernel answer with a reset,
+        which can reach the bot's driver before it read the FATAL: it would see "server closed
+        the connection unexpectedly" instead of why (PostgreSQL's postmaster has the same race)."""
         if self.closed:
             return
         self.closed = True
@@ -199,8 +209,13 @@ class Session(StartupMixin, ReadingMixin, ExtendedProtocolMixin, MaskingMixin, F
             self._startup_task.cancel()
         if self._hold_task is not None and not self._hold_task.done():
             self._hold_task.cancel()
-        if self.bot.transport is not None:
-            self.bot.transport.close()
+        bot = self.bot.transport
+        if bot is not None:
+            if linger and not bot.is_closing() and bot.can_write_eof():
+                bot.write_eof()   # after what is buffered, the FATAL
+                asyncio.get_running_loop().call_later(LINGER_S, bot.close)
+            else:
+                bot.close()
         if self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.close()
         self._finish_pending("session ended before the statement completed")

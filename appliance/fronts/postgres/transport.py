@@ -85,6 +85,8 @@ class BotProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         s = self.session
+        if s.closed:  # a bot that was sent a FATAL and has not hung up yet (Session.close): dropped
+            return
         s.bytes_in += len(data)
         if s.relaying:
             if s.recorder is not None:
