@@ -35,6 +35,41 @@ from bench.pgbench_compare import PASSWORD, PGBENCH, USER, Daemon, run_pgbench  
 from bench.pgbench_compare import proc_tree as tree  # noqa: E402
 
 
+SYSCALLS = ("read", "write", "recvfrom", "sendto", "epoll_wait", "epoll_pwait", "futex", "sendmsg", "recvmsg")
+
+
+def start_syscall_counts(root: int, tmp: Path, duration: int) -> dict[str, tuple[subprocess.Popen, Path]]:
+    """One `perf stat` per process role of a daemon's tree, counting the calls in SYSCALLS over
+    the run (started just before pgbench, for its duration)."""
+    from bench.pgbench_compare import role
+
+    by_role: dict[str, list[int]] = {}
+    for p in tree(root):
+        by_role.setdefault(role(p, root), []).append(p)
+    events = ",".join(f"syscalls:sys_enter_{c}" for c in SYSCALLS)
+    out = {}
+    for r, pids in by_role.items():
+        path = tmp / f"perf-{root}-{r}.csv"
+        out[r] = (subprocess.Popen(["perf", "stat", "-x,", "-o", str(path), "-e", events, "-p",
+                                    ",".join(map(str, pids)), "--", "sleep", str(duration)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), path)
+    return out
+
+
+def read_syscall_counts(counters: dict[str, tuple[subprocess.Popen, Path]], txns: int) -> dict[str, dict[str, float]]:
+    """{role: {call: calls per transaction}} (the count covers the pgbench run's duration)."""
+    out: dict[str, dict[str, float]] = {}
+    for r, (proc, path) in counters.items():
+        proc.wait(60)
+        calls: dict[str, float] = {}
+        for line in path.read_text().splitlines():
+            fields = line.split(",")
+            if len(fields) > 2 and fields[2].startswith("syscalls:sys_enter_") and fields[0].isdigit():
+                calls[fields[2].removeprefix("syscalls:sys_enter_")] = int(fields[0]) / txns
+        out[r] = {c: n for c, n in calls.items() if n >= 0.005}
+    return out
+
+
 def pin(pids: list[int], cpu: int) -> None:
     for p in pids:  # -a: every thread of the process
         subprocess.run(["taskset", "-a", "-p", "-c", str(cpu), str(p)], check=True, capture_output=True)
@@ -59,6 +94,10 @@ def main() -> None:
                                                         "during their first run: PREFIX-w<N>-<pid>.txt (pinned, "
                                                         "PostgreSQL and pgbench do not compete for the daemon's "
                                                         "core, so its samples are mostly its CPU time)")
+    ap.add_argument("--syscalls", action="store_true",
+                    help="count each process role's system calls per transaction in every run (perf's "
+                         "syscalls tracepoints; the machine has no hardware counters): the same calls per "
+                         "transaction with more CPU means each costs more, more calls means less batching")
     args = ap.parse_args()
     args.builtin = "select-only"
 
@@ -95,10 +134,13 @@ def main() -> None:
                                                "--nonblocking", "-f", "raw"],
                                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                              for p in tree(d.pid)]
+                counters = start_syscall_counts(d.pid, tmp, args.duration) if args.syscalls else {}
                 r = run_pgbench(pg.port, "no-token-needed", mode, args, tmp, f"botwarden_w{n}-{mode}", d.pid,
                                 wrap_cpu(d))
                 for spy in spies:
                     spy.wait(60)
+                if counters:
+                    r["syscalls_per_txn"] = read_syscall_counts(counters, r["txns"])
                 runs.setdefault((mode, n), []).append(r)
         results = {}
         for key, rs in runs.items():
@@ -122,6 +164,14 @@ def main() -> None:
                              f"{roles.get('daemon', 0):.1f} | {workers} | {roles.get('audit', 0):.1f} | "
                              f"{r['switches_per_txn']:.2f} | {r['p99']:.2f} | "
                              f"{', '.join(f'{t:.0f}' for t in r['all_tps'])} |")
+        if args.syscalls:
+            lines += ["", "System calls per transaction, by process (median run's counts):", "",
+                      "| mode | workers | process | calls/txn |", "|---|---|---|---|"]
+            for mode in modes:
+                for n in daemons:
+                    for r, calls in sorted(results[(mode, n)].get("syscalls_per_txn", {}).items()):
+                        lines.append(f"| {mode} | {n} | {r} | " + ", ".join(
+                            f"{c} {v:.2f}" for c, v in sorted(calls.items(), key=lambda kv: -kv[1])) + " |")
         text = "\n".join(lines) + "\n"
         print(text)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -19,13 +18,13 @@ from contextlib import ExitStack
 
 import psycopg
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from appliance.config import parse_config
 from appliance.control import ControlError
 from appliance.errors import ConfigError
 from tests.approvals_fixtures import wait_until
 from tests.daemon_fixtures import ROOT, RULES, DaemonProcess, fresh_setup, new_port, psql, seed_orders, write_config
+from tests.test_metrics import samples, scrape_socket, value
 
 WORKERS = 'workers = 2\n'
 
@@ -139,26 +138,12 @@ def test_sessions_on_both_workers_audit_into_one_verified_chain(env):
     assert res.returncode == 0, res.stdout + res.stderr
 
 
-def scrape(env) -> dict[tuple[str, tuple], float]:
-    """The daemon's /metrics over its control socket, as {(sample, labels): value}."""
-    with socket.socket(socket.AF_UNIX) as s:
-        s.connect(str(env.daemon.socket))
-        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: botwarden\r\n\r\n")
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200"), head
-    return {(x.name, tuple(sorted(x.labels.items()))): x.value
-            for family in text_string_to_metric_families(body.decode()) for x in family.samples}
-
-
 def test_what_workers_send_in_frames_reaches_the_listing_and_metrics(env):
     """A worker sends its records to the daemon as frames of rows the daemon hands on unopened,
     with what the daemon needs of them beside: each session's current statement (the listing),
     decision and session counts (/metrics), the highest request number (counted above)."""
     def metric(name: str, **labels: str) -> float:
-        return scrape(env).get((name, tuple(sorted(labels.items()))), 0.0)
+        return value(samples(scrape_socket(env.daemon.socket)[1]), name, **labels)
 
     blocked_before = metric("botwarden_decisions_total", action="block", rule="no-drops")
     ended_before = metric("botwarden_sessions_total", target="orders", identity="orders-bot", outcome="ok")
