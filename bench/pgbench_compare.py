@@ -293,6 +293,15 @@ cgroup = "pgbench"
 
 # ---------------------------------------------------------------- helpers
 
+def py_spy() -> str:
+    """The py-spy that --profile runs (the venv's, or one on PATH); exits with how to install it
+    when there is none (it is the `bench` extra, not installed by the README's commands)."""
+    found = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not os.access(found, os.X_OK):
+        sys.exit(f"--profile needs py-spy, which is not installed: {Path(sys.executable).parent}/pip install -e '.[bench]'")
+    return found
+
+
 def proc_tree(pid: int) -> list[int]:
     """pid and every descendant process (the daemon, its workers, its audit process)."""
     out = [pid]
@@ -504,6 +513,8 @@ def main() -> None:
     ap.add_argument("--serve-front", nargs=2, metavar=("UPSTREAM_PORT", "PORT_FILE"), help=argparse.SUPPRESS)
     ap.add_argument("--serve-relay", nargs=2, metavar=("UPSTREAM_PORT", "PORT_FILE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.profile and not args.profile.endswith(".perf"):
+        py_spy()
     if args.quick:
         args.duration, args.repeat, args.scale, args.big_rows = 3, 1, 1, 100_000
         if "--paths" not in sys.argv:
@@ -632,7 +643,7 @@ pidfile = {bdir}/pgbouncer.pid
                         cmd = ["perf", "record", "-F", "499", "-g", "-p", ",".join([str(pid), *kids]), "-o", args.profile,
                                "--", "sleep", str(args.duration)]
                     else:  # py-spy: Python stacks (raw collapsed stacks for a .txt name)
-                        cmd = [str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(pid), "-o",
+                        cmd = [py_spy(), "record", "-p", str(pid), "-o",
                                args.profile, "-r", "200", "-d", str(args.duration), "--threads", "--nonblocking",
                                "--subprocesses",  # the audit process too
                                "-f", "raw" if args.profile.endswith(".txt") else "flamegraph"]
@@ -672,7 +683,7 @@ pidfile = {bdir}/pgbouncer.pid
                 if args.profile and name == full and attempt == 0 and not args.profile.endswith(".perf"):
                     # py-spy over the daemon while it masks the large result (FILE-large.txt / .svg)
                     stem, ext = os.path.splitext(args.profile)
-                    spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "-p",
+                    spy = subprocess.Popen([py_spy(), "record", "-p",
                                             str(daemon.pid), "-o", f"{stem}-large{ext}", "-r", "200", "--nonblocking",
                                             "-f", "raw" if ext == ".txt" else "flamegraph"],
                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -21,7 +21,6 @@ import argparse
 import itertools
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -31,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.pgbench_compare import PASSWORD, PGBENCH, USER, Daemon, run_pgbench  # noqa: E402
+from bench.pgbench_compare import PASSWORD, PGBENCH, USER, Daemon, py_spy, run_pgbench  # noqa: E402
 from bench.pgbench_compare import proc_tree as tree  # noqa: E402
 
 
@@ -99,6 +98,8 @@ def main() -> None:
                          "syscalls tracepoints; the machine has no hardware counters): the same calls per "
                          "transaction with more CPU means each costs more, more calls means less batching")
     args = ap.parse_args()
+    if args.profile:
+        py_spy()
     args.builtin = "select-only"
 
     from appliance.sandbox import PostgresServer
@@ -129,7 +130,7 @@ def main() -> None:
                       file=sys.stderr)
                 spies = []
                 if args.profile and round_no == 0 and mode == modes[0]:
-                    spies = [subprocess.Popen([shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(p),
+                    spies = [subprocess.Popen([py_spy(), "record", "-p", str(p),
                                                "-o", f"{args.profile}-w{n}-{p}.txt", "-r", "200", "-d", str(args.duration),
                                                "--nonblocking", "-f", "raw"],
                                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
