@@ -31,6 +31,9 @@ each proxy gets a short unmeasured warm-up run first, and after each run the ben
 proxy to go idle (its audit process's last commits count for that run, not the next path's).
 `--paths full,full-aa` is the A/A comparison: a second daemon configured exactly as the first, so
 the ratio of their TPS in the same round is the spread of the bench itself on this machine.
+`--pin` runs PostgreSQL and pgbench on CPU 0 and every proxy on CPU 1 (bench/workers.py's set-up):
+unpinned, a proxy's CPU per transaction also includes what it loses competing with the load for
+both cores (migrations, cold caches, more wake-ups with fewer messages each).
 Prints a Markdown table and writes it to bench/results/pgbench.md.
 """
 
@@ -302,6 +305,16 @@ def py_spy() -> str:
     return found
 
 
+def pin(pids: list[int], cpu: int) -> None:
+    """Every thread of each process in ``pids`` onto ``cpu`` (processes they fork later inherit it)."""
+    for p in pids:
+        subprocess.run(["taskset", "-a", "-p", "-c", str(cpu), str(p)], check=True, capture_output=True)
+
+
+def postmaster_pid(pg) -> int:
+    return int((Path(pg.datadir) / "postmaster.pid").read_text().split()[0])
+
+
 def proc_tree(pid: int) -> list[int]:
     """pid and every descendant process (the daemon, its workers, its audit process)."""
     out = [pid]
@@ -508,6 +521,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true",
                     help="the regression guard: under a minute (3 s runs, 1 round, scale 1, 100,000 large rows, "
                          "paths direct,pgbouncer,relay,full unless --paths is given)")
+    ap.add_argument("--pin", action="store_true",
+                    help="PostgreSQL and pgbench on CPU 0, each proxy (with its children) on CPU 1, as "
+                         "bench/workers.py runs: every proxy has a core of its own and none competes with the "
+                         "load for it (direct PostgreSQL then has one core)")
     ap.add_argument("--suffix", default="", help="names the bench daemon's cgroup, pin dir and nft table apart "
                     "(tests/test_bench_quick.py: one per test run)")
     ap.add_argument("--serve-front", nargs=2, metavar=("UPSTREAM_PORT", "PORT_FILE"), help=argparse.SUPPRESS)
@@ -618,6 +635,17 @@ pidfile = {bdir}/pgbouncer.pid
                                norecord.pid if norecord else None, norecord.bot if norecord else None)),
             ("full-aa", (AA_NAME, pg.port, "no-token-needed", twin.pid if twin else None, twin.bot if twin else None)),
             ("front", (front_only, fport, TOKEN, front.pid, None))] if key in keys]
+        if args.pin:
+            time.sleep(1)  # the daemons' workers and audit processes are up
+            pin(proc_tree(postmaster_pid(pg)), 0)
+            for _, _, _, pid, _ in targets:
+                if pid is not None:
+                    pin(proc_tree(pid), 1)
+
+            def on_cpu0(wrap):
+                return ((lambda cmd: ["taskset", "-c", "0", *cmd]) if wrap is None
+                        else (lambda cmd: wrap(["taskset", "-c", "0", *cmd])))
+            targets = [(name, port, password, pid, on_cpu0(wrap)) for name, port, password, pid, wrap in targets]
         modes = [m for m in ("simple", "prepared") if m in args.modes.split(",")]
         runs: dict[tuple[str, str], list[dict]] = {}
         audited_before = daemon.audited_requests()
@@ -701,8 +729,10 @@ pidfile = {bdir}/pgbouncer.pid
         lines = [
             f"# pgbench {'-S' if args.builtin == 'select-only' else '-b ' + args.builtin}, {args.clients} clients, "
             f"{args.threads} threads, {args.duration}s per run "
-            f"(scale {args.scale}); {os.cpu_count()} CPUs shared by PostgreSQL, the proxy and pgbench; "
-            f"the daemon's audit.mode = {args.audit_mode}"
+            f"(scale {args.scale}); "
+            + ("PostgreSQL and pgbench pinned to CPU 0, the proxy (and its children) to CPU 1; " if args.pin else
+               f"{os.cpu_count()} CPUs shared by PostgreSQL, the proxy and pgbench; ")
+            + f"the daemon's audit.mode = {args.audit_mode}"
             + (", strict_reads = true" if args.strict_reads else "")
             + (" (--quick)" if args.quick else ""),
             "",

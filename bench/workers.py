@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.pgbench_compare import PASSWORD, PGBENCH, USER, Daemon, py_spy, run_pgbench  # noqa: E402
+from bench.pgbench_compare import PASSWORD, PGBENCH, USER, Daemon, pin, postmaster_pid, py_spy, run_pgbench  # noqa: E402
 from bench.pgbench_compare import proc_tree as tree  # noqa: E402
 
 
@@ -67,15 +67,6 @@ def read_syscall_counts(counters: dict[str, tuple[subprocess.Popen, Path]], txns
                 calls[fields[2].removeprefix("syscalls:sys_enter_")] = int(fields[0]) / txns
         out[r] = {c: n for c, n in calls.items() if n >= 0.005}
     return out
-
-
-def pin(pids: list[int], cpu: int) -> None:
-    for p in pids:  # -a: every thread of the process
-        subprocess.run(["taskset", "-a", "-p", "-c", str(cpu), str(p)], check=True, capture_output=True)
-
-
-def postmaster_pid(pg) -> int:
-    return int((Path(pg.datadir) / "postmaster.pid").read_text().split()[0])
 
 
 def main() -> None:
