@@ -84,7 +84,8 @@ _STOP_TIMEOUT_S = 60.0
 # The child's entry: its CPU priority is set before anything is imported, because DuckDB and
 # Arrow start native threads at import and a thread keeps the priority it was created with.
 _CHILD_BOOT = """\
-import json, os, sys
+import json, os, signal, sys
+signal.signal(signal.SIGTTOU, signal.SIG_IGN)  # a background process group may log to the terminal
 nice = json.loads(sys.argv[3]).get("nice")
 if nice is not None and os.getpriority(os.PRIO_PROCESS, 0) != nice:
     os.setpriority(os.PRIO_PROCESS, 0, nice)
@@ -362,7 +363,12 @@ class AuditProcess:
                 [sys.executable, "-c", _CHILD_BOOT, str(ev_child.fileno()), str(rpc_child.fileno()),
                  json.dumps({k: v for k, v in self.options.items()})],
                 pass_fds=(ev_child.fileno(), rpc_child.fileno()), stdin=subprocess.DEVNULL, env=env,
-                start_new_session=True)  # a Ctrl-C meant for the daemon must not kill the store first
+                # Its own process group, so a Ctrl-C meant for the daemon does not reach it, but the
+                # daemon's session: a new session is a new scheduler autogroup (Linux with
+                # kernel.sched_autogroup_enabled, tasks in the root cpu cgroup), and between
+                # autogroups nice values count for nothing, so `appliance.nice` would not put the
+                # event loop ahead of this process's batches (docs/architecture.md, CPU priority).
+                process_group=0)
         finally:
             ev_child.close()
             rpc_child.close()
