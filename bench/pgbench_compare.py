@@ -311,6 +311,11 @@ def pin(pids: list[int], cpu: int) -> None:
         subprocess.run(["taskset", "-a", "-p", "-c", str(cpu), str(p)], check=True, capture_output=True)
 
 
+def on_cpu(cpu: int, wrap=None):
+    """An argv wrapper that runs the command on ``cpu`` (inside ``wrap``, e.g. a daemon's `bot run`)."""
+    return lambda cmd: (wrap or list)(["taskset", "-c", str(cpu), *cmd])
+
+
 def postmaster_pid(pg) -> int:
     return int((Path(pg.datadir) / "postmaster.pid").read_text().split()[0])
 
@@ -641,11 +646,7 @@ pidfile = {bdir}/pgbouncer.pid
             for _, _, _, pid, _ in targets:
                 if pid is not None:
                     pin(proc_tree(pid), 1)
-
-            def on_cpu0(wrap):
-                return ((lambda cmd: ["taskset", "-c", "0", *cmd]) if wrap is None
-                        else (lambda cmd: wrap(["taskset", "-c", "0", *cmd])))
-            targets = [(name, port, password, pid, on_cpu0(wrap)) for name, port, password, pid, wrap in targets]
+            targets = [(name, port, password, pid, on_cpu(0, wrap)) for name, port, password, pid, wrap in targets]
         modes = [m for m in ("simple", "prepared") if m in args.modes.split(",")]
         runs: dict[tuple[str, str], list[dict]] = {}
         audited_before = daemon.audited_requests()

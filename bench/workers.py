@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.pgbench_compare import PASSWORD, PGBENCH, USER, Daemon, pin, postmaster_pid, py_spy, run_pgbench  # noqa: E402
+from bench.pgbench_compare import PASSWORD, PGBENCH, USER, Daemon, on_cpu, pin, postmaster_pid, py_spy, role, run_pgbench  # noqa: E402
 from bench.pgbench_compare import proc_tree as tree  # noqa: E402
 
 
@@ -40,8 +40,6 @@ SYSCALLS = ("read", "write", "recvfrom", "sendto", "epoll_wait", "epoll_pwait", 
 def start_syscall_counts(root: int, tmp: Path, duration: int) -> dict[str, tuple[subprocess.Popen, Path]]:
     """One `perf stat` per process role of a daemon's tree, counting the calls in SYSCALLS over
     the run (started just before pgbench, for its duration)."""
-    from bench.pgbench_compare import role
-
     by_role: dict[str, list[int]] = {}
     for p in tree(root):
         by_role.setdefault(role(p, root), []).append(p)
@@ -111,8 +109,7 @@ def main() -> None:
             pin(tree(postmaster_pid(pg)), 0)
             for d in daemons.values():
                 pin(tree(d.pid), 1)
-        wrap_cpu = (lambda d: (lambda cmd: d.bot(["taskset", "-c", "0", *cmd]))) if not args.no_pin else \
-            (lambda d: d.bot)
+        wrap_cpu = (lambda d: on_cpu(0, d.bot)) if not args.no_pin else (lambda d: d.bot)
         modes = [m for m in ("simple", "prepared") if m in args.modes.split(",")]
         runs: dict[tuple[str, int], list[dict]] = {}
         for round_no, mode in itertools.product(range(args.repeat), modes):
