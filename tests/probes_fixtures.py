@@ -146,6 +146,8 @@ for a in attempts:
             s.sendall(a.get("msg", "hello").encode() + b"\n")
             res["reply"] = s.recv(4096).decode()
         else:
+            if a.get("reuseaddr"):  # lets a test rebind this address whatever state the socket ends in
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             connect(s, fam, a)
             res["sockname"] = list(s.getsockname()[:2])
             res["peer"] = list(s.getpeername()[:2])

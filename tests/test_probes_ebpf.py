@@ -152,7 +152,7 @@ def test_redirect_lands_in_listener_with_kernel_attribution(env):
 def test_records_are_dropped_when_the_connection_closes(env):
     # A stale record would attribute a later connection that reuses the same addresses
     # (say, a process outside the bots' cgroups binding the bot's old source port) to the bot.
-    bot = run_bot(env.bot_cg, [tcp(env.net.ip4, P_REG)])
+    bot = run_bot(env.bot_cg, [{**tcp(env.net.ip4, P_REG), "reuseaddr": True}])
     sockname = bot.results[0]["sockname"]
     lport = env.settings.targets[0].listener_port
     fd = bpfsys.obj_get(f"{env.settings.pin_dir}/by_tuple")
@@ -161,23 +161,24 @@ def test_records_are_dropped_when_the_connection_closes(env):
         assert wait_for(lambda: not bpfsys.map_lookup(fd, key, records.Origin()))
     finally:
         os.close(fd)
-    # The bot's old socket may linger in FIN_WAIT_2 until the relay closes its end (SO_REUSEADDR
-    # only passes TIME_WAIT): retry the bind briefly on a loaded machine.
+    # The bot's socket set SO_REUSEADDR, so its leftover (TIME_WAIT for 60 s if the bot closed
+    # first on a loaded machine) does not block the bind. The connect can still meet it in
+    # FIN_WAIT_2 until the relay closes its end (EADDRNOTAVAIL): retry that briefly.
     deadline = time.monotonic() + 20
     while True:
         s = socket.socket()
         try:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind(tuple(sockname))
+            s.settimeout(5)
+            s.connect(("127.0.0.1", lport))
             break
         except OSError as e:
             s.close()
-            if e.errno != errno.EADDRINUSE or time.monotonic() > deadline:
+            if e.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL) or time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
     with s:
-        s.settimeout(5)
-        s.connect(("127.0.0.1", lport))
         assert s.recv(100) == b"no-attribution\n"
     assert env.relay.seen[tuple(sockname)] is None
 
