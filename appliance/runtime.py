@@ -615,6 +615,12 @@ class Runtime:
         self._note_current(live, request.describe())
         return self.engine.decide_k8s(grant.identity, grant.groups, target, request)
 
+    def refuse_now(self, grant: SessionGrant) -> Verdict | None:
+        """For a request decided earlier (an Execute of a statement prepared with Parse): the
+        verdict that refuses it now, as :meth:`decide_sql` would refuse a new one (the audit store
+        cannot take its record, the token expired), or None: it may run."""
+        return self._refuse_before_deciding(self.live.get(grant.session_id))
+
     def _refuse_before_deciding(self, live: LiveSession | None) -> Verdict | None:
         """Nothing runs unaudited, nor on an expired token (oidc.on_expiry = "recheck"): the
         verdict that refuses the request, or None."""

@@ -429,6 +429,46 @@ def test_statements_wait_for_an_audit_store_that_cannot_keep_up(pg_server, bao_s
         daemon.stop()
 
 
+def test_a_prepared_statement_is_refused_too_while_the_audit_store_cannot_keep_up(pg_server, bao_server, tmp_path):
+    """A statement prepared while the store kept up (decided at Parse) is checked again at each
+    Execute: with the audit process stalled its runs are refused like new statements, not run with
+    their records refused later (holes in the session's request seq). Found by `audit verify` after
+    a pinned pgbench -M prepared run: 11,333 requests missing, their statements had run."""
+    setup, port, _, daemon = _daemon_setup(pg_server, bao_server, tmp_path, "p",
+                                           audit_extra="queue_max = 20\nmode = \"batched\"")
+    daemon.start()
+    child = daemon.client().get("/v1/status")["audit"]["pid"]
+    try:
+        conn = psycopg.connect(host="127.0.0.1", port=port, user="orders-bot", password=setup.mint_token(),
+                               dbname="postgres", sslmode="disable", autocommit=True)
+        query = "SELECT %s::int AS n"
+        assert conn.execute(query, (0,), prepare=True).fetchone() == (0,)  # Parse: decided now
+        pause(child)
+        ran, refusal = 0, None
+        for i in range(1, 41):
+            try:
+                conn.execute(query, (i,), prepare=True).fetchone()  # Bind + Execute only
+                ran += 1
+            except psycopg.errors.InsufficientPrivilege as e:
+                refusal = str(e)
+                break
+        assert refusal is not None and 0 < ran < 20, (ran, refusal)
+        assert "cannot keep up" in refusal and "no statement runs unaudited" in refusal
+        os.kill(child, signal.SIGCONT)
+        assert wait_for(lambda: daemon.client().get("/v1/status")["audit"]["healthy"])
+        assert conn.execute(query, (99,), prepare=True).fetchone() == (99,)  # the same prepared statement
+        conn.close()
+        daemon.client().post("/v1/audit/flush")
+        rows = daemon.audit_sql("SELECT decision, rule, params FROM requests WHERE kind = 'execute' ORDER BY chain_seq")
+        assert [r["decision"] for r in rows] == ["allow"] * (ran + 1) + ["block", "allow"], rows
+        assert rows[-2]["rule"] == "botwarden:audit"
+        report = daemon.client().post("/v1/audit/verify", {"allow_gaps": False})
+        assert report["clean"], report["report"]   # no request the daemon numbered is missing
+    finally:
+        os.kill(child, signal.SIGCONT)
+        daemon.stop()
+
+
 def test_strict_mode_never_runs_a_statement_the_audit_process_has_not_acknowledged(pg_server, bao_server, tmp_path):
     """audit.mode = "strict": with the audit process stalled (SIGSTOP) a write waits for its record's
     acknowledgement, is not run, and its session ends once ack_timeout passes; nothing reached

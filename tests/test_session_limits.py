@@ -55,6 +55,27 @@ def test_recheck_refuses_the_next_request_after_expiry(pg_server, bao_server, tm
         daemon.stop()
 
 
+def test_recheck_refuses_a_prepared_statements_next_run_after_expiry(pg_server, bao_server, tmp_path):
+    """A statement prepared before the token expired (decided at Parse) is refused at its next
+    Execute, as a new statement would be."""
+    import psycopg
+
+    setup, port, daemon = start(pg_server, bao_server, tmp_path, on_expiry="recheck", token_ttl="4s")
+    try:
+        conn = psycopg.connect(host="127.0.0.1", port=port, user="orders-bot", password=setup.mint_token(),
+                               dbname="postgres", sslmode="disable", autocommit=True)
+        assert conn.execute("SELECT %s::text", ("prepared",), prepare=True).fetchone() == ("prepared",)
+        time.sleep(5)
+        with pytest.raises(psycopg.Error, match="expired") as refused:
+            conn.execute("SELECT %s::text", ("after expiry",), prepare=True).fetchone()
+        assert "recheck" in str(refused.value)
+        conn.close()
+        rows = daemon.audit_sql("SELECT decision FROM requests WHERE kind = 'execute' ORDER BY chain_seq")
+        assert [r["decision"] for r in rows] == ["allow", "block"], rows
+    finally:
+        daemon.stop()
+
+
 def test_session_ends_when_its_lease_reaches_max_ttl(pg_server, bao_server, tmp_path):
     setup, port, daemon = start(pg_server, bao_server, tmp_path, default_ttl=3, max_ttl=8)
     try:

@@ -93,6 +93,11 @@ class FrontServices(Protocol):
         """One Kubernetes API request (appliance.policy.K8sRequest)."""
         ...
 
+    def refuse_now(self, grant: SessionGrant) -> Verdict | None:
+        """Optional. Before a request decided earlier runs (a prepared statement's Execute): the
+        verdict that refuses it now (audit store behind, token expired), or None."""
+        ...
+
     def name_statement(self, grant: SessionGrant, name: str, verdict: Verdict | None) -> None:
         """A protocol-level Parse named ``name`` (verdict None: closed): SQL EXECUTE can run it."""
         ...

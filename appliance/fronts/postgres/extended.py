@@ -91,6 +91,14 @@ class ExtendedProtocolMixin:
         stmt = portal.statement if portal is not None else _UNKNOWN_STATEMENT
         req = _Request("execute", stmt.text, stmt.verdict, portal.params if portal is not None else None)
         self._ext_open = True
+        # The statement was decided at Parse; what may stop it since is checked per run: an audit
+        # store that cannot take its record, a token that expired (oidc.on_expiry = "recheck").
+        refused = self._refuse_now(self.core.grant) if self._refuse_now is not None else None
+        if refused is not None:
+            req.verdict = refused
+            nonce = self._blocked_sql(req, self._block_refusal(refused))
+            self._ops.append((OP_EXECUTE, portal, req))
+            return m.Execute(nonce).encode()  # no such portal: the server fails, we answer
         if stmt.guard is not None and portal is not None:
             original = bytes(buf[s:e])
             r = self._row_guard(req, original, stmt.guard[0], stmt.guard[1], portal.bind, extended=True)

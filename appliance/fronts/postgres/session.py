@@ -126,6 +126,8 @@ class Session(StartupMixin, ReadingMixin, ExtendedProtocolMixin, MaskingMixin, F
             self._handlers[ch[0]] = h
         # audit.mode = "strict": services.audit_durable(kind, record, verdict) -> future | None.
         self._audit_durable = self.core.durable
+        # services.refuse_now(grant) -> Verdict | None: may a request decided earlier run now?
+        self._refuse_now: Callable[[Any], Verdict | None] | None = getattr(self.services, "refuse_now", None)
         self._client_handlers: list[Callable | None] = [None] * 256
         for ch, h in ((b"Q", self._c_query), (b"P", self._c_parse), (b"B", self._c_bind),
                       (b"D", self._c_describe), (b"E", self._c_execute), (b"C", self._c_close),
