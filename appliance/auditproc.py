@@ -70,6 +70,11 @@ log = logging.getLogger(__name__)
 _LEN = struct.Struct(">I")
 _ACK = struct.Struct(">Q")   # strict mode: the child's count of events journaled, on the events socket
 _HIGH_WATER = 0.8
+# Past this share of queue_max, new requests wait (up to _PACE_WAIT_S) for the backlog to fall
+# below it again before they are decided: bots slow down to the pace the store commits at instead
+# of running ahead of it until the high water refuses them.
+_PACE_WATER = 0.4
+_PACE_WAIT_S = 0.5
 _FRAME = "#frame"          # the handle's buffer: (_FRAME, a worker's pickled rows, their count)
 _SEND_BATCH = 512          # events that make the sender ship at once
 _SEND_INTERVAL_S = 0.01    # otherwise it ships what accumulated this often
@@ -243,6 +248,9 @@ class AuditProcess:
         self.on_full = on_full
         self.strict = strict
         self._high_water = max(1, int(queue_max * _HIGH_WATER))
+        self._pace_water = max(1, int(queue_max * _PACE_WATER))
+        self._paced: collections.deque = collections.deque()   # (future, loop, since) waiting for room
+        self._pace_waits = 0     # requests that waited for room (the status's audit.paced)
         self._lock = threading.Lock()
         self._ship = threading.Condition(self._lock)      # the sender waits here
         self._room = threading.Condition(self._lock)      # blocked producers and flush() wait here
@@ -399,6 +407,7 @@ class AuditProcess:
             self._closing = True
             self._ship.notify_all()
             self._room.notify_all()
+            self._release_paced(everyone=True)
         with self._restart_lock:
             pass  # a restart in progress finishes (or gives up) first
         self._sender.join()
@@ -548,6 +557,46 @@ class AuditProcess:
             loop.call_soon(self._kick)
         return fut
 
+    def room(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future | None:
+        """Pacing: None while fewer than ``_PACE_WATER`` of ``queue_max`` events wait to be
+        committed; otherwise a future of ``loop`` that resolves (never fails) once they are fewer
+        again, once the store is gone or closing, or after ``_PACE_WAIT_S`` — the caller then decides
+        its request as usual, refused past the high water. Read without the lock first: the hot
+        path pays one comparison."""
+        if self._submitted - self._written - self._lost < self._pace_water:
+            return None
+        fut = loop.create_future()
+        with self._lock:
+            if (self._submitted - self._written - self._lost < self._pace_water or self._dead is not None
+                    or self._closing or not self._running):
+                return None
+            self._paced.append((fut, loop, time.monotonic()))
+            self._pace_waits += 1
+        return fut
+
+    def _release_paced(self, everyone: bool = False) -> None:
+        """Under the lock: resolve the futures of requests waiting for room that may go now (all
+        of them once there is room, the store is gone or ``everyone``; else those waiting longest)."""
+        paced = self._paced
+        if not paced:
+            return
+        if everyone or self._dead is not None or self._closing or (
+                self._submitted - self._written - self._lost < self._pace_water):
+            go, self._paced = list(paced), collections.deque()
+        else:
+            limit = time.monotonic() - _PACE_WAIT_S
+            go = []
+            while paced and paced[0][2] <= limit:
+                go.append(paced.popleft())
+        by_loop: dict[Any, list] = {}
+        for fut, loop, _t in go:
+            by_loop.setdefault(loop, []).append(fut)
+        for loop, futs in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(self._resolve, futs)
+            except RuntimeError:  # that loop is closed
+                pass
+
     def _kick(self) -> None:
         """On the event loop: send what is buffered now, without blocking; the sender thread takes
         over when it is busy sending or the socket is full."""
@@ -652,7 +701,10 @@ class AuditProcess:
             self._ship.notify()
 
     def _expire_waiters(self) -> None:
-        """Under the lock: fail the acknowledgements a stalled audit process has kept waiting."""
+        """Under the lock: fail the acknowledgements a stalled audit process has kept waiting (and
+        let paced requests that waited their time go on to be decided)."""
+        if self._paced:
+            self._release_paced()
         waiters = self._waiters
         if waiters and time.monotonic() - waiters[0][3] > self.ack_timeout:
             limit = time.monotonic() - self.ack_timeout
@@ -757,6 +809,8 @@ class AuditProcess:
                 inflight.popleft()
             self._failing = bool(stats["failing"])
             self._room.notify_all()
+            if self._paced:
+                self._release_paced()
             releases = self._mark_releases
             free = []
             while releases and releases[0][0] <= self._written:
@@ -780,6 +834,7 @@ class AuditProcess:
                     self._restarting = self._restarting or restart
             self._room.notify_all()
             self._ship.notify_all()
+            self._release_paced(everyone=True)
         if restart:
             threading.Thread(target=self._restart_loop, name="audit-process-restart", daemon=True).start()
         with self._call_lock:
@@ -924,7 +979,7 @@ class AuditProcess:
             return {"epoch": self.epoch, "submitted": self._submitted, "written": self._written,
                     "pending": self._submitted - self._written - self._lost, "refused": self._refused,
                     "lost": self._lost, "resent_after_crash": self._resent, "restarts": self._restarts,
-                    "acked": self._acked,
+                    "acked": self._acked, "paced": self._pace_waits,
                     "head_seq": self._child_stats.get("head_seq"), "pid": self.pid,
                     "failing": self._failing or self._dead is not None}
 

@@ -191,6 +191,8 @@ class _Collector(Collector):
                 ("botwarden_audit_events_written", "written", "Audit events committed to the store"),
                 ("botwarden_audit_events_refused", "refused", "Audit events refused (queue full or store "
                                                              "failing); their statements were refused"),
+                ("botwarden_audit_paced_requests", "paced", "Requests that waited for the audit store to "
+                                                            "catch up before they were decided (pacing)"),
                 ("botwarden_audit_process_restarts", "restarts", "Times the audit process was started again")):
             yield CounterMetricFamily(name, doc, value=stats.get(key, 0))
         yield CounterMetricFamily("botwarden_audit_events_lost", "Accepted audit events that never reached the "

@@ -615,6 +615,13 @@ class Runtime:
         self._note_current(live, request.describe())
         return self.engine.decide_k8s(grant.identity, grant.groups, target, request)
 
+    def audit_room(self) -> asyncio.Future | None:
+        """Pacing: while the audit store's backlog is past its pace mark, a future to wait on before
+        the next request is decided (:meth:`AuditProcess.room`); None: go on. Workers do not pace
+        (their store link has no backlog to read) and rely on the high-water refusal alone."""
+        room = getattr(self.daemon.audit, "room", None)
+        return None if room is None else room(asyncio.get_running_loop())
+
     def refuse_now(self, grant: SessionGrant) -> Verdict | None:
         """For a request decided earlier (an Execute of a statement prepared with Parse): the
         verdict that refuses it now, as :meth:`decide_sql` would refuse a new one (the audit store

@@ -6,7 +6,7 @@ Run as root from the repository root:
 
 (--paths, --modes and --no-big pick a subset while working on one path; --profile FILE.perf
 or FILE.txt records the daemon with Linux perf or py-spy during its first run; with
-BENCH_KEEP_LOGS=DIR in the environment, pgbench's per-transaction logs are copied to DIR.
+BENCH_KEEP_LOGS=DIR in the environment, pgbench's per-transaction logs (and the daemons' logs) are copied to DIR.
 --json FILE also writes every number (each round, the medians, the large results, the load
 average before and after) as JSON, so later runs can be compared. --quick is the regression
 guard: under a minute (3 s runs, one round, scale 1, a 100,000-row large result; direct,
@@ -276,6 +276,14 @@ cgroup = "pgbench"
         client.post("/v1/audit/flush")
         return client.post("/v1/audit/sql", {"sql": "SELECT count(*) FROM requests"})["rows"][0][0]
 
+    def missing_events(self) -> int:
+        """What `audit verify` finds missing (holes in sessions' request numbers): a run that
+        outran its audit store and lost records would not be a result."""
+        from appliance.control import ControlClient
+
+        return ControlClient(str(self.socket)).post("/v1/audit/verify", {"allow_gaps": True},
+                                                     timeout=600)["missing_events"]
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -292,6 +300,8 @@ cgroup = "pgbench"
         except Exception as e:  # leave it: the next run re-creates it
             print(f"could not remove cgroup {self.bots_cgroup}: {e}", file=sys.stderr)
         self.log.close()
+        if os.environ.get("BENCH_KEEP_LOGS"):
+            shutil.copy(self.dir / "daemon.log", Path(os.environ["BENCH_KEEP_LOGS"]) / f"{self.dir.name}.log")
 
 
 # ---------------------------------------------------------------- helpers
@@ -683,6 +693,7 @@ pidfile = {bdir}/pgbouncer.pid
                 if spy is not None:
                     spy.wait()
         audited = daemon.audited_requests() - audited_before
+        missing = daemon.missing_events()
         full_txns = sum(r["txns"] for m in modes for r in runs.get((m, full), []))
         # Per path: the run with the median TPS (its latencies and CPU go with it); ratios per round
         # against that round's direct run, then their median.
@@ -743,7 +754,9 @@ pidfile = {bdir}/pgbouncer.pid
             f"`{full}`: the daemon (`botwarden run`), pgbench started with `botwarden bot run` inside a "
             "watched cgroup and sent to the daemon by the eBPF probes, identity from kernel attestation, every "
             "statement through the pglast policy engine (4 rules), every request an audit row in DuckDB "
-            f"({audited:,} request rows for {full_txns:,} transactions). `{front_only}`: the PostgreSQL front in "
+            f"({audited:,} request rows for {full_txns:,} transactions; `audit verify` afterwards: "
+            + (f"**{missing:,} requests missing**" if missing else "none missing")
+            + f"). `{front_only}`: the PostgreSQL front in "
             "its own process with allow-all decisions and audit into a ring buffer (what the protocol work costs).",
             "",
             f"Proxy CPU is user + system time of the proxy's process and its children (for the daemon: "
@@ -815,6 +828,7 @@ pidfile = {bdir}/pgbouncer.pid
                 "args": {k: v for k, v in vars(args).items() if not k.startswith("serve_")},
                 "cpus": os.cpu_count(), "load_before": load_before, "load_after": load_after,
                 "compiled": _compiled(), "audited_requests": audited, "full_transactions": full_txns,
+                "audit_missing_events": missing,
                 "runs": [{"mode": mode, "path": name, **r} for (mode, name), rs in runs.items() for r in rs],
                 "medians": [{"mode": mode, "path": name, **r} for (mode, name), r in results.items()],
                 "full_vs_relay": {mode: same_round(relay_name, mode) for mode in modes},

@@ -469,6 +469,63 @@ def test_a_prepared_statement_is_refused_too_while_the_audit_store_cannot_keep_u
         daemon.stop()
 
 
+def _duty_cycle(pid: int, stop: "threading.Event", stopped_s: float = 0.6, running_s: float = 0.2) -> None:
+    """An audit process that gets a quarter of the time it needs: stopped, then let run, until ``stop``."""
+    while not stop.is_set():
+        pause(pid)
+        stop.wait(stopped_s)
+        os.kill(pid, signal.SIGCONT)
+        stop.wait(running_s)
+
+
+@pytest.mark.parametrize("protocol", ["query", "execute", "prepared"])
+def test_a_bot_faster_than_the_audit_store_is_paced_not_refused(pg_server, bao_server, tmp_path, protocol):
+    """The audit process gets a quarter of the CPU time it needs (stopped 0.6 s, running 0.2 s) while
+    one bot sends statements as fast as it can: past 40 % of queue_max the bot's next statement
+    waits for the store to catch up (botwarden_audit_paced_requests_total) instead of running
+    ahead until the high water (80 %) refuses it. Nothing refused, nothing missing. Before pacing
+    this bot was refused within the first stop (a psycopg round trip is well under 1 ms)."""
+    import threading
+
+    from tests.test_metrics import samples, scrape_socket, value
+
+    setup, port, _, daemon = _daemon_setup(pg_server, bao_server, tmp_path, "c",
+                                           audit_extra="queue_max = 200\nmode = \"batched\"")
+    daemon.start()
+    child = daemon.client().get("/v1/status")["audit"]["pid"]
+    stop = threading.Event()
+    cycler = threading.Thread(target=_duty_cycle, args=(child, stop), daemon=True)
+    ran = 0
+    try:
+        conn = psycopg.connect(host="127.0.0.1", port=port, user="orders-bot", password=setup.mint_token(),
+                               dbname="postgres", sslmode="disable", autocommit=True)
+        # Query: the simple protocol (client-side binding); execute: Parse/Bind/Execute each time;
+        # prepared: Parse once, then Bind/Execute.
+        cur = psycopg.ClientCursor(conn) if protocol == "query" else conn.cursor()
+        cycler.start()
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline:
+            assert cur.execute("SELECT %s::int", (ran,), prepare=protocol == "prepared").fetchone() == (ran,)
+            ran += 1
+        stop.set()
+        cycler.join()
+        os.kill(child, signal.SIGCONT)
+        conn.close()
+        metrics = samples(scrape_socket(daemon.socket)[1])
+        assert value(metrics, "botwarden_audit_paced_requests_total") > 0
+        assert value(metrics, "botwarden_audit_events_refused_total") == 0
+        daemon.client().post("/v1/audit/flush")
+        rows = daemon.audit_sql("SELECT kind, count(*) AS n FROM requests WHERE text LIKE 'SELECT %::int' "
+                                "GROUP BY kind")
+        assert [(r["kind"], r["n"]) for r in rows] == [("query" if protocol == "query" else "execute", ran)]
+        report = daemon.client().post("/v1/audit/verify", {"allow_gaps": False})
+        assert report["clean"], report["report"]
+    finally:
+        stop.set()
+        os.kill(child, signal.SIGCONT)
+        daemon.stop()
+
+
 def test_strict_mode_never_runs_a_statement_the_audit_process_has_not_acknowledged(pg_server, bao_server, tmp_path):
     """audit.mode = "strict": with the audit process stalled (SIGSTOP) a write waits for its record's
     acknowledgement, is not run, and its session ends once ack_timeout passes; nothing reached

@@ -43,6 +43,7 @@ def test_quick_bench_writes_every_path_as_json(tmp_path, capsys):
         assert report["full_vs_relay"][mode] and all(x > 0 for x in report["full_vs_relay"][mode])
     # every statement of the full path was audited as its own row
     assert report["audited_requests"] >= report["full_transactions"]
+    assert report["audit_missing_events"] == 0  # `audit verify`: no request the daemon numbered is missing
     large = report["large"]
     for name in ("direct", "pgbouncer", "botwarden (full inspection)"):
         assert large["masked_seconds"][name] > 0

@@ -93,6 +93,11 @@ class FrontServices(Protocol):
         """One Kubernetes API request (appliance.policy.K8sRequest)."""
         ...
 
+    def audit_room(self) -> asyncio.Future | None:
+        """Optional. A future to wait on before deciding the next request while the audit store
+        catches up (pacing), or None."""
+        ...
+
     def refuse_now(self, grant: SessionGrant) -> Verdict | None:
         """Optional. Before a request decided earlier runs (a prepared statement's Execute): the
         verdict that refuses it now (audit store behind, token expired), or None."""

@@ -128,6 +128,9 @@ class Session(StartupMixin, ReadingMixin, ExtendedProtocolMixin, MaskingMixin, F
         self._audit_durable = self.core.durable
         # services.refuse_now(grant) -> Verdict | None: may a request decided earlier run now?
         self._refuse_now: Callable[[Any], Verdict | None] | None = getattr(self.services, "refuse_now", None)
+        # services.audit_room() -> Future | None: pacing while the audit store catches up.
+        self._pace: Callable[[], Any] | None = getattr(self.services, "audit_room", None)
+        self._paced = False   # the message processed again after its wait: decided without another
         self._client_handlers: list[Callable | None] = [None] * 256
         for ch, h in ((b"Q", self._c_query), (b"P", self._c_parse), (b"B", self._c_bind),
                       (b"D", self._c_describe), (b"E", self._c_execute), (b"C", self._c_close),
@@ -405,6 +408,13 @@ class Session(StartupMixin, ReadingMixin, ExtendedProtocolMixin, MaskingMixin, F
             raise RemoteProtocolError("Query must carry exactly one NUL-terminated string")
         if self._skip_until_sync:
             return None  # inside a failed batch the server discards a Query too, up to Sync
+        if self._pace is not None:
+            if self._paced:
+                self._paced = False
+            else:
+                room = self._pace()
+                if room is not None:
+                    return self._wait_for_room(bytes(buf[s:e]), room)
         sql, v, refusal = self._read_and_decide(bytes(buf[s + 5:e - 1]), "query")
         req = _Request("query", sql, v)
         if v.row_guards:
@@ -426,6 +436,17 @@ class Session(StartupMixin, ReadingMixin, ExtendedProtocolMixin, MaskingMixin, F
             return m.Query(nonce).encode()
         self._start_hold(req, bytes(buf[s:e]), lambda: (OP_QUERY, req),
                          lambda nonce: m.Query(nonce).encode())
+        return _HOLD
+
+    def _wait_for_room(self, original: bytes, room: asyncio.Future):
+        """Pacing: the audit store is far behind; this request waits (as if held) until it has
+        room or a short while has passed, then is processed again from the start: decided then,
+        and refused if the store is past its high water."""
+        def resume(_: asyncio.Future) -> None:
+            if not self.closed:
+                self._paced = True
+                self._requeue(original)
+        room.add_done_callback(resume)
         return _HOLD
 
     def _c_terminate(self, buf, s: int, e: int):
