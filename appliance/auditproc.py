@@ -70,11 +70,11 @@ log = logging.getLogger(__name__)
 _LEN = struct.Struct(">I")
 _ACK = struct.Struct(">Q")   # strict mode: the child's count of events journaled, on the events socket
 _HIGH_WATER = 0.8
-# Past this share of queue_max, new requests wait (up to _PACE_WAIT_S) for the backlog to fall
+# Past this share of queue_max, new requests wait (up to PACE_WAIT_S) for the backlog to fall
 # below it again before they are decided: bots slow down to the pace the store commits at instead
 # of running ahead of it until the high water refuses them.
 _PACE_WATER = 0.4
-_PACE_WAIT_S = 0.5
+PACE_WAIT_S = 0.5
 _FRAME = "#frame"          # the handle's buffer: (_FRAME, a worker's pickled rows, their count)
 _SEND_BATCH = 512          # events that make the sender ship at once
 _SEND_INTERVAL_S = 0.01    # otherwise it ships what accumulated this often
@@ -557,10 +557,16 @@ class AuditProcess:
             loop.call_soon(self._kick)
         return fut
 
+    @property
+    def behind(self) -> bool:
+        """Past the pace mark: new requests wait for room (:meth:`room`); workers learn it from the
+        supervisor."""
+        return self._submitted - self._written - self._lost >= self._pace_water
+
     def room(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future | None:
         """Pacing: None while fewer than ``_PACE_WATER`` of ``queue_max`` events wait to be
         committed; otherwise a future of ``loop`` that resolves (never fails) once they are fewer
-        again, once the store is gone or closing, or after ``_PACE_WAIT_S`` — the caller then decides
+        again, once the store is gone or closing, or after ``PACE_WAIT_S`` — the caller then decides
         its request as usual, refused past the high water. Read without the lock first: the hot
         path pays one comparison."""
         if self._submitted - self._written - self._lost < self._pace_water:
@@ -584,7 +590,7 @@ class AuditProcess:
                 self._submitted - self._written - self._lost < self._pace_water):
             go, self._paced = list(paced), collections.deque()
         else:
-            limit = time.monotonic() - _PACE_WAIT_S
+            limit = time.monotonic() - PACE_WAIT_S
             go = []
             while paced and paced[0][2] <= limit:
                 go.append(paced.popleft())

@@ -617,8 +617,8 @@ class Runtime:
 
     def audit_room(self) -> asyncio.Future | None:
         """Pacing: while the audit store's backlog is past its pace mark, a future to wait on before
-        the next request is decided (:meth:`AuditProcess.room`); None: go on. Workers do not pace
-        (their store link has no backlog to read) and rely on the high-water refusal alone."""
+        the next request is decided (:meth:`AuditProcess.room`; in a worker, its store link's, from
+        what the supervisor says); None: go on."""
         room = getattr(self.daemon.audit, "room", None)
         return None if room is None else room(asyncio.get_running_loop())
 

@@ -30,6 +30,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from analytics.schema import RecordValidator
+from appliance.auditproc import PACE_WAIT_S
 from appliance.errors import BotwardenError
 from appliance.fronts.services import AuthRefused, ConnectionContext, SessionGrant
 from appliance.runtime import LiveSession, Runtime
@@ -268,6 +269,8 @@ class StoreLink:
         self.link = link
         self.healthy = True
         self.unavailable: str | None = None
+        self.behind = False     # the supervisor's store is past its pace mark: requests wait (room)
+        self._paced: list[asyncio.Future] = []
         # The daemon's high-water file, mapped here (analytics.highwater.SharedMarks): this worker
         # marks each request it numbers before the answer goes to the bot. None: no marks kept.
         self.marks: Any = None
@@ -282,6 +285,30 @@ class StoreLink:
 
     def release_mark(self, slot: int) -> None:
         """The daemon frees a session's mark once its session_end is committed, not the worker."""
+
+    def set_health(self, healthy: bool, unavailable: str | None, behind: bool = False) -> None:
+        """What the supervisor says of the audit store; requests waiting for room go on once it is
+        no longer behind (or is gone: they are refused when decided)."""
+        self.healthy, self.unavailable, self.behind = healthy, unavailable, behind
+        if self._paced and (not behind or not healthy):
+            self._release_paced()
+
+    def _release_paced(self) -> None:
+        paced, self._paced = self._paced, []
+        for fut in paced:
+            if not fut.done():
+                fut.set_result(None)
+
+    def room(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future | None:
+        """Pacing in a worker (see AuditProcess.room): while the supervisor says the store is
+        behind, a future resolved once it is not, or after PACE_WAIT_S."""
+        if not self.behind:
+            return None
+        fut = loop.create_future()
+        if not self._paced:
+            loop.call_later(PACE_WAIT_S, self._release_paced)
+        self._paced.append(fut)
+        return fut
 
     def submit(self, kind: str, record: Mapping[str, Any]) -> bool:
         if self.link.closed is not None:
@@ -530,7 +557,7 @@ class WorkerHost:
         self.listen_fds = dict(doc["listeners"])
         if doc.get("probes"):
             self.probes = ProbeLookup(*doc["probes"])
-        self.audit.healthy, self.audit.unavailable = doc["audit_health"]
+        self.audit.set_health(*doc["audit_health"])
         if doc.get("marks"):
             from analytics.highwater import SharedMarks
 
@@ -591,7 +618,7 @@ class WorkerHost:
             if live is not None and live.terminate is not None:
                 live.terminate(code, text)
         elif kind == "audit_health":
-            self.audit.healthy, self.audit.unavailable = message[1], message[2]
+            self.audit.set_health(*message[1:])
         else:
             log.warning("worker %d: unknown message %r", self.worker_id, kind)
 

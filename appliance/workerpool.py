@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 _RESTART_FIRST_S = 0.5
 _RESTART_MAX_S = 30.0
 _START_TIMEOUT_S = 60.0
-_HEALTH_INTERVAL_S = 0.05
+_HEALTH_INTERVAL_S = 0.02
 
 
 class BoundListener:
@@ -122,7 +122,7 @@ class WorkerPool:
         self.cancel_owner: dict[tuple[int, int], int] = {}
         self._stopping = False
         self._tasks = TaskSet()
-        self._health: tuple[bool, str | None] = (True, None)
+        self._health: tuple[bool, str | None, bool] = (True, None, False)
 
     # -- start ---------------------------------------------------------------------------
 
@@ -311,15 +311,17 @@ class WorkerPool:
 
     # -- health, reload, stop, status ------------------------------------------------------
 
-    def _audit_health(self) -> tuple[bool, str | None]:
+    def _audit_health(self) -> tuple[bool, str | None, bool]:
+        """(healthy, why unavailable, behind: past the pace mark, so workers pace their bots)."""
         store = self.daemon.audit
         if store is None:
-            return False, "the audit store is closed"
-        return bool(store.healthy), store.unavailable
+            return False, "the audit store is closed", False
+        return bool(store.healthy), store.unavailable, bool(getattr(store, "behind", False))
 
     async def _watch_health(self) -> None:
-        """Workers refuse statements while the audit store cannot take them, as the daemon's
-        runtime does: they learn its state from here within a few tens of milliseconds."""
+        """Workers refuse statements while the audit store cannot take them, and pace them while it
+        is behind, as the daemon's runtime does: they learn its state from here within a few tens
+        of milliseconds."""
         while True:
             health = self._audit_health()
             if health != self._health:
