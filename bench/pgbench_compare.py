@@ -48,6 +48,7 @@ import os
 import pwd
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -276,6 +277,23 @@ cgroup = "pgbench"
         client.post("/v1/audit/flush")
         return client.post("/v1/audit/sql", {"sql": "SELECT count(*) FROM requests"})["rows"][0][0]
 
+    def paced(self) -> int:
+        """botwarden_audit_paced_requests_total: statements that waited for the audit store."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(self.socket))
+            s.sendall(b"GET /metrics HTTP/1.1\r\nHost: botwarden\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        body = data.partition(b"\r\n\r\n")[2].decode()
+        for family in text_string_to_metric_families(body):
+            for sample in family.samples:
+                if sample.name == "botwarden_audit_paced_requests_total":
+                    return int(sample.value)
+        return 0
+
     def missing_events(self) -> int:
         """What `audit verify` finds missing (holes in sessions' request numbers): a run that
         outran its audit store and lost records would not be a result."""
@@ -409,7 +427,6 @@ def tree_switches(pid: int) -> tuple[int, int]:
 
 
 def wait_port(port: int, timeout: float = 15) -> None:
-    import socket
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -687,8 +704,11 @@ pidfile = {bdir}/pgbouncer.pid
                                "--subprocesses",  # the audit process too
                                "-f", "raw" if args.profile.endswith(".txt") else "flamegraph"]
                     spy = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                paced = daemon.paced() if name == full else None
                 r = run_pgbench(port, password, mode, args, tmp, f"{tag}-{mode}", pid, wrap)
                 r["round"] = round_no
+                if paced is not None:  # statements that waited for the audit store to catch up
+                    r["paced"] = daemon.paced() - paced
                 runs.setdefault((mode, name), []).append(r)
                 if spy is not None:
                     spy.wait()
@@ -756,6 +776,8 @@ pidfile = {bdir}/pgbouncer.pid
             "statement through the pglast policy engine (4 rules), every request an audit row in DuckDB "
             f"({audited:,} request rows for {full_txns:,} transactions; `audit verify` afterwards: "
             + (f"**{missing:,} requests missing**" if missing else "none missing")
+            + "; statements paced, i.e. held until the audit store caught up, per run: "
+            + "; ".join(f"{m} " + ", ".join(f"{r.get('paced', 0):,}" for r in runs.get((m, full), [])) for m in modes)
             + f"). `{front_only}`: the PostgreSQL front in "
             "its own process with allow-all decisions and audit into a ring buffer (what the protocol work costs).",
             "",
