@@ -711,6 +711,41 @@ def test_shell_is_recorded_and_its_asciicast_parses(world, tmp_path):
         assert [e for e in cast.events()] == events
 
 
+def test_a_shells_input_is_not_relayed_once_the_audit_process_is_gone_and_the_session_ends(world):
+    """Each line typed into a shell is a request in all but name: with the audit process dead
+    (SIGKILL) the next keystrokes never reach the shell, the session ends with the reason on the
+    bot's terminal, as a PostgreSQL session ends at its next statement. Before, the shell went
+    on running what was typed while its records were refused."""
+    daemon = world["daemon"]
+
+    def audit_pid_when_healthy() -> int | None:
+        audit = daemon.client().get("/v1/status")["audit"]
+        return audit["pid"] if audit["healthy"] else None
+
+    def script(pid, master, read_until):
+        os.write(master, b"echo before-$((1+1))\r")
+        read_until(b"before-2")
+        child = audit_pid_when_healthy()
+        assert child is not None
+        os.kill(child, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while daemon.client().get("/v1/status")["audit"]["healthy"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        os.write(master, b"echo after-$((2+2))\r")
+        read_until(b"audit store is unavailable")
+
+    try:
+        status, out = run_in_pty(world, ssh_tty_argv(world), script)
+        assert status == 255, out
+        assert b"after-4" not in out and b"no session runs unaudited" in out, out
+    finally:
+        deadline = time.monotonic() + 60  # the daemon starts a new audit process: later tests need it
+        while audit_pid_when_healthy() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+    assert audit_pid_when_healthy() is not None
+
+
 def test_shell_refused_by_policy_exits_126_with_the_rule(world):
     token = world["bao_setup"].mint_token()
     ran = ssh_bot(world, None, port=world["sshd"].extra_ports[0], token=token, options=("-T",))
