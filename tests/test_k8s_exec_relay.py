@@ -343,6 +343,46 @@ def test_ending_the_session_closes_a_running_exec(env: K8sEnv, ns: str, shell_po
     assert ends and "exit_code" not in ends[0]  # cut off by the end, not the command's exit
 
 
+def test_an_execs_stdin_is_not_relayed_once_the_audit_process_is_gone(env: K8sEnv, ns: str, shell_pod: str) -> None:
+    """An exec's stdin is typed commands: with the audit process dead (SIGKILL) the next line never
+    reaches the pod's shell, and the session ends with the reason on kubectl's error channel.
+    Before, the shell ran it while its recording was refused."""
+    import os
+    import signal
+
+    def audit_pid_when_healthy() -> int | None:
+        audit = env.client.get("/v1/status")["audit"]
+        return audit["pid"] if audit["healthy"] else None
+
+    bot = env.bot_kubeconfig()
+    proc = subprocess.Popen([env.kube.kubectl, f"--kubeconfig={bot}", "-n", ns, "exec", "-i", shell_pod, "--", "sh"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_home(bot))
+    try:
+        proc.stdin.write("echo before-$((1+1))\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline() == "before-2\n"
+        child = audit_pid_when_healthy()
+        assert child is not None
+        os.kill(child, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while env.client.get("/v1/status")["audit"]["healthy"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        proc.stdin.write("echo after-$((2+2))\n")
+        proc.stdin.flush()
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        deadline = time.monotonic() + 60  # the daemon starts a new audit process: later tests need it
+        while audit_pid_when_healthy() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+    assert "after-4" not in out, out
+    assert proc.returncode != 0 and "audit store is unavailable" in err, err
+    assert audit_pid_when_healthy() is not None
+
+
 def test_an_upgrade_over_http2_is_a_protocol_error_and_reaches_nothing(env: K8sEnv, ns: str, shell_pod: str) -> None:
     # kubectl and the Python client upgrade over HTTP/1.1 only (no RFC 8441 extended CONNECT).
     # HTTP/2 forbids connection-specific headers (RFC 9113 8.2.2): the front's h2 stack answers

@@ -72,6 +72,7 @@ async def attribution(services: Any, transport) -> Any:
 
 # A session's recording stops at this many bytes unless the services say otherwise
 # ([audit] recording_max_bytes).
+_HELD_INPUT_POLL_S = 0.05  # a bot's input held for the audit store is looked at again this often
 DEFAULT_RECORDING_MAX_BYTES = 16 * 1024 * 1024
 # A PostgreSQL result's rows are recorded up to this many bytes, the rest counted
 # ([audit] recording_result_bytes; 0: no limit per result).
@@ -260,6 +261,28 @@ class SessionCore:
                                      "direction": "event", "data": json.dumps({
                                          "type": "truncated", "reason": "recording_max_bytes",
                                          "max_bytes": self._record_cap}).encode()})
+
+    async def input_may_go_on(self, closing: Callable[[], bool]) -> bool:
+        """Before what a bot sends into a running command reaches it (an SSH shell's or command's
+        stdin, a Kubernetes exec's stream: each keystroke a request in all but name): wait while
+        the audit store is past its pace mark (``services.audit_room``), and hold it while the
+        store cannot take records (past its high water) or the token expired under
+        ``oidc.on_expiry = "recheck"`` (``services.refuse_now``; the bot's flow-control window
+        fills meanwhile). Where the store is gone or the token expired the runtime ends the
+        session meanwhile. False once ``closing()`` says it has ended."""
+        room = getattr(self.services, "audit_room", None)
+        if room is not None:
+            wait = room()
+            if wait is not None:
+                await wait
+        refuse_now = getattr(self.services, "refuse_now", None)
+        if refuse_now is None:
+            return True
+        while refuse_now(self.grant) is not None:
+            await asyncio.sleep(_HELD_INPUT_POLL_S)
+            if closing():
+                return False
+        return True
 
     def record_start(self, record: Mapping[str, Any] | Callable[[], Mapping[str, Any]], verdict: Verdict) -> Any:
         """audit.mode = "strict": submit the request's start record to be durable before the

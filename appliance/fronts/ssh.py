@@ -50,7 +50,6 @@ log = logging.getLogger(__name__)
 PROTOCOL = "ssh"
 REFUSED_EXIT = 126  # "command found but not executable": what a refused command exits with
 RELAY_CHUNK = 64 * 1024
-_HELD_INPUT_POLL_S = 0.05  # a bot's input held for the audit store is looked at again this often
 IDLE_FLUSH_S = 0.2  # a masked interactive session shows a held partial line (a prompt) after this pause
 SHELL_TEXT = "[shell]"  # a shell's requests row text
 TYPED_REASON = "typed in an interactive shell: extracted best-effort from keystrokes, not decided"
@@ -528,33 +527,13 @@ class _BotConnection(asyncssh.SSHServer):
             if not data:
                 remote.stdin.write_eof()
                 return
-            if not await self._may_go_on(process):
+            if not await self.core.input_may_go_on(lambda: self.conn is None or process.is_closing()):
                 return
             self.bytes_in += len(data)
             if shell is not None:
                 shell.typed(data)
             remote.stdin.write(data)
             await remote.stdin.drain()
-
-    async def _may_go_on(self, process: asyncssh.SSHServerProcess) -> bool:
-        """Before the bot's input reaches the command (each keystroke of a shell is a request in
-        all but name): wait while the audit store is past its pace mark, and hold the input while
-        it cannot take records (its backlog past the high water: the bot's SSH window fills) or
-        the token expired under ``oidc.on_expiry = "recheck"``. Where the store is gone or the
-        token expired the runtime ends the session meanwhile; False once it has."""
-        room = getattr(self.services, "audit_room", None)
-        refuse_now = getattr(self.services, "refuse_now", None)
-        if room is not None:
-            wait = room()
-            if wait is not None:
-                await wait
-        if refuse_now is None:
-            return True
-        while refuse_now(self.core.grant) is not None:
-            await asyncio.sleep(_HELD_INPUT_POLL_S)
-            if self.conn is None or process.is_closing():
-                return False
-        return True
 
     async def _pump_out(self, source: asyncssh.SSHReader, sink: asyncssh.SSHWriter,
                         shell: "_ShellRecord | _ExecRecord | None", masker: StreamMasker | None, interactive: bool) -> None:

@@ -498,6 +498,9 @@ class Session:
 
         async def from_bot() -> None:
             while data := await client.read():
+                # Only while the audit store can take its record (an exec's stdin is typed commands).
+                if not await self.core.input_may_go_on(lambda: ending.done()):
+                    return
                 self.bytes_in += len(data)
                 rec.from_client(data)
                 await upstream.write(data)
