@@ -396,6 +396,22 @@ def test_daemon_fails_closed_while_its_audit_process_is_down_and_recovers(pg_ser
     assert code == 0
 
 
+def _bot_conn(setup, port: int) -> psycopg.Connection:
+    """The orders bot's psycopg connection through the daemon (autocommit)."""
+    return psycopg.connect(host="127.0.0.1", port=port, user="orders-bot", password=setup.mint_token(),
+                           dbname="postgres", sslmode="disable", autocommit=True)
+
+
+def _run_until_refused(run, tries: int = 40) -> tuple[int, str | None]:
+    """``run(i)`` until botwarden refuses it: (how many ran, the refusal's text or None)."""
+    for i in range(tries):
+        try:
+            run(i)
+        except psycopg.errors.InsufficientPrivilege as e:
+            return i, str(e)
+    return tries, None
+
+
 def test_statements_wait_for_an_audit_store_that_cannot_keep_up(pg_server, bao_server, tmp_path):
     """The audit process stalls (SIGSTOP) with a small queue: statements in an open session are
     refused with a clear reason instead of running unaudited, and run again once it catches up."""
@@ -404,17 +420,9 @@ def test_statements_wait_for_an_audit_store_that_cannot_keep_up(pg_server, bao_s
     daemon.start()
     child = daemon.client().get("/v1/status")["audit"]["pid"]
     try:
-        conn = psycopg.connect(host="127.0.0.1", port=port, user="orders-bot", password=setup.mint_token(),
-                               dbname="postgres", sslmode="disable", autocommit=True)
+        conn = _bot_conn(setup, port)
         pause(child)
-        ran, refusal = 0, None
-        for i in range(40):
-            try:
-                conn.execute(f"SELECT {i}").fetchone()
-                ran += 1
-            except psycopg.errors.InsufficientPrivilege as e:
-                refusal = str(e)
-                break
+        ran, refusal = _run_until_refused(lambda i: conn.execute(f"SELECT {i}").fetchone())
         assert refusal is not None and 0 < ran < 20, (ran, refusal)
         assert "cannot keep up" in refusal and "no statement runs unaudited" in refusal
         assert not daemon.client().get("/v1/status")["audit"]["healthy"]
@@ -439,19 +447,12 @@ def test_a_prepared_statement_is_refused_too_while_the_audit_store_cannot_keep_u
     daemon.start()
     child = daemon.client().get("/v1/status")["audit"]["pid"]
     try:
-        conn = psycopg.connect(host="127.0.0.1", port=port, user="orders-bot", password=setup.mint_token(),
-                               dbname="postgres", sslmode="disable", autocommit=True)
+        conn = _bot_conn(setup, port)
         query = "SELECT %s::int AS n"
         assert conn.execute(query, (0,), prepare=True).fetchone() == (0,)  # Parse: decided now
         pause(child)
-        ran, refusal = 0, None
-        for i in range(1, 41):
-            try:
-                conn.execute(query, (i,), prepare=True).fetchone()  # Bind + Execute only
-                ran += 1
-            except psycopg.errors.InsufficientPrivilege as e:
-                refusal = str(e)
-                break
+        ran, refusal = _run_until_refused(
+            lambda i: conn.execute(query, (i + 1,), prepare=True).fetchone())  # Bind + Execute only
         assert refusal is not None and 0 < ran < 20, (ran, refusal)
         assert "cannot keep up" in refusal and "no statement runs unaudited" in refusal
         os.kill(child, signal.SIGCONT)
@@ -504,8 +505,7 @@ def test_a_bot_faster_than_the_audit_store_is_paced_not_refused(pg_server, bao_s
     cycler = threading.Thread(target=_duty_cycle, args=(child, stop, 0.6 * workers), daemon=True)
     ran = 0
     try:
-        conn = psycopg.connect(host="127.0.0.1", port=port, user="orders-bot", password=setup.mint_token(),
-                               dbname="postgres", sslmode="disable", autocommit=True)
+        conn = _bot_conn(setup, port)
         # Query: the simple protocol (client-side binding); execute: Parse/Bind/Execute each time;
         # prepared: Parse once, then Bind/Execute.
         cur = psycopg.ClientCursor(conn) if protocol == "query" else conn.cursor()
@@ -544,8 +544,7 @@ def test_strict_mode_never_runs_a_statement_the_audit_process_has_not_acknowledg
     daemon.start()
     child = daemon.client().get("/v1/status")["audit"]["pid"]
     try:
-        conn = psycopg.connect(host="127.0.0.1", port=port, user="orders-bot", password=setup.mint_token(),
-                               dbname="postgres", sslmode="disable", autocommit=True)
+        conn = _bot_conn(setup, port)
         conn.execute("INSERT INTO strict_t VALUES ('before')")
         pause(child)
         with pytest.raises(psycopg.OperationalError, match="did not acknowledge the record"):

@@ -84,13 +84,8 @@ class ExtendedProtocolMixin:
     def _c_execute(self, buf, s: int, e: int):
         if self._skip_until_sync:
             return None
-        if self._pace is not None:
-            if self._paced:
-                self._paced = False
-            else:
-                room = self._pace()
-                if room is not None:
-                    return self._wait_for_room(bytes(buf[s:e]), room)
+        if self._pace is not None and (held := self._pace_first(buf, s, e)) is not None:
+            return held
         name, pos = _cstring_at(buf, s + 5, e)
         if pos + 4 != e:
             raise RemoteProtocolError("Execute body length does not match its fields")

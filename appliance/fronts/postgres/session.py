@@ -408,13 +408,8 @@ class Session(StartupMixin, ReadingMixin, ExtendedProtocolMixin, MaskingMixin, F
             raise RemoteProtocolError("Query must carry exactly one NUL-terminated string")
         if self._skip_until_sync:
             return None  # inside a failed batch the server discards a Query too, up to Sync
-        if self._pace is not None:
-            if self._paced:
-                self._paced = False
-            else:
-                room = self._pace()
-                if room is not None:
-                    return self._wait_for_room(bytes(buf[s:e]), room)
+        if self._pace is not None and (held := self._pace_first(buf, s, e)) is not None:
+            return held
         sql, v, refusal = self._read_and_decide(bytes(buf[s + 5:e - 1]), "query")
         req = _Request("query", sql, v)
         if v.row_guards:
@@ -438,10 +433,19 @@ class Session(StartupMixin, ReadingMixin, ExtendedProtocolMixin, MaskingMixin, F
                          lambda nonce: m.Query(nonce).encode())
         return _HOLD
 
-    def _wait_for_room(self, original: bytes, room: asyncio.Future):
-        """Pacing: the audit store is far behind; this request waits (as if held) until it has
-        room or a short while has passed, then is processed again from the start: decided then,
-        and refused if the store is past its high water."""
+    def _pace_first(self, buf, s: int, e: int):
+        """Pacing, before a Query or Execute is decided: while the audit store is far behind, the
+        message waits (as if held, _HOLD) until it has room or a short while has passed, then is
+        processed again from the start: decided then, and refused if the store is past its high
+        water. None: go on now (no wait, or this is the message coming back from its wait)."""
+        if self._paced:
+            self._paced = False
+            return None
+        room = self._pace()
+        if room is None:
+            return None
+        original = bytes(buf[s:e])
+
         def resume(_: asyncio.Future) -> None:
             if not self.closed:
                 self._paced = True
