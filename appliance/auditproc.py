@@ -571,11 +571,11 @@ class AuditProcess:
         path pays one comparison."""
         if self._submitted - self._written - self._lost < self._pace_water:
             return None
-        fut = loop.create_future()
         with self._lock:
             if (self._submitted - self._written - self._lost < self._pace_water or self._dead is not None
                     or self._closing or not self._running):
                 return None
+            fut = loop.create_future()
             self._paced.append((fut, loop, time.monotonic()))
             self._pace_waits += 1
         return fut

@@ -281,13 +281,14 @@ cgroup = "pgbench"
         """botwarden_audit_paced_requests_total: statements that waited for the audit store."""
         from prometheus_client.parser import text_string_to_metric_families
 
-        with socket.socket(socket.AF_UNIX) as s:
-            s.connect(str(self.socket))
-            s.sendall(b"GET /metrics HTTP/1.1\r\nHost: botwarden\r\nConnection: close\r\n\r\n")
-            data = b""
-            while chunk := s.recv(65536):
-                data += chunk
-        body = data.partition(b"\r\n\r\n")[2].decode()
+        from appliance.control import _UnixHTTPConnection  # ControlClient reads JSON only
+
+        conn = _UnixHTTPConnection(str(self.socket), 30)
+        try:
+            conn.request("GET", "/metrics")
+            body = conn.getresponse().read().decode()
+        finally:
+            conn.close()
         for family in text_string_to_metric_families(body):
             for sample in family.samples:
                 if sample.name == "botwarden_audit_paced_requests_total":

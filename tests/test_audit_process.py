@@ -396,6 +396,15 @@ def test_daemon_fails_closed_while_its_audit_process_is_down_and_recovers(pg_ser
     assert code == 0
 
 
+def _small_queue_daemon(pg_server, bao_server, tmp_path, tag: str):
+    """A started daemon whose audit store refuses past 16 events (queue_max 20, batched): (setup,
+    bot port, daemon, its audit process's pid)."""
+    setup, port, _, daemon = _daemon_setup(pg_server, bao_server, tmp_path, tag,
+                                           audit_extra="queue_max = 20\nmode = \"batched\"")
+    daemon.start()
+    return setup, port, daemon, daemon.client().get("/v1/status")["audit"]["pid"]
+
+
 def _bot_conn(setup, port: int) -> psycopg.Connection:
     """The orders bot's psycopg connection through the daemon (autocommit)."""
     return psycopg.connect(host="127.0.0.1", port=port, user="orders-bot", password=setup.mint_token(),
@@ -415,10 +424,7 @@ def _run_until_refused(run, tries: int = 40) -> tuple[int, str | None]:
 def test_statements_wait_for_an_audit_store_that_cannot_keep_up(pg_server, bao_server, tmp_path):
     """The audit process stalls (SIGSTOP) with a small queue: statements in an open session are
     refused with a clear reason instead of running unaudited, and run again once it catches up."""
-    setup, port, _, daemon = _daemon_setup(pg_server, bao_server, tmp_path, "q",
-                                           audit_extra="queue_max = 20\nmode = \"batched\"")
-    daemon.start()
-    child = daemon.client().get("/v1/status")["audit"]["pid"]
+    setup, port, daemon, child = _small_queue_daemon(pg_server, bao_server, tmp_path, "q")
     try:
         conn = _bot_conn(setup, port)
         pause(child)
@@ -442,10 +448,7 @@ def test_a_prepared_statement_is_refused_too_while_the_audit_store_cannot_keep_u
     Execute: with the audit process stalled its runs are refused like new statements, not run with
     their records refused later (holes in the session's request seq). Found by `audit verify` after
     a pinned pgbench -M prepared run: 11,333 requests missing, their statements had run."""
-    setup, port, _, daemon = _daemon_setup(pg_server, bao_server, tmp_path, "p",
-                                           audit_extra="queue_max = 20\nmode = \"batched\"")
-    daemon.start()
-    child = daemon.client().get("/v1/status")["audit"]["pid"]
+    setup, port, daemon, child = _small_queue_daemon(pg_server, bao_server, tmp_path, "p")
     try:
         conn = _bot_conn(setup, port)
         query = "SELECT %s::int AS n"

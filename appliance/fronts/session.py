@@ -95,7 +95,7 @@ class SessionCore:
     """
 
     __slots__ = ("services", "target", "protocol", "target_addr", "session_id", "grant", "outcome", "end_error",
-                 "durable", "_issue_seq", "_spawn", "_terminate", "_ticket", "_hold_wait", "_withdrawn", "_ended",
+                 "durable", "audit_room", "refuse_now", "_issue_seq", "_spawn", "_terminate", "_ticket", "_hold_wait", "_withdrawn", "_ended",
                  "_record_seq", "recording_full", "_record_left", "_record_cap", "recording_result_cap")
 
     def __init__(self, services: FrontServices, *, target: str, protocol: str, target_addr: str,
@@ -111,6 +111,10 @@ class SessionCore:
         self.end_error: str | None = None
         # audit.mode = "strict": services.audit_durable(kind, record, verdict) -> future | None.
         self.durable: Callable[..., Any] | None = getattr(services, "audit_durable", None)
+        # Pacing and the checks before a request decided earlier runs (services.audit_room() ->
+        # Future | None, services.refuse_now(grant) -> Verdict | None); None where not offered.
+        self.audit_room: Callable[[], Any] | None = getattr(services, "audit_room", None)
+        self.refuse_now: Callable[[Any], Any] | None = getattr(services, "refuse_now", None)
         self._issue_seq: Callable[[str, str], int | None] | None = getattr(services, "issue_seq", None)
         self._spawn = spawn
         self._terminate = terminate
@@ -270,12 +274,11 @@ class SessionCore:
         ``oidc.on_expiry = "recheck"`` (``services.refuse_now``; the bot's flow-control window
         fills meanwhile). Where the store is gone or the token expired the runtime ends the
         session meanwhile. False once ``closing()`` says it has ended."""
-        room = getattr(self.services, "audit_room", None)
-        if room is not None:
-            wait = room()
+        if self.audit_room is not None:
+            wait = self.audit_room()
             if wait is not None:
                 await wait
-        refuse_now = getattr(self.services, "refuse_now", None)
+        refuse_now = self.refuse_now
         if refuse_now is None:
             return True
         while refuse_now(self.grant) is not None:

@@ -126,10 +126,9 @@ class Session(StartupMixin, ReadingMixin, ExtendedProtocolMixin, MaskingMixin, F
             self._handlers[ch[0]] = h
         # audit.mode = "strict": services.audit_durable(kind, record, verdict) -> future | None.
         self._audit_durable = self.core.durable
-        # services.refuse_now(grant) -> Verdict | None: may a request decided earlier run now?
-        self._refuse_now: Callable[[Any], Verdict | None] | None = getattr(self.services, "refuse_now", None)
-        # services.audit_room() -> Future | None: pacing while the audit store catches up.
-        self._pace: Callable[[], Any] | None = getattr(self.services, "audit_room", None)
+        # May a request decided earlier (a prepared statement's Execute) run now; pacing.
+        self._refuse_now = self.core.refuse_now
+        self._pace = self.core.audit_room
         self._paced = False   # the message processed again after its wait: decided without another
         self._client_handlers: list[Callable | None] = [None] * 256
         for ch, h in ((b"Q", self._c_query), (b"P", self._c_parse), (b"B", self._c_bind),
