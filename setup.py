@@ -1,7 +1,8 @@
-"""The one compiled module, appliance/hotpath/_compiled.pyx (Cython), built at `pip install`
-(vagrant/provision.sh install, editable; bastion, not editable). Everything else is in
-pyproject.toml. A machine that cannot build it (no Cython, no C compiler) still installs:
-appliance.hotpath then runs the pure-Python reference and says so (`COMPILED = False`)."""
+"""The compiled modules (Cython), built at `pip install` (vagrant/provision.sh install, editable;
+bastion, not editable): appliance/hotpath/_compiled.pyx (the relay's and masking's byte paths)
+and analytics/_chain.pyx (the audit writer's row hash). Everything else is in pyproject.toml. A
+machine that cannot build them (no Cython, no C compiler) still installs: appliance.hotpath and
+analytics.chain then run their pure-Python reference and say so (`COMPILED = False`)."""
 
 import sys
 
@@ -34,7 +35,9 @@ def extensions():
         print("botwarden: Cython is not installed; the pure-Python hot paths will run", file=sys.stderr)
         return []
     return cythonize([Extension("appliance.hotpath._compiled", ["appliance/hotpath/_compiled.pyx"],
-                                extra_compile_args=["-O2"])],
+                                extra_compile_args=["-O2"]),
+                      Extension("analytics._chain", ["analytics/_chain.pyx"], extra_compile_args=["-O2"],
+                                libraries=["crypto"])],
                      compiler_directives={"language_level": "3"}, quiet=True)
 
 

@@ -23,12 +23,28 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from binascii import hexlify
 from json.encoder import c_make_encoder, encode_basestring_ascii  # type: ignore[attr-defined]
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 GENESIS = bytes(32)
+
+# The writer's row hash is compiled when analytics/_chain.pyx is built (setup.py); the Python
+# below is its reference (tests/test_chain_compiled.py: the same bytes) and what verify uses.
+# BOTWARDEN_PURE_PYTHON=1 runs the reference, as it does for appliance.hotpath.
+if os.environ.get("BOTWARDEN_PURE_PYTHON", "") not in ("", "0"):
+    _compiled = None
+else:
+    try:
+        from . import _chain as _compiled
+    except ImportError:  # not built: the reference runs
+        _compiled = None
+COMPILED: bool = _compiled is not None
+
+# Column types (analytics.schema.SQL_TYPES) as the compiled hasher's codes.
+TYPE_CODES = {"str": 0, "int": 1, "ts": 1, "float": 2, "bool": 3, "bytes": 4, "str_list": 5, "count_map": 6}
 
 _encoder = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
 
@@ -87,8 +103,27 @@ def compile_row_encoder(names: Sequence[str], bytes_columns: Sequence[str] = ())
     return ns["encode"]
 
 
-def compile_row_hasher(names: Sequence[str], bytes_columns: Sequence[str],
-                       prefix: bytes) -> Callable[[bytes, Sequence[Any]], bytes]:
+def row_plan(names: Sequence[str], types: Sequence[str]) -> tuple[tuple[int, bytes, int], ...]:
+    """What the compiled hasher walks: (column index, its JSON key and colon, type code), in
+    sorted key order (the canonical order)."""
+    return tuple((i, (dumps_canonical(names[i]) + ":").encode("ascii"), TYPE_CODES[types[i]])
+                 for i in sorted(range(len(names)), key=lambda i: names[i]))
+
+
+def compile_row_hasher(names: Sequence[str], bytes_columns: Sequence[str], prefix: bytes,
+                       types: Sequence[str] | None = None,
+                       compiled: bool = True) -> Callable[[bytes, Sequence[Any]], bytes]:
+    """The writer's ``hash_row(prev, row)``: compiled (given the columns' ``types``, when
+    analytics/_chain.pyx is built and ``compiled``), else :func:`reference_row_hasher`, which
+    the compiled one hands any row with a value of an unexpected type."""
+    reference = reference_row_hasher(names, bytes_columns, prefix)
+    if not (compiled and COMPILED and types is not None):
+        return reference
+    return _compiled.RowHasher(row_plan(names, types), prefix, reference).hash
+
+
+def reference_row_hasher(names: Sequence[str], bytes_columns: Sequence[str],
+                         prefix: bytes) -> Callable[[bytes, Sequence[Any]], bytes]:
     """``row_hash(prev, table, canonical(names, row, bytes_columns))`` (``prefix``: the table and its
     newline) for the writer's hot loop, without the canonical JSON of the BLOB columns.
 

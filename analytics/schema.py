@@ -84,7 +84,8 @@ class Kind:
         without their canonical JSON."""
         from .chain import compile_row_hasher
 
-        return compile_row_hasher(self.names, self.bytes_columns, self.hash_prefix)
+        return compile_row_hasher(self.names, self.bytes_columns, self.hash_prefix,
+                                  types=tuple(f.type for f in self.fields))
 
     @cached_property
     def hash_prefix(self) -> bytes:
