@@ -101,9 +101,10 @@ def reader(path_or_store: Any) -> Iterator[duckdb.DuckDBPyConnection]:
     from .store import AuditStore
 
     if isinstance(path_or_store, AuditStore):
-        cur = path_or_store.cursor()
-    else:
-        cur = connect(path_or_store, read_only=True)
+        with path_or_store.reading() as cur:
+            yield cur
+        return
+    cur = connect(path_or_store, read_only=True)
     try:
         yield cur
     finally:

@@ -29,12 +29,14 @@ while this one holds it, so other processes read through the daemon.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
+import os
 import queue
 import threading
 import time
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Literal
@@ -88,6 +90,7 @@ class AuditStore:
         ingest: IngestMethod = "arrow",
         journal: bool = False,
         accounted_by: str | None = None,
+        threads: int | None = None,
     ):
         """``strict``: unknown record fields raise AuditRecordError (tests) instead of
         being dropped with a warning naming the field (production).
@@ -97,13 +100,20 @@ class AuditStore:
         start after an epoch that ended abruptly replays that epoch's journal, if any.
         ``accounted_by``: who accounts for what such an epoch had not committed when there is
         no journal (the daemon that re-sends it, or its high-water marks); recorded in the
-        writer_start row so verify does not count the epoch as a gap of unknown size."""
+        writer_start row so verify does not count the epoch as a gap of unknown size.
+        ``threads``: DuckDB's worker threads while only the writer works (its inserts, the
+        checkpoints); None: DuckDB's default, one per CPU. An operator's reads (:meth:`query`,
+        :meth:`verify`, reports and exports through :func:`analytics.db.reader`) raise it to one per
+        CPU while they run. On a bastion the audit process shares the cores with the daemon: a
+        batch insert spread over threads costs more CPU than it saves time (README, issue 20)."""
         if batch_max < 1 or queue_max < 1 or flush_interval <= 0:
             raise AuditError("batch_max and queue_max must be >= 1 and flush_interval > 0")
         if on_full not in ("refuse", "block"):
             raise AuditError("on_full must be 'refuse' or 'block'")
         if ingest not in ("arrow", "executemany"):
             raise AuditError("ingest must be 'arrow' or 'executemany'")
+        if threads is not None and not 1 <= threads <= 1024:
+            raise AuditError("threads must be between 1 and 1024")
         self.path = Path(path)
         self.batch_max = batch_max
         self.flush_interval = flush_interval
@@ -133,6 +143,9 @@ class AuditStore:
         self._con: duckdb.DuckDBPyConnection | None = None
         self._reader_root: duckdb.DuckDBPyConnection | None = None
         self._reader_lock = threading.Lock()
+        self._threads = threads
+        self._threads_now = threads
+        self._readers = 0            # operator reads running (they get a thread per CPU)
         self._chain: ChainWriter | None = None
         self._thread: threading.Thread | None = None       # the writer: owns the connection
         self._preparer: threading.Thread | None = None     # takes batches, hashes them
@@ -158,6 +171,8 @@ class AuditStore:
         con = db.connect(self.path, read_only=False)
         try:
             con.execute(f"SET checkpoint_threshold = '{_CHECKPOINT_THRESHOLD}'")
+            if self._threads is not None:
+                con.execute(f"SET threads = {int(self._threads)}")
             self.migrations = db.migrate(con)
             chain = ChainWriter(con, ingest=self._ingest)
             self.epoch = next_epoch(con)
@@ -471,25 +486,43 @@ class AuditStore:
                 raise AuditClosedError("audit store is not running")
             return self._reader_root.cursor()
 
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A cursor for an operator's read: DuckDB gets a thread per CPU while any such read
+        runs, and ``threads`` again once the last one ends."""
+        cur = self.cursor()
+        try:
+            self._reader_threads(+1)
+            try:
+                yield cur
+            finally:
+                self._reader_threads(-1)
+        finally:
+            cur.close()
+
+    def _reader_threads(self, step: int) -> None:
+        with self._reader_lock:
+            self._readers += step
+            if self._threads is None or self._reader_root is None:
+                return   # DuckDB's default: a thread per CPU all along
+            want = max(os.cpu_count() or 1, self._threads) if self._readers else self._threads
+            if want != self._threads_now:
+                self._reader_root.execute(f"SET threads = {int(want)}")
+                self._threads_now = want
+
     def query(self, sql: str, params: Sequence | None = None, *, max_rows: int | None = None,
               timeout: float | None = None) -> tuple[list[str], list[tuple]]:
         """Run one read-only statement against the live store (any thread, not the
         event loop: it blocks). ``timeout`` interrupts it after that many seconds."""
         from .sql import run_readonly
 
-        cur = self.cursor()
-        try:
+        with self.reading() as cur:
             return run_readonly(cur, sql, params, max_rows=max_rows, timeout=timeout)
-        finally:
-            cur.close()
 
     def verify(self):
         """Verify the chain of the live file (rows committed so far)."""
         from . import highwater
         from .verify import verify_connection
 
-        cur = self.cursor()
-        try:
+        with self.reading() as cur:
             return verify_connection(cur, live_epoch=self.epoch, marks=highwater.read(self.path))
-        finally:
-            cur.close()

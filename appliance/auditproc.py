@@ -210,7 +210,7 @@ class AuditProcess:
                  strict: bool = False, restart_after: float | None = 1.0, nice: int | None = None,
                  journal: bool = False, highwater: bool = False, ack_timeout: float = 10.0,
                  stream: Mapping[str, Any] | None = None, log_format: str = "text",
-                 fleet: Mapping[str, Any] | None = None):
+                 fleet: Mapping[str, Any] | None = None, threads: int | None = None):
         """``restart_after``: seconds before a dead audit process is started again (doubling
         up to 30 s while it keeps failing); None leaves it dead. ``nice``: the child's CPU
         priority (the daemon passes the one it was started with; None inherits the caller's).
@@ -220,7 +220,8 @@ class AuditProcess:
         ``stream``: ``[audit.stream]`` as a dict: the child sends each committed row to SIEMs
         (:mod:`appliance.auditstream`). ``log_format``: the child's log lines ("text" or "json").
         ``fleet``: the lake's settings (analytics.fleet.LakeSettings fields): the child ships
-        committed rows there (analytics.fleet.shipping)."""
+        committed rows there (analytics.fleet.shipping). ``threads``: DuckDB's threads for the
+        store's writer (``audit.threads``; analytics.AuditStore)."""
         if batch_max < 1 or queue_max < 1 or flush_interval <= 0:
             raise AuditError("batch_max and queue_max must be >= 1 and flush_interval > 0")
         if on_full not in ("refuse", "block"):
@@ -229,7 +230,8 @@ class AuditProcess:
         self.options = {"path": str(self.path), "batch_max": batch_max, "flush_interval": flush_interval,
                         "strict": strict, "log_level": logging.getLogger().getEffectiveLevel(), "nice": nice,
                         "journal": journal, "accounted_by": None,
-                        "stream": dict(stream) if stream else None, "log_format": log_format}
+                        "stream": dict(stream) if stream else None, "log_format": log_format,
+                        "threads": threads}
         # Not in the child's argv (any local user can read a command line): the catalog's DSN may
         # hold a password. The child's environment is readable by its own uid only.
         self._fleet = json.dumps(dict(fleet)) if fleet else None
@@ -1059,7 +1061,7 @@ class _Child:
         self.store = AuditStore(options["path"], batch_max=options["batch_max"],
                                 flush_interval=options["flush_interval"], queue_max=max(options["batch_max"] * 8, 10_000),
                                 on_full="block", strict=options["strict"], journal=bool(options.get("journal")),
-                                accounted_by=options.get("accounted_by"))
+                                accounted_by=options.get("accounted_by"), threads=options.get("threads"))
         self.redactor = AuditRedactor(DetectorSettings())
         self._redactors: dict[Any, AuditRedactor] = {}
         req = schema.KINDS["request"]

@@ -85,6 +85,12 @@ def _workers(value: int) -> int:
     return value
 
 
+def _audit_threads(value: int) -> int:
+    if not 1 <= value <= 1024:
+        raise ValueError(f"must be a number of DuckDB threads from 1 to 1024, not {value}")
+    return value
+
+
 def _positive(value: float) -> float:
     if value <= 0:
         raise ValueError(f"must be greater than zero, not {value}")
@@ -142,6 +148,10 @@ class AuditSettings:
     # strict mode: a statement whose record the audit process has not acknowledged after this many
     # seconds (the process is stalled) is not run, and its session ends (57P03).
     ack_timeout: float = field(default=10.0, metadata=check(_positive))
+    # DuckDB's threads for the store's inserts and checkpoints. The audit process shares the
+    # cores with the daemon, and a batch insert spread over threads costs more CPU than it saves
+    # time; an operator's query, report, verify or export gets a thread per CPU while it runs.
+    threads: int = field(default=1, metadata=check(_audit_threads))
     # Every committed audit event, as one JSON line, to SIEMs ([audit.stream]; off when absent).
     stream: AuditStreamSettings | None = None
 

@@ -46,7 +46,7 @@ def open_audit_store(cfg: Config):
                          queue_max=cfg.audit.queue_max, on_full=cfg.audit.on_full, nice=daemon_module.STARTING_NICE,
                          journal=cfg.audit.mode == "strict", highwater=True, ack_timeout=cfg.audit.ack_timeout,
                          stream=dataclasses.asdict(cfg.audit.stream) if cfg.audit.stream else None,
-                         log_format=cfg.logging.format,
+                         log_format=cfg.logging.format, threads=cfg.audit.threads,
                          fleet=dataclasses.asdict(cfg.fleet.lake()) if cfg.fleet else None)
     store.start()
     try:

@@ -311,6 +311,15 @@ def test_the_audit_process_outlives_a_killed_daemon_only_to_close_the_file(tmp_p
         assert store.verify().ok
 
 
+def test_the_writers_duckdb_threads_reach_the_audit_process(tmp_path):
+    # More threads than CPUs, so a query (which gets at least one per CPU) shows the setting arrived.
+    cpus = os.cpu_count() or 1
+    with AuditProcess(tmp_path / "a.duckdb", threads=cpus + 1) as p:
+        assert p.query("SELECT current_setting('threads')")[1] == [(cpus + 1,)]
+    with AuditProcess(tmp_path / "b.duckdb") as p:  # not given: DuckDB's own default, a thread per CPU
+        assert p.query("SELECT current_setting('threads')")[1] == [(cpus,)]
+
+
 def test_a_store_that_cannot_open_says_why(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import threading
 import uuid
 
@@ -210,6 +211,41 @@ def test_flush_makes_events_durable_for_other_readers(tmp_path):
         store.flush()
         # The batch window is a minute: only flush() can have written it.
         assert store.query("SELECT count(*) FROM session_starts")[1] == [(1,)]
+
+
+def _threads(cur) -> int:
+    try:
+        return cur.execute("SELECT current_setting('threads')").fetchone()[0]
+    finally:
+        cur.close()
+
+
+def test_the_writer_keeps_to_its_threads_and_an_operators_read_gets_every_cpu(tmp_path):
+    """audit.threads (issue 20): inserts and checkpoints use ``threads``; a query, a verify or a
+    report raises DuckDB to a thread per CPU while it runs, and the writer's count returns after."""
+    cpus = os.cpu_count() or 1
+    s = sid()
+    with AuditStore(tmp_path / "a.duckdb", strict=True, threads=1, flush_interval=0.01) as store:
+        assert _threads(store.cursor()) == 1
+        for i in range(50):
+            assert store.submit("request", request(s, request_id=f"r{i}"))
+        store.flush()
+        assert store.query("SELECT current_setting('threads'), count(*) FROM requests")[1] == [(cpus, 50)]
+        assert _threads(store.cursor()) == 1
+        with analytics.db.reader(store) as cur, store.reading() as other:
+            assert _threads(store.cursor()) == cpus
+            assert cur.execute("SELECT count(*) FROM requests").fetchone() == (50,)
+            assert other.execute("SELECT count(*) FROM requests").fetchone() == (50,)
+        assert _threads(store.cursor()) == 1   # back once the last of the two ended
+        assert store.verify().clean
+        assert _threads(store.cursor()) == 1
+        _, rows = analytics.reports.run_report(store, analytics.reports.list_reports()[0].name)
+        assert _threads(store.cursor()) == 1
+    with AuditStore(tmp_path / "b.duckdb", threads=cpus + 2) as store:  # more than the CPUs: kept for reads too
+        assert _threads(store.cursor()) == cpus + 2
+        assert store.query("SELECT current_setting('threads')")[1] == [(cpus + 2,)]
+    with pytest.raises(analytics.AuditError, match="threads"):
+        AuditStore(tmp_path / "c.duckdb", threads=0)
 
 
 def test_store_never_logs_or_echoes_record_contents(tmp_path, caplog):

@@ -87,6 +87,14 @@ def test_daemon_priority_defaults_to_ahead_of_the_bots_and_is_range_checked():
     assert msg.startswith("bw.toml:2: appliance.nice:") and "-20" in msg and "-30" in msg
 
 
+def test_audit_store_threads_default_to_one_and_are_range_checked():
+    assert parse_config(BASE, "bw.toml").audit.threads == 1
+    assert parse_config('[audit]\nthreads = 4\n', "bw.toml").audit.threads == 4
+    msg = error_of('[audit]\nthreads = 0\n')
+    assert msg.startswith("bw.toml:2: audit.threads:") and "from 1 to 1024" in msg
+    assert "audit.threads" in error_of('[audit]\nthreads = "many"\n')
+
+
 def test_daemon_without_the_privilege_to_raise_its_priority_says_so_and_runs(monkeypatch, caplog):
     from appliance import daemon
 
