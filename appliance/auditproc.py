@@ -582,6 +582,11 @@ class AuditProcess:
             self._pace_waits += 1
         return fut
 
+    def count_paced(self, n: int) -> None:
+        """Requests a worker held for room (its own pacing, from what the supervisor told it)."""
+        with self._lock:
+            self._pace_waits += n
+
     def _release_paced(self, everyone: bool = False) -> None:
         """Under the lock: resolve the futures of requests waiting for room that may go now (all
         of them once there is room, the store is gone or ``everyone``; else those waiting longest)."""

@@ -354,11 +354,13 @@ class Runtime:
 
     def audit_relayed(self, frame: bytes, count: int, seqs: Mapping[str, int], ends: list[str],
                       decisions: Mapping[tuple[str, str], int], observed: list[tuple[str, dict]],
-                      current: Mapping[str, tuple[str | None, float | None, bool]]) -> None:
+                      current: Mapping[str, tuple[str | None, float | None, bool]], paced: int = 0) -> None:
         """A worker's records (appliance.worker.StoreLink): ``count`` rows it validated, pickled as
         the audit process takes them (handed on unopened), and what this process needs of them:
         each session's highest request seq, the sessions that ended, /metrics' counts, each
-        session's current request."""
+        session's current request, and how many of its requests waited for the store (pacing)."""
+        if paced and self.daemon.audit is not None:
+            self.daemon.audit.count_paced(paced)
         metrics = getattr(self.daemon, "metrics", None)
         if metrics is not None:
             metrics.decisions.update(decisions)

@@ -263,7 +263,8 @@ class StoreLink:
     process unopened: the supervisor does no per-record work. Beside the frame go what it needs
     of them: each session's highest request seq (a dead worker's shortfall is counted from it),
     the sessions that ended (their high-water slots are freed once committed), decision counts and
-    session/approval events for /metrics, and each session's current request for listings."""
+    session/approval events for /metrics, each session's current request for listings, and how
+    many requests waited for the store to catch up (pacing, counted in the supervisor's /metrics)."""
 
     def __init__(self, link: Link):
         self.link = link
@@ -271,6 +272,7 @@ class StoreLink:
         self.unavailable: str | None = None
         self.behind = False     # the supervisor's store is past its pace mark: requests wait (room)
         self._paced: list[asyncio.Future] = []
+        self._pace_waits = 0    # requests that waited since the last frame (the supervisor counts them)
         # The daemon's high-water file, mapped here (analytics.highwater.SharedMarks): this worker
         # marks each request it numbers before the answer goes to the bot. None: no marks kept.
         self.marks: Any = None
@@ -308,6 +310,8 @@ class StoreLink:
         if not self._paced:
             loop.call_later(PACE_WAIT_S, self._release_paced)
         self._paced.append(fut)
+        self._pace_waits += 1
+        self.link.wake(lazy=True)
         return fut
 
     def submit(self, kind: str, record: Mapping[str, Any]) -> bool:
@@ -338,12 +342,14 @@ class StoreLink:
             self.link.wake(lazy=True)
 
     def _seal(self) -> tuple | None:
-        if not self._rows and not self._current:
+        if not self._rows and not self._current and not self._pace_waits:
             return None
         rows, self._rows = self._rows, []
         message = ("audit_frame", pickle.dumps(rows, protocol=pickle.HIGHEST_PROTOCOL) if rows else b"",
-                   len(rows), self._seqs, self._ends, self._decisions, self._observed, self._current)
+                   len(rows), self._seqs, self._ends, self._decisions, self._observed, self._current,
+                   self._pace_waits)
         self._seqs, self._ends, self._decisions, self._observed, self._current = {}, [], {}, [], {}
+        self._pace_waits = 0
         return message
 
     def submit_acked(self, kind: str, record: Mapping[str, Any], loop: Any) -> asyncio.Future | None:

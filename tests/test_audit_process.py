@@ -491,8 +491,9 @@ def _duty_cycle(pid: int, stop: "threading.Event", stopped_s: float = 0.6, runni
         stop.wait(running_s)
 
 
-@pytest.mark.parametrize("protocol,workers", [("query", 1), ("execute", 1), ("prepared", 1), ("prepared", 2)],
-                         ids=["query", "execute", "prepared", "prepared-2-workers"])
+@pytest.mark.parametrize("protocol,workers", [("query", 1), ("execute", 1), ("prepared", 1), ("function_call", 1),
+                                              ("prepared", 2)],
+                         ids=["query", "execute", "prepared", "function_call", "prepared-2-workers"])
 def test_a_bot_faster_than_the_audit_store_is_paced_not_refused(pg_server, bao_server, tmp_path, protocol, workers):
     """The audit process gets a quarter of the CPU time it needs (stopped 0.6 s, running 0.2 s) while
     one bot sends statements as fast as it can: past 40 % of queue_max the bot's next statement
@@ -517,27 +518,48 @@ def test_a_bot_faster_than_the_audit_store_is_paced_not_refused(pg_server, bao_s
     cycler = threading.Thread(target=_duty_cycle, args=(child, stop, 0.6 * workers), daemon=True)
     ran = 0
     try:
-        conn = _bot_conn(setup, port)
-        # Query: the simple protocol (client-side binding); execute: Parse/Bind/Execute each time;
-        # prepared: Parse once, then Bind/Execute.
-        cur = psycopg.ClientCursor(conn) if protocol == "query" else conn.cursor()
+        if protocol == "function_call":
+            # libpq's large-object API: each lo_write is a FunctionCall message (lowrite).
+            import psycopg2
+
+            conn = psycopg2.connect(host="127.0.0.1", port=port, user="orders-bot", password=setup.mint_token(),
+                                    dbname="postgres", sslmode="disable")
+            lo = conn.lobject(0, "wb")
+
+            def step(i: int) -> None:
+                assert lo.write(b"x") == 1
+        else:
+            conn = _bot_conn(setup, port)
+            # Query: the simple protocol (client-side binding); execute: Parse/Bind/Execute each
+            # time; prepared: Parse once, then Bind/Execute.
+            cur = psycopg.ClientCursor(conn) if protocol == "query" else conn.cursor()
+
+            def step(i: int) -> None:
+                assert cur.execute("SELECT %s::int", (i,), prepare=protocol == "prepared").fetchone() == (i,)
         cycler.start()
         deadline = time.monotonic() + 4
         while time.monotonic() < deadline:
-            assert cur.execute("SELECT %s::int", (ran,), prepare=protocol == "prepared").fetchone() == (ran,)
+            step(ran)
             ran += 1
         stop.set()
         cycler.join()
         os.kill(child, signal.SIGCONT)
+        if protocol == "function_call":
+            lo.close()
+            conn.rollback()
         conn.close()
         metrics = samples(scrape_socket(daemon.socket)[1])
-        if workers == 1:  # workers' waits are not counted
-            assert value(metrics, "botwarden_audit_paced_requests_total") > 0
+        assert value(metrics, "botwarden_audit_paced_requests_total") > 0   # workers' waits counted too
         assert value(metrics, "botwarden_audit_events_refused_total") == 0
         daemon.client().post("/v1/audit/flush")
-        rows = daemon.audit_sql("SELECT kind, count(*) AS n FROM requests WHERE text LIKE 'SELECT %::int' "
-                                "GROUP BY kind")
-        assert [(r["kind"], r["n"]) for r in rows] == [("query" if protocol == "query" else "execute", ran)]
+        if protocol == "function_call":
+            rows = daemon.audit_sql("SELECT kind, count(*) AS n FROM requests WHERE text LIKE '%\"lowrite\"(%' "
+                                    "GROUP BY kind")
+            assert [(r["kind"], r["n"]) for r in rows] == [("function_call", ran)]
+        else:
+            rows = daemon.audit_sql("SELECT kind, count(*) AS n FROM requests WHERE text LIKE 'SELECT %::int' "
+                                    "GROUP BY kind")
+            assert [(r["kind"], r["n"]) for r in rows] == [("query" if protocol == "query" else "execute", ran)]
         report = daemon.client().post("/v1/audit/verify", {"allow_gaps": False})
         assert report["clean"], report["report"]
     finally:

@@ -21,6 +21,8 @@ class FunctionLookupMixin:
         msg = m.FunctionCall.decode(bytes(buf[s + 5:e]))
         if self._skip_until_sync:
             return None  # discarded by the server inside a failed batch, like a Query
+        if self._pace is not None and (held := self._pace_first(buf, s, e)) is not None:
+            return held  # the audit store is far behind: wait for it, as a Query or Execute does
         front = self.front
         if front._function_names_for is not self.services:  # a reload: resolve again
             front.function_names.clear()
