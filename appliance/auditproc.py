@@ -70,10 +70,10 @@ log = logging.getLogger(__name__)
 _LEN = struct.Struct(">I")
 _ACK = struct.Struct(">Q")   # strict mode: the child's count of events journaled, on the events socket
 _HIGH_WATER = 0.8
-# Past this share of queue_max, new requests wait (up to PACE_WAIT_S) for the backlog to fall
-# below it again before they are decided: bots slow down to the pace the store commits at instead
-# of running ahead of it until the high water refuses them.
-_PACE_WATER = 0.4
+# Past this share of queue_max (audit.pace_mark), new requests wait (up to audit.pace_wait
+# seconds) for the backlog to fall below it again before they are decided: bots slow down to the
+# pace the store commits at instead of running ahead of it until the high water refuses them.
+PACE_MARK = 0.4
 PACE_WAIT_S = 0.5
 _FRAME = "#frame"          # the handle's buffer: (_FRAME, a worker's pickled rows, their count)
 _SEND_BATCH = 512          # events that make the sender ship at once
@@ -210,7 +210,8 @@ class AuditProcess:
                  strict: bool = False, restart_after: float | None = 1.0, nice: int | None = None,
                  journal: bool = False, highwater: bool = False, ack_timeout: float = 10.0,
                  stream: Mapping[str, Any] | None = None, log_format: str = "text",
-                 fleet: Mapping[str, Any] | None = None, threads: int | None = None):
+                 fleet: Mapping[str, Any] | None = None, threads: int | None = None,
+                 pace_mark: float = PACE_MARK, pace_wait: float = PACE_WAIT_S):
         """``restart_after``: seconds before a dead audit process is started again (doubling
         up to 30 s while it keeps failing); None leaves it dead. ``nice``: the child's CPU
         priority (the daemon passes the one it was started with; None inherits the caller's).
@@ -221,7 +222,8 @@ class AuditProcess:
         (:mod:`appliance.auditstream`). ``log_format``: the child's log lines ("text" or "json").
         ``fleet``: the lake's settings (analytics.fleet.LakeSettings fields): the child ships
         committed rows there (analytics.fleet.shipping). ``threads``: DuckDB's threads for the
-        store's writer (``audit.threads``; analytics.AuditStore)."""
+        store's writer (``audit.threads``; analytics.AuditStore). ``pace_mark``, ``pace_wait``: pacing
+        (:meth:`room`; ``audit.pace_mark``, ``audit.pace_wait``)."""
         if batch_max < 1 or queue_max < 1 or flush_interval <= 0:
             raise AuditError("batch_max and queue_max must be >= 1 and flush_interval > 0")
         if on_full not in ("refuse", "block"):
@@ -250,7 +252,10 @@ class AuditProcess:
         self.on_full = on_full
         self.strict = strict
         self._high_water = max(1, int(queue_max * _HIGH_WATER))
-        self._pace_water = max(1, int(queue_max * _PACE_WATER))
+        if not 0 < pace_mark < _HIGH_WATER or pace_wait <= 0:
+            raise AuditError(f"pace_mark must be above 0 and below {_HIGH_WATER}, pace_wait above 0")
+        self._pace_water = max(1, int(queue_max * pace_mark))
+        self.pace_wait = pace_wait
         self._paced: collections.deque = collections.deque()   # (future, loop, since) waiting for room
         self._pace_waits = 0     # requests that waited for room (the status's audit.paced)
         self._lock = threading.Lock()
@@ -566,9 +571,9 @@ class AuditProcess:
         return self._submitted - self._written - self._lost >= self._pace_water
 
     def room(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future | None:
-        """Pacing: None while fewer than ``_PACE_WATER`` of ``queue_max`` events wait to be
+        """Pacing: None while fewer than ``pace_mark`` of ``queue_max`` events wait to be
         committed; otherwise a future of ``loop`` that resolves (never fails) once they are fewer
-        again, once the store is gone or closing, or after ``PACE_WAIT_S`` — the caller then decides
+        again, once the store is gone or closing, or after ``pace_wait`` seconds — the caller then decides
         its request as usual, refused past the high water. Read without the lock first: the hot
         path pays one comparison."""
         if self._submitted - self._written - self._lost < self._pace_water:
@@ -597,7 +602,7 @@ class AuditProcess:
                 self._submitted - self._written - self._lost < self._pace_water):
             go, self._paced = list(paced), collections.deque()
         else:
-            limit = time.monotonic() - PACE_WAIT_S
+            limit = time.monotonic() - self.pace_wait
             go = []
             while paced and paced[0][2] <= limit:
                 go.append(paced.popleft())

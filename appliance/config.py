@@ -91,6 +91,18 @@ def _audit_threads(value: int) -> int:
     return value
 
 
+def _pace_mark(value: float) -> float:
+    if not 0 < value < 0.8:
+        raise ValueError(f"must be a share of queue_max above 0 and below 0.8 (where statements are refused), not {value}")
+    return value
+
+
+def _pace_wait(value: float) -> float:
+    if not 0 < value <= 60:
+        raise ValueError(f"must be a number of seconds above 0 and at most 60, not {value}")
+    return value
+
+
 def _positive(value: float) -> float:
     if value <= 0:
         raise ValueError(f"must be greater than zero, not {value}")
@@ -152,6 +164,12 @@ class AuditSettings:
     # cores with the daemon, and a batch insert spread over threads costs more CPU than it saves
     # time; an operator's query, report, verify or export gets a thread per CPU while it runs.
     threads: int = field(default=1, metadata=check(_audit_threads))
+    # Pacing: past pace_mark of queue_max events not yet committed, a new statement (Query,
+    # Execute, FunctionCall; a stream's input) waits up to pace_wait seconds for the store to
+    # catch up before it is decided, so a bot faster than the store slows down instead of being
+    # refused at the high water (0.8 of queue_max). A CancelRequest ends the wait: 57014.
+    pace_mark: float = field(default=0.4, metadata=check(_pace_mark))
+    pace_wait: float = field(default=0.5, metadata=check(_pace_wait))
     # Every committed audit event, as one JSON line, to SIEMs ([audit.stream]; off when absent).
     stream: AuditStreamSettings | None = None
 

@@ -500,8 +500,9 @@ class Daemon:
         for key in ("state_dir", "control_socket"):
             if getattr(new.appliance, key) != getattr(old.appliance, key):
                 raise ConfigError(f"appliance.{key} cannot change on reload; restart the daemon")
-        # The audit process was started with (or without) its journal and acknowledgements.
-        for key in ("path", "mode", "ack_timeout", "stream"):
+        # The audit process was started with (or without) its journal and acknowledgements, its
+        # DuckDB threads and its pacing.
+        for key in ("path", "mode", "ack_timeout", "stream", "threads", "pace_mark", "pace_wait"):
             if getattr(new.audit, key) != getattr(old.audit, key):
                 raise ConfigError(f"audit.{key} cannot change on reload; restart the daemon")
         if new.appliance.workers != old.appliance.workers:

@@ -47,6 +47,7 @@ def open_audit_store(cfg: Config):
                          journal=cfg.audit.mode == "strict", highwater=True, ack_timeout=cfg.audit.ack_timeout,
                          stream=dataclasses.asdict(cfg.audit.stream) if cfg.audit.stream else None,
                          log_format=cfg.logging.format, threads=cfg.audit.threads,
+                         pace_mark=cfg.audit.pace_mark, pace_wait=cfg.audit.pace_wait,
                          fleet=dataclasses.asdict(cfg.fleet.lake()) if cfg.fleet else None)
     store.start()
     try:

@@ -273,6 +273,7 @@ class StoreLink:
         self.behind = False     # the supervisor's store is past its pace mark: requests wait (room)
         self._paced: list[asyncio.Future] = []
         self._pace_waits = 0    # requests that waited since the last frame (the supervisor counts them)
+        self.pace_wait = PACE_WAIT_S   # audit.pace_wait, from the config the supervisor sends
         # The daemon's high-water file, mapped here (analytics.highwater.SharedMarks): this worker
         # marks each request it numbers before the answer goes to the bot. None: no marks kept.
         self.marks: Any = None
@@ -303,12 +304,12 @@ class StoreLink:
 
     def room(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future | None:
         """Pacing in a worker (see AuditProcess.room): while the supervisor says the store is
-        behind, a future resolved once it is not, or after PACE_WAIT_S."""
+        behind, a future resolved once it is not, or after ``pace_wait`` seconds."""
         if not self.behind:
             return None
         fut = loop.create_future()
         if not self._paced:
-            loop.call_later(PACE_WAIT_S, self._release_paced)
+            loop.call_later(self.pace_wait, self._release_paced)
         self._paced.append(fut)
         self._pace_waits += 1
         self.link.wake(lazy=True)
@@ -560,6 +561,7 @@ class WorkerHost:
         from appliance.fronts.admission import Admission
 
         self.config = doc["config"]
+        self.audit.pace_wait = self.config.audit.pace_wait
         self.listen_fds = dict(doc["listeners"])
         if doc.get("probes"):
             self.probes = ProbeLookup(*doc["probes"])

@@ -311,6 +311,31 @@ def test_the_audit_process_outlives_a_killed_daemon_only_to_close_the_file(tmp_p
         assert store.verify().ok
 
 
+def test_the_pace_mark_is_a_share_of_queue_max(tmp_path):
+    import asyncio
+
+    with pytest.raises(AuditError, match="pace_mark"):
+        AuditProcess(tmp_path / "x.duckdb", pace_mark=0.9)
+    with AuditProcess(tmp_path / "a.duckdb", queue_max=100, pace_mark=0.1, pace_wait=0.05) as p:
+        pause(p.pid)
+        try:
+            for i in range(9):
+                assert p.submit("request", request(i))
+            time.sleep(0.1)   # shipped (or not): either way nothing is committed while it is stopped
+            assert not p.behind
+            assert p.submit("request", request(9))
+            assert p.behind   # 10 of 100 uncommitted: the mark
+
+            async def wait() -> None:
+                room = p.room(asyncio.get_running_loop())
+                assert room is not None
+                await asyncio.wait_for(room, 30)   # the store stays stopped: only pace_wait ends it
+            asyncio.run(wait())
+            assert p.stats()["paced"] == 1 and p.behind
+        finally:
+            os.kill(p.pid, signal.SIGCONT)
+
+
 def test_the_writers_duckdb_threads_reach_the_audit_process(tmp_path):
     # More threads than CPUs, so a query (which gets at least one per CPU) shows the setting arrived.
     cpus = os.cpu_count() or 1
@@ -564,6 +589,68 @@ def test_a_bot_faster_than_the_audit_store_is_paced_not_refused(pg_server, bao_s
         assert report["clean"], report["report"]
     finally:
         stop.set()
+        os.kill(child, signal.SIGCONT)
+        daemon.stop()
+
+
+@pytest.mark.parametrize("protocol", ["query", "execute"])
+def test_a_statement_cancelled_while_paced_is_refused_with_57014_and_never_runs(pg_server, bao_server, tmp_path,
+                                                                                protocol):
+    """A CancelRequest (psycopg's cancel, psql's Ctrl-C) while the bot's statement waits for the
+    audit store (pacing) ends the wait: the statement is refused as cancelled (57014) and never
+    reaches the server, the session goes on, and its record says why. Before, the cancel went to
+    the idle backend, did nothing, and the statement ran after the wait."""
+    import threading
+
+    from tests.test_metrics import samples, scrape_socket, value
+
+    pg_server.psql("DROP TABLE IF EXISTS paced_runs; CREATE TABLE paced_runs (i int)")
+    # pace_wait = 30: the statement waits until it is cancelled (the store is stopped throughout).
+    setup, port, _, daemon = _daemon_setup(pg_server, bao_server, tmp_path, "k",
+                                           audit_extra='queue_max = 200\nmode = "batched"\npace_wait = 30')
+    daemon.start()
+    child = daemon.client().get("/v1/status")["audit"]["pid"]
+    outcome: dict = {}
+    try:
+        conn = _bot_conn(setup, port)
+        cur = psycopg.ClientCursor(conn) if protocol == "query" else conn.cursor()
+        pause(child)
+
+        def bot() -> None:
+            i = 0
+            try:
+                while i < 1000:
+                    cur.execute("INSERT INTO paced_runs VALUES (%s)", (i,))
+                    i += 1
+            except psycopg.Error as e:
+                outcome.update(error=e, at=i)
+
+        t = threading.Thread(target=bot, daemon=True)
+        t.start()
+        assert wait_for(lambda: value(samples(scrape_socket(daemon.socket)[1]),
+                                      "botwarden_audit_paced_requests_total") > 0)
+        assert t.is_alive()   # its statement waits
+        conn.cancel()
+        t.join(20)
+        assert not t.is_alive()
+        err = outcome["error"]
+        assert isinstance(err, psycopg.errors.QueryCanceled), err
+        assert err.sqlstate == "57014" and "canceling statement due to user request" in str(err)
+        os.kill(child, signal.SIGCONT)
+        # It never ran; every statement before it did; the session goes on.
+        ran = outcome["at"]
+        assert 0 < ran < 200
+        assert pg_server.psql("SELECT count(*), max(i) FROM paced_runs").strip() == f"{ran}|{ran - 1}"
+        assert cur.execute("SELECT count(*) FROM paced_runs").fetchone() == (ran,)
+        conn.close()
+        daemon.client().post("/v1/audit/flush")
+        rows = daemon.audit_sql("SELECT decision, reason, sqlstate FROM requests WHERE text LIKE 'INSERT INTO paced_runs%' "
+                                "AND decision <> 'allow'")
+        assert rows == [{"decision": "block", "sqlstate": "57014",
+                         "reason": "the client cancelled the statement while it waited for the audit store to catch up"}]
+        report = daemon.client().post("/v1/audit/verify", {"allow_gaps": False})
+        assert report["clean"], report["report"]
+    finally:
         os.kill(child, signal.SIGCONT)
         daemon.stop()
 

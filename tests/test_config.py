@@ -95,6 +95,16 @@ def test_audit_store_threads_default_to_one_and_are_range_checked():
     assert "audit.threads" in error_of('[audit]\nthreads = "many"\n')
 
 
+def test_pacing_settings_default_and_are_range_checked():
+    audit = parse_config(BASE, "bw.toml").audit
+    assert (audit.pace_mark, audit.pace_wait) == (0.4, 0.5)
+    assert parse_config('[audit]\npace_mark = 0.25\npace_wait = 2\n', "bw.toml").audit.pace_wait == 2
+    msg = error_of('[audit]\npace_mark = 0.8\n')
+    assert msg.startswith("bw.toml:2: audit.pace_mark:") and "below 0.8" in msg
+    assert "audit.pace_wait" in error_of('[audit]\npace_wait = 0\n')
+    assert "at most 60" in error_of('[audit]\npace_wait = 600\n')
+
+
 def test_daemon_without_the_privilege_to_raise_its_priority_says_so_and_runs(monkeypatch, caplog):
     from appliance import daemon
 

@@ -287,6 +287,20 @@ def test_reload_refuses_to_change_the_audit_mode(env):
         env.config.write_text(good)
 
 
+@pytest.mark.parametrize("line, key", [("threads = 2", "threads"), ("pace_mark = 0.3", "pace_mark"),
+                                       ("pace_wait = 2", "pace_wait")])
+def test_reload_refuses_to_change_what_the_audit_process_started_with(env, line, key):
+    """DuckDB's threads and the pacing are the audit process's from its start: a reload that
+    changes them is refused and says so, rather than seem to apply."""
+    good = env.config.read_text()
+    try:
+        env.config.write_text(good.replace("[audit]\n", f"[audit]\n{line}\n", 1))
+        res = cli("--config", str(env.config), "config", "reload")
+        assert res.returncode != 0 and f"audit.{key} cannot change on reload" in (res.stderr + res.stdout)
+    finally:
+        env.config.write_text(good)
+
+
 def test_sessions_command_lists_an_open_session(env):
     token = env.bao.mint_token()
     proc = subprocess.Popen(

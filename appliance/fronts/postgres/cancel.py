@@ -27,10 +27,10 @@ class CancelForwarding:
             log.info("cancel request for an unknown key ignored (pid %s)", req.pid)
             return
         for session in list(self.sessions):
-            if session.cancel_key == (req.pid, req.secret) and session.withdraw_hold():
+            if session.cancel_key == (req.pid, req.secret) and (session.withdraw_hold() or session.withdraw_paced()):
                 if not session.busy_upstream:
-                    # The held statement never reached the server; a cancel forwarded now could
-                    # hit the bot's next statement instead.
+                    # The held (or paced) statement never reached the server; a cancel forwarded
+                    # now could hit the bot's next statement instead.
                     return
         await self.cancel_upstream(req.pid, *found)
 

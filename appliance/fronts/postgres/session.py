@@ -23,9 +23,9 @@ from appliance.protocols.postgres.framing import check_length, unpack_len as _un
 from ..admission import PartialMessageTimer
 from ..session import SessionCore, format_addr as _addr, new_request_id as _request_id
 from .settings import PROTOCOL, STREAM_THRESHOLD, SERVER_MAX_MESSAGE, HELD_BUFFER_LIMIT
-from .wire import _syntax_error
+from .wire import _cstring_at, _syntax_error
 from .pending import (_time, _discard, _Request, _Statement, _Portal, OP_QUERY, OP_PARSE, OP_EXECUTE, OP_SYNC,
-                      OP_FUNCTION, OP_KEEPALIVE, _EXTENDED_OPS, _HOLD)
+                      OP_FUNCTION, OP_KEEPALIVE, _EXTENDED_OPS, _HOLD, _UNKNOWN_STATEMENT)
 from .transport import _Waiter, UpstreamProtocol
 from .startup import StartupMixin
 from .cancel import CancelKeyMixin
@@ -130,6 +130,8 @@ class Session(StartupMixin, ReadingMixin, ExtendedProtocolMixin, MaskingMixin, F
         self._refuse_now = self.core.refuse_now
         self._pace = self.core.audit_room
         self._paced = False   # the message processed again after its wait: decided without another
+        self._pace_resume: Callable[..., None] | None = None   # ends the current wait (a cancel calls it)
+        self._pace_cancelled = False   # the bot cancelled the waiting statement: refused, never run
         self._client_handlers: list[Callable | None] = [None] * 256
         for ch, h in ((b"Q", self._c_query), (b"P", self._c_parse), (b"B", self._c_bind),
                       (b"D", self._c_describe), (b"E", self._c_execute), (b"C", self._c_close),
@@ -433,24 +435,69 @@ class Session(StartupMixin, ReadingMixin, ExtendedProtocolMixin, MaskingMixin, F
         return _HOLD
 
     def _pace_first(self, buf, s: int, e: int):
-        """Pacing, before a Query or Execute is decided: while the audit store is far behind, the
-        message waits (as if held, _HOLD) until it has room or a short while has passed, then is
-        processed again from the start: decided then, and refused if the store is past its high
-        water. None: go on now (no wait, or this is the message coming back from its wait)."""
+        """Pacing, before a Query, Execute or FunctionCall is decided: while the audit store is far
+        behind, the message waits (as if held, _HOLD) until it has room or ``audit.pace_wait`` has
+        passed, then is processed again from the start: decided then, and refused if the store is
+        past its high water. None: go on now (no wait, or this is the message coming back from its
+        wait). A CancelRequest meanwhile (:meth:`withdraw_paced`) ends the wait with 57014."""
         if self._paced:
             self._paced = False
+            if self._pace_cancelled:
+                self._pace_cancelled = False
+                return self._cancelled_while_paced(buf, s, e)
             return None
         room = self._pace()
         if room is None:
             return None
         original = bytes(buf[s:e])
 
-        def resume(_: asyncio.Future) -> None:
+        def resume(_: Any = None) -> None:
+            if self._pace_resume is not resume:
+                return  # resumed already (a cancel)
+            self._pace_resume = None
             if not self.closed:
                 self._paced = True
                 self._requeue(original)
+        self._pace_resume = resume
         room.add_done_callback(resume)
         return _HOLD
+
+    def withdraw_paced(self) -> bool:
+        """The bot cancelled (CancelRequest) while its statement waited for the audit store: the
+        statement goes on at once and is refused with 57014, as a cancelled statement is; it never
+        reaches the server. False: nothing of this session is waiting."""
+        resume = self._pace_resume
+        if resume is None or self.closed:
+            return False
+        self._pace_cancelled = True
+        resume()
+        return True
+
+    def _cancelled_while_paced(self, buf, s: int, e: int) -> bytes:
+        """The refusal of a statement cancelled during its wait, put in the message's place (the
+        server fails a nonce statement and recovers as from any error; we answer with 57014)."""
+        v = Verdict("block", None, "the client cancelled the statement while it waited for the audit store to catch up")
+        refusal = error_response(sqlstate.QUERY_CANCELED, "canceling statement due to user request",
+                                 detail="botwarden held the statement while the audit store caught up; it did not run")
+        kind = buf[s]
+        if kind == 0x45:  # Execute
+            name, _ = _cstring_at(buf, s + 5, e)
+            portal = self._portals.get(name)
+            stmt = portal.statement if portal is not None else _UNKNOWN_STATEMENT
+            req = _Request("execute", stmt.text, v, portal.params if portal is not None else None)
+            self._ext_open = True
+            nonce = self._blocked_sql(req, refusal)
+            self._ops.append((OP_EXECUTE, portal, req))
+            return m.Execute(nonce).encode()  # no such portal: the server fails, we answer
+        if kind == 0x46:  # FunctionCall
+            req = _Request("function_call", f"-- FunctionCall oid {m.FunctionCall.decode(bytes(buf[s + 5:e])).oid}", v)
+            op = OP_FUNCTION
+        else:  # Query
+            req = _Request("query", bytes(buf[s + 5:e - 1]).decode("utf-8", "replace"), v)
+            op = OP_QUERY
+        nonce = self._blocked_sql(req, refusal)
+        self._ops.append((op, req))
+        return m.Query(nonce).encode()
 
     def _c_terminate(self, buf, s: int, e: int):
         self._terminated = True
