@@ -271,26 +271,38 @@ class AuditStore:
     def submit_row(self, spec: schema.Kind, row: tuple[Any, ...]) -> bool:
         """Queue a row :meth:`validate` (or :func:`schema.normalize`) produced."""
         with self._lock:
-            if not self._running or self._stopping:
-                raise AuditClosedError("audit store is not running")
-            if self._failure is not None or self._dead:
+            return self._submit_locked(spec, row)
+
+    def submit_rows(self, items: Sequence[tuple[schema.Kind, tuple[Any, ...]]]) -> int:
+        """:meth:`submit_row` for each (kind, row) in order, taking the lock once (the audit
+        process queues a whole received batch): how many were not accepted."""
+        refused = 0
+        with self._lock:
+            for spec, row in items:
+                refused += not self._submit_locked(spec, row)
+        return refused
+
+    def _submit_locked(self, spec: schema.Kind, row: tuple[Any, ...]) -> bool:
+        if not self._running or self._stopping:
+            raise AuditClosedError("audit store is not running")
+        if self._failure is not None or self._dead:
+            self._refused += 1
+            return False
+        if len(self._pending) >= self.queue_max:
+            if self.on_full == "refuse":
                 self._refused += 1
                 return False
-            if len(self._pending) >= self.queue_max:
-                if self.on_full == "refuse":
+            while len(self._pending) >= self.queue_max:
+                if self._dead or self._stopping:
                     self._refused += 1
                     return False
-                while len(self._pending) >= self.queue_max:
-                    if self._dead or self._stopping:
-                        self._refused += 1
-                        return False
-                    self._room.wait()
-            if not self._pending:
-                self._oldest = time.monotonic()
-            self._pending.append((spec, row))
-            self._submitted += 1
-            if len(self._pending) == self.batch_max:
-                self._wake.notify()
+                self._room.wait()
+        if not self._pending:
+            self._oldest = time.monotonic()
+        self._pending.append((spec, row))
+        self._submitted += 1
+        if len(self._pending) == self.batch_max:
+            self._wake.notify()
         return True
 
     @property

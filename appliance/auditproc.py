@@ -1210,7 +1210,7 @@ class _Child:
         kinds = schema.KINDS
         request = self._request
         request_start = kinds["request_start"]
-        submit = self.store.submit_row
+        submit = self.store.submit_rows
         journal = self.store.journal
         replayed = (self.store.recovered[2] or 0) if self.store.recovered else 0
         while True:
@@ -1249,12 +1249,12 @@ class _Child:
                     self.events.sendall(_ACK.pack(self._received + len(rows)))
                 except OSError:
                     pass  # the daemon is gone: commit what arrived all the same
-            for spec, row in rows:
-                # on_full="block": waits for the writer rather than drop. False only while the
-                # store is failing, which the daemon learns from the status and refuses from then on.
-                if not submit(spec, row):
-                    self.dropped += 1
-                    log.error("audit store failing: a %s event in transit was not accepted", spec.kind)
+            # on_full="block": waits for the writer rather than drop. Not accepted only while the
+            # store is failing, which the daemon learns from the status and refuses from then on.
+            refused = submit(rows) if rows else 0
+            if refused:
+                self.dropped += refused
+                log.error("audit store failing: %d event(s) in transit were not accepted", refused)
             with self._received_cv:
                 self._received += len(rows)
                 self._received_cv.notify_all()

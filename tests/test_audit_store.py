@@ -147,6 +147,23 @@ def test_refuse_policy_returns_false_when_full_and_loses_nothing_accepted(tmp_pa
     assert analytics.verify(path).clean
 
 
+def test_submit_rows_queues_in_order_and_counts_what_a_full_queue_refused(tmp_path):
+    path = tmp_path / "a.duckdb"
+    s = sid()
+    with AuditStore(path, strict=True, queue_max=500, batch_max=100, on_full="refuse") as store:
+        _, release, t = _hold_writer(store)
+        items = [store.validate("request", request(s, request_id=f"r{i}")) for i in range(800)]
+        assert store.submit_rows(items[:450]) == 0
+        assert store.submit_rows(items[450:]) == 300   # 50 fit, the rest refused
+        assert store.stats()["refused"] == 300
+        release.set()
+        t.join(30)
+        store.flush()
+        _, rows = store.query("SELECT request_id FROM requests ORDER BY chain_seq")
+    assert [r[0] for r in rows] == [f"r{i}" for i in range(500)]
+    assert analytics.verify(path).clean
+
+
 def test_block_policy_waits_for_room(tmp_path):
     path = tmp_path / "a.duckdb"
     s = sid()
