@@ -67,6 +67,32 @@ def test_the_fast_path_redacts_exactly_as_the_scan(parts, sep):
     assert AuditRedactor().text(sql) == full_path(sql)
 
 
+_values = st.one_of(
+    st.text(max_size=14),
+    st.text(st.sampled_from("0123456789@.-+ eyJabcAKIAxyz_=ü"), max_size=14),
+    st.from_regex(r"[0-9]{1,12}", fullmatch=True),
+    st.sampled_from(["a@b.co", "x@y.io", "eyJhbGciOi", "555-0100", "4111111111111111", "123-45-6789", "12345"]),
+)
+
+
+@settings(max_examples=600, deadline=None)
+@given(_values)
+def test_a_parameter_kept_without_the_detectors_is_one_they_would_keep(value):
+    # The short-value fast path of AuditRedactor.params: whatever it keeps, the detectors keep.
+    if redact._cannot_flag(value):
+        assert redact.redact_value(value) == value
+    assert AuditRedactor().params([value], masked_statement=False) == [redact.redact_value(value)]
+
+
+def test_short_parameters_skip_the_detectors():
+    with mock.patch.object(redact, "redact_value", side_effect=AssertionError("detectors ran")):
+        assert AuditRedactor().params(["1234567", "emea", "", None], masked_statement=False) == \
+            ["1234567", "emea", "", None]
+    # Long enough for a detector, or holding what one needs: the detectors decide.
+    assert AuditRedactor().params(["a@b.co", "4111111111111111", "123456789"], masked_statement=False) == \
+        [MASK, MASK, "123456789"]
+
+
 def test_parameters_and_errors_are_redacted():
     r = AuditRedactor()
     assert r.params(["bob@example.org", "hello", None], masked_statement=False) == [MASK, "hello", None]

@@ -44,6 +44,23 @@ _FAST_PATH = (set(DETECTOR_FUNCTIONS) <= set(MIN_LENGTH) | set(REQUIRED_TEXT)
               and all(not set(t) <= _NUMERIC_CHARS for t in REQUIRED_TEXT.values()))
 
 
+# A parameter value shorter than every length-limited detector's shortest match that holds none
+# of the other detectors' required texts cannot be flagged (each detector returns early on both
+# conditions, _FAST_PATH checks there is no third kind): it is kept without running them. Most
+# bound values (ids, amounts, short names) are such values.
+_SHORTEST_FLAGGABLE = min(MIN_LENGTH.values())
+_SHORT_REQUIRED = tuple(t for t in REQUIRED_TEXT.values() if len(t) < _SHORTEST_FLAGGABLE)
+
+
+def _cannot_flag(value: str) -> bool:
+    if not _FAST_PATH or len(value) >= _SHORTEST_FLAGGABLE:
+        return False
+    for required in _SHORT_REQUIRED:
+        if required in value:
+            return False
+    return True
+
+
 def _only_short_numbers(sql: str) -> bool:
     """True when ``sql`` can hold no constant a detector could flag (see above)."""
     if "'" in sql or "$" in sql:
@@ -132,7 +149,7 @@ class AuditRedactor:
             return None
         if masked_statement:
             return [None if p is None else MASK for p in params]
-        return [None if p is None else redact_value(p, self.settings) for p in params]
+        return [p if p is None or _cannot_flag(p) else redact_value(p, self.settings) for p in params]
 
     def message(self, text: str | None) -> str | None:
         """Error texts can quote values (e.g. a unique violation's key)."""
