@@ -49,3 +49,17 @@ def test_quick_bench_writes_every_path_as_json(tmp_path, capsys):
         assert large["masked_seconds"][name] > 0
     assert large["unmasked_seconds"]["botwarden (full inspection)"] > 0
     assert len(report["load_before"]) == 3 and report["compiled"] in (True, False)
+
+
+def test_the_audit_row_stages_bench_runs_and_says_whether_the_hash_is_compiled(tmp_path, capsys):
+    """bench/audit_rows.py: the audit process's per-row stages, printed in the CI log (never asserted)."""
+    out_json = tmp_path / "rows.json"
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "audit_rows.py"), "--rows", "20000", "--json",
+                          str(out_json)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-4000:]
+    with capsys.disabled():
+        print("\n" + res.stdout)
+    report = json.loads(out_json.read_text())
+    assert report["rows"] == 20000 and report["compiled"] is not (os.environ.get("BOTWARDEN_PURE_PYTHON", "") not in ("", "0"))
+    assert all(math.isfinite(v) and v > 0 for v in report["us_per_row"].values())
+    assert any(k.startswith("row hash, compiled") for k in report["us_per_row"])
