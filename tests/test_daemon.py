@@ -288,13 +288,21 @@ def test_reload_refuses_to_change_the_audit_mode(env):
 
 
 @pytest.mark.parametrize("line, key", [("threads = 2", "threads"), ("pace_mark = 0.3", "pace_mark"),
-                                       ("pace_wait = 2", "pace_wait")])
+                                       ("pace_wait = 2", "pace_wait"), ("queue_max = 5000", "queue_max"),
+                                       ('on_full = "block"', "on_full"), ("batch_max = 100", "batch_max"),
+                                       ("flush_interval = 0.5", "flush_interval")])
 def test_reload_refuses_to_change_what_the_audit_process_started_with(env, line, key):
-    """DuckDB's threads and the pacing are the audit process's from its start: a reload that
-    changes them is refused and says so, rather than seem to apply."""
+    """The audit process's DuckDB threads, pacing, batches and queue are its own from its start: a
+    reload that changes them is refused and says so (before, batch_max, flush_interval, queue_max
+    and on_full changes were accepted and silently not applied)."""
+    import re
+
     good = env.config.read_text()
     try:
-        env.config.write_text(good.replace("[audit]\n", f"[audit]\n{line}\n", 1))
+        changed = re.sub(rf"(?m)^{key} = .*$", line, good) if re.search(rf"(?m)^{key} = ", good) else \
+            good.replace("[audit]\n", f"[audit]\n{line}\n", 1)
+        assert changed != good
+        env.config.write_text(changed)
         res = cli("--config", str(env.config), "config", "reload")
         assert res.returncode != 0 and f"audit.{key} cannot change on reload" in (res.stderr + res.stdout)
     finally:
