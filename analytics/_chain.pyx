@@ -61,6 +61,12 @@ DEF T_STR_LIST = 5
 DEF T_COUNT_MAP = 6
 
 cdef const char *_HEX = b"0123456789abcdef"
+# json's short escapes: the letter after the backslash (0: written as \uXXXX).
+cdef char _ESCAPE[128]
+for _c in range(128):
+    _ESCAPE[_c] = 0
+for _c, _letter in ((34, b'"'), (92, b"\\"), (10, b"n"), (13, b"r"), (9, b"t"), (8, b"b"), (12, b"f")):
+    _ESCAPE[_c] = _letter[0]
 
 
 cdef struct Buf:
@@ -133,20 +139,9 @@ cdef int _put_str(Buf *b, str s) except -1:
         c = PyUnicode_READ(kind, data, i)
         if c >= 32 and c <= 126 and c != 34 and c != 92:
             _putc(b, <char> c)
-        elif c == 34:
-            _put(b, b'\\"', 2)
-        elif c == 92:
-            _put(b, b"\\\\", 2)
-        elif c == 10:
-            _put(b, b"\\n", 2)
-        elif c == 13:
-            _put(b, b"\\r", 2)
-        elif c == 9:
-            _put(b, b"\\t", 2)
-        elif c == 8:
-            _put(b, b"\\b", 2)
-        elif c == 12:
-            _put(b, b"\\f", 2)
+        elif c < 128 and _ESCAPE[c]:
+            _putc(b, 92)
+            _putc(b, _ESCAPE[c])
         elif c >= 0x10000:
             v = c - 0x10000
             _put_u4(b, 0xd800 | ((v >> 10) & 0x3ff))

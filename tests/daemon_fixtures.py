@@ -18,6 +18,13 @@ from appliance.sandbox import OpenBaoSetup, PostgresServer, config_header, confi
 ROOT = Path(__file__).resolve().parents[1]
 PSQL = "/usr/lib/postgresql/15/bin/psql"
 
+
+def python_words(code: str, **env: str) -> list[str]:
+    """The words ``code`` prints, run by this Python in the repository with ``env`` added (how a
+    fresh process sees an environment variable such as BOTWARDEN_PURE_PYTHON)."""
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, **env}, capture_output=True,
+                          text=True, check=True).stdout.split()
+
 RULES = """
 [[rules]]
 name = "no-secrets-table"

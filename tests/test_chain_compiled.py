@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
-import sys
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -19,7 +17,7 @@ from analytics import chain, schema
 from analytics import _chain as compiled  # noqa: F401 - the build must have made it
 from analytics.chain import GENESIS, canonical, reference_row_hasher, row_hash, row_plan
 from analytics.verify import verify
-from tests.daemon_fixtures import ROOT
+from tests.daemon_fixtures import python_words
 
 FORCED_PURE = os.environ.get("BOTWARDEN_PURE_PYTHON", "") not in ("", "0")
 HYPO = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -112,9 +110,7 @@ def test_the_writer_uses_what_the_environment_asks_for():
     probe = ("import analytics.chain as c, analytics.schema as s, analytics._chain as k;"
              "print(c.COMPILED, isinstance(getattr(s.KINDS['request'].hash_row, '__self__', None), k.RowHasher))")
     for value, expected in (("1", "False False"), ("", "True True"), ("0", "True True")):
-        env = {**os.environ, "BOTWARDEN_PURE_PYTHON": value}
-        out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True,
-                             check=True).stdout.split()
+        out = python_words(probe, BOTWARDEN_PURE_PYTHON=value)
         assert " ".join(out) == expected, (value, out)
 
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import os
 import struct
-import subprocess
-import sys
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -19,7 +17,7 @@ from hypothesis import strategies as st
 from appliance import hotpath
 from appliance.hotpath import reference
 from appliance.protocols.postgres.errors import RemoteProtocolError
-from tests.daemon_fixtures import ROOT
+from tests.daemon_fixtures import python_words
 
 FORCED_PURE = os.environ.get("BOTWARDEN_PURE_PYTHON", "") not in ("", "0")
 
@@ -133,9 +131,7 @@ def test_pure_python_is_forced_by_the_environment_variable():
     probe = ("import appliance.hotpath as h, appliance.fronts.postgres.wire as w, appliance.policy.masking as m;"
              "print(h.COMPILED, w._row_values is h.reference.row_values, m.partial_utf8 is h.reference.partial_utf8)")
     for value, expected in (("1", "False True True"), ("", "True False False"), ("0", "True False False")):
-        env = {**os.environ, "BOTWARDEN_PURE_PYTHON": value}
-        out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True,
-                             check=True).stdout.split()
+        out = python_words(probe, BOTWARDEN_PURE_PYTHON=value)
         assert " ".join(out) == expected, (value, out)
 
 
