@@ -366,9 +366,10 @@ def _thread_nices(pid: int) -> set[int]:
     return nices
 
 
-def _daemon_setup(pg_server, bao_server, tmp_path, tag: str, audit_extra: str = ""):
+def _daemon_setup(pg_server, bao_server, tmp_path, tag: str, audit_extra: str = "", workers: int = 1):
     """A real daemon (`botwarden run`) on the orders data with OpenBao credentials: (setup, bot
-    port, config path, DaemonProcess not yet started). ``audit_extra``: lines for [audit]."""
+    port, config path, DaemonProcess not yet started). ``audit_extra``: lines for [audit];
+    ``workers``: appliance.workers."""
     import uuid
 
     from appliance.sandbox import configure_openbao
@@ -381,6 +382,9 @@ def _daemon_setup(pg_server, bao_server, tmp_path, tag: str, audit_extra: str = 
     if audit_extra:
         config.write_text(config.read_text().replace("[audit]\n", f"[audit]\n{audit_extra}\n", 1))
         assert audit_extra in config.read_text()
+    if workers > 1:
+        config.write_text(config.read_text().replace("[appliance]\n", f"[appliance]\nworkers = {workers}\n", 1))
+        assert f"workers = {workers}" in config.read_text()
     return setup, port, config, DaemonProcess(config, tmp_path / "run" / "control.sock")
 
 
@@ -530,11 +534,8 @@ def test_a_bot_faster_than_the_audit_store_is_paced_not_refused(pg_server, bao_s
 
     from tests.test_metrics import samples, scrape_socket, value
 
-    setup, port, _, daemon = _daemon_setup(pg_server, bao_server, tmp_path, "c",
+    setup, port, _, daemon = _daemon_setup(pg_server, bao_server, tmp_path, "c", workers=workers,
                                            audit_extra=f"queue_max = {200 * workers}\nmode = \"batched\"")
-    if workers > 1:
-        config = Path(daemon.config)
-        config.write_text(config.read_text().replace("[appliance]\n", f"[appliance]\nworkers = {workers}\n", 1))
     daemon.start()
     child = daemon.client().get("/v1/status")["audit"]["pid"]
     stop = threading.Event()
@@ -608,11 +609,8 @@ def test_a_statement_cancelled_while_paced_is_refused_with_57014_and_never_runs(
 
     pg_server.psql("DROP TABLE IF EXISTS paced_runs; CREATE TABLE paced_runs (i int)")
     # pace_wait = 30: the statement waits until it is cancelled (the store is stopped throughout).
-    setup, port, _, daemon = _daemon_setup(pg_server, bao_server, tmp_path, "k",
+    setup, port, _, daemon = _daemon_setup(pg_server, bao_server, tmp_path, "k", workers=workers,
                                            audit_extra=f'queue_max = {200 * workers}\nmode = "batched"\npace_wait = 30')
-    if workers > 1:
-        config = Path(daemon.config)
-        config.write_text(config.read_text().replace("[appliance]\n", f"[appliance]\nworkers = {workers}\n", 1))
     daemon.start()
     child = daemon.client().get("/v1/status")["audit"]["pid"]
     outcome: dict = {}
