@@ -111,13 +111,12 @@ def row_plan(names: Sequence[str], types: Sequence[str]) -> tuple[tuple[int, byt
 
 
 def compile_row_hasher(names: Sequence[str], bytes_columns: Sequence[str], prefix: bytes,
-                       types: Sequence[str] | None = None,
-                       compiled: bool = True) -> Callable[[bytes, Sequence[Any]], bytes]:
+                       types: Sequence[str] | None = None) -> Callable[[bytes, Sequence[Any]], bytes]:
     """The writer's ``hash_row(prev, row)``: compiled (given the columns' ``types``, when
-    analytics/_chain.pyx is built and ``compiled``), else :func:`reference_row_hasher`, which
-    the compiled one hands any row with a value of an unexpected type."""
+    analytics/_chain.pyx is built), else :func:`reference_row_hasher`, which the compiled one
+    hands any row with a value of an unexpected type."""
     reference = reference_row_hasher(names, bytes_columns, prefix)
-    if not (compiled and COMPILED and types is not None):
+    if not (COMPILED and types is not None):
         return reference
     return _compiled.RowHasher(row_plan(names, types), prefix, reference).hash
 

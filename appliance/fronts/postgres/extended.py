@@ -98,18 +98,14 @@ class ExtendedProtocolMixin:
         refused = self._refuse_now(self.core.grant) if self._refuse_now is not None else None
         if refused is not None:
             req.verdict = refused
-            nonce = self._blocked_sql(req, self._block_refusal(refused))
-            self._ops.append((OP_EXECUTE, portal, req))
-            return m.Execute(nonce).encode()  # no such portal: the server fails, we answer
+            return self._blocked_execute(portal, req, self._block_refusal(refused))
         if stmt.guard is not None and portal is not None:
             original = bytes(buf[s:e])
             r = self._row_guard(req, original, stmt.guard[0], stmt.guard[1], portal.bind, extended=True)
             if r is not None:
                 return r
             if req.verdict.action == "block":
-                nonce = self._blocked_sql(req, self._block_refusal(req.verdict))
-                self._ops.append((OP_EXECUTE, portal, req))
-                return m.Execute(nonce).encode()  # no such portal: the server fails, we answer
+                return self._blocked_execute(portal, req, self._block_refusal(req.verdict))
             if req.verdict.action == "approve":
                 self._start_hold(req, original, lambda: (OP_EXECUTE, portal, req),
                                  lambda nonce: m.Execute(nonce).encode())
@@ -118,6 +114,12 @@ class ExtendedProtocolMixin:
             return _HOLD
         self._ops.append((OP_EXECUTE, portal, req))
         return None
+
+    def _blocked_execute(self, portal, req: _Request, refusal) -> bytes:
+        """An Execute refused in its place: a nonce portal the server fails, answered by ``refusal``."""
+        nonce = self._blocked_sql(req, refusal)
+        self._ops.append((OP_EXECUTE, portal, req))
+        return m.Execute(nonce).encode()  # no such portal: the server fails, we answer
 
     def _name_statement(self, name: str, verdict: Verdict | None) -> None:
         """A named protocol-level statement is also SQL's: ``EXECUTE name`` runs it."""

@@ -55,8 +55,8 @@ class FunctionLookupMixin:
         self._ops.append((OP_FUNCTION, req))
         return None
 
-    def _refuse_function_call(self, req: _Request, v: Verdict) -> bytes:
-        nonce = self._blocked_sql(req, self._block_refusal(v))
+    def _refuse_function_call(self, req: _Request, v: Verdict, refusal=None) -> bytes:
+        nonce = self._blocked_sql(req, refusal or self._block_refusal(v))
         self._ops.append((OP_FUNCTION, req))
         return m.Query(nonce).encode()
 

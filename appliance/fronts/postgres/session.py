@@ -484,19 +484,15 @@ class Session(StartupMixin, ReadingMixin, ExtendedProtocolMixin, MaskingMixin, F
             name, _ = _cstring_at(buf, s + 5, e)
             portal = self._portals.get(name)
             stmt = portal.statement if portal is not None else _UNKNOWN_STATEMENT
-            req = _Request("execute", stmt.text, v, portal.params if portal is not None else None)
             self._ext_open = True
-            nonce = self._blocked_sql(req, refusal)
-            self._ops.append((OP_EXECUTE, portal, req))
-            return m.Execute(nonce).encode()  # no such portal: the server fails, we answer
+            return self._blocked_execute(portal, _Request("execute", stmt.text, v,
+                                                          portal.params if portal is not None else None), refusal)
         if kind == 0x46:  # FunctionCall
-            req = _Request("function_call", f"-- FunctionCall oid {m.FunctionCall.decode(bytes(buf[s + 5:e])).oid}", v)
-            op = OP_FUNCTION
-        else:  # Query
-            req = _Request("query", bytes(buf[s + 5:e - 1]).decode("utf-8", "replace"), v)
-            op = OP_QUERY
+            oid = m.FunctionCall.decode(bytes(buf[s + 5:e])).oid
+            return self._refuse_function_call(_Request("function_call", f"-- FunctionCall oid {oid}", v), v, refusal)
+        req = _Request("query", bytes(buf[s + 5:e - 1]).decode("utf-8", "replace"), v)  # Query
         nonce = self._blocked_sql(req, refusal)
-        self._ops.append((op, req))
+        self._ops.append((OP_QUERY, req))
         return m.Query(nonce).encode()
 
     def _c_terminate(self, buf, s: int, e: int):
