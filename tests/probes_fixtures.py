@@ -17,6 +17,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import random
 import secrets
 import socket
 import subprocess
@@ -148,6 +149,8 @@ for a in attempts:
         else:
             if a.get("reuseaddr"):  # lets a test rebind this address whatever state the socket ends in
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if a.get("src_port"):  # a source port no other connection shares (see quiet_port)
+                s.bind(("127.0.0.1", a["src_port"]))
             connect(s, fam, a)
             res["sockname"] = list(s.getsockname()[:2])
             res["peer"] = list(s.getpeername()[:2])
@@ -181,6 +184,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def quiet_port() -> int:
+    """A free 127.0.0.1 port below the ephemeral range, so no connect() elsewhere is given it.
+
+    An ephemeral port is shared by every connection to a different destination, and any one of
+    them without SO_REUSEADDR stops a later bind() of that port (EADDRINUSE for as long as it lives).
+    """
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for port in random.sample(range(max(1024, low - 12000), low), 200):
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 @dataclass

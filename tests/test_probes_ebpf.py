@@ -31,6 +31,7 @@ from tests.probes_fixtures import (
     bpftool_json,
     exe_identity,
     free_port,
+    quiet_port,
     run_bot,
     tcp,
     unique,
@@ -152,8 +153,10 @@ def test_redirect_lands_in_listener_with_kernel_attribution(env):
 def test_records_are_dropped_when_the_connection_closes(env):
     # A stale record would attribute a later connection that reuses the same addresses
     # (say, a process outside the bots' cgroups binding the bot's old source port) to the bot.
-    bot = run_bot(env.bot_cg, [{**tcp(env.net.ip4, P_REG), "reuseaddr": True}])
+    port = quiet_port()
+    bot = run_bot(env.bot_cg, [{**tcp(env.net.ip4, P_REG), "reuseaddr": True, "src_port": port}])
     sockname = bot.results[0]["sockname"]
+    assert sockname == ["127.0.0.1", port]
     lport = env.settings.targets[0].listener_port
     fd = bpfsys.obj_get(f"{env.settings.pin_dir}/by_tuple")
     try:
@@ -162,8 +165,9 @@ def test_records_are_dropped_when_the_connection_closes(env):
     finally:
         os.close(fd)
     # The bot's socket set SO_REUSEADDR, so its leftover (TIME_WAIT for 60 s if the bot closed
-    # first on a loaded machine) does not block the bind. The connect can still meet it in
-    # FIN_WAIT_2 until the relay closes its end (EADDRNOTAVAIL): retry that briefly.
+    # first on a loaded machine) does not block the bind, and its port is one no other connection
+    # on the machine is given. The connect can still meet the leftover until the relay closes its
+    # end or loopback's TIME_WAIT reuse allows it (EADDRNOTAVAIL): retry that briefly.
     deadline = time.monotonic() + 20
     while True:
         s = socket.socket()
