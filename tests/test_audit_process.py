@@ -594,8 +594,8 @@ def test_a_bot_faster_than_the_audit_store_is_paced_not_refused(pg_server, bao_s
         daemon.stop()
 
 
-@pytest.mark.parametrize("protocol,workers", [("query", 1), ("execute", 1), ("execute", 2)],
-                         ids=["query", "execute", "execute-2-workers"])
+@pytest.mark.parametrize("protocol,workers", [("query", 1), ("execute", 1), ("execute", 2), ("function_call", 1)],
+                         ids=["query", "execute", "execute-2-workers", "function_call"])
 def test_a_statement_cancelled_while_paced_is_refused_with_57014_and_never_runs(pg_server, bao_server, tmp_path,
                                                                                 protocol, workers):
     """A CancelRequest (psycopg's cancel, psql's Ctrl-C) while the bot's statement waits for the
@@ -615,6 +615,9 @@ def test_a_statement_cancelled_while_paced_is_refused_with_57014_and_never_runs(
     child = daemon.client().get("/v1/status")["audit"]["pid"]
     outcome: dict = {}
     try:
+        if protocol == "function_call":
+            _cancel_a_paced_function_call(setup, port, daemon, child)
+            return
         conn = _bot_conn(setup, port)
         cur = psycopg.ClientCursor(conn) if protocol == "query" else conn.cursor()
         pause(child)
@@ -656,6 +659,61 @@ def test_a_statement_cancelled_while_paced_is_refused_with_57014_and_never_runs(
     finally:
         os.kill(child, signal.SIGCONT)
         daemon.stop()
+
+
+def _cancel_a_paced_function_call(setup, port: int, daemon, child: int) -> None:
+    """The FunctionCall case (libpq's large-object API, psycopg2): the cancelled lo_write is
+    refused with 57014 and its record names the function, as a decided FunctionCall's does."""
+    import threading
+
+    import psycopg2
+
+    from tests.test_metrics import samples, scrape_socket, value
+
+    conn = psycopg2.connect(host="127.0.0.1", port=port, user="orders-bot", password=setup.mint_token(),
+                            dbname="postgres", sslmode="disable")
+    lo = conn.lobject(0, "wb")
+    assert lo.write(b"x") == 1   # its OID resolved (pg_proc) while the store still keeps up
+    pause(child)
+    outcome: dict = {}
+
+    def bot() -> None:
+        i = 1
+        try:
+            while i < 1000:
+                assert lo.write(b"x") == 1
+                i += 1
+        except psycopg2.Error as e:
+            outcome.update(error=e, at=i)
+
+    t = threading.Thread(target=bot, daemon=True)
+    t.start()
+    assert wait_for(lambda: value(samples(scrape_socket(daemon.socket)[1]), "botwarden_audit_paced_requests_total") > 0)
+    assert t.is_alive()
+    conn.cancel()
+    t.join(20)
+    assert not t.is_alive()
+    err = outcome["error"]
+    # psycopg2 raises a large-object call's error as OperationalError, without its SQLSTATE;
+    # the record below has it.
+    assert isinstance(err, psycopg2.Error) and "canceling statement due to user request" in str(err), err
+    os.kill(child, signal.SIGCONT)
+    conn.rollback()
+    conn.close()
+    daemon.client().post("/v1/audit/flush")
+    rows = daemon.audit_sql("SELECT text, decision, reason, sqlstate, params FROM requests "
+                            "WHERE kind = 'function_call' AND decision <> 'allow'")
+    assert len(rows) == 1, rows
+    row = rows[0]
+    assert (row["decision"], row["sqlstate"]) == ("block", "57014")
+    assert row["reason"] == "the client cancelled the statement while it waited for the audit store to catch up"
+    assert row["text"] == 'SELECT "pg_catalog"."lowrite"($1, $2)', row   # not "-- FunctionCall oid ..."
+    assert row["params"] is not None and len(row["params"]) == 2
+    allowed = daemon.audit_sql("SELECT count(*) AS n FROM requests WHERE kind = 'function_call' AND decision = 'allow' "
+                               "AND text LIKE '%\"lowrite\"(%'")
+    assert allowed == [{"n": outcome["at"]}]
+    report = daemon.client().post("/v1/audit/verify", {"allow_gaps": False})
+    assert report["clean"], report["report"]
 
 
 def test_strict_mode_never_runs_a_statement_the_audit_process_has_not_acknowledged(pg_server, bao_server, tmp_path):

@@ -40,8 +40,7 @@ class FunctionLookupMixin:
             text = f"-- FunctionCall oid {msg.oid} (no such function)"
             req = _Request("function_call", text, Verdict("allow", None, "no function has this OID: the server refuses it"))
         else:
-            args = ", ".join(f"${i + 1}" for i in range(len(msg.args)))
-            text = f"SELECT {_quote_ident(name[0])}.{_quote_ident(name[1])}({args})"
+            text = _function_text(name, msg)
             v = self._decide(text, "function_call")
             req = _Request("function_call", text, v, _render_params(msg))
             if v.action == "block":
@@ -54,6 +53,15 @@ class FunctionLookupMixin:
             return _HOLD  # strict audit: a function call runs once its record is durable, like a statement
         self._ops.append((OP_FUNCTION, req))
         return None
+
+    def _function_call_request(self, msg: m.FunctionCall, v: Verdict) -> _Request:
+        """The request a FunctionCall refused before its decision is recorded as: the SELECT of
+        its function with the arguments when the OID is already resolved, else the OID."""
+        front = self.front
+        name = front.function_names.get(msg.oid) if front._function_names_for is self.services else None
+        if name is None:
+            return _Request("function_call", f"-- FunctionCall oid {msg.oid}", v)
+        return _Request("function_call", _function_text(name, msg), v, _render_params(msg))
 
     def _refuse_function_call(self, req: _Request, v: Verdict, refusal=None) -> bytes:
         nonce = self._blocked_sql(req, refusal or self._block_refusal(v))
@@ -93,6 +101,12 @@ class FunctionLookupMixin:
                 self._unknown_oids.add(self._lookup_oid)
             self._requeue(self._lookup_original)  # decided again, now that its name is known
         return b""  # the bot never asked for this
+
+
+def _function_text(name: tuple[str, str], msg: m.FunctionCall) -> str:
+    """``SELECT schema.function($1, ...)``: what a FunctionCall is decided and recorded as."""
+    args = ", ".join(f"${i + 1}" for i in range(len(msg.args)))
+    return f"SELECT {_quote_ident(name[0])}.{_quote_ident(name[1])}({args})"
 
 
 # Replies to the front's own pg_proc lookup (RowDescription, DataRow, CommandComplete,

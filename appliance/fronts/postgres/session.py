@@ -488,8 +488,8 @@ class Session(StartupMixin, ReadingMixin, ExtendedProtocolMixin, MaskingMixin, F
             return self._blocked_execute(portal, _Request("execute", stmt.text, v,
                                                           portal.params if portal is not None else None), refusal)
         if kind == 0x46:  # FunctionCall
-            oid = m.FunctionCall.decode(bytes(buf[s + 5:e])).oid
-            return self._refuse_function_call(_Request("function_call", f"-- FunctionCall oid {oid}", v), v, refusal)
+            req = self._function_call_request(m.FunctionCall.decode(bytes(buf[s + 5:e])), v)
+            return self._refuse_function_call(req, v, refusal)
         req = _Request("query", bytes(buf[s + 5:e - 1]).decode("utf-8", "replace"), v)  # Query
         nonce = self._blocked_sql(req, refusal)
         self._ops.append((OP_QUERY, req))
