@@ -1,8 +1,9 @@
 """The compiled modules (Cython), built at `pip install` (vagrant/provision.sh install, editable;
-bastion, not editable): appliance/hotpath/_compiled.pyx (the relay's and masking's byte paths)
-and analytics/_chain.pyx (the audit writer's row hash). Everything else is in pyproject.toml. A
-machine that cannot build them (no Cython, no C compiler) still installs: appliance.hotpath and
-analytics.chain then run their pure-Python reference and say so (`COMPILED = False`)."""
+bastion, not editable): appliance/hotpath/_compiled.pyx (the relay's and masking's byte paths),
+analytics/_chain.pyx (the audit writer's row hash) and analytics/_schema.pyx (the audit record's
+validation on the producer's thread). Everything else is in pyproject.toml. A
+machine that cannot build them (no Cython, no C compiler) still installs: appliance.hotpath,
+analytics.chain and analytics.schema then run their pure-Python reference and say so (`COMPILED = False`)."""
 
 import sys
 
@@ -34,11 +35,17 @@ def extensions():
     except ImportError:
         print("botwarden: Cython is not installed; the pure-Python hot paths will run", file=sys.stderr)
         return []
-    return cythonize([Extension("appliance.hotpath._compiled", ["appliance/hotpath/_compiled.pyx"],
-                                extra_compile_args=["-O2"]),
-                      Extension("analytics._chain", ["analytics/_chain.pyx"], extra_compile_args=["-O2"],
-                                libraries=["crypto"])],
-                     compiler_directives={"language_level": "3"}, quiet=True)
+    built = []
+    for ext in (Extension("appliance.hotpath._compiled", ["appliance/hotpath/_compiled.pyx"], extra_compile_args=["-O2"]),
+                Extension("analytics._chain", ["analytics/_chain.pyx"], extra_compile_args=["-O2"],
+                          libraries=["crypto"]),
+                Extension("analytics._schema", ["analytics/_schema.pyx"], extra_compile_args=["-O2"])):
+        try:  # one module Cython cannot translate leaves the others built
+            built += cythonize([ext], compiler_directives={"language_level": "3"}, quiet=True)
+        except Exception as e:  # noqa: BLE001
+            print(f"botwarden: could not translate {ext.name} ({e}); the pure-Python reference will run",
+                  file=sys.stderr)
+    return built
 
 
 setup(ext_modules=extensions(), cmdclass={"build_ext": OptionalBuildExt})

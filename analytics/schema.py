@@ -14,7 +14,9 @@ checkpoint) and is not done by a migration.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -305,6 +307,34 @@ def _compile_normalizer(kind: Kind) -> Callable[[Mapping[str, Any]], tuple[Any, 
 
 _NORMALIZERS: dict[str, Callable[[Mapping[str, Any]], tuple[Any, ...]]] = {}
 
+# The validator above runs for every record on the producer's thread (the daemon's event loop):
+# compiled when analytics/_schema.pyx is built (setup.py), with the generated Python as its
+# reference and fallback (tests/test_schema_compiled.py: the same rows, the same errors).
+# BOTWARDEN_PURE_PYTHON=1 runs the reference, as it does for appliance.hotpath.
+if os.environ.get("BOTWARDEN_PURE_PYTHON", "") not in ("", "0"):
+    _compiled = None
+else:
+    try:
+        from . import _schema as _compiled
+    except ImportError:  # not built: the reference runs
+        _compiled = None
+COMPILED: bool = _compiled is not None
+
+_HELPERS = {"bool": _check_bool, "bytes": _check_bytes, "str_list": _check_str_list, "count_map": _check_count_map}
+
+
+def compiled_normalizer(kind: Kind, reference: Callable[[Mapping[str, Any]], tuple[Any, ...]],
+                        module: Any = None) -> Callable[[Mapping[str, Any]], tuple[Any, ...]]:
+    """The compiled twin of ``reference`` (the kind's generated normalizer), which it falls back to
+    for anything but the common cases. ``module``: analytics._schema (default: the one this
+    process uses, ``COMPILED``)."""
+    module = module or _compiled
+    if module is None:
+        raise RuntimeError("analytics/_schema.pyx is not built, or BOTWARDEN_PURE_PYTHON is set")
+    helpers = [functools.partial(_HELPERS[t], kind.kind, name) if t in _HELPERS else None
+               for name, t, _, _ in kind.spec]
+    return module.Normalizer(kind.spec, helpers, reference)
+
 
 def normalize(kind: Kind, record: Mapping[str, Any]) -> tuple[tuple[Any, ...], list[str]]:
     """Validate ``record`` and return (row in column order, unknown field names).
@@ -315,7 +345,10 @@ def normalize(kind: Kind, record: Mapping[str, Any]) -> tuple[tuple[Any, ...], l
     """
     fn = _NORMALIZERS.get(kind.kind)
     if fn is None:
-        fn = _NORMALIZERS[kind.kind] = _compile_normalizer(kind)
+        fn = _compile_normalizer(kind)
+        if COMPILED:
+            fn = compiled_normalizer(kind, fn)
+        _NORMALIZERS[kind.kind] = fn
     row = fn(record)
     names = _NAMESETS[kind.kind]
     unknown = [] if names.issuperset(record) else [k for k in record if k not in names]
@@ -471,7 +504,7 @@ class RecordValidator:
         spec = KINDS.get(kind)
         if spec is None or kind not in PRODUCER_KINDS:
             raise AuditRecordError(f"unknown audit event kind {kind!r}")
-        if not isinstance(record, Mapping):
+        if type(record) is not dict and not isinstance(record, Mapping):  # (an ABC check costs)
             raise AuditRecordError(f"{kind}: record must be a mapping, got {type(record).__name__}")
         row, unknown = normalize(spec, record)
         if unknown:

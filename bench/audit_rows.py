@@ -1,4 +1,5 @@
-"""What the audit process spends per request row, stage by stage (issue 20).
+"""What the audit trail costs per request row, stage by stage (issue 20): the daemon's share
+(validating the front's record, pickling it for the audit process), then the audit process's.
 
     /work/main/.venv/bin/python bench/audit_rows.py [--rows 200000] [--json FILE]
 
@@ -6,6 +7,9 @@ Rows like the ones `pgbench -S -M prepared` leaves through full inspection (an E
 ``SELECT abalance ... WHERE aid = $1`` with one bound value), one session. Each stage is timed
 alone, in this one process, on the same rows:
 
+- in the daemon: ``RecordValidator`` turning the front's record (a dict) into a row (compiled,
+  analytics/_schema.pyx, unless ``BOTWARDEN_PURE_PYTHON=1``), and the sender thread's
+  ``pickle.dumps`` of 200-row frames;
 - receiving: ``pickle.loads`` of a 200-row frame (what the daemon sends the audit process);
 - redaction of the bound value (``AuditRedactor.params``) and of the text (cached per text);
 - the row hash: the compiled ``analytics/_chain.pyx`` and the Python reference (what ``audit
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import gc
 import json
 import os
 import pickle
@@ -43,15 +48,21 @@ from appliance.policy.redact import AuditRedactor  # noqa: E402
 BATCH = 2000
 
 
-def make_rows(n: int) -> list[tuple]:
-    req = schema.KINDS["request"]
+def make_records(n: int) -> list[dict]:
+    """The request records as the PostgreSQL front builds them (every field it sets)."""
     now = dt.datetime.now(dt.timezone.utc)
     session = uuid.uuid4().hex
     text = "SELECT abalance FROM pgbench_accounts WHERE aid = $1;"
-    return [schema.normalize(req, {
-        "request_id": uuid.uuid4().hex, "session_id": session, "ts": now, "protocol": "postgresql",
-        "kind": "execute", "text": text, "params": [str(i * 7919 % 1_000_000 + 1)], "decision": "allow",
-        "reason": "allowed by default", "duration_ms": 0.31, "rows": 1, "seq": i + 1})[0] for i in range(n)]
+    return [{"request_id": uuid.uuid4().hex, "session_id": session, "ts": now, "protocol": "postgresql",
+             "kind": "execute", "text": text, "params": [str(i * 7919 % 1_000_000 + 1)], "decision": "allow",
+             "rule": None, "reason": "allowed by default", "duration_ms": 0.31, "rows": 1, "error": None,
+             "sqlstate": None, "masked": None, "row_estimate": None, "row_limit": None, "seq": i + 1}
+            for i in range(n)]
+
+
+def make_rows(n: int) -> list[tuple]:
+    req = schema.KINDS["request"]
+    return [schema.normalize(req, r)[0] for r in make_records(n)]
 
 
 def per_row(fn, n: int) -> float:
@@ -105,7 +116,18 @@ def main() -> None:
         return run
 
     full = [(i, GENESIS, GENESIS) + r for i, r in enumerate(rows)]
+    records = make_records(n)
+    validate = schema.RecordValidator()
     out = {
+        "daemon: validate the record into a row (RecordValidator)": per_row(
+            lambda: [validate("request", r) for r in records], n),
+        "daemon: pickle into 200-row frames (sender thread)": per_row(
+            lambda: [pickle.dumps([("request", r) for r in rows[i:i + 200]], protocol=pickle.HIGHEST_PROTOCOL)
+                     for i in range(0, n - 199, 200)], n // 200 * 200),
+    }
+    del records   # 200,000 live dicts more would make every later stage's garbage collections slower
+    gc.collect()
+    out |= {
         "receive (pickle.loads, 200-row frames)": per_row(lambda: [pickle.loads(frame) for _ in range(n // 200)],
                                                           n // 200 * 200),
         "redact the bound value": per_row(lambda: [red.params(r[6], masked_statement=False) for r in rows], n),
@@ -121,13 +143,14 @@ def main() -> None:
             wall, cpu = commit_cost(items, threads, Path(d))
             out[f"insert + commit, {label}, wall"] = wall
             out[f"insert + commit, {label}, CPU"] = cpu
-    print(f"# Audit process, per request row ({n:,} rows; {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}; "
-          f"compiled hash {'built' if chain.COMPILED else 'not built'})\n")
+    print(f"# The audit trail, per request row: the daemon's two stages, then the audit process's ({n:,} rows; {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}; "
+          f"compiled hash {'built' if chain.COMPILED else 'not built'}, "
+          f"compiled validator {'built' if schema.COMPILED else 'not built'})\n")
     print("| stage | µs per row |\n|---|---:|")
     for k, v in out.items():
         print(f"| {k} | {v:.2f} |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": n, "cpus": os.cpu_count(), "compiled": chain.COMPILED,
+        Path(args.json).write_text(json.dumps({"rows": n, "cpus": os.cpu_count(), "compiled": chain.COMPILED, "compiled_validator": schema.COMPILED,
                                                "load": os.getloadavg(), "us_per_row": out}, indent=2))
 
 

@@ -33,7 +33,7 @@ RUNTIME_PACKAGES=(
     nftables iproute2                            # the nftables fallback
     python3-bpfcc bpfcc-tools bpftool linux-headers-amd64   # eBPF probes (bcc)
     python3-venv openssl ca-certificates procps util-linux
-    gcc python3-dev libssl-dev                   # the compiled hot paths (setup.py: appliance/hotpath, analytics/_chain.pyx)
+    gcc python3-dev libssl-dev                   # the compiled hot paths (setup.py: appliance/hotpath, analytics/_chain.pyx, _schema.pyx)
 )
 # What the demo, the tests and the benchmarks need besides.
 DEV_PACKAGES=(
@@ -78,9 +78,9 @@ install_venv() {
     fi
     local stamp="$VENV/.botwarden-installed"
     # The compiled hot paths are built by this install (setup.py): again when their source changed.
-    if [ ! -e "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ] \
+    if [ ! -e "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ] || [ "$ROOT/setup.py" -nt "$stamp" ] \
         || [ "$ROOT/appliance/hotpath/_compiled.pyx" -nt "$stamp" ] \
-        || [ "$ROOT/analytics/_chain.pyx" -nt "$stamp" ]; then
+        || [ "$ROOT/analytics/_chain.pyx" -nt "$stamp" ] || [ "$ROOT/analytics/_schema.pyx" -nt "$stamp" ]; then
         log "installing botwarden and its dependencies into the venv"
         "$VENV/bin/pip" install -q --disable-pip-version-check --upgrade pip
         "$VENV/bin/pip" install -q --disable-pip-version-check -e "$ROOT[test]"
