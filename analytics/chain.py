@@ -23,24 +23,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from binascii import hexlify
 from json.encoder import c_make_encoder, encode_basestring_ascii  # type: ignore[attr-defined]
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from .compiled import load as load_compiled
+
 GENESIS = bytes(32)
 
 # The writer's row hash is compiled when analytics/_chain.pyx is built (setup.py); the Python
 # below is its reference (tests/test_chain_compiled.py: the same bytes) and what verify uses.
-# BOTWARDEN_PURE_PYTHON=1 runs the reference, as it does for appliance.hotpath.
-if os.environ.get("BOTWARDEN_PURE_PYTHON", "") not in ("", "0"):
-    _compiled = None
-else:
-    try:
-        from . import _chain as _compiled
-    except ImportError:  # not built: the reference runs
-        _compiled = None
+# BOTWARDEN_PURE_PYTHON=1 runs the reference (analytics.compiled).
+_compiled = load_compiled("_chain")
 COMPILED: bool = _compiled is not None
 
 # Column types (analytics.schema.SQL_TYPES) as the compiled hasher's codes.

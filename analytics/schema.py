@@ -16,12 +16,12 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import logging
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
+from .compiled import load as load_compiled
 from .errors import AuditRecordError
 
 log = logging.getLogger(__name__)
@@ -310,14 +310,8 @@ _NORMALIZERS: dict[str, Callable[[Mapping[str, Any]], tuple[Any, ...]]] = {}
 # The validator above runs for every record on the producer's thread (the daemon's event loop):
 # compiled when analytics/_schema.pyx is built (setup.py), with the generated Python as its
 # reference and fallback (tests/test_schema_compiled.py: the same rows, the same errors).
-# BOTWARDEN_PURE_PYTHON=1 runs the reference, as it does for appliance.hotpath.
-if os.environ.get("BOTWARDEN_PURE_PYTHON", "") not in ("", "0"):
-    _compiled = None
-else:
-    try:
-        from . import _schema as _compiled
-    except ImportError:  # not built: the reference runs
-        _compiled = None
+# BOTWARDEN_PURE_PYTHON=1 runs the reference (analytics.compiled).
+_compiled = load_compiled("_schema")
 COMPILED: bool = _compiled is not None
 
 _HELPERS = {"bool": _check_bool, "bytes": _check_bytes, "str_list": _check_str_list, "count_map": _check_count_map}
