@@ -14,11 +14,10 @@ checkpoint) and is not done by a migration.
 from __future__ import annotations
 
 import datetime as dt
-import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 from typing import Any
 
 from .compiled import load as load_compiled
@@ -325,7 +324,7 @@ def compiled_normalizer(kind: Kind, reference: Callable[[Mapping[str, Any]], tup
     module = module or _compiled
     if module is None:
         raise RuntimeError("analytics/_schema.pyx is not built, or BOTWARDEN_PURE_PYTHON is set")
-    helpers = [functools.partial(_HELPERS[t], kind.kind, name) if t in _HELPERS else None
+    helpers = [partial(_HELPERS[t], kind.kind, name) if t in _HELPERS else None
                for name, t, _, _ in kind.spec]
     return module.Normalizer(kind.spec, helpers, reference)
 

@@ -60,11 +60,6 @@ def make_records(n: int) -> list[dict]:
             for i in range(n)]
 
 
-def make_rows(n: int) -> list[tuple]:
-    req = schema.KINDS["request"]
-    return [schema.normalize(req, r)[0] for r in make_records(n)]
-
-
 def per_row(fn, n: int) -> float:
     t0 = time.perf_counter()
     fn()
@@ -101,7 +96,8 @@ def main() -> None:
     args = ap.parse_args()
     tune_gc()
     req = schema.KINDS["request"]
-    rows = make_rows(args.rows)
+    records = make_records(args.rows)
+    rows = [schema.normalize(req, r)[0] for r in records]
     n = len(rows)
     frame = pickle.dumps([("request", r) for r in rows[:200]], protocol=pickle.HIGHEST_PROTOCOL)
     red = AuditRedactor()
@@ -116,7 +112,6 @@ def main() -> None:
         return run
 
     full = [(i, GENESIS, GENESIS) + r for i, r in enumerate(rows)]
-    records = make_records(n)
     validate = schema.RecordValidator()
     out = {
         "daemon: validate the record into a row (RecordValidator)": per_row(

@@ -23,11 +23,7 @@ class FunctionLookupMixin:
             return None  # discarded by the server inside a failed batch, like a Query
         if self._pace is not None and (held := self._pace_first(buf, s, e)) is not None:
             return held  # the audit store is far behind: wait for it, as a Query or Execute does
-        front = self.front
-        if front._function_names_for is not self.services:  # a reload: resolve again
-            front.function_names.clear()
-            front._function_names_for = self.services
-        name = front.function_names.get(msg.oid)
+        name = self._function_name(msg.oid)
         if name is None and msg.oid not in self._unknown_oids:
             if self._settled() and self.txn_status != "E" and not self._lookup_active:
                 self._lookup_function(msg.oid, bytes(buf[s:e]))
@@ -54,11 +50,19 @@ class FunctionLookupMixin:
         self._ops.append((OP_FUNCTION, req))
         return None
 
+    def _function_name(self, oid: int) -> tuple[str, str] | None:
+        """(schema, name) of the function ``oid`` names, if already resolved (pg_proc) since the
+        last reload; None: not yet."""
+        front = self.front
+        if front._function_names_for is not self.services:  # a reload: resolve again
+            front.function_names.clear()
+            front._function_names_for = self.services
+        return front.function_names.get(oid)
+
     def _function_call_request(self, msg: m.FunctionCall, v: Verdict) -> _Request:
         """The request a FunctionCall refused before its decision is recorded as: the SELECT of
         its function with the arguments when the OID is already resolved, else the OID."""
-        front = self.front
-        name = front.function_names.get(msg.oid) if front._function_names_for is self.services else None
+        name = self._function_name(msg.oid)
         if name is None:
             return _Request("function_call", f"-- FunctionCall oid {msg.oid}", v)
         return _Request("function_call", _function_text(name, msg), v, _render_params(msg))
