@@ -224,7 +224,7 @@ def build_router(daemon: "Daemon") -> Router:
         from analytics import AuditError
 
         try:
-            await asyncio.to_thread(daemon.audit.flush)
+            await daemon.flush_audit()
         except AuditError as e:  # the store is down or behind: say so, it is not the daemon's bug
             raise _audit_failure(e) from None
         return Response(200, {"flushed": True})

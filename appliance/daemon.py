@@ -437,6 +437,18 @@ class Daemon:
                 self._lock.release()
                 self._lock = None
 
+    async def flush_audit(self, timeout: float = 10.0) -> None:
+        """Return once every event recorded before the call is committed to the audit store,
+        including those a worker process (appliance.workers > 1) has not sent yet."""
+        from analytics import AuditClosedError
+
+        if self.workers is not None:
+            await self.workers.collect_audit(timeout)
+        audit = self.audit
+        if audit is None:
+            raise AuditClosedError("the audit store is closed")
+        await asyncio.to_thread(audit.flush, timeout)
+
     async def reload(self) -> bool:
         """Re-read the config; keep the old one running if the new one is invalid."""
         try:

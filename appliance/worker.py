@@ -523,7 +523,8 @@ class WorkerHost:
     async def run(self) -> int:
         sock = socket.socket(fileno=self.fd)
         self.link = await open_link(sock, methods={"start": self._m_start, "reload": self._m_reload,
-                                                   "stop": self._m_stop, "cancel": self._m_cancel},
+                                                   "stop": self._m_stop, "cancel": self._m_cancel,
+                                                   "flush": self._m_flush},
                                     on_message=self._on_message)
         self.audit = StoreLink(self.link)
         self.metrics = _Metrics(self.link)
@@ -605,6 +606,12 @@ class WorkerHost:
         for _ in range(3):  # the sessions' close_session tasks send their last messages
             await asyncio.sleep(0)
         asyncio.get_running_loop().call_soon(self.done.set)
+        return True
+
+    async def _m_flush(self, _call: int) -> bool:
+        """The supervisor's ``/v1/audit/flush``: the reply is queued behind every audit record
+        this worker has not sent yet (the link seals them before anything else it sends), so once
+        the supervisor reads the reply it has handed them to the audit store."""
         return True
 
     async def _m_cancel(self, _call: int, pid: int, secret: int) -> bool:

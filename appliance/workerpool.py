@@ -376,6 +376,30 @@ class WorkerPool:
             with contextlib.suppress(OSError):
                 sock.close()
 
+    async def collect_audit(self, timeout: float) -> None:
+        """Every record a running worker has numbered so far is in the daemon's audit store's
+        queue (workers send theirs lazily, within LAZY_FLUSH_S): each worker answers a ``flush``
+        call behind its unsent records. A worker that dies meanwhile is skipped: what it had not
+        sent is counted lost (``audit_loss``) when it is buried. One that does not answer within
+        ``timeout`` fails the flush (AuditFlushTimeout): the caller must not be told all is in."""
+        from analytics.errors import AuditFlushTimeout
+
+        async def one(slot: WorkerSlot) -> str | None:
+            link = slot.link
+            if link is None or link.closed is not None or not slot.ready:
+                return None
+            try:
+                await asyncio.wait_for(link.call("flush"), timeout)
+            except LinkClosed:
+                return None
+            except asyncio.TimeoutError:
+                return f"worker {slot.worker_id} (pid {slot.pid}) did not send its audit records within {timeout:g} s"
+            return None
+
+        late = [why for why in await asyncio.gather(*(one(s) for s in self.slots)) if why]
+        if late:
+            raise AuditFlushTimeout("; ".join(late))
+
     def status(self) -> list[dict[str, Any]]:
         return [s.public() for s in self.slots]
 

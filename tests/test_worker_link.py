@@ -97,3 +97,34 @@ def test_a_failing_call_raises_remote_error_and_a_dead_peer_fails_waiting_calls(
             t.cancel()
 
     asyncio.run(main())
+
+
+def test_a_flush_call_is_answered_behind_the_audit_rows_the_worker_has_not_sent(monkeypatch):
+    """/v1/audit/flush with appliance.workers > 1 calls each worker's ``flush`` before flushing the
+    store: the reply must reach the supervisor after every row the worker's StoreLink still holds
+    (records go lazily), so the store has them when the supervisor flushes it."""
+    from appliance import worker
+    from appliance.worker import StoreLink
+    from tests.test_audit_process import request
+
+    monkeypatch.setattr(worker, "LAZY_FLUSH_S", 60.0)  # the lazy timer alone would not send them now
+
+    async def main():
+        frames: list = []
+
+        async def flush(_call):  # as appliance.worker.WorkerHost._m_flush
+            return True
+
+        supervisor, in_worker, tasks = await pair({"flush": flush}, on_a=frames.append)
+        store = StoreLink(in_worker)
+        assert store.submit("request", request(1)) and store.submit("request", request(2))
+        await asyncio.sleep(0.05)
+        assert frames == []  # held in the worker
+        assert await supervisor.call("flush") is True
+        assert [(m[0], m[2]) for m in frames] == [("audit_frame", 2)]
+        supervisor.close()
+        in_worker.close()
+        for t in tasks:
+            t.cancel()
+
+    asyncio.run(main())

@@ -391,6 +391,30 @@ def test_sigterm_drains_every_worker_and_exits_0(pg_server, bao_server, tmp_path
     assert len(ends) == 2 and {e[0] for e in ends} <= {"ok", "terminated"}, ends
 
 
+def test_audit_flush_waits_for_the_records_each_worker_has_not_sent(env):
+    """A worker sends its records to the daemon within 5 ms (lazily, one frame per batch);
+    /v1/audit/flush asks each worker for what it still holds before it flushes the store, so a
+    statement the bot has its answer for is in the store when the flush returns. Before, a query
+    right after the flush could miss the last few statements (CI saw one missing)."""
+    token = env.bao.mint_token()
+    with ExitStack() as stack:
+        conns = [c[0] for c in connect_on_every_worker(env, stack, token).values()]
+        users = [c.execute("SELECT current_user").fetchone()[0] for c in conns]
+        short = []
+        for n in range(1, 41):
+            for conn in conns:
+                conn.execute(f"SELECT {n} AS flush_no").fetchone()
+            env.daemon.client().post("/v1/audit/flush")
+            rows = env.daemon.audit_sql(
+                "SELECT s.credential_user AS u, count(*) AS n FROM requests q JOIN sessions s USING (session_id) "
+                "WHERE q.text LIKE 'SELECT % AS flush_no' AND list_contains(?, s.credential_user) GROUP BY ALL",
+                [users])
+            got = {r["u"]: r["n"] for r in rows}
+            if got != {u: n for u in users}:
+                short.append((n, got))
+        assert not short, f"rounds where a flush returned before a worker's records were in: {short[:5]}"
+
+
 def test_a_killed_worker_leaves_the_records_it_had_not_sent_counted(env):
     # Plain reads go at once (strict_reads = false) and a worker sends their records to the daemon
     # within 5 ms: a worker killed meanwhile loses them. It marked each one issued (the daemon's
