@@ -553,6 +553,32 @@ class AuditProcess:
             self._buf.append((kind, row))
             self._submitted += 1
             self._waiters.append((self._submitted, fut, loop, time.monotonic()))
+        self._ship_soon(loop)
+        return fut
+
+    def submit_frame_acked(self, frame: bytes, count: int, acked: int,
+                           loop: asyncio.AbstractEventLoop) -> asyncio.Future | None:
+        """:meth:`submit_frame` for a frame holding ``acked`` rows that wait for the journal (a
+        worker's request_start rows): shipped at once, the future resolves once the audit process
+        journaled the whole frame. None: refused whole, as :meth:`submit_acked` refuses (never
+        waits for room); the ``acked`` rows are counted refused, the caller deals with the rest."""
+        if not self.journal:
+            raise AuditError("submit_frame_acked needs the journal (audit.mode = 'strict')")
+        fut = loop.create_future()
+        with self._lock:
+            if not self._running or self._closing:
+                raise AuditClosedError("audit store is not running")
+            if self._dead is not None or self._failing or self._submitted - self._written - self._lost >= self.queue_max:
+                self._refused += acked
+                return None
+            self._buf.append((_FRAME, frame, count))
+            self._submitted += count
+            self._waiters.append((self._submitted, fut, loop, time.monotonic()))
+        self._ship_soon(loop)
+        return fut
+
+    def _ship_soon(self, loop: asyncio.AbstractEventLoop) -> None:
+        """After a record that waits for its acknowledgement was queued (the lock released)."""
         if self._loop is None:
             self._loop = loop
         if self._watched is not self._events:
@@ -562,7 +588,6 @@ class AuditProcess:
             # so the records of every session decided meanwhile travel (and are acked) together.
             self._kick_pending = True
             loop.call_soon(self._kick)
-        return fut
 
     @property
     def behind(self) -> bool:

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import pickle
 import socket
 import time
 import uuid
@@ -81,6 +82,12 @@ def _plain_read(verdict: Verdict) -> bool:
                 or d.properties - {"prepared"}):
             return False
     return True
+
+
+def _failed(why: str) -> asyncio.Future:
+    fut = asyncio.get_running_loop().create_future()
+    fut.set_exception(BotwardenError(why))
+    return fut
 
 
 class SessionNotLive(BotwardenError):
@@ -355,11 +362,15 @@ class Runtime:
 
     def audit_relayed(self, frame: bytes, count: int, seqs: Mapping[str, int], ends: list[str],
                       decisions: Mapping[tuple[str, str], int], observed: list[tuple[str, dict]],
-                      current: Mapping[str, tuple[str | None, float | None, bool]], paced: int = 0) -> None:
+                      current: Mapping[str, tuple[str | None, float | None, bool]], paced: int = 0,
+                      acks: list[tuple[int, int]] = ()) -> asyncio.Future | None:
         """A worker's records (appliance.worker.StoreLink): ``count`` rows it validated, pickled as
         the audit process takes them (handed on unopened), and what this process needs of them:
         each session's highest request seq, the sessions that ended, /metrics' counts, each
-        session's current request, and how many of its requests waited for the store (pacing)."""
+        session's current request, and how many of its requests waited for the store (pacing).
+        ``acks``: the rows strict mode holds until they are journaled ((reply id, row index) each);
+        then a future that resolves once the audit process journaled the frame, or fails if the
+        store refused them (the frame's other rows are then submitted as any frame is)."""
         if paced and self.daemon.audit is not None:
             self.daemon.audit.count_paced(paced)
         metrics = getattr(self.daemon, "metrics", None)
@@ -380,12 +391,23 @@ class Runtime:
                 live.requests = seq
         store = self.daemon.audit
         if not count:
-            return
+            return None
         if store is None:
             log.error("audit store is closed; %d event(s) of a worker not recorded", count)
-            return
+            return _failed("the audit store is closed") if acks else None
+        acked = None
         try:
-            submitted = store.submit_frame(frame, count)
+            if acks:
+                acked = store.submit_frame_acked(frame, count, len(acks), asyncio.get_running_loop())
+            if acked is None:
+                if acks:  # refused: the statements waiting for it are refused, the rest goes as ever
+                    held = {i for _, i in acks}
+                    rows = [r for i, r in enumerate(pickle.loads(frame)) if i not in held]
+                    frame, count = pickle.dumps(rows, protocol=pickle.HIGHEST_PROTOCOL), len(rows)
+                    acked = _failed("the audit store cannot take the statement's record")
+                submitted = store.submit_frame(frame, count) if count else True
+            else:
+                submitted = True
         except Exception as e:
             self._record_failed("worker frame", e)
             raise
@@ -396,6 +418,7 @@ class Runtime:
             slot = self._end_mark(store.marks, live) if live is not None else None
             if slot is not None:
                 store.release_mark(slot)
+        return acked
 
     def _count(self, store: Any, kind: str, record: Mapping[str, Any]) -> tuple[Mapping[str, Any], int | None]:
         """Number a session's requests (1, 2, 3...: verify finds a lost one as a hole) and keep

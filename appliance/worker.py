@@ -164,6 +164,18 @@ class Link:
                 fut.cancel()
             raise
 
+    def expect(self) -> tuple[int, asyncio.Future]:
+        """An id the other end will answer with a ``reply`` though no call was sent (a worker's
+        acknowledged audit row, which travels in a frame): its future fails with LinkClosed if
+        the link closes first, as a call's does."""
+        fut = asyncio.get_running_loop().create_future()
+        call_id = next(self._ids)
+        self._calls[call_id] = (fut, None)
+        return call_id, fut
+
+    def forget(self, call_id: int) -> None:
+        self._calls.pop(call_id, None)
+
     def event(self, call_id: int, value: Any) -> None:
         self.send(("event", call_id, value))
 
@@ -284,6 +296,9 @@ class StoreLink:
         self._decisions: dict[tuple[str, str], int] = {}
         self._observed: list[tuple[str, dict]] = []
         self._current: dict[str, tuple[str | None, float | None, bool]] = {}
+        # Strict mode's rows (request_start) in _rows that wait for the audit process's journal:
+        # (the reply id the supervisor answers once journaled, the row's index in the frame).
+        self._acks: list[tuple[int, int]] = []
         link.seal = self._seal
 
     def release_mark(self, slot: int) -> None:
@@ -321,10 +336,11 @@ class StoreLink:
         _, row = self._validate(kind, record)  # raises AuditRecordError here, where the bug is
         self._rows.append((kind, row))
         sid = record.get("session_id")
-        if kind == "request":
+        if kind == "request" or kind == "request_start":
             seq = record.get("seq") or 0
             if seq > self._seqs.get(sid, 0):
                 self._seqs[sid] = seq
+        if kind == "request":
             key = (str(record.get("decision") or "?"), str(record.get("rule") or ""))
             self._decisions[key] = self._decisions.get(key, 0) + 1
             text, since, _ = self._current.get(sid, (None, None, False))
@@ -348,16 +364,26 @@ class StoreLink:
         rows, self._rows = self._rows, []
         message = ("audit_frame", pickle.dumps(rows, protocol=pickle.HIGHEST_PROTOCOL) if rows else b"",
                    len(rows), self._seqs, self._ends, self._decisions, self._observed, self._current,
-                   self._pace_waits)
+                   self._pace_waits, self._acks)
         self._seqs, self._ends, self._decisions, self._observed, self._current = {}, [], {}, [], {}
-        self._pace_waits = 0
+        self._pace_waits, self._acks = 0, []
         return message
 
     def submit_acked(self, kind: str, record: Mapping[str, Any], loop: Any) -> asyncio.Future | None:
-        """Strict mode: resolves once the audit process has journaled the record."""
+        """Strict mode: resolves once the audit process has journaled the record. The row goes in
+        this loop turn's frame, in order with the others (group commit: every session's rows
+        decided meanwhile travel, and are acknowledged, together); the supervisor answers its
+        reply id once the audit process journaled the frame, or fails it if the store refused it."""
         if self.link.closed is not None:
             return None
-        _, fut = self.link.start_call("durable", kind, dict(record))
+        call_id, fut = self.link.expect()
+        try:
+            self.submit(kind, record)
+        except BaseException:
+            self.link.forget(call_id)
+            raise
+        self._acks.append((call_id, len(self._rows) - 1))
+        self.link.wake()
         return fut
 
     def stats(self) -> dict[str, Any]:

@@ -11,7 +11,8 @@ what must stay single is served here, through the daemon's own runtime:
   token expiry, all as with one process), marked with the worker that serves it.
 * audit events and strict mode's acknowledgements: the worker numbers its sessions' requests and
   turns its records into rows; the daemon hands each worker's frame of rows unopened to its one
-  audit process, which builds the one hash chain.
+  audit process, which builds the one hash chain. A frame holding strict mode's start rows is
+  queued with a waiter; once it is journaled each start's reply id is answered (``reply``).
 * holds: the approval broker is the daemon's; a worker's hold is a call that returns the
   broker's decision (decided once, as always), withdrawn by cancelling the call.
 * cancel keys: every worker registers the keys it gives out; a CancelRequest for a key it
@@ -210,12 +211,6 @@ class WorkerPool:
             finally:
                 slot.holds.pop(call_id, None)
 
-        async def durable(_call: int, kind: str, record: dict) -> bool:
-            fut = self.daemon.runtime.audit_durable(kind, record)
-            if fut is not None:
-                await fut
-            return True
-
         async def cancel(_call: int, pid: int, secret: int) -> bool:
             owner = self.cancel_owner.get((pid, secret))
             if owner is None or owner == slot.worker_id:
@@ -232,13 +227,23 @@ class WorkerPool:
                 log.warning("worker %d could not deliver a forwarded cancel: %s", owner, e)
                 return False
 
-        return {"open_session": open_session, "hold": hold, "durable": durable, "cancel": cancel}
+        return {"open_session": open_session, "hold": hold, "cancel": cancel}
 
     def _on_message(self, slot: WorkerSlot, message: tuple) -> None:
         kind = message[0]
         runtime = self.daemon.runtime
         if kind == "audit_frame":
-            runtime.audit_relayed(*message[1:])
+            acks = message[9]
+            try:
+                acked = runtime.audit_relayed(*message[1:])
+            except Exception as e:
+                if acks:  # the statements waiting for their record are refused, never left waiting
+                    self._answer_acks(slot, acks, f"the audit store cannot take the statement's record: {e}")
+                raise
+            if acked is not None:
+                link = slot.link
+                acked.add_done_callback(lambda f: self._answer_acks(
+                    slot, acks, None if f.exception() is None else str(f.exception()), link))
         elif kind == "close_session":
             slot.sessions.discard(message[1])
             live = runtime.live.get(message[1])
@@ -254,6 +259,18 @@ class WorkerPool:
             runtime.upstream_connect_failed(message[1], message[2])
         else:
             log.warning("worker %d sent an unknown message %r", slot.worker_id, kind)
+
+    @staticmethod
+    def _answer_acks(slot: WorkerSlot, acks: list[tuple[int, int]], failed: str | None,
+                     link: Link | None = None) -> None:
+        """Strict mode: a worker's rows are journaled (``failed`` None) or were refused; each
+        statement waiting for one gets its reply (a worker restarted meanwhile has a new link:
+        nothing is sent to it)."""
+        link = link or slot.link
+        if link is None or link is not slot.link:
+            return
+        for call_id, _ in acks:
+            link.send(("reply", call_id, failed is None, failed))
 
     # -- a worker that dies ----------------------------------------------------------------
 

@@ -449,7 +449,9 @@ def run_pgbench(port: int, password: str, mode: str, args, logdir: Path, tag: st
                 wrap=None) -> dict:
     prefix = logdir / tag
     env = {**os.environ, "PGPASSWORD": password, "PGSSLMODE": "disable", "PYTHONPATH": str(ROOT)}
-    cmd = [PGBENCH, "-n", *(["-S"] if args.builtin == "select-only" else ["-b", args.builtin]), "-c", str(args.clients), "-j", str(args.threads), "-T", str(args.duration),
+    script = getattr(args, "script", None)  # a custom pgbench script (bench/workers.py --workload)
+    workload = ["-f", script] if script else ["-S"] if args.builtin == "select-only" else ["-b", args.builtin]
+    cmd = [PGBENCH, "-n", *workload, "-c", str(args.clients), "-j", str(args.threads), "-T", str(args.duration),
            "-M", mode, "-h", "127.0.0.1", "-p", str(port), "-U", "bot" if tag.startswith("botwarden") else USER,
            "--log", f"--log-prefix={prefix}", "bench"]
     if wrap is not None:

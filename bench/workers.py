@@ -33,6 +33,18 @@ sys.path.insert(0, str(ROOT))
 from bench.pgbench_compare import PASSWORD, PGBENCH, USER, Daemon, on_cpu, pin, postmaster_pid, py_spy, role, run_pgbench  # noqa: E402
 from bench.pgbench_compare import proc_tree as tree  # noqa: E402
 
+MASKED_ROWS = 100_000
+
+
+# name: (SQL run once in the bench database, pgbench script or None for -S)
+WORKLOADS = {
+    "select-only": ((), None),
+    "masked-rows": ((f"CREATE TABLE big AS SELECT i AS id, 'person' || i || '@example.com' AS email, "
+                     f"lpad((i::bigint * 7919 % 1000000000)::text, 9, '0') AS ssn, md5(i::text) AS note "
+                     f"FROM generate_series(1, {MASKED_ROWS}) i", "ALTER TABLE big ADD PRIMARY KEY (id)", "ANALYZE big"),
+                    f"\\set id random(1, {MASKED_ROWS - 9})\n"
+                    "SELECT id, email, ssn, note FROM big WHERE id BETWEEN :id AND :id + 9;\n"),
+}
 
 SYSCALLS = ("read", "write", "recvfrom", "sendto", "epoll_wait", "epoll_pwait", "futex", "sendmsg", "recvmsg")
 
@@ -76,6 +88,10 @@ def main() -> None:
     ap.add_argument("--scale", type=int, default=10)
     ap.add_argument("--modes", default="simple,prepared")
     ap.add_argument("--no-pin", action="store_true")
+    ap.add_argument("--workload", choices=sorted(WORKLOADS), default="select-only",
+                    help="select-only: pgbench -S (one-row reads: PostgreSQL and pgbench cost about what the "
+                         "daemon does); masked-rows: 10-row reads of a table whose email and ssn the policy masks "
+                         "(the daemon's share of each statement is larger: decoding and masking every row)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "workers.md"))
     ap.add_argument("--json", metavar="FILE")
     ap.add_argument("--profile", metavar="PREFIX", help="py-spy (raw stacks) over each process of both daemons "
@@ -90,6 +106,7 @@ def main() -> None:
     if args.profile:
         py_spy()
     args.builtin = "select-only"
+    args.script = None
 
     from appliance.sandbox import PostgresServer
 
@@ -102,6 +119,12 @@ def main() -> None:
         pg.psql("CREATE DATABASE bench")
         subprocess.run([PGBENCH, "-i", "-q", "-s", str(args.scale), "-h", "127.0.0.1", "-p", str(pg.port), "-U", USER,
                         "bench"], check=True, capture_output=True, env={**os.environ, "PGPASSWORD": PASSWORD})
+        setup, script = WORKLOADS[args.workload]
+        for sql in setup:
+            pg.psql(sql, db="bench")
+        if script:
+            args.script = str(tmp / f"{args.workload}.sql")
+            Path(args.script).write_text(script)
         for n in (1, 2):
             daemons[n] = Daemon(tmp, pg.port, suffix=f"-w{n}-{os.getpid()}", workers=n)
         time.sleep(1)  # the workers are up once the control socket answers; let them settle
@@ -137,7 +160,9 @@ def main() -> None:
             results[key] = {**pick, "all_tps": [r["tps"] for r in rs], "all_cpu_us": [r["cpu_us"] for r in rs]}
         pinning = ("PostgreSQL and pgbench pinned to CPU 0, each daemon (workers, audit process) to CPU 1"
                    if not args.no_pin else "no CPU pinning")
-        lines = [f"# appliance.workers: pgbench -S, {args.clients} clients, {args.duration}s per run, "
+        what = "pgbench -S" if args.workload == "select-only" else (
+            f"pgbench -f {args.workload} (`{WORKLOADS[args.workload][1].splitlines()[1]}`, email and ssn masked)")
+        lines = [f"# appliance.workers: {what}, {args.clients} clients, {args.duration}s per run, "
                  f"{args.repeat} interleaved rounds (medians); full inspection, audit.mode = strict; {pinning}; "
                  f"{os.cpu_count()} CPUs", "",
                  "| mode | workers | TPS | CPU µs/txn (daemon + workers + audit) | of which kernel | of which the "

@@ -22,6 +22,7 @@ from analytics.errors import (AuditClosedError, AuditError, AuditRecordError, Au
                               ReadOnlyViolation, UnknownReport)
 from analytics.schema import RecordValidator
 from appliance.auditproc import AuditProcess
+from appliance.errors import BotwardenError
 from appliance.policy.masking import DetectorSettings
 from appliance.policy.redact import MASK
 from tests.daemon_fixtures import ROOT
@@ -279,6 +280,65 @@ def test_worker_frames_are_sent_on_unopened_in_order_redacted_and_resent_after_a
         assert p.stats()["refused"] == 8 and p.stats()["pending"] == 16
     finally:
         os.kill(p.pid, signal.SIGCONT)
+        p.close()
+
+
+def test_a_workers_frame_with_strict_rows_is_acknowledged_whole_or_refuses_only_them(tmp_path):
+    """appliance.workers > 1, strict mode: a worker's request_start rows travel in its frame with
+    its other rows; the supervisor's future resolves once the audit process journaled the frame.
+    While the audit process is down (restarting) the waiting statements are refused and the
+    frame's other rows (statements already answered) are kept for the next process."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from appliance.config import parse_config
+    from appliance.runtime import Runtime
+    from tests.test_approvals import RUNTIME_CONFIG
+
+    validate = RecordValidator()
+
+    def start(i: int) -> dict:
+        return {"request_id": f"r{i}", "session_id": "s1", "ts": NOW, "protocol": "postgres", "kind": "query",
+                "text": f"INSERT INTO t VALUES ({i})", "seq": i}
+
+    def frame(*rows: tuple[str, dict]) -> bytes:
+        return pickle.dumps([(kind, validate(kind, r)[1]) for kind, r in rows])
+
+    p = AuditProcess(tmp_path / "a.duckdb", flush_interval=0.02, restart_after=0.3, journal=True)
+    p.start()
+    runtime = Runtime(parse_config(RUNTIME_CONFIG, "bw.toml"), SimpleNamespace(audit=p))
+
+    def relay(data: bytes, count: int, acks: list) -> asyncio.Future | None:
+        return runtime.audit_relayed(data, count, {}, [], {}, [], {}, 0, acks)
+
+    async def until(cond) -> None:
+        for _ in range(500):
+            if cond():
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError("timed out")
+
+    async def main() -> str:
+        ok = relay(frame(("request", request(1)), ("request_start", start(2))), 2, [(7, 1)])
+        assert ok is not None
+        await asyncio.wait_for(ok, 10)  # journaled
+        first = p.pid
+        os.kill(first, signal.SIGKILL)
+        await until(lambda: not p.healthy)
+        fut = relay(frame(("request", request(3)), ("request_start", start(4)), ("request", request(5))), 3, [(8, 1)])
+        with pytest.raises(BotwardenError) as e:
+            await asyncio.wait_for(fut, 10)
+        await until(lambda: p.healthy and p.pid != first)
+        return str(e.value)
+
+    try:
+        assert "cannot take the statement's record" in asyncio.run(main())
+        assert p.stats()["refused"] == 1
+        p.flush()
+        _, rows = p.query("SELECT request_id FROM requests UNION ALL SELECT request_id FROM request_starts "
+                          "ORDER BY 1")
+        assert [r[0] for r in rows] == ["r1", "r2", "r3", "r5"]  # r4 never ran: refused, not recorded
+    finally:
         p.close()
 
 
@@ -716,12 +776,15 @@ def _cancel_a_paced_function_call(setup, port: int, daemon, child: int) -> None:
     assert report["clean"], report["report"]
 
 
-def test_strict_mode_never_runs_a_statement_the_audit_process_has_not_acknowledged(pg_server, bao_server, tmp_path):
+@pytest.mark.parametrize("workers", [1, 2], ids=["1-worker", "2-workers"])
+def test_strict_mode_never_runs_a_statement_the_audit_process_has_not_acknowledged(pg_server, bao_server, tmp_path,
+                                                                                   workers):
     """audit.mode = "strict": with the audit process stalled (SIGSTOP) a write waits for its record's
     acknowledgement, is not run, and its session ends once ack_timeout passes; nothing reached
-    the database. The next session, once the process runs again, writes and is on record first."""
+    the database. The next session, once the process runs again, writes and is on record first.
+    With workers the start record travels in the worker's frame, acknowledged by the supervisor."""
     setup, port, _, daemon = _daemon_setup(pg_server, bao_server, tmp_path, "s",
-                                           audit_extra="mode = \"strict\"\nack_timeout = 2")
+                                           audit_extra="mode = \"strict\"\nack_timeout = 2", workers=workers)
     pg_server.psql("DROP TABLE IF EXISTS strict_t; CREATE TABLE strict_t (v text); GRANT ALL ON strict_t TO PUBLIC")
     daemon.start()
     child = daemon.client().get("/v1/status")["audit"]["pid"]
