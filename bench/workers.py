@@ -88,6 +88,9 @@ def main() -> None:
     ap.add_argument("--scale", type=int, default=10)
     ap.add_argument("--modes", default="simple,prepared")
     ap.add_argument("--no-pin", action="store_true")
+    ap.add_argument("--audit-mode", choices=["strict", "batched"], default="strict")
+    ap.add_argument("--record", choices=["full", "metadata"], default="full",
+                    help="the target's recording: full (the default: responses too) or metadata")
     ap.add_argument("--workload", choices=sorted(WORKLOADS), default="select-only",
                     help="select-only: pgbench -S (one-row reads: PostgreSQL and pgbench cost about what the "
                          "daemon does); masked-rows: 10-row reads of a table whose email and ssn the policy masks "
@@ -126,7 +129,8 @@ def main() -> None:
             args.script = str(tmp / f"{args.workload}.sql")
             Path(args.script).write_text(script)
         for n in (1, 2):
-            daemons[n] = Daemon(tmp, pg.port, suffix=f"-w{n}-{os.getpid()}", workers=n)
+            daemons[n] = Daemon(tmp, pg.port, args.audit_mode, suffix=f"-w{n}-{os.getpid()}", workers=n,
+                                record=args.record)
         time.sleep(1)  # the workers are up once the control socket answers; let them settle
         if not args.no_pin:
             pin(tree(postmaster_pid(pg)), 0)
@@ -163,7 +167,7 @@ def main() -> None:
         what = "pgbench -S" if args.workload == "select-only" else (
             f"pgbench -f {args.workload} (`{WORKLOADS[args.workload][1].splitlines()[1]}`, email and ssn masked)")
         lines = [f"# appliance.workers: {what}, {args.clients} clients, {args.duration}s per run, "
-                 f"{args.repeat} interleaved rounds (medians); full inspection, audit.mode = strict; {pinning}; "
+                 f"{args.repeat} interleaved rounds (medians); full inspection, audit.mode = {args.audit_mode}, record = {args.record}; {pinning}; "
                  f"{os.cpu_count()} CPUs", "",
                  "| mode | workers | TPS | CPU µs/txn (daemon + workers + audit) | of which kernel | of which the "
                  "daemon (1) or supervisor (2) | the workers | the audit process | context switches/txn | p99 ms | "

@@ -76,3 +76,24 @@ def test_masked_result_in_runs_equals_row_by_row(front, pg_server, monkeypatch):
     assert 0 < len(runs) < ROWS // 20, len(runs)
     recs = [r for r in front.services.of_kind("request") if r["text"] == MASKED]
     assert len(recs) == 2 and all(r["masked"] == {"email": ROWS, "note": ROWS} for r in recs), recs
+
+
+def test_row_descriptions_are_decoded_once_and_a_malformed_one_still_fails():
+    """A masked statement's RowDescription (or its portal's, each Execute) is decoded once per
+    distinct description (wire.columns_of): the same columns as decoding it, each time, and a
+    bad one raises each time (failures are not cached)."""
+    from appliance.fronts.postgres.wire import _columns, columns_of
+    from appliance.protocols.postgres import messages as m
+    from appliance.protocols.postgres.errors import RemoteProtocolError
+
+    desc = m.RowDescription(tuple(m.FieldDescription(n, 16384, i + 1, 25, -1, -1, i % 2)
+                                  for i, n in enumerate(["id", "email", "ssn"])))
+    body = desc.encode()[5:]
+    columns_of.cache_clear()
+    first = columns_of(bytes(body))
+    assert list(first) == _columns(m.RowDescription.decode(body))
+    assert columns_of(bytes(body)) is first and columns_of.cache_info().hits == 1
+    bad = body[:-2] + b"\x00\x07"  # format code 7
+    for _ in range(2):
+        with pytest.raises(RemoteProtocolError, match="unknown format code 7"):
+            columns_of(bad)

@@ -6,14 +6,13 @@ import logging
 import struct
 
 from appliance.policy.types import ColumnDesc, Verdict
-from appliance.protocols.postgres import messages as m
 from appliance.protocols.postgres import sqlstate
 from appliance.protocols.postgres.connection import error_response
 
 from ..services import ColumnMaskPlan
 from appliance.hotpath import mask_rows
 
-from .wire import _row_values, _encode_row, _columns, _swallow
+from .wire import _row_values, _encode_row, _swallow, columns_of
 from .pending import _UNKNOWN_STATEMENT, OP_QUERY, OP_DESCRIBE, OP_EXECUTE, _NO_PLAN
 
 log = logging.getLogger(__name__)
@@ -33,8 +32,7 @@ class MaskingMixin:
             req = head[1]
             if req.verdict.action == "mask" and req.decision != "deny":
                 self._end_plan()
-                desc = m.RowDescription.decode(bytes(buf[s + 5:e]))
-                self._plan = self._make_plan(req.verdict, _columns(desc)) or _NO_PLAN
+                self._plan = self._make_plan(req.verdict, columns_of(bytes(buf[s + 5:e]))) or _NO_PLAN
                 self._plan_req = req
             return None
         if kind == OP_DESCRIBE:
@@ -43,8 +41,7 @@ class MaskingMixin:
             if target is not None and target is not _UNKNOWN_STATEMENT:
                 verdict = target.verdict if dkind == "S" else target.statement.verdict
                 if verdict.action == "mask":
-                    desc = m.RowDescription.decode(bytes(buf[s + 5:e]))
-                    target.columns = _columns(desc)
+                    target.columns = columns_of(bytes(buf[s + 5:e]))
             return b"" if hidden else None
         return None
 

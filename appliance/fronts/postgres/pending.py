@@ -4,6 +4,7 @@ statements and portals, and the queue of operations the server has still to answ
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 from appliance.policy.types import ColumnDesc, Verdict
 from appliance.protocols.postgres import messages as m
@@ -46,7 +47,7 @@ class _Statement:
     def __init__(self, text: str, verdict: Verdict, name: str = ""):
         self.text = text
         self.verdict = verdict
-        self.columns: list[ColumnDesc] | None = None
+        self.columns: Sequence[ColumnDesc] | None = None
         self.name = name
         # Affected-rows guard pending (verdict.row_guards): (query bytes, parameter type OIDs),
         # to have the server estimate the rows at Execute, with the portal's parameters.
@@ -60,7 +61,7 @@ class _Portal:
         self.statement = statement
         self.params = params
         self.result_formats = result_formats
-        self.columns: list[ColumnDesc] | None = None
+        self.columns: Sequence[ColumnDesc] | None = None
         self.bind: bytes | None = None  # the Bind message, kept only for a guarded statement
 
 

@@ -3,6 +3,7 @@ the ErrorResponses botwarden makes as the server would."""
 
 from __future__ import annotations
 
+import functools
 import struct
 
 from appliance import hotpath
@@ -29,6 +30,14 @@ def _columns(desc: m.RowDescription, formats: tuple[int, ...] | None = None) -> 
             fmt = formats[i] if len(formats) > 1 else (formats[0] if formats else 0)
         cols.append(ColumnDesc(f.name, f.table_oid, f.attnum, f.type_oid, fmt))
     return cols
+
+
+@functools.lru_cache(maxsize=128)
+def columns_of(body: bytes) -> tuple[ColumnDesc, ...]:
+    """The columns of a RowDescription (its body: the bytes after type and length), decoded once
+    per distinct description in this process: a bot's statements repeat theirs, and a prepared
+    statement's Describe of each portal brings the same one every time."""
+    return tuple(_columns(m.RowDescription.decode(body)))
 
 
 def _cstring_at(buf, pos: int, end: int) -> tuple[str, int]:
