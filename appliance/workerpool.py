@@ -242,8 +242,7 @@ class WorkerPool:
                 raise
             if acked is not None:
                 link = slot.link
-                acked.add_done_callback(lambda f: self._answer_acks(
-                    slot, acks, None if f.exception() is None else str(f.exception()), link))
+                acked.add_done_callback(lambda f: self._answer_acks(slot, acks, _failure(f), link))
         elif kind == "close_session":
             slot.sessions.discard(message[1])
             live = runtime.live.get(message[1])
@@ -419,6 +418,14 @@ class WorkerPool:
 
     def status(self) -> list[dict[str, Any]]:
         return [s.public() for s in self.slots]
+
+
+def _failure(fut: asyncio.Future) -> str | None:
+    """Why a done future failed, None if it succeeded."""
+    if fut.cancelled():
+        return "the audit store's acknowledgement was cancelled (the daemon is stopping)"
+    e = fut.exception()
+    return None if e is None else str(e) or type(e).__name__
 
 
 def _reap(proc: subprocess.Popen, timeout: float | None = 30.0) -> int | None:

@@ -194,9 +194,10 @@ class Daemon:
     """`botwarden run` with eBPF probes on a bench bots cgroup; bots are started with `bot run`."""
 
     def __init__(self, tmp: Path, pg_port: int, audit_mode: str = "strict", strict_reads: bool = False,
-                 suffix: str = "", extra: str = "", record: str = "full", workers: int = 1):
+                 suffix: str = "", extra: str = "", record: str = "full", workers: int = 1, audit_extra: str = ""):
         """``suffix``: a second daemon beside the first (its own directory, bots cgroup, pins, table).
-        ``extra``: more botwarden.toml sections (bench/fleet_ship.py adds [fleet])."""
+        ``extra``: more botwarden.toml sections (bench/fleet_ship.py adds [fleet]); ``audit_extra``:
+        more lines for its [audit] section."""
         from appliance.sandbox import free_port
 
         self.bots_cgroup = BOTS_CGROUP.replace(".bots", f"{suffix}.bots")
@@ -217,7 +218,7 @@ workers = {workers}
 path = "{self.dir / 'state' / 'audit.duckdb'}"
 mode = "{audit_mode}"
 strict_reads = {str(strict_reads).lower()}
-
+{audit_extra}
 [probes]
 mode = "ebpf"
 bots_cgroup = "{self.bots_cgroup}"
@@ -540,6 +541,9 @@ def main() -> None:
                          "full-norecord: a second daemon whose target records metadata only; full-aa: a second "
                          "daemon configured exactly as full, so full / full-aa per round is the A/A spread: "
                          "what two identical daemons differ by on this machine)")
+    ap.add_argument("--twin-audit", default="", metavar="LINES",
+                    help="[audit] lines for the full-aa daemon only, ';'-separated (an A/B instead of the A/A), "
+                         "e.g. 'batch_max = 256'")
     ap.add_argument("--modes", default="simple,prepared", help="comma-separated subset of simple,prepared")
     ap.add_argument("--no-big", action="store_true", help="skip the large-result benchmark")
     ap.add_argument("--audit-mode", choices=["strict", "batched"], default="strict",
@@ -653,7 +657,8 @@ pidfile = {bdir}/pgbouncer.pid
             norecord = Daemon(tmp, pg.port, args.audit_mode, args.strict_reads, suffix=args.suffix + "-norec",
                               record="metadata")
         if "full-aa" in args.paths.split(","):  # the same daemon again: the A/A comparison
-            twin = Daemon(tmp, pg.port, args.audit_mode, args.strict_reads, suffix=args.suffix + "-aa")
+            twin = Daemon(tmp, pg.port, args.audit_mode, args.strict_reads, suffix=args.suffix + "-aa",
+                          audit_extra=args.twin_audit.replace(";", "\n"))
 
         # (name, port, password, proxy pid, argv wrapper)
         full = "botwarden (full inspection)"
@@ -817,7 +822,10 @@ pidfile = {bdir}/pgbouncer.pid
 
         vs_relay, vs_batched, vs_norecord, vs_twin = (summary(n) for n in (relay_name, batched_name, norecord_name,
                                                                             AA_NAME))
-        if vs_twin:
+        if vs_twin and args.twin_audit:
+            lines += ["", f"A/B: `{full}` against `{AA_NAME}`, whose [audit] section adds `{args.twin_audit}`, "
+                          "in the same round (TPS ratio): " + "; ".join(vs_twin) + "."]
+        elif vs_twin:
             lines += ["", f"A/A: `{full}` against `{AA_NAME}` (a second daemon configured the same) in the same "
                           "round, the spread two identical daemons show on this machine: " + "; ".join(vs_twin) + "."]
         if vs_norecord:
