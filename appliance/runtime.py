@@ -519,9 +519,7 @@ class Runtime:
             self._record_failed(kind, e)
             raise
         if fut is None:
-            fut = loop.create_future()
-            fut.set_exception(BotwardenError("the audit store cannot take the statement's record"))
-            return fut
+            return _failed("the audit store cannot take the statement's record")
         live = self.live.get(record.get("session_id"))
         if live is not None and store.marks is not None:
             # The high-water mark counts a start once it is journaled: one never acknowledged was

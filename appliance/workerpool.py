@@ -238,11 +238,11 @@ class WorkerPool:
                 acked = runtime.audit_relayed(*message[1:])
             except Exception as e:
                 if acks:  # the statements waiting for their record are refused, never left waiting
-                    self._answer_acks(slot, acks, f"the audit store cannot take the statement's record: {e}")
+                    self._answer_acks(slot, slot.link, acks, f"the audit store cannot take the statement's record: {e}")
                 raise
             if acked is not None:
                 link = slot.link
-                acked.add_done_callback(lambda f: self._answer_acks(slot, acks, _failure(f), link))
+                acked.add_done_callback(lambda f: self._answer_acks(slot, link, acks, _failure(f)))
         elif kind == "close_session":
             slot.sessions.discard(message[1])
             live = runtime.live.get(message[1])
@@ -260,12 +260,10 @@ class WorkerPool:
             log.warning("worker %d sent an unknown message %r", slot.worker_id, kind)
 
     @staticmethod
-    def _answer_acks(slot: WorkerSlot, acks: list[tuple[int, int]], failed: str | None,
-                     link: Link | None = None) -> None:
+    def _answer_acks(slot: WorkerSlot, link: Link | None, acks: list[tuple[int, int]], failed: str | None) -> None:
         """Strict mode: a worker's rows are journaled (``failed`` None) or were refused; each
-        statement waiting for one gets its reply (a worker restarted meanwhile has a new link:
-        nothing is sent to it)."""
-        link = link or slot.link
+        statement waiting for one gets its reply on the link the frame came by (a worker
+        restarted meanwhile has a new link: nothing is sent to it)."""
         if link is None or link is not slot.link:
             return
         for call_id, _ in acks:
