@@ -14,7 +14,7 @@ alone, in this one process, on the same rows:
 - redaction of the bound value (``AuditRedactor.params``) and of the text (cached per text);
 - the row hash: the compiled ``analytics/_chain.pyx`` and the Python reference (what ``audit
   verify`` recomputes);
-- the Arrow table of a 2,000-row batch, and its insert and commit into a DuckDB file with
+- the Arrow record batch of a 2,000-row batch, and its insert and commit into a DuckDB file with
   ``SET threads`` 1 (``audit.threads``, the default) and DuckDB's default (a thread per CPU),
   as wall time and as this process's CPU time.
 
@@ -129,7 +129,7 @@ def main() -> None:
         "redact the text (cached)": per_row(lambda: [red.text(r[5]) for r in rows], n),
         "row hash, compiled" + ("" if chain.COMPILED else " (NOT BUILT: the reference ran)"): per_row(hash_all(compiled), n),
         "row hash, Python reference": per_row(hash_all(reference), n),
-        "Arrow table (2,000-row batches)": per_row(lambda: [_arrow_table(req, full[i:i + BATCH])
+        "Arrow record batch (2,000-row batches)": per_row(lambda: [_arrow_table(req, full[i:i + BATCH])
                                                             for i in range(0, n, BATCH)], n),
     }
     items = [(req, r) for r in rows]

@@ -50,6 +50,34 @@ def test_every_kind_is_stored_as_given(tmp_path):
         con.close()
 
 
+def test_a_column_null_in_every_row_of_a_batch_is_stored_null_and_verifies(tmp_path):
+    """The writer leaves a column that is NULL in every row of a batch out of its INSERT (issue 20):
+    those rows read back NULL there, a batch where the same column is mixed keeps every value, and
+    the chain (which hashes the NULLs) verifies."""
+    path = tmp_path / "a.duckdb"
+    s = sid()
+    all_null = [request(s, rule=None, error=None, masked=None, params=None) for _ in range(3)]
+    mixed = [request(s, rule="r1", masked={"ssn": 2}, params=["1"]), request(s, rule=None, masked=None, params=None)]
+    with AuditStore(path, strict=True) as store:
+        for r in all_null:
+            assert store.submit("request", r) is True
+        store.flush()  # committed: the next ones are another batch
+        for r in mixed:
+            assert store.submit("request", r) is True
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        rows = raw_rows(con, "requests")
+    finally:
+        con.close()
+    assert len(rows) == 5
+    for got, rec in zip(rows, all_null + mixed):
+        for k in ("request_id", "rule", "error", "masked", "params", "text"):
+            assert got[k] == rec.get(k), k
+    assert [r["rule"] for r in rows] == [None, None, None, "r1", None]
+    assert rows[3]["masked"] == {"ssn": 2} and rows[3]["params"] == ["1"]
+    assert analytics.verify(path).clean
+
+
 def test_sessions_view_joins_start_and_end(tmp_path):
     path = tmp_path / "a.duckdb"
     open_s, closed_s = sid(), sid()
