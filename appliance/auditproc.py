@@ -577,6 +577,19 @@ class AuditProcess:
         self._ship_soon(loop)
         return fut
 
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On ``loop``'s thread, once it runs: that loop reads the child's acknowledgements from now
+        on. In strict mode the child acknowledges every frame it journals, waited for or not; left
+        unread, those 8-byte counts fill the events socket after a few hundred frames, the child
+        blocks sending the next one and stops reading events, and every session then waits for an
+        audit store that never catches up. So they are read from the start, not from the first
+        record that waits: a bot sending only plain reads never submits one."""
+        if not self.journal:
+            return
+        self._loop = loop
+        if self._watched is not self._events:
+            self._watch(self._events)
+
     def _ship_soon(self, loop: asyncio.AbstractEventLoop) -> None:
         """After a record that waits for its acknowledgement was queued (the lock released)."""
         if self._loop is None:
@@ -937,9 +950,11 @@ class AuditProcess:
                         self._dead = None
                         self._ship.notify_all()
                         self._room.notify_all()
-                    for sock in old_sockets:
-                        if sock is not None and not self._rewatch(sock, events):
-                            sock.close()
+                    old_events, old_rpc = old_sockets
+                    if old_rpc is not None:
+                        old_rpc.close()
+                    if old_events is not None and not self._rewatch(old_events, events):
+                        old_events.close()
                     log.warning("audit process restarted as pid %d (epoch %d); %d event(s) it had not committed "
                                 "were sent to it again", proc.pid, self.epoch, self._resent)
                     return
@@ -948,10 +963,13 @@ class AuditProcess:
                 self._restarting = False
 
     def _rewatch(self, old: socket.socket, new: socket.socket) -> bool:
-        """If the event loop reads acks from ``old``, have it switch to ``new`` and close ``old``
-        itself (a socket must leave the loop's selector before it is closed). True: done so."""
+        """Once an event loop reads acks (:meth:`attach`, or a record that waited), have it read
+        them from the new child's socket ``new`` and close the old one's ``old`` itself (a socket
+        must leave the loop's selector before it is closed). True: done so. Whether the loop still
+        watched ``old`` does not matter: it stops as soon as it reads the dead child's EOF, and the
+        new child acknowledges every frame as the old one did."""
         loop = self._loop
-        if loop is None or old is not self._watched:
+        if loop is None or not self.journal:
             return False
 
         def switch() -> None:

@@ -239,6 +239,7 @@ class Daemon:
             from appliance.runtime import Runtime, open_audit_store
 
             self.audit = await asyncio.to_thread(open_audit_store, cfg)
+            self.audit.attach(asyncio.get_running_loop())  # strict mode: read its acknowledgements from now on
             from appliance.secrets import LeaseLedger
 
             self.leases = await asyncio.to_thread(LeaseLedger.in_state_dir, cfg.appliance.state_dir)

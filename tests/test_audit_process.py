@@ -143,6 +143,44 @@ def test_a_full_events_socket_waits_in_strict_mode(tmp_path):
         assert rows == [(3000,)]
 
 
+def test_acknowledgements_are_read_from_the_start_so_plain_events_never_stall_the_child(tmp_path, monkeypatch):
+    """Strict mode: the child acknowledges every frame it journals, whether a record in it waits or
+    not. Once attached, the event loop reads those acknowledgements even if no record ever waits (a
+    bot that only sends plain reads): hundreds of frames later the child still takes events, and
+    after a crash the loop reads the new child's. Unread, ~300 acknowledgements filled the events
+    socket, the child blocked sending the next and stopped reading: every session then waited for
+    an audit store that never caught up (a strict daemon serving only plain reads hung)."""
+    import asyncio
+
+    import uvloop
+
+    import appliance.auditproc as auditproc
+
+    monkeypatch.setattr(auditproc, "_SEND_INTERVAL_S", 0.001)  # a frame per event: hundreds a second
+
+    async def burst(p: AuditProcess, first: int, n: int) -> None:
+        for i in range(first, first + n):
+            assert p.submit("request", request(i))
+            await asyncio.sleep(0.002)
+        await asyncio.to_thread(p.flush, 20)
+
+    async def run(p: AuditProcess) -> None:
+        p.attach(asyncio.get_running_loop())
+        await burst(p, 0, 600)
+        old = p.pid
+        os.kill(old, signal.SIGKILL)
+        assert await asyncio.to_thread(wait_for, lambda: p.pid != old and p.unavailable is None, 20)
+        await burst(p, 600, 600)
+
+    with AuditProcess(tmp_path / "a.duckdb", journal=True, flush_interval=0.02, restart_after=0.2) as p:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(run(p))
+        assert p.stats()["restarts"] == 1
+        _, rows = p.query("SELECT count(DISTINCT request_id) FROM requests")
+        assert rows == [(1200,)]
+        assert p.stats()["acked"] >= 1200  # the last acknowledgement was read: every frame journaled
+
+
 def test_malformed_records_fail_in_the_caller(tmp_path):
     with AuditProcess(tmp_path / "a.duckdb", strict=True) as p:
         with pytest.raises(AuditRecordError, match="decision"):
@@ -595,7 +633,7 @@ def test_a_bot_faster_than_the_audit_store_is_paced_not_refused(pg_server, bao_s
     from tests.test_metrics import samples, scrape_socket, value
 
     setup, port, _, daemon = _daemon_setup(pg_server, bao_server, tmp_path, "c", workers=workers,
-                                           audit_extra=f"queue_max = {200 * workers}\nmode = \"batched\"")
+                                           audit_extra=f"queue_max = {200 if workers == 1 else 800}\nmode = \"batched\"")
     daemon.start()
     child = daemon.client().get("/v1/status")["audit"]["pid"]
     stop = threading.Event()
@@ -813,6 +851,31 @@ def test_strict_mode_never_runs_a_statement_the_audit_process_has_not_acknowledg
         assert "it was not run" in err[0]["error"]
     finally:
         os.kill(child, signal.SIGCONT)
+        daemon.stop()
+
+
+def test_a_strict_daemon_serving_only_plain_reads_keeps_serving(pg_server, bao_server, tmp_path):
+    """audit.mode = "strict" (the default) and a bot that only reads: no record ever waits for its
+    acknowledgement, yet the audit process acknowledges every frame it journals (one every 10 ms
+    under load). The daemon reads them from its start: 8 seconds of plain reads (several hundred
+    frames) all run and are all on record. It did not: after ~300 frames the unread acknowledgements
+    filled the socket, the audit process stopped taking events and every statement waited."""
+    setup, port, _, daemon = _daemon_setup(pg_server, bao_server, tmp_path, "p", audit_extra="mode = \"strict\"")
+    daemon.start()
+    child = daemon.client().get("/v1/status")["audit"]["pid"]
+    try:
+        ran = 0
+        with _bot_conn(setup, port) as conn:
+            deadline = time.monotonic() + 8
+            while time.monotonic() < deadline:
+                assert conn.execute("SELECT id FROM orders WHERE id = %s", [ran % 3 + 1]).fetchone() is not None
+                ran += 1
+        assert ran > 1000
+        status = daemon.client().get("/v1/status")["audit"]
+        assert status["healthy"] and status["pid"] == child, status  # the same audit process throughout
+        rows = daemon.audit_sql("SELECT count(*) AS n FROM requests WHERE text LIKE 'SELECT id FROM orders WHERE id = %'")
+        assert rows[0]["n"] == ran
+    finally:
         daemon.stop()
 
 
