@@ -44,6 +44,14 @@ WORKLOADS = {
                      f"FROM generate_series(1, {MASKED_ROWS}) i", "ALTER TABLE big ADD PRIMARY KEY (id)", "ANALYZE big"),
                     f"\\set id random(1, {MASKED_ROWS - 9})\n"
                     "SELECT id, email, ssn, note FROM big WHERE id BETWEEN :id AND :id + 9;\n"),
+    # Ad-hoc reads: every statement a shape the policy engine has not seen (its aliases carry a
+    # random number), so each one is parsed and decided from scratch, while PostgreSQL's share (an
+    # index lookup of one row, parsed and planned in C) stays small. Only numbers, no string
+    # constants and no functions: a plain read, and no constant the audit redaction must examine.
+    # Simple protocol only: pgbench cannot bind an alias as a parameter.
+    "adhoc": ((), "\\set aid random(1, 100000 * :scale)\n\\set r random(1, 99999)\n" + "SELECT aid AS a_:r, " + ", ".join(
+        f"abalance + {i} AS c{i}_:r, CASE WHEN abalance > {i} THEN bid WHEN abalance < -{i} THEN -bid ELSE {i} END AS k{i}_:r"
+        for i in range(4)) + " FROM pgbench_accounts WHERE aid = :aid;\n"),
 }
 
 SYSCALLS = ("read", "write", "recvfrom", "sendto", "epoll_wait", "epoll_pwait", "futex", "sendmsg", "recvmsg")
@@ -94,7 +102,9 @@ def main() -> None:
     ap.add_argument("--workload", choices=sorted(WORKLOADS), default="select-only",
                     help="select-only: pgbench -S (one-row reads: PostgreSQL and pgbench cost about what the "
                          "daemon does); masked-rows: 10-row reads of a table whose email and ssn the policy masks "
-                         "(the daemon's share of each statement is larger: decoding and masking every row)")
+                         "(the daemon's share of each statement is larger: decoding and masking every row); "
+                         "adhoc: one-row reads each of a shape never seen before (the policy engine parses and "
+                         "decides every statement; simple mode only)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "workers.md"))
     ap.add_argument("--json", metavar="FILE")
     ap.add_argument("--profile", metavar="PREFIX", help="py-spy (raw stacks) over each process of both daemons "
@@ -110,6 +120,8 @@ def main() -> None:
         py_spy()
     args.builtin = "select-only"
     args.script = None
+    if args.workload == "adhoc" and args.modes != "simple":
+        ap.error("--workload adhoc runs in simple mode only (pgbench cannot bind an alias): add --modes simple")
 
     from appliance.sandbox import PostgresServer
 
@@ -164,8 +176,11 @@ def main() -> None:
             results[key] = {**pick, "all_tps": [r["tps"] for r in rs], "all_cpu_us": [r["cpu_us"] for r in rs]}
         pinning = ("PostgreSQL and pgbench pinned to CPU 0, each daemon (workers, audit process) to CPU 1"
                    if not args.no_pin else "no CPU pinning")
-        what = "pgbench -S" if args.workload == "select-only" else (
-            f"pgbench -f {args.workload} (`{WORKLOADS[args.workload][1].splitlines()[1]}`, email and ssn masked)")
+        what = {"select-only": "pgbench -S",
+                "masked-rows": f"pgbench -f masked-rows (`{WORKLOADS['masked-rows'][1].splitlines()[1]}`, email and ssn masked)",
+                "adhoc": "pgbench -f adhoc (one-row reads, each of a new shape: `SELECT aid AS a_:r, abalance + 0 AS "
+                         "c0_:r, CASE WHEN ... END AS k0_:r, ... FROM pgbench_accounts WHERE aid = :aid`, 9 columns, "
+                         ":r random)"}[args.workload]
         lines = [f"# appliance.workers: {what}, {args.clients} clients, {args.duration}s per run, "
                  f"{args.repeat} interleaved rounds (medians); full inspection, audit.mode = {args.audit_mode}, record = {args.record}; {pinning}; "
                  f"{os.cpu_count()} CPUs", "",
