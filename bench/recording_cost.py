@@ -18,6 +18,8 @@ the sender thread), per transaction: median and range.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import datetime as dt
 import json
 import os
@@ -26,6 +28,7 @@ import statistics
 import struct
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -71,11 +74,36 @@ def cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])
 
 
+@contextlib.contextmanager
+def acks_read(audit: AuditProcess):
+    """What the daemon's event loop does (``AuditProcess.attach``): read the acknowledgement the
+    audit process sends for each frame it journals. Unread, they pile up in the events socket, and
+    once it is full the child blocks sending the next and stops taking events."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="acks", daemon=True)
+    thread.start()
+
+    async def attach() -> None:
+        audit.attach(loop)
+
+    async def detach() -> None:  # off the loop's selector before close() closes the socket
+        audit._watch(None)
+
+    asyncio.run_coroutine_threadsafe(attach(), loop).result(10)
+    try:
+        yield
+    finally:
+        asyncio.run_coroutine_threadsafe(detach(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
 def run(mode: str, recorded: bool, args, workdir: Path) -> dict:
     rnd = random.Random(7)
     path = workdir / f"{mode}-{'rec' if recorded else 'meta'}-{uuid.uuid4().hex[:6]}.duckdb"
     sessions = [uuid.uuid4().hex for _ in range(args.sessions)]
-    with AuditProcess(path, journal=True, on_full="block", queue_max=200_000) as audit:
+    with AuditProcess(path, journal=True, on_full="block", queue_max=200_000) as audit, acks_read(audit):
         now = dt.datetime.now(UTC)
         for sid in sessions:
             audit.submit("session_start", {"session_id": sid, "ts": now, "target": "bench", "protocol": "postgresql",
