@@ -36,7 +36,7 @@ _ARROW_TYPES = {
 }
 
 
-def _arrow_table(kind: Kind, rows: list[tuple]) -> pa.RecordBatch:
+def _arrow_batch(kind: Kind, rows: list[tuple]) -> pa.RecordBatch:
     """``rows`` (chain columns + the kind's fields) as one Arrow record batch, without the columns
     that are NULL in every row: the INSERT names only the batch's columns and the others get NULL
     (no column has another default). A record batch, not a table: DuckDB scans a registered table
@@ -106,7 +106,7 @@ class ChainWriter:
         parts = []
         for table, rows in groups.items():
             kind = schema.KIND_BY_TABLE[table]
-            parts.append((kind, _arrow_table(kind, rows) if self.ingest == "arrow" else rows))
+            parts.append((kind, _arrow_batch(kind, rows) if self.ingest == "arrow" else rows))
         self._next_seq, self._next_head = seq, prev
         return PreparedBatch(first, seq, prev, tuple(parts), len(items))
 
@@ -146,7 +146,7 @@ class ChainWriter:
         name = f"_batch_{kind.table}"
         self.con.register(name, batch)
         try:
-            self.con.execute(f"INSERT INTO {kind.table} ({', '.join(batch.schema.names)}) SELECT * FROM {name}")
+            self.con.execute(self._insert_sql(kind, f"SELECT * FROM {name}", batch.schema.names))
         finally:
             self.con.unregister(name)
 
@@ -171,8 +171,8 @@ class ChainWriter:
             rows = fixed
         self.con.executemany(self._insert_sql(kind, f"VALUES ({', '.join(placeholders)})"), rows)
 
-    def _insert_sql(self, kind: Kind, source: str) -> str:
-        cols = ", ".join(schema.CHAIN_COLUMNS + kind.names)
+    def _insert_sql(self, kind: Kind, source: str, columns: Sequence[str] | None = None) -> str:
+        cols = ", ".join(columns if columns is not None else schema.CHAIN_COLUMNS + kind.names)
         return f"INSERT INTO {kind.table} ({cols}) {source}"
 
 

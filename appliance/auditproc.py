@@ -592,10 +592,7 @@ class AuditProcess:
 
     def _ship_soon(self, loop: asyncio.AbstractEventLoop) -> None:
         """After a record that waits for its acknowledgement was queued (the lock released)."""
-        if self._loop is None:
-            self._loop = loop
-        if self._watched is not self._events:
-            self._watch(self._events)
+        self.attach(self._loop or loop)  # a caller that did not attach a loop at its start
         if not self._kick_pending:
             # Group commit: the batch goes once the loop has run the callbacks of this round of I/O,
             # so the records of every session decided meanwhile travel (and are acked) together.

@@ -41,7 +41,7 @@ import duckdb  # noqa: E402
 
 from analytics import AuditStore, chain, schema  # noqa: E402
 from analytics.chain import GENESIS  # noqa: E402
-from analytics.writer import ChainWriter, _arrow_table  # noqa: E402
+from analytics.writer import ChainWriter, _arrow_batch  # noqa: E402
 from appliance.daemon import tune_gc  # noqa: E402
 from appliance.policy.redact import AuditRedactor  # noqa: E402
 
@@ -129,7 +129,7 @@ def main() -> None:
         "redact the text (cached)": per_row(lambda: [red.text(r[5]) for r in rows], n),
         "row hash, compiled" + ("" if chain.COMPILED else " (NOT BUILT: the reference ran)"): per_row(hash_all(compiled), n),
         "row hash, Python reference": per_row(hash_all(reference), n),
-        "Arrow record batch (2,000-row batches)": per_row(lambda: [_arrow_table(req, full[i:i + BATCH])
+        "Arrow record batch (2,000-row batches)": per_row(lambda: [_arrow_batch(req, full[i:i + BATCH])
                                                             for i in range(0, n, BATCH)], n),
     }
     items = [(req, r) for r in rows]
