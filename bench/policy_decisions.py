@@ -78,6 +78,18 @@ def main() -> None:
     r, n = rate(simple, args.seconds)
     rows.append(("SQL, uncached", "`select id, total from orders where id = N`", r, f"{n}"))
 
+    adhoc_engine = engine()
+
+    def adhoc(i: int) -> None:
+        # The shape of bench/workers.py --workload adhoc: aliases numbered, so no cache ever hits.
+        sql = f"select aid as a_{i}, " + ", ".join(
+            f"abalance + {k} as c{k}_{i}, case when abalance > {k} then bid when abalance < -{k} then -bid "
+            f"else {k} end as k{k}_{i}" for k in range(4)) + f" from pgbench_accounts where aid = {i}"
+        adhoc_engine.decide_sql("ci-bot", ("ci",), "prod-db", sql, now=NOW)
+
+    r, n = rate(adhoc, args.seconds)
+    rows.append(("SQL, a new shape every time (cached, never hits)", "9 outputs, 4 CASEs, aliases numbered", r, f"{n}"))
+
     shape = engine()
 
     def shaped(i: int) -> None:

@@ -146,6 +146,21 @@ def test_output_columns_track_their_sources() -> None:
     assert outputs["x"] == {"x", "ssn"}  # resolved through the subquery's alias
 
 
+
+def test_output_sources_reach_into_subqueries_and_returning_lists() -> None:
+    s = one("select (select max(s.ssn) from secrets s where s.owner = t.id) as m, "
+            "case when a > 0 then b else c end as k, t from t")
+    outputs = dict(s.outputs)
+    assert outputs["m"] == {"ssn", "owner", "id"}  # every column the scalar subquery touches
+    assert outputs["max"] == {"ssn"}  # the subquery's own output
+    assert outputs["k"] == {"a", "b", "c"}
+    assert outputs["t"] == {"t", "*"}  # a bare table name: the whole row
+    assert dict(one("update t set a = 1 where id = 2 returning a as x, b + c").outputs) == {
+        "x": {"a"}, "?column?": {"b", "c"}}
+    assert dict(one("insert into t values (1) returning *").outputs) == {"?column?": {"*"}}
+    assert dict(one("delete from t where id = 1 returning (select u.name from u where u.id = t.owner)").outputs) == {
+        "?column?": {"name", "id", "owner"}, "name": {"name"}}
+
 def test_unparsable_and_unanalyzable() -> None:
     assert one("selec 1").error.startswith("syntax error")
     assert "cannot analyze" in one("do language plperlu $$ system('id') $$").error

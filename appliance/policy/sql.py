@@ -20,6 +20,7 @@ import sys
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Mapping
 
+import orjson
 import pglast
 from pglast import ast as _ast
 from pglast import enums as _enums
@@ -315,6 +316,15 @@ def syntax_error(sql: str) -> tuple[str, int | None] | None:
 DEEP_RECURSION_LIMIT = 12_000
 
 
+def _tree(parsed: str) -> Any:
+    """pglast's JSON parse tree as dicts and lists: orjson (twice as fast as json here, and every
+    statement of a new shape pays it), json for a tree nested deeper than orjson's 1,024 levels."""
+    try:
+        return orjson.loads(parsed)
+    except orjson.JSONDecodeError:
+        return json.loads(parsed)
+
+
 def analyze_sql(sql: str) -> BatchAnalysis:
     """Analyze every statement of ``sql``. Never raises on bad SQL: such a batch is one
     statement with ``error`` set. EXECUTE is left unresolved (see :func:`resolve_execute`)."""
@@ -337,7 +347,7 @@ def analyze_sql(sql: str) -> BatchAnalysis:
 
 def _analyze_sql(sql: str) -> BatchAnalysis:
     try:
-        tree = json.loads(parse_sql_json(sql))
+        tree = _tree(parse_sql_json(sql))
     except ParseError as e:
         return BatchAnalysis((unparsed(_parse_error_message(e)),), shape_cacheable=False)
     except UnicodeEncodeError:
@@ -624,7 +634,7 @@ def _from_names(items: Iterable[Any]) -> frozenset[str]:
 def _regclass(text: str) -> Relation | None:
     """A regclass literal ('s.t', '"T"') as PostgreSQL reads it, by parsing it as a FROM item."""
     try:
-        tree = json.loads(parse_sql_json("SELECT * FROM " + text))
+        tree = _tree(parse_sql_json("SELECT * FROM " + text))
         stmts = tree.get("stmts", [])
         select = stmts[0]["stmt"]["SelectStmt"] if len(stmts) == 1 else {}
         (item,) = select.get("fromClause", [None])
@@ -695,6 +705,7 @@ class _Walker:
         self.properties: set[str] = set()
         self.cte_scopes: list[frozenset[str]] = []
         self.outputs: dict[str, set[str]] = {}
+        self.collecting: list[set[str]] = []  # the outputs whose expressions are being walked
         self.range_names: set[str] = set()
         self.prepare_name: str | None = None
         self.prepared_body: StatementAnalysis | None = None
@@ -736,28 +747,34 @@ class _Walker:
 
     # -- generic walk --
     def visit_value(self, value: Any, typed: str | None) -> None:
-        if isinstance(value, list):
+        # Per node of every statement never seen before: exact type tests (the tree is json's
+        # dicts and lists), and a node's single-key wrapper handled without another call.
+        if type(value) is list:
             for item in value:
-                self.visit_value(item, None)
-        elif isinstance(value, dict):
+                if type(item) is dict or type(item) is list:
+                    self.visit_value(item, None)
+        elif type(value) is dict:
             if len(value) == 1:
                 (key, body), = value.items()
-                if key in _NODE_NAMES and isinstance(body, dict):
-                    self.visit(key, body)
-                    return
-                if key == "List" and isinstance(body, dict):
-                    self.visit_value(body.get("items", []), None)
-                    return
+                if type(body) is dict:
+                    if key in _NODE_NAMES:
+                        if key not in _LEAVES:
+                            self.visit(key, body)
+                        return
+                    if key == "List":
+                        self.visit_value(body.get("items", []), None)
+                        return
             if typed:
                 self.visit(typed, value)
             else:
                 for item in value.values():  # defensive: never skip a subtree we do not know
-                    self.visit_value(item, None)
+                    if type(item) is dict or type(item) is list:
+                        self.visit_value(item, None)
 
     def visit(self, node: str, body: Mapping[str, Any]) -> None:
-        handler = getattr(self, "_v_" + node, None)
+        handler = _HANDLERS.get(node)
         if handler is not None:
-            handler(body)
+            handler(self, body)
             return
         options = _FUNCTION_OPTION_FIELDS.get(node)
         if options is not None:  # statements that name functions in their options (CREATE OPERATOR ...)
@@ -765,11 +782,11 @@ class _Walker:
         self.generic(node, body)
 
     def generic(self, node: str, body: Mapping[str, Any], skip: tuple[str, ...] = ()) -> None:
-        fields = _FIELDS.get(node, {})
-        if node.endswith("Stmt") and node != "SelectStmt":
+        fields = _FIELDS.get(node, _NO_FIELDS)
+        if node in _STATEMENT_NODES:
             self.kinds.add(self._kind_of(node, body))
         for key, value in body.items():
-            if key not in skip and isinstance(value, (list, dict)):
+            if (type(value) is dict or type(value) is list) and key not in skip:
                 self.visit_value(value, fields.get(key))
 
     def _kind_of(self, node: str, body: Mapping[str, Any]) -> str:
@@ -989,35 +1006,43 @@ class _Walker:
         def outputs() -> None:
             self._outputs(body.get("targetList", []))
 
-        self._scoped("SelectStmt", body, ("intoClause",), outputs)
+        self._scoped("SelectStmt", body, ("intoClause", "targetList"), outputs)
 
     def _outputs(self, targets: list[Any]) -> None:
+        """Walk a select or RETURNING list (the caller's walk skips it): each output's name, and
+        every column it is computed from, those of subqueries in it too (:meth:`_v_ColumnRef`)."""
         for item in targets:
             res = item.get("ResTarget", {}) if isinstance(item, dict) else {}
             val = res.get("val")
             name = res.get("name") or _figure_colname(val)
-            sources = self.outputs.setdefault(name, set())
-            self._column_sources(val, sources)
-
-    def _column_sources(self, node: Any, out: set[str]) -> None:
-        if isinstance(node, dict):
-            ref = node.get("ColumnRef")
-            if isinstance(ref, dict):
-                fields = ref.get("fields", [])
-                if any(isinstance(f, dict) and "A_Star" in f for f in fields):
-                    out.add("*")
+            self.collecting.append(self.outputs.setdefault(name, set()))
+            try:
+                if res:
+                    self.visit_value(val, None)
+                    self.generic("ResTarget", res, skip=("val",))
                 else:
-                    names = _names(fields)
-                    if names:
-                        out.add(names[-1])
-                        if len(names) == 1:
-                            out.add("*?" + names[-1])  # maybe a whole-row reference; resolved later
-                return
-            for value in node.values():
-                self._column_sources(value, out)
-        elif isinstance(node, list):
-            for value in node:
-                self._column_sources(value, out)
+                    self.visit_value(item, None)
+            finally:
+                self.collecting.pop()
+
+    def _v_ColumnRef(self, body: Mapping[str, Any]) -> None:
+        # Only names and * are in a column reference: nothing more to walk.
+        if not self.collecting:
+            return
+        names = []
+        for item in body.get("fields", ()):
+            if type(item) is dict:
+                if "A_Star" in item:
+                    found: tuple[str, ...] = ("*",)
+                    break
+                name = _sval(item)
+                if name is not None:
+                    names.append(name)
+        else:
+            # A bare name may be a whole row ("*?x"): result() resolves it.
+            found = (names[-1], "*?" + names[-1]) if len(names) == 1 else (names[-1],) if names else ()
+        for sources in self.collecting:
+            sources.update(found)
 
     def _dml(self, node: str, body: Mapping[str, Any]) -> None:
         self.kinds.add(self._kind_of(node, body))
@@ -1027,16 +1052,20 @@ class _Walker:
                 self.properties.add("no_where")
         elif node == "MergeStmt":
             self._merge_actions(body)
-        returning = body.get("returningClause") or body.get("returningList")
+        key = "returningClause" if body.get("returningClause") else "returningList"
+        returning = body.get(key)
 
         def targets() -> None:
             self._write(body.get("relation"))
             if isinstance(returning, dict):
                 self._outputs(returning.get("exprs", []))
+                self.generic("ReturningClause", returning, skip=("exprs",))
             elif isinstance(returning, list):
                 self._outputs(returning)
+            else:
+                self.visit_value(returning, None)
 
-        self._scoped(node, body, ("relation",), targets)
+        self._scoped(node, body, ("relation", key), targets)
 
     def _v_InsertStmt(self, body: Mapping[str, Any]) -> None:
         self._dml("InsertStmt", body)
@@ -1383,7 +1412,7 @@ class _Walker:
         query = expr.get("query", "")
         self._sql_body("SELECT " + query)  # functions called while building the string
         try:
-            tree = json.loads(parse_sql_json("SELECT " + query))
+            tree = _tree(parse_sql_json("SELECT " + query))
             target = tree["stmts"][0]["stmt"]["SelectStmt"]["targetList"][0]["ResTarget"]["val"]
         except (ParseError, KeyError, IndexError):
             target = None
@@ -1392,6 +1421,14 @@ class _Walker:
             self._sql_body(literal)  # EXECUTE 'constant text': analyze what it runs
         else:
             self.properties.add("dynamic_sql")
+
+
+# The walker's handlers by node name (``_v_<Node>``), looked up once per node.
+_HANDLERS = {name[3:]: fn for name, fn in vars(_Walker).items() if name.startswith("_v_")}
+_STATEMENT_NODES = frozenset(n for n in _NODE_NAMES if n.endswith("Stmt") and n != "SelectStmt")
+_NO_FIELDS: dict[str, str | None] = {}
+# Nodes that hold only names, numbers and constants: nothing for the walk (most of a tree's nodes).
+_LEAVES = frozenset({"String", "Integer", "Float", "Boolean", "BitString", "A_Const", "A_Star", "ParamRef"})
 
 
 def _after_assignment(text: str) -> str:
