@@ -11,7 +11,7 @@ import pytest
 
 from tests.probes_fixtures import RUN_TAG
 
-from tests.test_pg_reading_e2e import _steps, run_bot, start_world, table_exists
+from tests.test_pg_reading_e2e import _steps, run_bot, run_direct, start_world, table_exists
 from tests.test_pg_reading_e2e import accounts  # noqa: F401  (the fixture, on this module's world)
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
@@ -35,6 +35,12 @@ name = "no-column-drops"
 action = "block"
 [rules.sql]
 kinds = ["ALTER_TABLE.DROP_COLUMN", "ALTER_TABLE.RENAME"]
+
+[[rules]]
+name = "no-evil-secrets"
+action = "block"
+[rules.sql]
+relations = ["evil.secrets"]
 """
 
 
@@ -82,3 +88,28 @@ def test_look_alikes_pass(world, accounts):  # noqa: F811
     assert all(step["ok"] for step in out), out
     assert any(b"Delete on accounts" in bytes.fromhex(row[0]) for row in out[1]["rows"])
     assert world["pg"].psql("SELECT note FROM accounts WHERE id = 1") == "x"
+
+
+# A search_path set where the analysis did not look (a DO block's statement, a query run by
+# query_to_xml, two set_config calls in one statement) made an unqualified name resolve, on the
+# server, to a schema a rule names while botwarden matched it in public only.
+SEARCH_PATH_SETTERS = [
+    "DO $$ BEGIN PERFORM set_config('search_path', 'evil, public', false); END $$",
+    "SELECT query_to_xml('select set_config(''search_path'', ''evil, public'', false)', true, true, '')",
+    "SELECT set_config('search_path', 'evil, public', false) FROM pg_class "
+    "WHERE set_config('search_path', 'public', false) IS NOT NULL LIMIT 1",
+]
+
+
+@pytest.mark.parametrize("setter", SEARCH_PATH_SETTERS)
+def test_a_search_path_set_inside_a_statement_still_guards_unqualified_names(world, setter):
+    pg = world["pg"]
+    pg.psql("CREATE SCHEMA IF NOT EXISTS evil; CREATE TABLE IF NOT EXISTS evil.secrets (s text); "
+            "TRUNCATE evil.secrets; INSERT INTO evil.secrets VALUES ('the-evil-secret')")
+    steps = _steps(setter, "SELECT s FROM secrets")
+    direct = run_direct(world, steps)  # what the server does: the unqualified name is evil.secrets
+    assert direct[0]["ok"] and bytes.fromhex(direct[1]["rows"][0][0]) == b"the-evil-secret", direct
+    out = run_bot(world, steps)
+    assert out[0]["ok"], out
+    got = out[1]
+    assert not got["ok"] and got["sqlstate"] == "42501" and "no-evil-secrets" in got["message"], got

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -157,6 +158,54 @@ def test_session_state_is_per_session() -> None:
     e.decide_sql("bot", ("ci",), "db", "set search_path = x, public", session=s1)
     assert s1.search_path == frozenset({"public", "x"}) and s2.search_path == frozenset({"public"})
 
+
+
+SEARCH_PATH_CONFIG = CONFIG.split("[[rules]]")[0] + """
+[[rules]]
+name = "no-evil-secrets"
+action = "block"
+[rules.sql]
+relations = ["evil.secrets"]
+"""
+
+
+@pytest.mark.parametrize("first,path", [
+    ("set search_path = evil", {"evil"}),
+    # Each of these set the server's search_path to evil too, and was missed: the unqualified
+    # `secrets` that follows was read as public.secrets and evil.secrets was served.
+    ("do $$ begin perform set_config('search_path', 'evil', false); end $$", {"evil"}),
+    ("do $$ begin set search_path = evil; end $$", {"evil"}),
+    ("do $$ begin execute 'set search_path = evil'; end $$", {"evil"}),
+    ("do $$ begin execute 'set search_path = ' || current_user; end $$", {"*"}),
+    ("select query_to_xml('select set_config(''search_path'', ''evil'', false)', true, true, '')", {"evil"}),
+    ("prepare p as select set_config('search_path', 'evil', false); execute p", {"evil"}),
+    # Several settings in one statement: the server runs WHERE before the select list, and an
+    # unreadable setting name may be search_path; no order the walk happens to take may hide one.
+    ("select set_config('search_path', 'evil', false) from pg_class "
+     "where set_config('search_path', 'public', false) is not null", {"evil"}),
+    ("select set_config('search_path', 'public', false) from pg_class "
+     "where set_config('search_path', 'evil', false) is not null", {"evil"}),
+    ("select set_config(lower('SEARCH_PATH'), 'evil', false), set_config('search_path', 'public', false)", {"*"}),
+])
+def test_every_search_path_a_statement_may_set_joins_the_session_path(first: str, path: set[str]) -> None:
+    cfg = parse_config(SEARCH_PATH_CONFIG)
+    e = PolicyEngine(cfg.policy, cfg.targets, cfg.identities)
+    session = SqlSessionState()
+    assert e.decide_sql("bot", ("ci",), "db", first, session=session).action == "allow"
+    assert path <= session.search_path
+    v = e.decide_sql("bot", ("ci",), "db", "select * from secrets", session=session)
+    assert (v.action, v.rule) == ("block", "no-evil-secrets"), first
+
+
+def test_a_prepared_body_sets_its_search_path_when_executed_not_when_prepared() -> None:
+    cfg = parse_config(SEARCH_PATH_CONFIG)
+    e = PolicyEngine(cfg.policy, cfg.targets, cfg.identities)
+    session = SqlSessionState()
+    e.decide_sql("bot", ("ci",), "db", "prepare p as select set_config('search_path', 'evil', false)", session=session)
+    assert session.search_path == frozenset({"public"})
+    assert e.decide_sql("bot", ("ci",), "db", "select * from secrets", session=session).action == "allow"
+    e.decide_sql("bot", ("ci",), "db", "execute p", session=session)
+    assert e.decide_sql("bot", ("ci",), "db", "select * from secrets", session=session).action == "block"
 
 def test_parse_errors_do_not_leak_literals() -> None:
     v = engine().decide_sql("bot", ("ci",), "db", "selec 'hunter2-password'")

@@ -380,10 +380,12 @@ def resolve_execute(stmt: StatementAnalysis, prepared: Mapping[str, StatementAna
     body = prepared.get(stmt.execute_name)
     if body is None:
         return replace(stmt, error=f"EXECUTE of prepared statement {stmt.execute_name!r} that botwarden did not see prepared")
+    path = stmt.search_path if body.search_path is None else \
+        tuple(dict.fromkeys((stmt.search_path or ()) + body.search_path))  # what the body sets, it sets now
     return replace(stmt, kinds=stmt.kinds | body.kinds, reads=stmt.reads | body.reads,
                    writes=stmt.writes | body.writes, functions=stmt.functions | body.functions,
                    properties=stmt.properties | (body.properties - {"multi_statement"}) | {"prepared"},
-                   outputs=body.outputs)
+                   outputs=body.outputs, search_path=path)
 
 
 def _analyze_statement(wrapped: Mapping[str, Any], text: str) -> StatementAnalysis:
@@ -926,7 +928,7 @@ class _Walker:
             return
         text = _const_string(args[index])
         if text is None:
-            self.properties.add("dynamic_sql")
+            self._dynamic_sql()
         else:
             self._sql_body(text)
 
@@ -952,14 +954,20 @@ class _Walker:
         setting = _const_string(args[0]) if args else None
         if setting is None:
             self.properties.add("set_role")  # unknown setting: assume the worst
-            self.search_path = ("*",)
+            self._set_search_path(("*",))
             return
         setting = setting.lower()
         if setting in ("role", "session_authorization"):
             self.properties.add("set_role")
         if setting == "search_path":
             value = _const_string(args[1]) if len(args) > 1 else None
-            self.search_path = _split_search_path(value) if value is not None else ("*",)
+            self._set_search_path(_split_search_path(value) if value is not None else ("*",))
+
+    def _set_search_path(self, schemas: tuple[str, ...]) -> None:
+        """A statement that sets search_path in several places (set_config in its select list and
+        its WHERE, a DO block's statements) may leave any of the values, in an order the analysis
+        does not know: every one counts, as in the session's path (a union)."""
+        self.search_path = schemas if self.search_path is None else tuple(dict.fromkeys(self.search_path + schemas))
 
     # -- WITH scoping --
     def _with(self, body: Mapping[str, Any]) -> frozenset[str]:
@@ -1248,7 +1256,7 @@ class _Walker:
             self.reset_session = True
         elif name == "search_path":
             if kind in ("VAR_RESET", "VAR_SET_DEFAULT"):
-                self.search_path = ("public",)
+                self._set_search_path(("public",))
             else:
                 schemas: list[str] = []
                 for arg in body.get("args", []):
@@ -1257,7 +1265,7 @@ class _Walker:
                         schemas.append("*")
                     else:
                         schemas.extend(_split_search_path(value))
-                self.search_path = tuple(schemas) or ("*",)
+                self._set_search_path(tuple(schemas) or ("*",))
         self.generic("VariableSetStmt", body)
 
     def _v_DiscardStmt(self, body: Mapping[str, Any]) -> None:
@@ -1273,7 +1281,7 @@ class _Walker:
         if isinstance(query, dict) and len(query) == 1:
             inner.top(query)
             self.prepared_body = inner.result()
-            self._merge(self.prepared_body)
+            self._merge(self.prepared_body, runs=False)
         self.generic("PrepareStmt", body, skip=("query",))
 
     def _v_ExecuteStmt(self, body: Mapping[str, Any]) -> None:
@@ -1297,7 +1305,9 @@ class _Walker:
         self.explain_only = not analyze and self.depth == 0 and self.kind == "EXPLAIN"
         self.generic("ExplainStmt", body)
 
-    def _merge(self, other: StatementAnalysis) -> None:
+    def _merge(self, other: StatementAnalysis, runs: bool = True) -> None:
+        """A nested statement's analysis joins this one's. ``runs``: it runs with this one (a DO
+        block's, query_to_xml's), so a search_path it sets is set; PREPARE's body does not run."""
         # A nested plain SELECT adds nothing a reads/functions matcher does not already see.
         self.kinds |= other.kinds - {"SELECT"}
         self.reads |= other.reads
@@ -1305,6 +1315,8 @@ class _Walker:
         self.functions |= other.functions
         self.properties |= other.properties - {"explain_only"}
         self.reads_constants |= other.reads_constants
+        if runs and other.search_path is not None:
+            self._set_search_path(other.search_path)
 
     # -- code bodies --
     def _v_DoStmt(self, body: Mapping[str, Any]) -> None:
@@ -1323,6 +1335,15 @@ class _Walker:
         self._plpgsql_body(code)
 
     def _v_CreateFunctionStmt(self, body: Mapping[str, Any]) -> None:
+        # The body does not run now, nor does a SET clause apply outside the function: neither
+        # sets the session's search_path.
+        path = self.search_path
+        try:
+            self._create_function(body)
+        finally:
+            self.search_path = path
+
+    def _create_function(self, body: Mapping[str, Any]) -> None:
         self.properties.add("function_body")
         language, code = "sql", None
         for opt in body.get("options", []):
@@ -1420,7 +1441,12 @@ class _Walker:
         if literal is not None:
             self._sql_body(literal)  # EXECUTE 'constant text': analyze what it runs
         else:
-            self.properties.add("dynamic_sql")
+            self._dynamic_sql()
+
+    def _dynamic_sql(self) -> None:
+        """SQL text botwarden cannot read is run: it may set search_path to anything."""
+        self.properties.add("dynamic_sql")
+        self._set_search_path(("*",))
 
 
 # The walker's handlers by node name (``_v_<Node>``), looked up once per node.
