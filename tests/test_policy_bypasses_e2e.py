@@ -98,6 +98,8 @@ SEARCH_PATH_SETTERS = [
     "SELECT query_to_xml('select set_config(''search_path'', ''evil, public'', false)', true, true, '')",
     "SELECT set_config('search_path', 'evil, public', false) FROM pg_class "
     "WHERE set_config('search_path', 'public', false) IS NOT NULL LIMIT 1",
+    # pg_settings' update rule runs set_config, and any user may update the view.
+    "UPDATE pg_settings SET setting = 'evil, public' WHERE name = 'search_path'",
 ]
 
 
@@ -113,3 +115,4 @@ def test_a_search_path_set_inside_a_statement_still_guards_unqualified_names(wor
     assert out[0]["ok"], out
     got = out[1]
     assert not got["ok"] and got["sqlstate"] == "42501" and "no-evil-secrets" in got["message"], got
+

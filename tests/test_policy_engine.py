@@ -186,6 +186,13 @@ relations = ["evil.secrets"]
     ("select set_config('search_path', 'public', false) from pg_class "
      "where set_config('search_path', 'evil', false) is not null", {"evil"}),
     ("select set_config(lower('SEARCH_PATH'), 'evil', false), set_config('search_path', 'public', false)", {"*"}),
+    # pg_settings' update rule calls set_config (any user may update the view).
+    ("update pg_settings set setting = 'evil' where name = 'search_path'", {"evil"}),
+    ("update pg_catalog.pg_settings s set setting = 'evil' where 'search_path' = s.name", {"evil"}),
+    ("update pg_settings set setting = current_user where name = 'search_path'", {"*"}),
+    ("update pg_settings set setting = 'evil' where name in ('search_path', 'work_mem')", {"*"}),
+    ("with u as (update pg_settings set setting = 'evil' where name = 'search_path' returning 1) select * from u",
+     {"evil"}),
 ])
 def test_every_search_path_a_statement_may_set_joins_the_session_path(first: str, path: set[str]) -> None:
     cfg = parse_config(SEARCH_PATH_CONFIG)
@@ -195,6 +202,18 @@ def test_every_search_path_a_statement_may_set_joins_the_session_path(first: str
     assert path <= session.search_path
     v = e.decide_sql("bot", ("ci",), "db", "select * from secrets", session=session)
     assert (v.action, v.rule) == ("block", "no-evil-secrets"), first
+
+
+@pytest.mark.parametrize("sql,path", [
+    ("update pg_settings set setting = '5s' where name = 'statement_timeout'", None),
+    ("update pg_settings set setting = 'admin' where name = 'role'", None),  # not a row of pg_settings
+    ("update pg_settings set setting = 'x'", ("*",)),  # every row: search_path among them
+    ("update pg_settings set setting = 'x' where name like 'search%'", ("*",)),
+    ("update my.pg_settings set setting = 'evil' where name = 'search_path'", None),  # a table of that name
+])
+def test_updating_pg_settings_is_read_as_the_set_config_it_runs(sql: str, path: tuple[str, ...] | None) -> None:
+    stmt = analyze_sql(sql).statements[0]
+    assert stmt.search_path == path and "set_role" not in stmt.properties
 
 
 def test_a_prepared_body_sets_its_search_path_when_executed_not_when_prepared() -> None:

@@ -662,6 +662,13 @@ def _range_vars(items: Iterable[Any]) -> Iterable[Mapping[str, Any]]:
             yield item
 
 
+def _is_pg_settings(relation: Any) -> bool:
+    """pg_settings or pg_catalog.pg_settings (unqualified pg_* names resolve to pg_catalog first)."""
+    rel = relation.get("RangeVar", relation) if isinstance(relation, dict) else {}
+    return (str(rel.get("relname", "")).lower() == "pg_settings"
+            and str(rel.get("schemaname") or "pg_catalog").lower() == "pg_catalog")
+
+
 def _figure_colname(node: Any) -> str:
     """The output column name PostgreSQL gives an unnamed select-list expression."""
     if isinstance(node, dict) and len(node) == 1:
@@ -951,7 +958,10 @@ class _Walker:
                 self.reads.add(relation)
 
     def _set_config(self, args: list[Any]) -> None:
-        setting = _const_string(args[0]) if args else None
+        self._setting(_const_string(args[0]) if args else None, args[1] if len(args) > 1 else None)
+
+    def _setting(self, setting: str | None, value: Any) -> None:
+        """A run-time setting changed to ``value`` (a node): set_config, UPDATE pg_settings."""
         if setting is None:
             self.properties.add("set_role")  # unknown setting: assume the worst
             self._set_search_path(("*",))
@@ -960,8 +970,31 @@ class _Walker:
         if setting in ("role", "session_authorization"):
             self.properties.add("set_role")
         if setting == "search_path":
-            value = _const_string(args[1]) if len(args) > 1 else None
-            self._set_search_path(_split_search_path(value) if value is not None else ("*",))
+            text = _const_string(value)
+            self._set_search_path(_split_search_path(text) if text is not None else ("*",))
+
+    def _pg_settings_update(self, body: Mapping[str, Any]) -> None:
+        """UPDATE pg_settings SET setting = v WHERE name = n runs set_config(n, v, false) for the
+        row (the view's rule; any user may): read as that call when n is a constant and nothing
+        else is in the statement, else as a search_path botwarden cannot read. (role and
+        session_authorization are not rows of pg_settings: this never switches roles.)"""
+        targets = body.get("targetList") or []
+        res = targets[0].get("ResTarget", {}) if len(targets) == 1 and isinstance(targets[0], dict) else {}
+        where = body.get("whereClause")
+        expr = where.get("A_Expr", {}) if isinstance(where, dict) else {}
+        name = None
+        if (res.get("name") == "setting" and not res.get("indirection") and not body.get("fromClause")
+                and expr.get("kind") == "AEXPR_OP" and _names(expr.get("name", ())) == ["="]):
+            for column, constant in ((expr.get("lexpr"), expr.get("rexpr")), (expr.get("rexpr"), expr.get("lexpr"))):
+                ref = column.get("ColumnRef", {}) if isinstance(column, dict) else {}
+                fields = _names(ref.get("fields", ()))
+                if fields and fields[-1] == "name" and len(fields) == len(ref.get("fields", ())):
+                    name = _const_string(constant)
+                    break
+        if name is None:
+            self._set_search_path(("*",))
+        elif name.lower() == "search_path":
+            self._setting(name, res.get("val"))
 
     def _set_search_path(self, schemas: tuple[str, ...]) -> None:
         """A statement that sets search_path in several places (set_config in its select list and
@@ -1054,6 +1087,8 @@ class _Walker:
 
     def _dml(self, node: str, body: Mapping[str, Any]) -> None:
         self.kinds.add(self._kind_of(node, body))
+        if node == "UpdateStmt" and _is_pg_settings(body.get("relation")):
+            self._pg_settings_update(body)
         if node in ("UpdateStmt", "DeleteStmt"):
             sources = body.get("fromClause") or body.get("usingClause") or ()
             if _Target(body.get("relation"), sources).keeps_every_row_of(self, body.get("whereClause")):
