@@ -12,7 +12,8 @@ from appliance.errors import BotwardenError
 from appliance.protocols.postgres import messages as m, sqlstate
 from appliance.protocols.postgres.auth import ScramClient, md5_password
 from appliance.protocols.postgres.connection import (NEED_DATA, ConnectionClosed, PgConnection, Role, State,
-                                                     error_response, negotiate_reply, startup_for_server)
+                                                     error_response, negotiate_reply, startup_for_server,
+                                                     startup_settings)
 from appliance.protocols.postgres.errors import (AuthenticationError, LocalProtocolError, MessageTooLarge,
                                                  PgProtocolError, RemoteProtocolError, UnsupportedProtocol)
 from appliance.protocols.postgres.framing import split_messages
@@ -314,3 +315,28 @@ def test_startup_packet_limits():
                 pass
             server.receive_data(b"")
             server.next_event()
+
+
+def _settings(options: str | None = None, *extra: tuple[str, str]) -> list[tuple[str, str]]:
+    params = (("user", "u"), ("database", "d")) + ((("options", options),) if options is not None else ()) + extra
+    return startup_settings(m.StartupMessage(params, m.PROTOCOL_3_0))
+
+
+@pytest.mark.parametrize("options,expected", [
+    ("-csearch_path=evil,public", [("search_path", "evil,public")]),
+    ("-c search_path=evil", [("search_path", "evil")]),
+    ("--search-path=evil -e -c ROLE=x", [("search_path", "evil"), ("role", "x")]),  # names as the server reads them
+    ("-ec search_path=a", [("search_path", "a")]),  # grouped switches, the argument in the next word
+    ("-B 100 -c role=y", [("role", "y")]),  # another switch's argument is not a setting
+    ("-c search_path=a\\ b\\\\c", [("search_path", "a b\\c")]),  # backslash escapes, as pg_split_opts
+    ("-F -cgeqo=off stray", [("geqo", "off")]),
+    ("--search_path", []),  # no value: the server refuses the connection
+    ("", []),
+])
+def test_startup_settings_read_options_as_the_server_does(options: str, expected: list) -> None:
+    assert _settings(options) == expected
+
+
+def test_startup_settings_include_parameters_that_are_settings() -> None:
+    assert _settings(None, ("search_path", "x"), ("application_name", "psql"), ("_pq_.ext", "1"), ("replication", "0")) \
+        == [("search_path", "x"), ("application_name", "psql")]

@@ -7,11 +7,14 @@ pass. tests/test_policy_front_bypasses.py runs the same through the front alone,
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from tests.probes_fixtures import RUN_TAG
 
-from tests.test_pg_reading_e2e import _steps, run_bot, run_direct, start_world, table_exists
+from tests.test_pg_reading_e2e import BOT, BOT_SCRIPT, _dsn, _steps, run_bot, run_direct, start_world, table_exists
+from tests.test_probes_e2e import bot_run
 from tests.test_pg_reading_e2e import accounts  # noqa: F401  (the fixture, on this module's world)
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
@@ -41,6 +44,12 @@ name = "no-evil-secrets"
 action = "block"
 [rules.sql]
 relations = ["evil.secrets"]
+
+[[rules]]
+name = "no-role-switch"
+action = "block"
+[rules.sql]
+properties = ["set_role"]
 """
 
 
@@ -116,3 +125,34 @@ def test_a_search_path_set_inside_a_statement_still_guards_unqualified_names(wor
     got = out[1]
     assert not got["ok"] and got["sqlstate"] == "42501" and "no-evil-secrets" in got["message"], got
 
+
+
+def _evil_schema(pg) -> None:
+    pg.psql("CREATE SCHEMA IF NOT EXISTS evil; CREATE TABLE IF NOT EXISTS evil.secrets (s text); "
+            "TRUNCATE evil.secrets; INSERT INTO evil.secrets VALUES ('the-evil-secret')")
+
+
+# The startup packet's settings (options=-c name=value, or a setting sent as a parameter of its
+# own) apply before the first statement: they are decided as if the session's first statement
+# set them.
+@pytest.mark.parametrize("dsn_extra", [{"options": "-csearch_path=evil,public"},
+                                       {"options": "--search-path=evil,public"}])
+def test_a_search_path_set_at_startup_still_guards_unqualified_names(world, dsn_extra):
+    _evil_schema(world["pg"])
+    steps = _steps("SELECT s FROM secrets")
+    direct = run_direct(world, steps, **dsn_extra)
+    assert bytes.fromhex(direct[0]["rows"][0][0]) == b"the-evil-secret", direct
+    got = run_bot(world, steps, **dsn_extra)[0]
+    assert not got["ok"] and got["sqlstate"] == "42501" and "no-evil-secrets" in got["message"], got
+
+
+def test_a_role_set_at_startup_is_a_role_switch(world):
+    steps = _steps("SELECT current_user")
+    direct = run_direct(world, steps, options="-crole=pg_read_all_data")
+    assert bytes.fromhex(direct[0]["rows"][0][0]) == b"pg_read_all_data", direct
+    ran = bot_run(world["config"], BOT, [sys.executable, "-c", BOT_SCRIPT,
+                                         _dsn(world, options="-crole=pg_read_all_data"), '[]'],
+                  user=None, allow_privileged=True)
+    assert ran.returncode != 0, (ran.stdout, ran.stderr)
+    assert "setting role at connection start is refused: blocked by botwarden rule 'no-role-switch'" in ran.stderr, \
+        ran.stderr

@@ -12,7 +12,8 @@ from appliance.policy.redact import redact_value
 from appliance.protocols.postgres import messages as m
 from appliance.protocols.postgres import sqlstate
 from appliance.protocols.postgres.auth import SCRAM_SHA_256, ScramClient, md5_password
-from appliance.protocols.postgres.connection import ConnectionClosed, negotiate_reply, startup_for_server
+from appliance.protocols.postgres.connection import (ConnectionClosed, negotiate_reply, startup_for_server,
+                                                     startup_settings)
 from appliance.protocols.postgres.errors import PgProtocolError
 
 from ..services import AuthRefused, ConnectionContext, SessionGrant
@@ -22,6 +23,10 @@ from .settings import FrontError
 from .transport import UpstreamProtocol
 
 log = logging.getLogger(__name__)
+
+
+# What the policy follows of a session's settings (see _decide_startup_settings).
+_DECIDED_SETTINGS = frozenset({"search_path", "role", "session_authorization"})
 
 
 class StartupMixin:
@@ -104,7 +109,25 @@ class StartupMixin:
             raise FrontError(e.sqlstate, e.message) from None
         finally:
             token = None  # the token is not kept past this point
+        self._decide_startup_settings(startup)
         await self._connect_upstream(grant, startup)
+
+    def _decide_startup_settings(self, startup: m.StartupMessage) -> None:
+        """The settings the policy reads (search_path, role) that the startup packet makes
+        (``options=-c search_path=...``, or a parameter of their own) apply before the first
+        statement: each is decided as ``set_config`` in that statement would be (a search_path
+        joins the session's, a role is a role switch), and one refused refuses the connection."""
+        for name, value in startup_settings(startup):
+            if name not in _DECIDED_SETTINGS:
+                continue
+            literal = "'" + value.replace("'", "''") + "'"
+            verdict = self._decide(f"SELECT pg_catalog.set_config('{name}', {literal}, false)", "startup")
+            if verdict.action in ("allow", "mask"):
+                continue
+            why = verdict.reason or f"rule {verdict.rule!r}"
+            if verdict.action == "approve":
+                why = f"{why} (a hold cannot be asked for at connection start: set it with a statement)"
+            raise FrontError(sqlstate.INSUFFICIENT_PRIVILEGE, f"setting {name} at connection start is refused: {why}")
 
     async def _connect_upstream(self, grant: SessionGrant, startup: m.StartupMessage) -> None:
         loop = asyncio.get_running_loop()

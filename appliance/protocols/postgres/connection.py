@@ -241,3 +241,68 @@ def _fields(sqlstate: str, message: str, severity: str, detail: str | None, hint
     if hint:
         fields.append(("H", hint))
     return tuple(fields)
+
+
+# The server's own switches in a startup packet's ``options`` (postgres.c,
+# process_postgres_switches): letters followed by ":" take an argument; "-c name=value" and
+# "--name=value" set a run-time setting.
+_SWITCHES = "B:bc:C:D:d:EeFf:h:ijk:lN:nOPp:r:S:sTt:v:W:-:"
+_TAKES_ARGUMENT = frozenset(c for i, c in enumerate(_SWITCHES) if _SWITCHES[i + 1:i + 2] == ":")
+_PROTOCOL_KEYS = frozenset({"user", "database", "options", "replication"})
+
+
+def split_options(options: str) -> list[str]:
+    """``options`` split as the server splits it (pg_split_opts): at whitespace, a backslash
+    taking the next character literally."""
+    out: list[str] = []
+    word: list[str] | None = None
+    escaped = False
+    for ch in options:
+        if escaped:
+            word = (word or []) + [ch]
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+            word = word or []
+        elif ch.isspace():
+            if word is not None:
+                out.append("".join(word))
+            word = None
+        else:
+            word = (word or []) + [ch]
+    if word is not None:
+        out.append("".join(word))
+    return out
+
+
+def startup_settings(startup: m.StartupMessage) -> list[tuple[str, str]]:
+    """The run-time settings a startup packet makes before the session's first statement:
+    ``-c name=value`` and ``--name=value`` in ``options`` (getopt's rules: switches may be
+    grouped, an argument may follow in the next word), then every parameter that is not a
+    protocol key, each as (lower-case name with "-" read as "_", value)."""
+    out: list[tuple[str, str]] = []
+    words = split_options(startup.get("options") or "")
+    i = 0
+    while i < len(words):
+        word = words[i]
+        i += 1
+        if not word.startswith("-") or word == "-":
+            continue  # the server refuses a stray argument: nothing is set
+        j = 1
+        while j < len(word):
+            ch = word[j]
+            if ch not in _TAKES_ARGUMENT:
+                j += 1
+                continue
+            arg = word[j + 1:]
+            if not arg and i < len(words):
+                arg = words[i]
+                i += 1
+            if ch in ("c", "-"):
+                name, sep, value = arg.partition("=")
+                if sep:
+                    out.append((name.replace("-", "_").lower(), value))
+            break
+    out.extend((k.lower(), v) for k, v in startup.params
+               if k not in _PROTOCOL_KEYS and not k.startswith("_pq_."))
+    return out
