@@ -13,7 +13,8 @@ import pytest
 
 from tests.probes_fixtures import RUN_TAG
 
-from tests.test_pg_reading_e2e import BOT, BOT_SCRIPT, _dsn, _steps, run_bot, run_direct, start_world, table_exists
+from tests.test_pg_reading_e2e import (BOT, BOT_SCRIPT, _dsn, _steps, requests_of, run_bot, run_direct, start_world,
+                                      table_exists)
 from tests.test_probes_e2e import bot_run
 from tests.test_pg_reading_e2e import accounts  # noqa: F401  (the fixture, on this module's world)
 
@@ -124,6 +125,8 @@ def test_a_search_path_set_inside_a_statement_still_guards_unqualified_names(wor
     assert out[0]["ok"], out
     got = out[1]
     assert not got["ok"] and got["sqlstate"] == "42501" and "no-evil-secrets" in got["message"], got
+    rows = requests_of(world, "SELECT s FROM secrets")
+    assert rows[-1]["decision"] == "block" and rows[-1]["rule"] == "no-evil-secrets", rows[-1]
 
 
 
@@ -144,6 +147,8 @@ def test_a_search_path_set_at_startup_still_guards_unqualified_names(world, dsn_
     assert bytes.fromhex(direct[0]["rows"][0][0]) == b"the-evil-secret", direct
     got = run_bot(world, steps, **dsn_extra)[0]
     assert not got["ok"] and got["sqlstate"] == "42501" and "no-evil-secrets" in got["message"], got
+    rows = requests_of(world, "SELECT s FROM secrets")
+    assert rows[-1]["decision"] == "block" and rows[-1]["rule"] == "no-evil-secrets", rows[-1]
 
 
 def test_a_role_set_at_startup_is_a_role_switch(world):
