@@ -368,8 +368,11 @@ def _analyze_sql(sql: str) -> BatchAnalysis:
         results = [replace(r, properties=r.properties | {"multi_statement"}) for r in results]
     shape = all(r.error is None and not (r.kinds & _SHAPE_SENSITIVE) and not r.reads_constants
                 and not any(f.name in _SESSION_FUNCTIONS for f in r.functions) for r in results)
+    # Session-bound: its verdict is not cached, so every run changes the session's state (a cache
+    # hit returns a verdict without applying the statement to the session).
     session = any((r.kinds & _SESSION_KINDS) or any(f.name in _SESSION_FUNCTIONS for f in r.functions)
-                  for r in results)
+                  or r.search_path is not None or r.deallocate is not None or r.prepare_name is not None
+                  or r.execute_name is not None or r.reset_session for r in results)
     return BatchAnalysis(tuple(results), shape_cacheable=shape, session_bound=session)
 
 
