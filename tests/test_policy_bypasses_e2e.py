@@ -7,6 +7,7 @@ pass. tests/test_policy_front_bypasses.py runs the same through the front alone,
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -45,6 +46,15 @@ name = "no-evil-secrets"
 action = "block"
 [rules.sql]
 relations = ["evil.secrets"]
+
+[[rules]]
+name = "mask-emails"
+action = "mask"
+[rules.sql]
+relations = ["accounts"]
+[[rules.mask]]
+columns = ["email"]
+strategy = "full"
 
 [[rules]]
 name = "no-role-switch"
@@ -161,3 +171,79 @@ def test_a_role_set_at_startup_is_a_role_switch(world):
     assert ran.returncode != 0, (ran.stdout, ran.stderr)
     assert "setting role at connection start is refused: blocked by botwarden rule 'no-role-switch'" in ran.stderr, \
         ran.stderr
+
+
+# A statement prepared in SQL is the same object as one prepared with Parse: the extended protocol's
+# Bind/Execute can run it by name. Before, a name botwarden had not seen parsed ran as allowed
+# ("prepared before this session": there is no such thing, each session has its own backend), and
+# a name it had seen parsed kept that verdict after SQL DEALLOCATE and PREPARE gave it a new body.
+PREPARED_BY_NAME = r"""
+import json, sys
+import psycopg
+conn = psycopg.connect(sys.argv[1], autocommit=True)
+pg = conn.pgconn
+out = []
+def run(sql):
+    res = pg.exec_(sql.encode())
+    out.append(res.error_message.decode() or "ok")
+def run_prepared(name):
+    pg.send_query_prepared(name.encode(), [])
+    res = pg.get_result()
+    while pg.get_result() is not None:
+        pass
+    out.append({"rows": [[res.get_value(r, c).decode() for c in range(res.nfields)] for r in range(res.ntuples)],
+                "error": res.error_message.decode()})
+for step in json.loads(sys.argv[2]):
+    if step[0] == "sql":
+        run(step[1])
+    elif step[0] == "parse":
+        pg.prepare(step[1].encode(), step[2].encode())
+        out.append("parsed")
+    else:
+        run_prepared(step[1])
+print(json.dumps(out))
+"""
+
+
+def _run_prepared(world, steps, *, direct=False):
+    import json
+    import subprocess
+    if direct:
+        pg = world["pg"]
+        dsn = (f"host={pg.host} port={pg.port} dbname=postgres user={pg.superuser} password={pg.password} "
+               f"sslmode=disable")
+        res = subprocess.run([sys.executable, "-c", PREPARED_BY_NAME, dsn, json.dumps(steps)], capture_output=True,
+                             text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        return json.loads(res.stdout)
+    ran = bot_run(world["config"], BOT, [sys.executable, "-c", PREPARED_BY_NAME, _dsn(world), json.dumps(steps)],
+                  user=None, allow_privileged=True)
+    assert ran.returncode == 0, ran.stderr
+    return json.loads(ran.stdout)
+
+
+@pytest.mark.parametrize("steps", [
+    [["sql", "PREPARE s2 AS SELECT email FROM accounts"], ["execute", "s2"]],
+    [["parse", "s3", "SELECT 'nothing to mask' AS email"], ["execute", "s3"], ["sql", "DEALLOCATE s3"],
+     ["sql", "PREPARE s3 AS SELECT email FROM accounts"], ["execute", "s3"]],
+], ids=["prepared-in-sql", "redefined-in-sql"])
+def test_a_statement_run_by_name_is_decided_as_what_the_name_now_holds(world, accounts, steps):  # noqa: F811
+    direct = _run_prepared(world, steps, direct=True)
+    assert direct[-1]["rows"] == [["a@example.com"]], direct  # what the server runs under the name
+    out = _run_prepared(world, steps)
+    last = out[-1]
+    assert "a@example.com" not in json.dumps(out), out
+    assert last["rows"] == [["********"]], out  # masked, as the same read in SQL is
+    rows = requests_of(world, "EXECUTE \"s3\"", "EXECUTE \"s2\"")
+    assert rows[-1]["decision"] == "mask" and rows[-1]["rule"] == "mask-emails", rows
+
+
+def test_a_name_botwarden_did_not_see_prepared_does_not_run(world, accounts):  # noqa: F811
+    # Unknown to the server too: its own error, and the session goes on.
+    out = _run_prepared(world, [["execute", "s9"], ["sql", "SELECT 1"]])
+    assert 'prepared statement "s9" does not exist' in out[0]["error"] and out[1] == "ok", out
+    # Prepared where botwarden does not follow names (inside a DO block): refused, not run.
+    steps = [["sql", "DO $$ BEGIN EXECUTE 'PREPARE s8 AS SELECT email FROM accounts'; END $$"], ["execute", "s8"]]
+    assert _run_prepared(world, steps, direct=True)[-1]["rows"] == [["a@example.com"]]
+    out = _run_prepared(world, steps)
+    assert out[0] == "ok" and out[1]["rows"] == [] and "did not see prepared" in out[1]["error"], out

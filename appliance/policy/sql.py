@@ -1355,6 +1355,10 @@ class _Walker:
         self.reads_constants |= other.reads_constants
         if runs and other.search_path is not None:
             self._set_search_path(other.search_path)
+        if runs and (other.prepare_name is not None or other.deallocate is not None):
+            # A name prepared or deallocated inside (a DO block's EXECUTE 'PREPARE ...'): which
+            # statement each name now holds is not followed; every name counts as gone.
+            self.deallocate = "*"
 
     # -- code bodies --
     def _v_DoStmt(self, body: Mapping[str, Any]) -> None:

@@ -58,7 +58,9 @@ class ExtendedProtocolMixin:
         if self._skip_until_sync:
             return None
         portal_name, stmt_name, params, result_formats = _bind_fast(buf, s, e)
-        stmt = self._statements.get(stmt_name, _UNKNOWN_STATEMENT)
+        stmt = self._statements.get(stmt_name)
+        if stmt is None:
+            stmt = self._prepared_in_sql(stmt_name) if stmt_name else _UNKNOWN_STATEMENT
         portal = _Portal(stmt, params, result_formats)
         if stmt.guard is not None:
             portal.bind = bytes(buf[s + 5:e])
@@ -99,6 +101,12 @@ class ExtendedProtocolMixin:
         if refused is not None:
             req.verdict = refused
             return self._blocked_execute(portal, req, self._block_refusal(refused))
+        if stmt.by_name and stmt.verdict.action in ("block", "approve"):
+            if stmt.verdict.action == "block":
+                return self._blocked_execute(portal, req, self._block_refusal(stmt.verdict))
+            self._start_hold(req, bytes(buf[s:e]), lambda: (OP_EXECUTE, portal, req),
+                             lambda nonce: m.Execute(nonce).encode())
+            return _HOLD
         if stmt.guard is not None and portal is not None:
             original = bytes(buf[s:e])
             r = self._row_guard(req, original, stmt.guard[0], stmt.guard[1], portal.bind, extended=True)
@@ -120,6 +128,30 @@ class ExtendedProtocolMixin:
         nonce = self._blocked_sql(req, refusal)
         self._ops.append((OP_EXECUTE, portal, req))
         return m.Execute(nonce).encode()  # no such portal: the server fails, we answer
+
+    def _prepared_in_sql(self, name: str) -> _Statement:
+        """A statement Bind names that this session did not Parse: SQL's PREPARE shares the
+        server's names, so it is decided as ``EXECUTE name`` (what the session's SQL prepared
+        under it, or refused: a name botwarden never saw prepared)."""
+        text = 'EXECUTE "' + name.replace('"', '""') + '"'
+        stmt = _Statement(text, self._decide(text, "bind"), name, by_name=True)
+        self._statements[name] = stmt
+        return stmt
+
+    def _sql_renamed(self, verdict: Verdict) -> None:
+        """After SQL's DEALLOCATE or PREPARE (DISCARD ALL, DEALLOCATE ALL: every name), a name
+        this session parsed may hold another statement: forget it, so that a Bind of it is
+        decided by what it holds now (:meth:`_prepared_in_sql`)."""
+        for st in verdict.details or ():
+            gone = getattr(st, "deallocate", None)
+            if gone == "*":
+                for name in [k for k in self._statements if k]:
+                    del self._statements[name]
+            elif gone:
+                self._statements.pop(gone, None)
+            named = getattr(st, "prepare_name", None)
+            if named is not None:
+                self._statements.pop(named, None)
 
     def _name_statement(self, name: str, verdict: Verdict | None) -> None:
         """A named protocol-level statement is also SQL's: ``EXECUTE name`` runs it."""

@@ -42,13 +42,16 @@ class _Request:
 
 
 class _Statement:
-    __slots__ = ("text", "verdict", "columns", "name", "guard")
+    __slots__ = ("text", "verdict", "columns", "name", "guard", "by_name")
 
-    def __init__(self, text: str, verdict: Verdict, name: str = ""):
+    def __init__(self, text: str, verdict: Verdict, name: str = "", by_name: bool = False):
         self.text = text
         self.verdict = verdict
         self.columns: Sequence[ColumnDesc] | None = None
         self.name = name
+        # Not parsed in this session: prepared in SQL and decided as SQL's EXECUTE of its name,
+        # at each Execute (as EXECUTE name would be), not once at Parse.
+        self.by_name = by_name
         # Affected-rows guard pending (verdict.row_guards): (query bytes, parameter type OIDs),
         # to have the server estimate the rows at Execute, with the portal's parameters.
         self.guard: tuple[bytes, tuple[int, ...]] | None = None

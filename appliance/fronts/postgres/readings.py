@@ -24,10 +24,17 @@ class ReadingMixin:
         try:
             if probe:  # a possible reading, not the one the session state follows
                 return self.services.decide_sql(self.core.grant, self.settings.target, sql, phase, probe=True)
-            return self.services.decide_sql(self.core.grant, self.settings.target, sql, phase)
+            verdict = self.services.decide_sql(self.core.grant, self.settings.target, sql, phase)
         except Exception:
             log.exception("policy failed; statement refused")
             return Verdict("block", None, "the policy engine failed on this statement")
+        details = verdict.details
+        if details and type(details) is tuple:
+            for st in details:
+                if getattr(st, "deallocate", None) is not None or getattr(st, "prepare_name", None) is not None:
+                    self._sql_renamed(verdict)
+                    break
+        return verdict
 
     def _read_and_decide(self, raw: bytes, phase: str) -> tuple[str, Verdict, m.ErrorResponse | None]:
         """(text as the server reads it, verdict, the refusal to send when blocked or None for
