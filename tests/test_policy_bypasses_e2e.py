@@ -199,6 +199,53 @@ for step in json.loads(sys.argv[2]):
     elif step[0] == "parse":
         pg.prepare(step[1].encode(), step[2].encode())
         out.append("parsed")
+    elif step[0] == "named_cursor":  # psycopg's server-side cursor: DECLARE, then FETCH FORWARD
+        with conn.transaction(), conn.cursor(name="bw_nc") as cur:
+            cur.execute(step[1])
+            out.append({"rows": [list(r) for r in cur.fetchall()], "error": ""})
+    elif step[0] == "raw_execute_portal":  # SQL DECLARE, then the protocol's Execute of that portal
+        import socket, struct
+        params = dict(p.split("=", 1) for p in sys.argv[1].split())
+        s = socket.create_connection((params["host"], int(params["port"])), timeout=20)
+        body = b"".join(k.encode() + b"\0" + v.encode() + b"\0" for k, v in
+                        (("user", params["user"]), ("database", params["dbname"]))) + b"\0"
+        s.sendall(struct.pack("!ii", len(body) + 8, 196608) + body)
+        buf = b""
+        def messages(ready):
+            global buf
+            seen = []
+            while True:
+                while len(buf) >= 5 and len(buf) >= 1 + struct.unpack("!i", buf[1:5])[0]:
+                    n = struct.unpack("!i", buf[1:5])[0]
+                    seen.append((buf[:1], buf[5:1 + n]))
+                    buf = buf[1 + n:]
+                    if seen[-1][0] == b"Z":
+                        ready -= 1
+                        if ready == 0:
+                            return seen
+                chunk = s.recv(65536)
+                if not chunk:
+                    return seen
+                buf += chunk
+        messages(1)
+        q = step[1].encode() + b"\0"
+        name = step[2].encode() + b"\0"
+        s.sendall(b"Q" + struct.pack("!i", len(q) + 4) + q
+                  + b"E" + struct.pack("!i", len(name) + 8) + name + struct.pack("!i", 0) + b"S" + struct.pack("!i", 4))
+        rows, errors = [], []
+        for kind, body in messages(2):
+            if kind == b"D":
+                n = struct.unpack("!h", body[:2])[0]
+                pos, row = 2, []
+                for _ in range(n):
+                    ln = struct.unpack("!i", body[pos:pos + 4])[0]
+                    row.append(body[pos + 4:pos + 4 + ln].decode())
+                    pos += 4 + ln
+                rows.append(row)
+            elif kind == b"E":
+                errors.append(body.decode("utf-8", "replace"))
+        s.close()
+        out.append({"rows": rows, "error": " ".join(errors)})
     else:
         run_prepared(step[1])
 print(json.dumps(out))
@@ -247,3 +294,28 @@ def test_a_name_botwarden_did_not_see_prepared_does_not_run(world, accounts):  #
     assert _run_prepared(world, steps, direct=True)[-1]["rows"] == [["a@example.com"]]
     out = _run_prepared(world, steps)
     assert out[0] == "ok" and out[1]["rows"] == [] and "did not see prepared" in out[1]["error"], out
+
+
+def test_a_cursors_rows_are_masked_as_its_query_is(world, accounts):  # noqa: F811
+    # FETCH returns the rows of the query its cursor was declared for: before, it was decided on
+    # its own (it reads nothing) and psycopg's server-side cursors returned masked columns in clear.
+    steps = [["named_cursor", "SELECT email FROM accounts"]]
+    assert _run_prepared(world, steps, direct=True)[-1]["rows"] == [["a@example.com"]]
+    out = _run_prepared(world, steps)
+    assert out[-1]["rows"] == [["********"]], out
+    rows = requests_of(world, "%FETCH FORWARD%bw_nc%")
+    assert rows and rows[-1]["decision"] == "mask" and rows[-1]["rule"] == "mask-emails", rows
+    # In SQL, in one simple query: the DECLARE counts for the FETCH after it.
+    out = run_bot(world, _steps("BEGIN; DECLARE c CURSOR FOR SELECT email FROM accounts; FETCH ALL FROM c", "COMMIT"))
+    assert [bytes.fromhex(v) for v in out[0]["rows"][0]] == [b"********"], out
+    # A cursor botwarden did not see declared: refused (inside a DO block, say).
+    out = run_bot(world, _steps("DO $$ BEGIN EXECUTE 'DECLARE h CURSOR WITH HOLD FOR SELECT email FROM accounts'; END $$",
+                                "FETCH ALL FROM h"))
+    assert out[0]["ok"] and not out[1]["ok"] and "did not see declared" in out[1]["message"], out
+
+
+def test_executing_a_sql_cursors_portal_is_decided_as_fetching_from_it(world, accounts):  # noqa: F811
+    out = _run_prepared(world, [["raw_execute_portal", "DECLARE c CURSOR WITH HOLD FOR SELECT email FROM accounts", "c"]])
+    assert out[0]["rows"] == [] and "masked: read them with FETCH" in out[0]["error"], out
+    out = _run_prepared(world, [["raw_execute_portal", "DECLARE c CURSOR WITH HOLD FOR SELECT id FROM accounts", "c"]])
+    assert out[0]["rows"] == [["1"]] and not out[0]["error"], out

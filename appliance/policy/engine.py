@@ -35,7 +35,7 @@ from appliance.protocols.kubernetes import MaskPath, parse_mask_path
 from appliance.policy.masking import (ColumnAction, DetectorSettings, RowMasker, Strategy, TextMasker,
                                       column_is_maskable)
 from appliance.policy.sql import (BatchAnalysis, Function, Relation, StatementAnalysis, analyze_sql, kind_matches,
-                                  resolve_execute)
+                                  resolve_execute, resolve_fetch)
 from appliance.policy.ssh import UNKNOWN_PROGRAM, SshAnalysis, SshRequest, analyze_ssh
 from appliance.policy.types import ACTION_STRENGTH, ColumnDesc, MaskPlan, PolicyError, RowGuard, Verdict
 
@@ -54,15 +54,18 @@ DEFAULT_SEARCH_PATH = ("public",)
 
 @dataclass
 class SqlSessionState:
-    """What the engine remembers about one PostgreSQL session: prepared statements by name and
-    every schema ever put on the search path (kept as a union: a rolled-back SET cannot make
-    the engine believe a narrower path than the server may have)."""
+    """What the engine remembers about one PostgreSQL session: prepared statements and cursors
+    by name, and every schema ever put on the search path (kept as a union: a rolled-back SET
+    cannot make the engine believe a narrower path than the server may have). A cursor is kept
+    until CLOSE or DISCARD ALL, past the end of its transaction: a FETCH of one the server
+    closed fails there anyway."""
 
     prepared: dict[str, StatementAnalysis] = field(default_factory=dict)
     search_path: frozenset[str] = frozenset(DEFAULT_SEARCH_PATH)
+    cursors: dict[str, StatementAnalysis] = field(default_factory=dict)
 
     def copy(self) -> "SqlSessionState":
-        return SqlSessionState(dict(self.prepared), self.search_path)
+        return SqlSessionState(dict(self.prepared), self.search_path, dict(self.cursors))
 
     def name_statement(self, name: str, statements: Sequence[StatementAnalysis] | None) -> None:
         """A protocol-level prepared statement (Parse ``name``): SQL ``EXECUTE name`` runs it too.
@@ -86,19 +89,34 @@ class SqlSessionState:
                 self.prepared.clear()
             elif stmt.deallocate:
                 self.prepared.pop(stmt.deallocate, None)
+            _cursor_effects(self.cursors, stmt)
+
+
+def _cursor_effects(cursors: dict[str, StatementAnalysis], stmt: StatementAnalysis) -> None:
+    if stmt.close_cursor == "*":
+        cursors.clear()
+    elif stmt.close_cursor:
+        cursors.pop(stmt.close_cursor, None)
+    if stmt.declare_name is not None:
+        if stmt.declared_body is not None:
+            cursors[stmt.declare_name] = stmt.declared_body
+        else:
+            cursors.pop(stmt.declare_name, None)
 
 
 def resolve_batch(batch: BatchAnalysis, session: SqlSessionState | None
                   ) -> tuple[tuple[StatementAnalysis, ...], tuple[frozenset[str], ...]]:
-    """Resolve EXECUTE against prepared statements and give each statement the search path it
-    runs under: a SET search_path or PREPARE earlier in the same batch counts for later ones."""
+    """Resolve EXECUTE against prepared statements, FETCH against cursors, and give each statement
+    the search path it runs under: a SET search_path, PREPARE or DECLARE earlier in the same
+    batch counts for later ones."""
     path = session.search_path if session is not None else frozenset(DEFAULT_SEARCH_PATH)
     if not batch.session_bound:
         return batch.statements, (path,) * len(batch.statements)
     prepared = dict(session.prepared) if session is not None else {}
+    cursors = dict(session.cursors) if session is not None else {}
     statements, paths = [], []
     for stmt in batch.statements:
-        stmt = resolve_execute(stmt, prepared)
+        stmt = resolve_fetch(resolve_execute(stmt, prepared), cursors)
         statements.append(stmt)
         paths.append(path)
         if stmt.error is None:
@@ -110,6 +128,7 @@ def resolve_batch(batch: BatchAnalysis, session: SqlSessionState | None
                 prepared.pop(stmt.deallocate, None)
             if stmt.prepare_name is not None and stmt.prepared_body is not None:
                 prepared[stmt.prepare_name] = stmt.prepared_body
+            _cursor_effects(cursors, stmt)
     return tuple(statements), tuple(paths)
 
 

@@ -252,6 +252,11 @@ class StatementAnalysis:
     deallocate: str | None = None  # a name, or "*" for ALL
     search_path: tuple[str, ...] | None = None  # schemas a SET search_path names; ("*",) = unknown
     reset_session: bool = False  # RESET ALL / DISCARD ALL
+    # Cursors: DECLARE name (and what its query is), FETCH / MOVE name, CLOSE name ("*": ALL).
+    declare_name: str | None = None
+    declared_body: "StatementAnalysis | None" = field(default=None, compare=False)
+    fetch_name: str | None = None
+    close_cursor: str | None = None
     # The analysis read a constant's value (SQL text in query_to_xml, a LIKE pattern, a relation
     # name): another constant in the same place may mean something else, so no shape caching.
     reads_constants: bool = False
@@ -372,8 +377,22 @@ def _analyze_sql(sql: str) -> BatchAnalysis:
     # hit returns a verdict without applying the statement to the session).
     session = any((r.kinds & _SESSION_KINDS) or any(f.name in _SESSION_FUNCTIONS for f in r.functions)
                   or r.search_path is not None or r.deallocate is not None or r.prepare_name is not None
-                  or r.execute_name is not None or r.reset_session for r in results)
+                  or r.execute_name is not None or r.reset_session or r.declare_name is not None
+                  or r.fetch_name is not None or r.close_cursor is not None for r in results)
     return BatchAnalysis(tuple(results), shape_cacheable=shape, session_bound=session)
+
+
+def resolve_fetch(stmt: StatementAnalysis, cursors: Mapping[str, StatementAnalysis]) -> StatementAnalysis:
+    """FETCH / MOVE name: it returns the rows of the query ``name`` was declared for in this
+    session, so it is decided (and masked) as that query too."""
+    if stmt.fetch_name is None:
+        return stmt
+    body = cursors.get(stmt.fetch_name)
+    if body is None:
+        return replace(stmt, error=f"FETCH from cursor {stmt.fetch_name!r} that botwarden did not see declared")
+    return replace(stmt, kinds=stmt.kinds | body.kinds, reads=stmt.reads | body.reads,
+                   writes=stmt.writes | body.writes, functions=stmt.functions | body.functions,
+                   properties=stmt.properties | (body.properties - {"multi_statement"}), outputs=body.outputs)
 
 
 def resolve_execute(stmt: StatementAnalysis, prepared: Mapping[str, StatementAnalysis]) -> StatementAnalysis:
@@ -723,6 +742,10 @@ class _Walker:
         self.prepared_body: StatementAnalysis | None = None
         self.execute_name: str | None = None
         self.deallocate: str | None = None
+        self.declare_name: str | None = None
+        self.declared_body: StatementAnalysis | None = None
+        self.fetch_name: str | None = None
+        self.close_cursor: str | None = None
         self.search_path: tuple[str, ...] | None = None
         self.reset_session = False
         self.explain_only = False
@@ -755,7 +778,9 @@ class _Walker:
             writes=frozenset(self.writes), functions=frozenset(self.functions),
             properties=frozenset(self.properties), outputs=outputs, prepare_name=self.prepare_name,
             prepared_body=self.prepared_body, execute_name=self.execute_name, deallocate=self.deallocate,
-            search_path=self.search_path, reset_session=self.reset_session, reads_constants=self.reads_constants)
+            search_path=self.search_path, reset_session=self.reset_session, reads_constants=self.reads_constants,
+            declare_name=self.declare_name, declared_body=self.declared_body, fetch_name=self.fetch_name,
+            close_cursor=self.close_cursor)
 
     # -- generic walk --
     def visit_value(self, value: Any, typed: str | None) -> None:
@@ -1310,7 +1335,27 @@ class _Walker:
         if body.get("target", "DISCARD_ALL") == "DISCARD_ALL":
             self.reset_session = True
             self.deallocate = "*"
+            self.close_cursor = "*"
         self.generic("DiscardStmt", body)
+
+    def _v_DeclareCursorStmt(self, body: Mapping[str, Any]) -> None:
+        # FETCH from it returns its query's rows: what the query is, on its own, is kept for
+        # FETCH to be decided (and masked) as (resolve_fetch). DECLARE itself counts as before.
+        self.declare_name = body.get("portalname", "")
+        query = body.get("query")
+        if isinstance(query, dict) and len(query) == 1:
+            inner = _Walker(self.text, self.depth + 1)
+            inner.top(query)
+            self.declared_body = inner.result()
+        self.generic("DeclareCursorStmt", body)
+
+    def _v_FetchStmt(self, body: Mapping[str, Any]) -> None:
+        self.fetch_name = body.get("portalname", "")
+        self.generic("FetchStmt", body)
+
+    def _v_ClosePortalStmt(self, body: Mapping[str, Any]) -> None:
+        self.close_cursor = body.get("portalname") or "*"
+        self.generic("ClosePortalStmt", body)
 
     def _v_PrepareStmt(self, body: Mapping[str, Any]) -> None:
         self.prepare_name = body.get("name", "")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 
-from appliance.policy.types import Verdict
+from appliance.policy.types import ColumnDesc, Verdict
 from appliance.protocols.postgres import messages as m
 from appliance.protocols.postgres.errors import RemoteProtocolError
 
@@ -92,6 +92,8 @@ class ExtendedProtocolMixin:
         if pos + 4 != e:
             raise RemoteProtocolError("Execute body length does not match its fields")
         portal = self._portals.get(name)
+        if portal is None and name:
+            portal = self._sql_cursor(name)
         stmt = portal.statement if portal is not None else _UNKNOWN_STATEMENT
         req = _Request("execute", stmt.text, stmt.verdict, portal.params if portal is not None else None)
         self._ext_open = True
@@ -137,6 +139,26 @@ class ExtendedProtocolMixin:
         stmt = _Statement(text, self._decide(text, "bind"), name, by_name=True)
         self._statements[name] = stmt
         return stmt
+
+    def _sql_cursor(self, name: str) -> _Portal:
+        """An Execute of a portal this session did not Bind: a cursor DECLAREd in SQL (SQL's
+        cursors are the server's portals), decided as ``FETCH ALL FROM name`` at each Execute.
+        One with a column to mask is refused: masking needs the rows' description, which an
+        Execute does not bring (FETCH, as SQL, reads it masked)."""
+        text = 'FETCH ALL FROM "' + name.replace('"', '""') + '"'
+        verdict = self._decide(text, "execute")
+        if verdict.action == "mask" and self._masks_a_column(verdict):
+            verdict = Verdict("block", verdict.rule, f"{verdict.reason}; this cursor's rows are masked: read them "
+                              f"with FETCH, not by executing its portal", details=verdict.details)
+        return _Portal(_Statement(text, verdict, name, by_name=True), None, ())
+
+    def _masks_a_column(self, verdict: Verdict) -> bool:
+        """Whether a result of the verdict's statement may have a column masked, from its output
+        names alone (a whole-row source, "*", may hold any column: yes)."""
+        outputs = [out for st in verdict.details or () for out in getattr(st, "outputs", ())]
+        if not outputs or any("*" in sources for _, sources in outputs):
+            return True
+        return self._make_plan(verdict, [ColumnDesc(out) for out, _ in outputs]) is not None
 
     def _sql_renamed(self, verdict: Verdict) -> None:
         """After SQL's DEALLOCATE or PREPARE (DISCARD ALL, DEALLOCATE ALL: every name), a name
