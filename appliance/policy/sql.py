@@ -200,8 +200,11 @@ SQL_TEXT_FUNCTIONS: dict[str, tuple[int, int | None]] = {
 
 # Built-ins that read whole relations named by an argument (SELECT * FROM it, through SPI): the
 # relation is a read of the statement. "table": a regclass; "schema": every table of a schema;
-# "database": every table. A non-constant name sets dynamic_sql. (cursor_to_xml and
-# cursor_to_xmlschema fetch from a cursor whose query botwarden analyzed when it was declared.)
+# "database": every table. A non-constant name sets dynamic_sql. Each output of a statement that
+# calls one of these, or a SQL_TEXT_FUNCTIONS one, may carry any column they read (masking).
+# Built-ins that return the rows of a cursor named by their first argument: read as FETCH from it.
+CURSOR_READING_FUNCTIONS = frozenset({"cursor_to_xml", "cursor_to_xmlschema"})
+
 RELATION_READING_FUNCTIONS: dict[str, str] = {
     "table_to_xml": "table", "table_to_xmlschema": "table", "table_to_xml_and_xmlschema": "table",
     "schema_to_xml": "schema", "schema_to_xmlschema": "schema", "schema_to_xml_and_xmlschema": "schema",
@@ -390,9 +393,11 @@ def resolve_fetch(stmt: StatementAnalysis, cursors: Mapping[str, StatementAnalys
     body = cursors.get(stmt.fetch_name)
     if body is None:
         return replace(stmt, error=f"FETCH from cursor {stmt.fetch_name!r} that botwarden did not see declared")
+    # FETCH's rows are the query's; cursor_to_xml's are its own columns (each may carry any).
     return replace(stmt, kinds=stmt.kinds | body.kinds, reads=stmt.reads | body.reads,
                    writes=stmt.writes | body.writes, functions=stmt.functions | body.functions,
-                   properties=stmt.properties | (body.properties - {"multi_statement"}), outputs=body.outputs)
+                   properties=stmt.properties | (body.properties - {"multi_statement"}),
+                   outputs=body.outputs if stmt.kind == "FETCH" else stmt.outputs)
 
 
 def resolve_execute(stmt: StatementAnalysis, prepared: Mapping[str, StatementAnalysis]) -> StatementAnalysis:
@@ -746,6 +751,9 @@ class _Walker:
         self.declared_body: StatementAnalysis | None = None
         self.fetch_name: str | None = None
         self.close_cursor: str | None = None
+        # A function returns rows of a query or table inside it (query_to_xml, table_to_xml,
+        # cursor_to_xml ...): any output may carry any of their columns (result(): "*").
+        self.embedded_rows = False
         self.search_path: tuple[str, ...] | None = None
         self.reset_session = False
         self.explain_only = False
@@ -769,9 +777,10 @@ class _Walker:
         if self.explain_only:
             self.properties.add("explain_only")
         # "*?x": a bare name that is a whole row when x is a table or alias in this statement.
+        whole = ("*",) if self.embedded_rows else ()
         outputs = tuple(sorted(
-            (k, frozenset("*" if src.startswith("*?") else src for src in v
-                          if not src.startswith("*?") or src[2:].lower() in self.range_names))
+            (k, frozenset(["*" if src.startswith("*?") else src for src in v
+                           if not src.startswith("*?") or src[2:].lower() in self.range_names] + list(whole)))
             for k, v in self.outputs.items()))
         return StatementAnalysis(
             kind=self.kind, kinds=frozenset(kinds), reads=frozenset(self.reads),
@@ -901,9 +910,24 @@ class _Walker:
                 self._set_config(body.get("args", []))
             elif names[-1] in SQL_TEXT_FUNCTIONS and names[0] in (names[-1], "pg_catalog"):
                 self._sql_text_argument(names[-1], body.get("args", []))
+                self.embedded_rows = True
             elif names[-1] in RELATION_READING_FUNCTIONS and names[0] in (names[-1], "pg_catalog"):
                 self._relation_argument(RELATION_READING_FUNCTIONS[names[-1]], body.get("args", []))
+                self.embedded_rows = True
+            elif names[-1] in CURSOR_READING_FUNCTIONS and names[0] in (names[-1], "pg_catalog"):
+                self._cursor_argument(body.get("args", []))
+                self.embedded_rows = True
         self.generic("FuncCall", body, skip=("funcname",))
+
+    def _cursor_argument(self, args: list[Any]) -> None:
+        """cursor_to_xml('c', ...) returns c's rows: read as FETCH from c (resolve_fetch)."""
+        self.reads_constants = True
+        name = _const_string(args[0]) if args else None
+        if name is None:
+            raise _Unanalyzable("a cursor named by an expression: botwarden cannot tell which query it reads")
+        if self.fetch_name not in (None, name):
+            raise _Unanalyzable("two cursors read in one statement")
+        self.fetch_name = name
 
     def _function_named(self, names: Iterable[Any]) -> None:
         parts = [n.lower() for n in _names(names)]
