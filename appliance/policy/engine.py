@@ -646,6 +646,10 @@ class PolicyEngine:
         assert best is not None
         verdict = Verdict(best.action, best.rule, best.reason, details=tuple(statements),
                           matched=tuple(matched), mask_rules=tuple(mask_rules) if best.action != "block" else ())
+        if verdict.action == "mask":
+            leak = self._masked_columns_written(verdict)
+            if leak is not None:
+                return Verdict("block", verdict.mask_rules[0], leak, details=verdict.details, matched=verdict.matched)
         guards = [g for g in guards_of if ACTION_STRENGTH[g.action] > best_strength]
         if not guards:
             return verdict
@@ -770,6 +774,34 @@ class PolicyEngine:
         if actions is None:
             return None
         return RowMasker(actions, self.detector_settings)
+
+    def _masked_columns_written(self, verdict: Verdict) -> str | None:
+        """Why a statement to be masked is refused instead: it writes columns a mask rule's
+        column entries select into a relation or a server file (CREATE TABLE AS, SELECT INTO,
+        CREATE VIEW, INSERT ... SELECT, COPY ... TO 'file'), where masking cannot follow them
+        (the bot would read them back in clear). None: it may run, masked."""
+        by_name = {c.rule.name: c.rule for c in self.rules}
+        specs = [spec for name in verdict.mask_rules for spec in by_name[name].mask if spec.columns]
+        if not specs:
+            return None
+        for st in verdict.details:
+            if not isinstance(st, StatementAnalysis) or not st.outputs:
+                continue
+            to_file = st.properties & {"copy_file", "copy_program"}
+            if not (st.writes or to_file):
+                continue
+            relations = list(st.reads | st.writes)
+            range_names = {r.name for r in relations}
+            outputs = {name: set(sources) for name, sources in st.outputs}
+            masked = [name for name in outputs
+                      if any(_column_spec_matches(p, _column_sources(name, outputs, range_names), relations)
+                             for spec in specs for p in spec.columns)]
+            if masked:
+                where = ", ".join(sorted(str(r) for r in st.writes)) or "a server file or program"
+                what = ", ".join(sorted("*" if "*" in outputs[n] else n for n in masked))
+                return (f"the statement writes columns rule {verdict.mask_rules[0]!r} masks ({what}) into {where}: "
+                        f"masking cannot follow them there")
+        return None
 
     def _build_actions(self, verdict: Verdict, columns: Sequence[ColumnDesc]) -> list[ColumnAction | None] | None:
         by_name = {c.rule.name: c.rule for c in self.rules}
