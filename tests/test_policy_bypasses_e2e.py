@@ -366,3 +366,19 @@ def test_masked_columns_are_not_written_where_masking_cannot_follow(world, accou
     # A column the rule does not mask may be copied.
     out = run_bot(world, _steps("CREATE TEMP TABLE ids AS SELECT id FROM accounts", "SELECT * FROM ids"))
     assert out[0]["ok"] and [bytes.fromhex(v) for v in out[1]["rows"][0]] == [b"1"], out
+
+
+
+def test_a_parsed_fetch_or_execute_is_decided_again_at_each_bind(world, accounts):  # noqa: F811
+    # What "FETCH ALL FROM c" or "EXECUTE p" runs is the session's c or p at the time it runs.
+    steps = [["sql", "DECLARE c CURSOR WITH HOLD FOR SELECT 'x' AS contact"],
+             ["parse", "f1", "FETCH ALL FROM c"], ["execute", "f1"],
+             ["sql", "CLOSE c"], ["sql", "DECLARE c CURSOR WITH HOLD FOR SELECT email AS contact FROM accounts"],
+             ["execute", "f1"],
+             ["sql", "PREPARE p AS SELECT 'x' AS contact"], ["parse", "e1", "EXECUTE p"], ["execute", "e1"],
+             ["sql", "DEALLOCATE p"], ["sql", "PREPARE p AS SELECT email AS contact FROM accounts"], ["execute", "e1"]]
+    direct = _run_prepared(world, steps, direct=True)
+    assert direct[5]["rows"] == [["a@example.com"]] and direct[-1]["rows"] == [["a@example.com"]], direct
+    out = _run_prepared(world, steps)
+    assert out[2]["rows"] == [["x"]] and out[8]["rows"] == [["x"]], out
+    assert out[5]["rows"] == [["********"]] and out[-1]["rows"] == [["********"]], out

@@ -27,6 +27,10 @@ class ExtendedProtocolMixin:
         query, v, refusal = self._read_and_decide(body[start:body.index(0, start)], "parse")
         ext_was_open, self._ext_open = self._ext_open, True
         stmt = _Statement(query, v, msg.name)
+        for st in v.details or ():
+            if getattr(st, "execute_name", None) is not None or getattr(st, "fetch_name", None) is not None:
+                stmt.redecide = True
+                break
         if v.row_guards:
             stmt.guard = (body[start:body.index(0, start)], msg.param_types)
         self._statements[msg.name] = stmt
@@ -61,6 +65,8 @@ class ExtendedProtocolMixin:
         stmt = self._statements.get(stmt_name)
         if stmt is None:
             stmt = self._prepared_in_sql(stmt_name) if stmt_name else _UNKNOWN_STATEMENT
+        elif stmt.redecide:
+            stmt = _Statement(stmt.text, self._decide(stmt.text, "bind"), stmt.name, by_name=True)
         portal = _Portal(stmt, params, result_formats)
         if stmt.guard is not None:
             portal.bind = bytes(buf[s + 5:e])

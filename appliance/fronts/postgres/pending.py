@@ -42,7 +42,7 @@ class _Request:
 
 
 class _Statement:
-    __slots__ = ("text", "verdict", "columns", "name", "guard", "by_name")
+    __slots__ = ("text", "verdict", "columns", "name", "guard", "by_name", "redecide")
 
     def __init__(self, text: str, verdict: Verdict, name: str = "", by_name: bool = False):
         self.text = text
@@ -52,6 +52,9 @@ class _Statement:
         # Not parsed in this session: prepared in SQL and decided as SQL's EXECUTE of its name,
         # at each Execute (as EXECUTE name would be), not once at Parse.
         self.by_name = by_name
+        # What it runs depends on the session's state (EXECUTE name, FETCH from a cursor): decided
+        # again at each Bind, as that state may have changed since the Parse.
+        self.redecide = False
         # Affected-rows guard pending (verdict.row_guards): (query bytes, parameter type OIDs),
         # to have the server estimate the rows at Execute, with the portal's parameters.
         self.guard: tuple[bytes, tuple[int, ...]] | None = None
