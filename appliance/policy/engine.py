@@ -785,17 +785,23 @@ class PolicyEngine:
         if not specs:
             return None
         for st in verdict.details:
-            if not isinstance(st, StatementAnalysis) or not st.outputs:
+            if not isinstance(st, StatementAnalysis) or not (st.outputs or st.assigned):
                 continue
             to_file = st.properties & {"copy_file", "copy_program"}
             if not (st.writes or to_file):
                 continue
             relations = list(st.reads | st.writes)
             range_names = {r.name for r in relations}
+
+            def masks(sources: set[str]) -> bool:
+                return any(_column_spec_matches(p, sources, relations) for spec in specs for p in spec.columns)
+
             outputs = {name: set(sources) for name, sources in st.outputs}
-            masked = [name for name in outputs
-                      if any(_column_spec_matches(p, _column_sources(name, outputs, range_names), relations)
-                             for spec in specs for p in spec.columns)]
+            masked = [name for name in outputs if masks(_column_sources(name, outputs, range_names))]
+            # SET col = value: a masked value into a column that is not masked itself.
+            masked += [name for name, sources in st.assigned
+                       if not masks({name.lower()}) and masks(set(sources) - {name.lower()})]
+            outputs.update((name, set(sources)) for name, sources in st.assigned)
             if masked:
                 where = ", ".join(sorted(str(r) for r in st.writes)) or "a server file or program"
                 what = ", ".join(sorted("*" if "*" in outputs[n] else n for n in masked))

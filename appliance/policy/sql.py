@@ -248,6 +248,8 @@ class StatementAnalysis:
     error: str | None = None
     # Output column name -> the column names it is computed from ("*" = a whole row).
     outputs: tuple[tuple[str, frozenset[str]], ...] = ()
+    # UPDATE's SET: assigned column -> the column names its value is computed from.
+    assigned: tuple[tuple[str, frozenset[str]], ...] = ()
     # Session effects (applied by SqlSessionState when the statement is let through).
     prepare_name: str | None = None
     prepared_body: "StatementAnalysis | None" = field(default=None, compare=False)
@@ -741,6 +743,7 @@ class _Walker:
         self.properties: set[str] = set()
         self.cte_scopes: list[frozenset[str]] = []
         self.outputs: dict[str, set[str]] = {}
+        self.assigned: dict[str, set[str]] = {}  # UPDATE's SET: column -> the columns its value comes from
         self.collecting: list[set[str]] = []  # the outputs whose expressions are being walked
         self.range_names: set[str] = set()
         self.prepare_name: str | None = None
@@ -778,14 +781,14 @@ class _Walker:
             self.properties.add("explain_only")
         # "*?x": a bare name that is a whole row when x is a table or alias in this statement.
         whole = ("*",) if self.embedded_rows else ()
-        outputs = tuple(sorted(
+        outputs, assigned = (tuple(sorted(
             (k, frozenset(["*" if src.startswith("*?") else src for src in v
                            if not src.startswith("*?") or src[2:].lower() in self.range_names] + list(whole)))
-            for k, v in self.outputs.items()))
+            for k, v in named.items())) for named in (self.outputs, self.assigned))
         return StatementAnalysis(
             kind=self.kind, kinds=frozenset(kinds), reads=frozenset(self.reads),
             writes=frozenset(self.writes), functions=frozenset(self.functions),
-            properties=frozenset(self.properties), outputs=outputs, prepare_name=self.prepare_name,
+            properties=frozenset(self.properties), outputs=outputs, assigned=assigned, prepare_name=self.prepare_name,
             prepared_body=self.prepared_body, execute_name=self.execute_name, deallocate=self.deallocate,
             search_path=self.search_path, reset_session=self.reset_session, reads_constants=self.reads_constants,
             declare_name=self.declare_name, declared_body=self.declared_body, fetch_name=self.fetch_name,
@@ -1149,9 +1152,14 @@ class _Walker:
             self._merge_actions(body)
         key = "returningClause" if body.get("returningClause") else "returningList"
         returning = body.get(key)
+        skip: tuple[str, ...] = ("relation", key)
+        if node == "UpdateStmt":
+            skip += ("targetList",)
 
         def targets() -> None:
             self._write(body.get("relation"))
+            if node == "UpdateStmt":
+                self._assignments(body.get("targetList") or [])
             if isinstance(returning, dict):
                 self._outputs(returning.get("exprs", []))
                 self.generic("ReturningClause", returning, skip=("exprs",))
@@ -1160,7 +1168,22 @@ class _Walker:
             else:
                 self.visit_value(returning, None)
 
-        self._scoped(node, body, ("relation", key), targets)
+        self._scoped(node, body, skip, targets)
+
+    def _assignments(self, targets: list[Any]) -> None:
+        """Walk UPDATE's SET list (the caller's walk skips it): each assigned column and every
+        column its value is computed from (masking: a masked value copied into another column)."""
+        for item in targets:
+            res = item.get("ResTarget", {}) if isinstance(item, dict) else {}
+            if not res:
+                self.visit_value(item, None)
+                continue
+            self.collecting.append(self.assigned.setdefault(res.get("name") or "?column?", set()))
+            try:
+                self.visit_value(res.get("val"), None)
+                self.generic("ResTarget", res, skip=("val",))
+            finally:
+                self.collecting.pop()
 
     def _v_InsertStmt(self, body: Mapping[str, Any]) -> None:
         self._dml("InsertStmt", body)
