@@ -1197,6 +1197,28 @@ class _Walker:
     def _v_MergeStmt(self, body: Mapping[str, Any]) -> None:
         self._dml("MergeStmt", body)
 
+    def _v_MergeWhenClause(self, body: Mapping[str, Any]) -> None:
+        """WHEN ... THEN UPDATE SET / INSERT (cols) VALUES: each column written and the columns
+        its value comes from, as UPDATE's SET list (_assignments)."""
+        command = str(body.get("commandType", ""))
+        targets = body.get("targetList") or []
+        if command == "CMD_UPDATE":
+            self._assignments(targets)
+            self.generic("MergeWhenClause", body, skip=("targetList",))
+            return
+        if command == "CMD_INSERT":
+            names = [(t.get("ResTarget", {}) if isinstance(t, dict) else {}).get("name") for t in targets]
+            for i, value in enumerate(body.get("values") or []):
+                name = names[i] if i < len(names) and names[i] else "?column?"
+                self.collecting.append(self.assigned.setdefault(name, set()))
+                try:
+                    self.visit_value(value, None)
+                finally:
+                    self.collecting.pop()
+            self.generic("MergeWhenClause", body, skip=("values",))
+            return
+        self.generic("MergeWhenClause", body)
+
     def _merge_actions(self, body: Mapping[str, Any]) -> None:
         """MERGE's sub-kinds (MERGE.DELETE ...), and no_where when a WHEN MATCHED UPDATE/DELETE
         reaches every target row: its ON condition and its own AND condition filter nothing."""
