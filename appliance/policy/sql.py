@@ -396,10 +396,20 @@ def resolve_fetch(stmt: StatementAnalysis, cursors: Mapping[str, StatementAnalys
     if body is None:
         return replace(stmt, error=f"FETCH from cursor {stmt.fetch_name!r} that botwarden did not see declared")
     # FETCH's rows are the query's; cursor_to_xml's are its own columns (each may carry any).
+    return _running(stmt, body, outputs=body.outputs if stmt.kind == "FETCH" else stmt.outputs)
+
+
+def _running(stmt: StatementAnalysis, body: StatementAnalysis, **fields: Any) -> StatementAnalysis:
+    """``stmt`` (EXECUTE, FETCH) as it runs ``body`` (a prepared statement, a cursor's query)."""
     return replace(stmt, kinds=stmt.kinds | body.kinds, reads=stmt.reads | body.reads,
                    writes=stmt.writes | body.writes, functions=stmt.functions | body.functions,
-                   properties=stmt.properties | (body.properties - {"multi_statement"}),
-                   outputs=body.outputs if stmt.kind == "FETCH" else stmt.outputs)
+                   properties=stmt.properties | (body.properties - {"multi_statement"}) | fields.pop("properties", set()),
+                   **fields)
+
+
+def _joined_path(path: tuple[str, ...] | None, more: tuple[str, ...]) -> tuple[str, ...]:
+    """Both search paths a statement may leave (kept in order, each schema once)."""
+    return more if path is None else tuple(dict.fromkeys(path + more))
 
 
 def resolve_execute(stmt: StatementAnalysis, prepared: Mapping[str, StatementAnalysis]) -> StatementAnalysis:
@@ -409,12 +419,9 @@ def resolve_execute(stmt: StatementAnalysis, prepared: Mapping[str, StatementAna
     body = prepared.get(stmt.execute_name)
     if body is None:
         return replace(stmt, error=f"EXECUTE of prepared statement {stmt.execute_name!r} that botwarden did not see prepared")
-    path = stmt.search_path if body.search_path is None else \
-        tuple(dict.fromkeys((stmt.search_path or ()) + body.search_path))  # what the body sets, it sets now
-    return replace(stmt, kinds=stmt.kinds | body.kinds, reads=stmt.reads | body.reads,
-                   writes=stmt.writes | body.writes, functions=stmt.functions | body.functions,
-                   properties=stmt.properties | (body.properties - {"multi_statement"}) | {"prepared"},
-                   outputs=body.outputs, search_path=path)
+    # What the body sets, it sets now.
+    path = stmt.search_path if body.search_path is None else _joined_path(stmt.search_path, body.search_path)
+    return _running(stmt, body, properties={"prepared"}, outputs=body.outputs, search_path=path)
 
 
 def _analyze_statement(wrapped: Mapping[str, Any], text: str) -> StatementAnalysis:
@@ -1055,7 +1062,7 @@ class _Walker:
         """A statement that sets search_path in several places (set_config in its select list and
         its WHERE, a DO block's statements) may leave any of the values, in an order the analysis
         does not know: every one counts, as in the session's path (a union)."""
-        self.search_path = schemas if self.search_path is None else tuple(dict.fromkeys(self.search_path + schemas))
+        self.search_path = _joined_path(self.search_path, schemas)
 
     # -- WITH scoping --
     def _with(self, body: Mapping[str, Any]) -> frozenset[str]:

@@ -170,7 +170,7 @@ class ExtendedProtocolMixin:
         """After SQL's DEALLOCATE or PREPARE (DISCARD ALL, DEALLOCATE ALL: every name), a name
         this session parsed may hold another statement: forget it, so that a Bind of it is
         decided by what it holds now (:meth:`_prepared_in_sql`)."""
-        for st in verdict.details or ():
+        for st in verdict.details or ():  # per decided statement: one or two attribute reads
             gone = getattr(st, "deallocate", None)
             if gone == "*":
                 for name in [k for k in self._statements if k]:

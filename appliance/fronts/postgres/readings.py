@@ -28,12 +28,7 @@ class ReadingMixin:
         except Exception:
             log.exception("policy failed; statement refused")
             return Verdict("block", None, "the policy engine failed on this statement")
-        details = verdict.details
-        if details and type(details) is tuple:
-            for st in details:
-                if getattr(st, "deallocate", None) is not None or getattr(st, "prepare_name", None) is not None:
-                    self._sql_renamed(verdict)
-                    break
+        self._sql_renamed(verdict)  # a DEALLOCATE or PREPARE changes what a parsed name holds
         return verdict
 
     def _read_and_decide(self, raw: bytes, phase: str) -> tuple[str, Verdict, m.ErrorResponse | None]:
