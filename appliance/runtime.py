@@ -710,6 +710,9 @@ class Runtime:
                   columns: Sequence[ColumnDesc]) -> MaskPlan | None:
         return self.engine.mask_plan(grant.identity, grant.groups, target, verdict, columns)
 
+    def message_masker(self, grant: SessionGrant, target: str, verdict: Verdict) -> Any:
+        return self.engine.message_masker(verdict)
+
     async def hold(self, grant: SessionGrant, target: str, request_text: str, verdict: Verdict,
                    notify: Callable[[str], None], request_id: str | None = None,
                    detail: Mapping[str, Any] | None = None) -> HoldOutcome:

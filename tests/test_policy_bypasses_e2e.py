@@ -290,10 +290,12 @@ def test_a_name_botwarden_did_not_see_prepared_does_not_run(world, accounts):  #
     out = _run_prepared(world, [["execute", "s9"], ["sql", "SELECT 1"]])
     assert 'prepared statement "s9" does not exist' in out[0]["error"] and out[1] == "ok", out
     # Prepared where botwarden does not follow names (inside a DO block): refused, not run.
-    steps = [["sql", "DO $$ BEGIN EXECUTE 'PREPARE s8 AS SELECT email FROM accounts'; END $$"], ["execute", "s8"]]
+    steps = [["sql", "SET bw.t = 'accounts'"],
+             ["sql", "DO $$ BEGIN EXECUTE 'PREPARE s8 AS SELECT email FROM ' || quote_ident(current_setting('bw.t')); "
+                     "END $$"], ["execute", "s8"]]
     assert _run_prepared(world, steps, direct=True)[-1]["rows"] == [["a@example.com"]]
     out = _run_prepared(world, steps)
-    assert out[0] == "ok" and out[1]["rows"] == [] and "did not see prepared" in out[1]["error"], out
+    assert out[1] == "ok" and out[2]["rows"] == [] and "did not see prepared" in out[2]["error"], out
 
 
 def test_a_cursors_rows_are_masked_as_its_query_is(world, accounts):  # noqa: F811
@@ -308,10 +310,14 @@ def test_a_cursors_rows_are_masked_as_its_query_is(world, accounts):  # noqa: F8
     # In SQL, in one simple query: the DECLARE counts for the FETCH after it.
     out = run_bot(world, _steps("BEGIN; DECLARE c CURSOR FOR SELECT email FROM accounts; FETCH ALL FROM c", "COMMIT"))
     assert [bytes.fromhex(v) for v in out[0]["rows"][0]] == [b"********"], out
-    # A cursor botwarden did not see declared: refused (inside a DO block, say).
-    out = run_bot(world, _steps("DO $$ BEGIN EXECUTE 'DECLARE h CURSOR WITH HOLD FOR SELECT email FROM accounts'; END $$",
-                                "FETCH ALL FROM h"))
-    assert out[0]["ok"] and not out[1]["ok"] and "did not see declared" in out[1]["message"], out
+    # A cursor botwarden did not see declared: refused (by SQL a DO block builds, say).
+    out = run_bot(world, _steps("SET bw.t = 'accounts'",
+                                "DO $$ BEGIN EXECUTE 'DECLARE h CURSOR WITH HOLD FOR SELECT email FROM ' || "
+                                "quote_ident(current_setting('bw.t')); END $$", "FETCH ALL FROM h"))
+    assert out[1]["ok"] and not out[2]["ok"] and "did not see declared" in out[2]["message"], out
+    # A DO block that reads the masked relation where botwarden sees it is refused itself.
+    out = run_bot(world, _steps("DO $$ BEGIN EXECUTE 'DECLARE h CURSOR WITH HOLD FOR SELECT email FROM accounts'; END $$"))
+    assert not out[0]["ok"] and "masking cannot follow" in out[0]["message"], out
 
 
 def test_executing_a_sql_cursors_portal_is_decided_as_fetching_from_it(world, accounts):  # noqa: F811
@@ -386,3 +392,20 @@ def test_a_parsed_fetch_or_execute_is_decided_again_at_each_bind(world, accounts
     out = _run_prepared(world, steps)
     assert out[2]["rows"] == [["x"]] and out[8]["rows"] == [["x"]], out
     assert out[5]["rows"] == [["********"]] and out[-1]["rows"] == [["********"]], out
+
+
+def test_a_masked_statements_error_is_withheld_from_the_bot_and_the_audit(world, accounts):  # noqa: F811
+    # Before: the server's "invalid input syntax for type integer: "a@example.com"" reached the bot
+    # and the audit store's error column; set_config kept the email for a later statement to read.
+    sql = "SELECT email::int FROM accounts"
+    direct = run_direct(world, _steps(sql))
+    assert "a@example.com" in direct[0]["message"], direct
+    out = run_bot(world, _steps(sql, "SELECT set_config('bw.leak', email, false) FROM accounts",
+                                "SELECT current_setting('bw.leak', true)"))
+    assert not out[0]["ok"] and out[0]["sqlstate"] == "22P02", out
+    assert "withheld" in out[0]["message"] and "example.com" not in out[0]["message"], out
+    assert not out[1]["ok"] and out[1]["sqlstate"] == "42501" and "masking cannot follow" in out[1]["message"], out
+    assert out[2]["rows"] == [[None]], out  # never set
+    rows = world["daemon"].audit_sql("SELECT error, sqlstate, decision FROM requests WHERE text = ?", [sql])
+    assert rows and all(r["sqlstate"] == "22P02" and "withheld" in r["error"] for r in rows), rows
+    assert all("example.com" not in r["error"] for r in rows), rows

@@ -409,3 +409,56 @@ def test_other_strategies_keep_the_row_by_row_path():
     detectors = RowMasker([ColumnAction("note", 25, 0, None, [("email", Strategy("partial", 4))])],
                           DetectorSettings())
     assert detectors.partial_steps is None
+
+
+# --- the server's errors and notices while a masked statement runs ---------------------------------
+
+AWS = "AKIAIOSFODNN7EXAMPLE"
+RAISED = (("S", "ERROR"), ("V", "ERROR"), ("C", "P0001"), ("M", "bad value alice@example.com"),
+          ("D", "value alice@example.com"), ("H", "alice@example.com"), ("W", "PL/pgSQL function f(text) line 1"),
+          ("c", "alice@example.com"), ("F", "pl_exec.c"), ("L", "3911"), ("R", "exec_stmt_raise"))
+
+
+def test_errors_of_a_statement_reading_masked_columns_are_withheld(engine: PolicyEngine) -> None:
+    masker = engine.message_masker(engine.decide_sql("bot", (), "db", "select email::int from customers"))
+    fields = masker.fields(RAISED)
+    assert fields is not None and "alice" not in repr(fields)
+    assert [c for c, _ in fields] == ["S", "V", "C", "M", "F", "L", "R"]  # the server's own fields stay
+    assert dict(fields)["C"] == "P0001" and "withheld" in dict(fields)["M"] and "'pii'" in dict(fields)["M"]
+    # Raised while the statement was analysed (a position in its text): no row was read, as it is.
+    assert masker.fields((("S", "ERROR"), ("C", "42703"), ("M", 'column "emial" does not exist'), ("P", "8"))) is None
+
+
+def test_errors_under_detector_rules_only_have_the_detected_values_masked(engine: PolicyEngine) -> None:
+    # secrets-everywhere (detectors, every statement) is the only rule that matches.
+    masker = engine.message_masker(engine.decide_sql("bot", (), "db", "select x::int from elsewhere"))
+    msg = (("S", "ERROR"), ("C", "22P02"), ("M", f'invalid input syntax for type integer: "{AWS}"'),
+           ("D", f"key {AWS}"), ("P", "8"))
+    fields = dict(masker.fields(msg))
+    assert fields["M"].startswith('invalid input syntax for type integer: "') and AWS not in fields["M"]
+    assert AWS not in fields["D"] and fields["C"] == "22P02" and fields["P"] == "8"
+    assert masker.fields((("S", "ERROR"), ("C", "22012"), ("M", "division by zero"))) is None  # nothing found
+
+
+def test_a_column_rule_for_another_table_does_not_withhold(engine: PolicyEngine) -> None:
+    # pii's entries: customers.email (not people's), *.ssn, card_*, notes: only the unqualified ones
+    # may name a column of people, and they do: withheld. A statement that matches no column
+    # entry's table is left to the detectors.
+    assert engine.message_masker(engine.decide_sql("bot", (), "db", "select 1 from people")).withhold is not None
+    v = engine.decide_sql("bot", (), "db", "select 1")
+    assert v.mask_rules == ("secrets-everywhere",) and engine.message_masker(v).withhold is None
+
+
+def test_sending_a_masked_column_elsewhere_is_refused(engine: PolicyEngine) -> None:
+    for sql in ["select set_config('x.y', email, false) from customers",
+                "select 1 from customers where pg_notify('c', email) is null",
+                "select pg_notify('c', e) from (select email as e from customers) s",
+                "select set_config('x.y', c::text, false) from customers c",
+                "do $$ begin perform count(*) from customers; end $$",
+                "create function f() returns text language sql as 'select ssn from people'"]:
+        v = engine.decide_sql("bot", (), "db", sql)
+        assert v.action == "block" and v.rule == "pii" and "masking cannot follow" in v.reason, (sql, v)
+    for sql in ["select set_config('x.y', name, false) from customers",   # not masked
+                "select pg_notify('c', 'done') from customers",
+                "with d as (delete from customers where id = 1 returning *) select * from d"]:  # read, masked
+        assert engine.decide_sql("bot", (), "db", sql).action == "mask", sql

@@ -110,6 +110,11 @@ class FrontServices(Protocol):
     def mask_plan(self, grant: SessionGrant, target: str, verdict: Verdict,
                   columns: Sequence[ColumnDesc]) -> MaskPlan | None: ...
 
+    def message_masker(self, grant: SessionGrant, target: str, verdict: Verdict) -> Any:
+        """How the server's errors and notices are masked while a masked statement runs
+        (appliance.policy.masking.MessageMasker), or None."""
+        ...
+
     async def hold(self, grant: SessionGrant, target: str, request_text: str, verdict: Verdict,
                    notify: Callable[[str], None], request_id: str | None = None,
                    detail: Mapping[str, Any] | None = None) -> HoldOutcome: ...
@@ -201,6 +206,9 @@ class DefaultServices:
                   columns: Sequence[ColumnDesc]) -> MaskPlan | None:
         idx = [i for i, c in enumerate(columns) if c.name in self.mask_columns]
         return ColumnMaskPlan(columns, idx) if idx else None
+
+    def message_masker(self, grant: SessionGrant, target: str, verdict: Verdict) -> Any:
+        return None
 
     async def hold(self, grant: SessionGrant, target: str, request_text: str, verdict: Verdict,
                    notify: Callable[[str], None], request_id: str | None = None,

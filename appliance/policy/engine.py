@@ -32,7 +32,7 @@ from pglast.parser import ParseError, fingerprint, normalize
 from appliance.policy.config import PolicyConfig, Rule, TimeWindow, matcher_keys, parse_days, parse_hours
 from appliance.policy.k8s import K8sRequest
 from appliance.protocols.kubernetes import MaskPath, parse_mask_path
-from appliance.policy.masking import (ColumnAction, DetectorSettings, RowMasker, Strategy, TextMasker,
+from appliance.policy.masking import (ColumnAction, DetectorSettings, MessageMasker, RowMasker, Strategy, TextMasker,
                                       column_is_maskable)
 from appliance.policy.sql import (BatchAnalysis, Function, Relation, StatementAnalysis, analyze_sql, kind_matches,
                                   resolve_execute, resolve_fetch)
@@ -646,7 +646,7 @@ class PolicyEngine:
         assert best is not None
         verdict = Verdict(best.action, best.rule, best.reason, details=tuple(statements),
                           matched=tuple(matched), mask_rules=tuple(mask_rules) if best.action != "block" else ())
-        if verdict.action == "mask":
+        if verdict.mask_rules:  # masked, or to be approved and then masked
             leak = self._masked_columns_written(verdict)
             if leak is not None:
                 return Verdict("block", verdict.mask_rules[0], leak, details=verdict.details, matched=verdict.matched)
@@ -758,6 +758,21 @@ class PolicyEngine:
                      for spec in by_name[name].mask for d in spec.detectors]
         return TextMasker(detectors, self.detector_settings) if detectors else None
 
+    def message_masker(self, verdict: Verdict) -> MessageMasker | None:
+        """How the server's errors and notices are masked while the verdict's statement runs
+        (:class:`MessageMasker`), or None: they pass as they are."""
+        if not verdict.masked:
+            return None
+        by_name = {c.rule.name: c.rule for c in self.rules}
+        relations = [r for st in verdict.details if isinstance(st, StatementAnalysis) for r in st.relations]
+        for name in verdict.mask_rules:
+            if any(_spec_covers(p, relations) for spec in by_name[name].mask for p in spec.columns):
+                return MessageMasker(withhold=(
+                    f"botwarden withheld the server's message: the statement reads columns rule {name!r} "
+                    f"masks, and the message may quote their values (the SQLSTATE is the server's)"))
+        text = self.text_masker(verdict)
+        return MessageMasker(text=text) if text is not None else None
+
     def mask_plan(self, identity: str, groups: tuple[str, ...], target: str, verdict: Verdict,
                   columns: Sequence[ColumnDesc]) -> MaskPlan | None:
         if not verdict.mask_rules or verdict.action == "block":
@@ -778,26 +793,45 @@ class PolicyEngine:
     def _masked_columns_written(self, verdict: Verdict) -> str | None:
         """Why a statement to be masked is refused instead: it writes columns a mask rule's
         column entries select into a relation or a server file (CREATE TABLE AS, SELECT INTO,
-        CREATE VIEW, INSERT ... SELECT, COPY ... TO 'file'), where masking cannot follow them
-        (the bot would read them back in clear). None: it may run, masked."""
+        CREATE VIEW, INSERT ... SELECT, COPY ... TO 'file'), passes them to a function that keeps
+        or sends them elsewhere (set_config, pg_notify, lo_from_bytea ...: sql.SENDING_FUNCTIONS),
+        or reads such a relation in a DO block or a function body (values in variables, or in
+        the results of a function called later, cannot be followed). Masking cannot follow the
+        values there (the bot would read them back in clear). None: it may run, masked."""
         by_name = {c.rule.name: c.rule for c in self.rules}
         specs = [spec for name in verdict.mask_rules for spec in by_name[name].mask if spec.columns]
         if not specs:
             return None
+        rule = verdict.mask_rules[0]
         for st in verdict.details:
-            if not isinstance(st, StatementAnalysis) or not (st.outputs or st.assigned):
-                continue
-            to_file = st.properties & {"copy_file", "copy_program"}
-            if not (st.writes or to_file):
+            if not isinstance(st, StatementAnalysis):
                 continue
             relations = list(st.reads | st.writes)
+            if st.properties & {"do_block", "function_body"}:
+                if any(_spec_covers(p, relations) for spec in specs for p in spec.columns):
+                    what = "a DO block" if "do_block" in st.properties else "a function body"
+                    return (f"{what} reads a relation whose columns rule {rule!r} masks: masking cannot follow "
+                            f"values through its variables or results; read the columns with a plain SELECT")
+                continue
+            if not (st.outputs or st.assigned or st.sent):
+                continue
             range_names = {r.name for r in relations}
+            outputs = {name: set(sources) for name, sources in st.outputs}
 
             def masks(sources: set[str]) -> bool:
                 return any(_column_spec_matches(p, sources, relations) for spec in specs for p in spec.columns)
 
-            outputs = {name: set(sources) for name, sources in st.outputs}
-            masked = [name for name in outputs if masks(_column_sources(name, outputs, range_names))]
+            for function, sources in st.sent:
+                carried = set().union(*(_column_sources(src, outputs, range_names) for src in sources))
+                if masks(carried):
+                    return (f"the statement passes columns rule {rule!r} masks to {function}(), which keeps or "
+                            f"sends them where masking cannot follow them")
+            to_file = st.properties & {"copy_file", "copy_program"}
+            if not (st.writes or to_file) or not (st.outputs or st.assigned):
+                continue
+            # DELETE's and UPDATE's RETURNING go to the bot, masked; UPDATE's SET is ``assigned``.
+            written = outputs if to_file or st.kinds - _RETURNING_KINDS else {}
+            masked = [name for name in written if masks(_column_sources(name, outputs, range_names))]
             # SET col = value: a masked value into a column that is not masked itself.
             masked += [name for name, sources in st.assigned
                        if not masks({name.lower()}) and masks(set(sources) - {name.lower()})]
@@ -805,7 +839,7 @@ class PolicyEngine:
             if masked:
                 where = ", ".join(sorted(str(r) for r in st.writes)) or "a server file or program"
                 what = ", ".join(sorted("*" if "*" in outputs[n] else n for n in masked))
-                return (f"the statement writes columns rule {verdict.mask_rules[0]!r} masks ({what}) into {where}: "
+                return (f"the statement writes columns rule {rule!r} masks ({what}) into {where}: "
                         f"masking cannot follow them there")
         return None
 
@@ -859,15 +893,27 @@ def _column_sources(name: str, outputs: dict[str, set[str]], range_names: set[st
     return seen
 
 
+# Statement kinds whose outputs are what the bot reads (a SELECT, DELETE/UPDATE ... RETURNING),
+# not what is written into a relation (INSERT ... SELECT, CREATE TABLE AS, a view ...).
+_RETURNING_KINDS = frozenset({"SELECT", "DELETE", "UPDATE"})
+
+
+def _spec_covers(pattern: str, relations: Sequence[Relation]) -> bool:
+    """A column entry may name a column of one of ``relations`` (no table part, or one that
+    matches one of them)."""
+    table_part, sep, _ = pattern.rpartition(".")
+    if not sep:
+        return True
+    tp = _QualifiedPattern.parse(table_part)
+    return any(_one(tp, r.schema, r.name, True) or (r.schema is None and tp.name(r.name)) for r in relations)
+
+
 def _column_spec_matches(pattern: str, sources: set[str], relations: Sequence[Relation]) -> bool:
     table_part, sep, column = pattern.rpartition(".")
     col_glob = _glob(column)
     if not ("*" in sources or any(col_glob(s) for s in sources)):
         return False
-    if not sep:
-        return True
-    tp = _QualifiedPattern.parse(table_part)
-    return any(_one(tp, r.schema, r.name, True) or (r.schema is None and tp.name(r.name)) for r in relations)
+    return not sep or _spec_covers(pattern, relations)
 
 
 def _put(cache: dict, key: Any, value: Any) -> None:

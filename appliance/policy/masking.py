@@ -419,3 +419,54 @@ class TextMasker:
             out.append((start, end, STARS if replacement is None else replacement))
             last = end
         return out
+
+    def mask(self, text: str) -> str:
+        """``text`` with every secret the detectors find replaced."""
+        pieces, last = [], 0
+        for start, end, replacement in self.spans(text):
+            pieces += (text[last:start], replacement)
+            last = end
+        return "".join(pieces) + text[last:] if pieces else text
+
+
+# ErrorResponse / NoticeResponse fields a server sets itself, whatever a statement reads: the
+# severity, the SQLSTATE, the position in the statement's text, and where in the server's
+# source code it was raised. Every other field may carry a value: the message, detail, hint and
+# context, and the schema/table/column/type/constraint names a RAISE ... USING may set to any text.
+_SERVER_FIELDS = frozenset("SVCPFLR")
+
+
+class MessageMasker:
+    """What a server's error or notice may say while a masked statement runs.
+
+    ``withhold`` (a rule masks columns of the statement's relations): any text field may quote
+    one of their values (``email::int`` fails with the value in its message, a function may RAISE
+    it) and no detector can tell which part is one, so the message becomes ``withhold`` and the
+    other text fields go. An error the server raised while analysing the statement (it has a
+    position in the statement's text: an unknown column, a syntax error) read no row and is
+    passed on as it is. Otherwise (detector rules only) the rules' detectors run over every text
+    field, as over the result's values."""
+
+    def __init__(self, withhold: str | None = None, text: TextMasker | None = None):
+        self.withhold = withhold
+        self.text = text
+
+    def fields(self, fields: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...] | None:
+        """The fields to send instead, or None: send them as they are."""
+        if self.withhold is not None:
+            if any(code == "P" for code, _ in fields):
+                return None
+            out = [(code, value) for code, value in fields if code in _SERVER_FIELDS]
+            out.insert(next((i + 1 for i, (code, _) in enumerate(out) if code == "C"), len(out)),
+                       ("M", self.withhold))
+            return tuple(out)
+        if self.text is None:
+            return None
+        out, changed = [], False
+        for code, value in fields:
+            if code not in _SERVER_FIELDS:
+                masked = self.text.mask(value)
+                changed = changed or masked is not value
+                value = masked
+            out.append((code, value))
+        return tuple(out) if changed else None

@@ -205,6 +205,15 @@ SQL_TEXT_FUNCTIONS: dict[str, tuple[int, int | None]] = {
 # Built-ins that return the rows of a cursor named by their first argument: read as FETCH from it.
 CURSOR_READING_FUNCTIONS = frozenset({"cursor_to_xml", "cursor_to_xmlschema"})
 
+# Functions that keep or send their arguments somewhere a later statement, another session or
+# another server reads them back (a setting, a notification's payload, a large object, a file,
+# SQL run elsewhere): the column names in their arguments are recorded (``sent``), so a value
+# masking hides is not passed to one (engine: the statement is refused).
+SENDING_FUNCTIONS = frozenset({
+    "set_config", "pg_notify", "lo_from_bytea", "lo_put", "pg_file_write", "pg_logical_emit_message",
+    "dblink", "dblink_exec", "dblink_send_query", "dblink_open", "dblink_fetch",
+})
+
 RELATION_READING_FUNCTIONS: dict[str, str] = {
     "table_to_xml": "table", "table_to_xmlschema": "table", "table_to_xml_and_xmlschema": "table",
     "schema_to_xml": "schema", "schema_to_xmlschema": "schema", "schema_to_xml_and_xmlschema": "schema",
@@ -250,6 +259,8 @@ class StatementAnalysis:
     outputs: tuple[tuple[str, frozenset[str]], ...] = ()
     # UPDATE's SET: assigned column -> the column names its value is computed from.
     assigned: tuple[tuple[str, frozenset[str]], ...] = ()
+    # Calls of SENDING_FUNCTIONS: function name -> the column names in its arguments.
+    sent: tuple[tuple[str, frozenset[str]], ...] = ()
     # Session effects (applied by SqlSessionState when the statement is let through).
     prepare_name: str | None = None
     prepared_body: "StatementAnalysis | None" = field(default=None, compare=False)
@@ -751,6 +762,7 @@ class _Walker:
         self.cte_scopes: list[frozenset[str]] = []
         self.outputs: dict[str, set[str]] = {}
         self.assigned: dict[str, set[str]] = {}  # UPDATE's SET: column -> the columns its value comes from
+        self.sent: dict[str, set[str]] = {}  # SENDING_FUNCTIONS called -> the columns in their arguments
         self.collecting: list[set[str]] = []  # the outputs whose expressions are being walked
         self.range_names: set[str] = set()
         self.prepare_name: str | None = None
@@ -788,14 +800,14 @@ class _Walker:
             self.properties.add("explain_only")
         # "*?x": a bare name that is a whole row when x is a table or alias in this statement.
         whole = ("*",) if self.embedded_rows else ()
-        outputs, assigned = (tuple(sorted(
+        outputs, assigned, sent = (tuple(sorted(
             (k, frozenset(["*" if src.startswith("*?") else src for src in v
                            if not src.startswith("*?") or src[2:].lower() in self.range_names] + list(whole)))
-            for k, v in named.items())) for named in (self.outputs, self.assigned))
+            for k, v in named.items())) for named in (self.outputs, self.assigned, self.sent))
         return StatementAnalysis(
             kind=self.kind, kinds=frozenset(kinds), reads=frozenset(self.reads),
             writes=frozenset(self.writes), functions=frozenset(self.functions),
-            properties=frozenset(self.properties), outputs=outputs, assigned=assigned, prepare_name=self.prepare_name,
+            properties=frozenset(self.properties), outputs=outputs, assigned=assigned, sent=sent, prepare_name=self.prepare_name,
             prepared_body=self.prepared_body, execute_name=self.execute_name, deallocate=self.deallocate,
             search_path=self.search_path, reset_session=self.reset_session, reads_constants=self.reads_constants,
             declare_name=self.declare_name, declared_body=self.declared_body, fetch_name=self.fetch_name,
@@ -927,6 +939,13 @@ class _Walker:
             elif names[-1] in CURSOR_READING_FUNCTIONS and names[0] in (names[-1], "pg_catalog"):
                 self._cursor_argument(body.get("args", []))
                 self.embedded_rows = True
+            if names[-1] in SENDING_FUNCTIONS:
+                self.collecting.append(self.sent.setdefault(names[-1], set()))
+                try:
+                    self.generic("FuncCall", body, skip=("funcname",))
+                finally:
+                    self.collecting.pop()
+                return
         self.generic("FuncCall", body, skip=("funcname",))
 
     def _cursor_argument(self, args: list[Any]) -> None:

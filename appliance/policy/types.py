@@ -38,6 +38,12 @@ class Verdict:
         if self.action not in ACTION_STRENGTH:
             raise ValueError(f"unknown action {self.action!r}")
 
+    @property
+    def masked(self) -> bool:
+        """The request's results are masked: a mask rule decided it, or one matched a request an
+        operator approves (it runs masked)."""
+        return self.action == "mask" or (self.action == "approve" and bool(self.mask_rules))
+
 
 ALLOW = Verdict("allow", None, "allowed by default")
 

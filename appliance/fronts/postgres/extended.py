@@ -73,7 +73,7 @@ class ExtendedProtocolMixin:
         self._portals[portal_name] = portal
         self._ext_open = True
         self._ops.append((OP_BIND,))
-        if stmt.verdict.action == "mask":
+        if stmt.verdict.masked:
             # Masking needs the result columns with their formats: ask for them, keep the answer.
             self._handlers[68] = self._on_data_row
             self._ops.append((OP_DESCRIBE, "P", portal, True))
@@ -153,7 +153,7 @@ class ExtendedProtocolMixin:
         Execute does not bring (FETCH, as SQL, reads it masked)."""
         text = 'FETCH ALL FROM "' + name.replace('"', '""') + '"'
         verdict = self._decide(text, "execute")
-        if verdict.action == "mask" and self._masks_a_column(verdict):
+        if verdict.masked and self._masks_a_column(verdict):
             verdict = Verdict("block", verdict.rule, f"{verdict.reason}; this cursor's rows are masked: read them "
                               f"with FETCH, not by executing its portal", details=verdict.details)
         return _Portal(_Statement(text, verdict, name, by_name=True), None, ())

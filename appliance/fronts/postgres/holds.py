@@ -73,7 +73,7 @@ class HoldMixin:
             req.decision = "approve"
             req.reason = outcome.reason or req.reason
             out = original
-            if req.kind == "query" and req.verdict.action == "mask":
+            if req.kind == "query" and req.verdict.masked:
                 self._handlers[68] = self._on_data_row
             # strict audit: an approved statement too runs only once its record is durable (a held
             # Parse runs nothing: its Executes wait for theirs).

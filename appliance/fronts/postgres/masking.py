@@ -6,6 +6,7 @@ import logging
 import struct
 
 from appliance.policy.types import ColumnDesc, Verdict
+from appliance.protocols.postgres import messages as m
 from appliance.protocols.postgres import sqlstate
 from appliance.protocols.postgres.connection import error_response
 
@@ -13,7 +14,7 @@ from ..services import ColumnMaskPlan
 from appliance.hotpath import mask_rows
 
 from .wire import _row_values, _encode_row, _swallow, columns_of
-from .pending import _UNKNOWN_STATEMENT, OP_QUERY, OP_DESCRIBE, OP_EXECUTE, _NO_PLAN
+from .pending import _UNKNOWN_STATEMENT, OP_QUERY, OP_DESCRIBE, OP_EXECUTE, OP_FUNCTION, _NO_PLAN
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ class MaskingMixin:
         kind = head[0]
         if kind == OP_QUERY:
             req = head[1]
-            if req.verdict.action == "mask" and req.decision != "deny":
+            if req.verdict.masked and req.decision != "deny":
                 self._end_plan()
                 self._plan = self._make_plan(req.verdict, columns_of(bytes(buf[s + 5:e]))) or _NO_PLAN
                 self._plan_req = req
@@ -40,7 +41,7 @@ class MaskingMixin:
             _, dkind, target, hidden = head
             if target is not None and target is not _UNKNOWN_STATEMENT:
                 verdict = target.verdict if dkind == "S" else target.statement.verdict
-                if verdict.action == "mask":
+                if verdict.masked:
                     target.columns = columns_of(bytes(buf[s + 5:e]))
             return b"" if hidden else None
         return None
@@ -72,7 +73,7 @@ class MaskingMixin:
             if not ops or ops[0][0] != OP_EXECUTE:
                 return None
             portal, req = ops[0][1], ops[0][2]
-            if portal is None or req.verdict.action != "mask":
+            if portal is None or not req.verdict.masked:
                 return None
             cols = portal.columns
             if cols is None:
@@ -108,6 +109,31 @@ class MaskingMixin:
             return None
         return _encode_row(new)
 
+    def _on_notice(self, buf, s, e):
+        """A notice while a masked statement runs: masked as its errors are (_masked_message)."""
+        ops = self._ops
+        if not ops:
+            return None
+        head = ops[0]
+        kind = head[0]
+        req = head[1] if kind in (OP_QUERY, OP_FUNCTION) else (head[2] if kind == OP_EXECUTE else None)
+        if req is None or not req.verdict.masked:
+            return None
+        masked = self._masked_message(req.verdict, m.NoticeResponse.decode(bytes(buf[s + 5:e])))
+        return None if masked is None else masked.encode()
+
+    def _masked_message(self, verdict: Verdict, msg):
+        """``msg`` (an ErrorResponse or NoticeResponse the server sent while ``verdict``'s
+        statement ran) as the bot may see it, or None: as it is."""
+        try:
+            masker = self.services.message_masker(self.core.grant, self.settings.target, verdict)
+            fields = masker.fields(msg.fields) if masker is not None else None
+        except Exception:
+            log.exception("masking a server message failed; its text is withheld")
+            fields = tuple((c, v) for c, v in msg.fields if c in "SVC") + (
+                ("M", "botwarden withheld the server's message (the statement's results are masked)"),)
+        return None if fields is None else type(msg)(fields)
+
     def _on_copy_out(self, buf, s, e):
         """COPY ... TO STDOUT of a statement to be masked: CopyData cannot be masked, so refuse it."""
         ops = self._ops
@@ -115,7 +141,7 @@ class MaskingMixin:
             return None
         head = ops[0]
         req = head[1] if head[0] == OP_QUERY else (head[2] if head[0] == OP_EXECUTE else None)
-        if req is None or req.verdict.action != "mask":
+        if req is None or not req.verdict.masked:
             return None
         refusal = error_response(sqlstate.INSUFFICIENT_PRIVILEGE,
                                  f"COPY TO STDOUT is refused for statements masked by rule {req.verdict.rule!r}",

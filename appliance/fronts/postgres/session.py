@@ -120,7 +120,8 @@ class Session(StartupMixin, ReadingMixin, ExtendedProtocolMixin, MaskingMixin, F
                       (b"3", self._on_close_complete), (b"T", self._on_row_description),
                       (b"n", self._on_no_data), (b"C", self._on_command_complete),
                       (b"I", self._on_empty_query), (b"s", self._on_portal_suspended),
-                      (b"E", self._on_error), (b"Z", self._on_ready), (b"K", self._on_backend_key),
+                      (b"E", self._on_error), (b"N", self._on_notice), (b"Z", self._on_ready),
+                      (b"K", self._on_backend_key),
                       (b"H", self._on_copy_out), (b"W", self._on_copy_out),
                       (b"S", self._on_parameter_status)):
             self._handlers[ch[0]] = h
@@ -652,6 +653,11 @@ class Session(StartupMixin, ReadingMixin, ExtendedProtocolMixin, MaskingMixin, F
             if req.nonce is not None and req.nonce in (err.message or ""):
                 replacement = req.refusal.encode()
             else:
+                if kind != OP_PARSE and req.verdict.masked:
+                    # A masked statement's error may quote a masked value (MessageMasker).
+                    masked = self._masked_message(req.verdict, err)
+                    if masked is not None:
+                        err, replacement = masked, masked.encode()
                 req.error = err.message
                 req.sqlstate = err.sqlstate
         if kind not in (OP_QUERY, OP_FUNCTION):

@@ -1,0 +1,255 @@
+"""Ways a masked value could leave other than in the result's rows, each through the real
+PostgreSQL front against a real PostgreSQL 15, with the policy engine the daemon uses deciding:
+the server's error and notice texts for a masked statement, functions that keep or send their
+arguments elsewhere (set_config, pg_notify, large objects), DO blocks and function bodies that
+read masked columns, and a statement an operator approved (masked as well). Each case was seen
+to leak against the server directly. tests/test_policy_bypasses_e2e.py runs some through the
+daemon and its audit store."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import psycopg
+import pytest
+
+from appliance.config import parse_config
+from appliance.fronts.services import Credential, DefaultServices, HoldOutcome
+from appliance.policy import PolicyEngine
+from tests.pg_front_fixtures import APP_PASSWORD, APP_USER, FrontThread, plain_settings, setup_roles
+
+POLICY = """
+[[targets]]
+name = "pg-test"
+protocol = "postgres"
+address = "127.0.0.1:5432"
+authentication = "attestation"
+
+[[identities]]
+name = "test-bot"
+[identities.process]
+uid = 1000
+
+[[rules]]
+name = "mask-contacts"
+action = "mask"
+[rules.sql]
+relations = ["bw_contacts"]
+[[rules.mask]]
+columns = ["email", "bw_contacts.secret_note"]
+strategy = "full"
+
+[[rules]]
+name = "hold-contact-ids"
+action = "approve"
+[rules.sql]
+relations = ["bw_contacts"]
+functions = ["bw_hold_me"]
+match = "all"
+
+[[rules]]
+name = "scan-notes"
+action = "mask"
+[rules.sql]
+relations = ["bw_free_notes"]
+[[rules.mask]]
+detectors = ["email"]
+strategy = "full"
+"""
+
+EMAIL = "carol@example.com"
+NOTE = "the vault code is 4471"
+
+
+class EngineServices(DefaultServices):
+    """The front's services with the real policy engine deciding; every hold is approved."""
+
+    def __init__(self) -> None:
+        super().__init__(Credential(APP_USER, APP_PASSWORD))
+        cfg = parse_config(POLICY)
+        self.engine = PolicyEngine(cfg.policy, cfg.targets, cfg.identities)
+
+    def decide_sql(self, grant, target, sql, phase, *, probe=False):
+        return self.engine.decide_sql(grant.identity, grant.groups, target, sql)
+
+    def mask_plan(self, grant, target, verdict, columns):
+        return self.engine.mask_plan(grant.identity, grant.groups, target, verdict, columns)
+
+    def message_masker(self, grant, target, verdict):
+        return self.engine.message_masker(verdict)
+
+    async def hold(self, grant, target, request_text, verdict, notify, request_id=None, detail=None):
+        approval_id = uuid.uuid4().hex
+        notify(approval_id)
+        await asyncio.sleep(0)
+        return HoldOutcome(True, approval_id, "approved by the test", "tester", "approved")
+
+
+@pytest.fixture(scope="module")
+def front(pg_server):
+    setup_roles(pg_server)
+    pg_server.psql(
+        "DROP TABLE IF EXISTS bw_contacts, bw_free_notes CASCADE; "
+        "CREATE TABLE bw_contacts (id int primary key, email text, secret_note text, city text); "
+        f"INSERT INTO bw_contacts VALUES (1, '{EMAIL}', '{NOTE}', 'Oslo'); "
+        "CREATE TABLE bw_free_notes (id int, body text); "
+        f"INSERT INTO bw_free_notes VALUES (1, 'write to {EMAIL} today'); "
+        # Functions that exist before the session (botwarden did not see them created): they say
+        # their argument in a notice or an error.
+        "CREATE OR REPLACE FUNCTION bw_shout(v text) RETURNS text LANGUAGE plpgsql AS "
+        "$$ BEGIN RAISE NOTICE 'got %', v; RETURN 'ok'; END $$; "
+        "CREATE OR REPLACE FUNCTION bw_fail(v text) RETURNS text LANGUAGE plpgsql AS "
+        "$$ BEGIN RAISE EXCEPTION 'bad value %', v USING DETAIL = 'value ' || v, HINT = v; END $$; "
+        "CREATE OR REPLACE FUNCTION bw_hold_me(v text) RETURNS text LANGUAGE sql AS 'SELECT v'")
+    services = EngineServices()
+    ft = FrontThread(plain_settings(pg_server), services)
+    yield ft
+    ft.stop()
+    pg_server.psql("DROP TABLE IF EXISTS bw_contacts, bw_free_notes CASCADE; "
+                   "DROP FUNCTION IF EXISTS bw_shout(text), bw_fail(text), bw_hold_me(text), bw_leaky()")
+
+
+def _direct(pg_server):
+    return psycopg.connect(host=pg_server.host, port=pg_server.port, user=APP_USER, password=APP_PASSWORD,
+                           dbname="postgres", sslmode="disable", autocommit=True)
+
+
+def _error_texts(e: psycopg.Error) -> str:
+    d = e.diag
+    return " | ".join(str(x) for x in (d.message_primary, d.message_detail, d.message_hint, d.context,
+                                       d.internal_query, str(e)))
+
+
+ERRORS = [
+    "SELECT email::int FROM bw_contacts",
+    "SELECT id FROM bw_contacts WHERE secret_note::int > 0",
+    "SELECT email::regclass FROM bw_contacts",
+    "SELECT bw_fail(email) FROM bw_contacts",
+]
+
+
+@pytest.mark.parametrize("sql", ERRORS)
+@pytest.mark.parametrize("extended", [False, True], ids=["simple", "extended"])
+def test_a_masked_statements_error_does_not_say_the_value(front, pg_server, sql, extended):
+    with _direct(pg_server) as conn, pytest.raises(psycopg.Error) as direct:
+        conn.execute(sql, prepare=extended or None)
+    leaked = _error_texts(direct.value)
+    assert "carol@example" in leaked or "4471" in leaked, leaked  # what the front must not pass on
+    with psycopg.connect(front.dsn(), autocommit=True) as conn:
+        with pytest.raises(psycopg.Error) as got:
+            conn.execute(sql, prepare=extended or None)
+        said = _error_texts(got.value)
+        assert "carol@example" not in said and "4471" not in said, said
+        # The same class of error, and a message that says why its text is missing.
+        assert got.value.sqlstate == direct.value.sqlstate
+        assert "withheld" in got.value.diag.message_primary and "mask-contacts" in got.value.diag.message_primary
+        assert conn.execute("SELECT 1").fetchone() == (1,)  # the session goes on
+    records = [r for r in front.services.of_kind("request") if r.get("text") == sql]
+    assert records and all(EMAIL not in (r.get("error") or "") for r in records), records
+
+
+def test_a_masked_statements_notices_do_not_say_the_value(front, pg_server):
+    sql = "SELECT bw_shout(email) AS shouted FROM bw_contacts"
+    with _direct(pg_server) as conn:
+        heard: list[str] = []
+        conn.add_notice_handler(lambda d: heard.append(f"{d.message_primary} {d.message_detail} {d.context}"))
+        conn.execute(sql)
+    assert any(EMAIL in n for n in heard), heard
+    with psycopg.connect(front.dsn(), autocommit=True) as conn:
+        heard = []
+        conn.add_notice_handler(lambda d: heard.append(f"{d.message_primary} {d.message_detail} {d.context}"))
+        assert conn.execute(sql).fetchall() == [("********",)]
+        assert heard and all(EMAIL not in n for n in heard), heard
+        assert "withheld" in heard[0]
+
+
+def test_an_unmasked_statements_errors_and_notices_are_untouched(front):
+    with psycopg.connect(front.dsn(), autocommit=True) as conn:
+        heard: list[str] = []
+        conn.add_notice_handler(lambda d: heard.append(d.message_primary))
+        conn.execute("SELECT bw_shout('plain words')")
+        assert heard == ["got plain words"]
+        with pytest.raises(psycopg.errors.RaiseException) as e:
+            conn.execute("SELECT bw_fail('plain words')")
+        assert e.value.diag.message_primary == "bad value plain words"
+        assert e.value.diag.message_detail == "value plain words"
+        # A masked relation, a column masking does not cover: the server's words, untouched.
+        with pytest.raises(psycopg.errors.UndefinedColumn) as e:
+            conn.execute("SELECT emial FROM bw_contacts")
+        assert 'column "emial" does not exist' in e.value.diag.message_primary
+
+
+def test_detector_masks_apply_to_error_texts(front, pg_server):
+    sql = "SELECT body::int FROM bw_free_notes"
+    with psycopg.connect(front.dsn(), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InvalidTextRepresentation) as e:
+            conn.execute(sql)
+    msg = e.value.diag.message_primary
+    assert EMAIL not in msg and msg.startswith('invalid input syntax for type integer: "write to '), msg
+
+
+SENDS = [
+    ("SELECT set_config('bw.leak', email, false) FROM bw_contacts", "SELECT current_setting('bw.leak', true)"),
+    ("SELECT 1 FROM bw_contacts WHERE set_config('bw.leak', secret_note, false) IS NOT NULL",
+     "SELECT current_setting('bw.leak', true)"),
+    ("SELECT pg_notify('bw_chan', c.email) FROM (SELECT email FROM bw_contacts) c", None),
+    ("SELECT lo_from_bytea(4242, convert_to(email, 'UTF8')) FROM bw_contacts",
+     "SELECT convert_from(lo_get(oid), 'UTF8') FROM pg_largeobject_metadata WHERE oid = 4242"),
+]
+
+
+@pytest.mark.parametrize("send,read", SENDS)
+def test_masked_values_are_not_sent_where_masking_cannot_follow(front, pg_server, send, read):
+    pg_server.psql("SELECT lo_unlink(4242) FROM pg_largeobject_metadata WHERE oid = 4242")
+    with _direct(pg_server) as conn:  # against the server: the value comes back in clear
+        conn.execute("LISTEN bw_chan")
+        conn.execute(send)
+        back = conn.execute(read).fetchone()[0] if read else next(conn.notifies(timeout=5)).payload
+        assert back in (EMAIL, NOTE), back
+    pg_server.psql("SELECT lo_unlink(4242) FROM pg_largeobject_metadata WHERE oid = 4242")
+    with psycopg.connect(front.dsn(), autocommit=True) as conn:
+        conn.execute("LISTEN bw_chan")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
+            conn.execute(send)
+        assert "mask-contacts" in str(e.value) and "masking cannot follow" in str(e.value)
+        if read:
+            row = conn.execute(read).fetchone()
+            assert row is None or row[0] in (None, ""), row
+        else:
+            assert list(conn.notifies(timeout=0.5)) == []
+    # A column the rule does not mask may be sent.
+    with psycopg.connect(front.dsn(), autocommit=True) as conn:
+        assert conn.execute("SELECT set_config('bw.city', city, false) FROM bw_contacts").fetchone() == ("Oslo",)
+
+
+BODIES = [
+    "DO $$ BEGIN RAISE NOTICE '%', (SELECT email FROM bw_contacts LIMIT 1); END $$",
+    "DO $$ DECLARE v text; BEGIN SELECT secret_note INTO v FROM bw_contacts; "
+    "PERFORM set_config('bw.leak', v, false); END $$",
+    "CREATE FUNCTION bw_leaky() RETURNS text LANGUAGE sql AS 'SELECT email FROM bw_contacts LIMIT 1'",
+]
+
+
+@pytest.mark.parametrize("sql", BODIES)
+def test_do_blocks_and_function_bodies_reading_masked_columns_are_refused(front, pg_server, sql):
+    with psycopg.connect(front.dsn(), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
+            conn.execute(sql)
+        assert "mask-contacts" in str(e.value) and "masking cannot follow" in str(e.value)
+        assert conn.execute("SELECT current_setting('bw.leak', true)").fetchone()[0] in (None, "")
+    assert pg_server.psql("SELECT count(*) FROM pg_proc WHERE proname = 'bw_leaky'") == "0"
+    # Reading only columns nobody masks in a DO block is still fine.
+    with psycopg.connect(front.dsn(), autocommit=True) as conn:
+        conn.execute("DO $$ BEGIN PERFORM count(*) FROM pg_class; END $$")
+
+
+def test_an_approved_statement_is_masked_too(front):
+    # hold-contact-ids holds it; the test's approver lets it run: its rows are still masked.
+    with psycopg.connect(front.dsn(), autocommit=True) as conn:
+        rows = conn.execute("SELECT bw_hold_me(email) AS e, email, city FROM bw_contacts").fetchall()
+        assert rows == [("********", "********", "Oslo")], rows
+        rows = conn.execute("SELECT bw_hold_me(email) AS e, city FROM bw_contacts", prepare=True).fetchall()
+        assert rows == [("********", "Oslo")], rows
+    decided = [r for r in front.services.of_kind("request") if "bw_hold_me" in (r.get("text") or "")]
+    assert decided and all(r["decision"] == "approve" for r in decided), decided
