@@ -161,6 +161,22 @@ def test_a_search_path_set_at_startup_still_guards_unqualified_names(world, dsn_
     assert rows[-1]["decision"] == "block" and rows[-1]["rule"] == "no-evil-secrets", rows[-1]
 
 
+def test_a_search_path_default_of_the_database_still_guards_unqualified_names(world):
+    # ALTER DATABASE/ROLE ... SET search_path applies at login, where neither the startup packet nor
+    # a statement shows it: botwarden reads the session's path from the server first.
+    pg = world["pg"]
+    _evil_schema(pg)
+    pg.psql("ALTER DATABASE postgres SET search_path = evil, public")
+    try:
+        steps = _steps("SELECT s FROM secrets")
+        direct = run_direct(world, steps)
+        assert bytes.fromhex(direct[0]["rows"][0][0]) == b"the-evil-secret", direct
+        got = run_bot(world, steps)[0]
+        assert not got["ok"] and got["sqlstate"] == "42501" and "no-evil-secrets" in got["message"], got
+    finally:
+        pg.psql("ALTER DATABASE postgres RESET search_path")
+
+
 def test_a_role_set_at_startup_is_a_role_switch(world):
     steps = _steps("SELECT current_user")
     direct = run_direct(world, steps, options="-crole=pg_read_all_data")

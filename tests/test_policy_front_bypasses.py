@@ -10,7 +10,7 @@ import pytest
 
 from appliance.config import parse_config
 from appliance.fronts.services import Credential, DefaultServices
-from appliance.policy import PolicyEngine
+from appliance.policy import PolicyEngine, SqlSessionState
 from tests.pg_front_fixtures import APP_PASSWORD, APP_USER, FrontThread, plain_settings, setup_roles
 
 POLICY = """
@@ -43,19 +43,35 @@ name = "no-column-drops"
 action = "block"
 [rules.sql]
 kinds = ["ALTER_TABLE.DROP_COLUMN", "ALTER_TABLE.RENAME"]
+
+[[rules]]
+name = "no-evil-secrets"
+action = "block"
+[rules.sql]
+relations = ["bw_evil.secrets"]
+
+[[rules]]
+name = "no-role-switch"
+action = "block"
+[rules.sql]
+properties = ["set_role"]
 """
 
 
 class EngineServices(DefaultServices):
     """The front's services with the real policy engine deciding."""
 
-    def __init__(self) -> None:
-        super().__init__(Credential(APP_USER, APP_PASSWORD))
+    def __init__(self, user: str = APP_USER, password: str = APP_PASSWORD) -> None:
+        super().__init__(Credential(user, password))
         cfg = parse_config(POLICY)
         self.engine = PolicyEngine(cfg.policy, cfg.targets, cfg.identities)
+        self.sessions: dict[str, SqlSessionState] = {}
 
-    def decide_sql(self, grant, target, sql, phase):
-        return self.engine.decide_sql(grant.identity, grant.groups, target, sql)
+    def decide_sql(self, grant, target, sql, phase, *, probe=False):
+        # Per-session state (search_path, prepared names) as the daemon's runtime keeps it.
+        state = self.sessions.setdefault(grant.session_id, SqlSessionState())
+        return self.engine.decide_sql(grant.identity, grant.groups, target, sql,
+                                      session=state.copy() if probe else state)
 
 
 @pytest.fixture(scope="module")
@@ -122,3 +138,48 @@ def test_look_alikes_still_pass(front, pg_server):
     assert pg_server.psql("SELECT count(*) FROM bw_accounts") == "3"  # ids 2, 3, 4: 1 (in bw_log) and 5 deleted
     assert pg_server.psql("SELECT count(*) FROM information_schema.columns WHERE table_name = 'bw_accounts' "
                           "AND column_name = 'extra'") == "1"
+
+
+# Defaults the server applies at login, which neither the startup packet nor a statement shows:
+# botwarden reads them from the server before the bot's first statement.
+DEFAULTS_USER, DEFAULTS_PASSWORD = "bw_defaults", "bw-defaults-secret-pw"
+
+
+@pytest.fixture()
+def defaults_front(pg_server):
+    pg_server.psql(f"DROP ROLE IF EXISTS {DEFAULTS_USER}; CREATE ROLE {DEFAULTS_USER} LOGIN PASSWORD "
+                   f"'{DEFAULTS_PASSWORD}'; GRANT pg_read_all_data TO {DEFAULTS_USER}; "
+                   "CREATE SCHEMA IF NOT EXISTS bw_evil; CREATE TABLE IF NOT EXISTS bw_evil.secrets (s text); "
+                   "TRUNCATE bw_evil.secrets; INSERT INTO bw_evil.secrets VALUES ('the-evil-secret')")
+    ft = FrontThread(plain_settings(pg_server), EngineServices(DEFAULTS_USER, DEFAULTS_PASSWORD))
+    yield ft
+    ft.stop()
+    pg_server.psql(f"DROP OWNED BY {DEFAULTS_USER}; DROP ROLE {DEFAULTS_USER}; DROP SCHEMA bw_evil CASCADE")
+
+
+def _direct_as_defaults_user(pg_server):
+    return psycopg.connect(host=pg_server.host, port=pg_server.port, user=DEFAULTS_USER,
+                           password=DEFAULTS_PASSWORD, dbname="postgres", sslmode="disable", autocommit=True)
+
+
+def test_a_search_path_default_of_the_role_still_guards_unqualified_names(defaults_front, pg_server):
+    pg_server.psql(f"ALTER ROLE {DEFAULTS_USER} SET search_path = bw_evil, public")
+    with _direct_as_defaults_user(pg_server) as conn:  # the server: the unqualified name is bw_evil's
+        assert conn.execute("SELECT s FROM secrets").fetchone() == ("the-evil-secret",)
+    with psycopg.connect(defaults_front.dsn(), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
+            conn.execute("SELECT s FROM secrets")
+        assert "no-evil-secrets" in str(e.value)
+        assert conn.execute("SELECT 1").fetchone() == (1,)  # nothing else changed for the bot
+
+
+def test_a_role_default_of_the_login_role_is_a_role_switch(defaults_front, pg_server):
+    pg_server.psql(f"ALTER ROLE {DEFAULTS_USER} SET role = pg_read_all_data")
+    with _direct_as_defaults_user(pg_server) as conn:
+        assert conn.execute("SELECT current_user").fetchone() == ("pg_read_all_data",)
+    with pytest.raises(psycopg.OperationalError) as e:
+        psycopg.connect(defaults_front.dsn(), autocommit=True)
+    assert "the session's default role" in str(e.value) and "no-role-switch" in str(e.value)
+    pg_server.psql(f"ALTER ROLE {DEFAULTS_USER} RESET role")
+    with psycopg.connect(defaults_front.dsn(), autocommit=True) as conn:  # without it: served
+        assert conn.execute("SELECT current_user").fetchone() == (DEFAULTS_USER,)

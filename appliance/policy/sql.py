@@ -1052,7 +1052,7 @@ class _Walker:
             self.properties.add("set_role")
         if setting == "search_path":
             text = _const_string(value)
-            self._set_search_path(_split_search_path(text) if text is not None else ("*",))
+            self._set_search_path(split_search_path(text) if text is not None else ("*",))
 
     def _pg_settings_update(self, body: Mapping[str, Any]) -> None:
         """UPDATE pg_settings SET setting = v WHERE name = n runs set_config(n, v, false) for the
@@ -1422,7 +1422,7 @@ class _Walker:
                     if value is None:
                         schemas.append("*")
                     else:
-                        schemas.extend(_split_search_path(value))
+                        schemas.extend(split_search_path(value))
                 self._set_search_path(tuple(schemas) or ("*",))
         self.generic("VariableSetStmt", body)
 
@@ -1653,7 +1653,7 @@ def _after_assignment(text: str) -> str:
     raise _Unanalyzable("PL/pgSQL assignment botwarden cannot split")
 
 
-def _split_search_path(value: str) -> tuple[str, ...]:
+def split_search_path(value: str) -> tuple[str, ...]:
     out = []
     for part in value.split(","):
         part = part.strip()

@@ -7,7 +7,9 @@ import json
 import logging
 import ssl
 
+from appliance.policy.engine import DEFAULT_SEARCH_PATH
 from appliance.policy.reading import TRACKED_PARAMETERS
+from appliance.policy.sql import split_search_path
 from appliance.policy.redact import redact_value
 from appliance.protocols.postgres import messages as m
 from appliance.protocols.postgres import sqlstate
@@ -27,6 +29,8 @@ log = logging.getLogger(__name__)
 
 # What the policy follows of a session's settings (see _decide_startup_settings).
 _DECIDED_SETTINGS = frozenset({"search_path", "role", "session_authorization"})
+# The session's search_path and roles as the server set them up (_decide_session_defaults).
+_DEFAULTS_QUERY = "SELECT pg_catalog.current_setting('search_path'), current_user::text, session_user::text"
 
 
 class StartupMixin:
@@ -117,7 +121,10 @@ class StartupMixin:
         (``options=-c search_path=...``, or a parameter of their own) apply before the first
         statement: each is decided as ``set_config`` in that statement would be (a search_path
         joins the session's, a role is a role switch), and one refused refuses the connection."""
-        for name, value in startup_settings(startup):
+        self._decide_settings(startup_settings(startup), "setting {name} at connection start")
+
+    def _decide_settings(self, settings, what: str) -> None:
+        for name, value in settings:
             if name not in _DECIDED_SETTINGS:
                 continue
             literal = "'" + value.replace("'", "''") + "'"
@@ -127,7 +134,38 @@ class StartupMixin:
             why = verdict.reason or f"rule {verdict.rule!r}"
             if verdict.action == "approve":
                 why = f"{why} (a hold cannot be asked for at connection start: set it with a statement)"
-            raise FrontError(sqlstate.INSUFFICIENT_PRIVILEGE, f"setting {name} at connection start is refused: {why}")
+            raise FrontError(sqlstate.INSUFFICIENT_PRIVILEGE, f"{what.format(name=name)} is refused: {why}")
+
+    async def _decide_session_defaults(self) -> None:
+        """What the session starts with that the startup packet did not say: a search_path (or a
+        role) set by ``ALTER DATABASE``/``ALTER ROLE ... SET`` or the server's configuration.
+        Read from the server before the bot's first statement (one round trip, the bot's
+        ReadyForQuery waits for it) and decided as the startup packet's settings are: a
+        search_path joins the session's, another role is a role switch."""
+        self.upstream.transport.write(m.Query(_DEFAULTS_QUERY).encode())
+        values: tuple | None = None
+        failed: m.ErrorResponse | None = None
+        while True:
+            ev = await self.server_waiter.next()
+            if isinstance(ev, m.DataRow):
+                values = ev.values
+            elif isinstance(ev, m.ErrorResponse):
+                failed = ev
+            elif isinstance(ev, m.ReadyForQuery):
+                break
+            elif isinstance(ev, ConnectionClosed):
+                raise FrontError(sqlstate.CONNECTION_FAILURE, "the server closed the connection during startup")
+        if failed is not None or values is None or len(values) != 3 or None in values:
+            raise FrontError(sqlstate.CONNECTION_FAILURE, "botwarden could not read the session's search_path "
+                             f"and role from the target: {failed.message if failed else 'no answer'}")
+        path, current, session = (bytes(v).decode("utf-8", "replace") for v in values)
+        settings = []
+        if set(split_search_path(path)) != set(DEFAULT_SEARCH_PATH):
+            settings.append(("search_path", path))
+        if current != session:
+            settings.append(("role", current))
+        self._decide_settings(settings, "the session's default {name} (ALTER ROLE/DATABASE ... SET, or the "
+                                        "server's configuration)")
 
     async def _connect_upstream(self, grant: SessionGrant, startup: m.StartupMessage) -> None:
         loop = asyncio.get_running_loop()
@@ -170,6 +208,7 @@ class StartupMixin:
         while True:
             ev = await self.server_waiter.next()
             if isinstance(ev, m.ReadyForQuery):
+                await self._decide_session_defaults()
                 self.write_bot(ev.encode())
                 self.txn_status = ev.status
                 break
