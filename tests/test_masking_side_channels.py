@@ -253,3 +253,78 @@ def test_an_approved_statement_is_masked_too(front):
         assert rows == [("********", "Oslo")], rows
     decided = [r for r in front.services.of_kind("request") if "bw_hold_me" in (r.get("text") or "")]
     assert decided and all(r["decision"] == "approve" for r in decided), decided
+
+
+# DDL that renames a masked relation or column, computes another column from a masked one, or has
+# its rows copied or read elsewhere: masking follows names, so each is refused. (Against the
+# server each is run in a transaction rolled back afterwards.)
+REWIRES = [
+    ([], "ALTER TABLE bw_contacts RENAME email TO e", ["SELECT e FROM bw_contacts"]),
+    ([], "ALTER TABLE bw_contacts RENAME TO bw_renamed", ["SELECT email FROM bw_renamed"]),
+    ([], "ALTER TABLE bw_contacts SET SCHEMA bw_elsewhere", ["SELECT email FROM bw_elsewhere.bw_contacts"]),
+    ([], "ALTER TABLE bw_contacts ADD COLUMN c text GENERATED ALWAYS AS (email) STORED",
+     ["SELECT c FROM bw_contacts"]),
+    ([], "ALTER TABLE bw_contacts ALTER COLUMN city TYPE text USING email", ["SELECT city FROM bw_contacts"]),
+    (["CREATE TABLE bw_leak (v text)",
+      "CREATE FUNCTION bw_cp() RETURNS trigger LANGUAGE plpgsql AS "
+      "$$ BEGIN INSERT INTO bw_leak VALUES (NEW.email); RETURN NEW; END $$"],
+     "CREATE TRIGGER bw_t BEFORE UPDATE ON bw_contacts FOR EACH ROW EXECUTE FUNCTION bw_cp()",
+     ["UPDATE bw_contacts SET id = id", "SELECT v FROM bw_leak"]),
+    (["CREATE TABLE bw_parent (id int, email text, secret_note text, city text)"],
+     "ALTER TABLE bw_contacts INHERIT bw_parent", ["SELECT email FROM bw_parent"]),
+]
+
+
+def _cleanup(pg_server):
+    pg_server.psql("DROP TABLE IF EXISTS bw_leak, bw_parent CASCADE; DROP FUNCTION IF EXISTS bw_cp() CASCADE; "
+                   "DROP SCHEMA IF EXISTS bw_elsewhere CASCADE; CREATE SCHEMA bw_elsewhere")
+
+
+@pytest.mark.parametrize("setup,ddl,reads", REWIRES, ids=[r[1][:48] for r in REWIRES])
+def test_renaming_or_rewiring_a_masked_relation_is_refused(front, pg_server, setup, ddl, reads):
+    _cleanup(pg_server)
+    with _direct(pg_server) as conn:
+        with conn.transaction():  # psycopg.Rollback: rolled back, not raised
+            for sql in setup + [ddl] + reads:
+                cur = conn.execute(sql)
+            assert cur.fetchone()[0] == EMAIL  # against the server: the email in clear
+            raise psycopg.Rollback()
+    with psycopg.connect(front.dsn(), autocommit=True) as conn:
+        for sql in setup:
+            conn.execute(sql)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
+            conn.execute(ddl)
+        assert "mask-contacts" in str(e.value) and "masking cannot follow" in str(e.value), str(e.value)
+        try:
+            for sql in reads:
+                cur = conn.execute(sql)
+            row = cur.fetchone()
+        except psycopg.Error:
+            row = None  # the renamed column or relation does not exist: nothing ran
+        assert row is None or row[0] != EMAIL, row
+    _cleanup(pg_server)
+    # Structure changes masking can follow still run: a plain column, an index.
+    with psycopg.connect(front.dsn(), autocommit=True) as conn:
+        conn.execute("ALTER TABLE bw_contacts ADD COLUMN IF NOT EXISTS bw_extra int")
+        conn.execute("CREATE INDEX IF NOT EXISTS bw_contacts_email ON bw_contacts (email)")
+    pg_server.psql("ALTER TABLE bw_contacts DROP COLUMN bw_extra; DROP INDEX bw_contacts_email")
+
+
+def test_the_planners_statistics_are_not_read_while_columns_are_masked(front, pg_server):
+    # pg_stats' most_common_vals / histogram_bounds are values of the columns, readable by anyone
+    # who may read the column.
+    pg_server.psql("DROP TABLE IF EXISTS bw_stats; CREATE TABLE bw_stats (email text); "
+                   f"INSERT INTO bw_stats SELECT '{EMAIL}' FROM generate_series(1, 50); "
+                   "INSERT INTO bw_stats SELECT 'u' || i || '@example.org' FROM generate_series(1, 50) i; "
+                   "ANALYZE bw_stats")
+    sql = "SELECT most_common_vals::text FROM pg_stats WHERE tablename = 'bw_stats' AND attname = 'email'"
+    try:
+        with _direct(pg_server) as conn:
+            assert EMAIL in conn.execute(sql).fetchone()[0]
+        with psycopg.connect(front.dsn(), autocommit=True) as conn:
+            for read in (sql, "SELECT * FROM pg_catalog.pg_stats_ext"):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
+                    conn.execute(read)
+                assert "mask-contacts" in str(e.value) and "statistics" in str(e.value)
+    finally:
+        pg_server.psql("DROP TABLE IF EXISTS bw_stats")

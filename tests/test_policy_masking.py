@@ -455,10 +455,31 @@ def test_sending_a_masked_column_elsewhere_is_refused(engine: PolicyEngine) -> N
                 "select pg_notify('c', e) from (select email as e from customers) s",
                 "select set_config('x.y', c::text, false) from customers c",
                 "do $$ begin perform count(*) from customers; end $$",
-                "create function f() returns text language sql as 'select ssn from people'"]:
+                "create function f() returns text language sql as 'select ssn from people'",
+                "alter table customers rename email to e", "alter table customers rename to c2",
+                "alter table customers set schema other",
+                "alter table customers add column c text generated always as (email) stored",
+                "alter table customers alter column name type text using email",
+                "create trigger t before update on customers for each row execute function f()",
+                "alter table customers inherit parent"]:
         v = engine.decide_sql("bot", (), "db", sql)
         assert v.action == "block" and v.rule == "pii" and "masking cannot follow" in v.reason, (sql, v)
     for sql in ["select set_config('x.y', name, false) from customers",   # not masked
                 "select pg_notify('c', 'done') from customers",
-                "with d as (delete from customers where id = 1 returning *) select * from d"]:  # read, masked
+                "with d as (delete from customers where id = 1 returning *) select * from d",  # read, masked
+                "alter table customers add column c text", "create index on customers (email)",
+                "alter table customers alter column email type text using lower(email)",
+                "alter table customers rename constraint a to b"]:
         assert engine.decide_sql("bot", (), "db", sql).action == "mask", sql
+
+
+def test_the_planners_statistics_are_refused_while_a_rule_masks_columns(engine: PolicyEngine) -> None:
+    for sql in ["select most_common_vals from pg_stats", "select * from pg_catalog.pg_stats_ext",
+                "select 1 from pg_statistic"]:
+        v = engine.decide_sql("bot", (), "db", sql)
+        assert (v.action, v.rule) == ("block", "pii") and "statistics" in v.reason, (sql, v)
+    cfg = parse_config(CONFIG.replace('columns = ["customers.email"]', 'detectors = ["email"]')
+                       .replace('columns = ["*.ssn"]', 'detectors = ["ssn"]').replace('columns = ["card_*"]', 'detectors = ["card"]')
+                       .replace('columns = ["notes"]\n', ''))
+    detectors_only = PolicyEngine(cfg.policy, cfg.targets, cfg.identities, salt=b"0123456789abcdef")
+    assert detectors_only.decide_sql("bot", (), "db", "select most_common_vals from pg_stats").action != "block"

@@ -644,12 +644,24 @@ class PolicyEngine:
             if strength > best_strength:
                 best, best_strength = verdict, strength
         assert best is not None
+        if best.action != "block" and _reads_statistics(statements):
+            # pg_stats shows sample values of every column the bot may read (most_common_vals,
+            # histogram_bounds), whatever a rule masks; no rule's relations name it.
+            masking = next((c.name for c in scope.rules if self._active(c, when) and c.rule.mask
+                            and any(spec.columns for spec in c.rule.mask)), None)
+            if masking is not None:
+                return Verdict("block", masking, f"the planner's statistics (pg_stats, pg_stats_ext) hold sample "
+                               f"values of the columns rule {masking!r} masks, which masking cannot follow there",
+                               details=tuple(statements), matched=tuple(matched))
         verdict = Verdict(best.action, best.rule, best.reason, details=tuple(statements),
                           matched=tuple(matched), mask_rules=tuple(mask_rules) if best.action != "block" else ())
-        if verdict.mask_rules:  # masked, or to be approved and then masked
-            leak = self._masked_columns_written(verdict)
+        mask_names = verdict.mask_rules
+        if verdict.action != "block":
+            mask_names += self._masking_reads_of_restructured(scope, statements, paths, when, mask_names)
+        if mask_names:  # masked, or to be approved and then masked, or restructuring what is masked
+            leak = self._masking_cannot_follow(replace(verdict, mask_rules=mask_names))
             if leak is not None:
-                return Verdict("block", verdict.mask_rules[0], leak, details=verdict.details, matched=verdict.matched)
+                return Verdict("block", leak[0], leak[1], details=verdict.details, matched=verdict.matched)
         guards = [g for g in guards_of if ACTION_STRENGTH[g.action] > best_strength]
         if not guards:
             return verdict
@@ -790,29 +802,59 @@ class PolicyEngine:
             return None
         return RowMasker(actions, self.detector_settings)
 
-    def _masked_columns_written(self, verdict: Verdict) -> str | None:
-        """Why a statement to be masked is refused instead: it writes columns a mask rule's
-        column entries select into a relation or a server file (CREATE TABLE AS, SELECT INTO,
-        CREATE VIEW, INSERT ... SELECT, COPY ... TO 'file'), passes them to a function that keeps
-        or sends them elsewhere (set_config, pg_notify, lo_from_bytea ...: sql.SENDING_FUNCTIONS),
-        or reads such a relation in a DO block or a function body (values in variables, or in
-        the results of a function called later, cannot be followed). Masking cannot follow the
-        values there (the bot would read them back in clear). None: it may run, masked."""
+    def _masking_reads_of_restructured(self, scope: _Scope, statements: Sequence[StatementAnalysis],
+                                       paths: Sequence[frozenset[str]], when: datetime | None,
+                                       have: tuple[str, ...]) -> tuple[str, ...]:
+        """Mask rules with column entries that would mask a *read* of a relation these statements
+        restructure (ALTER ..., CREATE TRIGGER, CREATE RULE), when they did not match the statement
+        itself (a rule on ``reads`` does not match the ALTER that writes the relation): renaming
+        or rewiring the relation escapes them just the same (:meth:`_masking_cannot_follow`)."""
+        found: list[str] = []
+        for st, path in zip(statements, paths):
+            if not any(k.startswith("ALTER_") or k in _REWIRING_KINDS for k in st.kinds):
+                continue
+            probe = StatementAnalysis("SELECT", frozenset({"SELECT"}), reads=st.relations)
+            for c in scope.rules:
+                if (c.action == "mask" and c.name not in have and c.name not in found and self._active(c, when)
+                        and any(spec.columns for spec in c.rule.mask)
+                        and (c.generic or (c.sql_capable and _sql_matches(c, probe, path)))):
+                    found.append(c.name)
+        return tuple(found)
+
+    def _masking_cannot_follow(self, verdict: Verdict) -> tuple[str, str] | None:
+        """Why a statement to be masked is refused instead: masking follows values by the
+        columns and relations a rule names, into the result's rows, and the statement takes
+        them where it cannot follow. It writes masked columns into a relation or a server file
+        (CREATE TABLE AS, SELECT INTO, CREATE VIEW, INSERT ... SELECT, COPY ... TO 'file', SET,
+        a generated column or ALTER COLUMN ... USING), passes them to a function that keeps or
+        sends them elsewhere (set_config, pg_notify, lo_from_bytea ...: sql.SENDING_FUNCTIONS),
+        reads such a relation in a DO block or a function body (variables, results of a later
+        call), or renames or rewires the relation (a rename, SET SCHEMA, a trigger or rule on it,
+        INHERIT / ATTACH PARTITION: its rows read through another name). (rule, why), or None: it may
+        run, masked."""
         by_name = {c.rule.name: c.rule for c in self.rules}
         specs = [spec for name in verdict.mask_rules for spec in by_name[name].mask if spec.columns]
         if not specs:
             return None
-        rule = verdict.mask_rules[0]
+        rule = next(name for name in verdict.mask_rules if any(spec.columns for spec in by_name[name].mask))
         for st in verdict.details:
             if not isinstance(st, StatementAnalysis):
                 continue
             relations = list(st.reads | st.writes)
+
+            def covered(rels: Iterable[Relation]) -> list[Relation]:
+                return [r for r in rels if any(_spec_covers(p, [r]) for spec in specs for p in spec.columns)]
+
             if st.properties & {"do_block", "function_body"}:
-                if any(_spec_covers(p, relations) for spec in specs for p in spec.columns):
+                if covered(relations):
                     what = "a DO block" if "do_block" in st.properties else "a function body"
-                    return (f"{what} reads a relation whose columns rule {rule!r} masks: masking cannot follow "
+                    return rule, (f"{what} reads a relation whose columns rule {rule!r} masks: masking cannot follow "
                             f"values through its variables or results; read the columns with a plain SELECT")
                 continue
+            rewiring = sorted(k for k in st.kinds if k in _REWIRING_KINDS or _renames(k))
+            if rewiring and covered(st.writes if all(map(_renames, rewiring)) else relations):
+                return rule, (f"{rewiring[0]} of a relation whose columns rule {rule!r} masks: masking follows the "
+                        f"relation's and its columns' names, and masking cannot follow the values after this")
             if not (st.outputs or st.assigned or st.sent):
                 continue
             range_names = {r.name for r in relations}
@@ -824,7 +866,7 @@ class PolicyEngine:
             for function, sources in st.sent:
                 carried = set().union(*(_column_sources(src, outputs, range_names) for src in sources))
                 if masks(carried):
-                    return (f"the statement passes columns rule {rule!r} masks to {function}(), which keeps or "
+                    return rule, (f"the statement passes columns rule {rule!r} masks to {function}(), which keeps or "
                             f"sends them where masking cannot follow them")
             to_file = st.properties & {"copy_file", "copy_program"}
             if not (st.writes or to_file) or not (st.outputs or st.assigned):
@@ -839,7 +881,7 @@ class PolicyEngine:
             if masked:
                 where = ", ".join(sorted(str(r) for r in st.writes)) or "a server file or program"
                 what = ", ".join(sorted("*" if "*" in outputs[n] else n for n in masked))
-                return (f"the statement writes columns rule {rule!r} masks ({what}) into {where}: "
+                return rule, (f"the statement writes values of columns rule {rule!r} masks into {where} ({what}): "
                         f"masking cannot follow them there")
         return None
 
@@ -891,6 +933,26 @@ def _column_sources(name: str, outputs: dict[str, set[str]], range_names: set[st
         for src in outputs.get(current, ()):
             todo.append(src.lower())
     return seen
+
+
+# Statement kinds that rename a relation or its columns, or make its rows readable through
+# another relation or copied by code that runs later: refused on a relation with masked columns.
+# (A kind ending in .RENAME or .RENAME_COLUMN renames too: ALTER_TABLE.RENAME, ALTER_VIEW.RENAME ...)
+_RENAMING_KINDS = frozenset({"ALTER_SCHEMA"})   # ALTER TABLE ... SET SCHEMA
+_REWIRING_KINDS = _RENAMING_KINDS | frozenset({"CREATE_TRIGGER", "CREATE_RULE", "ALTER_TABLE.ADD_INHERIT",
+                                               "ALTER_TABLE.ATTACH_PARTITION"})
+
+
+def _renames(kind: str) -> bool:
+    return kind in _RENAMING_KINDS or kind.endswith((".RENAME", ".RENAME_COLUMN"))
+
+# The planner's statistics: sample values of columns (refused while a rule masks columns).
+_STATISTICS = frozenset({"pg_stats", "pg_stats_ext", "pg_stats_ext_exprs", "pg_statistic", "pg_statistic_ext_data"})
+
+
+def _reads_statistics(statements: Sequence[StatementAnalysis]) -> bool:
+    # An unqualified pg_* name is pg_catalog's: pg_catalog comes first unless a path names it later.
+    return any(r.name in _STATISTICS for st in statements for r in st.reads)
 
 
 # Statement kinds whose outputs are what the bot reads (a SELECT, DELETE/UPDATE ... RETURNING),

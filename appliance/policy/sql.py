@@ -1310,8 +1310,33 @@ class _Walker:
             subtype = cmd.get("AlterTableCmd", {}).get("subtype") if isinstance(cmd, dict) else None
             if subtype:
                 self.kinds.add(f"{kind}.{_alter_subkind(subtype)}")
+                self._column_expressions(cmd["AlterTableCmd"])
         self._write(body.get("relation"))
         self.generic("AlterTableStmt", body, skip=("relation",))
+
+    def _column_expressions(self, cmd: Mapping[str, Any]) -> None:
+        """A column whose values an expression over the row computes (ADD COLUMN ... GENERATED
+        ALWAYS AS (expr), ALTER COLUMN ... TYPE ... USING expr, SET EXPRESSION AS (expr)): the
+        column names in it, as ``assigned`` (an UPDATE's SET copies the same way)."""
+        subtype, d = cmd.get("subtype"), cmd.get("def")
+        col = d.get("ColumnDef") if isinstance(d, dict) else None
+        exprs = []
+        if isinstance(col, dict):
+            if subtype == "AT_AlterColumnType" and col.get("raw_default") is not None:
+                exprs.append(col["raw_default"])
+            for c in col.get("constraints") or ():
+                con = c.get("Constraint", {}) if isinstance(c, dict) else {}
+                if con.get("contype") == "CONSTR_GENERATED" and con.get("raw_expr") is not None:
+                    exprs.append(con["raw_expr"])
+        elif subtype == "AT_SetExpression" and d is not None:
+            exprs.append(d)
+        name = cmd.get("name") or (col.get("colname") if isinstance(col, dict) else None) or "?column?"
+        for expr in exprs:
+            self.collecting.append(self.assigned.setdefault(name, set()))
+            try:
+                self.visit_value(expr, None)
+            finally:
+                self.collecting.pop()
 
     def _targets_written(self, node: str, body: Mapping[str, Any], key: str) -> None:
         self._write(body.get(key))
