@@ -228,6 +228,8 @@ BODIES = [
     "DO $$ DECLARE v text; BEGIN SELECT secret_note INTO v FROM bw_contacts; "
     "PERFORM set_config('bw.leak', v, false); END $$",
     "CREATE FUNCTION bw_leaky() RETURNS text LANGUAGE sql AS 'SELECT email FROM bw_contacts LIMIT 1'",
+    # SQL text botwarden cannot read (it could copy the column anywhere): refused while columns are masked.
+    "DO $$ BEGIN EXECUTE 'CREATE TABLE bw_dyn AS SELECT email FROM ' || quote_ident(chr(98) || 'w_contacts'); END $$",
 ]
 
 
@@ -239,6 +241,7 @@ def test_do_blocks_and_function_bodies_reading_masked_columns_are_refused(front,
         assert "mask-contacts" in str(e.value) and "masking cannot follow" in str(e.value)
         assert conn.execute("SELECT current_setting('bw.leak', true)").fetchone()[0] in (None, "")
     assert pg_server.psql("SELECT count(*) FROM pg_proc WHERE proname = 'bw_leaky'") == "0"
+    assert pg_server.psql("SELECT count(*) FROM pg_class WHERE relname = 'bw_dyn'") == "0"
     # Reading only columns nobody masks in a DO block is still fine.
     with psycopg.connect(front.dsn(), autocommit=True) as conn:
         conn.execute("DO $$ BEGIN PERFORM count(*) FROM pg_class; END $$")

@@ -461,7 +461,10 @@ def test_sending_a_masked_column_elsewhere_is_refused(engine: PolicyEngine) -> N
                 "alter table customers add column c text generated always as (email) stored",
                 "alter table customers alter column name type text using email",
                 "create trigger t before update on customers for each row execute function f()",
-                "alter table customers inherit parent"]:
+                "alter table customers inherit parent",
+                # SQL text botwarden cannot read, whatever it names: while pii masks columns.
+                "do $$ begin execute 'create table c2 as select email from ' || quote_ident(current_user); end $$",
+                "select query_to_xml(current_setting('x.q'), true, true, '')"]:
         v = engine.decide_sql("bot", (), "db", sql)
         assert v.action == "block" and v.rule == "pii" and "masking cannot follow" in v.reason, (sql, v)
     for sql in ["select set_config('x.y', name, false) from customers",   # not masked
@@ -483,3 +486,5 @@ def test_the_planners_statistics_are_refused_while_a_rule_masks_columns(engine: 
                        .replace('columns = ["notes"]\n', ''))
     detectors_only = PolicyEngine(cfg.policy, cfg.targets, cfg.identities, salt=b"0123456789abcdef")
     assert detectors_only.decide_sql("bot", (), "db", "select most_common_vals from pg_stats").action != "block"
+    assert detectors_only.decide_sql("bot", (), "db", "do $$ begin execute current_setting('x.q'); end $$").action \
+        != "block"

@@ -644,15 +644,11 @@ class PolicyEngine:
             if strength > best_strength:
                 best, best_strength = verdict, strength
         assert best is not None
-        if best.action != "block" and _reads_statistics(statements):
-            # pg_stats shows sample values of every column the bot may read (most_common_vals,
-            # histogram_bounds), whatever a rule masks; no rule's relations name it.
-            masking = next((c.name for c in scope.rules if self._active(c, when) and c.rule.mask
-                            and any(spec.columns for spec in c.rule.mask)), None)
-            if masking is not None:
-                return Verdict("block", masking, f"the planner's statistics (pg_stats, pg_stats_ext) hold sample "
-                               f"values of the columns rule {masking!r} masks, which masking cannot follow there",
-                               details=tuple(statements), matched=tuple(matched))
+        if best.action != "block":
+            unfollowable = self._unfollowable_while_masking(scope, statements, when)
+            if unfollowable is not None:
+                return Verdict("block", unfollowable[0], unfollowable[1], details=tuple(statements),
+                               matched=tuple(matched))
         verdict = Verdict(best.action, best.rule, best.reason, details=tuple(statements),
                           matched=tuple(matched), mask_rules=tuple(mask_rules) if best.action != "block" else ())
         mask_names = verdict.mask_rules
@@ -801,6 +797,28 @@ class PolicyEngine:
         if actions is None:
             return None
         return RowMasker(actions, self.detector_settings)
+
+    def _unfollowable_while_masking(self, scope: _Scope, statements: Sequence[StatementAnalysis],
+                                    when: datetime | None) -> tuple[str, str] | None:
+        """(rule, why) when a statement does what masking cannot follow while a rule masks columns
+        for this identity and target, whichever relations the statement names: it reads the
+        planner's statistics (pg_stats shows sample values of every column the bot may read:
+        most_common_vals, histogram_bounds), or runs SQL text botwarden cannot read (``dynamic_sql``:
+        it may read, copy or rename anything). None: no such statement, or no such rule."""
+        statistics = _reads_statistics(statements)
+        dynamic = any("dynamic_sql" in st.properties for st in statements)
+        if not (statistics or dynamic):
+            return None
+        masking = next((c.name for c in scope.rules if c.rule.mask and self._active(c, when)
+                        and any(spec.columns for spec in c.rule.mask)), None)
+        if masking is None:
+            return None
+        if statistics:
+            return masking, (f"the planner's statistics (pg_stats, pg_stats_ext) hold sample values of the columns "
+                             f"rule {masking!r} masks, which masking cannot follow there")
+        return masking, (f"the statement runs SQL text botwarden cannot read (PL/pgSQL EXECUTE of a non-constant "
+                         f"string, query_to_xml of an expression ...), which could read, copy or rename the columns "
+                         f"rule {masking!r} masks: masking cannot follow it; use constant SQL text")
 
     def _masking_reads_of_restructured(self, scope: _Scope, statements: Sequence[StatementAnalysis],
                                        paths: Sequence[frozenset[str]], when: datetime | None,
