@@ -6,14 +6,17 @@ import asyncio
 import contextlib
 import subprocess
 import threading
+import uuid
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
 import uvloop
 
+from appliance.config import parse_config
 from appliance.fronts.postgres import PgFrontSettings, PostgresFront
-from appliance.fronts.services import Credential, DefaultServices
+from appliance.fronts.services import Credential, DefaultServices, HoldOutcome
+from appliance.policy import PolicyEngine, SqlSessionState
 
 APP_USER = "bw_app"
 APP_PASSWORD = "bw-app-secret-pw"
@@ -92,3 +95,35 @@ def plain_settings(pg, **kw) -> PgFrontSettings:
 
 def default_services(**kw) -> DefaultServices:
     return DefaultServices(Credential(APP_USER, APP_PASSWORD), **kw)
+
+
+class EngineServices(DefaultServices):
+    """The front's services with the real policy engine deciding (``policy``: a config's TOML),
+    per-session SQL state kept as the daemon's runtime keeps it, masking as the runtime asks
+    the engine for it; holds end as ``approve`` says (no operator in these tests)."""
+
+    def __init__(self, policy: str, user: str = APP_USER, password: str = APP_PASSWORD, *, approve: bool = False):
+        super().__init__(Credential(user, password))
+        cfg = parse_config(policy)
+        self.engine = PolicyEngine(cfg.policy, cfg.targets, cfg.identities)
+        self.sessions: dict[str, SqlSessionState] = {}
+        self.approve = approve
+
+    def decide_sql(self, grant, target, sql, phase, *, probe=False):
+        state = self.sessions.setdefault(grant.session_id, SqlSessionState())
+        return self.engine.decide_sql(grant.identity, grant.groups, target, sql,
+                                      session=state.copy() if probe else state)
+
+    def mask_plan(self, grant, target, verdict, columns):
+        return self.engine.mask_plan(grant.identity, grant.groups, target, verdict, columns)
+
+    def message_masker(self, grant, target, verdict):
+        return self.engine.message_masker(verdict)
+
+    async def hold(self, grant, target, request_text, verdict, notify, request_id=None, detail=None):
+        if not self.approve:
+            return await super().hold(grant, target, request_text, verdict, notify, request_id, detail)
+        approval_id = uuid.uuid4().hex
+        notify(approval_id)
+        await asyncio.sleep(0)
+        return HoldOutcome(True, approval_id, "approved by the test", "tester", "approved")

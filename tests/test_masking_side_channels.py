@@ -8,16 +8,11 @@ daemon and its audit store."""
 
 from __future__ import annotations
 
-import asyncio
-import uuid
-
 import psycopg
 import pytest
 
-from appliance.config import parse_config
-from appliance.fronts.services import Credential, DefaultServices, HoldOutcome
-from appliance.policy import PolicyEngine
-from tests.pg_front_fixtures import APP_PASSWORD, APP_USER, FrontThread, plain_settings, setup_roles
+from tests.pg_front_fixtures import (APP_PASSWORD, APP_USER, EngineServices, FrontThread, plain_settings,
+                                     setup_roles)
 
 POLICY = """
 [[targets]]
@@ -62,30 +57,6 @@ EMAIL = "carol@example.com"
 NOTE = "the vault code is 4471"
 
 
-class EngineServices(DefaultServices):
-    """The front's services with the real policy engine deciding; every hold is approved."""
-
-    def __init__(self) -> None:
-        super().__init__(Credential(APP_USER, APP_PASSWORD))
-        cfg = parse_config(POLICY)
-        self.engine = PolicyEngine(cfg.policy, cfg.targets, cfg.identities)
-
-    def decide_sql(self, grant, target, sql, phase, *, probe=False):
-        return self.engine.decide_sql(grant.identity, grant.groups, target, sql)
-
-    def mask_plan(self, grant, target, verdict, columns):
-        return self.engine.mask_plan(grant.identity, grant.groups, target, verdict, columns)
-
-    def message_masker(self, grant, target, verdict):
-        return self.engine.message_masker(verdict)
-
-    async def hold(self, grant, target, request_text, verdict, notify, request_id=None, detail=None):
-        approval_id = uuid.uuid4().hex
-        notify(approval_id)
-        await asyncio.sleep(0)
-        return HoldOutcome(True, approval_id, "approved by the test", "tester", "approved")
-
-
 @pytest.fixture(scope="module")
 def front(pg_server):
     setup_roles(pg_server)
@@ -102,8 +73,7 @@ def front(pg_server):
         "CREATE OR REPLACE FUNCTION bw_fail(v text) RETURNS text LANGUAGE plpgsql AS "
         "$$ BEGIN RAISE EXCEPTION 'bad value %', v USING DETAIL = 'value ' || v, HINT = v; END $$; "
         "CREATE OR REPLACE FUNCTION bw_hold_me(v text) RETURNS text LANGUAGE sql AS 'SELECT v'")
-    services = EngineServices()
-    ft = FrontThread(plain_settings(pg_server), services)
+    ft = FrontThread(plain_settings(pg_server), EngineServices(POLICY, approve=True))
     yield ft
     ft.stop()
     pg_server.psql("DROP TABLE IF EXISTS bw_contacts, bw_free_notes CASCADE; "

@@ -8,10 +8,7 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from appliance.config import parse_config
-from appliance.fronts.services import Credential, DefaultServices
-from appliance.policy import PolicyEngine, SqlSessionState
-from tests.pg_front_fixtures import APP_PASSWORD, APP_USER, FrontThread, plain_settings, setup_roles
+from tests.pg_front_fixtures import EngineServices, FrontThread, plain_settings, setup_roles
 
 POLICY = """
 [[targets]]
@@ -58,22 +55,6 @@ properties = ["set_role"]
 """
 
 
-class EngineServices(DefaultServices):
-    """The front's services with the real policy engine deciding."""
-
-    def __init__(self, user: str = APP_USER, password: str = APP_PASSWORD) -> None:
-        super().__init__(Credential(user, password))
-        cfg = parse_config(POLICY)
-        self.engine = PolicyEngine(cfg.policy, cfg.targets, cfg.identities)
-        self.sessions: dict[str, SqlSessionState] = {}
-
-    def decide_sql(self, grant, target, sql, phase, *, probe=False):
-        # Per-session state (search_path, prepared names) as the daemon's runtime keeps it.
-        state = self.sessions.setdefault(grant.session_id, SqlSessionState())
-        return self.engine.decide_sql(grant.identity, grant.groups, target, sql,
-                                      session=state.copy() if probe else state)
-
-
 @pytest.fixture(scope="module")
 def front(pg_server):
     setup_roles(pg_server)
@@ -81,7 +62,7 @@ def front(pg_server):
                    "CREATE TABLE bw_accounts (id int primary key, balance int, note text); "
                    "INSERT INTO bw_accounts SELECT i, 100, 'n' FROM generate_series(1, 5) i; "
                    "CREATE TABLE bw_log (id int)")
-    ft = FrontThread(plain_settings(pg_server), EngineServices())
+    ft = FrontThread(plain_settings(pg_server), EngineServices(POLICY))
     yield ft
     ft.stop()
     pg_server.psql("DROP TABLE IF EXISTS bw_accounts, bw_log, bw_accounts_renamed; DROP OPERATOR IF EXISTS ### (none, text)")
@@ -151,7 +132,7 @@ def defaults_front(pg_server):
                    f"'{DEFAULTS_PASSWORD}'; GRANT pg_read_all_data TO {DEFAULTS_USER}; "
                    "CREATE SCHEMA IF NOT EXISTS bw_evil; CREATE TABLE IF NOT EXISTS bw_evil.secrets (s text); "
                    "TRUNCATE bw_evil.secrets; INSERT INTO bw_evil.secrets VALUES ('the-evil-secret')")
-    ft = FrontThread(plain_settings(pg_server), EngineServices(DEFAULTS_USER, DEFAULTS_PASSWORD))
+    ft = FrontThread(plain_settings(pg_server), EngineServices(POLICY, DEFAULTS_USER, DEFAULTS_PASSWORD))
     yield ft
     ft.stop()
     pg_server.psql(f"DROP OWNED BY {DEFAULTS_USER}; DROP ROLE {DEFAULTS_USER}; DROP SCHEMA bw_evil CASCADE")
