@@ -20,7 +20,10 @@ LISTEN and temp tables behave exactly as they would directly.
    cleartext with the credential. From AuthenticationOk on, the server's
    ParameterStatus messages go to the bot as sent; BackendKeyData keeps the
    real PID and gets our own secret (the front maps it back for
-   CancelRequest). The first ReadyForQuery switches both sides to relaying.
+   CancelRequest). Before the first ReadyForQuery reaches the bot, one query
+   of ours reads the session's search_path and roles as the server set them
+   up (``ALTER DATABASE/ROLE ... SET``), decided as the startup packet's
+   settings are. The first ReadyForQuery switches both sides to relaying.
 
 2. **Relay, bot -> server** (``Session.client_data``): message boundaries
    come from ``struct.unpack_from`` over the received buffer (the loop of
@@ -57,7 +60,9 @@ LISTEN and temp tables behave exactly as they would directly.
    for the audit record. DataRows are decoded only while a masked result is
    in flight: RowDescription (or a Describe we add after Bind) gives the
    columns to ``services.mask_plan``, and each DataRow is re-encoded with
-   the plan's values. Large pass-through messages stream without being
+   the plan's values. While a masked statement runs, its ErrorResponse and
+   NoticeResponse texts go through ``services.message_masker`` (withheld, or
+   detectors run over them: they may quote a masked value). Large pass-through messages stream without being
    buffered whole.
 
 4. **End**: a bot that disconnects mid-query gets its query cancelled and
