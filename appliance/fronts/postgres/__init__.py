@@ -62,8 +62,8 @@ LISTEN and temp tables behave exactly as they would directly.
    columns to ``services.mask_plan``, and each DataRow is re-encoded with
    the plan's values. While a masked statement runs, its ErrorResponse and
    NoticeResponse texts go through ``services.message_masker`` (withheld, or
-   detectors run over them: they may quote a masked value). Large pass-through messages stream without being
-   buffered whole.
+   detectors run over them: they may quote a masked value). Large
+   pass-through messages stream without being buffered whole.
 
 4. **End**: a bot that disconnects mid-query gets its query cancelled and
    the upstream closed; an upstream that dies gives the bot a FATAL 08006
