@@ -8,6 +8,9 @@ daemon and its audit store."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import psycopg
 import pytest
 
@@ -301,3 +304,21 @@ def test_the_planners_statistics_are_not_read_while_columns_are_masked(front, pg
                 assert "mask-contacts" in str(e.value) and "statistics" in str(e.value)
     finally:
         pg_server.psql("DROP TABLE IF EXISTS bw_stats")
+
+
+def test_copying_a_masked_relation_to_a_server_file_is_refused(front, pg_server, tmp_path):
+    path = f"/tmp/bw-copy-{tmp_path.name}.csv"
+    copy, read = f"COPY bw_contacts TO '{path}'", f"SELECT pg_read_file('{path}')"
+    try:
+        with _direct(pg_server) as conn:  # the server writes the file, and reads it back in clear
+            conn.execute(copy)
+            assert EMAIL in conn.execute(read).fetchone()[0]
+            conn.execute(f"COPY (SELECT 1) TO '{path}'")
+        with psycopg.connect(front.dsn(), autocommit=True) as conn:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
+                conn.execute(copy)
+            assert "mask-contacts" in str(e.value) and "masking cannot follow" in str(e.value)
+            assert EMAIL not in conn.execute(read).fetchone()[0]  # the file was not rewritten
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(path)

@@ -462,6 +462,7 @@ def test_sending_a_masked_column_elsewhere_is_refused(engine: PolicyEngine) -> N
                 "alter table customers alter column name type text using email",
                 "create trigger t before update on customers for each row execute function f()",
                 "alter table customers inherit parent",
+                "copy customers to '/tmp/customers.csv'", "copy customers (email) to program 'cat'",
                 # SQL text botwarden cannot read, whatever it names: while pii masks columns.
                 "do $$ begin execute 'create table c2 as select email from ' || quote_ident(current_user); end $$",
                 "select query_to_xml(current_setting('x.q'), true, true, '')"]:
@@ -472,7 +473,7 @@ def test_sending_a_masked_column_elsewhere_is_refused(engine: PolicyEngine) -> N
                 "with d as (delete from customers where id = 1 returning *) select * from d",  # read, masked
                 "alter table customers add column c text", "create index on customers (email)",
                 "alter table customers alter column email type text using lower(email)",
-                "alter table customers rename constraint a to b"]:
+                "alter table customers rename constraint a to b", "copy customers from '/tmp/in.csv'"]:
         assert engine.decide_sql("bot", (), "db", sql).action == "mask", sql
 
 

@@ -873,6 +873,10 @@ class PolicyEngine:
             if rewiring and covered(st.writes if all(map(_renames, rewiring)) else relations):
                 return rule, (f"{rewiring[0]} of a relation whose columns rule {rule!r} masks: masking follows the "
                         f"relation's and its columns' names, and masking cannot follow the values after this")
+            to_file = st.properties & {"copy_file", "copy_program"}
+            if to_file and "copy_to" in st.properties and not st.outputs and covered(st.reads):
+                return rule, (f"COPY of a relation whose columns rule {rule!r} masks to a server file or program: "
+                              f"masking cannot follow them there")
             if not (st.outputs or st.assigned or st.sent):
                 continue
             range_names = {r.name for r in relations}
@@ -886,7 +890,6 @@ class PolicyEngine:
                 if masks(carried):
                     return rule, (f"the statement passes columns rule {rule!r} masks to {function}(), which keeps or "
                             f"sends them where masking cannot follow them")
-            to_file = st.properties & {"copy_file", "copy_program"}
             if not (st.writes or to_file) or not (st.outputs or st.assigned):
                 continue
             # DELETE's and UPDATE's RETURNING go to the bot, masked; UPDATE's SET is ``assigned``.
