@@ -322,3 +322,27 @@ def test_copying_a_masked_relation_to_a_server_file_is_refused(front, pg_server,
     finally:
         with contextlib.suppress(OSError):
             os.remove(path)
+
+
+RENAMED = [
+    "SELECT 'x' AS e UNION ALL SELECT email FROM bw_contacts",
+    "SELECT e FROM bw_contacts AS t(i, e)",
+    "WITH c(e) AS (SELECT email FROM bw_contacts) SELECT e FROM c",
+    "SELECT e FROM (SELECT email FROM bw_contacts) AS s(e)",
+    "VALUES ((SELECT email FROM bw_contacts LIMIT 1))",
+    "SELECT * FROM unnest(ARRAY(SELECT email FROM bw_contacts))",
+    "SELECT e FROM bw_contacts a JOIN LATERAL (VALUES (a.email)) v(e) ON true",
+    "SELECT ARRAY(SELECT email FROM bw_contacts)::text",
+]
+
+
+@pytest.mark.parametrize("sql", RENAMED)
+def test_a_masked_column_returned_under_another_name_is_masked(front, pg_server, sql):
+    # Before: the result column's name (the first branch's, an alias list's, column1, unnest)
+    # was not one the analysis followed back to email, and the email came back in clear.
+    with _direct(pg_server) as conn:
+        assert any(EMAIL in str(v) for row in conn.execute(sql).fetchall() for v in row)
+    with psycopg.connect(front.dsn(), autocommit=True) as conn:
+        for prepare in (False, True):
+            rows = conn.execute(sql, prepare=prepare).fetchall()
+            assert rows and not any(EMAIL in str(v) for row in rows for v in row), rows

@@ -34,7 +34,7 @@ from appliance.policy.k8s import K8sRequest
 from appliance.protocols.kubernetes import MaskPath, parse_mask_path
 from appliance.policy.masking import (ColumnAction, DetectorSettings, MessageMasker, RowMasker, Strategy, TextMasker,
                                       column_is_maskable)
-from appliance.policy.sql import (BatchAnalysis, Function, Relation, StatementAnalysis, analyze_sql, kind_matches,
+from appliance.policy.sql import (ANY_OUTPUT, BatchAnalysis, Function, Relation, StatementAnalysis, analyze_sql, kind_matches,
                                   resolve_execute, resolve_fetch)
 from appliance.policy.ssh import UNKNOWN_PROGRAM, SshAnalysis, SshRequest, analyze_ssh
 from appliance.policy.types import ACTION_STRENGTH, ColumnDesc, MaskPlan, PolicyError, RowGuard, Verdict
@@ -919,7 +919,7 @@ class PolicyEngine:
         actions: list[ColumnAction | None] = []
         any_action = False
         for col in columns:
-            sources = _column_sources(col.name, outputs, range_names)
+            sources = _column_sources(col.name, outputs, range_names, result=True)
             action = ColumnAction(col.name, col.type_oid, col.format)
             for spec in specs:
                 strategy = Strategy(spec.strategy, spec.keep, self.salt)
@@ -941,11 +941,19 @@ class PolicyEngine:
         return actions if any_action else None
 
 
-def _column_sources(name: str, outputs: dict[str, set[str]], range_names: set[str]) -> set[str]:
+def _column_sources(name: str, outputs: dict[str, set[str]], range_names: set[str], *,
+                    result: bool = False) -> set[str]:
     """The column names an output column may carry: its own name, what it is computed from
-    (aliases, expressions, subqueries, transitively) and "*" for a whole-row reference."""
+    (aliases, expressions, subqueries, transitively) and "*" for a whole-row reference.
+    ``result``: ``name`` is a result column's (RowDescription): one the analysis has no output
+    of that name for may be any expression it could not name ("?column?"), and any column when
+    a set operation's names are unknown (sql.ANY_OUTPUT)."""
     seen: set[str] = set()
     todo = [name.lower()]
+    if result:
+        if todo[0] not in outputs:
+            todo.append("?column?")
+        todo.append(ANY_OUTPUT)
     while todo:
         current = todo.pop()
         if current in seen:

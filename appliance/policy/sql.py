@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import orjson
 import pglast
@@ -204,6 +204,10 @@ SQL_TEXT_FUNCTIONS: dict[str, tuple[int, int | None]] = {
 # calls one of these, or a SQL_TEXT_FUNCTIONS one, may carry any column they read (masking).
 # Built-ins that return the rows of a cursor named by their first argument: read as FETCH from it.
 CURSOR_READING_FUNCTIONS = frozenset({"cursor_to_xml", "cursor_to_xmlschema"})
+
+# An output name standing for every column of a result: what a set operation returns under
+# names botwarden cannot know (its first branch has a *), it may carry in any column.
+ANY_OUTPUT = "?any"
 
 # Functions that keep or send their arguments somewhere a later statement, another session or
 # another server reads them back (a setting, a notification's payload, a large object, a file,
@@ -736,7 +740,71 @@ def _figure_colname(node: Any) -> str:
             return "coalesce"
         if kind == "CaseExpr":
             return "case"
+        if kind == "CollateClause":
+            return _figure_colname(body.get("arg"))
+        if kind == "A_Indirection":
+            fields = [_sval(i) for i in body.get("indirection", ()) if _sval(i) is not None]
+            return fields[-1] if fields else _figure_colname(body.get("arg"))
+        if kind == "SubLink":
+            link = body.get("subLinkType")
+            if link == "EXISTS_SUBLINK":
+                return "exists"
+            if link == "ARRAY_SUBLINK":
+                return "array"
+            if link in ("EXPR_SUBLINK", "MULTIEXPR_SUBLINK"):
+                names = _select_names(body.get("subselect"))
+                return names[0] if names else "?column?"
+            return "?column?"
+        if kind in _FIXED_COLNAMES:
+            return _FIXED_COLNAMES[kind]
+        if kind == "MinMaxExpr":
+            return "greatest" if body.get("op") == "IS_GREATEST" else "least"
+        if kind == "A_Expr" and body.get("kind") == "AEXPR_NULLIF":
+            return "nullif"
+        if kind == "XmlExpr":
+            return _XML_COLNAMES.get(body.get("op", ""), "?column?")
+        if kind == "SQLValueFunction":
+            return str(body.get("op", "")).removeprefix("SVFOP_").lower() or "?column?"
     return "?column?"
+
+
+_FIXED_COLNAMES = {"A_ArrayExpr": "array", "RowExpr": "row", "GroupingFunc": "grouping",
+                   "XmlSerialize": "xmlserialize"}
+_XML_COLNAMES = {"IS_XMLCONCAT": "xmlconcat", "IS_XMLELEMENT": "xmlelement", "IS_XMLFOREST": "xmlforest",
+                 "IS_XMLPARSE": "xmlparse", "IS_XMLPI": "xmlpi", "IS_XMLROOT": "xmlroot",
+                 "IS_XMLSERIALIZE": "xmlserialize", "IS_DOCUMENT": "?column?"}
+
+
+def _is_star(node: Any) -> bool:
+    return (isinstance(node, dict) and "ColumnRef" in node
+            and any(isinstance(f, dict) and "A_Star" in f for f in node["ColumnRef"].get("fields", ())))
+
+
+def _select_names(node: Any) -> list[str] | None:
+    """The output names of a SELECT in order (of a set operation: its first branch's; of VALUES:
+    column1, column2 ...), or None: unknown (a ``*`` among them)."""
+    body = node.get("SelectStmt", node) if isinstance(node, dict) else None
+    while isinstance(body, dict) and body.get("op") not in (None, "SETOP_NONE"):
+        body = body.get("larg")
+    if not isinstance(body, dict):
+        return None
+    values = body.get("valuesLists")
+    if values:
+        first = values[0].get("List", {}).get("items", []) if isinstance(values[0], dict) else []
+        return [f"column{i + 1}" for i in range(len(first))]
+    names = []
+    for item in body.get("targetList") or ():
+        res = item.get("ResTarget", {}) if isinstance(item, dict) else {}
+        if _is_star(res.get("val")):
+            return None
+        names.append(res.get("name") or _figure_colname(res.get("val")))
+    return names
+
+
+def _alias_colnames(alias: Any) -> list[str]:
+    if not isinstance(alias, dict):
+        return []
+    return [n for n in (_sval(c) for c in alias.get("colnames") or ()) if n is not None]
 
 
 # Statements whose option list names functions (FUNCTION =, SFUNC =, INPUT =, HANDLER ...): node ->
@@ -897,6 +965,9 @@ class _Walker:
     def _v_RangeVar(self, body: Mapping[str, Any]) -> None:
         alias = body.get("alias", {}).get("aliasname") if isinstance(body.get("alias"), dict) else None
         self.range_names.add((alias or body.get("relname", "")).lower())
+        renamed = _alias_colnames(body.get("alias"))
+        if renamed:  # accounts AS t(i, e): which column each is, only the catalog knows
+            self._rename_outputs(renamed, None)
         if not self._is_cte(body):
             self.reads.add(self._relation(body))
 
@@ -915,13 +986,42 @@ class _Walker:
         alias = body.get("alias")
         if isinstance(alias, dict) and alias.get("aliasname"):
             self.range_names.add(alias["aliasname"].lower())
-        self.generic("RangeFunction", body)
+        # Its columns (named by the alias's list, a column definition list, the alias, or the
+        # functions) carry what the functions' arguments are computed from.
+        names = _alias_colnames(alias) or [
+            c.get("ColumnDef", {}).get("colname", "?column?") for c in body.get("coldeflist") or ()
+            if isinstance(c, dict)]
+        if not names and isinstance(alias, dict) and alias.get("aliasname"):
+            names = [alias["aliasname"]]
+        if not names:
+            for f in body.get("functions") or ():
+                items = f.get("List", {}).get("items", []) if isinstance(f, dict) else []
+                call = items[0].get("FuncCall") if items and isinstance(items[0], dict) else None
+                if isinstance(call, dict):
+                    names.append((_names(call.get("funcname", ())) or ["?column?"])[-1])
+        sources: set[str] = set()
+        self.collecting.append(sources)
+        try:
+            self.generic("RangeFunction", body)
+        finally:
+            self.collecting.pop()
+        for name in names:
+            self.outputs.setdefault(name, set()).update(sources)
 
     def _v_RangeSubselect(self, body: Mapping[str, Any]) -> None:
         alias = body.get("alias")
         if isinstance(alias, dict) and alias.get("aliasname"):
             self.range_names.add(alias["aliasname"].lower())
+        renamed = _alias_colnames(alias)
+        if renamed:  # (SELECT email FROM accounts) AS s(e)
+            self._rename_outputs(renamed, _select_names(body.get("subquery")))
         self.generic("RangeSubselect", body)
+
+    def _v_JoinExpr(self, body: Mapping[str, Any]) -> None:
+        renamed = _alias_colnames(body.get("alias"))
+        if renamed:
+            self._rename_outputs(renamed, None)
+        self.generic("JoinExpr", body)
 
     # -- functions --
     def _v_FuncCall(self, body: Mapping[str, Any]) -> None:
@@ -1093,6 +1193,9 @@ class _Walker:
         names = [c.get("ctename", "") for c in ctes]
         recursive = bool(clause.get("recursive"))
         for i, cte in enumerate(ctes):
+            renamed = [n for n in (_sval(c) for c in cte.get("aliascolnames") or ()) if n is not None]
+            if renamed:  # WITH c(e) AS (SELECT email ...)
+                self._rename_outputs(renamed, _select_names(cte.get("ctequery")))
             # Without RECURSIVE a CTE sees only the ones before it; its own name is a table.
             visible = frozenset(names) if recursive else frozenset(names[:i])
             self.cte_scopes.append(visible)
@@ -1125,10 +1228,33 @@ class _Walker:
         if body.get("lockingClause"):
             self.properties.add("locking")
 
+        if body.get("op") not in (None, "SETOP_NONE"):
+            # The result's names are the first branch's; position i of every other branch is
+            # returned under the first branch's i-th name.
+            first = _select_names(body)
+            if first is None:
+                self.outputs.setdefault(ANY_OUTPUT, set()).add("*")
+            else:
+                self._rename_outputs(first, _select_names(body.get("rarg")))
+
         def outputs() -> None:
             self._outputs(body.get("targetList", []))
+            for row in body.get("valuesLists") or ():
+                items = row.get("List", {}).get("items", []) if isinstance(row, dict) else []
+                for i, expr in enumerate(items):
+                    self.collecting.append(self.outputs.setdefault(f"column{i + 1}", set()))
+                    try:
+                        self.visit_value(expr, None)
+                    finally:
+                        self.collecting.pop()
 
-        self._scoped("SelectStmt", body, ("intoClause", "targetList"), outputs)
+        self._scoped("SelectStmt", body, ("intoClause", "targetList", "valuesLists"), outputs)
+
+    def _rename_outputs(self, aliases: Sequence[str], names: Sequence[str] | None) -> None:
+        """Columns renamed by position (an alias's column list, a set operation's later branch):
+        each alias carries the column at its position, or any column when that is not known."""
+        for i, alias in enumerate(aliases):
+            self.outputs.setdefault(alias, set()).add(names[i] if names is not None and i < len(names) else "*")
 
     def _outputs(self, targets: list[Any]) -> None:
         """Walk a select or RETURNING list (the caller's walk skips it): each output's name, and
@@ -1136,7 +1262,8 @@ class _Walker:
         for item in targets:
             res = item.get("ResTarget", {}) if isinstance(item, dict) else {}
             val = res.get("val")
-            name = res.get("name") or _figure_colname(val)
+            # "?column?" gathers what cannot be named; a "*" is the relations' own column names.
+            name = res.get("name") or ("*" if _is_star(val) else _figure_colname(val))
             self.collecting.append(self.outputs.setdefault(name, set()))
             try:
                 if res:
