@@ -333,6 +333,7 @@ RENAMED = [
     "SELECT * FROM unnest(ARRAY(SELECT email FROM bw_contacts))",
     "SELECT e FROM bw_contacts a JOIN LATERAL (VALUES (a.email)) v(e) ON true",
     "SELECT ARRAY(SELECT email FROM bw_contacts)::text",
+    'SELECT lower(email) AS "X" FROM bw_contacts',  # a quoted name: looked up as x before
 ]
 
 

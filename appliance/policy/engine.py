@@ -880,7 +880,7 @@ class PolicyEngine:
             if not (st.outputs or st.assigned or st.sent):
                 continue
             range_names = {r.name for r in relations}
-            outputs = {name: set(sources) for name, sources in st.outputs}
+            outputs = _outputs_by_name(st.outputs, {})
 
             def masks(sources: set[str]) -> bool:
                 return any(_column_spec_matches(p, sources, relations) for spec in specs for p in spec.columns)
@@ -888,8 +888,8 @@ class PolicyEngine:
             for function, sources in st.sent:
                 carried = set().union(*(_column_sources(src, outputs, range_names) for src in sources))
                 if masks(carried):
-                    return rule, (f"the statement passes columns rule {rule!r} masks to {function}(), which keeps or "
-                            f"sends them where masking cannot follow them")
+                    return rule, (f"the statement passes columns rule {rule!r} masks to {function}(), which "
+                                  f"keeps or sends them where masking cannot follow them")
             if not (st.writes or to_file) or not (st.outputs or st.assigned):
                 continue
             # DELETE's and UPDATE's RETURNING go to the bot, masked; UPDATE's SET is ``assigned``.
@@ -914,8 +914,7 @@ class PolicyEngine:
         range_names = {r.name for r in relations}
         outputs: dict[str, set[str]] = {}
         for s in statements:
-            for name, sources in s.outputs:
-                outputs.setdefault(name, set()).update(sources)
+            _outputs_by_name(s.outputs, outputs)
         actions: list[ColumnAction | None] = []
         any_action = False
         for col in columns:
@@ -939,6 +938,14 @@ class PolicyEngine:
             else:
                 actions.append(None)
         return actions if any_action else None
+
+
+def _outputs_by_name(pairs: Iterable[tuple[str, Iterable[str]]], into: dict[str, set[str]]) -> dict[str, set[str]]:
+    """Output name -> sources, names lower-cased as result columns are looked up (a quoted
+    ``AS "X"`` is the same name to masking as ``x``: both may carry what either does)."""
+    for name, sources in pairs:
+        into.setdefault(name.lower(), set()).update(src.lower() for src in sources)
+    return into
 
 
 def _column_sources(name: str, outputs: dict[str, set[str]], range_names: set[str], *,
