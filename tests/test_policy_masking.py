@@ -463,6 +463,7 @@ def test_sending_a_masked_column_elsewhere_is_refused(engine: PolicyEngine) -> N
                 "create trigger t before update on customers for each row execute function f()",
                 "alter table customers inherit parent",
                 "copy customers to '/tmp/customers.csv'", "copy customers (email) to program 'cat'",
+                "insert into customers (id) values (1) on conflict (id) do update set name = customers.email",
                 # SQL text botwarden cannot read, whatever it names: while pii masks columns.
                 "do $$ begin execute 'create table c2 as select email from ' || quote_ident(current_user); end $$",
                 "select query_to_xml(current_setting('x.q'), true, true, '')"]:

@@ -1341,6 +1341,11 @@ class _Walker:
     def _v_InsertStmt(self, body: Mapping[str, Any]) -> None:
         self._dml("InsertStmt", body)
 
+    def _v_OnConflictClause(self, body: Mapping[str, Any]) -> None:
+        # INSERT ... ON CONFLICT DO UPDATE SET x = ...: assignments, as UPDATE's.
+        self._assignments(body.get("targetList") or [])
+        self.generic("OnConflictClause", body, skip=("targetList",))
+
     def _v_UpdateStmt(self, body: Mapping[str, Any]) -> None:
         self._dml("UpdateStmt", body)
 
