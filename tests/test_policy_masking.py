@@ -464,6 +464,7 @@ def test_sending_a_masked_column_elsewhere_is_refused(engine: PolicyEngine) -> N
                 "alter table customers inherit parent",
                 "copy customers to '/tmp/customers.csv'", "copy customers (email) to program 'cat'",
                 "insert into customers (id) values (1) on conflict (id) do update set name = customers.email",
+                "update customers set name = email where id = 1",
                 # SQL text botwarden cannot read, whatever it names: while pii masks columns.
                 "do $$ begin execute 'create table c2 as select email from ' || quote_ident(current_user); end $$",
                 "select query_to_xml(current_setting('x.q'), true, true, '')"]:

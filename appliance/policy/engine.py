@@ -824,12 +824,14 @@ class PolicyEngine:
                                        paths: Sequence[frozenset[str]], when: datetime | None,
                                        have: tuple[str, ...]) -> tuple[str, ...]:
         """Mask rules with column entries that would mask a *read* of a relation these statements
-        restructure (ALTER ..., CREATE TRIGGER, CREATE RULE), when they did not match the statement
-        itself (a rule on ``reads`` does not match the ALTER that writes the relation): renaming
-        or rewiring the relation escapes them just the same (:meth:`_masking_cannot_follow`)."""
+        restructure (ALTER ..., CREATE TRIGGER, CREATE RULE) or assign columns of (UPDATE's SET,
+        ON CONFLICT DO UPDATE, a generated column), when they did not match the statement itself
+        (a rule on ``reads`` does not match the UPDATE or ALTER that writes the relation):
+        renaming the relation, or copying a masked column into another of its columns, escapes
+        them just the same (:meth:`_masking_cannot_follow`)."""
         found: list[str] = []
         for st, path in zip(statements, paths):
-            if not any(k.startswith("ALTER_") or k in _REWIRING_KINDS for k in st.kinds):
+            if not (st.assigned or any(k.startswith("ALTER_") or k in _REWIRING_KINDS for k in st.kinds)):
                 continue
             probe = StatementAnalysis("SELECT", frozenset({"SELECT"}), reads=st.relations)
             for c in scope.rules:
