@@ -347,3 +347,21 @@ def test_a_masked_column_returned_under_another_name_is_masked(front, pg_server,
         for prepare in (False, True):
             rows = conn.execute(sql, prepare=prepare).fetchall()
             assert rows and not any(EMAIL in str(v) for row in rows for v in row), rows
+
+
+def test_execute_runs_what_the_prepared_body_does(front, pg_server):
+    # Before: a prepared body's pg_notify or SET copying the email ran at EXECUTE unchecked (only
+    # the body's result columns were followed).
+    prepare = "PREPARE bw_n AS SELECT pg_notify('bw_chan', email) FROM bw_contacts"
+    with _direct(pg_server) as conn:
+        conn.execute("LISTEN bw_chan")
+        conn.execute(prepare)
+        conn.execute("EXECUTE bw_n")
+        assert next(conn.notifies(timeout=5)).payload == EMAIL
+    with psycopg.connect(front.dsn(), autocommit=True) as conn:
+        conn.execute("LISTEN bw_chan")
+        conn.execute(prepare)  # preparing runs nothing
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
+            conn.execute("EXECUTE bw_n")
+        assert "masking cannot follow" in str(e.value) and "pg_notify" in str(e.value)
+        assert list(conn.notifies(timeout=0.5)) == []

@@ -491,3 +491,19 @@ def test_the_planners_statistics_are_refused_while_a_rule_masks_columns(engine: 
     assert detectors_only.decide_sql("bot", (), "db", "select most_common_vals from pg_stats").action != "block"
     assert detectors_only.decide_sql("bot", (), "db", "do $$ begin execute current_setting('x.q'); end $$").action \
         != "block"
+
+
+@pytest.mark.parametrize("prepare,execute,action", [
+    # What the prepared body writes or sends, EXECUTE does (before: only its outputs were seen;
+    # EXECUTE's own parameters are constant expressions, the server refuses a subquery there).
+    ("prepare p as update t set a = customers.email from customers where t.id = customers.id", "execute p", "block"),
+    ("prepare p as select pg_notify('c', email) from customers", "execute p", "block"),
+    ("prepare p as delete from customers where id = $1 returning email", "execute p(1)", "mask"),  # read, masked
+])
+def test_execute_is_decided_with_its_bodys_effects(engine: PolicyEngine, prepare, execute,
+                                                                      action) -> None:
+    from appliance.policy import SqlSessionState
+    session = SqlSessionState()
+    engine.decide_sql("bot", (), "db", prepare, session=session)
+    v = engine.decide_sql("bot", (), "db", execute, session=session)
+    assert v.action == action, v

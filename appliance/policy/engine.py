@@ -995,7 +995,7 @@ def _reads_statistics(statements: Sequence[StatementAnalysis]) -> bool:
 
 # Statement kinds whose outputs are what the bot reads (a SELECT, DELETE/UPDATE ... RETURNING),
 # not what is written into a relation (INSERT ... SELECT, CREATE TABLE AS, a view ...).
-_RETURNING_KINDS = frozenset({"SELECT", "DELETE", "UPDATE"})
+_RETURNING_KINDS = frozenset({"SELECT", "DELETE", "UPDATE", "EXECUTE"})
 
 
 def _spec_covers(pattern: str, relations: Sequence[Relation]) -> bool:

@@ -419,7 +419,8 @@ def _running(stmt: StatementAnalysis, body: StatementAnalysis, **fields: Any) ->
     return replace(stmt, kinds=stmt.kinds | body.kinds, reads=stmt.reads | body.reads,
                    writes=stmt.writes | body.writes, functions=stmt.functions | body.functions,
                    properties=stmt.properties | (body.properties - {"multi_statement"}) | fields.pop("properties", set()),
-                   **fields)
+                   assigned=tuple(sorted(set(stmt.assigned) | set(body.assigned))),
+                   sent=tuple(sorted(set(stmt.sent) | set(body.sent))), **fields)
 
 
 def _joined_path(path: tuple[str, ...] | None, more: tuple[str, ...]) -> tuple[str, ...]:
@@ -1621,7 +1622,7 @@ class _Walker:
 
     def _v_ExecuteStmt(self, body: Mapping[str, Any]) -> None:
         self.execute_name = body.get("name", "")
-        self.generic("ExecuteStmt", body)
+        self.generic("ExecuteStmt", body)  # (its parameters are constant expressions: no subquery)
 
     def _v_DeallocateStmt(self, body: Mapping[str, Any]) -> None:
         self.deallocate = "*" if body.get("isall") or not body.get("name") else body["name"]
