@@ -23,6 +23,19 @@ APP_PASSWORD = "bw-app-secret-pw"
 MD5_USER, MD5_PASSWORD = "bw_md5", "bw-md5-secret-pw"
 CLEAR_USER, CLEAR_PASSWORD = "bw_clear", "bw-clear-secret-pw"
 BOT_TOKEN = "bot-oidc-token-abc123"
+# The target and identity of EngineServices' policies (their rules follow).
+POLICY_HEAD = """
+[[targets]]
+name = "pg-test"
+protocol = "postgres"
+address = "127.0.0.1:5432"
+authentication = "attestation"
+
+[[identities]]
+name = "test-bot"
+[identities.process]
+uid = 1000
+"""
 
 
 def setup_roles(pg) -> None:

@@ -14,21 +14,10 @@ import os
 import psycopg
 import pytest
 
-from tests.pg_front_fixtures import (APP_PASSWORD, APP_USER, EngineServices, FrontThread, plain_settings,
-                                     setup_roles)
+from tests.pg_front_fixtures import (APP_PASSWORD, APP_USER, POLICY_HEAD, EngineServices, FrontThread,
+                                     plain_settings, setup_roles)
 
-POLICY = """
-[[targets]]
-name = "pg-test"
-protocol = "postgres"
-address = "127.0.0.1:5432"
-authentication = "attestation"
-
-[[identities]]
-name = "test-bot"
-[identities.process]
-uid = 1000
-
+POLICY = POLICY_HEAD + """
 [[rules]]
 name = "mask-contacts"
 action = "mask"

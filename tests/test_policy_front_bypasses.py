@@ -8,20 +8,9 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from tests.pg_front_fixtures import EngineServices, FrontThread, plain_settings, setup_roles
+from tests.pg_front_fixtures import POLICY_HEAD, EngineServices, FrontThread, plain_settings, setup_roles
 
-POLICY = """
-[[targets]]
-name = "pg-test"
-protocol = "postgres"
-address = "127.0.0.1:5432"
-authentication = "attestation"
-
-[[identities]]
-name = "test-bot"
-[identities.process]
-uid = 1000
-
+POLICY = POLICY_HEAD + """
 [[rules]]
 name = "no-server-files"
 action = "block"

@@ -111,16 +111,21 @@ class MaskingMixin:
 
     def _on_notice(self, buf, s, e):
         """A notice while a masked statement runs: masked as its errors are (_masked_message)."""
+        req = self._answered()
+        if req is None or not req.verdict.masked:
+            return None
+        masked = self._masked_message(req.verdict, m.NoticeResponse.decode(bytes(buf[s + 5:e])))
+        return None if masked is None else masked.encode()
+
+    def _answered(self):
+        """The request whose statement the server is running now (a Query's, a FunctionCall's,
+        an Execute's), or None."""
         ops = self._ops
         if not ops:
             return None
         head = ops[0]
         kind = head[0]
-        req = head[1] if kind in (OP_QUERY, OP_FUNCTION) else (head[2] if kind == OP_EXECUTE else None)
-        if req is None or not req.verdict.masked:
-            return None
-        masked = self._masked_message(req.verdict, m.NoticeResponse.decode(bytes(buf[s + 5:e])))
-        return None if masked is None else masked.encode()
+        return head[1] if kind in (OP_QUERY, OP_FUNCTION) else (head[2] if kind == OP_EXECUTE else None)
 
     def _masked_message(self, verdict: Verdict, msg):
         """``msg`` (an ErrorResponse or NoticeResponse the server sent while ``verdict``'s
@@ -136,13 +141,10 @@ class MaskingMixin:
 
     def _on_copy_out(self, buf, s, e):
         """COPY ... TO STDOUT of a statement to be masked: CopyData cannot be masked, so refuse it."""
-        ops = self._ops
-        if not ops:
-            return None
-        head = ops[0]
-        req = head[1] if head[0] == OP_QUERY else (head[2] if head[0] == OP_EXECUTE else None)
+        req = self._answered()
         if req is None or not req.verdict.masked:
             return None
+        head = self._ops[0]
         refusal = error_response(sqlstate.INSUFFICIENT_PRIVILEGE,
                                  f"COPY TO STDOUT is refused for statements masked by rule {req.verdict.rule!r}",
                                  detail="masking rewrites result rows; COPY data cannot be masked",
