@@ -55,8 +55,42 @@ properties = ["set_role", "set_session_authorization"]
 """
 
 # The bot: runs each step's exact bytes and prints what the server answered.
-BOT_SCRIPT = r"""
-import json, socket, struct, sys
+# A bare protocol client for the bot scripts (no libpq): the startup message without TLS or
+# password (the front attests the bot), then the server's messages up to the n-th ReadyForQuery.
+RAW_CLIENT = r"""
+import socket, struct
+
+class Raw:
+    def __init__(self, dsn):
+        params = dict(p.split("=", 1) for p in dsn.split())
+        self.s = socket.create_connection((params["host"], int(params["port"])), timeout=20)
+        body = b"".join(k.encode() + b"\0" + v.encode() + b"\0" for k, v in
+                        (("user", params["user"]), ("database", params["dbname"]))) + b"\0"
+        self.s.sendall(struct.pack("!ii", len(body) + 8, 196608) + body)
+        self.buf = b""
+        self.messages(1)
+
+    def messages(self, ready):
+        seen = []
+        while True:
+            while len(self.buf) >= 5 and len(self.buf) >= 1 + struct.unpack("!i", self.buf[1:5])[0]:
+                n = struct.unpack("!i", self.buf[1:5])[0]
+                seen.append((self.buf[:1], self.buf[5:1 + n]))
+                self.buf = self.buf[1 + n:]
+                if seen[-1][0] == b"Z":
+                    ready -= 1
+                    if ready == 0:
+                        return seen
+                if seen[-1][0] == b"R" and struct.unpack("!i", seen[-1][1][:4])[0] != 0:
+                    return seen
+            chunk = self.s.recv(65536)
+            if not chunk:
+                return seen
+            self.buf += chunk
+"""
+
+BOT_SCRIPT = RAW_CLIENT + r"""
+import json, struct, sys
 import psycopg
 from psycopg import pq
 
@@ -86,41 +120,17 @@ for step in steps:
             got.append({"ok": False, "sqlstate": e.sqlstate, "message": str(e)})
         out.append(got or [{"ok": True}])
     elif step["op"] == "raw_pipeline":  # two simple Query messages in one write, then read both answers
-        params = dict(p.split("=", 1) for p in dsn.split())
-        s = socket.create_connection((params["host"], int(params["port"])), timeout=20)
-        body = b"".join(k.encode() + b"\0" + v.encode() + b"\0" for k, v in
-                        (("user", params["user"]), ("database", params["dbname"]))) + b"\0"
-        s.sendall(struct.pack("!ii", len(body) + 8, 196608) + body)
-        buf = b""
-        def messages(until_ready):
-            global buf
-            seen = []
-            while True:
-                while len(buf) >= 5 and len(buf) >= 1 + struct.unpack("!i", buf[1:5])[0]:
-                    n = struct.unpack("!i", buf[1:5])[0]
-                    seen.append((buf[:1], buf[5:1 + n]))
-                    buf = buf[1 + n:]
-                    if seen[-1][0] == b"Z":
-                        until_ready -= 1
-                        if until_ready == 0:
-                            return seen
-                    if seen[-1][0] == b"R" and struct.unpack("!i", seen[-1][1][:4])[0] not in (0,):
-                        return seen
-                chunk = s.recv(65536)
-                if not chunk:
-                    return seen
-                buf += chunk
-        messages(1)
-        s.sendall(b"".join(b"Q" + struct.pack("!i", len(q) + 5) + q + b"\0"
-                           for q in (bytes.fromhex(x) for x in step["sqls"])))
+        raw = Raw(dsn)
+        raw.s.sendall(b"".join(b"Q" + struct.pack("!i", len(q) + 5) + q + b"\0"
+                               for q in (bytes.fromhex(x) for x in step["sqls"])))
         got = []
-        for kind, body in messages(len(step["sqls"])):
+        for kind, body in raw.messages(len(step["sqls"])):
             if kind == b"E":
                 fields = dict((f[:1].decode(), f[1:].decode("utf-8", "replace")) for f in body.split(b"\0") if f)
                 got.append({"ok": False, "sqlstate": fields.get("C"), "message": fields.get("M")})
             elif kind == b"C":
                 got.append({"ok": True, "tag": body.rstrip(b"\0").decode()})
-        s.close()
+        raw.s.close()
         out.append(got)
     elif step["op"] == "asyncpg_named":  # issue 13.2: a protocol-level name, then SQL EXECUTE of it
         import asyncio, asyncpg

@@ -14,8 +14,8 @@ import pytest
 
 from tests.probes_fixtures import RUN_TAG
 
-from tests.test_pg_reading_e2e import (BOT, BOT_SCRIPT, _dsn, _steps, requests_of, run_bot, run_direct, start_world,
-                                      table_exists)
+from tests.test_pg_reading_e2e import (BOT, BOT_SCRIPT, RAW_CLIENT, _dsn, _steps, requests_of, run_bot, run_direct,
+                                      start_world, table_exists)
 from tests.test_probes_e2e import bot_run
 from tests.test_pg_reading_e2e import accounts  # noqa: F401  (the fixture, on this module's world)
 
@@ -193,8 +193,8 @@ def test_a_role_set_at_startup_is_a_role_switch(world):
 # Bind/Execute can run it by name. Before, a name botwarden had not seen parsed ran as allowed
 # ("prepared before this session": there is no such thing, each session has its own backend), and
 # a name it had seen parsed kept that verdict after SQL DEALLOCATE and PREPARE gave it a new body.
-PREPARED_BY_NAME = r"""
-import json, sys
+PREPARED_BY_NAME = RAW_CLIENT + r"""
+import json, struct, sys
 import psycopg
 conn = psycopg.connect(sys.argv[1], autocommit=True)
 pg = conn.pgconn
@@ -220,36 +220,13 @@ for step in json.loads(sys.argv[2]):
             cur.execute(step[1])
             out.append({"rows": [list(r) for r in cur.fetchall()], "error": ""})
     elif step[0] == "raw_execute_portal":  # SQL DECLARE, then the protocol's Execute of that portal
-        import socket, struct
-        params = dict(p.split("=", 1) for p in sys.argv[1].split())
-        s = socket.create_connection((params["host"], int(params["port"])), timeout=20)
-        body = b"".join(k.encode() + b"\0" + v.encode() + b"\0" for k, v in
-                        (("user", params["user"]), ("database", params["dbname"]))) + b"\0"
-        s.sendall(struct.pack("!ii", len(body) + 8, 196608) + body)
-        buf = b""
-        def messages(ready):
-            global buf
-            seen = []
-            while True:
-                while len(buf) >= 5 and len(buf) >= 1 + struct.unpack("!i", buf[1:5])[0]:
-                    n = struct.unpack("!i", buf[1:5])[0]
-                    seen.append((buf[:1], buf[5:1 + n]))
-                    buf = buf[1 + n:]
-                    if seen[-1][0] == b"Z":
-                        ready -= 1
-                        if ready == 0:
-                            return seen
-                chunk = s.recv(65536)
-                if not chunk:
-                    return seen
-                buf += chunk
-        messages(1)
+        raw = Raw(sys.argv[1])
         q = step[1].encode() + b"\0"
         name = step[2].encode() + b"\0"
-        s.sendall(b"Q" + struct.pack("!i", len(q) + 4) + q
-                  + b"E" + struct.pack("!i", len(name) + 8) + name + struct.pack("!i", 0) + b"S" + struct.pack("!i", 4))
+        raw.s.sendall(b"Q" + struct.pack("!i", len(q) + 4) + q + b"E" + struct.pack("!i", len(name) + 8) + name
+                      + struct.pack("!i", 0) + b"S" + struct.pack("!i", 4))
         rows, errors = [], []
-        for kind, body in messages(2):
+        for kind, body in raw.messages(2):
             if kind == b"D":
                 n = struct.unpack("!h", body[:2])[0]
                 pos, row = 2, []
@@ -260,7 +237,7 @@ for step in json.loads(sys.argv[2]):
                 rows.append(row)
             elif kind == b"E":
                 errors.append(body.decode("utf-8", "replace"))
-        s.close()
+        raw.s.close()
         out.append({"rows": rows, "error": " ".join(errors)})
     else:
         run_prepared(step[1])
