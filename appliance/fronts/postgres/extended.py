@@ -156,7 +156,13 @@ class ExtendedProtocolMixin:
         if verdict.masked and self._masks_a_column(verdict):
             verdict = Verdict("block", verdict.rule, f"{verdict.reason}; this cursor's rows are masked: read them "
                               f"with FETCH, not by executing its portal", details=verdict.details)
-        return _Portal(_Statement(text, verdict, name, by_name=True), None, ())
+        portal = _Portal(_Statement(text, verdict, name, by_name=True), None, ())
+        if verdict.masked:
+            # A mask rule matched but masks none of its columns: its rows pass as they are. (Left
+            # unknown, they were masked whole or not at all, as the DataRow handler happened to be
+            # set from the request before.)
+            portal.columns = ()
+        return portal
 
     def _masks_a_column(self, verdict: Verdict) -> bool:
         """Whether a result of the verdict's statement may have a column masked, from its output
