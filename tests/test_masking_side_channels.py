@@ -323,6 +323,7 @@ RENAMED = [
     "SELECT e FROM bw_contacts a JOIN LATERAL (VALUES (a.email)) v(e) ON true",
     "SELECT ARRAY(SELECT email FROM bw_contacts)::text",
     'SELECT lower(email) AS "X" FROM bw_contacts',  # a quoted name: looked up as x before
+    "SELECT value FROM bw_contacts c, jsonb_each_text(to_jsonb(c))",  # columns named by OUT parameters
 ]
 
 

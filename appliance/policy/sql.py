@@ -992,6 +992,7 @@ class _Walker:
         names = _alias_colnames(alias) or [
             c.get("ColumnDef", {}).get("colname", "?column?") for c in body.get("coldeflist") or ()
             if isinstance(c, dict)]
+        named = bool(names)
         if not names and isinstance(alias, dict) and alias.get("aliasname"):
             names = [alias["aliasname"]]
         if not names:
@@ -1008,6 +1009,10 @@ class _Walker:
             self.collecting.pop()
         for name in names:
             self.outputs.setdefault(name, set()).update(sources)
+        if sources and not named:
+            # Its columns are named by its OUT parameters (jsonb_each_text: key, value), which only
+            # the catalog knows: any column of the result may be one of them.
+            self.outputs.setdefault(ANY_OUTPUT, set()).update(sources)
 
     def _v_RangeSubselect(self, body: Mapping[str, Any]) -> None:
         alias = body.get("alias")
