@@ -324,6 +324,7 @@ RENAMED = [
     "SELECT ARRAY(SELECT email FROM bw_contacts)::text",
     'SELECT lower(email) AS "X" FROM bw_contacts',  # a quoted name: looked up as x before
     "SELECT value FROM bw_contacts c, jsonb_each_text(to_jsonb(c))",  # columns named by OUT parameters
+    "SELECT t.v FROM bw_contacts c, xmltable('/r' PASSING xmlelement(name r, c.email) COLUMNS v text PATH '.') t",
 ]
 
 

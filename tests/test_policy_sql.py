@@ -448,6 +448,8 @@ def test_no_where_invariants(condition: str) -> None:
     ("with recursive r(e) as (select email from accounts union select e from r) select e from r", "e", "email"),
     # A function's columns named by its OUT parameters (key, value): any result column may be one.
     ("select value from accounts a, jsonb_each_text(to_jsonb(a))", "?any", "*"),
+    ("select t.v from accounts a, xmltable('/r' passing xmlelement(name r, a.email) columns v text path '.') t",
+     "v", "email"),
 ])
 def test_renamed_outputs_keep_their_sources(sql, column, source):
     # Before: each of these returned the email under a name the masking did not follow.

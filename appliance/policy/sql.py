@@ -1014,6 +1014,24 @@ class _Walker:
             # the catalog knows: any column of the result may be one of them.
             self.outputs.setdefault(ANY_OUTPUT, set()).update(sources)
 
+    def _v_RangeTableFunc(self, body: Mapping[str, Any]) -> None:
+        """XMLTABLE (... PASSING doc COLUMNS v ...): each column carries what the document and the
+        other expressions read."""
+        alias = body.get("alias")
+        if isinstance(alias, dict) and alias.get("aliasname"):
+            self.range_names.add(alias["aliasname"].lower())
+        names = _alias_colnames(alias) or [
+            c.get("RangeTableFuncCol", {}).get("colname", "?column?") for c in body.get("columns") or ()
+            if isinstance(c, dict)]
+        sources: set[str] = set()
+        self.collecting.append(sources)
+        try:
+            self.generic("RangeTableFunc", body)
+        finally:
+            self.collecting.pop()
+        for name in names:
+            self.outputs.setdefault(name, set()).update(sources)
+
     def _v_RangeSubselect(self, body: Mapping[str, Any]) -> None:
         alias = body.get("alias")
         if isinstance(alias, dict) and alias.get("aliasname"):
