@@ -259,6 +259,11 @@ class _Compiled:
     def action(self) -> str:
         return self.rule.action
 
+    @property
+    def masks_columns(self) -> bool:
+        """A mask rule with column entries (not only detectors)."""
+        return any(spec.columns for spec in self.rule.mask)
+
 
 def _compile(index: int, rule: Rule) -> _Compiled:
     section = rule.sql or rule.ssh
@@ -508,6 +513,7 @@ class PolicyEngine:
         self.identities = {i.name: i for i in identities}
         self.salt = salt
         self.rules = tuple(_compile(i, r) for i, r in enumerate(policy.rules))
+        self._rule = {c.rule.name: c.rule for c in self.rules}  # rule name -> Rule (mask specs)
         self.detector_settings = DetectorSettings(policy.masking.secret_min_length, policy.masking.secret_entropy)
         needs_salt = [r.name for r in policy.rules for m in r.mask if m.strategy in ("hash", "format")]
         if needs_salt and not salt:
@@ -761,9 +767,8 @@ class PolicyEngine:
         rules), or None: nothing to mask."""
         if not verdict.mask_rules or verdict.action == "block":
             return None
-        by_name = {c.rule.name: c.rule for c in self.rules}
         detectors = [(d, Strategy(spec.strategy, spec.keep, self.salt)) for name in verdict.mask_rules
-                     for spec in by_name[name].mask for d in spec.detectors]
+                     for spec in self._rule[name].mask for d in spec.detectors]
         return TextMasker(detectors, self.detector_settings) if detectors else None
 
     def message_masker(self, verdict: Verdict) -> MessageMasker | None:
@@ -771,10 +776,9 @@ class PolicyEngine:
         (:class:`MessageMasker`), or None: they pass as they are."""
         if not verdict.masked:
             return None
-        by_name = {c.rule.name: c.rule for c in self.rules}
         relations = [r for st in verdict.details if isinstance(st, StatementAnalysis) for r in st.relations]
         for name in verdict.mask_rules:
-            if any(_spec_covers(p, relations) for spec in by_name[name].mask for p in spec.columns):
+            if any(_spec_covers(p, relations) for spec in self._rule[name].mask for p in spec.columns):
                 return MessageMasker(withhold=(
                     f"botwarden withheld the server's message: the statement reads columns rule {name!r} "
                     f"masks, and the message may quote their values (the SQLSTATE is the server's)"))
@@ -809,8 +813,7 @@ class PolicyEngine:
         dynamic = any("dynamic_sql" in st.properties for st in statements)
         if not (statistics or dynamic):
             return None
-        masking = next((c.name for c in scope.rules if c.rule.mask and self._active(c, when)
-                        and any(spec.columns for spec in c.rule.mask)), None)
+        masking = next((c.name for c in scope.rules if c.masks_columns and self._active(c, when)), None)
         if masking is None:
             return None
         if statistics:
@@ -835,8 +838,7 @@ class PolicyEngine:
                 continue
             probe = StatementAnalysis("SELECT", frozenset({"SELECT"}), reads=st.relations)
             for c in scope.rules:
-                if (c.action == "mask" and c.name not in have and c.name not in found and self._active(c, when)
-                        and any(spec.columns for spec in c.rule.mask)
+                if (c.masks_columns and c.name not in have and c.name not in found and self._active(c, when)
                         and (c.generic or (c.sql_capable and _sql_matches(c, probe, path)))):
                     found.append(c.name)
         return tuple(found)
@@ -852,29 +854,28 @@ class PolicyEngine:
         call), or renames or rewires the relation (a rename, SET SCHEMA, a trigger or rule on it,
         INHERIT / ATTACH PARTITION: its rows read through another name). (rule, why), or None: it may
         run, masked."""
-        by_name = {c.rule.name: c.rule for c in self.rules}
-        specs = [spec for name in verdict.mask_rules for spec in by_name[name].mask if spec.columns]
+        specs = [spec for name in verdict.mask_rules for spec in self._rule[name].mask if spec.columns]
         if not specs:
             return None
-        rule = next(name for name in verdict.mask_rules if any(spec.columns for spec in by_name[name].mask))
+        rule = next(name for name in verdict.mask_rules if any(spec.columns for spec in self._rule[name].mask))
+
+        def covered(rels: Iterable[Relation]) -> bool:
+            return any(_spec_covers(p, [r]) for r in rels for spec in specs for p in spec.columns)
+
         for st in verdict.details:
             if not isinstance(st, StatementAnalysis):
                 continue
             relations = list(st.reads | st.writes)
-
-            def covered(rels: Iterable[Relation]) -> list[Relation]:
-                return [r for r in rels if any(_spec_covers(p, [r]) for spec in specs for p in spec.columns)]
-
             if st.properties & {"do_block", "function_body"}:
                 if covered(relations):
                     what = "a DO block" if "do_block" in st.properties else "a function body"
-                    return rule, (f"{what} reads a relation whose columns rule {rule!r} masks: masking cannot follow "
-                            f"values through its variables or results; read the columns with a plain SELECT")
+                    return rule, (f"{what} reads a relation whose columns rule {rule!r} masks: masking cannot "
+                                  f"follow values through its variables or results; read the columns with a plain SELECT")
                 continue
             rewiring = sorted(k for k in st.kinds if k in _REWIRING_KINDS or _renames(k))
             if rewiring and covered(st.writes if all(map(_renames, rewiring)) else relations):
                 return rule, (f"{rewiring[0]} of a relation whose columns rule {rule!r} masks: masking follows the "
-                        f"relation's and its columns' names, and masking cannot follow the values after this")
+                              f"relation's and its columns' names, and masking cannot follow the values after this")
             to_file = st.properties & {"copy_file", "copy_program"}
             if to_file and "copy_to" in st.properties and not st.outputs and covered(st.reads):
                 return rule, (f"COPY of a relation whose columns rule {rule!r} masks to a server file or program: "
@@ -905,12 +906,11 @@ class PolicyEngine:
                 where = ", ".join(sorted(str(r) for r in st.writes)) or "a server file or program"
                 what = ", ".join(sorted("*" if "*" in outputs[n] else n for n in masked))
                 return rule, (f"the statement writes values of columns rule {rule!r} masks into {where} ({what}): "
-                        f"masking cannot follow them there")
+                              f"masking cannot follow them there")
         return None
 
     def _build_actions(self, verdict: Verdict, columns: Sequence[ColumnDesc]) -> list[ColumnAction | None] | None:
-        by_name = {c.rule.name: c.rule for c in self.rules}
-        specs = [spec for name in verdict.mask_rules for spec in by_name[name].mask]
+        specs = [spec for name in verdict.mask_rules for spec in self._rule[name].mask]
         statements = [s for s in verdict.details if isinstance(s, StatementAnalysis)]
         relations = [r for s in statements for r in (s.reads | s.writes)]
         range_names = {r.name for r in relations}

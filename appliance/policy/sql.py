@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import orjson
 import pglast
@@ -803,9 +803,7 @@ def _select_names(node: Any) -> list[str] | None:
 
 
 def _alias_colnames(alias: Any) -> list[str]:
-    if not isinstance(alias, dict):
-        return []
-    return [n for n in (_sval(c) for c in alias.get("colnames") or ()) if n is not None]
+    return _names(alias.get("colnames")) if isinstance(alias, dict) else []
 
 
 # Statements whose option list names functions (FUNCTION =, SFUNC =, INPUT =, HANDLER ...): node ->
@@ -984,15 +982,13 @@ class _Walker:
         self.visit_value(value, None)
 
     def _v_RangeFunction(self, body: Mapping[str, Any]) -> None:
+        # Its columns are named by the alias's list, a column definition list, the alias, or the
+        # functions.
         alias = body.get("alias")
-        if isinstance(alias, dict) and alias.get("aliasname"):
-            self.range_names.add(alias["aliasname"].lower())
-        # Its columns (named by the alias's list, a column definition list, the alias, or the
-        # functions) carry what the functions' arguments are computed from.
-        names = _alias_colnames(alias) or [
+        named = _alias_colnames(alias) or [
             c.get("ColumnDef", {}).get("colname", "?column?") for c in body.get("coldeflist") or ()
             if isinstance(c, dict)]
-        named = bool(names)
+        names = list(named)
         if not names and isinstance(alias, dict) and alias.get("aliasname"):
             names = [alias["aliasname"]]
         if not names:
@@ -1001,36 +997,30 @@ class _Walker:
                 call = items[0].get("FuncCall") if items and isinstance(items[0], dict) else None
                 if isinstance(call, dict):
                     names.append((_names(call.get("funcname", ())) or ["?column?"])[-1])
-        sources: set[str] = set()
-        self.collecting.append(sources)
-        try:
-            self.generic("RangeFunction", body)
-        finally:
-            self.collecting.pop()
-        for name in names:
-            self.outputs.setdefault(name, set()).update(sources)
+        sources = self._table_function("RangeFunction", body, names)
         if sources and not named:
             # Its columns are named by its OUT parameters (jsonb_each_text: key, value), which only
             # the catalog knows: any column of the result may be one of them.
             self.outputs.setdefault(ANY_OUTPUT, set()).update(sources)
 
     def _v_RangeTableFunc(self, body: Mapping[str, Any]) -> None:
-        """XMLTABLE (... PASSING doc COLUMNS v ...): each column carries what the document and the
-        other expressions read."""
+        # XMLTABLE (... PASSING doc COLUMNS v ...)
+        names = _alias_colnames(body.get("alias")) or [
+            c.get("RangeTableFuncCol", {}).get("colname", "?column?") for c in body.get("columns") or ()
+            if isinstance(c, dict)]
+        self._table_function("RangeTableFunc", body, names)
+
+    def _table_function(self, node: str, body: Mapping[str, Any], names: Sequence[str]) -> set[str]:
+        """A function in FROM: walked, and each of its columns (``names``) carries what its
+        arguments (document, expressions) are computed from; returns those sources."""
         alias = body.get("alias")
         if isinstance(alias, dict) and alias.get("aliasname"):
             self.range_names.add(alias["aliasname"].lower())
-        names = _alias_colnames(alias) or [
-            c.get("RangeTableFuncCol", {}).get("colname", "?column?") for c in body.get("columns") or ()
-            if isinstance(c, dict)]
         sources: set[str] = set()
-        self.collecting.append(sources)
-        try:
-            self.generic("RangeTableFunc", body)
-        finally:
-            self.collecting.pop()
+        self._collecting(sources, self.generic, node, body)
         for name in names:
             self.outputs.setdefault(name, set()).update(sources)
+        return sources
 
     def _v_RangeSubselect(self, body: Mapping[str, Any]) -> None:
         alias = body.get("alias")
@@ -1064,11 +1054,7 @@ class _Walker:
                 self._cursor_argument(body.get("args", []))
                 self.embedded_rows = True
             if names[-1] in SENDING_FUNCTIONS:
-                self.collecting.append(self.sent.setdefault(names[-1], set()))
-                try:
-                    self.generic("FuncCall", body, skip=("funcname",))
-                finally:
-                    self.collecting.pop()
+                self._collecting(self.sent.setdefault(names[-1], set()), self.generic, "FuncCall", body, ("funcname",))
                 return
         self.generic("FuncCall", body, skip=("funcname",))
 
@@ -1217,7 +1203,7 @@ class _Walker:
         names = [c.get("ctename", "") for c in ctes]
         recursive = bool(clause.get("recursive"))
         for i, cte in enumerate(ctes):
-            renamed = [n for n in (_sval(c) for c in cte.get("aliascolnames") or ()) if n is not None]
+            renamed = _names(cte.get("aliascolnames"))
             if renamed:  # WITH c(e) AS (SELECT email ...)
                 self._rename_outputs(renamed, _select_names(cte.get("ctequery")))
             # Without RECURSIVE a CTE sees only the ones before it; its own name is a table.
@@ -1266,13 +1252,17 @@ class _Walker:
             for row in body.get("valuesLists") or ():
                 items = row.get("List", {}).get("items", []) if isinstance(row, dict) else []
                 for i, expr in enumerate(items):
-                    self.collecting.append(self.outputs.setdefault(f"column{i + 1}", set()))
-                    try:
-                        self.visit_value(expr, None)
-                    finally:
-                        self.collecting.pop()
+                    self._collecting(self.outputs.setdefault(f"column{i + 1}", set()), self.visit_value, expr, None)
 
         self._scoped("SelectStmt", body, ("intoClause", "targetList", "valuesLists"), outputs)
+
+    def _collecting(self, into: set[str], walk: Callable[..., None], *args: Any) -> None:
+        """``walk(*args)`` with the column names it meets also gathered into ``into``."""
+        self.collecting.append(into)
+        try:
+            walk(*args)
+        finally:
+            self.collecting.pop()
 
     def _rename_outputs(self, aliases: Sequence[str], names: Sequence[str] | None) -> None:
         """Columns renamed by position (an alias's column list, a set operation's later branch):
@@ -1488,11 +1478,7 @@ class _Walker:
             exprs.append(d)
         name = cmd.get("name") or (col.get("colname") if isinstance(col, dict) else None) or "?column?"
         for expr in exprs:
-            self.collecting.append(self.assigned.setdefault(name, set()))
-            try:
-                self.visit_value(expr, None)
-            finally:
-                self.collecting.pop()
+            self._collecting(self.assigned.setdefault(name, set()), self.visit_value, expr, None)
 
     def _targets_written(self, node: str, body: Mapping[str, Any], key: str) -> None:
         self._write(body.get(key))
@@ -1645,7 +1631,7 @@ class _Walker:
 
     def _v_ExecuteStmt(self, body: Mapping[str, Any]) -> None:
         self.execute_name = body.get("name", "")
-        self.generic("ExecuteStmt", body)  # (its parameters are constant expressions: no subquery)
+        self.generic("ExecuteStmt", body)
 
     def _v_DeallocateStmt(self, body: Mapping[str, Any]) -> None:
         self.deallocate = "*" if body.get("isall") or not body.get("name") else body["name"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import struct
 
+from appliance.policy.masking import MessageMasker
 from appliance.policy.types import ColumnDesc, Verdict
 from appliance.protocols.postgres import messages as m
 from appliance.protocols.postgres import sqlstate
@@ -17,6 +18,9 @@ from .wire import _row_values, _encode_row, _swallow, columns_of
 from .pending import _UNKNOWN_STATEMENT, OP_QUERY, OP_DESCRIBE, OP_EXECUTE, OP_FUNCTION, _NO_PLAN
 
 log = logging.getLogger(__name__)
+
+# What a masked statement's error or notice becomes when the policy cannot say how to mask it.
+_WITHHOLD = MessageMasker(withhold="botwarden withheld the server's message (the statement's results are masked)")
 
 
 class MaskingMixin:
@@ -135,8 +139,7 @@ class MaskingMixin:
             fields = masker.fields(msg.fields) if masker is not None else None
         except Exception:
             log.exception("masking a server message failed; its text is withheld")
-            fields = tuple((c, v) for c, v in msg.fields if c in "SVC") + (
-                ("M", "botwarden withheld the server's message (the statement's results are masked)"),)
+            fields = _WITHHOLD.fields(msg.fields)
         return None if fields is None else type(msg)(fields)
 
     def _on_copy_out(self, buf, s, e):
