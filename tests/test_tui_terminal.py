@@ -147,7 +147,13 @@ def test_typed_bursts_decide_only_what_the_dialog_confirmed(env, tmp_path):
         term.send("qad1234", "Enter", "F6", "d 1", "Escape")
         time.sleep(1.5)
         assert third in pending_ids(env.client) and bot.proc.poll() is None and exists(env.pg, 3)
-        screen = term.screen()
+        # The console learns of decisions from its event stream: wait for both lines to be drawn
+        # rather than for a fixed time (a loaded machine drew them after 1.5 s once).
+        def drawn(screen: str) -> bool:
+            lines = screen.splitlines()
+            return (any(first in line and "denied" in line for line in lines)
+                    and any(second in line and "approved" in line for line in lines))
+        screen = wait_until(lambda: drawn(s := term.screen()) and s, 30, "both decisions in Recently decided")
         assert "Recently decided" in screen and "EXIT=" not in screen
         decided = [line for line in screen.splitlines() if first in line or second in line]
         assert any("denied" in line and "root" in line and "no: a d q 1234" in line for line in decided), screen
