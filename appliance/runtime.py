@@ -629,6 +629,15 @@ class Runtime:
             state = state.copy()
         return self.engine.decide_sql(grant.identity, grant.groups, target, sql, session=state)
 
+    def view_lookup(self, grant: SessionGrant, target: str) -> Any:
+        """What the PostgreSQL front asks the catalog at login about views (policy/views.py)."""
+        return self.engine.view_lookup(grant.identity, grant.groups, target)
+
+    def learn_views(self, grant: SessionGrant, definitions: Mapping[tuple[str, str], str | None]) -> None:
+        live = self.live.get(grant.session_id)
+        if live is not None:
+            self.engine.learn_views(live.sql_state, definitions)
+
     def decide_k8s(self, grant: SessionGrant, target: str, request: Any) -> Verdict:
         """One Kubernetes API request (an appliance.policy.K8sRequest), under the same audit and
         token-expiry checks as a statement."""

@@ -412,3 +412,23 @@ def test_a_masked_statements_error_is_withheld_from_the_bot_and_the_audit(world,
     rows = world["daemon"].audit_sql("SELECT error, sqlstate, decision FROM requests WHERE text = ?", [sql])
     assert rows and all(r["sqlstate"] == "22P02" and "withheld" in r["error"] for r in rows), rows
     assert all("example.com" not in r["error"] for r in rows), rows
+
+
+def test_a_view_made_before_the_session_is_decided_as_what_it_reads(world, accounts):  # noqa: F811
+    # An administrator's view over the masked table, made before the bot's session (botwarden never
+    # saw it created): the view's column was returned in clear under its own name.
+    pg = world["pg"]
+    pg.psql("CREATE VIEW acct_contacts AS SELECT id, email AS contact FROM accounts; "
+            "ALTER VIEW acct_contacts OWNER TO acct_owner")
+    try:
+        sql = "SELECT contact, id FROM acct_contacts"
+        direct = run_direct(world, _steps(sql))
+        assert bytes.fromhex(direct[0]["rows"][0][0]) == b"a@example.com", direct
+        out = run_bot(world, _steps(sql, "CREATE TABLE acct_copy AS SELECT * FROM acct_contacts"))
+        assert out[0]["rows"] == [[b"********".hex(), b"1".hex()]], out
+        assert not out[1]["ok"] and out[1]["sqlstate"] == "42501" and "mask-emails" in out[1]["message"], out
+        assert not table_exists(pg, "acct_copy")
+        rows = requests_of(world, sql)
+        assert rows[-1]["decision"] == "mask" and rows[-1]["rule"] == "mask-emails", rows
+    finally:
+        pg.psql("DROP VIEW IF EXISTS acct_contacts; DROP TABLE IF EXISTS acct_copy")

@@ -107,6 +107,15 @@ class FrontServices(Protocol):
         """A protocol-level Parse named ``name`` (verdict None: closed): SQL EXECUTE can run it."""
         ...
 
+    def view_lookup(self, grant: SessionGrant, target: str) -> Any:
+        """Optional. What to ask the target's catalog at login about views made before the
+        session (appliance.policy.views.ViewLookup), or None."""
+        ...
+
+    def learn_views(self, grant: SessionGrant, definitions: Mapping[tuple[str, str], str | None]) -> None:
+        """Optional (with view_lookup). The views found: (schema, name) -> query."""
+        ...
+
     def mask_plan(self, grant: SessionGrant, target: str, verdict: Verdict,
                   columns: Sequence[ColumnDesc]) -> MaskPlan | None: ...
 

@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from itertools import islice
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 from zoneinfo import ZoneInfo
 
 import hashlib
@@ -35,9 +35,10 @@ from appliance.protocols.kubernetes import MaskPath, parse_mask_path
 from appliance.policy.masking import (ColumnAction, DetectorSettings, MessageMasker, RowMasker, Strategy, TextMasker,
                                       column_is_maskable)
 from appliance.policy.sql import (ANY_OUTPUT, BatchAnalysis, Function, Relation, StatementAnalysis, analyze_sql, kind_matches,
-                                  resolve_execute, resolve_fetch)
+                                  resolve_execute, resolve_fetch, unparsed)
 from appliance.policy.ssh import UNKNOWN_PROGRAM, SshAnalysis, SshRequest, analyze_ssh
 from appliance.policy.types import ACTION_STRENGTH, ColumnDesc, MaskPlan, PolicyError, RowGuard, Verdict
+from appliance.policy.views import ViewLookup, views_key
 
 if TYPE_CHECKING:
     from appliance.config import IdentityConfig, TargetConfig
@@ -63,9 +64,13 @@ class SqlSessionState:
     prepared: dict[str, StatementAnalysis] = field(default_factory=dict)
     search_path: frozenset[str] = frozenset(DEFAULT_SEARCH_PATH)
     cursors: dict[str, StatementAnalysis] = field(default_factory=dict)
+    # Views made before the session over relations rules name, learned at login (views.py):
+    # (schema, name) -> the analysis of the view's query; ``views_key`` for the verdict caches.
+    views: dict[tuple[str, str], StatementAnalysis] = field(default_factory=dict)
+    views_key: str = ""
 
     def copy(self) -> "SqlSessionState":
-        return SqlSessionState(dict(self.prepared), self.search_path, dict(self.cursors))
+        return SqlSessionState(dict(self.prepared), self.search_path, dict(self.cursors), self.views, self.views_key)
 
     def name_statement(self, name: str, statements: Sequence[StatementAnalysis] | None) -> None:
         """A protocol-level prepared statement (Parse ``name``): SQL ``EXECUTE name`` runs it too.
@@ -111,12 +116,15 @@ def resolve_batch(batch: BatchAnalysis, session: SqlSessionState | None
     batch counts for later ones."""
     path = session.search_path if session is not None else frozenset(DEFAULT_SEARCH_PATH)
     if not batch.session_bound:
+        if session is not None and session.views:
+            return tuple(resolve_views(s, session.views, path) for s in batch.statements), (path,) * len(batch.statements)
         return batch.statements, (path,) * len(batch.statements)
     prepared = dict(session.prepared) if session is not None else {}
     cursors = dict(session.cursors) if session is not None else {}
     statements, paths = [], []
+    views = session.views if session is not None else {}
     for stmt in batch.statements:
-        stmt = resolve_fetch(resolve_execute(stmt, prepared), cursors)
+        stmt = resolve_views(resolve_fetch(resolve_execute(stmt, prepared), cursors), views, path)
         statements.append(stmt)
         paths.append(path)
         if stmt.error is None:
@@ -130,6 +138,55 @@ def resolve_batch(batch: BatchAnalysis, session: SqlSessionState | None
                 prepared[stmt.prepare_name] = stmt.prepared_body
             _cursor_effects(cursors, stmt)
     return tuple(statements), tuple(paths)
+
+
+def resolve_views(stmt: StatementAnalysis, views: Mapping[tuple[str, str], StatementAnalysis],
+                  path: frozenset[str]) -> StatementAnalysis:
+    """``stmt`` as it runs over the views learned at login (views.py): reading a view reads what
+    its query reads (through views of views), the view's result columns are computed from its
+    query's, and writing through a view writes the relations beneath it. Any other statement
+    naming the view (a rename, a grant) is decided as naming those relations too, except
+    dropping or refreshing it, which gives no row to the bot."""
+    if not views or stmt.error is not None or all(k.startswith(("DROP_", "REFRESH_")) for k in stmt.kinds):
+        return stmt
+    reads, writes, functions = set(stmt.reads), set(stmt.writes), set(stmt.functions)
+    outputs, sent, properties = list(stmt.outputs), set(stmt.sent), set(stmt.properties)
+    error = None
+    seen: set[tuple[tuple[str, str], bool]] = set()
+    todo = [(r, r in stmt.writes) for r in stmt.reads | stmt.writes]
+    while todo:
+        rel, written = todo.pop()
+        for key in _view_names(rel, path, views):
+            if (key, written) in seen:
+                continue
+            seen.add((key, written))
+            body = views[key]
+            if body.error is not None:
+                error = f"the statement reads view {key[0]}.{key[1]}, whose query botwarden could not read: {body.error}"
+                continue
+            reads |= body.reads
+            functions |= body.functions
+            outputs += body.outputs
+            sent |= set(body.sent)
+            properties |= body.properties - {"multi_statement"}
+            if written:
+                writes |= body.reads
+            todo += [(r, written) for r in body.reads]
+    if not seen:
+        return stmt
+    return replace(stmt, reads=frozenset(reads), writes=frozenset(writes), functions=frozenset(functions),
+                   outputs=tuple(outputs), sent=tuple(sorted(sent)), properties=frozenset(properties), error=error)
+
+
+def _view_names(rel: Relation, path: frozenset[str], views: Mapping[tuple[str, str], StatementAnalysis]
+                ) -> list[tuple[str, str]]:
+    """The learned views ``rel`` may name: itself when qualified, else one per schema of the path
+    (any schema when botwarden could not read the path)."""
+    if rel.schema is not None:
+        return [(rel.schema, rel.name)] if (rel.schema, rel.name) in views else []
+    if "*" in path:
+        return [key for key in views if key[1] == rel.name]
+    return [(schema, rel.name) for schema in sorted(path) if (schema, rel.name) in views]
 
 
 # --- pattern matching ------------------------------------------------------------------------------
@@ -574,6 +631,40 @@ class PolicyEngine:
             _put(self._analysis, sql, found)
         return found
 
+    def view_lookup(self, identity: str, groups: tuple[str, ...], target: str) -> ViewLookup | None:
+        """What the PostgreSQL front asks the target's catalog at login about views made before
+        the session (views.py), or None: no rule of this scope names a relation or a column."""
+        scope = self.scope(identity, tuple(groups), target)
+        if scope.protocol != "postgres":
+            return None
+        patterns: list[_QualifiedPattern] = []
+        for c in scope.rules:
+            for part in c.parts or (c,):
+                for key in ("relations", "reads", "writes"):
+                    patterns += part.sql.get(key, ())
+            for spec in c.rule.mask:
+                for column in spec.columns:
+                    table_part, sep, _ = column.rpartition(".")
+                    if not sep:  # a column of any relation: every view may carry it
+                        return ViewLookup(None)
+                    patterns.append(_QualifiedPattern.parse(table_part))
+        if not patterns:
+            return None
+        return ViewLookup(lambda schema, name: any(_one(p, schema, name, True) for p in patterns))
+
+    def learn_views(self, session: SqlSessionState, definitions: Mapping[tuple[str, str], str | None]) -> None:
+        """Give ``session`` the views :meth:`view_lookup` found (their queries analysed once per
+        engine). A view whose query botwarden cannot analyse (or that was dropped meanwhile)
+        refuses the statements reading it."""
+        views: dict[tuple[str, str], StatementAnalysis] = {}
+        for key, text in definitions.items():
+            batch = self.analyze(text) if text is not None else None
+            if batch is None or len(batch.statements) != 1:
+                views[key] = unparsed("the catalog gave no single query for it")
+            else:
+                views[key] = batch.statements[0]
+        session.views, session.views_key = views, views_key(definitions)
+
     @staticmethod
     def shape_of(sql: str) -> str:
         """The statement's shape for approval windows: pglast's fingerprint, which ignores
@@ -590,7 +681,7 @@ class PolicyEngine:
         when = self._now(now) if scope.windows else None
         window_key = tuple(w.contains(when) for w in scope.windows) if when is not None else ()
         path = session.search_path if session is not None else frozenset(DEFAULT_SEARCH_PATH)
-        key = (sql, identity, tuple(groups), target, path, window_key)
+        key = (sql, identity, tuple(groups), target, path, window_key, session.views_key if session is not None else "")
         if not self.cache or len(sql) > CACHE_TEXT_MAX:
             self.stats["misses"] += 1
             statements, paths = resolve_batch(analyze_sql(sql), session)

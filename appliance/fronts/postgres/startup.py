@@ -138,27 +138,21 @@ class StartupMixin:
 
     async def _decide_session_defaults(self) -> None:
         """What the session starts with that the startup packet did not say: a search_path (or a
-        role) set by ``ALTER DATABASE``/``ALTER ROLE ... SET`` or the server's configuration.
-        Read from the server before the bot's first statement (one round trip, the bot's
-        ReadyForQuery waits for it) and decided as the startup packet's settings are: a
-        search_path joins the session's, another role is a role switch."""
-        self.upstream.transport.write(m.Query(_DEFAULTS_QUERY).encode())
-        values: tuple | None = None
-        failed: m.ErrorResponse | None = None
-        while True:
-            ev = await self.server_waiter.next()
-            if isinstance(ev, m.DataRow):
-                values = ev.values
-            elif isinstance(ev, m.ErrorResponse):
-                failed = ev
-            elif isinstance(ev, m.ReadyForQuery):
-                break
-            elif isinstance(ev, ConnectionClosed):
-                raise FrontError(sqlstate.CONNECTION_FAILURE, "the server closed the connection during startup")
-        if failed is not None or values is None or len(values) != 3 or None in values:
+        role) set by ``ALTER DATABASE``/``ALTER ROLE ... SET`` or the server's configuration,
+        and the views made before the session over relations a rule names (policy/views.py).
+        Read from the server before the bot's first statement (one round trip, two when such
+        views exist; the bot's ReadyForQuery waits for them). The search_path and role are
+        decided as the startup packet's settings are: a search_path joins the session's, another
+        role is a role switch."""
+        find = getattr(self.services, "view_lookup", None)
+        lookup = find(self.core.grant, self.settings.target) if find is not None else None
+        answers = await self._ask_server([_DEFAULTS_QUERY] + ([lookup.query] if lookup is not None else []),
+                                         "the session's search_path, role and views")
+        values = answers[0][0] if len(answers[0]) == 1 else None
+        if values is None or len(values) != 3 or None in values:
             raise FrontError(sqlstate.CONNECTION_FAILURE, "botwarden could not read the session's search_path "
-                             f"and role from the target: {failed.message if failed else 'no answer'}")
-        path, current, session = (bytes(v).decode("utf-8", "replace") for v in values)
+                             "and role from the target: no answer")
+        path, current, session = values
         settings = []
         if set(split_search_path(path)) != set(DEFAULT_SEARCH_PATH):
             settings.append(("search_path", path))
@@ -166,6 +160,39 @@ class StartupMixin:
             settings.append(("role", current))
         self._decide_settings(settings, "the session's default {name} (ALTER ROLE/DATABASE ... SET, or the "
                                         "server's configuration)")
+        if lookup is None:
+            return
+        try:
+            query = lookup.definitions_query(answers[1])
+            if query is not None:
+                definitions = lookup.definitions((await self._ask_server([query], "the definitions of views"))[0])
+                self.services.learn_views(self.core.grant, definitions)
+        except ValueError as e:
+            raise FrontError(sqlstate.CONNECTION_FAILURE, f"botwarden could not read the target's views: {e}") from None
+
+    async def _ask_server(self, queries: list[str], what: str) -> list[list[tuple[str | None, ...]]]:
+        """Botwarden's own queries on the session before the bot's first statement, sent at once:
+        each one's rows as text. An error refuses the connection (fail closed: what botwarden
+        cannot read, it cannot decide)."""
+        self.upstream.transport.write(b"".join(m.Query(q).encode() for q in queries))
+        answers: list[list[tuple[str | None, ...]]] = [[]]
+        failed: m.ErrorResponse | None = None
+        while True:
+            ev = await self.server_waiter.next()
+            if isinstance(ev, m.DataRow):
+                answers[-1].append(tuple(None if v is None else bytes(v).decode("utf-8", "replace") for v in ev.values))
+            elif isinstance(ev, m.ErrorResponse):
+                failed = failed or ev
+            elif isinstance(ev, m.ReadyForQuery):
+                if len(answers) == len(queries):
+                    break
+                answers.append([])
+            elif isinstance(ev, ConnectionClosed):
+                raise FrontError(sqlstate.CONNECTION_FAILURE, "the server closed the connection during startup")
+        if failed is not None:
+            raise FrontError(sqlstate.CONNECTION_FAILURE, f"botwarden could not read {what} from the target: "
+                             f"{failed.message}")
+        return answers
 
     async def _connect_upstream(self, grant: SessionGrant, startup: m.StartupMessage) -> None:
         loop = asyncio.get_running_loop()
