@@ -13,7 +13,7 @@ import pytest
 from appliance.config import parse_config
 from appliance.policy import ColumnDesc, PolicyEngine
 from appliance.policy.engine import SqlSessionState
-from appliance.policy.views import ViewLookup
+from appliance.policy.views import ViewLookup, split_regclass
 from tests.pg_front_fixtures import (APP_PASSWORD, APP_USER, POLICY_HEAD, EngineServices, FrontThread,
                                      plain_settings, setup_roles)
 
@@ -160,18 +160,28 @@ def test_views_are_looked_up_only_when_a_rule_names_a_relation_or_column():
 
 def test_only_views_reaching_a_guarded_relation_are_read():
     lookup = ViewLookup(lambda schema, name: name == "accounts")
-    rows = [("10", "public", "contacts", "1", "public", "accounts"),
-            ("11", "public", "again", "10", "public", "contacts"),     # through another view
-            ("12", "public", "cities_v", "2", "public", "cities"),
-            ("13", "s", "mixed", "2", "public", "cities"), ("13", "s", "mixed", "11", "public", "again")]
+    rows = [("10", "public.contacts", "1", "public.accounts"),
+            ("11", "public.again", "10", "public.contacts"),     # through another view
+            ("12", "public.cities_v", "2", "public.cities"),
+            ("13", 's."Mixed ""Case"""', "2", "public.cities"), ("13", 's."Mixed ""Case"""', "11", "public.again")]
     query = lookup.definitions_query(rows)
-    assert query is not None and "IN (10, 11, 13)" in query
+    assert query is not None and "IN (10, 11, 13)" in query and "SET LOCAL search_path = ''" in query
     defs = lookup.definitions([("10", "SELECT 1"), ("13", "SELECT 2")])
     # A view asked for and not answered (dropped meanwhile) is kept, unreadable.
-    assert defs == {("public", "contacts"): "SELECT 1", ("public", "again"): None, ("s", "mixed"): "SELECT 2"}
+    assert defs == {("public", "contacts"): "SELECT 1", ("public", "again"): None, ("s", 'Mixed "Case"'): "SELECT 2"}
     assert ViewLookup(lambda s, n: False).definitions_query(rows) is None
     with pytest.raises(ValueError):
         lookup.definitions([("99", "SELECT 1")])
+    with pytest.raises(ValueError):
+        ViewLookup(None).definitions_query([("1", 'a."b', "2", "c")])
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("public.t", ("public", "t")), ("t", (None, "t")), ('"A b"."c.d"', ("A b", "c.d")),
+    ('x."q""uote"', ("x", 'q"uote')), ('"x"', (None, "x")),
+])
+def test_regclass_names_are_split_as_the_server_quotes_them(text, expected):
+    assert split_regclass(text) == expected
 
 
 def test_a_statement_reading_a_view_botwarden_could_not_read_is_refused():
