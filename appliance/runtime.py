@@ -629,14 +629,16 @@ class Runtime:
             state = state.copy()
         return self.engine.decide_sql(grant.identity, grant.groups, target, sql, session=state)
 
-    def view_lookup(self, grant: SessionGrant, target: str) -> Any:
-        """What the PostgreSQL front asks the catalog at login about views (policy/views.py)."""
-        return self.engine.view_lookup(grant.identity, grant.groups, target)
+    def catalog_lookup(self, grant: SessionGrant, target: str) -> Any:
+        """What the PostgreSQL front asks the catalog at login about views and functions
+        (policy/catalog.py)."""
+        return self.engine.catalog_lookup(grant.identity, grant.groups, target)
 
-    def learn_views(self, grant: SessionGrant, definitions: Mapping[tuple[str, str], str | None]) -> None:
+    def learn_catalog(self, grant: SessionGrant, views: Mapping[Any, str | None],
+                      functions: Mapping[tuple[str, str], Any]) -> None:
         live = self.live.get(grant.session_id)
         if live is not None:
-            self.engine.learn_views(live.sql_state, definitions)
+            self.engine.learn_catalog(live.sql_state, views, functions)
 
     def decide_k8s(self, grant: SessionGrant, target: str, request: Any) -> Verdict:
         """One Kubernetes API request (an appliance.policy.K8sRequest), under the same audit and

@@ -1,7 +1,7 @@
 """What a login costs through the PostgreSQL front, and what reading the session's defaults
 adds (one round trip: ``SELECT current_setting('search_path'), current_user, session_user``
 before the bot's first ReadyForQuery, appliance/fronts/postgres/startup.py), and what the view
-lookup adds when a rule names relations or columns (policy/views.py: the dependencies query in
+lookup adds when a rule names relations or columns (policy/catalog.py: the dependencies query in
 the same round trip, then one more for the definitions of ``--views`` views over a table).
 
 Run from the repository root:
@@ -35,7 +35,7 @@ import uvloop  # noqa: E402
 from appliance.fronts.postgres import PgFrontSettings, PostgresFront  # noqa: E402
 from appliance.fronts.postgres.startup import StartupMixin  # noqa: E402
 from appliance.fronts.services import Credential, DefaultServices  # noqa: E402
-from appliance.policy.views import ViewLookup  # noqa: E402
+from appliance.policy.catalog import CatalogLookup  # noqa: E402
 from appliance.sandbox import PostgresServer  # noqa: E402
 
 USER, PASSWORD = "bw_login", "bw-login-pw"
@@ -51,18 +51,18 @@ class ViewServices(QuietServices):
 
     learned = 0
 
-    def view_lookup(self, grant, target):
-        return ViewLookup(None)
+    def catalog_lookup(self, grant, target):
+        return CatalogLookup(None, ["v"])
 
-    def learn_views(self, grant, definitions):
-        self.learned = len(definitions)
+    def learn_catalog(self, grant, views, functions):
+        self.learned = len(views)
 
 
 class NoViewServices(ViewServices):
     """Asks which views reach a relation named ``nothing_named``: the dependencies only."""
 
-    def view_lookup(self, grant, target):
-        return ViewLookup(lambda schema, name: name == "nothing_named")
+    def catalog_lookup(self, grant, target):
+        return CatalogLookup(lambda schema, name: name == "nothing_named", ["nothing_named"])
 
 
 class Front:

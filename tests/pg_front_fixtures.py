@@ -127,11 +127,11 @@ class EngineServices(DefaultServices):
         return self.engine.decide_sql(grant.identity, grant.groups, target, sql,
                                       session=state.copy() if probe else state)
 
-    def view_lookup(self, grant, target):
-        return self.engine.view_lookup(grant.identity, grant.groups, target)
+    def catalog_lookup(self, grant, target):
+        return self.engine.catalog_lookup(grant.identity, grant.groups, target)
 
-    def learn_views(self, grant, definitions):
-        self.engine.learn_views(self.sessions.setdefault(grant.session_id, SqlSessionState()), definitions)
+    def learn_catalog(self, grant, views, functions):
+        self.engine.learn_catalog(self.sessions.setdefault(grant.session_id, SqlSessionState()), views, functions)
 
     def mask_plan(self, grant, target, verdict, columns):
         return self.engine.mask_plan(grant.identity, grant.groups, target, verdict, columns)

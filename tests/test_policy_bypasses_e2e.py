@@ -284,9 +284,10 @@ def test_a_name_botwarden_did_not_see_prepared_does_not_run(world, accounts):  #
     assert 'prepared statement "s9" does not exist' in out[0]["error"] and out[1] == "ok", out
     # Prepared where botwarden does not follow names (inside a DO block): refused, not run.
     # (A DO block's dynamic SQL is refused itself while a rule masks columns: a function made
-    # before the session, whose body botwarden does not see run, stands for it here.)
+    # before the session stands for it here, one whose body names the table only in text it
+    # builds at run time; botwarden reads the bodies of those that name it, below.)
     world["pg"].psql("CREATE OR REPLACE FUNCTION bw_prepare_s8() RETURNS int LANGUAGE plpgsql AS "
-                     "$$ BEGIN EXECUTE 'PREPARE s8 AS SELECT email FROM accounts'; RETURN 1; END $$; "
+                     "$$ BEGIN EXECUTE 'PREPARE s8 AS SELECT e' || 'mail FROM acc' || 'ounts'; RETURN 1; END $$; "
                      "GRANT EXECUTE ON FUNCTION bw_prepare_s8() TO PUBLIC")
     steps = [["sql", "SELECT bw_prepare_s8()"], ["execute", "s8"]]
     assert _run_prepared(world, steps, direct=True)[-1]["rows"] == [["a@example.com"]]
@@ -307,9 +308,10 @@ def test_a_cursors_rows_are_masked_as_its_query_is(world, accounts):  # noqa: F8
     out = run_bot(world, _steps("BEGIN; DECLARE c CURSOR FOR SELECT email FROM accounts; FETCH ALL FROM c", "COMMIT"))
     assert [bytes.fromhex(v) for v in out[0]["rows"][0]] == [b"********"], out
     # A cursor botwarden did not see declared: refused (one a function made before the session
-    # opens, say).
+    # opens, say, whose body names the table only in text it builds at run time).
     world["pg"].psql("CREATE OR REPLACE FUNCTION bw_open_h() RETURNS int LANGUAGE plpgsql AS "
-                     "$$ BEGIN EXECUTE 'DECLARE h CURSOR WITH HOLD FOR SELECT email FROM accounts'; RETURN 1; END $$; "
+                     "$$ BEGIN EXECUTE 'DECLARE h CURSOR WITH HOLD FOR SELECT e' || 'mail FROM acc' || 'ounts'; "
+                     "RETURN 1; END $$; "
                      "GRANT EXECUTE ON FUNCTION bw_open_h() TO PUBLIC")
     out = run_bot(world, _steps("SELECT bw_open_h()", "FETCH ALL FROM h"))
     assert out[0]["ok"] and not out[1]["ok"] and "did not see declared" in out[1]["message"], out
@@ -432,3 +434,22 @@ def test_a_view_made_before_the_session_is_decided_as_what_it_reads(world, accou
         assert rows[-1]["decision"] == "mask" and rows[-1]["rule"] == "mask-emails", rows
     finally:
         pg.psql("DROP VIEW IF EXISTS acct_contacts; DROP TABLE IF EXISTS acct_copy")
+
+
+def test_a_function_made_before_the_session_is_decided_as_what_its_body_does(world, accounts):  # noqa: F811
+    # The function an earlier version of this file used as an unseen way to prepare a name: its
+    # body reads the masked table, so calling it is refused now, and the name never exists.
+    world["pg"].psql("CREATE OR REPLACE FUNCTION bw_prepare_s7() RETURNS int LANGUAGE plpgsql AS "
+                     "$$ BEGIN EXECUTE 'PREPARE s7 AS SELECT email FROM accounts'; RETURN 1; END $$; "
+                     "CREATE OR REPLACE FUNCTION bw_first_email() RETURNS text LANGUAGE sql AS "
+                     "'SELECT email FROM accounts LIMIT 1'; "
+                     "GRANT EXECUTE ON FUNCTION bw_prepare_s7(), bw_first_email() TO PUBLIC")
+    try:
+        assert run_direct(world, _steps("SELECT bw_first_email()"))[0]["rows"] == [[b"a@example.com".hex()]]
+        out = run_bot(world, _steps("SELECT bw_first_email()", "SELECT bw_prepare_s7()"))
+        for got in out:
+            assert not got["ok"] and got["sqlstate"] == "42501" and "mask-emails" in got["message"], out
+        rows = requests_of(world, "SELECT bw_first_email()")
+        assert rows[-1]["decision"] == "block" and "bw_first_email" in rows[-1]["reason"], rows
+    finally:
+        world["pg"].psql("DROP FUNCTION IF EXISTS bw_prepare_s7(), bw_first_email()")

@@ -107,13 +107,15 @@ class FrontServices(Protocol):
         """A protocol-level Parse named ``name`` (verdict None: closed): SQL EXECUTE can run it."""
         ...
 
-    def view_lookup(self, grant: SessionGrant, target: str) -> Any:
-        """Optional. What to ask the target's catalog at login about views made before the
-        session (appliance.policy.views.ViewLookup), or None."""
+    def catalog_lookup(self, grant: SessionGrant, target: str) -> Any:
+        """Optional. What to ask the target's catalog at login about views and functions made
+        before the session (appliance.policy.catalog.CatalogLookup), or None."""
         ...
 
-    def learn_views(self, grant: SessionGrant, definitions: Mapping[tuple[str, str], str | None]) -> None:
-        """Optional (with view_lookup). The views found: (schema, name) -> query."""
+    def learn_catalog(self, grant: SessionGrant, views: Mapping[Any, str | None],
+                      functions: Mapping[tuple[str, str], Any]) -> None:
+        """Optional (with catalog_lookup). The views ((schema, name) -> query) and functions
+        ((schema, name) -> definitions) found."""
         ...
 
     def mask_plan(self, grant: SessionGrant, target: str, verdict: Verdict,

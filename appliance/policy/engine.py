@@ -38,7 +38,7 @@ from appliance.policy.sql import (ANY_OUTPUT, BatchAnalysis, Function, Relation,
                                   resolve_execute, resolve_fetch, unparsed)
 from appliance.policy.ssh import UNKNOWN_PROGRAM, SshAnalysis, SshRequest, analyze_ssh
 from appliance.policy.types import ACTION_STRENGTH, ColumnDesc, MaskPlan, PolicyError, RowGuard, Verdict
-from appliance.policy.views import ViewLookup, views_key
+from appliance.policy.catalog import CatalogLookup, catalog_key
 
 if TYPE_CHECKING:
     from appliance.config import IdentityConfig, TargetConfig
@@ -64,13 +64,16 @@ class SqlSessionState:
     prepared: dict[str, StatementAnalysis] = field(default_factory=dict)
     search_path: frozenset[str] = frozenset(DEFAULT_SEARCH_PATH)
     cursors: dict[str, StatementAnalysis] = field(default_factory=dict)
-    # Views made before the session over relations rules name, learned at login (views.py):
-    # (schema, name) -> the analysis of the view's query; ``views_key`` for the verdict caches.
+    # Views and functions made before the session over relations rules name, learned at login
+    # (catalog.py): (schema, name) -> the analysis of the view's query, of the function's body
+    # (its overloads' merged); ``catalog_key`` for the verdict caches.
     views: dict[tuple[str, str], StatementAnalysis] = field(default_factory=dict)
-    views_key: str = ""
+    functions: dict[tuple[str, str], StatementAnalysis] = field(default_factory=dict)
+    catalog_key: str = ""
 
     def copy(self) -> "SqlSessionState":
-        return SqlSessionState(dict(self.prepared), self.search_path, dict(self.cursors), self.views, self.views_key)
+        return SqlSessionState(dict(self.prepared), self.search_path, dict(self.cursors), self.views,
+                               self.functions, self.catalog_key)
 
     def name_statement(self, name: str, statements: Sequence[StatementAnalysis] | None) -> None:
         """A protocol-level prepared statement (Parse ``name``): SQL ``EXECUTE name`` runs it too.
@@ -116,15 +119,17 @@ def resolve_batch(batch: BatchAnalysis, session: SqlSessionState | None
     batch counts for later ones."""
     path = session.search_path if session is not None else frozenset(DEFAULT_SEARCH_PATH)
     if not batch.session_bound:
-        if session is not None and session.views:
-            return tuple(resolve_views(s, session.views, path) for s in batch.statements), (path,) * len(batch.statements)
+        if session is not None and session.catalog_key:
+            return (tuple(resolve_catalog(s, session, path) for s in batch.statements),
+                    (path,) * len(batch.statements))
         return batch.statements, (path,) * len(batch.statements)
     prepared = dict(session.prepared) if session is not None else {}
     cursors = dict(session.cursors) if session is not None else {}
     statements, paths = [], []
-    views = session.views if session is not None else {}
     for stmt in batch.statements:
-        stmt = resolve_views(resolve_fetch(resolve_execute(stmt, prepared), cursors), views, path)
+        stmt = resolve_fetch(resolve_execute(stmt, prepared), cursors)
+        if session is not None and session.catalog_key:
+            stmt = resolve_catalog(stmt, session, path)
         statements.append(stmt)
         paths.append(path)
         if stmt.error is None:
@@ -140,26 +145,48 @@ def resolve_batch(batch: BatchAnalysis, session: SqlSessionState | None
     return tuple(statements), tuple(paths)
 
 
-def resolve_views(stmt: StatementAnalysis, views: Mapping[tuple[str, str], StatementAnalysis],
-                  path: frozenset[str]) -> StatementAnalysis:
-    """``stmt`` as it runs over the views learned at login (views.py): reading a view reads what
-    its query reads (through views of views), the view's result columns are computed from its
-    query's, and writing through a view writes the relations beneath it. Any other statement
-    naming the view (a rename, a grant) is decided as naming those relations too, except
-    dropping or refreshing it, which gives no row to the bot."""
-    if not views or stmt.error is not None or all(k.startswith(("DROP_", "REFRESH_")) for k in stmt.kinds):
+def resolve_catalog(stmt: StatementAnalysis, session: SqlSessionState, path: frozenset[str]) -> StatementAnalysis:
+    """``stmt`` as it runs over the views and functions learned at login (catalog.py). Reading a
+    view reads what its query reads (through views of views), the view's result columns are
+    computed from its query's, and writing through a view writes the relations beneath it; any
+    other statement naming the view (a rename, a grant) is decided as naming those relations too,
+    except dropping or refreshing it, which gives no row to the bot. Calling a function does what
+    its body does (reads, writes, sends, calls), and ``bodies`` says which relations each called
+    body reads (masking cannot follow a value through a function's result)."""
+    if stmt.error is not None:
         return stmt
+    views = {} if all(k.startswith(("DROP_", "REFRESH_")) for k in stmt.kinds) else session.views
     reads, writes, functions = set(stmt.reads), set(stmt.writes), set(stmt.functions)
     outputs, sent, properties = list(stmt.outputs), set(stmt.sent), set(stmt.properties)
+    bodies = list(stmt.bodies)
     error = None
-    seen: set[tuple[tuple[str, str], bool]] = set()
-    todo = [(r, r in stmt.writes) for r in stmt.reads | stmt.writes]
+    seen: set[tuple[str, tuple[str, str], bool]] = set()
+    todo: list[tuple[Relation | Function, bool]] = [(r, r in stmt.writes) for r in stmt.reads | stmt.writes]
+    todo += [(f, False) for f in stmt.functions]
     while todo:
-        rel, written = todo.pop()
-        for key in _view_names(rel, path, views):
-            if (key, written) in seen:
+        item, written = todo.pop()
+        if isinstance(item, Function):
+            for key in _catalog_names(item, path, session.functions):
+                if ("f", key, False) in seen:
+                    continue
+                seen.add(("f", key, False))
+                body = session.functions[key]
+                if body.error is not None:
+                    error = (f"the statement calls function {key[0]}.{key[1]}, whose body botwarden could not "
+                             f"read: {body.error}")
+                    continue
+                reads |= body.reads
+                writes |= body.writes
+                functions |= body.functions
+                sent |= set(body.sent)
+                properties |= body.properties & {"dynamic_sql"}
+                bodies.append((f"{key[0]}.{key[1]}", body.reads | body.writes))
+                todo += [(r, r in body.writes) for r in body.reads | body.writes] + [(f, False) for f in body.functions]
+            continue
+        for key in _catalog_names(item, path, views):
+            if ("v", key, written) in seen:
                 continue
-            seen.add((key, written))
+            seen.add(("v", key, written))
             body = views[key]
             if body.error is not None:
                 error = f"the statement reads view {key[0]}.{key[1]}, whose query botwarden could not read: {body.error}"
@@ -171,22 +198,25 @@ def resolve_views(stmt: StatementAnalysis, views: Mapping[tuple[str, str], State
             properties |= body.properties - {"multi_statement"}
             if written:
                 writes |= body.reads
-            todo += [(r, written) for r in body.reads]
+            todo += [(r, written) for r in body.reads] + [(f, False) for f in body.functions]
     if not seen:
         return stmt
     return replace(stmt, reads=frozenset(reads), writes=frozenset(writes), functions=frozenset(functions),
-                   outputs=tuple(outputs), sent=tuple(sorted(sent)), properties=frozenset(properties), error=error)
+                   outputs=tuple(outputs), sent=tuple(sorted(sent)), properties=frozenset(properties),
+                   bodies=tuple(bodies), error=error)
 
 
-def _view_names(rel: Relation, path: frozenset[str], views: Mapping[tuple[str, str], StatementAnalysis]
-                ) -> list[tuple[str, str]]:
-    """The learned views ``rel`` may name: itself when qualified, else one per schema of the path
-    (any schema when botwarden could not read the path)."""
-    if rel.schema is not None:
-        return [(rel.schema, rel.name)] if (rel.schema, rel.name) in views else []
+def _catalog_names(item: Relation | Function, path: frozenset[str], learned: Mapping[tuple[str, str], Any]
+                   ) -> list[tuple[str, str]]:
+    """The learned views (functions) ``item`` may name: itself when qualified, else one per schema
+    of the path (any schema when botwarden could not read the path)."""
+    if not learned:
+        return []
+    if item.schema is not None:
+        return [(item.schema, item.name)] if (item.schema, item.name) in learned else []
     if "*" in path:
-        return [key for key in views if key[1] == rel.name]
-    return [(schema, rel.name) for schema in sorted(path) if (schema, rel.name) in views]
+        return [key for key in learned if key[1] == item.name]
+    return [(schema, item.name) for schema in sorted(path) if (schema, item.name) in learned]
 
 
 # --- pattern matching ------------------------------------------------------------------------------
@@ -631,39 +661,68 @@ class PolicyEngine:
             _put(self._analysis, sql, found)
         return found
 
-    def view_lookup(self, identity: str, groups: tuple[str, ...], target: str) -> ViewLookup | None:
-        """What the PostgreSQL front asks the target's catalog at login about views made before
-        the session (views.py), or None: no rule of this scope names a relation or a column."""
+    def catalog_lookup(self, identity: str, groups: tuple[str, ...], target: str) -> CatalogLookup | None:
+        """What the PostgreSQL front asks the target's catalog at login about views and functions
+        made before the session (catalog.py), or None: no rule of this scope names a relation or a
+        column."""
         scope = self.scope(identity, tuple(groups), target)
         if scope.protocol != "postgres":
             return None
         patterns: list[_QualifiedPattern] = []
+        every = False
+        mentions: list[str] = []
         for c in scope.rules:
             for part in c.parts or (c,):
                 for key in ("relations", "reads", "writes"):
                     patterns += part.sql.get(key, ())
             for spec in c.rule.mask:
                 for column in spec.columns:
-                    table_part, sep, _ = column.rpartition(".")
-                    if not sep:  # a column of any relation: every view may carry it
-                        return ViewLookup(None)
-                    patterns.append(_QualifiedPattern.parse(table_part))
-        if not patterns:
+                    table_part, sep, name = column.rpartition(".")
+                    if sep:
+                        patterns.append(_QualifiedPattern.parse(table_part))
+                    else:  # a column of any relation: every view may carry it
+                        every = True
+                        mentions.append(name)
+        if not (patterns or every):
             return None
-        return ViewLookup(lambda schema, name: any(_one(p, schema, name, True) for p in patterns))
+        mentions += [p.name_text for p in patterns]
+        if every:
+            return CatalogLookup(None, mentions)
+        return CatalogLookup(lambda schema, name: any(_one(p, schema, name, True) for p in patterns), mentions)
 
-    def learn_views(self, session: SqlSessionState, definitions: Mapping[tuple[str, str], str | None]) -> None:
-        """Give ``session`` the views :meth:`view_lookup` found (their queries analysed once per
-        engine). A view whose query botwarden cannot analyse (or that was dropped meanwhile)
-        refuses the statements reading it."""
-        views: dict[tuple[str, str], StatementAnalysis] = {}
-        for key, text in definitions.items():
+    def learn_catalog(self, session: SqlSessionState, views: Mapping[tuple[str | None, str], str | None],
+                      functions: Mapping[tuple[str, str], Sequence[str]]) -> None:
+        """Give ``session`` the views and functions :meth:`catalog_lookup` found (their queries and
+        bodies analysed once per engine). One botwarden cannot analyse (a view dropped meanwhile,
+        a PL/pgSQL body its parser cannot read) refuses the statements that read or call it."""
+        learned: dict[tuple[str, str], StatementAnalysis] = {}
+        for (schema, name), text in views.items():
             batch = self.analyze(text) if text is not None else None
+            if schema is None:
+                continue  # a temporary view of another session's: never this session's to read
             if batch is None or len(batch.statements) != 1:
-                views[key] = unparsed("the catalog gave no single query for it")
+                learned[(schema, name)] = unparsed("the catalog gave no single query for it")
             else:
-                views[key] = batch.statements[0]
-        session.views, session.views_key = views, views_key(definitions)
+                learned[(schema, name)] = batch.statements[0]
+        bodies: dict[tuple[str, str], StatementAnalysis] = {}
+        for key, texts in functions.items():
+            parts = [self.analyze(t).statements for t in texts]
+            if any(len(p) != 1 for p in parts):
+                bodies[key] = unparsed("the catalog gave no single definition for it")
+                continue
+            defs = [p[0] for p in parts]
+            bad = next((d for d in defs if d.error is not None or "opaque_body" in d.properties), None)
+            if bad is not None:
+                bodies[key] = unparsed(bad.error or "its body could not be analysed")
+                continue
+            merged = defs[0]
+            for d in defs[1:]:
+                merged = replace(merged, reads=merged.reads | d.reads, writes=merged.writes | d.writes,
+                                 functions=merged.functions | d.functions, properties=merged.properties | d.properties,
+                                 sent=tuple(sorted(set(merged.sent) | set(d.sent))))
+            bodies[key] = merged
+        session.views, session.functions = learned, bodies
+        session.catalog_key = catalog_key(views, functions)
 
     @staticmethod
     def shape_of(sql: str) -> str:
@@ -681,7 +740,7 @@ class PolicyEngine:
         when = self._now(now) if scope.windows else None
         window_key = tuple(w.contains(when) for w in scope.windows) if when is not None else ()
         path = session.search_path if session is not None else frozenset(DEFAULT_SEARCH_PATH)
-        key = (sql, identity, tuple(groups), target, path, window_key, session.views_key if session is not None else "")
+        key = (sql, identity, tuple(groups), target, path, window_key, session.catalog_key if session is not None else "")
         if not self.cache or len(sql) > CACHE_TEXT_MAX:
             self.stats["misses"] += 1
             statements, paths = resolve_batch(analyze_sql(sql), session)
@@ -963,6 +1022,11 @@ class PolicyEngine:
                     return rule, (f"{what} reads a relation whose columns rule {rule!r} masks: masking cannot "
                                   f"follow values through its variables or results; read the columns with a plain SELECT")
                 continue
+            called = next((name for name, rels in st.bodies if covered(rels)), None)
+            if called is not None:
+                return rule, (f"the statement calls {called}(), whose body reads a relation whose columns rule "
+                              f"{rule!r} masks: masking cannot follow values through a function's results or what "
+                              f"it does with them; read the columns with a plain SELECT")
             rewiring = sorted(k for k in st.kinds if k in _REWIRING_KINDS or _renames(k))
             if rewiring and covered(st.writes if all(map(_renames, rewiring)) else relations):
                 return rule, (f"{rewiring[0]} of a relation whose columns rule {rule!r} masks: masking follows the "

@@ -265,6 +265,9 @@ class StatementAnalysis:
     assigned: tuple[tuple[str, frozenset[str]], ...] = ()
     # Calls of SENDING_FUNCTIONS: function name -> the column names in its arguments.
     sent: tuple[tuple[str, frozenset[str]], ...] = ()
+    # Functions made before the session that the statement calls (engine.resolve_catalog):
+    # function -> the relations its body reads or writes.
+    bodies: tuple[tuple[str, frozenset["Relation"]], ...] = ()
     # Session effects (applied by SqlSessionState when the statement is let through).
     prepare_name: str | None = None
     prepared_body: "StatementAnalysis | None" = field(default=None, compare=False)

@@ -139,15 +139,16 @@ class StartupMixin:
     async def _decide_session_defaults(self) -> None:
         """What the session starts with that the startup packet did not say: a search_path (or a
         role) set by ``ALTER DATABASE``/``ALTER ROLE ... SET`` or the server's configuration,
-        and the views made before the session over relations a rule names (policy/views.py).
+        and the views and functions made before the session over relations a rule names
+        (policy/catalog.py).
         Read from the server before the bot's first statement (one round trip, two when such
         views exist; the bot's ReadyForQuery waits for them). The search_path and role are
         decided as the startup packet's settings are: a search_path joins the session's, another
         role is a role switch."""
-        find = getattr(self.services, "view_lookup", None)
+        find = getattr(self.services, "catalog_lookup", None)
         lookup = find(self.core.grant, self.settings.target) if find is not None else None
-        answers = await self._ask_server([_DEFAULTS_QUERY] + ([lookup.query] if lookup is not None else []),
-                                         "the session's search_path, role and views")
+        answers = await self._ask_server([_DEFAULTS_QUERY] + (lookup.queries if lookup is not None else []),
+                                         "the session's search_path, role, views and functions")
         values = answers[0][0] if len(answers[0]) == 1 else None
         if values is None or len(values) != 3 or None in values:
             raise FrontError(sqlstate.CONNECTION_FAILURE, "botwarden could not read the session's search_path "
@@ -163,12 +164,15 @@ class StartupMixin:
         if lookup is None:
             return
         try:
+            functions = lookup.functions(answers[2])
             query = lookup.definitions_query(answers[1])
+            views = {}
             if query is not None:
-                definitions = lookup.definitions((await self._ask_server([query], "the definitions of views"))[0])
-                self.services.learn_views(self.core.grant, definitions)
+                views = lookup.definitions((await self._ask_server([query], "the definitions of views"))[0])
         except ValueError as e:
-            raise FrontError(sqlstate.CONNECTION_FAILURE, f"botwarden could not read the target's views: {e}") from None
+            raise FrontError(sqlstate.CONNECTION_FAILURE, f"botwarden could not read the target's catalog: {e}") from None
+        if views or functions:
+            self.services.learn_catalog(self.core.grant, views, functions)
 
     async def _ask_server(self, queries: list[str], what: str) -> list[list[tuple[str | None, ...]]]:
         """Botwarden's own queries on the session before the bot's first statement, sent at once:

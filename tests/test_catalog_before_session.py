@@ -1,6 +1,6 @@
-"""Views made before the session (by an administrator, not through botwarden) over relations
-a rule names: a read of one is decided, masked and refused as a read of what the view's query
-reads. Through the real PostgreSQL front against a real PostgreSQL 15, with the policy engine
+"""Views and functions made before the session (by an administrator, not through botwarden)
+over relations a rule names: a read of a view is decided, masked and refused as a read of what
+the view's query reads, a call of a function as what its body does. Through the real PostgreSQL front against a real PostgreSQL 15, with the policy engine
 the daemon uses; each statement is first run against the server directly to show what it would
 give away. The pure parts (which views are looked up, how a statement over them is decided)
 are at the end."""
@@ -13,7 +13,7 @@ import pytest
 from appliance.config import parse_config
 from appliance.policy import ColumnDesc, PolicyEngine
 from appliance.policy.engine import SqlSessionState
-from appliance.policy.views import ViewLookup, split_regclass
+from appliance.policy.catalog import CatalogLookup, like_fragment, split_regclass
 from tests.pg_front_fixtures import (APP_PASSWORD, APP_USER, POLICY_HEAD, EngineServices, FrontThread,
                                      plain_settings, setup_roles)
 
@@ -46,6 +46,18 @@ VIEWS = [
     "CREATE VIEW bwv_harmless AS SELECT id, city FROM bwv_cities",
 ]
 
+FUNCTIONS = [
+    "CREATE FUNCTION bwv_emails() RETURNS SETOF text LANGUAGE sql AS 'SELECT email FROM bwv_accounts'",
+    "CREATE FUNCTION bwv_email_of(i int) RETURNS text LANGUAGE plpgsql AS "
+    "$$ DECLARE x text; BEGIN SELECT email INTO x FROM bwv_accounts WHERE id = i; RETURN x; END $$",
+    "CREATE FUNCTION bwv_atomic() RETURNS text LANGUAGE sql BEGIN ATOMIC SELECT email FROM bwv_accounts LIMIT 1; END",
+    "CREATE FUNCTION bwv_code() RETURNS text LANGUAGE sql AS 'SELECT code FROM bwv_vault'",
+    "CREATE FUNCTION bwv_city(i int) RETURNS text LANGUAGE sql AS 'SELECT city FROM bwv_cities WHERE id = i'",
+    "CREATE PROCEDURE bwv_keep_emails() LANGUAGE sql AS 'INSERT INTO bwv_log SELECT email FROM bwv_accounts'",
+    # A view over an unguarded table that calls a function reading the masked one.
+    "CREATE VIEW bwv_via_function AS SELECT id, bwv_email_of(id) AS e FROM bwv_cities",
+]
+
 
 @pytest.fixture(scope="module")
 def front(pg_server):
@@ -56,7 +68,7 @@ def front(pg_server):
         f"INSERT INTO bwv_accounts VALUES (1, '{EMAIL}'); "
         "CREATE TABLE bwv_cities (id int primary key, city text); INSERT INTO bwv_cities VALUES (1, 'Bergen'); "
         f"CREATE TABLE bwv_vault (code text); INSERT INTO bwv_vault VALUES ('{CODE}'); "
-        "CREATE TABLE bwv_log (v text); " + "; ".join(VIEWS))
+        "CREATE TABLE bwv_log (v text); " + "; ".join(VIEWS + FUNCTIONS))
     ft = FrontThread(plain_settings(pg_server), EngineServices(POLICY))
     yield ft
     ft.stop()
@@ -65,7 +77,9 @@ def front(pg_server):
 
 def _drop(pg_server) -> None:
     pg_server.psql("DROP SCHEMA IF EXISTS bwv_other CASCADE; "
-                   "DROP TABLE IF EXISTS bwv_accounts, bwv_cities, bwv_vault, bwv_log CASCADE")
+                   "DROP TABLE IF EXISTS bwv_accounts, bwv_cities, bwv_vault, bwv_log CASCADE; "
+                   "DROP FUNCTION IF EXISTS bwv_emails(), bwv_email_of(int), bwv_atomic(), bwv_code(), bwv_city(int); "
+                   "DROP PROCEDURE IF EXISTS bwv_keep_emails()")
 
 
 def _direct(pg_server):
@@ -139,6 +153,46 @@ def test_what_masking_cannot_follow_through_a_view_is_refused(front, pg_server, 
                           "('bwv_stolen', 'bwv_contacts_elsewhere')") == "0"
 
 
+CALLS = [
+    "SELECT bwv_emails()",
+    "SELECT * FROM bwv_emails()",
+    "SELECT upper(bwv_email_of(1)) AS shout",
+    "SELECT bwv_atomic()",
+    "SELECT e FROM bwv_via_function",
+]
+
+
+@pytest.mark.parametrize("sql", CALLS)
+@pytest.mark.parametrize("extended", [False, True], ids=["simple", "extended"])
+def test_a_function_made_before_the_session_that_reads_a_masked_column_is_refused(front, pg_server, sql, extended):
+    with _direct(pg_server) as conn:
+        direct = conn.execute(sql, prepare=extended or None).fetchall()
+    assert any(EMAIL in str(v).lower() for row in direct for v in row), direct  # what the call gives away
+    with psycopg.connect(front.dsn(), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
+            conn.execute(sql, prepare=extended or None)
+        assert "mask-account-emails" in str(e.value) and "masking cannot follow" in str(e.value), str(e.value)
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_a_procedure_made_before_the_session_that_copies_a_masked_column_is_refused(front, pg_server):
+    with psycopg.connect(front.dsn(), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
+            conn.execute("CALL bwv_keep_emails()")
+        assert "mask-account-emails" in str(e.value)
+    assert pg_server.psql("SELECT count(*) FROM bwv_log") == "0"
+
+
+def test_a_function_over_a_refused_relation_is_refused_and_a_harmless_one_runs(front, pg_server):
+    with _direct(pg_server) as conn:
+        assert conn.execute("SELECT bwv_code()").fetchone() == (CODE,)
+    with psycopg.connect(front.dsn(), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
+            conn.execute("SELECT bwv_code()")
+        assert "no-vault" in str(e.value)
+        assert conn.execute("SELECT bwv_city(1)").fetchone() == ("Bergen",)
+
+
 # --- the pure parts ----------------------------------------------------------------------------
 
 
@@ -148,18 +202,18 @@ def _engine(policy: str) -> PolicyEngine:
 
 
 def test_views_are_looked_up_only_when_a_rule_names_a_relation_or_column():
-    assert _engine("").view_lookup("test-bot", (), "pg-test") is None
+    assert _engine("").catalog_lookup("test-bot", (), "pg-test") is None
     kinds_only = '[[rules]]\nname = "k"\naction = "approve"\n[rules.sql]\nkinds = ["DELETE"]\n'
-    assert _engine(kinds_only).view_lookup("test-bot", (), "pg-test") is None
+    assert _engine(kinds_only).catalog_lookup("test-bot", (), "pg-test") is None
     bare = '[[rules]]\nname = "m"\naction = "mask"\n[[rules.mask]]\ncolumns = ["email"]\nstrategy = "full"\n'
-    assert _engine(bare).view_lookup("test-bot", (), "pg-test").guarded is None  # any view may carry it
-    lookup = _engine(POLICY[len(POLICY_HEAD):]).view_lookup("test-bot", (), "pg-test")
+    assert _engine(bare).catalog_lookup("test-bot", (), "pg-test").guarded is None  # any view may carry it
+    lookup = _engine(POLICY[len(POLICY_HEAD):]).catalog_lookup("test-bot", (), "pg-test")
     assert lookup.guarded("public", "bwv_accounts") and lookup.guarded("x", "bwv_vault")
     assert not lookup.guarded("public", "bwv_cities")
 
 
 def test_only_views_reaching_a_guarded_relation_are_read():
-    lookup = ViewLookup(lambda schema, name: name == "accounts")
+    lookup = CatalogLookup(lambda schema, name: name == "accounts", ["accounts"])
     rows = [("10", "public.contacts", "1", "public.accounts"),
             ("11", "public.again", "10", "public.contacts"),     # through another view
             ("12", "public.cities_v", "2", "public.cities"),
@@ -169,11 +223,11 @@ def test_only_views_reaching_a_guarded_relation_are_read():
     defs = lookup.definitions([("10", "SELECT 1"), ("13", "SELECT 2")])
     # A view asked for and not answered (dropped meanwhile) is kept, unreadable.
     assert defs == {("public", "contacts"): "SELECT 1", ("public", "again"): None, ("s", 'Mixed "Case"'): "SELECT 2"}
-    assert ViewLookup(lambda s, n: False).definitions_query(rows) is None
+    assert CatalogLookup(lambda s, n: False, []).definitions_query(rows) is None
     with pytest.raises(ValueError):
         lookup.definitions([("99", "SELECT 1")])
     with pytest.raises(ValueError):
-        ViewLookup(None).definitions_query([("1", 'a."b', "2", "c")])
+        CatalogLookup(None, []).definitions_query([("1", 'a."b', "2", "c")])
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -187,8 +241,8 @@ def test_regclass_names_are_split_as_the_server_quotes_them(text, expected):
 def test_a_statement_reading_a_view_botwarden_could_not_read_is_refused():
     engine = _engine(POLICY[len(POLICY_HEAD):])
     session = SqlSessionState()
-    engine.learn_views(session, {("public", "gone"): None,
-                                 ("public", "contacts"): "SELECT bwv_accounts.email AS contact FROM bwv_accounts;"})
+    engine.learn_catalog(session, {("public", "gone"): None,
+                                   ("public", "contacts"): "SELECT bwv_accounts.email AS contact FROM bwv_accounts;"}, {})
     verdict = engine.decide_sql("test-bot", (), "pg-test", "SELECT * FROM gone", session=session)
     assert verdict.action == "block" and "public.gone" in verdict.reason
     masked = engine.decide_sql("test-bot", (), "pg-test", "SELECT contact FROM contacts", session=session)
@@ -202,9 +256,33 @@ def test_a_statement_reading_a_view_botwarden_could_not_read_is_refused():
 def test_dropping_or_refreshing_a_view_is_not_a_read_of_what_it_reads():
     engine = _engine(POLICY[len(POLICY_HEAD):])
     session = SqlSessionState()
-    engine.learn_views(session, {("bwv_other", "codes"): "SELECT bwv_vault.code FROM bwv_vault;"})
+    engine.learn_catalog(session, {("bwv_other", "codes"): "SELECT bwv_vault.code FROM bwv_vault;"}, {})
     for sql in ("DROP VIEW bwv_other.codes", "REFRESH MATERIALIZED VIEW bwv_other.codes"):
         assert engine.decide_sql("test-bot", (), "pg-test", sql, session=session).action != "block", sql
     # Renaming it is: the session would not know the view under its new name.
     renamed = engine.decide_sql("test-bot", (), "pg-test", "ALTER VIEW bwv_other.codes RENAME TO c2", session=session)
     assert renamed.action == "block" and renamed.rule == "no-vault"
+
+
+def test_function_bodies_are_read_when_they_mention_a_guarded_name():
+    lookup = _engine(POLICY[len(POLICY_HEAD):]).catalog_lookup("test-bot", (), "pg-test")
+    query = lookup.functions_query()
+    assert "'%bwv\\_accounts%'" in query and "'%bwv\\_vault%'" in query, query
+    assert like_fragment("acc*_x?") == "%acc%\\_x_%"
+    functions = lookup.functions([("16500", "public", "f", "CREATE FUNCTION public.f() ..."),
+                                  ("16501", "public", "f", "CREATE FUNCTION public.f(int) ...")])
+    assert functions == {("public", "f"): ["CREATE FUNCTION public.f() ...", "CREATE FUNCTION public.f(int) ..."]}
+    # A view calling one of those functions is read, whatever relations it reads.
+    rows = [("20", "public.v", "f16501", ""), ("20", "public.v", "3", "public.cities"),
+            ("21", "public.w", "f16999", ""), ("21", "public.w", "3", "public.cities")]
+    assert "IN (20)" in lookup.definitions_query(rows)
+
+
+def test_a_call_of_a_function_botwarden_could_not_read_is_refused():
+    engine = _engine(POLICY[len(POLICY_HEAD):])
+    session = SqlSessionState()
+    body = ("CREATE FUNCTION public.odd() RETURNS int LANGUAGE plpgsql AS $$ DECLARE r bwv_accounts%ROWTYPE; "
+            "BEGIN SELECT * INTO r FROM bwv_accounts; RETURN 1; END $$")
+    engine.learn_catalog(session, {}, {("public", "odd"): [body]})
+    verdict = engine.decide_sql("test-bot", (), "pg-test", "SELECT odd()", session=session)
+    assert verdict.action == "block" and "public.odd" in verdict.reason, verdict.reason

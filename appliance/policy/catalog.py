@@ -1,0 +1,212 @@
+"""Views and functions made before the session: a read of a view is a read of what its query
+reads, a call of a function runs what its body does.
+
+A view (or a materialized view) that botwarden did not see created selects from relations under
+a name of its own: ``CREATE VIEW contacts AS SELECT id, email AS contact FROM accounts``, made by
+an administrator last year, would let a bot read ``accounts.email`` past a rule that masks or
+refuses it by reading ``contacts``; a SQL or PL/pgSQL function made the same way
+(``CREATE FUNCTION emails() RETURNS SETOF text AS 'SELECT email FROM accounts'``) likewise. At
+login the PostgreSQL front asks the target's catalog (on the bot's own session, before its
+first statement), in the same round trip as the session's defaults:
+
+1. :data:`DEPENDENCIES_QUERY`: every view and materialized view not made by the system, with
+   the relations its query depends on (``pg_depend`` of its ``_RETURN`` rule);
+2. :meth:`CatalogLookup.functions_query`: the SQL and PL/pgSQL functions and procedures not made
+   by the system whose body mentions the name of a relation (or a column) a rule of the
+   session's scope names, with their definitions (``pg_get_functiondef``);
+
+then, one more round trip only when there are such views, :meth:`CatalogLookup.definitions_query`:
+the queries (``pg_get_viewdef``, every relation named with its schema) of the views that reach,
+directly or through other views, a relation a rule of the session's scope names.
+
+The engine then decides a statement naming such a view as reading what the view's query reads,
+its result columns computed from the view's, and a statement calling such a function as doing
+what its body does (:func:`appliance.policy.engine.resolve_catalog`), so masking, refusals and
+the writes masking cannot follow see through both. What is not seen: views and functions made
+or replaced by another session after this one logged in, a function body that names a relation
+only through text it builds at run time, and functions in other languages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Callable, Iterable, Mapping, Sequence
+
+# Both questions run with an empty search path (set for their own transaction only), so the
+# catalog names every relation with its schema: in the view names below and in the queries
+# pg_get_viewdef prints (only pg_catalog's and the session's temporary relations stay bare).
+_QUALIFIED = "BEGIN; SET LOCAL search_path = ''; {}; COMMIT"
+
+# (view oid, view, relation oid, relation), one row per relation a view's query depends on:
+# pg_depend records those of the view's ON SELECT rule (ev_type 1: views and materialized
+# views; other rules do not change what reading a table returns), and the view itself (left
+# out). Views of the system (oids below 16384) are left out too. A function made after the
+# system's that the view calls is a row too: ('f' || its oid, '').
+_PG_CLASS = "'pg_catalog.pg_class'::pg_catalog.regclass"
+DEPENDENCIES_QUERY = _QUALIFIED.format(
+    "SELECT DISTINCT r.ev_class::text, r.ev_class::pg_catalog.regclass::text, "
+    f"CASE WHEN d.refclassid = {_PG_CLASS} THEN d.refobjid::text ELSE 'f' || d.refobjid::text END, "
+    f"CASE WHEN d.refclassid = {_PG_CLASS} THEN d.refobjid::pg_catalog.regclass::text ELSE '' END "
+    "FROM pg_catalog.pg_rewrite r JOIN pg_catalog.pg_depend d "
+    "ON d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass AND d.objid = r.oid AND d.refobjid <> r.ev_class "
+    f"AND (d.refclassid = {_PG_CLASS} OR d.refclassid = 'pg_catalog.pg_proc'::pg_catalog.regclass "
+    "AND d.refobjid >= 16384) "
+    "WHERE r.ev_class >= 16384 AND r.ev_type = '1'")
+
+Row = Sequence[str | None]
+
+
+def split_regclass(text: str) -> tuple[str | None, str]:
+    """``schema.name`` as ``regclass`` prints it (quote_ident's quoting) -> (schema, name); a bare
+    name has schema None."""
+    parts: list[str] = []
+    i = 0
+    while i < len(text):
+        if text[i] == '"':
+            j, word = i + 1, []
+            while j < len(text):
+                if text[j] == '"':
+                    if text[j + 1:j + 2] == '"':
+                        word.append('"')
+                        j += 2
+                        continue
+                    break
+                word.append(text[j])
+                j += 1
+            else:
+                raise ValueError(f"unterminated quoted name in {text!r}")
+            parts.append("".join(word))
+            i = j + 1
+        else:
+            j = text.find(".", i)
+            j = len(text) if j < 0 else j
+            parts.append(text[i:j])
+            i = j
+        if i < len(text):
+            if text[i] != ".":
+                raise ValueError(f"unexpected relation name {text!r}")
+            i += 1
+    if len(parts) == 1 and parts[0]:
+        return None, parts[0]
+    if len(parts) == 2 and all(parts):
+        return parts[0], parts[1]
+    raise ValueError(f"unexpected relation name {text!r}")
+
+
+def like_fragment(glob: str) -> str:
+    """A name pattern's glob as an ILIKE pattern matching text that mentions it anywhere."""
+    out = []
+    for ch in glob:
+        if ch in "\\%_":
+            out.append("\\" + ch)
+        elif ch == "*":
+            out.append("%")
+        elif ch == "?":
+            out.append("_")
+        elif ch in "[]!":
+            out.append("%")  # a character class: any text (wider, never narrower)
+        else:
+            out.append(ch)
+    return "%" + "".join(out) + "%"
+
+
+class CatalogLookup:
+    """One session's questions to the catalog. ``guarded(schema, name)``: a rule of the session's
+    scope names that relation (None: every view counts, as when a rule masks a column by its name
+    alone, whatever relation it is in). ``mentions``: the names (globs) a function body has to
+    mention to be read (the guarded relations' and bare masked columns' names)."""
+
+    def __init__(self, guarded: Callable[[str, str], bool] | None, mentions: Iterable[str]):
+        self.guarded = guarded
+        self.mentions = sorted(set(mentions))
+        self.function_oids: set[str] = set()  # 'f' || oid of the functions read (functions())
+        self.names: dict[str, tuple[str | None, str]] = {}  # oid -> (schema, name) of the views to read
+
+    @property
+    def queries(self) -> list[str]:
+        """The questions asked in the session defaults' round trip."""
+        return [DEPENDENCIES_QUERY, self.functions_query()]
+
+    def functions_query(self) -> str:
+        """(schema, name, definition) of the SQL and PL/pgSQL functions and procedures whose body
+        mentions one of :attr:`mentions` (a body in SQL-standard form, ``BEGIN ATOMIC``, always)."""
+        likes = ", ".join("'" + like_fragment(m).replace("'", "''") + "'" for m in self.mentions) or "'%'"
+        return ("SELECT p.oid::text, n.nspname, p.proname, pg_catalog.pg_get_functiondef(p.oid) FROM pg_catalog.pg_proc p "
+                "JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace "
+                "JOIN pg_catalog.pg_language l ON l.oid = p.prolang "
+                "WHERE p.oid >= 16384 AND p.prokind IN ('f', 'p') AND l.lanname IN ('sql', 'plpgsql') "
+                f"AND (p.prosqlbody IS NOT NULL OR p.prosrc ILIKE ANY (ARRAY[{likes}]))")
+
+    def functions(self, rows: Iterable[Row]) -> dict[tuple[str, str], list[str]]:
+        """(schema, name) -> the definitions of its overloads, from :meth:`functions_query`'s rows
+        (read before :meth:`definitions_query`: a view calling one of them is read too)."""
+        found: dict[tuple[str, str], list[str]] = {}
+        for row in rows:
+            if len(row) != 4 or None in row:
+                raise ValueError("unexpected row from the catalog's functions")
+            self.function_oids.add("f" + row[0])  # type: ignore[operator]
+            found.setdefault((row[1], row[2]), []).append(row[3])  # type: ignore[arg-type]
+        return found
+
+    def definitions_query(self, rows: Iterable[Row]) -> str | None:
+        """From :data:`DEPENDENCIES_QUERY`'s rows, the query for the definitions of the views that
+        reach a guarded relation, or None: no view does."""
+        depends: dict[str, set[str]] = {}
+        names: dict[str, tuple[str | None, str]] = {}
+        for row in rows:
+            if len(row) != 4 or None in row:
+                raise ValueError("unexpected row from the catalog's view dependencies")
+            view, vname, ref, rname = row  # type: ignore[misc]
+            names[view] = split_regclass(vname)  # type: ignore[arg-type]
+            if not ref.startswith("f"):  # type: ignore[union-attr]
+                names.setdefault(ref, split_regclass(rname))  # type: ignore[arg-type]
+            depends.setdefault(view, set()).add(ref)  # type: ignore[arg-type]
+        reaches: dict[str, bool] = {}
+
+        def guarded(oid: str) -> bool:
+            if self.guarded is None:
+                return False
+            schema, name = names[oid]
+            # A bare name is pg_catalog's or the session's temporary one.
+            return any(self.guarded(s, name) for s in ((schema,) if schema else ("pg_catalog", "pg_temp")))
+
+        def reach(oid: str, path: frozenset[str]) -> bool:
+            if oid in reaches:
+                return reaches[oid]
+            if oid.startswith("f"):  # a function: read when its body mentions a guarded name
+                return oid in self.function_oids
+            found = (self.guarded is None and oid in depends) or guarded(oid)
+            for ref in depends.get(oid, ()):
+                if ref not in path and reach(ref, path | {oid}):
+                    found = True
+            reaches[oid] = found
+            return found
+
+        self.names = {oid: names[oid] for oid in depends if reach(oid, frozenset())}
+        if not self.names:
+            return None
+        oids = ", ".join(str(int(oid)) for oid in sorted(self.names, key=int))
+        return _QUALIFIED.format("SELECT c.oid::text, pg_catalog.pg_get_viewdef(c.oid) "
+                                 f"FROM pg_catalog.pg_class c WHERE c.oid IN ({oids})")
+
+    def definitions(self, rows: Iterable[Row]) -> dict[tuple[str | None, str], str | None]:
+        """(schema, name) -> the view's query, from :meth:`definitions_query`'s rows. A view asked
+        for and not answered (dropped in between) maps to None: decided as unreadable."""
+        found: dict[tuple[str | None, str], str | None] = {name: None for name in self.names.values()}
+        for row in rows:
+            if len(row) != 2 or row[0] not in self.names:
+                raise ValueError("unexpected row from the catalog's view definitions")
+            found[self.names[row[0]]] = row[1]  # type: ignore[index]
+        return found
+
+
+def catalog_key(views: Mapping[tuple[str | None, str], str | None],
+                functions: Mapping[tuple[str, str], Sequence[str]]) -> str:
+    """What decisions over these views and functions are cached under (sessions that learned the
+    same share): a digest, so the verdict caches' keys stay short."""
+    if not (views or functions):
+        return ""
+    text = json.dumps([sorted([k[0] or "", k[1], v or ""] for k, v in views.items()),
+                       sorted([k[0], k[1], sorted(v)] for k, v in functions.items())])
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
