@@ -183,6 +183,18 @@ def test_a_procedure_made_before_the_session_that_copies_a_masked_column_is_refu
     assert pg_server.psql("SELECT count(*) FROM bwv_log") == "0"
 
 
+@pytest.mark.parametrize("sql", ["ALTER FUNCTION bwv_emails() RENAME TO bwv_plain",
+                                 "ALTER FUNCTION bwv_emails() SET SCHEMA bwv_other"])
+def test_renaming_a_function_made_before_the_session_is_refused(front, pg_server, sql):
+    # Under its new name the session would no longer know what it does.
+    with psycopg.connect(front.dsn(), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
+            conn.execute(sql)
+        assert "mask-account-emails" in str(e.value)
+    assert pg_server.psql("SELECT count(*) FROM pg_proc WHERE proname = 'bwv_emails' "
+                          "AND pronamespace = 'public'::regnamespace") == "1"
+
+
 def test_a_function_over_a_refused_relation_is_refused_and_a_harmless_one_runs(front, pg_server):
     with _direct(pg_server) as conn:
         assert conn.execute("SELECT bwv_code()").fetchone() == (CODE,)

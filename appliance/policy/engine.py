@@ -150,12 +150,13 @@ def resolve_catalog(stmt: StatementAnalysis, session: SqlSessionState, path: fro
     view reads what its query reads (through views of views), the view's result columns are
     computed from its query's, and writing through a view writes the relations beneath it; any
     other statement naming the view (a rename, a grant) is decided as naming those relations too,
-    except dropping or refreshing it, which gives no row to the bot. Calling a function does what
-    its body does (reads, writes, sends, calls), and ``bodies`` says which relations each called
-    body reads (masking cannot follow a value through a function's result)."""
-    if stmt.error is not None:
+    except dropping or refreshing it (or dropping a function), which gives no row to the bot.
+    Calling a function does what its body does (reads, writes, sends, calls), and ``bodies`` says
+    which relations each called body reads (masking cannot follow a value through a function's
+    result)."""
+    if stmt.error is not None or all(k.startswith(("DROP_", "REFRESH_")) for k in stmt.kinds):
         return stmt
-    views = {} if all(k.startswith(("DROP_", "REFRESH_")) for k in stmt.kinds) else session.views
+    views = session.views
     reads, writes, functions = set(stmt.reads), set(stmt.writes), set(stmt.functions)
     outputs, sent, properties = list(stmt.outputs), set(stmt.sent), set(stmt.properties)
     bodies = list(stmt.bodies)
@@ -1024,7 +1025,7 @@ class PolicyEngine:
                 continue
             called = next((name for name, rels in st.bodies if covered(rels)), None)
             if called is not None:
-                return rule, (f"the statement calls {called}(), whose body reads a relation whose columns rule "
+                return rule, (f"the statement calls (or renames) {called}(), whose body reads a relation whose columns rule "
                               f"{rule!r} masks: masking cannot follow values through a function's results or what "
                               f"it does with them; read the columns with a plain SELECT")
             rewiring = sorted(k for k in st.kinds if k in _REWIRING_KINDS or _renames(k))

@@ -1527,6 +1527,15 @@ class _Walker:
                                              else "OBJECT_TABLE")
             self.kinds |= {kind, f"{kind}.{_RENAME_SUBKINDS[rename]}"}
         self._targets_written("RenameStmt", body, "relation")
+        self._routine_moved(body.get("renameType"), body)
+
+    def _routine_moved(self, objtype: str | None, body: Mapping[str, Any]) -> None:
+        """ALTER FUNCTION/PROCEDURE/ROUTINE ... RENAME TO / SET SCHEMA: the routine counts among the
+        statement's functions (a rule naming it matches; one made before the session is no longer
+        known under its new name, engine.resolve_catalog)."""
+        if objtype in ("OBJECT_FUNCTION", "OBJECT_PROCEDURE", "OBJECT_ROUTINE", "OBJECT_AGGREGATE"):
+            obj = body.get("object") or {}
+            self._function_named((obj.get("ObjectWithArgs", obj) if isinstance(obj, dict) else {}).get("objname", []))
 
     def _v_ImportForeignSchemaStmt(self, body: Mapping[str, Any]) -> None:
         if body.get("local_schema"):
@@ -1540,6 +1549,7 @@ class _Walker:
 
     def _v_AlterObjectSchemaStmt(self, body: Mapping[str, Any]) -> None:
         self._targets_written("AlterObjectSchemaStmt", body, "relation")
+        self._routine_moved(body.get("objectType"), body)
 
     def _v_AlterOwnerStmt(self, body: Mapping[str, Any]) -> None:
         self._targets_written("AlterOwnerStmt", body, "relation")
