@@ -1,18 +1,22 @@
 """What a login costs through the PostgreSQL front, and what reading the session's defaults
 adds (one round trip: ``SELECT current_setting('search_path'), current_user, session_user``
-before the bot's first ReadyForQuery, appliance/fronts/postgres/startup.py), and what the view
-lookup adds when a rule names relations or columns (policy/catalog.py: the dependencies query in
-the same round trip, then one more for the definitions of ``--views`` views over a table).
+before the bot's first ReadyForQuery, appliance/fronts/postgres/startup.py), and what the
+catalog lookup adds when a rule names relations or columns (policy/catalog.py: the catalog's
+change counters in the same round trip; when they changed since the answers were cached, the
+views' dependencies and the functions in one more, and the definitions of ``--views`` views
+over a table in a third).
 
 Run from the repository root:
 
     .venv/bin/python bench/login_cost.py [--n 300] [--repeat 3]
 
 A real PostgreSQL 15 (appliance.sandbox, scram-sha-256 logins) and the front in this process
-(allow-all services). psycopg connects, runs ``SELECT 1`` and closes, n times; the three paths
-are interleaved per round: direct, the front as it is, the front with the defaults query
-switched off (the method replaced by a no-op for that round only), and a second front whose
-services ask for every view (as under a mask rule naming a bare column). Median of the rounds.
+(allow-all services). psycopg connects, runs ``SELECT 1`` and closes, n times; the paths are
+interleaved per round: direct, the front as it is, the front with the defaults query
+switched off (the method replaced by a no-op for that round only), and three more fronts whose
+services ask the catalog as under a mask rule naming a bare column: answers cached (the daemon's
+case while the catalog does not change), uncached with nothing over a named relation, and
+uncached with every view read. Median of the rounds.
 Prints a Markdown table and writes bench/results/login_cost.md.
 """
 
@@ -46,23 +50,41 @@ class QuietServices(DefaultServices):
         pass
 
 
-class ViewServices(QuietServices):
-    """Asks for every view at login (a mask rule naming a bare column); keeps what it learns."""
+class LookupServices(QuietServices):
+    """Asks the catalog at login as the daemon does under a rule that masks a bare column (every
+    view and every function mentioning ``v`` count); ``cache``: keep the answers between logins
+    until the catalog's counters change, as the policy engine does."""
 
-    learned = 0
+    every = True
+    cache: dict | None = None
+
+    def __init__(self, credential):
+        super().__init__(credential)
+        self.learned = 0
 
     def catalog_lookup(self, grant, target):
-        return CatalogLookup(None, ["v"])
+        if self.every:
+            return CatalogLookup(None, ["v"], self.cache, ("bench",))
+        return CatalogLookup(lambda schema, name: name == "nothing_named", ["nothing_named"], self.cache, ("bench",))
 
     def learn_catalog(self, grant, views, functions):
         self.learned = len(views)
 
 
-class NoViewServices(ViewServices):
-    """Asks which views reach a relation named ``nothing_named``: the dependencies only."""
+class UncachedLookupServices(LookupServices):
+    pass
 
-    def catalog_lookup(self, grant, target):
-        return CatalogLookup(lambda schema, name: name == "nothing_named", ["nothing_named"])
+
+class CachedLookupServices(LookupServices):
+    def __init__(self, credential):
+        super().__init__(credential)
+        self.cache = {}
+
+
+class NothingNamedServices(LookupServices):
+    """Uncached, and no view reaches a relation a rule names: the catalog questions only."""
+
+    every = False
 
 
 class Front:
@@ -108,12 +130,11 @@ def main() -> None:
                 + "; ".join(f"CREATE VIEW bw_login_v{i} AS SELECT id, upper(v) AS v{i} FROM bw_login_t"
                             for i in range(args.views)))
         front = Front(pg)
-        viewing = Front(pg, ViewServices)
-        asking = Front(pg, NoViewServices)
+        fronts = {"front with the catalog lookup, answers cached (no catalog change since)": Front(pg, CachedLookupServices),
+                  "front with the catalog lookup, uncached, nothing over a named relation": Front(pg, NothingNamedServices),
+                  f"front with the catalog lookup, uncached, {args.views} views read": Front(pg, UncachedLookupServices)}
         direct = f"host={pg.host} port={pg.port} user={USER} password={PASSWORD} dbname=postgres sslmode=disable"
         through = f"host=127.0.0.1 port={front.port} user=bot password=x dbname=postgres sslmode=disable"
-        looking = f"host=127.0.0.1 port={viewing.port} user=bot password=x dbname=postgres sslmode=disable"
-        deps_only = f"host=127.0.0.1 port={asking.port} user=bot password=x dbname=postgres sslmode=disable"
         for _ in range(args.repeat):
             results.setdefault("direct", []).append(per_login_us(direct, args.n))
             StartupMixin._decide_session_defaults = real
@@ -121,28 +142,27 @@ def main() -> None:
             StartupMixin._decide_session_defaults = _no_defaults
             results.setdefault("front without the defaults query", []).append(per_login_us(through, args.n))
             StartupMixin._decide_session_defaults = real
-            results.setdefault("front with the view lookup, no view over a named relation", []).append(
-                per_login_us(deps_only, args.n))
-            results.setdefault("front with the view lookup", []).append(per_login_us(looking, args.n))
+            for name, other in fronts.items():
+                dsn = f"host=127.0.0.1 port={other.port} user=bot password=x dbname=postgres sslmode=disable"
+                results.setdefault(name, []).append(per_login_us(dsn, args.n))
     finally:
         StartupMixin._decide_session_defaults = real
         pg.stop()
-    d, f, nf, fd, fv = (statistics.median(results[k]) for k in (
-        "direct", "front", "front without the defaults query",
-        "front with the view lookup, no view over a named relation", "front with the view lookup"))
-    assert viewing.services.learned == args.views, viewing.services.learned
+    med = {k: statistics.median(v) for k, v in results.items()}
+    d, f, nf = med["direct"], med["front"], med["front without the defaults query"]
+    for name, other in fronts.items():
+        expected = 0 if isinstance(other.services, NothingNamedServices) else args.views
+        assert other.services.learned == expected, (name, other.services.learned)
     lines = [f"Login cost: µs per connect + SELECT 1 + close, median of {args.repeat} interleaved rounds of "
              f"{args.n} (`bench/login_cost.py`, {time.strftime('%Y-%m-%d')}, 2 vCPU)", "",
              "| path | µs per login | / direct |", "|---|---:|---:|",
              f"| direct | {d:.0f} | 1.00 |",
              f"| front without the defaults query | {nf:.0f} | {nf / d:.2f} |",
-             f"| front (reads search_path and role at login) | {f:.0f} | {f / d:.2f} |",
-             f"| front with the view lookup, no view over a named relation (the dependencies only) | {fd:.0f} | {fd / d:.2f} |",
-             f"| front with the view lookup ({args.views} views, every one read) | {fv:.0f} | {fv / d:.2f} |", "",
-             f"The defaults query adds {f - nf:+.0f} µs per login ({f / nf:.2f}× the front without it); "
-             f"the view lookup {fd - f:+.0f} µs more when no view reaches a relation a rule names, "
-             f"{fv - f:+.0f} µs when {args.views} do. "
-             f"Rounds: " + "; ".join(f"{k}: " + ", ".join(f"{v:.0f}" for v in vs) for k, vs in results.items())]
+             f"| front (reads search_path and role at login) | {f:.0f} | {f / d:.2f} |"]
+    lines += [f"| {name} | {med[name]:.0f} | {med[name] / d:.2f} |" for name in fronts]
+    lines += ["", f"The defaults query adds {f - nf:+.0f} µs per login ({f / nf:.2f}× the front without it); "
+              "the catalog lookup " + ", ".join(f"{med[name] - f:+.0f} µs ({name.split(', ', 1)[1]})" for name in fronts)
+              + ". Rounds: " + "; ".join(f"{k}: " + ", ".join(f"{v:.0f}" for v in vs) for k, vs in results.items())]
     text = "\n".join(lines) + "\n"
     print(text)
     Path(args.out).write_text(text)

@@ -7,6 +7,8 @@ are at the end."""
 
 from __future__ import annotations
 
+import time
+
 import psycopg
 import pytest
 
@@ -205,6 +207,32 @@ def test_a_function_over_a_refused_relation_is_refused_and_a_harmless_one_runs(f
         assert conn.execute("SELECT bwv_city(1)").fetchone() == ("Bergen",)
 
 
+def test_the_catalogs_answers_are_reused_until_the_catalog_changes(front, pg_server):
+    engine = front.services.engine
+    known = []
+    for _ in range(2):
+        with psycopg.connect(front.dsn(), autocommit=True) as conn:
+            rows = conn.execute("SELECT contact FROM bwv_contacts").fetchall()
+        assert rows and EMAIL not in str(rows), rows
+        known.append(len(engine._catalog_cache))
+    assert known[0] >= 1 and known[1] == known[0], known  # the second login reused the first one's answers
+    # A view made since (by another session) changes the catalog's counters: the next login reads
+    # the catalog again and knows it (the other session's counts reach the server as it ends).
+    pg_server.psql("CREATE VIEW bwv_late AS SELECT id, email AS late FROM bwv_accounts")
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with psycopg.connect(front.dsn(), autocommit=True) as conn:
+                rows = conn.execute("SELECT late FROM bwv_late").fetchall()
+            if EMAIL not in str(rows) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert rows and EMAIL not in str(rows), rows
+        assert len(engine._catalog_cache) > known[1]
+    finally:
+        pg_server.psql("DROP VIEW IF EXISTS bwv_late")
+
+
 # --- the pure parts ----------------------------------------------------------------------------
 
 
@@ -298,3 +326,25 @@ def test_a_call_of_a_function_botwarden_could_not_read_is_refused():
     engine.learn_catalog(session, {}, {("public", "odd"): [body]})
     verdict = engine.decide_sql("test-bot", (), "pg-test", "SELECT odd()", session=session)
     assert verdict.action == "block" and "public.odd" in verdict.reason, verdict.reason
+
+
+def test_cached_answers_are_keyed_by_the_catalogs_counters():
+    cache: dict = {}
+    first = CatalogLookup(None, [], cache, ("bot", (), "db"))
+    row = [("postgres", "on", "2026-12-06 10:00:00+00", "44,59,20,0,0,9")]
+    assert first.cached(row) is None
+    first.remember(({("public", "v"): "SELECT 1"}, {}))
+    again = CatalogLookup(None, [], cache, ("bot", (), "db"))
+    assert again.cached(row) == ({("public", "v"): "SELECT 1"}, {})
+    # Another count, database, reset or scope: not the same answers.
+    assert again.cached([("postgres", "on", "2026-12-06 10:00:00+00", "45,59,20,0,0,9")]) is None
+    assert again.cached([("other", "on", "2026-12-06 10:00:00+00", "44,59,20,0,0,9")]) is None
+    assert again.cached([("postgres", "on", None, "44,59,20,0,0,9")]) is None
+    assert CatalogLookup(None, [], cache, ("bot2", (), "db")).cached(row) is None
+    # A server that does not count catalog changes: never reused.
+    off = CatalogLookup(None, [], cache, ("bot", (), "db"))
+    assert off.cached([("postgres", "off", "2026-12-06 10:00:00+00", "0,0,0,0,0,0")]) is None
+    off.remember(({}, {}))
+    assert off.cached([("postgres", "off", "2026-12-06 10:00:00+00", "0,0,0,0,0,0")]) is None
+    with pytest.raises(ValueError):
+        off.cached([])

@@ -54,7 +54,25 @@ DEPENDENCIES_QUERY = _QUALIFIED.format(
     "AND d.refobjid >= 16384) "
     "WHERE r.ev_class >= 16384 AND r.ev_type = '1'")
 
+# Whether the catalog changed since answers were cached: the database, whether the server
+# counts catalog changes at all (track_counts), when the database's statistics were last reset,
+# and how many rows were inserted, updated or deleted in the catalogs the answers come from
+# (CREATE/REPLACE/RENAME of a view, a table, a column or a function each changes one; VACUUM
+# and ANALYZE do not). Shared-memory counters: cheap on a new backend, where the catalog
+# queries themselves cost milliseconds. A session flushes its counts when it goes idle, at
+# most once a second: a change another session is still in the middle of can go unseen that
+# long.
+_COUNTED = ("pg_class", "pg_attribute", "pg_rewrite", "pg_proc", "pg_namespace", "pg_depend")
+PROBE_QUERY = (
+    "SELECT pg_catalog.current_database()::text, pg_catalog.current_setting('track_counts'), "
+    "pg_catalog.pg_stat_get_db_stat_reset_time((SELECT oid FROM pg_catalog.pg_database "
+    "WHERE datname = pg_catalog.current_database()))::text, "
+    + " || ',' || ".join(f"(pg_catalog.pg_stat_get_tuples_inserted({o}) + pg_catalog.pg_stat_get_tuples_updated({o}) "
+                         f"+ pg_catalog.pg_stat_get_tuples_deleted({o}))::text"
+                         for o in (f"'pg_catalog.{c}'::pg_catalog.regclass" for c in _COUNTED)))
+
 Row = Sequence[str | None]
+Learned = tuple[dict, dict]  # (views, functions) as CatalogLookup.definitions / .functions give them
 
 
 def split_regclass(text: str) -> tuple[str | None, str]:
@@ -117,15 +135,40 @@ class CatalogLookup:
     alone, whatever relation it is in). ``mentions``: the names (globs) a function body has to
     mention to be read (the guarded relations' and bare masked columns' names)."""
 
-    def __init__(self, guarded: Callable[[str, str], bool] | None, mentions: Iterable[str]):
+    def __init__(self, guarded: Callable[[str, str], bool] | None, mentions: Iterable[str],
+                 cache: dict | None = None, scope: tuple = ()):
         self.guarded = guarded
         self.mentions = sorted(set(mentions))
         self.function_oids: set[str] = set()  # 'f' || oid of the functions read (functions())
         self.names: dict[str, tuple[str | None, str]] = {}  # oid -> (schema, name) of the views to read
+        self.cache = cache  # shared by the sessions of one engine: (scope, probe row) -> Learned
+        self.scope = scope
+        self._key: tuple | None = None
+
+    # The front asks PROBE_QUERY with the session defaults; on a hit it is done, on a miss it asks
+    # :attr:`queries`, then :meth:`definitions_query` if there are views to read, and gives the
+    # answers to :meth:`remember`.
+    probe_query = PROBE_QUERY
+
+    def cached(self, rows: Sequence[Row]) -> Learned | None:
+        """The answers learned before under the same catalog counters (PROBE_QUERY's rows), or None."""
+        if len(rows) != 1 or len(rows[0]) != 4 or None in (rows[0][0], rows[0][1]):
+            raise ValueError("unexpected row from the catalog's change counters")
+        database, counting, reset, counts = rows[0]
+        if self.cache is None or counting != "on" or counts is None:
+            return None  # without counters nothing says the catalog did not change
+        self._key = (self.scope, database, reset, counts)
+        return self.cache.get(self._key)
+
+    def remember(self, learned: Learned) -> None:
+        if self.cache is not None and self._key is not None:
+            if len(self.cache) >= 256:
+                self.cache.clear()
+            self.cache[self._key] = learned
 
     @property
     def queries(self) -> list[str]:
-        """The questions asked in the session defaults' round trip."""
+        """The questions asked when :meth:`cached` has no answer, in one round trip."""
         return [DEPENDENCIES_QUERY, self.functions_query()]
 
     def functions_query(self) -> str:

@@ -612,6 +612,7 @@ class PolicyEngine:
         self._shape: dict[tuple, Verdict] = {}
         self._analysis: dict[str, BatchAnalysis] = {}
         self._plans: dict[tuple, tuple[tuple, list[ColumnAction | None] | None]] = {}
+        self._catalog_cache: dict[tuple, tuple[dict, dict]] = {}  # catalog.CatalogLookup's answers
         self.stats = {"exact_hits": 0, "shape_hits": 0, "misses": 0}
 
     # -- scope --
@@ -687,9 +688,11 @@ class PolicyEngine:
         if not (patterns or every):
             return None
         mentions += [p.name_text for p in patterns]
+        key = (identity, tuple(groups), target)
         if every:
-            return CatalogLookup(None, mentions)
-        return CatalogLookup(lambda schema, name: any(_one(p, schema, name, True) for p in patterns), mentions)
+            return CatalogLookup(None, mentions, self._catalog_cache, key)
+        return CatalogLookup(lambda schema, name: any(_one(p, schema, name, True) for p in patterns), mentions,
+                             self._catalog_cache, key)
 
     def learn_catalog(self, session: SqlSessionState, views: Mapping[tuple[str | None, str], str | None],
                       functions: Mapping[tuple[str, str], Sequence[str]]) -> None:

@@ -141,14 +141,14 @@ class StartupMixin:
         role) set by ``ALTER DATABASE``/``ALTER ROLE ... SET`` or the server's configuration,
         and the views and functions made before the session over relations a rule names
         (policy/catalog.py).
-        Read from the server before the bot's first statement (one round trip, two when such
-        views exist; the bot's ReadyForQuery waits for them). The search_path and role are
+        Read from the server before the bot's first statement (one round trip; when the catalog
+        changed since the engine last read it, one or two more; the bot's ReadyForQuery waits). The search_path and role are
         decided as the startup packet's settings are: a search_path joins the session's, another
         role is a role switch."""
         find = getattr(self.services, "catalog_lookup", None)
         lookup = find(self.core.grant, self.settings.target) if find is not None else None
-        answers = await self._ask_server([_DEFAULTS_QUERY] + (lookup.queries if lookup is not None else []),
-                                         "the session's search_path, role, views and functions")
+        answers = await self._ask_server([_DEFAULTS_QUERY] + ([lookup.probe_query] if lookup is not None else []),
+                                         "the session's search_path, role and catalog")
         values = answers[0][0] if len(answers[0]) == 1 else None
         if values is None or len(values) != 3 or None in values:
             raise FrontError(sqlstate.CONNECTION_FAILURE, "botwarden could not read the session's search_path "
@@ -164,13 +164,19 @@ class StartupMixin:
         if lookup is None:
             return
         try:
-            functions = lookup.functions(answers[2])
-            query = lookup.definitions_query(answers[1])
-            views = {}
-            if query is not None:
-                views = lookup.definitions((await self._ask_server([query], "the definitions of views"))[0])
+            learned = lookup.cached(answers[1])
+            if learned is None:
+                found = await self._ask_server(lookup.queries, "the views and functions")
+                functions = lookup.functions(found[1])
+                query = lookup.definitions_query(found[0])
+                views = {}
+                if query is not None:
+                    views = lookup.definitions((await self._ask_server([query], "the definitions of views"))[0])
+                learned = (views, functions)
+                lookup.remember(learned)
         except ValueError as e:
             raise FrontError(sqlstate.CONNECTION_FAILURE, f"botwarden could not read the target's catalog: {e}") from None
+        views, functions = learned
         if views or functions:
             self.services.learn_catalog(self.core.grant, views, functions)
 
