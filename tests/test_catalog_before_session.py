@@ -24,7 +24,7 @@ POLICY = POLICY_HEAD + """
 name = "mask-account-emails"
 action = "mask"
 [[rules.mask]]
-columns = ["bwv_accounts.email"]
+columns = ["bwv_accounts.email", "bwv_events.email"]
 strategy = "full"
 
 [[rules]]
@@ -46,6 +46,12 @@ VIEWS = [
     "CREATE SCHEMA bwv_other",
     "CREATE VIEW bwv_other.codes AS SELECT code FROM bwv_vault",
     "CREATE VIEW bwv_harmless AS SELECT id, city FROM bwv_cities",
+    # A partition and an inheritance child: their rows are read through their own names too.
+    "CREATE TABLE bwv_events (id int, email text, day date) PARTITION BY RANGE (day)",
+    "CREATE TABLE bwv_events_2024 PARTITION OF bwv_events FOR VALUES FROM ('2024-01-01') TO ('2025-01-01')",
+    f"INSERT INTO bwv_events VALUES (7, '{EMAIL}', '2024-05-01')",
+    "CREATE TABLE bwv_accounts_old () INHERITS (bwv_accounts)",
+    f"INSERT INTO bwv_accounts_old VALUES (2, '{EMAIL}')",
 ]
 
 FUNCTIONS = [
@@ -79,7 +85,7 @@ def front(pg_server):
 
 def _drop(pg_server) -> None:
     pg_server.psql("DROP SCHEMA IF EXISTS bwv_other CASCADE; "
-                   "DROP TABLE IF EXISTS bwv_accounts, bwv_cities, bwv_vault, bwv_log CASCADE; "
+                   "DROP TABLE IF EXISTS bwv_accounts, bwv_cities, bwv_vault, bwv_log, bwv_events CASCADE; "
                    "DROP FUNCTION IF EXISTS bwv_emails(), bwv_email_of(int), bwv_atomic(), bwv_code(), bwv_city(int); "
                    "DROP PROCEDURE IF EXISTS bwv_keep_emails()")
 
@@ -98,6 +104,9 @@ READS = [
     "SELECT shout FROM bwv_joined",
     "SELECT email FROM bwv_copy",
     "SELECT * FROM public.bwv_copy",
+    "SELECT email FROM bwv_events_2024",
+    "SELECT * FROM bwv_accounts_old",
+    "SELECT id, email FROM ONLY bwv_accounts_old",
 ]
 
 
@@ -143,6 +152,9 @@ def test_a_refused_relation_read_through_a_view_is_refused(front, pg_server, sql
     "ALTER VIEW bwv_contacts RENAME TO bwv_contacts_elsewhere",
     "ALTER VIEW bwv_contacts RENAME COLUMN contact TO plain",
     "ALTER MATERIALIZED VIEW bwv_copy SET SCHEMA bwv_other",
+    # Made in the session: a partition or child of a masked table is read by its own name after.
+    "CREATE TABLE bwv_stolen PARTITION OF bwv_events FOR VALUES FROM ('2025-01-01') TO ('2026-01-01')",
+    "CREATE TABLE bwv_stolen () INHERITS (bwv_accounts)",
 ])
 def test_what_masking_cannot_follow_through_a_view_is_refused(front, pg_server, sql):
     with psycopg.connect(front.dsn(), autocommit=True) as conn:
@@ -254,20 +266,29 @@ def test_views_are_looked_up_only_when_a_rule_names_a_relation_or_column():
 
 def test_only_views_reaching_a_guarded_relation_are_read():
     lookup = CatalogLookup(lambda schema, name: name == "accounts", ["accounts"])
-    rows = [("10", "public.contacts", "1", "public.accounts"),
-            ("11", "public.again", "10", "public.contacts"),     # through another view
-            ("12", "public.cities_v", "2", "public.cities"),
-            ("13", 's."Mixed ""Case"""', "2", "public.cities"), ("13", 's."Mixed ""Case"""', "11", "public.again")]
+    rows = [("10", "public.contacts", "1", "public.accounts", "v"),
+            ("11", "public.again", "10", "public.contacts", "v"),     # through another view
+            ("12", "public.cities_v", "2", "public.cities", "v"),
+            ("13", 's."Mixed ""Case"""', "2", "public.cities", "v"), ("13", 's."Mixed ""Case"""', "11", "public.again", "v"),
+            # A partition of the guarded table, and a partition of that partition.
+            ("30", "public.accounts_2024", "1", "public.accounts", "i"),
+            ("31", "public.accounts_2024_q1", "30", "public.accounts_2024", "i"),
+            ("32", "public.cities_old", "2", "public.cities", "i")]
     query = lookup.definitions_query(rows)
     assert query is not None and "IN (10, 11, 13)" in query and "SET LOCAL search_path = ''" in query
     defs = lookup.definitions([("10", "SELECT 1"), ("13", "SELECT 2")])
-    # A view asked for and not answered (dropped meanwhile) is kept, unreadable.
-    assert defs == {("public", "contacts"): "SELECT 1", ("public", "again"): None, ("s", 'Mixed "Case"'): "SELECT 2"}
+    # A view asked for and not answered (dropped meanwhile) is kept, unreadable; a child reads as its parent.
+    assert defs == {("public", "contacts"): "SELECT 1", ("public", "again"): None, ("s", 'Mixed "Case"'): "SELECT 2",
+                    ("public", "accounts_2024"): 'SELECT * FROM "public"."accounts"',
+                    ("public", "accounts_2024_q1"): 'SELECT * FROM "public"."accounts_2024"'}
     assert CatalogLookup(lambda s, n: False, []).definitions_query(rows) is None
+    only_children = CatalogLookup(lambda schema, name: name == "accounts", [])
+    assert only_children.definitions_query(rows[5:]) is None  # nothing to ask, the children still known
+    assert set(only_children.definitions([])) == {("public", "accounts_2024"), ("public", "accounts_2024_q1")}
     with pytest.raises(ValueError):
         lookup.definitions([("99", "SELECT 1")])
     with pytest.raises(ValueError):
-        CatalogLookup(None, []).definitions_query([("1", 'a."b', "2", "c")])
+        CatalogLookup(None, []).definitions_query([("1", 'a."b', "2", "c", "v")])
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -313,8 +334,8 @@ def test_function_bodies_are_read_when_they_mention_a_guarded_name():
                                   ("16501", "public", "f", "CREATE FUNCTION public.f(int) ...")])
     assert functions == {("public", "f"): ["CREATE FUNCTION public.f() ...", "CREATE FUNCTION public.f(int) ..."]}
     # A view calling one of those functions is read, whatever relations it reads.
-    rows = [("20", "public.v", "f16501", ""), ("20", "public.v", "3", "public.cities"),
-            ("21", "public.w", "f16999", ""), ("21", "public.w", "3", "public.cities")]
+    rows = [("20", "public.v", "f16501", "", "v"), ("20", "public.v", "3", "public.cities", "v"),
+            ("21", "public.w", "f16999", "", "v"), ("21", "public.w", "3", "public.cities", "v")]
     assert "IN (20)" in lookup.definitions_query(rows)
 
 

@@ -38,7 +38,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 # pg_get_viewdef prints (only pg_catalog's and the session's temporary relations stay bare).
 _QUALIFIED = "BEGIN; SET LOCAL search_path = ''; {}; COMMIT"
 
-# (view oid, view, relation oid, relation), one row per relation a view's query depends on:
+# (view oid, view, relation oid, relation, 'v'), one row per relation a view's query depends on:
 # pg_depend records those of the view's ON SELECT rule (ev_type 1: views and materialized
 # views; other rules do not change what reading a table returns), and the view itself (left
 # out). Views of the system (oids below 16384) are left out too. A function made after the
@@ -47,12 +47,15 @@ _PG_CLASS = "'pg_catalog.pg_class'::pg_catalog.regclass"
 DEPENDENCIES_QUERY = _QUALIFIED.format(
     "SELECT DISTINCT r.ev_class::text, r.ev_class::pg_catalog.regclass::text, "
     f"CASE WHEN d.refclassid = {_PG_CLASS} THEN d.refobjid::text ELSE 'f' || d.refobjid::text END, "
-    f"CASE WHEN d.refclassid = {_PG_CLASS} THEN d.refobjid::pg_catalog.regclass::text ELSE '' END "
+    f"CASE WHEN d.refclassid = {_PG_CLASS} THEN d.refobjid::pg_catalog.regclass::text ELSE '' END, 'v' "
     "FROM pg_catalog.pg_rewrite r JOIN pg_catalog.pg_depend d "
     "ON d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass AND d.objid = r.oid AND d.refobjid <> r.ev_class "
     f"AND (d.refclassid = {_PG_CLASS} OR d.refclassid = 'pg_catalog.pg_proc'::pg_catalog.regclass "
     "AND d.refobjid >= 16384) "
-    "WHERE r.ev_class >= 16384 AND r.ev_type = '1'")
+    "WHERE r.ev_class >= 16384 AND r.ev_type = '1' "
+    # A partition or inheritance child: its rows are its parent's too (kind 'i').
+    "UNION ALL SELECT i.inhrelid::text, i.inhrelid::pg_catalog.regclass::text, i.inhparent::text, "
+    "i.inhparent::pg_catalog.regclass::text, 'i' FROM pg_catalog.pg_inherits i WHERE i.inhrelid >= 16384")
 
 # Whether the catalog changed since answers were cached: the database, whether the server
 # counts catalog changes at all (track_counts), when the database's statistics were last reset,
@@ -112,6 +115,10 @@ def split_regclass(text: str) -> tuple[str | None, str]:
     raise ValueError(f"unexpected relation name {text!r}")
 
 
+def _quoted(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
 def like_fragment(glob: str) -> str:
     """A name pattern's glob as an ILIKE pattern matching text that mentions it anywhere."""
     out = []
@@ -141,6 +148,7 @@ class CatalogLookup:
         self.mentions = sorted(set(mentions))
         self.function_oids: set[str] = set()  # 'f' || oid of the functions read (functions())
         self.names: dict[str, tuple[str | None, str]] = {}  # oid -> (schema, name) of the views to read
+        self.inherited: dict[tuple[str | None, str], list] = {}  # child -> its parents (schema, name)
         self.cache = cache  # shared by the sessions of one engine: (scope, probe row) -> Learned
         self.scope = scope
         self._key: tuple | None = None
@@ -197,14 +205,17 @@ class CatalogLookup:
         reach a guarded relation, or None: no view does."""
         depends: dict[str, set[str]] = {}
         names: dict[str, tuple[str | None, str]] = {}
+        children: set[str] = set()
         for row in rows:
-            if len(row) != 4 or None in row:
+            if len(row) != 5 or None in row or row[4] not in ("v", "i"):
                 raise ValueError("unexpected row from the catalog's view dependencies")
-            view, vname, ref, rname = row  # type: ignore[misc]
+            view, vname, ref, rname, kind = row  # type: ignore[misc]
             names[view] = split_regclass(vname)  # type: ignore[arg-type]
             if not ref.startswith("f"):  # type: ignore[union-attr]
                 names.setdefault(ref, split_regclass(rname))  # type: ignore[arg-type]
             depends.setdefault(view, set()).add(ref)  # type: ignore[arg-type]
+            if kind == "i":
+                children.add(view)  # type: ignore[arg-type]
         reaches: dict[str, bool] = {}
 
         def guarded(oid: str) -> bool:
@@ -226,7 +237,11 @@ class CatalogLookup:
             reaches[oid] = found
             return found
 
-        self.names = {oid: names[oid] for oid in depends if reach(oid, frozenset())}
+        relevant = [oid for oid in depends if reach(oid, frozenset())]
+        # A child reads as its parents (the same column names): no definition to ask for.
+        self.inherited = {names[oid]: sorted(names[p] for p in depends[oid] if not p.startswith("f"))
+                          for oid in relevant if oid in children}
+        self.names = {oid: names[oid] for oid in relevant if oid not in children}
         if not self.names:
             return None
         oids = ", ".join(str(int(oid)) for oid in sorted(self.names, key=int))
@@ -234,9 +249,13 @@ class CatalogLookup:
                                  f"FROM pg_catalog.pg_class c WHERE c.oid IN ({oids})")
 
     def definitions(self, rows: Iterable[Row]) -> dict[tuple[str | None, str], str | None]:
-        """(schema, name) -> the view's query, from :meth:`definitions_query`'s rows. A view asked
-        for and not answered (dropped in between) maps to None: decided as unreadable."""
+        """(schema, name) -> the view's query, from :meth:`definitions_query`'s rows (none when it
+        asked nothing), and a partition's or inheritance child's ``SELECT * FROM <its parents>``.
+        A view asked for and not answered (dropped in between) maps to None: decided as unreadable."""
         found: dict[tuple[str | None, str], str | None] = {name: None for name in self.names.values()}
+        for child, parents in self.inherited.items():
+            found[child] = "SELECT * FROM " + ", ".join(".".join(_quoted(p) for p in parent if p is not None)
+                                                        for parent in parents)
         for row in rows:
             if len(row) != 2 or row[0] not in self.names:
                 raise ValueError("unexpected row from the catalog's view definitions")

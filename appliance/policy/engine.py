@@ -1137,7 +1137,8 @@ def _column_sources(name: str, outputs: dict[str, set[str]], range_names: set[st
 # (A kind ending in .RENAME or .RENAME_COLUMN renames too: ALTER_TABLE.RENAME, ALTER_VIEW.RENAME ...)
 _RENAMING_KINDS = frozenset({"ALTER_SCHEMA"})   # ALTER TABLE ... SET SCHEMA
 _REWIRING_KINDS = _RENAMING_KINDS | frozenset({"CREATE_TRIGGER", "CREATE_RULE", "ALTER_TABLE.ADD_INHERIT",
-                                               "ALTER_TABLE.ATTACH_PARTITION"})
+                                               "ALTER_TABLE.ATTACH_PARTITION", "CREATE_TABLE.PARTITION_OF",
+                                               "CREATE_TABLE.INHERITS"})
 
 
 def _renames(kind: str) -> bool:

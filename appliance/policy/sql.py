@@ -142,7 +142,8 @@ def _all_kinds() -> frozenset[str]:
                                                  "CREATE_MATERIALIZED_VIEW", "CREATE_FUNCTION", "CREATE_PROCEDURE",
                                                  "VACUUM", "ANALYZE", "ALTER_TABLE", "CREATE_OPERATOR",
                                                  "CREATE_AGGREGATE", "CREATE_COLLATION", *_DEFINE_KINDS.values(),
-                                                 *_MERGE_SUBKINDS}
+                                                 *_MERGE_SUBKINDS, "CREATE_TABLE.PARTITION_OF",
+                                                 "CREATE_TABLE.INHERITS"}
     for member in _enums.ObjectType:
         suffix = member.name.removeprefix("OBJECT_")
         kinds |= {"DROP_" + suffix, "ALTER_" + suffix}
@@ -1488,6 +1489,9 @@ class _Walker:
         self.generic(node, body, skip=(key,))
 
     def _v_CreateStmt(self, body: Mapping[str, Any]) -> None:
+        # CREATE TABLE ... PARTITION OF p / INHERITS (p): the new table's rows are read through p.
+        if body.get("inhRelations"):
+            self.kinds.add("CREATE_TABLE.PARTITION_OF" if body.get("partbound") else "CREATE_TABLE.INHERITS")
         self._targets_written("CreateStmt", body, "relation")
 
     def _v_IndexStmt(self, body: Mapping[str, Any]) -> None:

@@ -169,9 +169,8 @@ class StartupMixin:
                 found = await self._ask_server(lookup.queries, "the views and functions")
                 functions = lookup.functions(found[1])
                 query = lookup.definitions_query(found[0])
-                views = {}
-                if query is not None:
-                    views = lookup.definitions((await self._ask_server([query], "the definitions of views"))[0])
+                answered = (await self._ask_server([query], "the definitions of views"))[0] if query else []
+                views = lookup.definitions(answered)
                 learned = (views, functions)
                 lookup.remember(learned)
         except ValueError as e:
