@@ -65,7 +65,7 @@ DEPENDENCIES_QUERY = _QUALIFIED.format(
 # queries themselves cost milliseconds. A session flushes its counts when it goes idle, at
 # most once a second: a change another session is still in the middle of can go unseen that
 # long.
-_COUNTED = ("pg_class", "pg_attribute", "pg_rewrite", "pg_proc", "pg_namespace", "pg_depend")
+_COUNTED = ("pg_class", "pg_attribute", "pg_rewrite", "pg_proc", "pg_namespace", "pg_depend", "pg_inherits")
 PROBE_QUERY = (
     "SELECT pg_catalog.current_database()::text, pg_catalog.current_setting('track_counts'), "
     "pg_catalog.pg_stat_get_db_stat_reset_time((SELECT oid FROM pg_catalog.pg_database "
