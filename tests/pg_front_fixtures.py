@@ -100,6 +100,13 @@ class FrontThread:
         self.thread.join(10)
 
 
+def direct_connect(pg) -> "psycopg.Connection":
+    """Straight to the server as the application user (what a statement gives away without botwarden)."""
+    import psycopg
+    return psycopg.connect(host=pg.host, port=pg.port, user=APP_USER, password=APP_PASSWORD, dbname="postgres",
+                           sslmode="disable", autocommit=True)
+
+
 def plain_settings(pg, **kw) -> PgFrontSettings:
     base = PgFrontSettings(target="pg-test", upstream_host=pg.host, upstream_port=pg.port, upstream_tls="require",
                            allow_plaintext=True)

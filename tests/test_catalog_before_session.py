@@ -16,8 +16,8 @@ from appliance.config import parse_config
 from appliance.policy import ColumnDesc, PolicyEngine
 from appliance.policy.engine import SqlSessionState
 from appliance.policy.catalog import CatalogLookup, like_fragment, split_regclass
-from tests.pg_front_fixtures import (APP_PASSWORD, APP_USER, POLICY_HEAD, EngineServices, FrontThread,
-                                     plain_settings, setup_roles)
+from tests.pg_front_fixtures import (POLICY_HEAD, EngineServices, FrontThread, direct_connect, plain_settings,
+                                     setup_roles)
 
 POLICY = POLICY_HEAD + """
 [[rules]]
@@ -90,9 +90,13 @@ def _drop(pg_server) -> None:
                    "DROP PROCEDURE IF EXISTS bwv_keep_emails()")
 
 
-def _direct(pg_server):
-    return psycopg.connect(host=pg_server.host, port=pg_server.port, user=APP_USER, password=APP_PASSWORD,
-                           dbname="postgres", sslmode="disable", autocommit=True)
+
+def _given_away(pg_server, sql: str, extended: bool) -> list:
+    """The rows ``sql`` returns straight from the server, which carry the email in clear."""
+    with direct_connect(pg_server) as conn:
+        rows = conn.execute(sql, prepare=extended or None).fetchall()
+    assert any(EMAIL in str(v).lower() for row in rows for v in row), rows
+    return rows
 
 
 READS = [
@@ -113,9 +117,7 @@ READS = [
 @pytest.mark.parametrize("sql", READS)
 @pytest.mark.parametrize("extended", [False, True], ids=["simple", "extended"])
 def test_a_masked_column_read_through_a_view_is_masked(front, pg_server, sql, extended):
-    with _direct(pg_server) as conn:
-        direct = conn.execute(sql, prepare=extended or None).fetchall()
-    assert any(EMAIL in str(v).lower() for row in direct for v in row), direct  # what the view gives away
+    direct = _given_away(pg_server, sql, extended)
     with psycopg.connect(front.dsn(), autocommit=True) as conn:
         cur = conn.execute(sql, prepare=extended or None)
         rows = cur.fetchall()
@@ -134,7 +136,7 @@ def test_a_view_over_an_unguarded_table_is_untouched(front):
 
 @pytest.mark.parametrize("sql", ["SELECT * FROM bwv_other.codes", "SELECT code FROM bwv_other.codes WHERE code <> ''"])
 def test_a_refused_relation_read_through_a_view_is_refused(front, pg_server, sql):
-    with _direct(pg_server) as conn:
+    with direct_connect(pg_server) as conn:
         assert conn.execute(sql).fetchall() == [(CODE,)]
     with psycopg.connect(front.dsn(), autocommit=True) as conn:
         with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
@@ -179,9 +181,7 @@ CALLS = [
 @pytest.mark.parametrize("sql", CALLS)
 @pytest.mark.parametrize("extended", [False, True], ids=["simple", "extended"])
 def test_a_function_made_before_the_session_that_reads_a_masked_column_is_refused(front, pg_server, sql, extended):
-    with _direct(pg_server) as conn:
-        direct = conn.execute(sql, prepare=extended or None).fetchall()
-    assert any(EMAIL in str(v).lower() for row in direct for v in row), direct  # what the call gives away
+    _given_away(pg_server, sql, extended)
     with psycopg.connect(front.dsn(), autocommit=True) as conn:
         with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
             conn.execute(sql, prepare=extended or None)
@@ -210,7 +210,7 @@ def test_renaming_a_function_made_before_the_session_is_refused(front, pg_server
 
 
 def test_a_function_over_a_refused_relation_is_refused_and_a_harmless_one_runs(front, pg_server):
-    with _direct(pg_server) as conn:
+    with direct_connect(pg_server) as conn:
         assert conn.execute("SELECT bwv_code()").fetchone() == (CODE,)
     with psycopg.connect(front.dsn(), autocommit=True) as conn:
         with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:

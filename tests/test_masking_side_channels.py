@@ -14,8 +14,8 @@ import os
 import psycopg
 import pytest
 
-from tests.pg_front_fixtures import (APP_PASSWORD, APP_USER, POLICY_HEAD, EngineServices, FrontThread,
-                                     plain_settings, setup_roles)
+from tests.pg_front_fixtures import (POLICY_HEAD, EngineServices, FrontThread, direct_connect, plain_settings,
+                                     setup_roles)
 
 POLICY = POLICY_HEAD + """
 [[rules]]
@@ -72,10 +72,6 @@ def front(pg_server):
                    "DROP FUNCTION IF EXISTS bw_shout(text), bw_fail(text), bw_hold_me(text), bw_leaky()")
 
 
-def _direct(pg_server):
-    return psycopg.connect(host=pg_server.host, port=pg_server.port, user=APP_USER, password=APP_PASSWORD,
-                           dbname="postgres", sslmode="disable", autocommit=True)
-
 
 def _error_texts(e: psycopg.Error) -> str:
     d = e.diag
@@ -94,7 +90,7 @@ ERRORS = [
 @pytest.mark.parametrize("sql", ERRORS)
 @pytest.mark.parametrize("extended", [False, True], ids=["simple", "extended"])
 def test_a_masked_statements_error_does_not_say_the_value(front, pg_server, sql, extended):
-    with _direct(pg_server) as conn, pytest.raises(psycopg.Error) as direct:
+    with direct_connect(pg_server) as conn, pytest.raises(psycopg.Error) as direct:
         conn.execute(sql, prepare=extended or None)
     leaked = _error_texts(direct.value)
     assert "carol@example" in leaked or "4471" in leaked, leaked  # what the front must not pass on
@@ -113,7 +109,7 @@ def test_a_masked_statements_error_does_not_say_the_value(front, pg_server, sql,
 
 def test_a_masked_statements_notices_do_not_say_the_value(front, pg_server):
     sql = "SELECT bw_shout(email) AS shouted FROM bw_contacts"
-    with _direct(pg_server) as conn:
+    with direct_connect(pg_server) as conn:
         heard: list[str] = []
         conn.add_notice_handler(lambda d: heard.append(f"{d.message_primary} {d.message_detail} {d.context}"))
         conn.execute(sql)
@@ -164,7 +160,7 @@ SENDS = [
 @pytest.mark.parametrize("send,read", SENDS)
 def test_masked_values_are_not_sent_where_masking_cannot_follow(front, pg_server, send, read):
     pg_server.psql("SELECT lo_unlink(4242) FROM pg_largeobject_metadata WHERE oid = 4242")
-    with _direct(pg_server) as conn:  # against the server: the value comes back in clear
+    with direct_connect(pg_server) as conn:  # against the server: the value comes back in clear
         conn.execute("LISTEN bw_chan")
         conn.execute(send)
         back = conn.execute(read).fetchone()[0] if read else next(conn.notifies(timeout=5)).payload
@@ -248,7 +244,7 @@ def _cleanup(pg_server):
 @pytest.mark.parametrize("setup,ddl,reads", REWIRES, ids=[r[1][:48] for r in REWIRES])
 def test_renaming_or_rewiring_a_masked_relation_is_refused(front, pg_server, setup, ddl, reads):
     _cleanup(pg_server)
-    with _direct(pg_server) as conn:
+    with direct_connect(pg_server) as conn:
         with conn.transaction():  # psycopg.Rollback: rolled back, not raised
             for sql in setup + [ddl] + reads:
                 cur = conn.execute(sql)
@@ -284,7 +280,7 @@ def test_the_planners_statistics_are_not_read_while_columns_are_masked(front, pg
                    "ANALYZE bw_stats")
     sql = "SELECT most_common_vals::text FROM pg_stats WHERE tablename = 'bw_stats' AND attname = 'email'"
     try:
-        with _direct(pg_server) as conn:
+        with direct_connect(pg_server) as conn:
             assert EMAIL in conn.execute(sql).fetchone()[0]
         with psycopg.connect(front.dsn(), autocommit=True) as conn:
             for read in (sql, "SELECT * FROM pg_catalog.pg_stats_ext"):
@@ -299,7 +295,7 @@ def test_copying_a_masked_relation_to_a_server_file_is_refused(front, pg_server,
     path = f"/tmp/bw-copy-{tmp_path.name}.csv"
     copy, read = f"COPY bw_contacts TO '{path}'", f"SELECT pg_read_file('{path}')"
     try:
-        with _direct(pg_server) as conn:  # the server writes the file, and reads it back in clear
+        with direct_connect(pg_server) as conn:  # the server writes the file, and reads it back in clear
             conn.execute(copy)
             assert EMAIL in conn.execute(read).fetchone()[0]
             conn.execute(f"COPY (SELECT 1) TO '{path}'")
@@ -332,7 +328,7 @@ RENAMED = [
 def test_a_masked_column_returned_under_another_name_is_masked(front, pg_server, sql):
     # Before: the result column's name (the first branch's, an alias list's, column1, unnest)
     # was not one the analysis followed back to email, and the email came back in clear.
-    with _direct(pg_server) as conn:
+    with direct_connect(pg_server) as conn:
         assert any(EMAIL in str(v) for row in conn.execute(sql).fetchall() for v in row)
     with psycopg.connect(front.dsn(), autocommit=True) as conn:
         for prepare in (False, True):
@@ -344,7 +340,7 @@ def test_execute_runs_what_the_prepared_body_does(front, pg_server):
     # Before: a prepared body's pg_notify or SET copying the email ran at EXECUTE unchecked (only
     # the body's result columns were followed).
     prepare = "PREPARE bw_n AS SELECT pg_notify('bw_chan', email) FROM bw_contacts"
-    with _direct(pg_server) as conn:
+    with direct_connect(pg_server) as conn:
         conn.execute("LISTEN bw_chan")
         conn.execute(prepare)
         conn.execute("EXECUTE bw_n")
