@@ -64,6 +64,10 @@ FUNCTIONS = [
     "CREATE PROCEDURE bwv_keep_emails() LANGUAGE sql AS 'INSERT INTO bwv_log SELECT email FROM bwv_accounts'",
     # A view over an unguarded table that calls a function reading the masked one.
     "CREATE VIEW bwv_via_function AS SELECT id, bwv_email_of(id) AS e FROM bwv_cities",
+    # Functions whose bodies name only another function or a view that reads it.
+    "CREATE FUNCTION bwv_api() RETURNS SETOF text LANGUAGE sql AS 'SELECT bwv_emails()'",
+    "CREATE FUNCTION bwv_api2() RETURNS SETOF text LANGUAGE plpgsql AS $$ BEGIN RETURN QUERY SELECT * FROM bwv_api(); END $$",
+    "CREATE FUNCTION bwv_view_api() RETURNS SETOF text LANGUAGE sql AS 'SELECT contact FROM bwv_contacts'",
 ]
 
 
@@ -86,7 +90,8 @@ def front(pg_server):
 def _drop(pg_server) -> None:
     pg_server.psql("DROP SCHEMA IF EXISTS bwv_other CASCADE; "
                    "DROP TABLE IF EXISTS bwv_accounts, bwv_cities, bwv_vault, bwv_log, bwv_events CASCADE; "
-                   "DROP FUNCTION IF EXISTS bwv_emails(), bwv_email_of(int), bwv_atomic(), bwv_code(), bwv_city(int); "
+                   "DROP FUNCTION IF EXISTS bwv_api2(), bwv_api(), bwv_view_api(), bwv_emails(), bwv_email_of(int), "
+                   "bwv_atomic(), bwv_code(), bwv_city(int); "
                    "DROP PROCEDURE IF EXISTS bwv_keep_emails()")
 
 
@@ -175,6 +180,9 @@ CALLS = [
     "SELECT upper(bwv_email_of(1)) AS shout",
     "SELECT bwv_atomic()",
     "SELECT e FROM bwv_via_function",
+    "SELECT bwv_api()",
+    "SELECT * FROM bwv_api2()",
+    "SELECT bwv_view_api()",
 ]
 
 
@@ -274,21 +282,25 @@ def test_only_views_reaching_a_guarded_relation_are_read():
             ("30", "public.accounts_2024", "1", "public.accounts", "i"),
             ("31", "public.accounts_2024_q1", "30", "public.accounts_2024", "i"),
             ("32", "public.cities_old", "2", "public.cities", "i")]
-    query = lookup.definitions_query(rows)
+    lookup.dependencies(rows)
+    query = lookup.definitions_query()
     assert query is not None and "IN (10, 11, 13)" in query and "SET LOCAL search_path = ''" in query
     defs = lookup.definitions([("10", "SELECT 1"), ("13", "SELECT 2")])
     # A view asked for and not answered (dropped meanwhile) is kept, unreadable; a child reads as its parent.
     assert defs == {("public", "contacts"): "SELECT 1", ("public", "again"): None, ("s", 'Mixed "Case"'): "SELECT 2",
                     ("public", "accounts_2024"): 'SELECT * FROM "public"."accounts"',
                     ("public", "accounts_2024_q1"): 'SELECT * FROM "public"."accounts_2024"'}
-    assert CatalogLookup(lambda s, n: False, []).definitions_query(rows) is None
+    nothing = CatalogLookup(lambda s, n: False, [])
+    nothing.dependencies(rows)
+    assert nothing.definitions_query() is None and nothing.next_functions_query() is None
     only_children = CatalogLookup(lambda schema, name: name == "accounts", [])
-    assert only_children.definitions_query(rows[5:]) is None  # nothing to ask, the children still known
+    only_children.dependencies(rows[5:])
+    assert only_children.definitions_query() is None  # nothing to ask, the children still known
     assert set(only_children.definitions([])) == {("public", "accounts_2024"), ("public", "accounts_2024_q1")}
     with pytest.raises(ValueError):
         lookup.definitions([("99", "SELECT 1")])
     with pytest.raises(ValueError):
-        CatalogLookup(None, []).definitions_query([("1", 'a."b', "2", "c", "v")])
+        CatalogLookup(None, []).dependencies([("1", 'a."b', "2", "c", "v")])
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -330,13 +342,22 @@ def test_function_bodies_are_read_when_they_mention_a_guarded_name():
     query = lookup.functions_query()
     assert "'%bwv\\_accounts%'" in query and "'%bwv\\_vault%'" in query, query
     assert like_fragment("acc*_x?") == "%acc%\\_x_%"
-    functions = lookup.functions([("16500", "public", "f", "CREATE FUNCTION public.f() ..."),
-                                  ("16501", "public", "f", "CREATE FUNCTION public.f(int) ...")])
-    assert functions == {("public", "f"): ["CREATE FUNCTION public.f() ...", "CREATE FUNCTION public.f(int) ..."]}
+    lookup.functions([("16500", "public", "f", "CREATE FUNCTION public.f() ..."),
+                      ("16501", "public", "f", "CREATE FUNCTION public.f(int) ...")])
+    assert lookup.learned_functions == {("public", "f"): ["CREATE FUNCTION public.f() ...",
+                                                          "CREATE FUNCTION public.f(int) ..."]}
     # A view calling one of those functions is read, whatever relations it reads.
-    rows = [("20", "public.v", "f16501", "", "v"), ("20", "public.v", "3", "public.cities", "v"),
-            ("21", "public.w", "f16999", "", "v"), ("21", "public.w", "3", "public.cities", "v")]
-    assert "IN (20)" in lookup.definitions_query(rows)
+    lookup.dependencies([("20", "public.v", "f16501", "", "v"), ("20", "public.v", "3", "public.cities", "v"),
+                         ("21", "public.w", "f16999", "", "v"), ("21", "public.w", "3", "public.cities", "v")])
+    # The next round reads the bodies naming what this one found (the view v, the function f) as
+    # a word, leaving out those read already; then the round after, and so on until none is new.
+    more = lookup.next_functions_query()
+    assert more is not None and "NOT IN (16500, 16501)" in more and r"E'\\mf\\M'" in more and r"E'\\mv\\M'" in more, more
+    lookup.functions([("16600", "public", "g", "CREATE FUNCTION public.g() ... f() ...")])
+    again = lookup.next_functions_query()
+    assert again is not None and r"E'\\mg\\M'" in again and r"\\mf\\M" not in again, again
+    assert lookup.next_functions_query() is None  # nothing new
+    assert "IN (20)" in lookup.definitions_query()
 
 
 def test_a_call_of_a_function_botwarden_could_not_read_is_refused():

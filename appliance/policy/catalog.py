@@ -5,26 +5,32 @@ A view (or a materialized view) that botwarden did not see created selects from 
 a name of its own: ``CREATE VIEW contacts AS SELECT id, email AS contact FROM accounts``, made by
 an administrator last year, would let a bot read ``accounts.email`` past a rule that masks or
 refuses it by reading ``contacts``; a SQL or PL/pgSQL function made the same way
-(``CREATE FUNCTION emails() RETURNS SETOF text AS 'SELECT email FROM accounts'``) likewise. At
-login the PostgreSQL front asks the target's catalog (on the bot's own session, before its
-first statement), in the same round trip as the session's defaults:
+(``CREATE FUNCTION emails() RETURNS SETOF text AS 'SELECT email FROM accounts'``) likewise, and
+so would a partition or inheritance child read by its own name. At login the PostgreSQL front
+reads, with the session's defaults, the catalog's change counters (:data:`PROBE_QUERY`); when
+the policy engine has answers for those counters, they serve (:meth:`CatalogLookup.cached`).
+Otherwise it asks, on the bot's own session before its first statement:
 
 1. :data:`DEPENDENCIES_QUERY`: every view and materialized view not made by the system, with
-   the relations its query depends on (``pg_depend`` of its ``_RETURN`` rule);
-2. :meth:`CatalogLookup.functions_query`: the SQL and PL/pgSQL functions and procedures not made
-   by the system whose body mentions the name of a relation (or a column) a rule of the
-   session's scope names, with their definitions (``pg_get_functiondef``);
-
-then, one more round trip only when there are such views, :meth:`CatalogLookup.definitions_query`:
-the queries (``pg_get_viewdef``, every relation named with its schema) of the views that reach,
-directly or through other views, a relation a rule of the session's scope names.
+   the relations (and functions) its query depends on (``pg_depend`` of its ``_RETURN`` rule),
+   and every partition and inheritance child with its parents;
+2. in the same round trip, :meth:`CatalogLookup.functions_query`: the SQL and PL/pgSQL
+   functions and procedures not made by the system whose body mentions the name of a relation
+   (or a column) a rule of the session's scope names, with their definitions
+   (``pg_get_functiondef``); then, a round trip each, those whose bodies name a view or
+   function found so far (:data:`ROUNDS`);
+3. one more round trip only when there are such views, :meth:`CatalogLookup.definitions_query`:
+   the queries (``pg_get_viewdef``, every relation named with its schema) of the views that
+   reach, directly or through other views, a relation a rule of the session's scope names or a
+   function read.
 
 The engine then decides a statement naming such a view as reading what the view's query reads,
 its result columns computed from the view's, and a statement calling such a function as doing
 what its body does (:func:`appliance.policy.engine.resolve_catalog`), so masking, refusals and
 the writes masking cannot follow see through both. What is not seen: views and functions made
 or replaced by another session after this one logged in, a function body that names a relation
-only through text it builds at run time, and functions in other languages.
+only through text it builds at run time, calls nested deeper than :data:`ROUNDS`, and functions
+in other languages.
 """
 
 from __future__ import annotations
@@ -136,26 +142,47 @@ def like_fragment(glob: str) -> str:
     return "%" + "".join(out) + "%"
 
 
+def _regex_word(name: str) -> str:
+    """An exact name as a case-insensitive regular expression (``~*``) matching it as a word, in
+    an E'' literal (whatever standard_conforming_strings says)."""
+    escaped = "".join(ch if ch.isalnum() or ch == "_" else "\\" + ch for ch in name)
+    return "E'" + ("\\m" + escaped + "\\M").replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+# Rounds of "functions whose bodies name what the previous round found" (views reaching a
+# guarded relation, functions calling one that reads it): calls nested deeper are not followed.
+ROUNDS = 4
+
+
 class CatalogLookup:
     """One session's questions to the catalog. ``guarded(schema, name)``: a rule of the session's
     scope names that relation (None: every view counts, as when a rule masks a column by its name
     alone, whatever relation it is in). ``mentions``: the names (globs) a function body has to
-    mention to be read (the guarded relations' and bare masked columns' names)."""
+    mention to be read (the guarded relations' and bare masked columns' names); later rounds
+    read the bodies that name, as a word, a view or function an earlier round found
+    (:meth:`next_functions_query`)."""
 
     def __init__(self, guarded: Callable[[str, str], bool] | None, mentions: Iterable[str],
                  cache: dict | None = None, scope: tuple = ()):
         self.guarded = guarded
         self.mentions = sorted(set(mentions))
         self.function_oids: set[str] = set()  # 'f' || oid of the functions read (functions())
+        self.learned_functions: dict[tuple[str, str], list[str]] = {}
         self.names: dict[str, tuple[str | None, str]] = {}  # oid -> (schema, name) of the views to read
         self.inherited: dict[tuple[str | None, str], list] = {}  # child -> its parents (schema, name)
         self.cache = cache  # shared by the sessions of one engine: (scope, probe row) -> Learned
         self.scope = scope
         self._key: tuple | None = None
+        self._depends: dict[str, set[str]] = {}
+        self._oid_names: dict[str, tuple[str | None, str]] = {}
+        self._children: set[str] = set()
+        self._named: set[str] = set()  # names later rounds already asked for
+        self._rounds = 0
 
     # The front asks PROBE_QUERY with the session defaults; on a hit it is done, on a miss it asks
-    # :attr:`queries`, then :meth:`definitions_query` if there are views to read, and gives the
-    # answers to :meth:`remember`.
+    # :attr:`queries` (given to :meth:`dependencies` and :meth:`functions`), then
+    # :meth:`next_functions_query` until None, then :meth:`definitions_query` if there are views
+    # to read, and gives the result of :meth:`learned` to :meth:`remember`.
     probe_query = PROBE_QUERY
 
     def cached(self, rows: Sequence[Row]) -> Learned | None:
@@ -179,43 +206,47 @@ class CatalogLookup:
         """The questions asked when :meth:`cached` has no answer, in one round trip."""
         return [DEPENDENCIES_QUERY, self.functions_query()]
 
-    def functions_query(self) -> str:
-        """(schema, name, definition) of the SQL and PL/pgSQL functions and procedures whose body
-        mentions one of :attr:`mentions` (a body in SQL-standard form, ``BEGIN ATOMIC``, always)."""
-        likes = ", ".join("'" + like_fragment(m).replace("'", "''") + "'" for m in self.mentions) or "'%'"
-        return ("SELECT p.oid::text, n.nspname, p.proname, pg_catalog.pg_get_functiondef(p.oid) FROM pg_catalog.pg_proc p "
+    def functions_query(self, words: Sequence[str] = ()) -> str:
+        """(oid, schema, name, definition) of the SQL and PL/pgSQL functions and procedures whose
+        body mentions one of :attr:`mentions` (a body in SQL-standard form, ``BEGIN ATOMIC``,
+        always); with ``words``, those not read yet whose body names one of them as a word."""
+        head = ("SELECT p.oid::text, n.nspname, p.proname, pg_catalog.pg_get_functiondef(p.oid) FROM pg_catalog.pg_proc p "
                 "JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace "
                 "JOIN pg_catalog.pg_language l ON l.oid = p.prolang "
-                "WHERE p.oid >= 16384 AND p.prokind IN ('f', 'p') AND l.lanname IN ('sql', 'plpgsql') "
-                f"AND (p.prosqlbody IS NOT NULL OR p.prosrc ILIKE ANY (ARRAY[{likes}]))")
+                "WHERE p.oid >= 16384 AND p.prokind IN ('f', 'p') AND l.lanname IN ('sql', 'plpgsql') ")
+        if words:
+            known = ", ".join(str(int(oid[1:])) for oid in sorted(self.function_oids)) or "0"
+            regexes = ", ".join(_regex_word(w) for w in words)
+            return head + f"AND p.oid NOT IN ({known}) AND p.prosrc ~* ANY (ARRAY[{regexes}])"
+        likes = ", ".join("'" + like_fragment(m).replace("'", "''") + "'" for m in self.mentions) or "'%'"
+        return head + f"AND (p.prosqlbody IS NOT NULL OR p.prosrc ILIKE ANY (ARRAY[{likes}]))"
 
-    def functions(self, rows: Iterable[Row]) -> dict[tuple[str, str], list[str]]:
-        """(schema, name) -> the definitions of its overloads, from :meth:`functions_query`'s rows
-        (read before :meth:`definitions_query`: a view calling one of them is read too)."""
-        found: dict[tuple[str, str], list[str]] = {}
+    def functions(self, rows: Iterable[Row]) -> None:
+        """Read a :meth:`functions_query`'s rows: (schema, name) -> its overloads' definitions."""
         for row in rows:
             if len(row) != 4 or None in row:
                 raise ValueError("unexpected row from the catalog's functions")
+            if "f" + row[0] in self.function_oids:  # type: ignore[operator]
+                continue
             self.function_oids.add("f" + row[0])  # type: ignore[operator]
-            found.setdefault((row[1], row[2]), []).append(row[3])  # type: ignore[arg-type]
-        return found
+            self.learned_functions.setdefault((row[1], row[2]), []).append(row[3])  # type: ignore[arg-type]
 
-    def definitions_query(self, rows: Iterable[Row]) -> str | None:
-        """From :data:`DEPENDENCIES_QUERY`'s rows, the query for the definitions of the views that
-        reach a guarded relation, or None: no view does."""
-        depends: dict[str, set[str]] = {}
-        names: dict[str, tuple[str | None, str]] = {}
-        children: set[str] = set()
+    def dependencies(self, rows: Iterable[Row]) -> None:
+        """Read :data:`DEPENDENCIES_QUERY`'s rows."""
         for row in rows:
             if len(row) != 5 or None in row or row[4] not in ("v", "i"):
                 raise ValueError("unexpected row from the catalog's view dependencies")
             view, vname, ref, rname, kind = row  # type: ignore[misc]
-            names[view] = split_regclass(vname)  # type: ignore[arg-type]
+            self._oid_names[view] = split_regclass(vname)  # type: ignore[arg-type]
             if not ref.startswith("f"):  # type: ignore[union-attr]
-                names.setdefault(ref, split_regclass(rname))  # type: ignore[arg-type]
-            depends.setdefault(view, set()).add(ref)  # type: ignore[arg-type]
+                self._oid_names.setdefault(ref, split_regclass(rname))  # type: ignore[arg-type]
+            self._depends.setdefault(view, set()).add(ref)  # type: ignore[arg-type]
             if kind == "i":
-                children.add(view)  # type: ignore[arg-type]
+                self._children.add(view)  # type: ignore[arg-type]
+
+    def _relevant(self) -> list[str]:
+        """The views and children that reach a guarded relation or call a function read."""
+        names, depends = self._oid_names, self._depends
         reaches: dict[str, bool] = {}
 
         def guarded(oid: str) -> bool:
@@ -228,7 +259,7 @@ class CatalogLookup:
         def reach(oid: str, path: frozenset[str]) -> bool:
             if oid in reaches:
                 return reaches[oid]
-            if oid.startswith("f"):  # a function: read when its body mentions a guarded name
+            if oid.startswith("f"):  # a function: one whose body was read
                 return oid in self.function_oids
             found = (self.guarded is None and oid in depends) or guarded(oid)
             for ref in depends.get(oid, ()):
@@ -237,11 +268,28 @@ class CatalogLookup:
             reaches[oid] = found
             return found
 
-        relevant = [oid for oid in depends if reach(oid, frozenset())]
+        return [oid for oid in depends if reach(oid, frozenset())]
+
+    def next_functions_query(self) -> str | None:
+        """The next round: functions not read yet whose bodies name a view or child found so far
+        or a function read so far (one calling another that reads a guarded relation), or None."""
+        words = {self._oid_names[oid][1] for oid in self._relevant()} | {name for _, name in self.learned_functions}
+        words -= self._named
+        if not words or self._rounds >= ROUNDS:
+            return None
+        self._rounds += 1
+        self._named |= words
+        return self.functions_query(sorted(words))
+
+    def definitions_query(self) -> str | None:
+        """The query for the definitions of the views that reach a guarded relation or call a
+        function read, or None: no view does (children need none)."""
+        relevant = self._relevant()
+        names = self._oid_names
         # A child reads as its parents (the same column names): no definition to ask for.
-        self.inherited = {names[oid]: sorted(names[p] for p in depends[oid] if not p.startswith("f"))
-                          for oid in relevant if oid in children}
-        self.names = {oid: names[oid] for oid in relevant if oid not in children}
+        self.inherited = {names[oid]: sorted(names[p] for p in self._depends[oid] if not p.startswith("f"))
+                          for oid in relevant if oid in self._children}
+        self.names = {oid: names[oid] for oid in relevant if oid not in self._children}
         if not self.names:
             return None
         oids = ", ".join(str(int(oid)) for oid in sorted(self.names, key=int))

@@ -181,7 +181,7 @@ def resolve_catalog(stmt: StatementAnalysis, session: SqlSessionState, path: fro
                 functions |= body.functions
                 sent |= set(body.sent)
                 properties |= body.properties & {"dynamic_sql"}
-                bodies.append((f"{key[0]}.{key[1]}", body.reads | body.writes))
+                bodies.append((f"{key[0]}.{key[1]}", _through_views(body.reads | body.writes, views, path)))
                 todo += [(r, r in body.writes) for r in body.reads | body.writes] + [(f, False) for f in body.functions]
             continue
         for key in _catalog_names(item, path, views):
@@ -205,6 +205,18 @@ def resolve_catalog(stmt: StatementAnalysis, session: SqlSessionState, path: fro
     return replace(stmt, reads=frozenset(reads), writes=frozenset(writes), functions=frozenset(functions),
                    outputs=tuple(outputs), sent=tuple(sorted(sent)), properties=frozenset(properties),
                    bodies=tuple(bodies), error=error)
+
+
+def _through_views(relations: frozenset[Relation], views: Mapping[tuple[str, str], StatementAnalysis],
+                   path: frozenset[str]) -> frozenset[Relation]:
+    """``relations`` and those beneath the learned views among them (through views of views)."""
+    found, todo = set(relations), list(relations)
+    while todo:
+        for key in _catalog_names(todo.pop(), path, views):
+            for rel in views[key].reads - found:
+                found.add(rel)
+                todo.append(rel)
+    return frozenset(found)
 
 
 def _catalog_names(item: Relation | Function, path: frozenset[str], learned: Mapping[tuple[str, str], Any]

@@ -167,11 +167,13 @@ class StartupMixin:
             learned = lookup.cached(answers[1])
             if learned is None:
                 found = await self._ask_server(lookup.queries, "the views and functions")
-                functions = lookup.functions(found[1])
-                query = lookup.definitions_query(found[0])
+                lookup.dependencies(found[0])
+                lookup.functions(found[1])
+                while (more := lookup.next_functions_query()) is not None:
+                    lookup.functions((await self._ask_server([more], "the functions"))[0])
+                query = lookup.definitions_query()
                 answered = (await self._ask_server([query], "the definitions of views"))[0] if query else []
-                views = lookup.definitions(answered)
-                learned = (views, functions)
+                learned = (lookup.definitions(answered), lookup.learned_functions)
                 lookup.remember(learned)
         except ValueError as e:
             raise FrontError(sqlstate.CONNECTION_FAILURE, f"botwarden could not read the target's catalog: {e}") from None
