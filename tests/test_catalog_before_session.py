@@ -68,6 +68,10 @@ FUNCTIONS = [
     "CREATE FUNCTION bwv_api() RETURNS SETOF text LANGUAGE sql AS 'SELECT bwv_emails()'",
     "CREATE FUNCTION bwv_api2() RETURNS SETOF text LANGUAGE plpgsql AS $$ BEGIN RETURN QUERY SELECT * FROM bwv_api(); END $$",
     "CREATE FUNCTION bwv_view_api() RETURNS SETOF text LANGUAGE sql AS 'SELECT contact FROM bwv_contacts'",
+    # A monitoring view and function over the planner's statistics (sample values of every column).
+    "CREATE VIEW bwv_stats AS SELECT tablename, attname, most_common_vals::text AS common FROM pg_stats",
+    "CREATE FUNCTION bwv_common(t text) RETURNS SETOF text LANGUAGE sql AS "
+    "'SELECT most_common_vals::text FROM pg_stats WHERE tablename = t'",
 ]
 
 
@@ -90,7 +94,8 @@ def front(pg_server):
 def _drop(pg_server) -> None:
     pg_server.psql("DROP SCHEMA IF EXISTS bwv_other CASCADE; "
                    "DROP TABLE IF EXISTS bwv_accounts, bwv_cities, bwv_vault, bwv_log, bwv_events CASCADE; "
-                   "DROP FUNCTION IF EXISTS bwv_api2(), bwv_api(), bwv_view_api(), bwv_emails(), bwv_email_of(int), "
+                   "DROP FUNCTION IF EXISTS bwv_api2(), bwv_api(), bwv_view_api(), bwv_common(text), bwv_emails(), "
+                   "bwv_email_of(int), "
                    "bwv_atomic(), bwv_code(), bwv_city(int); "
                    "DROP PROCEDURE IF EXISTS bwv_keep_emails()")
 
@@ -215,6 +220,24 @@ def test_renaming_a_function_made_before_the_session_is_refused(front, pg_server
         assert "mask-account-emails" in str(e.value)
     assert pg_server.psql("SELECT count(*) FROM pg_proc WHERE proname = 'bwv_emails' "
                           "AND pronamespace = 'public'::regnamespace") == "1"
+
+
+@pytest.mark.parametrize("sql", ["SELECT common FROM bwv_stats WHERE tablename = 'bwv_many'",
+                                 "SELECT bwv_common('bwv_many')"])
+def test_the_planners_statistics_read_through_a_view_or_function_are_refused(front, pg_server, sql):
+    pg_server.psql("DROP TABLE IF EXISTS bwv_many; CREATE TABLE bwv_many (email text); "
+                   f"INSERT INTO bwv_many SELECT '{EMAIL}' FROM generate_series(1, 50); "
+                   "INSERT INTO bwv_many SELECT 'u' || i || '@example.org' FROM generate_series(1, 50) i; "
+                   "ANALYZE bwv_many")
+    try:
+        with direct_connect(pg_server) as conn:
+            assert EMAIL in str(conn.execute(sql).fetchall())
+        with psycopg.connect(front.dsn(), autocommit=True) as conn:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
+                conn.execute(sql)
+            assert "mask-account-emails" in str(e.value), str(e.value)
+    finally:
+        pg_server.psql("DROP TABLE IF EXISTS bwv_many")
 
 
 def test_a_function_over_a_refused_relation_is_refused_and_a_harmless_one_runs(front, pg_server):

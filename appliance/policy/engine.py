@@ -697,6 +697,10 @@ class PolicyEngine:
                     else:  # a column of any relation: every view may carry it
                         every = True
                         mentions.append(name)
+        if any(c.masks_columns for c in scope.rules):
+            # A view or function over the planner's statistics shows sample values of every column
+            # (refused while a rule masks columns, _unfollowable_while_masking): read those too.
+            patterns += [_QualifiedPattern.parse(f"pg_catalog.{name}") for name in sorted(_STATISTICS)]
         if not (patterns or every):
             return None
         mentions += [p.name_text for p in patterns]
