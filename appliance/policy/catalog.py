@@ -81,7 +81,7 @@ PROBE_QUERY = (
                          for o in (f"'pg_catalog.{c}'::pg_catalog.regclass" for c in _COUNTED)))
 
 Row = Sequence[str | None]
-Learned = tuple[dict, dict]  # (views, functions) as CatalogLookup.definitions / .functions give them
+Learned = tuple[dict, dict]  # (views, functions): CatalogLookup.definitions(), .learned_functions
 
 
 def split_regclass(text: str) -> tuple[str | None, str]:
