@@ -625,6 +625,7 @@ class PolicyEngine:
         self._analysis: dict[str, BatchAnalysis] = {}
         self._plans: dict[tuple, tuple[tuple, list[ColumnAction | None] | None]] = {}
         self._catalog_cache: dict[tuple, tuple[dict, dict]] = {}  # catalog.CatalogLookup's answers
+        self._catalog_learned: dict[int, tuple] = {}  # id(views) -> those answers, analysed (learn_catalog)
         self.stats = {"exact_hits": 0, "shape_hits": 0, "misses": 0}
 
     # -- scope --
@@ -714,7 +715,12 @@ class PolicyEngine:
                       functions: Mapping[tuple[str, str], Sequence[str]]) -> None:
         """Give ``session`` the views and functions :meth:`catalog_lookup` found (their queries and
         bodies analysed once per engine). One botwarden cannot analyse (a view dropped meanwhile,
-        a PL/pgSQL body its parser cannot read) refuses the statements that read or call it."""
+        a PL/pgSQL body its parser cannot read) refuses the statements that read or call it.
+        Answers the catalog cache gave again (the same objects) are not analysed again."""
+        done = self._catalog_learned.get(id(views))
+        if done is not None and done[0] is views and done[1] is functions:
+            session.views, session.functions, session.catalog_key = done[2:]
+            return
         learned: dict[tuple[str, str], StatementAnalysis] = {}
         for (schema, name), text in views.items():
             batch = self.analyze(text) if text is not None else None
@@ -743,6 +749,9 @@ class PolicyEngine:
             bodies[key] = merged
         session.views, session.functions = learned, bodies
         session.catalog_key = catalog_key(views, functions)
+        if len(self._catalog_learned) >= 256:
+            self._catalog_learned.clear()
+        self._catalog_learned[id(views)] = (views, functions, learned, bodies, session.catalog_key)
 
     @staticmethod
     def shape_of(sql: str) -> str:

@@ -140,11 +140,10 @@ class StartupMixin:
         """What the session starts with that the startup packet did not say: a search_path (or a
         role) set by ``ALTER DATABASE``/``ALTER ROLE ... SET`` or the server's configuration,
         and the views and functions made before the session over relations a rule names
-        (policy/catalog.py).
-        Read from the server before the bot's first statement (one round trip; when the catalog
-        changed since the engine last read it, one or two more; the bot's ReadyForQuery waits). The search_path and role are
-        decided as the startup packet's settings are: a search_path joins the session's, another
-        role is a role switch."""
+        (policy/catalog.py). Read from the server before the bot's first statement (one round
+        trip; when the catalog changed since the engine last read it, a few more; the bot's
+        ReadyForQuery waits). The search_path and role are decided as the startup packet's
+        settings are: a search_path joins the session's, another role is a role switch."""
         find = getattr(self.services, "catalog_lookup", None)
         lookup = find(self.core.grant, self.settings.target) if find is not None else None
         answers = await self._ask_server([_DEFAULTS_QUERY] + ([lookup.probe_query] if lookup is not None else []),
