@@ -630,15 +630,15 @@ class Runtime:
         return self.engine.decide_sql(grant.identity, grant.groups, target, sql, session=state)
 
     def catalog_lookup(self, grant: SessionGrant, target: str) -> Any:
-        """What the PostgreSQL front asks the catalog at login about views and functions
-        (policy/catalog.py)."""
+        """What the PostgreSQL front asks the catalog at login about views, functions, triggers
+        and rules (policy/catalog.py)."""
         return self.engine.catalog_lookup(grant.identity, grant.groups, target)
 
     def learn_catalog(self, grant: SessionGrant, views: Mapping[Any, str | None],
-                      functions: Mapping[tuple[str, str], Any]) -> None:
+                      functions: Mapping[tuple[str, str], Any], effects: Mapping[tuple[str, str], Any]) -> None:
         live = self.live.get(grant.session_id)
         if live is not None:
-            self.engine.learn_catalog(live.sql_state, views, functions)
+            self.engine.learn_catalog(live.sql_state, views, functions, effects)
 
     def decide_k8s(self, grant: SessionGrant, target: str, request: Any) -> Verdict:
         """One Kubernetes API request (an appliance.policy.K8sRequest), under the same audit and

@@ -67,7 +67,7 @@ class LookupServices(QuietServices):
             return CatalogLookup(None, ["v"], self.cache, ("bench",))
         return CatalogLookup(lambda schema, name: name == "nothing_named", ["nothing_named"], self.cache, ("bench",))
 
-    def learn_catalog(self, grant, views, functions):
+    def learn_catalog(self, grant, views, functions, effects):
         self.learned = len(views)
 
 

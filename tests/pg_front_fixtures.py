@@ -137,8 +137,9 @@ class EngineServices(DefaultServices):
     def catalog_lookup(self, grant, target):
         return self.engine.catalog_lookup(grant.identity, grant.groups, target)
 
-    def learn_catalog(self, grant, views, functions):
-        self.engine.learn_catalog(self.sessions.setdefault(grant.session_id, SqlSessionState()), views, functions)
+    def learn_catalog(self, grant, views, functions, effects):
+        self.engine.learn_catalog(self.sessions.setdefault(grant.session_id, SqlSessionState()), views, functions,
+                                  effects)
 
     def mask_plan(self, grant, target, verdict, columns):
         return self.engine.mask_plan(grant.identity, grant.groups, target, verdict, columns)

@@ -74,6 +74,35 @@ FUNCTIONS = [
     "'SELECT most_common_vals::text FROM pg_stats WHERE tablename = t'",
 ]
 
+# Triggers and rules made before the session: writing a relation runs them.
+TRIGGERS = [
+    "CREATE TABLE bwv_trail (v text)",
+    "CREATE TABLE bwv_orders (id int, account int)",
+    "CREATE TABLE bwv_shops (id int, note text, stamp timestamptz)",
+    "CREATE TABLE bwv_tickets (id int)",
+    # After an order, copy the customer's email into a table nobody guards.
+    "CREATE FUNCTION bwv_order_trail() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+    "INSERT INTO bwv_trail SELECT email FROM bwv_accounts WHERE id = NEW.account; RETURN NEW; END $$",
+    "CREATE TRIGGER bwv_order_trail AFTER INSERT ON bwv_orders FOR EACH ROW EXECUTE FUNCTION bwv_order_trail()",
+    # On the masked table itself: the body names no guarded relation, it sees the rows as OLD.
+    "CREATE FUNCTION bwv_keep_old() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+    "INSERT INTO bwv_trail VALUES (OLD.email); RETURN NEW; END $$",
+    "CREATE TRIGGER bwv_keep_old BEFORE UPDATE ON bwv_accounts FOR EACH ROW EXECUTE FUNCTION bwv_keep_old()",
+    "ALTER TABLE bwv_accounts DISABLE TRIGGER bwv_keep_old",  # disabled: one ALTER TABLE from firing
+    # A trigger calling a function that reads the masked table (found in a later round).
+    "CREATE FUNCTION bwv_shop_stamp() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+    "NEW.note := bwv_email_of(NEW.id); RETURN NEW; END $$",
+    "CREATE TRIGGER bwv_shop_stamp BEFORE UPDATE ON bwv_shops FOR EACH ROW EXECUTE FUNCTION bwv_shop_stamp()",
+    # A harmless one: stamps the row.
+    "CREATE FUNCTION bwv_stamp() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN NEW.stamp := now(); RETURN NEW; END $$",
+    "CREATE TRIGGER bwv_stamp BEFORE INSERT ON bwv_shops FOR EACH ROW EXECUTE FUNCTION bwv_stamp()",
+    # Rules: deleting a shop copies an email; a ticket copies the vault's code.
+    "CREATE RULE bwv_shop_gone AS ON DELETE TO bwv_shops DO ALSO "
+    "INSERT INTO bwv_trail SELECT email FROM bwv_accounts WHERE id = OLD.id",
+    "CREATE RULE bwv_ticket_code AS ON INSERT TO bwv_tickets DO ALSO INSERT INTO bwv_trail SELECT code FROM bwv_vault",
+    "INSERT INTO bwv_shops VALUES (1, 'n', now())",
+]
+
 
 @pytest.fixture(scope="module")
 def front(pg_server):
@@ -84,7 +113,7 @@ def front(pg_server):
         f"INSERT INTO bwv_accounts VALUES (1, '{EMAIL}'); "
         "CREATE TABLE bwv_cities (id int primary key, city text); INSERT INTO bwv_cities VALUES (1, 'Bergen'); "
         f"CREATE TABLE bwv_vault (code text); INSERT INTO bwv_vault VALUES ('{CODE}'); "
-        "CREATE TABLE bwv_log (v text); " + "; ".join(VIEWS + FUNCTIONS))
+        "CREATE TABLE bwv_log (v text); " + "; ".join(VIEWS + FUNCTIONS + TRIGGERS))
     ft = FrontThread(plain_settings(pg_server), EngineServices(POLICY))
     yield ft
     ft.stop()
@@ -93,7 +122,9 @@ def front(pg_server):
 
 def _drop(pg_server) -> None:
     pg_server.psql("DROP SCHEMA IF EXISTS bwv_other CASCADE; "
-                   "DROP TABLE IF EXISTS bwv_accounts, bwv_cities, bwv_vault, bwv_log, bwv_events CASCADE; "
+                   "DROP TABLE IF EXISTS bwv_accounts, bwv_cities, bwv_vault, bwv_log, bwv_events, bwv_trail, "
+                   "bwv_orders, bwv_shops, bwv_tickets CASCADE; "
+                   "DROP FUNCTION IF EXISTS bwv_order_trail(), bwv_keep_old(), bwv_shop_stamp(), bwv_stamp(); "
                    "DROP FUNCTION IF EXISTS bwv_api2(), bwv_api(), bwv_view_api(), bwv_common(text), bwv_emails(), "
                    "bwv_email_of(int), "
                    "bwv_atomic(), bwv_code(), bwv_city(int); "
@@ -276,6 +307,38 @@ def test_the_catalogs_answers_are_reused_until_the_catalog_changes(front, pg_ser
         pg_server.psql("DROP VIEW IF EXISTS bwv_late")
 
 
+TRIGGERED = [  # (statement, the rule refusing it, what it runs, enable bwv_keep_old first)
+    ("INSERT INTO bwv_orders VALUES (1, 1)", "mask-account-emails", "trigger function public.bwv_order_trail()"),
+    ("UPDATE bwv_accounts SET id = id WHERE id = 1", "mask-account-emails", "trigger function public.bwv_keep_old()"),
+    ("UPDATE bwv_shops SET id = id", "mask-account-emails", "function public.bwv_email_of()"),  # the call in it
+    ("DELETE FROM bwv_shops WHERE id = 1", "mask-account-emails", "a rule on public.bwv_shops"),
+    ("INSERT INTO bwv_tickets VALUES (1)", "no-vault", None),
+]
+
+
+@pytest.mark.parametrize("sql, rule, runs", TRIGGERED, ids=[t[0].split(" WHERE")[0] for t in TRIGGERED])
+def test_a_write_that_runs_a_trigger_or_rule_made_before_the_session_is_decided_as_what_it_runs(
+        front, pg_server, sql, rule, runs):
+    secret = CODE if rule == "no-vault" else EMAIL
+    with direct_connect(pg_server) as conn:  # straight to the server: the write leaves the value readable
+        with conn.transaction(force_rollback=True):
+            conn.execute("ALTER TABLE bwv_accounts ENABLE TRIGGER bwv_keep_old")
+            conn.execute(sql)
+            assert secret in str(conn.execute("SELECT (SELECT string_agg(v, ',') FROM bwv_trail), "
+                                              "(SELECT string_agg(note, ',') FROM bwv_shops)").fetchall())
+    with psycopg.connect(front.dsn(), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
+            conn.execute(sql)
+        assert rule in str(e.value), str(e.value)
+        if runs:
+            assert runs in str(e.value) and "masking cannot follow" in str(e.value), str(e.value)
+        assert conn.execute("SELECT count(*) FROM bwv_trail").fetchone() == (0,)
+        # A trigger that only stamps the row runs; reading the masked table stays masked.
+        conn.execute("INSERT INTO bwv_shops (id, note) VALUES (2, 'fine')")
+        assert conn.execute("SELECT stamp IS NOT NULL FROM bwv_shops WHERE id = 2").fetchone() == (True,)
+    pg_server.psql("DELETE FROM bwv_shops WHERE id = 2; TRUNCATE bwv_trail")  # (the rule copies on DELETE)
+
+
 # --- the pure parts ----------------------------------------------------------------------------
 
 
@@ -297,14 +360,14 @@ def test_views_are_looked_up_only_when_a_rule_names_a_relation_or_column():
 
 def test_only_views_reaching_a_guarded_relation_are_read():
     lookup = CatalogLookup(lambda schema, name: name == "accounts", ["accounts"])
-    rows = [("10", "public.contacts", "1", "public.accounts", "v"),
-            ("11", "public.again", "10", "public.contacts", "v"),     # through another view
-            ("12", "public.cities_v", "2", "public.cities", "v"),
-            ("13", 's."Mixed ""Case"""', "2", "public.cities", "v"), ("13", 's."Mixed ""Case"""', "11", "public.again", "v"),
+    rows = [("10", "public.contacts", "1", "public.accounts", "v", ""),
+            ("11", "public.again", "10", "public.contacts", "v", ""),     # through another view
+            ("12", "public.cities_v", "2", "public.cities", "v", ""),
+            ("13", 's."Mixed ""Case"""', "2", "public.cities", "v", ""), ("13", 's."Mixed ""Case"""', "11", "public.again", "v", ""),
             # A partition of the guarded table, and a partition of that partition.
-            ("30", "public.accounts_2024", "1", "public.accounts", "i"),
-            ("31", "public.accounts_2024_q1", "30", "public.accounts_2024", "i"),
-            ("32", "public.cities_old", "2", "public.cities", "i")]
+            ("30", "public.accounts_2024", "1", "public.accounts", "i", ""),
+            ("31", "public.accounts_2024_q1", "30", "public.accounts_2024", "i", ""),
+            ("32", "public.cities_old", "2", "public.cities", "i", "")]
     lookup.dependencies(rows)
     query = lookup.definitions_query()
     assert query is not None and "IN (10, 11, 13)" in query and "SET LOCAL search_path = ''" in query
@@ -323,7 +386,7 @@ def test_only_views_reaching_a_guarded_relation_are_read():
     with pytest.raises(ValueError):
         lookup.definitions([("99", "SELECT 1")])
     with pytest.raises(ValueError):
-        CatalogLookup(None, []).dependencies([("1", 'a."b', "2", "c", "v")])
+        CatalogLookup(None, []).dependencies([("1", 'a."b', "2", "c", "v", "")])
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -363,25 +426,30 @@ def test_dropping_or_refreshing_a_view_is_not_a_read_of_what_it_reads():
 def test_function_bodies_are_read_when_they_mention_a_guarded_name():
     lookup = _engine(POLICY[len(POLICY_HEAD):]).catalog_lookup("test-bot", (), "pg-test")
     query = lookup.functions_query()
-    assert "'%bwv\\_accounts%'" in query and "'%bwv\\_vault%'" in query, query
+    assert "strpos(lower(p.prosrc), E'bwv_accounts') > 0" in query, query
+    assert "strpos(lower(p.prosrc), E'bwv_vault') > 0" in query, query
+    globbed = CatalogLookup(None, ["acc*", "email"]).functions_query()
+    assert "ILIKE ANY (ARRAY[E'%acc%%'])" in globbed and "strpos(lower(p.prosrc), E'email') > 0" in globbed, globbed
+    assert "prosrc" not in CatalogLookup(None, []).functions_query()  # nothing named: every body
     assert like_fragment("acc*_x?") == "%acc%\\_x_%"
     lookup.functions([("16500", "public", "f", "CREATE FUNCTION public.f() ..."),
                       ("16501", "public", "f", "CREATE FUNCTION public.f(int) ...")])
     assert lookup.learned_functions == {("public", "f"): ["CREATE FUNCTION public.f() ...",
                                                           "CREATE FUNCTION public.f(int) ..."]}
     # A view calling one of those functions is read, whatever relations it reads.
-    lookup.dependencies([("20", "public.v", "f16501", "", "v"), ("20", "public.v", "3", "public.cities", "v"),
-                         ("21", "public.w", "f16999", "", "v"), ("21", "public.w", "3", "public.cities", "v")])
+    lookup.dependencies([("20", "public.v", "f16501", "", "v", ""), ("20", "public.v", "3", "public.cities", "v", ""),
+                         ("21", "public.w", "f16999", "", "v", ""), ("21", "public.w", "3", "public.cities", "v", "")])
     # The next round reads the bodies naming what this one found (the view v, the function f) as
     # a word, leaving out those read already; then the round after, and so on until none is new.
     more = lookup.next_functions_query()
-    assert more is not None and "NOT IN (16500, 16501)" in more and "'%f%', '%v%'" in more, more
+    assert more is not None and "NOT IN (16500, 16501)" in more, more
+    assert "(strpos(lower(p.prosrc), E'f') > 0 OR strpos(lower(p.prosrc), E'v') > 0)" in more, more
     # The query matches substrings; only bodies naming a word of the round are kept.
     lookup.functions([("16600", "public", "g", "CREATE FUNCTION public.g() ... f() ..."),
                       ("16601", "public", "h", "CREATE FUNCTION public.h() ... SELECT of_v FROM fx ...")])
     assert set(lookup.learned_functions) == {("public", "f"), ("public", "g")}
     again = lookup.next_functions_query()
-    assert again is not None and "'%g%'" in again and "'%f%'" not in again, again
+    assert again is not None and "E'g'" in again and "E'f'" not in again, again
     assert lookup.next_functions_query() is None  # nothing new
     assert "IN (20)" in lookup.definitions_query()
 
@@ -401,9 +469,9 @@ def test_cached_answers_are_keyed_by_the_catalogs_counters():
     first = CatalogLookup(None, [], cache, ("bot", (), "db"))
     row = [("postgres", "on", "2026-12-06 10:00:00+00", "44,59,20,0,0,9")]
     assert first.cached(row) is None
-    first.remember(({("public", "v"): "SELECT 1"}, {}))
+    first.remember(({("public", "v"): "SELECT 1"}, {}, {}))
     again = CatalogLookup(None, [], cache, ("bot", (), "db"))
-    assert again.cached(row) == ({("public", "v"): "SELECT 1"}, {})
+    assert again.cached(row) == ({("public", "v"): "SELECT 1"}, {}, {})
     # Another count, database, reset or scope: not the same answers.
     assert again.cached([("postgres", "on", "2026-12-06 10:00:00+00", "45,59,20,0,0,9")]) is None
     assert again.cached([("other", "on", "2026-12-06 10:00:00+00", "44,59,20,0,0,9")]) is None
@@ -416,3 +484,69 @@ def test_cached_answers_are_keyed_by_the_catalogs_counters():
     assert off.cached([("postgres", "off", "2026-12-06 10:00:00+00", "0,0,0,0,0,0")]) is None
     with pytest.raises(ValueError):
         off.cached([])
+
+
+def test_triggers_and_rules_on_a_guarded_relation_or_reaching_one_are_learned():
+    lookup = CatalogLookup(lambda schema, name: name == "accounts", ["accounts"])
+    lookup.functions([("500", "public", "copy_email", "CREATE FUNCTION public.copy_email() ... accounts ...")])
+    lookup.dependencies([
+        ("t1", "public.orders", "f500", "public.copy_email", "t", "I"),      # its function reads accounts
+        ("t2", "public.accounts", "f501", "public.keep_old", "t", "U"),      # on the guarded table itself
+        ("t3", "public.cities", "f502", "public.stamp", "t", "IU"),          # neither: left alone
+        ("r9", "public.shops", "1", "public.accounts", "r", "D"),            # a rule whose action reads it
+        ("1", "public.accounts", "1", "public.accounts", "i", ""),
+    ][:4])
+    # The next round reads the function of the trigger on the guarded table by its oid (its body
+    # sees the rows as OLD and NEW, whatever names it mentions).
+    more = lookup.next_functions_query()
+    assert more is not None and "p.oid IN (501)" in more and "NOT IN (500)" in more, more
+    lookup.functions([("501", "public", "keep_old", "CREATE FUNCTION public.keep_old() ... OLD.email ..."),
+                      ("777", "public", "unrelated", "CREATE FUNCTION public.unrelated() ...")])
+    assert ("public", "keep_old") in lookup.learned_functions and ("public", "unrelated") not in lookup.learned_functions
+    callers = lookup.next_functions_query()  # then those calling it, as for any function read
+    assert callers is not None and "E'keep_old'" in callers and "p.oid IN" not in callers, callers
+    lookup.functions([])
+    assert lookup.next_functions_query() is None
+    query = lookup.definitions_query()
+    assert query is not None and "pg_get_ruledef" in query and "r.oid IN (9)" in query and "pg_get_viewdef" not in query
+    assert lookup.definitions([("r9", "CREATE RULE gone AS ON DELETE TO public.shops DO ...")]) == {}
+    assert lookup.effects == {
+        ("public", "orders"): [("trigger", "I", "public", "copy_email")],
+        ("public", "accounts"): [("trigger", "U", "public", "keep_old")],
+        ("public", "shops"): [("rule", "D", "CREATE RULE gone AS ON DELETE TO public.shops DO ...")]}
+
+
+def test_a_write_runs_only_the_triggers_and_rules_of_its_own_events():
+    engine = _engine(POLICY[len(POLICY_HEAD):])
+    session = SqlSessionState()
+    trail = ("CREATE FUNCTION public.trail() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN INSERT INTO public.log "
+             "SELECT email FROM public.bwv_accounts; RETURN NEW; END $$")
+    fill = "CREATE FUNCTION public.fill() RETURNS void LANGUAGE sql AS 'INSERT INTO public.shops VALUES (1)'"
+    engine.learn_catalog(session, {}, {("public", "trail"): [trail], ("public", "fill"): [fill]}, {
+        ("public", "shops"): [("trigger", "U", "public", "trail"),
+                              ("rule", "D", "CREATE RULE r AS ON DELETE TO public.shops DO ALSO "
+                                            "INSERT INTO public.log SELECT code FROM public.bwv_vault")],
+        ("public", "tickets"): [("rule", "I", "")]})  # a rule dropped meanwhile: no definition
+
+    def action(sql: str) -> tuple[str, str | None]:
+        verdict = engine.decide_sql("test-bot", (), "pg-test", sql, session=session)
+        return ("block", verdict.rule) if verdict.action == "block" else ("allow", None)
+
+    assert action("INSERT INTO shops VALUES (1)") == ("allow", None)
+    assert action("INSERT INTO shops VALUES (1) ON CONFLICT DO NOTHING") == ("allow", None)
+    assert action("INSERT INTO shops VALUES (1) ON CONFLICT (id) DO UPDATE SET id = 2") == ("block", "mask-account-emails")
+    assert action("UPDATE shops SET id = 1") == ("block", "mask-account-emails")
+    assert action("MERGE INTO shops s USING cities c ON s.id = c.id WHEN MATCHED THEN DELETE") == ("block", "no-vault")
+    assert action("DELETE FROM shops") == ("block", "no-vault")
+    assert action("TRUNCATE shops") == ("allow", None)
+    assert action("ALTER TABLE shops ADD COLUMN note text") == ("allow", None)  # DDL fires no trigger
+    assert action("SELECT * FROM shops") == ("allow", None)
+    assert action("DO $$ BEGIN INSERT INTO shops VALUES (1); END $$") == ("allow", None)
+    # A write inside a function botwarden read at login may be any of them.
+    assert action("SELECT fill()")[0] == "block"
+    unreadable = engine.decide_sql("test-bot", (), "pg-test", "INSERT INTO tickets VALUES (1)", session=session)
+    assert unreadable.action == "block" and "runs a rule on public.tickets" in str(unreadable.reason), unreadable.reason
+    assert action("DELETE FROM tickets") == ("allow", None)
+    # Another session that learned no trigger decides the same statement on its own (the cache key).
+    assert engine.decide_sql("test-bot", (), "pg-test", "UPDATE shops SET id = 1",
+                             session=SqlSessionState()).action != "block"

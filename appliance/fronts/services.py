@@ -108,14 +108,15 @@ class FrontServices(Protocol):
         ...
 
     def catalog_lookup(self, grant: SessionGrant, target: str) -> Any:
-        """Optional. What to ask the target's catalog at login about views and functions made
-        before the session (appliance.policy.catalog.CatalogLookup), or None."""
+        """Optional. What to ask the target's catalog at login about views, functions, triggers
+        and rules made before the session (appliance.policy.catalog.CatalogLookup), or None."""
         ...
 
     def learn_catalog(self, grant: SessionGrant, views: Mapping[Any, str | None],
-                      functions: Mapping[tuple[str, str], Any]) -> None:
-        """Optional (with catalog_lookup). The views ((schema, name) -> query) and functions
-        ((schema, name) -> definitions) found."""
+                      functions: Mapping[tuple[str, str], Any], effects: Mapping[tuple[str, str], Any]) -> None:
+        """Optional (with catalog_lookup). The views ((schema, name) -> query), functions
+        ((schema, name) -> definitions) and what writing a relation runs besides (its triggers'
+        functions and its rules: (schema, name) -> CatalogLookup.effects' entries) found."""
         ...
 
     def mask_plan(self, grant: SessionGrant, target: str, verdict: Verdict,

@@ -1,5 +1,6 @@
-"""Views and functions made before the session: a read of a view is a read of what its query
-reads, a call of a function runs what its body does.
+"""Views, functions, triggers and rules made before the session: a read of a view is a read of
+what its query reads, a call of a function runs what its body does, a write runs the table's
+triggers and rules.
 
 A view (or a materialized view) that botwarden did not see created selects from relations under
 a name of its own: ``CREATE VIEW contacts AS SELECT id, email AS contact FROM accounts``, made by
@@ -13,7 +14,8 @@ Otherwise it asks, on the bot's own session before its first statement:
 
 1. :data:`DEPENDENCIES_QUERY`: every view and materialized view not made by the system, with
    the relations (and functions) its query depends on (``pg_depend`` of its ``_RETURN`` rule),
-   and every partition and inheritance child with its parents;
+   every partition and inheritance child with its parents, every rule ON INSERT/UPDATE/DELETE
+   with what its actions depend on, and every trigger with its function;
 2. in the same round trip, :meth:`CatalogLookup.functions_query`: the SQL and PL/pgSQL
    functions and procedures not made by the system whose body mentions the name of a relation
    (or a column) a rule of the session's scope names, with their definitions
@@ -22,12 +24,14 @@ Otherwise it asks, on the bot's own session before its first statement:
 3. one more round trip only when there are such views, :meth:`CatalogLookup.definitions_query`:
    the queries (``pg_get_viewdef``, every relation named with its schema) of the views that
    reach, directly or through other views, a relation a rule of the session's scope names or a
-   function read.
+   function read, and the definitions (``pg_get_ruledef``) of such rules. The functions of
+   triggers on such a relation are read by their oids in step 2's rounds.
 
 The engine then decides a statement naming such a view as reading what the view's query reads,
 its result columns computed from the view's, and a statement calling such a function as doing
-what its body does (:func:`appliance.policy.engine.resolve_catalog`), so masking, refusals and
-the writes masking cannot follow see through both. What is not seen: views and functions made
+what its body does, and a statement writing a table as also doing what the triggers and rules
+its events fire do (:func:`appliance.policy.engine.resolve_catalog`), so masking, refusals and
+the writes masking cannot follow see through them. What is not seen: views and functions made
 or replaced by another session after this one logged in, a function body that names a relation
 only through text it builds at run time, calls nested deeper than :data:`ROUNDS`, and functions
 in other languages.
@@ -45,24 +49,37 @@ from typing import Callable, Iterable, Mapping, Sequence
 # pg_get_viewdef prints (only pg_catalog's and the session's temporary relations stay bare).
 _QUALIFIED = "BEGIN; SET LOCAL search_path = ''; {}; COMMIT"
 
-# (view oid, view, relation oid, relation, 'v'), one row per relation a view's query depends on:
+# (view oid, view, relation oid, relation, 'v', ''), one row per relation a view's query depends on:
 # pg_depend records those of the view's ON SELECT rule (ev_type 1: views and materialized
-# views; other rules do not change what reading a table returns), and the view itself (left
-# out). Views of the system (oids below 16384) are left out too. A function made after the
-# system's that the view calls is a row too: ('f' || its oid, '').
+# views), and the view itself (left out). Views of the system (oids below 16384) are left out
+# too. A function made after the system's that the view calls is a row too: ('f' || its oid, '').
+# A rule ON INSERT / UPDATE / DELETE (``DO ALSO`` or ``DO INSTEAD``) runs its actions whenever
+# its relation is written: ('r' || the rule's oid, its relation, what its actions depend on,
+# 'r', its event: I, U or D). A trigger runs its function: ('t' || the trigger's oid, its
+# relation, 'f' || the function's oid, the function, 't', its events: I, U, D, T(runcate)); triggers of the system's (foreign keys) and trigger functions of
+# the system's (tsvector_update_trigger, ...) are left out, disabled triggers are not (one
+# ALTER TABLE away from firing).
 _PG_CLASS = "'pg_catalog.pg_class'::pg_catalog.regclass"
 DEPENDENCIES_QUERY = _QUALIFIED.format(
-    "SELECT DISTINCT r.ev_class::text, r.ev_class::pg_catalog.regclass::text, "
+    "SELECT DISTINCT CASE WHEN r.ev_type = '1' THEN r.ev_class::text ELSE 'r' || r.oid::text END, "
+    "r.ev_class::pg_catalog.regclass::text, "
     f"CASE WHEN d.refclassid = {_PG_CLASS} THEN d.refobjid::text ELSE 'f' || d.refobjid::text END, "
-    f"CASE WHEN d.refclassid = {_PG_CLASS} THEN d.refobjid::pg_catalog.regclass::text ELSE '' END, 'v' "
+    f"CASE WHEN d.refclassid = {_PG_CLASS} THEN d.refobjid::pg_catalog.regclass::text ELSE '' END, "
+    "CASE WHEN r.ev_type = '1' THEN 'v' ELSE 'r' END, "
+    "CASE r.ev_type WHEN '2' THEN 'U' WHEN '3' THEN 'I' WHEN '4' THEN 'D' ELSE '' END "
     "FROM pg_catalog.pg_rewrite r JOIN pg_catalog.pg_depend d "
     "ON d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass AND d.objid = r.oid AND d.refobjid <> r.ev_class "
     f"AND (d.refclassid = {_PG_CLASS} OR d.refclassid = 'pg_catalog.pg_proc'::pg_catalog.regclass "
     "AND d.refobjid >= 16384) "
-    "WHERE r.ev_class >= 16384 AND r.ev_type = '1' "
+    "WHERE r.ev_class >= 16384 "
     # A partition or inheritance child: its rows are its parent's too (kind 'i').
     "UNION ALL SELECT i.inhrelid::text, i.inhrelid::pg_catalog.regclass::text, i.inhparent::text, "
-    "i.inhparent::pg_catalog.regclass::text, 'i' FROM pg_catalog.pg_inherits i WHERE i.inhrelid >= 16384")
+    "i.inhparent::pg_catalog.regclass::text, 'i', '' FROM pg_catalog.pg_inherits i WHERE i.inhrelid >= 16384 "
+    "UNION ALL SELECT 't' || t.oid::text, t.tgrelid::pg_catalog.regclass::text, 'f' || t.tgfoid::text, "
+    "t.tgfoid::pg_catalog.regproc::text, 't', "
+    + " || ".join(f"CASE WHEN t.tgtype::int & {bit} <> 0 THEN '{event}' ELSE '' END"
+                  for bit, event in ((4, "I"), (8, "D"), (16, "U"), (32, "T"))) + " "
+    "FROM pg_catalog.pg_trigger t WHERE NOT t.tgisinternal AND t.tgrelid >= 16384 AND t.tgfoid >= 16384")
 
 # Whether the catalog changed since answers were cached: the database, whether the server
 # counts catalog changes at all (track_counts), when the database's statistics were last reset,
@@ -72,7 +89,8 @@ DEPENDENCIES_QUERY = _QUALIFIED.format(
 # queries themselves cost milliseconds. A session flushes its counts when it goes idle, at
 # most once a second: a change another session is still in the middle of can go unseen that
 # long.
-_COUNTED = ("pg_class", "pg_attribute", "pg_rewrite", "pg_proc", "pg_namespace", "pg_depend", "pg_inherits")
+_COUNTED = ("pg_class", "pg_attribute", "pg_rewrite", "pg_proc", "pg_namespace", "pg_depend", "pg_inherits",
+            "pg_trigger")
 PROBE_QUERY = (
     "SELECT pg_catalog.current_database()::text, pg_catalog.current_setting('track_counts'), "
     "pg_catalog.pg_stat_get_db_stat_reset_time((SELECT oid FROM pg_catalog.pg_database "
@@ -82,7 +100,8 @@ PROBE_QUERY = (
                          for o in (f"'pg_catalog.{c}'::pg_catalog.regclass" for c in _COUNTED)))
 
 Row = Sequence[str | None]
-Learned = tuple[dict, dict]  # (views, functions): CatalogLookup.definitions(), .learned_functions
+# (views, functions, effects): CatalogLookup.definitions(), .learned_functions, .effects
+Learned = tuple[dict, dict, dict]
 
 
 def split_regclass(text: str) -> tuple[str | None, str]:
@@ -143,12 +162,18 @@ def like_fragment(glob: str) -> str:
     return "%" + "".join(out) + "%"
 
 
-def _like_exact(name: str) -> str:
-    """An exact name as an ILIKE literal matching text that contains it. (Not a regular
-    expression: the planner compiles each one to estimate it, ~0.1 ms apiece on a new backend;
-    :meth:`CatalogLookup.functions` keeps only the bodies naming it as a word.)"""
-    escaped = "".join("\\" + ch if ch in "\\%_" else ch for ch in name)
-    return "'%" + escaped.replace("'", "''") + "%'"
+def _mentions_any(column: str, names: Sequence[str]) -> str:
+    """SQL true when ``column`` contains one of ``names``, case-insensitively: ``strpos`` over the
+    lower-cased text, ORed. (Neither a regular expression nor an ILIKE pattern: the planner
+    compiles each pattern to estimate its selectivity, ~0.1 ms apiece on a new backend, and it
+    does not look into ``strpos``; :meth:`CatalogLookup.functions` keeps only the bodies naming
+    one as a word.)"""
+    return "(" + " OR ".join(f"strpos(lower({column}), {_literal(name.lower())}) > 0" for name in names) + ")"
+
+
+def _literal(text: str) -> str:
+    """A string constant read the same whatever the server's standard_conforming_strings says."""
+    return "E'" + text.replace("\\", "\\\\").replace("'", "''") + "'"
 
 
 # Rounds of "functions whose bodies name what the previous round found" (views reaching a
@@ -172,12 +197,20 @@ class CatalogLookup:
         self.learned_functions: dict[tuple[str, str], list[str]] = {}
         self.names: dict[str, tuple[str | None, str]] = {}  # oid -> (schema, name) of the views to read
         self.inherited: dict[tuple[str | None, str], list] = {}  # child -> its parents (schema, name)
+        # (schema, name) of a relation -> what writing it runs besides: ("rule", events, its
+        # definition) and ("trigger", events, schema, name of its function), from definitions();
+        # events: the letters of INSERT, UPDATE, DELETE, TRUNCATE that run it
+        self.effects: dict[tuple[str, str], list[tuple[str, ...]]] = {}
+        self._rules: dict[str, tuple[str, str]] = {}  # 'r' || oid -> its relation, for definitions()
         self.cache = cache  # shared by the sessions of one engine: (scope, probe row) -> Learned
         self.scope = scope
         self._key: tuple | None = None
         self._depends: dict[str, set[str]] = {}
         self._oid_names: dict[str, tuple[str | None, str]] = {}
         self._children: set[str] = set()
+        # 'r…' rules and 't…' triggers -> their events (_oid_names gives their relation)
+        self._effects_on: dict[str, str] = {}
+        self._trigger_functions: dict[str, tuple[str, str]] = {}  # 'f' || oid -> (schema, name)
         self._named: set[str] = set()  # names later rounds already asked for
         self._rounds = 0
         self._words: re.Pattern[str] | None = None  # this round's names, as words (functions())
@@ -209,20 +242,29 @@ class CatalogLookup:
         """The questions asked when :meth:`cached` has no answer, in one round trip."""
         return [DEPENDENCIES_QUERY, self.functions_query()]
 
-    def functions_query(self, words: Sequence[str] = ()) -> str:
+    def functions_query(self, words: Sequence[str] = (), oids: Sequence[str] = ()) -> str:
         """(oid, schema, name, definition) of the SQL and PL/pgSQL functions and procedures whose
         body mentions one of :attr:`mentions` (a body in SQL-standard form, ``BEGIN ATOMIC``,
-        always); with ``words``, those not read yet whose body names one of them as a word."""
+        always); with ``words`` or ``oids`` ('f' || oid), those not read yet whose body names one
+        of the words as a word, or with one of those oids."""
         head = ("SELECT p.oid::text, n.nspname, p.proname, pg_catalog.pg_get_functiondef(p.oid) FROM pg_catalog.pg_proc p "
                 "JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace "
                 "JOIN pg_catalog.pg_language l ON l.oid = p.prolang "
                 "WHERE p.oid >= 16384 AND p.prokind IN ('f', 'p') AND l.lanname IN ('sql', 'plpgsql') ")
-        if words:
+        if words or oids:
             known = ", ".join(str(int(oid[1:])) for oid in sorted(self.function_oids)) or "0"
-            likes = ", ".join(_like_exact(w) for w in words)
-            return head + f"AND p.oid NOT IN ({known}) AND p.prosrc ILIKE ANY (ARRAY[{likes}])"
-        likes = ", ".join("'" + like_fragment(m).replace("'", "''") + "'" for m in self.mentions) or "'%'"
-        return head + f"AND (p.prosqlbody IS NOT NULL OR p.prosrc ILIKE ANY (ARRAY[{likes}]))"
+            tests = [_mentions_any("p.prosrc", words)] if words else []
+            if oids:
+                tests.append("p.oid IN (" + ", ".join(str(int(oid[1:])) for oid in oids) + ")")
+            return head + f"AND p.oid NOT IN ({known}) AND (" + " OR ".join(tests) + ")"
+        if not self.mentions:
+            return head
+        plain = [m for m in self.mentions if not any(ch in m for ch in "*?[]!")]
+        tests = [_mentions_any("p.prosrc", plain)] if plain else []
+        if len(plain) < len(self.mentions):
+            likes = ", ".join(_literal(like_fragment(m)) for m in self.mentions if m not in plain)
+            tests.append(f"p.prosrc ILIKE ANY (ARRAY[{likes}])")
+        return head + "AND (p.prosqlbody IS NOT NULL OR " + " OR ".join(tests) + ")"
 
     def functions(self, rows: Iterable[Row]) -> None:
         """Read a :meth:`functions_query`'s rows: (schema, name) -> its overloads' definitions. In
@@ -232,7 +274,8 @@ class CatalogLookup:
                 raise ValueError("unexpected row from the catalog's functions")
             if "f" + row[0] in self.function_oids:  # type: ignore[operator]
                 continue
-            if self._words is not None and not self._words.search(row[3]):  # type: ignore[arg-type]
+            if (self._words is None or not self._words.search(row[3])) and self._rounds and \
+                    "f" + row[0] not in self._trigger_functions:  # type: ignore[operator]
                 continue
             self.function_oids.add("f" + row[0])  # type: ignore[operator]
             self.learned_functions.setdefault((row[1], row[2]), []).append(row[3])  # type: ignore[arg-type]
@@ -240,18 +283,24 @@ class CatalogLookup:
     def dependencies(self, rows: Iterable[Row]) -> None:
         """Read :data:`DEPENDENCIES_QUERY`'s rows."""
         for row in rows:
-            if len(row) != 5 or None in row or row[4] not in ("v", "i"):
+            if len(row) != 6 or None in row or row[4] not in ("v", "i", "r", "t"):
                 raise ValueError("unexpected row from the catalog's view dependencies")
-            view, vname, ref, rname, kind = row  # type: ignore[misc]
+            view, vname, ref, rname, kind, events = row  # type: ignore[misc]
             self._oid_names[view] = split_regclass(vname)  # type: ignore[arg-type]
             if not ref.startswith("f"):  # type: ignore[union-attr]
                 self._oid_names.setdefault(ref, split_regclass(rname))  # type: ignore[arg-type]
+            elif kind == "t":
+                schema, name = split_regclass(rname)  # type: ignore[arg-type]
+                self._trigger_functions[ref] = (schema or "pg_catalog", name)  # type: ignore[index]
             self._depends.setdefault(view, set()).add(ref)  # type: ignore[arg-type]
             if kind == "i":
                 self._children.add(view)  # type: ignore[arg-type]
+            elif kind in ("r", "t"):
+                self._effects_on[view] = events  # type: ignore[index]
 
     def _relevant(self) -> list[str]:
-        """The views and children that reach a guarded relation or call a function read."""
+        """The views, children, rules and triggers that reach a guarded relation or call a
+        function read."""
         names, depends = self._oid_names, self._depends
         reaches: dict[str, bool] = {}
 
@@ -267,7 +316,9 @@ class CatalogLookup:
                 return reaches[oid]
             if oid.startswith("f"):  # a function: one whose body was read
                 return oid in self.function_oids
-            found = (self.guarded is None and oid in depends) or guarded(oid)
+            # Every view may carry a column masked by its name alone; a trigger only through its
+            # function (whose body names it), as the function is read.
+            found = (self.guarded is None and oid in depends and not oid.startswith("t")) or guarded(oid)
             for ref in depends.get(oid, ()):
                 if ref not in path and reach(ref, path | {oid}):
                     found = True
@@ -279,31 +330,48 @@ class CatalogLookup:
     def next_functions_query(self) -> str | None:
         """The next round: functions not read yet whose bodies name a view or child found so far
         or a function read so far (one calling another that reads a guarded relation), or None."""
-        words = {self._oid_names[oid][1] for oid in self._relevant()} | {name for _, name in self.learned_functions}
+        words = {self._oid_names[oid][1] for oid in self._relevant() if oid not in self._effects_on}
+        words |= {name for _, name in self.learned_functions}
         words -= self._named
-        if not words or self._rounds >= ROUNDS:
+        # The functions of triggers on a guarded relation see its rows (NEW, OLD): read them too.
+        unread = {ref for oid in self._relevant() if oid.startswith("t") for ref in self._depends[oid]}
+        unread -= self.function_oids | self._named
+        if not (words or unread) or self._rounds >= ROUNDS:
             return None
         self._rounds += 1
-        self._named |= words
+        self._named |= words | unread
         # Word boundaries as PostgreSQL's \m \M (a '$' next to a name may be a dollar quote).
         self._words = re.compile(r"(?<!\w)(?:" + "|".join(re.escape(w) for w in sorted(words)) + r")(?!\w)",
-                                 re.IGNORECASE)
-        return self.functions_query(sorted(words))
+                                 re.IGNORECASE) if words else None
+        return self.functions_query(sorted(words), sorted(unread))
 
     def definitions_query(self) -> str | None:
-        """The query for the definitions of the views that reach a guarded relation or call a
-        function read, or None: no view does (children need none)."""
+        """The query for the definitions of the views and rules that reach a guarded relation or
+        call a function read, or None: none does (children and triggers need none)."""
         relevant = self._relevant()
         names = self._oid_names
         # A child reads as its parents (the same column names): no definition to ask for.
         self.inherited = {names[oid]: sorted(names[p] for p in self._depends[oid] if not p.startswith("f"))
                           for oid in relevant if oid in self._children}
-        self.names = {oid: names[oid] for oid in relevant if oid not in self._children}
-        if not self.names:
-            return None
-        oids = ", ".join(str(int(oid)) for oid in sorted(self.names, key=int))
-        return _QUALIFIED.format("SELECT c.oid::text, pg_catalog.pg_get_viewdef(c.oid) "
-                                 f"FROM pg_catalog.pg_class c WHERE c.oid IN ({oids})")
+        self.names = {oid: names[oid] for oid in relevant if oid not in self._children and oid not in self._effects_on}
+        self._rules = {oid: names[oid] for oid in relevant if oid.startswith("r")}  # type: ignore[misc]
+        self.effects = {}
+        for oid in sorted(o for o in relevant if o.startswith("t")):
+            table = names[oid]
+            for ref in sorted(self._depends[oid]):  # (a trigger on another session's temporary table: not here)
+                if table[0] is not None and ref in self._trigger_functions:
+                    self.effects.setdefault(table, []).append(  # type: ignore[index]
+                        ("trigger", self._effects_on[oid], *self._trigger_functions[ref]))
+        selects = []
+        if self.names:
+            oids = ", ".join(str(int(oid)) for oid in sorted(self.names, key=int))
+            selects.append(f"SELECT c.oid::text, pg_catalog.pg_get_viewdef(c.oid) FROM pg_catalog.pg_class c "
+                           f"WHERE c.oid IN ({oids})")
+        if self._rules:
+            oids = ", ".join(str(int(oid[1:])) for oid in sorted(self._rules))
+            selects.append(f"SELECT 'r' || r.oid::text, pg_catalog.pg_get_ruledef(r.oid) FROM pg_catalog.pg_rewrite r "
+                           f"WHERE r.oid IN ({oids})")
+        return _QUALIFIED.format(" UNION ALL ".join(selects)) if selects else None
 
     def definitions(self, rows: Iterable[Row]) -> dict[tuple[str | None, str], str | None]:
         """(schema, name) -> the view's query, from :meth:`definitions_query`'s rows (none when it
@@ -313,19 +381,30 @@ class CatalogLookup:
         for child, parents in self.inherited.items():
             found[child] = "SELECT * FROM " + ", ".join(".".join(_quoted(p) for p in parent if p is not None)
                                                         for parent in parents)
+        rules: dict[str, str | None] = dict.fromkeys(self._rules)
         for row in rows:
-            if len(row) != 2 or row[0] not in self.names:
+            if len(row) == 2 and row[0] in self.names:
+                found[self.names[row[0]]] = row[1]  # type: ignore[index]
+            elif len(row) == 2 and row[0] in rules:
+                rules[row[0]] = row[1]  # type: ignore[index]
+            else:
                 raise ValueError("unexpected row from the catalog's view definitions")
-            found[self.names[row[0]]] = row[1]  # type: ignore[index]
+        for oid, text in sorted(rules.items()):
+            table = self._rules[oid]
+            if table[0] is not None:  # (a rule on another session's temporary table: never written here)
+                # A rule dropped in between gives no definition: writes to its table are refused.
+                self.effects.setdefault(table, []).append(("rule", self._effects_on[oid], text or ""))
         return found
 
 
 def catalog_key(views: Mapping[tuple[str | None, str], str | None],
-                functions: Mapping[tuple[str, str], Sequence[str]]) -> str:
-    """What decisions over these views and functions are cached under (sessions that learned the
-    same share): a digest, so the verdict caches' keys stay short."""
-    if not (views or functions):
+                functions: Mapping[tuple[str, str], Sequence[str]],
+                effects: Mapping[tuple[str, str], Sequence[tuple[str, ...]]] | None = None) -> str:
+    """What decisions over these views, functions, triggers and rules are cached under (sessions
+    that learned the same share): a digest, so the verdict caches' keys stay short."""
+    if not (views or functions or effects):
         return ""
     text = json.dumps([sorted([k[0] or "", k[1], v or ""] for k, v in views.items()),
-                       sorted([k[0], k[1], sorted(v)] for k, v in functions.items())])
+                       sorted([k[0], k[1], sorted(v)] for k, v in functions.items()),
+                       sorted([k[0], k[1], sorted(map(list, v))] for k, v in (effects or {}).items())])
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()

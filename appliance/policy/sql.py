@@ -1360,7 +1360,10 @@ class _Walker:
         self._dml("InsertStmt", body)
 
     def _v_OnConflictClause(self, body: Mapping[str, Any]) -> None:
-        # INSERT ... ON CONFLICT DO UPDATE SET x = ...: assignments, as UPDATE's.
+        # INSERT ... ON CONFLICT DO UPDATE SET x = ...: assignments, as UPDATE's (and the table's
+        # ON UPDATE triggers fire: engine.resolve_catalog).
+        if "UPDATE" in str(body.get("action", "")):
+            self.properties.add("upsert")
         self._assignments(body.get("targetList") or [])
         self.generic("OnConflictClause", body, skip=("targetList",))
 

@@ -139,7 +139,7 @@ class StartupMixin:
     async def _decide_session_defaults(self) -> None:
         """What the session starts with that the startup packet did not say: a search_path (or a
         role) set by ``ALTER DATABASE``/``ALTER ROLE ... SET`` or the server's configuration,
-        and the views and functions made before the session over relations a rule names
+        and the views, functions, triggers and rules made before the session over relations a rule names
         (policy/catalog.py). Read from the server before the bot's first statement (one round
         trip; when the catalog changed since the engine last read it, a few more; the bot's
         ReadyForQuery waits). The search_path and role are decided as the startup packet's
@@ -172,13 +172,13 @@ class StartupMixin:
                     lookup.functions((await self._ask_server([more], "the functions"))[0])
                 query = lookup.definitions_query()
                 answered = (await self._ask_server([query], "the definitions of views"))[0] if query else []
-                learned = (lookup.definitions(answered), lookup.learned_functions)
+                learned = (lookup.definitions(answered), lookup.learned_functions, lookup.effects)
                 lookup.remember(learned)
         except ValueError as e:
             raise FrontError(sqlstate.CONNECTION_FAILURE, f"botwarden could not read the target's catalog: {e}") from None
-        views, functions = learned
-        if views or functions:
-            self.services.learn_catalog(self.core.grant, views, functions)
+        views, functions, effects = learned
+        if views or functions or effects:
+            self.services.learn_catalog(self.core.grant, views, functions, effects)
 
     async def _ask_server(self, queries: list[str], what: str) -> list[list[tuple[str | None, ...]]]:
         """Botwarden's own queries on the session before the bot's first statement, sent at once:
