@@ -101,6 +101,11 @@ TRIGGERS = [
     "INSERT INTO bwv_trail SELECT email FROM bwv_accounts WHERE id = OLD.id",
     "CREATE RULE bwv_ticket_code AS ON INSERT TO bwv_tickets DO ALSO INSERT INTO bwv_trail SELECT code FROM bwv_vault",
     "INSERT INTO bwv_shops VALUES (1, 'n', now())",
+    # Functions a table calls with no statement naming them: a column's default, a CHECK constraint.
+    "CREATE TABLE bwv_notes (id int, v text DEFAULT bwv_email_of(1))",
+    "CREATE FUNCTION bwv_note_code() RETURNS bool LANGUAGE plpgsql AS $$ BEGIN "
+    "INSERT INTO bwv_trail SELECT code FROM bwv_vault; RETURN true; END $$",
+    "CREATE TABLE bwv_checked (id int CHECK (bwv_note_code()))",
 ]
 
 
@@ -123,8 +128,9 @@ def front(pg_server):
 def _drop(pg_server) -> None:
     pg_server.psql("DROP SCHEMA IF EXISTS bwv_other CASCADE; "
                    "DROP TABLE IF EXISTS bwv_accounts, bwv_cities, bwv_vault, bwv_log, bwv_events, bwv_trail, "
-                   "bwv_orders, bwv_shops, bwv_tickets CASCADE; "
-                   "DROP FUNCTION IF EXISTS bwv_order_trail(), bwv_keep_old(), bwv_shop_stamp(), bwv_stamp(); "
+                   "bwv_orders, bwv_shops, bwv_tickets, bwv_notes, bwv_checked CASCADE; "
+                   "DROP FUNCTION IF EXISTS bwv_order_trail(), bwv_keep_old(), bwv_shop_stamp(), bwv_stamp(), "
+                   "bwv_note_code(); "
                    "DROP FUNCTION IF EXISTS bwv_api2(), bwv_api(), bwv_view_api(), bwv_common(text), bwv_emails(), "
                    "bwv_email_of(int), "
                    "bwv_atomic(), bwv_code(), bwv_city(int); "
@@ -307,25 +313,31 @@ def test_the_catalogs_answers_are_reused_until_the_catalog_changes(front, pg_ser
         pg_server.psql("DROP VIEW IF EXISTS bwv_late")
 
 
-TRIGGERED = [  # (statement, the rule refusing it, what it runs, enable bwv_keep_old first)
+TRIGGERED = [  # (statement, the rule refusing it, what it runs)
     ("INSERT INTO bwv_orders VALUES (1, 1)", "mask-account-emails", "trigger function public.bwv_order_trail()"),
     ("UPDATE bwv_accounts SET id = id WHERE id = 1", "mask-account-emails", "trigger function public.bwv_keep_old()"),
     ("UPDATE bwv_shops SET id = id", "mask-account-emails", "function public.bwv_email_of()"),  # the call in it
     ("DELETE FROM bwv_shops WHERE id = 1", "mask-account-emails", "a rule on public.bwv_shops"),
     ("INSERT INTO bwv_tickets VALUES (1)", "no-vault", None),
+    ("INSERT INTO bwv_notes (id) VALUES (1)", "mask-account-emails",
+     "function public.bwv_email_of(), which a default, constraint, index or row security policy of public.bwv_notes"),
+    ("INSERT INTO bwv_checked VALUES (1)", "no-vault", None),
 ]
 
 
 @pytest.mark.parametrize("sql, rule, runs", TRIGGERED, ids=[t[0].split(" WHERE")[0] for t in TRIGGERED])
 def test_a_write_that_runs_a_trigger_or_rule_made_before_the_session_is_decided_as_what_it_runs(
         front, pg_server, sql, rule, runs):
+    """A trigger's function, a rule's actions, and a function a column default or a CHECK
+    constraint calls."""
     secret = CODE if rule == "no-vault" else EMAIL
     with direct_connect(pg_server) as conn:  # straight to the server: the write leaves the value readable
         with conn.transaction(force_rollback=True):
             conn.execute("ALTER TABLE bwv_accounts ENABLE TRIGGER bwv_keep_old")
             conn.execute(sql)
             assert secret in str(conn.execute("SELECT (SELECT string_agg(v, ',') FROM bwv_trail), "
-                                              "(SELECT string_agg(note, ',') FROM bwv_shops)").fetchall())
+                                              "(SELECT string_agg(note, ',') FROM bwv_shops), "
+                                              "(SELECT string_agg(v, ',') FROM bwv_notes)").fetchall())
     with psycopg.connect(front.dsn(), autocommit=True) as conn:
         with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
             conn.execute(sql)
@@ -494,8 +506,10 @@ def test_triggers_and_rules_on_a_guarded_relation_or_reaching_one_are_learned():
         ("t2", "public.accounts", "f501", "public.keep_old", "t", "U"),      # on the guarded table itself
         ("t3", "public.cities", "f502", "public.stamp", "t", "IU"),          # neither: left alone
         ("r9", "public.shops", "1", "public.accounts", "r", "D"),            # a rule whose action reads it
+        ("ca40", "public.notes", "f500", "public.copy_email", "c", "IU"),    # a default calling a function read
+        ("ca41", "public.accounts", "f503", "public.next_id", "c", "IU"),   # one that was not: left alone
         ("1", "public.accounts", "1", "public.accounts", "i", ""),
-    ][:4])
+    ][:6])
     # The next round reads the function of the trigger on the guarded table by its oid (its body
     # sees the rows as OLD and NEW, whatever names it mentions).
     more = lookup.next_functions_query()
@@ -513,7 +527,8 @@ def test_triggers_and_rules_on_a_guarded_relation_or_reaching_one_are_learned():
     assert lookup.effects == {
         ("public", "orders"): [("trigger", "I", "public", "copy_email")],
         ("public", "accounts"): [("trigger", "U", "public", "keep_old")],
-        ("public", "shops"): [("rule", "D", "CREATE RULE gone AS ON DELETE TO public.shops DO ...")]}
+        ("public", "shops"): [("rule", "D", "CREATE RULE gone AS ON DELETE TO public.shops DO ...")],
+        ("public", "notes"): [("call", "IU", "public", "copy_email")]}
 
 
 def test_a_write_runs_only_the_triggers_and_rules_of_its_own_events():
@@ -522,11 +537,15 @@ def test_a_write_runs_only_the_triggers_and_rules_of_its_own_events():
     trail = ("CREATE FUNCTION public.trail() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN INSERT INTO public.log "
              "SELECT email FROM public.bwv_accounts; RETURN NEW; END $$")
     fill = "CREATE FUNCTION public.fill() RETURNS void LANGUAGE sql AS 'INSERT INTO public.shops VALUES (1)'"
-    engine.learn_catalog(session, {}, {("public", "trail"): [trail], ("public", "fill"): [fill]}, {
+    next_id = "CREATE FUNCTION public.next_id() RETURNS int LANGUAGE sql AS 'SELECT max(id) + 1 FROM public.bwv_cities'"
+    engine.learn_catalog(session, {}, {("public", "trail"): [trail], ("public", "fill"): [fill],
+                                       ("public", "next_id"): [next_id]}, {
         ("public", "shops"): [("trigger", "U", "public", "trail"),
                               ("rule", "D", "CREATE RULE r AS ON DELETE TO public.shops DO ALSO "
                                             "INSERT INTO public.log SELECT code FROM public.bwv_vault")],
-        ("public", "tickets"): [("rule", "I", "")]})  # a rule dropped meanwhile: no definition
+        ("public", "tickets"): [("rule", "I", "")],  # a rule dropped meanwhile: no definition
+        ("public", "pins"): [("call", "SIUD", "public", "trail")],  # a row security policy's function
+        ("public", "bwv_accounts"): [("call", "IU", "public", "next_id")]})  # a default's, on a masked table
 
     def action(sql: str) -> tuple[str, str | None]:
         verdict = engine.decide_sql("test-bot", (), "pg-test", sql, session=session)
@@ -547,6 +566,10 @@ def test_a_write_runs_only_the_triggers_and_rules_of_its_own_events():
     unreadable = engine.decide_sql("test-bot", (), "pg-test", "INSERT INTO tickets VALUES (1)", session=session)
     assert unreadable.action == "block" and "runs a rule on public.tickets" in str(unreadable.reason), unreadable.reason
     assert action("DELETE FROM tickets") == ("allow", None)
+    assert action("SELECT * FROM pins") == ("block", "mask-account-emails")
+    assert action("SELECT * FROM bwv_cities JOIN pins USING (id)") == ("block", "mask-account-emails")
+    # A default's function does not see the rows: on a masked table, only what it does counts.
+    assert action("INSERT INTO bwv_accounts (email) VALUES ('x')") == ("allow", None)
     # Another session that learned no trigger decides the same statement on its own (the cache key).
     assert engine.decide_sql("test-bot", (), "pg-test", "UPDATE shops SET id = 1",
                              session=SqlSessionState()).action != "block"

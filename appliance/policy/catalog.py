@@ -15,7 +15,8 @@ Otherwise it asks, on the bot's own session before its first statement:
 1. :data:`DEPENDENCIES_QUERY`: every view and materialized view not made by the system, with
    the relations (and functions) its query depends on (``pg_depend`` of its ``_RETURN`` rule),
    every partition and inheritance child with its parents, every rule ON INSERT/UPDATE/DELETE
-   with what its actions depend on, and every trigger with its function;
+   with what its actions depend on, every trigger with its function, and the functions tables'
+   defaults, constraints, expression indexes and row security policies call;
 2. in the same round trip, :meth:`CatalogLookup.functions_query`: the SQL and PL/pgSQL
    functions and procedures not made by the system whose body mentions the name of a relation
    (or a column) a rule of the session's scope names, with their definitions
@@ -59,6 +60,12 @@ _QUALIFIED = "BEGIN; SET LOCAL search_path = ''; {}; COMMIT"
 # relation, 'f' || the function's oid, the function, 't', its events: I, U, D, T(runcate)); triggers of the system's (foreign keys) and trigger functions of
 # the system's (tsvector_update_trigger, ...) are left out, disabled triggers are not (one
 # ALTER TABLE away from firing).
+# Functions a table calls without a statement naming them, on the events given (S: a read): its
+# columns' defaults and generated expressions, its CHECK constraints, its row security policies,
+# and (below) its expression indexes: ('c' ... || the object's oid, the table, 'f' || the
+# function's oid, the function, 'c', the events).
+_IMPLICIT = (("ca", "pg_attrdef", "adrelid", "IU"), ("cc", "pg_constraint", "conrelid", "IU"),
+             ("cp", "pg_policy", "polrelid", "SIUD"))
 _PG_CLASS = "'pg_catalog.pg_class'::pg_catalog.regclass"
 DEPENDENCIES_QUERY = _QUALIFIED.format(
     "SELECT DISTINCT CASE WHEN r.ev_type = '1' THEN r.ev_class::text ELSE 'r' || r.oid::text END, "
@@ -79,7 +86,17 @@ DEPENDENCIES_QUERY = _QUALIFIED.format(
     "t.tgfoid::pg_catalog.regproc::text, 't', "
     + " || ".join(f"CASE WHEN t.tgtype::int & {bit} <> 0 THEN '{event}' ELSE '' END"
                   for bit, event in ((4, "I"), (8, "D"), (16, "U"), (32, "T"))) + " "
-    "FROM pg_catalog.pg_trigger t WHERE NOT t.tgisinternal AND t.tgrelid >= 16384 AND t.tgfoid >= 16384")
+    "FROM pg_catalog.pg_trigger t WHERE NOT t.tgisinternal AND t.tgrelid >= 16384 AND t.tgfoid >= 16384"
+    + "".join(
+        f" UNION ALL SELECT '{prefix}' || o.oid::text, o.{relation}::pg_catalog.regclass::text, 'f' || d.refobjid::text, "
+        f"d.refobjid::pg_catalog.regproc::text, 'c', '{events}' FROM pg_catalog.pg_depend d JOIN pg_catalog.{catalog} o "
+        f"ON d.classid = 'pg_catalog.{catalog}'::pg_catalog.regclass AND d.objid = o.oid "
+        f"WHERE d.refclassid = 'pg_catalog.pg_proc'::pg_catalog.regclass AND d.refobjid >= 16384 AND o.{relation} >= 16384"
+        for prefix, catalog, relation, events in _IMPLICIT)
+    + " UNION ALL SELECT 'ci' || i.indexrelid::text, i.indrelid::pg_catalog.regclass::text, 'f' || d.refobjid::text, "
+    "d.refobjid::pg_catalog.regproc::text, 'c', 'IU' FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_index i "
+    f"ON d.classid = {_PG_CLASS} AND d.objid = i.indexrelid "
+    "WHERE d.refclassid = 'pg_catalog.pg_proc'::pg_catalog.regclass AND d.refobjid >= 16384 AND i.indrelid >= 16384")
 
 # Whether the catalog changed since answers were cached: the database, whether the server
 # counts catalog changes at all (track_counts), when the database's statistics were last reset,
@@ -210,7 +227,7 @@ class CatalogLookup:
         self._children: set[str] = set()
         # 'r…' rules and 't…' triggers -> their events (_oid_names gives their relation)
         self._effects_on: dict[str, str] = {}
-        self._trigger_functions: dict[str, tuple[str, str]] = {}  # 'f' || oid -> (schema, name)
+        self._trigger_functions: dict[str, tuple[str, str]] = {}  # 'f' || oid -> (schema, name), of t and c rows
         self._named: set[str] = set()  # names later rounds already asked for
         self._rounds = 0
         self._words: re.Pattern[str] | None = None  # this round's names, as words (functions())
@@ -283,19 +300,19 @@ class CatalogLookup:
     def dependencies(self, rows: Iterable[Row]) -> None:
         """Read :data:`DEPENDENCIES_QUERY`'s rows."""
         for row in rows:
-            if len(row) != 6 or None in row or row[4] not in ("v", "i", "r", "t"):
+            if len(row) != 6 or None in row or row[4] not in ("v", "i", "r", "t", "c"):
                 raise ValueError("unexpected row from the catalog's view dependencies")
             view, vname, ref, rname, kind, events = row  # type: ignore[misc]
             self._oid_names[view] = split_regclass(vname)  # type: ignore[arg-type]
             if not ref.startswith("f"):  # type: ignore[union-attr]
                 self._oid_names.setdefault(ref, split_regclass(rname))  # type: ignore[arg-type]
-            elif kind == "t":
+            elif kind in ("t", "c"):
                 schema, name = split_regclass(rname)  # type: ignore[arg-type]
                 self._trigger_functions[ref] = (schema or "pg_catalog", name)  # type: ignore[index]
             self._depends.setdefault(view, set()).add(ref)  # type: ignore[arg-type]
             if kind == "i":
                 self._children.add(view)  # type: ignore[arg-type]
-            elif kind in ("r", "t"):
+            elif kind in ("r", "t", "c"):
                 self._effects_on[view] = events  # type: ignore[index]
 
     def _relevant(self) -> list[str]:
@@ -317,8 +334,12 @@ class CatalogLookup:
             if oid.startswith("f"):  # a function: one whose body was read
                 return oid in self.function_oids
             # Every view may carry a column masked by its name alone; a trigger only through its
-            # function (whose body names it), as the function is read.
-            found = (self.guarded is None and oid in depends and not oid.startswith("t")) or guarded(oid)
+            # function (whose body names it), as the function is read. A function a table calls
+            # (a default, a constraint, a policy, an index) counts only when it was read.
+            if oid.startswith("c"):
+                found = False
+            else:
+                found = (self.guarded is None and oid in depends and not oid.startswith("t")) or guarded(oid)
             for ref in depends.get(oid, ()):
                 if ref not in path and reach(ref, path | {oid}):
                     found = True
@@ -356,12 +377,16 @@ class CatalogLookup:
         self.names = {oid: names[oid] for oid in relevant if oid not in self._children and oid not in self._effects_on}
         self._rules = {oid: names[oid] for oid in relevant if oid.startswith("r")}  # type: ignore[misc]
         self.effects = {}
-        for oid in sorted(o for o in relevant if o.startswith("t")):
+        for oid in sorted(o for o in relevant if o.startswith(("t", "c"))):
             table = names[oid]
             for ref in sorted(self._depends[oid]):  # (a trigger on another session's temporary table: not here)
-                if table[0] is not None and ref in self._trigger_functions:
-                    self.effects.setdefault(table, []).append(  # type: ignore[index]
-                        ("trigger", self._effects_on[oid], *self._trigger_functions[ref]))
+                if table[0] is None or ref not in self._trigger_functions:
+                    continue
+                if oid.startswith("c") and ref not in self.function_oids:
+                    continue  # (another function the same default or policy calls, not read)
+                entry = ("trigger" if oid.startswith("t") else "call", self._effects_on[oid], *self._trigger_functions[ref])
+                if entry not in self.effects.get(table, ()):  # type: ignore[arg-type]
+                    self.effects.setdefault(table, []).append(entry)  # type: ignore[index]
         selects = []
         if self.names:
             oids = ", ".join(str(int(oid)) for oid in sorted(self.names, key=int))

@@ -71,8 +71,10 @@ class SqlSessionState:
     functions: dict[tuple[str, str], StatementAnalysis] = field(default_factory=dict)
     catalog_key: str = ""
     # (schema, name) of a relation -> what writing it runs besides (its triggers' functions, its
-    # rules ON INSERT/UPDATE/DELETE): (what, on which of I/U/D/T, the analysis of its body).
-    effects: dict[tuple[str, str], tuple[tuple[str, frozenset[str], StatementAnalysis], ...]] = field(
+    # rules ON INSERT/UPDATE/DELETE, the functions its defaults, constraints, indexes and row
+    # security policies call): (what, on which of I/U/D/T and S (a read), the analysis of its
+    # body, whether it sees the relation's rows).
+    effects: dict[tuple[str, str], tuple[tuple[str, frozenset[str], StatementAnalysis, bool], ...]] = field(
         default_factory=dict)
 
     def copy(self) -> "SqlSessionState":
@@ -158,7 +160,9 @@ def resolve_catalog(stmt: StatementAnalysis, session: SqlSessionState, path: fro
     Calling a function does what its body does (reads, writes, sends, calls), and ``bodies`` says
     which relations each called body reads (masking cannot follow a value through a function's
     result). Writing a relation runs its triggers' functions and its rules too: their bodies are
-    merged likewise, each counted as reading the relation (they see its rows as NEW and OLD)."""
+    merged likewise, each counted as reading the relation (they see its rows as NEW and OLD); so
+    are the functions its defaults, constraints, indexes and row security policies call (the
+    policies' on a read too)."""
     if stmt.error is not None or all(k.startswith(("DROP_", "REFRESH_")) for k in stmt.kinds):
         return stmt
     views = session.views
@@ -177,13 +181,13 @@ def resolve_catalog(stmt: StatementAnalysis, session: SqlSessionState, path: fro
         direct |= {"U"}
     while todo:
         item, written = todo.pop()
-        if written and not isinstance(item, Function):
-            events = direct if item in stmt.writes else frozenset("IUDT")
+        if not isinstance(item, Function):
+            events = (direct if item in stmt.writes else frozenset("IUDT")) if written else frozenset("S")
             for key in _catalog_names(item, path, session.effects):
                 if ("e", key, events) in seen:
                     continue
                 seen.add(("e", key, events))
-                for what, on, body in session.effects[key]:
+                for what, on, body, sees_rows in session.effects[key]:
                     if not on & events:
                         continue
                     if body.error is not None:
@@ -194,7 +198,8 @@ def resolve_catalog(stmt: StatementAnalysis, session: SqlSessionState, path: fro
                     functions |= body.functions
                     sent |= set(body.sent)
                     properties |= body.properties & {"dynamic_sql"}
-                    bodies.append((what, _through_views(body.reads | body.writes | {Relation(*key)}, views, path)))
+                    rows = {Relation(*key)} if sees_rows else set()
+                    bodies.append((what, _through_views(body.reads | body.writes | rows, views, path)))
                     todo += [(r, r in body.writes) for r in body.reads | body.writes] + [(f, False) for f in body.functions]
         if isinstance(item, Function):
             for key in _catalog_names(item, path, session.functions):
@@ -783,23 +788,26 @@ class PolicyEngine:
                                  functions=merged.functions | d.functions, properties=merged.properties | d.properties,
                                  sent=tuple(sorted(set(merged.sent) | set(d.sent))))
             bodies[key] = merged
-        runs: dict[tuple[str, str], tuple[tuple[str, frozenset[str], StatementAnalysis], ...]] = {}
+        runs: dict[tuple[str, str], tuple[tuple[str, frozenset[str], StatementAnalysis, bool], ...]] = {}
         for (schema, name), entries in effects.items():
             found = []
             for entry in entries:
                 events = frozenset(entry[1])
-                if entry[0] == "trigger":  # a function in another language: not followed (docs/policy.md)
+                if entry[0] in ("trigger", "call"):  # a function in another language: not followed (docs/policy.md)
                     fkey = (entry[2], entry[3])
-                    found.append((f"trigger function {fkey[0]}.{fkey[1]}() of {schema}.{name}", events,
-                                  bodies.get(fkey, StatementAnalysis(kind="TRIGGER"))))
+                    what = (f"trigger function {fkey[0]}.{fkey[1]}() of {schema}.{name}" if entry[0] == "trigger" else
+                            f"function {fkey[0]}.{fkey[1]}(), which a default, constraint, index or row security "
+                            f"policy of {schema}.{name} calls")
+                    # A trigger's function sees the rows (NEW, OLD); a default's or policy's only its arguments.
+                    found.append((what, events, bodies.get(fkey, StatementAnalysis(kind="TRIGGER")), entry[0] == "trigger"))
                     continue
                 batch = self.analyze(entry[2]) if entry[2] else None
                 rule = batch.statements[0] if batch is not None and len(batch.statements) == 1 else None
                 what = f"a rule on {schema}.{name}"
                 if rule is None or rule.error is not None or "CREATE_RULE" not in rule.kinds:
-                    found.append((what, events, unparsed("botwarden could not read the rule")))
+                    found.append((what, events, unparsed("botwarden could not read the rule"), True))
                 else:
-                    found.append((what, events, replace(rule, writes=rule.writes - {Relation(schema, name)})))
+                    found.append((what, events, replace(rule, writes=rule.writes - {Relation(schema, name)}), True))
             runs[(schema, name)] = tuple(found)
         session.views, session.functions, session.effects = learned, bodies, runs
         session.catalog_key = catalog_key(views, functions, effects)
