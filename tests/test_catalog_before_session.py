@@ -32,6 +32,12 @@ name = "no-vault"
 action = "block"
 [rules.sql]
 reads = ["bwv_vault"]
+
+[[rules]]
+name = "no-hidden-pins"
+action = "block"
+[rules.sql]
+reads = ["bwv_hidden.pins"]
 """
 
 EMAIL = "dora@example.com"
@@ -106,6 +112,10 @@ TRIGGERS = [
     "CREATE FUNCTION bwv_note_code() RETURNS bool LANGUAGE plpgsql AS $$ BEGIN "
     "INSERT INTO bwv_trail SELECT code FROM bwv_vault; RETURN true; END $$",
     "CREATE TABLE bwv_checked (id int CHECK (bwv_note_code()))",
+    # A function with a search_path of its own: its body's bare names are looked up there.
+    "CREATE SCHEMA bwv_hidden",
+    f"CREATE TABLE bwv_hidden.pins (pin text); INSERT INTO bwv_hidden.pins VALUES ('{CODE}')",
+    "CREATE FUNCTION bwv_pins() RETURNS SETOF text LANGUAGE sql SET search_path = bwv_hidden AS 'SELECT pin FROM pins'",
 ]
 
 
@@ -126,7 +136,7 @@ def front(pg_server):
 
 
 def _drop(pg_server) -> None:
-    pg_server.psql("DROP SCHEMA IF EXISTS bwv_other CASCADE; "
+    pg_server.psql("DROP SCHEMA IF EXISTS bwv_other, bwv_hidden CASCADE; DROP FUNCTION IF EXISTS bwv_go_hidden(); "
                    "DROP TABLE IF EXISTS bwv_accounts, bwv_cities, bwv_vault, bwv_log, bwv_events, bwv_trail, "
                    "bwv_orders, bwv_shops, bwv_tickets, bwv_notes, bwv_checked CASCADE; "
                    "DROP FUNCTION IF EXISTS bwv_order_trail(), bwv_keep_old(), bwv_shop_stamp(), bwv_stamp(), "
@@ -351,6 +361,39 @@ def test_a_write_that_runs_a_trigger_or_rule_made_before_the_session_is_decided_
     pg_server.psql("DELETE FROM bwv_shops WHERE id = 2; TRUNCATE bwv_trail")  # (the rule copies on DELETE)
 
 
+def test_a_function_with_a_search_path_of_its_own_is_decided_by_it(front, pg_server):
+    with direct_connect(pg_server) as conn:
+        assert conn.execute("SELECT bwv_pins()").fetchone() == (CODE,)
+    with psycopg.connect(front.dsn(), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
+            conn.execute("SELECT bwv_pins()")
+        assert "no-hidden-pins" in str(e.value), str(e.value)
+
+
+def test_a_function_made_before_the_session_that_sets_search_path_leaves_the_path_unknown(front, pg_server):
+    """Calling it moves the session to another schema: a bare name read after it must be decided
+    as naming a relation of any schema (the rule names bwv_hidden.pins)."""
+    calls = ["SELECT bwv_go_hidden()", "SELECT pin FROM pins"]
+    pg_server.psql("CREATE FUNCTION bwv_go_hidden() RETURNS text LANGUAGE sql AS "
+                   "$$ SELECT set_config('search_path', 'bwv_hidden', false) $$")
+    try:
+        with direct_connect(pg_server) as conn:
+            assert [conn.execute(sql).fetchone() for sql in calls][1] == (CODE,)
+        deadline = time.monotonic() + 10  # (the catalog's counters reach the server within a second)
+        while True:
+            with psycopg.connect(front.dsn(), autocommit=True) as conn:
+                conn.execute(calls[0])
+                try:
+                    rows = conn.execute(calls[1]).fetchall()
+                except psycopg.errors.InsufficientPrivilege as e:
+                    assert "no-hidden-pins" in str(e), str(e)
+                    break
+            assert time.monotonic() < deadline, rows
+            time.sleep(0.2)
+    finally:
+        pg_server.psql("DROP FUNCTION IF EXISTS bwv_go_hidden()")
+
+
 # --- the pure parts ----------------------------------------------------------------------------
 
 
@@ -573,3 +616,19 @@ def test_a_write_runs_only_the_triggers_and_rules_of_its_own_events():
     # Another session that learned no trigger decides the same statement on its own (the cache key).
     assert engine.decide_sql("test-bot", (), "pg-test", "UPDATE shops SET id = 1",
                              session=SqlSessionState()).action != "block"
+
+
+def test_a_functions_own_search_path_qualifies_its_bodys_bare_names():
+    from appliance.policy.sql import analyze_sql
+    text = ("CREATE OR REPLACE FUNCTION public.f()\n RETURNS SETOF text\n LANGUAGE sql\n"
+            " SET search_path TO 'secret', '$user', 'Odd Name'\nAS $function$SELECT code FROM vault$function$")
+    st = analyze_sql(text).statements[0]
+    assert {str(r) for r in st.reads} == {"vault", "secret.vault", "Odd Name.vault", "pg_catalog.vault"}
+    assert "body_sets_search_path" not in st.properties  # (its SET clause restores the caller's)
+    empty = analyze_sql("CREATE FUNCTION h() RETURNS bigint LANGUAGE sql SET search_path = '' "
+                        "AS 'SELECT count(*) FROM pg_stats'").statements[0]
+    assert {str(r) for r in empty.reads} == {"pg_stats", "pg_catalog.pg_stats"}
+    for body in ("LANGUAGE plpgsql AS $$ BEGIN SET search_path = secret; END $$",
+                 "LANGUAGE sql AS $$ SELECT set_config('search_path', 'secret', false) $$"):
+        st = analyze_sql(f"CREATE FUNCTION k() RETURNS void {body}").statements[0]
+        assert "body_sets_search_path" in st.properties and st.search_path is None, body

@@ -742,7 +742,8 @@ class PolicyEngine:
             patterns += [_QualifiedPattern.parse(f"pg_catalog.{name}") for name in sorted(_STATISTICS)]
         if not (patterns or every):
             return None
-        mentions += [p.name_text for p in patterns]
+        # A function whose body sets search_path sets the caller's (learn_catalog): read those too.
+        mentions += [p.name_text for p in patterns] + ["search_path"]
         key = (identity, tuple(groups), target)
         if every:
             return CatalogLookup(None, mentions, self._catalog_cache, key)
@@ -761,6 +762,7 @@ class PolicyEngine:
         done = self._catalog_learned.get(id(views))
         if done is not None and done[0] is views and done[1] is functions and done[2] is effects:
             session.views, session.functions, session.effects, session.catalog_key = done[3:]
+            self._unknown_path(session)
             return
         learned: dict[tuple[str, str], StatementAnalysis] = {}
         for (schema, name), text in views.items():
@@ -811,9 +813,20 @@ class PolicyEngine:
             runs[(schema, name)] = tuple(found)
         session.views, session.functions, session.effects = learned, bodies, runs
         session.catalog_key = catalog_key(views, functions, effects)
+        self._unknown_path(session)
         if len(self._catalog_learned) >= 256:
             self._catalog_learned.clear()
         self._catalog_learned[id(views)] = (views, functions, effects, learned, bodies, runs, session.catalog_key)
+
+    @staticmethod
+    def _unknown_path(session: SqlSessionState) -> None:
+        """A function made before the session whose body sets search_path (``SET search_path``,
+        ``set_config``, with no SET clause of its own to restore it) sets the session's when the
+        bot calls it, wherever the call hides (a view, a default, another function), and a
+        verdict cached for another session applies no session effect: from login, the session's
+        path counts as unknown (a relation a rule names in any schema matches its bare name)."""
+        if any("body_sets_search_path" in body.properties for body in session.functions.values()):
+            session.search_path = session.search_path | {"*"}
 
     @staticmethod
     def shape_of(sql: str) -> str:

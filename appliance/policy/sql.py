@@ -427,6 +427,24 @@ def _running(stmt: StatementAnalysis, body: StatementAnalysis, **fields: Any) ->
                    sent=tuple(sorted(set(stmt.sent) | set(body.sent))), **fields)
 
 
+def _routine_search_path(body: Mapping[str, Any]) -> tuple[str, ...] | None:
+    """The schemas of a CREATE FUNCTION's ``SET search_path = ...`` clause (as
+    pg_get_functiondef prints it, or as written), () for one botwarden cannot read, None for none."""
+    for opt in body.get("options", []):
+        elem = opt.get("DefElem", {}) if isinstance(opt, dict) else {}
+        stmt = elem.get("arg", {}).get("VariableSetStmt") if elem.get("defname") == "set" and isinstance(
+            elem.get("arg"), dict) else None
+        if not stmt or str(stmt.get("name", "")).lower() != "search_path":
+            continue
+        if "VALUE" not in str(stmt.get("kind", "")):
+            return ()  # DEFAULT / FROM CURRENT as written: the value is not in the text
+        values = [v if (v := _const_string(a)) is not None else _sval(a) for a in stmt.get("args", [])]
+        if any(v is None for v in values):
+            return ()
+        return tuple(p.strip().strip('"') for v in values for p in v.split(","))  # type: ignore[union-attr]
+    return None
+
+
 def _joined_path(path: tuple[str, ...] | None, more: tuple[str, ...]) -> tuple[str, ...]:
     """Both search paths a statement may leave (kept in order, each schema once)."""
     return more if path is None else tuple(dict.fromkeys(path + more))
@@ -1705,12 +1723,29 @@ class _Walker:
 
     def _v_CreateFunctionStmt(self, body: Mapping[str, Any]) -> None:
         # The body does not run now, nor does a SET clause apply outside the function: neither
-        # sets the session's search_path.
-        path = self.search_path
+        # sets the session's search_path. A body that sets it sets it for the caller's session
+        # when it runs, unless the function's own SET clause restores it (property
+        # "body_sets_search_path": engine.resolve_catalog).
+        path, self.search_path = self.search_path, None
+        own = _routine_search_path(body)
+        before = (self.reads, self.writes, self.functions)
+        self.reads, self.writes, self.functions = set(), set(), set()
         try:
             self._create_function(body)
+            if self.search_path is not None and own is None:
+                self.properties.add("body_sets_search_path")
+            if own:
+                # SET search_path = ... on the function: the body's unqualified names are looked up
+                # there (and in pg_catalog), whatever the caller's path; kept unqualified too.
+                schemas = [s for s in own if s not in ("$user", "")] + ["pg_catalog"]
+                self.reads |= {Relation(s, r.name) for r in self.reads if r.schema is None for s in schemas}
+                self.writes |= {Relation(s, r.name) for r in self.writes if r.schema is None for s in schemas}
+                self.functions |= {Function(s, f.name) for f in self.functions if f.schema is None for s in schemas}
         finally:
             self.search_path = path
+            self.reads |= before[0]
+            self.writes |= before[1]
+            self.functions |= before[2]
 
     def _create_function(self, body: Mapping[str, Any]) -> None:
         self.properties.add("function_body")
