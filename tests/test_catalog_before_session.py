@@ -632,3 +632,22 @@ def test_a_functions_own_search_path_qualifies_its_bodys_bare_names():
                  "LANGUAGE sql AS $$ SELECT set_config('search_path', 'secret', false) $$"):
         st = analyze_sql(f"CREATE FUNCTION k() RETURNS void {body}").statements[0]
         assert "body_sets_search_path" in st.properties and st.search_path is None, body
+
+
+def test_view_definitions_known_before_a_round_are_asked_with_it():
+    lookup = CatalogLookup(lambda schema, name: name == "accounts", ["accounts"])
+    lookup.functions([("500", "public", "emails", "CREATE FUNCTION public.emails() ... accounts ...")])
+    lookup.dependencies([("10", "public.contacts", "1", "public.accounts", "v", ""),
+                         ("11", "public.api_v", "f600", "", "v", "")])  # calls a function not read yet
+    assert lookup.next_functions_query() is not None
+    early = lookup.definitions_query()  # sent with the round: the view known to reach accounts
+    assert early is not None and "IN (10)" in early, early
+    lookup.add_definitions([("10", "SELECT email AS contact FROM public.accounts")])
+    # The round finds the function the other view calls: only that view is asked for after it.
+    lookup.functions([("600", "public", "api", "CREATE FUNCTION public.api() ... emails() ...")])
+    assert lookup.next_functions_query() is not None  # (those naming api: none)
+    assert "IN (11)" in (lookup.definitions_query() or "")
+    lookup.functions([])
+    assert lookup.next_functions_query() is None and lookup.definitions_query() is None
+    assert lookup.definitions([]) == {("public", "contacts"): "SELECT email AS contact FROM public.accounts",
+                                      ("public", "api_v"): None}  # asked, not answered: unreadable

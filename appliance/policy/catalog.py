@@ -22,7 +22,8 @@ Otherwise it asks, on the bot's own session before its first statement:
    (or a column) a rule of the session's scope names, with their definitions
    (``pg_get_functiondef``); then, a round trip each, those whose bodies name a view or
    function found so far (:data:`ROUNDS`);
-3. one more round trip only when there are such views, :meth:`CatalogLookup.definitions_query`:
+3. with each round of step 2 for those known by then, and in one more round trip for those
+   the last round made relevant (only when there are such), :meth:`CatalogLookup.definitions_query`:
    the queries (``pg_get_viewdef``, every relation named with its schema) of the views that
    reach, directly or through other views, a relation a rule of the session's scope names or a
    function read, and the definitions (``pg_get_ruledef``) of such rules. The functions of
@@ -229,6 +230,8 @@ class CatalogLookup:
         self._effects_on: dict[str, str] = {}
         self._trigger_functions: dict[str, tuple[str, str]] = {}  # 'f' || oid -> (schema, name), of t and c rows
         self._named: set[str] = set()  # names later rounds already asked for
+        self._asked: set[str] = set()  # views' and rules' oids whose definitions were asked for
+        self._answers: dict[str, str | None] = {}  # their definitions
         self._rounds = 0
         self._words: re.Pattern[str] | None = None  # this round's names, as words (functions())
 
@@ -368,7 +371,9 @@ class CatalogLookup:
 
     def definitions_query(self) -> str | None:
         """The query for the definitions of the views and rules that reach a guarded relation or
-        call a function read, or None: none does (children and triggers need none)."""
+        call a function read and were not asked for yet, or None: none (children and triggers
+        need none). Asked with each later round for those known so far (saving a round trip when
+        the round finds nothing new), and once more after the last round."""
         relevant = self._relevant()
         names = self._oid_names
         # A child reads as its parents (the same column names): no definition to ask for.
@@ -387,33 +392,37 @@ class CatalogLookup:
                 entry = ("trigger" if oid.startswith("t") else "call", self._effects_on[oid], *self._trigger_functions[ref])
                 if entry not in self.effects.get(table, ()):  # type: ignore[arg-type]
                     self.effects.setdefault(table, []).append(entry)  # type: ignore[index]
+        views = sorted((oid for oid in self.names if oid not in self._asked), key=int)
+        rules = sorted(oid for oid in self._rules if oid not in self._asked)
+        self._asked.update(views, rules)
         selects = []
-        if self.names:
-            oids = ", ".join(str(int(oid)) for oid in sorted(self.names, key=int))
-            selects.append(f"SELECT c.oid::text, pg_catalog.pg_get_viewdef(c.oid) FROM pg_catalog.pg_class c "
-                           f"WHERE c.oid IN ({oids})")
-        if self._rules:
-            oids = ", ".join(str(int(oid[1:])) for oid in sorted(self._rules))
-            selects.append(f"SELECT 'r' || r.oid::text, pg_catalog.pg_get_ruledef(r.oid) FROM pg_catalog.pg_rewrite r "
-                           f"WHERE r.oid IN ({oids})")
+        if views:
+            selects.append("SELECT c.oid::text, pg_catalog.pg_get_viewdef(c.oid) FROM pg_catalog.pg_class c "
+                           f"WHERE c.oid IN ({', '.join(str(int(oid)) for oid in views)})")
+        if rules:
+            selects.append("SELECT 'r' || r.oid::text, pg_catalog.pg_get_ruledef(r.oid) FROM pg_catalog.pg_rewrite r "
+                           f"WHERE r.oid IN ({', '.join(str(int(oid[1:])) for oid in rules)})")
         return _QUALIFIED.format(" UNION ALL ".join(selects)) if selects else None
 
+    def add_definitions(self, rows: Iterable[Row]) -> None:
+        """Read the rows of a :meth:`definitions_query` asked with a round."""
+        for row in rows:
+            if len(row) != 2 or row[0] not in self._asked:
+                raise ValueError("unexpected row from the catalog's view definitions")
+            self._answers[row[0]] = row[1]  # type: ignore[index]
+
     def definitions(self, rows: Iterable[Row]) -> dict[tuple[str | None, str], str | None]:
-        """(schema, name) -> the view's query, from :meth:`definitions_query`'s rows (none when it
-        asked nothing), and a partition's or inheritance child's ``SELECT * FROM <its parents>``.
-        A view asked for and not answered (dropped in between) maps to None: decided as unreadable."""
-        found: dict[tuple[str | None, str], str | None] = {name: None for name in self.names.values()}
+        """(schema, name) -> the view's query, from the rows of the last :meth:`definitions_query`
+        (none when it asked nothing) and those :meth:`add_definitions` read, and a partition's or
+        inheritance child's ``SELECT * FROM <its parents>``. A view asked for and not answered
+        (dropped in between) maps to None: decided as unreadable."""
+        self.add_definitions(rows)
+        found: dict[tuple[str | None, str], str | None] = {
+            name: self._answers.get(oid) for oid, name in self.names.items()}
         for child, parents in self.inherited.items():
             found[child] = "SELECT * FROM " + ", ".join(".".join(_quoted(p) for p in parent if p is not None)
                                                         for parent in parents)
-        rules: dict[str, str | None] = dict.fromkeys(self._rules)
-        for row in rows:
-            if len(row) == 2 and row[0] in self.names:
-                found[self.names[row[0]]] = row[1]  # type: ignore[index]
-            elif len(row) == 2 and row[0] in rules:
-                rules[row[0]] = row[1]  # type: ignore[index]
-            else:
-                raise ValueError("unexpected row from the catalog's view definitions")
+        rules = {oid: self._answers.get(oid) for oid in self._rules}
         for oid, text in sorted(rules.items()):
             table = self._rules[oid]
             if table[0] is not None:  # (a rule on another session's temporary table: never written here)

@@ -169,7 +169,11 @@ class StartupMixin:
                 lookup.dependencies(found[0])
                 lookup.functions(found[1])
                 while (more := lookup.next_functions_query()) is not None:
-                    lookup.functions((await self._ask_server([more], "the functions"))[0])
+                    early = lookup.definitions_query()  # the views known so far, in the same round trip
+                    answered = await self._ask_server([more] + ([early] if early else []), "the functions")
+                    lookup.functions(answered[0])
+                    if early:
+                        lookup.add_definitions(answered[1])
                 query = lookup.definitions_query()
                 answered = (await self._ask_server([query], "the definitions of views"))[0] if query else []
                 learned = (lookup.definitions(answered), lookup.learned_functions, lookup.effects)
