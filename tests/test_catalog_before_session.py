@@ -112,6 +112,10 @@ TRIGGERS = [
     "CREATE FUNCTION bwv_note_code() RETURNS bool LANGUAGE plpgsql AS $$ BEGIN "
     "INSERT INTO bwv_trail SELECT code FROM bwv_vault; RETURN true; END $$",
     "CREATE TABLE bwv_checked (id int CHECK (bwv_note_code()))",
+    # A notification of every changed row (row_to_json), on a masked table.
+    "CREATE FUNCTION bwv_announce() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+    "PERFORM pg_notify('bwv_changes', row_to_json(NEW)::text); RETURN NEW; END $$",
+    "CREATE TRIGGER bwv_announce AFTER UPDATE ON bwv_events FOR EACH ROW EXECUTE FUNCTION bwv_announce()",
     # A function with a search_path of its own: its body's bare names are looked up there.
     "CREATE SCHEMA bwv_hidden",
     f"CREATE TABLE bwv_hidden.pins (pin text); INSERT INTO bwv_hidden.pins VALUES ('{CODE}')",
@@ -140,7 +144,7 @@ def _drop(pg_server) -> None:
                    "DROP TABLE IF EXISTS bwv_accounts, bwv_cities, bwv_vault, bwv_log, bwv_events, bwv_trail, "
                    "bwv_orders, bwv_shops, bwv_tickets, bwv_notes, bwv_checked CASCADE; "
                    "DROP FUNCTION IF EXISTS bwv_order_trail(), bwv_keep_old(), bwv_shop_stamp(), bwv_stamp(), "
-                   "bwv_note_code(); "
+                   "bwv_note_code(), bwv_announce(); "
                    "DROP FUNCTION IF EXISTS bwv_api2(), bwv_api(), bwv_view_api(), bwv_common(text), bwv_emails(), "
                    "bwv_email_of(int), "
                    "bwv_atomic(), bwv_code(), bwv_city(int); "
@@ -359,6 +363,20 @@ def test_a_write_that_runs_a_trigger_or_rule_made_before_the_session_is_decided_
         conn.execute("INSERT INTO bwv_shops (id, note) VALUES (2, 'fine')")
         assert conn.execute("SELECT stamp IS NOT NULL FROM bwv_shops WHERE id = 2").fetchone() == (True,)
     pg_server.psql("DELETE FROM bwv_shops WHERE id = 2; TRUNCATE bwv_trail")  # (the rule copies on DELETE)
+
+
+def test_listening_to_a_trigger_made_before_the_session_that_notifies_masked_rows_is_refused(front, pg_server):
+    """Another session's write runs the trigger; its notification would reach the bot unmasked."""
+    with direct_connect(pg_server) as listener, direct_connect(pg_server) as writer:
+        listener.execute("LISTEN bwv_changes")
+        writer.execute("UPDATE bwv_events SET id = id")
+        payloads = [n.payload for n in listener.notifies(timeout=5, stop_after=1)]
+        assert EMAIL in str(payloads), payloads
+    with psycopg.connect(front.dsn(), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
+            conn.execute("LISTEN bwv_changes")
+        assert "mask-account-emails" in str(e.value) and "trigger function public.bwv_announce()" in str(e.value)
+        conn.execute("NOTIFY bwv_other_channel")  # (notifying is not refused)
 
 
 def test_a_function_with_a_search_path_of_its_own_is_decided_by_it(front, pg_server):

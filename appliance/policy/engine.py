@@ -76,10 +76,13 @@ class SqlSessionState:
     # body, whether it sees the relation's rows).
     effects: dict[tuple[str, str], tuple[tuple[str, frozenset[str], StatementAnalysis, bool], ...]] = field(
         default_factory=dict)
+    # Triggers made before the session that call pg_notify, and the relations whose rows they
+    # see: what a LISTEN receives when another session writes there.
+    notifying: tuple[tuple[str, frozenset[Relation]], ...] = ()
 
     def copy(self) -> "SqlSessionState":
         return SqlSessionState(dict(self.prepared), self.search_path, dict(self.cursors), self.views,
-                               self.functions, self.catalog_key, self.effects)
+                               self.functions, self.catalog_key, self.effects, self.notifying)
 
     def name_statement(self, name: str, statements: Sequence[StatementAnalysis] | None) -> None:
         """A protocol-level prepared statement (Parse ``name``): SQL ``EXECUTE name`` runs it too.
@@ -235,11 +238,34 @@ def resolve_catalog(stmt: StatementAnalysis, session: SqlSessionState, path: fro
             if written:
                 writes |= body.reads
             todo += [(r, written) for r in body.reads] + [(f, False) for f in body.functions]
+    if "LISTEN" in stmt.kinds and session.notifying:
+        # Another session's write runs the trigger: its notification reaches this one unmasked.
+        # LISTEN reads what those triggers see (a block rule on such a relation refuses it too).
+        bodies += [(f"LISTEN, which receives what {what} sends with pg_notify", rels)
+                   for what, rels in session.notifying]
+        reads |= {r for _, rels in session.notifying for r in rels}
+        seen.add(("l", ("", ""), None))
     if not seen:
         return stmt
     return replace(stmt, reads=frozenset(reads), writes=frozenset(writes), functions=frozenset(functions),
                    outputs=tuple(outputs), sent=tuple(sorted(sent)), properties=frozenset(properties),
                    bodies=tuple(bodies), error=error)
+
+
+def _calls_notify(body: StatementAnalysis, learned: Mapping[tuple[str, str], StatementAnalysis]) -> bool:
+    """Whether ``body`` calls pg_notify, itself or through the functions learned at login it calls."""
+    seen: set[tuple[str, str]] = set()
+    todo = [body]
+    while todo:
+        current = todo.pop()
+        for f in current.functions:
+            if f.name == "pg_notify" and f.schema in (None, "pg_catalog"):
+                return True
+            for key in [k for k in learned if k[1] == f.name and f.schema in (None, k[0])]:
+                if key not in seen:
+                    seen.add(key)
+                    todo.append(learned[key])
+    return False
 
 
 _EVENTS = {"INSERT": "I", "COPY": "I", "UPDATE": "U", "DELETE": "D", "MERGE": "IUD", "TRUNCATE": "T"}
@@ -761,7 +787,7 @@ class PolicyEngine:
         effects = effects or {}
         done = self._catalog_learned.get(id(views))
         if done is not None and done[0] is views and done[1] is functions and done[2] is effects:
-            session.views, session.functions, session.effects, session.catalog_key = done[3:]
+            session.views, session.functions, session.effects, session.notifying, session.catalog_key = done[3:]
             self._unknown_path(session)
             return
         learned: dict[tuple[str, str], StatementAnalysis] = {}
@@ -812,11 +838,16 @@ class PolicyEngine:
                     found.append((what, events, replace(rule, writes=rule.writes - {Relation(schema, name)}), True))
             runs[(schema, name)] = tuple(found)
         session.views, session.functions, session.effects = learned, bodies, runs
+        session.notifying = tuple(
+            (what, body.reads | {Relation(*key)}) for key, entries in sorted(runs.items())
+            for what, _, body, sees_rows in entries
+            if sees_rows and body.error is None and _calls_notify(body, bodies))
         session.catalog_key = catalog_key(views, functions, effects)
         self._unknown_path(session)
         if len(self._catalog_learned) >= 256:
             self._catalog_learned.clear()
-        self._catalog_learned[id(views)] = (views, functions, effects, learned, bodies, runs, session.catalog_key)
+        self._catalog_learned[id(views)] = (views, functions, effects, learned, bodies, runs, session.notifying,
+                                            session.catalog_key)
 
     @staticmethod
     def _unknown_path(session: SqlSessionState) -> None:
