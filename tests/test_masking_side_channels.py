@@ -107,6 +107,37 @@ def test_a_masked_statements_error_does_not_say_the_value(front, pg_server, sql,
     assert records and all(EMAIL not in (r.get("error") or "") for r in records), records
 
 
+def test_an_integrity_violation_of_a_masked_write_says_which_constraint_not_which_value(front, pg_server):
+    """A bot writing into a masked table learns why its write failed (as directly); the detail,
+    which quotes the key or the row, goes. A RAISE made to look like one is still withheld."""
+    sql = f"INSERT INTO bw_contacts (id, email) VALUES (1, '{EMAIL}')"
+    with direct_connect(pg_server) as conn, pytest.raises(psycopg.errors.UniqueViolation) as direct:
+        conn.execute(sql)
+    assert "Key (id)=(1)" in direct.value.diag.message_detail
+    with psycopg.connect(front.dsn(), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.UniqueViolation) as got:
+            conn.execute(sql)
+        d = got.value.diag
+        assert d.message_primary == direct.value.diag.message_primary == \
+            'duplicate key value violates unique constraint "bw_contacts_pkey"'
+        assert d.constraint_name == "bw_contacts_pkey" and d.table_name == "bw_contacts"
+        assert d.message_detail is None and EMAIL not in _error_texts(got.value)
+    pg_server.psql("CREATE OR REPLACE FUNCTION bw_fake_dup(v text) RETURNS text LANGUAGE plpgsql AS $$ BEGIN "
+                   "RAISE EXCEPTION USING ERRCODE = '23505', CONSTRAINT = v, "
+                   "MESSAGE = format('duplicate key value violates unique constraint \"%s\"', v); END $$")
+    try:
+        fake = "SELECT bw_fake_dup(email) FROM bw_contacts"
+        with direct_connect(pg_server) as conn, pytest.raises(psycopg.errors.UniqueViolation) as direct:
+            conn.execute(fake)
+        assert EMAIL in direct.value.diag.message_primary
+        with psycopg.connect(front.dsn(), autocommit=True) as conn:
+            with pytest.raises(psycopg.errors.UniqueViolation) as got:
+                conn.execute(fake)
+            assert EMAIL not in _error_texts(got.value) and "withheld" in got.value.diag.message_primary
+    finally:
+        pg_server.psql("DROP FUNCTION IF EXISTS bw_fake_dup(text)")
+
+
 def test_a_masked_statements_notices_do_not_say_the_value(front, pg_server):
     sql = "SELECT bw_shout(email) AS shouted FROM bw_contacts"
     with direct_connect(pg_server) as conn:

@@ -507,3 +507,17 @@ def test_execute_is_decided_with_its_bodys_effects(engine: PolicyEngine, prepare
     engine.decide_sql("bot", (), "db", prepare, session=session)
     v = engine.decide_sql("bot", (), "db", execute, session=session)
     assert v.action == action, v
+
+
+def test_only_the_servers_own_integrity_violations_keep_their_message():
+    from appliance.policy.masking import MessageMasker
+    masker = MessageMasker(withhold="withheld")
+    native = (("S", "ERROR"), ("C", "23505"), ("M", 'duplicate key value violates unique constraint "c_pkey"'),
+              ("D", "Key (email)=(dora@example.com) already exists."), ("s", "public"), ("t", "c"), ("n", "c_pkey"),
+              ("F", "nbtinsert.c"), ("L", "666"), ("R", "_bt_check_unique"))
+    assert masker.fields(native) == tuple(f for f in native if f[0] != "D")
+    raised = tuple(("R", "exec_stmt_raise") if f[0] == "R" else f for f in native)  # a RAISE shaped like one
+    other_text = tuple(("M", "doppelter Schlüsselwert verletzt Unique-Constraint") if f[0] == "M" else f for f in native)
+    for fields in (raised, other_text):
+        out = dict(masker.fields(fields))
+        assert out["M"] == "withheld" and "D" not in out and "n" not in out, out

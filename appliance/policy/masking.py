@@ -435,6 +435,31 @@ class TextMasker:
 # context, and the schema/table/column/type/constraint names a RAISE ... USING may set to any text.
 _SERVER_FIELDS = frozenset("SVCPFLR")
 
+# Integrity violations the server's executor raises itself (R: the C routine; a RAISE in PL/pgSQL
+# is exec_stmt_raise, and a RAISE cannot set R), whose message is one of these English templates
+# over catalog names only: a bot writing into a masked table sees why its write failed. Their
+# DETAIL ("Key (email)=(...) already exists", "Failing row contains (...)") quotes values and
+# goes; a server whose lc_messages translates them gets the withheld text.
+_INTEGRITY = {
+    "23505": ({"_bt_check_unique", "check_exclusion_or_unique_constraint"},
+              (r'duplicate key value violates unique constraint ".*"',)),
+    "23502": ({"ExecConstraints"}, (r'null value in column ".*" of relation ".*" violates not-null constraint',)),
+    "23514": ({"ExecConstraints", "ExecPartitionCheckEmitError", "ExecFindPartition"},
+              (r'new row for relation ".*" violates check constraint ".*"',
+               r'new row for relation ".*" violates partition constraint', r'no partition of relation ".*" found for row')),
+    "23503": ({"ri_ReportViolation"}, (r'insert or update on table ".*" violates foreign key constraint ".*"',
+                                       r'update or delete on table ".*" violates foreign key constraint ".*" on table ".*"')),
+    "23P01": ({"check_exclusion_or_unique_constraint"}, (r'conflicting key value violates exclusion constraint ".*"',)),
+}
+_INTEGRITY_FIELDS = _SERVER_FIELDS | frozenset("Mnstc")  # the message, and the constraint/schema/table/column names
+
+
+def _native_integrity_violation(fields: tuple[tuple[str, str], ...]) -> bool:
+    found = dict(fields)
+    known = _INTEGRITY.get(found.get("C", ""))
+    return (known is not None and found.get("R") in known[0]
+            and any(re.fullmatch(t, found.get("M", ""), re.DOTALL) for t in known[1]))
+
 
 class MessageMasker:
     """What a server's error or notice may say while a masked statement runs.
@@ -442,7 +467,9 @@ class MessageMasker:
     ``withhold`` (a rule masks columns of the statement's relations): any text field may quote
     one of their values (``email::int`` fails with the value in its message, a function may RAISE
     it) and no detector can tell which part is one, so the message becomes ``withhold`` and the
-    other text fields go. An error the server raised while analysing the statement (it has a
+    other text fields go; an integrity violation the server's executor raised (a unique key, a
+    not-null, check or foreign key constraint: :data:`_INTEGRITY`) keeps its message and names and
+    loses its detail. An error the server raised while analysing the statement (it has a
     position in the statement's text: an unknown column, a syntax error) read no row and is
     passed on as it is. Otherwise (detector rules only) the rules' detectors run over every text
     field, as over the result's values."""
@@ -456,6 +483,8 @@ class MessageMasker:
         if self.withhold is not None:
             if any(code == "P" for code, _ in fields):
                 return None
+            if _native_integrity_violation(fields):
+                return tuple((code, value) for code, value in fields if code in _INTEGRITY_FIELDS)
             out = [(code, value) for code, value in fields if code in _SERVER_FIELDS]
             out.insert(next((i + 1 for i, (code, _) in enumerate(out) if code == "C"), len(out)),
                        ("M", self.withhold))
