@@ -453,3 +453,25 @@ def test_a_function_made_before_the_session_is_decided_as_what_its_body_does(wor
         assert rows[-1]["decision"] == "block" and "bw_first_email" in rows[-1]["reason"], rows
     finally:
         world["pg"].psql("DROP FUNCTION IF EXISTS bw_prepare_s7(), bw_first_email()")
+
+
+def test_a_trigger_made_before_the_session_is_decided_with_the_write_that_runs_it(world, accounts):  # noqa: F811
+    # An administrator's audit trigger copies the customer's email into a trail table on every
+    # order; the bot reads the trail, which no rule names.
+    world["pg"].psql("CREATE TABLE IF NOT EXISTS bw_orders (account int); CREATE TABLE IF NOT EXISTS bw_trail (v text); "
+                     "CREATE OR REPLACE FUNCTION bw_order_trail() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                     "INSERT INTO bw_trail SELECT email FROM accounts LIMIT 1; RETURN NEW; END $$; "
+                     "CREATE TRIGGER bw_order_trail AFTER INSERT ON bw_orders FOR EACH ROW "
+                     "EXECUTE FUNCTION bw_order_trail(); GRANT ALL ON bw_orders, bw_trail TO PUBLIC")
+    try:
+        direct = run_direct(world, _steps("INSERT INTO bw_orders VALUES (1)", "SELECT v FROM bw_trail"))
+        assert direct[1]["rows"] == [[b"a@example.com".hex()]], direct
+        world["pg"].psql("TRUNCATE bw_trail")
+        out = run_bot(world, _steps("INSERT INTO bw_orders VALUES (1)", "SELECT count(*) FROM bw_trail"))
+        assert not out[0]["ok"] and out[0]["sqlstate"] == "42501" and "mask-emails" in out[0]["message"], out
+        assert "trigger function public.bw_order_trail()" in out[0]["message"], out
+        assert out[1]["rows"] == [[b"0".hex()]], out  # nothing copied
+        rows = requests_of(world, "INSERT INTO bw_orders VALUES (1)")
+        assert rows[-1]["decision"] == "block" and "bw_order_trail" in rows[-1]["reason"], rows
+    finally:
+        world["pg"].psql("DROP TABLE IF EXISTS bw_orders, bw_trail; DROP FUNCTION IF EXISTS bw_order_trail()")
