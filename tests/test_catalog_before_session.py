@@ -112,6 +112,10 @@ TRIGGERS = [
     "CREATE FUNCTION bwv_note_code() RETURNS bool LANGUAGE plpgsql AS $$ BEGIN "
     "INSERT INTO bwv_trail SELECT code FROM bwv_vault; RETURN true; END $$",
     "CREATE TABLE bwv_checked (id int CHECK (bwv_note_code()))",
+    # A stamp on the masked table itself: it does nothing with the row's values.
+    "ALTER TABLE bwv_accounts ADD COLUMN touched timestamptz",
+    "CREATE FUNCTION bwv_touch() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN NEW.touched := now(); RETURN NEW; END $$",
+    "CREATE TRIGGER bwv_touch BEFORE INSERT ON bwv_accounts FOR EACH ROW EXECUTE FUNCTION bwv_touch()",
     # A notification of every changed row (row_to_json), on a masked table.
     "CREATE FUNCTION bwv_announce() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
     "PERFORM pg_notify('bwv_changes', row_to_json(NEW)::text); RETURN NEW; END $$",
@@ -144,7 +148,7 @@ def _drop(pg_server) -> None:
                    "DROP TABLE IF EXISTS bwv_accounts, bwv_cities, bwv_vault, bwv_log, bwv_events, bwv_trail, "
                    "bwv_orders, bwv_shops, bwv_tickets, bwv_notes, bwv_checked CASCADE; "
                    "DROP FUNCTION IF EXISTS bwv_order_trail(), bwv_keep_old(), bwv_shop_stamp(), bwv_stamp(), "
-                   "bwv_note_code(), bwv_announce(); "
+                   "bwv_note_code(), bwv_announce(), bwv_touch(); "
                    "DROP FUNCTION IF EXISTS bwv_api2(), bwv_api(), bwv_view_api(), bwv_common(text), bwv_emails(), "
                    "bwv_email_of(int), "
                    "bwv_atomic(), bwv_code(), bwv_city(int); "
@@ -359,10 +363,13 @@ def test_a_write_that_runs_a_trigger_or_rule_made_before_the_session_is_decided_
         if runs:
             assert runs in str(e.value) and "masking cannot follow" in str(e.value), str(e.value)
         assert conn.execute("SELECT count(*) FROM bwv_trail").fetchone() == (0,)
-        # A trigger that only stamps the row runs; reading the masked table stays masked.
+        # A trigger that only stamps the row runs, on a masked table too; reading it stays masked.
         conn.execute("INSERT INTO bwv_shops (id, note) VALUES (2, 'fine')")
         assert conn.execute("SELECT stamp IS NOT NULL FROM bwv_shops WHERE id = 2").fetchone() == (True,)
-    pg_server.psql("DELETE FROM bwv_shops WHERE id = 2; TRUNCATE bwv_trail")  # (the rule copies on DELETE)
+        conn.execute("INSERT INTO bwv_accounts (id, email) VALUES (60, 'new@example.org')")
+        assert conn.execute("SELECT touched IS NOT NULL, email FROM bwv_accounts WHERE id = 60").fetchone() == \
+            (True, "********"), "the stamp ran and the email stays masked"
+    pg_server.psql("DELETE FROM bwv_shops WHERE id = 2; TRUNCATE bwv_trail; DELETE FROM bwv_accounts WHERE id = 60")
 
 
 def test_listening_to_a_trigger_made_before_the_session_that_notifies_masked_rows_is_refused(front, pg_server):
@@ -669,3 +676,25 @@ def test_view_definitions_known_before_a_round_are_asked_with_it():
     assert lookup.next_functions_query() is None and lookup.definitions_query() is None
     assert lookup.definitions([]) == {("public", "contacts"): "SELECT email AS contact FROM public.accounts",
                                       ("public", "api_v"): None}  # asked, not answered: unreadable
+
+
+@pytest.mark.parametrize("body, stamps", [
+    ("NEW.updated_at := now(); RETURN NEW;", True),
+    ("NEW.version = NEW.version + 1; NEW.t := current_timestamp; RETURN NEW;", True),
+    ("NEW.n := upper(NEW.n); RETURN NEW;", True),
+    ("RETURN NULL;", True),
+    ("NEW.city := NEW.email; RETURN NEW;", False),             # the value moves to another column
+    ("NEW.n := upper(OLD.email); RETURN NEW;", False),
+    ("NEW.n := row_to_json(NEW)::text; RETURN NEW;", False),
+    ("NEW := OLD; RETURN NEW;", False),
+    ("NEW.x := (SELECT email FROM accounts LIMIT 1); RETURN NEW;", False),
+    ("INSERT INTO log VALUES (OLD.email); RETURN NEW;", False),
+    ("RAISE NOTICE '%', NEW.email; RETURN NEW;", False),       # a notice the bot reads
+    ("PERFORM pg_notify('c', NEW.email); RETURN NEW;", False),
+    ("IF TG_OP = 'UPDATE' THEN NEW.t := now(); END IF; RETURN NEW;", False),  # (not a shape this reads)
+])
+def test_a_trigger_that_only_stamps_its_row_is_told_apart(body, stamps):
+    from appliance.policy.sql import only_stamps_its_row
+    text = f"CREATE OR REPLACE FUNCTION public.s() RETURNS trigger LANGUAGE plpgsql AS $function$ BEGIN {body} END $function$"
+    assert only_stamps_its_row(text) is stamps
+    assert not only_stamps_its_row("CREATE FUNCTION public.s() RETURNS int LANGUAGE sql AS 'SELECT 1'")

@@ -35,7 +35,7 @@ from appliance.protocols.kubernetes import MaskPath, parse_mask_path
 from appliance.policy.masking import (ColumnAction, DetectorSettings, MessageMasker, RowMasker, Strategy, TextMasker,
                                       column_is_maskable)
 from appliance.policy.sql import (ANY_OUTPUT, BatchAnalysis, Function, Relation, StatementAnalysis, analyze_sql, kind_matches,
-                                  resolve_execute, resolve_fetch, unparsed)
+                                  only_stamps_its_row, resolve_execute, resolve_fetch, unparsed)
 from appliance.policy.ssh import UNKNOWN_PROGRAM, SshAnalysis, SshRequest, analyze_ssh
 from appliance.policy.types import ACTION_STRENGTH, ColumnDesc, MaskPlan, PolicyError, RowGuard, Verdict
 from appliance.policy.catalog import CatalogLookup, catalog_key
@@ -826,8 +826,11 @@ class PolicyEngine:
                     what = (f"trigger function {fkey[0]}.{fkey[1]}() of {schema}.{name}" if entry[0] == "trigger" else
                             f"function {fkey[0]}.{fkey[1]}(), which a default, constraint, index or row security "
                             f"policy of {schema}.{name} calls")
-                    # A trigger's function sees the rows (NEW, OLD); a default's or policy's only its arguments.
-                    found.append((what, events, bodies.get(fkey, StatementAnalysis(kind="TRIGGER")), entry[0] == "trigger"))
+                    # A trigger's function sees the rows (NEW, OLD), unless all it does is stamp them
+                    # (NEW.updated_at := now()); a default's or policy's only its arguments.
+                    texts = functions.get(fkey, ())
+                    sees_rows = entry[0] == "trigger" and not (len(texts) == 1 and only_stamps_its_row(texts[0]))
+                    found.append((what, events, bodies.get(fkey, StatementAnalysis(kind="TRIGGER")), sees_rows))
                     continue
                 batch = self.analyze(entry[2]) if entry[2] else None
                 rule = batch.statements[0] if batch is not None and len(batch.statements) == 1 else None

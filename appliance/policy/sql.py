@@ -427,6 +427,62 @@ def _running(stmt: StatementAnalysis, body: StatementAnalysis, **fields: Any) ->
                    sent=tuple(sorted(set(stmt.sent) | set(body.sent))), **fields)
 
 
+def only_stamps_its_row(definition: str) -> bool:
+    """Whether a PL/pgSQL trigger function (``CREATE FUNCTION`` text, as pg_get_functiondef prints
+    it) does nothing with the row it is given but set fields of NEW from expressions that read no
+    other field (``NEW.updated_at := now()``, ``NEW.version := NEW.version + 1``) and return NEW,
+    OLD or NULL: then the row's values go nowhere (engine.learn_catalog). Anything else, or text
+    this cannot read: False."""
+    try:
+        tree = pglast.parse_plpgsql(definition)
+        function = tree[0]["PLpgSQL_function"]
+        datums = function["datums"]
+        block = function["action"]["PLpgSQL_stmt_block"]
+    except Exception:  # noqa: BLE001 (not PL/pgSQL, or not a shape this reads: not a stamp)
+        return False
+    if block.get("exceptions"):
+        return False
+    try:
+        for stmt in block.get("body", []):
+            (kind, value), = stmt.items()
+            if kind == "PLpgSQL_stmt_return":
+                expr = value.get("expr")
+                query = expr["PLpgSQL_expr"]["query"].strip().lower() if expr else None
+                if (query is not None and query != "null") or value.get("retvarno", 0) not in (0, 1):
+                    return False
+                continue
+            if kind != "PLpgSQL_stmt_assign":
+                return False
+            target = datums[value["varno"]].get("PLpgSQL_recfield")
+            if target is None or datums[target.get("recparentno", 0)]["PLpgSQL_rec"].get("refname") != "new":
+                return False
+            query = value["expr"]["PLpgSQL_expr"]["query"]
+            rhs = query.split(":=", 1)[1] if ":=" in query else query.split("=", 1)[1]
+            field = target["fieldname"].lower()
+            refs = _column_refs(json.loads(parse_sql_json("SELECT " + rhs)))
+            if any(ref != ["new", field] for ref in refs):
+                return False
+    except (KeyError, IndexError, ValueError, TypeError, ParseError):
+        return False
+    return True
+
+
+def _column_refs(node: Any) -> list[list[str]]:
+    """Every ColumnRef's names (lower-cased; '*' for a star) in a parse tree."""
+    found: list[list[str]] = []
+    todo = [node]
+    while todo:
+        current = todo.pop()
+        if isinstance(current, dict):
+            ref = current.get("ColumnRef")
+            if isinstance(ref, dict):
+                found.append([n.lower() for n in _names(ref.get("fields", ()))] or ["*"])
+            todo.extend(current.values())
+        elif isinstance(current, list):
+            todo.extend(current)
+    return found
+
+
 def _routine_search_path(body: Mapping[str, Any]) -> tuple[str, ...] | None:
     """The schemas of a CREATE FUNCTION's ``SET search_path = ...`` clause (as
     pg_get_functiondef prints it, or as written), () for one botwarden cannot read, None for none."""
