@@ -691,7 +691,11 @@ def test_view_definitions_known_before_a_round_are_asked_with_it():
     ("INSERT INTO log VALUES (OLD.email); RETURN NEW;", False),
     ("RAISE NOTICE '%', NEW.email; RETURN NEW;", False),       # a notice the bot reads
     ("PERFORM pg_notify('c', NEW.email); RETURN NEW;", False),
-    ("IF TG_OP = 'UPDATE' THEN NEW.t := now(); END IF; RETURN NEW;", False),  # (not a shape this reads)
+    ("IF TG_OP = 'UPDATE' THEN NEW.t := now(); ELSIF TG_OP = 'INSERT' THEN NEW.c := now(); ELSE RETURN OLD; "
+     "END IF; RETURN NEW;", True),
+    ("IF NEW.email LIKE 'a%' THEN NEW.t := now(); END IF; RETURN NEW;", False),  # the field decides
+    ("IF TG_OP = 'UPDATE' THEN NEW.t := NEW.email; END IF; RETURN NEW;", False),
+    ("FOR i IN 1..2 LOOP NEW.t := now(); END LOOP; RETURN NEW;", False),  # (not a shape this reads)
 ])
 def test_a_trigger_that_only_stamps_its_row_is_told_apart(body, stamps):
     from appliance.policy.sql import only_stamps_its_row

@@ -430,40 +430,47 @@ def _running(stmt: StatementAnalysis, body: StatementAnalysis, **fields: Any) ->
 def only_stamps_its_row(definition: str) -> bool:
     """Whether a PL/pgSQL trigger function (``CREATE FUNCTION`` text, as pg_get_functiondef prints
     it) does nothing with the row it is given but set fields of NEW from expressions that read no
-    other field (``NEW.updated_at := now()``, ``NEW.version := NEW.version + 1``) and return NEW,
-    OLD or NULL: then the row's values go nowhere (engine.learn_catalog). Anything else, or text
-    this cannot read: False."""
+    other field (``NEW.updated_at := now()``, ``NEW.version := NEW.version + 1``), maybe under an
+    IF over the trigger's own variables (``IF TG_OP = 'UPDATE'``), and return NEW, OLD or NULL:
+    then the row's values go nowhere (engine.learn_catalog). Anything else, or text this cannot
+    read: False."""
     try:
         tree = pglast.parse_plpgsql(definition)
         function = tree[0]["PLpgSQL_function"]
-        datums = function["datums"]
         block = function["action"]["PLpgSQL_stmt_block"]
-    except Exception:  # noqa: BLE001 (not PL/pgSQL, or not a shape this reads: not a stamp)
+        return not block.get("exceptions") and _stamps(block.get("body", []), function["datums"])
+    except (KeyError, IndexError, ValueError, TypeError, AttributeError, ParseError):
         return False
-    if block.get("exceptions"):
-        return False
-    try:
-        for stmt in block.get("body", []):
-            (kind, value), = stmt.items()
-            if kind == "PLpgSQL_stmt_return":
-                expr = value.get("expr")
-                query = expr["PLpgSQL_expr"]["query"].strip().lower() if expr else None
-                if (query is not None and query != "null") or value.get("retvarno", 0) not in (0, 1):
-                    return False
-                continue
-            if kind != "PLpgSQL_stmt_assign":
+
+
+def _stamps(stmts: list[Any], datums: list[Any]) -> bool:
+    for stmt in stmts:
+        (kind, value), = stmt.items()
+        if kind == "PLpgSQL_stmt_return":
+            expr = value.get("expr")
+            if (expr and expr["PLpgSQL_expr"]["query"].strip().lower() != "null") or value.get("retvarno", 0) not in (0, 1):
                 return False
+        elif kind == "PLpgSQL_stmt_assign":
             target = datums[value["varno"]].get("PLpgSQL_recfield")
             if target is None or datums[target.get("recparentno", 0)]["PLpgSQL_rec"].get("refname") != "new":
                 return False
             query = value["expr"]["PLpgSQL_expr"]["query"]
             rhs = query.split(":=", 1)[1] if ":=" in query else query.split("=", 1)[1]
             field = target["fieldname"].lower()
-            refs = _column_refs(json.loads(parse_sql_json("SELECT " + rhs)))
-            if any(ref != ["new", field] for ref in refs):
+            if any(ref != ["new", field] for ref in _column_refs(json.loads(parse_sql_json("SELECT " + rhs)))):
                 return False
-    except (KeyError, IndexError, ValueError, TypeError, ParseError):
-        return False
+        elif kind == "PLpgSQL_stmt_if":
+            branches = [(value["cond"], value.get("then_body", []))]
+            branches += [(e["PLpgSQL_if_elsif"]["cond"], e["PLpgSQL_if_elsif"].get("stmts", []))
+                         for e in value.get("elsif_list", [])]
+            for cond, body in branches:
+                refs = _column_refs(json.loads(parse_sql_json("SELECT " + cond["PLpgSQL_expr"]["query"])))
+                if any(len(ref) != 1 or not ref[0].startswith("tg_") for ref in refs) or not _stamps(body, datums):
+                    return False
+            if not _stamps(value.get("else_body", []), datums):
+                return False
+        else:
+            return False
     return True
 
 
