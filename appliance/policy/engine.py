@@ -163,7 +163,8 @@ def resolve_catalog(stmt: StatementAnalysis, session: SqlSessionState, path: fro
     Calling a function does what its body does (reads, writes, sends, calls), and ``bodies`` says
     which relations each called body reads (masking cannot follow a value through a function's
     result). Writing a relation runs its triggers' functions and its rules too: their bodies are
-    merged likewise, each counted as reading the relation (they see its rows as NEW and OLD); so
+    merged likewise, each counted as reading the relation (they see its rows as NEW and OLD, unless
+    a trigger only stamps them); so
     are the functions its defaults, constraints, indexes and row security policies call (the
     policies' on a read too)."""
     if stmt.error is not None or all(k.startswith(("DROP_", "REFRESH_")) for k in stmt.kinds):
@@ -182,6 +183,17 @@ def resolve_catalog(stmt: StatementAnalysis, session: SqlSessionState, path: fro
     direct = frozenset(e for k in stmt.kinds for e in _EVENTS.get(k, ""))
     if "upsert" in stmt.properties:
         direct |= {"U"}
+
+    def run(what: str, body: StatementAnalysis, rows: frozenset[Relation] = frozenset()) -> None:
+        """A body the statement runs (a function's, a trigger's, a rule's): what it does is done."""
+        reads.update(body.reads)
+        writes.update(body.writes)
+        functions.update(body.functions)
+        sent.update(body.sent)
+        properties.update(body.properties & {"dynamic_sql"})
+        bodies.append((what, _through_views(body.reads | body.writes | rows, views, path)))
+        todo.extend([(r, r in body.writes) for r in body.reads | body.writes] + [(f, False) for f in body.functions])
+
     while todo:
         item, written = todo.pop()
         if not isinstance(item, Function):
@@ -196,14 +208,7 @@ def resolve_catalog(stmt: StatementAnalysis, session: SqlSessionState, path: fro
                     if body.error is not None:
                         error = f"the statement writes {key[0]}.{key[1]}, which runs {what}: {body.error}"
                         continue
-                    reads |= body.reads
-                    writes |= body.writes
-                    functions |= body.functions
-                    sent |= set(body.sent)
-                    properties |= body.properties & {"dynamic_sql"}
-                    rows = {Relation(*key)} if sees_rows else set()
-                    bodies.append((what, _through_views(body.reads | body.writes | rows, views, path)))
-                    todo += [(r, r in body.writes) for r in body.reads | body.writes] + [(f, False) for f in body.functions]
+                    run(what, body, frozenset({Relation(*key)}) if sees_rows else frozenset())
         if isinstance(item, Function):
             for key in _catalog_names(item, path, session.functions):
                 if ("f", key, False) in seen:
@@ -214,13 +219,7 @@ def resolve_catalog(stmt: StatementAnalysis, session: SqlSessionState, path: fro
                     error = (f"the statement calls function {key[0]}.{key[1]}, whose body botwarden could not "
                              f"read: {body.error}")
                     continue
-                reads |= body.reads
-                writes |= body.writes
-                functions |= body.functions
-                sent |= set(body.sent)
-                properties |= body.properties & {"dynamic_sql"}
-                bodies.append((f"function {key[0]}.{key[1]}()", _through_views(body.reads | body.writes, views, path)))
-                todo += [(r, r in body.writes) for r in body.reads | body.writes] + [(f, False) for f in body.functions]
+                run(f"function {key[0]}.{key[1]}()", body)
             continue
         for key in _catalog_names(item, path, views):
             if ("v", key, written) in seen:
