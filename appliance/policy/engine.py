@@ -783,7 +783,8 @@ class PolicyEngine:
         dropped meanwhile, a PL/pgSQL body its parser cannot read) refuses the statements that
         read, call or write it. Answers the catalog cache gave again (the same objects) are not
         analysed again."""
-        effects = effects or {}
+        if effects is None:
+            effects = {}
         done = self._catalog_learned.get(id(views))
         if done is not None and done[0] is views and done[1] is functions and done[2] is effects:
             session.views, session.functions, session.effects, session.notifying, session.catalog_key = done[3:]
