@@ -74,6 +74,10 @@ FUNCTIONS = [
     "CREATE FUNCTION bwv_api() RETURNS SETOF text LANGUAGE sql AS 'SELECT bwv_emails()'",
     "CREATE FUNCTION bwv_api2() RETURNS SETOF text LANGUAGE plpgsql AS $$ BEGIN RETURN QUERY SELECT * FROM bwv_api(); END $$",
     "CREATE FUNCTION bwv_view_api() RETURNS SETOF text LANGUAGE sql AS 'SELECT contact FROM bwv_contacts'",
+    # An aggregate whose state function reads the masked table.
+    "CREATE FUNCTION bwv_agg_step(s text, v int) RETURNS text LANGUAGE sql AS "
+    "$$ SELECT coalesce(s, '') || (SELECT email FROM bwv_accounts ORDER BY id LIMIT 1) $$",
+    "CREATE AGGREGATE bwv_collect(int) (SFUNC = bwv_agg_step, STYPE = text)",
     # A monitoring view and function over the planner's statistics (sample values of every column).
     "CREATE VIEW bwv_stats AS SELECT tablename, attname, most_common_vals::text AS common FROM pg_stats",
     "CREATE FUNCTION bwv_common(t text) RETURNS SETOF text LANGUAGE sql AS "
@@ -149,6 +153,7 @@ def _drop(pg_server) -> None:
                    "bwv_orders, bwv_shops, bwv_tickets, bwv_notes, bwv_checked CASCADE; "
                    "DROP FUNCTION IF EXISTS bwv_order_trail(), bwv_keep_old(), bwv_shop_stamp(), bwv_stamp(), "
                    "bwv_note_code(), bwv_announce(), bwv_touch(); "
+                   "DROP AGGREGATE IF EXISTS bwv_collect(int); DROP FUNCTION IF EXISTS bwv_agg_step(text, int); "
                    "DROP FUNCTION IF EXISTS bwv_api2(), bwv_api(), bwv_view_api(), bwv_common(text), bwv_emails(), "
                    "bwv_email_of(int), "
                    "bwv_atomic(), bwv_code(), bwv_city(int); "
@@ -243,6 +248,7 @@ CALLS = [
     "SELECT bwv_api()",
     "SELECT * FROM bwv_api2()",
     "SELECT bwv_view_api()",
+    "SELECT bwv_collect(id) FROM bwv_cities",
 ]
 
 

@@ -15,8 +15,9 @@ Otherwise it asks, on the bot's own session before its first statement:
 1. :data:`DEPENDENCIES_QUERY`: every view and materialized view not made by the system, with
    the relations (and functions) its query depends on (``pg_depend`` of its ``_RETURN`` rule),
    every partition and inheritance child with its parents, every rule ON INSERT/UPDATE/DELETE
-   with what its actions depend on, every trigger with its function, and the functions tables'
-   defaults, constraints, expression indexes and row security policies call;
+   with what its actions depend on, every trigger with its function, the functions tables'
+   defaults, constraints, expression indexes and row security policies call, and every
+   aggregate with its support functions;
 2. in the same round trip, :meth:`CatalogLookup.functions_query`: the SQL and PL/pgSQL
    functions and procedures not made by the system whose body mentions the name of a relation
    (or a column) a rule of the session's scope names, with their definitions
@@ -97,7 +98,13 @@ DEPENDENCIES_QUERY = _QUALIFIED.format(
     "FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_depend t ON t.classid = d.classid AND t.objid = d.objid "
     f"AND t.refclassid = {_PG_CLASS} AND t.refobjid >= 16384 "
     "WHERE d.refclassid = 'pg_catalog.pg_proc'::pg_catalog.regclass AND d.refobjid >= 16384 AND d.classid IN ("
-    + ", ".join(f"'pg_catalog.{c}'::pg_catalog.regclass" for c in _IMPLICIT) + ")")
+    + ", ".join(f"'pg_catalog.{c}'::pg_catalog.regclass" for c in _IMPLICIT) + ")"
+    # An aggregate runs its support functions (state transition, final ...): ('a' || its oid, the
+    # aggregate, 'f' || the function's oid, the function, 'a', '').
+    " UNION ALL SELECT 'a' || d.objid::text, d.objid::pg_catalog.regproc::text, 'f' || d.refobjid::text, "
+    "d.refobjid::pg_catalog.regproc::text, 'a', '' FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_proc p "
+    "ON p.oid = d.objid AND p.prokind = 'a' WHERE d.classid = 'pg_catalog.pg_proc'::pg_catalog.regclass "
+    "AND d.refclassid = 'pg_catalog.pg_proc'::pg_catalog.regclass AND d.objid >= 16384 AND d.refobjid >= 16384")
 
 # Whether the catalog changed since answers were cached: the database, whether the server
 # counts catalog changes at all (track_counts), when the database's statistics were last reset,
@@ -228,7 +235,8 @@ class CatalogLookup:
         self._children: set[str] = set()
         # 'r…' rules and 't…' triggers -> their events (_oid_names gives their relation)
         self._effects_on: dict[str, str] = {}
-        self._trigger_functions: dict[str, tuple[str, str]] = {}  # 'f' || oid -> (schema, name), of t and c rows
+        self._trigger_functions: dict[str, tuple[str, str]] = {}  # 'f' || oid -> (schema, name), of t, c, a rows
+        self._aggregates: set[str] = set()  # 'a' || oid of the aggregates (_oid_names gives their names)
         self._named: set[str] = set()  # names later rounds already asked for
         self._asked: set[str] = set()  # views' and rules' oids whose definitions were asked for
         self._answers: dict[str, str | None] = {}  # their definitions
@@ -303,18 +311,20 @@ class CatalogLookup:
     def dependencies(self, rows: Iterable[Row]) -> None:
         """Read :data:`DEPENDENCIES_QUERY`'s rows."""
         for row in rows:
-            if len(row) != 6 or None in row or row[4] not in ("v", "i", "r", "t", "c"):
+            if len(row) != 6 or None in row or row[4] not in ("v", "i", "r", "t", "c", "a"):
                 raise ValueError("unexpected row from the catalog's view dependencies")
             view, vname, ref, rname, kind, events = row  # type: ignore[misc]
             self._oid_names[view] = split_regclass(vname)  # type: ignore[arg-type]
             if not ref.startswith("f"):  # type: ignore[union-attr]
                 self._oid_names.setdefault(ref, split_regclass(rname))  # type: ignore[arg-type]
-            elif kind in ("t", "c"):
+            elif kind in ("t", "c", "a"):
                 schema, name = split_regclass(rname)  # type: ignore[arg-type]
                 self._trigger_functions[ref] = (schema or "pg_catalog", name)  # type: ignore[index]
             self._depends.setdefault(view, set()).add(ref)  # type: ignore[arg-type]
             if kind == "i":
                 self._children.add(view)  # type: ignore[arg-type]
+            elif kind == "a":
+                self._aggregates.add(view)  # type: ignore[arg-type]
             elif kind in ("r", "t", "c"):
                 self._effects_on[view] = events  # type: ignore[index]
 
@@ -339,7 +349,7 @@ class CatalogLookup:
             # Every view may carry a column masked by its name alone; a trigger only through its
             # function (whose body names it), as the function is read. A function a table calls
             # (a default, a constraint, a policy, an index) counts only when it was read.
-            if oid.startswith("c"):
+            if oid.startswith(("c", "a")):
                 found = False
             else:
                 found = (self.guarded is None and oid in depends and not oid.startswith("t")) or guarded(oid)
@@ -379,7 +389,8 @@ class CatalogLookup:
         # A child reads as its parents (the same column names): no definition to ask for.
         self.inherited = {names[oid]: sorted(names[p] for p in self._depends[oid] if not p.startswith("f"))
                           for oid in relevant if oid in self._children}
-        self.names = {oid: names[oid] for oid in relevant if oid not in self._children and oid not in self._effects_on}
+        self.names = {oid: names[oid] for oid in relevant
+                      if oid not in self._children and oid not in self._effects_on and oid not in self._aggregates}
         self._rules = {oid: names[oid] for oid in relevant if oid.startswith("r")}  # type: ignore[misc]
         self.effects = {}
         for oid in sorted(o for o in relevant if o.startswith(("t", "c"))):
@@ -422,6 +433,13 @@ class CatalogLookup:
         for child, parents in self.inherited.items():
             found[child] = "SELECT * FROM " + ", ".join(".".join(_quoted(p) for p in parent if p is not None)
                                                         for parent in parents)
+        # An aggregate reading a guarded relation through its support functions: calling it calls them.
+        for oid in sorted(o for o in self._relevant() if o in self._aggregates):
+            schema, name = self._oid_names[oid]
+            calls = ", ".join(f"{_quoted(s)}.{_quoted(n)}()" for s, n in sorted(
+                self._trigger_functions[ref] for ref in self._depends[oid] if ref in self.function_oids))
+            if schema is not None and calls and f"SELECT {calls}" not in self.learned_functions.get((schema, name), ()):
+                self.learned_functions.setdefault((schema, name), []).append(f"SELECT {calls}")
         rules = {oid: self._answers.get(oid) for oid in self._rules}
         for oid, text in sorted(rules.items()):
             table = self._rules[oid]
