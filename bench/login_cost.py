@@ -3,8 +3,9 @@ adds (one round trip: ``SELECT current_setting('search_path'), current_user, ses
 before the bot's first ReadyForQuery, appliance/fronts/postgres/startup.py), and what the
 catalog lookup adds when a rule names relations or columns (policy/catalog.py: the catalog's
 change counters in the same round trip; when they changed since the answers were cached, the
-views' dependencies and the functions in one more, and the definitions of ``--views`` views
-over a table in a third).
+views', triggers' and rules' dependencies and the functions in one more, then a round of
+functions naming what was found, with the definitions of the ``--views`` views over a table in
+the same round trip).
 
 Run from the repository root:
 
