@@ -116,6 +116,12 @@ TRIGGERS = [
     "CREATE FUNCTION bwv_note_code() RETURNS bool LANGUAGE plpgsql AS $$ BEGIN "
     "INSERT INTO bwv_trail SELECT code FROM bwv_vault; RETURN true; END $$",
     "CREATE TABLE bwv_checked (id int CHECK (bwv_note_code()))",
+    # A foreign key's ON DELETE CASCADE runs the referencing table's trigger.
+    "CREATE TABLE bwv_teams (id int PRIMARY KEY); INSERT INTO bwv_teams VALUES (1)",
+    "CREATE TABLE bwv_members (team int REFERENCES bwv_teams ON DELETE CASCADE); INSERT INTO bwv_members VALUES (1)",
+    "CREATE FUNCTION bwv_member_gone() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+    "INSERT INTO bwv_trail SELECT email FROM bwv_accounts WHERE id = OLD.team; RETURN OLD; END $$",
+    "CREATE TRIGGER bwv_member_gone AFTER DELETE ON bwv_members FOR EACH ROW EXECUTE FUNCTION bwv_member_gone()",
     # A stamp on the masked table itself: it does nothing with the row's values.
     "ALTER TABLE bwv_accounts ADD COLUMN touched timestamptz",
     "CREATE FUNCTION bwv_touch() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN NEW.touched := now(); RETURN NEW; END $$",
@@ -150,9 +156,9 @@ def front(pg_server):
 def _drop(pg_server) -> None:
     pg_server.psql("DROP SCHEMA IF EXISTS bwv_other, bwv_hidden CASCADE; DROP FUNCTION IF EXISTS bwv_go_hidden(); "
                    "DROP TABLE IF EXISTS bwv_accounts, bwv_cities, bwv_vault, bwv_log, bwv_events, bwv_trail, "
-                   "bwv_orders, bwv_shops, bwv_tickets, bwv_notes, bwv_checked CASCADE; "
+                   "bwv_orders, bwv_shops, bwv_tickets, bwv_notes, bwv_checked, bwv_teams, bwv_members CASCADE; "
                    "DROP FUNCTION IF EXISTS bwv_order_trail(), bwv_keep_old(), bwv_shop_stamp(), bwv_stamp(), "
-                   "bwv_note_code(), bwv_announce(), bwv_touch(); "
+                   "bwv_note_code(), bwv_announce(), bwv_touch(), bwv_member_gone(); "
                    "DROP AGGREGATE IF EXISTS bwv_collect(int); DROP FUNCTION IF EXISTS bwv_agg_step(text, int); "
                    "DROP FUNCTION IF EXISTS bwv_api2(), bwv_api(), bwv_view_api(), bwv_common(text), bwv_emails(), "
                    "bwv_email_of(int), "
@@ -346,6 +352,7 @@ TRIGGERED = [  # (statement, the rule refusing it, what it runs)
     ("INSERT INTO bwv_notes (id) VALUES (1)", "mask-account-emails",
      "function public.bwv_email_of(), which a default, constraint, index or row security policy of public.bwv_notes"),
     ("INSERT INTO bwv_checked VALUES (1)", "no-vault", None),
+    ("DELETE FROM bwv_teams WHERE id = 1", "mask-account-emails", "trigger function public.bwv_member_gone()"),
 ]
 
 
@@ -708,3 +715,29 @@ def test_a_trigger_that_only_stamps_its_row_is_told_apart(body, stamps):
     text = f"CREATE OR REPLACE FUNCTION public.s() RETURNS trigger LANGUAGE plpgsql AS $function$ BEGIN {body} END $function$"
     assert only_stamps_its_row(text) is stamps
     assert not only_stamps_its_row("CREATE FUNCTION public.s() RETURNS int LANGUAGE sql AS 'SELECT 1'")
+
+
+def test_a_foreign_keys_cascade_is_followed_to_the_tables_whose_writes_matter():
+    lookup = CatalogLookup(lambda schema, name: name == "accounts", ["accounts"])
+    lookup.functions([("500", "public", "gone", "CREATE FUNCTION public.gone() ... accounts ...")])
+    lookup.dependencies([
+        ("t1", "public.grandchild", "f500", "public.gone", "t", "D"),
+        ("k1", "public.child", "12", "public.grandchild", "k", "D"),     # child -> grandchild, ON DELETE
+        ("k2", "public.parent", "11", "public.child", "k", "DU"),        # parent -> child
+        ("k3", "public.other", "13", "public.plain", "k", "D"),          # nothing there matters
+        ("k4", "public.teams", "1", "public.accounts", "k", "D"),        # into a guarded table
+    ])
+    lookup.definitions_query()
+    assert lookup.effects == {
+        ("public", "grandchild"): [("trigger", "D", "public", "gone")],
+        ("public", "child"): [("cascade", "D", "public", "grandchild")],
+        ("public", "parent"): [("cascade", "DU", "public", "child")],
+        ("public", "teams"): [("cascade", "D", "public", "accounts")]}
+    engine = _engine(POLICY[len(POLICY_HEAD):])
+    session = SqlSessionState()
+    engine.learn_catalog(session, {}, {("public", "gone"): [
+        "CREATE FUNCTION public.gone() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        "INSERT INTO public.log SELECT email FROM public.bwv_accounts; RETURN OLD; END $$"]}, lookup.effects)
+    deleted = engine.decide_sql("test-bot", (), "pg-test", "DELETE FROM parent", session=session)
+    assert deleted.action == "block" and "public.gone()" in str(deleted.reason), deleted.reason
+    assert engine.decide_sql("test-bot", (), "pg-test", "INSERT INTO parent VALUES (1)", session=session).action != "block"

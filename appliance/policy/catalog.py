@@ -16,8 +16,8 @@ Otherwise it asks, on the bot's own session before its first statement:
    the relations (and functions) its query depends on (``pg_depend`` of its ``_RETURN`` rule),
    every partition and inheritance child with its parents, every rule ON INSERT/UPDATE/DELETE
    with what its actions depend on, every trigger with its function, the functions tables'
-   defaults, constraints, expression indexes and row security policies call, and every
-   aggregate with its support functions;
+   defaults, constraints, expression indexes and row security policies call, every aggregate
+   with its support functions, and every foreign key whose ON DELETE/UPDATE writes;
 2. in the same round trip, :meth:`CatalogLookup.functions_query`: the SQL and PL/pgSQL
    functions and procedures not made by the system whose body mentions the name of a relation
    (or a column) a rule of the session's scope names, with their definitions
@@ -104,7 +104,14 @@ DEPENDENCIES_QUERY = _QUALIFIED.format(
     " UNION ALL SELECT 'a' || d.objid::text, d.objid::pg_catalog.regproc::text, 'f' || d.refobjid::text, "
     "d.refobjid::pg_catalog.regproc::text, 'a', '' FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_proc p "
     "ON p.oid = d.objid AND p.prokind = 'a' WHERE d.classid = 'pg_catalog.pg_proc'::pg_catalog.regclass "
-    "AND d.refclassid = 'pg_catalog.pg_proc'::pg_catalog.regclass AND d.objid >= 16384 AND d.refobjid >= 16384")
+    "AND d.refclassid = 'pg_catalog.pg_proc'::pg_catalog.regclass AND d.objid >= 16384 AND d.refobjid >= 16384"
+    # A foreign key whose ON DELETE / ON UPDATE writes the referencing table (CASCADE, SET NULL,
+    # SET DEFAULT) runs that table's triggers and rules too: ('k' || its oid, the referenced
+    # table, the referencing table's oid, the referencing table, 'k', D and/or U).
+    " UNION ALL SELECT 'k' || k.oid::text, k.confrelid::pg_catalog.regclass::text, k.conrelid::text, "
+    "k.conrelid::pg_catalog.regclass::text, 'k', CASE WHEN k.confdeltype IN ('c', 'n', 'd') THEN 'D' ELSE '' END || "
+    "CASE WHEN k.confupdtype IN ('c', 'n', 'd') THEN 'U' ELSE '' END FROM pg_catalog.pg_constraint k "
+    "WHERE k.contype = 'f' AND k.conrelid >= 16384 AND (k.confdeltype IN ('c', 'n', 'd') OR k.confupdtype IN ('c', 'n', 'd'))")
 
 # Whether the catalog changed since answers were cached: the database, whether the server
 # counts catalog changes at all (track_counts), when the database's statistics were last reset,
@@ -237,6 +244,7 @@ class CatalogLookup:
         self._effects_on: dict[str, str] = {}
         self._trigger_functions: dict[str, tuple[str, str]] = {}  # 'f' || oid -> (schema, name), of t, c, a rows
         self._aggregates: set[str] = set()  # 'a' || oid of the aggregates (_oid_names gives their names)
+        self._cascades: dict[str, str] = {}  # 'k' || oid of a writing foreign key -> the referenced table's events
         self._named: set[str] = set()  # names later rounds already asked for
         self._asked: set[str] = set()  # views' and rules' oids whose definitions were asked for
         self._answers: dict[str, str | None] = {}  # their definitions
@@ -311,7 +319,7 @@ class CatalogLookup:
     def dependencies(self, rows: Iterable[Row]) -> None:
         """Read :data:`DEPENDENCIES_QUERY`'s rows."""
         for row in rows:
-            if len(row) != 6 or None in row or row[4] not in ("v", "i", "r", "t", "c", "a"):
+            if len(row) != 6 or None in row or row[4] not in ("v", "i", "r", "t", "c", "a", "k"):
                 raise ValueError("unexpected row from the catalog's view dependencies")
             view, vname, ref, rname, kind, events = row  # type: ignore[misc]
             self._oid_names[view] = split_regclass(vname)  # type: ignore[arg-type]
@@ -325,6 +333,8 @@ class CatalogLookup:
                 self._children.add(view)  # type: ignore[arg-type]
             elif kind == "a":
                 self._aggregates.add(view)  # type: ignore[arg-type]
+            elif kind == "k":
+                self._cascades[view] = events  # type: ignore[index]
             elif kind in ("r", "t", "c"):
                 self._effects_on[view] = events  # type: ignore[index]
 
@@ -349,7 +359,7 @@ class CatalogLookup:
             # Every view may carry a column masked by its name alone; a trigger only through its
             # function (whose body names it), as the function is read. A function a table calls
             # (a default, a constraint, a policy, an index) counts only when it was read.
-            if oid.startswith(("c", "a")):
+            if oid.startswith(("c", "a", "k")):
                 found = False
             else:
                 found = (self.guarded is None and oid in depends and not oid.startswith("t")) or guarded(oid)
@@ -389,8 +399,8 @@ class CatalogLookup:
         # A child reads as its parents (the same column names): no definition to ask for.
         self.inherited = {names[oid]: sorted(names[p] for p in self._depends[oid] if not p.startswith("f"))
                           for oid in relevant if oid in self._children}
-        self.names = {oid: names[oid] for oid in relevant
-                      if oid not in self._children and oid not in self._effects_on and oid not in self._aggregates}
+        self.names = {oid: names[oid] for oid in relevant if oid not in self._children and oid not in self._effects_on
+                      and oid not in self._aggregates and oid not in self._cascades}
         self._rules = {oid: names[oid] for oid in relevant if oid.startswith("r")}  # type: ignore[misc]
         self.effects = {}
         for oid in sorted(o for o in relevant if o.startswith(("t", "c"))):
@@ -403,6 +413,21 @@ class CatalogLookup:
                 entry = ("trigger" if oid.startswith("t") else "call", self._effects_on[oid], *self._trigger_functions[ref])
                 if entry not in self.effects.get(table, ()):  # type: ignore[arg-type]
                     self.effects.setdefault(table, []).append(entry)  # type: ignore[index]
+        # A foreign key writing a table that is guarded, or has triggers or rules that count (or
+        # cascades on to one that does), writes it with the statement that writes the referenced one.
+        writes_matter = set(self.effects) | {t for t in self._rules.values() if t[0] is not None}
+        added = True
+        while added:
+            added = False
+            for oid, events in sorted(self._cascades.items()):
+                parent, (child,) = names[oid], [names[r] for r in self._depends[oid]]
+                entry = ("cascade", events, child[0] or "", child[1])
+                if parent[0] is None or child[0] is None or entry in self.effects.get(parent, ()):  # type: ignore[arg-type]
+                    continue
+                if child in writes_matter or (self.guarded is not None and self.guarded(child[0], child[1])):
+                    self.effects.setdefault(parent, []).append(entry)  # type: ignore[index]
+                    writes_matter.add(parent)
+                    added = True
         views = sorted((oid for oid in self.names if oid not in self._asked), key=int)
         rules = sorted(oid for oid in self._rules if oid not in self._asked)
         self._asked.update(views, rules)

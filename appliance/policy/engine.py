@@ -208,6 +208,10 @@ def resolve_catalog(stmt: StatementAnalysis, session: SqlSessionState, path: fro
                     if body.error is not None:
                         error = f"the statement writes {key[0]}.{key[1]}, which runs {what}: {body.error}"
                         continue
+                    if body.kind == "CASCADE":  # rows of another table written: its own triggers and rules run
+                        writes.update(body.writes)
+                        todo.extend((r, True) for r in body.writes)
+                        continue
                     run(what, body, frozenset({Relation(*key)}) if sees_rows else frozenset())
         if isinstance(item, Function):
             for key in _catalog_names(item, path, session.functions):
@@ -821,6 +825,11 @@ class PolicyEngine:
             found = []
             for entry in entries:
                 events = frozenset(entry[1])
+                if entry[0] == "cascade":  # a foreign key's ON DELETE / ON UPDATE writes that table
+                    found.append((f"a foreign key's ON DELETE/UPDATE action on {entry[2]}.{entry[3]}", events,
+                                  StatementAnalysis(kind="CASCADE", writes=frozenset({Relation(entry[2], entry[3])})),
+                                  False))
+                    continue
                 if entry[0] in ("trigger", "call"):  # a function in another language: not followed (docs/policy.md)
                     fkey = (entry[2], entry[3])
                     what = (f"trigger function {fkey[0]}.{fkey[1]}() of {schema}.{name}" if entry[0] == "trigger" else
