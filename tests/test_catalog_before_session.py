@@ -38,6 +38,12 @@ name = "no-hidden-pins"
 action = "block"
 [rules.sql]
 reads = ["bwv_hidden.pins"]
+
+[[rules]]
+name = "keep-ledger"
+action = "block"
+[rules.sql]
+writes = ["bwv_ledger"]
 """
 
 EMAIL = "dora@example.com"
@@ -122,6 +128,9 @@ TRIGGERS = [
     "CREATE FUNCTION bwv_member_gone() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
     "INSERT INTO bwv_trail SELECT email FROM bwv_accounts WHERE id = OLD.team; RETURN OLD; END $$",
     "CREATE TRIGGER bwv_member_gone AFTER DELETE ON bwv_members FOR EACH ROW EXECUTE FUNCTION bwv_member_gone()",
+    # TRUNCATE ... CASCADE empties the tables whose foreign keys reference the one named.
+    "CREATE TABLE bwv_clients (id int PRIMARY KEY); INSERT INTO bwv_clients VALUES (1)",
+    "CREATE TABLE bwv_ledger (client int REFERENCES bwv_clients); INSERT INTO bwv_ledger VALUES (1)",
     # A stamp on the masked table itself: it does nothing with the row's values.
     "ALTER TABLE bwv_accounts ADD COLUMN touched timestamptz",
     "CREATE FUNCTION bwv_touch() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN NEW.touched := now(); RETURN NEW; END $$",
@@ -156,7 +165,8 @@ def front(pg_server):
 def _drop(pg_server) -> None:
     pg_server.psql("DROP SCHEMA IF EXISTS bwv_other, bwv_hidden CASCADE; DROP FUNCTION IF EXISTS bwv_go_hidden(); "
                    "DROP TABLE IF EXISTS bwv_accounts, bwv_cities, bwv_vault, bwv_log, bwv_events, bwv_trail, "
-                   "bwv_orders, bwv_shops, bwv_tickets, bwv_notes, bwv_checked, bwv_teams, bwv_members CASCADE; "
+                   "bwv_orders, bwv_shops, bwv_tickets, bwv_notes, bwv_checked, bwv_teams, bwv_members, bwv_clients, "
+                   "bwv_ledger CASCADE; "
                    "DROP FUNCTION IF EXISTS bwv_order_trail(), bwv_keep_old(), bwv_shop_stamp(), bwv_stamp(), "
                    "bwv_note_code(), bwv_announce(), bwv_touch(), bwv_member_gone(); "
                    "DROP AGGREGATE IF EXISTS bwv_collect(int); DROP FUNCTION IF EXISTS bwv_agg_step(text, int); "
@@ -383,6 +393,19 @@ def test_a_write_that_runs_a_trigger_or_rule_made_before_the_session_is_decided_
         assert conn.execute("SELECT touched IS NOT NULL, email FROM bwv_accounts WHERE id = 60").fetchone() == \
             (True, "********"), "the stamp ran and the email stays masked"
     pg_server.psql("DELETE FROM bwv_shops WHERE id = 2; TRUNCATE bwv_trail; DELETE FROM bwv_accounts WHERE id = 60")
+
+
+def test_truncate_cascade_is_a_write_of_the_tables_that_reference_the_one_named(front, pg_server):
+    sql = "TRUNCATE bwv_clients CASCADE"
+    with direct_connect(pg_server) as conn:  # straight to the server: the ledger goes too
+        with conn.transaction(force_rollback=True):
+            conn.execute(sql)
+            assert conn.execute("SELECT count(*) FROM bwv_ledger").fetchone() == (0,)
+    with psycopg.connect(front.dsn(), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
+            conn.execute(sql)
+        assert "keep-ledger" in str(e.value), str(e.value)
+        assert conn.execute("SELECT count(*) FROM bwv_ledger").fetchone() == (1,)
 
 
 def test_listening_to_a_trigger_made_before_the_session_that_notifies_masked_rows_is_refused(front, pg_server):

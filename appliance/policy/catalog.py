@@ -105,13 +105,14 @@ DEPENDENCIES_QUERY = _QUALIFIED.format(
     "d.refobjid::pg_catalog.regproc::text, 'a', '' FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_proc p "
     "ON p.oid = d.objid AND p.prokind = 'a' WHERE d.classid = 'pg_catalog.pg_proc'::pg_catalog.regclass "
     "AND d.refclassid = 'pg_catalog.pg_proc'::pg_catalog.regclass AND d.objid >= 16384 AND d.refobjid >= 16384"
-    # A foreign key whose ON DELETE / ON UPDATE writes the referencing table (CASCADE, SET NULL,
-    # SET DEFAULT) runs that table's triggers and rules too: ('k' || its oid, the referenced
-    # table, the referencing table's oid, the referencing table, 'k', D and/or U).
+    # A foreign key writes the referencing table when the referenced one is written: ON DELETE /
+    # ON UPDATE CASCADE, SET NULL, SET DEFAULT (D, U), and TRUNCATE ... CASCADE whatever its
+    # actions (C): ('k' || its oid, the referenced table, the referencing table's oid, the
+    # referencing table, 'k', the events).
     " UNION ALL SELECT 'k' || k.oid::text, k.confrelid::pg_catalog.regclass::text, k.conrelid::text, "
     "k.conrelid::pg_catalog.regclass::text, 'k', CASE WHEN k.confdeltype IN ('c', 'n', 'd') THEN 'D' ELSE '' END || "
-    "CASE WHEN k.confupdtype IN ('c', 'n', 'd') THEN 'U' ELSE '' END FROM pg_catalog.pg_constraint k "
-    "WHERE k.contype = 'f' AND k.conrelid >= 16384 AND (k.confdeltype IN ('c', 'n', 'd') OR k.confupdtype IN ('c', 'n', 'd'))")
+    "CASE WHEN k.confupdtype IN ('c', 'n', 'd') THEN 'U' ELSE '' END || 'C' FROM pg_catalog.pg_constraint k "
+    "WHERE k.contype = 'f' AND k.conrelid >= 16384")
 
 # Whether the catalog changed since answers were cached: the database, whether the server
 # counts catalog changes at all (track_counts), when the database's statistics were last reset,

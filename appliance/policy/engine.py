@@ -183,6 +183,8 @@ def resolve_catalog(stmt: StatementAnalysis, session: SqlSessionState, path: fro
     direct = frozenset(e for k in stmt.kinds for e in _EVENTS.get(k, ""))
     if "upsert" in stmt.properties:
         direct |= {"U"}
+    if "truncate_cascade" in stmt.properties:
+        direct |= {"C"}  # (C: what a foreign key passes on to the referencing table, catalog.py)
 
     def run(what: str, body: StatementAnalysis, rows: frozenset[Relation] = frozenset()) -> None:
         """A body the statement runs (a function's, a trigger's, a rule's): what it does is done."""

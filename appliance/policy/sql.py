@@ -1513,6 +1513,8 @@ class _Walker:
 
     def _v_TruncateStmt(self, body: Mapping[str, Any]) -> None:
         self.properties.add("truncate")
+        if body.get("behavior") == "DROP_CASCADE":  # the tables whose foreign keys reference these, too
+            self.properties.add("truncate_cascade")
         for rel in body.get("relations", []):
             self._write(rel)
         self.generic("TruncateStmt", body, skip=("relations",))
