@@ -427,6 +427,7 @@ def test_listening_to_a_trigger_made_before_the_session_that_notifies_masked_row
             conn.execute("LISTEN bwv_changes")
         assert "mask-account-emails" in str(e.value) and "trigger function public.bwv_announce()" in str(e.value)
         conn.execute("NOTIFY bwv_other_channel")  # (notifying is not refused)
+        conn.execute("LISTEN bwv_jobs")  # a channel no such trigger notifies
 
 
 def test_a_function_with_a_search_path_of_its_own_is_decided_by_it(front, pg_server):
@@ -766,3 +767,21 @@ def test_a_foreign_keys_cascade_is_followed_to_the_tables_whose_writes_matter():
     deleted = engine.decide_sql("test-bot", (), "pg-test", "DELETE FROM parent", session=session)
     assert deleted.action == "block" and "public.gone()" in str(deleted.reason), deleted.reason
     assert engine.decide_sql("test-bot", (), "pg-test", "INSERT INTO parent VALUES (1)", session=session).action != "block"
+
+
+@pytest.mark.parametrize("call, channel, refused", [
+    ("pg_notify('changes', row_to_json(NEW)::text)", "changes", True),
+    ("pg_notify('changes', row_to_json(NEW)::text)", "jobs", False),
+    ("pg_notify(TG_TABLE_NAME, row_to_json(NEW)::text)", "jobs", True),  # a channel built at run time: any
+])
+def test_listen_is_refused_on_the_channels_a_trigger_notifies_masked_rows_on(call, channel, refused):
+    engine = _engine(POLICY[len(POLICY_HEAD):])
+    session = SqlSessionState()
+    body = (f"CREATE FUNCTION public.n() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM {call}; "
+            "RETURN NEW; END $$")
+    engine.learn_catalog(session, {}, {("public", "n"): [body]}, {("public", "bwv_accounts"): [("trigger", "U", "public", "n")]})
+    verdict = engine.decide_sql("test-bot", (), "pg-test", f"LISTEN {channel}", session=session)
+    assert (verdict.action == "block") is refused, verdict.reason
+    # Inside a DO block the channel is not read: any.
+    assert engine.decide_sql("test-bot", (), "pg-test", f"DO $x$ BEGIN LISTEN {channel}; END $x$",
+                             session=session).action == "block"

@@ -76,9 +76,10 @@ class SqlSessionState:
     # body, whether it sees the relation's rows).
     effects: dict[tuple[str, str], tuple[tuple[str, frozenset[str], StatementAnalysis, bool], ...]] = field(
         default_factory=dict)
-    # Triggers made before the session that call pg_notify, and the relations whose rows they
-    # see: what a LISTEN receives when another session writes there.
-    notifying: tuple[tuple[str, frozenset[Relation]], ...] = ()
+    # Triggers made before the session that call pg_notify, the relations whose rows they see,
+    # and the channels they notify (None: any): what a LISTEN receives when another session
+    # writes there.
+    notifying: tuple[tuple[str, frozenset[Relation], frozenset[str] | None], ...] = ()
 
     def copy(self) -> "SqlSessionState":
         return SqlSessionState(dict(self.prepared), self.search_path, dict(self.cursors), self.views,
@@ -243,12 +244,13 @@ def resolve_catalog(stmt: StatementAnalysis, session: SqlSessionState, path: fro
             if written:
                 writes |= body.reads
             todo += [(r, written) for r in body.reads] + [(f, False) for f in body.functions]
-    if "LISTEN" in stmt.kinds and session.notifying:
+    heard = [(what, rels) for what, rels, channels in session.notifying
+             if stmt.channel is None or channels is None or stmt.channel in channels] if "LISTEN" in stmt.kinds else []
+    if heard:
         # Another session's write runs the trigger: its notification reaches this one unmasked.
         # LISTEN reads what those triggers see (a block rule on such a relation refuses it too).
-        bodies += [(f"LISTEN, which receives what {what} sends with pg_notify", rels)
-                   for what, rels in session.notifying]
-        reads |= {r for _, rels in session.notifying for r in rels}
+        bodies += [(f"LISTEN, which receives what {what} sends with pg_notify", rels) for what, rels in heard]
+        reads |= {r for _, rels in heard for r in rels}
         seen.add(("l", ("", ""), None))
     if not seen:
         return stmt
@@ -271,6 +273,27 @@ def _calls_notify(body: StatementAnalysis, learned: Mapping[tuple[str, str], Sta
                     seen.add(key)
                     todo.append(learned[key])
     return False
+
+
+_NOTIFY_CALL = re.compile(r"pg_notify\s*\(", re.IGNORECASE)
+_NOTIFY_LITERAL = re.compile(r"pg_notify\s*\(\s*'((?:[^']|'')*)'\s*,", re.IGNORECASE)
+
+
+def _notified_channels(body: StatementAnalysis, learned: Mapping[tuple[str, str], StatementAnalysis],
+                       texts: Sequence[str]) -> frozenset[str] | None:
+    """The channels a trigger's function (its definitions ``texts``, analysed as ``body``)
+    notifies when each of its own pg_notify calls names a constant one and the functions it calls
+    notify none; else None (any channel)."""
+    if not texts or any(_calls_notify(learned[k], learned) for f in body.functions
+                        for k in learned if k[1] == f.name and f.schema in (None, k[0])):
+        return None
+    channels: set[str] = set()
+    for text in texts:
+        literals = _NOTIFY_LITERAL.findall(text)
+        if len(literals) != len(_NOTIFY_CALL.findall(text)):
+            return None  # a channel built at run time
+        channels.update(c.replace("''", "'") for c in literals)
+    return frozenset(channels) or None
 
 
 _EVENTS = {"INSERT": "I", "COPY": "I", "UPDATE": "U", "DELETE": "D", "MERGE": "IUD", "TRUNCATE": "T"}
@@ -823,6 +846,7 @@ class PolicyEngine:
                                  sent=tuple(sorted(set(merged.sent) | set(d.sent))))
             bodies[key] = merged
         runs: dict[tuple[str, str], tuple[tuple[str, frozenset[str], StatementAnalysis, bool], ...]] = {}
+        notifying = []
         for (schema, name), entries in effects.items():
             found = []
             for entry in entries:
@@ -841,7 +865,11 @@ class PolicyEngine:
                     # (NEW.updated_at := now()); a default's or policy's only its arguments.
                     texts = functions.get(fkey, ())
                     sees_rows = entry[0] == "trigger" and not (len(texts) == 1 and only_stamps_its_row(texts[0]))
-                    found.append((what, events, bodies.get(fkey, StatementAnalysis(kind="TRIGGER")), sees_rows))
+                    body = bodies.get(fkey, StatementAnalysis(kind="TRIGGER"))
+                    found.append((what, events, body, sees_rows))
+                    if sees_rows and body.error is None and _calls_notify(body, bodies):
+                        notifying.append((what, body.reads | {Relation(schema, name)},
+                                          _notified_channels(body, bodies, texts)))
                     continue
                 batch = self.analyze(entry[2]) if entry[2] else None
                 rule = batch.statements[0] if batch is not None and len(batch.statements) == 1 else None
@@ -852,10 +880,7 @@ class PolicyEngine:
                     found.append((what, events, replace(rule, writes=rule.writes - {Relation(schema, name)}), True))
             runs[(schema, name)] = tuple(found)
         session.views, session.functions, session.effects = learned, bodies, runs
-        session.notifying = tuple(
-            (what, body.reads | {Relation(*key)}) for key, entries in sorted(runs.items())
-            for what, _, body, sees_rows in entries
-            if sees_rows and body.error is None and _calls_notify(body, bodies))
+        session.notifying = tuple(notifying)
         session.catalog_key = catalog_key(views, functions, effects)
         self._unknown_path(session)
         if len(self._catalog_learned) >= 256:

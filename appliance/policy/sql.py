@@ -281,6 +281,7 @@ class StatementAnalysis:
     declared_body: "StatementAnalysis | None" = field(default=None, compare=False)
     fetch_name: str | None = None
     close_cursor: str | None = None
+    channel: str | None = None  # LISTEN's
     # The analysis read a constant's value (SQL text in query_to_xml, a LIKE pattern, a relation
     # name): another constant in the same place may mean something else, so no shape caching.
     reads_constants: bool = False
@@ -924,6 +925,7 @@ class _Walker:
         self.declare_name: str | None = None
         self.declared_body: StatementAnalysis | None = None
         self.fetch_name: str | None = None
+        self.channel: str | None = None
         self.close_cursor: str | None = None
         # A function returns rows of a query or table inside it (query_to_xml, table_to_xml,
         # cursor_to_xml ...): any output may carry any of their columns (result(): "*").
@@ -963,7 +965,7 @@ class _Walker:
             prepared_body=self.prepared_body, execute_name=self.execute_name, deallocate=self.deallocate,
             search_path=self.search_path, reset_session=self.reset_session, reads_constants=self.reads_constants,
             declare_name=self.declare_name, declared_body=self.declared_body, fetch_name=self.fetch_name,
-            close_cursor=self.close_cursor)
+            close_cursor=self.close_cursor, channel=self.channel)
 
     # -- generic walk --
     def visit_value(self, value: Any, typed: str | None) -> None:
@@ -1510,6 +1512,10 @@ class _Walker:
             else:
                 self.reads.add(self._relation(rel.get("RangeVar", rel)))
         self.generic("CopyStmt", body, skip=("relation",))
+
+    def _v_ListenStmt(self, body: Mapping[str, Any]) -> None:
+        self.channel = body.get("conditionname")
+        self.generic("ListenStmt", body)
 
     def _v_TruncateStmt(self, body: Mapping[str, Any]) -> None:
         self.properties.add("truncate")
