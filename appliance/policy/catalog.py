@@ -140,6 +140,13 @@ Learned = tuple[dict, dict, dict]
 def split_regclass(text: str) -> tuple[str | None, str]:
     """``schema.name`` as ``regclass`` prints it (quote_ident's quoting) -> (schema, name); a bare
     name has schema None."""
+    if '"' not in text:  # (no quoting: the common case, thousands of rows on a big catalog)
+        schema, dot, name = text.partition(".")
+        if not dot and schema:
+            return None, schema
+        if dot and schema and name and "." not in name:
+            return schema, name
+        raise ValueError(f"unexpected relation name {text!r}")
     parts: list[str] = []
     i = 0
     while i < len(text):
@@ -246,6 +253,7 @@ class CatalogLookup:
         self._trigger_functions: dict[str, tuple[str, str]] = {}  # 'f' || oid -> (schema, name), of t, c, a rows
         self._aggregates: set[str] = set()  # 'a' || oid of the aggregates (_oid_names gives their names)
         self._cascades: dict[str, str] = {}  # 'k' || oid of a writing foreign key -> the referenced table's events
+        self._relevant_memo: tuple[int, list[str]] | None = None
         self._named: set[str] = set()  # names later rounds already asked for
         self._asked: set[str] = set()  # views' and rules' oids whose definitions were asked for
         self._answers: dict[str, str | None] = {}  # their definitions
@@ -319,6 +327,7 @@ class CatalogLookup:
 
     def dependencies(self, rows: Iterable[Row]) -> None:
         """Read :data:`DEPENDENCIES_QUERY`'s rows."""
+        self._relevant_memo = None
         for row in rows:
             if len(row) != 6 or None in row or row[4] not in ("v", "i", "r", "t", "c", "a", "k"):
                 raise ValueError("unexpected row from the catalog's view dependencies")
@@ -340,8 +349,11 @@ class CatalogLookup:
                 self._effects_on[view] = events  # type: ignore[index]
 
     def _relevant(self) -> list[str]:
-        """The views, children, rules and triggers that reach a guarded relation or call a
-        function read."""
+        """The views, children, rules, triggers, calls and aggregates that reach a guarded
+        relation or call a function read (foreign keys: definitions_query). Kept until another
+        function is read."""
+        if self._relevant_memo is not None and self._relevant_memo[0] == len(self.function_oids):
+            return self._relevant_memo[1]
         names, depends = self._oid_names, self._depends
         reaches: dict[str, bool] = {}
 
@@ -360,7 +372,7 @@ class CatalogLookup:
             # Every view may carry a column masked by its name alone; a trigger only through its
             # function (whose body names it), as the function is read. A function a table calls
             # (a default, a constraint, a policy, an index) counts only when it was read.
-            if oid.startswith(("c", "a", "k")):
+            if oid.startswith(("c", "a")):
                 found = False
             else:
                 found = (self.guarded is None and oid in depends and not oid.startswith("t")) or guarded(oid)
@@ -370,7 +382,9 @@ class CatalogLookup:
             reaches[oid] = found
             return found
 
-        return [oid for oid in depends if reach(oid, frozenset())]
+        relevant = [oid for oid in depends if oid not in self._cascades and reach(oid, frozenset())]
+        self._relevant_memo = (len(self.function_oids), relevant)
+        return relevant
 
     def next_functions_query(self) -> str | None:
         """The next round: functions not read yet whose bodies name a view or child found so far
