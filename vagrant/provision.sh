@@ -125,6 +125,7 @@ case "$ACTION" in
         # machine (minutes on a fresh one; cached under /var/cache/botwarden/kubernetes after);
         # --node adds the kubelet and the pause binary for the tests that run pods.
         bash "$ROOT/tests/k8s/build.sh" --node >/dev/null
-        exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@" ;;
+        # --durations: the slowest tests in every CI log, so the suite's time stays visible.
+        exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider --durations=25 "$@" ;;
     *) echo "usage: provision.sh [install|demo|test|bastion]" >&2; exit 2 ;;
 esac
