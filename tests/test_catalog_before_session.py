@@ -753,7 +753,8 @@ def test_a_foreign_keys_cascade_is_followed_to_the_tables_whose_writes_matter():
         ("k3", "public.other", "13", "public.plain", "k", "D"),          # nothing there matters
         ("k4", "public.teams", "1", "public.accounts", "k", "D"),        # into a guarded table
     ])
-    lookup.definitions_query()
+    assert lookup.definitions_query() is None
+    lookup.definitions([])
     assert lookup.effects == {
         ("public", "grandchild"): [("trigger", "D", "public", "gone")],
         ("public", "child"): [("cascade", "D", "public", "grandchild")],

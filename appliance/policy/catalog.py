@@ -250,7 +250,8 @@ class CatalogLookup:
         self._children: set[str] = set()
         # 'r…' rules and 't…' triggers -> their events (_oid_names gives their relation)
         self._effects_on: dict[str, str] = {}
-        self._trigger_functions: dict[str, tuple[str, str]] = {}  # 'f' || oid -> (schema, name), of t, c, a rows
+        self._called_functions: dict[str, tuple[str, str]] = {}  # 'f' || oid -> (schema, name): triggers', calls', aggregates'
+        self._by_oid: set[str] = set()  # 'f' || oid of the functions a round asks for by oid (triggers')
         self._aggregates: set[str] = set()  # 'a' || oid of the aggregates (_oid_names gives their names)
         self._cascades: dict[str, str] = {}  # 'k' || oid of a writing foreign key -> the referenced table's events
         self._relevant_memo: tuple[int, list[str]] | None = None
@@ -319,8 +320,8 @@ class CatalogLookup:
                 raise ValueError("unexpected row from the catalog's functions")
             if "f" + row[0] in self.function_oids:  # type: ignore[operator]
                 continue
-            if (self._words is None or not self._words.search(row[3])) and self._rounds and \
-                    "f" + row[0] not in self._trigger_functions:  # type: ignore[operator]
+            if self._rounds and "f" + row[0] not in self._by_oid and (  # type: ignore[operator]
+                    self._words is None or not self._words.search(row[3])):  # type: ignore[arg-type]
                 continue
             self.function_oids.add("f" + row[0])  # type: ignore[operator]
             self.learned_functions.setdefault((row[1], row[2]), []).append(row[3])  # type: ignore[arg-type]
@@ -337,7 +338,7 @@ class CatalogLookup:
                 self._oid_names.setdefault(ref, split_regclass(rname))  # type: ignore[arg-type]
             elif kind in ("t", "c", "a"):
                 schema, name = split_regclass(rname)  # type: ignore[arg-type]
-                self._trigger_functions[ref] = (schema or "pg_catalog", name)  # type: ignore[index]
+                self._called_functions[ref] = (schema or "pg_catalog", name)  # type: ignore[index]
             self._depends.setdefault(view, set()).add(ref)  # type: ignore[arg-type]
             if kind == "i":
                 self._children.add(view)  # type: ignore[arg-type]
@@ -399,6 +400,7 @@ class CatalogLookup:
             return None
         self._rounds += 1
         self._named |= words | unread
+        self._by_oid = unread
         # Word boundaries as PostgreSQL's \m \M (a '$' next to a name may be a dollar quote).
         self._words = re.compile(r"(?<!\w)(?:" + "|".join(re.escape(w) for w in sorted(words)) + r")(?!\w)",
                                  re.IGNORECASE) if words else None
@@ -411,38 +413,9 @@ class CatalogLookup:
         the round finds nothing new), and once more after the last round."""
         relevant = self._relevant()
         names = self._oid_names
-        # A child reads as its parents (the same column names): no definition to ask for.
-        self.inherited = {names[oid]: sorted(names[p] for p in self._depends[oid] if not p.startswith("f"))
-                          for oid in relevant if oid in self._children}
         self.names = {oid: names[oid] for oid in relevant if oid not in self._children and oid not in self._effects_on
-                      and oid not in self._aggregates and oid not in self._cascades}
+                      and oid not in self._aggregates}
         self._rules = {oid: names[oid] for oid in relevant if oid.startswith("r")}  # type: ignore[misc]
-        self.effects = {}
-        for oid in sorted(o for o in relevant if o.startswith(("t", "c"))):
-            table = names[oid]
-            for ref in sorted(self._depends[oid]):  # (a trigger on another session's temporary table: not here)
-                if table[0] is None or ref not in self._trigger_functions:
-                    continue
-                if oid.startswith("c") and ref not in self.function_oids:
-                    continue  # (another function the same default or policy calls, not read)
-                entry = ("trigger" if oid.startswith("t") else "call", self._effects_on[oid], *self._trigger_functions[ref])
-                if entry not in self.effects.get(table, ()):  # type: ignore[arg-type]
-                    self.effects.setdefault(table, []).append(entry)  # type: ignore[index]
-        # A foreign key writing a table that is guarded, or has triggers or rules that count (or
-        # cascades on to one that does), writes it with the statement that writes the referenced one.
-        writes_matter = set(self.effects) | {t for t in self._rules.values() if t[0] is not None}
-        added = True
-        while added:
-            added = False
-            for oid, events in sorted(self._cascades.items()):
-                parent, (child,) = names[oid], [names[r] for r in self._depends[oid]]
-                entry = ("cascade", events, child[0] or "", child[1])
-                if parent[0] is None or child[0] is None or entry in self.effects.get(parent, ()):  # type: ignore[arg-type]
-                    continue
-                if child in writes_matter or (self.guarded is not None and self.guarded(child[0], child[1])):
-                    self.effects.setdefault(parent, []).append(entry)  # type: ignore[index]
-                    writes_matter.add(parent)
-                    added = True
         views = sorted((oid for oid in self.names if oid not in self._asked), key=int)
         rules = sorted(oid for oid in self._rules if oid not in self._asked)
         self._asked.update(views, rules)
@@ -466,26 +439,55 @@ class CatalogLookup:
         """(schema, name) -> the view's query, from the rows of the last :meth:`definitions_query`
         (none when it asked nothing) and those :meth:`add_definitions` read, and a partition's or
         inheritance child's ``SELECT * FROM <its parents>``. A view asked for and not answered
-        (dropped in between) maps to None: decided as unreadable."""
+        (dropped in between) maps to None: decided as unreadable. Sets :attr:`effects` and the
+        aggregates' entries of :attr:`learned_functions`: once, after the last round."""
         self.add_definitions(rows)
+        relevant, names = self._relevant(), self._oid_names
         found: dict[tuple[str | None, str], str | None] = {
             name: self._answers.get(oid) for oid, name in self.names.items()}
+        # A child reads as its parents (the same column names): no definition to ask for.
+        self.inherited = {names[oid]: sorted(names[p] for p in self._depends[oid] if not p.startswith("f"))
+                          for oid in relevant if oid in self._children}
         for child, parents in self.inherited.items():
             found[child] = "SELECT * FROM " + ", ".join(".".join(_quoted(p) for p in parent if p is not None)
                                                         for parent in parents)
-        # An aggregate reading a guarded relation through its support functions: calling it calls them.
-        for oid in sorted(o for o in self._relevant() if o in self._aggregates):
-            schema, name = self._oid_names[oid]
-            calls = ", ".join(f"{_quoted(s)}.{_quoted(n)}()" for s, n in sorted(
-                self._trigger_functions[ref] for ref in self._depends[oid] if ref in self.function_oids))
-            if schema is not None and calls and f"SELECT {calls}" not in self.learned_functions.get((schema, name), ()):
-                self.learned_functions.setdefault((schema, name), []).append(f"SELECT {calls}")
-        rules = {oid: self._answers.get(oid) for oid in self._rules}
-        for oid, text in sorted(rules.items()):
-            table = self._rules[oid]
+        self.effects = {}
+        for oid in sorted(o for o in relevant if o.startswith(("t", "c"))):
+            table = names[oid]
+            for ref in sorted(self._depends[oid]):  # (a trigger on another session's temporary table: not here)
+                if table[0] is None or ref not in self._called_functions:
+                    continue
+                if oid.startswith("c") and ref not in self.function_oids:
+                    continue  # (another function the same default or policy calls, not read)
+                entry = ("trigger" if oid.startswith("t") else "call", self._effects_on[oid], *self._called_functions[ref])
+                if entry not in self.effects.get(table, ()):  # type: ignore[arg-type]
+                    self.effects.setdefault(table, []).append(entry)  # type: ignore[index]
+        for oid, table in sorted(self._rules.items()):
             if table[0] is not None:  # (a rule on another session's temporary table: never written here)
                 # A rule dropped in between gives no definition: writes to its table are refused.
-                self.effects.setdefault(table, []).append(("rule", self._effects_on[oid], text or ""))
+                self.effects.setdefault(table, []).append(("rule", self._effects_on[oid], self._answers.get(oid) or ""))
+        # A foreign key writing a table that is guarded, or has triggers or rules that count (or
+        # cascades on to one that does), writes it with the statement that writes the referenced one.
+        writes_matter = set(self.effects)
+        added = True
+        while added:
+            added = False
+            for oid, events in sorted(self._cascades.items()):
+                parent, (child,) = names[oid], [names[r] for r in self._depends[oid]]
+                entry = ("cascade", events, child[0] or "", child[1])
+                if parent[0] is None or child[0] is None or entry in self.effects.get(parent, ()):  # type: ignore[arg-type]
+                    continue
+                if child in writes_matter or (self.guarded is not None and self.guarded(child[0], child[1])):
+                    self.effects.setdefault(parent, []).append(entry)  # type: ignore[index]
+                    writes_matter.add(parent)
+                    added = True
+        # An aggregate reading a guarded relation through its support functions: calling it calls them.
+        for oid in sorted(o for o in relevant if o in self._aggregates):
+            schema, name = names[oid]
+            calls = ", ".join(f"{_quoted(s)}.{_quoted(n)}()" for s, n in sorted(
+                self._called_functions[ref] for ref in self._depends[oid] if ref in self.function_oids))
+            if schema is not None and calls and f"SELECT {calls}" not in self.learned_functions.get((schema, name), ()):
+                self.learned_functions.setdefault((schema, name), []).append(f"SELECT {calls}")
         return found
 
 

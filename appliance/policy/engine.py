@@ -268,13 +268,14 @@ def _calls_notify(body: StatementAnalysis, learned: Mapping[tuple[str, str], Sta
         for f in current.functions:
             if f.name == "pg_notify" and f.schema in (None, "pg_catalog"):
                 return True
-            for key in [k for k in learned if k[1] == f.name and f.schema in (None, k[0])]:
+            for key in _catalog_names(f, _ANY_SCHEMA, learned):
                 if key not in seen:
                     seen.add(key)
                     todo.append(learned[key])
     return False
 
 
+_ANY_SCHEMA = frozenset({"*"})  # (a body's bare name: the caller's path is not known when it is learned)
 _NOTIFY_CALL = re.compile(r"pg_notify\s*\(", re.IGNORECASE)
 _NOTIFY_LITERAL = re.compile(r"pg_notify\s*\(\s*'((?:[^']|'')*)'\s*,", re.IGNORECASE)
 
@@ -285,7 +286,7 @@ def _notified_channels(body: StatementAnalysis, learned: Mapping[tuple[str, str]
     notifies when each of its own pg_notify calls names a constant one and the functions it calls
     notify none; else None (any channel)."""
     if not texts or any(_calls_notify(learned[k], learned) for f in body.functions
-                        for k in learned if k[1] == f.name and f.schema in (None, k[0])):
+                        for k in _catalog_names(f, _ANY_SCHEMA, learned)):
         return None
     channels: set[str] = set()
     for text in texts:

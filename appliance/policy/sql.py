@@ -440,7 +440,7 @@ def only_stamps_its_row(definition: str) -> bool:
         function = tree[0]["PLpgSQL_function"]
         block = function["action"]["PLpgSQL_stmt_block"]
         return not block.get("exceptions") and _stamps(block.get("body", []), function["datums"])
-    except (KeyError, IndexError, ValueError, TypeError, AttributeError, ParseError):
+    except (KeyError, IndexError, ValueError, TypeError, AttributeError, ParseError, _Unanalyzable):
         return False
 
 
@@ -455,8 +455,7 @@ def _stamps(stmts: list[Any], datums: list[Any]) -> bool:
             target = datums[value["varno"]].get("PLpgSQL_recfield")
             if target is None or datums[target.get("recparentno", 0)]["PLpgSQL_rec"].get("refname") != "new":
                 return False
-            query = value["expr"]["PLpgSQL_expr"]["query"]
-            rhs = query.split(":=", 1)[1] if ":=" in query else query.split("=", 1)[1]
+            rhs = _after_assignment(value["expr"]["PLpgSQL_expr"]["query"])
             field = target["fieldname"].lower()
             if any(ref != ["new", field] for ref in _column_refs(json.loads(parse_sql_json("SELECT " + rhs)))):
                 return False
@@ -1796,7 +1795,7 @@ class _Walker:
         # The body does not run now, nor does a SET clause apply outside the function: neither
         # sets the session's search_path. A body that sets it sets it for the caller's session
         # when it runs, unless the function's own SET clause restores it (property
-        # "body_sets_search_path": engine.resolve_catalog).
+        # "body_sets_search_path": PolicyEngine._unknown_path).
         path, self.search_path = self.search_path, None
         own = _routine_search_path(body)
         before = (self.reads, self.writes, self.functions)
