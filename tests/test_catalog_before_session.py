@@ -24,7 +24,7 @@ POLICY = POLICY_HEAD + """
 name = "mask-account-emails"
 action = "mask"
 [[rules.mask]]
-columns = ["bwv_accounts.email", "bwv_events.email"]
+columns = ["bwv_accounts.email", "bwv_events.email", "bwv_people.email"]
 strategy = "full"
 
 [[rules]]
@@ -139,6 +139,23 @@ TRIGGERS = [
     "CREATE FUNCTION bwv_announce() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
     "PERFORM pg_notify('bwv_changes', row_to_json(NEW)::text); RETURN NEW; END $$",
     "CREATE TRIGGER bwv_announce AFTER UPDATE ON bwv_events FOR EACH ROW EXECUTE FUNCTION bwv_announce()",
+    # Triggers on a masked table told apart by the fields of NEW and OLD they read: indexing the
+    # name (and notifying the id) reads no masked column; keeping the deleted row reads them all.
+    f"CREATE TABLE bwv_people (id int, name text, email text); INSERT INTO bwv_people VALUES (1, 'Dora', '{EMAIL}')",
+    "CREATE TABLE bwv_index (id int, words tsvector)",
+    "CREATE FUNCTION bwv_people_index() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+    "INSERT INTO bwv_index VALUES (NEW.id, to_tsvector('simple', NEW.name)); "
+    "PERFORM pg_notify('bwv_people_ids', NEW.id::text); RETURN NEW; END $$",
+    "CREATE TRIGGER bwv_people_index AFTER INSERT ON bwv_people FOR EACH ROW EXECUTE FUNCTION bwv_people_index()",
+    "CREATE FUNCTION bwv_people_gone() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+    "INSERT INTO bwv_trail VALUES (row_to_json(OLD)::text); RETURN OLD; END $$",
+    "CREATE TRIGGER bwv_people_gone AFTER DELETE ON bwv_people FOR EACH ROW EXECUTE FUNCTION bwv_people_gone()",
+    # An INSTEAD OF trigger on a view renaming the masked column: NEW.contact is the email.
+    "CREATE VIEW bwv_people_contacts AS SELECT id, email AS contact FROM bwv_people",
+    "CREATE FUNCTION bwv_contact_kept() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+    "INSERT INTO bwv_trail VALUES (NEW.contact); RETURN NEW; END $$",
+    "CREATE TRIGGER bwv_contact_kept INSTEAD OF UPDATE ON bwv_people_contacts FOR EACH ROW "
+    "EXECUTE FUNCTION bwv_contact_kept()",
     # A function with a search_path of its own: its body's bare names are looked up there.
     "CREATE SCHEMA bwv_hidden",
     f"CREATE TABLE bwv_hidden.pins (pin text); INSERT INTO bwv_hidden.pins VALUES ('{CODE}')",
@@ -166,9 +183,10 @@ def _drop(pg_server) -> None:
     pg_server.psql("DROP SCHEMA IF EXISTS bwv_other, bwv_hidden CASCADE; DROP FUNCTION IF EXISTS bwv_go_hidden(); "
                    "DROP TABLE IF EXISTS bwv_accounts, bwv_cities, bwv_vault, bwv_log, bwv_events, bwv_trail, "
                    "bwv_orders, bwv_shops, bwv_tickets, bwv_notes, bwv_checked, bwv_teams, bwv_members, bwv_clients, "
-                   "bwv_ledger CASCADE; "
+                   "bwv_ledger, bwv_people, bwv_index CASCADE; "
                    "DROP FUNCTION IF EXISTS bwv_order_trail(), bwv_keep_old(), bwv_shop_stamp(), bwv_stamp(), "
-                   "bwv_note_code(), bwv_announce(), bwv_touch(), bwv_member_gone(); "
+                   "bwv_note_code(), bwv_announce(), bwv_touch(), bwv_member_gone(), bwv_people_index(), "
+                   "bwv_people_gone(), bwv_contact_kept(); "
                    "DROP AGGREGATE IF EXISTS bwv_collect(int); DROP FUNCTION IF EXISTS bwv_agg_step(text, int); "
                    "DROP FUNCTION IF EXISTS bwv_api2(), bwv_api(), bwv_view_api(), bwv_common(text), bwv_emails(), "
                    "bwv_email_of(int), "
@@ -400,6 +418,32 @@ def test_a_write_that_runs_a_trigger_or_rule_made_before_the_session_is_decided_
         assert conn.execute("SELECT touched IS NOT NULL, email FROM bwv_accounts WHERE id = 60").fetchone() == \
             (True, "********"), "the stamp ran and the email stays masked"
     pg_server.psql("DELETE FROM bwv_shops WHERE id = 2; TRUNCATE bwv_trail; DELETE FROM bwv_accounts WHERE id = 60")
+
+
+def test_a_trigger_on_a_masked_table_is_decided_by_the_fields_of_its_rows_it_reads(front, pg_server):
+    """Indexing the name (and notifying the id) of each new row reads no masked field: the write
+    runs, through the front too, and LISTEN on its channel is let through; keeping a deleted row
+    whole (row_to_json(OLD)) or a view's renamed email (NEW.contact) is refused."""
+    with direct_connect(pg_server) as conn:  # straight to the server: what each trigger keeps
+        with conn.transaction(force_rollback=True):
+            conn.execute("DELETE FROM bwv_people WHERE id = 1")
+            conn.execute(f"INSERT INTO bwv_people VALUES (1, 'Dora', '{EMAIL}')")
+            conn.execute("UPDATE bwv_people_contacts SET contact = contact WHERE id = 1")
+            assert conn.execute("SELECT count(*) FROM bwv_trail WHERE v LIKE %s", (f"%{EMAIL}%",)).fetchone() == (2,)
+    with psycopg.connect(front.dsn(), autocommit=True) as conn, direct_connect(pg_server) as listener:
+        conn.execute("LISTEN bwv_people_ids")
+        listener.execute("LISTEN bwv_people_ids")
+        conn.execute("INSERT INTO bwv_people VALUES (2, 'Ola', 'ola@example.org')")
+        assert [n.payload for n in listener.notifies(timeout=5, stop_after=1)] == ["2"]
+        assert conn.execute("SELECT words::text FROM bwv_index WHERE id = 2").fetchone() == ("'ola':1",)
+        assert conn.execute("SELECT email FROM bwv_people WHERE id = 2").fetchone() == ("********",)
+        for sql, runs in [("DELETE FROM bwv_people WHERE id = 2", "public.bwv_people_gone()"),
+                          ("UPDATE bwv_people_contacts SET contact = contact", "public.bwv_contact_kept()")]:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
+                conn.execute(sql)
+            assert "mask-account-emails" in str(e.value) and runs in str(e.value), str(e.value)
+        assert conn.execute("SELECT count(*) FROM bwv_trail").fetchone() == (0,)
+    pg_server.psql("DELETE FROM bwv_people WHERE id = 2; TRUNCATE bwv_trail, bwv_index")
 
 
 def test_truncate_cascade_is_a_write_of_the_tables_that_reference_the_one_named(front, pg_server):
@@ -743,6 +787,30 @@ def test_a_trigger_that_only_stamps_its_row_is_told_apart(body, stamps):
     assert not only_stamps_its_row("CREATE FUNCTION public.s() RETURNS int LANGUAGE sql AS 'SELECT 1'")
 
 
+@pytest.mark.parametrize("body, fields", [
+    ("NEW.words := to_tsvector(NEW.title || ' ' || NEW.body); RETURN NEW;", {"words", "title", "body"}),
+    ("INSERT INTO log VALUES (OLD.id, OLD.\"Email\"); RETURN NULL;", {"id", "email"}),
+    ("IF TG_OP = 'DELETE' THEN RETURN OLD; END IF; NEW.type := 1; RETURN NEW;", {"type"}),  # (a keyword)
+    ("RAISE NOTICE '%', NEW.email; RETURN NEW;", {"email"}),
+    ("EXECUTE format('INSERT INTO t VALUES (%L)', NEW.name); RETURN NEW;", {"name"}),
+    ("INSERT INTO t SELECT x.new FROM x; -- NEW is not read here\n RETURN NEW;", set()),
+    ("PERFORM pg_notify('c', row_to_json(NEW)::text); RETURN NEW;", None),  # the whole row
+    ("INSERT INTO t SELECT NEW.*; RETURN NEW;", None),
+    ("EXECUTE 'INSERT INTO t SELECT ($1).*' USING NEW; RETURN NEW;", None),
+    ("IF NEW IS DISTINCT FROM OLD THEN RETURN NEW; END IF; RETURN NULL;", None),
+    ("IF (NEW).email IS NULL THEN RETURN NULL; END IF; RETURN NEW;", None),
+])
+def test_the_fields_of_new_and_old_a_trigger_reads_are_told_apart(body, fields):
+    from appliance.policy.sql import trigger_row_fields
+    text = f"CREATE OR REPLACE FUNCTION public.s() RETURNS trigger LANGUAGE plpgsql AS $function$ BEGIN {body} END $function$"
+    assert trigger_row_fields(text) == (None if fields is None else frozenset(fields))
+    # Another name for the row, or a record copied from it: any field.
+    for declare in ["r ALIAS FOR NEW", "r record := OLD"]:
+        aliased = text.replace("BEGIN", f"DECLARE {declare}; BEGIN", 1)
+        assert trigger_row_fields(aliased) is None
+    assert trigger_row_fields("CREATE FUNCTION public.s() RETURNS trigger LANGUAGE plpython3u AS 'pass'") is None
+
+
 def test_a_foreign_keys_cascade_is_followed_to_the_tables_whose_writes_matter():
     lookup = CatalogLookup(lambda schema, name: name == "accounts", ["accounts"])
     lookup.functions([("500", "public", "gone", "CREATE FUNCTION public.gone() ... accounts ...")])
@@ -774,6 +842,8 @@ def test_a_foreign_keys_cascade_is_followed_to_the_tables_whose_writes_matter():
     ("pg_notify('changes', row_to_json(NEW)::text)", "changes", True),
     ("pg_notify('changes', row_to_json(NEW)::text)", "jobs", False),
     ("pg_notify(TG_TABLE_NAME, row_to_json(NEW)::text)", "jobs", True),  # a channel built at run time: any
+    ("pg_notify('changes', NEW.id::text)", "changes", False),  # no masked field notified
+    ("pg_notify('changes', NEW.email)", "changes", True),
 ])
 def test_listen_is_refused_on_the_channels_a_trigger_notifies_masked_rows_on(call, channel, refused):
     engine = _engine(POLICY[len(POLICY_HEAD):])

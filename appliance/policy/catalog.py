@@ -357,6 +357,10 @@ class CatalogLookup:
             return self._relevant_memo[1]
         names, depends = self._oid_names, self._depends
         reaches: dict[str, bool] = {}
+        relations: dict[tuple[str | None, str], list[str]] = {}  # (a trigger's table: by name)
+        for oid in depends:
+            if oid[0].isdigit():
+                relations.setdefault(names[oid], []).append(oid)
 
         def guarded(oid: str) -> bool:
             if self.guarded is None:
@@ -370,11 +374,15 @@ class CatalogLookup:
                 return reaches[oid]
             if oid.startswith("f"):  # a function: one whose body was read
                 return oid in self.function_oids
-            # Every view may carry a column masked by its name alone; a trigger only through its
-            # function (whose body names it), as the function is read. A function a table calls
-            # (a default, a constraint, a policy, an index) counts only when it was read.
+            # Every view may carry a column masked by its name alone; a trigger through its
+            # function (whose body names it), as the function is read, or through the rows it
+            # sees: those of a guarded relation, or of a view or child reaching one (an INSTEAD OF
+            # trigger's NEW.contact is the view's column). A function a table calls (a default,
+            # a constraint, a policy, an index) counts only when it was read.
             if oid.startswith(("c", "a")):
                 found = False
+            elif oid.startswith("t"):
+                found = guarded(oid) or any(reach(r, path | {oid}) for r in relations.get(names[oid], ()))
             else:
                 found = (self.guarded is None and oid in depends and not oid.startswith("t")) or guarded(oid)
             for ref in depends.get(oid, ()):

@@ -35,7 +35,8 @@ from appliance.protocols.kubernetes import MaskPath, parse_mask_path
 from appliance.policy.masking import (ColumnAction, DetectorSettings, MessageMasker, RowMasker, Strategy, TextMasker,
                                       column_is_maskable)
 from appliance.policy.sql import (ANY_OUTPUT, BatchAnalysis, Function, Relation, StatementAnalysis, analyze_sql, kind_matches,
-                                  only_stamps_its_row, resolve_execute, resolve_fetch, unparsed)
+                                  only_stamps_its_row, resolve_execute, resolve_fetch, trigger_row_fields,
+                                  unparsed)
 from appliance.policy.ssh import UNKNOWN_PROGRAM, SshAnalysis, SshRequest, analyze_ssh
 from appliance.policy.types import ACTION_STRENGTH, ColumnDesc, MaskPlan, PolicyError, RowGuard, Verdict
 from appliance.policy.catalog import CatalogLookup, catalog_key
@@ -73,13 +74,15 @@ class SqlSessionState:
     # (schema, name) of a relation -> what writing it runs besides (its triggers' functions, its
     # rules ON INSERT/UPDATE/DELETE, the functions its defaults, constraints, indexes and row
     # security policies call): (what, on which of I/U/D/T and S (a read), the analysis of its
-    # body, whether it sees the relation's rows).
-    effects: dict[tuple[str, str], tuple[tuple[str, frozenset[str], StatementAnalysis, bool], ...]] = field(
-        default_factory=dict)
-    # Triggers made before the session that call pg_notify, the relations whose rows they see,
-    # and the channels they notify (None: any): what a LISTEN receives when another session
-    # writes there.
-    notifying: tuple[tuple[str, frozenset[Relation], frozenset[str] | None], ...] = ()
+    # body, which fields of the relation's rows (NEW, OLD) it reads: none (a default, a stamp),
+    # some (sql.trigger_row_fields) or None, the whole row).
+    effects: dict[tuple[str, str], tuple[tuple[str, frozenset[str], StatementAnalysis, frozenset[str] | None], ...]
+                  ] = field(default_factory=dict)
+    # Triggers made before the session that call pg_notify: what, the relations their bodies
+    # read, the relation whose rows they see with the fields they read (None: all), and the
+    # channels they notify (None: any): what a LISTEN receives when another session writes there.
+    notifying: tuple[tuple[str, frozenset[Relation], tuple[Relation, frozenset[str] | None],
+                           frozenset[str] | None], ...] = ()
 
     def copy(self) -> "SqlSessionState":
         return SqlSessionState(dict(self.prepared), self.search_path, dict(self.cursors), self.views,
@@ -164,8 +167,8 @@ def resolve_catalog(stmt: StatementAnalysis, session: SqlSessionState, path: fro
     Calling a function does what its body does (reads, writes, sends, calls), and ``bodies`` says
     which relations each called body reads (masking cannot follow a value through a function's
     result). Writing a relation runs its triggers' functions and its rules too: their bodies are
-    merged likewise, each counted as reading the relation (they see its rows as NEW and OLD, unless
-    a trigger only stamps them); so
+    merged likewise, each counted as reading the fields of the relation's rows it reads as NEW and
+    OLD (a rule: all of them; a trigger that only stamps them: none); so
     are the functions its defaults, constraints, indexes and row security policies call (the
     policies' on a read too)."""
     if stmt.error is not None or all(k.startswith(("DROP_", "REFRESH_")) for k in stmt.kinds):
@@ -176,36 +179,40 @@ def resolve_catalog(stmt: StatementAnalysis, session: SqlSessionState, path: fro
     bodies = list(stmt.bodies)
     error = None
     seen: set[tuple[str, tuple[str, str], Any]] = set()
-    todo: list[tuple[Relation | Function, bool]] = [(r, r in stmt.writes) for r in stmt.reads | stmt.writes]
-    todo += [(f, False) for f in stmt.functions]
     # What the statement itself does to the relations it writes (INSERT ... ON CONFLICT DO UPDATE
-    # updates too, MERGE does all three, COPY FROM inserts); a write inside a body read at login
-    # may be any of them.
+    # updates too, MERGE does all three, COPY FROM inserts), and so to those beneath a view it
+    # writes through; a write inside a body read at login, or a foreign key's action, may be any
+    # of them. S: a read.
     direct = frozenset(e for k in stmt.kinds for e in _EVENTS.get(k, ""))
     if "upsert" in stmt.properties:
         direct |= {"U"}
     if "truncate_cascade" in stmt.properties:
         direct |= {"C"}  # (C: what a foreign key passes on to the referencing table, catalog.py)
+    todo: list[tuple[Relation | Function, frozenset[str]]] = [(r, direct if r in stmt.writes else _READ)
+                                                              for r in stmt.reads | stmt.writes]
+    todo += [(f, _READ) for f in stmt.functions]
 
-    def run(what: str, body: StatementAnalysis, rows: frozenset[Relation] = frozenset()) -> None:
-        """A body the statement runs (a function's, a trigger's, a rule's): what it does is done."""
+    def run(what: str, body: StatementAnalysis, rows: tuple[Relation, frozenset[str] | None] | None = None) -> None:
+        """A body the statement runs (a function's, a trigger's, a rule's): what it does is done;
+        ``rows``: the relation whose rows it sees as NEW and OLD, with the fields it reads."""
         reads.update(body.reads)
         writes.update(body.writes)
         functions.update(body.functions)
         sent.update(body.sent)
         properties.update(body.properties & {"dynamic_sql"})
-        bodies.append((what, _through_views(body.reads | body.writes | rows, views, path)))
-        todo.extend([(r, r in body.writes) for r in body.reads | body.writes] + [(f, False) for f in body.functions])
+        bodies.append((what, _through_views(body.reads | body.writes, views, path),
+                       *(_row_through_views(*rows, views, path) if rows else (frozenset(), frozenset()))))
+        todo.extend([(r, _ANY_WRITE if r in body.writes else _READ) for r in body.reads | body.writes]
+                    + [(f, _READ) for f in body.functions])
 
     while todo:
-        item, written = todo.pop()
+        item, events = todo.pop()
         if not isinstance(item, Function):
-            events = (direct if item in stmt.writes else frozenset("IUDT")) if written else frozenset("S")
             for key in _catalog_names(item, path, session.effects):
                 if ("e", key, events) in seen:
                     continue
                 seen.add(("e", key, events))
-                for what, on, body, sees_rows in session.effects[key]:
+                for what, on, body, fields in session.effects[key]:
                     if not on & events:
                         continue
                     if body.error is not None:
@@ -213,9 +220,9 @@ def resolve_catalog(stmt: StatementAnalysis, session: SqlSessionState, path: fro
                         continue
                     if body.kind == "CASCADE":  # rows of another table written: its own triggers and rules run
                         writes.update(body.writes)
-                        todo.extend((r, True) for r in body.writes)
+                        todo.extend((r, _ANY_WRITE) for r in body.writes)
                         continue
-                    run(what, body, frozenset({Relation(*key)}) if sees_rows else frozenset())
+                    run(what, body, (Relation(*key), fields) if fields is None or fields else None)
         if isinstance(item, Function):
             for key in _catalog_names(item, path, session.functions):
                 if ("f", key, False) in seen:
@@ -229,9 +236,9 @@ def resolve_catalog(stmt: StatementAnalysis, session: SqlSessionState, path: fro
                 run(f"function {key[0]}.{key[1]}()", body)
             continue
         for key in _catalog_names(item, path, views):
-            if ("v", key, written) in seen:
+            if ("v", key, events) in seen:
                 continue
-            seen.add(("v", key, written))
+            seen.add(("v", key, events))
             body = views[key]
             if body.error is not None:
                 error = f"the statement reads view {key[0]}.{key[1]}, whose query botwarden could not read: {body.error}"
@@ -241,22 +248,43 @@ def resolve_catalog(stmt: StatementAnalysis, session: SqlSessionState, path: fro
             outputs += body.outputs
             sent |= set(body.sent)
             properties |= body.properties - {"multi_statement"}
-            if written:
+            if events != _READ:
                 writes |= body.reads
-            todo += [(r, written) for r in body.reads] + [(f, False) for f in body.functions]
-    heard = [(what, rels) for what, rels, channels in session.notifying
+            todo += [(r, events) for r in body.reads] + [(f, _READ) for f in body.functions]
+    heard = [(what, rels, rows) for what, rels, rows, channels in session.notifying
              if stmt.channel is None or channels is None or stmt.channel in channels] if "LISTEN" in stmt.kinds else []
     if heard:
         # Another session's write runs the trigger: its notification reaches this one unmasked.
         # LISTEN reads what those triggers see (a block rule on such a relation refuses it too).
-        bodies += [(f"LISTEN, which receives what {what} sends with pg_notify", rels) for what, rels in heard]
-        reads |= {r for _, rels in heard for r in rels}
+        bodies += [(f"LISTEN, which receives what {what} sends with pg_notify", _through_views(rels, views, path),
+                    *_row_through_views(*rows, views, path)) for what, rels, rows in heard]
+        reads |= {r for _, rels, rows in heard for r in rels | {rows[0]}}
         seen.add(("l", ("", ""), None))
     if not seen:
         return stmt
     return replace(stmt, reads=frozenset(reads), writes=frozenset(writes), functions=frozenset(functions),
                    outputs=tuple(outputs), sent=tuple(sorted(sent)), properties=frozenset(properties),
                    bodies=tuple(bodies), error=error)
+
+
+def _row_through_views(relation: Relation, fields: frozenset[str] | None, views: Mapping[tuple[str, str], StatementAnalysis],
+                       path: frozenset[str]) -> tuple[frozenset[Relation], frozenset[str] | None]:
+    """A trigger's rows (NEW, OLD of ``relation``, of which it reads ``fields``; None: all) as
+    the relations beneath it and the columns the fields may carry: through a learned view (an
+    INSTEAD OF trigger) its output columns are computed from the query's (``email AS contact``:
+    contact carries email); a partition or inheritance child keeps its parents' names."""
+    relations = _through_views(frozenset({relation}), views, path)
+    if fields is None:
+        return relations, None
+    names = set(fields)
+    for _ in range(len(relations)):  # views of views: each pass follows one level further
+        before = len(names)
+        for key in (k for r in relations for k in _catalog_names(r, path, views)):
+            outputs, ranges = _outputs_by_name(views[key].outputs, {}), {r.name for r in views[key].reads}
+            names |= set().union(*(_column_sources(n, outputs, ranges) for n in list(names)))
+        if len(names) == before:
+            break
+    return relations, frozenset(names)
 
 
 def _calls_notify(body: StatementAnalysis, learned: Mapping[tuple[str, str], StatementAnalysis]) -> bool:
@@ -275,6 +303,7 @@ def _calls_notify(body: StatementAnalysis, learned: Mapping[tuple[str, str], Sta
     return False
 
 
+_READ, _ANY_WRITE = frozenset("S"), frozenset("IUDT")
 _ANY_SCHEMA = frozenset({"*"})  # (a body's bare name: the caller's path is not known when it is learned)
 _NOTIFY_CALL = re.compile(r"pg_notify\s*\(", re.IGNORECASE)
 _NOTIFY_LITERAL = re.compile(r"pg_notify\s*\(\s*'((?:[^']|'')*)'\s*,", re.IGNORECASE)
@@ -846,7 +875,7 @@ class PolicyEngine:
                                  functions=merged.functions | d.functions, properties=merged.properties | d.properties,
                                  sent=tuple(sorted(set(merged.sent) | set(d.sent))))
             bodies[key] = merged
-        runs: dict[tuple[str, str], tuple[tuple[str, frozenset[str], StatementAnalysis, bool], ...]] = {}
+        runs: dict[tuple[str, str], tuple[tuple[str, frozenset[str], StatementAnalysis, frozenset[str] | None], ...]] = {}
         notifying = []
         for (schema, name), entries in effects.items():
             found = []
@@ -855,30 +884,34 @@ class PolicyEngine:
                 if entry[0] == "cascade":  # a foreign key's ON DELETE / ON UPDATE writes that table
                     found.append((f"a foreign key's ON DELETE/UPDATE action on {entry[2]}.{entry[3]}", events,
                                   StatementAnalysis(kind="CASCADE", writes=frozenset({Relation(entry[2], entry[3])})),
-                                  False))
+                                  frozenset()))
                     continue
                 if entry[0] in ("trigger", "call"):  # a function in another language: not followed (docs/policy.md)
                     fkey = (entry[2], entry[3])
                     what = (f"trigger function {fkey[0]}.{fkey[1]}() of {schema}.{name}" if entry[0] == "trigger" else
                             f"function {fkey[0]}.{fkey[1]}(), which a default, constraint, index or row security "
                             f"policy of {schema}.{name} calls")
-                    # A trigger's function sees the rows (NEW, OLD), unless all it does is stamp them
-                    # (NEW.updated_at := now()); a default's or policy's only its arguments.
+                    # A trigger's function sees the rows (NEW, OLD) and reads the fields it names
+                    # (all of them when it passes a whole row on, or in another language), none when
+                    # all it does is stamp them (NEW.updated_at := now()); a default's or policy's
+                    # function only its arguments.
                     texts = functions.get(fkey, ())
-                    sees_rows = entry[0] == "trigger" and not (len(texts) == 1 and only_stamps_its_row(texts[0]))
+                    fields: frozenset[str] | None = frozenset()
+                    if entry[0] == "trigger" and not (len(texts) == 1 and only_stamps_its_row(texts[0])):
+                        fields = trigger_row_fields(texts[0]) if len(texts) == 1 else None
                     body = bodies.get(fkey, StatementAnalysis(kind="TRIGGER"))
-                    found.append((what, events, body, sees_rows))
-                    if sees_rows and body.error is None and _calls_notify(body, bodies):
-                        notifying.append((what, body.reads | {Relation(schema, name)},
+                    found.append((what, events, body, fields))
+                    if (fields is None or fields) and body.error is None and _calls_notify(body, bodies):
+                        notifying.append((what, body.reads, (Relation(schema, name), fields),
                                           _notified_channels(body, bodies, texts)))
                     continue
                 batch = self.analyze(entry[2]) if entry[2] else None
                 rule = batch.statements[0] if batch is not None and len(batch.statements) == 1 else None
                 what = f"a rule on {schema}.{name}"
                 if rule is None or rule.error is not None or "CREATE_RULE" not in rule.kinds:
-                    found.append((what, events, unparsed("botwarden could not read the rule"), True))
-                else:
-                    found.append((what, events, replace(rule, writes=rule.writes - {Relation(schema, name)}), True))
+                    found.append((what, events, unparsed("botwarden could not read the rule"), None))
+                else:  # (its actions see NEW and OLD: all their fields, not told apart)
+                    found.append((what, events, replace(rule, writes=rule.writes - {Relation(schema, name)}), None))
             runs[(schema, name)] = tuple(found)
         session.views, session.functions, session.effects = learned, bodies, runs
         session.notifying = tuple(notifying)
@@ -1197,7 +1230,9 @@ class PolicyEngine:
                     return rule, (f"{what} reads a relation whose columns rule {rule!r} masks: masking cannot "
                                   f"follow values through its variables or results; read the columns with a plain SELECT")
                 continue
-            called = next((name for name, rels in st.bodies if covered(rels)), None)
+            called = next((name for name, rels, row_rels, fields in st.bodies if covered(rels) or any(
+                _column_spec_matches(p, {"*"} if fields is None else set(fields), list(row_rels))
+                for spec in specs for p in spec.columns)), None)
             if called is not None:
                 return rule, (f"the statement runs {called}, whose body reads a relation whose columns rule "
                               f"{rule!r} masks: masking cannot follow values through a function's, trigger's or "

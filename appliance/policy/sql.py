@@ -266,9 +266,10 @@ class StatementAnalysis:
     assigned: tuple[tuple[str, frozenset[str]], ...] = ()
     # Calls of SENDING_FUNCTIONS: function name -> the column names in its arguments.
     sent: tuple[tuple[str, frozenset[str]], ...] = ()
-    # Functions made before the session that the statement calls (engine.resolve_catalog):
-    # function -> the relations its body reads or writes.
-    bodies: tuple[tuple[str, frozenset["Relation"]], ...] = ()
+    # Functions, triggers and rules made before the session that the statement runs
+    # (engine.resolve_catalog): what -> the relations its body reads or writes, and the relations
+    # whose rows it sees as NEW and OLD with the columns of them it reads (None: all).
+    bodies: tuple[tuple[str, frozenset["Relation"], frozenset["Relation"], frozenset[str] | None], ...] = ()
     # Session effects (applied by SqlSessionState when the statement is let through).
     prepare_name: str | None = None
     prepared_body: "StatementAnalysis | None" = field(default=None, compare=False)
@@ -472,6 +473,59 @@ def _stamps(stmts: list[Any], datums: list[Any]) -> bool:
         else:
             return False
     return True
+
+
+def _routine_code(body: Mapping[str, Any]) -> tuple[str, str | None]:
+    """A CREATE FUNCTION's language and its body's text (None: no single string, e.g. a C
+    function's object file and symbol, or BEGIN ATOMIC)."""
+    language, code = "sql", None
+    for opt in body.get("options", []):
+        elem = opt.get("DefElem", {}) if isinstance(opt, dict) else {}
+        if elem.get("defname") == "language":
+            language = (_sval(elem.get("arg")) or _const_string(elem.get("arg")) or "").lower()
+        elif elem.get("defname") == "as":
+            arg = elem.get("arg")
+            items = arg.get("List", {}).get("items", []) if isinstance(arg, dict) else arg
+            parts = _names(items or [])
+            code = parts[0] if len(parts) == 1 else None
+    return language, code
+
+
+def trigger_row_fields(definition: str) -> frozenset[str] | None:
+    """The fields of NEW and OLD a PL/pgSQL trigger function (``CREATE FUNCTION`` text, as
+    pg_get_functiondef prints it) reads, lower-cased: ``NEW.title``, ``OLD.email``, wherever they
+    appear (expressions, embedded SQL, RAISE, EXECUTE ... USING, declarations). None when it may
+    read the whole row or botwarden cannot tell: NEW or OLD as a value (``row_to_json(NEW)``,
+    ``f(OLD)``, ``NEW.*``, ``USING NEW``, ``r record := OLD``, ``x ALIAS FOR NEW``, ``(NEW).x``),
+    another language, text this cannot read. ``RETURN NEW`` / ``RETURN OLD`` hand the row back to
+    the executor and read nothing. Over-approximates: a table aliased ``new`` in an embedded
+    query counts as NEW, and comments are skipped but string literals are not looked into (a
+    dynamic query cannot see NEW or OLD)."""
+    try:
+        (entry,) = _tree(parse_sql_json(definition)).get("stmts", [])
+        language, code = _routine_code(entry["stmt"]["CreateFunctionStmt"])
+        if language != "plpgsql" or code is None:
+            return None
+        raw = code.encode("utf-8")
+        tokens = [(t, raw[t.start:t.end + 1].decode("utf-8", "replace")) for t in pglast.parser.scan(code)
+                  if t.name not in ("SQL_COMMENT", "C_COMMENT")]
+    except (KeyError, TypeError, ValueError, ParseError, UnicodeError):
+        return None
+    fields: set[str] = set()
+    for i, (token, text) in enumerate(tokens):
+        if text.strip('"').lower() not in ("new", "old") or (i and tokens[i - 1][1] == "."):
+            continue  # (t.new: a column named new)
+        after = tokens[i + 1][1] if i + 1 < len(tokens) else ""
+        if after == "." and i + 2 < len(tokens):
+            field, name = tokens[i + 2][1], tokens[i + 2][0].name
+            if name == "IDENT" or tokens[i + 2][0].kind != "NO_KEYWORD":  # (a keyword: NEW.type)
+                fields.add(field.strip('"').lower())
+                continue
+            return None  # NEW.*
+        if after == ";" and i and tokens[i - 1][1].lower() == "return":
+            continue
+        return None
+    return frozenset(fields)
 
 
 def _column_refs(node: Any) -> list[list[str]]:
@@ -1819,16 +1873,7 @@ class _Walker:
 
     def _create_function(self, body: Mapping[str, Any]) -> None:
         self.properties.add("function_body")
-        language, code = "sql", None
-        for opt in body.get("options", []):
-            elem = opt.get("DefElem", {}) if isinstance(opt, dict) else {}
-            if elem.get("defname") == "language":
-                language = (_sval(elem.get("arg")) or _const_string(elem.get("arg")) or "").lower()
-            elif elem.get("defname") == "as":
-                arg = elem.get("arg")
-                items = arg.get("List", {}).get("items", []) if isinstance(arg, dict) else arg
-                parts = _names(items or [])
-                code = parts[0] if len(parts) == 1 else None
+        language, code = _routine_code(body)
         if body.get("sql_body"):
             pass  # BEGIN ATOMIC ... END: already a parsed tree, walked below
         elif code is not None and language == "sql":
