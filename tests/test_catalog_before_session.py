@@ -649,6 +649,30 @@ def test_cached_answers_are_keyed_by_the_catalogs_counters():
         off.cached([])
 
 
+def test_equal_answers_read_again_are_not_analysed_again(monkeypatch):
+    """A temporary table made by another session moves the catalog's counters: the answers read
+    again are equal, and what was analysed from them is reused (the analysis runs on the front's
+    event loop)."""
+    engine = _engine(POLICY[len(POLICY_HEAD):])
+
+    def answers():
+        return ({("public", "contacts"): "SELECT id, email AS contact FROM public.bwv_accounts"},
+                {("public", "emails"): ["CREATE FUNCTION public.emails() RETURNS SETOF text LANGUAGE sql "
+                                        "AS 'SELECT email FROM public.bwv_accounts'"]},
+                {("public", "bwv_accounts"): [("trigger", "U", "public", "emails")]})
+    first, again = SqlSessionState(), SqlSessionState()
+    engine.learn_catalog(first, *answers())
+    analysed: list[str] = []
+    analyze = engine.analyze
+    monkeypatch.setattr(engine, "analyze", lambda sql: analysed.append(sql) or analyze(sql))
+    engine.learn_catalog(again, *answers())
+    assert analysed == [] and again.functions is first.functions and again.catalog_key == first.catalog_key
+    changed = answers()
+    changed[0][("public", "contacts")] = "SELECT id FROM public.bwv_accounts"
+    engine.learn_catalog(SqlSessionState(), *changed)
+    assert analysed  # another answer: analysed
+
+
 def test_triggers_and_rules_on_a_guarded_relation_or_reaching_one_are_learned():
     lookup = CatalogLookup(lambda schema, name: name == "accounts", ["accounts"])
     lookup.functions([("500", "public", "copy_email", "CREATE FUNCTION public.copy_email() ... accounts ...")])

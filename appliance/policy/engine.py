@@ -747,7 +747,7 @@ class PolicyEngine:
         self._analysis: dict[str, BatchAnalysis] = {}
         self._plans: dict[tuple, tuple[tuple, list[ColumnAction | None] | None]] = {}
         self._catalog_cache: dict[tuple, tuple[dict, dict]] = {}  # catalog.CatalogLookup's answers
-        self._catalog_learned: dict[int, tuple] = {}  # id(views) -> those answers, analysed (learn_catalog)
+        self._catalog_learned: dict[int | str, tuple] = {}  # id(views), catalog_key -> those answers, analysed
         self.stats = {"exact_hits": 0, "shape_hits": 0, "misses": 0}
 
     # -- scope --
@@ -841,11 +841,17 @@ class PolicyEngine:
         (their queries and bodies analysed once per engine). One botwarden cannot analyse (a view
         dropped meanwhile, a PL/pgSQL body its parser cannot read) refuses the statements that
         read, call or write it. Answers the catalog cache gave again (the same objects) are not
-        analysed again."""
+        analysed again, nor are equal answers read after a catalog change that changed none of
+        them (a temporary table made by another session moves the catalog's counters)."""
         if effects is None:
             effects = {}
         done = self._catalog_learned.get(id(views))
-        if done is not None and done[0] is views and done[1] is functions and done[2] is effects:
+        if done is None or not (done[0] is views and done[1] is functions and done[2] is effects):
+            digest = catalog_key(views, functions, effects)
+            done = self._catalog_learned.get(digest)
+            if done is not None:
+                self._remember_learned(id(views), (views, functions, effects, *done[3:]))
+        if done is not None:
             session.views, session.functions, session.effects, session.notifying, session.catalog_key = done[3:]
             self._unknown_path(session)
             return
@@ -915,12 +921,16 @@ class PolicyEngine:
             runs[(schema, name)] = tuple(found)
         session.views, session.functions, session.effects = learned, bodies, runs
         session.notifying = tuple(notifying)
-        session.catalog_key = catalog_key(views, functions, effects)
+        session.catalog_key = digest
         self._unknown_path(session)
+        done = (views, functions, effects, learned, bodies, runs, session.notifying, digest)
+        self._remember_learned(id(views), done)
+        self._remember_learned(digest, done)
+
+    def _remember_learned(self, key: int | str, done: tuple) -> None:
         if len(self._catalog_learned) >= 256:
             self._catalog_learned.clear()
-        self._catalog_learned[id(views)] = (views, functions, effects, learned, bodies, runs, session.notifying,
-                                            session.catalog_key)
+        self._catalog_learned[key] = done
 
     @staticmethod
     def _unknown_path(session: SqlSessionState) -> None:
