@@ -330,6 +330,9 @@ class TargetConfig:
     default_action: Literal["allow", "block", "approve"] = "allow"
     max_message_size: int = 64 * 1024 * 1024
     connect_timeout: float = 5.0
+    # postgres targets: how often a long session reads the catalog's change counters again, to
+    # learn views, functions and triggers made after it logged in (seconds; 0: at login only).
+    catalog_recheck_s: float = field(default=2.0, metadata=check(_not_negative))
     # What the session recording keeps: the session's bytes as the bot saw them ("full") or only
     # its events (startup, sizes, truncation: "metadata"). docs/recordings.md
     record: Literal["full", "metadata"] = "full"

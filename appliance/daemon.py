@@ -133,7 +133,7 @@ def make_front(target: TargetConfig, config: Config, services: Any, admission: A
             # A Unix listener is local by construction: no network to protect the password from.
             allow_plaintext=target.allow_plaintext or target.listen_unix_path is not None, require_token=target.authentication != "attestation",
             authentication=target.authentication, max_message_size=target.max_message_size, connect_timeout=target.connect_timeout,
-            message_timeout=config.limits.message_timeout_s)
+            message_timeout=config.limits.message_timeout_s, catalog_recheck_s=target.catalog_recheck_s)
         return PostgresFront(settings, services, admission)
     if target.protocol == "kubernetes":
         from appliance.fronts.k8s import K8sFrontSettings, KubernetesFront

@@ -16,8 +16,8 @@ from appliance.config import parse_config
 from appliance.policy import ColumnDesc, PolicyEngine
 from appliance.policy.engine import SqlSessionState
 from appliance.policy.catalog import CatalogLookup, like_fragment, split_regclass
-from tests.pg_front_fixtures import (POLICY_HEAD, EngineServices, FrontThread, direct_connect, plain_settings,
-                                     setup_roles)
+from tests.pg_front_fixtures import (CLEAR_PASSWORD, CLEAR_USER, POLICY_HEAD, EngineServices, FrontThread,
+                                     direct_connect, plain_settings, setup_roles)
 
 POLICY = POLICY_HEAD + """
 [[rules]]
@@ -376,6 +376,75 @@ def test_the_catalogs_answers_are_reused_until_the_catalog_changes(front, pg_ser
         assert len(engine._catalog_cache) > known[1]
     finally:
         pg_server.psql("DROP VIEW IF EXISTS bwv_late")
+
+
+def _counters(pg_server) -> tuple:
+    with direct_connect(pg_server) as conn:
+        return conn.execute(CatalogLookup.probe_query).fetchone()
+
+
+def _counted(pg_server, before: tuple) -> None:
+    """Until the server's catalog change counters show another session's DDL (a session flushes
+    its counts as it ends, shortly after its client is gone)."""
+    deadline = time.monotonic() + 10
+    while _counters(pg_server) == before:
+        assert time.monotonic() < deadline, "the catalog's counters never moved"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("prepare", [False, True], ids=["simple", "extended"])
+def test_a_view_or_trigger_made_after_the_session_logged_in_is_learned_at_its_next_check(pg_server, front, prepare):
+    """A session open for hours would otherwise decide by the catalog as it was at login: a view
+    an administrator makes later would read the email in clear, a trigger made later would copy
+    it. After catalog_recheck_s the next statement sent while idle waits for the counters to be
+    read again, and the catalog when they moved; the bot notices nothing else."""
+    recheck = FrontThread(plain_settings(pg_server, catalog_recheck_s=0.3), EngineServices(POLICY))
+    later = "CREATE VIEW bwv_later AS SELECT id, email AS later FROM bwv_accounts"
+    trigger = ("CREATE FUNCTION bwv_later_keep() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+               "INSERT INTO bwv_trail VALUES (NEW.email); RETURN NEW; END $$; "
+               "CREATE TRIGGER bwv_later_keep AFTER INSERT ON bwv_people FOR EACH ROW EXECUTE FUNCTION bwv_later_keep()")
+    try:
+        with psycopg.connect(recheck.dsn(), autocommit=True) as conn:
+            assert conn.execute("SELECT count(*) FROM bwv_cities", prepare=prepare).fetchone() == (1,)
+            before = _counters(pg_server)
+            pg_server.psql(f"{later}; {trigger}")
+            with direct_connect(pg_server) as direct:  # straight to the server: the view gives it away
+                assert direct.execute("SELECT later FROM bwv_later").fetchone() == (EMAIL,)
+            _counted(pg_server, before)
+            time.sleep(0.4)
+            # The first statement after the interval: decided with the view and trigger known.
+            assert conn.execute("SELECT later FROM bwv_later", prepare=prepare).fetchone() == ("********",)
+            with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
+                conn.execute("INSERT INTO bwv_people VALUES (3, 'Kari', 'kari@example.org')", prepare=prepare)
+            assert "public.bwv_later_keep()" in str(e.value), str(e.value)
+            # Nothing else changed for the bot: a transaction, a plain read.
+            with conn.transaction():
+                assert conn.execute("SELECT city FROM bwv_cities", prepare=prepare).fetchone() == ("Bergen",)
+            assert conn.execute("SELECT count(*) FROM bwv_trail").fetchone() == (0,)
+    finally:
+        pg_server.psql("DROP VIEW IF EXISTS bwv_later; DROP TRIGGER IF EXISTS bwv_later_keep ON bwv_people; "
+                       "DROP FUNCTION IF EXISTS bwv_later_keep()")
+        recheck.stop()
+
+
+def test_a_session_whose_catalog_cannot_be_read_again_ends_with_a_clear_error(pg_server, front):
+    """Fail closed, as at login: the bot is told why (FATAL 08006) rather than decided by what the
+    catalog said long ago."""
+    recheck = FrontThread(plain_settings(pg_server, catalog_recheck_s=0.3),
+                          EngineServices(POLICY, CLEAR_USER, CLEAR_PASSWORD))  # (not a superuser: REVOKE applies)
+    revoke = "REVOKE EXECUTE ON FUNCTION pg_catalog.pg_stat_get_tuples_inserted(oid) FROM PUBLIC"
+    try:
+        with psycopg.connect(recheck.dsn(), autocommit=True) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+            pg_server.psql(revoke)
+            time.sleep(0.4)
+            with pytest.raises(psycopg.OperationalError) as e:
+                conn.execute("SELECT 1")
+            assert "botwarden could not read the catalog's change counters" in str(e.value), str(e.value)
+            assert "permission denied for function pg_stat_get_tuples_inserted" in str(e.value), str(e.value)
+    finally:
+        pg_server.psql(revoke.replace("REVOKE", "GRANT").replace("FROM PUBLIC", "TO PUBLIC"))
+        recheck.stop()
 
 
 TRIGGERED = [  # (statement, the rule refusing it, what it runs)

@@ -23,6 +23,8 @@ class ExtendedProtocolMixin:
             # The server discards this after our refusal: no decision, no response to expect.
             self._ext_open = True
             return None
+        if self._catalog_next and self._catalog_due():
+            return self._recheck_catalog(buf, s, e)
         start = body.index(0) + 1
         query, v, refusal = self._read_and_decide(body[start:body.index(0, start)], "parse")
         ext_was_open, self._ext_open = self._ext_open, True

@@ -21,6 +21,8 @@ class FunctionLookupMixin:
         msg = m.FunctionCall.decode(bytes(buf[s + 5:e]))
         if self._skip_until_sync:
             return None  # discarded by the server inside a failed batch, like a Query
+        if self._catalog_next and self._catalog_due():
+            return self._recheck_catalog(buf, s, e)
         if self._pace is not None and (held := self._pace_first(buf, s, e)) is not None:
             return held  # the audit store is far behind: wait for it, as a Query or Execute does
         name = self._function_name(msg.oid)

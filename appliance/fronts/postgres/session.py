@@ -35,6 +35,7 @@ from .masking import MaskingMixin
 from .lookup import FunctionLookupMixin
 from .guard import RowGuardMixin
 from .holds import HoldMixin
+from .recheck import CatalogRecheckMixin
 
 # How long a bot sent a FATAL has to hang up before its connection is closed (see close).
 LINGER_S = 2.0
@@ -49,7 +50,7 @@ _NO_LIMIT = 0x7FFFFFFF  # the server side checks only that a length is at least 
 
 
 class Session(StartupMixin, ReadingMixin, ExtendedProtocolMixin, MaskingMixin, FunctionLookupMixin,
-              RowGuardMixin, HoldMixin, CancelKeyMixin):
+              RowGuardMixin, HoldMixin, CancelKeyMixin, CatalogRecheckMixin):
     """State of one bot session: startup coroutine, then two relay directions."""
 
     def __init__(self, front: PostgresFront, bot: BotProtocol):
@@ -106,7 +107,8 @@ class Session(StartupMixin, ReadingMixin, ExtendedProtocolMixin, MaskingMixin, F
         self._run_end = 0  # where a handler that took a run of messages left the server's buffer
         self._server_fatal = False
         self._terminated = False
-        self._lookup_active = False   # a FunctionCall's OID is being resolved on this session
+        self._lookup_active = False   # a FunctionCall's OID is being resolved, or the catalog read, on this session
+        self._recheck_task: asyncio.Task | None = None  # the catalog read again (recheck.py)
         # Affected-rows guard: the EXPLAIN in flight (original message, extended?, request), the
         # estimate for the message processed again ((original, rows or None, why none)), and what
         # runs once the bot's earlier extended messages are all answered.
@@ -216,6 +218,8 @@ class Session(StartupMixin, ReadingMixin, ExtendedProtocolMixin, MaskingMixin, F
             self._startup_task.cancel()
         if self._hold_task is not None and not self._hold_task.done():
             self._hold_task.cancel()
+        if self._recheck_task is not None and not self._recheck_task.done():
+            self._recheck_task.cancel()
         bot = self.bot.transport
         if bot is not None:
             if linger and not bot.is_closing() and bot.can_write_eof():
@@ -410,6 +414,8 @@ class Session(StartupMixin, ReadingMixin, ExtendedProtocolMixin, MaskingMixin, F
             raise RemoteProtocolError("Query must carry exactly one NUL-terminated string")
         if self._skip_until_sync:
             return None  # inside a failed batch the server discards a Query too, up to Sync
+        if self._catalog_next and self._catalog_due():
+            return self._recheck_catalog(buf, s, e)
         if self._pace is not None and (held := self._pace_first(buf, s, e)) is not None:
             return held
         sql, v, refusal = self._read_and_decide(bytes(buf[s + 5:e - 1]), "query")

@@ -45,6 +45,10 @@ class PgFrontSettings:
     connect_timeout: float = 10.0
     startup_timeout: float = 30.0
     message_timeout: float = 60.0         # a message started after login must be complete by then (0: off)
+    # A session whose rules need the catalog (views, functions, triggers made before it: policy/
+    # catalog.py) reads its change counters again, before a statement sent when idle, once this
+    # many seconds have passed since it last did (recheck.py); 0: at login only.
+    catalog_recheck_s: float = 2.0
 
     def __post_init__(self) -> None:
         if self.upstream_tls not in ("disable", "prefer", "require", "verify-full"):
@@ -55,6 +59,8 @@ class PgFrontSettings:
             raise ValueError("tls_cert_file and tls_key_file go together")
         if self.tls_cert_file is None and not self.allow_plaintext:
             raise ValueError("without tls_cert_file the front can only serve bots with allow_plaintext = true")
+        if self.catalog_recheck_s < 0:
+            raise ValueError("catalog_recheck_s must be 0 (at login only) or more")
         if not 1024 <= self.max_message_size <= SERVER_MAX_MESSAGE:
             raise ValueError("max_message_size must be between 1 KiB and 1 GiB")
 

@@ -6,6 +6,8 @@ import asyncio
 import json
 import logging
 import ssl
+import time
+from typing import Any, Awaitable, Callable
 
 from appliance.policy.engine import DEFAULT_SEARCH_PATH
 from appliance.policy.reading import TRACKED_PARAMETERS
@@ -162,26 +164,35 @@ class StartupMixin:
                                         "server's configuration)")
         if lookup is None:
             return
+        await self._read_catalog(lookup, answers[1], self._ask_server)
+        self._catalog_next = time.monotonic() + self.settings.catalog_recheck_s if self.settings.catalog_recheck_s else 0.0
+
+    async def _read_catalog(self, lookup: Any, probe: list, ask: Callable[[list[str], str], Awaitable[list]], *,
+                            again: bool = False) -> None:
+        """What ``lookup`` finds in the catalog (policy/catalog.py), given to the policy engine for
+        this session: the answers cached under the counters ``probe`` read, or read now with
+        ``ask`` (a few round trips on the session). ``again``: a re-read during the session
+        (recheck.py), whose answers replace what the session knew, even when there are none."""
         try:
-            learned = lookup.cached(answers[1])
+            learned = lookup.cached(probe)
             if learned is None:
-                found = await self._ask_server(lookup.queries, "the views and functions")
+                found = await ask(lookup.queries, "the views and functions")
                 lookup.dependencies(found[0])
                 lookup.functions(found[1])
                 while (more := lookup.next_functions_query()) is not None:
                     early = lookup.definitions_query()  # the views known so far, in the same round trip
-                    answered = await self._ask_server([more] + ([early] if early else []), "the functions")
+                    answered = await ask([more] + ([early] if early else []), "the functions")
                     lookup.functions(answered[0])
                     if early:
                         lookup.add_definitions(answered[1])
                 query = lookup.definitions_query()
-                answered = (await self._ask_server([query], "the definitions of views"))[0] if query else []
+                answered = (await ask([query], "the definitions of views"))[0] if query else []
                 learned = (lookup.definitions(answered), lookup.learned_functions, lookup.effects)
                 lookup.remember(learned)
         except ValueError as e:
             raise FrontError(sqlstate.CONNECTION_FAILURE, f"botwarden could not read the target's catalog: {e}") from None
         views, functions, effects = learned
-        if views or functions or effects:
+        if views or functions or effects or again:
             self.services.learn_catalog(self.core.grant, views, functions, effects)
 
     async def _ask_server(self, queries: list[str], what: str) -> list[list[tuple[str | None, ...]]]:
