@@ -475,17 +475,19 @@ def _stamps(stmts: list[Any], datums: list[Any]) -> bool:
     return True
 
 
-def _routine_code(body: Mapping[str, Any]) -> tuple[str, str | None]:
-    """A CREATE FUNCTION's language and its body's text (None: no single string, e.g. a C
-    function's object file and symbol, or BEGIN ATOMIC)."""
-    language, code = "sql", None
-    for opt in body.get("options", []):
+def _routine_code(options: Iterable[Any], language: str = "sql") -> tuple[str, str | None]:
+    """A CREATE FUNCTION's (its ``options``) or DO block's (its ``args``, ``language``
+    plpgsql) language and its body's text (None: no single string, e.g. a C function's object
+    file and symbol, or BEGIN ATOMIC)."""
+    code = None
+    for opt in options:
         elem = opt.get("DefElem", {}) if isinstance(opt, dict) else {}
         if elem.get("defname") == "language":
             language = (_sval(elem.get("arg")) or _const_string(elem.get("arg")) or "").lower()
         elif elem.get("defname") == "as":
             arg = elem.get("arg")
-            items = arg.get("List", {}).get("items", []) if isinstance(arg, dict) else arg
+            items = arg["List"].get("items", []) if isinstance(arg, dict) and "List" in arg else (
+                arg if isinstance(arg, list) else [arg])
             parts = _names(items or [])
             code = parts[0] if len(parts) == 1 else None
     return language, code
@@ -503,7 +505,7 @@ def trigger_row_fields(definition: str) -> frozenset[str] | None:
     dynamic query cannot see NEW or OLD)."""
     try:
         (entry,) = _tree(parse_sql_json(definition)).get("stmts", [])
-        language, code = _routine_code(entry["stmt"]["CreateFunctionStmt"])
+        language, code = _routine_code(entry["stmt"]["CreateFunctionStmt"].get("options", []))
         if language != "plpgsql" or code is None:
             return None
         raw = code.encode("utf-8")
@@ -1832,13 +1834,7 @@ class _Walker:
     # -- code bodies --
     def _v_DoStmt(self, body: Mapping[str, Any]) -> None:
         self.properties.add("do_block")
-        language, code = "plpgsql", None
-        for arg in body.get("args", []):
-            elem = arg.get("DefElem", {}) if isinstance(arg, dict) else {}
-            if elem.get("defname") == "language":
-                language = (_sval(elem.get("arg")) or _const_string(elem.get("arg")) or "").lower()
-            elif elem.get("defname") == "as":
-                code = _sval(elem.get("arg"))
+        language, code = _routine_code(body.get("args", []), "plpgsql")
         if code is None:
             raise _Unanalyzable("DO block without a body botwarden can read")
         if language != "plpgsql":
@@ -1873,7 +1869,7 @@ class _Walker:
 
     def _create_function(self, body: Mapping[str, Any]) -> None:
         self.properties.add("function_body")
-        language, code = _routine_code(body)
+        language, code = _routine_code(body.get("options", []))
         if body.get("sql_body"):
             pass  # BEGIN ATOMIC ... END: already a parsed tree, walked below
         elif code is not None and language == "sql":
