@@ -84,6 +84,11 @@ FUNCTIONS = [
     "CREATE FUNCTION bwv_agg_step(s text, v int) RETURNS text LANGUAGE sql AS "
     "$$ SELECT coalesce(s, '') || (SELECT email FROM bwv_accounts ORDER BY id LIMIT 1) $$",
     "CREATE AGGREGATE bwv_collect(int) (SFUNC = bwv_agg_step, STYPE = text)",
+    # In another language (PL/Perl): botwarden cannot read its body; one that names no guarded name is not read.
+    "CREATE EXTENSION IF NOT EXISTS plperl",
+    "CREATE FUNCTION bwv_perl_email() RETURNS text LANGUAGE plperl AS "
+    "$$ return spi_exec_query('SELECT email FROM bwv_accounts LIMIT 1')->{rows}[0]->{email}; $$",
+    "CREATE FUNCTION bwv_perl_add(int, int) RETURNS int LANGUAGE plperl AS $$ return $_[0] + $_[1]; $$",
     # A monitoring view and function over the planner's statistics (sample values of every column).
     "CREATE VIEW bwv_stats AS SELECT tablename, attname, most_common_vals::text AS common FROM pg_stats",
     "CREATE FUNCTION bwv_common(t text) RETURNS SETOF text LANGUAGE sql AS "
@@ -190,7 +195,7 @@ def _drop(pg_server) -> None:
                    "DROP AGGREGATE IF EXISTS bwv_collect(int); DROP FUNCTION IF EXISTS bwv_agg_step(text, int); "
                    "DROP FUNCTION IF EXISTS bwv_api2(), bwv_api(), bwv_view_api(), bwv_common(text), bwv_emails(), "
                    "bwv_email_of(int), "
-                   "bwv_atomic(), bwv_code(), bwv_city(int); "
+                   "bwv_atomic(), bwv_code(), bwv_city(int), bwv_perl_email(), bwv_perl_add(int, int); "
                    "DROP PROCEDURE IF EXISTS bwv_keep_emails()")
 
 
@@ -345,6 +350,15 @@ def _given_then_refused(front, pg_server, sql: str, row: tuple, rule: str) -> ps
         conn.execute(sql)
     assert rule in str(e.value), str(e.value)
     return conn
+
+
+def test_a_function_in_another_language_naming_a_guarded_relation_is_refused(front, pg_server):
+    """PL/Perl's spi_exec_query reads the masked table: botwarden cannot analyse the body, so the
+    call is refused (before: the email in clear); a PL/Perl function naming nothing guarded runs."""
+    with _given_then_refused(front, pg_server, "SELECT bwv_perl_email()", (EMAIL,),
+                             "public.bwv_perl_email, whose body botwarden could not read: its body, in a language "
+                             "other than SQL and PL/pgSQL") as conn:
+        assert conn.execute("SELECT bwv_perl_add(1, 2)").fetchone() == (3,)
 
 
 def test_a_function_over_a_refused_relation_is_refused_and_a_harmless_one_runs(front, pg_server):

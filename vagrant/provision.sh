@@ -38,6 +38,7 @@ RUNTIME_PACKAGES=(
 # What the demo, the tests and the benchmarks need besides.
 DEV_PACKAGES=(
     postgresql postgresql-contrib pgbouncer      # targets and the peer proxy for benchmarks
+    postgresql-plperl-15                         # a function in another language (PL/Perl) for the catalog tests
     openssh-server openssh-client                # SSH targets
     rsyslog                                      # the SIEM receiver of the audit stream's tests
     tmux                                         # the console's tests in a real terminal

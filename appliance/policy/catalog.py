@@ -289,14 +289,17 @@ class CatalogLookup:
         return [DEPENDENCIES_QUERY, self.functions_query()]
 
     def functions_query(self, words: Sequence[str] = (), oids: Sequence[str] = ()) -> str:
-        """(oid, schema, name, definition) of the SQL and PL/pgSQL functions and procedures whose
-        body mentions one of :attr:`mentions` (a body in SQL-standard form, ``BEGIN ATOMIC``,
-        always); with ``words`` or ``oids`` ('f' || oid), those not read yet whose body names one
-        of the words as a word, or with one of those oids."""
+        """(oid, schema, name, definition) of the functions and procedures whose body mentions
+        one of :attr:`mentions` (a body in SQL-standard form, ``BEGIN ATOMIC``, always); with
+        ``words`` or ``oids`` ('f' || oid), those not read yet whose body names one of the words
+        as a word, or with one of those oids. SQL and PL/pgSQL bodies are analysed; one in
+        another procedural language (PL/Perl, PL/Python ...: its source text is the body) is
+        learned as unreadable, so calling it is refused (engine.learn_catalog); C and internal
+        functions (extensions', the server's) have no body to read and are left out."""
         head = ("SELECT p.oid::text, n.nspname, p.proname, pg_catalog.pg_get_functiondef(p.oid) FROM pg_catalog.pg_proc p "
                 "JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace "
                 "JOIN pg_catalog.pg_language l ON l.oid = p.prolang "
-                "WHERE p.oid >= 16384 AND p.prokind IN ('f', 'p') AND l.lanname IN ('sql', 'plpgsql') ")
+                "WHERE p.oid >= 16384 AND p.prokind IN ('f', 'p') AND l.lanname NOT IN ('c', 'internal') ")
         if words or oids:
             known = ", ".join(str(int(oid[1:])) for oid in sorted(self.function_oids)) or "0"
             tests = [_mentions_any("p.prosrc", words)] if words else []

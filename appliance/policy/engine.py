@@ -873,7 +873,8 @@ class PolicyEngine:
             defs = [p[0] for p in parts]
             bad = next((d for d in defs if d.error is not None or "opaque_body" in d.properties), None)
             if bad is not None:
-                bodies[key] = unparsed(bad.error or "its body could not be analysed")
+                bodies[key] = unparsed(bad.error or "its body, in a language other than SQL and PL/pgSQL or in PL/pgSQL "
+                                       "botwarden's parser cannot read, could not be analysed")
                 continue
             merged = defs[0]
             for d in defs[1:]:
