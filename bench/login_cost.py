@@ -89,11 +89,12 @@ class NothingNamedServices(LookupServices):
 
 
 class Front:
-    def __init__(self, pg: PostgresServer, services: type[QuietServices] = QuietServices) -> None:
+    def __init__(self, pg: PostgresServer, services: type[QuietServices] = QuietServices, *,
+                 recheck: float = 2.0) -> None:
         self.loop = uvloop.new_event_loop()
         threading.Thread(target=self.loop.run_forever, daemon=True).start()
         settings = PgFrontSettings(target="db", upstream_host=pg.host, upstream_port=pg.port,
-                                   upstream_tls="disable", allow_plaintext=True)
+                                   upstream_tls="disable", allow_plaintext=True, catalog_recheck_s=recheck)
         self.services = services(Credential(USER, PASSWORD))
         self.front = PostgresFront(settings, self.services)
         server = asyncio.run_coroutine_threadsafe(self.front.serve("127.0.0.1", 0), self.loop).result(30)
