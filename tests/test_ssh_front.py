@@ -41,7 +41,7 @@ BOTS = f"botwarden-ssh-{RUN_TAG}.bots"
 PIN_DIR = f"/sys/fs/bpf/botwarden-ssh-{RUN_TAG}"
 AGENT_DIR = Path(f"/tmp/bw-ssh-agent-{RUN_TAG}")  # the one Unix socket bots may reach (ssh -A's agent)
 BOT = "deployer"
-SHORT_TTL = 20  # seconds: web-short's certificates
+SHORT_TTL = 10  # seconds: web-short's certificates (the session starts well within them)
 SSH = "/usr/bin/ssh"
 
 
