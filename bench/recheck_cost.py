@@ -10,7 +10,7 @@ Run from the repository root:
 A real PostgreSQL 15 (appliance.sandbox) and three fronts in this process, whose services ask
 the catalog as under a mask rule naming a bare column (every view and every function mentioning
 ``v`` count; ``--views`` views over one table). One psycopg session per front runs ``SELECT 1``
-n times: with the check off (``catalog_recheck_s = 0``), with a check before every statement
+n times (each parsed: a Parse is what the check waits on; psycopg would otherwise prepare it after five), with the check off (``catalog_recheck_s = 0``), with a check before every statement
 and the counters unchanged (a probe: the answers cached), and with a check before every
 statement and no cache (the whole catalog read again each time, as after every catalog change:
 on a warm backend). Interleaved rounds; medians. The difference over "off" is what one check
@@ -39,10 +39,10 @@ EVERY_STATEMENT = 1e-9  # seconds: due before every statement
 
 def per_statement_us(conn: psycopg.Connection, n: int) -> float:
     for _ in range(50):
-        conn.execute("SELECT 1")
+        conn.execute("SELECT 1", prepare=False)
     t0 = time.perf_counter()
     for _ in range(n):
-        conn.execute("SELECT 1")
+        conn.execute("SELECT 1", prepare=False)
     return (time.perf_counter() - t0) / n * 1e6
 
 

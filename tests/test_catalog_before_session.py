@@ -441,6 +441,28 @@ def test_a_view_or_trigger_made_after_the_session_logged_in_is_learned_at_its_ne
         recheck.stop()
 
 
+def test_a_check_due_before_every_statement_lets_each_run_once(pg_server, front):
+    """The statement held for its check comes back decided, not checked again (a check due again
+    by then must not hold it forever)."""
+    class Counting(EngineServices):
+        learned = 0
+
+        def learn_catalog(self, grant, views, functions, effects):
+            Counting.learned += 1
+            super().learn_catalog(grant, views, functions, effects)
+
+    recheck = FrontThread(plain_settings(pg_server, catalog_recheck_s=1e-9), Counting(POLICY))
+    try:
+        with psycopg.connect(recheck.dsn(), autocommit=True) as conn:
+            for i in range(10):
+                assert conn.execute("SELECT %s::int", (i,), prepare=False).fetchone() == (i,)
+                assert conn.execute(f"SELECT {i}").fetchone() == (i,)
+            assert conn.execute("SELECT count(*) FROM bwv_log").fetchone() == (0,)
+        assert Counting.learned >= 20, Counting.learned  # (at login, then before each statement)
+    finally:
+        recheck.stop()
+
+
 def test_a_session_whose_catalog_cannot_be_read_again_ends_with_a_clear_error(pg_server, front):
     """Fail closed, as at login: the bot is told why (FATAL 08006) rather than decided by what the
     catalog said long ago."""

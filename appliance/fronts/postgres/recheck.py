@@ -40,8 +40,12 @@ class CatalogRecheckMixin:
     closed, as at login (part of :class:`Session`)."""
 
     _catalog_next = 0.0  # when the next check is due (time.monotonic); 0: never (no lookup, or off)
+    _catalog_checked = False  # the held message comes back after its check: decided, not checked again
 
     def _catalog_due(self) -> bool:
+        if self._catalog_checked:
+            self._catalog_checked = False
+            return False
         return (time.monotonic() >= self._catalog_next and self.txn_status == "I" and self._settled()
                 and not self._lookup_active and not self.closed)
 
@@ -76,6 +80,7 @@ class CatalogRecheckMixin:
         if self.closed:
             return
         self._catalog_next = time.monotonic() + self.settings.catalog_recheck_s
+        self._catalog_checked = True
         self._requeue(original)  # decided now, with what the catalog says
 
     async def _ask_mid_session(self, queries: list[str], what: str) -> list[list[tuple[str | None, ...]]]:
