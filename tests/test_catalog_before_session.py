@@ -551,6 +551,32 @@ def test_a_trigger_on_a_masked_table_is_decided_by_the_fields_of_its_rows_it_rea
     pg_server.psql("DELETE FROM bwv_people WHERE id = 2; TRUNCATE bwv_trail, bwv_index")
 
 
+def test_ddl_that_runs_an_event_trigger_made_before_the_session_is_decided_as_what_it_runs(front, pg_server):
+    """An event trigger runs its function on any session's DDL (a bot's CREATE TEMP TABLE too):
+    one copying the email into a table nobody guards is refused with the DDL under the mask rule;
+    DDL is otherwise untouched. (Made here and dropped after: it fires on every test's DDL.)"""
+    pg_server.psql("CREATE TABLE bwv_ddl_log (v text); "
+                   "CREATE FUNCTION bwv_on_ddl() RETURNS event_trigger LANGUAGE plpgsql AS $$ BEGIN "
+                   "INSERT INTO bwv_ddl_log SELECT email FROM bwv_accounts; END $$; "
+                   "CREATE EVENT TRIGGER bwv_on_ddl ON ddl_command_end EXECUTE FUNCTION bwv_on_ddl()")
+    try:
+        with direct_connect(pg_server) as conn:  # straight to the server: the DDL copies the email
+            with conn.transaction(force_rollback=True):
+                conn.execute("CREATE TEMP TABLE bwv_scratch (i int)")
+                assert {v for (v,) in conn.execute("SELECT v FROM bwv_ddl_log")} == {EMAIL}
+        with psycopg.connect(front.dsn(), autocommit=True) as conn:
+            for ddl in ["CREATE TEMP TABLE bwv_scratch (i int)", "COMMENT ON TABLE bwv_cities IS 'x'"]:
+                with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
+                    conn.execute(ddl)
+                assert "mask-account-emails" in str(e.value), str(e.value)
+                assert "event trigger function public.bwv_on_ddl()" in str(e.value), str(e.value)
+            assert conn.execute("SELECT count(*) FROM bwv_ddl_log").fetchone() == (0,)
+            assert conn.execute("SELECT city FROM bwv_cities").fetchone() == ("Bergen",)  # (not DDL)
+    finally:
+        pg_server.psql("DROP EVENT TRIGGER IF EXISTS bwv_on_ddl; DROP FUNCTION IF EXISTS bwv_on_ddl(); "
+                       "DROP TABLE IF EXISTS bwv_ddl_log")
+
+
 def test_truncate_cascade_is_a_write_of_the_tables_that_reference_the_one_named(front, pg_server):
     sql = "TRUNCATE bwv_clients CASCADE"
     with direct_connect(pg_server) as conn:  # straight to the server: the ledger goes too

@@ -112,7 +112,14 @@ DEPENDENCIES_QUERY = _QUALIFIED.format(
     " UNION ALL SELECT 'k' || k.oid::text, k.confrelid::pg_catalog.regclass::text, k.conrelid::text, "
     "k.conrelid::pg_catalog.regclass::text, 'k', CASE WHEN k.confdeltype IN ('c', 'n', 'd') THEN 'D' ELSE '' END || "
     "CASE WHEN k.confupdtype IN ('c', 'n', 'd') THEN 'U' ELSE '' END || 'C' FROM pg_catalog.pg_constraint k "
-    "WHERE k.contype = 'f' AND k.conrelid >= 16384")
+    "WHERE k.contype = 'f' AND k.conrelid >= 16384"
+    # An event trigger runs its function on DDL (the bot's CREATE TEMP TABLE too), whoever runs
+    # it, enabled or not: ('e' || its oid, its name, 'f' || the function's oid, the function, 'e',
+    # 'E'). Counted when the function was read; learned under DDL (engine.resolve_catalog).
+    " UNION ALL SELECT 'e' || e.oid::text, pg_catalog.quote_ident(e.evtname), 'f' || e.evtfoid::text, "
+    "e.evtfoid::pg_catalog.regproc::text, 'e', 'E' FROM pg_catalog.pg_event_trigger e WHERE e.evtfoid >= 16384")
+# What the event triggers' functions are learned under, as if it were a relation DDL writes.
+DDL = ("", "")  # (no relation has an empty name)
 
 # Whether the catalog changed since answers were cached: the database, whether the server
 # counts catalog changes at all (track_counts), when the database's statistics were last reset,
@@ -333,13 +340,13 @@ class CatalogLookup:
         """Read :data:`DEPENDENCIES_QUERY`'s rows."""
         self._relevant_memo = None
         for row in rows:
-            if len(row) != 6 or None in row or row[4] not in ("v", "i", "r", "t", "c", "a", "k"):
+            if len(row) != 6 or None in row or row[4] not in ("v", "i", "r", "t", "c", "a", "k", "e"):
                 raise ValueError("unexpected row from the catalog's view dependencies")
             view, vname, ref, rname, kind, events = row  # type: ignore[misc]
             self._oid_names[view] = split_regclass(vname)  # type: ignore[arg-type]
             if not ref.startswith("f"):  # type: ignore[union-attr]
                 self._oid_names.setdefault(ref, split_regclass(rname))  # type: ignore[arg-type]
-            elif kind in ("t", "c", "a"):
+            elif kind in ("t", "c", "a", "e"):
                 schema, name = split_regclass(rname)  # type: ignore[arg-type]
                 self._called_functions[ref] = (schema or "pg_catalog", name)  # type: ignore[index]
             self._depends.setdefault(view, set()).add(ref)  # type: ignore[arg-type]
@@ -349,7 +356,7 @@ class CatalogLookup:
                 self._aggregates.add(view)  # type: ignore[arg-type]
             elif kind == "k":
                 self._cascades[view] = events  # type: ignore[index]
-            elif kind in ("r", "t", "c"):
+            elif kind in ("r", "t", "c", "e"):
                 self._effects_on[view] = events  # type: ignore[index]
 
     def _relevant(self) -> list[str]:
@@ -381,8 +388,9 @@ class CatalogLookup:
             # function (whose body names it), as the function is read, or through the rows it
             # sees: those of a guarded relation, or of a view or child reaching one (an INSTEAD OF
             # trigger's NEW.contact is the view's column). A function a table calls (a default,
-            # a constraint, a policy, an index) counts only when it was read.
-            if oid.startswith(("c", "a")):
+            # a constraint, a policy, an index), an aggregate and an event trigger count only when
+            # the function was read.
+            if oid.startswith(("c", "a", "e")):
                 found = False
             elif oid.startswith("t"):
                 found = guarded(oid) or any(reach(r, path | {oid}) for r in relations.get(names[oid], ()))
@@ -473,6 +481,11 @@ class CatalogLookup:
                 entry = ("trigger" if oid.startswith("t") else "call", self._effects_on[oid], *self._called_functions[ref])
                 if entry not in self.effects.get(table, ()):  # type: ignore[arg-type]
                     self.effects.setdefault(table, []).append(entry)  # type: ignore[index]
+        for oid in sorted(o for o in relevant if o.startswith("e")):
+            for ref in sorted(self._depends[oid]):
+                entry = ("event", "E", *self._called_functions[ref])
+                if ref in self.function_oids and entry not in self.effects.get(DDL, ()):
+                    self.effects.setdefault(DDL, []).append(entry)
         for oid, table in sorted(self._rules.items()):
             if table[0] is not None:  # (a rule on another session's temporary table: never written here)
                 # A rule dropped in between gives no definition: writes to its table are refused.

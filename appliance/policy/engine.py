@@ -39,7 +39,7 @@ from appliance.policy.sql import (ANY_OUTPUT, BatchAnalysis, Function, Relation,
                                   unparsed)
 from appliance.policy.ssh import UNKNOWN_PROGRAM, SshAnalysis, SshRequest, analyze_ssh
 from appliance.policy.types import ACTION_STRENGTH, ColumnDesc, MaskPlan, PolicyError, RowGuard, Verdict
-from appliance.policy.catalog import CatalogLookup, catalog_key
+from appliance.policy.catalog import DDL, CatalogLookup, catalog_key
 
 if TYPE_CHECKING:
     from appliance.config import IdentityConfig, TargetConfig
@@ -171,7 +171,13 @@ def resolve_catalog(stmt: StatementAnalysis, session: SqlSessionState, path: fro
     OLD (a rule: all of them; a trigger that only stamps them: none); so
     are the functions its defaults, constraints, indexes and row security policies call (the
     policies' on a read too)."""
-    if stmt.error is not None or all(k.startswith(("DROP_", "REFRESH_")) for k in stmt.kinds):
+    if stmt.error is not None:
+        return stmt
+    # DDL runs the event triggers' functions (catalog.DDL): over-approximated, whatever their
+    # events and tags (ddl_command_start/end, sql_drop, table_rewrite).
+    events_run = session.effects.get(DDL, ()) if any(k.startswith(_DDL_PREFIXES) for k in stmt.kinds) else ()
+    dropping = all(k.startswith(("DROP_", "REFRESH_")) for k in stmt.kinds)
+    if dropping and not events_run:
         return stmt
     views = session.views
     reads, writes, functions = set(stmt.reads), set(stmt.writes), set(stmt.functions)
@@ -188,9 +194,9 @@ def resolve_catalog(stmt: StatementAnalysis, session: SqlSessionState, path: fro
         direct |= {"U"}
     if "truncate_cascade" in stmt.properties:
         direct |= {"C"}  # (C: what a foreign key passes on to the referencing table, catalog.py)
-    todo: list[tuple[Relation | Function, frozenset[str]]] = [(r, direct if r in stmt.writes else _READ)
-                                                              for r in stmt.reads | stmt.writes]
-    todo += [(f, _READ) for f in stmt.functions]
+    todo: list[tuple[Relation | Function, frozenset[str]]] = [] if dropping else [
+        (r, direct if r in stmt.writes else _READ) for r in stmt.reads | stmt.writes]
+    todo += [] if dropping else [(f, _READ) for f in stmt.functions]
 
     def run(what: str, body: StatementAnalysis, rows: tuple[Relation, frozenset[str] | None] | None = None) -> None:
         """A body the statement runs (a function's, a trigger's, a rule's): what it does is done;
@@ -205,6 +211,12 @@ def resolve_catalog(stmt: StatementAnalysis, session: SqlSessionState, path: fro
         todo.extend([(r, _ANY_WRITE if r in body.writes else _READ) for r in body.reads | body.writes]
                     + [(f, _READ) for f in body.functions])
 
+    for what, _, body, _ in events_run:
+        seen.add(("d", DDL, what))
+        if body.error is not None:
+            error = f"the statement is DDL, which runs {what}: {body.error}"
+        else:
+            run(what, body)
     while todo:
         item, events = todo.pop()
         if not isinstance(item, Function):
@@ -304,6 +316,10 @@ def _calls_notify(body: StatementAnalysis, learned: Mapping[tuple[str, str], Sta
 
 
 _READ, _ANY_WRITE = frozenset("S"), frozenset("IUDT")
+# Statements that fire event triggers (PostgreSQL's event trigger firing matrix, widened: a kind
+# of these that does not fire one is decided as if it did).
+_DDL_PREFIXES = ("CREATE_", "ALTER_", "DROP_", "COMMENT", "GRANT", "REVOKE", "SECURITY_LABEL", "REFRESH_",
+                 "IMPORT_FOREIGN_SCHEMA")
 _ANY_SCHEMA = frozenset({"*"})  # (a body's bare name: the caller's path is not known when it is learned)
 _NOTIFY_CALL = re.compile(r"pg_notify\s*\(", re.IGNORECASE)
 _NOTIFY_LITERAL = re.compile(r"pg_notify\s*\(\s*'((?:[^']|'')*)'\s*,", re.IGNORECASE)
@@ -893,9 +909,10 @@ class PolicyEngine:
                                   StatementAnalysis(kind="CASCADE", writes=frozenset({Relation(entry[2], entry[3])})),
                                   frozenset()))
                     continue
-                if entry[0] in ("trigger", "call"):  # a function in another language: not followed (docs/policy.md)
+                if entry[0] in ("trigger", "call", "event"):
                     fkey = (entry[2], entry[3])
                     what = (f"trigger function {fkey[0]}.{fkey[1]}() of {schema}.{name}" if entry[0] == "trigger" else
+                            f"event trigger function {fkey[0]}.{fkey[1]}()" if entry[0] == "event" else
                             f"function {fkey[0]}.{fkey[1]}(), which a default, constraint, index or row security "
                             f"policy of {schema}.{name} calls")
                     # A trigger's function sees the rows (NEW, OLD) and reads the fields it names
