@@ -105,6 +105,19 @@ def test_pacing_settings_default_and_are_range_checked():
     assert "at most 60" in error_of('[audit]\npace_wait = 600\n')
 
 
+def test_catalog_recheck_defaults_to_two_seconds_and_reaches_the_front():
+    from appliance.daemon import make_front
+
+    def with_(line: str) -> str:
+        return BASE.replace('authentication = "attestation"\n', f'authentication = "attestation"\n{line}\n')
+    assert parse_config(BASE, "bw.toml").targets[0].catalog_recheck_s == 2.0
+    config = parse_config(with_("catalog_recheck_s = 0.5\nallow_plaintext = true"), "bw.toml")
+    assert make_front(config.targets[0], config, None, None).settings.catalog_recheck_s == 0.5
+    assert parse_config(with_("catalog_recheck_s = 0"), "bw.toml").targets[0].catalog_recheck_s == 0
+    msg = error_of(with_("catalog_recheck_s = -1"))
+    assert "targets[0].catalog_recheck_s" in msg and "must be zero or more" in msg
+
+
 def test_daemon_without_the_privilege_to_raise_its_priority_says_so_and_runs(monkeypatch, caplog):
     from appliance import daemon
 
