@@ -155,6 +155,9 @@ TRIGGERS = [
     "CREATE FUNCTION bwv_people_gone() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
     "INSERT INTO bwv_trail VALUES (row_to_json(OLD)::text); RETURN OLD; END $$",
     "CREATE TRIGGER bwv_people_gone AFTER DELETE ON bwv_people FOR EACH ROW EXECUTE FUNCTION bwv_people_gone()",
+    # A rule reads the fields of NEW and OLD it names too (it must qualify them).
+    "CREATE RULE bwv_people_renamed AS ON UPDATE TO bwv_people DO ALSO "
+    "INSERT INTO bwv_trail VALUES ('renamed ' || new.name)",
     # An INSTEAD OF trigger on a view renaming the masked column: NEW.contact is the email.
     "CREATE VIEW bwv_people_contacts AS SELECT id, email AS contact FROM bwv_people",
     "CREATE FUNCTION bwv_contact_kept() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
@@ -542,6 +545,9 @@ def test_a_trigger_on_a_masked_table_is_decided_by_the_fields_of_its_rows_it_rea
         assert [n.payload for n in listener.notifies(timeout=5, stop_after=1)] == ["2"]
         assert conn.execute("SELECT words::text FROM bwv_index WHERE id = 2").fetchone() == ("'ola':1",)
         assert conn.execute("SELECT email FROM bwv_people WHERE id = 2").fetchone() == ("********",)
+        conn.execute("UPDATE bwv_people SET name = 'Olav' WHERE id = 2")  # (the rule reads new.name)
+        assert conn.execute("SELECT v FROM bwv_trail").fetchall() == [("renamed Olav",)]
+        conn.execute("TRUNCATE bwv_trail")
         for sql, runs in [("DELETE FROM bwv_people WHERE id = 2", "public.bwv_people_gone()"),
                           ("UPDATE bwv_people_contacts SET contact = contact", "public.bwv_contact_kept()")]:
             with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
@@ -940,6 +946,23 @@ def test_a_trigger_that_only_stamps_its_row_is_told_apart(body, stamps):
     text = f"CREATE OR REPLACE FUNCTION public.s() RETURNS trigger LANGUAGE plpgsql AS $function$ BEGIN {body} END $function$"
     assert only_stamps_its_row(text) is stamps
     assert not only_stamps_its_row("CREATE FUNCTION public.s() RETURNS int LANGUAGE sql AS 'SELECT 1'")
+
+
+def test_a_rule_on_a_masked_table_is_decided_by_the_fields_of_new_and_old_it_names():
+    engine = _engine(POLICY[len(POLICY_HEAD):])
+    session = SqlSessionState()
+    rules = [("rule", "U", "CREATE RULE r AS ON UPDATE TO public.bwv_people DO ALSO INSERT INTO public.log "
+                           "VALUES (new.name)"),
+             ("rule", "D", "CREATE RULE r2 AS ON DELETE TO public.bwv_people DO ALSO INSERT INTO public.log "
+                           "VALUES (old.email)"),
+             ("rule", "I", "CREATE RULE r3 AS ON INSERT TO public.bwv_people DO ALSO INSERT INTO public.log "
+                           "SELECT new.*")]
+    engine.learn_catalog(session, {}, {}, {("public", "bwv_people"): rules})
+    decide = lambda sql: engine.decide_sql("test-bot", (), "pg-test", sql, session=session)  # noqa: E731
+    assert decide("UPDATE bwv_people SET name = 'x'").action != "block"
+    for sql in ("DELETE FROM bwv_people", "INSERT INTO bwv_people (id) VALUES (1)"):
+        verdict = decide(sql)
+        assert verdict.action == "block" and "a rule on public.bwv_people" in str(verdict.reason), verdict.reason
 
 
 @pytest.mark.parametrize("body, fields", [

@@ -35,8 +35,8 @@ from appliance.protocols.kubernetes import MaskPath, parse_mask_path
 from appliance.policy.masking import (ColumnAction, DetectorSettings, MessageMasker, RowMasker, Strategy, TextMasker,
                                       column_is_maskable)
 from appliance.policy.sql import (ANY_OUTPUT, BatchAnalysis, Function, Relation, StatementAnalysis, analyze_sql, kind_matches,
-                                  only_stamps_its_row, resolve_execute, resolve_fetch, trigger_row_fields,
-                                  unparsed)
+                                  only_stamps_its_row, resolve_execute, resolve_fetch, rule_row_fields,
+                                  trigger_row_fields, unparsed)
 from appliance.policy.ssh import UNKNOWN_PROGRAM, SshAnalysis, SshRequest, analyze_ssh
 from appliance.policy.types import ACTION_STRENGTH, ColumnDesc, MaskPlan, PolicyError, RowGuard, Verdict
 from appliance.policy.catalog import DDL, CatalogLookup, catalog_key
@@ -934,8 +934,9 @@ class PolicyEngine:
                 what = f"a rule on {schema}.{name}"
                 if rule is None or rule.error is not None or "CREATE_RULE" not in rule.kinds:
                     found.append((what, events, unparsed("botwarden could not read the rule"), None))
-                else:  # (its actions see NEW and OLD: all their fields, not told apart)
-                    found.append((what, events, replace(rule, writes=rule.writes - {Relation(schema, name)}), None))
+                else:  # (its condition and actions see the fields of NEW and OLD they name)
+                    found.append((what, events, replace(rule, writes=rule.writes - {Relation(schema, name)}),
+                                  rule_row_fields(entry[2])))
             runs[(schema, name)] = tuple(found)
         session.views, session.functions, session.effects = learned, bodies, runs
         session.notifying = tuple(notifying)

@@ -530,6 +530,25 @@ def trigger_row_fields(definition: str) -> frozenset[str] | None:
     return frozenset(fields)
 
 
+def rule_row_fields(definition: str) -> frozenset[str] | None:
+    """The fields of NEW and OLD a rule's condition and actions read (``CREATE RULE`` text, as
+    pg_get_ruledef prints it), lower-cased: a rule must qualify them (``new.name``; PostgreSQL
+    refuses a bare column of NEW or OLD there). None when it uses a whole row (``new.*``,
+    ``old`` as a value, ``(new).x``) or the text does not parse. Over-approximates: a range
+    variable aliased ``new`` or ``old`` in an action counts as the row."""
+    try:
+        refs = _column_refs(json.loads(parse_sql_json(definition)))
+    except (ValueError, ParseError, UnicodeError):
+        return None
+    fields: set[str] = set()
+    for ref in refs:
+        if ref[0] in ("new", "old"):
+            if len(ref) < 2 or ref[1] == "*":
+                return None
+            fields.add(ref[1])
+    return frozenset(fields)
+
+
 def _column_refs(node: Any) -> list[list[str]]:
     """Every ColumnRef's names (lower-cased; '*' for a star) in a parse tree."""
     found: list[list[str]] = []
