@@ -557,6 +557,29 @@ def test_a_trigger_on_a_masked_table_is_decided_by_the_fields_of_its_rows_it_rea
     pg_server.psql("DELETE FROM bwv_people WHERE id = 2; TRUNCATE bwv_trail, bwv_index")
 
 
+def test_a_write_firing_a_trigger_that_reads_the_rows_of_a_refused_relation_is_refused(front, pg_server):
+    """A history trigger on a table a `block` rule keeps from reads copies its OLD rows into a
+    table nobody guards: the bot's UPDATE would read the codes through it. The trigger's reading
+    of the rows counts as a read of the relation; a write firing none of it still runs."""
+    pg_server.psql("CREATE TABLE bwv_vault_history (code text); "
+                   "CREATE FUNCTION bwv_vault_keep() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                   "INSERT INTO bwv_vault_history VALUES (OLD.code); RETURN NEW; END $$; "
+                   "CREATE TRIGGER bwv_vault_keep AFTER UPDATE ON bwv_vault FOR EACH ROW EXECUTE FUNCTION bwv_vault_keep()")
+    try:
+        with direct_connect(pg_server) as conn:  # straight to the server: the code lands in the history
+            with conn.transaction(force_rollback=True):
+                conn.execute("UPDATE bwv_vault SET code = code")
+                assert conn.execute("SELECT code FROM bwv_vault_history").fetchall() == [(CODE,)]
+        with psycopg.connect(front.dsn(), autocommit=True) as conn:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
+                conn.execute("UPDATE bwv_vault SET code = code")
+            assert "no-vault" in str(e.value), str(e.value)
+            assert conn.execute("SELECT count(*) FROM bwv_vault_history").fetchone() == (0,)
+    finally:
+        pg_server.psql("DROP TRIGGER IF EXISTS bwv_vault_keep ON bwv_vault; DROP FUNCTION IF EXISTS bwv_vault_keep(); "
+                       "DROP TABLE IF EXISTS bwv_vault_history")
+
+
 def test_ddl_that_runs_an_event_trigger_made_before_the_session_is_decided_as_what_it_runs(front, pg_server):
     """An event trigger runs its function on any session's DDL (a bot's CREATE TEMP TABLE too):
     one copying the email into a table nobody guards is refused with the DDL under the mask rule;

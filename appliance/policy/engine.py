@@ -200,7 +200,12 @@ def resolve_catalog(stmt: StatementAnalysis, session: SqlSessionState, path: fro
 
     def run(what: str, body: StatementAnalysis, rows: tuple[Relation, frozenset[str] | None] | None = None) -> None:
         """A body the statement runs (a function's, a trigger's, a rule's): what it does is done;
-        ``rows``: the relation whose rows it sees as NEW and OLD, with the fields it reads."""
+        ``rows``: the relation whose rows it sees as NEW and OLD, with the fields it reads (a read
+        of that relation: a `block` rule on reads of it refuses the write, as a history trigger
+        copying OLD rows somewhere else would hand them over)."""
+        if rows is not None:
+            reads.add(rows[0])
+            todo.append((rows[0], _READ))
         reads.update(body.reads)
         writes.update(body.writes)
         functions.update(body.functions)
