@@ -112,6 +112,13 @@ def per_login_us(dsn: str, n: int) -> float:
     return (time.perf_counter() - t0) / n * 1e6
 
 
+def prepare(pg: PostgresServer, views: int) -> None:
+    """The bench's login role, a table and ``views`` views over it (each a column ``v<i>``)."""
+    pg.psql(f"CREATE ROLE {USER} LOGIN PASSWORD '{PASSWORD}'")
+    pg.psql("CREATE TABLE bw_login_t (id int, v text); "
+            + "; ".join(f"CREATE VIEW bw_login_v{i} AS SELECT id, upper(v) AS v{i} FROM bw_login_t" for i in range(views)))
+
+
 async def _no_defaults(self) -> None:
     return None
 
@@ -127,10 +134,7 @@ def main() -> None:
     real = StartupMixin._decide_session_defaults
     results: dict[str, list[float]] = {}
     try:
-        pg.psql(f"CREATE ROLE {USER} LOGIN PASSWORD '{PASSWORD}'")
-        pg.psql("CREATE TABLE bw_login_t (id int, v text); "
-                + "; ".join(f"CREATE VIEW bw_login_v{i} AS SELECT id, upper(v) AS v{i} FROM bw_login_t"
-                            for i in range(args.views)))
+        prepare(pg, args.views)
         front = Front(pg)
         fronts = {"front with the catalog lookup, answers cached (no catalog change since)": Front(pg, CachedLookupServices),
                   "front with the catalog lookup, uncached, nothing over a named relation": Front(pg, NothingNamedServices),

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 import psycopg  # noqa: E402
 
-from bench.login_cost import PASSWORD, USER, CachedLookupServices, Front, UncachedLookupServices  # noqa: E402
+from bench.login_cost import CachedLookupServices, Front, UncachedLookupServices, prepare  # noqa: E402
 from appliance.sandbox import PostgresServer  # noqa: E402
 
 EVERY_STATEMENT = 1e-9  # seconds: due before every statement
@@ -56,10 +56,7 @@ def main() -> None:
     pg = PostgresServer().start()
     results: dict[str, list[float]] = {}
     try:
-        pg.psql(f"CREATE ROLE {USER} LOGIN PASSWORD '{PASSWORD}'")
-        pg.psql("CREATE TABLE bw_recheck_t (id int, v text); "
-                + "; ".join(f"CREATE VIEW bw_recheck_v{i} AS SELECT id, upper(v) AS v{i} FROM bw_recheck_t"
-                            for i in range(args.views)))
+        prepare(pg, args.views)
         paths = {"check off (catalog_recheck_s = 0)": Front(pg, CachedLookupServices, recheck=0),
                  "a check before every statement, counters unchanged (cached answers)":
                      Front(pg, CachedLookupServices, recheck=EVERY_STATEMENT),

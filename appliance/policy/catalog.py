@@ -395,7 +395,7 @@ class CatalogLookup:
             elif oid.startswith("t"):
                 found = guarded(oid) or any(reach(r, path | {oid}) for r in relations.get(names[oid], ()))
             else:
-                found = (self.guarded is None and oid in depends and not oid.startswith("t")) or guarded(oid)
+                found = (self.guarded is None and oid in depends) or guarded(oid)
             for ref in depends.get(oid, ()):
                 if ref not in path and reach(ref, path | {oid}):
                     found = True

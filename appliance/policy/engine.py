@@ -167,15 +167,17 @@ def resolve_catalog(stmt: StatementAnalysis, session: SqlSessionState, path: fro
     Calling a function does what its body does (reads, writes, sends, calls), and ``bodies`` says
     which relations each called body reads (masking cannot follow a value through a function's
     result). Writing a relation runs its triggers' functions and its rules too: their bodies are
-    merged likewise, each counted as reading the fields of the relation's rows it reads as NEW and
-    OLD (a rule: all of them; a trigger that only stamps them: none); so
+    merged likewise, each counted as reading the relation and the fields of its rows it reads as
+    NEW and OLD (a trigger that only stamps them: none); DDL runs the event triggers'; so
     are the functions its defaults, constraints, indexes and row security policies call (the
     policies' on a read too)."""
     if stmt.error is not None:
         return stmt
     # DDL runs the event triggers' functions (catalog.DDL): over-approximated, whatever their
     # events and tags (ddl_command_start/end, sql_drop, table_rewrite).
-    events_run = session.effects.get(DDL, ()) if any(k.startswith(_DDL_PREFIXES) for k in stmt.kinds) else ()
+    events_run = session.effects.get(DDL, ())
+    if events_run and not any(k.startswith(_DDL_PREFIXES) for k in stmt.kinds):
+        events_run = ()
     dropping = all(k.startswith(("DROP_", "REFRESH_")) for k in stmt.kinds)
     if dropping and not events_run:
         return stmt

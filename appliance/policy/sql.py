@@ -514,7 +514,7 @@ def trigger_row_fields(definition: str) -> frozenset[str] | None:
     except (KeyError, TypeError, ValueError, ParseError, UnicodeError):
         return None
     fields: set[str] = set()
-    for i, (token, text) in enumerate(tokens):
+    for i, (_, text) in enumerate(tokens):
         if text.strip('"').lower() not in ("new", "old") or (i and tokens[i - 1][1] == "."):
             continue  # (t.new: a column named new)
         after = tokens[i + 1][1] if i + 1 < len(tokens) else ""

@@ -13,6 +13,7 @@ from appliance.protocols.postgres import sqlstate
 from .lookup import _LOOKUP_REPLIES
 from .pending import _HOLD
 from .settings import FrontError
+from .startup import OwnAnswers
 from .wire import _row_values
 
 log = logging.getLogger(__name__)
@@ -86,24 +87,19 @@ class CatalogRecheckMixin:
     async def _ask_mid_session(self, queries: list[str], what: str) -> list[list[tuple[str | None, ...]]]:
         """Botwarden's own queries on the session while the bot waits (nothing of the bot's is in
         flight): each one's rows as text; their replies never reach the bot."""
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future = loop.create_future()
-        answers: list[list[tuple[str | None, ...]]] = [[]]
-        failed: list[m.ErrorResponse] = []
+        done: asyncio.Future = asyncio.get_running_loop().create_future()
+        answers = OwnAnswers(len(queries))
         saved = {c: self._handlers[c] for c in _LOOKUP_REPLIES}
 
         def on_reply(buf, s, e):
             kind = buf[s]
             if kind == 68:  # DataRow
-                answers[-1].append(tuple(None if v is None else bytes(v).decode("utf-8", "replace")
-                                         for v in _row_values(buf, s, e)))
+                answers.row(_row_values(buf, s, e))
             elif kind == 69:  # ErrorResponse
-                failed.append(m.ErrorResponse.decode(bytes(buf[s + 5:e])))
+                answers.error(m.ErrorResponse.decode(bytes(buf[s + 5:e])))
             elif kind == 90:  # ReadyForQuery: one query answered
                 self.txn_status = chr(buf[s + 5])
-                if len(answers) < len(queries):
-                    answers.append([])
-                else:
+                if answers.ready():
                     for c, h in saved.items():
                         self._handlers[c] = h
                     if not done.done():
@@ -119,9 +115,6 @@ class CatalogRecheckMixin:
             if not done.done():  # (the session closed meanwhile)
                 for c, h in saved.items():
                     self._handlers[c] = h
-        if failed:
-            if failed[0].sqlstate == sqlstate.QUERY_CANCELED:
-                raise _Cancelled()
-            raise FrontError(sqlstate.CONNECTION_FAILURE, f"botwarden could not read {what} from the target: "
-                             f"{failed[0].message}")
-        return answers
+        if answers.failed is not None and answers.failed.sqlstate == sqlstate.QUERY_CANCELED:
+            raise _Cancelled()
+        return answers.result(what)

@@ -29,6 +29,35 @@ from .transport import UpstreamProtocol
 log = logging.getLogger(__name__)
 
 
+class OwnAnswers:
+    """The replies to botwarden's own queries on a session (``n`` of them, sent at once): each
+    one's rows as text, up to its ReadyForQuery; an error refuses what was asked (``result``)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.rows: list[list[tuple[str | None, ...]]] = [[]]
+        self.failed: m.ErrorResponse | None = None
+
+    def row(self, values) -> None:
+        self.rows[-1].append(tuple(None if v is None else bytes(v).decode("utf-8", "replace") for v in values))
+
+    def error(self, err: m.ErrorResponse) -> None:
+        self.failed = self.failed or err
+
+    def ready(self) -> bool:
+        """One query answered; True when it was the last."""
+        if len(self.rows) == self.n:
+            return True
+        self.rows.append([])
+        return False
+
+    def result(self, what: str) -> list[list[tuple[str | None, ...]]]:
+        if self.failed is not None:
+            raise FrontError(sqlstate.CONNECTION_FAILURE, f"botwarden could not read {what} from the target: "
+                             f"{self.failed.message}")
+        return self.rows
+
+
 # What the policy follows of a session's settings (see _decide_startup_settings).
 _DECIDED_SETTINGS = frozenset({"search_path", "role", "session_authorization"})
 # The session's search_path and roles as the server set them up (_decide_session_defaults).
@@ -200,24 +229,18 @@ class StartupMixin:
         each one's rows as text. An error refuses the connection (fail closed: what botwarden
         cannot read, it cannot decide)."""
         self.upstream.transport.write(b"".join(m.Query(q).encode() for q in queries))
-        answers: list[list[tuple[str | None, ...]]] = [[]]
-        failed: m.ErrorResponse | None = None
+        answers = OwnAnswers(len(queries))
         while True:
             ev = await self.server_waiter.next()
             if isinstance(ev, m.DataRow):
-                answers[-1].append(tuple(None if v is None else bytes(v).decode("utf-8", "replace") for v in ev.values))
+                answers.row(ev.values)
             elif isinstance(ev, m.ErrorResponse):
-                failed = failed or ev
+                answers.error(ev)
             elif isinstance(ev, m.ReadyForQuery):
-                if len(answers) == len(queries):
-                    break
-                answers.append([])
+                if answers.ready():
+                    return answers.result(what)
             elif isinstance(ev, ConnectionClosed):
                 raise FrontError(sqlstate.CONNECTION_FAILURE, "the server closed the connection during startup")
-        if failed is not None:
-            raise FrontError(sqlstate.CONNECTION_FAILURE, f"botwarden could not read {what} from the target: "
-                             f"{failed.message}")
-        return answers
 
     async def _connect_upstream(self, grant: SessionGrant, startup: m.StartupMessage) -> None:
         loop = asyncio.get_running_loop()
