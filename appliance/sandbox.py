@@ -126,18 +126,25 @@ class PostgresServer:
             raise RuntimeError(f"{argv[0]} failed: {res.stdout}\n{res.stderr}")
         return res
 
+    #: Errors a concurrent catalog update (autovacuum) can give set-up SQL; the statement is retried.
+    _TRANSIENT_CATALOG_ERRORS = ("deadlock detected", "tuple concurrently updated")
+
     def psql(self, sql: str, db: str = "postgres") -> str:
         """Run SQL as superuser over the Unix socket (never through botwarden).
 
-        A deadlock is retried: since 15.9 an in-place catalog update (autovacuum's ANALYZE writing
-        pg_class statistics) waits for the transaction that changed the row, so set-up DDL on a
-        table autovacuum is analysing can be chosen as the deadlock victim. The server rolled the
-        whole ``-c`` transaction back, so running it again is safe."""
+        A deadlock or a "tuple concurrently updated" is retried: since 15.9 an in-place catalog
+        update (autovacuum's ANALYZE writing pg_class statistics) waits for the transaction that
+        changed the row, so set-up DDL on a table autovacuum is analysing can be chosen as the
+        deadlock victim, or find the pg_class row it changes updated under it (seen in CI on
+        ``DROP TABLE ...; CREATE TABLE ...; ALTER TABLE ... OWNER TO``). The server rolled the
+        whole ``-c`` transaction back (one Query message is one transaction), so running it
+        again is safe."""
         for attempt in range(3):
             res = subprocess.run([str(PG_BIN / "psql"), "-h", str(self.sockdir), "-p", str(self.port), "-U",
                                   self.superuser, "-d", db, "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql],
                                  capture_output=True, text=True)
-            if res.returncode == 0 or "deadlock detected" not in res.stderr or attempt == 2:
+            if res.returncode == 0 or attempt == 2 or not any(
+                    transient in res.stderr for transient in self._TRANSIENT_CATALOG_ERRORS):
                 break
             time.sleep(0.2)
         if res.returncode != 0:
