@@ -89,6 +89,19 @@ FUNCTIONS = [
     "CREATE FUNCTION bwv_perl_email() RETURNS text LANGUAGE plperl AS "
     "$$ return spi_exec_query('SELECT email FROM bwv_accounts LIMIT 1')->{rows}[0]->{email}; $$",
     "CREATE FUNCTION bwv_perl_add(int, int) RETURNS int LANGUAGE plperl AS $$ return $_[0] + $_[1]; $$",
+    # Operators and a cast whose functions read the masked table: no function name in the statement.
+    "CREATE FUNCTION bwv_op_email(a int, b int) RETURNS text LANGUAGE sql AS 'SELECT email FROM bwv_accounts WHERE id = a'",
+    "CREATE OPERATOR #@# (LEFTARG = int, RIGHTARG = int, FUNCTION = bwv_op_email)",
+    "CREATE OPERATOR @#@ (RIGHTARG = int, FUNCTION = bwv_email_of)",
+    "CREATE OPERATOR @~@ (RIGHTARG = int, FUNCTION = bwv_city)",  # a harmless one
+    "CREATE TYPE bwv_badge AS (v text)",
+    "CREATE FUNCTION bwv_badge_of(i int) RETURNS bwv_badge LANGUAGE sql AS "
+    "'SELECT ROW(email)::bwv_badge FROM bwv_accounts WHERE id = i'",
+    "CREATE CAST (int AS bwv_badge) WITH FUNCTION bwv_badge_of(int)",
+    # ... used by a view, a function's body and a column's default (each depends on the operator).
+    "CREATE VIEW bwv_op_view AS SELECT id, id #@# id AS e FROM bwv_cities",
+    "CREATE FUNCTION bwv_op_api() RETURNS text LANGUAGE sql AS 'SELECT 1 #@# 1'",
+    "CREATE TABLE bwv_op_notes (id int, v text DEFAULT (1 #@# 1))",
     # A monitoring view and function over the planner's statistics (sample values of every column).
     "CREATE VIEW bwv_stats AS SELECT tablename, attname, most_common_vals::text AS common FROM pg_stats",
     "CREATE FUNCTION bwv_common(t text) RETURNS SETOF text LANGUAGE sql AS "
@@ -188,7 +201,11 @@ def front(pg_server):
 
 
 def _drop(pg_server) -> None:
-    pg_server.psql("DROP SCHEMA IF EXISTS bwv_other, bwv_hidden CASCADE; DROP FUNCTION IF EXISTS bwv_go_hidden(); "
+    pg_server.psql("DROP VIEW IF EXISTS bwv_op_view; DROP TABLE IF EXISTS bwv_op_notes; "
+                   "DROP FUNCTION IF EXISTS bwv_op_api(); DROP OPERATOR IF EXISTS #@# (int, int), @#@ (none, int), @~@ (none, int); "
+                   "DROP CAST IF EXISTS (int AS bwv_badge); DROP FUNCTION IF EXISTS bwv_op_email(int, int), "
+                   "bwv_badge_of(int); DROP TYPE IF EXISTS bwv_badge; "
+                   "DROP SCHEMA IF EXISTS bwv_other, bwv_hidden CASCADE; DROP FUNCTION IF EXISTS bwv_go_hidden(); "
                    "DROP TABLE IF EXISTS bwv_accounts, bwv_cities, bwv_vault, bwv_log, bwv_events, bwv_trail, "
                    "bwv_orders, bwv_shops, bwv_tickets, bwv_notes, bwv_checked, bwv_teams, bwv_members, bwv_clients, "
                    "bwv_ledger, bwv_people, bwv_index CASCADE; "
@@ -291,6 +308,13 @@ CALLS = [
     "SELECT * FROM bwv_api2()",
     "SELECT bwv_view_api()",
     "SELECT bwv_collect(id) FROM bwv_cities",
+    "SELECT 1 #@# 2",
+    "SELECT 1 OPERATOR(public.#@#) 2 AS e",
+    "SELECT @#@ id FROM bwv_cities",
+    "SELECT (1::bwv_badge).v",
+    "SELECT (CAST(id AS bwv_badge)).v FROM bwv_cities",
+    "SELECT e FROM bwv_op_view",
+    "SELECT bwv_op_api()",
 ]
 
 
@@ -367,6 +391,8 @@ def test_a_function_in_another_language_naming_a_guarded_relation_is_refused(fro
 def test_a_function_over_a_refused_relation_is_refused_and_a_harmless_one_runs(front, pg_server):
     with _given_then_refused(front, pg_server, "SELECT bwv_code()", (CODE,), "no-vault") as conn:
         assert conn.execute("SELECT bwv_city(1)").fetchone() == ("Bergen",)
+        # An operator over a harmless function, and the built-in ones, run.
+        assert conn.execute("SELECT @~@ 1, 1 + 1 = 2, 'a' BETWEEN 'a' AND 'b'").fetchone() == ("Bergen", True, True)
 
 
 def test_the_catalogs_answers_are_reused_until_the_catalog_changes(front, pg_server):
@@ -496,6 +522,8 @@ TRIGGERED = [  # (statement, the rule refusing it, what it runs)
      "function public.bwv_email_of(), which a default, constraint, index or row security policy of public.bwv_notes"),
     ("INSERT INTO bwv_checked VALUES (1)", "no-vault", None),
     ("DELETE FROM bwv_teams WHERE id = 1", "mask-account-emails", "trigger function public.bwv_member_gone()"),
+    ("INSERT INTO bwv_op_notes (id) VALUES (1)", "mask-account-emails",
+     "function public.bwv_op_email(), which a default, constraint, index or row security policy of public.bwv_op_notes"),
 ]
 
 
@@ -511,7 +539,8 @@ def test_a_write_that_runs_a_trigger_or_rule_made_before_the_session_is_decided_
             conn.execute(sql)
             assert secret in str(conn.execute("SELECT (SELECT string_agg(v, ',') FROM bwv_trail), "
                                               "(SELECT string_agg(note, ',') FROM bwv_shops), "
-                                              "(SELECT string_agg(v, ',') FROM bwv_notes)").fetchall())
+                                              "(SELECT string_agg(v, ',') FROM bwv_notes), "
+                                              "(SELECT string_agg(v, ',') FROM bwv_op_notes)").fetchall())
     with psycopg.connect(front.dsn(), autocommit=True) as conn:
         with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
             conn.execute(sql)

@@ -472,3 +472,27 @@ def test_renamed_outputs_keep_their_sources(sql, column, source):
 ])
 def test_output_names_are_the_servers(sql, name):
     assert name in dict(one(sql).outputs), one(sql).outputs
+
+
+@pytest.mark.parametrize("sql,operators", [
+    ("select 1 ### 2", {"###"}),
+    ("select 1 operator(public.###) 2", {"public.###"}),
+    ("select @#@ 1", {"@#@"}),
+    ("select a between 1 and 2 from t", {"<", "<=", ">", ">="}),
+    ("select x in (1, 2), x is distinct from 1, nullif(a, b) from t", {"="}),
+    ("select case a when 1 then 2 end from t", {"="}),
+    ("select a in (select 1), b ### all (select 1) from t order by a using @@@", {"=", "###", "@@@"}),
+    ("select a like b, a ilike b from t", {"~~", "~~*"}),
+    ("select 1::badge, cast(1 as public.badge), array[1]::badge[], int '1'",
+     {"badge", "public.badge", "_badge", "pg_catalog.int4"}),
+    # Inside bodies and prepared statements too.
+    ("create function f() returns int language plpgsql as $$ begin if 1 ### 2 then return 1; end if; "
+     "return 0; end $$", {"###"}),
+    ("prepare p as select 1 #%# 2", {"#%#"}),
+    ("do $$ begin perform 1 %% 2; end $$", {"%%"}),
+    ("select id from t", set()),
+])
+def test_operators_and_casts_a_statement_uses_are_collected(sql, operators):
+    """A user-defined operator or cast runs its function with no function named in the statement:
+    the engine looks these up among the functions learned at login (test_catalog_before_session)."""
+    assert {str(f) for f in one(sql).operators} == operators

@@ -16,8 +16,9 @@ Otherwise it asks, on the bot's own session before its first statement:
    the relations (and functions) its query depends on (``pg_depend`` of its ``_RETURN`` rule),
    every partition and inheritance child with its parents, every rule ON INSERT/UPDATE/DELETE
    with what its actions depend on, every trigger with its function, the functions tables'
-   defaults, constraints, expression indexes and row security policies call, every aggregate
-   with its support functions, and every foreign key whose ON DELETE/UPDATE writes;
+   defaults, constraints, expression indexes and row security policies call (operators they use
+   by their functions), every aggregate with its support functions, every operator and cast
+   with its function, and every foreign key whose ON DELETE/UPDATE writes;
 2. in the same round trip, :meth:`CatalogLookup.functions_query`: the SQL and PL/pgSQL
    functions and procedures not made by the system whose body mentions the name of a relation
    (or a column) a rule of the session's scope names, with their definitions
@@ -69,18 +70,28 @@ _QUALIFIED = "BEGIN; SET LOCAL search_path = ''; {}; COMMIT"
 # depends on its type, not a table: not followed.
 _IMPLICIT = ("pg_attrdef", "pg_constraint", "pg_policy", "pg_class")
 _PG_CLASS = "'pg_catalog.pg_class'::pg_catalog.regclass"
+_PG_PROC = "'pg_catalog.pg_proc'::pg_catalog.regclass"
+_PG_OPERATOR = "'pg_catalog.pg_operator'::pg_catalog.regclass"
+# A view's query, a rule's action, a default or constraint that uses an operator depends on the
+# operator (pg_operator), not on its function: the function it calls stands for it (o: the
+# operator, LEFT JOINed on the dependency d; user-defined operators over the server's own
+# functions left out).
+_CALLED = f"CASE WHEN d.refclassid = {_PG_OPERATOR} THEN o.oprcode::oid ELSE d.refobjid END"
+_OPERATOR_OF = (f" LEFT JOIN pg_catalog.pg_operator o ON d.refclassid = {_PG_OPERATOR} AND o.oid = d.refobjid ")
+_CALLS_MADE = (f"(d.refclassid = {_PG_PROC} AND d.refobjid >= 16384 "
+               f"OR d.refclassid = {_PG_OPERATOR} AND d.refobjid >= 16384)")
+_NOT_BUILT_IN_CALL = "(o.oid IS NULL OR o.oprcode::oid >= 16384)"
 DEPENDENCIES_QUERY = _QUALIFIED.format(
     "SELECT DISTINCT CASE WHEN r.ev_type = '1' THEN r.ev_class::text ELSE 'r' || r.oid::text END, "
     "r.ev_class::pg_catalog.regclass::text, "
-    f"CASE WHEN d.refclassid = {_PG_CLASS} THEN d.refobjid::text ELSE 'f' || d.refobjid::text END, "
+    f"CASE WHEN d.refclassid = {_PG_CLASS} THEN d.refobjid::text ELSE 'f' || ({_CALLED})::text END, "
     f"CASE WHEN d.refclassid = {_PG_CLASS} THEN d.refobjid::pg_catalog.regclass::text ELSE '' END, "
     "CASE WHEN r.ev_type = '1' THEN 'v' ELSE 'r' END, "
     "CASE r.ev_type WHEN '2' THEN 'U' WHEN '3' THEN 'I' WHEN '4' THEN 'D' ELSE '' END "
     "FROM pg_catalog.pg_rewrite r JOIN pg_catalog.pg_depend d "
     "ON d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass AND d.objid = r.oid AND d.refobjid <> r.ev_class "
-    f"AND (d.refclassid = {_PG_CLASS} OR d.refclassid = 'pg_catalog.pg_proc'::pg_catalog.regclass "
-    "AND d.refobjid >= 16384) "
-    "WHERE r.ev_class >= 16384 "
+    f"AND (d.refclassid = {_PG_CLASS} OR {_CALLS_MADE})" + _OPERATOR_OF +
+    f"WHERE r.ev_class >= 16384 AND {_NOT_BUILT_IN_CALL} "
     # A partition or inheritance child: its rows are its parent's too (kind 'i').
     "UNION ALL SELECT i.inhrelid::text, i.inhrelid::pg_catalog.regclass::text, i.inhparent::text, "
     "i.inhparent::pg_catalog.regclass::text, 'i', '' FROM pg_catalog.pg_inherits i WHERE i.inhrelid >= 16384 "
@@ -93,11 +104,11 @@ DEPENDENCIES_QUERY = _QUALIFIED.format(
     # both (opening pg_attrdef, pg_constraint, pg_policy and pg_index too cost ~0.9 ms more
     # on a new backend).
     " UNION ALL SELECT DISTINCT 'c' || d.classid::text || '.' || d.objid::text, "
-    "t.refobjid::pg_catalog.regclass::text, 'f' || d.refobjid::text, d.refobjid::pg_catalog.regproc::text, 'c', "
+    f"t.refobjid::pg_catalog.regclass::text, 'f' || ({_CALLED})::text, ({_CALLED})::pg_catalog.regproc::text, 'c', "
     "CASE WHEN d.classid = 'pg_catalog.pg_policy'::pg_catalog.regclass THEN 'SIUD' ELSE 'IU' END "
     "FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_depend t ON t.classid = d.classid AND t.objid = d.objid "
-    f"AND t.refclassid = {_PG_CLASS} AND t.refobjid >= 16384 "
-    "WHERE d.refclassid = 'pg_catalog.pg_proc'::pg_catalog.regclass AND d.refobjid >= 16384 AND d.classid IN ("
+    f"AND t.refclassid = {_PG_CLASS} AND t.refobjid >= 16384" + _OPERATOR_OF +
+    f"WHERE {_CALLS_MADE} AND {_NOT_BUILT_IN_CALL} AND d.classid IN ("
     + ", ".join(f"'pg_catalog.{c}'::pg_catalog.regclass" for c in _IMPLICIT) + ")"
     # An aggregate runs its support functions (state transition, final ...): ('a' || its oid, the
     # aggregate, 'f' || the function's oid, the function, 'a', '').
@@ -105,6 +116,17 @@ DEPENDENCIES_QUERY = _QUALIFIED.format(
     "d.refobjid::pg_catalog.regproc::text, 'a', '' FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_proc p "
     "ON p.oid = d.objid AND p.prokind = 'a' WHERE d.classid = 'pg_catalog.pg_proc'::pg_catalog.regclass "
     "AND d.refclassid = 'pg_catalog.pg_proc'::pg_catalog.regclass AND d.objid >= 16384 AND d.refobjid >= 16384"
+    # An operator runs its function: ('o' || its oid, schema.symbol, 'f' || the function's oid, the
+    # function, 'o', ''); a cast its function: ('x' || its oid, the target type as schema.name
+    # (pg_type's: int4, _name for an array), ...). Learned like an aggregate: using the symbol or
+    # casting to the type calls the function (a cast from another type to it too: fail closed).
+    " UNION ALL SELECT 'o' || o.oid::text, pg_catalog.quote_ident(n.nspname) || '.' || o.oprname, "
+    "'f' || o.oprcode::oid::text, o.oprcode::pg_catalog.regproc::text, 'o', '' FROM pg_catalog.pg_operator o "
+    "JOIN pg_catalog.pg_namespace n ON n.oid = o.oprnamespace WHERE o.oid >= 16384 AND o.oprcode::oid >= 16384"
+    " UNION ALL SELECT 'x' || c.oid::text, pg_catalog.quote_ident(n.nspname) || '.' || pg_catalog.quote_ident(t.typname), "
+    "'f' || c.castfunc::text, c.castfunc::pg_catalog.regproc::text, 'x', '' FROM pg_catalog.pg_cast c "
+    "JOIN pg_catalog.pg_type t ON t.oid = c.casttarget JOIN pg_catalog.pg_namespace n ON n.oid = t.typnamespace "
+    "WHERE c.oid >= 16384 AND c.castfunc >= 16384"
     # A foreign key writes the referencing table when the referenced one is written: ON DELETE /
     # ON UPDATE CASCADE, SET NULL, SET DEFAULT (D, U), and TRUNCATE ... CASCADE whatever its
     # actions (C): ('k' || its oid, the referenced table, the referencing table's oid, the
@@ -259,7 +281,9 @@ class CatalogLookup:
         self._effects_on: dict[str, str] = {}
         self._called_functions: dict[str, tuple[str, str]] = {}  # 'f' || oid -> (schema, name): triggers', calls', aggregates'
         self._by_oid: set[str] = set()  # 'f' || oid of the functions a round asks for by oid (triggers')
-        self._aggregates: set[str] = set()  # 'a' || oid of the aggregates (_oid_names gives their names)
+        # 'a', 'o', 'x' || oid of the aggregates, operators and casts: each calls functions under a
+        # name of its own (_oid_names gives it: the aggregate's, the symbol, the cast's target type)
+        self._callers: set[str] = set()
         self._cascades: dict[str, str] = {}  # 'k' || oid of a writing foreign key -> the referenced table's events
         self._relevant_memo: tuple[int, list[str]] | None = None
         self._named: set[str] = set()  # names later rounds already asked for
@@ -340,20 +364,20 @@ class CatalogLookup:
         """Read :data:`DEPENDENCIES_QUERY`'s rows."""
         self._relevant_memo = None
         for row in rows:
-            if len(row) != 6 or None in row or row[4] not in ("v", "i", "r", "t", "c", "a", "k", "e"):
+            if len(row) != 6 or None in row or row[4] not in ("v", "i", "r", "t", "c", "a", "k", "e", "o", "x"):
                 raise ValueError("unexpected row from the catalog's view dependencies")
             view, vname, ref, rname, kind, events = row  # type: ignore[misc]
             self._oid_names[view] = split_regclass(vname)  # type: ignore[arg-type]
             if not ref.startswith("f"):  # type: ignore[union-attr]
                 self._oid_names.setdefault(ref, split_regclass(rname))  # type: ignore[arg-type]
-            elif kind in ("t", "c", "a", "e"):
+            elif kind in ("t", "c", "a", "e", "o", "x"):
                 schema, name = split_regclass(rname)  # type: ignore[arg-type]
                 self._called_functions[ref] = (schema or "pg_catalog", name)  # type: ignore[index]
             self._depends.setdefault(view, set()).add(ref)  # type: ignore[arg-type]
             if kind == "i":
                 self._children.add(view)  # type: ignore[arg-type]
-            elif kind == "a":
-                self._aggregates.add(view)  # type: ignore[arg-type]
+            elif kind in ("a", "o", "x"):
+                self._callers.add(view)  # type: ignore[arg-type]
             elif kind == "k":
                 self._cascades[view] = events  # type: ignore[index]
             elif kind in ("r", "t", "c", "e"):
@@ -390,7 +414,7 @@ class CatalogLookup:
             # trigger's NEW.contact is the view's column). A function a table calls (a default,
             # a constraint, a policy, an index), an aggregate and an event trigger count only when
             # the function was read.
-            if oid.startswith(("c", "a", "e")):
+            if oid.startswith(("c", "a", "e", "o", "x")):
                 found = False
             elif oid.startswith("t"):
                 found = guarded(oid) or any(reach(r, path | {oid}) for r in relations.get(names[oid], ()))
@@ -433,7 +457,7 @@ class CatalogLookup:
         relevant = self._relevant()
         names = self._oid_names
         self.names = {oid: names[oid] for oid in relevant if oid not in self._children and oid not in self._effects_on
-                      and oid not in self._aggregates}
+                      and oid not in self._callers}
         self._rules = {oid: names[oid] for oid in relevant if oid.startswith("r")}  # type: ignore[misc]
         views = sorted((oid for oid in self.names if oid not in self._asked), key=int)
         rules = sorted(oid for oid in self._rules if oid not in self._asked)
@@ -505,8 +529,10 @@ class CatalogLookup:
                     self.effects.setdefault(parent, []).append(entry)  # type: ignore[index]
                     writes_matter.add(parent)
                     added = True
-        # An aggregate reading a guarded relation through its support functions: calling it calls them.
-        for oid in sorted(o for o in relevant if o in self._aggregates):
+        # An aggregate reading a guarded relation through its support functions: calling it calls
+        # them; an operator or cast its function: using it calls it (the engine looks a statement's
+        # operators and casts up among the functions, StatementAnalysis.operators).
+        for oid in sorted(o for o in relevant if o in self._callers):
             schema, name = names[oid]
             calls = ", ".join(f"{_quoted(s)}.{_quoted(n)}()" for s, n in sorted(
                 self._called_functions[ref] for ref in self._depends[oid] if ref in self.function_oids))

@@ -198,7 +198,8 @@ def resolve_catalog(stmt: StatementAnalysis, session: SqlSessionState, path: fro
         direct |= {"C"}  # (C: what a foreign key passes on to the referencing table, catalog.py)
     todo: list[tuple[Relation | Function, frozenset[str]]] = [] if dropping else [
         (r, direct if r in stmt.writes else _READ) for r in stmt.reads | stmt.writes]
-    todo += [] if dropping else [(f, _READ) for f in stmt.functions]
+    todo += [] if dropping else [(f, _READ) for f in stmt.functions | stmt.operators]
+    used = set(stmt.operators)  # operators and casts: named so in a refusal
 
     def run(what: str, body: StatementAnalysis, rows: tuple[Relation, frozenset[str] | None] | None = None) -> None:
         """A body the statement runs (a function's, a trigger's, a rule's): what it does is done;
@@ -211,12 +212,13 @@ def resolve_catalog(stmt: StatementAnalysis, session: SqlSessionState, path: fro
         reads.update(body.reads)
         writes.update(body.writes)
         functions.update(body.functions)
+        used.update(body.operators)
         sent.update(body.sent)
         properties.update(body.properties & {"dynamic_sql"})
         bodies.append((what, _through_views(body.reads | body.writes, views, path),
                        *(_row_through_views(*rows, views, path) if rows else (frozenset(), frozenset()))))
         todo.extend([(r, _ANY_WRITE if r in body.writes else _READ) for r in body.reads | body.writes]
-                    + [(f, _READ) for f in body.functions])
+                    + [(f, _READ) for f in body.functions | body.operators])
 
     for what, _, body, _ in events_run:
         seen.add(("d", DDL, what))
@@ -248,11 +250,12 @@ def resolve_catalog(stmt: StatementAnalysis, session: SqlSessionState, path: fro
                     continue
                 seen.add(("f", key, False))
                 body = session.functions[key]
+                what = (f"function {key[0]}.{key[1]}" if item not in used else
+                        f"operator {key[0]}.{key[1]}" if key[1][:1] in _OPERATOR_CHARS else f"a cast to {key[0]}.{key[1]}")
                 if body.error is not None:
-                    error = (f"the statement calls function {key[0]}.{key[1]}, whose body botwarden could not "
-                             f"read: {body.error}")
+                    error = f"the statement calls {what}, whose body botwarden could not read: {body.error}"
                     continue
-                run(f"function {key[0]}.{key[1]}()", body)
+                run(what + ("()" if item not in used else ""), body)
             continue
         for key in _catalog_names(item, path, views):
             if ("v", key, events) in seen:
@@ -264,12 +267,13 @@ def resolve_catalog(stmt: StatementAnalysis, session: SqlSessionState, path: fro
                 continue
             reads |= body.reads
             functions |= body.functions
+            used |= body.operators
             outputs += body.outputs
             sent |= set(body.sent)
             properties |= body.properties - {"multi_statement"}
             if events != _READ:
                 writes |= body.reads
-            todo += [(r, events) for r in body.reads] + [(f, _READ) for f in body.functions]
+            todo += [(r, events) for r in body.reads] + [(f, _READ) for f in body.functions | body.operators]
     heard = [(what, rels, rows) for what, rels, rows, channels in session.notifying
              if stmt.channel is None or channels is None or stmt.channel in channels] if "LISTEN" in stmt.kinds else []
     if heard:
@@ -312,7 +316,7 @@ def _calls_notify(body: StatementAnalysis, learned: Mapping[tuple[str, str], Sta
     todo = [body]
     while todo:
         current = todo.pop()
-        for f in current.functions:
+        for f in current.functions | current.operators:
             if f.name == "pg_notify" and f.schema in (None, "pg_catalog"):
                 return True
             for key in _catalog_names(f, _ANY_SCHEMA, learned):
@@ -323,6 +327,7 @@ def _calls_notify(body: StatementAnalysis, learned: Mapping[tuple[str, str], Sta
 
 
 _READ, _ANY_WRITE = frozenset("S"), frozenset("IUDT")
+_OPERATOR_CHARS = "+-*/<>=~!@#%^&|`?"  # (what an operator's symbol is made of: no name starts so)
 # Statements that fire event triggers (PostgreSQL's event trigger firing matrix, widened: a kind
 # of these that does not fire one is decided as if it did).
 _DDL_PREFIXES = ("CREATE_", "ALTER_", "DROP_", "COMMENT", "GRANT", "REVOKE", "SECURITY_LABEL", "REFRESH_",
@@ -337,7 +342,7 @@ def _notified_channels(body: StatementAnalysis, learned: Mapping[tuple[str, str]
     """The channels a trigger's function (its definitions ``texts``, analysed as ``body``)
     notifies when each of its own pg_notify calls names a constant one and the functions it calls
     notify none; else None (any channel)."""
-    if not texts or any(_calls_notify(learned[k], learned) for f in body.functions
+    if not texts or any(_calls_notify(learned[k], learned) for f in body.functions | body.operators
                         for k in _catalog_names(f, _ANY_SCHEMA, learned)):
         return None
     channels: set[str] = set()
@@ -902,7 +907,8 @@ class PolicyEngine:
             merged = defs[0]
             for d in defs[1:]:
                 merged = replace(merged, reads=merged.reads | d.reads, writes=merged.writes | d.writes,
-                                 functions=merged.functions | d.functions, properties=merged.properties | d.properties,
+                                 functions=merged.functions | d.functions, operators=merged.operators | d.operators,
+                                 properties=merged.properties | d.properties,
                                  sent=tuple(sorted(set(merged.sent) | set(d.sent))))
             bodies[key] = merged
         runs: dict[tuple[str, str], tuple[tuple[str, frozenset[str], StatementAnalysis, frozenset[str] | None], ...]] = {}

@@ -258,6 +258,11 @@ class StatementAnalysis:
     reads: frozenset[Relation] = frozenset()
     writes: frozenset[Relation] = frozenset()
     functions: frozenset[Function] = frozenset()
+    # Operators by their symbols (``=``, ``###``; BETWEEN's, IN's and the like's too) and casts
+    # by their target types (``x::bwv_badge``: the type's name, ``_name`` for an array of it) the
+    # statement uses: a user-defined one runs its function (engine.resolve_catalog), which no
+    # function name in the statement shows.
+    operators: frozenset[Function] = frozenset()
     properties: frozenset[str] = frozenset()
     error: str | None = None
     # Output column name -> the column names it is computed from ("*" = a whole row).
@@ -985,6 +990,7 @@ class _Walker:
         self.reads: set[Relation] = set()
         self.writes: set[Relation] = set()
         self.functions: set[Function] = set()
+        self.operators: set[Function] = set()  # operators and casts used (StatementAnalysis.operators)
         self.properties: set[str] = set()
         self.cte_scopes: list[frozenset[str]] = []
         self.outputs: dict[str, set[str]] = {}
@@ -1034,7 +1040,7 @@ class _Walker:
             for k, v in named.items())) for named in (self.outputs, self.assigned, self.sent))
         return StatementAnalysis(
             kind=self.kind, kinds=frozenset(kinds), reads=frozenset(self.reads),
-            writes=frozenset(self.writes), functions=frozenset(self.functions),
+            writes=frozenset(self.writes), functions=frozenset(self.functions), operators=frozenset(self.operators),
             properties=frozenset(self.properties), outputs=outputs, assigned=assigned, sent=sent, prepare_name=self.prepare_name,
             prepared_body=self.prepared_body, execute_name=self.execute_name, deallocate=self.deallocate,
             search_path=self.search_path, reset_session=self.reset_session, reads_constants=self.reads_constants,
@@ -1218,6 +1224,55 @@ class _Walker:
                 self._collecting(self.sent.setdefault(names[-1], set()), self.generic, "FuncCall", body, ("funcname",))
                 return
         self.generic("FuncCall", body, skip=("funcname",))
+
+    # -- operators and casts: a user-defined one runs its function --
+    def _v_A_Expr(self, body: Mapping[str, Any]) -> None:
+        kind = body.get("kind")
+        if kind in _BETWEEN_KINDS:  # a BETWEEN b AND c: a >= b AND a <= c (NOT: < and >)
+            self.operators.update(_BETWEEN_OPERATORS)
+        else:
+            self._operator_named(body.get("name", ()))
+        self.generic("A_Expr", body, skip=("name",))
+
+    def _v_SubLink(self, body: Mapping[str, Any]) -> None:
+        # x IN (SELECT ...) compares with =; x op ANY/ALL (SELECT ...) with op
+        if body.get("operName"):
+            self._operator_named(body["operName"])
+        elif body.get("subLinkType") in ("ANY_SUBLINK", "ALL_SUBLINK"):
+            self.operators.add(_EQUALS)
+        self.generic("SubLink", body, skip=("operName",))
+
+    def _v_CaseExpr(self, body: Mapping[str, Any]) -> None:
+        if body.get("arg"):  # CASE x WHEN y: x = y
+            self.operators.add(_EQUALS)
+        self.generic("CaseExpr", body)
+
+    def _v_SortBy(self, body: Mapping[str, Any]) -> None:
+        if body.get("useOp"):  # ORDER BY x USING op
+            self._operator_named(body["useOp"])
+        self.generic("SortBy", body, skip=("useOp",))
+
+    def _v_TypeCast(self, body: Mapping[str, Any]) -> None:
+        type_name = body.get("typeName") or {}
+        parts = [n.lower() for n in _names(type_name.get("names", ()))]
+        if parts:
+            if type_name.get("arrayBounds"):  # an array's type is named _ and its element type's name
+                parts[-1] = "_" + parts[-1]
+            self._uses(tuple(parts))
+        self.generic("TypeCast", body)
+
+    def _operator_named(self, names: list[Any]) -> None:
+        self._uses(tuple(_names(names)))
+
+    def _uses(self, parts: tuple[str, ...]) -> None:
+        """An operator or a cast, by its name's parts (schema, symbol or type)."""
+        found = _OPERATORS.get(parts)
+        if found is None and parts:
+            found = Function(".".join(p.lower() for p in parts[:-1]) or None, parts[-1])
+            if len(_OPERATORS) < 4096:  # (symbols are few; a bound all the same)
+                _OPERATORS[parts] = found
+        if found is not None:
+            self.operators.add(found)
 
     def _cursor_argument(self, args: list[Any]) -> None:
         """cursor_to_xml('c', ...) returns c's rows: read as FETCH from c (resolve_fetch)."""
@@ -1841,6 +1896,7 @@ class _Walker:
         self.reads |= other.reads
         self.writes |= other.writes
         self.functions |= other.functions
+        self.operators |= other.operators
         self.properties |= other.properties - {"explain_only"}
         self.reads_constants |= other.reads_constants
         if runs and other.search_path is not None:
@@ -1867,8 +1923,8 @@ class _Walker:
         # "body_sets_search_path": PolicyEngine._unknown_path).
         path, self.search_path = self.search_path, None
         own = _routine_search_path(body)
-        before = (self.reads, self.writes, self.functions)
-        self.reads, self.writes, self.functions = set(), set(), set()
+        before = (self.reads, self.writes, self.functions, self.operators)
+        self.reads, self.writes, self.functions, self.operators = set(), set(), set(), set()
         try:
             self._create_function(body)
             if self.search_path is not None and own is None:
@@ -1880,11 +1936,13 @@ class _Walker:
                 self.reads |= {Relation(s, r.name) for r in self.reads if r.schema is None for s in schemas}
                 self.writes |= {Relation(s, r.name) for r in self.writes if r.schema is None for s in schemas}
                 self.functions |= {Function(s, f.name) for f in self.functions if f.schema is None for s in schemas}
+                self.operators |= {Function(s, f.name) for f in self.operators if f.schema is None for s in schemas}
         finally:
             self.search_path = path
             self.reads |= before[0]
             self.writes |= before[1]
             self.functions |= before[2]
+            self.operators |= before[3]
 
     def _create_function(self, body: Mapping[str, Any]) -> None:
         self.properties.add("function_body")
@@ -1988,6 +2046,10 @@ _HANDLERS = {name[3:]: fn for name, fn in vars(_Walker).items() if name.startswi
 _STATEMENT_NODES = frozenset(n for n in _NODE_NAMES if n.endswith("Stmt") and n != "SelectStmt")
 _NO_FIELDS: dict[str, str | None] = {}
 # Nodes that hold only names, numbers and constants: nothing for the walk (most of a tree's nodes).
+_OPERATORS: dict[tuple[str, ...], Function] = {}  # an operator's name parts -> its Function, made once
+_BETWEEN_KINDS = frozenset({"AEXPR_BETWEEN", "AEXPR_NOT_BETWEEN", "AEXPR_BETWEEN_SYM", "AEXPR_NOT_BETWEEN_SYM"})
+_BETWEEN_OPERATORS = frozenset(Function(None, op) for op in (">=", "<=", "<", ">"))
+_EQUALS = Function(None, "=")
 _LEAVES = frozenset({"String", "Integer", "Float", "Boolean", "BitString", "A_Const", "A_Star", "ParamRef"})
 
 
