@@ -895,6 +895,46 @@ def test_triggers_and_rules_on_a_guarded_relation_or_reaching_one_are_learned():
         ("public", "notes"): [("call", "IU", "public", "copy_email")]}
 
 
+def test_operators_and_casts_are_learned_as_calls_of_their_functions():
+    """The rows DEPENDENCIES_QUERY gives for operators and casts (a cast: one row per type, as
+    regtype prints it) and for a default using an operator; then the engine's decisions: the
+    symbol, ``OPERATOR(schema.sym)``, a cast to either type (a server type by its pg_type name
+    or its SQL name) run the function; other operators and casts do not."""
+    lookup = CatalogLookup(lambda schema, name: name == "bwv_accounts", ["bwv_accounts"])
+    lookup.functions([("500", "public", "leak", "CREATE FUNCTION public.leak(a int, b int) RETURNS text "
+                       "LANGUAGE sql AS 'SELECT email FROM bwv_accounts LIMIT 1'"),
+                      ("501", "public", "to_text", "CREATE FUNCTION public.to_text(b public.badge) RETURNS text "
+                       "LANGUAGE sql AS 'SELECT email FROM bwv_accounts LIMIT 1'")])
+    lookup.dependencies([
+        ("o70", "public.#@#", "f500", "public.leak", "o", ""),
+        ("o71", "public.##", "f502", "public.harmless", "o", ""),   # its function was not read
+        ("x80.90", "public.badge", "f501", "public.to_text", "x", ""),
+        ("x80.25", "text", "f501", "public.to_text", "x", ""),
+        ("x81.23", "integer", "f502", "public.harmless", "x", ""),
+        ("c2606.5", "public.notes", "o70", "", "c", "IU"),           # DEFAULT (1 #@# 1)
+    ])
+    while lookup.next_functions_query() is not None:
+        lookup.functions([])
+    lookup.definitions([])
+    assert lookup.effects == {("public", "notes"): [("call", "IU", "public", "leak")]}
+    learned = lookup.learned_functions
+    assert learned[("public", "#@#")] == ['SELECT "public"."leak"()']
+    assert learned[("public", "badge")] == learned[("pg_catalog", "text")] == ['SELECT "public"."to_text"()']
+    assert ("public", "##") not in learned and ("pg_catalog", "int4") not in learned
+
+    engine = _engine(POLICY[len(POLICY_HEAD):])
+    session = SqlSessionState()
+    engine.learn_catalog(session, {}, learned, lookup.effects)
+    for sql in ("SELECT 1 #@# 2", "SELECT 1 OPERATOR(public.#@#) 2", "SELECT b::text FROM t",
+                "SELECT CAST(b AS pg_catalog.text) FROM t", "SELECT 1::badge", "INSERT INTO notes (id) VALUES (1)"):
+        verdict = engine.decide_sql("test-bot", (), "pg-test", sql, session=session)
+        assert verdict.action == "block" and "mask-account-emails" in verdict.reason, (sql, verdict.reason)
+        assert "leak" in verdict.reason or "to_text" in verdict.reason, (sql, verdict.reason)
+    for sql in ("SELECT 1 ## 2", "SELECT 1 + 2 = 3", "SELECT 1::integer, 2::int4, 3::bigint"):
+        verdict = engine.decide_sql("test-bot", (), "pg-test", sql, session=session)
+        assert verdict.action != "block", (sql, verdict.reason)
+
+
 def test_a_write_runs_only_the_triggers_and_rules_of_its_own_events():
     engine = _engine(POLICY[len(POLICY_HEAD):])
     session = SqlSessionState()

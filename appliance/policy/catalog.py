@@ -73,25 +73,22 @@ _PG_CLASS = "'pg_catalog.pg_class'::pg_catalog.regclass"
 _PG_PROC = "'pg_catalog.pg_proc'::pg_catalog.regclass"
 _PG_OPERATOR = "'pg_catalog.pg_operator'::pg_catalog.regclass"
 # A view's query, a rule's action, a default or constraint that uses an operator depends on the
-# operator (pg_operator), not on its function: the function it calls stands for it (o: the
-# operator, LEFT JOINed on the dependency d; user-defined operators over the server's own
-# functions left out).
-_CALLED = f"CASE WHEN d.refclassid = {_PG_OPERATOR} THEN o.oprcode::oid ELSE d.refobjid END"
-_OPERATOR_OF = (f" LEFT JOIN pg_catalog.pg_operator o ON d.refclassid = {_PG_OPERATOR} AND o.oid = d.refobjid ")
-_CALLS_MADE = (f"(d.refclassid = {_PG_PROC} AND d.refobjid >= 16384 "
-               f"OR d.refclassid = {_PG_OPERATOR} AND d.refobjid >= 16384)")
-_NOT_BUILT_IN_CALL = "(o.oid IS NULL OR o.oprcode::oid >= 16384)"
+# operator (pg_operator), not on its function: 'o' || the operator's oid stands for it there, and
+# the operator's own row ('o', below) says which function it calls. (No join to pg_operator:
+# planning one more catalog join cost a new backend ~0.8 ms.)
+_CALLED = (f"CASE WHEN d.refclassid = {_PG_OPERATOR} THEN 'o' ELSE 'f' END || d.refobjid::text")
+_CALLS_MADE = f"d.refclassid IN ({_PG_PROC}, {_PG_OPERATOR}) AND d.refobjid >= 16384"
 DEPENDENCIES_QUERY = _QUALIFIED.format(
     "SELECT DISTINCT CASE WHEN r.ev_type = '1' THEN r.ev_class::text ELSE 'r' || r.oid::text END, "
     "r.ev_class::pg_catalog.regclass::text, "
-    f"CASE WHEN d.refclassid = {_PG_CLASS} THEN d.refobjid::text ELSE 'f' || ({_CALLED})::text END, "
+    f"CASE WHEN d.refclassid = {_PG_CLASS} THEN d.refobjid::text ELSE {_CALLED} END, "
     f"CASE WHEN d.refclassid = {_PG_CLASS} THEN d.refobjid::pg_catalog.regclass::text ELSE '' END, "
     "CASE WHEN r.ev_type = '1' THEN 'v' ELSE 'r' END, "
     "CASE r.ev_type WHEN '2' THEN 'U' WHEN '3' THEN 'I' WHEN '4' THEN 'D' ELSE '' END "
     "FROM pg_catalog.pg_rewrite r JOIN pg_catalog.pg_depend d "
     "ON d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass AND d.objid = r.oid AND d.refobjid <> r.ev_class "
-    f"AND (d.refclassid = {_PG_CLASS} OR {_CALLS_MADE})" + _OPERATOR_OF +
-    f"WHERE r.ev_class >= 16384 AND {_NOT_BUILT_IN_CALL} "
+    f"AND (d.refclassid = {_PG_CLASS} OR {_CALLS_MADE}) "
+    "WHERE r.ev_class >= 16384 "
     # A partition or inheritance child: its rows are its parent's too (kind 'i').
     "UNION ALL SELECT i.inhrelid::text, i.inhrelid::pg_catalog.regclass::text, i.inhparent::text, "
     "i.inhparent::pg_catalog.regclass::text, 'i', '' FROM pg_catalog.pg_inherits i WHERE i.inhrelid >= 16384 "
@@ -104,11 +101,12 @@ DEPENDENCIES_QUERY = _QUALIFIED.format(
     # both (opening pg_attrdef, pg_constraint, pg_policy and pg_index too cost ~0.9 ms more
     # on a new backend).
     " UNION ALL SELECT DISTINCT 'c' || d.classid::text || '.' || d.objid::text, "
-    f"t.refobjid::pg_catalog.regclass::text, 'f' || ({_CALLED})::text, ({_CALLED})::pg_catalog.regproc::text, 'c', "
+    f"t.refobjid::pg_catalog.regclass::text, {_CALLED}, CASE WHEN d.refclassid = {_PG_OPERATOR} THEN '' "
+    "ELSE d.refobjid::pg_catalog.regproc::text END, 'c', "
     "CASE WHEN d.classid = 'pg_catalog.pg_policy'::pg_catalog.regclass THEN 'SIUD' ELSE 'IU' END "
     "FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_depend t ON t.classid = d.classid AND t.objid = d.objid "
-    f"AND t.refclassid = {_PG_CLASS} AND t.refobjid >= 16384" + _OPERATOR_OF +
-    f"WHERE {_CALLS_MADE} AND {_NOT_BUILT_IN_CALL} AND d.classid IN ("
+    f"AND t.refclassid = {_PG_CLASS} AND t.refobjid >= 16384 "
+    f"WHERE {_CALLS_MADE} AND d.classid IN ("
     + ", ".join(f"'pg_catalog.{c}'::pg_catalog.regclass" for c in _IMPLICIT) + ")"
     # An aggregate runs its support functions (state transition, final ...): ('a' || its oid, the
     # aggregate, 'f' || the function's oid, the function, 'a', '').
@@ -117,16 +115,19 @@ DEPENDENCIES_QUERY = _QUALIFIED.format(
     "ON p.oid = d.objid AND p.prokind = 'a' WHERE d.classid = 'pg_catalog.pg_proc'::pg_catalog.regclass "
     "AND d.refclassid = 'pg_catalog.pg_proc'::pg_catalog.regclass AND d.objid >= 16384 AND d.refobjid >= 16384"
     # An operator runs its function: ('o' || its oid, schema.symbol, 'f' || the function's oid, the
-    # function, 'o', ''); a cast its function: ('x' || its oid, the target type as schema.name
-    # (pg_type's: int4, _name for an array), ...). Learned like an aggregate: using the symbol or
-    # casting to the type calls the function (a cast from another type to it too: fail closed).
-    " UNION ALL SELECT 'o' || o.oid::text, pg_catalog.quote_ident(n.nspname) || '.' || o.oprname, "
-    "'f' || o.oprcode::oid::text, o.oprcode::pg_catalog.regproc::text, 'o', '' FROM pg_catalog.pg_operator o "
-    "JOIN pg_catalog.pg_namespace n ON n.oid = o.oprnamespace WHERE o.oid >= 16384 AND o.oprcode::oid >= 16384"
-    " UNION ALL SELECT 'x' || c.oid::text, pg_catalog.quote_ident(n.nspname) || '.' || pg_catalog.quote_ident(t.typname), "
-    "'f' || c.castfunc::text, c.castfunc::pg_catalog.regproc::text, 'x', '' FROM pg_catalog.pg_cast c "
-    "JOIN pg_catalog.pg_type t ON t.oid = c.casttarget JOIN pg_catalog.pg_namespace n ON n.oid = t.typnamespace "
-    "WHERE c.oid >= 16384 AND c.castfunc >= 16384"
+    # function, 'o', ''); learned like an aggregate: using the symbol calls the function.
+    " UNION ALL SELECT 'o' || d.objid::text, d.objid::pg_catalog.regoper::text, 'f' || d.refobjid::text, "
+    f"d.refobjid::pg_catalog.regproc::text, 'o', '' FROM pg_catalog.pg_depend d WHERE d.classid = {_PG_OPERATOR} "
+    f"AND d.objid >= 16384 AND d.refclassid = {_PG_PROC} AND d.refobjid >= 16384"
+    # A cast depends on its function and on its two types, which pg_depend does not tell apart:
+    # one row per type ('x' || the cast's oid || '.' || the type's oid, the type as regtype prints
+    # it, ...); casting to either counts (fail closed; no join to pg_cast either).
+    " UNION ALL SELECT 'x' || d.objid::text || '.' || t.refobjid::text, t.refobjid::pg_catalog.regtype::text, "
+    "'f' || d.refobjid::text, d.refobjid::pg_catalog.regproc::text, 'x', '' FROM pg_catalog.pg_depend d "
+    "JOIN pg_catalog.pg_depend t ON t.classid = d.classid AND t.objid = d.objid "
+    "AND t.refclassid = 'pg_catalog.pg_type'::pg_catalog.regclass "
+    f"WHERE d.classid = 'pg_catalog.pg_cast'::pg_catalog.regclass AND d.objid >= 16384 AND d.refclassid = {_PG_PROC} "
+    "AND d.refobjid >= 16384"
     # A foreign key writes the referencing table when the referenced one is written: ON DELETE /
     # ON UPDATE CASCADE, SET NULL, SET DEFAULT (D, U), and TRUNCATE ... CASCADE whatever its
     # actions (C): ('k' || its oid, the referenced table, the referencing table's oid, the
@@ -208,6 +209,26 @@ def split_regclass(text: str) -> tuple[str | None, str]:
     if len(parts) == 2 and all(parts):
         return parts[0], parts[1]
     raise ValueError(f"unexpected relation name {text!r}")
+
+
+# Names regtype prints for the server's types that are not their pg_type names (a statement's
+# ``::integer`` is ``pg_catalog.int4`` in its parse tree).
+_SQL_TYPE_NAMES = {"integer": "int4", "smallint": "int2", "bigint": "int8", "real": "float4",
+                   "double precision": "float8", "boolean": "bool", "character varying": "varchar",
+                   "character": "bpchar", "bit varying": "varbit", "timestamp without time zone": "timestamp",
+                   "timestamp with time zone": "timestamptz", "time without time zone": "time",
+                   "time with time zone": "timetz"}
+
+
+def type_name(text: str) -> tuple[str, str]:
+    """A type as ``regtype`` prints it under an empty search path -> (schema, its pg_type name):
+    ``public.badge`` -> (public, badge), ``integer`` -> (pg_catalog, int4), ``public.badge[]`` ->
+    (public, _badge), as a cast in a statement's parse tree names it."""
+    array = text.endswith("[]")
+    schema, name = split_regclass(text[:-2] if array else text)
+    if schema is None:
+        schema, name = "pg_catalog", _SQL_TYPE_NAMES.get(name, name)
+    return schema, ("_" + name if array else name)
 
 
 def _quoted(name: str) -> str:
@@ -367,12 +388,13 @@ class CatalogLookup:
             if len(row) != 6 or None in row or row[4] not in ("v", "i", "r", "t", "c", "a", "k", "e", "o", "x"):
                 raise ValueError("unexpected row from the catalog's view dependencies")
             view, vname, ref, rname, kind, events = row  # type: ignore[misc]
-            self._oid_names[view] = split_regclass(vname)  # type: ignore[arg-type]
-            if not ref.startswith("f"):  # type: ignore[union-attr]
+            self._oid_names[view] = type_name(vname) if kind == "x" else split_regclass(vname)  # type: ignore[arg-type]
+            if ref.startswith("f"):  # type: ignore[union-attr]
+                if kind in ("t", "c", "a", "e", "o", "x"):
+                    schema, name = split_regclass(rname)  # type: ignore[arg-type]
+                    self._called_functions[ref] = (schema or "pg_catalog", name)  # type: ignore[index]
+            elif not ref.startswith("o"):  # type: ignore[union-attr]  (an operator: named by its own row)
                 self._oid_names.setdefault(ref, split_regclass(rname))  # type: ignore[arg-type]
-            elif kind in ("t", "c", "a", "e", "o", "x"):
-                schema, name = split_regclass(rname)  # type: ignore[arg-type]
-                self._called_functions[ref] = (schema or "pg_catalog", name)  # type: ignore[index]
             self._depends.setdefault(view, set()).add(ref)  # type: ignore[arg-type]
             if kind == "i":
                 self._children.add(view)  # type: ignore[arg-type]
@@ -497,7 +519,8 @@ class CatalogLookup:
         self.effects = {}
         for oid in sorted(o for o in relevant if o.startswith(("t", "c"))):
             table = names[oid]
-            for ref in sorted(self._depends[oid]):  # (a trigger on another session's temporary table: not here)
+            # (a default using an operator calls the operator's function)
+            for ref in sorted(f for r in self._depends[oid] for f in (self._depends.get(r, ()) if r[0] == "o" else (r,))):  # (a trigger on another session's temporary table: not here)
                 if table[0] is None or ref not in self._called_functions:
                     continue
                 if oid.startswith("c") and ref not in self.function_oids:

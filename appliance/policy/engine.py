@@ -245,7 +245,9 @@ def resolve_catalog(stmt: StatementAnalysis, session: SqlSessionState, path: fro
                         continue
                     run(what, body, (Relation(*key), fields) if fields is None or fields else None)
         if isinstance(item, Function):
-            for key in _catalog_names(item, path, session.functions):
+            # (an operator or a cast to one of the server's types is looked up in pg_catalog too,
+            # as the server does whatever the path says; functions learned are never there)
+            for key in _catalog_names(item, path | _PG_CATALOG if item in used else path, session.functions):
                 if ("f", key, False) in seen:
                     continue
                 seen.add(("f", key, False))
@@ -327,6 +329,7 @@ def _calls_notify(body: StatementAnalysis, learned: Mapping[tuple[str, str], Sta
 
 
 _READ, _ANY_WRITE = frozenset("S"), frozenset("IUDT")
+_PG_CATALOG = frozenset({"pg_catalog"})
 _OPERATOR_CHARS = "+-*/<>=~!@#%^&|`?"  # (what an operator's symbol is made of: no name starts so)
 # Statements that fire event triggers (PostgreSQL's event trigger firing matrix, widened: a kind
 # of these that does not fire one is decided as if it did).
