@@ -97,7 +97,15 @@ FUNCTIONS = [
     "CREATE TYPE bwv_badge AS (v text)",
     "CREATE FUNCTION bwv_badge_of(i int) RETURNS bwv_badge LANGUAGE sql AS "
     "'SELECT ROW(email)::bwv_badge FROM bwv_accounts WHERE id = i'",
-    "CREATE CAST (int AS bwv_badge) WITH FUNCTION bwv_badge_of(int)",
+    "CREATE CAST (int AS bwv_badge) WITH FUNCTION bwv_badge_of(int) AS ASSIGNMENT",
+    "CREATE TABLE bwv_badges (id int, b bwv_badge)",  # an INSERT of an int into b runs the cast
+    # Domains: a default reading the masked table, a CHECK copying it (the value is not needed).
+    "CREATE DOMAIN bwv_tag AS text DEFAULT bwv_email_of(1)",
+    "CREATE TABLE bwv_tagged (id int, t bwv_tag)",
+    "CREATE TABLE bwv_trail (v text)",
+    "CREATE FUNCTION bwv_tag_ok(v text) RETURNS bool LANGUAGE plpgsql AS $$ BEGIN "
+    "INSERT INTO bwv_trail SELECT email FROM bwv_accounts; RETURN true; END $$",
+    "CREATE DOMAIN bwv_checked_tag AS text CHECK (bwv_tag_ok(VALUE))",
     # ... used by a view, a function's body and a column's default (each depends on the operator).
     "CREATE VIEW bwv_op_view AS SELECT id, id #@# id AS e FROM bwv_cities",
     "CREATE FUNCTION bwv_op_api() RETURNS text LANGUAGE sql AS 'SELECT 1 #@# 1'",
@@ -110,7 +118,6 @@ FUNCTIONS = [
 
 # Triggers and rules made before the session: writing a relation runs them.
 TRIGGERS = [
-    "CREATE TABLE bwv_trail (v text)",
     "CREATE TABLE bwv_orders (id int, account int)",
     "CREATE TABLE bwv_shops (id int, note text, stamp timestamptz)",
     "CREATE TABLE bwv_tickets (id int)",
@@ -203,6 +210,8 @@ def front(pg_server):
 def _drop(pg_server) -> None:
     pg_server.psql("DROP VIEW IF EXISTS bwv_op_view; DROP TABLE IF EXISTS bwv_op_notes; "
                    "DROP FUNCTION IF EXISTS bwv_op_api(); DROP OPERATOR IF EXISTS #@# (int, int), @#@ (none, int), @~@ (none, int); "
+                   "DROP TABLE IF EXISTS bwv_badges, bwv_tagged; DROP DOMAIN IF EXISTS bwv_tag, bwv_checked_tag; "
+                   "DROP FUNCTION IF EXISTS bwv_tag_ok(text); "
                    "DROP CAST IF EXISTS (int AS bwv_badge); DROP FUNCTION IF EXISTS bwv_op_email(int, int), "
                    "bwv_badge_of(int); DROP TYPE IF EXISTS bwv_badge; "
                    "DROP SCHEMA IF EXISTS bwv_other, bwv_hidden CASCADE; DROP FUNCTION IF EXISTS bwv_go_hidden(); "
@@ -519,11 +528,14 @@ TRIGGERED = [  # (statement, the rule refusing it, what it runs)
     ("DELETE FROM bwv_shops WHERE id = 1", "mask-account-emails", "a rule on public.bwv_shops"),
     ("INSERT INTO bwv_tickets VALUES (1)", "no-vault", None),
     ("INSERT INTO bwv_notes (id) VALUES (1)", "mask-account-emails",
-     "function public.bwv_email_of(), which a default, constraint, index or row security policy of public.bwv_notes"),
+     "function public.bwv_email_of(), which a default, constraint, index, row security policy or column type of public.bwv_notes"),
     ("INSERT INTO bwv_checked VALUES (1)", "no-vault", None),
     ("DELETE FROM bwv_teams WHERE id = 1", "mask-account-emails", "trigger function public.bwv_member_gone()"),
     ("INSERT INTO bwv_op_notes (id) VALUES (1)", "mask-account-emails",
-     "function public.bwv_op_email(), which a default, constraint, index or row security policy of public.bwv_op_notes"),
+     "function public.bwv_op_email(), which a default, constraint, index, row security policy or column type of public.bwv_op_notes"),
+    ("INSERT INTO bwv_badges VALUES (1, 1)", "mask-account-emails", "function public.bwv_badge_of(), which"),
+    ("INSERT INTO bwv_tagged (id) VALUES (1)", "mask-account-emails", "function public.bwv_email_of(), which"),
+    ("SELECT 'x'::bwv_checked_tag", "mask-account-emails", "function public.bwv_tag_ok()"),
 ]
 
 
@@ -540,7 +552,9 @@ def test_a_write_that_runs_a_trigger_or_rule_made_before_the_session_is_decided_
             assert secret in str(conn.execute("SELECT (SELECT string_agg(v, ',') FROM bwv_trail), "
                                               "(SELECT string_agg(note, ',') FROM bwv_shops), "
                                               "(SELECT string_agg(v, ',') FROM bwv_notes), "
-                                              "(SELECT string_agg(v, ',') FROM bwv_op_notes)").fetchall())
+                                              "(SELECT string_agg(v, ',') FROM bwv_op_notes), "
+                                              "(SELECT string_agg(b::text, ',') FROM bwv_badges), "
+                                              "(SELECT string_agg(t, ',') FROM bwv_tagged)").fetchall())
     with psycopg.connect(front.dsn(), autocommit=True) as conn:
         with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
             conn.execute(sql)
@@ -908,15 +922,20 @@ def test_operators_and_casts_are_learned_as_calls_of_their_functions():
     lookup.dependencies([
         ("o70", "public.#@#", "f500", "public.leak", "o", ""),
         ("o71", "public.##", "f502", "public.harmless", "o", ""),   # its function was not read
-        ("x80.90", "public.badge", "f501", "public.to_text", "x", ""),
-        ("x80.25", "text", "f501", "public.to_text", "x", ""),
-        ("x81.23", "integer", "f502", "public.harmless", "x", ""),
+        ("x90.501", "public.badge", "f501", "public.to_text", "x", ""),
+        ("x25.501", "text", "f501", "public.to_text", "x", ""),
+        ("x23.502", "integer", "f502", "public.harmless", "x", ""),
         ("c2606.5", "public.notes", "o70", "", "c", "IU"),           # DEFAULT (1 #@# 1)
     ])
     while lookup.next_functions_query() is not None:
         lookup.functions([])
-    lookup.definitions([])
-    assert lookup.effects == {("public", "notes"): [("call", "IU", "public", "leak")]}
+    # The tables with a column of a type whose function was read are asked for (an INSERT into
+    # one runs an assignment cast, a domain's default or check): the badge's and text's, not int4's.
+    query = lookup.definitions_query()
+    assert query is not None and "a.atttypid IN (25, 90)" in query and "pg_get_viewdef" not in query, query
+    lookup.definitions([("ct90.700", "public.badges")])
+    assert lookup.effects == {("public", "notes"): [("call", "IU", "public", "leak")],
+                              ("public", "badges"): [("call", "IU", "public", "to_text")]}
     learned = lookup.learned_functions
     assert learned[("public", "#@#")] == ['SELECT "public"."leak"()']
     assert learned[("public", "badge")] == learned[("pg_catalog", "text")] == ['SELECT "public"."to_text"()']
@@ -926,7 +945,8 @@ def test_operators_and_casts_are_learned_as_calls_of_their_functions():
     session = SqlSessionState()
     engine.learn_catalog(session, {}, learned, lookup.effects)
     for sql in ("SELECT 1 #@# 2", "SELECT 1 OPERATOR(public.#@#) 2", "SELECT b::text FROM t",
-                "SELECT CAST(b AS pg_catalog.text) FROM t", "SELECT 1::badge", "INSERT INTO notes (id) VALUES (1)"):
+                "SELECT CAST(b AS pg_catalog.text) FROM t", "SELECT 1::badge", "INSERT INTO notes (id) VALUES (1)",
+                "INSERT INTO badges VALUES (1)", "UPDATE badges SET b = NULL"):
         verdict = engine.decide_sql("test-bot", (), "pg-test", sql, session=session)
         assert verdict.action == "block" and "mask-account-emails" in verdict.reason, (sql, verdict.reason)
         assert "leak" in verdict.reason or "to_text" in verdict.reason, (sql, verdict.reason)

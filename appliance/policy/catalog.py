@@ -78,6 +78,16 @@ _PG_OPERATOR = "'pg_catalog.pg_operator'::pg_catalog.regclass"
 # planning one more catalog join cost a new backend ~0.8 ms.)
 _CALLED = (f"CASE WHEN d.refclassid = {_PG_OPERATOR} THEN 'o' ELSE 'f' END || d.refobjid::text")
 _CALLS_MADE = f"d.refclassid IN ({_PG_PROC}, {_PG_OPERATOR}) AND d.refobjid >= 16384"
+_PG_TYPE = "'pg_catalog.pg_type'::pg_catalog.regclass"
+# (type, function) of the casts, domain constraints and domain defaults calling a function made
+# after the system's (the DEPENDENCIES_QUERY arm of kind 'x' below)
+_TYPE_FUNCTIONS = (
+    "(SELECT t.refobjid AS typ, d.refobjid AS fn FROM pg_catalog.pg_depend d "
+    f"JOIN pg_catalog.pg_depend t ON t.classid = d.classid AND t.objid = d.objid AND t.refclassid = {_PG_TYPE} "
+    "WHERE d.classid IN ('pg_catalog.pg_cast'::pg_catalog.regclass, 'pg_catalog.pg_constraint'::pg_catalog.regclass) "
+    f"AND d.objid >= 16384 AND d.refclassid = {_PG_PROC} AND d.refobjid >= 16384 "
+    f"UNION SELECT d.objid, d.refobjid FROM pg_catalog.pg_depend d WHERE d.classid = {_PG_TYPE} AND d.objid >= 16384 "
+    f"AND d.refclassid = {_PG_PROC} AND d.refobjid >= 16384) u")
 DEPENDENCIES_QUERY = _QUALIFIED.format(
     "SELECT DISTINCT CASE WHEN r.ev_type = '1' THEN r.ev_class::text ELSE 'r' || r.oid::text END, "
     "r.ev_class::pg_catalog.regclass::text, "
@@ -119,15 +129,15 @@ DEPENDENCIES_QUERY = _QUALIFIED.format(
     " UNION ALL SELECT 'o' || d.objid::text, d.objid::pg_catalog.regoper::text, 'f' || d.refobjid::text, "
     f"d.refobjid::pg_catalog.regproc::text, 'o', '' FROM pg_catalog.pg_depend d WHERE d.classid = {_PG_OPERATOR} "
     f"AND d.objid >= 16384 AND d.refclassid = {_PG_PROC} AND d.refobjid >= 16384"
-    # A cast depends on its function and on its two types, which pg_depend does not tell apart:
-    # one row per type ('x' || the cast's oid || '.' || the type's oid, the type as regtype prints
-    # it, ...); casting to either counts (fail closed; no join to pg_cast either).
-    " UNION ALL SELECT 'x' || d.objid::text || '.' || t.refobjid::text, t.refobjid::pg_catalog.regtype::text, "
-    "'f' || d.refobjid::text, d.refobjid::pg_catalog.regproc::text, 'x', '' FROM pg_catalog.pg_depend d "
-    "JOIN pg_catalog.pg_depend t ON t.classid = d.classid AND t.objid = d.objid "
-    "AND t.refclassid = 'pg_catalog.pg_type'::pg_catalog.regclass "
-    f"WHERE d.classid = 'pg_catalog.pg_cast'::pg_catalog.regclass AND d.objid >= 16384 AND d.refclassid = {_PG_PROC} "
-    "AND d.refobjid >= 16384"
+    # A type calls functions: a cast's (from or to it: pg_depend does not tell the two types
+    # apart), a domain's CHECK constraints' and its default's. ('x' || the type's oid || '.' || the
+    # function's oid, the type as regtype prints it, 'f' || the function's oid, the function,
+    # 'x', ''): casting to the type calls them (fail closed); and a table with a column of the
+    # type calls them on INSERT and UPDATE (an assignment cast, the domain's default and checks),
+    # as a column default's function: those tables are asked for only when such a function was
+    # read (CatalogLookup.definitions_query). No join to pg_cast or pg_type: pg_depend alone.
+    " UNION ALL SELECT 'x' || u.typ::text || '.' || u.fn::text, u.typ::pg_catalog.regtype::text, 'f' || u.fn::text, "
+    "u.fn::pg_catalog.regproc::text, 'x', '' FROM " + _TYPE_FUNCTIONS +
     # A foreign key writes the referencing table when the referenced one is written: ON DELETE /
     # ON UPDATE CASCADE, SET NULL, SET DEFAULT (D, U), and TRUNCATE ... CASCADE whatever its
     # actions (C): ('k' || its oid, the referenced table, the referencing table's oid, the
@@ -309,6 +319,8 @@ class CatalogLookup:
         self._relevant_memo: tuple[int, list[str]] | None = None
         self._named: set[str] = set()  # names later rounds already asked for
         self._asked: set[str] = set()  # views' and rules' oids whose definitions were asked for
+        self._types_asked: set[str] = set()  # oids of the types whose columns were asked for
+        self._typed_columns: set[tuple[str, str]] = set()  # ('ct' || type oid || '.' || table oid, the table)
         self._answers: dict[str, str | None] = {}  # their definitions
         self._rounds = 0
         self._words: re.Pattern[str] | None = None  # this round's names, as words (functions())
@@ -491,11 +503,23 @@ class CatalogLookup:
         if rules:
             selects.append("SELECT 'r' || r.oid::text, pg_catalog.pg_get_ruledef(r.oid) FROM pg_catalog.pg_rewrite r "
                            f"WHERE r.oid IN ({', '.join(str(int(oid[1:])) for oid in rules)})")
+        # The tables with a column of a type whose cast, domain default or check calls a function read.
+        types = sorted({oid[1:].partition(".")[0] for oid in relevant if oid[0] == "x"} - self._types_asked, key=int)
+        self._types_asked.update(types)
+        if types:
+            selects.append("SELECT 'ct' || a.atttypid::text || '.' || a.attrelid::text, "
+                           "a.attrelid::pg_catalog.regclass::text FROM pg_catalog.pg_attribute a "
+                           f"WHERE a.atttypid IN ({', '.join(types)}) AND a.attrelid >= 16384 AND a.attnum > 0 "
+                           "AND NOT a.attisdropped")
         return _QUALIFIED.format(" UNION ALL ".join(selects)) if selects else None
 
     def add_definitions(self, rows: Iterable[Row]) -> None:
         """Read the rows of a :meth:`definitions_query` asked with a round."""
         for row in rows:
+            if len(row) == 2 and row[0] is not None and row[0].startswith("ct") and row[1] is not None \
+                    and row[0][2:].partition(".")[0] in self._types_asked:
+                self._typed_columns.add((row[0], row[1]))  # a table with a column of such a type
+                continue
             if len(row) != 2 or row[0] not in self._asked:
                 raise ValueError("unexpected row from the catalog's view definitions")
             self._answers[row[0]] = row[1]  # type: ignore[index]
@@ -528,6 +552,13 @@ class CatalogLookup:
                 entry = ("trigger" if oid.startswith("t") else "call", self._effects_on[oid], *self._called_functions[ref])
                 if entry not in self.effects.get(table, ()):  # type: ignore[arg-type]
                     self.effects.setdefault(table, []).append(entry)  # type: ignore[index]
+        for column, table_text in sorted(self._typed_columns):  # writing it casts into the type, checks the domain
+            table, typ = split_regclass(table_text), column[2:].partition(".")[0]
+            for oid in (o for o in relevant if o[0] == "x" and o[1:].partition(".")[0] == typ):
+                for ref in sorted(self._depends[oid] & self.function_oids):
+                    entry = ("call", "IU", *self._called_functions[ref])
+                    if table[0] is not None and entry not in self.effects.get(table, ()):  # type: ignore[arg-type]
+                        self.effects.setdefault(table, []).append(entry)  # type: ignore[index]
         for oid in sorted(o for o in relevant if o.startswith("e")):
             for ref in sorted(self._depends[oid]):
                 entry = ("event", "E", *self._called_functions[ref])

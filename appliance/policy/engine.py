@@ -929,8 +929,8 @@ class PolicyEngine:
                     fkey = (entry[2], entry[3])
                     what = (f"trigger function {fkey[0]}.{fkey[1]}() of {schema}.{name}" if entry[0] == "trigger" else
                             f"event trigger function {fkey[0]}.{fkey[1]}()" if entry[0] == "event" else
-                            f"function {fkey[0]}.{fkey[1]}(), which a default, constraint, index or row security "
-                            f"policy of {schema}.{name} calls")
+                            f"function {fkey[0]}.{fkey[1]}(), which a default, constraint, index, row security "
+                            f"policy or column type of {schema}.{name} calls")
                     # A trigger's function sees the rows (NEW, OLD) and reads the fields it names
                     # (all of them when it passes a whole row on, or in another language), none when
                     # all it does is stamp them (NEW.updated_at := now()); a default's or policy's
