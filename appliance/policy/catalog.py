@@ -67,7 +67,7 @@ _QUALIFIED = "BEGIN; SET LOCAL search_path = ''; {}; COMMIT"
 # expressions (pg_attrdef), its CHECK constraints, its expression indexes (pg_class), on INSERT
 # and UPDATE; its row security policies on reads (S) too: ('c' || the object's catalog and oid,
 # the table, 'f' || the function's oid, the function, 'c', the events). A domain's constraint
-# depends on its type, not a table: not followed.
+# depends on its type, not a table: read with the casts (kind 'x').
 _IMPLICIT = ("pg_attrdef", "pg_constraint", "pg_policy", "pg_class")
 _PG_CLASS = "'pg_catalog.pg_class'::pg_catalog.regclass"
 _PG_PROC = "'pg_catalog.pg_proc'::pg_catalog.regclass"
