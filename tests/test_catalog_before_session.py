@@ -397,6 +397,23 @@ def test_a_function_in_another_language_naming_a_guarded_relation_is_refused(fro
         assert conn.execute("SELECT bwv_perl_add(1, 2)").fetchone() == (3,)
 
 
+def test_a_cast_from_a_user_type_to_text_is_followed(front, pg_server):
+    """text is the server's own type (pinned: pg_depend names no dependency on it), so the cast is
+    known by its function's return type; while it exists every ::text of the session counts as
+    calling it (fail closed), so it is made and dropped here."""
+    pg_server.psql("CREATE FUNCTION bwv_badge_text(b bwv_badge) RETURNS text LANGUAGE sql AS "
+                   "'SELECT email FROM bwv_accounts LIMIT 1'; "
+                   "CREATE CAST (bwv_badge AS text) WITH FUNCTION bwv_badge_text(bwv_badge); "
+                   "INSERT INTO bwv_badges VALUES (7, ROW('x'))")
+    try:
+        with _given_then_refused(front, pg_server, "SELECT b::text FROM bwv_badges WHERE id = 7", (EMAIL,),
+                                 "mask-account-emails") as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        pg_server.psql("DELETE FROM bwv_badges WHERE id = 7; DROP CAST IF EXISTS (bwv_badge AS text); "
+                       "DROP FUNCTION IF EXISTS bwv_badge_text(bwv_badge)")
+
+
 def test_a_function_over_a_refused_relation_is_refused_and_a_harmless_one_runs(front, pg_server):
     with _given_then_refused(front, pg_server, "SELECT bwv_code()", (CODE,), "no-vault") as conn:
         assert conn.execute("SELECT bwv_city(1)").fetchone() == ("Bergen",)

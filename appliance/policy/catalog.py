@@ -87,7 +87,12 @@ _TYPE_FUNCTIONS = (
     "WHERE d.classid IN ('pg_catalog.pg_cast'::pg_catalog.regclass, 'pg_catalog.pg_constraint'::pg_catalog.regclass) "
     f"AND d.objid >= 16384 AND d.refclassid = {_PG_PROC} AND d.refobjid >= 16384 "
     f"UNION SELECT d.objid, d.refobjid FROM pg_catalog.pg_depend d WHERE d.classid = {_PG_TYPE} AND d.objid >= 16384 "
-    f"AND d.refclassid = {_PG_PROC} AND d.refobjid >= 16384) u")
+    f"AND d.refclassid = {_PG_PROC} AND d.refobjid >= 16384 "
+    # A cast to one of the server's types (pinned: no pg_depend row names it) is a cast to what
+    # its function returns (pg_proc: a catalog every new backend has open).
+    "UNION SELECT p.prorettype, d.refobjid FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_proc p ON p.oid = d.refobjid "
+    f"WHERE d.classid = 'pg_catalog.pg_cast'::pg_catalog.regclass AND d.objid >= 16384 AND d.refclassid = {_PG_PROC} "
+    "AND d.refobjid >= 16384) u")
 DEPENDENCIES_QUERY = _QUALIFIED.format(
     "SELECT DISTINCT CASE WHEN r.ev_type = '1' THEN r.ev_class::text ELSE 'r' || r.oid::text END, "
     "r.ev_class::pg_catalog.regclass::text, "
