@@ -246,6 +246,28 @@ def type_name(text: str) -> tuple[str, str]:
     return schema, ("_" + name if array else name)
 
 
+_WORD = re.compile(r"\w+")
+
+
+def names_matcher(names: Iterable[str]) -> Callable[[str], bool]:
+    """Whether a text names one of ``names`` as a word (case-insensitively, with no word character
+    next to it; as PostgreSQL's \\m \\M, but a '$' next to a name may be a dollar quote; an
+    operator's symbol anywhere, ``1#@#2`` too). Names
+    that are words are looked up among the text's words; only the others (an operator's symbol,
+    a quoted name with a space) make a regular expression: one alternative per name cost ~35 µs
+    to compile, 24 ms for the 700 views and functions of a big catalog."""
+    plain = {n.lower() for n in names if _WORD.fullmatch(n)}
+    other = sorted(n for n in names if not _WORD.fullmatch(n))
+    rx = re.compile("|".join((r"(?<!\w)" if _WORD.match(n[0]) else "") + re.escape(n) + (r"(?!\w)" if _WORD.match(n[-1]) else "")
+                             for n in other), re.IGNORECASE) if other else None
+
+    def names_one(text: str) -> bool:
+        if plain and not plain.isdisjoint(w.lower() for w in _WORD.findall(text)):
+            return True
+        return rx is not None and rx.search(text) is not None
+    return names_one
+
+
 def _quoted(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
@@ -328,7 +350,7 @@ class CatalogLookup:
         self._typed_columns: set[tuple[str, str]] = set()  # ('ct' || type oid || '.' || table oid, the table)
         self._answers: dict[str, str | None] = {}  # their definitions
         self._rounds = 0
-        self._words: re.Pattern[str] | None = None  # this round's names, as words (functions())
+        self._words: Callable[[str], bool] | None = None  # whether a body names this round's names (functions())
 
     # The front asks PROBE_QUERY with the session defaults; on a hit it is done, on a miss it asks
     # :attr:`queries` (given to :meth:`dependencies` and :meth:`functions`), then
@@ -393,7 +415,7 @@ class CatalogLookup:
             if "f" + row[0] in self.function_oids:  # type: ignore[operator]
                 continue
             if self._rounds and "f" + row[0] not in self._by_oid and (  # type: ignore[operator]
-                    self._words is None or not self._words.search(row[3])):  # type: ignore[arg-type]
+                    self._words is None or not self._words(row[3])):  # type: ignore[arg-type]
                 continue
             self.function_oids.add("f" + row[0])  # type: ignore[operator]
             self.learned_functions.setdefault((row[1], row[2]), []).append(row[3])  # type: ignore[arg-type]
@@ -484,8 +506,7 @@ class CatalogLookup:
         self._named |= words | unread
         self._by_oid = unread
         # Word boundaries as PostgreSQL's \m \M (a '$' next to a name may be a dollar quote).
-        self._words = re.compile(r"(?<!\w)(?:" + "|".join(re.escape(w) for w in sorted(words)) + r")(?!\w)",
-                                 re.IGNORECASE) if words else None
+        self._words = names_matcher(words) if words else None
         return self.functions_query(sorted(words), sorted(unread))
 
     def definitions_query(self) -> str | None:

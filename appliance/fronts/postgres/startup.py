@@ -64,6 +64,30 @@ _DECIDED_SETTINGS = frozenset({"search_path", "role", "session_authorization"})
 _DEFAULTS_QUERY = "SELECT pg_catalog.current_setting('search_path'), current_user::text, session_user::text"
 
 
+# A catalog answer of this many rows or more is read off the event loop (below: the thread hand-off
+# costs ~0.1 ms, more than reading a small catalog's answer).
+_OFF_LOOP_ROWS = 500
+# Views, functions and written relations learned from which the policy engine analyses them off
+# the event loop (their bodies: ~70 µs each the first time).
+_OFF_LOOP_TEXTS = 50
+# Rows of botwarden's own answers read before the event loop gets a turn (_ask_server).
+_ROWS_PER_TURN = 200
+
+
+def _first_round(lookup: Any, found: list) -> str | None:
+    """The dependencies' and functions' answers read; the next round's question, or None."""
+    lookup.dependencies(found[0])
+    lookup.functions(found[1])
+    return lookup.next_functions_query()
+
+
+def _next_round(lookup: Any, answered: list, early: str | None) -> str | None:
+    lookup.functions(answered[0])
+    if early:
+        lookup.add_definitions(answered[1])
+    return lookup.next_functions_query()
+
+
 class StartupMixin:
     """Session start: TLS, the bot's token, the grant, the upstream connection and its login
     (part of :class:`Session`)."""
@@ -206,23 +230,34 @@ class StartupMixin:
             learned = lookup.cached(probe)
             if learned is None:
                 found = await ask(lookup.queries, "the views and functions")
-                lookup.dependencies(found[0])
-                lookup.functions(found[1])
-                while (more := lookup.next_functions_query()) is not None:
+                # A big catalog's answers are read off the event loop (the lookup is this
+                # session's alone, and it waits): 10-20 ms of Python for 500 views, 200 functions
+                # and 1,000 foreign keys, which would hold every other session (bench/catalog_stall.py).
+                # Under the GIL the loop still gets its turn every switch interval (5 ms).
+                off_loop = sum(map(len, found)) >= _OFF_LOOP_ROWS
+
+                async def step(fn: Callable[..., Any], *args: Any) -> Any:
+                    return await asyncio.to_thread(fn, *args) if off_loop else fn(*args)
+
+                more = await step(_first_round, lookup, found)
+                while more is not None:
                     early = lookup.definitions_query()  # the views known so far, in the same round trip
                     answered = await ask([more] + ([early] if early else []), "the functions")
-                    lookup.functions(answered[0])
-                    if early:
-                        lookup.add_definitions(answered[1])
+                    more = await step(_next_round, lookup, answered, early)
                 query = lookup.definitions_query()
                 answered = (await ask([query], "the definitions of views"))[0] if query else []
-                learned = (lookup.definitions(answered), lookup.learned_functions, lookup.effects)
+                learned = (await step(lookup.definitions, answered), lookup.learned_functions, lookup.effects)
                 lookup.remember(learned)
         except ValueError as e:
             raise FrontError(sqlstate.CONNECTION_FAILURE, f"botwarden could not read the target's catalog: {e}") from None
         views, functions, effects = learned
         if views or functions or effects or again:
-            self.services.learn_catalog(self.core.grant, views, functions, effects)
+            if len(views) + len(functions) + len(effects) >= _OFF_LOOP_TEXTS:
+                # Analysing hundreds of view and function bodies the first time (50-70 ms for 700)
+                # runs off the loop too; the policy engine's caches take a second thread.
+                await asyncio.to_thread(self.services.learn_catalog, self.core.grant, views, functions, effects)
+            else:
+                self.services.learn_catalog(self.core.grant, views, functions, effects)
 
     async def _ask_server(self, queries: list[str], what: str) -> list[list[tuple[str | None, ...]]]:
         """Botwarden's own queries on the session before the bot's first statement, sent at once:
@@ -230,10 +265,16 @@ class StartupMixin:
         cannot read, it cannot decide)."""
         self.upstream.transport.write(b"".join(m.Query(q).encode() for q in queries))
         answers = OwnAnswers(len(queries))
+        n = 0
         while True:
             ev = await self.server_waiter.next()
             if isinstance(ev, m.DataRow):
                 answers.row(ev.values)
+                n += 1
+                if n % _ROWS_PER_TURN == 0:
+                    # Rows the server sent at once are all ready: without a turn given back, a big
+                    # catalog's thousands would hold every other session for 10 ms and more.
+                    await asyncio.sleep(0)
             elif isinstance(ev, m.ErrorResponse):
                 answers.error(ev)
             elif isinstance(ev, m.ReadyForQuery):
