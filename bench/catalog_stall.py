@@ -33,24 +33,11 @@ sys.path.insert(0, str(ROOT))
 
 import psycopg  # noqa: E402
 
-from appliance.config import parse_config  # noqa: E402
-from appliance.fronts.services import Credential, DefaultServices  # noqa: E402
-from appliance.policy import PolicyEngine, SqlSessionState  # noqa: E402
 from appliance.sandbox import PostgresServer  # noqa: E402
-from bench.login_cost import PASSWORD, USER, Front  # noqa: E402
+from tests.pg_front_fixtures import (APP_PASSWORD, APP_USER, POLICY_HEAD, EngineServices, FrontThread,  # noqa: E402
+                                     plain_settings, setup_roles)
 
-POLICY = """
-[[targets]]
-name = "db"
-protocol = "postgres"
-address = "127.0.0.1:5432"
-authentication = "attestation"
-
-[[identities]]
-name = "bench-bot"
-[identities.process]
-uid = 1000
-
+POLICY = POLICY_HEAD + """
 [[rules]]
 name = "mask-emails"
 action = "mask"
@@ -60,38 +47,8 @@ strategy = "full"
 """
 
 
-class EngineServices(DefaultServices):
-    """The daemon's policy engine deciding, per-session SQL state as the runtime keeps it."""
-
-    def __init__(self, credential: Credential) -> None:
-        super().__init__(credential)
-        cfg = parse_config(POLICY)
-        self.engine = PolicyEngine(cfg.policy, cfg.targets, cfg.identities)
-        self.sessions: dict[str, SqlSessionState] = {}
-
-    def audit(self, kind, record):
-        pass
-
-    def decide_sql(self, grant, target, sql, phase, *, probe=False):
-        state = self.sessions.setdefault(grant.session_id, SqlSessionState())
-        return self.engine.decide_sql("bench-bot", (), target, sql, session=state.copy() if probe else state)
-
-    def catalog_lookup(self, grant, target):
-        return self.engine.catalog_lookup("bench-bot", (), target)
-
-    def learn_catalog(self, grant, views, functions, effects):
-        self.engine.learn_catalog(self.sessions.setdefault(grant.session_id, SqlSessionState()), views, functions,
-                                  effects)
-
-    def mask_plan(self, grant, target, verdict, columns):
-        return self.engine.mask_plan("bench-bot", (), target, verdict, columns)
-
-    def message_masker(self, grant, target, verdict):
-        return self.engine.message_masker(verdict)
-
-
 def prepare(pg: PostgresServer, views: int, functions: int, fks: int) -> None:
-    pg.psql(f"CREATE ROLE {USER} LOGIN SUPERUSER PASSWORD '{PASSWORD}'")
+    setup_roles(pg)  # (the front logs in as APP_USER)
     sql = ["CREATE TABLE bw_stall_acc (id int PRIMARY KEY, email text)", "CREATE TABLE bw_stall_parent (id int PRIMARY KEY)"]
     sql += [f"CREATE VIEW bw_stall_v{i} AS SELECT id, email AS e{i} FROM bw_stall_acc WHERE id > {i}" for i in range(views)]
     sql += [f"CREATE FUNCTION bw_stall_f{i}(x int) RETURNS text LANGUAGE sql AS "
@@ -104,7 +61,7 @@ def prepare(pg: PostgresServer, views: int, functions: int, fks: int) -> None:
 class Ticker:
     """A callback on the front's loop every millisecond; ``worst`` the longest gap while on."""
 
-    def __init__(self, front: Front) -> None:
+    def __init__(self, front: FrontThread) -> None:
         self.loop = front.loop
         self.last: float | None = None
         self.worst = 0.0
@@ -141,9 +98,9 @@ def main() -> None:
     results: dict[str, list[tuple[float, float]]] = {"cold": [], "uncached": [], "cached": []}
     try:
         prepare(pg, args.views, args.functions, args.fks)
-        front = Front(pg, EngineServices)
+        front = FrontThread(plain_settings(pg, upstream_tls="disable"), EngineServices(POLICY, APP_USER, APP_PASSWORD))
         ticker = Ticker(front)
-        dsn = f"host=127.0.0.1 port={front.port} user=bot password=x dbname=postgres sslmode=disable"
+        dsn = front.dsn()
         time.sleep(1.2)  # (the server flushes its counters at most once a second)
         results["cold"].append(ticker.measure(dsn))
         for _ in range(args.rounds):
@@ -153,6 +110,7 @@ def main() -> None:
             results["cached"].append(ticker.measure(dsn))
         learned = next(iter(front.services.sessions.values()))
         assert len(learned.views) == args.views, len(learned.views)
+        front.stop()
     finally:
         pg.stop()
     lines = [f"Event-loop stall during a login's catalog read: {args.views} views and {args.functions} functions "
