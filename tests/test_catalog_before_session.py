@@ -524,6 +524,43 @@ def test_a_view_or_trigger_made_after_the_session_logged_in_is_learned_at_its_ne
         recheck.stop()
 
 
+def test_a_statement_prepared_before_a_view_was_replaced_is_decided_again_at_its_next_bind(pg_server, front):
+    """A prepared statement's later runs are Bind/Execute only: the check is due before a Bind
+    too, and a statement parsed before the catalog changed is decided again there. Before: a view
+    over an unguarded table, replaced (same columns) to read the masked email, ran in clear
+    through the statement the bot had prepared before."""
+    recheck = FrontThread(plain_settings(pg_server, catalog_recheck_s=0.3), EngineServices(POLICY))
+    pg_server.psql("CREATE VIEW bwv_swap AS SELECT id, city AS label FROM bwv_cities")
+    query = "SELECT label FROM bwv_swap WHERE id = %s"
+    try:
+        with psycopg.connect(recheck.dsn(), autocommit=True, prepare_threshold=0) as conn:
+            assert conn.execute(query, (1,)).fetchone() == ("Bergen",)
+            assert conn.execute(query, (1,)).fetchone() == ("Bergen",)  # (prepared: Bind/Execute only)
+            prepared = conn.execute("SELECT statement FROM pg_prepared_statements", prepare=False).fetchall()
+            assert any("bwv_swap" in row[0] for row in prepared), prepared
+            before = _counters(pg_server)
+            pg_server.psql("CREATE OR REPLACE VIEW bwv_swap AS SELECT a.id, a.email AS label FROM bwv_accounts a")
+            with direct_connect(pg_server) as direct:
+                assert direct.execute("SELECT label FROM bwv_swap WHERE id = 1").fetchone() == (EMAIL,)
+            _counted(pg_server, before)
+            time.sleep(0.4)
+            assert conn.execute(query, (1,)).fetchone() == ("********",)
+            assert conn.execute(query, (1,)).fetchone() == ("********",)  # and its runs after that
+            # Replaced again to read what a block rule refuses: each run refused, the session goes on.
+            before = _counters(pg_server)
+            pg_server.psql("CREATE OR REPLACE VIEW bwv_swap AS SELECT 1 AS id, code AS label FROM bwv_vault")
+            _counted(pg_server, before)
+            time.sleep(0.4)
+            for _ in range(2):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
+                    conn.execute(query, (1,))
+                assert "no-vault" in str(e.value), str(e.value)
+            assert conn.execute("SELECT 1", prepare=False).fetchone() == (1,)
+    finally:
+        pg_server.psql("DROP VIEW IF EXISTS bwv_swap")
+        recheck.stop()
+
+
 def test_a_check_due_before_every_statement_lets_each_run_once(pg_server, front):
     """The statement held for its check comes back decided, not checked again (a check due again
     by then must not hold it forever)."""

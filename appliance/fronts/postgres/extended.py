@@ -28,7 +28,7 @@ class ExtendedProtocolMixin:
         start = body.index(0) + 1
         query, v, refusal = self._read_and_decide(body[start:body.index(0, start)], "parse")
         ext_was_open, self._ext_open = self._ext_open, True
-        stmt = _Statement(query, v, msg.name)
+        stmt = _Statement(query, v, msg.name, epoch=self._catalog_epoch)
         for st in v.details or ():
             if getattr(st, "execute_name", None) is not None or getattr(st, "fetch_name", None) is not None:
                 stmt.redecide = True
@@ -63,12 +63,22 @@ class ExtendedProtocolMixin:
     def _c_bind(self, buf, s: int, e: int):
         if self._skip_until_sync:
             return None
+        if self._catalog_next and self._catalog_due():
+            return self._recheck_catalog(buf, s, e)  # (a prepared statement's later runs too)
         portal_name, stmt_name, params, result_formats = _bind_fast(buf, s, e)
         stmt = self._statements.get(stmt_name)
         if stmt is None:
             stmt = self._prepared_in_sql(stmt_name) if stmt_name else _UNKNOWN_STATEMENT
         elif stmt.redecide:
             stmt = _Statement(stmt.text, self._decide(stmt.text, "bind"), stmt.name, by_name=True)
+        elif stmt.epoch != self._catalog_epoch:
+            # Parsed before the session learned what the catalog says now (a view replaced to read
+            # the masked column, a function made): decided again, its refusals and holds applied
+            # at each Execute as for a name prepared in SQL; its Parse's effects are not repeated.
+            again = _Statement(stmt.text, self._decide(stmt.text, "bind", probe=True), stmt.name, by_name=True,
+                               epoch=self._catalog_epoch)
+            again.guard = stmt.guard
+            stmt = self._statements[stmt_name] = again
         portal = _Portal(stmt, params, result_formats)
         if stmt.guard is not None:
             portal.bind = bytes(buf[s + 5:e])

@@ -42,9 +42,9 @@ class _Request:
 
 
 class _Statement:
-    __slots__ = ("text", "verdict", "columns", "name", "guard", "by_name", "redecide")
+    __slots__ = ("text", "verdict", "columns", "name", "guard", "by_name", "redecide", "epoch")
 
-    def __init__(self, text: str, verdict: Verdict, name: str = "", by_name: bool = False):
+    def __init__(self, text: str, verdict: Verdict, name: str = "", by_name: bool = False, epoch: int = 0):
         self.text = text
         self.verdict = verdict
         self.columns: Sequence[ColumnDesc] | None = None
@@ -58,6 +58,9 @@ class _Statement:
         # Affected-rows guard pending (verdict.row_guards): (query bytes, parameter type OIDs),
         # to have the server estimate the rows at Execute, with the portal's parameters.
         self.guard: tuple[bytes, tuple[int, ...]] | None = None
+        # The session's catalog as it was decided with (recheck.py: _catalog_epoch); a Bind after
+        # the catalog changed decides it again.
+        self.epoch = epoch
 
 
 class _Portal:

@@ -31,17 +31,20 @@ class CatalogRecheckMixin:
     """At login the front reads what the session's rules need of the catalog (startup.py,
     policy/catalog.py). A session that stays open for hours would otherwise decide by that
     forever: a view over a masked table that an administrator makes later would read in clear.
-    So, once ``catalog_recheck_s`` has passed, the next Query, Parse or FunctionCall the bot sends
+    So, once ``catalog_recheck_s`` has passed, the next Query, Parse, Bind or FunctionCall the bot sends
     while nothing is in flight and no transaction is open waits while the front asks the
     server's catalog change counters on the session (one round trip); when they moved, the
     catalog is read again as at login (the engine's cached answers first), and the session's
-    knowledge is replaced. Then the statement is decided. Inside a transaction the check waits
+    knowledge is replaced (and :attr:`_catalog_epoch` moves: a statement parsed before is decided
+    again at its next Bind). Then the statement is decided. Inside a transaction the check waits
     for its end (what the transaction's statements read is planned with the catalog as it is, and
     a transaction is bounded). An error reading the catalog ends the session (FATAL 08006): fail
     closed, as at login (part of :class:`Session`)."""
 
     _catalog_next = 0.0  # when the next check is due (time.monotonic); 0: never (no lookup, or off)
     _catalog_checked = False  # the held message comes back after its check: decided, not checked again
+    _catalog_epoch = 0  # how many times the session learned a changed catalog (extended.py: Bind)
+    _catalog_seen: object = None  # the answers the session was last given
 
     def _catalog_due(self) -> bool:
         if self._catalog_checked:

@@ -250,6 +250,9 @@ class StartupMixin:
                 lookup.remember(learned)
         except ValueError as e:
             raise FrontError(sqlstate.CONNECTION_FAILURE, f"botwarden could not read the target's catalog: {e}") from None
+        if again and learned is not self._catalog_seen:
+            self._catalog_epoch += 1  # statements parsed before are decided again at their next Bind
+        self._catalog_seen = learned
         views, functions, effects = learned
         if views or functions or effects or again:
             if len(views) + len(functions) + len(effects) >= _OFF_LOOP_TEXTS:
