@@ -569,8 +569,10 @@ class CatalogLookup:
         self.effects = {}
         for oid in sorted(o for o in relevant if o.startswith(("t", "c"))):
             table = names[oid]
-            # (a default using an operator calls the operator's function)
-            for ref in sorted(f for r in self._depends[oid] for f in (self._depends.get(r, ()) if r[0] == "o" else (r,))):  # (a trigger on another session's temporary table: not here)
+            # (a default using an operator calls the operator's function; a trigger on another
+            # session's temporary table: not here)
+            calls = {f for r in self._depends[oid] for f in (self._depends.get(r, ()) if r[0] == "o" else (r,))}
+            for ref in sorted(calls):
                 if table[0] is None or ref not in self._called_functions:
                     continue
                 if oid.startswith("c") and ref not in self.function_oids:
