@@ -200,6 +200,9 @@ def resolve_catalog(stmt: StatementAnalysis, session: SqlSessionState, path: fro
         (r, direct if r in stmt.writes else _READ) for r in stmt.reads | stmt.writes]
     todo += [] if dropping else [(f, _READ) for f in stmt.functions | stmt.operators]
     used = set(stmt.operators)  # operators and casts: named so in a refusal
+    # (an operator or a cast to one of the server's types is looked up in pg_catalog too, as the
+    # server does whatever the path says; functions learned are never there)
+    system_path = path | _PG_CATALOG
 
     def run(what: str, body: StatementAnalysis, rows: tuple[Relation, frozenset[str] | None] | None = None) -> None:
         """A body the statement runs (a function's, a trigger's, a rule's): what it does is done;
@@ -245,9 +248,7 @@ def resolve_catalog(stmt: StatementAnalysis, session: SqlSessionState, path: fro
                         continue
                     run(what, body, (Relation(*key), fields) if fields is None or fields else None)
         if isinstance(item, Function):
-            # (an operator or a cast to one of the server's types is looked up in pg_catalog too,
-            # as the server does whatever the path says; functions learned are never there)
-            for key in _catalog_names(item, path | _PG_CATALOG if item in used else path, session.functions):
+            for key in _catalog_names(item, system_path if item in used else path, session.functions):
                 if ("f", key, False) in seen:
                     continue
                 seen.add(("f", key, False))

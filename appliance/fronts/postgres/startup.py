@@ -74,6 +74,11 @@ _OFF_LOOP_TEXTS = 50
 _ROWS_PER_TURN = 200
 
 
+async def _run(off_loop: bool, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``, in a thread when ``off_loop`` (a big catalog: the caller waits either way)."""
+    return await asyncio.to_thread(fn, *args) if off_loop else fn(*args)
+
+
 def _first_round(lookup: Any, found: list) -> str | None:
     """The dependencies' and functions' answers read; the next round's question, or None."""
     lookup.dependencies(found[0])
@@ -235,18 +240,14 @@ class StartupMixin:
                 # and 1,000 foreign keys, which would hold every other session (bench/catalog_stall.py).
                 # Under the GIL the loop still gets its turn every switch interval (5 ms).
                 off_loop = sum(map(len, found)) >= _OFF_LOOP_ROWS
-
-                async def step(fn: Callable[..., Any], *args: Any) -> Any:
-                    return await asyncio.to_thread(fn, *args) if off_loop else fn(*args)
-
-                more = await step(_first_round, lookup, found)
+                more = await _run(off_loop, _first_round, lookup, found)
                 while more is not None:
                     early = lookup.definitions_query()  # the views known so far, in the same round trip
                     answered = await ask([more] + ([early] if early else []), "the functions")
-                    more = await step(_next_round, lookup, answered, early)
+                    more = await _run(off_loop, _next_round, lookup, answered, early)
                 query = lookup.definitions_query()
                 answered = (await ask([query], "the definitions of views"))[0] if query else []
-                learned = (await step(lookup.definitions, answered), lookup.learned_functions, lookup.effects)
+                learned = (await _run(off_loop, lookup.definitions, answered), lookup.learned_functions, lookup.effects)
                 lookup.remember(learned)
         except ValueError as e:
             raise FrontError(sqlstate.CONNECTION_FAILURE, f"botwarden could not read the target's catalog: {e}") from None
@@ -255,12 +256,10 @@ class StartupMixin:
         self._catalog_seen = learned
         views, functions, effects = learned
         if views or functions or effects or again:
-            if len(views) + len(functions) + len(effects) >= _OFF_LOOP_TEXTS:
-                # Analysing hundreds of view and function bodies the first time (50-70 ms for 700)
-                # runs off the loop too; the policy engine's caches take a second thread.
-                await asyncio.to_thread(self.services.learn_catalog, self.core.grant, views, functions, effects)
-            else:
-                self.services.learn_catalog(self.core.grant, views, functions, effects)
+            # Analysing hundreds of view and function bodies the first time (50-70 ms for 700)
+            # runs off the loop too; the policy engine's caches take a second thread.
+            await _run(len(views) + len(functions) + len(effects) >= _OFF_LOOP_TEXTS, self.services.learn_catalog,
+                       self.core.grant, views, functions, effects)
 
     async def _ask_server(self, queries: list[str], what: str) -> list[list[tuple[str | None, ...]]]:
         """Botwarden's own queries on the session before the bot's first statement, sent at once:
