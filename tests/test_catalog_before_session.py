@@ -106,6 +106,10 @@ FUNCTIONS = [
     "CREATE FUNCTION bwv_tag_ok(v text) RETURNS bool LANGUAGE plpgsql AS $$ BEGIN "
     "INSERT INTO bwv_trail SELECT email FROM bwv_accounts; RETURN true; END $$",
     "CREATE DOMAIN bwv_checked_tag AS text CHECK (bwv_tag_ok(VALUE))",
+    # ... and what holds one: a domain over it, an array of it, a composite type with a field of it.
+    "CREATE DOMAIN bwv_checked_tag2 AS bwv_checked_tag",
+    "CREATE TYPE bwv_tag_box AS (t bwv_checked_tag)",
+    "CREATE TABLE bwv_tag_holders (id int, d bwv_checked_tag2, a bwv_checked_tag[], b bwv_tag_box)",
     # ... used by a view, a function's body and a column's default (each depends on the operator).
     "CREATE VIEW bwv_op_view AS SELECT id, id #@# id AS e FROM bwv_cities",
     "CREATE FUNCTION bwv_op_api() RETURNS text LANGUAGE sql AS 'SELECT 1 #@# 1'",
@@ -210,7 +214,8 @@ def front(pg_server):
 def _drop(pg_server) -> None:
     pg_server.psql("DROP VIEW IF EXISTS bwv_op_view; DROP TABLE IF EXISTS bwv_op_notes; "
                    "DROP FUNCTION IF EXISTS bwv_op_api(); DROP OPERATOR IF EXISTS #@# (int, int), @#@ (none, int), @~@ (none, int); "
-                   "DROP TABLE IF EXISTS bwv_badges, bwv_tagged; DROP DOMAIN IF EXISTS bwv_tag, bwv_checked_tag; "
+                   "DROP TABLE IF EXISTS bwv_badges, bwv_tagged, bwv_tag_holders; DROP TYPE IF EXISTS bwv_tag_box; "
+                   "DROP DOMAIN IF EXISTS bwv_tag, bwv_checked_tag2, bwv_checked_tag; "
                    "DROP FUNCTION IF EXISTS bwv_tag_ok(text); "
                    "DROP CAST IF EXISTS (int AS bwv_badge); DROP FUNCTION IF EXISTS bwv_op_email(int, int), "
                    "bwv_badge_of(int); DROP TYPE IF EXISTS bwv_badge; "
@@ -428,7 +433,8 @@ def test_a_function_in_another_language_naming_a_guarded_relation_is_refused(fro
 def test_a_cast_from_a_user_type_to_text_is_followed(front, pg_server):
     """text is the server's own type (pinned: pg_depend names no dependency on it), so the cast is
     known by its function's return type; while it exists every ::text of the session counts as
-    calling it (fail closed), so it is made and dropped here."""
+    calling it (fail closed), so it is made and dropped here. Writing a table with a text column
+    counts too only while the cast is one the server applies on its own (AS ASSIGNMENT)."""
     pg_server.psql("CREATE FUNCTION bwv_badge_text(b bwv_badge) RETURNS text LANGUAGE sql AS "
                    "'SELECT email FROM bwv_accounts LIMIT 1'; "
                    "CREATE CAST (bwv_badge AS text) WITH FUNCTION bwv_badge_text(bwv_badge); "
@@ -437,9 +443,22 @@ def test_a_cast_from_a_user_type_to_text_is_followed(front, pg_server):
         with _given_then_refused(front, pg_server, "SELECT b::text FROM bwv_badges WHERE id = 7", (EMAIL,),
                                  "mask-account-emails") as conn:
             assert conn.execute("SELECT 1").fetchone() == (1,)
+            # Explicit only: a badge never reaches a text column without a cast the statement writes.
+            conn.execute("INSERT INTO bwv_trail VALUES ('plain')")
+        pg_server.psql("TRUNCATE bwv_trail; DROP CAST (bwv_badge AS text); "
+                       "CREATE CAST (bwv_badge AS text) WITH FUNCTION bwv_badge_text(bwv_badge) AS ASSIGNMENT")
+        with direct_connect(pg_server) as conn:  # now the server casts a badge written into a text column
+            with conn.transaction(force_rollback=True):
+                conn.execute("INSERT INTO bwv_trail SELECT b FROM bwv_badges WHERE id = 7")
+                assert conn.execute("SELECT v FROM bwv_trail").fetchall() == [(EMAIL,)]
+        with psycopg.connect(front.dsn(), autocommit=True) as conn:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
+                conn.execute("INSERT INTO bwv_trail SELECT b FROM bwv_badges WHERE id = 7")
+            assert "mask-account-emails" in str(e.value) and "bwv_badge_text" in str(e.value), str(e.value)
+        assert pg_server.psql("SELECT count(*) FROM bwv_trail") == "0"
     finally:
-        pg_server.psql("DELETE FROM bwv_badges WHERE id = 7; DROP CAST IF EXISTS (bwv_badge AS text); "
-                       "DROP FUNCTION IF EXISTS bwv_badge_text(bwv_badge)")
+        pg_server.psql("TRUNCATE bwv_trail; DELETE FROM bwv_badges WHERE id = 7; "
+                       "DROP CAST IF EXISTS (bwv_badge AS text); DROP FUNCTION IF EXISTS bwv_badge_text(bwv_badge)")
 
 
 def test_a_function_over_a_refused_relation_is_refused_and_a_harmless_one_runs(front, pg_server):
@@ -618,6 +637,14 @@ TRIGGERED = [  # (statement, the rule refusing it, what it runs)
     ("INSERT INTO bwv_badges VALUES (1, 1)", "mask-account-emails", "function public.bwv_badge_of(), which"),
     ("INSERT INTO bwv_tagged (id) VALUES (1)", "mask-account-emails", "function public.bwv_email_of(), which"),
     ("SELECT 'x'::bwv_checked_tag", "mask-account-emails", "function public.bwv_tag_ok()"),
+    # The domain's check runs for what holds the domain: a domain over it, an array, a composite type.
+    ("SELECT 'x'::bwv_checked_tag2", "mask-account-emails", "function public.bwv_tag_ok()"),
+    ("SELECT ARRAY['x']::bwv_checked_tag[]", "mask-account-emails", "function public.bwv_tag_ok()"),
+    ("SELECT ROW('x')::bwv_tag_box", "mask-account-emails", "function public.bwv_tag_ok()"),
+    ("INSERT INTO bwv_tag_holders (id, d) VALUES (1, 'x')", "mask-account-emails", "function public.bwv_tag_ok(), which"),
+    ("INSERT INTO bwv_tag_holders (id, a) VALUES (1, ARRAY['x'])", "mask-account-emails",
+     "function public.bwv_tag_ok(), which"),
+    ("INSERT INTO bwv_tag_holders (id, b) VALUES (1, ROW('x'))", "mask-account-emails", "function public.bwv_tag_ok(), which"),
 ]
 
 
@@ -1023,23 +1050,26 @@ def test_operators_and_casts_are_learned_as_calls_of_their_functions():
     ])
     while lookup.next_functions_query() is not None:
         lookup.functions([])
-    # The tables with a column of a type whose function was read are asked for (an INSERT into
-    # one runs an assignment cast, a domain's default or check): the badge's and text's, not int4's.
+    # What the casts and domains calling a function read reach is asked for (the types holding
+    # one, the tables writing which runs an assignment cast, a domain's default or check): by the
+    # function's oid, not harmless()'s.
     query = lookup.definitions_query()
-    assert query is not None and "a.atttypid IN (25, 90)" in query and "pg_get_viewdef" not in query, query
-    lookup.definitions([("ct90.700", "public.badges")])
+    assert query is not None and "c.castfunc IN (501)" in query and "pg_get_viewdef" not in query, query
+    lookup.definitions([("ct501.700", "public.badges"), ("cx501.91", "public.badge[]")])
     assert lookup.effects == {("public", "notes"): [("call", "IU", "public", "leak")],
                               ("public", "badges"): [("call", "IU", "public", "to_text")]}
     learned = lookup.learned_functions
     assert learned[("public", "#@#")] == ['SELECT "public"."leak"()']
     assert learned[("public", "badge")] == learned[("pg_catalog", "text")] == ['SELECT "public"."to_text"()']
+    assert learned[("public", "_badge")] == ['SELECT "public"."to_text"()']
     assert ("public", "##") not in learned and ("pg_catalog", "int4") not in learned
 
     engine = _engine(POLICY[len(POLICY_HEAD):])
     session = SqlSessionState()
     engine.learn_catalog(session, {}, learned, lookup.effects)
     for sql in ("SELECT 1 #@# 2", "SELECT 1 OPERATOR(public.#@#) 2", "SELECT b::text FROM t",
-                "SELECT CAST(b AS pg_catalog.text) FROM t", "SELECT 1::badge", "INSERT INTO notes (id) VALUES (1)",
+                "SELECT CAST(b AS pg_catalog.text) FROM t", "SELECT 1::badge", "SELECT '{}'::badge[]",
+                "INSERT INTO notes (id) VALUES (1)",
                 "INSERT INTO badges VALUES (1)", "UPDATE badges SET b = NULL"):
         verdict = engine.decide_sql("test-bot", (), "pg-test", sql, session=session)
         assert verdict.action == "block" and "mask-account-emails" in verdict.reason, (sql, verdict.reason)

@@ -93,6 +93,33 @@ _TYPE_FUNCTIONS = (
     "UNION SELECT p.prorettype, d.refobjid FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_proc p ON p.oid = d.refobjid "
     f"WHERE d.classid = 'pg_catalog.pg_cast'::pg_catalog.regclass AND d.objid >= 16384 AND d.refclassid = {_PG_PROC} "
     "AND d.refobjid >= 16384) u")
+# What the casts, domain checks and domain defaults calling the functions {fns} (read, and
+# found by the 'x' rows below) reach, asked in the definitions' round: ('cx' || the function's
+# oid || '.' || a type's oid, the type as regtype prints it) for each type casting to which calls
+# the function: a cast's target (of any context), a domain with such a check or default, and
+# what holds one of those: a domain over it, an array of it, a range over it, a composite type
+# with a field of it (not for the server's own types: every table's row type has a text
+# field); and ('ct' || the function's oid || '.' || a table's oid, the table) for each table with
+# a column of a type writing which calls it: the same, but casts only where the server applies
+# them on its own (AS ASSIGNMENT or AS IMPLICIT, castcontext 'a' or 'i'; an explicit-only cast
+# runs only where a statement writes it).
+_TYPES_REACHED = (
+    "(WITH RECURSIVE w(typ, fn, written) AS ("
+    "SELECT c.casttarget, c.castfunc, c.castcontext <> 'e' FROM pg_catalog.pg_cast c WHERE c.castfunc IN ({fns}) "
+    "UNION SELECT co.contypid, d.refobjid, true FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_constraint co "
+    "ON co.oid = d.objid AND co.contypid <> 0 WHERE d.classid = 'pg_catalog.pg_constraint'::pg_catalog.regclass "
+    f"AND d.refclassid = {_PG_PROC} AND d.refobjid IN ({{fns}}) "
+    f"UNION SELECT d.objid, d.refobjid, true FROM pg_catalog.pg_depend d WHERE d.classid = {_PG_TYPE} "
+    f"AND d.refclassid = {_PG_PROC} AND d.refobjid IN ({{fns}}) "
+    "UNION SELECT t.oid, w.fn, w.written FROM w JOIN pg_catalog.pg_type t ON t.typbasetype = w.typ OR t.typelem = w.typ "
+    "OR (w.typ >= 16384 AND t.typrelid <> 0 AND EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a "
+    "WHERE a.attrelid = t.typrelid AND a.atttypid = w.typ AND a.attnum > 0 AND NOT a.attisdropped)) "
+    "OR EXISTS (SELECT 1 FROM pg_catalog.pg_range r WHERE (r.rngtypid = t.oid AND r.rngsubtype = w.typ) "
+    "OR (r.rngmultitypid = t.oid AND r.rngtypid = w.typ))) "
+    "SELECT DISTINCT 'cx' || w.fn::text || '.' || w.typ::text, w.typ::pg_catalog.regtype::text FROM w "
+    "UNION ALL SELECT DISTINCT 'ct' || w.fn::text || '.' || a.attrelid::text, a.attrelid::pg_catalog.regclass::text "
+    "FROM w JOIN pg_catalog.pg_attribute a ON a.atttypid = w.typ WHERE w.written AND a.attrelid >= 16384 "
+    "AND a.attnum > 0 AND NOT a.attisdropped)")
 DEPENDENCIES_QUERY = _QUALIFIED.format(
     "SELECT DISTINCT CASE WHEN r.ev_type = '1' THEN r.ev_class::text ELSE 'r' || r.oid::text END, "
     "r.ev_class::pg_catalog.regclass::text, "
@@ -346,8 +373,9 @@ class CatalogLookup:
         self._relevant_memo: tuple[int, list[str]] | None = None
         self._named: set[str] = set()  # names later rounds already asked for
         self._asked: set[str] = set()  # views' and rules' oids whose definitions were asked for
-        self._types_asked: set[str] = set()  # oids of the types whose columns were asked for
-        self._typed_columns: set[tuple[str, str]] = set()  # ('ct' || type oid || '.' || table oid, the table)
+        self._type_fns_asked: set[str] = set()  # oids of the functions whose types were asked for (_TYPES_REACHED)
+        self._typed_columns: set[tuple[str, str]] = set()  # ('f' || a function's oid, a table writing which calls it)
+        self._typed_casts: set[tuple[str, str]] = set()  # ('f' || a function's oid, a type casting to which calls it)
         self._answers: dict[str, str | None] = {}  # their definitions
         self._rounds = 0
         self._words: Callable[[str], bool] | None = None  # whether a body names this round's names (functions())
@@ -529,22 +557,23 @@ class CatalogLookup:
         if rules:
             selects.append("SELECT 'r' || r.oid::text, pg_catalog.pg_get_ruledef(r.oid) FROM pg_catalog.pg_rewrite r "
                            f"WHERE r.oid IN ({', '.join(str(int(oid[1:])) for oid in rules)})")
-        # The tables with a column of a type whose cast, domain default or check calls a function read.
-        types = sorted({oid[1:].partition(".")[0] for oid in relevant if oid[0] == "x"} - self._types_asked, key=int)
-        self._types_asked.update(types)
-        if types:
-            selects.append("SELECT 'ct' || a.atttypid::text || '.' || a.attrelid::text, "
-                           "a.attrelid::pg_catalog.regclass::text FROM pg_catalog.pg_attribute a "
-                           f"WHERE a.atttypid IN ({', '.join(types)}) AND a.attrelid >= 16384 AND a.attnum > 0 "
-                           "AND NOT a.attisdropped")
+        # The types and tables a cast, domain default or check calling a function read reaches.
+        fns = sorted({oid.partition(".")[2] for oid in relevant if oid[0] == "x"} - self._type_fns_asked, key=int)
+        self._type_fns_asked.update(fns)
+        if fns:
+            selects.append(_TYPES_REACHED.format(fns=", ".join(str(int(fn)) for fn in fns)))
         return _QUALIFIED.format(" UNION ALL ".join(selects)) if selects else None
 
     def add_definitions(self, rows: Iterable[Row]) -> None:
         """Read the rows of a :meth:`definitions_query` asked with a round."""
         for row in rows:
-            if len(row) == 2 and row[0] is not None and row[0].startswith("ct") and row[1] is not None \
-                    and row[0][2:].partition(".")[0] in self._types_asked:
-                self._typed_columns.add((row[0], row[1]))  # a table with a column of such a type
+            if len(row) == 2 and row[0] is not None and row[0][:2] in ("ct", "cx") and row[1] is not None \
+                    and row[0][2:].partition(".")[0] in self._type_fns_asked:
+                fn = "f" + row[0][2:].partition(".")[0]
+                if row[0][1] == "t":  # a table with a column of a type writing which calls fn
+                    self._typed_columns.add((fn, row[1]))
+                else:  # a type casting to which calls fn
+                    self._typed_casts.add((fn, row[1]))
                 continue
             if len(row) != 2 or row[0] not in self._asked:
                 raise ValueError("unexpected row from the catalog's view definitions")
@@ -580,13 +609,10 @@ class CatalogLookup:
                 entry = ("trigger" if oid.startswith("t") else "call", self._effects_on[oid], *self._called_functions[ref])
                 if entry not in self.effects.get(table, ()):  # type: ignore[arg-type]
                     self.effects.setdefault(table, []).append(entry)  # type: ignore[index]
-        for column, table_text in sorted(self._typed_columns):  # writing it casts into the type, checks the domain
-            table, typ = split_regclass(table_text), column[2:].partition(".")[0]
-            for oid in (o for o in relevant if o[0] == "x" and o[1:].partition(".")[0] == typ):
-                for ref in sorted(self._depends[oid] & self.function_oids):
-                    entry = ("call", "IU", *self._called_functions[ref])
-                    if table[0] is not None and entry not in self.effects.get(table, ()):  # type: ignore[arg-type]
-                        self.effects.setdefault(table, []).append(entry)  # type: ignore[index]
+        for ref, table_text in sorted(self._typed_columns):  # writing it casts into the type, checks the domain
+            table, entry = split_regclass(table_text), ("call", "IU", *self._called_functions[ref])
+            if ref in self.function_oids and table[0] is not None and entry not in self.effects.get(table, ()):  # type: ignore[arg-type]
+                self.effects.setdefault(table, []).append(entry)  # type: ignore[index]
         for oid in sorted(o for o in relevant if o.startswith("e")):
             for ref in sorted(self._depends[oid]):
                 entry = ("event", "E", *self._called_functions[ref])
@@ -614,12 +640,17 @@ class CatalogLookup:
         # An aggregate reading a guarded relation through its support functions: calling it calls
         # them; an operator or cast its function: using it calls it (the engine looks a statement's
         # operators and casts up among the functions, StatementAnalysis.operators).
-        for oid in sorted(o for o in relevant if o in self._callers):
-            schema, name = names[oid]
-            calls = ", ".join(f"{_quoted(s)}.{_quoted(n)}()" for s, n in sorted(
-                self._called_functions[ref] for ref in self._depends[oid] if ref in self.function_oids))
-            if schema is not None and calls and f"SELECT {calls}" not in self.learned_functions.get((schema, name), ()):
-                self.learned_functions.setdefault((schema, name), []).append(f"SELECT {calls}")
+        calls: dict[tuple[str | None, str], set[tuple[str, str]]] = {}
+        for oid in (o for o in relevant if o in self._callers):
+            calls.setdefault(names[oid], set()).update(
+                self._called_functions[ref] for ref in self._depends[oid] if ref in self.function_oids)
+        for ref, type_text in self._typed_casts:  # (a domain over the type, an array of it ...)
+            if ref in self.function_oids:
+                calls.setdefault(type_name(type_text), set()).add(self._called_functions[ref])
+        for (schema, name), called in sorted(calls.items(), key=lambda item: (item[0][0] or "", item[0][1])):
+            body = "SELECT " + ", ".join(f"{_quoted(s)}.{_quoted(n)}()" for s, n in sorted(called))
+            if schema is not None and called and body not in self.learned_functions.get((schema, name), ()):
+                self.learned_functions.setdefault((schema, name), []).append(body)
         return found
 
 
