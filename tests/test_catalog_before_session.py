@@ -110,6 +110,30 @@ FUNCTIONS = [
     "CREATE DOMAIN bwv_checked_tag2 AS bwv_checked_tag",
     "CREATE TYPE bwv_tag_box AS (t bwv_checked_tag)",
     "CREATE TABLE bwv_tag_holders (id int, d bwv_checked_tag2, a bwv_checked_tag[], b bwv_tag_box)",
+    # An AS IMPLICIT cast the server applies with no cast written: passing an int where a pass goes.
+    "CREATE TYPE bwv_pass AS (v text)",
+    "CREATE FUNCTION bwv_pass_of(i int) RETURNS bwv_pass LANGUAGE sql AS "
+    "'SELECT ROW(email)::bwv_pass FROM bwv_accounts WHERE id = i'",
+    "CREATE CAST (int AS bwv_pass) WITH FUNCTION bwv_pass_of(int) AS IMPLICIT",
+    "CREATE FUNCTION bwv_pass_v(p bwv_pass) RETURNS text LANGUAGE sql AS 'SELECT p.v'",
+    "CREATE FUNCTION bwv_pass_eq(a bwv_pass, b bwv_pass) RETURNS bool LANGUAGE sql AS 'SELECT a.v = b.v'",
+    "CREATE OPERATOR =~= (LEFTARG = bwv_pass, RIGHTARG = bwv_pass, FUNCTION = bwv_pass_eq)",
+    "CREATE TABLE bwv_passes (id int, p bwv_pass)",
+    # A default operator class whose comparison copies the email: ORDER BY, DISTINCT, GROUP BY on
+    # its type run it with no operator or function named.
+    "CREATE TYPE bwv_rank AS (n int)",
+    "CREATE FUNCTION bwv_rank_cmp(a bwv_rank, b bwv_rank) RETURNS int LANGUAGE plpgsql AS $$ BEGIN "
+    "INSERT INTO bwv_trail SELECT email FROM bwv_accounts; "
+    "RETURN CASE WHEN a.n < b.n THEN -1 WHEN a.n > b.n THEN 1 ELSE 0 END; END $$",
+    *[f"CREATE FUNCTION bwv_rank_{name}(a bwv_rank, b bwv_rank) RETURNS bool LANGUAGE sql AS 'SELECT a.n {op} b.n'"
+      for name, op in (("lt", "<"), ("le", "<="), ("eq", "="), ("ge", ">="), ("gt", ">"))],
+    *[f"CREATE OPERATOR {op} (LEFTARG = bwv_rank, RIGHTARG = bwv_rank, FUNCTION = bwv_rank_{name})"
+      for name, op in (("lt", "<<<"), ("le", "<<="), ("eq", "=="), ("ge", ">>="), ("gt", ">>>"))],
+    "CREATE OPERATOR CLASS bwv_rank_ops DEFAULT FOR TYPE bwv_rank USING btree AS OPERATOR 1 <<<, "
+    "OPERATOR 2 <<=, OPERATOR 3 ==, OPERATOR 4 >>=, OPERATOR 5 >>>, FUNCTION 1 bwv_rank_cmp(bwv_rank, bwv_rank)",
+    "CREATE TABLE bwv_ranks (id int, r bwv_rank)",
+    "INSERT INTO bwv_ranks VALUES (1, ROW(2)), (2, ROW(1))",
+    "CREATE FUNCTION bwv_rank_of(i int) RETURNS bwv_rank LANGUAGE sql AS 'SELECT ROW(i)::bwv_rank'",
     # ... used by a view, a function's body and a column's default (each depends on the operator).
     "CREATE VIEW bwv_op_view AS SELECT id, id #@# id AS e FROM bwv_cities",
     "CREATE FUNCTION bwv_op_api() RETURNS text LANGUAGE sql AS 'SELECT 1 #@# 1'",
@@ -214,7 +238,8 @@ def front(pg_server):
 def _drop(pg_server) -> None:
     pg_server.psql("DROP VIEW IF EXISTS bwv_op_view; DROP TABLE IF EXISTS bwv_op_notes; "
                    "DROP FUNCTION IF EXISTS bwv_op_api(); DROP OPERATOR IF EXISTS #@# (int, int), @#@ (none, int), @~@ (none, int); "
-                   "DROP TABLE IF EXISTS bwv_badges, bwv_tagged, bwv_tag_holders; DROP TYPE IF EXISTS bwv_tag_box; "
+                   "DROP TABLE IF EXISTS bwv_badges, bwv_tagged, bwv_tag_holders, bwv_passes, bwv_ranks; "
+                   "DROP TYPE IF EXISTS bwv_tag_box, bwv_pass, bwv_rank CASCADE; "
                    "DROP DOMAIN IF EXISTS bwv_tag, bwv_checked_tag2, bwv_checked_tag; "
                    "DROP FUNCTION IF EXISTS bwv_tag_ok(text); "
                    "DROP CAST IF EXISTS (int AS bwv_badge); DROP FUNCTION IF EXISTS bwv_op_email(int, int), "
@@ -357,6 +382,9 @@ CALLS = [
     "SELECT (CAST(id AS bwv_badge)).v FROM bwv_cities",
     "SELECT e FROM bwv_op_view",
     "SELECT bwv_op_api()",
+    # An AS IMPLICIT cast with no cast written: a function's argument.
+    "SELECT bwv_pass_v(1)",
+    "SELECT bwv_pass_v(id) AS e FROM bwv_cities",
 ]
 
 
@@ -459,6 +487,21 @@ def test_a_cast_from_a_user_type_to_text_is_followed(front, pg_server):
     finally:
         pg_server.psql("TRUNCATE bwv_trail; DELETE FROM bwv_badges WHERE id = 7; "
                        "DROP CAST IF EXISTS (bwv_badge AS text); DROP FUNCTION IF EXISTS bwv_badge_text(bwv_badge)")
+
+
+def test_an_implicit_cast_is_followed_into_the_operators_and_functions_taking_its_type(front, pg_server):
+    """``1 =~= 1``: the operator takes two passes, so the server casts each 1 with bwv_pass_of(),
+    which reads the masked table (the operator's own function does not); the same operator's
+    symbol, a function taking a pass, and reading a table with a pass column count; the
+    server's own operators do not."""
+    with direct_connect(pg_server) as conn:  # straight to the server: the cast runs (and reads the email)
+        assert conn.execute("SELECT bwv_pass_v(1), (1 =~= 2) IS NOT NULL").fetchone() == (EMAIL, True)
+    with psycopg.connect(front.dsn(), autocommit=True) as conn:
+        for sql in ("SELECT 1 =~= 2", "SELECT * FROM bwv_passes", "SELECT bwv_pass_v(ROW('x'))"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
+                conn.execute(sql)
+            assert "mask-account-emails" in str(e.value) and "bwv_pass_of" in str(e.value), (sql, str(e.value))
+        assert conn.execute("SELECT 1 = 1, 2 > 1").fetchone() == (True, True)
 
 
 def test_a_function_over_a_refused_relation_is_refused_and_a_harmless_one_runs(front, pg_server):
@@ -645,6 +688,14 @@ TRIGGERED = [  # (statement, the rule refusing it, what it runs)
     ("INSERT INTO bwv_tag_holders (id, a) VALUES (1, ARRAY['x'])", "mask-account-emails",
      "function public.bwv_tag_ok(), which"),
     ("INSERT INTO bwv_tag_holders (id, b) VALUES (1, ROW('x'))", "mask-account-emails", "function public.bwv_tag_ok(), which"),
+    # A default operator class's comparison: sorting, grouping, DISTINCT on values of its type.
+    ("SELECT id FROM bwv_ranks ORDER BY r", "mask-account-emails", "function public.bwv_rank_cmp(), which"),
+    ("SELECT DISTINCT r FROM bwv_ranks", "mask-account-emails", "function public.bwv_rank_cmp(), which"),
+    ("SELECT r, count(*) FROM bwv_ranks GROUP BY r", "mask-account-emails", "function public.bwv_rank_cmp(), which"),
+    ("SELECT DISTINCT bwv_rank_of(i) FROM generate_series(1, 3) i", "mask-account-emails",
+     "function public.bwv_rank_cmp()"),
+    ("SELECT x FROM (VALUES (ROW(2)::bwv_rank), (ROW(1)::bwv_rank)) v (x) ORDER BY 1", "mask-account-emails",
+     "function public.bwv_rank_cmp()"),
 ]
 
 
@@ -1077,6 +1128,33 @@ def test_operators_and_casts_are_learned_as_calls_of_their_functions():
     for sql in ("SELECT 1 ## 2", "SELECT 1 + 2 = 3", "SELECT 1::integer, 2::int4, 3::bigint"):
         verdict = engine.decide_sql("test-bot", (), "pg-test", sql, session=session)
         assert verdict.action != "block", (sql, verdict.reason)
+
+
+def test_implicit_casts_and_operator_classes_are_learned_where_values_of_their_type_go():
+    """The definitions' rows _TYPES_REACHED gives (a table reading or writing which runs the
+    function, a function or operator taking or returning the type) make those statements calls of
+    it; a row for a function not asked about is not expected."""
+    lookup = CatalogLookup(lambda schema, name: name == "bwv_accounts", ["bwv_accounts"])
+    lookup.functions([("600", "public", "pass_of", "CREATE FUNCTION public.pass_of(i int) RETURNS public.pass "
+                       "LANGUAGE sql AS 'SELECT ROW(email)::public.pass FROM bwv_accounts WHERE id = i'")])
+    lookup.dependencies([("x95.600", "public.pass", "f600", "public.pass_of", "x", "")])
+    while lookup.next_functions_query() is not None:
+        lookup.functions([])
+    query = lookup.definitions_query()
+    assert query is not None and "SET LOCAL jit = off" in query and "p.amproc IN (600)" in query, query
+    lookup.definitions([("cx600.95", "public.pass"), ("cu600.710", "public.passes"),
+                        ("cp600.601", "public.pass_v"), ("co600.80", "public.=~=")])
+    assert lookup.effects == {("public", "passes"): [("call", "SIUD", "public", "pass_of")]}
+    engine = _engine(POLICY[len(POLICY_HEAD):])
+    session = SqlSessionState()
+    engine.learn_catalog(session, {}, lookup.learned_functions, lookup.effects)
+    for sql in ("SELECT pass_v(1)", "SELECT 1 =~= 2", "SELECT id FROM passes ORDER BY p", "INSERT INTO passes VALUES (1)"):
+        verdict = engine.decide_sql("test-bot", (), "pg-test", sql, session=session)
+        assert verdict.action == "block" and "pass_of" in verdict.reason, (sql, verdict.reason)
+    for sql in ("SELECT 1 = 1", "SELECT upper('a')"):
+        assert engine.decide_sql("test-bot", (), "pg-test", sql, session=session).action != "block", sql
+    with pytest.raises(ValueError):
+        lookup.add_definitions([("cu601.711", "public.other")])
 
 
 def test_a_write_runs_only_the_triggers_and_rules_of_its_own_events():

@@ -51,7 +51,9 @@ from typing import Callable, Iterable, Mapping, Sequence
 # Both questions run with an empty search path (set for their own transaction only), so the
 # catalog names every relation with its schema: in the view names below and in the queries
 # pg_get_viewdef prints (only pg_catalog's and the session's temporary relations stay bare).
-_QUALIFIED = "BEGIN; SET LOCAL search_path = ''; {}; COMMIT"
+# Without JIT: the planner's estimate of a recursive query over the catalog (_TYPES_REACHED) can
+# pass jit_above_cost, and compiling it cost a new backend ~1 s for a query that runs in 1 ms.
+_QUALIFIED = "BEGIN; SET LOCAL search_path = ''; SET LOCAL jit = off; {}; COMMIT"
 
 # (view oid, view, relation oid, relation, 'v', ''), one row per relation a view's query depends on:
 # pg_depend records those of the view's ON SELECT rule (ev_type 1: views and materialized
@@ -79,8 +81,8 @@ _PG_OPERATOR = "'pg_catalog.pg_operator'::pg_catalog.regclass"
 _CALLED = (f"CASE WHEN d.refclassid = {_PG_OPERATOR} THEN 'o' ELSE 'f' END || d.refobjid::text")
 _CALLS_MADE = f"d.refclassid IN ({_PG_PROC}, {_PG_OPERATOR}) AND d.refobjid >= 16384"
 _PG_TYPE = "'pg_catalog.pg_type'::pg_catalog.regclass"
-# (type, function) of the casts, domain constraints and domain defaults calling a function made
-# after the system's (the DEPENDENCIES_QUERY arm of kind 'x' below)
+# (type, function) of the casts, domain constraints, domain defaults and operator classes calling
+# a function made after the system's (the DEPENDENCIES_QUERY arm of kind 'x' below)
 _TYPE_FUNCTIONS = (
     "(SELECT t.refobjid AS typ, d.refobjid AS fn FROM pg_catalog.pg_depend d "
     f"JOIN pg_catalog.pg_depend t ON t.classid = d.classid AND t.objid = d.objid AND t.refclassid = {_PG_TYPE} "
@@ -92,34 +94,67 @@ _TYPE_FUNCTIONS = (
     # its function returns (pg_proc: a catalog every new backend has open).
     "UNION SELECT p.prorettype, d.refobjid FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_proc p ON p.oid = d.refobjid "
     f"WHERE d.classid = 'pg_catalog.pg_cast'::pg_catalog.regclass AND d.objid >= 16384 AND d.refclassid = {_PG_PROC} "
-    "AND d.refobjid >= 16384) u")
-# What the casts, domain checks and domain defaults calling the functions {fns} (read, and
-# found by the 'x' rows below) reach, asked in the definitions' round: ('cx' || the function's
-# oid || '.' || a type's oid, the type as regtype prints it) for each type casting to which calls
-# the function: a cast's target (of any context), a domain with such a check or default, and
-# what holds one of those: a domain over it, an array of it, a range over it, a composite type
-# with a field of it (not for the server's own types: every table's row type has a text
-# field); and ('ct' || the function's oid || '.' || a table's oid, the table) for each table with
-# a column of a type writing which calls it: the same, but casts only where the server applies
-# them on its own (AS ASSIGNMENT or AS IMPLICIT, castcontext 'a' or 'i'; an explicit-only cast
-# runs only where a statement writes it).
+    "AND d.refobjid >= 16384 "
+    # An operator class's (or family's) support functions and operators' functions: sorting,
+    # grouping, comparing values of its type runs them (_TYPES_REACHED says where). (pg_amproc
+    # and pg_amop: +0.5 ms on a new backend's first round; through pg_depend, +0.7.)
+    "UNION SELECT p.amproclefttype, p.amproc FROM pg_catalog.pg_amproc p WHERE p.amproc >= 16384 "
+    "AND p.amproclefttype >= 16384 "
+    "UNION SELECT a.amoplefttype, o.oprcode FROM pg_catalog.pg_amop a JOIN pg_catalog.pg_operator o "
+    "ON o.oid = a.amopopr WHERE o.oprcode >= 16384 AND a.amoplefttype >= 16384) u")
+# What the casts, domain checks and defaults and operator classes calling the functions {fns}
+# (read, and found by the 'x' rows below) reach, asked in the definitions' round, as
+# (typ, fn, cast_to, written, used) closed over what holds a type: a domain over it, an array of
+# it, a range over it, a composite type with a field of it (not for the server's own types:
+# every table's row type has a text field). A cast's target, a domain with such a check or
+# default and the type of an operator class with such a member are cast_to: casting to one calls
+# the function ('cx' || fn || '.' || the type's oid, the type as regtype prints it). Written: the
+# domain's and the casts the server applies on its own (AS ASSIGNMENT or AS IMPLICIT, castcontext
+# 'a' or 'i'; an explicit-only cast runs only where a statement writes it): writing a table with
+# a column of one calls it ('ct' || fn || '.' || the table's oid, the table). Used (1): any value
+# of the type may run it: an operator class's support function or operator sorts, groups and
+# compares values of its type (ORDER BY, DISTINCT, GROUP BY, joins, indexes), with no operator
+# named; reading or writing a table with a column of one ('cu' ...), and calling a function
+# returning one ('cp' || fn || '.' || its oid, the function as regproc prints it) count. Used (2):
+# an AS IMPLICIT cast runs where a value of its source meets its target (a function's argument,
+# an operand, a UNION's column): calling a function or operator with one among its arguments
+# counts too ('co' ... for operators, as regoper prints them); the cast counts by its target
+# type, or by its source when only the source is a user type (cast from a user type to text:
+# not every function taking text).
+_REACHED = ("cx", "ct", "cu", "cp", "co")
 _TYPES_REACHED = (
-    "(WITH RECURSIVE w(typ, fn, written) AS ("
-    "SELECT c.casttarget, c.castfunc, c.castcontext <> 'e' FROM pg_catalog.pg_cast c WHERE c.castfunc IN ({fns}) "
-    "UNION SELECT co.contypid, d.refobjid, true FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_constraint co "
+    "(WITH RECURSIVE w(typ, fn, cast_to, written, used) AS ("
+    "SELECT c.casttarget, c.castfunc, true, c.castcontext <> 'e', CASE WHEN c.castcontext = 'i' "
+    "AND (c.casttarget >= 16384 OR c.castsource < 16384) THEN 2 ELSE 0 END FROM pg_catalog.pg_cast c "
+    "WHERE c.castfunc IN ({fns}) "
+    "UNION SELECT c.castsource, c.castfunc, false, false, 2 FROM pg_catalog.pg_cast c WHERE c.castfunc IN ({fns}) "
+    "AND c.castcontext = 'i' AND c.castsource >= 16384 "
+    "UNION SELECT co.contypid, d.refobjid, true, true, 0 FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_constraint co "
     "ON co.oid = d.objid AND co.contypid <> 0 WHERE d.classid = 'pg_catalog.pg_constraint'::pg_catalog.regclass "
     f"AND d.refclassid = {_PG_PROC} AND d.refobjid IN ({{fns}}) "
-    f"UNION SELECT d.objid, d.refobjid, true FROM pg_catalog.pg_depend d WHERE d.classid = {_PG_TYPE} "
+    f"UNION SELECT d.objid, d.refobjid, true, true, 0 FROM pg_catalog.pg_depend d WHERE d.classid = {_PG_TYPE} "
     f"AND d.refclassid = {_PG_PROC} AND d.refobjid IN ({{fns}}) "
-    "UNION SELECT t.oid, w.fn, w.written FROM w JOIN pg_catalog.pg_type t ON t.typbasetype = w.typ OR t.typelem = w.typ "
-    "OR (w.typ >= 16384 AND t.typrelid <> 0 AND EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a "
-    "WHERE a.attrelid = t.typrelid AND a.atttypid = w.typ AND a.attnum > 0 AND NOT a.attisdropped)) "
-    "OR EXISTS (SELECT 1 FROM pg_catalog.pg_range r WHERE (r.rngtypid = t.oid AND r.rngsubtype = w.typ) "
-    "OR (r.rngmultitypid = t.oid AND r.rngtypid = w.typ))) "
-    "SELECT DISTINCT 'cx' || w.fn::text || '.' || w.typ::text, w.typ::pg_catalog.regtype::text FROM w "
-    "UNION ALL SELECT DISTINCT 'ct' || w.fn::text || '.' || a.attrelid::text, a.attrelid::pg_catalog.regclass::text "
-    "FROM w JOIN pg_catalog.pg_attribute a ON a.atttypid = w.typ WHERE w.written AND a.attrelid >= 16384 "
-    "AND a.attnum > 0 AND NOT a.attisdropped)")
+    "UNION SELECT v.typ, p.amproc, true, false, 1 FROM pg_catalog.pg_amproc p, "
+    "LATERAL (VALUES (p.amproclefttype), (p.amprocrighttype)) v (typ) WHERE p.amproc IN ({fns}) AND v.typ >= 16384 "
+    "UNION SELECT v.typ, o.oprcode, true, false, 1 FROM pg_catalog.pg_amop a JOIN pg_catalog.pg_operator o "
+    "ON o.oid = a.amopopr, LATERAL (VALUES (a.amoplefttype), (a.amoprighttype)) v (typ) "
+    "WHERE o.oprcode IN ({fns}) AND v.typ >= 16384 "
+    "UNION SELECT h.oid, w.fn, w.cast_to, w.written, w.used FROM w, LATERAL ("
+    "SELECT t.oid FROM pg_catalog.pg_type t WHERE t.typbasetype = w.typ OR t.typelem = w.typ "
+    "UNION ALL SELECT t.oid FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type t ON t.typrelid = a.attrelid "
+    "WHERE w.typ >= 16384 AND a.atttypid = w.typ AND a.attnum > 0 AND NOT a.attisdropped "
+    "UNION ALL SELECT r.rngtypid FROM pg_catalog.pg_range r WHERE r.rngsubtype = w.typ "
+    "UNION ALL SELECT r.rngmultitypid FROM pg_catalog.pg_range r WHERE r.rngtypid = w.typ) h) "
+    "SELECT DISTINCT 'cx' || w.fn::text || '.' || w.typ::text, w.typ::pg_catalog.regtype::text FROM w WHERE w.cast_to "
+    "UNION ALL SELECT DISTINCT CASE WHEN w.used > 0 THEN 'cu' ELSE 'ct' END || w.fn::text || '.' || a.attrelid::text, "
+    "a.attrelid::pg_catalog.regclass::text FROM w JOIN pg_catalog.pg_attribute a ON a.atttypid = w.typ "
+    "WHERE (w.written OR w.used > 0) AND a.attrelid >= 16384 AND a.attnum > 0 AND NOT a.attisdropped "
+    "UNION ALL SELECT DISTINCT 'cp' || w.fn::text || '.' || p.oid::text, p.oid::pg_catalog.regproc::text "
+    "FROM w JOIN pg_catalog.pg_proc p ON p.oid >= 16384 AND p.oid <> w.fn AND (p.prorettype = w.typ "
+    "OR w.typ = ANY (p.proallargtypes) OR w.used = 2 AND w.typ = ANY (p.proargtypes::pg_catalog.oid[])) WHERE w.used > 0 "
+    "UNION ALL SELECT DISTINCT 'co' || w.fn::text || '.' || o.oid::text, o.oid::pg_catalog.regoper::text "
+    "FROM w JOIN pg_catalog.pg_operator o ON o.oid >= 16384 AND w.typ IN (o.oprleft, o.oprright, o.oprresult) "
+    "WHERE w.used = 2)")
 DEPENDENCIES_QUERY = _QUALIFIED.format(
     "SELECT DISTINCT CASE WHEN r.ev_type = '1' THEN r.ev_class::text ELSE 'r' || r.oid::text END, "
     "r.ev_class::pg_catalog.regclass::text, "
@@ -162,12 +197,12 @@ DEPENDENCIES_QUERY = _QUALIFIED.format(
     f"d.refobjid::pg_catalog.regproc::text, 'o', '' FROM pg_catalog.pg_depend d WHERE d.classid = {_PG_OPERATOR} "
     f"AND d.objid >= 16384 AND d.refclassid = {_PG_PROC} AND d.refobjid >= 16384"
     # A type calls functions: a cast's (from or to it: pg_depend does not tell the two types
-    # apart), a domain's CHECK constraints' and its default's. ('x' || the type's oid || '.' || the
-    # function's oid, the type as regtype prints it, 'f' || the function's oid, the function,
-    # 'x', ''): casting to the type calls them (fail closed); and a table with a column of the
-    # type calls them on INSERT and UPDATE (an assignment cast, the domain's default and checks),
-    # as a column default's function: those tables are asked for only when such a function was
-    # read (CatalogLookup.definitions_query). No join to pg_cast or pg_type: pg_depend alone.
+    # apart), a domain's CHECK constraints' and its default's, its operator classes'. ('x' || the
+    # type's oid || '.' || the function's oid, the type as regtype prints it, 'f' || the
+    # function's oid, the function, 'x', ''): casting to the type calls them (fail closed); where
+    # else they run (writing a table with a column of the type, reading one, calling a function
+    # taking or returning it: _TYPES_REACHED) is asked only when such a function was read
+    # (CatalogLookup.definitions_query). No join to pg_cast or pg_type: pg_depend alone.
     " UNION ALL SELECT 'x' || u.typ::text || '.' || u.fn::text, u.typ::pg_catalog.regtype::text, 'f' || u.fn::text, "
     "u.fn::pg_catalog.regproc::text, 'x', '' FROM " + _TYPE_FUNCTIONS +
     # A foreign key writes the referencing table when the referenced one is written: ON DELETE /
@@ -374,8 +409,7 @@ class CatalogLookup:
         self._named: set[str] = set()  # names later rounds already asked for
         self._asked: set[str] = set()  # views' and rules' oids whose definitions were asked for
         self._type_fns_asked: set[str] = set()  # oids of the functions whose types were asked for (_TYPES_REACHED)
-        self._typed_columns: set[tuple[str, str]] = set()  # ('f' || a function's oid, a table writing which calls it)
-        self._typed_casts: set[tuple[str, str]] = set()  # ('f' || a function's oid, a type casting to which calls it)
+        self._types_reached: set[tuple[str, str, str]] = set()  # (x, t, u, p or o, 'f' || a function's oid, a name)
         self._answers: dict[str, str | None] = {}  # their definitions
         self._rounds = 0
         self._words: Callable[[str], bool] | None = None  # whether a body names this round's names (functions())
@@ -567,13 +601,11 @@ class CatalogLookup:
     def add_definitions(self, rows: Iterable[Row]) -> None:
         """Read the rows of a :meth:`definitions_query` asked with a round."""
         for row in rows:
-            if len(row) == 2 and row[0] is not None and row[0][:2] in ("ct", "cx") and row[1] is not None \
+            if len(row) == 2 and row[0] is not None and row[0][:2] in _REACHED and row[1] is not None \
                     and row[0][2:].partition(".")[0] in self._type_fns_asked:
-                fn = "f" + row[0][2:].partition(".")[0]
-                if row[0][1] == "t":  # a table with a column of a type writing which calls fn
-                    self._typed_columns.add((fn, row[1]))
-                else:  # a type casting to which calls fn
-                    self._typed_casts.add((fn, row[1]))
+                # (_TYPES_REACHED: a type casting to which calls fn, a table writing or reading which
+                # does, a function or operator calling which does)
+                self._types_reached.add((row[0][1], "f" + row[0][2:].partition(".")[0], row[1]))
                 continue
             if len(row) != 2 or row[0] not in self._asked:
                 raise ValueError("unexpected row from the catalog's view definitions")
@@ -609,10 +641,11 @@ class CatalogLookup:
                 entry = ("trigger" if oid.startswith("t") else "call", self._effects_on[oid], *self._called_functions[ref])
                 if entry not in self.effects.get(table, ()):  # type: ignore[arg-type]
                     self.effects.setdefault(table, []).append(entry)  # type: ignore[index]
-        for ref, table_text in sorted(self._typed_columns):  # writing it casts into the type, checks the domain
-            table, entry = split_regclass(table_text), ("call", "IU", *self._called_functions[ref])
-            if ref in self.function_oids and table[0] is not None and entry not in self.effects.get(table, ()):  # type: ignore[arg-type]
-                self.effects.setdefault(table, []).append(entry)  # type: ignore[index]
+        for kind, ref, table_text in sorted(self._types_reached):  # writing (reading) it runs a cast, a check ...
+            if kind in "tu" and ref in self.function_oids:
+                table, entry = split_regclass(table_text), ("call", "IU" if kind == "t" else "SIUD", *self._called_functions[ref])
+                if table[0] is not None and entry not in self.effects.get(table, ()):  # type: ignore[arg-type]
+                    self.effects.setdefault(table, []).append(entry)  # type: ignore[index]
         for oid in sorted(o for o in relevant if o.startswith("e")):
             for ref in sorted(self._depends[oid]):
                 entry = ("event", "E", *self._called_functions[ref])
@@ -644,9 +677,10 @@ class CatalogLookup:
         for oid in (o for o in relevant if o in self._callers):
             calls.setdefault(names[oid], set()).update(
                 self._called_functions[ref] for ref in self._depends[oid] if ref in self.function_oids)
-        for ref, type_text in self._typed_casts:  # (a domain over the type, an array of it ...)
-            if ref in self.function_oids:
-                calls.setdefault(type_name(type_text), set()).add(self._called_functions[ref])
+        for kind, ref, text in self._types_reached:  # a cast to a domain over the type, an array of it ...
+            if kind in "xpo" and ref in self.function_oids:
+                calls.setdefault(type_name(text) if kind == "x" else split_regclass(text), set()).add(
+                    self._called_functions[ref])
         for (schema, name), called in sorted(calls.items(), key=lambda item: (item[0][0] or "", item[0][1])):
             body = "SELECT " + ", ".join(f"{_quoted(s)}.{_quoted(n)}()" for s, n in sorted(called))
             if schema is not None and called and body not in self.learned_functions.get((schema, name), ()):
