@@ -16,6 +16,9 @@ longest gap between two of its runs while one bot logs in and runs ``SELECT 1``:
   finds the same answers and does not analyse them again);
 - *cached*: the counters unchanged (the engine's answers serve).
 
+The process's garbage collector runs with the daemon's settings (``appliance.daemon.tune_gc``;
+``--default-gc``: CPython's, under which a full collection of ~15 ms fell inside the cold login).
+
 Prints a Markdown table (median of ``--rounds`` for the two later kinds) and writes it to
 bench/results/catalog_stall.md.
 """
@@ -33,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 import psycopg  # noqa: E402
 
+from appliance.daemon import tune_gc  # noqa: E402
 from appliance.sandbox import PostgresServer  # noqa: E402
 from tests.pg_front_fixtures import (APP_PASSWORD, APP_USER, POLICY_HEAD, EngineServices, FrontThread,  # noqa: E402
                                      plain_settings, setup_roles)
@@ -93,12 +97,16 @@ def main() -> None:
     ap.add_argument("--fks", type=int, default=1000)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "catalog_stall.md"))
+    ap.add_argument("--default-gc", action="store_true",
+                    help="keep CPython's collector settings instead of the daemon's (appliance.daemon.tune_gc)")
     args = ap.parse_args()
     pg = PostgresServer().start()
     results: dict[str, list[tuple[float, float]]] = {"cold": [], "uncached": [], "cached": []}
     try:
         prepare(pg, args.views, args.functions, args.fks)
         front = FrontThread(plain_settings(pg, upstream_tls="disable"), EngineServices(POLICY, APP_USER, APP_PASSWORD))
+        if not args.default_gc:
+            tune_gc()  # as the daemon does at start (without it a full collection, ~15 ms, lands in the cold login)
         ticker = Ticker(front)
         dsn = front.dsn()
         time.sleep(1.2)  # (the server flushes its counters at most once a second)
@@ -115,7 +123,8 @@ def main() -> None:
         pg.stop()
     lines = [f"Event-loop stall during a login's catalog read: {args.views} views and {args.functions} functions "
              f"over a masked column, {args.fks} cascading foreign keys (`bench/catalog_stall.py`, "
-             f"{time.strftime('%Y-%m-%d %H:%M')}, 2 vCPU; median of {args.rounds} rounds, the cold login once)", "",
+             f"{time.strftime('%Y-%m-%d %H:%M')}, 2 vCPU; median of {args.rounds} rounds, the cold login once; "
+             f"{'CPython default' if args.default_gc else 'the daemon'}'s garbage collector settings)", "",
              "| login | login + SELECT 1, ms | longest gap of the front's loop, ms |", "|---|---:|---:|"]
     for kind, runs in results.items():
         lines.append(f"| {kind} | {statistics.median(r[0] for r in runs):.1f} | {statistics.median(r[1] for r in runs):.1f} |")
