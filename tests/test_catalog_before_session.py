@@ -490,7 +490,7 @@ def test_a_cast_from_a_user_type_to_text_is_followed(front, pg_server):
 
 
 def test_an_implicit_cast_is_followed_into_the_operators_and_functions_taking_its_type(front, pg_server):
-    """``1 =~= 1``: the operator takes two passes, so the server casts each 1 with bwv_pass_of(),
+    """``1 =~= 2``: the operator takes two passes, so the server casts each int with bwv_pass_of(),
     which reads the masked table (the operator's own function does not); the same operator's
     symbol, a function taking a pass, and reading a table with a pass column count; the
     server's own operators do not."""
