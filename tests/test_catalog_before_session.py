@@ -325,6 +325,36 @@ def test_a_big_catalog_read_off_the_event_loop_is_learned_the_same(front, pg_ser
     assert {"_first_round", "definitions", "learn_catalog"} <= set(threads), threads
 
 
+def test_a_mid_session_answer_is_decoded_a_turn_of_the_loop_at_a_time(monkeypatch):
+    """A re-read during the session keeps the DataRows as they came (inside the protocol's
+    callbacks) and decodes them afterwards, giving the event loop a turn every
+    _ROWS_PER_TURN rows, as the login's reads do."""
+    import asyncio
+
+    from appliance.fronts.postgres import startup
+    from appliance.fronts.postgres.wire import _row_values
+    from appliance.protocols.postgres import messages as m
+
+    monkeypatch.setattr(startup, "_ROWS_PER_TURN", 2)
+    answers = startup.OwnAnswers(2)
+    for row in ((b"1", b"public.v"), (b"2", None), (b"3", "é".encode())):
+        answers.raw_row(m.DataRow(tuple(row)).encode())
+    assert not answers.ready()
+    answers.raw_row(m.DataRow((b"x",)).encode())
+    assert answers.ready()
+    turns = []
+    real_sleep = asyncio.sleep
+
+    async def counted(delay):
+        turns.append(delay)
+        await real_sleep(delay)
+
+    monkeypatch.setattr(startup.asyncio, "sleep", counted)
+    asyncio.run(answers.decode(_row_values))
+    assert answers.result("the test") == [[("1", "public.v"), ("2", None), ("3", "é")], [("x",)]]
+    assert turns == [0, 0]  # after rows 2 and 4
+
+
 def test_a_view_over_an_unguarded_table_is_untouched(front):
     with psycopg.connect(front.dsn(), autocommit=True) as conn:
         assert conn.execute("SELECT id, city FROM bwv_harmless").fetchall() == [(1, "Bergen")]

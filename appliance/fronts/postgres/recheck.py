@@ -96,8 +96,8 @@ class CatalogRecheckMixin:
 
         def on_reply(buf, s, e):
             kind = buf[s]
-            if kind == 68:  # DataRow
-                answers.row(_row_values(buf, s, e))
+            if kind == 68:  # DataRow: decoded below, a turn of the loop at a time
+                answers.raw_row(bytes(buf[s:e]))
             elif kind == 69:  # ErrorResponse
                 answers.error(m.ErrorResponse.decode(bytes(buf[s + 5:e])))
             elif kind == 90:  # ReadyForQuery: one query answered
@@ -120,4 +120,6 @@ class CatalogRecheckMixin:
                     self._handlers[c] = h
         if answers.failed is not None and answers.failed.sqlstate == sqlstate.QUERY_CANCELED:
             raise _Cancelled()
+        if answers.failed is None:
+            await answers.decode(_row_values)
         return answers.result(what)

@@ -29,6 +29,10 @@ from .transport import UpstreamProtocol
 log = logging.getLogger(__name__)
 
 
+def _texts(values) -> tuple[str | None, ...]:
+    return tuple(None if v is None else bytes(v).decode("utf-8", "replace") for v in values)
+
+
 class OwnAnswers:
     """The replies to botwarden's own queries on a session (``n`` of them, sent at once): each
     one's rows as text, up to its ReadyForQuery; an error refuses what was asked (``result``)."""
@@ -39,7 +43,23 @@ class OwnAnswers:
         self.failed: m.ErrorResponse | None = None
 
     def row(self, values) -> None:
-        self.rows[-1].append(tuple(None if v is None else bytes(v).decode("utf-8", "replace") for v in values))
+        self.rows[-1].append(_texts(values))
+
+    def raw_row(self, message: bytes) -> None:
+        """A DataRow message kept as it came, decoded later by :meth:`decode` (a mid-session
+        reply arrives inside the protocol's callbacks, which cannot give the loop a turn)."""
+        self.rows[-1].append(message)  # type: ignore[arg-type]
+
+    async def decode(self, values: Callable[[bytes, int, int], Any]) -> None:
+        """The rows :meth:`raw_row` kept, decoded with ``values`` (wire._row_values), the event
+        loop given a turn every _ROWS_PER_TURN of them, as _ask_server reads its own."""
+        n = 0
+        for rows in self.rows:
+            for i, message in enumerate(rows):
+                rows[i] = _texts(values(message, 0, len(message)))  # type: ignore[arg-type]
+                n += 1
+                if n % _ROWS_PER_TURN == 0:
+                    await asyncio.sleep(0)
 
     def error(self, err: m.ErrorResponse) -> None:
         self.failed = self.failed or err
