@@ -124,7 +124,7 @@ def main() -> None:
     lines = [f"Event-loop stall during a login's catalog read: {args.views} views and {args.functions} functions "
              f"over a masked column, {args.fks} cascading foreign keys (`bench/catalog_stall.py`, "
              f"{time.strftime('%Y-%m-%d %H:%M')}, 2 vCPU; median of {args.rounds} rounds, the cold login once; "
-             f"{'CPython default' if args.default_gc else 'the daemon'}'s garbage collector settings)", "",
+             f"{'CPython' if args.default_gc else 'the daemon'}'s garbage collector settings)", "",
              "| login | login + SELECT 1, ms | longest gap of the front's loop, ms |", "|---|---:|---:|"]
     for kind, runs in results.items():
         lines.append(f"| {kind} | {statistics.median(r[0] for r in runs):.1f} | {statistics.median(r[1] for r in runs):.1f} |")
