@@ -299,8 +299,9 @@ class SecretsBroker:
                 break
         finally:
             self._retries.pop(pending.lease_id, None)
-        self._pending.pop(pending.lease_id, None)
+        # Off the ledger first: once status lists no pending revocation, the file lists none either.
         await self._forget(pending.lease_id)
+        self._pending.pop(pending.lease_id, None)
         log.info("revoked lease %s of session %s after %d attempts", pending.lease_id, pending.session_id,
                  pending.attempts)
         if self.on_revoked_late is not None:
