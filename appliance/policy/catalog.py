@@ -601,11 +601,11 @@ class CatalogLookup:
     def add_definitions(self, rows: Iterable[Row]) -> None:
         """Read the rows of a :meth:`definitions_query` asked with a round."""
         for row in rows:
-            if len(row) == 2 and row[0] is not None and row[0][:2] in _REACHED and row[1] is not None \
-                    and row[0][2:].partition(".")[0] in self._type_fns_asked:
+            fn = row[0][2:].partition(".")[0] if len(row) == 2 and row[0] is not None else None
+            if fn is not None and row[0][:2] in _REACHED and row[1] is not None and fn in self._type_fns_asked:
                 # (_TYPES_REACHED: a type casting to which calls fn, a table writing or reading which
                 # does, a function or operator calling which does)
-                self._types_reached.add((row[0][1], "f" + row[0][2:].partition(".")[0], row[1]))
+                self._types_reached.add((row[0][1], "f" + fn, row[1]))  # type: ignore[index]
                 continue
             if len(row) != 2 or row[0] not in self._asked:
                 raise ValueError("unexpected row from the catalog's view definitions")
