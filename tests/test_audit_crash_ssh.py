@@ -1,11 +1,11 @@
 """Audit durability under kill -9 through the SSH front (issue 23; tests/test_audit_crash.py
 does the same for PostgreSQL under load).
 
-A bot started with `botwarden bot run` runs the real ``ssh`` in a loop through the daemon (the
-eBPF redirect, an OpenBao-signed certificate per session, the real sshd in its namespace); each
-command appends its number to a file on the server's side. Mid-loop the test kills (SIGKILL) the
+A bot started with `botwarden bot run` runs three loops of the real ``ssh`` at once through the
+daemon (the eBPF redirect, an OpenBao-signed certificate per session, the real sshd in its
+namespace); each command appends its loop's and its own number to a file on the server's side. Mid-loop the test kills (SIGKILL) the
 daemon, starts it again on the same state, and checks that every command sshd ran (every
-number in the file, the one the kill cut off too) has its ``request_starts`` row: in strict
+number in the file, the ones the kill cut off too) has its ``request_starts`` row: in strict
 mode (the default) a command is journaled before it is forwarded. The audit process is killed
 too, with a batch window longer than the test, so nothing of the loop was committed: only the
 journal can keep the records (batched mode loses them: checked by running this with
@@ -32,7 +32,8 @@ from tests.test_ssh_front import BOT, SSH, world  # noqa: F401  (world: this mod
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
 
-COMMANDS = 400  # more than run before the kill and after it fails
+LOOPS = 3
+COMMANDS = 300  # per loop: more than run before the kill and after it fails
 
 
 def test_a_killed_daemon_loses_no_ssh_command_that_reached_sshd(world):
@@ -46,8 +47,9 @@ def test_a_killed_daemon_loses_no_ssh_command_that_reached_sshd(world):
     trail.parent.chmod(0o755)
     ssh = (f"{SSH} -F /dev/null -o UserKnownHostsFile={world['bot_home'] / 'known_hosts'} "
            f"-o StrictHostKeyChecking=yes -o BatchMode=yes -o LogLevel=ERROR -p {sshd.port} root@{sshd.host}")
-    loop = (f'i=0; while [ $i -lt {COMMANDS} ]; do i=$((i+1)); '
-            f'if {ssh} "echo $i >> {trail}"; then echo "ok $i"; else echo "fail $i"; fi; done')
+    loop = " ".join(f'(i=0; while [ $i -lt {COMMANDS} ]; do i=$((i+1)); '
+                    f'if {ssh} "echo {j}-$i >> {trail}"; then echo "ok {j}-$i"; else echo "fail {j}-$i"; fi; done) &'
+                    for j in range(LOOPS)) + " wait"
     base = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
     bot = subprocess.Popen([sys.executable, "-m", "appliance.cli", "--config", str(config), "bot", "run",
                             "--name", BOT, "--user", "nobody", "--", "/bin/sh", "-c", loop], cwd=ROOT,
@@ -60,29 +62,30 @@ def test_a_killed_daemon_loses_no_ssh_command_that_reached_sshd(world):
     try:
         audit_pid = crashed.client().get("/v1/status")["audit"]["pid"]
         deadline = time.monotonic() + 120
-        while sum(1 for s in list(said) if s.startswith("ok")) < 12:
+        while sum(1 for s in list(said) if s.startswith("ok")) < 6 * LOOPS:
             assert bot.poll() is None and time.monotonic() < deadline, (said[-5:], crashed.output()[-3000:])
             time.sleep(0.05)
         os.kill(audit_pid, signal.SIGKILL)
-        crashed.proc.kill()  # mid-command: the loop is always inside one
+        crashed.proc.kill()  # mid-command: each loop is always inside one
         crashed.proc.wait()
         deadline = time.monotonic() + 60
-        while not any(s.startswith("fail") for s in list(said)):  # the loop saw the daemon gone
-            assert bot.poll() is None and time.monotonic() < deadline, said[-5:]
+        while {s.split()[1].split("-")[0] for s in list(said) if s.startswith("fail")} != {str(j) for j in range(LOOPS)}:
+            assert bot.poll() is None and time.monotonic() < deadline, said[-5:]  # every loop saw the daemon gone
             time.sleep(0.05)
         bot.send_signal(signal.SIGTERM)
         bot.wait(30)
         reader.join(10)
         _wait_gone(audit_pid)
         restarted = DaemonProcess(config, daemon.socket).start()
-        ran = [int(n) for n in trail.read_text().split()]
-        ok = [int(s.split()[1]) for s in said if s.startswith("ok")]
+        ran = trail.read_text().split()
+        ok = [s.split()[1] for s in said if s.startswith("ok")]
         assert ran and set(ok) <= set(ran), (ok, ran)
+        assert all(sum(1 for n in ran if n.startswith(f"{j}-")) >= 6 for j in range(LOOPS)), ran
         # (by number: the audit's redaction may take the temporary path for a secret and mask it)
-        started = {int(m.group(1)) for r in restarted.audit_sql("SELECT text FROM request_starts WHERE kind = 'ssh_exec'")
-                   if (m := re.fullmatch(r"echo (\d+) >> .*", r["text"]))}
-        # Every command sshd ran has its record, journaled before it went to sshd (the one the
-        # kill cut off too: its number is in the file whether or not the bot saw its answer).
+        started = {m.group(1) for r in restarted.audit_sql("SELECT text FROM request_starts WHERE kind = 'ssh_exec'")
+                   if (m := re.fullmatch(r"echo (\d+-\d+) >> .*", r["text"]))}
+        # Every command sshd ran has its record, journaled before it went to sshd (the ones the
+        # kill cut off too: their numbers are in the file whether or not the bot saw the answer).
         missing = [n for n in ran if n not in started]
         assert missing == [], (missing, len(ran), len(started))
         report = restarted.client().post("/v1/audit/verify", {"allow_gaps": True}, timeout=300)["report"]
