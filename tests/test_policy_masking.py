@@ -42,6 +42,15 @@ POSITIVES = [
     ("jwt", f"Bearer {JWT}", JWT),
     ("secret", "token=Zx8kP2mQ9vR4tY7wB1nC5dF3gH6jK0lA", "Zx8kP2mQ9vR4tY7wB1nC5dF3gH6jK0lA"),
     ("secret", "ghp_abcdefghijklmnopqrstuvwxyz0123456789", "ghp_abcdefghijklmnopqrstuvwxyz0123456789"),
+    # A path's segments are judged one by one: a token that is one of them is flagged...
+    ("secret", "cat /run/keys/Zx8kP2mQ9vR4tY7wB1nC5dF3gH6jK0lA", "Zx8kP2mQ9vR4tY7wB1nC5dF3gH6jK0lA"),
+    ("secret", "/var/lib/Zx8kP2mQ9vR4tY7wB1nC5dF3gH6jK0lA/x", "Zx8kP2mQ9vR4tY7wB1nC5dF3gH6jK0lA"),
+    # ...and a token after the path (a query string), or one that only looks like it starts
+    # a path, is judged whole, its slashes included.
+    ("secret", "curl /tmp/x?key=wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"),
+    ("secret", "ab/tmp/wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", "ab/tmp/wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"),
+    ("secret", "/tmp/a+wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", "/tmp/a+wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"),
+    ("secret", "/tmpwJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", "/tmpwJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"),
     # The shortest value each length-guarded detector flags, alone (the guards skip shorter text).
     ("card", "4222222222222", "4222222222222"),             # 13 digits
     ("iban", "NO9386011117947", "NO9386011117947"),         # 15 characters, the shortest IBAN
@@ -73,6 +82,11 @@ NEGATIVES = [
     ("secret", "550e8400-e29b-41d4-a716-446655440000"),  # a UUID
     ("secret", "d41d8cd98f00b204e9800998ecf8427e"),  # hex digest: 4 bits/char at most
     ("secret", "/usr/local/lib/python3.11/site-packages"),
+    # Temporary directories' random names: the whole path has over 4 bits per character, no
+    # segment can (fewer than 16 distinct characters).
+    ("secret", "echo 12 >> /tmp/bw-ssh-crash-k2j8x_q1/ran"),
+    ("secret", "/tmp/pytest-of-root/pytest-3/test_a_killed_daemon0/ran"),
+    ("secret", "cat /home/bot/.cache/AbCdEf123456/Xy9z-Qw7R"),
     ("secret", "The quick brown fox jumps over the lazy dog"),
 ]
 

@@ -167,17 +167,43 @@ def _find_jwt(text: str, cfg: "DetectorSettings") -> list[tuple[int, int]]:
     return [m.span() for m in _JWT.finditer(text) if _jwt_ok(m.group())]
 
 
+# An absolute path under one of the Filesystem Hierarchy Standard's top-level directories is
+# judged segment by segment: the random part of a temporary directory's name made a whole path
+# look like a token (`/tmp/bw-ssh-crash-k2j8x_q1/ran`: 29 characters, over 4 bits each), while a
+# segment alone has fewer than 16 distinct characters, which no entropy of 4 bits can come from.
+# A secret that is a segment of its own (`/run/keys/<token>`) is still flagged. The path ends at
+# the first character a file name seldom has and a query string or key=value pair does ("?",
+# "=", "+", ":"), so a token after it is judged whole; one that runs past the path's end is too.
+_PATH = re.compile(r"(?<![A-Za-z0-9+/_\-.~])/(?:bin|boot|dev|etc|home|lib|lib32|lib64|media|mnt|opt|proc|root|run"
+                   r"|sbin|srv|sys|tmp|usr|var)(?:/[A-Za-z0-9._~@%,-]*)+")
+
+
+def _high_entropy(token: str, cfg: "DetectorSettings") -> bool:
+    if len(token) < cfg.secret_min_length:
+        return False
+    classes = sum((any(c.isdigit() for c in token), any(c.islower() for c in token),
+                   any(c.isupper() for c in token)))
+    return classes >= 2 and shannon_entropy(token) >= cfg.secret_entropy
+
+
 def _find_secret(text: str, cfg: "DetectorSettings") -> list[tuple[int, int]]:
     if len(text) < MIN_LENGTH["secret"]:
         return []
     out = [m.span() for m in _PREFIXED_SECRET.finditer(text)]
+    paths = [m.span() for m in _PATH.finditer(text)] if "/" in text else ()
     for m in _TOKEN.finditer(text):
         token = m.group()
         if len(token) < cfg.secret_min_length:
             continue
-        classes = sum((any(c.isdigit() for c in token), any(c.islower() for c in token),
-                       any(c.isupper() for c in token)))
-        if classes >= 2 and shannon_entropy(token) >= cfg.secret_entropy and m.span() not in out:
+        start, end = m.span()
+        if any(p_start <= start and end <= p_end for p_start, p_end in paths):
+            pos = start
+            for segment in token.split("/"):
+                span = (pos, pos + len(segment))
+                if _high_entropy(segment, cfg) and span not in out:
+                    out.append(span)
+                pos += len(segment) + 1
+        elif _high_entropy(token, cfg) and m.span() not in out:
             out.append(m.span())
     return out
 
