@@ -531,10 +531,11 @@ class AuditStore:
         with self.reading() as cur:
             return run_readonly(cur, sql, params, max_rows=max_rows, timeout=timeout)
 
-    def verify(self):
-        """Verify the chain of the live file (rows committed so far)."""
+    def verify(self, anchors: dict[int, str] | None = None):
+        """Verify the chain of the live file (rows committed so far); ``anchors``: chain positions
+        kept off the host (analytics.verify.parse_anchors)."""
         from . import highwater
         from .verify import verify_connection
 
         with self.reading() as cur:
-            return verify_connection(cur, live_epoch=self.epoch, marks=highwater.read(self.path))
+            return verify_connection(cur, live_epoch=self.epoch, marks=highwater.read(self.path), anchors=anchors)

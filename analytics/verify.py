@@ -17,7 +17,11 @@ it points to is looked up to tell the cases apart:
 Limits (documented in docs/audit-schema.md): the chain is keyless, so someone able
 to rewrite the file and recompute every later hash is only caught by comparing
 the head (``head_seq``/``head_hash``) with a copy kept elsewhere; appended forged
-rows at the very end likewise. Truncating the tail removes the epoch's
+rows at the very end likewise. ``anchors`` makes that comparison part of the check:
+chain positions (seq -> hash) kept off the host — the audit stream's events in a SIEM,
+or heads ``audit verify`` printed — read by :func:`parse_anchors`; each must match the
+store's row at that seq (a rewrite with recomputed hashes changes every hash after the
+first row it touched, so any later position kept elsewhere catches it). Truncating the tail removes the epoch's
 ``writer_stop`` row and shows up as an epoch that did not end cleanly.
 
 Writer epochs: every chained row must lie inside a ``writer_start`` … ``writer_stop``
@@ -38,6 +42,8 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -52,6 +58,9 @@ ProblemKind = Literal["modified", "deleted", "inserted", "reordered"]
 _MAX_LOOKUPS = 200          # each is a scan of every table: bound the cost on a wrecked file
 _MAX_PROBLEMS = 10_000
 _FETCH = 10_000
+_ANCHOR_CHUNK = 2_000       # anchored seqs looked up per query
+_HASH = re.compile(r"[0-9a-f]{64}")
+_HEAD_LINE = re.compile(r"\bhead seq (\d+) hash ([0-9a-f]{64})\b")
 
 
 class Problem(NamedTuple):
@@ -115,6 +124,7 @@ class VerifyReport:
     truncated: bool = False           # stopped early: too many problems to classify
     notes: list[str] = field(default_factory=list)
     session_gaps: list[SessionGap] = field(default_factory=list)
+    anchors_checked: int = 0          # off-host chain positions compared (``anchors``)
 
     @property
     def clean(self) -> bool:
@@ -163,14 +173,89 @@ class _Row(NamedTuple):
     canon: str
 
 
-def verify(path: str | Path) -> VerifyReport:
+def verify(path: str | Path, anchors: dict[int, str] | None = None) -> VerifyReport:
     """Verify a file no daemon is writing (opened read-only), with the daemon's high-water
     file beside it if there is one."""
     con = db.connect(path, read_only=True)
     try:
-        return verify_connection(con, marks=highwater.read(path))
+        return verify_connection(con, marks=highwater.read(path), anchors=anchors)
     finally:
         con.close()
+
+
+def parse_anchors(text: str, source: str = "anchors") -> dict[int, str]:
+    """Chain positions kept off the host, seq -> hex hash, from ``text``: lines holding an audit
+    stream event (its JSON, after a syslog header or not: ``metadata.sequence`` and
+    ``chain_hash``), or the ``head seq N hash H`` an ``audit verify`` report begins with. Other
+    lines are skipped (a SIEM's export holds other messages too). Raises ValueError when the
+    same seq comes with two hashes (the copy contradicts itself)."""
+    anchors: dict[int, str] = {}
+    for no, line in enumerate(text.splitlines(), 1):
+        found: list[tuple[int, str]] = []
+        brace = line.find("{")
+        if brace >= 0:
+            try:
+                doc = json.loads(line[brace:])
+            except (ValueError, RecursionError):
+                doc = None
+            if isinstance(doc, dict) and isinstance(doc.get("metadata"), dict):
+                seq, h = doc["metadata"].get("sequence"), doc.get("chain_hash")
+                if type(seq) is int and seq > 0 and isinstance(h, str) and _HASH.fullmatch(h):
+                    found.append((seq, h))
+        if not found:
+            found = [(int(m.group(1)), m.group(2)) for m in _HEAD_LINE.finditer(line) if int(m.group(1)) > 0]
+        for seq, h in found:
+            if anchors.setdefault(seq, h) != h:
+                raise ValueError(f"{source}, line {no}: seq {seq} with hash {h}, and earlier with {anchors[seq]}: "
+                                 "the copy contradicts itself")
+    return anchors
+
+
+def _check_anchors(con: duckdb.DuckDBPyConnection, union: str, anchors: dict[int, str], max_seq: int,
+                   anchor_seq: int, anchor_hash: bytes, problems: list[Problem], notes: list[str]) -> int:
+    """Compare the off-host chain positions with the store; returns how many were compared."""
+    seqs = sorted(anchors)
+    retained = [s for s in seqs if s < anchor_seq]
+    inside = [s for s in seqs if anchor_seq <= s <= max_seq]
+    beyond = [s for s in seqs if s > max_seq]
+    found: dict[int, dict[bytes, str]] = {}
+    for i in range(0, len(inside), _ANCHOR_CHUNK):
+        chunk = inside[i:i + _ANCHOR_CHUNK]
+        marks = ", ".join("?" * len(chunk))
+        for t, seq, h in con.execute(f"SELECT t, chain_seq, chain_hash FROM ({union}) WHERE chain_seq IN ({marks})",
+                                     chunk).fetchall():
+            found.setdefault(seq, {})[bytes(h)] = t
+    if anchor_seq in anchors:  # the retention checkpoint keeps the hash of the last row it removed
+        found.setdefault(anchor_seq, {})[anchor_hash] = "writer_events"
+    mismatched = 0
+    for seq in inside:
+        want = bytes.fromhex(anchors[seq])
+        rows = found.get(seq, {})
+        if want in rows:
+            continue
+        mismatched += 1
+        if mismatched > 20:
+            continue  # named below as a count: a rewrite changes every later hash
+        if not rows:
+            problems.append(Problem(None, seq, "deleted", f"an off-host copy holds seq {seq} (hash {anchors[seq]}); "
+                                                          "the store has no row there"))
+        else:
+            tables = set(rows.values())
+            problems.append(Problem(tables.pop() if len(tables) == 1 else None, seq, "modified",
+                                    f"its hash is {next(iter(rows)).hex()}, an off-host copy holds {anchors[seq]}: "
+                                    "the chain was rewritten (hashes recomputed) after the copy was made"))
+    if mismatched > 20:
+        notes.append(f"{mismatched - 20} more off-host position(s) do not match the store")
+    if beyond:
+        problems.append(Problem(None, max_seq + 1, "deleted",
+                                f"the store ends at seq {max_seq}, but an off-host copy holds seq {beyond[-1]} "
+                                f"(hash {anchors[beyond[-1]]}): {beyond[-1] - max_seq} row(s) cut off the end"))
+    if retained:
+        notes.append(f"{len(retained)} off-host position(s) before the retention checkpoint at seq {anchor_seq} "
+                     "not compared (their rows were removed)")
+    if inside and not mismatched:
+        notes.append(f"{len(inside)} off-host chain position(s) match the store, the last at seq {inside[-1]}")
+    return len(inside) + len(beyond)
 
 
 def _table_reader(con: duckdb.DuckDBPyConnection, table: str, max_seq: int) -> Iterator[_Row]:
@@ -204,13 +289,15 @@ def _table_reader(con: duckdb.DuckDBPyConnection, table: str, max_seq: int) -> I
 
 
 def verify_connection(con: duckdb.DuckDBPyConnection, *, live_epoch: int | None = None,
-                      marks: highwater.HighWater | None = None) -> VerifyReport:
+                      marks: highwater.HighWater | None = None,
+                      anchors: dict[int, str] | None = None) -> VerifyReport:
     """Verify through ``con`` (a read-only file connection or a live store's cursor).
 
     On a live store, rows committed after the head is read are left out; a
     retention run at the same moment would show as deleted rows (run it again).
     ``marks``: the daemon's high-water file; its open sessions count as losses only on a
-    file no daemon is writing (``live_epoch`` None).
+    file no daemon is writing (``live_epoch`` None). ``anchors``: chain positions kept off
+    the host (:func:`parse_anchors`), each compared with the store's row at its seq.
     """
     tables = db.existing_tables(con)
     version = db.schema_version(con)
@@ -301,6 +388,8 @@ def verify_connection(con: duckdb.DuckDBPyConnection, *, live_epoch: int | None 
     lookup_cur.close()
 
     notes: list[str] = []
+    anchors_checked = _check_anchors(con, union, anchors, max_seq, anchor_seq, anchor_hash, problems, notes) \
+        if anchors else 0
     gaps, epochs = _epochs(con, union, live_epoch, anchor_seq, problems, notes)
     if marks is not None and marks.head_seq > max_seq:
         # The daemon saw rows committed up to marks.head_seq: the file lost its tail.
@@ -327,7 +416,7 @@ def verify_connection(con: duckdb.DuckDBPyConnection, *, live_epoch: int | None 
         ok=not problems and not truncated, problems=problems, gaps=gaps, rows_checked=checked,
         head_seq=max_seq, head_hash=bytes(head[1]).hex() if head else GENESIS.hex(),
         anchor_seq=anchor_seq, schema_version=version, epochs=epochs, truncated=truncated,
-        notes=notes, session_gaps=session_gaps)
+        notes=notes, session_gaps=session_gaps, anchors_checked=anchors_checked)
 
 
 def _unended_recordings(con: duckdb.DuckDBPyConnection) -> list[str]:

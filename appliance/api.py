@@ -192,11 +192,13 @@ def build_router(daemon: "Daemon") -> Router:
     async def audit_verify(request: Request) -> Response:
         from analytics import AuditError
 
+        body = request.body or {}
+        anchors = _anchors(body.get("anchors"))
         try:
-            report = await asyncio.to_thread(daemon.audit.verify)
+            report = await asyncio.to_thread(daemon.audit.verify, anchors)
         except AuditError as e:
             raise _audit_failure(e) from None
-        allow_gaps = bool((request.body or {}).get("allow_gaps", False))
+        allow_gaps = bool(body.get("allow_gaps", False))
         return Response(200, {"ok": report.ok, "clean": report.clean, "passes": report.passes(allow_gaps),
                               "missing_events": report.missing_events, "report": report.text(allow_gaps)})
 
@@ -273,6 +275,24 @@ async def _audit_query(daemon: "Daemon", sql: str, params: Any) -> tuple[list[st
     except AuditError as e:  # read-only violations, SQL errors: the operator's to fix (400)
         raise _audit_failure(e) from None
     return cols, _jsonable_rows(rows)
+
+
+MAX_ANCHORS = 5_000  # chain positions per verify request (the CLI picks which: the last always)
+
+
+def _anchors(value: Any) -> dict[int, str] | None:
+    """``anchors`` of a verify request: {"<seq>": "<64 hex digits>", ...} (None when absent)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or len(value) > MAX_ANCHORS:
+        raise ControlError(400, f"anchors must be an object of at most {MAX_ANCHORS} seq: hash pairs")
+    out: dict[int, str] = {}
+    for seq, h in value.items():
+        if not (isinstance(seq, str) and seq.isdigit() and isinstance(h, str) and len(h) == 64
+                and all(c in "0123456789abcdef" for c in h)):
+            raise ControlError(400, f"anchors: {str(seq)[:20]!r} must be a chain seq with a 64-digit lowercase hex hash")
+        out[int(seq)] = h
+    return out
 
 
 def _audit_failure(e: Exception) -> ControlError:

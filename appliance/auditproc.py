@@ -1062,8 +1062,8 @@ class AuditProcess:
         return self._call("query", sql, None if params is None else list(params), max_rows, timeout,
                           timeout=None if timeout is None else timeout + 30)
 
-    def verify(self):
-        return self._call("verify")
+    def verify(self, anchors: dict[int, str] | None = None):
+        return self._call("verify", anchors)
 
     def report(self, name: str) -> tuple[list[str], list[tuple]]:
         return self._call("report", name)
@@ -1359,8 +1359,8 @@ class _Child:
     def _m_query(self, sql: str, params: list | None, max_rows: int | None, timeout: float | None):
         return self.store.query(sql, params, max_rows=max_rows, timeout=timeout)
 
-    def _m_verify(self):
-        return self.store.verify()
+    def _m_verify(self, anchors: dict[int, str] | None = None):
+        return self.store.verify(anchors)
 
     def _m_report(self, name: str):
         from analytics import reports

@@ -247,15 +247,19 @@ def cmd_audit(args: argparse.Namespace) -> int:
         _print_table(cols, rows, args.format)
         return EXIT_OK
     if args.action == "verify":
+        anchors = _read_anchors(args.anchors) if args.anchors else None
         try:  # the running daemon holds the file: it verifies what it has committed
-            doc = _client(args).post("/v1/audit/verify", {"allow_gaps": args.allow_gaps}, timeout=600)
+            body: dict[str, Any] = {"allow_gaps": args.allow_gaps}
+            if anchors:
+                body["anchors"] = {str(seq): h for seq, h in anchors.items()}
+            doc = _client(args).post("/v1/audit/verify", body, timeout=600)
             print(doc["report"])
             return EXIT_OK if doc["passes"] else EXIT_FAIL
         except DaemonNotRunning:
             pass
         if not db_path:
             raise CliError("no audit store path (--path or a config)", EXIT_USAGE)
-        report = analytics.verify(db_path)
+        report = analytics.verify(db_path, anchors)
         # A gap (events known or possibly missing) fails unless the operator accepts it.
         print(report.text(allow_gaps=args.allow_gaps))
         return EXIT_OK if report.passes(args.allow_gaps) else EXIT_FAIL
@@ -278,6 +282,36 @@ def cmd_audit(args: argparse.Namespace) -> int:
         print(f"wrote {len(files)} Parquet file(s) under {out_dir}")
         return EXIT_OK
     raise CliError(f"unknown audit action {args.action}", EXIT_USAGE)
+
+
+def _read_anchors(paths: list[str]) -> dict[int, str]:
+    """`audit verify --anchors`: the chain positions in the files, at most the control API's
+    MAX_ANCHORS of them: the last one always (a rewrite with recomputed hashes changes every hash
+    after the first row it touched, so the last position kept catches any rewrite before it),
+    the others evenly spaced (they say where a rewrite began)."""
+    from analytics.verify import parse_anchors
+    from appliance.api import MAX_ANCHORS
+
+    anchors: dict[int, str] = {}
+    for path in paths:
+        try:
+            found = parse_anchors(Path(path).read_text(errors="replace"), path)
+        except OSError as e:
+            raise CliError(f"--anchors {path}: {e.strerror or e}", EXIT_USAGE) from None
+        except ValueError as e:
+            raise CliError(str(e), EXIT_USAGE) from None
+        if not found:
+            raise CliError(f"--anchors {path}: no chain position in it (audit stream events with "
+                           "metadata.sequence and chain_hash, or `head seq N hash H` lines)", EXIT_USAGE)
+        for seq, h in found.items():
+            if anchors.setdefault(seq, h) != h:
+                raise CliError(f"--anchors: seq {seq} has two hashes in the files given ({anchors[seq]} and {h})",
+                               EXIT_USAGE)
+    seqs = sorted(anchors)
+    if len(seqs) > MAX_ANCHORS:
+        step = len(seqs) / (MAX_ANCHORS - 1)
+        seqs = sorted({seqs[int(i * step)] for i in range(MAX_ANCHORS - 1)} | {seqs[-1]})
+    return {seq: anchors[seq] for seq in seqs}
 
 
 def _lake(args: argparse.Namespace):
@@ -518,6 +552,10 @@ def build_parser() -> argparse.ArgumentParser:
     a = ss.add_parser("verify", help="check the integrity chain, the writer epochs and every session's events")
     a.add_argument("--allow-gaps", action="store_true",
                    help="exit 0 when the chain is intact even if events are missing (each gap is still printed)")
+    a.add_argument("--anchors", action="append", metavar="FILE",
+                   help="chain positions kept off the host, each compared with the store: the audit stream's "
+                        "events (a SIEM's export, syslog lines or the stream's file) or `head seq N hash H` "
+                        "lines of earlier reports; repeatable")
     a = ss.add_parser("report", help="canned reports (no name: list them)")
     a.add_argument("name", nargs="?")
     a.add_argument("--format", choices=["table", "csv", "json"], default="table")

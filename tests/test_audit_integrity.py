@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import shutil
 import signal
@@ -602,3 +603,120 @@ def test_a_stop_row_whose_count_was_rewritten_fails_even_with_a_consistent_chain
     assert [(p.kind, p.seq) for p in report.problems] == [("inserted", stop)], report.text()
     assert "writer_stop counts 250 rows, 300 precede it" in report.problems[0].detail
     assert _verify_cli(path, tmp_path, "--allow-gaps").returncode == 1
+
+
+# --- off-host chain positions (`audit verify --anchors`) ----------------------------------------
+
+def _chain(path: Path) -> dict[int, str]:
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        return {s: bytes(h).hex() for s, h in con.execute("SELECT chain_seq, chain_hash FROM chain").fetchall()}
+    finally:
+        con.close()
+
+
+def test_anchors_are_read_from_stream_events_syslog_lines_and_verify_reports():
+    from analytics.verify import parse_anchors
+
+    h1, h2, h3 = "a" * 64, "b" * 64, "c" * 64
+    text = "\n".join([
+        json.dumps({"metadata": {"sequence": 1, "log_name": "requests"}, "chain_hash": h1}),  # the stream's file
+        'local3 info botwarden requests [meta sequenceId="2"] '  # a syslog receiver's line
+        + json.dumps({"metadata": {"sequence": 2}, "chain_hash": h2}),
+        f"OK: 120 rows checked, head seq 3 hash {h3}, 2 writer epochs, schema v4",  # an earlier report
+        "some other message {not json}", "", "head seq 0 hash " + "0" * 64,  # skipped: not a row
+        json.dumps({"metadata": {"sequence": "4"}, "chain_hash": h1}),           # skipped: not a seq
+        json.dumps({"metadata": {"sequence": 1}, "chain_hash": h1}),             # the same again: fine
+    ])
+    assert parse_anchors(text) == {1: h1, 2: h2, 3: h3}
+    with pytest.raises(ValueError, match=r"copy.txt, line 2: seq 1 with hash b+, and earlier with a+"):
+        parse_anchors(f"head seq 1 hash {h1}\nhead seq 1 hash {h2}", "copy.txt")
+
+
+def test_a_rewrite_with_recomputed_hashes_is_caught_by_any_later_off_host_position(tmp_path):
+    """The forger rewrites epoch 1's row and recomputes every hash after it: the chain alone
+    verifies; a position kept off the host before the rewrite (even only the head of a report
+    printed then) fails verify at the first rewritten row it holds."""
+    path = tmp_path / "a.duckdb"
+    head = _two_epochs(path)
+    before = _chain(path)
+    con = duckdb.connect(str(path))
+    con.execute("UPDATE requests SET text = 'SELECT 1 -- harmless' WHERE chain_seq = 100")
+    _rechain_from(con, 100)
+    con.close()
+    assert analytics.verify(path).clean  # the forger wins against the chain alone
+    report = analytics.verify(path, {head: before[head]})
+    assert not report.ok and report.anchors_checked == 1
+    assert [(p.kind, p.seq, p.table) for p in report.problems] == [("modified", head, "writer_events")]
+    assert before[head] in report.problems[0].detail
+    # Every position: the first mismatch is the rewritten row; the earlier ones still match.
+    report = analytics.verify(path, before)
+    assert [p.seq for p in report.problems][:2] == [100, 101] and len(report.problems) == 20
+    assert f"{head - 99 - 20} more off-host position(s) do not match the store" in report.notes
+    assert analytics.verify(path, {s: h for s, h in before.items() if s < 100}).clean
+    res = _verify_cli(path, tmp_path, "--anchors", str(_write(tmp_path / "heads.txt", f"head seq {head} hash {before[head]}")))
+    assert res.returncode == 1 and res.stdout.startswith("FAILED"), res.stdout + res.stderr
+    assert f"modified  writer_events seq {head}: its hash is" in res.stdout
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_a_cut_of_whole_epochs_with_the_high_water_file_gone_is_caught_by_an_off_host_position(tmp_path):
+    """What the chain and the epochs cannot see (threat model, promise 5): epoch 2 cut off at its
+    boundary and the .hwm file deleted. A position kept off the host past the cut catches it."""
+    path = tmp_path / "a.duckdb"
+    head = _two_epochs(path)
+    before = _chain(path)
+    con = duckdb.connect(str(path))
+    start2 = con.execute("SELECT chain_seq FROM writer_events WHERE event = 'writer_start' AND epoch = 2").fetchone()[0]
+    for table in analytics.schema.CHAINED_TABLES:
+        con.execute(f"DELETE FROM {table} WHERE chain_seq >= ?", [start2])
+    con.close()
+    from analytics import highwater
+
+    highwater.path_for(path).unlink()
+    assert analytics.verify(path).clean
+    report = analytics.verify(path, {start2 - 1: before[start2 - 1], head: before[head]})
+    assert [(p.kind, p.seq) for p in report.problems] == [("deleted", start2)]
+    assert f"an off-host copy holds seq {head}" in report.problems[0].detail
+    assert f"{head - start2 + 1} row(s) cut off the end" in report.problems[0].detail
+
+
+def test_positions_before_a_retention_checkpoint_are_not_compared_but_its_anchor_is(tmp_path):
+    path = tmp_path / "a.duckdb"
+    now = dt.datetime.now(UTC)
+    _old_and_new(path, now)
+    before = _chain(path)
+    result = analytics.apply_retention(path, dt.timedelta(0))
+    report = analytics.verify(path, before)
+    assert report.ok and report.anchors_checked == 1, report.text()  # the checkpoint's own seq
+    assert (f"{result.anchor_seq - 1} off-host position(s) before the retention checkpoint at seq "
+            f"{result.anchor_seq} not compared (their rows were removed)") in report.notes
+    forged = dict(before)
+    forged[result.anchor_seq] = "f" * 64
+    assert [p.kind for p in analytics.verify(path, forged).problems] == ["modified"]
+
+
+def test_the_cli_sends_at_most_the_apis_limit_of_positions_the_last_always(tmp_path):
+    from appliance.api import MAX_ANCHORS, _anchors
+    from appliance.cli import CliError, _read_anchors
+    from appliance.control import ControlError
+
+    n = MAX_ANCHORS * 3 + 7
+    copy = _write(tmp_path / "copy.txt", "\n".join(f"head seq {s} hash {s:064x}" for s in range(1, n + 1)))
+    picked = _read_anchors([str(copy)])
+    assert len(picked) == MAX_ANCHORS and min(picked) == 1 and max(picked) == n
+    assert all(picked[s] == f"{s:064x}" for s in picked)
+    assert _anchors({str(s): h for s, h in picked.items()}) == picked
+    for bad in ({"x": "a" * 64}, {"1": "A" * 64}, {"1": "a" * 63}, [1], {str(s): "a" * 64 for s in range(MAX_ANCHORS + 1)}):
+        with pytest.raises(ControlError):
+            _anchors(bad)
+    with pytest.raises(CliError, match="no chain position in it"):
+        _read_anchors([str(_write(tmp_path / "empty.txt", "nothing here\n"))])
+    with pytest.raises(CliError, match="seq 1 has two hashes in the files given"):
+        _read_anchors([str(copy), str(_write(tmp_path / "other.txt", f"head seq 1 hash {'e' * 64}"))])
+    with pytest.raises(CliError, match="--anchors .*missing.txt"):
+        _read_anchors([str(tmp_path / "missing.txt")])
