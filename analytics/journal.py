@@ -5,9 +5,11 @@ request's record. Held in memory, that record would die with the audit process; 
 the process appends each batch it receives to this journal (after redaction: the
 journal holds nothing the store would not) *before* it acknowledges it, and a writer
 that starts after an epoch ended abruptly replays the journal's events that epoch had
-not committed. An append is one ``write`` to the page cache, not an ``fsync``: the
-journal survives the death of any botwarden process, not a power loss (see
-docs/audit-schema.md).
+not committed. An append is one ``write`` to the page cache: the journal survives the
+death of any botwarden process. With ``sync`` (``audit.journal_sync``) each append is
+also ``fdatasync``-ed, and each new file's directory entry ``fsync``-ed, before the
+append returns (so before the batch is acknowledged): it survives a power loss too
+(see docs/audit-schema.md). DuckDB syncs its own write-ahead log at each commit.
 
 Files: ``<store>.journal-<epoch>-<n>``, frames of ``length (4 bytes) + pickle(list of
 (kind name, row))``. A new file starts once the current one passes ``segment_bytes``;
@@ -66,10 +68,11 @@ def read_events(store_path: Path, epoch: int) -> list[tuple[schema.Kind, tuple[A
 class Journal:
     """Appends for one writer epoch; ``release(committed)`` deletes what the store has."""
 
-    def __init__(self, store_path: Path, epoch: int, *, segment_bytes: int = _SEGMENT_BYTES):
+    def __init__(self, store_path: Path, epoch: int, *, segment_bytes: int = _SEGMENT_BYTES, sync: bool = False):
         self.store_path = store_path
         self.epoch = epoch
         self.segment_bytes = segment_bytes
+        self.sync = sync
         self._n = 0
         self._fd = -1
         self._size = 0
@@ -86,6 +89,12 @@ class Journal:
         self._path = self.store_path.parent / f"{self.store_path.name}.journal-{self.epoch}-{self._n}"
         self._fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_TRUNC, 0o600)
         self._size = 0
+        if self.sync:  # the new file's name, durable before anything in it is acknowledged
+            dir_fd = os.open(self._path.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
 
     def append(self, frame: list[tuple[str, tuple[Any, ...]]]) -> None:
         """One write of the frame (whole, or torn only if this process dies meanwhile)."""
@@ -95,6 +104,8 @@ class Journal:
         while view:
             n = os.write(self._fd, view)
             view = view[n:]
+        if self.sync:
+            os.fdatasync(self._fd)
         self._size += len(buf)
         self._appended += len(frame)
         if self._size >= self.segment_bytes:

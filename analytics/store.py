@@ -88,7 +88,7 @@ class AuditStore:
         on_full: Literal["refuse", "block"] = "refuse",
         strict: bool = False,
         ingest: IngestMethod = "arrow",
-        journal: bool = False,
+        journal: bool | Literal["sync"] = False,
         accounted_by: str | None = None,
         threads: int | None = None,
     ):
@@ -96,7 +96,8 @@ class AuditStore:
         being dropped with a warning naming the field (production).
         ``ingest``: how batches enter DuckDB; "executemany" exists for the benchmark.
         ``journal``: open a :class:`analytics.journal.Journal` for this epoch (the audit
-        process appends what it receives before acknowledging it). Whatever the setting, a
+        process appends what it receives before acknowledging it); ``"sync"``: each append
+        fdatasync-ed (``audit.journal_sync``: acknowledged events survive a power loss). Whatever the setting, a
         start after an epoch that ended abruptly replays that epoch's journal, if any.
         ``accounted_by``: who accounts for what such an epoch had not committed when there is
         no journal (the daemon that re-sends it, or its high-water marks); recorded in the
@@ -204,7 +205,7 @@ class AuditStore:
             for stale in _journal.all_files(self.path):  # replayed (or of epochs that stopped cleanly)
                 stale.unlink(missing_ok=True)
             if self._use_journal:
-                self.journal = _journal.Journal(self.path, self.epoch)
+                self.journal = _journal.Journal(self.path, self.epoch, sync=self._use_journal == "sync")
         except BaseException:
             con.close()
             raise

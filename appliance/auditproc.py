@@ -208,14 +208,15 @@ class AuditProcess:
     def __init__(self, path: str | Path, *, batch_max: int = 2000, flush_interval: float = 0.2,
                  queue_max: int = 100_000, on_full: Literal["refuse", "block"] = "refuse",
                  strict: bool = False, restart_after: float | None = 1.0, nice: int | None = None,
-                 journal: bool = False, highwater: bool = False, ack_timeout: float = 10.0,
+                 journal: bool | Literal["sync"] = False, highwater: bool = False, ack_timeout: float = 10.0,
                  stream: Mapping[str, Any] | None = None, log_format: str = "text",
                  fleet: Mapping[str, Any] | None = None, threads: int | None = None,
                  pace_mark: float = PACE_MARK, pace_wait: float = PACE_WAIT_S):
         """``restart_after``: seconds before a dead audit process is started again (doubling
         up to 30 s while it keeps failing); None leaves it dead. ``nice``: the child's CPU
         priority (the daemon passes the one it was started with; None inherits the caller's).
-        ``journal``: the child journals and acknowledges what it receives (strict mode).
+        ``journal``: the child journals and acknowledges what it receives (strict mode);
+        ``"sync"``: each journal append is fdatasync-ed before its acknowledgement.
         ``highwater``: keep the daemon's high-water file beside the store (``self.marks``).
         ``ack_timeout``: a :meth:`submit_acked` future not acknowledged by then fails.
         ``stream``: ``[audit.stream]`` as a dict: the child sends each committed row to SIEMs
@@ -1110,7 +1111,7 @@ class _Child:
         self.fleet = json.loads(os.environ.pop(_FLEET_ENV, "null"))   # [fleet], or None
         self.store = AuditStore(options["path"], batch_max=options["batch_max"],
                                 flush_interval=options["flush_interval"], queue_max=max(options["batch_max"] * 8, 10_000),
-                                on_full="block", strict=options["strict"], journal=bool(options.get("journal")),
+                                on_full="block", strict=options["strict"], journal=options.get("journal") or False,
                                 accounted_by=options.get("accounted_by"), threads=options.get("threads"))
         self.redactor = AuditRedactor(DetectorSettings())
         self._redactors: dict[Any, AuditRedactor] = {}

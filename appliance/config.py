@@ -157,6 +157,10 @@ class AuditSettings:
     # for their record too. Off by default: it costs about half the throughput of a read-only
     # load (README); their record then follows as in batched mode.
     strict_reads: bool = False
+    # strict mode: the journal is fdatasync-ed before a batch is acknowledged, so a record a
+    # statement waited for survives a power loss too, not only any process's death (DuckDB syncs
+    # its commits itself). Costs one fdatasync per batch the audit process receives (README).
+    journal_sync: bool = False
     # strict mode: a statement whose record the audit process has not acknowledged after this many
     # seconds (the process is stalled) is not run, and its session ends (57P03).
     ack_timeout: float = field(default=10.0, metadata=check(_positive))
@@ -172,6 +176,10 @@ class AuditSettings:
     pace_wait: float = field(default=0.5, metadata=check(_pace_wait))
     # Every committed audit event, as one JSON line, to SIEMs ([audit.stream]; off when absent).
     stream: AuditStreamSettings | None = None
+
+    def __post_init__(self) -> None:
+        if self.journal_sync and self.mode != "strict":
+            raise ValueError('audit.journal_sync applies to mode = "strict" only (batched mode keeps no journal)')
 
 
 SYSLOG_FACILITIES = {"kern": 0, "user": 1, "daemon": 3, "auth": 4, "syslog": 5, "authpriv": 10,

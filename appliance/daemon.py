@@ -516,7 +516,7 @@ class Daemon:
         # The audit process was started with (or without) its journal and acknowledgements, its
         # batches, queue, DuckDB threads and pacing: a reload that changed them would seem to apply.
         for key in ("path", "mode", "ack_timeout", "stream", "threads", "pace_mark", "pace_wait", "batch_max",
-                    "flush_interval", "queue_max", "on_full"):
+                    "flush_interval", "queue_max", "on_full", "journal_sync"):
             if getattr(new.audit, key) != getattr(old.audit, key):
                 raise ConfigError(f"audit.{key} cannot change on reload; restart the daemon")
         if new.appliance.workers != old.appliance.workers:

@@ -45,7 +45,8 @@ def open_audit_store(cfg: Config):
     Path(cfg.audit.path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     store = AuditProcess(cfg.audit.path, batch_max=cfg.audit.batch_max, flush_interval=cfg.audit.flush_interval,
                          queue_max=cfg.audit.queue_max, on_full=cfg.audit.on_full, nice=daemon_module.STARTING_NICE,
-                         journal=cfg.audit.mode == "strict", highwater=True, ack_timeout=cfg.audit.ack_timeout,
+                         journal=("sync" if cfg.audit.journal_sync else True) if cfg.audit.mode == "strict" else False,
+                         highwater=True, ack_timeout=cfg.audit.ack_timeout,
                          stream=dataclasses.asdict(cfg.audit.stream) if cfg.audit.stream else None,
                          log_format=cfg.logging.format, threads=cfg.audit.threads,
                          pace_mark=cfg.audit.pace_mark, pace_wait=cfg.audit.pace_wait,

@@ -95,6 +95,13 @@ def test_audit_store_threads_default_to_one_and_are_range_checked():
     assert "audit.threads" in error_of('[audit]\nthreads = "many"\n')
 
 
+def test_journal_sync_is_off_by_default_and_only_for_strict_mode():
+    assert parse_config(BASE, "bw.toml").audit.journal_sync is False
+    assert parse_config('[audit]\njournal_sync = true\n', "bw.toml").audit.journal_sync is True
+    msg = error_of('[audit]\nmode = "batched"\njournal_sync = true\n')
+    assert "audit.journal_sync applies to mode = \"strict\" only" in msg, msg
+
+
 def test_pacing_settings_default_and_are_range_checked():
     audit = parse_config(BASE, "bw.toml").audit
     assert (audit.pace_mark, audit.pace_wait) == (0.4, 0.5)

@@ -41,6 +41,7 @@ DEV_PACKAGES=(
     postgresql-plperl-15                         # a function in another language (PL/Perl) for the catalog tests
     openssh-server openssh-client                # SSH targets
     rsyslog                                      # the SIEM receiver of the audit stream's tests
+    strace                                       # which syscalls the audit process makes (journal_sync test)
     tmux                                         # the console's tests in a real terminal
     tshark                                       # decodes `session export --pcap` in its tests
     containerd runc containernetworking-plugins busybox-static  # the Kubernetes tests' node (tests/k8s/node.py)
