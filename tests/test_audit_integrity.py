@@ -511,16 +511,25 @@ def test_a_truncated_tail_fails_verify_with_the_size_of_the_cut(tmp_path):
     assert allowed.returncode == 0 and "allowed by --allow-gaps" in allowed.stdout, allowed.stdout
 
 
+def _cut_epoch_2(path: Path) -> int:
+    """Delete epoch 2's rows exactly (from its writer_start on); returns that row's seq."""
+    con = duckdb.connect(str(path))
+    try:
+        start2 = con.execute("SELECT chain_seq FROM writer_events WHERE event = 'writer_start' AND epoch = 2"
+                             ).fetchone()[0]
+        for table in analytics.schema.CHAINED_TABLES:
+            con.execute(f"DELETE FROM {table} WHERE chain_seq >= ?", [start2])
+    finally:
+        con.close()
+    return start2
+
+
 def test_a_whole_last_epoch_cut_at_its_boundary_fails_verify(tmp_path):
     """The rows of epoch 2 exactly: epoch 1 still ends with its stop row and the chain is intact,
     but the high-water file knows the head was further: a deletion, FAILED even with --allow-gaps."""
     path = tmp_path / "a.duckdb"
     head = _two_epochs(path)
-    con = duckdb.connect(str(path))
-    start2 = con.execute("SELECT chain_seq FROM writer_events WHERE event = 'writer_start' AND epoch = 2").fetchone()[0]
-    for table in analytics.schema.CHAINED_TABLES:
-        con.execute(f"DELETE FROM {table} WHERE chain_seq >= ?", [start2])
-    con.close()
+    start2 = _cut_epoch_2(path)
     report = analytics.verify(path)
     assert not report.ok and [p.kind for p in report.problems] == ["deleted"]
     assert f"{head - start2 + 1} row(s) cut off the end" in report.problems[0].detail
@@ -670,11 +679,7 @@ def test_a_cut_of_whole_epochs_with_the_high_water_file_gone_is_caught_by_an_off
     path = tmp_path / "a.duckdb"
     head = _two_epochs(path)
     before = _chain(path)
-    con = duckdb.connect(str(path))
-    start2 = con.execute("SELECT chain_seq FROM writer_events WHERE event = 'writer_start' AND epoch = 2").fetchone()[0]
-    for table in analytics.schema.CHAINED_TABLES:
-        con.execute(f"DELETE FROM {table} WHERE chain_seq >= ?", [start2])
-    con.close()
+    start2 = _cut_epoch_2(path)
     from analytics import highwater
 
     highwater.path_for(path).unlink()
