@@ -97,8 +97,9 @@ class AuditStore:
         ``ingest``: how batches enter DuckDB; "executemany" exists for the benchmark.
         ``journal``: open a :class:`analytics.journal.Journal` for this epoch (the audit
         process appends what it receives before acknowledging it); ``"sync"``: each append
-        fdatasync-ed (``audit.journal_sync``: acknowledged events survive a power loss). Whatever the setting, a
-        start after an epoch that ended abruptly replays that epoch's journal, if any.
+        fdatasync-ed (``audit.journal_sync``: acknowledged events survive a power loss).
+        Whatever the setting, a start after an epoch that ended abruptly replays that epoch's
+        journal, if any.
         ``accounted_by``: who accounts for what such an epoch had not committed when there is
         no journal (the daemon that re-sends it, or its high-water marks); recorded in the
         writer_start row so verify does not count the epoch as a gap of unknown size.

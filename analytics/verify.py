@@ -21,8 +21,9 @@ rows at the very end likewise. ``anchors`` makes that comparison part of the che
 chain positions (seq -> hash) kept off the host — the audit stream's events in a SIEM,
 or heads ``audit verify`` printed — read by :func:`parse_anchors`; each must match the
 store's row at that seq (a rewrite with recomputed hashes changes every hash after the
-first row it touched, so any later position kept elsewhere catches it). Truncating the tail removes the epoch's
-``writer_stop`` row and shows up as an epoch that did not end cleanly.
+first row it touched, so any later position kept elsewhere catches it). Truncating the
+tail removes the epoch's ``writer_stop`` row and shows up as an epoch that did not end
+cleanly.
 
 Writer epochs: every chained row must lie inside a ``writer_start`` … ``writer_stop``
 epoch (migration rows just before a start excepted); a stop row's ``rows`` and

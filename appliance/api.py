@@ -288,7 +288,7 @@ def _anchors(value: Any) -> dict[int, str] | None:
         raise ControlError(400, f"anchors must be an object of at most {MAX_ANCHORS} seq: hash pairs")
     out: dict[int, str] = {}
     for seq, h in value.items():
-        if not (isinstance(seq, str) and seq.isdigit() and isinstance(h, str) and len(h) == 64
+        if not (isinstance(seq, str) and seq.isdigit() and int(seq) > 0 and isinstance(h, str) and len(h) == 64
                 and all(c in "0123456789abcdef" for c in h)):
             raise ControlError(400, f"anchors: {str(seq)[:20]!r} must be a chain seq with a 64-digit lowercase hex hash")
         out[int(seq)] = h

@@ -716,7 +716,7 @@ def test_the_cli_sends_at_most_the_apis_limit_of_positions_the_last_always(tmp_p
     assert len(picked) == MAX_ANCHORS and min(picked) == 1 and max(picked) == n
     assert all(picked[s] == f"{s:064x}" for s in picked)
     assert _anchors({str(s): h for s, h in picked.items()}) == picked
-    for bad in ({"x": "a" * 64}, {"1": "A" * 64}, {"1": "a" * 63}, [1], {str(s): "a" * 64 for s in range(MAX_ANCHORS + 1)}):
+    for bad in ({"x": "a" * 64}, {"0": "a" * 64}, {"1": "A" * 64}, {"1": "a" * 63}, [1], {str(s): "a" * 64 for s in range(MAX_ANCHORS + 1)}):
         with pytest.raises(ControlError):
             _anchors(bad)
     with pytest.raises(CliError, match="no chain position in it"):

@@ -169,8 +169,8 @@ def _find_jwt(text: str, cfg: "DetectorSettings") -> list[tuple[int, int]]:
 
 # An absolute path under one of the Filesystem Hierarchy Standard's top-level directories is
 # judged segment by segment: the random part of a temporary directory's name made a whole path
-# look like a token (`/tmp/bw-ssh-crash-k2j8x_q1/ran`: 29 characters, over 4 bits each), while a
-# segment alone has fewer than 16 distinct characters, which no entropy of 4 bits can come from.
+# look like a token (`/tmp/bw-ssh-crash-k2j8x_q1/ran`: 29 characters, over 4 bits each), while
+# its segments are each too short for 4 bits per character (that takes 16 distinct characters).
 # A secret that is a segment of its own (`/run/keys/<token>`) is still flagged. The path ends at
 # the first character a file name seldom has and a query string or key=value pair does ("?",
 # "=", "+", ":"), so a token after it is judged whole; one that runs past the path's end is too.
