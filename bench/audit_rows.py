@@ -1,11 +1,12 @@
 """What the audit trail costs per request row, stage by stage (issue 20): the daemon's share
 (validating the front's record, pickling it for the audit process), then the audit process's.
 
-    /work/main/.venv/bin/python bench/audit_rows.py [--rows 200000] [--json FILE]
+    /work/main/.venv/bin/python bench/audit_rows.py [--rows 200000] [--mode prepared|simple] [--json FILE]
 
 Rows like the ones `pgbench -S -M prepared` leaves through full inspection (an Execute of
-``SELECT abalance ... WHERE aid = $1`` with one bound value), one session. Each stage is timed
-alone, in this one process, on the same rows:
+``SELECT abalance ... WHERE aid = $1`` with one bound value), one session; with ``--mode
+simple`` the ones `pgbench -S -M simple` leaves (a Query whose text holds the value, so every
+text differs). Each stage is timed alone, in this one process, on the same rows:
 
 - in the daemon: ``RecordValidator`` turning the front's record (a dict) into a row (compiled,
   analytics/_schema.pyx, unless ``BOTWARDEN_PURE_PYTHON=1``), and the sender thread's
@@ -48,11 +49,18 @@ from appliance.policy.redact import AuditRedactor  # noqa: E402
 BATCH = 2000
 
 
-def make_records(n: int) -> list[dict]:
+def make_records(n: int, mode: str = "prepared") -> list[dict]:
     """The request records as the PostgreSQL front builds them (every field it sets)."""
     now = dt.datetime.now(dt.timezone.utc)
     session = uuid.uuid4().hex
     text = "SELECT abalance FROM pgbench_accounts WHERE aid = $1;"
+    if mode == "simple":
+        return [{"request_id": uuid.uuid4().hex, "session_id": session, "ts": now, "protocol": "postgresql",
+                 "kind": "query", "text": f"SELECT abalance FROM pgbench_accounts WHERE aid = {i * 7919 % 100_000 + 1};",
+                 "params": None, "decision": "allow", "rule": None, "reason": "allowed by default",
+                 "duration_ms": 0.31, "rows": 1, "error": None, "sqlstate": None, "masked": None,
+                 "row_estimate": None, "row_limit": None, "seq": i + 1}
+                for i in range(n)]
     return [{"request_id": uuid.uuid4().hex, "session_id": session, "ts": now, "protocol": "postgresql",
              "kind": "execute", "text": text, "params": [str(i * 7919 % 1_000_000 + 1)], "decision": "allow",
              "rule": None, "reason": "allowed by default", "duration_ms": 0.31, "rows": 1, "error": None,
@@ -92,11 +100,13 @@ def commit_cost(items: list, threads: int | None, directory: Path) -> tuple[floa
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=200_000)
+    ap.add_argument("--mode", choices=["prepared", "simple"], default="prepared",
+                    help="rows as pgbench -S -M prepared leaves them, or -M simple (every text differs)")
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args()
     tune_gc()
     req = schema.KINDS["request"]
-    records = make_records(args.rows)
+    records = make_records(args.rows, args.mode)
     rows = [schema.normalize(req, r)[0] for r in records]
     n = len(rows)
     frame = pickle.dumps([("request", r) for r in rows[:200]], protocol=pickle.HIGHEST_PROTOCOL)
@@ -126,7 +136,8 @@ def main() -> None:
         "receive (pickle.loads, 200-row frames)": per_row(lambda: [pickle.loads(frame) for _ in range(n // 200)],
                                                           n // 200 * 200),
         "redact the bound value": per_row(lambda: [red.params(r[6], masked_statement=False) for r in rows], n),
-        "redact the text (cached)": per_row(lambda: [red.text(r[5]) for r in rows], n),
+        "redact the text" + (" (cached)" if args.mode == "prepared" else " (each text new)"): per_row(
+            lambda: [red.text(r[5]) for r in rows], n),
         "row hash, compiled" + ("" if chain.COMPILED else " (NOT BUILT: the reference ran)"): per_row(hash_all(compiled), n),
         "row hash, Python reference": per_row(hash_all(reference), n),
         "Arrow record batch (2,000-row batches)": per_row(lambda: [_arrow_batch(req, full[i:i + BATCH])
@@ -138,14 +149,15 @@ def main() -> None:
             wall, cpu = commit_cost(items, threads, Path(d))
             out[f"insert + commit, {label}, wall"] = wall
             out[f"insert + commit, {label}, CPU"] = cpu
-    print(f"# The audit trail, per request row: the daemon's two stages, then the audit process's ({n:,} rows; {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}; "
+    print(f"# The audit trail, per request row: the daemon's two stages, then the audit process's ({n:,} rows "
+          f"as `pgbench -S -M {args.mode}` leaves them; {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}; "
           f"compiled hash {'built' if chain.COMPILED else 'not built'}, "
           f"compiled validator {'built' if schema.COMPILED else 'not built'})\n")
     print("| stage | µs per row |\n|---|---:|")
     for k, v in out.items():
         print(f"| {k} | {v:.2f} |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": n, "cpus": os.cpu_count(), "compiled": chain.COMPILED, "compiled_validator": schema.COMPILED,
+        Path(args.json).write_text(json.dumps({"rows": n, "mode": args.mode, "cpus": os.cpu_count(), "compiled": chain.COMPILED, "compiled_validator": schema.COMPILED,
                                                "load": os.getloadavg(), "us_per_row": out}, indent=2))
 
 
