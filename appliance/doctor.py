@@ -11,7 +11,7 @@ sys/capabilities-self so nothing is issued); each target (TCP, then the protocol
 PostgreSQL answers an SSLRequest with 'S' or 'N', SSH sends its banner); the OIDC issuer
 (discovery, JWKS with at least one key); the daemon; the audit store (through the control API
 while the daemon runs, else opened read-only: the whole chain up to its head verified; free
-disk); the control socket (a socket, owned by root, the configured mode and group, never
+disk; a copy of the chain kept off the host: the audit stream or the fleet); the control socket (a socket, owned by root, the configured mode and group, never
 other-accessible); the probes (attached to the bots' cgroup, owned by the live daemon).
 
 Nothing here prints a secret: Vault errors and file errors are the broker's own messages.
@@ -108,6 +108,7 @@ class Doctor:
         self.check("daemon", lambda: self.daemon(cfg))
         self.check("audit store", lambda: self.audit(cfg))
         self.check("audit disk space", lambda: self.disk(cfg))
+        self.check("audit chain off the host", lambda: self.off_host(cfg))
         self.check("control socket", lambda: self.control_socket(cfg))
         if cfg.probes.mode == "off":
             self.skip("probes", 'probes.mode = "off": bots\' connections are not redirected')
@@ -401,6 +402,25 @@ class Doctor:
             raise _Failed(f"{path}: {report.text()}", "the chain is broken: keep the file as evidence, "
                                                       "see docs/audit-schema.md")
         return f"{path} (read-only, daemon down): {head}"
+
+    def off_host(self, cfg: Config) -> str:
+        """Promise 5 (docs/threat-model.md): the chain is keyless, so only a copy of its hashes kept
+        elsewhere catches a rewrite with recomputed hashes (`audit verify --anchors`)."""
+        how = []
+        stream = cfg.audit.stream
+        if stream is not None and stream.syslog:
+            how.append(f"the audit stream sends every row's hash to syslog {stream.syslog} as it is committed")
+        elif stream is not None and stream.file:
+            how.append(f"the audit stream writes every row's hash to {stream.file} (ship it off the host)")
+        if cfg.fleet is not None:
+            how.append("[fleet] ships the chain to the fleet lake")
+        if not how:
+            raise _Failed("nothing copies the audit chain off the host: someone with root could rewrite the file "
+                          "and recompute its hashes unnoticed",
+                          "configure [audit.stream] (syslog to a SIEM) or [fleet], or export the head `audit verify` "
+                          "prints; check with `audit verify --anchors <the copy>` (docs/threat-model.md, promise 5)",
+                          "warn")
+        return "; ".join(how) + "; check with `audit verify --anchors <the copy>`"
 
     def disk(self, cfg: Config) -> str:
         where = Path(cfg.audit.path).parent

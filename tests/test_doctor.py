@@ -57,7 +57,8 @@ def env(pg_server, bao_server, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("doctor")
     setup = fresh_setup(bao_server, pg_server, workdir)
     config = with_probes(write_config(workdir / "botwarden.toml", workdir=workdir, pg=pg_server, bao=setup,
-                                      listen_port=new_port()))
+                                      listen_port=new_port(),
+                                      extra=f'[audit.stream]\nfile = "{workdir / "stream" / "audit.jsonl"}"\n'))
     daemon = DaemonProcess(config, workdir / "run" / "control.sock").start()
     try:
         yield type("Env", (), {"pg": pg_server, "bao": setup, "config": config, "daemon": daemon,
@@ -75,7 +76,7 @@ def env(pg_server, bao_server, tmp_path_factory):
 EXPECTED = ["running as root", "kernel BTF", "cgroup v2", "bpffs", "BPF permission", "nft (fallback path)", "bcc",
             "kernel headers for bcc", "config", "Vault reachable", "Vault login", "target orders credential",
             "target orders reachable", "OIDC issuer", "daemon", "audit store", "audit disk space",
-            "control socket", "probes"]
+            "audit chain off the host", "control socket", "probes"]
 
 
 def test_healthy_install_passes_every_check(env):
@@ -89,6 +90,7 @@ def test_healthy_install_passes_every_check(env):
     assert "keys)" in checks["OIDC issuer"]["detail"]
     assert "via the daemon" in checks["audit store"]["detail"] and "OK:" in checks["audit store"]["detail"]
     assert "mode 0600" in checks["control socket"]["detail"]
+    assert "the audit stream writes every row's hash to" in checks["audit chain off the host"]["detail"]
     assert f"owner pid {env.daemon.proc.pid} alive" in checks["probes"]["detail"]
     # The same, for a person: one line per check and the count.
     text = cli("--config", str(env.config), "doctor")
@@ -219,6 +221,10 @@ uid = 0
     assert checks["Vault"]["status"] == "skip" and checks["OIDC issuer"]["status"] == "skip"
     assert checks["target orders password file"]["status"] == "ok"
     assert checks["control socket"]["status"] == "skip"
+    # Nothing copies the chain off the host: a warning (exit 0) that says what to configure.
+    off_host = checks["audit chain off the host"]
+    assert off_host["status"] == "warn" and "nothing copies the audit chain off the host" in off_host["detail"]
+    assert "[audit.stream]" in off_host["fix"] and "--anchors" in off_host["fix"]
     with duckdb.connect(str(audit)) as con:
         con.execute("UPDATE requests SET decision = 'allow' WHERE chain_seq = "
                     "(SELECT max(chain_seq) FROM requests)")
