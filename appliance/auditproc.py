@@ -1258,6 +1258,8 @@ class _Child:
         submit = self.store.submit_rows
         journal = self.store.journal
         replayed = (self.store.recovered[2] or 0) if self.store.recovered else 0
+        waiting = select.poll()  # (not select.select: no limit on the descriptor's number)
+        waiting.register(self.events, select.POLLIN)
         ended = False
         while not ended:
             try:
@@ -1268,7 +1270,7 @@ class _Child:
             if batch is None:
                 return
             try:
-                while len(batch) < _GROUP_MAX and select.select([self.events], [], [], 0)[0]:
+                while len(batch) < _GROUP_MAX and waiting.poll(0):
                     more = _recv(self.events)
                     if more is None:
                         ended = True  # the daemon is gone: what arrived is committed all the same

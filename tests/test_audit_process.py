@@ -173,6 +173,38 @@ def test_journal_sync_fdatasyncs_each_batch_before_it_is_acknowledged(tmp_path):
             store.close()
 
 
+def test_batches_waiting_on_the_socket_are_journaled_and_acknowledged_together(tmp_path):
+    """Group commit: 40 strict-mode records sent in 40 batches while the audit process is stopped
+    are journaled in far fewer appends (one write, and with journal_sync one fdatasync, each) once
+    it runs again, and every one of them is acknowledged."""
+    import asyncio
+    import struct
+
+    async def run(p: AuditProcess) -> None:
+        loop = asyncio.get_running_loop()
+        await asyncio.wait_for(p.submit_acked("request_start", {**request(0), "seq": 1}, loop), 10)
+        pause(p.pid)
+        try:
+            waits = []
+            for i in range(1, 41):
+                waits.append(p.submit_acked("request_start", {**request(i), "seq": i + 1}, loop))
+                await asyncio.sleep(0.005)  # a turn of the loop each: its own batch
+        finally:
+            os.kill(p.pid, signal.SIGCONT)
+        await asyncio.wait_for(asyncio.gather(*waits), 10)
+
+    with AuditProcess(tmp_path / "a.duckdb", journal="sync", flush_interval=60) as p:
+        asyncio.run(run(p))
+        (journal,) = tmp_path.glob("a.duckdb.journal-*")
+        data, pos, frames = journal.read_bytes(), 0, []
+        while pos < len(data):
+            (n,) = struct.unpack_from(">I", data, pos)
+            frames.append(len(pickle.loads(data[pos + 4:pos + 4 + n])))
+            pos += 4 + n
+        assert sum(frames) == 41 and frames[0] == 1, frames
+        assert len(frames) <= 5, frames  # 40 batches, grouped (one per batch before)
+
+
 def test_a_full_events_socket_waits_in_strict_mode(tmp_path):
     """Once the event loop reads acknowledgements from the events socket, the socket's file is
     non-blocking: a burst larger than its buffer while the audit process is briefly stopped must
