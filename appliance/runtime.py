@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from appliance.approvals import ApprovalBroker, HoldOutcome
 from appliance.config import Config, TargetConfig
 from appliance.errors import BotwardenError
-from appliance.fronts.services import AuthRefused, ConnectionContext, Credential, SessionGrant
+from appliance.fronts.services import AUDIT_RULE, AuthRefused, ConnectionContext, Credential, SessionGrant
 from appliance.policy import SqlSessionState
 from appliance.policy.types import ColumnDesc, MaskPlan, Verdict
 
@@ -536,8 +536,10 @@ class Runtime:
 
         store = self.daemon.audit
         if store is None or not store.healthy:
-            raise AuthRefused("57P03", "botwarden refuses new sessions: the audit store cannot keep up "
-                                       "(no session runs unaudited)")
+            gone = "the audit store is closed" if store is None else store.unavailable
+            why = f"the audit store is unavailable ({gone})" if gone is not None else "the audit store cannot keep up"
+            raise AuthRefused("57P03", f"botwarden refuses new sessions: {why}; no session runs unaudited, "
+                                       "try again later")
         tcfg = self.config.target(target)
         try:
             auth = await self.identity.authenticate(tcfg, token, ctx.attribution)
@@ -712,7 +714,7 @@ class Runtime:
             why = f"the audit store is unavailable ({gone})"
         else:
             why = "the audit store cannot keep up (its queue is nearly full)"
-        return Verdict("block", "botwarden:audit", f"{why}; no statement runs unaudited, try again later")
+        return Verdict("block", AUDIT_RULE, f"{why}; no statement runs unaudited, try again later")
 
     def text_masker(self, grant: SessionGrant, target: str, verdict: Verdict) -> Any:
         """The detectors an SSH request's output is masked with (None: no mask rule matched it)."""

@@ -54,6 +54,12 @@ class SessionGrant:
     audit_fields: Mapping[str, Any] = field(default_factory=dict)
 
 
+# The rule a request is refused by while the audit store cannot take its record (nothing runs
+# unaudited): transient, so a front whose protocol says so answers "unavailable, try again"
+# (the Kubernetes front: 503) rather than "forbidden".
+AUDIT_RULE = "botwarden:audit"
+
+
 class AuthRefused(BotwardenError):
     """The session is refused; ``message`` goes to the bot and never contains a token."""
 

@@ -19,7 +19,8 @@ import httpx
 from appliance.errors import BotwardenError
 from appliance.fronts.admission import Admission
 from appliance.fronts.ssh_cast import TypedLines
-from appliance.fronts.services import AuthRefused, ConnectionContext, FrontServices, HoldOutcome, SessionGrant
+from appliance.fronts.services import (AUDIT_RULE, AuthRefused, ConnectionContext, FrontServices, HoldOutcome,
+                                       SessionGrant)
 from appliance.fronts.session import SessionCore, attribution, format_addr, new_request_id
 from appliance.policy.k8s import K8sRequest
 from appliance.policy.types import Verdict
@@ -292,6 +293,8 @@ class Session:
             self.record_event(request_id, {"type": "request", "method": req.method,
                                            "path": urlsplit(req.target).path, "decision": verdict.action})
             self._record_request_body(request_id, req.body, k8s, verdict)
+            if verdict.action == "block" and verdict.rule == AUDIT_RULE:  # transient: try again later
+                raise Refusal(503, f"botwarden: {verdict.reason}", reason="ServiceUnavailable")
             if verdict.action == "block":
                 raise Refusal(403, verdict.reason, reason="Forbidden")
             if (verdict.action == "mask" or verdict.mask_rules) and _is_upgrade(req.headers):
