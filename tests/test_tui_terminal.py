@@ -158,7 +158,10 @@ def test_typed_bursts_decide_only_what_the_dialog_confirmed(env, tmp_path):
             return (any("denied" in line and "root" in line and "no: a d q 1234" in line for line in lines)
                     and any("approved" in line and "root" in line and "ok: checked a+d q=42" in line
                             for line in lines))
-        screen = wait_until(lambda: drawn(s := term.screen()) and s, 30, "both decisions in Recently decided")
+        try:
+            screen = wait_until(lambda: drawn(s := term.screen()) and s, 30, "both decisions in Recently decided")
+        except AssertionError as e:  # what the console showed instead (it flaked once in CI, 7 December)
+            raise AssertionError(f"{e}; the screen:\n{term.screen()}") from None
         assert "Recently decided" in screen and "EXIT=" not in screen
         assert "Approvals (1)" in screen and "1 pending" in screen and "pending 1 " in screen
 
