@@ -11,8 +11,9 @@ sys/capabilities-self so nothing is issued); each target (TCP, then the protocol
 PostgreSQL answers an SSLRequest with 'S' or 'N', SSH sends its banner); the OIDC issuer
 (discovery, JWKS with at least one key); the daemon; the audit store (through the control API
 while the daemon runs, else opened read-only: the whole chain up to its head verified; free
-disk; a copy of the chain kept off the host: the audit stream or the fleet); the control socket (a socket, owned by root, the configured mode and group, never
-other-accessible); the probes (attached to the bots' cgroup, owned by the live daemon).
+disk; a copy of the chain kept off the host: the audit stream or the fleet); the control socket
+(a socket, owned by root, the configured mode and group, never other-accessible); the probes
+(attached to the bots' cgroup, owned by the live daemon).
 
 Nothing here prints a secret: Vault errors and file errors are the broker's own messages.
 """

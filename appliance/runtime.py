@@ -36,6 +36,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def _audit_gone(store: Any) -> str | None:
+    """Why the audit store cannot take events at all (its process died, or it is closed), else
+    None (it may only be behind)."""
+    return "the audit store is closed" if store is None else store.unavailable
+
+
 def open_audit_store(cfg: Config):
     """Open (create, migrate) the audit store in its own process (appliance.auditproc) and
     start its single writer. Blocking."""
@@ -536,7 +542,7 @@ class Runtime:
 
         store = self.daemon.audit
         if store is None or not store.healthy:
-            gone = "the audit store is closed" if store is None else store.unavailable
+            gone = _audit_gone(store)
             why = f"the audit store is unavailable ({gone})" if gone is not None else "the audit store cannot keep up"
             raise AuthRefused("57P03", f"botwarden refuses new sessions: {why}; no session runs unaudited, "
                                        "try again later")
@@ -704,7 +710,7 @@ class Runtime:
     def _audit_refusal(self, store: Any, live: LiveSession | None) -> Verdict:
         """Nothing runs unaudited: while the store cannot take events, statements are refused;
         once it is gone for good (its process died), the session ends too."""
-        gone = store.unavailable if store is not None else "the audit store is closed"
+        gone = _audit_gone(store)
         if gone is not None:
             if live is not None and live.terminate is not None:
                 asyncio.get_running_loop().call_soon(
