@@ -25,6 +25,7 @@ import pytest
 from analytics import AuditStore
 from appliance.auditstream import start_stream
 from appliance.sandbox import free_port
+from tests.approvals_fixtures import cli
 from tests.daemon_fixtures import ROOT, DaemonProcess, fresh_setup, new_port, psql, seed_orders, write_config
 from tests.probes_fixtures import wait_for
 from tests.test_audit_integrity import _rechain_from
@@ -102,13 +103,6 @@ def rsyslog(tmp_path):
 def file_events(path: Path) -> list[dict]:
     files = sorted(path.parent.glob(path.name + "*"), key=lambda p: -int(p.suffix[1:]) if p.suffix[1:].isdigit() else 0)
     return [json.loads(line) for f in files for line in f.read_text().splitlines()]
-
-
-def _audit_verify(config: Path, *args: str) -> subprocess.CompletedProcess:
-    """`botwarden audit verify` (``--path`` before ``verify``: the file of a stopped daemon)."""
-    path = list(args[:2]) if args[:1] == ("--path",) else []
-    return subprocess.run([sys.executable, "-m", "appliance.cli", "--config", str(config), "audit", *path, "verify",
-                           *args[len(path):]], capture_output=True, text=True, timeout=120, cwd=ROOT)
 
 
 def store_chain(daemon: DaemonProcess) -> dict[int, str]:
@@ -210,7 +204,7 @@ format = "json"
 
         # What the receiver holds is an off-host copy of the chain: `audit verify --anchors` (through
         # the running daemon) compares every position in it with the store.
-        res = _audit_verify(config, "--anchors", str(rsyslog.output))
+        res = cli("--config", str(config), "audit", "verify", "--anchors", str(rsyslog.output))
         assert res.returncode == 0, res.stdout + res.stderr
         assert f"{len(got)} off-host chain position(s) match the store, the last at seq {len(got)}" in res.stdout
     finally:
@@ -224,9 +218,10 @@ format = "json"
     con.execute("UPDATE requests SET decision = 'allow', rule = NULL WHERE chain_seq = ?", [forged])
     _rechain_from(con, forged)
     con.close()
-    res = _audit_verify(config, "--path", str(store))
+    res = cli("--config", str(config), "audit", "--path", str(store), "verify")
     assert res.returncode == 0 and res.stdout.startswith("OK"), res.stdout + res.stderr
-    res = _audit_verify(config, "--path", str(store), "--anchors", str(rsyslog.output), "--anchors", str(stream_file))
+    res = cli("--config", str(config), "audit", "--path", str(store), "verify", "--anchors", str(rsyslog.output),
+              "--anchors", str(stream_file))
     assert res.returncode == 1 and res.stdout.startswith("FAILED"), res.stdout + res.stderr
     assert f"modified  requests seq {forged}: its hash is " in res.stdout
     assert "the chain was rewritten (hashes recomputed) after the copy was made" in res.stdout
