@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import getpass
+import html
 import io
+import re
 import socket
 import subprocess
 import sys
@@ -743,6 +745,37 @@ def test_recently_decided_and_one_pending_count(tmp_path: Path) -> None:
         assert len(row[0]) == 8 and row[0][2] == ":"  # HH:MM:SS
         assert row[5:7] == ["ci-bot", "pg-prod"]
 
+
+
+def test_a_row_added_on_screen_is_drawn_whole() -> None:
+    """A decision whose outcome and reason are longer than the rows before it is drawn whole
+    when the table is already on screen: Textual measured auto-width columns only when the table
+    went idle, and the lines already drawn kept the old widths ("approve", "ok: checked a+" on the
+    console in CI, 7 December)."""
+    def decided(n: int, outcome: str, reason: str) -> dict[str, Any]:
+        return {"event": outcome, "operator": "root", "reason": reason,
+                "approval": {"approval_id": f"held-{n}", "identity": "orders-bot", "target": "orders",
+                             "request": f"DELETE FROM ledger WHERE id = {n}"}}
+
+    def screen(app: BotwardenApp) -> list[str]:
+        """The screen as a terminal shows it (the text of the SVG screenshot, line by line)."""
+        svg = app.export_screenshot()
+        return [html.unescape(re.sub(r"<[^>]+>", "", line)).replace("\xa0", " ") for line in svg.splitlines()]
+
+    async def scenario() -> list[str]:
+        app = BotwardenApp("/nonexistent/control.sock", connect=False)
+        async with app.run_test(size=(170, 50)) as pilot:
+            for event in (decided(1, "denied", "no: a d q 1234"), decided(2, "approved", "ok: checked a+d q=42")):
+                app.recent.apply(event)
+                app._render_recent()
+                screen(app)  # drawn before the table goes idle, as a terminal update can be
+                await pilot.pause()
+            return screen(app)
+
+    lines = asyncio.run(scenario())
+    assert any("held-2" in line and "approved" in line and "ok: checked a+d q=42" in line for line in lines), \
+        [line for line in lines if "held-" in line]
+    assert any("held-1" in line and "denied" in line and "no: a d q 1234" in line for line in lines)
 
 # -- never hangs -------------------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -36,6 +36,7 @@ from types import FrameType
 from typing import Any, ClassVar
 from urllib.parse import quote
 
+from rich.cells import cell_len
 from rich.table import Table as RichTable
 from rich.text import Text
 from textual import on
@@ -71,6 +72,13 @@ HEALTH_EVERY_S = 15.0
 MAX_TABLE_ROWS = 2000  # a SELECT without LIMIT must not freeze the terminal
 REQUEST_PREVIEW = 80
 RECENT_KEEP = 10
+# (label, key) of each table's columns.
+APPROVAL_COLUMNS = (("id", "id"), ("identity", "identity"), ("target", "target"), ("proto", "protocol"),
+                    ("rule", "rule"), ("request", "request"), ("left", "left"), ("ok", "ok"))
+RECENT_COLUMNS = tuple((label, label) for label in ("time", "id", "outcome", "by", "window", "identity", "target",
+                                                    "reason", "request"))
+SESSION_COLUMNS = tuple((key, key) for key in ("session_id", "identity", "target", "protocol", "state", "current",
+                                               "pid", "uid", "exe", "started", "ended", "client"))
 # The stream sends a keepalive every 15 s; three missed ones mean the socket is dead.
 WATCH_READ_TIMEOUT_S = 45.0
 # After SIGTERM / SIGINT / SIGHUP, the console is gone within this long even if its loop is stuck.
@@ -115,6 +123,23 @@ class WatchDown(Message):
 
     why: str = ""
     not_running: bool = False
+
+
+def fill_table(table: DataTable, columns: Sequence[tuple[str, str]],
+               rows: Sequence[tuple[str | None, Sequence[Text]]], *, at_least: Mapping[str, int] | None = None) -> None:
+    """Replace a table's columns and rows (row key, cells), each column as wide as its widest cell.
+
+    Textual sizes auto-width columns only when the table next goes idle, and lines it drew before
+    that stay cached with the old widths: a decision added to "Recently decided" kept its outcome
+    and reason cut at the previous row's widths until something else redrew the table (seen in CI).
+    Widths given up front leave nothing to recompute."""
+    widths = [max([cell_len(label), (at_least or {}).get(key, 0), *(cells[i].cell_len for _, cells in rows)])
+              for i, (label, key) in enumerate(columns)]
+    table.clear(columns=True)
+    for (label, key), width in zip(columns, widths):
+        table.add_column(label, key=key, width=width)
+    for key, cells in rows:
+        table.add_row(*cells, key=key)
 
 
 class BotwardenApp(OrderedKeys):
@@ -239,16 +264,9 @@ class BotwardenApp(OrderedKeys):
                                                         "#approval-detail, #recent-title, #status-view, "
                                                         "#session-detail")]
         table = self._main.query_one("#approvals-table", DataTable)
-        for label, key in (("id", "id"), ("identity", "identity"), ("target", "target"), ("proto", "protocol"),
-                           ("rule", "rule"), ("request", "request"), ("left", "left"), ("ok", "ok")):
-            table.add_column(label, key=key)
-        recent = self._main.query_one("#recent-table", DataTable)
-        for label in ("time", "id", "outcome", "by", "window", "identity", "target", "reason", "request"):
-            recent.add_column(label, key=label)
-        sessions = self._main.query_one("#sessions-table", DataTable)
-        for key in ("session_id", "identity", "target", "protocol", "state", "current", "pid", "uid", "exe",
-                    "started", "ended", "client"):
-            sessions.add_column(key, key=key)
+        fill_table(table, APPROVAL_COLUMNS, [])
+        fill_table(self._main.query_one("#recent-table", DataTable), RECENT_COLUMNS, [])
+        fill_table(self._main.query_one("#sessions-table", DataTable), SESSION_COLUMNS, [])
         self._main.set_focus(table)
         self._render_pending()
         if not self.connect:
@@ -478,13 +496,13 @@ class BotwardenApp(OrderedKeys):
         keep = self._selected_key(table)
         query = self._main.query_one("#sessions-filter", Input).value
         shown = [s for s in self.sessions if session_matches(s, query, self.now())]
-        table.clear()
+        rows = []
         for s in shown:
             # The id's first 12 characters tell sessions apart; the detail line has all of it.
             row = {**s, "current": current_statement(s, self.now()), "session_id": str(s.get("session_id"))[:12],
                    "protocol": protocol_short(s.get("protocol"))}
-            table.add_row(*(Text(cell(row.get(str(c.key.value)))) for c in table.ordered_columns),
-                          key=str(s.get("session_id")))
+            rows.append((str(s.get("session_id")), [Text(cell(row.get(key))) for _, key in SESSION_COLUMNS]))
+        fill_table(table, SESSION_COLUMNS, rows)
         self._restore_cursor(table, keep)
         live = sum(1 for s in shown if s.get("state") == "active")
         text = f"{len(shown)} session{'s' if len(shown) != 1 else ''} ({live} live)"
@@ -647,15 +665,18 @@ class BotwardenApp(OrderedKeys):
     def _render_approvals(self) -> None:
         table = self._main.query_one("#approvals-table", DataTable)
         keep = self._selected_key(table)
-        table.clear()
+        rows = []
         for a in self.book.items():
             request = " ".join(str(a.get("request", "")).split())
             if len(request) > REQUEST_PREVIEW:
                 request = request[: REQUEST_PREVIEW - 1] + "…"
-            table.add_row(Text(a["approval_id"]), Text(cell(a.get("identity"))), Text(cell(a.get("target"))),
-                          Text(protocol_short(a.get("protocol"))), Text(cell(a.get("rule"))), Text(request), Text(time_left(a.get("expires"), self.now())),
-                          Text(f"{len(a.get('approvals') or [])}/{a.get('required', 1)}"),
-                          key=a["approval_id"])
+            rows.append((a["approval_id"], [
+                Text(a["approval_id"]), Text(cell(a.get("identity"))), Text(cell(a.get("target"))),
+                Text(protocol_short(a.get("protocol"))), Text(cell(a.get("rule"))), Text(request),
+                Text(time_left(a.get("expires"), self.now())),
+                Text(f"{len(a.get('approvals') or [])}/{a.get('required', 1)}")]))
+        # "left" counts down every second (_tick) to "expired": as wide as that from the start.
+        fill_table(table, APPROVAL_COLUMNS, rows, at_least={"left": len("expired")})
         self._restore_cursor(table, keep)
         self._render_detail()
         self._render_pending()
@@ -676,13 +697,13 @@ class BotwardenApp(OrderedKeys):
         self._render_status()
 
     def _render_recent(self) -> None:
-        table = self._main.query_one("#recent-table", DataTable)
-        table.clear()
+        rows = []
         for d in self.recent.items():
             request = d.request if len(d.request) <= REQUEST_PREVIEW else d.request[: REQUEST_PREVIEW - 1] + "…"
-            table.add_row(Text(d.when.astimezone().strftime("%H:%M:%S")), Text(d.approval_id), Text(d.outcome),
-                          Text(d.operator or "—"), Text(window_text(d.window_s)), Text(d.identity),
-                          Text(d.target), Text(d.reason), Text(request), key=d.approval_id)
+            rows.append((d.approval_id, [Text(d.when.astimezone().strftime("%H:%M:%S")), Text(d.approval_id),
+                                         Text(d.outcome), Text(d.operator or "—"), Text(window_text(d.window_s)),
+                                         Text(d.identity), Text(d.target), Text(d.reason), Text(request)]))
+        fill_table(self._main.query_one("#recent-table", DataTable), RECENT_COLUMNS, rows)
 
     def _render_detail(self) -> None:
         detail = self._main.query_one("#approval-detail", Static)
@@ -724,9 +745,8 @@ class BotwardenApp(OrderedKeys):
         columns = [str(c) for c in answer.value.get("columns", [])]
         rows = answer.value.get("rows", [])
         table = self._main.query_one(table_id, DataTable)
-        table.clear(columns=True)
-        table.add_columns(*columns)
-        table.add_rows([[Text(cell(v)) for v in row] for row in rows[:MAX_TABLE_ROWS]])
+        fill_table(table, [(c, c) for c in columns],
+                   [(None, [Text(cell(v)) for v in row]) for row in rows[:MAX_TABLE_ROWS]])
         shown = f"{len(rows)} {noun}{'s' if len(rows) != 1 else ''}"
         if len(rows) > MAX_TABLE_ROWS:
             shown += f", showing the first {MAX_TABLE_ROWS}"
