@@ -88,6 +88,7 @@ _RECENT_TEXTS = 32_768     # statement texts per generation the child keeps for 
 _FLEET_ENV = "BOTWARDEN_FLEET_SETTINGS"   # the lake's settings for the child (analytics.fleet)
 _START_TIMEOUT_S = 120.0   # migrations of a large file can take a while
 _STOP_TIMEOUT_S = 60.0
+_EXIT_SEEN_S = 0.5         # a failed send waits this long to learn whether the child exited
 
 
 # The child's entry: its CPU priority is set before anything is imported, because DuckDB and
@@ -794,7 +795,7 @@ class AuditProcess:
                         try:
                             _send_waiting(sock, rest, self._expire_waiters_locked)
                         except OSError as e:
-                            self._mark_dead(f"sending events failed: {e}")
+                            self._mark_dead(self._send_failed(e))
                             continue
                 with self._lock:
                     self._ship_now = False
@@ -815,10 +816,20 @@ class AuditProcess:
                     with self._lock:
                         replaced = events_sock is not self._events
                     if not replaced:
-                        self._mark_dead(f"sending events failed: {e}")
+                        self._mark_dead(self._send_failed(e))
                     continue
             with self._lock:
                 self._room.notify_all()
+
+    def _send_failed(self, e: OSError) -> str:
+        """Why sending to the child failed: its exit, when that is what closed the socket (the
+        operator and a refused bot are told "exited (code -9)", not "Broken pipe")."""
+        proc = self._proc
+        try:
+            code = proc.wait(_EXIT_SEEN_S) if proc is not None else None
+        except subprocess.TimeoutExpired:
+            code = None
+        return f"sending events failed: {e}" if code is None else f"the audit process exited (code {code})"
 
     # --- the child's answers -------------------------------------------------
 

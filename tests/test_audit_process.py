@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -327,6 +328,37 @@ def test_a_dead_audit_process_fails_closed(tmp_path):
     with pytest.raises(AuditWriterError):
         p.close()  # an event was accepted and never written: the loss is reported
 
+
+
+def test_a_send_refused_by_a_dead_audit_process_names_its_exit(tmp_path):
+    """Killed while the sender ships events: whichever thread notices first, the reason the
+    operator and refused bots read is the exit ("code -9"); a send failing first said "Broken
+    pipe" (1 run in 5 before)."""
+    p = AuditProcess(tmp_path / "a.duckdb", flush_interval=0.02, restart_after=None)
+    p.start()
+    assert p._send_failed(BrokenPipeError(32, "Broken pipe")) == "sending events failed: [Errno 32] Broken pipe"
+    stop = threading.Event()
+
+    def submitting() -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            p.submit("request", request(n))
+    t = threading.Thread(target=submitting)
+    t.start()
+    try:
+        time.sleep(0.2)
+        os.kill(p.pid, signal.SIGKILL)
+        assert wait_for(lambda: p.unavailable is not None)
+    finally:
+        stop.set()
+        t.join()
+    assert p.unavailable == "the audit process exited (code -9)"
+    assert p._send_failed(BrokenPipeError(32, "Broken pipe")) == "the audit process exited (code -9)"
+    with pytest.raises(AuditWriterError, match=r"audit store unavailable: the audit process exited \(code -9\)"):
+        p.query("SELECT 1")
+    with pytest.raises(AuditWriterError):
+        p.close()
 
 def test_a_dead_audit_process_is_restarted_and_gets_what_it_had_not_committed(tmp_path):
     """kill -9 of the audit process with events shipped but not committed (a long batch window):
