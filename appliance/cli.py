@@ -247,7 +247,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
         _print_table(cols, rows, args.format)
         return EXIT_OK
     if args.action == "verify":
-        anchors = _read_anchors(args.anchors) if args.anchors else None
+        fleet_heads = _fleet_anchors(args) if args.anchors_from_fleet else None
+        anchors = _read_anchors(args.anchors or [], fleet_heads) if args.anchors or fleet_heads else None
         try:  # the running daemon holds the file: it verifies what it has committed
             body: dict[str, Any] = {"allow_gaps": args.allow_gaps}
             if anchors:
@@ -284,15 +285,17 @@ def cmd_audit(args: argparse.Namespace) -> int:
     raise CliError(f"unknown audit action {args.action}", EXIT_USAGE)
 
 
-def _read_anchors(paths: list[str]) -> dict[int, str]:
-    """`audit verify --anchors`: the chain positions in the files, at most the control API's
-    MAX_ANCHORS of them: the last one always (a rewrite with recomputed hashes changes every hash
-    after the first row it touched, so the last position kept catches any rewrite before it),
-    the others evenly spaced (they say where a rewrite began)."""
+def _read_anchors(paths: list[str], fleet_heads: dict[int, str] | None = None) -> dict[int, str]:
+    """`audit verify --anchors` (and ``--anchors-from-fleet``: ``fleet_heads``): the chain
+    positions in the files and the lake, at most the control API's MAX_ANCHORS of them: the last
+    one always (a rewrite with recomputed hashes changes every hash after the first row it
+    touched, so the last position kept catches any rewrite before it), the others evenly spaced
+    (they say where a rewrite began)."""
     from analytics.verify import parse_anchors
     from appliance.api import MAX_ANCHORS
 
     anchors: dict[int, str] = {}
+    sources: list[tuple[str, dict[int, str]]] = []
     for path in paths:
         try:
             found = parse_anchors(Path(path).read_text(errors="replace"), path)
@@ -303,15 +306,35 @@ def _read_anchors(paths: list[str]) -> dict[int, str]:
         if not found:
             raise CliError(f"--anchors {path}: no chain position in it (audit stream events with "
                            "metadata.sequence and chain_hash, or `head seq N hash H` lines)", EXIT_USAGE)
+        sources.append((path, found))
+    if fleet_heads:
+        sources.append(("the fleet lake", fleet_heads))
+    said: dict[int, str] = {}
+    for source, found in sources:
         for seq, h in found.items():
             if anchors.setdefault(seq, h) != h:
-                raise CliError(f"--anchors: seq {seq} has two hashes in the files given ({anchors[seq]} and {h})",
-                               EXIT_USAGE)
+                raise CliError(f"--anchors: seq {seq} has two hashes in the copies given ({anchors[seq]} in "
+                               f"{said[seq]}, {h} in {source})", EXIT_USAGE)
+            said.setdefault(seq, source)
     seqs = sorted(anchors)
     if len(seqs) > MAX_ANCHORS:
         step = len(seqs) / (MAX_ANCHORS - 1)
         seqs = sorted({seqs[int(i * step)] for i in range(MAX_ANCHORS - 1)} | {seqs[-1]})
     return {seq: anchors[seq] for seq in seqs}
+
+
+def _fleet_anchors(args: argparse.Namespace) -> dict[int, str]:
+    """`audit verify --anchors-from-fleet`: the chain hash at the end of each batch this bastion
+    shipped to the fleet lake (a copy off the host, written as the rows were shipped)."""
+    from analytics import fleet
+
+    lake = _lake(args)
+    _, rows = fleet.run_sql(lake, f"SELECT seq_hi, head_hash FROM {fleet.BATCHES} WHERE bastion = ? ORDER BY seq_hi",
+                            [lake.bastion])
+    if not rows:
+        raise CliError(f"--anchors-from-fleet: the fleet lake holds no batch of bastion {lake.bastion!r} yet "
+                       "(nothing shipped: see `botwarden status`)", EXIT_USAGE)
+    return {int(seq): str(h) for seq, h in rows}
 
 
 def _lake(args: argparse.Namespace):
@@ -556,6 +579,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="chain positions kept off the host, each compared with the store: the audit stream's "
                         "events (a SIEM's export, syslog lines or the stream's file) or `head seq N hash H` "
                         "lines of earlier reports; repeatable")
+    a.add_argument("--anchors-from-fleet", action="store_true",
+                   help="also compare the chain hash at the end of each batch this bastion shipped to the fleet "
+                        "lake ([fleet] in the config)")
     a = ss.add_parser("report", help="canned reports (no name: list them)")
     a.add_argument("name", nargs="?")
     a.add_argument("--format", choices=["table", "csv", "json"], default="table")

@@ -721,7 +721,13 @@ def test_the_cli_sends_at_most_the_apis_limit_of_positions_the_last_always(tmp_p
             _anchors(bad)
     with pytest.raises(CliError, match="no chain position in it"):
         _read_anchors([str(_write(tmp_path / "empty.txt", "nothing here\n"))])
-    with pytest.raises(CliError, match="seq 1 has two hashes in the files given"):
-        _read_anchors([str(copy), str(_write(tmp_path / "other.txt", f"head seq 1 hash {'e' * 64}"))])
+    other = _write(tmp_path / "other.txt", f"head seq 1 hash {'e' * 64}")
+    with pytest.raises(CliError, match=rf"seq 1 has two hashes in the copies given \(0+1 in {copy}, e+ in {other}\)"):
+        _read_anchors([str(copy), str(other)])
+    # The lake's batch heads (--anchors-from-fleet) join the files' positions; a contradiction names both.
+    picked = _read_anchors([str(other)], {5: "f" * 64})
+    assert picked == {1: "e" * 64, 5: "f" * 64}
+    with pytest.raises(CliError, match=rf"seq 1 has two hashes .*e+ in {other}, 0+1 in the fleet lake"):
+        _read_anchors([str(other)], {1: f"{1:064x}"})
     with pytest.raises(CliError, match="--anchors .*missing.txt"):
         _read_anchors([str(tmp_path / "missing.txt")])

@@ -384,6 +384,45 @@ def test_fleet_compact_merges_files_and_keeps_every_row(bastions):
     assert res.returncode == 0, res.stdout + res.stderr
 
 
+
+def test_audit_verify_compares_the_local_chain_with_the_heads_shipped_to_the_lake(bastions):
+    """The local chain is keyless: a root on the bastion who rewrites a row and recomputes every
+    later hash passes `audit verify`. The heads of the batches already in the lake are a copy off
+    the host: `audit verify --anchors-from-fleet` names the rewrite. Stops bastion a: run after
+    every other test of a."""
+    import duckdb
+
+    from tests.test_audit_integrity import _rechain_from
+
+    a = bastions.a
+    assert psql(a.port, bastions.bao.mint_token(), "SELECT 'shipped before the forgery'").returncode == 0
+    head = a.wait_shipped()
+    res = a.cli("audit", "verify", "--anchors-from-fleet")  # through the daemon
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "off-host chain position(s) match the store" in res.stdout, res.stdout
+    a.daemon.stop()
+    store = a.config.parent / "state" / "audit.duckdb"
+    con = duckdb.connect(str(store))
+    try:
+        seq = con.execute("SELECT min(chain_seq) FROM requests").fetchone()[0]
+        con.execute("UPDATE requests SET text = 'SELECT 1 -- nothing to see' WHERE chain_seq = ?", [seq])
+        _rechain_from(con, seq)
+    finally:
+        con.close()
+    res = a.cli("audit", "verify")  # the chain alone: the forger wins
+    assert res.returncode == 0, res.stdout + res.stderr
+    res = a.cli("audit", "verify", "--anchors-from-fleet")
+    assert res.returncode == 1 and res.stdout.startswith("FAILED"), res.stdout + res.stderr
+    named = [line for line in res.stdout.splitlines() if line.lstrip().startswith("modified")]
+    assert named and "an off-host copy holds" in named[0], res.stdout
+    first = int(named[0].split(" seq ")[1].split(":")[0])
+    assert seq <= first <= head  # the first batch head at or after the rewritten row
+    # A lake with nothing of this bastion says so (bastion c never shipped).
+    other = a.config.with_name("c.toml")
+    other.write_text(a.config.read_text().replace('bastion = "bastion-a"', 'bastion = "bastion-c"'))
+    res = cli("--config", str(other), "audit", "verify", "--anchors-from-fleet")
+    assert res.returncode == 2 and "holds no batch of bastion 'bastion-c'" in res.stderr, res.stdout + res.stderr
+
 def test_tampered_lake_row_is_named_by_fleet_verify(bastions):
     b, lake = bastions.b, bastions.lake
     b.wait_shipped()
