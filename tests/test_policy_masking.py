@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import random
 
 import pytest
 from hypothesis import given, settings
@@ -45,6 +47,9 @@ POSITIVES = [
     # A path's segments are judged one by one: a token that is one of them is flagged...
     ("secret", "cat /run/keys/Zx8kP2mQ9vR4tY7wB1nC5dF3gH6jK0lA", "Zx8kP2mQ9vR4tY7wB1nC5dF3gH6jK0lA"),
     ("secret", "/var/lib/Zx8kP2mQ9vR4tY7wB1nC5dF3gH6jK0lA/x", "Zx8kP2mQ9vR4tY7wB1nC5dF3gH6jK0lA"),
+    # ...and a base64 secret with slashes in it, its pieces each too short, is judged joined.
+    ("secret", "echo x > /tmp/Zx8kP2mQ9v/R4tY7wB1nC5d/F3gH6jK0lA", "Zx8kP2mQ9v/R4tY7wB1nC5d/F3gH6jK0lA"),
+    ("secret", "cp key /run/secrets/pYVElU//0aeuMqH8fUlCrTNpol3U05kkEgXkVPqQ/x", "pYVElU//0aeuMqH8fUlCrTNpol3U05kkEgXkVPqQ"),
     # ...and a token after the path (a query string), or one that only looks like it starts
     # a path, is judged whole, its slashes included.
     ("secret", "curl /tmp/x?key=wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"),
@@ -87,6 +92,11 @@ NEGATIVES = [
     ("secret", "echo 12 >> /tmp/bw-ssh-crash-k2j8x_q1/ran"),
     ("secret", "/tmp/pytest-of-root/pytest-3/test_a_killed_daemon0/ran"),
     ("secret", "cat /home/bot/.cache/AbCdEf123456/Xy9z-Qw7R"),
+    # CamelCase names joined are not random (of 400,000 paths on this machine, 3 more were
+    # flagged than before the joined judgement, two of them hex digests).
+    ("secret", "ls /usr/include/llvm-14/llvm/DebugInfo/CodeView/TypeDumpVisitor.h"),
+    ("secret", "cat /usr/lib/google-cloud-sdk/lib/googlecloudsdk/schemas/gkeonprem/v1/BareMetalLoadBalancerNodePoolConfig.yaml"),
+    ("secret", "ls /home/JohnSmith/Downloads/Invoice2024/Receipts"),
     ("secret", "The quick brown fox jumps over the lazy dog"),
 ]
 
@@ -100,6 +110,30 @@ def test_detector_true_positive(detector: str, text: str, expected: str) -> None
 @pytest.mark.parametrize("detector,text", NEGATIVES)
 def test_detector_look_alike_is_left_alone(detector: str, text: str) -> None:
     assert find(detector, text) == []
+
+
+def test_base64_secrets_with_slashes_written_as_paths_are_masked() -> None:
+    """300 random base64 secrets (21 to 40 bytes, with "/" and without "+") each written as a path
+    under /tmp: every piece of each was under 20 characters for the detector, which judged a
+    path's segments one by one; runs of segments are judged joined now (4 of these 300 keep an
+    unmasked stretch of 8 or more characters: chance runs that look like words)."""
+    rng = random.Random(20261207)
+    found: list[str] = []
+    while len(found) < 300:
+        secret = base64.b64encode(rng.randbytes(rng.choice([21, 24, 30, 33, 40]))).decode().rstrip("=")
+        if "/" in secret and "+" not in secret:
+            found.append(secret)
+    left = []
+    for secret in found:
+        text = f"cat /tmp/{secret} > /dev/null"
+        covered = {i for a, b in find("secret", text) for i in range(a, b)}
+        start, stretch, longest = text.index(secret), 0, 0
+        for i in range(start, start + len(secret)):
+            stretch = 0 if i in covered else stretch + 1
+            longest = max(longest, stretch)
+        if longest >= 8:
+            left.append(secret)
+    assert len(left) <= 9, left
 
 
 def test_checksums() -> None:

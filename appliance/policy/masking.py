@@ -174,16 +174,80 @@ def _find_jwt(text: str, cfg: "DetectorSettings") -> list[tuple[int, int]]:
 # A secret that is a segment of its own (`/run/keys/<token>`) is still flagged. The path ends at
 # the first character a file name seldom has and a query string or key=value pair does ("?",
 # "=", "+", ":"), so a token after it is judged whole; one that runs past the path's end is too.
+# A base64 secret has "/" in it too: consecutive letters-and-digits-only segments after the
+# top-level directory are also judged joined, as one token that must look random besides (its
+# character class changes from one character to the next as often as in random text, ~62 %;
+# words and CamelCase names change class far less often).
 _PATH = re.compile(r"(?<![A-Za-z0-9+/_\-.~])/(?:bin|boot|dev|etc|home|lib|lib32|lib64|media|mnt|opt|proc|root|run"
                    r"|sbin|srv|sys|tmp|usr|var)(?:/[A-Za-z0-9._~@%,-]*)+")
+
+
+def _classes(token: str) -> int:
+    """How many of the classes digit, lower-case and upper-case letter ``token`` has."""
+    return sum((any(c.isdigit() for c in token), any(c.islower() for c in token),
+                any(c.isupper() for c in token)))
 
 
 def _high_entropy(token: str, cfg: "DetectorSettings") -> bool:
     if len(token) < cfg.secret_min_length:
         return False
-    classes = sum((any(c.isdigit() for c in token), any(c.islower() for c in token),
-                   any(c.isupper() for c in token)))
-    return classes >= 2 and shannon_entropy(token) >= cfg.secret_entropy
+    return _classes(token) >= 2 and shannon_entropy(token) >= cfg.secret_entropy
+
+
+_RANDOM_SWITCHES = 0.4     # share of adjacent characters of different classes a random run has at least
+_CAPITALS_NOT_WORDS = 0.25  # share of its capitals followed by a capital or a digit, at least
+
+
+def _looks_random(token: str) -> bool:
+    """Letters and digits whose class (upper, lower, digit) changes from one character to the
+    next as often as in random text (~62 %), and whose capitals are not each the start of a
+    word (in random text ~58 % of them are followed by another capital or a digit; in
+    CamelCase names almost none)."""
+    kinds = "".join("u" if c.isupper() else "l" if c.islower() else "d" for c in token)
+    if sum(a != b for a, b in zip(kinds, kinds[1:])) < _RANDOM_SWITCHES * (len(kinds) - 1):
+        return False
+    capitals = kinds[:-1].count("u")
+    not_words = sum(a == "u" and b != "l" for a, b in zip(kinds, kinds[1:]))
+    return capitals < 3 or not_words >= _CAPITALS_NOT_WORDS * capitals
+
+
+def _path_spans(text: str, start: int, token: str, top_end: int, cfg: "DetectorSettings",
+                out: list[tuple[int, int]]) -> None:
+    """A token inside an absolute FHS path (whose top-level directory ends at ``top_end``): each
+    segment judged alone, and each run of letters-and-digits-only segments after the top-level
+    directory judged joined."""
+    run: list[tuple[int, int]] = []
+
+    def close_run() -> None:
+        # Segments of one character class at either end (a directory's name, a digit-only
+        # number, a one-letter file) are not part of what is judged joined.
+        # (Such a segment is never high-entropy alone: that takes two classes.)
+        while run and _classes(text[run[0][0]:run[0][1]]) < 2:
+            run.pop(0)
+        while run and _classes(text[run[-1][0]:run[-1][1]]) < 2:
+            run.pop()
+        if len(run) >= 2:
+            joined = text[run[0][0]:run[-1][1]].replace("/", "")
+            if _high_entropy(joined, cfg) and _looks_random(joined):
+                out.append((run[0][0], run[-1][1]))
+                run.clear()
+                return
+        for span in run:
+            if _high_entropy(text[span[0]:span[1]], cfg) and span not in out:
+                out.append(span)
+        run.clear()
+
+    pos = start
+    for segment in token.split("/"):
+        span = (pos, pos + len(segment))
+        pos += len(segment) + 1
+        if span[0] > top_end and (not segment or segment.isascii() and segment.isalnum()):  # "//" too
+            run.append(span)
+            continue
+        close_run()
+        if _high_entropy(segment, cfg) and span not in out:
+            out.append(span)
+    close_run()
 
 
 def _find_secret(text: str, cfg: "DetectorSettings") -> list[tuple[int, int]]:
@@ -196,13 +260,9 @@ def _find_secret(text: str, cfg: "DetectorSettings") -> list[tuple[int, int]]:
         if len(token) < cfg.secret_min_length:
             continue
         start, end = m.span()
-        if any(p_start <= start and end <= p_end for p_start, p_end in paths):
-            pos = start
-            for segment in token.split("/"):
-                span = (pos, pos + len(segment))
-                if _high_entropy(segment, cfg) and span not in out:
-                    out.append(span)
-                pos += len(segment) + 1
+        path = next(((p_start, p_end) for p_start, p_end in paths if p_start <= start and end <= p_end), None)
+        if path is not None:
+            _path_spans(text, start, token, text.index("/", path[0] + 1), cfg, out)
         elif _high_entropy(token, cfg) and m.span() not in out:
             out.append(m.span())
     return out
