@@ -611,18 +611,20 @@ class AuditProcess:
         supervisor."""
         return self._submitted - self._written - self._lost >= self._pace_water
 
-    def room(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future | None:
+    def room(self, loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Future | None:
         """Pacing: None while fewer than ``pace_mark`` of ``queue_max`` events wait to be
-        committed; otherwise a future of ``loop`` that resolves (never fails) once they are fewer
-        again, once the store is gone or closing, or after ``pace_wait`` seconds — the caller then decides
-        its request as usual, refused past the high water. Read without the lock first: the hot
-        path pays one comparison."""
+        committed; otherwise a future of ``loop`` (the running one when None) that resolves (never
+        fails) once they are fewer again, once the store is gone or closing, or after ``pace_wait``
+        seconds — the caller then decides its request as usual, refused past the high water. Read
+        without the lock first: the hot path pays one comparison (no loop lookup either: asyncio's
+        costs a getpid system call)."""
         if self._submitted - self._written - self._lost < self._pace_water:
             return None
         with self._lock:
             if (self._submitted - self._written - self._lost < self._pace_water or self._dead is not None
                     or self._closing or not self._running):
                 return None
+            loop = loop or asyncio.get_running_loop()
             fut = loop.create_future()
             self._paced.append((fut, loop, time.monotonic()))
             self._pace_waits += 1

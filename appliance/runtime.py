@@ -664,7 +664,7 @@ class Runtime:
         the next request is decided (:meth:`AuditProcess.room`; in a worker, its store link's, from
         what the supervisor says); None: go on."""
         room = getattr(self.daemon.audit, "room", None)
-        return None if room is None else room(asyncio.get_running_loop())
+        return None if room is None else room()
 
     def refuse_now(self, grant: SessionGrant) -> Verdict | None:
         """For a request decided earlier (an Execute of a statement prepared with Parse): the

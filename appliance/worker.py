@@ -317,11 +317,12 @@ class StoreLink:
             if not fut.done():
                 fut.set_result(None)
 
-    def room(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future | None:
+    def room(self, loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Future | None:
         """Pacing in a worker (see AuditProcess.room): while the supervisor says the store is
         behind, a future resolved once it is not, or after ``pace_wait`` seconds."""
         if not self.behind:
             return None
+        loop = loop or asyncio.get_running_loop()
         fut = loop.create_future()
         if not self._paced:
             loop.call_later(self.pace_wait, self._release_paced)
