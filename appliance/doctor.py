@@ -414,7 +414,7 @@ class Doctor:
         elif stream is not None and stream.file:
             how.append(f"the audit stream writes every row's hash to {stream.file} (ship it off the host)")
         if cfg.fleet is not None:
-            how.append("[fleet] ships the chain to the fleet lake")
+            how.append("[fleet] ships the chain to the fleet lake (check with `audit verify --anchors-from-fleet`)")
         if not how:
             raise _Failed("nothing copies the audit chain off the host: someone with root could rewrite the file "
                           "and recompute its hashes unnoticed",
