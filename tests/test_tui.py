@@ -503,6 +503,12 @@ def test_audit_sql_and_reports(tmp_path: Path) -> None:
                 seen["rows"] = table_rows(app, "#audit-table")
                 seen["columns"] = [str(c.label) for c in app.query_one("#audit-table", DataTable).ordered_columns]
 
+                sql.value = "SELECT 1 AS n, 'two' AS n"  # a query's column names may repeat
+                await pilot.press("enter")
+                await until(pilot, lambda: "1 row" in text_of(app, "#audit-msg"), "the repeated names")
+                seen["repeated"] = ([str(c.label) for c in app.query_one("#audit-table", DataTable).ordered_columns],
+                                    table_rows(app, "#audit-table"))
+
                 sql.value = "DELETE FROM requests"
                 await pilot.press("enter")
                 await until(pilot, lambda: "refused" in text_of(app, "#audit-msg"), "the refusal")
@@ -525,6 +531,7 @@ def test_audit_sql_and_reports(tmp_path: Path) -> None:
     seen = asyncio.run(scenario())
     assert seen["columns"] == ["decision", "n"]
     assert seen["rows"] == [["allow", "2"], ["block", "1"], ["mask", "1"]]
+    assert seen["repeated"] == (["n", "n"], [["1", "two"]])
     assert "read-only" in seen["refusal"].lower() or "read only" in seen["refusal"].lower()
     if "direct_error" in seen:
         assert seen["direct_error"] in seen["report_msg"]

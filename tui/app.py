@@ -125,15 +125,16 @@ class WatchDown(Message):
     not_running: bool = False
 
 
-def fill_table(table: DataTable, columns: Sequence[tuple[str, str]],
+def fill_table(table: DataTable, columns: Sequence[tuple[str, str | None]],
                rows: Sequence[tuple[str | None, Sequence[Text]]], *, at_least: Mapping[str, int] | None = None) -> None:
-    """Replace a table's columns and rows (row key, cells), each column as wide as its widest cell.
+    """Replace a table's columns (label, key: None for a query's, whose names may repeat) and rows
+    (row key, cells), each column as wide as its widest cell.
 
     Textual sizes auto-width columns only when the table next goes idle, and lines it drew before
     that stay cached with the old widths: a decision added to "Recently decided" kept its outcome
     and reason cut at the previous row's widths until something else redrew the table (seen in CI).
     Widths given up front leave nothing to recompute."""
-    widths = [max([cell_len(label), (at_least or {}).get(key, 0), *(cells[i].cell_len for _, cells in rows)])
+    widths = [max([cell_len(label), (at_least or {}).get(key or "", 0), *(cells[i].cell_len for _, cells in rows)])
               for i, (label, key) in enumerate(columns)]
     table.clear(columns=True)
     for (label, key), width in zip(columns, widths):
@@ -745,7 +746,7 @@ class BotwardenApp(OrderedKeys):
         columns = [str(c) for c in answer.value.get("columns", [])]
         rows = answer.value.get("rows", [])
         table = self._main.query_one(table_id, DataTable)
-        fill_table(table, [(c, c) for c in columns],
+        fill_table(table, [(c, None) for c in columns],
                    [(None, [Text(cell(v)) for v in row]) for row in rows[:MAX_TABLE_ROWS]])
         shown = f"{len(rows)} {noun}{'s' if len(rows) != 1 else ''}"
         if len(rows) > MAX_TABLE_ROWS:
