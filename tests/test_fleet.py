@@ -470,6 +470,17 @@ def test_lake_errors_hide_the_catalog_password(tmp_path):
         fleet.connect(settings)
     assert "hunter2" not in str(e.value)
     assert fleet.redact_dsn("host=h password='a b' user=u") == "host=h password=*** user=u"
+    # `audit verify --anchors-from-fleet` against that lake fails the command, saying why and not the password;
+    # without [fleet] it is a usage error naming the section.
+    config = tmp_path / "f.toml"
+    config.write_text(f'[audit]\npath = "{tmp_path / "a.duckdb"}"\n[fleet]\ncatalog = "{settings.catalog}"\n'
+                      f'data_path = "{tmp_path}"\nbastion = "a"\n')
+    res = cli("--config", str(config), "audit", "verify", "--anchors-from-fleet")
+    assert res.returncode == 1 and "cannot attach the fleet lake" in res.stderr, res.stdout + res.stderr
+    assert "hunter2" not in res.stdout + res.stderr
+    config.write_text(f'[audit]\npath = "{tmp_path / "a.duckdb"}"\n')
+    res = cli("--config", str(config), "audit", "verify", "--anchors-from-fleet")
+    assert res.returncode == 2 and "has no [fleet] section" in res.stderr, res.stdout + res.stderr
 
 
 def _closed_port() -> int:
