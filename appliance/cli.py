@@ -294,7 +294,6 @@ def _read_anchors(paths: list[str], fleet_heads: dict[int, str] | None = None) -
     from analytics.verify import parse_anchors
     from appliance.api import MAX_ANCHORS
 
-    anchors: dict[int, str] = {}
     sources: list[tuple[str, dict[int, str]]] = []
     for path in paths:
         try:
@@ -309,13 +308,14 @@ def _read_anchors(paths: list[str], fleet_heads: dict[int, str] | None = None) -
         sources.append((path, found))
     if fleet_heads:
         sources.append(("the fleet lake", fleet_heads))
-    said: dict[int, str] = {}
+    first: dict[int, tuple[str, str]] = {}   # seq -> (hash, the copy that gave it first)
     for source, found in sources:
         for seq, h in found.items():
-            if anchors.setdefault(seq, h) != h:
-                raise CliError(f"--anchors: seq {seq} has two hashes in the copies given ({anchors[seq]} in "
-                               f"{said[seq]}, {h} in {source})", EXIT_USAGE)
-            said.setdefault(seq, source)
+            known, where = first.setdefault(seq, (h, source))
+            if known != h:
+                raise CliError(f"--anchors: seq {seq} has two hashes in the copies given ({known} in {where}, "
+                               f"{h} in {source})", EXIT_USAGE)
+    anchors = {seq: h for seq, (h, _) in first.items()}
     seqs = sorted(anchors)
     if len(seqs) > MAX_ANCHORS:
         step = len(seqs) / (MAX_ANCHORS - 1)
