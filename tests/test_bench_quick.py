@@ -48,6 +48,9 @@ def test_quick_bench_writes_every_path_as_json(tmp_path, capsys):
     for name in ("direct", "pgbouncer", "botwarden (full inspection)"):
         assert large["masked_seconds"][name] > 0
     assert large["unmasked_seconds"]["botwarden (full inspection)"] > 0
+    # The two large results are what their labels say: the daemon masked the first and let the
+    # second through whole (until this check, a view made the "unmasked" one masked too).
+    assert large["full_decisions"] == {"masked": ["mask"], "unmasked": ["allow"]}
     assert len(report["load_before"]) == 3 and report["compiled"] in (True, False)
 
 
