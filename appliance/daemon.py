@@ -614,6 +614,8 @@ def tune_gc() -> None:
 
 
 STARTING_NICE: int | None = None  # the priority botwarden was started with (its audit process keeps it)
+AUTOGROUPS = Path("/proc/sys/kernel/sched_autogroup_enabled")
+AUTOGROUP = Path("/proc/self/autogroup")
 
 
 def set_priority(nice: int) -> None:
@@ -625,15 +627,48 @@ def set_priority(nice: int) -> None:
     at -10 vs 79/75/93/86 at 0. Without the privilege to raise it, the daemon says so and runs."""
     global STARTING_NICE
     STARTING_NICE = os.getpriority(os.PRIO_PROCESS, 0)
-    if nice == STARTING_NICE:
+    if nice != STARTING_NICE:
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, nice)
+        except OSError as e:
+            log.warning("could not set the daemon's CPU priority to nice %d (%s); running at %d", nice,
+                        e.strerror, STARTING_NICE)
+            return
+        log.info("daemon CPU priority: nice %d (was %d)", nice, STARTING_NICE)
+    set_autogroup_nice(nice)
+
+
+def set_autogroup_nice(nice: int) -> None:
+    """With scheduler autogroups (``kernel.sched_autogroup_enabled``, tasks in the root cpu
+    cgroup: Debian's default, systemd services included) a nice value orders threads within one
+    session only; between sessions the scheduler shares the CPU by each session's autogroup
+    nice. Bots, and PostgreSQL's backends (each calls setsid), are sessions of their own, so the
+    daemon's -10 alone gave its loop no precedence over them: `perf sched` showed it preempted
+    in its socket writes by the backends and pgbench it had just woken, ~1,800 times a second
+    (docs/architecture.md, CPU priority). So the daemon also sets its autogroup's nice, when the
+    autogroup is its own: it leads its session, as a systemd service does. Started from a shell
+    (or a test), it shares the caller's session and leaves it alone."""
+    try:
+        if AUTOGROUPS.read_text().strip() != "1":
+            return
+    except OSError:
+        return  # a kernel without autogroups: nice values order every task
+    if os.getsid(0) != os.getpid():
+        if nice < 0:
+            log.info("daemon CPU priority: nice %d counts within the session it was started in only "
+                     "(scheduler autogroups); started as a session of its own (a systemd service, setsid) it "
+                     "counts against other sessions too", nice)
         return
     try:
-        os.setpriority(os.PRIO_PROCESS, 0, nice)
-    except OSError as e:
-        log.warning("could not set the daemon's CPU priority to nice %d (%s); running at %d", nice,
-                    e.strerror, STARTING_NICE)
+        current = int(AUTOGROUP.read_text().split()[-1])  # "/autogroup-N nice M"
+        if current == nice:
+            return
+        AUTOGROUP.write_text(f"{nice}\n")
+    except (OSError, ValueError, IndexError) as e:
+        log.warning("could not set the daemon's scheduler autogroup to nice %d (%s); its nice value counts within "
+                    "its session only", nice, getattr(e, "strerror", None) or e)
     else:
-        log.info("daemon CPU priority: nice %d (was %d)", nice, STARTING_NICE)
+        log.info("daemon scheduler autogroup: nice %d (was %d)", nice, current)
 
 
 def run_daemon(config_path: str) -> int:

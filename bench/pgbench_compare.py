@@ -247,7 +247,8 @@ cgroup = "pgbench"
 """ + extra + DAEMON_RULES)
         self.log = open(self.dir / "daemon.log", "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "appliance.cli", "--config", str(self.config), "run"],
-                                     cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+                                     cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)  # a session of its own, as a systemd service
         from appliance.control import ControlClient, ControlError
 
         deadline = time.monotonic() + 90
@@ -645,13 +646,13 @@ pidfile = {bdir}/pgbouncer.pid
             os.chown(p, pw.pw_uid, pw.pw_gid)
         os.chown(bdir, pw.pw_uid, pw.pw_gid)
         bouncer = subprocess.Popen(["pgbouncer", "-u", "postgres", str(bdir / "pgbouncer.ini")],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         procs.append(bouncer)
 
         def start_own(flag: str) -> tuple[subprocess.Popen, int]:
             port_file = tmp / f"{flag}.port"
             proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), flag, str(pg.port),
-                                     str(port_file)], cwd=ROOT)
+                                     str(port_file)], cwd=ROOT, start_new_session=True)
             procs.append(proc)
             deadline = time.monotonic() + 15
             while not port_file.exists() and time.monotonic() < deadline:

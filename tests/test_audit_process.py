@@ -1017,6 +1017,52 @@ def test_the_audit_process_ignores_signals_meant_for_the_daemon(tmp_path):
         assert [r[0] for r in rows][-1] == "writer_stop"
 
 
+def _autogroup(pid: int | str) -> tuple[str, int]:
+    """A process's scheduler autogroup and its nice ("/autogroup-N nice M")."""
+    name, _, nice = Path(f"/proc/{pid}/autogroup").read_text().split()
+    return name, int(nice)
+
+
+def _autogroups_on() -> bool:
+    path = Path("/proc/sys/kernel/sched_autogroup_enabled")
+    return path.exists() and path.read_text().strip() == "1"
+
+
+@pytest.mark.skipif(not _autogroups_on(), reason="the kernel schedules without autogroups here "
+                                                 "(kernel.sched_autogroup_enabled is 0 or absent): nothing to set")
+def test_a_daemon_leading_its_session_gives_its_autogroup_its_nice(pg_server, bao_server, tmp_path):
+    """Between sessions the scheduler shares the CPU by autogroup, and a nice value counts only
+    within one: the daemon's -10 gave its loop no precedence over bots or PostgreSQL's backends
+    (each a session of its own). Started as a session of its own (setsid, as systemd starts a
+    service), the daemon gives its autogroup its nice; its audit process is in that group. A daemon
+    started inside another session (a shell's, this test's) leaves that session's group alone."""
+    from tests.daemon_fixtures import psql
+
+    before = _autogroup("self")
+    setup, port, _, daemon = _daemon_setup(pg_server, bao_server, tmp_path, "g")
+    daemon.prefix = ["setsid"]  # exec'd in place: the daemon's pid is the session's
+    daemon.start()
+    try:
+        assert os.getsid(daemon.proc.pid) == daemon.proc.pid
+        group, nice = _autogroup(daemon.proc.pid)
+        assert nice == -10 and group != before[0]
+        audit = daemon.client().get("/v1/status")["audit"]
+        assert _autogroup(audit["pid"]) == (group, -10)
+        assert psql(port, setup.mint_token(), "SELECT 'served'").stdout.strip() == "served"
+        assert "daemon scheduler autogroup: nice -10 (was 0)" in daemon.output()
+    finally:
+        daemon.stop()
+    # Not the session's leader: this test's session keeps its group's nice.
+    (tmp_path / "inside").mkdir()
+    setup, port, _, inside = _daemon_setup(pg_server, bao_server, tmp_path / "inside", "h")
+    inside.start()
+    try:
+        assert _autogroup(inside.proc.pid) == before == _autogroup("self")
+        assert "counts within the session it was started in only" in inside.output()
+    finally:
+        inside.stop()
+
+
 def test_the_audit_process_shares_the_daemons_session_and_scheduler_group(tmp_path):
     """Its own process group (a Ctrl-C for the daemon's group does not reach it) in the daemon's
     session: a session of its own would be a scheduler autogroup of its own, where the daemon's

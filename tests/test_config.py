@@ -138,6 +138,22 @@ def test_daemon_without_the_privilege_to_raise_its_priority_says_so_and_runs(mon
     assert daemon.STARTING_NICE == os.getpriority(os.PRIO_PROCESS, 0)
 
 
+def test_a_session_leading_daemon_whose_autogroup_refuses_its_nice_says_so(monkeypatch, caplog, tmp_path):
+    """The autogroup's nice cannot be written (here: the path is a directory): a warning, and the
+    daemon runs (its thread priority still counts within its session)."""
+    from appliance import daemon
+
+    (tmp_path / "enabled").write_text("1\n")
+    (tmp_path / "autogroup").mkdir()
+    monkeypatch.setattr(daemon, "AUTOGROUPS", tmp_path / "enabled")
+    monkeypatch.setattr(daemon, "AUTOGROUP", tmp_path / "autogroup")
+    monkeypatch.setattr(daemon.os, "getsid", lambda pid: os.getpid())
+    with caplog.at_level("WARNING"):
+        daemon.set_autogroup_nice(-10)
+    assert "could not set the daemon's scheduler autogroup to nice -10" in caplog.text
+    assert "counts within its session only" in caplog.text
+
+
 def test_invalid_toml_says_so():
     msg = error_of("[appliance\n")
     assert msg.startswith("bw.toml: not valid TOML")

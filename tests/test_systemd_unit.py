@@ -70,14 +70,16 @@ def run_under(caps: list[str], pg, bao, workdir: Path) -> dict:
     config.write_text(config.read_text().replace(
         '[probes]\nmode = "off"', f'[probes]\nmode = "ebpf"\nbots_cgroup = "{bots}"\npin_dir = "{pin}"\n'
                                   f'nft_table = "bwunit{tag}"\nmap_entries = 1024'))
-    # As systemd runs a root service with CapabilityBoundingSet= and NoNewPrivileges=yes.
+    # As systemd runs a root service: a session of its own, CapabilityBoundingSet=, NoNewPrivileges=yes.
     bounding = ",".join(["-all", *(f"+{c}" for c in caps)])
     daemon = DaemonProcess(config, workdir / "run" / "control.sock",
-                           prefix=["setpriv", "--no-new-privs", f"--bounding-set={bounding}", "--inh-caps=-all"])
+                           prefix=["setsid", "setpriv", "--no-new-privs", f"--bounding-set={bounding}",
+                                   "--inh-caps=-all"])
     result: dict = {}
     try:
         daemon.start()
         result["probes"] = daemon.client().get("/v1/status")["probes"]
+        result["autogroup"] = Path(f"/proc/{daemon.proc.pid}/autogroup").read_text().strip()
         env = {**os.environ, "PGPASSWORD": bao.mint_token(), "PGSSLMODE": "disable", "PGCONNECT_TIMEOUT": "10",
                "HOME": "/tmp", "PYTHONPATH": str(ROOT)}
         bot = subprocess.run([sys.executable, "-m", "appliance.cli", "--config", str(config), "bot", "run",
@@ -107,6 +109,9 @@ def test_the_daemon_runs_with_the_units_capabilities_and_needs_each(pg_server, b
         assert "could not start" in result["start_error"] and "bpf_probe_read" in result["start_error"], result
         return
     assert result["probes"] == "ebpf (mode=ebpf)", result  # attached, and the attachment check can see it
+    # CAP_SYS_NICE also lets it give its session's scheduler autogroup its nice (docs/architecture.md)
+    if Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip() == "1":
+        assert result["autogroup"].endswith(" nice -10"), result
     assert result["bot"] == "through the redirect", result
     (session,) = result["sessions"]
     assert session["uid"] == 65534 and session["attribution_source"] == "ebpf", session
