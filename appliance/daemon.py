@@ -638,6 +638,14 @@ def set_priority(nice: int) -> None:
     set_autogroup_nice(nice)
 
 
+def autogroups_enabled() -> bool:
+    """Whether the kernel schedules with autogroups (``kernel.sched_autogroup_enabled``)."""
+    try:
+        return AUTOGROUPS.read_text().strip() == "1"
+    except OSError:
+        return False  # a kernel without autogroups: nice values order every task
+
+
 def set_autogroup_nice(nice: int) -> None:
     """With scheduler autogroups (``kernel.sched_autogroup_enabled``, tasks in the root cpu
     cgroup: Debian's default, systemd services included) a nice value orders threads within one
@@ -648,11 +656,8 @@ def set_autogroup_nice(nice: int) -> None:
     (docs/architecture.md, CPU priority). So the daemon also sets its autogroup's nice, when the
     autogroup is its own: it leads its session, as a systemd service does. Started from a shell
     (or a test), it shares the caller's session and leaves it alone."""
-    try:
-        if AUTOGROUPS.read_text().strip() != "1":
-            return
-    except OSError:
-        return  # a kernel without autogroups: nice values order every task
+    if not autogroups_enabled():
+        return
     if os.getsid(0) != os.getpid():
         if nice < 0:
             log.info("daemon CPU priority: nice %d counts within the session it was started in only "
@@ -660,7 +665,10 @@ def set_autogroup_nice(nice: int) -> None:
                      "counts against other sessions too", nice)
         return
     try:
-        current = int(AUTOGROUP.read_text().split()[-1])  # "/autogroup-N nice M"
+        shown = AUTOGROUP.read_text().split()  # "/autogroup-N nice M"; nothing in the root group
+        if not shown:
+            return  # a session never made by setsid: the root group, whose weight cannot be set
+        current = int(shown[-1])
         if current == nice:
             return
         AUTOGROUP.write_text(f"{nice}\n")

@@ -9,7 +9,8 @@ bcc and the kernel headers it compiles against); the config; Vault/OpenBao (reac
 botwarden's AppRole or token logs in, and may use each target's credential path, asked through
 sys/capabilities-self so nothing is issued); each target (TCP, then the protocol's greeting:
 PostgreSQL answers an SSLRequest with 'S' or 'N', SSH sends its banner); the OIDC issuer
-(discovery, JWKS with at least one key); the daemon; the audit store (through the control API
+(discovery, JWKS with at least one key); the daemon and its CPU priority (with scheduler
+autogroups, its session's too); the audit store (through the control API
 while the daemon runs, else opened read-only: the whole chain up to its head verified; free
 disk; a copy of the chain kept off the host: the audit stream or the fleet); the control socket
 (a socket, owned by root, the configured mode and group, never other-accessible); the probes
@@ -107,6 +108,10 @@ class Doctor:
 
         self.daemon_pid = StateLock.holder(cfg.appliance.state_dir)
         self.check("daemon", lambda: self.daemon(cfg))
+        if self.daemon_pid is None:
+            self.skip("daemon CPU priority", "the daemon is not running")
+        else:
+            self.check("daemon CPU priority", lambda: self.priority(cfg, self.daemon_pid))
         self.check("audit store", lambda: self.audit(cfg))
         self.check("audit disk space", lambda: self.disk(cfg))
         self.check("audit chain off the host", lambda: self.off_host(cfg))
@@ -369,6 +374,34 @@ class Doctor:
             raise _Failed(f"pid {st['pid']} runs, but its last reload was refused: {st['last_reload_error']}",
                           "fix the config and `botwarden config reload`", "warn")
         return f"pid {st['pid']} since {st['started_at']}, {len(st['targets'])} listeners"
+
+    @staticmethod
+    def priority(cfg: Config, pid: int) -> str:
+        """The daemon's CPU priority as the scheduler applies it: its nice value and, with
+        scheduler autogroups, its session's, which is what counts against bots and databases in
+        other sessions (docs/architecture.md, CPU priority)."""
+        from appliance.daemon import autogroups_enabled
+
+        want = cfg.appliance.nice
+        try:
+            nice = int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[16])
+            group = Path(f"/proc/{pid}/autogroup").read_text().split() if autogroups_enabled() else []
+            group_nice = int(group[-1]) if group else None  # "/autogroup-N nice M"; nothing in the root group
+        except OSError as e:
+            raise _Failed(f"pid {pid} cannot be read ({e.strerror})", "run `botwarden doctor` again", "warn") from None
+        if nice != want:
+            raise _Failed(f"pid {pid} runs at nice {nice}; appliance.nice is {want}",
+                          "restart it to apply appliance.nice (without CAP_SYS_NICE it cannot raise its "
+                          "priority: its log says so)", "warn")
+        if group_nice is None:
+            return f"nice {nice} (no scheduler autogroup of its own: it counts against every task)"
+        if group_nice != want:
+            raise _Failed(f"nice {nice} counts within its session only: the session's scheduler autogroup is at "
+                          f"nice {group_nice}, so bots and database backends (sessions of their own) share the "
+                          "CPU with it as equals",
+                          "run it as the systemd service (or `setsid botwarden run`): leading its session, it "
+                          "gives the session's autogroup appliance.nice", "warn")
+        return f"nice {nice}, and its session's scheduler autogroup nice {group_nice}"
 
     def audit(self, cfg: Config) -> str:
         import analytics

@@ -23,6 +23,7 @@ from analytics.errors import (AuditClosedError, AuditError, AuditRecordError, Au
                               ReadOnlyViolation, UnknownReport)
 from analytics.schema import RecordValidator
 from appliance.auditproc import AuditProcess
+from appliance.daemon import autogroups_enabled
 from appliance.errors import BotwardenError
 from appliance.policy.masking import DetectorSettings
 from appliance.policy.redact import MASK
@@ -1023,12 +1024,7 @@ def _autogroup(pid: int | str) -> tuple[str, int]:
     return name, int(nice)
 
 
-def _autogroups_on() -> bool:
-    path = Path("/proc/sys/kernel/sched_autogroup_enabled")
-    return path.exists() and path.read_text().strip() == "1"
-
-
-@pytest.mark.skipif(not _autogroups_on(), reason="the kernel schedules without autogroups here "
+@pytest.mark.skipif(not autogroups_enabled(), reason="the kernel schedules without autogroups here "
                                                  "(kernel.sched_autogroup_enabled is 0 or absent): nothing to set")
 def test_a_daemon_leading_its_session_gives_its_autogroup_its_nice(pg_server, bao_server, tmp_path):
     """Between sessions the scheduler shares the CPU by autogroup, and a nice value counts only

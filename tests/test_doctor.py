@@ -20,6 +20,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
+from appliance.daemon import autogroups_enabled
 from appliance.sandbox import OpenBaoServer, configure_openbao
 from probes import cgroups
 from tests.audit_fixtures import populate
@@ -59,7 +60,8 @@ def env(pg_server, bao_server, tmp_path_factory):
     config = with_probes(write_config(workdir / "botwarden.toml", workdir=workdir, pg=pg_server, bao=setup,
                                       listen_port=new_port(),
                                       extra=f'[audit.stream]\nfile = "{workdir / "stream" / "audit.jsonl"}"\n'))
-    daemon = DaemonProcess(config, workdir / "run" / "control.sock").start()
+    # A session of its own, as systemd starts the service (its priority then counts against others)
+    daemon = DaemonProcess(config, workdir / "run" / "control.sock", prefix=["setsid"]).start()
     try:
         yield type("Env", (), {"pg": pg_server, "bao": setup, "config": config, "daemon": daemon,
                                "workdir": workdir})
@@ -75,7 +77,7 @@ def env(pg_server, bao_server, tmp_path_factory):
 
 EXPECTED = ["running as root", "kernel BTF", "cgroup v2", "bpffs", "BPF permission", "nft (fallback path)", "bcc",
             "kernel headers for bcc", "config", "Vault reachable", "Vault login", "target orders credential",
-            "target orders reachable", "OIDC issuer", "daemon", "audit store", "audit disk space",
+            "target orders reachable", "OIDC issuer", "daemon", "daemon CPU priority", "audit store", "audit disk space",
             "audit chain off the host", "control socket", "probes"]
 
 
@@ -92,6 +94,8 @@ def test_healthy_install_passes_every_check(env):
     assert "mode 0600" in checks["control socket"]["detail"]
     assert "the audit stream writes every row's hash to" in checks["audit chain off the host"]["detail"]
     assert f"owner pid {env.daemon.proc.pid} alive" in checks["probes"]["detail"]
+    if autogroups_enabled():
+        assert checks["daemon CPU priority"]["detail"] == "nice -10, and its session's scheduler autogroup nice -10"
     # The same, for a person: one line per check and the count.
     text = cli("--config", str(env.config), "doctor")
     assert text.returncode == 0 and f"{len(EXPECTED)} of {len(EXPECTED)} checks passed" in text.stdout, text.stdout
@@ -233,3 +237,38 @@ uid = 0
     assert checks["audit store"]["status"] == "fail"
     assert "modified" in checks["audit store"]["detail"]
     assert [n for n, c in checks.items() if c["status"] == "fail"] == ["audit store"]
+
+
+def test_a_daemon_priority_that_does_not_count_against_other_sessions_is_a_warning(env):
+    """The priority check reads the scheduler's view of real processes: one at the configured nice
+    inside this test's session (its autogroup, shared, at nice 0) is warned about; one at the wrong
+    nice is too; one leading its session with its autogroup set (what the daemon does) is ok."""
+    from appliance.config import load_config
+    from appliance.doctor import Doctor, _Failed
+
+    if not autogroups_enabled():
+        pytest.skip("no scheduler autogroups on this kernel: the check has nothing more to say")
+    cfg = load_config(str(env.config))
+    assert cfg.appliance.nice == -10
+    sleep = "import time; print('ready', flush=True); time.sleep(60)"
+    inside = subprocess.Popen([sys.executable, "-c", f"import os; os.setpriority(os.PRIO_PROCESS, 0, -10); {sleep}"],
+                              stdout=subprocess.PIPE, text=True)
+    plain = subprocess.Popen([sys.executable, "-c", sleep], stdout=subprocess.PIPE, text=True)
+    leader = subprocess.Popen(["setsid", sys.executable, "-c", f"from appliance.daemon import set_priority; "
+                               f"set_priority(-10); {sleep}"], stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        for p in (inside, plain, leader):
+            assert p.stdout.readline().strip() == "ready"
+        with pytest.raises(_Failed) as e:
+            Doctor.priority(cfg, inside.pid)
+        assert e.value.status == "warn" and "counts within its session only" in e.value.detail
+        assert "autogroup is at nice 0" in e.value.detail and "setsid botwarden run" in e.value.fix
+        with pytest.raises(_Failed) as e:
+            Doctor.priority(cfg, plain.pid)
+        assert e.value.status == "warn" and f"pid {plain.pid} runs at nice 0; appliance.nice is -10" == e.value.detail
+        assert Doctor.priority(cfg, leader.pid) == "nice -10, and its session's scheduler autogroup nice -10"
+    finally:
+        for p in (inside, plain, leader):
+            p.kill()
+            p.wait()

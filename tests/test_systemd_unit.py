@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from appliance.daemon import autogroups_enabled
 from probes import cgroups
 from tests.daemon_fixtures import PSQL, ROOT, DaemonProcess, fresh_setup, new_port, write_config
 
@@ -110,7 +111,7 @@ def test_the_daemon_runs_with_the_units_capabilities_and_needs_each(pg_server, b
         return
     assert result["probes"] == "ebpf (mode=ebpf)", result  # attached, and the attachment check can see it
     # CAP_SYS_NICE also lets it give its session's scheduler autogroup its nice (docs/architecture.md)
-    if Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip() == "1":
+    if autogroups_enabled():
         assert result["autogroup"].endswith(" nice -10"), result
     assert result["bot"] == "through the redirect", result
     (session,) = result["sessions"]

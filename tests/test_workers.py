@@ -162,9 +162,11 @@ def test_what_workers_send_in_frames_reaches_the_listing_and_metrics(env):
                 return next(s for s in env.daemon.client().get("/v1/sessions")["sessions"]
                             if s["credential_user"] == user)
 
-            running = wait_for(lambda: s if (s := listed()).get("current_running") else None,
-                               what=f"worker {worker}'s statement as the session's current one")
-            assert marker in running["current"] and running["worker"] == worker
+            # The listing follows the worker's frames (sent lazily): the statement before, already
+            # answered, may still show as running for a frame; the marker's statement follows it.
+            running = wait_for(lambda: s if (s := listed()).get("current_running") and marker in s["current"]
+                               else None, what=f"worker {worker}'s statement as the session's current one")
+            assert running["worker"] == worker
             t.join(30)
             assert not t.is_alive()
             done = wait_for(lambda: s if not (s := listed()).get("current_running") else None,
