@@ -286,7 +286,8 @@ cgroup = "pgbench"
 
         client = ControlClient(str(self.socket))
         client.post("/v1/audit/flush")
-        rows = client.post("/v1/audit/sql", {"sql": f"SELECT DISTINCT decision FROM requests WHERE text = '{sql}' "
+        quoted = sql.replace("'", "''")
+        rows = client.post("/v1/audit/sql", {"sql": f"SELECT DISTINCT decision FROM requests WHERE text = '{quoted}' "
                                                     "ORDER BY 1"})["rows"]
         return [r[0] for r in rows]
 
