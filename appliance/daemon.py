@@ -646,6 +646,13 @@ def autogroups_enabled() -> bool:
         return False  # a kernel without autogroups: nice values order every task
 
 
+def autogroup_nice(path: Path) -> int | None:
+    """The nice of the scheduler autogroup ``path`` (``/proc/PID/autogroup``) shows, or None when
+    it shows none ("/autogroup-N nice M"; nothing for the root group, never made by setsid)."""
+    shown = path.read_text().split()
+    return int(shown[-1]) if shown else None
+
+
 def set_autogroup_nice(nice: int) -> None:
     """With scheduler autogroups (``kernel.sched_autogroup_enabled``, tasks in the root cpu
     cgroup: Debian's default, systemd services included) a nice value orders threads within one
@@ -665,10 +672,9 @@ def set_autogroup_nice(nice: int) -> None:
                      "counts against other sessions too", nice)
         return
     try:
-        shown = AUTOGROUP.read_text().split()  # "/autogroup-N nice M"; nothing in the root group
-        if not shown:
+        current = autogroup_nice(AUTOGROUP)
+        if current is None:
             return  # a session never made by setsid: the root group, whose weight cannot be set
-        current = int(shown[-1])
         if current == nice:
             return
         AUTOGROUP.write_text(f"{nice}\n")

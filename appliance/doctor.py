@@ -380,13 +380,12 @@ class Doctor:
         """The daemon's CPU priority as the scheduler applies it: its nice value and, with
         scheduler autogroups, its session's, which is what counts against bots and databases in
         other sessions (docs/architecture.md, CPU priority)."""
-        from appliance.daemon import autogroups_enabled
+        from appliance.daemon import autogroup_nice, autogroups_enabled
 
         want = cfg.appliance.nice
         try:
             nice = int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[16])
-            group = Path(f"/proc/{pid}/autogroup").read_text().split() if autogroups_enabled() else []
-            group_nice = int(group[-1]) if group else None  # "/autogroup-N nice M"; nothing in the root group
+            group_nice = autogroup_nice(Path(f"/proc/{pid}/autogroup")) if autogroups_enabled() else None
         except OSError as e:
             raise _Failed(f"pid {pid} cannot be read ({e.strerror})", "run `botwarden doctor` again", "warn") from None
         if nice != want:
