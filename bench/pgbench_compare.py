@@ -339,6 +339,18 @@ cgroup = "pgbench"
 
 # ---------------------------------------------------------------- helpers
 
+def cpu_ratio(full: dict | None, other: dict | None) -> dict | None:
+    """Proxy CPU per transaction of ``full`` over ``other`` (two median runs), with each's user and
+    kernel µs (user: the process's own code, the interpreter and its C extensions; kernel: the
+    system calls and what they do for it). None when either was not run or not measured."""
+    if not full or not other or not full.get("cpu_us") or not other.get("cpu_us") \
+            or full.get("sys_us") is None or other.get("sys_us") is None:
+        return None
+    return {"cpu": full["cpu_us"] / other["cpu_us"],
+            "user_us": [full["cpu_us"] - full["sys_us"], other["cpu_us"] - other["sys_us"]],
+            "kernel_us": [full["sys_us"], other["sys_us"]]}
+
+
 def py_spy() -> str:
     """The py-spy that --profile runs (the venv's, or one on PATH); exits with how to install it
     when there is none (it is the `bench` extra, not installed by the README's commands)."""
@@ -813,8 +825,8 @@ pidfile = {bdir}/pgbouncer.pid
             + (f"Each path ran {args.repeat} times, interleaved; the table shows the median run and the median "
                f"of the per-round ratios (all ratios in the last column)." if args.repeat > 1 else ""),
             "",
-            "| mode | path | TPS | ratio to direct | p50 ms | p99 ms | proxy CPU µs/txn | ratios of all rounds |",
-            "|---|---|---:|---:|---:|---:|---:|---|",
+            "| mode | path | TPS | ratio to direct | p50 ms | p99 ms | proxy CPU µs/txn | of it kernel µs/txn | ratios of all rounds |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---|",
         ]
         for mode in modes:
             for name, *_ in targets:
@@ -822,8 +834,9 @@ pidfile = {bdir}/pgbouncer.pid
                 cpu = f"{r['cpu_us']:.1f}" if r["cpu_us"] is not None else "—"
                 if name.startswith("botwarden (full") and r["own_us"] is not None:
                     cpu += f" ({r['own_us']:.0f} daemon + {r['cpu_us'] - r['own_us']:.0f} audit process)"
+                kernel = f"{r['sys_us']:.1f}" if r.get("sys_us") is not None else "—"
                 lines.append(f"| {mode} | {name} | {r['tps']:,.0f} | {r['ratio']:.2f} | {r['p50']:.3f} | "
-                             f"{r['p99']:.3f} | {cpu} | {', '.join(f'{x:.2f}' for x in r['all_ratios'])} |")
+                             f"{r['p99']:.3f} | {cpu} | {kernel} | {', '.join(f'{x:.2f}' for x in r['all_ratios'])} |")
         relay_name = "uvloop byte relay"
         batched_name = "botwarden (full, audit.mode = batched)"
         norecord_name = "botwarden (full, record = metadata)"
@@ -856,6 +869,15 @@ pidfile = {bdir}/pgbouncer.pid
         if vs_relay:
             lines += ["", f"`{full}` against the {relay_name} of the same round (a proxy that inspects nothing, "
                           "the floor of any Python proxy on this machine): " + "; ".join(vs_relay) + "."]
+        cpu_vs_pgbouncer = {mode: cpu_ratio(results.get((mode, full)), results.get((mode, "pgbouncer")))
+                            for mode in modes}
+        if any(cpu_vs_pgbouncer.values()):
+            lines += ["", f"`{full}`'s proxy CPU per transaction against pgbouncer's (issue 20's target 1: at most 2×), "
+                          "and split into user time (Python, C extensions) and kernel time (the socket calls, waking "
+                          "PostgreSQL and pgbench, the audit process's I/O): " + "; ".join(
+                              f"{mode} {c['cpu']:.1f}× (user {c['user_us'][0]:.1f} µs against {c['user_us'][1]:.1f}, "
+                              f"kernel {c['kernel_us'][0]:.1f} against {c['kernel_us'][1]:.1f})"
+                              for mode, c in cpu_vs_pgbouncer.items() if c) + "."]
         lines += [] if not big_targets else [
             "",
             f"# Large result: `{BIG_SQL}` ({args.big_rows:,} rows, ~{big_mb:.0f} MB of values), psql to /dev/null;"
@@ -887,6 +909,8 @@ pidfile = {bdir}/pgbouncer.pid
                 "runs": [{"mode": mode, "path": name, **r} for (mode, name), rs in runs.items() for r in rs],
                 "medians": [{"mode": mode, "path": name, **r} for (mode, name), r in results.items()],
                 "full_vs_relay": {mode: same_round(relay_name, mode) for mode in modes},
+                # the medians' proxy CPU per transaction, full over pgbouncer, and each's user / kernel µs
+                "full_vs_pgbouncer_cpu": cpu_vs_pgbouncer,
                 # full's TPS over the other daemon's in the same round, sorted (null: not run)
                 "full_vs_batched": {mode: same_round(batched_name, mode) for mode in modes},
                 "recorded_vs_metadata": {mode: same_round(norecord_name, mode) for mode in modes},

@@ -40,7 +40,13 @@ def test_quick_bench_writes_every_path_as_json(tmp_path, capsys):
             assert math.isfinite(r["p99"])
             if path != "direct":
                 assert r["cpu_us"] is not None and r["cpu_us"] > 0, (mode, path, r)
+                assert r["sys_us"] is not None and 0 <= r["sys_us"] <= r["cpu_us"], (mode, path, r)
         assert report["full_vs_relay"][mode] and all(x > 0 for x in report["full_vs_relay"][mode])
+        # target 1's CPU ratio, split into user and kernel time, is in the report (and the table)
+        vs = report["full_vs_pgbouncer_cpu"][mode]
+        full, pgb = medians[(mode, PATHS[3])], medians[(mode, "pgbouncer")]
+        assert vs["cpu"] == pytest.approx(full["cpu_us"] / pgb["cpu_us"])
+        assert vs["user_us"][0] + vs["kernel_us"][0] == pytest.approx(full["cpu_us"])
     # every statement of the full path was audited as its own row
     assert report["audited_requests"] >= report["full_transactions"]
     assert report["audit_missing_events"] == 0  # `audit verify`: no request the daemon numbered is missing
