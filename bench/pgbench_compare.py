@@ -866,9 +866,14 @@ pidfile = {bdir}/pgbouncer.pid
         if vs_batched:
             lines += ["", f"`{full}` (audit.mode = {args.audit_mode}) against `{batched_name}` in the same round: "
                           + "; ".join(vs_batched) + "."]
+        p99_vs_relay = {mode: results[(mode, full)]["p99"] / results[(mode, relay_name)]["p99"]
+                        for mode in modes if (mode, full) in results and (mode, relay_name) in results
+                        and results[(mode, relay_name)]["p99"] > 0}
         if vs_relay:
             lines += ["", f"`{full}` against the {relay_name} of the same round (a proxy that inspects nothing, "
-                          "the floor of any Python proxy on this machine): " + "; ".join(vs_relay) + "."]
+                          "the floor of any Python proxy on this machine), TPS (issue 20's target 1: at least 0.80): "
+                          + "; ".join(vs_relay) + ". p99 latency of the median runs against the relay's (target: at "
+                          "most 1.5×): " + "; ".join(f"{mode} {x:.1f}×" for mode, x in p99_vs_relay.items()) + "."]
         cpu_vs_pgbouncer = {mode: cpu_ratio(results.get((mode, full)), results.get((mode, "pgbouncer")))
                             for mode in modes}
         if any(cpu_vs_pgbouncer.values()):
@@ -911,6 +916,7 @@ pidfile = {bdir}/pgbouncer.pid
                 "full_vs_relay": {mode: same_round(relay_name, mode) for mode in modes},
                 # the medians' proxy CPU per transaction, full over pgbouncer, and each's user / kernel µs
                 "full_vs_pgbouncer_cpu": cpu_vs_pgbouncer,
+                "full_vs_relay_p99": p99_vs_relay,   # the median runs' p99, full over the relay's
                 # full's TPS over the other daemon's in the same round, sorted (null: not run)
                 "full_vs_batched": {mode: same_round(batched_name, mode) for mode in modes},
                 "recorded_vs_metadata": {mode: same_round(norecord_name, mode) for mode in modes},

@@ -47,6 +47,8 @@ def test_quick_bench_writes_every_path_as_json(tmp_path, capsys):
         full, pgb = medians[(mode, PATHS[3])], medians[(mode, "pgbouncer")]
         assert vs["cpu"] == pytest.approx(full["cpu_us"] / pgb["cpu_us"])
         assert vs["user_us"][0] + vs["kernel_us"][0] == pytest.approx(full["cpu_us"])
+        relay = medians[(mode, PATHS[2])]
+        assert report["full_vs_relay_p99"][mode] == pytest.approx(full["p99"] / relay["p99"])
     # every statement of the full path was audited as its own row
     assert report["audited_requests"] >= report["full_transactions"]
     assert report["audit_missing_events"] == 0  # `audit verify`: no request the daemon numbered is missing
