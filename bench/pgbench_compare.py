@@ -762,6 +762,8 @@ pidfile = {bdir}/pgbouncer.pid
 
         big: dict[str, float] = {}
         big_open: dict[str, float] = {}
+        big_tries: dict[str, list[float]] = {}        # every try's seconds, in order (the table keeps the best)
+        big_open_tries: dict[str, list[float]] = {}
         big_targets = [] if args.no_big else [t for t in targets if t[0] != "uvloop byte relay"]
         if big_targets:
             print("large result ...", file=sys.stderr)
@@ -785,12 +787,14 @@ pidfile = {bdir}/pgbouncer.pid
                     time.sleep(1)
                 t = timed_psql(port, user, password, BIG_SQL, wrap)
                 big[name] = min(big.get(name, t), t)
+                big_tries.setdefault(name, []).append(t)
                 if spy is not None:
                     spy.send_signal(signal.SIGINT)
                     spy.wait(60)
                 if name.startswith("botwarden"):  # the same rows, no masking rule touching them
                     t = timed_psql(port, user, password, BIG_OPEN_SQL, wrap)
                     big_open[name] = min(big_open.get(name, t), t)
+                    big_open_tries.setdefault(name, []).append(t)
         load_after = os.getloadavg()
         # What the full daemon decided for the two large results, from its audit store: a label the
         # policy does not agree with (an "unmasked" result that was masked) is said in the table.
@@ -924,6 +928,7 @@ pidfile = {bdir}/pgbouncer.pid
                 "large": None if not big_targets else {
                     "rows": args.big_rows, "mb": big_mb, "full_decisions": big_decisions,
                     "masked_seconds": big, "unmasked_seconds": big_open,
+                    "masked_tries": big_tries, "unmasked_tries": big_open_tries,
                     "masked_ratio": {k: big["direct"] / v for k, v in big.items()},
                     "unmasked_ratio": {k: big["direct"] / v for k, v in big_open.items()},
                 },
