@@ -25,7 +25,9 @@ proxy, a plain uvloop byte relay. Runs
 ~100 MB SELECT with two masked columns. TPS comes from pgbench, latency
 p50/p99 from its per-transaction logs (--log), CPU microseconds per
 transaction of the proxy process and its children from /proc/<pid>/stat (utime +
-stime; the daemon's child is its audit process). With --repeat N every path runs N
+stime; the daemon's child is its audit process; the stime share is printed too, and issue 20's
+target 1 ratios: full inspection's CPU against pgbouncer's, split into user and kernel time, its
+TPS and p99 against the byte relay's). With --repeat N every path runs N
 times, the rounds interleaved (each round starting one path later), and the table shows medians;
 each proxy gets a short unmeasured warm-up run first, and after each run the bench waits for the
 proxy to go idle (its audit process's last commits count for that run, not the next path's).
