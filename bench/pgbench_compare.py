@@ -29,7 +29,7 @@ stime; the daemon's child is its audit process; the stime share is printed too, 
 target 1 ratios: full inspection's CPU against pgbouncer's, split into user and kernel time, its
 TPS and p99 against the byte relay's). With --repeat N every path runs N
 times, the rounds interleaved (each round starting one path later), and the table shows medians;
-each proxy gets a short unmeasured warm-up run first, and after each run the bench waits for the
+each proxy gets a short unmeasured warm-up run first, and after each run (and before each large-result query) the bench waits for the
 proxy to go idle (its audit process's last commits count for that run, not the next path's).
 `--paths full,full-aa` is the A/A comparison: a second daemon configured exactly as the first, so
 the ratio of their TPS in the same round is the spread of the bench itself on this machine.
@@ -493,13 +493,7 @@ def run_pgbench(port: int, password: str, mode: str, args, logdir: Path, tag: st
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=logdir)
     # What the proxy still does for this run after pgbench ended (its audit process committing the
     # last records and chunks) counts for this run, and must not run into the next path's run.
-    after, settled = cpu_ticks(cpu_pid) if cpu_pid else 0, time.monotonic()
-    while cpu_pid and time.monotonic() - settled < SETTLE_MAX_S:
-        time.sleep(0.25)
-        now = cpu_ticks(cpu_pid)
-        busy, after = now - after > 1, now
-        if not busy:
-            break
+    after = settle(cpu_pid)
     if res.returncode != 0:
         raise RuntimeError(f"pgbench {tag} failed: {res.stderr}")
     tps = float(next(line.split("=")[1].split()[0] for line in res.stdout.splitlines()
@@ -527,6 +521,22 @@ def run_pgbench(port: int, password: str, mode: str, args, logdir: Path, tag: st
             "own_us": own_us, "txns": txns, "load_1min_before": load,
             "sys_us": (sys_after - sys_before) / CLK_TCK * 1e6 / txns if cpu_pid else None,
             "switches_per_txn": (sw_after - sw_before) / txns if cpu_pid else None}
+
+
+def settle(cpu_pid: int | None) -> int:
+    """Wait (up to SETTLE_MAX_S) until the proxy's process tree stops using CPU (at most one tick
+    in 0.25 s): its audit process done committing what the last run or query left it. Returns the
+    tree's CPU ticks then."""
+    if not cpu_pid:
+        return 0
+    after, start = cpu_ticks(cpu_pid), time.monotonic()
+    while time.monotonic() - start < SETTLE_MAX_S:
+        time.sleep(0.25)
+        now = cpu_ticks(cpu_pid)
+        busy, after = now - after > 1, now
+        if not busy:
+            break
+    return after
 
 
 def timed_psql(port: int, user: str, password: str, sql: str, wrap=None) -> float:
@@ -767,6 +777,8 @@ pidfile = {bdir}/pgbouncer.pid
         big_open: dict[str, float] = {}
         big_tries: dict[str, list[float]] = {}        # every try's seconds, in order (the table keeps the best)
         big_open_tries: dict[str, list[float]] = {}
+        big_settled: dict[str, list[float]] = {}      # seconds each try waited for the proxy to go idle
+        big_open_settled: dict[str, list[float]] = {}
         big_targets = [] if args.no_big else [t for t in targets if t[0] != "uvloop byte relay"]
         if big_targets:
             print("large result ...", file=sys.stderr)
@@ -779,9 +791,14 @@ pidfile = {bdir}/pgbouncer.pid
             user = "bot" if name.startswith("botwarden") else USER
             timed_psql(port, user, password, "SELECT 1", wrap)  # warm up the connection path
         for attempt in range(tries):
-            for name, port, password, _, wrap in big_targets:
+            for name, port, password, cpu_pid, wrap in big_targets:
                 user = "bot" if name.startswith("botwarden") else USER
                 spy = None
+                # Each query starts with the proxy idle: the daemon's audit process still redacting
+                # and committing the last query's recording must not share the CPU with this one.
+                waited = time.monotonic()
+                settle(cpu_pid)
+                big_settled.setdefault(name, []).append(time.monotonic() - waited)
                 if args.profile and name == full and attempt == 0 and not args.profile.endswith(".perf"):
                     # py-spy over the daemon while it masks the large result (FILE-large.txt / .svg)
                     stem, ext = os.path.splitext(args.profile)
@@ -797,6 +814,9 @@ pidfile = {bdir}/pgbouncer.pid
                     spy.send_signal(signal.SIGINT)
                     spy.wait(60)
                 if name.startswith("botwarden"):  # the same rows, no masking rule touching them
+                    waited = time.monotonic()
+                    settle(cpu_pid)
+                    big_open_settled.setdefault(name, []).append(time.monotonic() - waited)
                     t = timed_psql(port, user, password, BIG_OPEN_SQL, wrap)
                     big_open[name] = min(big_open.get(name, t), t)
                     big_open_tries.setdefault(name, []).append(t)
@@ -940,6 +960,7 @@ pidfile = {bdir}/pgbouncer.pid
                     "rows": args.big_rows, "mb": big_mb, "full_decisions": big_decisions,
                     "masked_seconds": big, "unmasked_seconds": big_open,
                     "masked_tries": big_tries, "unmasked_tries": big_open_tries,
+                    "masked_settle_s": big_settled, "unmasked_settle_s": big_open_settled,
                     "masked_ratio": {k: big["direct"] / v for k, v in big.items()},
                     "unmasked_ratio": {k: big["direct"] / v for k, v in big_open.items()},
                     # the median try over direct's median try (the ratios above: best over best)

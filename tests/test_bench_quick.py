@@ -60,6 +60,8 @@ def test_quick_bench_writes_every_path_as_json(tmp_path, capsys):
     for kind in ("masked", "unmasked"):
         tries = large[f"{kind}_tries"]["botwarden (full inspection)"]
         assert len(tries) == 1 and tries[0] == large[f"{kind}_seconds"]["botwarden (full inspection)"]
+        # each try started once the daemon's process tree had gone idle (the wait is recorded)
+        assert len(large[f"{kind}_settle_s"]["botwarden (full inspection)"]) == 1
         assert large[f"{kind}_median_ratio"]["botwarden (full inspection)"] == pytest.approx(
             large[f"{kind}_ratio"]["botwarden (full inspection)"])
     # The two large results are what their labels say: the daemon masked the first and let the
