@@ -384,7 +384,7 @@ class Doctor:
 
         want = cfg.appliance.nice
         try:
-            nice = int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[16])
+            nice = os.getpriority(os.PRIO_PROCESS, pid)
             group_nice = autogroup_nice(Path(f"/proc/{pid}/autogroup")) if autogroups_enabled() else None
         except OSError as e:
             raise _Failed(f"pid {pid} cannot be read ({e.strerror})", "run `botwarden doctor` again", "warn") from None

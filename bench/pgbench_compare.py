@@ -794,8 +794,8 @@ pidfile = {bdir}/pgbouncer.pid
             for name, port, password, cpu_pid, wrap in big_targets:
                 user = "bot" if name.startswith("botwarden") else USER
                 spy = None
-                # Each query starts with the proxy idle: the daemon's audit process still redacting
-                # and committing the last query's recording must not share the CPU with this one.
+                # Each query starts with the proxy idle, as each pgbench run ends: whatever the last
+                # query left it to do (its audit process committing) must not share the CPU with this one.
                 waited = time.monotonic()
                 settle(cpu_pid)
                 big_settled.setdefault(name, []).append(time.monotonic() - waited)
