@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import queue
 import socket
 import struct
@@ -695,3 +696,67 @@ def test_messages_split_at_every_byte_both_ways(pg_server):
     finally:
         ft.stop()
         relay.close()
+
+
+def _upstream_lowat(client_port: int) -> int | None:
+    """SO_RCVLOWAT of the front's socket to the server whose local port is ``client_port`` (the
+    front runs in this process: its socket is one of our descriptors, found by inode)."""
+    inode = None
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if int(fields[1].split(":")[1], 16) == client_port and fields[3] == "01":  # ESTABLISHED
+                inode = fields[9]
+    if inode is None:
+        return None
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == f"socket:[{inode}]":
+                with socket.socket(fileno=os.dup(int(fd))) as s:
+                    return s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT)
+        except OSError:
+            continue
+    return None
+
+
+def test_a_bulk_result_is_read_in_large_chunks_and_the_next_statement_is_not_held_back(policy_front):
+    """While the server streams a large result, the front's socket to it wakes the loop only once
+    BULK_LOWAT bytes wait (SO_RCVLOWAT; fewer, larger reads); once the stream is over it wakes at
+    any byte again, so the result's last bytes and the next statement's small answer arrive."""
+    from appliance.fronts.postgres.transport import BULK_LOWAT
+
+    rows, width = 20_000, 2_000  # 40 MB of values
+    with psycopg.connect(policy_front.dsn(), autocommit=True) as conn:
+        port = conn.execute("SELECT inet_client_port()").fetchone()[0]
+        assert _upstream_lowat(port) == 1   # a session starts waking at any byte
+        seen: set[int] = set()
+        result: dict = {}
+
+        def big() -> None:
+            cur = conn.execute(f"SELECT i, repeat('x', {width}) FROM generate_series(1, {rows}) i")
+            result["rows"] = cur.fetchall()
+
+        t = threading.Thread(target=big, daemon=True)
+        t.start()
+        deadline = time.monotonic() + 60
+        while t.is_alive() and time.monotonic() < deadline:
+            lowat = _upstream_lowat(port)
+            if lowat is not None:
+                seen.add(lowat)
+            time.sleep(0.0005)
+        assert not t.is_alive(), "the large result never finished (its last bytes were held back)"
+        assert len(result["rows"]) == rows
+        assert result["rows"][-1] == (rows, "x" * width)   # every byte arrived, the last ones too
+        assert BULK_LOWAT in seen, seen                     # the stream was read in bulk
+
+        # The stream is over: the socket wakes at any byte again, and a statement with a tiny
+        # answer gets it (with the mark left at BULK_LOWAT it would wait forever).
+        deadline = time.monotonic() + 5
+        while _upstream_lowat(port) != 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _upstream_lowat(port) == 1
+        answers: list = []
+        small = threading.Thread(target=lambda: answers.append(conn.execute("SELECT 41 + 1").fetchone()[0]))
+        small.start()
+        small.join(10)
+        assert answers == [42]

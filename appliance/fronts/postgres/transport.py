@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from typing import TYPE_CHECKING
 
 from appliance.protocols.postgres import sqlstate
@@ -116,20 +117,67 @@ class BotProtocol(asyncio.Protocol):
         self.session.flow("bot_full", False)
 
 
+# Bulk reads (docs/architecture.md, "Bulk results"): a read of at least BULK_READ bytes from the
+# server means it is streaming (a large result, a COPY TO STDOUT). While it does, the kernel wakes
+# the event loop only once BULK_LOWAT bytes are waiting (SO_RCVLOWAT): a loop that runs ahead of
+# the server (appliance.nice) otherwise wakes for every few kilobytes, and each wake-up, and each
+# write of the small chunk to the bot, costs more than relaying the bytes (a 92 MB unmasked result:
+# 2,800 reads of 33 KB, 0.65 of direct's MB/s). The stream is over once BULK_IDLE_S passes
+# without a read: the socket goes back to waking at any byte, so the last bytes of a result (fewer
+# than BULK_LOWAT) wait at most about two such intervals.
+BULK_READ = 32 * 1024
+BULK_LOWAT = 128 * 1024
+BULK_IDLE_S = 0.002
+
+
 class UpstreamProtocol(asyncio.Protocol):
     """The server's side of one session."""
 
     def __init__(self, session: Session):
         self.session = session
         self.transport: asyncio.Transport | None = None
+        self._bulk: asyncio.TimerHandle | None = None  # the bulk stream's idle check, while one runs
+        self._bulk_recent = False                      # a read since that check was armed
+        self.bulk_streams = 0                          # how many bulk streams this session's server sent
 
     def connection_made(self, transport) -> None:
         if self.transport is None:
             self.transport = transport
 
+    def _lowat(self, n: int) -> bool:
+        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
+        if sock is None:
+            return False
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, n)
+        except OSError:  # closed meanwhile, or a socket without a low-water mark: nothing to undo
+            return False
+        return True
+
+    def _bulk_start(self) -> None:
+        if self._lowat(BULK_LOWAT):
+            self.bulk_streams += 1
+            self._bulk_recent = False
+            self._bulk = asyncio.get_running_loop().call_later(BULK_IDLE_S, self._bulk_check)
+
+    def _bulk_check(self) -> None:
+        if self._bulk_recent:
+            self._bulk_recent = False
+            self._bulk = asyncio.get_running_loop().call_later(BULK_IDLE_S, self._bulk_check)
+            return
+        # No read for BULK_IDLE_S (the stream ended, paused, or the bot is slow and reading is
+        # paused): whatever is waiting, however little, wakes the loop again (setting the mark
+        # re-checks the socket, so bytes already queued are reported now).
+        self._bulk = None
+        self._lowat(1)
+
     def data_received(self, data: bytes) -> None:
         s = self.session
         s.bytes_out += len(data)
+        if self._bulk is not None:
+            self._bulk_recent = True
+        elif len(data) >= BULK_READ:
+            self._bulk_start()
         if s.relaying:
             try:
                 s.server_data(data)
@@ -147,6 +195,9 @@ class UpstreamProtocol(asyncio.Protocol):
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._bulk is not None:
+            self._bulk.cancel()
+            self._bulk = None
         self.session.server_lost(exc)
 
     def pause_writing(self) -> None:
