@@ -138,7 +138,6 @@ class UpstreamProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._bulk: asyncio.TimerHandle | None = None  # the bulk stream's idle check, while one runs
         self._bulk_recent = False                      # a read since that check was armed
-        self.bulk_streams = 0                          # how many bulk streams this session's server sent
 
     def connection_made(self, transport) -> None:
         if self.transport is None:
@@ -156,7 +155,6 @@ class UpstreamProtocol(asyncio.Protocol):
 
     def _bulk_start(self) -> None:
         if self._lowat(BULK_LOWAT):
-            self.bulk_streams += 1
             self._bulk_recent = False
             self._bulk = asyncio.get_running_loop().call_later(BULK_IDLE_S, self._bulk_check)
 
