@@ -539,6 +539,13 @@ def settle(cpu_pid: int | None) -> int:
     return after
 
 
+def settle_seconds(cpu_pid: int | None) -> float:
+    """settle(), returning how long it waited (the bench records it before each large-result query)."""
+    start = time.monotonic()
+    settle(cpu_pid)
+    return time.monotonic() - start
+
+
 def timed_psql(port: int, user: str, password: str, sql: str, wrap=None) -> float:
     """Seconds the query took as psql's \\timing measures it (query sent to last row read), so the
     start of psql and of the `bot run` wrapper around it do not count."""
@@ -796,9 +803,7 @@ pidfile = {bdir}/pgbouncer.pid
                 spy = None
                 # Each query starts with the proxy idle, as each pgbench run ends: whatever the last
                 # query left it to do (its audit process committing) must not share the CPU with this one.
-                waited = time.monotonic()
-                settle(cpu_pid)
-                big_settled.setdefault(name, []).append(time.monotonic() - waited)
+                big_settled.setdefault(name, []).append(settle_seconds(cpu_pid))
                 if args.profile and name == full and attempt == 0 and not args.profile.endswith(".perf"):
                     # py-spy over the daemon while it masks the large result (FILE-large.txt / .svg)
                     stem, ext = os.path.splitext(args.profile)
@@ -814,9 +819,7 @@ pidfile = {bdir}/pgbouncer.pid
                     spy.send_signal(signal.SIGINT)
                     spy.wait(60)
                 if name.startswith("botwarden"):  # the same rows, no masking rule touching them
-                    waited = time.monotonic()
-                    settle(cpu_pid)
-                    big_open_settled.setdefault(name, []).append(time.monotonic() - waited)
+                    big_open_settled.setdefault(name, []).append(settle_seconds(cpu_pid))
                     t = timed_psql(port, user, password, BIG_OPEN_SQL, wrap)
                     big_open[name] = min(big_open.get(name, t), t)
                     big_open_tries.setdefault(name, []).append(t)

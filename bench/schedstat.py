@@ -7,8 +7,9 @@ Run beside a bench that is already running, as root, from the repository root:
     .venv/bin/python bench/pgbench_compare.py --paths full,front --modes simple --no-big --duration 8 &
     .venv/bin/python bench/schedstat.py --seconds 75
 
-Roles: the bench daemon (`botwarden run` of a bench directory), its audit process, the bench's
-own front and relay (`--serve-front`, `--serve-relay`), PostgreSQL's processes and pgbench. A
+Roles: the bench daemon (`botwarden run` of a bench directory) split into the daemon, its workers
+and its audit process as bench/pgbench_compare.py splits its CPU, the bench's own front and relay
+(`--serve-front`, `--serve-relay`), PostgreSQL's processes and pgbench. A
 line is printed for each second in which some role ran more than 100 ms. A wait is time runnable
 but not running: behind other tasks on the run queue, including after a wake-up. Divide by the
 run's TPS for µs per transaction (README, "Where the microseconds go").
@@ -19,42 +20,55 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sys
 import time
 from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.pgbench_compare import proc_tree, role  # noqa: E402
 
 _NONVOLUNTARY = re.compile(r"^nonvoluntary_ctxt_switches:\s+(\d+)", re.M)
 
 
-def role_of(pid: str) -> str | None:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return None
-    if "appliance.cli" in cmd and " run" in cmd and "bw-bench" in cmd:
-        return "daemon"
-    if "from appliance.auditproc import" in cmd:
-        return "audit"
-    if "--serve-front" in cmd:
-        return "front"
-    if "--serve-relay" in cmd:
-        return "relay"
-    if cmd.startswith("postgres") or "/bin/postgres " in cmd:
-        return "postgres"
-    if "pgbench" in cmd and " -S" in cmd:
-        return "pgbench"
-    return None
-
-
-def sample() -> dict[tuple[str, str], tuple[str, int, int, int, int]]:
-    """(pid, tid) -> (role, run ns, wait ns, slices, involuntary switches)."""
+def roots() -> dict[int, str]:
+    """The processes a bench run is made of, by command line: a bench daemon (`botwarden run` of a
+    bench directory), the bench's own front and relay, PostgreSQL's processes and pgbench."""
     out = {}
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
-        role = role_of(pid)
-        if role is None:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
             continue
+        if "appliance.cli" in cmd and " run" in cmd and "bw-bench" in cmd:
+            out[int(pid)] = "daemon"
+        elif "--serve-front" in cmd:
+            out[int(pid)] = "front"
+        elif "--serve-relay" in cmd:
+            out[int(pid)] = "relay"
+        elif cmd.startswith("postgres") or "/bin/postgres " in cmd:
+            out[int(pid)] = "postgres"
+        elif "pgbench" in cmd and " -S" in cmd:
+            out[int(pid)] = "pgbench"
+    return out
+
+
+def sample() -> dict[tuple[int, str], tuple[str, int, int, int, int]]:
+    """(pid, tid) -> (role, run ns, wait ns, slices, involuntary switches). A daemon's tree is
+    split as the bench splits its CPU (bench/pgbench_compare.py `role`: daemon, worker, audit)."""
+    procs: dict[int, str] = {}
+    for pid, what in roots().items():
+        if what != "daemon":
+            procs.setdefault(pid, what)
+            continue
+        for p in proc_tree(pid):
+            procs[p] = role(p, pid)
+    out = {}
+    for pid, what in procs.items():
         try:
             tids = os.listdir(f"/proc/{pid}/task")
         except OSError:
@@ -67,7 +81,7 @@ def sample() -> dict[tuple[str, str], tuple[str, int, int, int, int]]:
                     m = _NONVOLUNTARY.search(f.read())
             except (OSError, ValueError):
                 continue  # the thread ended meanwhile
-            out[(pid, tid)] = (role, run, wait, slices, int(m.group(1)) if m else 0)
+            out[(pid, tid)] = (what, run, wait, slices, int(m.group(1)) if m else 0)
     return out
 
 

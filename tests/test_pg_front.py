@@ -17,6 +17,7 @@ from appliance.fronts.services import AuthRefused, Credential, DefaultServices, 
 from appliance.policy.types import Verdict
 from appliance.protocols.postgres import messages as m
 from appliance.protocols.postgres.connection import NEED_DATA, ConnectionClosed, PgConnection, Role
+from probes.attribution import _sock_diag_inode
 from tests.pg_front_fixtures import (APP_PASSWORD, APP_USER, BOT_TOKEN, CLEAR_PASSWORD, CLEAR_USER, MD5_PASSWORD,
                                      MD5_USER, FrontThread, default_services, make_ca, plain_settings, setup_roles)
 
@@ -698,20 +699,17 @@ def test_messages_split_at_every_byte_both_ways(pg_server):
         relay.close()
 
 
-def _upstream_lowat(client_port: int) -> int | None:
-    """SO_RCVLOWAT of the front's socket to the server whose local port is ``client_port`` (the
-    front runs in this process: its socket is one of our descriptors, found by inode)."""
-    inode = None
-    with open("/proc/net/tcp") as f:
-        for line in f.readlines()[1:]:
-            fields = line.split()
-            if int(fields[1].split(":")[1], 16) == client_port and fields[3] == "01":  # ESTABLISHED
-                inode = fields[9]
-    if inode is None:
+def _upstream_lowat(local: tuple[str, int], server: tuple[str, int]) -> int | None:
+    """SO_RCVLOWAT of the front's socket ``local`` -> ``server`` (the front runs in this process:
+    the kernel names the socket's inode, sock_diag as attribution asks it, and one of our
+    descriptors is that inode)."""
+    found = _sock_diag_inode(local, server)
+    if found is None:
         return None
+    want = f"socket:[{found[1]}]"
     for fd in os.listdir("/proc/self/fd"):
         try:
-            if os.readlink(f"/proc/self/fd/{fd}") == f"socket:[{inode}]":
+            if os.readlink(f"/proc/self/fd/{fd}") == want:
                 with socket.socket(fileno=os.dup(int(fd))) as s:
                     return s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT)
         except OSError:
@@ -727,8 +725,11 @@ def test_a_bulk_result_is_read_in_large_chunks_and_the_next_statement_is_not_hel
 
     rows, width = 20_000, 2_000  # 40 MB of values
     with psycopg.connect(policy_front.dsn(), autocommit=True) as conn:
-        port = conn.execute("SELECT inet_client_port()").fetchone()[0]
-        assert _upstream_lowat(port) == 1   # a session starts waking at any byte
+        # the front's socket to the server, as the server sees it
+        caddr, cport, saddr, sport = conn.execute(
+            "SELECT host(inet_client_addr()), inet_client_port(), host(inet_server_addr()), inet_server_port()").fetchone()
+        ends = ((caddr, cport), (saddr, sport))
+        assert _upstream_lowat(*ends) == 1   # a session starts waking at any byte
         seen: set[int] = set()
         result: dict = {}
 
@@ -740,7 +741,7 @@ def test_a_bulk_result_is_read_in_large_chunks_and_the_next_statement_is_not_hel
         t.start()
         deadline = time.monotonic() + 60
         while t.is_alive() and time.monotonic() < deadline:
-            lowat = _upstream_lowat(port)
+            lowat = _upstream_lowat(*ends)
             if lowat is not None:
                 seen.add(lowat)
             time.sleep(0.0005)
@@ -752,9 +753,9 @@ def test_a_bulk_result_is_read_in_large_chunks_and_the_next_statement_is_not_hel
         # The stream is over: the socket wakes at any byte again, and a statement with a tiny
         # answer gets it (with the mark left at BULK_LOWAT it would wait forever).
         deadline = time.monotonic() + 5
-        while _upstream_lowat(port) != 1 and time.monotonic() < deadline:
+        while _upstream_lowat(*ends) != 1 and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert _upstream_lowat(port) == 1
+        assert _upstream_lowat(*ends) == 1
         answers: list = []
         small = threading.Thread(target=lambda: answers.append(conn.execute("SELECT 41 + 1").fetchone()[0]))
         small.start()
